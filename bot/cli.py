@@ -1,0 +1,206 @@
+"""`etcd-chatops`: run the bot, or operate a cluster without Slack (break glass).
+
+Exit status: 0 success (and, for `status`, every member healthy); 1 the
+cluster is degraded or unreachable, or the operation failed; 2 bad usage,
+bad configuration or bad environment, with one line saying which.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageFailure(Exception):
+    """Bad input on the command line: reported in one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints usage and exits 2; keep that, in our words
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The parser and its subcommand parsers (to print the right usage)."""
+    p = _Parser(prog="etcd-chatops", description="Operate the etcd clusters behind Kubernetes from Slack, or from here.")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    run = sub.add_parser("run", help="serve Slack (Socket Mode, or HTTP with --http)")
+    run.add_argument("--http", action="store_true", help="serve POST /slack/events over HTTP instead of Socket Mode")
+    run.add_argument("--host", default="0.0.0.0", help="HTTP listen address (default 0.0.0.0)")
+    run.add_argument("--port", type=int, default=3000, help="HTTP port (default 3000)")
+    run.add_argument("--config", help="TOML config file (default: $ETCD_CHATOPS_CONFIG)")
+    run.add_argument("--log-level", default=os.environ.get("ETCD_CHATOPS_LOG_LEVEL", "info"),
+                     choices=["debug", "info", "warning", "error"])
+
+    st = sub.add_parser("status", help="every member's health and the quorum margin, without Slack")
+    _add_cluster_args(st)
+    st.add_argument("--json", action="store_true", help="print JSON instead of the table")
+
+    mem = sub.add_parser("members", help="the member list, as etcdctl member list")
+    _add_cluster_args(mem)
+
+    chk = sub.add_parser("check-config", help="validate a config file and print what it defines")
+    chk.add_argument("config", nargs="?", help="TOML config file (default: $ETCD_CHATOPS_CONFIG)")
+    return p, sub.choices
+
+
+def _add_cluster_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--endpoints", help="comma-separated client URLs, e.g. https://10.0.0.2:2379,https://10.0.0.3:2379")
+    p.add_argument("--cacert", help="CA bundle that signed the members' certificates")
+    p.add_argument("--cert", help="client certificate (mutual TLS)")
+    p.add_argument("--key", help="client certificate's private key")
+    p.add_argument("--user", help="etcd user; the password is read from $ETCDCTL_PASSWORD")
+    p.add_argument("--timeout", type=float, default=None, help="per-member deadline in seconds (default 2)")
+    p.add_argument("--cluster", help="use this cluster from the config file instead of --endpoints")
+    p.add_argument("--config", help="TOML config file for --cluster (default: $ETCD_CHATOPS_CONFIG)")
+
+
+def _config_path(given: str | None) -> str:
+    path = given or os.environ.get("ETCD_CHATOPS_CONFIG")
+    if not path:
+        raise UsageFailure("no config file: pass --config FILE or set ETCD_CHATOPS_CONFIG")
+    return path
+
+
+def _load_config(given: str | None):
+    from bot.config import ConfigError, load_config
+    try:
+        return load_config(_config_path(given))
+    except ConfigError as e:
+        raise UsageFailure(f"config: {e}") from None
+
+
+def _client_from_args(args: argparse.Namespace):
+    """An EtcdClient and the cluster's display name, from flags or the config."""
+    from bot.etcd import EtcdClient, TLSFiles, client_for
+    from bot.urls import parse_url
+
+    if args.cluster:
+        if args.endpoints:
+            raise UsageFailure("give --endpoints or --cluster, not both")
+        config = _load_config(args.config)
+        cluster = config.cluster(args.cluster)
+        if cluster is None:
+            raise UsageFailure(f"--cluster: no cluster named {args.cluster!r} in {config.source} "
+                               f"(known: {', '.join(c.name for c in config.clusters)})")
+        client = client_for(cluster)
+        if args.timeout:
+            client.timeout = args.timeout
+        return client, cluster.name
+    if not args.endpoints:
+        raise UsageFailure("--endpoints URL[,URL...] (or --cluster NAME) is required")
+    endpoints = [e.strip() for e in args.endpoints.split(",") if e.strip()]
+    for e in endpoints:
+        try:
+            parse_url(e)
+        except ValueError as err:
+            raise UsageFailure(f"--endpoints: {err}") from None
+    files = {}
+    for flag in ("cacert", "cert", "key"):
+        value = getattr(args, flag)
+        if value is not None:
+            if not Path(value).is_file():
+                raise UsageFailure(f"--{flag}: {value}: no such file")
+            files[flag] = Path(value)
+    if ("cert" in files) != ("key" in files):
+        raise UsageFailure("--cert and --key go together")
+    password = None
+    if args.user:
+        password = os.environ.get("ETCDCTL_PASSWORD")
+        if not password:
+            raise UsageFailure("--user needs the password in $ETCDCTL_PASSWORD")
+    if args.timeout is not None and args.timeout <= 0:
+        raise UsageFailure("--timeout must be greater than 0")
+    client = EtcdClient(endpoints, tls=TLSFiles(**files), username=args.user, password=password,
+                        timeout=args.timeout or 2.0)
+    return client, endpoints[0] + (f" (+{len(endpoints) - 1})" if len(endpoints) > 1 else "")
+
+
+async def _status(args: argparse.Namespace) -> int:
+    from bot import render
+    from bot.etcd import EtcdError
+    from bot.health import check_cluster
+
+    client, name = _client_from_args(args)
+    async with client:
+        try:
+            health = await check_cluster(client, name)
+        except EtcdError as e:
+            if getattr(args, "json", False):
+                print(json.dumps({"cluster": name, "error": str(e)}))
+            else:
+                print(f"cluster {name}: UNREACHABLE: {e}", file=sys.stderr)
+            return EXIT_FAILED
+    if args.cmd == "members":
+        print(render.members_text(health))
+        return EXIT_OK
+    if args.json:
+        print(json.dumps(render.status_json(health), indent=2))
+    else:
+        print(render.status_text(health))
+    return EXIT_OK if health.all_healthy else EXIT_FAILED
+
+
+def _run(args: argparse.Namespace) -> int:
+    from bot import logs
+    from bot.app import serve_http, serve_socket_mode
+    from bot.context import BotContext
+    from bot.settings import SettingsError, SlackSettings
+
+    config = _load_config(args.config)
+    try:
+        slack = SlackSettings.from_env()
+    except SettingsError as e:
+        raise UsageFailure(str(e)) from None
+    logs.register_secret(*slack.secrets(), *(c.password for c in config.clusters))
+    logs.setup(args.log_level)
+    if args.http:
+        if not slack.signing_secret:
+            raise UsageFailure("--http needs SLACK_SIGNING_SECRET to verify Slack's requests")
+        if not 0 < args.port < 65536:
+            raise UsageFailure(f"--port: {args.port} is not a TCP port")
+        asyncio.run(serve_http(BotContext(config, slack), args.host, args.port))
+        return EXIT_OK
+    if not slack.app_token:
+        raise UsageFailure("Socket Mode needs SLACK_APP_TOKEN (xapp-...); or pass --http to serve HTTP")
+    asyncio.run(serve_socket_mode(BotContext(config, slack)))
+    return EXIT_OK
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    config = _load_config(args.config)
+    print(f"{config.source}: ok")
+    print(f"  database: {config.database}\n  snapshot_dir: {config.snapshot_dir}")
+    for c in config.clusters:
+        tls = "mutual TLS" if c.cert else ("TLS" if any(e.startswith("https") for e in c.endpoints) else "plaintext")
+        print(f"  cluster {c.name}: {len(c.endpoints)} endpoint(s), {tls}, channels {', '.join(c.channels) or '(none)'}, "
+              f"launcher {c.launcher.kind}")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser, subparsers = _parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.cmd == "run":
+            return _run(args)
+        if args.cmd in ("status", "members"):
+            return asyncio.run(_status(args))
+        if args.cmd == "check-config":
+            return _check_config(args)
+    except UsageFailure as e:
+        subparsers[args.cmd].print_usage(sys.stderr)
+        print(f"etcd-chatops {args.cmd}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    raise AssertionError(f"unhandled command {args.cmd}")

@@ -1,0 +1,140 @@
+"""Parsing `/etcd <subcommand> ...` text into a Command, or a one-line reason.
+
+Pure: no Slack, no gRPC. Slack may deliver links escaped as `<http://x>`
+or `<http://x|x>`, HTML entities and typographic quotes; all are undone
+here so `/etcd replace m1 m4 http://10.0.0.4:2380` means the same whether
+typed or pasted.
+"""
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass, field
+
+from bot.urls import parse_url
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    positionals: tuple[str, ...] = ()        # names; "[x]" marks an optional one
+    options: tuple[str, ...] = ()            # options taking a value, e.g. "--cluster"
+    flags: tuple[str, ...] = ()              # options without a value
+    summary: str = ""
+    urls: tuple[str, ...] = ()               # which positionals/options must be http(s)://host:port
+
+    @property
+    def usage(self) -> str:
+        parts = [f"/etcd {self.name}"]
+        parts += [p if p.startswith("[") else f"<{p}>" for p in self.positionals]
+        parts += [f"[{o} {o.lstrip('-').upper().replace('-', '_')}]" for o in self.options if o != "--cluster" or "[cluster]" not in self.positionals]
+        parts += [f"[{f}]" for f in self.flags]
+        return " ".join(parts)
+
+
+SPECS: dict[str, Spec] = {s.name: s for s in (
+    Spec("status", ("[cluster]",), ("--cluster",), summary="every member's health and the quorum margin"),
+    Spec("members", ("[cluster]",), ("--cluster",), summary="the member list, as `etcdctl member list`"),
+    Spec("help", summary="this help"),
+)}
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    cluster: str | None = None
+    args: dict[str, str] = field(default_factory=dict)
+    flags: frozenset[str] = frozenset()
+
+    @property
+    def spec(self) -> Spec:
+        return SPECS[self.name]
+
+
+class UsageError(Exception):
+    """Bad input: `reason` is one line; `usage` is the relevant usage."""
+
+    def __init__(self, reason: str, usage: str):
+        super().__init__(reason)
+        self.reason = reason
+        self.usage = usage
+
+
+def general_usage() -> str:
+    return "\n".join(f"`{s.usage}` — {s.summary}" for s in SPECS.values())
+
+
+_SLACK_LINK = re.compile(r"<((?:https?|mailto):[^|>]*)(?:\|[^>]*)?>")
+_QUOTES = str.maketrans({"\u201c": '"', "\u201d": '"', "\u2018": "'", "\u2019": "'", "\u00a0": " "})
+
+
+def unescape_slack(text: str) -> str:
+    """Undo Slack's escaping of links and the characters &, < and >."""
+    text = _SLACK_LINK.sub(lambda m: m.group(1), text)
+    text = text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+    return text.translate(_QUOTES)
+
+
+def parse(text: str) -> Command:
+    """Parse the text after `/etcd`; raise UsageError with reason and usage."""
+    text = unescape_slack(text or "").strip()
+    if not text:
+        return Command("help")
+    try:
+        words = shlex.split(text)
+    except ValueError as e:
+        raise UsageError(f"cannot read the command: {e}", general_usage()) from None
+    name, rest = words[0].lower(), words[1:]
+    if name in ("-h", "--help"):
+        name = "help"
+    spec = SPECS.get(name)
+    if spec is None:
+        raise UsageError(f"unknown subcommand {words[0]!r}", general_usage())
+    if "--help" in rest or "-h" in rest:
+        return Command("help", args={"topic": name})
+
+    positionals: list[str] = []
+    options: dict[str, str] = {}
+    flags: set[str] = set()
+    i = 0
+    while i < len(rest):
+        word = rest[i]
+        if word.startswith("--"):
+            key, eq, value = word.partition("=")
+            if key in spec.flags:
+                if eq:
+                    raise UsageError(f"{key} takes no value", spec.usage)
+                flags.add(key)
+            elif key in spec.options:
+                if not eq:
+                    i += 1
+                    if i >= len(rest) or rest[i].startswith("--"):
+                        raise UsageError(f"{key} needs a value", spec.usage)
+                    value = rest[i]
+                if key in options:
+                    raise UsageError(f"{key} given twice", spec.usage)
+                options[key] = value
+            else:
+                raise UsageError(f"unknown option {key!r} for {name}", spec.usage)
+        else:
+            positionals.append(word)
+        i += 1
+
+    required = [p for p in spec.positionals if not p.startswith("[")]
+    if len(positionals) < len(required):
+        raise UsageError(f"missing <{required[len(positionals)]}>", spec.usage)
+    if len(positionals) > len(spec.positionals):
+        raise UsageError(f"unexpected argument {positionals[len(spec.positionals)]!r}", spec.usage)
+    args = {p.strip("[]"): v for p, v in zip(spec.positionals, positionals)}
+    args.update({k.lstrip("-").replace("-", "_"): v for k, v in options.items()})
+
+    cluster = args.pop("cluster", None)
+    if "--cluster" in options and any(p == "[cluster]" for p in spec.positionals[:len(positionals)]):
+        raise UsageError("cluster given twice (positional and --cluster)", spec.usage)
+    for key in spec.urls:
+        if key in args:
+            try:
+                args[key] = parse_url(args[key]).url
+            except ValueError as e:
+                raise UsageError(f"<{key}>: {e}", spec.usage) from None
+    return Command(name=name, cluster=cluster, args=args, flags=frozenset(f.lstrip("-").replace("-", "_") for f in flags))

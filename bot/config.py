@@ -1,0 +1,276 @@
+"""The bot's configuration: a TOML file, validated strictly.
+
+A typo in a config key must not silently disable a safety check, so unknown
+keys are errors, and every error names the key it is about in one line.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from bot.urls import parse_url
+
+T = TypeVar("T")
+
+CLUSTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+SLACK_ID = re.compile(r"^[A-Z0-9]{2,}$")
+LAUNCHER_PLACEHOLDERS = ("name", "peer_url", "client_url")
+
+
+class ConfigError(Exception):
+    """A configuration problem, phrased as one line naming the key."""
+
+
+@dataclass(frozen=True)
+class ApprovalConfig:
+    approvers: tuple[str, ...] = ()
+    approver_groups: tuple[str, ...] = ()
+    reaction: str = "white_check_mark"
+    reject_reaction: str = "x"
+    ttl_minutes: float = 30.0
+    allow_self_approval: bool = False
+
+
+@dataclass(frozen=True)
+class LauncherConfig:
+    """How a replacement member gets started (runbook step 4)."""
+
+    kind: str = "manual"                 # "manual" | "command"
+    argv: tuple[str, ...] = ()
+    timeout_seconds: float = 900.0       # manual: wait for a human; command: wait for the command
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    name: str
+    endpoints: tuple[str, ...]
+    channels: tuple[str, ...] = ()
+    cacert: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    timeout_seconds: float = 2.0         # per-member deadline of every read
+    launcher: LauncherConfig = LauncherConfig()
+
+
+@dataclass(frozen=True)
+class Config:
+    clusters: tuple[ClusterConfig, ...]
+    database: Path = Path("etcd-chatops.db")
+    snapshot_dir: Path = Path("snapshots")
+    approval: ApprovalConfig = ApprovalConfig()
+    source: Path | None = None
+
+    def cluster(self, name: str) -> ClusterConfig | None:
+        return next((c for c in self.clusters if c.name == name), None)
+
+    def clusters_for_channel(self, channel: str) -> list[ClusterConfig]:
+        return [c for c in self.clusters if channel in c.channels]
+
+
+class _Table:
+    """A TOML table being read: tracks the key path and which keys were used."""
+
+    def __init__(self, data: Any, path: str, base: Path):
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path or 'config'}: expected a table, got {_kind(data)}")
+        self.data, self.path, self.base = data, path, base
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def get(self, name: str, typ: type | tuple[type, ...], default: T, check: Callable[[Any, str], Any] | None = None) -> T:
+        self.used.add(name)
+        if name not in self.data:
+            return default
+        value = self.data[name]
+        if typ is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, typ) or (typ in (int, float) and isinstance(value, bool)):
+            raise ConfigError(f"{self.key(name)}: expected {_typename(typ)}, got {_kind(value)}")
+        return check(value, self.key(name)) if check else value
+
+    def strings(self, name: str, default: tuple[str, ...] = (), check: Callable[[str, str], str] | None = None) -> tuple[str, ...]:
+        values = self.get(name, list, None)
+        if values is None:
+            return default
+        out = []
+        for i, value in enumerate(values):
+            key = f"{self.key(name)}[{i}]"
+            if not isinstance(value, str):
+                raise ConfigError(f"{key}: expected a string, got {_kind(value)}")
+            out.append(check(value, key) if check else value)
+        return tuple(out)
+
+    def path_value(self, name: str, default: Path | None, must_exist: bool = False) -> Path | None:
+        value = self.get(name, str, None)
+        if value is None:
+            return default
+        path = Path(os.path.expanduser(value))
+        path = path if path.is_absolute() else self.base / path
+        if must_exist and not path.is_file():
+            raise ConfigError(f"{self.key(name)}: {value}: no such file")
+        return path
+
+    def table(self, name: str) -> "_Table":
+        self.used.add(name)
+        return _Table(self.data.get(name, {}), self.key(name), self.base)
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise ConfigError(f"{self.key(unknown[0])}: unknown key")
+
+
+def _typename(typ: type | tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list", dict: "a table"}
+    if isinstance(typ, tuple):
+        return " or ".join(names.get(t, t.__name__) for t in typ)
+    return names.get(typ, typ.__name__)
+
+
+def _kind(value: Any) -> str:
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a table"}.get(type(value), type(value).__name__)
+
+
+def _url(value: str, key: str) -> str:
+    try:
+        return parse_url(value).url
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e}") from None
+
+
+def _slack_id(value: str, key: str) -> str:
+    if not SLACK_ID.match(value):
+        raise ConfigError(f"{key}: {value!r} is not a Slack ID (like C0INCIDENT, U0LEAD0001 or S0ONCALL01)")
+    return value
+
+
+def _positive(value: float, key: str) -> float:
+    if value <= 0:
+        raise ConfigError(f"{key}: must be greater than 0")
+    return value
+
+
+def _reaction(value: str, key: str) -> str:
+    name = value.strip(":")
+    if not re.match(r"^[a-z0-9_+'-]+$", name):
+        raise ConfigError(f"{key}: {value!r} is not a Slack reaction name (like white_check_mark)")
+    return name
+
+
+def _launcher(t: _Table) -> LauncherConfig:
+    kind = t.get("kind", str, "manual")
+    if kind not in ("manual", "command"):
+        raise ConfigError(f"{t.key('kind')}: {kind!r} is not a launcher kind (manual or command)")
+    argv = t.strings("argv")
+    default_timeout = 900.0 if kind == "manual" else 120.0
+    timeout = t.get("timeout_seconds", float, default_timeout, _positive)
+    if kind == "command" and not argv:
+        raise ConfigError(f"{t.key('argv')}: a command launcher needs argv, the command to run")
+    if kind == "manual" and argv:
+        raise ConfigError(f"{t.key('argv')}: only a command launcher takes argv")
+    for i, arg in enumerate(argv):
+        for placeholder in re.findall(r"\{([^{}]*)\}", arg):
+            if placeholder not in LAUNCHER_PLACEHOLDERS:
+                raise ConfigError(f"{t.key('argv')}[{i}]: unknown placeholder {{{placeholder}}} (use {{name}}, {{peer_url}} or {{client_url}})")
+    t.done()
+    return LauncherConfig(kind=kind, argv=argv, timeout_seconds=timeout)
+
+
+def _password(t: _Table) -> str | None:
+    env = t.get("password_env", str, None)
+    file = t.path_value("password_file", None, must_exist=True)
+    if env and file:
+        raise ConfigError(f"{t.key('password_file')}: give password_env or password_file, not both")
+    if env:
+        value = os.environ.get(env)
+        if not value:
+            raise ConfigError(f"{t.key('password_env')}: environment variable {env} is not set")
+        return value
+    if file:
+        return file.read_text().strip()
+    return None
+
+
+def _cluster(t: _Table) -> ClusterConfig:
+    name = t.get("name", str, None)
+    if name is None:
+        raise ConfigError(f"{t.key('name')}: missing")
+    if not CLUSTER_NAME.match(name):
+        raise ConfigError(f"{t.key('name')}: {name!r} is not a cluster name (letters, digits, '-', '_', '.')")
+    endpoints = t.strings("endpoints", check=_url)
+    if not endpoints:
+        raise ConfigError(f"{t.key('endpoints')}: at least one endpoint is needed")
+    channels = t.strings("channels", check=_slack_id)
+    cacert = t.path_value("cacert", None, must_exist=True)
+    cert = t.path_value("cert", None, must_exist=True)
+    key = t.path_value("key", None, must_exist=True)
+    if (cert is None) != (key is None):
+        raise ConfigError(f"{t.key('cert' if cert is None else 'key')}: cert and key go together")
+    username = t.get("username", str, None)
+    password = _password(t)
+    if (username is None) != (password is None):
+        raise ConfigError(f"{t.key('username' if username is None else 'password_env')}: username needs password_env or password_file, and back")
+    timeout = t.get("timeout_seconds", float, 2.0, _positive)
+    launcher = _launcher(t.table("launcher"))
+    t.done()
+    return ClusterConfig(name=name, endpoints=endpoints, channels=channels, cacert=cacert, cert=cert, key=key,
+                         username=username, password=password, timeout_seconds=timeout, launcher=launcher)
+
+
+def parse_config(data: dict, base: Path, source: Path | None = None) -> Config:
+    """Build a Config from parsed TOML; relative paths are relative to `base`."""
+    top = _Table(data, "", base)
+    database = top.path_value("database", base / "etcd-chatops.db")
+    snapshot_dir = top.path_value("snapshot_dir", base / "snapshots")
+    a = top.table("approval")
+    approval = ApprovalConfig(
+        approvers=a.strings("approvers", check=_slack_id),
+        approver_groups=a.strings("approver_groups", check=_slack_id),
+        reaction=a.get("reaction", str, "white_check_mark", _reaction),
+        reject_reaction=a.get("reject_reaction", str, "x", _reaction),
+        ttl_minutes=a.get("ttl_minutes", float, 30.0, _positive),
+        allow_self_approval=a.get("allow_self_approval", bool, False),
+    )
+    if approval.reaction == approval.reject_reaction:
+        raise ConfigError(f"{a.key('reject_reaction')}: must differ from approval.reaction")
+    a.done()
+    raw_clusters = top.get("clusters", list, [])
+    if not raw_clusters:
+        raise ConfigError("clusters: at least one [[clusters]] table is needed")
+    clusters = tuple(_cluster(_Table(c, f"clusters[{i}]", base)) for i, c in enumerate(raw_clusters))
+    seen: set[str] = set()
+    for i, c in enumerate(clusters):
+        if c.name in seen:
+            raise ConfigError(f"clusters[{i}].name: {c.name!r} is used by another cluster")
+        seen.add(c.name)
+    top.done()
+    return Config(clusters=clusters, database=database, snapshot_dir=snapshot_dir, approval=approval, source=source)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate the TOML file at `path`."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such file") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read: {e.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    try:
+        return parse_config(data, p.resolve().parent, p)
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None

@@ -1,0 +1,406 @@
+"""LocalCluster: real etcd members on free loopback ports, for the demo and the tests.
+
+Every member's process, ports and data directory live under one base
+directory, with a small JSON record per member; that record is the single
+source of truth, so members started by another process (the `command`
+launcher's helper, `bot.emulator.start_member`) are found, killed and
+cleaned up like our own.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from bot.emulator.binaries import find_binary
+
+START_TIMEOUT = 30.0
+
+
+class ClusterError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 right now (the kernel picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LocalMember:
+    name: str
+    client_url: str
+    peer_url: str
+    data_dir: str
+    log_file: str
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    pid: int | None = None
+
+    @property
+    def client_port(self) -> int:
+        return int(self.client_url.rsplit(":", 1)[1])
+
+    @property
+    def peer_port(self) -> int:
+        return int(self.peer_url.rsplit(":", 1)[1])
+
+
+@dataclass(frozen=True)
+class TLSPaths:
+    """Everything a member or a client needs for mutual TLS."""
+
+    ca: str
+    server_cert: str
+    server_key: str
+    client_cert: str
+    client_key: str
+
+
+def _alive(pid: int, base_dir: Path) -> bool:
+    """True when `pid` runs and is one of ours (guards against pid reuse)."""
+    proc = _children.get(pid)
+    if proc is not None:  # our own child: its cmdline is python's until exec
+        return proc.poll() is None
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    if stat.rsplit(")", 1)[-1].split()[0] == "Z":
+        return False
+    return str(base_dir).encode() in cmdline
+
+
+def tls_member_args(tls: TLSPaths) -> list[str]:
+    return ["--cert-file", tls.server_cert, "--key-file", tls.server_key, "--trusted-ca-file", tls.ca,
+            "--client-cert-auth",
+            "--peer-cert-file", tls.server_cert, "--peer-key-file", tls.server_key, "--peer-trusted-ca-file", tls.ca,
+            "--peer-client-cert-auth"]
+
+
+def spawn(base_dir: Path, name: str, argv: list[str], env: dict[str, str], client_url: str, peer_url: str) -> LocalMember:
+    """Start one etcd process detached from our session, logging to a file,
+    and record it under `base_dir/members/<name>.json`."""
+    data_dir = base_dir / "data" / name
+    log_file = base_dir / "logs" / f"{name}.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    full_argv = [*argv, "--data-dir", str(data_dir)] if "--data-dir" not in argv else argv
+    with open(log_file, "ab") as log:
+        proc = subprocess.Popen(full_argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                env={**_base_env(), **env}, start_new_session=True, cwd=base_dir)
+    member = LocalMember(name=name, client_url=client_url, peer_url=peer_url, data_dir=str(data_dir),
+                         log_file=str(log_file), argv=full_argv, env=env, pid=proc.pid)
+    _record(base_dir, member)
+    _children[proc.pid] = proc
+    return member
+
+
+# Popen objects of processes this process started, so that they are reaped.
+_children: dict[int, subprocess.Popen] = {}
+
+
+def _base_env() -> dict[str, str]:
+    keep = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR")
+    return {k: v for k, v in os.environ.items() if k in keep}
+
+
+def _record(base_dir: Path, member: LocalMember) -> None:
+    d = base_dir / "members"
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / f".{member.name}.json.tmp"
+    tmp.write_text(json.dumps(asdict(member), indent=1))
+    tmp.replace(d / f"{member.name}.json")
+
+
+def load_members(base_dir: Path) -> dict[str, LocalMember]:
+    d = base_dir / "members"
+    out: dict[str, LocalMember] = {}
+    if d.is_dir():
+        for p in sorted(d.glob("*.json"), key=lambda p: p.stat().st_mtime_ns):
+            data = json.loads(p.read_text())
+            out[data["name"]] = LocalMember(**data)
+    return out
+
+
+def ssl_context(tls: TLSPaths | None) -> ssl.SSLContext | None:
+    if tls is None:
+        return None
+    ctx = ssl.create_default_context(cafile=tls.ca)
+    ctx.load_cert_chain(tls.client_cert, tls.client_key)
+    return ctx
+
+
+def http_get(url: str, tls: TLSPaths | None, timeout: float = 1.0) -> bytes | None:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout, context=ssl_context(tls)) as r:
+            return r.read()
+    except (OSError, urllib.error.URLError, ssl.SSLError):
+        return None
+
+
+def log_tail(path: str | Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+class LocalCluster:
+    """N real etcd members on 127.0.0.1, torn down by `close()` whatever happens.
+
+    Use as a context manager (sync) or call start()/close(); the methods
+    block for at most their timeout and are safe to call from a thread
+    (`asyncio.to_thread`) while an event loop runs.
+    """
+
+    def __init__(self, size: int = 3, *, tls: bool = False, base_dir: str | Path | None = None,
+                 prefix: str = "member", keep: bool = False):
+        if size < 1:
+            raise ValueError("a cluster needs at least one member")
+        self.size = size
+        self.prefix = prefix
+        self.keep = keep
+        self.base_dir = Path(base_dir) if base_dir else Path(tempfile.mkdtemp(prefix="etcd-chatops-cluster-"))
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        self.token = "etcd-chatops-" + secrets.token_hex(6)
+        self.etcd = str(find_binary("etcd"))
+        self.tls: TLSPaths | None = None
+        if tls:
+            from bot.emulator import certs
+            files = certs.generate(self.base_dir / "tls")
+            self.tls = TLSPaths(ca=str(files.ca), server_cert=str(files.server_cert), server_key=str(files.server_key),
+                                client_cert=str(files.client_cert), client_key=str(files.client_key))
+        self.scheme = "https" if tls else "http"
+
+    # -- lifecycle ------------------------------------------------------
+
+    def __enter__(self) -> "LocalCluster":
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start(self, timeout: float = START_TIMEOUT) -> "LocalCluster":
+        """Start the initial members and wait until every one reports healthy."""
+        for attempt in range(3):  # a port picked free can be taken before etcd binds it
+            names = [f"{self.prefix}{i}" for i in range(1, self.size + 1)]
+            ports = {n: (free_port(), free_port()) for n in names}
+            initial = ",".join(f"{n}={self._url(ports[n][1])}" for n in names)
+            for n in names:
+                self._spawn(n, ports[n][0], ports[n][1], initial, "new")
+            try:
+                self.wait_healthy(names, timeout)
+                return self
+            except ClusterError:
+                if attempt == 2 or not any("address already in use" in log_tail(m.log_file) for m in self.members.values()):
+                    raise
+                self._kill_all()
+                shutil.rmtree(self.base_dir / "members", ignore_errors=True)
+                shutil.rmtree(self.base_dir / "data", ignore_errors=True)
+                shutil.rmtree(self.base_dir / "logs", ignore_errors=True)
+        return self
+
+    def close(self) -> None:
+        """Kill every member process (ours or recorded by a helper) and remove the files."""
+        self._kill_all()
+        if not self.keep:
+            shutil.rmtree(self.base_dir, ignore_errors=True)
+
+    # -- members --------------------------------------------------------
+
+    @property
+    def members(self) -> dict[str, LocalMember]:
+        return load_members(self.base_dir)
+
+    def member(self, name: str) -> LocalMember:
+        try:
+            return self.members[name]
+        except KeyError:
+            raise ClusterError(f"no local member named {name!r}") from None
+
+    @property
+    def endpoints(self) -> list[str]:
+        """Client URLs of the members whose process runs."""
+        return [m.client_url for m in self.members.values() if self.running(m.name)]
+
+    @property
+    def all_endpoints(self) -> list[str]:
+        return [m.client_url for m in self.members.values()]
+
+    def running(self, name: str) -> bool:
+        m = self.members.get(name)
+        return bool(m and m.pid and _alive(m.pid, self.base_dir))
+
+    def kill(self, name: str) -> None:
+        """SIGKILL, as a crashed machine would go."""
+        self._signal(name, signal.SIGKILL)
+
+    def stop(self, name: str, timeout: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL after `timeout`."""
+        self._signal(name, signal.SIGTERM, timeout)
+
+    def pause(self, name: str) -> None:
+        """SIGSTOP: the kernel still accepts connections but nothing answers,
+        as with a black-holed host; only a deadline ends a call to it."""
+        self._signal(name, signal.SIGSTOP, wait=False)
+
+    def resume(self, name: str) -> None:
+        self._signal(name, signal.SIGCONT, wait=False)
+
+    def restart(self, name: str, timeout: float = START_TIMEOUT) -> LocalMember:
+        """Start a stopped member again on its own data directory."""
+        m = self.member(name)
+        if self.running(name):
+            raise ClusterError(f"{name} is still running")
+        member = spawn(self.base_dir, name, m.argv, m.env, m.client_url, m.peer_url)
+        self.wait_serving(name, timeout)
+        return member
+
+    def start_member(self, name: str, initial_cluster: str, *, client_port: int | None = None,
+                     peer_port: int | None = None, timeout: float = START_TIMEOUT) -> LocalMember:
+        """Start a member that was already added with `member add`
+        (ETCD_INITIAL_CLUSTER_STATE=existing), as the runbook's step 4."""
+        member = self._spawn(name, client_port or free_port(), peer_port or free_port(), initial_cluster, "existing")
+        self.wait_serving(name, timeout)
+        return member
+
+    def add_member(self, name: str, *, learner: bool = False, timeout: float = START_TIMEOUT) -> LocalMember:
+        """`etcdctl member add` then start it: what an operator does by hand."""
+        peer_port = free_port()
+        peer_url = self._url(peer_port)
+        args = ["member", "add", name, f"--peer-urls={peer_url}"] + (["--learner"] if learner else [])
+        out = self.etcdctl(*args).stdout
+        initial = next((line.split("=", 1)[1].strip().strip('"') for line in out.splitlines()
+                        if line.startswith("ETCD_INITIAL_CLUSTER=")), None)
+        if not initial:
+            raise ClusterError(f"etcdctl member add gave no ETCD_INITIAL_CLUSTER: {out.strip()}")
+        return self.start_member(name, initial, peer_port=peer_port, timeout=timeout)
+
+    # -- waiting --------------------------------------------------------
+
+    def wait_healthy(self, names: Iterable[str] | None = None, timeout: float = START_TIMEOUT) -> None:
+        """Until each member answers /health with true (it has a leader and serves)."""
+        names = list(names or self.members)
+        self._wait(names, timeout, lambda m: (http_get(m.client_url + "/health", self.tls) or b"").find(b'"true"') >= 0,
+                   "healthy")
+
+    def wait_serving(self, name: str, timeout: float = START_TIMEOUT) -> None:
+        """Until the member's client port answers /version (a learner cannot pass /health)."""
+        self._wait([name], timeout, lambda m: http_get(m.client_url + "/version", self.tls) is not None, "serving")
+
+    def _wait(self, names: list[str], timeout: float, ok, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        pending = set(names)
+        while pending:
+            members = self.members
+            for n in list(pending):
+                m = members.get(n)
+                if m is None:
+                    raise ClusterError(f"no local member named {n!r}")
+                if not self.running(n):
+                    raise ClusterError(f"{n} exited while starting:\n{log_tail(m.log_file)}")
+                if ok(m):
+                    pending.discard(n)
+            if pending and time.monotonic() > deadline:
+                n = sorted(pending)[0]
+                raise ClusterError(f"{n} not {what} after {timeout:g}s:\n{log_tail(members[n].log_file)}")
+            if pending:
+                time.sleep(0.05)
+
+    # -- tools ----------------------------------------------------------
+
+    def etcdctl_args(self, endpoints: list[str] | None = None) -> list[str]:
+        args = [str(find_binary("etcdctl")), f"--endpoints={','.join(endpoints or self.endpoints)}",
+                "--dial-timeout=2s", "--command-timeout=10s"]
+        if self.tls:
+            args += [f"--cacert={self.tls.ca}", f"--cert={self.tls.client_cert}", f"--key={self.tls.client_key}"]
+        return args
+
+    def etcdctl(self, *args: str, endpoints: list[str] | None = None, check: bool = True,
+                input: bytes | None = None, timeout: float = 60.0) -> subprocess.CompletedProcess:
+        proc = subprocess.run([*self.etcdctl_args(endpoints), *args], capture_output=True, text=input is None,
+                              input=input, timeout=timeout, env={**_base_env(), "ETCDCTL_API": "3"})
+        if check and proc.returncode != 0:
+            raise ClusterError(f"etcdctl {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
+        return proc
+
+    def tls_files(self):
+        """bot.etcd.TLSFiles for an EtcdClient talking to this cluster, or None."""
+        from bot.etcd import TLSFiles
+        if not self.tls:
+            return None
+        return TLSFiles(Path(self.tls.ca), Path(self.tls.client_cert), Path(self.tls.client_key))
+
+    def member_argv(self) -> list[str]:
+        """The etcd command line shared by every member of this cluster."""
+        argv = [self.etcd, "--initial-cluster-token", self.token, "--logger", "zap", "--log-level", "warn",
+                "--heartbeat-interval", "100", "--election-timeout", "1000"]
+        return argv + (tls_member_args(self.tls) if self.tls else [])
+
+    # -- internals ------------------------------------------------------
+
+    def _url(self, port: int) -> str:
+        return f"{self.scheme}://127.0.0.1:{port}"
+
+    def _spawn(self, name: str, client_port: int, peer_port: int, initial_cluster: str, state: str) -> LocalMember:
+        client_url, peer_url = self._url(client_port), self._url(peer_port)
+        argv = [*self.member_argv(), "--name", name,
+                "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
+                "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
+                "--initial-cluster", initial_cluster, "--initial-cluster-state", state]
+        return spawn(self.base_dir, name, argv, {}, client_url, peer_url)
+
+    def _signal(self, name: str, sig: int, timeout: float = 10.0, wait: bool = True) -> None:
+        m = self.member(name)
+        if not m.pid or not _alive(m.pid, self.base_dir):
+            return
+        os.kill(m.pid, sig)
+        if wait and not _wait_gone(m.pid, self.base_dir, timeout) and sig != signal.SIGKILL:
+            os.kill(m.pid, signal.SIGKILL)
+            _wait_gone(m.pid, self.base_dir, 5.0)
+
+    def _kill_all(self) -> None:
+        pids = [m.pid for m in load_members(self.base_dir).values() if m.pid]
+        for pid in pids:
+            if _alive(pid, self.base_dir):
+                try:
+                    os.kill(pid, signal.SIGKILL)  # works on a SIGSTOPped process too
+                except ProcessLookupError:
+                    pass
+        for pid in pids:
+            _wait_gone(pid, self.base_dir, 5.0)
+
+
+def _wait_gone(pid: int, base_dir: Path, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        proc = _children.get(pid)
+        if proc is not None and proc.poll() is not None:
+            _children.pop(pid, None)
+            return True
+        if not _alive(pid, base_dir):
+            _children.pop(pid, None)
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)

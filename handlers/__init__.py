@@ -1,0 +1,12 @@
+"""The Slack edge: thin listeners that parse, call bot/, and render."""
+from __future__ import annotations
+
+from slack_bolt.async_app import AsyncApp
+
+from bot.context import BotContext
+
+
+def register_all(app: AsyncApp, ctx: BotContext) -> None:
+    from handlers import commands
+
+    commands.register(app, ctx)

@@ -1,0 +1,54 @@
+"""Parsing `/etcd` text: pure, no servers."""
+from __future__ import annotations
+
+import pytest
+
+from bot.commands import UsageError, parse, unescape_slack
+
+
+def test_empty_text_is_help():
+    assert parse("").name == "help"
+    assert parse("   ").name == "help"
+
+
+def test_status_with_cluster_positional_or_option():
+    assert parse("status").cluster is None
+    assert parse("status prod").cluster == "prod"
+    assert parse("status --cluster prod").cluster == "prod"
+    assert parse("status --cluster=prod").cluster == "prod"
+    assert parse("STATUS prod").name == "status"
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("frobnicate", "unknown subcommand 'frobnicate'"),
+    ("status prod extra", "unexpected argument 'extra'"),
+    ("status --cluster", "--cluster needs a value"),
+    ("status --colour red", "unknown option '--colour' for status"),
+    ("status prod --cluster prod", "cluster given twice"),
+    ("status --cluster a --cluster b", "--cluster given twice"),
+    ('status "prod', "cannot read the command"),
+])
+def test_bad_input_gives_one_line_and_the_usage(text, reason):
+    with pytest.raises(UsageError) as e:
+        parse(text)
+    assert reason in e.value.reason
+    assert "\n" not in e.value.reason
+    assert "/etcd" in e.value.usage
+
+
+def test_unknown_subcommand_lists_every_usage():
+    with pytest.raises(UsageError) as e:
+        parse("stats")
+    assert "/etcd status [cluster]" in e.value.usage and "/etcd members [cluster]" in e.value.usage
+
+
+def test_help_for_a_subcommand():
+    cmd = parse("status --help")
+    assert cmd.name == "help" and cmd.args["topic"] == "status"
+
+
+def test_slack_escaping_is_undone():
+    assert unescape_slack("<http://10.0.0.4:2380>") == "http://10.0.0.4:2380"
+    assert unescape_slack("<http://10.0.0.4:2380|10.0.0.4:2380>") == "http://10.0.0.4:2380"
+    assert unescape_slack("a &amp; b &lt;c&gt;") == "a & b <c>"
+    assert parse("status \u201cprod\u201d").cluster == "prod"

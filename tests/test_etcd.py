@@ -1,0 +1,118 @@
+"""The async etcd layer against real etcd members."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from bot.etcd import EtcdClient, EtcdTLSError, EtcdUnavailable, MemberNotFound, PeerURLExists, TLSFiles
+from bot.health import check_cluster
+
+
+async def test_member_list_and_status_of_a_healthy_cluster(cluster):
+    async with EtcdClient(cluster.endpoints) as client:
+        health = await check_cluster(client, "local")
+    assert sorted(h.member.name for h in health.members) == ["member1", "member2", "member3"]
+    assert all(h.healthy for h in health.members)
+    assert health.quorum.needed == 2 and health.quorum.tolerates == 1
+    leader = health.leader_id
+    assert sum(1 for h in health.members if h.member.id == leader) == 1
+    for h in health.members:
+        assert h.status.version.startswith("3.")
+        assert h.status.db_size > 0 and h.status.db_size_in_use > 0
+        assert h.status.raft_index > 0 and h.status.raft_term > 0
+        assert h.status.member_id == h.member.id
+        assert len(h.member.hex_id) == 16
+
+
+async def test_fail_over_when_the_first_endpoint_is_dead(make_cluster):
+    c = make_cluster(3)
+    c.kill("member1")
+    async with EtcdClient(c.all_endpoints) as client:  # the dead one first
+        members = await client.member_list()
+    assert len(members) == 3
+
+
+async def test_a_killed_member_costs_no_deadline_and_a_paused_one_costs_one(make_cluster):
+    c = make_cluster(3)
+    deadline = 1.5
+    async with EtcdClient(c.all_endpoints, timeout=deadline) as client:
+        c.kill("member1")
+        health = await check_cluster(client, "local")
+        dead = health.find("member1")
+        assert not dead.reachable and "connection refused" in dead.error
+        assert health.quorum.healthy == 2 and health.quorum.tolerates == 0 and health.quorum.ok
+        assert health.elapsed < deadline  # refused at once
+
+        c.pause("member2")  # black-holed: accepts, never answers
+        try:
+            started = time.monotonic()
+            health = await check_cluster(client, "local")
+            elapsed = time.monotonic() - started
+        finally:
+            c.resume("member2")
+        silent = health.find("member2")
+        assert not silent.reachable and "no answer within 1.5s" in silent.error
+        assert not health.quorum.ok
+        # every call to the silent member shares one deadline: not one per call, not one per endpoint
+        assert deadline * 0.9 <= elapsed < deadline * 2
+
+
+async def test_a_member_that_comes_back_is_seen_on_the_next_call(make_cluster):
+    c = make_cluster(3)
+    async with EtcdClient(c.all_endpoints) as client:
+        c.stop("member3")
+        assert not (await check_cluster(client, "local")).find("member3").reachable
+        await asyncio.to_thread(c.restart, "member3")
+        health = await check_cluster(client, "local")
+        assert health.find("member3").reachable
+
+
+async def test_mutual_tls_works_with_the_certificates_and_fails_clearly_without(make_cluster):
+    c = make_cluster(3, tls=True)
+    assert all(e.startswith("https://") for e in c.endpoints)
+    async with EtcdClient(c.endpoints, tls=c.tls_files()) as client:
+        health = await check_cluster(client, "tls")
+        assert health.quorum.healthy == 3
+    files = c.tls_files()
+    without_client_cert = TLSFiles(cacert=files.cacert)
+    async with EtcdClient(c.endpoints, tls=without_client_cert) as client:
+        with pytest.raises(EtcdTLSError, match="client certificate"):
+            await client.member_list()
+    async with EtcdClient(c.endpoints, tls=TLSFiles(cert=files.cert, key=files.key)) as client:
+        with pytest.raises(EtcdTLSError, match="not trusted .set cacert."):
+            await client.member_list()
+    plaintext = [e.replace("https://", "http://") for e in c.endpoints]
+    async with EtcdClient(plaintext) as client:
+        with pytest.raises(EtcdUnavailable):
+            await client.member_list()
+
+
+async def test_etcd_refusals_carry_etcds_message(cluster):
+    async with EtcdClient(cluster.endpoints) as client:
+        with pytest.raises(MemberNotFound, match="etcdserver: member not found"):
+            await client.member_remove(0x1234)
+        taken = cluster.member("member1").peer_url
+        with pytest.raises(PeerURLExists, match="Peer URLs already exists"):
+            await client.member_add([taken], learner=True)
+
+
+async def test_nothing_answers(tmp_path):
+    from bot.emulator.cluster import free_port
+    async with EtcdClient([f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"]) as client:
+        with pytest.raises(EtcdUnavailable, match="no endpoint answered: .*connection refused"):
+            await client.member_list()
+
+
+async def test_user_and_password(make_cluster):
+    c = make_cluster(1)
+    c.etcdctl("user", "add", "root:rootpw", "--interactive=false")
+    c.etcdctl("auth", "enable")
+    async with EtcdClient(c.endpoints, username="root", password="rootpw") as client:
+        assert (await client.member_list())[0].name == "member1"
+        await client.put(b"/registry/x", b"y")
+    async with EtcdClient(c.endpoints, username="root", password="wrong") as client:
+        from bot.etcd import EtcdAuthError
+        with pytest.raises(EtcdAuthError, match="authentication failed"):
+            await client.member_list()

@@ -1,0 +1,80 @@
+"""Quorum arithmetic and the health model: pure, no servers."""
+from __future__ import annotations
+
+import pytest
+
+from bot.etcd import Member, MemberStatus
+from bot.health import ClusterHealth, MemberHealth, Quorum, membership_fingerprint
+
+
+@pytest.mark.parametrize("voting, healthy, needed, tolerates, ok", [
+    (1, 1, 1, 0, True), (3, 3, 2, 1, True), (3, 2, 2, 0, True), (3, 1, 2, 0, False),
+    (5, 5, 3, 2, True), (5, 3, 3, 0, True), (5, 2, 3, 0, False), (4, 3, 3, 0, True), (4, 2, 3, 0, False),
+    (2, 1, 2, 0, False), (7, 6, 4, 2, True),
+])
+def test_quorum(voting, healthy, needed, tolerates, ok):
+    q = Quorum(voting, healthy)
+    assert (q.needed, q.tolerates, q.ok) == (needed, tolerates, ok)
+
+
+def member(i: int, name: str = "", learner: bool = False) -> Member:
+    return Member(id=i, name=name or f"m{i}", peer_urls=(f"http://10.0.0.{i}:2380",),
+                  client_urls=(f"http://10.0.0.{i}:2379",), is_learner=learner)
+
+
+def status(i: int, leader: int = 1, term: int = 2, errors: tuple[str, ...] = ()) -> MemberStatus:
+    return MemberStatus(endpoint=f"http://10.0.0.{i}:2379", member_id=i, version="3.5.1", db_size=20480,
+                        db_size_in_use=16384, leader=leader, raft_term=term, raft_index=10, raft_applied_index=10,
+                        is_learner=False, errors=errors)
+
+
+def health(*members: MemberHealth) -> ClusterHealth:
+    return ClusterHealth("c", tuple(members), (), 0.0, 0.01, 2.0)
+
+
+def test_learners_do_not_count_toward_quorum():
+    h = health(MemberHealth(member(1), status(1)), MemberHealth(member(2), status(2)),
+               MemberHealth(member(3, learner=True), None, "connection refused"))
+    assert h.quorum == Quorum(2, 2)
+    assert [m.member.id for m in h.unhealthy] == [3]
+
+
+def test_a_member_with_errors_is_not_healthy():
+    h = health(MemberHealth(member(1), status(1)), MemberHealth(member(2), status(2, errors=("etcdserver: corrupt",))),
+               MemberHealth(member(3), status(3)))
+    assert h.quorum == Quorum(3, 2)
+    assert h.members[1].problem == "etcdserver: corrupt"
+    assert [m.member.id for m in h.unhealthy] == [2]
+
+
+def test_an_election_is_not_a_lost_quorum():
+    """Right after the leader dies the survivors say "no leader": they still vote."""
+    electing = ("etcdserver: no leader",)
+    h = health(MemberHealth(member(1), None, "connection refused"),
+               MemberHealth(member(2), status(2, leader=0, errors=electing)),
+               MemberHealth(member(3), status(3, leader=0, errors=electing)))
+    assert h.quorum == Quorum(3, 2) and h.quorum.ok
+    assert h.leader_id is None and not h.all_healthy
+    from bot.render import verdict
+    assert verdict(h) == "NO LEADER"
+
+
+def test_leader_is_the_highest_term_view():
+    h = health(MemberHealth(member(1), status(1, leader=1, term=2)), MemberHealth(member(2), status(2, leader=2, term=3)),
+               MemberHealth(member(3), status(3, leader=2, term=3)))
+    assert h.leader_id == 2
+
+
+def test_find_by_name_or_hex_id():
+    h = health(MemberHealth(member(0x8211f1d0f64f3269, "member1"), status(1)))
+    assert h.find("member1") is h.members[0]
+    assert h.find("8211f1d0f64f3269") is h.members[0]
+    assert h.find("8211F1D0F64F3269") is h.members[0]
+    assert h.find("member9") is None
+
+
+def test_fingerprint_changes_with_membership_not_order():
+    a, b = member(1), member(2)
+    assert membership_fingerprint([a, b]) == membership_fingerprint([b, a])
+    assert membership_fingerprint([a, b]) != membership_fingerprint([a])
+    assert membership_fingerprint([a, b]) != membership_fingerprint([a, member(2, learner=True)])
