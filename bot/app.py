@@ -1,9 +1,15 @@
-"""The slack-bolt AsyncApp, and the two ways to serve it: HTTP (aiohttp) and Socket Mode."""
+"""The slack-bolt AsyncApp and the two ways to serve it: HTTP (aiohttp) and Socket Mode.
+
+`BotRuntime` owns what lives as long as the process: the context (store,
+etcd clients), the bolt app and the housekeeping loop. Both transports
+start and stop it the same way, and tests run it in-process.
+"""
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
+import time
 from typing import Any
 
 from aiohttp import web
@@ -12,97 +18,181 @@ from slack_bolt.async_app import AsyncApp
 from slack_sdk.http_retry.builtin_async_handlers import AsyncConnectionErrorRetryHandler, AsyncRateLimitErrorRetryHandler
 from slack_sdk.web.async_client import AsyncWebClient
 
+from bot import lifecycle
+from bot.config import Config
 from bot.context import BotContext
+from bot.readiness import ReadinessProbe
+from bot.schedule import Scheduler
+from bot.settings import SlackSettings
 
 log = logging.getLogger(__name__)
+HOUSEKEEPING_SECONDS = 30.0
 
 
-def web_client(ctx: BotContext) -> AsyncWebClient:
+def web_client(slack: SlackSettings, token: str | None = None) -> AsyncWebClient:
     """The Web API client; 429s wait for Retry-After and retry (bounded)."""
-    return AsyncWebClient(token=ctx.slack.bot_token, base_url=ctx.slack.api_url, timeout=10,
+    return AsyncWebClient(token=token or slack.bot_token, base_url=slack.api_url, timeout=10,
                           retry_handlers=[AsyncRateLimitErrorRetryHandler(max_retry_count=3),
                                           AsyncConnectionErrorRetryHandler(max_retry_count=2)])
 
 
-def build_app(ctx: BotContext) -> AsyncApp:
-    from handlers import register_all  # handlers depend on bot, never the reverse at import time
+class BotRuntime:
+    def __init__(self, config: Config, slack: SlackSettings):
+        self.ctx = BotContext(config, slack)
+        self.app: AsyncApp | None = None
+        self._housekeeping: asyncio.Task | None = None
 
-    app = AsyncApp(client=web_client(ctx), signing_secret=ctx.slack.signing_secret or "socket-mode-unsigned",
-                   request_verification_enabled=ctx.slack.signing_secret is not None,
-                   logger=logging.getLogger("slack_bolt"))
+    async def start(self) -> AsyncApp:
+        from handlers import register_all  # the edge depends on the engine, never the reverse
 
-    @app.error
-    async def on_error(error: Exception, body: dict[str, Any]) -> None:
-        log.error("listener failed", exc_info=error, extra={"ctx_kind": body.get("type") or body.get("command")})
+        client = web_client(self.ctx.slack)
+        await self.ctx.start(client)
+        app = AsyncApp(client=client, signing_secret=self.ctx.slack.signing_secret or "unused-in-socket-mode",
+                       request_verification_enabled=self.ctx.slack.signing_secret is not None,
+                       logger=logging.getLogger("slack_bolt"))
 
-    register_all(app, ctx)
-    return app
+        @app.error
+        async def on_error(error: Exception, body: dict[str, Any]) -> None:
+            log.error("listener failed", exc_info=error, extra={"ctx_kind": body.get("type") or body.get("command")})
+
+        register_all(app, self.ctx)
+        self.app = app
+        recovered = await lifecycle.recover_interrupted(self.ctx)
+        if recovered:
+            log.warning("plans interrupted by the last stop", extra={"ctx_plans": recovered})
+        self._housekeeping = asyncio.get_running_loop().create_task(self._housekeep(), name="housekeeping")
+        return app
+
+    async def _housekeep(self) -> None:
+        """Expire unapproved plans; take scheduled snapshots."""
+        scheduler = Scheduler(self.ctx)
+        while True:
+            for job in (lambda: lifecycle.expire_stale(self.ctx), scheduler.run_due):
+                try:
+                    await job()
+                except Exception:
+                    log.exception("housekeeping failed")
+            await asyncio.sleep(HOUSEKEEPING_SECONDS)
+
+    async def stop(self) -> None:
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+            await asyncio.gather(self._housekeeping, return_exceptions=True)
+        await self.ctx.close()
+
+    def http_application(self, slack_events: bool = True) -> web.Application:
+        """POST /slack/events for Slack (HTTP mode); /healthz, /readyz and
+        /metrics for the orchestrator and Prometheus (both modes)."""
+        app, metrics, probe = self.app, self.ctx.metrics, ReadinessProbe(self.ctx)
+
+        async def events(request: web.Request) -> web.Response:
+            started = time.perf_counter()
+            bolt_request = await to_bolt_request(request)
+            response = await to_aiohttp_response(await app.async_dispatch(bolt_request))
+            kind = "command" if "command=" in bolt_request.raw_body[:2000] else "event"
+            metrics.ack_latency.labels(kind=kind).observe(time.perf_counter() - started)
+            return response
+
+        async def healthz(request: web.Request) -> web.Response:
+            return web.json_response({"ok": True})
+
+        async def readyz(request: web.Request) -> web.Response:
+            result = await probe.check()
+            return web.json_response({"ready": result.ready, "checks": result.checks},
+                                     status=200 if result.ready else 503)
+
+        async def metrics_page(request: web.Request) -> web.Response:
+            counts = await self.ctx.store.plan_counts()
+            for state in ("proposed", "approved", "running", "interrupted", "done", "failed", "rejected",
+                          "cancelled", "expired"):
+                metrics.plans.labels(state=state).set(counts.get(state, 0))
+            return web.Response(body=metrics.exposition(), content_type="text/plain", charset="utf-8",
+                                headers={"X-Content-Type-Options": "nosniff"})
+
+        web_app = web.Application()
+        if slack_events:
+            web_app.router.add_post("/slack/events", events)
+        web_app.router.add_get("/healthz", healthz)
+        web_app.router.add_get("/readyz", readyz)
+        web_app.router.add_get("/metrics", metrics_page)
+        return web_app
 
 
-def http_application(app: AsyncApp, ctx: BotContext) -> web.Application:
-    """POST /slack/events for Slack, GET /healthz for the orchestrator."""
+class BotServer:
+    """The bot, serving until stopped: Slack over HTTP (POST /slack/events) or
+    over a Socket Mode websocket; probes and metrics over HTTP either way.
+    Tests run it in-process."""
 
-    async def events(request: web.Request) -> web.Response:
-        return await to_aiohttp_response(await app.async_dispatch(await to_bolt_request(request)))
+    def __init__(self, config: Config, slack: SlackSettings, host: str = "127.0.0.1", port: int = 0,
+                 socket_mode: bool = False):
+        self.runtime = BotRuntime(config, slack)
+        self.host, self.port, self.socket_mode = host, port, socket_mode
+        self._runner: web.AppRunner | None = None
+        self._socket = None
 
-    async def healthz(request: web.Request) -> web.Response:
-        return web.json_response({"ok": True})
+    @property
+    def ctx(self) -> BotContext:
+        return self.runtime.ctx
 
-    web_app = web.Application()
-    web_app.router.add_post("/slack/events", events)
-    web_app.router.add_get("/healthz", healthz)
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/slack/events"
 
-    async def cleanup(_: web.Application) -> None:
-        await ctx.close()
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
 
-    web_app.on_cleanup.append(cleanup)
-    return web_app
+    async def start(self) -> "BotServer":
+        app = await self.runtime.start()
+        self._runner = web.AppRunner(self.runtime.http_application(slack_events=not self.socket_mode),
+                                     access_log=None, shutdown_timeout=1.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        if self.port == 0:
+            self.port = site._server.sockets[0].getsockname()[1]  # the kernel's choice
+        if self.socket_mode:
+            from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
+            slack = self.ctx.slack
+            self._socket = AsyncSocketModeHandler(app, slack.app_token, web_client=web_client(slack, slack.app_token))
+            await self._socket.connect_async()
+        log.info("serving", extra={"ctx_mode": "socket" if self.socket_mode else "http", "ctx_host": self.host,
+                                   "ctx_port": self.port})
+        return self
+
+    async def stop(self) -> None:
+        if self._socket is not None:
+            await self._socket.close_async()
+            self._socket = None
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        await self.runtime.stop()
+
+    async def __aenter__(self) -> "BotServer":
+        try:
+            return await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
 
 
-async def serve_http(ctx: BotContext, host: str, port: int, ready: asyncio.Event | None = None) -> None:
+async def serve(config: Config, slack: SlackSettings, host: str, port: int, socket_mode: bool) -> None:
     """Serve until SIGTERM/SIGINT."""
-    app = build_app(ctx)
-    runner = web.AppRunner(http_application(app, ctx), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    log.info("serving HTTP", extra={"ctx_host": host, "ctx_port": port})
-    try:
-        await _until_signal(ready)
-    finally:
-        await runner.cleanup()
+    async with BotServer(config, slack, host, port, socket_mode=socket_mode):
+        await until_signal()
 
 
-async def serve_socket_mode(ctx: BotContext, ready: asyncio.Event | None = None) -> None:
-    from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
-
-    app = build_app(ctx)
-    handler = AsyncSocketModeHandler(app, ctx.slack.app_token, web_client=AsyncWebClient(
-        token=ctx.slack.app_token, base_url=ctx.slack.api_url))
-    await handler.connect_async()
-    log.info("connected in Socket Mode")
-    try:
-        await _until_signal(ready)
-    finally:
-        await handler.close_async()
-        await ctx.close()
-
-
-async def _until_signal(ready: asyncio.Event | None) -> None:
+async def until_signal() -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):
-            pass
-    if ready is not None:
-        ready.set()
+        loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                loop.remove_signal_handler(sig)
-            except (NotImplementedError, RuntimeError):
-                pass
+            loop.remove_signal_handler(sig)

@@ -95,10 +95,13 @@ def members_reply(health: ClusterHealth) -> Reply:
                          _section(f"```{escape(listing)}```")])
 
 
-def error_reply(reason: str, usage: str | None = None) -> Reply:
-    """One line saying what is wrong, then the usage."""
+def error_reply(reason: str, usage: str | None = None, hint: str | None = None) -> Reply:
+    """One line saying what is wrong, what to do instead, then the usage."""
     text = f":warning: {reason}"
     blocks = [_section(f":warning: {escape(reason)}")]
+    if hint:
+        text += f"\n{hint}"
+        blocks.append(_section(escape_keep_mentions(hint)))
     if usage:
         text += f"\nUsage: {usage}"
         blocks.append(_context(f"Usage:\n{escape(usage)}"))
@@ -116,3 +119,149 @@ def unreachable_reply(cluster: str, error: str) -> Reply:
     text = f"etcd cluster {cluster}: no endpoint answered: {error}"
     return Reply(text=text, blocks=[_header(f"etcd cluster {cluster}: UNREACHABLE"),
                                     _section(f":red_circle: No configured endpoint answered.\n{escape(error)}")])
+
+
+# ---------------------------------------------------------------- plans
+
+STEP_ICON = {"pending": ":white_square:", "running": ":hourglass_flowing_sand:", "done": ":white_check_mark:",
+             "failed": ":x:", "skipped": ":heavy_minus_sign:"}
+STATE_WORD = {"proposed": "PROPOSED — waiting for approval", "approved": "APPROVED", "running": "RUNNING",
+              "done": "DONE", "failed": "FAILED", "rejected": "REJECTED", "cancelled": "CANCELLED",
+              "expired": "EXPIRED", "interrupted": "INTERRUPTED"}
+
+
+def slack_date(epoch: float) -> str:
+    """A timestamp every reader sees in their own time zone (UTC as fallback)."""
+    import datetime as dt
+    fallback = dt.datetime.fromtimestamp(epoch, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return f"<!date^{int(epoch)}^{{date_short_pretty}} {{time}}|{fallback}>"
+
+
+def _member_ref(m) -> str:
+    return (f"*{escape(m.name or '(unstarted)')}* `{m.id}` · peer {', '.join(m.peer_urls) or '-'} · "
+            f"client {', '.join(m.client_urls) or '-'}")
+
+
+@dataclass(frozen=True)
+class PlanView:
+    """What the plan message shows besides the plan itself."""
+
+    state: str
+    proposer: str
+    approvers: str                      # already formatted mentions
+    expires_at: float
+    reaction: str
+    reject_reaction: str
+    step_states: dict[int, str] = field(default_factory=dict)
+    decided_by: str | None = None
+    error: str | None = None
+    launcher: str = "manual"
+
+
+def plan_reply(plan, view: PlanView) -> Reply:
+    """The plan message: everything an approver needs to decide, and progress."""
+    from bot.launcher import member_environment
+    state = STATE_WORD.get(view.state, view.state.upper())
+    failed_name = plan.failed.name or plan.failed.id
+    blocks: list[dict[str, Any]] = [
+        _header(f"Plan {plan.id}: replace {failed_name} in {plan.cluster}"),
+        _section(f"*State:* {state}" + (f" (by <@{view.decided_by}>)" if view.decided_by and view.state in
+                                         ("approved", "rejected", "cancelled") else "")),
+        _section(f"*Cluster:* `{escape(plan.cluster)}` · quorum now {plan.quorum_now[1]} healthy of "
+                 f"{plan.quorum_now[0]} voting\n*Failed member:* {_member_ref(plan.failed)}\n"
+                 f"*New member:* *{escape(plan.new_name)}* · peer {plan.new_peer_url} · client "
+                 f"{plan.new_client_url or '(set by the launcher)'} · "
+                 f"{'joins as a learner, then promoted' if plan.learner else 'joins as a voting member (--no-learner)'}"),
+    ]
+    lines = []
+    for i, step in enumerate(plan.steps):
+        st = view.step_states.get(i, "pending")
+        lines.append(f"{STEP_ICON.get(st, ':white_square:')} {i}. {escape(step.title)}")
+    blocks.append(_section("*Steps*\n" + "\n".join(lines)))
+    env = "\n".join(f'{k}="{v}"' for k, v in member_environment(plan).items())
+    blocks.append(_section(f"*Environment for {escape(plan.new_name)}* (runbook step 4):\n```{escape(env)}```"))
+    if plan.others_failed:
+        others = ", ".join(m.name or m.id for m in plan.others_failed)
+        blocks.append(_section(f":warning: Also failed: *{escape(others)}*. Members are replaced one at a time: "
+                               f"propose the next replacement after this plan completes."))
+    if view.error:
+        blocks.append(_section(f":x: *Failed:* {escape(view.error)}"))
+    who = (f"Proposed by <@{view.proposer}> · approvers: {view.approvers} · "
+           f"expires {slack_date(view.expires_at)} · plan ID `{plan.id}`")
+    blocks.append(_context(who))
+    if view.state == "proposed":
+        blocks.append(_context(f"An approver reacts with :{view.reaction}: to approve; :{view.reject_reaction}: rejects "
+                               f"(approver or proposer)."))
+    text = (f"Plan {plan.id}: replace {failed_name} with {plan.new_name} in {plan.cluster}: {state}. "
+            f"Proposed by <@{view.proposer}>; approvers {view.approvers}; react :{view.reaction}: to approve.")
+    return Reply(text=text, blocks=blocks)
+
+
+def plans_reply(cluster: str, rows: list[dict[str, Any]]) -> Reply:
+    if not rows:
+        return Reply(text=f"No plans for cluster {cluster} yet.")
+    import json as _json
+    lines = []
+    for r in rows:
+        p = _json.loads(r["plan"])
+        lines.append(f"`{r['id']}` {STATE_WORD.get(r['state'], r['state']).split(' —')[0]} · replace "
+                     f"{escape(p['failed']['name'] or p['failed']['id'])} with {escape(p['new_name'])} · by <@{r['proposer']}> · "
+                     f"{slack_date(r['created_at'])}" + (f" · {escape(r['error'])}" if r.get("error") else ""))
+    text = f"Recent plans for {cluster}:\n" + "\n".join(lines)
+    return Reply(text=text, blocks=[_section(f"*Recent plans for {escape(cluster)}*"), _section("\n".join(lines))])
+
+
+def thread_note(text: str) -> Reply:
+    return Reply(text=text, blocks=[_section(escape_keep_mentions(text))])
+
+
+def escape_keep_mentions(text: str) -> str:
+    """Escape &, < and > except inside Slack mentions and dates (<@U..>, <!date^..>, <!subteam^..>)."""
+    import re as _re
+    parts = _re.split(r"(<[@#!][^>]+>)", text)
+    return "".join(p if _re.match(r"^<[@#!][^>]+>$", p) else escape(p) for p in parts)
+
+
+# ---------------------------------------------------------------- snapshots
+
+def snapshot_reply(saved, requested_by: str, pruned: list[str] | None = None, title: str = "Snapshot") -> Reply:
+    """The runbook's status table plus where the file is and how to check it.
+    The file itself never goes to Slack."""
+    from bot.bbolt import status_table
+    st = saved.status
+    table = status_table(st)
+    mib_s = saved.throughput / (1 << 20)
+    facts = (f"*File:* `{escape(saved.path.name)}`{' (age-encrypted)' if saved.encrypted else ''} · "
+             f"{humanize_bytes(saved.file_size)}\n*sha256:* `{saved.sha256}`\n"
+             f"*Source:* {escape(saved.member)} ({saved.endpoint}) · took {humanize_duration(saved.duration)} "
+             f"({mib_s:.1f} MiB/s) · asked by <@{requested_by}>")
+    blocks_ = [_section(f":camera_with_flash: *{title} of {escape(saved.cluster)}* — verified"),
+               _section(f"```{table}```"), _section(facts)]
+    if pruned:
+        blocks_.append(_context(f"Retention pruned {len(pruned)} older snapshot(s): {escape(', '.join(pruned))}"))
+    text = (f"{title} of {saved.cluster}: hash {st.hash_hex}, revision {st.revision}, {st.total_keys} keys, "
+            f"{humanize_bytes(st.total_size)}; file {saved.path.name}, sha256 {saved.sha256}")
+    return Reply(text=text, blocks=blocks_)
+
+
+def snapshot_failed_reply(cluster: str, reason: str, scheduled: bool = False) -> Reply:
+    lead = ":rotating_light: *Scheduled snapshot FAILED*" if scheduled else ":x: *Snapshot failed*"
+    text = f"{'Scheduled snapshot' if scheduled else 'Snapshot'} of {cluster} FAILED: {reason}"
+    return Reply(text=text, blocks=[_section(f"{lead} for `{escape(cluster)}`: {escape(reason)}\nNo file was kept.")])
+
+
+def snapshots_reply(cluster: str, rows: list[dict[str, Any]]) -> Reply:
+    if not rows:
+        return Reply(text=f"No snapshots recorded for {cluster} yet. Take one with /etcd snapshot.")
+    lines = []
+    for r in rows:
+        lines.append(f"`{_basename(r['path'])}` · rev {r['revision']} · hash {r['hash']} · {r['total_keys']} keys · "
+                     f"{humanize_bytes(r['total_size'])} · {escape(r['member'])} · <@{r['requested_by']}> · "
+                     f"{slack_date(r['created_at'])}" + (" · :lock:" if r["encrypted"] else "")
+                     + (f" · {escape(r['reason'])}" if r.get("reason") else ""))
+    text = f"Snapshots of {cluster} (newest first):\n" + "\n".join(lines)
+    return Reply(text=text, blocks=[_section(f"*Snapshots of {escape(cluster)}* (newest first)"), _section("\n".join(lines))])
+
+
+def _basename(path: str) -> str:
+    return path.rsplit("/", 1)[-1]

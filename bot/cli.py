@@ -36,7 +36,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     run = sub.add_parser("run", help="serve Slack (Socket Mode, or HTTP with --http)")
     run.add_argument("--http", action="store_true", help="serve POST /slack/events over HTTP instead of Socket Mode")
     run.add_argument("--host", default="0.0.0.0", help="HTTP listen address (default 0.0.0.0)")
-    run.add_argument("--port", type=int, default=3000, help="HTTP port (default 3000)")
+    run.add_argument("--port", type=int, default=3000,
+                     help="HTTP port (default 3000): Slack events with --http; /healthz, /readyz, /metrics always")
     run.add_argument("--config", help="TOML config file (default: $ETCD_CHATOPS_CONFIG)")
     run.add_argument("--log-level", default=os.environ.get("ETCD_CHATOPS_LOG_LEVEL", "info"),
                      choices=["debug", "info", "warning", "error"])
@@ -48,9 +49,37 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     mem = sub.add_parser("members", help="the member list, as etcdctl member list")
     _add_cluster_args(mem)
 
+    snap = sub.add_parser("snapshot", help="save a verified snapshot, or print a snapshot file's status")
+    snap_sub = snap.add_subparsers(dest="snap_cmd", metavar="ACTION", parser_class=_Parser)
+    snap_sub.required = True
+    save = snap_sub.add_parser("save", help="stream a snapshot from a healthy member (a follower if possible) to --dir")
+    _add_cluster_args(save)
+    save.add_argument("--dir", required=True, help="directory; the file goes to DIR/<name>/<name>-<UTC time>-rev<N>.db")
+    save.add_argument("--name", default=None, help="cluster name used in the file name (default: the --cluster, or 'etcd')")
+    save.add_argument("--age-recipient", action="append", default=[], metavar="AGE1...",
+                      help="encrypt with age to this public key (repeatable)")
+    save.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    stat = snap_sub.add_parser("status", help="hash, revision, total keys and size, as etcdutl snapshot status")
+    stat.add_argument("file", help="a snapshot (etcdctl snapshot save, or this tool's) or a member/snap/db copy")
+    stat.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    _NESTED_PARSERS.update({f"snapshot {k}": v for k, v in snap_sub.choices.items()})
+
+    audit = sub.add_parser("audit", help="check or export the tamper-evident audit log")
+    audit_sub = audit.add_subparsers(dest="audit_cmd", metavar="ACTION", parser_class=_Parser)
+    audit_sub.required = True
+    verify = audit_sub.add_parser("verify", help="check the hash chain: exit 0 intact, 1 changed or deleted rows")
+    verify.add_argument("--config", help="TOML config file (default: $ETCD_CHATOPS_CONFIG); its database is checked")
+    export = audit_sub.add_parser("export", help="write the audit log as JSON lines")
+    export.add_argument("--config", help="TOML config file (default: $ETCD_CHATOPS_CONFIG)")
+    export.add_argument("--since", help="ISO date/time (2026-11-25, 2026-11-25T08:00:00Z) or an age (24h, 7d)")
+    _NESTED_PARSERS.update({f"audit {k}": v for k, v in audit_sub.choices.items()})
+
     chk = sub.add_parser("check-config", help="validate a config file and print what it defines")
     chk.add_argument("config", nargs="?", help="TOML config file (default: $ETCD_CHATOPS_CONFIG)")
     return p, sub.choices
+
+
+_NESTED_PARSERS: dict[str, argparse.ArgumentParser] = {}
 
 
 def _add_cluster_args(p: argparse.ArgumentParser) -> None:
@@ -152,8 +181,7 @@ async def _status(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from bot import logs
-    from bot.app import serve_http, serve_socket_mode
-    from bot.context import BotContext
+    from bot.app import serve
     from bot.settings import SettingsError, SlackSettings
 
     config = _load_config(args.config)
@@ -163,17 +191,112 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageFailure(str(e)) from None
     logs.register_secret(*slack.secrets(), *(c.password for c in config.clusters))
     logs.setup(args.log_level)
-    if args.http:
-        if not slack.signing_secret:
-            raise UsageFailure("--http needs SLACK_SIGNING_SECRET to verify Slack's requests")
-        if not 0 < args.port < 65536:
-            raise UsageFailure(f"--port: {args.port} is not a TCP port")
-        asyncio.run(serve_http(BotContext(config, slack), args.host, args.port))
-        return EXIT_OK
-    if not slack.app_token:
+    if not 0 < args.port < 65536:
+        raise UsageFailure(f"--port: {args.port} is not a TCP port")
+    if args.http and not slack.signing_secret:
+        raise UsageFailure("--http needs SLACK_SIGNING_SECRET to verify Slack's requests")
+    if not args.http and not slack.app_token:
         raise UsageFailure("Socket Mode needs SLACK_APP_TOKEN (xapp-...); or pass --http to serve HTTP")
-    asyncio.run(serve_socket_mode(BotContext(config, slack)))
+    asyncio.run(serve(config, slack, args.host, args.port, socket_mode=not args.http))
     return EXIT_OK
+
+
+def _snapshot_status(args: argparse.Namespace) -> int:
+    from bot.bbolt import SnapshotError, snapshot_status, status_table  # light: no gRPC, no Slack
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise UsageFailure(f"{args.file}: no such file")
+    try:
+        status = snapshot_status(path)
+    except SnapshotError as e:
+        print(f"etcd-chatops snapshot status: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps(status.as_json()) if args.json else status_table(status))
+    return EXIT_OK
+
+
+async def _snapshot_save(args: argparse.Namespace) -> int:
+    from bot import render
+    from bot.config import ConfigError, check_age_recipient
+    from bot.etcd import EtcdError
+    from bot.health import check_cluster
+    from bot.snapshots import SnapshotFailed, save_snapshot
+
+    for r in args.age_recipient:
+        try:
+            check_age_recipient(r, "--age-recipient")
+        except ConfigError as e:
+            raise UsageFailure(str(e)) from None
+    client, display = _client_from_args(args)
+    name = args.name or args.cluster or "etcd"
+    async with client:
+        try:
+            health = await check_cluster(client, display)
+        except EtcdError as e:
+            print(f"etcd-chatops snapshot save: cannot read the cluster: {e}", file=sys.stderr)
+            return EXIT_FAILED
+        source = health.snapshot_source()
+        if source is None:
+            print("etcd-chatops snapshot save: no healthy member to take a snapshot from", file=sys.stderr)
+            return EXIT_FAILED
+        try:
+            saved = await save_snapshot(client, source.status.endpoint, source.member.name, Path(args.dir), name,
+                                        tuple(args.age_recipient))
+        except SnapshotFailed as e:
+            print(f"etcd-chatops snapshot save: {e}", file=sys.stderr)
+            return EXIT_FAILED
+    if args.json:
+        print(json.dumps(render.saved_json(saved)))
+    else:
+        print(render.saved_text(saved))
+    return EXIT_OK
+
+
+def parse_since(text: str, now: float) -> float:
+    """An ISO date/time (UTC when no zone is given) or an age like 24h -> epoch seconds."""
+    import datetime as dt
+    from bot.config import parse_duration
+    try:
+        return now - parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageFailure(f"--since: {text!r} is neither an ISO date/time nor an age like 24h") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return when.timestamp()
+
+
+async def _audit(args: argparse.Namespace) -> int:
+    import time
+    from bot.store import Store, StoreError
+
+    config = _load_config(args.config)
+    if not config.database.is_file():
+        raise UsageFailure(f"no database at {config.database} (database in {config.source})")
+    since = parse_since(args.since, time.time()) if getattr(args, "since", None) else None
+    store = Store(config.database)
+    try:
+        await store.open()
+        if args.audit_cmd == "verify":
+            count, problem = await store.verify_audit()
+            if problem:
+                print(f"audit log NOT intact after checking {count} row(s): {problem}")
+                return EXIT_FAILED
+            print(f"audit log intact: {count} row(s), hash chain verified")
+            return EXIT_OK
+        for row in await store.audit_rows(since):
+            row["detail"] = json.loads(row["detail"])
+            print(json.dumps(row, ensure_ascii=False))
+        return EXIT_OK
+    except StoreError as e:
+        print(f"etcd-chatops audit: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        await store.close()
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -197,8 +320,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_status(args))
         if args.cmd == "check-config":
             return _check_config(args)
+        if args.cmd == "snapshot":
+            return _snapshot_status(args) if args.snap_cmd == "status" else asyncio.run(_snapshot_save(args))
+        if args.cmd == "audit":
+            return asyncio.run(_audit(args))
     except UsageFailure as e:
-        subparsers[args.cmd].print_usage(sys.stderr)
+        nested = getattr(args, "snap_cmd", None) or getattr(args, "audit_cmd", None)
+        (_NESTED_PARSERS.get(f"{args.cmd} {nested}") or subparsers[args.cmd]).print_usage(sys.stderr)
         print(f"etcd-chatops {args.cmd}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -35,6 +35,14 @@ class Spec:
 SPECS: dict[str, Spec] = {s.name: s for s in (
     Spec("status", ("[cluster]",), ("--cluster",), summary="every member's health and the quorum margin"),
     Spec("members", ("[cluster]",), ("--cluster",), summary="the member list, as `etcdctl member list`"),
+    Spec("replace", ("failed-name-or-hex-id", "new-name", "new-peer-url"), ("--client-url", "--cluster"),
+         ("--no-learner",), summary="propose replacing a failed member; runs after an approver's reaction",
+         urls=("new_peer_url", "client_url")),
+    Spec("plans", ("[cluster]",), ("--cluster",), summary="recent replacement plans and their state"),
+    Spec("snapshot", ("[cluster]",), ("--cluster",), summary="take a verified snapshot now; posts its hash and size"),
+    Spec("snapshots", ("[cluster]",), ("--cluster",), summary="the snapshots taken so far, newest first"),
+    Spec("cancel", ("plan-id",), summary="cancel a proposed plan (proposer or approver)"),
+    Spec("resume", ("plan-id",), summary="continue an interrupted or failed plan from its step (approvers)"),
     Spec("help", summary="this help"),
 )}
 
@@ -125,7 +133,7 @@ def parse(text: str) -> Command:
         raise UsageError(f"missing <{required[len(positionals)]}>", spec.usage)
     if len(positionals) > len(spec.positionals):
         raise UsageError(f"unexpected argument {positionals[len(spec.positionals)]!r}", spec.usage)
-    args = {p.strip("[]"): v for p, v in zip(spec.positionals, positionals)}
+    args = {p.strip("[]").replace("-", "_"): v for p, v in zip(spec.positionals, positionals)}
     args.update({k.lstrip("-").replace("-", "_"): v for k, v in options.items()})
 
     cluster = args.pop("cluster", None)

@@ -45,6 +45,40 @@ class LauncherConfig:
 
 
 @dataclass(frozen=True)
+class SnapshotPolicy:
+    """Encryption, retention and schedule of a cluster's snapshots."""
+
+    age_recipients: tuple[str, ...] = ()     # age public keys; empty: not encrypted
+    keep_last: int | None = None             # keep the newest N
+    keep_days: float | None = None           # keep those younger than D days (a snapshot kept by either rule stays)
+    every_seconds: float | None = None       # take one on a schedule
+
+    @property
+    def encrypted(self) -> bool:
+        return bool(self.age_recipients)
+
+
+@dataclass(frozen=True)
+class RoleConfig:
+    """Who holds a role: users and user groups. `None` users and groups
+    (the keys absent) means anyone in a channel bound to the cluster."""
+
+    users: tuple[str, ...] | None = None
+    groups: tuple[str, ...] = ()
+
+    @property
+    def open(self) -> bool:
+        return self.users is None and not self.groups
+
+
+@dataclass(frozen=True)
+class AccessConfig:
+    readers: RoleConfig = RoleConfig()       # status, members, plans, snapshots
+    operators: RoleConfig = RoleConfig()     # replace, snapshot, cancel
+    approvers: RoleConfig = RoleConfig(())   # approve, reject, resume (default: [approval])
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     name: str
     endpoints: tuple[str, ...]
@@ -55,7 +89,10 @@ class ClusterConfig:
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     timeout_seconds: float = 2.0         # per-member deadline of every read
+    catch_up_seconds: float = 300.0      # bound on waiting for a new member to catch up / the cluster to settle
     launcher: LauncherConfig = LauncherConfig()
+    snapshots: SnapshotPolicy = SnapshotPolicy()
+    access: AccessConfig = AccessConfig()
 
 
 @dataclass(frozen=True)
@@ -64,6 +101,7 @@ class Config:
     database: Path = Path("etcd-chatops.db")
     snapshot_dir: Path = Path("snapshots")
     approval: ApprovalConfig = ApprovalConfig()
+    snapshots: SnapshotPolicy = SnapshotPolicy()
     source: Path | None = None
 
     def cluster(self, name: str) -> ClusterConfig | None:
@@ -165,6 +203,48 @@ def _reaction(value: str, key: str) -> str:
     return name
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """"6h", "30m", "1d", "1h30m", "90s" -> seconds; ValueError otherwise."""
+    matches = re.findall(r"(\d+(?:\.\d+)?)([smhd])", text.strip())
+    if not matches or "".join(n + u for n, u in matches) != text.strip():
+        raise ValueError(f"{text!r} is not a duration like 6h, 30m, 1d or 1h30m")
+    return sum(float(n) * _UNITS[u] for n, u in matches)
+
+
+def _duration(value: str, key: str) -> float:
+    try:
+        seconds = parse_duration(value)
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e}") from None
+    if seconds < 60:
+        raise ConfigError(f"{key}: {value!r} is too often; the shortest schedule is 1m")
+    return seconds
+
+
+def check_age_recipient(value: str, key: str) -> str:
+    try:
+        from pyrage import x25519
+        x25519.Recipient.from_str(value)
+    except Exception:
+        raise ConfigError(f"{key}: {value[:12]!r}... is not an age X25519 public key (age1...)") from None
+    return value
+
+
+def _snapshot_policy(t: _Table, default: SnapshotPolicy) -> SnapshotPolicy:
+    recipients = t.strings("age_recipients", default.age_recipients, check=check_age_recipient)
+    keep_last = t.get("keep_last", int, default.keep_last)
+    if keep_last is not None and keep_last < 1:
+        raise ConfigError(f"{t.key('keep_last')}: must be at least 1")
+    keep_days = t.get("keep_days", float, default.keep_days, _positive)
+    every = t.get("every", str, None, _duration)
+    t.done()
+    return SnapshotPolicy(age_recipients=recipients, keep_last=keep_last, keep_days=keep_days,
+                          every_seconds=every if every is not None else default.every_seconds)
+
+
 def _launcher(t: _Table) -> LauncherConfig:
     kind = t.get("kind", str, "manual")
     if kind not in ("manual", "command"):
@@ -184,6 +264,25 @@ def _launcher(t: _Table) -> LauncherConfig:
     return LauncherConfig(kind=kind, argv=argv, timeout_seconds=timeout)
 
 
+def _role(t: _Table, users_key: str, groups_key: str, default: RoleConfig) -> RoleConfig:
+    present = users_key in t.data or groups_key in t.data
+    users = t.strings(users_key, check=_slack_id) if users_key in t.data else None
+    groups = t.strings(groups_key, check=_slack_id)
+    if not present:
+        return default
+    return RoleConfig(users=users or (), groups=groups)
+
+
+def _access(t: _Table, approval: ApprovalConfig) -> AccessConfig:
+    access = AccessConfig(
+        readers=_role(t, "readers", "reader_groups", RoleConfig()),
+        operators=_role(t, "operators", "operator_groups", RoleConfig()),
+        approvers=_role(t, "approvers", "approver_groups", RoleConfig(approval.approvers, approval.approver_groups)),
+    )
+    t.done()
+    return access
+
+
 def _password(t: _Table) -> str | None:
     env = t.get("password_env", str, None)
     file = t.path_value("password_file", None, must_exist=True)
@@ -199,7 +298,7 @@ def _password(t: _Table) -> str | None:
     return None
 
 
-def _cluster(t: _Table) -> ClusterConfig:
+def _cluster(t: _Table, snapshot_defaults: SnapshotPolicy, approval: ApprovalConfig) -> ClusterConfig:
     name = t.get("name", str, None)
     if name is None:
         raise ConfigError(f"{t.key('name')}: missing")
@@ -219,10 +318,14 @@ def _cluster(t: _Table) -> ClusterConfig:
     if (username is None) != (password is None):
         raise ConfigError(f"{t.key('username' if username is None else 'password_env')}: username needs password_env or password_file, and back")
     timeout = t.get("timeout_seconds", float, 2.0, _positive)
+    catch_up = t.get("catch_up_seconds", float, 300.0, _positive)
     launcher = _launcher(t.table("launcher"))
+    snapshots = _snapshot_policy(t.table("snapshots"), snapshot_defaults)
+    access = _access(t.table("access"), approval)
     t.done()
     return ClusterConfig(name=name, endpoints=endpoints, channels=channels, cacert=cacert, cert=cert, key=key,
-                         username=username, password=password, timeout_seconds=timeout, launcher=launcher)
+                         username=username, password=password, timeout_seconds=timeout, catch_up_seconds=catch_up,
+                         launcher=launcher, snapshots=snapshots, access=access)
 
 
 def parse_config(data: dict, base: Path, source: Path | None = None) -> Config:
@@ -242,17 +345,20 @@ def parse_config(data: dict, base: Path, source: Path | None = None) -> Config:
     if approval.reaction == approval.reject_reaction:
         raise ConfigError(f"{a.key('reject_reaction')}: must differ from approval.reaction")
     a.done()
+    snapshots = _snapshot_policy(top.table("snapshots"), SnapshotPolicy())
     raw_clusters = top.get("clusters", list, [])
     if not raw_clusters:
         raise ConfigError("clusters: at least one [[clusters]] table is needed")
-    clusters = tuple(_cluster(_Table(c, f"clusters[{i}]", base)) for i, c in enumerate(raw_clusters))
+    clusters = tuple(_cluster(_Table(c, f"clusters[{i}]", base), snapshots, approval)
+                     for i, c in enumerate(raw_clusters))
     seen: set[str] = set()
     for i, c in enumerate(clusters):
         if c.name in seen:
             raise ConfigError(f"clusters[{i}].name: {c.name!r} is used by another cluster")
         seen.add(c.name)
     top.done()
-    return Config(clusters=clusters, database=database, snapshot_dir=snapshot_dir, approval=approval, source=source)
+    return Config(clusters=clusters, database=database, snapshot_dir=snapshot_dir, approval=approval,
+                  snapshots=snapshots, source=source)
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

@@ -1,12 +1,23 @@
-"""What every handler needs: the configuration, one etcd client per cluster
-and the Slack settings; built once at start-up."""
+"""What every handler needs, built once at start-up: the configuration, one
+etcd client per cluster, the store, the Slack Web API client, and the
+background tasks (plan executions) the bot is running."""
 from __future__ import annotations
 
+import asyncio
+import logging
 from dataclasses import dataclass, field
+from typing import Any, Coroutine
 
+from slack_sdk.web.async_client import AsyncWebClient
+
+from bot.access import Access
 from bot.config import ClusterConfig, Config
-from bot.etcd import EtcdClient, client_for
+from bot.etcd import EtcdClient, EtcdError, client_for
+from bot.metrics import Metrics
 from bot.settings import SlackSettings
+from bot.store import Store
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -14,15 +25,54 @@ class BotContext:
     config: Config
     slack: SlackSettings
     clients: dict[str, EtcdClient] = field(default_factory=dict)
+    store: Store | None = None
+    web: AsyncWebClient | None = None
+    access: Access | None = None
+    tasks: set[asyncio.Task] = field(default_factory=set)
+    metrics: Metrics = field(default_factory=Metrics)
 
     def client(self, cluster: ClusterConfig) -> EtcdClient:
         """One long-lived client per cluster, so channels are reused."""
         client = self.clients.get(cluster.name)
         if client is None:
             client = self.clients[cluster.name] = client_for(cluster)
+            counter = self.metrics.etcd_errors
+
+            def count(err: EtcdError, name: str = cluster.name) -> None:
+                counter.labels(cluster=name, kind=type(err).__name__).inc()
+            client.on_error = count
         return client
 
+    def secrets(self) -> list[str]:
+        return self.slack.secrets() + [c.password for c in self.config.clusters if c.password]
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task:
+        """Run work in the background, keeping a reference until it ends."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception(), extra={"ctx_task": task.get_name()})
+
+    async def start(self, web: AsyncWebClient) -> None:
+        """Open the store; wire the Web API client."""
+        self.web = web
+        self.access = Access(web)
+        if self.store is None:
+            self.store = await Store(self.config.database).open()
+
     async def close(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
         for client in self.clients.values():
             await client.close()
         self.clients.clear()
+        if self.store is not None:
+            await self.store.close()
+            self.store = None

@@ -261,6 +261,7 @@ class EtcdClient:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._tokens: dict[str, str] = {}
         self._preferred: str | None = None
+        self.on_error: Callable[[EtcdError], None] | None = None  # metrics hook
 
     def __repr__(self) -> str:
         return f"EtcdClient({self.endpoints!r})"
@@ -326,7 +327,9 @@ class EtcdClient:
                 return await asyncio.wait_for(self._call_once(endpoint, fn, timeout), timeout + 0.5)
             except asyncio.TimeoutError:
                 self._drop(endpoint)
-                raise EtcdTimeout(f"no answer within {timeout:g}s (member down or host unreachable)", endpoint) from None
+                err = EtcdTimeout(f"no answer within {timeout:g}s (member down or host unreachable)", endpoint)
+                self._count(err)
+                raise err from None
             except grpc.aio.AioRpcError as e:
                 err = map_grpc_error(e, endpoint, timeout)
                 if isinstance(err, EtcdAuthError) and "invalid auth token" in err.message and attempt == 1:
@@ -334,8 +337,13 @@ class EtcdClient:
                     continue
                 if isinstance(err, EtcdUnavailable):
                     self._drop(endpoint)
+                self._count(err)
                 raise err from None
         raise AssertionError("unreachable")
+
+    def _count(self, err: EtcdError) -> None:
+        if self.on_error is not None:
+            self.on_error(err)
 
     async def _call_once(self, endpoint: str, fn, timeout: float):
         metadata = await self._metadata(endpoint, timeout)
@@ -439,36 +447,66 @@ class EtcdClient:
             return r.header.revision
         return await self.failover(fn, timeout)
 
-    async def snapshot(self, endpoint: str, idle_timeout: float = SNAPSHOT_IDLE_TIMEOUT) -> AsyncIterator[bytes]:
-        """Stream Maintenance.Snapshot from one member: the bbolt file then its
-        32-byte sha256 trailer, chunk by chunk, never the whole in memory."""
+    async def snapshot(self, endpoint: str, idle_timeout: float = SNAPSHOT_IDLE_TIMEOUT) -> "SnapshotStream":
+        """Open Maintenance.Snapshot on one member; read it with `async for`."""
         endpoint = parse_url(endpoint).url
         try:
             metadata = await asyncio.wait_for(self._metadata(endpoint, self.timeout), self.timeout + 0.5)
-            stream = rpc.MaintenanceStub(self._channel(endpoint)).Snapshot(rpc.SnapshotRequest(), metadata=metadata)
         except asyncio.TimeoutError:
             self._drop(endpoint)
             raise EtcdTimeout(f"no answer within {self.timeout:g}s", endpoint) from None
         except grpc.aio.AioRpcError as e:
             raise map_grpc_error(e, endpoint, self.timeout) from None
+        call = rpc.MaintenanceStub(self._channel(endpoint)).Snapshot(rpc.SnapshotRequest(), metadata=metadata)
+        stream = SnapshotStream(self, endpoint, call, idle_timeout)
+        await stream.start(self.timeout)
+        return stream
+
+
+class SnapshotStream:
+    """The bbolt file then its 32-byte sha256 trailer, chunk by chunk: never
+    the whole in memory. `revision` and `size_hint` come with the first chunk."""
+
+    def __init__(self, client: EtcdClient, endpoint: str, call, idle_timeout: float):
+        self.client, self.endpoint, self._call, self.idle_timeout = client, endpoint, call, idle_timeout
+        self.revision = 0
+        self.size_hint = 0
+        self._first: bytes | None = None
+
+    async def _read(self, timeout: float):
         try:
-            while True:
-                try:
-                    resp = await asyncio.wait_for(stream.read(), idle_timeout)
-                except asyncio.TimeoutError:
-                    self._drop(endpoint)
-                    raise EtcdTimeout(f"snapshot stream silent for {idle_timeout:g}s", endpoint) from None
-                except grpc.aio.AioRpcError as e:
-                    err = map_grpc_error(e, endpoint, idle_timeout)
-                    if isinstance(err, EtcdUnavailable):
-                        self._drop(endpoint)
-                    raise err from None
-                if resp is grpc.aio.EOF:
-                    return
+            resp = await asyncio.wait_for(self._call.read(), timeout)
+        except asyncio.TimeoutError:
+            self.client._drop(self.endpoint)
+            raise EtcdTimeout(f"snapshot stream silent for {timeout:g}s", self.endpoint) from None
+        except grpc.aio.AioRpcError as e:
+            err = map_grpc_error(e, self.endpoint, timeout)
+            if isinstance(err, EtcdUnavailable):
+                self.client._drop(self.endpoint)
+            raise err from None
+        return None if resp is grpc.aio.EOF else resp
+
+    async def start(self, timeout: float) -> None:
+        resp = await self._read(timeout)
+        if resp is None:
+            raise EtcdError("snapshot stream ended before any data", self.endpoint)
+        self.revision = resp.header.revision
+        self.size_hint = len(resp.blob) + resp.remaining_bytes
+        self._first = resp.blob
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            if self._first:
+                first, self._first = self._first, None
+                yield first
+            while (resp := await self._read(self.idle_timeout)) is not None:
                 if resp.blob:
                     yield resp.blob
         finally:
-            stream.cancel()
+            self.close()
+
+    def close(self) -> None:
+        self._call.cancel()
 
 
 def _all_failed(errors: list[EtcdError]) -> EtcdUnavailable:

@@ -116,6 +116,12 @@ class ClusterHealth:
     def all_healthy(self) -> bool:
         return all(m.healthy for m in self.members) and not self.alarms and self.leader_id is not None
 
+    def snapshot_source(self) -> MemberHealth | None:
+        """A healthy member to snapshot, preferring a follower to spare the leader."""
+        healthy = [h for h in self.members if h.healthy and h.member.client_urls]
+        followers = [h for h in healthy if h.member.id != self.leader_id and not h.member.is_learner]
+        return (followers or healthy or [None])[0]
+
     def find(self, ref: str) -> MemberHealth | None:
         """A member by name or hex ID (as `member list` prints it)."""
         ref = ref.strip().lower()

@@ -121,3 +121,21 @@ def status_json(health: ClusterHealth) -> dict[str, Any]:
         "alarms": [{"member_id": f"{a.member_id:016x}", "alarm": a.kind} for a in health.alarms],
         "elapsed_seconds": round(health.elapsed, 4), "deadline_seconds": health.deadline,
     }
+
+
+def saved_json(saved) -> dict[str, Any]:
+    """A saved snapshot as JSON (CLI): etcdutl's fields plus where and how."""
+    return {**saved.status.as_json(), "file": str(saved.path), "file_size": saved.file_size, "sha256": saved.sha256,
+            "member": saved.member, "endpoint": saved.endpoint, "encrypted": saved.encrypted,
+            "duration_seconds": round(saved.duration, 3), "throughput_bytes_per_second": round(saved.throughput)}
+
+
+def saved_text(saved) -> str:
+    from bot.bbolt import status_table
+    return "\n".join([
+        f"Snapshot saved at {saved.path}" + (" (age-encrypted)" if saved.encrypted else ""),
+        status_table(saved.status),
+        f"sha256 {saved.sha256}  size {humanize_bytes(saved.file_size)}",
+        f"from {saved.member} ({saved.endpoint}) in {humanize_duration(saved.duration)} "
+        f"({saved.throughput / (1 << 20):.1f} MiB/s)",
+    ])

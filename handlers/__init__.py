@@ -7,6 +7,7 @@ from bot.context import BotContext
 
 
 def register_all(app: AsyncApp, ctx: BotContext) -> None:
-    from handlers import commands
+    from handlers import commands, reactions
 
     commands.register(app, ctx)
+    reactions.register(app, ctx)

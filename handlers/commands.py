@@ -2,7 +2,7 @@
 
 Bad input is answered in the acknowledgement itself (Slack shows it only
 to the person who typed it); work that talks to etcd runs after the ack,
-and its answer is a channel message.
+and its answer is a channel message, or an ephemeral one for refusals.
 """
 from __future__ import annotations
 
@@ -12,32 +12,80 @@ from typing import Any, Awaitable, Callable
 from slack_bolt.async_app import AsyncApp
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot import blocks
+from bot import blocks, lifecycle
+from bot.access import COMMAND_ROLES
 from bot.commands import Command, UsageError, general_usage, parse
 from bot.config import ClusterConfig
 from bot.context import BotContext
 from bot.etcd import EtcdError
 from bot.health import check_cluster
+from bot.lifecycle import Outcome
+from bot.plans import ReplaceRequest
 from bot.routing import RoutingError, resolve_cluster
 from bot.slackio import SlackPostError, post
+from bot.snapshot_service import take_snapshot
+from bot.snapshots import SnapshotFailed
 
 log = logging.getLogger(__name__)
 COMMAND = "/etcd"
 
-Work = Callable[[BotContext, Command, ClusterConfig, dict[str, Any]], Awaitable[blocks.Reply]]
+Work = Callable[[BotContext, Command, ClusterConfig | None, str, str], Awaitable[Outcome]]
 
 
-async def _status(ctx: BotContext, cmd: Command, cluster: ClusterConfig, body: dict[str, Any]) -> blocks.Reply:
+async def _status(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user: str, channel: str) -> Outcome:
     try:
         health = await check_cluster(ctx.client(cluster), cluster.name)
     except EtcdError as e:
-        return blocks.unreachable_reply(cluster.name, str(e))
+        return Outcome(channel=blocks.unreachable_reply(cluster.name, str(e)))
     if cmd.name == "members":
-        return blocks.members_reply(health)
-    return blocks.status_reply(health, requested_by=body.get("user_id"))
+        return Outcome(channel=blocks.members_reply(health))
+    return Outcome(channel=blocks.status_reply(health, requested_by=user))
 
 
-WORK: dict[str, Work] = {"status": _status, "members": _status}
+async def _replace(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user: str, channel: str) -> Outcome:
+    req = ReplaceRequest(failed=cmd.args["failed_name_or_hex_id"], new_name=cmd.args["new_name"],
+                         new_peer_url=cmd.args["new_peer_url"], new_client_url=cmd.args.get("client_url"),
+                         learner="no_learner" not in cmd.flags)
+    return await lifecycle.propose(ctx, cluster, req, user, channel, cmd.spec.usage)
+
+
+async def _plans(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user: str, channel: str) -> Outcome:
+    return Outcome(channel=blocks.plans_reply(cluster.name, await ctx.store.plans(cluster.name, limit=10)))
+
+
+async def _snapshot(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user: str, channel: str) -> Outcome:
+    try:
+        saved = await take_snapshot(ctx, cluster, requested_by=user, reason="requested", channel=channel)
+    except SnapshotFailed as e:
+        await ctx.store.audit("snapshot_failed", user=user, channel=channel, cluster=cluster.name, detail={"reason": str(e)})
+        return Outcome(channel=blocks.snapshot_failed_reply(cluster.name, str(e)))
+    return Outcome(channel=blocks.snapshot_reply(saved, user))
+
+
+async def _snapshots(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user: str, channel: str) -> Outcome:
+    return Outcome(channel=blocks.snapshots_reply(cluster.name, await ctx.store.snapshots(cluster.name, limit=15)))
+
+
+async def _cancel(ctx: BotContext, cmd: Command, cluster: None, user: str, channel: str) -> Outcome:
+    return await lifecycle.cancel(ctx, cmd.args["plan_id"], user, channel)
+
+
+async def _resume(ctx: BotContext, cmd: Command, cluster: None, user: str, channel: str) -> Outcome:
+    return await lifecycle.resume(ctx, cmd.args["plan_id"], user, channel)
+
+
+# Commands that name a plan find their cluster through it; the others resolve one.
+WORK: dict[str, tuple[Work, bool]] = {
+    "status": (_status, True), "members": (_status, True), "replace": (_replace, True), "plans": (_plans, True),
+    "snapshot": (_snapshot, True), "snapshots": (_snapshots, True),
+    "cancel": (_cancel, False), "resume": (_resume, False),
+}
+
+
+async def _plan_cluster(ctx: BotContext, cmd: Command) -> ClusterConfig | None:
+    """The cluster of the plan a command names (cancel, resume)."""
+    row = await ctx.store.plan(cmd.args.get("plan_id", ""))
+    return ctx.config.cluster(row["cluster"]) if row else None
 
 
 def register(app: AsyncApp, ctx: BotContext) -> None:
@@ -48,30 +96,60 @@ def register(app: AsyncApp, ctx: BotContext) -> None:
             cmd = parse(command.get("text", ""))
         except UsageError as e:
             await ack(**blocks.error_reply(e.reason, e.usage).as_kwargs())
+            ctx.metrics.commands.labels(command="invalid", outcome="usage_error").inc()
+            await ctx.store.audit("usage_error", user=user, channel=channel, detail={"text": command.get("text", ""),
+                                                                                     "reason": e.reason})
             return
         if cmd.name == "help":
             topic = cmd.args.get("topic")
             usage = f"`{parse(topic).spec.usage}`" if topic else general_usage()
             bound = [c.name for c in ctx.config.clusters_for_channel(channel)]
             await ack(**blocks.help_reply(usage, bound).as_kwargs())
+            ctx.metrics.commands.labels(command="help", outcome="ok").inc()
             return
+        work, needs_cluster = WORK[cmd.name]
+        cluster = None
         try:
-            cluster = resolve_cluster(ctx.config, channel, cmd.cluster)
+            if needs_cluster:
+                cluster = resolve_cluster(ctx.config, channel, cmd.cluster)
+            elif not ctx.config.clusters_for_channel(channel):
+                raise RoutingError("this channel is not bound to any etcd cluster")
         except RoutingError as e:
             await ack(**blocks.error_reply(str(e), cmd.spec.usage).as_kwargs())
+            ctx.metrics.commands.labels(command=cmd.name, outcome="refused").inc()
+            await ctx.store.audit("refused", user=user, channel=channel, cluster=cmd.cluster or "",
+                                  detail={"command": cmd.name, "reason": str(e)})
             return
         await ack()
+        cluster_name = cluster.name if cluster else ""
+        role = COMMAND_ROLES[cmd.name]
+        checked = cluster or await _plan_cluster(ctx, cmd)
+        if role is not None and checked is not None and not await ctx.access.allowed(checked, user, role):
+            reason = ctx.access.refusal(checked, role, f"/etcd {cmd.name}")
+            ctx.metrics.commands.labels(command=cmd.name, outcome="refused").inc()
+            await ctx.store.audit("refused", user=user, channel=channel, cluster=checked.name,
+                                  detail={"command": cmd.name, "missing_role": role.value})
+            await respond(response_type="ephemeral", **blocks.error_reply(reason, cmd.spec.usage).as_kwargs())
+            return
+        await ctx.store.audit("command", user=user, channel=channel, cluster=cluster_name,
+                              detail={"command": cmd.name, "args": cmd.args, "flags": sorted(cmd.flags)})
         log.info("command", extra={"ctx_command": cmd.name, "ctx_user": user, "ctx_channel": channel,
-                                   "ctx_cluster": cluster.name})
+                                   "ctx_cluster": cluster_name})
         try:
-            reply = await WORK[cmd.name](ctx, cmd, cluster, command)
+            outcome = await work(ctx, cmd, cluster, user, channel)
         except Exception:
-            log.exception("command failed", extra={"ctx_command": cmd.name, "ctx_cluster": cluster.name})
+            log.exception("command failed", extra={"ctx_command": cmd.name, "ctx_cluster": cluster_name})
+            ctx.metrics.commands.labels(command=cmd.name, outcome="error").inc()
             await respond(**blocks.error_reply(f"/etcd {cmd.name} failed inside the bot; the details are in its log").as_kwargs())
             return
-        try:
-            await post(client, channel, reply)
-        except SlackPostError as e:
-            # The bot may not be in the channel: the response URL still reaches the person.
-            await respond(response_type="ephemeral", **reply.as_kwargs())
-            await respond(**blocks.error_reply(f"could not post in the channel: {e}").as_kwargs())
+        ctx.metrics.commands.labels(command=cmd.name, outcome="refused" if outcome.ephemeral and not outcome.channel
+                                     else "ok").inc()
+        if outcome.ephemeral is not None:
+            await respond(response_type="ephemeral", **outcome.ephemeral.as_kwargs())
+        if outcome.channel is not None:
+            try:
+                await post(client, channel, outcome.channel)
+            except SlackPostError as e:
+                # The bot may not be in the channel: the response URL still reaches the person.
+                await respond(response_type="ephemeral", **outcome.channel.as_kwargs())
+                await respond(**blocks.error_reply(f"could not post in the channel: {e}").as_kwargs())

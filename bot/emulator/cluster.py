@@ -188,6 +188,23 @@ class LocalCluster:
                                 client_cert=str(files.client_cert), client_key=str(files.client_key))
         self.scheme = "https" if tls else "http"
 
+    @classmethod
+    def attach(cls, base_dir: str | Path, tls: TLSPaths | None = None) -> "LocalCluster":
+        """A handle on a cluster another process started in `base_dir`
+        (its members are found through their records there)."""
+        self = cls.__new__(cls)
+        self.size, self.prefix, self.keep = 0, "member", True
+        self.base_dir = Path(base_dir)
+        self.token = ""
+        self.etcd = str(find_binary("etcd"))
+        self.tls = tls
+        if tls is None and (self.base_dir / "tls" / "ca.crt").is_file():
+            d = self.base_dir / "tls"
+            self.tls = TLSPaths(ca=str(d / "ca.crt"), server_cert=str(d / "server.crt"), server_key=str(d / "server.key"),
+                                client_cert=str(d / "client.crt"), client_key=str(d / "client.key"))
+        self.scheme = "https" if self.tls else "http"
+        return self
+
     # -- lifecycle ------------------------------------------------------
 
     def __enter__(self) -> "LocalCluster":

@@ -1,0 +1,83 @@
+"""Starting the replacement member (runbook step 4).
+
+`manual`: a human starts etcd on the new machine with the environment the
+plan shows; the bot waits for the member to appear. `command`: the bot runs
+a configured argv (never through a shell), with the runbook's ETCD_*
+environment, and reports its exit status and the tail of its output.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+
+from bot.config import LauncherConfig
+from bot.plans import Plan
+
+OUTPUT_TAIL = 4000  # characters of the command's output kept for the report
+
+
+@dataclass(frozen=True)
+class LaunchResult:
+    ok: bool
+    exit_status: int | None
+    output_tail: str
+    summary: str
+
+
+def member_environment(plan: Plan) -> dict[str, str]:
+    """Every ETCD_* variable the new member needs, as the runbook sets them."""
+    env = {**plan.environment, "ETCD_INITIAL_ADVERTISE_PEER_URLS": plan.new_peer_url,
+           "ETCD_LISTEN_PEER_URLS": plan.new_peer_url}
+    if plan.new_client_url:
+        env["ETCD_ADVERTISE_CLIENT_URLS"] = plan.new_client_url
+        env["ETCD_LISTEN_CLIENT_URLS"] = plan.new_client_url
+    return env
+
+
+def command_argv(template: tuple[str, ...] | list[str], plan: Plan) -> list[str]:
+    """Substitute {name}, {peer_url} and {client_url} in each element (no shell)."""
+    values = {"name": plan.new_name, "peer_url": plan.new_peer_url, "client_url": plan.new_client_url or ""}
+    return [arg.format_map(values) for arg in template]
+
+
+def child_environment(extra: dict[str, str], secrets: list[str]) -> dict[str, str]:
+    """Our environment minus Slack credentials and any secret value, plus `extra`."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("SLACK_") and v not in secrets and not k.startswith("ETCD_")}
+    return {**env, **extra}
+
+
+async def run_command(launcher: LauncherConfig, plan: Plan, secrets: list[str]) -> LaunchResult:
+    argv = command_argv(launcher.argv, plan)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            env=child_environment(member_environment(plan), secrets), start_new_session=True)
+    except OSError as e:
+        return LaunchResult(False, None, "", f"could not run {argv[0]}: {e.strerror or e}")
+    tail = bytearray()
+
+    async def drain() -> None:
+        assert proc.stdout is not None
+        while chunk := await proc.stdout.read(65536):
+            tail.extend(chunk)
+            del tail[:-OUTPUT_TAIL]
+
+    try:
+        await asyncio.wait_for(asyncio.gather(drain(), proc.wait()), launcher.timeout_seconds)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        text = tail.decode(errors="replace")
+        return LaunchResult(False, None, text, f"{argv[0]} did not return within {launcher.timeout_seconds:g}s and was killed")
+    text = tail.decode(errors="replace")
+    ok = proc.returncode == 0
+    return LaunchResult(ok, proc.returncode, text, f"{argv[0]} exited with status {proc.returncode}")
+
+
+def manual_instructions(plan: Plan) -> str:
+    """The runbook's step 4 as a shell block for the operator on the new machine."""
+    env = member_environment(plan)
+    lines = [f'export {k}="{v}"' for k, v in env.items()]
+    return "\n".join(lines + ["etcd [flags]   # your usual data dir, TLS and client flags"])

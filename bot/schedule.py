@@ -1,0 +1,67 @@
+"""Scheduled snapshots: `every = "6h"` per cluster.
+
+The last scheduled snapshot's time lives in the database, so a restart
+neither skips nor doubles one. A failure is posted loudly to the cluster's
+first channel and retried after a shorter pause, never in a tight loop.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from bot import blocks
+from bot.config import ClusterConfig
+from bot.context import BotContext
+from bot.slackio import SlackPostError, post
+from bot.snapshot_service import take_snapshot
+from bot.snapshots import SnapshotFailed
+
+log = logging.getLogger(__name__)
+REASON = "scheduled"
+RETRY_AFTER_FAILURE = 600.0
+SCHEDULER = "etcd-chatops"  # recorded as the requester of scheduled snapshots
+
+
+def is_due(every: float, last_success: float | None, last_failure: float | None, now: float) -> bool:
+    """Pure: due when `every` has passed since the last success, and a
+    failure is not more recent than the retry pause."""
+    if last_failure is not None and now - last_failure < min(every, RETRY_AFTER_FAILURE):
+        return False
+    return last_success is None or now - last_success >= every
+
+
+class Scheduler:
+    def __init__(self, ctx: BotContext):
+        self.ctx = ctx
+        self.failures: dict[str, float] = {}
+
+    async def run_due(self, now: float | None = None) -> list[str]:
+        now = now or time.time()
+        ran = []
+        for cluster in self.ctx.config.clusters:
+            every = cluster.snapshots.every_seconds
+            if not every:
+                continue
+            last = await self.ctx.store.last_snapshot_at(cluster.name, REASON)
+            if is_due(every, last, self.failures.get(cluster.name), now):
+                await self._take(cluster)
+                ran.append(cluster.name)
+        return ran
+
+    async def _take(self, cluster: ClusterConfig) -> None:
+        channel = cluster.channels[0] if cluster.channels else None
+        try:
+            saved = await take_snapshot(self.ctx, cluster, requested_by=SCHEDULER, reason=REASON, channel=channel or "")
+            self.failures.pop(cluster.name, None)
+            reply = blocks.snapshot_reply(saved, SCHEDULER, title="Scheduled snapshot")
+        except SnapshotFailed as e:
+            self.failures[cluster.name] = time.time()
+            await self.ctx.store.audit("snapshot_failed", cluster=cluster.name, channel=channel or "",
+                                       detail={"reason": str(e), "scheduled": True})
+            log.error("scheduled snapshot failed", extra={"ctx_cluster": cluster.name, "ctx_error": str(e)})
+            reply = blocks.snapshot_failed_reply(cluster.name, str(e), scheduled=True)
+        if channel:
+            try:
+                await post(self.ctx.web, channel, reply)
+            except SlackPostError as e:
+                log.error("cannot post the scheduled snapshot result", extra={"ctx_cluster": cluster.name, "ctx_error": str(e)})

@@ -1,0 +1,199 @@
+"""Snapshots: stream Maintenance.Snapshot to disk, verify, and only then give
+the file its final name.
+
+The stream is written to `<name>.db.part` in constant memory, its 32-byte
+sha256 trailer verified as etcdctl does (size % 512 == 32, sha256 of all
+before it), fsynced, its status computed, then renamed. On any failure the
+`.part` file is removed: a file with a final name is always complete.
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bot.bbolt import SnapshotError, SnapshotStatus, snapshot_status
+from bot.etcd import EtcdClient, EtcdError
+
+TRAILER = 32
+
+
+class SnapshotFailed(Exception):
+    """One line on why no snapshot file was kept."""
+
+
+@dataclass(frozen=True)
+class SavedSnapshot:
+    cluster: str
+    member: str
+    endpoint: str
+    path: Path
+    file_size: int
+    sha256: str              # of the file as stored (what `sha256sum` prints; the ciphertext when encrypted)
+    status: SnapshotStatus
+    duration: float
+    created_at: float
+    encrypted: bool = False
+
+    @property
+    def throughput(self) -> float:
+        """Bytes per second over the whole save."""
+        return self.file_size / self.duration if self.duration > 0 else 0.0
+
+
+class TrailerCheck:
+    """Hashes everything but the last 32 bytes seen, without buffering the stream."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self._tail = b""
+        self.size = 0
+
+    def update(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        data = self._tail + chunk
+        if len(data) > TRAILER:
+            self._hash.update(memoryview(data)[:-TRAILER])
+            self._tail = data[-TRAILER:]
+        else:
+            self._tail = data
+
+    def verify(self) -> None:
+        if self.size % 512 != TRAILER:
+            raise SnapshotFailed(f"the stream ended after {self.size:,} bytes without etcd's sha256 trailer "
+                                 f"(size % 512 is {self.size % 512}, not 32): the transfer was cut")
+        if self._hash.digest() != self._tail:
+            raise SnapshotFailed("the sha256 trailer does not match the data: the snapshot is corrupt")
+
+
+def snapshot_filename(cluster: str, when: dt.datetime, revision: int) -> str:
+    return f"{cluster}-{when.astimezone(dt.timezone.utc):%Y%m%dT%H%M%SZ}-rev{revision}.db"
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _open_plain(target_dir: Path, part: Path, encrypted: bool) -> tuple[int, Path | None]:
+    """Where the plaintext stream goes. Encrypted: an unnamed O_TMPFILE, so
+    no plaintext file ever has a name and a crash leaves nothing behind.
+    Otherwise (or where O_TMPFILE is unsupported): the named `.part` file."""
+    if encrypted and hasattr(os, "O_TMPFILE"):
+        try:
+            return os.open(target_dir, os.O_TMPFILE | os.O_RDWR, 0o600), None
+        except OSError:
+            pass
+    return os.open(part, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600), part
+
+
+def _encrypt(plain_fd: int, out: Path, recipients: tuple[str, ...]) -> None:
+    """age-encrypt the plaintext into `out` (0600), streaming, then fsync."""
+    import pyrage
+    from pyrage import x25519
+    keys = [x25519.Recipient.from_str(r) for r in recipients]
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(os.dup(plain_fd), "rb", closefd=True) as src, os.fdopen(fd, "wb") as dst:
+        src.seek(0)
+        pyrage.encrypt_io(src, dst, keys)
+        dst.flush()
+        os.fsync(dst.fileno())
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+async def save_snapshot(client: EtcdClient, endpoint: str, member: str, directory: Path, cluster: str,
+                        recipients: tuple[str, ...] = ()) -> SavedSnapshot:
+    """Stream one member's snapshot into `directory/<cluster>/`, verify it,
+    compute its status, and (with age recipients) encrypt it."""
+    started = time.monotonic()
+    created = time.time()
+    target_dir = Path(directory) / cluster
+    try:
+        target_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as e:
+        raise SnapshotFailed(f"cannot create {target_dir}: {e.strerror}") from None
+    try:
+        stream = await client.snapshot(endpoint)
+    except EtcdError as e:
+        raise SnapshotFailed(f"{member} would not start a snapshot: {e}") from None
+    name = snapshot_filename(cluster, dt.datetime.fromtimestamp(created, dt.timezone.utc), stream.revision)
+    final = target_dir / (name + ".age" if recipients else name)
+    part = final.with_name(final.name + ".part")
+    plain_part = target_dir / (name + ".part")
+    check, file_hash = TrailerCheck(), hashlib.sha256()
+    fd, named = -1, None
+    try:
+        fd, named = _open_plain(target_dir, plain_part, bool(recipients))
+        async for chunk in stream:
+            _write_all(fd, chunk)
+            check.update(chunk)
+            file_hash.update(chunk)
+        check.verify()
+        await asyncio.to_thread(os.fsync, fd)
+        status = await asyncio.to_thread(snapshot_status, named or f"/proc/self/fd/{fd}")
+        if recipients:
+            await asyncio.to_thread(_encrypt, fd, part, recipients)
+            sha256 = await asyncio.to_thread(_sha256_file, part)
+            file_size = part.stat().st_size
+            if named:
+                named.unlink()
+        else:
+            sha256, file_size = file_hash.hexdigest(), check.size
+        os.close(fd)
+        fd = -1
+        os.replace(part if recipients else plain_part, final)
+        await asyncio.to_thread(_fsync_dir, target_dir)
+    except BaseException as e:
+        stream.close()
+        if fd >= 0:
+            os.close(fd)
+        for leftover in (part, plain_part):
+            leftover.unlink(missing_ok=True)
+        if isinstance(e, EtcdError):
+            raise SnapshotFailed(f"the stream from {member} broke after {check.size:,} bytes: {e}") from None
+        if isinstance(e, OSError):
+            raise SnapshotFailed(f"cannot write the snapshot in {target_dir}: {e.strerror or e}; nothing was kept") from None
+        if isinstance(e, SnapshotError):
+            raise SnapshotFailed(f"the saved data is not a valid snapshot: {e}") from None
+        raise
+    return SavedSnapshot(cluster=cluster, member=member, endpoint=endpoint, path=final, file_size=file_size,
+                         sha256=sha256, status=status, duration=time.monotonic() - started, created_at=created,
+                         encrypted=bool(recipients))
+
+
+# ---------------------------------------------------------------- retention
+
+def to_prune(snapshots: list[dict], keep_last: int | None, keep_days: float | None, now: float) -> list[dict]:
+    """Snapshots no rule keeps. With neither rule set, nothing is pruned;
+    with both, a snapshot stays when either rule keeps it."""
+    if keep_last is None and keep_days is None:
+        return []
+    newest_first = sorted(snapshots, key=lambda r: (r["created_at"], r["id"]), reverse=True)
+    out = []
+    for i, row in enumerate(newest_first):
+        kept_by_count = keep_last is not None and i < keep_last
+        kept_by_age = keep_days is not None and now - row["created_at"] < keep_days * 86400
+        if not (kept_by_count or kept_by_age):
+            out.append(row)
+    return out

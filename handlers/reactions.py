@@ -1,0 +1,32 @@
+"""Reactions on plan messages are approvals and rejections.
+
+Slack redelivers events (X-Slack-Retry-Num, or silently in Socket Mode):
+each event ID is acted on once. Reactions on any other message are ignored.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from slack_bolt.async_app import AsyncApp
+
+from bot import lifecycle
+from bot.context import BotContext
+
+log = logging.getLogger(__name__)
+
+
+def register(app: AsyncApp, ctx: BotContext) -> None:
+    @app.event("reaction_added")
+    async def on_reaction_added(event: dict[str, Any], body: dict[str, Any]) -> None:
+        item = event.get("item") or {}
+        if item.get("type") != "message" or not item.get("channel") or not item.get("ts"):
+            return
+        event_id = body.get("event_id")
+        if event_id and not await ctx.store.first_delivery(event_id):
+            log.info("duplicate event ignored", extra={"ctx_event_id": event_id})
+            return
+        row = await ctx.store.plan_by_message(item["channel"], item["ts"])
+        if row is None:
+            return
+        await lifecycle.on_reaction(ctx, row, event.get("user", ""), event.get("reaction", ""))
