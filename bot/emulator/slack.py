@@ -1,0 +1,1132 @@
+"""A local Slack stand-in: Slack's wire protocol on 127.0.0.1, no workspace needed.
+
+Tests and the demo run the real bot (real slack-bolt, real slack_sdk) against
+it. The bot's AsyncWebClient gets ``base_url = stand_in.api_url`` and talks to
+it exactly as it talks to slack.com; the stand-in delivers slash commands and
+events to the bot exactly as Slack does: signed HTTP POSTs to ``bot_url`` or,
+when the bot connected over Socket Mode, envelopes on the websocket, waiting
+for the ack. Everything the bot does is recorded (``calls``, ``messages``) so
+tests assert on what a user would see, and faults can be injected
+(``fail_next``) to test the bot's reliability.
+
+A small control API (``/_standin/...``) and ``main()`` let a driver in another
+process (a ``say`` CLI, the demo) use a stand-in running as a subprocess.
+
+Secrets (bot token, app token, signing secret) are only compared and used to
+sign; they are never stored in records, logged or printed.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import signal
+import string
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable, TypeVar
+from urllib.parse import urlencode
+
+import aiohttp
+from aiohttp import web
+
+__all__ = ["ApiCall", "Delivery", "Message", "SlackStandIn", "sign_request", "main"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Slack lets an app use a slash command's response_url this many times ...
+RESPONSE_URL_MAX_USES = 5
+#: ... within this many seconds.
+RESPONSE_URL_TTL = 30 * 60
+#: How long a delivery waits for the bot's HTTP answer or Socket Mode ack.
+DEFAULT_DELIVERY_TIMEOUT = 10.0
+#: Control API: the bot is considered done once nothing changed for this long.
+QUIET_PERIOD = 0.3
+#: Polling interval of wait_for (the bot runs in the same loop or another process).
+POLL_INTERVAL = 0.01
+
+_ID_CHARS = string.ascii_uppercase + string.digits
+
+
+def sign_request(signing_secret: str, timestamp: int, body: str) -> str:
+    """Slack's request signature: ``v0=`` + hex HMAC-SHA256 of ``v0:{timestamp}:{body}``.
+
+    This is what slack_sdk's SignatureVerifier (used by bolt) recomputes over
+    the raw body; the body must be sent byte for byte as signed.
+    """
+    base = f"v0:{timestamp}:{body}".encode()
+    return "v0=" + hmac.new(signing_secret.encode(), base, hashlib.sha256).hexdigest()
+
+
+@dataclass
+class ApiCall:
+    """One recorded Web API call (the token is never stored)."""
+
+    method: str
+    args: dict
+    status: int
+    response: dict
+    at: float
+
+
+@dataclass
+class Message:
+    """A message visible in the fake workspace."""
+
+    channel: str
+    ts: str
+    text: str
+    blocks: list | None
+    user: str
+    thread_ts: str | None = None
+    ephemeral_to: str | None = None
+    source: str = ""
+    edits: list[dict] = field(default_factory=list)
+    reactions: dict[str, list[str]] = field(default_factory=dict)
+    #: chat.delete or a response_url delete_original hid it (kept so indexes stay stable).
+    deleted: bool = False
+
+
+@dataclass
+class Delivery:
+    """The result of delivering one request (command or event) to the bot."""
+
+    status: int  # bot's HTTP status, 200 for a Socket Mode ack, 0 when there was no answer
+    body: str
+    elapsed: float
+    json: dict | None
+    mode: str = ""  # "http" or "socket"
+    event_id: str | None = None  # for events: the id to reuse for a redelivery
+    error: str | None = None  # why status is 0 (timeout, connection refused)
+
+
+class _ApiError(Exception):
+    """A Slack-style ``{"ok": false, "error": ...}`` answer."""
+
+    def __init__(self, error: str) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+@dataclass
+class _Failure:
+    status: int
+    remaining: int
+    retry_after: int | None
+    error: str | None
+
+
+@dataclass
+class _ResponseUrl:
+    """What a slash command's response_url belongs to."""
+
+    user_id: str
+    channel_id: str
+    created: float
+    uses: int = 0
+    last: Message | None = None  # the message replace_original / delete_original act on
+
+
+def _random_id(prefix: str, n: int = 10) -> str:
+    return prefix + "".join(secrets.choice(_ID_CHARS) for _ in range(n))
+
+
+def _truthy(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes")
+    return bool(value)
+
+
+def _maybe_json(value: Any, error: str) -> Any:
+    """Form bodies carry blocks/attachments as JSON text; JSON bodies as lists."""
+    if isinstance(value, str):
+        if not value.strip():
+            return None
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            raise _ApiError(error) from None
+    return value
+
+
+class SlackStandIn:
+    """Slack's Web API, response_url sink, Socket Mode and request delivery on loopback."""
+
+    def __init__(
+        self,
+        *,
+        bot_token: str,
+        signing_secret: str,
+        app_token: str | None = None,
+        team_id: str = "T0TEAM0001",
+        bot_user_id: str = "U0BOT00001",
+        bot_id: str = "B0BOT00001",
+        users: dict[str, dict] | None = None,
+        usergroups: dict[str, list[str]] | None = None,
+        channels: dict[str, str] | None = None,
+        app_id: str = "A0APP00001",
+        team_domain: str = "etcd-chatops-test",
+        bot_name: str = "etcd-chatops",
+    ) -> None:
+        if not bot_token or not signing_secret:
+            raise ValueError("bot_token and signing_secret are required")
+        self._bot_token = bot_token
+        self._signing_secret = signing_secret
+        self._app_token = app_token
+        self.team_id = team_id
+        self.team_domain = team_domain
+        self.bot_user_id = bot_user_id
+        self.bot_id = bot_id
+        self.bot_name = bot_name
+        self.app_id = app_id
+        self.users = dict(users) if users is not None else None
+        self.usergroups = {k: list(v) for k, v in usergroups.items()} if usergroups is not None else {}
+        self.channels = dict(channels) if channels is not None else None
+        # Slack's legacy verification token, sent in every payload; bolt ignores it.
+        self.verification_token = "vt" + secrets.token_hex(12)
+
+        self.url: str = ""
+        self.api_url: str = ""
+        self.bot_url: str | None = None
+        self.calls: list[ApiCall] = []
+        self.messages: list[Message] = []
+
+        self._by_key: dict[tuple[str, str], Message] = {}
+        self._dm_channels: dict[str, str] = {}  # D... -> user id
+        self._failures: dict[str, list[_Failure]] = {}
+        self._responses: dict[str, _ResponseUrl] = {}
+        self._tickets: set[str] = set()
+        self._sockets: list[web.WebSocketResponse] = []
+        self._pending_acks: dict[str, asyncio.Future[dict]] = {}
+        self._last_ts_us = 0
+        self._last_change = time.monotonic()
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        """Listen on loopback; port 0 lets the OS pick a free port."""
+        if host not in ("127.0.0.1", "localhost"):
+            raise ValueError("the Slack stand-in only listens on 127.0.0.1")
+        if self._runner is not None:
+            raise RuntimeError("already started")
+        app = web.Application()
+        app.router.add_route("*", "/api/{method}", self._handle_api)
+        app.router.add_post("/response/{rid}", self._handle_response_url)
+        app.router.add_get("/socket", self._handle_socket)
+        app.router.add_post("/_standin/command", self._ctl_command)
+        app.router.add_post("/_standin/event", self._ctl_event)
+        app.router.add_post("/_standin/react", self._ctl_react)
+        app.router.add_get("/_standin/messages", self._ctl_messages)
+        app.router.add_get("/_standin/calls", self._ctl_calls)
+        app.router.add_get("/_standin/health", self._ctl_health)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, "127.0.0.1", port)
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        bound_port = runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{bound_port}"
+        self.api_url = self.url + "/api/"
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+        log.info("slack stand-in listening on %s", self.url)
+
+    async def stop(self) -> None:
+        """Close websockets, pending acks, the server and the delivery session."""
+        for fut in self._pending_acks.values():
+            fut.cancel()
+        self._pending_acks.clear()
+        for ws in list(self._sockets):
+            with contextlib.suppress(Exception):
+                await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"stand-in stopping")
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+        if self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
+
+    async def __aenter__(self) -> "SlackStandIn":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # ------------------------------------------------------------------ inspection
+
+    def calls_to(self, method: str) -> list[ApiCall]:
+        return [c for c in self.calls if c.method == method]
+
+    def channel_messages(
+        self,
+        channel: str,
+        *,
+        include_threads: bool = True,
+        include_ephemeral: bool = True,
+        include_deleted: bool = False,
+    ) -> list[Message]:
+        """Messages of one channel in posting order (deleted ones hidden, as in Slack)."""
+        return [
+            m
+            for m in self.messages
+            if m.channel == channel
+            and (include_threads or m.thread_ts is None or m.thread_ts == m.ts)
+            and (include_ephemeral or m.ephemeral_to is None)
+            and (include_deleted or not m.deleted)
+        ]
+
+    def find_message(self, channel: str, ts: str) -> Message | None:
+        return self._by_key.get((channel, ts))
+
+    def add_user_message(self, channel: str, user: str, text: str, *, thread_ts: str | None = None) -> Message:
+        """Record a message written by a human (no event is delivered), e.g. to react to it."""
+        msg = Message(channel=channel, ts=self._next_ts(), text=text, blocks=None, user=user,
+                      thread_ts=thread_ts, source="user")
+        self._add(msg)
+        return msg
+
+    async def wait_for(
+        self, predicate: Callable[[], T | None | bool], timeout: float = 10.0, what: str = ""
+    ) -> T:
+        """Poll until predicate() is truthy and return its value; TimeoutError at the deadline."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value  # type: ignore[return-value]
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"timed out after {timeout:g}s waiting for {what or 'a condition'}")
+            await asyncio.sleep(POLL_INTERVAL)
+
+    async def wait_for_message(
+        self,
+        predicate: Callable[[Message], bool],
+        timeout: float = 10.0,
+        what: str = "",
+        *,
+        after: int = 0,
+    ) -> Message:
+        """The oldest message at index >= ``after`` matching predicate, waiting for it if needed."""
+
+        def find() -> Message | None:
+            for m in self.messages[after:]:
+                if predicate(m):
+                    return m
+            return None
+
+        return await self.wait_for(find, timeout, what or "a matching message")
+
+    @property
+    def socket_connected(self) -> bool:
+        return any(not ws.closed for ws in self._sockets)
+
+    async def wait_socket_connected(self, timeout: float = 10.0) -> None:
+        await self.wait_for(lambda: self.socket_connected, timeout, "a Socket Mode connection")
+
+    async def disconnect_socket(self, reason: str = "refresh_requested") -> None:
+        """Send Slack's ``disconnect`` message: slack_sdk then reconnects via apps.connections.open."""
+        for ws in list(self._sockets):
+            if not ws.closed:
+                await ws.send_str(json.dumps(
+                    {"type": "disconnect", "reason": reason, "debug_info": {"host": "standin-127.0.0.1"}}
+                ))
+
+    # ------------------------------------------------------------------ fault injection
+
+    def fail_next(
+        self,
+        method: str,
+        *,
+        status: int = 500,
+        count: int = 1,
+        retry_after: int | None = None,
+        error: str | None = None,
+    ) -> None:
+        """Make the next ``count`` calls to ``method`` answer ``status`` (still recorded).
+
+        429 always carries Retry-After (default 1 s) and error "ratelimited", like Slack.
+        status=200 with an ``error`` injects an ``ok: false`` answer.
+        """
+        if status == 429 and retry_after is None:
+            retry_after = 1
+        self._failures.setdefault(method, []).append(_Failure(status, count, retry_after, error))
+
+    def _take_failure(self, method: str) -> _Failure | None:
+        queue = self._failures.get(method)
+        while queue:
+            f = queue[0]
+            if f.remaining > 0:
+                f.remaining -= 1
+                if f.remaining == 0:
+                    queue.pop(0)
+                return f
+            queue.pop(0)
+        return None
+
+    # ------------------------------------------------------------------ recording helpers
+
+    def _next_ts(self) -> str:
+        """Slack-shaped, unique and increasing: wall-clock microseconds, bumped if needed."""
+        us = max(int(time.time() * 1_000_000), self._last_ts_us + 1)
+        self._last_ts_us = us
+        return f"{us // 1_000_000}.{us % 1_000_000:06d}"
+
+    def _add(self, msg: Message) -> Message:
+        self.messages.append(msg)
+        self._by_key[(msg.channel, msg.ts)] = msg
+        self._touch()
+        return msg
+
+    def _touch(self) -> None:
+        self._last_change = time.monotonic()
+
+    def _message_json(self, msg: Message) -> dict:
+        d: dict[str, Any] = {"type": "message", "user": msg.user, "text": msg.text, "ts": msg.ts,
+                             "team": self.team_id}
+        if msg.user == self.bot_user_id:
+            d.update({"bot_id": self.bot_id, "app_id": self.app_id})
+        if msg.blocks:
+            d["blocks"] = msg.blocks
+        if msg.thread_ts:
+            d["thread_ts"] = msg.thread_ts
+        if msg.edits:
+            d["edited"] = {"user": msg.user, "ts": msg.ts}
+        return d
+
+    def _user_record(self, user_id: str) -> dict | None:
+        if user_id == self.bot_user_id:
+            return {"name": self.bot_name, "real_name": self.bot_name, "is_bot": True}
+        if self.users is None:
+            return {"name": user_id.lower(), "real_name": user_id}
+        return self.users.get(user_id)
+
+    def _channel_name(self, channel_id: str) -> str:
+        if channel_id.startswith("D"):
+            return "directmessage"
+        if self.channels is not None and channel_id in self.channels:
+            return self.channels[channel_id]
+        return channel_id.lower()
+
+    def _resolve_channel(self, channel: Any) -> str:
+        """Channel id, ``#name`` or a user id (a DM), as chat.postMessage accepts."""
+        if not channel or not isinstance(channel, str):
+            raise _ApiError("channel_not_found")
+        if channel in self._dm_channels:
+            return channel
+        if channel.startswith("#"):
+            name = channel[1:]
+            for cid, cname in (self.channels or {}).items():
+                if cname == name:
+                    return cid
+            raise _ApiError("channel_not_found")
+        if channel[0] in "UW" and (self.users is None or channel in self.users):
+            dm = "D" + channel[1:]
+            self._dm_channels[dm] = channel
+            return dm
+        if self.channels is None or channel in self.channels:
+            return channel
+        raise _ApiError("channel_not_found")
+
+    # ------------------------------------------------------------------ Web API
+
+    async def _read_args(self, request: web.Request) -> dict[str, Any]:
+        """Merge query string, form body and JSON body, as Slack does."""
+        args: dict[str, Any] = dict(request.query)
+        if request.method == "POST" and request.can_read_body:
+            if request.content_type == "application/json":
+                try:
+                    body = await request.json()
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    raise _ApiError("invalid_json") from None
+                if not isinstance(body, dict):
+                    raise _ApiError("invalid_json")
+                args.update(body)
+            elif request.content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
+                form = await request.post()
+                for k, v in form.items():
+                    args[k] = v if isinstance(v, str) else f"(file {getattr(v, 'filename', '')})"
+        return args
+
+    def _auth_error(self, method: str, token: str | None) -> str | None:
+        if not token:
+            return "not_authed"
+        is_bot = hmac.compare_digest(token.encode(), self._bot_token.encode())
+        is_app = self._app_token is not None and hmac.compare_digest(token.encode(), self._app_token.encode())
+        if method == "apps.connections.open":
+            return None if is_app else ("not_allowed_token_type" if is_bot else "invalid_auth")
+        if is_bot:
+            return None
+        return "not_allowed_token_type" if is_app else "invalid_auth"
+
+    async def _handle_api(self, request: web.Request) -> web.Response:
+        method = request.match_info["method"]
+        at = time.monotonic()
+        headers: dict[str, str] = {}
+        status = 200
+        args: dict[str, Any] = {}
+        try:
+            args = await self._read_args(request)
+            token = args.pop("token", None)
+            auth = request.headers.get("Authorization", "")
+            if auth.lower().startswith("bearer "):
+                token = auth[7:].strip()
+            failure = self._take_failure(method)
+            if failure is not None:
+                status = failure.status
+                error = failure.error or ("ratelimited" if status == 429 else "internal_error")
+                body: dict[str, Any] = {"ok": False, "error": error}
+                if failure.retry_after is not None:
+                    headers["Retry-After"] = str(failure.retry_after)
+            else:
+                handler = self._methods.get(method)
+                if handler is None:
+                    raise _ApiError("unknown_method")
+                auth_error = self._auth_error(method, token)
+                if auth_error:
+                    raise _ApiError(auth_error)
+                body = handler(self, args)
+        except _ApiError as e:
+            body = {"ok": False, "error": e.error}
+        self.calls.append(ApiCall(method=method, args=args, status=status, response=body, at=at))
+        self._touch()
+        return web.json_response(body, status=status, headers=headers)
+
+    def _api_auth_test(self, args: dict) -> dict:
+        return {
+            "ok": True,
+            "url": self.url + "/",
+            "team": self.team_domain,
+            "user": self.bot_name,
+            "team_id": self.team_id,
+            "user_id": self.bot_user_id,
+            "bot_id": self.bot_id,
+            "is_enterprise_install": False,
+        }
+
+    def _api_post_message(self, args: dict) -> dict:
+        channel = self._resolve_channel(args.get("channel"))
+        text = args.get("text")
+        blocks = _maybe_json(args.get("blocks"), "invalid_blocks")
+        attachments = _maybe_json(args.get("attachments"), "invalid_attachments")
+        if not text and not blocks and not attachments:
+            raise _ApiError("no_text")
+        thread_ts = args.get("thread_ts") or None
+        if thread_ts:
+            parent = self.find_message(channel, thread_ts)
+            if parent is not None and parent.thread_ts:
+                thread_ts = parent.thread_ts  # a reply to a reply goes to the same thread
+        msg = self._add(Message(channel=channel, ts=self._next_ts(), text=text or "", blocks=blocks or None,
+                                user=self.bot_user_id, thread_ts=thread_ts, source="chat.postMessage"))
+        return {"ok": True, "channel": channel, "ts": msg.ts, "message": self._message_json(msg)}
+
+    def _api_update(self, args: dict) -> dict:
+        channel = self._resolve_channel(args.get("channel"))
+        msg = self.find_message(channel, str(args.get("ts") or ""))
+        if msg is None or msg.deleted or msg.ephemeral_to is not None:
+            raise _ApiError("message_not_found")
+        if msg.user != self.bot_user_id:
+            raise _ApiError("cant_update_message")
+        if "text" not in args and "blocks" not in args and "attachments" not in args:
+            raise _ApiError("no_text")
+        blocks = _maybe_json(args.get("blocks"), "invalid_blocks")
+        msg.edits.append({"text": msg.text, "blocks": msg.blocks})
+        if "text" in args:
+            msg.text = args.get("text") or ""
+        if "blocks" in args:
+            msg.blocks = blocks or None  # an empty list removes the blocks
+        self._touch()
+        return {"ok": True, "channel": channel, "ts": msg.ts, "text": msg.text, "message": self._message_json(msg)}
+
+    def _api_delete(self, args: dict) -> dict:
+        channel = self._resolve_channel(args.get("channel"))
+        msg = self.find_message(channel, str(args.get("ts") or ""))
+        if msg is None or msg.deleted or msg.ephemeral_to is not None:
+            raise _ApiError("message_not_found")
+        if msg.user != self.bot_user_id:
+            raise _ApiError("cant_delete_message")
+        msg.deleted = True
+        self._touch()
+        return {"ok": True, "channel": channel, "ts": msg.ts}
+
+    def _api_post_ephemeral(self, args: dict) -> dict:
+        channel = self._resolve_channel(args.get("channel"))
+        user = args.get("user")
+        if not user or self._user_record(user) is None:
+            raise _ApiError("user_not_in_channel")
+        text = args.get("text")
+        blocks = _maybe_json(args.get("blocks"), "invalid_blocks")
+        if not text and not blocks and not args.get("attachments"):
+            raise _ApiError("no_text")
+        msg = self._add(Message(channel=channel, ts=self._next_ts(), text=text or "", blocks=blocks or None,
+                                user=self.bot_user_id, thread_ts=args.get("thread_ts") or None,
+                                ephemeral_to=user, source="chat.postEphemeral"))
+        return {"ok": True, "message_ts": msg.ts}
+
+    def _react_target(self, args: dict) -> tuple[Message, str]:
+        name = str(args.get("name") or "").strip(":")
+        if not name:
+            raise _ApiError("invalid_name")
+        channel = self._resolve_channel(args.get("channel"))
+        msg = self.find_message(channel, str(args.get("timestamp") or ""))
+        if msg is None or msg.deleted or msg.ephemeral_to is not None:
+            raise _ApiError("message_not_found")
+        return msg, name
+
+    def _api_reactions_add(self, args: dict) -> dict:
+        msg, name = self._react_target(args)
+        users = msg.reactions.setdefault(name, [])
+        if self.bot_user_id in users:
+            raise _ApiError("already_reacted")
+        users.append(self.bot_user_id)
+        self._touch()
+        return {"ok": True}
+
+    def _api_reactions_remove(self, args: dict) -> dict:
+        msg, name = self._react_target(args)
+        users = msg.reactions.get(name, [])
+        if self.bot_user_id not in users:
+            raise _ApiError("no_reaction")
+        users.remove(self.bot_user_id)
+        if not users:
+            del msg.reactions[name]
+        self._touch()
+        return {"ok": True}
+
+    def _api_usergroup_users(self, args: dict) -> dict:
+        group = args.get("usergroup")
+        if not group or group not in self.usergroups:
+            raise _ApiError("no_such_subteam")
+        return {"ok": True, "users": list(self.usergroups[group])}
+
+    def _api_users_info(self, args: dict) -> dict:
+        user_id = args.get("user")
+        record = self._user_record(user_id) if user_id else None
+        if record is None:
+            raise _ApiError("user_not_found")
+        name = record.get("name", user_id.lower())
+        real_name = record.get("real_name", name)
+        is_bot = bool(record.get("is_bot", False))
+        user = {
+            "id": user_id,
+            "team_id": self.team_id,
+            "name": name,
+            "real_name": real_name,
+            "deleted": bool(record.get("deleted", False)),
+            "is_bot": is_bot,
+            "is_app_user": False,
+            "is_admin": bool(record.get("is_admin", False)),
+            "tz": record.get("tz", "UTC"),
+            "profile": {
+                "real_name": real_name,
+                "real_name_normalized": real_name,
+                "display_name": record.get("display_name", name),
+                "display_name_normalized": record.get("display_name", name),
+                "team": self.team_id,
+            },
+        }
+        if is_bot:
+            user["profile"]["bot_id"] = self.bot_id
+        return {"ok": True, "user": user}
+
+    def _api_conversations_info(self, args: dict) -> dict:
+        channel = args.get("channel")
+        if not channel:
+            raise _ApiError("channel_not_found")
+        if channel in self._dm_channels:
+            return {"ok": True, "channel": {"id": channel, "is_im": True, "user": self._dm_channels[channel],
+                                            "is_channel": False, "is_private": True, "is_archived": False}}
+        if self.channels is not None and channel not in self.channels:
+            raise _ApiError("channel_not_found")
+        name = self._channel_name(channel)
+        return {
+            "ok": True,
+            "channel": {
+                "id": channel, "name": name, "name_normalized": name, "is_channel": True, "is_group": False,
+                "is_im": False, "is_mpim": False, "is_private": False, "is_archived": False, "is_general": False,
+                "is_member": True, "is_ext_shared": False, "context_team_id": self.team_id,
+                "created": 1700000000, "creator": self.bot_user_id,
+            },
+        }
+
+    def _api_conversations_open(self, args: dict) -> dict:
+        users = [u for u in str(args.get("users") or "").split(",") if u]
+        if len(users) != 1:
+            raise _ApiError("users_list_not_supplied" if not users else "not_supported")
+        if self._user_record(users[0]) is None:
+            raise _ApiError("user_not_found")
+        dm = self._resolve_channel(users[0])
+        return {"ok": True, "channel": {"id": dm}}
+
+    def _api_permalink(self, args: dict) -> dict:
+        channel = self._resolve_channel(args.get("channel"))
+        msg = self.find_message(channel, str(args.get("message_ts") or ""))
+        if msg is None or msg.ephemeral_to is not None:
+            raise _ApiError("message_not_found")
+        link = f"{self.url}/archives/{channel}/p{msg.ts.replace('.', '')}"
+        if msg.thread_ts and msg.thread_ts != msg.ts:
+            link += "?" + urlencode({"thread_ts": msg.thread_ts, "cid": channel})
+        return {"ok": True, "channel": channel, "permalink": link}
+
+    def _api_connections_open(self, args: dict) -> dict:
+        ticket = str(uuid.uuid4())
+        self._tickets.add(ticket)
+        ws_url = self.url.replace("http://", "ws://", 1) + "/socket?" + urlencode(
+            {"ticket": ticket, "app_id": self.app_id})
+        return {"ok": True, "url": ws_url}
+
+    _methods: dict[str, Callable[["SlackStandIn", dict], dict]] = {
+        "auth.test": _api_auth_test,
+        "chat.postMessage": _api_post_message,
+        "chat.update": _api_update,
+        "chat.delete": _api_delete,
+        "chat.postEphemeral": _api_post_ephemeral,
+        "chat.getPermalink": _api_permalink,
+        "reactions.add": _api_reactions_add,
+        "reactions.remove": _api_reactions_remove,
+        "usergroups.users.list": _api_usergroup_users,
+        "users.info": _api_users_info,
+        "conversations.info": _api_conversations_info,
+        "conversations.open": _api_conversations_open,
+        "apps.connections.open": _api_connections_open,
+    }
+
+    # ------------------------------------------------------------------ response_url sink
+
+    async def _handle_response_url(self, request: web.Request) -> web.Response:
+        ctx = self._responses.get(request.match_info["rid"])
+        if ctx is None:
+            return web.Response(status=404, text="no_such_url")
+        if time.monotonic() - ctx.created > RESPONSE_URL_TTL:
+            return web.Response(status=404, text="expired_url")
+        if ctx.uses >= RESPONSE_URL_MAX_USES:
+            return web.Response(status=404, text="used_url")
+        try:
+            body = json.loads(await request.text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return web.Response(status=400, text="invalid_payload")
+        if not isinstance(body, dict):
+            return web.Response(status=400, text="invalid_payload")
+        ctx.uses += 1
+        if _truthy(body.get("delete_original")):
+            if ctx.last is not None:
+                ctx.last.deleted = True
+                self._touch()
+            return web.Response(text="ok")
+        text = body.get("text") or ""
+        blocks = body.get("blocks") or None
+        if not text and not blocks and not body.get("attachments"):
+            return web.Response(status=400, text="no_text")
+        in_channel = body.get("response_type") == "in_channel"
+        if _truthy(body.get("replace_original")) and ctx.last is not None and not ctx.last.deleted:
+            ctx.last.edits.append({"text": ctx.last.text, "blocks": ctx.last.blocks})
+            ctx.last.text, ctx.last.blocks = text, blocks
+            self._touch()
+        else:
+            ctx.last = self._add(Message(
+                channel=ctx.channel_id, ts=self._next_ts(), text=text, blocks=blocks, user=self.bot_user_id,
+                thread_ts=body.get("thread_ts") or None, ephemeral_to=None if in_channel else ctx.user_id,
+                source="response_url"))
+        return web.Response(text="ok")
+
+    # ------------------------------------------------------------------ Socket Mode server
+
+    async def _handle_socket(self, request: web.Request) -> web.StreamResponse:
+        ticket = request.query.get("ticket", "")
+        if ticket not in self._tickets:
+            return web.Response(status=401, text="invalid ticket")
+        self._tickets.discard(ticket)
+        # autoping answers slack_sdk's "sdk-ping-pong:<t>" pings with the same payload,
+        # which is how it decides the connection is alive.
+        ws = web.WebSocketResponse(autoping=True, timeout=2.0)
+        await ws.prepare(request)
+        await ws.send_str(json.dumps({
+            "type": "hello",
+            "num_connections": len([s for s in self._sockets if not s.closed]) + 1,
+            "debug_info": {"host": "standin-127.0.0.1", "build_number": 1, "approximate_connection_time": 18060},
+            "connection_info": {"app_id": self.app_id},
+        }))
+        self._sockets.append(ws)
+        log.info("socket mode client connected")
+        try:
+            async for msg in ws:
+                if msg.type == aiohttp.WSMsgType.TEXT:
+                    self._on_socket_text(msg.data)
+        finally:
+            self._sockets.remove(ws)
+            log.info("socket mode client disconnected")
+        return ws
+
+    def _on_socket_text(self, data: str) -> None:
+        try:
+            ack = json.loads(data)
+        except json.JSONDecodeError:
+            log.warning("socket mode: a non-JSON message was ignored")
+            return
+        if not isinstance(ack, dict):
+            return
+        fut = self._pending_acks.pop(str(ack.get("envelope_id")), None)
+        if fut is not None and not fut.done():
+            fut.set_result(ack)
+        elif ack.get("envelope_id"):
+            log.warning("socket mode: an ack for an unknown or late envelope was ignored")
+
+    # ------------------------------------------------------------------ delivering to the bot
+
+    def _delivery_mode(self) -> str:
+        if self.bot_url:
+            return "http"
+        if self.socket_connected:
+            return "socket"
+        raise RuntimeError("nowhere to deliver: set bot_url or connect a Socket Mode client")
+
+    async def _deliver_http(
+        self, body: str, content_type: str, extra_headers: dict[str, str], *, sign: bool,
+        timestamp: int | None, signing_secret: str | None, timeout: float,
+    ) -> Delivery:
+        assert self._session is not None and self.bot_url, "stand-in not started"
+        headers = {"Content-Type": content_type, "User-Agent": "Slackbot 1.0 (+https://api.slack.com/robots)",
+                   **extra_headers}
+        if sign:
+            ts = int(time.time()) if timestamp is None else timestamp
+            headers["X-Slack-Request-Timestamp"] = str(ts)
+            headers["X-Slack-Signature"] = sign_request(signing_secret or self._signing_secret, ts, body)
+        t0 = time.monotonic()
+        try:
+            async with self._session.post(self.bot_url, data=body.encode(), headers=headers,
+                                          timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+                text = await resp.text()
+                status, rtype = resp.status, resp.content_type
+        except asyncio.TimeoutError:
+            return Delivery(0, "", time.monotonic() - t0, None, mode="http",
+                            error=f"no answer within {timeout:g}s")
+        except aiohttp.ClientError as e:
+            return Delivery(0, "", time.monotonic() - t0, None, mode="http", error=f"{type(e).__name__}: {e}")
+        elapsed = time.monotonic() - t0
+        parsed: dict | None = None
+        if text and (rtype == "application/json" or text.lstrip().startswith("{")):
+            with contextlib.suppress(json.JSONDecodeError):
+                value = json.loads(text)
+                parsed = value if isinstance(value, dict) else None
+        return Delivery(status, text, elapsed, parsed, mode="http")
+
+    async def _deliver_socket(self, envelope: dict, *, timeout: float) -> Delivery:
+        ws = next((s for s in reversed(self._sockets) if not s.closed), None)
+        if ws is None:
+            raise RuntimeError("no Socket Mode client is connected")
+        env_id = envelope["envelope_id"]
+        fut: asyncio.Future[dict] = asyncio.get_running_loop().create_future()
+        self._pending_acks[env_id] = fut
+        t0 = time.monotonic()
+        try:
+            await ws.send_str(json.dumps(envelope))
+            ack = await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            return Delivery(0, "", time.monotonic() - t0, None, mode="socket", error=f"no ack within {timeout:g}s")
+        finally:
+            self._pending_acks.pop(env_id, None)
+        elapsed = time.monotonic() - t0
+        payload = ack.get("payload")
+        body = json.dumps(payload) if payload is not None else ""
+        return Delivery(200, body, elapsed, payload if isinstance(payload, dict) else None, mode="socket")
+
+    async def send_command(
+        self,
+        text: str,
+        *,
+        user_id: str,
+        channel_id: str,
+        command: str = "/etcd",
+        sign: bool = True,
+        timestamp: int | None = None,
+        signing_secret: str | None = None,
+        timeout: float = DEFAULT_DELIVERY_TIMEOUT,
+    ) -> Delivery:
+        """Deliver a slash command as Slack does; a non-empty ack is recorded as Slack shows it."""
+        mode = self._delivery_mode()
+        rid = secrets.token_hex(12)
+        self._responses[rid] = ctx = _ResponseUrl(user_id=user_id, channel_id=channel_id, created=time.monotonic())
+        user = self._user_record(user_id) or {}
+        form = {
+            "token": self.verification_token,
+            "team_id": self.team_id,
+            "team_domain": self.team_domain,
+            "channel_id": channel_id,
+            "channel_name": self._channel_name(channel_id),
+            "user_id": user_id,
+            "user_name": user.get("name", user_id.lower()),
+            "command": command,
+            "text": text,
+            "api_app_id": self.app_id,
+            "is_enterprise_install": "false",
+            "response_url": f"{self.url}/response/{rid}",
+            "trigger_id": f"{int(time.time())}.{secrets.randbelow(10**12)}.{secrets.token_hex(16)}",
+        }
+        if mode == "http":
+            delivery = await self._deliver_http(
+                urlencode(form), "application/x-www-form-urlencoded", {}, sign=sign, timestamp=timestamp,
+                signing_secret=signing_secret, timeout=timeout)
+        else:
+            delivery = await self._deliver_socket(
+                {"envelope_id": str(uuid.uuid4()), "type": "slash_commands", "payload": form,
+                 "accepts_response_payload": True}, timeout=timeout)
+        if delivery.status == 200:
+            self._record_ack(ctx, delivery)
+        return delivery
+
+    def _record_ack(self, ctx: _ResponseUrl, delivery: Delivery) -> None:
+        """What Slack shows for an ack body: ephemeral to the user, or in channel."""
+        if delivery.json is not None:
+            text = delivery.json.get("text") or ""
+            blocks = delivery.json.get("blocks") or None
+            in_channel = delivery.json.get("response_type") == "in_channel"
+        else:
+            text, blocks, in_channel = delivery.body.strip(), None, False
+        if not text and not blocks:
+            return
+        ctx.last = self._add(Message(
+            channel=ctx.channel_id, ts=self._next_ts(), text=text, blocks=blocks, user=self.bot_user_id,
+            ephemeral_to=None if in_channel else ctx.user_id, source="ack"))
+
+    async def send_event(
+        self,
+        event: dict,
+        *,
+        event_id: str | None = None,
+        retry_num: int | None = None,
+        retry_reason: str | None = None,
+        sign: bool = True,
+        timestamp: int | None = None,
+        timeout: float = DEFAULT_DELIVERY_TIMEOUT,
+    ) -> Delivery:
+        """Deliver an Events API event_callback; pass the same event_id to redeliver it."""
+        mode = self._delivery_mode()
+        event_id = event_id or _random_id("Ev")
+        envelope = {
+            "token": self.verification_token,
+            "team_id": self.team_id,
+            "context_team_id": self.team_id,
+            "context_enterprise_id": None,
+            "api_app_id": self.app_id,
+            "event": event,
+            "type": "event_callback",
+            "event_id": event_id,
+            "event_time": int(time.time()),
+            "authorizations": [{
+                "enterprise_id": None, "team_id": self.team_id, "user_id": self.bot_user_id,
+                "is_bot": True, "is_enterprise_install": False,
+            }],
+            "is_ext_shared_channel": False,
+            "event_context": "4-" + secrets.token_urlsafe(24),
+        }
+        if mode == "http":
+            headers: dict[str, str] = {}
+            if retry_num is not None:
+                headers["X-Slack-Retry-Num"] = str(retry_num)
+                headers["X-Slack-Retry-Reason"] = retry_reason or "http_timeout"
+            delivery = await self._deliver_http(
+                json.dumps(envelope), "application/json", headers, sign=sign, timestamp=timestamp,
+                signing_secret=None, timeout=timeout)
+        else:
+            # Slack sends retry_attempt 0 / retry_reason "" on a first delivery.
+            delivery = await self._deliver_socket(
+                {"envelope_id": str(uuid.uuid4()), "type": "events_api", "payload": envelope,
+                 "accepts_response_payload": False, "retry_attempt": retry_num or 0,
+                 "retry_reason": (retry_reason or "timeout") if retry_num else ""}, timeout=timeout)
+        delivery.event_id = event_id
+        return delivery
+
+    async def react(
+        self,
+        *,
+        user: str,
+        channel: str,
+        ts: str,
+        reaction: str,
+        event_id: str | None = None,
+        retry_num: int | None = None,
+        retry_reason: str | None = None,
+        removed: bool = False,
+    ) -> Delivery:
+        """A user adds (or removes) a reaction: record it, deliver reaction_added/removed."""
+        msg = self.find_message(channel, ts)
+        if msg is None:
+            raise LookupError(f"no message {ts} in {channel} to react to")
+        reaction = reaction.strip(":")
+        users = msg.reactions.setdefault(reaction, [])
+        if removed:
+            if user in users:
+                users.remove(user)
+        elif user not in users:
+            users.append(user)
+        if not users:
+            msg.reactions.pop(reaction, None)
+        self._touch()
+        event = {
+            "type": "reaction_removed" if removed else "reaction_added",
+            "user": user,
+            "reaction": reaction,
+            "item": {"type": "message", "channel": channel, "ts": ts},
+            "item_user": msg.user,
+            "event_ts": self._next_ts(),
+        }
+        return await self.send_event(event, event_id=event_id, retry_num=retry_num, retry_reason=retry_reason)
+
+    # ------------------------------------------------------------------ control API
+
+    async def _settle(self, start: int, wait: float) -> None:
+        """Wait until a message posted since index ``start`` exists and things are quiet."""
+        deadline = time.monotonic() + wait
+        with contextlib.suppress(TimeoutError):
+            await self.wait_for(lambda: len(self.messages) > start, wait, "a reply")
+            await self.wait_for(lambda: time.monotonic() - self._last_change >= QUIET_PERIOD,
+                                max(0.0, deadline - time.monotonic()), "quiet")
+
+    @staticmethod
+    async def _json_body(request: web.Request) -> dict:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise web.HTTPBadRequest(text="body must be a JSON object") from None
+        if not isinstance(body, dict):
+            raise web.HTTPBadRequest(text="body must be a JSON object")
+        return body
+
+    def message_dict(self, index: int) -> dict:
+        """A message as the control API reports it (with its index in ``messages``)."""
+        return {"index": index, **asdict(self.messages[index])}
+
+    async def _controlled(self, request: web.Request, deliver: Callable[[dict], Awaitable[Delivery]],
+                          default_wait: float) -> web.Response:
+        body = await self._json_body(request)
+        wait = float(body.get("wait", default_wait))
+        start = len(self.messages)
+        try:
+            delivery = await deliver(body)
+        except KeyError as e:
+            return web.json_response({"error": f"missing field {e}"}, status=400)
+        except (RuntimeError, LookupError) as e:
+            return web.json_response({"error": str(e)}, status=409)
+        if wait > 0 and delivery.status == 200:
+            await self._settle(start, wait)
+        end = len(self.messages)
+        return web.json_response({
+            "delivery": asdict(delivery),
+            "messages": [self.message_dict(i) for i in range(start, end)],
+            "next_index": end,
+        })
+
+    async def _ctl_command(self, request: web.Request) -> web.Response:
+        return await self._controlled(request, lambda b: self.send_command(
+            str(b["text"]), user_id=str(b["user_id"]), channel_id=str(b["channel_id"]),
+            command=str(b.get("command", "/etcd"))), default_wait=15.0)
+
+    async def _ctl_event(self, request: web.Request) -> web.Response:
+        return await self._controlled(request, lambda b: self.send_event(
+            dict(b["event"]), event_id=b.get("event_id"), retry_num=b.get("retry_num"),
+            retry_reason=b.get("retry_reason")), default_wait=0.0)
+
+    async def _ctl_react(self, request: web.Request) -> web.Response:
+        return await self._controlled(request, lambda b: self.react(
+            user=str(b["user"]), channel=str(b["channel"]), ts=str(b["ts"]), reaction=str(b["reaction"]),
+            event_id=b.get("event_id"), retry_num=b.get("retry_num"), removed=bool(b.get("removed", False))),
+            default_wait=0.0)
+
+    async def _ctl_messages(self, request: web.Request) -> web.Response:
+        channel = request.query.get("channel")
+        try:
+            after = int(request.query.get("after", "0"))
+        except ValueError:
+            raise web.HTTPBadRequest(text="after must be an integer") from None
+        out = [self.message_dict(i) for i in range(max(0, after), len(self.messages))
+               if channel is None or self.messages[i].channel == channel]
+        return web.json_response(out)
+
+    async def _ctl_calls(self, request: web.Request) -> web.Response:
+        method = request.query.get("method")
+        return web.json_response([asdict(c) for c in self.calls if method is None or c.method == method])
+
+    async def _ctl_health(self, request: web.Request) -> web.Response:
+        return web.json_response({"ok": True, "socket_connected": self.socket_connected, "bot_url": self.bot_url})
+
+
+# ---------------------------------------------------------------------- standalone
+
+
+async def _serve(stand_in: SlackStandIn, port: int, ready_file: Path | None) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stand_in.start(port=port)
+    try:
+        if ready_file is not None:
+            tmp = ready_file.with_name(ready_file.name + ".tmp")
+            tmp.write_text(stand_in.url + "\n")
+            os.replace(tmp, ready_file)
+        print(f"slack stand-in listening on {stand_in.url}", flush=True)
+        await stop.wait()
+    finally:
+        await stand_in.stop()
+        if ready_file is not None:
+            with contextlib.suppress(OSError):
+                ready_file.unlink()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bot.emulator.slack``: secrets from the environment only, never argv."""
+    parser = argparse.ArgumentParser(
+        prog="python -m bot.emulator.slack",
+        description="Run the Slack stand-in on 127.0.0.1. Tokens come from SLACK_BOT_TOKEN, "
+                    "SLACK_SIGNING_SECRET and (for Socket Mode) SLACK_APP_TOKEN.")
+    parser.add_argument("--port", type=int, default=0, help="port to listen on (0: pick a free one)")
+    parser.add_argument("--bot-url", default=None,
+                        help="where to POST commands/events (omit to deliver over Socket Mode)")
+    parser.add_argument("--ready-file", type=Path, default=None, help="write the base URL here once listening")
+    parser.add_argument("--fixtures", type=Path, default=None,
+                        help='JSON file: {"users": {...}, "usergroups": {...}, "channels": {...}}')
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    missing = [n for n in ("SLACK_BOT_TOKEN", "SLACK_SIGNING_SECRET") if not os.environ.get(n)]
+    if missing:
+        print(f"slack stand-in: set {' and '.join(missing)} in the environment", file=sys.stderr)
+        return 2
+    fixtures: dict[str, Any] = {}
+    if args.fixtures is not None:
+        try:
+            fixtures = json.loads(args.fixtures.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            print(f"slack stand-in: cannot read fixtures {args.fixtures}: {e}", file=sys.stderr)
+            return 2
+    known = {"users", "usergroups", "channels", "team_id", "bot_user_id", "bot_id", "app_id", "team_domain",
+             "bot_name"}
+    stand_in = SlackStandIn(
+        bot_token=os.environ["SLACK_BOT_TOKEN"],
+        signing_secret=os.environ["SLACK_SIGNING_SECRET"],
+        app_token=os.environ.get("SLACK_APP_TOKEN") or None,
+        **{k: v for k, v in fixtures.items() if k in known},
+    )
+    stand_in.bot_url = args.bot_url
+    asyncio.run(_serve(stand_in, args.port, args.ready_file))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
