@@ -46,6 +46,13 @@ class BotContext:
     def secrets(self) -> list[str]:
         return self.slack.secrets() + [c.password for c in self.config.clusters if c.password]
 
+    def track_current_task(self) -> None:
+        """Count the running listener as in-flight work that shutdown waits for."""
+        task = asyncio.current_task()
+        if task is not None and task not in self.tasks:
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task:
         """Run work in the background, keeping a reference until it ends."""
         task = asyncio.get_running_loop().create_task(coro, name=name)
@@ -65,11 +72,16 @@ class BotContext:
         if self.store is None:
             self.store = await Store(self.config.database).open()
 
-    async def close(self) -> None:
-        for task in list(self.tasks):
-            task.cancel()
-        if self.tasks:
-            await asyncio.gather(*self.tasks, return_exceptions=True)
+    async def close(self, grace: float = 5.0) -> None:
+        """Let in-flight work finish for `grace` seconds, then cancel it: a
+        cancelled plan stays `running` and is reported interrupted at start-up."""
+        current = asyncio.current_task()
+        pending = [t for t in self.tasks if t is not current]
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=grace)
+            for task in still:
+                task.cancel()
+            await asyncio.gather(*still, return_exceptions=True)
         for client in self.clients.values():
             await client.close()
         self.clients.clear()

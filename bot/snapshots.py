@@ -15,9 +15,12 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from bot.bbolt import SnapshotError, SnapshotStatus, snapshot_status
 from bot.etcd import EtcdClient, EtcdError
+
+if TYPE_CHECKING:
+    from bot.bbolt import SnapshotStatus
 
 TRAILER = 32
 
@@ -34,7 +37,7 @@ class SavedSnapshot:
     path: Path
     file_size: int
     sha256: str              # of the file as stored (what `sha256sum` prints; the ciphertext when encrypted)
-    status: SnapshotStatus
+    status: "SnapshotStatus"
     duration: float
     created_at: float
     encrypted: bool = False
@@ -126,6 +129,8 @@ async def save_snapshot(client: EtcdClient, endpoint: str, member: str, director
                         recipients: tuple[str, ...] = ()) -> SavedSnapshot:
     """Stream one member's snapshot into `directory/<cluster>/`, verify it,
     compute its status, and (with age recipients) encrypt it."""
+    from bot.bbolt import SnapshotError, snapshot_status
+
     started = time.monotonic()
     created = time.time()
     target_dir = Path(directory) / cluster

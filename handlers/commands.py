@@ -91,6 +91,7 @@ async def _plan_cluster(ctx: BotContext, cmd: Command) -> ClusterConfig | None:
 def register(app: AsyncApp, ctx: BotContext) -> None:
     @app.command(COMMAND)
     async def on_etcd(ack, command: dict[str, Any], client: AsyncWebClient, respond) -> None:
+        ctx.track_current_task()
         channel, user = command.get("channel_id", ""), command.get("user_id", "")
         try:
             cmd = parse(command.get("text", ""))

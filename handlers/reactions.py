@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 def register(app: AsyncApp, ctx: BotContext) -> None:
     @app.event("reaction_added")
     async def on_reaction_added(event: dict[str, Any], body: dict[str, Any]) -> None:
+        ctx.track_current_task()
         item = event.get("item") or {}
         if item.get("type") != "message" or not item.get("channel") or not item.get("ts"):
             return

@@ -61,3 +61,49 @@ def make_cluster() -> Iterator[Callable[..., LocalCluster]]:
     yield make
     for c in made:
         c.close()
+
+
+# ---------------------------------------------------------------- Slack and the bot
+
+from bot.app import BotServer  # noqa: E402
+from bot.config import load_config  # noqa: E402
+from bot.emulator.slack import SlackStandIn  # noqa: E402
+from bot.emulator.workspace import CHANNELS, USERGROUPS, USERS, SlackSecrets, write_config  # noqa: E402
+from bot.settings import SlackSettings  # noqa: E402
+
+
+@pytest.fixture
+def creds() -> SlackSecrets:
+    return SlackSecrets()
+
+
+@pytest.fixture
+async def slack(creds):
+    """The Slack stand-in with the fixture workspace's people and channels."""
+    stand_in = SlackStandIn(bot_token=creds.bot_token, signing_secret=creds.signing_secret, app_token=creds.app_token,
+                            users=USERS, usergroups=USERGROUPS, channels=CHANNELS)
+    await stand_in.start()
+    try:
+        yield stand_in
+    finally:
+        await stand_in.stop()
+
+
+@pytest.fixture
+async def start_bot(slack, creds, tmp_path):
+    """Start the real bot (bolt AsyncApp over aiohttp) in-process against the stand-in."""
+    bots: list[BotServer] = []
+
+    async def start(clusters: list[dict], **top) -> BotServer:
+        config = load_config(write_config(tmp_path, clusters, **top))
+        settings = SlackSettings(bot_token=creds.bot_token, signing_secret=creds.signing_secret,
+                                 app_token=creds.app_token, api_url=slack.api_url)
+        bot = BotServer(config, settings)
+        bots.append(bot)
+        await bot.start()
+        slack.bot_url = bot.url
+        return bot
+
+    yield start
+    for bot in bots:
+        await bot.stop()

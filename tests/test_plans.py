@@ -1,0 +1,116 @@
+"""The replacement planner: pure, no servers."""
+from __future__ import annotations
+
+import pytest
+
+from bot.etcd import Member, MemberStatus
+from bot.health import ClusterHealth, MemberHealth
+from bot.plans import Plan, Refusal, ReplaceRequest, etcd_servers, plan_replacement
+
+IDS = {1: 0x8211F1D0F64F3269, 2: 0x91BC3C398FB3C146, 3: 0xFD422379FDA50E48, 4: 0x2BE1EB8F84B7F63E, 5: 0x5A5A5A5A5A5A5A5A}
+
+
+def member(i: int, *, learner: bool = False, started: bool = True) -> Member:
+    return Member(id=IDS[i], name=f"member{i}" if started else "", peer_urls=(f"http://10.0.0.{i}:2380",),
+                  client_urls=(f"http://10.0.0.{i}:2379",) if started else (), is_learner=learner)
+
+
+def up(i: int, leader: int = 2, **kw) -> MemberHealth:
+    m = member(i, **kw)
+    return MemberHealth(m, MemberStatus(f"http://10.0.0.{i}:2379", m.id, "3.5.1", 1, 1, IDS[leader], 2, 9, 9, m.is_learner, ()))
+
+
+def down(i: int, **kw) -> MemberHealth:
+    return MemberHealth(member(i, **kw), None, "connection refused (member down?)")
+
+
+def cluster(*members: MemberHealth) -> ClusterHealth:
+    return ClusterHealth("prod", tuple(members), (), 0.0, 0.01, 2.0)
+
+
+REQ = ReplaceRequest("member1", "member4", "http://10.0.0.4:2380")
+
+
+def test_the_runbook_plan():
+    plan = plan_replacement(cluster(down(1), up(2), up(3)), REQ)
+    assert plan.failed.id == "8211f1d0f64f3269" and plan.failed.name == "member1"
+    assert plan.environment == {
+        "ETCD_NAME": "member4",
+        "ETCD_INITIAL_CLUSTER": "member2=http://10.0.0.2:2380,member3=http://10.0.0.3:2380,member4=http://10.0.0.4:2380",
+        "ETCD_INITIAL_CLUSTER_STATE": "existing",
+    }
+    assert [s.key for s in plan.steps] == ["recheck", "snapshot", "remove", "add", "start", "promote", "followups", "verify"]
+    assert "learner" in plan.steps[3].title
+    assert plan.snapshot_source == "member3"  # a follower, sparing the leader (member2)
+    assert plan.expected_members == 3
+    assert plan.others_failed == ()
+    assert len(plan.id) == 6
+
+
+def test_by_hex_id_and_round_trip_through_json():
+    plan = plan_replacement(cluster(down(1), up(2), up(3)), ReplaceRequest("8211f1d0f64f3269", "member4", "http://10.0.0.4:2380"))
+    assert Plan.from_json(plan.to_json()) == plan
+
+
+def test_no_learner_mode():
+    plan = plan_replacement(cluster(down(1), up(2), up(3)), ReplaceRequest("member1", "member4", "http://10.0.0.4:2380", learner=False))
+    assert not plan.learner and "voting member" in plan.steps[3].title
+
+
+@pytest.mark.parametrize("req, health, reason", [
+    (ReplaceRequest("member9", "member4", "http://10.0.0.4:2380"), cluster(down(1), up(2), up(3)), "no member 'member9'"),
+    (REQ, cluster(up(1), up(2), up(3)), "a healthy member is not a failed member"),
+    (ReplaceRequest("member1", "member2", "http://10.0.0.4:2380"), cluster(down(1), up(2), up(3)), "the name 'member2' is already used"),
+    (ReplaceRequest("member1", "member1", "http://10.0.0.4:2380"), cluster(down(1), up(2), up(3)), "the name 'member1' is already used"),
+    (ReplaceRequest("member1", "member4", "http://10.0.0.3:2380"), cluster(down(1), up(2), up(3)), "peer URL http://10.0.0.3:2380 is already used"),
+    (ReplaceRequest("member1", "member4", "10.0.0.4:2380"), cluster(down(1), up(2), up(3)), "not an http(s)://host:port URL"),
+    (ReplaceRequest("member1", "member4", "http://10.0.0.4:2380", new_client_url="http://10.0.0.2:2379"),
+     cluster(down(1), up(2), up(3)), "client URL http://10.0.0.2:2379 is already used"),
+    (ReplaceRequest("member1", "new member", "http://10.0.0.4:2380"), cluster(down(1), up(2), up(3)), "cannot be an etcd member name"),
+    (REQ, cluster(down(1), up(2), up(3), up(5, learner=True)), "etcd allows one learner at a time"),
+    (ReplaceRequest("member1", "member6", "http://10.0.0.6:2380"),
+     cluster(down(1), up(2), up(3), up(4), MemberHealth(member(5, started=False), None, "unstarted")),
+     "was added but never started"),
+])
+def test_refusals_say_why(req, health, reason):
+    with pytest.raises(Refusal) as e:
+        plan_replacement(health, req)
+    assert reason in e.value.reason
+
+
+def test_quorum_lost_points_to_the_newest_snapshot():
+    with pytest.raises(Refusal) as e:
+        plan_replacement(cluster(down(1), down(2), up(3)), REQ, newest_snapshot="/snaps/prod/prod-20261125T010203Z-rev42.db")
+    assert "quorum is lost: 1 of 3 voting members are healthy and 2 are needed" in e.value.reason
+    assert "prod-20261125T010203Z-rev42.db" in e.value.hint
+    with pytest.raises(Refusal) as e:
+        plan_replacement(cluster(down(1), down(2), up(3)), REQ)
+    assert "none is recorded" in e.value.hint
+
+
+def test_a_step_that_would_break_quorum_is_refused():
+    """A failed learner replaced by a voting member: 3 voters, 2 healthy now (quorum holds),
+    but adding a voter before it starts makes 2 healthy of 4, below 3."""
+    health = cluster(down(1, learner=True), up(2), up(3), down(4))
+    assert plan_replacement(health, ReplaceRequest("member1", "member6", "http://10.0.0.6:2380")).learner
+    with pytest.raises(Refusal, match="after the step .add member6 as a voting member. the cluster would have 2 healthy "
+                                      "of 4 voting members, below its quorum of 3"):
+        plan_replacement(health, ReplaceRequest("member1", "member6", "http://10.0.0.6:2380", learner=False))
+
+
+def test_a_member_answering_with_errors_is_another_failed_member():
+    sick = MemberHealth(member(3), MemberStatus("x", IDS[3], "3.5.1", 1, 1, IDS[2], 2, 9, 9, False, ("etcdserver: corrupt",)))
+    plan = plan_replacement(cluster(down(1), up(2), sick, up(4), up(5)), ReplaceRequest("member1", "member6", "http://10.0.0.6:2380"))
+    assert [m.name for m in plan.others_failed] == ["member3"]
+
+
+def test_two_failed_members_of_five_are_replaced_one_at_a_time():
+    health = cluster(down(1), down(2), up(3), up(4), up(5))
+    plan = plan_replacement(health, ReplaceRequest("member1", "member6", "http://10.0.0.6:2380"))
+    assert [m.name for m in plan.others_failed] == ["member2"]
+    assert "member2=" in plan.initial_cluster  # a removed member is not a survivor; a failed one still is
+
+
+def test_etcd_servers_lists_every_client_url():
+    members = [member(3), member(2), member(4)]
+    assert etcd_servers(members) == "http://10.0.0.2:2379,http://10.0.0.3:2379,http://10.0.0.4:2379"

@@ -1,0 +1,309 @@
+"""Replacing a failed member under an approval, end to end: real etcd members,
+real slack-bolt, the Slack stand-in, a `command` launcher starting real etcd."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from helpers import command, ephemeral, text_of
+
+from bot.emulator.cluster import free_port
+from bot.emulator.slack import Message
+from bot.emulator.workspace import (CHANNEL, LEAD, LEAD2, LEADS_GROUP, ONCALL, STRANGER, BotProcess, cluster_table,
+                                    write_config)
+from bot.etcd import EtcdClient
+from bot.health import check_cluster
+from bot.store import Store
+
+APPROVAL = {"approvers": [LEAD, ONCALL], "approver_groups": [LEADS_GROUP], "ttl_minutes": 30,
+            "reaction": "white_check_mark", "reject_reaction": "x"}
+OK = "white_check_mark"
+
+
+def urls() -> tuple[str, str]:
+    return f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
+
+
+async def propose(slack, text: str, user: str = ONCALL) -> Message:
+    start = len(slack.messages)
+    await command(slack, text, user=user)
+    return await slack.wait_for_message(
+        lambda m: m.source == "chat.postMessage" and m.thread_ts is None and m.text.startswith("Plan "),
+        after=start, timeout=30, what=f"the plan message for /etcd {text}")
+
+
+def thread(slack, plan: Message) -> str:
+    return "\n".join(text_of(m) for m in slack.messages if m.thread_ts == plan.ts)
+
+
+async def plan_row(store: Store, plan: Message, timeout: float = 10.0) -> dict:
+    """The plan behind a message (the bot records the message's ts right after posting it)."""
+    deadline = time.monotonic() + timeout
+    while (row := await store.plan_by_message(CHANNEL, plan.ts)) is None:
+        assert time.monotonic() < deadline, f"no plan recorded for message {plan.ts}"
+        await asyncio.sleep(0.02)
+    return row
+
+
+async def wait_state(store: Store, plan_id: str, states: tuple[str, ...], timeout: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        row = await store.plan(plan_id)
+        if row["state"] in states:
+            return row
+        if time.monotonic() > deadline:
+            raise AssertionError(f"plan {plan_id} is {row['state']} (error: {row['error']}), not {states}")
+        await asyncio.sleep(0.1)
+
+
+async def audit_actions(store: Store, plan_id: str) -> list[tuple[str, str]]:
+    rows = await store.audit_rows()
+    out = []
+    for r in rows:
+        detail = json.loads(r["detail"])
+        if detail.get("plan") == plan_id:
+            out.append((r["action"], detail.get("step", "")))
+    return out
+
+
+async def members_of(cluster) -> list:
+    async with EtcdClient(cluster.endpoints) as client:
+        return (await check_cluster(client, "check")).members
+
+
+async def test_the_whole_runbook(make_cluster, slack, start_bot):
+    c = make_cluster(3)
+    bot = await start_bot([cluster_table("prod", c)], approval=APPROVAL)
+    store = bot.ctx.store
+    c.kill("member1")
+    failed = c.member("member1")
+    peer, client = urls()
+
+    plan = await propose(slack, f"replace member1 member4 {peer} --client-url {client}")
+    text = text_of(plan)
+    row = await plan_row(store, plan)
+    failed_id = json.loads(row["plan"])["failed"]["id"]
+    survivors = ",".join(f"member{i}={c.member(f'member{i}').peer_url}" for i in (2, 3))
+    for expected in ("Plan ", "replace member1 in prod", failed_id, failed.peer_url, failed.client_url, "member4",
+                     peer, client, "learner", f'ETCD_INITIAL_CLUSTER="{survivors},member4={peer}"',
+                     'ETCD_NAME="member4"', 'ETCD_INITIAL_CLUSTER_STATE="existing"', f"<@{ONCALL}>",
+                     f"<@{LEAD}>", f"<!subteam^{LEADS_GROUP}>", "expires", f"`{row['id']}`"):
+        assert expected in text, f"{expected!r} missing from the plan message"
+    for i, key in enumerate(("Re-check", "snapshot", "Remove member1", "Add member4", "Start member4",
+                             "promote", "--etcd-servers", "Verify 3 members")):
+        assert f"{i}. " in text and key in text
+
+    # A stranger and the proposer cannot approve; the thread says why; nothing moves.
+    await slack.react(user=STRANGER, channel=CHANNEL, ts=plan.ts, reaction=OK)
+    await slack.wait_for(lambda: f"<@{STRANGER}> is not an approver" in thread(slack, plan), what="stranger refusal")
+    await slack.react(user=ONCALL, channel=CHANNEL, ts=plan.ts, reaction=OK)
+    await slack.wait_for(lambda: "cannot approve it too" in thread(slack, plan), what="self-approval refusal")
+    assert (await store.plan(row["id"]))["state"] == "proposed"
+
+    # The lead approves; Slack redelivers that event, and a second lead races it.
+    first = await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
+    await asyncio.gather(
+        slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK, event_id=first.event_id, retry_num=1,
+                    retry_reason="http_timeout"),
+        slack.react(user=LEAD2, channel=CHANNEL, ts=plan.ts, reaction=f"{OK}::skin-tone-3"))
+    done = await wait_state(store, row["id"], ("done", "failed"))
+    assert done["state"] == "done", done["error"]
+    assert done["decided_by"] == LEAD
+
+    members = await members_of(c)
+    assert sorted(h.member.name for h in members) == ["member2", "member3", "member4"]
+    assert all(h.healthy and not h.member.is_learner for h in members)
+    assert failed_id not in {h.member.hex_id for h in members}
+    new = next(h.member for h in members if h.member.name == "member4")
+    assert new.hex_id == done["new_member_id"] and new.client_urls == (client,)
+
+    talk = thread(slack, plan)
+    servers = ",".join(sorted(u for h in members for u in h.member.client_urls))
+    assert f"--etcd-servers={servers}" in talk and "load balancer" in talk
+    assert talk.count("Approved by") == 1 and f"<@{LEAD2}>'s approval changes nothing" in talk
+    actions = await audit_actions(store, row["id"])
+    assert actions.count(("step_done", "remove")) == 1 and actions.count(("step_done", "add")) == 1
+    assert actions.count(("plan_approved", "")) == 1 and ("plan_done", "") in actions
+    final = slack.find_message(CHANNEL, plan.ts)
+    assert final.edits and "*State:* DONE" in text_of(final)
+    snaps = await store.snapshots("prod")
+    assert len(snaps) == 1 and snaps[0]["reason"] == f"before plan {row['id']}" and Path(snaps[0]["path"]).is_file()
+
+
+async def test_no_learner_joins_as_a_voting_member(make_cluster, slack, start_bot):
+    c = make_cluster(3)
+    bot = await start_bot([cluster_table("prod", c)], approval=APPROVAL)
+    c.kill("member2")
+    peer, client = urls()
+    plan = await propose(slack, f"replace member2 member5 {peer} --client-url {client} --no-learner")
+    assert "joins as a voting member (--no-learner)" in text_of(plan)
+    row = await plan_row(bot.ctx.store, plan)
+    await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
+    done = await wait_state(bot.ctx.store, row["id"], ("done", "failed"))
+    assert done["state"] == "done", done["error"]
+    assert "added to cluster as a voting member" in thread(slack, plan)
+    assert sorted(h.member.name for h in await members_of(c)) == ["member1", "member3", "member5"]
+
+
+async def test_refusals_before_any_plan(make_cluster, slack, start_bot):
+    c = make_cluster(3)
+    bot = await start_bot([cluster_table("prod", c)], approval=APPROVAL)
+    peer, _ = urls()
+    msg = await ephemeral(slack, f"replace member1 member4 {peer}")
+    assert "still answers and reports healthy" in text_of(msg)
+    c.kill("member1")
+    msg = await ephemeral(slack, f"replace member1 member2 {peer}")
+    assert "the name 'member2' is already used" in text_of(msg)
+    msg = await ephemeral(slack, f"replace member1 member4 {c.member('member3').peer_url}")
+    assert "is already used by member member3" in text_of(msg)
+    msg = await ephemeral(slack, "replace member1 member4 10.0.0.4:2380")
+    assert "not an http(s)://host:port URL" in text_of(msg) and "Usage" in text_of(msg)
+    msg = await ephemeral(slack, f"replace member9 member4 {peer}")
+    assert "no member 'member9'" in text_of(msg)
+    assert await bot.ctx.store.plans("prod") == []
+    assert not slack.calls_to("chat.postMessage")
+
+
+async def test_quorum_lost_points_to_the_newest_snapshot(make_cluster, slack, start_bot):
+    c = make_cluster(3)
+    await start_bot([cluster_table("prod", c)], approval=APPROVAL)
+    start = len(slack.messages)
+    await command(slack, "snapshot")
+    snap = await slack.wait_for_message(lambda m: m.source == "chat.postMessage", after=start, timeout=30)
+    name = next(w.strip("`") for w in text_of(snap).split() if w.strip("`").endswith(".db"))
+    c.kill("member1")
+    c.kill("member2")
+    msg = await ephemeral(slack, f"replace member1 member4 {urls()[0]}")
+    text = text_of(msg)
+    assert "quorum is lost: 1 of 3 voting members are healthy and 2 are needed" in text
+    assert "restore the cluster from the newest recorded snapshot" in text and name in text
+
+
+async def test_one_open_plan_per_cluster_and_cancel(make_cluster, slack, start_bot):
+    c = make_cluster(3)
+    bot = await start_bot([cluster_table("prod", c)], approval=APPROVAL)
+    c.kill("member1")
+    plan = await propose(slack, f"replace member1 member4 {urls()[0]}")
+    row = await plan_row(bot.ctx.store, plan)
+    msg = await ephemeral(slack, f"replace member1 member5 {urls()[0]}")
+    assert f"plan {row['id']} is proposed for this cluster: one open plan per cluster" in text_of(msg)
+    msg = await ephemeral(slack, f"cancel {row['id']}", user=STRANGER)
+    assert "needs the approver role or being its proposer" in text_of(msg)
+    msg = await ephemeral(slack, f"cancel {row['id']}")
+    assert f"Plan {row['id']} cancelled" in text_of(msg)
+    assert (await bot.ctx.store.plan(row["id"]))["state"] == "cancelled"
+    await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
+    await slack.wait_for(lambda: f"is cancelled by <@{ONCALL}>, not proposed" in thread(slack, plan),
+                         what="late approval refused")
+
+
+async def test_an_expired_plan_cannot_be_approved(make_cluster, slack, start_bot):
+    c = make_cluster(3)
+    bot = await start_bot([cluster_table("prod", c)], approval={**APPROVAL, "ttl_minutes": 0.01})
+    c.kill("member1")
+    plan = await propose(slack, f"replace member1 member4 {urls()[0]}")
+    row = await plan_row(bot.ctx.store, plan)
+    await slack.wait_for(lambda: time.time() > row["expires_at"], what="the plan's expiry")
+    await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
+    await slack.wait_for(lambda: f"plan {row['id']} expired" in thread(slack, plan), what="expiry refusal")
+    assert (await bot.ctx.store.plan(row["id"]))["state"] == "expired"
+    assert "add" not in [a[1] for a in await audit_actions(bot.ctx.store, row["id"])]
+
+
+async def test_rejection_by_the_proposer(make_cluster, slack, start_bot):
+    c = make_cluster(3)
+    bot = await start_bot([cluster_table("prod", c)], approval=APPROVAL)
+    c.kill("member1")
+    plan = await propose(slack, f"replace member1 member4 {urls()[0]}")
+    row = await plan_row(bot.ctx.store, plan)
+    await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction="eyes")  # any other reaction: ignored
+    await slack.react(user=ONCALL, channel=CHANNEL, ts=plan.ts, reaction="x")
+    await slack.wait_for(lambda: f"Rejected by <@{ONCALL}>" in thread(slack, plan), what="rejection")
+    assert (await bot.ctx.store.plan(row["id"]))["state"] == "rejected"
+    assert [m.thread_ts for m in slack.messages].count(plan.ts) == 1  # the "eyes" caused no reply
+    assert len(await members_of(c)) == 3
+
+
+async def test_five_members_two_failed_replaced_one_after_the_other(make_cluster, slack, start_bot):
+    c = make_cluster(5)
+    bot = await start_bot([cluster_table("prod", c)], approval=APPROVAL)
+    store = bot.ctx.store
+    c.kill("member1")
+    c.kill("member2")
+    for failed, new in (("member1", "member6"), ("member2", "member7")):
+        peer, client = urls()
+        plan = await propose(slack, f"replace {failed} {new} {peer} --client-url {client}")
+        if failed == "member1":
+            assert "Also failed: *member2*" in text_of(plan) and "one at a time" in text_of(plan)
+        row = await plan_row(store, plan)
+        await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
+        done = await wait_state(store, row["id"], ("done", "failed"))
+        assert done["state"] == "done", done["error"]
+    members = await members_of(c)
+    assert sorted(h.member.name for h in members) == ["member3", "member4", "member5", "member6", "member7"]
+    assert all(h.healthy for h in members)
+
+
+async def test_the_bot_killed_during_the_start_step_resumes_without_repeating(make_cluster, slack, creds, tmp_path):
+    c = make_cluster(3)
+    started, go = tmp_path / "launcher-started", tmp_path / "launcher-go"
+    # The launcher marks that step 4 began, then waits for `go` before starting the member for real.
+    code = (f"import os, sys, time, runpy; open({str(started)!r}, 'w').write(str(os.getpid())); "
+            f"[time.sleep(0.05) for _ in iter(lambda: not os.path.exists({str(go)!r}), False)]; "
+            f"sys.argv = ['start_member', '--base-dir', {str(c.base_dir)!r}]; "
+            f"runpy.run_module('bot.emulator.start_member', run_name='__main__')")
+    table = cluster_table("prod", c)
+    table["launcher"] = {"kind": "command", "argv": [sys.executable, "-c", code], "timeout_seconds": 120}
+    config = write_config(tmp_path, [table], approval=APPROVAL)
+    bot = BotProcess(config, slack.api_url, creds, tmp_path / "bot.log").start()
+    try:
+        slack.bot_url = bot.url
+        c.kill("member1")
+        peer, client = urls()
+        plan = await propose(slack, f"replace member1 member4 {peer} --client-url {client}")
+        await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
+        await slack.wait_for(started.exists, timeout=60, what="step 4 to start")
+        bot.kill()
+        os.kill(int(started.read_text()), signal.SIGKILL)  # the machine died: its launcher too
+
+        async with _store(tmp_path) as store:
+            row = await plan_row(store, plan)
+            assert row["state"] == "running" and row["current_step"] == 4
+
+        bot = BotProcess(config, slack.api_url, creds, tmp_path / "bot.log").start()
+        slack.bot_url = bot.url
+        await slack.wait_for(lambda: "was interrupted at step 4" in thread(slack, plan), what="the interruption notice")
+        go.write_text("")
+        msg = await ephemeral(slack, f"resume {row['id']}", user=LEAD)
+        assert f"Resuming plan {row['id']} at step 4" in text_of(msg)
+        await slack.wait_for(lambda: f"Plan {row['id']} is done" in thread(slack, plan), timeout=120,
+                             what="the resumed plan to finish")
+    finally:
+        bot.stop()
+    async with _store(tmp_path) as store:
+        row = await store.plan(row["id"])
+        assert row["state"] == "done"
+        actions = await audit_actions(store, row["id"])
+    assert actions.count(("step_done", "remove")) == 1 and actions.count(("step_done", "add")) == 1
+    assert ("plan_interrupted", "start") in actions and ("plan_resumed", "start") in actions
+    members = await members_of(c)
+    assert sorted(h.member.name for h in members) == ["member2", "member3", "member4"]
+    assert [h.member.hex_id for h in members if h.member.name == "member4"] == [row["new_member_id"]]
+
+
+class _store:
+    """The bot's database opened from the test (the bot process may be dead)."""
+
+    def __init__(self, directory: Path):
+        self.store = Store(directory / "etcd-chatops.db")
+
+    async def __aenter__(self) -> Store:
+        return await self.store.open()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.store.close()

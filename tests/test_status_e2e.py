@@ -1,0 +1,117 @@
+"""`/etcd status`, `members` and `help` end to end: real etcd, real bolt, the Slack stand-in."""
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+
+from helpers import command, ephemeral, reply, text_of
+
+from bot.emulator.workspace import CHANNEL, ONCALL, cluster_table
+
+
+async def test_status_of_a_healthy_cluster(cluster, slack, start_bot):
+    await start_bot([cluster_table("prod", cluster)])
+    started = time.monotonic()
+    delivery = await command(slack, "status")
+    assert delivery.body == ""  # acknowledged at once, the answer follows in the channel
+    assert delivery.elapsed < 1.0
+    msg = await slack.wait_for_message(lambda m: m.source == "chat.postMessage", what="the status reply")
+    text = text_of(msg)
+    assert msg.channel == CHANNEL and msg.ephemeral_to is None and msg.blocks
+    assert "etcd cluster prod: HEALTHY" in text
+    assert "3 of 3 voting members healthy, quorum needs 2, tolerates 1 more failure" in text
+    for name, member in cluster.members.items():
+        assert name in text and member.peer_url in text and member.client_url in text
+    assert len(re.findall(r"`[0-9a-f]{16}`", text)) == 3  # IDs as 16 hex digits, as `member list`
+    assert text.count("— leader") == 1 and text.count("— follower") == 2
+    assert "v3.5" in text and "DB " in text and "raft index" in text
+    assert f"<@{ONCALL}>" in text
+    assert time.monotonic() - started < 5
+
+
+async def test_a_killed_member_is_unmistakably_down(make_cluster, slack, start_bot):
+    c = make_cluster(3)
+    await start_bot([cluster_table("prod", c, timeout_seconds=2.0)])
+    c.kill("member1")
+    started = time.monotonic()
+    msg = await reply(slack, "status")
+    elapsed = time.monotonic() - started
+    text = text_of(msg)
+    assert "etcd cluster prod: DEGRADED" in text
+    assert "2 of 3 voting members healthy, quorum needs 2, tolerates 0 more failures" in text
+    down = next(line for line in text.splitlines() if "*member1*" in line)
+    assert ":red_circle:" in down and "*DOWN*" in down and "connection refused" in down
+    assert "DOWN: member1" in msg.text  # the notification text says it too
+    assert elapsed < 2.0 + 1.0  # within about one deadline (a refused connection costs none)
+
+
+async def test_a_silent_member_costs_one_deadline_not_one_per_call(make_cluster, slack, start_bot):
+    c = make_cluster(3)
+    await start_bot([cluster_table("prod", c, timeout_seconds=1.5)])
+    c.pause("member3")  # black-holed: the kernel accepts, nothing answers
+    try:
+        started = time.monotonic()
+        msg = await reply(slack, "status")
+        elapsed = time.monotonic() - started
+    finally:
+        c.resume("member3")
+    text = text_of(msg)
+    assert "member3" in text and "no answer within 1.5s" in text
+    assert 1.5 <= elapsed < 1.5 * 2
+
+
+async def test_members_lists_like_etcdctl(cluster, slack, start_bot):
+    await start_bot([cluster_table("prod", cluster)])
+    msg = await reply(slack, "members prod")
+    for name, member in cluster.members.items():
+        assert re.search(rf"[0-9a-f]{{16}}, started, {name}, {member.peer_url}, {member.client_url}, false", text_of(msg))
+
+
+async def test_mutual_tls_cluster_with_and_without_certificates(make_cluster, slack, start_bot):
+    c = make_cluster(3, tls=True)
+    with_certs = cluster_table("secure", c)
+    without = {**cluster_table("bare", c, channels=("C0ELSEWHERE",)), "cert": None, "key": None}
+    without = {k: v for k, v in without.items() if v is not None}
+    await start_bot([with_certs, without])
+    assert "etcd cluster secure: HEALTHY" in text_of(await reply(slack, "status"))
+    msg = await reply(slack, "status", channel="C0ELSEWHERE")
+    assert "etcd cluster bare: UNREACHABLE" in text_of(msg)
+    assert "TLS handshake failed" in text_of(msg) and "client certificate" in text_of(msg)
+
+
+async def test_requests_not_signed_by_slack_are_refused_and_cause_nothing(cluster, slack, start_bot, creds):
+    await start_bot([cluster_table("prod", cluster)])
+    unsigned = await slack.send_command("status", user_id=ONCALL, channel_id=CHANNEL, sign=False)
+    stale = await slack.send_command("status", user_id=ONCALL, channel_id=CHANNEL, timestamp=int(time.time()) - 301)
+    forged = await slack.send_command("status", user_id=ONCALL, channel_id=CHANNEL, signing_secret="not-the-secret")
+    assert [unsigned.status, stale.status, forged.status] == [401, 401, 401]
+    await reply(slack, "status")  # a genuine request, answered
+    await asyncio.sleep(0)  # let anything the refused requests might have scheduled run
+    posts = slack.calls_to("chat.postMessage")
+    assert len(posts) == 1, f"refused requests caused posts: {[c.args for c in posts]}"
+
+
+async def test_an_unbound_channel_gets_one_line_and_the_usage(cluster, slack, start_bot):
+    await start_bot([cluster_table("prod", cluster)])
+    msg = await ephemeral(slack, "status", channel="C0ELSEWHERE")
+    assert "this channel is not bound to any etcd cluster" in text_of(msg)
+    assert "/etcd status [cluster]" in text_of(msg)
+    assert msg.source == "ack" and not slack.calls_to("chat.postMessage")
+
+
+async def test_unknown_cluster_and_subcommand(cluster, slack, start_bot):
+    await start_bot([cluster_table("prod", cluster)])
+    msg = await ephemeral(slack, "status staging")
+    assert "unknown cluster 'staging'" in text_of(msg) and "Usage" in text_of(msg)
+    msg = await ephemeral(slack, "reboot everything")
+    assert "unknown subcommand 'reboot'" in text_of(msg) and "/etcd replace" in text_of(msg)
+    assert not slack.calls_to("chat.postMessage")
+
+
+async def test_help(cluster, slack, start_bot):
+    await start_bot([cluster_table("prod", cluster)])
+    msg = await ephemeral(slack, "help")
+    for sub in ("status", "members", "replace", "snapshot", "snapshots", "plans", "resume", "cancel"):
+        assert f"/etcd {sub}" in text_of(msg)
+    assert "This channel speaks for: prod" in text_of(msg)
