@@ -57,14 +57,19 @@ class BotRuntime:
 
         register_all(app, self.ctx)
         self.app = app
-        recovered = await lifecycle.recover_interrupted(self.ctx)
-        if recovered:
-            log.warning("plans interrupted by the last stop", extra={"ctx_plans": recovered})
         self._housekeeping = asyncio.get_running_loop().create_task(self._housekeep(), name="housekeeping")
         return app
 
     async def _housekeep(self) -> None:
-        """Expire unapproved plans; take scheduled snapshots."""
+        """Report plans the last stop interrupted; then, forever: expire
+        unapproved plans and take scheduled snapshots. Runs beside serving, so
+        a slow Slack never delays start-up."""
+        try:
+            recovered = await lifecycle.recover_interrupted(self.ctx)
+            if recovered:
+                log.warning("plans interrupted by the last stop", extra={"ctx_plans": recovered})
+        except Exception:
+            log.exception("recovering interrupted plans failed")
         scheduler = Scheduler(self.ctx)
         while True:
             for job in (lambda: lifecycle.expire_stale(self.ctx), scheduler.run_due):

@@ -182,8 +182,17 @@ def plan_reply(plan, view: PlanView) -> Reply:
     blocks.append(_section(f"*Environment for {escape(plan.new_name)}* (runbook step 4):\n```{escape(env)}```"))
     if plan.others_failed:
         others = ", ".join(m.name or m.id for m in plan.others_failed)
-        blocks.append(_section(f":warning: Also failed: *{escape(others)}*. Members are replaced one at a time: "
-                               f"propose the next replacement after this plan completes."))
+        text = (f":warning: Also failed: *{escape(others)}*. Members are replaced one at a time: propose the next "
+                f"replacement after this plan completes.")
+        if plan.also_remove:
+            gone = ", ".join(m.name or m.id for m in plan.also_remove)
+            text += (f"\nThis plan removes *{escape(gone)}* too (step 2): etcd before 3.6 adds no member while a voting "
+                     f"member is unreachable. Do not restart {escape(gone)} with its old data; replace it next with "
+                     f"`/etcd replace {escape(plan.also_remove[0].name or plan.also_remove[0].id)} <new-name> <new-peer-url>`.")
+        blocks.append(_section(text))
+    if plan.already_removed_by:
+        blocks.append(_section(f":information_source: {escape(plan.failed.name or plan.failed.id)} was removed by plan "
+                               f"`{plan.already_removed_by}`; this plan adds its replacement."))
     if view.error:
         blocks.append(_section(f":x: *Failed:* {escape(view.error)}"))
     who = (f"Proposed by <@{view.proposer}> · approvers: {view.approvers} · "

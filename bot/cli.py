@@ -74,6 +74,18 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     export.add_argument("--since", help="ISO date/time (2026-11-25, 2026-11-25T08:00:00Z) or an age (24h, 7d)")
     _NESTED_PARSERS.update({f"audit {k}": v for k, v in audit_sub.choices.items()})
 
+    demo = sub.add_parser("demo", help="play a whole incident on a local cluster and the Slack stand-in")
+    demo.add_argument("--keep", action="store_true", help="leave the cluster, the stand-in and the bot running")
+    demo.add_argument("--stop", action="store_true", help="stop a demo left running with --keep")
+    demo.add_argument("--dir", help="where the demo's files go (default: a temporary directory; with --keep, "
+                                    "$XDG_RUNTIME_DIR/etcd-chatops-demo-UID)")
+    say = sub.add_parser("say", help="type a command in a kept demo's channel and print the reply")
+    say.add_argument("text", help='the command, e.g. "/etcd status"')
+    say.add_argument("--as", dest="person", default="alice", choices=["alice", "bob", "carol", "mallory"],
+                     help="who types it: alice (on-call), bob (lead, approver), carol (lead, via the "
+                          "leads group), mallory (not on call)")
+    say.add_argument("--dir", help="the kept demo's directory (default as for demo --keep)")
+
     chk = sub.add_parser("check-config", help="validate a config file and print what it defines")
     chk.add_argument("config", nargs="?", help="TOML config file (default: $ETCD_CHATOPS_CONFIG)")
     return p, sub.choices
@@ -299,6 +311,21 @@ async def _audit(args: argparse.Namespace) -> int:
         await store.close()
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from bot import demo
+
+    directory = Path(args.dir) if args.dir else None
+    try:
+        if args.cmd == "say":
+            return asyncio.run(demo.say(directory or demo.default_dir(), args.text, args.person))
+        if args.stop:
+            print(demo.stop_kept(directory or demo.default_dir()))
+            return EXIT_OK
+    except demo.DemoError as e:
+        raise UsageFailure(str(e)) from None
+    return demo.run_demo(directory, args.keep)
+
+
 def _check_config(args: argparse.Namespace) -> int:
     config = _load_config(args.config)
     print(f"{config.source}: ok")
@@ -324,6 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _snapshot_status(args) if args.snap_cmd == "status" else asyncio.run(_snapshot_save(args))
         if args.cmd == "audit":
             return asyncio.run(_audit(args))
+        if args.cmd in ("demo", "say"):
+            return _demo(args)
     except UsageFailure as e:
         nested = getattr(args, "snap_cmd", None) or getattr(args, "audit_cmd", None)
         (_NESTED_PARSERS.get(f"{args.cmd} {nested}") or subparsers[args.cmd]).print_usage(sys.stderr)

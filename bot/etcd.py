@@ -447,6 +447,14 @@ class EtcdClient:
             return r.header.revision
         return await self.failover(fn, timeout)
 
+    async def revision(self, endpoint: str, timeout: float | None = None) -> int:
+        """The member's current store revision (a serializable, keys-only read of one key)."""
+        async def fn(ch, md, t):
+            r = await rpc.KVStub(ch).Range(rpc.RangeRequest(key=b"\0", range_end=b"\0", keys_only=True, limit=1,
+                                                            serializable=True), timeout=t, metadata=md)
+            return r.header.revision
+        return await self.call(parse_url(endpoint).url, fn, timeout)
+
     async def snapshot(self, endpoint: str, idle_timeout: float = SNAPSHOT_IDLE_TIMEOUT) -> "SnapshotStream":
         """Open Maintenance.Snapshot on one member; read it with `async for`."""
         endpoint = parse_url(endpoint).url

@@ -13,13 +13,13 @@ import asyncio
 import json
 import logging
 import time
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, TypeVar
 
 from bot import blocks
 from bot.access import Role
 from bot.config import ClusterConfig
 from bot.context import BotContext
-from bot.etcd import EtcdClient, EtcdError, EtcdTimeout, LearnerNotReady, Member, NotALearner
+from bot.etcd import EtcdClient, EtcdError, EtcdTimeout, LearnerNotReady, Member, NotALearner, UnhealthyCluster
 from bot.health import check_cluster
 from bot.launcher import manual_instructions, run_command
 from bot.plans import Plan, etcd_servers
@@ -28,8 +28,10 @@ from bot.snapshot_service import take_snapshot
 from bot.snapshots import SnapshotFailed
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 POLL = 1.0  # seconds between looks while waiting on etcd
+CHANGE_TIMEOUT = 10.0  # a membership change waits for raft to apply it (etcdctl allows 5 s)
 
 
 class StepFailed(Exception):
@@ -172,26 +174,71 @@ class Executor:
         return (f"saved {saved.path.name} from {saved.member}: revision {saved.status.revision}, "
                 f"hash {saved.status.hash_hex}, sha256 {saved.sha256[:16]}…")
 
+    async def _live_leader(self) -> str:
+        """Wait (bounded) until a reachable member leads: right after a leader
+        dies, the survivors still forward proposals to it until they elect."""
+        async def probe() -> str | None:
+            health = await check_cluster(self.client, self.plan.cluster)
+            leader = next((h for h in health.members if h.member.id == health.leader_id and h.healthy), None)
+            return leader.member.name if leader else None
+        return await self._wait("a reachable leader", self.cluster.catch_up_seconds, probe)
+
+    async def _change(self, apply: Callable[[], Awaitable[T]], applied: Callable[[], Awaitable[T | None]]) -> T:
+        """A membership change, made only under a live leader. etcd's "unhealthy
+        cluster" means its leader has not been connected to every voter for 5 s
+        yet (a new leader, a young cluster): wait, within the bound. After a
+        timeout, look whether the change landed; if not, try once more."""
+        deadline = time.monotonic() + self.cluster.catch_up_seconds
+        timeouts = 0
+        while True:
+            await self._live_leader()
+            try:
+                return await apply()
+            except UnhealthyCluster:
+                if time.monotonic() >= deadline:
+                    raise
+            except EtcdTimeout:
+                landed = await applied()
+                if landed is not None:
+                    return landed
+                timeouts += 1
+                if timeouts == 2:
+                    raise
+            await asyncio.sleep(POLL)
+
     async def step_remove(self) -> str:
-        failed_id = int(self.plan.failed.id, 16)
-        if not any(m.id == failed_id for m in await self._members()):
-            return f"{self.plan.failed.id} was already removed"
-        try:
-            await self.client.member_remove(failed_id)
-        except EtcdTimeout:
-            if any(m.id == failed_id for m in await self._members()):
-                raise
-        return f"Removed member {self.plan.failed.id} from cluster"
+        """Remove the failed member (and, on etcd < 3.6, the other unreachable
+        voters the plan names); a member already gone counts as removed."""
+        done = []
+        for ref in (self.plan.failed, *self.plan.also_remove):
+            member_id = int(ref.id, 16)
+            if not any(m.id == member_id for m in await self._members()):
+                done.append(f"{ref.name or ref.id} ({ref.id}) was already removed")
+                continue
+
+            async def gone(member_id: int = member_id) -> bool | None:
+                return True if not any(m.id == member_id for m in await self._members()) else None
+
+            async def remove(member_id: int = member_id) -> bool:
+                await self.client.member_remove(member_id, timeout=CHANGE_TIMEOUT)
+                return True
+
+            await self._change(remove, gone)
+            done.append(f"Removed member {ref.id} ({ref.name}) from cluster")
+        return "; ".join(done)
 
     async def step_add(self) -> str:
         existing = self._by_peer(await self._members())
         if existing is None:
-            try:
-                added, _ = await self.client.member_add([self.plan.new_peer_url], learner=self.plan.learner)
-            except EtcdTimeout:
-                added = self._by_peer(await self._members())
-                if added is None:
-                    raise
+            async def add() -> Member:
+                member, _ = await self.client.member_add([self.plan.new_peer_url], learner=self.plan.learner,
+                                                         timeout=CHANGE_TIMEOUT)
+                return member
+
+            async def landed() -> Member | None:
+                return self._by_peer(await self._members())
+
+            added = await self._change(add, landed)
             note = f"Member {added.hex_id} added to cluster as {'a learner' if added.is_learner else 'a voting member'}"
         else:
             added = existing
@@ -247,8 +294,9 @@ class Executor:
             m = await self._new_member()
             if m is not None and not m.is_learner:
                 return f"{self.plan.new_name} is a voting member"
+            await self._live_leader()
             try:
-                await self.client.member_promote(self.new_member_id)
+                await self.client.member_promote(self.new_member_id, timeout=CHANGE_TIMEOUT)
             except LearnerNotReady:
                 return None  # still catching up with the leader: etcd says when
             except NotALearner:

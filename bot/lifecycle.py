@@ -19,7 +19,7 @@ from bot.context import BotContext
 from bot.etcd import EtcdError
 from bot.executor import Executor, StepFailed, refresh_message, say_in_thread
 from bot.health import check_cluster
-from bot.plans import Plan, Refusal, ReplaceRequest, plan_replacement
+from bot.plans import MemberRef, Plan, Refusal, ReplaceRequest, plan_replacement
 from bot.slackio import SlackPostError, post
 from bot.store import OpenPlanExists
 
@@ -51,9 +51,10 @@ async def propose(ctx: BotContext, cluster: ClusterConfig, req: ReplaceRequest, 
     except EtcdError as e:
         return _refused(f"cannot read cluster {cluster.name}: {e}")
     newest = await store.snapshots(cluster.name, limit=1)
+    removed = None if health.find(req.failed) else await removed_by_earlier_plan(ctx, cluster.name, req.failed)
     try:
         plan = plan_replacement(health, req, newest_snapshot=newest[0]["path"] if newest else None,
-                                launcher=cluster.launcher.kind)
+                                launcher=cluster.launcher.kind, removed=removed)
     except Refusal as r:
         await store.audit("replace_refused", user=user, channel=channel, cluster=cluster.name,
                           detail={"reason": r.reason, "request": req.__dict__})
@@ -76,6 +77,19 @@ async def propose(ctx: BotContext, cluster: ClusterConfig, req: ReplaceRequest, 
                       detail={"plan": plan.id, "failed": plan.failed.id, "new_name": plan.new_name,
                               "new_peer_url": plan.new_peer_url, "learner": plan.learner})
     return Outcome()
+
+
+async def removed_by_earlier_plan(ctx: BotContext, cluster: str, ref: str) -> tuple[MemberRef, str] | None:
+    """A failed member an earlier plan removed (etcd < 3.6 requires removing every
+    unreachable voter before an add) and nobody has replaced yet."""
+    wanted = ref.strip().lower()
+    rows = await ctx.store.plans(cluster, limit=50, states=("done",))
+    replaced = {Plan.from_json(json.loads(r["plan"])).failed.id for r in rows}
+    for row in rows:
+        for m in Plan.from_json(json.loads(row["plan"])).also_remove:
+            if m.id not in replaced and wanted in (m.name.lower(), m.id):
+                return m, row["id"]
+    return None
 
 
 def _open_plan_refusal(row: dict) -> Outcome:

@@ -7,7 +7,7 @@ after every step of the plan, not only for the state now.
 from __future__ import annotations
 
 import secrets
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from bot.etcd import Member
@@ -73,6 +73,8 @@ class Plan:
     quorum_now: tuple[int, int]              # (voting, healthy)
     others_failed: tuple[MemberRef, ...] = ()
     snapshot_source: str | None = None       # name of the healthy member to snapshot
+    also_remove: tuple[MemberRef, ...] = ()  # unreachable voters etcd < 3.6 requires gone before an add
+    already_removed_by: str | None = None    # the plan that removed the failed member, when it did
 
     @property
     def initial_cluster(self) -> str:
@@ -101,7 +103,9 @@ class Plan:
                    survivors=tuple(ref(m) for m in data["survivors"]),
                    steps=tuple(Step(s["key"], s["title"]) for s in data["steps"]), fingerprint=data["fingerprint"],
                    quorum_now=tuple(data["quorum_now"]), others_failed=tuple(ref(m) for m in data["others_failed"]),
-                   snapshot_source=data.get("snapshot_source"))
+                   snapshot_source=data.get("snapshot_source"),
+                   also_remove=tuple(ref(m) for m in data.get("also_remove", ())),
+                   already_removed_by=data.get("already_removed_by"))
 
 
 def new_plan_id() -> str:
@@ -123,9 +127,28 @@ def _check_quorum_after(step: str, voting: int, healthy: int) -> None:
                       "restore the failed members' health first, or replace them one at a time")
 
 
+def strict_reconfig(health: ClusterHealth) -> bool:
+    """etcd before 3.6 adds a member only when the member asked has been
+    connected to every voting member for 5 s (v3.6 asks for a quorum)."""
+    versions = [h.status.version for h in health.members if h.status]
+    return not versions or any(_version(v) < (3, 6) for v in versions)
+
+
+def _version(text: str) -> tuple[int, int]:
+    try:
+        major, minor = text.split(".")[:2]
+        return int(major), int(minor)
+    except ValueError:
+        return (0, 0)
+
+
 def plan_replacement(health: ClusterHealth, req: ReplaceRequest, *, newest_snapshot: str | None = None,
-                     plan_id: str | None = None, launcher: str = "manual") -> Plan:
-    """Build the runbook's replacement plan, or raise Refusal."""
+                     plan_id: str | None = None, launcher: str = "manual",
+                     removed: tuple[MemberRef, str] | None = None) -> Plan:
+    """Build the runbook's replacement plan, or raise Refusal.
+
+    `removed`: the failed member as an earlier plan recorded it when it
+    removed it (with that plan's ID); the new plan then only adds."""
     new_peer = _url(req.new_peer_url, "<new-peer-url>")
     new_client = _url(req.new_client_url, "--client-url") if req.new_client_url else None
 
@@ -137,13 +160,60 @@ def plan_replacement(health: ClusterHealth, req: ReplaceRequest, *, newest_snaps
                       f"no member replacement can fix that", f"{where} (etcdutl snapshot restore on every member)")
 
     target = health.find(req.failed)
-    if target is None:
+    if target is None and removed is None:
         names = ", ".join(m.member.name or m.member.hex_id for m in health.members)
         raise Refusal(f"no member {req.failed!r} in cluster {health.cluster} (members: {names})")
+    if target is None:
+        return _plan_add_only(health, req, removed, new_peer, new_client, plan_id, launcher)
     if target.healthy:
         raise Refusal(f"{target.member.name or target.member.hex_id} still answers and reports healthy: "
                       f"a healthy member is not a failed member", "check /etcd status; replace only a member that is down")
 
+    _check_new_member(health, req, new_peer, new_client)
+    others = [h for h in health.members if h is not target]
+    pending = [h for h in others if not h.member.started]
+    if pending:
+        p = pending[0].member
+        raise Refusal(f"member {p.hex_id} ({', '.join(p.peer_urls)}) was added but never started",
+                      "start it or remove it before replacing another member")
+    learners = [h for h in others if h.member.is_learner]
+    if req.learner and learners:
+        raise Refusal(f"{learners[0].member.name} is a learner already and etcd allows one learner at a time",
+                      "promote or remove it first, or use --no-learner")
+
+    new_name = req.new_name.strip()
+    # etcd < 3.6 refuses any add while a voting member is unreachable: those go first
+    # (removing an unreachable voter never lowers the healthy count, so quorum only gains).
+    also = [h for h in others if not h.reachable and not h.member.is_learner] if strict_reconfig(health) else []
+
+    # Quorum after each step that changes the voting set.
+    voting, healthy = q.voting, q.healthy
+    if not target.member.is_learner:
+        voting -= 1
+        healthy -= 1 if target.healthy else 0
+    _check_quorum_after(f"remove {target.member.name or target.member.hex_id}", voting, healthy)
+    voting -= len(also)
+    if not req.learner:
+        _check_quorum_after(f"add {new_name} as a voting member", voting + 1, healthy)
+
+    failed_name = target.member.name or target.member.hex_id
+    remove = f"Remove {failed_name} ({target.member.hex_id})"
+    if also:
+        names = ", ".join(f"{h.member.name} ({h.member.hex_id})" for h in also)
+        remove += (f" and the also-unreachable {names}: etcd {health_version(health)} adds no member while a voting "
+                   f"member is unreachable; each gets its replacement in its own plan afterwards")
+    survivors = [h for h in others if h not in also]
+    return _plan(health, req, MemberRef.of(target.member), survivors, remove, new_peer, new_client, plan_id,
+                 launcher, others_failed=tuple(MemberRef.of(h.member) for h in others if not h.healthy),
+                 also_remove=tuple(MemberRef.of(h.member) for h in also))
+
+
+def health_version(health: ClusterHealth) -> str:
+    versions = sorted({h.status.version for h in health.members if h.status})
+    return "/".join(versions) or "(unknown version)"
+
+
+def _check_new_member(health: ClusterHealth, req: ReplaceRequest, new_peer: str, new_client: str | None) -> None:
     new_name = req.new_name.strip()
     if not new_name or any(c.isspace() or c in "=," for c in new_name):
         raise Refusal(f"<new-name> {req.new_name!r} cannot be an etcd member name (no spaces, '=' or ',')")
@@ -157,49 +227,60 @@ def plan_replacement(health: ClusterHealth, req: ReplaceRequest, *, newest_snaps
         if new_client and new_client in {_normal(u) for u in m.client_urls}:
             raise Refusal(f"the client URL {new_client} is already used by member {m.name or m.hex_id} ({m.hex_id})")
 
-    others = [h for h in health.members if h is not target]
-    pending = [h for h in others if not h.member.started]
+
+def _plan_add_only(health: ClusterHealth, req: ReplaceRequest, removed: tuple[MemberRef, str], new_peer: str,
+                   new_client: str | None, plan_id: str | None, launcher: str) -> Plan:
+    """The failed member is gone already (an earlier plan removed it): only add."""
+    ref, by = removed
+    if ref.name == req.new_name.strip():
+        raise Refusal(f"the name {ref.name!r} belonged to the removed member; pick a new name (runbook)")
+    _check_new_member(health, req, new_peer, new_client)
+    pending = [h for h in health.members if not h.member.started]
     if pending:
-        p = pending[0].member
-        raise Refusal(f"member {p.hex_id} ({', '.join(p.peer_urls)}) was added but never started",
-                      "start it or remove it before replacing another member")
-    learners = [h for h in others if h.member.is_learner]
-    if req.learner and learners:
-        raise Refusal(f"{learners[0].member.name} is a learner already and etcd allows one learner at a time",
+        raise Refusal(f"member {pending[0].member.hex_id} was added but never started",
+                      "start it or remove it before adding another member")
+    if req.learner and any(h.member.is_learner for h in health.members):
+        raise Refusal("a learner is in the cluster already and etcd allows one learner at a time",
                       "promote or remove it first, or use --no-learner")
-
-    # Quorum after each step that changes the voting set.
-    voting, healthy = q.voting, q.healthy
-    if not target.member.is_learner:
-        voting -= 1
-        healthy -= 1 if target.healthy else 0
-    _check_quorum_after(f"remove {target.member.name or target.member.hex_id}", voting, healthy)
+    if strict_reconfig(health) and any(not h.reachable and not h.member.is_learner for h in health.members):
+        down = next(h for h in health.members if not h.reachable and not h.member.is_learner).member
+        raise Refusal(f"{down.name or down.hex_id} is unreachable and etcd {health_version(health)} adds no member "
+                      f"while a voting member is unreachable", f"replace {down.name or down.hex_id} first")
     if not req.learner:
-        _check_quorum_after(f"add {new_name} as a voting member", voting + 1, healthy)
+        q = health.quorum
+        _check_quorum_after(f"add {req.new_name} as a voting member", q.voting + 1, q.healthy)
+    remove = f"Remove {ref.name or ref.id} ({ref.id}): already removed by plan {by}"
+    survivors = list(health.members)
+    return replace(_plan(health, req, ref, survivors, remove, new_peer, new_client, plan_id, launcher),
+                   already_removed_by=by)
 
+
+def _plan(health: ClusterHealth, req: ReplaceRequest, failed: MemberRef, survivors: list, remove_title: str,
+          new_peer: str, new_client: str | None, plan_id: str | None, launcher: str,
+          others_failed: tuple[MemberRef, ...] = (), also_remove: tuple[MemberRef, ...] = ()) -> Plan:
+    new_name = req.new_name.strip()
     pick = health.snapshot_source()
     source = pick.member.name if pick else None
-    failed_name = target.member.name or target.member.hex_id
     mode = "as a learner (non-voting) member" if req.learner else "as a voting member (--no-learner)"
     start = {"manual": f"Start {new_name}: an operator runs etcd on the new machine with the environment below",
              "command": f"Start {new_name} with the configured launcher command"}.get(launcher, f"Start {new_name}")
     steps = [
         Step("recheck", "Re-check that the membership is unchanged and quorum holds"),
         Step("snapshot", f"Take a verified snapshot of {source}"),
-        Step("remove", f"Remove {failed_name} ({target.member.hex_id})"),
+        Step("remove", remove_title),
         Step("add", f"Add {new_name} {mode} with peer URL {new_peer}"),
         Step("start", start),
         Step("promote", f"Wait until {new_name} has started and caught up, then promote it to a voting member"
              if req.learner else f"Wait until {new_name} has started and is reachable"),
         Step("followups", "Post the new kube-apiserver --etcd-servers value and the load-balancer reminder"),
-        Step("verify", f"Verify {len(others) + 1} members, all healthy"),
+        Step("verify", f"Verify {len(survivors) + 1} members, all healthy"),
     ]
-    return Plan(id=plan_id or new_plan_id(), cluster=health.cluster, failed=MemberRef.of(target.member),
-                new_name=new_name, new_peer_url=new_peer, new_client_url=new_client, learner=req.learner,
-                survivors=tuple(MemberRef.of(h.member) for h in others), steps=tuple(steps),
-                fingerprint=health.fingerprint, quorum_now=(q.voting, q.healthy),
-                others_failed=tuple(MemberRef.of(h.member) for h in others if not h.healthy),
-                snapshot_source=source)
+    q = health.quorum
+    return Plan(id=plan_id or new_plan_id(), cluster=health.cluster, failed=failed, new_name=new_name,
+                new_peer_url=new_peer, new_client_url=new_client, learner=req.learner,
+                survivors=tuple(MemberRef.of(h.member) for h in survivors), steps=tuple(steps),
+                fingerprint=health.fingerprint, quorum_now=(q.voting, q.healthy), others_failed=others_failed,
+                snapshot_source=source, also_remove=also_remove)
 
 
 def _normal(url: str) -> str:

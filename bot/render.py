@@ -6,34 +6,11 @@ they never disagree.
 """
 from __future__ import annotations
 
-import re
-from typing import Any, Sequence
+from typing import Any
 
 from bot.health import ClusterHealth, MemberHealth
+from bot.tables import table
 from bot.units import humanize_bytes, humanize_duration
-
-_NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """An etcdctl-style ASCII table: centred headers, numbers right-aligned."""
-    cells = [[str(c) for c in row] for row in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    rule = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
-
-    def line(values: Sequence[str], header: bool = False) -> str:
-        out = []
-        for v, w in zip(values, widths):
-            if header:
-                out.append(v.center(w))
-            elif _NUMBER.match(v):
-                out.append(v.rjust(w))
-            else:
-                out.append(v.ljust(w))
-        return "| " + " | ".join(out) + " |"
-
-    return "\n".join([rule, line(headers, header=True), rule, *(line(r) for r in cells), rule])
-
 
 def verdict(health: ClusterHealth) -> str:
     """HEALTHY, DEGRADED, NO LEADER or QUORUM LOST: the words an SRE reads first."""

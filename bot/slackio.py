@@ -6,9 +6,11 @@ the work, and nothing is silently lost: failures are logged.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
+import aiohttp
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
@@ -31,6 +33,8 @@ async def post(client: AsyncWebClient, channel: str, reply: Reply, *, thread_ts:
     except SlackApiError as e:
         error = e.response.get("error", "unknown_error") if e.response is not None else "unknown_error"
         raise SlackPostError(_explain(error)) from None
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+        raise SlackPostError(f"Slack did not answer ({type(e).__name__})") from None
     return resp["ts"]
 
 

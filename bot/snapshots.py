@@ -139,12 +139,14 @@ async def save_snapshot(client: EtcdClient, endpoint: str, member: str, director
     except OSError as e:
         raise SnapshotFailed(f"cannot create {target_dir}: {e.strerror}") from None
     try:
+        revision = await client.revision(endpoint)  # for the .part name; the final name uses the content's
         stream = await client.snapshot(endpoint)
     except EtcdError as e:
         raise SnapshotFailed(f"{member} would not start a snapshot: {e}") from None
-    name = snapshot_filename(cluster, dt.datetime.fromtimestamp(created, dt.timezone.utc), stream.revision)
-    final = target_dir / (name + ".age" if recipients else name)
-    part = final.with_name(final.name + ".part")
+    when = dt.datetime.fromtimestamp(created, dt.timezone.utc)
+    name = snapshot_filename(cluster, when, revision)
+    suffix = ".age" if recipients else ""
+    part = target_dir / (name + suffix + ".part")
     plain_part = target_dir / (name + ".part")
     check, file_hash = TrailerCheck(), hashlib.sha256()
     fd, named = -1, None
@@ -157,6 +159,7 @@ async def save_snapshot(client: EtcdClient, endpoint: str, member: str, director
         check.verify()
         await asyncio.to_thread(os.fsync, fd)
         status = await asyncio.to_thread(snapshot_status, named or f"/proc/self/fd/{fd}")
+        final = target_dir / (snapshot_filename(cluster, when, status.revision) + suffix)
         if recipients:
             await asyncio.to_thread(_encrypt, fd, part, recipients)
             sha256 = await asyncio.to_thread(_sha256_file, part)
@@ -167,10 +170,11 @@ async def save_snapshot(client: EtcdClient, endpoint: str, member: str, director
             sha256, file_size = file_hash.hexdigest(), check.size
         os.close(fd)
         fd = -1
+        if final.exists():
+            raise SnapshotFailed(f"{final.name} exists already; nothing was overwritten")
         os.replace(part if recipients else plain_part, final)
         await asyncio.to_thread(_fsync_dir, target_dir)
     except BaseException as e:
-        stream.close()
         if fd >= 0:
             os.close(fd)
         for leftover in (part, plain_part):
@@ -182,6 +186,8 @@ async def save_snapshot(client: EtcdClient, endpoint: str, member: str, director
         if isinstance(e, SnapshotError):
             raise SnapshotFailed(f"the saved data is not a valid snapshot: {e}") from None
         raise
+    finally:
+        stream.close()
     return SavedSnapshot(cluster=cluster, member=member, endpoint=endpoint, path=final, file_size=file_size,
                          sha256=sha256, status=status, duration=time.monotonic() - started, created_at=created,
                          encrypted=bool(recipients))

@@ -7,32 +7,33 @@ from typing import Callable, Iterator
 
 import pytest
 
+from bot.emulator import cluster as cluster_module
 from bot.emulator.cluster import LocalCluster
 
-MARKER = "etcd-chatops-cluster-"
-
-
-def _our_processes() -> list[tuple[int, str]]:
+def _processes_under(roots: list[str]) -> list[tuple[int, str]]:
+    """Live processes whose command line names one of `roots` (our clusters, our temp dirs)."""
     found = []
     for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
             continue
         try:
             cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             state = (d / "stat").read_text().rsplit(")", 1)[-1].split()[0]
         except OSError:
             continue
-        if MARKER in cmd and state != "Z" and int(d.name) != os.getpid():
+        if state != "Z" and any(root in cmd for root in roots):
             found.append((int(d.name), cmd[:200]))
     return found
 
 
 @pytest.fixture(scope="session", autouse=True)
-def no_process_left_behind() -> Iterator[None]:
-    """Every etcd (or helper) a test starts must be gone when the suite ends."""
-    before = {pid for pid, _ in _our_processes()}
+def no_process_left_behind(tmp_path_factory) -> Iterator[None]:
+    """Every etcd, bot or helper process a test starts must be gone when the suite ends.
+    Only processes started under this session's directories are judged (other test
+    sessions may run on the machine at the same time)."""
     yield
-    left = [(pid, cmd) for pid, cmd in _our_processes() if pid not in before]
+    roots = [str(p) for p in cluster_module.CREATED] + [str(tmp_path_factory.getbasetemp())]
+    left = _processes_under(roots)
     for pid, _ in left:
         try:
             os.kill(pid, 9)

@@ -7,7 +7,8 @@ from bot.etcd import Member, MemberStatus
 from bot.health import ClusterHealth, MemberHealth
 from bot.plans import Plan, Refusal, ReplaceRequest, etcd_servers, plan_replacement
 
-IDS = {1: 0x8211F1D0F64F3269, 2: 0x91BC3C398FB3C146, 3: 0xFD422379FDA50E48, 4: 0x2BE1EB8F84B7F63E, 5: 0x5A5A5A5A5A5A5A5A}
+IDS = {1: 0x8211F1D0F64F3269, 2: 0x91BC3C398FB3C146, 3: 0xFD422379FDA50E48, 4: 0x2BE1EB8F84B7F63E, 5: 0x5A5A5A5A5A5A5A5A,
+       6: 0x6B6B6B6B6B6B6B6B}
 
 
 def member(i: int, *, learner: bool = False, started: bool = True) -> Member:
@@ -15,9 +16,10 @@ def member(i: int, *, learner: bool = False, started: bool = True) -> Member:
                   client_urls=(f"http://10.0.0.{i}:2379",) if started else (), is_learner=learner)
 
 
-def up(i: int, leader: int = 2, **kw) -> MemberHealth:
+def up(i: int, leader: int = 2, version: str = "3.5.1", **kw) -> MemberHealth:
     m = member(i, **kw)
-    return MemberHealth(m, MemberStatus(f"http://10.0.0.{i}:2379", m.id, "3.5.1", 1, 1, IDS[leader], 2, 9, 9, m.is_learner, ()))
+    return MemberHealth(m, MemberStatus(f"http://10.0.0.{i}:2379", m.id, version, 1, 1, IDS[leader], 2, 9, 9,
+                                        m.is_learner, ()))
 
 
 def down(i: int, **kw) -> MemberHealth:
@@ -89,9 +91,9 @@ def test_quorum_lost_points_to_the_newest_snapshot():
 
 
 def test_a_step_that_would_break_quorum_is_refused():
-    """A failed learner replaced by a voting member: 3 voters, 2 healthy now (quorum holds),
-    but adding a voter before it starts makes 2 healthy of 4, below 3."""
-    health = cluster(down(1, learner=True), up(2), up(3), down(4))
+    """etcd 3.6: a failed learner replaced by a voting member: 3 voters, 2 healthy now (quorum
+    holds), but adding a voter before it starts makes 2 healthy of 4, below 3."""
+    health = cluster(down(1, learner=True), up(2, version="3.6.0"), up(3, version="3.6.0"), down(4))
     assert plan_replacement(health, ReplaceRequest("member1", "member6", "http://10.0.0.6:2380")).learner
     with pytest.raises(Refusal, match="after the step .add member6 as a voting member. the cluster would have 2 healthy "
                                       "of 4 voting members, below its quorum of 3"):
@@ -104,11 +106,36 @@ def test_a_member_answering_with_errors_is_another_failed_member():
     assert [m.name for m in plan.others_failed] == ["member3"]
 
 
-def test_two_failed_members_of_five_are_replaced_one_at_a_time():
+def test_two_failed_of_five_on_etcd_35_removes_both_before_adding():
+    """etcd 3.5 adds no member while a voting member is unreachable (strict reconfiguration):
+    the first plan removes the other unreachable voter too; the next plan only adds."""
     health = cluster(down(1), down(2), up(3), up(4), up(5))
     plan = plan_replacement(health, ReplaceRequest("member1", "member6", "http://10.0.0.6:2380"))
     assert [m.name for m in plan.others_failed] == ["member2"]
-    assert "member2=" in plan.initial_cluster  # a removed member is not a survivor; a failed one still is
+    assert [m.name for m in plan.also_remove] == ["member2"]
+    assert "member2=" not in plan.initial_cluster and plan.expected_members == 4
+    assert "the also-unreachable member2" in plan.steps[2].title and "etcd 3.5.1 adds no member" in plan.steps[2].title
+    # after plan 1: member2 is gone; its replacement only adds
+    after = cluster(up(3), up(4), up(5), up(6))
+    nxt = plan_replacement(after, ReplaceRequest("member2", "member7", "http://10.0.0.7:2380"),
+                           removed=(plan.also_remove[0], plan.id))
+    assert nxt.already_removed_by == plan.id and nxt.failed.name == "member2"
+    assert f"already removed by plan {plan.id}" in nxt.steps[2].title
+    assert nxt.expected_members == 5 and "member6=" in nxt.initial_cluster
+
+
+def test_on_etcd_36_only_the_named_member_is_removed():
+    health = cluster(down(1), down(2), up(3, version="3.6.1"), up(4, version="3.6.1"), up(5, version="3.6.1"))
+    plan = plan_replacement(health, ReplaceRequest("member1", "member6", "http://10.0.0.6:2380"))
+    assert plan.also_remove == () and "member2=" in plan.initial_cluster
+
+
+def test_an_add_only_plan_refuses_while_another_voter_is_down_on_35():
+    removed = (member_ref := plan_replacement(cluster(down(1), up(2), up(3)), REQ).failed, "abc123")
+    assert member_ref.name == "member1"
+    with pytest.raises(Refusal, match="member2 is unreachable and etcd 3.5.1 adds no member"):
+        plan_replacement(cluster(down(2), up(3), up(4), up(5)), ReplaceRequest("member1", "member6", "http://10.0.0.6:2380"),
+                         removed=removed)
 
 
 def test_etcd_servers_lists_every_client_url():

@@ -37,8 +37,12 @@ async def propose(slack, text: str, user: str = ONCALL) -> Message:
         after=start, timeout=30, what=f"the plan message for /etcd {text}")
 
 
+def replies(slack, plan: Message) -> list[Message]:
+    return [m for m in slack.messages if m.thread_ts == plan.ts]
+
+
 def thread(slack, plan: Message) -> str:
-    return "\n".join(text_of(m) for m in slack.messages if m.thread_ts == plan.ts)
+    return "\n".join(text_of(m) for m in replies(slack, plan))
 
 
 async def plan_row(store: Store, plan: Message, timeout: float = 10.0) -> dict:
@@ -57,7 +61,9 @@ async def wait_state(store: Store, plan_id: str, states: tuple[str, ...], timeou
         if row["state"] in states:
             return row
         if time.monotonic() > deadline:
-            raise AssertionError(f"plan {plan_id} is {row['state']} (error: {row['error']}), not {states}")
+            steps = [(st["key"], st["state"], st["detail"] or st["error"]) for st in await store.steps(plan_id)]
+            raise AssertionError(f"plan {plan_id} is {row['state']} (error: {row['error']}), not {states}; "
+                                 f"steps: {steps}")
         await asyncio.sleep(0.1)
 
 
@@ -123,9 +129,10 @@ async def test_the_whole_runbook(make_cluster, slack, start_bot):
     assert new.hex_id == done["new_member_id"] and new.client_urls == (client,)
 
     talk = thread(slack, plan)
-    servers = ",".join(sorted(u for h in members for u in h.member.client_urls))
+    servers = ",".join(u for h in sorted(members, key=lambda h: h.member.name) for u in h.member.client_urls)
     assert f"--etcd-servers={servers}" in talk and "load balancer" in talk
-    assert talk.count("Approved by") == 1 and f"<@{LEAD2}>'s approval changes nothing" in talk
+    assert sum("Approved by" in m.text for m in replies(slack, plan)) == 1
+    assert f"<@{LEAD2}>'s approval changes nothing" in talk
     actions = await audit_actions(store, row["id"])
     assert actions.count(("step_done", "remove")) == 1 and actions.count(("step_done", "add")) == 1
     assert actions.count(("plan_approved", "")) == 1 and ("plan_done", "") in actions
@@ -231,15 +238,18 @@ async def test_rejection_by_the_proposer(make_cluster, slack, start_bot):
 
 async def test_five_members_two_failed_replaced_one_after_the_other(make_cluster, slack, start_bot):
     c = make_cluster(5)
-    bot = await start_bot([cluster_table("prod", c)], approval=APPROVAL)
+    bot = await start_bot([cluster_table("prod", c, catch_up_seconds=60)], approval=APPROVAL)
     store = bot.ctx.store
     c.kill("member1")
     c.kill("member2")
     for failed, new in (("member1", "member6"), ("member2", "member7")):
         peer, client = urls()
         plan = await propose(slack, f"replace {failed} {new} {peer} --client-url {client}")
-        if failed == "member1":
+        if failed == "member1":  # etcd 3.5: member2 must go before any add; its plan then only adds
             assert "Also failed: *member2*" in text_of(plan) and "one at a time" in text_of(plan)
+            assert "This plan removes *member2* too" in text_of(plan)
+        else:
+            assert "was removed by plan" in text_of(plan)
         row = await plan_row(store, plan)
         await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
         done = await wait_state(store, row["id"], ("done", "failed"))
@@ -260,7 +270,8 @@ async def test_the_bot_killed_during_the_start_step_resumes_without_repeating(ma
     table = cluster_table("prod", c)
     table["launcher"] = {"kind": "command", "argv": [sys.executable, "-c", code], "timeout_seconds": 120}
     config = write_config(tmp_path, [table], approval=APPROVAL)
-    bot = BotProcess(config, slack.api_url, creds, tmp_path / "bot.log").start()
+    # Started from a thread: the stand-in lives on this event loop and must keep answering.
+    bot = await asyncio.to_thread(BotProcess(config, slack.api_url, creds, tmp_path / "bot.log").start)
     try:
         slack.bot_url = bot.url
         c.kill("member1")
@@ -275,7 +286,7 @@ async def test_the_bot_killed_during_the_start_step_resumes_without_repeating(ma
             row = await plan_row(store, plan)
             assert row["state"] == "running" and row["current_step"] == 4
 
-        bot = BotProcess(config, slack.api_url, creds, tmp_path / "bot.log").start()
+        bot = await asyncio.to_thread(BotProcess(config, slack.api_url, creds, tmp_path / "bot.log").start)
         slack.bot_url = bot.url
         await slack.wait_for(lambda: "was interrupted at step 4" in thread(slack, plan), what="the interruption notice")
         go.write_text("")
@@ -284,7 +295,7 @@ async def test_the_bot_killed_during_the_start_step_resumes_without_repeating(ma
         await slack.wait_for(lambda: f"Plan {row['id']} is done" in thread(slack, plan), timeout=120,
                              what="the resumed plan to finish")
     finally:
-        bot.stop()
+        await asyncio.to_thread(bot.stop)
     async with _store(tmp_path) as store:
         row = await store.plan(row["id"])
         assert row["state"] == "done"

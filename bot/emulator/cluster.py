@@ -27,6 +27,8 @@ from typing import Iterable
 from bot.emulator.binaries import find_binary
 
 START_TIMEOUT = 30.0
+# Base directories of the clusters this process created (tests check that none is left running).
+CREATED: list[Path] = []
 
 
 class ClusterError(RuntimeError):
@@ -178,6 +180,7 @@ class LocalCluster:
         self.keep = keep
         self.base_dir = Path(base_dir) if base_dir else Path(tempfile.mkdtemp(prefix="etcd-chatops-cluster-"))
         self.base_dir.mkdir(parents=True, exist_ok=True)
+        CREATED.append(self.base_dir)
         self.token = "etcd-chatops-" + secrets.token_hex(6)
         self.etcd = str(find_binary("etcd"))
         self.tls: TLSPaths | None = None

@@ -1,0 +1,378 @@
+"""`etcd-chatops demo`: the runbook played as an incident channel lives it.
+
+A local 3-member etcd cluster, the Slack stand-in and the bot run as real
+processes on 127.0.0.1; the demo talks to them only as people in the channel
+do (through the stand-in's control API) and prints the channel. Everything
+is removed at the end, also on Ctrl-C or an error, unless --keep.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, TextIO
+
+import aiohttp
+
+from bot.emulator.cluster import LocalCluster, free_port, log_tail
+from bot.emulator.workspace import (CHANNEL, CHANNELS, LEAD, LEAD2, LEADS_GROUP, ONCALL, STRANGER, USERGROUPS, USERS,
+                                    BotProcess, SlackSecrets, cluster_table, write_config)
+from bot.etcd import EtcdClient
+from bot.transcript import Style, render_message
+
+STATE_FILE = "demo.json"
+PEOPLE = {"alice": ONCALL, "bob": LEAD, "carol": LEAD2, "mallory": STRANGER}
+NAMES = {uid: info["name"] for uid, info in USERS.items()} | {"U0BOT00001": "etcd-chatops", LEADS_GROUP: "oncall-leads"}
+PLAN_TIMEOUT = 120.0
+
+
+class DemoError(Exception):
+    pass
+
+
+def default_dir() -> Path:
+    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    return Path(base) / f"etcd-chatops-demo-{os.getuid()}"
+
+
+@dataclass
+class DemoState:
+    """What `say` and `demo --stop` need to find a kept demo (no secrets)."""
+
+    directory: str
+    standin_url: str
+    standin_pid: int
+    bot_url: str
+    bot_pid: int
+    cluster_dir: str
+
+    def save(self) -> None:
+        Path(self.directory, STATE_FILE).write_text(json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def load(cls, directory: Path) -> "DemoState":
+        path = directory / STATE_FILE
+        if not path.is_file():
+            raise DemoError(f"no demo is running in {directory} (start one with: etcd-chatops demo --keep)")
+        return cls(**json.loads(path.read_text()))
+
+
+class Spinner:
+    """A progress line on a terminal; one plain line otherwise."""
+
+    FRAMES = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
+
+    def __init__(self, out: TextIO, style: Style):
+        self.out, self.style = out, style
+        self.task: asyncio.Task | None = None
+
+    @asynccontextmanager
+    async def running(self, what: str) -> AsyncIterator[None]:
+        if not self.style.colour:
+            print(f"… {what}", file=self.out, flush=True)
+            yield
+            return
+
+        async def spin() -> None:
+            started = time.monotonic()
+            for i in range(10**9):
+                self.out.write(f"\r{self.FRAMES[i % len(self.FRAMES)]} {what} ({time.monotonic() - started:.0f}s)")
+                self.out.flush()
+                await asyncio.sleep(0.1)
+
+        task = asyncio.get_running_loop().create_task(spin())
+        try:
+            yield
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            self.out.write("\r\033[K")
+            self.out.flush()
+
+
+class ChannelClient:
+    """Speak in the channel through the stand-in's control API, and read it."""
+
+    def __init__(self, standin_url: str, out: TextIO, style: Style):
+        self.url, self.out, self.style = standin_url.rstrip("/"), out, style
+        self.session: aiohttp.ClientSession | None = None
+        self.seen = 0
+
+    async def __aenter__(self) -> "ChannelClient":
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120))
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.session.close()
+
+    def print(self, msg: dict[str, Any]) -> None:
+        print(render_message(msg, self.style, NAMES, CHANNELS) + "\n", file=self.out, flush=True)
+
+    def echo(self, user: str, text: str) -> None:
+        print(f"#{CHANNELS[CHANNEL]}  {self.style.bold(NAMES[user])}: {text}\n", file=self.out, flush=True)
+
+    async def say(self, text: str, user: str = ONCALL, wait: float = 20.0) -> list[dict[str, Any]]:
+        """Type `/etcd text` in the channel; print and return what it caused."""
+        self.echo(user, f"/etcd {text}")
+        async with self.session.post(f"{self.url}/_standin/command", json={
+                "text": text, "user_id": user, "channel_id": CHANNEL, "wait": wait}) as r:
+            body = await r.json()
+        if r.status != 200 or body["delivery"]["status"] != 200:
+            raise DemoError(f"the bot did not take /etcd {text}: {body}")
+        return self._show(body["messages"], body["next_index"])
+
+    async def react(self, user: str, ts: str, reaction: str, wait: float = 5.0) -> list[dict[str, Any]]:
+        print(f"#{CHANNELS[CHANNEL]}  {self.style.bold(NAMES[user])} reacts :{reaction}: to the plan\n",
+              file=self.out, flush=True)
+        async with self.session.post(f"{self.url}/_standin/react", json={
+                "user": user, "channel": CHANNEL, "ts": ts, "reaction": reaction, "wait": wait}) as r:
+            body = await r.json()
+        if r.status != 200:
+            raise DemoError(f"the reaction was not delivered: {body}")
+        return self._show(body["messages"], body["next_index"])
+
+    async def follow(self, until: re.Pattern, timeout: float) -> dict[str, Any]:
+        """Print new messages until one matches `until`; return it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            async with self.session.get(f"{self.url}/_standin/messages", params={"after": str(self.seen)}) as r:
+                new = await r.json()
+            for msg in new:
+                self.print(msg)
+                self.seen = msg["index"] + 1
+                if until.search(msg["text"] or ""):
+                    return msg
+            await asyncio.sleep(0.2)
+        raise DemoError(f"nothing matching {until.pattern!r} within {timeout:g}s")
+
+    def _show(self, messages: list[dict[str, Any]], next_index: int) -> list[dict[str, Any]]:
+        for msg in messages:
+            self.print(msg)
+        self.seen = max(self.seen, next_index)
+        return messages
+
+
+# ---------------------------------------------------------------- the stack
+
+SEED = [
+    ("/registry/namespaces/default", {"kind": "Namespace", "metadata": {"name": "default"}}),
+    ("/registry/namespaces/kube-system", {"kind": "Namespace", "metadata": {"name": "kube-system"}}),
+    ("/registry/services/specs/default/kubernetes", {"kind": "Service", "spec": {"clusterIP": "10.96.0.1"}}),
+    ("/registry/deployments/default/web", {"kind": "Deployment", "spec": {"replicas": 3}}),
+    ("/registry/configmaps/kube-system/coredns", {"kind": "ConfigMap", "data": {"Corefile": ".:53 { forward . /etc/resolv.conf }"}}),
+] + [(f"/registry/pods/default/web-{i}", {"kind": "Pod", "metadata": {"name": f"web-{i}"}, "status": {"phase": "Running"}})
+     for i in range(1, 9)] + [
+    ("/registry/secrets/kube-system/bootstrap-token-demo", {"kind": "Secret", "data": {"token": "demo-not-a-real-secret"}}),
+]
+
+
+class Stack:
+    """The processes of one demo, and how to take them down."""
+
+    def __init__(self, directory: Path, keep: bool):
+        self.dir = directory
+        self.keep = keep
+        self.creds = SlackSecrets()
+        self.cluster: LocalCluster | None = None
+        self.standin: subprocess.Popen | None = None
+        self.bot: BotProcess | None = None
+        self.standin_url = ""
+
+    def start_cluster(self) -> LocalCluster:
+        self.cluster = LocalCluster(3, base_dir=self.dir / "cluster", keep=True)
+        self.cluster.start()
+        return self.cluster
+
+    async def seed(self) -> None:
+        async with EtcdClient(self.cluster.endpoints) as client:
+            for key, value in SEED:
+                await client.put(key.encode(), json.dumps(value).encode())
+
+    def start_slack_and_bot(self) -> None:
+        bot_port = free_port()
+        fixtures = self.dir / "fixtures.json"
+        fixtures.write_text(json.dumps({"users": USERS, "usergroups": USERGROUPS, "channels": CHANNELS}))
+        ready = self.dir / "standin.url"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SLACK_")}
+        env.update(SLACK_BOT_TOKEN=self.creds.bot_token, SLACK_SIGNING_SECRET=self.creds.signing_secret)
+        with open(self.dir / "standin.log", "ab") as log:
+            self.standin = subprocess.Popen(
+                [sys.executable, "-m", "bot.emulator.slack", "--port", "0", "--ready-file", str(ready),
+                 "--fixtures", str(fixtures), "--bot-url", f"http://127.0.0.1:{bot_port}/slack/events"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = time.monotonic() + 20
+        while not ready.is_file():
+            if self.standin.poll() is not None or time.monotonic() > deadline:
+                raise DemoError(f"the Slack stand-in did not start:\n{log_tail(self.dir / 'standin.log')}")
+            time.sleep(0.05)
+        self.standin_url = ready.read_text().strip()
+        config = write_config(self.dir, [cluster_table("demo", self.cluster, snapshots={"keep_last": 5})],
+                              approval={"approvers": [LEAD], "approver_groups": [LEADS_GROUP], "ttl_minutes": 30})
+        self.bot = BotProcess(config, self.standin_url + "/api/", self.creds, self.dir / "bot.log", port=bot_port).start()
+
+    def state(self) -> DemoState:
+        return DemoState(directory=str(self.dir), standin_url=self.standin_url, standin_pid=self.standin.pid,
+                         bot_url=self.bot.url, bot_pid=self.bot.proc.pid, cluster_dir=str(self.cluster.base_dir))
+
+    def teardown(self) -> None:
+        """Stop everything and remove every file; safe to call twice or half-started."""
+        if self.bot is not None:
+            self.bot.stop()
+        if self.standin is not None and self.standin.poll() is None:
+            self.standin.terminate()
+            try:
+                self.standin.wait(10)
+            except subprocess.TimeoutExpired:
+                self.standin.kill()
+                self.standin.wait(5)
+        if self.cluster is not None:
+            self.cluster.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def stop_kept(directory: Path) -> str:
+    """`demo --stop`: end a demo left running with --keep."""
+    state = DemoState.load(directory)
+    for pid in (state.bot_pid, state.standin_pid):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if str(directory).encode() in cmdline or b"bot.emulator.slack" in cmdline:
+            os.kill(pid, signal.SIGTERM)
+            _wait_pid(pid)
+    LocalCluster.attach(state.cluster_dir).close()
+    shutil.rmtree(directory, ignore_errors=True)
+    return f"stopped the demo in {directory}"
+
+
+def _wait_pid(pid: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        stat = Path(f"/proc/{pid}/stat").read_text() if Path(f"/proc/{pid}/stat").exists() else ""
+        if stat.rsplit(")", 1)[-1].split()[:1] == ["Z"]:
+            return
+        time.sleep(0.05)
+    if Path(f"/proc/{pid}").exists():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+# ---------------------------------------------------------------- the story
+
+async def play(stack: Stack, out: TextIO, style: Style) -> dict[str, str]:
+    spinner = Spinner(sys.stderr if style.colour else out, style)
+    started = time.monotonic()
+
+    def narrate(text: str) -> None:
+        print(style.paint(f"── {text}", "36"), file=out, flush=True)
+
+    async with spinner.running("starting a local 3-member etcd cluster"):
+        cluster = await asyncio.to_thread(stack.start_cluster)
+        await stack.seed()
+    async with spinner.running("starting the Slack stand-in and the bot"):
+        await asyncio.to_thread(stack.start_slack_and_bot)
+    narrate(f"etcd cluster 'demo' up ({', '.join(cluster.endpoints)}); #{CHANNELS[CHANNEL]} is bound to it\n")
+
+    async with ChannelClient(stack.standin_url, out, style) as channel:
+        await channel.say("status")
+        narrate("member1's machine dies (SIGKILL)\n")
+        cluster.kill("member1")
+        await channel.say("status")
+
+        peer, client = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
+        narrate("the on-call engineer proposes the runbook's replacement\n")
+        posted = await channel.say(f"replace member1 member4 {peer} --client-url {client}")
+        plan_msg = next((m for m in posted if m["text"].startswith("Plan ")), None)
+        if plan_msg is None:
+            raise DemoError("the bot did not post a plan")
+        plan_id = re.match(r"Plan (\w+):", plan_msg["text"]).group(1)
+
+        narrate("someone who is not on call tries to approve\n")
+        await channel.react(STRANGER, plan_msg["ts"], "white_check_mark")
+        narrate("the on-call lead approves\n")
+        await channel.react(LEAD, plan_msg["ts"], "white_check_mark", wait=0)
+        async with spinner.running(f"the bot executes plan {plan_id}"):
+            end = await channel.follow(re.compile(rf"Plan {plan_id} (is done|stopped|cannot run)"), PLAN_TIMEOUT)
+        if "is done" not in end["text"]:
+            raise DemoError(f"plan {plan_id} did not complete: {end['text']}")
+
+        narrate("after the replacement\n")
+        await channel.say("status")
+        async with spinner.running("taking a verified snapshot"):
+            snap = await channel.say("snapshot", wait=60)
+    text = " ".join(m["text"] for m in snap)
+    found = re.search(r"hash (\w+), revision (\d+)", text)
+    if not found:
+        raise DemoError(f"no snapshot result: {text[:300]}")
+    return {"seconds": f"{time.monotonic() - started:.1f}", "plan": plan_id, "hash": found.group(1),
+            "revision": found.group(2)}
+
+
+def run_demo(directory: Path | None, keep: bool, out: TextIO = sys.stdout) -> int:
+    style = Style(colour=out.isatty() and os.environ.get("NO_COLOR") is None)
+    if directory is None:
+        directory = default_dir() if keep else Path(tempfile.mkdtemp(prefix="etcd-chatops-demo-"))
+    if (directory / STATE_FILE).exists():
+        print(f"a kept demo is already running in {directory}: stop it with `etcd-chatops demo --stop`", file=sys.stderr)
+        return 2
+    directory.mkdir(parents=True, exist_ok=True)
+    stack = Stack(directory, keep)
+    ok = False
+    loop = asyncio.new_event_loop()
+    main = loop.create_task(play(stack, out, style))
+    loop.add_signal_handler(signal.SIGTERM, main.cancel)
+    try:
+        summary = loop.run_until_complete(main)
+        ok = True
+    except KeyboardInterrupt:
+        main.cancel()
+        loop.run_until_complete(asyncio.gather(main, return_exceptions=True))
+        print("\ninterrupted: cleaning up", file=sys.stderr)
+        return 130
+    except asyncio.CancelledError:
+        print("\nterminated: cleaning up", file=sys.stderr)
+        return 143
+    except DemoError as e:
+        print(f"\ndemo failed: {e}", file=sys.stderr)
+        if stack.bot is not None:
+            print(f"bot log tail:\n{log_tail(stack.dir / 'bot.log')}", file=sys.stderr)
+        return 1
+    finally:
+        loop.close()
+        if not (ok and keep):
+            stack.teardown()
+    print(style.bold(f"Incident played in {summary['seconds']} s: plan {summary['plan']} done; snapshot hash "
+                     f"{summary['hash']} at revision {summary['revision']}."), file=out)
+    if keep:
+        stack.state().save()
+        print(f"\nThe cluster, the Slack stand-in and the bot keep running (files in {directory}).\n"
+              f"  etcd-chatops say \"/etcd status\"            # as alice, the on-call engineer\n"
+              f"  etcd-chatops say --as bob \"/etcd plans\"     # as bob, the on-call lead\n"
+              f"  etcd-chatops demo --stop                     # stop everything and remove the files", file=out)
+    else:
+        print("Everything the demo started is stopped and its files are removed.", file=out)
+    return 0
+
+
+async def say(directory: Path, text: str, person: str, out: TextIO = sys.stdout) -> int:
+    state = DemoState.load(directory)
+    style = Style(colour=out.isatty() and os.environ.get("NO_COLOR") is None)
+    text = text.strip()
+    if text.startswith("/etcd"):
+        text = text[len("/etcd"):].strip()
+    async with ChannelClient(state.standin_url, out, style) as channel:
+        await channel.say(text, PEOPLE[person])
+    return 0
