@@ -7,7 +7,6 @@ bad configuration or bad environment, with one line saying which.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
@@ -15,6 +14,12 @@ from pathlib import Path
 from typing import Sequence
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _arun(coro):
+    """asyncio.run, imported only by the commands that need it (snapshot status stays light)."""
+    import asyncio
+    return asyncio.run(coro)
 
 
 class UsageFailure(Exception):
@@ -209,7 +214,7 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageFailure("--http needs SLACK_SIGNING_SECRET to verify Slack's requests")
     if not args.http and not slack.app_token:
         raise UsageFailure("Socket Mode needs SLACK_APP_TOKEN (xapp-...); or pass --http to serve HTTP")
-    asyncio.run(serve(config, slack, args.host, args.port, socket_mode=not args.http))
+    _arun(serve(config, slack, args.host, args.port, socket_mode=not args.http))
     return EXIT_OK
 
 
@@ -317,7 +322,7 @@ def _demo(args: argparse.Namespace) -> int:
     directory = Path(args.dir) if args.dir else None
     try:
         if args.cmd == "say":
-            return asyncio.run(demo.say(directory or demo.default_dir(), args.text, args.person))
+            return _arun(demo.say(directory or demo.default_dir(), args.text, args.person))
         if args.stop:
             print(demo.stop_kept(directory or demo.default_dir()))
             return EXIT_OK
@@ -344,13 +349,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.cmd == "run":
             return _run(args)
         if args.cmd in ("status", "members"):
-            return asyncio.run(_status(args))
+            return _arun(_status(args))
         if args.cmd == "check-config":
             return _check_config(args)
         if args.cmd == "snapshot":
-            return _snapshot_status(args) if args.snap_cmd == "status" else asyncio.run(_snapshot_save(args))
+            return _snapshot_status(args) if args.snap_cmd == "status" else _arun(_snapshot_save(args))
         if args.cmd == "audit":
-            return asyncio.run(_audit(args))
+            return _arun(_audit(args))
         if args.cmd in ("demo", "say"):
             return _demo(args)
     except UsageFailure as e:

@@ -291,7 +291,10 @@ class EtcdClient:
         channel = self._channels.get(endpoint)
         if channel is None:
             ep: Endpoint = parse_url(endpoint)
+            # A local subchannel pool: gRPC otherwise shares connections between channels, and a
+            # new channel would inherit the old one's reconnect back-off after a failure.
             options = [("grpc.enable_http_proxy", 0), ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                       ("grpc.use_local_subchannel_pool", 1),
                        ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
             if ep.tls:
                 channel = grpc.aio.secure_channel(ep.target, self._creds(), options=options)
