@@ -15,7 +15,8 @@ from typing import Any
 from aiohttp import web
 from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
 from slack_bolt.async_app import AsyncApp
-from slack_sdk.http_retry.builtin_async_handlers import AsyncConnectionErrorRetryHandler, AsyncRateLimitErrorRetryHandler
+from slack_sdk.http_retry.builtin_async_handlers import (AsyncConnectionErrorRetryHandler,
+                                                        AsyncRateLimitErrorRetryHandler, AsyncServerErrorRetryHandler)
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot import lifecycle
@@ -29,11 +30,37 @@ log = logging.getLogger(__name__)
 HOUSEKEEPING_SECONDS = 30.0
 
 
+# Methods that change nothing, or set a state (chat.update): safe to send again.
+IDEMPOTENT = frozenset({"chat.update", "auth.test", "usergroups.users.list", "users.info", "conversations.info",
+                        "chat.getPermalink", "apps.connections.open"})
+
+
+def _idempotent(request) -> bool:
+    return request.url.rstrip("/").rsplit("/", 1)[-1] in IDEMPOTENT
+
+
+class IdempotentServerErrorRetryHandler(AsyncServerErrorRetryHandler):
+    """5xx are retried only where a second delivery cannot post twice: Slack may
+    have posted a message before answering 500, and a repeat would duplicate it."""
+
+    async def _can_retry_async(self, *, state, request, response=None, error=None) -> bool:
+        return _idempotent(request) and await super()._can_retry_async(
+            state=state, request=request, response=response, error=error)
+
+
+class IdempotentConnectionErrorRetryHandler(AsyncConnectionErrorRetryHandler):
+    async def _can_retry_async(self, *, state, request, response=None, error=None) -> bool:
+        return _idempotent(request) and await super()._can_retry_async(
+            state=state, request=request, response=response, error=error)
+
+
 def web_client(slack: SlackSettings, token: str | None = None) -> AsyncWebClient:
-    """The Web API client; 429s wait for Retry-After and retry (bounded)."""
+    """The Web API client: 429s wait for Retry-After and are retried (they were not
+    processed); 5xx and broken connections are retried for idempotent methods only."""
     return AsyncWebClient(token=token or slack.bot_token, base_url=slack.api_url, timeout=10,
                           retry_handlers=[AsyncRateLimitErrorRetryHandler(max_retry_count=3),
-                                          AsyncConnectionErrorRetryHandler(max_retry_count=2)])
+                                          IdempotentServerErrorRetryHandler(max_retry_count=3),
+                                          IdempotentConnectionErrorRetryHandler(max_retry_count=2)])
 
 
 class BotRuntime:

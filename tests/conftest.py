@@ -1,14 +1,22 @@
 """Shared fixtures: real etcd clusters, and a guard that nothing is left running."""
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
 import os
 from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
 
+from bot.emulator import certs as certs_module
 from bot.emulator import cluster as cluster_module
+from bot.emulator import workspace as workspace_module
 from bot.emulator.cluster import LocalCluster
+
+TEST_ETCD_PASSWORD = "rootpw-" + os.urandom(6).hex()  # tests that enable etcd auth use this
+
 
 def _processes_under(roots: list[str]) -> list[tuple[int, str]]:
     """Live processes whose command line names one of `roots` (our clusters, our temp dirs)."""
@@ -40,6 +48,42 @@ def no_process_left_behind(tmp_path_factory) -> Iterator[None]:
         except OSError:
             pass
     assert not left, f"processes left running by the tests: {left}"
+
+
+class _Capture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(logging.Formatter("%(name)s %(levelname)s %(message)s").format(record))
+
+
+STAND_INS: list = []  # every Slack stand-in the session started
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secret_in_logs_or_messages(tmp_path_factory) -> Iterator[None]:
+    """No token, signing secret, password or private key appears in any log line,
+    any Slack message or API call, or any log file the suite produced."""
+    capture = _Capture()
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(capture)
+    root.setLevel(logging.INFO)
+    yield
+    root.removeHandler(capture)
+    root.setLevel(level)
+    secrets = [s for s in workspace_module.ISSUED + certs_module.KEY_MATERIAL + [TEST_ETCD_PASSWORD] if len(s) >= 6]
+    places: list[tuple[str, str]] = [("log", line) for line in capture.lines]
+    for stand_in in STAND_INS:
+        places += [("slack message", json.dumps(dataclasses.asdict(m))) for m in stand_in.messages]
+        places += [("slack call", json.dumps(dataclasses.asdict(c), default=str)) for c in stand_in.calls]
+    for path in Path(tmp_path_factory.getbasetemp()).rglob("*.log"):
+        places.append((f"file {path.name}", path.read_text(errors="replace")))
+    leaks = sorted({f"{where} holds a secret ({secret[:4]}…)" for where, text in places for secret in secrets
+                    if secret in text})
+    assert not leaks, leaks
 
 
 @pytest.fixture(scope="session")
@@ -84,6 +128,7 @@ async def slack(creds):
     stand_in = SlackStandIn(bot_token=creds.bot_token, signing_secret=creds.signing_secret, app_token=creds.app_token,
                             users=USERS, usergroups=USERGROUPS, channels=CHANNELS)
     await stand_in.start()
+    STAND_INS.append(stand_in)
     try:
         yield stand_in
     finally:

@@ -114,10 +114,11 @@ async def test_nothing_answers(tmp_path):
 
 
 async def test_user_and_password(make_cluster):
+    from conftest import TEST_ETCD_PASSWORD
     c = make_cluster(1)
-    c.etcdctl("user", "add", "root:rootpw", "--interactive=false")
+    c.etcdctl("user", "add", f"root:{TEST_ETCD_PASSWORD}", "--interactive=false")
     c.etcdctl("auth", "enable")
-    async with EtcdClient(c.endpoints, username="root", password="rootpw") as client:
+    async with EtcdClient(c.endpoints, username="root", password=TEST_ETCD_PASSWORD) as client:
         assert (await client.member_list())[0].name == "member1"
         await client.put(b"/registry/x", b"y")
     async with EtcdClient(c.endpoints, username="root", password="wrong") as client:

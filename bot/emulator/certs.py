@@ -13,6 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+# The private keys generated in this process (their base64 lines), so tests can prove none leaked.
+KEY_MATERIAL: list[str] = []
+
+
 @dataclass(frozen=True)
 class CertFiles:
     ca: Path
@@ -43,6 +47,7 @@ def generate(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"
 
     def write_key(path: Path, k) -> None:
         data = k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        KEY_MATERIAL.extend(line for line in data.decode().splitlines() if line and not line.startswith("-----"))
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(data)

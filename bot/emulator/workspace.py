@@ -31,6 +31,10 @@ LEADS_GROUP = "S0ONCALLLD"
 USERGROUPS = {LEADS_GROUP: [LEAD2]}
 
 
+# Every credential issued in this process, so tests can prove none leaked.
+ISSUED: list[str] = []
+
+
 @dataclass(frozen=True)
 class SlackSecrets:
     """Throw-away credentials: random each run, never printed."""
@@ -38,6 +42,9 @@ class SlackSecrets:
     bot_token: str = field(default_factory=lambda: "xoxb-test-" + secrets.token_hex(12), repr=False)
     signing_secret: str = field(default_factory=lambda: secrets.token_hex(16), repr=False)
     app_token: str = field(default_factory=lambda: "xapp-test-" + secrets.token_hex(12), repr=False)
+
+    def __post_init__(self) -> None:
+        ISSUED.extend(self.all())
 
     def all(self) -> list[str]:
         return [self.bot_token, self.signing_secret, self.app_token]
@@ -90,7 +97,7 @@ def launcher_argv(cluster_base_dir: Path) -> list[str]:
 
 def cluster_table(name: str, cluster, *, channels: tuple[str, ...] = (CHANNEL,), **extra: Any) -> dict[str, Any]:
     """A [[clusters]] entry for a LocalCluster, with the command launcher."""
-    table: dict[str, Any] = {"name": name, "endpoints": cluster.endpoints, "channels": list(channels),
+    table: dict[str, Any] = {"name": name, "endpoints": cluster.all_endpoints, "channels": list(channels),
                              "launcher": {"kind": "command", "argv": launcher_argv(cluster.base_dir),
                                           "timeout_seconds": 60}}
     if cluster.tls:

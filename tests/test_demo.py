@@ -1,0 +1,100 @@
+"""`etcd-chatops demo`: the whole incident, its transcript, and that nothing is left behind."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import _processes_under
+
+DEMO = [sys.executable, "-m", "bot", "demo"]
+
+
+def run(args: list[str], timeout: float = 180) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLACK_")}
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def assert_nothing_left(directory: Path) -> None:
+    assert not directory.exists(), f"{directory} was not removed"
+    assert not _processes_under([str(directory)]), "the demo left processes running"
+
+
+def test_the_demo_plays_the_whole_incident_and_cleans_up(tmp_path):
+    directory = tmp_path / "demo"
+    proc = run(DEMO + ["--dir", str(directory)])
+    out = proc.stdout
+    assert proc.returncode == 0, proc.stderr[-3000:] + out[-3000:]
+    expected_in_order = [
+        "etcd cluster demo: HEALTHY", "3 of 3 voting members healthy",
+        "member1's machine dies", "etcd cluster demo: DEGRADED", "DOWN: connection refused",
+        "/etcd replace member1 member4", "Plan ", 'ETCD_INITIAL_CLUSTER="member2=',
+        "mallory reacts", "@mallory is not an approver",
+        "bob reacts", "Approved by @bob",
+        "Step 1 (snapshot): saved demo-", "Step 2 (remove): Removed member", "Step 3 (add): Member",
+        "Step 4 (start):", "promoted to a voting member", "--etcd-servers=", "load balancer",
+        "Step 7 (verify): 3 members, all healthy", "is done: member1 was replaced by member4",
+        "/etcd status", "member4", "/etcd snapshot",
+        re.compile(r"\|\s+HASH\s+\|\s+REVISION\s+\|\s+TOTAL KEYS\s+\|\s+TOTAL SIZE\s+\|"),
+        "Incident played in", "Everything the demo started is stopped",
+    ]
+    position = 0
+    for fragment in expected_in_order:
+        pattern = fragment if isinstance(fragment, re.Pattern) else re.compile(re.escape(fragment))
+        found = pattern.search(out, position)
+        assert found, f"{pattern.pattern!r} missing (or out of order) in the transcript:\n{out[position:position + 2000]}"
+        position = found.start()
+    summary = re.search(r"Incident played in ([\d.]+) s: plan (\w{6}) done; snapshot hash ([0-9a-f]+) at revision (\d+)", out)
+    assert summary, out[-500:]
+    assert "\033[" not in out  # plain text when piped
+    assert "xoxb-" not in out + proc.stderr and "xapp-" not in out + proc.stderr
+    assert_nothing_left(directory)
+
+
+def test_keep_say_and_stop(tmp_path):
+    directory = tmp_path / "kept"
+    try:
+        proc = run(DEMO + ["--keep", "--dir", str(directory)])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert 'etcd-chatops say "/etcd status"' in proc.stdout and "etcd-chatops demo --stop" in proc.stdout
+        assert _processes_under([str(directory)]), "--keep should leave the demo running"
+        said = run([sys.executable, "-m", "bot", "say", "/etcd status", "--dir", str(directory)], timeout=60)
+        assert said.returncode == 0, said.stderr
+        assert "alice: /etcd status" in said.stdout and "etcd cluster demo: HEALTHY" in said.stdout
+        assert "member4" in said.stdout and "member1" not in said.stdout
+        as_lead = run([sys.executable, "-m", "bot", "say", "--as", "bob", "plans", "--dir", str(directory)], timeout=60)
+        assert "bob: /etcd plans" in as_lead.stdout and "DONE" in as_lead.stdout
+        again = run(DEMO + ["--keep", "--dir", str(directory)], timeout=30)
+        assert again.returncode == 2 and "already running" in again.stderr
+    finally:
+        stop = run(DEMO + ["--stop", "--dir", str(directory)], timeout=60)
+    assert stop.returncode == 0, stop.stderr
+    assert_nothing_left(directory)
+    missing = run([sys.executable, "-m", "bot", "say", "/etcd status", "--dir", str(directory)], timeout=30)
+    assert missing.returncode == 2 and "no demo is running" in missing.stderr
+
+
+def test_ctrl_c_removes_everything(tmp_path):
+    directory = tmp_path / "interrupted"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLACK_")}
+    proc = subprocess.Popen(DEMO + ["--dir", str(directory)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        seen = ""
+        while "proposes the runbook's replacement" not in seen:  # interrupt in the middle of the incident
+            line = proc.stdout.readline()
+            assert line and time.monotonic() < deadline, f"the demo ended early: {seen[-2000:]}"
+            seen += line
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, proc.stderr.read()[-2000:]
+    assert_nothing_left(directory)
