@@ -246,6 +246,9 @@ def snapshot_reply(saved, requested_by: str, pruned: list[str] | None = None, ti
              f"({mib_s:.1f} MiB/s) · asked by <@{requested_by}>")
     blocks_ = [_section(f":camera_with_flash: *{title} of {escape(saved.cluster)}* — verified"),
                _section(f"```{table}```"), _section(facts)]
+    if saved.failed_over_from:
+        blocks_.append(_context(f":warning: {escape(saved.failed_over_from)} stopped answering mid-stream; "
+                                f"the snapshot was taken again from {escape(saved.member)}"))
     if pruned:
         blocks_.append(_context(f"Retention pruned {len(pruned)} older snapshot(s): {escape(', '.join(pruned))}"))
     text = (f"{title} of {saved.cluster}: hash {st.hash_hex}, revision {st.revision}, {st.total_keys} keys, "

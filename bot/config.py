@@ -102,6 +102,7 @@ class Config:
     snapshot_dir: Path = Path("snapshots")
     approval: ApprovalConfig = ApprovalConfig()
     snapshots: SnapshotPolicy = SnapshotPolicy()
+    database_timeout_seconds: float = 5.0    # how long one write waits for another writer's lock (x3 tries)
     source: Path | None = None
 
     def cluster(self, name: str) -> ClusterConfig | None:
@@ -333,6 +334,7 @@ def parse_config(data: dict, base: Path, source: Path | None = None) -> Config:
     top = _Table(data, "", base)
     database = top.path_value("database", base / "etcd-chatops.db")
     snapshot_dir = top.path_value("snapshot_dir", base / "snapshots")
+    db_timeout = top.get("database_timeout_seconds", float, 5.0, _positive)
     a = top.table("approval")
     approval = ApprovalConfig(
         approvers=a.strings("approvers", check=_slack_id),
@@ -358,7 +360,7 @@ def parse_config(data: dict, base: Path, source: Path | None = None) -> Config:
         seen.add(c.name)
     top.done()
     return Config(clusters=clusters, database=database, snapshot_dir=snapshot_dir, approval=approval,
-                  snapshots=snapshots, source=source)
+                  snapshots=snapshots, database_timeout_seconds=db_timeout, source=source)
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

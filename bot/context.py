@@ -70,7 +70,7 @@ class BotContext:
         self.web = web
         self.access = Access(web)
         if self.store is None:
-            self.store = await Store(self.config.database).open()
+            self.store = await Store(self.config.database, busy_timeout=self.config.database_timeout_seconds).open()
 
     async def close(self, grace: float = 5.0) -> None:
         """Let in-flight work finish for `grace` seconds, then cancel it: a

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from bot.config import ClusterConfig
@@ -33,8 +34,26 @@ async def take_snapshot(ctx: BotContext, cluster: ClusterConfig, *, requested_by
         source = health.snapshot_source()
     if source is None:
         raise SnapshotFailed(f"no healthy member of {cluster.name} to take a snapshot from")
-    saved = await save_snapshot(client, source.status.endpoint, source.member.name, ctx.config.snapshot_dir,
-                                cluster.name, cluster.snapshots.age_recipients)
+    try:
+        saved = await save_snapshot(client, source.status.endpoint, source.member.name, ctx.config.snapshot_dir,
+                                    cluster.name, cluster.snapshots.age_recipients)
+    except SnapshotFailed as e:
+        # The member died mid-stream: once, from another healthy member.
+        if not e.source_failed:
+            raise
+        try:
+            health = await check_cluster(client, cluster.name)
+        except EtcdError:
+            raise e from None
+        other = next((h for h in health.members if h.healthy and h.member.id != source.member.id
+                      and h.member.client_urls), None)
+        if other is None:
+            raise
+        log.warning("snapshot source failed; trying another member",
+                    extra={"ctx_cluster": cluster.name, "ctx_failed": source.member.name, "ctx_error": str(e)})
+        saved = await save_snapshot(client, other.status.endpoint, other.member.name, ctx.config.snapshot_dir,
+                                    cluster.name, cluster.snapshots.age_recipients)
+        saved = replace(saved, failed_over_from=source.member.name)
     await record_snapshot(ctx, saved, requested_by=requested_by, reason=reason, channel=channel)
     await prune(ctx, cluster)
     return saved

@@ -26,7 +26,12 @@ TRAILER = 32
 
 
 class SnapshotFailed(Exception):
-    """One line on why no snapshot file was kept."""
+    """One line on why no snapshot file was kept. `source_failed`: the member
+    stopped answering (another member may serve), as opposed to a local problem."""
+
+    def __init__(self, message: str, source_failed: bool = False):
+        super().__init__(message)
+        self.source_failed = source_failed
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,7 @@ class SavedSnapshot:
     duration: float
     created_at: float
     encrypted: bool = False
+    failed_over_from: str | None = None   # the member that died mid-stream, when there was one
 
     @property
     def throughput(self) -> float:
@@ -142,7 +148,7 @@ async def save_snapshot(client: EtcdClient, endpoint: str, member: str, director
         revision = await client.revision(endpoint)  # for the .part name; the final name uses the content's
         stream = await client.snapshot(endpoint)
     except EtcdError as e:
-        raise SnapshotFailed(f"{member} would not start a snapshot: {e}") from None
+        raise SnapshotFailed(f"{member} would not start a snapshot: {e}", source_failed=True) from None
     when = dt.datetime.fromtimestamp(created, dt.timezone.utc)
     name = snapshot_filename(cluster, when, revision)
     suffix = ".age" if recipients else ""
@@ -180,7 +186,8 @@ async def save_snapshot(client: EtcdClient, endpoint: str, member: str, director
         for leftover in (part, plain_part):
             leftover.unlink(missing_ok=True)
         if isinstance(e, EtcdError):
-            raise SnapshotFailed(f"the stream from {member} broke after {check.size:,} bytes: {e}") from None
+            raise SnapshotFailed(f"the stream from {member} broke after {check.size:,} bytes: {e}",
+                                 source_failed=True) from None
         if isinstance(e, OSError):
             raise SnapshotFailed(f"cannot write the snapshot in {target_dir}: {e.strerror or e}; nothing was kept") from None
         if isinstance(e, SnapshotError):

@@ -23,6 +23,7 @@ from bot.lifecycle import Outcome
 from bot.plans import ReplaceRequest
 from bot.routing import RoutingError, resolve_cluster
 from bot.slackio import SlackPostError, post
+from bot.store import StoreError
 from bot.snapshot_service import take_snapshot
 from bot.snapshots import SnapshotFailed
 
@@ -82,6 +83,14 @@ WORK: dict[str, tuple[Work, bool]] = {
 }
 
 
+async def _audit_quietly(ctx: BotContext, action: str, **fields) -> None:
+    """Audit a refusal already answered; if the database is held, the log keeps the row."""
+    try:
+        await ctx.store.audit(action, **fields)
+    except StoreError as e:
+        log.error("audit row not written", extra={"ctx_action": action, "ctx_row": fields, "ctx_error": str(e)})
+
+
 async def _plan_cluster(ctx: BotContext, cmd: Command) -> ClusterConfig | None:
     """The cluster of the plan a command names (cancel, resume)."""
     row = await ctx.store.plan(cmd.args.get("plan_id", ""))
@@ -98,8 +107,8 @@ def register(app: AsyncApp, ctx: BotContext) -> None:
         except UsageError as e:
             await ack(**blocks.error_reply(e.reason, e.usage).as_kwargs())
             ctx.metrics.commands.labels(command="invalid", outcome="usage_error").inc()
-            await ctx.store.audit("usage_error", user=user, channel=channel, detail={"text": command.get("text", ""),
-                                                                                     "reason": e.reason})
+            await _audit_quietly(ctx, "usage_error", user=user, channel=channel,
+                                 detail={"text": command.get("text", ""), "reason": e.reason})
             return
         if cmd.name == "help":
             topic = cmd.args.get("topic")
@@ -108,7 +117,7 @@ def register(app: AsyncApp, ctx: BotContext) -> None:
             await ack(**blocks.help_reply(usage, bound).as_kwargs())
             ctx.metrics.commands.labels(command="help", outcome="ok").inc()
             return
-        work, needs_cluster = WORK[cmd.name]
+        _, needs_cluster = WORK[cmd.name]
         cluster = None
         try:
             if needs_cluster:
@@ -118,39 +127,55 @@ def register(app: AsyncApp, ctx: BotContext) -> None:
         except RoutingError as e:
             await ack(**blocks.error_reply(str(e), cmd.spec.usage).as_kwargs())
             ctx.metrics.commands.labels(command=cmd.name, outcome="refused").inc()
-            await ctx.store.audit("refused", user=user, channel=channel, cluster=cmd.cluster or "",
-                                  detail={"command": cmd.name, "reason": str(e)})
+            await _audit_quietly(ctx, "refused", user=user, channel=channel, cluster=cmd.cluster or "",
+                                 detail={"command": cmd.name, "reason": str(e)})
             return
         await ack()
         cluster_name = cluster.name if cluster else ""
-        role = COMMAND_ROLES[cmd.name]
-        checked = cluster or await _plan_cluster(ctx, cmd)
-        if role is not None and checked is not None and not await ctx.access.allowed(checked, user, role):
-            reason = ctx.access.refusal(checked, role, f"/etcd {cmd.name}")
-            ctx.metrics.commands.labels(command=cmd.name, outcome="refused").inc()
-            await ctx.store.audit("refused", user=user, channel=channel, cluster=checked.name,
-                                  detail={"command": cmd.name, "missing_role": role.value})
-            await respond(response_type="ephemeral", **blocks.error_reply(reason, cmd.spec.usage).as_kwargs())
-            return
-        await ctx.store.audit("command", user=user, channel=channel, cluster=cluster_name,
-                              detail={"command": cmd.name, "args": cmd.args, "flags": sorted(cmd.flags)})
-        log.info("command", extra={"ctx_command": cmd.name, "ctx_user": user, "ctx_channel": channel,
-                                   "ctx_cluster": cluster_name})
         try:
-            outcome = await work(ctx, cmd, cluster, user, channel)
-        except Exception:
-            log.exception("command failed", extra={"ctx_command": cmd.name, "ctx_cluster": cluster_name})
+            await _run(ctx, cmd, cluster, cluster_name, user, channel, client, respond)
+        except StoreError as e:
+            # Nothing runs unaudited: a database held by another writer stops the command, clearly.
+            log.error("command stopped: database unavailable", extra={"ctx_command": cmd.name, "ctx_error": str(e)})
             ctx.metrics.commands.labels(command=cmd.name, outcome="error").inc()
-            await respond(**blocks.error_reply(f"/etcd {cmd.name} failed inside the bot; the details are in its log").as_kwargs())
-            return
-        ctx.metrics.commands.labels(command=cmd.name, outcome="refused" if outcome.ephemeral and not outcome.channel
-                                     else "ok").inc()
-        if outcome.ephemeral is not None:
-            await respond(response_type="ephemeral", **outcome.ephemeral.as_kwargs())
-        if outcome.channel is not None:
-            try:
-                await post(client, channel, outcome.channel)
-            except SlackPostError as e:
-                # The bot may not be in the channel: the response URL still reaches the person.
-                await respond(response_type="ephemeral", **outcome.channel.as_kwargs())
-                await respond(**blocks.error_reply(f"could not post in the channel: {e}").as_kwargs())
+            await respond(response_type="ephemeral",
+                          **blocks.error_reply(f"/etcd {cmd.name} did not run: the bot's {e}").as_kwargs())
+
+
+async def _run(ctx: BotContext, cmd: Command, cluster: ClusterConfig | None, cluster_name: str, user: str,
+               channel: str, client: AsyncWebClient, respond) -> None:
+    """Authorize, audit, run and answer one parsed, routed command."""
+    work, _ = WORK[cmd.name]
+    role = COMMAND_ROLES[cmd.name]
+    checked = cluster or await _plan_cluster(ctx, cmd)
+    if role is not None and checked is not None and not await ctx.access.allowed(checked, user, role):
+        reason = ctx.access.refusal(checked, role, f"/etcd {cmd.name}")
+        ctx.metrics.commands.labels(command=cmd.name, outcome="refused").inc()
+        await ctx.store.audit("refused", user=user, channel=channel, cluster=checked.name,
+                              detail={"command": cmd.name, "missing_role": role.value})
+        await respond(response_type="ephemeral", **blocks.error_reply(reason, cmd.spec.usage).as_kwargs())
+        return
+    await ctx.store.audit("command", user=user, channel=channel, cluster=cluster_name,
+                          detail={"command": cmd.name, "args": cmd.args, "flags": sorted(cmd.flags)})
+    log.info("command", extra={"ctx_command": cmd.name, "ctx_user": user, "ctx_channel": channel,
+                               "ctx_cluster": cluster_name})
+    try:
+        outcome = await work(ctx, cmd, cluster, user, channel)
+    except StoreError:
+        raise
+    except Exception:
+        log.exception("command failed", extra={"ctx_command": cmd.name, "ctx_cluster": cluster_name})
+        ctx.metrics.commands.labels(command=cmd.name, outcome="error").inc()
+        await respond(**blocks.error_reply(f"/etcd {cmd.name} failed inside the bot; the details are in its log").as_kwargs())
+        return
+    ctx.metrics.commands.labels(command=cmd.name, outcome="refused" if outcome.ephemeral and not outcome.channel
+                                 else "ok").inc()
+    if outcome.ephemeral is not None:
+        await respond(response_type="ephemeral", **outcome.ephemeral.as_kwargs())
+    if outcome.channel is not None:
+        try:
+            await post(client, channel, outcome.channel)
+        except SlackPostError as e:
+            # The bot may not be in the channel: the response URL still reaches the person.
+            await respond(response_type="ephemeral", **outcome.channel.as_kwargs())
+            await respond(**blocks.error_reply(f"could not post in the channel: {e}").as_kwargs())

@@ -10,76 +10,11 @@ import sys
 import time
 from pathlib import Path
 
-from helpers import command, ephemeral, text_of
+from helpers import (APPROVAL, OK, audit_actions, command, ephemeral, members_of, open_store, plan_row, propose,
+                     replies, text_of, thread, urls, wait_state)
 
-from bot.emulator.cluster import free_port
-from bot.emulator.slack import Message
 from bot.emulator.workspace import (CHANNEL, LEAD, LEAD2, LEADS_GROUP, ONCALL, STRANGER, BotProcess, cluster_table,
                                     write_config)
-from bot.etcd import EtcdClient
-from bot.health import check_cluster
-from bot.store import Store
-
-APPROVAL = {"approvers": [LEAD, ONCALL], "approver_groups": [LEADS_GROUP], "ttl_minutes": 30,
-            "reaction": "white_check_mark", "reject_reaction": "x"}
-OK = "white_check_mark"
-
-
-def urls() -> tuple[str, str]:
-    return f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
-
-
-async def propose(slack, text: str, user: str = ONCALL) -> Message:
-    start = len(slack.messages)
-    await command(slack, text, user=user)
-    return await slack.wait_for_message(
-        lambda m: m.source == "chat.postMessage" and m.thread_ts is None and m.text.startswith("Plan "),
-        after=start, timeout=30, what=f"the plan message for /etcd {text}")
-
-
-def replies(slack, plan: Message) -> list[Message]:
-    return [m for m in slack.messages if m.thread_ts == plan.ts]
-
-
-def thread(slack, plan: Message) -> str:
-    return "\n".join(text_of(m) for m in replies(slack, plan))
-
-
-async def plan_row(store: Store, plan: Message, timeout: float = 10.0) -> dict:
-    """The plan behind a message (the bot records the message's ts right after posting it)."""
-    deadline = time.monotonic() + timeout
-    while (row := await store.plan_by_message(CHANNEL, plan.ts)) is None:
-        assert time.monotonic() < deadline, f"no plan recorded for message {plan.ts}"
-        await asyncio.sleep(0.02)
-    return row
-
-
-async def wait_state(store: Store, plan_id: str, states: tuple[str, ...], timeout: float = 120.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        row = await store.plan(plan_id)
-        if row["state"] in states:
-            return row
-        if time.monotonic() > deadline:
-            steps = [(st["key"], st["state"], st["detail"] or st["error"]) for st in await store.steps(plan_id)]
-            raise AssertionError(f"plan {plan_id} is {row['state']} (error: {row['error']}), not {states}; "
-                                 f"steps: {steps}")
-        await asyncio.sleep(0.1)
-
-
-async def audit_actions(store: Store, plan_id: str) -> list[tuple[str, str]]:
-    rows = await store.audit_rows()
-    out = []
-    for r in rows:
-        detail = json.loads(r["detail"])
-        if detail.get("plan") == plan_id:
-            out.append((r["action"], detail.get("step", "")))
-    return out
-
-
-async def members_of(cluster) -> list:
-    async with EtcdClient(cluster.endpoints) as client:
-        return (await check_cluster(client, "check")).members
 
 
 async def test_the_whole_runbook(make_cluster, slack, start_bot):
@@ -282,7 +217,7 @@ async def test_the_bot_killed_during_the_start_step_resumes_without_repeating(ma
         bot.kill()
         os.kill(int(started.read_text()), signal.SIGKILL)  # the machine died: its launcher too
 
-        async with _store(tmp_path) as store:
+        async with open_store(tmp_path) as store:
             row = await plan_row(store, plan)
             assert row["state"] == "running" and row["current_step"] == 4
 
@@ -296,7 +231,7 @@ async def test_the_bot_killed_during_the_start_step_resumes_without_repeating(ma
                              what="the resumed plan to finish")
     finally:
         await asyncio.to_thread(bot.stop)
-    async with _store(tmp_path) as store:
+    async with open_store(tmp_path) as store:
         row = await store.plan(row["id"])
         assert row["state"] == "done"
         actions = await audit_actions(store, row["id"])
@@ -305,16 +240,3 @@ async def test_the_bot_killed_during_the_start_step_resumes_without_repeating(ma
     members = await members_of(c)
     assert sorted(h.member.name for h in members) == ["member2", "member3", "member4"]
     assert [h.member.hex_id for h in members if h.member.name == "member4"] == [row["new_member_id"]]
-
-
-class _store:
-    """The bot's database opened from the test (the bot process may be dead)."""
-
-    def __init__(self, directory: Path):
-        self.store = Store(directory / "etcd-chatops.db")
-
-    async def __aenter__(self) -> Store:
-        return await self.store.open()
-
-    async def __aexit__(self, *exc) -> None:
-        await self.store.close()

@@ -125,6 +125,7 @@ class _Failure:
     remaining: int
     retry_after: int | None
     error: str | None
+    match: Callable[[dict], bool] | None = None
 
 
 @dataclass
@@ -358,26 +359,30 @@ class SlackStandIn:
         count: int = 1,
         retry_after: int | None = None,
         error: str | None = None,
+        match: Callable[[dict], bool] | None = None,
     ) -> None:
         """Make the next ``count`` calls to ``method`` answer ``status`` (still recorded).
 
         429 always carries Retry-After (default 1 s) and error "ratelimited", like Slack.
-        status=200 with an ``error`` injects an ``ok: false`` answer.
+        status=200 with an ``error`` injects an ``ok: false`` answer. With ``match``, only
+        calls whose arguments satisfy it fail (a fault at one precise moment of a flow).
         """
         if status == 429 and retry_after is None:
             retry_after = 1
-        self._failures.setdefault(method, []).append(_Failure(status, count, retry_after, error))
+        self._failures.setdefault(method, []).append(_Failure(status, count, retry_after, error, match))
 
-    def _take_failure(self, method: str) -> _Failure | None:
-        queue = self._failures.get(method)
-        while queue:
-            f = queue[0]
-            if f.remaining > 0:
-                f.remaining -= 1
-                if f.remaining == 0:
-                    queue.pop(0)
-                return f
-            queue.pop(0)
+    def _take_failure(self, method: str, args: dict | None = None) -> _Failure | None:
+        queue = self._failures.get(method) or []
+        for f in list(queue):
+            if f.remaining <= 0:
+                queue.remove(f)
+                continue
+            if f.match is not None and not f.match(args or {}):
+                continue
+            f.remaining -= 1
+            if f.remaining == 0:
+                queue.remove(f)
+            return f
         return None
 
     # ------------------------------------------------------------------ recording helpers
@@ -487,7 +492,7 @@ class SlackStandIn:
             auth = request.headers.get("Authorization", "")
             if auth.lower().startswith("bearer "):
                 token = auth[7:].strip()
-            failure = self._take_failure(method)
+            failure = self._take_failure(method, args)
             if failure is not None:
                 status = failure.status
                 error = failure.error or ("ratelimited" if status == 429 else "internal_error")
