@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -29,8 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+from common import row, write  # noqa: E402  (also puts the repository on sys.path)
 
 from bot.bbolt import snapshot_status  # noqa: E402
 from bot.emulator.binaries import find_binary  # noqa: E402
@@ -87,17 +85,7 @@ def etcdutl(path: Path) -> dict:
     return json.loads(proc.stdout)
 
 
-def machine() -> str:
-    model = "unknown CPU"
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{os.cpu_count()} CPUs, {model}, Python {sys.version.split()[0]}"
-
-
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--file", type=Path, help="an existing snapshot to time (default: build one)")
     p.add_argument("--keep", type=Path, help="where to keep the snapshot built")
@@ -105,7 +93,8 @@ def main() -> int:
     p.add_argument("--value-bytes", default="500-6000",
                    help="range of value sizes before base64 (default 500-6000, Kubernetes-object-like)")
     p.add_argument("--runs", type=int, default=3)
-    args = p.parse_args()
+    p.add_argument("--json", help="write the figures here (for bench/run_all.py)")
+    args = p.parse_args(argv)
 
     tmp = None
     path = args.file
@@ -120,17 +109,19 @@ def main() -> int:
     try:
         size = path.stat().st_size
         ours_t, ours = best_of(args.runs, lambda: snapshot_status(path))
+        cli_t, _ = best_of(args.runs, lambda: subprocess.run(
+            [sys.executable, "-m", "bot", "snapshot", "status", str(path), "--json"], check=True, capture_output=True))
         theirs_t, theirs = best_of(args.runs, lambda: etcdutl(path))
         got = (ours.hash, ours.revision, ours.total_keys, ours.total_size)
         want = (theirs["hash"], theirs["revision"], theirs["totalKey"], theirs["totalSize"])
-        print(f"machine:  {machine()}")
-        print(f"snapshot: {path} {size:,} bytes ({size / MB:,.1f} MB), trailer {ours.has_trailer}, "
-              f"{ours.total_keys:,} keys, {ours.live_keys:,} live, revision {ours.revision:,}")
-        print(f"bot.bbolt.snapshot_status: {ours_t:.3f} s (best of {args.runs})")
-        print(f"etcdutl snapshot status:   {theirs_t:.3f} s (best of {args.runs}, process included)")
-        print(f"ratio ours/etcdutl: {ours_t / theirs_t:.2f}")
         assert got == want, f"disagree: ours {got}, etcdutl {want}"
-        print("results identical: hash, revision, total keys, total size")
+        size_text = (f"{size / MB:,.0f} MB snapshot, {ours.total_keys:,} keys, trailer {'verified' if ours.has_trailer else 'absent'}")
+        write(args.json, "Snapshot status against etcdutl", [
+            row(f"status of a {size_text}, in process", ours_t, theirs_t, "s", "etcdutl snapshot status"),
+            row("the same, `etcd-chatops snapshot status` as a process", cli_t, theirs_t, "s",
+                "etcdutl snapshot status"),
+        ], f"Best of {args.runs}; results identical (hash, revision, total keys, total size). etcdutl includes its "
+           f"process start; so does the second row.")
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -44,18 +44,20 @@ class Scheduler:
                 continue
             last = await self.ctx.store.last_snapshot_at(cluster.name, REASON)
             if is_due(every, last, self.failures.get(cluster.name), now):
-                await self._take(cluster)
+                await self._take(cluster, now)
                 ran.append(cluster.name)
         return ran
 
-    async def _take(self, cluster: ClusterConfig) -> None:
+    async def _take(self, cluster: ClusterConfig, now: float) -> None:
         channel = cluster.channels[0] if cluster.channels else None
+        started = time.monotonic()
         try:
             saved = await take_snapshot(self.ctx, cluster, requested_by=SCHEDULER, reason=REASON, channel=channel or "")
             self.failures.pop(cluster.name, None)
             reply = blocks.snapshot_reply(saved, SCHEDULER, title="Scheduled snapshot")
         except SnapshotFailed as e:
-            self.failures[cluster.name] = time.time()
+            # When it failed, on the clock run_due judges by (its `now`), so the retry pause holds.
+            self.failures[cluster.name] = now + (time.monotonic() - started)
             await self.ctx.store.audit("snapshot_failed", cluster=cluster.name, channel=channel or "",
                                        detail={"reason": str(e), "scheduled": True})
             log.error("scheduled snapshot failed", extra={"ctx_cluster": cluster.name, "ctx_error": str(e)})

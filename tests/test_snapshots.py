@@ -9,6 +9,11 @@ tests/test_bbolt.py's subject; here one comparison is made.
 
 No mocks of etcd or bolt: clusters are real etcd processes (LocalCluster);
 every wait polls with a deadline.
+
+A file is named `<cluster>-<UTC second>-rev<revision>.db`, so two snapshots of
+an idle cluster taken within the same second share a name and the second one
+fails ("... exists already; nothing was overwritten"). Tests that take several
+snapshots in a row therefore write a key between them.
 """
 from __future__ import annotations
 
@@ -383,7 +388,7 @@ async def test_keep_last_prunes_the_oldest_file_row_and_listing(make_cluster, sl
     store = bot.ctx.store
     snap_dir = tmp_path / "snapshots" / "prod"
     for i in range(3):
-        c.etcdctl("put", f"/k/{i}", "v")  # a new revision each time: each snapshot has its own name
+        c.etcdctl("put", f"/k/{i}", "v")  # a new revision each time: each snapshot has its own name (see above)
         msg = await reply(slack, "snapshot", timeout=60)
         assert "verified" in text_of(msg), text_of(msg)
 
@@ -520,6 +525,9 @@ async def test_scheduled_snapshots_are_taken_posted_and_fail_loudly(make_cluster
     assert await scheduler.run_due(now=time.time()) == []  # just taken: not due
     assert scheduled_posts(start) == []
 
+    # A new revision first: two snapshots of the same revision within the same second would get the
+    # same file name, and the second would be refused ("exists already") -- see the module notes.
+    c.etcdctl("put", "/scheduled", "1")
     now = row["created_at"] + 60  # a minute later
     assert await scheduler.run_due(now=now) == ["prod"]
     (posted,) = scheduled_posts(start)

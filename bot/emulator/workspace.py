@@ -125,6 +125,8 @@ class BotProcess:
         self.config, self.api_url, self.creds, self.log_file = config, api_url, creds, log_file
         self.port = port or free_port()
         self.proc: subprocess.Popen | None = None
+        self.argv: list[str] = [sys.executable, "-m", "bot", "run", "--http", "--host", "127.0.0.1",
+                                "--port", str(self.port), "--config", str(config)]
 
     @property
     def url(self) -> str:
@@ -135,10 +137,8 @@ class BotProcess:
         env.update(SLACK_BOT_TOKEN=self.creds.bot_token, SLACK_SIGNING_SECRET=self.creds.signing_secret,
                    SLACK_API_URL=self.api_url)
         with open(self.log_file, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bot", "run", "--http", "--host", "127.0.0.1", "--port", str(self.port),
-                 "--config", str(self.config)], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=env, start_new_session=True)
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         env=env, start_new_session=True)
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:

@@ -1,0 +1,52 @@
+"""Shared by the benchmarks: machine facts, percentiles and the JSON result format
+that bench/run_all.py turns into docs/benchmarks.md."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+for path in (str(ROOT), str(ROOT / "tests")):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+
+def machine() -> dict[str, str]:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    from bot.emulator.binaries import find_binary
+    import subprocess
+    etcd = subprocess.run([str(find_binary("etcd")), "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    return {"cpus": str(os.cpu_count()), "cpu": cpu, "python": platform.python_version(), "etcd": etcd.strip(),
+            "kernel": platform.release()}
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Nearest-rank percentile (p in 0..100)."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), int(round(p / 100 * len(ordered) + 0.5))))
+    return ordered[rank - 1]
+
+
+def row(metric: str, ours: float, peer: float, unit: str, peer_name: str, better: str = "lower") -> dict:
+    """One figure and its peer, measured in the same run; ratio = ours / peer."""
+    return {"metric": metric, "ours": ours, "peer": peer, "unit": unit, "peer_name": peer_name,
+            "ratio": ours / peer if peer else float("inf"), "better": better}
+
+
+def write(path: str | None, name: str, rows: list[dict], notes: str = "") -> None:
+    result = {"name": name, "rows": rows, "notes": notes, "machine": machine()}
+    for r in rows:
+        print(f"{r['metric']}: ours {r['ours']:.4g} {r['unit']}, {r['peer_name']} {r['peer']:.4g} {r['unit']}, "
+              f"ratio {r['ratio']:.2f} ({r['better']} is better)")
+    if path:
+        Path(path).write_text(json.dumps(result, indent=1))
