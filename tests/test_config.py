@@ -127,3 +127,69 @@ def test_the_cli_exits_2_with_one_line(tmp_path, body, fragment):
     assert len(error_lines) == 1 and fragment in error_lines[0]
     assert "usage: etcd-chatops check-config" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_snapshot_policy_defaults_and_per_cluster_overrides(tmp_path):
+    from pyrage import x25519
+    key = str(x25519.Identity.generate().to_public())
+    text = f"""
+[snapshots]
+keep_last = 5
+every = "6h"
+age_recipients = ["{key}"]
+[[clusters]]
+name = "a"
+endpoints = ["http://h:1"]
+[[clusters]]
+name = "b"
+endpoints = ["http://h:2"]
+[clusters.snapshots]
+keep_last = 30
+keep_days = 7
+every = "1h30m"
+"""
+    a, b = load_config(write(tmp_path, text)).clusters
+    assert (a.snapshots.keep_last, a.snapshots.keep_days, a.snapshots.every_seconds) == (5, None, 21600)
+    assert a.snapshots.encrypted and a.snapshots.age_recipients == (key,)
+    assert (b.snapshots.keep_last, b.snapshots.keep_days, b.snapshots.every_seconds) == (30, 7.0, 5400)
+    assert b.snapshots.age_recipients == (key,)
+
+
+@pytest.mark.parametrize("snippet, message", [
+    ('[snapshots]\nevery = "6"\n', "snapshots.every: '6' is not a duration like 6h"),
+    ('[snapshots]\nevery = "10s"\n', "snapshots.every: '10s' is too often"),
+    ('[snapshots]\nkeep_last = 0\n', "snapshots.keep_last: must be at least 1"),
+    ('[snapshots]\nage_recipients = ["age1nope"]\n', "snapshots.age_recipients[0]: 'age1nope'... is not an age X25519 public key"),
+    ('[snapshots]\nkeep = 3\n', "snapshots.keep: unknown key"),
+    ('database_timeout_seconds = -1\n', "database_timeout_seconds: must be greater than 0"),
+])
+def test_snapshot_and_database_mistakes(tmp_path, snippet, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, snippet + '[[clusters]]\nname = "a"\nendpoints = ["http://h:1"]\n'))
+    assert message in str(e.value)
+
+
+def test_access_roles(tmp_path):
+    text = """
+[approval]
+approvers = ["U0LEAD0001"]
+approver_groups = ["S0LEADS001"]
+[[clusters]]
+name = "open"
+endpoints = ["http://h:1"]
+[[clusters]]
+name = "closed"
+endpoints = ["http://h:2"]
+[clusters.access]
+readers = ["U0SRE00001"]
+operator_groups = ["S0SRE00001"]
+approvers = ["U0OTHER001"]
+"""
+    open_, closed = load_config(write(tmp_path, text)).clusters
+    assert open_.access.readers.open and open_.access.operators.open
+    assert open_.access.approvers.users == ("U0LEAD0001",) and open_.access.approvers.groups == ("S0LEADS001",)
+    assert closed.access.readers.users == ("U0SRE00001",) and not closed.access.readers.open
+    assert closed.access.operators.users == () and closed.access.operators.groups == ("S0SRE00001",)
+    assert closed.access.approvers.users == ("U0OTHER001",) and closed.access.approvers.groups == ()
+    with pytest.raises(ConfigError, match=r"clusters\[0\].access.readerz: unknown key"):
+        load_config(write(tmp_path, '[[clusters]]\nname = "a"\nendpoints = ["http://h:1"]\n[clusters.access]\nreaderz = []\n'))
