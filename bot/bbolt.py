@@ -69,6 +69,9 @@ _REV_MAIN = struct.Struct(">q")
 
 _FNV_OFFSET, _FNV_PRIME, _U64_MASK = 0xCBF29CE484222325, 0x100000001B3, (1 << 64) - 1
 _THREAD_MIN = 8 << 20       # hash the trailer in a thread from this size on
+_HASH_CHUNK = 4 << 20       # the trailer is hashed through pread() in pieces this big
+_RELEASE_BYTES = 32 << 20   # drop the map's pages after walking this much (RSS stays small)
+_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
 
 # on_leaf(offset, end, count, where, pgid): what a bucket walk does with each leaf page (pgid 0: inline).
 _OnLeaf = Callable[[int, int, int, str, int], None]
@@ -171,18 +174,18 @@ def snapshot_status(path: str | os.PathLike) -> SnapshotStatus:
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except (OSError, ValueError) as e:  # ValueError: it became empty since fstat
             raise SnapshotError(f"{name}: cannot read: {getattr(e, 'strerror', None) or e}") from None
-    try:
-        return _status(name, mm, min(size, len(mm)))
-    finally:
         try:
-            mm.close()
-        except BufferError:  # a view still held by a traceback: the collector unmaps it
-            pass
+            return _status(name, mm, min(size, len(mm)), f.fileno())
+        finally:
+            try:
+                mm.close()
+            except BufferError:  # a view still held by a traceback: the collector unmaps it
+                pass
 
 
-def _status(name: str, mm: mmap.mmap, size: int) -> SnapshotStatus:
+def _status(name: str, mm: mmap.mmap, size: int, fd: int) -> SnapshotStatus:
     with memoryview(mm) as mv:
-        return _Reader(name, mm, mv, size).run()
+        return _Reader(name, mm, mv, size, fd).run()
 
 
 @dataclass(frozen=True)
@@ -226,8 +229,9 @@ class _Reader:
     a 300 MB snapshot has ~40,000 leaf pages.
     """
 
-    def __init__(self, name: str, mm: mmap.mmap, mv: memoryview, size: int):
-        self.name, self.mm, self.mv, self.size = name, mm, mv, size
+    def __init__(self, name: str, mm: mmap.mmap, mv: memoryview, size: int, fd: int):
+        self.name, self.mm, self.mv, self.size, self.fd = name, mm, mv, size, fd
+        self.walked = 0                      # bytes of pages walked since the map's pages were last dropped
         self.bolt_size = size
         self.page_size = DEFAULT_PAGE_SIZE
         self.pgid = 0
@@ -299,30 +303,42 @@ class _Reader:
     def _check_trailer(self) -> Callable[[], bool]:
         """Start hashing the bbolt data; the result says whether the trailer matches.
 
-        hashlib drops the GIL while it hashes one large buffer, so on a
-        big file a thread does it alongside the walk (etcdutl does not
-        verify it at all: it costs as much as the walk).
+        The data is read with pread() into one reused buffer, not through the
+        map, so the page cache serves it without growing our RSS; hashlib drops
+        the GIL while it hashes, so on a big file a thread does it alongside
+        the walk (etcdutl does not verify the trailer at all).
         """
         import hashlib
 
-        data = self.mv[:self.bolt_size]
         h = hashlib.sha256()
-        if len(data) < _THREAD_MIN:
-            h.update(data)
-            data.release()
-            ok = h.digest() == self.mm[self.bolt_size:self.size]
+        fd, total = self.fd, self.bolt_size
+
+        def digest() -> None:
+            buf = bytearray(min(_HASH_CHUNK, total))
+            view = memoryview(buf)
+            done = 0
+            while done < total:
+                n = os.preadv(fd, [view[:min(_HASH_CHUNK, total - done)]], done)
+                if n <= 0:
+                    break  # the file shrank under us: the digest will not match
+                h.update(view[:n])
+                done += n
+
+        expected = os.pread(fd, TRAILER, self.bolt_size)
+        if total < _THREAD_MIN:
+            digest()
+            ok = h.digest() == expected
             return lambda: ok
         import threading
 
-        worker = threading.Thread(target=h.update, args=(data,), name="snapshot-sha256", daemon=True)
+        worker = threading.Thread(target=digest, name="snapshot-sha256", daemon=True)
         worker.start()
         result: list[bool] = []
 
         def done() -> bool:
             if not result:
                 worker.join()
-                data.release()
-                result.append(h.digest() == self.mm[self.bolt_size:self.size])
+                result.append(h.digest() == expected)
             return result[0]
         return done
 
@@ -449,6 +465,10 @@ class _Reader:
             if self.budget < 0:
                 self._spend(0)
             end = off + (overflow + 1) * ps
+            self.walked += end - off
+            if self.walked >= _RELEASE_BYTES and _DONTNEED is not None:  # the file stays cached; our RSS does not grow
+                mm.madvise(_DONTNEED)
+                self.walked = 0
             if flags == LEAF:
                 on_leaf(off, end, count, where, pgid)
             elif flags == BRANCH:

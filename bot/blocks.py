@@ -2,6 +2,7 @@
 screen readers and clients without blocks show the text)."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -233,7 +234,12 @@ def escape_keep_mentions(text: str) -> str:
 
 # ---------------------------------------------------------------- snapshots
 
-def snapshot_reply(saved, requested_by: str, pruned: list[str] | None = None, title: str = "Snapshot") -> Reply:
+def mention(user: str) -> str:
+    """A Slack user ID as a mention; anything else (the schedule) as plain words."""
+    return f"<@{user}>" if re.fullmatch(r"[UW][A-Z0-9]{2,}", user) else escape(user)
+
+
+def snapshot_reply(saved, requested_by: str, title: str = "Snapshot") -> Reply:
     """The runbook's status table plus where the file is and how to check it.
     The file itself never goes to Slack."""
     from bot.bbolt import status_table
@@ -243,14 +249,15 @@ def snapshot_reply(saved, requested_by: str, pruned: list[str] | None = None, ti
     facts = (f"*File:* `{escape(saved.path.name)}`{' (age-encrypted)' if saved.encrypted else ''} · "
              f"{humanize_bytes(saved.file_size)}\n*sha256:* `{saved.sha256}`\n"
              f"*Source:* {escape(saved.member)} ({saved.endpoint}) · took {humanize_duration(saved.duration)} "
-             f"({mib_s:.1f} MiB/s) · asked by <@{requested_by}>")
+             f"({mib_s:.1f} MiB/s) · asked by {mention(requested_by)}")
     blocks_ = [_section(f":camera_with_flash: *{title} of {escape(saved.cluster)}* — verified"),
                _section(f"```{table}```"), _section(facts)]
     if saved.failed_over_from:
         blocks_.append(_context(f":warning: {escape(saved.failed_over_from)} stopped answering mid-stream; "
                                 f"the snapshot was taken again from {escape(saved.member)}"))
-    if pruned:
-        blocks_.append(_context(f"Retention pruned {len(pruned)} older snapshot(s): {escape(', '.join(pruned))}"))
+    if saved.pruned:
+        blocks_.append(_context(f"Retention removed {len(saved.pruned)} older snapshot(s): "
+                                f"{escape(', '.join(saved.pruned))}"))
     text = (f"{title} of {saved.cluster}: hash {st.hash_hex}, revision {st.revision}, {st.total_keys} keys, "
             f"{humanize_bytes(st.total_size)}; file {saved.path.name}, sha256 {saved.sha256}")
     return Reply(text=text, blocks=blocks_)
@@ -268,7 +275,7 @@ def snapshots_reply(cluster: str, rows: list[dict[str, Any]]) -> Reply:
     lines = []
     for r in rows:
         lines.append(f"`{_basename(r['path'])}` · rev {r['revision']} · hash {r['hash']} · {r['total_keys']} keys · "
-                     f"{humanize_bytes(r['total_size'])} · {escape(r['member'])} · <@{r['requested_by']}> · "
+                     f"{humanize_bytes(r['total_size'])} · {escape(r['member'])} · {mention(r['requested_by'])} · "
                      f"{slack_date(r['created_at'])}" + (" · :lock:" if r["encrypted"] else "")
                      + (f" · {escape(r['reason'])}" if r.get("reason") else ""))
     text = f"Snapshots of {cluster} (newest first):\n" + "\n".join(lines)

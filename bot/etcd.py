@@ -114,7 +114,7 @@ def _transport_reason(details: str) -> tuple[type[EtcdUnavailable], str]:
     if "connection refused" in low:
         return EtcdUnavailable, "connection refused (member down?)"
     if "socket closed" in low or "connection reset" in low or "end of tcp stream" in low or "recvmsg" in low:
-        return EtcdUnavailable, "connection closed by the server (plaintext client to a TLS port, or the member went away)"
+        return EtcdUnavailable, "connection closed by the member (it went away, or a plaintext client reached a TLS port)"
     if "no route to host" in low or "network is unreachable" in low:
         return EtcdUnavailable, "no route to host"
     if "dns" in low or "name resolution" in low or "resolve" in low:
@@ -362,28 +362,15 @@ class EtcdClient:
         """A read from whichever endpoint answers first: all are asked at once,
         so a black-holed endpoint costs nothing when another one answers."""
         endpoints = self._order()
-        tasks = {asyncio.ensure_future(self.call(e, fn, timeout)): e for e in endpoints}
-        errors: list[EtcdError] = []
         try:
-            pending = set(tasks)
-            while pending:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    exc = task.exception()
-                    if exc is None:
-                        self._preferred = tasks[task]
-                        return task.result()
-                    if isinstance(exc, EtcdRequestError | EtcdAuthError):
-                        raise exc  # etcd answered: another endpoint would say the same
-                    if not isinstance(exc, EtcdError):
-                        raise exc
-                    errors.append(exc)
-        finally:
-            for task in tasks:
-                if not task.done():
-                    task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        raise _all_failed(errors)
+            winner, result = await first_success(
+                [self.call(e, fn, timeout) for e in endpoints],
+                # etcd itself answered (or a bug): another endpoint would say the same
+                fatal=lambda e: isinstance(e, EtcdRequestError | EtcdAuthError) or not isinstance(e, EtcdError))
+        except AllFailed as e:
+            raise _all_failed(e.errors) from None
+        self._preferred = endpoints[winner]
+        return result
 
     async def failover(self, fn: Callable[[grpc.aio.Channel, tuple | None, float], Awaitable[T]],
                        timeout: float | None = None) -> T:
@@ -518,6 +505,37 @@ class SnapshotStream:
 
     def close(self) -> None:
         self._call.cancel()
+
+
+class AllFailed(Exception):
+    def __init__(self, errors: list[BaseException]):
+        super().__init__(f"{len(errors)} attempts failed")
+        self.errors = errors
+
+
+async def first_success(attempts: list[Awaitable[T]], fatal: Callable[[BaseException], bool]) -> tuple[int, T]:
+    """Run every attempt at once; the first to succeed wins (its index and result)
+    and the others are cancelled. An error `fatal` accepts is raised at once;
+    when all fail, AllFailed carries their errors."""
+    tasks = [asyncio.ensure_future(a) for a in attempts]
+    errors: list[BaseException] = []
+    try:
+        pending = set(tasks)
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                exc = task.exception()
+                if exc is None:
+                    return tasks.index(task), task.result()
+                if fatal(exc):
+                    raise exc
+                errors.append(exc)
+    finally:
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    raise AllFailed(errors)
 
 
 def _all_failed(errors: list[EtcdError]) -> EtcdUnavailable:

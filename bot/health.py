@@ -10,7 +10,7 @@ import hashlib
 import time
 from dataclasses import dataclass, replace
 
-from bot.etcd import Alarm, EtcdClient, EtcdError, Member, MemberStatus
+from bot.etcd import AllFailed, Alarm, EtcdClient, EtcdError, Member, MemberStatus, first_success
 
 NO_LEADER = "etcdserver: no leader"
 
@@ -143,23 +143,12 @@ async def _ask_member(client: EtcdClient, member: Member, timeout: float) -> tup
     if not member.client_urls:
         return MemberHealth(member, error="unstarted: no client URL published yet" if not member.name else "no client URL"), []
 
-    tasks = [asyncio.ensure_future(client.status(u, timeout)) for u in member.client_urls]
-    errors: list[str] = []
     try:
-        pending = set(tasks)
-        while pending:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for t in done:
-                exc = t.exception()
-                if exc is None:
-                    status: MemberStatus = t.result()
-                    return MemberHealth(member, status=status), list(status.alarms)
-                errors.append(exc.message if isinstance(exc, EtcdError) else str(exc))
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    return MemberHealth(member, error="; ".join(dict.fromkeys(errors))), []
+        _, status = await first_success([client.status(u, timeout) for u in member.client_urls],
+                                        fatal=lambda e: not isinstance(e, EtcdError))
+    except AllFailed as e:
+        return MemberHealth(member, error="; ".join(dict.fromkeys(err.message for err in e.errors))), []
+    return MemberHealth(member, status=status), list(status.alarms)
 
 
 async def check_cluster(client: EtcdClient, cluster: str, timeout: float | None = None) -> ClusterHealth:

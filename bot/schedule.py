@@ -19,7 +19,7 @@ from bot.snapshots import SnapshotFailed
 log = logging.getLogger(__name__)
 REASON = "scheduled"
 RETRY_AFTER_FAILURE = 600.0
-SCHEDULER = "etcd-chatops"  # recorded as the requester of scheduled snapshots
+SCHEDULER = "the schedule"  # recorded as the requester of scheduled snapshots
 
 
 def is_due(every: float, last_success: float | None, last_failure: float | None, now: float) -> bool:

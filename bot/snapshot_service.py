@@ -55,8 +55,7 @@ async def take_snapshot(ctx: BotContext, cluster: ClusterConfig, *, requested_by
                                     cluster.name, cluster.snapshots.age_recipients)
         saved = replace(saved, failed_over_from=source.member.name)
     await record_snapshot(ctx, saved, requested_by=requested_by, reason=reason, channel=channel)
-    await prune(ctx, cluster)
-    return saved
+    return replace(saved, pruned=tuple(await prune(ctx, cluster)))
 
 
 async def record_snapshot(ctx: BotContext, saved: SavedSnapshot, *, requested_by: str, reason: str,

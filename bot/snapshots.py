@@ -47,6 +47,7 @@ class SavedSnapshot:
     created_at: float
     encrypted: bool = False
     failed_over_from: str | None = None   # the member that died mid-stream, when there was one
+    pruned: tuple[str, ...] = ()          # files retention removed after this one was taken
 
     @property
     def throughput(self) -> float:
@@ -55,7 +56,11 @@ class SavedSnapshot:
 
 
 class TrailerCheck:
-    """Hashes everything but the last 32 bytes seen, without buffering the stream."""
+    """Hashes everything but the last 32 bytes seen, without buffering the stream.
+
+    One sha256 pass serves both the trailer check and the file's own sha256
+    (`file_sha256`), and a chunk is never copied: at 32 KiB per message both
+    cost as much as receiving the stream."""
 
     def __init__(self) -> None:
         self._hash = hashlib.sha256()
@@ -64,12 +69,24 @@ class TrailerCheck:
 
     def update(self, chunk: bytes) -> None:
         self.size += len(chunk)
+        if len(chunk) >= TRAILER:  # the bytes held back are not the trailer: hash them, hold back this tail
+            self._hash.update(self._tail)
+            view = memoryview(chunk)
+            self._hash.update(view[:-TRAILER])
+            self._tail = bytes(view[-TRAILER:])
+            return
         data = self._tail + chunk
         if len(data) > TRAILER:
-            self._hash.update(memoryview(data)[:-TRAILER])
+            self._hash.update(data[:-TRAILER])
             self._tail = data[-TRAILER:]
         else:
             self._tail = data
+
+    def file_sha256(self) -> str:
+        """sha256 of every byte seen, trailer included (what `sha256sum` prints for the file)."""
+        whole = self._hash.copy()
+        whole.update(self._tail)
+        return whole.hexdigest()
 
     def verify(self) -> None:
         if self.size % 512 != TRAILER:
@@ -83,11 +100,28 @@ def snapshot_filename(cluster: str, when: dt.datetime, revision: int) -> str:
     return f"{cluster}-{when.astimezone(dt.timezone.utc):%Y%m%dT%H%M%SZ}-rev{revision}.db"
 
 
+WRITE_BATCH = 4 << 20  # bytes handed to the writer thread at once
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         written = os.write(fd, view)
         view = view[written:]
+
+
+def _publish(src: Path, directory: Path, stem: str, suffix: str) -> Path:
+    """Give the finished file its final name, never replacing another: link(2)
+    fails on an existing name (two snapshots in one second get -2, -3, ...)."""
+    for n in range(1, 1000):
+        candidate = directory / (f"{stem}{suffix}" if n == 1 else f"{stem}-{n}{suffix}")
+        try:
+            os.link(src, candidate)
+        except FileExistsError:
+            continue
+        src.unlink()
+        return candidate
+    raise SnapshotFailed(f"no free file name for {stem}{suffix} in {directory}")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -142,6 +176,7 @@ async def save_snapshot(client: EtcdClient, endpoint: str, member: str, director
     target_dir = Path(directory) / cluster
     try:
         target_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(target_dir, 0o700)
     except OSError as e:
         raise SnapshotFailed(f"cannot create {target_dir}: {e.strerror}") from None
     try:
@@ -154,18 +189,34 @@ async def save_snapshot(client: EtcdClient, endpoint: str, member: str, director
     suffix = ".age" if recipients else ""
     part = target_dir / (name + suffix + ".part")
     plain_part = target_dir / (name + ".part")
-    check, file_hash = TrailerCheck(), hashlib.sha256()
+    check = TrailerCheck()
     fd, named = -1, None
+    writing: asyncio.Future | None = None
+
+    def write_and_hash(data: bytes) -> None:  # in a thread: disk and sha256 overlap the receive
+        _write_all(fd, data)
+        check.update(data)
+
     try:
         fd, named = _open_plain(target_dir, plain_part, bool(recipients))
+        batch: list[bytes] = []
+        size = 0
         async for chunk in stream:
-            _write_all(fd, chunk)
-            check.update(chunk)
-            file_hash.update(chunk)
+            batch.append(chunk)
+            size += len(chunk)
+            if size >= WRITE_BATCH:
+                if writing is not None:
+                    await writing
+                writing = asyncio.ensure_future(asyncio.to_thread(write_and_hash, b"".join(batch)))
+                batch, size = [], 0
+        if writing is not None:
+            await writing
+            writing = None
+        write_and_hash(b"".join(batch))
         check.verify()
         await asyncio.to_thread(os.fsync, fd)
         status = await asyncio.to_thread(snapshot_status, named or f"/proc/self/fd/{fd}")
-        final = target_dir / (snapshot_filename(cluster, when, status.revision) + suffix)
+        stem = snapshot_filename(cluster, when, status.revision).removesuffix(".db")
         if recipients:
             await asyncio.to_thread(_encrypt, fd, part, recipients)
             sha256 = await asyncio.to_thread(_sha256_file, part)
@@ -173,14 +224,14 @@ async def save_snapshot(client: EtcdClient, endpoint: str, member: str, director
             if named:
                 named.unlink()
         else:
-            sha256, file_size = file_hash.hexdigest(), check.size
+            sha256, file_size = check.file_sha256(), check.size
         os.close(fd)
         fd = -1
-        if final.exists():
-            raise SnapshotFailed(f"{final.name} exists already; nothing was overwritten")
-        os.replace(part if recipients else plain_part, final)
+        final = _publish(part if recipients else plain_part, target_dir, stem, ".db" + suffix)
         await asyncio.to_thread(_fsync_dir, target_dir)
     except BaseException as e:
+        if writing is not None:
+            await asyncio.gather(writing, return_exceptions=True)
         if fd >= 0:
             os.close(fd)
         for leftover in (part, plain_part):

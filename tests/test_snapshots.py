@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -45,7 +46,7 @@ from bot.emulator.cluster import LocalCluster
 from bot.emulator.workspace import CHANNEL, LEAD, ONCALL, cluster_table, write_config
 from bot.etcd import SNAPSHOT_IDLE_TIMEOUT, EtcdClient
 from bot.schedule import RETRY_AFTER_FAILURE, SCHEDULER, Scheduler, is_due
-from bot.snapshots import TRAILER, SnapshotFailed, save_snapshot, to_prune
+from bot.snapshots import TRAILER, SnapshotFailed, TrailerCheck, save_snapshot, to_prune
 
 ROOT = Path(__file__).resolve().parent.parent
 KiB, MiB = 1 << 10, 1 << 20
@@ -125,6 +126,18 @@ async def wait_for_growing_part(directory: Path, save: asyncio.Task, at_least: i
         await asyncio.sleep(0.001)
 
 
+@contextlib.asynccontextmanager
+async def in_background(coro):
+    """Run `coro` as a task; on the way out (a failed assertion too) it is cancelled if still running."""
+    task = asyncio.create_task(coro)
+    try:
+        yield task
+    finally:
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 class IdleTimeoutClient(EtcdClient):
     """An EtcdClient whose snapshot streams give up after `idle_timeout` seconds of silence.
 
@@ -180,14 +193,49 @@ async def test_save_names_protects_and_verifies_the_file(make_cluster, tmp_path)
     assert files_under(tmp_path) == [f"prod/{saved.path.name}"]  # no .part left behind
 
 
+def _chunkings(data: bytes) -> dict[str, list[bytes]]:
+    rng = random.Random(5)
+    cuts, pos = [], 0
+    while pos < len(data):
+        step = rng.choice([1, 5, 31, 32, 33, 100, 4096])
+        cuts.append(data[pos:pos + step])
+        pos += step
+    return {"whole": [data], "32 KiB": [data[i:i + 32 * KiB] for i in range(0, len(data), 32 * KiB)],
+            "odd sizes": cuts, "bytes": [data[i:i + 1] for i in range(len(data) - 200, len(data))]}
+
+
+@pytest.mark.parametrize("chunking", ["whole", "32 KiB", "odd sizes", "bytes"])
+def test_trailer_check_any_chunking(chunking):
+    body = random.Random(4).randbytes(3 * 512 * 97)
+    good = body + hashlib.sha256(body).digest()
+    chunks = _chunkings(good)[chunking]
+    if chunking == "bytes":  # the head in one piece, the last 200 bytes one at a time
+        chunks = [good[:-200]] + chunks
+    check = TrailerCheck()
+    for chunk in chunks:
+        check.update(chunk)
+    check.verify()
+    assert check.size == len(good)
+    assert check.file_sha256() == hashlib.sha256(good).hexdigest()  # the whole file's, trailer included
+
+    for bad, why in ((body[:-1] + b"x" + hashlib.sha256(body).digest(), "does not match"),
+                     (good[:-512], "does not match"),
+                     (good[:-1], "without etcd's sha256 trailer")):
+        check = TrailerCheck()
+        for chunk in _chunkings(bad)["odd sizes"]:
+            check.update(chunk)
+        with pytest.raises(SnapshotFailed, match=why):
+            check.verify()
+
+
 # ---------------------------------------------------------------- 2. the source member dies or falls silent
 
 async def test_member_killed_mid_stream_leaves_no_file(make_cluster, tmp_path):
     c = make_cluster(1)
     await fill(c, 60)  # ~64 MB: the stream lasts long enough to be cut
     target = tmp_path / "prod"
-    async with EtcdClient(c.endpoints) as client:
-        save = asyncio.create_task(save_snapshot(client, c.endpoints[0], "member1", tmp_path, "prod"))
+    async with EtcdClient(c.endpoints) as client, \
+            in_background(save_snapshot(client, c.endpoints[0], "member1", tmp_path, "prod")) as save:
         seen = await wait_for_growing_part(target, save)
         # Called in the event loop on purpose: the stream cannot be read to its end while the kill runs.
         c.kill("member1")
@@ -209,8 +257,8 @@ async def test_member_paused_mid_stream_hits_the_idle_timeout_and_leaves_no_file
     await fill(c, 60)
     target = tmp_path / "prod"
     idle = 1.0
-    async with IdleTimeoutClient(c.endpoints, idle_timeout=idle) as client:
-        save = asyncio.create_task(save_snapshot(client, c.endpoints[0], "member1", tmp_path, "prod"))
+    async with IdleTimeoutClient(c.endpoints, idle_timeout=idle) as client, \
+            in_background(save_snapshot(client, c.endpoints[0], "member1", tmp_path, "prod")) as save:
         await wait_for_growing_part(target, save)
         c.pause("member1")  # SIGSTOP: the connection stays open, nothing more arrives
         paused = time.monotonic()
@@ -278,9 +326,11 @@ async def test_encrypted_save_round_trips_and_never_names_the_plaintext(make_clu
     names_seen: set[str] = set()
     fds_seen: set[str] = set()  # what this process's open files under the snapshot dir are called
 
-    async with EtcdClient(c.endpoints) as client:
-        save = asyncio.create_task(save_snapshot(client, c.endpoints[0], "member1", snaps, "prod", (recipient,)))
+    async with EtcdClient(c.endpoints) as client, \
+            in_background(save_snapshot(client, c.endpoints[0], "member1", snaps, "prod", (recipient,))) as save:
+        deadline = time.monotonic() + 60
         while not save.done():
+            assert time.monotonic() < deadline, "the encrypted save did not finish within 60 s"
             if target.is_dir():
                 names_seen |= {p.name for p in target.iterdir()}
             for fd in os.listdir("/proc/self/fd"):
