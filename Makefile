@@ -26,6 +26,7 @@ demo: install
 	$(BIN)/etcd-chatops demo
 
 test: install
+	sh scripts/install-etcd34.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: install

@@ -109,19 +109,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         size = path.stat().st_size
         ours_t, ours = best_of(args.runs, lambda: snapshot_status(path))
+        walk_t, _ = best_of(args.runs, lambda: snapshot_status(path, verify_trailer=False))
         cli_t, _ = best_of(args.runs, lambda: subprocess.run(
             [sys.executable, "-m", "bot", "snapshot", "status", str(path), "--json"], check=True, capture_output=True))
+        same_work_t, _ = best_of(args.runs, lambda: subprocess.run(
+            [sys.executable, "-m", "bot", "snapshot", "status", str(path), "--json", "--no-verify"], check=True,
+            capture_output=True))
         theirs_t, theirs = best_of(args.runs, lambda: etcdutl(path))
         got = (ours.hash, ours.revision, ours.total_keys, ours.total_size)
         want = (theirs["hash"], theirs["revision"], theirs["totalKey"], theirs["totalSize"])
         assert got == want, f"disagree: ours {got}, etcdutl {want}"
         size_text = (f"{size / MB:,.0f} MB snapshot, {ours.total_keys:,} keys, trailer {'verified' if ours.has_trailer else 'absent'}")
         write(args.json, "Snapshot status against etcdutl", [
-            row(f"status of a {size_text}, in process", ours_t, theirs_t, "s", "etcdutl snapshot status"),
-            row("the same, `etcd-chatops snapshot status` as a process", cli_t, theirs_t, "s",
+            row(f"status of a {size_text}: the same work as etcdutl (no trailer check), in process", walk_t, theirs_t,
+                "s", "etcdutl snapshot status"),
+            row("the same, sha256 trailer verified (our default), in process", ours_t, theirs_t, "s",
+                "etcdutl snapshot status"),
+            row("`etcd-chatops snapshot status --no-verify` as a process", same_work_t, theirs_t, "s",
+                "etcdutl snapshot status"),
+            row("`etcd-chatops snapshot status` as a process (trailer verified)", cli_t, theirs_t, "s",
                 "etcdutl snapshot status"),
         ], f"Best of {args.runs}; results identical (hash, revision, total keys, total size). etcdutl includes its "
-           f"process start; so does the second row.")
+           f"process start (a Go binary: a few ms) and never checks the sha256 trailer; the process rows include "
+           f"ours (Python: about 40 ms). The reader keeps its RSS bounded (about 70 MB on this file, etcdutl about 350 MB) by dropping pages it has walked.")
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

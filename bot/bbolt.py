@@ -69,8 +69,8 @@ _REV_MAIN = struct.Struct(">q")
 
 _FNV_OFFSET, _FNV_PRIME, _U64_MASK = 0xCBF29CE484222325, 0x100000001B3, (1 << 64) - 1
 _THREAD_MIN = 8 << 20       # hash the trailer in a thread from this size on
-_HASH_CHUNK = 4 << 20       # the trailer is hashed through pread() in pieces this big
-_RELEASE_BYTES = 32 << 20   # drop the map's pages after walking this much (RSS stays small)
+_HASH_WINDOW = 32 << 20     # the trailer is hashed through the map in windows this big, each dropped after
+_RELEASE_BYTES = 16 << 20   # drop the map's pages after walking this much (RSS stays small)
 _DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
 
 # on_leaf(offset, end, count, where, pgid): what a bucket walk does with each leaf page (pgid 0: inline).
@@ -155,11 +155,13 @@ def status_table(status: SnapshotStatus) -> str:
 
 # -- reading ----------------------------------------------------------------
 
-def snapshot_status(path: str | os.PathLike) -> SnapshotStatus:
+def snapshot_status(path: str | os.PathLike, verify_trailer: bool = True) -> SnapshotStatus:
     """Status of an etcd snapshot or bbolt file, as `etcdutl snapshot status` computes it.
 
     Raises SnapshotError (one line naming the file) for anything that is not
     a whole, consistent snapshot; never hangs, never leaks another exception.
+    `verify_trailer=False` skips the sha256 check of an API snapshot (etcdutl
+    never does it; the saver has already checked the stream).
     """
     name = os.fsdecode(path)
     try:
@@ -175,7 +177,7 @@ def snapshot_status(path: str | os.PathLike) -> SnapshotStatus:
         except (OSError, ValueError) as e:  # ValueError: it became empty since fstat
             raise SnapshotError(f"{name}: cannot read: {getattr(e, 'strerror', None) or e}") from None
         try:
-            return _status(name, mm, min(size, len(mm)), f.fileno())
+            return _status(name, mm, min(size, len(mm)), verify_trailer)
         finally:
             try:
                 mm.close()
@@ -183,9 +185,9 @@ def snapshot_status(path: str | os.PathLike) -> SnapshotStatus:
                 pass
 
 
-def _status(name: str, mm: mmap.mmap, size: int, fd: int) -> SnapshotStatus:
+def _status(name: str, mm: mmap.mmap, size: int, verify_trailer: bool) -> SnapshotStatus:
     with memoryview(mm) as mv:
-        return _Reader(name, mm, mv, size, fd).run()
+        return _Reader(name, mm, mv, size, verify_trailer).run()
 
 
 @dataclass(frozen=True)
@@ -229,8 +231,8 @@ class _Reader:
     a 300 MB snapshot has ~40,000 leaf pages.
     """
 
-    def __init__(self, name: str, mm: mmap.mmap, mv: memoryview, size: int, fd: int):
-        self.name, self.mm, self.mv, self.size, self.fd = name, mm, mv, size, fd
+    def __init__(self, name: str, mm: mmap.mmap, mv: memoryview, size: int, verify_trailer: bool = True):
+        self.name, self.mm, self.mv, self.size, self.verify_trailer = name, mm, mv, size, verify_trailer
         self.walked = 0                      # bytes of pages walked since the map's pages were last dropped
         self.bolt_size = size
         self.page_size = DEFAULT_PAGE_SIZE
@@ -250,7 +252,7 @@ class _Reader:
 
     def run(self) -> SnapshotStatus:
         has_trailer = self._framing()
-        trailer_ok = self._check_trailer() if has_trailer else None
+        trailer_ok = self._check_trailer() if has_trailer and self.verify_trailer else None
         try:
             try:
                 status = self._read(has_trailer)
@@ -303,28 +305,26 @@ class _Reader:
     def _check_trailer(self) -> Callable[[], bool]:
         """Start hashing the bbolt data; the result says whether the trailer matches.
 
-        The data is read with pread() into one reused buffer, not through the
-        map, so the page cache serves it without growing our RSS; hashlib drops
-        the GIL while it hashes, so on a big file a thread does it alongside
-        the walk (etcdutl does not verify the trailer at all).
+        hashlib drops the GIL while it hashes a large buffer, so on a big file
+        a thread hashes alongside the walk, one 32 MiB window of the map at a
+        time (few GIL hand-overs), dropping each window's pages once hashed so
+        the file never sits in our RSS (etcdutl does not verify the trailer).
         """
         import hashlib
 
         h = hashlib.sha256()
-        fd, total = self.fd, self.bolt_size
+        total, mv, mm = self.bolt_size, self.mv, self.mm
 
         def digest() -> None:
-            buf = bytearray(min(_HASH_CHUNK, total))
-            view = memoryview(buf)
-            done = 0
-            while done < total:
-                n = os.preadv(fd, [view[:min(_HASH_CHUNK, total - done)]], done)
-                if n <= 0:
-                    break  # the file shrank under us: the digest will not match
-                h.update(view[:n])
-                done += n
+            for start in range(0, total, _HASH_WINDOW):
+                stop = min(start + _HASH_WINDOW, total)
+                with mv[start:stop] as window:
+                    h.update(window)
+                if _DONTNEED is not None:
+                    first = start - start % mmap.PAGESIZE
+                    mm.madvise(_DONTNEED, first, stop - first)
 
-        expected = os.pread(fd, TRAILER, self.bolt_size)
+        expected = bytes(mv[self.bolt_size:self.size])
         if total < _THREAD_MIN:
             digest()
             ok = h.digest() == expected

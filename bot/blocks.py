@@ -117,9 +117,9 @@ def help_reply(usage: str, clusters: list[str]) -> Reply:
 
 
 def unreachable_reply(cluster: str, error: str) -> Reply:
-    text = f"etcd cluster {cluster}: no endpoint answered: {error}"
+    text = f"etcd cluster {cluster}: UNREACHABLE: {error}"
     return Reply(text=text, blocks=[_header(f"etcd cluster {cluster}: UNREACHABLE"),
-                                    _section(f":red_circle: No configured endpoint answered.\n{escape(error)}")])
+                                    _section(f":red_circle: {escape(error)}")])
 
 
 # ---------------------------------------------------------------- plans

@@ -106,7 +106,10 @@ def _transport_reason(details: str) -> tuple[type[EtcdUnavailable], str]:
     """Turn gRPC's connection diagnostics into a short reason a human can act on."""
     low = details.lower()
     if "handshake" in low or "ssl" in low or "certificate" in low or "tsi_" in low:
-        if "certificate_required" in low or "certificate required" in low or "handshake_failure" in low or "alert" in low:
+        # TLS 1.3 servers (etcd 3.4's Go) refuse a missing client certificate after the
+        # handshake, which gRPC reports as a failed unwrap of the first record.
+        if ("certificate_required" in low or "certificate required" in low or "handshake_failure" in low
+                or "alert" in low or "tsi_data_corrupted" in low or "unwrap failed" in low):
             return EtcdTLSError, "TLS handshake failed: the server wants a client certificate we did not present or did not accept (set cert and key)"
         if "certificate verify failed" in low or "verify" in low:
             return EtcdTLSError, "TLS handshake failed: the server's certificate is not trusted (set cacert)"

@@ -215,7 +215,8 @@ async def save_snapshot(client: EtcdClient, endpoint: str, member: str, director
         write_and_hash(b"".join(batch))
         check.verify()
         await asyncio.to_thread(os.fsync, fd)
-        status = await asyncio.to_thread(snapshot_status, named or f"/proc/self/fd/{fd}")
+        # the stream's trailer was verified as it arrived: no second pass over the file
+        status = await asyncio.to_thread(snapshot_status, named or f"/proc/self/fd/{fd}", False)
         stem = snapshot_filename(cluster, when, status.revision).removesuffix(".db")
         if recipients:
             await asyncio.to_thread(_encrypt, fd, part, recipients)

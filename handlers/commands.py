@@ -14,7 +14,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bot import blocks, lifecycle
 from bot.access import COMMAND_ROLES
-from bot.commands import Command, UsageError, general_usage, parse
+from bot.commands import SPECS, Command, UsageError, general_usage, parse
 from bot.config import ClusterConfig
 from bot.context import BotContext
 from bot.etcd import EtcdError
@@ -112,7 +112,7 @@ def register(app: AsyncApp, ctx: BotContext) -> None:
             return
         if cmd.name == "help":
             topic = cmd.args.get("topic")
-            usage = f"`{parse(topic).spec.usage}`" if topic else general_usage()
+            usage = f"`{SPECS[topic].usage}`" if topic else general_usage()
             bound = [c.name for c in ctx.config.clusters_for_channel(channel)]
             await ack(**blocks.help_reply(usage, bound).as_kwargs())
             ctx.metrics.commands.labels(command="help", outcome="ok").inc()

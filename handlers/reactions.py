@@ -1,7 +1,9 @@
 """Reactions on plan messages are approvals and rejections.
 
 Slack redelivers events (X-Slack-Retry-Num, or silently in Socket Mode):
-each event ID is acted on once. Reactions on any other message are ignored.
+each event ID is acted on once. Reactions on any other message, and events
+of any other shape, are ignored. Removing a reaction undoes nothing (the
+app does not subscribe to reaction_removed).
 """
 from __future__ import annotations
 
@@ -20,14 +22,18 @@ def register(app: AsyncApp, ctx: BotContext) -> None:
     @app.event("reaction_added")
     async def on_reaction_added(event: dict[str, Any], body: dict[str, Any]) -> None:
         ctx.track_current_task()
-        item = event.get("item") or {}
-        if item.get("type") != "message" or not item.get("channel") or not item.get("ts"):
+        item = event.get("item")
+        if not isinstance(item, dict) or item.get("type") != "message":
+            return
+        channel, ts = item.get("channel"), item.get("ts")
+        user, reaction = event.get("user"), event.get("reaction")
+        if not all(isinstance(v, str) and v for v in (channel, ts, user, reaction)):
             return
         event_id = body.get("event_id")
         if event_id and not await ctx.store.first_delivery(event_id):
             log.info("duplicate event ignored", extra={"ctx_event_id": event_id})
             return
-        row = await ctx.store.plan_by_message(item["channel"], item["ts"])
+        row = await ctx.store.plan_by_message(channel, ts)
         if row is None:
             return
-        await lifecycle.on_reaction(ctx, row, event.get("user", ""), event.get("reaction", ""))
+        await lifecycle.on_reaction(ctx, row, user, reaction)

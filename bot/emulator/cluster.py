@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from bot.emulator.binaries import find_binary
+from bot.emulator.binaries import BinaryNotFound, find_binary
 
 START_TIMEOUT = 30.0
 # Base directories of the clusters this process created (tests check that none is left running).
@@ -182,7 +182,9 @@ class LocalCluster:
         self.base_dir.mkdir(parents=True, exist_ok=True)
         CREATED.append(self.base_dir)
         self.token = "etcd-chatops-" + secrets.token_hex(6)
+        # Binaries are chosen once, here: a cluster keeps the etcd version (ETCD_BIN_DIR) it was made with.
         self.etcd = str(find_binary("etcd"))
+        self.etcdctl_bin = _optional_binary("etcdctl")
         self.tls: TLSPaths | None = None
         if tls:
             from bot.emulator import certs
@@ -199,7 +201,15 @@ class LocalCluster:
         self.size, self.prefix, self.keep = 0, "member", True
         self.base_dir = Path(base_dir)
         self.token = ""
-        self.etcd = str(find_binary("etcd"))
+        # The etcd its members run (the version it was made with), and the etcdctl beside it.
+        recorded = next((m.argv[0] for m in load_members(self.base_dir).values() if m.argv), None)
+        if recorded and os.access(recorded, os.X_OK):
+            self.etcd = recorded
+            sibling = Path(recorded).with_name("etcdctl")
+            self.etcdctl_bin = str(sibling) if os.access(sibling, os.X_OK) else _optional_binary("etcdctl")
+        else:
+            self.etcd = str(find_binary("etcd"))
+            self.etcdctl_bin = _optional_binary("etcdctl")
         self.tls = tls
         if tls is None and (self.base_dir / "tls" / "ca.crt").is_file():
             d = self.base_dir / "tls"
@@ -350,7 +360,7 @@ class LocalCluster:
     # -- tools ----------------------------------------------------------
 
     def etcdctl_args(self, endpoints: list[str] | None = None) -> list[str]:
-        args = [str(find_binary("etcdctl")), f"--endpoints={','.join(endpoints or self.endpoints)}",
+        args = [self.etcdctl_bin or str(find_binary("etcdctl")), f"--endpoints={','.join(endpoints or self.endpoints)}",
                 "--dial-timeout=2s", "--command-timeout=10s"]
         if self.tls:
             args += [f"--cacert={self.tls.ca}", f"--cert={self.tls.client_cert}", f"--key={self.tls.client_key}"]
@@ -409,6 +419,14 @@ class LocalCluster:
                     pass
         for pid in pids:
             _wait_gone(pid, self.base_dir, 5.0)
+
+
+def _optional_binary(name: str) -> str | None:
+    """The binary's path, or None when it is missing (the error is raised when it is needed)."""
+    try:
+        return str(find_binary(name))
+    except BinaryNotFound:
+        return None
 
 
 def _wait_gone(pid: int, base_dir: Path, timeout: float) -> bool:

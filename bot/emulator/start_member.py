@@ -14,7 +14,6 @@ import os
 import sys
 from pathlib import Path
 
-from bot.emulator.binaries import find_binary
 from bot.emulator.cluster import ClusterError, LocalCluster, TLSPaths, free_port, spawn, tls_member_args
 
 
@@ -35,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         client = f"{scheme}://127.0.0.1:{free_port()}"
         env["ETCD_LISTEN_CLIENT_URLS"] = env["ETCD_ADVERTISE_CLIENT_URLS"] = client
     tls_dir = base / "tls"
-    argv_etcd = [str(find_binary("etcd")), "--logger", "zap", "--log-level", "warn"]
+    # the binary the cluster's members run (the launcher strips ETCD_*, so ETCD_BIN_DIR is not seen here)
+    argv_etcd = [LocalCluster.attach(base).etcd, "--logger", "zap", "--log-level", "warn"]
     tls = None
     if (tls_dir / "ca.crt").is_file() and scheme == "https":
         tls = TLSPaths(ca=str(tls_dir / "ca.crt"), server_cert=str(tls_dir / "server.crt"),
