@@ -70,7 +70,7 @@ _REV_MAIN = struct.Struct(">q")
 _FNV_OFFSET, _FNV_PRIME, _U64_MASK = 0xCBF29CE484222325, 0x100000001B3, (1 << 64) - 1
 _THREAD_MIN = 8 << 20       # hash the trailer in a thread from this size on
 _HASH_WINDOW = 32 << 20     # the trailer is hashed through the map in windows this big, each dropped after
-_RELEASE_BYTES = 16 << 20   # drop the map's pages after walking this much (RSS stays small)
+_RELEASE_BYTES = 8 << 20   # drop the map's pages after walking this much (RSS stays small)
 _DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
 
 # on_leaf(offset, end, count, where, pgid): what a bucket walk does with each leaf page (pgid 0: inline).

@@ -100,7 +100,7 @@ def snapshot_filename(cluster: str, when: dt.datetime, revision: int) -> str:
     return f"{cluster}-{when.astimezone(dt.timezone.utc):%Y%m%dT%H%M%SZ}-rev{revision}.db"
 
 
-WRITE_BATCH = 4 << 20  # bytes handed to the writer thread at once
+WRITE_BATCH = 2 << 20  # bytes handed to the writer thread at once
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -214,9 +214,10 @@ async def save_snapshot(client: EtcdClient, endpoint: str, member: str, director
             writing = None
         write_and_hash(b"".join(batch))
         check.verify()
-        await asyncio.to_thread(os.fsync, fd)
+        # fsync and the status walk overlap (one flushes, the other reads the page cache);
         # the stream's trailer was verified as it arrived: no second pass over the file
-        status = await asyncio.to_thread(snapshot_status, named or f"/proc/self/fd/{fd}", False)
+        _, status = await asyncio.gather(asyncio.to_thread(os.fsync, fd),
+                                         asyncio.to_thread(snapshot_status, named or f"/proc/self/fd/{fd}", False))
         stem = snapshot_filename(cluster, when, status.revision).removesuffix(".db")
         if recipients:
             await asyncio.to_thread(_encrypt, fd, part, recipients)

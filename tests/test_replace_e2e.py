@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -240,3 +241,28 @@ async def test_the_bot_killed_during_the_start_step_resumes_without_repeating(ma
     members = await members_of(c)
     assert sorted(h.member.name for h in members) == ["member2", "member3", "member4"]
     assert [h.member.hex_id for h in members if h.member.name == "member4"] == [row["new_member_id"]]
+
+
+async def test_a_manual_launcher_waits_for_the_operator(make_cluster, slack, start_bot):
+    """The bot posts the runbook's environment and waits; an operator starts etcd with
+    exactly what was posted; the plan carries on."""
+    c = make_cluster(3)
+    table = cluster_table("prod", c)
+    table["launcher"] = {"kind": "manual", "timeout_seconds": 60}
+    bot = await start_bot([table], approval=APPROVAL)
+    c.kill("member1")
+    peer, client = urls()
+    plan = await propose(slack, f"replace member1 member4 {peer} --client-url {client}")
+    assert "an operator runs etcd on the new machine" in text_of(plan)
+    row = await plan_row(bot.ctx.store, plan)
+    await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
+    note = await slack.wait_for(lambda: next((m for m in replies(slack, plan) if "Start *member4*" in m.text), None),
+                                timeout=60, what="the operator's instructions")
+    env = dict(re.findall(r'export (ETCD_\w+)="([^"]*)"', note.text))
+    assert env["ETCD_NAME"] == "member4" and env["ETCD_INITIAL_CLUSTER_STATE"] == "existing"
+    assert env["ETCD_LISTEN_CLIENT_URLS"] == client and env["ETCD_INITIAL_ADVERTISE_PEER_URLS"] == peer
+    await asyncio.to_thread(c.start_member, "member4", env["ETCD_INITIAL_CLUSTER"],
+                            client_port=int(client.rsplit(":", 1)[1]), peer_port=int(peer.rsplit(":", 1)[1]))
+    done = await wait_state(bot.ctx.store, row["id"], ("done", "failed"))
+    assert done["state"] == "done", done["error"]
+    assert sorted(h.member.name for h in await members_of(c)) == ["member2", "member3", "member4"]
