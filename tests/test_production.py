@@ -2,6 +2,7 @@
 binding, the audit chain, several clusters, probes and metrics."""
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import subprocess
@@ -13,7 +14,8 @@ from helpers import ephemeral, reply, text_of
 
 from bot.app import BotServer
 from bot.config import load_config
-from bot.emulator.workspace import (CHANNEL, LEAD, LEAD2, LEADS_GROUP, ONCALL, STRANGER, cluster_table, write_config)
+from bot.emulator.workspace import (CHANNEL, LEAD, LEAD2, LEADS_GROUP, ONCALL, STRANGER, BotProcess, cluster_table,
+                                    write_config)
 from bot.settings import SlackSettings
 
 
@@ -176,3 +178,19 @@ async def test_a_bad_environment_exits_2_with_one_line(tmp_path, cluster):
         errors = [line for line in proc.stderr.splitlines() if "error:" in line]
         assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], (message, proc.stderr)
         assert "Traceback" not in proc.stderr
+
+
+async def test_logs_are_json_lines(cluster, slack, creds, tmp_path):
+    config = write_config(tmp_path, [cluster_table("prod", cluster)])
+    bot = await asyncio.to_thread(BotProcess(config, slack.api_url, creds, tmp_path / "bot.log").start)
+    try:
+        slack.bot_url = bot.url
+        await reply(slack, "status")
+        await ephemeral(slack, "frobnicate")
+    finally:
+        await asyncio.to_thread(bot.stop)
+    lines = [line for line in (tmp_path / "bot.log").read_text().splitlines() if line.strip()]
+    entries = [json.loads(line) for line in lines]  # every line is one JSON object
+    assert all({"ts", "level", "logger", "msg"} <= set(e) for e in entries)
+    command = next(e for e in entries if e["msg"] == "command")
+    assert command["command"] == "status" and command["cluster"] == "prod" and command["user"] == "U0ONCALL01"
