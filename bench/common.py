@@ -26,7 +26,8 @@ def machine() -> dict[str, str]:
     from bot.emulator.binaries import find_binary
     import subprocess
     etcd = subprocess.run([str(find_binary("etcd")), "--version"], capture_output=True, text=True).stdout.split("\n")[0]
-    return {"cpus": str(os.cpu_count()), "cpu": cpu, "python": platform.python_version(), "etcd": etcd.strip(),
+    return {"cpus": str(os.cpu_count()), "cpu": cpu, "python": platform.python_version(),
+            "etcd": etcd.strip().replace("etcd Version: ", "etcd "),
             "kernel": platform.release()}
 
 

@@ -23,21 +23,15 @@ from pathlib import Path
 
 import pytest
 
-from helpers import command, reply, text_of
+from helpers import (APPROVAL, OK, command, members_of, plan_row, propose, reply, text_of, thread, urls,
+                     wait_state)
 
 from bot.bbolt import snapshot_status
-from bot.emulator.cluster import LocalCluster, free_port
-from bot.emulator.slack import Message
-from bot.emulator.workspace import CHANNEL, LEAD, LEADS_GROUP, ONCALL, cluster_table
+from bot.emulator.cluster import LocalCluster
+from bot.emulator.workspace import CHANNEL, LEAD, cluster_table
 from bot.etcd import (EtcdClient, EtcdTLSError, LearnerNotReady, MemberNotFound, NotALearner, PeerURLExists,
                       TLSFiles, TooManyLearners, UnhealthyCluster)
 from bot.health import check_cluster
-from bot.store import Store
-
-APPROVAL = {"approvers": [LEAD], "approver_groups": [LEADS_GROUP], "ttl_minutes": 30,
-            "reaction": "white_check_mark", "reject_reaction": "x"}
-OK = "white_check_mark"
-
 
 def _version(etcd: Path) -> str | None:
     """'3.4.23' from `etcd --version`, or None when it cannot be run."""
@@ -91,46 +85,6 @@ def etcdctl_snapshot_status(c: LocalCluster, path: Path) -> dict:
 
 
 # -- the replacement flow, as tests/test_replace_e2e.py drives it -----------------------------
-
-def urls() -> tuple[str, str]:
-    return f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
-
-
-async def propose(slack, text: str, user: str = ONCALL) -> Message:
-    start = len(slack.messages)
-    await command(slack, text, user=user)
-    return await slack.wait_for_message(
-        lambda m: m.source == "chat.postMessage" and m.thread_ts is None and m.text.startswith("Plan "),
-        after=start, timeout=30, what=f"the plan message for /etcd {text}")
-
-
-def thread(slack, plan: Message) -> str:
-    return "\n".join(text_of(m) for m in slack.messages if m.thread_ts == plan.ts)
-
-
-async def plan_row(store: Store, plan: Message, timeout: float = 10.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while (row := await store.plan_by_message(CHANNEL, plan.ts)) is None:
-        assert time.monotonic() < deadline, f"no plan recorded for message {plan.ts}"
-        await asyncio.sleep(0.02)
-    return row
-
-
-async def wait_state(store: Store, plan_id: str, states: tuple[str, ...], timeout: float = 120.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while (row := await store.plan(plan_id))["state"] not in states:
-        if time.monotonic() > deadline:
-            steps = [(st["key"], st["state"], st["detail"] or st["error"]) for st in await store.steps(plan_id)]
-            raise AssertionError(f"plan {plan_id} is {row['state']} (error: {row['error']}), not {states}; "
-                                 f"steps: {steps}")
-        await asyncio.sleep(0.1)
-    return row
-
-
-async def members_of(c: LocalCluster) -> list:
-    async with EtcdClient(c.endpoints) as client:
-        return (await check_cluster(client, "check")).members
-
 
 # -- the checks ---------------------------------------------------------------------------------
 
