@@ -156,12 +156,10 @@ class PlanView:
     step_states: dict[int, str] = field(default_factory=dict)
     decided_by: str | None = None
     error: str | None = None
-    launcher: str = "manual"
 
 
 def plan_reply(plan, view: PlanView) -> Reply:
     """The plan message: everything an approver needs to decide, and progress."""
-    from bot.launcher import member_environment
     state = STATE_WORD.get(view.state, view.state.upper())
     failed_name = plan.failed.name or plan.failed.id
     blocks: list[dict[str, Any]] = [
@@ -179,7 +177,7 @@ def plan_reply(plan, view: PlanView) -> Reply:
         st = view.step_states.get(i, "pending")
         lines.append(f"{STEP_ICON.get(st, ':white_square:')} {i}. {escape(step.title)}")
     blocks.append(_section("*Steps*\n" + "\n".join(lines)))
-    env = "\n".join(f'{k}="{v}"' for k, v in member_environment(plan).items())
+    env = "\n".join(f'{k}="{v}"' for k, v in plan.environment.items())
     blocks.append(_section(f"*Environment for {escape(plan.new_name)}* (runbook step 4):\n```{escape(env)}```"))
     if plan.others_failed:
         others = ", ".join(m.name or m.id for m in plan.others_failed)

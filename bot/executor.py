@@ -47,8 +47,7 @@ def plan_view(ctx: BotContext, row: dict, step_states: dict[int, str] | None = N
     return blocks.PlanView(state=row["state"], proposer=row["proposer"], approvers=approvers,
                            expires_at=row["expires_at"], reaction=ctx.config.approval.reaction,
                            reject_reaction=ctx.config.approval.reject_reaction, step_states=step_states or {},
-                           decided_by=row.get("decided_by"), error=row.get("error"),
-                           launcher=cluster.launcher.kind if cluster else "manual")
+                           decided_by=row.get("decided_by"), error=row.get("error"))
 
 
 async def refresh_message(ctx: BotContext, plan_id: str) -> None:

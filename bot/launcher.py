@@ -25,16 +25,6 @@ class LaunchResult:
     summary: str
 
 
-def member_environment(plan: Plan) -> dict[str, str]:
-    """Every ETCD_* variable the new member needs, as the runbook sets them."""
-    env = {**plan.environment, "ETCD_INITIAL_ADVERTISE_PEER_URLS": plan.new_peer_url,
-           "ETCD_LISTEN_PEER_URLS": plan.new_peer_url}
-    if plan.new_client_url:
-        env["ETCD_ADVERTISE_CLIENT_URLS"] = plan.new_client_url
-        env["ETCD_LISTEN_CLIENT_URLS"] = plan.new_client_url
-    return env
-
-
 def command_argv(template: tuple[str, ...] | list[str], plan: Plan) -> list[str]:
     """Substitute {name}, {peer_url} and {client_url} in each element (no shell)."""
     values = {"name": plan.new_name, "peer_url": plan.new_peer_url, "client_url": plan.new_client_url or ""}
@@ -53,7 +43,7 @@ async def run_command(launcher: LauncherConfig, plan: Plan, secrets: list[str]) 
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-            env=child_environment(member_environment(plan), secrets), start_new_session=True)
+            env=child_environment(plan.environment, secrets), start_new_session=True)
     except OSError as e:
         return LaunchResult(False, None, "", f"could not run {argv[0]}: {e.strerror or e}")
     tail = bytearray()
@@ -78,6 +68,5 @@ async def run_command(launcher: LauncherConfig, plan: Plan, secrets: list[str]) 
 
 def manual_instructions(plan: Plan) -> str:
     """The runbook's step 4 as a shell block for the operator on the new machine."""
-    env = member_environment(plan)
-    lines = [f'export {k}="{v}"' for k, v in env.items()]
+    lines = [f'export {k}="{v}"' for k, v in plan.environment.items()]
     return "\n".join(lines + ["etcd [flags]   # your usual data dir, TLS and client flags"])

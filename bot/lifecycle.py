@@ -17,7 +17,7 @@ from bot.access import Role
 from bot.config import ClusterConfig
 from bot.context import BotContext
 from bot.etcd import EtcdError
-from bot.executor import Executor, StepFailed, refresh_message, say_in_thread
+from bot.executor import Executor, StepFailed, plan_view, refresh_message, say_in_thread
 from bot.health import check_cluster
 from bot.plans import MemberRef, Plan, Refusal, ReplaceRequest, plan_replacement
 from bot.slackio import SlackPostError, post
@@ -68,7 +68,7 @@ async def propose(ctx: BotContext, cluster: ClusterConfig, req: ReplaceRequest, 
     except OpenPlanExists as e:
         return _open_plan_refusal(await store.plan(e.plan_id) or {"id": e.plan_id, "state": e.state})
     try:
-        ts = await post(ctx.web, channel, blocks.plan_reply(plan, _view(ctx, row)))
+        ts = await post(ctx.web, channel, blocks.plan_reply(plan, plan_view(ctx, row)))
     except SlackPostError as e:
         await store.transition(plan.id, ["proposed"], "cancelled", error=f"could not post the plan: {e}")
         return _refused(f"could not post the plan in this channel: {e}")
@@ -96,11 +96,6 @@ def _open_plan_refusal(row: dict) -> Outcome:
     return _refused(f"plan {row['id']} is {row['state']} for this cluster: one open plan per cluster",
                     f"let it finish, or cancel it with `/etcd cancel {row['id']}`" if row["state"] == "proposed"
                     else f"let plan {row['id']} finish (see /etcd plans)")
-
-
-def _view(ctx: BotContext, row: dict) -> blocks.PlanView:
-    from bot.executor import plan_view
-    return plan_view(ctx, row)
 
 
 # ---------------------------------------------------------------- reactions

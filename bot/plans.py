@@ -84,9 +84,14 @@ class Plan:
 
     @property
     def environment(self) -> dict[str, str]:
-        """The runbook's environment for starting the new member."""
-        return {"ETCD_NAME": self.new_name, "ETCD_INITIAL_CLUSTER": self.initial_cluster,
-                "ETCD_INITIAL_CLUSTER_STATE": "existing"}
+        """Every ETCD_* variable the new member needs: the runbook's three, and its URLs."""
+        env = {"ETCD_NAME": self.new_name, "ETCD_INITIAL_CLUSTER": self.initial_cluster,
+               "ETCD_INITIAL_CLUSTER_STATE": "existing", "ETCD_INITIAL_ADVERTISE_PEER_URLS": self.new_peer_url,
+               "ETCD_LISTEN_PEER_URLS": self.new_peer_url}
+        if self.new_client_url:
+            env["ETCD_ADVERTISE_CLIENT_URLS"] = self.new_client_url
+            env["ETCD_LISTEN_CLIENT_URLS"] = self.new_client_url
+        return env
 
     @property
     def expected_members(self) -> int:

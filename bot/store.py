@@ -131,6 +131,7 @@ class Store:
         self.retries = retries
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         self._db: sqlite_utils.Database | None = None
+        self._events_swept = 0.0
 
     # -- plumbing -------------------------------------------------------
 
@@ -263,11 +264,14 @@ class Store:
     # -- events ---------------------------------------------------------
 
     async def first_delivery(self, event_id: str) -> bool:
-        """True the first time an event ID is seen (Slack redelivers)."""
+        """True the first time an event ID is seen (Slack redelivers within minutes;
+        IDs older than a day are forgotten, at most one sweep an hour)."""
         def fn(db: sqlite_utils.Database) -> bool:
-            cur = db.execute("INSERT OR IGNORE INTO events (event_id, received_at) VALUES (?, ?)", [event_id, time.time()])
-            if cur.rowcount == 1 and int(time.time()) % 97 == 0:  # now and then, forget events older than a day
-                db.execute("DELETE FROM events WHERE received_at < ?", [time.time() - 86400])
+            now = time.time()
+            cur = db.execute("INSERT OR IGNORE INTO events (event_id, received_at) VALUES (?, ?)", [event_id, now])
+            if now - self._events_swept > 3600:
+                db.execute("DELETE FROM events WHERE received_at < ?", [now - 86400])
+                self._events_swept = now
             return cur.rowcount == 1
         return await self._run(fn)
 

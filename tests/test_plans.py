@@ -40,6 +40,8 @@ def test_the_runbook_plan():
         "ETCD_NAME": "member4",
         "ETCD_INITIAL_CLUSTER": "member2=http://10.0.0.2:2380,member3=http://10.0.0.3:2380,member4=http://10.0.0.4:2380",
         "ETCD_INITIAL_CLUSTER_STATE": "existing",
+        "ETCD_INITIAL_ADVERTISE_PEER_URLS": "http://10.0.0.4:2380",
+        "ETCD_LISTEN_PEER_URLS": "http://10.0.0.4:2380",
     }
     assert [s.key for s in plan.steps] == ["recheck", "snapshot", "remove", "add", "start", "promote", "followups", "verify"]
     assert "learner" in plan.steps[3].title
