@@ -36,7 +36,7 @@ import mmap
 import os
 import struct
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from bot.tables import table
@@ -532,14 +532,7 @@ class _Reader:
         top: list[tuple[int, int, int, int]] = []
 
         def collect(off: int, end: int, count: int, where: str, pgid: int) -> None:
-            addr = off + PAGE_HEADER
-            for i, (flags, pos, ksize, vsize) in enumerate(_LEAF.iter_unpack(self._elements(off, end, count,
-                                                                                              where, pgid))):
-                k = addr + pos
-                if k + ksize + vsize > end:
-                    raise self._overrun(where, pgid, i)
-                top.append((flags, k, ksize, vsize))
-                addr += ELEMENT
+            top.extend(self._leaf_elements(off, end, count, where, pgid))
 
         self._walk(root, "the root bucket", collect)
         for flags, k, ksize, vsize in top:
@@ -684,12 +677,19 @@ class _Reader:
             self._bucket(voff, vsize, f"{where}: nested bucket", self._leaf_check, nested=True)
 
     def _leaf_check(self, off: int, end: int, count: int, where: str, pgid: int) -> None:
+        for flags, k, ksize, vsize in self._leaf_elements(off, end, count, where, pgid):
+            if flags & BUCKET_LEAF_FLAG:
+                self.nested.append((self._at(where, pgid), k + ksize, vsize))
+
+    def _leaf_elements(self, off: int, end: int, count: int, where: str,
+                       pgid: int) -> Iterator[tuple[int, int, int, int]]:
+        """(flags, key offset, key size, value size) of a leaf page's elements, bounds-checked.
+        For the few pages outside the hot loop (the root bucket's, nested buckets')."""
         addr = off + PAGE_HEADER
         for i, (flags, pos, ksize, vsize) in enumerate(_LEAF.iter_unpack(self._elements(off, end, count,
                                                                                           where, pgid))):
             k = addr + pos
             if k + ksize + vsize > end:
                 raise self._overrun(where, pgid, i)
-            if flags & BUCKET_LEAF_FLAG:
-                self.nested.append((self._at(where, pgid), k + ksize, vsize))
+            yield flags, k, ksize, vsize
             addr += ELEMENT
