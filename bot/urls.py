@@ -63,8 +63,3 @@ def parse_url(text: str) -> Endpoint:
         if not _HOSTNAME.match(host):
             raise ValueError(f"{text!r} is not an http(s)://host:port URL (bad host name)") from None
     return Endpoint(parts.scheme, host, port)
-
-
-def normalize_url(text: str) -> str:
-    """The canonical spelling used to compare URLs (no trailing slash)."""
-    return parse_url(text).url

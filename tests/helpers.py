@@ -99,6 +99,13 @@ async def wait_state(store: Store, plan_id: str, states: tuple[str, ...], timeou
         await asyncio.sleep(0.1)
 
 
+async def wait_done(store: Store, plan_id: str, timeout: float = 120.0) -> dict:
+    """Wait until the plan ends; it must have ended done (its error says why not)."""
+    row = await wait_state(store, plan_id, ("done", "failed"), timeout)
+    assert row["state"] == "done", row["error"]
+    return row
+
+
 async def audit_actions(store: Store, plan_id: str) -> list[tuple[str, str]]:
     rows = await store.audit_rows()
     out = []

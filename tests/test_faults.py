@@ -12,8 +12,8 @@ import sqlite3
 import threading
 import time
 
-from helpers import (APPROVAL, OK, audit_actions, ephemeral, members_of, open_store, plan_row, propose, replies,
-                     reply, text_of, urls, wait_state)
+from helpers import (APPROVAL, OK, audit_actions, ephemeral, members_of, open_store, plan_row, propose, replies, reply,
+                     text_of, urls, wait_done)
 
 from bot.emulator.workspace import CHANNEL, LEAD, BotProcess, cluster_table, write_config
 from bot.etcd import EtcdClient
@@ -50,8 +50,7 @@ async def test_the_leader_crashes_during_the_add_step(make_cluster, slack, start
     leader = await leader_name(c)
     c.kill(leader)  # the leader dies as the add is about to be sent; its supervisor restarts it
     await asyncio.to_thread(c.restart, leader)
-    done = await wait_state(store, row["id"], ("done", "failed"))
-    assert done["state"] == "done", done["error"]
+    done = await wait_done(store, row["id"])
     members = await members_of(c)
     assert sorted(h.member.name for h in members) == ["member2", "member3", "member4"] and all(h.healthy for h in members)
     actions = await audit_actions(store, row["id"])
@@ -141,8 +140,7 @@ async def test_slack_failing_during_a_plan(make_cluster, slack, start_bot):
     slack.fail_next("chat.postMessage", status=429, retry_after=1,
                     match=lambda a: "Step 2 (remove)" in str(a.get("text")))        # retried: not processed
     await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
-    done = await wait_state(bot.ctx.store, row["id"], ("done", "failed"))
-    assert done["state"] == "done", done["error"]
+    await wait_done(bot.ctx.store, row["id"])
     notes = [m.text for m in replies(slack, plan)]
     assert len(notes) == len(set(notes)), "a thread note was posted twice"
     assert sum("Step 2 (remove)" in n for n in notes) == 1
@@ -191,8 +189,7 @@ async def test_load_200_commands_and_50_racing_approvals(make_cluster, slack, st
                                        for _ in range(50)))
     assert all(d.status == 200 and d.elapsed < 3.0 for d in approvals)
     assert time.monotonic() - started < 30
-    done = await wait_state(bot.ctx.store, row["id"], ("done", "failed"))
-    assert done["state"] == "done", done["error"]
+    await wait_done(bot.ctx.store, row["id"])
     actions = await audit_actions(bot.ctx.store, row["id"])
     assert actions.count(("plan_approved", "")) == 1 and actions.count(("step_done", "add")) == 1
     assert sum("Approved by" in m.text for m in replies(slack, plan)) == 1

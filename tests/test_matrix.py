@@ -23,8 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import (APPROVAL, OK, command, members_of, plan_row, propose, reply, text_of, thread, urls,
-                     wait_state)
+from helpers import (APPROVAL, OK, command, members_of, plan_row, propose, reply, text_of, thread, urls, wait_done)
 
 from bot.bbolt import snapshot_status
 from bot.emulator.cluster import LocalCluster
@@ -191,8 +190,7 @@ async def test_replacement_through_the_bot_on_34(etcd34, slack, start_bot, learn
                                 + ("" if learner else " --no-learner"))
     row = await plan_row(store, plan)
     await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
-    done = await wait_state(store, row["id"], ("done", "failed"))
-    assert done["state"] == "done", done["error"]
+    done = await wait_done(store, row["id"])
 
     talk = thread(slack, plan)
     if learner:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from helpers import (APPROVAL, OK, audit_actions, command, ephemeral, members_of, open_store, plan_row, propose,
-                     replies, text_of, thread, urls, wait_state)
+                     replies, text_of, thread, urls, wait_done)
 
 from bot.emulator.workspace import (CHANNEL, LEAD, LEAD2, LEADS_GROUP, ONCALL, STRANGER, BotProcess, cluster_table,
                                     write_config)
@@ -53,8 +53,7 @@ async def test_the_whole_runbook(make_cluster, slack, start_bot):
         slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK, event_id=first.event_id, retry_num=1,
                     retry_reason="http_timeout"),
         slack.react(user=LEAD2, channel=CHANNEL, ts=plan.ts, reaction=f"{OK}::skin-tone-3"))
-    done = await wait_state(store, row["id"], ("done", "failed"))
-    assert done["state"] == "done", done["error"]
+    done = await wait_done(store, row["id"])
     assert done["decided_by"] == LEAD
 
     members = await members_of(c)
@@ -87,8 +86,7 @@ async def test_no_learner_joins_as_a_voting_member(make_cluster, slack, start_bo
     assert "joins as a voting member (--no-learner)" in text_of(plan)
     row = await plan_row(bot.ctx.store, plan)
     await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
-    done = await wait_state(bot.ctx.store, row["id"], ("done", "failed"))
-    assert done["state"] == "done", done["error"]
+    await wait_done(bot.ctx.store, row["id"])
     assert "added to cluster as a voting member" in thread(slack, plan)
     assert sorted(h.member.name for h in await members_of(c)) == ["member1", "member3", "member5"]
 
@@ -188,8 +186,7 @@ async def test_five_members_two_failed_replaced_one_after_the_other(make_cluster
             assert "was removed by plan" in text_of(plan)
         row = await plan_row(store, plan)
         await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
-        done = await wait_state(store, row["id"], ("done", "failed"))
-        assert done["state"] == "done", done["error"]
+        await wait_done(store, row["id"])
     members = await members_of(c)
     assert sorted(h.member.name for h in members) == ["member3", "member4", "member5", "member6", "member7"]
     assert all(h.healthy for h in members)
@@ -263,6 +260,5 @@ async def test_a_manual_launcher_waits_for_the_operator(make_cluster, slack, sta
     assert env["ETCD_LISTEN_CLIENT_URLS"] == client and env["ETCD_INITIAL_ADVERTISE_PEER_URLS"] == peer
     await asyncio.to_thread(c.start_member, "member4", env["ETCD_INITIAL_CLUSTER"],
                             client_port=int(client.rsplit(":", 1)[1]), peer_port=int(peer.rsplit(":", 1)[1]))
-    done = await wait_state(bot.ctx.store, row["id"], ("done", "failed"))
-    assert done["state"] == "done", done["error"]
+    await wait_done(bot.ctx.store, row["id"])
     assert sorted(h.member.name for h in await members_of(c)) == ["member2", "member3", "member4"]

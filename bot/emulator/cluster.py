@@ -314,18 +314,6 @@ class LocalCluster:
         self.wait_serving(name, timeout)
         return member
 
-    def add_member(self, name: str, *, learner: bool = False, timeout: float = START_TIMEOUT) -> LocalMember:
-        """`etcdctl member add` then start it: what an operator does by hand."""
-        peer_port = free_port()
-        peer_url = self._url(peer_port)
-        args = ["member", "add", name, f"--peer-urls={peer_url}"] + (["--learner"] if learner else [])
-        out = self.etcdctl(*args).stdout
-        initial = next((line.split("=", 1)[1].strip().strip('"') for line in out.splitlines()
-                        if line.startswith("ETCD_INITIAL_CLUSTER=")), None)
-        if not initial:
-            raise ClusterError(f"etcdctl member add gave no ETCD_INITIAL_CLUSTER: {out.strip()}")
-        return self.start_member(name, initial, peer_port=peer_port, timeout=timeout)
-
     # -- waiting --------------------------------------------------------
 
     def wait_healthy(self, names: Iterable[str] | None = None, timeout: float = START_TIMEOUT) -> None:
