@@ -18,9 +18,9 @@ from pathlib import Path
 
 from common import percentile, row, write  # (also puts the repository on sys.path)
 
-from bot.emulator.cluster import LocalCluster, free_port
-from bot.emulator.slack import SlackStandIn
-from bot.emulator.workspace import CHANNEL, CHANNELS, ONCALL, USERS, BotProcess, SlackSecrets, cluster_table, write_config
+from bot.testing.cluster import LocalCluster, free_port
+from bot.testing.slack import SlackStandIn
+from bot.testing.workspace import CHANNEL, CHANNELS, ONCALL, USERS, BotProcess, SlackSecrets, cluster_table, write_config
 
 BARE_BOLT = '''
 import os, sys

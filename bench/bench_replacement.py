@@ -21,11 +21,11 @@ from pathlib import Path
 
 from common import row, write  # (also puts the repository on sys.path)
 
-from bot.app import BotServer
+from bot.slack.app import BotServer
 from bot.config import load_config
-from bot.emulator.cluster import LocalCluster, free_port
-from bot.emulator.slack import SlackStandIn
-from bot.emulator.workspace import (CHANNEL, CHANNELS, LEAD, ONCALL, USERS, SlackSecrets, cluster_table, launcher_argv,
+from bot.testing.cluster import LocalCluster, free_port
+from bot.testing.slack import SlackStandIn
+from bot.testing.workspace import (CHANNEL, CHANNELS, LEAD, ONCALL, USERS, SlackSecrets, cluster_table, launcher_argv,
                                     write_config)
 from bot.settings import SlackSettings
 

@@ -43,9 +43,9 @@ from pathlib import Path
 
 from common import ROOT, row, write  # noqa: E402  (also puts the repository on sys.path)
 
-from bot.emulator.binaries import find_binary  # noqa: E402
-from bot.emulator.cluster import LocalCluster  # noqa: E402
-from bot.etcd import EtcdClient  # noqa: E402
+from bot.testing.binaries import find_binary  # noqa: E402
+from bot.testing.cluster import LocalCluster  # noqa: E402
+from bot.etcd.client import EtcdClient  # noqa: E402
 
 MB = 1_000_000
 MiB = 1 << 20

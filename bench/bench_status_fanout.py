@@ -16,8 +16,8 @@ import time
 
 from common import row, write  # (also puts the repository on sys.path)
 
-from bot.emulator.binaries import find_binary
-from bot.emulator.cluster import LocalCluster
+from bot.testing.binaries import find_binary
+from bot.testing.cluster import LocalCluster
 
 
 def timed(argv: list[str]) -> tuple[float, subprocess.CompletedProcess]:

@@ -23,7 +23,7 @@ def machine() -> dict[str, str]:
                 break
     except OSError:
         pass
-    from bot.emulator.binaries import find_binary
+    from bot.testing.binaries import find_binary
     import subprocess
     etcd = subprocess.run([str(find_binary("etcd")), "--version"], capture_output=True, text=True).stdout.split("\n")[0]
     return {"cpus": str(os.cpu_count()), "cpu": cpu, "python": platform.python_version(),

@@ -129,8 +129,9 @@ def _load_config(given: str | None):
 
 def _client_from_args(args: argparse.Namespace):
     """An EtcdClient and the cluster's display name, from flags or the config."""
-    from bot.etcd import EtcdClient, TLSFiles, client_for
-    from bot.urls import parse_url
+    from bot.etcd.client import EtcdClient, client_for
+    from bot.etcd.model import TLSFiles
+    from bot.etcd.urls import parse_url
 
     if args.cluster:
         if args.endpoints:
@@ -174,9 +175,9 @@ def _client_from_args(args: argparse.Namespace):
 
 
 async def _status(args: argparse.Namespace) -> int:
-    from bot import render
-    from bot.etcd import EtcdError
-    from bot.health import check_cluster
+    from bot.output import text as render
+    from bot.etcd.model import EtcdError
+    from bot.etcd.health import check_cluster
 
     client, name = _client_from_args(args)
     async with client:
@@ -200,7 +201,7 @@ async def _status(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from bot import logs
-    from bot.app import serve
+    from bot.slack.app import serve
     from bot.settings import SettingsError, SlackSettings
 
     config = _load_config(args.config)
@@ -221,7 +222,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _snapshot_status(args: argparse.Namespace) -> int:
-    from bot.bbolt import SnapshotError, snapshot_status, status_table  # light: no gRPC, no Slack
+    from bot.etcd.bbolt import SnapshotError, snapshot_status, status_table  # light: no gRPC, no Slack
 
     path = Path(args.file)
     if not path.is_file():
@@ -236,11 +237,11 @@ def _snapshot_status(args: argparse.Namespace) -> int:
 
 
 async def _snapshot_save(args: argparse.Namespace) -> int:
-    from bot import render
+    from bot.output import text as render
     from bot.config import ConfigError, check_age_recipient
-    from bot.etcd import EtcdError
-    from bot.health import check_cluster
-    from bot.snapshots import SnapshotFailed, save_snapshot
+    from bot.etcd.model import EtcdError
+    from bot.etcd.health import check_cluster
+    from bot.etcd.snapshots import SnapshotFailed, save_snapshot
 
     for r in args.age_recipient:
         try:
@@ -291,7 +292,7 @@ def parse_since(text: str, now: float) -> float:
 
 async def _audit(args: argparse.Namespace) -> int:
     import time
-    from bot.store import Store, StoreError
+    from bot.store.sqlite import Store, StoreError
 
     config = _load_config(args.config)
     if not config.database.is_file():
@@ -319,7 +320,7 @@ async def _audit(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from bot import demo
+    from bot.testing import demo
 
     directory = Path(args.dir) if args.dir else None
     try:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from bot.urls import parse_url
+from bot.etcd.urls import parse_url
 
 T = TypeVar("T")
 

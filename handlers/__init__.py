@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from slack_bolt.async_app import AsyncApp
 
-from bot.context import BotContext
+from bot.ops.context import BotContext
 
 
 def register_all(app: AsyncApp, ctx: BotContext) -> None:

@@ -12,20 +12,21 @@ from typing import Any, Awaitable, Callable
 from slack_bolt.async_app import AsyncApp
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot import blocks, lifecycle
-from bot.access import COMMAND_ROLES
-from bot.commands import SPECS, Command, UsageError, general_usage, parse
+from bot.slack import blocks
+from bot.ops import lifecycle
+from bot.ops.access import COMMAND_ROLES
+from bot.ops.commands import SPECS, Command, UsageError, general_usage, parse
 from bot.config import ClusterConfig
-from bot.context import BotContext
-from bot.etcd import EtcdError
-from bot.health import check_cluster
-from bot.lifecycle import Outcome
-from bot.plans import ReplaceRequest
-from bot.routing import RoutingError, resolve_cluster
-from bot.slackio import SlackPostError, post
-from bot.store import StoreError
-from bot.snapshot_service import take_snapshot
-from bot.snapshots import SnapshotFailed
+from bot.ops.context import BotContext
+from bot.etcd.model import EtcdError
+from bot.etcd.health import check_cluster
+from bot.ops.lifecycle import Outcome
+from bot.ops.replace import ReplaceRequest
+from bot.ops.routing import RoutingError, resolve_cluster
+from bot.slack.web import SlackPostError, post
+from bot.store.sqlite import StoreError
+from bot.ops.snapshots import take_snapshot
+from bot.etcd.snapshots import SnapshotFailed
 
 log = logging.getLogger(__name__)
 COMMAND = "/etcd"

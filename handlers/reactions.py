@@ -12,8 +12,8 @@ from typing import Any
 
 from slack_bolt.async_app import AsyncApp
 
-from bot import lifecycle
-from bot.context import BotContext
+from bot.ops import lifecycle
+from bot.ops.context import BotContext
 
 log = logging.getLogger(__name__)
 

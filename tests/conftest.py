@@ -10,10 +10,10 @@ from typing import Callable, Iterator
 
 import pytest
 
-from bot.emulator import certs as certs_module
-from bot.emulator import cluster as cluster_module
-from bot.emulator import workspace as workspace_module
-from bot.emulator.cluster import LocalCluster
+from bot.testing import certs as certs_module
+from bot.testing import cluster as cluster_module
+from bot.testing import workspace as workspace_module
+from bot.testing.cluster import LocalCluster
 
 TEST_ETCD_PASSWORD = "rootpw-" + os.urandom(6).hex()  # tests that enable etcd auth use this
 
@@ -110,10 +110,10 @@ def make_cluster() -> Iterator[Callable[..., LocalCluster]]:
 
 # ---------------------------------------------------------------- Slack and the bot
 
-from bot.app import BotServer  # noqa: E402
+from bot.slack.app import BotServer  # noqa: E402
 from bot.config import load_config  # noqa: E402
-from bot.emulator.slack import SlackStandIn  # noqa: E402
-from bot.emulator.workspace import CHANNELS, USERGROUPS, USERS, SlackSecrets, write_config  # noqa: E402
+from bot.testing.slack import SlackStandIn  # noqa: E402
+from bot.testing.workspace import CHANNELS, USERGROUPS, USERS, SlackSecrets, write_config  # noqa: E402
 from bot.settings import SlackSettings  # noqa: E402
 
 

@@ -20,8 +20,8 @@ from typing import Iterable, Union
 
 import crc32c
 
-from bot.emulator.binaries import find_binary
-from bot.emulator.cluster import LocalCluster
+from bot.testing.binaries import find_binary
+from bot.testing.cluster import LocalCluster
 
 MAGIC, VERSION = 0xED0CDAED, 2
 BRANCH, LEAF, META, FREELIST = 0x01, 0x02, 0x04, 0x10

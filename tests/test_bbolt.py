@@ -1,4 +1,4 @@
-"""bot.bbolt against the real `etcdutl snapshot status` (etcd v3.5.1).
+"""bot.etcd.bbolt against the real `etcdutl snapshot status` (etcd v3.5.1).
 
 Real snapshots come from real etcd, built once per module; hand-made bbolt
 files reach what etcd never writes but etcdutl reads (nested buckets, a
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from bot.bbolt import SnapshotError, SnapshotStatus, snapshot_status, status_table
-from bot.emulator.cluster import LocalCluster
+from bot.etcd.bbolt import SnapshotError, SnapshotStatus, snapshot_status, status_table
+from bot.testing.cluster import LocalCluster
 from snapshot_fixtures import (BRANCH, LEAF, LEAF_ELEM, PAGE, Bucket, ScenarioCluster, branch_children, bucket_pages,
                                bucket_root, build_bolt, etcdutl_status, etcdutl_table, expected_status, kv_value,
                                leaf_body, leaf_entries, put_many, rev_key, run_etcdutl, save_snapshot, with_trailer)
@@ -495,8 +495,8 @@ def test_random_damage_is_refused_or_read_never_escapes(tmp_path):
 
 
 def test_import_stays_light():
-    """A CLI path: importing bot.bbolt must not pull gRPC, Slack, asyncio or importlib.metadata."""
-    code = "import sys, bot.bbolt; print(' '.join(sorted(sys.modules)))"
+    """A CLI path: importing bot.etcd.bbolt must not pull gRPC, Slack, asyncio or importlib.metadata."""
+    code = "import sys, bot.etcd.bbolt; print(' '.join(sorted(sys.modules)))"
     mods = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                               cwd=Path(__file__).resolve().parent.parent).stdout.split())
     assert not mods & {"grpc", "aetcd", "slack_bolt", "slack_sdk", "asyncio", "importlib.metadata", "crc32c"}

@@ -54,7 +54,7 @@ def test_a_dead_member_exits_1_and_json_says_why(make_cluster):
 
 
 def test_nothing_answers_exits_1_with_one_line(tmp_path):
-    from bot.emulator.cluster import free_port
+    from bot.testing.cluster import free_port
     proc = cli("status", "--endpoints", f"http://127.0.0.1:{free_port()}")
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and "UNREACHABLE" in proc.stderr and "connection refused" in proc.stderr
@@ -85,7 +85,7 @@ def test_bad_usage_exits_2_with_the_reason_and_the_usage(tmp_path):
 
 
 def test_status_of_a_configured_cluster(cluster, tmp_path):
-    from bot.emulator.workspace import cluster_table, write_config
+    from bot.testing.workspace import cluster_table, write_config
     config = write_config(tmp_path, [cluster_table("prod", cluster)])
     proc = cli("status", "--cluster", "prod", "--config", str(config))
     assert proc.returncode == 0 and proc.stdout.startswith("cluster prod: HEALTHY")

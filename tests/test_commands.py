@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from bot.commands import UsageError, parse, unescape_slack
+from bot.ops.commands import UsageError, parse, unescape_slack
 
 
 def test_empty_text_is_help():

@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from bot.etcd import (EtcdClient, EtcdTLSError, EtcdUnavailable, MemberNotFound, PeerURLExists, TLSFiles,
-                      UnhealthyCluster)
-from bot.health import check_cluster
+from bot.etcd.client import EtcdClient
+from bot.etcd.model import EtcdTLSError, EtcdUnavailable, MemberNotFound, PeerURLExists, TLSFiles, UnhealthyCluster
+from bot.etcd.health import check_cluster
 
 
 async def test_member_list_and_status_of_a_healthy_cluster(cluster):
@@ -107,7 +107,7 @@ async def test_etcd_refusals_carry_etcds_message(cluster):
 
 
 async def test_nothing_answers(tmp_path):
-    from bot.emulator.cluster import free_port
+    from bot.testing.cluster import free_port
     async with EtcdClient([f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"]) as client:
         with pytest.raises(EtcdUnavailable, match="no endpoint answered: .*connection refused"):
             await client.member_list()
@@ -122,6 +122,6 @@ async def test_user_and_password(make_cluster):
         assert (await client.member_list())[0].name == "member1"
         await client.put(b"/registry/x", b"y")
     async with EtcdClient(c.endpoints, username="root", password="wrong") as client:
-        from bot.etcd import EtcdAuthError
+        from bot.etcd.model import EtcdAuthError
         with pytest.raises(EtcdAuthError, match="authentication failed"):
             await client.member_list()

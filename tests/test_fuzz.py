@@ -38,14 +38,14 @@ from hypothesis import strategies as st
 
 from helpers import text_of
 
-from bot.bbolt import SnapshotError, snapshot_status
-from bot.commands import SPECS, Command, UsageError, parse
-from bot.emulator.cluster import LocalCluster, free_port
-from bot.emulator.slack import Message, SlackStandIn
-from bot.emulator.workspace import CHANNEL, LEAD, LEAD2, LEADS_GROUP, ONCALL, STRANGER, cluster_table
-from bot.etcd import EtcdClient
-from bot.health import check_cluster
-from bot.urls import parse_url
+from bot.etcd.bbolt import SnapshotError, snapshot_status
+from bot.ops.commands import SPECS, Command, UsageError, parse
+from bot.testing.cluster import LocalCluster, free_port
+from bot.testing.slack import Message, SlackStandIn
+from bot.testing.workspace import CHANNEL, LEAD, LEAD2, LEADS_GROUP, ONCALL, STRANGER, cluster_table
+from bot.etcd.client import EtcdClient
+from bot.etcd.health import check_cluster
+from bot.etcd.urls import parse_url
 from snapshot_fixtures import ScenarioCluster, put_many, save_snapshot
 
 OTHER_CHANNEL = "C0ELSEWHERE"  # a channel of the workspace bound to no cluster

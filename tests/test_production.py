@@ -12,9 +12,9 @@ import time
 import aiohttp
 from helpers import ephemeral, reply, text_of
 
-from bot.app import BotServer
+from bot.slack.app import BotServer
 from bot.config import load_config
-from bot.emulator.workspace import (CHANNEL, LEAD, LEAD2, LEADS_GROUP, ONCALL, STRANGER, BotProcess, cluster_table,
+from bot.testing.workspace import (CHANNEL, LEAD, LEAD2, LEADS_GROUP, ONCALL, STRANGER, BotProcess, cluster_table,
                                     write_config)
 from bot.settings import SlackSettings
 

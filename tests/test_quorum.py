@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from bot.etcd import Member, MemberStatus
-from bot.health import ClusterHealth, MemberHealth, Quorum, membership_fingerprint
+from bot.etcd.model import Member, MemberStatus
+from bot.etcd.health import ClusterHealth, MemberHealth, Quorum, membership_fingerprint
 
 
 @pytest.mark.parametrize("voting, healthy, needed, tolerates, ok", [
@@ -55,7 +55,7 @@ def test_an_election_is_not_a_lost_quorum():
                MemberHealth(member(3), status(3, leader=0, errors=electing)))
     assert h.quorum == Quorum(3, 2) and h.quorum.ok
     assert h.leader_id is None and not h.all_healthy
-    from bot.render import verdict
+    from bot.output.text import verdict
     assert verdict(h) == "NO LEADER"
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from helpers import (APPROVAL, OK, audit_actions, command, ephemeral, members_of, open_store, plan_row, propose,
                      replies, text_of, thread, urls, wait_done)
 
-from bot.emulator.workspace import (CHANNEL, LEAD, LEAD2, LEADS_GROUP, ONCALL, STRANGER, BotProcess, cluster_table,
+from bot.testing.workspace import (CHANNEL, LEAD, LEAD2, LEADS_GROUP, ONCALL, STRANGER, BotProcess, cluster_table,
                                     write_config)
 
 
@@ -199,7 +199,7 @@ async def test_the_bot_killed_during_the_start_step_resumes_without_repeating(ma
     code = (f"import os, sys, time, runpy; open({str(started)!r}, 'w').write(str(os.getpid())); "
             f"[time.sleep(0.05) for _ in iter(lambda: not os.path.exists({str(go)!r}), False)]; "
             f"sys.argv = ['start_member', '--base-dir', {str(c.base_dir)!r}]; "
-            f"runpy.run_module('bot.emulator.start_member', run_name='__main__')")
+            f"runpy.run_module('bot.testing.start_member', run_name='__main__')")
     table = cluster_table("prod", c)
     table["launcher"] = {"kind": "command", "argv": [sys.executable, "-c", code], "timeout_seconds": 120}
     config = write_config(tmp_path, [table], approval=APPROVAL)

@@ -30,7 +30,7 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 from slack_sdk.signature import SignatureVerifier
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot.emulator.slack import Delivery, Message, SlackStandIn, sign_request
+from bot.testing.slack import Delivery, Message, SlackStandIn, sign_request
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -174,7 +174,7 @@ async def socket_bot(slack: SlackStandIn) -> AsyncIterator[tuple[Bot, AsyncSocke
     """The bolt app connected over Socket Mode (apps.connections.open on the stand-in)."""
     async with aiohttp.ClientSession() as session:
         bot = Bot(slack, session)
-        handler = AsyncSocketModeHandler(bot.app, app_token=APP_TOKEN)
+        handler = AsyncSocketModeHandler(bot.slack.app, app_token=APP_TOKEN)
         try:
             await handler.connect_async()
             await slack.wait_socket_connected(5.0)
@@ -587,7 +587,7 @@ def test_main_runs_standalone_and_stops_on_sigterm(tmp_path: Path) -> None:
     env = {**os.environ, "SLACK_BOT_TOKEN": BOT_TOKEN, "SLACK_SIGNING_SECRET": SIGNING_SECRET,
            "SLACK_APP_TOKEN": APP_TOKEN, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bot.emulator.slack", "--ready-file", str(ready), "--fixtures", str(fixtures)],
+        [sys.executable, "-m", "bot.testing.slack", "--ready-file", str(ready), "--fixtures", str(fixtures)],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 15
@@ -621,6 +621,6 @@ def test_main_runs_standalone_and_stops_on_sigterm(tmp_path: Path) -> None:
 def test_main_refuses_to_run_without_secrets(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLACK_")}
     env["PYTHONPATH"] = str(REPO)
-    proc = subprocess.run([sys.executable, "-m", "bot.emulator.slack"], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-m", "bot.testing.slack"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "SLACK_BOT_TOKEN" in proc.stderr

@@ -39,14 +39,14 @@ from pyrage import x25519
 from helpers import reply, text_of
 from snapshot_fixtures import etcdutl_status, etcdutl_table
 
-import bot.app
-from bot.bbolt import SnapshotError, snapshot_status
+import bot.slack.app
+from bot.etcd.bbolt import SnapshotError, snapshot_status
 from bot.config import ConfigError, load_config
-from bot.emulator.cluster import LocalCluster
-from bot.emulator.workspace import CHANNEL, LEAD, ONCALL, cluster_table, write_config
-from bot.etcd import SNAPSHOT_IDLE_TIMEOUT, EtcdClient
-from bot.schedule import RETRY_AFTER_FAILURE, SCHEDULER, Scheduler, is_due
-from bot.snapshots import TRAILER, SnapshotFailed, TrailerCheck, save_snapshot, to_prune
+from bot.testing.cluster import LocalCluster
+from bot.testing.workspace import CHANNEL, LEAD, ONCALL, cluster_table, write_config
+from bot.etcd.client import EtcdClient, SNAPSHOT_IDLE_TIMEOUT
+from bot.ops.schedule import RETRY_AFTER_FAILURE, SCHEDULER, Scheduler, is_due
+from bot.etcd.snapshots import TRAILER, SnapshotFailed, TrailerCheck, save_snapshot, to_prune
 
 ROOT = Path(__file__).resolve().parent.parent
 KiB, MiB = 1 << 10, 1 << 20
@@ -554,7 +554,7 @@ async def test_scheduled_snapshots_are_taken_posted_and_fail_loudly(make_cluster
                                                                      monkeypatch):
     # The bot's own housekeeping runs the schedule at start and then every 30 s; after its first
     # pass it must stay out of the way while this test drives a Scheduler with a clock of its own.
-    monkeypatch.setattr(bot.app, "HOUSEKEEPING_SECONDS", 3600.0)
+    monkeypatch.setattr(bot.slack.app, "HOUSEKEEPING_SECONDS", 3600.0)
     c = make_cluster(3)
     server = await start_bot([cluster_table("prod", c, channels=(CHANNEL, OTHER_CHANNEL), snapshots={"every": "1m"})])
     ctx = server.ctx

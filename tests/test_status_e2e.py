@@ -7,7 +7,7 @@ import time
 
 from helpers import command, ephemeral, reply, text_of
 
-from bot.emulator.workspace import CHANNEL, ONCALL, cluster_table
+from bot.testing.workspace import CHANNEL, ONCALL, cluster_table
 
 
 async def test_status_of_a_healthy_cluster(cluster, slack, start_bot):

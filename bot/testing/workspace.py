@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bot.emulator.cluster import free_port, log_tail
+from bot.testing.cluster import free_port, log_tail
 
 CHANNEL = "C0INCIDENT"
 CHANNELS = {CHANNEL: "inc-etcd", "C0ELSEWHERE": "random"}
@@ -92,7 +92,7 @@ def _is_table_array(v: Any) -> bool:
 
 def launcher_argv(cluster_base_dir: Path) -> list[str]:
     """A `command` launcher that starts a real etcd member in the cluster's directory."""
-    return [sys.executable, "-m", "bot.emulator.start_member", "--base-dir", str(cluster_base_dir)]
+    return [sys.executable, "-m", "bot.testing.start_member", "--base-dir", str(cluster_base_dir)]
 
 
 def cluster_table(name: str, cluster, *, channels: tuple[str, ...] = (CHANNEL,), **extra: Any) -> dict[str, Any]:

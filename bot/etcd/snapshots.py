@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bot.etcd import EtcdClient, EtcdError
+from bot.etcd.client import EtcdClient
+from bot.etcd.model import EtcdError
 
 if TYPE_CHECKING:
-    from bot.bbolt import SnapshotStatus
+    from bot.etcd.bbolt import SnapshotStatus
 
 TRAILER = 32
 
@@ -169,7 +170,7 @@ async def save_snapshot(client: EtcdClient, endpoint: str, member: str, director
                         recipients: tuple[str, ...] = ()) -> SavedSnapshot:
     """Stream one member's snapshot into `directory/<cluster>/`, verify it,
     compute its status, and (with age recipients) encrypt it."""
-    from bot.bbolt import SnapshotError, snapshot_status
+    from bot.etcd.bbolt import SnapshotError, snapshot_status
 
     started = time.monotonic()
     created = time.time()

@@ -19,11 +19,11 @@ from slack_sdk.http_retry.builtin_async_handlers import (AsyncConnectionErrorRet
                                                         AsyncRateLimitErrorRetryHandler, AsyncServerErrorRetryHandler)
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot import lifecycle
+from bot.ops import lifecycle
 from bot.config import Config
-from bot.context import BotContext
-from bot.readiness import ReadinessProbe
-from bot.schedule import Scheduler
+from bot.ops.context import BotContext
+from bot.slack.readiness import ReadinessProbe
+from bot.ops.schedule import Scheduler
 from bot.settings import SlackSettings
 
 log = logging.getLogger(__name__)

@@ -11,10 +11,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from bot.config import ClusterConfig
-from bot.context import BotContext
-from bot.etcd import EtcdError
-from bot.health import ClusterHealth, check_cluster
-from bot.snapshots import SavedSnapshot, SnapshotFailed, save_snapshot, to_prune
+from bot.ops.context import BotContext
+from bot.etcd.model import EtcdError
+from bot.etcd.health import ClusterHealth, check_cluster
+from bot.etcd.snapshots import SavedSnapshot, SnapshotFailed, save_snapshot, to_prune
 
 log = logging.getLogger(__name__)
 

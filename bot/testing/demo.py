@@ -24,11 +24,11 @@ from typing import Any, AsyncIterator, TextIO
 
 import aiohttp
 
-from bot.emulator.cluster import LocalCluster, free_port, log_tail
-from bot.emulator.workspace import (CHANNEL, CHANNELS, LEAD, LEAD2, LEADS_GROUP, ONCALL, STRANGER, USERGROUPS, USERS,
+from bot.testing.cluster import LocalCluster, free_port, log_tail
+from bot.testing.workspace import (CHANNEL, CHANNELS, LEAD, LEAD2, LEADS_GROUP, ONCALL, STRANGER, USERGROUPS, USERS,
                                     BotProcess, SlackSecrets, cluster_table, write_config)
-from bot.etcd import EtcdClient
-from bot.transcript import Style, render_message
+from bot.etcd.client import EtcdClient
+from bot.testing.transcript import Style, render_message
 
 STATE_FILE = "demo.json"
 PEOPLE = {"alice": ONCALL, "bob": LEAD, "carol": LEAD2, "mallory": STRANGER}
@@ -207,7 +207,7 @@ class Stack:
         env.update(SLACK_BOT_TOKEN=self.creds.bot_token, SLACK_SIGNING_SECRET=self.creds.signing_secret)
         with open(self.dir / "standin.log", "ab") as log:
             self.standin = subprocess.Popen(
-                [sys.executable, "-m", "bot.emulator.slack", "--port", "0", "--ready-file", str(ready),
+                [sys.executable, "-m", "bot.testing.slack", "--port", "0", "--ready-file", str(ready),
                  "--fixtures", str(fixtures), "--bot-url", f"http://127.0.0.1:{bot_port}/slack/events"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         deadline = time.monotonic() + 20
@@ -248,7 +248,7 @@ def stop_kept(directory: Path) -> str:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
-        if str(directory).encode() in cmdline or b"bot.emulator.slack" in cmdline:
+        if str(directory).encode() in cmdline or b"bot.testing.slack" in cmdline:
             os.kill(pid, signal.SIGTERM)
             _wait_pid(pid)
     LocalCluster.attach(state.cluster_dir).close()

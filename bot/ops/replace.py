@@ -10,9 +10,9 @@ import secrets
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from bot.etcd import Member
-from bot.health import ClusterHealth, Quorum
-from bot.urls import parse_url
+from bot.etcd.model import Member
+from bot.etcd.health import ClusterHealth, Quorum
+from bot.etcd.urls import parse_url
 
 
 class Refusal(Exception):

@@ -23,83 +23,16 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 import grpc  # noqa: E402
 from aetcd import rpc  # noqa: E402
 
-from bot.urls import Endpoint, parse_url
+from bot.etcd.model import (Alarm, EtcdAuthError, EtcdError, EtcdRequestError, EtcdTimeout, EtcdTLSError,
+                            EtcdUnavailable, Member, MemberStatus, TLSFiles, _request_error, split_alarms)
+from bot.etcd.race import AllFailed, first_success
+from bot.etcd.urls import Endpoint, parse_url
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Snapshots of production databases take minutes; only silence is an error.
 SNAPSHOT_IDLE_TIMEOUT = 30.0
-
-
-# ---------------------------------------------------------------- errors
-
-class EtcdError(Exception):
-    """An etcd call failed; `message` is etcd's (or the transport's) own words."""
-
-    def __init__(self, message: str, endpoint: str | None = None):
-        super().__init__(message)
-        self.message = message
-        self.endpoint = endpoint
-
-    def __str__(self) -> str:
-        return f"{self.endpoint}: {self.message}" if self.endpoint else self.message
-
-
-class EtcdUnavailable(EtcdError):
-    """Nothing answered: the member is down, refused the connection, or TLS failed."""
-
-
-class EtcdTimeout(EtcdUnavailable):
-    """No answer within the deadline (a black-holed host, an overloaded member)."""
-
-
-class EtcdTLSError(EtcdUnavailable):
-    """The TLS handshake failed: missing or wrong client certificate, or untrusted server."""
-
-
-class EtcdAuthError(EtcdError):
-    """etcd refused our credentials or permissions."""
-
-
-class EtcdRequestError(EtcdError):
-    """etcd understood the request and refused it (its message says why)."""
-
-
-class MemberNotFound(EtcdRequestError):
-    pass
-
-
-class PeerURLExists(EtcdRequestError):
-    pass
-
-
-class LearnerNotReady(EtcdRequestError):
-    """A learner that has not caught up with the leader cannot be promoted yet."""
-
-
-class UnhealthyCluster(EtcdRequestError):
-    pass
-
-
-class TooManyLearners(EtcdRequestError):
-    pass
-
-
-class NotALearner(EtcdRequestError):
-    pass
-
-
-_REQUEST_ERRORS: tuple[tuple[str, type[EtcdRequestError]], ...] = (
-    ("member not found", MemberNotFound),
-    ("peer urls already exists", PeerURLExists),
-    ("can only promote a learner member which is in sync", LearnerNotReady),
-    ("learner member which is in sync", LearnerNotReady),
-    ("can only promote a learner member", NotALearner),
-    ("unhealthy cluster", UnhealthyCluster),
-    ("not enough started members", UnhealthyCluster),
-    ("too many learner members", TooManyLearners),
-)
 
 
 def _transport_reason(details: str) -> tuple[type[EtcdUnavailable], str]:
@@ -148,92 +81,6 @@ def map_grpc_error(error: grpc.aio.AioRpcError, endpoint: str, timeout: float | 
         return cls(reason, endpoint)
     return EtcdError(details, endpoint)
 
-
-_AUTH_MESSAGES = ("authentication failed", "permission denied", "invalid auth token", "user name is empty",
-                  "user name not found", "auth token is expired")
-
-
-def _request_error(details: str, endpoint: str) -> EtcdError:
-    low = details.lower()
-    if any(m in low for m in _AUTH_MESSAGES):
-        return EtcdAuthError(details, endpoint)
-    for needle, cls in _REQUEST_ERRORS:
-        if needle in low:
-            return cls(details, endpoint)
-    return EtcdRequestError(details, endpoint)
-
-
-# ---------------------------------------------------------------- values
-
-@dataclass(frozen=True)
-class Member:
-    """A cluster member as `etcdctl member list` shows it."""
-
-    id: int
-    name: str
-    peer_urls: tuple[str, ...]
-    client_urls: tuple[str, ...]
-    is_learner: bool = False
-
-    @property
-    def hex_id(self) -> str:
-        return f"{self.id:016x}"
-
-    @property
-    def started(self) -> bool:
-        """etcd publishes the name once the member process has started."""
-        return bool(self.name)
-
-
-@dataclass(frozen=True)
-class Alarm:
-    member_id: int
-    kind: str  # "NOSPACE" | "CORRUPT"
-
-
-@dataclass(frozen=True)
-class MemberStatus:
-    """One member's answer to Maintenance.Status.
-
-    etcd reports the cluster's alarms inside `errors`; they are split out
-    into `alarms`, because asking the Alarm RPC goes through raft and hangs
-    exactly when the cluster is in trouble.
-    """
-
-    endpoint: str
-    member_id: int
-    version: str
-    db_size: int
-    db_size_in_use: int
-    leader: int
-    raft_term: int
-    raft_index: int
-    raft_applied_index: int
-    is_learner: bool
-    errors: tuple[str, ...]
-    alarms: tuple[Alarm, ...] = ()
-
-
-_ALARM = re.compile(r"^memberID:(\d+) alarm:([A-Z]+)\s*$")
-
-
-def split_alarms(errors: Iterable[str]) -> tuple[tuple[str, ...], tuple[Alarm, ...]]:
-    """Separate etcd's `memberID:<id> alarm:<KIND>` strings from real errors."""
-    plain, alarms = [], []
-    for e in errors:
-        m = _ALARM.match(e)
-        if m:
-            alarms.append(Alarm(int(m.group(1)), m.group(2)))
-        else:
-            plain.append(e)
-    return tuple(plain), tuple(alarms)
-
-
-@dataclass(frozen=True)
-class TLSFiles:
-    cacert: Path | None = None
-    cert: Path | None = None
-    key: Path | None = None
 
 
 def _member(m) -> Member:
@@ -508,37 +355,6 @@ class SnapshotStream:
 
     def close(self) -> None:
         self._call.cancel()
-
-
-class AllFailed(Exception):
-    def __init__(self, errors: list[BaseException]):
-        super().__init__(f"{len(errors)} attempts failed")
-        self.errors = errors
-
-
-async def first_success(attempts: list[Awaitable[T]], fatal: Callable[[BaseException], bool]) -> tuple[int, T]:
-    """Run every attempt at once; the first to succeed wins (its index and result)
-    and the others are cancelled. An error `fatal` accepts is raised at once;
-    when all fail, AllFailed carries their errors."""
-    tasks = [asyncio.ensure_future(a) for a in attempts]
-    errors: list[BaseException] = []
-    try:
-        pending = set(tasks)
-        while pending:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                exc = task.exception()
-                if exc is None:
-                    return tasks.index(task), task.result()
-                if fatal(exc):
-                    raise exc
-                errors.append(exc)
-    finally:
-        for task in tasks:
-            if not task.done():
-                task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    raise AllFailed(errors)
 
 
 def _all_failed(errors: list[EtcdError]) -> EtcdUnavailable:

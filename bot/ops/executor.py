@@ -15,17 +15,18 @@ import logging
 import time
 from typing import Awaitable, Callable, TypeVar
 
-from bot import blocks
-from bot.access import Role
+from bot.slack import blocks
+from bot.ops.access import Role
 from bot.config import ClusterConfig
-from bot.context import BotContext
-from bot.etcd import EtcdClient, EtcdError, EtcdTimeout, LearnerNotReady, Member, NotALearner, UnhealthyCluster
-from bot.health import check_cluster
-from bot.launcher import manual_instructions, run_command
-from bot.plans import Plan, etcd_servers
-from bot.slackio import SlackPostError, post, update
-from bot.snapshot_service import take_snapshot
-from bot.snapshots import SnapshotFailed
+from bot.ops.context import BotContext
+from bot.etcd.client import EtcdClient
+from bot.etcd.model import EtcdError, EtcdTimeout, LearnerNotReady, Member, NotALearner, UnhealthyCluster
+from bot.etcd.health import check_cluster
+from bot.ops.launcher import manual_instructions, run_command
+from bot.ops.replace import Plan, etcd_servers
+from bot.slack.web import SlackPostError, post, update
+from bot.ops.snapshots import take_snapshot
+from bot.etcd.snapshots import SnapshotFailed
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -9,8 +9,13 @@ import asyncio
 import hashlib
 import time
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
-from bot.etcd import AllFailed, Alarm, EtcdClient, EtcdError, Member, MemberStatus, first_success
+from bot.etcd.model import Alarm, EtcdError, Member, MemberStatus
+from bot.etcd.race import AllFailed, first_success
+
+if TYPE_CHECKING:  # the client is gRPC; the quorum math above the fan-out stays pure
+    from bot.etcd.client import EtcdClient
 
 NO_LEADER = "etcdserver: no leader"
 

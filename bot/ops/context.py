@@ -10,12 +10,13 @@ from typing import Any, Coroutine
 
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot.access import Access
+from bot.ops.access import Access
 from bot.config import ClusterConfig, Config
-from bot.etcd import EtcdClient, EtcdError, client_for
-from bot.metrics import Metrics
+from bot.etcd.client import EtcdClient, client_for
+from bot.etcd.model import EtcdError
+from bot.ops.metrics import Metrics
 from bot.settings import SlackSettings
-from bot.store import Store
+from bot.store.sqlite import Store
 
 log = logging.getLogger(__name__)
 

@@ -6,9 +6,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from bot import render
-from bot.health import ClusterHealth, MemberHealth
-from bot.units import humanize_bytes, humanize_duration
+from bot.output import text as render
+from bot.etcd.health import ClusterHealth, MemberHealth
+from bot.output.units import humanize_bytes, humanize_duration
 
 MAX_SECTION = 2900  # Slack's limit is 3000 characters per text object
 
@@ -240,7 +240,7 @@ def mention(user: str) -> str:
 def snapshot_reply(saved, requested_by: str, title: str = "Snapshot") -> Reply:
     """The runbook's status table plus where the file is and how to check it.
     The file itself never goes to Slack."""
-    from bot.bbolt import status_table
+    from bot.etcd.bbolt import status_table
     st = saved.status
     table = status_table(st)
     mib_s = saved.throughput / (1 << 20)

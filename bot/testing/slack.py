@@ -1095,9 +1095,9 @@ async def _serve(stand_in: SlackStandIn, port: int, ready_file: Path | None) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m bot.emulator.slack``: secrets from the environment only, never argv."""
+    """``python -m bot.testing.slack``: secrets from the environment only, never argv."""
     parser = argparse.ArgumentParser(
-        prog="python -m bot.emulator.slack",
+        prog="python -m bot.testing.slack",
         description="Run the Slack stand-in on 127.0.0.1. Tokens come from SLACK_BOT_TOKEN, "
                     "SLACK_SIGNING_SECRET and (for Socket Mode) SLACK_APP_TOKEN.")
     parser.add_argument("--port", type=int, default=0, help="port to listen on (0: pick a free one)")

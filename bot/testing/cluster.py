@@ -3,7 +3,7 @@
 Every member's process, ports and data directory live under one base
 directory, with a small JSON record per member; that record is the single
 source of truth, so members started by another process (the `command`
-launcher's helper, `bot.emulator.start_member`) are found, killed and
+launcher's helper, `bot.testing.start_member`) are found, killed and
 cleaned up like our own.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from bot.emulator.binaries import BinaryNotFound, find_binary
+from bot.testing.binaries import BinaryNotFound, find_binary
 
 START_TIMEOUT = 30.0
 # Base directories of the clusters this process created (tests check that none is left running).
@@ -187,7 +187,7 @@ class LocalCluster:
         self.etcdctl_bin = _optional_binary("etcdctl")
         self.tls: TLSPaths | None = None
         if tls:
-            from bot.emulator import certs
+            from bot.testing import certs
             files = certs.generate(self.base_dir / "tls")
             self.tls = TLSPaths(ca=str(files.ca), server_cert=str(files.server_cert), server_key=str(files.server_key),
                                 client_cert=str(files.client_cert), client_key=str(files.client_key))
@@ -364,7 +364,7 @@ class LocalCluster:
 
     def tls_files(self):
         """bot.etcd.TLSFiles for an EtcdClient talking to this cluster, or None."""
-        from bot.etcd import TLSFiles
+        from bot.etcd.model import TLSFiles
         if not self.tls:
             return None
         return TLSFiles(Path(self.tls.ca), Path(self.tls.client_cert), Path(self.tls.client_key))

@@ -1,7 +1,7 @@
 """A `command` launcher for local clusters: start a real etcd member from the
 runbook's ETCD_* environment, detached, and return once it serves.
 
-    python -m bot.emulator.start_member --base-dir DIR
+    python -m bot.testing.start_member --base-dir DIR
 
 DIR is a LocalCluster's base directory: the member's data, log and record
 go there, so the cluster's teardown kills it too. Used by the demo and the
@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from bot.emulator.cluster import ClusterError, LocalCluster, TLSPaths, free_port, spawn, tls_member_args
+from bot.testing.cluster import ClusterError, LocalCluster, TLSPaths, free_port, spawn, tls_member_args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,8 +39,8 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from bot.tables import table
-from bot.units import humanize_bytes
+from bot.output.tables import table
+from bot.output.units import humanize_bytes
 
 __all__ = ["SnapshotError", "SnapshotStatus", "snapshot_status", "status_table"]
 

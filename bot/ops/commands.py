@@ -11,7 +11,7 @@ import re
 import shlex
 from dataclasses import dataclass, field
 
-from bot.urls import parse_url
+from bot.etcd.urls import parse_url
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 
 from bot.config import LauncherConfig
-from bot.plans import Plan
+from bot.ops.replace import Plan
 
 OUTPUT_TAIL = 4000  # characters of the command's output kept for the report
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 import time
 
-from bot import blocks
+from bot.slack import blocks
 from bot.config import ClusterConfig
-from bot.context import BotContext
-from bot.slackio import SlackPostError, post
-from bot.snapshot_service import take_snapshot
-from bot.snapshots import SnapshotFailed
+from bot.ops.context import BotContext
+from bot.slack.web import SlackPostError, post
+from bot.ops.snapshots import take_snapshot
+from bot.etcd.snapshots import SnapshotFailed
 
 log = logging.getLogger(__name__)
 REASON = "scheduled"

@@ -12,16 +12,16 @@ import logging
 import time
 from dataclasses import dataclass
 
-from bot import blocks
-from bot.access import Role
+from bot.slack import blocks
+from bot.ops.access import Role
 from bot.config import ClusterConfig
-from bot.context import BotContext
-from bot.etcd import EtcdError
-from bot.executor import Executor, StepFailed, plan_view, refresh_message, say_in_thread
-from bot.health import check_cluster
-from bot.plans import MemberRef, Plan, Refusal, ReplaceRequest, plan_replacement
-from bot.slackio import SlackPostError, post
-from bot.store import OpenPlanExists
+from bot.ops.context import BotContext
+from bot.etcd.model import EtcdError
+from bot.ops.executor import Executor, StepFailed, plan_view, refresh_message, say_in_thread
+from bot.etcd.health import check_cluster
+from bot.ops.replace import MemberRef, Plan, Refusal, ReplaceRequest, plan_replacement
+from bot.slack.web import SlackPostError, post
+from bot.store.sqlite import OpenPlanExists
 
 log = logging.getLogger(__name__)
 

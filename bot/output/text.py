@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from bot.health import ClusterHealth, MemberHealth
-from bot.tables import table
-from bot.units import humanize_bytes, humanize_duration
+from bot.etcd.health import ClusterHealth, MemberHealth
+from bot.output.tables import table
+from bot.output.units import humanize_bytes, humanize_duration
 
 def verdict(health: ClusterHealth) -> str:
     """HEALTHY, DEGRADED, NO LEADER or QUORUM LOST: the words an SRE reads first."""
@@ -108,7 +108,7 @@ def saved_json(saved) -> dict[str, Any]:
 
 
 def saved_text(saved) -> str:
-    from bot.bbolt import status_table
+    from bot.etcd.bbolt import status_table
     return "\n".join([
         f"Snapshot saved at {saved.path}" + (" (age-encrypted)" if saved.encrypted else ""),
         status_table(saved.status),
