@@ -1,4 +1,4 @@
-"""Time bot.bbolt.snapshot_status against `etcdutl snapshot status` on a big snapshot.
+"""Time bot.etcd.bbolt.snapshot_status against `etcdutl snapshot status` on a big snapshot.
 
 Why: the bot reports a snapshot's status right after saving it and the CLI
 does it offline; our pure-Python reader should cost no more than etcdutl.

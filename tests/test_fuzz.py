@@ -1,6 +1,6 @@
 """Property-based fuzzing (Hypothesis) of everything that reads input nobody controls.
 
-1. `bot.commands.parse` on any text: a Command, or a UsageError with a
+1. `bot.ops.commands.parse` on any text: a Command, or a UsageError with a
    one-line reason and a usage; never anything else.
 2. Any `/etcd` text through the real bot (slack-bolt over HTTP, the Slack
    stand-in, a real 3-member cluster): acknowledged with 200, answered, no

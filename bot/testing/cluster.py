@@ -363,7 +363,7 @@ class LocalCluster:
         return proc
 
     def tls_files(self):
-        """bot.etcd.TLSFiles for an EtcdClient talking to this cluster, or None."""
+        """bot.etcd.model.TLSFiles for an EtcdClient talking to this cluster, or None."""
         from bot.etcd.model import TLSFiles
         if not self.tls:
             return None
