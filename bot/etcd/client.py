@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable, Iterable, TypeVar
 
@@ -23,8 +21,8 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 import grpc  # noqa: E402
 from aetcd import rpc  # noqa: E402
 
-from bot.etcd.model import (Alarm, EtcdAuthError, EtcdError, EtcdRequestError, EtcdTimeout, EtcdTLSError,
-                            EtcdUnavailable, Member, MemberStatus, TLSFiles, _request_error, split_alarms)
+from bot.etcd.model import (EtcdAuthError, EtcdError, EtcdRequestError, EtcdTimeout, EtcdTLSError,
+                            EtcdUnavailable, Member, MemberStatus, TLSFiles, request_error, split_alarms, AUTH_MESSAGES)
 from bot.etcd.race import AllFailed, first_success
 from bot.etcd.urls import Endpoint, parse_url
 
@@ -67,15 +65,15 @@ def map_grpc_error(error: grpc.aio.AioRpcError, endpoint: str, timeout: float | 
         return EtcdTimeout(f"no answer{after} (member down or host unreachable)", endpoint)
     if code == grpc.StatusCode.UNAVAILABLE:
         if details.startswith("etcdserver:"):
-            return _request_error(details, endpoint)
+            return request_error(details, endpoint)
         cls, reason = _transport_reason(details)
         return cls(reason, endpoint)
     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED) or any(
-            m in details.lower() for m in _AUTH_MESSAGES):
+            m in details.lower() for m in AUTH_MESSAGES):
         return EtcdAuthError(details, endpoint)
     if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
                 grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.OUT_OF_RANGE):
-        return _request_error(details, endpoint)
+        return request_error(details, endpoint)
     if code == grpc.StatusCode.UNKNOWN and "handshake" in details.lower():
         cls, reason = _transport_reason(details)
         return cls(reason, endpoint)

@@ -78,13 +78,13 @@ _REQUEST_ERRORS: tuple[tuple[str, type[EtcdRequestError]], ...] = (
 )
 
 
-_AUTH_MESSAGES = ("authentication failed", "permission denied", "invalid auth token", "user name is empty",
+AUTH_MESSAGES = ("authentication failed", "permission denied", "invalid auth token", "user name is empty",
                   "user name not found", "auth token is expired")
 
 
-def _request_error(details: str, endpoint: str) -> EtcdError:
+def request_error(details: str, endpoint: str) -> EtcdError:
     low = details.lower()
-    if any(m in low for m in _AUTH_MESSAGES):
+    if any(m in low for m in AUTH_MESSAGES):
         return EtcdAuthError(details, endpoint)
     for needle, cls in _REQUEST_ERRORS:
         if needle in low:
