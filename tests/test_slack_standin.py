@@ -174,7 +174,7 @@ async def socket_bot(slack: SlackStandIn) -> AsyncIterator[tuple[Bot, AsyncSocke
     """The bolt app connected over Socket Mode (apps.connections.open on the stand-in)."""
     async with aiohttp.ClientSession() as session:
         bot = Bot(slack, session)
-        handler = AsyncSocketModeHandler(bot.slack.app, app_token=APP_TOKEN)
+        handler = AsyncSocketModeHandler(bot.app, app_token=APP_TOKEN)
         try:
             await handler.connect_async()
             await slack.wait_socket_connected(5.0)
