@@ -5,7 +5,7 @@ import asyncio
 import re
 import time
 
-from helpers import command, ephemeral, reply, text_of
+from helpers import command, ephemeral, live_markup, reply, text_of
 
 from bot.testing.workspace import CHANNEL, ONCALL, cluster_table
 
@@ -115,3 +115,25 @@ async def test_help(cluster, slack, start_bot):
     for sub in ("status", "members", "replace", "snapshot", "snapshots", "plans", "resume", "cancel"):
         assert f"/etcd {sub}" in text_of(msg)
     assert "This channel speaks for: prod" in text_of(msg)
+
+
+async def test_member_names_from_etcd_never_become_slack_markup(make_cluster, slack, start_bot, tmp_path):
+    """A member named `<!channel>…` (etcd accepts any name) is shown, escaped, in every answer:
+    status (blocks and notification text), members, snapshot, snapshots, plans and refusals."""
+    prefix = "<!channel><@U0LEAD0001>`*"
+    c = make_cluster(3, prefix=prefix)
+    await start_bot([cluster_table("prod", c, timeout_seconds=2.0)])
+    c.kill(f"{prefix}3")
+    start = len(slack.messages)
+    status = await reply(slack, "status")
+    assert "DOWN: &lt;!channel&gt;&lt;@U0LEAD0001&gt;`*3" in status.text
+    listing = (await reply(slack, "members")).blocks[1]["text"]["text"]  # a code block no name can end early
+    assert "started, &lt;!channel&gt;&lt;@U0LEAD0001&gt;\u02cb*1, " in listing and "`" not in listing[3:-3]
+    assert "verified" in text_of(await reply(slack, "snapshot", timeout=60))
+    await reply(slack, "snapshots")
+    await reply(slack, "plans")
+    refusal = await ephemeral(slack, f"replace {prefix}1 member9 http://127.0.0.1:1")
+    assert "still answers" in text_of(refusal) and "&lt;!channel&gt;" in refusal.text
+    posted = slack.messages[start:]
+    assert len(posted) == 6
+    assert not [(m.text[:120], live_markup(m)) for m in posted if live_markup(m)]

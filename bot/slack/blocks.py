@@ -86,12 +86,17 @@ _GROUP_ID = re.compile(r"S[A-Z0-9]{2,}")
 def mention(user: str) -> str:
     """The only way to mention a user: a Slack user ID as a mention; anything
     else (the schedule, a malformed ID) as plain words."""
-    return f"<@{user}>" if _USER_ID.fullmatch(user) else escape(user)
+    return f"<@{user}>" if _USER_ID.fullmatch(user) else _item(user)
 
 
 def group_mention(group: str) -> str:
     """The only way to mention a user group (a Slack subteam ID)."""
-    return f"<!subteam^{group}>" if _GROUP_ID.fullmatch(group) else escape(group)
+    return f"<!subteam^{group}>" if _GROUP_ID.fullmatch(group) else _item(group)
+
+
+def _item(value: str) -> str:
+    """A value in a list of one line per item: escaped, and on one line."""
+    return escape(render.one_line(value))
 
 
 # ---------------------------------------------------------------- status
@@ -248,7 +253,8 @@ def plan_reply(plan, view: PlanView) -> Reply:
 
 @dataclass(frozen=True)
 class PlanLine:
-    """What `/etcd plans` shows of one plan: the few fields it reads."""
+    """What `/etcd plans` shows of one plan: the few fields it reads (the
+    only code here that knows the store's row and plan JSON)."""
 
     id: str
     state: str
@@ -271,7 +277,7 @@ class PlanLine:
         """The failure, or else the decision, in one escaped line; the full
         failure (launcher output) is in the plan's thread."""
         if self.error:
-            return escape(render.one_line(self.error))
+            return _item(self.error)
         if self.decided_by:
             return f"{self.state if self.state in ('rejected', 'cancelled') else 'approved'} by {mention(self.decided_by)}"
         return None
@@ -283,8 +289,8 @@ def plans_reply(cluster: str, rows: list[dict[str, Any]]) -> Reply:
     lines = []
     for p in map(PlanLine.of, rows):
         reason = p.reason()
-        lines.append(f"{code(p.id)} {STATE_WORD.get(p.state, p.state).split(' —')[0]} · replace {escape(p.failed)} "
-                     f"with {escape(p.new_name)} · by {mention(p.proposer)} · {slack_date(p.created_at)}"
+        lines.append(f"{code(p.id)} {STATE_WORD.get(p.state, p.state).split(' —')[0]} · replace {_item(p.failed)} "
+                     f"with {_item(p.new_name)} · by {mention(p.proposer)} · {slack_date(p.created_at)}"
                      + (f" · {reason}" if reason else ""))
     title = f"Recent plans for {escape(cluster)}"
     return Reply(text=f"{title}:\n" + "\n".join(lines), blocks=[_section(f"*{title}*"), _section("\n".join(lines))])
@@ -334,10 +340,10 @@ def snapshots_reply(cluster: str, rows: list[dict[str, Any]]) -> Reply:
         return Reply(text=f"No snapshots recorded for {escape(cluster)} yet. Take one with /etcd snapshot.")
     lines = []
     for r in rows:
-        lines.append(f"{code(_basename(r['path']))} · rev {r['revision']} · hash {escape(str(r['hash']))} · "
-                     f"{r['total_keys']} keys · {humanize_bytes(r['total_size'])} · {escape(r['member'])} · "
+        lines.append(f"{code(render.one_line(_basename(r['path'])))} · rev {r['revision']} · hash {_item(str(r['hash']))} · "
+                     f"{r['total_keys']} keys · {humanize_bytes(r['total_size'])} · {_item(r['member'])} · "
                      f"{mention(r['requested_by'])} · {slack_date(r['created_at'])}" + (" · :lock:" if r["encrypted"] else "")
-                     + (f" · {escape(render.one_line(r['reason']))}" if r.get("reason") else ""))
+                     + (f" · {_item(r['reason'])}" if r.get("reason") else ""))
     title = f"Snapshots of {escape(cluster)}"
     return Reply(text=f"{title} (newest first):\n" + "\n".join(lines),
                  blocks=[_section(f"*{title}* (newest first)"), _section("\n".join(lines))])
