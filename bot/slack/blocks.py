@@ -114,7 +114,9 @@ def _member_line(v: MemberView) -> str:
         first = f":large_orange_circle: {name} {code(m.hex_id)} — *UNHEALTHY*: {escape(v.problem)}"
     else:
         first = f":large_green_circle: {name} {code(m.hex_id)} — {v.state}"
-    facts = [escape(f) for f in v.facts] + ([f":rotating_light: alarm {escape(', '.join(v.alarms))}"] if v.alarms else [])
+    facts = [escape(f) for f in v.facts]
+    if v.alarms:
+        facts.append(f":rotating_light: alarm {escape(', '.join(v.alarms))}")
     urls = f"peer {escape(', '.join(m.peer_urls) or '-')} · client {escape(', '.join(m.client_urls) or '-')}"
     return "\n".join([first, " · ".join(facts), urls] if facts else [first, urls])
 
@@ -144,7 +146,8 @@ def members_reply(health: ClusterHealth) -> Reply:
 
 def unreachable_reply(cluster: str, error: str) -> Reply:
     return Reply(text=escape(render.unreachable_text(cluster, error)),
-                 blocks=[_header(f"etcd cluster {escape(cluster)}: UNREACHABLE"), _section(f":red_circle: {escape(error)}")])
+                 blocks=[_header(f"etcd cluster {escape(cluster)}: UNREACHABLE"),
+                         _section(f":red_circle: {escape(error)}")])
 
 
 # ---------------------------------------------------------------- answers to the person
@@ -279,7 +282,8 @@ class PlanLine:
         if self.error:
             return _item(self.error)
         if self.decided_by:
-            return f"{self.state if self.state in ('rejected', 'cancelled') else 'approved'} by {mention(self.decided_by)}"
+            decision = self.state if self.state in ("rejected", "cancelled") else "approved"
+            return f"{decision} by {mention(self.decided_by)}"
         return None
 
 
@@ -340,10 +344,11 @@ def snapshots_reply(cluster: str, rows: list[dict[str, Any]]) -> Reply:
         return Reply(text=f"No snapshots recorded for {escape(cluster)} yet. Take one with /etcd snapshot.")
     lines = []
     for r in rows:
-        lines.append(f"{code(render.one_line(_basename(r['path'])))} · rev {r['revision']} · hash {_item(str(r['hash']))} · "
-                     f"{r['total_keys']} keys · {humanize_bytes(r['total_size'])} · {_item(r['member'])} · "
-                     f"{mention(r['requested_by'])} · {slack_date(r['created_at'])}" + (" · :lock:" if r["encrypted"] else "")
-                     + (f" · {_item(r['reason'])}" if r.get("reason") else ""))
+        lines.append(" · ".join([
+            code(render.one_line(_basename(r["path"]))), f"rev {r['revision']}", f"hash {_item(str(r['hash']))}",
+            f"{r['total_keys']} keys", humanize_bytes(r["total_size"]), _item(r["member"]), mention(r["requested_by"]),
+            slack_date(r["created_at"]), *([":lock:"] if r["encrypted"] else []),
+            *([_item(r["reason"])] if r.get("reason") else [])]))
     title = f"Snapshots of {escape(cluster)}"
     return Reply(text=f"{title} (newest first):\n" + "\n".join(lines),
                  blocks=[_section(f"*{title}* (newest first)"), _section("\n".join(lines))])
