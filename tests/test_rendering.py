@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -210,3 +212,10 @@ def test_no_value_becomes_markup_in_plans(error, name, decided_by):
     made = (f"<@{ONCALL}>",) + ((mention(decided_by),) if mention(decided_by).startswith("<@") else ())
     assert not live(reply, made)
     assert len(reply.blocks[1]["text"]["text"].splitlines()) == 2
+
+
+def test_the_printers_load_without_grpc_or_slack():
+    code_ = ("import sys, bot.output.text, bot.output.model; "
+             "print(sorted(m for m in ('grpc', 'aetcd', 'slack_sdk', 'slack_bolt', 'aiohttp') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code_], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr or proc.stdout
