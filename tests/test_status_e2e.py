@@ -1,13 +1,14 @@
-"""`/etcd status`, `members` and `help` end to end: real etcd, real bolt, the Slack stand-in."""
+"""The read commands (`/etcd status`, `members`, `plans`, `help`) end to end: real etcd, real bolt, the Slack stand-in."""
 from __future__ import annotations
 
 import asyncio
 import re
+import sys
 import time
 
-from helpers import command, ephemeral, live_markup, reply, text_of
+from helpers import APPROVAL, OK, command, ephemeral, live_markup, plan_row, propose, reply, text_of, urls, wait_state
 
-from bot.testing.workspace import CHANNEL, ONCALL, cluster_table
+from bot.testing.workspace import CHANNEL, LEAD, ONCALL, cluster_table
 
 
 async def test_status_of_a_healthy_cluster(cluster, slack, start_bot):
@@ -137,3 +138,24 @@ async def test_member_names_from_etcd_never_become_slack_markup(make_cluster, sl
     posted = slack.messages[start:]
     assert len(posted) == 6
     assert not [(m.text[:120], live_markup(m)) for m in posted if live_markup(m)]
+
+
+async def test_plans_gives_each_plan_one_line_and_leaves_launcher_output_to_the_thread(make_cluster, slack, start_bot):
+    c = make_cluster(3)
+    table = cluster_table("prod", c)
+    noisy = "import sys; [print('+ etcd --name member4 step', i, '<!channel>') for i in range(60)]; sys.exit(3)"
+    table["launcher"] = {"kind": "command", "argv": [sys.executable, "-c", noisy], "timeout_seconds": 30}
+    bot = await start_bot([table], approval=APPROVAL)
+    c.kill("member1")
+    peer, client = urls()
+    plan = await propose(slack, f"replace member1 member4 {peer} --client-url {client}")
+    row = await plan_row(bot.ctx.store, plan)
+    await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
+    failed = await wait_state(bot.ctx.store, row["id"], ("failed",))
+    assert "step 59" in failed["error"]  # the launcher's output is kept (the thread shows it)
+
+    listing = await reply(slack, "plans")
+    (line,) = [line for line in listing.text.splitlines() if row["id"] in line]
+    assert "FAILED · replace member1 with member4 · by" in line and line.endswith("…")
+    assert "step 59" not in listing.text and len(line) < 400
+    assert not live_markup(listing)

@@ -284,14 +284,17 @@ class PlanLine:
         if self.decided_by:
             decision = self.state if self.state in ("rejected", "cancelled") else "approved"
             return f"{decision} by {mention(self.decided_by)}"
-        return None
+        return _UNDECIDED.get(self.state)
+
+
+_UNDECIDED = {"proposed": "waiting for an approver", "expired": "nobody approved it in time"}
 
 
 def plans_reply(cluster: str, rows: list[dict[str, Any]]) -> Reply:
     if not rows:
         return Reply(text=f"No plans for cluster {escape(cluster)} yet.")
     lines = []
-    for p in map(PlanLine.of, rows):
+    for p in map(PlanLine.of, rows):  # the state, what and who, and why it is in that state
         reason = p.reason()
         lines.append(f"{code(p.id)} {STATE_WORD.get(p.state, p.state).split(' —')[0]} · replace {_item(p.failed)} "
                      f"with {_item(p.new_name)} · by {mention(p.proposer)} · {slack_date(p.created_at)}"
