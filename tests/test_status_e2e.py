@@ -6,7 +6,8 @@ import re
 import sys
 import time
 
-from helpers import APPROVAL, OK, command, ephemeral, live_markup, plan_row, propose, reply, text_of, urls, wait_state
+from helpers import (APPROVAL, OK, command, ephemeral, live_markup, plan_row, propose, reply, text_of, thread, urls,
+                     wait_state)
 
 from bot.testing.workspace import CHANNEL, LEAD, ONCALL, cluster_table
 
@@ -151,8 +152,8 @@ async def test_plans_gives_each_plan_one_line_and_leaves_launcher_output_to_the_
     plan = await propose(slack, f"replace member1 member4 {peer} --client-url {client}")
     row = await plan_row(bot.ctx.store, plan)
     await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
-    failed = await wait_state(bot.ctx.store, row["id"], ("failed",))
-    assert "step 59" in failed["error"]  # the launcher's output is kept (the thread shows it)
+    await wait_state(bot.ctx.store, row["id"], ("failed",))
+    await slack.wait_for(lambda: "step 59" in thread(slack, plan), what="the launcher's output in the plan's thread")
 
     listing = await reply(slack, "plans")
     (line,) = [line for line in listing.text.splitlines() if row["id"] in line]
