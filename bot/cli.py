@@ -176,6 +176,7 @@ def _client_from_args(args: argparse.Namespace):
 
 async def _status(args: argparse.Namespace) -> int:
     from bot.output import text as render
+    from bot.output.model import status_view
     from bot.etcd.model import EtcdError
     from bot.etcd.health import check_cluster
 
@@ -187,16 +188,17 @@ async def _status(args: argparse.Namespace) -> int:
             if getattr(args, "json", False):
                 print(json.dumps({"cluster": name, "error": str(e)}))
             else:
-                print(f"cluster {name}: UNREACHABLE: {e}", file=sys.stderr)
+                print(render.unreachable_text(name, str(e)), file=sys.stderr)
             return EXIT_FAILED
+    view = status_view(health)
     if args.cmd == "members":
-        print(render.members_text(health))
+        print(render.members_text(view))
         return EXIT_OK
     if args.json:
-        print(json.dumps(render.status_json(health), indent=2))
+        print(json.dumps(render.status_json(view), indent=2))
     else:
-        print(render.status_text(health))
-    return EXIT_OK if health.all_healthy else EXIT_FAILED
+        print(render.status_text(view))
+    return EXIT_OK if view.all_healthy else EXIT_FAILED
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -238,6 +240,7 @@ def _snapshot_status(args: argparse.Namespace) -> int:
 
 async def _snapshot_save(args: argparse.Namespace) -> int:
     from bot.output import text as render
+    from bot.output.model import snapshot_view
     from bot.config import ConfigError, check_age_recipient
     from bot.etcd.model import EtcdError
     from bot.etcd.health import check_cluster
@@ -266,10 +269,8 @@ async def _snapshot_save(args: argparse.Namespace) -> int:
         except SnapshotFailed as e:
             print(f"etcd-chatops snapshot save: {e}", file=sys.stderr)
             return EXIT_FAILED
-    if args.json:
-        print(json.dumps(render.saved_json(saved)))
-    else:
-        print(render.saved_text(saved))
+    view = snapshot_view(saved)
+    print(json.dumps(render.saved_json(view)) if args.json else render.saved_text(view))
     return EXIT_OK
 
 

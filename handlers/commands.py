@@ -154,7 +154,8 @@ async def _run(ctx: BotContext, cmd: Command, cluster: ClusterConfig | None, clu
         ctx.metrics.commands.labels(command=cmd.name, outcome="refused").inc()
         await ctx.store.audit("refused", user=user, channel=channel, cluster=checked.name,
                               detail={"command": cmd.name, "missing_role": role.value})
-        await respond(response_type="ephemeral", **blocks.error_reply(reason, cmd.spec.usage).as_kwargs())
+        # The holders' mentions are deliberate (config IDs); the rest is config and fixed words.
+        await respond(response_type="ephemeral", **blocks.error_reply(blocks.Mrkdwn(reason), cmd.spec.usage).as_kwargs())
         return
     await ctx.store.audit("command", user=user, channel=channel, cluster=cluster_name,
                           detail={"command": cmd.name, "args": cmd.args, "flags": sorted(cmd.flags)})

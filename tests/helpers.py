@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from pathlib import Path
 
 from bot.testing.cluster import free_port
 from bot.testing.slack import Delivery, Message, SlackStandIn
-from bot.testing.workspace import CHANNEL, LEAD, LEADS_GROUP, ONCALL
+from bot.testing.workspace import CHANNEL, LEAD, LEADS_GROUP, ONCALL, USERGROUPS, USERS
 from bot.etcd.client import EtcdClient
 from bot.etcd.health import check_cluster
 from bot.store.sqlite import Store
@@ -24,6 +25,21 @@ def text_of(msg: Message) -> str:
             if isinstance(element, dict) and "text" in element:
                 parts.append(element["text"] if isinstance(element["text"], str) else element["text"].get("text", ""))
     return "\n".join(parts)
+
+
+_MARKUP = re.compile(r"<[^<>]*>?")
+_DELIBERATE = re.compile(r"<@(?P<user>[UW][A-Z0-9]+)>|<!subteam\^(?P<group>S[A-Z0-9]+)>|<!date\^\d+\^[^|<>]*\|[^<>]*>")
+
+
+def live_markup(msg: Message) -> list[str]:
+    """Slack markup in a message (text or blocks) that the bot did not make on purpose:
+    every <…> but a mention of a workspace user or group (mention()) or a date (slack_date())."""
+    found = []
+    for token in _MARKUP.findall(text_of(msg)):
+        ok = _DELIBERATE.fullmatch(token)
+        if not ok or (ok["user"] and ok["user"] not in USERS) or (ok["group"] and ok["group"] not in USERGROUPS):
+            found.append(token)
+    return found
 
 
 async def command(slack: SlackStandIn, text: str, *, user: str = ONCALL, channel: str = CHANNEL) -> Delivery:

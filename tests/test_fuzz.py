@@ -36,10 +36,11 @@ import hypothesis
 from hypothesis import HealthCheck, assume, given, note, settings
 from hypothesis import strategies as st
 
-from helpers import text_of
+from helpers import live_markup, text_of
 
 from bot.etcd.bbolt import SnapshotError, snapshot_status
 from bot.ops.commands import SPECS, Command, UsageError, parse
+from bot.slack.blocks import escape
 from bot.testing.cluster import LocalCluster, free_port
 from bot.testing.slack import Message, SlackStandIn
 from bot.testing.workspace import CHANNEL, LEAD, LEAD2, LEADS_GROUP, ONCALL, STRANGER, cluster_table
@@ -213,6 +214,7 @@ async def test_any_command_text_is_answered_and_changes_nothing(readonly_rig, sl
     assert delivery.status == 200, f"HTTP {delivery.status} {delivery.error or ''}: {delivery.body[:300]!r}"
     new = await _settled(slack, rig.bot, start, f"/etcd {text!r}")
     _traceback_free(new)
+    assert not [(m.text[:200], live_markup(m)) for m in new if live_markup(m)], "the answer holds live Slack markup"
     assert not _listener_failures(caplog.records[logged:])
     for_user = [m for m in new if m.ephemeral_to == user]
     in_channel = [m for m in new if m.ephemeral_to is None and m.channel == channel and m.thread_ts is None]
@@ -225,7 +227,7 @@ async def test_any_command_text_is_answered_and_changes_nothing(readonly_rig, sl
         hypothesis.event("usage error")
         assert [m.source for m in new] == ["ack"] and for_user
         lines = for_user[0].text.splitlines()
-        assert lines[0] == f":warning: {e.reason}" and lines[1] == f"Usage: {e.usage.splitlines()[0]}"
+        assert lines[0] == f":warning: {escape(e.reason)}" and lines[1] == f"Usage: {escape(e.usage.splitlines()[0])}"
     else:
         hypothesis.event(f"{expected.name}: {'ephemeral' if for_user else 'channel'} answer")
         if expected.name == "help":
@@ -248,7 +250,7 @@ async def test_help_for_a_subcommand_with_required_arguments(cluster, slack, sta
         delivery = await slack.send_command(text, user_id=ONCALL, channel_id=CHANNEL)
         assert delivery.status == 200, f"/etcd {text}: HTTP {delivery.status}"
         usage = SPECS[text.split()[0]].usage
-        assert any(m.ephemeral_to == ONCALL and usage in text_of(m) for m in slack.messages[start:]), text
+        assert any(m.ephemeral_to == ONCALL and escape(usage) in text_of(m) for m in slack.messages[start:]), text
 
 
 # ---------------------------------------------------------------- 3. reaction events

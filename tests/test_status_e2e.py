@@ -1,13 +1,15 @@
-"""`/etcd status`, `members` and `help` end to end: real etcd, real bolt, the Slack stand-in."""
+"""The read commands (`/etcd status`, `members`, `plans`, `help`) end to end: real etcd, real bolt, the Slack stand-in."""
 from __future__ import annotations
 
 import asyncio
 import re
+import sys
 import time
 
-from helpers import command, ephemeral, reply, text_of
+from helpers import (APPROVAL, OK, command, ephemeral, live_markup, plan_row, propose, reply, text_of, thread, urls,
+                     wait_state)
 
-from bot.testing.workspace import CHANNEL, ONCALL, cluster_table
+from bot.testing.workspace import CHANNEL, LEAD, ONCALL, cluster_table
 
 
 async def test_status_of_a_healthy_cluster(cluster, slack, start_bot):
@@ -115,3 +117,46 @@ async def test_help(cluster, slack, start_bot):
     for sub in ("status", "members", "replace", "snapshot", "snapshots", "plans", "resume", "cancel"):
         assert f"/etcd {sub}" in text_of(msg)
     assert "This channel speaks for: prod" in text_of(msg)
+
+
+async def test_member_names_from_etcd_never_become_slack_markup(make_cluster, slack, start_bot, tmp_path):
+    """A member named `<!channel>…` (etcd accepts any name) is shown, escaped, in every answer:
+    status (blocks and notification text), members, snapshot, snapshots, plans and refusals."""
+    prefix = "<!channel><@U0LEAD0001>`*"
+    c = make_cluster(3, prefix=prefix)
+    await start_bot([cluster_table("prod", c, timeout_seconds=2.0)])
+    c.kill(f"{prefix}3")
+    start = len(slack.messages)
+    status = await reply(slack, "status")
+    assert "DOWN: &lt;!channel&gt;&lt;@U0LEAD0001&gt;`*3" in status.text
+    listing = (await reply(slack, "members")).blocks[1]["text"]["text"]  # a code block no name can end early
+    assert "started, &lt;!channel&gt;&lt;@U0LEAD0001&gt;\u02cb*1, " in listing and "`" not in listing[3:-3]
+    assert "verified" in text_of(await reply(slack, "snapshot", timeout=60))
+    await reply(slack, "snapshots")
+    await reply(slack, "plans")
+    refusal = await ephemeral(slack, f"replace {prefix}1 member9 http://127.0.0.1:1")
+    assert "still answers" in text_of(refusal) and "&lt;!channel&gt;" in refusal.text
+    posted = slack.messages[start:]
+    assert len(posted) == 6
+    assert not [(m.text[:120], live_markup(m)) for m in posted if live_markup(m)]
+
+
+async def test_plans_gives_each_plan_one_line_and_leaves_launcher_output_to_the_thread(make_cluster, slack, start_bot):
+    c = make_cluster(3)
+    table = cluster_table("prod", c)
+    noisy = "import sys; [print('+ etcd --name member4 step', i, '<!channel>') for i in range(60)]; sys.exit(3)"
+    table["launcher"] = {"kind": "command", "argv": [sys.executable, "-c", noisy], "timeout_seconds": 30}
+    bot = await start_bot([table], approval=APPROVAL)
+    c.kill("member1")
+    peer, client = urls()
+    plan = await propose(slack, f"replace member1 member4 {peer} --client-url {client}")
+    row = await plan_row(bot.ctx.store, plan)
+    await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
+    await wait_state(bot.ctx.store, row["id"], ("failed",))
+    await slack.wait_for(lambda: "step 59" in thread(slack, plan), what="the launcher's output in the plan's thread")
+
+    listing = await reply(slack, "plans")
+    (line,) = [line for line in listing.text.splitlines() if row["id"] in line]
+    assert "FAILED · replace member1 with member4 · by" in line and line.endswith("…")
+    assert "step 59" not in listing.text and len(line) < 400
+    assert not live_markup(listing)

@@ -1,118 +1,114 @@
-"""Plain-text and JSON renderings of the bot's answers.
+"""Plain-text, table and JSON printers of the answer models (model.py).
 
-One data model per answer, several printers (as etcdctl's printer.go): the
-CLI, the Slack text fallback and the JSON output all come from here, so
-they never disagree.
+The CLI prints these; the Slack side takes its top-level `text` fallback
+from the same functions (escaped, in bot/slack/blocks.py) and lays out its
+Block Kit from the same model, so the two never disagree.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from bot.etcd.health import ClusterHealth, MemberHealth
+from bot.output.model import SnapshotView, StatusView, member_state, quorum_line, verdict
 from bot.output.tables import table
-from bot.output.units import humanize_bytes, humanize_duration
+from bot.output.units import humanize_bytes
 
-def verdict(health: ClusterHealth) -> str:
-    """HEALTHY, DEGRADED, NO LEADER or QUORUM LOST: the words an SRE reads first."""
-    q = health.quorum
-    if not q.ok:
-        return "QUORUM LOST"
-    if health.leader_id is None:
-        return "NO LEADER"
-    if health.unhealthy or health.alarms:
-        return "DEGRADED"
-    return "HEALTHY"
+__all__ = ["headline", "member_state", "members_text", "one_line", "quorum_line", "saved_json", "saved_text",
+           "snapshot_line", "status_json", "status_text", "unreachable_text", "verdict"]
 
 
-def quorum_line(health: ClusterHealth) -> str:
-    q = health.quorum
-    tail = (f"tolerates {q.tolerates} more failure{'s' if q.tolerates != 1 else ''}" if q.ok
-            else "the cluster cannot accept writes")
-    return f"{q.healthy} of {q.voting} voting members healthy, quorum needs {q.needed}, {tail}"
+def headline(view: StatusView) -> str:
+    """The first line of the CLI's status and the Slack notification text."""
+    down = f"; DOWN: {', '.join(view.down)}" if view.down else ""
+    return f"cluster {view.cluster}: {view.verdict}: {view.quorum_line}{down}"
 
 
-def member_state(h: MemberHealth, leader_id: int | None) -> str:
-    if not h.reachable:
-        return "DOWN"
-    if h.problem:
-        return "UNHEALTHY"
-    return "leader" if h.member.id == leader_id else ("learner" if h.member.is_learner else "follower")
+def unreachable_text(cluster: str, error: str) -> str:
+    return f"cluster {cluster}: UNREACHABLE: {error}"
 
 
 STATUS_HEADERS = ("ID", "STATUS", "NAME", "PEER ADDRS", "CLIENT ADDRS", "IS LEARNER", "REACHABLE", "LEADER",
                   "VERSION", "DB SIZE", "RAFT INDEX", "ALARMS")
 
 
-def status_rows(health: ClusterHealth) -> list[list[str]]:
-    leader = health.leader_id
+def status_rows(view: StatusView) -> list[list[str]]:
     rows = []
-    for h in health.members:
-        m, s = h.member, h.status
+    for v in view.members:
+        m, s = v.member, v.status
         rows.append([
             m.hex_id, "started" if m.started else "unstarted", m.name or "", ", ".join(m.peer_urls),
             ", ".join(m.client_urls), str(m.is_learner).lower(),
-            "yes" if h.reachable else f"NO: {h.error}",
-            "*" if m.id == leader else "",
+            "yes" if v.reachable else f"NO: {v.error}",
+            "*" if v.is_leader else "",
             s.version if s else "-", humanize_bytes(s.db_size) if s else "-", str(s.raft_index) if s else "-",
-            ", ".join(h.alarms) or ("-" if s is None else "none"),
+            ", ".join(v.alarms) or ("-" if s is None else "none"),
         ])
     return rows
 
 
-def status_text(health: ClusterHealth) -> str:
-    """The CLI's status output: verdict, quorum line and the member table."""
-    head = f"cluster {health.cluster}: {verdict(health)}: {quorum_line(health)}"
-    alarms = "".join(f"\nALARM {a.kind} on member {a.member_id:016x}" for a in health.alarms)
-    foot = f"checked in {humanize_duration(health.elapsed)}, deadline {health.deadline:g}s per member"
-    return f"{head}{alarms}\n{table(STATUS_HEADERS, status_rows(health))}\n{foot}"
+def status_text(view: StatusView) -> str:
+    """The CLI's status output: headline, alarms and the member table."""
+    alarms = "".join(f"\nALARM {a.kind} on member {a.member_id:016x}" for a in view.alarms)
+    return f"{headline(view)}{alarms}\n{table(STATUS_HEADERS, status_rows(view))}\n{view.checked}"
 
 
-def members_text(health: ClusterHealth) -> str:
+def members_text(view: StatusView) -> str:
     """As `etcdctl member list`: ID, status, name, peer URLs, client URLs, learner."""
     return "\n".join(
-        f"{h.member.hex_id}, {'started' if h.member.started else 'unstarted'}, {h.member.name}, "
-        f"{','.join(h.member.peer_urls)}, {','.join(h.member.client_urls)}, {str(h.member.is_learner).lower()}"
-        for h in health.members)
+        f"{v.member.hex_id}, {'started' if v.member.started else 'unstarted'}, {v.member.name}, "
+        f"{','.join(v.member.peer_urls)}, {','.join(v.member.client_urls)}, {str(v.member.is_learner).lower()}"
+        for v in view.members)
 
 
-def status_json(health: ClusterHealth) -> dict[str, Any]:
-    leader = health.leader_id
-    q = health.quorum
+def status_json(view: StatusView) -> dict[str, Any]:
+    leader, q = view.leader_id, view.quorum
     members = []
-    for h in health.members:
-        m, s = h.member, h.status
+    for v in view.members:
+        m, s = v.member, v.status
         members.append({
             "id": m.hex_id, "name": m.name, "peer_urls": list(m.peer_urls), "client_urls": list(m.client_urls),
-            "started": m.started, "is_learner": m.is_learner, "reachable": h.reachable, "healthy": h.healthy,
-            "is_leader": m.id == leader, "version": s.version if s else None,
+            "started": m.started, "is_learner": m.is_learner, "reachable": v.reachable, "healthy": v.healthy,
+            "is_leader": v.is_leader, "version": s.version if s else None,
             "db_size": s.db_size if s else None, "db_size_in_use": s.db_size_in_use if s else None,
             "raft_term": s.raft_term if s else None, "raft_index": s.raft_index if s else None,
             "raft_applied_index": s.raft_applied_index if s else None,
-            "errors": list(s.errors) if s else ([h.error] if h.error else []),
-            "alarms": list(h.alarms),
+            "errors": list(s.errors) if s else ([v.error] if v.error else []),
+            "alarms": list(v.alarms),
         })
     return {
-        "cluster": health.cluster, "verdict": verdict(health), "members": members,
+        "cluster": view.cluster, "verdict": str(view.verdict), "members": members,
         "quorum": {"voting": q.voting, "healthy": q.healthy, "needed": q.needed, "tolerates": q.tolerates, "ok": q.ok},
         "leader": f"{leader:016x}" if leader else None,
-        "alarms": [{"member_id": f"{a.member_id:016x}", "alarm": a.kind} for a in health.alarms],
-        "elapsed_seconds": round(health.elapsed, 4), "deadline_seconds": health.deadline,
+        "alarms": [{"member_id": f"{a.member_id:016x}", "alarm": a.kind} for a in view.alarms],
+        "elapsed_seconds": round(view.elapsed, 4), "deadline_seconds": view.deadline,
     }
 
 
-def saved_json(saved) -> dict[str, Any]:
+def snapshot_line(view: SnapshotView, title: str = "Snapshot") -> str:
+    """One line for a saved snapshot: the Slack notification text."""
+    return f"{title} of {view.cluster}: {view.summary}; file {view.file_name}, sha256 {view.sha256}"
+
+
+def saved_json(view: SnapshotView) -> dict[str, Any]:
     """A saved snapshot as JSON (CLI): etcdutl's fields plus where and how."""
-    return {**saved.status.as_json(), "file": str(saved.path), "file_size": saved.file_size, "sha256": saved.sha256,
-            "member": saved.member, "endpoint": saved.endpoint, "encrypted": saved.encrypted,
-            "duration_seconds": round(saved.duration, 3), "throughput_bytes_per_second": round(saved.throughput)}
+    return {**view.status.as_json(), "file": str(view.path), "file_size": view.file_size, "sha256": view.sha256,
+            "member": view.member, "endpoint": view.endpoint, "encrypted": view.encrypted,
+            "duration_seconds": round(view.duration, 3), "throughput_bytes_per_second": round(view.throughput)}
 
 
-def saved_text(saved) -> str:
-    from bot.etcd.bbolt import status_table
+def saved_text(view: SnapshotView) -> str:
     return "\n".join([
-        f"Snapshot saved at {saved.path}" + (" (age-encrypted)" if saved.encrypted else ""),
-        status_table(saved.status),
-        f"sha256 {saved.sha256}  size {humanize_bytes(saved.file_size)}",
-        f"from {saved.member} ({saved.endpoint}) in {humanize_duration(saved.duration)} "
-        f"({saved.throughput / (1 << 20):.1f} MiB/s)",
+        f"Snapshot saved at {view.path}" + (" (age-encrypted)" if view.encrypted else ""),
+        view.table,
+        f"sha256 {view.sha256}  size {view.size}",
+        f"from {view.member} ({view.endpoint}) in {view.took}",
     ])
+
+
+def one_line(text: str, limit: int = 120) -> str:
+    """The first line of a long text (launcher output, an etcd error), cut
+    with an ellipsis when anything is left out: lists stay one line per item."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    first = lines[0] if lines else ""
+    if len(first) > limit:
+        return first[:limit - 1].rstrip() + "…"
+    return first + " …" if len(lines) > 1 else first

@@ -1,14 +1,26 @@
-"""Block Kit renderings, each with a plain-text fallback (notifications,
-screen readers and clients without blocks show the text)."""
+"""Block Kit printers of the answer models (bot/output/model.py), each with
+its top-level `text` fallback (notifications, screen readers and clients
+without blocks show it). The fallback is the CLI's plain-text printer
+(bot/output/text.py) escaped, so Slack and the terminal say the same.
+
+Escaping: every value from etcd, a user or a file goes through escape()
+(or code()/code_block() inside code spans) where it is interpolated; a
+mention exists only where mention()/group_mention() made it.
+"""
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Mapping
 
+from bot.etcd.health import ClusterHealth
 from bot.output import text as render
-from bot.etcd.health import ClusterHealth, MemberHealth
-from bot.output.units import humanize_bytes, humanize_duration
+from bot.output.model import MemberView, Verdict, snapshot_view, status_view
+from bot.output.units import humanize_bytes
+
+if TYPE_CHECKING:  # the snapshot stream is gRPC; only its result type is needed here
+    from bot.etcd.snapshots import SavedSnapshot
 
 MAX_SECTION = 2900  # Slack's limit is 3000 characters per text object
 
@@ -36,90 +48,127 @@ def _header(text: str) -> dict[str, Any]:
     return {"type": "header", "text": {"type": "plain_text", "text": text[:150], "emoji": True}}
 
 
+# ---------------------------------------------------------------- escaping
+
 def escape(text: str) -> str:
-    """Slack mrkdwn escaping of &, < and > (the only characters it requires)."""
+    """Slack mrkdwn escaping of &, < and > (the only characters it requires):
+    no value can become a mention, a channel link or a link."""
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-_ICON = {"HEALTHY": ":large_green_circle:", "DEGRADED": ":large_orange_circle:", "NO LEADER": ":large_orange_circle:",
-         "QUORUM LOST": ":red_circle:"}
+_BACKTICK = "ˋ"  # MODIFIER LETTER GRAVE ACCENT: looks like ` but cannot end a code span
 
 
-def _member_line(h: MemberHealth, leader_id: int | None) -> str:
-    m, s = h.member, h.status
-    name = escape(m.name) if m.name else "_(unstarted)_"
-    state = render.member_state(h, leader_id)
-    if not h.reachable:
-        first = f":red_circle: *{name}* `{m.hex_id}` — *DOWN*: {escape(h.error or 'unreachable')}"
-    elif h.problem:
-        first = f":large_orange_circle: *{name}* `{m.hex_id}` — *UNHEALTHY*: {escape(h.problem)}"
+def code(value: str) -> str:
+    """A value as inline code that no character of it can end early."""
+    return f"`{escape(value).replace('`', _BACKTICK)}`"
+
+
+def code_block(text: str) -> str:
+    """Text as a preformatted block that no character of it can end early."""
+    return f"```{escape(text).replace('`', _BACKTICK)}```"
+
+
+class Mrkdwn(str):
+    """Text that is already mrkdwn: its values went through escape(), its
+    mentions through mention(). Replies post it as it is; any other str is
+    escaped whole."""
+
+
+def _md(text: str) -> str:
+    return text if isinstance(text, Mrkdwn) else escape(text)
+
+
+_USER_ID = re.compile(r"[UW][A-Z0-9]{2,}")
+_GROUP_ID = re.compile(r"S[A-Z0-9]{2,}")
+
+
+def mention(user: str) -> str:
+    """The only way to mention a user: a Slack user ID as a mention; anything
+    else (the schedule, a malformed ID) as plain words."""
+    return f"<@{user}>" if _USER_ID.fullmatch(user) else _item(user)
+
+
+def group_mention(group: str) -> str:
+    """The only way to mention a user group (a Slack subteam ID)."""
+    return f"<!subteam^{group}>" if _GROUP_ID.fullmatch(group) else _item(group)
+
+
+def _item(value: str) -> str:
+    """A value in a list of one line per item: escaped, and on one line."""
+    return escape(render.one_line(value))
+
+
+# ---------------------------------------------------------------- status
+
+_ICON = {Verdict.HEALTHY: ":large_green_circle:", Verdict.DEGRADED: ":large_orange_circle:",
+         Verdict.NO_LEADER: ":large_orange_circle:", Verdict.QUORUM_LOST: ":red_circle:"}
+
+
+def _member_line(v: MemberView) -> str:
+    m = v.member
+    name = f"*{escape(m.name)}*" if m.name else "*_(unstarted)_*"
+    if not v.reachable:
+        first = f":red_circle: {name} {code(m.hex_id)} — *DOWN*: {escape(v.problem or 'unreachable')}"
+    elif v.problem:
+        first = f":large_orange_circle: {name} {code(m.hex_id)} — *UNHEALTHY*: {escape(v.problem)}"
     else:
-        first = f":large_green_circle: *{name}* `{m.hex_id}` — {state}"
-    facts = []
-    if s:
-        facts += [f"v{s.version}", f"DB {humanize_bytes(s.db_size)} ({humanize_bytes(s.db_size_in_use)} in use)",
-                  f"raft index {s.raft_index}", f"term {s.raft_term}"]
-    if m.is_learner:
-        facts.append("learner")
-    if not m.started:
-        facts.append("unstarted")
-    if h.alarms:
-        facts.append(f":rotating_light: alarm {', '.join(h.alarms)}")
-    urls = f"peer {', '.join(m.peer_urls) or '-'} · client {', '.join(m.client_urls) or '-'}"
+        first = f":large_green_circle: {name} {code(m.hex_id)} — {v.state}"
+    facts = [escape(f) for f in v.facts]
+    if v.alarms:
+        facts.append(f":rotating_light: alarm {escape(', '.join(v.alarms))}")
+    urls = f"peer {escape(', '.join(m.peer_urls) or '-')} · client {escape(', '.join(m.client_urls) or '-')}"
     return "\n".join([first, " · ".join(facts), urls] if facts else [first, urls])
 
 
 def status_reply(health: ClusterHealth, requested_by: str | None = None) -> Reply:
-    verdict = render.verdict(health)
-    leader = health.leader_id
+    view = status_view(health)
     blocks: list[dict[str, Any]] = [
-        _header(f"etcd cluster {health.cluster}: {verdict}"),
-        _section(f"{_ICON[verdict]} *{render.quorum_line(health)}*"),
+        _header(f"etcd cluster {escape(view.cluster)}: {view.verdict}"),
+        _section(f"{_ICON[view.verdict]} *{view.quorum_line}*"),
     ]
-    for a in health.alarms:
-        blocks.append(_section(f":rotating_light: *ALARM {a.kind}* on member `{a.member_id:016x}`"))
+    for a in view.alarms:
+        blocks.append(_section(f":rotating_light: *ALARM {escape(a.kind)}* on member {code(f'{a.member_id:016x}')}"))
     blocks.append({"type": "divider"})
-    blocks += [_section(_member_line(h, leader)) for h in health.members]
-    who = f" · asked by <@{requested_by}>" if requested_by else ""
-    blocks.append(_context(f"checked in {humanize_duration(health.elapsed)}, deadline {health.deadline:g}s per member{who}"))
-    down = [h.member.name or h.member.hex_id for h in health.members if not h.reachable]
-    text = f"etcd cluster {health.cluster}: {verdict}: {render.quorum_line(health)}"
-    if down:
-        text += f"; DOWN: {', '.join(down)}"
-    return Reply(text=text, blocks=blocks)
+    blocks += [_section(_member_line(v)) for v in view.members]
+    who = f" · asked by {mention(requested_by)}" if requested_by else ""
+    blocks.append(_context(f"{view.checked}{who}"))
+    return Reply(text=escape(render.headline(view)), blocks=blocks)
 
 
 def members_reply(health: ClusterHealth) -> Reply:
-    listing = render.members_text(health)
-    return Reply(text=f"etcd cluster {health.cluster} members:\n{listing}",
-                 blocks=[_section(f"*etcd cluster {escape(health.cluster)}* — member list"),
-                         _section(f"```{escape(listing)}```")])
+    view = status_view(health)
+    listing = render.members_text(view)
+    return Reply(text=escape(f"etcd cluster {view.cluster} members:\n{listing}"),
+                 blocks=[_section(f"*etcd cluster {escape(view.cluster)}* — member list"),
+                         _section(code_block(listing))])
 
+
+def unreachable_reply(cluster: str, error: str) -> Reply:
+    return Reply(text=escape(render.unreachable_text(cluster, error)),
+                 blocks=[_header(f"etcd cluster {escape(cluster)}: UNREACHABLE"),
+                         _section(f":red_circle: {escape(error)}")])
+
+
+# ---------------------------------------------------------------- answers to the person
 
 def error_reply(reason: str, usage: str | None = None, hint: str | None = None) -> Reply:
-    """One line saying what is wrong, what to do instead, then the usage."""
-    text = f":warning: {reason}"
-    blocks = [_section(f":warning: {escape(reason)}")]
-    if hint:
-        text += f"\n{hint}"
-        blocks.append(_section(escape_keep_mentions(hint)))
+    """One line saying what is wrong, what to do instead, then the usage.
+    A plain str reason or hint is escaped whole (it may carry what the user
+    typed or what etcd said); pass Mrkdwn to keep deliberate mentions."""
+    lines = [f":warning: {_md(reason)}"] + ([_md(hint)] if hint else [])
+    blocks = [_section(line) for line in lines]
     if usage:
-        text += f"\nUsage: {usage}"
+        lines.append(f"Usage: {escape(usage)}")
         blocks.append(_context(f"Usage:\n{escape(usage)}"))
-    return Reply(text=text, blocks=blocks)
+    return Reply(text="\n".join(lines), blocks=blocks)
 
 
 def help_reply(usage: str, clusters: list[str]) -> Reply:
     bound = f"This channel speaks for: {', '.join(clusters)}" if clusters else "This channel is bound to no cluster."
-    return Reply(text=f"/etcd commands:\n{usage}\n{bound}",
+    return Reply(text=escape(f"/etcd commands:\n{usage}\n{bound}"),
                  blocks=[_section("*/etcd* — operate the etcd clusters behind Kubernetes"),
                          _section(escape(usage)), _context(escape(bound))])
-
-
-def unreachable_reply(cluster: str, error: str) -> Reply:
-    text = f"etcd cluster {cluster}: UNREACHABLE: {error}"
-    return Reply(text=text, blocks=[_header(f"etcd cluster {cluster}: UNREACHABLE"),
-                                    _section(f":red_circle: {escape(error)}")])
 
 
 # ---------------------------------------------------------------- plans
@@ -205,18 +254,53 @@ def plan_reply(plan, view: PlanView) -> Reply:
     return Reply(text=text, blocks=blocks)
 
 
+@dataclass(frozen=True)
+class PlanLine:
+    """What `/etcd plans` shows of one plan: the few fields it reads (the
+    only code here that knows the store's row and plan JSON)."""
+
+    id: str
+    state: str
+    failed: str                 # the replaced member's name or ID
+    new_name: str
+    proposer: str
+    created_at: float
+    decided_by: str | None
+    error: str | None
+
+    @classmethod
+    def of(cls, row: Mapping[str, Any]) -> PlanLine:
+        """From a store row (the plan itself is JSON in it)."""
+        p = json.loads(row["plan"])
+        return cls(id=row["id"], state=row["state"], failed=p["failed"]["name"] or p["failed"]["id"],
+                   new_name=p["new_name"], proposer=row["proposer"], created_at=row["created_at"],
+                   decided_by=row.get("decided_by"), error=row.get("error"))
+
+    def reason(self) -> str | None:
+        """The failure, or else the decision, in one escaped line; the full
+        failure (launcher output) is in the plan's thread."""
+        if self.error:
+            return _item(self.error)
+        if self.decided_by:
+            decision = self.state if self.state in ("rejected", "cancelled") else "approved"
+            return f"{decision} by {mention(self.decided_by)}"
+        return _UNDECIDED.get(self.state)
+
+
+_UNDECIDED = {"proposed": "waiting for an approver", "expired": "nobody approved it in time"}
+
+
 def plans_reply(cluster: str, rows: list[dict[str, Any]]) -> Reply:
     if not rows:
-        return Reply(text=f"No plans for cluster {cluster} yet.")
-    import json as _json
+        return Reply(text=f"No plans for cluster {escape(cluster)} yet.")
     lines = []
-    for r in rows:
-        p = _json.loads(r["plan"])
-        lines.append(f"`{r['id']}` {STATE_WORD.get(r['state'], r['state']).split(' —')[0]} · replace "
-                     f"{escape(p['failed']['name'] or p['failed']['id'])} with {escape(p['new_name'])} · by <@{r['proposer']}> · "
-                     f"{slack_date(r['created_at'])}" + (f" · {escape(r['error'])}" if r.get("error") else ""))
-    text = f"Recent plans for {cluster}:\n" + "\n".join(lines)
-    return Reply(text=text, blocks=[_section(f"*Recent plans for {escape(cluster)}*"), _section("\n".join(lines))])
+    for p in map(PlanLine.of, rows):  # the state, what and who, and why it is in that state
+        reason = p.reason()
+        lines.append(f"{code(p.id)} {STATE_WORD.get(p.state, p.state).split(' —')[0]} · replace {_item(p.failed)} "
+                     f"with {_item(p.new_name)} · by {mention(p.proposer)} · {slack_date(p.created_at)}"
+                     + (f" · {reason}" if reason else ""))
+    title = f"Recent plans for {escape(cluster)}"
+    return Reply(text=f"{title}:\n" + "\n".join(lines), blocks=[_section(f"*{title}*"), _section("\n".join(lines))])
 
 
 def thread_note(text: str) -> Reply:
@@ -232,52 +316,45 @@ def escape_keep_mentions(text: str) -> str:
 
 # ---------------------------------------------------------------- snapshots
 
-def mention(user: str) -> str:
-    """A Slack user ID as a mention; anything else (the schedule) as plain words."""
-    return f"<@{user}>" if re.fullmatch(r"[UW][A-Z0-9]{2,}", user) else escape(user)
-
-
-def snapshot_reply(saved, requested_by: str, title: str = "Snapshot") -> Reply:
+def snapshot_reply(saved: SavedSnapshot, requested_by: str, title: str = "Snapshot") -> Reply:
     """The runbook's status table plus where the file is and how to check it.
     The file itself never goes to Slack."""
-    from bot.etcd.bbolt import status_table
-    st = saved.status
-    table = status_table(st)
-    mib_s = saved.throughput / (1 << 20)
-    facts = (f"*File:* `{escape(saved.path.name)}`{' (age-encrypted)' if saved.encrypted else ''} · "
-             f"{humanize_bytes(saved.file_size)}\n*sha256:* `{saved.sha256}`\n"
-             f"*Source:* {escape(saved.member)} ({saved.endpoint}) · took {humanize_duration(saved.duration)} "
-             f"({mib_s:.1f} MiB/s) · asked by {mention(requested_by)}")
-    blocks_ = [_section(f":camera_with_flash: *{title} of {escape(saved.cluster)}* — verified"),
-               _section(f"```{table}```"), _section(facts)]
-    if saved.failed_over_from:
-        blocks_.append(_context(f":warning: {escape(saved.failed_over_from)} stopped answering mid-stream; "
-                                f"the snapshot was taken again from {escape(saved.member)}"))
-    if saved.pruned:
-        blocks_.append(_context(f"Retention removed {len(saved.pruned)} older snapshot(s): "
-                                f"{escape(', '.join(saved.pruned))}"))
-    text = (f"{title} of {saved.cluster}: hash {st.hash_hex}, revision {st.revision}, {st.total_keys} keys, "
-            f"{humanize_bytes(st.total_size)}; file {saved.path.name}, sha256 {saved.sha256}")
-    return Reply(text=text, blocks=blocks_)
+    view = snapshot_view(saved)
+    facts = (f"*File:* {code(view.file_name)}{' (age-encrypted)' if view.encrypted else ''} · {view.size}\n"
+             f"*sha256:* {code(view.sha256)}\n"
+             f"*Source:* {escape(view.member)} ({escape(view.endpoint)}) · took {view.took} · "
+             f"asked by {mention(requested_by)}")
+    blocks = [_section(f":camera_with_flash: *{escape(title)} of {escape(view.cluster)}* — verified"),
+              _section(code_block(view.table)), _section(facts)]
+    if view.failed_over_from:
+        blocks.append(_context(f":warning: {escape(view.failed_over_from)} stopped answering mid-stream; "
+                               f"the snapshot was taken again from {escape(view.member)}"))
+    if view.pruned:
+        blocks.append(_context(f"Retention removed {len(view.pruned)} older snapshot(s): "
+                               f"{escape(', '.join(view.pruned))}"))
+    return Reply(text=escape(render.snapshot_line(view, title)), blocks=blocks)
 
 
 def snapshot_failed_reply(cluster: str, reason: str, scheduled: bool = False) -> Reply:
     lead = ":rotating_light: *Scheduled snapshot FAILED*" if scheduled else ":x: *Snapshot failed*"
     text = f"{'Scheduled snapshot' if scheduled else 'Snapshot'} of {cluster} FAILED: {reason}"
-    return Reply(text=text, blocks=[_section(f"{lead} for `{escape(cluster)}`: {escape(reason)}\nNo file was kept.")])
+    return Reply(text=escape(text),
+                 blocks=[_section(f"{lead} for {code(cluster)}: {escape(reason)}\nNo file was kept.")])
 
 
 def snapshots_reply(cluster: str, rows: list[dict[str, Any]]) -> Reply:
     if not rows:
-        return Reply(text=f"No snapshots recorded for {cluster} yet. Take one with /etcd snapshot.")
+        return Reply(text=f"No snapshots recorded for {escape(cluster)} yet. Take one with /etcd snapshot.")
     lines = []
     for r in rows:
-        lines.append(f"`{_basename(r['path'])}` · rev {r['revision']} · hash {r['hash']} · {r['total_keys']} keys · "
-                     f"{humanize_bytes(r['total_size'])} · {escape(r['member'])} · {mention(r['requested_by'])} · "
-                     f"{slack_date(r['created_at'])}" + (" · :lock:" if r["encrypted"] else "")
-                     + (f" · {escape(r['reason'])}" if r.get("reason") else ""))
-    text = f"Snapshots of {cluster} (newest first):\n" + "\n".join(lines)
-    return Reply(text=text, blocks=[_section(f"*Snapshots of {escape(cluster)}* (newest first)"), _section("\n".join(lines))])
+        lines.append(" · ".join([
+            code(render.one_line(_basename(r["path"]))), f"rev {r['revision']}", f"hash {_item(str(r['hash']))}",
+            f"{r['total_keys']} keys", humanize_bytes(r["total_size"]), _item(r["member"]), mention(r["requested_by"]),
+            slack_date(r["created_at"]), *([":lock:"] if r["encrypted"] else []),
+            *([_item(r["reason"])] if r.get("reason") else [])]))
+    title = f"Snapshots of {escape(cluster)}"
+    return Reply(text=f"{title} (newest first):\n" + "\n".join(lines),
+                 blocks=[_section(f"*{title}* (newest first)"), _section("\n".join(lines))])
 
 
 def _basename(path: str) -> str:
