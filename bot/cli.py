@@ -222,6 +222,7 @@ def _run(args: argparse.Namespace) -> int:
     from bot import logs
     from bot.slack.app import serve
     from bot.settings import SettingsError, SlackSettings
+    from bot.store.sqlite import StoreError
 
     config = _load_config(args.config)
     try:
@@ -236,7 +237,11 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageFailure("--http needs SLACK_SIGNING_SECRET to verify Slack's requests")
     if not args.http and not slack.app_token:
         raise UsageFailure("Socket Mode needs SLACK_APP_TOKEN (xapp-...); or pass --http to serve HTTP")
-    _arun(serve(config, slack, args.host, args.port, socket_mode=not args.http))
+    try:
+        _arun(serve(config, slack, args.host, args.port, socket_mode=not args.http))
+    except StoreError as e:  # at start; once serving, commands answer "the state store is unavailable"
+        print(f"etcd-chatops run: {e}", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_OK
 
 
