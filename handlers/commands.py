@@ -45,7 +45,9 @@ from bot.etcd.snapshots import SnapshotFailed
 log = logging.getLogger(__name__)
 COMMAND = "/etcd"
 
-Work = Callable[[BotContext, Command, ClusterConfig | None, str, str], Awaitable[Outcome]]
+# (ctx, command, cluster, user, channel): the cluster is a ClusterConfig when the WORK entry's flag says
+# the command needs one, else None (the plan the command names decides); Any lets each work say which.
+Work = Callable[[BotContext, Command, Any, str, str], Awaitable[Outcome]]
 
 
 async def _status(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user: str, channel: str) -> Outcome:

@@ -94,12 +94,13 @@ def test_status_of_a_configured_cluster(cluster, tmp_path):
 
 
 def test_empty_endpoints_and_non_finite_timeouts_are_usage_errors():
+    timeout = "--timeout must be greater than 0 (a finite number of seconds)"
     for args, reason in [
         (("status", "--endpoints", ","), "--endpoints: no URL given in"),
         (("members", "--endpoints", " , "), "--endpoints: no URL given in"),
-        (("status", "--endpoints", "http://h:1", "--timeout", "nan"), "--timeout must be greater than 0 (a finite number of seconds)"),
-        (("status", "--endpoints", "http://h:1", "--timeout", "inf"), "--timeout must be greater than 0 (a finite number of seconds)"),
-        (("status", "--endpoints", "http://h:1", "--timeout", "-1"), "--timeout must be greater than 0 (a finite number of seconds)"),
+        (("status", "--endpoints", "http://h:1", "--timeout", "nan"), timeout),
+        (("status", "--endpoints", "http://h:1", "--timeout", "inf"), timeout),
+        (("status", "--endpoints", "http://h:1", "--timeout", "-1"), timeout),
     ]:
         proc = cli(*args)
         errors = [line for line in proc.stderr.splitlines() if "error:" in line]

@@ -209,7 +209,8 @@ MINIMAL = '[[clusters]]\nname = "a"\nendpoints = ["http://h:1"]\n'
     (MINIMAL + 'timeout_seconds = nan\n', "clusters[0].timeout_seconds: must be a finite number"),
     (MINIMAL + 'catch_up_seconds = inf\n', "clusters[0].catch_up_seconds: must be a finite number"),
     (MINIMAL + 'catch_up_seconds = -1\n', "clusters[0].catch_up_seconds: must be greater than 0"),
-    (MINIMAL + '[clusters.launcher]\ntimeout_seconds = nan\n', "clusters[0].launcher.timeout_seconds: must be a finite number"),
+    (MINIMAL + '[clusters.launcher]\ntimeout_seconds = nan\n',
+     "clusters[0].launcher.timeout_seconds: must be a finite number"),
 ])
 def test_numbers_must_be_finite_and_not_negative(tmp_path, snippet, message):
     """`ttl_minutes = inf` made a proposed plan that never expired and blocked its cluster."""
@@ -220,11 +221,14 @@ def test_numbers_must_be_finite_and_not_negative(tmp_path, snippet, message):
 
 
 @pytest.mark.parametrize("text, message", [
-    ('[[clusters]]\nname = "prod\\n"\nendpoints = ["http://h:1"]\n', "clusters[0].name: 'prod\\n' is not a cluster name"),
+    ('[[clusters]]\nname = "prod\\n"\nendpoints = ["http://h:1"]\n',
+     "clusters[0].name: 'prod\\n' is not a cluster name"),
     (MINIMAL + 'channels = ["C0INCIDENT\\n"]\n', "clusters[0].channels[0]: 'C0INCIDENT\\n' is not a Slack ID"),
-    ('[approval]\napprovers = ["U0LEAD0001\\n"]\n' + MINIMAL, "approval.approvers[0]: 'U0LEAD0001\\n' is not a Slack ID"),
+    ('[approval]\napprovers = ["U0LEAD0001\\n"]\n' + MINIMAL,
+     "approval.approvers[0]: 'U0LEAD0001\\n' is not a Slack ID"),
     ('[approval]\nreaction = "ok\\n"\n' + MINIMAL, "approval.reaction: 'ok\\n' is not a Slack reaction name"),
-    (MINIMAL + '[clusters.access]\noperators = ["U0ONCALL01\\n"]\n', "clusters[0].access.operators[0]: 'U0ONCALL01\\n' is not a Slack ID"),
+    (MINIMAL + '[clusters.access]\noperators = ["U0ONCALL01\\n"]\n',
+     "clusters[0].access.operators[0]: 'U0ONCALL01\\n' is not a Slack ID"),
 ])
 def test_ids_and_names_must_match_whole(tmp_path, text, message):
     """A trailing newline slipped through `re.match` with `$`."""

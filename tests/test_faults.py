@@ -19,8 +19,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from helpers import (APPROVAL, OK, audit_actions, command, ephemeral, members_of, open_store, plan_row, propose, replies,
-                     reply, text_of, urls, wait_done)
+from helpers import (APPROVAL, OK, audit_actions, ephemeral, members_of, open_store, plan_row, propose, replies, reply,
+                     text_of, urls, wait_done)
 
 from bot.testing.workspace import CHANNEL, LEAD, BotProcess, cluster_table, write_config
 from bot.etcd.client import EtcdClient
