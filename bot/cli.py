@@ -138,7 +138,8 @@ def _check_tls_files(files: dict[str, Path]) -> None:
         raise UsageFailure(f"--cacert: {files['cacert']}: not a PEM certificate") from None
     try:
         if "cert" in files:
-            ssl.create_default_context().load_cert_chain(str(files["cert"]), str(files["key"]))
+            # a password callback, so an encrypted key fails here instead of prompting on the terminal
+            ssl.create_default_context().load_cert_chain(str(files["cert"]), str(files["key"]), password=lambda: b"")
     except ssl.SSLError:
         raise UsageFailure(f"--cert/--key: {files['cert']}, {files['key']}: not a PEM certificate and its key") from None
 
