@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -127,12 +128,30 @@ def _load_config(given: str | None):
         raise UsageFailure(f"config: {e}") from None
 
 
+def _check_tls_files(files: dict[str, Path]) -> None:
+    """Load the PEM files as TLS would: a bad one is our one line, not gRPC core's log lines."""
+    import ssl
+    try:
+        if "cacert" in files:
+            ssl.create_default_context(cafile=str(files["cacert"]))
+    except ssl.SSLError:
+        raise UsageFailure(f"--cacert: {files['cacert']}: not a PEM certificate") from None
+    try:
+        if "cert" in files:
+            # a password callback, so an encrypted key fails here instead of prompting on the terminal
+            ssl.create_default_context().load_cert_chain(str(files["cert"]), str(files["key"]), password=lambda: b"")
+    except ssl.SSLError:
+        raise UsageFailure(f"--cert/--key: {files['cert']}, {files['key']}: not a PEM certificate and its key") from None
+
+
 def _client_from_args(args: argparse.Namespace):
     """An EtcdClient and the cluster's display name, from flags or the config."""
     from bot.etcd.client import EtcdClient, client_for
     from bot.etcd.model import TLSFiles
     from bot.etcd.urls import parse_url
 
+    if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise UsageFailure("--timeout must be greater than 0 (a finite number of seconds)")
     if args.cluster:
         if args.endpoints:
             raise UsageFailure("give --endpoints or --cluster, not both")
@@ -148,6 +167,8 @@ def _client_from_args(args: argparse.Namespace):
     if not args.endpoints:
         raise UsageFailure("--endpoints URL[,URL...] (or --cluster NAME) is required")
     endpoints = [e.strip() for e in args.endpoints.split(",") if e.strip()]
+    if not endpoints:
+        raise UsageFailure(f"--endpoints: no URL given in {args.endpoints!r} (URL[,URL...])")
     for e in endpoints:
         try:
             parse_url(e)
@@ -162,13 +183,12 @@ def _client_from_args(args: argparse.Namespace):
             files[flag] = Path(value)
     if ("cert" in files) != ("key" in files):
         raise UsageFailure("--cert and --key go together")
+    _check_tls_files(files)
     password = None
     if args.user:
         password = os.environ.get("ETCDCTL_PASSWORD")
         if not password:
             raise UsageFailure("--user needs the password in $ETCDCTL_PASSWORD")
-    if args.timeout is not None and args.timeout <= 0:
-        raise UsageFailure("--timeout must be greater than 0")
     client = EtcdClient(endpoints, tls=TLSFiles(**files), username=args.user, password=password,
                         timeout=args.timeout or 2.0)
     return client, endpoints[0] + (f" (+{len(endpoints) - 1})" if len(endpoints) > 1 else "")
@@ -205,6 +225,7 @@ def _run(args: argparse.Namespace) -> int:
     from bot import logs
     from bot.slack.app import serve
     from bot.settings import SettingsError, SlackSettings
+    from bot.store.sqlite import StoreError
 
     config = _load_config(args.config)
     try:
@@ -219,7 +240,11 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageFailure("--http needs SLACK_SIGNING_SECRET to verify Slack's requests")
     if not args.http and not slack.app_token:
         raise UsageFailure("Socket Mode needs SLACK_APP_TOKEN (xapp-...); or pass --http to serve HTTP")
-    _arun(serve(config, slack, args.host, args.port, socket_mode=not args.http))
+    try:
+        _arun(serve(config, slack, args.host, args.port, socket_mode=not args.http))
+    except StoreError as e:  # at start; once serving, commands answer "the state store is unavailable"
+        print(f"etcd-chatops run: {e}", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_OK
 
 
@@ -227,6 +252,8 @@ def _snapshot_status(args: argparse.Namespace) -> int:
     from bot.etcd.bbolt import SnapshotError, snapshot_status, status_table  # light: no gRPC, no Slack
 
     path = Path(args.file)
+    if path.is_dir():
+        raise UsageFailure(f"{args.file}: is a directory, not a snapshot file")
     if not path.is_file():
         raise UsageFailure(f"{args.file}: no such file")
     try:
@@ -240,8 +267,8 @@ def _snapshot_status(args: argparse.Namespace) -> int:
 
 async def _snapshot_save(args: argparse.Namespace) -> int:
     from bot.output import text as render
+    from bot.config import CLUSTER_NAME, ConfigError, check_age_recipient
     from bot.output.model import snapshot_view
-    from bot.config import ConfigError, check_age_recipient
     from bot.etcd.model import EtcdError
     from bot.etcd.health import check_cluster
     from bot.etcd.snapshots import SnapshotFailed, save_snapshot
@@ -251,6 +278,9 @@ async def _snapshot_save(args: argparse.Namespace) -> int:
             check_age_recipient(r, "--age-recipient")
         except ConfigError as e:
             raise UsageFailure(str(e)) from None
+    if args.name is not None and not CLUSTER_NAME.fullmatch(args.name):
+        raise UsageFailure(f"--name: {args.name!r} is not a plain file-name prefix "
+                           "(letters, digits, '-', '_', '.'; starting with a letter or digit)")
     client, display = _client_from_args(args)
     name = args.name or args.cluster or "etcd"
     async with client:
@@ -347,6 +377,8 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # gRPC core logs straight to stderr, past our one-line errors and JSON logs; $GRPC_VERBOSITY still wins.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     parser, subparsers = _parser()
     args = parser.parse_args(argv)
     try:

@@ -5,6 +5,7 @@ keys are errors, and every error names the key it is about in one line.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -16,8 +17,8 @@ from bot.etcd.urls import parse_url
 
 T = TypeVar("T")
 
-CLUSTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-SLACK_ID = re.compile(r"^[A-Z0-9]{2,}$")
+CLUSTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")  # always fullmatch: `$` lets a trailing newline in
+SLACK_ID = re.compile(r"[A-Z0-9]{2,}")
 LAUNCHER_PLACEHOLDERS = ("name", "peer_url", "client_url")
 
 
@@ -133,6 +134,8 @@ class _Table:
             value = float(value)
         if not isinstance(value, typ) or (typ in (int, float) and isinstance(value, bool)):
             raise ConfigError(f"{self.key(name)}: expected {_typename(typ)}, got {_kind(value)}")
+        if isinstance(value, float) and not math.isfinite(value):  # TOML allows inf and nan
+            raise ConfigError(f"{self.key(name)}: must be a finite number, not {value}")
         return check(value, self.key(name)) if check else value
 
     def strings(self, name: str, default: tuple[str, ...] = (), check: Callable[[str, str], str] | None = None) -> tuple[str, ...]:
@@ -186,20 +189,20 @@ def _url(value: str, key: str) -> str:
 
 
 def _slack_id(value: str, key: str) -> str:
-    if not SLACK_ID.match(value):
+    if not SLACK_ID.fullmatch(value):
         raise ConfigError(f"{key}: {value!r} is not a Slack ID (like C0INCIDENT, U0LEAD0001 or S0ONCALL01)")
     return value
 
 
 def _positive(value: float, key: str) -> float:
-    if value <= 0:
+    if not value > 0:
         raise ConfigError(f"{key}: must be greater than 0")
     return value
 
 
 def _reaction(value: str, key: str) -> str:
     name = value.strip(":")
-    if not re.match(r"^[a-z0-9_+'-]+$", name):
+    if not re.fullmatch(r"[a-z0-9_+'-]+", name):
         raise ConfigError(f"{key}: {value!r} is not a Slack reaction name (like white_check_mark)")
     return name
 
@@ -303,7 +306,7 @@ def _cluster(t: _Table, snapshot_defaults: SnapshotPolicy, approval: ApprovalCon
     name = t.get("name", str, None)
     if name is None:
         raise ConfigError(f"{t.key('name')}: missing")
-    if not CLUSTER_NAME.match(name):
+    if not CLUSTER_NAME.fullmatch(name):
         raise ConfigError(f"{t.key('name')}: {name!r} is not a cluster name (letters, digits, '-', '_', '.')")
     endpoints = t.strings("endpoints", check=_url)
     if not endpoints:
@@ -334,6 +337,10 @@ def parse_config(data: dict, base: Path, source: Path | None = None) -> Config:
     top = _Table(data, "", base)
     database = top.path_value("database", base / "etcd-chatops.db")
     snapshot_dir = top.path_value("snapshot_dir", base / "snapshots")
+    if database.is_dir():
+        raise ConfigError(f"database: {top.data.get('database', database)}: is a directory, not a database file")
+    if snapshot_dir.exists() and not snapshot_dir.is_dir():
+        raise ConfigError(f"snapshot_dir: {top.data.get('snapshot_dir', snapshot_dir)}: is not a directory")
     db_timeout = top.get("database_timeout_seconds", float, 5.0, _positive)
     a = top.table("approval")
     approval = ApprovalConfig(

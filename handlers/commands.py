@@ -1,15 +1,29 @@
-"""`/etcd <subcommand>`: parse, acknowledge at once, then do the work.
+"""`/etcd <subcommand>`: one pipeline for every command: parse, route,
+authorize, audit, run, reply.
 
-Bad input is answered in the acknowledgement itself (Slack shows it only
-to the person who typed it); work that talks to etcd runs after the ack,
-and its answer is a channel message, or an ephemeral one for refusals.
+Parsing and routing need no I/O, so bad input is answered in the
+acknowledgement itself (Slack shows it only to the person who typed it);
+the rest runs after the ack, and its answer is a channel message, or an
+ephemeral one for refusals. The pipeline ends in a `Verdict`; `conclude`
+is the one place commands are counted and refusals audited. The bolt
+listener only translates: a request into an `Invocation`, a verdict into
+Slack calls.
+
+The audit rule: a command whose audit row cannot be written does not run
+(the person is told the state store is unavailable); a refusal is audited
+quietly (if the row cannot be written, the log keeps it), because the
+refusal itself changes nothing.
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from enum import Enum
 from typing import Any, Awaitable, Callable
 
 from slack_bolt.async_app import AsyncApp
+from slack_bolt.context.ack.async_ack import AsyncAck
+from slack_bolt.context.respond.async_respond import AsyncRespond
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.slack import blocks
@@ -31,7 +45,9 @@ from bot.etcd.snapshots import SnapshotFailed
 log = logging.getLogger(__name__)
 COMMAND = "/etcd"
 
-Work = Callable[[BotContext, Command, ClusterConfig | None, str, str], Awaitable[Outcome]]
+# (ctx, command, cluster, user, channel): the cluster is a ClusterConfig when the WORK entry's flag says
+# the command needs one, else None (the plan the command names decides); Any lets each work say which.
+Work = Callable[[BotContext, Command, Any, str, str], Awaitable[Outcome]]
 
 
 async def _status(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user: str, channel: str) -> Outcome:
@@ -84,12 +100,117 @@ WORK: dict[str, tuple[Work, bool]] = {
 }
 
 
-async def _audit_quietly(ctx: BotContext, action: str, **fields) -> None:
-    """Audit a refusal already answered; if the database is held, the log keeps the row."""
+class Result(Enum):
+    """How a command ended, as the metrics count it."""
+
+    OK = "ok"
+    USAGE_ERROR = "usage_error"
+    REFUSED = "refused"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """One `/etcd` as Slack delivered it."""
+
+    text: str
+    user: str
+    channel: str
+
+
+@dataclass(frozen=True)
+class Routed:
+    """A parsed command and its cluster (None: the plan it names decides, as for cancel and resume)."""
+
+    cmd: Command
+    cluster: ClusterConfig | None
+
+
+@dataclass(frozen=True)
+class AuditNote:
+    """A refusal to keep in the audit log."""
+
+    action: str
+    cluster: str
+    detail: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """How one command ended: what the person sees, how it counts, and what the audit keeps."""
+
+    command: str               # the metrics label ("invalid" when it did not parse)
+    result: Result
+    outcome: Outcome
+    refusal: AuditNote | None = None
+
+
+def admit(ctx: BotContext, inv: Invocation) -> Routed | Verdict:
+    """Parse and route. No I/O: a verdict here is answered in the acknowledgement."""
     try:
-        await ctx.store.audit(action, **fields)
+        cmd = parse(inv.text)
+    except UsageError as e:
+        return Verdict("invalid", Result.USAGE_ERROR, Outcome(ephemeral=blocks.error_reply(e.reason, e.usage)),
+                       AuditNote("usage_error", "", {"text": inv.text, "reason": e.reason}))
+    if cmd.name == "help":
+        topic = cmd.args.get("topic")
+        usage = f"`{SPECS[topic].usage}`" if topic else general_usage()
+        bound = [c.name for c in ctx.config.clusters_for_channel(inv.channel)]
+        return Verdict("help", Result.OK, Outcome(ephemeral=blocks.help_reply(usage, bound)))
+    _, needs_cluster = WORK[cmd.name]
+    try:
+        if needs_cluster:
+            return Routed(cmd, resolve_cluster(ctx.config, inv.channel, cmd.cluster))
+        if not ctx.config.clusters_for_channel(inv.channel):
+            raise RoutingError("this channel is not bound to any etcd cluster")
+    except RoutingError as e:
+        return Verdict(cmd.name, Result.REFUSED, Outcome(ephemeral=blocks.error_reply(str(e), cmd.spec.usage)),
+                       AuditNote("refused", cmd.cluster or "", {"command": cmd.name, "reason": str(e)}))
+    return Routed(cmd, None)
+
+
+async def execute(ctx: BotContext, inv: Invocation, routed: Routed) -> Verdict:
+    """Authorize, audit, run. Nothing runs unaudited, and nothing raises: a store
+    that is held, corrupt or foreign, or a bug, ends in an answer too."""
+    cmd, cluster = routed.cmd, routed.cluster
+    cluster_name = cluster.name if cluster else ""
+    work, _ = WORK[cmd.name]
+    try:
+        checked = cluster or await _plan_cluster(ctx, cmd)
+        role = COMMAND_ROLES[cmd.name]
+        if role is not None and checked is not None and not await ctx.access.allowed(checked, inv.user, role):
+            # The holders' mentions are deliberate (config IDs, in an ephemeral reply); the rest is fixed words.
+            reason = blocks.Mrkdwn(ctx.access.refusal(checked, role, f"/etcd {cmd.name}"))
+            return Verdict(cmd.name, Result.REFUSED, Outcome(ephemeral=blocks.error_reply(reason, cmd.spec.usage)),
+                           AuditNote("refused", checked.name, {"command": cmd.name, "missing_role": role.value}))
+        await ctx.store.audit("command", user=inv.user, channel=inv.channel, cluster=cluster_name,
+                              detail={"command": cmd.name, "args": cmd.args, "flags": sorted(cmd.flags)})
+        log.info("command", extra={"ctx_command": cmd.name, "ctx_user": inv.user, "ctx_channel": inv.channel,
+                                   "ctx_cluster": cluster_name})
+        outcome = await work(ctx, cmd, cluster, inv.user, inv.channel)
     except StoreError as e:
-        log.error("audit row not written", extra={"ctx_action": action, "ctx_row": fields, "ctx_error": str(e)})
+        log.error("command stopped: state store unavailable", extra={"ctx_command": cmd.name, "ctx_error": str(e)})
+        return Verdict(cmd.name, Result.ERROR, Outcome(ephemeral=blocks.error_reply(
+            f"/etcd {cmd.name} did not run: the bot's state store is unavailable: {e}")))
+    except Exception:
+        log.exception("command failed", extra={"ctx_command": cmd.name, "ctx_cluster": cluster_name})
+        return Verdict(cmd.name, Result.ERROR, Outcome(ephemeral=blocks.error_reply(
+            f"/etcd {cmd.name} failed inside the bot; the details are in its log")))
+    refused = outcome.ephemeral is not None and outcome.channel is None
+    return Verdict(cmd.name, Result.REFUSED if refused else Result.OK, outcome)
+
+
+async def conclude(ctx: BotContext, inv: Invocation, verdict: Verdict) -> None:
+    """Count the command; audit a refusal quietly (if the database is held, the log keeps the row)."""
+    ctx.metrics.commands.labels(command=verdict.command, outcome=verdict.result.value).inc()
+    note = verdict.refusal
+    if note is None:
+        return
+    try:
+        await ctx.store.audit(note.action, user=inv.user, channel=inv.channel, cluster=note.cluster, detail=note.detail)
+    except StoreError as e:
+        row = {"user": inv.user, "channel": inv.channel, "cluster": note.cluster, "detail": note.detail}
+        log.error("audit row not written", extra={"ctx_action": note.action, "ctx_row": row, "ctx_error": str(e)})
 
 
 async def _plan_cluster(ctx: BotContext, cmd: Command) -> ClusterConfig | None:
@@ -100,78 +221,26 @@ async def _plan_cluster(ctx: BotContext, cmd: Command) -> ClusterConfig | None:
 
 def register(app: AsyncApp, ctx: BotContext) -> None:
     @app.command(COMMAND)
-    async def on_etcd(ack, command: dict[str, Any], client: AsyncWebClient, respond) -> None:
+    async def on_etcd(ack: AsyncAck, command: dict[str, Any], client: AsyncWebClient, respond: AsyncRespond) -> None:
         ctx.track_current_task()
-        channel, user = command.get("channel_id", ""), command.get("user_id", "")
-        try:
-            cmd = parse(command.get("text", ""))
-        except UsageError as e:
-            await ack(**blocks.error_reply(e.reason, e.usage).as_kwargs())
-            ctx.metrics.commands.labels(command="invalid", outcome="usage_error").inc()
-            await _audit_quietly(ctx, "usage_error", user=user, channel=channel,
-                                 detail={"text": command.get("text", ""), "reason": e.reason})
-            return
-        if cmd.name == "help":
-            topic = cmd.args.get("topic")
-            usage = f"`{SPECS[topic].usage}`" if topic else general_usage()
-            bound = [c.name for c in ctx.config.clusters_for_channel(channel)]
-            await ack(**blocks.help_reply(usage, bound).as_kwargs())
-            ctx.metrics.commands.labels(command="help", outcome="ok").inc()
-            return
-        _, needs_cluster = WORK[cmd.name]
-        cluster = None
-        try:
-            if needs_cluster:
-                cluster = resolve_cluster(ctx.config, channel, cmd.cluster)
-            elif not ctx.config.clusters_for_channel(channel):
-                raise RoutingError("this channel is not bound to any etcd cluster")
-        except RoutingError as e:
-            await ack(**blocks.error_reply(str(e), cmd.spec.usage).as_kwargs())
-            ctx.metrics.commands.labels(command=cmd.name, outcome="refused").inc()
-            await _audit_quietly(ctx, "refused", user=user, channel=channel, cluster=cmd.cluster or "",
-                                 detail={"command": cmd.name, "reason": str(e)})
+        inv = Invocation(command.get("text", ""), command.get("user_id", ""), command.get("channel_id", ""))
+        step = admit(ctx, inv)
+        if isinstance(step, Verdict):
+            await ack(**(step.outcome.ephemeral or blocks.Reply(text="")).as_kwargs())
+            await conclude(ctx, inv, step)
             return
         await ack()
-        cluster_name = cluster.name if cluster else ""
+        # Nothing may escape after the ack: bolt would take the ack back (an HTTP 404 to Slack).
         try:
-            await _run(ctx, cmd, cluster, cluster_name, user, channel, client, respond)
-        except StoreError as e:
-            # Nothing runs unaudited: a database held by another writer stops the command, clearly.
-            log.error("command stopped: database unavailable", extra={"ctx_command": cmd.name, "ctx_error": str(e)})
-            ctx.metrics.commands.labels(command=cmd.name, outcome="error").inc()
-            await respond(response_type="ephemeral",
-                          **blocks.error_reply(f"/etcd {cmd.name} did not run: the bot's {e}").as_kwargs())
+            verdict = await execute(ctx, inv, step)
+            await conclude(ctx, inv, verdict)
+            await _reply(verdict.outcome, inv.channel, client, respond)
+        except Exception:
+            log.exception("command not answered", extra={"ctx_command": step.cmd.name})
 
 
-async def _run(ctx: BotContext, cmd: Command, cluster: ClusterConfig | None, cluster_name: str, user: str,
-               channel: str, client: AsyncWebClient, respond) -> None:
-    """Authorize, audit, run and answer one parsed, routed command."""
-    work, _ = WORK[cmd.name]
-    role = COMMAND_ROLES[cmd.name]
-    checked = cluster or await _plan_cluster(ctx, cmd)
-    if role is not None and checked is not None and not await ctx.access.allowed(checked, user, role):
-        reason = ctx.access.refusal(checked, role, f"/etcd {cmd.name}")
-        ctx.metrics.commands.labels(command=cmd.name, outcome="refused").inc()
-        await ctx.store.audit("refused", user=user, channel=channel, cluster=checked.name,
-                              detail={"command": cmd.name, "missing_role": role.value})
-        # The holders' mentions are deliberate (config IDs); the rest is config and fixed words.
-        await respond(response_type="ephemeral", **blocks.error_reply(blocks.Mrkdwn(reason), cmd.spec.usage).as_kwargs())
-        return
-    await ctx.store.audit("command", user=user, channel=channel, cluster=cluster_name,
-                          detail={"command": cmd.name, "args": cmd.args, "flags": sorted(cmd.flags)})
-    log.info("command", extra={"ctx_command": cmd.name, "ctx_user": user, "ctx_channel": channel,
-                               "ctx_cluster": cluster_name})
-    try:
-        outcome = await work(ctx, cmd, cluster, user, channel)
-    except StoreError:
-        raise
-    except Exception:
-        log.exception("command failed", extra={"ctx_command": cmd.name, "ctx_cluster": cluster_name})
-        ctx.metrics.commands.labels(command=cmd.name, outcome="error").inc()
-        await respond(**blocks.error_reply(f"/etcd {cmd.name} failed inside the bot; the details are in its log").as_kwargs())
-        return
-    ctx.metrics.commands.labels(command=cmd.name, outcome="refused" if outcome.ephemeral and not outcome.channel
-                                 else "ok").inc()
+async def _reply(outcome: Outcome, channel: str, client: AsyncWebClient, respond: AsyncRespond) -> None:
+    """An outcome as Slack calls: the ephemeral part through the response URL, the rest in the channel."""
     if outcome.ephemeral is not None:
         await respond(response_type="ephemeral", **outcome.ephemeral.as_kwargs())
     if outcome.channel is not None:
@@ -180,4 +249,5 @@ async def _run(ctx: BotContext, cmd: Command, cluster: ClusterConfig | None, clu
         except SlackPostError as e:
             # The bot may not be in the channel: the response URL still reaches the person.
             await respond(response_type="ephemeral", **outcome.channel.as_kwargs())
-            await respond(**blocks.error_reply(f"could not post in the channel: {e}").as_kwargs())
+            await respond(response_type="ephemeral",
+                          **blocks.error_reply(f"could not post in the channel: {e}").as_kwargs())

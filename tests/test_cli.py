@@ -91,3 +91,30 @@ def test_status_of_a_configured_cluster(cluster, tmp_path):
     assert proc.returncode == 0 and proc.stdout.startswith("cluster prod: HEALTHY")
     unknown = cli("status", "--cluster", "staging", "--config", str(config))
     assert unknown.returncode == 2 and "no cluster named 'staging'" in unknown.stderr
+
+
+def test_empty_endpoints_and_non_finite_timeouts_are_usage_errors():
+    timeout = "--timeout must be greater than 0 (a finite number of seconds)"
+    for args, reason in [
+        (("status", "--endpoints", ","), "--endpoints: no URL given in"),
+        (("members", "--endpoints", " , "), "--endpoints: no URL given in"),
+        (("status", "--endpoints", "http://h:1", "--timeout", "nan"), timeout),
+        (("status", "--endpoints", "http://h:1", "--timeout", "inf"), timeout),
+        (("status", "--endpoints", "http://h:1", "--timeout", "-1"), timeout),
+    ]:
+        proc = cli(*args)
+        errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+        assert proc.returncode == 2 and len(errors) == 1 and reason in errors[0], (args, proc.stderr)
+        assert "usage: etcd-chatops" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_a_bad_cacert_is_one_line_without_grpc_noise(tmp_path):
+    import re
+    bad = tmp_path / "ca.pem"
+    bad.write_text("not a certificate\n")
+    proc = cli("status", "--endpoints", "https://127.0.0.1:1", "--cacert", str(bad))
+    assert proc.returncode == 2, proc.stderr
+    assert not [line for line in proc.stderr.splitlines() if re.match(r"[EWID]\d{4} ", line)], proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and f"--cacert: {bad}: not a PEM certificate" in errors[0], proc.stderr
+

@@ -193,3 +193,59 @@ approvers = ["U0OTHER001"]
     assert closed.access.approvers.users == ("U0OTHER001",) and closed.access.approvers.groups == ()
     with pytest.raises(ConfigError, match=r"clusters\[0\].access.readerz: unknown key"):
         load_config(write(tmp_path, '[[clusters]]\nname = "a"\nendpoints = ["http://h:1"]\n[clusters.access]\nreaderz = []\n'))
+
+
+MINIMAL = '[[clusters]]\nname = "a"\nendpoints = ["http://h:1"]\n'
+
+
+@pytest.mark.parametrize("snippet, message", [
+    ('[approval]\nttl_minutes = inf\n', "approval.ttl_minutes: must be a finite number"),
+    ('[approval]\nttl_minutes = nan\n', "approval.ttl_minutes: must be a finite number"),
+    ('[approval]\nttl_minutes = -inf\n', "approval.ttl_minutes: must be a finite number"),
+    ('[approval]\nttl_minutes = -5\n', "approval.ttl_minutes: must be greater than 0"),
+    ('database_timeout_seconds = nan\n', "database_timeout_seconds: must be a finite number"),
+    ('[snapshots]\nkeep_days = inf\n', "snapshots.keep_days: must be a finite number"),
+    ('[snapshots]\nkeep_last = -3\n', "snapshots.keep_last: must be at least 1"),
+    (MINIMAL + 'timeout_seconds = nan\n', "clusters[0].timeout_seconds: must be a finite number"),
+    (MINIMAL + 'catch_up_seconds = inf\n', "clusters[0].catch_up_seconds: must be a finite number"),
+    (MINIMAL + 'catch_up_seconds = -1\n', "clusters[0].catch_up_seconds: must be greater than 0"),
+    (MINIMAL + '[clusters.launcher]\ntimeout_seconds = nan\n',
+     "clusters[0].launcher.timeout_seconds: must be a finite number"),
+])
+def test_numbers_must_be_finite_and_not_negative(tmp_path, snippet, message):
+    """`ttl_minutes = inf` made a proposed plan that never expired and blocked its cluster."""
+    text = snippet if snippet.startswith(MINIMAL) else snippet + MINIMAL
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, text))
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[[clusters]]\nname = "prod\\n"\nendpoints = ["http://h:1"]\n',
+     "clusters[0].name: 'prod\\n' is not a cluster name"),
+    (MINIMAL + 'channels = ["C0INCIDENT\\n"]\n', "clusters[0].channels[0]: 'C0INCIDENT\\n' is not a Slack ID"),
+    ('[approval]\napprovers = ["U0LEAD0001\\n"]\n' + MINIMAL,
+     "approval.approvers[0]: 'U0LEAD0001\\n' is not a Slack ID"),
+    ('[approval]\nreaction = "ok\\n"\n' + MINIMAL, "approval.reaction: 'ok\\n' is not a Slack reaction name"),
+    (MINIMAL + '[clusters.access]\noperators = ["U0ONCALL01\\n"]\n',
+     "clusters[0].access.operators[0]: 'U0ONCALL01\\n' is not a Slack ID"),
+])
+def test_ids_and_names_must_match_whole(tmp_path, text, message):
+    """A trailing newline slipped through `re.match` with `$`."""
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, text))
+    assert message in str(e.value)
+
+
+def test_paths_of_the_wrong_kind(tmp_path):
+    (tmp_path / "state.db").mkdir()
+    (tmp_path / "snaps").write_text("a file")
+    for snippet, message in [('database = "state.db"\n', "database: state.db: is a directory, not a database file"),
+                             ('snapshot_dir = "snaps"\n', "snapshot_dir: snaps: is not a directory")]:
+        path = write(tmp_path, snippet + MINIMAL)
+        with pytest.raises(ConfigError) as e:
+            load_config(path)
+        assert message in str(e.value)
+        proc = subprocess.run([sys.executable, "-m", "bot", "check-config", str(path)], capture_output=True, text=True)
+        errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+        assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr

@@ -8,9 +8,16 @@ runs it, so it waits there, and the test acts in that window.
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
+
+import aiohttp
+import pytest
 
 from helpers import (APPROVAL, OK, audit_actions, ephemeral, members_of, open_store, plan_row, propose, replies, reply,
                      text_of, urls, wait_done)
@@ -18,6 +25,8 @@ from helpers import (APPROVAL, OK, audit_actions, ephemeral, members_of, open_st
 from bot.testing.workspace import CHANNEL, LEAD, BotProcess, cluster_table, write_config
 from bot.etcd.client import EtcdClient
 from bot.etcd.health import check_cluster
+from bot.store.sqlite import Store, StoreError
+from bot.testing.cluster import free_port
 
 
 def announcing(step: int):
@@ -170,6 +179,75 @@ async def test_a_locked_database_is_waited_for_then_refused_clearly(cluster, sla
     actions = [r["action"] for r in await bot.ctx.store.audit_rows()]
     assert actions == ["command", "command"]  # nothing ran unaudited, no row lost or half-written
     assert await bot.ctx.store.verify_audit() == (2, None)
+
+
+# ---------------------------------------------------------------- the state database unusable
+
+def corrupt(db: Path) -> None:
+    """Garbage where the database (and its WAL) was: a disk error, or the wrong file copied in."""
+    for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        if path.exists() or path == db:
+            path.write_bytes(b"not sqlite " * 4096)
+
+
+def foreign_schema(db: Path) -> None:
+    """An old or another program's `plans` table, without most of the columns the bot uses."""
+    conn = sqlite3.connect(db, isolation_level=None)
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'plans'").fetchone():
+        conn.execute("ALTER TABLE plans RENAME TO plans_newer")
+    conn.execute("CREATE TABLE plans (id TEXT PRIMARY KEY, cluster TEXT NOT NULL, state TEXT NOT NULL)")
+    conn.close()
+
+
+DAMAGE = [(corrupt, "file is not a database"), (foreign_schema, "table plans does not match this version of the bot")]
+
+
+@pytest.mark.parametrize("damage, problem", DAMAGE)
+def test_run_and_audit_verify_refuse_an_unusable_database_in_one_line(tmp_path, damage, problem):
+    config = write_config(tmp_path, [{"name": "prod", "endpoints": ["http://127.0.0.1:1"], "channels": [CHANNEL]}])
+    db = tmp_path / "etcd-chatops.db"
+    damage(db)
+    before = db.read_bytes()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLACK_")}
+    env.update(SLACK_BOT_TOKEN="xoxb-x", SLACK_SIGNING_SECRET="s", SLACK_API_URL=f"http://127.0.0.1:{free_port()}")
+    for argv in (["run", "--http", "--host", "127.0.0.1", "--port", str(free_port())], ["audit", "verify"]):
+        proc = subprocess.run([sys.executable, "-m", "bot", *argv, "--config", str(config)], capture_output=True,
+                              text=True, env=env, timeout=60)
+        assert proc.returncode == 1, (argv, proc.stdout, proc.stderr)
+        assert proc.stderr.count("\n") == 1 and str(db) in proc.stderr and problem in proc.stderr, (argv, proc.stderr)
+    assert db.read_bytes() == before  # refused, not "repaired" by creating the bot's tables in it
+
+
+async def test_a_directory_in_place_of_the_database_is_named(tmp_path):
+    (tmp_path / "state.db").mkdir()
+    store = Store(tmp_path / "state.db")
+    try:
+        with pytest.raises(StoreError, match=r"state.db: is a directory, not a database file"):
+            await store.open()
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("damage, problem", DAMAGE)
+async def test_a_database_that_breaks_while_serving(cluster, slack, start_bot, tmp_path, caplog, damage, problem):
+    """The bot keeps serving: each command that needs the store says it is unavailable, and /readyz fails."""
+    bot = await start_bot([cluster_table("prod", cluster)])
+    assert "HEALTHY" in text_of(await reply(slack, "status"))
+    damage(tmp_path / "etcd-chatops.db")
+    for text in ("status", "plans"):
+        msg = await ephemeral(slack, text)  # HTTP 200: acknowledged (it was a 404 after 3 s)
+        assert f"/etcd {text} did not run: the bot's state store is unavailable: database " in text_of(msg)
+        assert problem in text_of(msg)
+    assert "This channel speaks for: prod" in text_of(await ephemeral(slack, "help"))  # needs no store
+    assert "unknown subcommand" in text_of(await ephemeral(slack, "frobnicate"))
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{bot.base_url}/readyz") as r:
+            body = await r.json()
+        assert r.status == 503 and not body["ready"] and problem in body["checks"]["database"]
+        async with http.get(f"{bot.base_url}/healthz") as r:
+            assert r.status == 200
+    assert len([m for m in slack.messages if m.source == "chat.postMessage"]) == 1
+    assert not [r for r in caplog.records if r.exc_info or "ack()" in r.getMessage()]
 
 
 async def test_load_200_commands_and_50_racing_approvals(make_cluster, slack, start_bot):

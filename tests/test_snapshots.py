@@ -687,3 +687,15 @@ def test_cli_save_from_a_dead_cluster_exits_1_and_leaves_nothing(make_cluster, t
     assert_one_line(proc.stderr)
     assert endpoint in proc.stderr and "connection refused" in proc.stderr, proc.stderr
     assert not (tmp_path / "snaps").exists() or files_under(tmp_path / "snaps") == []
+
+
+def test_cli_name_is_a_plain_prefix_and_a_directory_is_not_a_snapshot(cluster, tmp_path):
+    """`--name ../x` wrote outside --dir and chmod-ed the directory above it."""
+    target = tmp_path / "inner"
+    target.mkdir()
+    mode = tmp_path.stat().st_mode
+    for name in ("../x", "a/b", "/abs", ".hidden", "x\n"):
+        assert_usage_error(cli("snapshot", "save", "--endpoints", ",".join(cluster.endpoints), "--dir", str(target),
+                               "--name", name), "--name", "plain file-name prefix")
+    assert files_under(tmp_path) == [] and tmp_path.stat().st_mode == mode
+    assert_usage_error(cli("snapshot", "status", str(tmp_path)), str(tmp_path), "is a directory")

@@ -1,6 +1,7 @@
 """/readyz: can this bot do its job right now?
 
-Every check is run and reported: Slack auth, a writable database, and each
+Every check is run and reported: Slack auth, a usable database (a real
+write, and the bot's tables as this version expects them), and each
 cluster's reachability. Slack auth and the database decide readiness; etcd
 does not: in an etcd outage the bot is what tells the incident channel
 "prod is unreachable", and a failing readiness probe would take the only
@@ -45,10 +46,10 @@ class ReadinessProbe:
         checks: dict[str, str] = {}
         ready = True
         try:
-            await self.ctx.store.probe()
+            await self.ctx.store.probe()  # also re-checks the tables when another program changed them
             checks["database"] = "ok"
-        except Exception as e:
-            checks["database"] = f"not writable: {e}"
+        except Exception as e:  # the bot keeps serving: commands answer that the store is unavailable
+            checks["database"] = f"unavailable: {e}"
             ready = False
         if time.monotonic() - self._slack_ok_at > SLACK_AUTH_SECONDS:
             try:

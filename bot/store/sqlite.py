@@ -15,6 +15,7 @@ import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
@@ -102,7 +103,8 @@ CREATE TABLE IF NOT EXISTS audit (
 
 
 class StoreError(Exception):
-    """The database could not do what was asked; one line saying why."""
+    """The database could not do what was asked, or cannot be used at all
+    (corrupt, a directory, another schema); one line naming the file and why."""
 
 
 class StoreBusy(StoreError):
@@ -131,6 +133,7 @@ class Store:
         self.retries = retries
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         self._db: sqlite_utils.Database | None = None
+        self._schema_version = -1   # SQLite's counter of schema changes, when our tables were last checked
         self._events_swept = 0.0
 
     # -- plumbing -------------------------------------------------------
@@ -139,39 +142,69 @@ class Store:
         await self._run(self._open)
         return self
 
-    def _open(self, _db=None) -> None:
+    def _open(self, _db: None = None) -> None:
+        """Connect, then check the tables already there before creating the missing ones:
+        a file of another program or version is refused by name, never half-altered.
+        (A migration, when one is needed, goes before that check.)"""
+        if self.path.is_dir():
+            raise StoreError(f"database {self.path}: is a directory, not a database file")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(str(self.path), timeout=self.busy_timeout, isolation_level=None,
                                check_same_thread=False)
-        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-        db = sqlite_utils.Database(conn)
-        db.enable_wal()
-        conn.execute("PRAGMA synchronous = FULL")  # a step's outcome is on disk before the next step
-        db.executescript(SCHEMA)
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            db = sqlite_utils.Database(conn)
+            self._check_schema(db)
+            db.enable_wal()
+            conn.execute("PRAGMA synchronous = FULL")  # a step's outcome is on disk before the next step
+            db.executescript(SCHEMA)
+            self._schema_version = _schema_version(db)
+        except BaseException:
+            conn.close()
+            raise
         self._db = db
 
+    def _check_schema(self, db: sqlite_utils.Database) -> None:
+        """Each of our tables that exists has every column this version uses."""
+        for table, columns in _expected_columns().items():
+            have = {r[1] for r in db.execute(f"PRAGMA table_info({table})").fetchall()}
+            missing = [c for c in columns if c not in have]
+            if have and missing:
+                shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+                raise StoreError(f"database {self.path}: table {table} does not match this version of the bot "
+                                 f"(no column {shown}); another program's or an old file?")
+
     async def close(self) -> None:
-        if self._db is not None:
-            await self._run(lambda db: db.conn.close())
+        """Close even an unusable database (no schema check, nothing to retry)."""
+        try:
+            if self._db is not None:
+                await asyncio.get_running_loop().run_in_executor(self._executor, self._db.conn.close)
+        finally:
             self._db = None
-        self._executor.shutdown(wait=True)
+            self._executor.shutdown(wait=True)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
         for attempt in range(self.retries):
             try:
                 return await loop.run_in_executor(self._executor, self._call, fn, args)
-            except sqlite3.OperationalError as e:
-                if "locked" not in str(e) and "busy" not in str(e):
+            except OSError as e:
+                raise StoreError(f"database {self.path}: {e.strerror or e}") from None
+            except sqlite3.DatabaseError as e:  # corrupt ("file is not a database"), I/O, SQL on a foreign schema
+                if not isinstance(e, sqlite3.OperationalError) or ("locked" not in str(e) and "busy" not in str(e)):
                     raise StoreError(f"database {self.path}: {e}") from None
                 if attempt == self.retries - 1:
                     raise StoreBusy(f"database {self.path} is locked by another writer "
                                     f"(waited {self.busy_timeout * self.retries:g}s); nothing was changed") from None
         raise AssertionError("unreachable")
 
-    def _call(self, fn: Callable[..., T], args: tuple) -> T:
-        if self._db is None and fn != self._open:
-            raise StoreError(f"database {self.path} is not open")
+    def _call(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        if self._db is None:
+            if fn != self._open:
+                raise StoreError(f"database {self.path} is not open")
+        elif (version := _schema_version(self._db)) != self._schema_version:
+            self._check_schema(self._db)  # someone changed the tables under us: check them again
+            self._schema_version = version
         return fn(self._db, *args)
 
     async def probe(self) -> None:
@@ -341,6 +374,23 @@ def _immediate(db: sqlite_utils.Database) -> Iterator[None]:
         db.conn.execute("ROLLBACK")
         raise
     db.conn.execute("COMMIT")
+
+
+def _schema_version(db: sqlite_utils.Database) -> int:
+    return int(db.execute("PRAGMA schema_version").fetchone()[0])
+
+
+@cache
+def _expected_columns() -> dict[str, list[str]]:
+    """Every table of SCHEMA and its columns, read from SQLite itself."""
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.executescript(SCHEMA)
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
+                                             "AND name NOT LIKE 'sqlite_%'")]
+        return {t: [r[1] for r in conn.execute(f"PRAGMA table_info({t})")] for t in tables}
+    finally:
+        conn.close()
 
 
 def _marks(values: Iterable[Any]) -> str:
