@@ -20,7 +20,16 @@ from common import percentile, row, write  # (also puts the repository on sys.pa
 
 from bot.testing.cluster import LocalCluster, free_port
 from bot.testing.slack import SlackStandIn
-from bot.testing.workspace import CHANNEL, CHANNELS, ONCALL, USERS, BotProcess, SlackSecrets, cluster_table, write_config
+from bot.testing.workspace import (
+    CHANNEL,
+    CHANNELS,
+    ONCALL,
+    USERS,
+    BotProcess,
+    SlackSecrets,
+    cluster_table,
+    write_config,
+)
 
 BARE_BOLT = '''
 import os, sys

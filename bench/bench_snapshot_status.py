@@ -28,11 +28,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import row, write  # noqa: E402  (also puts the repository on sys.path)
+from common import row, write
+from snapshot_fixtures import ScenarioCluster, put_many, save_snapshot
 
-from bot.etcd.bbolt import snapshot_status  # noqa: E402
-from bot.testing.binaries import find_binary  # noqa: E402
-from snapshot_fixtures import ScenarioCluster, put_many, save_snapshot  # noqa: E402
+from bot.etcd.bbolt import snapshot_status
+from bot.testing.binaries import find_binary
 
 MB = 1_000_000
 

@@ -10,8 +10,8 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -175,9 +175,9 @@ def _client_from_args(args: argparse.Namespace):
 
 
 async def _status(args: argparse.Namespace) -> int:
-    from bot.output import text as render
-    from bot.etcd.model import EtcdError
     from bot.etcd.health import check_cluster
+    from bot.etcd.model import EtcdError
+    from bot.output import text as render
 
     client, name = _client_from_args(args)
     async with client:
@@ -201,8 +201,8 @@ async def _status(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from bot import logs
-    from bot.slack.app import serve
     from bot.settings import SettingsError, SlackSettings
+    from bot.slack.app import serve
 
     config = _load_config(args.config)
     try:
@@ -237,11 +237,11 @@ def _snapshot_status(args: argparse.Namespace) -> int:
 
 
 async def _snapshot_save(args: argparse.Namespace) -> int:
-    from bot.output import text as render
     from bot.config import ConfigError, check_age_recipient
-    from bot.etcd.model import EtcdError
     from bot.etcd.health import check_cluster
+    from bot.etcd.model import EtcdError
     from bot.etcd.snapshots import SnapshotFailed, save_snapshot
+    from bot.output import text as render
 
     for r in args.age_recipient:
         try:
@@ -276,6 +276,7 @@ async def _snapshot_save(args: argparse.Namespace) -> int:
 def parse_since(text: str, now: float) -> float:
     """An ISO date/time (UTC when no zone is given) or an age like 24h -> epoch seconds."""
     import datetime as dt
+
     from bot.config import parse_duration
     try:
         return now - parse_duration(text)
@@ -286,12 +287,13 @@ def parse_since(text: str, now: float) -> float:
     except ValueError:
         raise UsageFailure(f"--since: {text!r} is neither an ISO date/time nor an age like 24h") from None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.timezone.utc)
+        when = when.replace(tzinfo=dt.UTC)
     return when.timestamp()
 
 
 async def _audit(args: argparse.Namespace) -> int:
     import time
+
     from bot.store.sqlite import Store, StoreError
 
     config = _load_config(args.config)

@@ -8,9 +8,10 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from bot.etcd.urls import parse_url
 
@@ -157,7 +158,7 @@ class _Table:
             raise ConfigError(f"{self.key(name)}: {value}: no such file")
         return path
 
-    def table(self, name: str) -> "_Table":
+    def table(self, name: str) -> _Table:
         self.used.add(name)
         return _Table(self.data.get(name, {}), self.key(name), self.base)
 

@@ -7,26 +7,27 @@ and its answer is a channel message, or an ephemeral one for refusals.
 from __future__ import annotations
 
 import logging
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from slack_bolt.async_app import AsyncApp
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot.slack import blocks
+from bot.config import ClusterConfig
+from bot.etcd.health import check_cluster
+from bot.etcd.model import EtcdError
+from bot.etcd.snapshots import SnapshotFailed
 from bot.ops import lifecycle
 from bot.ops.access import COMMAND_ROLES
 from bot.ops.commands import SPECS, Command, UsageError, general_usage, parse
-from bot.config import ClusterConfig
 from bot.ops.context import BotContext
-from bot.etcd.model import EtcdError
-from bot.etcd.health import check_cluster
 from bot.ops.lifecycle import Outcome
 from bot.ops.replace import ReplaceRequest
 from bot.ops.routing import RoutingError, resolve_cluster
+from bot.ops.snapshots import take_snapshot
+from bot.slack import blocks
 from bot.slack.web import SlackPostError, post
 from bot.store.sqlite import StoreError
-from bot.ops.snapshots import take_snapshot
-from bot.etcd.snapshots import SnapshotFailed
 
 log = logging.getLogger(__name__)
 COMMAND = "/etcd"

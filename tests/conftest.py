@@ -5,8 +5,8 @@ import dataclasses
 import json
 import logging
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
@@ -110,11 +110,11 @@ def make_cluster() -> Iterator[Callable[..., LocalCluster]]:
 
 # ---------------------------------------------------------------- Slack and the bot
 
-from bot.slack.app import BotServer  # noqa: E402
 from bot.config import load_config  # noqa: E402
+from bot.settings import SlackSettings  # noqa: E402
+from bot.slack.app import BotServer  # noqa: E402
 from bot.testing.slack import SlackStandIn  # noqa: E402
 from bot.testing.workspace import CHANNELS, USERGROUPS, USERS, SlackSecrets, write_config  # noqa: E402
-from bot.settings import SlackSettings  # noqa: E402
 
 
 @pytest.fixture

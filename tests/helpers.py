@@ -6,12 +6,12 @@ import json
 import time
 from pathlib import Path
 
-from bot.testing.cluster import free_port
-from bot.testing.slack import Delivery, Message, SlackStandIn
-from bot.testing.workspace import CHANNEL, LEAD, LEADS_GROUP, ONCALL
 from bot.etcd.client import EtcdClient
 from bot.etcd.health import check_cluster
 from bot.store.sqlite import Store
+from bot.testing.cluster import free_port
+from bot.testing.slack import Delivery, Message, SlackStandIn
+from bot.testing.workspace import CHANNEL, LEAD, LEADS_GROUP, ONCALL
 
 
 def text_of(msg: Message) -> str:

@@ -18,12 +18,32 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from snapshot_fixtures import (
+    BRANCH,
+    LEAF,
+    LEAF_ELEM,
+    PAGE,
+    Bucket,
+    ScenarioCluster,
+    branch_children,
+    bucket_pages,
+    bucket_root,
+    build_bolt,
+    etcdutl_status,
+    etcdutl_table,
+    expected_status,
+    kv_value,
+    leaf_body,
+    leaf_entries,
+    put_many,
+    rev_key,
+    run_etcdutl,
+    save_snapshot,
+    with_trailer,
+)
 
 from bot.etcd.bbolt import SnapshotError, SnapshotStatus, snapshot_status, status_table
 from bot.testing.cluster import LocalCluster
-from snapshot_fixtures import (BRANCH, LEAF, LEAF_ELEM, PAGE, Bucket, ScenarioCluster, branch_children, bucket_pages,
-                               bucket_root, build_bolt, etcdutl_status, etcdutl_table, expected_status, kv_value,
-                               leaf_body, leaf_entries, put_many, rev_key, run_etcdutl, save_snapshot, with_trailer)
 
 PS = 4096
 

@@ -524,7 +524,7 @@ def test_dockerfile_runtime_contract():
 
 def dockerignore_patterns() -> list[str]:
     lines = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
-    return [l.strip() for l in lines if l.strip() and not l.strip().startswith("#")]
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
 
 
 def _pattern_regex(pattern: str) -> re.Pattern[str]:

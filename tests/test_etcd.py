@@ -7,8 +7,8 @@ import time
 import pytest
 
 from bot.etcd.client import EtcdClient
-from bot.etcd.model import EtcdTLSError, EtcdUnavailable, MemberNotFound, PeerURLExists, TLSFiles, UnhealthyCluster
 from bot.etcd.health import check_cluster
+from bot.etcd.model import EtcdTLSError, EtcdUnavailable, MemberNotFound, PeerURLExists, TLSFiles, UnhealthyCluster
 
 
 async def test_member_list_and_status_of_a_healthy_cluster(cluster):

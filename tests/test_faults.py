@@ -12,12 +12,25 @@ import sqlite3
 import threading
 import time
 
-from helpers import (APPROVAL, OK, audit_actions, ephemeral, members_of, open_store, plan_row, propose, replies, reply,
-                     text_of, urls, wait_done)
+from helpers import (
+    APPROVAL,
+    OK,
+    audit_actions,
+    ephemeral,
+    members_of,
+    open_store,
+    plan_row,
+    propose,
+    replies,
+    reply,
+    text_of,
+    urls,
+    wait_done,
+)
 
-from bot.testing.workspace import CHANNEL, LEAD, BotProcess, cluster_table, write_config
 from bot.etcd.client import EtcdClient
 from bot.etcd.health import check_cluster
+from bot.testing.workspace import CHANNEL, LEAD, BotProcess, cluster_table, write_config
 
 
 def announcing(step: int):

@@ -27,26 +27,26 @@ import contextlib
 import logging
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import pytest
 import hypothesis
+import pytest
+from helpers import text_of
 from hypothesis import HealthCheck, assume, given, note, settings
 from hypothesis import strategies as st
-
-from helpers import text_of
+from snapshot_fixtures import ScenarioCluster, put_many, save_snapshot
 
 from bot.etcd.bbolt import SnapshotError, snapshot_status
+from bot.etcd.client import EtcdClient
+from bot.etcd.health import check_cluster
+from bot.etcd.urls import parse_url
 from bot.ops.commands import SPECS, Command, UsageError, parse
 from bot.testing.cluster import LocalCluster, free_port
 from bot.testing.slack import Message, SlackStandIn
 from bot.testing.workspace import CHANNEL, LEAD, LEAD2, LEADS_GROUP, ONCALL, STRANGER, cluster_table
-from bot.etcd.client import EtcdClient
-from bot.etcd.health import check_cluster
-from bot.etcd.urls import parse_url
-from snapshot_fixtures import ScenarioCluster, put_many, save_snapshot
 
 OTHER_CHANNEL = "C0ELSEWHERE"  # a channel of the workspace bound to no cluster
 APPROVAL = {"approvers": [LEAD, ONCALL], "approver_groups": [LEADS_GROUP], "ttl_minutes": 30,

@@ -22,15 +22,24 @@ import time
 from pathlib import Path
 
 import pytest
-
-from helpers import (APPROVAL, OK, command, members_of, plan_row, propose, reply, text_of, thread, urls, wait_done)
+from helpers import APPROVAL, OK, command, members_of, plan_row, propose, reply, text_of, thread, urls, wait_done
 
 from bot.etcd.bbolt import snapshot_status
+from bot.etcd.client import EtcdClient
+from bot.etcd.health import check_cluster
+from bot.etcd.model import (
+    EtcdTLSError,
+    LearnerNotReady,
+    MemberNotFound,
+    NotALearner,
+    PeerURLExists,
+    TLSFiles,
+    TooManyLearners,
+    UnhealthyCluster,
+)
 from bot.testing.cluster import LocalCluster
 from bot.testing.workspace import CHANNEL, LEAD, cluster_table
-from bot.etcd.client import EtcdClient
-from bot.etcd.model import EtcdTLSError, LearnerNotReady, MemberNotFound, NotALearner, PeerURLExists, TLSFiles, TooManyLearners, UnhealthyCluster
-from bot.etcd.health import check_cluster
+
 
 def _version(etcd: Path) -> str | None:
     """'3.4.23' from `etcd --version`, or None when it cannot be run."""

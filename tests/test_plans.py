@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from bot.etcd.model import Member, MemberStatus
 from bot.etcd.health import ClusterHealth, MemberHealth
+from bot.etcd.model import Member, MemberStatus
 from bot.ops.replace import Plan, Refusal, ReplaceRequest, etcd_servers, plan_replacement
 
 IDS = {1: 0x8211F1D0F64F3269, 2: 0x91BC3C398FB3C146, 3: 0xFD422379FDA50E48, 4: 0x2BE1EB8F84B7F63E, 5: 0x5A5A5A5A5A5A5A5A,

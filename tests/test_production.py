@@ -12,11 +12,20 @@ import time
 import aiohttp
 from helpers import ephemeral, reply, text_of
 
-from bot.slack.app import BotServer
 from bot.config import load_config
-from bot.testing.workspace import (CHANNEL, LEAD, LEAD2, LEADS_GROUP, ONCALL, STRANGER, BotProcess, cluster_table,
-                                    write_config)
 from bot.settings import SlackSettings
+from bot.slack.app import BotServer
+from bot.testing.workspace import (
+    CHANNEL,
+    LEAD,
+    LEAD2,
+    LEADS_GROUP,
+    ONCALL,
+    STRANGER,
+    BotProcess,
+    cluster_table,
+    write_config,
+)
 
 
 async def test_socket_mode_end_to_end(cluster, slack, creds, tmp_path):

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from bot.etcd.model import Member, MemberStatus
 from bot.etcd.health import ClusterHealth, MemberHealth, Quorum, membership_fingerprint
+from bot.etcd.model import Member, MemberStatus
 
 
 @pytest.mark.parametrize("voting, healthy, needed, tolerates, ok", [

@@ -34,19 +34,18 @@ from pathlib import Path
 
 import pyrage
 import pytest
-from pyrage import x25519
-
 from helpers import reply, text_of
+from pyrage import x25519
 from snapshot_fixtures import etcdutl_status, etcdutl_table
 
 import bot.slack.app
-from bot.etcd.bbolt import SnapshotError, snapshot_status
 from bot.config import ConfigError, load_config
+from bot.etcd.bbolt import SnapshotError, snapshot_status
+from bot.etcd.client import SNAPSHOT_IDLE_TIMEOUT, EtcdClient
+from bot.etcd.snapshots import TRAILER, SnapshotFailed, TrailerCheck, save_snapshot, to_prune
+from bot.ops.schedule import RETRY_AFTER_FAILURE, SCHEDULER, Scheduler, is_due
 from bot.testing.cluster import LocalCluster
 from bot.testing.workspace import CHANNEL, LEAD, ONCALL, cluster_table, write_config
-from bot.etcd.client import EtcdClient, SNAPSHOT_IDLE_TIMEOUT
-from bot.ops.schedule import RETRY_AFTER_FAILURE, SCHEDULER, Scheduler, is_due
-from bot.etcd.snapshots import TRAILER, SnapshotFailed, TrailerCheck, save_snapshot, to_prune
 
 ROOT = Path(__file__).resolve().parent.parent
 KiB, MiB = 1 << 10, 1 << 20
@@ -172,7 +171,7 @@ async def test_save_names_protects_and_verifies_the_file(make_cluster, tmp_path)
     m = NAME.match(saved.path.name)
     assert m, saved.path.name
     assert m["cluster"] == "prod"
-    assert m["when"] == dt.datetime.fromtimestamp(saved.created_at, dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    assert m["when"] == dt.datetime.fromtimestamp(saved.created_at, dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     status = snapshot_status(saved.path)
     assert int(m["rev"]) == status.revision == saved.status.revision == 5  # 4 writes after the initial revision 1
     assert status == saved.status and status.has_trailer
@@ -520,7 +519,7 @@ async def test_snapshots_lists_the_history_newest_first(make_cluster, slack, sta
     assert "newest first" in msg.text
     lines = [line for line in msg.text.splitlines() if line.startswith("`prod-")]
     assert len(lines) == 2, msg.text
-    for line, (user, file, source, status) in zip(lines, reversed(taken)):
+    for line, (user, file, source, status) in zip(lines, reversed(taken), strict=True):
         assert line.startswith(f"`{file}` · rev {status.revision} · hash {status.hash_hex} · "), (line, file, status)
         assert f" · {source} · " in line and f"<@{user}>" in line, line
     assert taken[1][3].revision > taken[0][3].revision

@@ -12,19 +12,30 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable, Iterable, TypeVar
+from typing import TypeVar
 
 # gRPC's C core prints every failed TLS handshake to stderr; our errors say it once.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-import grpc  # noqa: E402
-from aetcd import rpc  # noqa: E402
+import grpc
+from aetcd import rpc
 
-from bot.etcd.model import (Alarm, EtcdAuthError, EtcdError, EtcdRequestError, EtcdTimeout, EtcdTLSError,
-                            EtcdUnavailable, Member, MemberStatus, TLSFiles, _request_error, split_alarms)
+from bot.etcd.model import (
+    _AUTH_MESSAGES,
+    EtcdAuthError,
+    EtcdError,
+    EtcdRequestError,
+    EtcdTimeout,
+    EtcdTLSError,
+    EtcdUnavailable,
+    Member,
+    MemberStatus,
+    TLSFiles,
+    _request_error,
+    split_alarms,
+)
 from bot.etcd.race import AllFailed, first_success
 from bot.etcd.urls import Endpoint, parse_url
 
@@ -116,7 +127,7 @@ class EtcdClient:
     def __repr__(self) -> str:
         return f"EtcdClient({self.endpoints!r})"
 
-    async def __aenter__(self) -> "EtcdClient":
+    async def __aenter__(self) -> EtcdClient:
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -178,7 +189,7 @@ class EtcdClient:
         for attempt in (1, 2):
             try:
                 return await asyncio.wait_for(self._call_once(endpoint, fn, timeout), timeout + 0.5)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self._drop(endpoint)
                 err = EtcdTimeout(f"no answer within {timeout:g}s (member down or host unreachable)", endpoint)
                 self._count(err)
@@ -295,12 +306,12 @@ class EtcdClient:
             return r.header.revision
         return await self.call(parse_url(endpoint).url, fn, timeout)
 
-    async def snapshot(self, endpoint: str, idle_timeout: float = SNAPSHOT_IDLE_TIMEOUT) -> "SnapshotStream":
+    async def snapshot(self, endpoint: str, idle_timeout: float = SNAPSHOT_IDLE_TIMEOUT) -> SnapshotStream:
         """Open Maintenance.Snapshot on one member; read it with `async for`."""
         endpoint = parse_url(endpoint).url
         try:
             metadata = await asyncio.wait_for(self._metadata(endpoint, self.timeout), self.timeout + 0.5)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._drop(endpoint)
             raise EtcdTimeout(f"no answer within {self.timeout:g}s", endpoint) from None
         except grpc.aio.AioRpcError as e:
@@ -324,7 +335,7 @@ class SnapshotStream:
     async def _read(self, timeout: float):
         try:
             resp = await asyncio.wait_for(self._call.read(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.client._drop(self.endpoint)
             raise EtcdTimeout(f"snapshot stream silent for {timeout:g}s", self.endpoint) from None
         except grpc.aio.AioRpcError as e:

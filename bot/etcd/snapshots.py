@@ -43,7 +43,7 @@ class SavedSnapshot:
     path: Path
     file_size: int
     sha256: str              # of the file as stored (what `sha256sum` prints; the ciphertext when encrypted)
-    status: "SnapshotStatus"
+    status: SnapshotStatus
     duration: float
     created_at: float
     encrypted: bool = False
@@ -98,7 +98,7 @@ class TrailerCheck:
 
 
 def snapshot_filename(cluster: str, when: dt.datetime, revision: int) -> str:
-    return f"{cluster}-{when.astimezone(dt.timezone.utc):%Y%m%dT%H%M%SZ}-rev{revision}.db"
+    return f"{cluster}-{when.astimezone(dt.UTC):%Y%m%dT%H%M%SZ}-rev{revision}.db"
 
 
 WRITE_BATCH = 2 << 20  # bytes handed to the writer thread at once
@@ -185,7 +185,7 @@ async def save_snapshot(client: EtcdClient, endpoint: str, member: str, director
         stream = await client.snapshot(endpoint)
     except EtcdError as e:
         raise SnapshotFailed(f"{member} would not start a snapshot: {e}", source_failed=True) from None
-    when = dt.datetime.fromtimestamp(created, dt.timezone.utc)
+    when = dt.datetime.fromtimestamp(created, dt.UTC)
     name = snapshot_filename(cluster, when, revision)
     suffix = ".age" if recipients else ""
     part = target_dir / (name + suffix + ".part")

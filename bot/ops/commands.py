@@ -133,7 +133,7 @@ def parse(text: str) -> Command:
         raise UsageError(f"missing <{required[len(positionals)]}>", spec.usage)
     if len(positionals) > len(spec.positionals):
         raise UsageError(f"unexpected argument {positionals[len(spec.positionals)]!r}", spec.usage)
-    args = {p.strip("[]").replace("-", "_"): v for p, v in zip(spec.positionals, positionals)}
+    args = {p.strip("[]").replace("-", "_"): v for p, v in zip(spec.positionals, positionals, strict=False)}
     args.update({k.lstrip("-").replace("-", "_"): v for k, v in options.items()})
 
     cluster = args.pop("cluster", None)

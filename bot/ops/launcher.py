@@ -56,7 +56,7 @@ async def run_command(launcher: LauncherConfig, plan: Plan, secrets: list[str]) 
 
     try:
         await asyncio.wait_for(asyncio.gather(drain(), proc.wait()), launcher.timeout_seconds)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         proc.kill()
         await proc.wait()
         text = tail.decode(errors="replace")

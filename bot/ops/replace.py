@@ -10,8 +10,8 @@ import secrets
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from bot.etcd.model import Member
 from bot.etcd.health import ClusterHealth, Quorum
+from bot.etcd.model import Member
 from bot.etcd.urls import parse_url
 
 
@@ -50,7 +50,7 @@ class MemberRef:
     is_learner: bool = False
 
     @classmethod
-    def of(cls, m: Member) -> "MemberRef":
+    def of(cls, m: Member) -> MemberRef:
         return cls(m.hex_id, m.name, tuple(m.peer_urls), tuple(m.client_urls), m.is_learner)
 
     @property
@@ -101,7 +101,7 @@ class Plan:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Plan":
+    def from_json(cls, data: dict[str, Any]) -> Plan:
         ref = lambda d: MemberRef(d["id"], d["name"], tuple(d["peer_urls"]), tuple(d["client_urls"]), d["is_learner"])  # noqa: E731
         return cls(id=data["id"], cluster=data["cluster"], failed=ref(data["failed"]), new_name=data["new_name"],
                    new_peer_url=data["new_peer_url"], new_client_url=data["new_client_url"], learner=data["learner"],

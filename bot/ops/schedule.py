@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 import time
 
-from bot.slack import blocks
 from bot.config import ClusterConfig
-from bot.ops.context import BotContext
-from bot.slack.web import SlackPostError, post
-from bot.ops.snapshots import take_snapshot
 from bot.etcd.snapshots import SnapshotFailed
+from bot.ops.context import BotContext
+from bot.ops.snapshots import take_snapshot
+from bot.slack import blocks
+from bot.slack.web import SlackPostError, post
 
 log = logging.getLogger(__name__)
 REASON = "scheduled"

@@ -12,6 +12,7 @@ from bot.etcd.health import ClusterHealth, MemberHealth
 from bot.output.tables import table
 from bot.output.units import humanize_bytes, humanize_duration
 
+
 def verdict(health: ClusterHealth) -> str:
     """HEALTHY, DEGRADED, NO LEADER or QUORUM LOST: the words an SRE reads first."""
     q = health.quorum

@@ -13,10 +13,11 @@ import hashlib
 import json
 import sqlite3
 import time
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import sqlite_utils
 
@@ -135,7 +136,7 @@ class Store:
 
     # -- plumbing -------------------------------------------------------
 
-    async def open(self) -> "Store":
+    async def open(self) -> Store:
         await self._run(self._open)
         return self
 

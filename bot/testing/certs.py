@@ -12,7 +12,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-
 # The private keys generated in this process (their base64 lines), so tests can prove none leaked.
 KEY_MATERIAL: list[str] = []
 
@@ -37,7 +36,7 @@ def generate(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"
         raise RuntimeError("TLS test clusters need the 'cryptography' package (pip install 'etcd-chatops[test]')") from e
 
     directory.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
 
     def key():
         return ec.generate_private_key(ec.SECP256R1())

@@ -20,9 +20,9 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 from bot.testing.binaries import BinaryNotFound, find_binary
 
@@ -194,7 +194,7 @@ class LocalCluster:
         self.scheme = "https" if tls else "http"
 
     @classmethod
-    def attach(cls, base_dir: str | Path, tls: TLSPaths | None = None) -> "LocalCluster":
+    def attach(cls, base_dir: str | Path, tls: TLSPaths | None = None) -> LocalCluster:
         """A handle on a cluster another process started in `base_dir`
         (its members are found through their records there)."""
         self = cls.__new__(cls)
@@ -220,7 +220,7 @@ class LocalCluster:
 
     # -- lifecycle ------------------------------------------------------
 
-    def __enter__(self) -> "LocalCluster":
+    def __enter__(self) -> LocalCluster:
         try:
             return self.start()
         except BaseException:
@@ -230,7 +230,7 @@ class LocalCluster:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def start(self, timeout: float = START_TIMEOUT) -> "LocalCluster":
+    def start(self, timeout: float = START_TIMEOUT) -> LocalCluster:
         """Start the initial members and wait until every one reports healthy."""
         for attempt in range(3):  # a port picked free can be taken before etcd binds it
             names = [f"{self.prefix}{i}" for i in range(1, self.size + 1)]

@@ -17,18 +17,32 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, TextIO
+from typing import Any, TextIO
 
 import aiohttp
 
-from bot.testing.cluster import LocalCluster, free_port, log_tail
-from bot.testing.workspace import (CHANNEL, CHANNELS, LEAD, LEAD2, LEADS_GROUP, ONCALL, STRANGER, USERGROUPS, USERS,
-                                    BotProcess, SlackSecrets, cluster_table, write_config)
 from bot.etcd.client import EtcdClient
+from bot.testing.cluster import LocalCluster, free_port, log_tail
 from bot.testing.transcript import Style, render_message
+from bot.testing.workspace import (
+    CHANNEL,
+    CHANNELS,
+    LEAD,
+    LEAD2,
+    LEADS_GROUP,
+    ONCALL,
+    STRANGER,
+    USERGROUPS,
+    USERS,
+    BotProcess,
+    SlackSecrets,
+    cluster_table,
+    write_config,
+)
 
 STATE_FILE = "demo.json"
 PEOPLE = {"alice": ONCALL, "bob": LEAD, "carol": LEAD2, "mallory": STRANGER}
@@ -60,7 +74,7 @@ class DemoState:
         Path(self.directory, STATE_FILE).write_text(json.dumps(asdict(self), indent=1))
 
     @classmethod
-    def load(cls, directory: Path) -> "DemoState":
+    def load(cls, directory: Path) -> DemoState:
         path = directory / STATE_FILE
         if not path.is_file():
             raise DemoError(f"no demo is running in {directory} (start one with: etcd-chatops demo --keep)")
@@ -108,7 +122,7 @@ class ChannelClient:
         self.session: aiohttp.ClientSession | None = None
         self.seen = 0
 
-    async def __aenter__(self) -> "ChannelClient":
+    async def __aenter__(self) -> ChannelClient:
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120))
         return self
 
