@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         got = (ours.hash, ours.revision, ours.total_keys, ours.total_size)
         want = (theirs["hash"], theirs["revision"], theirs["totalKey"], theirs["totalSize"])
         assert got == want, f"disagree: ours {got}, etcdutl {want}"
-        size_text = (f"{size / MB:,.0f} MB snapshot, {ours.total_keys:,} keys, trailer {'verified' if ours.has_trailer else 'absent'}")
+        trailer = "verified" if ours.has_trailer else "absent"
+        size_text = f"{size / MB:,.0f} MB snapshot, {ours.total_keys:,} keys, trailer {trailer}"
         write(args.json, "Snapshot status against etcdutl", [
             row(f"status of a {size_text}: the same work as etcdutl (no trailer check), in process", walk_t, theirs_t,
                 "s", "etcdutl snapshot status"),
@@ -131,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                 "etcdutl snapshot status"),
         ], f"Best of {args.runs}; results identical (hash, revision, total keys, total size). etcdutl includes its "
            f"process start (a Go binary: a few ms) and never checks the sha256 trailer; the process rows include "
-           f"ours (Python: about 40 ms). The reader keeps its RSS bounded (about 70 MB on this file, etcdutl about 350 MB) by dropping pages it has walked.")
+           f"ours (Python: about 40 ms). The reader keeps its RSS bounded (about 70 MB on this file, etcdutl "
+           f"about 350 MB) by dropping pages it has walked.")
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

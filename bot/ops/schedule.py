@@ -66,4 +66,5 @@ class Scheduler:
             try:
                 await post(self.ctx.web, channel, reply)
             except SlackPostError as e:
-                log.error("cannot post the scheduled snapshot result", extra={"ctx_cluster": cluster.name, "ctx_error": str(e)})
+                log.error("cannot post the scheduled snapshot result",
+                          extra={"ctx_cluster": cluster.name, "ctx_error": str(e)})

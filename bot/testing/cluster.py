@@ -95,7 +95,8 @@ def tls_member_args(tls: TLSPaths) -> list[str]:
             "--peer-client-cert-auth"]
 
 
-def spawn(base_dir: Path, name: str, argv: list[str], env: dict[str, str], client_url: str, peer_url: str) -> LocalMember:
+def spawn(base_dir: Path, name: str, argv: list[str], env: dict[str, str], client_url: str,
+          peer_url: str) -> LocalMember:
     """Start one etcd process detached from our session, logging to a file,
     and record it under `base_dir/members/<name>.json`."""
     data_dir = base_dir / "data" / name
@@ -213,8 +214,9 @@ class LocalCluster:
         self.tls = tls
         if tls is None and (self.base_dir / "tls" / "ca.crt").is_file():
             d = self.base_dir / "tls"
-            self.tls = TLSPaths(ca=str(d / "ca.crt"), server_cert=str(d / "server.crt"), server_key=str(d / "server.key"),
-                                client_cert=str(d / "client.crt"), client_key=str(d / "client.key"))
+            self.tls = TLSPaths(ca=str(d / "ca.crt"), server_cert=str(d / "server.crt"),
+                                server_key=str(d / "server.key"), client_cert=str(d / "client.crt"),
+                                client_key=str(d / "client.key"))
         self.scheme = "https" if self.tls else "http"
         return self
 
@@ -242,7 +244,8 @@ class LocalCluster:
                 self.wait_healthy(names, timeout)
                 return self
             except ClusterError:
-                if attempt == 2 or not any("address already in use" in log_tail(m.log_file) for m in self.members.values()):
+                if attempt == 2 or not any("address already in use" in log_tail(m.log_file)
+                                           for m in self.members.values()):
                     raise
                 self._kill_all()
                 shutil.rmtree(self.base_dir / "members", ignore_errors=True)

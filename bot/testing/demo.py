@@ -183,10 +183,13 @@ SEED = [
     ("/registry/namespaces/kube-system", {"kind": "Namespace", "metadata": {"name": "kube-system"}}),
     ("/registry/services/specs/default/kubernetes", {"kind": "Service", "spec": {"clusterIP": "10.96.0.1"}}),
     ("/registry/deployments/default/web", {"kind": "Deployment", "spec": {"replicas": 3}}),
-    ("/registry/configmaps/kube-system/coredns", {"kind": "ConfigMap", "data": {"Corefile": ".:53 { forward . /etc/resolv.conf }"}}),
-] + [(f"/registry/pods/default/web-{i}", {"kind": "Pod", "metadata": {"name": f"web-{i}"}, "status": {"phase": "Running"}})
+    ("/registry/configmaps/kube-system/coredns",
+     {"kind": "ConfigMap", "data": {"Corefile": ".:53 { forward . /etc/resolv.conf }"}}),
+] + [(f"/registry/pods/default/web-{i}",
+      {"kind": "Pod", "metadata": {"name": f"web-{i}"}, "status": {"phase": "Running"}})
      for i in range(1, 9)] + [
-    ("/registry/secrets/kube-system/bootstrap-token-demo", {"kind": "Secret", "data": {"token": "demo-not-a-real-secret"}}),
+    ("/registry/secrets/kube-system/bootstrap-token-demo",
+     {"kind": "Secret", "data": {"token": "demo-not-a-real-secret"}}),
 ]
 
 
@@ -232,7 +235,8 @@ class Stack:
         self.standin_url = ready.read_text().strip()
         config = write_config(self.dir, [cluster_table("demo", self.cluster, snapshots={"keep_last": 5})],
                               approval={"approvers": [LEAD], "approver_groups": [LEADS_GROUP], "ttl_minutes": 30})
-        self.bot = BotProcess(config, self.standin_url + "/api/", self.creds, self.dir / "bot.log", port=bot_port).start()
+        self.bot = BotProcess(config, self.standin_url + "/api/", self.creds, self.dir / "bot.log",
+                              port=bot_port).start()
 
     def state(self) -> DemoState:
         return DemoState(directory=str(self.dir), standin_url=self.standin_url, standin_pid=self.standin.pid,
@@ -340,7 +344,8 @@ def run_demo(directory: Path | None, keep: bool, out: TextIO = sys.stdout) -> in
     if directory is None:
         directory = default_dir() if keep else Path(tempfile.mkdtemp(prefix="etcd-chatops-demo-"))
     if (directory / STATE_FILE).exists():
-        print(f"a kept demo is already running in {directory}: stop it with `etcd-chatops demo --stop`", file=sys.stderr)
+        print(f"a kept demo is already running in {directory}: stop it with `etcd-chatops demo --stop`",
+              file=sys.stderr)
         return 2
     directory.mkdir(parents=True, exist_ok=True)
     stack = Stack(directory, keep)
