@@ -19,8 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import row, write  # (also puts the repository on sys.path)
-
 from bot.config import load_config
 from bot.settings import SlackSettings
 from bot.slack.app import BotServer
@@ -37,6 +35,7 @@ from bot.testing.workspace import (
     launcher_argv,
     write_config,
 )
+from common import row, write  # (also puts the repository on sys.path)
 
 SETTLE = 6.0
 

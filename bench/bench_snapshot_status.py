@@ -26,18 +26,22 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-
-from common import row, write
-from snapshot_fixtures import ScenarioCluster, put_many, save_snapshot
+from typing import TypeVar
 
 from bot.etcd.bbolt import snapshot_status
 from bot.testing.binaries import find_binary
+from bot.testing.cluster import LocalCluster
+from common import row, write
+from snapshot_fixtures import ScenarioCluster, put_many, save_snapshot
 
 MB = 1_000_000
 
+T = TypeVar("T")
 
-def db_size(cluster: ScenarioCluster) -> int:
+
+def db_size(cluster: LocalCluster) -> int:
     out = json.loads(cluster.etcdctl("endpoint", "status", "-w", "json", endpoints=cluster.endpoints[:1]).stdout)
     return out[0]["Status"]["dbSize"]
 
@@ -68,13 +72,13 @@ def build(path: Path, target: int, sizes: tuple[int, int]) -> None:
         save_snapshot(c, path)
 
 
-def best_of(runs: int, fn) -> tuple[float, object]:
-    best, result = float("inf"), None
+def best_of(runs: int, fn: Callable[[], T]) -> tuple[float, T]:
+    best = float("inf")
     for _ in range(runs):
         t = time.perf_counter()
         result = fn()
         best = min(best, time.perf_counter() - t)
-    return best, result
+    return best, result  # runs >= 1
 
 
 def etcdutl(path: Path) -> dict:

@@ -32,7 +32,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+def _parser() -> tuple[_Parser, dict[str, _Parser]]:
     """The parser and its subcommand parsers (to print the right usage)."""
     p = _Parser(prog="etcd-chatops", description="Operate the etcd clusters behind Kubernetes from Slack, or from here.")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
@@ -257,7 +257,7 @@ async def _snapshot_save(args: argparse.Namespace) -> int:
             print(f"etcd-chatops snapshot save: cannot read the cluster: {e}", file=sys.stderr)
             return EXIT_FAILED
         source = health.snapshot_source()
-        if source is None:
+        if source is None or source.status is None:
             print("etcd-chatops snapshot save: no healthy member to take a snapshot from", file=sys.stderr)
             return EXIT_FAILED
         try:

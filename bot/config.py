@@ -11,7 +11,7 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from bot.etcd.urls import parse_url
 
@@ -134,7 +134,7 @@ class _Table:
             value = float(value)
         if not isinstance(value, typ) or (typ in (int, float) and isinstance(value, bool)):
             raise ConfigError(f"{self.key(name)}: expected {_typename(typ)}, got {_kind(value)}")
-        return check(value, self.key(name)) if check else value
+        return cast(T, check(value, self.key(name)) if check else value)
 
     def strings(self, name: str, default: tuple[str, ...] = (), check: Callable[[str, str], str] | None = None) -> tuple[str, ...]:
         values = self.get(name, list, None)
@@ -148,7 +148,7 @@ class _Table:
             out.append(check(value, key) if check else value)
         return tuple(out)
 
-    def path_value(self, name: str, default: Path | None, must_exist: bool = False) -> Path | None:
+    def path_value(self, name: str, default: T, must_exist: bool = False) -> Path | T:
         value = self.get(name, str, None)
         if value is None:
             return default
@@ -349,7 +349,7 @@ def parse_config(data: dict, base: Path, source: Path | None = None) -> Config:
         raise ConfigError(f"{a.key('reject_reaction')}: must differ from approval.reaction")
     a.done()
     snapshots = _snapshot_policy(top.table("snapshots"), SnapshotPolicy())
-    raw_clusters = top.get("clusters", list, [])
+    raw_clusters: list[Any] = top.get("clusters", list, [])
     if not raw_clusters:
         raise ConfigError("clusters: at least one [[clusters]] table is needed")
     clusters = tuple(_cluster(_Table(c, f"clusters[{i}]", base), snapshots, approval)

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from bot.etcd.client import EtcdClient
-from bot.etcd.health import check_cluster
+from bot.etcd.health import MemberHealth, check_cluster
 from bot.store.sqlite import Store
 from bot.testing.cluster import free_port
 from bot.testing.slack import Delivery, Message, SlackStandIn
@@ -116,7 +116,7 @@ async def audit_actions(store: Store, plan_id: str) -> list[tuple[str, str]]:
     return out
 
 
-async def members_of(cluster) -> list:
+async def members_of(cluster) -> tuple[MemberHealth, ...]:
     async with EtcdClient(cluster.endpoints) as client:
         return (await check_cluster(client, "check")).members
 

@@ -161,13 +161,13 @@ class BoltWriter:
 
     def tree(self, entries: list[tuple[int, bytes, bytes]]) -> int:
         """Leaves of at most leaf_max elements, then branch levels; the root's pgid."""
-        level = []
+        level: list[tuple[bytes, int]] = []
         for i in range(0, max(len(entries), 1), self.leaf_max):
-            chunk = entries[i:i + self.leaf_max]
-            count, body = leaf_body(chunk)
-            level.append((chunk[0][1] if chunk else b"", self.alloc(LEAF, count, body)))
+            leaves = entries[i:i + self.leaf_max]
+            count, body = leaf_body(leaves)
+            level.append((leaves[0][1] if leaves else b"", self.alloc(LEAF, count, body)))
         while len(level) > 1:
-            up = []
+            up: list[tuple[bytes, int]] = []
             for i in range(0, len(level), self.branch_max):
                 chunk = level[i:i + self.branch_max]
                 n = len(chunk)

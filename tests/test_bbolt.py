@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from bot.etcd.bbolt import SnapshotError, SnapshotStatus, snapshot_status, status_table
+from bot.testing.cluster import LocalCluster
 from snapshot_fixtures import (
     BRANCH,
     LEAF,
@@ -41,9 +44,6 @@ from snapshot_fixtures import (
     save_snapshot,
     with_trailer,
 )
-
-from bot.etcd.bbolt import SnapshotError, SnapshotStatus, snapshot_status, status_table
-from bot.testing.cluster import LocalCluster
 
 PS = 4096
 

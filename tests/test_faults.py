@@ -12,6 +12,9 @@ import sqlite3
 import threading
 import time
 
+from bot.etcd.client import EtcdClient
+from bot.etcd.health import check_cluster
+from bot.testing.workspace import CHANNEL, LEAD, BotProcess, cluster_table, write_config
 from helpers import (
     APPROVAL,
     OK,
@@ -27,10 +30,6 @@ from helpers import (
     urls,
     wait_done,
 )
-
-from bot.etcd.client import EtcdClient
-from bot.etcd.health import check_cluster
-from bot.testing.workspace import CHANNEL, LEAD, BotProcess, cluster_table, write_config
 
 
 def announcing(step: int):

@@ -34,10 +34,8 @@ from typing import Any
 
 import hypothesis
 import pytest
-from helpers import text_of
 from hypothesis import HealthCheck, assume, given, note, settings
 from hypothesis import strategies as st
-from snapshot_fixtures import ScenarioCluster, put_many, save_snapshot
 
 from bot.etcd.bbolt import SnapshotError, snapshot_status
 from bot.etcd.client import EtcdClient
@@ -47,6 +45,8 @@ from bot.ops.commands import SPECS, Command, UsageError, parse
 from bot.testing.cluster import LocalCluster, free_port
 from bot.testing.slack import Message, SlackStandIn
 from bot.testing.workspace import CHANNEL, LEAD, LEAD2, LEADS_GROUP, ONCALL, STRANGER, cluster_table
+from helpers import text_of
+from snapshot_fixtures import ScenarioCluster, put_many, save_snapshot
 
 OTHER_CHANNEL = "C0ELSEWHERE"  # a channel of the workspace bound to no cluster
 APPROVAL = {"approvers": [LEAD, ONCALL], "approver_groups": [LEADS_GROUP], "ttl_minutes": 30,

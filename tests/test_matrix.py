@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import APPROVAL, OK, command, members_of, plan_row, propose, reply, text_of, thread, urls, wait_done
 
 from bot.etcd.bbolt import snapshot_status
 from bot.etcd.client import EtcdClient
@@ -39,6 +38,7 @@ from bot.etcd.model import (
 )
 from bot.testing.cluster import LocalCluster
 from bot.testing.workspace import CHANNEL, LEAD, cluster_table
+from helpers import APPROVAL, OK, command, members_of, plan_row, propose, reply, text_of, thread, urls, wait_done
 
 
 def _version(etcd: Path) -> str | None:
@@ -79,6 +79,7 @@ def etcd34(monkeypatch, make_cluster):
 
     def make(size: int = 3, **kwargs) -> LocalCluster:
         c = make_cluster(size, **kwargs)
+        assert ETCD34 is not None  # pytestmark skipped the module otherwise
         assert Path(c.etcd) == ETCD34 / "etcd" and Path(c.etcdctl_bin) == ETCD34 / "etcdctl"
         return c
     return make
@@ -86,7 +87,7 @@ def etcd34(monkeypatch, make_cluster):
 
 def etcdctl_snapshot_status(c: LocalCluster, path: Path) -> dict:
     """etcdctl 3.4's own `snapshot status -w json` (3.4 has no etcdutl)."""
-    proc = subprocess.run([c.etcdctl_bin, "snapshot", "status", str(path), "-w", "json"], capture_output=True,
+    proc = subprocess.run([str(c.etcdctl_bin), "snapshot", "status", str(path), "-w", "json"], capture_output=True,
                           text=True, timeout=60, env={"PATH": os.environ.get("PATH", ""), "ETCDCTL_API": "3"})
     assert proc.returncode == 0, f"etcdctl 3.4 snapshot status failed: {proc.stderr.strip()}"
     return json.loads(proc.stdout)

@@ -10,7 +10,6 @@ import sys
 import time
 
 import aiohttp
-from helpers import ephemeral, reply, text_of
 
 from bot.config import load_config
 from bot.settings import SlackSettings
@@ -26,6 +25,7 @@ from bot.testing.workspace import (
     cluster_table,
     write_config,
 )
+from helpers import ephemeral, reply, text_of
 
 
 async def test_socket_mode_end_to_end(cluster, slack, creds, tmp_path):

@@ -11,6 +11,17 @@ import sys
 import time
 from pathlib import Path
 
+from bot.testing.workspace import (
+    CHANNEL,
+    LEAD,
+    LEAD2,
+    LEADS_GROUP,
+    ONCALL,
+    STRANGER,
+    BotProcess,
+    cluster_table,
+    write_config,
+)
 from helpers import (
     APPROVAL,
     OK,
@@ -26,18 +37,6 @@ from helpers import (
     thread,
     urls,
     wait_done,
-)
-
-from bot.testing.workspace import (
-    CHANNEL,
-    LEAD,
-    LEAD2,
-    LEADS_GROUP,
-    ONCALL,
-    STRANGER,
-    BotProcess,
-    cluster_table,
-    write_config,
 )
 
 

@@ -175,7 +175,7 @@ async def socket_bot(slack: SlackStandIn) -> AsyncIterator[tuple[Bot, AsyncSocke
     """The bolt app connected over Socket Mode (apps.connections.open on the stand-in)."""
     async with aiohttp.ClientSession() as session:
         bot = Bot(slack, session)
-        handler = AsyncSocketModeHandler(bot.slack.app, app_token=APP_TOKEN)
+        handler = AsyncSocketModeHandler(bot.app, app_token=APP_TOKEN)
         try:
             await handler.connect_async()
             await slack.wait_socket_connected(5.0)
@@ -421,7 +421,7 @@ async def test_signed_command_reaches_bolt_and_it_posts(slack: SlackStandIn, htt
 
 @pytest.mark.parametrize("how", ["unsigned", "stale", "mis-signed"])
 async def test_bad_signatures_are_rejected(slack: SlackStandIn, http_bot: Bot, how: str) -> None:
-    kwargs: dict[str, Any] = {
+    kwargs: dict[str, Any] = {  # type: ignore[assignment]  # (mypy joins the values to `object`)
         "unsigned": {"sign": False},
         "stale": {"timestamp": int(time.time()) - 6 * 60},
         "mis-signed": {"signing_secret": "not-the-secret"},

@@ -34,9 +34,7 @@ from pathlib import Path
 
 import pyrage
 import pytest
-from helpers import reply, text_of
 from pyrage import x25519
-from snapshot_fixtures import etcdutl_status, etcdutl_table
 
 import bot.slack.app
 from bot.config import ConfigError, load_config
@@ -46,6 +44,8 @@ from bot.etcd.snapshots import TRAILER, SnapshotFailed, TrailerCheck, save_snaps
 from bot.ops.schedule import RETRY_AFTER_FAILURE, SCHEDULER, Scheduler, is_due
 from bot.testing.cluster import LocalCluster
 from bot.testing.workspace import CHANNEL, LEAD, ONCALL, cluster_table, write_config
+from helpers import reply, text_of
+from snapshot_fixtures import etcdutl_status, etcdutl_table
 
 ROOT = Path(__file__).resolve().parent.parent
 KiB, MiB = 1 << 10, 1 << 20

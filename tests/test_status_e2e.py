@@ -5,9 +5,8 @@ import asyncio
 import re
 import time
 
-from helpers import command, ephemeral, reply, text_of
-
 from bot.testing.workspace import CHANNEL, ONCALL, cluster_table
+from helpers import command, ephemeral, reply, text_of
 
 
 async def test_status_of_a_healthy_cluster(cluster, slack, start_bot):

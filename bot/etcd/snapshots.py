@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bot.etcd.client import EtcdClient
 from bot.etcd.model import EtcdError
@@ -192,7 +192,7 @@ async def save_snapshot(client: EtcdClient, endpoint: str, member: str, director
     plain_part = target_dir / (name + ".part")
     check = TrailerCheck()
     fd, named = -1, None
-    writing: asyncio.Future | None = None
+    writing: asyncio.Future[None] | None = None
 
     def write_and_hash(data: bytes) -> None:  # in a thread: disk and sha256 overlap the receive
         _write_all(fd, data)
@@ -256,7 +256,8 @@ async def save_snapshot(client: EtcdClient, endpoint: str, member: str, director
 
 # ---------------------------------------------------------------- retention
 
-def to_prune(snapshots: list[dict], keep_last: int | None, keep_days: float | None, now: float) -> list[dict]:
+def to_prune(snapshots: list[dict[str, Any]], keep_last: int | None, keep_days: float | None,
+             now: float) -> list[dict[str, Any]]:
     """Snapshots no rule keeps. With neither rule set, nothing is pruned;
     with both, a snapshot stays when either rule keeps it."""
     if keep_last is None and keep_days is None:

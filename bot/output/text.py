@@ -6,11 +6,14 @@ they never disagree.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bot.etcd.health import ClusterHealth, MemberHealth
 from bot.output.tables import table
 from bot.output.units import humanize_bytes, humanize_duration
+
+if TYPE_CHECKING:
+    from bot.etcd.snapshots import SavedSnapshot
 
 
 def verdict(health: ClusterHealth) -> str:
@@ -101,14 +104,14 @@ def status_json(health: ClusterHealth) -> dict[str, Any]:
     }
 
 
-def saved_json(saved) -> dict[str, Any]:
+def saved_json(saved: SavedSnapshot) -> dict[str, Any]:
     """A saved snapshot as JSON (CLI): etcdutl's fields plus where and how."""
     return {**saved.status.as_json(), "file": str(saved.path), "file_size": saved.file_size, "sha256": saved.sha256,
             "member": saved.member, "endpoint": saved.endpoint, "encrypted": saved.encrypted,
             "duration_seconds": round(saved.duration, 3), "throughput_bytes_per_second": round(saved.throughput)}
 
 
-def saved_text(saved) -> str:
+def saved_text(saved: SavedSnapshot) -> str:
     from bot.etcd.bbolt import status_table
     return "\n".join([
         f"Snapshot saved at {saved.path}" + (" (age-encrypted)" if saved.encrypted else ""),

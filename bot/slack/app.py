@@ -163,7 +163,7 @@ class BotServer:
         self.runtime = BotRuntime(config, slack)
         self.host, self.port, self.socket_mode = host, port, socket_mode
         self._runner: web.AppRunner | None = None
-        self._socket = None
+        self._socket: Any = None  # an AsyncSocketModeHandler, imported only in Socket Mode
 
     @property
     def ctx(self) -> BotContext:

@@ -140,7 +140,7 @@ class Store:
         await self._run(self._open)
         return self
 
-    def _open(self, _db=None) -> None:
+    def _open(self, _db: sqlite_utils.Database | None = None) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(str(self.path), timeout=self.busy_timeout, isolation_level=None,
                                check_same_thread=False)
@@ -170,7 +170,7 @@ class Store:
                                     f"(waited {self.busy_timeout * self.retries:g}s); nothing was changed") from None
         raise AssertionError("unreachable")
 
-    def _call(self, fn: Callable[..., T], args: tuple) -> T:
+    def _call(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         if self._db is None and fn != self._open:
             raise StoreError(f"database {self.path} is not open")
         return fn(self._db, *args)
@@ -190,7 +190,7 @@ class Store:
         def fn(db: sqlite_utils.Database) -> None:
             try:
                 with db.atomic():
-                    db["plans"].insert({**row, "updated_at": time.time()})
+                    db.table("plans").insert({**row, "updated_at": time.time()})
             except sqlite3.IntegrityError:
                 open_plan = next(db.query(
                     f"SELECT id, state FROM plans WHERE cluster = ? AND state IN ({_marks(OPEN_STATES)})",
@@ -288,7 +288,7 @@ class Store:
 
     async def last_snapshot_at(self, cluster: str, reason: str) -> float | None:
         return await self._run(lambda db: next(db.query(
-            "SELECT MAX(created_at) AS t FROM snapshots WHERE cluster = ? AND reason = ?", [cluster, reason]), {}).get("t"))
+            "SELECT MAX(created_at) AS t FROM snapshots WHERE cluster = ? AND reason = ?", [cluster, reason]), {"t": None})["t"])
 
     async def mark_pruned(self, snapshot_id: int) -> None:
         await self._run(lambda db: db.execute("UPDATE snapshots SET pruned_at = ? WHERE id = ?", [time.time(), snapshot_id]))
@@ -303,11 +303,11 @@ class Store:
         def fn(db: sqlite_utils.Database) -> int:
             with _immediate(db):
                 last = next(db.query("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1"), None)
-                row = {"id": (last["id"] + 1) if last else 1, "ts": round(time.time(), 6), "user": user,
+                row: dict[str, Any] = {"id": (last["id"] + 1) if last else 1, "ts": round(time.time(), 6), "user": user,
                        "channel": channel, "cluster": cluster, "action": action, "detail": detail_text}
                 prev = last["hash"] if last else GENESIS
-                db["audit"].insert({**row, "prev_hash": prev, "hash": audit_hash(prev, row)})
-                return row["id"]
+                db.table("audit").insert({**row, "prev_hash": prev, "hash": audit_hash(prev, row)})
+                return int(row["id"])
         return await self._run(fn)
 
     async def audit_rows(self, since: float | None = None) -> list[dict[str, Any]]:
