@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import logging
 import signal
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,13 +38,13 @@ from hypothesis import strategies as st
 
 from bot.etcd.bbolt import SnapshotError, snapshot_status
 from bot.etcd.client import EtcdClient
-from bot.etcd.health import check_cluster
+from bot.etcd.health import ClusterHealth, check_cluster
 from bot.etcd.urls import parse_url
 from bot.ops.commands import SPECS, Command, UsageError, parse
 from bot.testing.cluster import LocalCluster, free_port
 from bot.testing.slack import Message, SlackStandIn
 from bot.testing.workspace import CHANNEL, LEAD, LEAD2, LEADS_GROUP, ONCALL, STRANGER, cluster_table
-from helpers import text_of
+from helpers import eventually, text_of
 from snapshot_fixtures import ScenarioCluster, put_many, save_snapshot
 
 OTHER_CHANNEL = "C0ELSEWHERE"  # a channel of the workspace bound to no cluster
@@ -302,11 +301,11 @@ class ReactionRig:
         # Healthy as the bot judges it, so that no approved plan gets past its re-check.
         await self.wait_health(lambda h: h.all_healthy, "member1 healthy again")
 
-    async def wait_health(self, ok, what: str, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not ok(health := await check_cluster(self.client, "fuzz")):
-            assert time.monotonic() < deadline, f"not {what} after {timeout:g}s: {health}"
-            await asyncio.sleep(0.05)
+    async def wait_health(self, ok, what: str, timeout: float = 30.0) -> ClusterHealth:
+        async def judged() -> ClusterHealth | None:
+            health = await check_cluster(self.client, "fuzz")
+            return health if ok(health) else None
+        return await eventually(judged, timeout, what)
 
 
 @pytest.fixture

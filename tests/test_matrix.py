@@ -13,7 +13,6 @@ etcdctl then, and keeps them).
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
@@ -38,7 +37,20 @@ from bot.etcd.model import (
 )
 from bot.testing.cluster import LocalCluster
 from bot.testing.workspace import CHANNEL, LEAD, cluster_table
-from helpers import APPROVAL, OK, command, members_of, plan_row, propose, reply, text_of, thread, urls, wait_done
+from helpers import (
+    APPROVAL,
+    OK,
+    command,
+    eventually,
+    members_of,
+    plan_row,
+    propose,
+    reply,
+    text_of,
+    thread,
+    urls,
+    wait_done,
+)
 
 
 def _version(etcd: Path) -> str | None:
@@ -149,14 +161,9 @@ async def test_membership_refusals_of_34_map_to_the_bots_errors(etcd34):
     async with EtcdClient(c.endpoints) as client:
         with pytest.raises(MemberNotFound, match="member not found"):
             await client.member_remove(0x1234)
-        deadline = time.monotonic() + 15
-        while True:  # "unhealthy cluster" until the leader has seen every voter for 5 s
-            try:
-                learner, _ = await client.member_add([urls()[0]], learner=True)
-                break
-            except UnhealthyCluster:
-                assert time.monotonic() < deadline, "etcd 3.4 still says unhealthy cluster after 15 s"
-                await asyncio.sleep(0.2)
+        # "unhealthy cluster" until the leader has seen every voter for 5 s
+        learner, _ = await eventually(lambda: client.member_add([urls()[0]], learner=True), 15,
+                                      "etcd 3.4 to add a learner", interval=0.2, retry_on=(UnhealthyCluster,))
         assert learner.is_learner and not learner.started
         with pytest.raises(LearnerNotReady, match="in sync with leader"):
             await client.member_promote(learner.id)       # never started: not caught up

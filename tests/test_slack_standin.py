@@ -7,6 +7,7 @@ connected with bolt's AsyncSocketModeHandler (Socket Mode).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -32,6 +33,7 @@ from slack_sdk.signature import SignatureVerifier
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.testing.slack import Delivery, Message, SlackStandIn, sign_request
+from helpers import eventually
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,15 +52,6 @@ USERGROUPS = {"S0ETCDOPS1": [ALICE, BOB]}
 CHANNELS = {OPS: "etcd-ops", RANDOM: "random"}
 
 
-async def _poll(predicate: Callable[[], Any], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() >= deadline:
-            return False
-        await asyncio.sleep(0.01)
-    return True
-
-
 @pytest.fixture(autouse=True)
 async def no_task_left_behind() -> AsyncIterator[None]:
     """Torn down last: every task a test started (servers, bolt, Socket Mode) has finished."""
@@ -70,7 +63,8 @@ async def no_task_left_behind() -> AsyncIterator[None]:
         return [t for t in asyncio.all_tasks() if t is not current and t not in before and not t.done()]
 
     # cancelled tasks need a loop iteration or two to finish unwinding
-    await _poll(lambda: not leftovers(), 2.0)
+    with contextlib.suppress(AssertionError):  # the assertion below names the tasks
+        await eventually(lambda: not leftovers(), 2.0, "every task to finish", interval=0.01)
     assert not leftovers(), f"tasks left running: {leftovers()}"
 
 
