@@ -17,6 +17,19 @@ from bot.testing.cluster import LocalCluster
 
 TEST_ETCD_PASSWORD = "rootpw-" + os.urandom(6).hex()  # tests that enable etcd auth use this
 
+# A test that uses any of these (directly or through another fixture) runs real etcd, the Slack
+# stand-in or the bot: it is end to end. `make test-fast` runs the others.
+E2E_FIXTURES = {"cluster", "make_cluster", "slack", "start_bot",
+                "real", "real_snapshot"}  # (snapshots of real etcd clusters, in test_bbolt and test_fuzz)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark end-to-end tests `e2e` by the fixtures they use, so new tests are marked without edits.
+    Tests that start processes without these fixtures carry `pytestmark = pytest.mark.e2e`."""
+    for item in items:
+        if E2E_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
+
 
 def _processes_under(roots: list[str]) -> list[tuple[int, str]]:
     """Live processes whose command line names one of `roots` (our clusters, our temp dirs)."""

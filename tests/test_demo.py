@@ -9,7 +9,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import _processes_under
+
+pytestmark = pytest.mark.e2e  # the demo runs real etcd, the stand-in and the bot as processes
 
 DEMO = [sys.executable, "-m", "bot", "demo"]
 

@@ -102,6 +102,7 @@ def _is_one_line(text: str) -> bool:
 
 # ---------------------------------------------------------------- 1. parse: pure
 
+@pytest.mark.slow
 @settings(FUZZ, max_examples=1500)
 @given(any_text)
 def test_parse_returns_a_command_or_a_one_line_usage_error(text):
