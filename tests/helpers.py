@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bot.etcd.client import EtcdClient
-from bot.etcd.health import MemberHealth, check_cluster
+from bot.etcd.health import ClusterHealth, MemberHealth, check_cluster
+from bot.etcd.model import MemberStatus
 from bot.store.sqlite import Store
 from bot.testing.cluster import free_port
 from bot.testing.slack import Delivery, Message, SlackStandIn
@@ -40,6 +41,25 @@ async def eventually(predicate: Callable[[], T | None | Awaitable[T | None]], ti
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}; last seen: {last!r}")
         await asyncio.sleep(interval)
 
+
+# ---------------------------------------------------------------- values for pure tests
+
+def member_status(**overrides: Any) -> MemberStatus:
+    """A healthy voter's Status answer; a test names only the fields it is about."""
+    fields: dict[str, Any] = dict(endpoint="http://10.0.0.1:2379", member_id=1, version="3.5.1", db_size=20480,
+                                  db_size_in_use=16384, leader=1, raft_term=2, raft_index=10, raft_applied_index=10,
+                                  is_learner=False, errors=())
+    return MemberStatus(**{**fields, **overrides})
+
+
+def cluster_health(*members: MemberHealth, **overrides: Any) -> ClusterHealth:
+    """The result of one health check of `members`: no alarms, checked in 10 ms under a 2 s deadline."""
+    fields: dict[str, Any] = dict(cluster="prod", members=members, alarms=(), checked_at=0.0, elapsed=0.01,
+                                  deadline=2.0)
+    return ClusterHealth(**{**fields, **overrides})
+
+
+# ---------------------------------------------------------------- talking to the bot
 
 def text_of(msg: Message) -> str:
     """Everything a person reads in a message: its text and every block's text."""

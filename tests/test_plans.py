@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 
 from bot.etcd.health import ClusterHealth, MemberHealth
-from bot.etcd.model import Member, MemberStatus
+from bot.etcd.model import Member
 from bot.ops.replace import Plan, Refusal, ReplaceRequest, etcd_servers, plan_replacement
+from helpers import cluster_health, member_status
 
 IDS = {1: 0x8211F1D0F64F3269, 2: 0x91BC3C398FB3C146, 3: 0xFD422379FDA50E48, 4: 0x2BE1EB8F84B7F63E, 5: 0x5A5A5A5A5A5A5A5A,
        6: 0x6B6B6B6B6B6B6B6B}
@@ -18,8 +19,9 @@ def member(i: int, *, learner: bool = False, started: bool = True) -> Member:
 
 def up(i: int, leader: int = 2, version: str = "3.5.1", **kw) -> MemberHealth:
     m = member(i, **kw)
-    return MemberHealth(m, MemberStatus(f"http://10.0.0.{i}:2379", m.id, version, 1, 1, IDS[leader], 2, 9, 9,
-                                        m.is_learner, ()))
+    return MemberHealth(m, member_status(endpoint=f"http://10.0.0.{i}:2379", member_id=m.id, version=version,
+                                         db_size=1, db_size_in_use=1, leader=IDS[leader], raft_index=9,
+                                         raft_applied_index=9, is_learner=m.is_learner))
 
 
 def down(i: int, **kw) -> MemberHealth:
@@ -27,7 +29,7 @@ def down(i: int, **kw) -> MemberHealth:
 
 
 def cluster(*members: MemberHealth) -> ClusterHealth:
-    return ClusterHealth("prod", tuple(members), (), 0.0, 0.01, 2.0)
+    return cluster_health(*members)
 
 
 REQ = ReplaceRequest("member1", "member4", "http://10.0.0.4:2380")
@@ -103,7 +105,9 @@ def test_a_step_that_would_break_quorum_is_refused():
 
 
 def test_a_member_answering_with_errors_is_another_failed_member():
-    sick = MemberHealth(member(3), MemberStatus("x", IDS[3], "3.5.1", 1, 1, IDS[2], 2, 9, 9, False, ("etcdserver: corrupt",)))
+    sick = MemberHealth(member(3), member_status(endpoint="x", member_id=IDS[3], db_size=1, db_size_in_use=1,
+                                                 leader=IDS[2], raft_index=9, raft_applied_index=9,
+                                                 errors=("etcdserver: corrupt",)))
     plan = plan_replacement(cluster(down(1), up(2), sick, up(4), up(5)), ReplaceRequest("member1", "member6", "http://10.0.0.6:2380"))
     assert [m.name for m in plan.others_failed] == ["member3"]
 
