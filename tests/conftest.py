@@ -5,6 +5,8 @@ import dataclasses
 import json
 import logging
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from bot.testing import cluster as cluster_module
 from bot.testing import workspace as workspace_module
 from bot.testing.cluster import LocalCluster
 
+ROOT = Path(__file__).resolve().parent.parent
 TEST_ETCD_PASSWORD = "rootpw-" + os.urandom(6).hex()  # tests that enable etcd auth use this
 
 # A test that uses any of these (directly or through another fixture) runs real etcd, the Slack
@@ -104,6 +107,18 @@ def cluster() -> Iterator[LocalCluster]:
     """A healthy 3-member cluster shared by read-only tests: do not kill its members."""
     with LocalCluster(3) as c:
         yield c
+
+
+@pytest.fixture
+def cli() -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Run `python -m bot ARGS` (the etcd-chatops CLI) from the repository, capturing its output.
+    SLACK_* variables are dropped, so a developer's own tokens never reach the CLI under test."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLACK_")}
+
+    def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "bot", *args], capture_output=True, text=True,
+                              timeout=timeout, cwd=ROOT, env=env)
+    return run
 
 
 @pytest.fixture

@@ -1,8 +1,6 @@
 """The config file: the documented shape loads; every mistake is one line naming the key, exit 2."""
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -117,11 +115,11 @@ def test_password_from_the_environment_only(tmp_path, monkeypatch):
     (None, "no such file"),
     ("[[clusters]]\nname = \"a\"\nendpoints = [\"http://h:1\"]\ncolour = 1\n", "clusters[0].colour: unknown key"),
 ])
-def test_the_cli_exits_2_with_one_line(tmp_path, body, fragment):
+def test_the_cli_exits_2_with_one_line(tmp_path, body, fragment, cli):
     path = tmp_path / "c.toml"
     if body is not None:
         path.write_text(body)
-    proc = subprocess.run([sys.executable, "-m", "bot", "check-config", str(path)], capture_output=True, text=True)
+    proc = cli("check-config", str(path))
     assert proc.returncode == 2
     error_lines = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert len(error_lines) == 1 and fragment in error_lines[0]

@@ -611,11 +611,6 @@ async def test_scheduled_snapshots_are_taken_posted_and_fail_loudly(make_cluster
 
 # ---------------------------------------------------------------- 9. the CLI
 
-def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bot", *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=ROOT)
-
-
 def assert_usage_error(proc: subprocess.CompletedProcess, *words: str) -> None:
     assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
     assert proc.stdout == ""
@@ -627,7 +622,7 @@ def assert_usage_error(proc: subprocess.CompletedProcess, *words: str) -> None:
         assert word in errors[0], (word, errors[0])
 
 
-def test_cli_save_and_status(cluster, tmp_path):
+def test_cli_save_and_status(cluster, tmp_path, cli):
     proc = cli("snapshot", "save", "--endpoints", ",".join(cluster.endpoints), "--dir", str(tmp_path), "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
@@ -656,7 +651,7 @@ def test_cli_save_and_status(cluster, tmp_path):
         [out["hash"], str(out["revision"]), str(out["total_keys"])]
 
 
-def test_cli_bad_usage_exits_2_with_one_line_and_the_usage(tmp_path):
+def test_cli_bad_usage_exits_2_with_one_line_and_the_usage(tmp_path, cli):
     assert_usage_error(cli("snapshot", "save", "--endpoints", "http://127.0.0.1:2379"), "--dir")
     assert_usage_error(cli("snapshot", "status", str(tmp_path / "missing.db")), "missing.db", "no such file")
     assert_usage_error(cli("snapshot", "save", "--endpoints", "ftp://127.0.0.1:2379", "--dir", str(tmp_path)),
@@ -667,7 +662,7 @@ def test_cli_bad_usage_exits_2_with_one_line_and_the_usage(tmp_path):
     assert files_under(tmp_path) == []
 
 
-def test_cli_corrupt_file_exits_1_with_one_line(tmp_path):
+def test_cli_corrupt_file_exits_1_with_one_line(tmp_path, cli):
     corrupt = tmp_path / "corrupt.db"
     corrupt.write_bytes(random.Random(3).randbytes(64 * KiB))
     proc = cli("snapshot", "status", str(corrupt))
@@ -677,7 +672,7 @@ def test_cli_corrupt_file_exits_1_with_one_line(tmp_path):
     assert str(corrupt) in proc.stderr and "not a bbolt file" in proc.stderr, proc.stderr
 
 
-def test_cli_save_from_a_dead_cluster_exits_1_and_leaves_nothing(make_cluster, tmp_path):
+def test_cli_save_from_a_dead_cluster_exits_1_and_leaves_nothing(make_cluster, tmp_path, cli):
     c = make_cluster(1)
     endpoint = c.endpoints[0]
     c.kill("member1")
