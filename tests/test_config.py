@@ -67,9 +67,12 @@ def test_defaults_for_a_minimal_file(tmp_path):
     (("ttl_minutes = 30", "ttl_minutes = \"30\""), "approval.ttl_minutes: expected a number, got a string"),
     (("ttl_minutes = 30", "ttl_minutes = 0"), "approval.ttl_minutes: must be greater than 0"),
     (("name = \"prod\"", "name = \"prod\"\nendpoint = []"), "clusters[0].endpoint: unknown key"),
-    (("channels = [\"C0INCIDENT\"]", "channels = [\"#incident\"]"), "clusters[0].channels[0]: '#incident' is not a Slack ID"),
-    (("launcher = { kind = \"manual\" }", "launcher = { kind = \"ssh\" }"), "clusters[0].launcher.kind: 'ssh' is not a launcher kind"),
-    (("launcher = { kind = \"manual\" }", "launcher = { kind = \"command\" }"), "clusters[0].launcher.argv: a command launcher needs argv"),
+    (("channels = [\"C0INCIDENT\"]", "channels = [\"#incident\"]"),
+     "clusters[0].channels[0]: '#incident' is not a Slack ID"),
+    (("launcher = { kind = \"manual\" }", "launcher = { kind = \"ssh\" }"),
+     "clusters[0].launcher.kind: 'ssh' is not a launcher kind"),
+    (("launcher = { kind = \"manual\" }", "launcher = { kind = \"command\" }"),
+     "clusters[0].launcher.argv: a command launcher needs argv"),
     (("launcher = { kind = \"manual\" }", "launcher = { kind = \"command\", argv = [\"start\", \"{host}\"] }"),
      "clusters[0].launcher.argv[1]: unknown placeholder {host}"),
     (("cacert = \"ca.crt\"", "cacert = \"missing.crt\""), "clusters[0].cacert: missing.crt: no such file"),
@@ -157,7 +160,8 @@ every = "1h30m"
     ('[snapshots]\nevery = "6"\n', "snapshots.every: '6' is not a duration like 6h"),
     ('[snapshots]\nevery = "10s"\n', "snapshots.every: '10s' is too often"),
     ('[snapshots]\nkeep_last = 0\n', "snapshots.keep_last: must be at least 1"),
-    ('[snapshots]\nage_recipients = ["age1nope"]\n', "snapshots.age_recipients[0]: 'age1nope'... is not an age X25519 public key"),
+    ('[snapshots]\nage_recipients = ["age1nope"]\n',
+     "snapshots.age_recipients[0]: 'age1nope'... is not an age X25519 public key"),
     ('[snapshots]\nkeep = 3\n', "snapshots.keep: unknown key"),
     ('database_timeout_seconds = -1\n', "database_timeout_seconds: must be greater than 0"),
 ])
@@ -190,4 +194,5 @@ approvers = ["U0OTHER001"]
     assert closed.access.operators.users == () and closed.access.operators.groups == ("S0SRE00001",)
     assert closed.access.approvers.users == ("U0OTHER001",) and closed.access.approvers.groups == ()
     with pytest.raises(ConfigError, match=r"clusters\[0\].access.readerz: unknown key"):
-        load_config(write(tmp_path, '[[clusters]]\nname = "a"\nendpoints = ["http://h:1"]\n[clusters.access]\nreaderz = []\n'))
+        load_config(write(tmp_path,
+                          '[[clusters]]\nname = "a"\nendpoints = ["http://h:1"]\n[clusters.access]\nreaderz = []\n'))

@@ -49,9 +49,11 @@ def test_the_demo_plays_the_whole_incident_and_cleans_up(tmp_path):
     for fragment in expected_in_order:
         pattern = fragment if isinstance(fragment, re.Pattern) else re.compile(re.escape(fragment))
         found = pattern.search(out, position)
-        assert found, f"{pattern.pattern!r} missing (or out of order) in the transcript:\n{out[position:position + 2000]}"
+        assert found, (f"{pattern.pattern!r} missing (or out of order) in the transcript:\n"
+                       f"{out[position:position + 2000]}")
         position = found.start()
-    summary = re.search(r"Incident played in ([\d.]+) s: plan (\w{6}) done; snapshot hash ([0-9a-f]+) at revision (\d+)", out)
+    summary = re.search(r"Incident played in ([\d.]+) s: plan (\w{6}) done; "
+                        r"snapshot hash ([0-9a-f]+) at revision (\d+)", out)
     assert summary, out[-500:]
     assert "\033[" not in out  # plain text when piped
     assert "xoxb-" not in out + proc.stderr and "xapp-" not in out + proc.stderr

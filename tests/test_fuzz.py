@@ -292,8 +292,8 @@ class ReactionRig:
                 continue
             start = len(self.slack.messages)
             port = free_port()
-            delivery = await self.slack.send_command(f"replace member1 member4 http://127.0.0.1:{port} --cluster {name}",
-                                                     user_id=PROPOSER, channel_id=CHANNEL)
+            delivery = await self.slack.send_command(f"replace member1 member4 http://127.0.0.1:{port} "
+                                                     f"--cluster {name}", user_id=PROPOSER, channel_id=CHANNEL)
             assert delivery.status == 200
             await self.slack.wait_for_message(lambda m: m.text.startswith("Plan ") and m.thread_ts is None,
                                               after=start, timeout=30, what=f"the plan message for {name}")
@@ -344,7 +344,8 @@ def _maybe(strategy: st.SearchStrategy, *odd: Any) -> st.SearchStrategy:
 
 
 item_fields = st.fixed_dictionaries({}, optional={
-    "type": st.one_of(st.just("message"), st.sampled_from(["file", "file_comment", "Message", ""]), st.text(max_size=6)),
+    "type": st.one_of(st.just("message"), st.sampled_from(["file", "file_comment", "Message", ""]),
+                      st.text(max_size=6)),
     "channel": st.one_of(st.just(CHANNEL), st.sampled_from([OTHER_CHANNEL, "", "c0incident"]), st.text(max_size=10)),
     "ts": st.one_of(st.sampled_from(TARGETS), st.text(max_size=18)),
 })

@@ -59,7 +59,8 @@ def test_an_election_is_not_a_lost_quorum():
 
 
 def test_leader_is_the_highest_term_view():
-    h = health(MemberHealth(member(1), status(1, leader=1, term=2)), MemberHealth(member(2), status(2, leader=2, term=3)),
+    h = health(MemberHealth(member(1), status(1, leader=1, term=2)),
+               MemberHealth(member(2), status(2, leader=2, term=3)),
                MemberHealth(member(3), status(3, leader=2, term=3)))
     assert h.leader_id == 2
 

@@ -63,7 +63,8 @@ async def test_members_lists_like_etcdctl(cluster, slack, start_bot):
     await start_bot([cluster_table("prod", cluster)])
     msg = await reply(slack, "members prod")
     for name, member in cluster.members.items():
-        assert re.search(rf"[0-9a-f]{{16}}, started, {name}, {member.peer_url}, {member.client_url}, false", text_of(msg))
+        assert re.search(rf"[0-9a-f]{{16}}, started, {name}, {member.peer_url}, {member.client_url}, false",
+                         text_of(msg))
 
 
 async def test_mutual_tls_cluster_with_and_without_certificates(make_cluster, slack, start_bot):
