@@ -75,8 +75,9 @@ class RoleConfig:
 @dataclass(frozen=True)
 class AccessConfig:
     readers: RoleConfig = RoleConfig()       # status, members, plans, snapshots
-    operators: RoleConfig = RoleConfig()     # replace, snapshot, cancel
-    approvers: RoleConfig = RoleConfig(())   # approve, reject, resume (default: [approval])
+    operators: RoleConfig = RoleConfig()     # replace, snapshot
+    approvers: RoleConfig = RoleConfig(())   # approve, reject, resume, cancel (default: [approval])
+    # A plan's proposer may also reject or cancel it; no role is needed for that.
 
 
 @dataclass(frozen=True)
