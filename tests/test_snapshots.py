@@ -44,7 +44,7 @@ from bot.etcd.snapshots import TRAILER, SnapshotFailed, TrailerCheck, save_snaps
 from bot.ops.schedule import RETRY_AFTER_FAILURE, SCHEDULER, Scheduler, is_due
 from bot.testing.cluster import LocalCluster
 from bot.testing.workspace import CHANNEL, LEAD, ONCALL, cluster_table, write_config
-from helpers import reply, text_of
+from helpers import eventually, reply, text_of
 from snapshot_fixtures import etcdutl_status, etcdutl_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,9 +105,9 @@ async def wait_for_growing_part(directory: Path, save: asyncio.Task, at_least: i
                                 timeout: float = 60.0) -> int:
     """Poll until a `.part` file in `directory` exists and has grown past `at_least`
     bytes (seen at two different sizes); returns its size. The save must still run."""
-    deadline = time.monotonic() + timeout
     sizes: set[int] = set()
-    while True:
+
+    def grown() -> int | None:
         if save.done():
             outcome = save.exception() or save.result()
             raise AssertionError(f"the save ended before the .part file grew past {at_least:,} bytes "
@@ -121,8 +121,9 @@ async def wait_for_growing_part(directory: Path, save: asyncio.Task, at_least: i
             sizes.add(size)
             if size >= at_least and len(sizes) >= 2:
                 return size
-        assert time.monotonic() < deadline, f"no growing .part file in {directory} after {timeout:g}s"
-        await asyncio.sleep(0.001)
+        return None
+
+    return await eventually(grown, timeout, f"a growing .part file in {directory}", interval=0.001)
 
 
 @contextlib.asynccontextmanager
@@ -327,11 +328,12 @@ async def test_encrypted_save_round_trips_and_never_names_the_plaintext(make_clu
 
     async with EtcdClient(c.endpoints) as client, \
             in_background(save_snapshot(client, c.endpoints[0], "member1", snaps, "prod", (recipient,))) as save:
-        deadline = time.monotonic() + 60
-        while not save.done():
-            assert time.monotonic() < deadline, "the encrypted save did not finish within 60 s"
+        def watch() -> bool:
+            """Record what the snapshot directory and our open files are called, until the save ends."""
+            if save.done():
+                return True
             if target.is_dir():
-                names_seen |= {p.name for p in target.iterdir()}
+                names_seen.update(p.name for p in target.iterdir())
             for fd in os.listdir("/proc/self/fd"):
                 try:
                     link = os.readlink(f"/proc/self/fd/{fd}")
@@ -339,7 +341,9 @@ async def test_encrypted_save_round_trips_and_never_names_the_plaintext(make_clu
                     continue
                 if link.startswith(f"{target}/"):
                     fds_seen.add(link)
-            await asyncio.sleep(0.001)
+            return False
+
+        await eventually(watch, 60, "the encrypted save to finish", interval=0.001)
         saved = save.result()
 
     # While it ran: the plaintext was an unnamed (O_TMPFILE) file; only the age file had a name.
