@@ -575,7 +575,7 @@ async def test_socket_mode_respond_and_reconnect(slack: SlackStandIn, socket_bot
 # ---------------------------------------------------------------------------- standalone process
 
 
-def test_main_runs_standalone_and_stops_on_sigterm(tmp_path: Path) -> None:
+async def test_main_runs_standalone_and_stops_on_sigterm(tmp_path: Path) -> None:
     ready = tmp_path / "ready"
     fixtures = tmp_path / "fixtures.json"
     fixtures.write_text(json.dumps({"users": USERS, "channels": CHANNELS, "usergroups": USERGROUPS}))
@@ -585,11 +585,11 @@ def test_main_runs_standalone_and_stops_on_sigterm(tmp_path: Path) -> None:
         [sys.executable, "-m", "bot.testing.slack", "--ready-file", str(ready), "--fixtures", str(fixtures)],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 15
-        while not ready.exists():
+        def started() -> bool:
             assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the stand-in never became ready"
-            time.sleep(0.02)
+            return ready.exists()
+
+        await eventually(started, 15, "the stand-in to become ready", interval=0.02)
         url = ready.read_text().strip()
 
         async def use() -> None:
@@ -599,7 +599,7 @@ def test_main_runs_standalone_and_stops_on_sigterm(tmp_path: Path) -> None:
                 async with http.get(url + "/_standin/calls") as r:
                     assert [c["method"] for c in await r.json()] == ["users.info"]
 
-        asyncio.run(use())
+        await use()
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=10)
     finally:
