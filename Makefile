@@ -8,7 +8,7 @@ PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
 BIN     = $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench install clean
+.PHONY: demo test test-fast lint bench install clean
 
 $(BIN)/python:
 	@test -n "$(PYTHON)" || { echo "etcd-chatops needs Python >= 3.11 (set PYTHON=/path/to/python3.11)"; exit 2; }
@@ -25,12 +25,21 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/etcd-chatops demo
 
-test: install
+# mypy and ruff, as configured in pyproject.toml.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: lint
 	sh scripts/install-etcd34.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The pure tests only (no etcd, no bot, no stand-in, no long fuzzing): a quick check while editing.
+test-fast: install
+	$(BIN)/python -m pytest -m "not e2e and not slow" $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python bench/run_all.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

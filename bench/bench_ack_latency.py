@@ -16,11 +16,19 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import percentile, row, write  # (also puts the repository on sys.path)
-
 from bot.testing.cluster import LocalCluster, free_port
 from bot.testing.slack import SlackStandIn
-from bot.testing.workspace import CHANNEL, CHANNELS, ONCALL, USERS, BotProcess, SlackSecrets, cluster_table, write_config
+from bot.testing.workspace import (
+    CHANNEL,
+    CHANNELS,
+    ONCALL,
+    USERS,
+    BotProcess,
+    SlackSecrets,
+    cluster_table,
+    write_config,
+)
+from common import percentile, row, write  # (also puts the repository on sys.path)
 
 BARE_BOLT = '''
 import os, sys

@@ -19,15 +19,23 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import row, write  # (also puts the repository on sys.path)
-
-from bot.slack.app import BotServer
 from bot.config import load_config
+from bot.settings import SlackSettings
+from bot.slack.app import BotServer
 from bot.testing.cluster import LocalCluster, free_port
 from bot.testing.slack import SlackStandIn
-from bot.testing.workspace import (CHANNEL, CHANNELS, LEAD, ONCALL, USERS, SlackSecrets, cluster_table, launcher_argv,
-                                    write_config)
-from bot.settings import SlackSettings
+from bot.testing.workspace import (
+    CHANNEL,
+    CHANNELS,
+    LEAD,
+    ONCALL,
+    USERS,
+    SlackSecrets,
+    cluster_table,
+    launcher_argv,
+    write_config,
+)
+from common import row, write  # (also puts the repository on sys.path)
 
 SETTLE = 6.0
 

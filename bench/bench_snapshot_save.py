@@ -41,11 +41,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import ROOT, row, write  # noqa: E402  (also puts the repository on sys.path)
-
-from bot.testing.binaries import find_binary  # noqa: E402
-from bot.testing.cluster import LocalCluster  # noqa: E402
-from bot.etcd.client import EtcdClient  # noqa: E402
+from bot.etcd.client import EtcdClient
+from bot.testing.binaries import find_binary
+from bot.testing.cluster import LocalCluster
+from common import ROOT, row, write
 
 MB = 1_000_000
 MiB = 1 << 20

@@ -26,18 +26,22 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
-from common import row, write  # noqa: E402  (also puts the repository on sys.path)
-
-from bot.etcd.bbolt import snapshot_status  # noqa: E402
-from bot.testing.binaries import find_binary  # noqa: E402
-from snapshot_fixtures import ScenarioCluster, put_many, save_snapshot  # noqa: E402
+from bot.etcd.bbolt import snapshot_status
+from bot.testing.binaries import find_binary
+from bot.testing.cluster import LocalCluster
+from common import row, write
+from snapshot_fixtures import ScenarioCluster, put_many, save_snapshot
 
 MB = 1_000_000
 
+T = TypeVar("T")
 
-def db_size(cluster: ScenarioCluster) -> int:
+
+def db_size(cluster: LocalCluster) -> int:
     out = json.loads(cluster.etcdctl("endpoint", "status", "-w", "json", endpoints=cluster.endpoints[:1]).stdout)
     return out[0]["Status"]["dbSize"]
 
@@ -68,13 +72,13 @@ def build(path: Path, target: int, sizes: tuple[int, int]) -> None:
         save_snapshot(c, path)
 
 
-def best_of(runs: int, fn) -> tuple[float, object]:
-    best, result = float("inf"), None
+def best_of(runs: int, fn: Callable[[], T]) -> tuple[float, T]:
+    best = float("inf")
     for _ in range(runs):
         t = time.perf_counter()
         result = fn()
         best = min(best, time.perf_counter() - t)
-    return best, result
+    return best, result  # runs >= 1
 
 
 def etcdutl(path: Path) -> dict:
@@ -119,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         got = (ours.hash, ours.revision, ours.total_keys, ours.total_size)
         want = (theirs["hash"], theirs["revision"], theirs["totalKey"], theirs["totalSize"])
         assert got == want, f"disagree: ours {got}, etcdutl {want}"
-        size_text = (f"{size / MB:,.0f} MB snapshot, {ours.total_keys:,} keys, trailer {'verified' if ours.has_trailer else 'absent'}")
+        trailer = "verified" if ours.has_trailer else "absent"
+        size_text = f"{size / MB:,.0f} MB snapshot, {ours.total_keys:,} keys, trailer {trailer}"
         write(args.json, "Snapshot status against etcdutl", [
             row(f"status of a {size_text}: the same work as etcdutl (no trailer check), in process", walk_t, theirs_t,
                 "s", "etcdutl snapshot status"),
@@ -131,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                 "etcdutl snapshot status"),
         ], f"Best of {args.runs}; results identical (hash, revision, total keys, total size). etcdutl includes its "
            f"process start (a Go binary: a few ms) and never checks the sha256 trailer; the process rows include "
-           f"ours (Python: about 40 ms). The reader keeps its RSS bounded (about 70 MB on this file, etcdutl about 350 MB) by dropping pages it has walked.")
+           f"ours (Python: about 40 ms). The reader keeps its RSS bounded (about 70 MB on this file, etcdutl "
+           f"about 350 MB) by dropping pages it has walked.")
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

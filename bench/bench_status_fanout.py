@@ -14,10 +14,9 @@ import subprocess
 import sys
 import time
 
-from common import row, write  # (also puts the repository on sys.path)
-
 from bot.testing.binaries import find_binary
 from bot.testing.cluster import LocalCluster
+from common import row, write  # (also puts the repository on sys.path)
 
 
 def timed(argv: list[str]) -> tuple[float, subprocess.CompletedProcess]:

@@ -23,8 +23,9 @@ def machine() -> dict[str, str]:
                 break
     except OSError:
         pass
-    from bot.testing.binaries import find_binary
     import subprocess
+
+    from bot.testing.binaries import find_binary
     etcd = subprocess.run([str(find_binary("etcd")), "--version"], capture_output=True, text=True).stdout.split("\n")[0]
     return {"cpus": str(os.cpu_count()), "cpu": cpu, "python": platform.python_version(),
             "etcd": etcd.strip().replace("etcd Version: ", "etcd "),

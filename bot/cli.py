@@ -11,8 +11,8 @@ import json
 import math
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -33,7 +33,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+def _parser() -> tuple[_Parser, dict[str, _Parser]]:
     """The parser and its subcommand parsers (to print the right usage)."""
     p = _Parser(prog="etcd-chatops", description="Operate the etcd clusters behind Kubernetes from Slack, or from here.")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
@@ -195,10 +195,10 @@ def _client_from_args(args: argparse.Namespace):
 
 
 async def _status(args: argparse.Namespace) -> int:
+    from bot.etcd.health import check_cluster
+    from bot.etcd.model import EtcdError
     from bot.output import text as render
     from bot.output.model import status_view
-    from bot.etcd.model import EtcdError
-    from bot.etcd.health import check_cluster
 
     client, name = _client_from_args(args)
     async with client:
@@ -223,8 +223,8 @@ async def _status(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from bot import logs
-    from bot.slack.app import serve
     from bot.settings import SettingsError, SlackSettings
+    from bot.slack.app import serve
     from bot.store.sqlite import StoreError
 
     config = _load_config(args.config)
@@ -266,12 +266,12 @@ def _snapshot_status(args: argparse.Namespace) -> int:
 
 
 async def _snapshot_save(args: argparse.Namespace) -> int:
-    from bot.output import text as render
     from bot.config import CLUSTER_NAME, ConfigError, check_age_recipient
-    from bot.output.model import snapshot_view
-    from bot.etcd.model import EtcdError
     from bot.etcd.health import check_cluster
+    from bot.etcd.model import EtcdError
     from bot.etcd.snapshots import SnapshotFailed, save_snapshot
+    from bot.output import text as render
+    from bot.output.model import snapshot_view
 
     for r in args.age_recipient:
         try:
@@ -290,7 +290,7 @@ async def _snapshot_save(args: argparse.Namespace) -> int:
             print(f"etcd-chatops snapshot save: cannot read the cluster: {e}", file=sys.stderr)
             return EXIT_FAILED
         source = health.snapshot_source()
-        if source is None:
+        if source is None or source.status is None:
             print("etcd-chatops snapshot save: no healthy member to take a snapshot from", file=sys.stderr)
             return EXIT_FAILED
         try:
@@ -307,6 +307,7 @@ async def _snapshot_save(args: argparse.Namespace) -> int:
 def parse_since(text: str, now: float) -> float:
     """An ISO date/time (UTC when no zone is given) or an age like 24h -> epoch seconds."""
     import datetime as dt
+
     from bot.config import parse_duration
     try:
         return now - parse_duration(text)
@@ -317,12 +318,13 @@ def parse_since(text: str, now: float) -> float:
     except ValueError:
         raise UsageFailure(f"--since: {text!r} is neither an ISO date/time nor an age like 24h") from None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.timezone.utc)
+        when = when.replace(tzinfo=dt.UTC)
     return when.timestamp()
 
 
 async def _audit(args: argparse.Namespace) -> int:
     import time
+
     from bot.store.sqlite import Store, StoreError
 
     config = _load_config(args.config)

@@ -9,9 +9,10 @@ import math
 import os
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar, cast
 
 from bot.etcd.urls import parse_url
 
@@ -75,8 +76,9 @@ class RoleConfig:
 @dataclass(frozen=True)
 class AccessConfig:
     readers: RoleConfig = RoleConfig()       # status, members, plans, snapshots
-    operators: RoleConfig = RoleConfig()     # replace, snapshot, cancel
-    approvers: RoleConfig = RoleConfig(())   # approve, reject, resume (default: [approval])
+    operators: RoleConfig = RoleConfig()     # replace, snapshot
+    approvers: RoleConfig = RoleConfig(())   # approve, reject, resume, cancel (default: [approval])
+    # A plan's proposer may also reject or cancel it; no role is needed for that.
 
 
 @dataclass(frozen=True)
@@ -136,7 +138,7 @@ class _Table:
             raise ConfigError(f"{self.key(name)}: expected {_typename(typ)}, got {_kind(value)}")
         if isinstance(value, float) and not math.isfinite(value):  # TOML allows inf and nan
             raise ConfigError(f"{self.key(name)}: must be a finite number, not {value}")
-        return check(value, self.key(name)) if check else value
+        return cast(T, check(value, self.key(name)) if check else value)
 
     def strings(self, name: str, default: tuple[str, ...] = (), check: Callable[[str, str], str] | None = None) -> tuple[str, ...]:
         values = self.get(name, list, None)
@@ -150,7 +152,7 @@ class _Table:
             out.append(check(value, key) if check else value)
         return tuple(out)
 
-    def path_value(self, name: str, default: Path | None, must_exist: bool = False) -> Path | None:
+    def path_value(self, name: str, default: T, must_exist: bool = False) -> Path | T:
         value = self.get(name, str, None)
         if value is None:
             return default
@@ -160,7 +162,7 @@ class _Table:
             raise ConfigError(f"{self.key(name)}: {value}: no such file")
         return path
 
-    def table(self, name: str) -> "_Table":
+    def table(self, name: str) -> _Table:
         self.used.add(name)
         return _Table(self.data.get(name, {}), self.key(name), self.base)
 
@@ -355,7 +357,7 @@ def parse_config(data: dict, base: Path, source: Path | None = None) -> Config:
         raise ConfigError(f"{a.key('reject_reaction')}: must differ from approval.reaction")
     a.done()
     snapshots = _snapshot_policy(top.table("snapshots"), SnapshotPolicy())
-    raw_clusters = top.get("clusters", list, [])
+    raw_clusters: list[Any] = top.get("clusters", list, [])
     if not raw_clusters:
         raise ConfigError("clusters: at least one [[clusters]] table is needed")
     clusters = tuple(_cluster(_Table(c, f"clusters[{i}]", base), snapshots, approval)

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 SLACK_API_URL = "https://slack.com/api/"
 
@@ -20,7 +20,7 @@ class SlackSettings:
     api_url: str = SLACK_API_URL
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] = os.environ) -> "SlackSettings":
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> SlackSettings:
         token = env.get("SLACK_BOT_TOKEN", "").strip()
         if not token:
             raise SettingsError("SLACK_BOT_TOKEN is not set (the bot token, xoxb-...)")

@@ -17,30 +17,31 @@ refusal itself changes nothing.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from slack_bolt.async_app import AsyncApp
 from slack_bolt.context.ack.async_ack import AsyncAck
 from slack_bolt.context.respond.async_respond import AsyncRespond
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot.slack import blocks
+from bot.config import ClusterConfig
+from bot.etcd.health import check_cluster
+from bot.etcd.model import EtcdError
+from bot.etcd.snapshots import SnapshotFailed
 from bot.ops import lifecycle
 from bot.ops.access import COMMAND_ROLES
 from bot.ops.commands import SPECS, Command, UsageError, general_usage, parse
-from bot.config import ClusterConfig
 from bot.ops.context import BotContext
-from bot.etcd.model import EtcdError
-from bot.etcd.health import check_cluster
 from bot.ops.lifecycle import Outcome
 from bot.ops.replace import ReplaceRequest
 from bot.ops.routing import RoutingError, resolve_cluster
+from bot.ops.snapshots import take_snapshot
+from bot.slack import blocks
 from bot.slack.web import SlackPostError, post
 from bot.store.sqlite import StoreError
-from bot.ops.snapshots import take_snapshot
-from bot.etcd.snapshots import SnapshotFailed
 
 log = logging.getLogger(__name__)
 COMMAND = "/etcd"

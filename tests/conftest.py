@@ -5,8 +5,10 @@ import dataclasses
 import json
 import logging
 import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
@@ -15,7 +17,21 @@ from bot.testing import cluster as cluster_module
 from bot.testing import workspace as workspace_module
 from bot.testing.cluster import LocalCluster
 
+ROOT = Path(__file__).resolve().parent.parent
 TEST_ETCD_PASSWORD = "rootpw-" + os.urandom(6).hex()  # tests that enable etcd auth use this
+
+# A test that uses any of these (directly or through another fixture) runs real etcd, the Slack
+# stand-in or the bot: it is end to end. `make test-fast` runs the others.
+E2E_FIXTURES = {"cluster", "make_cluster", "slack", "start_bot",
+                "real", "real_snapshot"}  # (snapshots of real etcd clusters, in test_bbolt and test_fuzz)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark end-to-end tests `e2e` by the fixtures they use, so new tests are marked without edits.
+    Tests that start processes without these fixtures carry `pytestmark = pytest.mark.e2e`."""
+    for item in items:
+        if E2E_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
 
 
 def _processes_under(roots: list[str]) -> list[tuple[int, str]]:
@@ -94,6 +110,18 @@ def cluster() -> Iterator[LocalCluster]:
 
 
 @pytest.fixture
+def cli() -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Run `python -m bot ARGS` (the etcd-chatops CLI) from the repository, capturing its output.
+    SLACK_* variables are dropped, so a developer's own tokens never reach the CLI under test."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLACK_")}
+
+    def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "bot", *args], capture_output=True, text=True,
+                              timeout=timeout, cwd=ROOT, env=env)
+    return run
+
+
+@pytest.fixture
 def make_cluster() -> Iterator[Callable[..., LocalCluster]]:
     """Fresh clusters for destructive tests, torn down even when the test fails."""
     made: list[LocalCluster] = []
@@ -110,11 +138,11 @@ def make_cluster() -> Iterator[Callable[..., LocalCluster]]:
 
 # ---------------------------------------------------------------- Slack and the bot
 
-from bot.slack.app import BotServer  # noqa: E402
 from bot.config import load_config  # noqa: E402
+from bot.settings import SlackSettings  # noqa: E402
+from bot.slack.app import BotServer  # noqa: E402
 from bot.testing.slack import SlackStandIn  # noqa: E402
 from bot.testing.workspace import CHANNELS, USERGROUPS, USERS, SlackSecrets, write_config  # noqa: E402
-from bot.settings import SlackSettings  # noqa: E402
 
 
 @pytest.fixture

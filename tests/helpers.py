@@ -2,18 +2,65 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import re
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
+from bot.etcd.client import EtcdClient
+from bot.etcd.health import ClusterHealth, MemberHealth, check_cluster
+from bot.etcd.model import MemberStatus
+from bot.store.sqlite import Store
 from bot.testing.cluster import free_port
 from bot.testing.slack import Delivery, Message, SlackStandIn
 from bot.testing.workspace import CHANNEL, LEAD, LEADS_GROUP, ONCALL, USERGROUPS, USERS
-from bot.etcd.client import EtcdClient
-from bot.etcd.health import check_cluster
-from bot.store.sqlite import Store
 
+T = TypeVar("T")
+
+
+async def eventually(predicate: Callable[[], T | None | Awaitable[T | None]], timeout: float, what: str, *,
+                     interval: float = 0.05, retry_on: tuple[type[BaseException], ...] = ()) -> T:
+    """Poll `predicate` (sync or async) until it returns something truthy, and return that.
+
+    Errors in `retry_on` count as "not yet". At the deadline the failure says what was
+    awaited and the last value (or error) seen, so a timeout explains itself."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value: T | None = None
+        try:
+            result = predicate()
+            value = await result if inspect.isawaitable(result) else result
+            last: Any = value
+        except retry_on as e:
+            last = e
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}; last seen: {last!r}")
+        await asyncio.sleep(interval)
+
+
+# ---------------------------------------------------------------- values for pure tests
+
+def member_status(**overrides: Any) -> MemberStatus:
+    """A healthy voter's Status answer; a test names only the fields it is about."""
+    fields: dict[str, Any] = dict(endpoint="http://10.0.0.1:2379", member_id=1, version="3.5.1", db_size=20480,
+                                  db_size_in_use=16384, leader=1, raft_term=2, raft_index=10, raft_applied_index=10,
+                                  is_learner=False, errors=())
+    return MemberStatus(**{**fields, **overrides})
+
+
+def cluster_health(*members: MemberHealth, **overrides: Any) -> ClusterHealth:
+    """The result of one health check of `members`: no alarms, checked in 10 ms under a 2 s deadline."""
+    fields: dict[str, Any] = dict(cluster="prod", members=members, alarms=(), checked_at=0.0, elapsed=0.01,
+                                  deadline=2.0)
+    return ClusterHealth(**{**fields, **overrides})
+
+
+# ---------------------------------------------------------------- talking to the bot
 
 def text_of(msg: Message) -> str:
     """Everything a person reads in a message: its text and every block's text."""
@@ -93,26 +140,25 @@ def thread(slack, plan: Message) -> str:
     return "\n".join(text_of(m) for m in replies(slack, plan))
 
 
-async def plan_row(store: Store, plan: Message, timeout: float = 10.0) -> dict:
+async def plan_row(store: Store, plan: Message, timeout: float = 10.0) -> dict[str, Any]:
     """The plan behind a message (the bot records the message's ts right after posting it)."""
-    deadline = time.monotonic() + timeout
-    while (row := await store.plan_by_message(CHANNEL, plan.ts)) is None:
-        assert time.monotonic() < deadline, f"no plan recorded for message {plan.ts}"
-        await asyncio.sleep(0.02)
-    return row
+    return await eventually(lambda: store.plan_by_message(CHANNEL, plan.ts), timeout,
+                            f"a plan recorded for message {plan.ts}", interval=0.02)
 
 
-async def wait_state(store: Store, plan_id: str, states: tuple[str, ...], timeout: float = 120.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
+async def wait_state(store: Store, plan_id: str, states: tuple[str, ...], timeout: float = 120.0) -> dict[str, Any]:
+    async def reached() -> dict[str, Any] | None:
         row = await store.plan(plan_id)
-        if row["state"] in states:
-            return row
-        if time.monotonic() > deadline:
-            steps = [(st["key"], st["state"], st["detail"] or st["error"]) for st in await store.steps(plan_id)]
-            raise AssertionError(f"plan {plan_id} is {row['state']} (error: {row['error']}), not {states}; "
-                                 f"steps: {steps}")
-        await asyncio.sleep(0.1)
+        assert row is not None, f"no plan {plan_id}"
+        return row if row["state"] in states else None
+
+    try:
+        return await eventually(reached, timeout, f"plan {plan_id} to be {' or '.join(states)}", interval=0.1)
+    except AssertionError as e:
+        row = await store.plan(plan_id) or {}
+        steps = [(st["key"], st["state"], st["detail"] or st["error"]) for st in await store.steps(plan_id)]
+        raise AssertionError(f"{e}: plan {plan_id} is {row.get('state')} (error: {row.get('error')}), "
+                             f"not {states}; steps: {steps}") from None
 
 
 async def wait_done(store: Store, plan_id: str, timeout: float = 120.0) -> dict:
@@ -132,7 +178,7 @@ async def audit_actions(store: Store, plan_id: str) -> list[tuple[str, str]]:
     return out
 
 
-async def members_of(cluster) -> list:
+async def members_of(cluster) -> tuple[MemberHealth, ...]:
     async with EtcdClient(cluster.endpoints) as client:
         return (await check_cluster(client, "check")).members
 

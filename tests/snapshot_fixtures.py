@@ -14,9 +14,9 @@ import hashlib
 import json
 import struct
 import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Union
 
 import crc32c
 
@@ -104,12 +104,12 @@ def with_trailer(data: bytes) -> bytes:
 class Bucket:
     """A bucket to write: keys map to values (bytes) or nested buckets."""
 
-    items: dict[bytes, Union[bytes, "Bucket"]] = field(default_factory=dict)
+    items: dict[bytes, bytes | Bucket] = field(default_factory=dict)
     inline: bool = False      # stored inside its parent's leaf (bolt does so for small buckets)
     sequence: int = 0
 
 
-Tree = dict[bytes, Union[bytes, Bucket]]   # the root bucket: top-level buckets (a bytes value is invalid)
+Tree = dict[bytes, bytes | Bucket]   # the root bucket: top-level buckets (a bytes value is invalid)
 
 
 def fnv1a64(data: bytes) -> int:
@@ -161,13 +161,13 @@ class BoltWriter:
 
     def tree(self, entries: list[tuple[int, bytes, bytes]]) -> int:
         """Leaves of at most leaf_max elements, then branch levels; the root's pgid."""
-        level = []
+        level: list[tuple[bytes, int]] = []
         for i in range(0, max(len(entries), 1), self.leaf_max):
-            chunk = entries[i:i + self.leaf_max]
-            count, body = leaf_body(chunk)
-            level.append((chunk[0][1] if chunk else b"", self.alloc(LEAF, count, body)))
+            leaves = entries[i:i + self.leaf_max]
+            count, body = leaf_body(leaves)
+            level.append((leaves[0][1] if leaves else b"", self.alloc(LEAF, count, body)))
         while len(level) > 1:
-            up = []
+            up: list[tuple[bytes, int]] = []
             for i in range(0, len(level), self.branch_max):
                 chunk = level[i:i + self.branch_max]
                 n = len(chunk)
@@ -281,7 +281,7 @@ def bucket_root(data: bytes, name: bytes, page_size: int = 4096) -> int:
     metas = [struct.unpack_from("<QQ", data, m * page_size + 32) + struct.unpack_from("<Q", data, m * page_size + 72)
              for m in (0, 1)]
     root = max(metas, key=lambda m: m[2])[0]   # (root, sequence, txid): the current meta's root
-    for flags, k, voff, _vs in leaf_entries(data, root * page_size):
+    for _flags, k, voff, _vs in leaf_entries(data, root * page_size):
         if k == name:
             return struct.unpack_from("<Q", data, voff)[0]
     raise KeyError(name)

@@ -21,9 +21,29 @@ import pytest
 
 from bot.etcd.bbolt import SnapshotError, SnapshotStatus, snapshot_status, status_table
 from bot.testing.cluster import LocalCluster
-from snapshot_fixtures import (BRANCH, LEAF, LEAF_ELEM, PAGE, Bucket, ScenarioCluster, branch_children, bucket_pages,
-                               bucket_root, build_bolt, etcdutl_status, etcdutl_table, expected_status, kv_value,
-                               leaf_body, leaf_entries, put_many, rev_key, run_etcdutl, save_snapshot, with_trailer)
+from snapshot_fixtures import (
+    BRANCH,
+    LEAF,
+    LEAF_ELEM,
+    PAGE,
+    Bucket,
+    ScenarioCluster,
+    branch_children,
+    bucket_pages,
+    bucket_root,
+    build_bolt,
+    etcdutl_status,
+    etcdutl_table,
+    expected_status,
+    kv_value,
+    leaf_body,
+    leaf_entries,
+    put_many,
+    rev_key,
+    run_etcdutl,
+    save_snapshot,
+    with_trailer,
+)
 
 PS = 4096
 

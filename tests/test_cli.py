@@ -2,17 +2,9 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-
-CLI = [sys.executable, "-m", "bot"]
 
 
-def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
-
-
-def test_status_table_of_a_healthy_cluster(cluster):
+def test_status_table_of_a_healthy_cluster(cluster, cli):
     proc = cli("status", "--endpoints", ",".join(cluster.endpoints))
     assert proc.returncode == 0, proc.stderr
     head, *rest = proc.stdout.splitlines()
@@ -27,7 +19,7 @@ def test_status_table_of_a_healthy_cluster(cluster):
     assert sum(1 for line in rest if "|      * |" in line) == 1  # exactly one leader marked
 
 
-def test_status_json_shape(cluster):
+def test_status_json_shape(cluster, cli):
     proc = cli("status", "--endpoints", cluster.endpoints[0], "--json")
     assert proc.returncode == 0
     data = json.loads(proc.stdout)
@@ -40,7 +32,7 @@ def test_status_json_shape(cluster):
     assert sum(m["is_leader"] for m in data["members"]) == 1
 
 
-def test_a_dead_member_exits_1_and_json_says_why(make_cluster):
+def test_a_dead_member_exits_1_and_json_says_why(make_cluster, cli):
     c = make_cluster(3)
     c.kill("member2")
     proc = cli("status", "--endpoints", ",".join(c.all_endpoints), "--json")
@@ -53,14 +45,14 @@ def test_a_dead_member_exits_1_and_json_says_why(make_cluster):
     assert members.returncode == 0 and members.stdout.count(", started, ") == 3
 
 
-def test_nothing_answers_exits_1_with_one_line(tmp_path):
+def test_nothing_answers_exits_1_with_one_line(tmp_path, cli):
     from bot.testing.cluster import free_port
     proc = cli("status", "--endpoints", f"http://127.0.0.1:{free_port()}")
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and "UNREACHABLE" in proc.stderr and "connection refused" in proc.stderr
 
 
-def test_mutual_tls_flags(make_cluster):
+def test_mutual_tls_flags(make_cluster, cli):
     c = make_cluster(1, tls=True)
     ok = cli("status", "--endpoints", c.endpoints[0], "--cacert", c.tls.ca, "--cert", c.tls.client_cert,
              "--key", c.tls.client_key)
@@ -69,7 +61,7 @@ def test_mutual_tls_flags(make_cluster):
     assert refused.returncode == 1 and "client certificate" in refused.stderr
 
 
-def test_bad_usage_exits_2_with_the_reason_and_the_usage(tmp_path):
+def test_bad_usage_exits_2_with_the_reason_and_the_usage(tmp_path, cli):
     for args, reason in [
         (("status",), "--endpoints URL[,URL...] (or --cluster NAME) is required"),
         (("status", "--endpoints", "10.0.0.1:2379"), "is not an http(s)://host:port URL"),
@@ -84,7 +76,7 @@ def test_bad_usage_exits_2_with_the_reason_and_the_usage(tmp_path):
         assert "Traceback" not in proc.stderr
 
 
-def test_status_of_a_configured_cluster(cluster, tmp_path):
+def test_status_of_a_configured_cluster(cluster, tmp_path, cli):
     from bot.testing.workspace import cluster_table, write_config
     config = write_config(tmp_path, [cluster_table("prod", cluster)])
     proc = cli("status", "--cluster", "prod", "--config", str(config))
@@ -93,7 +85,7 @@ def test_status_of_a_configured_cluster(cluster, tmp_path):
     assert unknown.returncode == 2 and "no cluster named 'staging'" in unknown.stderr
 
 
-def test_empty_endpoints_and_non_finite_timeouts_are_usage_errors():
+def test_empty_endpoints_and_non_finite_timeouts_are_usage_errors(cli):
     timeout = "--timeout must be greater than 0 (a finite number of seconds)"
     for args, reason in [
         (("status", "--endpoints", ","), "--endpoints: no URL given in"),
@@ -108,7 +100,7 @@ def test_empty_endpoints_and_non_finite_timeouts_are_usage_errors():
         assert "usage: etcd-chatops" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
-def test_a_bad_cacert_is_one_line_without_grpc_noise(tmp_path):
+def test_a_bad_cacert_is_one_line_without_grpc_noise(tmp_path, cli):
     import re
     bad = tmp_path / "ca.pem"
     bad.write_text("not a certificate\n")

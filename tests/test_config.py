@@ -1,8 +1,6 @@
 """The config file: the documented shape loads; every mistake is one line naming the key, exit 2."""
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -69,9 +67,12 @@ def test_defaults_for_a_minimal_file(tmp_path):
     (("ttl_minutes = 30", "ttl_minutes = \"30\""), "approval.ttl_minutes: expected a number, got a string"),
     (("ttl_minutes = 30", "ttl_minutes = 0"), "approval.ttl_minutes: must be greater than 0"),
     (("name = \"prod\"", "name = \"prod\"\nendpoint = []"), "clusters[0].endpoint: unknown key"),
-    (("channels = [\"C0INCIDENT\"]", "channels = [\"#incident\"]"), "clusters[0].channels[0]: '#incident' is not a Slack ID"),
-    (("launcher = { kind = \"manual\" }", "launcher = { kind = \"ssh\" }"), "clusters[0].launcher.kind: 'ssh' is not a launcher kind"),
-    (("launcher = { kind = \"manual\" }", "launcher = { kind = \"command\" }"), "clusters[0].launcher.argv: a command launcher needs argv"),
+    (("channels = [\"C0INCIDENT\"]", "channels = [\"#incident\"]"),
+     "clusters[0].channels[0]: '#incident' is not a Slack ID"),
+    (("launcher = { kind = \"manual\" }", "launcher = { kind = \"ssh\" }"),
+     "clusters[0].launcher.kind: 'ssh' is not a launcher kind"),
+    (("launcher = { kind = \"manual\" }", "launcher = { kind = \"command\" }"),
+     "clusters[0].launcher.argv: a command launcher needs argv"),
     (("launcher = { kind = \"manual\" }", "launcher = { kind = \"command\", argv = [\"start\", \"{host}\"] }"),
      "clusters[0].launcher.argv[1]: unknown placeholder {host}"),
     (("cacert = \"ca.crt\"", "cacert = \"missing.crt\""), "clusters[0].cacert: missing.crt: no such file"),
@@ -117,11 +118,11 @@ def test_password_from_the_environment_only(tmp_path, monkeypatch):
     (None, "no such file"),
     ("[[clusters]]\nname = \"a\"\nendpoints = [\"http://h:1\"]\ncolour = 1\n", "clusters[0].colour: unknown key"),
 ])
-def test_the_cli_exits_2_with_one_line(tmp_path, body, fragment):
+def test_the_cli_exits_2_with_one_line(tmp_path, body, fragment, cli):
     path = tmp_path / "c.toml"
     if body is not None:
         path.write_text(body)
-    proc = subprocess.run([sys.executable, "-m", "bot", "check-config", str(path)], capture_output=True, text=True)
+    proc = cli("check-config", str(path))
     assert proc.returncode == 2
     error_lines = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert len(error_lines) == 1 and fragment in error_lines[0]
@@ -159,7 +160,8 @@ every = "1h30m"
     ('[snapshots]\nevery = "6"\n', "snapshots.every: '6' is not a duration like 6h"),
     ('[snapshots]\nevery = "10s"\n', "snapshots.every: '10s' is too often"),
     ('[snapshots]\nkeep_last = 0\n', "snapshots.keep_last: must be at least 1"),
-    ('[snapshots]\nage_recipients = ["age1nope"]\n', "snapshots.age_recipients[0]: 'age1nope'... is not an age X25519 public key"),
+    ('[snapshots]\nage_recipients = ["age1nope"]\n',
+     "snapshots.age_recipients[0]: 'age1nope'... is not an age X25519 public key"),
     ('[snapshots]\nkeep = 3\n', "snapshots.keep: unknown key"),
     ('database_timeout_seconds = -1\n', "database_timeout_seconds: must be greater than 0"),
 ])
@@ -192,7 +194,8 @@ approvers = ["U0OTHER001"]
     assert closed.access.operators.users == () and closed.access.operators.groups == ("S0SRE00001",)
     assert closed.access.approvers.users == ("U0OTHER001",) and closed.access.approvers.groups == ()
     with pytest.raises(ConfigError, match=r"clusters\[0\].access.readerz: unknown key"):
-        load_config(write(tmp_path, '[[clusters]]\nname = "a"\nendpoints = ["http://h:1"]\n[clusters.access]\nreaderz = []\n'))
+        load_config(write(tmp_path,
+                          '[[clusters]]\nname = "a"\nendpoints = ["http://h:1"]\n[clusters.access]\nreaderz = []\n'))
 
 
 MINIMAL = '[[clusters]]\nname = "a"\nendpoints = ["http://h:1"]\n'
@@ -237,7 +240,7 @@ def test_ids_and_names_must_match_whole(tmp_path, text, message):
     assert message in str(e.value)
 
 
-def test_paths_of_the_wrong_kind(tmp_path):
+def test_paths_of_the_wrong_kind(tmp_path, cli):
     (tmp_path / "state.db").mkdir()
     (tmp_path / "snaps").write_text("a file")
     for snippet, message in [('database = "state.db"\n', "database: state.db: is a directory, not a database file"),
@@ -246,6 +249,6 @@ def test_paths_of_the_wrong_kind(tmp_path):
         with pytest.raises(ConfigError) as e:
             load_config(path)
         assert message in str(e.value)
-        proc = subprocess.run([sys.executable, "-m", "bot", "check-config", str(path)], capture_output=True, text=True)
+        proc = cli("check-config", str(path))
         errors = [line for line in proc.stderr.splitlines() if "error:" in line]
         assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr

@@ -9,7 +9,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import _processes_under
+
+pytestmark = pytest.mark.e2e  # the demo runs real etcd, the stand-in and the bot as processes
 
 DEMO = [sys.executable, "-m", "bot", "demo"]
 
@@ -46,9 +49,11 @@ def test_the_demo_plays_the_whole_incident_and_cleans_up(tmp_path):
     for fragment in expected_in_order:
         pattern = fragment if isinstance(fragment, re.Pattern) else re.compile(re.escape(fragment))
         found = pattern.search(out, position)
-        assert found, f"{pattern.pattern!r} missing (or out of order) in the transcript:\n{out[position:position + 2000]}"
+        assert found, (f"{pattern.pattern!r} missing (or out of order) in the transcript:\n"
+                       f"{out[position:position + 2000]}")
         position = found.start()
-    summary = re.search(r"Incident played in ([\d.]+) s: plan (\w{6}) done; snapshot hash ([0-9a-f]+) at revision (\d+)", out)
+    summary = re.search(r"Incident played in ([\d.]+) s: plan (\w{6}) done; "
+                        r"snapshot hash ([0-9a-f]+) at revision (\d+)", out)
     assert summary, out[-500:]
     assert "\033[" not in out  # plain text when piped
     assert "xoxb-" not in out + proc.stderr and "xapp-" not in out + proc.stderr

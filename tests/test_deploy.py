@@ -62,7 +62,8 @@ def strict_validate(doc: dict, version: str) -> None:
         kubernetes_validate.validate(doc, version, strict=True)
     except kubernetes_validate.ValidationError as e:
         where = ".".join(str(p) for p in e.path)
-        pytest.fail(f"{doc['kind']}/{doc['metadata'].get('name')} invalid for Kubernetes {version} at {where}: {e.message}")
+        pytest.fail(f"{doc['kind']}/{doc['metadata'].get('name')} invalid for Kubernetes {version} at {where}: "
+                    f"{e.message}")
     except kubernetes_validate.SchemaNotFoundError as e:
         pytest.fail(e.message)
 
@@ -296,7 +297,8 @@ def test_networkpolicy_allows_exactly_what_the_bot_needs():
     assert ingress_ports == {("TCP", PORT)}
 
     def rules_for(protocol: str, port: int) -> list[dict]:
-        return [r for r in spec["egress"] if any(p.get("protocol", "TCP") == protocol and p["port"] == port for p in r["ports"])]
+        return [r for r in spec["egress"]
+                if any(p.get("protocol", "TCP") == protocol and p["port"] == port for p in r["ports"])]
 
     (etcd,) = rules_for("TCP", 2379)
     assert etcd["to"] and all("ipBlock" in peer for peer in etcd["to"]), "etcd egress must be an ipBlock (the nodes)"
@@ -324,7 +326,8 @@ def test_kustomization_lists_exactly_the_manifests():
 # ---------------------------------------------------- (d) Slack manifests
 
 SCOPES = {"commands", "chat:write", "reactions:read", "usergroups:read", "users:read"}
-USAGE = "status | members | replace <failed> <new-name> <new-peer-url> | snapshot | snapshots | plans | resume <id> | cancel <id> | help"
+USAGE = ("status | members | replace <failed> <new-name> <new-peer-url> | snapshot | snapshots | plans | resume <id> "
+         "| cancel <id> | help")
 
 # The shape of Slack's app manifest (https://api.slack.com/reference/manifests),
 # closed where this app uses a section, with Slack's documented length limits.
@@ -355,7 +358,8 @@ SLACK_MANIFEST_SCHEMA = {
                 "slash_commands": {
                     "type": "array", "maxItems": 50,
                     "items": {"type": "object", "required": ["command", "description"], "additionalProperties": False,
-                              "properties": {"command": {"type": "string", "pattern": r"^/[a-z0-9_-]+$", "maxLength": 32},
+                              "properties": {"command": {"type": "string", "pattern": r"^/[a-z0-9_-]+$",
+                                                         "maxLength": 32},
                                              "description": {"type": "string", "minLength": 1, "maxLength": 2000},
                                              "usage_hint": {"type": "string", "maxLength": 1000},
                                              "should_escape": {"type": "boolean"},
@@ -365,7 +369,8 @@ SLACK_MANIFEST_SCHEMA = {
             "properties": {"redirect_urls": {"type": "array", "items": _URL},
                            "scopes": {"type": "object", "additionalProperties": False,
                                       "properties": {"bot": {"type": "array", "maxItems": 255, "uniqueItems": True,
-                                                             "items": {"type": "string", "pattern": r"^[a-z]+(:[a-z.]+)?$"}},
+                                                             "items": {"type": "string",
+                                                                       "pattern": r"^[a-z]+(:[a-z.]+)?$"}},
                                                      "user": {"type": "array"}}}}},
         "settings": {
             "type": "object", "additionalProperties": False,
@@ -373,8 +378,8 @@ SLACK_MANIFEST_SCHEMA = {
                 "allowed_ip_address_ranges": {"type": "array", "items": {"type": "string"}},
                 "event_subscriptions": {"type": "object", "additionalProperties": False,
                                         "properties": {"request_url": _URL,
-                                                       "bot_events": {"type": "array", "maxItems": 100, "uniqueItems": True,
-                                                                      "items": {"type": "string"}},
+                                                       "bot_events": {"type": "array", "maxItems": 100,
+                                                                      "uniqueItems": True, "items": {"type": "string"}},
                                                        "user_events": {"type": "array"},
                                                        "metadata_subscriptions": {"type": "array"}}},
                 "interactivity": {"type": "object", "required": ["is_enabled"], "additionalProperties": False,
@@ -493,7 +498,8 @@ def test_dockerfile_is_multi_stage_with_a_slim_final_stage():
     assert "$" not in final_from, f"unresolved ARG in {final_from}"
     image, _, tag = final_from.partition(":")
     assert image in ("python", "docker.io/library/python"), final_from
-    assert re.match(r"^3\.1[1-9](\.\d+)?-slim(-\w+)?(@sha256:[0-9a-f]{64})?$", tag), f"final stage is not python:3.x-slim: {final_from}"
+    assert re.match(r"^3\.1[1-9](\.\d+)?-slim(-\w+)?(@sha256:[0-9a-f]{64})?$", tag), \
+        f"final stage is not python:3.x-slim: {final_from}"
 
 
 def test_dockerfile_final_stage_runs_as_uid_10001_without_build_tools():
@@ -524,7 +530,7 @@ def test_dockerfile_runtime_contract():
 
 def dockerignore_patterns() -> list[str]:
     lines = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
-    return [l.strip() for l in lines if l.strip() and not l.strip().startswith("#")]
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
 
 
 def _pattern_regex(pattern: str) -> re.Pattern[str]:

@@ -7,8 +7,9 @@ import time
 import pytest
 
 from bot.etcd.client import EtcdClient
-from bot.etcd.model import EtcdTLSError, EtcdUnavailable, MemberNotFound, PeerURLExists, TLSFiles, UnhealthyCluster
 from bot.etcd.health import check_cluster
+from bot.etcd.model import EtcdTLSError, EtcdUnavailable, MemberNotFound, PeerURLExists, TLSFiles, UnhealthyCluster
+from helpers import eventually
 
 
 async def test_member_list_and_status_of_a_healthy_cluster(cluster):
@@ -95,15 +96,14 @@ async def test_etcd_refusals_carry_etcds_message(cluster):
         with pytest.raises(MemberNotFound, match="etcdserver: member not found"):
             await client.member_remove(0x1234)
         taken = cluster.member("member1").peer_url
-        deadline = time.monotonic() + 15
-        while True:  # etcd answers "unhealthy cluster" until its leader has seen every voter for 5 s
-            try:
-                with pytest.raises(PeerURLExists, match="Peer URLs already exists"):
-                    await client.member_add([taken], learner=True)
-                break
-            except UnhealthyCluster:
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.5)
+
+        async def refused() -> bool:
+            with pytest.raises(PeerURLExists, match="Peer URLs already exists"):
+                await client.member_add([taken], learner=True)
+            return True
+
+        # etcd answers "unhealthy cluster" until its leader has seen every voter for 5 s
+        await eventually(refused, 15, "etcd to refuse a taken peer URL", interval=0.5, retry_on=(UnhealthyCluster,))
 
 
 async def test_nothing_answers(tmp_path):

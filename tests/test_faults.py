@@ -19,14 +19,26 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from helpers import (APPROVAL, OK, audit_actions, ephemeral, members_of, open_store, plan_row, propose, replies, reply,
-                     text_of, urls, wait_done)
-
-from bot.testing.workspace import CHANNEL, LEAD, BotProcess, cluster_table, write_config
 from bot.etcd.client import EtcdClient
 from bot.etcd.health import check_cluster
 from bot.store.sqlite import Store, StoreError
 from bot.testing.cluster import free_port
+from bot.testing.workspace import CHANNEL, LEAD, BotProcess, cluster_table, write_config
+from helpers import (
+    APPROVAL,
+    OK,
+    audit_actions,
+    ephemeral,
+    members_of,
+    open_store,
+    plan_row,
+    propose,
+    replies,
+    reply,
+    text_of,
+    urls,
+    wait_done,
+)
 
 
 def announcing(step: int):
@@ -61,7 +73,8 @@ async def test_the_leader_crashes_during_the_add_step(make_cluster, slack, start
     await asyncio.to_thread(c.restart, leader)
     done = await wait_done(store, row["id"])
     members = await members_of(c)
-    assert sorted(h.member.name for h in members) == ["member2", "member3", "member4"] and all(h.healthy for h in members)
+    assert (sorted(h.member.name for h in members) == ["member2", "member3", "member4"]
+            and all(h.healthy for h in members))
     actions = await audit_actions(store, row["id"])
     assert actions.count(("step_done", "remove")) == 1 and actions.count(("step_done", "add")) == 1
     assert [h.member.hex_id for h in members if h.member.name == "member4"] == [done["new_member_id"]]

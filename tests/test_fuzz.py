@@ -26,27 +26,26 @@ import asyncio
 import contextlib
 import logging
 import signal
-import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import pytest
 import hypothesis
+import pytest
 from hypothesis import HealthCheck, assume, given, note, settings
 from hypothesis import strategies as st
 
-from helpers import live_markup, text_of
-
 from bot.etcd.bbolt import SnapshotError, snapshot_status
+from bot.etcd.client import EtcdClient
+from bot.etcd.health import ClusterHealth, check_cluster
+from bot.etcd.urls import parse_url
 from bot.ops.commands import SPECS, Command, UsageError, parse
 from bot.slack.blocks import escape
 from bot.testing.cluster import LocalCluster, free_port
 from bot.testing.slack import Message, SlackStandIn
 from bot.testing.workspace import CHANNEL, LEAD, LEAD2, LEADS_GROUP, ONCALL, STRANGER, cluster_table
-from bot.etcd.client import EtcdClient
-from bot.etcd.health import check_cluster
-from bot.etcd.urls import parse_url
+from helpers import eventually, live_markup, text_of
 from snapshot_fixtures import ScenarioCluster, put_many, save_snapshot
 
 OTHER_CHANNEL = "C0ELSEWHERE"  # a channel of the workspace bound to no cluster
@@ -104,6 +103,7 @@ def _is_one_line(text: str) -> bool:
 
 # ---------------------------------------------------------------- 1. parse: pure
 
+@pytest.mark.slow
 @settings(FUZZ, max_examples=1500)
 @given(any_text)
 def test_parse_returns_a_command_or_a_one_line_usage_error(text):
@@ -294,8 +294,8 @@ class ReactionRig:
                 continue
             start = len(self.slack.messages)
             port = free_port()
-            delivery = await self.slack.send_command(f"replace member1 member4 http://127.0.0.1:{port} --cluster {name}",
-                                                     user_id=PROPOSER, channel_id=CHANNEL)
+            delivery = await self.slack.send_command(f"replace member1 member4 http://127.0.0.1:{port} "
+                                                     f"--cluster {name}", user_id=PROPOSER, channel_id=CHANNEL)
             assert delivery.status == 200
             await self.slack.wait_for_message(lambda m: m.text.startswith("Plan ") and m.thread_ts is None,
                                               after=start, timeout=30, what=f"the plan message for {name}")
@@ -304,11 +304,11 @@ class ReactionRig:
         # Healthy as the bot judges it, so that no approved plan gets past its re-check.
         await self.wait_health(lambda h: h.all_healthy, "member1 healthy again")
 
-    async def wait_health(self, ok, what: str, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not ok(health := await check_cluster(self.client, "fuzz")):
-            assert time.monotonic() < deadline, f"not {what} after {timeout:g}s: {health}"
-            await asyncio.sleep(0.05)
+    async def wait_health(self, ok, what: str, timeout: float = 30.0) -> ClusterHealth:
+        async def judged() -> ClusterHealth | None:
+            health = await check_cluster(self.client, "fuzz")
+            return health if ok(health) else None
+        return await eventually(judged, timeout, what)
 
 
 @pytest.fixture
@@ -346,7 +346,8 @@ def _maybe(strategy: st.SearchStrategy, *odd: Any) -> st.SearchStrategy:
 
 
 item_fields = st.fixed_dictionaries({}, optional={
-    "type": st.one_of(st.just("message"), st.sampled_from(["file", "file_comment", "Message", ""]), st.text(max_size=6)),
+    "type": st.one_of(st.just("message"), st.sampled_from(["file", "file_comment", "Message", ""]),
+                      st.text(max_size=6)),
     "channel": st.one_of(st.just(CHANNEL), st.sampled_from([OTHER_CHANNEL, "", "c0incident"]), st.text(max_size=10)),
     "ts": st.one_of(st.sampled_from(TARGETS), st.text(max_size=18)),
 })

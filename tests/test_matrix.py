@@ -13,7 +13,6 @@ etcdctl then, and keeps them).
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
@@ -23,14 +22,36 @@ from pathlib import Path
 
 import pytest
 
-from helpers import (APPROVAL, OK, command, members_of, plan_row, propose, reply, text_of, thread, urls, wait_done)
-
 from bot.etcd.bbolt import snapshot_status
+from bot.etcd.client import EtcdClient
+from bot.etcd.health import check_cluster
+from bot.etcd.model import (
+    EtcdTLSError,
+    LearnerNotReady,
+    MemberNotFound,
+    NotALearner,
+    PeerURLExists,
+    TLSFiles,
+    TooManyLearners,
+    UnhealthyCluster,
+)
 from bot.testing.cluster import LocalCluster
 from bot.testing.workspace import CHANNEL, LEAD, cluster_table
-from bot.etcd.client import EtcdClient
-from bot.etcd.model import EtcdTLSError, LearnerNotReady, MemberNotFound, NotALearner, PeerURLExists, TLSFiles, TooManyLearners, UnhealthyCluster
-from bot.etcd.health import check_cluster
+from helpers import (
+    APPROVAL,
+    OK,
+    command,
+    eventually,
+    members_of,
+    plan_row,
+    propose,
+    reply,
+    text_of,
+    thread,
+    urls,
+    wait_done,
+)
+
 
 def _version(etcd: Path) -> str | None:
     """'3.4.23' from `etcd --version`, or None when it cannot be run."""
@@ -70,6 +91,7 @@ def etcd34(monkeypatch, make_cluster):
 
     def make(size: int = 3, **kwargs) -> LocalCluster:
         c = make_cluster(size, **kwargs)
+        assert ETCD34 is not None  # pytestmark skipped the module otherwise
         assert Path(c.etcd) == ETCD34 / "etcd" and Path(c.etcdctl_bin) == ETCD34 / "etcdctl"
         return c
     return make
@@ -77,7 +99,7 @@ def etcd34(monkeypatch, make_cluster):
 
 def etcdctl_snapshot_status(c: LocalCluster, path: Path) -> dict:
     """etcdctl 3.4's own `snapshot status -w json` (3.4 has no etcdutl)."""
-    proc = subprocess.run([c.etcdctl_bin, "snapshot", "status", str(path), "-w", "json"], capture_output=True,
+    proc = subprocess.run([str(c.etcdctl_bin), "snapshot", "status", str(path), "-w", "json"], capture_output=True,
                           text=True, timeout=60, env={"PATH": os.environ.get("PATH", ""), "ETCDCTL_API": "3"})
     assert proc.returncode == 0, f"etcdctl 3.4 snapshot status failed: {proc.stderr.strip()}"
     return json.loads(proc.stdout)
@@ -139,14 +161,9 @@ async def test_membership_refusals_of_34_map_to_the_bots_errors(etcd34):
     async with EtcdClient(c.endpoints) as client:
         with pytest.raises(MemberNotFound, match="member not found"):
             await client.member_remove(0x1234)
-        deadline = time.monotonic() + 15
-        while True:  # "unhealthy cluster" until the leader has seen every voter for 5 s
-            try:
-                learner, _ = await client.member_add([urls()[0]], learner=True)
-                break
-            except UnhealthyCluster:
-                assert time.monotonic() < deadline, "etcd 3.4 still says unhealthy cluster after 15 s"
-                await asyncio.sleep(0.2)
+        # "unhealthy cluster" until the leader has seen every voter for 5 s
+        learner, _ = await eventually(lambda: client.member_add([urls()[0]], learner=True), 15,
+                                      "etcd 3.4 to add a learner", interval=0.2, retry_on=(UnhealthyCluster,))
         assert learner.is_learner and not learner.started
         with pytest.raises(LearnerNotReady, match="in sync with leader"):
             await client.member_promote(learner.id)       # never started: not caught up

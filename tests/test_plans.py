@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import pytest
 
-from bot.etcd.model import Member, MemberStatus
 from bot.etcd.health import ClusterHealth, MemberHealth
+from bot.etcd.model import Member
 from bot.ops.replace import Plan, Refusal, ReplaceRequest, etcd_servers, plan_replacement
+from helpers import cluster_health, member_status
 
-IDS = {1: 0x8211F1D0F64F3269, 2: 0x91BC3C398FB3C146, 3: 0xFD422379FDA50E48, 4: 0x2BE1EB8F84B7F63E, 5: 0x5A5A5A5A5A5A5A5A,
-       6: 0x6B6B6B6B6B6B6B6B}
+IDS = {1: 0x8211F1D0F64F3269, 2: 0x91BC3C398FB3C146, 3: 0xFD422379FDA50E48, 4: 0x2BE1EB8F84B7F63E,
+       5: 0x5A5A5A5A5A5A5A5A, 6: 0x6B6B6B6B6B6B6B6B}
 
 
 def member(i: int, *, learner: bool = False, started: bool = True) -> Member:
@@ -18,8 +19,9 @@ def member(i: int, *, learner: bool = False, started: bool = True) -> Member:
 
 def up(i: int, leader: int = 2, version: str = "3.5.1", **kw) -> MemberHealth:
     m = member(i, **kw)
-    return MemberHealth(m, MemberStatus(f"http://10.0.0.{i}:2379", m.id, version, 1, 1, IDS[leader], 2, 9, 9,
-                                        m.is_learner, ()))
+    return MemberHealth(m, member_status(endpoint=f"http://10.0.0.{i}:2379", member_id=m.id, version=version,
+                                         db_size=1, db_size_in_use=1, leader=IDS[leader], raft_index=9,
+                                         raft_applied_index=9, is_learner=m.is_learner))
 
 
 def down(i: int, **kw) -> MemberHealth:
@@ -27,7 +29,7 @@ def down(i: int, **kw) -> MemberHealth:
 
 
 def cluster(*members: MemberHealth) -> ClusterHealth:
-    return ClusterHealth("prod", tuple(members), (), 0.0, 0.01, 2.0)
+    return cluster_health(*members)
 
 
 REQ = ReplaceRequest("member1", "member4", "http://10.0.0.4:2380")
@@ -43,7 +45,8 @@ def test_the_runbook_plan():
         "ETCD_INITIAL_ADVERTISE_PEER_URLS": "http://10.0.0.4:2380",
         "ETCD_LISTEN_PEER_URLS": "http://10.0.0.4:2380",
     }
-    assert [s.key for s in plan.steps] == ["recheck", "snapshot", "remove", "add", "start", "promote", "followups", "verify"]
+    assert [s.key for s in plan.steps] == ["recheck", "snapshot", "remove", "add", "start", "promote", "followups",
+                                          "verify"]
     assert "learner" in plan.steps[3].title
     assert plan.snapshot_source == "member3"  # a follower, sparing the leader (member2)
     assert plan.expected_members == 3
@@ -57,20 +60,27 @@ def test_by_hex_id_and_round_trip_through_json():
 
 
 def test_no_learner_mode():
-    plan = plan_replacement(cluster(down(1), up(2), up(3)), ReplaceRequest("member1", "member4", "http://10.0.0.4:2380", learner=False))
+    plan = plan_replacement(cluster(down(1), up(2), up(3)),
+                            ReplaceRequest("member1", "member4", "http://10.0.0.4:2380", learner=False))
     assert not plan.learner and "voting member" in plan.steps[3].title
 
 
 @pytest.mark.parametrize("req, health, reason", [
-    (ReplaceRequest("member9", "member4", "http://10.0.0.4:2380"), cluster(down(1), up(2), up(3)), "no member 'member9'"),
+    (ReplaceRequest("member9", "member4", "http://10.0.0.4:2380"), cluster(down(1), up(2), up(3)),
+     "no member 'member9'"),
     (REQ, cluster(up(1), up(2), up(3)), "a healthy member is not a failed member"),
-    (ReplaceRequest("member1", "member2", "http://10.0.0.4:2380"), cluster(down(1), up(2), up(3)), "the name 'member2' is already used"),
-    (ReplaceRequest("member1", "member1", "http://10.0.0.4:2380"), cluster(down(1), up(2), up(3)), "the name 'member1' is already used"),
-    (ReplaceRequest("member1", "member4", "http://10.0.0.3:2380"), cluster(down(1), up(2), up(3)), "peer URL http://10.0.0.3:2380 is already used"),
-    (ReplaceRequest("member1", "member4", "10.0.0.4:2380"), cluster(down(1), up(2), up(3)), "not an http(s)://host:port URL"),
+    (ReplaceRequest("member1", "member2", "http://10.0.0.4:2380"), cluster(down(1), up(2), up(3)),
+     "the name 'member2' is already used"),
+    (ReplaceRequest("member1", "member1", "http://10.0.0.4:2380"), cluster(down(1), up(2), up(3)),
+     "the name 'member1' is already used"),
+    (ReplaceRequest("member1", "member4", "http://10.0.0.3:2380"), cluster(down(1), up(2), up(3)),
+     "peer URL http://10.0.0.3:2380 is already used"),
+    (ReplaceRequest("member1", "member4", "10.0.0.4:2380"), cluster(down(1), up(2), up(3)),
+     "not an http(s)://host:port URL"),
     (ReplaceRequest("member1", "member4", "http://10.0.0.4:2380", new_client_url="http://10.0.0.2:2379"),
      cluster(down(1), up(2), up(3)), "client URL http://10.0.0.2:2379 is already used"),
-    (ReplaceRequest("member1", "new member", "http://10.0.0.4:2380"), cluster(down(1), up(2), up(3)), "cannot be an etcd member name"),
+    (ReplaceRequest("member1", "new member", "http://10.0.0.4:2380"), cluster(down(1), up(2), up(3)),
+     "cannot be an etcd member name"),
     (REQ, cluster(down(1), up(2), up(3), up(5, learner=True)), "etcd allows one learner at a time"),
     (ReplaceRequest("member1", "member6", "http://10.0.0.6:2380"),
      cluster(down(1), up(2), up(3), up(4), MemberHealth(member(5, started=False), None, "unstarted")),
@@ -84,7 +94,8 @@ def test_refusals_say_why(req, health, reason):
 
 def test_quorum_lost_points_to_the_newest_snapshot():
     with pytest.raises(Refusal) as e:
-        plan_replacement(cluster(down(1), down(2), up(3)), REQ, newest_snapshot="/snaps/prod/prod-20261125T010203Z-rev42.db")
+        plan_replacement(cluster(down(1), down(2), up(3)), REQ,
+                         newest_snapshot="/snaps/prod/prod-20261125T010203Z-rev42.db")
     assert "quorum is lost: 1 of 3 voting members are healthy and 2 are needed" in e.value.reason
     assert "prod-20261125T010203Z-rev42.db" in e.value.hint
     with pytest.raises(Refusal) as e:
@@ -97,14 +108,17 @@ def test_a_step_that_would_break_quorum_is_refused():
     holds), but adding a voter before it starts makes 2 healthy of 4, below 3."""
     health = cluster(down(1, learner=True), up(2, version="3.6.0"), up(3, version="3.6.0"), down(4))
     assert plan_replacement(health, ReplaceRequest("member1", "member6", "http://10.0.0.6:2380")).learner
-    with pytest.raises(Refusal, match="after the step .add member6 as a voting member. the cluster would have 2 healthy "
-                                      "of 4 voting members, below its quorum of 3"):
+    with pytest.raises(Refusal, match="after the step .add member6 as a voting member. the cluster would have 2 "
+                                      "healthy of 4 voting members, below its quorum of 3"):
         plan_replacement(health, ReplaceRequest("member1", "member6", "http://10.0.0.6:2380", learner=False))
 
 
 def test_a_member_answering_with_errors_is_another_failed_member():
-    sick = MemberHealth(member(3), MemberStatus("x", IDS[3], "3.5.1", 1, 1, IDS[2], 2, 9, 9, False, ("etcdserver: corrupt",)))
-    plan = plan_replacement(cluster(down(1), up(2), sick, up(4), up(5)), ReplaceRequest("member1", "member6", "http://10.0.0.6:2380"))
+    sick = MemberHealth(member(3), member_status(endpoint="x", member_id=IDS[3], db_size=1, db_size_in_use=1,
+                                                 leader=IDS[2], raft_index=9, raft_applied_index=9,
+                                                 errors=("etcdserver: corrupt",)))
+    plan = plan_replacement(cluster(down(1), up(2), sick, up(4), up(5)),
+                            ReplaceRequest("member1", "member6", "http://10.0.0.6:2380"))
     assert [m.name for m in plan.others_failed] == ["member3"]
 
 

@@ -10,13 +10,22 @@ import sys
 import time
 
 import aiohttp
-from helpers import ephemeral, reply, text_of
 
-from bot.slack.app import BotServer
 from bot.config import load_config
-from bot.testing.workspace import (CHANNEL, LEAD, LEAD2, LEADS_GROUP, ONCALL, STRANGER, BotProcess, cluster_table,
-                                    write_config)
 from bot.settings import SlackSettings
+from bot.slack.app import BotServer
+from bot.testing.workspace import (
+    CHANNEL,
+    LEAD,
+    LEAD2,
+    LEADS_GROUP,
+    ONCALL,
+    STRANGER,
+    BotProcess,
+    cluster_table,
+    write_config,
+)
+from helpers import ephemeral, reply, text_of
 
 
 async def test_socket_mode_end_to_end(cluster, slack, creds, tmp_path):
@@ -91,37 +100,37 @@ async def test_several_clusters_in_one_channel(make_cluster, cluster, slack, sta
     assert "etcd cluster green" in text_of(await reply(slack, "members green"))
 
 
-async def test_audit_chain_verifies_and_detects_tampering(cluster, slack, start_bot, tmp_path):
+async def test_audit_chain_verifies_and_detects_tampering(cluster, slack, start_bot, tmp_path, cli):
     await start_bot([cluster_table("prod", cluster)])
     await reply(slack, "status")
     await ephemeral(slack, "status", channel="C0ELSEWHERE")
     await ephemeral(slack, "frobnicate")
     cfg = str(tmp_path / "config.toml")
 
-    def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "bot", "audit", *args, "--config", cfg], capture_output=True, text=True)
+    def audit(*args: str) -> subprocess.CompletedProcess:
+        return cli("audit", *args, "--config", cfg)
 
-    ok = cli("verify")
+    ok = audit("verify")
     assert ok.returncode == 0 and "audit log intact: 3 row(s)" in ok.stdout
-    rows = [json.loads(line) for line in cli("export").stdout.splitlines()]
+    rows = [json.loads(line) for line in audit("export").stdout.splitlines()]
     assert [r["action"] for r in rows] == ["command", "refused", "usage_error"]
     assert rows[0]["user"] == ONCALL and rows[0]["cluster"] == "prod" and rows[0]["channel"] == CHANNEL
     assert rows[1]["channel"] == "C0ELSEWHERE"
-    assert cli("export", "--since", "1h").stdout.count("\n") == 3
-    assert cli("export", "--since", "2999-01-01").stdout == ""
-    bad = cli("export", "--since", "yesterday")
+    assert audit("export", "--since", "1h").stdout.count("\n") == 3
+    assert audit("export", "--since", "2999-01-01").stdout == ""
+    bad = audit("export", "--since", "yesterday")
     assert bad.returncode == 2 and "--since: 'yesterday' is neither" in bad.stderr
 
     db = sqlite3.connect(tmp_path / "etcd-chatops.db")
     db.execute("UPDATE audit SET user = 'U0INNOCENT' WHERE id = 2")
     db.commit()
-    tampered = cli("verify")
+    tampered = audit("verify")
     assert tampered.returncode == 1 and "row 2: content does not match its hash" in tampered.stdout
     db.execute("UPDATE audit SET user = ? WHERE id = 2", [rows[1]["user"]])
     db.execute("DELETE FROM audit WHERE id = 2")
     db.commit()
     db.close()
-    deleted = cli("verify")
+    deleted = audit("verify")
     assert deleted.returncode == 1 and "row 2 is missing" in deleted.stdout
 
 

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from bot.etcd.model import Member, MemberStatus
 from bot.etcd.health import ClusterHealth, MemberHealth, Quorum, membership_fingerprint
+from bot.etcd.model import Member, MemberStatus
+from helpers import cluster_health, member_status
 
 
 @pytest.mark.parametrize("voting, healthy, needed, tolerates, ok", [
@@ -23,13 +24,11 @@ def member(i: int, name: str = "", learner: bool = False) -> Member:
 
 
 def status(i: int, leader: int = 1, term: int = 2, errors: tuple[str, ...] = ()) -> MemberStatus:
-    return MemberStatus(endpoint=f"http://10.0.0.{i}:2379", member_id=i, version="3.5.1", db_size=20480,
-                        db_size_in_use=16384, leader=leader, raft_term=term, raft_index=10, raft_applied_index=10,
-                        is_learner=False, errors=errors)
+    return member_status(endpoint=f"http://10.0.0.{i}:2379", member_id=i, leader=leader, raft_term=term, errors=errors)
 
 
 def health(*members: MemberHealth) -> ClusterHealth:
-    return ClusterHealth("c", tuple(members), (), 0.0, 0.01, 2.0)
+    return cluster_health(*members, cluster="c")
 
 
 def test_learners_do_not_count_toward_quorum():
@@ -60,7 +59,8 @@ def test_an_election_is_not_a_lost_quorum():
 
 
 def test_leader_is_the_highest_term_view():
-    h = health(MemberHealth(member(1), status(1, leader=1, term=2)), MemberHealth(member(2), status(2, leader=2, term=3)),
+    h = health(MemberHealth(member(1), status(1, leader=1, term=2)),
+               MemberHealth(member(2), status(2, leader=2, term=3)),
                MemberHealth(member(3), status(3, leader=2, term=3)))
     assert h.leader_id == 2
 

@@ -11,11 +11,33 @@ import sys
 import time
 from pathlib import Path
 
-from helpers import (APPROVAL, OK, audit_actions, command, ephemeral, members_of, open_store, plan_row, propose,
-                     replies, text_of, thread, urls, wait_done)
-
-from bot.testing.workspace import (CHANNEL, LEAD, LEAD2, LEADS_GROUP, ONCALL, STRANGER, BotProcess, cluster_table,
-                                    write_config)
+from bot.testing.workspace import (
+    CHANNEL,
+    LEAD,
+    LEAD2,
+    LEADS_GROUP,
+    ONCALL,
+    STRANGER,
+    BotProcess,
+    cluster_table,
+    write_config,
+)
+from helpers import (
+    APPROVAL,
+    OK,
+    audit_actions,
+    command,
+    ephemeral,
+    members_of,
+    open_store,
+    plan_row,
+    propose,
+    replies,
+    text_of,
+    thread,
+    urls,
+    wait_done,
+)
 
 
 async def test_the_whole_runbook(make_cluster, slack, start_bot):

@@ -7,14 +7,16 @@ connected with bolt's AsyncSocketModeHandler (Socket Mode).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 import aiohttp
 import pytest
@@ -31,6 +33,7 @@ from slack_sdk.signature import SignatureVerifier
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.testing.slack import Delivery, Message, SlackStandIn, sign_request
+from helpers import eventually
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,15 +52,6 @@ USERGROUPS = {"S0ETCDOPS1": [ALICE, BOB]}
 CHANNELS = {OPS: "etcd-ops", RANDOM: "random"}
 
 
-async def _poll(predicate: Callable[[], Any], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() >= deadline:
-            return False
-        await asyncio.sleep(0.01)
-    return True
-
-
 @pytest.fixture(autouse=True)
 async def no_task_left_behind() -> AsyncIterator[None]:
     """Torn down last: every task a test started (servers, bolt, Socket Mode) has finished."""
@@ -69,7 +63,8 @@ async def no_task_left_behind() -> AsyncIterator[None]:
         return [t for t in asyncio.all_tasks() if t is not current and t not in before and not t.done()]
 
     # cancelled tasks need a loop iteration or two to finish unwinding
-    await _poll(lambda: not leftovers(), 2.0)
+    with contextlib.suppress(AssertionError):  # the assertion below names the tasks
+        await eventually(lambda: not leftovers(), 2.0, "every task to finish", interval=0.01)
     assert not leftovers(), f"tasks left running: {leftovers()}"
 
 
@@ -420,7 +415,7 @@ async def test_signed_command_reaches_bolt_and_it_posts(slack: SlackStandIn, htt
 
 @pytest.mark.parametrize("how", ["unsigned", "stale", "mis-signed"])
 async def test_bad_signatures_are_rejected(slack: SlackStandIn, http_bot: Bot, how: str) -> None:
-    kwargs: dict[str, Any] = {
+    kwargs: dict[str, Any] = {  # type: ignore[assignment]  # (mypy joins the values to `object`)
         "unsigned": {"sign": False},
         "stale": {"timestamp": int(time.time()) - 6 * 60},
         "mis-signed": {"signing_secret": "not-the-secret"},
@@ -580,7 +575,7 @@ async def test_socket_mode_respond_and_reconnect(slack: SlackStandIn, socket_bot
 # ---------------------------------------------------------------------------- standalone process
 
 
-def test_main_runs_standalone_and_stops_on_sigterm(tmp_path: Path) -> None:
+async def test_main_runs_standalone_and_stops_on_sigterm(tmp_path: Path) -> None:
     ready = tmp_path / "ready"
     fixtures = tmp_path / "fixtures.json"
     fixtures.write_text(json.dumps({"users": USERS, "channels": CHANNELS, "usergroups": USERGROUPS}))
@@ -590,11 +585,11 @@ def test_main_runs_standalone_and_stops_on_sigterm(tmp_path: Path) -> None:
         [sys.executable, "-m", "bot.testing.slack", "--ready-file", str(ready), "--fixtures", str(fixtures)],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 15
-        while not ready.exists():
+        def started() -> bool:
             assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the stand-in never became ready"
-            time.sleep(0.02)
+            return ready.exists()
+
+        await eventually(started, 15, "the stand-in to become ready", interval=0.02)
         url = ready.read_text().strip()
 
         async def use() -> None:
@@ -604,7 +599,7 @@ def test_main_runs_standalone_and_stops_on_sigterm(tmp_path: Path) -> None:
                 async with http.get(url + "/_standin/calls") as r:
                     assert [c["method"] for c in await r.json()] == ["users.info"]
 
-        asyncio.run(use())
+        await use()
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=10)
     finally:

@@ -36,17 +36,16 @@ import pyrage
 import pytest
 from pyrage import x25519
 
-from helpers import reply, text_of
-from snapshot_fixtures import etcdutl_status, etcdutl_table
-
 import bot.slack.app
-from bot.etcd.bbolt import SnapshotError, snapshot_status
 from bot.config import ConfigError, load_config
+from bot.etcd.bbolt import SnapshotError, snapshot_status
+from bot.etcd.client import SNAPSHOT_IDLE_TIMEOUT, EtcdClient
+from bot.etcd.snapshots import TRAILER, SnapshotFailed, TrailerCheck, save_snapshot, to_prune
+from bot.ops.schedule import RETRY_AFTER_FAILURE, SCHEDULER, Scheduler, is_due
 from bot.testing.cluster import LocalCluster
 from bot.testing.workspace import CHANNEL, LEAD, ONCALL, cluster_table, write_config
-from bot.etcd.client import EtcdClient, SNAPSHOT_IDLE_TIMEOUT
-from bot.ops.schedule import RETRY_AFTER_FAILURE, SCHEDULER, Scheduler, is_due
-from bot.etcd.snapshots import TRAILER, SnapshotFailed, TrailerCheck, save_snapshot, to_prune
+from helpers import eventually, reply, text_of
+from snapshot_fixtures import etcdutl_status, etcdutl_table
 
 ROOT = Path(__file__).resolve().parent.parent
 KiB, MiB = 1 << 10, 1 << 20
@@ -106,9 +105,9 @@ async def wait_for_growing_part(directory: Path, save: asyncio.Task, at_least: i
                                 timeout: float = 60.0) -> int:
     """Poll until a `.part` file in `directory` exists and has grown past `at_least`
     bytes (seen at two different sizes); returns its size. The save must still run."""
-    deadline = time.monotonic() + timeout
     sizes: set[int] = set()
-    while True:
+
+    def grown() -> int | None:
         if save.done():
             outcome = save.exception() or save.result()
             raise AssertionError(f"the save ended before the .part file grew past {at_least:,} bytes "
@@ -122,8 +121,9 @@ async def wait_for_growing_part(directory: Path, save: asyncio.Task, at_least: i
             sizes.add(size)
             if size >= at_least and len(sizes) >= 2:
                 return size
-        assert time.monotonic() < deadline, f"no growing .part file in {directory} after {timeout:g}s"
-        await asyncio.sleep(0.001)
+        return None
+
+    return await eventually(grown, timeout, f"a growing .part file in {directory}", interval=0.001)
 
 
 @contextlib.asynccontextmanager
@@ -172,7 +172,7 @@ async def test_save_names_protects_and_verifies_the_file(make_cluster, tmp_path)
     m = NAME.match(saved.path.name)
     assert m, saved.path.name
     assert m["cluster"] == "prod"
-    assert m["when"] == dt.datetime.fromtimestamp(saved.created_at, dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    assert m["when"] == dt.datetime.fromtimestamp(saved.created_at, dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     status = snapshot_status(saved.path)
     assert int(m["rev"]) == status.revision == saved.status.revision == 5  # 4 writes after the initial revision 1
     assert status == saved.status and status.has_trailer
@@ -328,11 +328,12 @@ async def test_encrypted_save_round_trips_and_never_names_the_plaintext(make_clu
 
     async with EtcdClient(c.endpoints) as client, \
             in_background(save_snapshot(client, c.endpoints[0], "member1", snaps, "prod", (recipient,))) as save:
-        deadline = time.monotonic() + 60
-        while not save.done():
-            assert time.monotonic() < deadline, "the encrypted save did not finish within 60 s"
+        def watch() -> bool:
+            """Record what the snapshot directory and our open files are called, until the save ends."""
+            if save.done():
+                return True
             if target.is_dir():
-                names_seen |= {p.name for p in target.iterdir()}
+                names_seen.update(p.name for p in target.iterdir())
             for fd in os.listdir("/proc/self/fd"):
                 try:
                     link = os.readlink(f"/proc/self/fd/{fd}")
@@ -340,7 +341,9 @@ async def test_encrypted_save_round_trips_and_never_names_the_plaintext(make_clu
                     continue
                 if link.startswith(f"{target}/"):
                     fds_seen.add(link)
-            await asyncio.sleep(0.001)
+            return False
+
+        await eventually(watch, 60, "the encrypted save to finish", interval=0.001)
         saved = save.result()
 
     # While it ran: the plaintext was an unnamed (O_TMPFILE) file; only the age file had a name.
@@ -520,7 +523,7 @@ async def test_snapshots_lists_the_history_newest_first(make_cluster, slack, sta
     assert "newest first" in msg.text
     lines = [line for line in msg.text.splitlines() if line.startswith("`prod-")]
     assert len(lines) == 2, msg.text
-    for line, (user, file, source, status) in zip(lines, reversed(taken)):
+    for line, (user, file, source, status) in zip(lines, reversed(taken), strict=True):
         assert line.startswith(f"`{file}` · rev {status.revision} · hash {status.hash_hex} · "), (line, file, status)
         assert f" · {source} · " in line and f"<@{user}>" in line, line
     assert taken[1][3].revision > taken[0][3].revision
@@ -612,11 +615,6 @@ async def test_scheduled_snapshots_are_taken_posted_and_fail_loudly(make_cluster
 
 # ---------------------------------------------------------------- 9. the CLI
 
-def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bot", *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=ROOT)
-
-
 def assert_usage_error(proc: subprocess.CompletedProcess, *words: str) -> None:
     assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
     assert proc.stdout == ""
@@ -628,7 +626,7 @@ def assert_usage_error(proc: subprocess.CompletedProcess, *words: str) -> None:
         assert word in errors[0], (word, errors[0])
 
 
-def test_cli_save_and_status(cluster, tmp_path):
+def test_cli_save_and_status(cluster, tmp_path, cli):
     proc = cli("snapshot", "save", "--endpoints", ",".join(cluster.endpoints), "--dir", str(tmp_path), "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
@@ -657,7 +655,7 @@ def test_cli_save_and_status(cluster, tmp_path):
         [out["hash"], str(out["revision"]), str(out["total_keys"])]
 
 
-def test_cli_bad_usage_exits_2_with_one_line_and_the_usage(tmp_path):
+def test_cli_bad_usage_exits_2_with_one_line_and_the_usage(tmp_path, cli):
     assert_usage_error(cli("snapshot", "save", "--endpoints", "http://127.0.0.1:2379"), "--dir")
     assert_usage_error(cli("snapshot", "status", str(tmp_path / "missing.db")), "missing.db", "no such file")
     assert_usage_error(cli("snapshot", "save", "--endpoints", "ftp://127.0.0.1:2379", "--dir", str(tmp_path)),
@@ -668,7 +666,7 @@ def test_cli_bad_usage_exits_2_with_one_line_and_the_usage(tmp_path):
     assert files_under(tmp_path) == []
 
 
-def test_cli_corrupt_file_exits_1_with_one_line(tmp_path):
+def test_cli_corrupt_file_exits_1_with_one_line(tmp_path, cli):
     corrupt = tmp_path / "corrupt.db"
     corrupt.write_bytes(random.Random(3).randbytes(64 * KiB))
     proc = cli("snapshot", "status", str(corrupt))
@@ -678,7 +676,7 @@ def test_cli_corrupt_file_exits_1_with_one_line(tmp_path):
     assert str(corrupt) in proc.stderr and "not a bbolt file" in proc.stderr, proc.stderr
 
 
-def test_cli_save_from_a_dead_cluster_exits_1_and_leaves_nothing(make_cluster, tmp_path):
+def test_cli_save_from_a_dead_cluster_exits_1_and_leaves_nothing(make_cluster, tmp_path, cli):
     c = make_cluster(1)
     endpoint = c.endpoints[0]
     c.kill("member1")
@@ -689,7 +687,7 @@ def test_cli_save_from_a_dead_cluster_exits_1_and_leaves_nothing(make_cluster, t
     assert not (tmp_path / "snaps").exists() or files_under(tmp_path / "snaps") == []
 
 
-def test_cli_name_is_a_plain_prefix_and_a_directory_is_not_a_snapshot(cluster, tmp_path):
+def test_cli_name_is_a_plain_prefix_and_a_directory_is_not_a_snapshot(cluster, tmp_path, cli):
     """`--name ../x` wrote outside --dir and chmod-ed the directory above it."""
     target = tmp_path / "inner"
     target.mkdir()

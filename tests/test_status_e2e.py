@@ -1,15 +1,27 @@
-"""The read commands (`/etcd status`, `members`, `plans`, `help`) end to end: real etcd, real bolt, the Slack stand-in."""
+"""The read commands (`/etcd status`, `members`, `plans`, `help`) end to end: real etcd, real bolt, the Slack
+stand-in."""
 from __future__ import annotations
 
-import asyncio
 import re
 import sys
 import time
 
-from helpers import (APPROVAL, OK, command, ephemeral, live_markup, plan_row, propose, reply, text_of, thread, urls,
-                     wait_state)
-
 from bot.testing.workspace import CHANNEL, LEAD, ONCALL, cluster_table
+from helpers import (
+    APPROVAL,
+    OK,
+    command,
+    ephemeral,
+    eventually,
+    live_markup,
+    plan_row,
+    propose,
+    reply,
+    text_of,
+    thread,
+    urls,
+    wait_state,
+)
 
 
 async def test_status_of_a_healthy_cluster(cluster, slack, start_bot):
@@ -67,7 +79,8 @@ async def test_members_lists_like_etcdctl(cluster, slack, start_bot):
     await start_bot([cluster_table("prod", cluster)])
     msg = await reply(slack, "members prod")
     for name, member in cluster.members.items():
-        assert re.search(rf"[0-9a-f]{{16}}, started, {name}, {member.peer_url}, {member.client_url}, false", text_of(msg))
+        assert re.search(rf"[0-9a-f]{{16}}, started, {name}, {member.peer_url}, {member.client_url}, false",
+                         text_of(msg))
 
 
 async def test_mutual_tls_cluster_with_and_without_certificates(make_cluster, slack, start_bot):
@@ -83,13 +96,14 @@ async def test_mutual_tls_cluster_with_and_without_certificates(make_cluster, sl
 
 
 async def test_requests_not_signed_by_slack_are_refused_and_cause_nothing(cluster, slack, start_bot, creds):
-    await start_bot([cluster_table("prod", cluster)])
+    bot = await start_bot([cluster_table("prod", cluster)])
     unsigned = await slack.send_command("status", user_id=ONCALL, channel_id=CHANNEL, sign=False)
     stale = await slack.send_command("status", user_id=ONCALL, channel_id=CHANNEL, timestamp=int(time.time()) - 301)
     forged = await slack.send_command("status", user_id=ONCALL, channel_id=CHANNEL, signing_secret="not-the-secret")
     assert [unsigned.status, stale.status, forged.status] == [401, 401, 401]
     await reply(slack, "status")  # a genuine request, answered
-    await asyncio.sleep(0)  # let anything the refused requests might have scheduled run
+    # let anything the refused requests might have started finish: every listener has returned
+    await eventually(lambda: not bot.ctx.tasks, 10, "the bot to finish every listener it started")
     posts = slack.calls_to("chat.postMessage")
     assert len(posts) == 1, f"refused requests caused posts: {[c.args for c in posts]}"
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from bot.output.units import humanize_bytes
 from bot.etcd.urls import parse_url
+from bot.output.units import humanize_bytes
 
 
 @pytest.mark.parametrize("n, text", [(0, "0 B"), (9, "9 B"), (10, "10 B"), (1000, "1.0 kB"), (20480, "20 kB"),

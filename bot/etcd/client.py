@@ -12,22 +12,36 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable, Iterable, TypeVar
+from typing import Any, TypeVar, cast
 
 # gRPC's C core prints every failed TLS handshake to stderr; our errors say it once.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-import grpc  # noqa: E402
-from aetcd import rpc  # noqa: E402
+import grpc
+from aetcd import rpc
 
-from bot.etcd.model import (EtcdAuthError, EtcdError, EtcdRequestError, EtcdTimeout, EtcdTLSError,
-                            EtcdUnavailable, Member, MemberStatus, TLSFiles, request_error, split_alarms, AUTH_MESSAGES)
+from bot.etcd.model import (
+    AUTH_MESSAGES,
+    EtcdAuthError,
+    EtcdError,
+    EtcdRequestError,
+    EtcdTimeout,
+    EtcdTLSError,
+    EtcdUnavailable,
+    Member,
+    MemberStatus,
+    TLSFiles,
+    request_error,
+    split_alarms,
+)
 from bot.etcd.race import AllFailed, first_success
 from bot.etcd.urls import Endpoint, parse_url
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+Metadata = tuple[tuple[str, str], ...] | None  # the auth token, when the cluster has auth on
 
 # Snapshots of production databases take minutes; only silence is an error.
 SNAPSHOT_IDLE_TIMEOUT = 30.0
@@ -81,7 +95,7 @@ def map_grpc_error(error: grpc.aio.AioRpcError, endpoint: str, timeout: float | 
 
 
 
-def _member(m) -> Member:
+def _member(m: Any) -> Member:
     return Member(id=m.ID, name=m.name, peer_urls=tuple(m.peerURLs), client_urls=tuple(m.clientURLs),
                   is_learner=bool(m.isLearner))
 
@@ -114,10 +128,10 @@ class EtcdClient:
     def __repr__(self) -> str:
         return f"EtcdClient({self.endpoints!r})"
 
-    async def __aenter__(self) -> "EtcdClient":
+    async def __aenter__(self) -> EtcdClient:
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
     async def close(self) -> None:
@@ -129,7 +143,8 @@ class EtcdClient:
 
     def _creds(self) -> grpc.ChannelCredentials:
         if self._credentials is None:
-            read = lambda p: Path(p).read_bytes() if p else None  # noqa: E731
+            def read(p: Path | None) -> bytes | None:
+                return Path(p).read_bytes() if p else None
             self._credentials = grpc.ssl_channel_credentials(
                 root_certificates=read(self.tls.cacert), private_key=read(self.tls.key),
                 certificate_chain=read(self.tls.cert))
@@ -169,16 +184,16 @@ class EtcdClient:
             token = self._tokens[endpoint] = resp.token
         return (("token", token),)
 
-    async def call(self, endpoint: str, fn: Callable[[grpc.aio.Channel, tuple | None, float], Awaitable[T]],
+    async def call(self, endpoint: str, fn: Callable[[grpc.aio.Channel, Metadata, float], Awaitable[T]],
                    timeout: float | None = None) -> T:
         """Run one RPC against one endpoint with a deadline; map errors."""
         timeout = timeout or self.timeout
         for attempt in (1, 2):
             try:
                 return await asyncio.wait_for(self._call_once(endpoint, fn, timeout), timeout + 0.5)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self._drop(endpoint)
-                err = EtcdTimeout(f"no answer within {timeout:g}s (member down or host unreachable)", endpoint)
+                err: EtcdError = EtcdTimeout(f"no answer within {timeout:g}s (member down or host unreachable)", endpoint)
                 self._count(err)
                 raise err from None
             except grpc.aio.AioRpcError as e:
@@ -196,7 +211,8 @@ class EtcdClient:
         if self.on_error is not None:
             self.on_error(err)
 
-    async def _call_once(self, endpoint: str, fn, timeout: float):
+    async def _call_once(self, endpoint: str, fn: Callable[[grpc.aio.Channel, Metadata, float], Awaitable[T]],
+                         timeout: float) -> T:
         metadata = await self._metadata(endpoint, timeout)
         return await fn(self._channel(endpoint), metadata, timeout)
 
@@ -205,7 +221,7 @@ class EtcdClient:
             return [self._preferred] + [e for e in self.endpoints if e != self._preferred]
         return list(self.endpoints)
 
-    async def first(self, fn: Callable[[grpc.aio.Channel, tuple | None, float], Awaitable[T]],
+    async def first(self, fn: Callable[[grpc.aio.Channel, Metadata, float], Awaitable[T]],
                     timeout: float | None = None) -> T:
         """A read from whichever endpoint answers first: all are asked at once,
         so a black-holed endpoint costs nothing when another one answers."""
@@ -216,11 +232,11 @@ class EtcdClient:
                 # etcd itself answered (or a bug): another endpoint would say the same
                 fatal=lambda e: isinstance(e, EtcdRequestError | EtcdAuthError) or not isinstance(e, EtcdError))
         except AllFailed as e:
-            raise _all_failed(e.errors) from None
+            raise _all_failed(cast(list[EtcdError], e.errors)) from None  # `fatal` raised any other error
         self._preferred = endpoints[winner]
         return result
 
-    async def failover(self, fn: Callable[[grpc.aio.Channel, tuple | None, float], Awaitable[T]],
+    async def failover(self, fn: Callable[[grpc.aio.Channel, Metadata, float], Awaitable[T]],
                        timeout: float | None = None) -> T:
         """A change, sent to one endpoint at a time.
 
@@ -244,13 +260,13 @@ class EtcdClient:
     # -- cluster API ----------------------------------------------------
 
     async def member_list(self, timeout: float | None = None) -> list[Member]:
-        async def fn(ch, md, t):
+        async def fn(ch: grpc.aio.Channel, md: Metadata, t: float) -> list[Member]:
             resp = await rpc.ClusterStub(ch).MemberList(rpc.MemberListRequest(linearizable=False), timeout=t, metadata=md)
             return [_member(m) for m in resp.members]
         return await self.first(fn, timeout)
 
     async def status(self, endpoint: str, timeout: float | None = None) -> MemberStatus:
-        async def fn(ch, md, t):
+        async def fn(ch: grpc.aio.Channel, md: Metadata, t: float) -> MemberStatus:
             r = await rpc.MaintenanceStub(ch).Status(rpc.StatusRequest(), timeout=t, metadata=md)
             errors, alarms = split_alarms(r.errors)
             return MemberStatus(endpoint=endpoint, member_id=r.header.member_id, version=r.version, db_size=r.dbSize,
@@ -260,45 +276,45 @@ class EtcdClient:
         return await self.call(parse_url(endpoint).url, fn, timeout)
 
     async def member_add(self, peer_urls: list[str], *, learner: bool, timeout: float | None = None) -> tuple[Member, list[Member]]:
-        async def fn(ch, md, t):
+        async def fn(ch: grpc.aio.Channel, md: Metadata, t: float) -> tuple[Member, list[Member]]:
             r = await rpc.ClusterStub(ch).MemberAdd(rpc.MemberAddRequest(peerURLs=peer_urls, isLearner=learner),
                                                      timeout=t, metadata=md)
             return _member(r.member), [_member(m) for m in r.members]
         return await self.failover(fn, timeout)
 
     async def member_remove(self, member_id: int, timeout: float | None = None) -> list[Member]:
-        async def fn(ch, md, t):
+        async def fn(ch: grpc.aio.Channel, md: Metadata, t: float) -> list[Member]:
             r = await rpc.ClusterStub(ch).MemberRemove(rpc.MemberRemoveRequest(ID=member_id), timeout=t, metadata=md)
             return [_member(m) for m in r.members]
         return await self.failover(fn, timeout)
 
     async def member_promote(self, member_id: int, timeout: float | None = None) -> list[Member]:
-        async def fn(ch, md, t):
+        async def fn(ch: grpc.aio.Channel, md: Metadata, t: float) -> list[Member]:
             r = await rpc.ClusterStub(ch).MemberPromote(rpc.MemberPromoteRequest(ID=member_id), timeout=t, metadata=md)
             return [_member(m) for m in r.members]
         return await self.failover(fn, timeout)
 
     async def put(self, key: bytes, value: bytes, timeout: float | None = None) -> int:
         """Write one key (used to seed demo clusters); returns the new revision."""
-        async def fn(ch, md, t):
+        async def fn(ch: grpc.aio.Channel, md: Metadata, t: float) -> int:
             r = await rpc.KVStub(ch).Put(rpc.PutRequest(key=key, value=value), timeout=t, metadata=md)
-            return r.header.revision
+            return int(r.header.revision)
         return await self.failover(fn, timeout)
 
     async def revision(self, endpoint: str, timeout: float | None = None) -> int:
         """The member's current store revision (a serializable, keys-only read of one key)."""
-        async def fn(ch, md, t):
+        async def fn(ch: grpc.aio.Channel, md: Metadata, t: float) -> int:
             r = await rpc.KVStub(ch).Range(rpc.RangeRequest(key=b"\0", range_end=b"\0", keys_only=True, limit=1,
                                                             serializable=True), timeout=t, metadata=md)
-            return r.header.revision
+            return int(r.header.revision)
         return await self.call(parse_url(endpoint).url, fn, timeout)
 
-    async def snapshot(self, endpoint: str, idle_timeout: float = SNAPSHOT_IDLE_TIMEOUT) -> "SnapshotStream":
+    async def snapshot(self, endpoint: str, idle_timeout: float = SNAPSHOT_IDLE_TIMEOUT) -> SnapshotStream:
         """Open Maintenance.Snapshot on one member; read it with `async for`."""
         endpoint = parse_url(endpoint).url
         try:
             metadata = await asyncio.wait_for(self._metadata(endpoint, self.timeout), self.timeout + 0.5)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._drop(endpoint)
             raise EtcdTimeout(f"no answer within {self.timeout:g}s", endpoint) from None
         except grpc.aio.AioRpcError as e:
@@ -313,16 +329,16 @@ class SnapshotStream:
     """The bbolt file then its 32-byte sha256 trailer, chunk by chunk: never
     the whole in memory. `revision` and `size_hint` come with the first chunk."""
 
-    def __init__(self, client: EtcdClient, endpoint: str, call, idle_timeout: float):
+    def __init__(self, client: EtcdClient, endpoint: str, call: Any, idle_timeout: float):
         self.client, self.endpoint, self._call, self.idle_timeout = client, endpoint, call, idle_timeout
         self.revision = 0
         self.size_hint = 0
         self._first: bytes | None = None
 
-    async def _read(self, timeout: float):
+    async def _read(self, timeout: float) -> Any:
         try:
             resp = await asyncio.wait_for(self._call.read(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.client._drop(self.endpoint)
             raise EtcdTimeout(f"snapshot stream silent for {timeout:g}s", self.endpoint) from None
         except grpc.aio.AioRpcError as e:
@@ -364,7 +380,7 @@ def _all_failed(errors: list[EtcdError]) -> EtcdUnavailable:
     return cls(f"no endpoint answered: {reasons}")
 
 
-def client_for(cluster) -> EtcdClient:
+def client_for(cluster: Any) -> EtcdClient:
     """An EtcdClient for a configured cluster (bot.config.ClusterConfig)."""
     return EtcdClient(cluster.endpoints, tls=TLSFiles(cluster.cacert, cluster.cert, cluster.key),
                       username=cluster.username, password=cluster.password, timeout=cluster.timeout_seconds)

@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bot.etcd.client import EtcdClient
 from bot.etcd.model import EtcdError
@@ -43,7 +43,7 @@ class SavedSnapshot:
     path: Path
     file_size: int
     sha256: str              # of the file as stored (what `sha256sum` prints; the ciphertext when encrypted)
-    status: "SnapshotStatus"
+    status: SnapshotStatus
     duration: float
     created_at: float
     encrypted: bool = False
@@ -98,7 +98,7 @@ class TrailerCheck:
 
 
 def snapshot_filename(cluster: str, when: dt.datetime, revision: int) -> str:
-    return f"{cluster}-{when.astimezone(dt.timezone.utc):%Y%m%dT%H%M%SZ}-rev{revision}.db"
+    return f"{cluster}-{when.astimezone(dt.UTC):%Y%m%dT%H%M%SZ}-rev{revision}.db"
 
 
 WRITE_BATCH = 2 << 20  # bytes handed to the writer thread at once
@@ -185,14 +185,14 @@ async def save_snapshot(client: EtcdClient, endpoint: str, member: str, director
         stream = await client.snapshot(endpoint)
     except EtcdError as e:
         raise SnapshotFailed(f"{member} would not start a snapshot: {e}", source_failed=True) from None
-    when = dt.datetime.fromtimestamp(created, dt.timezone.utc)
+    when = dt.datetime.fromtimestamp(created, dt.UTC)
     name = snapshot_filename(cluster, when, revision)
     suffix = ".age" if recipients else ""
     part = target_dir / (name + suffix + ".part")
     plain_part = target_dir / (name + ".part")
     check = TrailerCheck()
     fd, named = -1, None
-    writing: asyncio.Future | None = None
+    writing: asyncio.Future[None] | None = None
 
     def write_and_hash(data: bytes) -> None:  # in a thread: disk and sha256 overlap the receive
         _write_all(fd, data)
@@ -256,7 +256,8 @@ async def save_snapshot(client: EtcdClient, endpoint: str, member: str, director
 
 # ---------------------------------------------------------------- retention
 
-def to_prune(snapshots: list[dict], keep_last: int | None, keep_days: float | None, now: float) -> list[dict]:
+def to_prune(snapshots: list[dict[str, Any]], keep_last: int | None, keep_days: float | None,
+             now: float) -> list[dict[str, Any]]:
     """Snapshots no rule keeps. With neither rule set, nothing is pruned;
     with both, a snapshot stays when either rule keeps it."""
     if keep_last is None and keep_days is None:

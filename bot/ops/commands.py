@@ -27,7 +27,8 @@ class Spec:
     def usage(self) -> str:
         parts = [f"/etcd {self.name}"]
         parts += [p if p.startswith("[") else f"<{p}>" for p in self.positionals]
-        parts += [f"[{o} {o.lstrip('-').upper().replace('-', '_')}]" for o in self.options if o != "--cluster" or "[cluster]" not in self.positionals]
+        parts += [f"[{o} {o.lstrip('-').upper().replace('-', '_')}]" for o in self.options
+                  if o != "--cluster" or "[cluster]" not in self.positionals]
         parts += [f"[{f}]" for f in self.flags]
         return " ".join(parts)
 
@@ -133,7 +134,7 @@ def parse(text: str) -> Command:
         raise UsageError(f"missing <{required[len(positionals)]}>", spec.usage)
     if len(positionals) > len(spec.positionals):
         raise UsageError(f"unexpected argument {positionals[len(spec.positionals)]!r}", spec.usage)
-    args = {p.strip("[]").replace("-", "_"): v for p, v in zip(spec.positionals, positionals)}
+    args = {p.strip("[]").replace("-", "_"): v for p, v in zip(spec.positionals, positionals, strict=False)}
     args.update({k.lstrip("-").replace("-", "_"): v for k, v in options.items()})
 
     cluster = args.pop("cluster", None)
@@ -145,4 +146,5 @@ def parse(text: str) -> Command:
                 args[key] = parse_url(args[key]).url
             except ValueError as e:
                 raise UsageError(f"<{key}>: {e}", spec.usage) from None
-    return Command(name=name, cluster=cluster, args=args, flags=frozenset(f.lstrip("-").replace("-", "_") for f in flags))
+    return Command(name=name, cluster=cluster, args=args,
+                   flags=frozenset(f.lstrip("-").replace("-", "_") for f in flags))

@@ -56,11 +56,12 @@ async def run_command(launcher: LauncherConfig, plan: Plan, secrets: list[str]) 
 
     try:
         await asyncio.wait_for(asyncio.gather(drain(), proc.wait()), launcher.timeout_seconds)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         proc.kill()
         await proc.wait()
         text = tail.decode(errors="replace")
-        return LaunchResult(False, None, text, f"{argv[0]} did not return within {launcher.timeout_seconds:g}s and was killed")
+        return LaunchResult(False, None, text,
+                            f"{argv[0]} did not return within {launcher.timeout_seconds:g}s and was killed")
     text = tail.decode(errors="replace")
     ok = proc.returncode == 0
     return LaunchResult(ok, proc.returncode, text, f"{argv[0]} exited with status {proc.returncode}")

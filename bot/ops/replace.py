@@ -10,8 +10,8 @@ import secrets
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from bot.etcd.health import ClusterHealth, MemberHealth, Quorum
 from bot.etcd.model import Member
-from bot.etcd.health import ClusterHealth, Quorum
 from bot.etcd.urls import parse_url
 
 
@@ -50,7 +50,7 @@ class MemberRef:
     is_learner: bool = False
 
     @classmethod
-    def of(cls, m: Member) -> "MemberRef":
+    def of(cls, m: Member) -> MemberRef:
         return cls(m.hex_id, m.name, tuple(m.peer_urls), tuple(m.client_urls), m.is_learner)
 
     @property
@@ -101,8 +101,9 @@ class Plan:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Plan":
-        ref = lambda d: MemberRef(d["id"], d["name"], tuple(d["peer_urls"]), tuple(d["client_urls"]), d["is_learner"])  # noqa: E731
+    def from_json(cls, data: dict[str, Any]) -> Plan:
+        def ref(d: dict[str, Any]) -> MemberRef:
+            return MemberRef(d["id"], d["name"], tuple(d["peer_urls"]), tuple(d["client_urls"]), d["is_learner"])
         return cls(id=data["id"], cluster=data["cluster"], failed=ref(data["failed"]), new_name=data["new_name"],
                    new_peer_url=data["new_peer_url"], new_client_url=data["new_client_url"], learner=data["learner"],
                    survivors=tuple(ref(m) for m in data["survivors"]),
@@ -165,11 +166,11 @@ def plan_replacement(health: ClusterHealth, req: ReplaceRequest, *, newest_snaps
                       f"no member replacement can fix that", f"{where} (etcdutl snapshot restore on every member)")
 
     target = health.find(req.failed)
-    if target is None and removed is None:
+    if target is None and removed is not None:
+        return _plan_add_only(health, req, removed, new_peer, new_client, plan_id, launcher)
+    if target is None:
         names = ", ".join(m.member.name or m.member.hex_id for m in health.members)
         raise Refusal(f"no member {req.failed!r} in cluster {health.cluster} (members: {names})")
-    if target is None:
-        return _plan_add_only(health, req, removed, new_peer, new_client, plan_id, launcher)
     if target.healthy:
         raise Refusal(f"{target.member.name or target.member.hex_id} still answers and reports healthy: "
                       f"a healthy member is not a failed member", "check /etcd status; replace only a member that is down")
@@ -260,7 +261,7 @@ def _plan_add_only(health: ClusterHealth, req: ReplaceRequest, removed: tuple[Me
                    already_removed_by=by)
 
 
-def _plan(health: ClusterHealth, req: ReplaceRequest, failed: MemberRef, survivors: list, remove_title: str,
+def _plan(health: ClusterHealth, req: ReplaceRequest, failed: MemberRef, survivors: list[MemberHealth], remove_title: str,
           new_peer: str, new_client: str | None, plan_id: str | None, launcher: str,
           others_failed: tuple[MemberRef, ...] = (), also_remove: tuple[MemberRef, ...] = ()) -> Plan:
     new_name = req.new_name.strip()

@@ -20,10 +20,12 @@ def resolve_cluster(config: Config, channel: str, requested: str | None) -> Clus
             known = ", ".join(c.name for c in bound) or "none here"
             raise RoutingError(f"unknown cluster {requested!r} (clusters bound to this channel: {known})")
         if cluster not in bound:
-            raise RoutingError(f"cluster {requested!r} is not bound to this channel; run the command in one of its channels")
+            raise RoutingError(f"cluster {requested!r} is not bound to this channel; "
+                               "run the command in one of its channels")
         return cluster
     if not bound:
-        raise RoutingError("this channel is not bound to any etcd cluster (add its ID to a cluster's `channels` in the config)")
+        raise RoutingError("this channel is not bound to any etcd cluster "
+                           "(add its ID to a cluster's `channels` in the config)")
     if len(bound) > 1:
         names = ", ".join(c.name for c in bound)
         raise RoutingError(f"this channel is bound to several clusters ({names}): name one with --cluster NAME")

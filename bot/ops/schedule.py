@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 import time
 
-from bot.slack import blocks
 from bot.config import ClusterConfig
-from bot.ops.context import BotContext
-from bot.slack.web import SlackPostError, post
-from bot.ops.snapshots import take_snapshot
 from bot.etcd.snapshots import SnapshotFailed
+from bot.ops.context import BotContext
+from bot.ops.snapshots import take_snapshot
+from bot.slack import blocks
+from bot.slack.web import SlackPostError, post
 
 log = logging.getLogger(__name__)
 REASON = "scheduled"
@@ -66,4 +66,5 @@ class Scheduler:
             try:
                 await post(self.ctx.web, channel, reply)
             except SlackPostError as e:
-                log.error("cannot post the scheduled snapshot result", extra={"ctx_cluster": cluster.name, "ctx_error": str(e)})
+                log.error("cannot post the scheduled snapshot result",
+                          extra={"ctx_cluster": cluster.name, "ctx_error": str(e)})

@@ -11,10 +11,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from bot.config import ClusterConfig
-from bot.ops.context import BotContext
-from bot.etcd.model import EtcdError
 from bot.etcd.health import ClusterHealth, check_cluster
+from bot.etcd.model import EtcdError
 from bot.etcd.snapshots import SavedSnapshot, SnapshotFailed, save_snapshot, to_prune
+from bot.ops.context import BotContext
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,8 @@ ALIGN_RIGHT, as etcdctl's and etcdutl's table printers set it). No imports:
 the light snapshot-status CLI path uses it too."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 
 def _centre(text: str, width: int) -> str:
@@ -18,6 +19,6 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     cells = [[str(c) for c in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
     rule = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
-    head = "|" + "|".join(f" {_centre(h, w)} " for h, w in zip(headers, widths)) + "|"
-    body = ["|" + "|".join(f" {c.rjust(w)} " for c, w in zip(row, widths)) + "|" for row in cells]
+    head = "|" + "|".join(f" {_centre(h, w)} " for h, w in zip(headers, widths, strict=True)) + "|"
+    body = ["|" + "|".join(f" {c.rjust(w)} " for c, w in zip(row, widths, strict=True)) + "|" for row in cells]
     return "\n".join([rule, head, rule, *body, rule])

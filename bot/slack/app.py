@@ -15,16 +15,19 @@ from typing import Any
 from aiohttp import web
 from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
 from slack_bolt.async_app import AsyncApp
-from slack_sdk.http_retry.builtin_async_handlers import (AsyncConnectionErrorRetryHandler,
-                                                        AsyncRateLimitErrorRetryHandler, AsyncServerErrorRetryHandler)
+from slack_sdk.http_retry.builtin_async_handlers import (
+    AsyncConnectionErrorRetryHandler,
+    AsyncRateLimitErrorRetryHandler,
+    AsyncServerErrorRetryHandler,
+)
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot.ops import lifecycle
 from bot.config import Config
+from bot.ops import lifecycle
 from bot.ops.context import BotContext
-from bot.slack.readiness import ReadinessProbe
 from bot.ops.schedule import Scheduler
 from bot.settings import SlackSettings
+from bot.slack.readiness import ReadinessProbe
 
 log = logging.getLogger(__name__)
 HOUSEKEEPING_SECONDS = 30.0
@@ -160,7 +163,7 @@ class BotServer:
         self.runtime = BotRuntime(config, slack)
         self.host, self.port, self.socket_mode = host, port, socket_mode
         self._runner: web.AppRunner | None = None
-        self._socket = None
+        self._socket: Any = None  # an AsyncSocketModeHandler, imported only in Socket Mode
 
     @property
     def ctx(self) -> BotContext:
@@ -174,7 +177,7 @@ class BotServer:
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    async def start(self) -> "BotServer":
+    async def start(self) -> BotServer:
         app = await self.runtime.start()
         self._runner = web.AppRunner(self.runtime.http_application(slack_events=not self.socket_mode),
                                      access_log=None, shutdown_timeout=1.0)
@@ -201,7 +204,7 @@ class BotServer:
             self._runner = None
         await self.runtime.stop()
 
-    async def __aenter__(self) -> "BotServer":
+    async def __aenter__(self) -> BotServer:
         try:
             return await self.start()
         except BaseException:

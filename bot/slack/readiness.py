@@ -14,8 +14,8 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-from bot.ops.context import BotContext
 from bot.etcd.model import EtcdError
+from bot.ops.context import BotContext
 
 CACHE_SECONDS = 5.0
 SLACK_AUTH_SECONDS = 60.0

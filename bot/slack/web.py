@@ -6,7 +6,6 @@ the work, and nothing is silently lost: failures are logged.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
@@ -33,7 +32,7 @@ async def post(client: AsyncWebClient, channel: str, reply: Reply, *, thread_ts:
     except SlackApiError as e:
         error = e.response.get("error", "unknown_error") if e.response is not None else "unknown_error"
         raise SlackPostError(_explain(error)) from None
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+    except (TimeoutError, aiohttp.ClientError, OSError) as e:
         raise SlackPostError(f"Slack did not answer ({type(e).__name__})") from None
     return resp["ts"]
 

@@ -13,11 +13,12 @@ import hashlib
 import json
 import sqlite3
 import time
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import sqlite_utils
 
@@ -138,11 +139,11 @@ class Store:
 
     # -- plumbing -------------------------------------------------------
 
-    async def open(self) -> "Store":
+    async def open(self) -> Store:
         await self._run(self._open)
         return self
 
-    def _open(self, _db: None = None) -> None:
+    def _open(self, _db: sqlite_utils.Database | None = None) -> None:
         """Connect, then check the tables already there before creating the missing ones:
         a file of another program or version is refused by name, never half-altered.
         (A migration, when one is needed, goes before that check.)"""
@@ -222,7 +223,7 @@ class Store:
         def fn(db: sqlite_utils.Database) -> None:
             try:
                 with db.atomic():
-                    db["plans"].insert({**row, "updated_at": time.time()})
+                    db.table("plans").insert({**row, "updated_at": time.time()})
             except sqlite3.IntegrityError:
                 open_plan = next(db.query(
                     f"SELECT id, state FROM plans WHERE cluster = ? AND state IN ({_marks(OPEN_STATES)})",
@@ -320,7 +321,7 @@ class Store:
 
     async def last_snapshot_at(self, cluster: str, reason: str) -> float | None:
         return await self._run(lambda db: next(db.query(
-            "SELECT MAX(created_at) AS t FROM snapshots WHERE cluster = ? AND reason = ?", [cluster, reason]), {}).get("t"))
+            "SELECT MAX(created_at) AS t FROM snapshots WHERE cluster = ? AND reason = ?", [cluster, reason]), {"t": None})["t"])
 
     async def mark_pruned(self, snapshot_id: int) -> None:
         await self._run(lambda db: db.execute("UPDATE snapshots SET pruned_at = ? WHERE id = ?", [time.time(), snapshot_id]))
@@ -335,11 +336,11 @@ class Store:
         def fn(db: sqlite_utils.Database) -> int:
             with _immediate(db):
                 last = next(db.query("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1"), None)
-                row = {"id": (last["id"] + 1) if last else 1, "ts": round(time.time(), 6), "user": user,
+                row: dict[str, Any] = {"id": (last["id"] + 1) if last else 1, "ts": round(time.time(), 6), "user": user,
                        "channel": channel, "cluster": cluster, "action": action, "detail": detail_text}
                 prev = last["hash"] if last else GENESIS
-                db["audit"].insert({**row, "prev_hash": prev, "hash": audit_hash(prev, row)})
-                return row["id"]
+                db.table("audit").insert({**row, "prev_hash": prev, "hash": audit_hash(prev, row)})
+                return int(row["id"])
         return await self._run(fn)
 
     async def audit_rows(self, since: float | None = None) -> list[dict[str, Any]]:

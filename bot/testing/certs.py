@@ -12,7 +12,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-
 # The private keys generated in this process (their base64 lines), so tests can prove none leaked.
 KEY_MATERIAL: list[str] = []
 
@@ -34,10 +33,11 @@ def generate(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"
         from cryptography.hazmat.primitives.asymmetric import ec
         from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
     except ImportError as e:  # pragma: no cover - depends on the install
-        raise RuntimeError("TLS test clusters need the 'cryptography' package (pip install 'etcd-chatops[test]')") from e
+        raise RuntimeError("TLS test clusters need the 'cryptography' package "
+                           "(pip install 'etcd-chatops[test]')") from e
 
     directory.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
 
     def key():
         return ec.generate_private_key(ec.SECP256R1())
@@ -46,7 +46,8 @@ def generate(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
     def write_key(path: Path, k) -> None:
-        data = k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        data = k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                               serialization.NoEncryption())
         KEY_MATERIAL.extend(line for line in data.decode().splitlines() if line and not line.startswith("-----"))
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
@@ -60,8 +61,9 @@ def generate(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"
           .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
           .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=2))
           .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                                       key_encipherment=False, data_encipherment=False, key_agreement=False,
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                       key_agreement=False,
                                        encipher_only=False, decipher_only=False), critical=True)
           .sign(ca_key, hashes.SHA256()))
 
@@ -76,7 +78,7 @@ def generate(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"
             builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
         return builder.sign(ca_key, hashes.SHA256()), k
 
-    sans = []
+    sans: list[x509.GeneralName] = []
     for h in hosts:
         try:
             sans.append(x509.IPAddress(ipaddress.ip_address(h)))
@@ -85,8 +87,9 @@ def generate(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"
     server, server_key = leaf("etcd-member", [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH], sans)
     client, client_key = leaf("etcd-chatops", [ExtendedKeyUsageOID.CLIENT_AUTH], [])
 
-    files = CertFiles(ca=directory / "ca.crt", server_cert=directory / "server.crt", server_key=directory / "server.key",
-                      client_cert=directory / "client.crt", client_key=directory / "client.key")
+    files = CertFiles(ca=directory / "ca.crt", server_cert=directory / "server.crt",
+                      server_key=directory / "server.key", client_cert=directory / "client.crt",
+                      client_key=directory / "client.key")
     write_cert(files.ca, ca)
     write_cert(files.server_cert, server)
     write_key(files.server_key, server_key)

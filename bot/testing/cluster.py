@@ -20,9 +20,9 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 from bot.testing.binaries import BinaryNotFound, find_binary
 
@@ -95,7 +95,8 @@ def tls_member_args(tls: TLSPaths) -> list[str]:
             "--peer-client-cert-auth"]
 
 
-def spawn(base_dir: Path, name: str, argv: list[str], env: dict[str, str], client_url: str, peer_url: str) -> LocalMember:
+def spawn(base_dir: Path, name: str, argv: list[str], env: dict[str, str], client_url: str,
+          peer_url: str) -> LocalMember:
     """Start one etcd process detached from our session, logging to a file,
     and record it under `base_dir/members/<name>.json`."""
     data_dir = base_dir / "data" / name
@@ -194,7 +195,7 @@ class LocalCluster:
         self.scheme = "https" if tls else "http"
 
     @classmethod
-    def attach(cls, base_dir: str | Path, tls: TLSPaths | None = None) -> "LocalCluster":
+    def attach(cls, base_dir: str | Path, tls: TLSPaths | None = None) -> LocalCluster:
         """A handle on a cluster another process started in `base_dir`
         (its members are found through their records there)."""
         self = cls.__new__(cls)
@@ -213,14 +214,15 @@ class LocalCluster:
         self.tls = tls
         if tls is None and (self.base_dir / "tls" / "ca.crt").is_file():
             d = self.base_dir / "tls"
-            self.tls = TLSPaths(ca=str(d / "ca.crt"), server_cert=str(d / "server.crt"), server_key=str(d / "server.key"),
-                                client_cert=str(d / "client.crt"), client_key=str(d / "client.key"))
+            self.tls = TLSPaths(ca=str(d / "ca.crt"), server_cert=str(d / "server.crt"),
+                                server_key=str(d / "server.key"), client_cert=str(d / "client.crt"),
+                                client_key=str(d / "client.key"))
         self.scheme = "https" if self.tls else "http"
         return self
 
     # -- lifecycle ------------------------------------------------------
 
-    def __enter__(self) -> "LocalCluster":
+    def __enter__(self) -> LocalCluster:
         try:
             return self.start()
         except BaseException:
@@ -230,7 +232,7 @@ class LocalCluster:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def start(self, timeout: float = START_TIMEOUT) -> "LocalCluster":
+    def start(self, timeout: float = START_TIMEOUT) -> LocalCluster:
         """Start the initial members and wait until every one reports healthy."""
         for attempt in range(3):  # a port picked free can be taken before etcd binds it
             names = [f"{self.prefix}{i}" for i in range(1, self.size + 1)]
@@ -242,7 +244,8 @@ class LocalCluster:
                 self.wait_healthy(names, timeout)
                 return self
             except ClusterError:
-                if attempt == 2 or not any("address already in use" in log_tail(m.log_file) for m in self.members.values()):
+                if attempt == 2 or not any("address already in use" in log_tail(m.log_file)
+                                           for m in self.members.values()):
                     raise
                 self._kill_all()
                 shutil.rmtree(self.base_dir / "members", ignore_errors=True)

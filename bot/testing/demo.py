@@ -17,18 +17,32 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, TextIO
+from typing import Any, TextIO
 
 import aiohttp
 
-from bot.testing.cluster import LocalCluster, free_port, log_tail
-from bot.testing.workspace import (CHANNEL, CHANNELS, LEAD, LEAD2, LEADS_GROUP, ONCALL, STRANGER, USERGROUPS, USERS,
-                                    BotProcess, SlackSecrets, cluster_table, write_config)
 from bot.etcd.client import EtcdClient
+from bot.testing.cluster import LocalCluster, free_port, log_tail
 from bot.testing.transcript import Style, render_message
+from bot.testing.workspace import (
+    CHANNEL,
+    CHANNELS,
+    LEAD,
+    LEAD2,
+    LEADS_GROUP,
+    ONCALL,
+    STRANGER,
+    USERGROUPS,
+    USERS,
+    BotProcess,
+    SlackSecrets,
+    cluster_table,
+    write_config,
+)
 
 STATE_FILE = "demo.json"
 PEOPLE = {"alice": ONCALL, "bob": LEAD, "carol": LEAD2, "mallory": STRANGER}
@@ -60,7 +74,7 @@ class DemoState:
         Path(self.directory, STATE_FILE).write_text(json.dumps(asdict(self), indent=1))
 
     @classmethod
-    def load(cls, directory: Path) -> "DemoState":
+    def load(cls, directory: Path) -> DemoState:
         path = directory / STATE_FILE
         if not path.is_file():
             raise DemoError(f"no demo is running in {directory} (start one with: etcd-chatops demo --keep)")
@@ -108,7 +122,7 @@ class ChannelClient:
         self.session: aiohttp.ClientSession | None = None
         self.seen = 0
 
-    async def __aenter__(self) -> "ChannelClient":
+    async def __aenter__(self) -> ChannelClient:
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120))
         return self
 
@@ -169,10 +183,13 @@ SEED = [
     ("/registry/namespaces/kube-system", {"kind": "Namespace", "metadata": {"name": "kube-system"}}),
     ("/registry/services/specs/default/kubernetes", {"kind": "Service", "spec": {"clusterIP": "10.96.0.1"}}),
     ("/registry/deployments/default/web", {"kind": "Deployment", "spec": {"replicas": 3}}),
-    ("/registry/configmaps/kube-system/coredns", {"kind": "ConfigMap", "data": {"Corefile": ".:53 { forward . /etc/resolv.conf }"}}),
-] + [(f"/registry/pods/default/web-{i}", {"kind": "Pod", "metadata": {"name": f"web-{i}"}, "status": {"phase": "Running"}})
+    ("/registry/configmaps/kube-system/coredns",
+     {"kind": "ConfigMap", "data": {"Corefile": ".:53 { forward . /etc/resolv.conf }"}}),
+] + [(f"/registry/pods/default/web-{i}",
+      {"kind": "Pod", "metadata": {"name": f"web-{i}"}, "status": {"phase": "Running"}})
      for i in range(1, 9)] + [
-    ("/registry/secrets/kube-system/bootstrap-token-demo", {"kind": "Secret", "data": {"token": "demo-not-a-real-secret"}}),
+    ("/registry/secrets/kube-system/bootstrap-token-demo",
+     {"kind": "Secret", "data": {"token": "demo-not-a-real-secret"}}),
 ]
 
 
@@ -218,7 +235,8 @@ class Stack:
         self.standin_url = ready.read_text().strip()
         config = write_config(self.dir, [cluster_table("demo", self.cluster, snapshots={"keep_last": 5})],
                               approval={"approvers": [LEAD], "approver_groups": [LEADS_GROUP], "ttl_minutes": 30})
-        self.bot = BotProcess(config, self.standin_url + "/api/", self.creds, self.dir / "bot.log", port=bot_port).start()
+        self.bot = BotProcess(config, self.standin_url + "/api/", self.creds, self.dir / "bot.log",
+                              port=bot_port).start()
 
     def state(self) -> DemoState:
         return DemoState(directory=str(self.dir), standin_url=self.standin_url, standin_pid=self.standin.pid,
@@ -326,7 +344,8 @@ def run_demo(directory: Path | None, keep: bool, out: TextIO = sys.stdout) -> in
     if directory is None:
         directory = default_dir() if keep else Path(tempfile.mkdtemp(prefix="etcd-chatops-demo-"))
     if (directory / STATE_FILE).exists():
-        print(f"a kept demo is already running in {directory}: stop it with `etcd-chatops demo --stop`", file=sys.stderr)
+        print(f"a kept demo is already running in {directory}: stop it with `etcd-chatops demo --stop`",
+              file=sys.stderr)
         return 2
     directory.mkdir(parents=True, exist_ok=True)
     stack = Stack(directory, keep)

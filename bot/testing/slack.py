@@ -31,9 +31,10 @@ import string
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlencode
 
 import aiohttp
@@ -263,7 +264,7 @@ class SlackStandIn:
             session, self._session = self._session, None
             await session.close()
 
-    async def __aenter__(self) -> "SlackStandIn":
+    async def __aenter__(self) -> SlackStandIn:
         await self.start()
         return self
 
@@ -696,7 +697,7 @@ class SlackStandIn:
             {"ticket": ticket, "app_id": self.app_id})
         return {"ok": True, "url": ws_url}
 
-    _methods: dict[str, Callable[["SlackStandIn", dict], dict]] = {
+    _methods: dict[str, Callable[[SlackStandIn, dict], dict]] = {
         "auth.test": _api_auth_test,
         "chat.postMessage": _api_post_message,
         "chat.update": _api_update,
@@ -818,7 +819,7 @@ class SlackStandIn:
                                           timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
                 text = await resp.text()
                 status, rtype = resp.status, resp.content_type
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return Delivery(0, "", time.monotonic() - t0, None, mode="http",
                             error=f"no answer within {timeout:g}s")
         except aiohttp.ClientError as e:
@@ -842,7 +843,7 @@ class SlackStandIn:
         try:
             await ws.send_str(json.dumps(envelope))
             ack = await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return Delivery(0, "", time.monotonic() - t0, None, mode="socket", error=f"no ack within {timeout:g}s")
         finally:
             self._pending_acks.pop(env_id, None)

@@ -132,7 +132,7 @@ class BotProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/slack/events"
 
-    def start(self, timeout: float = 30.0) -> "BotProcess":
+    def start(self, timeout: float = 30.0) -> BotProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SLACK_")}
         env.update(SLACK_BOT_TOKEN=self.creds.bot_token, SLACK_SIGNING_SECRET=self.creds.signing_secret,
                    SLACK_API_URL=self.api_url)
