@@ -16,6 +16,7 @@ from bot.testing import workspace as workspace_module
 from bot.testing.cluster import LocalCluster
 
 TEST_ETCD_PASSWORD = "rootpw-" + os.urandom(6).hex()  # tests that enable etcd auth use this
+TEST_AUDIT_KEY = "auditkey-" + os.urandom(16).hex()    # tests that key the audit chain use this
 
 
 def _processes_under(roots: list[str]) -> list[tuple[int, str]]:
@@ -74,7 +75,7 @@ def no_secret_in_logs_or_messages(tmp_path_factory) -> Iterator[None]:
     yield
     root.removeHandler(capture)
     root.setLevel(level)
-    secrets = [s for s in workspace_module.ISSUED + certs_module.KEY_MATERIAL + [TEST_ETCD_PASSWORD] if len(s) >= 6]
+    secrets = [s for s in workspace_module.ISSUED + certs_module.KEY_MATERIAL + [TEST_ETCD_PASSWORD, TEST_AUDIT_KEY] if len(s) >= 6]
     places: list[tuple[str, str]] = [("log", line) for line in capture.lines]
     for stand_in in STAND_INS:
         places += [("slack message", json.dumps(dataclasses.asdict(m))) for m in stand_in.messages]
