@@ -126,3 +126,22 @@ async def test_a_chain_written_without_a_key_then_with_one(tmp_path, monkeypatch
     rewrite(db, 1, last=2, user="U0INNOCENT")
     tampered = cli(config, "verify")
     assert tampered.returncode == 1 and "row 3: content does not match its hash" in tampered.stdout
+
+
+async def test_a_database_from_before_the_key_and_plan_columns_opens_and_verifies(tmp_path):
+    db = tmp_path / "etcd-chatops.db"
+    store = await Store(db).open()
+    await store.audit("command", user="U0ONCALL01")
+    await store.close()
+    old = sqlite3.connect(db)  # as the previous release left it
+    old.execute("ALTER TABLE audit DROP COLUMN key_id")
+    old.execute("ALTER TABLE snapshots DROP COLUMN plan_id")
+    old.commit()
+    old.close()
+    store = await Store(db, audit_key=TEST_AUDIT_KEY).open()
+    try:
+        await store.continue_audit_chain()
+        assert await store.verify_audit() == (2, None) and await store.audit_keyed_from() == 2
+        await store.snapshot_for_plan(1, "p1")  # the column is there (no such row: nothing changes)
+    finally:
+        await store.close()
