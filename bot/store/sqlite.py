@@ -106,7 +106,6 @@ CREATE TABLE IF NOT EXISTS audit (
 ADDED_COLUMNS = {("snapshots", "plan_id"): "TEXT", ("audit", "key_id"): "TEXT NOT NULL DEFAULT ''"}
 
 
-
 class StoreError(Exception):
     """The database could not do what was asked; one line saying why."""
 
