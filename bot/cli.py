@@ -232,7 +232,7 @@ def _run(args: argparse.Namespace) -> int:
         slack = SlackSettings.from_env()
     except SettingsError as e:
         raise UsageFailure(str(e)) from None
-    logs.register_secret(*slack.secrets(), *(c.password for c in config.clusters))
+    logs.register_secret(*slack.secrets(), *(c.password for c in config.clusters), config.audit_key)
     logs.setup(args.log_level)
     if not 0 < args.port < 65536:
         raise UsageFailure(f"--port: {args.port} is not a TCP port")
@@ -331,7 +331,7 @@ async def _audit(args: argparse.Namespace) -> int:
     if not config.database.is_file():
         raise UsageFailure(f"no database at {config.database} (database in {config.source})")
     since = parse_since(args.since, time.time()) if getattr(args, "since", None) else None
-    store = Store(config.database)
+    store = Store(config.database, audit_key=config.audit_key)
     try:
         await store.open()
         if args.audit_cmd == "verify":
@@ -339,7 +339,15 @@ async def _audit(args: argparse.Namespace) -> int:
             if problem:
                 print(f"audit log NOT intact after checking {count} row(s): {problem}")
                 return EXIT_FAILED
-            print(f"audit log intact: {count} row(s), hash chain verified")
+            keyed_from = await store.audit_keyed_from()
+            if keyed_from is None:
+                keying = "unkeyed: anyone who can write the database can rewrite it undetected"
+            elif keyed_from == 1:
+                keying = "keyed with HMAC"
+            else:
+                keying = (f"keyed with HMAC from row {keyed_from} (the rows before it were written without a key; "
+                          "the keyed rows cover them)")
+            print(f"audit log intact: {count} row(s), hash chain verified, {keying}")
             return EXIT_OK
         for row in await store.audit_rows(since):
             row["detail"] = json.loads(row["detail"])

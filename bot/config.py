@@ -53,6 +53,7 @@ class SnapshotPolicy:
     age_recipients: tuple[str, ...] = ()     # age public keys; empty: not encrypted
     keep_last: int | None = None             # keep the newest N
     keep_days: float | None = None           # keep those younger than D days (a snapshot kept by either rule stays)
+    keep_plan_snapshots_days: float = 30.0   # a plan's pre-change snapshot is kept at least this long, whatever the above say
     every_seconds: float | None = None       # take one on a schedule
 
     @property
@@ -106,6 +107,7 @@ class Config:
     approval: ApprovalConfig = ApprovalConfig()
     snapshots: SnapshotPolicy = SnapshotPolicy()
     database_timeout_seconds: float = 5.0    # how long one write waits for another writer's lock (x3 tries)
+    audit_key: str | None = field(default=None, repr=False)  # HMAC key of the audit chain; None: plain sha256
     source: Path | None = None
 
     def cluster(self, name: str) -> ClusterConfig | None:
@@ -245,9 +247,11 @@ def _snapshot_policy(t: _Table, default: SnapshotPolicy) -> SnapshotPolicy:
     if keep_last is not None and keep_last < 1:
         raise ConfigError(f"{t.key('keep_last')}: must be at least 1")
     keep_days = t.get("keep_days", float, default.keep_days, _positive)
+    keep_plan_days = t.get("keep_plan_snapshots_days", float, default.keep_plan_snapshots_days, _positive)
     every = t.get("every", str, None, _duration)
     t.done()
     return SnapshotPolicy(age_recipients=recipients, keep_last=keep_last, keep_days=keep_days,
+                          keep_plan_snapshots_days=keep_plan_days,
                           every_seconds=every if every is not None else default.every_seconds)
 
 
@@ -289,19 +293,32 @@ def _access(t: _Table, approval: ApprovalConfig) -> AccessConfig:
     return access
 
 
-def _password(t: _Table) -> str | None:
-    env = t.get("password_env", str, None)
-    file = t.path_value("password_file", None, must_exist=True)
+def _secret(t: _Table, name: str) -> str | None:
+    """A secret from `<name>_env` (an environment variable) or `<name>_file`, never inline in the file."""
+    env = t.get(f"{name}_env", str, None)
+    file = t.path_value(f"{name}_file", None, must_exist=True)
     if env and file:
-        raise ConfigError(f"{t.key('password_file')}: give password_env or password_file, not both")
+        raise ConfigError(f"{t.key(name + '_file')}: give {name}_env or {name}_file, not both")
     if env:
         value = os.environ.get(env)
         if not value:
-            raise ConfigError(f"{t.key('password_env')}: environment variable {env} is not set")
+            raise ConfigError(f"{t.key(name + '_env')}: environment variable {env} is not set")
         return value
     if file:
         return file.read_text().strip()
     return None
+
+
+AUDIT_KEY_MIN = 32  # characters; HMAC-SHA256's own strength
+
+
+def _audit_key(t: _Table) -> str | None:
+    key = _secret(t, "audit_key")
+    if key is not None and len(key) < AUDIT_KEY_MIN:
+        which = "audit_key_env" if "audit_key_env" in t.data else "audit_key_file"
+        raise ConfigError(f"{t.key(which)}: the audit key has {len(key)} characters; it needs at least {AUDIT_KEY_MIN} "
+                          "(e.g. openssl rand -hex 32)")
+    return key
 
 
 def _cluster(t: _Table, snapshot_defaults: SnapshotPolicy, approval: ApprovalConfig) -> ClusterConfig:
@@ -320,7 +337,7 @@ def _cluster(t: _Table, snapshot_defaults: SnapshotPolicy, approval: ApprovalCon
     if (cert is None) != (key is None):
         raise ConfigError(f"{t.key('cert' if cert is None else 'key')}: cert and key go together")
     username = t.get("username", str, None)
-    password = _password(t)
+    password = _secret(t, "password")
     if (username is None) != (password is None):
         raise ConfigError(f"{t.key('username' if username is None else 'password_env')}: username needs password_env or password_file, and back")
     timeout = t.get("timeout_seconds", float, 2.0, _positive)
@@ -344,6 +361,7 @@ def parse_config(data: dict, base: Path, source: Path | None = None) -> Config:
     if snapshot_dir.exists() and not snapshot_dir.is_dir():
         raise ConfigError(f"snapshot_dir: {top.data.get('snapshot_dir', snapshot_dir)}: is not a directory")
     db_timeout = top.get("database_timeout_seconds", float, 5.0, _positive)
+    audit_key = _audit_key(top)
     a = top.table("approval")
     approval = ApprovalConfig(
         approvers=a.strings("approvers", check=_slack_id),
@@ -369,7 +387,7 @@ def parse_config(data: dict, base: Path, source: Path | None = None) -> Config:
         seen.add(c.name)
     top.done()
     return Config(clusters=clusters, database=database, snapshot_dir=snapshot_dir, approval=approval,
-                  snapshots=snapshots, database_timeout_seconds=db_timeout, source=source)
+                  snapshots=snapshots, database_timeout_seconds=db_timeout, audit_key=audit_key, source=source)
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

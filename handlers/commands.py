@@ -38,9 +38,9 @@ from bot.ops.context import BotContext
 from bot.ops.lifecycle import Outcome
 from bot.ops.replace import ReplaceRequest
 from bot.ops.routing import RoutingError, resolve_cluster
-from bot.ops.snapshots import take_snapshot
+from bot.ops.snapshots import RunningSnapshot, take_snapshot
 from bot.slack import blocks
-from bot.slack.web import SlackPostError, post
+from bot.slack.web import SlackPostError, ephemeral, post
 from bot.store.sqlite import StoreError
 
 log = logging.getLogger(__name__)
@@ -73,12 +73,22 @@ async def _plans(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user: st
 
 
 async def _snapshot(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user: str, channel: str) -> Outcome:
+    joined: list[RunningSnapshot] = []
+
+    async def tell(running: RunningSnapshot) -> None:
+        joined.append(running)
+        await ephemeral(ctx.web, channel, user,
+                        blocks.snapshot_joined_reply(running.cluster, running.requested_by, running.started_at))
     try:
-        saved = await take_snapshot(ctx, cluster, requested_by=user, reason="requested", channel=channel)
+        saved = await take_snapshot(ctx, cluster, requested_by=user, reason="requested", channel=channel, on_join=tell)
+        answer = blocks.snapshot_reply(saved, joined[0].requested_by if joined else user)
     except SnapshotFailed as e:
         await ctx.store.audit("snapshot_failed", user=user, channel=channel, cluster=cluster.name, detail={"reason": str(e)})
-        return Outcome(channel=blocks.snapshot_failed_reply(cluster.name, str(e)))
-    return Outcome(channel=blocks.snapshot_reply(saved, user))
+        answer = blocks.snapshot_failed_reply(cluster.name, str(e))
+    if joined and joined[0].channel == channel:  # the channel sees the result from the request it joined
+        await ephemeral(ctx.web, channel, user, answer)
+        return Outcome()
+    return Outcome(channel=answer)
 
 
 async def _snapshots(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user: str, channel: str) -> Outcome:

@@ -19,6 +19,7 @@ from bot.testing.cluster import LocalCluster
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_ETCD_PASSWORD = "rootpw-" + os.urandom(6).hex()  # tests that enable etcd auth use this
+TEST_AUDIT_KEY = "auditkey-" + os.urandom(16).hex()    # tests that key the audit chain use this
 
 # A test that uses any of these (directly or through another fixture) runs real etcd, the Slack
 # stand-in or the bot: it is end to end. `make test-fast` runs the others.
@@ -90,7 +91,8 @@ def no_secret_in_logs_or_messages(tmp_path_factory) -> Iterator[None]:
     yield
     root.removeHandler(capture)
     root.setLevel(level)
-    secrets = [s for s in workspace_module.ISSUED + certs_module.KEY_MATERIAL + [TEST_ETCD_PASSWORD] if len(s) >= 6]
+    issued = workspace_module.ISSUED + certs_module.KEY_MATERIAL + [TEST_ETCD_PASSWORD, TEST_AUDIT_KEY]
+    secrets = [s for s in issued if len(s) >= 6]
     places: list[tuple[str, str]] = [("log", line) for line in capture.lines]
     for stand_in in STAND_INS:
         places += [("slack message", json.dumps(dataclasses.asdict(m))) for m in stand_in.messages]

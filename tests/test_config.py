@@ -164,6 +164,8 @@ every = "1h30m"
      "snapshots.age_recipients[0]: 'age1nope'... is not an age X25519 public key"),
     ('[snapshots]\nkeep = 3\n', "snapshots.keep: unknown key"),
     ('database_timeout_seconds = -1\n', "database_timeout_seconds: must be greater than 0"),
+    ('[snapshots]\nkeep_plan_snapshots_days = 0\n', "snapshots.keep_plan_snapshots_days: must be greater than 0"),
+    ('[snapshots]\nkeep_plan_snapshots_days = "30d"\n', "snapshots.keep_plan_snapshots_days: expected a number"),
 ])
 def test_snapshot_and_database_mistakes(tmp_path, snippet, message):
     with pytest.raises(ConfigError) as e:
@@ -252,3 +254,43 @@ def test_paths_of_the_wrong_kind(tmp_path, cli):
         proc = cli("check-config", str(path))
         errors = [line for line in proc.stderr.splitlines() if "error:" in line]
         assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr
+
+
+def test_plan_snapshots_are_kept_30_days_unless_configured(tmp_path):
+    text = '[snapshots]\nkeep_last = 1\n[[clusters]]\nname = "a"\nendpoints = ["http://h:1"]\n' \
+           '[[clusters]]\nname = "b"\nendpoints = ["http://h:2"]\n[clusters.snapshots]\nkeep_plan_snapshots_days = 90\n'
+    a, b = load_config(write(tmp_path, text)).clusters
+    assert (a.snapshots.keep_plan_snapshots_days, b.snapshots.keep_plan_snapshots_days) == (30.0, 90.0)
+
+
+CLUSTER = '[[clusters]]\nname = "a"\nendpoints = ["http://h:1"]\n'
+
+
+@pytest.mark.parametrize("top, message", [
+    ('audit_key_env = "AUDIT_KEY_UNSET"\n', "audit_key_env: environment variable AUDIT_KEY_UNSET is not set"),
+    ('audit_key_file = "nope.key"\n', "audit_key_file: nope.key: no such file"),
+    ('audit_key_env = "AUDIT_KEY_GOOD"\naudit_key_file = "audit.key"\n',
+     "audit_key_file: give audit_key_env or audit_key_file, not both"),
+    ('audit_key_env = "AUDIT_KEY_SHORT"\n', "audit_key_env: the audit key has 12 characters; it needs at least 32"),
+    ('audit_key_file = "short.key"\n', "audit_key_file: the audit key has 5 characters; it needs at least 32"),
+    ('audit_key = "inline-keys-are-not-read-from-the-file"\n', "audit_key: unknown key"),
+])
+def test_audit_key_mistakes_name_the_key_and_never_the_key(tmp_path, monkeypatch, top, message):
+    monkeypatch.setenv("AUDIT_KEY_GOOD", "k" * 40)
+    monkeypatch.setenv("AUDIT_KEY_SHORT", "short-secret")
+    monkeypatch.delenv("AUDIT_KEY_UNSET", raising=False)
+    (tmp_path / "audit.key").write_text("f" * 64 + "\n")
+    (tmp_path / "short.key").write_text("abcde\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, top + CLUSTER))
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert "short-secret" not in str(e.value) and "abcde" not in str(e.value)
+
+
+def test_audit_key_from_the_environment_or_a_file(tmp_path, monkeypatch):
+    assert load_config(write(tmp_path, CLUSTER)).audit_key is None
+    monkeypatch.setenv("AUDIT_KEY", "e" * 40)
+    config = load_config(write(tmp_path, 'audit_key_env = "AUDIT_KEY"\n' + CLUSTER))
+    assert config.audit_key == "e" * 40 and "e" * 40 not in repr(config)
+    (tmp_path / "audit.key").write_text("f" * 64 + "\n")
+    assert load_config(write(tmp_path, 'audit_key_file = "audit.key"\n' + CLUSTER)).audit_key == "f" * 64

@@ -42,9 +42,10 @@ from bot.etcd.bbolt import SnapshotError, snapshot_status
 from bot.etcd.client import SNAPSHOT_IDLE_TIMEOUT, EtcdClient
 from bot.etcd.snapshots import TRAILER, SnapshotFailed, TrailerCheck, save_snapshot, to_prune
 from bot.ops.schedule import RETRY_AFTER_FAILURE, SCHEDULER, Scheduler, is_due
+from bot.ops.snapshots import take_snapshot
 from bot.testing.cluster import LocalCluster
 from bot.testing.workspace import CHANNEL, LEAD, ONCALL, cluster_table, write_config
-from helpers import eventually, reply, text_of
+from helpers import command, eventually, reply, text_of
 from snapshot_fixtures import etcdutl_status, etcdutl_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,14 +102,15 @@ def leader_name(cluster: LocalCluster) -> str:
     return member_name(cluster, endpoint)
 
 
-async def wait_for_growing_part(directory: Path, save: asyncio.Task, at_least: int = 2 * MiB,
+async def wait_for_growing_part(directory: Path, save: asyncio.Task | None, at_least: int = 2 * MiB,
                                 timeout: float = 60.0) -> int:
     """Poll until a `.part` file in `directory` exists and has grown past `at_least`
-    bytes (seen at two different sizes); returns its size. The save must still run."""
+    bytes (seen at two different sizes); returns its size. The save (when given; the
+    bot's own otherwise) must still run."""
     sizes: set[int] = set()
 
     def grown() -> int | None:
-        if save.done():
+        if save is not None and save.done():
             outcome = save.exception() or save.result()
             raise AssertionError(f"the save ended before the .part file grew past {at_least:,} bytes "
                                  f"(sizes seen {sorted(sizes)}): {outcome!r}; make the database bigger")
@@ -430,6 +432,20 @@ def test_to_prune_both_rules_keep_what_either_keeps():
     assert _ids(to_prune(rows, keep_last=1, keep_days=7, now=NOW)) == {1, 2}
 
 
+def test_to_prune_keeps_plan_snapshots_for_keep_plan_days_whatever_the_rules_say():
+    rows = _rows(40, 20, 10, 5, 1)  # ids 1..5, oldest first
+    for row in rows:
+        if row["id"] in (1, 2, 3):
+            row["plan_id"] = f"plan-{row['id']}"
+    # keep_last=1 and keep_days=2 alone keep only id 5; the plan snapshots younger than 30 days stay.
+    assert _ids(to_prune(rows, keep_last=1, keep_days=2, now=NOW)) == {1, 4}
+    assert _ids(to_prune(rows, keep_last=1, keep_days=None, now=NOW, keep_plan_days=15)) == {1, 2, 4}
+    # The snapshot of a plan still open is kept however old it is.
+    assert _ids(to_prune(rows, keep_last=1, keep_days=None, now=NOW, keep_plan_days=15, open_plan="plan-1")) == {2, 4}
+    # Without retention rules nothing is pruned, plan snapshots or not.
+    assert to_prune(rows, keep_last=None, keep_days=None, now=NOW, keep_plan_days=1) == []
+
+
 def test_to_prune_without_rules_prunes_nothing():
     assert to_prune(_rows(400, 300, 1), keep_last=None, keep_days=None, now=NOW) == []
     assert to_prune([], keep_last=1, keep_days=1, now=NOW) == []
@@ -463,6 +479,58 @@ async def test_keep_last_prunes_the_oldest_file_row_and_listing(make_cluster, sl
     for row in kept:
         assert Path(row["path"]).name in listing
     assert Path(oldest["path"]).name not in listing
+
+
+async def test_one_snapshot_at_a_time_the_second_request_joins_and_plan_snapshots_survive_retention(
+        make_cluster, slack, start_bot, tmp_path):
+    c = make_cluster(1)
+    await fill(c, 24)  # a stream long enough to catch it running
+    bot = await start_bot([cluster_table("prod", c, snapshots={"keep_last": 1})])
+    store, prod = bot.ctx.store, bot.ctx.config.cluster("prod")
+    snap_dir = tmp_path / "snapshots" / "prod"
+    start = len(slack.messages)
+
+    async def joined(n: int) -> None:
+        deadline = time.monotonic() + 20
+        while len([r for r in await store.audit_rows() if r["action"] == "snapshot_joined"]) < n:
+            assert time.monotonic() < deadline, f"{n} request(s) did not join the running snapshot"
+            await asyncio.sleep(0.02)
+
+    await command(slack, "snapshot", user=ONCALL)
+    await wait_for_growing_part(snap_dir, None)
+    c.pause("member1")  # the first snapshot is held mid-stream until both others have joined it
+    try:
+        await command(slack, "snapshot", user=LEAD)
+        notice = await slack.wait_for_message(lambda m: m.ephemeral_to == LEAD, after=start, timeout=20,
+                                              what="the notice that a snapshot is already running")
+        plan_step = asyncio.create_task(take_snapshot(bot.ctx, prod, requested_by=LEAD, reason="before plan p1",
+                                                      plan_id="p1"))
+        await joined(2)
+    finally:
+        c.resume("member1")
+    assert re.search(rf"^a snapshot of prod is already running, started by <@{ONCALL}> at \d\d:\d\d:\d\d UTC; "
+                     "you will get its result$", notice.text), notice.text
+    assert "no healthy member" not in text_of(notice)
+
+    first = await slack.wait_for_message(lambda m: m.source == "chat.postMessage" and m.channel == CHANNEL,
+                                         after=start, timeout=60, what="the snapshot result in the channel")
+    second = await slack.wait_for_message(lambda m: m.ephemeral_to == LEAD and "verified" in text_of(m),
+                                          after=start, timeout=60, what="the result for the second request")
+    saved = await asyncio.wait_for(plan_step, 60)
+    (row,) = await store.snapshots("prod", include_pruned=True)  # one stream, one file, one row
+    name = Path(row["path"]).name
+    assert files_under(snap_dir) == [name] and saved.path.name == name
+    assert name in text_of(first) and name in text_of(second) and f"<@{ONCALL}>" in text_of(second)
+    assert row["requested_by"] == ONCALL and row["plan_id"] == "p1"
+    assert [m for m in slack.messages[start:] if m.source == "chat.postMessage"] == [first], "posted once"
+
+    # It is the plan's pre-change snapshot: keep_last = 1 does not delete it; the next one goes.
+    for i in range(2):
+        c.etcdctl("put", f"/after/{i}", "v")
+        assert "verified" in text_of(await reply(slack, "snapshot", timeout=60))
+    kept = [r for r in await store.snapshots("prod", include_pruned=True) if r["pruned_at"] is None]
+    assert len(kept) == 2 and kept[1]["id"] == row["id"] and Path(row["path"]).is_file()
+    assert len(files_under(snap_dir)) == 2
 
 
 # ---------------------------------------------------------------- 6. the message of /etcd snapshot

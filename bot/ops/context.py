@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Coroutine
+from typing import TYPE_CHECKING, Any, Coroutine
 
 from slack_sdk.web.async_client import AsyncWebClient
 
@@ -17,6 +17,9 @@ from bot.etcd.model import EtcdError
 from bot.ops.metrics import Metrics
 from bot.settings import SlackSettings
 from bot.store.sqlite import Store
+
+if TYPE_CHECKING:
+    from bot.ops.snapshots import RunningSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,7 @@ class BotContext:
     access: Access | None = None
     tasks: set[asyncio.Task] = field(default_factory=set)
     metrics: Metrics = field(default_factory=Metrics)
+    running_snapshots: dict[str, RunningSnapshot] = field(default_factory=dict)  # by cluster: one at a time
 
     def client(self, cluster: ClusterConfig) -> EtcdClient:
         """One long-lived client per cluster, so channels are reused."""
@@ -45,7 +49,8 @@ class BotContext:
         return client
 
     def secrets(self) -> list[str]:
-        return self.slack.secrets() + [c.password for c in self.config.clusters if c.password]
+        return (self.slack.secrets() + [c.password for c in self.config.clusters if c.password]
+                + ([self.config.audit_key] if self.config.audit_key else []))
 
     def track_current_task(self) -> None:
         """Count the running listener as in-flight work that shutdown waits for."""
@@ -71,7 +76,9 @@ class BotContext:
         self.web = web
         self.access = Access(web)
         if self.store is None:
-            self.store = await Store(self.config.database, busy_timeout=self.config.database_timeout_seconds).open()
+            self.store = await Store(self.config.database, busy_timeout=self.config.database_timeout_seconds,
+                                     audit_key=self.config.audit_key).open()
+            await self.store.continue_audit_chain()
 
     async def close(self, grace: float = 5.0) -> None:
         """Let in-flight work finish for `grace` seconds, then cancel it: a

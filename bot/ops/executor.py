@@ -170,7 +170,8 @@ class Executor:
 
     async def step_snapshot(self) -> str:
         saved = await take_snapshot(self.ctx, self.cluster, requested_by=self.actor, channel=self.row["channel"],
-                                    reason=f"before plan {self.plan.id}", prefer=self.plan.snapshot_source)
+                                    reason=f"before plan {self.plan.id}", prefer=self.plan.snapshot_source,
+                                    plan_id=self.plan.id)
         return (f"saved {saved.path.name} from {saved.member}: revision {saved.status.revision}, "
                 f"hash {saved.status.hash_hex}, sha256 {saved.sha256[:16]}…")
 

@@ -1,13 +1,17 @@
 """Snapshots as the bot takes them: pick a member, save, record, audit, prune.
 
 Shared by `/etcd snapshot`, the pre-change step of every plan and the
-schedule, so all three record the same facts the same way.
+schedule, so all three record the same facts the same way. One snapshot of a
+cluster runs at a time: a request while one runs joins it (single flight) and
+gets its result, instead of streaming the same database twice.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from dataclasses import replace
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bot.config import ClusterConfig
@@ -19,10 +23,59 @@ from bot.ops.context import BotContext
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class RunningSnapshot:
+    """The snapshot of a cluster being taken; its result is (the file, its row id)."""
+
+    cluster: str
+    requested_by: str
+    channel: str
+    started_at: float
+    result: asyncio.Future[tuple[SavedSnapshot, int]]
+
+
 async def take_snapshot(ctx: BotContext, cluster: ClusterConfig, *, requested_by: str, reason: str,
-                        channel: str = "", health: ClusterHealth | None = None,
-                        prefer: str | None = None) -> SavedSnapshot:
-    """Snapshot a healthy member (a follower if possible), record it, apply retention."""
+                        channel: str = "", health: ClusterHealth | None = None, prefer: str | None = None,
+                        plan_id: str | None = None,
+                        on_join: Callable[[RunningSnapshot], Awaitable[object]] | None = None) -> SavedSnapshot:
+    """Snapshot a healthy member (a follower if possible), record it, apply retention.
+    While another snapshot of the cluster runs, wait for that one instead
+    (`on_join` is told at once) and return its result. `plan_id`: this is that
+    plan's pre-change snapshot, which retention keeps."""
+    running = ctx.running_snapshots.get(cluster.name)
+    if running is not None:
+        return await _join(ctx, running, requested_by=requested_by, channel=channel, plan_id=plan_id, on_join=on_join)
+    future: asyncio.Future[tuple[SavedSnapshot, int]] = asyncio.get_running_loop().create_future()
+    future.add_done_callback(lambda f: f.cancelled() or f.exception())  # no joiner: nobody else reads a failure
+    ctx.running_snapshots[cluster.name] = RunningSnapshot(cluster.name, requested_by, channel, time.time(), future)
+    try:
+        saved, snapshot_id = await _take(ctx, cluster, requested_by=requested_by, reason=reason, channel=channel,
+                                         health=health, prefer=prefer, plan_id=plan_id)
+    except BaseException as e:
+        future.set_exception(e if isinstance(e, Exception) else
+                             SnapshotFailed(f"the snapshot of {cluster.name} was stopped before it finished"))
+        raise
+    finally:
+        del ctx.running_snapshots[cluster.name]
+    future.set_result((saved, snapshot_id))
+    return saved
+
+
+async def _join(ctx: BotContext, running: RunningSnapshot, *, requested_by: str, channel: str, plan_id: str | None,
+                on_join: Callable[[RunningSnapshot], Awaitable[object]] | None) -> SavedSnapshot:
+    await ctx.store.audit("snapshot_joined", user=requested_by, channel=channel, cluster=running.cluster,
+                          detail={"started_by": running.requested_by, "started_at": running.started_at,
+                                  "plan": plan_id})
+    if on_join is not None:
+        await on_join(running)
+    saved, snapshot_id = await asyncio.shield(running.result)  # one waiter leaving does not stop the snapshot
+    if plan_id is not None:
+        await ctx.store.snapshot_for_plan(snapshot_id, plan_id)
+    return saved
+
+
+async def _take(ctx: BotContext, cluster: ClusterConfig, *, requested_by: str, reason: str, channel: str,
+                health: ClusterHealth | None, prefer: str | None, plan_id: str | None) -> tuple[SavedSnapshot, int]:
     client = ctx.client(cluster)
     if health is None:
         try:
@@ -54,35 +107,39 @@ async def take_snapshot(ctx: BotContext, cluster: ClusterConfig, *, requested_by
         saved = await save_snapshot(client, other.status.endpoint, other.member.name, ctx.config.snapshot_dir,
                                     cluster.name, cluster.snapshots.age_recipients)
         saved = replace(saved, failed_over_from=source.member.name)
-    await record_snapshot(ctx, saved, requested_by=requested_by, reason=reason, channel=channel)
-    return replace(saved, pruned=tuple(await prune(ctx, cluster)))
+    snapshot_id = await record_snapshot(ctx, saved, requested_by=requested_by, reason=reason, channel=channel,
+                                        plan_id=plan_id)
+    return replace(saved, pruned=tuple(await prune(ctx, cluster))), snapshot_id
 
 
 async def record_snapshot(ctx: BotContext, saved: SavedSnapshot, *, requested_by: str, reason: str,
-                          channel: str = "") -> int:
+                          channel: str = "", plan_id: str | None = None) -> int:
     st = saved.status
     snapshot_id = await ctx.store.record_snapshot({
         "cluster": saved.cluster, "path": str(saved.path), "member": saved.member, "revision": st.revision,
         "hash": st.hash_hex, "total_keys": st.total_keys, "live_keys": st.live_keys, "total_size": st.total_size,
         "file_size": saved.file_size, "sha256": saved.sha256, "encrypted": int(saved.encrypted),
         "requested_by": requested_by, "reason": reason, "duration": round(saved.duration, 3),
-        "created_at": saved.created_at,
+        "created_at": saved.created_at, "plan_id": plan_id,
     })
     ctx.metrics.snapshot_seconds.labels(cluster=saved.cluster).observe(saved.duration)
     ctx.metrics.snapshot_bytes.labels(cluster=saved.cluster).set(saved.file_size)
     await ctx.store.audit("snapshot", user=requested_by, channel=channel, cluster=saved.cluster,
                           detail={"id": snapshot_id, "file": saved.path.name, "member": saved.member,
                                   "revision": st.revision, "hash": st.hash_hex, "sha256": saved.sha256,
-                                  "encrypted": saved.encrypted, "reason": reason})
+                                  "encrypted": saved.encrypted, "reason": reason, "plan": plan_id})
     return snapshot_id
 
 
 async def prune(ctx: BotContext, cluster: ClusterConfig) -> list[str]:
-    """Delete the snapshots the cluster's retention no longer keeps; record each."""
+    """Delete the snapshots the cluster's retention no longer keeps; record each.
+    The pre-change snapshot of the cluster's open plan is never deleted."""
     policy = cluster.snapshots
     rows = await ctx.store.snapshots(cluster.name, limit=100000)
+    open_plan = await ctx.store.open_plan(cluster.name)
     pruned = []
-    for row in to_prune(rows, policy.keep_last, policy.keep_days, time.time()):
+    for row in to_prune(rows, policy.keep_last, policy.keep_days, time.time(), policy.keep_plan_snapshots_days,
+                        open_plan["id"] if open_plan else None):
         path = Path(row["path"])
         try:
             path.unlink(missing_ok=True)

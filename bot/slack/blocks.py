@@ -343,6 +343,17 @@ def snapshot_failed_reply(cluster: str, reason: str, scheduled: bool = False) ->
                  blocks=[_section(f"{lead} for {code(cluster)}: {escape(reason)}\nNo file was kept.")])
 
 
+def snapshot_joined_reply(cluster: str, started_by: str, started_at: float) -> Reply:
+    """A request while a snapshot of the cluster runs: it waits for that one, not a second stream."""
+    import datetime as dt
+    utc = dt.datetime.fromtimestamp(started_at, dt.timezone.utc).strftime("%H:%M:%S UTC")
+    text = (f"a snapshot of {escape(cluster)} is already running, started by {mention(started_by)} at {utc}; "
+            "you will get its result")
+    return Reply(text=text, blocks=[_section(
+        f":hourglass_flowing_sand: a snapshot of `{escape(cluster)}` is already running, started by "
+        f"{mention(started_by)} at {slack_date(started_at)}; you will get its result")])
+
+
 def snapshots_reply(cluster: str, rows: list[dict[str, Any]]) -> Reply:
     if not rows:
         return Reply(text=f"No snapshots recorded for {escape(cluster)} yet. Take one with /etcd snapshot.")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import json
 import sqlite3
 import time
@@ -82,7 +83,8 @@ CREATE TABLE IF NOT EXISTS snapshots (
     reason TEXT NOT NULL DEFAULT '',
     duration REAL NOT NULL,
     created_at REAL NOT NULL,
-    pruned_at REAL
+    pruned_at REAL,
+    plan_id TEXT                   -- the plan this is the pre-change snapshot of (retention keeps it)
 );
 CREATE INDEX IF NOT EXISTS snapshots_by_cluster ON snapshots(cluster, created_at);
 CREATE TABLE IF NOT EXISTS probe (
@@ -98,9 +100,12 @@ CREATE TABLE IF NOT EXISTS audit (
     action TEXT NOT NULL,
     detail TEXT NOT NULL,
     prev_hash TEXT NOT NULL,
-    hash TEXT NOT NULL
+    hash TEXT NOT NULL,
+    key_id TEXT NOT NULL DEFAULT ''  -- '' : hash is a sha256; else: an HMAC-SHA256 with the key of this id
 );
 """
+# Columns added after the first release: databases created before get them on open.
+ADDED_COLUMNS = {("snapshots", "plan_id"): "TEXT", ("audit", "key_id"): "TEXT NOT NULL DEFAULT ''"}
 
 
 class StoreError(Exception):
@@ -118,18 +123,28 @@ class OpenPlanExists(StoreError):
         self.plan_id, self.state = plan_id, state
 
 
-def audit_hash(prev_hash: str, row: dict[str, Any]) -> str:
-    """sha256 over the previous row's hash and this row's content."""
+def audit_hash(prev_hash: str, row: dict[str, Any], key: bytes | None = None) -> str:
+    """sha256 over the previous row's hash and this row's content; with a key,
+    an HMAC-SHA256, which nobody without the key can recompute."""
     content = json.dumps([row["id"], row["ts"], row["user"], row["channel"], row["cluster"], row["action"],
                           row["detail"]], separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(f"{prev_hash}\n{content}".encode()).hexdigest()
+    message = f"{prev_hash}\n{content}".encode()
+    return hmac.new(key, message, hashlib.sha256).hexdigest() if key else hashlib.sha256(message).hexdigest()
+
+
+def audit_key_id(key: bytes) -> str:
+    """A short name of a key, stored with each keyed row: tells "wrong key" from
+    "changed row" and reveals nothing of the key."""
+    return hmac.new(key, b"etcd-chatops audit key id", hashlib.sha256).hexdigest()[:16]
 
 
 class Store:
     """Async facade; every method runs its SQL on the store's own thread."""
 
-    def __init__(self, path: str | Path, *, busy_timeout: float = 5.0, retries: int = 3):
+    def __init__(self, path: str | Path, *, busy_timeout: float = 5.0, retries: int = 3, audit_key: str | None = None):
         self.path = Path(path)
+        self._audit_key = audit_key.encode() if audit_key else None
+        self._audit_key_id = audit_key_id(self._audit_key) if self._audit_key else ""
         self.busy_timeout = busy_timeout
         self.retries = retries
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
@@ -159,6 +174,9 @@ class Store:
             db.enable_wal()
             conn.execute("PRAGMA synchronous = FULL")  # a step's outcome is on disk before the next step
             db.executescript(SCHEMA)
+            for (table, column), decl in ADDED_COLUMNS.items():  # our own older files: add what they lack
+                if column not in db.table(table).columns_dict:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
             self._schema_version = _schema_version(db)
         except BaseException:
             conn.close()
@@ -169,7 +187,7 @@ class Store:
         """Each of our tables that exists has every column this version uses."""
         for table, columns in _expected_columns().items():
             have = {r[1] for r in db.execute(f"PRAGMA table_info({table})").fetchall()}
-            missing = [c for c in columns if c not in have]
+            missing = [c for c in columns if c not in have and (table, c) not in ADDED_COLUMNS]
             if have and missing:
                 shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
                 raise StoreError(f"database {self.path}: table {table} does not match this version of the bot "
@@ -323,6 +341,11 @@ class Store:
         return await self._run(lambda db: next(db.query(
             "SELECT MAX(created_at) AS t FROM snapshots WHERE cluster = ? AND reason = ?", [cluster, reason]), {"t": None})["t"])
 
+    async def snapshot_for_plan(self, snapshot_id: int, plan_id: str) -> None:
+        """Mark a snapshot as a plan's pre-change snapshot (it joined one already running)."""
+        await self._run(lambda db: db.execute("UPDATE snapshots SET plan_id = ? WHERE id = ? AND plan_id IS NULL",
+                                              [plan_id, snapshot_id]))
+
     async def mark_pruned(self, snapshot_id: int) -> None:
         await self._run(lambda db: db.execute("UPDATE snapshots SET pruned_at = ? WHERE id = ?", [time.time(), snapshot_id]))
 
@@ -335,33 +358,72 @@ class Store:
 
         def fn(db: sqlite_utils.Database) -> int:
             with _immediate(db):
-                last = next(db.query("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1"), None)
-                row: dict[str, Any] = {"id": (last["id"] + 1) if last else 1, "ts": round(time.time(), 6), "user": user,
-                       "channel": channel, "cluster": cluster, "action": action, "detail": detail_text}
+                last = next(db.query("SELECT id, hash, key_id FROM audit ORDER BY id DESC LIMIT 1"), None)
+                self._check_key(last)
+                row: dict[str, Any] = {"id": (last["id"] + 1) if last else 1, "ts": round(time.time(), 6),
+                                       "user": user, "channel": channel, "cluster": cluster, "action": action,
+                                       "detail": detail_text}
                 prev = last["hash"] if last else GENESIS
-                db.table("audit").insert({**row, "prev_hash": prev, "hash": audit_hash(prev, row)})
+                db.table("audit").insert({**row, "prev_hash": prev, "hash": audit_hash(prev, row, self._audit_key),
+                                          "key_id": self._audit_key_id})
                 return int(row["id"])
         return await self._run(fn)
+
+    async def continue_audit_chain(self) -> None:
+        """At start-up: StoreError unless the configured key continues the chain
+        (no key, or another key, after keyed rows would write rows that never
+        verify). The first start with a key after unkeyed rows keys the chain at
+        once with an `audit_keyed` row: from then on, an unkeyed tail is a rewrite."""
+        tail = await self._run(lambda db: next(db.query("SELECT id, key_id FROM audit ORDER BY id DESC LIMIT 1"), None))
+        self._check_key(tail)
+        if self._audit_key and tail is not None and not tail["key_id"]:
+            await self.audit("audit_keyed", detail={"unkeyed_rows": tail["id"]})
+
+    def _check_key(self, tail: dict[str, Any] | None) -> None:
+        if tail is None or not tail["key_id"] or tail["key_id"] == self._audit_key_id:
+            return
+        problem = ("no audit key is configured (audit_key_env or audit_key_file)" if not self._audit_key
+                   else "the configured audit key is not the one it was written with")
+        raise StoreError(f"database {self.path}: the audit chain is keyed with HMAC up to row {tail['id']}, but {problem}")
 
     async def audit_rows(self, since: float | None = None) -> list[dict[str, Any]]:
         return await self._run(lambda db: list(db.query(
             "SELECT * FROM audit WHERE ts >= ? ORDER BY id", [since or 0])))
 
     async def verify_audit(self) -> tuple[int, str | None]:
-        """(rows checked, None) when the chain holds, else the first problem."""
+        """(rows checked, None) when the chain holds, else the first problem.
+        Rows before the first keyed one may be unkeyed (written before a key
+        was configured); after it, an unkeyed row is a rewrite without the key."""
         def fn(db: sqlite_utils.Database) -> tuple[int, str | None]:
-            prev, expected_id, n = GENESIS, 1, 0
+            prev, expected_id, n, keyed_row = GENESIS, 1, 0, None
             for row in db.query("SELECT * FROM audit ORDER BY id"):
                 n += 1
                 if row["id"] != expected_id:
                     return n, f"row {expected_id} is missing (next is {row['id']})"
                 if row["prev_hash"] != prev:
                     return n, f"row {row['id']}: previous hash does not match row {row['id'] - 1}"
-                if audit_hash(prev, row) != row["hash"]:
+                if row["key_id"]:
+                    if not self._audit_key:
+                        return n, (f"row {row['id']} is keyed with HMAC and no audit key is configured "
+                                   "(audit_key_env or audit_key_file): it cannot be verified")
+                    if row["key_id"] != self._audit_key_id:
+                        return n, f"row {row['id']} is keyed with another key than the configured audit key"
+                    keyed_row = keyed_row or row["id"]
+                elif keyed_row:
+                    return n, (f"row {row['id']} is not keyed although row {keyed_row} before it is: "
+                               "rewritten by someone without the key")
+                if audit_hash(prev, row, self._audit_key if row["key_id"] else None) != row["hash"]:
                     return n, f"row {row['id']}: content does not match its hash (changed after it was written)"
                 prev, expected_id = row["hash"], expected_id + 1
+            if self._audit_key and n and not keyed_row:
+                return n, (f"no row is keyed although an audit key is configured: the bot has not run with the key "
+                           f"yet, or rows up to {expected_id - 1} were rewritten by someone without it")
             return n, None
         return await self._run(fn)
+
+    async def audit_keyed_from(self) -> int | None:
+        """The first row keyed with HMAC (earlier rows were written without a key), or None."""
+        return await self._run(lambda db: next(db.query("SELECT MIN(id) AS id FROM audit WHERE key_id != ''"))["id"])
 
 
 @contextmanager
