@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -26,6 +26,19 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True)
+class ApprovalRule:
+    """How one kind of plan is approved."""
+
+    approvals_needed: int = 1            # distinct approvers
+    allow_self_approval: bool = False    # whether the proposer counts as one
+    ttl_minutes: float = 30.0
+
+
+# Kinds of plan and how many approvers each needs unless `[approval.<kind>]` says otherwise.
+APPROVALS_NEEDED = {"replace": 1, "restore": 2, "defrag": 1}
+
+
+@dataclass(frozen=True)
 class ApprovalConfig:
     approvers: tuple[str, ...] = ()
     approver_groups: tuple[str, ...] = ()
@@ -33,6 +46,12 @@ class ApprovalConfig:
     reject_reaction: str = "x"
     ttl_minutes: float = 30.0
     allow_self_approval: bool = False
+    overrides: tuple[tuple[str, ApprovalRule], ...] = ()   # from [approval.<kind>]
+
+    def rule(self, kind: str) -> ApprovalRule:
+        """The kind's override, else the top-level keys with the kind's default number of approvers."""
+        return dict(self.overrides).get(kind) or ApprovalRule(APPROVALS_NEEDED.get(kind, 1), self.allow_self_approval,
+                                                              self.ttl_minutes)
 
 
 @dataclass(frozen=True)
@@ -197,6 +216,12 @@ def _positive(value: float, key: str) -> float:
     return value
 
 
+def _at_least_one(value: int, key: str) -> int:
+    if value < 1:
+        raise ConfigError(f"{key}: must be 1 or more")
+    return value
+
+
 def _reaction(value: str, key: str) -> str:
     name = value.strip(":")
     if not re.match(r"^[a-z0-9_+'-]+$", name):
@@ -346,6 +371,16 @@ def parse_config(data: dict, base: Path, source: Path | None = None) -> Config:
     )
     if approval.reaction == approval.reject_reaction:
         raise ConfigError(f"{a.key('reject_reaction')}: must differ from approval.reaction")
+    overrides = []
+    for kind in APPROVALS_NEEDED:
+        if kind in a.data:
+            k = a.table(kind)
+            overrides.append((kind, ApprovalRule(
+                approvals_needed=k.get("approvals_needed", int, APPROVALS_NEEDED[kind], _at_least_one),
+                allow_self_approval=k.get("allow_self_approval", bool, approval.allow_self_approval),
+                ttl_minutes=k.get("ttl_minutes", float, approval.ttl_minutes, _positive))))
+            k.done()
+    approval = replace(approval, overrides=tuple(overrides))
     a.done()
     snapshots = _snapshot_policy(top.table("snapshots"), SnapshotPolicy())
     raw_clusters = top.get("clusters", list, [])

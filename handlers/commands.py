@@ -76,11 +76,15 @@ async def _resume(ctx: BotContext, cmd: Command, cluster: None, user: str, chann
     return await lifecycle.resume(ctx, cmd.args["plan_id"], user, channel)
 
 
+async def _abandon(ctx: BotContext, cmd: Command, cluster: None, user: str, channel: str) -> Outcome:
+    return await lifecycle.abandon(ctx, cmd.args["plan_id"], cmd.args["reason"], user, channel)
+
+
 # Commands that name a plan find their cluster through it; the others resolve one.
 WORK: dict[str, tuple[Work, bool]] = {
     "status": (_status, True), "members": (_status, True), "replace": (_replace, True), "plans": (_plans, True),
     "snapshot": (_snapshot, True), "snapshots": (_snapshots, True),
-    "cancel": (_cancel, False), "resume": (_resume, False),
+    "cancel": (_cancel, False), "resume": (_resume, False), "abandon": (_abandon, False),
 }
 
 
@@ -94,8 +98,8 @@ async def _audit_quietly(ctx: BotContext, action: str, **fields) -> None:
 
 async def _plan_cluster(ctx: BotContext, cmd: Command) -> ClusterConfig | None:
     """The cluster of the plan a command names (cancel, resume)."""
-    row = await ctx.store.plan(cmd.args.get("plan_id", ""))
-    return ctx.config.cluster(row["cluster"]) if row else None
+    record = await ctx.store.plan(cmd.args.get("plan_id", ""))
+    return ctx.config.cluster(record.cluster) if record else None
 
 
 def register(app: AsyncApp, ctx: BotContext) -> None:

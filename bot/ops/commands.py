@@ -17,7 +17,7 @@ from bot.etcd.urls import parse_url
 @dataclass(frozen=True)
 class Spec:
     name: str
-    positionals: tuple[str, ...] = ()        # names; "[x]" marks an optional one
+    positionals: tuple[str, ...] = ()        # names; "[x]" marks an optional one, "x..." takes the rest of the line
     options: tuple[str, ...] = ()            # options taking a value, e.g. "--cluster"
     flags: tuple[str, ...] = ()              # options without a value
     summary: str = ""
@@ -43,6 +43,8 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
     Spec("snapshots", ("[cluster]",), ("--cluster",), summary="the snapshots taken so far, newest first"),
     Spec("cancel", ("plan-id",), summary="cancel a proposed plan (proposer or approver)"),
     Spec("resume", ("plan-id",), summary="continue an interrupted or failed plan from its step (approvers)"),
+    Spec("abandon", ("plan-id", "reason..."),
+         summary="close an interrupted or failed plan without undoing anything, so a new one can be made (approvers)"),
     Spec("help", summary="this help"),
 )}
 
@@ -128,12 +130,15 @@ def parse(text: str) -> Command:
             positionals.append(word)
         i += 1
 
+    if spec.positionals and spec.positionals[-1].endswith("...") and len(positionals) > len(spec.positionals):
+        keep = len(spec.positionals) - 1
+        positionals = positionals[:keep] + [" ".join(positionals[keep:])]
     required = [p for p in spec.positionals if not p.startswith("[")]
     if len(positionals) < len(required):
         raise UsageError(f"missing <{required[len(positionals)]}>", spec.usage)
     if len(positionals) > len(spec.positionals):
         raise UsageError(f"unexpected argument {positionals[len(spec.positionals)]!r}", spec.usage)
-    args = {p.strip("[]").replace("-", "_"): v for p, v in zip(spec.positionals, positionals)}
+    args = {p.strip("[].").replace("-", "_"): v for p, v in zip(spec.positionals, positionals)}
     args.update({k.lstrip("-").replace("-", "_"): v for k, v in options.items()})
 
     cluster = args.pop("cluster", None)

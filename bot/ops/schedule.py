@@ -12,7 +12,7 @@ import time
 from bot.slack import blocks
 from bot.config import ClusterConfig
 from bot.ops.context import BotContext
-from bot.slack.web import SlackPostError, post
+from bot.ops.notify import NotifyFailed
 from bot.ops.snapshots import take_snapshot
 from bot.etcd.snapshots import SnapshotFailed
 
@@ -64,6 +64,6 @@ class Scheduler:
             reply = blocks.snapshot_failed_reply(cluster.name, str(e), scheduled=True)
         if channel:
             try:
-                await post(self.ctx.web, channel, reply)
-            except SlackPostError as e:
+                await self.ctx.notifier.channel_message(channel, reply)
+            except NotifyFailed as e:
                 log.error("cannot post the scheduled snapshot result", extra={"ctx_cluster": cluster.name, "ctx_error": str(e)})
