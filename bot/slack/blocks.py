@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 from bot.ops.replace import MemberRef, Plan
 from bot.output import text as render
-from bot.store.records import PlanState
+from bot.store.records import PlanRecord, PlanState
 from bot.etcd.health import ClusterHealth, MemberHealth
 from bot.output.units import humanize_bytes, humanize_duration
 
@@ -245,16 +245,15 @@ def plan_reply(plan: Plan, view: PlanView) -> Reply:
     return Reply(text=text, blocks=blocks)
 
 
-def plans_reply(cluster: str, rows: list[dict[str, Any]]) -> Reply:
-    if not rows:
+def plans_reply(cluster: str, records: list[PlanRecord]) -> Reply:
+    if not records:
         return Reply(text=f"No plans for cluster {cluster} yet.")
-    import json as _json
     lines = []
-    for r in rows:
-        p = _json.loads(r["plan"])
-        lines.append(f"`{r['id']}` {STATE_WORD.get(r['state'], r['state']).split(' —')[0]} · replace "
-                     f"{escape(p['failed']['name'] or p['failed']['id'])} with {escape(p['new_name'])} · by <@{r['proposer']}> · "
-                     f"{slack_date(r['created_at'])}" + (f" · {escape(r['error'])}" if r.get("error") else ""))
+    for r in records:
+        p = r.plan
+        lines.append(f"`{r.id}` {STATE_WORD.get(r.state, r.state).split(' —')[0]} · replace "
+                     f"{escape(p.failed.name or p.failed.id)} with {escape(p.new_name)} · by {mention(r.proposer)} · "
+                     f"{slack_date(r.created_at)}" + (f" · {escape(r.error)}" if r.error else ""))
     text = f"Recent plans for {cluster}:\n" + "\n".join(lines)
     return Reply(text=text, blocks=[_section(f"*Recent plans for {escape(cluster)}*"), _section("\n".join(lines))])
 
