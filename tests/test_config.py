@@ -193,3 +193,28 @@ approvers = ["U0OTHER001"]
     assert closed.access.approvers.users == ("U0OTHER001",) and closed.access.approvers.groups == ()
     with pytest.raises(ConfigError, match=r"clusters\[0\].access.readerz: unknown key"):
         load_config(write(tmp_path, '[[clusters]]\nname = "a"\nendpoints = ["http://h:1"]\n[clusters.access]\nreaderz = []\n'))
+
+
+def test_approval_rules_come_per_kind(tmp_path):
+    """Issue 11: the top-level [approval] keys still work; [approval.<kind>] overrides them for one kind."""
+    config = load_config(write(tmp_path, GOOD))
+    assert (config.approval.rule("replace").approvals_needed, config.approval.rule("restore").approvals_needed) == (1, 2)
+    assert config.approval.rule("replace").ttl_minutes == 30
+    text = GOOD.replace("allow_self_approval = false", "allow_self_approval = false\n[approval.replace]\n"
+                        "approvals_needed = 2\nttl_minutes = 5\n[approval.restore]\nallow_self_approval = true")
+    config = load_config(write(tmp_path, text))
+    replace, restore = config.approval.rule("replace"), config.approval.rule("restore")
+    assert (replace.approvals_needed, replace.ttl_minutes, replace.allow_self_approval) == (2, 5, False)
+    assert (restore.approvals_needed, restore.ttl_minutes, restore.allow_self_approval) == (2, 30, True)
+
+
+@pytest.mark.parametrize("table, error", [
+    ("[approval.replace]\napprovals_needed = 0", r"approval.replace.approvals_needed: must be 1 or more"),
+    ("[approval.replace]\napprovals_needed = 1.5", r"approval.replace.approvals_needed: expected an integer"),
+    ("[approval.replace]\napprovers = 2", r"approval.replace.approvers: unknown key"),
+    ("[approval.upgrade]\napprovals_needed = 2", r"approval.upgrade: unknown key"),
+])
+def test_approval_rule_mistakes_name_the_key(tmp_path, table, error):
+    text = GOOD.replace("allow_self_approval = false", f"allow_self_approval = false\n{table}")
+    with pytest.raises(ConfigError, match=error):
+        load_config(write(tmp_path, text))

@@ -206,7 +206,7 @@ class ReplaceOperation:
         return "; ".join(done)
 
     async def removed(self, detail: str) -> str:
-        """Every member the plan removes is gone, as every member asked sees it (bounded)."""
+        """Every member the plan removes is gone from the member list (waits, bounded, for raft to apply it)."""
         ids = {int(r.id, 16) for r in (self.plan.failed, *self.plan.also_remove)}
 
         async def gone() -> str | None:
