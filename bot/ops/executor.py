@@ -278,11 +278,14 @@ class ReplaceOperation:
 
         async def promote() -> str | None:
             m = await self._new_member()
-            if m is not None and not m.is_learner:
+            if m is None:
+                raise StepFailed(f"the new member {self.plan.new_name} is no longer in the cluster",
+                                 "check /etcd members; propose the replacement again")
+            if not m.is_learner:
                 return f"{self.plan.new_name} is a voting member"
             await self._live_leader()
             try:
-                await self.client.member_promote(self.new_member_id, timeout=CHANGE_TIMEOUT)
+                await self.client.member_promote(m.id, timeout=CHANGE_TIMEOUT)
             except LearnerNotReady:
                 return None  # still catching up with the leader: etcd says when
             except NotALearner:

@@ -71,7 +71,7 @@ async def propose(ctx: BotContext, cluster: ClusterConfig, req: ReplaceRequest, 
     try:
         await store.insert_plan(row)
     except OpenPlanExists as e:
-        return _open_plan_refusal(e.plan_id, e.state)
+        return _open_plan_refusal(e.plan_id, PlanState(e.state))
     record = await store.plan(plan.id)
     assert record is not None  # just inserted
     try:

@@ -147,7 +147,7 @@ class Store:
         await self._run(self._open)
         return self
 
-    def _open(self, _db=None) -> None:
+    def _open(self, _db: sqlite_utils.Database | None = None) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(str(self.path), timeout=self.busy_timeout, isolation_level=None,
                                check_same_thread=False)
@@ -179,7 +179,7 @@ class Store:
                                     f"(waited {self.busy_timeout * self.retries:g}s); nothing was changed") from None
         raise AssertionError("unreachable")
 
-    def _call(self, fn: Callable[..., T], args: tuple) -> T:
+    def _call(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         if self._db is None and fn != self._open:
             raise StoreError(f"database {self.path} is not open")
         return fn(self._db, *args)
@@ -199,7 +199,7 @@ class Store:
         def fn(db: sqlite_utils.Database) -> None:
             try:
                 with db.atomic():
-                    db["plans"].insert({**row, "updated_at": time.time()})
+                    db.table("plans").insert({**row, "updated_at": time.time()})
             except sqlite3.IntegrityError:
                 open_plan = next(db.query(
                     f"SELECT id, state FROM plans WHERE cluster = ? AND state IN ({_marks(OPEN_STATES)})",
