@@ -48,7 +48,7 @@ CREATE TABLE IF NOT EXISTS plans (
     updated_at REAL NOT NULL
 );
 CREATE UNIQUE INDEX IF NOT EXISTS one_open_plan_per_cluster ON plans(cluster)
-    WHERE state IN ('proposed', 'approved', 'running', 'interrupted');
+    WHERE state IN (@OPEN_STATES@);
 CREATE TABLE IF NOT EXISTS approvals (
     plan_id TEXT NOT NULL,
     user TEXT NOT NULL,
@@ -106,7 +106,7 @@ CREATE TABLE IF NOT EXISTS audit (
     prev_hash TEXT NOT NULL,
     hash TEXT NOT NULL
 );
-"""
+""".replace("@OPEN_STATES@", ", ".join(f"'{s}'" for s in OPEN_STATES))
 
 
 class StoreError(Exception):
