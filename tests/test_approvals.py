@@ -24,8 +24,8 @@ async def test_racing_approvals_move_the_plan_exactly_once(tmp_path):
     await second.open()
     try:
         now = time.time()
-        await first.insert_plan({"id": "abc123", "kind": PlanKind.REPLACE, "cluster": "prod", "state": PlanState.PROPOSED,
-                                 "channel": CHANNEL, "proposer": "U0ONCALL01", "created_at": now,
+        await first.insert_plan({"id": "abc123", "kind": PlanKind.REPLACE, "cluster": "prod",
+                                 "state": PlanState.PROPOSED, "channel": CHANNEL, "proposer": "U0ONCALL01", "created_at": now,
                                  "expires_at": now + 600, "fingerprint": "f",
                                  "plan": json.dumps(plan_replacement(cluster(down(1), up(2), up(3)), REQ).to_json())})
         users = [f"U0APPROVER{i % 6}" for i in range(12)]  # six people, each reacting twice

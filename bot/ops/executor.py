@@ -71,11 +71,10 @@ class ReplaceOperation:
         """The live cluster, if it is still the one the plan expects at this point of its progress."""
         health = await check_cluster(self.client, self.plan.cluster)
         new_id = f"{self.new_member_id:016x}" if self.new_member_id is not None else None
-        if (not self.started - {"recheck", "snapshot"} and health.fingerprint != self.plan.fingerprint
-                and (changed := facts_changed(self.plan, health, self.started, new_id)) is None):
+        changed = facts_changed(self.plan, health, self.started, new_id)
+        untouched = not self.started - {"recheck", "snapshot"}  # nothing changed by the plan yet
+        if changed is None and untouched and health.fingerprint != self.plan.fingerprint:
             changed = "a member's name, peer URLs or role changed since the plan was made"
-        else:
-            changed = facts_changed(self.plan, health, self.started, new_id)
         if changed:
             raise FactsChanged(f"{changed}; nothing was changed", self.plan.id)
         return health

@@ -77,7 +77,8 @@ async def propose(ctx: BotContext, cluster: ClusterConfig, req: ReplaceRequest, 
     try:
         ts = await ctx.notifier.post_plan(record)
     except NotifyFailed as e:
-        await store.transition(plan.id, [PlanState.PROPOSED], PlanState.CANCELLED, error=f"could not post the plan: {e}")
+        await store.transition(plan.id, [PlanState.PROPOSED], PlanState.CANCELLED,
+                               error=f"could not post the plan: {e}")
         return _refused(f"could not post the plan in this channel: {e}")
     await store.update_plan(plan.id, message_ts=ts)
     await store.audit("plan_proposed", user=user, channel=channel, cluster=cluster.name,
