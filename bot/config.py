@@ -93,8 +93,8 @@ class RoleConfig:
 @dataclass(frozen=True)
 class AccessConfig:
     readers: RoleConfig = RoleConfig()       # status, members, plans, snapshots
-    operators: RoleConfig = RoleConfig()     # replace, snapshot, cancel
-    approvers: RoleConfig = RoleConfig(())   # approve, reject, resume (default: [approval])
+    operators: RoleConfig = RoleConfig()     # replace, snapshot (a proposer may cancel their own plan)
+    approvers: RoleConfig = RoleConfig(())   # approve, reject, resume, abandon, cancel (default: [approval])
 
 
 @dataclass(frozen=True)

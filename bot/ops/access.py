@@ -1,8 +1,9 @@
 """Who may do what on which cluster.
 
 Three roles per cluster: readers (status, members, plans, snapshots),
-operators (propose a replacement, take a snapshot, cancel) and approvers
-(approve, reject, resume). A role is held by listed users or members of
+operators (propose a replacement, take a snapshot) and approvers (approve,
+reject, resume, abandon). A proposed plan is cancelled by its proposer or an
+approver, and rejected by the same two. A role is held by listed users or members of
 listed Slack user groups; a role with nothing listed is open to anyone in
 a channel bound to the cluster. User groups are resolved with
 the chat platform's Directory (bot.slack.directory caches Slack's answers).
