@@ -10,7 +10,7 @@ import os
 import re
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -28,6 +28,19 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True)
+class ApprovalRule:
+    """How one kind of plan is approved."""
+
+    approvals_needed: int = 1            # distinct approvers
+    allow_self_approval: bool = False    # whether the proposer counts as one
+    ttl_minutes: float = 30.0
+
+
+# Kinds of plan and how many approvers each needs unless `[approval.<kind>]` says otherwise.
+APPROVALS_NEEDED = {"replace": 1, "restore": 2, "defrag": 1}
+
+
+@dataclass(frozen=True)
 class ApprovalConfig:
     approvers: tuple[str, ...] = ()
     approver_groups: tuple[str, ...] = ()
@@ -35,6 +48,12 @@ class ApprovalConfig:
     reject_reaction: str = "x"
     ttl_minutes: float = 30.0
     allow_self_approval: bool = False
+    overrides: tuple[tuple[str, ApprovalRule], ...] = ()   # from [approval.<kind>]
+
+    def rule(self, kind: str) -> ApprovalRule:
+        """The kind's override, else the top-level keys with the kind's default number of approvers."""
+        return dict(self.overrides).get(kind) or ApprovalRule(APPROVALS_NEEDED.get(kind, 1), self.allow_self_approval,
+                                                              self.ttl_minutes)
 
 
 @dataclass(frozen=True)
@@ -77,9 +96,8 @@ class RoleConfig:
 @dataclass(frozen=True)
 class AccessConfig:
     readers: RoleConfig = RoleConfig()       # status, members, plans, snapshots
-    operators: RoleConfig = RoleConfig()     # replace, snapshot
-    approvers: RoleConfig = RoleConfig(())   # approve, reject, resume, cancel (default: [approval])
-    # A plan's proposer may also reject or cancel it; no role is needed for that.
+    operators: RoleConfig = RoleConfig()     # replace, snapshot (a proposer may cancel their own plan)
+    approvers: RoleConfig = RoleConfig(())   # approve, reject, resume, abandon, cancel (default: [approval])
 
 
 @dataclass(frozen=True)
@@ -201,6 +219,12 @@ def _slack_id(value: str, key: str) -> str:
 def _positive(value: float, key: str) -> float:
     if not value > 0:
         raise ConfigError(f"{key}: must be greater than 0")
+    return value
+
+
+def _at_least_one(value: int, key: str) -> int:
+    if value < 1:
+        raise ConfigError(f"{key}: must be 1 or more")
     return value
 
 
@@ -373,6 +397,16 @@ def parse_config(data: dict, base: Path, source: Path | None = None) -> Config:
     )
     if approval.reaction == approval.reject_reaction:
         raise ConfigError(f"{a.key('reject_reaction')}: must differ from approval.reaction")
+    overrides = []
+    for kind in APPROVALS_NEEDED:
+        if kind in a.data:
+            k = a.table(kind)
+            overrides.append((kind, ApprovalRule(
+                approvals_needed=k.get("approvals_needed", int, APPROVALS_NEEDED[kind], _at_least_one),
+                allow_self_approval=k.get("allow_self_approval", bool, approval.allow_self_approval),
+                ttl_minutes=k.get("ttl_minutes", float, approval.ttl_minutes, _positive))))
+            k.done()
+    approval = replace(approval, overrides=tuple(overrides))
     a.done()
     snapshots = _snapshot_policy(top.table("snapshots"), SnapshotPolicy())
     raw_clusters: list[Any] = top.get("clusters", list, [])

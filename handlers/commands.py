@@ -40,7 +40,7 @@ from bot.ops.replace import ReplaceRequest
 from bot.ops.routing import RoutingError, resolve_cluster
 from bot.ops.snapshots import RunningSnapshot, take_snapshot
 from bot.slack import blocks
-from bot.slack.web import SlackPostError, ephemeral, post
+from bot.slack.web import SlackPostError, post
 from bot.store.sqlite import StoreError
 
 log = logging.getLogger(__name__)
@@ -77,8 +77,8 @@ async def _snapshot(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user:
 
     async def tell(running: RunningSnapshot) -> None:
         joined.append(running)
-        await ephemeral(ctx.web, channel, user,
-                        blocks.snapshot_joined_reply(running.cluster, running.requested_by, running.started_at))
+        await ctx.notifier.private_message(
+            channel, user, blocks.snapshot_joined_reply(running.cluster, running.requested_by, running.started_at))
     try:
         saved = await take_snapshot(ctx, cluster, requested_by=user, reason="requested", channel=channel, on_join=tell)
         answer = blocks.snapshot_reply(saved, joined[0].requested_by if joined else user)
@@ -86,7 +86,7 @@ async def _snapshot(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user:
         await ctx.store.audit("snapshot_failed", user=user, channel=channel, cluster=cluster.name, detail={"reason": str(e)})
         answer = blocks.snapshot_failed_reply(cluster.name, str(e))
     if joined and joined[0].channel == channel:  # the channel sees the result from the request it joined
-        await ephemeral(ctx.web, channel, user, answer)
+        await ctx.notifier.private_message(channel, user, answer)
         return Outcome()
     return Outcome(channel=answer)
 
@@ -103,11 +103,15 @@ async def _resume(ctx: BotContext, cmd: Command, cluster: None, user: str, chann
     return await lifecycle.resume(ctx, cmd.args["plan_id"], user, channel)
 
 
+async def _abandon(ctx: BotContext, cmd: Command, cluster: None, user: str, channel: str) -> Outcome:
+    return await lifecycle.abandon(ctx, cmd.args["plan_id"], cmd.args["reason"], user, channel)
+
+
 # Commands that name a plan find their cluster through it; the others resolve one.
 WORK: dict[str, tuple[Work, bool]] = {
     "status": (_status, True), "members": (_status, True), "replace": (_replace, True), "plans": (_plans, True),
     "snapshot": (_snapshot, True), "snapshots": (_snapshots, True),
-    "cancel": (_cancel, False), "resume": (_resume, False),
+    "cancel": (_cancel, False), "resume": (_resume, False), "abandon": (_abandon, False),
 }
 
 
@@ -226,8 +230,8 @@ async def conclude(ctx: BotContext, inv: Invocation, verdict: Verdict) -> None:
 
 async def _plan_cluster(ctx: BotContext, cmd: Command) -> ClusterConfig | None:
     """The cluster of the plan a command names (cancel, resume)."""
-    row = await ctx.store.plan(cmd.args.get("plan_id", ""))
-    return ctx.config.cluster(row["cluster"]) if row else None
+    record = await ctx.store.plan(cmd.args.get("plan_id", ""))
+    return ctx.config.cluster(record.cluster) if record else None
 
 
 def register(app: AsyncApp, ctx: BotContext) -> None:

@@ -33,7 +33,7 @@ def register(app: AsyncApp, ctx: BotContext) -> None:
         if event_id and not await ctx.store.first_delivery(event_id):
             log.info("duplicate event ignored", extra={"ctx_event_id": event_id})
             return
-        row = await ctx.store.plan_by_message(channel, ts)
-        if row is None:
+        record = await ctx.store.plan_by_message(channel, ts)
+        if record is None:
             return
-        await lifecycle.on_reaction(ctx, row, user, reaction)
+        await lifecycle.on_reaction(ctx, record, user, reaction)

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 from bot.etcd.client import EtcdClient
 from bot.etcd.health import ClusterHealth, MemberHealth, check_cluster
 from bot.etcd.model import MemberStatus
+from bot.store.records import PlanRecord
 from bot.store.sqlite import Store
 from bot.testing.cluster import free_port
 from bot.testing.slack import Delivery, Message, SlackStandIn
@@ -140,14 +141,14 @@ def thread(slack, plan: Message) -> str:
     return "\n".join(text_of(m) for m in replies(slack, plan))
 
 
-async def plan_row(store: Store, plan: Message, timeout: float = 10.0) -> dict[str, Any]:
+async def plan_row(store: Store, plan: Message, timeout: float = 10.0) -> PlanRecord:
     """The plan behind a message (the bot records the message's ts right after posting it)."""
     return await eventually(lambda: store.plan_by_message(CHANNEL, plan.ts), timeout,
                             f"a plan recorded for message {plan.ts}", interval=0.02)
 
 
-async def wait_state(store: Store, plan_id: str, states: tuple[str, ...], timeout: float = 120.0) -> dict[str, Any]:
-    async def reached() -> dict[str, Any] | None:
+async def wait_state(store: Store, plan_id: str, states: tuple[str, ...], timeout: float = 120.0) -> PlanRecord:
+    async def reached() -> PlanRecord | None:
         row = await store.plan(plan_id)
         assert row is not None, f"no plan {plan_id}"
         return row if row["state"] in states else None
@@ -155,13 +156,13 @@ async def wait_state(store: Store, plan_id: str, states: tuple[str, ...], timeou
     try:
         return await eventually(reached, timeout, f"plan {plan_id} to be {' or '.join(states)}", interval=0.1)
     except AssertionError as e:
-        row = await store.plan(plan_id) or {}
+        last = await store.plan(plan_id)
         steps = [(st["key"], st["state"], st["detail"] or st["error"]) for st in await store.steps(plan_id)]
-        raise AssertionError(f"{e}: plan {plan_id} is {row.get('state')} (error: {row.get('error')}), "
+        raise AssertionError(f"{e}: plan {plan_id} is {last and last.state} (error: {last and last.error}), "
                              f"not {states}; steps: {steps}") from None
 
 
-async def wait_done(store: Store, plan_id: str, timeout: float = 120.0) -> dict:
+async def wait_done(store: Store, plan_id: str, timeout: float = 120.0) -> PlanRecord:
     """Wait until the plan ends; it must have ended done (its error says why not)."""
     row = await wait_state(store, plan_id, ("done", "failed"), timeout)
     assert row["state"] == "done", row["error"]

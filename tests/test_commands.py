@@ -52,3 +52,11 @@ def test_slack_escaping_is_undone():
     assert unescape_slack("<http://10.0.0.4:2380|10.0.0.4:2380>") == "http://10.0.0.4:2380"
     assert unescape_slack("a &amp; b &lt;c&gt;") == "a & b <c>"
     assert parse("status \u201cprod\u201d").cluster == "prod"
+
+
+def test_abandon_takes_a_plan_id_and_a_free_text_reason():
+    cmd = parse("abandon ab12cd member1 came back, see INC-42")
+    assert cmd.args == {"plan_id": "ab12cd", "reason": "member1 came back, see INC-42"}
+    with pytest.raises(UsageError, match="missing <reason>") as e:
+        parse("abandon ab12cd")
+    assert e.value.usage == "/etcd abandon <plan-id> <reason...>"

@@ -294,3 +294,29 @@ def test_audit_key_from_the_environment_or_a_file(tmp_path, monkeypatch):
     assert config.audit_key == "e" * 40 and "e" * 40 not in repr(config)
     (tmp_path / "audit.key").write_text("f" * 64 + "\n")
     assert load_config(write(tmp_path, 'audit_key_file = "audit.key"\n' + CLUSTER)).audit_key == "f" * 64
+
+
+def test_approval_rules_come_per_kind(tmp_path):
+    """Issue 11: the top-level [approval] keys still work; [approval.<kind>] overrides them for one kind."""
+    config = load_config(write(tmp_path, GOOD))
+    rules = config.approval.rule("replace"), config.approval.rule("restore")
+    assert (rules[0].approvals_needed, rules[1].approvals_needed) == (1, 2)
+    assert config.approval.rule("replace").ttl_minutes == 30
+    text = GOOD.replace("allow_self_approval = false", "allow_self_approval = false\n[approval.replace]\n"
+                        "approvals_needed = 2\nttl_minutes = 5\n[approval.restore]\nallow_self_approval = true")
+    config = load_config(write(tmp_path, text))
+    replace, restore = config.approval.rule("replace"), config.approval.rule("restore")
+    assert (replace.approvals_needed, replace.ttl_minutes, replace.allow_self_approval) == (2, 5, False)
+    assert (restore.approvals_needed, restore.ttl_minutes, restore.allow_self_approval) == (2, 30, True)
+
+
+@pytest.mark.parametrize("table, error", [
+    ("[approval.replace]\napprovals_needed = 0", r"approval.replace.approvals_needed: must be 1 or more"),
+    ("[approval.replace]\napprovals_needed = 1.5", r"approval.replace.approvals_needed: expected an integer"),
+    ("[approval.replace]\napprovers = 2", r"approval.replace.approvers: unknown key"),
+    ("[approval.upgrade]\napprovals_needed = 2", r"approval.upgrade: unknown key"),
+])
+def test_approval_rule_mistakes_name_the_key(tmp_path, table, error):
+    text = GOOD.replace("allow_self_approval = false", f"allow_self_approval = false\n{table}")
+    with pytest.raises(ConfigError, match=error):
+        load_config(write(tmp_path, text))

@@ -316,7 +316,7 @@ async def reaction_rig(make_cluster, slack, start_bot):
     c = make_cluster(3)
     names = [f"p{i}" for i in range(POOL)]
     bot = await start_bot([cluster_table(n, c) for n in names], approval=APPROVAL)
-    other = await bot.ctx.web.chat_postMessage(channel=CHANNEL, text="not a plan")
+    other = await bot.runtime.web.chat_postMessage(channel=CHANNEL, text="not a plan")
     async with EtcdClient(c.endpoints) as client:
         rig = ReactionRig(bot, slack, c, client, {m.id for m in await client.member_list()}, names,
                           other_ts=other["ts"])

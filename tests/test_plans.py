@@ -1,11 +1,15 @@
 """The replacement planner: pure, no servers."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from bot.etcd.health import ClusterHealth, MemberHealth
 from bot.etcd.model import Member
-from bot.ops.replace import Plan, Refusal, ReplaceRequest, etcd_servers, plan_replacement
+from bot.ops.replace import Plan, Refusal, ReplaceRequest, etcd_servers, facts_changed, plan_replacement
+from bot.slack.blocks import PlanView, plan_reply
+from bot.store.records import PlanState
 from helpers import cluster_health, member_status
 
 IDS = {1: 0x8211F1D0F64F3269, 2: 0x91BC3C398FB3C146, 3: 0xFD422379FDA50E48, 4: 0x2BE1EB8F84B7F63E,
@@ -157,3 +161,39 @@ def test_an_add_only_plan_refuses_while_another_voter_is_down_on_35():
 def test_etcd_servers_lists_every_client_url():
     members = [member(3), member(2), member(4)]
     assert etcd_servers(members) == "http://10.0.0.2:2379,http://10.0.0.3:2379,http://10.0.0.4:2379"
+
+
+def test_facts_changed_is_judged_against_the_plans_progress():
+    """The re-check before each step (issue 10, items 1-3): what the plan did itself is expected, nothing else."""
+    plan = plan_replacement(cluster(down(1), up(2), up(3)), REQ)
+    assert facts_changed(plan, cluster(down(1), up(2), up(3)), set(), None) is None
+    assert facts_changed(plan, cluster(up(1), up(2), up(3)), set(), None) == "member1 answers and is healthy again"
+    changed = facts_changed(plan, cluster(up(2), up(3)), {"recheck"}, None)
+    assert "member1 (8211f1d0f64f3269) is no longer a member" in changed
+    assert facts_changed(plan, cluster(up(2), up(3)), {"recheck", "snapshot", "remove"}, None) is None
+    ours = MemberHealth(Member(IDS[4], "", ("http://10.0.0.4:2380",), (), True), None, "not started")
+    assert facts_changed(plan, cluster(up(2), up(3), ours), {"remove", "add"}, None) is None
+    assert "a learner (unstarted) (2be1eb8f84b7f63e) was added" in facts_changed(plan, cluster(up(2), up(3), ours),
+                                                                                {"remove"}, None)
+    assert "member3 (fd422379fda50e48) is no longer a member" in facts_changed(plan, cluster(up(2)), {"remove"}, None)
+    five = plan_replacement(cluster(down(1), down(2), up(3), up(4), up(5)), ReplaceRequest("member1", "member6",
+                                                                                         "http://10.0.0.6:2380"))
+    back = cluster(down(1), up(2), up(3), up(4), up(5))
+    changed = facts_changed(five, back, set(), None)
+    assert changed == "member2 (91bc3c398fb3c146), which this plan removes too, answers again"
+
+
+def test_a_long_value_never_pushes_a_step_or_the_environment_out_of_the_plan_message():
+    """Issue 10, item 7: every section stays within Slack's limit and nothing is cut."""
+    plan = replace(plan_replacement(cluster(down(1), up(2), up(3)), REQ), new_name="n" * 1400)
+    plan = replace(plan, steps=tuple(replace(s, title=s.title.replace("member4", plan.new_name)) for s in plan.steps))
+    view = PlanView(state=PlanState.PROPOSED, proposer="U0ONCALL01", approvers="x", expires_at=0, reaction="ok",
+                    reject_reaction="x")
+    reply = plan_reply(plan, view)
+    texts = [b["text"]["text"] for b in reply.blocks if b["type"] == "section"]
+    assert all(len(t) <= 3000 for t in texts)
+    joined = "\n".join(texts)
+    for i, step in enumerate(plan.steps):
+        assert f"{i}. {step.title}" in joined
+    assert all(f'{k}="{v}"' in joined for k, v in plan.environment.items())
+    assert "…" not in joined

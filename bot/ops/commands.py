@@ -22,11 +22,14 @@ class Spec:
     flags: tuple[str, ...] = ()              # options without a value
     summary: str = ""
     urls: tuple[str, ...] = ()               # which positionals/options must be http(s)://host:port
+    rest: bool = False                       # the last positional takes the rest of the line (free text)
 
     @property
     def usage(self) -> str:
         parts = [f"/etcd {self.name}"]
         parts += [p if p.startswith("[") else f"<{p}>" for p in self.positionals]
+        if self.rest:
+            parts[-1] = parts[-1][:-1] + "...>"
         parts += [f"[{o} {o.lstrip('-').upper().replace('-', '_')}]" for o in self.options
                   if o != "--cluster" or "[cluster]" not in self.positionals]
         parts += [f"[{f}]" for f in self.flags]
@@ -44,6 +47,8 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
     Spec("snapshots", ("[cluster]",), ("--cluster",), summary="the snapshots taken so far, newest first"),
     Spec("cancel", ("plan-id",), summary="cancel a proposed plan (proposer or approver)"),
     Spec("resume", ("plan-id",), summary="continue an interrupted or failed plan from its step (approvers)"),
+    Spec("abandon", ("plan-id", "reason"), rest=True,
+         summary="close an interrupted or failed plan without undoing anything, so a new one can be made (approvers)"),
     Spec("help", summary="this help"),
 )}
 
@@ -129,6 +134,9 @@ def parse(text: str) -> Command:
             positionals.append(word)
         i += 1
 
+    if spec.rest and len(positionals) > len(spec.positionals):
+        keep = len(spec.positionals) - 1
+        positionals = positionals[:keep] + [" ".join(positionals[keep:])]
     required = [p for p in spec.positionals if not p.startswith("[")]
     if len(positionals) < len(required):
         raise UsageError(f"missing <{required[len(positionals)]}>", spec.usage)

@@ -1,22 +1,22 @@
-"""What every handler needs, built once at start-up: the configuration, one
-etcd client per cluster, the store, the Slack Web API client, and the
-background tasks (plan executions) the bot is running."""
+"""What every handler needs, built whole once at start-up: the configuration,
+the store, the notifier and access rules (both backed by the chat platform,
+which the core never sees), one etcd client per cluster, and the background
+tasks (plan executions) the bot is running."""
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Coroutine
+from typing import TYPE_CHECKING, Any
 
-from slack_sdk.web.async_client import AsyncWebClient
-
-from bot.ops.access import Access
 from bot.config import ClusterConfig, Config
 from bot.etcd.client import EtcdClient, client_for
 from bot.etcd.model import EtcdError
+from bot.ops.access import Access
 from bot.ops.metrics import Metrics
-from bot.settings import SlackSettings
-from bot.store.sqlite import Store
+from bot.ops.notify import Directory, Notifier
+from bot.store.sqlite import Store, StoreError
 
 if TYPE_CHECKING:
     from bot.ops.snapshots import RunningSnapshot
@@ -27,14 +27,27 @@ log = logging.getLogger(__name__)
 @dataclass
 class BotContext:
     config: Config
-    slack: SlackSettings
+    store: Store
+    notifier: Notifier
+    access: Access
+    secret_values: tuple[str, ...] = ()     # never to appear in output (tokens, passwords)
     clients: dict[str, EtcdClient] = field(default_factory=dict)
-    store: Store | None = None
-    web: AsyncWebClient | None = None
-    access: Access | None = None
-    tasks: set[asyncio.Task] = field(default_factory=set)
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     metrics: Metrics = field(default_factory=Metrics)
     running_snapshots: dict[str, RunningSnapshot] = field(default_factory=dict)  # by cluster: one at a time
+
+    @classmethod
+    async def open(cls, config: Config, notifier: Notifier, directory: Directory,
+                   secrets: tuple[str, ...] = ()) -> BotContext:
+        """Open the store and wire everything; the one way a context is made."""
+        store = await Store(config.database, busy_timeout=config.database_timeout_seconds,
+                            audit_key=config.audit_key).open()
+        try:
+            await store.continue_audit_chain()
+        except StoreError:
+            await store.close()
+            raise
+        return cls(config, store, notifier, Access(directory), secrets)
 
     def client(self, cluster: ClusterConfig) -> EtcdClient:
         """One long-lived client per cluster, so channels are reused."""
@@ -49,7 +62,7 @@ class BotContext:
         return client
 
     def secrets(self) -> list[str]:
-        return (self.slack.secrets() + [c.password for c in self.config.clusters if c.password]
+        return (list(self.secret_values) + [c.password for c in self.config.clusters if c.password]
                 + ([self.config.audit_key] if self.config.audit_key else []))
 
     def track_current_task(self) -> None:
@@ -59,26 +72,17 @@ class BotContext:
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 
-    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task:
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         """Run work in the background, keeping a reference until it ends."""
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self.tasks.add(task)
         task.add_done_callback(self._done)
         return task
 
-    def _done(self, task: asyncio.Task) -> None:
+    def _done(self, task: asyncio.Task[Any]) -> None:
         self.tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("background task failed", exc_info=task.exception(), extra={"ctx_task": task.get_name()})
-
-    async def start(self, web: AsyncWebClient) -> None:
-        """Open the store; wire the Web API client."""
-        self.web = web
-        self.access = Access(web)
-        if self.store is None:
-            self.store = await Store(self.config.database, busy_timeout=self.config.database_timeout_seconds,
-                                     audit_key=self.config.audit_key).open()
-            await self.store.continue_audit_chain()
 
     async def close(self, grace: float = 5.0) -> None:
         """Let in-flight work finish for `grace` seconds, then cancel it: a
@@ -93,6 +97,4 @@ class BotContext:
         for client in self.clients.values():
             await client.close()
         self.clients.clear()
-        if self.store is not None:
-            await self.store.close()
-            self.store = None
+        await self.store.close()

@@ -1,131 +1,121 @@
-"""Runs an approved replacement plan, step by step.
+"""The replacement as an operation of the engine (bot.ops.engine): its steps,
+each with its precondition against the live cluster, action and verification.
 
-Each step's start and outcome are written to SQLite before the next step
-begins, so a restarted bot knows exactly where a plan stopped. Every step is
-idempotent (it looks before it changes: a member already removed, a member
-already added with our peer URL, a member already started or promoted), so
-resuming at the interrupted step is safe. A failed step stops the plan;
-nothing is retried blindly.
+Every action is idempotent (it looks before it changes: a member already
+removed, a member already added with our peer URL, a member already started
+or promoted), so resuming at the interrupted step is safe. The preconditions
+judge the live membership against the plan's own progress: a member the
+plan removed may be gone, the member it added may be there, nothing else
+may have changed.
 """
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
 import time
-from typing import Awaitable, Callable, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
-from bot.slack import blocks
-from bot.ops.access import Role
 from bot.config import ClusterConfig
-from bot.ops.context import BotContext
 from bot.etcd.client import EtcdClient
+from bot.etcd.health import ClusterHealth, check_cluster
 from bot.etcd.model import EtcdError, EtcdTimeout, LearnerNotReady, Member, NotALearner, UnhealthyCluster
-from bot.etcd.health import check_cluster
-from bot.ops.launcher import manual_instructions, run_command
-from bot.ops.replace import Plan, etcd_servers
-from bot.slack.web import SlackPostError, post, update
-from bot.ops.snapshots import take_snapshot
 from bot.etcd.snapshots import SnapshotFailed
+from bot.ops.context import BotContext
+from bot.ops.engine import FactsChanged, StepFailed, StepRun, note, register
+from bot.ops.launcher import manual_instructions, run_command
+from bot.ops.replace import etcd_servers, facts_changed, quorum_after
+from bot.ops.snapshots import take_snapshot
+from bot.slack.blocks import escape
+from bot.store.records import PlanKind, PlanRecord
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 POLL = 1.0  # seconds between looks while waiting on etcd
 CHANGE_TIMEOUT = 10.0  # a membership change waits for raft to apply it (etcdctl allows 5 s)
 
 
-class StepFailed(Exception):
-    def __init__(self, reason: str, next_action: str):
-        super().__init__(reason)
-        self.reason = reason
-        self.next_action = next_action
-
-
-def plan_view(ctx: BotContext, row: dict, step_states: dict[int, str] | None = None) -> blocks.PlanView:
-    cluster = ctx.config.cluster(row["cluster"])
-    approvers = ctx.access.holders(cluster, Role.APPROVER) if cluster else "nobody (cluster not configured)"
-    return blocks.PlanView(state=row["state"], proposer=row["proposer"], approvers=approvers,
-                           expires_at=row["expires_at"], reaction=ctx.config.approval.reaction,
-                           reject_reaction=ctx.config.approval.reject_reaction, step_states=step_states or {},
-                           decided_by=row.get("decided_by"), error=row.get("error"))
-
-
-async def refresh_message(ctx: BotContext, plan_id: str) -> None:
-    """Re-render the plan message from the database (the single source of truth)."""
-    row = await ctx.store.plan(plan_id)
-    if row is None or not row.get("message_ts"):
-        return
-    states = {s["idx"]: s["state"] for s in await ctx.store.steps(plan_id)}
-    plan = Plan.from_json(json.loads(row["plan"]))
-    await update(ctx.web, row["channel"], row["message_ts"], blocks.plan_reply(plan, plan_view(ctx, row, states)))
-
-
-async def say_in_thread(ctx: BotContext, row: dict, text: str) -> None:
-    """A detail in the plan's thread; a Slack failure is logged, never fatal."""
-    try:
-        await post(ctx.web, row["channel"], blocks.thread_note(text), thread_ts=row.get("message_ts"))
-    except SlackPostError as e:
-        log.warning("thread reply failed", extra={"ctx_plan": row["id"], "ctx_error": str(e)})
-
-
-class Executor:
-    def __init__(self, ctx: BotContext, row: dict, actor: str):
+@register(PlanKind.REPLACE)
+class ReplaceOperation:
+    def __init__(self, ctx: BotContext, record: PlanRecord, actor: str, started: set[str]):
         self.ctx = ctx
-        self.row = row
+        self.record = record
         self.actor = actor
-        self.plan = Plan.from_json(json.loads(row["plan"]))
+        self.started = started
+        self.plan = record.plan
         cluster = ctx.config.cluster(self.plan.cluster)
         if cluster is None:
             raise StepFailed(f"cluster {self.plan.cluster} is no longer in the configuration", "restore its config")
         self.cluster: ClusterConfig = cluster
         self.client: EtcdClient = ctx.client(cluster)
-        self.new_member_id: int | None = int(row["new_member_id"], 16) if row.get("new_member_id") else None
+        self.new_member_id: int | None = int(record.new_member_id, 16) if record.new_member_id else None
 
-    async def run(self, start: int) -> str:
-        """Execute from step `start`; returns the plan's final state."""
-        store, plan = self.ctx.store, self.plan
-        for idx in range(start, len(plan.steps)):
-            step = plan.steps[idx]
-            await store.step_started(plan.id, idx, step.key)
-            await refresh_message(self.ctx, plan.id)
-            began = time.monotonic()
-            try:
-                detail = await getattr(self, f"step_{step.key}")()
-            except (StepFailed, EtcdError, SnapshotFailed, asyncio.TimeoutError) as e:
-                failure = e if isinstance(e, StepFailed) else StepFailed(
-                    str(e) or type(e).__name__, "check /etcd status, then /etcd resume the plan or finish by hand")
-                return await self._fail(idx, failure)
-            except asyncio.CancelledError:
-                raise  # the bot is stopping: the plan stays "running" and is reported interrupted at start-up
-            except Exception as e:
-                log.exception("step crashed", extra={"ctx_plan": plan.id, "ctx_step": step.key})
-                return await self._fail(idx, StepFailed(f"internal error in step {step.key}: {type(e).__name__}",
-                                                        "see the bot's log; then /etcd resume the plan"))
-            await store.step_finished(plan.id, idx, "done", detail)
-            await store.audit("step_done", user=self.actor, channel=self.row["channel"], cluster=plan.cluster,
-                              detail={"plan": plan.id, "step": step.key, "detail": detail,
-                                      "seconds": round(time.monotonic() - began, 3)})
-            await say_in_thread(self.ctx, self.row, f":white_check_mark: Step {idx} ({step.key}): {detail}")
-        await store.transition(plan.id, ["running"], "done", finished_at=time.time())
-        await store.audit("plan_done", user=self.actor, channel=self.row["channel"], cluster=plan.cluster,
-                          detail={"plan": plan.id})
-        await refresh_message(self.ctx, plan.id)
-        await say_in_thread(self.ctx, self.row, f":tada: Plan {plan.id} is done: {plan.failed.name or plan.failed.id} "
-                                                f"was replaced by {plan.new_name}.")
-        return "done"
+    def steps(self) -> Sequence[StepRun]:
+        runs = {
+            "recheck": StepRun("recheck", precondition=self.recheck),
+            "snapshot": StepRun("snapshot", action=self.step_snapshot),
+            "remove": StepRun("remove", precondition=self.before_remove, action=self.step_remove,
+                              verify=self.removed),
+            "add": StepRun("add", precondition=self.before_add, action=self.step_add),
+            "start": StepRun("start", action=self.step_start),
+            "promote": StepRun("promote", precondition=self.before_promote, action=self.step_promote),
+            "followups": StepRun("followups", action=self.step_followups),
+            "verify": StepRun("verify", action=self.step_verify),
+        }
+        return [runs[step.key] for step in self.plan.steps]
 
-    async def _fail(self, idx: int, e: StepFailed) -> str:
-        plan, store = self.plan, self.ctx.store
-        step = plan.steps[idx]
-        message = f"step {idx} ({step.key}) failed: {e.reason}"
-        await store.step_finished(plan.id, idx, "failed", error=e.reason)
-        await store.transition(plan.id, ["running"], "failed", error=message, finished_at=time.time())
-        await store.audit("step_failed", user=self.actor, channel=self.row["channel"], cluster=plan.cluster,
-                          detail={"plan": plan.id, "step": step.key, "error": e.reason})
-        await refresh_message(self.ctx, plan.id)
-        await say_in_thread(self.ctx, self.row, f":x: Plan {plan.id} stopped: {message}\nNext: {e.next_action}")
-        return "failed"
+    def done_note(self) -> str:
+        return f"{escape(self.plan.failed.name or self.plan.failed.id)} was replaced by {escape(self.plan.new_name)}."
+
+    # -- preconditions ----------------------------------------------------
+
+    async def _facts(self) -> ClusterHealth:
+        """The live cluster, if it is still the one the plan expects at this point of its progress."""
+        health = await check_cluster(self.client, self.plan.cluster)
+        new_id = f"{self.new_member_id:016x}" if self.new_member_id is not None else None
+        changed = facts_changed(self.plan, health, self.started, new_id)
+        untouched = not self.started - {"recheck", "snapshot"}  # nothing changed by the plan yet
+        if changed is None and untouched and health.fingerprint != self.plan.fingerprint:
+            changed = "a member's name, peer URLs or role changed since the plan was made"
+        if changed:
+            raise FactsChanged(f"{changed}; nothing was changed", self.plan.id)
+        return health
+
+    @staticmethod
+    def _quorum(health: ClusterHealth, step: str, voting: int = 0, healthy: int = 0) -> str:
+        q = quorum_after(health, voting, healthy)
+        if not q.ok:
+            raise StepFailed(f"quorum would not hold {step} ({q.healthy} healthy of {q.voting} voting, {q.needed} "
+                             "needed); nothing was changed", "restore from the newest snapshot; see /etcd snapshots")
+        return f"{q.healthy} of {q.voting} voting members healthy (quorum {q.needed})"
+
+    async def recheck(self) -> str:
+        """Step 0, and the first thing a resume does: the plan's facts against the live cluster."""
+        health = await self._facts()
+        return f"membership as planned, {self._quorum(health, 'now')}"
+
+    def _removing(self, health: ClusterHealth) -> list[Member]:
+        ids = {int(r.id, 16) for r in (self.plan.failed, *self.plan.also_remove)}
+        return [h.member for h in health.members if h.member.id in ids]
+
+    async def before_remove(self) -> str:
+        health = await self._facts()
+        present = self._removing(health)
+        voters = [m for m in present if not m.is_learner]
+        return self._quorum(health, "after the remove", voting=-len(voters))
+
+    async def before_add(self) -> str:
+        health = await self._facts()
+        return self._quorum(health, "after the add", voting=0 if self.plan.learner else 1)
+
+    async def before_promote(self) -> str:
+        health = await self._facts()
+        new = next((h for h in health.members if h.member.id == self.new_member_id), None)
+        if new is None:
+            raise FactsChanged(f"the new member {self.plan.new_name} is no longer in the cluster; nothing was changed",
+                               self.plan.id)
+        if not self.plan.learner or not new.member.is_learner:
+            return self._quorum(health, "now")
+        return self._quorum(health, "after the promotion", voting=1, healthy=1 if new.healthy else 0)
 
     # -- helpers --------------------------------------------------------
 
@@ -153,25 +143,13 @@ class Executor:
 
     # -- the steps ------------------------------------------------------
 
-    async def step_recheck(self) -> str:
-        health = await check_cluster(self.client, self.plan.cluster)
-        if health.fingerprint != self.plan.fingerprint:
-            raise StepFailed("the membership changed since the plan was made; nothing was changed",
-                             "check /etcd status and propose the replacement again")
-        q = health.quorum
-        if not q.ok:
-            raise StepFailed(f"quorum does not hold now ({q.healthy} healthy of {q.voting}, {q.needed} needed); "
-                             "nothing was changed", "restore from the newest snapshot; see /etcd snapshots")
-        target = health.find(self.plan.failed.id)
-        if target is not None and target.healthy:
-            raise StepFailed(f"{self.plan.failed.name} answers and is healthy again; nothing was changed",
-                             "no replacement is needed; propose again if it fails anew")
-        return f"membership unchanged, {q.healthy} of {q.voting} voting members healthy (quorum {q.needed})"
-
     async def step_snapshot(self) -> str:
-        saved = await take_snapshot(self.ctx, self.cluster, requested_by=self.actor, channel=self.row["channel"],
-                                    reason=f"before plan {self.plan.id}", prefer=self.plan.snapshot_source,
-                                    plan_id=self.plan.id)
+        try:
+            saved = await take_snapshot(self.ctx, self.cluster, requested_by=self.actor, channel=self.record.channel,
+                                        reason=f"before plan {self.plan.id}", prefer=self.plan.snapshot_source,
+                                        plan_id=self.plan.id)
+        except SnapshotFailed as e:
+            raise StepFailed(str(e), "check /etcd status, then /etcd resume the plan") from None
         return (f"saved {saved.path.name} from {saved.member}: revision {saved.status.revision}, "
                 f"hash {saved.status.hash_hex}, sha256 {saved.sha256[:16]}…")
 
@@ -228,6 +206,14 @@ class Executor:
             done.append(f"Removed member {ref.id} ({ref.name}) from cluster")
         return "; ".join(done)
 
+    async def removed(self, detail: str) -> str:
+        """Every member the plan removes is gone from the member list (waits, bounded, for raft to apply it)."""
+        ids = {int(r.id, 16) for r in (self.plan.failed, *self.plan.also_remove)}
+
+        async def gone() -> str | None:
+            return detail if not {m.id for m in await self._members()} & ids else None
+        return await self._wait("the removal to show in the member list", CHANGE_TIMEOUT, gone)
+
     async def step_add(self) -> str:
         existing = self._by_peer(await self._members())
         if existing is None:
@@ -272,9 +258,9 @@ class Executor:
             return f"{already} (already running)"
         launcher = self.cluster.launcher
         if launcher.kind == "manual":
-            await say_in_thread(self.ctx, self.row,
-                                f":point_right: Start *{self.plan.new_name}* on its machine now (runbook step 4):\n"
-                                f"```{manual_instructions(self.plan)}```\nWaiting up to "
+            await note(self.ctx, self.record,
+                                f":point_right: Start *{escape(self.plan.new_name)}* on its machine now (runbook step 4):\n"
+                                f"```{escape(manual_instructions(self.plan))}```\nWaiting up to "
                                 f"{launcher.timeout_seconds:g}s for it to join.")
             return await self._wait(f"{self.plan.new_name} starting", launcher.timeout_seconds,
                                     self._started_and_reachable)
@@ -293,11 +279,14 @@ class Executor:
 
         async def promote() -> str | None:
             m = await self._new_member()
-            if m is not None and not m.is_learner:
+            if m is None:
+                raise StepFailed(f"the new member {self.plan.new_name} is no longer in the cluster",
+                                 "check /etcd members; propose the replacement again")
+            if not m.is_learner:
                 return f"{self.plan.new_name} is a voting member"
             await self._live_leader()
             try:
-                await self.client.member_promote(self.new_member_id, timeout=CHANGE_TIMEOUT)
+                await self.client.member_promote(m.id, timeout=CHANGE_TIMEOUT)
             except LearnerNotReady:
                 return None  # still catching up with the leader: etcd says when
             except NotALearner:
@@ -312,10 +301,11 @@ class Executor:
         servers = etcd_servers(members)
         removed = ", ".join(self.plan.failed.client_urls) or "(none)"
         added = next((", ".join(m.client_urls) for m in members if m.id == self.new_member_id), "")
-        await say_in_thread(self.ctx, self.row,
+        await note(self.ctx, self.record,
                             f":clipboard: *Follow-ups (runbook step 5)*\n"
-                            f"1. Update every kube-apiserver and restart it:\n```--etcd-servers={servers}```\n"
-                            f"2. If a load balancer fronts etcd, add {added or self.plan.new_name} and remove {removed}.")
+                            f"1. Update every kube-apiserver and restart it:\n```--etcd-servers={escape(servers)}```\n"
+                            f"2. If a load balancer fronts etcd, add {escape(added or self.plan.new_name)} and remove "
+                            f"{escape(removed)}.")
         return f"--etcd-servers={servers}"
 
     async def step_verify(self) -> str:

@@ -1,9 +1,10 @@
-"""A replacement plan's life: proposed -> approved -> running -> done | failed,
-or rejected / cancelled / expired; running -> interrupted (the bot stopped)
--> running again on `/etcd resume`.
+"""A plan's life: proposed -> approved -> running -> done | failed, or
+rejected / cancelled / expired; running -> interrupted (the bot stopped) ->
+running again on `/etcd resume`; interrupted or failed -> abandoned.
 
 Every change of state is one guarded UPDATE in the store; whoever loses a
-race is told so in the plan's thread and nothing runs twice.
+race is told so in the plan's thread and nothing runs twice. Approval rules
+(how many distinct approvers, self-approval, TTL) come per kind of plan.
 """
 from __future__ import annotations
 
@@ -12,15 +13,18 @@ import logging
 import time
 from dataclasses import dataclass
 
-from bot.slack import blocks
-from bot.ops.access import Role
 from bot.config import ClusterConfig
-from bot.ops.context import BotContext
-from bot.etcd.model import EtcdError
-from bot.ops.executor import Executor, StepFailed, plan_view, refresh_message, say_in_thread
 from bot.etcd.health import check_cluster
-from bot.ops.replace import MemberRef, Plan, Refusal, ReplaceRequest, plan_replacement
-from bot.slack.web import SlackPostError, post
+from bot.etcd.model import EtcdError
+from bot.ops import executor  # noqa: F401  (registers the replace operation with the engine)
+from bot.ops.access import Role
+from bot.ops.context import BotContext
+from bot.ops.engine import execute, note, refresh
+from bot.ops.notify import NotifyFailed
+from bot.ops.replace import MemberRef, Refusal, ReplaceRequest, plan_replacement
+from bot.slack import blocks
+from bot.slack.blocks import escape, mention
+from bot.store.records import STOPPED_STATES, PlanKind, PlanRecord, PlanState
 from bot.store.sqlite import OpenPlanExists
 
 log = logging.getLogger(__name__)
@@ -45,7 +49,7 @@ async def propose(ctx: BotContext, cluster: ClusterConfig, req: ReplaceRequest, 
     store = ctx.store
     open_plan = await store.open_plan(cluster.name)
     if open_plan:
-        return _open_plan_refusal(open_plan)
+        return _open_plan_refusal(open_plan.id, open_plan.state)
     try:
         health = await check_cluster(ctx.client(cluster), cluster.name)
     except EtcdError as e:
@@ -60,17 +64,21 @@ async def propose(ctx: BotContext, cluster: ClusterConfig, req: ReplaceRequest, 
                           detail={"reason": r.reason, "request": req.__dict__})
         return _refused(f"cannot replace {req.failed} in {cluster.name}: {r.reason}", r.hint, usage)
     now = time.time()
-    row = {"id": plan.id, "cluster": cluster.name, "state": "proposed", "channel": channel, "proposer": user,
-           "created_at": now, "expires_at": now + ctx.config.approval.ttl_minutes * 60, "fingerprint": plan.fingerprint,
-           "plan": json.dumps(plan.to_json())}
+    kind = PlanKind.REPLACE
+    row = {"id": plan.id, "kind": kind, "cluster": cluster.name, "state": PlanState.PROPOSED, "channel": channel,
+           "proposer": user, "created_at": now, "expires_at": now + ctx.config.approval.rule(kind).ttl_minutes * 60,
+           "fingerprint": plan.fingerprint, "plan": json.dumps(plan.to_json())}
     try:
         await store.insert_plan(row)
     except OpenPlanExists as e:
-        return _open_plan_refusal(await store.plan(e.plan_id) or {"id": e.plan_id, "state": e.state})
+        return _open_plan_refusal(e.plan_id, PlanState(e.state))
+    record = await store.plan(plan.id)
+    assert record is not None  # just inserted
     try:
-        ts = await post(ctx.web, channel, blocks.plan_reply(plan, plan_view(ctx, row)))
-    except SlackPostError as e:
-        await store.transition(plan.id, ["proposed"], "cancelled", error=f"could not post the plan: {e}")
+        ts = await ctx.notifier.post_plan(record)
+    except NotifyFailed as e:
+        await store.transition(plan.id, [PlanState.PROPOSED], PlanState.CANCELLED,
+                               error=f"could not post the plan: {e}")
         return _refused(f"could not post the plan in this channel: {e}")
     await store.update_plan(plan.id, message_ts=ts)
     await store.audit("plan_proposed", user=user, channel=channel, cluster=cluster.name,
@@ -83,19 +91,20 @@ async def removed_by_earlier_plan(ctx: BotContext, cluster: str, ref: str) -> tu
     """A failed member an earlier plan removed (etcd < 3.6 requires removing every
     unreachable voter before an add) and nobody has replaced yet."""
     wanted = ref.strip().lower()
-    rows = await ctx.store.plans(cluster, limit=50, states=("done",))
-    replaced = {Plan.from_json(json.loads(r["plan"])).failed.id for r in rows}
-    for row in rows:
-        for m in Plan.from_json(json.loads(row["plan"])).also_remove:
+    records = await ctx.store.plans(cluster, limit=50, states=(PlanState.DONE,))
+    replaced = {r.plan.failed.id for r in records}
+    for record in records:
+        for m in record.plan.also_remove:
             if m.id not in replaced and wanted in (m.name.lower(), m.id):
-                return m, row["id"]
+                return m, record.id
     return None
 
 
-def _open_plan_refusal(row: dict) -> Outcome:
-    return _refused(f"plan {row['id']} is {row['state']} for this cluster: one open plan per cluster",
-                    f"let it finish, or cancel it with `/etcd cancel {row['id']}`" if row["state"] == "proposed"
-                    else f"let plan {row['id']} finish (see /etcd plans)")
+def _open_plan_refusal(plan_id: str, state: PlanState) -> Outcome:
+    return _refused(f"plan {plan_id} is {state} for this cluster: one open plan per cluster",
+                    f"let it finish, or cancel it with `/etcd cancel {plan_id}`" if state == PlanState.PROPOSED
+                    else f"let plan {plan_id} finish, or abandon it with `/etcd abandon {plan_id} <reason>` "
+                         "(see /etcd plans)")
 
 
 # ---------------------------------------------------------------- reactions
@@ -105,131 +114,181 @@ def reaction_name(raw: str) -> str:
     return raw.split("::", 1)[0]
 
 
-async def on_reaction(ctx: BotContext, row: dict, user: str, reaction: str) -> None:
+async def on_reaction(ctx: BotContext, record: PlanRecord, user: str, reaction: str) -> None:
     """An approval or rejection reaction on a plan message; other reactions are ignored."""
     approval = ctx.config.approval
     name = reaction_name(reaction)
     if name == approval.reaction:
-        await approve(ctx, row, user)
+        await approve(ctx, record, user)
     elif name == approval.reject_reaction:
-        await reject(ctx, row, user)
+        await reject(ctx, record, user)
 
 
-async def _is_approver(ctx: BotContext, row: dict, user: str) -> bool:
-    cluster = ctx.config.cluster(row["cluster"])
+async def _is_approver(ctx: BotContext, record: PlanRecord, user: str) -> bool:
+    cluster = ctx.config.cluster(record.cluster)
     return cluster is not None and await ctx.access.allowed(cluster, user, Role.APPROVER)
 
 
-def _approvers(ctx: BotContext, row: dict) -> str:
-    cluster = ctx.config.cluster(row["cluster"])
-    return ctx.access.holders(cluster, Role.APPROVER) if cluster else "nobody"
+async def _approvers(ctx: BotContext, record: PlanRecord) -> str:
+    """The approvers by name: refusals say who may act without notifying them."""
+    cluster = ctx.config.cluster(record.cluster)
+    return await ctx.access.names(cluster, Role.APPROVER) if cluster else "nobody"
 
 
-async def approve(ctx: BotContext, row: dict, user: str) -> None:
-    store, plan_id = ctx.store, row["id"]
-    if not await _is_approver(ctx, row, user):
-        await _refuse_in_thread(ctx, row, user, "approve_refused",
-                                f"<@{user}> is not an approver, so plan {plan_id} is not approved "
-                                f"(approvers: {_approvers(ctx, row)}).")
+async def approve(ctx: BotContext, record: PlanRecord, user: str) -> None:
+    store, plan_id = ctx.store, record.id
+    rule = ctx.config.approval.rule(record.kind)
+    if not await _is_approver(ctx, record, user):
+        await _refuse(ctx, record, user, "approve_refused",
+                      f"{mention(user)} is not an approver, so plan {plan_id} is not approved "
+                      f"(approvers: {await _approvers(ctx, record)}).")
         return
-    if user == row["proposer"] and not ctx.config.approval.allow_self_approval:
-        await _refuse_in_thread(ctx, row, user, "approve_refused",
-                                f"<@{user}> proposed plan {plan_id} and cannot approve it too: "
-                                f"another approver must react (allow_self_approval is off).")
+    if user == record.proposer and not rule.allow_self_approval:
+        await _refuse(ctx, record, user, "approve_refused",
+                      f"{mention(user)} proposed plan {plan_id} and cannot approve it too: "
+                      f"another approver must react (allow_self_approval is off).")
         return
-    if row["state"] == "proposed" and time.time() >= row["expires_at"]:
-        await expire(ctx, row)
-        await _refuse_in_thread(ctx, row, user, "approve_refused",
-                                f"plan {plan_id} expired at {blocks.slack_date(row['expires_at'])}: propose it again.")
+    if record.state == PlanState.PROPOSED and time.time() >= record.expires_at:
+        await expire(ctx, record)
+        await _refuse(ctx, record, user, "approve_refused",
+                      f"plan {plan_id} expired at {blocks.slack_date(record.expires_at)}: propose it again.")
         return
-    won = await store.transition(plan_id, ["proposed"], "approved", decided_by=user, decided_at=time.time())
-    if not won:
-        current = await store.plan(plan_id) or row
-        by = f" by <@{current['decided_by']}>" if current.get("decided_by") else ""
-        await _refuse_in_thread(ctx, row, user, "approve_ignored",
-                                f"plan {plan_id} is {current['state']}{by}, not proposed: <@{user}>'s approval changes nothing.")
+    first, count, won = await store.add_approval(plan_id, user, rule.approvals_needed)
+    if won:
+        await store.audit("plan_approved", user=user, channel=record.channel, cluster=record.cluster,
+                          detail={"plan": plan_id, "approvals": count})
+        await note(ctx, record, f":white_check_mark: Approved by {mention(user)}. Executing plan {plan_id} now.")
+        ctx.spawn(execute(ctx, plan_id, user, from_states=(PlanState.APPROVED,), start=0), name=f"plan-{plan_id}")
+    elif first:
+        await store.audit("plan_approval", user=user, channel=record.channel, cluster=record.cluster,
+                          detail={"plan": plan_id, "approvals": count, "needed": rule.approvals_needed})
+        await refresh(ctx, plan_id)
+        await note(ctx, record, f":ballot_box_with_check: Approval {count} of {rule.approvals_needed} for plan "
+                                f"{plan_id}, by {mention(user)}; it runs when {rule.approvals_needed} approvers agree.")
+    elif count:
+        await _refuse(ctx, record, user, "approve_ignored",
+                      f"{mention(user)} approved plan {plan_id} already; each approver counts once "
+                      f"({count} of {rule.approvals_needed}).")
+    else:
+        current = await store.plan(plan_id) or record
+        by = f" by {mention(current.decided_by)}" if current.decided_by else ""
+        await _refuse(ctx, record, user, "approve_ignored",
+                      f"plan {plan_id} is {current.state}{by}, not proposed: {mention(user)}'s approval changes nothing.")
+
+
+async def reject(ctx: BotContext, record: PlanRecord, user: str) -> None:
+    plan_id = record.id
+    if user != record.proposer and not await _is_approver(ctx, record, user):
+        await _refuse(ctx, record, user, "reject_refused",
+                      f"{mention(user)} is neither an approver nor the proposer, so plan {plan_id} is not rejected.")
         return
-    await store.audit("plan_approved", user=user, channel=row["channel"], cluster=row["cluster"], detail={"plan": plan_id})
-    await say_in_thread(ctx, row, f":white_check_mark: Approved by <@{user}>. Executing plan {plan_id} now.")
-    ctx.spawn(execute(ctx, plan_id, user, from_states=("approved",), start=0), name=f"plan-{plan_id}")
-
-
-async def reject(ctx: BotContext, row: dict, user: str) -> None:
-    plan_id = row["id"]
-    if user != row["proposer"] and not await _is_approver(ctx, row, user):
-        await _refuse_in_thread(ctx, row, user, "reject_refused",
-                                f"<@{user}> is neither an approver nor the proposer, so plan {plan_id} is not rejected.")
+    if not await ctx.store.transition(plan_id, [PlanState.PROPOSED], PlanState.REJECTED, decided_by=user,
+                                      decided_at=time.time()):
+        current = await ctx.store.plan(plan_id) or record
+        await _refuse(ctx, record, user, "reject_ignored",
+                      f"plan {plan_id} is {current.state}, not proposed: the rejection changes nothing.")
         return
-    if not await ctx.store.transition(plan_id, ["proposed"], "rejected", decided_by=user, decided_at=time.time()):
-        current = await ctx.store.plan(plan_id) or row
-        await _refuse_in_thread(ctx, row, user, "reject_ignored",
-                                f"plan {plan_id} is {current['state']}, not proposed: the rejection changes nothing.")
-        return
-    await ctx.store.audit("plan_rejected", user=user, channel=row["channel"], cluster=row["cluster"], detail={"plan": plan_id})
-    await refresh_message(ctx, plan_id)
-    await say_in_thread(ctx, row, f":no_entry_sign: Rejected by <@{user}>. Nothing was changed.")
+    await ctx.store.audit("plan_rejected", user=user, channel=record.channel, cluster=record.cluster,
+                          detail={"plan": plan_id})
+    await refresh(ctx, plan_id)
+    await note(ctx, record, f":no_entry_sign: Rejected by {mention(user)}. Nothing was changed.")
 
 
-async def _refuse_in_thread(ctx: BotContext, row: dict, user: str, action: str, text: str) -> None:
-    await ctx.store.audit(action, user=user, channel=row["channel"], cluster=row["cluster"],
-                          detail={"plan": row["id"], "why": text})
-    await say_in_thread(ctx, row, f":no_entry: {text}")
+async def _refuse(ctx: BotContext, record: PlanRecord, user: str, action: str, text: str) -> None:
+    """A refused reaction: the first one of a user on a plan is answered in its
+    thread; repeats only to that user, so nobody can flood the thread."""
+    repeated = await ctx.store.acted_before(action, user, record.id)
+    await ctx.store.audit(action, user=user, channel=record.channel, cluster=record.cluster,
+                          detail={"plan": record.id, "why": text})
+    if repeated:
+        await ctx.notifier.private_note(record, user, f":no_entry: {text}")
+    else:
+        await note(ctx, record, f":no_entry: {text}")
 
 
-# ---------------------------------------------------------------- execution
+# ---------------------------------------------------------------- commands on a plan
 
-async def execute(ctx: BotContext, plan_id: str, actor: str, *, from_states: tuple[str, ...], start: int) -> str:
-    """Take the plan to `running` (guarded) and run it from step `start`."""
-    if not await ctx.store.transition(plan_id, from_states, "running", error=None):
-        return "skipped"
-    row = await ctx.store.plan(plan_id)
-    try:
-        executor = Executor(ctx, row, actor)
-    except StepFailed as e:
-        await ctx.store.transition(plan_id, ["running"], "failed", error=e.reason, finished_at=time.time())
-        await say_in_thread(ctx, row, f":x: Plan {plan_id} cannot run: {e.reason}")
-        return "failed"
-    return await executor.run(start)
+async def _plan_for(ctx: BotContext, plan_id: str, channel: str) -> PlanRecord | None:
+    record = await ctx.store.plan(plan_id)
+    return record if record is not None and record.channel == channel else None
+
+
+async def _approver_refusal(ctx: BotContext, record: PlanRecord, user: str, what: str) -> Outcome | None:
+    if await _is_approver(ctx, record, user):
+        return None
+    await ctx.store.audit(f"{what}_refused", user=user, channel=record.channel, cluster=record.cluster,
+                          detail={"plan": record.id, "missing_role": "approver"})
+    return _refused(f"{what}ing plan {record.id} needs the approver role, which you do not hold "
+                    f"(approvers: {await _approvers(ctx, record)})")
 
 
 async def resume(ctx: BotContext, plan_id: str, user: str, channel: str) -> Outcome:
-    row = await ctx.store.plan(plan_id)
-    if row is None or row["channel"] != channel:
+    record = await _plan_for(ctx, plan_id, channel)
+    if record is None:
         return _refused(f"no plan {plan_id!r} in this channel", "see /etcd plans")
-    if not await _is_approver(ctx, row, user):
-        await ctx.store.audit("resume_refused", user=user, channel=channel, cluster=row["cluster"],
-                              detail={"plan": plan_id, "missing_role": "approver"})
-        return _refused(f"resuming plan {plan_id} needs the approver role, which you do not hold "
-                        f"(approvers: {_approvers(ctx, row)})")
-    if row["state"] not in ("interrupted", "failed"):
-        return _refused(f"plan {plan_id} is {row['state']}; only an interrupted or failed plan can be resumed")
-    start = row["current_step"]
-    plan = Plan.from_json(json.loads(row["plan"]))
-    open_plan = await ctx.store.open_plan(row["cluster"])
-    if open_plan and open_plan["id"] != plan_id:
-        return _open_plan_refusal(open_plan)
-    await ctx.store.audit("plan_resumed", user=user, channel=channel, cluster=row["cluster"],
-                          detail={"plan": plan_id, "step": plan.steps[start].key})
-    await say_in_thread(ctx, row, f":arrow_forward: <@{user}> resumed plan {plan_id} at step {start} "
-                                  f"({plan.steps[start].title}).")
-    ctx.spawn(execute(ctx, plan_id, user, from_states=("interrupted", "failed"), start=start), name=f"plan-{plan_id}")
+    if (refusal := await _approver_refusal(ctx, record, user, "resum")) is not None:
+        return refusal
+    if record.state not in STOPPED_STATES:
+        return _refused(f"plan {plan_id} is {record.state}; only an interrupted or failed plan can be resumed")
+    start = record.current_step
+    open_plan = await ctx.store.open_plan(record.cluster)
+    if open_plan and open_plan.id != plan_id:
+        return _open_plan_refusal(open_plan.id, open_plan.state)
+    step = record.plan.steps[start]
+    await ctx.store.audit("plan_resumed", user=user, channel=channel, cluster=record.cluster,
+                          detail={"plan": plan_id, "step": step.key})
+    await note(ctx, record, f":arrow_forward: {mention(user)} resumed plan {plan_id} at step {start} "
+                            f"({escape(step.title)}), after the re-check of step 0.")
+    ctx.spawn(execute(ctx, plan_id, user, from_states=STOPPED_STATES, start=start), name=f"plan-{plan_id}")
     return Outcome(ephemeral=blocks.Reply(text=f"Resuming plan {plan_id} at step {start}; progress is in its thread."))
 
 
-async def cancel(ctx: BotContext, plan_id: str, user: str, channel: str) -> Outcome:
-    row = await ctx.store.plan(plan_id)
-    if row is None or row["channel"] != channel:
+async def abandon(ctx: BotContext, plan_id: str, reason: str, user: str, channel: str) -> Outcome:
+    """Close a stopped plan without undoing anything, so a new one can be made;
+    says which steps had run, since those changes stay."""
+    record = await _plan_for(ctx, plan_id, channel)
+    if record is None:
         return _refused(f"no plan {plan_id!r} in this channel", "see /etcd plans")
-    if user != row["proposer"] and not await _is_approver(ctx, row, user):
-        await ctx.store.audit("cancel_refused", user=user, channel=channel, cluster=row["cluster"],
+    if (refusal := await _approver_refusal(ctx, record, user, "abandon")) is not None:
+        return refusal
+    if record.state not in STOPPED_STATES:
+        hint = {PlanState.PROPOSED: f"a proposed plan is cancelled instead: `/etcd cancel {plan_id}`",
+                PlanState.APPROVED: "it is about to run; let it finish or fail first",
+                PlanState.RUNNING: "it is running; let it finish or fail first"}.get(
+                    record.state, "it is closed already; nothing to abandon")
+        return _refused(f"plan {plan_id} is {record.state}; only an interrupted or failed plan can be abandoned", hint)
+    if not await ctx.store.transition(plan_id, STOPPED_STATES, PlanState.ABANDONED, decided_by=user,
+                                      decided_at=time.time()):
+        return _refused(f"plan {plan_id} changed state meanwhile; see /etcd plans")
+    steps = await ctx.store.steps(plan_id)
+    ran = [f"{s['idx']}. {escape(record.plan.steps[s['idx']].title)} ({s['state']})" for s in steps
+           if s["state"] in ("done", "failed", "running")]
+    await ctx.store.audit("plan_abandoned", user=user, channel=channel, cluster=record.cluster,
+                          detail={"plan": plan_id, "reason": reason, "steps_run": [s["key"] for s in steps
+                                                                                   if s["state"] == "done"]})
+    await refresh(ctx, plan_id)
+    listing = "\n".join(ran) or "(none)"
+    summary = (f"Plan {plan_id} abandoned by {mention(user)}: {escape(reason)}. Nothing was undone; the steps that had "
+               f"run:\n{listing}\nA new plan for {escape(record.cluster)} can be proposed now.")
+    await note(ctx, record, f":wastebasket: {summary}")
+    return Outcome(ephemeral=blocks.Reply(text=summary))
+
+
+async def cancel(ctx: BotContext, plan_id: str, user: str, channel: str) -> Outcome:
+    record = await _plan_for(ctx, plan_id, channel)
+    if record is None:
+        return _refused(f"no plan {plan_id!r} in this channel", "see /etcd plans")
+    if user != record.proposer and not await _is_approver(ctx, record, user):
+        await ctx.store.audit("cancel_refused", user=user, channel=channel, cluster=record.cluster,
                               detail={"plan": plan_id, "missing_role": "approver or proposer"})
         return _refused(f"cancelling plan {plan_id} needs the approver role or being its proposer "
-                        f"(approvers: {_approvers(ctx, row)})")
-    if not await ctx.store.transition(plan_id, ["proposed"], "cancelled", decided_by=user, decided_at=time.time()):
-        return _refused(f"plan {plan_id} is {row['state']}; only a proposed plan can be cancelled")
-    await ctx.store.audit("plan_cancelled", user=user, channel=channel, cluster=row["cluster"], detail={"plan": plan_id})
-    await refresh_message(ctx, plan_id)
-    await say_in_thread(ctx, row, f":wastebasket: Cancelled by <@{user}>. Nothing was changed.")
+                        f"(approvers: {await _approvers(ctx, record)})")
+    if not await ctx.store.transition(plan_id, [PlanState.PROPOSED], PlanState.CANCELLED, decided_by=user,
+                                      decided_at=time.time()):
+        return _refused(f"plan {plan_id} is {record.state}; only a proposed plan can be cancelled")
+    await ctx.store.audit("plan_cancelled", user=user, channel=channel, cluster=record.cluster, detail={"plan": plan_id})
+    await refresh(ctx, plan_id)
+    await note(ctx, record, f":wastebasket: Cancelled by {mention(user)}. Nothing was changed.")
     return Outcome(ephemeral=blocks.Reply(text=f"Plan {plan_id} cancelled."))
 
 
@@ -237,36 +296,36 @@ async def cancel(ctx: BotContext, plan_id: str, user: str, channel: str) -> Outc
 
 async def recover_interrupted(ctx: BotContext) -> list[str]:
     """At start-up: a plan left running (or approved) was cut off by a stop
-    of the bot. Say so in its thread; an approver decides to resume."""
+    of the bot. Say so in its thread; an approver decides to resume or abandon."""
     recovered = []
-    for row in await ctx.store.plans(states=("running", "approved"), limit=1000):
-        if not await ctx.store.transition(row["id"], [row["state"]], "interrupted"):
+    for record in await ctx.store.plans(states=(PlanState.RUNNING, PlanState.APPROVED), limit=1000):
+        if not await ctx.store.transition(record.id, [record.state], PlanState.INTERRUPTED):
             continue
-        recovered.append(row["id"])
-        plan = Plan.from_json(json.loads(row["plan"]))
-        step = plan.steps[row["current_step"]]
-        await ctx.store.audit("plan_interrupted", channel=row["channel"], cluster=row["cluster"],
-                              detail={"plan": row["id"], "step": step.key})
-        await refresh_message(ctx, row["id"])
-        await say_in_thread(ctx, row, f":warning: Plan {row['id']} was interrupted at step {row['current_step']} "
-                                      f"({step.title}) when the bot stopped. An approver can continue from that step "
-                                      f"with `/etcd resume {row['id']}`; every step is safe to repeat.")
+        recovered.append(record.id)
+        step = record.plan.steps[record.current_step]
+        await ctx.store.audit("plan_interrupted", channel=record.channel, cluster=record.cluster,
+                              detail={"plan": record.id, "step": step.key})
+        await refresh(ctx, record.id)
+        await note(ctx, record, f":warning: Plan {record.id} was interrupted at step {record.current_step} "
+                                f"({escape(step.title)}) when the bot stopped. An approver can continue from that step "
+                                f"with `/etcd resume {record.id}` (the cluster is re-checked first; every step is "
+                                f"safe to repeat), or close it with `/etcd abandon {record.id} <reason>`.")
     return recovered
 
 
-async def expire(ctx: BotContext, row: dict) -> bool:
-    if not await ctx.store.transition(row["id"], ["proposed"], "expired"):
+async def expire(ctx: BotContext, record: PlanRecord) -> bool:
+    if not await ctx.store.transition(record.id, [PlanState.PROPOSED], PlanState.EXPIRED):
         return False
-    await ctx.store.audit("plan_expired", channel=row["channel"], cluster=row["cluster"], detail={"plan": row["id"]})
-    await refresh_message(ctx, row["id"])
+    await ctx.store.audit("plan_expired", channel=record.channel, cluster=record.cluster, detail={"plan": record.id})
+    await refresh(ctx, record.id)
     return True
 
 
 async def expire_stale(ctx: BotContext) -> int:
     now = time.time()
     n = 0
-    for row in await ctx.store.plans(states=("proposed",), limit=1000):
-        if row["expires_at"] <= now and await expire(ctx, row):
-            await say_in_thread(ctx, row, f":hourglass: Plan {row['id']} expired unapproved. Propose it again if still needed.")
+    for record in await ctx.store.plans(states=(PlanState.PROPOSED,), limit=1000):
+        if record.expires_at <= now and await expire(ctx, record):
+            await note(ctx, record, f":hourglass: Plan {record.id} expired unapproved. Propose it again if still needed.")
             n += 1
     return n

@@ -7,6 +7,7 @@ after every step of the plan, not only for the state now.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -304,3 +305,37 @@ def etcd_servers(members: list[Member] | tuple[Member, ...]) -> str:
             if u not in urls:
                 urls.append(u)
     return ",".join(urls)
+
+
+def facts_changed(plan: Plan, health: ClusterHealth, started: Collection[str], new_member_id: str | None) -> str | None:
+    """What no longer matches the plan, judged against its own progress
+    (`started`: keys of the steps already begun, whose effects are expected);
+    None when the cluster is as the plan expects it."""
+    live = {h.member.hex_id: h for h in health.members}
+    removing = plan.also_remove if plan.already_removed_by else (plan.failed, *plan.also_remove)
+    known = {m.id for m in plan.survivors} | {m.id for m in removing}
+    for s in plan.survivors:
+        if s.id not in live:
+            return f"{s.name or s.id} ({s.id}) is no longer a member of {plan.cluster}"
+    for hex_id, h in live.items():
+        ours = plan.new_peer_url in h.member.peer_urls or hex_id == new_member_id
+        if hex_id in known or (ours and "add" in started):
+            continue
+        what = "a learner" if h.member.is_learner else "a member"
+        return f"{what} {h.member.name or '(unstarted)'} ({hex_id}) was added to {plan.cluster} since the plan was made"
+    for r in removing:
+        now = live.get(r.id)
+        if now is None:
+            if "remove" not in started:
+                return f"{r.name or r.id} ({r.id}) is no longer a member: removed by hand or by another plan"
+        elif r is plan.failed and now.healthy:
+            return f"{r.name or r.id} answers and is healthy again"
+        elif r is not plan.failed and now.reachable:
+            return f"{r.name or r.id} ({r.id}), which this plan removes too, answers again"
+    return None
+
+
+def quorum_after(health: ClusterHealth, voting: int = 0, healthy: int = 0) -> Quorum:
+    """The quorum once a step has changed the voting set by `voting` members, `healthy` of them healthy."""
+    q = health.quorum
+    return Quorum(q.voting + voting, q.healthy + healthy)

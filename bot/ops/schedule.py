@@ -12,9 +12,9 @@ import time
 from bot.config import ClusterConfig
 from bot.etcd.snapshots import SnapshotFailed
 from bot.ops.context import BotContext
+from bot.ops.notify import NotifyFailed
 from bot.ops.snapshots import take_snapshot
 from bot.slack import blocks
-from bot.slack.web import SlackPostError, post
 
 log = logging.getLogger(__name__)
 REASON = "scheduled"
@@ -64,7 +64,7 @@ class Scheduler:
             reply = blocks.snapshot_failed_reply(cluster.name, str(e), scheduled=True)
         if channel:
             try:
-                await post(self.ctx.web, channel, reply)
-            except SlackPostError as e:
+                await self.ctx.notifier.channel_message(channel, reply)
+            except NotifyFailed as e:
                 log.error("cannot post the scheduled snapshot result",
                           extra={"ctx_cluster": cluster.name, "ctx_error": str(e)})

@@ -27,7 +27,10 @@ from bot.ops import lifecycle
 from bot.ops.context import BotContext
 from bot.ops.schedule import Scheduler
 from bot.settings import SlackSettings
+from bot.slack.directory import SlackDirectory
+from bot.slack.notifier import SlackNotifier
 from bot.slack.readiness import ReadinessProbe
+from bot.store.records import PlanState
 
 log = logging.getLogger(__name__)
 HOUSEKEEPING_SECONDS = 30.0
@@ -68,17 +71,26 @@ def web_client(slack: SlackSettings, token: str | None = None) -> AsyncWebClient
 
 class BotRuntime:
     def __init__(self, config: Config, slack: SlackSettings):
-        self.ctx = BotContext(config, slack)
+        self.config, self.slack = config, slack
+        self.web = web_client(slack)
+        self._ctx: BotContext | None = None
         self.app: AsyncApp | None = None
         self._housekeeping: asyncio.Task | None = None
+
+    @property
+    def ctx(self) -> BotContext:
+        if self._ctx is None:
+            raise RuntimeError("the bot is not started")
+        return self._ctx
 
     async def start(self) -> AsyncApp:
         from handlers import register_all  # the edge depends on the engine, never the reverse
 
-        client = web_client(self.ctx.slack)
-        await self.ctx.start(client)
-        app = AsyncApp(client=client, signing_secret=self.ctx.slack.signing_secret or "unused-in-socket-mode",
-                       request_verification_enabled=self.ctx.slack.signing_secret is not None,
+        client, slack = self.web, self.slack
+        self._ctx = await BotContext.open(self.config, SlackNotifier(client, self.config), SlackDirectory(client),
+                                          tuple(slack.secrets()))
+        app = AsyncApp(client=client, signing_secret=slack.signing_secret or "unused-in-socket-mode",
+                       request_verification_enabled=slack.signing_secret is not None,
                        logger=logging.getLogger("slack_bolt"))
 
         @app.error
@@ -113,12 +125,13 @@ class BotRuntime:
         if self._housekeeping is not None:
             self._housekeeping.cancel()
             await asyncio.gather(self._housekeeping, return_exceptions=True)
-        await self.ctx.close()
+        if self._ctx is not None:
+            await self._ctx.close()
 
     def http_application(self, slack_events: bool = True) -> web.Application:
         """POST /slack/events for Slack (HTTP mode); /healthz, /readyz and
         /metrics for the orchestrator and Prometheus (both modes)."""
-        app, metrics, probe = self.app, self.ctx.metrics, ReadinessProbe(self.ctx)
+        app, metrics, probe = self.app, self.ctx.metrics, ReadinessProbe(self.ctx, self.web)
 
         async def events(request: web.Request) -> web.Response:
             started = time.perf_counter()
@@ -138,9 +151,8 @@ class BotRuntime:
 
         async def metrics_page(request: web.Request) -> web.Response:
             counts = await self.ctx.store.plan_counts()
-            for state in ("proposed", "approved", "running", "interrupted", "done", "failed", "rejected",
-                          "cancelled", "expired"):
-                metrics.plans.labels(state=state).set(counts.get(state, 0))
+            for state in PlanState:
+                metrics.plans.labels(state=state.value).set(counts.get(state, 0))
             return web.Response(body=metrics.exposition(), content_type="text/plain", charset="utf-8",
                                 headers={"X-Content-Type-Options": "nosniff"})
 
@@ -188,7 +200,7 @@ class BotServer:
             self.port = site._server.sockets[0].getsockname()[1]  # the kernel's choice
         if self.socket_mode:
             from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
-            slack = self.ctx.slack
+            slack = self.runtime.slack
             self._socket = AsyncSocketModeHandler(app, slack.app_token, web_client=web_client(slack, slack.app_token))
             await self._socket.connect_async()
         log.info("serving", extra={"ctx_mode": "socket" if self.socket_mode else "http", "ctx_host": self.host,

@@ -9,16 +9,17 @@ mention exists only where mention()/group_mention() made it.
 """
 from __future__ import annotations
 
-import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from collections.abc import Mapping
 
 from bot.etcd.health import ClusterHealth
+from bot.ops.replace import MemberRef, Plan
 from bot.output import text as render
 from bot.output.model import MemberView, Verdict, snapshot_view, status_view
 from bot.output.units import humanize_bytes
+from bot.store.records import PlanRecord, PlanState
 
 if TYPE_CHECKING:  # the snapshot stream is gRPC; only its result type is needed here
     from bot.etcd.snapshots import SavedSnapshot
@@ -39,6 +40,26 @@ def _section(text: str) -> dict[str, Any]:
     if len(text) > MAX_SECTION:
         text = text[:MAX_SECTION] + "…"
     return {"type": "section", "text": {"type": "mrkdwn", "text": text}}
+
+
+def sections(text: str, code: bool = False) -> list[dict[str, Any]]:
+    """Text longer than one section as several sections, split between lines
+    (a line longer than a section is cut into pieces), so nothing is lost;
+    `code` wraps each piece in a code block."""
+    room = MAX_SECTION - (6 if code else 0)
+    pieces: list[str] = []
+    for line in text.split("\n"):
+        while len(line) > room:
+            pieces.append(line[:room])
+            line = line[room:]
+        pieces.append(line)
+    chunks: list[str] = []
+    for piece in pieces:
+        if chunks and len(chunks[-1]) + 1 + len(piece) <= room:
+            chunks[-1] += "\n" + piece
+        else:
+            chunks.append(piece)
+    return [_section(f"```{c}```" if code else c) for c in chunks]
 
 
 def _context(text: str) -> dict[str, Any]:
@@ -176,59 +197,69 @@ def help_reply(usage: str, clusters: list[str]) -> Reply:
 
 STEP_ICON = {"pending": ":white_square:", "running": ":hourglass_flowing_sand:", "done": ":white_check_mark:",
              "failed": ":x:", "skipped": ":heavy_minus_sign:"}
-STATE_WORD = {"proposed": "PROPOSED — waiting for approval", "approved": "APPROVED", "running": "RUNNING",
-              "done": "DONE", "failed": "FAILED", "rejected": "REJECTED", "cancelled": "CANCELLED",
-              "expired": "EXPIRED", "interrupted": "INTERRUPTED"}
+STATE_WORD = {PlanState.PROPOSED: "PROPOSED — waiting for approval", PlanState.APPROVED: "APPROVED",
+              PlanState.RUNNING: "RUNNING", PlanState.DONE: "DONE", PlanState.FAILED: "FAILED",
+              PlanState.REJECTED: "REJECTED", PlanState.CANCELLED: "CANCELLED", PlanState.EXPIRED: "EXPIRED",
+              PlanState.INTERRUPTED: "INTERRUPTED", PlanState.ABANDONED: "ABANDONED"}
 
 
 def slack_date(epoch: float) -> str:
     """A timestamp every reader sees in their own time zone (UTC as fallback)."""
     import datetime as dt
-    fallback = dt.datetime.fromtimestamp(epoch, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    fallback = dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     return f"<!date^{int(epoch)}^{{date_short_pretty}} {{time}}|{fallback}>"
 
 
-def _member_ref(m) -> str:
-    return (f"*{escape(m.name or '(unstarted)')}* `{m.id}` · peer {', '.join(m.peer_urls) or '-'} · "
-            f"client {', '.join(m.client_urls) or '-'}")
+def _urls(urls: tuple[str, ...] | list[str]) -> str:
+    return escape(", ".join(urls)) or "-"
+
+
+def _member_ref(m: MemberRef) -> str:
+    return f"*{escape(m.name or '(unstarted)')}* `{m.id}` · peer {_urls(m.peer_urls)} · client {_urls(m.client_urls)}"
 
 
 @dataclass(frozen=True)
 class PlanView:
     """What the plan message shows besides the plan itself."""
 
-    state: str
+    state: PlanState
     proposer: str
     approvers: str                      # already formatted mentions
     expires_at: float
     reaction: str
     reject_reaction: str
-    step_states: dict[int, str] = field(default_factory=dict)
+    step_states: Mapping[int, str] = field(default_factory=dict)
     decided_by: str | None = None
     error: str | None = None
+    approvals: tuple[str, ...] = ()     # who approved so far
+    approvals_needed: int = 1
 
 
-def plan_reply(plan, view: PlanView) -> Reply:
-    """The plan message: everything an approver needs to decide, and progress."""
+def plan_reply(plan: Plan, view: PlanView) -> Reply:
+    """The plan message: everything an approver needs to decide, and progress.
+    Long values never push a step or the environment out: they spill into
+    more sections."""
     state = STATE_WORD.get(view.state, view.state.upper())
-    failed_name = plan.failed.name or plan.failed.id
+    failed_name = escape(plan.failed.name or plan.failed.id)
+    decided = view.decided_by and view.state in (PlanState.APPROVED, PlanState.REJECTED, PlanState.CANCELLED,
+                                                  PlanState.ABANDONED)
     blocks: list[dict[str, Any]] = [
-        _header(f"Plan {plan.id}: replace {failed_name} in {plan.cluster}"),
-        _section(f"*State:* {state}" + (f" (by <@{view.decided_by}>)" if view.decided_by and view.state in
-                                         ("approved", "rejected", "cancelled") else "")),
-        _section(f"*Cluster:* `{escape(plan.cluster)}` · quorum now {plan.quorum_now[1]} healthy of "
-                 f"{plan.quorum_now[0]} voting\n*Failed member:* {_member_ref(plan.failed)}\n"
-                 f"*New member:* *{escape(plan.new_name)}* · peer {plan.new_peer_url} · client "
-                 f"{plan.new_client_url or '(set by the launcher)'} · "
-                 f"{'joins as a learner, then promoted' if plan.learner else 'joins as a voting member (--no-learner)'}"),
+        _header(f"Plan {plan.id}: replace {plan.failed.name or plan.failed.id} in {plan.cluster}"),
+        _section(f"*State:* {state}" + (f" (by {mention(view.decided_by or '')})" if decided else "")),
+        *sections(f"*Cluster:* `{escape(plan.cluster)}` · quorum now {plan.quorum_now[1]} healthy of "
+                  f"{plan.quorum_now[0]} voting\n*Failed member:* {_member_ref(plan.failed)}\n"
+                  f"*New member:* *{escape(plan.new_name)}* · peer {escape(plan.new_peer_url)} · client "
+                  f"{escape(plan.new_client_url or '(set by the launcher)')} · "
+                  f"{'joins as a learner, then promoted' if plan.learner else 'joins as a voting member (--no-learner)'}"),
     ]
     lines = []
     for i, step in enumerate(plan.steps):
         st = view.step_states.get(i, "pending")
         lines.append(f"{STEP_ICON.get(st, ':white_square:')} {i}. {escape(step.title)}")
-    blocks.append(_section("*Steps*\n" + "\n".join(lines)))
+    blocks += sections("*Steps*\n" + "\n".join(lines))
     env = "\n".join(f'{k}="{v}"' for k, v in plan.environment.items())
-    blocks.append(_section(f"*Environment for {escape(plan.new_name)}* (runbook step 4):\n```{escape(env)}```"))
+    blocks.append(_section(f"*Environment for {escape(plan.new_name)}* (runbook step 4):"))
+    blocks += sections(escape(env), code=True)
     if plan.others_failed:
         others = ", ".join(m.name or m.id for m in plan.others_failed)
         text = (f":warning: Also failed: *{escape(others)}*. Members are replaced one at a time: propose the next "
@@ -238,30 +269,37 @@ def plan_reply(plan, view: PlanView) -> Reply:
             text += (f"\nThis plan removes *{escape(gone)}* too (step 2): etcd before 3.6 adds no member while a voting "
                      f"member is unreachable. Do not restart {escape(gone)} with its old data; replace it next with "
                      f"`/etcd replace {escape(plan.also_remove[0].name or plan.also_remove[0].id)} <new-name> <new-peer-url>`.")
-        blocks.append(_section(text))
+        blocks += sections(text)
     if plan.already_removed_by:
-        blocks.append(_section(f":information_source: {escape(plan.failed.name or plan.failed.id)} was removed by plan "
+        blocks.append(_section(f":information_source: {failed_name} was removed by plan "
                                f"`{plan.already_removed_by}`; this plan adds its replacement."))
     if view.error:
-        blocks.append(_section(f":x: *Failed:* {escape(view.error)}"))
-    who = (f"Proposed by <@{view.proposer}> · approvers: {view.approvers} · "
+        blocks += sections(f":x: *Failed:* {escape(view.error)}")
+    approved = ""
+    if view.approvals_needed > 1:
+        approved = (f" · approvals {len(view.approvals)} of {view.approvals_needed}"
+                    + (f" ({', '.join(mention(u) for u in view.approvals)})" if view.approvals else ""))
+    who = (f"Proposed by {mention(view.proposer)} · approvers: {view.approvers}{approved} · "
            f"expires {slack_date(view.expires_at)} · plan ID `{plan.id}`")
     blocks.append(_context(who))
-    if view.state == "proposed":
-        blocks.append(_context(f"An approver reacts with :{view.reaction}: to approve; :{view.reject_reaction}: rejects "
+    text = (f"Plan {plan.id}: replace {failed_name} with {escape(plan.new_name)} in {escape(plan.cluster)}: {state}. "
+            f"Proposed by {mention(view.proposer)}")
+    if view.state == PlanState.PROPOSED:
+        many = f"{view.approvals_needed} approvers react" if view.approvals_needed > 1 else "An approver reacts"
+        blocks.append(_context(f"{many} with :{view.reaction}: to approve; :{view.reject_reaction}: rejects "
                                f"(approver or proposer)."))
-    text = (f"Plan {plan.id}: replace {failed_name} with {plan.new_name} in {plan.cluster}: {state}. "
-            f"Proposed by <@{view.proposer}>; approvers {view.approvers}; react :{view.reaction}: to approve.")
+        text += f"; approvers {view.approvers}; react :{view.reaction}: to approve."
+    else:
+        text += "."
     return Reply(text=text, blocks=blocks)
 
 
 @dataclass(frozen=True)
 class PlanLine:
-    """What `/etcd plans` shows of one plan: the few fields it reads (the
-    only code here that knows the store's row and plan JSON)."""
+    """What `/etcd plans` shows of one plan: the few fields it reads."""
 
     id: str
-    state: str
+    state: PlanState
     failed: str                 # the replaced member's name or ID
     new_name: str
     proposer: str
@@ -270,12 +308,11 @@ class PlanLine:
     error: str | None
 
     @classmethod
-    def of(cls, row: Mapping[str, Any]) -> PlanLine:
-        """From a store row (the plan itself is JSON in it)."""
-        p = json.loads(row["plan"])
-        return cls(id=row["id"], state=row["state"], failed=p["failed"]["name"] or p["failed"]["id"],
-                   new_name=p["new_name"], proposer=row["proposer"], created_at=row["created_at"],
-                   decided_by=row.get("decided_by"), error=row.get("error"))
+    def of(cls, record: PlanRecord) -> PlanLine:
+        p = record.plan
+        return cls(id=record.id, state=record.state, failed=p.failed.name or p.failed.id, new_name=p.new_name,
+                   proposer=record.proposer, created_at=record.created_at, decided_by=record.decided_by,
+                   error=record.error)
 
     def reason(self) -> str | None:
         """The failure, or else the decision, in one escaped line; the full
@@ -283,19 +320,19 @@ class PlanLine:
         if self.error:
             return _item(self.error)
         if self.decided_by:
-            decision = self.state if self.state in ("rejected", "cancelled") else "approved"
+            decision = self.state if self.state in (PlanState.REJECTED, PlanState.CANCELLED) else "approved"
             return f"{decision} by {mention(self.decided_by)}"
         return _UNDECIDED.get(self.state)
 
 
-_UNDECIDED = {"proposed": "waiting for an approver", "expired": "nobody approved it in time"}
+_UNDECIDED = {PlanState.PROPOSED: "waiting for an approver", PlanState.EXPIRED: "nobody approved it in time"}
 
 
-def plans_reply(cluster: str, rows: list[dict[str, Any]]) -> Reply:
-    if not rows:
+def plans_reply(cluster: str, records: list[PlanRecord]) -> Reply:
+    if not records:
         return Reply(text=f"No plans for cluster {escape(cluster)} yet.")
     lines = []
-    for p in map(PlanLine.of, rows):  # the state, what and who, and why it is in that state
+    for p in map(PlanLine.of, records):  # the state, what and who, and why it is in that state
         reason = p.reason()
         lines.append(f"{code(p.id)} {STATE_WORD.get(p.state, p.state).split(' —')[0]} · replace {_item(p.failed)} "
                      f"with {_item(p.new_name)} · by {mention(p.proposer)} · {slack_date(p.created_at)}"
@@ -305,7 +342,8 @@ def plans_reply(cluster: str, rows: list[dict[str, Any]]) -> Reply:
 
 
 def thread_note(text: str) -> Reply:
-    return Reply(text=text, blocks=[_section(escape_keep_mentions(text))])
+    """A note under a plan; its values were escaped where they were written."""
+    return Reply(text=text, blocks=sections(text))
 
 
 def escape_keep_mentions(text: str) -> str:
@@ -346,7 +384,7 @@ def snapshot_failed_reply(cluster: str, reason: str, scheduled: bool = False) ->
 def snapshot_joined_reply(cluster: str, started_by: str, started_at: float) -> Reply:
     """A request while a snapshot of the cluster runs: it waits for that one, not a second stream."""
     import datetime as dt
-    utc = dt.datetime.fromtimestamp(started_at, dt.timezone.utc).strftime("%H:%M:%S UTC")
+    utc = dt.datetime.fromtimestamp(started_at, dt.UTC).strftime("%H:%M:%S UTC")
     text = (f"a snapshot of {escape(cluster)} is already running, started by {mention(started_by)} at {utc}; "
             "you will get its result")
     return Reply(text=text, blocks=[_section(

@@ -14,6 +14,8 @@ import asyncio
 import time
 from dataclasses import dataclass
 
+from slack_sdk.web.async_client import AsyncWebClient
+
 from bot.etcd.model import EtcdError
 from bot.ops.context import BotContext
 
@@ -28,8 +30,8 @@ class Readiness:
 
 
 class ReadinessProbe:
-    def __init__(self, ctx: BotContext):
-        self.ctx = ctx
+    def __init__(self, ctx: BotContext, web: AsyncWebClient):
+        self.ctx, self.web = ctx, web
         self._cached: tuple[float, Readiness] | None = None
         self._slack_ok_at = 0.0
         self._lock = asyncio.Lock()
@@ -53,7 +55,7 @@ class ReadinessProbe:
             ready = False
         if time.monotonic() - self._slack_ok_at > SLACK_AUTH_SECONDS:
             try:
-                await self.ctx.web.auth_test()
+                await self.web.auth_test()
                 self._slack_ok_at = time.monotonic()
                 checks["slack"] = "ok"
             except Exception as e:

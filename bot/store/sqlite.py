@@ -23,16 +23,18 @@ from typing import Any, TypeVar
 
 import sqlite_utils
 
+from bot.store.records import OPEN_STATES, PlanRecord, PlanState
+
 T = TypeVar("T")
 
-OPEN_STATES = ("proposed", "approved", "running", "interrupted")
 GENESIS = "0" * 64
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS plans (
     id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL DEFAULT 'replace',  -- a PlanKind
     cluster TEXT NOT NULL,
-    state TEXT NOT NULL,
+    state TEXT NOT NULL,           -- a PlanState
     channel TEXT NOT NULL,
     message_ts TEXT,
     proposer TEXT NOT NULL,
@@ -49,7 +51,13 @@ CREATE TABLE IF NOT EXISTS plans (
     updated_at REAL NOT NULL
 );
 CREATE UNIQUE INDEX IF NOT EXISTS one_open_plan_per_cluster ON plans(cluster)
-    WHERE state IN ('proposed', 'approved', 'running', 'interrupted');
+    WHERE state IN (@OPEN_STATES@);
+CREATE TABLE IF NOT EXISTS approvals (
+    plan_id TEXT NOT NULL,
+    user TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (plan_id, user)    -- each approver counts once
+);
 CREATE TABLE IF NOT EXISTS steps (
     plan_id TEXT NOT NULL,
     idx INTEGER NOT NULL,
@@ -103,9 +111,10 @@ CREATE TABLE IF NOT EXISTS audit (
     hash TEXT NOT NULL,
     key_id TEXT NOT NULL DEFAULT ''  -- '' : hash is a sha256; else: an HMAC-SHA256 with the key of this id
 );
-"""
+""".replace("@OPEN_STATES@", ", ".join(f"'{s}'" for s in OPEN_STATES))
 # Columns added after the first release: databases created before get them on open.
-ADDED_COLUMNS = {("snapshots", "plan_id"): "TEXT", ("audit", "key_id"): "TEXT NOT NULL DEFAULT ''"}
+ADDED_COLUMNS = {("snapshots", "plan_id"): "TEXT", ("audit", "key_id"): "TEXT NOT NULL DEFAULT ''",
+                 ("plans", "kind"): "TEXT NOT NULL DEFAULT 'replace'"}
 
 
 class StoreError(Exception):
@@ -251,35 +260,61 @@ class Store:
                 raise OpenPlanExists(open_plan["id"], open_plan["state"]) from None
         await self._run(fn)
 
-    async def plan(self, plan_id: str) -> dict[str, Any] | None:
-        return await self._run(lambda db: next(db.query("SELECT * FROM plans WHERE id = ?", [plan_id]), None))
+    async def plan(self, plan_id: str) -> PlanRecord | None:
+        return await self._one("plans.id = ?", [plan_id])
 
-    async def plan_by_message(self, channel: str, ts: str) -> dict[str, Any] | None:
-        return await self._run(lambda db: next(db.query(
-            "SELECT * FROM plans WHERE channel = ? AND message_ts = ?", [channel, ts]), None))
+    async def plan_by_message(self, channel: str, ts: str) -> PlanRecord | None:
+        return await self._one("plans.channel = ? AND plans.message_ts = ?", [channel, ts])
 
-    async def open_plan(self, cluster: str) -> dict[str, Any] | None:
-        return await self._run(lambda db: next(db.query(
-            f"SELECT * FROM plans WHERE cluster = ? AND state IN ({_marks(OPEN_STATES)})", [cluster, *OPEN_STATES]), None))
+    async def open_plan(self, cluster: str) -> PlanRecord | None:
+        return await self._one(f"plans.cluster = ? AND plans.state IN ({_marks(OPEN_STATES)})", [cluster, *OPEN_STATES])
 
-    async def plans(self, cluster: str | None = None, limit: int = 10, states: Iterable[str] | None = None) -> list[dict[str, Any]]:
+    async def _one(self, where: str, params: list[Any]) -> PlanRecord | None:
+        rows = await self._run(lambda db: list(db.query(f"{PLAN_SELECT} WHERE {where} LIMIT 1", params)))
+        return PlanRecord.of(rows[0]) if rows else None
+
+    async def plans(self, cluster: str | None = None, limit: int = 10,
+                    states: Iterable[PlanState] | None = None) -> list[PlanRecord]:
         def fn(db: sqlite_utils.Database) -> list[dict[str, Any]]:
-            where, params = [], []
+            where: list[str] = []
+            params: list[Any] = []
             if cluster:
-                where.append("cluster = ?")
+                where.append("plans.cluster = ?")
                 params.append(cluster)
             if states is not None:
-                st = list(states)
-                where.append(f"state IN ({_marks(st)})")
+                st = [str(s) for s in states]
+                where.append(f"plans.state IN ({_marks(st)})")
                 params += st
-            sql = "SELECT * FROM plans" + (" WHERE " + " AND ".join(where) if where else "")
-            return list(db.query(sql + " ORDER BY created_at DESC LIMIT ?", [*params, limit]))
+            sql = PLAN_SELECT + (" WHERE " + " AND ".join(where) if where else "")
+            return list(db.query(sql + " ORDER BY plans.created_at DESC LIMIT ?", [*params, limit]))
+        return [PlanRecord.of(r) for r in await self._run(fn)]
+
+    async def add_approval(self, plan_id: str, user: str, needed: int) -> tuple[bool, int, bool]:
+        """Record `user`'s approval of a proposed plan, atomically with counting:
+        (first time this user approved, distinct approvers now, this call moved
+        the plan to approved). Exactly one caller sees the last flag, however
+        approvals race."""
+        def fn(db: sqlite_utils.Database) -> tuple[bool, int, bool]:
+            with _immediate(db):
+                state = next(db.query("SELECT state FROM plans WHERE id = ?", [plan_id]), {}).get("state")
+                if state != PlanState.PROPOSED:
+                    return False, 0, False
+                new = db.execute("INSERT OR IGNORE INTO approvals (plan_id, user, at) VALUES (?, ?, ?)",
+                                 [plan_id, user, time.time()]).rowcount == 1
+                count = next(db.query("SELECT COUNT(*) AS n FROM approvals WHERE plan_id = ?", [plan_id]))["n"]
+                won = False
+                if new and count >= needed:
+                    won = db.execute("UPDATE plans SET state = ?, decided_by = ?, decided_at = ?, updated_at = ? "
+                                     "WHERE id = ? AND state = ?", [PlanState.APPROVED, user, time.time(),
+                                                                    time.time(), plan_id, PlanState.PROPOSED]).rowcount == 1
+                return new, count, won
         return await self._run(fn)
 
-    async def transition(self, plan_id: str, from_states: Iterable[str], to_state: str, **fields: Any) -> bool:
+    async def transition(self, plan_id: str, from_states: Iterable[PlanState], to_state: PlanState,
+                         **fields: Any) -> bool:
         """The guarded state change: True only for the one caller that made it."""
-        olds = list(from_states)
-        sets = {"state": to_state, "updated_at": time.time(), **fields}
+        olds = [str(s) for s in from_states]
+        sets = {"state": str(to_state), "updated_at": time.time(), **fields}
 
         def fn(db: sqlite_utils.Database) -> bool:
             assignments = ", ".join(f"{k} = ?" for k in sets)
@@ -374,7 +409,8 @@ class Store:
         (no key, or another key, after keyed rows would write rows that never
         verify). The first start with a key after unkeyed rows keys the chain at
         once with an `audit_keyed` row: from then on, an unkeyed tail is a rewrite."""
-        tail = await self._run(lambda db: next(db.query("SELECT id, key_id FROM audit ORDER BY id DESC LIMIT 1"), None))
+        tail = await self._run(lambda db: next(db.query("SELECT id, key_id FROM audit ORDER BY id DESC LIMIT 1"),
+                                               None))
         self._check_key(tail)
         if self._audit_key and tail is not None and not tail["key_id"]:
             await self.audit("audit_keyed", detail={"unkeyed_rows": tail["id"]})
@@ -384,7 +420,14 @@ class Store:
             return
         problem = ("no audit key is configured (audit_key_env or audit_key_file)" if not self._audit_key
                    else "the configured audit key is not the one it was written with")
-        raise StoreError(f"database {self.path}: the audit chain is keyed with HMAC up to row {tail['id']}, but {problem}")
+        raise StoreError(f"database {self.path}: the audit chain is keyed with HMAC up to row {tail['id']}, "
+                         f"but {problem}")
+
+    async def acted_before(self, action: str, user: str, plan_id: str) -> bool:
+        """Whether the audit already holds `action` by `user` on the plan (a repeated refusal)."""
+        return await self._run(lambda db: next(db.query(
+            "SELECT 1 FROM audit WHERE action = ? AND user = ? AND json_extract(detail, '$.plan') = ? LIMIT 1",
+            [action, user, plan_id]), None) is not None)
 
     async def audit_rows(self, since: float | None = None) -> list[dict[str, Any]]:
         return await self._run(lambda db: list(db.query(
@@ -454,6 +497,8 @@ def _expected_columns() -> dict[str, list[str]]:
         return {t: [r[1] for r in conn.execute(f"PRAGMA table_info({t})")] for t in tables}
     finally:
         conn.close()
+PLAN_SELECT = ("SELECT plans.*, (SELECT group_concat(user) FROM (SELECT user FROM approvals "
+               "WHERE approvals.plan_id = plans.id ORDER BY at)) AS approvals FROM plans")
 
 
 def _marks(values: Iterable[Any]) -> str:

@@ -1,0 +1,180 @@
+"""The one engine for every change to a cluster.
+
+A plan has a kind, the facts it was planned on and an ordered list of steps.
+Each kind of operation registers a factory here that turns a stored plan into
+steps; every step has a precondition checked against the live cluster right
+before it runs, an action and a verification. The engine does the rest, once
+for every kind: it persists each step's start and outcome before the next
+begins, stops on the first failure, audits, reports through the Notifier,
+and resumes a stopped plan at the step it stopped on, after re-running step
+0's precondition (the full re-check) first. Every action is idempotent (it
+looks before it changes), so repeating the interrupted step is safe.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from bot.etcd.model import EtcdError
+from bot.ops.context import BotContext
+from bot.slack.blocks import escape
+from bot.store.records import PlanKind, PlanRecord, PlanState
+
+log = logging.getLogger(__name__)
+
+
+class StepFailed(Exception):
+    """A step could not do its work: `reason` (one line) and what to do next."""
+
+    def __init__(self, reason: str, next_action: str):
+        super().__init__(reason)
+        self.reason = reason
+        self.next_action = next_action
+
+
+class FactsChanged(StepFailed):
+    """A precondition does not hold: the cluster is no longer what the plan was
+    made for, so the step was not attempted and the plan must be made anew."""
+
+    def __init__(self, reason: str, plan_id: str):
+        super().__init__(reason, f"a new plan is needed: `/etcd abandon {plan_id} <reason>`, then propose again")
+
+
+@dataclass(frozen=True)
+class StepRun:
+    """One step as the engine runs it. `precondition` returns what it found to
+    hold (or raises FactsChanged); `action` returns what it did, and is skipped
+    (the precondition's finding is the step's result) when None; `verify`
+    confirms the action's effect and returns the detail to record."""
+
+    key: str
+    precondition: Callable[[], Awaitable[str]] | None = None
+    action: Callable[[], Awaitable[str]] | None = None
+    verify: Callable[[str], Awaitable[str]] | None = None
+
+
+class Operation(Protocol):
+    """A kind of plan, ready to run: its steps in plan order, and what to say at the end."""
+
+    def steps(self) -> Sequence[StepRun]: ...
+
+    def done_note(self) -> str: ...
+
+
+# (context, record, actor, keys of the steps already started before this run) -> Operation
+OperationFactory = Callable[[BotContext, PlanRecord, str, set[str]], Operation]
+KINDS: dict[PlanKind, OperationFactory] = {}
+
+
+def register(kind: PlanKind) -> Callable[[OperationFactory], OperationFactory]:
+    def add(factory: OperationFactory) -> OperationFactory:
+        KINDS[kind] = factory
+        return factory
+    return add
+
+
+async def refresh(ctx: BotContext, plan_id: str) -> None:
+    """Re-render the plan's message from the store (the single source of truth)."""
+    record = await ctx.store.plan(plan_id)
+    if record is not None:
+        states = {s["idx"]: s["state"] for s in await ctx.store.steps(plan_id)}
+        await ctx.notifier.plan_changed(record, states)
+
+
+async def note(ctx: BotContext, record: PlanRecord, text: str) -> None:
+    await ctx.notifier.thread_note(record, text)
+
+
+async def execute(ctx: BotContext, plan_id: str, actor: str, *, from_states: Iterable[PlanState],
+                  start: int) -> PlanState | None:
+    """Take the plan to `running` (guarded: one caller wins) and run it from
+    step `start`; returns its final state, or None when another caller won."""
+    if not await ctx.store.transition(plan_id, from_states, PlanState.RUNNING, error=None):
+        return None
+    record = await ctx.store.plan(plan_id)
+    assert record is not None  # the transition just found it
+    started = {s["key"] for s in await ctx.store.steps(plan_id)}
+    try:
+        operation = KINDS[record.kind](ctx, record, actor, started)
+    except StepFailed as e:
+        await ctx.store.transition(plan_id, [PlanState.RUNNING], PlanState.FAILED, error=e.reason,
+                                   finished_at=time.time())
+        await note(ctx, record, f":x: Plan {plan_id} cannot run: {escape(e.reason)}")
+        return PlanState.FAILED
+    return await Run(ctx, record, actor, operation, started).run(start)
+
+
+class Run:
+    def __init__(self, ctx: BotContext, record: PlanRecord, actor: str, operation: Operation, started: set[str]):
+        self.ctx, self.record, self.actor, self.operation, self.started = ctx, record, actor, operation, started
+        self.steps = operation.steps()
+
+    async def run(self, start: int) -> PlanState:
+        store, record, plan = self.ctx.store, self.record, self.record.plan
+        recheck = self.steps[0].precondition
+        if start > 0 and recheck is not None:  # resume: step 0's re-check first, against the plan's progress
+            try:
+                await recheck()
+            except (TimeoutError, StepFailed, EtcdError) as e:
+                return await self._fail(start, self._failure(e), before=True)
+        for idx in range(start, len(self.steps)):
+            step = self.steps[idx]
+            await store.step_started(record.id, idx, step.key)
+            await refresh(self.ctx, record.id)
+            began = time.monotonic()
+            try:
+                found = await step.precondition() if step.precondition else ""
+            except (TimeoutError, StepFailed, EtcdError) as e:
+                return await self._fail(idx, self._failure(e), before=True)
+            try:
+                detail = await step.action() if step.action else found
+                if step.verify:
+                    detail = await step.verify(detail)
+            except (TimeoutError, StepFailed, EtcdError) as e:
+                return await self._fail(idx, self._failure(e))
+            except asyncio.CancelledError:
+                raise  # the bot is stopping: the plan stays "running" and is reported interrupted at start-up
+            except Exception as e:
+                log.exception("step crashed", extra={"ctx_plan": record.id, "ctx_step": step.key})
+                return await self._fail(idx, StepFailed(f"internal error in step {step.key}: {type(e).__name__}",
+                                                        "see the bot's log; then /etcd resume the plan"))
+            self.started.add(step.key)
+            await store.step_finished(record.id, idx, "done", detail)
+            await store.audit("step_done", user=self.actor, channel=record.channel, cluster=record.cluster,
+                              detail={"plan": record.id, "step": step.key, "detail": detail,
+                                      "seconds": round(time.monotonic() - began, 3)})
+            await note(self.ctx, record, f":white_check_mark: Step {idx} ({step.key}): {escape(detail)}")
+        await store.transition(record.id, [PlanState.RUNNING], PlanState.DONE, finished_at=time.time())
+        await store.audit("plan_done", user=self.actor, channel=record.channel, cluster=record.cluster,
+                          detail={"plan": record.id})
+        await refresh(self.ctx, record.id)
+        await note(self.ctx, record, f":tada: Plan {plan.id} is done: {self.operation.done_note()}")
+        return PlanState.DONE
+
+    @staticmethod
+    def _failure(e: Exception) -> StepFailed:
+        if isinstance(e, StepFailed):
+            return e
+        return StepFailed(str(e) or type(e).__name__,
+                          "check /etcd status, then /etcd resume the plan or finish by hand")
+
+    async def _fail(self, idx: int, e: StepFailed, before: bool = False) -> PlanState:
+        store, record = self.ctx.store, self.record
+        key = self.steps[idx].key
+        message = f"before step {idx} ({key}): {e.reason}" if before else f"step {idx} ({key}) failed: {e.reason}"
+        await store.step_finished(record.id, idx, "failed", error=e.reason)
+        await store.transition(record.id, [PlanState.RUNNING], PlanState.FAILED, error=message, finished_at=time.time())
+        await store.audit("step_failed", user=self.actor, channel=record.channel, cluster=record.cluster,
+                          detail={"plan": record.id, "step": key, "error": e.reason, "precondition": before})
+        await refresh(self.ctx, record.id)
+        stopped = f":x: Plan {record.id} stopped{' ' if before else ': '}{escape(message)}"
+        if isinstance(e, FactsChanged):  # one line: what changed, and that a new plan is needed
+            await note(self.ctx, record, f"{stopped}; {e.next_action}.")
+        else:
+            await note(self.ctx, record, f"{stopped}\nNext: {e.next_action}")
+        return PlanState.FAILED
+

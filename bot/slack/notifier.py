@@ -1,0 +1,63 @@
+"""The Notifier (bot.ops.notify) for Slack: a plan is one message edited as it
+progresses (chat.update), details go to its thread, repeated refusals to the
+person alone (chat.postEphemeral)."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from slack_sdk.web.async_client import AsyncWebClient
+
+from bot.config import Config
+from bot.ops.access import Access, Role
+from bot.ops.notify import NotifyFailed
+from bot.slack import blocks
+from bot.slack.web import SlackPostError, ephemeral, post, update
+from bot.store.records import PlanRecord
+
+log = logging.getLogger(__name__)
+
+
+class SlackNotifier:
+    def __init__(self, web: AsyncWebClient, config: Config):
+        self.web = web
+        self.config = config
+
+    def view(self, record: PlanRecord, step_states: Mapping[int, str]) -> blocks.PlanView:
+        cluster = self.config.cluster(record.cluster)
+        approvers = Access.holders(cluster, Role.APPROVER) if cluster else "nobody (cluster not configured)"
+        approval = self.config.approval
+        return blocks.PlanView(state=record.state, proposer=record.proposer, approvers=approvers,
+                               expires_at=record.expires_at, reaction=approval.reaction,
+                               reject_reaction=approval.reject_reaction, step_states=step_states,
+                               decided_by=record.decided_by, error=record.error, approvals=record.approvals,
+                               approvals_needed=approval.rule(record.kind).approvals_needed)
+
+    async def post_plan(self, record: PlanRecord) -> str:
+        try:
+            return await post(self.web, record.channel, blocks.plan_reply(record.plan, self.view(record, {})))
+        except SlackPostError as e:
+            raise NotifyFailed(str(e)) from None
+
+    async def plan_changed(self, record: PlanRecord, step_states: Mapping[int, str]) -> None:
+        if record.message_ts:
+            await update(self.web, record.channel, record.message_ts,
+                         blocks.plan_reply(record.plan, self.view(record, step_states)))
+
+    async def thread_note(self, record: PlanRecord, text: str) -> None:
+        try:
+            await post(self.web, record.channel, blocks.thread_note(text), thread_ts=record.message_ts)
+        except SlackPostError as e:  # a detail lost is logged, never fatal to the work it reports
+            log.warning("thread reply failed", extra={"ctx_plan": record.id, "ctx_error": str(e)})
+
+    async def private_note(self, record: PlanRecord, user: str, text: str) -> None:
+        await self.private_message(record.channel, user, blocks.thread_note(text))
+
+    async def private_message(self, channel: str, user: str, reply: blocks.Reply) -> None:
+        await ephemeral(self.web, channel, user, reply)
+
+    async def channel_message(self, channel: str, reply: blocks.Reply) -> None:
+        try:
+            await post(self.web, channel, reply)
+        except SlackPostError as e:
+            raise NotifyFailed(str(e)) from None

@@ -1,0 +1,42 @@
+"""The layers hold: the core imports no Slack and no HTTP server, and the pure
+parts not even gRPC (issue 11). Each check runs in a fresh interpreter, so
+nothing imported by other tests hides a violation."""
+from __future__ import annotations
+
+import json
+import os
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import bot
+
+ROOT = Path(__file__).resolve().parent.parent
+SLACK = {"slack_sdk", "slack_bolt", "aiohttp"}
+PURE = ["bot.ops.replace", "bot.etcd.health", "bot.etcd.bbolt", "bot.ops.commands"]
+
+
+def core_modules() -> list[str]:
+    names = [f"bot.{pkg}.{m.name}" for pkg in ("ops", "etcd", "store", "output")
+             for m in pkgutil.iter_modules([str(Path(bot.__file__).parent / pkg)])]
+    return sorted(n for n in names if n not in ("bot.etcd.client", "bot.etcd.snapshots")) + ["bot.config"]
+
+
+def loaded_after_import(modules: list[str]) -> set[str]:
+    code = ("import importlib, json, sys\n"
+            f"for m in {modules!r}: importlib.import_module(m)\n"
+            "print(json.dumps(sorted({n.split('.')[0] for n in sys.modules})))")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60, check=True)
+    return set(json.loads(out.stdout))
+
+
+def test_the_core_loads_no_slack_and_no_http_server() -> None:
+    modules = core_modules()
+    assert "bot.ops.engine" in modules and "bot.store.sqlite" in modules  # the listing finds the modules
+    assert not loaded_after_import(modules) & SLACK
+
+
+def test_the_pure_parts_load_without_grpc() -> None:
+    assert not loaded_after_import(PURE) & (SLACK | {"grpc", "aetcd"})
