@@ -11,7 +11,6 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -20,10 +19,12 @@ from bot.etcd.bbolt import SnapshotStatus
 from bot.etcd.health import ClusterHealth, MemberHealth
 from bot.etcd.model import Alarm, Member, MemberStatus
 from bot.etcd.snapshots import SavedSnapshot
+from bot.ops.replace import MemberRef, Plan
 from bot.output import text as render
 from bot.output.model import Verdict, snapshot_view, status_view
 from bot.slack import blocks
 from bot.slack.blocks import Mrkdwn, Reply, code, code_block, escape, mention
+from bot.store.records import PlanKind, PlanRecord, PlanState
 
 ONCALL = "U0ONCALL01"
 NASTY = ["<!channel>", "<!here>", "<!everyone>", "<@U0LEAD0001>", "<#C0INCIDENT|inc>", "<!subteam^S0ONCALLLD>",
@@ -179,10 +180,15 @@ def test_a_value_cannot_end_a_code_span():
 # ---------------------------------------------------------------- /etcd plans
 
 def plan_row(i: int, state: str, error: str | None = None, decided_by: str | None = None,
-             name: str = "member1") -> dict[str, Any]:
-    plan = {"failed": {"name": name, "id": "8211f1d0f64f3269"}, "new_name": f"member{i + 3}"}
-    return {"id": f"p-{i:04d}", "state": state, "proposer": ONCALL, "created_at": 1.7e9 + i, "plan": json.dumps(plan),
-            "error": error, "decided_by": decided_by}
+             name: str = "member1") -> PlanRecord:
+    failed = MemberRef("8211f1d0f64f3269", name, ("http://10.0.0.1:2380",), ("http://10.0.0.1:2379",))
+    plan = Plan(id=f"p-{i:04d}", cluster="prod", failed=failed, new_name=f"member{i + 3}",
+                new_peer_url="http://10.0.0.4:2380", new_client_url=None, learner=True, survivors=(), steps=(),
+                fingerprint="f", quorum_now=(3, 2))
+    return PlanRecord(id=plan.id, kind=PlanKind.REPLACE, cluster="prod", state=PlanState(state), plan=plan,
+                      channel="C0INCIDENT", message_ts=None, proposer=ONCALL, created_at=1.7e9 + i,
+                      expires_at=1.7e9 + i + 1800, approvals=(), current_step=0, decided_by=decided_by, error=error,
+                      new_member_id=None)
 
 
 LAUNCHER = ("step 4 (start member4) failed: the launcher exited with status 1:\n"
