@@ -5,7 +5,7 @@ import pytest
 
 from bot.etcd.model import Member, MemberStatus
 from bot.etcd.health import ClusterHealth, MemberHealth
-from bot.ops.replace import Plan, Refusal, ReplaceRequest, etcd_servers, plan_replacement
+from bot.ops.replace import Plan, Refusal, ReplaceRequest, config_endpoints, etcd_servers, plan_replacement
 
 IDS = {1: 0x8211F1D0F64F3269, 2: 0x91BC3C398FB3C146, 3: 0xFD422379FDA50E48, 4: 0x2BE1EB8F84B7F63E, 5: 0x5A5A5A5A5A5A5A5A,
        6: 0x6B6B6B6B6B6B6B6B}
@@ -143,3 +143,58 @@ def test_an_add_only_plan_refuses_while_another_voter_is_down_on_35():
 def test_etcd_servers_lists_every_client_url():
     members = [member(3), member(2), member(4)]
     assert etcd_servers(members) == "http://10.0.0.2:2379,http://10.0.0.3:2379,http://10.0.0.4:2379"
+
+
+# Each of these, approved, would remove member1 and then fail to start the new member
+# ("bind: address already in use", or unreachable): they are refused at proposal.
+THREE = cluster(down(1), up(2), up(3))
+
+
+@pytest.mark.parametrize("peer, client, reason", [
+    ("http://10.0.0.4:2380", "http://10.0.0.4:2380", "the peer URL and the client URL are the same address"),
+    ("http://10.0.0.4:2380", "https://10.0.0.4:2380", "the peer URL and the client URL are the same address"),
+    ("http://10.0.0.2:2379", None, "the peer URL http://10.0.0.2:2379 is already used by member member2 "
+                                   "(91bc3c398fb3c146) as its client URL http://10.0.0.2:2379"),
+    ("http://10.0.0.4:2380", "http://10.0.0.3:2380", "the client URL http://10.0.0.3:2380 is already used by member "
+                                                     "member3 (fd422379fda50e48) as its peer URL"),
+    ("http://10.0.0.4:2380", "https://10.0.0.2:2379", "client URL https://10.0.0.2:2379 is already used by member member2"),
+    ("http://10.0.0.1:2380", None, "peer URL http://10.0.0.1:2380 is already used by member member1"),
+    ("http://0.0.0.0:2380", None, "the peer URL http://0.0.0.0:2380 is an unspecified address"),
+    ("http://10.0.0.4:2380", "http://0.0.0.0:2379", "the client URL http://0.0.0.0:2379 is an unspecified address"),
+    ("http://[::]:2380", None, "the peer URL http://[::]:2380 is an unspecified address"),
+])
+def test_url_conflicts_are_refused_at_proposal(peer, client, reason):
+    with pytest.raises(Refusal) as e:
+        plan_replacement(THREE, ReplaceRequest("member1", "member4", peer, new_client_url=client))
+    assert reason in e.value.reason and "\n" not in e.value.reason
+
+
+def test_url_conflicts_are_refused_for_an_add_only_plan_too():
+    removed = (plan_replacement(THREE, REQ).failed, "abc123")
+    with pytest.raises(Refusal, match="client URL http://10.0.0.3:2379 is already used by member member3"):
+        plan_replacement(cluster(up(2), up(3), up(4)), ReplaceRequest("member1", "member6", "http://10.0.0.6:2380",
+                                                                      new_client_url="http://10.0.0.3:2379"),
+                         removed=removed)
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("<!channel>", "cannot be an etcd member name"),
+    ("a*b", "cannot be an etcd member name"),
+    ("member-\u00e9", "cannot be an etcd member name"),
+    ("m" * 64, "cannot be an etcd member name"),
+    ("MEMBER2", "the name 'MEMBER2' differs from member 'member2' (91bc3c398fb3c146) only in case"),
+])
+def test_new_names_are_limited_to_a_safe_set(name, reason):
+    with pytest.raises(Refusal) as e:
+        plan_replacement(THREE, ReplaceRequest("member1", name, "http://10.0.0.4:2380"))
+    assert reason in e.value.reason and "\n" not in e.value.reason
+
+
+@pytest.mark.parametrize("name", ["m" * 63, "etcd-4.prod_b", "Member4", "9"])
+def test_safe_names_are_accepted(name):
+    assert plan_replacement(THREE, ReplaceRequest("member1", name, "http://10.0.0.4:2380")).new_name == name
+
+
+def test_config_endpoints_lists_the_voters_client_urls():
+    assert config_endpoints([member(3), member(2), member(5, learner=True)]) == \
+        'endpoints = ["http://10.0.0.2:2379", "http://10.0.0.3:2379"]'
