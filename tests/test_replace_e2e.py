@@ -262,3 +262,23 @@ async def test_a_manual_launcher_waits_for_the_operator(make_cluster, slack, sta
                             client_port=int(client.rsplit(":", 1)[1]), peer_port=int(peer.rsplit(":", 1)[1]))
     await wait_done(bot.ctx.store, row["id"])
     assert sorted(h.member.name for h in await members_of(c)) == ["member2", "member3", "member4"]
+
+
+async def test_a_learner_replacement_on_a_cluster_with_auth(make_cluster, slack, start_bot):
+    """With etcd auth on, a learner answers no authenticated RPC: the default (learner)
+    replacement used to fail at the promote step, waiting for a learner it could not see."""
+    from conftest import TEST_ETCD_PASSWORD
+    c = make_cluster(3)
+    c.enable_auth(TEST_ETCD_PASSWORD)
+    bot = await start_bot([cluster_table("prod", c)], approval=APPROVAL)
+    c.kill("member1")
+    peer, client = urls()
+    plan = await propose(slack, f"replace member1 member4 {peer} --client-url {client}")
+    assert "joins as a learner, then promoted" in text_of(plan)
+    row = await plan_row(bot.ctx.store, plan)
+    await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
+    await wait_done(bot.ctx.store, row["id"])
+    assert "member4 promoted to a voting member" in thread(slack, plan)
+    members = await members_of(c)
+    assert sorted(h.member.name for h in members) == ["member2", "member3", "member4"]
+    assert all(h.healthy and not h.member.is_learner for h in members)

@@ -115,3 +115,17 @@ async def test_help(cluster, slack, start_bot):
     for sub in ("status", "members", "replace", "snapshot", "snapshots", "plans", "resume", "cancel"):
         assert f"/etcd {sub}" in text_of(msg)
     assert "This channel speaks for: prod" in text_of(msg)
+
+
+async def test_a_running_learner_is_up_on_a_cluster_with_auth(make_cluster, slack, start_bot):
+    """With etcd auth on, a learner refuses authenticated RPCs ("rpc not supported for
+    learner"); its status is still read, so it shows up as the learner it is."""
+    from conftest import TEST_ETCD_PASSWORD
+    c = make_cluster(3)
+    c.enable_auth(TEST_ETCD_PASSWORD)
+    await start_bot([cluster_table("prod", c)])
+    await asyncio.to_thread(c.add_member, "member4", learner=True)
+    text = text_of(await reply(slack, "status"))
+    line = next(line for line in text.splitlines() if "*member4*" in line)
+    assert "DOWN" not in line and ":large_green_circle:" in line and "— learner" in line, line
+    assert "etcd cluster prod: HEALTHY" in text

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable, Iterable, TypeVar
@@ -24,7 +25,8 @@ import grpc  # noqa: E402
 from aetcd import rpc  # noqa: E402
 
 from bot.etcd.model import (Alarm, EtcdAuthError, EtcdError, EtcdRequestError, EtcdTimeout, EtcdTLSError,
-                            EtcdUnavailable, Member, MemberStatus, TLSFiles, _request_error, split_alarms)
+                            EtcdUnavailable, LearnerUnsupported, Member, MemberStatus, TLSFiles, _AUTH_MESSAGES,
+                            _request_error, split_alarms)
 from bot.etcd.race import AllFailed, first_success
 from bot.etcd.urls import Endpoint, parse_url
 
@@ -90,12 +92,20 @@ def _member(m) -> Member:
 
 # ---------------------------------------------------------------- client
 
+Call = Callable[[grpc.aio.Channel, "tuple[tuple[str, str], ...] | None", float], Awaitable[T]]
+
+
 class EtcdClient:
     """A cluster client: fail-over across `endpoints`, deadline on every call.
 
     Channels are cached per endpoint and dropped after a transport failure,
     so a member that comes back is reached on the next call rather than
     after gRPC's reconnect back-off.
+
+    After replacements the configured endpoints go stale; so the client
+    remembers the client URLs of the voting members in the last member list
+    it read (`learned`) and falls back to them when no configured endpoint
+    answers.
     """
 
     def __init__(self, endpoints: Iterable[str], *, tls: TLSFiles | None = None, username: str | None = None,
@@ -111,6 +121,7 @@ class EtcdClient:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._tokens: dict[str, str] = {}
         self._preferred: str | None = None
+        self.learned: list[str] = []  # voters' client URLs from the last member list, not configured
         self.on_error: Callable[[EtcdError], None] | None = None  # metrics hook
 
     def __repr__(self) -> str:
@@ -159,25 +170,42 @@ class EtcdClient:
         if channel is not None:
             asyncio.ensure_future(channel.close())
 
-    async def _metadata(self, endpoint: str, timeout: float) -> tuple[tuple[str, str], ...] | None:
+    def learn(self, members: Iterable[Member]) -> None:
+        """Remember the voters' client URLs to fall back to (learners answer no member list)."""
+        urls: list[str] = []
+        for m in members:
+            if m.started and not m.is_learner:
+                urls += [u for u in _valid_urls(m.client_urls) if u not in self.endpoints and u not in urls]
+        self.learned = urls
+
+    async def _metadata(self, endpoint: str, timeout: float,
+                        authenticate: bool = True) -> tuple[tuple[str, str], ...] | None:
         """Authenticate once per endpoint: simple tokens are member-local."""
-        if self._username is None:
+        if self._username is None or not authenticate:
             return None
         token = self._tokens.get(endpoint)
         if token is None:
             stub = rpc.AuthStub(self._channel(endpoint))
-            resp = await stub.Authenticate(rpc.AuthenticateRequest(name=self._username, password=self._password or ""),
-                                           timeout=timeout)
+            request = rpc.AuthenticateRequest(name=self._username, password=self._password or "")
+            deadline = time.monotonic() + timeout
+            while True:  # Authenticate goes through raft: during an election, wait for the new leader
+                try:
+                    resp = await stub.Authenticate(request, timeout=max(deadline - time.monotonic(), 0.05))
+                    break
+                except grpc.aio.AioRpcError as e:
+                    if not any(m in (e.details() or "") for m in _ELECTION) or time.monotonic() + 0.1 >= deadline:
+                        raise
+                    await asyncio.sleep(0.1)
             token = self._tokens[endpoint] = resp.token
         return (("token", token),)
 
-    async def call(self, endpoint: str, fn: Callable[[grpc.aio.Channel, tuple | None, float], Awaitable[T]],
-                   timeout: float | None = None) -> T:
-        """Run one RPC against one endpoint with a deadline; map errors."""
+    async def call(self, endpoint: str, fn: Call[T], timeout: float | None = None, *, authenticate: bool = True) -> T:
+        """Run one RPC against one endpoint with a deadline; map errors.
+        `authenticate=False` sends no token (a learner refuses Authenticate)."""
         timeout = timeout or self.timeout
         for attempt in (1, 2):
             try:
-                return await asyncio.wait_for(self._call_once(endpoint, fn, timeout), timeout + 0.5)
+                return await asyncio.wait_for(self._call_once(endpoint, fn, timeout, authenticate), timeout + 0.5)
             except asyncio.TimeoutError:
                 self._drop(endpoint)
                 err = EtcdTimeout(f"no answer within {timeout:g}s (member down or host unreachable)", endpoint)
@@ -198,40 +226,65 @@ class EtcdClient:
         if self.on_error is not None:
             self.on_error(err)
 
-    async def _call_once(self, endpoint: str, fn, timeout: float):
-        metadata = await self._metadata(endpoint, timeout)
+    async def _call_once(self, endpoint: str, fn: Call[T], timeout: float, authenticate: bool) -> T:
+        metadata = await self._metadata(endpoint, timeout, authenticate)
         return await fn(self._channel(endpoint), metadata, timeout)
 
+    def _fallbacks(self) -> list[str]:
+        return [e for e in self.learned if e not in self.endpoints]
+
     def _order(self) -> list[str]:
-        if self._preferred in self.endpoints:
-            return [self._preferred] + [e for e in self.endpoints if e != self._preferred]
-        return list(self.endpoints)
+        """The configured endpoints then the learned ones, the last to answer first."""
+        endpoints = self.endpoints + self._fallbacks()
+        if self._preferred in endpoints:
+            endpoints = [self._preferred] + [e for e in endpoints if e != self._preferred]
+        return endpoints
 
-    async def first(self, fn: Callable[[grpc.aio.Channel, tuple | None, float], Awaitable[T]],
-                    timeout: float | None = None) -> T:
-        """A read from whichever endpoint answers first: all are asked at once,
-        so a black-holed endpoint costs nothing when another one answers."""
-        endpoints = self._order()
+    async def _race(self, endpoints: list[str], fn: Call[T], timeout: float | None) -> tuple[str, T]:
+        winner, result = await first_success(
+            [self.call(e, fn, timeout) for e in endpoints],
+            # etcd itself answered (or a bug): another endpoint would say the same; but a
+            # learner refuses what a voter answers
+            fatal=lambda e: (isinstance(e, EtcdRequestError | EtcdAuthError) and not isinstance(e, LearnerUnsupported))
+            or not isinstance(e, EtcdError))
+        return endpoints[winner], result
+
+    async def first(self, fn: Call[T], timeout: float | None = None) -> T:
+        """A read from whichever endpoint answers first (see `first_from`)."""
+        return (await self.first_from(fn, timeout))[1]
+
+    async def first_from(self, fn: Call[T], timeout: float | None = None) -> tuple[str, T]:
+        """A read from whichever endpoint answers first, and that endpoint: all are
+        asked at once, so a black-holed endpoint costs nothing when another one
+        answers. A learned endpoint's answer is taken only when no configured one
+        answers (asked at the same time: the fallback costs at most one deadline)."""
+        configured = [e for e in self._order() if e in self.endpoints]
+        fallback = asyncio.ensure_future(self._race(self._fallbacks(), fn, timeout)) if self._fallbacks() else None
         try:
-            winner, result = await first_success(
-                [self.call(e, fn, timeout) for e in endpoints],
-                # etcd itself answered (or a bug): another endpoint would say the same
-                fatal=lambda e: isinstance(e, EtcdRequestError | EtcdAuthError) or not isinstance(e, EtcdError))
+            endpoint, result = await self._race(configured, fn, timeout)
         except AllFailed as e:
-            raise _all_failed(e.errors) from None
-        self._preferred = endpoints[winner]
-        return result
+            if fallback is None:
+                raise _all_failed(e.errors) from None
+            try:
+                endpoint, result = await fallback
+            except AllFailed as e2:
+                raise _all_failed(e.errors + e2.errors) from None
+        finally:
+            if fallback is not None and not fallback.done():
+                fallback.cancel()
+                await asyncio.gather(fallback, return_exceptions=True)
+        self._preferred = endpoint
+        return endpoint, result
 
-    async def failover(self, fn: Callable[[grpc.aio.Channel, tuple | None, float], Awaitable[T]],
-                       timeout: float | None = None) -> T:
-        """A change, sent to one endpoint at a time.
+    async def failover(self, fn: Call[T], timeout: float | None = None, first: Iterable[str] = ()) -> T:
+        """A change, sent to one endpoint at a time (the `first` ones, then ours).
 
         Moves on only when the endpoint could not have received the request
         (connection refused, TLS); a timeout is raised, since the change may
         have been applied, and the caller re-reads before trying again.
         """
         errors: list[EtcdError] = []
-        for endpoint in self._order():
+        for endpoint in dict.fromkeys([*first, *self._order()]):
             try:
                 result = await self.call(endpoint, fn, timeout)
             except EtcdTimeout:
@@ -246,12 +299,20 @@ class EtcdClient:
     # -- cluster API ----------------------------------------------------
 
     async def member_list(self, timeout: float | None = None) -> list[Member]:
-        async def fn(ch, md, t):
+        return (await self.member_list_from(timeout))[1]
+
+    async def member_list_from(self, timeout: float | None = None) -> tuple[str, list[Member]]:
+        """The member list and the endpoint that gave it; the voters' client URLs are learned."""
+        async def fn(ch: grpc.aio.Channel, md: tuple[tuple[str, str], ...] | None, t: float) -> list[Member]:
             resp = await rpc.ClusterStub(ch).MemberList(rpc.MemberListRequest(linearizable=False), timeout=t, metadata=md)
             return [_member(m) for m in resp.members]
-        return await self.first(fn, timeout)
+        endpoint, members = await self.first_from(fn, timeout)
+        self.learn(members)
+        return endpoint, members
 
     async def status(self, endpoint: str, timeout: float | None = None) -> MemberStatus:
+        """Maintenance.Status, sent without a token: etcd does not ask for one, and with
+        auth on a learner refuses Authenticate ("rpc not supported for learner")."""
         async def fn(ch, md, t):
             r = await rpc.MaintenanceStub(ch).Status(rpc.StatusRequest(), timeout=t, metadata=md)
             errors, alarms = split_alarms(r.errors)
@@ -259,7 +320,7 @@ class EtcdClient:
                                 db_size_in_use=r.dbSizeInUse, leader=r.leader, raft_term=r.raftTerm,
                                 raft_index=r.raftIndex, raft_applied_index=r.raftAppliedIndex,
                                 is_learner=r.isLearner, errors=errors, alarms=alarms)
-        return await self.call(parse_url(endpoint).url, fn, timeout)
+        return await self.call(parse_url(endpoint).url, fn, timeout, authenticate=False)
 
     async def member_add(self, peer_urls: list[str], *, learner: bool, timeout: float | None = None) -> tuple[Member, list[Member]]:
         async def fn(ch, md, t):
@@ -275,10 +336,19 @@ class EtcdClient:
         return await self.failover(fn, timeout)
 
     async def member_promote(self, member_id: int, timeout: float | None = None) -> list[Member]:
-        async def fn(ch, md, t):
+        """Sent to the leader: with auth on, a follower forwards a promote to the
+        leader without the user, and it fails there ("auth: user name is empty",
+        etcd issues 14070 and 20757): the caller would only see a timeout."""
+        async def fn(ch: grpc.aio.Channel, md: tuple[tuple[str, str], ...] | None, t: float) -> list[Member]:
             r = await rpc.ClusterStub(ch).MemberPromote(rpc.MemberPromoteRequest(ID=member_id), timeout=t, metadata=md)
             return [_member(m) for m in r.members]
-        return await self.failover(fn, timeout)
+        return await self.failover(fn, timeout, first=await self.leader_urls(timeout))
+
+    async def leader_urls(self, timeout: float | None = None) -> list[str]:
+        """The leader's client URLs, as the member that gives the member list sees it."""
+        endpoint, members = await self.member_list_from(timeout)
+        leader = (await self.status(endpoint, timeout)).leader
+        return [u for m in members if m.id == leader for u in _valid_urls(m.client_urls)]
 
     async def put(self, key: bytes, value: bytes, timeout: float | None = None) -> int:
         """Write one key (used to seed demo clusters); returns the new revision."""
@@ -355,6 +425,20 @@ class SnapshotStream:
 
     def close(self) -> None:
         self._call.cancel()
+
+
+_ELECTION = ("etcdserver: leader changed", "etcdserver: no leader")
+
+
+def _valid_urls(urls: Iterable[str]) -> list[str]:
+    """The URLs etcd published that parse, normalized (the others cannot be dialled)."""
+    out = []
+    for u in urls:
+        try:
+            out.append(parse_url(u).url)
+        except ValueError:
+            continue
+    return out
 
 
 def _all_failed(errors: list[EtcdError]) -> EtcdUnavailable:

@@ -192,6 +192,7 @@ class LocalCluster:
             self.tls = TLSPaths(ca=str(files.ca), server_cert=str(files.server_cert), server_key=str(files.server_key),
                                 client_cert=str(files.client_cert), client_key=str(files.client_key))
         self.scheme = "https" if tls else "http"
+        self.user: tuple[str, str] | None = None  # (name, password) once enable_auth ran
 
     @classmethod
     def attach(cls, base_dir: str | Path, tls: TLSPaths | None = None) -> "LocalCluster":
@@ -216,6 +217,7 @@ class LocalCluster:
             self.tls = TLSPaths(ca=str(d / "ca.crt"), server_cert=str(d / "server.crt"), server_key=str(d / "server.key"),
                                 client_cert=str(d / "client.crt"), client_key=str(d / "client.key"))
         self.scheme = "https" if self.tls else "http"
+        self.user = None
         return self
 
     # -- lifecycle ------------------------------------------------------
@@ -314,6 +316,23 @@ class LocalCluster:
         self.wait_serving(name, timeout)
         return member
 
+    def add_member(self, name: str, *, learner: bool = False, timeout: float = START_TIMEOUT) -> LocalMember:
+        """`etcdctl member add` then start it: what an operator does by hand. A young
+        cluster refuses adds ("unhealthy cluster") until its leader has seen every
+        voter for 5 s: retried within `timeout`."""
+        peer_port = free_port()
+        args = ["member", "add", name, f"--peer-urls={self._url(peer_port)}"] + (["--learner"] if learner else [])
+        deadline = time.monotonic() + timeout
+        while (proc := self.etcdctl(*args, check=False)).returncode != 0:
+            if "unhealthy cluster" not in proc.stderr or time.monotonic() > deadline:
+                raise ClusterError(f"etcdctl member add failed: {proc.stderr.strip()}")
+            time.sleep(0.2)
+        initial = next((line.split("=", 1)[1].strip().strip('"') for line in proc.stdout.splitlines()
+                        if line.startswith("ETCD_INITIAL_CLUSTER=")), None)
+        if not initial:
+            raise ClusterError(f"etcdctl member add gave no ETCD_INITIAL_CLUSTER: {proc.stdout.strip()}")
+        return self.start_member(name, initial, peer_port=peer_port, timeout=timeout)
+
     # -- waiting --------------------------------------------------------
 
     def wait_healthy(self, names: Iterable[str] | None = None, timeout: float = START_TIMEOUT) -> None:
@@ -347,11 +366,28 @@ class LocalCluster:
 
     # -- tools ----------------------------------------------------------
 
+    def enable_auth(self, password: str, user: str = "root") -> None:
+        """Turn etcd authentication on (`user` gets the root role); etcdctl then logs in as `user`."""
+        self.etcdctl("user", "add", user, "--new-user-password", password, "--interactive=false")
+        if user != "root":
+            self.etcdctl("user", "grant-role", user, "root")
+        self.etcdctl("auth", "enable")
+        self.user = (user, password)
+        self.password_file.write_text(password)
+        self.password_file.chmod(0o600)
+
+    @property
+    def password_file(self) -> Path:
+        """Where enable_auth leaves the password, for a bot's `password_file`."""
+        return self.base_dir / "etcd-password"
+
     def etcdctl_args(self, endpoints: list[str] | None = None) -> list[str]:
         args = [self.etcdctl_bin or str(find_binary("etcdctl")), f"--endpoints={','.join(endpoints or self.endpoints)}",
                 "--dial-timeout=2s", "--command-timeout=10s"]
         if self.tls:
             args += [f"--cacert={self.tls.ca}", f"--cert={self.tls.client_cert}", f"--key={self.tls.client_key}"]
+        if self.user:
+            args += [f"--user={self.user[0]}", f"--password={self.user[1]}"]
         return args
 
     def etcdctl(self, *args: str, endpoints: list[str] | None = None, check: bool = True,
