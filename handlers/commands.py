@@ -19,7 +19,6 @@ from bot.ops.commands import SPECS, Command, UsageError, general_usage, parse
 from bot.config import ClusterConfig
 from bot.ops.context import BotContext
 from bot.etcd.model import EtcdError
-from bot.etcd.health import check_cluster
 from bot.ops.lifecycle import Outcome
 from bot.ops.replace import ReplaceRequest
 from bot.ops.routing import RoutingError, resolve_cluster
@@ -36,7 +35,7 @@ Work = Callable[[BotContext, Command, ClusterConfig | None, str, str], Awaitable
 
 async def _status(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user: str, channel: str) -> Outcome:
     try:
-        health = await check_cluster(ctx.client(cluster), cluster.name)
+        health = await ctx.check(cluster)
     except EtcdError as e:
         return Outcome(channel=blocks.unreachable_reply(cluster.name, str(e)))
     if cmd.name == "members":

@@ -129,3 +129,15 @@ async def test_a_running_learner_is_up_on_a_cluster_with_auth(make_cluster, slac
     line = next(line for line in text.splitlines() if "*member4*" in line)
     assert "DOWN" not in line and ":large_green_circle:" in line and "— learner" in line, line
     assert "etcd cluster prod: HEALTHY" in text
+
+
+async def test_under_quorum_loss_no_survivor_is_a_green_follower(make_cluster, slack, start_bot):
+    c = make_cluster(3)
+    await start_bot([cluster_table("prod", c)])
+    c.kill("member1")
+    c.kill("member2")
+    text = text_of(await reply(slack, "status"))
+    assert "etcd cluster prod: QUORUM LOST" in text
+    survivor = next(line for line in text.splitlines() if "*member3*" in line)
+    assert "follower" not in survivor and ":large_green_circle:" not in survivor, survivor
+    assert "no leader" in survivor and ":large_orange_circle:" in survivor

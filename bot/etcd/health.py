@@ -90,6 +90,7 @@ class ClusterHealth:
     checked_at: float                  # time.time() of the check
     elapsed: float                     # seconds the check took
     deadline: float                    # the per-member deadline used
+    learned_url: str | None = None     # reached only through this URL learned from a member list, not configured
 
     @property
     def quorum(self) -> Quorum:
@@ -163,11 +164,12 @@ async def check_cluster(client: EtcdClient, cluster: str, timeout: float | None 
     """
     timeout = timeout or client.timeout
     started = time.monotonic()
-    members = await client.member_list(timeout)
+    endpoint, members = await client.member_list_from(timeout)
     answers = await asyncio.gather(*(_ask_member(client, m, timeout) for m in members))
     alarms = {(a.member_id, a.kind): a for _, found in answers for a in found}
     healths = [replace(h, alarms=tuple(sorted(kind for (mid, kind) in alarms if mid == h.member.id)))
                for h, _ in answers]
     ordered = sorted(healths, key=lambda h: (h.member.name or "~", h.member.id))
     return ClusterHealth(cluster=cluster, members=tuple(ordered), alarms=tuple(alarms.values()), checked_at=time.time(),
-                         elapsed=time.monotonic() - started, deadline=timeout)
+                         elapsed=time.monotonic() - started, deadline=timeout,
+                         learned_url=None if endpoint in client.endpoints else endpoint)

@@ -23,7 +23,7 @@ from bot.etcd.client import EtcdClient
 from bot.etcd.model import EtcdError, EtcdTimeout, LearnerNotReady, Member, NotALearner, UnhealthyCluster
 from bot.etcd.health import check_cluster
 from bot.ops.launcher import manual_instructions, run_command
-from bot.ops.replace import Plan, etcd_servers
+from bot.ops.replace import Plan, config_endpoints, etcd_servers
 from bot.slack.web import SlackPostError, post, update
 from bot.ops.snapshots import take_snapshot
 from bot.etcd.snapshots import SnapshotFailed
@@ -154,7 +154,7 @@ class Executor:
     # -- the steps ------------------------------------------------------
 
     async def step_recheck(self) -> str:
-        health = await check_cluster(self.client, self.plan.cluster)
+        health = await self.ctx.check(self.cluster)
         if health.fingerprint != self.plan.fingerprint:
             raise StepFailed("the membership changed since the plan was made; nothing was changed",
                              "check /etcd status and propose the replacement again")
@@ -314,14 +314,16 @@ class Executor:
         await say_in_thread(self.ctx, self.row,
                             f":clipboard: *Follow-ups (runbook step 5)*\n"
                             f"1. Update every kube-apiserver and restart it:\n```--etcd-servers={servers}```\n"
-                            f"2. If a load balancer fronts etcd, add {added or self.plan.new_name} and remove {removed}.")
+                            f"2. If a load balancer fronts etcd, add {added or self.plan.new_name} and remove {removed}.\n"
+                            f"3. Update this bot's own configuration: cluster {self.plan.cluster}, "
+                            f"```{config_endpoints(members)}```")
         return f"--etcd-servers={servers}"
 
     async def step_verify(self) -> str:
         expected = self.plan.expected_members
 
         async def verified() -> str | None:
-            health = await check_cluster(self.client, self.plan.cluster)
+            health = await self.ctx.check(self.cluster)
             ids = {h.member.id for h in health.members}
             if int(self.plan.failed.id, 16) in ids or len(health.members) != expected:
                 return None

@@ -18,7 +18,6 @@ from bot.config import ClusterConfig
 from bot.ops.context import BotContext
 from bot.etcd.model import EtcdError
 from bot.ops.executor import Executor, StepFailed, plan_view, refresh_message, say_in_thread
-from bot.etcd.health import check_cluster
 from bot.ops.replace import MemberRef, Plan, Refusal, ReplaceRequest, plan_replacement
 from bot.slack.web import SlackPostError, post
 from bot.store.sqlite import OpenPlanExists
@@ -47,7 +46,7 @@ async def propose(ctx: BotContext, cluster: ClusterConfig, req: ReplaceRequest, 
     if open_plan:
         return _open_plan_refusal(open_plan)
     try:
-        health = await check_cluster(ctx.client(cluster), cluster.name)
+        health = await ctx.check(cluster)
     except EtcdError as e:
         return _refused(f"cannot read cluster {cluster.name}: {e}")
     newest = await store.snapshots(cluster.name, limit=1)

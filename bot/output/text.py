@@ -31,12 +31,28 @@ def quorum_line(health: ClusterHealth) -> str:
     return f"{q.healthy} of {q.voting} voting members healthy, quorum needs {q.needed}, {tail}"
 
 
-def member_state(h: MemberHealth, leader_id: int | None) -> str:
+LEADERLESS = ("no leader", "learner, no leader")
+
+
+def member_state(h: MemberHealth, health: ClusterHealth) -> str:
+    """DOWN, UNHEALTHY, leader, follower, learner; without quorum or a leader
+    there is no follower: a survivor then says "no leader" (one of LEADERLESS)."""
     if not h.reachable:
         return "DOWN"
     if h.problem:
         return "UNHEALTHY"
-    return "leader" if h.member.id == leader_id else ("learner" if h.member.is_learner else "follower")
+    leader = health.leader_id if health.quorum.ok else None
+    if leader is None:
+        return LEADERLESS[h.member.is_learner]
+    return "leader" if h.member.id == leader else ("learner" if h.member.is_learner else "follower")
+
+
+def learned_line(health: ClusterHealth) -> str | None:
+    """Said when no configured endpoint answered and a learned client URL did."""
+    if health.learned_url is None:
+        return None
+    return (f"reached only through {health.learned_url}, a client URL learned from the member list: no configured "
+            f"endpoint answered; update this cluster's endpoints in the bot's configuration")
 
 
 STATUS_HEADERS = ("ID", "STATUS", "NAME", "PEER ADDRS", "CLIENT ADDRS", "IS LEARNER", "REACHABLE", "LEADER",
@@ -64,6 +80,8 @@ def status_text(health: ClusterHealth) -> str:
     head = f"cluster {health.cluster}: {verdict(health)}: {quorum_line(health)}"
     alarms = "".join(f"\nALARM {a.kind} on member {a.member_id:016x}" for a in health.alarms)
     foot = f"checked in {humanize_duration(health.elapsed)}, deadline {health.deadline:g}s per member"
+    learned = learned_line(health)
+    foot += f"\nNOTE: {learned}" if learned else ""
     return f"{head}{alarms}\n{table(STATUS_HEADERS, status_rows(health))}\n{foot}"
 
 
@@ -97,6 +115,7 @@ def status_json(health: ClusterHealth) -> dict[str, Any]:
         "leader": f"{leader:016x}" if leader else None,
         "alarms": [{"member_id": f"{a.member_id:016x}", "alarm": a.kind} for a in health.alarms],
         "elapsed_seconds": round(health.elapsed, 4), "deadline_seconds": health.deadline,
+        "learned_url": health.learned_url,
     }
 
 

@@ -45,14 +45,16 @@ _ICON = {"HEALTHY": ":large_green_circle:", "DEGRADED": ":large_orange_circle:",
          "QUORUM LOST": ":red_circle:"}
 
 
-def _member_line(h: MemberHealth, leader_id: int | None) -> str:
+def _member_line(h: MemberHealth, health: ClusterHealth) -> str:
     m, s = h.member, h.status
     name = escape(m.name) if m.name else "_(unstarted)_"
-    state = render.member_state(h, leader_id)
+    state = render.member_state(h, health)
     if not h.reachable:
         first = f":red_circle: *{name}* `{m.hex_id}` — *DOWN*: {escape(h.error or 'unreachable')}"
     elif h.problem:
         first = f":large_orange_circle: *{name}* `{m.hex_id}` — *UNHEALTHY*: {escape(h.problem)}"
+    elif state in render.LEADERLESS:
+        first = f":large_orange_circle: *{name}* `{m.hex_id}` — *{state}*"
     else:
         first = f":large_green_circle: *{name}* `{m.hex_id}` — {state}"
     facts = []
@@ -71,7 +73,6 @@ def _member_line(h: MemberHealth, leader_id: int | None) -> str:
 
 def status_reply(health: ClusterHealth, requested_by: str | None = None) -> Reply:
     verdict = render.verdict(health)
-    leader = health.leader_id
     blocks: list[dict[str, Any]] = [
         _header(f"etcd cluster {health.cluster}: {verdict}"),
         _section(f"{_ICON[verdict]} *{render.quorum_line(health)}*"),
@@ -79,13 +80,18 @@ def status_reply(health: ClusterHealth, requested_by: str | None = None) -> Repl
     for a in health.alarms:
         blocks.append(_section(f":rotating_light: *ALARM {a.kind}* on member `{a.member_id:016x}`"))
     blocks.append({"type": "divider"})
-    blocks += [_section(_member_line(h, leader)) for h in health.members]
+    blocks += [_section(_member_line(h, health)) for h in health.members]
+    learned = render.learned_line(health)
+    if learned:
+        blocks.append(_section(f":warning: {escape(learned)}"))
     who = f" · asked by <@{requested_by}>" if requested_by else ""
     blocks.append(_context(f"checked in {humanize_duration(health.elapsed)}, deadline {health.deadline:g}s per member{who}"))
     down = [h.member.name or h.member.hex_id for h in health.members if not h.reachable]
     text = f"etcd cluster {health.cluster}: {verdict}: {render.quorum_line(health)}"
     if down:
         text += f"; DOWN: {', '.join(down)}"
+    if learned:
+        text += f"; {learned}"
     return Reply(text=text, blocks=blocks)
 
 
