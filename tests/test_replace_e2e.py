@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -284,7 +285,8 @@ async def test_a_learner_replacement_on_a_cluster_with_auth(make_cluster, slack,
     assert all(h.healthy and not h.member.is_learner for h in members)
 
 
-async def test_the_bot_follows_the_cluster_after_every_configured_endpoint_is_gone(make_cluster, slack, start_bot):
+async def test_the_bot_follows_the_cluster_after_every_configured_endpoint_is_gone(make_cluster, slack, start_bot,
+                                                                                   tmp_path):
     """Endpoint drift: the configured endpoints are member1-3; once all three are replaced, the
     quorate cluster is reached through client URLs the bot learned from the member list (and
     recorded, so a restarted bot still knows them), and the replies say so."""
@@ -311,6 +313,12 @@ async def test_the_bot_follows_the_cluster_after_every_configured_endpoint_is_go
     await start_bot([table], approval=APPROVAL)
     text = text_of(await reply(slack, "status"))
     assert "etcd cluster prod: HEALTHY" in text and "reached only through" in text
+    # so does the break-glass CLI, from the bot's database
+    proc = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "bot", "status", "--cluster", "prod",
+                                                    "--config", str(tmp_path / "config.toml")],
+                                   capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "HEALTHY" in proc.stdout and "NOTE: reached only through http://127.0.0.1:" in proc.stdout
 
 
 async def test_url_conflicts_and_unsafe_names_are_refused_before_any_plan(make_cluster, slack, start_bot):
@@ -319,7 +327,7 @@ async def test_url_conflicts_and_unsafe_names_are_refused_before_any_plan(make_c
     c = make_cluster(5)
     bot = await start_bot([cluster_table("prod", c)], approval=APPROVAL)
     c.kill("member1")
-    peer, client = urls()
+    peer, _ = urls()
     taken = c.member("member3").client_url
     for text, reason in (
             (f"replace member1 member6 {peer} --client-url {peer}", "the peer URL and the client URL are the same address"),

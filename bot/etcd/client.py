@@ -441,7 +441,8 @@ def _valid_urls(urls: Iterable[str]) -> list[str]:
     return out
 
 
-def _all_failed(errors: list[EtcdError]) -> EtcdUnavailable:
+def _all_failed(failures: Iterable[BaseException]) -> EtcdUnavailable:
+    errors = [e for e in failures if isinstance(e, EtcdError)]  # the races raise anything else at once
     by_reason: dict[str, list[str]] = {}
     for e in errors:
         by_reason.setdefault(e.message, []).append(e.endpoint or "?")
