@@ -5,6 +5,7 @@ import asyncio
 import re
 import time
 
+import pytest
 from helpers import command, ephemeral, reply, text_of
 
 from bot.testing.workspace import CHANNEL, ONCALL, cluster_table
@@ -131,8 +132,13 @@ async def test_a_running_learner_is_up_on_a_cluster_with_auth(make_cluster, slac
     assert "etcd cluster prod: HEALTHY" in text
 
 
-async def test_under_quorum_loss_no_survivor_is_a_green_follower(make_cluster, slack, start_bot):
+@pytest.mark.parametrize("auth", [False, True], ids=["no-auth", "auth"])
+async def test_under_quorum_loss_no_survivor_is_a_green_follower(make_cluster, slack, start_bot, auth):
+    """With auth on, Authenticate needs a leader: the member list is then read without a token."""
+    from conftest import TEST_ETCD_PASSWORD
     c = make_cluster(3)
+    if auth:
+        c.enable_auth(TEST_ETCD_PASSWORD)
     await start_bot([cluster_table("prod", c)])
     c.kill("member1")
     c.kill("member2")

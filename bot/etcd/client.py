@@ -16,7 +16,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable, Iterable, TypeVar
+from typing import AsyncIterator, Awaitable, Callable, Iterable, Literal, TypeVar
 
 # gRPC's C core prints every failed TLS handshake to stderr; our errors say it once.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
@@ -93,6 +93,7 @@ def _member(m) -> Member:
 # ---------------------------------------------------------------- client
 
 Call = Callable[[grpc.aio.Channel, "tuple[tuple[str, str], ...] | None", float], Awaitable[T]]
+Auth = Literal["required", "optional", "none"]  # whether a call carries a token (see EtcdClient._metadata)
 
 
 class EtcdClient:
@@ -179,33 +180,43 @@ class EtcdClient:
         self.learned = urls
 
     async def _metadata(self, endpoint: str, timeout: float,
-                        authenticate: bool = True) -> tuple[tuple[str, str], ...] | None:
-        """Authenticate once per endpoint: simple tokens are member-local."""
-        if self._username is None or not authenticate:
+                        auth: Auth = "required") -> tuple[tuple[str, str], ...] | None:
+        """Authenticate once per endpoint: simple tokens are member-local.
+
+        Authenticate goes through raft: during an election it waits for the new
+        leader. Without quorum there is none, so for a read etcd also serves
+        without a token (`auth="optional"`: the member list) it gives up after half
+        the deadline and the read goes without a token: the survivors still answer.
+        """
+        if self._username is None or auth == "none":
             return None
         token = self._tokens.get(endpoint)
         if token is None:
             stub = rpc.AuthStub(self._channel(endpoint))
             request = rpc.AuthenticateRequest(name=self._username, password=self._password or "")
-            deadline = time.monotonic() + timeout
-            while True:  # Authenticate goes through raft: during an election, wait for the new leader
+            deadline = time.monotonic() + (timeout / 2 if auth == "optional" else timeout)
+            while True:
                 try:
                     resp = await stub.Authenticate(request, timeout=max(deadline - time.monotonic(), 0.05))
                     break
                 except grpc.aio.AioRpcError as e:
-                    if not any(m in (e.details() or "") for m in _ELECTION) or time.monotonic() + 0.1 >= deadline:
+                    leaderless = e.code() == grpc.StatusCode.DEADLINE_EXCEEDED or any(
+                        m in (e.details() or "") for m in _LEADERLESS)
+                    if leaderless and auth == "optional" and time.monotonic() + 0.1 >= deadline:
+                        return None
+                    if not leaderless or time.monotonic() + 0.1 >= deadline:
                         raise
                     await asyncio.sleep(0.1)
             token = self._tokens[endpoint] = resp.token
         return (("token", token),)
 
-    async def call(self, endpoint: str, fn: Call[T], timeout: float | None = None, *, authenticate: bool = True) -> T:
+    async def call(self, endpoint: str, fn: Call[T], timeout: float | None = None, *, auth: Auth = "required") -> T:
         """Run one RPC against one endpoint with a deadline; map errors.
-        `authenticate=False` sends no token (a learner refuses Authenticate)."""
+        `auth="none"` sends no token (a learner refuses Authenticate); "optional": see _metadata."""
         timeout = timeout or self.timeout
         for attempt in (1, 2):
             try:
-                return await asyncio.wait_for(self._call_once(endpoint, fn, timeout, authenticate), timeout + 0.5)
+                return await asyncio.wait_for(self._call_once(endpoint, fn, timeout, auth), timeout + 0.5)
             except asyncio.TimeoutError:
                 self._drop(endpoint)
                 err = EtcdTimeout(f"no answer within {timeout:g}s (member down or host unreachable)", endpoint)
@@ -226,8 +237,8 @@ class EtcdClient:
         if self.on_error is not None:
             self.on_error(err)
 
-    async def _call_once(self, endpoint: str, fn: Call[T], timeout: float, authenticate: bool) -> T:
-        metadata = await self._metadata(endpoint, timeout, authenticate)
+    async def _call_once(self, endpoint: str, fn: Call[T], timeout: float, auth: Auth) -> T:
+        metadata = await self._metadata(endpoint, timeout, auth)
         return await fn(self._channel(endpoint), metadata, timeout)
 
     def _fallbacks(self) -> list[str]:
@@ -240,9 +251,9 @@ class EtcdClient:
             endpoints = [self._preferred] + [e for e in endpoints if e != self._preferred]
         return endpoints
 
-    async def _race(self, endpoints: list[str], fn: Call[T], timeout: float | None) -> tuple[str, T]:
+    async def _race(self, endpoints: list[str], fn: Call[T], timeout: float | None, auth: Auth) -> tuple[str, T]:
         winner, result = await first_success(
-            [self.call(e, fn, timeout) for e in endpoints],
+            [self.call(e, fn, timeout, auth=auth) for e in endpoints],
             # etcd itself answered (or a bug): another endpoint would say the same; but a
             # learner refuses what a voter answers
             fatal=lambda e: (isinstance(e, EtcdRequestError | EtcdAuthError) and not isinstance(e, LearnerUnsupported))
@@ -253,15 +264,17 @@ class EtcdClient:
         """A read from whichever endpoint answers first (see `first_from`)."""
         return (await self.first_from(fn, timeout))[1]
 
-    async def first_from(self, fn: Call[T], timeout: float | None = None) -> tuple[str, T]:
+    async def first_from(self, fn: Call[T], timeout: float | None = None,
+                         auth: Auth = "required") -> tuple[str, T]:
         """A read from whichever endpoint answers first, and that endpoint: all are
         asked at once, so a black-holed endpoint costs nothing when another one
         answers. A learned endpoint's answer is taken only when no configured one
         answers (asked at the same time: the fallback costs at most one deadline)."""
         configured = [e for e in self._order() if e in self.endpoints]
-        fallback = asyncio.ensure_future(self._race(self._fallbacks(), fn, timeout)) if self._fallbacks() else None
+        fallbacks = self._fallbacks()
+        fallback = asyncio.ensure_future(self._race(fallbacks, fn, timeout, auth)) if fallbacks else None
         try:
-            endpoint, result = await self._race(configured, fn, timeout)
+            endpoint, result = await self._race(configured, fn, timeout, auth)
         except AllFailed as e:
             if fallback is None:
                 raise _all_failed(e.errors) from None
@@ -306,7 +319,7 @@ class EtcdClient:
         async def fn(ch: grpc.aio.Channel, md: tuple[tuple[str, str], ...] | None, t: float) -> list[Member]:
             resp = await rpc.ClusterStub(ch).MemberList(rpc.MemberListRequest(linearizable=False), timeout=t, metadata=md)
             return [_member(m) for m in resp.members]
-        endpoint, members = await self.first_from(fn, timeout)
+        endpoint, members = await self.first_from(fn, timeout, auth="optional")  # readable without quorum
         self.learn(members)
         return endpoint, members
 
@@ -320,7 +333,7 @@ class EtcdClient:
                                 db_size_in_use=r.dbSizeInUse, leader=r.leader, raft_term=r.raftTerm,
                                 raft_index=r.raftIndex, raft_applied_index=r.raftAppliedIndex,
                                 is_learner=r.isLearner, errors=errors, alarms=alarms)
-        return await self.call(parse_url(endpoint).url, fn, timeout, authenticate=False)
+        return await self.call(parse_url(endpoint).url, fn, timeout, auth="none")
 
     async def member_add(self, peer_urls: list[str], *, learner: bool, timeout: float | None = None) -> tuple[Member, list[Member]]:
         async def fn(ch, md, t):
@@ -427,7 +440,8 @@ class SnapshotStream:
         self._call.cancel()
 
 
-_ELECTION = ("etcdserver: leader changed", "etcdserver: no leader")
+_LEADERLESS = ("etcdserver: leader changed", "etcdserver: no leader", "etcdserver: request timed out",
+               "context deadline exceeded")
 
 
 def _valid_urls(urls: Iterable[str]) -> list[str]:
