@@ -157,7 +157,8 @@ THREE = cluster(down(1), up(2), up(3))
                                     "(91bc3c398fb3c146) as its client URL http://10.0.0.2:2379")),
     ("http://10.0.0.4:2380", "http://10.0.0.3:2380", ("the client URL http://10.0.0.3:2380 is already used by member "
                                                       "member3 (fd422379fda50e48) as its peer URL")),
-    ("http://10.0.0.4:2380", "https://10.0.0.2:2379", "client URL https://10.0.0.2:2379 is already used by member member2"),
+    ("http://10.0.0.4:2380", "https://10.0.0.2:2379",
+     "client URL https://10.0.0.2:2379 is already used by member member2"),
     ("http://10.0.0.1:2380", None, "peer URL http://10.0.0.1:2380 is already used by member member1"),
     ("http://0.0.0.0:2380", None, "the peer URL http://0.0.0.0:2380 is an unspecified address"),
     ("http://10.0.0.4:2380", "http://0.0.0.0:2379", "the client URL http://0.0.0.0:2379 is an unspecified address"),

@@ -330,7 +330,8 @@ async def test_url_conflicts_and_unsafe_names_are_refused_before_any_plan(make_c
     peer, _ = urls()
     taken = c.member("member3").client_url
     for text, reason in (
-            (f"replace member1 member6 {peer} --client-url {peer}", "the peer URL and the client URL are the same address"),
+            (f"replace member1 member6 {peer} --client-url {peer}",
+             "the peer URL and the client URL are the same address"),
             (f"replace member1 member6 {taken}", f"the peer URL {taken} is already used by member member3"),
             (f"replace member1 member6 {peer} --client-url {c.member('member4').peer_url}",
              "is already used by member member4 ("),

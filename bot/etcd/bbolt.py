@@ -38,6 +38,7 @@ import struct
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from bot.output.tables import table
 from bot.output.units import humanize_bytes
@@ -90,7 +91,8 @@ def _load_crc32c() -> Callable[..., int]:
     so a later `import crc32c` reuses it.
     """
     if "crc32c" in sys.modules:
-        return sys.modules["crc32c"].crc32c
+        loaded: Callable[..., int] = sys.modules["crc32c"].crc32c
+        return loaded
     try:
         from importlib.machinery import ExtensionFileLoader, PathFinder
 
@@ -104,7 +106,8 @@ def _load_crc32c() -> Callable[..., int]:
             ext = spec.loader.create_module(spec)
             spec.loader.exec_module(ext)
             sys.modules[name] = ext
-        return ext.crc32c
+        crc: Callable[..., int] = ext.crc32c
+        return crc
     except Exception:  # any odd installation: the ordinary, slower import
         import crc32c
         return crc32c.crc32c
@@ -133,7 +136,7 @@ class SnapshotStatus:
         """As etcdutl's %x: lowercase, no zero padding."""
         return f"{self.hash:x}"
 
-    def as_json(self) -> dict:
+    def as_json(self) -> dict[str, Any]:
         return {"hash": self.hash_hex, "revision": self.revision, "total_keys": self.total_keys,
                 "live_keys": self.live_keys, "total_size": self.total_size}
 
@@ -155,7 +158,7 @@ def status_table(status: SnapshotStatus) -> str:
 
 # -- reading ----------------------------------------------------------------
 
-def snapshot_status(path: str | os.PathLike, verify_trailer: bool = True) -> SnapshotStatus:
+def snapshot_status(path: str | os.PathLike[str], verify_trailer: bool = True) -> SnapshotStatus:
     """Status of an etcd snapshot or bbolt file, as `etcdutl snapshot status` computes it.
 
     Raises SnapshotError (one line naming the file) for anything that is not

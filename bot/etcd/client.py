@@ -16,7 +16,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable, Iterable, Literal, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Literal, Protocol, Sequence, TypeVar
 
 # gRPC's C core prints every failed TLS handshake to stderr; our errors say it once.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
@@ -24,7 +24,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 import grpc  # noqa: E402
 from aetcd import rpc  # noqa: E402
 
-from bot.etcd.model import (Alarm, EtcdAuthError, EtcdError, EtcdRequestError, EtcdTimeout, EtcdTLSError,
+from bot.etcd.model import (EtcdAuthError, EtcdError, EtcdRequestError, EtcdTimeout, EtcdTLSError,
                             EtcdUnavailable, LearnerUnsupported, Member, MemberStatus, TLSFiles, _AUTH_MESSAGES,
                             _request_error, split_alarms)
 from bot.etcd.race import AllFailed, first_success
@@ -85,14 +85,15 @@ def map_grpc_error(error: grpc.aio.AioRpcError, endpoint: str, timeout: float | 
 
 
 
-def _member(m) -> Member:
+def _member(m: Any) -> Member:
     return Member(id=m.ID, name=m.name, peer_urls=tuple(m.peerURLs), client_urls=tuple(m.clientURLs),
                   is_learner=bool(m.isLearner))
 
 
 # ---------------------------------------------------------------- client
 
-Call = Callable[[grpc.aio.Channel, "tuple[tuple[str, str], ...] | None", float], Awaitable[T]]
+Metadata = tuple[tuple[str, str], ...] | None  # the auth token, when one is sent
+Call = Callable[[grpc.aio.Channel, Metadata, float], Awaitable[T]]
 Auth = Literal["required", "optional", "none"]  # whether a call carries a token (see EtcdClient._metadata)
 
 
@@ -131,7 +132,7 @@ class EtcdClient:
     async def __aenter__(self) -> "EtcdClient":
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
     async def close(self) -> None:
@@ -143,7 +144,8 @@ class EtcdClient:
 
     def _creds(self) -> grpc.ChannelCredentials:
         if self._credentials is None:
-            read = lambda p: Path(p).read_bytes() if p else None  # noqa: E731
+            def read(p: Path | None) -> bytes | None:
+                return Path(p).read_bytes() if p else None
             self._credentials = grpc.ssl_channel_credentials(
                 root_certificates=read(self.tls.cacert), private_key=read(self.tls.key),
                 certificate_chain=read(self.tls.cert))
@@ -180,7 +182,7 @@ class EtcdClient:
         self.learned = urls
 
     async def _metadata(self, endpoint: str, timeout: float,
-                        auth: Auth = "required") -> tuple[tuple[str, str], ...] | None:
+                        auth: Auth = "required") -> Metadata:
         """Authenticate once per endpoint: simple tokens are member-local.
 
         Authenticate goes through raft: during an election it waits for the new
@@ -219,9 +221,9 @@ class EtcdClient:
                 return await asyncio.wait_for(self._call_once(endpoint, fn, timeout, auth), timeout + 0.5)
             except asyncio.TimeoutError:
                 self._drop(endpoint)
-                err = EtcdTimeout(f"no answer within {timeout:g}s (member down or host unreachable)", endpoint)
-                self._count(err)
-                raise err from None
+                timed_out = EtcdTimeout(f"no answer within {timeout:g}s (member down or host unreachable)", endpoint)
+                self._count(timed_out)
+                raise timed_out from None
             except grpc.aio.AioRpcError as e:
                 err = map_grpc_error(e, endpoint, timeout)
                 if isinstance(err, EtcdAuthError) and "invalid auth token" in err.message and attempt == 1:
@@ -316,8 +318,9 @@ class EtcdClient:
 
     async def member_list_from(self, timeout: float | None = None) -> tuple[str, list[Member]]:
         """The member list and the endpoint that gave it; the voters' client URLs are learned."""
-        async def fn(ch: grpc.aio.Channel, md: tuple[tuple[str, str], ...] | None, t: float) -> list[Member]:
-            resp = await rpc.ClusterStub(ch).MemberList(rpc.MemberListRequest(linearizable=False), timeout=t, metadata=md)
+        async def fn(ch: grpc.aio.Channel, md: Metadata, t: float) -> list[Member]:
+            resp = await rpc.ClusterStub(ch).MemberList(rpc.MemberListRequest(linearizable=False), timeout=t,
+                                                        metadata=md)
             return [_member(m) for m in resp.members]
         endpoint, members = await self.first_from(fn, timeout, auth="optional")  # readable without quorum
         self.learn(members)
@@ -326,7 +329,7 @@ class EtcdClient:
     async def status(self, endpoint: str, timeout: float | None = None) -> MemberStatus:
         """Maintenance.Status, sent without a token: etcd does not ask for one, and with
         auth on a learner refuses Authenticate ("rpc not supported for learner")."""
-        async def fn(ch, md, t):
+        async def fn(ch: grpc.aio.Channel, md: Metadata, t: float) -> MemberStatus:
             r = await rpc.MaintenanceStub(ch).Status(rpc.StatusRequest(), timeout=t, metadata=md)
             errors, alarms = split_alarms(r.errors)
             return MemberStatus(endpoint=endpoint, member_id=r.header.member_id, version=r.version, db_size=r.dbSize,
@@ -335,15 +338,16 @@ class EtcdClient:
                                 is_learner=r.isLearner, errors=errors, alarms=alarms)
         return await self.call(parse_url(endpoint).url, fn, timeout, auth="none")
 
-    async def member_add(self, peer_urls: list[str], *, learner: bool, timeout: float | None = None) -> tuple[Member, list[Member]]:
-        async def fn(ch, md, t):
+    async def member_add(self, peer_urls: list[str], *, learner: bool,
+                         timeout: float | None = None) -> tuple[Member, list[Member]]:
+        async def fn(ch: grpc.aio.Channel, md: Metadata, t: float) -> tuple[Member, list[Member]]:
             r = await rpc.ClusterStub(ch).MemberAdd(rpc.MemberAddRequest(peerURLs=peer_urls, isLearner=learner),
                                                      timeout=t, metadata=md)
             return _member(r.member), [_member(m) for m in r.members]
         return await self.failover(fn, timeout)
 
     async def member_remove(self, member_id: int, timeout: float | None = None) -> list[Member]:
-        async def fn(ch, md, t):
+        async def fn(ch: grpc.aio.Channel, md: Metadata, t: float) -> list[Member]:
             r = await rpc.ClusterStub(ch).MemberRemove(rpc.MemberRemoveRequest(ID=member_id), timeout=t, metadata=md)
             return [_member(m) for m in r.members]
         return await self.failover(fn, timeout)
@@ -352,7 +356,7 @@ class EtcdClient:
         """Sent to the leader: with auth on, a follower forwards a promote to the
         leader without the user, and it fails there ("auth: user name is empty",
         etcd issues 14070 and 20757): the caller would only see a timeout."""
-        async def fn(ch: grpc.aio.Channel, md: tuple[tuple[str, str], ...] | None, t: float) -> list[Member]:
+        async def fn(ch: grpc.aio.Channel, md: Metadata, t: float) -> list[Member]:
             r = await rpc.ClusterStub(ch).MemberPromote(rpc.MemberPromoteRequest(ID=member_id), timeout=t, metadata=md)
             return [_member(m) for m in r.members]
         return await self.failover(fn, timeout, first=await self.leader_urls(timeout))
@@ -365,17 +369,17 @@ class EtcdClient:
 
     async def put(self, key: bytes, value: bytes, timeout: float | None = None) -> int:
         """Write one key (used to seed demo clusters); returns the new revision."""
-        async def fn(ch, md, t):
+        async def fn(ch: grpc.aio.Channel, md: Metadata, t: float) -> int:
             r = await rpc.KVStub(ch).Put(rpc.PutRequest(key=key, value=value), timeout=t, metadata=md)
-            return r.header.revision
+            return int(r.header.revision)
         return await self.failover(fn, timeout)
 
     async def revision(self, endpoint: str, timeout: float | None = None) -> int:
         """The member's current store revision (a serializable, keys-only read of one key)."""
-        async def fn(ch, md, t):
+        async def fn(ch: grpc.aio.Channel, md: Metadata, t: float) -> int:
             r = await rpc.KVStub(ch).Range(rpc.RangeRequest(key=b"\0", range_end=b"\0", keys_only=True, limit=1,
                                                             serializable=True), timeout=t, metadata=md)
-            return r.header.revision
+            return int(r.header.revision)
         return await self.call(parse_url(endpoint).url, fn, timeout)
 
     async def snapshot(self, endpoint: str, idle_timeout: float = SNAPSHOT_IDLE_TIMEOUT) -> "SnapshotStream":
@@ -398,13 +402,13 @@ class SnapshotStream:
     """The bbolt file then its 32-byte sha256 trailer, chunk by chunk: never
     the whole in memory. `revision` and `size_hint` come with the first chunk."""
 
-    def __init__(self, client: EtcdClient, endpoint: str, call, idle_timeout: float):
+    def __init__(self, client: EtcdClient, endpoint: str, call: Any, idle_timeout: float):
         self.client, self.endpoint, self._call, self.idle_timeout = client, endpoint, call, idle_timeout
         self.revision = 0
         self.size_hint = 0
         self._first: bytes | None = None
 
-    async def _read(self, timeout: float):
+    async def _read(self, timeout: float) -> Any:
         try:
             resp = await asyncio.wait_for(self._call.read(), timeout)
         except asyncio.TimeoutError:
@@ -465,7 +469,26 @@ def _all_failed(failures: Iterable[BaseException]) -> EtcdUnavailable:
     return cls(f"no endpoint answered: {reasons}")
 
 
-def client_for(cluster) -> EtcdClient:
-    """An EtcdClient for a configured cluster (bot.config.ClusterConfig)."""
+class ClusterSettings(Protocol):
+    """What a client needs of a configured cluster (bot.config.ClusterConfig, above this layer)."""
+
+    @property
+    def endpoints(self) -> Sequence[str]: ...
+    @property
+    def cacert(self) -> Path | None: ...
+    @property
+    def cert(self) -> Path | None: ...
+    @property
+    def key(self) -> Path | None: ...
+    @property
+    def username(self) -> str | None: ...
+    @property
+    def password(self) -> str | None: ...
+    @property
+    def timeout_seconds(self) -> float: ...
+
+
+def client_for(cluster: ClusterSettings) -> EtcdClient:
+    """An EtcdClient for a configured cluster."""
     return EtcdClient(cluster.endpoints, tls=TLSFiles(cluster.cacert, cluster.cert, cluster.key),
                       username=cluster.username, password=cluster.password, timeout=cluster.timeout_seconds)

@@ -126,7 +126,7 @@ class ClusterHealth:
         """A healthy member to snapshot, preferring a follower to spare the leader."""
         healthy = [h for h in self.members if h.healthy and h.member.client_urls]
         followers = [h for h in healthy if h.member.id != self.leader_id and not h.member.is_learner]
-        return (followers or healthy or [None])[0]
+        return next(iter(followers or healthy), None)
 
     def find(self, ref: str) -> MemberHealth | None:
         """A member by name or hex ID (as `member list` prints it)."""
@@ -153,7 +153,8 @@ async def _ask_member(client: EtcdClient, member: Member, timeout: float) -> tup
         _, status = await first_success([client.status(u, timeout) for u in member.client_urls],
                                         fatal=lambda e: not isinstance(e, EtcdError))
     except AllFailed as e:
-        return MemberHealth(member, error="; ".join(dict.fromkeys(err.message for err in e.errors))), []
+        reasons = (err.message if isinstance(err, EtcdError) else str(err) for err in e.errors)
+        return MemberHealth(member, error="; ".join(dict.fromkeys(reasons))), []
     return MemberHealth(member, status=status), list(status.alarms)
 
 

@@ -192,7 +192,7 @@ async def save_snapshot(client: EtcdClient, endpoint: str, member: str, director
     plain_part = target_dir / (name + ".part")
     check = TrailerCheck()
     fd, named = -1, None
-    writing: asyncio.Future | None = None
+    writing: asyncio.Future[None] | None = None
 
     def write_and_hash(data: bytes) -> None:  # in a thread: disk and sha256 overlap the receive
         _write_all(fd, data)

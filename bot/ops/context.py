@@ -30,7 +30,7 @@ class BotContext:
     store: Store | None = None
     web: AsyncWebClient | None = None
     access: Access | None = None
-    tasks: set[asyncio.Task] = field(default_factory=set)
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     metrics: Metrics = field(default_factory=Metrics)
 
     def client(self, cluster: ClusterConfig) -> EtcdClient:
@@ -76,14 +76,14 @@ class BotContext:
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 
-    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task:
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         """Run work in the background, keeping a reference until it ends."""
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self.tasks.add(task)
         task.add_done_callback(self._done)
         return task
 
-    def _done(self, task: asyncio.Task) -> None:
+    def _done(self, task: asyncio.Task[Any]) -> None:
         self.tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("background task failed", exc_info=task.exception(), extra={"ctx_task": task.get_name()})

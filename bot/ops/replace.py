@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from bot.etcd.model import Member
-from bot.etcd.health import ClusterHealth, Quorum
+from bot.etcd.health import ClusterHealth, MemberHealth, Quorum
 from bot.etcd.urls import parse_url
 
 
@@ -105,7 +105,8 @@ class Plan:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Plan":
-        ref = lambda d: MemberRef(d["id"], d["name"], tuple(d["peer_urls"]), tuple(d["client_urls"]), d["is_learner"])  # noqa: E731
+        def ref(d: dict[str, Any]) -> MemberRef:
+            return MemberRef(d["id"], d["name"], tuple(d["peer_urls"]), tuple(d["client_urls"]), d["is_learner"])
         return cls(id=data["id"], cluster=data["cluster"], failed=ref(data["failed"]), new_name=data["new_name"],
                    new_peer_url=data["new_peer_url"], new_client_url=data["new_client_url"], learner=data["learner"],
                    survivors=tuple(ref(m) for m in data["survivors"]),
@@ -168,10 +169,10 @@ def plan_replacement(health: ClusterHealth, req: ReplaceRequest, *, newest_snaps
                       f"no member replacement can fix that", f"{where} (etcdutl snapshot restore on every member)")
 
     target = health.find(req.failed)
-    if target is None and removed is None:
-        names = ", ".join(m.member.name or m.member.hex_id for m in health.members)
-        raise Refusal(f"no member {req.failed!r} in cluster {health.cluster} (members: {names})")
     if target is None:
+        if removed is None:
+            names = ", ".join(m.member.name or m.member.hex_id for m in health.members)
+            raise Refusal(f"no member {req.failed!r} in cluster {health.cluster} (members: {names})")
         return _plan_add_only(health, req, removed, new_peer, new_client, plan_id, launcher)
     if target.healthy:
         raise Refusal(f"{target.member.name or target.member.hex_id} still answers and reports healthy: "
@@ -282,8 +283,8 @@ def _plan_add_only(health: ClusterHealth, req: ReplaceRequest, removed: tuple[Me
                    already_removed_by=by)
 
 
-def _plan(health: ClusterHealth, req: ReplaceRequest, failed: MemberRef, survivors: list, remove_title: str,
-          new_peer: str, new_client: str | None, plan_id: str | None, launcher: str,
+def _plan(health: ClusterHealth, req: ReplaceRequest, failed: MemberRef, survivors: list[MemberHealth],
+          remove_title: str, new_peer: str, new_client: str | None, plan_id: str | None, launcher: str,
           others_failed: tuple[MemberRef, ...] = (), also_remove: tuple[MemberRef, ...] = ()) -> Plan:
     new_name = req.new_name.strip()
     pick = health.snapshot_source()
