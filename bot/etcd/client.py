@@ -33,6 +33,8 @@ from bot.etcd.urls import Endpoint, parse_url
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# How long a learned endpoint's answer waits for a configured endpoint's (which is preferred).
+LEARNED_GRACE = 0.25
 # Snapshots of production databases take minutes; only silence is an error.
 SNAPSHOT_IDLE_TIMEOUT = 30.0
 
@@ -270,24 +272,36 @@ class EtcdClient:
                          auth: Auth = "required") -> tuple[str, T]:
         """A read from whichever endpoint answers first, and that endpoint: all are
         asked at once, so a black-holed endpoint costs nothing when another one
-        answers. A learned endpoint's answer is taken only when no configured one
-        answers (asked at the same time: the fallback costs at most one deadline)."""
-        configured = [e for e in self._order() if e in self.endpoints]
+        answers. The learned endpoints are asked at the same time; their answer is
+        taken when no configured one answers within a short grace after it (so
+        configured endpoints that went silent for good cost no deadline per call)."""
+        configured = asyncio.ensure_future(self._race([e for e in self._order() if e in self.endpoints], fn, timeout,
+                                                      auth))
         fallbacks = self._fallbacks()
         fallback = asyncio.ensure_future(self._race(fallbacks, fn, timeout, auth)) if fallbacks else None
         try:
-            endpoint, result = await self._race(configured, fn, timeout, auth)
-        except AllFailed as e:
-            if fallback is None:
-                raise _all_failed(e.errors) from None
+            if fallback is not None:
+                await asyncio.wait({configured, fallback}, return_when=asyncio.FIRST_COMPLETED)
+                if fallback.done() and fallback.exception() is None and not configured.done():
+                    await asyncio.wait({configured}, timeout=min(LEARNED_GRACE, (timeout or self.timeout) / 4))
+                    if not configured.done() or configured.exception() is not None:
+                        endpoint, result = fallback.result()
+                        self._preferred = endpoint
+                        return endpoint, result
             try:
-                endpoint, result = await fallback
-            except AllFailed as e2:
-                raise _all_failed(e.errors + e2.errors) from None
+                endpoint, result = await configured
+            except AllFailed as e:
+                if fallback is None:
+                    raise _all_failed(e.errors) from None
+                try:
+                    endpoint, result = await fallback
+                except AllFailed as e2:
+                    raise _all_failed(e.errors + e2.errors) from None
         finally:
-            if fallback is not None and not fallback.done():
-                fallback.cancel()
-                await asyncio.gather(fallback, return_exceptions=True)
+            for task in (configured, fallback):
+                if task is not None and not task.done():
+                    task.cancel()
+            await asyncio.gather(*(t for t in (configured, fallback) if t is not None), return_exceptions=True)
         self._preferred = endpoint
         return endpoint, result
 
