@@ -218,6 +218,8 @@ async def _status(args: argparse.Namespace) -> int:
             return EXIT_FAILED
     if args.cmd == "members":
         print(render.members_text(health))
+        if health.learned_url:  # stdout stays as etcdctl prints it
+            print(f"note: {render.learned_line(health)}", file=sys.stderr)
         return EXIT_OK
     if args.json:
         print(json.dumps(render.status_json(health), indent=2))

@@ -308,6 +308,7 @@ async def test_the_bot_follows_the_cluster_after_every_configured_endpoint_is_go
     assert "etcd cluster prod: HEALTHY" in text and "3 of 3 voting members healthy" in text
     assert "reached only through http://127.0.0.1:" in text and "learned from the member list" in text
     assert "update this cluster's endpoints" in text
+    assert "reached only through" in text_of(await reply(slack, "members"))
 
     await bot.stop()  # a restarted bot remembers the membership it recorded
     await start_bot([table], approval=APPROVAL)

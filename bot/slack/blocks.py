@@ -97,9 +97,12 @@ def status_reply(health: ClusterHealth, requested_by: str | None = None) -> Repl
 
 def members_reply(health: ClusterHealth) -> Reply:
     listing = render.members_text(health)
-    return Reply(text=f"etcd cluster {health.cluster} members:\n{listing}",
-                 blocks=[_section(f"*etcd cluster {escape(health.cluster)}* — member list"),
-                         _section(f"```{escape(listing)}```")])
+    learned = render.learned_line(health)
+    blocks = [_section(f"*etcd cluster {escape(health.cluster)}* — member list"), _section(f"```{escape(listing)}```")]
+    if learned:
+        blocks.append(_context(f":warning: {escape(learned)}"))
+    return Reply(text=f"etcd cluster {health.cluster} members:\n{listing}" + (f"\n{learned}" if learned else ""),
+                 blocks=blocks)
 
 
 def error_reply(reason: str, usage: str | None = None, hint: str | None = None) -> Reply:
