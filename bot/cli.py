@@ -13,6 +13,10 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the CLI imports gRPC only for the commands that talk to etcd
+    from bot.etcd.client import EtcdClient
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -194,6 +198,29 @@ def _client_from_args(args: argparse.Namespace):
     return client, endpoints[0] + (f" (+{len(endpoints) - 1})" if len(endpoints) > 1 else "")
 
 
+async def _learn_recorded(client: EtcdClient, args: argparse.Namespace) -> None:
+    """--cluster: fall back to the client URLs of the membership the bot last recorded
+    (after replacements the configured endpoints go stale)."""
+    import sqlite3
+
+    from bot.etcd.model import Member
+    from bot.store.sqlite import Store, StoreError
+
+    database = Path(_load_config(args.config).database)
+    if not database.is_file():
+        return
+    store = Store(database)
+    try:
+        await store.open()
+        last = await store.last_membership(args.cluster)
+    except (StoreError, sqlite3.Error):
+        return  # the configured endpoints alone, as without a bot
+    finally:
+        await store.close()
+    if last is not None:
+        client.learn(Member.from_json(m) for m in last[0])
+
+
 async def _status(args: argparse.Namespace) -> int:
     from bot.etcd.health import check_cluster
     from bot.etcd.model import EtcdError
@@ -202,6 +229,8 @@ async def _status(args: argparse.Namespace) -> int:
 
     client, name = _client_from_args(args)
     async with client:
+        if args.cluster:
+            await _learn_recorded(client, args)
         try:
             health = await check_cluster(client, name)
         except EtcdError as e:
@@ -213,6 +242,8 @@ async def _status(args: argparse.Namespace) -> int:
     view = status_view(health)
     if args.cmd == "members":
         print(render.members_text(view))
+        if view.learned:  # stdout stays as etcdctl prints it
+            print(f"note: {view.learned}", file=sys.stderr)
         return EXIT_OK
     if args.json:
         print(json.dumps(render.status_json(view), indent=2))

@@ -28,7 +28,6 @@ from slack_bolt.context.respond.async_respond import AsyncRespond
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.config import ClusterConfig
-from bot.etcd.health import check_cluster
 from bot.etcd.model import EtcdError
 from bot.etcd.snapshots import SnapshotFailed
 from bot.ops import lifecycle
@@ -53,7 +52,7 @@ Work = Callable[[BotContext, Command, Any, str, str], Awaitable[Outcome]]
 
 async def _status(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user: str, channel: str) -> Outcome:
     try:
-        health = await check_cluster(ctx.client(cluster), cluster.name)
+        health = await ctx.check(cluster)
     except EtcdError as e:
         return Outcome(channel=blocks.unreachable_reply(cluster.name, str(e)))
     if cmd.name == "members":

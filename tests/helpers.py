@@ -180,7 +180,8 @@ async def audit_actions(store: Store, plan_id: str) -> list[tuple[str, str]]:
 
 
 async def members_of(cluster) -> tuple[MemberHealth, ...]:
-    async with EtcdClient(cluster.endpoints) as client:
+    user, password = cluster.user or (None, None)
+    async with EtcdClient(cluster.endpoints, tls=cluster.tls_files(), username=user, password=password) as client:
         return (await check_cluster(client, "check")).members
 
 

@@ -125,3 +125,26 @@ async def test_user_and_password(make_cluster):
         from bot.etcd.model import EtcdAuthError
         with pytest.raises(EtcdAuthError, match="authentication failed"):
             await client.member_list()
+
+
+async def test_learned_urls_answer_when_every_configured_endpoint_went_silent(make_cluster):
+    """Endpoint drift: the client learns the voters' client URLs from the member list and
+    falls back to them; a configured endpoint that went silent costs a short grace, not a
+    deadline per call, and is preferred again once it answers."""
+    c = make_cluster(3)
+    configured = c.member("member1").client_url
+    async with EtcdClient([configured], timeout=2.0) as client:
+        endpoint, _ = await client.member_list_from()
+        assert endpoint == configured
+        assert sorted(client.learned) == sorted(c.member(n).client_url for n in ("member2", "member3"))
+        c.pause("member1")
+        try:
+            for _ in range(2):
+                started = time.monotonic()
+                endpoint, members = await client.member_list_from()
+                assert endpoint in client.learned and len(members) == 3
+                assert time.monotonic() - started < 1.0
+        finally:
+            c.resume("member1")
+        endpoint, _ = await client.member_list_from()
+        assert endpoint == configured

@@ -7,7 +7,15 @@ import pytest
 
 from bot.etcd.health import ClusterHealth, MemberHealth
 from bot.etcd.model import Member
-from bot.ops.replace import Plan, Refusal, ReplaceRequest, etcd_servers, facts_changed, plan_replacement
+from bot.ops.replace import (
+    Plan,
+    Refusal,
+    ReplaceRequest,
+    config_endpoints,
+    etcd_servers,
+    facts_changed,
+    plan_replacement,
+)
 from bot.slack.blocks import PlanView, plan_reply
 from bot.store.records import PlanState
 from helpers import cluster_health, member_status
@@ -197,3 +205,57 @@ def test_a_long_value_never_pushes_a_step_or_the_environment_out_of_the_plan_mes
         assert f"{i}. {step.title}" in joined
     assert all(f'{k}="{v}"' in joined for k, v in plan.environment.items())
     assert "…" not in joined
+# Each of these, approved, would remove member1 and then fail to start the new member
+# ("bind: address already in use", or unreachable): they are refused at proposal.
+THREE = cluster(down(1), up(2), up(3))
+
+
+@pytest.mark.parametrize("peer, client, reason", [
+    ("http://10.0.0.4:2380", "http://10.0.0.4:2380", "the peer URL and the client URL are the same address"),
+    ("http://10.0.0.4:2380", "https://10.0.0.4:2380", "the peer URL and the client URL are the same address"),
+    ("http://10.0.0.2:2379", None, ("the peer URL http://10.0.0.2:2379 is already used by member member2 "
+                                    "(91bc3c398fb3c146) as its client URL http://10.0.0.2:2379")),
+    ("http://10.0.0.4:2380", "http://10.0.0.3:2380", ("the client URL http://10.0.0.3:2380 is already used by member "
+                                                      "member3 (fd422379fda50e48) as its peer URL")),
+    ("http://10.0.0.4:2380", "https://10.0.0.2:2379",
+     "client URL https://10.0.0.2:2379 is already used by member member2"),
+    ("http://10.0.0.1:2380", None, "peer URL http://10.0.0.1:2380 is already used by member member1"),
+    ("http://0.0.0.0:2380", None, "the peer URL http://0.0.0.0:2380 is an unspecified address"),
+    ("http://10.0.0.4:2380", "http://0.0.0.0:2379", "the client URL http://0.0.0.0:2379 is an unspecified address"),
+    ("http://[::]:2380", None, "the peer URL http://[::]:2380 is an unspecified address"),
+])
+def test_url_conflicts_are_refused_at_proposal(peer, client, reason):
+    with pytest.raises(Refusal) as e:
+        plan_replacement(THREE, ReplaceRequest("member1", "member4", peer, new_client_url=client))
+    assert reason in e.value.reason and "\n" not in e.value.reason
+
+
+def test_url_conflicts_are_refused_for_an_add_only_plan_too():
+    removed = (plan_replacement(THREE, REQ).failed, "abc123")
+    with pytest.raises(Refusal, match="client URL http://10.0.0.3:2379 is already used by member member3"):
+        plan_replacement(cluster(up(2), up(3), up(4)), ReplaceRequest("member1", "member6", "http://10.0.0.6:2380",
+                                                                      new_client_url="http://10.0.0.3:2379"),
+                         removed=removed)
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("<!channel>", "cannot be an etcd member name"),
+    ("a*b", "cannot be an etcd member name"),
+    ("member-\u00e9", "cannot be an etcd member name"),
+    ("m" * 64, "cannot be an etcd member name"),
+    ("MEMBER2", "the name 'MEMBER2' differs from member 'member2' (91bc3c398fb3c146) only in case"),
+])
+def test_new_names_are_limited_to_a_safe_set(name, reason):
+    with pytest.raises(Refusal) as e:
+        plan_replacement(THREE, ReplaceRequest("member1", name, "http://10.0.0.4:2380"))
+    assert reason in e.value.reason and "\n" not in e.value.reason
+
+
+@pytest.mark.parametrize("name", ["m" * 63, "etcd-4.prod_b", "Member4", "9"])
+def test_safe_names_are_accepted(name):
+    assert plan_replacement(THREE, ReplaceRequest("member1", name, "http://10.0.0.4:2380")).new_name == name
+
+
+def test_config_endpoints_lists_the_voters_client_urls():
+    assert config_endpoints([member(3), member(2), member(5, learner=True)]) == \
+        'endpoints = ["http://10.0.0.2:2379", "http://10.0.0.3:2379"]'

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ from helpers import (
     plan_row,
     propose,
     replies,
+    reply,
     text_of,
     thread,
     urls,
@@ -284,3 +286,84 @@ async def test_a_manual_launcher_waits_for_the_operator(make_cluster, slack, sta
                             client_port=int(client.rsplit(":", 1)[1]), peer_port=int(peer.rsplit(":", 1)[1]))
     await wait_done(bot.ctx.store, row["id"])
     assert sorted(h.member.name for h in await members_of(c)) == ["member2", "member3", "member4"]
+
+
+async def test_a_learner_replacement_on_a_cluster_with_auth(make_cluster, slack, start_bot):
+    """With etcd auth on, a learner answers no authenticated RPC: the default (learner)
+    replacement used to fail at the promote step, waiting for a learner it could not see."""
+    from conftest import TEST_ETCD_PASSWORD
+    c = make_cluster(3)
+    c.enable_auth(TEST_ETCD_PASSWORD)
+    bot = await start_bot([cluster_table("prod", c)], approval=APPROVAL)
+    c.kill("member1")
+    peer, client = urls()
+    plan = await propose(slack, f"replace member1 member4 {peer} --client-url {client}")
+    assert "joins as a learner, then promoted" in text_of(plan)
+    row = await plan_row(bot.ctx.store, plan)
+    await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
+    await wait_done(bot.ctx.store, row["id"])
+    assert "member4 promoted to a voting member" in thread(slack, plan)
+    members = await members_of(c)
+    assert sorted(h.member.name for h in members) == ["member2", "member3", "member4"]
+    assert all(h.healthy and not h.member.is_learner for h in members)
+
+
+async def test_the_bot_follows_the_cluster_after_every_configured_endpoint_is_gone(make_cluster, slack, start_bot,
+                                                                                   tmp_path):
+    """Endpoint drift: the configured endpoints are member1-3; once all three are replaced, the
+    quorate cluster is reached through client URLs the bot learned from the member list (and
+    recorded, so a restarted bot still knows them), and the replies say so."""
+    c = make_cluster(3)
+    table = cluster_table("prod", c)
+    bot = await start_bot([table], approval=APPROVAL)
+    store = bot.ctx.store
+    for failed, new in (("member1", "member4"), ("member2", "member5"), ("member3", "member6")):
+        c.kill(failed)
+        peer, client = urls()
+        plan = await propose(slack, f"replace {failed} {new} {peer} --client-url {client}")
+        await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
+        await wait_done(store, (await plan_row(store, plan))["id"])
+    assert not set(c.endpoints) & set(table["endpoints"])  # no configured endpoint is alive
+    learned = [c.member(n).client_url for n in ("member4", "member5", "member6")]
+    assert f'```endpoints = {json.dumps(learned)}```' in thread(slack, plan)  # the follow-ups say what to configure
+
+    text = text_of(await reply(slack, "status"))
+    assert "etcd cluster prod: HEALTHY" in text and "3 of 3 voting members healthy" in text
+    assert "reached only through http://127.0.0.1:" in text and "learned from the member list" in text
+    assert "update this cluster's endpoints" in text
+    assert "reached only through" in text_of(await reply(slack, "members"))
+
+    await bot.stop()  # a restarted bot remembers the membership it recorded
+    await start_bot([table], approval=APPROVAL)
+    text = text_of(await reply(slack, "status"))
+    assert "etcd cluster prod: HEALTHY" in text and "reached only through" in text
+    # so does the break-glass CLI, from the bot's database
+    proc = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "bot", "status", "--cluster", "prod",
+                                                    "--config", str(tmp_path / "config.toml")],
+                                   capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "HEALTHY" in proc.stdout and "NOTE: reached only through http://127.0.0.1:" in proc.stdout
+
+
+async def test_url_conflicts_and_unsafe_names_are_refused_before_any_plan(make_cluster, slack, start_bot):
+    """Each of these used to be approved, remove member1, then fail to start the new member
+    ("bind: address already in use"): now one line says why, with the usage, and nothing is planned."""
+    c = make_cluster(5)
+    bot = await start_bot([cluster_table("prod", c)], approval=APPROVAL)
+    c.kill("member1")
+    peer, _ = urls()
+    taken = c.member("member3").client_url
+    for text, reason in (
+            (f"replace member1 member6 {peer} --client-url {peer}",
+             "the peer URL and the client URL are the same address"),
+            (f"replace member1 member6 {taken}", f"the peer URL {taken} is already used by member member3"),
+            (f"replace member1 member6 {peer} --client-url {c.member('member4').peer_url}",
+             "is already used by member member4 ("),
+            (f"replace member1 member6 http://0.0.0.0:{peer.rsplit(':', 1)[1]}", "is an unspecified address"),
+            (f"replace member1 <!channel> {peer}", "cannot be an etcd member name"),
+            (f"replace member1 MEMBER2 {peer}", "differs from member 'member2'")):
+        msg = await ephemeral(slack, text)
+        assert reason in text_of(msg) and "Usage" in text_of(msg), text_of(msg)
+    assert await bot.ctx.store.plans("prod") == []
+    assert not slack.calls_to("chat.postMessage")
+    assert len(await members_of(c)) == 5

@@ -2,9 +2,12 @@
 stand-in."""
 from __future__ import annotations
 
+import asyncio
 import re
 import sys
 import time
+
+import pytest
 
 from bot.testing.workspace import CHANNEL, LEAD, ONCALL, cluster_table
 from helpers import (
@@ -174,3 +177,32 @@ async def test_plans_gives_each_plan_one_line_and_leaves_launcher_output_to_the_
     assert "FAILED · replace member1 with member4 · by" in line and line.endswith("…")
     assert "step 59" not in listing.text and len(line) < 400
     assert not live_markup(listing)
+async def test_a_running_learner_is_up_on_a_cluster_with_auth(make_cluster, slack, start_bot):
+    """With etcd auth on, a learner refuses authenticated RPCs ("rpc not supported for
+    learner"); its status is still read, so it shows up as the learner it is."""
+    from conftest import TEST_ETCD_PASSWORD
+    c = make_cluster(3)
+    c.enable_auth(TEST_ETCD_PASSWORD)
+    await start_bot([cluster_table("prod", c)])
+    await asyncio.to_thread(c.add_member, "member4", learner=True)
+    text = text_of(await reply(slack, "status"))
+    line = next(line for line in text.splitlines() if "*member4*" in line)
+    assert "DOWN" not in line and ":large_green_circle:" in line and "— learner" in line, line
+    assert "etcd cluster prod: HEALTHY" in text
+
+
+@pytest.mark.parametrize("auth", [False, True], ids=["no-auth", "auth"])
+async def test_under_quorum_loss_no_survivor_is_a_green_follower(make_cluster, slack, start_bot, auth):
+    """With auth on, Authenticate needs a leader: the member list is then read without a token."""
+    from conftest import TEST_ETCD_PASSWORD
+    c = make_cluster(3)
+    if auth:
+        c.enable_auth(TEST_ETCD_PASSWORD)
+    await start_bot([cluster_table("prod", c)])
+    c.kill("member1")
+    c.kill("member2")
+    text = text_of(await reply(slack, "status"))
+    assert "etcd cluster prod: QUORUM LOST" in text
+    survivor = next(line for line in text.splitlines() if "*member3*" in line)
+    assert "follower" not in survivor and ":large_green_circle:" not in survivor, survivor
+    assert "no leader" in survivor and ":large_orange_circle:" in survivor

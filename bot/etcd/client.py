@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, Literal, Protocol, TypeVar
 
 # gRPC's C core prints every failed TLS handshake to stderr; our errors say it once.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
@@ -30,6 +31,7 @@ from bot.etcd.model import (
     EtcdTimeout,
     EtcdTLSError,
     EtcdUnavailable,
+    LearnerUnsupported,
     Member,
     MemberStatus,
     TLSFiles,
@@ -43,6 +45,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Metadata = tuple[tuple[str, str], ...] | None  # the auth token, when the cluster has auth on
 
+# How long a learned endpoint's answer waits for a configured endpoint's (which is preferred).
+LEARNED_GRACE = 0.25
 # Snapshots of production databases take minutes; only silence is an error.
 SNAPSHOT_IDLE_TIMEOUT = 30.0
 
@@ -102,12 +106,22 @@ def _member(m: Any) -> Member:
 
 # ---------------------------------------------------------------- client
 
+Metadata = tuple[tuple[str, str], ...] | None  # the auth token, when one is sent
+Call = Callable[[grpc.aio.Channel, Metadata, float], Awaitable[T]]
+Auth = Literal["required", "optional", "none"]  # whether a call carries a token (see EtcdClient._metadata)
+
+
 class EtcdClient:
     """A cluster client: fail-over across `endpoints`, deadline on every call.
 
     Channels are cached per endpoint and dropped after a transport failure,
     so a member that comes back is reached on the next call rather than
     after gRPC's reconnect back-off.
+
+    After replacements the configured endpoints go stale; so the client
+    remembers the client URLs of the voting members in the last member list
+    it read (`learned`) and falls back to them when no configured endpoint
+    answers.
     """
 
     def __init__(self, endpoints: Iterable[str], *, tls: TLSFiles | None = None, username: str | None = None,
@@ -123,6 +137,7 @@ class EtcdClient:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._tokens: dict[str, str] = {}
         self._preferred: str | None = None
+        self.learned: list[str] = []  # voters' client URLs from the last member list, not configured
         self.on_error: Callable[[EtcdError], None] | None = None  # metrics hook
 
     def __repr__(self) -> str:
@@ -172,30 +187,57 @@ class EtcdClient:
         if channel is not None:
             asyncio.ensure_future(channel.close())
 
-    async def _metadata(self, endpoint: str, timeout: float) -> tuple[tuple[str, str], ...] | None:
-        """Authenticate once per endpoint: simple tokens are member-local."""
-        if self._username is None:
+    def learn(self, members: Iterable[Member]) -> None:
+        """Remember the voters' client URLs to fall back to (learners answer no member list)."""
+        urls: list[str] = []
+        for m in members:
+            if m.started and not m.is_learner:
+                urls += [u for u in _valid_urls(m.client_urls) if u not in self.endpoints and u not in urls]
+        self.learned = urls
+
+    async def _metadata(self, endpoint: str, timeout: float,
+                        auth: Auth = "required") -> Metadata:
+        """Authenticate once per endpoint: simple tokens are member-local.
+
+        Authenticate goes through raft: during an election it waits for the new
+        leader. Without quorum there is none, so for a read etcd also serves
+        without a token (`auth="optional"`: the member list) it gives up after half
+        the deadline and the read goes without a token: the survivors still answer.
+        """
+        if self._username is None or auth == "none":
             return None
         token = self._tokens.get(endpoint)
         if token is None:
             stub = rpc.AuthStub(self._channel(endpoint))
-            resp = await stub.Authenticate(rpc.AuthenticateRequest(name=self._username, password=self._password or ""),
-                                           timeout=timeout)
+            request = rpc.AuthenticateRequest(name=self._username, password=self._password or "")
+            deadline = time.monotonic() + (timeout / 2 if auth == "optional" else timeout)
+            while True:
+                try:
+                    resp = await stub.Authenticate(request, timeout=max(deadline - time.monotonic(), 0.05))
+                    break
+                except grpc.aio.AioRpcError as e:
+                    leaderless = e.code() == grpc.StatusCode.DEADLINE_EXCEEDED or any(
+                        m in (e.details() or "") for m in _LEADERLESS)
+                    if leaderless and auth == "optional" and time.monotonic() + 0.1 >= deadline:
+                        return None
+                    if not leaderless or time.monotonic() + 0.1 >= deadline:
+                        raise
+                    await asyncio.sleep(0.1)
             token = self._tokens[endpoint] = resp.token
         return (("token", token),)
 
-    async def call(self, endpoint: str, fn: Callable[[grpc.aio.Channel, Metadata, float], Awaitable[T]],
-                   timeout: float | None = None) -> T:
-        """Run one RPC against one endpoint with a deadline; map errors."""
+    async def call(self, endpoint: str, fn: Call[T], timeout: float | None = None, *, auth: Auth = "required") -> T:
+        """Run one RPC against one endpoint with a deadline; map errors.
+        `auth="none"` sends no token (a learner refuses Authenticate); "optional": see _metadata."""
         timeout = timeout or self.timeout
         for attempt in (1, 2):
             try:
-                return await asyncio.wait_for(self._call_once(endpoint, fn, timeout), timeout + 0.5)
+                return await asyncio.wait_for(self._call_once(endpoint, fn, timeout, auth), timeout + 0.5)
             except TimeoutError:
                 self._drop(endpoint)
-                err: EtcdError = EtcdTimeout(f"no answer within {timeout:g}s (member down or host unreachable)", endpoint)
-                self._count(err)
-                raise err from None
+                timed_out = EtcdTimeout(f"no answer within {timeout:g}s (member down or host unreachable)", endpoint)
+                self._count(timed_out)
+                raise timed_out from None
             except grpc.aio.AioRpcError as e:
                 err = map_grpc_error(e, endpoint, timeout)
                 if isinstance(err, EtcdAuthError) and "invalid auth token" in err.message and attempt == 1:
@@ -211,41 +253,79 @@ class EtcdClient:
         if self.on_error is not None:
             self.on_error(err)
 
-    async def _call_once(self, endpoint: str, fn: Callable[[grpc.aio.Channel, Metadata, float], Awaitable[T]],
-                         timeout: float) -> T:
-        metadata = await self._metadata(endpoint, timeout)
+    async def _call_once(self, endpoint: str, fn: Call[T], timeout: float, auth: Auth) -> T:
+        metadata = await self._metadata(endpoint, timeout, auth)
         return await fn(self._channel(endpoint), metadata, timeout)
 
+    def _fallbacks(self) -> list[str]:
+        return [e for e in self.learned if e not in self.endpoints]
+
     def _order(self) -> list[str]:
-        if self._preferred in self.endpoints:
-            return [self._preferred] + [e for e in self.endpoints if e != self._preferred]
-        return list(self.endpoints)
+        """The configured endpoints then the learned ones, the last to answer first."""
+        endpoints = self.endpoints + self._fallbacks()
+        if self._preferred in endpoints:
+            endpoints = [self._preferred] + [e for e in endpoints if e != self._preferred]
+        return endpoints
 
-    async def first(self, fn: Callable[[grpc.aio.Channel, Metadata, float], Awaitable[T]],
-                    timeout: float | None = None) -> T:
-        """A read from whichever endpoint answers first: all are asked at once,
-        so a black-holed endpoint costs nothing when another one answers."""
-        endpoints = self._order()
+    async def _race(self, endpoints: list[str], fn: Call[T], timeout: float | None, auth: Auth) -> tuple[str, T]:
+        winner, result = await first_success(
+            [self.call(e, fn, timeout, auth=auth) for e in endpoints],
+            # etcd itself answered (or a bug): another endpoint would say the same; but a
+            # learner refuses what a voter answers
+            fatal=lambda e: (isinstance(e, EtcdRequestError | EtcdAuthError) and not isinstance(e, LearnerUnsupported))
+            or not isinstance(e, EtcdError))
+        return endpoints[winner], result
+
+    async def first(self, fn: Call[T], timeout: float | None = None) -> T:
+        """A read from whichever endpoint answers first (see `first_from`)."""
+        return (await self.first_from(fn, timeout))[1]
+
+    async def first_from(self, fn: Call[T], timeout: float | None = None,
+                         auth: Auth = "required") -> tuple[str, T]:
+        """A read from whichever endpoint answers first, and that endpoint: all are
+        asked at once, so a black-holed endpoint costs nothing when another one
+        answers. The learned endpoints are asked at the same time; their answer is
+        taken when no configured one answers within a short grace after it (so
+        configured endpoints that went silent for good cost no deadline per call)."""
+        configured = asyncio.ensure_future(self._race([e for e in self._order() if e in self.endpoints], fn, timeout,
+                                                      auth))
+        fallbacks = self._fallbacks()
+        fallback = asyncio.ensure_future(self._race(fallbacks, fn, timeout, auth)) if fallbacks else None
         try:
-            winner, result = await first_success(
-                [self.call(e, fn, timeout) for e in endpoints],
-                # etcd itself answered (or a bug): another endpoint would say the same
-                fatal=lambda e: isinstance(e, EtcdRequestError | EtcdAuthError) or not isinstance(e, EtcdError))
-        except AllFailed as e:
-            raise _all_failed(cast(list[EtcdError], e.errors)) from None  # `fatal` raised any other error
-        self._preferred = endpoints[winner]
-        return result
+            if fallback is not None:
+                await asyncio.wait({configured, fallback}, return_when=asyncio.FIRST_COMPLETED)
+                if fallback.done() and fallback.exception() is None and not configured.done():
+                    await asyncio.wait({configured}, timeout=min(LEARNED_GRACE, (timeout or self.timeout) / 4))
+                    if not configured.done() or configured.exception() is not None:
+                        endpoint, result = fallback.result()
+                        self._preferred = endpoint
+                        return endpoint, result
+            try:
+                endpoint, result = await configured
+            except AllFailed as e:
+                if fallback is None:
+                    raise _all_failed(e.errors) from None
+                try:
+                    endpoint, result = await fallback
+                except AllFailed as e2:
+                    raise _all_failed(e.errors + e2.errors) from None
+        finally:
+            for task in (configured, fallback):
+                if task is not None and not task.done():
+                    task.cancel()
+            await asyncio.gather(*(t for t in (configured, fallback) if t is not None), return_exceptions=True)
+        self._preferred = endpoint
+        return endpoint, result
 
-    async def failover(self, fn: Callable[[grpc.aio.Channel, Metadata, float], Awaitable[T]],
-                       timeout: float | None = None) -> T:
-        """A change, sent to one endpoint at a time.
+    async def failover(self, fn: Call[T], timeout: float | None = None, first: Iterable[str] = ()) -> T:
+        """A change, sent to one endpoint at a time (the `first` ones, then ours).
 
         Moves on only when the endpoint could not have received the request
         (connection refused, TLS); a timeout is raised, since the change may
         have been applied, and the caller re-reads before trying again.
         """
         errors: list[EtcdError] = []
-        for endpoint in self._order():
+        for endpoint in dict.fromkeys([*first, *self._order()]):
             try:
                 result = await self.call(endpoint, fn, timeout)
             except EtcdTimeout:
@@ -260,12 +340,21 @@ class EtcdClient:
     # -- cluster API ----------------------------------------------------
 
     async def member_list(self, timeout: float | None = None) -> list[Member]:
+        return (await self.member_list_from(timeout))[1]
+
+    async def member_list_from(self, timeout: float | None = None) -> tuple[str, list[Member]]:
+        """The member list and the endpoint that gave it; the voters' client URLs are learned."""
         async def fn(ch: grpc.aio.Channel, md: Metadata, t: float) -> list[Member]:
-            resp = await rpc.ClusterStub(ch).MemberList(rpc.MemberListRequest(linearizable=False), timeout=t, metadata=md)
+            resp = await rpc.ClusterStub(ch).MemberList(rpc.MemberListRequest(linearizable=False), timeout=t,
+                                                        metadata=md)
             return [_member(m) for m in resp.members]
-        return await self.first(fn, timeout)
+        endpoint, members = await self.first_from(fn, timeout, auth="optional")  # readable without quorum
+        self.learn(members)
+        return endpoint, members
 
     async def status(self, endpoint: str, timeout: float | None = None) -> MemberStatus:
+        """Maintenance.Status, sent without a token: etcd does not ask for one, and with
+        auth on a learner refuses Authenticate ("rpc not supported for learner")."""
         async def fn(ch: grpc.aio.Channel, md: Metadata, t: float) -> MemberStatus:
             r = await rpc.MaintenanceStub(ch).Status(rpc.StatusRequest(), timeout=t, metadata=md)
             errors, alarms = split_alarms(r.errors)
@@ -273,9 +362,10 @@ class EtcdClient:
                                 db_size_in_use=r.dbSizeInUse, leader=r.leader, raft_term=r.raftTerm,
                                 raft_index=r.raftIndex, raft_applied_index=r.raftAppliedIndex,
                                 is_learner=r.isLearner, errors=errors, alarms=alarms)
-        return await self.call(parse_url(endpoint).url, fn, timeout)
+        return await self.call(parse_url(endpoint).url, fn, timeout, auth="none")
 
-    async def member_add(self, peer_urls: list[str], *, learner: bool, timeout: float | None = None) -> tuple[Member, list[Member]]:
+    async def member_add(self, peer_urls: list[str], *, learner: bool,
+                         timeout: float | None = None) -> tuple[Member, list[Member]]:
         async def fn(ch: grpc.aio.Channel, md: Metadata, t: float) -> tuple[Member, list[Member]]:
             r = await rpc.ClusterStub(ch).MemberAdd(rpc.MemberAddRequest(peerURLs=peer_urls, isLearner=learner),
                                                      timeout=t, metadata=md)
@@ -289,10 +379,19 @@ class EtcdClient:
         return await self.failover(fn, timeout)
 
     async def member_promote(self, member_id: int, timeout: float | None = None) -> list[Member]:
+        """Sent to the leader: with auth on, a follower forwards a promote to the
+        leader without the user, and it fails there ("auth: user name is empty",
+        etcd issues 14070 and 20757): the caller would only see a timeout."""
         async def fn(ch: grpc.aio.Channel, md: Metadata, t: float) -> list[Member]:
             r = await rpc.ClusterStub(ch).MemberPromote(rpc.MemberPromoteRequest(ID=member_id), timeout=t, metadata=md)
             return [_member(m) for m in r.members]
-        return await self.failover(fn, timeout)
+        return await self.failover(fn, timeout, first=await self.leader_urls(timeout))
+
+    async def leader_urls(self, timeout: float | None = None) -> list[str]:
+        """The leader's client URLs, as the member that gives the member list sees it."""
+        endpoint, members = await self.member_list_from(timeout)
+        leader = (await self.status(endpoint, timeout)).leader
+        return [u for m in members if m.id == leader for u in _valid_urls(m.client_urls)]
 
     async def put(self, key: bytes, value: bytes, timeout: float | None = None) -> int:
         """Write one key (used to seed demo clusters); returns the new revision."""
@@ -371,7 +470,23 @@ class SnapshotStream:
         self._call.cancel()
 
 
-def _all_failed(errors: list[EtcdError]) -> EtcdUnavailable:
+_LEADERLESS = ("etcdserver: leader changed", "etcdserver: no leader", "etcdserver: request timed out",
+               "context deadline exceeded")
+
+
+def _valid_urls(urls: Iterable[str]) -> list[str]:
+    """The URLs etcd published that parse, normalized (the others cannot be dialled)."""
+    out = []
+    for u in urls:
+        try:
+            out.append(parse_url(u).url)
+        except ValueError:
+            continue
+    return out
+
+
+def _all_failed(failures: Iterable[BaseException]) -> EtcdUnavailable:
+    errors = [e for e in failures if isinstance(e, EtcdError)]  # the races raise anything else at once
     by_reason: dict[str, list[str]] = {}
     for e in errors:
         by_reason.setdefault(e.message, []).append(e.endpoint or "?")
@@ -380,7 +495,26 @@ def _all_failed(errors: list[EtcdError]) -> EtcdUnavailable:
     return cls(f"no endpoint answered: {reasons}")
 
 
-def client_for(cluster: Any) -> EtcdClient:
-    """An EtcdClient for a configured cluster (bot.config.ClusterConfig)."""
+class ClusterSettings(Protocol):
+    """What a client needs of a configured cluster (bot.config.ClusterConfig, above this layer)."""
+
+    @property
+    def endpoints(self) -> Sequence[str]: ...
+    @property
+    def cacert(self) -> Path | None: ...
+    @property
+    def cert(self) -> Path | None: ...
+    @property
+    def key(self) -> Path | None: ...
+    @property
+    def username(self) -> str | None: ...
+    @property
+    def password(self) -> str | None: ...
+    @property
+    def timeout_seconds(self) -> float: ...
+
+
+def client_for(cluster: ClusterSettings) -> EtcdClient:
+    """An EtcdClient for a configured cluster."""
     return EtcdClient(cluster.endpoints, tls=TLSFiles(cluster.cacert, cluster.cert, cluster.key),
                       username=cluster.username, password=cluster.password, timeout=cluster.timeout_seconds)

@@ -9,7 +9,7 @@ import asyncio
 import hashlib
 import time
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 from bot.etcd.model import Alarm, EtcdError, Member, MemberStatus
 from bot.etcd.race import AllFailed, first_success
@@ -90,6 +90,7 @@ class ClusterHealth:
     checked_at: float                  # time.time() of the check
     elapsed: float                     # seconds the check took
     deadline: float                    # the per-member deadline used
+    learned_url: str | None = None     # reached only through this URL learned from a member list, not configured
 
     @property
     def quorum(self) -> Quorum:
@@ -152,8 +153,8 @@ async def _ask_member(client: EtcdClient, member: Member, timeout: float) -> tup
         _, status = await first_success([client.status(u, timeout) for u in member.client_urls],
                                         fatal=lambda e: not isinstance(e, EtcdError))
     except AllFailed as e:
-        errors = cast(list[EtcdError], e.errors)  # `fatal` raised any other error
-        return MemberHealth(member, error="; ".join(dict.fromkeys(err.message for err in errors))), []
+        reasons = (err.message if isinstance(err, EtcdError) else str(err) for err in e.errors)
+        return MemberHealth(member, error="; ".join(dict.fromkeys(reasons))), []
     return MemberHealth(member, status=status), list(status.alarms)
 
 
@@ -164,11 +165,12 @@ async def check_cluster(client: EtcdClient, cluster: str, timeout: float | None 
     """
     timeout = timeout or client.timeout
     started = time.monotonic()
-    members = await client.member_list(timeout)
+    endpoint, members = await client.member_list_from(timeout)
     answers = await asyncio.gather(*(_ask_member(client, m, timeout) for m in members))
     alarms = {(a.member_id, a.kind): a for _, found in answers for a in found}
     healths = [replace(h, alarms=tuple(sorted(kind for (mid, kind) in alarms if mid == h.member.id)))
                for h, _ in answers]
     ordered = sorted(healths, key=lambda h: (h.member.name or "~", h.member.id))
     return ClusterHealth(cluster=cluster, members=tuple(ordered), alarms=tuple(alarms.values()), checked_at=time.time(),
-                         elapsed=time.monotonic() - started, deadline=timeout)
+                         elapsed=time.monotonic() - started, deadline=timeout,
+                         learned_url=None if endpoint in client.endpoints else endpoint)

@@ -7,6 +7,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # ---------------------------------------------------------------- errors
 
@@ -66,6 +67,10 @@ class NotALearner(EtcdRequestError):
     pass
 
 
+class LearnerUnsupported(EtcdRequestError):
+    """A learner answers only Status and serializable reads: with auth on, not even Authenticate."""
+
+
 _REQUEST_ERRORS: tuple[tuple[str, type[EtcdRequestError]], ...] = (
     ("member not found", MemberNotFound),
     ("peer urls already exists", PeerURLExists),
@@ -75,6 +80,7 @@ _REQUEST_ERRORS: tuple[tuple[str, type[EtcdRequestError]], ...] = (
     ("unhealthy cluster", UnhealthyCluster),
     ("not enough started members", UnhealthyCluster),
     ("too many learner members", TooManyLearners),
+    ("rpc not supported for learner", LearnerUnsupported),
 )
 
 
@@ -112,6 +118,15 @@ class Member:
     def started(self) -> bool:
         """etcd publishes the name once the member process has started."""
         return bool(self.name)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.hex_id, "name": self.name, "peer_urls": list(self.peer_urls),
+                "client_urls": list(self.client_urls), "is_learner": self.is_learner}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Member:
+        return cls(int(data["id"], 16), data["name"], tuple(data["peer_urls"]), tuple(data["client_urls"]),
+                   bool(data["is_learner"]))
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from bot.config import ClusterConfig, Config
 from bot.etcd.client import EtcdClient, client_for
-from bot.etcd.model import EtcdError
+from bot.etcd.health import ClusterHealth, check_cluster
+from bot.etcd.model import EtcdError, Member
 from bot.ops.access import Access
 from bot.ops.metrics import Metrics
 from bot.ops.notify import Directory, Notifier
@@ -60,6 +61,26 @@ class BotContext:
                 counter.labels(cluster=name, kind=type(err).__name__).inc()
             client.on_error = count
         return client
+
+    async def check(self, cluster: ClusterConfig) -> ClusterHealth:
+        """check_cluster for a status or plan check. The client falls back to the
+        client URLs of the last membership the bot recorded (so a restarted bot
+        still reaches a cluster whose configured endpoints all went away), and
+        the membership seen is recorded."""
+        client, store = self.client(cluster), self.store
+        try:
+            last = await store.last_membership(cluster.name) if not client.learned else None
+        except StoreError as e:  # a read stands without the fallback memory
+            log.warning("membership memory unavailable", extra={"ctx_cluster": cluster.name, "ctx_error": str(e)})
+            last = None
+        if last is not None:
+            client.learn(Member.from_json(m) for m in last[0])
+        health = await check_cluster(client, cluster.name)
+        try:
+            await store.record_membership(cluster.name, [h.member.to_json() for h in health.members])
+        except StoreError as e:
+            log.warning("membership not recorded", extra={"ctx_cluster": cluster.name, "ctx_error": str(e)})
+        return health
 
     def secrets(self) -> list[str]:
         return (list(self.secret_values) + [c.password for c in self.config.clusters if c.password]

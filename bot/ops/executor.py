@@ -23,7 +23,7 @@ from bot.etcd.snapshots import SnapshotFailed
 from bot.ops.context import BotContext
 from bot.ops.engine import FactsChanged, StepFailed, StepRun, note, register
 from bot.ops.launcher import manual_instructions, run_command
-from bot.ops.replace import etcd_servers, facts_changed, quorum_after
+from bot.ops.replace import config_endpoints, etcd_servers, facts_changed, quorum_after
 from bot.ops.snapshots import take_snapshot
 from bot.slack.blocks import escape
 from bot.store.records import PlanKind, PlanRecord
@@ -70,7 +70,7 @@ class ReplaceOperation:
 
     async def _facts(self) -> ClusterHealth:
         """The live cluster, if it is still the one the plan expects at this point of its progress."""
-        health = await check_cluster(self.client, self.plan.cluster)
+        health = await self.ctx.check(self.cluster)
         new_id = f"{self.new_member_id:016x}" if self.new_member_id is not None else None
         changed = facts_changed(self.plan, health, self.started, new_id)
         untouched = not self.started - {"recheck", "snapshot"}  # nothing changed by the plan yet
@@ -305,14 +305,16 @@ class ReplaceOperation:
                             f":clipboard: *Follow-ups (runbook step 5)*\n"
                             f"1. Update every kube-apiserver and restart it:\n```--etcd-servers={escape(servers)}```\n"
                             f"2. If a load balancer fronts etcd, add {escape(added or self.plan.new_name)} and remove "
-                            f"{escape(removed)}.")
+                            f"{escape(removed)}.\n"
+                            f"3. Update this bot's own configuration: cluster {escape(self.plan.cluster)}, "
+                            f"```{escape(config_endpoints(members))}```")
         return f"--etcd-servers={servers}"
 
     async def step_verify(self) -> str:
         expected = self.plan.expected_members
 
         async def verified() -> str | None:
-            health = await check_cluster(self.client, self.plan.cluster)
+            health = await self.ctx.check(self.cluster)
             ids = {h.member.id for h in health.members}
             if int(self.plan.failed.id, 16) in ids or len(health.members) != expected:
                 return None

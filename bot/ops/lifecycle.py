@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass
 
 from bot.config import ClusterConfig
-from bot.etcd.health import check_cluster
 from bot.etcd.model import EtcdError
 from bot.ops import executor  # noqa: F401  (registers the replace operation with the engine)
 from bot.ops.access import Role
@@ -51,7 +50,7 @@ async def propose(ctx: BotContext, cluster: ClusterConfig, req: ReplaceRequest, 
     if open_plan:
         return _open_plan_refusal(open_plan.id, open_plan.state)
     try:
-        health = await check_cluster(ctx.client(cluster), cluster.name)
+        health = await ctx.check(cluster)
     except EtcdError as e:
         return _refused(f"cannot read cluster {cluster.name}: {e}")
     newest = await store.snapshots(cluster.name, limit=1)

@@ -6,6 +6,9 @@ after every step of the plan, not only for the state now.
 """
 from __future__ import annotations
 
+import ipaddress
+import json
+import re
 import secrets
 from collections.abc import Collection
 from dataclasses import asdict, dataclass, replace
@@ -220,19 +223,38 @@ def health_version(health: ClusterHealth) -> str:
     return "/".join(versions) or "(unknown version)"
 
 
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,63}")
+
+
 def _check_new_member(health: ClusterHealth, req: ReplaceRequest, new_peer: str, new_client: str | None) -> None:
+    """A safe, unique name and URLs nothing else uses: a conflict found after the
+    failed member is removed leaves the cluster one voter short."""
     new_name = req.new_name.strip()
-    if not new_name or any(c.isspace() or c in "=," for c in new_name):
-        raise Refusal(f"<new-name> {req.new_name!r} cannot be an etcd member name (no spaces, '=' or ',')")
+    if not _NAME.fullmatch(new_name):
+        raise Refusal(f"<new-name> {req.new_name!r} cannot be an etcd member name: use 1 to 63 letters, digits, "
+                      f"'-', '_' or '.'")
+    own = [("peer", new_peer)] + ([("client", new_client)] if new_client else [])
+    for kind, url in own:
+        if _unspecified(parse_url(url).host):
+            raise Refusal(f"the {kind} URL {url} is an unspecified address: other members and clients cannot "
+                          f"reach it; advertise the new machine's own address")
+    if new_client and _address(new_client) == _address(new_peer):
+        raise Refusal(f"the peer URL and the client URL are the same address ({new_peer}): etcd needs two ports")
     for h in health.members:
         m = h.member
         if m.name == new_name:
             raise Refusal(f"the name {new_name!r} is already used by member {m.hex_id}",
                           "pick a name no member has: unique names avoid human error (runbook)")
-        if new_peer in {_normal(u) for u in m.peer_urls}:
-            raise Refusal(f"the peer URL {new_peer} is already used by member {m.name or m.hex_id} ({m.hex_id})")
-        if new_client and new_client in {_normal(u) for u in m.client_urls}:
-            raise Refusal(f"the client URL {new_client} is already used by member {m.name or m.hex_id} ({m.hex_id})")
+        if m.name.lower() == new_name.lower():
+            raise Refusal(f"the name {new_name!r} differs from member {m.name!r} ({m.hex_id}) only in case",
+                          "pick a name no member has: unique names avoid human error (runbook)")
+        taken = {_address(u): (kind, u) for kind, urls in (("peer", m.peer_urls), ("client", m.client_urls))
+                 for u in urls}
+        for kind, url in own:
+            if _address(url) in taken:
+                theirs, their_url = taken[_address(url)]
+                raise Refusal(f"the {kind} URL {url} is already used by member {m.name or m.hex_id} ({m.hex_id}) "
+                              f"as its {theirs} URL {their_url}")
 
 
 def _plan_add_only(health: ClusterHealth, req: ReplaceRequest, removed: tuple[MemberRef, str], new_peer: str,
@@ -262,8 +284,8 @@ def _plan_add_only(health: ClusterHealth, req: ReplaceRequest, removed: tuple[Me
                    already_removed_by=by)
 
 
-def _plan(health: ClusterHealth, req: ReplaceRequest, failed: MemberRef, survivors: list[MemberHealth], remove_title: str,
-          new_peer: str, new_client: str | None, plan_id: str | None, launcher: str,
+def _plan(health: ClusterHealth, req: ReplaceRequest, failed: MemberRef, survivors: list[MemberHealth],
+          remove_title: str, new_peer: str, new_client: str | None, plan_id: str | None, launcher: str,
           others_failed: tuple[MemberRef, ...] = (), also_remove: tuple[MemberRef, ...] = ()) -> Plan:
     new_name = req.new_name.strip()
     pick = health.snapshot_source()
@@ -290,9 +312,17 @@ def _plan(health: ClusterHealth, req: ReplaceRequest, failed: MemberRef, survivo
                 snapshot_source=source, also_remove=also_remove)
 
 
-def _normal(url: str) -> str:
+def _unspecified(host: str) -> bool:
     try:
-        return parse_url(url).url
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
+def _address(url: str) -> str:
+    """Host and port: two URLs that differ only in scheme still bind the same port."""
+    try:
+        return parse_url(url).target.lower()
     except ValueError:
         return url
 
@@ -339,3 +369,8 @@ def quorum_after(health: ClusterHealth, voting: int = 0, healthy: int = 0) -> Qu
     """The quorum once a step has changed the voting set by `voting` members, `healthy` of them healthy."""
     q = health.quorum
     return Quorum(q.voting + voting, q.healthy + healthy)
+def config_endpoints(members: list[Member] | tuple[Member, ...]) -> str:
+    """The bot's own `endpoints` setting for the cluster now: its voters' client URLs
+    (after a replacement the configured ones go stale)."""
+    voters = [m for m in members if not m.is_learner]
+    return "endpoints = " + json.dumps([u for u in etcd_servers(voters).split(",") if u])

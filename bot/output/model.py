@@ -53,12 +53,28 @@ def quorum_line(health: ClusterHealth) -> str:
     return f"{q.healthy} of {q.voting} voting members healthy, quorum needs {q.needed}, {tail}"
 
 
-def member_state(h: MemberHealth, leader_id: int | None) -> str:
+LEADERLESS = ("no leader", "learner, no leader")
+
+
+def member_state(h: MemberHealth, health: ClusterHealth) -> str:
+    """DOWN, UNHEALTHY, leader, follower, learner; without quorum or a leader
+    there is no follower: a survivor then says "no leader" (one of LEADERLESS)."""
     if not h.reachable:
         return "DOWN"
     if h.problem:
         return "UNHEALTHY"
-    return "leader" if h.member.id == leader_id else ("learner" if h.member.is_learner else "follower")
+    leader = health.leader_id if health.quorum.ok else None
+    if leader is None:
+        return LEADERLESS[h.member.is_learner]
+    return "leader" if h.member.id == leader else ("learner" if h.member.is_learner else "follower")
+
+
+def learned_line(health: ClusterHealth) -> str | None:
+    """Said when no configured endpoint answered and a learned client URL did."""
+    if health.learned_url is None:
+        return None
+    return (f"reached only through {health.learned_url}, a client URL learned from the member list: no configured "
+            f"endpoint answered; update this cluster's endpoints in the bot's configuration")
 
 
 @dataclass(frozen=True)
@@ -67,7 +83,7 @@ class MemberView:
 
     member: Member
     status: MemberStatus | None
-    state: str                     # member_state(): leader, follower, learner, DOWN or UNHEALTHY
+    state: str                     # member_state(): leader, follower, learner, no leader, DOWN or UNHEALTHY
     problem: str | None            # why it is DOWN or UNHEALTHY, in etcd's words
     is_leader: bool
     healthy: bool
@@ -106,6 +122,9 @@ class StatusView:
     elapsed: float
     deadline: float
     all_healthy: bool
+    learned_url: str | None        # reached only through a client URL learned from a member list
+    learned: str | None            # learned_line(): the note that says so
+
 
     @property
     def down(self) -> list[str]:
@@ -118,12 +137,13 @@ class StatusView:
 
 def status_view(health: ClusterHealth) -> StatusView:
     leader = health.leader_id
-    members = tuple(MemberView(member=h.member, status=h.status, state=member_state(h, leader), problem=h.problem,
+    members = tuple(MemberView(member=h.member, status=h.status, state=member_state(h, health), problem=h.problem,
                                is_leader=h.member.id == leader, healthy=h.healthy, error=h.error, alarms=h.alarms)
                     for h in health.members)
     return StatusView(cluster=health.cluster, verdict=verdict(health), quorum=health.quorum,
                       quorum_line=quorum_line(health), leader_id=leader, members=members, alarms=health.alarms,
-                      elapsed=health.elapsed, deadline=health.deadline, all_healthy=health.all_healthy)
+                      elapsed=health.elapsed, deadline=health.deadline, all_healthy=health.all_healthy,
+                      learned_url=health.learned_url, learned=learned_line(health))
 
 
 # ---------------------------------------------------------------- snapshots

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from bot.output.model import SnapshotView, StatusView, member_state, quorum_line, verdict
+from bot.output.model import SnapshotView, StatusView, learned_line, member_state, quorum_line, verdict
 from bot.output.tables import table
 from bot.output.units import humanize_bytes
 
-__all__ = ["headline", "member_state", "members_text", "one_line", "quorum_line", "saved_json", "saved_text",
+__all__ = ["headline", "learned_line", "member_state", "members_text", "one_line", "quorum_line", "saved_json", "saved_text",
            "snapshot_line", "status_json", "status_text", "unreachable_text", "verdict"]
 
 
@@ -46,9 +46,10 @@ def status_rows(view: StatusView) -> list[list[str]]:
 
 
 def status_text(view: StatusView) -> str:
-    """The CLI's status output: headline, alarms and the member table."""
+    """The CLI's status output: headline, alarms, the member table, and the note on a learned URL."""
     alarms = "".join(f"\nALARM {a.kind} on member {a.member_id:016x}" for a in view.alarms)
-    return f"{headline(view)}{alarms}\n{table(STATUS_HEADERS, status_rows(view))}\n{view.checked}"
+    note = f"\nNOTE: {view.learned}" if view.learned else ""
+    return f"{headline(view)}{alarms}\n{table(STATUS_HEADERS, status_rows(view))}\n{view.checked}{note}"
 
 
 def members_text(view: StatusView) -> str:
@@ -80,6 +81,7 @@ def status_json(view: StatusView) -> dict[str, Any]:
         "leader": f"{leader:016x}" if leader else None,
         "alarms": [{"member_id": f"{a.member_id:016x}", "alarm": a.kind} for a in view.alarms],
         "elapsed_seconds": round(view.elapsed, 4), "deadline_seconds": view.deadline,
+        "learned_url": view.learned_url,
     }
 
 

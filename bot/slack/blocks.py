@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from bot.etcd.health import ClusterHealth
 from bot.ops.replace import MemberRef, Plan
 from bot.output import text as render
-from bot.output.model import MemberView, Verdict, snapshot_view, status_view
+from bot.output.model import LEADERLESS, MemberView, Verdict, snapshot_view, status_view
 from bot.output.units import humanize_bytes
 from bot.store.records import PlanRecord, PlanState
 
@@ -134,6 +134,8 @@ def _member_line(v: MemberView) -> str:
         first = f":red_circle: {name} {code(m.hex_id)} — *DOWN*: {escape(v.problem or 'unreachable')}"
     elif v.problem:
         first = f":large_orange_circle: {name} {code(m.hex_id)} — *UNHEALTHY*: {escape(v.problem)}"
+    elif v.state in LEADERLESS:
+        first = f":large_orange_circle: {name} {code(m.hex_id)} — *{v.state}*"
     else:
         first = f":large_green_circle: {name} {code(m.hex_id)} — {v.state}"
     facts = [escape(f) for f in v.facts]
@@ -153,17 +155,21 @@ def status_reply(health: ClusterHealth, requested_by: str | None = None) -> Repl
         blocks.append(_section(f":rotating_light: *ALARM {escape(a.kind)}* on member {code(f'{a.member_id:016x}')}"))
     blocks.append({"type": "divider"})
     blocks += [_section(_member_line(v)) for v in view.members]
+    if view.learned:
+        blocks.append(_section(f":warning: {escape(view.learned)}"))
     who = f" · asked by {mention(requested_by)}" if requested_by else ""
     blocks.append(_context(f"{view.checked}{who}"))
-    return Reply(text=escape(render.headline(view)), blocks=blocks)
+    return Reply(text=escape(render.headline(view) + (f"; {view.learned}" if view.learned else "")), blocks=blocks)
 
 
 def members_reply(health: ClusterHealth) -> Reply:
     view = status_view(health)
     listing = render.members_text(view)
-    return Reply(text=escape(f"etcd cluster {view.cluster} members:\n{listing}"),
-                 blocks=[_section(f"*etcd cluster {escape(view.cluster)}* — member list"),
-                         _section(code_block(listing))])
+    blocks = [_section(f"*etcd cluster {escape(view.cluster)}* — member list"), _section(code_block(listing))]
+    if view.learned:
+        blocks.append(_context(f":warning: {escape(view.learned)}"))
+    return Reply(text=escape(f"etcd cluster {view.cluster} members:\n{listing}"
+                             + (f"\n{view.learned}" if view.learned else "")), blocks=blocks)
 
 
 def unreachable_reply(cluster: str, error: str) -> Reply:

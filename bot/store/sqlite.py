@@ -111,6 +111,13 @@ CREATE TABLE IF NOT EXISTS audit (
     hash TEXT NOT NULL,
     key_id TEXT NOT NULL DEFAULT ''  -- '' : hash is a sha256; else: an HMAC-SHA256 with the key of this id
 );
+CREATE TABLE IF NOT EXISTS memberships (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    cluster TEXT NOT NULL,
+    members TEXT NOT NULL,         -- JSON: [{id, name, peer_urls, client_urls, is_learner}]
+    recorded_at REAL NOT NULL      -- the last time the bot saw exactly this membership
+);
+CREATE INDEX IF NOT EXISTS memberships_by_cluster ON memberships(cluster, id);
 """.replace("@OPEN_STATES@", ", ".join(f"'{s}'" for s in OPEN_STATES))
 # Columns added after the first release: databases created before get them on open.
 ADDED_COLUMNS = {("snapshots", "plan_id"): "TEXT", ("audit", "key_id"): "TEXT NOT NULL DEFAULT ''",
@@ -383,6 +390,30 @@ class Store:
 
     async def mark_pruned(self, snapshot_id: int) -> None:
         await self._run(lambda db: db.execute("UPDATE snapshots SET pruned_at = ? WHERE id = ?", [time.time(), snapshot_id]))
+
+    # -- memberships ----------------------------------------------------
+
+    async def record_membership(self, cluster: str, members: list[dict[str, Any]]) -> None:
+        """The membership a status or plan check saw: a new row when it changed,
+        else the last row's time moves on (one row per change, not per check)."""
+        text = json.dumps(sorted(members, key=lambda m: (m["name"], m["id"])), sort_keys=True, separators=(",", ":"))
+
+        def fn(db: sqlite_utils.Database) -> None:
+            with _immediate(db):
+                last = next(db.query("SELECT id, members FROM memberships WHERE cluster = ? ORDER BY id DESC LIMIT 1",
+                                     [cluster]), None)
+                if last is not None and last["members"] == text:
+                    db.execute("UPDATE memberships SET recorded_at = ? WHERE id = ?", [time.time(), last["id"]])
+                else:
+                    db.execute("INSERT INTO memberships (cluster, members, recorded_at) VALUES (?, ?, ?)",
+                               [cluster, text, time.time()])
+        await self._run(fn)
+
+    async def last_membership(self, cluster: str) -> tuple[list[dict[str, Any]], float] | None:
+        """The last membership the bot recorded for `cluster` and when it last saw it."""
+        row = await self._run(lambda db: next(db.query(
+            "SELECT members, recorded_at FROM memberships WHERE cluster = ? ORDER BY id DESC LIMIT 1", [cluster]), None))
+        return (json.loads(row["members"]), row["recorded_at"]) if row else None
 
     # -- audit ----------------------------------------------------------
 

@@ -193,6 +193,7 @@ class LocalCluster:
             self.tls = TLSPaths(ca=str(files.ca), server_cert=str(files.server_cert), server_key=str(files.server_key),
                                 client_cert=str(files.client_cert), client_key=str(files.client_key))
         self.scheme = "https" if tls else "http"
+        self.user: tuple[str, str] | None = None  # (name, password) once enable_auth ran
 
     @classmethod
     def attach(cls, base_dir: str | Path, tls: TLSPaths | None = None) -> LocalCluster:
@@ -218,6 +219,7 @@ class LocalCluster:
                                 server_key=str(d / "server.key"), client_cert=str(d / "client.crt"),
                                 client_key=str(d / "client.key"))
         self.scheme = "https" if self.tls else "http"
+        self.user = None
         return self
 
     # -- lifecycle ------------------------------------------------------
@@ -236,7 +238,8 @@ class LocalCluster:
         """Start the initial members and wait until every one reports healthy."""
         for attempt in range(3):  # a port picked free can be taken before etcd binds it
             names = [f"{self.prefix}{i}" for i in range(1, self.size + 1)]
-            ports = {n: (free_port(), free_port()) for n in names}
+            fresh = iter(_distinct_free_ports(2 * len(names)))  # the kernel may hand out a port twice
+            ports = {n: (next(fresh), next(fresh)) for n in names}
             initial = ",".join(f"{n}={self._url(ports[n][1])}" for n in names)
             for n in names:
                 self._spawn(n, ports[n][0], ports[n][1], initial, "new")
@@ -317,6 +320,23 @@ class LocalCluster:
         self.wait_serving(name, timeout)
         return member
 
+    def add_member(self, name: str, *, learner: bool = False, timeout: float = START_TIMEOUT) -> LocalMember:
+        """`etcdctl member add` then start it: what an operator does by hand. A young
+        cluster refuses adds ("unhealthy cluster") until its leader has seen every
+        voter for 5 s: retried within `timeout`."""
+        peer_port = free_port()
+        args = ["member", "add", name, f"--peer-urls={self._url(peer_port)}"] + (["--learner"] if learner else [])
+        deadline = time.monotonic() + timeout
+        while (proc := self.etcdctl(*args, check=False)).returncode != 0:
+            if "unhealthy cluster" not in proc.stderr or time.monotonic() > deadline:
+                raise ClusterError(f"etcdctl member add failed: {proc.stderr.strip()}")
+            time.sleep(0.2)
+        initial = next((line.split("=", 1)[1].strip().strip('"') for line in proc.stdout.splitlines()
+                        if line.startswith("ETCD_INITIAL_CLUSTER=")), None)
+        if not initial:
+            raise ClusterError(f"etcdctl member add gave no ETCD_INITIAL_CLUSTER: {proc.stdout.strip()}")
+        return self.start_member(name, initial, peer_port=peer_port, timeout=timeout)
+
     # -- waiting --------------------------------------------------------
 
     def wait_healthy(self, names: Iterable[str] | None = None, timeout: float = START_TIMEOUT) -> None:
@@ -350,11 +370,28 @@ class LocalCluster:
 
     # -- tools ----------------------------------------------------------
 
+    def enable_auth(self, password: str, user: str = "root") -> None:
+        """Turn etcd authentication on (`user` gets the root role); etcdctl then logs in as `user`."""
+        self.etcdctl("user", "add", user, "--new-user-password", password, "--interactive=false")
+        if user != "root":
+            self.etcdctl("user", "grant-role", user, "root")
+        self.etcdctl("auth", "enable")
+        self.user = (user, password)
+        self.password_file.write_text(password)
+        self.password_file.chmod(0o600)
+
+    @property
+    def password_file(self) -> Path:
+        """Where enable_auth leaves the password, for a bot's `password_file`."""
+        return self.base_dir / "etcd-password"
+
     def etcdctl_args(self, endpoints: list[str] | None = None) -> list[str]:
         args = [self.etcdctl_bin or str(find_binary("etcdctl")), f"--endpoints={','.join(endpoints or self.endpoints)}",
                 "--dial-timeout=2s", "--command-timeout=10s"]
         if self.tls:
             args += [f"--cacert={self.tls.ca}", f"--cert={self.tls.client_cert}", f"--key={self.tls.client_key}"]
+        if self.user:
+            args += [f"--user={self.user[0]}", f"--password={self.user[1]}"]
         return args
 
     def etcdctl(self, *args: str, endpoints: list[str] | None = None, check: bool = True,
@@ -410,6 +447,14 @@ class LocalCluster:
                     pass
         for pid in pids:
             _wait_gone(pid, self.base_dir, 5.0)
+
+
+def _distinct_free_ports(n: int) -> list[int]:
+    ports: list[int] = []
+    while len(ports) < n:
+        if (port := free_port()) not in ports:
+            ports.append(port)
+    return ports
 
 
 def _optional_binary(name: str) -> str | None:

@@ -102,6 +102,8 @@ def cluster_table(name: str, cluster, *, channels: tuple[str, ...] = (CHANNEL,),
                                           "timeout_seconds": 60}}
     if cluster.tls:
         table.update(cacert=cluster.tls.ca, cert=cluster.tls.client_cert, key=cluster.tls.client_key)
+    if cluster.user:
+        table.update(username=cluster.user[0], password_file=str(cluster.password_file))
     table.update(extra)
     return table
 
