@@ -55,14 +55,16 @@ def _transport_reason(details: str) -> tuple[type[EtcdUnavailable], str]:
         # handshake, which gRPC reports as a failed unwrap of the first record.
         if ("certificate_required" in low or "certificate required" in low or "handshake_failure" in low
                 or "alert" in low or "tsi_data_corrupted" in low or "unwrap failed" in low):
-            return EtcdTLSError, "TLS handshake failed: the server wants a client certificate we did not present or did not accept (set cert and key)"
+            return EtcdTLSError, ("TLS handshake failed: the server wants a client certificate we did not present "
+                                  "or did not accept (set cert and key)")
         if "certificate verify failed" in low or "verify" in low:
             return EtcdTLSError, "TLS handshake failed: the server's certificate is not trusted (set cacert)"
         return EtcdTLSError, f"TLS handshake failed ({details.strip()[:200]})"
     if "connection refused" in low:
         return EtcdUnavailable, "connection refused (member down?)"
     if "socket closed" in low or "connection reset" in low or "end of tcp stream" in low or "recvmsg" in low:
-        return EtcdUnavailable, "connection closed by the member (it went away, or a plaintext client reached a TLS port)"
+        return EtcdUnavailable, ("connection closed by the member (it went away, or a plaintext client reached "
+                                 "a TLS port)")
     if "no route to host" in low or "network is unreachable" in low:
         return EtcdUnavailable, "no route to host"
     if "dns" in low or "name resolution" in low or "resolve" in low:
@@ -193,7 +195,8 @@ class EtcdClient:
                 return await asyncio.wait_for(self._call_once(endpoint, fn, timeout), timeout + 0.5)
             except TimeoutError:
                 self._drop(endpoint)
-                err: EtcdError = EtcdTimeout(f"no answer within {timeout:g}s (member down or host unreachable)", endpoint)
+                err: EtcdError = EtcdTimeout(f"no answer within {timeout:g}s (member down or host unreachable)",
+                                             endpoint)
                 self._count(err)
                 raise err from None
             except grpc.aio.AioRpcError as e:
@@ -261,7 +264,8 @@ class EtcdClient:
 
     async def member_list(self, timeout: float | None = None) -> list[Member]:
         async def fn(ch: grpc.aio.Channel, md: Metadata, t: float) -> list[Member]:
-            resp = await rpc.ClusterStub(ch).MemberList(rpc.MemberListRequest(linearizable=False), timeout=t, metadata=md)
+            resp = await rpc.ClusterStub(ch).MemberList(rpc.MemberListRequest(linearizable=False), timeout=t,
+                                                        metadata=md)
             return [_member(m) for m in resp.members]
         return await self.first(fn, timeout)
 
@@ -275,7 +279,8 @@ class EtcdClient:
                                 is_learner=r.isLearner, errors=errors, alarms=alarms)
         return await self.call(parse_url(endpoint).url, fn, timeout)
 
-    async def member_add(self, peer_urls: list[str], *, learner: bool, timeout: float | None = None) -> tuple[Member, list[Member]]:
+    async def member_add(self, peer_urls: list[str], *, learner: bool,
+                         timeout: float | None = None) -> tuple[Member, list[Member]]:
         async def fn(ch: grpc.aio.Channel, md: Metadata, t: float) -> tuple[Member, list[Member]]:
             r = await rpc.ClusterStub(ch).MemberAdd(rpc.MemberAddRequest(peerURLs=peer_urls, isLearner=learner),
                                                      timeout=t, metadata=md)
