@@ -39,7 +39,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> tuple[_Parser, dict[str, _Parser]]:
     """The parser and its subcommand parsers (to print the right usage)."""
-    p = _Parser(prog="etcd-chatops", description="Operate the etcd clusters behind Kubernetes from Slack, or from here.")
+    p = _Parser(prog="etcd-chatops",
+                description="Operate the etcd clusters behind Kubernetes from Slack, or from here.")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -65,7 +66,8 @@ def _parser() -> tuple[_Parser, dict[str, _Parser]]:
     save = snap_sub.add_parser("save", help="stream a snapshot from a healthy member (a follower if possible) to --dir")
     _add_cluster_args(save)
     save.add_argument("--dir", required=True, help="directory; the file goes to DIR/<name>/<name>-<UTC time>-rev<N>.db")
-    save.add_argument("--name", default=None, help="cluster name used in the file name (default: the --cluster, or 'etcd')")
+    save.add_argument("--name", default=None,
+                      help="cluster name used in the file name (default: the --cluster, or 'etcd')")
     save.add_argument("--age-recipient", action="append", default=[], metavar="AGE1...",
                       help="encrypt with age to this public key (repeatable)")
     save.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -145,7 +147,8 @@ def _check_tls_files(files: dict[str, Path]) -> None:
             # a password callback, so an encrypted key fails here instead of prompting on the terminal
             ssl.create_default_context().load_cert_chain(str(files["cert"]), str(files["key"]), password=lambda: b"")
     except ssl.SSLError:
-        raise UsageFailure(f"--cert/--key: {files['cert']}, {files['key']}: not a PEM certificate and its key") from None
+        raise UsageFailure(f"--cert/--key: {files['cert']}, {files['key']}: "
+                           f"not a PEM certificate and its key") from None
 
 
 def _client_from_args(args: argparse.Namespace):
@@ -412,8 +415,8 @@ def _check_config(args: argparse.Namespace) -> int:
     print(f"  database: {config.database}\n  snapshot_dir: {config.snapshot_dir}")
     for c in config.clusters:
         tls = "mutual TLS" if c.cert else ("TLS" if any(e.startswith("https") for e in c.endpoints) else "plaintext")
-        print(f"  cluster {c.name}: {len(c.endpoints)} endpoint(s), {tls}, channels {', '.join(c.channels) or '(none)'}, "
-              f"launcher {c.launcher.kind}")
+        print(f"  cluster {c.name}: {len(c.endpoints)} endpoint(s), {tls}, "
+              f"channels {', '.join(c.channels) or '(none)'}, launcher {c.launcher.kind}")
     return EXIT_OK
 
 

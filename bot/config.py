@@ -72,7 +72,8 @@ class SnapshotPolicy:
     age_recipients: tuple[str, ...] = ()     # age public keys; empty: not encrypted
     keep_last: int | None = None             # keep the newest N
     keep_days: float | None = None           # keep those younger than D days (a snapshot kept by either rule stays)
-    keep_plan_snapshots_days: float = 30.0   # a plan's pre-change snapshot is kept at least this long, whatever the above say
+    keep_plan_snapshots_days: float = 30.0   # a plan's pre-change snapshot is kept at least this long,
+                                             # whatever the above say
     every_seconds: float | None = None       # take one on a schedule
 
     @property
@@ -147,7 +148,8 @@ class _Table:
     def key(self, name: str) -> str:
         return f"{self.path}.{name}" if self.path else name
 
-    def get(self, name: str, typ: type | tuple[type, ...], default: T, check: Callable[[Any, str], Any] | None = None) -> T:
+    def get(self, name: str, typ: type | tuple[type, ...], default: T,
+            check: Callable[[Any, str], Any] | None = None) -> T:
         self.used.add(name)
         if name not in self.data:
             return default
@@ -160,7 +162,8 @@ class _Table:
             raise ConfigError(f"{self.key(name)}: must be a finite number, not {value}")
         return cast(T, check(value, self.key(name)) if check else value)
 
-    def strings(self, name: str, default: tuple[str, ...] = (), check: Callable[[str, str], str] | None = None) -> tuple[str, ...]:
+    def strings(self, name: str, default: tuple[str, ...] = (),
+                check: Callable[[str, str], str] | None = None) -> tuple[str, ...]:
         values = self.get(name, list, None)
         if values is None:
             return default
@@ -193,14 +196,16 @@ class _Table:
 
 
 def _typename(typ: type | tuple[type, ...]) -> str:
-    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list", dict: "a table"}
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list",
+             dict: "a table"}
     if isinstance(typ, tuple):
         return " or ".join(names.get(t, t.__name__) for t in typ)
     return names.get(typ, typ.__name__)
 
 
 def _kind(value: Any) -> str:
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a table"}.get(type(value), type(value).__name__)
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "a table"}.get(type(value), type(value).__name__)
 
 
 def _url(value: str, key: str) -> str:
@@ -293,7 +298,8 @@ def _launcher(t: _Table) -> LauncherConfig:
     for i, arg in enumerate(argv):
         for placeholder in re.findall(r"\{([^{}]*)\}", arg):
             if placeholder not in LAUNCHER_PLACEHOLDERS:
-                raise ConfigError(f"{t.key('argv')}[{i}]: unknown placeholder {{{placeholder}}} (use {{name}}, {{peer_url}} or {{client_url}})")
+                raise ConfigError(f"{t.key('argv')}[{i}]: unknown placeholder {{{placeholder}}} "
+                                  f"(use {{name}}, {{peer_url}} or {{client_url}})")
     t.done()
     return LauncherConfig(kind=kind, argv=argv, timeout_seconds=timeout)
 
@@ -363,7 +369,8 @@ def _cluster(t: _Table, snapshot_defaults: SnapshotPolicy, approval: ApprovalCon
     username = t.get("username", str, None)
     password = _secret(t, "password")
     if (username is None) != (password is None):
-        raise ConfigError(f"{t.key('username' if username is None else 'password_env')}: username needs password_env or password_file, and back")
+        raise ConfigError(f"{t.key('username' if username is None else 'password_env')}: "
+                          f"username needs password_env or password_file, and back")
     timeout = t.get("timeout_seconds", float, 2.0, _positive)
     catch_up = t.get("catch_up_seconds", float, 300.0, _positive)
     launcher = _launcher(t.table("launcher"))

@@ -82,7 +82,8 @@ async def _snapshot(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user:
         saved = await take_snapshot(ctx, cluster, requested_by=user, reason="requested", channel=channel, on_join=tell)
         answer = blocks.snapshot_reply(saved, joined[0].requested_by if joined else user)
     except SnapshotFailed as e:
-        await ctx.store.audit("snapshot_failed", user=user, channel=channel, cluster=cluster.name, detail={"reason": str(e)})
+        await ctx.store.audit("snapshot_failed", user=user, channel=channel, cluster=cluster.name,
+                              detail={"reason": str(e)})
         answer = blocks.snapshot_failed_reply(cluster.name, str(e))
     if joined and joined[0].channel == channel:  # the channel sees the result from the request it joined
         await ctx.notifier.private_message(channel, user, answer)

@@ -27,7 +27,8 @@ def register(app: AsyncApp, ctx: BotContext) -> None:
             return
         channel, ts = item.get("channel"), item.get("ts")
         user, reaction = event.get("user"), event.get("reaction")
-        if not all(isinstance(v, str) and v for v in (channel, ts, user, reaction)):
+        if not (isinstance(channel, str) and channel and isinstance(ts, str) and ts
+                and isinstance(user, str) and user and isinstance(reaction, str) and reaction):
             return
         event_id = body.get("event_id")
         if event_id and not await ctx.store.first_delivery(event_id):

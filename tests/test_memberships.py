@@ -26,7 +26,8 @@ async def test_one_row_per_change_and_the_last_one_wins(tmp_path):
         members, _ = await store.last_membership("prod")
         assert [Member.from_json(m).name for m in members] == ["member1", "member3"]
         with sqlite3.connect(tmp_path / "etcd-chatops.db") as db:  # a row per change, not per check
-            assert [r[0] for r in db.execute("SELECT cluster FROM memberships ORDER BY id")] == ["prod", "prod", "staging"]
+            clusters = [r[0] for r in db.execute("SELECT cluster FROM memberships ORDER BY id")]
+            assert clusters == ["prod", "prod", "staging"]
     async with open_store(tmp_path) as store:  # it survives a restart
         members, _ = await store.last_membership("prod")
         assert Member.from_json(members[1]) == Member(2, "member3", ("http://10.0.0.1:2380",), ("http://10.0.0.1:2379",))

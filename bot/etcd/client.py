@@ -43,7 +43,6 @@ from bot.etcd.urls import Endpoint, parse_url
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-Metadata = tuple[tuple[str, str], ...] | None  # the auth token, when the cluster has auth on
 
 # How long a learned endpoint's answer waits for a configured endpoint's (which is preferred).
 LEARNED_GRACE = 0.25
@@ -59,14 +58,16 @@ def _transport_reason(details: str) -> tuple[type[EtcdUnavailable], str]:
         # handshake, which gRPC reports as a failed unwrap of the first record.
         if ("certificate_required" in low or "certificate required" in low or "handshake_failure" in low
                 or "alert" in low or "tsi_data_corrupted" in low or "unwrap failed" in low):
-            return EtcdTLSError, "TLS handshake failed: the server wants a client certificate we did not present or did not accept (set cert and key)"
+            return EtcdTLSError, ("TLS handshake failed: the server wants a client certificate we did not present "
+                                  "or did not accept (set cert and key)")
         if "certificate verify failed" in low or "verify" in low:
             return EtcdTLSError, "TLS handshake failed: the server's certificate is not trusted (set cacert)"
         return EtcdTLSError, f"TLS handshake failed ({details.strip()[:200]})"
     if "connection refused" in low:
         return EtcdUnavailable, "connection refused (member down?)"
     if "socket closed" in low or "connection reset" in low or "end of tcp stream" in low or "recvmsg" in low:
-        return EtcdUnavailable, "connection closed by the member (it went away, or a plaintext client reached a TLS port)"
+        return EtcdUnavailable, ("connection closed by the member (it went away, or a plaintext client reached "
+                                 "a TLS port)")
     if "no route to host" in low or "network is unreachable" in low:
         return EtcdUnavailable, "no route to host"
     if "dns" in low or "name resolution" in low or "resolve" in low:

@@ -147,7 +147,8 @@ async def _ask_member(client: EtcdClient, member: Member, timeout: float) -> tup
     """Status from the first of the member's client URLs to answer, and the
     cluster's alarms as that member knows them."""
     if not member.client_urls:
-        return MemberHealth(member, error="unstarted: no client URL published yet" if not member.name else "no client URL"), []
+        return MemberHealth(member, error=("unstarted: no client URL published yet" if not member.name
+                                           else "no client URL")), []
 
     try:
         _, status = await first_success([client.status(u, timeout) for u in member.client_urls],

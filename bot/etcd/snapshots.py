@@ -243,7 +243,8 @@ async def save_snapshot(client: EtcdClient, endpoint: str, member: str, director
             raise SnapshotFailed(f"the stream from {member} broke after {check.size:,} bytes: {e}",
                                  source_failed=True) from None
         if isinstance(e, OSError):
-            raise SnapshotFailed(f"cannot write the snapshot in {target_dir}: {e.strerror or e}; nothing was kept") from None
+            raise SnapshotFailed(f"cannot write the snapshot in {target_dir}: {e.strerror or e}; "
+                                 f"nothing was kept") from None
         if isinstance(e, SnapshotError):
             raise SnapshotFailed(f"the saved data is not a valid snapshot: {e}") from None
         raise

@@ -259,9 +259,9 @@ class ReplaceOperation:
         launcher = self.cluster.launcher
         if launcher.kind == "manual":
             await note(self.ctx, self.record,
-                                f":point_right: Start *{escape(self.plan.new_name)}* on its machine now (runbook step 4):\n"
-                                f"```{escape(manual_instructions(self.plan))}```\nWaiting up to "
-                                f"{launcher.timeout_seconds:g}s for it to join.")
+                       f":point_right: Start *{escape(self.plan.new_name)}* on its machine now (runbook step 4):\n"
+                       f"```{escape(manual_instructions(self.plan))}```\nWaiting up to "
+                       f"{launcher.timeout_seconds:g}s for it to join.")
             return await self._wait(f"{self.plan.new_name} starting", launcher.timeout_seconds,
                                     self._started_and_reachable)
         result = await run_command(launcher, self.plan, self.ctx.secrets())

@@ -172,7 +172,8 @@ async def approve(ctx: BotContext, record: PlanRecord, user: str) -> None:
         current = await store.plan(plan_id) or record
         by = f" by {mention(current.decided_by)}" if current.decided_by else ""
         await _refuse(ctx, record, user, "approve_ignored",
-                      f"plan {plan_id} is {current.state}{by}, not proposed: {mention(user)}'s approval changes nothing.")
+                      f"plan {plan_id} is {current.state}{by}, not proposed: "
+                      f"{mention(user)}'s approval changes nothing.")
 
 
 async def reject(ctx: BotContext, record: PlanRecord, user: str) -> None:
@@ -285,7 +286,8 @@ async def cancel(ctx: BotContext, plan_id: str, user: str, channel: str) -> Outc
     if not await ctx.store.transition(plan_id, [PlanState.PROPOSED], PlanState.CANCELLED, decided_by=user,
                                       decided_at=time.time()):
         return _refused(f"plan {plan_id} is {record.state}; only a proposed plan can be cancelled")
-    await ctx.store.audit("plan_cancelled", user=user, channel=channel, cluster=record.cluster, detail={"plan": plan_id})
+    await ctx.store.audit("plan_cancelled", user=user, channel=channel, cluster=record.cluster,
+                          detail={"plan": plan_id})
     await refresh(ctx, plan_id)
     await note(ctx, record, f":wastebasket: Cancelled by {mention(user)}. Nothing was changed.")
     return Outcome(ephemeral=blocks.Reply(text=f"Plan {plan_id} cancelled."))
@@ -325,6 +327,7 @@ async def expire_stale(ctx: BotContext) -> int:
     n = 0
     for record in await ctx.store.plans(states=(PlanState.PROPOSED,), limit=1000):
         if record.expires_at <= now and await expire(ctx, record):
-            await note(ctx, record, f":hourglass: Plan {record.id} expired unapproved. Propose it again if still needed.")
+            await note(ctx, record,
+                       f":hourglass: Plan {record.id} expired unapproved. Propose it again if still needed.")
             n += 1
     return n

@@ -166,8 +166,9 @@ def plan_replacement(health: ClusterHealth, req: ReplaceRequest, *, newest_snaps
     if not q.ok:
         where = (f"restore the cluster from the newest recorded snapshot, {newest_snapshot}" if newest_snapshot
                  else "restore the cluster from your newest snapshot (none is recorded by this bot)")
-        raise Refusal(f"quorum is lost: {q.healthy} of {q.voting} voting members are healthy and {q.needed} are needed; "
-                      f"no member replacement can fix that", f"{where} (etcdutl snapshot restore on every member)")
+        raise Refusal(f"quorum is lost: {q.healthy} of {q.voting} voting members are healthy and "
+                      f"{q.needed} are needed; no member replacement can fix that",
+                      f"{where} (etcdutl snapshot restore on every member)")
 
     target = health.find(req.failed)
     if target is None and removed is not None:
@@ -177,7 +178,8 @@ def plan_replacement(health: ClusterHealth, req: ReplaceRequest, *, newest_snaps
         raise Refusal(f"no member {req.failed!r} in cluster {health.cluster} (members: {names})")
     if target.healthy:
         raise Refusal(f"{target.member.name or target.member.hex_id} still answers and reports healthy: "
-                      f"a healthy member is not a failed member", "check /etcd status; replace only a member that is down")
+                      f"a healthy member is not a failed member",
+                      "check /etcd status; replace only a member that is down")
 
     _check_new_member(health, req, new_peer, new_client)
     others = [h for h in health.members if h is not target]

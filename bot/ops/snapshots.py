@@ -85,7 +85,7 @@ async def _take(ctx: BotContext, cluster: ClusterConfig, *, requested_by: str, r
     source = health.find(prefer) if prefer else None
     if source is None or not source.healthy:
         source = health.snapshot_source()
-    if source is None:
+    if source is None or source.status is None:  # (a healthy member always has a status)
         raise SnapshotFailed(f"no healthy member of {cluster.name} to take a snapshot from")
     try:
         saved = await save_snapshot(client, source.status.endpoint, source.member.name, ctx.config.snapshot_dir,
@@ -100,7 +100,7 @@ async def _take(ctx: BotContext, cluster: ClusterConfig, *, requested_by: str, r
             raise e from None
         other = next((h for h in health.members if h.healthy and h.member.id != source.member.id
                       and h.member.client_urls), None)
-        if other is None:
+        if other is None or other.status is None:
             raise
         log.warning("snapshot source failed; trying another member",
                     extra={"ctx_cluster": cluster.name, "ctx_failed": source.member.name, "ctx_error": str(e)})

@@ -12,8 +12,8 @@ from bot.output.model import SnapshotView, StatusView, learned_line, member_stat
 from bot.output.tables import table
 from bot.output.units import humanize_bytes
 
-__all__ = ["headline", "learned_line", "member_state", "members_text", "one_line", "quorum_line", "saved_json", "saved_text",
-           "snapshot_line", "status_json", "status_text", "unreachable_text", "verdict"]
+__all__ = ["headline", "learned_line", "member_state", "members_text", "one_line", "quorum_line", "saved_json",
+           "saved_text", "snapshot_line", "status_json", "status_text", "unreachable_text", "verdict"]
 
 
 def headline(view: StatusView) -> str:

@@ -131,6 +131,8 @@ class BotRuntime:
     def http_application(self, slack_events: bool = True) -> web.Application:
         """POST /slack/events for Slack (HTTP mode); /healthz, /readyz and
         /metrics for the orchestrator and Prometheus (both modes)."""
+        if self.app is None:
+            raise RuntimeError("the bot is not started")
         app, metrics, probe = self.app, self.ctx.metrics, ReadinessProbe(self.ctx, self.web)
 
         async def events(request: web.Request) -> web.Response:
@@ -197,7 +199,7 @@ class BotServer:
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
         if self.port == 0:
-            self.port = site._server.sockets[0].getsockname()[1]  # the kernel's choice
+            self.port = self._runner.addresses[0][1]  # the kernel's choice
         if self.socket_mode:
             from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
             slack = self.runtime.slack

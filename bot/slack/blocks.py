@@ -249,14 +249,14 @@ def plan_reply(plan: Plan, view: PlanView) -> Reply:
     failed_name = escape(plan.failed.name or plan.failed.id)
     decided = view.decided_by and view.state in (PlanState.APPROVED, PlanState.REJECTED, PlanState.CANCELLED,
                                                   PlanState.ABANDONED)
+    joins = "joins as a learner, then promoted" if plan.learner else "joins as a voting member (--no-learner)"
     blocks: list[dict[str, Any]] = [
         _header(f"Plan {plan.id}: replace {plan.failed.name or plan.failed.id} in {plan.cluster}"),
         _section(f"*State:* {state}" + (f" (by {mention(view.decided_by or '')})" if decided else "")),
         *sections(f"*Cluster:* `{escape(plan.cluster)}` · quorum now {plan.quorum_now[1]} healthy of "
                   f"{plan.quorum_now[0]} voting\n*Failed member:* {_member_ref(plan.failed)}\n"
                   f"*New member:* *{escape(plan.new_name)}* · peer {escape(plan.new_peer_url)} · client "
-                  f"{escape(plan.new_client_url or '(set by the launcher)')} · "
-                  f"{'joins as a learner, then promoted' if plan.learner else 'joins as a voting member (--no-learner)'}"),
+                  f"{escape(plan.new_client_url or '(set by the launcher)')} · {joins}"),
     ]
     lines = []
     for i, step in enumerate(plan.steps):
@@ -272,9 +272,10 @@ def plan_reply(plan: Plan, view: PlanView) -> Reply:
                 f"replacement after this plan completes.")
         if plan.also_remove:
             gone = ", ".join(m.name or m.id for m in plan.also_remove)
-            text += (f"\nThis plan removes *{escape(gone)}* too (step 2): etcd before 3.6 adds no member while a voting "
-                     f"member is unreachable. Do not restart {escape(gone)} with its old data; replace it next with "
-                     f"`/etcd replace {escape(plan.also_remove[0].name or plan.also_remove[0].id)} <new-name> <new-peer-url>`.")
+            text += (f"\nThis plan removes *{escape(gone)}* too (step 2): etcd before 3.6 adds no member while a "
+                     f"voting member is unreachable. Do not restart {escape(gone)} with its old data; replace it "
+                     f"next with `/etcd replace {escape(plan.also_remove[0].name or plan.also_remove[0].id)} "
+                     f"<new-name> <new-peer-url>`.")
         blocks += sections(text)
     if plan.already_removed_by:
         blocks.append(_section(f":information_source: {failed_name} was removed by plan "

@@ -312,8 +312,9 @@ class Store:
                 won = False
                 if new and count >= needed:
                     won = db.execute("UPDATE plans SET state = ?, decided_by = ?, decided_at = ?, updated_at = ? "
-                                     "WHERE id = ? AND state = ?", [PlanState.APPROVED, user, time.time(),
-                                                                    time.time(), plan_id, PlanState.PROPOSED]).rowcount == 1
+                                     "WHERE id = ? AND state = ?",
+                                     [PlanState.APPROVED, user, time.time(), time.time(), plan_id,
+                                      PlanState.PROPOSED]).rowcount == 1
                 return new, count, won
         return await self._run(fn)
 
@@ -341,19 +342,24 @@ class Store:
     async def step_started(self, plan_id: str, idx: int, key: str) -> None:
         def fn(db: sqlite_utils.Database) -> None:
             with db.atomic():
-                db.execute("INSERT INTO steps (plan_id, idx, key, state, started_at) VALUES (?, ?, ?, 'running', ?) "
-                           "ON CONFLICT(plan_id, idx) DO UPDATE SET state = 'running', started_at = excluded.started_at, "
-                           "finished_at = NULL, error = NULL, attempts = attempts + 1", [plan_id, idx, key, time.time()])
-                db.execute("UPDATE plans SET current_step = ?, updated_at = ? WHERE id = ?", [idx, time.time(), plan_id])
+                db.execute("INSERT INTO steps (plan_id, idx, key, state, started_at) "
+                           "VALUES (?, ?, ?, 'running', ?) "
+                           "ON CONFLICT(plan_id, idx) DO UPDATE SET state = 'running', "
+                           "started_at = excluded.started_at, finished_at = NULL, error = NULL, "
+                           "attempts = attempts + 1", [plan_id, idx, key, time.time()])
+                db.execute("UPDATE plans SET current_step = ?, updated_at = ? WHERE id = ?",
+                           [idx, time.time(), plan_id])
         await self._run(fn)
 
-    async def step_finished(self, plan_id: str, idx: int, state: str, detail: str = "", error: str | None = None) -> None:
+    async def step_finished(self, plan_id: str, idx: int, state: str, detail: str = "",
+                            error: str | None = None) -> None:
         await self._run(lambda db: db.execute(
             "UPDATE steps SET state = ?, finished_at = ?, detail = ?, error = ? WHERE plan_id = ? AND idx = ?",
             [state, time.time(), detail, error, plan_id, idx]))
 
     async def steps(self, plan_id: str) -> list[dict[str, Any]]:
-        return await self._run(lambda db: list(db.query("SELECT * FROM steps WHERE plan_id = ? ORDER BY idx", [plan_id])))
+        return await self._run(lambda db: list(db.query("SELECT * FROM steps WHERE plan_id = ? ORDER BY idx",
+                                                        [plan_id])))
 
     # -- events ---------------------------------------------------------
 
@@ -377,11 +383,13 @@ class Store:
     async def snapshots(self, cluster: str, limit: int = 10, include_pruned: bool = False) -> list[dict[str, Any]]:
         pruned = "" if include_pruned else " AND pruned_at IS NULL"
         return await self._run(lambda db: list(db.query(
-            f"SELECT * FROM snapshots WHERE cluster = ?{pruned} ORDER BY created_at DESC, id DESC LIMIT ?", [cluster, limit])))
+            f"SELECT * FROM snapshots WHERE cluster = ?{pruned} ORDER BY created_at DESC, id DESC LIMIT ?",
+            [cluster, limit])))
 
     async def last_snapshot_at(self, cluster: str, reason: str) -> float | None:
         return await self._run(lambda db: next(db.query(
-            "SELECT MAX(created_at) AS t FROM snapshots WHERE cluster = ? AND reason = ?", [cluster, reason]), {"t": None})["t"])
+            "SELECT MAX(created_at) AS t FROM snapshots WHERE cluster = ? AND reason = ?", [cluster, reason]),
+            {"t": None})["t"])
 
     async def snapshot_for_plan(self, snapshot_id: int, plan_id: str) -> None:
         """Mark a snapshot as a plan's pre-change snapshot (it joined one already running)."""
@@ -389,7 +397,8 @@ class Store:
                                               [plan_id, snapshot_id]))
 
     async def mark_pruned(self, snapshot_id: int) -> None:
-        await self._run(lambda db: db.execute("UPDATE snapshots SET pruned_at = ? WHERE id = ?", [time.time(), snapshot_id]))
+        await self._run(lambda db: db.execute("UPDATE snapshots SET pruned_at = ? WHERE id = ?",
+                                              [time.time(), snapshot_id]))
 
     # -- memberships ----------------------------------------------------
 
@@ -412,7 +421,8 @@ class Store:
     async def last_membership(self, cluster: str) -> tuple[list[dict[str, Any]], float] | None:
         """The last membership the bot recorded for `cluster` and when it last saw it."""
         row = await self._run(lambda db: next(db.query(
-            "SELECT members, recorded_at FROM memberships WHERE cluster = ? ORDER BY id DESC LIMIT 1", [cluster]), None))
+            "SELECT members, recorded_at FROM memberships WHERE cluster = ? ORDER BY id DESC LIMIT 1", [cluster]),
+            None))
         return (json.loads(row["members"]), row["recorded_at"]) if row else None
 
     # -- audit ----------------------------------------------------------
