@@ -227,6 +227,18 @@ def _positive(value: float, key: str) -> float:
     return value
 
 
+MAX_TTL_MINUTES = 7 * 24 * 60
+
+
+def _ttl(value: float, key: str) -> float:
+    """A plan is approved on facts of its proposal: a week is the longest they may wait (and
+    1e308 minutes would overflow the expiry to infinity, a plan that never expires)."""
+    _positive(value, key)
+    if value > MAX_TTL_MINUTES:
+        raise ConfigError(f"{key}: at most {MAX_TTL_MINUTES} (7 days)")
+    return value
+
+
 def _at_least_one(value: int, key: str) -> int:
     if value < 1:
         raise ConfigError(f"{key}: must be 1 or more")
@@ -399,7 +411,7 @@ def parse_config(data: dict, base: Path, source: Path | None = None) -> Config:
         approver_groups=a.strings("approver_groups", check=_slack_id),
         reaction=a.get("reaction", str, "white_check_mark", _reaction),
         reject_reaction=a.get("reject_reaction", str, "x", _reaction),
-        ttl_minutes=a.get("ttl_minutes", float, 30.0, _positive),
+        ttl_minutes=a.get("ttl_minutes", float, 30.0, _ttl),
         allow_self_approval=a.get("allow_self_approval", bool, False),
     )
     if approval.reaction == approval.reject_reaction:
@@ -411,7 +423,7 @@ def parse_config(data: dict, base: Path, source: Path | None = None) -> Config:
             overrides.append((kind, ApprovalRule(
                 approvals_needed=k.get("approvals_needed", int, APPROVALS_NEEDED[kind], _at_least_one),
                 allow_self_approval=k.get("allow_self_approval", bool, approval.allow_self_approval),
-                ttl_minutes=k.get("ttl_minutes", float, approval.ttl_minutes, _positive))))
+                ttl_minutes=k.get("ttl_minutes", float, approval.ttl_minutes, _ttl))))
             k.done()
     approval = replace(approval, overrides=tuple(overrides))
     a.done()

@@ -14,6 +14,8 @@ from slack_bolt.async_app import AsyncApp
 
 from bot.ops import lifecycle
 from bot.ops.context import BotContext
+from bot.slack import blocks
+from bot.store.sqlite import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +33,16 @@ def register(app: AsyncApp, ctx: BotContext) -> None:
                 and isinstance(user, str) and user and isinstance(reaction, str) and reaction):
             return
         event_id = body.get("event_id")
-        if event_id and not await ctx.store.first_delivery(event_id):
-            log.info("duplicate event ignored", extra={"ctx_event_id": event_id})
+        try:
+            if event_id and not await ctx.store.first_delivery(event_id):
+                log.info("duplicate event ignored", extra={"ctx_event_id": event_id})
+                return
+            record = await ctx.store.plan_by_message(channel, ts)
+            if record is not None:
+                await lifecycle.on_reaction(ctx, record, user, reaction)
+        except StoreError as e:
+            # Nothing is decided without the store: the person learns their reaction counted for nothing.
+            log.error("reaction not handled: state store unavailable", extra={"ctx_error": str(e)})
+            await ctx.notifier.private_message(channel, user, blocks.error_reply(
+                f"your :{reaction}: reaction was not acted on: the bot's state store is unavailable: {e}"))
             return
-        record = await ctx.store.plan_by_message(channel, ts)
-        if record is None:
-            return
-        await lifecycle.on_reaction(ctx, record, user, reaction)

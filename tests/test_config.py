@@ -208,6 +208,8 @@ MINIMAL = '[[clusters]]\nname = "a"\nendpoints = ["http://h:1"]\n'
     ('[approval]\nttl_minutes = nan\n', "approval.ttl_minutes: must be a finite number"),
     ('[approval]\nttl_minutes = -inf\n', "approval.ttl_minutes: must be a finite number"),
     ('[approval]\nttl_minutes = -5\n', "approval.ttl_minutes: must be greater than 0"),
+    ('[approval]\nttl_minutes = 1e308\n', "approval.ttl_minutes: at most 10080 (7 days)"),
+    ('[approval.replace]\nttl_minutes = 20000\n', "approval.replace.ttl_minutes: at most 10080 (7 days)"),
     ('database_timeout_seconds = nan\n', "database_timeout_seconds: must be a finite number"),
     ('[snapshots]\nkeep_days = inf\n', "snapshots.keep_days: must be a finite number"),
     ('[snapshots]\nkeep_last = -3\n', "snapshots.keep_last: must be at least 1"),

@@ -259,6 +259,13 @@ async def test_a_database_that_breaks_while_serving(cluster, slack, start_bot, t
         assert r.status == 503 and not body["ready"] and problem in body["checks"]["database"]
         async with http.get(f"{bot.base_url}/healthz") as r:
             assert r.status == 200
+        async with http.get(f"{bot.base_url}/metrics") as r:  # it answered 500
+            assert r.status == 200 and "etcd_chatops_commands_total" in await r.text()
+    posted = [m for m in slack.messages if m.source == "chat.postMessage"]
+    start = len(slack.messages)
+    await slack.react(user=LEAD, channel=CHANNEL, ts=posted[0].ts, reaction=OK)  # it logged a traceback
+    told = await slack.wait_for_message(lambda m: m.ephemeral_to == LEAD, after=start, what="the reaction's answer")
+    assert "reaction was not acted on: the bot's state store is unavailable" in text_of(told)
     assert len([m for m in slack.messages if m.source == "chat.postMessage"]) == 1
     assert not [r for r in caplog.records if r.exc_info or "ack()" in r.getMessage()]
 

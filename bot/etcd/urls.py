@@ -61,6 +61,6 @@ def parse_url(text: str) -> Endpoint:
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        if not _HOSTNAME.match(host):
+        if not _HOSTNAME.fullmatch(host):
             raise ValueError(f"{text!r} is not an http(s)://host:port URL (bad host name)") from None
     return Endpoint(parts.scheme, host, port)

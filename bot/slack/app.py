@@ -31,6 +31,7 @@ from bot.slack.directory import SlackDirectory
 from bot.slack.notifier import SlackNotifier
 from bot.slack.readiness import ReadinessProbe
 from bot.store.records import PlanState
+from bot.store.sqlite import StoreError
 
 log = logging.getLogger(__name__)
 HOUSEKEEPING_SECONDS = 30.0
@@ -152,9 +153,13 @@ class BotRuntime:
                                      status=200 if result.ready else 503)
 
         async def metrics_page(request: web.Request) -> web.Response:
-            counts = await self.ctx.store.plan_counts()
-            for state in PlanState:
-                metrics.plans.labels(state=state.value).set(counts.get(state, 0))
+            try:
+                counts = await self.ctx.store.plan_counts()
+            except StoreError as e:  # the other metrics still tell the story; /readyz says why
+                log.warning("plan counts not exported: state store unavailable", extra={"ctx_error": str(e)})
+            else:
+                for state in PlanState:
+                    metrics.plans.labels(state=state.value).set(counts.get(state, 0))
             return web.Response(body=metrics.exposition(), content_type="text/plain", charset="utf-8",
                                 headers={"X-Content-Type-Options": "nosniff"})
 
