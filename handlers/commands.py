@@ -38,7 +38,7 @@ from bot.ops.lifecycle import Outcome
 from bot.ops.replace import ReplaceRequest
 from bot.ops.routing import RoutingError, resolve_cluster
 from bot.ops.snapshots import RunningSnapshot, take_snapshot
-from bot.slack import blocks
+from bot.output import blocks
 from bot.slack.web import SlackPostError, post
 from bot.store.sqlite import StoreError
 

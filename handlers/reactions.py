@@ -14,7 +14,7 @@ from slack_bolt.async_app import AsyncApp
 
 from bot.ops import lifecycle
 from bot.ops.context import BotContext
-from bot.slack import blocks
+from bot.output import blocks
 from bot.store.sqlite import StoreError
 
 log = logging.getLogger(__name__)

@@ -41,7 +41,7 @@ from bot.etcd.client import EtcdClient
 from bot.etcd.health import ClusterHealth, check_cluster
 from bot.etcd.urls import parse_url
 from bot.ops.commands import SPECS, Command, UsageError, parse
-from bot.slack.blocks import escape
+from bot.output.blocks import escape
 from bot.testing.cluster import LocalCluster, free_port
 from bot.testing.slack import Message, SlackStandIn
 from bot.testing.workspace import CHANNEL, LEAD, LEAD2, LEADS_GROUP, ONCALL, STRANGER, cluster_table

@@ -23,10 +23,12 @@ def core_modules() -> list[str]:
     return sorted(n for n in names if n not in ("bot.etcd.client", "bot.etcd.snapshots")) + ["bot.config"]
 
 
-def loaded_after_import(modules: list[str]) -> set[str]:
+def loaded_after_import(modules: list[str], whole: bool = False) -> set[str]:
+    """The top-level packages (or, `whole`, every module) loaded by importing `modules`."""
+    name = "n" if whole else "n.split('.')[0]"
     code = ("import importlib, json, sys\n"
             f"for m in {modules!r}: importlib.import_module(m)\n"
-            "print(json.dumps(sorted({n.split('.')[0] for n in sys.modules})))")
+            f"print(json.dumps(sorted({{{name} for n in sys.modules}})))")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60, check=True)
     return set(json.loads(out.stdout))
@@ -36,6 +38,7 @@ def test_the_core_loads_no_slack_and_no_http_server() -> None:
     modules = core_modules()
     assert "bot.ops.engine" in modules and "bot.store.sqlite" in modules  # the listing finds the modules
     assert not loaded_after_import(modules) & SLACK
+    assert not [m for m in loaded_after_import(modules, whole=True) if m.startswith("bot.slack")]  # not even ours
 
 
 def test_the_pure_parts_load_without_grpc() -> None:

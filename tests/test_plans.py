@@ -16,7 +16,7 @@ from bot.ops.replace import (
     facts_changed,
     plan_replacement,
 )
-from bot.slack.blocks import PlanView, plan_reply
+from bot.output.blocks import PlanView, plan_reply
 from bot.store.records import PlanState
 from helpers import cluster_health, member_status
 

@@ -20,10 +20,10 @@ from bot.etcd.health import ClusterHealth, MemberHealth
 from bot.etcd.model import Alarm, Member, MemberStatus
 from bot.etcd.snapshots import SavedSnapshot
 from bot.ops.replace import MemberRef, Plan
+from bot.output import blocks
 from bot.output import text as render
+from bot.output.blocks import Mrkdwn, Reply, code, code_block, escape, mention
 from bot.output.model import Verdict, snapshot_view, status_view
-from bot.slack import blocks
-from bot.slack.blocks import Mrkdwn, Reply, code, code_block, escape, mention
 from bot.store.records import PlanKind, PlanRecord, PlanState
 
 ONCALL = "U0ONCALL01"

@@ -15,7 +15,7 @@ from enum import Enum
 
 from bot.config import ClusterConfig, RoleConfig
 from bot.ops.notify import Directory
-from bot.slack.blocks import escape
+from bot.output.blocks import escape
 
 log = logging.getLogger(__name__)
 

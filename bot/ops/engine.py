@@ -21,7 +21,7 @@ from typing import Protocol
 
 from bot.etcd.model import EtcdError
 from bot.ops.context import BotContext
-from bot.slack.blocks import escape
+from bot.output.blocks import escape
 from bot.store.records import PlanKind, PlanRecord, PlanState
 
 log = logging.getLogger(__name__)

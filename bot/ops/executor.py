@@ -25,7 +25,7 @@ from bot.ops.engine import FactsChanged, StepFailed, StepRun, note, register
 from bot.ops.launcher import manual_instructions, run_command
 from bot.ops.replace import config_endpoints, etcd_servers, facts_changed, quorum_after
 from bot.ops.snapshots import take_snapshot
-from bot.slack.blocks import escape
+from bot.output.blocks import escape
 from bot.store.records import PlanKind, PlanRecord
 
 T = TypeVar("T")

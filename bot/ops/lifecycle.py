@@ -21,8 +21,8 @@ from bot.ops.context import BotContext
 from bot.ops.engine import execute, note, refresh
 from bot.ops.notify import NotifyFailed
 from bot.ops.replace import MemberRef, Refusal, ReplaceRequest, plan_replacement
-from bot.slack import blocks
-from bot.slack.blocks import escape, mention
+from bot.output import blocks
+from bot.output.blocks import escape, mention
 from bot.store.records import STOPPED_STATES, PlanKind, PlanRecord, PlanState
 from bot.store.sqlite import OpenPlanExists
 

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from bot.slack.blocks import Reply
+from bot.output.blocks import Reply
 from bot.store.records import PlanRecord
 
 

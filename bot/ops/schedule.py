@@ -14,7 +14,7 @@ from bot.etcd.snapshots import SnapshotFailed
 from bot.ops.context import BotContext
 from bot.ops.notify import NotifyFailed
 from bot.ops.snapshots import take_snapshot
-from bot.slack import blocks
+from bot.output import blocks
 
 log = logging.getLogger(__name__)
 REASON = "scheduled"

@@ -3,7 +3,7 @@ data and hand it to the printer `--write-out` picks, printer.go).
 
 The verdict, the quorum line, each member's state and facts, the list of
 members down: all are decided here and nowhere else. The plain-text, table
-and JSON printers (text.py) and the Block Kit printer (bot/slack/blocks.py)
+and JSON printers (text.py) and the Block Kit printer (bot/output/blocks.py)
 only lay these values out, so the CLI and Slack never disagree.
 
 May import: the etcd layer's data models only (no gRPC, no Slack).

@@ -1,7 +1,7 @@
 """Plain-text, table and JSON printers of the answer models (model.py).
 
 The CLI prints these; the Slack side takes its top-level `text` fallback
-from the same functions (escaped, in bot/slack/blocks.py) and lays out its
+from the same functions (escaped, in bot/output/blocks.py) and lays out its
 Block Kit from the same model, so the two never disagree.
 """
 from __future__ import annotations

@@ -11,7 +11,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from bot.config import Config
 from bot.ops.access import Access, Role
 from bot.ops.notify import NotifyFailed
-from bot.slack import blocks
+from bot.output import blocks
 from bot.slack.web import SlackPostError, ephemeral, post, update
 from bot.store.records import PlanRecord
 

@@ -13,7 +13,7 @@ import aiohttp
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot.slack.blocks import Reply
+from bot.output.blocks import Reply
 
 log = logging.getLogger(__name__)
 
