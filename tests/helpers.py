@@ -116,6 +116,11 @@ async def ephemeral(slack: SlackStandIn, text: str, *, user: str = ONCALL, chann
 
 # ---------------------------------------------------------------- replacement plans
 
+def announcing(step: int) -> Callable[[dict[str, Any]], bool]:
+    """Matches the chat.update that marks `step` running on the plan message (to hold or fail it there)."""
+    return lambda args: f":hourglass_flowing_sand: {step}." in str(args.get("blocks"))
+
+
 APPROVAL = {"approvers": [LEAD, ONCALL], "approver_groups": [LEADS_GROUP], "ttl_minutes": 30,
             "reaction": "white_check_mark", "reject_reaction": "x"}
 OK = "white_check_mark"

@@ -18,6 +18,7 @@ from bot.testing.workspace import CHANNEL, LEAD, LEAD2, STRANGER, cluster_table
 from helpers import (
     APPROVAL,
     OK,
+    announcing,
     audit_actions,
     ephemeral,
     members_of,
@@ -29,10 +30,6 @@ from helpers import (
     urls,
     wait_state,
 )
-
-
-def announcing(step: int):
-    return lambda args: f":hourglass_flowing_sand: {step}." in str(args.get("blocks"))
 
 
 async def hold_at(slack, step: int) -> None:

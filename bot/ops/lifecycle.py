@@ -213,9 +213,13 @@ async def _plan_for(ctx: BotContext, plan_id: str, channel: str) -> PlanRecord |
     return record if record is not None and record.channel == channel else None
 
 
-async def _approver_refusal(ctx: BotContext, record: PlanRecord, user: str, what: str) -> Outcome | None:
+async def _stopped_plan(ctx: BotContext, plan_id: str, user: str, channel: str, what: str) -> PlanRecord | Outcome:
+    """The plan an approver resumes or abandons, or the refusal to answer instead (audited)."""
+    record = await _plan_for(ctx, plan_id, channel)
+    if record is None:
+        return _refused(f"no plan {plan_id!r} in this channel", "see /etcd plans")
     if await _is_approver(ctx, record, user):
-        return None
+        return record
     await ctx.store.audit(f"{what}_refused", user=user, channel=record.channel, cluster=record.cluster,
                           detail={"plan": record.id, "missing_role": "approver"})
     return _refused(f"{what}ing plan {record.id} needs the approver role, which you do not hold "
@@ -223,11 +227,9 @@ async def _approver_refusal(ctx: BotContext, record: PlanRecord, user: str, what
 
 
 async def resume(ctx: BotContext, plan_id: str, user: str, channel: str) -> Outcome:
-    record = await _plan_for(ctx, plan_id, channel)
-    if record is None:
-        return _refused(f"no plan {plan_id!r} in this channel", "see /etcd plans")
-    if (refusal := await _approver_refusal(ctx, record, user, "resum")) is not None:
-        return refusal
+    record = await _stopped_plan(ctx, plan_id, user, channel, "resum")
+    if isinstance(record, Outcome):
+        return record
     if record.state not in STOPPED_STATES:
         return _refused(f"plan {plan_id} is {record.state}; only an interrupted or failed plan can be resumed")
     start = record.current_step
@@ -246,11 +248,9 @@ async def resume(ctx: BotContext, plan_id: str, user: str, channel: str) -> Outc
 async def abandon(ctx: BotContext, plan_id: str, reason: str, user: str, channel: str) -> Outcome:
     """Close a stopped plan without undoing anything, so a new one can be made;
     says which steps had run, since those changes stay."""
-    record = await _plan_for(ctx, plan_id, channel)
-    if record is None:
-        return _refused(f"no plan {plan_id!r} in this channel", "see /etcd plans")
-    if (refusal := await _approver_refusal(ctx, record, user, "abandon")) is not None:
-        return refusal
+    record = await _stopped_plan(ctx, plan_id, user, channel, "abandon")
+    if isinstance(record, Outcome):
+        return record
     if record.state not in STOPPED_STATES:
         hint = {PlanState.PROPOSED: f"a proposed plan is cancelled instead: `/etcd cancel {plan_id}`",
                 PlanState.APPROVED: "it is about to run; let it finish or fail first",
