@@ -30,7 +30,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from bot.config import ClusterConfig
 from bot.etcd.model import EtcdError
 from bot.etcd.snapshots import SnapshotFailed
-from bot.ops import lifecycle
+from bot.ops import lifecycle, recovery
 from bot.ops.access import COMMAND_ROLES
 from bot.ops.commands import SPECS, Command, UsageError, general_usage, parse
 from bot.ops.context import BotContext
@@ -95,6 +95,15 @@ async def _snapshots(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user
     return Outcome(channel=blocks.snapshots_reply(cluster.name, await ctx.store.snapshots(cluster.name, limit=15)))
 
 
+async def _restore(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user: str, channel: str) -> Outcome:
+    return await recovery.propose_restore(ctx, cluster, cmd.args.get("snapshot"), "force" in cmd.flags, user, channel,
+                                          cmd.spec.usage)
+
+
+async def _continue(ctx: BotContext, cmd: Command, cluster: None, user: str, channel: str) -> Outcome:
+    return await recovery.continue_plan(ctx, cmd.args["plan_id"], user, channel)
+
+
 async def _cancel(ctx: BotContext, cmd: Command, cluster: None, user: str, channel: str) -> Outcome:
     return await lifecycle.cancel(ctx, cmd.args["plan_id"], user, channel)
 
@@ -112,6 +121,7 @@ WORK: dict[str, tuple[Work, bool]] = {
     "status": (_status, True), "members": (_status, True), "replace": (_replace, True), "plans": (_plans, True),
     "snapshot": (_snapshot, True), "snapshots": (_snapshots, True),
     "cancel": (_cancel, False), "resume": (_resume, False), "abandon": (_abandon, False),
+    "restore": (_restore, True), "continue": (_continue, False),
 }
 
 

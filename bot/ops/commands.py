@@ -49,6 +49,10 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
     Spec("resume", ("plan-id",), summary="continue an interrupted or failed plan from its step (approvers)"),
     Spec("abandon", ("plan-id", "reason"), rest=True,
          summary="close an interrupted or failed plan without undoing anything, so a new one can be made (approvers)"),
+    Spec("restore", ("[snapshot]",), ("--cluster",), ("--force",),
+         summary="propose restoring every member from a verified snapshot (after a quorum loss; --force to roll back a "
+                 "healthy cluster); runs after 2 approvers' reactions"),
+    Spec("continue", ("plan-id",), summary="confirm a manual stage of a restore plan (approvers)"),
     Spec("help", summary="this help"),
 )}
 

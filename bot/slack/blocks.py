@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from bot.etcd.health import ClusterHealth
 from bot.ops.replace import MemberRef, Plan
+from bot.ops.restore import K8S_AFTER, K8S_BEFORE, RestorePlan, bump_note
 from bot.output import text as render
 from bot.output.model import LEADERLESS, MemberView, Verdict, snapshot_view, status_view
 from bot.output.units import humanize_bytes
@@ -241,10 +242,12 @@ class PlanView:
     approvals_needed: int = 1
 
 
-def plan_reply(plan: Plan, view: PlanView) -> Reply:
+def plan_reply(plan: Plan | RestorePlan, view: PlanView) -> Reply:
     """The plan message: everything an approver needs to decide, and progress.
     Long values never push a step or the environment out: they spill into
     more sections."""
+    if isinstance(plan, RestorePlan):
+        return restore_plan_reply(plan, view)
     state = STATE_WORD.get(view.state, view.state.upper())
     failed_name = escape(plan.failed.name or plan.failed.id)
     decided = view.decided_by and view.state in (PlanState.APPROVED, PlanState.REJECTED, PlanState.CANCELLED,
@@ -301,6 +304,80 @@ def plan_reply(plan: Plan, view: PlanView) -> Reply:
     return Reply(text=text, blocks=blocks)
 
 
+def _ago(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def restore_plan_reply(plan: RestorePlan, view: PlanView, now: float | None = None) -> Reply:
+    """A restore plan: the snapshot, why it may run, the members and each one's exact etcdutl command."""
+    import time
+    now = time.time() if now is None else now
+    state = STATE_WORD.get(view.state, view.state.upper())
+    snap = plan.snapshot
+    decided = view.decided_by and view.state in (PlanState.APPROVED, PlanState.REJECTED, PlanState.CANCELLED,
+                                                  PlanState.ABANDONED)
+    voting, healthy = plan.quorum_now
+    if plan.force:
+        gate = (f":warning: *--force: the cluster has quorum* ({healthy} of {voting} healthy). This is a rollback: "
+                f"*{plan.revisions_lost} revisions will be lost* (current revision {plan.current_revision}, "
+                f"snapshot {snap.revision}).")
+    else:
+        gate = (f"*Quorum is lost:* {healthy} of {voting} voting members healthy, {voting // 2 + 1} needed "
+                "(checked by the bot; checked again before the members are stopped).")
+    source = ("the live member list" if plan.membership_source == "live"
+              else "the last membership the bot recorded (no member answers)")
+    blocks: list[dict[str, Any]] = [
+        _header(f"Plan {plan.id}: restore {plan.cluster} from a snapshot"),
+        _section(f"*State:* {state}" + (f" (by {mention(view.decided_by or '')})" if decided else "")),
+        *sections(f"*Snapshot:* {code(snap.file_name)}{' (age-encrypted)' if snap.encrypted else ''} · revision "
+                  f"{snap.revision} · hash {code(snap.hash)} · {snap.total_keys} keys · "
+                  f"{humanize_bytes(snap.total_size)}"
+                  f" · file {humanize_bytes(snap.file_size)} · taken {_ago(now - snap.created_at)} ago from "
+                  f"{escape(snap.member)}\n*sha256:* {code(snap.sha256)}\n*Stored at:* {code(snap.path)} "
+                  "(on the bot's host)"),
+    ]
+    if plan.newer:
+        blocks += sections(f":warning: {len(plan.newer)} newer verified snapshot(s) exist: "
+                           f"{escape(', '.join(plan.newer))}. Restoring an older one is deliberate only if the newer "
+                           "ones may hold the bad data.")
+    blocks += sections(gate)
+    blocks += sections(f"*Members* ({len(plan.members)}, from {source}, seen {_ago(now - plan.membership_seen_at)} "
+                       f"ago):\n" + "\n".join(f"• *{escape(m.name)}* · peer {escape(m.peer_url)} · client "
+                                               f"{_urls(m.client_urls)} · data dir {code(m.data_dir)}"
+                                               for m in plan.members))
+    steps = [f"{STEP_ICON.get(view.step_states.get(i, 'pending'), ':white_square:')} {i}. {escape(step.title)}"
+             for i, step in enumerate(plan.steps)]
+    blocks += sections("*Steps*\n" + "\n".join(steps))
+    how = ("the launcher runs `stop`, `restore` and `start` for each member" if plan.launcher == "command"
+           else "manual launcher: run these on each host when the thread asks, then `/etcd continue " + plan.id + "`")
+    blocks.append(_section(f"*etcdutl snapshot restore on every member* (new cluster token, unique to this restore; "
+                           f"{escape(how)}):"))
+    commands = "\n".join(f"# {m.name}\n" + " ".join(plan.restore_args(m, snap.path.removesuffix('.age')))
+                         for m in plan.members)
+    blocks += sections(escape(commands), code=True)
+    blocks += sections(f"*Kubernetes:* {escape(K8S_BEFORE)} {escape(K8S_AFTER)}\n:information_source: "
+                       f"{escape(bump_note(plan))}")
+    if view.error:
+        blocks += sections(f":x: *Failed:* {escape(view.error)}")
+    approved = (f" · approvals {len(view.approvals)} of {view.approvals_needed}"
+                + (f" ({', '.join(mention(u) for u in view.approvals)})" if view.approvals else ""))
+    blocks.append(_context(f"Proposed by {mention(view.proposer)} (cannot approve it) · approvers: {view.approvers}"
+                           f"{approved} · expires {slack_date(view.expires_at)} · plan ID `{plan.id}`"))
+    text = (f"Plan {plan.id}: restore {escape(plan.cluster)} from {escape(snap.file_name)} (revision {snap.revision}):"
+            f" {state}. Proposed by {mention(view.proposer)}")
+    if view.state == PlanState.PROPOSED:
+        blocks.append(_context(f"{view.approvals_needed} approvers react with :{view.reaction}: to approve; "
+                               f":{view.reject_reaction}: rejects (approver or proposer)."))
+        text += f"; {view.approvals_needed} approvers of {view.approvers} react :{view.reaction}: to approve."
+    else:
+        text += "."
+    return Reply(text=text, blocks=blocks)
+
+
 @dataclass(frozen=True)
 class PlanLine:
     """What `/etcd plans` shows of one plan: the few fields it reads."""
@@ -317,6 +394,10 @@ class PlanLine:
     @classmethod
     def of(cls, record: PlanRecord) -> PlanLine:
         p = record.plan
+        if isinstance(p, RestorePlan):  # "restore from <file>" reads as what the plan does
+            return cls(id=record.id, state=record.state, failed="", new_name=p.snapshot.file_name,
+                       proposer=record.proposer, created_at=record.created_at, decided_by=record.decided_by,
+                       error=record.error)
         return cls(id=record.id, state=record.state, failed=p.failed.name or p.failed.id, new_name=p.new_name,
                    proposer=record.proposer, created_at=record.created_at, decided_by=record.decided_by,
                    error=record.error)
@@ -341,8 +422,10 @@ def plans_reply(cluster: str, records: list[PlanRecord]) -> Reply:
     lines = []
     for p in map(PlanLine.of, records):  # the state, what and who, and why it is in that state
         reason = p.reason()
-        lines.append(f"{code(p.id)} {STATE_WORD.get(p.state, p.state).split(' —')[0]} · replace {_item(p.failed)} "
-                     f"with {_item(p.new_name)} · by {mention(p.proposer)} · {slack_date(p.created_at)}"
+        what = (f"replace {_item(p.failed)} with {_item(p.new_name)}" if p.failed
+                else f"restore from {_item(p.new_name)}")
+        lines.append(f"{code(p.id)} {STATE_WORD.get(p.state, p.state).split(' —')[0]} · {what} · "
+                     f"by {mention(p.proposer)} · {slack_date(p.created_at)}"
                      + (f" · {reason}" if reason else ""))
     title = f"Recent plans for {escape(cluster)}"
     return Reply(text=f"{title}:\n" + "\n".join(lines), blocks=[_section(f"*{title}*"), _section("\n".join(lines))])

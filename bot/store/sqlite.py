@@ -470,6 +470,12 @@ class Store:
             "SELECT 1 FROM audit WHERE action = ? AND user = ? AND json_extract(detail, '$.plan') = ? LIMIT 1",
             [action, user, plan_id]), None) is not None)
 
+    async def continued(self, plan_id: str, since: float) -> bool:
+        """Whether an approver confirmed a manual stage of the plan (`/etcd continue`) at or after `since`."""
+        return await self._run(lambda db: next(db.query(
+            "SELECT 1 FROM audit WHERE action = 'plan_continued' AND ts >= ? AND json_extract(detail, '$.plan') = ? "
+            "LIMIT 1", [since, plan_id]), None) is not None)
+
     async def audit_rows(self, since: float | None = None) -> list[dict[str, Any]]:
         return await self._run(lambda db: list(db.query(
             "SELECT * FROM audit WHERE ts >= ? ORDER BY id", [since or 0])))

