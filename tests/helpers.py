@@ -133,6 +133,11 @@ async def propose(slack, text: str, user: str = ONCALL) -> Message:
         after=start, timeout=30, what=f"the plan message for /etcd {text}")
 
 
+def announcing(step: int):
+    """Matches the chat.update that marks `step` running on the plan message (stall it to stop a plan there)."""
+    return lambda args: f":hourglass_flowing_sand: {step}." in str(args.get("blocks"))
+
+
 def replies(slack, plan: Message) -> list[Message]:
     return [m for m in slack.messages if m.thread_ts == plan.ts]
 

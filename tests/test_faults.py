@@ -27,6 +27,7 @@ from bot.testing.workspace import CHANNEL, LEAD, BotProcess, cluster_table, writ
 from helpers import (
     APPROVAL,
     OK,
+    announcing,
     audit_actions,
     ephemeral,
     members_of,
@@ -39,11 +40,6 @@ from helpers import (
     urls,
     wait_done,
 )
-
-
-def announcing(step: int):
-    """Matches the chat.update that marks `step` running on the plan message."""
-    return lambda args: f":hourglass_flowing_sand: {step}." in str(args.get("blocks"))
 
 
 async def _health(cluster):

