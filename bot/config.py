@@ -88,6 +88,7 @@ class SnapshotPolicy:
     keep_plan_snapshots_days: float = 30.0   # a plan's pre-change snapshot is kept at least this long,
                                              # whatever the above say
     every_seconds: float | None = None       # take one on a schedule
+    drill_every_seconds: float | None = None  # restore-drill the newest snapshot on a schedule
 
     @property
     def encrypted(self) -> bool:
@@ -292,10 +293,12 @@ def _snapshot_policy(t: _Table, default: SnapshotPolicy) -> SnapshotPolicy:
     keep_days = t.get("keep_days", float, default.keep_days, _positive)
     keep_plan_days = t.get("keep_plan_snapshots_days", float, default.keep_plan_snapshots_days, _positive)
     every = t.get("every", str, None, _duration)
+    drill_every = t.get("drill_every", str, None, _duration)
     t.done()
     return SnapshotPolicy(age_recipients=recipients, keep_last=keep_last, keep_days=keep_days,
                           keep_plan_snapshots_days=keep_plan_days,
-                          every_seconds=every if every is not None else default.every_seconds)
+                          every_seconds=every if every is not None else default.every_seconds,
+                          drill_every_seconds=drill_every if drill_every is not None else default.drill_every_seconds)
 
 
 def _launcher(t: _Table) -> LauncherConfig:

@@ -417,6 +417,14 @@ class EtcdClient:
             return int(r.hash), int(r.compact_revision), int(r.header.revision)
         return await self.call(parse_url(endpoint).url, fn, timeout)
 
+    async def count_keys(self, endpoint: str, timeout: float | None = None) -> tuple[int, int]:
+        """(live keys, revision) of one member: a serializable count-only read of the whole key space."""
+        async def fn(ch: grpc.aio.Channel, md: Metadata, t: float) -> tuple[int, int]:
+            r = await rpc.KVStub(ch).Range(rpc.RangeRequest(key=b"\0", range_end=b"\0", count_only=True,
+                                                            serializable=True), timeout=t, metadata=md)
+            return int(r.count), int(r.header.revision)
+        return await self.call(parse_url(endpoint).url, fn, timeout)
+
     async def snapshot(self, endpoint: str, idle_timeout: float = SNAPSHOT_IDLE_TIMEOUT) -> SnapshotStream:
         """Open Maintenance.Snapshot on one member; read it with `async for`."""
         endpoint = parse_url(endpoint).url

@@ -33,6 +33,7 @@ class SnapshotRef:
     encrypted: bool
     created_at: float
     member: str
+    live_keys: int | None = None   # distinct live user keys (what a booted etcd counts)
 
     @property
     def file_name(self) -> str:
@@ -43,7 +44,7 @@ class SnapshotRef:
         return cls(id=row["id"], path=row["path"], revision=row["revision"], hash=str(row["hash"]),
                    total_keys=row["total_keys"], total_size=row["total_size"], file_size=row["file_size"],
                    sha256=row["sha256"], encrypted=bool(row["encrypted"]), created_at=row["created_at"],
-                   member=row["member"])
+                   member=row["member"], live_keys=row.get("live_keys"))
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from bot.store.records import PlanRecord, PlanState
 
 if TYPE_CHECKING:  # the snapshot stream is gRPC; only its result type is needed here
     from bot.etcd.snapshots import SavedSnapshot
+    from bot.ops.drill import DrillResult
 
 MAX_SECTION = 2900  # Slack's limit is 3000 characters per text object
 
@@ -482,7 +483,10 @@ def snapshot_joined_reply(cluster: str, started_by: str, started_at: float) -> R
         f"{mention(started_by)} at {slack_date(started_at)}; you will get its result")])
 
 
-def snapshots_reply(cluster: str, rows: list[dict[str, Any]]) -> Reply:
+def snapshots_reply(cluster: str, rows: list[dict[str, Any]],
+                    drills: Mapping[int, dict[str, Any]] | None = None) -> Reply:
+    """The catalog, newest first, each with its last restore drill when it had one."""
+    drills = drills or {}
     if not rows:
         return Reply(text=f"No snapshots recorded for {escape(cluster)} yet. Take one with /etcd snapshot.")
     lines = []
@@ -491,10 +495,23 @@ def snapshots_reply(cluster: str, rows: list[dict[str, Any]]) -> Reply:
             code(render.one_line(_basename(r["path"]))), f"rev {r['revision']}", f"hash {_item(str(r['hash']))}",
             f"{r['total_keys']} keys", humanize_bytes(r["total_size"]), _item(r["member"]), mention(r["requested_by"]),
             slack_date(r["created_at"]), *([":lock:"] if r["encrypted"] else []),
-            *([_item(r["reason"])] if r.get("reason") else [])]))
+            *([_item(r["reason"])] if r.get("reason") else []),
+            *([_drill_mark(drills[r["id"]])] if r.get("id") in drills else [])]))
     title = f"Snapshots of {escape(cluster)}"
     return Reply(text=f"{title} (newest first):\n" + "\n".join(lines),
                  blocks=[_section(f"*{title}* (newest first)"), _section("\n".join(lines))])
+
+
+def _drill_mark(d: Mapping[str, Any]) -> str:
+    return f"drill {'passed' if d['ok'] else 'FAILED'} {slack_date(d['at'])}"
+
+
+def drill_reply(result: DrillResult, requested_by: str) -> Reply:
+    """A drill's outcome: the snapshot boots (and matches the catalog), or why not."""
+    head = (f":white_check_mark: Restore drill of {escape(result.snapshot)} ({escape(result.cluster)}) passed"
+            if result.ok else f":x: Restore drill of {escape(result.snapshot)} ({escape(result.cluster)}) FAILED")
+    text = f"{head} in {result.seconds:.1f}s: {escape(result.detail)}"
+    return Reply(text=text, blocks=[*sections(text), _context(f"asked by {mention(requested_by)}")])
 
 
 def _basename(path: str) -> str:
