@@ -52,7 +52,9 @@ class ApprovalConfig:
 
     def rule(self, kind: str) -> ApprovalRule:
         """The kind's override, else the top-level keys with the kind's default number of approvers."""
-        return dict(self.overrides).get(kind) or ApprovalRule(APPROVALS_NEEDED.get(kind, 1), self.allow_self_approval,
+        # A restore's proposer never counts as an approver unless [approval.restore] says so explicitly.
+        return dict(self.overrides).get(kind) or ApprovalRule(APPROVALS_NEEDED.get(kind, 1),
+                                                              self.allow_self_approval and kind != "restore",
                                                               self.ttl_minutes)
 
 
@@ -449,7 +451,7 @@ def parse_config(data: dict, base: Path, source: Path | None = None) -> Config:
         if rule is not None and "approvals_needed" in a.data["restore"]:
             raise ConfigError(f"{a.key('restore_approvals')}: give it or approval.restore.approvals_needed, not both")
         overrides = [o for o in overrides if o[0] != "restore"]
-        base_rule = rule or ApprovalRule(2, approval.allow_self_approval, approval.ttl_minutes)
+        base_rule = rule or approval.rule("restore")
         overrides.append(("restore", replace(base_rule, approvals_needed=restore_approvals)))
     approval = replace(approval, overrides=tuple(overrides))
     a.done()
