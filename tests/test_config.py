@@ -336,6 +336,8 @@ def test_restore_approvals_under_either_spelling_and_the_restore_table(tmp_path,
     canonical = load_config(write(tmp_path, "[approval.restore]\napprovals_needed = 3\n" + cluster))
     assert issue.approval.rule("restore") == canonical.approval.rule("restore")
     assert issue.approval.rule("restore").approvals_needed == 3
+    lenient = load_config(write(tmp_path, "[approval]\nallow_self_approval = true\n" + cluster)).approval
+    assert lenient.rule("replace").allow_self_approval and not lenient.rule("restore").allow_self_approval
 
 
 @pytest.mark.parametrize("snippet, message", [

@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 from base64 import b64decode
 from pathlib import Path
+
+import pytest
 
 from bot.testing.workspace import CHANNEL, LEAD, LEAD2, ONCALL, BotProcess, cluster_table, write_config
 from helpers import (
@@ -53,24 +58,29 @@ async def approve_twice(slack, plan) -> None:
         await slack.react(user=user, channel=CHANNEL, ts=plan.ts, reaction=OK)
 
 
-async def test_restore_after_quorum_loss_brings_back_exactly_the_snapshot(make_cluster, slack, start_bot):
-    c = make_cluster(3)
+@pytest.mark.parametrize("size", [3, 5])
+async def test_restore_after_quorum_loss_brings_back_exactly_the_snapshot(make_cluster, slack, start_bot, size):
+    c = make_cluster(size)
+    names = [f"member{i}" for i in range(1, size + 1)]
+    killed = names[:size // 2 + 1]  # one more than the quorum tolerates
     bot = await start_bot([cluster_table("prod", c)], approval=APPROVAL)
     store = bot.ctx.store
     before, revision = await snapshot_of(slack, bot.ctx.store, c)
     c.etcdctl("put", "/registry/later", "written after the snapshot")
-    c.kill("member1")
-    c.kill("member2")
+    for name in killed:
+        c.kill(name)
 
     plan = await propose(slack, "restore")
     row = await plan_row(store, plan)
     plan_text = "\n".join([plan.text or ""] + [json.dumps(plan.blocks)])
     token = row.plan.token
-    for m in ("member1", "member2", "member3"):
+    for m in names:
         assert f"--name {m}" in plan_text and c.member(m).peer_url in plan_text
-    for expected in ("Quorum is lost", "1 of 3", f"revision {revision}", "--initial-cluster-token " + token,
-                     "--initial-advertise-peer-urls", "--data-dir", "sha256", "kube-apiserver", "3.5.1",
-                     "--bump-revision", "live member list", "approvals 0 of 2"):
+    initial = ",".join(f"{n}={c.member(n).peer_url}" for n in names)
+    for expected in ("Quorum is lost", f"{size - len(killed)} of {size}", f"revision {revision}",
+                     f"--initial-cluster {initial} --initial-cluster-token {token}", "--initial-advertise-peer-urls",
+                     "--data-dir", "sha256", "kube-apiserver", "3.5.1", "--bump-revision",
+                     "live member list", "approvals 0 of 2"):
         assert expected in plan_text, f"{expected!r} missing from the restore plan"
 
     # The proposer cannot approve; one approval is not enough.
@@ -79,18 +89,18 @@ async def test_restore_after_quorum_loss_brings_back_exactly_the_snapshot(make_c
     await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
     await slack.wait_for(lambda: "Approval 1 of 2" in thread(slack, plan), what="the first approval")
     assert (await store.plan(row.id)).state == "proposed"
-    assert not c.running("member1") and c.running("member3")  # nothing was stopped or started
+    assert not c.running("member1") and c.running(names[-1])  # nothing was stopped or started
 
     await slack.react(user=LEAD2, channel=CHANNEL, ts=plan.ts, reaction=OK)
     await wait_done(store, row.id, timeout=180)
     after = keys(c)
     assert after == before and "/registry/later" not in after
     assert len(hashes(c, revision)) == 1
-    assert sorted(h.member.name for h in await members_of(c) if h.healthy) == ["member1", "member2", "member3"]
+    assert sorted(h.member.name for h in await members_of(c) if h.healthy) == names
     t = thread(slack, plan)
     assert "Kubernetes follow-ups" in t and f"restored to revision {revision}" in t and "HashKV" in t
     aside = [p.name for p in (c.base_dir / "data").iterdir() if ".before-restore-" in p.name]
-    assert sorted(a.split(".")[0] for a in aside) == ["member1", "member2", "member3"]  # never deleted
+    assert sorted(a.split(".")[0] for a in aside) == names  # never deleted
 
 
 async def test_force_is_required_while_quorum_holds(make_cluster, slack, start_bot):
@@ -196,4 +206,44 @@ async def test_the_bot_killed_between_restore_and_start_resumes(make_cluster, sl
     async with open_store(tmp_path) as store:
         actions = await audit_actions(store, row.id)
     assert actions.count(("step_done", "restore")) == 1 and actions.count(("step_done", "start")) == 1
+    assert keys(c) == before and len(hashes(c, revision)) == 1
+
+
+async def test_with_the_manual_launcher_each_stage_waits_for_continue(make_cluster, slack, start_bot):
+    c = make_cluster(3)
+    table = cluster_table("prod", c, launcher={"kind": "manual", "timeout_seconds": 90})
+    bot = await start_bot([table], approval=APPROVAL)
+    store = bot.ctx.store
+    before, revision = await snapshot_of(slack, store, c, n=3)
+    c.etcdctl("put", "/registry/later", "x")
+    c.kill("member1")
+    c.kill("member2")
+    plan = await propose(slack, "restore")
+    row = await plan_row(store, plan)
+    p = row.plan
+    assert f"/etcd continue {row.id}" in json.dumps(plan.blocks)
+    await approve_twice(slack, plan)
+
+    async def stage(action: str, do) -> None:
+        await slack.wait_for(lambda: f":point_right: *{action}*" in thread(slack, plan), timeout=60,
+                             what=f"the {action} instructions")
+        assert (await store.plan(row.id)).state == "running"
+        await asyncio.to_thread(do)
+        await ephemeral(slack, f"continue {row.id}", user=LEAD)
+
+    def restore_all() -> None:  # what the operator types on each host, from the plan
+        etcdutl = str(Path(c.etcd).with_name("etcdutl"))
+        for m in p.members:
+            Path(m.data_dir).rename(m.data_dir + ".before-manual")
+            subprocess.run([etcdutl, *p.restore_args(m, p.snapshot.path)[1:]], check=True, capture_output=True)
+
+    def start_all() -> None:
+        procs = [subprocess.Popen([sys.executable, "-m", "bot.testing.start_member", "--base-dir", str(c.base_dir)],
+                                  env={**os.environ, **p.environment(m, "start")}) for m in p.members]
+        assert [proc.wait(60) for proc in procs] == [0, 0, 0]
+
+    await stage("stop", lambda: c.stop("member3"))
+    await stage("restore", restore_all)
+    await stage("start", start_all)
+    await wait_done(store, row.id, timeout=120)
     assert keys(c) == before and len(hashes(c, revision)) == 1
