@@ -235,8 +235,8 @@ class RestoreOperation:
                                                           if r.output_tail.strip() else "") for m, r in failed)
             raise StepFailed(f"{action} failed on {len(failed)} of {len(results)} members: {detail}",
                              "fix the launcher or the member by hand, then /etcd resume the plan")
-        return "; ".join(f"{m.name}: {r.summary}" + (f" ({r.output_tail.strip().splitlines()[-1]})"
-                                                      if r.output_tail.strip() else "")
+        # done: each member's last output line (what the launcher says it did), else its exit status
+        return "; ".join(f"{m.name}: {r.output_tail.strip().splitlines()[-1] if r.output_tail.strip() else r.summary}"
                          for m, r in zip(self.plan.members, results, strict=True))
 
     async def _manual(self, action: str, snapshot_path: str | None) -> str:
@@ -376,10 +376,11 @@ class RestoreOperation:
 
     async def step_followups(self) -> str:
         p = self.plan
-        took = time.time() - self.record.created_at
+        steps = await self.ctx.store.steps(p.id)
+        took = time.time() - min((s["started_at"] for s in steps), default=time.time())
         await note(self.ctx, self.record,
                    f":clipboard: *Kubernetes follow-ups*\n1. {K8S_AFTER}\n2. {escape(bump_note(p))}\n"
                    f"*Summary:* {escape(p.cluster)} restored to revision {p.snapshot.revision} "
                    f"({p.snapshot.total_keys} keys) from {escape(p.snapshot.file_name)} on {len(p.members)} members, "
-                   f"new cluster token `{escape(p.token)}`; {took:.0f}s since the plan was proposed.")
+                   f"new cluster token `{escape(p.token)}`; took {took:.1f}s from the first step.")
         return f"restored revision {p.snapshot.revision}, {p.snapshot.total_keys} keys"
