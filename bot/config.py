@@ -20,7 +20,7 @@ T = TypeVar("T")
 
 CLUSTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")  # always fullmatch: `$` lets a trailing newline in
 SLACK_ID = re.compile(r"[A-Z0-9]{2,}")
-LAUNCHER_PLACEHOLDERS = ("name", "peer_url", "client_url")
+LAUNCHER_PLACEHOLDERS = ("name", "peer_url", "client_url", "action")
 
 
 class ConfigError(Exception):
@@ -52,7 +52,9 @@ class ApprovalConfig:
 
     def rule(self, kind: str) -> ApprovalRule:
         """The kind's override, else the top-level keys with the kind's default number of approvers."""
-        return dict(self.overrides).get(kind) or ApprovalRule(APPROVALS_NEEDED.get(kind, 1), self.allow_self_approval,
+        # A restore's proposer never counts as an approver unless [approval.restore] says so explicitly.
+        return dict(self.overrides).get(kind) or ApprovalRule(APPROVALS_NEEDED.get(kind, 1),
+                                                              self.allow_self_approval and kind != "restore",
                                                               self.ttl_minutes)
 
 
@@ -63,6 +65,19 @@ class LauncherConfig:
     kind: str = "manual"                 # "manual" | "command"
     argv: tuple[str, ...] = ()
     timeout_seconds: float = 900.0       # manual: wait for a human; command: wait for the command
+
+    @property
+    def has_actions(self) -> bool:
+        """An argv with {action} can also stop members and restore their data (restore plans need it)."""
+        return any("{action}" in arg for arg in self.argv)
+
+
+@dataclass(frozen=True)
+class RestoreConfig:
+    """`[clusters.restore]`: what a restore plan needs that etcd cannot tell."""
+
+    data_dir: str = "/var/lib/etcd"               # each member's data directory; may contain {name}
+    age_identity: str | None = field(default=None, repr=False)  # decrypts snapshots, for restores and drills only
 
 
 @dataclass(frozen=True)
@@ -75,6 +90,7 @@ class SnapshotPolicy:
     keep_plan_snapshots_days: float = 30.0   # a plan's pre-change snapshot is kept at least this long,
                                              # whatever the above say
     every_seconds: float | None = None       # take one on a schedule
+    drill_every_seconds: float | None = None  # restore-drill the newest snapshot on a schedule
 
     @property
     def encrypted(self) -> bool:
@@ -116,6 +132,7 @@ class ClusterConfig:
     launcher: LauncherConfig = LauncherConfig()
     snapshots: SnapshotPolicy = SnapshotPolicy()
     access: AccessConfig = AccessConfig()
+    restore: RestoreConfig = RestoreConfig()
 
 
 @dataclass(frozen=True)
@@ -290,10 +307,12 @@ def _snapshot_policy(t: _Table, default: SnapshotPolicy) -> SnapshotPolicy:
     keep_days = t.get("keep_days", float, default.keep_days, _positive)
     keep_plan_days = t.get("keep_plan_snapshots_days", float, default.keep_plan_snapshots_days, _positive)
     every = t.get("every", str, None, _duration)
+    drill_every = t.get("drill_every", str, None, _duration)
     t.done()
     return SnapshotPolicy(age_recipients=recipients, keep_last=keep_last, keep_days=keep_days,
                           keep_plan_snapshots_days=keep_plan_days,
-                          every_seconds=every if every is not None else default.every_seconds)
+                          every_seconds=every if every is not None else default.every_seconds,
+                          drill_every_seconds=drill_every if drill_every is not None else default.drill_every_seconds)
 
 
 def _launcher(t: _Table) -> LauncherConfig:
@@ -311,9 +330,20 @@ def _launcher(t: _Table) -> LauncherConfig:
         for placeholder in re.findall(r"\{([^{}]*)\}", arg):
             if placeholder not in LAUNCHER_PLACEHOLDERS:
                 raise ConfigError(f"{t.key('argv')}[{i}]: unknown placeholder {{{placeholder}}} "
-                                  f"(use {{name}}, {{peer_url}} or {{client_url}})")
+                                  f"(use {{name}}, {{peer_url}}, {{client_url}} or {{action}})")
     t.done()
     return LauncherConfig(kind=kind, argv=argv, timeout_seconds=timeout)
+
+
+def _restore(t: _Table) -> RestoreConfig:
+    data_dir = t.get("data_dir", str, RestoreConfig.data_dir)
+    raw = _secret(t, "age_identity")  # age-keygen's file: comment lines, then the key
+    identity = next((line.strip() for line in (raw or "").splitlines() if line.startswith("AGE-SECRET-KEY-")), None)
+    if raw is not None and identity is None:
+        which = "age_identity_env" if "age_identity_env" in t.data else "age_identity_file"
+        raise ConfigError(f"{t.key(which)}: not an age identity (AGE-SECRET-KEY-1...)")
+    t.done()
+    return RestoreConfig(data_dir=data_dir, age_identity=identity)
 
 
 def _role(t: _Table, users_key: str, groups_key: str, default: RoleConfig) -> RoleConfig:
@@ -388,10 +418,11 @@ def _cluster(t: _Table, snapshot_defaults: SnapshotPolicy, approval: ApprovalCon
     launcher = _launcher(t.table("launcher"))
     snapshots = _snapshot_policy(t.table("snapshots"), snapshot_defaults)
     access = _access(t.table("access"), approval)
+    restore = _restore(t.table("restore"))
     t.done()
     return ClusterConfig(name=name, endpoints=endpoints, channels=channels, cacert=cacert, cert=cert, key=key,
                          username=username, password=password, timeout_seconds=timeout, catch_up_seconds=catch_up,
-                         launcher=launcher, snapshots=snapshots, access=access)
+                         launcher=launcher, snapshots=snapshots, access=access, restore=restore)
 
 
 def parse_config(data: dict, base: Path, source: Path | None = None) -> Config:
@@ -425,6 +456,15 @@ def parse_config(data: dict, base: Path, source: Path | None = None) -> Config:
                 allow_self_approval=k.get("allow_self_approval", bool, approval.allow_self_approval),
                 ttl_minutes=k.get("ttl_minutes", float, approval.ttl_minutes, _ttl))))
             k.done()
+    # `[approval] restore_approvals` (the issue's spelling) = `[approval.restore] approvals_needed` (canonical)
+    restore_approvals = a.get("restore_approvals", int, None, _at_least_one)
+    if restore_approvals is not None:
+        rule = dict(overrides).get("restore")
+        if rule is not None and "approvals_needed" in a.data["restore"]:
+            raise ConfigError(f"{a.key('restore_approvals')}: give it or approval.restore.approvals_needed, not both")
+        overrides = [o for o in overrides if o[0] != "restore"]
+        base_rule = rule or approval.rule("restore")
+        overrides.append(("restore", replace(base_rule, approvals_needed=restore_approvals)))
     approval = replace(approval, overrides=tuple(overrides))
     a.done()
     snapshots = _snapshot_policy(top.table("snapshots"), SnapshotPolicy())

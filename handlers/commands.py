@@ -30,12 +30,12 @@ from slack_sdk.web.async_client import AsyncWebClient
 from bot.config import ClusterConfig
 from bot.etcd.model import EtcdError
 from bot.etcd.snapshots import SnapshotFailed
-from bot.ops import lifecycle
+from bot.ops import drill, lifecycle, recovery
 from bot.ops.access import COMMAND_ROLES
 from bot.ops.commands import SPECS, Command, UsageError, general_usage, parse
 from bot.ops.context import BotContext
 from bot.ops.lifecycle import Outcome
-from bot.ops.replace import ReplaceRequest
+from bot.ops.replace import Refusal, ReplaceRequest
 from bot.ops.routing import RoutingError, resolve_cluster
 from bot.ops.snapshots import RunningSnapshot, take_snapshot
 from bot.output import blocks
@@ -92,7 +92,25 @@ async def _snapshot(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user:
 
 
 async def _snapshots(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user: str, channel: str) -> Outcome:
-    return Outcome(channel=blocks.snapshots_reply(cluster.name, await ctx.store.snapshots(cluster.name, limit=15)))
+    return Outcome(channel=blocks.snapshots_reply(cluster.name, await ctx.store.snapshots(cluster.name, limit=15),
+                                                  await ctx.store.last_drills(cluster.name)))
+
+
+async def _restore(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user: str, channel: str) -> Outcome:
+    return await recovery.propose_restore(ctx, cluster, cmd.args.get("snapshot"), "force" in cmd.flags, user, channel,
+                                          cmd.spec.usage)
+
+
+async def _continue(ctx: BotContext, cmd: Command, cluster: None, user: str, channel: str) -> Outcome:
+    return await recovery.continue_plan(ctx, cmd.args["plan_id"], user, channel)
+
+
+async def _drill(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user: str, channel: str) -> Outcome:
+    try:
+        result = await drill.drill(ctx, cluster, cmd.args.get("snapshot"), user)
+    except Refusal as r:
+        return Outcome(ephemeral=blocks.error_reply(f"no drill for {cluster.name}: {r.reason}", cmd.spec.usage, r.hint))
+    return Outcome(channel=blocks.drill_reply(result, user))
 
 
 async def _cancel(ctx: BotContext, cmd: Command, cluster: None, user: str, channel: str) -> Outcome:
@@ -112,6 +130,7 @@ WORK: dict[str, tuple[Work, bool]] = {
     "status": (_status, True), "members": (_status, True), "replace": (_replace, True), "plans": (_plans, True),
     "snapshot": (_snapshot, True), "snapshots": (_snapshots, True),
     "cancel": (_cancel, False), "resume": (_resume, False), "abandon": (_abandon, False),
+    "restore": (_restore, True), "continue": (_continue, False), "drill": (_drill, True),
 }
 
 

@@ -322,3 +322,37 @@ def test_approval_rule_mistakes_name_the_key(tmp_path, table, error):
     text = GOOD.replace("allow_self_approval = false", f"allow_self_approval = false\n{table}")
     with pytest.raises(ConfigError, match=error):
         load_config(write(tmp_path, text))
+
+
+def test_restore_approvals_under_either_spelling_and_the_restore_table(tmp_path, monkeypatch):
+    from pyrage import x25519
+    identity = str(x25519.Identity.generate())
+    monkeypatch.setenv("RESTORE_IDENTITY", identity)
+    cluster = ('[[clusters]]\nname = "a"\nendpoints = ["http://h:1"]\n[clusters.restore]\n'
+               'data_dir = "/srv/etcd/{name}"\nage_identity_env = "RESTORE_IDENTITY"\n')
+    default = load_config(write(tmp_path, cluster))
+    assert default.approval.rule("restore").approvals_needed == 2
+    assert default.clusters[0].restore.data_dir == "/srv/etcd/{name}"
+    assert default.clusters[0].restore.age_identity == identity and identity not in repr(default)
+    issue = load_config(write(tmp_path, "[approval]\nrestore_approvals = 3\n" + cluster))
+    canonical = load_config(write(tmp_path, "[approval.restore]\napprovals_needed = 3\n" + cluster))
+    assert issue.approval.rule("restore") == canonical.approval.rule("restore")
+    assert issue.approval.rule("restore").approvals_needed == 3
+    lenient = load_config(write(tmp_path, "[approval]\nallow_self_approval = true\n" + cluster)).approval
+    assert lenient.rule("replace").allow_self_approval and not lenient.rule("restore").allow_self_approval
+
+
+@pytest.mark.parametrize("snippet, message", [
+    ("[approval]\nrestore_approvals = 0\n", "approval.restore_approvals: must be 1 or more"),
+    ("[approval]\nrestore_approvals = 3\n[approval.restore]\napprovals_needed = 2\n",
+     "approval.restore_approvals: give it or approval.restore.approvals_needed, not both"),
+    ('[[clusters]]\nname = "b"\nendpoints = ["http://h:2"]\n[clusters.restore]\nage_identity_env = "PATH"\n',
+     "clusters[0].restore.age_identity_env: not an age identity"),
+    ('[[clusters]]\nname = "b"\nendpoints = ["http://h:2"]\nlauncher = { kind = "command", argv = ["x", "{verb}"] }\n',
+     "use {name}, {peer_url}, {client_url} or {action}"),
+])
+def test_restore_config_mistakes(tmp_path, snippet, message):
+    text = snippet if "[[clusters]]" in snippet else snippet + '[[clusters]]\nname = "a"\nendpoints = ["http://h:1"]\n'
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, text))
+    assert message in str(e.value)

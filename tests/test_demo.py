@@ -103,3 +103,21 @@ def test_ctrl_c_removes_everything(tmp_path):
             proc.wait()
     assert proc.returncode == 130, proc.stderr.read()[-2000:]
     assert_nothing_left(directory)
+
+
+def test_the_restore_scenario_plays_a_quorum_loss_and_cleans_up(tmp_path):
+    directory = tmp_path / "demo"
+    proc = run(DEMO + ["--scenario", "restore", "--dir", str(directory)])
+    out = proc.stdout
+    assert proc.returncode == 0, proc.stderr[-3000:] + out[-3000:]
+    position = 0
+    for fragment in ("/etcd snapshot", "member1 and member2's machines die", "quorum", "/etcd restore", "Plan ",
+                     "alice reacts", "@alice is not an approver", "bob reacts", "Approval 1 of 2", "carol reacts",
+                     "Approved by @carol", "Step 0 (verify)", "Step 1 (stop)", "Step 2 (restore): member1: restored",
+                     "Step 3 (start)", "Step 5 (check): 3 members at revision", "HashKV", "Kubernetes follow-ups",
+                     "is done", "etcd cluster demo: HEALTHY", "cluster restored at revision",
+                     "Everything the demo started is stopped"):
+        found = out.find(fragment, position)
+        assert found >= 0, f"{fragment!r} missing (or out of order) in the transcript:\n{out[position:position + 2000]}"
+        position = found
+    assert_nothing_left(directory)

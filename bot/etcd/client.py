@@ -409,6 +409,22 @@ class EtcdClient:
             return int(r.header.revision)
         return await self.call(parse_url(endpoint).url, fn, timeout)
 
+    async def hash_kv(self, endpoint: str, revision: int, timeout: float | None = None) -> tuple[int, int, int]:
+        """Maintenance.HashKV of one member at `revision`: (hash, compact revision, the member's revision).
+        Equal hashes at one revision across members mean equal key-value stores."""
+        async def fn(ch: grpc.aio.Channel, md: Metadata, t: float) -> tuple[int, int, int]:
+            r = await rpc.MaintenanceStub(ch).HashKV(rpc.HashKVRequest(revision=revision), timeout=t, metadata=md)
+            return int(r.hash), int(r.compact_revision), int(r.header.revision)
+        return await self.call(parse_url(endpoint).url, fn, timeout)
+
+    async def count_keys(self, endpoint: str, timeout: float | None = None) -> tuple[int, int]:
+        """(live keys, revision) of one member: a serializable count-only read of the whole key space."""
+        async def fn(ch: grpc.aio.Channel, md: Metadata, t: float) -> tuple[int, int]:
+            r = await rpc.KVStub(ch).Range(rpc.RangeRequest(key=b"\0", range_end=b"\0", count_only=True,
+                                                            serializable=True), timeout=t, metadata=md)
+            return int(r.count), int(r.header.revision)
+        return await self.call(parse_url(endpoint).url, fn, timeout)
+
     async def snapshot(self, endpoint: str, idle_timeout: float = SNAPSHOT_IDLE_TIMEOUT) -> SnapshotStream:
         """Open Maintenance.Snapshot on one member; read it with `async for`."""
         endpoint = parse_url(endpoint).url

@@ -49,6 +49,12 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
     Spec("resume", ("plan-id",), summary="continue an interrupted or failed plan from its step (approvers)"),
     Spec("abandon", ("plan-id", "reason"), rest=True,
          summary="close an interrupted or failed plan without undoing anything, so a new one can be made (approvers)"),
+    Spec("restore", ("[snapshot]",), ("--cluster",), ("--force",),
+         summary="propose restoring every member from a verified snapshot (after a quorum loss; --force to roll back a "
+                 "healthy cluster); runs after 2 approvers' reactions"),
+    Spec("continue", ("plan-id",), summary="confirm a manual stage of a restore plan (approvers)"),
+    Spec("drill", ("[snapshot]",), ("--cluster",),
+         summary="restore drill: boot a snapshot in a scratch etcd on the bot's host and compare it with the catalog"),
     Spec("help", summary="this help"),
 )}
 

@@ -84,6 +84,7 @@ class BotContext:
 
     def secrets(self) -> list[str]:
         return (list(self.secret_values) + [c.password for c in self.config.clusters if c.password]
+                + [c.restore.age_identity for c in self.config.clusters if c.restore.age_identity]
                 + ([self.config.audit_key] if self.config.audit_key else []))
 
     def track_current_task(self) -> None:

@@ -23,7 +23,7 @@ from bot.etcd.snapshots import SnapshotFailed
 from bot.ops.context import BotContext
 from bot.ops.engine import FactsChanged, StepFailed, StepRun, note, register
 from bot.ops.launcher import manual_instructions, run_command
-from bot.ops.replace import config_endpoints, etcd_servers, facts_changed, quorum_after
+from bot.ops.replace import Plan, config_endpoints, etcd_servers, facts_changed, quorum_after
 from bot.ops.snapshots import take_snapshot
 from bot.output.blocks import escape
 from bot.store.records import PlanKind, PlanRecord
@@ -41,7 +41,9 @@ class ReplaceOperation:
         self.record = record
         self.actor = actor
         self.started = started
-        self.plan = record.plan
+        if not isinstance(record.plan, Plan):
+            raise StepFailed(f"plan {record.id} is not a replacement", "see /etcd plans")
+        self.plan: Plan = record.plan
         cluster = ctx.config.cluster(self.plan.cluster)
         if cluster is None:
             raise StepFailed(f"cluster {self.plan.cluster} is no longer in the configuration", "restore its config")

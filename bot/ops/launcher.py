@@ -25,9 +25,13 @@ class LaunchResult:
     summary: str
 
 
-def command_argv(template: tuple[str, ...] | list[str], plan: Plan) -> list[str]:
-    """Substitute {name}, {peer_url} and {client_url} in each element (no shell)."""
-    values = {"name": plan.new_name, "peer_url": plan.new_peer_url, "client_url": plan.new_client_url or ""}
+def command_argv(template: tuple[str, ...] | list[str], plan: Plan, action: str = "start") -> list[str]:
+    """Substitute {name}, {peer_url}, {client_url} and {action} in each element (no shell)."""
+    return fill_argv(template, {"name": plan.new_name, "peer_url": plan.new_peer_url,
+                                "client_url": plan.new_client_url or "", "action": action})
+
+
+def fill_argv(template: tuple[str, ...] | list[str], values: dict[str, str]) -> list[str]:
     return [arg.format_map(values) for arg in template]
 
 
@@ -39,11 +43,18 @@ def child_environment(extra: dict[str, str], secrets: list[str]) -> dict[str, st
 
 
 async def run_command(launcher: LauncherConfig, plan: Plan, secrets: list[str]) -> LaunchResult:
-    argv = command_argv(launcher.argv, plan)
+    """The replacement's start: argv without {action} means start, as it always did."""
+    return await run_argv(launcher, command_argv(launcher.argv, plan),
+                          {**plan.environment, "ETCD_CHATOPS_ACTION": "start"}, secrets)
+
+
+async def run_argv(launcher: LauncherConfig, argv: list[str], environment: dict[str, str],
+                   secrets: list[str]) -> LaunchResult:
+    """Run the launcher once (start, stop or restore one member); exit status 0 means done."""
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-            env=child_environment(plan.environment, secrets), start_new_session=True)
+            env=child_environment(environment, secrets), start_new_session=True)
     except OSError as e:
         return LaunchResult(False, None, "", f"could not run {argv[0]}: {e.strerror or e}")
     tail = bytearray()

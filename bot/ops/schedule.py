@@ -13,6 +13,7 @@ from bot.config import ClusterConfig
 from bot.etcd.snapshots import SnapshotFailed
 from bot.ops.context import BotContext
 from bot.ops.notify import NotifyFailed
+from bot.ops.replace import Refusal
 from bot.ops.snapshots import take_snapshot
 from bot.output import blocks
 
@@ -40,13 +41,31 @@ class Scheduler:
         ran = []
         for cluster in self.ctx.config.clusters:
             every = cluster.snapshots.every_seconds
-            if not every:
-                continue
-            last = await self.ctx.store.last_snapshot_at(cluster.name, REASON)
-            if is_due(every, last, self.failures.get(cluster.name), now):
-                await self._take(cluster, now)
-                ran.append(cluster.name)
+            if every:
+                last = await self.ctx.store.last_snapshot_at(cluster.name, REASON)
+                if is_due(every, last, self.failures.get(cluster.name), now):
+                    await self._take(cluster, now)
+                    ran.append(cluster.name)
+            drill_every = cluster.snapshots.drill_every_seconds
+            if drill_every and is_due(drill_every, await self.ctx.store.last_drill_at(cluster.name, SCHEDULER), None,
+                                      now):
+                await self._drill(cluster)
+                ran.append(f"{cluster.name} drill")
         return ran
+
+    async def _drill(self, cluster: ClusterConfig) -> None:
+        """Drill the newest snapshot; the result goes to the cluster's first channel (a failure loudly)."""
+        from bot.ops.drill import drill
+        try:
+            result = await drill(self.ctx, cluster, None, SCHEDULER)
+        except Refusal as e:  # no snapshot yet: nothing to drill, said once per period in the log
+            log.warning("no snapshot to drill", extra={"ctx_cluster": cluster.name, "ctx_error": e.reason})
+            return
+        if cluster.channels:
+            try:
+                await self.ctx.notifier.channel_message(cluster.channels[0], blocks.drill_reply(result, SCHEDULER))
+            except NotifyFailed as e:
+                log.error("cannot post the drill result", extra={"ctx_cluster": cluster.name, "ctx_error": str(e)})
 
     async def _take(self, cluster: ClusterConfig, now: float) -> None:
         channel = cluster.channels[0] if cluster.channels else None

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from bot.etcd.health import ClusterHealth
 from bot.ops.replace import MemberRef, Plan
+from bot.ops.restore import K8S_AFTER, K8S_BEFORE, RestorePlan, bump_note
 from bot.output import text as render
 from bot.output.model import LEADERLESS, MemberView, Verdict, snapshot_view, status_view
 from bot.output.units import humanize_bytes
@@ -23,6 +24,7 @@ from bot.store.records import PlanRecord, PlanState
 
 if TYPE_CHECKING:  # the snapshot stream is gRPC; only its result type is needed here
     from bot.etcd.snapshots import SavedSnapshot
+    from bot.ops.drill import DrillResult
 
 MAX_SECTION = 2900  # Slack's limit is 3000 characters per text object
 
@@ -241,10 +243,12 @@ class PlanView:
     approvals_needed: int = 1
 
 
-def plan_reply(plan: Plan, view: PlanView) -> Reply:
+def plan_reply(plan: Plan | RestorePlan, view: PlanView) -> Reply:
     """The plan message: everything an approver needs to decide, and progress.
     Long values never push a step or the environment out: they spill into
     more sections."""
+    if isinstance(plan, RestorePlan):
+        return restore_plan_reply(plan, view)
     state = STATE_WORD.get(view.state, view.state.upper())
     failed_name = escape(plan.failed.name or plan.failed.id)
     decided = view.decided_by and view.state in (PlanState.APPROVED, PlanState.REJECTED, PlanState.CANCELLED,
@@ -301,6 +305,80 @@ def plan_reply(plan: Plan, view: PlanView) -> Reply:
     return Reply(text=text, blocks=blocks)
 
 
+def _ago(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def restore_plan_reply(plan: RestorePlan, view: PlanView, now: float | None = None) -> Reply:
+    """A restore plan: the snapshot, why it may run, the members and each one's exact etcdutl command."""
+    import time
+    now = time.time() if now is None else now
+    state = STATE_WORD.get(view.state, view.state.upper())
+    snap = plan.snapshot
+    decided = view.decided_by and view.state in (PlanState.APPROVED, PlanState.REJECTED, PlanState.CANCELLED,
+                                                  PlanState.ABANDONED)
+    voting, healthy = plan.quorum_now
+    if plan.force:
+        gate = (f":warning: *--force: the cluster has quorum* ({healthy} of {voting} healthy). This is a rollback: "
+                f"*{plan.revisions_lost} revisions will be lost* (current revision {plan.current_revision}, "
+                f"snapshot {snap.revision}).")
+    else:
+        gate = (f"*Quorum is lost:* {healthy} of {voting} voting members healthy, {voting // 2 + 1} needed "
+                "(checked by the bot; checked again before the members are stopped).")
+    source = ("the live member list" if plan.membership_source == "live"
+              else "the last membership the bot recorded (no member answers)")
+    blocks: list[dict[str, Any]] = [
+        _header(f"Plan {plan.id}: restore {plan.cluster} from a snapshot"),
+        _section(f"*State:* {state}" + (f" (by {mention(view.decided_by or '')})" if decided else "")),
+        *sections(f"*Snapshot:* {code(snap.file_name)}{' (age-encrypted)' if snap.encrypted else ''} · revision "
+                  f"{snap.revision} · hash {code(snap.hash)} · {snap.total_keys} keys · "
+                  f"{humanize_bytes(snap.total_size)}"
+                  f" · file {humanize_bytes(snap.file_size)} · taken {_ago(now - snap.created_at)} ago from "
+                  f"{escape(snap.member)}\n*sha256:* {code(snap.sha256)}\n*Stored at:* {code(snap.path)} "
+                  "(on the bot's host)"),
+    ]
+    if plan.newer:
+        blocks += sections(f":warning: {len(plan.newer)} newer verified snapshot(s) exist: "
+                           f"{escape(', '.join(plan.newer))}. Restoring an older one is deliberate only if the newer "
+                           "ones may hold the bad data.")
+    blocks += sections(gate)
+    blocks += sections(f"*Members* ({len(plan.members)}, from {source}, seen {_ago(now - plan.membership_seen_at)} "
+                       f"ago):\n" + "\n".join(f"• *{escape(m.name)}* · peer {escape(m.peer_url)} · client "
+                                               f"{_urls(m.client_urls)} · data dir {code(m.data_dir)}"
+                                               for m in plan.members))
+    steps = [f"{STEP_ICON.get(view.step_states.get(i, 'pending'), ':white_square:')} {i}. {escape(step.title)}"
+             for i, step in enumerate(plan.steps)]
+    blocks += sections("*Steps*\n" + "\n".join(steps))
+    how = ("the launcher runs `stop`, `restore` and `start` for each member" if plan.launcher == "command"
+           else "manual launcher: run these on each host when the thread asks, then `/etcd continue " + plan.id + "`")
+    blocks.append(_section(f"*etcdutl snapshot restore on every member* (new cluster token, unique to this restore; "
+                           f"{escape(how)}):"))
+    commands = "\n".join(f"# {m.name}\n" + " ".join(plan.restore_args(m, snap.path.removesuffix('.age')))
+                         for m in plan.members)
+    blocks += sections(escape(commands), code=True)
+    blocks += sections(f"*Kubernetes:* {escape(K8S_BEFORE)} {escape(K8S_AFTER)}\n:information_source: "
+                       f"{escape(bump_note(plan))}")
+    if view.error:
+        blocks += sections(f":x: *Failed:* {escape(view.error)}")
+    approved = (f" · approvals {len(view.approvals)} of {view.approvals_needed}"
+                + (f" ({', '.join(mention(u) for u in view.approvals)})" if view.approvals else ""))
+    blocks.append(_context(f"Proposed by {mention(view.proposer)} (cannot approve it) · approvers: {view.approvers}"
+                           f"{approved} · expires {slack_date(view.expires_at)} · plan ID `{plan.id}`"))
+    text = (f"Plan {plan.id}: restore {escape(plan.cluster)} from {escape(snap.file_name)} (revision {snap.revision}):"
+            f" {state}. Proposed by {mention(view.proposer)}")
+    if view.state == PlanState.PROPOSED:
+        blocks.append(_context(f"{view.approvals_needed} approvers react with :{view.reaction}: to approve; "
+                               f":{view.reject_reaction}: rejects (approver or proposer)."))
+        text += f"; {view.approvals_needed} approvers of {view.approvers} react :{view.reaction}: to approve."
+    else:
+        text += "."
+    return Reply(text=text, blocks=blocks)
+
+
 @dataclass(frozen=True)
 class PlanLine:
     """What `/etcd plans` shows of one plan: the few fields it reads."""
@@ -317,6 +395,10 @@ class PlanLine:
     @classmethod
     def of(cls, record: PlanRecord) -> PlanLine:
         p = record.plan
+        if isinstance(p, RestorePlan):  # "restore from <file>" reads as what the plan does
+            return cls(id=record.id, state=record.state, failed="", new_name=p.snapshot.file_name,
+                       proposer=record.proposer, created_at=record.created_at, decided_by=record.decided_by,
+                       error=record.error)
         return cls(id=record.id, state=record.state, failed=p.failed.name or p.failed.id, new_name=p.new_name,
                    proposer=record.proposer, created_at=record.created_at, decided_by=record.decided_by,
                    error=record.error)
@@ -341,8 +423,10 @@ def plans_reply(cluster: str, records: list[PlanRecord]) -> Reply:
     lines = []
     for p in map(PlanLine.of, records):  # the state, what and who, and why it is in that state
         reason = p.reason()
-        lines.append(f"{code(p.id)} {STATE_WORD.get(p.state, p.state).split(' —')[0]} · replace {_item(p.failed)} "
-                     f"with {_item(p.new_name)} · by {mention(p.proposer)} · {slack_date(p.created_at)}"
+        what = (f"replace {_item(p.failed)} with {_item(p.new_name)}" if p.failed
+                else f"restore from {_item(p.new_name)}")
+        lines.append(f"{code(p.id)} {STATE_WORD.get(p.state, p.state).split(' —')[0]} · {what} · "
+                     f"by {mention(p.proposer)} · {slack_date(p.created_at)}"
                      + (f" · {reason}" if reason else ""))
     title = f"Recent plans for {escape(cluster)}"
     return Reply(text=f"{title}:\n" + "\n".join(lines), blocks=[_section(f"*{title}*"), _section("\n".join(lines))])
@@ -399,7 +483,10 @@ def snapshot_joined_reply(cluster: str, started_by: str, started_at: float) -> R
         f"{mention(started_by)} at {slack_date(started_at)}; you will get its result")])
 
 
-def snapshots_reply(cluster: str, rows: list[dict[str, Any]]) -> Reply:
+def snapshots_reply(cluster: str, rows: list[dict[str, Any]],
+                    drills: Mapping[int, dict[str, Any]] | None = None) -> Reply:
+    """The catalog, newest first, each with its last restore drill when it had one."""
+    drills = drills or {}
     if not rows:
         return Reply(text=f"No snapshots recorded for {escape(cluster)} yet. Take one with /etcd snapshot.")
     lines = []
@@ -408,10 +495,23 @@ def snapshots_reply(cluster: str, rows: list[dict[str, Any]]) -> Reply:
             code(render.one_line(_basename(r["path"]))), f"rev {r['revision']}", f"hash {_item(str(r['hash']))}",
             f"{r['total_keys']} keys", humanize_bytes(r["total_size"]), _item(r["member"]), mention(r["requested_by"]),
             slack_date(r["created_at"]), *([":lock:"] if r["encrypted"] else []),
-            *([_item(r["reason"])] if r.get("reason") else [])]))
+            *([_item(r["reason"])] if r.get("reason") else []),
+            *([_drill_mark(drills[r["id"]])] if r.get("id") in drills else [])]))
     title = f"Snapshots of {escape(cluster)}"
     return Reply(text=f"{title} (newest first):\n" + "\n".join(lines),
                  blocks=[_section(f"*{title}* (newest first)"), _section("\n".join(lines))])
+
+
+def _drill_mark(d: Mapping[str, Any]) -> str:
+    return f"drill {'passed' if d['ok'] else 'FAILED'} {slack_date(d['at'])}"
+
+
+def drill_reply(result: DrillResult, requested_by: str) -> Reply:
+    """A drill's outcome: the snapshot boots (and matches the catalog), or why not."""
+    head = (f":white_check_mark: Restore drill of {escape(result.snapshot)} ({escape(result.cluster)}) passed"
+            if result.ok else f":x: Restore drill of {escape(result.snapshot)} ({escape(result.cluster)}) FAILED")
+    text = f"{head} in {result.seconds:.1f}s: {escape(result.detail)}"
+    return Reply(text=text, blocks=[*sections(text), _context(f"asked by {mention(requested_by)}")])
 
 
 def _basename(path: str) -> str:

@@ -12,6 +12,7 @@ from enum import StrEnum
 from typing import Any
 
 from bot.ops.replace import Plan
+from bot.ops.restore import RestorePlan
 
 
 class PlanState(StrEnum):
@@ -37,6 +38,12 @@ class PlanKind(StrEnum):
     """An operation on a cluster; each registers its steps with the engine (bot.ops.engine)."""
 
     REPLACE = "replace"
+    RESTORE = "restore"
+
+
+# The plan of each kind, as stored in the plan column (JSON).
+AnyPlan = Plan | RestorePlan
+PLAN_TYPES: dict[PlanKind, type[Plan] | type[RestorePlan]] = {PlanKind.REPLACE: Plan, PlanKind.RESTORE: RestorePlan}
 
 
 @dataclass(frozen=True)
@@ -45,7 +52,7 @@ class PlanRecord:
     kind: PlanKind
     cluster: str
     state: PlanState
-    plan: Plan
+    plan: AnyPlan
     channel: str
     message_ts: str | None
     proposer: str
@@ -61,8 +68,9 @@ class PlanRecord:
     @classmethod
     def of(cls, row: Mapping[str, Any]) -> PlanRecord:
         approvals = tuple(u for u in (row.get("approvals") or "").split(",") if u)
-        return cls(id=row["id"], kind=PlanKind(row.get("kind") or PlanKind.REPLACE), cluster=row["cluster"],
-                   state=PlanState(row["state"]), plan=Plan.from_json(json.loads(row["plan"])),
+        kind = PlanKind(row.get("kind") or PlanKind.REPLACE)
+        return cls(id=row["id"], kind=kind, cluster=row["cluster"],
+                   state=PlanState(row["state"]), plan=PLAN_TYPES[kind].from_json(json.loads(row["plan"])),
                    channel=row["channel"], message_ts=row.get("message_ts"), proposer=row["proposer"],
                    created_at=row["created_at"], expires_at=row["expires_at"], approvals=approvals,
                    current_step=row["current_step"], decided_by=row.get("decided_by"), error=row.get("error"),

@@ -118,6 +118,17 @@ CREATE TABLE IF NOT EXISTS memberships (
     recorded_at REAL NOT NULL      -- the last time the bot saw exactly this membership
 );
 CREATE INDEX IF NOT EXISTS memberships_by_cluster ON memberships(cluster, id);
+CREATE TABLE IF NOT EXISTS drills (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    cluster TEXT NOT NULL,
+    snapshot_id INTEGER NOT NULL,  -- snapshots.id
+    ok INTEGER NOT NULL,
+    detail TEXT NOT NULL,          -- what the restored etcd showed, or why the drill failed
+    seconds REAL NOT NULL,
+    at REAL NOT NULL,
+    requested_by TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS drills_by_cluster ON drills(cluster, at);
 """.replace("@OPEN_STATES@", ", ".join(f"'{s}'" for s in OPEN_STATES))
 # Columns added after the first release: databases created before get them on open.
 ADDED_COLUMNS = {("snapshots", "plan_id"): "TEXT", ("audit", "key_id"): "TEXT NOT NULL DEFAULT ''",
@@ -400,6 +411,21 @@ class Store:
         await self._run(lambda db: db.execute("UPDATE snapshots SET pruned_at = ? WHERE id = ?",
                                               [time.time(), snapshot_id]))
 
+    # -- restore drills ---------------------------------------------------
+
+    async def record_drill(self, row: dict[str, Any]) -> None:
+        await self._run(lambda db: db["drills"].insert(row))
+
+    async def last_drills(self, cluster: str) -> dict[int, dict[str, Any]]:
+        """The last drill of each snapshot of `cluster`, by snapshot id."""
+        rows = await self._run(lambda db: list(db.query(
+            "SELECT * FROM drills WHERE cluster = ? ORDER BY at", [cluster])))
+        return {r["snapshot_id"]: r for r in rows}
+
+    async def last_drill_at(self, cluster: str, requested_by: str) -> float | None:
+        return await self._run(lambda db: next(db.query(
+            "SELECT MAX(at) AS t FROM drills WHERE cluster = ? AND requested_by = ?", [cluster, requested_by]))["t"])
+
     # -- memberships ----------------------------------------------------
 
     async def record_membership(self, cluster: str, members: list[dict[str, Any]]) -> None:
@@ -469,6 +495,12 @@ class Store:
         return await self._run(lambda db: next(db.query(
             "SELECT 1 FROM audit WHERE action = ? AND user = ? AND json_extract(detail, '$.plan') = ? LIMIT 1",
             [action, user, plan_id]), None) is not None)
+
+    async def continued(self, plan_id: str, since: float) -> bool:
+        """Whether an approver confirmed a manual stage of the plan (`/etcd continue`) at or after `since`."""
+        return await self._run(lambda db: next(db.query(
+            "SELECT 1 FROM audit WHERE action = 'plan_continued' AND ts >= ? AND json_extract(detail, '$.plan') = ? "
+            "LIMIT 1", [since, plan_id]), None) is not None)
 
     async def audit_rows(self, since: float | None = None) -> list[dict[str, Any]]:
         return await self._run(lambda db: list(db.query(

@@ -290,7 +290,9 @@ def _wait_pid(pid: int, timeout: float = 10.0) -> None:
 
 # ---------------------------------------------------------------- the story
 
-async def play(stack: Stack, out: TextIO, style: Style) -> dict[str, str]:
+async def play(stack: Stack, out: TextIO, style: Style, scenario: str = "replace") -> dict[str, str]:
+    if scenario == "restore":
+        return await play_restore(stack, out, style)
     spinner = Spinner(sys.stderr if style.colour else out, style)
     started = time.monotonic()
 
@@ -339,7 +341,55 @@ async def play(stack: Stack, out: TextIO, style: Style) -> dict[str, str]:
             "revision": found.group(2)}
 
 
-def run_demo(directory: Path | None, keep: bool, out: TextIO = sys.stdout) -> int:
+async def play_restore(stack: Stack, out: TextIO, style: Style) -> dict[str, str]:
+    """`--scenario restore`: a quorum-loss incident, recovered from the last verified snapshot under two approvals."""
+    spinner = Spinner(sys.stderr if style.colour else out, style)
+    started = time.monotonic()
+
+    def narrate(text: str) -> None:
+        print(style.paint(f"── {text}", "36"), file=out, flush=True)
+
+    async with spinner.running("starting a local 3-member etcd cluster"):
+        cluster = await asyncio.to_thread(stack.start_cluster)
+        await stack.seed()
+    async with spinner.running("starting the Slack stand-in and the bot"):
+        await asyncio.to_thread(stack.start_slack_and_bot)
+    narrate(f"etcd cluster 'demo' up ({', '.join(cluster.endpoints)}); #{CHANNELS[CHANNEL]} is bound to it\n")
+
+    async with ChannelClient(stack.standin_url, out, style) as channel:
+        await channel.say("status")
+        async with spinner.running("taking a verified snapshot"):
+            await channel.say("snapshot", wait=60)
+        narrate("a bad deploy writes after the snapshot; then member1 and member2's machines die (SIGKILL)\n")
+        async with EtcdClient(cluster.endpoints) as client:
+            await client.put(b"/registry/configmaps/default/written-after-the-snapshot", b"{}")
+        cluster.kill("member1")
+        cluster.kill("member2")
+        await channel.say("status")
+        narrate("quorum is lost: the on-call engineer proposes a restore from the newest verified snapshot\n")
+        posted = await channel.say("restore")
+        plan_msg = next((m for m in posted if m["text"].startswith("Plan ")), None)
+        if plan_msg is None:
+            raise DemoError("the bot did not post a restore plan")
+        plan_id = re.match(r"Plan (\w+):", plan_msg["text"]).group(1)
+        narrate("the proposer, who is not an approver, tries to approve\n")
+        await channel.react(ONCALL, plan_msg["ts"], "white_check_mark")
+        narrate("the first on-call lead approves: one of two\n")
+        await channel.react(LEAD, plan_msg["ts"], "white_check_mark")
+        narrate("the second on-call lead approves\n")
+        await channel.react(LEAD2, plan_msg["ts"], "white_check_mark", wait=0)
+        async with spinner.running(f"the bot restores every member (plan {plan_id})"):
+            end = await channel.follow(re.compile(rf"Plan {plan_id} (is done|stopped|cannot run)"), PLAN_TIMEOUT)
+        if "is done" not in end["text"]:
+            raise DemoError(f"plan {plan_id} did not complete: {end['text']}")
+        narrate("after the restore\n")
+        await channel.say("status")
+    found = re.search(r"revision (\d+)", end["text"])
+    return {"seconds": f"{time.monotonic() - started:.1f}", "plan": plan_id, "hash": "(restore)",
+            "revision": found.group(1) if found else "?"}
+
+
+def run_demo(directory: Path | None, keep: bool, out: TextIO = sys.stdout, scenario: str = "replace") -> int:
     style = Style(colour=out.isatty() and os.environ.get("NO_COLOR") is None)
     if directory is None:
         directory = default_dir() if keep else Path(tempfile.mkdtemp(prefix="etcd-chatops-demo-"))
@@ -351,7 +401,7 @@ def run_demo(directory: Path | None, keep: bool, out: TextIO = sys.stdout) -> in
     stack = Stack(directory, keep)
     ok = False
     loop = asyncio.new_event_loop()
-    main = loop.create_task(play(stack, out, style))
+    main = loop.create_task(play(stack, out, style, scenario))
     loop.add_signal_handler(signal.SIGTERM, main.cancel)
     try:
         summary = loop.run_until_complete(main)
@@ -373,8 +423,12 @@ def run_demo(directory: Path | None, keep: bool, out: TextIO = sys.stdout) -> in
         loop.close()
         if not (ok and keep):
             stack.teardown()
-    print(style.bold(f"Incident played in {summary['seconds']} s: plan {summary['plan']} done; snapshot hash "
-                     f"{summary['hash']} at revision {summary['revision']}."), file=out)
+    if scenario == "restore":
+        print(style.bold(f"Incident played in {summary['seconds']} s: plan {summary['plan']} done; cluster restored "
+                         f"at revision {summary['revision']}."), file=out)
+    else:
+        print(style.bold(f"Incident played in {summary['seconds']} s: plan {summary['plan']} done; snapshot hash "
+                         f"{summary['hash']} at revision {summary['revision']}."), file=out)
     if keep:
         stack.state().save()
         print(f"\nThe cluster, the Slack stand-in and the bot keep running (files in {directory}).\n"

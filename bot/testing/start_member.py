@@ -1,17 +1,22 @@
-"""A `command` launcher for local clusters: start a real etcd member from the
-runbook's ETCD_* environment, detached, and return once it serves.
+"""A `command` launcher for local clusters, with the three actions of the
+launcher contract: start a real etcd member from the runbook's ETCD_*
+environment (detached, returning once it serves), stop one, or restore one's
+data directory from a snapshot with etcdutl (the old directory moved aside).
 
-    python -m bot.testing.start_member --base-dir DIR
+    python -m bot.testing.start_member --base-dir DIR [--name NAME] [--action start|stop|restore]
 
 DIR is a LocalCluster's base directory: the member's data, log and record
 go there, so the cluster's teardown kills it too. Used by the demo and the
-tests as `launcher = { kind = "command", argv = [...] }`.
+tests as `launcher = { kind = "command", argv = [...] }`. The action comes
+from --action, else ETCD_CHATOPS_ACTION, else start.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 from bot.testing.cluster import ClusterError, LocalCluster, TLSPaths, free_port, spawn, tls_member_args
@@ -20,14 +25,28 @@ from bot.testing.cluster import ClusterError, LocalCluster, TLSPaths, free_port,
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="start_member", description=__doc__.split("\n\n")[0])
     p.add_argument("--base-dir", required=True, help="the LocalCluster's base directory")
+    p.add_argument("--name", default=None, help="the member (default: $ETCD_NAME)")
+    p.add_argument("--action", choices=("start", "stop", "restore"), default=None)
     p.add_argument("--timeout", type=float, default=30.0)
     args = p.parse_args(argv)
     base = Path(args.base_dir)
-    name = os.environ.get("ETCD_NAME")
+    action = args.action or os.environ.get("ETCD_CHATOPS_ACTION") or "start"
+    name = args.name or os.environ.get("ETCD_NAME")
+    if action == "stop":
+        if not name:
+            print("start_member: stop needs --name or ETCD_NAME", file=sys.stderr)
+            return 2
+        return stop(base, name)
     if not name or "ETCD_INITIAL_CLUSTER" not in os.environ:
         print("start_member: ETCD_NAME and ETCD_INITIAL_CLUSTER must be set", file=sys.stderr)
         return 2
-    env = {k: v for k, v in os.environ.items() if k.startswith("ETCD_")}
+    env = {k: v for k, v in os.environ.items() if k.startswith("ETCD_") and not k.startswith("ETCD_CHATOPS_")}
+    data_dir = env.pop("ETCD_DATA_DIR", None)
+    if action == "restore":
+        return restore(base, name, env, data_dir or str(base / "data" / name))
+    if LocalCluster.attach(base).running(name):
+        print(f"{name} is running already")
+        return 0
     peer_url = env.get("ETCD_INITIAL_ADVERTISE_PEER_URLS", "")
     scheme = peer_url.split("://", 1)[0] if "://" in peer_url else "http"
     if "ETCD_LISTEN_CLIENT_URLS" not in env:
@@ -36,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     tls_dir = base / "tls"
     # the binary the cluster's members run (the launcher strips ETCD_*, so ETCD_BIN_DIR is not seen here)
     argv_etcd = [LocalCluster.attach(base).etcd, "--logger", "zap", "--log-level", "warn"]
+    argv_etcd += ["--data-dir", data_dir] if data_dir else []
     tls = None
     if (tls_dir / "ca.crt").is_file() and scheme == "https":
         tls = TLSPaths(ca=str(tls_dir / "ca.crt"), server_cert=str(tls_dir / "server.crt"),
@@ -50,6 +70,46 @@ def main(argv: list[str] | None = None) -> int:
         print(f"start_member: {e}", file=sys.stderr)
         return 1
     print(f"started {name} (pid {member.pid}), client URL {member.client_url}, peer URL {peer_url}")
+    return 0
+
+
+def stop(base: Path, name: str) -> int:
+    cluster = LocalCluster.attach(base)
+    if not cluster.running(name):
+        print(f"{name} was not running")
+        return 0
+    cluster.stop(name)
+    print(f"stopped {name}")
+    return 0
+
+
+def restore(base: Path, name: str, env: dict[str, str], data_dir: str) -> int:
+    """etcdutl snapshot restore into a fresh directory, then swap it in; the old one is kept aside."""
+    snapshot, token = os.environ.get("ETCD_CHATOPS_SNAPSHOT"), env.get("ETCD_INITIAL_CLUSTER_TOKEN")
+    if not snapshot or not token:
+        print("start_member: restore needs ETCD_CHATOPS_SNAPSHOT and ETCD_INITIAL_CLUSTER_TOKEN", file=sys.stderr)
+        return 2
+    cluster = LocalCluster.attach(base)
+    if cluster.running(name):
+        print(f"start_member: {name} is running: stop it before restoring its data", file=sys.stderr)
+        return 1
+    etcdutl = Path(cluster.etcd).with_name("etcdutl")
+    target = Path(data_dir)
+    fresh = target.with_name(f"{target.name}.restoring-{token[-8:]}")
+    subprocess.run(["rm", "-rf", "--", str(fresh)], check=False)  # a half-done earlier attempt of this restore
+    proc = subprocess.run([str(etcdutl), "snapshot", "restore", snapshot, "--name", name,
+                           "--initial-cluster", env["ETCD_INITIAL_CLUSTER"], "--initial-cluster-token", token,
+                           "--initial-advertise-peer-urls", env["ETCD_INITIAL_ADVERTISE_PEER_URLS"],
+                           "--data-dir", str(fresh)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"start_member: etcdutl failed ({proc.returncode}): {proc.stderr[-1500:]}", file=sys.stderr)
+        return 1
+    if target.exists():
+        aside = target.with_name(f"{target.name}.before-restore-{int(time.time() * 1000)}")
+        target.rename(aside)
+        print(f"moved the old data directory aside to {aside}")
+    fresh.rename(target)
+    print(f"restored {name} into {target}")
     return 0
 
 

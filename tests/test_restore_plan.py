@@ -1,0 +1,77 @@
+"""The restore planner (pure): which snapshot, when it may run, and every member's exact etcdutl command."""
+from __future__ import annotations
+
+import pytest
+
+from bot.ops.replace import Refusal
+from bot.ops.restore import Membership, choose_snapshot, plan_restore
+
+MEMBERS = Membership(tuple((f"{i:016x}", f"m{i}", (f"http://10.0.0.{i}:2380",), (f"http://10.0.0.{i}:2379",))
+                           for i in (1, 2, 3)), "recorded", 1000.0)
+
+
+def row(i: int, revision: int) -> dict:
+    return {"id": i, "path": f"/snap/prod/prod-rev{revision}.db", "revision": revision, "hash": "abc", "total_keys": 9,
+            "total_size": 20480, "file_size": 20512, "sha256": "0" * 64, "encrypted": 0, "created_at": 100.0 * i,
+            "member": "m1"}
+
+
+ROWS = [row(3, 30), row(2, 20), row(1, 10)]  # newest first, as the catalog lists them
+
+
+def plan(quorum=(3, 1), force=False, version="3.5.1", launcher="command", actions=True, **kw):
+    snapshot, newer = choose_snapshot(ROWS, kw.pop("wanted", None))
+    return plan_restore("prod", snapshot, newer, MEMBERS, quorum=quorum, force=force, current_revision=kw.pop(
+        "current", None), data_dir="/var/lib/etcd/{name}", etcd_version=version, launcher=launcher,
+        launcher_has_actions=actions)
+
+
+def test_the_newest_snapshot_by_default_and_newer_ones_are_named():
+    assert plan().snapshot.revision == 30 and plan().newer == ()
+    by_name = plan(wanted="prod-rev10.db")
+    assert by_name.snapshot.revision == 10 and by_name.newer == ("prod-rev30.db", "prod-rev20.db")
+    assert plan(wanted="20").snapshot.file_name == "prod-rev20.db"
+    with pytest.raises(Refusal, match="no recorded snapshot named or at revision '99'"):
+        plan(wanted="99")
+    with pytest.raises(Refusal, match="no verified snapshot"):
+        choose_snapshot([], None)
+
+
+def test_quorum_gate_and_force():
+    with pytest.raises(Refusal, match="still has quorum .2 of 3") as e:
+        plan(quorum=(3, 2))
+    assert "--force" in (e.value.hint or "")
+    forced = plan(quorum=(3, 3), force=True, current=75)
+    assert forced.revisions_lost == 45 and forced.force
+
+
+def test_a_command_launcher_needs_actions():
+    with pytest.raises(Refusal, match=r"no \{action\}"):
+        plan(actions=False)
+    assert plan(launcher="manual", actions=False).launcher == "manual"
+
+
+def test_every_member_gets_its_own_exact_command_and_a_new_token():
+    p, other = plan(), plan()
+    assert p.token != other.token and p.id in p.token
+    initial = "m1=http://10.0.0.1:2380,m2=http://10.0.0.2:2380,m3=http://10.0.0.3:2380"
+    for m in p.members:
+        assert p.restore_args(m, "/tmp/s.db") == [
+            "etcdutl", "snapshot", "restore", "/tmp/s.db", "--name", m.name, "--initial-cluster", initial,
+            "--initial-cluster-token", p.token, "--initial-advertise-peer-urls", m.peer_url,
+            "--data-dir", f"/var/lib/etcd/{m.name}"]
+    assert not p.bump_supported
+    newer = plan(version="3.5.10")
+    assert newer.restore_args(newer.members[0], "s.db")[-3:] == ["--bump-revision", "1000000000", "--mark-compacted"]
+
+
+def test_the_launcher_environment_per_action():
+    p = plan()
+    m = p.members[1]
+    assert p.environment(m, "stop") == {"ETCD_CHATOPS_ACTION": "stop"}
+    start = p.environment(m, "start")
+    assert start["ETCD_NAME"] == "m2" and start["ETCD_INITIAL_ADVERTISE_PEER_URLS"] == "http://10.0.0.2:2380"
+    assert start["ETCD_LISTEN_CLIENT_URLS"] == "http://10.0.0.2:2379" and "ETCD_CHATOPS_SNAPSHOT" not in start
+    restore = p.environment(m, "restore", "/abs/s.db")
+    assert restore["ETCD_INITIAL_CLUSTER_TOKEN"] == p.token and restore["ETCD_CHATOPS_SNAPSHOT"] == "/abs/s.db"
+    assert restore["ETCD_CHATOPS_ACTION"] == "restore"
