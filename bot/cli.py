@@ -226,6 +226,7 @@ async def _learn_recorded(client: EtcdClient, args: argparse.Namespace) -> None:
 
 async def _status(args: argparse.Namespace) -> int:
     from bot.etcd.health import check_cluster
+    from bot.etcd.metrics import cluster_metrics
     from bot.etcd.model import EtcdError
     from bot.output import text as render
     from bot.output.model import status_view
@@ -242,7 +243,8 @@ async def _status(args: argparse.Namespace) -> int:
             else:
                 print(render.unreachable_text(name, str(e)), file=sys.stderr)
             return EXIT_FAILED
-    view = status_view(health)
+        metrics = await cluster_metrics(client, health) if args.cmd == "status" else None
+    view = status_view(health, metrics)
     if args.cmd == "members":
         print(render.members_text(view))
         if view.learned:  # stdout stays as etcdctl prints it

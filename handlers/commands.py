@@ -28,6 +28,7 @@ from slack_bolt.context.respond.async_respond import AsyncRespond
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.config import ClusterConfig
+from bot.etcd.metrics import cluster_metrics
 from bot.etcd.model import EtcdError
 from bot.etcd.snapshots import SnapshotFailed
 from bot.ops import lifecycle
@@ -57,7 +58,8 @@ async def _status(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user: s
         return Outcome(channel=blocks.unreachable_reply(cluster.name, str(e)))
     if cmd.name == "members":
         return Outcome(channel=blocks.members_reply(health))
-    return Outcome(channel=blocks.status_reply(health, requested_by=user))
+    metrics = await cluster_metrics(ctx.client(cluster), health)
+    return Outcome(channel=blocks.status_reply(health, requested_by=user, metrics=metrics))
 
 
 async def _replace(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user: str, channel: str) -> Outcome:

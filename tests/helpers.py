@@ -196,3 +196,24 @@ class open_store:
 
     async def __aexit__(self, *exc) -> None:
         await self.store.close()
+
+
+# ---------------------------------------------------------------- NOSPACE
+
+QUOTA = 16 * 1024 * 1024  # a quota small enough to fill in a second
+QUOTA_ARGS = ("--quota-backend-bytes", str(QUOTA))
+
+
+async def fill_until_nospace(cluster, value_size: int = 512 * 1024, limit: int = 400) -> int:
+    """Overwrite a few keys with big values until etcd refuses writes ("database space
+    exceeded"); the history left behind is what compaction and defragmentation reclaim.
+    Returns the number of writes that succeeded."""
+    from bot.etcd.model import EtcdRequestError
+    async with EtcdClient(cluster.endpoints, tls=cluster.tls_files()) as client:
+        for n in range(limit):
+            try:
+                await client.put(b"fill/%d" % (n % 4), b"x" * value_size)
+            except EtcdRequestError as e:
+                assert "database space exceeded" in str(e), e
+                return n
+    raise AssertionError(f"no NOSPACE after {limit} writes of {value_size} bytes")

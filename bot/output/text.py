@@ -48,8 +48,11 @@ def status_rows(view: StatusView) -> list[list[str]]:
 def status_text(view: StatusView) -> str:
     """The CLI's status output: headline, alarms, the member table, and the note on a learned URL."""
     alarms = "".join(f"\nALARM {a.kind} on member {a.member_id:016x}" for a in view.alarms)
+    advice = "".join(f"\nNEXT: {line}" for line in view.advice)
+    quotas = "".join(f"\nQUOTA {v.label}: {v.quota_line}" for v in view.members if v.quota_line)
     note = f"\nNOTE: {view.learned}" if view.learned else ""
-    return f"{headline(view)}{alarms}\n{table(STATUS_HEADERS, status_rows(view))}\n{view.checked}{note}"
+    return (f"{headline(view)}{alarms}{advice}\n{table(STATUS_HEADERS, status_rows(view))}{quotas}\n{view.checked}"
+            f"{note}")
 
 
 def members_text(view: StatusView) -> str:
@@ -74,6 +77,8 @@ def status_json(view: StatusView) -> dict[str, Any]:
             "raft_applied_index": s.raft_applied_index if s else None,
             "errors": list(s.errors) if s else ([v.error] if v.error else []),
             "alarms": list(v.alarms),
+            "quota_bytes": v.quota_bytes, "quota_usage": round(v.quota_usage, 4) if v.quota_usage is not None else None,
+            "quota_error": v.quota_error,
         })
     return {
         "cluster": view.cluster, "verdict": str(view.verdict), "members": members,
@@ -81,7 +86,7 @@ def status_json(view: StatusView) -> dict[str, Any]:
         "leader": f"{leader:016x}" if leader else None,
         "alarms": [{"member_id": f"{a.member_id:016x}", "alarm": a.kind} for a in view.alarms],
         "elapsed_seconds": round(view.elapsed, 4), "deadline_seconds": view.deadline,
-        "learned_url": view.learned_url,
+        "learned_url": view.learned_url, "advice": list(view.advice),
     }
 
 

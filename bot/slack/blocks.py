@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from bot.etcd.health import ClusterHealth
+from bot.etcd.metrics import MemberMetrics
 from bot.ops.replace import MemberRef, Plan
 from bot.output import text as render
 from bot.output.model import LEADERLESS, MemberView, Verdict, snapshot_view, status_view
@@ -139,27 +140,32 @@ def _member_line(v: MemberView) -> str:
     else:
         first = f":large_green_circle: {name} {code(m.hex_id)} — {v.state}"
     facts = [escape(f) for f in v.facts]
+    if v.quota_line:
+        facts.append(f"quota {escape(v.quota_line)}")
     if v.alarms:
         facts.append(f":rotating_light: alarm {escape(', '.join(v.alarms))}")
     urls = f"peer {escape(', '.join(m.peer_urls) or '-')} · client {escape(', '.join(m.client_urls) or '-')}"
     return "\n".join([first, " · ".join(facts), urls] if facts else [first, urls])
 
 
-def status_reply(health: ClusterHealth, requested_by: str | None = None) -> Reply:
-    view = status_view(health)
+def status_reply(health: ClusterHealth, requested_by: str | None = None,
+                 metrics: Mapping[int, MemberMetrics | str] | None = None) -> Reply:
+    view = status_view(health, metrics)
     blocks: list[dict[str, Any]] = [
         _header(f"etcd cluster {escape(view.cluster)}: {view.verdict}"),
         _section(f"{_ICON[view.verdict]} *{view.quorum_line}*"),
     ]
     for a in view.alarms:
         blocks.append(_section(f":rotating_light: *ALARM {escape(a.kind)}* on member {code(f'{a.member_id:016x}')}"))
+    blocks += [_section(f":point_right: {escape(line)}") for line in view.advice]
     blocks.append({"type": "divider"})
     blocks += [_section(_member_line(v)) for v in view.members]
     if view.learned:
         blocks.append(_section(f":warning: {escape(view.learned)}"))
     who = f" · asked by {mention(requested_by)}" if requested_by else ""
     blocks.append(_context(f"{view.checked}{who}"))
-    return Reply(text=escape(render.headline(view) + (f"; {view.learned}" if view.learned else "")), blocks=blocks)
+    return Reply(text=escape(render.headline(view) + "".join(f"; {line}" for line in view.advice)
+                             + (f"; {view.learned}" if view.learned else "")), blocks=blocks)
 
 
 def members_reply(health: ClusterHealth) -> Reply:
