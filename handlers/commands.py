@@ -28,6 +28,7 @@ from slack_bolt.context.respond.async_respond import AsyncRespond
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.config import ClusterConfig
+from bot.etcd.consistency import check_consistency
 from bot.etcd.metrics import cluster_metrics
 from bot.etcd.model import EtcdError
 from bot.etcd.snapshots import SnapshotFailed
@@ -39,6 +40,7 @@ from bot.ops.lifecycle import Outcome
 from bot.ops.replace import ReplaceRequest
 from bot.ops.routing import RoutingError, resolve_cluster
 from bot.ops.snapshots import RunningSnapshot, take_snapshot
+from bot.output.model import perf_view
 from bot.slack import blocks
 from bot.slack.web import SlackPostError, post
 from bot.store.sqlite import StoreError
@@ -109,11 +111,29 @@ async def _abandon(ctx: BotContext, cmd: Command, cluster: None, user: str, chan
     return await lifecycle.abandon(ctx, cmd.args["plan_id"], cmd.args["reason"], user, channel)
 
 
+async def _check(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user: str, channel: str) -> Outcome:
+    """alarms, perf, consistency: read-only, each read under the cluster's deadline."""
+    try:
+        health = await ctx.check(cluster)
+    except EtcdError as e:
+        return Outcome(channel=blocks.unreachable_reply(cluster.name, str(e)))
+    client = ctx.client(cluster)
+    if cmd.name == "alarms":
+        return Outcome(channel=blocks.alarms_reply(health))
+    if cmd.name == "perf":
+        return Outcome(channel=blocks.perf_reply(perf_view(health, await cluster_metrics(client, health))))
+    try:
+        return Outcome(channel=blocks.consistency_reply(await check_consistency(client, health)))
+    except EtcdError as e:
+        return Outcome(channel=blocks.unreachable_reply(cluster.name, str(e)))
+
+
 # Commands that name a plan find their cluster through it; the others resolve one.
 WORK: dict[str, tuple[Work, bool]] = {
     "status": (_status, True), "members": (_status, True), "replace": (_replace, True), "plans": (_plans, True),
     "snapshot": (_snapshot, True), "snapshots": (_snapshots, True),
     "cancel": (_cancel, False), "resume": (_resume, False), "abandon": (_abandon, False),
+    "alarms": (_check, True), "perf": (_check, True), "consistency": (_check, True),
 }
 
 

@@ -50,6 +50,12 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
     Spec("abandon", ("plan-id", "reason"), rest=True,
          summary="close an interrupted or failed plan without undoing anything, so a new one can be made (approvers)"),
     Spec("help", summary="this help"),
+    # NOSPACE and slow clusters (issue 13)
+    Spec("alarms", ("[cluster]",), ("--cluster",), summary="the active alarms (NOSPACE, CORRUPT) and what to run"),
+    Spec("perf", ("[cluster]",), ("--cluster",),
+         summary="disk latency, leader changes, slow applies, proposals, apply lag per member against etcd's guidance"),
+    Spec("consistency", ("[cluster]",), ("--cluster",),
+         summary="HashKV on every member at one revision: agreement, or the member that differs"),
 )}
 
 

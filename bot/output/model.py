@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from bot.etcd.bbolt import SnapshotStatus, status_table
 from bot.etcd.health import ClusterHealth, MemberHealth, Quorum
-from bot.etcd.metrics import DEFAULT_QUOTA, MemberMetrics
+from bot.etcd.metrics import BACKEND_COMMIT_P99_OK, DEFAULT_QUOTA, WAL_FSYNC_P99_OK, MemberMetrics
 from bot.etcd.model import Alarm, Member, MemberStatus
 from bot.output.units import humanize_bytes, humanize_duration
 
@@ -253,3 +253,86 @@ def snapshot_view(saved: SavedSnapshot) -> SnapshotView:
                         sha256=saved.sha256, member=saved.member, endpoint=saved.endpoint, duration=saved.duration,
                         throughput=saved.throughput, status=saved.status, failed_over_from=saved.failed_over_from,
                         pruned=saved.pruned)
+
+
+# ---------------------------------------------------------------- perf, alarms, consistency
+
+# etcd's guidance (tuning guide, hardware recommendations): the disk histograms' p99s, and the
+# gap between committed and applied entries past which etcd refuses requests ("too many requests").
+APPLY_LAG_MAX = 5000
+LEADER_CHANGES_MAX = 2     # since the member started: its first election, and one more
+PROPOSALS_PENDING_MAX = 5  # a sample: more queued proposals means the leader cannot keep up
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One judged figure: what it is, its value as printed, and ok / bad / unknown (None)."""
+
+    name: str
+    value: str
+    ok: bool | None
+
+
+@dataclass(frozen=True)
+class PerfMember:
+    label: str
+    figures: tuple[Figure, ...]
+    error: str | None
+    slowness: float            # the worse disk p99 as a share of its limit (0 when unknown)
+
+    @property
+    def bad(self) -> list[Figure]:
+        return [f for f in self.figures if f.ok is False]
+
+
+@dataclass(frozen=True)
+class PerfView:
+    cluster: str
+    members: tuple[PerfMember, ...]
+
+    @property
+    def slowest(self) -> PerfMember | None:
+        """The member with the slowest disk, when any member's disk figures are known."""
+        known = [m for m in self.members if m.slowness > 0]
+        return max(known, key=lambda m: m.slowness) if known else None
+
+    @property
+    def all_ok(self) -> bool:
+        return all(not m.error and not m.bad for m in self.members)
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f} ms"
+
+
+def perf_member(h: MemberHealth, found: MemberMetrics | str | None) -> PerfMember:
+    label = h.member.name or h.member.hex_id
+    if h.status is None:
+        return PerfMember(label, (), h.problem, 0.0)
+    if not isinstance(found, MemberMetrics):
+        return PerfMember(label, (), found or "no /metrics", 0.0)
+    m, s = found, h.status
+
+    def under(value: float | int | None, limit: float) -> bool | None:
+        return None if value is None else value <= limit
+    lag = s.raft_index - s.raft_applied_index
+    figures = (
+        Figure(f"WAL fsync p99 (< {WAL_FSYNC_P99_OK * 1000:g} ms)", _ms(m.wal_fsync_p99),
+               under(m.wal_fsync_p99, WAL_FSYNC_P99_OK)),
+        Figure(f"backend commit p99 (< {BACKEND_COMMIT_P99_OK * 1000:g} ms)", _ms(m.backend_commit_p99),
+               under(m.backend_commit_p99, BACKEND_COMMIT_P99_OK)),
+        Figure(f"leader changes (<= {LEADER_CHANGES_MAX})", str(m.leader_changes), under(m.leader_changes,
+                                                                                         LEADER_CHANGES_MAX)),
+        Figure("slow applies (0)", str(m.slow_applies), under(m.slow_applies, 0)),
+        Figure(f"proposals pending (<= {PROPOSALS_PENDING_MAX})", str(m.proposals_pending),
+               under(m.proposals_pending, PROPOSALS_PENDING_MAX)),
+        Figure("proposals failed (0)", str(m.proposals_failed), under(m.proposals_failed, 0)),
+        Figure(f"raft index - applied (<= {APPLY_LAG_MAX})", f"{s.raft_index} - {s.raft_applied_index} = {lag}",
+               lag <= APPLY_LAG_MAX),
+    )
+    slowness = max((m.wal_fsync_p99 or 0) / WAL_FSYNC_P99_OK, (m.backend_commit_p99 or 0) / BACKEND_COMMIT_P99_OK)
+    return PerfMember(label, figures, None, slowness)
+
+
+def perf_view(health: ClusterHealth, metrics: Mapping[int, MemberMetrics | str]) -> PerfView:
+    return PerfView(health.cluster, tuple(perf_member(h, metrics.get(h.member.id)) for h in health.members))

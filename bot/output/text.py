@@ -8,7 +8,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from bot.output.model import SnapshotView, StatusView, learned_line, member_state, quorum_line, verdict
+from bot.etcd.consistency import Consistency
+from bot.etcd.model import KVHash
+from bot.output.model import (
+    Figure,
+    PerfView,
+    SnapshotView,
+    StatusView,
+    learned_line,
+    member_state,
+    quorum_line,
+    verdict,
+)
 from bot.output.tables import table
 from bot.output.units import humanize_bytes
 
@@ -119,3 +130,59 @@ def one_line(text: str, limit: int = 120) -> str:
     if len(first) > limit:
         return first[:limit - 1].rstrip() + "…"
     return first + " …" if len(lines) > 1 else first
+
+
+# ---------------------------------------------------------------- perf, alarms, consistency
+
+def _cell(f: Figure) -> str:
+    return f"{f.value} {'ok' if f.ok else 'BAD' if f.ok is False else '?'}"
+
+
+def perf_text(view: PerfView) -> str:
+    """The verdict and the slowest member, then one row per figure, one column per member."""
+    named = next((m.figures for m in view.members if m.figures), ())
+    rows = [[f.name, *(_cell(m.figures[i]) if m.figures else "-" for m in view.members)]
+            for i, f in enumerate(named)]
+    rows += [["not read", *(m.error or "" for m in view.members)]] if any(m.error for m in view.members) else []
+    bad = [f"{m.label}: {', '.join(f'{f.name} {f.value}' for f in m.bad)}" for m in view.members if m.bad]
+    unread = [f"{m.label}: {m.error}" for m in view.members if m.error]
+    verdict = "all figures within etcd's guidance" if view.all_ok else "; ".join(bad + unread)
+    slowest = view.slowest
+    slow = (f"\nslowest: {slowest.label} (disk p99 at {slowest.slowness * 100:.0f} % of etcd's limit)"
+            if slowest else "")
+    listing = table(("FIGURE (GUIDANCE)", *(m.label for m in view.members)), rows)
+    return f"cluster {view.cluster} perf: {'OK' if view.all_ok else 'BAD'}: {verdict}{slow}\n{listing}"
+
+
+def alarms_text(view: StatusView) -> str:
+    """The active alarms, by member name, each with the command to run."""
+    names = {v.member.id: v.label for v in view.members}
+    if not view.alarms:
+        return f"cluster {view.cluster}: no alarms"
+    lines = [f"ALARM {a.kind} on {names.get(a.member_id, '?')} ({a.member_id:016x})" for a in view.alarms]
+    return "\n".join([f"cluster {view.cluster}: {len(view.alarms)} alarm{'s' if len(view.alarms) != 1 else ''}",
+                      *lines, *(f"NEXT: {line}" for line in view.advice)])
+
+
+def _compacted(h: KVHash) -> str:
+    return str(h.compact_revision) if h.compact_revision > 0 else "never"
+
+
+def consistency_text(c: Consistency) -> str:
+    """Agreement at one revision, or the member that differs and what to do about it."""
+    rows = [[m.name, f"{m.hash.hash:08x}" if m.hash else "-", _compacted(m.hash) if m.hash else "-",
+             "DIFFERS" if m in c.differing else ("NOT COMPARED: " + (m.error or "other compaction point"))
+             if m in c.unchecked else "same"] for m in c.members]
+    if c.agree:
+        head = (f"cluster {c.cluster}: CONSISTENT: {len(c.members)} members agree at revision {c.revision} "
+                f"(hash {c.majority_hash:08x})")
+    elif c.differing:
+        names = ", ".join(m.name for m in c.differing)
+        head = (f"cluster {c.cluster}: INCONSISTENT at revision {c.revision}: {names} "
+                f"differ{'s' if len(c.differing) == 1 else ''} from the majority; replace "
+                f"{'it' if len(c.differing) == 1 else 'them'}: "
+                + "; ".join(f"/etcd replace {m.name} <new-name> <new-peer-url>" for m in c.differing))
+    else:
+        head = (f"cluster {c.cluster}: NOT CHECKED at revision {c.revision}: "
+                + "; ".join(f"{m.name}: {m.error or 'other compaction point'}" for m in c.unchecked))
+    return f"{head}\n{table(('MEMBER', 'HASH', 'COMPACT REVISION', 'RESULT'), rows)}"

@@ -14,11 +14,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from bot.etcd.consistency import Consistency
 from bot.etcd.health import ClusterHealth
 from bot.etcd.metrics import MemberMetrics
 from bot.ops.replace import MemberRef, Plan
 from bot.output import text as render
-from bot.output.model import LEADERLESS, MemberView, Verdict, snapshot_view, status_view
+from bot.output.model import LEADERLESS, MemberView, PerfView, Verdict, snapshot_view, status_view
 from bot.output.units import humanize_bytes
 from bot.store.records import PlanRecord, PlanState
 
@@ -422,3 +423,25 @@ def snapshots_reply(cluster: str, rows: list[dict[str, Any]]) -> Reply:
 
 def _basename(path: str) -> str:
     return path.rsplit("/", 1)[-1]
+
+
+# ---------------------------------------------------------------- alarms, perf, consistency
+
+def _report(ok: bool, text: str) -> Reply:
+    """A check's answer: its first line as the headline, the rest (a table) as code."""
+    head, _, rest = text.partition("\n")
+    icon = ":large_green_circle:" if ok else ":red_circle:"
+    blocks = [_section(f"{icon} *{escape(head)}*")] + ([_section(code_block(rest))] if rest else [])
+    return Reply(text=escape(head), blocks=blocks)
+
+
+def alarms_reply(health: ClusterHealth) -> Reply:
+    return _report(not health.alarms, render.alarms_text(status_view(health)))
+
+
+def perf_reply(view: PerfView) -> Reply:
+    return _report(view.all_ok, render.perf_text(view))
+
+
+def consistency_reply(c: Consistency) -> Reply:
+    return _report(c.agree, render.consistency_text(c))
