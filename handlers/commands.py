@@ -32,7 +32,7 @@ from bot.etcd.consistency import check_consistency
 from bot.etcd.metrics import cluster_metrics
 from bot.etcd.model import EtcdError
 from bot.etcd.snapshots import SnapshotFailed
-from bot.ops import lifecycle
+from bot.ops import defragment, lifecycle
 from bot.ops.access import COMMAND_ROLES
 from bot.ops.commands import SPECS, Command, UsageError, general_usage, parse
 from bot.ops.context import BotContext
@@ -128,12 +128,17 @@ async def _check(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user: st
         return Outcome(channel=blocks.unreachable_reply(cluster.name, str(e)))
 
 
+async def _defrag(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user: str, channel: str) -> Outcome:
+    return await defragment.propose(ctx, cluster, cmd.args.get("rule"), "no_compact" not in cmd.flags, user, channel,
+                                    cmd.spec.usage)
+
+
 # Commands that name a plan find their cluster through it; the others resolve one.
 WORK: dict[str, tuple[Work, bool]] = {
     "status": (_status, True), "members": (_status, True), "replace": (_replace, True), "plans": (_plans, True),
     "snapshot": (_snapshot, True), "snapshots": (_snapshots, True),
     "cancel": (_cancel, False), "resume": (_resume, False), "abandon": (_abandon, False),
-    "alarms": (_check, True), "perf": (_check, True), "consistency": (_check, True),
+    "alarms": (_check, True), "perf": (_check, True), "consistency": (_check, True), "defrag": (_defrag, True),
 }
 
 

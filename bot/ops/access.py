@@ -32,7 +32,7 @@ COMMAND_ROLES: dict[str, Role | None] = {
     "status": Role.READER, "members": Role.READER, "plans": Role.READER, "snapshots": Role.READER,
     "replace": Role.OPERATOR, "snapshot": Role.OPERATOR, "cancel": None, "resume": Role.APPROVER,
     "abandon": Role.APPROVER,
-    "alarms": Role.READER, "perf": Role.READER, "consistency": Role.READER,
+    "alarms": Role.READER, "perf": Role.READER, "consistency": Role.READER, "defrag": Role.OPERATOR,
 }
 
 

@@ -56,6 +56,9 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
          summary="disk latency, leader changes, slow applies, proposals, apply lag per member against etcd's guidance"),
     Spec("consistency", ("[cluster]",), ("--cluster",),
          summary="HashKV on every member at one revision: agreement, or the member that differs"),
+    Spec("defrag", ("[cluster]",), ("--cluster", "--rule"), ("--no-compact",),
+         summary="propose a rolling defragmentation (followers, then the leader after moving leadership), "
+                 "compaction and NOSPACE disarm; runs after an approver's reaction"),
 )}
 
 

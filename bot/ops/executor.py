@@ -23,7 +23,7 @@ from bot.etcd.snapshots import SnapshotFailed
 from bot.ops.context import BotContext
 from bot.ops.engine import FactsChanged, StepFailed, StepRun, note, register
 from bot.ops.launcher import manual_instructions, run_command
-from bot.ops.replace import config_endpoints, etcd_servers, facts_changed, quorum_after
+from bot.ops.replace import Plan, config_endpoints, etcd_servers, facts_changed, quorum_after
 from bot.ops.snapshots import take_snapshot
 from bot.slack.blocks import escape
 from bot.store.records import PlanKind, PlanRecord
@@ -34,6 +34,22 @@ POLL = 1.0  # seconds between looks while waiting on etcd
 CHANGE_TIMEOUT = 10.0  # a membership change waits for raft to apply it (etcdctl allows 5 s)
 
 
+async def wait_for(what: str, seconds: float, probe: Callable[[], Awaitable[str | None]], next_action: str) -> str:
+    """Poll `probe` until it returns a detail (not None), within `seconds`; etcd errors count as "not yet"."""
+    deadline = time.monotonic() + seconds
+    last_error = ""
+    while True:
+        try:
+            result = await probe()
+            if result is not None:
+                return result
+        except EtcdError as e:
+            last_error = f" (last error: {e})"
+        if time.monotonic() >= deadline:
+            raise StepFailed(f"{what} did not happen within {seconds:g}s{last_error}", next_action)
+        await asyncio.sleep(POLL)
+
+
 @register(PlanKind.REPLACE)
 class ReplaceOperation:
     def __init__(self, ctx: BotContext, record: PlanRecord, actor: str, started: set[str]):
@@ -41,7 +57,9 @@ class ReplaceOperation:
         self.record = record
         self.actor = actor
         self.started = started
-        self.plan = record.plan
+        if not isinstance(record.plan, Plan):
+            raise StepFailed(f"plan {record.id} is not a replacement", "see /etcd plans")
+        self.plan: Plan = record.plan
         cluster = ctx.config.cluster(self.plan.cluster)
         if cluster is None:
             raise StepFailed(f"cluster {self.plan.cluster} is no longer in the configuration", "restore its config")
@@ -126,20 +144,7 @@ class ReplaceOperation:
         return next((m for m in members if self.plan.new_peer_url in m.peer_urls), None)
 
     async def _wait(self, what: str, seconds: float, probe: Callable[[], Awaitable[str | None]]) -> str:
-        """Poll `probe` until it returns a detail (not None), within `seconds`."""
-        deadline = time.monotonic() + seconds
-        last_error = ""
-        while True:
-            try:
-                result = await probe()
-                if result is not None:
-                    return result
-            except EtcdError as e:
-                last_error = f" (last error: {e})"
-            if time.monotonic() >= deadline:
-                raise StepFailed(f"{what} did not happen within {seconds:g}s{last_error}",
-                                 "look at the new member's logs, then /etcd resume the plan")
-            await asyncio.sleep(POLL)
+        return await wait_for(what, seconds, probe, "look at the new member's logs, then /etcd resume the plan")
 
     # -- the steps ------------------------------------------------------
 

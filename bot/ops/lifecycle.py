@@ -18,9 +18,10 @@ from bot.etcd.model import EtcdError
 from bot.ops import executor  # noqa: F401  (registers the replace operation with the engine)
 from bot.ops.access import Role
 from bot.ops.context import BotContext
+from bot.ops.defrag import DefragPlan
 from bot.ops.engine import execute, note, refresh
 from bot.ops.notify import NotifyFailed
-from bot.ops.replace import MemberRef, Refusal, ReplaceRequest, plan_replacement
+from bot.ops.replace import MemberRef, Plan, Refusal, ReplaceRequest, plan_replacement
 from bot.slack import blocks
 from bot.slack.blocks import escape, mention
 from bot.store.records import STOPPED_STATES, PlanKind, PlanRecord, PlanState
@@ -62,8 +63,16 @@ async def propose(ctx: BotContext, cluster: ClusterConfig, req: ReplaceRequest, 
         await store.audit("replace_refused", user=user, channel=channel, cluster=cluster.name,
                           detail={"reason": r.reason, "request": req.__dict__})
         return _refused(f"cannot replace {req.failed} in {cluster.name}: {r.reason}", r.hint, usage)
+    return await submit(ctx, cluster, PlanKind.REPLACE, plan, user, channel,
+                        {"plan": plan.id, "failed": plan.failed.id, "new_name": plan.new_name,
+                         "new_peer_url": plan.new_peer_url, "learner": plan.learner})
+
+
+async def submit(ctx: BotContext, cluster: ClusterConfig, kind: PlanKind, plan: Plan | DefragPlan, user: str,
+                 channel: str, detail: dict[str, object]) -> Outcome:
+    """Store a plan of any kind as proposed, post its message, audit it."""
+    store = ctx.store
     now = time.time()
-    kind = PlanKind.REPLACE
     row = {"id": plan.id, "kind": kind, "cluster": cluster.name, "state": PlanState.PROPOSED, "channel": channel,
            "proposer": user, "created_at": now, "expires_at": now + ctx.config.approval.rule(kind).ttl_minutes * 60,
            "fingerprint": plan.fingerprint, "plan": json.dumps(plan.to_json())}
@@ -80,9 +89,7 @@ async def propose(ctx: BotContext, cluster: ClusterConfig, req: ReplaceRequest, 
                                error=f"could not post the plan: {e}")
         return _refused(f"could not post the plan in this channel: {e}")
     await store.update_plan(plan.id, message_ts=ts)
-    await store.audit("plan_proposed", user=user, channel=channel, cluster=cluster.name,
-                      detail={"plan": plan.id, "failed": plan.failed.id, "new_name": plan.new_name,
-                              "new_peer_url": plan.new_peer_url, "learner": plan.learner})
+    await store.audit("plan_proposed", user=user, channel=channel, cluster=cluster.name, detail=detail)
     return Outcome()
 
 
@@ -90,12 +97,13 @@ async def removed_by_earlier_plan(ctx: BotContext, cluster: str, ref: str) -> tu
     """A failed member an earlier plan removed (etcd < 3.6 requires removing every
     unreachable voter before an add) and nobody has replaced yet."""
     wanted = ref.strip().lower()
-    records = await ctx.store.plans(cluster, limit=50, states=(PlanState.DONE,))
-    replaced = {r.plan.failed.id for r in records}
-    for record in records:
-        for m in record.plan.also_remove:
+    plans = [r.plan for r in await ctx.store.plans(cluster, limit=50, states=(PlanState.DONE,))
+             if isinstance(r.plan, Plan)]
+    replaced = {p.failed.id for p in plans}
+    for plan in plans:
+        for m in plan.also_remove:
             if m.id not in replaced and wanted in (m.name.lower(), m.id):
-                return m, record.id
+                return m, plan.id
     return None
 
 

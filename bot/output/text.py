@@ -186,3 +186,4 @@ def consistency_text(c: Consistency) -> str:
         head = (f"cluster {c.cluster}: NOT CHECKED at revision {c.revision}: "
                 + "; ".join(f"{m.name}: {m.error or 'other compaction point'}" for m in c.unchecked))
     return f"{head}\n{table(('MEMBER', 'HASH', 'COMPACT REVISION', 'RESULT'), rows)}"
+

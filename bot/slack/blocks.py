@@ -17,11 +17,13 @@ from typing import TYPE_CHECKING, Any
 from bot.etcd.consistency import Consistency
 from bot.etcd.health import ClusterHealth
 from bot.etcd.metrics import MemberMetrics
-from bot.ops.replace import MemberRef, Plan
+from bot.ops.defrag import DefragPlan
+from bot.ops.replace import MemberRef, Plan, Step
 from bot.output import text as render
 from bot.output.model import LEADERLESS, MemberView, PerfView, Verdict, snapshot_view, status_view
+from bot.output.tables import table as render_table
 from bot.output.units import humanize_bytes
-from bot.store.records import PlanRecord, PlanState
+from bot.store.records import PlanKind, PlanRecord, PlanState
 
 if TYPE_CHECKING:  # the snapshot stream is gRPC; only its result type is needed here
     from bot.etcd.snapshots import SavedSnapshot
@@ -248,10 +250,12 @@ class PlanView:
     approvals_needed: int = 1
 
 
-def plan_reply(plan: Plan, view: PlanView) -> Reply:
+def plan_reply(plan: Plan | DefragPlan, view: PlanView) -> Reply:
     """The plan message: everything an approver needs to decide, and progress.
     Long values never push a step or the environment out: they spill into
     more sections."""
+    if isinstance(plan, DefragPlan):
+        return defrag_plan_reply(plan, view)
     state = STATE_WORD.get(view.state, view.state.upper())
     failed_name = escape(plan.failed.name or plan.failed.id)
     decided = view.decided_by and view.state in (PlanState.APPROVED, PlanState.REJECTED, PlanState.CANCELLED,
@@ -265,11 +269,7 @@ def plan_reply(plan: Plan, view: PlanView) -> Reply:
                   f"*New member:* *{escape(plan.new_name)}* · peer {escape(plan.new_peer_url)} · client "
                   f"{escape(plan.new_client_url or '(set by the launcher)')} · {joins}"),
     ]
-    lines = []
-    for i, step in enumerate(plan.steps):
-        st = view.step_states.get(i, "pending")
-        lines.append(f"{STEP_ICON.get(st, ':white_square:')} {i}. {escape(step.title)}")
-    blocks += sections("*Steps*\n" + "\n".join(lines))
+    blocks += _steps(plan.steps, view)
     env = "\n".join(f'{k}="{v}"' for k, v in plan.environment.items())
     blocks.append(_section(f"*Environment for {escape(plan.new_name)}* (runbook step 4):"))
     blocks += sections(escape(env), code=True)
@@ -287,6 +287,21 @@ def plan_reply(plan: Plan, view: PlanView) -> Reply:
     if plan.already_removed_by:
         blocks.append(_section(f":information_source: {failed_name} was removed by plan "
                                f"`{plan.already_removed_by}`; this plan adds its replacement."))
+    text = (f"Plan {plan.id}: replace {failed_name} with {escape(plan.new_name)} in {escape(plan.cluster)}: {state}. "
+            f"Proposed by {mention(view.proposer)}")
+    return _footer(plan.id, view, blocks, text)
+
+
+def _steps(steps: tuple[Step, ...], view: PlanView) -> list[dict[str, Any]]:
+    lines = []
+    for i, step in enumerate(steps):
+        st = view.step_states.get(i, "pending")
+        lines.append(f"{STEP_ICON.get(st, ':white_square:')} {i}. {escape(step.title)}")
+    return sections("*Steps*\n" + "\n".join(lines))
+
+
+def _footer(plan_id: str, view: PlanView, blocks: list[dict[str, Any]], text: str) -> Reply:
+    """Every plan message ends alike: the failure, who proposed and may approve, and how."""
     if view.error:
         blocks += sections(f":x: *Failed:* {escape(view.error)}")
     approved = ""
@@ -294,10 +309,8 @@ def plan_reply(plan: Plan, view: PlanView) -> Reply:
         approved = (f" · approvals {len(view.approvals)} of {view.approvals_needed}"
                     + (f" ({', '.join(mention(u) for u in view.approvals)})" if view.approvals else ""))
     who = (f"Proposed by {mention(view.proposer)} · approvers: {view.approvers}{approved} · "
-           f"expires {slack_date(view.expires_at)} · plan ID `{plan.id}`")
+           f"expires {slack_date(view.expires_at)} · plan ID `{plan_id}`")
     blocks.append(_context(who))
-    text = (f"Plan {plan.id}: replace {failed_name} with {escape(plan.new_name)} in {escape(plan.cluster)}: {state}. "
-            f"Proposed by {mention(view.proposer)}")
     if view.state == PlanState.PROPOSED:
         many = f"{view.approvals_needed} approvers react" if view.approvals_needed > 1 else "An approver reacts"
         blocks.append(_context(f"{many} with :{view.reaction}: to approve; :{view.reject_reaction}: rejects "
@@ -306,6 +319,36 @@ def plan_reply(plan: Plan, view: PlanView) -> Reply:
     else:
         text += "."
     return Reply(text=text, blocks=blocks)
+
+
+def _defrag_table(plan: DefragPlan) -> str:
+    """The defragmentation plan's members: sizes, quota use, the rule's verdict and the order."""
+    rows = [[m.ref.name or m.ref.id, m.role, humanize_bytes(m.db_size), humanize_bytes(m.db_size_in_use),
+             humanize_bytes(m.free), f"{m.usage * 100:.0f} % of {humanize_bytes(m.quota)}"
+             + ("" if m.quota_known else " (default assumed)"), "yes" if m.selected else "no (left alone)",
+             str(m.order) if m.order else "-"] for m in plan.members]
+    return render_table(("MEMBER", "ROLE", "DB SIZE", "IN USE", "FREE", "QUOTA USE", "PASSES RULE", "ORDER"), rows)
+
+
+def defrag_plan_reply(plan: DefragPlan, view: PlanView) -> Reply:
+    """A defragmentation plan: the members' sizes, which the rule selects and in what order, the steps."""
+    state = STATE_WORD.get(view.state, view.state.upper())
+    decided = view.decided_by and view.state in (PlanState.APPROVED, PlanState.REJECTED, PlanState.CANCELLED,
+                                                  PlanState.ABANDONED)
+    alarm = " · :rotating_light: NOSPACE active: writes fail until it is disarmed" if plan.nospace else ""
+    blocks: list[dict[str, Any]] = [
+        _header(f"Plan {plan.id}: defragment {plan.cluster}"),
+        _section(f"*State:* {state}" + (f" (by {mention(view.decided_by or '')})" if decided else "")),
+        *sections(f"*Cluster:* `{escape(plan.cluster)}`{alarm}\n*Rule:* {code(plan.rule)} · "
+                  + ("compacts to the current revision first" if plan.compact else "no compaction (--no-compact)")),
+        *sections(_defrag_table(plan), code=True),
+    ]
+    blocks += _steps(plan.steps, view)
+    selected = ", ".join(m.ref.name or m.ref.id for m in sorted(plan.members, key=lambda m: m.order or 0)
+                         if m.selected)
+    text = (f"Plan {plan.id}: defragment {escape(selected)} in {escape(plan.cluster)}: {state}. "
+            f"Proposed by {mention(view.proposer)}")
+    return _footer(plan.id, view, blocks, text)
 
 
 @dataclass(frozen=True)
@@ -321,9 +364,15 @@ class PlanLine:
     decided_by: str | None
     error: str | None
 
+    kind: PlanKind = PlanKind.REPLACE
+
     @classmethod
     def of(cls, record: PlanRecord) -> PlanLine:
         p = record.plan
+        if isinstance(p, DefragPlan):  # "failed": the members it defragments
+            return cls(id=record.id, state=record.state, failed=", ".join(m.ref.name for m in p.members if m.selected),
+                       new_name="", proposer=record.proposer, created_at=record.created_at,
+                       decided_by=record.decided_by, error=record.error, kind=record.kind)
         return cls(id=record.id, state=record.state, failed=p.failed.name or p.failed.id, new_name=p.new_name,
                    proposer=record.proposer, created_at=record.created_at, decided_by=record.decided_by,
                    error=record.error)
@@ -348,8 +397,10 @@ def plans_reply(cluster: str, records: list[PlanRecord]) -> Reply:
     lines = []
     for p in map(PlanLine.of, records):  # the state, what and who, and why it is in that state
         reason = p.reason()
-        lines.append(f"{code(p.id)} {STATE_WORD.get(p.state, p.state).split(' —')[0]} · replace {_item(p.failed)} "
-                     f"with {_item(p.new_name)} · by {mention(p.proposer)} · {slack_date(p.created_at)}"
+        what = (f"replace {_item(p.failed)} with {_item(p.new_name)}" if p.kind == PlanKind.REPLACE
+                else f"defragment {_item(p.failed)}")
+        lines.append(f"{code(p.id)} {STATE_WORD.get(p.state, p.state).split(' —')[0]} · {what} "
+                     f"· by {mention(p.proposer)} · {slack_date(p.created_at)}"
                      + (f" · {reason}" if reason else ""))
     title = f"Recent plans for {escape(cluster)}"
     return Reply(text=f"{title}:\n" + "\n".join(lines), blocks=[_section(f"*{title}*"), _section("\n".join(lines))])

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from bot.ops.defrag import DefragPlan
 from bot.ops.replace import Plan
 
 
@@ -37,6 +38,7 @@ class PlanKind(StrEnum):
     """An operation on a cluster; each registers its steps with the engine (bot.ops.engine)."""
 
     REPLACE = "replace"
+    DEFRAG = "defrag"
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,7 @@ class PlanRecord:
     kind: PlanKind
     cluster: str
     state: PlanState
-    plan: Plan
+    plan: Plan | DefragPlan
     channel: str
     message_ts: str | None
     proposer: str
@@ -61,8 +63,10 @@ class PlanRecord:
     @classmethod
     def of(cls, row: Mapping[str, Any]) -> PlanRecord:
         approvals = tuple(u for u in (row.get("approvals") or "").split(",") if u)
-        return cls(id=row["id"], kind=PlanKind(row.get("kind") or PlanKind.REPLACE), cluster=row["cluster"],
-                   state=PlanState(row["state"]), plan=Plan.from_json(json.loads(row["plan"])),
+        kind = PlanKind(row.get("kind") or PlanKind.REPLACE)
+        data = json.loads(row["plan"])
+        return cls(id=row["id"], kind=kind, cluster=row["cluster"], state=PlanState(row["state"]),
+                   plan=DefragPlan.from_json(data) if kind == PlanKind.DEFRAG else Plan.from_json(data),
                    channel=row["channel"], message_ts=row.get("message_ts"), proposer=row["proposer"],
                    created_at=row["created_at"], expires_at=row["expires_at"], approvals=approvals,
                    current_step=row["current_step"], decided_by=row.get("decided_by"), error=row.get("error"),
