@@ -15,6 +15,7 @@ from helpers import (
     ephemeral,
     eventually,
     fill_until_nospace,
+    members_of,
     plan_row,
     propose,
     text_of,
@@ -22,6 +23,8 @@ from helpers import (
     wait_done,
     wait_state,
 )
+
+MiB = 1024 * 1024
 
 
 async def _leader(c) -> tuple[int, dict[int, str]]:
@@ -70,6 +73,13 @@ async def test_nospace_is_fixed_by_one_approval_leader_last_after_the_move(make_
         await client.put(b"after", b"works")
     notes = thread(slack, plan)
     assert "is done: prod defragmented:" in notes and "reclaimed" in notes
+    # The plan message itself showed the progress member by member: each version has one more size after.
+    final = slack.find_message(CHANNEL, plan.ts)
+    versions = [*(e["text"] + "".join(b.get("text", {}).get("text", "") for b in e["blocks"] or [])
+                  for e in final.edits), text_of(final)]
+    done_rows = sorted({sum(1 for line in v.splitlines() if line.startswith("| member") and
+                            line.split("|")[-2].strip() != "-") for v in versions})
+    assert done_rows == [0, 1, 2, 3] and "*State:* DONE" in text_of(final)
     for name in names.values():
         assert f"{name}: " in notes and " reclaimed in " in notes  # member by member
 
@@ -112,6 +122,8 @@ async def test_the_rule_leaves_a_compact_member_alone_and_a_bad_rule_is_refused(
     async with EtcdClient(c.endpoints) as client:  # by hand: compact, and defragment one follower only
         await client.compact(await client.revision(c.member(compact_name).client_url))
         await client.defragment(c.member(compact_name).client_url)
+    sizes = {h.member.id: h.status.db_size for h in await members_of(c) if h.status}
+    assert sizes[compact_id] < 8 * MiB < min(size for i, size in sizes.items() if i != compact_id)
     bot = await start_bot([cluster_table("prod", c)], approval=APPROVAL)
     store = bot.ctx.store
 
@@ -120,7 +132,7 @@ async def test_the_rule_leaves_a_compact_member_alone_and_a_bad_rule_is_refused(
     refused = text_of(await ephemeral(slack, "defrag --rule dbSpace>1"))
     assert "rule: unknown variable 'dbSpace' at column 1" in refused
 
-    plan = await propose(slack, 'defrag --rule "dbSizeFree > 1MiB" --no-compact')
+    plan = await propose(slack, 'defrag --rule "dbSize > 8MiB" --no-compact')
     text = text_of(plan)
     assert "no compaction (--no-compact)" in text and text.count(" yes ") == 2 and "no (left alone)" in text
     row = await plan_row(store, plan)

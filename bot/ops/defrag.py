@@ -9,7 +9,7 @@ voters. Members the rule does not select are left alone.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from bot.etcd.health import ClusterHealth, MemberHealth
@@ -32,6 +32,7 @@ class DefragMember:
     selected: bool
     order: int | None          # 1-based position among the defragmentations, None when left alone
     role: str                  # leader, follower, learner
+    after: int | None = None   # DB size once defragmented: the plan message's progress
 
     @property
     def free(self) -> int:
@@ -58,6 +59,10 @@ class DefragPlan:
     def member(self, hex_id: str) -> DefragMember:
         return next(m for m in self.members if m.ref.id == hex_id)
 
+    def defragmented(self, hex_id: str, size: int) -> DefragPlan:
+        """The plan with one member's size after its defragmentation recorded."""
+        return replace(self, members=tuple(replace(m, after=size) if m.ref.id == hex_id else m for m in self.members))
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -67,7 +72,7 @@ class DefragPlan:
             r = d["ref"]
             ref = MemberRef(r["id"], r["name"], tuple(r["peer_urls"]), tuple(r["client_urls"]), r["is_learner"])
             return DefragMember(ref, d["db_size"], d["db_size_in_use"], d["quota"], d["quota_known"], d["selected"],
-                                d["order"], d["role"])
+                                d["order"], d["role"], d.get("after"))
         return cls(id=data["id"], cluster=data["cluster"], rule=data["rule"], compact=data["compact"],
                    disarm_below=data["disarm_below"], leader=data["leader"],
                    members=tuple(member(m) for m in data["members"]),

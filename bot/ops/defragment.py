@@ -13,6 +13,7 @@ gone all change nothing the second time.
 """
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from functools import partial
@@ -158,6 +159,8 @@ class DefragOperation:
             if status.errors or status.raft_applied_index < target:
                 return None
             self.after[hex_id] = status.db_size
+            self.plan = self.plan.defragmented(hex_id, status.db_size)  # the plan message shows it from now on
+            await self.ctx.store.update_plan(self.plan.id, plan=json.dumps(self.plan.to_json()))
             return (f"{_label(member)}: {humanize_bytes(before)} → {humanize_bytes(status.db_size)}, "
                     f"{humanize_bytes(max(before - status.db_size, 0))} reclaimed in {took:.1f} s; caught up at "
                     f"index {status.raft_applied_index}")

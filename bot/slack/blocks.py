@@ -322,12 +322,15 @@ def _footer(plan_id: str, view: PlanView, blocks: list[dict[str, Any]], text: st
 
 
 def _defrag_table(plan: DefragPlan) -> str:
-    """The defragmentation plan's members: sizes, quota use, the rule's verdict and the order."""
+    """The defragmentation plan's members: sizes, quota use, the rule's verdict, the order, and once a
+    member is done, its size after and the space reclaimed."""
     rows = [[m.ref.name or m.ref.id, m.role, humanize_bytes(m.db_size), humanize_bytes(m.db_size_in_use),
              humanize_bytes(m.free), f"{m.usage * 100:.0f} % of {humanize_bytes(m.quota)}"
              + ("" if m.quota_known else " (default assumed)"), "yes" if m.selected else "no (left alone)",
-             str(m.order) if m.order else "-"] for m in plan.members]
-    return render_table(("MEMBER", "ROLE", "DB SIZE", "IN USE", "FREE", "QUOTA USE", "PASSES RULE", "ORDER"), rows)
+             str(m.order) if m.order else "-", "-" if m.after is None else humanize_bytes(m.after),
+             "-" if m.after is None else humanize_bytes(max(m.db_size - m.after, 0))] for m in plan.members]
+    return render_table(("MEMBER", "ROLE", "DB SIZE", "IN USE", "FREE", "QUOTA USE", "PASSES RULE", "ORDER", "AFTER",
+                         "RECLAIMED"), rows)
 
 
 def defrag_plan_reply(plan: DefragPlan, view: PlanView) -> Reply:
