@@ -90,6 +90,8 @@ def _parser() -> tuple[_Parser, dict[str, _Parser]]:
 
     demo = sub.add_parser("demo", help="play a whole incident on a local cluster and the Slack stand-in")
     demo.add_argument("--keep", action="store_true", help="leave the cluster, the stand-in and the bot running")
+    demo.add_argument("--scenario", choices=("replace", "nospace"), default="replace",
+                      help="replace: a dead member replaced (default); nospace: a full database defragmented")
     demo.add_argument("--stop", action="store_true", help="stop a demo left running with --keep")
     demo.add_argument("--dir", help="where the demo's files go (default: a temporary directory; with --keep, "
                                     "$XDG_RUNTIME_DIR/etcd-chatops-demo-UID)")
@@ -408,7 +410,7 @@ def _demo(args: argparse.Namespace) -> int:
             return EXIT_OK
     except demo.DemoError as e:
         raise UsageFailure(str(e)) from None
-    return demo.run_demo(directory, args.keep)
+    return demo.run_demo(directory, args.keep, scenario=args.scenario)
 
 
 def _check_config(args: argparse.Namespace) -> int:

@@ -15,11 +15,12 @@ from bot.etcd.health import ClusterHealth, MemberHealth, check_cluster
 from bot.etcd.model import MemberStatus
 from bot.store.records import PlanRecord
 from bot.store.sqlite import Store
-from bot.testing.cluster import free_port
+from bot.testing.cluster import QUOTA, QUOTA_ARGS, fill_until_nospace, free_port
 from bot.testing.slack import Delivery, Message, SlackStandIn
 from bot.testing.workspace import CHANNEL, LEAD, LEADS_GROUP, ONCALL, USERGROUPS, USERS
 
 T = TypeVar("T")
+__all__ = ["QUOTA", "QUOTA_ARGS", "fill_until_nospace"]  # NOSPACE: a small quota, filled (bot/testing/cluster.py)
 
 
 async def eventually(predicate: Callable[[], T | None | Awaitable[T | None]], timeout: float, what: str, *,
@@ -197,23 +198,3 @@ class open_store:
     async def __aexit__(self, *exc) -> None:
         await self.store.close()
 
-
-# ---------------------------------------------------------------- NOSPACE
-
-QUOTA = 16 * 1024 * 1024  # a quota small enough to fill in a second
-QUOTA_ARGS = ("--quota-backend-bytes", str(QUOTA))
-
-
-async def fill_until_nospace(cluster, value_size: int = 512 * 1024, limit: int = 400) -> int:
-    """Overwrite a few keys with big values until etcd refuses writes ("database space
-    exceeded"); the history left behind is what compaction and defragmentation reclaim.
-    Returns the number of writes that succeeded."""
-    from bot.etcd.model import EtcdRequestError
-    async with EtcdClient(cluster.endpoints, tls=cluster.tls_files()) as client:
-        for n in range(limit):
-            try:
-                await client.put(b"fill/%d" % (n % 4), b"x" * value_size)
-            except EtcdRequestError as e:
-                assert "database space exceeded" in str(e), e
-                return n
-    raise AssertionError(f"no NOSPACE after {limit} writes of {value_size} bytes")

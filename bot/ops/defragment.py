@@ -32,7 +32,7 @@ from bot.ops.executor import CHANGE_TIMEOUT, wait_for
 from bot.ops.lifecycle import Outcome, _open_plan_refusal, _refused, submit
 from bot.ops.replace import Refusal
 from bot.ops.snapshots import take_snapshot
-from bot.output.units import humanize_bytes
+from bot.output.units import humanize_bytes, humanize_duration
 from bot.store.records import PlanKind, PlanRecord
 
 WRITE_CHECK_KEY = b"etcd-chatops/write-check"
@@ -162,8 +162,8 @@ class DefragOperation:
             self.plan = self.plan.defragmented(hex_id, status.db_size)  # the plan message shows it from now on
             await self.ctx.store.update_plan(self.plan.id, plan=json.dumps(self.plan.to_json()))
             return (f"{_label(member)}: {humanize_bytes(before)} → {humanize_bytes(status.db_size)}, "
-                    f"{humanize_bytes(max(before - status.db_size, 0))} reclaimed in {took:.1f} s; caught up at "
-                    f"index {status.raft_applied_index}")
+                    f"{humanize_bytes(max(before - status.db_size, 0))} reclaimed in {humanize_duration(took)}; "
+                    f"caught up at index {status.raft_applied_index}")
         return await wait_for(f"{_label(member)} catching up after its defragmentation",
                               self.cluster.catch_up_seconds, caught_up, RESUME)
 

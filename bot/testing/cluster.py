@@ -480,3 +480,26 @@ def _wait_gone(pid: int, base_dir: Path, timeout: float) -> bool:
         if time.monotonic() > deadline:
             return False
         time.sleep(0.01)
+
+
+# ---------------------------------------------------------------- NOSPACE
+
+QUOTA = 16 * 1024 * 1024  # a --quota-backend-bytes small enough to fill in a second
+QUOTA_ARGS = ("--quota-backend-bytes", str(QUOTA))
+
+
+async def fill_until_nospace(cluster: LocalCluster, value_size: int = 512 * 1024, limit: int = 400) -> int:
+    """Overwrite a few keys with big values until etcd refuses writes ("database space
+    exceeded"); the history left behind is what compaction and defragmentation reclaim.
+    Returns the number of writes that succeeded."""
+    from bot.etcd.client import EtcdClient
+    from bot.etcd.model import EtcdRequestError
+    async with EtcdClient(cluster.endpoints, tls=cluster.tls_files()) as client:
+        for n in range(limit):
+            try:
+                await client.put(b"fill/%d" % (n % 4), b"x" * value_size)
+            except EtcdRequestError as e:
+                if "database space exceeded" not in str(e):
+                    raise
+                return n
+    raise ClusterError(f"no NOSPACE after {limit} writes of {value_size} bytes")
