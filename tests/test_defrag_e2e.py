@@ -142,3 +142,22 @@ async def test_the_rule_leaves_a_compact_member_alone_and_a_bad_rule_is_refused(
     assert f"defrag-{compact_id:016x}" not in keys and "compact" not in keys
     assert len([k for k in keys if k.startswith("defrag-")]) == 2
     assert "(left alone)" in thread(slack, plan)
+
+
+async def test_a_leader_that_changed_since_the_plan_stops_it_before_anything_is_done(make_cluster, slack, start_bot):
+    c = make_cluster(3, extra_args=QUOTA_ARGS)
+    await fill_until_nospace(c)
+    leader, names = await _leader(c)
+    bot = await start_bot([cluster_table("prod", c)], approval=APPROVAL)
+    store = bot.ctx.store
+    plan = await propose(slack, "defrag")
+    row = await plan_row(store, plan)
+    other = next(i for i in names if i != leader)
+    async with EtcdClient(c.endpoints) as client:
+        await client.move_leader(other)
+    assert (await _leader(c))[0] == other
+    await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
+    failed = await wait_state(store, row["id"], ("failed",), timeout=60)
+    assert f"the leader changed from {leader:016x} to {other:016x} unexpectedly" in (failed.error or "")
+    assert [st["key"] for st in await store.steps(row["id"]) if st["state"] == "done"] == []
+    assert "a new plan is needed" in thread(slack, plan)
