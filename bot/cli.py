@@ -91,9 +91,10 @@ def _parser() -> tuple[_Parser, dict[str, _Parser]]:
     demo = sub.add_parser("demo", help="play a whole incident on a local cluster and the Slack stand-in")
     demo.add_argument("--keep", action="store_true", help="leave the cluster, the stand-in and the bot running")
     demo.add_argument("--stop", action="store_true", help="stop a demo left running with --keep")
-    demo.add_argument("--scenario", choices=("replace", "restore"), default="replace",
-                      help="replace: a member dies and is replaced; restore: quorum is lost and the cluster is "
-                           "restored from a snapshot under two approvals")
+    demo.add_argument("--scenario", choices=("replace", "restore", "nospace"), default="replace",
+                      help="replace: a member dies and is replaced (default); restore: quorum is lost and the "
+                           "cluster is restored from a snapshot under two approvals; nospace: a full database "
+                           "is defragmented")
     demo.add_argument("--dir", help="where the demo's files go (default: a temporary directory; with --keep, "
                                     "$XDG_RUNTIME_DIR/etcd-chatops-demo-UID)")
     say = sub.add_parser("say", help="type a command in a kept demo's channel and print the reply")
@@ -229,6 +230,7 @@ async def _learn_recorded(client: EtcdClient, args: argparse.Namespace) -> None:
 
 async def _status(args: argparse.Namespace) -> int:
     from bot.etcd.health import check_cluster
+    from bot.etcd.metrics import cluster_metrics
     from bot.etcd.model import EtcdError
     from bot.output import text as render
     from bot.output.model import status_view
@@ -245,7 +247,8 @@ async def _status(args: argparse.Namespace) -> int:
             else:
                 print(render.unreachable_text(name, str(e)), file=sys.stderr)
             return EXIT_FAILED
-    view = status_view(health)
+        metrics = await cluster_metrics(client, health) if args.cmd == "status" else None
+    view = status_view(health, metrics)
     if args.cmd == "members":
         print(render.members_text(view))
         if view.learned:  # stdout stays as etcdctl prints it

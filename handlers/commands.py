@@ -28,9 +28,11 @@ from slack_bolt.context.respond.async_respond import AsyncRespond
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.config import ClusterConfig
+from bot.etcd.consistency import check_consistency
+from bot.etcd.metrics import cluster_metrics
 from bot.etcd.model import EtcdError
 from bot.etcd.snapshots import SnapshotFailed
-from bot.ops import drill, lifecycle, recovery
+from bot.ops import defragment, drill, lifecycle, recovery
 from bot.ops.access import COMMAND_ROLES
 from bot.ops.commands import SPECS, Command, UsageError, general_usage, parse
 from bot.ops.context import BotContext
@@ -39,6 +41,7 @@ from bot.ops.replace import Refusal, ReplaceRequest
 from bot.ops.routing import RoutingError, resolve_cluster
 from bot.ops.snapshots import RunningSnapshot, take_snapshot
 from bot.output import blocks
+from bot.output.model import perf_view
 from bot.slack.web import SlackPostError, post
 from bot.store.sqlite import StoreError
 
@@ -57,7 +60,8 @@ async def _status(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user: s
         return Outcome(channel=blocks.unreachable_reply(cluster.name, str(e)))
     if cmd.name == "members":
         return Outcome(channel=blocks.members_reply(health))
-    return Outcome(channel=blocks.status_reply(health, requested_by=user))
+    metrics = await cluster_metrics(ctx.client(cluster), health)
+    return Outcome(channel=blocks.status_reply(health, requested_by=user, metrics=metrics))
 
 
 async def _replace(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user: str, channel: str) -> Outcome:
@@ -125,12 +129,35 @@ async def _abandon(ctx: BotContext, cmd: Command, cluster: None, user: str, chan
     return await lifecycle.abandon(ctx, cmd.args["plan_id"], cmd.args["reason"], user, channel)
 
 
+async def _check(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user: str, channel: str) -> Outcome:
+    """alarms, perf, consistency: read-only, each read under the cluster's deadline."""
+    try:
+        health = await ctx.check(cluster)
+    except EtcdError as e:
+        return Outcome(channel=blocks.unreachable_reply(cluster.name, str(e)))
+    client = ctx.client(cluster)
+    if cmd.name == "alarms":
+        return Outcome(channel=blocks.alarms_reply(health))
+    if cmd.name == "perf":
+        return Outcome(channel=blocks.perf_reply(perf_view(health, await cluster_metrics(client, health))))
+    try:
+        return Outcome(channel=blocks.consistency_reply(await check_consistency(client, health)))
+    except EtcdError as e:
+        return Outcome(channel=blocks.unreachable_reply(cluster.name, str(e)))
+
+
+async def _defrag(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user: str, channel: str) -> Outcome:
+    return await defragment.propose(ctx, cluster, cmd.args.get("rule"), "no_compact" not in cmd.flags, user, channel,
+                                    cmd.spec.usage)
+
+
 # Commands that name a plan find their cluster through it; the others resolve one.
 WORK: dict[str, tuple[Work, bool]] = {
     "status": (_status, True), "members": (_status, True), "replace": (_replace, True), "plans": (_plans, True),
     "snapshot": (_snapshot, True), "snapshots": (_snapshots, True),
     "cancel": (_cancel, False), "resume": (_resume, False), "abandon": (_abandon, False),
     "restore": (_restore, True), "continue": (_continue, False), "drill": (_drill, True),
+    "alarms": (_check, True), "perf": (_check, True), "consistency": (_check, True), "defrag": (_defrag, True),
 }
 
 

@@ -15,11 +15,12 @@ from bot.etcd.health import ClusterHealth, MemberHealth, check_cluster
 from bot.etcd.model import MemberStatus
 from bot.store.records import PlanRecord
 from bot.store.sqlite import Store
-from bot.testing.cluster import free_port
+from bot.testing.cluster import QUOTA, QUOTA_ARGS, fill_until_nospace, free_port
 from bot.testing.slack import Delivery, Message, SlackStandIn
 from bot.testing.workspace import CHANNEL, LEAD, LEADS_GROUP, ONCALL, USERGROUPS, USERS
 
 T = TypeVar("T")
+__all__ = ["QUOTA", "QUOTA_ARGS", "fill_until_nospace"]  # NOSPACE: a small quota, filled (bot/testing/cluster.py)
 
 
 async def eventually(predicate: Callable[[], T | None | Awaitable[T | None]], timeout: float, what: str, *,
@@ -201,3 +202,4 @@ class open_store:
 
     async def __aexit__(self, *exc) -> None:
         await self.store.close()
+

@@ -121,3 +121,25 @@ def test_the_restore_scenario_plays_a_quorum_loss_and_cleans_up(tmp_path):
         assert found >= 0, f"{fragment!r} missing (or out of order) in the transcript:\n{out[position:position + 2000]}"
         position = found
     assert_nothing_left(directory)
+
+
+def test_the_nospace_demo_fails_writes_then_defragments_under_approval(tmp_path):
+    directory = tmp_path / "nospace"
+    proc = run(DEMO + ["--scenario", "nospace", "--dir", str(directory)])
+    out = proc.stdout
+    assert proc.returncode == 0, proc.stderr[-3000:] + out[-3000:]
+    expected_in_order = [
+        "--quota-backend-bytes 16 MiB", "writes fail: etcdserver: mvcc: database space exceeded",
+        "/etcd status", "ALARM NOSPACE", "run /etcd defrag demo",
+        "/etcd defrag", "defragment demo", "PASSES RULE", "bob reacts", "Approved by @bob",
+        "Step 2 (compact): compacted to revision", "reclaimed in", "Step 5 (move-leader): leadership moved from",
+        "Step 7 (disarm): NOSPACE disarmed", "Step 8 (verify): test write succeeded", "is done: demo defragmented",
+        "etcd cluster demo: HEALTHY", "writes succeed again", "NOSPACE incident played in",
+        "Everything the demo started is stopped",
+    ]
+    position = 0
+    for fragment in expected_in_order:
+        found = out.find(fragment, position)
+        assert found >= 0, f"{fragment!r} missing (or out of order) in the transcript:\n{out[position:position + 2000]}"
+        position = found
+    assert_nothing_left(directory)

@@ -14,7 +14,8 @@ import bot
 
 ROOT = Path(__file__).resolve().parent.parent
 SLACK = {"slack_sdk", "slack_bolt", "aiohttp"}
-PURE = ["bot.ops.replace", "bot.etcd.health", "bot.etcd.bbolt", "bot.ops.commands", "bot.ops.restore"]
+PURE = ["bot.ops.replace", "bot.etcd.health", "bot.etcd.bbolt", "bot.ops.commands", "bot.ops.restore",
+        "bot.ops.defrag", "bot.etcd.metrics"]
 
 
 def core_modules() -> list[str]:

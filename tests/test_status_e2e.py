@@ -3,19 +3,24 @@ stand-in."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import sys
 import time
 
 import pytest
 
+from bot.output.units import humanize_bytes
 from bot.testing.workspace import CHANNEL, LEAD, ONCALL, cluster_table
 from helpers import (
     APPROVAL,
     OK,
+    QUOTA,
+    QUOTA_ARGS,
     command,
     ephemeral,
     eventually,
+    fill_until_nospace,
     live_markup,
     plan_row,
     propose,
@@ -206,3 +211,23 @@ async def test_under_quorum_loss_no_survivor_is_a_green_follower(make_cluster, s
     survivor = next(line for line in text.splitlines() if "*member3*" in line)
     assert "follower" not in survivor and ":large_green_circle:" not in survivor, survivor
     assert "no leader" in survivor and ":large_orange_circle:" in survivor
+
+
+async def test_nospace_shows_first_with_the_quota_and_the_defrag_to_run(make_cluster, slack, start_bot, cli):
+    c = make_cluster(3, extra_args=QUOTA_ARGS)
+    await fill_until_nospace(c)
+    await start_bot([cluster_table("prod", c)])
+    msg = await reply(slack, "status")
+    text = text_of(msg)
+    assert "*ALARM NOSPACE*" in text
+    shown = text[len(msg.text):]  # the blocks
+    assert shown.index("ALARM NOSPACE") < shown.index("/etcd defrag prod") < shown.index("*member1*")
+    assert "etcd refuses writes; run /etcd defrag prod" in msg.text  # the notification says it too
+    assert text.count(f"of {humanize_bytes(QUOTA)} (") == 3  # each member's quota, read from its /metrics
+    proc = cli("status", "--endpoints", ",".join(c.endpoints), "--json")
+    out = json.loads(proc.stdout)
+    assert proc.returncode == 1 and [a["alarm"] for a in out["alarms"]] == ["NOSPACE"]
+    for m in out["members"]:
+        assert m["quota_bytes"] == QUOTA and m["quota_usage"] > 0.8 and m["quota_error"] is None
+        assert m["db_size"] > 0.8 * QUOTA and m["db_size_in_use"] > 0  # the fields that were there stay
+    assert any("/etcd defrag" in line for line in out["advice"])

@@ -31,6 +31,7 @@ from bot.etcd.model import (
     EtcdTimeout,
     EtcdTLSError,
     EtcdUnavailable,
+    KVHash,
     LearnerUnsupported,
     Member,
     MemberStatus,
@@ -48,6 +49,8 @@ T = TypeVar("T")
 LEARNED_GRACE = 0.25
 # Snapshots of production databases take minutes; only silence is an error.
 SNAPSHOT_IDLE_TIMEOUT = 30.0
+# A defragmentation rewrites the whole database file; a 2 GiB one takes minutes on a slow disk.
+DEFRAG_TIMEOUT = 600.0
 
 
 def _transport_reason(details: str) -> tuple[type[EtcdUnavailable], str]:
@@ -409,14 +412,6 @@ class EtcdClient:
             return int(r.header.revision)
         return await self.call(parse_url(endpoint).url, fn, timeout)
 
-    async def hash_kv(self, endpoint: str, revision: int, timeout: float | None = None) -> tuple[int, int, int]:
-        """Maintenance.HashKV of one member at `revision`: (hash, compact revision, the member's revision).
-        Equal hashes at one revision across members mean equal key-value stores."""
-        async def fn(ch: grpc.aio.Channel, md: Metadata, t: float) -> tuple[int, int, int]:
-            r = await rpc.MaintenanceStub(ch).HashKV(rpc.HashKVRequest(revision=revision), timeout=t, metadata=md)
-            return int(r.hash), int(r.compact_revision), int(r.header.revision)
-        return await self.call(parse_url(endpoint).url, fn, timeout)
-
     async def count_keys(self, endpoint: str, timeout: float | None = None) -> tuple[int, int]:
         """(live keys, revision) of one member: a serializable count-only read of the whole key space."""
         async def fn(ch: grpc.aio.Channel, md: Metadata, t: float) -> tuple[int, int]:
@@ -424,6 +419,44 @@ class EtcdClient:
                                                             serializable=True), timeout=t, metadata=md)
             return int(r.count), int(r.header.revision)
         return await self.call(parse_url(endpoint).url, fn, timeout)
+
+    # -- maintenance (NOSPACE, consistency) ---------------------------------
+
+    async def hash_kv(self, endpoint: str, revision: int, timeout: float | None = None) -> KVHash:
+        """Maintenance.HashKV on one member at `revision` (0: its current one)."""
+        async def fn(ch: grpc.aio.Channel, md: Metadata, t: float) -> KVHash:
+            r = await rpc.MaintenanceStub(ch).HashKV(rpc.HashKVRequest(revision=revision), timeout=t, metadata=md)
+            return KVHash(endpoint=endpoint, member_id=r.header.member_id, hash=r.hash,
+                          compact_revision=r.compact_revision, revision=r.header.revision)
+        return await self.call(parse_url(endpoint).url, fn, timeout)
+
+    async def compact(self, revision: int, timeout: float | None = None) -> None:
+        """Compact the key space up to `revision`, waiting until it is applied (physical)."""
+        async def fn(ch: grpc.aio.Channel, md: Metadata, t: float) -> None:
+            await rpc.KVStub(ch).Compact(rpc.CompactionRequest(revision=revision, physical=True), timeout=t,
+                                         metadata=md)
+        await self.failover(fn, timeout)
+
+    async def defragment(self, endpoint: str, timeout: float = DEFRAG_TIMEOUT) -> None:
+        """Defragment one member: it answers nothing else until done, so the deadline is long."""
+        async def fn(ch: grpc.aio.Channel, md: Metadata, t: float) -> None:
+            await rpc.MaintenanceStub(ch).Defragment(rpc.DefragmentRequest(), timeout=t, metadata=md)
+        await self.call(parse_url(endpoint).url, fn, timeout)
+
+    async def alarm_disarm(self, member_id: int, kind: str, timeout: float | None = None) -> None:
+        """Deactivate one member's alarm (`kind` NOSPACE or CORRUPT), as `etcdctl alarm disarm` does per alarm."""
+        async def fn(ch: grpc.aio.Channel, md: Metadata, t: float) -> None:
+            await rpc.MaintenanceStub(ch).Alarm(rpc.AlarmRequest(action=rpc.AlarmRequest.DEACTIVATE, memberID=member_id,
+                                                                 alarm=rpc.AlarmType.Value(kind)),
+                                                timeout=t, metadata=md)
+        await self.failover(fn, timeout)
+
+    async def move_leader(self, target_id: int, timeout: float | None = None) -> None:
+        """Hand leadership to `target_id`; only the leader accepts it, so it is sent there first."""
+        async def fn(ch: grpc.aio.Channel, md: Metadata, t: float) -> None:
+            await rpc.MaintenanceStub(ch).MoveLeader(rpc.MoveLeaderRequest(targetID=target_id), timeout=t,
+                                                     metadata=md)
+        await self.failover(fn, timeout, first=await self.leader_urls(timeout))
 
     async def snapshot(self, endpoint: str, idle_timeout: float = SNAPSHOT_IDLE_TIMEOUT) -> SnapshotStream:
         """Open Maintenance.Snapshot on one member; read it with `async for`."""

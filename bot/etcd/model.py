@@ -158,6 +158,18 @@ class MemberStatus:
     alarms: tuple[Alarm, ...] = ()
 
 
+@dataclass(frozen=True)
+class KVHash:
+    """One member's Maintenance.HashKV answer: the hash of its key space up to the
+    requested revision, from `compact_revision` on; `revision` is the member's current one."""
+
+    endpoint: str
+    member_id: int
+    hash: int
+    compact_revision: int
+    revision: int
+
+
 _ALARM = re.compile(r"^memberID:(\d+) alarm:([A-Z]+)\s*$")
 
 

@@ -33,6 +33,7 @@ COMMAND_ROLES: dict[str, Role | None] = {
     "replace": Role.OPERATOR, "snapshot": Role.OPERATOR, "cancel": None, "resume": Role.APPROVER,
     "abandon": Role.APPROVER,
     "restore": Role.OPERATOR, "continue": Role.APPROVER, "drill": Role.OPERATOR,
+    "alarms": Role.READER, "perf": Role.READER, "consistency": Role.READER, "defrag": Role.OPERATOR,
 }
 
 

@@ -56,6 +56,15 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
     Spec("drill", ("[snapshot]",), ("--cluster",),
          summary="restore drill: boot a snapshot in a scratch etcd on the bot's host and compare it with the catalog"),
     Spec("help", summary="this help"),
+    # NOSPACE and slow clusters (issue 13)
+    Spec("alarms", ("[cluster]",), ("--cluster",), summary="the active alarms (NOSPACE, CORRUPT) and what to run"),
+    Spec("perf", ("[cluster]",), ("--cluster",),
+         summary="disk latency, leader changes, slow applies, proposals, apply lag per member against etcd's guidance"),
+    Spec("consistency", ("[cluster]",), ("--cluster",),
+         summary="HashKV on every member at one revision: agreement, or the member that differs"),
+    Spec("defrag", ("[cluster]",), ("--cluster", "--rule"), ("--no-compact",),
+         summary="propose a rolling defragmentation (followers, then the leader after moving leadership), "
+                 "compaction and NOSPACE disarm; runs after an approver's reaction"),
 )}
 
 

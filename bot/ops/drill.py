@@ -92,7 +92,7 @@ async def boot_and_read(snapshot: SnapshotRef, plain: Path, scratch: Path) -> st
                         raise StepFailed(f"the restored etcd did not serve ({e}): {tail}",
                                          "the snapshot does not boot") from None
                     await asyncio.sleep(0.1)
-            hash_kv, _, _ = await client.hash_kv(client_url, revision)
+            hash_kv = (await client.hash_kv(client_url, revision)).hash
     finally:
         if proc.returncode is None:
             proc.terminate()

@@ -34,6 +34,22 @@ POLL = 1.0  # seconds between looks while waiting on etcd
 CHANGE_TIMEOUT = 10.0  # a membership change waits for raft to apply it (etcdctl allows 5 s)
 
 
+async def wait_for(what: str, seconds: float, probe: Callable[[], Awaitable[str | None]], next_action: str) -> str:
+    """Poll `probe` until it returns a detail (not None), within `seconds`; etcd errors count as "not yet"."""
+    deadline = time.monotonic() + seconds
+    last_error = ""
+    while True:
+        try:
+            result = await probe()
+            if result is not None:
+                return result
+        except EtcdError as e:
+            last_error = f" (last error: {e})"
+        if time.monotonic() >= deadline:
+            raise StepFailed(f"{what} did not happen within {seconds:g}s{last_error}", next_action)
+        await asyncio.sleep(POLL)
+
+
 @register(PlanKind.REPLACE)
 class ReplaceOperation:
     def __init__(self, ctx: BotContext, record: PlanRecord, actor: str, started: set[str]):
@@ -128,20 +144,7 @@ class ReplaceOperation:
         return next((m for m in members if self.plan.new_peer_url in m.peer_urls), None)
 
     async def _wait(self, what: str, seconds: float, probe: Callable[[], Awaitable[str | None]]) -> str:
-        """Poll `probe` until it returns a detail (not None), within `seconds`."""
-        deadline = time.monotonic() + seconds
-        last_error = ""
-        while True:
-            try:
-                result = await probe()
-                if result is not None:
-                    return result
-            except EtcdError as e:
-                last_error = f" (last error: {e})"
-            if time.monotonic() >= deadline:
-                raise StepFailed(f"{what} did not happen within {seconds:g}s{last_error}",
-                                 "look at the new member's logs, then /etcd resume the plan")
-            await asyncio.sleep(POLL)
+        return await wait_for(what, seconds, probe, "look at the new member's logs, then /etcd resume the plan")
 
     # -- the steps ------------------------------------------------------
 

@@ -361,7 +361,7 @@ class RestoreOperation:
         for h in health.members:
             url = h.member.client_urls[0]
             revisions[h.member.name] = await self.client.revision(url)
-            hashes[h.member.name], _, _ = await self.client.hash_kv(url, snap.revision)
+            hashes[h.member.name] = (await self.client.hash_kv(url, snap.revision)).hash
         behind = {n: r for n, r in revisions.items() if r < snap.revision}
         if behind:
             raise StepFailed(f"members below the snapshot's revision {snap.revision}: {behind}",

@@ -14,11 +14,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from bot.etcd.consistency import Consistency
 from bot.etcd.health import ClusterHealth
-from bot.ops.replace import MemberRef, Plan
+from bot.etcd.metrics import MemberMetrics
+from bot.ops.defrag import DefragPlan
+from bot.ops.replace import MemberRef, Plan, Step
 from bot.ops.restore import K8S_AFTER, K8S_BEFORE, RestorePlan, bump_note
 from bot.output import text as render
-from bot.output.model import LEADERLESS, MemberView, Verdict, snapshot_view, status_view
+from bot.output.model import LEADERLESS, MemberView, PerfView, Verdict, snapshot_view, status_view
+from bot.output.tables import table as render_table
 from bot.output.units import humanize_bytes
 from bot.store.records import PlanRecord, PlanState
 
@@ -141,27 +145,32 @@ def _member_line(v: MemberView) -> str:
     else:
         first = f":large_green_circle: {name} {code(m.hex_id)} — {v.state}"
     facts = [escape(f) for f in v.facts]
+    if v.quota_line:
+        facts.append(f"quota {escape(v.quota_line)}")
     if v.alarms:
         facts.append(f":rotating_light: alarm {escape(', '.join(v.alarms))}")
     urls = f"peer {escape(', '.join(m.peer_urls) or '-')} · client {escape(', '.join(m.client_urls) or '-')}"
     return "\n".join([first, " · ".join(facts), urls] if facts else [first, urls])
 
 
-def status_reply(health: ClusterHealth, requested_by: str | None = None) -> Reply:
-    view = status_view(health)
+def status_reply(health: ClusterHealth, requested_by: str | None = None,
+                 metrics: Mapping[int, MemberMetrics | str] | None = None) -> Reply:
+    view = status_view(health, metrics)
     blocks: list[dict[str, Any]] = [
         _header(f"etcd cluster {escape(view.cluster)}: {view.verdict}"),
         _section(f"{_ICON[view.verdict]} *{view.quorum_line}*"),
     ]
     for a in view.alarms:
         blocks.append(_section(f":rotating_light: *ALARM {escape(a.kind)}* on member {code(f'{a.member_id:016x}')}"))
+    blocks += [_section(f":point_right: {escape(line)}") for line in view.advice]
     blocks.append({"type": "divider"})
     blocks += [_section(_member_line(v)) for v in view.members]
     if view.learned:
         blocks.append(_section(f":warning: {escape(view.learned)}"))
     who = f" · asked by {mention(requested_by)}" if requested_by else ""
     blocks.append(_context(f"{view.checked}{who}"))
-    return Reply(text=escape(render.headline(view) + (f"; {view.learned}" if view.learned else "")), blocks=blocks)
+    return Reply(text=escape(render.headline(view) + "".join(f"; {line}" for line in view.advice)
+                             + (f"; {view.learned}" if view.learned else "")), blocks=blocks)
 
 
 def members_reply(health: ClusterHealth) -> Reply:
@@ -243,12 +252,14 @@ class PlanView:
     approvals_needed: int = 1
 
 
-def plan_reply(plan: Plan | RestorePlan, view: PlanView) -> Reply:
+def plan_reply(plan: Plan | RestorePlan | DefragPlan, view: PlanView) -> Reply:
     """The plan message: everything an approver needs to decide, and progress.
     Long values never push a step or the environment out: they spill into
     more sections."""
     if isinstance(plan, RestorePlan):
         return restore_plan_reply(plan, view)
+    if isinstance(plan, DefragPlan):
+        return defrag_plan_reply(plan, view)
     state = STATE_WORD.get(view.state, view.state.upper())
     failed_name = escape(plan.failed.name or plan.failed.id)
     decided = view.decided_by and view.state in (PlanState.APPROVED, PlanState.REJECTED, PlanState.CANCELLED,
@@ -262,11 +273,7 @@ def plan_reply(plan: Plan | RestorePlan, view: PlanView) -> Reply:
                   f"*New member:* *{escape(plan.new_name)}* · peer {escape(plan.new_peer_url)} · client "
                   f"{escape(plan.new_client_url or '(set by the launcher)')} · {joins}"),
     ]
-    lines = []
-    for i, step in enumerate(plan.steps):
-        st = view.step_states.get(i, "pending")
-        lines.append(f"{STEP_ICON.get(st, ':white_square:')} {i}. {escape(step.title)}")
-    blocks += sections("*Steps*\n" + "\n".join(lines))
+    blocks += _steps(plan.steps, view)
     env = "\n".join(f'{k}="{v}"' for k, v in plan.environment.items())
     blocks.append(_section(f"*Environment for {escape(plan.new_name)}* (runbook step 4):"))
     blocks += sections(escape(env), code=True)
@@ -284,6 +291,21 @@ def plan_reply(plan: Plan | RestorePlan, view: PlanView) -> Reply:
     if plan.already_removed_by:
         blocks.append(_section(f":information_source: {failed_name} was removed by plan "
                                f"`{plan.already_removed_by}`; this plan adds its replacement."))
+    text = (f"Plan {plan.id}: replace {failed_name} with {escape(plan.new_name)} in {escape(plan.cluster)}: {state}. "
+            f"Proposed by {mention(view.proposer)}")
+    return _footer(plan.id, view, blocks, text)
+
+
+def _steps(steps: tuple[Step, ...], view: PlanView) -> list[dict[str, Any]]:
+    lines = []
+    for i, step in enumerate(steps):
+        st = view.step_states.get(i, "pending")
+        lines.append(f"{STEP_ICON.get(st, ':white_square:')} {i}. {escape(step.title)}")
+    return sections("*Steps*\n" + "\n".join(lines))
+
+
+def _footer(plan_id: str, view: PlanView, blocks: list[dict[str, Any]], text: str) -> Reply:
+    """Every plan message ends alike: the failure, who proposed and may approve, and how."""
     if view.error:
         blocks += sections(f":x: *Failed:* {escape(view.error)}")
     approved = ""
@@ -291,10 +313,8 @@ def plan_reply(plan: Plan | RestorePlan, view: PlanView) -> Reply:
         approved = (f" · approvals {len(view.approvals)} of {view.approvals_needed}"
                     + (f" ({', '.join(mention(u) for u in view.approvals)})" if view.approvals else ""))
     who = (f"Proposed by {mention(view.proposer)} · approvers: {view.approvers}{approved} · "
-           f"expires {slack_date(view.expires_at)} · plan ID `{plan.id}`")
+           f"expires {slack_date(view.expires_at)} · plan ID `{plan_id}`")
     blocks.append(_context(who))
-    text = (f"Plan {plan.id}: replace {failed_name} with {escape(plan.new_name)} in {escape(plan.cluster)}: {state}. "
-            f"Proposed by {mention(view.proposer)}")
     if view.state == PlanState.PROPOSED:
         many = f"{view.approvals_needed} approvers react" if view.approvals_needed > 1 else "An approver reacts"
         blocks.append(_context(f"{many} with :{view.reaction}: to approve; :{view.reject_reaction}: rejects "
@@ -377,6 +397,37 @@ def restore_plan_reply(plan: RestorePlan, view: PlanView, now: float | None = No
     else:
         text += "."
     return Reply(text=text, blocks=blocks)
+def _defrag_table(plan: DefragPlan) -> str:
+    """The defragmentation plan's members: sizes, quota use, the rule's verdict, the order, and once a
+    member is done, its size after and the space reclaimed."""
+    rows = [[m.ref.name or m.ref.id, m.role, humanize_bytes(m.db_size), humanize_bytes(m.db_size_in_use),
+             humanize_bytes(m.free), f"{m.usage * 100:.0f} % of {humanize_bytes(m.quota)}"
+             + ("" if m.quota_known else " (default assumed)"), "yes" if m.selected else "no (left alone)",
+             str(m.order) if m.order else "-", "-" if m.after is None else humanize_bytes(m.after),
+             "-" if m.after is None else humanize_bytes(max(m.db_size - m.after, 0))] for m in plan.members]
+    return render_table(("MEMBER", "ROLE", "DB SIZE", "IN USE", "FREE", "QUOTA USE", "PASSES RULE", "ORDER", "AFTER",
+                         "RECLAIMED"), rows)
+
+
+def defrag_plan_reply(plan: DefragPlan, view: PlanView) -> Reply:
+    """A defragmentation plan: the members' sizes, which the rule selects and in what order, the steps."""
+    state = STATE_WORD.get(view.state, view.state.upper())
+    decided = view.decided_by and view.state in (PlanState.APPROVED, PlanState.REJECTED, PlanState.CANCELLED,
+                                                  PlanState.ABANDONED)
+    alarm = " · :rotating_light: NOSPACE active: writes fail until it is disarmed" if plan.nospace else ""
+    blocks: list[dict[str, Any]] = [
+        _header(f"Plan {plan.id}: defragment {plan.cluster}"),
+        _section(f"*State:* {state}" + (f" (by {mention(view.decided_by or '')})" if decided else "")),
+        *sections(f"*Cluster:* `{escape(plan.cluster)}`{alarm}\n*Rule:* {code(plan.rule)} · "
+                  + ("compacts to the current revision first" if plan.compact else "no compaction (--no-compact)")),
+        *sections(_defrag_table(plan), code=True),
+    ]
+    blocks += _steps(plan.steps, view)
+    selected = ", ".join(m.ref.name or m.ref.id for m in sorted(plan.members, key=lambda m: m.order or 0)
+                         if m.selected)
+    text = (f"Plan {plan.id}: defragment {escape(selected)} in {escape(plan.cluster)}: {state}. "
+            f"Proposed by {mention(view.proposer)}")
+    return _footer(plan.id, view, blocks, text)
 
 
 @dataclass(frozen=True)
@@ -385,8 +436,7 @@ class PlanLine:
 
     id: str
     state: PlanState
-    failed: str                 # the replaced member's name or ID
-    new_name: str
+    what: str                   # what the plan does, escaped: "replace m1 with m4", "restore from …", "defragment …"
     proposer: str
     created_at: float
     decided_by: str | None
@@ -395,13 +445,14 @@ class PlanLine:
     @classmethod
     def of(cls, record: PlanRecord) -> PlanLine:
         p = record.plan
-        if isinstance(p, RestorePlan):  # "restore from <file>" reads as what the plan does
-            return cls(id=record.id, state=record.state, failed="", new_name=p.snapshot.file_name,
-                       proposer=record.proposer, created_at=record.created_at, decided_by=record.decided_by,
-                       error=record.error)
-        return cls(id=record.id, state=record.state, failed=p.failed.name or p.failed.id, new_name=p.new_name,
-                   proposer=record.proposer, created_at=record.created_at, decided_by=record.decided_by,
-                   error=record.error)
+        if isinstance(p, RestorePlan):
+            what = f"restore from {_item(p.snapshot.file_name)}"
+        elif isinstance(p, DefragPlan):
+            what = f"defragment {_item(', '.join(m.ref.name or m.ref.id for m in p.members if m.selected))}"
+        else:
+            what = f"replace {_item(p.failed.name or p.failed.id)} with {_item(p.new_name)}"
+        return cls(id=record.id, state=record.state, what=what, proposer=record.proposer,
+                   created_at=record.created_at, decided_by=record.decided_by, error=record.error)
 
     def reason(self) -> str | None:
         """The failure, or else the decision, in one escaped line; the full
@@ -423,9 +474,7 @@ def plans_reply(cluster: str, records: list[PlanRecord]) -> Reply:
     lines = []
     for p in map(PlanLine.of, records):  # the state, what and who, and why it is in that state
         reason = p.reason()
-        what = (f"replace {_item(p.failed)} with {_item(p.new_name)}" if p.failed
-                else f"restore from {_item(p.new_name)}")
-        lines.append(f"{code(p.id)} {STATE_WORD.get(p.state, p.state).split(' —')[0]} · {what} · "
+        lines.append(f"{code(p.id)} {STATE_WORD.get(p.state, p.state).split(' —')[0]} · {p.what} · "
                      f"by {mention(p.proposer)} · {slack_date(p.created_at)}"
                      + (f" · {reason}" if reason else ""))
     title = f"Recent plans for {escape(cluster)}"
@@ -516,3 +565,25 @@ def drill_reply(result: DrillResult, requested_by: str) -> Reply:
 
 def _basename(path: str) -> str:
     return path.rsplit("/", 1)[-1]
+
+
+# ---------------------------------------------------------------- alarms, perf, consistency
+
+def _report(ok: bool, text: str) -> Reply:
+    """A check's answer: its first line as the headline, the rest (a table) as code."""
+    head, _, rest = text.partition("\n")
+    icon = ":large_green_circle:" if ok else ":red_circle:"
+    blocks = [_section(f"{icon} *{escape(head)}*")] + ([_section(code_block(rest))] if rest else [])
+    return Reply(text=escape(head), blocks=blocks)
+
+
+def alarms_reply(health: ClusterHealth) -> Reply:
+    return _report(not health.alarms, render.alarms_text(status_view(health)))
+
+
+def perf_reply(view: PerfView) -> Reply:
+    return _report(view.all_ok, render.perf_text(view))
+
+
+def consistency_reply(c: Consistency) -> Reply:
+    return _report(c.agree, render.consistency_text(c))

@@ -10,6 +10,7 @@ May import: the etcd layer's data models only (no gRPC, no Slack).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from bot.etcd.bbolt import SnapshotStatus, status_table
 from bot.etcd.health import ClusterHealth, MemberHealth, Quorum
+from bot.etcd.metrics import BACKEND_COMMIT_P99_OK, DEFAULT_QUOTA, WAL_FSYNC_P99_OK, MemberMetrics
 from bot.etcd.model import Alarm, Member, MemberStatus
 from bot.output.units import humanize_bytes, humanize_duration
 
@@ -89,6 +91,25 @@ class MemberView:
     healthy: bool
     error: str | None
     alarms: tuple[str, ...]
+    quota_bytes: int | None = None       # from the member's /metrics, or etcd's default when quota_error says why
+    quota_error: str | None = None       # why /metrics could not be read (the default quota is assumed)
+
+    @property
+    def quota_usage(self) -> float | None:
+        """DB size over the quota (etcd compares the whole file, free pages included)."""
+        if self.status is None or not self.quota_bytes:
+            return None
+        return self.status.db_size / self.quota_bytes
+
+    @property
+    def quota_line(self) -> str | None:
+        """`2.1 GB of 2.1 GB (100 %), 1.0 GB in use`, and when the quota was assumed, why."""
+        usage, s = self.quota_usage, self.status
+        if usage is None or s is None or self.quota_bytes is None:
+            return None
+        line = (f"{humanize_bytes(s.db_size)} of {humanize_bytes(self.quota_bytes)} ({usage * 100:.0f} %), "
+                f"{humanize_bytes(s.db_size_in_use)} in use")
+        return line + (f"; quota unknown ({self.quota_error}), etcd's default assumed" if self.quota_error else "")
 
     @property
     def reachable(self) -> bool:
@@ -124,6 +145,7 @@ class StatusView:
     all_healthy: bool
     learned_url: str | None        # reached only through a client URL learned from a member list
     learned: str | None            # learned_line(): the note that says so
+    advice: tuple[str, ...] = ()   # advice_lines(): the alarms' and the quota's next command
 
 
     @property
@@ -135,15 +157,50 @@ class StatusView:
         return f"checked in {humanize_duration(self.elapsed)}, deadline {self.deadline:g}s per member"
 
 
-def status_view(health: ClusterHealth) -> StatusView:
+QUOTA_WARN = 0.8  # status suggests a defragmentation above this share of the quota
+
+
+def _quota(h: MemberHealth, metrics: Mapping[int, MemberMetrics | str] | None) -> tuple[int | None, str | None]:
+    found = metrics.get(h.member.id) if metrics is not None and h.status is not None else None
+    if found is None:
+        return None, None
+    if isinstance(found, str):
+        return DEFAULT_QUOTA, found
+    if found.quota_bytes is None:
+        return DEFAULT_QUOTA, "etcd_server_quota_backend_bytes missing from /metrics"
+    return found.quota_bytes or DEFAULT_QUOTA, None  # 0 means the default
+
+
+def advice_lines(cluster: str, alarms: tuple[Alarm, ...], members: tuple[MemberView, ...]) -> tuple[str, ...]:
+    """The next command for each active alarm, and for a member close to its quota."""
+    kinds = {a.kind for a in alarms}
+    lines = []
+    if "NOSPACE" in kinds:
+        lines.append(f"NOSPACE: the database reached its quota and etcd refuses writes; run /etcd defrag {cluster} "
+                     "(compact, defragment every member, disarm)")
+    if "CORRUPT" in kinds:
+        lines.append(f"CORRUPT: a member's data differs from the others'; run /etcd consistency {cluster} to name it, "
+                     "then replace it")
+    full = [f"{m.label} {m.quota_usage * 100:.0f} %" for m in members
+            if m.quota_usage is not None and m.quota_usage > QUOTA_WARN]
+    if full and "NOSPACE" not in kinds:
+        lines.append(f"quota use above {QUOTA_WARN * 100:.0f} % ({', '.join(full)}); run /etcd defrag {cluster} "
+                     "before etcd raises NOSPACE")
+    return tuple(lines)
+
+
+def status_view(health: ClusterHealth, metrics: Mapping[int, MemberMetrics | str] | None = None) -> StatusView:
+    """`metrics` (cluster_metrics(), by member ID) adds each member's quota and the advice on it."""
     leader = health.leader_id
     members = tuple(MemberView(member=h.member, status=h.status, state=member_state(h, health), problem=h.problem,
-                               is_leader=h.member.id == leader, healthy=h.healthy, error=h.error, alarms=h.alarms)
+                               is_leader=h.member.id == leader, healthy=h.healthy, error=h.error, alarms=h.alarms,
+                               quota_bytes=_quota(h, metrics)[0], quota_error=_quota(h, metrics)[1])
                     for h in health.members)
     return StatusView(cluster=health.cluster, verdict=verdict(health), quorum=health.quorum,
                       quorum_line=quorum_line(health), leader_id=leader, members=members, alarms=health.alarms,
                       elapsed=health.elapsed, deadline=health.deadline, all_healthy=health.all_healthy,
-                      learned_url=health.learned_url, learned=learned_line(health))
+                      learned_url=health.learned_url, learned=learned_line(health),
+                      advice=advice_lines(health.cluster, health.alarms, members))
 
 
 # ---------------------------------------------------------------- snapshots
@@ -196,3 +253,86 @@ def snapshot_view(saved: SavedSnapshot) -> SnapshotView:
                         sha256=saved.sha256, member=saved.member, endpoint=saved.endpoint, duration=saved.duration,
                         throughput=saved.throughput, status=saved.status, failed_over_from=saved.failed_over_from,
                         pruned=saved.pruned)
+
+
+# ---------------------------------------------------------------- perf, alarms, consistency
+
+# etcd's guidance (tuning guide, hardware recommendations): the disk histograms' p99s, and the
+# gap between committed and applied entries past which etcd refuses requests ("too many requests").
+APPLY_LAG_MAX = 5000
+LEADER_CHANGES_MAX = 2     # since the member started: its first election, and one more
+PROPOSALS_PENDING_MAX = 5  # a sample: more queued proposals means the leader cannot keep up
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One judged figure: what it is, its value as printed, and ok / bad / unknown (None)."""
+
+    name: str
+    value: str
+    ok: bool | None
+
+
+@dataclass(frozen=True)
+class PerfMember:
+    label: str
+    figures: tuple[Figure, ...]
+    error: str | None
+    slowness: float            # the worse disk p99 as a share of its limit (0 when unknown)
+
+    @property
+    def bad(self) -> list[Figure]:
+        return [f for f in self.figures if f.ok is False]
+
+
+@dataclass(frozen=True)
+class PerfView:
+    cluster: str
+    members: tuple[PerfMember, ...]
+
+    @property
+    def slowest(self) -> PerfMember | None:
+        """The member with the slowest disk, when any member's disk figures are known."""
+        known = [m for m in self.members if m.slowness > 0]
+        return max(known, key=lambda m: m.slowness) if known else None
+
+    @property
+    def all_ok(self) -> bool:
+        return all(not m.error and not m.bad for m in self.members)
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f} ms"
+
+
+def perf_member(h: MemberHealth, found: MemberMetrics | str | None) -> PerfMember:
+    label = h.member.name or h.member.hex_id
+    if h.status is None:
+        return PerfMember(label, (), h.problem, 0.0)
+    if not isinstance(found, MemberMetrics):
+        return PerfMember(label, (), found or "no /metrics", 0.0)
+    m, s = found, h.status
+
+    def under(value: float | int | None, limit: float) -> bool | None:
+        return None if value is None else value <= limit
+    lag = s.raft_index - s.raft_applied_index
+    figures = (
+        Figure(f"WAL fsync p99 (< {WAL_FSYNC_P99_OK * 1000:g} ms)", _ms(m.wal_fsync_p99),
+               under(m.wal_fsync_p99, WAL_FSYNC_P99_OK)),
+        Figure(f"backend commit p99 (< {BACKEND_COMMIT_P99_OK * 1000:g} ms)", _ms(m.backend_commit_p99),
+               under(m.backend_commit_p99, BACKEND_COMMIT_P99_OK)),
+        Figure(f"leader changes (<= {LEADER_CHANGES_MAX})", str(m.leader_changes), under(m.leader_changes,
+                                                                                         LEADER_CHANGES_MAX)),
+        Figure("slow applies (0)", str(m.slow_applies), under(m.slow_applies, 0)),
+        Figure(f"proposals pending (<= {PROPOSALS_PENDING_MAX})", str(m.proposals_pending),
+               under(m.proposals_pending, PROPOSALS_PENDING_MAX)),
+        Figure("proposals failed (0)", str(m.proposals_failed), under(m.proposals_failed, 0)),
+        Figure(f"raft index - applied (<= {APPLY_LAG_MAX})", f"{s.raft_index} - {s.raft_applied_index} = {lag}",
+               lag <= APPLY_LAG_MAX),
+    )
+    slowness = max((m.wal_fsync_p99 or 0) / WAL_FSYNC_P99_OK, (m.backend_commit_p99 or 0) / BACKEND_COMMIT_P99_OK)
+    return PerfMember(label, figures, None, slowness)
+
+
+def perf_view(health: ClusterHealth, metrics: Mapping[int, MemberMetrics | str]) -> PerfView:
+    return PerfView(health.cluster, tuple(perf_member(h, metrics.get(h.member.id)) for h in health.members))

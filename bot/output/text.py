@@ -8,7 +8,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from bot.output.model import SnapshotView, StatusView, learned_line, member_state, quorum_line, verdict
+from bot.etcd.consistency import Consistency
+from bot.etcd.model import KVHash
+from bot.output.model import (
+    Figure,
+    PerfView,
+    SnapshotView,
+    StatusView,
+    learned_line,
+    member_state,
+    quorum_line,
+    verdict,
+)
 from bot.output.tables import table
 from bot.output.units import humanize_bytes
 
@@ -48,8 +59,11 @@ def status_rows(view: StatusView) -> list[list[str]]:
 def status_text(view: StatusView) -> str:
     """The CLI's status output: headline, alarms, the member table, and the note on a learned URL."""
     alarms = "".join(f"\nALARM {a.kind} on member {a.member_id:016x}" for a in view.alarms)
+    advice = "".join(f"\nNEXT: {line}" for line in view.advice)
+    quotas = "".join(f"\nQUOTA {v.label}: {v.quota_line}" for v in view.members if v.quota_line)
     note = f"\nNOTE: {view.learned}" if view.learned else ""
-    return f"{headline(view)}{alarms}\n{table(STATUS_HEADERS, status_rows(view))}\n{view.checked}{note}"
+    return (f"{headline(view)}{alarms}{advice}\n{table(STATUS_HEADERS, status_rows(view))}{quotas}\n{view.checked}"
+            f"{note}")
 
 
 def members_text(view: StatusView) -> str:
@@ -74,6 +88,8 @@ def status_json(view: StatusView) -> dict[str, Any]:
             "raft_applied_index": s.raft_applied_index if s else None,
             "errors": list(s.errors) if s else ([v.error] if v.error else []),
             "alarms": list(v.alarms),
+            "quota_bytes": v.quota_bytes, "quota_usage": round(v.quota_usage, 4) if v.quota_usage is not None else None,
+            "quota_error": v.quota_error,
         })
     return {
         "cluster": view.cluster, "verdict": str(view.verdict), "members": members,
@@ -81,7 +97,7 @@ def status_json(view: StatusView) -> dict[str, Any]:
         "leader": f"{leader:016x}" if leader else None,
         "alarms": [{"member_id": f"{a.member_id:016x}", "alarm": a.kind} for a in view.alarms],
         "elapsed_seconds": round(view.elapsed, 4), "deadline_seconds": view.deadline,
-        "learned_url": view.learned_url,
+        "learned_url": view.learned_url, "advice": list(view.advice),
     }
 
 
@@ -114,3 +130,60 @@ def one_line(text: str, limit: int = 120) -> str:
     if len(first) > limit:
         return first[:limit - 1].rstrip() + "…"
     return first + " …" if len(lines) > 1 else first
+
+
+# ---------------------------------------------------------------- perf, alarms, consistency
+
+def _cell(f: Figure) -> str:
+    return f"{f.value} {'ok' if f.ok else 'BAD' if f.ok is False else '?'}"
+
+
+def perf_text(view: PerfView) -> str:
+    """The verdict and the slowest member, then one row per figure, one column per member."""
+    named = next((m.figures for m in view.members if m.figures), ())
+    rows = [[f.name, *(_cell(m.figures[i]) if m.figures else "-" for m in view.members)]
+            for i, f in enumerate(named)]
+    rows += [["not read", *(m.error or "" for m in view.members)]] if any(m.error for m in view.members) else []
+    bad = [f"{m.label}: {', '.join(f'{f.name} {f.value}' for f in m.bad)}" for m in view.members if m.bad]
+    unread = [f"{m.label}: {m.error}" for m in view.members if m.error]
+    verdict = "all figures within etcd's guidance" if view.all_ok else "; ".join(bad + unread)
+    slowest = view.slowest
+    slow = (f"\nslowest: {slowest.label} (disk p99 at {slowest.slowness * 100:.0f} % of etcd's limit)"
+            if slowest else "")
+    listing = table(("FIGURE (GUIDANCE)", *(m.label for m in view.members)), rows)
+    return f"cluster {view.cluster} perf: {'OK' if view.all_ok else 'BAD'}: {verdict}{slow}\n{listing}"
+
+
+def alarms_text(view: StatusView) -> str:
+    """The active alarms, by member name, each with the command to run."""
+    names = {v.member.id: v.label for v in view.members}
+    if not view.alarms:
+        return f"cluster {view.cluster}: no alarms"
+    lines = [f"ALARM {a.kind} on {names.get(a.member_id, '?')} ({a.member_id:016x})" for a in view.alarms]
+    return "\n".join([f"cluster {view.cluster}: {len(view.alarms)} alarm{'s' if len(view.alarms) != 1 else ''}",
+                      *lines, *(f"NEXT: {line}" for line in view.advice)])
+
+
+def _compacted(h: KVHash) -> str:
+    return str(h.compact_revision) if h.compact_revision > 0 else "never"
+
+
+def consistency_text(c: Consistency) -> str:
+    """Agreement at one revision, or the member that differs and what to do about it."""
+    rows = [[m.name, f"{m.hash.hash:08x}" if m.hash else "-", _compacted(m.hash) if m.hash else "-",
+             "DIFFERS" if m in c.differing else ("NOT COMPARED: " + (m.error or "other compaction point"))
+             if m in c.unchecked else "same"] for m in c.members]
+    if c.agree:
+        head = (f"cluster {c.cluster}: CONSISTENT: {len(c.members)} members agree at revision {c.revision} "
+                f"(hash {c.majority_hash:08x})")
+    elif c.differing:
+        names = ", ".join(m.name for m in c.differing)
+        head = (f"cluster {c.cluster}: INCONSISTENT at revision {c.revision}: {names} "
+                f"differ{'s' if len(c.differing) == 1 else ''} from the majority; replace "
+                f"{'it' if len(c.differing) == 1 else 'them'}: "
+                + "; ".join(f"/etcd replace {m.name} <new-name> <new-peer-url>" for m in c.differing))
+    else:
+        head = (f"cluster {c.cluster}: NOT CHECKED at revision {c.revision}: "
+                + "; ".join(f"{m.name}: {m.error or 'other compaction point'}" for m in c.unchecked))
+    return f"{head}\n{table(('MEMBER', 'HASH', 'COMPACT REVISION', 'RESULT'), rows)}"
+

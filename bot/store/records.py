@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from bot.ops.defrag import DefragPlan
 from bot.ops.replace import Plan
 from bot.ops.restore import RestorePlan
 
@@ -39,11 +40,13 @@ class PlanKind(StrEnum):
 
     REPLACE = "replace"
     RESTORE = "restore"
+    DEFRAG = "defrag"
 
 
 # The plan of each kind, as stored in the plan column (JSON).
-AnyPlan = Plan | RestorePlan
-PLAN_TYPES: dict[PlanKind, type[Plan] | type[RestorePlan]] = {PlanKind.REPLACE: Plan, PlanKind.RESTORE: RestorePlan}
+AnyPlan = Plan | RestorePlan | DefragPlan
+PLAN_TYPES: dict[PlanKind, type[Plan] | type[RestorePlan] | type[DefragPlan]] = {
+    PlanKind.REPLACE: Plan, PlanKind.RESTORE: RestorePlan, PlanKind.DEFRAG: DefragPlan}
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -173,10 +173,12 @@ class LocalCluster:
     """
 
     def __init__(self, size: int = 3, *, tls: bool = False, base_dir: str | Path | None = None,
-                 prefix: str = "member", keep: bool = False):
+                 prefix: str = "member", keep: bool = False, extra_args: Sequence[str] = ()):
+        """`extra_args`: more etcd flags for every member (e.g. a small --quota-backend-bytes)."""
         if size < 1:
             raise ValueError("a cluster needs at least one member")
         self.size = size
+        self.extra_args = tuple(extra_args)
         self.prefix = prefix
         self.keep = keep
         self.base_dir = Path(base_dir) if base_dir else Path(tempfile.mkdtemp(prefix="etcd-chatops-cluster-"))
@@ -200,7 +202,7 @@ class LocalCluster:
         """A handle on a cluster another process started in `base_dir`
         (its members are found through their records there)."""
         self = cls.__new__(cls)
-        self.size, self.prefix, self.keep = 0, "member", True
+        self.size, self.prefix, self.keep, self.extra_args = 0, "member", True, ()
         self.base_dir = Path(base_dir)
         self.token = ""
         # The etcd its members run (the version it was made with), and the etcdctl beside it.
@@ -413,7 +415,7 @@ class LocalCluster:
         """The etcd command line shared by every member of this cluster."""
         argv = [self.etcd, "--initial-cluster-token", self.token, "--logger", "zap", "--log-level", "warn",
                 "--heartbeat-interval", "100", "--election-timeout", "1000"]
-        return argv + (tls_member_args(self.tls) if self.tls else [])
+        return argv + (tls_member_args(self.tls) if self.tls else []) + list(self.extra_args)
 
     # -- internals ------------------------------------------------------
 
@@ -478,3 +480,26 @@ def _wait_gone(pid: int, base_dir: Path, timeout: float) -> bool:
         if time.monotonic() > deadline:
             return False
         time.sleep(0.01)
+
+
+# ---------------------------------------------------------------- NOSPACE
+
+QUOTA = 16 * 1024 * 1024  # a --quota-backend-bytes small enough to fill in a second
+QUOTA_ARGS = ("--quota-backend-bytes", str(QUOTA))
+
+
+async def fill_until_nospace(cluster: LocalCluster, value_size: int = 512 * 1024, limit: int = 400) -> int:
+    """Overwrite a few keys with big values until etcd refuses writes ("database space
+    exceeded"); the history left behind is what compaction and defragmentation reclaim.
+    Returns the number of writes that succeeded."""
+    from bot.etcd.client import EtcdClient
+    from bot.etcd.model import EtcdRequestError
+    async with EtcdClient(cluster.endpoints, tls=cluster.tls_files()) as client:
+        for n in range(limit):
+            try:
+                await client.put(b"fill/%d" % (n % 4), b"x" * value_size)
+            except EtcdRequestError as e:
+                if "database space exceeded" not in str(e):
+                    raise
+                return n
+    raise ClusterError(f"no NOSPACE after {limit} writes of {value_size} bytes")

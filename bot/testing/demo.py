@@ -26,7 +26,8 @@ from typing import Any, TextIO
 import aiohttp
 
 from bot.etcd.client import EtcdClient
-from bot.testing.cluster import LocalCluster, free_port, log_tail
+from bot.etcd.model import EtcdError
+from bot.testing.cluster import QUOTA_ARGS, LocalCluster, fill_until_nospace, free_port, log_tail
 from bot.testing.transcript import Style, render_message
 from bot.testing.workspace import (
     CHANNEL,
@@ -196,9 +197,10 @@ SEED = [
 class Stack:
     """The processes of one demo, and how to take them down."""
 
-    def __init__(self, directory: Path, keep: bool):
+    def __init__(self, directory: Path, keep: bool, extra_args: tuple[str, ...] = ()):
         self.dir = directory
         self.keep = keep
+        self.extra_args = extra_args  # more etcd flags (the NOSPACE scenario's small quota)
         self.creds = SlackSecrets()
         self.cluster: LocalCluster | None = None
         self.standin: subprocess.Popen | None = None
@@ -206,7 +208,7 @@ class Stack:
         self.standin_url = ""
 
     def start_cluster(self) -> LocalCluster:
-        self.cluster = LocalCluster(3, base_dir=self.dir / "cluster", keep=True)
+        self.cluster = LocalCluster(3, base_dir=self.dir / "cluster", keep=True, extra_args=self.extra_args)
         self.cluster.start()
         return self.cluster
 
@@ -290,9 +292,7 @@ def _wait_pid(pid: int, timeout: float = 10.0) -> None:
 
 # ---------------------------------------------------------------- the story
 
-async def play(stack: Stack, out: TextIO, style: Style, scenario: str = "replace") -> dict[str, str]:
-    if scenario == "restore":
-        return await play_restore(stack, out, style)
+async def play(stack: Stack, out: TextIO, style: Style) -> dict[str, str]:
     spinner = Spinner(sys.stderr if style.colour else out, style)
     started = time.monotonic()
 
@@ -385,8 +385,60 @@ async def play_restore(stack: Stack, out: TextIO, style: Style) -> dict[str, str
         narrate("after the restore\n")
         await channel.say("status")
     found = re.search(r"revision (\d+)", end["text"])
-    return {"seconds": f"{time.monotonic() - started:.1f}", "plan": plan_id, "hash": "(restore)",
-            "revision": found.group(1) if found else "?"}
+    seconds = f"{time.monotonic() - started:.1f}"
+    return {"seconds": seconds, "plan": plan_id,
+            "closing": f"Incident played in {seconds} s: plan {plan_id} done; cluster restored at revision "
+                       f"{found.group(1) if found else '?'}."}
+
+
+async def play_nospace(stack: Stack, out: TextIO, style: Style) -> dict[str, str]:
+    """The NOSPACE incident: writes fail, the alarm, the defrag plan, one approval, writes work again."""
+    spinner = Spinner(sys.stderr if style.colour else out, style)
+    started = time.monotonic()
+
+    def narrate(text: str) -> None:
+        print(style.paint(f"── {text}", "36"), file=out, flush=True)
+
+    async with spinner.running("starting a local 3-member etcd cluster with a 16 MiB quota"):
+        cluster = await asyncio.to_thread(stack.start_cluster)
+        await stack.seed()
+    async with spinner.running("starting the Slack stand-in and the bot"):
+        await asyncio.to_thread(stack.start_slack_and_bot)
+    narrate(f"etcd cluster 'demo' up ({', '.join(cluster.endpoints)}), --quota-backend-bytes 16 MiB\n")
+    narrate("a runaway controller rewrites big objects until the database is full\n")
+    writes = await fill_until_nospace(cluster)
+    async with EtcdClient(cluster.endpoints) as client:
+        try:
+            await client.put(b"/registry/pods/default/web-1", b"{}")
+            raise DemoError("the write succeeded: no NOSPACE")
+        except EtcdError as e:
+            narrate(f"after {writes} writes, kube-apiserver's writes fail: {e.message}\n")
+
+    async with ChannelClient(stack.standin_url, out, style) as channel:
+        await channel.say("status")
+        narrate("the on-call engineer proposes the rolling defragmentation\n")
+        posted = await channel.say("defrag")
+        plan_msg = next((m for m in posted if m["text"].startswith("Plan ")), None)
+        if plan_msg is None:
+            raise DemoError("the bot did not post a plan")
+        plan_id = re.match(r"Plan (\w+):", plan_msg["text"]).group(1)
+        narrate("the on-call lead approves\n")
+        await channel.react(LEAD, plan_msg["ts"], "white_check_mark", wait=0)
+        async with spinner.running(f"the bot executes plan {plan_id}"):
+            end = await channel.follow(re.compile(rf"Plan {plan_id} (is done|stopped|cannot run)"), PLAN_TIMEOUT)
+        if "is done" not in end["text"]:
+            raise DemoError(f"plan {plan_id} did not complete: {end['text']}")
+        narrate("after the defragmentation\n")
+        await channel.say("status")
+    async with EtcdClient(cluster.endpoints) as client:
+        revision = await client.put(b"/registry/pods/default/web-1", b"{}")
+    narrate(f"kube-apiserver's writes succeed again (revision {revision})\n")
+    return {"seconds": f"{time.monotonic() - started:.1f}", "plan": plan_id,
+            "closing": f"NOSPACE incident played in {time.monotonic() - started:.1f} s: plan {plan_id} done; "
+                       f"writes succeed again."}
+
+
+SCENARIOS = {"replace": (play, ()), "nospace": (play_nospace, QUOTA_ARGS), "restore": (play_restore, ())}
 
 
 def run_demo(directory: Path | None, keep: bool, out: TextIO = sys.stdout, scenario: str = "replace") -> int:
@@ -398,10 +450,11 @@ def run_demo(directory: Path | None, keep: bool, out: TextIO = sys.stdout, scena
               file=sys.stderr)
         return 2
     directory.mkdir(parents=True, exist_ok=True)
-    stack = Stack(directory, keep)
+    story, extra_args = SCENARIOS[scenario]
+    stack = Stack(directory, keep, extra_args)
     ok = False
     loop = asyncio.new_event_loop()
-    main = loop.create_task(play(stack, out, style, scenario))
+    main = loop.create_task(story(stack, out, style))
     loop.add_signal_handler(signal.SIGTERM, main.cancel)
     try:
         summary = loop.run_until_complete(main)
@@ -423,12 +476,8 @@ def run_demo(directory: Path | None, keep: bool, out: TextIO = sys.stdout, scena
         loop.close()
         if not (ok and keep):
             stack.teardown()
-    if scenario == "restore":
-        print(style.bold(f"Incident played in {summary['seconds']} s: plan {summary['plan']} done; cluster restored "
-                         f"at revision {summary['revision']}."), file=out)
-    else:
-        print(style.bold(f"Incident played in {summary['seconds']} s: plan {summary['plan']} done; snapshot hash "
-                         f"{summary['hash']} at revision {summary['revision']}."), file=out)
+    print(style.bold(summary.get("closing") or f"Incident played in {summary['seconds']} s: plan {summary['plan']} "
+                     f"done; snapshot hash {summary['hash']} at revision {summary['revision']}."), file=out)
     if keep:
         stack.state().save()
         print(f"\nThe cluster, the Slack stand-in and the bot keep running (files in {directory}).\n"

@@ -1,0 +1,249 @@
+"""The rolling defragmentation as an operation of the engine (bot.ops.engine), and its proposal.
+
+Every step first re-checks the live cluster: every member healthy (NOSPACE
+aside: that is what the plan fixes), the membership as planned, and the
+leader where the plan expects it (the planned one until leadership is moved,
+then anyone but the former leader). A member that went down stops the plan;
+`/etcd resume` continues once it is back. A leader or membership change
+stops it for good: the order was made for the old one.
+
+Every action is idempotent: defragmenting, compacting an already compacted
+revision, moving leadership that already moved, disarming an alarm that is
+gone all change nothing the second time.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from functools import partial
+
+from bot.config import ClusterConfig
+from bot.etcd.client import EtcdClient
+from bot.etcd.health import ClusterHealth, MemberHealth
+from bot.etcd.metrics import MemberMetrics, cluster_metrics
+from bot.etcd.model import EtcdError, EtcdRequestError
+from bot.etcd.snapshots import SnapshotFailed
+from bot.ops.context import BotContext
+from bot.ops.defrag import DefragPlan, plan_defrag
+from bot.ops.defrag_rule import DEFAULT_RULE, RuleError, parse_rule
+from bot.ops.engine import FactsChanged, StepFailed, StepRun, register
+from bot.ops.executor import CHANGE_TIMEOUT, wait_for
+from bot.ops.lifecycle import Outcome, _open_plan_refusal, _refused, publish_plan
+from bot.ops.replace import Refusal
+from bot.ops.snapshots import take_snapshot
+from bot.output.units import humanize_bytes, humanize_duration
+from bot.store.records import PlanKind, PlanRecord
+
+WRITE_CHECK_KEY = b"etcd-chatops/write-check"
+RESUME = "bring it back (see /etcd status), then /etcd resume the plan"
+
+
+def _label(h: MemberHealth) -> str:
+    return h.member.name or h.member.hex_id
+
+
+@register(PlanKind.DEFRAG)
+class DefragOperation:
+    def __init__(self, ctx: BotContext, record: PlanRecord, actor: str, started: set[str]):
+        if not isinstance(record.plan, DefragPlan):
+            raise StepFailed(f"plan {record.id} is not a defragmentation", "see /etcd plans")
+        self.ctx, self.record, self.actor, self.started = ctx, record, actor, started
+        self.plan: DefragPlan = record.plan
+        cluster = ctx.config.cluster(self.plan.cluster)
+        if cluster is None:
+            raise StepFailed(f"cluster {self.plan.cluster} is no longer in the configuration", "restore its config")
+        self.cluster: ClusterConfig = cluster
+        self.client: EtcdClient = ctx.client(cluster)
+        self.after: dict[str, int] = {}  # hex ID -> DB size after the plan, for the closing note
+
+    def steps(self) -> Sequence[StepRun]:
+        def run(key: str) -> StepRun:
+            if key.startswith("defrag-"):
+                member = key.removeprefix("defrag-")
+                return StepRun(key, precondition=partial(self.before_defrag, member),
+                               action=partial(self.step_defrag, member))
+            actions = {"snapshot": self.step_snapshot, "compact": self.step_compact,
+                       "move-leader": self.step_move_leader, "disarm": self.step_disarm, "verify": self.step_verify}
+            return StepRun(key, precondition=self.recheck, action=actions.get(key))
+        return [run(step.key) for step in self.plan.steps]
+
+    def done_note(self) -> str:
+        lines = []
+        for m in self.plan.members:
+            after = self.after.get(m.ref.id)
+            if after is None:
+                continue
+            lines.append(f"{m.ref.name or m.ref.id} {humanize_bytes(m.db_size)} → {humanize_bytes(after)}"
+                         + ("" if m.selected else " (left alone)"))
+        before, now = sum(m.db_size for m in self.plan.members), sum(self.after.values())
+        return (f"{self.plan.cluster} defragmented: {humanize_bytes(before)} → {humanize_bytes(now)} in all, "
+                f"{humanize_bytes(max(before - now, 0))} reclaimed ({'; '.join(lines)}).")
+
+    # -- the re-check before every step -----------------------------------
+
+    async def _facts(self) -> ClusterHealth:
+        health = await self.ctx.check(self.cluster)
+        if health.fingerprint != self.plan.fingerprint:
+            raise FactsChanged("the membership changed since the plan was made; nothing more was changed",
+                               self.plan.id)
+        sick = [h for h in health.members if not h.healthy]
+        if sick or not health.quorum.ok or health.leader_id is None:
+            what = ", ".join(f"{_label(h)} ({h.problem})" for h in sick) or "no leader"
+            raise StepFailed(f"not every member is healthy: {what}; stopped before touching another member", RESUME)
+        others = sorted({a.kind for a in health.alarms} - {"NOSPACE"})
+        if others:
+            raise StepFailed(f"alarm {', '.join(others)} was raised", "see /etcd alarms and /etcd consistency")
+        leader = f"{health.leader_id:016x}"
+        if "move-leader" not in self.started and leader != self.plan.leader:  # after the move, before_defrag guards
+            raise FactsChanged(f"the leader changed from {self.plan.leader} to {leader} unexpectedly; the order was "
+                               "made for the old leader", self.plan.id)
+        return health
+
+    async def recheck(self) -> str:
+        health = await self._facts()
+        alarm = "; NOSPACE active" if any(a.kind == "NOSPACE" for a in health.alarms) else ""
+        return f"{len(health.members)} members healthy, leader {health.leader_id:016x}{alarm}"
+
+    def _member(self, health: ClusterHealth, hex_id: str) -> MemberHealth:
+        found = next((h for h in health.members if h.member.hex_id == hex_id), None)
+        if found is None or found.status is None:
+            raise FactsChanged(f"member {hex_id} is no longer in the cluster", self.plan.id)
+        return found
+
+    async def before_defrag(self, hex_id: str) -> str:
+        health = await self._facts()
+        member = self._member(health, hex_id)
+        if member.member.id == health.leader_id:
+            raise FactsChanged(f"{_label(member)} leads the cluster: it is defragmented only after leadership moved",
+                               self.plan.id)
+        return f"{_label(member)} healthy and not the leader"
+
+    # -- the steps ----------------------------------------------------------
+
+    async def step_snapshot(self) -> str:
+        try:
+            saved = await take_snapshot(self.ctx, self.cluster, requested_by=self.actor, channel=self.record.channel,
+                                        reason=f"before plan {self.plan.id}", plan_id=self.plan.id)
+        except SnapshotFailed as e:
+            raise StepFailed(str(e), "check /etcd status, then /etcd resume the plan") from None
+        return (f"saved {saved.path.name} from {saved.member}: revision {saved.status.revision}, "
+                f"hash {saved.status.hash_hex}, sha256 {saved.sha256[:16]}…")
+
+    async def step_compact(self) -> str:
+        health = await self.ctx.check(self.cluster)
+        leader = self._member(health, f"{health.leader_id or 0:016x}")
+        assert leader.status is not None
+        revision = await self.client.revision(leader.status.endpoint)
+        try:
+            await self.client.compact(revision, timeout=CHANGE_TIMEOUT)
+        except EtcdRequestError as e:
+            if "compacted" not in e.message:
+                raise
+            return f"already compacted at revision {revision}"
+        return f"compacted to revision {revision}"
+
+    async def step_defrag(self, hex_id: str) -> str:
+        """Defragment one member, then wait until it answers, is healthy and has applied what the leader had."""
+        health = await self.ctx.check(self.cluster)
+        member = self._member(health, hex_id)
+        assert member.status is not None
+        before, endpoint = member.status.db_size, member.status.endpoint
+        began = time.monotonic()
+        await self.client.defragment(endpoint)
+        took = time.monotonic() - began
+        target = max(h.status.raft_index for h in health.members if h.status)
+
+        async def caught_up() -> str | None:
+            status = await self.client.status(endpoint)
+            if status.errors or status.raft_applied_index < target:
+                return None
+            self.after[hex_id] = status.db_size
+            self.plan = self.plan.defragmented(hex_id, status.db_size)  # the plan message shows it from now on
+            await self.ctx.store.update_plan(self.plan.id, plan=json.dumps(self.plan.to_json()))
+            return (f"{_label(member)}: {humanize_bytes(before)} → {humanize_bytes(status.db_size)}, "
+                    f"{humanize_bytes(max(before - status.db_size, 0))} reclaimed in {humanize_duration(took)}; "
+                    f"caught up at index {status.raft_applied_index}")
+        return await wait_for(f"{_label(member)} catching up after its defragmentation",
+                              self.cluster.catch_up_seconds, caught_up, RESUME)
+
+    async def step_move_leader(self) -> str:
+        health = await self.ctx.check(self.cluster)
+        former = int(self.plan.leader, 16)
+        if health.leader_id != former:
+            return f"leadership is already with {health.leader_id or 0:016x}"
+        done = {k.removeprefix("defrag-") for k in self.started if k.startswith("defrag-")}
+        compact = {m.ref.id for m in self.plan.members if not m.selected}  # the rule found nothing to reclaim
+        candidates = [h for h in health.members if h.healthy and h.status and not h.member.is_learner
+                      and h.member.id != former and (h.member.hex_id in done or h.member.hex_id in compact)]
+        if not candidates:
+            raise StepFailed("no healthy voter is defragmented yet to take the leadership", RESUME)
+        target = max(candidates, key=lambda h: h.status.raft_applied_index if h.status else 0)
+        await self.client.move_leader(target.member.id, timeout=CHANGE_TIMEOUT)
+
+        async def moved() -> str | None:
+            now = await self.ctx.check(self.cluster)
+            return (f"leadership moved from {self.plan.leader} to {_label(target)} ({target.member.hex_id})"
+                    if now.leader_id == target.member.id else None)
+        return await wait_for("the leadership move", self.cluster.catch_up_seconds, moved, RESUME)
+
+    async def _quotas(self, health: ClusterHealth) -> dict[int, int]:
+        read = await cluster_metrics(self.client, health)
+        planned = {int(m.ref.id, 16): m.quota for m in self.plan.members}
+        return {mid: (found.quota_bytes if isinstance(found, MemberMetrics) and found.quota_bytes
+                      else planned.get(mid, 0)) for mid, found in read.items()}
+
+    async def step_disarm(self) -> str:
+        health = await self.ctx.check(self.cluster)
+        nospace = [a for a in health.alarms if a.kind == "NOSPACE"]
+        if not nospace:
+            return "no NOSPACE alarm to disarm"
+        quotas = await self._quotas(health)
+        over = [f"{_label(h)} at {h.status.db_size / quotas[h.member.id] * 100:.0f} %" for h in health.members
+                if h.status and quotas.get(h.member.id)
+                and h.status.db_size >= self.plan.disarm_below * quotas[h.member.id]]
+        if over:
+            return (f"NOSPACE stays: {', '.join(over)} of its quota, not below {self.plan.disarm_below * 100:g} %; "
+                    "delete data or raise --quota-backend-bytes, then defragment again")
+        for alarm in nospace:
+            await self.client.alarm_disarm(alarm.member_id, "NOSPACE")
+        return f"NOSPACE disarmed on {len(nospace)} member{'s' if len(nospace) != 1 else ''}"
+
+    async def step_verify(self) -> str:
+        health = await self.ctx.check(self.cluster)
+        if any(a.kind == "NOSPACE" for a in health.alarms):
+            raise StepFailed("NOSPACE is still active, so writes still fail (see the disarm step for why)",
+                             "free space (delete data, raise the quota), then /etcd resume the plan")
+        try:
+            revision = await self.client.put(WRITE_CHECK_KEY, self.plan.id.encode())
+        except EtcdError as e:
+            raise StepFailed(f"the test write failed: {e}", "check /etcd status, then /etcd resume the plan") from None
+        self.after = {h.member.hex_id: h.status.db_size for h in health.members if h.status}
+        return f"test write succeeded at revision {revision}; " + "; ".join(
+            f"{_label(h)} {humanize_bytes(h.status.db_size)}" for h in health.members if h.status)
+
+
+async def propose(ctx: BotContext, cluster: ClusterConfig, rule_text: str | None, compact: bool, user: str,
+                  channel: str, usage: str) -> Outcome:
+    """`/etcd defrag`: the plan table from the live cluster and its quotas, posted for one approval."""
+    try:
+        rule = parse_rule(rule_text or DEFAULT_RULE)
+    except RuleError as e:
+        return _refused(str(e), f"the default rule is `{DEFAULT_RULE}`", usage)
+    open_plan = await ctx.store.open_plan(cluster.name)
+    if open_plan:
+        return _open_plan_refusal(open_plan.id, open_plan.state)
+    try:
+        health = await ctx.check(cluster)
+        metrics = await cluster_metrics(ctx.client(cluster), health)
+    except EtcdError as e:
+        return _refused(f"cannot read cluster {cluster.name}: {e}")
+    try:
+        plan = plan_defrag(health, metrics, rule, compact=compact)
+    except Refusal as r:
+        await ctx.store.audit("defrag_refused", user=user, channel=channel, cluster=cluster.name,
+                              detail={"reason": r.reason, "rule": rule.text})
+        return _refused(f"cannot defragment {cluster.name}: {r.reason}", r.hint, usage)
+    return await publish_plan(ctx, PlanKind.DEFRAG, plan, cluster.name, user, channel,
+                              {"plan": plan.id, "rule": rule.text, "compact": compact,
+                               "members": [m.ref.id for m in plan.members if m.selected]})

@@ -1,0 +1,163 @@
+"""`/etcd defrag` (issue 13): a NOSPACE incident fixed by a rolling defragmentation under one
+approval, on real clusters with a small quota; the leader last and only after leadership moved;
+a member killed in the middle; the rule leaving a compact member alone."""
+from __future__ import annotations
+
+import asyncio
+
+from bot.etcd.client import EtcdClient
+from bot.etcd.health import check_cluster
+from bot.testing.workspace import CHANNEL, LEAD, cluster_table
+from helpers import (
+    APPROVAL,
+    OK,
+    QUOTA_ARGS,
+    ephemeral,
+    eventually,
+    fill_until_nospace,
+    members_of,
+    plan_row,
+    propose,
+    text_of,
+    thread,
+    wait_done,
+    wait_state,
+)
+
+MiB = 1024 * 1024
+
+
+async def _leader(c) -> tuple[int, dict[int, str]]:
+    async with EtcdClient(c.endpoints) as client:
+        health = await check_cluster(client, "check")
+    assert health.leader_id is not None
+    return health.leader_id, {h.member.id: h.member.name for h in health.members}
+
+
+async def test_nospace_is_fixed_by_one_approval_leader_last_after_the_move(make_cluster, slack, start_bot):
+    c = make_cluster(3, extra_args=QUOTA_ARGS)
+    await fill_until_nospace(c)
+    leader, names = await _leader(c)
+    bot = await start_bot([cluster_table("prod", c)], approval=APPROVAL)
+    store = bot.ctx.store
+
+    plan = await propose(slack, "defrag")
+    text = text_of(plan)
+    row = await plan_row(store, plan)
+    assert f"Plan {row['id']}: defragment prod" in text and "NOSPACE active" in text
+    assert "dbQuotaUsage &gt; 0.8 || dbSizeFree &gt; 200MiB" in text  # the default rule, escaped
+    for header in ("MEMBER", "DB SIZE", "IN USE", "FREE", "QUOTA USE", "PASSES RULE", "ORDER"):
+        assert header in text
+    assert text.count(" yes ") == 3  # every member near its quota passes the rule
+
+    await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
+    done = await wait_done(store, row["id"], timeout=180)
+    steps = [(s["key"], s["state"], s["detail"] or "") for s in await store.steps(done["id"])]
+    keys = [k for k, _, _ in steps]
+    defrags = [k.removeprefix("defrag-") for k in keys if k.startswith("defrag-")]
+    assert keys[:3] == ["recheck", "snapshot", "compact"] and keys[-2:] == ["disarm", "verify"]
+    # The leader was defragmented last, right after leadership moved away from it.
+    assert defrags[-1] == f"{leader:016x}" and keys.index("move-leader") == keys.index(f"defrag-{leader:016x}") - 1
+    assert keys.index("move-leader") > max(keys.index(f"defrag-{d}") for d in defrags[:-1])
+    new_leader, _ = await _leader(c)
+    assert new_leader != leader
+    move = next(d for k, _, d in steps if k == "move-leader")
+    assert f"moved from {leader:016x}" in move and names[new_leader] in move
+    assert all(state == "done" for _, state, _ in steps)
+    assert "reclaimed" in next(d for k, _, d in steps if k == f"defrag-{leader:016x}")
+    assert "NOSPACE disarmed" in next(d for k, _, d in steps if k == "disarm")
+
+    # The alarm is gone and writes succeed again; the channel was told what was reclaimed.
+    async with EtcdClient(c.endpoints) as client:
+        assert not (await check_cluster(client, "check")).alarms
+        await client.put(b"after", b"works")
+    notes = thread(slack, plan)
+    assert "is done: prod defragmented:" in notes and "reclaimed" in notes
+    # The plan message itself showed the progress member by member: each version has one more size after.
+    final = slack.find_message(CHANNEL, plan.ts)
+    versions = [*(e["text"] + "".join(b.get("text", {}).get("text", "") for b in e["blocks"] or [])
+                  for e in final.edits), text_of(final)]
+    done_rows = sorted({sum(1 for line in v.splitlines() if line.startswith("| member") and
+                            line.split("|")[-2].strip() != "-") for v in versions})
+    assert done_rows == [0, 1, 2, 3] and "*State:* DONE" in text_of(final)
+    for name in names.values():
+        assert f"{name}: " in notes and " reclaimed in " in notes  # member by member
+
+
+async def test_a_member_killed_mid_plan_stops_it_and_resume_continues(make_cluster, slack, start_bot):
+    c = make_cluster(3, extra_args=QUOTA_ARGS)
+    await fill_until_nospace(c)
+    leader, names = await _leader(c)
+    follower = next(n for i, n in names.items() if i != leader)
+    bot = await start_bot([cluster_table("prod", c, timeout_seconds=1.0)], approval=APPROVAL)
+    store = bot.ctx.store
+    plan = await propose(slack, "defrag")
+    row = await plan_row(store, plan)
+    await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
+
+    async def recheck_done() -> bool:
+        return any(st["key"] == "recheck" and st["state"] == "done" for st in await store.steps(row["id"]))
+    await eventually(recheck_done, 30, "the re-check to pass")
+    c.kill(follower)
+    failed = await wait_state(store, row["id"], ("failed",), timeout=180)
+    assert follower in (failed.error or "") or "connection refused" in (failed.error or ""), failed.error
+    assert "stopped" in thread(slack, plan) and "/etcd resume" in thread(slack, plan)
+    ran = {st["key"] for st in await store.steps(row["id"]) if st["state"] == "done"}
+    assert "verify" not in ran
+
+    await asyncio.to_thread(c.restart, follower)
+    answer = await ephemeral(slack, f"resume {row['id']}", user=LEAD)
+    assert "Resuming plan" in text_of(answer)
+    await wait_done(store, row["id"], timeout=180)
+    async with EtcdClient(c.endpoints) as client:
+        assert not (await check_cluster(client, "check")).alarms
+        await client.put(b"after", b"works")
+
+
+async def test_the_rule_leaves_a_compact_member_alone_and_a_bad_rule_is_refused(make_cluster, slack, start_bot):
+    c = make_cluster(3, extra_args=QUOTA_ARGS)
+    await fill_until_nospace(c)
+    leader, names = await _leader(c)
+    compact_id, compact_name = next((i, n) for i, n in names.items() if i != leader)
+    async with EtcdClient(c.endpoints) as client:  # by hand: compact, and defragment one follower only
+        await client.compact(await client.revision(c.member(compact_name).client_url))
+        await client.defragment(c.member(compact_name).client_url)
+    sizes = {h.member.id: h.status.db_size for h in await members_of(c) if h.status}
+    assert sizes[compact_id] < 8 * MiB < min(size for i, size in sizes.items() if i != compact_id)
+    bot = await start_bot([cluster_table("prod", c)], approval=APPROVAL)
+    store = bot.ctx.store
+
+    refused = text_of(await ephemeral(slack, 'defrag --rule "dbSizeFree >"'))
+    assert "rule: ends early" in refused and "Usage: /etcd defrag" in refused
+    refused = text_of(await ephemeral(slack, "defrag --rule dbSpace>1"))
+    assert "rule: unknown variable 'dbSpace' at column 1" in refused
+
+    plan = await propose(slack, 'defrag --rule "dbSize > 8MiB" --no-compact')
+    text = text_of(plan)
+    assert "no compaction (--no-compact)" in text and text.count(" yes ") == 2 and "no (left alone)" in text
+    row = await plan_row(store, plan)
+    await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
+    await wait_done(store, row["id"], timeout=180)
+    keys = [st["key"] for st in await store.steps(row["id"])]
+    assert f"defrag-{compact_id:016x}" not in keys and "compact" not in keys
+    assert len([k for k in keys if k.startswith("defrag-")]) == 2
+    assert "(left alone)" in thread(slack, plan)
+
+
+async def test_a_leader_that_changed_since_the_plan_stops_it_before_anything_is_done(make_cluster, slack, start_bot):
+    c = make_cluster(3, extra_args=QUOTA_ARGS)
+    await fill_until_nospace(c)
+    leader, names = await _leader(c)
+    bot = await start_bot([cluster_table("prod", c)], approval=APPROVAL)
+    store = bot.ctx.store
+    plan = await propose(slack, "defrag")
+    row = await plan_row(store, plan)
+    other = next(i for i in names if i != leader)
+    async with EtcdClient(c.endpoints) as client:
+        await client.move_leader(other)
+    assert (await _leader(c))[0] == other
+    await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
+    failed = await wait_state(store, row["id"], ("failed",), timeout=60)
+    assert f"the leader changed from {leader:016x} to {other:016x} unexpectedly" in (failed.error or "")
+    assert [st["key"] for st in await store.steps(row["id"]) if st["state"] == "done"] == []
+    assert "a new plan is needed" in thread(slack, plan)
