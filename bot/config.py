@@ -116,6 +116,7 @@ class ClusterConfig:
     launcher: LauncherConfig = LauncherConfig()
     snapshots: SnapshotPolicy = SnapshotPolicy()
     access: AccessConfig = AccessConfig()
+    defrag_disarm_below: float = 0.9     # /etcd defrag disarms NOSPACE only below this share of every quota
 
 
 @dataclass(frozen=True)
@@ -224,6 +225,12 @@ def _slack_id(value: str, key: str) -> str:
 def _positive(value: float, key: str) -> float:
     if not value > 0:
         raise ConfigError(f"{key}: must be greater than 0")
+    return value
+
+
+def _fraction(value: float, key: str) -> float:
+    if not 0 < value <= 1:
+        raise ConfigError(f"{key}: must be greater than 0 and at most 1")
     return value
 
 
@@ -376,10 +383,11 @@ def _cluster(t: _Table, snapshot_defaults: SnapshotPolicy, approval: ApprovalCon
     launcher = _launcher(t.table("launcher"))
     snapshots = _snapshot_policy(t.table("snapshots"), snapshot_defaults)
     access = _access(t.table("access"), approval)
+    disarm_below = t.get("defrag_disarm_below", float, 0.9, _fraction)
     t.done()
     return ClusterConfig(name=name, endpoints=endpoints, channels=channels, cacert=cacert, cert=cert, key=key,
                          username=username, password=password, timeout_seconds=timeout, catch_up_seconds=catch_up,
-                         launcher=launcher, snapshots=snapshots, access=access)
+                         launcher=launcher, snapshots=snapshots, access=access, defrag_disarm_below=disarm_below)
 
 
 def parse_config(data: dict, base: Path, source: Path | None = None) -> Config:
