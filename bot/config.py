@@ -133,6 +133,7 @@ class ClusterConfig:
     snapshots: SnapshotPolicy = SnapshotPolicy()
     access: AccessConfig = AccessConfig()
     restore: RestoreConfig = RestoreConfig()
+    defrag_disarm_below: float = 0.9     # /etcd defrag disarms NOSPACE only below this share of every quota
 
 
 @dataclass(frozen=True)
@@ -253,6 +254,12 @@ def _ttl(value: float, key: str) -> float:
     _positive(value, key)
     if value > MAX_TTL_MINUTES:
         raise ConfigError(f"{key}: at most {MAX_TTL_MINUTES} (7 days)")
+    return value
+
+
+def _fraction(value: float, key: str) -> float:
+    if not 0 < value <= 1:
+        raise ConfigError(f"{key}: must be greater than 0 and at most 1")
     return value
 
 
@@ -419,10 +426,12 @@ def _cluster(t: _Table, snapshot_defaults: SnapshotPolicy, approval: ApprovalCon
     snapshots = _snapshot_policy(t.table("snapshots"), snapshot_defaults)
     access = _access(t.table("access"), approval)
     restore = _restore(t.table("restore"))
+    disarm_below = t.get("defrag_disarm_below", float, 0.9, _fraction)
     t.done()
     return ClusterConfig(name=name, endpoints=endpoints, channels=channels, cacert=cacert, cert=cert, key=key,
                          username=username, password=password, timeout_seconds=timeout, catch_up_seconds=catch_up,
-                         launcher=launcher, snapshots=snapshots, access=access, restore=restore)
+                         launcher=launcher, snapshots=snapshots, access=access, restore=restore,
+                         defrag_disarm_below=disarm_below)
 
 
 def parse_config(data: dict, base: Path, source: Path | None = None) -> Config:

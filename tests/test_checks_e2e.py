@@ -77,3 +77,12 @@ def test_a_slow_disk_is_bad_and_its_member_the_slowest() -> None:
     text = perf_text(view)
     assert text.startswith("cluster prod perf: BAD: m2: WAL fsync p99 (< 10 ms) 31.0 ms, leader changes (<= 2) 4")
     assert "slowest: m2 (disk p99 at 310 % of etcd's limit)" in text
+
+
+async def test_metrics_are_read_over_tls_with_the_client_certificate(make_cluster, slack, start_bot):
+    c = make_cluster(3, tls=True, extra_args=QUOTA_ARGS)
+    await start_bot([cluster_table("prod", c)])
+    status = text_of(await reply(slack, "status"))
+    assert status.count("of 17 MB (") == 3 and "quota unknown" not in status  # 16 MiB, from each /metrics
+    perf = text_of(await reply(slack, "perf"))
+    assert "not read" not in perf and perf.count(" ok |") + perf.count(" BAD |") + perf.count(" ? |") == 3 * 7

@@ -218,6 +218,8 @@ MINIMAL = '[[clusters]]\nname = "a"\nendpoints = ["http://h:1"]\n'
     (MINIMAL + 'catch_up_seconds = -1\n', "clusters[0].catch_up_seconds: must be greater than 0"),
     (MINIMAL + '[clusters.launcher]\ntimeout_seconds = nan\n',
      "clusters[0].launcher.timeout_seconds: must be a finite number"),
+    (MINIMAL + 'defrag_disarm_below = 1.5\n', "clusters[0].defrag_disarm_below: must be greater than 0 and at most 1"),
+    (MINIMAL + 'defrag_disarm_below = 0\n', "clusters[0].defrag_disarm_below: must be greater than 0 and at most 1"),
 ])
 def test_numbers_must_be_finite_and_not_negative(tmp_path, snippet, message):
     """`ttl_minutes = inf` made a proposed plan that never expired and blocked its cluster."""

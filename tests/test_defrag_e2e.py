@@ -119,9 +119,14 @@ async def test_the_rule_leaves_a_compact_member_alone_and_a_bad_rule_is_refused(
     await fill_until_nospace(c)
     leader, names = await _leader(c)
     compact_id, compact_name = next((i, n) for i, n in names.items() if i != leader)
+    url = c.member(compact_name).client_url
     async with EtcdClient(c.endpoints) as client:  # by hand: compact, and defragment one follower only
-        await client.compact(await client.revision(c.member(compact_name).client_url))
-        await client.defragment(c.member(compact_name).client_url)
+        await client.compact(await client.revision(url))
+
+        async def shrunk() -> bool:  # each member applies the compaction on its own time
+            await client.defragment(url)
+            return (await client.status(url)).db_size < 8 * MiB
+        await eventually(shrunk, 30, f"{compact_name} to shrink", interval=0.2)
     sizes = {h.member.id: h.status.db_size for h in await members_of(c) if h.status}
     assert sizes[compact_id] < 8 * MiB < min(size for i, size in sizes.items() if i != compact_id)
     bot = await start_bot([cluster_table("prod", c)], approval=APPROVAL)
@@ -161,3 +166,20 @@ async def test_a_leader_that_changed_since_the_plan_stops_it_before_anything_is_
     assert f"the leader changed from {leader:016x} to {other:016x} unexpectedly" in (failed.error or "")
     assert [st["key"] for st in await store.steps(row["id"]) if st["state"] == "done"] == []
     assert "a new plan is needed" in thread(slack, plan)
+
+
+async def test_nospace_stays_armed_above_disarm_below_and_the_plan_says_why(make_cluster, slack, start_bot):
+    c = make_cluster(3, extra_args=QUOTA_ARGS)
+    await fill_until_nospace(c)
+    bot = await start_bot([cluster_table("prod", c, defrag_disarm_below=0.01)], approval=APPROVAL)
+    store = bot.ctx.store
+    plan = await propose(slack, "defrag")
+    assert "below 1 % of its quota" in text_of(plan)
+    row = await plan_row(store, plan)
+    await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
+    failed = await wait_state(store, row["id"], ("failed",), timeout=180)
+    disarm = next(st["detail"] for st in await store.steps(row["id"]) if st["key"] == "disarm")
+    assert disarm.startswith("NOSPACE stays: member") and "not below 1 %" in disarm
+    assert "NOSPACE is still active, so writes still fail" in (failed.error or "")
+    async with EtcdClient(c.endpoints) as client:
+        assert {a.kind for a in (await check_cluster(client, "check")).alarms} == {"NOSPACE"}

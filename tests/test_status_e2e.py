@@ -226,7 +226,7 @@ async def test_nospace_shows_first_with_the_quota_and_the_defrag_to_run(make_clu
     assert text.count(f"of {humanize_bytes(QUOTA)} (") == 3  # each member's quota, read from its /metrics
     proc = cli("status", "--endpoints", ",".join(c.endpoints), "--json")
     out = json.loads(proc.stdout)
-    assert proc.returncode == 1 and [a["alarm"] for a in out["alarms"]] == ["NOSPACE"]
+    assert proc.returncode == 1 and {a["alarm"] for a in out["alarms"]} == {"NOSPACE"}  # raised by one or more
     for m in out["members"]:
         assert m["quota_bytes"] == QUOTA and m["quota_usage"] > 0.8 and m["quota_error"] is None
         assert m["db_size"] > 0.8 * QUOTA and m["db_size_in_use"] > 0  # the fields that were there stay

@@ -239,7 +239,7 @@ async def propose(ctx: BotContext, cluster: ClusterConfig, rule_text: str | None
     except EtcdError as e:
         return _refused(f"cannot read cluster {cluster.name}: {e}")
     try:
-        plan = plan_defrag(health, metrics, rule, compact=compact)
+        plan = plan_defrag(health, metrics, rule, compact=compact, disarm_below=cluster.defrag_disarm_below)
     except Refusal as r:
         await ctx.store.audit("defrag_refused", user=user, channel=channel, cluster=cluster.name,
                               detail={"reason": r.reason, "rule": rule.text})
