@@ -2,10 +2,12 @@
 unhealthy ones (a member killed, the NOSPACE alarm raised), through the real bot and the Slack stand-in."""
 from __future__ import annotations
 
+import asyncio
 import re
 
-from bot.etcd.consistency import Consistency, MemberHash
-from bot.etcd.health import MemberHealth
+from bot.etcd.client import EtcdClient
+from bot.etcd.consistency import Consistency, MemberHash, check_consistency
+from bot.etcd.health import MemberHealth, check_cluster
 from bot.etcd.metrics import MemberMetrics
 from bot.etcd.model import KVHash, Member
 from bot.output.model import perf_view
@@ -86,3 +88,24 @@ async def test_metrics_are_read_over_tls_with_the_client_certificate(make_cluste
     assert status.count("of 17 MB (") == 3 and "quota unknown" not in status  # 16 MiB, from each /metrics
     perf = text_of(await reply(slack, "perf"))
     assert "not read" not in perf and perf.count(" ok |") + perf.count(" BAD |") + perf.count(" ? |") == 3 * 7
+
+
+async def test_consistency_asks_a_member_again_until_it_has_applied_the_revision(make_cluster):
+    """A member that has not applied the revision yet answers "future revision"; it is asked again
+    within the deadline instead of being reported unchecked. Here every member is behind at first:
+    the revision is three writes ahead, and the writes come 0.5 s after the check began."""
+    c = make_cluster(3)
+    async with EtcdClient(c.endpoints, timeout=3.0) as client:
+        health = await check_cluster(client, "prod")
+        ahead = await client.put(b"/before", b"x") + 3
+
+        async def write_later() -> None:
+            await asyncio.sleep(0.5)  # the check must already be waiting on "future revision"
+            for i in range(3):
+                await client.put(f"/later/{i}".encode(), b"x")
+
+        writer = asyncio.create_task(write_later())
+        result = await check_consistency(client, health, revision=ahead)
+        await writer
+    assert result.revision == ahead and result.agree, result
+    assert len({m.hash.hash for m in result.members if m.hash}) == 1

@@ -67,15 +67,17 @@ class Consistency:
         return not self.differing and not self.unchecked and bool(self.compared)
 
 
-async def check_consistency(client: EtcdClient, health: ClusterHealth, timeout: float | None = None) -> Consistency:
-    """HashKV at the leader's current revision on every reachable member, each
-    asked again (within the deadline) while it has not applied that revision."""
+async def check_consistency(client: EtcdClient, health: ClusterHealth, timeout: float | None = None,
+                            revision: int | None = None) -> Consistency:
+    """HashKV at `revision` (by default the leader's current one) on every reachable
+    member, each asked again (within the deadline) while it has not applied it."""
     timeout = timeout or client.timeout
-    leader = next((h for h in health.members if h.member.id == health.leader_id and h.status), None)
-    source = leader or next((h for h in health.members if h.status), None)
-    if source is None or source.status is None:
-        raise EtcdError("no member answered; nothing to compare")
-    revision = await client.revision(source.status.endpoint, timeout)
+    if revision is None:
+        leader = next((h for h in health.members if h.member.id == health.leader_id and h.status), None)
+        source = leader or next((h for h in health.members if h.status), None)
+        if source is None or source.status is None:
+            raise EtcdError("no member answered; nothing to compare")
+        revision = await client.revision(source.status.endpoint, timeout)
 
     async def one(endpoint: str) -> KVHash:
         deadline = time.monotonic() + timeout
