@@ -93,7 +93,7 @@ async def test_a_member_back_before_the_remove_stops_the_plan_and_its_resume(mak
     assert failed["state"] == "failed" and "member1 answers and is healthy again" in failed["error"]
     assert "before step 2 (remove)" in failed["error"]
     assert await names(c) == ["member1", "member2", "member3"]
-    [stop] = stops(slack, plan)
+    [stop] = await slack.wait_for(lambda: stops(slack, plan), what="the plan's stop note in its thread")
     assert "a new plan is needed" in stop and "\n" not in stop
     # Item 15: a plan that is no longer proposed does not ask for approval any more.
     message = slack.find_message(CHANNEL, plan.ts)
@@ -164,7 +164,9 @@ async def test_an_also_removed_member_that_answers_again_stops_the_remove(make_c
     await asyncio.to_thread(c.restart, "member2")
     failed = await wait_state(store, row["id"], ("failed", "done"))
     assert failed["state"] == "failed" and "member2" in failed["error"] and "answers again" in failed["error"]
-    assert "member2" in stops(slack, plan)[0] and "answers again" in stops(slack, plan)[0]
+    # the state is stored before the note is posted: wait for the note, as a person would
+    [stop] = await slack.wait_for(lambda: stops(slack, plan), what="the plan's stop note in its thread")
+    assert "member2" in stop and "answers again" in stop
     assert await names(c) == ["member1", "member2", "member3", "member4", "member5"]
     assert ("step_done", "remove") not in await audit_actions(store, row["id"])
 
