@@ -26,6 +26,7 @@ from helpers import (
     plan_row,
     propose,
     reply,
+    text_of,
     thread,
     wait_done,
 )
@@ -99,6 +100,8 @@ async def test_restore_after_quorum_loss_brings_back_exactly_the_snapshot(make_c
     assert sorted(h.member.name for h in await members_of(c) if h.healthy) == names
     t = thread(slack, plan)
     assert "Kubernetes follow-ups" in t and f"restored to revision {revision}" in t and "HashKV" in t
+    listing = text_of(await reply(slack, "plans"))
+    assert f"restore from {row.plan.snapshot.file_name}" in listing
     aside = [p.name for p in (c.base_dir / "data").iterdir() if ".before-restore-" in p.name]
     assert sorted(a.split(".")[0] for a in aside) == names  # never deleted
 
