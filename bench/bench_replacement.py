@@ -91,7 +91,8 @@ def by_hand() -> float:
         env = {**os.environ, "ETCD_NAME": "member4", "ETCD_INITIAL_CLUSTER": initial,
                "ETCD_INITIAL_CLUSTER_STATE": "existing", "ETCD_INITIAL_ADVERTISE_PEER_URLS": peer,
                "ETCD_LISTEN_PEER_URLS": peer, "ETCD_ADVERTISE_CLIENT_URLS": client, "ETCD_LISTEN_CLIENT_URLS": client}
-        subprocess.run(launcher_argv(cluster.base_dir), env=env, capture_output=True, check=True)
+        argv = [a.format(name="member4", action="start") for a in launcher_argv(cluster.base_dir)]
+        subprocess.run(argv, env=env, capture_output=True, check=True)
         while subprocess.run([*cluster.etcdctl_args([client]), "endpoint", "health"], capture_output=True).returncode:
             time.sleep(0.05)
         return time.perf_counter() - started

@@ -41,8 +41,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bot.etcd.binaries import find_binary
 from bot.etcd.client import EtcdClient
-from bot.testing.binaries import find_binary
 from bot.testing.cluster import LocalCluster
 from common import ROOT, row, write
 

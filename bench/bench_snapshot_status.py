@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from bot.etcd.bbolt import snapshot_status
-from bot.testing.binaries import find_binary
+from bot.etcd.binaries import find_binary
 from bot.testing.cluster import LocalCluster
 from common import row, write
 from snapshot_fixtures import ScenarioCluster, put_many, save_snapshot

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from bot.testing.binaries import find_binary
+from bot.etcd.binaries import find_binary
 from bot.testing.cluster import LocalCluster
 from common import row, write  # (also puts the repository on sys.path)
 

@@ -25,7 +25,7 @@ def machine() -> dict[str, str]:
         pass
     import subprocess
 
-    from bot.testing.binaries import find_binary
+    from bot.etcd.binaries import find_binary
     etcd = subprocess.run([str(find_binary("etcd")), "--version"], capture_output=True, text=True).stdout.split("\n")[0]
     return {"cpus": str(os.cpu_count()), "cpu": cpu, "python": platform.python_version(),
             "etcd": etcd.strip().replace("etcd Version: ", "etcd "),

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import crc32c
 
-from bot.testing.binaries import find_binary
+from bot.etcd.binaries import find_binary
 from bot.testing.cluster import LocalCluster
 
 MAGIC, VERSION = 0xED0CDAED, 2

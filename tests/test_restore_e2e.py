@@ -26,6 +26,7 @@ from helpers import (
     plan_row,
     propose,
     reply,
+    text_of,
     thread,
     wait_done,
 )
@@ -99,6 +100,8 @@ async def test_restore_after_quorum_loss_brings_back_exactly_the_snapshot(make_c
     assert sorted(h.member.name for h in await members_of(c) if h.healthy) == names
     t = thread(slack, plan)
     assert "Kubernetes follow-ups" in t and f"restored to revision {revision}" in t and "HashKV" in t
+    listing = text_of(await reply(slack, "plans"))
+    assert f"restore from {row.plan.snapshot.file_name}" in listing
     aside = [p.name for p in (c.base_dir / "data").iterdir() if ".before-restore-" in p.name]
     assert sorted(a.split(".")[0] for a in aside) == names  # never deleted
 
@@ -114,6 +117,26 @@ async def test_force_is_required_while_quorum_holds(make_cluster, slack, start_b
     assert await bot.ctx.store.open_plan("prod") is None
     plan = await propose(slack, "restore --force")
     assert "4 revisions will be lost" in json.dumps(plan.blocks)
+    row = await plan_row(bot.ctx.store, plan)
+    await approve_twice(slack, plan)
+    await wait_done(bot.ctx.store, row.id, timeout=180)
+    assert not [k for k in keys(c) if k.startswith("/later/")]  # the rollback took the later writes away
+
+
+async def test_quorum_back_before_the_stop_stops_the_plan_with_nothing_stopped(make_cluster, slack, start_bot):
+    c = make_cluster(3)
+    bot = await start_bot([cluster_table("prod", c)], approval=APPROVAL)
+    store = bot.ctx.store
+    await snapshot_of(slack, store, c, n=2)
+    c.kill("member1")
+    c.kill("member2")
+    plan = await propose(slack, "restore")
+    row = await plan_row(store, plan)
+    await asyncio.to_thread(c.restart, "member2")  # the machine came back while the approvers decided
+    await approve_twice(slack, plan)
+    failed = await eventually(lambda: _failed(store, row.id), 60, "the plan to stop")
+    assert "before step 1 (stop)" in failed.error and "quorum is back (2 of 3" in failed.error
+    assert "nothing was stopped" in failed.error and c.running("member2") and c.running("member3")
 
 
 async def test_a_corrupt_snapshot_is_refused_at_step_0_with_nothing_stopped(make_cluster, slack, start_bot):

@@ -31,6 +31,7 @@ from bot.ops.launcher import LaunchResult, fill_argv, run_argv
 from bot.ops.lifecycle import Outcome, _open_plan_refusal, _refused, publish_plan
 from bot.ops.replace import Refusal
 from bot.ops.restore import (
+    BUMP_REVISIONS,
     K8S_AFTER,
     Membership,
     RestoreMember,
@@ -354,25 +355,25 @@ class RestoreOperation:
                                 self.cluster.catch_up_seconds, healthy)
 
     async def step_check(self) -> str:
-        """Every member at (at least) the snapshot's revision, and HashKV equal at that revision on all."""
+        """Every member at (at least) the snapshot's revision, or the bumped one, and HashKV equal at one revision."""
         snap = self.plan.snapshot
+        expected = snap.revision + (BUMP_REVISIONS if self.plan.bump_supported else 0)
         health = await self.ctx.check(self.cluster)
-        revisions, hashes = {}, {}
-        for h in health.members:
-            url = h.member.client_urls[0]
-            revisions[h.member.name] = await self.client.revision(url)
-            hashes[h.member.name] = (await self.client.hash_kv(url, snap.revision)).hash
-        behind = {n: r for n, r in revisions.items() if r < snap.revision}
+        urls = {h.member.name: h.member.client_urls[0] for h in health.members}
+        revisions = {n: await self.client.revision(u) for n, u in urls.items()}
+        behind = {n: r for n, r in revisions.items() if r < expected}
         if behind:
-            raise StepFailed(f"members below the snapshot's revision {snap.revision}: {behind}",
+            raise StepFailed(f"members below the restored revision {expected}: {behind}",
                              "check /etcd status; the restore did not take on every member")
+        at = expected if not self.plan.bump_supported else min(revisions.values())  # bumped: older ones compacted
+        hashes = {n: (await self.client.hash_kv(u, at)).hash for n, u in urls.items()}
         if len(set(hashes.values())) != 1:
-            raise StepFailed(f"HashKV at revision {snap.revision} differs across members: "
+            raise StepFailed(f"HashKV at revision {at} differs across members: "
                              + ", ".join(f"{n} {v:08x}" for n, v in hashes.items()),
                              "a member's data differs: stop and restore it again")
         revs = sorted(set(revisions.values()))
         return (f"{len(hashes)} members at revision {revs[0] if len(revs) == 1 else revs}; HashKV at revision "
-                f"{snap.revision} equal on all: {next(iter(hashes.values())):08x}")
+                f"{at} equal on all: {next(iter(hashes.values())):08x}")
 
     async def step_followups(self) -> str:
         p = self.plan

@@ -10,6 +10,7 @@ mention exists only where mention()/group_mention() made it.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -335,7 +336,6 @@ def _ago(seconds: float) -> str:
 
 def restore_plan_reply(plan: RestorePlan, view: PlanView, now: float | None = None) -> Reply:
     """A restore plan: the snapshot, why it may run, the members and each one's exact etcdutl command."""
-    import time
     now = time.time() if now is None else now
     state = STATE_WORD.get(view.state, view.state.upper())
     snap = plan.snapshot

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bot.testing.binaries import BinaryNotFound, find_binary
+from bot.etcd.binaries import BinaryNotFound, find_binary
 
 START_TIMEOUT = 30.0
 # Base directories of the clusters this process created (tests check that none is left running).
