@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from functools import partial
 
 from bot.config import ClusterConfig
-from bot.etcd.client import EtcdClient
 from bot.etcd.health import ClusterHealth, MemberHealth
 from bot.etcd.metrics import MemberMetrics, cluster_metrics
 from bot.etcd.model import EtcdError, EtcdRequestError
@@ -27,7 +26,7 @@ from bot.etcd.snapshots import SnapshotFailed
 from bot.ops.context import BotContext
 from bot.ops.defrag import DefragPlan, plan_defrag
 from bot.ops.defrag_rule import DEFAULT_RULE, RuleError, parse_rule
-from bot.ops.engine import FactsChanged, StepFailed, StepRun, register
+from bot.ops.engine import ClusterOperation, FactsChanged, StepFailed, StepRun, register
 from bot.ops.executor import CHANGE_TIMEOUT, wait_for
 from bot.ops.lifecycle import Outcome, _open_plan_refusal, _refused, publish_plan
 from bot.ops.replace import Refusal
@@ -44,17 +43,11 @@ def _label(h: MemberHealth) -> str:
 
 
 @register(PlanKind.DEFRAG)
-class DefragOperation:
+class DefragOperation(ClusterOperation[DefragPlan]):
+    plan_type, what = DefragPlan, "a defragmentation"
+
     def __init__(self, ctx: BotContext, record: PlanRecord, actor: str, started: set[str]):
-        if not isinstance(record.plan, DefragPlan):
-            raise StepFailed(f"plan {record.id} is not a defragmentation", "see /etcd plans")
-        self.ctx, self.record, self.actor, self.started = ctx, record, actor, started
-        self.plan: DefragPlan = record.plan
-        cluster = ctx.config.cluster(self.plan.cluster)
-        if cluster is None:
-            raise StepFailed(f"cluster {self.plan.cluster} is no longer in the configuration", "restore its config")
-        self.cluster: ClusterConfig = cluster
-        self.client: EtcdClient = ctx.client(cluster)
+        super().__init__(ctx, record, actor, started)
         self.after: dict[str, int] = {}  # hex ID -> DB size after the plan, for the closing note
 
     def steps(self) -> Sequence[StepRun]:

@@ -17,12 +17,18 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, cast
 
 from bot.etcd.model import EtcdError
 from bot.ops.context import BotContext
 from bot.output.blocks import escape
-from bot.store.records import PlanKind, PlanRecord, PlanState
+from bot.store.records import AnyPlan, PlanKind, PlanRecord, PlanState
+
+if TYPE_CHECKING:
+    from bot.config import ClusterConfig
+    from bot.etcd.client import EtcdClient
+
+P = TypeVar("P", bound=AnyPlan)
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +69,25 @@ class Operation(Protocol):
     def steps(self) -> Sequence[StepRun]: ...
 
     def done_note(self) -> str: ...
+
+
+class ClusterOperation(Generic[P]):
+    """What every kind of operation starts from: its plan (of the kind's own type),
+    the configured cluster it changes and that cluster's client."""
+
+    plan_type: type[P]
+    what: str                       # "a replacement": says which kind a wrong record was
+
+    def __init__(self, ctx: BotContext, record: PlanRecord, actor: str, started: set[str]):
+        if not isinstance(record.plan, self.plan_type):
+            raise StepFailed(f"plan {record.id} is not {self.what}", "see /etcd plans")
+        self.ctx, self.record, self.actor, self.started = ctx, record, actor, started
+        self.plan: P = cast(P, record.plan)
+        cluster = ctx.config.cluster(record.cluster)
+        if cluster is None:
+            raise StepFailed(f"cluster {record.cluster} is no longer in the configuration", "restore its config")
+        self.cluster: ClusterConfig = cluster
+        self.client: EtcdClient = ctx.client(cluster)
 
 
 # (context, record, actor, keys of the steps already started before this run) -> Operation

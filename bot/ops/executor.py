@@ -15,13 +15,11 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
-from bot.config import ClusterConfig
-from bot.etcd.client import EtcdClient
 from bot.etcd.health import ClusterHealth, check_cluster
 from bot.etcd.model import EtcdError, EtcdTimeout, LearnerNotReady, Member, NotALearner, UnhealthyCluster
 from bot.etcd.snapshots import SnapshotFailed
 from bot.ops.context import BotContext
-from bot.ops.engine import FactsChanged, StepFailed, StepRun, note, register
+from bot.ops.engine import ClusterOperation, FactsChanged, StepFailed, StepRun, note, register
 from bot.ops.launcher import manual_instructions, run_command
 from bot.ops.replace import Plan, config_endpoints, etcd_servers, facts_changed, quorum_after
 from bot.ops.snapshots import take_snapshot
@@ -51,20 +49,11 @@ async def wait_for(what: str, seconds: float, probe: Callable[[], Awaitable[str 
 
 
 @register(PlanKind.REPLACE)
-class ReplaceOperation:
+class ReplaceOperation(ClusterOperation[Plan]):
+    plan_type, what = Plan, "a replacement"
+
     def __init__(self, ctx: BotContext, record: PlanRecord, actor: str, started: set[str]):
-        self.ctx = ctx
-        self.record = record
-        self.actor = actor
-        self.started = started
-        if not isinstance(record.plan, Plan):
-            raise StepFailed(f"plan {record.id} is not a replacement", "see /etcd plans")
-        self.plan: Plan = record.plan
-        cluster = ctx.config.cluster(self.plan.cluster)
-        if cluster is None:
-            raise StepFailed(f"cluster {self.plan.cluster} is no longer in the configuration", "restore its config")
-        self.cluster: ClusterConfig = cluster
-        self.client: EtcdClient = ctx.client(cluster)
+        super().__init__(ctx, record, actor, started)
         self.new_member_id: int | None = int(record.new_member_id, 16) if record.new_member_id else None
 
     def steps(self) -> Sequence[StepRun]:

@@ -22,11 +22,10 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from bot.config import ClusterConfig
-from bot.etcd.client import EtcdClient
 from bot.etcd.health import ClusterHealth
 from bot.etcd.model import EtcdError
 from bot.ops.context import BotContext
-from bot.ops.engine import FactsChanged, StepFailed, StepRun, note, register
+from bot.ops.engine import ClusterOperation, FactsChanged, StepFailed, StepRun, note, register
 from bot.ops.launcher import LaunchResult, fill_argv, run_argv
 from bot.ops.lifecycle import Outcome, _open_plan_refusal, _refused, publish_plan
 from bot.ops.replace import Refusal
@@ -185,17 +184,11 @@ async def verify_snapshot(snapshot: SnapshotRef, identity: str | None) -> str:
 # ---------------------------------------------------------------- the operation
 
 @register(PlanKind.RESTORE)
-class RestoreOperation:
+class RestoreOperation(ClusterOperation[RestorePlan]):
+    plan_type, what = RestorePlan, "a restore"
+
     def __init__(self, ctx: BotContext, record: PlanRecord, actor: str, started: set[str]):
-        if not isinstance(record.plan, RestorePlan):
-            raise StepFailed(f"plan {record.id} is not a restore", "see /etcd plans")
-        self.ctx, self.record, self.actor, self.started = ctx, record, actor, started
-        self.plan: RestorePlan = record.plan
-        cluster = ctx.config.cluster(self.plan.cluster)
-        if cluster is None:
-            raise StepFailed(f"cluster {self.plan.cluster} is no longer in the configuration", "restore its config")
-        self.cluster: ClusterConfig = cluster
-        self.client: EtcdClient = ctx.client(cluster)
+        super().__init__(ctx, record, actor, started)
         self.began = time.monotonic()
 
     def steps(self) -> Sequence[StepRun]:

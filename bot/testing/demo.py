@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -292,18 +292,25 @@ def _wait_pid(pid: int, timeout: float = 10.0) -> None:
 
 # ---------------------------------------------------------------- the story
 
-async def play(stack: Stack, out: TextIO, style: Style) -> dict[str, str]:
+async def stage(stack: Stack, out: TextIO, style: Style,
+                starting: str) -> tuple[Spinner, Callable[[str], None], LocalCluster]:
+    """What every scenario starts with: the cluster (seeded), the Slack stand-in and the bot."""
     spinner = Spinner(sys.stderr if style.colour else out, style)
-    started = time.monotonic()
 
     def narrate(text: str) -> None:
         print(style.paint(f"── {text}", "36"), file=out, flush=True)
 
-    async with spinner.running("starting a local 3-member etcd cluster"):
+    async with spinner.running(starting):
         cluster = await asyncio.to_thread(stack.start_cluster)
         await stack.seed()
     async with spinner.running("starting the Slack stand-in and the bot"):
         await asyncio.to_thread(stack.start_slack_and_bot)
+    return spinner, narrate, cluster
+
+
+async def play(stack: Stack, out: TextIO, style: Style) -> dict[str, str]:
+    started = time.monotonic()
+    spinner, narrate, cluster = await stage(stack, out, style, "starting a local 3-member etcd cluster")
     narrate(f"etcd cluster 'demo' up ({', '.join(cluster.endpoints)}); #{CHANNELS[CHANNEL]} is bound to it\n")
 
     async with ChannelClient(stack.standin_url, out, style) as channel:
@@ -343,17 +350,8 @@ async def play(stack: Stack, out: TextIO, style: Style) -> dict[str, str]:
 
 async def play_restore(stack: Stack, out: TextIO, style: Style) -> dict[str, str]:
     """`--scenario restore`: a quorum-loss incident, recovered from the last verified snapshot under two approvals."""
-    spinner = Spinner(sys.stderr if style.colour else out, style)
     started = time.monotonic()
-
-    def narrate(text: str) -> None:
-        print(style.paint(f"── {text}", "36"), file=out, flush=True)
-
-    async with spinner.running("starting a local 3-member etcd cluster"):
-        cluster = await asyncio.to_thread(stack.start_cluster)
-        await stack.seed()
-    async with spinner.running("starting the Slack stand-in and the bot"):
-        await asyncio.to_thread(stack.start_slack_and_bot)
+    spinner, narrate, cluster = await stage(stack, out, style, "starting a local 3-member etcd cluster")
     narrate(f"etcd cluster 'demo' up ({', '.join(cluster.endpoints)}); #{CHANNELS[CHANNEL]} is bound to it\n")
 
     async with ChannelClient(stack.standin_url, out, style) as channel:
@@ -393,17 +391,9 @@ async def play_restore(stack: Stack, out: TextIO, style: Style) -> dict[str, str
 
 async def play_nospace(stack: Stack, out: TextIO, style: Style) -> dict[str, str]:
     """The NOSPACE incident: writes fail, the alarm, the defrag plan, one approval, writes work again."""
-    spinner = Spinner(sys.stderr if style.colour else out, style)
     started = time.monotonic()
-
-    def narrate(text: str) -> None:
-        print(style.paint(f"── {text}", "36"), file=out, flush=True)
-
-    async with spinner.running("starting a local 3-member etcd cluster with a 16 MiB quota"):
-        cluster = await asyncio.to_thread(stack.start_cluster)
-        await stack.seed()
-    async with spinner.running("starting the Slack stand-in and the bot"):
-        await asyncio.to_thread(stack.start_slack_and_bot)
+    spinner, narrate, cluster = await stage(stack, out, style,
+                                            "starting a local 3-member etcd cluster with a 16 MiB quota")
     narrate(f"etcd cluster 'demo' up ({', '.join(cluster.endpoints)}), --quota-backend-bytes 16 MiB\n")
     narrate("a runaway controller rewrites big objects until the database is full\n")
     writes = await fill_until_nospace(cluster)
