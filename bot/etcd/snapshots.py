@@ -158,7 +158,8 @@ def _encrypt(plain_fd: int, out: Path, recipients: tuple[str, ...]) -> None:
         os.fsync(dst.fileno())
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB chunks (constant memory)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -222,7 +223,7 @@ async def save_snapshot(client: EtcdClient, endpoint: str, member: str, director
         stem = snapshot_filename(cluster, when, status.revision).removesuffix(".db")
         if recipients:
             await asyncio.to_thread(_encrypt, fd, part, recipients)
-            sha256 = await asyncio.to_thread(_sha256_file, part)
+            sha256 = await asyncio.to_thread(sha256_file, part)
             file_size = part.stat().st_size
             if named:
                 named.unlink()

@@ -13,7 +13,6 @@ repeat the interrupted step. Encrypted snapshots are decrypted only into a
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import tempfile
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 from bot.config import ClusterConfig
 from bot.etcd.health import ClusterHealth
 from bot.etcd.model import EtcdError
+from bot.etcd.snapshots import sha256_file
 from bot.ops.context import BotContext
 from bot.ops.engine import ClusterOperation, FactsChanged, StepFailed, StepRun, note, register
 from bot.ops.launcher import LaunchResult, fill_argv, run_argv
@@ -109,14 +109,6 @@ async def continue_plan(ctx: BotContext, plan_id: str, user: str, channel: str) 
 
 # ---------------------------------------------------------------- the snapshot, verified and in plaintext
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _decrypt(src: Path, identity: str, directory: Path) -> Path:
     """The plaintext in a new 0600 file beside the snapshots (mkstemp creates it 0600)."""
     import pyrage
@@ -159,7 +151,7 @@ async def verify_snapshot(snapshot: SnapshotRef, identity: str | None) -> str:
     path = Path(snapshot.path)
     if not path.is_file():
         raise StepFailed(f"{snapshot.file_name} is no longer at {snapshot.path}", "choose another snapshot")
-    sha = await asyncio.to_thread(_sha256, path)
+    sha = await asyncio.to_thread(sha256_file, path)
     if sha != snapshot.sha256:
         raise StepFailed(f"{snapshot.file_name} has changed since it was recorded: sha256 {sha[:16]}…, the catalog "
                          f"says {snapshot.sha256[:16]}…; nothing was stopped", "choose another snapshot")

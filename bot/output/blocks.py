@@ -305,7 +305,7 @@ def _steps(steps: tuple[Step, ...], view: PlanView) -> list[dict[str, Any]]:
     return sections("*Steps*\n" + "\n".join(lines))
 
 
-def _footer(plan_id: str, view: PlanView, blocks: list[dict[str, Any]], text: str) -> Reply:
+def _footer(plan_id: str, view: PlanView, blocks: list[dict[str, Any]], text: str, proposer_note: str = "") -> Reply:
     """Every plan message ends alike: the failure, who proposed and may approve, and how."""
     if view.error:
         blocks += sections(f":x: *Failed:* {escape(view.error)}")
@@ -313,14 +313,15 @@ def _footer(plan_id: str, view: PlanView, blocks: list[dict[str, Any]], text: st
     if view.approvals_needed > 1:
         approved = (f" · approvals {len(view.approvals)} of {view.approvals_needed}"
                     + (f" ({', '.join(mention(u) for u in view.approvals)})" if view.approvals else ""))
-    who = (f"Proposed by {mention(view.proposer)} · approvers: {view.approvers}{approved} · "
+    who = (f"Proposed by {mention(view.proposer)}{proposer_note} · approvers: {view.approvers}{approved} · "
            f"expires {slack_date(view.expires_at)} · plan ID `{plan_id}`")
     blocks.append(_context(who))
     if view.state == PlanState.PROPOSED:
         many = f"{view.approvals_needed} approvers react" if view.approvals_needed > 1 else "An approver reacts"
         blocks.append(_context(f"{many} with :{view.reaction}: to approve; :{view.reject_reaction}: rejects "
                                f"(approver or proposer)."))
-        text += f"; approvers {view.approvers}; react :{view.reaction}: to approve."
+        text += (f"; {view.approvals_needed} approvers of {view.approvers} react :{view.reaction}: to approve."
+                 if view.approvals_needed > 1 else f"; approvers {view.approvers}; react :{view.reaction}: to approve.")
     else:
         text += "."
     return Reply(text=text, blocks=blocks)
@@ -382,21 +383,9 @@ def restore_plan_reply(plan: RestorePlan, view: PlanView, now: float | None = No
     blocks += sections(escape(commands), code=True)
     blocks += sections(f"*Kubernetes:* {escape(K8S_BEFORE)} {escape(K8S_AFTER)}\n:information_source: "
                        f"{escape(bump_note(plan))}")
-    if view.error:
-        blocks += sections(f":x: *Failed:* {escape(view.error)}")
-    approved = (f" · approvals {len(view.approvals)} of {view.approvals_needed}"
-                + (f" ({', '.join(mention(u) for u in view.approvals)})" if view.approvals else ""))
-    blocks.append(_context(f"Proposed by {mention(view.proposer)} (cannot approve it) · approvers: {view.approvers}"
-                           f"{approved} · expires {slack_date(view.expires_at)} · plan ID `{plan.id}`"))
     text = (f"Plan {plan.id}: restore {escape(plan.cluster)} from {escape(snap.file_name)} (revision {snap.revision}):"
             f" {state}. Proposed by {mention(view.proposer)}")
-    if view.state == PlanState.PROPOSED:
-        blocks.append(_context(f"{view.approvals_needed} approvers react with :{view.reaction}: to approve; "
-                               f":{view.reject_reaction}: rejects (approver or proposer)."))
-        text += f"; {view.approvals_needed} approvers of {view.approvers} react :{view.reaction}: to approve."
-    else:
-        text += "."
-    return Reply(text=text, blocks=blocks)
+    return _footer(plan.id, view, blocks, text, proposer_note=" (cannot approve it)")
 def _defrag_table(plan: DefragPlan) -> str:
     """The defragmentation plan's members: sizes, quota use, the rule's verdict, the order, and once a
     member is done, its size after and the space reclaimed."""

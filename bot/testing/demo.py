@@ -292,6 +292,26 @@ def _wait_pid(pid: int, timeout: float = 10.0) -> None:
 
 # ---------------------------------------------------------------- the story
 
+def posted_plan(posted: list[dict[str, Any]], what: str) -> tuple[dict[str, Any], str]:
+    """The plan message among what a command posted, and its plan ID."""
+    plan_msg = next((m for m in posted if m["text"].startswith("Plan ")), None)
+    if plan_msg is None:
+        raise DemoError(f"the bot did not post {what}")
+    found = re.match(r"Plan (\w+):", plan_msg["text"])
+    if found is None:
+        raise DemoError(f"no plan ID in {plan_msg['text']!r}")
+    return plan_msg, found.group(1)
+
+
+async def run_to_done(channel: ChannelClient, spinner: Spinner, plan_id: str, label: str) -> dict[str, Any]:
+    """Follow an approved plan's thread until it ends; it must end done."""
+    async with spinner.running(label):
+        end = await channel.follow(re.compile(rf"Plan {plan_id} (is done|stopped|cannot run)"), PLAN_TIMEOUT)
+    if "is done" not in end["text"]:
+        raise DemoError(f"plan {plan_id} did not complete: {end['text']}")
+    return end
+
+
 async def stage(stack: Stack, out: TextIO, style: Style,
                 starting: str) -> tuple[Spinner, Callable[[str], None], LocalCluster]:
     """What every scenario starts with: the cluster (seeded), the Slack stand-in and the bot."""
@@ -322,19 +342,13 @@ async def play(stack: Stack, out: TextIO, style: Style) -> dict[str, str]:
         peer, client = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
         narrate("the on-call engineer proposes the runbook's replacement\n")
         posted = await channel.say(f"replace member1 member4 {peer} --client-url {client}")
-        plan_msg = next((m for m in posted if m["text"].startswith("Plan ")), None)
-        if plan_msg is None:
-            raise DemoError("the bot did not post a plan")
-        plan_id = re.match(r"Plan (\w+):", plan_msg["text"]).group(1)
+        plan_msg, plan_id = posted_plan(posted, "a plan")
 
         narrate("someone who is not on call tries to approve\n")
         await channel.react(STRANGER, plan_msg["ts"], "white_check_mark")
         narrate("the on-call lead approves\n")
         await channel.react(LEAD, plan_msg["ts"], "white_check_mark", wait=0)
-        async with spinner.running(f"the bot executes plan {plan_id}"):
-            end = await channel.follow(re.compile(rf"Plan {plan_id} (is done|stopped|cannot run)"), PLAN_TIMEOUT)
-        if "is done" not in end["text"]:
-            raise DemoError(f"plan {plan_id} did not complete: {end['text']}")
+        await run_to_done(channel, spinner, plan_id, f"the bot executes plan {plan_id}")
 
         narrate("after the replacement\n")
         await channel.say("status")
@@ -366,20 +380,14 @@ async def play_restore(stack: Stack, out: TextIO, style: Style) -> dict[str, str
         await channel.say("status")
         narrate("quorum is lost: the on-call engineer proposes a restore from the newest verified snapshot\n")
         posted = await channel.say("restore")
-        plan_msg = next((m for m in posted if m["text"].startswith("Plan ")), None)
-        if plan_msg is None:
-            raise DemoError("the bot did not post a restore plan")
-        plan_id = re.match(r"Plan (\w+):", plan_msg["text"]).group(1)
+        plan_msg, plan_id = posted_plan(posted, "a restore plan")
         narrate("the proposer, who is not an approver, tries to approve\n")
         await channel.react(ONCALL, plan_msg["ts"], "white_check_mark")
         narrate("the first on-call lead approves: one of two\n")
         await channel.react(LEAD, plan_msg["ts"], "white_check_mark")
         narrate("the second on-call lead approves\n")
         await channel.react(LEAD2, plan_msg["ts"], "white_check_mark", wait=0)
-        async with spinner.running(f"the bot restores every member (plan {plan_id})"):
-            end = await channel.follow(re.compile(rf"Plan {plan_id} (is done|stopped|cannot run)"), PLAN_TIMEOUT)
-        if "is done" not in end["text"]:
-            raise DemoError(f"plan {plan_id} did not complete: {end['text']}")
+        end = await run_to_done(channel, spinner, plan_id, f"the bot restores every member (plan {plan_id})")
         narrate("after the restore\n")
         await channel.say("status")
     found = re.search(r"revision (\d+)", end["text"])
@@ -408,16 +416,10 @@ async def play_nospace(stack: Stack, out: TextIO, style: Style) -> dict[str, str
         await channel.say("status")
         narrate("the on-call engineer proposes the rolling defragmentation\n")
         posted = await channel.say("defrag")
-        plan_msg = next((m for m in posted if m["text"].startswith("Plan ")), None)
-        if plan_msg is None:
-            raise DemoError("the bot did not post a plan")
-        plan_id = re.match(r"Plan (\w+):", plan_msg["text"]).group(1)
+        plan_msg, plan_id = posted_plan(posted, "a plan")
         narrate("the on-call lead approves\n")
         await channel.react(LEAD, plan_msg["ts"], "white_check_mark", wait=0)
-        async with spinner.running(f"the bot executes plan {plan_id}"):
-            end = await channel.follow(re.compile(rf"Plan {plan_id} (is done|stopped|cannot run)"), PLAN_TIMEOUT)
-        if "is done" not in end["text"]:
-            raise DemoError(f"plan {plan_id} did not complete: {end['text']}")
+        await run_to_done(channel, spinner, plan_id, f"the bot executes plan {plan_id}")
         narrate("after the defragmentation\n")
         await channel.say("status")
     async with EtcdClient(cluster.endpoints) as client:
