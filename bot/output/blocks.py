@@ -475,13 +475,6 @@ def thread_note(text: str) -> Reply:
     return Reply(text=text, blocks=sections(text))
 
 
-def escape_keep_mentions(text: str) -> str:
-    """Escape &, < and > except inside Slack mentions and dates (<@U..>, <!date^..>, <!subteam^..>)."""
-    import re as _re
-    parts = _re.split(r"(<[@#!][^>]+>)", text)
-    return "".join(p if _re.match(r"^<[@#!][^>]+>$", p) else escape(p) for p in parts)
-
-
 # ---------------------------------------------------------------- snapshots
 
 def snapshot_reply(saved: SavedSnapshot, requested_by: str, title: str = "Snapshot") -> Reply:
