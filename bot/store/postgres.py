@@ -54,7 +54,7 @@ Conn = psycopg.AsyncConnection[dict[str, Any]]
 MIGRATIONS_LOCK = 0x6574636443_01   # "etcdC" 1
 AUDIT_LOCK = 0x6574636443_02
 MEMBERSHIP_LOCK = 0x45_43_4d        # with hashtext(cluster): one lock per cluster
-NOW = "extract(epoch from clock_timestamp())"  # the server's clock, for leases
+NOW = "extract(epoch from clock_timestamp())::double precision"  # the server's clock, for leases
 
 BASELINE = """
 CREATE TABLE plans (
