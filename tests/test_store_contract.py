@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import psycopg
 import pytest
 from conftest import TEST_AUDIT_KEY
@@ -28,8 +29,8 @@ from bot.store.postgres import PostgresStore
 from bot.store.records import Fence, Lease, PlanKind, PlanState
 from bot.store.sqlite import LATEST, SqliteStore
 from bot.testing.postgres import LocalPostgres
-from bot.testing.workspace import CHANNEL
-from helpers import as_released, eventually
+from bot.testing.workspace import CHANNEL, cluster_table
+from helpers import as_released, ephemeral, eventually, reply, text_of
 
 PLAN_JSON = json.dumps(plan_replacement(cluster(down(1), up(2), up(3)), REQ).to_json())
 
@@ -463,6 +464,29 @@ async def test_a_password_never_appears_in_a_store_error(postgres):
         text = str(refused.value)
         assert "password authentication failed" in text and wrong not in text and "\n" not in text
         assert text.startswith(f"database {url}: ")
+
+
+async def test_the_bot_on_postgresql_serves_and_its_audit_verifies(cluster, slack, start_bot, postgres, pg_url,
+                                                                     tmp_path, cli):
+    """The whole path: config -> open_store -> the bot's commands, readiness and audit; then
+    `audit verify` and `audit export` read the same chain from PostgreSQL."""
+    password_file = tmp_path / "db-password"
+    password_file.write_text(postgres.password + "\n")
+    bot = await start_bot([cluster_table("prod", cluster)], database=pg_url,
+                          database_password_file=str(password_file))
+    assert isinstance(bot.ctx.store, PostgresStore) and postgres.password in bot.ctx.secrets()
+    assert "HEALTHY" in text_of(await reply(slack, "status"))
+    assert "unknown subcommand" in text_of(await ephemeral(slack, "frobnicate"))
+    async with aiohttp.ClientSession() as http, http.get(f"{bot.base_url}/readyz") as r:
+        body = await r.json()
+    assert r.status == 200 and body["checks"]["database"] == "ok"
+    config = str(tmp_path / "config.toml")
+    ok = cli("audit", "verify", "--config", config)
+    assert ok.returncode == 0 and ok.stdout == ("audit log intact: 2 row(s), hash chain verified, unkeyed: anyone "
+                                                "who can write the database can rewrite it undetected\n")
+    rows = [json.loads(line) for line in cli("audit", "export", "--config", config).stdout.splitlines()]
+    assert [r["action"] for r in rows] == ["command", "usage_error"]
+    assert postgres.password not in ok.stdout + ok.stderr
 
 
 # ---------------------------------------------------------------- configuration
