@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,7 +19,7 @@ from typing import Any
 import aiohttp
 import psycopg
 import pytest
-from conftest import TEST_AUDIT_KEY
+from conftest import ROOT, TEST_AUDIT_KEY
 from test_plans import REQ, cluster, down, up
 
 from bot.config import ConfigError, parse_config
@@ -338,6 +340,37 @@ async def test_one_audit_chain_under_concurrent_writers_from_two_replicas(backen
     await b.audit("plan_continued", user="U0LEAD0001", detail={"plan": "p1"})
     assert await a.continued("p1", time.time() - 60) and not await a.continued("p2", 0)
     assert await a.audit_rows(since=time.time() + 60) == []
+
+
+WRITER = """
+import asyncio, os, sys
+from bot.store.postgres import PostgresStore
+from bot.store.sqlite import SqliteStore
+
+async def main(target, name):
+    store = (PostgresStore(target, password=os.environ["PGPASSWORD_TEST"]) if "://" in target
+             else SqliteStore(target))
+    await store.open()
+    try:
+        await asyncio.gather(*(store.audit("command", user=f"{name}-{i}") for i in range(25)))
+    finally:
+        await store.close()
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+async def test_one_audit_chain_from_two_processes(backend):
+    """Two bot processes appending at once (the lock is the database's, not the process's)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PGPASSWORD_TEST": backend.postgres.password if backend.postgres
+           else ""}
+    procs = [await asyncio.create_subprocess_exec(sys.executable, "-c", WRITER, str(backend.target), name, env=env)
+             for name in ("replica-a", "replica-b")]
+    assert [await asyncio.wait_for(p.wait(), 60) for p in procs] == [0, 0]
+    store = await backend.store()
+    rows = await store.audit_rows()
+    assert [r["id"] for r in rows] == list(range(1, 51)) and await store.verify_audit() == (50, None)
+    assert {r["user"].split("-")[1] for r in rows} == {"a", "b"}
 
 
 async def test_an_unkeyed_chain_is_keyed_at_the_first_start_with_a_key(backend):
