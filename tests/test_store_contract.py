@@ -26,8 +26,8 @@ from bot.config import ConfigError, parse_config
 from bot.etcd.model import Member
 from bot.ops.replace import plan_replacement
 from bot.store import dsn
-from bot.store.base import LeaseLost, OpenPlanExists, Store, StoreError, open_store
-from bot.store.postgres import PostgresStore
+from bot.store.base import LeaseLost, OpenPlanExists, Store, StoreBusy, StoreError, open_store
+from bot.store.postgres import AUDIT_LOCK, PostgresStore
 from bot.store.records import Fence, Lease, PlanKind, PlanState
 from bot.store.sqlite import LATEST, SqliteStore
 from bot.testing.postgres import LocalPostgres
@@ -45,17 +45,18 @@ class Backend:
         self.target: str | Path = postgres.create_database() if postgres else tmp_path / "state.db"
         self.stores: list[Store] = []
 
-    def new(self, audit_key: str | None = None) -> Store:
+    def new(self, audit_key: str | None = None, timeout: float = 5.0) -> Store:
         if isinstance(self.target, str):
             assert self.postgres is not None
-            store: Store = PostgresStore(self.target, password=self.postgres.password, audit_key=audit_key)
+            store: Store = PostgresStore(self.target, password=self.postgres.password, audit_key=audit_key,
+                                         timeout=timeout)
         else:
-            store = SqliteStore(self.target, audit_key=audit_key)
+            store = SqliteStore(self.target, audit_key=audit_key, busy_timeout=timeout)
         self.stores.append(store)
         return store
 
-    async def store(self, audit_key: str | None = None) -> Store:
-        return await self.new(audit_key).open()
+    async def store(self, audit_key: str | None = None, timeout: float = 5.0) -> Store:
+        return await self.new(audit_key, timeout).open()
 
     def rows(self, query: str) -> list[tuple[Any, ...]]:
         """Raw SQL straight to the database, committed (what a person with a client does)."""
@@ -117,6 +118,8 @@ async def test_plans_one_open_per_cluster_and_guarded_transitions(backend):
     assert wins.count(True) == 1
     assert not await a.transition("p1", [PlanState.PROPOSED], PlanState.REJECTED)  # not from the state it is in
     await b.update_plan("p1", new_member_id="abcd", error="none yet")
+    with pytest.raises(StoreError, match="no plan p9"):
+        await b.update_plan("p9", error="x")
     assert await a.transition("p1", [PlanState.APPROVED], PlanState.DONE, finished_at=time.time())
     record = await a.plan("p1")
     assert record.state is PlanState.DONE and record.new_member_id == "abcd" and record.decided_by.startswith("U")
@@ -344,7 +347,7 @@ async def test_one_audit_chain_under_concurrent_writers_from_two_replicas(backen
 
 WRITER = """
 import asyncio, os, sys
-from bot.store.postgres import PostgresStore
+from bot.store.postgres import AUDIT_LOCK, PostgresStore
 from bot.store.sqlite import SqliteStore
 
 async def main(target, name):
@@ -371,6 +374,26 @@ async def test_one_audit_chain_from_two_processes(backend):
     rows = await store.audit_rows()
     assert [r["id"] for r in rows] == list(range(1, 51)) and await store.verify_audit() == (50, None)
     assert {r["user"].split("-")[1] for r in rows} == {"a", "b"}
+
+
+async def test_a_writer_holding_the_lock_too_long_is_refused_clearly(backend):
+    """Waited for (a bounded time), then StoreBusy saying nothing changed; then it works again."""
+    store = await backend.store(timeout=0.3)
+    await store.audit("command")
+    if isinstance(backend.target, str):
+        assert backend.postgres is not None
+        holder: Any = psycopg.connect(backend.target, password=backend.postgres.password, autocommit=True)
+        holder.execute(b"SELECT pg_advisory_lock(%s)", [AUDIT_LOCK])  # another replica mid-append
+    else:
+        holder = sqlite3.connect(backend.target, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # another process mid-write
+    try:
+        with pytest.raises(StoreBusy, match="nothing was changed"):
+            await store.audit("command")
+    finally:
+        holder.close()
+    await store.audit("command")
+    assert await store.verify_audit() == (2, None)
 
 
 async def test_an_unkeyed_chain_is_keyed_at_the_first_start_with_a_key(backend):

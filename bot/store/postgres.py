@@ -222,8 +222,11 @@ class PostgresStore(Store):
         self._kwargs: dict[str, Any] = {
             "autocommit": True, "row_factory": dict_row, "application_name": "etcd-chatops",
             "connect_timeout": max(1, round(timeout)),
-            # a writer waits this long for a lock (the audit tail, a plan row) before StoreBusy, as SQLite's 3 tries
-            "options": f"-c lock_timeout={int(timeout * 3000)}",
+            # A writer waits 3x timeout for a lock (the audit tail, a plan row) before StoreBusy, as SQLite's
+            # 3 tries; no statement runs longer than 6x; a server gone silent (no RST) is noticed within ~15 s.
+            "options": f"-c lock_timeout={int(timeout * 3000)} -c statement_timeout={int(timeout * 6000)}",
+            "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
+            "tcp_user_timeout": int(timeout * 3000),
             **({"password": password} if password else {})}
         self._pool_size = pool_size
         self._pool: AsyncConnectionPool[Conn] | None = None
