@@ -248,11 +248,25 @@ class PostgresStore(Store):
                 await self._migrate(conn)
         except psycopg.Error as e:
             raise self._error(e) from None
-        self._pool = AsyncConnectionPool(self.url, kwargs=self._kwargs, min_size=1, max_size=self._pool_size,
-                                         open=False, check=AsyncConnectionPool.check_connection,
-                                         timeout=self.timeout, name="etcd-chatops", reconnect_timeout=60)
+        self._pool = self._new_pool()
         await self._pool.open(wait=False)
         return self
+
+    def _new_pool(self) -> AsyncConnectionPool[Conn]:
+        return AsyncConnectionPool(self.url, kwargs=self._kwargs, min_size=1, max_size=self._pool_size, open=False,
+                                   check=AsyncConnectionPool.check_connection, timeout=self.timeout,
+                                   name="etcd-chatops", reconnect_timeout=60)
+
+    async def _renew_pool(self, failed: AsyncConnectionPool[Conn]) -> None:
+        """After a call found no connection: a fresh pool, so reconnecting starts again at once
+        (the pool's own retries back off to many seconds during a long outage, and would keep
+        the bot failing that long after PostgreSQL is back). Once per failed pool: the swap
+        happens before any await, so concurrent failures do not make several."""
+        if self._pool is not failed:
+            return
+        self._pool = fresh = self._new_pool()
+        await fresh.open(wait=False)
+        await failed.close(timeout=1.0)
 
     async def _migrate(self, conn: Conn) -> None:
         """Under an advisory transaction lock: of replicas starting together, one migrates and
@@ -309,12 +323,14 @@ class PostgresStore(Store):
     @asynccontextmanager
     async def _conn(self) -> AsyncIterator[Conn]:
         """A pooled connection; every driver error leaves as one StoreError line."""
-        if self._pool is None:
+        pool = self._pool
+        if pool is None:
             raise StoreError(f"database {self.name} is not open")
         try:
-            async with self._pool.connection(timeout=self.timeout) as conn:
+            async with pool.connection(timeout=self.timeout) as conn:
                 yield conn
         except PoolTimeout:
+            await self._renew_pool(pool)
             raise StoreError(f"database {self.name}: no connection within {self.timeout:g}s "
                              "(PostgreSQL down or unreachable?)") from None
         except psycopg.Error as e:
