@@ -378,7 +378,7 @@ async def test_one_audit_chain_from_two_processes(backend):
 
 async def test_a_writer_holding_the_lock_too_long_is_refused_clearly(backend):
     """Waited for (a bounded time), then StoreBusy saying nothing changed; then it works again."""
-    store = await backend.store(timeout=0.3)
+    store = await backend.store(timeout=0.2)
     await store.audit("command")
     if isinstance(backend.target, str):
         assert backend.postgres is not None
