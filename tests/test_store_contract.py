@@ -13,6 +13,7 @@ import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,7 @@ class Backend:
             with psycopg.connect(self.target, password=self.postgres.password) as conn:
                 cur = conn.execute(query.encode())
                 return cur.fetchall() if cur.description else []
-        with sqlite3.connect(self.target) as db:
+        with closing(sqlite3.connect(self.target)) as db, db:
             return db.execute(query).fetchall()
 
     async def close(self) -> None:

@@ -309,10 +309,10 @@ class PostgresStore(Store):
     def _line(self, e: BaseException) -> str:
         """PostgreSQL's message in one line, with any password scrubbed (libpq does not echo
         it, but a URL in a message would)."""
-        text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        text = (str(e).strip().splitlines() or [type(e).__name__])[0].replace(self.url, self.name)
         for secret in self._secrets:
             text = text.replace(secret, "[redacted]")
-        return text.replace(self.url, self.name)
+        return text
 
     def _error(self, e: psycopg.Error) -> StoreError:
         if isinstance(e, errors.LockNotAvailable):
