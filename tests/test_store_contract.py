@@ -528,6 +528,10 @@ async def test_a_password_never_appears_in_a_store_error(postgres):
         assert text.startswith(f"database {url}: ")
 
 
+async def _audit_rows_reach(store: Store, n: int) -> bool:
+    return len(await store.audit_rows()) >= n
+
+
 async def test_the_bot_on_postgresql_serves_and_its_audit_verifies(cluster, slack, start_bot, postgres, pg_url,
                                                                      tmp_path, cli):
     """The whole path: config -> open_store -> the bot's commands, readiness and audit; then
@@ -542,6 +546,8 @@ async def test_the_bot_on_postgresql_serves_and_its_audit_verifies(cluster, slac
     async with aiohttp.ClientSession() as http, http.get(f"{bot.base_url}/readyz") as r:
         body = await r.json()
     assert r.status == 200 and body["checks"]["database"] == "ok"
+    # (a usage error is answered with the ack, its audit row written just after)
+    await eventually(lambda: _audit_rows_reach(bot.ctx.store, 2), timeout=10, what="both audit rows")
     config = str(tmp_path / "config.toml")
     ok = cli("audit", "verify", "--config", config)
     assert ok.returncode == 0 and ok.stdout == ("audit log intact: 2 row(s), hash chain verified, unkeyed: anyone "
