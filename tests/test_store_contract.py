@@ -424,6 +424,24 @@ async def test_replicas_starting_together_migrate_exactly_once(backend):
     assert (await stores[2].plan("abc123")) is not None
 
 
+async def test_a_database_one_migration_behind_is_brought_up_to_date(backend):
+    """As the release before this one left it (version 1): migration 2 runs once, rows stay."""
+    store = await backend.store()
+    await store.insert_plan(plan_row())
+    snapshot = await store.record_snapshot(snapshot_row())
+    await store.close()
+    for statement in ["DELETE FROM schema_migrations WHERE version = 2", "DROP TABLE leases", "DROP TABLE alerts",
+                      "DROP TABLE mutes", *(f"ALTER TABLE snapshots DROP COLUMN {c}" for c in (
+                          "remote_url", "remote_state", "remote_error", "remote_verified_at", "remote_pruned_at"))]:
+        backend.rows(statement)
+    store = await backend.store()
+    assert [m["version"] for m in await store.migrations_applied()] == [1, 2]
+    assert (await store.plan("abc123")) is not None
+    await store.update_snapshot(snapshot, remote_state="uploading")
+    assert (await store.snapshots("prod"))[0]["remote_state"] == "uploading"
+    assert await store.open_alert({"cluster": "prod", "condition": "member_down"}) == 1
+
+
 async def test_a_database_of_a_newer_bot_is_refused(backend):
     store = await backend.store()
     await store.close()
