@@ -79,6 +79,7 @@ class BotRuntime:
         self.app: AsyncApp | None = None
         self._housekeeping: asyncio.Task | None = None
         self._watch: asyncio.Task | None = None
+        self.watcher: Watcher | None = None
 
     @property
     def ctx(self) -> BotContext:
@@ -103,7 +104,8 @@ class BotRuntime:
         register_all(app, self.ctx)
         self.app = app
         self._housekeeping = asyncio.get_running_loop().create_task(self._housekeep(), name="housekeeping")
-        self._watch = asyncio.get_running_loop().create_task(Watcher(self.ctx).run(), name="watch")
+        self.watcher = Watcher(self.ctx)
+        self._watch = asyncio.get_running_loop().create_task(self.watcher.run(), name="watch")
         return app
 
     async def _housekeep(self) -> None:

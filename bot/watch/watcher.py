@@ -147,7 +147,7 @@ class Watcher:
             if finding.key not in state.tracker.tracks:
                 state.tracker.restore(finding, row["opened_at"], row["flaps"])
             state.posted.setdefault(finding.key, []).append(
-                Posted(row["id"], row["channel"], row["message_ts"], _shown(finding, row["flaps"]), row["updated_at"]))
+                Posted(row["id"], row["channel"], row["message_ts"]))   # edited in the first round: watched again
         return state
 
     # ---------------------------------------------------------------- one round
