@@ -4,6 +4,7 @@ message per condition with the next command, edits it, and resolves it in its th
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 import urllib.request
 
@@ -16,6 +17,7 @@ from helpers import (
     ephemeral,
     eventually,
     fill_until_nospace,
+    members_of,
     plan_row,
     propose,
     reply,
@@ -23,6 +25,7 @@ from helpers import (
     thread,
     urls,
     wait_done,
+    wait_state,
 )
 
 INTERVAL, GRACE = 1.0, 2.0
@@ -188,3 +191,32 @@ async def test_a_dead_cluster_does_not_delay_another_clusters_alert(make_cluster
     finally:
         for name in dead.members:
             dead.resume(name)
+
+
+async def test_what_a_failed_plan_leaves_behind_is_posted_when_it_fails(make_cluster, slack, start_bot):
+    c = make_cluster(3)
+    failing = {"kind": "command", "argv": [sys.executable, "-c", "raise SystemExit(3)"], "timeout_seconds": 30}
+    bot = await start_bot([watched("prod", c, watch={**WATCH, "grace": "3s"}, launcher=failing)], approval=APPROVAL)
+    c.kill("member1")
+    peer, client = urls()
+    plan = await propose(slack, f"replace member1 member4 {peer} --client-url {client}")
+    row = await plan_row(bot.ctx.store, plan)
+    await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
+    failed = await wait_state(bot.ctx.store, row["id"], ("failed",))
+    assert not alerts(slack, "MEMBER DOWN"), "held back while the plan ran"
+    # The plan added member4 but could not start it: no longer the plan's doing, so it is posted.
+    alert = await first_alert(slack, "MEMBER DOWN", INTERVAL + 3 + MARGIN, bot=bot)
+    assert failed.new_member_id and failed.new_member_id in alert.text and "unstarted" in alert.text
+
+
+async def test_leader_churn_suggests_perf(make_cluster, slack, start_bot):
+    c = make_cluster(3)
+    await start_bot([watched("prod", c)])
+    for _ in range(4):   # four elections, moved by hand
+        health = await members_of(c)
+        leader = next(h for h in health if h.status and h.status.leader == h.member.id)
+        target = next(h for h in health if h is not leader)
+        await asyncio.to_thread(c.etcdctl, "move-leader", target.member.hex_id,
+                                endpoints=[leader.member.client_urls[0]])
+    alert = await first_alert(slack, "LEADER CHURN", 2 * INTERVAL + GRACE + MARGIN)
+    assert "`/etcd perf prod`" in text_of(alert) and "4 leader changes" in alert.text
