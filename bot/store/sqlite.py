@@ -131,14 +131,14 @@ CREATE TABLE IF NOT EXISTS drills (
 CREATE INDEX IF NOT EXISTS drills_by_cluster ON drills(cluster, at);
 CREATE TABLE IF NOT EXISTS alerts (            -- the watch's conditions: one row per posted message
     id INTEGER PRIMARY KEY AUTOINCREMENT,
-    cluster TEXT NOT NULL,
-    condition TEXT NOT NULL,       -- a condition kind (member_down, quorum_lost, ...)
-    subject TEXT NOT NULL,         -- what it is about: a member, an alarm, the cluster
-    state TEXT NOT NULL,           -- open | resolved
-    opened_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    resolved_at REAL,
-    channel TEXT NOT NULL,
+    cluster TEXT,
+    condition TEXT,                -- a condition kind (member_down, quorum_lost, ...)
+    subject TEXT,                  -- what it is about: a member, an alarm, the cluster
+    state TEXT,                    -- open | resolved
+    opened_at REAL,                -- when the condition began
+    updated_at REAL,
+    resolved_at REAL,              -- when it was first seen gone
+    channel TEXT,
     message_ts TEXT,               -- NULL until the message is posted
     detail TEXT,                   -- JSON: the last finding (summary, figures, suggestions)
     flaps INTEGER NOT NULL DEFAULT 0
@@ -146,10 +146,10 @@ CREATE TABLE IF NOT EXISTS alerts (            -- the watch's conditions: one ro
 CREATE INDEX IF NOT EXISTS alerts_open ON alerts(cluster, state);
 CREATE TABLE IF NOT EXISTS mutes (
     cluster TEXT PRIMARY KEY,
-    until REAL NOT NULL,
-    reason TEXT NOT NULL,
-    by TEXT NOT NULL,
-    at REAL NOT NULL
+    until REAL,                    -- a mute ends by itself: mutes() ignores expired rows
+    reason TEXT,
+    by TEXT,
+    at REAL
 );
 """.replace("@OPEN_STATES@", ", ".join(f"'{s}'" for s in OPEN_STATES))
 # Columns added after the first release: databases created before get them on open.
@@ -570,7 +570,13 @@ class Store:
         return await self._run(lambda db: int(db["alerts"].insert({"state": "open", **row}).last_pk))
 
     async def update_alert(self, alert_id: int, **fields: Any) -> None:
-        await self._run(lambda db: db["alerts"].update(alert_id, fields))
+        unknown = set(fields) - set(_expected_columns()["alerts"]) | ({"id"} & set(fields))
+        if unknown:
+            raise StoreError(f"alerts has no updatable column {sorted(unknown)[0]!r}")
+        if fields:
+            sets = ", ".join(f"{name} = ?" for name in fields)
+            await self._run(lambda db: db.execute(f"UPDATE alerts SET {sets} WHERE id = ?", [*fields.values(),
+                                                                                            alert_id]))
 
     async def open_alerts(self, cluster: str | None = None) -> list[dict[str, Any]]:
         where, params = ("state = 'open' AND cluster = ?", [cluster]) if cluster else ("state = 'open'", [])

@@ -179,8 +179,9 @@ class Watcher:
         return decisions
 
     async def _health(self, cluster: ClusterConfig) -> tuple[ClusterHealth | None, str | None]:
-        """One status fan-out, under the round's deadline (member list, then statuses)."""
-        deadline = 2 * cluster.timeout_seconds + 1.0
+        """One status fan-out. Its calls have their own deadlines (member list, then statuses);
+        this one is a safety net that also allows for the membership's write to the store."""
+        deadline = 2 * cluster.timeout_seconds + 3 * self.ctx.config.database_timeout_seconds + 1.0
         try:
             return await asyncio.wait_for(self.ctx.check(cluster), deadline), None
         except EtcdError as e:
