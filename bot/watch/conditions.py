@@ -8,12 +8,16 @@ condition kind and subject (the key an alert is tracked by), one line on what
 is wrong, the figures measured, and the next commands ready to paste.
 
 To add a condition: write `def my_check(f: Facts) -> list[Finding] | None`,
-then `register(Condition("my_kind", "my title", my_check))` (the watcher asks
-every registered condition each round). A condition that needs a figure the
-status fan-out does not give (a certificate's expiry, the last upload) gets it
-from a probe: `register_probe(Probe("my_probe", fetch, every_seconds))` in
-bot/watch/watcher.py runs `fetch(ctx, cluster, health)` at most once per
-`every_seconds` and hands the result over as `facts.extra["my_probe"]`.
+then `register(Condition("my_kind", "my title", my_check))` in a module of
+bot/watch that bot/watch/watcher.py imports (the watcher asks every registered
+condition each round; the message's headline is the title in capitals, then
+the subject). Keep it pure: no I/O, `f.now` for the time. A condition that
+needs a figure the status fan-out does not give (a certificate's expiry, the
+last upload) gets it from a probe: `register_probe(Probe("my_probe", fetch,
+every_seconds))` runs `await fetch(ctx, cluster, health)` at most once per
+`every_seconds` and hands its last result over as `f.extra["my_probe"]`
+(absent until the probe first succeeds: return None then). Tests: build a
+Facts by hand (tests/test_watch_conditions.py shows how).
 """
 from __future__ import annotations
 

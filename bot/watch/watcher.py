@@ -171,6 +171,9 @@ class Watcher:
         muted = any(m["cluster"] == cluster.name for m in mutes)
         decisions = state.tracker.step(findings, unknown, facts.now,
                                        postable=lambda f: not muted and not expected(plan, f))
+        log.debug("watch round", extra={"ctx_cluster": cluster.name, "ctx_seconds": round(self.clock() - facts.now, 3),
+                                        "ctx_findings": [f.key for f in findings], "ctx_unknown": sorted(unknown),
+                                        "ctx_plan": plan and f"{plan.id} {plan.kind} {plan.state}", "ctx_muted": muted})
         for d in decisions:
             await self._act(cluster, state, d, facts.now)
         for kind in CONDITIONS:
