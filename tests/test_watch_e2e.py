@@ -8,8 +8,12 @@ import sys
 import time
 import urllib.request
 
+from bot.config import load_config
+from bot.ops.context import BotContext
+from bot.ops.notify import PlainDirectory, PlainNotifier
 from bot.testing.slack import Message, SlackStandIn
-from bot.testing.workspace import CHANNEL, LEAD, cluster_table
+from bot.testing.workspace import CHANNEL, LEAD, cluster_table, write_config
+from bot.watch.watcher import Watcher
 from helpers import (
     APPROVAL,
     OK,
@@ -220,3 +224,24 @@ async def test_leader_churn_suggests_perf(make_cluster, slack, start_bot):
                                 endpoints=[leader.member.client_urls[0]])
     alert = await first_alert(slack, "LEADER CHURN", 2 * INTERVAL + GRACE + MARGIN)
     assert "`/etcd perf prod`" in text_of(alert) and "4 leader changes" in alert.text
+
+
+async def test_only_a_replica_that_should_watch_posts(make_cluster, tmp_path):
+    """Leader only: the watcher asks `should_watch` every round (with replicas: am I the leader?)."""
+    c = make_cluster(3)
+    ctx = await BotContext.open(load_config(write_config(tmp_path, [watched("prod", c)])), PlainNotifier(),
+                                PlainDirectory())
+    leading = False
+    task = asyncio.create_task(Watcher(ctx, should_watch=lambda: leading).run())
+    try:
+        killed = time.monotonic()
+        c.kill("member1")
+        await eventually(lambda: time.monotonic() - killed > INTERVAL + GRACE + 1, 10, "time for an alert")
+        assert not ctx.notifier.lines, "posted without being the leader"
+        leading = True
+        await eventually(lambda: any("MEMBER DOWN member1" in line for line in ctx.notifier.lines),
+                         INTERVAL + GRACE + MARGIN, "the alert once leading")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await ctx.close()

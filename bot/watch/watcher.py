@@ -125,16 +125,17 @@ class Watcher:
         next_at = loop.time()
         watching = False
         while True:
-            if self.should_watch():
-                try:
+            try:
+                if self.should_watch():
                     if not watching:   # (again): what the store says is open is ours to edit
                         self.clusters[cluster.name] = await self.load(cluster)
                         watching = True
                     await self.round(cluster)
-                except Exception:
-                    log.exception("watch round failed", extra={"ctx_cluster": cluster.name})
-            else:
-                watching = False
+                elif watching:   # another replica watches now: its gauges count, not ours
+                    watching = False
+                    self._gauges(cluster, [])
+            except Exception:
+                log.exception("watch round failed", extra={"ctx_cluster": cluster.name})
             next_at = max(next_at + interval, loop.time())
             await asyncio.sleep(next_at - loop.time())
 
@@ -176,10 +177,13 @@ class Watcher:
                                         "ctx_plan": plan and f"{plan.id} {plan.kind} {plan.state}", "ctx_muted": muted})
         for d in decisions:
             await self._act(cluster, state, d, facts.now)
+        self._gauges(cluster, state.tracker.open_tracks())
+        return decisions
+
+    def _gauges(self, cluster: ClusterConfig, open_tracks: list[Track]) -> None:
         for kind in CONDITIONS:
             self.ctx.metrics.alerts_open.labels(cluster=cluster.name, condition=kind).set(
-                sum(1 for t in state.tracker.open_tracks() if t.finding.kind == kind))
-        return decisions
+                sum(1 for t in open_tracks if t.finding.kind == kind))
 
     async def _health(self, cluster: ClusterConfig) -> tuple[ClusterHealth | None, str | None]:
         """One status fan-out. Its calls have their own deadlines (member list, then statuses);
