@@ -12,7 +12,9 @@ come from probes, each run at most once per its `every_seconds`, their last
 results handed to the conditions as `facts.extra[name]` (quotas as
 `facts.quotas`). To add one: `register_probe(Probe(name, fetch, every))`,
 where `await fetch(ctx, cluster, health)` returns the figure, or None when it
-cannot tell this time (then it is asked again next round).
+cannot tell this time (then it is asked again next round); it runs under
+`timeout` (default twice the cluster's `timeout_seconds`), and a probe that
+fails costs its own figure only.
 """
 from __future__ import annotations
 
@@ -51,6 +53,7 @@ class Probe:
     name: str
     fetch: ProbeFn
     every_seconds: float
+    timeout: float | None = None   # seconds; None: twice the cluster's timeout_seconds
 
 
 PROBES: dict[str, Probe] = {}
@@ -203,10 +206,14 @@ class Watcher:
 
         async def one(probe: Probe) -> None:
             try:
-                value = await asyncio.wait_for(probe.fetch(self.ctx, cluster, health), 2 * cluster.timeout_seconds)
-            except (EtcdError, TimeoutError, OSError) as e:
+                value = await asyncio.wait_for(probe.fetch(self.ctx, cluster, health),
+                                               probe.timeout or 2 * cluster.timeout_seconds)
+            except (EtcdError, TimeoutError, OSError) as e:   # asked again next round
                 log.info("watch probe failed", extra={"ctx_cluster": cluster.name, "ctx_probe": probe.name,
                                                       "ctx_error": str(e) or type(e).__name__})
+                return
+            except Exception:   # a probe's bug costs its own figure, not the round
+                log.exception("watch probe failed", extra={"ctx_cluster": cluster.name, "ctx_probe": probe.name})
                 return
             if value is not None:
                 state.probed[probe.name] = (now, value)
