@@ -421,8 +421,8 @@ def _short_duration(value: str, key: str) -> float:
 def _watch(t: _Table) -> WatchConfig:
     enabled = t.get("enabled", bool, True)
     interval = t.get("interval", str, None, _short_duration)
-    if interval is not None and interval <= 0:
-        raise ConfigError(f"{t.key('interval')}: must be longer than 0s")
+    if interval is not None and interval < 1:
+        raise ConfigError(f"{t.key('interval')}: {t.data['interval']!r} is too often; the shortest interval is 1s")
     grace = t.get("grace", str, None, _short_duration)
     t.done()
     return WatchConfig(enabled=enabled, interval_seconds=interval if interval is not None else 15.0,

@@ -213,7 +213,7 @@ def test_watch_config_defaults_and_one_line_errors():
     assert (default.enabled, default.interval_seconds, default.grace_seconds) == (True, 15.0, 45.0)
     assert config({"interval": "1s", "grace": "2s", "enabled": False}).watch.interval_seconds == 1.0
     for bad, message in (({"interval": "soon"}, "clusters[0].watch.interval: 'soon' is not a duration"),
-                         ({"interval": "0s"}, "clusters[0].watch.interval: must be longer than 0s"),
+                         ({"interval": "0.5s"}, "clusters[0].watch.interval: '0.5s' is too often; the shortest"),
                          ({"grace": 45}, "clusters[0].watch.grace: expected a string"),
                          ({"enabled": "yes"}, "clusters[0].watch.enabled: expected true or false"),
                          ({"intervall": "1s"}, "clusters[0].watch.intervall: unknown key")):
