@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import time
 
 import pytest
 from test_rendering import NASTY, pieces, plan_row
@@ -16,7 +15,6 @@ from bot.ops.commands import UsageError, parse
 from bot.output import blocks
 from bot.output.model import AlertView, short_duration
 from bot.store.records import PlanKind, PlanState
-from bot.store.sqlite import Store, StoreError
 from bot.watch.conditions import Facts, Finding, evaluate, expected, next_name
 from bot.watch.tracker import FLAP_WINDOW, Act, Tracker
 from helpers import cluster_health, member_status
@@ -236,29 +234,3 @@ def test_mute_takes_an_optional_cluster_a_duration_and_a_reason():
         with pytest.raises(UsageError) as e:
             parse(bad)
         assert e.value.reason.startswith(reason) and "/etcd mute [cluster] <duration> <reason...>" in e.value.usage
-
-
-# ---------------------------------------------------------------- the store's alerts and mutes
-
-async def test_alerts_and_mutes_are_kept_in_the_store(tmp_path):
-    store = await Store(tmp_path / "bot.db").open()
-    try:
-        row = {"cluster": "prod", "condition": "member_down", "subject": "member1", "opened_at": 10.0,
-               "updated_at": 12.0, "channel": "C0INCIDENT", "message_ts": "1.2", "detail": "{}", "flaps": 0}
-        first = await store.open_alert(row)
-        second = await store.open_alert({**row, "cluster": "staging"})
-        assert isinstance(first, int) and second != first
-        assert [r["id"] for r in await store.open_alerts("prod")] == [first]
-        assert {r["state"] for r in await store.open_alerts()} == {"open"}
-        await store.update_alert(first, state="resolved", resolved_at=20.0, flaps=3)
-        assert [r["id"] for r in await store.open_alerts()] == [second]
-        with pytest.raises(StoreError):
-            await store.update_alert(first, **{"state = 'x' --": 1})
-
-        await store.set_mute("prod", time.time() + 60, "disks", "U0LEAD0001")
-        await store.set_mute("staging", time.time() - 1, "over", "U0LEAD0001")   # expired: not in force
-        assert [(m["cluster"], m["reason"], m["by"]) for m in await store.mutes()] == [("prod", "disks", "U0LEAD0001")]
-        assert await store.clear_mute("prod") and not await store.clear_mute("prod")
-        assert not await store.clear_mute("staging") and await store.mutes() == []
-    finally:
-        await store.close()
