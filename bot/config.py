@@ -118,6 +118,15 @@ class AccessConfig:
 
 
 @dataclass(frozen=True)
+class WatchConfig:
+    """`[clusters.watch]`: the background watch that posts conditions (bot/watch)."""
+
+    enabled: bool = True
+    interval_seconds: float = 15.0       # one status fan-out per interval
+    grace_seconds: float = 45.0          # how long a condition lasts before it is posted (and gone before resolved)
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     name: str
     endpoints: tuple[str, ...]
@@ -134,6 +143,7 @@ class ClusterConfig:
     access: AccessConfig = AccessConfig()
     restore: RestoreConfig = RestoreConfig()
     defrag_disarm_below: float = 0.9     # /etcd defrag disarms NOSPACE only below this share of every quota
+    watch: WatchConfig = WatchConfig()
 
 
 @dataclass(frozen=True)
@@ -400,6 +410,25 @@ def _audit_key(t: _Table) -> str | None:
     return key
 
 
+def _short_duration(value: str, key: str) -> float:
+    """A duration of any length ("15s", "0.5s", "1m"): the watch runs far more often than a schedule."""
+    try:
+        return parse_duration(value)
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e}") from None
+
+
+def _watch(t: _Table) -> WatchConfig:
+    enabled = t.get("enabled", bool, True)
+    interval = t.get("interval", str, None, _short_duration)
+    if interval is not None and interval < 1:
+        raise ConfigError(f"{t.key('interval')}: {t.data['interval']!r} is too often; the shortest interval is 1s")
+    grace = t.get("grace", str, None, _short_duration)
+    t.done()
+    return WatchConfig(enabled=enabled, interval_seconds=interval if interval is not None else 15.0,
+                       grace_seconds=grace if grace is not None else 45.0)
+
+
 def _cluster(t: _Table, snapshot_defaults: SnapshotPolicy, approval: ApprovalConfig) -> ClusterConfig:
     name = t.get("name", str, None)
     if name is None:
@@ -427,11 +456,12 @@ def _cluster(t: _Table, snapshot_defaults: SnapshotPolicy, approval: ApprovalCon
     access = _access(t.table("access"), approval)
     restore = _restore(t.table("restore"))
     disarm_below = t.get("defrag_disarm_below", float, 0.9, _fraction)
+    watch = _watch(t.table("watch"))
     t.done()
     return ClusterConfig(name=name, endpoints=endpoints, channels=channels, cacert=cacert, cert=cert, key=key,
                          username=username, password=password, timeout_seconds=timeout, catch_up_seconds=catch_up,
                          launcher=launcher, snapshots=snapshots, access=access, restore=restore,
-                         defrag_disarm_below=disarm_below)
+                         defrag_disarm_below=disarm_below, watch=watch)
 
 
 def parse_config(data: dict, base: Path, source: Path | None = None) -> Config:

@@ -17,6 +17,7 @@ refusal itself changes nothing.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -27,7 +28,7 @@ from slack_bolt.context.ack.async_ack import AsyncAck
 from slack_bolt.context.respond.async_respond import AsyncRespond
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot.config import ClusterConfig
+from bot.config import ClusterConfig, parse_duration
 from bot.etcd.consistency import check_consistency
 from bot.etcd.metrics import cluster_metrics
 from bot.etcd.model import EtcdError
@@ -44,6 +45,7 @@ from bot.output import blocks
 from bot.output.model import perf_view
 from bot.slack.web import SlackPostError, post
 from bot.store.sqlite import StoreError
+from bot.watch.watcher import open_views
 
 log = logging.getLogger(__name__)
 COMMAND = "/etcd"
@@ -151,6 +153,35 @@ async def _defrag(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user: s
                                     cmd.spec.usage)
 
 
+MAX_MUTE_SECONDS = 7 * 86400
+
+
+async def _alerts(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user: str, channel: str) -> Outcome:
+    now = time.time()
+    mute = next((m for m in await ctx.store.mutes() if m["cluster"] == cluster.name), None)
+    muted = (f"until {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(mute['until']))} by {mute['by']}: "
+             f"{mute['reason']}") if mute else None
+    views = open_views(cluster.name, await ctx.store.open_alerts(cluster.name), now)
+    return Outcome(channel=blocks.alerts_reply(cluster.name, views, muted))
+
+
+async def _mute(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user: str, channel: str) -> Outcome:
+    if cmd.name == "unmute":
+        if not await ctx.store.clear_mute(cluster.name):
+            return Outcome(ephemeral=blocks.error_reply(f"cluster {cluster.name} is not muted", cmd.spec.usage))
+        await ctx.store.audit("unmute", user=user, channel=channel, cluster=cluster.name)
+        return Outcome(channel=blocks.unmute_reply(cluster.name, user))
+    seconds = parse_duration(cmd.args["duration"])
+    if seconds > MAX_MUTE_SECONDS:
+        return Outcome(ephemeral=blocks.error_reply("a mute lasts at most 7d; mute again when it ends",
+                                                    cmd.spec.usage))
+    until, reason = time.time() + seconds, cmd.args["reason"]
+    await ctx.store.set_mute(cluster.name, until, reason, user)
+    await ctx.store.audit("mute", user=user, channel=channel, cluster=cluster.name,
+                          detail={"until": until, "reason": reason})
+    return Outcome(channel=blocks.mute_reply(cluster.name, until, reason, user))
+
+
 # Commands that name a plan find their cluster through it; the others resolve one.
 WORK: dict[str, tuple[Work, bool]] = {
     "status": (_status, True), "members": (_status, True), "replace": (_replace, True), "plans": (_plans, True),
@@ -158,6 +189,7 @@ WORK: dict[str, tuple[Work, bool]] = {
     "cancel": (_cancel, False), "resume": (_resume, False), "abandon": (_abandon, False),
     "restore": (_restore, True), "continue": (_continue, False), "drill": (_drill, True),
     "alarms": (_check, True), "perf": (_check, True), "consistency": (_check, True), "defrag": (_defrag, True),
+    "alerts": (_alerts, True), "mute": (_mute, True), "unmute": (_mute, True),
 }
 
 

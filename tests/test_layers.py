@@ -15,11 +15,11 @@ import bot
 ROOT = Path(__file__).resolve().parent.parent
 SLACK = {"slack_sdk", "slack_bolt", "aiohttp"}
 PURE = ["bot.ops.replace", "bot.etcd.health", "bot.etcd.bbolt", "bot.ops.commands", "bot.ops.restore",
-        "bot.ops.defrag", "bot.etcd.metrics"]
+        "bot.ops.defrag", "bot.etcd.metrics", "bot.watch.conditions", "bot.watch.tracker"]
 
 
 def core_modules() -> list[str]:
-    names = [f"bot.{pkg}.{m.name}" for pkg in ("ops", "etcd", "store", "output")
+    names = [f"bot.{pkg}.{m.name}" for pkg in ("ops", "etcd", "store", "output", "watch")
              for m in pkgutil.iter_modules([str(Path(bot.__file__).parent / pkg)])]
     return sorted(n for n in names if n not in ("bot.etcd.client", "bot.etcd.snapshots")) + ["bot.config"]
 

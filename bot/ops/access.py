@@ -34,6 +34,7 @@ COMMAND_ROLES: dict[str, Role | None] = {
     "abandon": Role.APPROVER,
     "restore": Role.OPERATOR, "continue": Role.APPROVER, "drill": Role.OPERATOR,
     "alarms": Role.READER, "perf": Role.READER, "consistency": Role.READER, "defrag": Role.OPERATOR,
+    "alerts": Role.READER, "mute": Role.OPERATOR, "unmute": Role.OPERATOR,
 }
 
 

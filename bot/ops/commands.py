@@ -11,6 +11,7 @@ import re
 import shlex
 from dataclasses import dataclass, field
 
+from bot.config import parse_duration
 from bot.etcd.urls import parse_url
 
 
@@ -23,6 +24,7 @@ class Spec:
     summary: str = ""
     urls: tuple[str, ...] = ()               # which positionals/options must be http(s)://host:port
     rest: bool = False                       # the last positional takes the rest of the line (free text)
+    durations: tuple[str, ...] = ()          # which positionals must be durations (30m, 2h, 1h30m)
 
     @property
     def usage(self) -> str:
@@ -65,6 +67,11 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
     Spec("defrag", ("[cluster]",), ("--cluster", "--rule"), ("--no-compact",),
          summary="propose a rolling defragmentation (followers, then the leader after moving leadership), "
                  "compaction and NOSPACE disarm; runs after an approver's reaction"),
+    # the watch (issue 16)
+    Spec("alerts", ("[cluster]",), ("--cluster",), summary="the conditions the watch sees open now, and any mute"),
+    Spec("mute", ("[cluster]", "duration", "reason"), ("--cluster",), rest=True, durations=("duration",),
+         summary="hold back new alerts of a cluster for a while (30m, 2h; at most 7d); it ends by itself"),
+    Spec("unmute", ("[cluster]",), ("--cluster",), summary="end a mute now"),
 )}
 
 
@@ -102,6 +109,13 @@ def unescape_slack(text: str) -> str:
     text = _SLACK_LINK.sub(lambda m: m.group(1), text)
     text = text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
     return text.translate(_QUOTES)
+
+
+def _is_duration(word: str) -> bool:
+    try:
+        return parse_duration(word) > 0
+    except ValueError:
+        return False
 
 
 def parse(text: str) -> Command:
@@ -149,6 +163,10 @@ def parse(text: str) -> Command:
             positionals.append(word)
         i += 1
 
+    if spec.durations and spec.positionals[0] == "[cluster]" and positionals and _is_duration(positionals[0]):
+        positionals.insert(0, "")  # `/etcd mute 30m why`: the first word is the duration, no cluster named
+    if spec.durations and spec.positionals[0] == "[cluster]" and len(positionals) < len(spec.positionals):
+        raise UsageError(f"missing <{spec.positionals[max(1, len(positionals))]}>", spec.usage)
     if spec.rest and len(positionals) > len(spec.positionals):
         keep = len(spec.positionals) - 1
         positionals = positionals[:keep] + [" ".join(positionals[keep:])]
@@ -160,8 +178,9 @@ def parse(text: str) -> Command:
     args = {p.strip("[]").replace("-", "_"): v for p, v in zip(spec.positionals, positionals, strict=False)}
     args.update({k.lstrip("-").replace("-", "_"): v for k, v in options.items()})
 
-    cluster = args.pop("cluster", None)
-    if "--cluster" in options and any(p == "[cluster]" for p in spec.positionals[:len(positionals)]):
+    cluster = args.pop("cluster", None) or None
+    if "--cluster" in options and any(p == "[cluster]" and v for p, v in zip(spec.positionals, positionals,
+                                                                             strict=False)):
         raise UsageError("cluster given twice (positional and --cluster)", spec.usage)
     for key in spec.urls:
         if key in args:
@@ -169,5 +188,8 @@ def parse(text: str) -> Command:
                 args[key] = parse_url(args[key]).url
             except ValueError as e:
                 raise UsageError(f"<{key}>: {e}", spec.usage) from None
+    for key in spec.durations:
+        if key in args and not _is_duration(args[key]):
+            raise UsageError(f"<{key}>: {args[key]!r} is not a duration like 30m, 2h or 1h30m", spec.usage)
     return Command(name=name, cluster=cluster, args=args,
                    flags=frozenset(f.lstrip("-").replace("-", "_") for f in flags))

@@ -26,6 +26,11 @@ class Metrics:
         self.cluster_reachable = Gauge("etcd_chatops_cluster_reachable",
                                        "1 when a configured endpoint answered the last readiness check", ["cluster"],
                                        registry=r)
+        # the watch (bot/watch)
+        self.alerts_open = Gauge("etcd_chatops_alerts_open", "Open watch conditions, by cluster and condition",
+                                 ["cluster", "condition"], registry=r)
+        self.alerts_posted = Counter("etcd_chatops_alerts_posted_total", "Alerts the watch posted (opened), "
+                                     "by cluster and condition", ["cluster", "condition"], registry=r)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

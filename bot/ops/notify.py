@@ -33,8 +33,14 @@ class Notifier(Protocol):
     async def private_message(self, channel: str, user: str, reply: Reply) -> None:
         """A message only `user` sees in `channel` (a joined snapshot's result). Never raises."""
 
-    async def channel_message(self, channel: str, reply: Reply) -> None:
-        """A message in a channel (scheduled snapshot results). Raises NotifyFailed."""
+    async def channel_message(self, channel: str, reply: Reply) -> str:
+        """A message in a channel (scheduled snapshot results, watch alerts); returns its ts. Raises NotifyFailed."""
+
+    async def update_message(self, channel: str, ts: str, reply: Reply) -> None:
+        """Re-render a message posted with channel_message (an alert's figures). Never raises."""
+
+    async def thread_message(self, channel: str, ts: str, reply: Reply) -> None:
+        """A reply in the thread of a message posted with channel_message (an alert resolved). Never raises."""
 
 
 class Directory(Protocol):
@@ -73,8 +79,16 @@ class PlainNotifier:
     async def private_message(self, channel: str, user: str, reply: Reply) -> None:
         self.lines.append(f"{channel} (to {user} only): {reply.text}")
 
-    async def channel_message(self, channel: str, reply: Reply) -> None:
+    async def channel_message(self, channel: str, reply: Reply) -> str:
+        self._next_ts += 1
         self.lines.append(f"{channel}: {reply.text}")
+        return f"plain.{self._next_ts}"
+
+    async def update_message(self, channel: str, ts: str, reply: Reply) -> None:
+        self.lines.append(f"{channel} (edit {ts}): {reply.text}")
+
+    async def thread_message(self, channel: str, ts: str, reply: Reply) -> None:
+        self.lines.append(f"{channel} (thread {ts}): {reply.text}")
 
 
 @dataclass

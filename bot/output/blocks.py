@@ -22,7 +22,7 @@ from bot.ops.defrag import DefragPlan
 from bot.ops.replace import MemberRef, Plan, Step
 from bot.ops.restore import K8S_AFTER, K8S_BEFORE, RestorePlan, bump_note
 from bot.output import text as render
-from bot.output.model import LEADERLESS, MemberView, PerfView, Verdict, snapshot_view, status_view
+from bot.output.model import LEADERLESS, AlertView, MemberView, PerfView, Verdict, snapshot_view, status_view
 from bot.output.tables import table as render_table
 from bot.output.units import humanize_bytes
 from bot.store.records import PlanRecord, PlanState
@@ -569,3 +569,53 @@ def perf_reply(view: PerfView) -> Reply:
 
 def consistency_reply(c: Consistency) -> Reply:
     return _report(c.agree, render.consistency_text(c))
+
+
+# ---------------------------------------------------------------- watch alerts
+
+def alert_reply(view: AlertView) -> Reply:
+    """One watched condition: what, since when, the figures, and the next commands as code.
+    Resolved, the same message says so and drops the suggestions."""
+    icon = ":white_check_mark:" if view.resolved else (":repeat:" if view.flapping else ":rotating_light:")
+    head = (f"{icon} *{escape(view.title.upper())}* {code(view.subject)} in cluster *{escape(view.cluster)}*: "
+            f"{escape(view.summary)}")
+    blocks = [_section(head), _context(f"{escape(render.alert_state(view))} · since {slack_date(view.opened_at)}")]
+    if view.figures:
+        blocks.append(_section("\n".join(f"{escape(name)}: *{escape(value)}*" for name, value in view.figures)))
+    if view.suggestions and not view.resolved:
+        blocks.append(_section(":point_right: " + "\n".join(code(s) for s in view.suggestions)))
+    return Reply(text=escape(render.alert_text(view)), blocks=blocks)
+
+
+def alert_note(view: AlertView) -> Reply:
+    """The thread reply when a condition clears, or comes back (flapping)."""
+    if view.resolved:
+        text = f":white_check_mark: {escape(render.resolved_text(view))}"
+    else:
+        text = f":repeat: back again: flapping ({view.flaps} times in the last minute)"
+    return Reply(text=text, blocks=[_section(text)])
+
+
+def alerts_reply(cluster: str, views: list[AlertView], muted: str | None = None) -> Reply:
+    """`/etcd alerts`: each open condition with its state and first suggestion."""
+    text = render.alerts_text(cluster, views, muted)
+    head, _, _ = text.partition("\n")
+    icon = ":rotating_light:" if views else ":large_green_circle:"
+    blocks = [_section(f"{icon} *{escape(head)}*")]
+    for v in views:
+        nxt = f"\n:point_right: {code(v.suggestions[0])}" if v.suggestions else ""
+        blocks.append(_section(f"*{escape(v.title)}* {code(v.subject)}: {escape(v.summary)} "
+                               f"({escape(render.alert_state(v))}){nxt}"))
+    if muted:
+        blocks.append(_context(f":mute: muted: {escape(muted)}"))
+    return Reply(text=escape(text), blocks=blocks)
+
+
+def mute_reply(cluster: str, until: float, reason: str, by: str) -> Reply:
+    text = f":mute: New alerts of cluster *{escape(cluster)}* are held back until {slack_date(until)}: {escape(reason)}"
+    return Reply(text=text, blocks=[_section(text), _context(f"muted by {mention(by)} · `/etcd unmute` ends it now")])
+
+
+def unmute_reply(cluster: str, by: str) -> Reply:
+    text = f":loud_sound: Alerts of cluster *{escape(cluster)}* are posted again"
+    return Reply(text=text, blocks=[_section(text), _context(f"unmuted by {mention(by)}")])

@@ -336,3 +336,42 @@ def perf_member(h: MemberHealth, found: MemberMetrics | str | None) -> PerfMembe
 
 def perf_view(health: ClusterHealth, metrics: Mapping[int, MemberMetrics | str]) -> PerfView:
     return PerfView(health.cluster, tuple(perf_member(h, metrics.get(h.member.id)) for h in health.members))
+
+
+# ---------------------------------------------------------------- watch alerts
+
+@dataclass(frozen=True)
+class AlertView:
+    """One watched condition as its message shows it (bot/watch decides; this lays out)."""
+
+    cluster: str
+    condition: str                             # its kind: member_down, quorum_lost, ...
+    title: str                                 # "member down"
+    subject: str                               # what it is about: a member, an alarm, the cluster
+    summary: str                               # one line on what is wrong
+    figures: tuple[tuple[str, str], ...]       # (name, value) as measured in the last round
+    suggestions: tuple[str, ...]               # the next commands, ready to paste
+    opened_at: float
+    now: float
+    resolved_at: float | None = None
+    flaps: int = 0                             # times it came back within the flap window
+    flapping: bool = False
+
+    @property
+    def resolved(self) -> bool:
+        return self.resolved_at is not None
+
+    @property
+    def lasted(self) -> float:
+        return max(0.0, (self.resolved_at if self.resolved_at is not None else self.now) - self.opened_at)
+
+
+def short_duration(seconds: float) -> str:
+    """"4m 12s", "1h 3m", "12s": how long a condition lasted."""
+    s = int(max(0.0, seconds))
+    days, s = divmod(s, 86400)
+    hours, s = divmod(s, 3600)
+    minutes, s = divmod(s, 60)
+    parts = [(days, "d"), (hours, "h"), (minutes, "m"), (s, "s")]
+    shown = [f"{n}{u}" for n, u in parts if n][:2]
+    return " ".join(shown) or "0s"

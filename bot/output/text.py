@@ -11,6 +11,7 @@ from typing import Any
 from bot.etcd.consistency import Consistency
 from bot.etcd.model import KVHash
 from bot.output.model import (
+    AlertView,
     Figure,
     PerfView,
     SnapshotView,
@@ -18,6 +19,7 @@ from bot.output.model import (
     learned_line,
     member_state,
     quorum_line,
+    short_duration,
     verdict,
 )
 from bot.output.tables import table
@@ -187,3 +189,29 @@ def consistency_text(c: Consistency) -> str:
                 + "; ".join(f"{m.name}: {m.error or 'other compaction point'}" for m in c.unchecked))
     return f"{head}\n{table(('MEMBER', 'HASH', 'COMPACT REVISION', 'RESULT'), rows)}"
 
+
+
+def alert_state(view: AlertView) -> str:
+    if view.resolved:
+        return f"resolved after {short_duration(view.lasted)}"
+    flapping = f", flapping ({view.flaps} times in the last minute)" if view.flapping else ""
+    return f"open for {short_duration(view.lasted)}{flapping}"
+
+
+def alert_text(view: AlertView) -> str:
+    """One condition: the headline, the figures, the next commands."""
+    head = f"cluster {view.cluster}: {view.title.upper()} {view.subject}: {view.summary} ({alert_state(view)})"
+    figures = [f"{name}: {value}" for name, value in view.figures]
+    return "\n".join([head, *figures, *(f"NEXT: {s}" for s in view.suggestions if not view.resolved)])
+
+
+def resolved_text(view: AlertView) -> str:
+    return f"resolved after {short_duration(view.lasted)}"
+
+
+def alerts_text(cluster: str, views: list[AlertView], muted: str | None = None) -> str:
+    """`/etcd alerts`: the open conditions, one line each."""
+    head = f"cluster {cluster}: " + (f"{len(views)} open condition{'s' if len(views) != 1 else ''}" if views
+                                     else "no open conditions")
+    lines = [f"{v.title} {v.subject}: {v.summary} ({alert_state(v)})" for v in views]
+    return "\n".join([head, *lines, *([f"muted: {muted}"] if muted else [])])

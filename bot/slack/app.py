@@ -32,6 +32,7 @@ from bot.slack.notifier import SlackNotifier
 from bot.slack.readiness import ReadinessProbe
 from bot.store.records import PlanState
 from bot.store.sqlite import StoreError
+from bot.watch.watcher import Watcher
 
 log = logging.getLogger(__name__)
 HOUSEKEEPING_SECONDS = 30.0
@@ -77,6 +78,8 @@ class BotRuntime:
         self._ctx: BotContext | None = None
         self.app: AsyncApp | None = None
         self._housekeeping: asyncio.Task | None = None
+        self._watch: asyncio.Task | None = None
+        self.watcher: Watcher | None = None
 
     @property
     def ctx(self) -> BotContext:
@@ -101,6 +104,8 @@ class BotRuntime:
         register_all(app, self.ctx)
         self.app = app
         self._housekeeping = asyncio.get_running_loop().create_task(self._housekeep(), name="housekeeping")
+        self.watcher = Watcher(self.ctx)
+        self._watch = asyncio.get_running_loop().create_task(self.watcher.run(), name="watch")
         return app
 
     async def _housekeep(self) -> None:
@@ -123,9 +128,10 @@ class BotRuntime:
             await asyncio.sleep(HOUSEKEEPING_SECONDS)
 
     async def stop(self) -> None:
-        if self._housekeeping is not None:
-            self._housekeeping.cancel()
-            await asyncio.gather(self._housekeeping, return_exceptions=True)
+        for task in (self._watch, self._housekeeping):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self._ctx is not None:
             await self._ctx.close()
 

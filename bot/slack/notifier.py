@@ -56,8 +56,17 @@ class SlackNotifier:
     async def private_message(self, channel: str, user: str, reply: blocks.Reply) -> None:
         await ephemeral(self.web, channel, user, reply)
 
-    async def channel_message(self, channel: str, reply: blocks.Reply) -> None:
+    async def channel_message(self, channel: str, reply: blocks.Reply) -> str:
         try:
-            await post(self.web, channel, reply)
+            return await post(self.web, channel, reply)
         except SlackPostError as e:
             raise NotifyFailed(str(e)) from None
+
+    async def update_message(self, channel: str, ts: str, reply: blocks.Reply) -> None:
+        await update(self.web, channel, ts, reply)
+
+    async def thread_message(self, channel: str, ts: str, reply: blocks.Reply) -> None:
+        try:
+            await post(self.web, channel, reply, thread_ts=ts)
+        except SlackPostError as e:
+            log.warning("thread reply failed", extra={"ctx_channel": channel, "ctx_error": str(e)})

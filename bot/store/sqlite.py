@@ -129,6 +129,28 @@ CREATE TABLE IF NOT EXISTS drills (
     requested_by TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS drills_by_cluster ON drills(cluster, at);
+CREATE TABLE IF NOT EXISTS alerts (            -- the watch's conditions: one row per posted message
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    cluster TEXT,
+    condition TEXT,                -- a condition kind (member_down, quorum_lost, ...)
+    subject TEXT,                  -- what it is about: a member, an alarm, the cluster
+    state TEXT,                    -- open | resolved
+    opened_at REAL,                -- when the condition began
+    updated_at REAL,
+    resolved_at REAL,              -- when it was first seen gone
+    channel TEXT,
+    message_ts TEXT,               -- NULL until the message is posted
+    detail TEXT,                   -- JSON: the last finding (summary, figures, suggestions)
+    flaps INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS alerts_open ON alerts(cluster, state);
+CREATE TABLE IF NOT EXISTS mutes (
+    cluster TEXT PRIMARY KEY,
+    until REAL,                    -- a mute ends by itself: mutes() ignores expired rows
+    reason TEXT,
+    by TEXT,
+    at REAL
+);
 """.replace("@OPEN_STATES@", ", ".join(f"'{s}'" for s in OPEN_STATES))
 # Columns added after the first release: databases created before get them on open.
 ADDED_COLUMNS = {("snapshots", "plan_id"): "TEXT", ("audit", "key_id"): "TEXT NOT NULL DEFAULT ''",
@@ -540,6 +562,39 @@ class Store:
     async def audit_keyed_from(self) -> int | None:
         """The first row keyed with HMAC (earlier rows were written without a key), or None."""
         return await self._run(lambda db: next(db.query("SELECT MIN(id) AS id FROM audit WHERE key_id != ''"))["id"])
+
+    # -- watch: alerts and mutes ------------------------------------------
+
+    async def open_alert(self, row: dict[str, Any]) -> int:
+        """Record an alert message (state 'open'); returns its id."""
+        return await self._run(lambda db: int(db["alerts"].insert({"state": "open", **row}).last_pk))
+
+    async def update_alert(self, alert_id: int, **fields: Any) -> None:
+        unknown = set(fields) - set(_expected_columns()["alerts"]) | ({"id"} & set(fields))
+        if unknown:
+            raise StoreError(f"alerts has no updatable column {sorted(unknown)[0]!r}")
+        if fields:
+            sets = ", ".join(f"{name} = ?" for name in fields)
+            await self._run(lambda db: db.execute(f"UPDATE alerts SET {sets} WHERE id = ?", [*fields.values(),
+                                                                                            alert_id]))
+
+    async def open_alerts(self, cluster: str | None = None) -> list[dict[str, Any]]:
+        where, params = ("state = 'open' AND cluster = ?", [cluster]) if cluster else ("state = 'open'", [])
+        return await self._run(lambda db: list(db.query(f"SELECT * FROM alerts WHERE {where} ORDER BY id", params)))
+
+    async def set_mute(self, cluster: str, until: float, reason: str, by: str) -> None:
+        row = {"cluster": cluster, "until": until, "reason": reason, "by": by, "at": time.time()}
+        await self._run(lambda db: db["mutes"].upsert(row, pk="cluster"))
+
+    async def clear_mute(self, cluster: str) -> bool:
+        """End a mute; False when the cluster was not muted (or its mute had expired)."""
+        return await self._run(lambda db: db.execute("DELETE FROM mutes WHERE cluster = ? AND until > ?",
+                                                     [cluster, time.time()]).rowcount == 1)
+
+    async def mutes(self) -> list[dict[str, Any]]:
+        """The mutes in force (expired ones are ignored, so a mute ends by itself)."""
+        return await self._run(lambda db: list(db.query("SELECT * FROM mutes WHERE until > ? ORDER BY cluster",
+                                                        [time.time()])))
 
 
 @contextmanager

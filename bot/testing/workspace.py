@@ -101,7 +101,8 @@ def cluster_table(name: str, cluster, *, channels: tuple[str, ...] = (CHANNEL,),
     table: dict[str, Any] = {"name": name, "endpoints": cluster.all_endpoints, "channels": list(channels),
                              "launcher": {"kind": "command", "argv": launcher_argv(cluster.base_dir),
                                           "timeout_seconds": 60},
-                             "restore": {"data_dir": str(cluster.base_dir / "data" / "{name}")}}
+                             "restore": {"data_dir": str(cluster.base_dir / "data" / "{name}")},
+                             "watch": {"enabled": False}}  # it posts on its own: the tests about it turn it on
     if cluster.tls:
         table.update(cacert=cluster.tls.ca, cert=cluster.tls.client_cert, key=cluster.tls.client_key)
     if cluster.user:

@@ -1,0 +1,264 @@
+"""Which conditions are open, given one round's facts (pure).
+
+A condition is a small function from `Facts` to the findings it sees this
+round: an empty list when all is well, `None` when the facts cannot tell (the
+cluster did not answer, so whether a member is down is unknown: an alert
+already open then stays open, and nothing opens). Each finding names its
+condition kind and subject (the key an alert is tracked by), one line on what
+is wrong, the figures measured, and the next commands ready to paste.
+
+To add a condition: write `def my_check(f: Facts) -> list[Finding] | None`,
+then `register(Condition("my_kind", "my title", my_check))` in a module of
+bot/watch that bot/watch/watcher.py imports (the watcher asks every registered
+condition each round; the message's headline is the title in capitals, then
+the subject). Keep it pure: no I/O, `f.now` for the time. A condition that
+needs a figure the status fan-out does not give (a certificate's expiry, the
+last upload) gets it from a probe: `register_probe(Probe("my_probe", fetch,
+every_seconds))` runs `await fetch(ctx, cluster, health)` at most once per
+`every_seconds` and hands its last result over as `f.extra["my_probe"]`
+(absent until the probe first succeeds: return None then). Tests: build a
+Facts by hand (tests/test_watch_conditions.py shows how).
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from bot.config import ClusterConfig
+from bot.etcd.health import ClusterHealth, MemberHealth
+from bot.output.units import humanize_bytes
+from bot.store.records import PlanKind, PlanRecord, PlanState
+
+QUOTA_SHARE = 0.8                 # the quota condition opens above this share of a member's quota
+LEADER_CHURN_MAX = 3              # more leader changes than this within LEADER_WINDOW is churn
+LEADER_WINDOW = 300.0             # seconds
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What one round of the watch knows about one cluster."""
+
+    cluster: ClusterConfig
+    now: float                                            # time.time() of the round
+    health: ClusterHealth | None                          # None: no member gave a member list
+    error: str | None = None                              # why health is None
+    quotas: Mapping[int, int] = field(default_factory=dict)   # backend quota bytes by member ID (from /metrics)
+    newest_snapshot: Mapping[str, Any] | None = None      # the newest verified, unpruned catalog row
+    leader_changes: int = 0                               # leader changes seen within LEADER_WINDOW
+    extra: Mapping[str, Any] = field(default_factory=dict)  # the probes' last results, by probe name
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One open condition as seen this round."""
+
+    kind: str                                   # the condition's kind
+    subject: str                                # a member, an alarm, "cluster": (kind, subject) is the alert's key
+    summary: str                                # one line on what is wrong
+    figures: tuple[tuple[str, str], ...] = ()   # (name, value), current
+    suggestions: tuple[str, ...] = ()           # commands, plain (the renderer escapes and code-formats them)
+    members: tuple[str, ...] = ()               # names and hex IDs of the members it is about (for hold-back)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.kind, self.subject
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "subject": self.subject, "summary": self.summary,
+                "figures": [list(f) for f in self.figures], "suggestions": list(self.suggestions),
+                "members": list(self.members)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Finding:
+        return cls(kind=data["kind"], subject=data["subject"], summary=data.get("summary", ""),
+                   figures=tuple((str(a), str(b)) for a, b in data.get("figures", ())),
+                   suggestions=tuple(data.get("suggestions", ())), members=tuple(data.get("members", ())))
+
+
+Check = Callable[[Facts], "list[Finding] | None"]
+
+
+@dataclass(frozen=True)
+class Condition:
+    kind: str
+    title: str          # how messages name it ("member down")
+    check: Check
+
+
+CONDITIONS: dict[str, Condition] = {}
+
+
+def register(condition: Condition) -> Condition:
+    CONDITIONS[condition.kind] = condition
+    return condition
+
+
+def title(kind: str) -> str:
+    found = CONDITIONS.get(kind)
+    return found.title if found else kind.replace("_", " ")
+
+
+def evaluate(facts: Facts) -> tuple[list[Finding], set[str]]:
+    """Every registered condition's findings, and the kinds that could not tell this round."""
+    findings: list[Finding] = []
+    unknown: set[str] = set()
+    for condition in CONDITIONS.values():
+        found = condition.check(facts)
+        if found is None:
+            unknown.add(condition.kind)
+        else:
+            findings += found
+    return findings, unknown
+
+
+# ---------------------------------------------------------------- the conditions
+
+def member_label(h: MemberHealth) -> str:
+    return h.member.name or h.member.hex_id
+
+
+def next_name(name: str, taken: set[str]) -> str:
+    """A free name for a replacement: member1 -> member4 when member2 and member3 exist; else etcd-a -> etcd-a-new."""
+    m = re.fullmatch(r"(.*?)(\d+)", name)
+    if not m:
+        candidate = f"{name or 'member'}-new"
+        return candidate if candidate not in taken else f"{candidate}-2"
+    prefix = m.group(1)
+    numbers = [int(t[len(prefix):]) for t in taken | {name} if t.startswith(prefix) and t[len(prefix):].isdigit()]
+    return f"{prefix}{max(numbers) + 1}"
+
+
+def new_peer_url(peer_urls: tuple[str, ...]) -> str:
+    """The failed member's peer URL with the host left for a person to fill in."""
+    parts = urlsplit(peer_urls[0]) if peer_urls else None
+    scheme = parts.scheme if parts and parts.scheme else "https"
+    port = parts.port if parts and parts.port else 2380
+    return f"{scheme}://NEW-HOST:{port}"
+
+
+def member_down(f: Facts) -> list[Finding] | None:
+    if f.health is None:
+        return None
+    name = f.cluster.name
+    taken = {h.member.name for h in f.health.members if h.member.name}
+    found = []
+    for h in f.health.members:
+        if h.reachable:
+            continue
+        label = member_label(h)
+        replace = (f"/etcd replace {label} {next_name(h.member.name, taken)} {new_peer_url(h.member.peer_urls)} "
+                   f"--cluster {name}")
+        found.append(Finding("member_down", label, f"{h.problem or 'unreachable'}",
+                             figures=(("member", f"{label} ({h.member.hex_id})"),
+                                      ("peer URLs", ", ".join(h.member.peer_urls) or "-"),
+                                      ("quorum", _quorum(f.health))),
+                             suggestions=(replace, f"/etcd status {name}"),
+                             members=(h.member.name, h.member.hex_id)))
+    return found
+
+
+def _quorum(health: ClusterHealth) -> str:
+    q = health.quorum
+    return f"{q.healthy} of {q.voting} voters healthy, {q.needed} needed"
+
+
+def quorum_lost(f: Facts) -> list[Finding] | None:
+    name = f.cluster.name
+    if f.health is not None and f.health.quorum.ok:
+        return []
+    snap = f.newest_snapshot
+    restore = (f"/etcd restore {str(snap['path']).rsplit('/', 1)[-1]} --cluster {name}" if snap
+               else f"/etcd snapshots {name}")
+    figures = [("newest verified snapshot", f"{str(snap['path']).rsplit('/', 1)[-1]} (revision {snap['revision']})"
+                if snap else "none recorded")]
+    if f.health is None:
+        summary = f"no member answered: {f.error or 'unreachable'}"
+    else:
+        summary = "too few healthy voters: etcd refuses every write"
+        figures.insert(0, ("quorum", _quorum(f.health)))
+    return [Finding("quorum_lost", "cluster", summary, figures=tuple(figures),
+                    suggestions=(restore, f"/etcd status {name}"))]
+
+
+ALARM_NEXT = {"NOSPACE": "/etcd defrag {}", "CORRUPT": "/etcd consistency {}"}
+ALARM_WHY = {"NOSPACE": "the database reached its quota: etcd refuses writes",
+             "CORRUPT": "a member's data differs from the others'"}
+
+
+def alarm(f: Facts) -> list[Finding] | None:
+    if f.health is None:
+        return None
+    names = {h.member.id: member_label(h) for h in f.health.members}
+    kinds: dict[str, list[str]] = {}
+    for a in f.health.alarms:
+        kinds.setdefault(a.kind, []).append(names.get(a.member_id, f"{a.member_id:016x}"))
+    return [Finding("alarm", kind, ALARM_WHY.get(kind, f"etcd raised the {kind} alarm"),
+                    figures=(("raised on", ", ".join(sorted(members))),),
+                    suggestions=(ALARM_NEXT.get(kind, "/etcd alarms {}").format(f.cluster.name),
+                                 f"/etcd alarms {f.cluster.name}"))
+            for kind, members in sorted(kinds.items())]
+
+
+def quota(f: Facts) -> list[Finding] | None:
+    if f.health is None:
+        return None
+    full = []
+    for h in f.health.members:
+        limit = f.quotas.get(h.member.id)
+        if h.status is None or not limit:
+            continue
+        if h.status.db_size > QUOTA_SHARE * limit:
+            full.append((member_label(h), f"{humanize_bytes(h.status.db_size)} of {humanize_bytes(limit)} "
+                                          f"({h.status.db_size / limit * 100:.0f} %)"))
+    if not full:
+        return []
+    return [Finding("quota", "database size",
+                    f"above {QUOTA_SHARE * 100:.0f} % of the quota on {', '.join(m for m, _ in full)}: "
+                    "defragment before etcd raises NOSPACE",
+                    figures=tuple(full), suggestions=(f"/etcd defrag {f.cluster.name}",))]
+
+
+def leader_churn(f: Facts) -> list[Finding] | None:
+    if f.health is None:
+        return None
+    if f.leader_changes <= LEADER_CHURN_MAX:
+        return []
+    return [Finding("leader_churn", "leader",
+                    f"{f.leader_changes} leader changes in {LEADER_WINDOW / 60:g} minutes: slow disks or network?",
+                    figures=((f"leader changes in the last {LEADER_WINDOW / 60:g} min", str(f.leader_changes)),),
+                    suggestions=(f"/etcd perf {f.cluster.name}",))]
+
+
+register(Condition("member_down", "member down", member_down))
+register(Condition("quorum_lost", "quorum lost", quorum_lost))
+register(Condition("alarm", "alarm", alarm))
+register(Condition("quota", "quota", quota))
+register(Condition("leader_churn", "leader churn", leader_churn))
+
+
+# ---------------------------------------------------------------- quiet while busy
+
+def expected(plan: PlanRecord | None, finding: Finding) -> bool:
+    """Whether the bot's own plan causes `finding` on purpose, so it is held back:
+    a replacement, the member it replaces and the one it adds (from proposal on:
+    people are on it); a restore, everything once approved; a defragmentation,
+    all but a quorum loss while it runs."""
+    if plan is None:
+        return False
+    if plan.kind == PlanKind.REPLACE and plan.state in (PlanState.PROPOSED, PlanState.APPROVED, PlanState.RUNNING):
+        p = plan.plan
+        ours = {getattr(p, "new_name", ""), plan.new_member_id or ""}
+        failed = getattr(p, "failed", None)
+        if failed is not None:
+            ours |= {failed.name, failed.id}
+        ours.discard("")
+        unstarted = not finding.members or not finding.members[0]  # the member it adds has no name until it starts
+        return finding.kind == "member_down" and (bool(ours & set(finding.members)) or unstarted)
+    if plan.kind == PlanKind.RESTORE and plan.state in (PlanState.APPROVED, PlanState.RUNNING):
+        return True
+    if plan.kind == PlanKind.DEFRAG and plan.state == PlanState.RUNNING:
+        return finding.kind != "quorum_lost"
+    return False

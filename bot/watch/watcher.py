@@ -1,0 +1,304 @@
+"""The watch: per cluster a loop that, every `[clusters.watch] interval`, runs
+the health fan-out once (`ctx.check`), asks every condition, and posts, edits
+and resolves one message per open condition in the cluster's channels.
+
+Every cluster has its own loop and each round its own deadline, so a cluster
+that does not answer costs its own loop a deadline and nobody else anything.
+Open alerts are kept in the store (table `alerts`), so a restarted bot edits
+the messages it posted before instead of posting again.
+
+Probes: figures a status answer lacks (each member's quota from /metrics)
+come from probes, each run at most once per its `every_seconds`, their last
+results handed to the conditions as `facts.extra[name]` (quotas as
+`facts.quotas`). To add one: `register_probe(Probe(name, fetch, every))`,
+where `await fetch(ctx, cluster, health)` returns the figure, or None when it
+cannot tell this time (then it is asked again next round); it runs under
+`timeout` (default twice the cluster's `timeout_seconds`), and a probe that
+fails costs its own figure only.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from bot.config import ClusterConfig
+from bot.etcd.health import ClusterHealth
+from bot.etcd.metrics import DEFAULT_QUOTA, cluster_metrics
+from bot.etcd.model import EtcdError
+from bot.ops.context import BotContext
+from bot.ops.notify import NotifyFailed
+from bot.output import blocks
+from bot.output.model import AlertView
+from bot.store.records import PlanRecord
+from bot.store.sqlite import StoreError
+from bot.watch.conditions import CONDITIONS, LEADER_WINDOW, Facts, Finding, evaluate, expected, title
+from bot.watch.tracker import FLAP_MIN, Act, Decision, Key, Track, Tracker
+
+log = logging.getLogger(__name__)
+REFRESH_SECONDS = 60.0   # an open alert's message is edited when its figures change, and at least this often
+
+
+# ---------------------------------------------------------------- probes
+
+ProbeFn = Callable[[BotContext, ClusterConfig, ClusterHealth | None], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class Probe:
+    name: str
+    fetch: ProbeFn
+    every_seconds: float
+    timeout: float | None = None   # seconds; None: twice the cluster's timeout_seconds
+
+
+PROBES: dict[str, Probe] = {}
+
+
+def register_probe(probe: Probe) -> Probe:
+    PROBES[probe.name] = probe
+    return probe
+
+
+async def _quotas(ctx: BotContext, cluster: ClusterConfig, health: ClusterHealth | None) -> dict[int, int] | None:
+    """Each reachable member's backend quota (etcd shows it only in /metrics)."""
+    if health is None:
+        return None
+    found = await cluster_metrics(ctx.client(cluster), health)
+    quotas = {mid: m.quota_bytes or DEFAULT_QUOTA for mid, m in found.items() if not isinstance(m, str)}
+    return quotas or None
+
+
+register_probe(Probe("quotas", _quotas, 300.0))
+
+
+# ---------------------------------------------------------------- per cluster state
+
+@dataclass
+class Posted:
+    """One alert message in one channel."""
+
+    id: int | None          # the store's row (None: the store refused it; kept in memory only)
+    channel: str
+    ts: str | None          # None: posting failed; tried again next round
+    shown: str = ""         # what the message last showed (figures; not the ticking duration)
+    at: float = 0.0         # when it was last edited
+
+
+@dataclass
+class ClusterWatch:
+    tracker: Tracker
+    posted: dict[Key, list[Posted]] = field(default_factory=dict)
+    probed: dict[str, tuple[float, Any]] = field(default_factory=dict)   # probe name -> (when, result)
+    term: int | None = None                                              # the highest raft term seen
+    elections: list[float] = field(default_factory=list)                 # when new terms were seen
+
+    def leader_changes(self, health: ClusterHealth | None, now: float) -> int:
+        """New raft terms (each an election) seen within LEADER_WINDOW."""
+        terms = [h.status.raft_term for h in (health.members if health else ()) if h.status and h.status.leader]
+        if terms:
+            top = max(terms)
+            if self.term is not None and top > self.term:
+                self.elections += [now] * min(top - self.term, 100)
+            self.term = max(top, self.term or 0)
+        self.elections = [t for t in self.elections if now - t < LEADER_WINDOW]
+        return len(self.elections)
+
+
+class Watcher:
+    """Watches every cluster whose watch is enabled, while `should_watch()` says so
+    (with several replicas, only the leader watches)."""
+
+    def __init__(self, ctx: BotContext, should_watch: Callable[[], bool] = lambda: True,
+                 clock: Callable[[], float] = time.time):
+        self.ctx, self.should_watch, self.clock = ctx, should_watch, clock
+        self.clusters: dict[str, ClusterWatch] = {}
+
+    async def run(self) -> None:
+        """Forever: one loop per watched cluster."""
+        await asyncio.gather(*(self._loop(c) for c in self.ctx.config.clusters if c.watch.enabled))
+
+    async def _loop(self, cluster: ClusterConfig) -> None:
+        interval = cluster.watch.interval_seconds
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        watching = False
+        while True:
+            try:
+                if self.should_watch():
+                    if not watching:   # (again): what the store says is open is ours to edit
+                        self.clusters[cluster.name] = await self.load(cluster)
+                        watching = True
+                    await self.round(cluster)
+                elif watching:   # another replica watches now: its gauges count, not ours
+                    watching = False
+                    self._gauges(cluster, [])
+            except Exception:
+                log.exception("watch round failed", extra={"ctx_cluster": cluster.name})
+            next_at = max(next_at + interval, loop.time())
+            await asyncio.sleep(next_at - loop.time())
+
+    async def load(self, cluster: ClusterConfig) -> ClusterWatch:
+        """The cluster's open alerts from the store: their messages are edited, not posted again."""
+        state = ClusterWatch(Tracker(cluster.watch.grace_seconds))
+        for row in await self.ctx.store.open_alerts(cluster.name):
+            finding = Finding.from_json({**json.loads(row["detail"] or "{}"), "kind": row["condition"],
+                                         "subject": row["subject"]})
+            if finding.key not in state.tracker.tracks:
+                state.tracker.restore(finding, row["opened_at"], row["flaps"])
+            state.posted.setdefault(finding.key, []).append(
+                Posted(row["id"], row["channel"], row["message_ts"]))   # edited in the first round: watched again
+        return state
+
+    # ---------------------------------------------------------------- one round
+
+    async def facts(self, cluster: ClusterConfig, state: ClusterWatch) -> Facts:
+        now = self.clock()
+        health, error = await self._health(cluster)
+        await self._probe(cluster, state, health, now)
+        extra = {name: value for name, (_, value) in state.probed.items()}
+        newest = await self._quiet(self.ctx.store.snapshots(cluster.name, limit=1), [])
+        return Facts(cluster=cluster, now=now, health=health, error=error, quotas=extra.get("quotas") or {},
+                     newest_snapshot=newest[0] if newest else None,
+                     leader_changes=state.leader_changes(health, now), extra=extra)
+
+    async def round(self, cluster: ClusterConfig) -> list[Decision]:
+        state = self.clusters.get(cluster.name) or self.clusters.setdefault(cluster.name, await self.load(cluster))
+        facts = await self.facts(cluster, state)
+        findings, unknown = evaluate(facts)
+        plan: PlanRecord | None = await self._quiet(self.ctx.store.open_plan(cluster.name), None)
+        mutes = await self._quiet(self.ctx.store.mutes(), [])
+        muted = any(m["cluster"] == cluster.name for m in mutes)
+        decisions = state.tracker.step(findings, unknown, facts.now,
+                                       postable=lambda f: not muted and not expected(plan, f))
+        log.debug("watch round", extra={"ctx_cluster": cluster.name, "ctx_seconds": round(self.clock() - facts.now, 3),
+                                        "ctx_findings": [f.key for f in findings], "ctx_unknown": sorted(unknown),
+                                        "ctx_plan": plan and f"{plan.id} {plan.kind} {plan.state}", "ctx_muted": muted})
+        for d in decisions:
+            await self._act(cluster, state, d, facts.now)
+        self._gauges(cluster, state.tracker.open_tracks())
+        return decisions
+
+    def _gauges(self, cluster: ClusterConfig, open_tracks: list[Track]) -> None:
+        for kind in CONDITIONS:
+            self.ctx.metrics.alerts_open.labels(cluster=cluster.name, condition=kind).set(
+                sum(1 for t in open_tracks if t.finding.kind == kind))
+
+    async def _health(self, cluster: ClusterConfig) -> tuple[ClusterHealth | None, str | None]:
+        """One status fan-out. Its calls have their own deadlines (member list, then statuses);
+        this one is a safety net that also allows for the membership's write to the store."""
+        deadline = 2 * cluster.timeout_seconds + 3 * self.ctx.config.database_timeout_seconds + 1.0
+        try:
+            return await asyncio.wait_for(self.ctx.check(cluster), deadline), None
+        except EtcdError as e:
+            return None, str(e)
+        except TimeoutError:
+            return None, f"no answer within {deadline:g}s"
+
+    async def _probe(self, cluster: ClusterConfig, state: ClusterWatch, health: ClusterHealth | None,
+                     now: float) -> None:
+        due = [p for p in PROBES.values()
+               if p.name not in state.probed or now - state.probed[p.name][0] >= p.every_seconds]
+
+        async def one(probe: Probe) -> None:
+            try:
+                value = await asyncio.wait_for(probe.fetch(self.ctx, cluster, health),
+                                               probe.timeout or 2 * cluster.timeout_seconds)
+            except (EtcdError, TimeoutError, OSError) as e:   # asked again next round
+                log.info("watch probe failed", extra={"ctx_cluster": cluster.name, "ctx_probe": probe.name,
+                                                      "ctx_error": str(e) or type(e).__name__})
+                return
+            except Exception:   # a probe's bug costs its own figure, not the round
+                log.exception("watch probe failed", extra={"ctx_cluster": cluster.name, "ctx_probe": probe.name})
+                return
+            if value is not None:
+                state.probed[probe.name] = (now, value)
+        await asyncio.gather(*(one(p) for p in due))
+
+    async def _quiet(self, call: Awaitable[Any], default: Any) -> Any:
+        """A store read the round can do without (it logs and goes on)."""
+        try:
+            return await call
+        except StoreError as e:
+            log.warning("watch: state store unavailable", extra={"ctx_error": str(e)})
+            return default
+
+    # ---------------------------------------------------------------- messages
+
+    def view(self, cluster: ClusterConfig, track: Track, now: float) -> AlertView:
+        f = track.finding
+        return AlertView(cluster=cluster.name, condition=f.kind, title=title(f.kind), subject=f.subject,
+                         summary=f.summary, figures=f.figures, suggestions=f.suggestions,
+                         opened_at=track.opened_at or now, now=now, resolved_at=track.resolved_at, flaps=track.flaps,
+                         flapping=track.flapping)
+
+    async def _act(self, cluster: ClusterConfig, state: ClusterWatch, d: Decision, now: float) -> None:
+        track, store, notifier = d.track, self.ctx.store, self.ctx.notifier
+        key = track.finding.key
+        view = self.view(cluster, track, now)
+        reply = blocks.alert_reply(view)
+        shown = _shown(track.finding, track.flaps)
+        detail = json.dumps(track.finding.to_json(), separators=(",", ":"))
+        if d.act == Act.OPEN:
+            self.ctx.metrics.alerts_posted.labels(cluster=cluster.name, condition=track.finding.kind).inc()
+            log.warning("watch: condition open", extra={"ctx_cluster": cluster.name, "ctx_condition": key[0],
+                                                        "ctx_subject": key[1]})
+            rows = state.posted[key] = []
+            for channel in cluster.channels:
+                ts = await self._post(channel, reply)
+                row = {"cluster": cluster.name, "condition": key[0], "subject": key[1], "opened_at": view.opened_at,
+                       "updated_at": now, "channel": channel, "message_ts": ts, "detail": detail,
+                       "flaps": track.flaps}
+                rows.append(Posted(await self._quiet(store.open_alert(row), None), channel, ts, shown, now))
+            return
+        rows = state.posted.get(key, [])
+        for p in rows:
+            if p.ts is None:   # the first post failed: try again
+                p.ts = await self._post(p.channel, reply)
+                changed: dict[str, Any] = {"message_ts": p.ts} if p.ts else {}
+            elif d.act != Act.UPDATE or shown != p.shown or now - p.at >= REFRESH_SECONDS:
+                await notifier.update_message(p.channel, p.ts, reply)
+                changed = {}
+            else:
+                continue
+            if d.act in (Act.RESOLVE, Act.REOPEN) and p.ts:
+                await notifier.thread_message(p.channel, p.ts, blocks.alert_note(view))
+            p.shown, p.at = shown, now
+            changed.update(updated_at=now, detail=detail, flaps=track.flaps)
+            if d.act == Act.RESOLVE:
+                changed.update(state="resolved", resolved_at=track.resolved_at)
+            elif d.act == Act.REOPEN:
+                changed.update(state="open", resolved_at=None)
+            if p.id is not None:
+                await self._quiet(store.update_alert(p.id, **changed), None)
+        if d.act == Act.RESOLVE:
+            log.info("watch: condition resolved", extra={"ctx_cluster": cluster.name, "ctx_condition": key[0],
+                                                         "ctx_subject": key[1]})
+
+    async def _post(self, channel: str, reply: blocks.Reply) -> str | None:
+        try:
+            return await self.ctx.notifier.channel_message(channel, reply)
+        except NotifyFailed as e:
+            log.warning("watch: alert not posted", extra={"ctx_channel": channel, "ctx_error": str(e)})
+            return None
+
+
+def _shown(finding: Finding, flaps: int) -> str:
+    return json.dumps([finding.to_json(), flaps], separators=(",", ":"))
+
+
+def open_views(cluster: str, rows: list[dict[str, Any]], now: float) -> list[AlertView]:
+    """The open alerts in the store as views, one per condition (a row is one channel's message)."""
+    views: dict[tuple[str, str], AlertView] = {}
+    for row in rows:
+        f = Finding.from_json({**json.loads(row["detail"] or "{}"), "kind": row["condition"],
+                               "subject": row["subject"]})
+        views.setdefault(f.key, AlertView(cluster=cluster, condition=f.kind, title=title(f.kind), subject=f.subject,
+                                          summary=f.summary, figures=f.figures, suggestions=f.suggestions,
+                                          opened_at=row["opened_at"], now=now, flaps=row["flaps"],
+                                          flapping=row["flaps"] >= FLAP_MIN))
+    return list(views.values())

@@ -1,0 +1,252 @@
+"""The watch on real clusters, through the real bot and the Slack stand-in (issue 16):
+the bot notices a dead member, a NOSPACE alarm, a flapping member on its own, posts one
+message per condition with the next command, edits it, and resolves it in its thread."""
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+import urllib.request
+
+from bot.config import load_config
+from bot.ops.context import BotContext
+from bot.ops.notify import PlainDirectory, PlainNotifier
+from bot.testing.slack import Message, SlackStandIn
+from bot.testing.workspace import CHANNEL, LEAD, cluster_table, write_config
+from bot.watch.watcher import Watcher
+from helpers import (
+    APPROVAL,
+    OK,
+    QUOTA_ARGS,
+    announcing,
+    ephemeral,
+    eventually,
+    fill_until_nospace,
+    members_of,
+    plan_row,
+    propose,
+    reply,
+    text_of,
+    thread,
+    urls,
+    wait_done,
+    wait_state,
+)
+
+INTERVAL, GRACE = 1.0, 2.0
+MARGIN = 5.0           # the issue's goal: every alert within interval + grace + 5 s
+WATCH = {"interval": f"{INTERVAL:g}s", "grace": f"{GRACE:g}s"}
+
+
+def watched(name: str, cluster, **extra) -> dict:
+    """A cluster table with a fast watch and a short deadline (a paused member costs 0.5 s)."""
+    return cluster_table(name, cluster, **{"watch": WATCH, "timeout_seconds": 0.5, **extra})
+
+
+def alerts(slack: SlackStandIn, word: str, channel: str = CHANNEL) -> list[Message]:
+    """The watch's top-level messages of one condition (by its headline word, e.g. MEMBER DOWN)."""
+    return [m for m in slack.channel_messages(channel, include_threads=False, include_ephemeral=False)
+            if m.source == "chat.postMessage" and m.thread_ts is None and word in m.text]
+
+
+async def first_alert(slack: SlackStandIn, word: str, timeout: float, channel: str = CHANNEL, bot=None) -> Message:
+    try:
+        return await slack.wait_for(lambda: next(iter(alerts(slack, word, channel)), None), timeout,
+                                    f"a {word} alert in {channel}")
+    except TimeoutError as e:   # say what the watch was tracking
+        watcher = bot.runtime.watcher if bot else None
+        tracks = {name: w.tracker.tracks for name, w in watcher.clusters.items()} if watcher else "?"
+        raise AssertionError(f"{e}; the watch tracks {tracks}") from None
+
+
+def metrics(bot) -> str:
+    with urllib.request.urlopen(f"{bot.base_url}/metrics", timeout=5) as resp:
+        return resp.read().decode()
+
+
+async def test_a_dead_member_is_one_alert_then_resolved_in_its_thread(make_cluster, slack, start_bot):
+    c = make_cluster(3)
+    bot = await start_bot([watched("prod", c)])
+    killed = time.monotonic()
+    c.kill("member1")
+    alert = await first_alert(slack, "MEMBER DOWN member1", INTERVAL + GRACE + MARGIN)
+    took = time.monotonic() - killed
+    shown = text_of(alert)
+    for expected in ("member1", "/etcd replace member1 member4 http://NEW-HOST:", "--cluster prod`",
+                     "`/etcd status prod`", "2 of 3 voters healthy"):
+        assert expected in shown, f"{expected!r} missing from the alert: {shown}"
+    assert 'etcd_chatops_alerts_open{cluster="prod",condition="member_down"} 1.0' in await asyncio.to_thread(
+        metrics, bot)
+    listing = await reply(slack, "alerts")
+    assert "1 open condition" in listing.text and "member down member1" in listing.text
+
+    await asyncio.to_thread(c.restart, "member1")
+    await slack.wait_for(lambda: "resolved after" in thread(slack, alert), 3 * INTERVAL + GRACE + MARGIN,
+                         "the resolution in the alert's thread")
+    assert "resolved after" in alert.text and "/etcd replace" not in text_of(alert)   # the message says so too
+    assert len(alerts(slack, "MEMBER DOWN")) == 1, "exactly one alert"
+    page = await asyncio.to_thread(metrics, bot)
+    assert 'etcd_chatops_alerts_open{cluster="prod",condition="member_down"} 0.0' in page
+    assert 'etcd_chatops_alerts_posted_total{cluster="prod",condition="member_down"} 1.0' in page
+    assert "no open conditions" in (await reply(slack, "alerts")).text
+    print(f"kill to alert: {took:.1f} s (interval {INTERVAL:g} s, grace {GRACE:g} s)")
+    assert took <= INTERVAL + GRACE + MARGIN
+
+
+async def test_a_flapping_member_is_one_message_that_says_so(make_cluster, slack, start_bot):
+    c = make_cluster(3)
+    await start_bot([watched("prod", c)])
+    for _ in range(6):   # down and up every 3 s: faster than grace, so only flapping can open it
+        c.pause("member2")
+        await asyncio.sleep(1.5)   # the fault's own rhythm, not a wait for the bot
+        c.resume("member2")
+        await asyncio.sleep(1.5)
+    alert = await first_alert(slack, "MEMBER DOWN member2", INTERVAL + GRACE + MARGIN)
+    await slack.wait_for(lambda: "flapping" in alert.text, INTERVAL + MARGIN, "the alert to say it is flapping")
+    assert len(alerts(slack, "MEMBER DOWN")) == 1
+
+
+async def test_nospace_opens_the_alarm_condition_with_the_defrag_suggestion(make_cluster, slack, start_bot):
+    c = make_cluster(3, extra_args=QUOTA_ARGS)
+    await start_bot([watched("prod", c)])
+    await fill_until_nospace(c)
+    alert = await first_alert(slack, "ALARM NOSPACE", INTERVAL + GRACE + MARGIN)
+    assert "`/etcd defrag prod`" in text_of(alert) and "refuses writes" in alert.text
+    assert len(alerts(slack, "ALARM NOSPACE")) == 1
+    quota = await first_alert(slack, "QUOTA", 10 * INTERVAL + MARGIN)   # the database is above 80 % of 16 MiB too
+    assert "`/etcd defrag prod`" in text_of(quota)
+
+
+async def test_a_mute_is_honoured_and_ends_by_itself(make_cluster, slack, start_bot):
+    c = make_cluster(3)
+    await start_bot([watched("prod", c)])
+    muted = await reply(slack, "mute prod 8s replacing disks <!channel>", user=LEAD)
+    until = time.monotonic() + 8
+    assert "held back until" in text_of(muted) and "&lt;!channel&gt;" in muted.text
+    c.kill("member3")
+    alert = await first_alert(slack, "MEMBER DOWN member3", 8 + INTERVAL + GRACE + MARGIN)
+    assert time.monotonic() >= until - 0.5, "posted while muted"
+    assert len(alerts(slack, "MEMBER DOWN")) == 1 and alert.text
+
+
+async def test_unmute_and_who_may_mute(make_cluster, slack, start_bot):
+    c = make_cluster(3)
+    bot = await start_bot([watched("prod", c, access={"operators": [LEAD]})])
+    refused = await ephemeral(slack, "mute 1h x")   # the on-call engineer is no operator here
+    assert "needs the operator role" in refused.text
+    assert "is not muted" in (await ephemeral(slack, "unmute", user=LEAD)).text
+    await reply(slack, "mute 1h maintenance", user=LEAD)
+    c.kill("member1")
+    assert "muted: until" in (await reply(slack, "alerts")).text
+    await reply(slack, "unmute", user=LEAD)
+    await first_alert(slack, "MEMBER DOWN member1", INTERVAL + GRACE + MARGIN)
+    actions = [(r["action"], r["user"]) for r in await bot.ctx.store.audit_rows()]
+    assert ("mute", LEAD) in actions and ("unmute", LEAD) in actions
+
+
+async def test_the_member_being_replaced_is_no_alert(make_cluster, slack, start_bot):
+    c = make_cluster(3)
+    bot = await start_bot([watched("prod", c, watch={**WATCH, "grace": "3s"})], approval=APPROVAL)
+    # The plan pauses (Slack's rate limit on its progress edit) longer than grace + interval twice: before
+    # it removes the dead member1, and after it added member4, before starting it.
+    pause = 3 + 2 * INTERVAL
+    for step in (2, 4):
+        slack.fail_next("chat.update", status=429, retry_after=int(pause), match=announcing(step))
+    c.kill("member1")
+    peer, client = urls()
+    plan = await propose(slack, f"replace member1 member4 {peer} --client-url {client}")
+    row = await plan_row(bot.ctx.store, plan)
+    await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
+    started = time.monotonic()
+    await wait_done(bot.ctx.store, row["id"])
+    assert time.monotonic() - started >= 2 * pause   # the watch saw both for longer than it takes to post
+    assert not alerts(slack, "MEMBER DOWN"), [m.text for m in alerts(slack, "MEMBER DOWN")]
+    # ... and still posts what the plan does not cause.
+    c.kill("member2")
+    await first_alert(slack, "MEMBER DOWN member2", INTERVAL + 3 + 2 * MARGIN, bot=bot)
+
+
+async def test_a_restarted_bot_edits_its_alert_instead_of_posting_again(make_cluster, slack, start_bot):
+    c = make_cluster(3)
+    clusters = [watched("prod", c)]
+    bot = await start_bot(clusters)
+    c.kill("member1")
+    alert = await first_alert(slack, "MEMBER DOWN member1", INTERVAL + GRACE + MARGIN)
+    await bot.stop()
+    edits = len(alert.edits)
+    await start_bot(clusters)
+    await slack.wait_for(lambda: len(alert.edits) > edits or None, INTERVAL + MARGIN, "the new bot to edit the alert")
+    await asyncio.to_thread(c.restart, "member1")
+    await slack.wait_for(lambda: "resolved after" in thread(slack, alert), 3 * INTERVAL + GRACE + MARGIN,
+                         "the resolution in the old alert's thread")
+    assert len(alerts(slack, "MEMBER DOWN")) == 1
+
+
+async def test_a_dead_cluster_does_not_delay_another_clusters_alert(make_cluster, slack, start_bot):
+    dead, alive = make_cluster(3), make_cluster(3)
+    await start_bot([watched("dead", dead, timeout_seconds=2.0), watched("alive", alive)])
+    for name in dead.members:
+        dead.pause(name)   # black-holed: connections hang until a deadline
+    try:
+        killed = time.monotonic()
+        alive.kill("member2")
+        alert = await first_alert(slack, "MEMBER DOWN member2", INTERVAL + GRACE + MARGIN)
+        took = time.monotonic() - killed
+        assert "cluster *alive*" in text_of(alert)
+        lost = await first_alert(slack, "QUORUM LOST", 2 * (2 * 2.0 + 1) + GRACE + MARGIN)
+        assert "dead" in lost.text and "no member answered" in lost.text
+        print(f"kill to alert beside a black-holed cluster: {took:.1f} s")
+        assert took <= INTERVAL + GRACE + MARGIN
+    finally:
+        for name in dead.members:
+            dead.resume(name)
+
+
+async def test_what_a_failed_plan_leaves_behind_is_posted_when_it_fails(make_cluster, slack, start_bot):
+    c = make_cluster(3)
+    failing = {"kind": "command", "argv": [sys.executable, "-c", "raise SystemExit(3)"], "timeout_seconds": 30}
+    bot = await start_bot([watched("prod", c, watch={**WATCH, "grace": "3s"}, launcher=failing)], approval=APPROVAL)
+    c.kill("member1")
+    peer, client = urls()
+    plan = await propose(slack, f"replace member1 member4 {peer} --client-url {client}")
+    row = await plan_row(bot.ctx.store, plan)
+    await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
+    failed = await wait_state(bot.ctx.store, row["id"], ("failed",))
+    assert not alerts(slack, "MEMBER DOWN"), "held back while the plan ran"
+    # The plan added member4 but could not start it: no longer the plan's doing, so it is posted.
+    alert = await first_alert(slack, "MEMBER DOWN", INTERVAL + 3 + MARGIN, bot=bot)
+    assert failed.new_member_id and failed.new_member_id in alert.text and "unstarted" in alert.text
+
+
+async def test_leader_churn_suggests_perf(make_cluster, slack, start_bot):
+    c = make_cluster(3)
+    await start_bot([watched("prod", c)])
+    for _ in range(4):   # four elections, moved by hand
+        health = await members_of(c)
+        leader = next(h for h in health if h.status and h.status.leader == h.member.id)
+        target = next(h for h in health if h is not leader)
+        await asyncio.to_thread(c.etcdctl, "move-leader", target.member.hex_id,
+                                endpoints=[leader.member.client_urls[0]])
+    alert = await first_alert(slack, "LEADER CHURN", 2 * INTERVAL + GRACE + MARGIN)
+    assert "`/etcd perf prod`" in text_of(alert) and "4 leader changes" in alert.text
+
+
+async def test_only_a_replica_that_should_watch_posts(make_cluster, tmp_path):
+    """Leader only: the watcher asks `should_watch` every round (with replicas: am I the leader?)."""
+    c = make_cluster(3)
+    ctx = await BotContext.open(load_config(write_config(tmp_path, [watched("prod", c)])), PlainNotifier(),
+                                PlainDirectory())
+    leading = False
+    task = asyncio.create_task(Watcher(ctx, should_watch=lambda: leading).run())
+    try:
+        killed = time.monotonic()
+        c.kill("member1")
+        await eventually(lambda: time.monotonic() - killed > INTERVAL + GRACE + 1, 10, "time for an alert")
+        assert not ctx.notifier.lines, "posted without being the leader"
+        leading = True
+        await eventually(lambda: any("MEMBER DOWN member1" in line for line in ctx.notifier.lines),
+                         INTERVAL + GRACE + MARGIN, "the alert once leading")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await ctx.close()
