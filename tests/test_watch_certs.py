@@ -2,12 +2,21 @@
 and the warning threshold."""
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
+import pytest
+
+from bot.config import ConfigError, parse_config
 from bot.etcd.certs import DAY, CertReading, Kind, ServingCert, expiring, parse_der, read_certs, remaining, tls_urls
 from bot.etcd.model import Member, TLSFiles
 from bot.testing import certs
+from bot.testing.slack import Message
+from bot.testing.workspace import cluster_table
+from bot.watch.certificates import PROBE, certificate
+from bot.watch.conditions import Facts
+from helpers import eventually, text_of
 
 NOW = 1_000_000.0
 
@@ -32,9 +41,11 @@ def test_only_certificates_within_the_warning_are_expiring_soonest_first() -> No
 def test_the_margin_reads_as_people_say_it() -> None:
     cert = ServingCert(NOW + 3 * DAY + 600, "CN=x")
     assert remaining(cert, NOW) == "in 3 days"
-    assert remaining(cert, NOW + 2 * DAY + 601) == "in 23 hours"
+    assert remaining(cert, NOW + 600) == "in 3 days"
+    assert remaining(cert, NOW + 1.5 * DAY) == "in 36 hours"
     assert remaining(cert, NOW + 3 * DAY) == "in less than an hour"
-    assert remaining(cert, NOW + 5 * DAY) == "expired 1 day ago"
+    assert remaining(cert, NOW + 3 * DAY + 4200) == "1 hour ago"
+    assert remaining(cert, NOW + 6 * DAY) == "3 days ago"
     assert cert.expires == "1970-01-15 13:56 UTC"
 
 
@@ -84,3 +95,60 @@ async def test_every_members_client_and_peer_certificate_is_read_and_a_silent_on
     no_client_cert = await read_certs([("member1", "peer", c.member("member1").peer_url)], TLSFiles(), 2.0, time.time())
     assert no_client_cert[0].cert is None and "client certificate" in str(no_client_cert[0].error)
     assert len(expiring(readings, time.time(), 14 * DAY)) == 4
+
+
+# ---------------------------------------------------------------- the condition
+
+def facts(readings: list[CertReading] | None, warning: str = "14d") -> Facts:
+    config = parse_config({"clusters": [{"name": "prod", "endpoints": ["https://10.0.0.1:2379"],
+                                         "watch": {"cert_warning": warning}}]}, Path("."))
+    return Facts(cluster=config.clusters[0], now=NOW, health=None,
+                 extra={} if readings is None else {PROBE: readings})
+
+
+def test_one_alert_lists_every_certificate_expiring_soonest_first() -> None:
+    [found] = certificate(facts([reading("m1", 90), reading("m2", 10, "client"), reading("m3", 3)])) or []
+    assert found.key == ("certificate", "serving certificates")
+    assert found.summary.startswith("m3's peer certificate expires 1970-01-15 13:46 UTC (in 3 days): renew it")
+    assert "1 more within 14 days" in found.summary
+    assert [name for name, _ in found.figures] == ["m3 peer https://10.0.0.1:2380", "m2 client https://10.0.0.1:2379"]
+    assert "CN=etcd-member" in found.figures[0][1] and found.members == ("m3", "m2")
+    assert found.suggestions == ()  # renewing is no /etcd command
+
+
+def test_the_warning_is_configurable_and_nothing_is_said_before_the_first_probe() -> None:
+    assert certificate(facts([reading("m1", 10)], warning="7d")) == []
+    [expired] = certificate(facts([reading("m1", -2)], warning="7d")) or []
+    assert expired.summary == "m1's peer certificate expired 1970-01-10 13:46 UTC (2 days ago): its peers refuse it"
+    assert certificate(facts(None)) is None
+    assert certificate(facts([reading("m1", None)])) == []
+
+
+async def test_a_cluster_with_certificates_valid_for_3_days_raises_the_certificate_condition(
+        make_cluster, slack, start_bot) -> None:
+    short, year = make_cluster(3, tls=True, cert_days=3), make_cluster(1, tls=True)
+    fast = {"interval": "1s", "grace": "1s"}
+    await start_bot([cluster_table("short-lived", short, watch=fast), cluster_table("renewed", year, watch=fast)])
+    from cryptography import x509
+    expiry = x509.load_pem_x509_certificate(Path(short.tls.server_cert).read_bytes()).not_valid_after_utc
+
+    def alerts() -> list[Message]:
+        return [m for m in slack.messages if m.thread_ts is None and "CERTIFICATE" in text_of(m)]
+
+    [msg] = await eventually(alerts, 30, "the certificate alert")
+    shown = text_of(msg)
+    assert "short-lived" in shown and f"expires {expiry:%Y-%m-%d %H:%M} UTC (in 3 days)" in shown, shown
+    for name in ("member1", "member2", "member3"):
+        for kind, url in (("peer", short.member(name).peer_url), ("client", short.member(name).client_url)):
+            assert f"{name} {kind} {url}" in shown, shown
+    assert "5 more within 14 days" in shown and "CN=etcd-member" in shown and "127.0.0.1" in shown
+    await asyncio.sleep(3)  # several more rounds (0.5 s each): still the one message, and none for the renewed cluster
+    assert alerts() == [msg], [text_of(m) for m in alerts()]
+
+
+def test_cert_warning_is_a_duration() -> None:
+    assert facts([], warning="7d").cluster.watch.cert_warning_seconds == 7 * DAY
+    assert parse_config({"clusters": [{"name": "p", "endpoints": ["https://10.0.0.1:2379"]}]},
+                        Path(".")).clusters[0].watch.cert_warning_seconds == 14 * DAY
+    with pytest.raises(ConfigError, match=r"^clusters\[0\]\.watch\.cert_warning: 'soon' is not a duration"):
+        facts([], warning="soon")

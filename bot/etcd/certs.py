@@ -147,14 +147,14 @@ def expiring(readings: Iterable[CertReading], now: float, warn_seconds: float) -
 
 
 def remaining(cert: ServingCert, now: float) -> str:
-    """"in 3 days", "in 5 hours", "expired 2 days ago": how a person reads the margin."""
+    """"in 3 days", "in 5 hours", "2 days ago": how a person reads the margin."""
     left = cert.seconds_left(now)
-    return f"expired {_span(-left)} ago" if left < 0 else f"in {_span(left)}"
+    return f"{_span(-left)} ago" if left < 0 else f"in {_span(left)}"
 
 
 def _span(seconds: float) -> str:
-    if seconds >= DAY:
-        n = int(seconds // DAY)
-        return f"{n} day{'s' if n != 1 else ''}"
-    n = int(seconds // 3600)
+    """Rounded to what matters: days from two days on, hours below."""
+    if seconds >= 2 * DAY - 1800:
+        return f"{round(seconds / DAY)} days"
+    n = round(seconds / 3600)
     return f"{n} hour{'s' if n != 1 else ''}" if n else "less than an hour"
