@@ -72,7 +72,8 @@ async def alert_after(slack: SlackStandIn, cluster: str, member: str, after: int
 
 
 async def etcdctl_cron(fleet: list[LocalCluster], window: float) -> tuple[float, int]:
-    """CPU seconds and peak RSS of `etcdctl endpoint status --cluster` for every cluster every interval."""
+    """CPU (cores, as the bot's) and peak RSS of `etcdctl endpoint status --cluster` for every cluster every
+    interval, over `window` seconds."""
     etcdctl = str(find_binary("etcdctl"))
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
@@ -84,7 +85,8 @@ async def etcdctl_cron(fleet: list[LocalCluster], window: float) -> tuple[float,
         await asyncio.gather(*(p.wait() for p in procs))
         await asyncio.sleep(max(0.0, INTERVAL - (time.monotonic() - tick)))
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime), after.ru_maxrss * 1024
+    used = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return used / (time.monotonic() - started), after.ru_maxrss * 1024
 
 
 async def bot_window(config: Path, slack: SlackStandIn, creds: SlackSecrets, log: Path, window: float,

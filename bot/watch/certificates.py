@@ -4,7 +4,8 @@ The probe reads every https client and peer URL's certificate in the TLS
 handshake (bot/etcd/certs.py) once an hour per cluster (PROBE_EVERY):
 certificates change rarely, and a handshake per URL per round would cost more
 than the status fan-out itself. A URL that did not answer keeps its last
-reading, so a member that is down for a moment does not hide its expiry.
+reading, so a member that is down for a moment does not hide its expiry;
+while no handshake succeeds at all, the probe is tried again every round.
 One alert per cluster lists every certificate that expires soon (they are
 often issued together), each with its URL, date and days left; renewing a
 certificate is no `/etcd` command, so none is suggested.
@@ -26,17 +27,20 @@ PROBE_EVERY = 3600.0   # seconds: once an hour per cluster
 _LAST: dict[str, dict[str, CertReading]] = {}
 
 
-async def fetch(ctx: BotContext, cluster: ClusterConfig, health: ClusterHealth | None) -> list[CertReading]:
-    """Every https client and peer URL of the members the health check saw, at once, under the cluster's deadline."""
+async def fetch(ctx: BotContext, cluster: ClusterConfig, health: ClusterHealth | None) -> list[CertReading] | None:
+    """Every https client and peer URL of the members the health check saw, at once, under the cluster's
+    deadline. None (asked again next round) when the cluster did not answer or no handshake succeeded."""
     if health is None:
-        return list(_LAST.get(cluster.name, {}).values())
+        return None
     targets = tls_urls(h.member for h in health.members)
+    if not targets:
+        return []
     readings = await read_certs(targets, TLSFiles(cluster.cacert, cluster.cert, cluster.key),
                                 cluster.timeout_seconds, time.time())
     last = _LAST.get(cluster.name, {})
-    kept = {r.url: (r if r.cert is not None or r.url not in last else last[r.url]) for r in readings}
-    _LAST[cluster.name] = kept
-    return list(kept.values())
+    kept = [r if r.cert is not None or r.url not in last else last[r.url] for r in readings]
+    _LAST[cluster.name] = {r.url: r for r in kept}
+    return kept if any(r.cert for r in kept) else None
 
 
 def certificate(f: Facts) -> list[Finding] | None:
