@@ -140,6 +140,8 @@ def test_flapping_ten_times_a_minute_is_one_alert_that_says_so():
     assert [a for _, a in acts if a != Act.UPDATE] == [Act.OPEN]
     assert acts[0][0] == 12.0 and t.tracks[DOWN.key].flapping   # third appearance, long before grace
     assert t.tracks[DOWN.key].flaps >= 9
+    # It resolves once it has been quiet for a flap window, not after grace.
+    assert run(t, [(120.0 + 45, False)]) == [] and run(t, [(117.0 + FLAP_WINDOW, False)]) == [(177.0, Act.RESOLVE)]
 
 
 def test_back_soon_after_resolving_reopens_the_same_alert():
@@ -192,6 +194,8 @@ def test_the_alert_message_shows_the_command_as_code_and_the_resolution_its_dura
     assert "open for 4m 12s" in reply.text
     resolved = view(resolved_at=1252.0, now=1300.0)
     assert "resolved after 4m 12s" in blocks.alert_note(resolved).text
+    assert "after flapping (5 times within a minute)" in blocks.alert_reply(
+        view(resolved_at=1252.0, flaps=5, flapping=True)).text
     assert "/etcd replace" not in str(blocks.alert_reply(resolved).blocks)
     assert "flapping (9 times in the last minute)" in blocks.alert_reply(view(flaps=9, flapping=True)).text
     assert [short_duration(s) for s in (0, 12, 252, 3700, 90000)] == ["0s", "12s", "4m 12s", "1h 1m", "1d 1h"]

@@ -193,7 +193,7 @@ def consistency_text(c: Consistency) -> str:
 
 def alert_state(view: AlertView) -> str:
     if view.resolved:
-        return f"resolved after {short_duration(view.lasted)}"
+        return resolved_text(view)
     flapping = f", flapping ({view.flaps} times in the last minute)" if view.flapping else ""
     return f"open for {short_duration(view.lasted)}{flapping}"
 
@@ -206,7 +206,8 @@ def alert_text(view: AlertView) -> str:
 
 
 def resolved_text(view: AlertView) -> str:
-    return f"resolved after {short_duration(view.lasted)}"
+    flapped = f", after flapping ({view.flaps} times within a minute)" if view.flapping else ""
+    return f"resolved after {short_duration(view.lasted)}{flapped}"
 
 
 def alerts_text(cluster: str, views: list[AlertView], muted: str | None = None) -> str:

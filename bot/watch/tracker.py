@@ -5,7 +5,8 @@ before the alert resolves, so one slow answer neither posts nor clears
 anything. A condition that comes back within FLAP_WINDOW of clearing reopens
 the same alert (its message says it is flapping) instead of posting a new one;
 one that comes and goes FLAP_MIN times within the window opens at once, grace
-or not. So a member down and up ten times a minute is one message.
+or not, and resolves only after a quiet FLAP_WINDOW. So a member down and up
+ten times a minute is one message, and one "resolved" when it has settled.
 """
 from __future__ import annotations
 
@@ -106,7 +107,8 @@ class Tracker:
         if track.open:
             if finding is not None:
                 return Decision(Act.UPDATE, track)
-            if track.absent_since is not None and now - track.absent_since >= self.grace:
+            settle = max(self.grace, FLAP_WINDOW) if track.flapping else self.grace
+            if track.absent_since is not None and now - track.absent_since >= settle:
                 track.resolved_at = track.absent_since   # it lasted until it was last seen gone
                 return Decision(Act.RESOLVE, track)
             return None
