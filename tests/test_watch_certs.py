@@ -8,13 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from bot.config import ConfigError, parse_config
+from bot.config import ConfigError, load_config, parse_config
 from bot.etcd.certs import DAY, CertReading, Kind, ServingCert, expiring, parse_der, read_certs, remaining, tls_urls
 from bot.etcd.model import Member, TLSFiles
+from bot.ops.context import BotContext
+from bot.ops.notify import PlainDirectory, PlainNotifier
 from bot.testing import certs
 from bot.testing.slack import Message
-from bot.testing.workspace import cluster_table
+from bot.testing.workspace import cluster_table, write_config
 from bot.watch.certificates import PROBE, certificate
+from bot.watch.certificates import fetch as fetch_certs
 from bot.watch.conditions import Facts
 from helpers import eventually, text_of
 
@@ -152,3 +155,23 @@ def test_cert_warning_is_a_duration() -> None:
                         Path(".")).clusters[0].watch.cert_warning_seconds == 14 * DAY
     with pytest.raises(ConfigError, match=r"^clusters\[0\]\.watch\.cert_warning: 'soon' is not a duration"):
         facts([], warning="soon")
+
+
+async def test_the_probe_keeps_a_silent_urls_last_reading_and_waits_for_an_answering_cluster(
+        make_cluster, tmp_path) -> None:
+    c = make_cluster(1, tls=True, cert_days=3)
+    ctx = await BotContext.open(load_config(write_config(tmp_path, [cluster_table("p", c)])), PlainNotifier(),
+                                PlainDirectory())
+    try:
+        cluster = ctx.config.clusters[0]
+        health = await ctx.check(cluster)
+        first = await fetch_certs(ctx, cluster, health) or []
+        assert [(r.kind, r.cert is not None) for r in first] == [("client", True), ("peer", True)]
+        c.pause("member1")
+        try:
+            assert await fetch_certs(ctx, cluster, health) == first  # silent now: the last readings stand
+        finally:
+            c.resume("member1")
+        assert await fetch_certs(ctx, cluster, None) is None  # no member list: asked again next round
+    finally:
+        await ctx.close()
