@@ -125,6 +125,7 @@ class WatchConfig:
     enabled: bool = True
     interval_seconds: float = 15.0       # one status fan-out per interval
     grace_seconds: float = 45.0          # how long a condition lasts before it is posted (and gone before resolved)
+    cert_warning_seconds: float = 14 * 86400.0  # a serving certificate that expires within this is a condition
 
 
 @dataclass(frozen=True)
@@ -436,9 +437,11 @@ def _watch(t: _Table) -> WatchConfig:
     if interval is not None and interval < 1:
         raise ConfigError(f"{t.key('interval')}: {t.data['interval']!r} is too often; the shortest interval is 1s")
     grace = t.get("grace", str, None, _short_duration)
+    cert_warning = t.get("cert_warning", str, None, _short_duration)
     t.done()
     return WatchConfig(enabled=enabled, interval_seconds=interval if interval is not None else 15.0,
-                       grace_seconds=grace if grace is not None else 45.0)
+                       grace_seconds=grace if grace is not None else 45.0,
+                       cert_warning_seconds=cert_warning if cert_warning is not None else 14 * 86400.0)
 
 
 def _cluster(t: _Table, snapshot_defaults: SnapshotPolicy, approval: ApprovalConfig) -> ClusterConfig:

@@ -44,7 +44,7 @@ from bot.ops.snapshots import RunningSnapshot, take_snapshot
 from bot.output import blocks
 from bot.output.model import perf_view
 from bot.slack.web import SlackPostError, post
-from bot.store.sqlite import StoreError
+from bot.store.base import StoreError
 from bot.watch.watcher import open_views
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from slack_bolt.async_app import AsyncApp
 from bot.ops import lifecycle
 from bot.ops.context import BotContext
 from bot.output import blocks
-from bot.store.sqlite import StoreError
+from bot.store.base import StoreError
 
 log = logging.getLogger(__name__)
 

@@ -15,6 +15,7 @@ from bot.ops.commands import UsageError, parse
 from bot.output import blocks
 from bot.output.model import AlertView, short_duration
 from bot.store.records import PlanKind, PlanState
+from bot.watch import certificates  # registered, as in the bot (backup_missed says nothing without a schedule)
 from bot.watch.conditions import Facts, Finding, evaluate, expected, next_name
 from bot.watch.tracker import FLAP_WINDOW, Act, Tracker
 from helpers import cluster_health, member_status
@@ -30,6 +31,8 @@ def member(i: int, up: bool = True, name: str | None = None, **status) -> Member
 
 
 def facts(*members: MemberHealth, alarms: tuple[Alarm, ...] = (), **kw) -> Facts:
+    """A round after every probe answered (no https URL: no certificate read)."""
+    kw.setdefault("extra", {certificates.PROBE: []})
     return Facts(cluster=PROD, now=1000.0, health=cluster_health(*members, alarms=alarms), **kw)
 
 
@@ -76,7 +79,7 @@ def test_quorum_lost_names_the_newest_verified_snapshot():
 def test_a_cluster_that_does_not_answer_is_quorum_lost_and_nothing_else_can_tell():
     found, unknown = evaluate(Facts(cluster=PROD, now=0.0, health=None, error="all endpoints: deadline exceeded"))
     assert [f.kind for f in found] == ["quorum_lost"] and "deadline exceeded" in found[0].summary
-    assert unknown == {"member_down", "alarm", "quota", "leader_churn"}
+    assert unknown == {"member_down", "alarm", "quota", "leader_churn", "certificate"}
 
 
 def test_alarms_suggest_defrag_or_consistency():

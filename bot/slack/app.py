@@ -30,8 +30,8 @@ from bot.settings import SlackSettings
 from bot.slack.directory import SlackDirectory
 from bot.slack.notifier import SlackNotifier
 from bot.slack.readiness import ReadinessProbe
+from bot.store.base import StoreError
 from bot.store.records import PlanState
-from bot.store.sqlite import StoreError
 from bot.watch.watcher import Watcher
 
 log = logging.getLogger(__name__)

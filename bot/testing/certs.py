@@ -2,7 +2,8 @@
 
 The etcd behind Kubernetes requires client certificates; the local cluster
 generates its own so tests exercise the same code path. Needs the
-`cryptography` package (the test extra).
+`cryptography` package. Certificates are valid for a year unless asked
+otherwise (`valid_days`: a short-lived one is what the watch warns about).
 """
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ class CertFiles:
     client_key: Path
 
 
-def generate(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> CertFiles:
-    """Write a CA, a server/peer certificate for `hosts` and a client certificate."""
+def generate(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"),
+             valid_days: float = 365.0) -> CertFiles:
+    """Write a CA, a server/peer certificate for `hosts` and a client certificate, valid for `valid_days`."""
     try:
         from cryptography import x509
         from cryptography.hazmat.primitives import hashes, serialization
@@ -38,6 +40,7 @@ def generate(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"
 
     directory.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.UTC)
+    until = now + dt.timedelta(days=valid_days)
 
     def key():
         return ec.generate_private_key(ec.SECP256R1())
@@ -59,7 +62,7 @@ def generate(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"
     ca_key = key()
     ca = (x509.CertificateBuilder().subject_name(name("etcd-chatops test CA")).issuer_name(name("etcd-chatops test CA"))
           .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=2))
+          .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(until)
           .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
           .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
                                        content_commitment=False, key_encipherment=False, data_encipherment=False,
@@ -71,7 +74,7 @@ def generate(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"
         k = key()
         builder = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(ca.subject).public_key(k.public_key())
                    .serial_number(x509.random_serial_number())
-                   .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=2))
+                   .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(until)
                    .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                    .add_extension(x509.ExtendedKeyUsage(usages), critical=False))
         if sans:

@@ -173,8 +173,10 @@ class LocalCluster:
     """
 
     def __init__(self, size: int = 3, *, tls: bool = False, base_dir: str | Path | None = None,
-                 prefix: str = "member", keep: bool = False, extra_args: Sequence[str] = ()):
-        """`extra_args`: more etcd flags for every member (e.g. a small --quota-backend-bytes)."""
+                 prefix: str = "member", keep: bool = False, extra_args: Sequence[str] = (),
+                 cert_days: float = 365.0):
+        """`extra_args`: more etcd flags for every member (e.g. a small --quota-backend-bytes);
+        `cert_days`: how long the TLS certificates are valid."""
         if size < 1:
             raise ValueError("a cluster needs at least one member")
         self.size = size
@@ -191,7 +193,7 @@ class LocalCluster:
         self.tls: TLSPaths | None = None
         if tls:
             from bot.testing import certs
-            files = certs.generate(self.base_dir / "tls")
+            files = certs.generate(self.base_dir / "tls", valid_days=cert_days)
             self.tls = TLSPaths(ca=str(files.ca), server_cert=str(files.server_cert), server_key=str(files.server_key),
                                 client_cert=str(files.client_cert), client_key=str(files.client_key))
         self.scheme = "https" if tls else "http"

@@ -34,8 +34,9 @@ from bot.ops.context import BotContext
 from bot.ops.notify import NotifyFailed
 from bot.output import blocks
 from bot.output.model import AlertView
+from bot.store.base import StoreError
 from bot.store.records import PlanRecord
-from bot.store.sqlite import StoreError
+from bot.watch import backups, certificates
 from bot.watch.conditions import CONDITIONS, LEADER_WINDOW, Facts, Finding, evaluate, expected, title
 from bot.watch.tracker import FLAP_MIN, Act, Decision, Key, Track, Tracker
 
@@ -74,6 +75,8 @@ async def _quotas(ctx: BotContext, cluster: ClusterConfig, health: ClusterHealth
 
 
 register_probe(Probe("quotas", _quotas, 300.0))
+for _more in (certificates, backups):  # conditions with a probe of their own (importing them registers the conditions)
+    register_probe(Probe(_more.PROBE, _more.fetch, _more.PROBE_EVERY))
 
 
 # ---------------------------------------------------------------- per cluster state
