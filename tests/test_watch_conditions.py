@@ -128,6 +128,16 @@ def test_a_condition_opens_after_grace_once_and_resolves_after_grace():
     assert (track.opened_at, track.resolved_at) == (0, 75)   # it lasted from 0 until first seen gone
 
 
+def test_a_round_a_few_milliseconds_early_still_opens_and_resolves_on_time():
+    """Grace is 3 intervals; the rounds drift 10 ms early. Without the jitter allowance the alert
+    waited a 4th round (the fleet bench saw 75 s from kill to alert against a 65 s goal)."""
+    rounds = [(15 * i - 0.01 * i, i < 6) for i in range(12)]
+    acts = [(round(now), a) for now, a in run(Tracker(grace=45, jitter=1.0), rounds) if a != Act.UPDATE]
+    assert acts == [(45, Act.OPEN), (135, Act.RESOLVE)]
+    assert [a for _, a in run(Tracker(grace=45), rounds) if a != Act.UPDATE][:1] == [Act.OPEN]
+    assert run(Tracker(grace=45), rounds)[0][0] > 59   # the old behaviour: one round late
+
+
 def test_a_blip_shorter_than_grace_posts_nothing():
     assert run(Tracker(grace=45), [(0, True), (15, True), (30, False), (45, False), (200, False)]) == []
 

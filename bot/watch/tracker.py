@@ -61,6 +61,9 @@ class Tracker:
     """The alerts of one cluster. `step` takes a round's findings and says what to post."""
 
     grace: float
+    # Rounds start a few milliseconds early or late: a condition seen for `grace` less this much has
+    # lasted its grace. Without it, a grace of exactly N intervals waited an (N+1)th round (75 s, not 60 s).
+    jitter: float = 0.0
     tracks: dict[Key, Track] = field(default_factory=dict)
 
     def restore(self, finding: Finding, opened_at: float, flaps: int = 0) -> Track:
@@ -108,7 +111,7 @@ class Tracker:
             if finding is not None:
                 return Decision(Act.UPDATE, track)
             settle = max(self.grace, FLAP_WINDOW) if track.flapping else self.grace
-            if track.absent_since is not None and now - track.absent_since >= settle:
+            if track.absent_since is not None and now - track.absent_since + self.jitter >= settle:
                 track.resolved_at = track.absent_since   # it lasted until it was last seen gone
                 return Decision(Act.RESOLVE, track)
             return None
@@ -119,7 +122,7 @@ class Tracker:
             track.flaps = max(track.flaps, len(track.appearances), FLAP_MIN)
             return Decision(Act.REOPEN, track)
         assert track.present_since is not None
-        if now - track.present_since >= self.grace or len(track.appearances) >= FLAP_MIN:
+        if now - track.present_since + self.jitter >= self.grace or len(track.appearances) >= FLAP_MIN:
             track.opened_at = track.present_since    # the condition's start, not the post's
             track.flaps = len(track.appearances)
             return Decision(Act.OPEN, track)

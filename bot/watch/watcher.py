@@ -147,7 +147,7 @@ class Watcher:
 
     async def load(self, cluster: ClusterConfig) -> ClusterWatch:
         """The cluster's open alerts from the store: their messages are edited, not posted again."""
-        state = ClusterWatch(Tracker(cluster.watch.grace_seconds))
+        state = ClusterWatch(Tracker(cluster.watch.grace_seconds, jitter=min(1.0, cluster.watch.interval_seconds / 10)))
         for row in await self.ctx.store.open_alerts(cluster.name):
             finding = Finding.from_json({**json.loads(row["detail"] or "{}"), "kind": row["condition"],
                                          "subject": row["subject"]})
