@@ -384,3 +384,16 @@ def _remove_staging(directory: Path) -> int:
             path.unlink(missing_ok=True)
             removed += 1
     return removed
+
+
+async def verify_upload(store: RemoteStore, cluster: str, name: str, size: int, sha256: str) -> None:
+    """The object is there, of the local file's size, and reads back to its sha256; RemoteError otherwise."""
+    head = await store.head(cluster, name)
+    if head is None:
+        raise RemoteError(f"{store.display_url(cluster, name)} is not there after the upload")
+    if head.size != size:
+        raise RemoteError(f"{store.display_url(cluster, name)} holds {head.size:,} bytes, the local file {size:,}")
+    remote_sha, remote_size = await store.sha256(cluster, name)
+    if (remote_sha, remote_size) != (sha256, size):
+        raise RemoteError(f"{store.display_url(cluster, name)} reads back with sha256 {remote_sha[:12]}…, "
+                          f"the local file's is {sha256[:12]}…")

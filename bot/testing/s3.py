@@ -24,7 +24,7 @@ class MotoS3:
     """`start()`, use `endpoint`/`env`/`url(prefix)`, `stop()`; `stop()` then `start()` again is
     "the server was down" (moto keeps its buckets in-process, and the port is kept)."""
 
-    bucket: str = "etcd-backups"
+    bucket: str = field(default_factory=lambda: f"etcd-backups-{secrets.token_hex(4)}")  # moto's state is per process
     port: int = field(default_factory=free_port)
     access_key: str = field(default_factory=lambda: "AKIA" + secrets.token_hex(8).upper())
     secret_key: str = field(default_factory=lambda: secrets.token_urlsafe(30))
