@@ -3,6 +3,7 @@ RemoteStore against a real S3-protocol server (moto on loopback) and a
 `file://` directory: the same calls, the same layout, the same answers."""
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -13,6 +14,7 @@ import pytest
 from bot.backup.manifest import Manifest, ManifestError
 from bot.backup.remote import RemoteError, RemoteStore, StoreConfig
 from bot.config import ConfigError, load_config, parse_config
+from helpers import eventually
 
 MiB = 1 << 20
 SHA = "ab" * 32
@@ -112,11 +114,12 @@ async def test_upload_list_head_read_manifest_fetch_delete(store, tmp_path):
     data = os.urandom(3 * MiB) * 7  # 21 MiB: several parts
     upload = store.begin_upload("prod", "prod-1.db")
     for i in range(0, len(data), MiB):
-        upload.write(data[i:i + MiB])
+        await asyncio.to_thread(upload.write, data[i:i + MiB])  # (from a worker thread, as the save does)
     assert await store.list("prod") == []  # nothing visible before it is complete
-    upload.close()
-    assert upload.sha256 == hashlib.sha256(data).hexdigest() and upload.size == len(data)
-    m = manifest(file_name="prod-1.db", sha256=upload.sha256, size=len(data))
+    await asyncio.to_thread(upload.close)
+    sha = hashlib.sha256(data).hexdigest()
+    assert upload.size == len(data)
+    m = manifest(file_name="prod-1.db", sha256=sha, size=len(data))
     await store.write_manifest(m)
     listed = await store.list("prod")
     assert [(o.name, o.size) for o in listed] == [("prod-1.db", len(data))]  # the manifest is not a snapshot
@@ -125,9 +128,9 @@ async def test_upload_list_head_read_manifest_fetch_delete(store, tmp_path):
     assert await store.head("prod", "nothing.db") is None
     assert await store.read_manifest("prod", "prod-1.db") == m
     assert await store.read_manifest("prod", "nothing.db") is None
-    assert await store.sha256("prod", "prod-1.db") == (upload.sha256, len(data))
+    assert await store.sha256("prod", "prod-1.db") == (sha, len(data))
     dest = tmp_path / "fetched.db"
-    assert await store.fetch_to("prod", "prod-1.db", dest) == (upload.sha256, len(data))
+    assert await store.fetch_to("prod", "prod-1.db", dest) == (sha, len(data))
     assert dest.read_bytes() == data and dest.stat().st_mode & 0o777 == 0o600
     assert store.display_url("prod", "prod-1.db") == f"{store.config.url}/prod/prod-1.db"
     await store.delete("prod", "prod-1.db")
@@ -137,11 +140,15 @@ async def test_upload_list_head_read_manifest_fetch_delete(store, tmp_path):
 
 async def test_an_aborted_upload_leaves_nothing(store):
     upload = store.begin_upload("prod", "prod-2.db")
-    upload.write(os.urandom(20 * MiB))
-    upload.abort()
-    upload.abort()  # idempotent
+    await asyncio.to_thread(upload.write, os.urandom(20 * MiB))
+    await asyncio.to_thread(upload.abort)
+    await asyncio.to_thread(upload.abort)  # idempotent
     with pytest.raises(RemoteError, match="aborted"):
-        upload.close()
+        await asyncio.to_thread(upload.close)
+    other = store.begin_upload("prod", "prod-5.db")
+    with pytest.raises(RuntimeError, match="from a worker thread"):
+        other.write(b"x")  # on the event loop it would deadlock: refused
+    await asyncio.to_thread(other.abort)
     assert await store.list("prod") == []
     assert await store.abort_leftovers("prod") == 0
 
@@ -149,7 +156,8 @@ async def test_an_aborted_upload_leaves_nothing(store):
 async def test_a_killed_writer_leaves_an_unfinished_upload_that_is_aborted_later(s3):
     store = RemoteStore.from_config(StoreConfig(s3.url(), endpoint=s3.endpoint, region="us-east-1"))
     upload = store.begin_upload("prod", "prod-3.db")
-    upload.write(os.urandom(20 * MiB))  # parts went up; the writer then "dies" (never closed nor aborted)
+    await asyncio.to_thread(upload.write, os.urandom(20 * MiB))  # parts go up; the writer then "dies"
+    await eventually(lambda: asyncio.to_thread(s3.unfinished_uploads), 10, "the multipart upload to start")
     assert s3.unfinished_uploads() == ["prod/prod/prod-3.db"] and s3.keys() == {}
     assert await store.abort_leftovers("prod") == 0  # its own upload, still running: not a leftover
     restarted = RemoteStore.from_config(store.config)  # the bot started again
@@ -170,9 +178,19 @@ async def test_a_dead_server_is_one_line_without_credentials(s3):
 async def test_a_killed_writer_on_a_directory_leaves_a_staging_file_that_is_removed_later(tmp_path):
     store = RemoteStore.from_config(StoreConfig(f"file://{tmp_path}/offsite"))
     upload = store.begin_upload("prod", "prod-4.db")
-    upload.write(os.urandom(20 * MiB))  # the writer "dies" here
+    await asyncio.to_thread(upload.write, os.urandom(20 * MiB))  # the writer "dies" here
+    await eventually(lambda: list((tmp_path / "offsite" / "prod").iterdir()), 10, "the staging file")
     assert [p.name for p in (tmp_path / "offsite" / "prod").iterdir()] == ["prod-4.db#1"]
     assert await store.list("prod") == []  # not a visible snapshot
     assert await store.abort_leftovers("prod") == 0  # its own upload, still running: left alone
     assert await RemoteStore.from_config(store.config).abort_leftovers("prod") == 1  # the bot started again
     assert list((tmp_path / "offsite" / "prod").iterdir()) == []
+
+
+def test_an_error_line_never_carries_a_query_string_or_signature():
+    from bot.backup.remote import one_line
+    error = RuntimeError("Error performing GET https://acct.blob.core.windows.net/c/prod/x.db?sv=2022&sig=SECRETSAS "
+                         "in 1s\n  Authorization=AWS4 Signature=abc123 Debug source: Generic {...}")
+    text = one_line(error)
+    assert "SECRETSAS" not in text and "abc123" not in text and "\n" not in text and "Debug source" not in text
+    assert text.startswith("Error performing GET https://acct.blob.core.windows.net/c/prod/x.db?…")

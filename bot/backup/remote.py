@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import re
+import sys
 import threading
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -28,7 +29,6 @@ from obstore.store import AzureStore, GCSStore, LocalStore, S3Store
 from bot.backup.manifest import MANIFEST_SUFFIX, Manifest, ManifestError
 
 if TYPE_CHECKING:
-    from obstore import WritableFile
     from obstore.store import ClientConfig, ObjectStore, RetryConfig
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,8 @@ class RemoteObject:
 def one_line(e: BaseException) -> str:
     """An obstore error as one short line (its texts run over several lines with a debug dump)."""
     text = " ".join(str(e).split(" Debug source:")[0].split()) or type(e).__name__
-    text = re.sub(r"(?i)(signature|credential|x-amz-security-token|authorization)=[^&\s,)]+", r"\1=…", text)
+    text = re.sub(r"(https?://[^\s?]+)\?[^\s]*", r"\1?…", text)  # query strings: an Azure SAS token, a signature
+    text = re.sub(r"(?i)(signature|credential|x-amz-security-token|authorization|sig)=[^&\s,)]+", r"\1=…", text)
     return text[:240] + ("…" if len(text) > 240 else "")
 
 
@@ -107,61 +108,110 @@ def _fail(what: str, e: BaseException) -> RemoteError:
     return RemoteError(f"{what}: {kind}" if kind else f"{what}: {one_line(e)}")
 
 
+class _Aborted(Exception):
+    """Raised into obstore's upload to make it abort the multipart upload."""
+
+
 class Upload:
-    """One object being written, fed in order from one thread (the save's upload
-    stage): parts go up while later bytes still arrive. Nothing is visible
-    under the key until `close()` completes; `abort()` (or any failure)
-    aborts the multipart upload."""
+    """One object being written: obstore's multipart upload runs on the event loop,
+    pulling the bytes from a small queue, while a worker thread (the save's upload
+    stage) feeds it in order with `write()`; parts go up while later bytes still
+    arrive. Nothing is visible under the key until `close()` completes; `abort()`
+    (or any failure) aborts the multipart upload. write/close/abort block: call
+    them from a worker thread, never the event loop. Create it on the event loop."""
 
     def __init__(self, store: RemoteStore, cluster: str, name: str):
         self.cluster, self.name = cluster, name
         self.key = store.key(cluster, name)
         self.url = store.display_url(cluster, name)
         self.size = 0
-        self._hash = hashlib.sha256()
-        self._writer: WritableFile = obs.open_writer(store.store, self.key, buffer_size=PART_SIZE,
-                                                     max_concurrency=PART_CONCURRENCY)
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[bytes | None | _Aborted] = asyncio.Queue(2)
         self._lock = threading.Lock()
         self._done = False
-        self._active = store.active
+        self._active, self._swept = store.active, store.swept
         self._active.add(self.key)
+        self._task = asyncio.ensure_future(obs.put_async(store.store, self.key, self._chunks(), chunk_size=PART_SIZE,
+                                                           max_concurrency=PART_CONCURRENCY))
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        while True:
+            item = await self._queue.get()
+            if item is None:
+                return
+            if isinstance(item, _Aborted):
+                raise item
+            yield item
+
+    async def _put(self, item: bytes | None | _Aborted) -> None:
+        """Queue `item`, unless the upload ended first (then its error)."""
+        put = asyncio.ensure_future(self._queue.put(item))
+        await asyncio.wait({put, self._task}, return_when=asyncio.FIRST_COMPLETED)
+        if not put.done():
+            put.cancel()
+            error = self._task.exception() if not self._task.cancelled() else None
+            raise error or RemoteError("the upload ended early")
+
+    def _off_the_loop(self) -> None:
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
+            raise RuntimeError("Upload.write/close/abort block: call them from a worker thread")
+
+    def _call(self, item: bytes | None | _Aborted) -> None:
+        asyncio.run_coroutine_threadsafe(self._put(item), self._loop).result()
+
+    def _finish(self) -> None:
+        asyncio.run_coroutine_threadsafe(asyncio.wait({self._task}), self._loop).result()
 
     def write(self, data: bytes) -> None:
+        self._off_the_loop()
         try:
-            self._writer.write(data)
+            self._call(data)
         except Exception as e:
             self.abort()
             raise _fail(f"uploading {self.name}", e) from None
-        self._hash.update(data)
         self.size += len(data)
 
-    @property
-    def sha256(self) -> str:
-        """Of every byte written (the object's sha256 once closed)."""
-        return self._hash.hexdigest()
-
     def close(self) -> None:
+        """Complete the upload: the object becomes visible."""
+        self._off_the_loop()
         with self._lock:
             if self._done:
                 raise RemoteError(f"uploading {self.name}: the upload was aborted")
             self._done = True
             self._active.discard(self.key)
-            try:
-                self._writer.close()
-            except Exception as e:
-                raise _fail(f"uploading {self.name}", e) from None
+        try:
+            self._call(None)
+            self._finish()
+            if (error := self._task.exception()) is not None:
+                raise error
+        except Exception as e:
+            self._swept.discard(self.cluster)  # obstore aborts a failed upload, unless the store is unreachable
+            raise _fail(f"uploading {self.name}", e) from None
 
     def abort(self) -> None:
-        """Abort the multipart upload (idempotent; never raises: it runs on the way out of a failure)."""
+        """Abort the multipart upload (idempotent; from the event loop it raises RuntimeError, else never)."""
+        self._off_the_loop()
         with self._lock:
             if self._done:
                 return
             self._done = True
             self._active.discard(self.key)
-            try:
-                self._writer.__exit__(RemoteError, RemoteError("aborted"), None)  # obstore aborts on an exception
-            except Exception as e:
-                log.warning("could not abort an upload", extra={"ctx_key": self.key, "ctx_error": one_line(e)})
+        self._swept.discard(self.cluster)  # whether obstore's abort reached the store is not told: look again
+        try:
+            self._call(_Aborted("aborted"))  # obstore aborts the multipart upload when its source raises
+        except Exception:
+            pass  # it had ended already (failed): obstore aborted it then
+        try:
+            self._finish()
+        except Exception as e:
+            log.warning("could not abort an upload", extra={"ctx_key": self.key, "ctx_error": one_line(e)})
+            return
+        if not self._task.cancelled():
+            self._task.exception()  # retrieved: the failure was reported where it happened
 
 
 class RemoteStore:
@@ -172,6 +222,7 @@ class RemoteStore:
         self.store = store
         self.root = root  # file:// only: the directory
         self.active: set[str] = set()  # keys this store is uploading now (not leftovers)
+        self.swept: set[str] = set()   # clusters whose leftovers were aborted since start (and no abort failed)
 
     @classmethod
     def from_config(cls, config: StoreConfig, options: Mapping[str, str] | None = None) -> RemoteStore:
@@ -316,6 +367,7 @@ class RemoteStore:
             await obs.put_async(self.store, self.key(cluster, name), path, chunk_size=PART_SIZE,
                                 max_concurrency=PART_CONCURRENCY)
         except Exception as e:
+            self.swept.discard(cluster)  # obstore's own abort may have failed too: look again next time
             raise _fail(f"uploading {name}", e) from None
 
     async def write_manifest(self, manifest: Manifest) -> None:
@@ -337,41 +389,50 @@ class RemoteStore:
                     continue
                 raise _fail(f"deleting {self.display_url(cluster, name)}", e) from None
 
+    def needs_sweep(self, cluster: str) -> bool:
+        """Whether unfinished uploads of `cluster` may exist: not looked for since this bot
+        started (a killed predecessor's), or an abort failed since (the store was down)."""
+        return cluster not in self.swept
+
     async def abort_leftovers(self, cluster: str) -> int:
         """Abort the unfinished uploads of `cluster` that a killed bot left (never one this
         store is running): not visible objects, but they cost storage. obstore has no way to
         list them, so: S3 through botocore (ListMultipartUploads + AbortMultipartUpload, the
-        same credential chain); file:// by removing obstore's staging files (`<name>#<n>`).
-        GCS and Azure: none (Azure drops uncommitted blocks after 7 days; on GCS use a
-        lifecycle rule). Returns how many."""
+        same credential chain) in a short-lived child process, as botocore's S3 model costs
+        ~40 MB that would stay in the bot; file:// by removing obstore's staging files
+        (`<name>#<n>`). GCS and Azure: none (Azure drops uncommitted blocks after 7 days; on
+        GCS use a lifecycle rule). Returns how many."""
+        active = set(self.active)
         if self.root is not None:
-            return await asyncio.to_thread(_remove_staging, self.root / cluster, set(self.active))
-        if self.config.scheme == "s3":
-            return await asyncio.to_thread(self._abort_s3_uploads, cluster, set(self.active))
-        return 0
+            aborted = await asyncio.to_thread(_remove_staging, self.root / cluster, active)
+        elif self.config.scheme == "s3":
+            aborted = await self._abort_s3_uploads(cluster, active)
+        else:
+            aborted = 0
+        self.swept.add(cluster)
+        return aborted
 
-    def _abort_s3_uploads(self, cluster: str, active: set[str]) -> int:
-        try:
-            import botocore.session
-        except ImportError:
-            log.warning("botocore is not installed: unfinished S3 uploads are left to the bucket's lifecycle rule")
-            return 0
+    async def _abort_s3_uploads(self, cluster: str, active: set[str]) -> int:
         parts = urlsplit(self.config.url)
         root = parts.path.strip("/")
         prefix = "/".join(p for p in (root, cluster) if p) + "/"
+        skip = [root + "/" + key if root else key for key in active]
+        argv = [sys.executable, "-m", "bot.backup.leftovers", parts.netloc, prefix, self.config.endpoint or "",
+                self.config.region or "", *skip]
+        proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL)
         try:
-            client = botocore.session.get_session().create_client(
-                "s3", endpoint_url=self.config.endpoint, region_name=self.config.region or None)
-            aborted = 0
-            for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=parts.netloc, Prefix=prefix):
-                for upload in page.get("Uploads", []):
-                    if upload["Key"].removeprefix(root + "/" if root else "") in active:
-                        continue
-                    client.abort_multipart_upload(Bucket=parts.netloc, Key=upload["Key"], UploadId=upload["UploadId"])
-                    aborted += 1
-            return aborted
-        except Exception as e:
-            raise _fail(f"listing the unfinished uploads under {self.display_url(cluster)}", e) from None
+            out, err = await asyncio.wait_for(proc.communicate(), 120)
+        except BaseException:
+            proc.kill()
+            await proc.wait()
+            raise RemoteError(f"listing the unfinished uploads under {self.display_url(cluster)}: "
+                              "no answer within 120s") from None
+        if proc.returncode != 0:
+            lines = err.decode(errors="replace").strip().splitlines()
+            raise RemoteError(f"listing the unfinished uploads under {self.display_url(cluster)}: "
+                              f"{one_line(RuntimeError(lines[-1] if lines else f'exit {proc.returncode}'))}")
+        return int(out.decode().strip() or 0)
 
 
 def _write_hash(f: Any, h: Any, chunk: bytes) -> None:

@@ -212,13 +212,16 @@ def remote_store(config: StoreConfig) -> RemoteStore:
 
 async def _remote_for_upload(cluster: ClusterConfig) -> tuple[RemoteStore | None, str | None]:
     """The cluster's off-site store ready for an upload, or why there is none. Unfinished uploads
-    a killed bot left are aborted first (best effort: a failure here does not stop the upload)."""
+    a killed bot left (or one whose abort failed) are aborted first, once (best effort: a
+    failure here does not stop the upload)."""
     if cluster.snapshots.store is None:
         return None, None
     try:
         remote = remote_store(cluster.snapshots.store)
     except RemoteError as e:
         return None, str(e)
+    if not remote.needs_sweep(cluster.name):
+        return remote, None
     try:
         aborted = await remote.abort_leftovers(cluster.name)
         if aborted:
@@ -285,12 +288,14 @@ async def _offsite_failed(ctx: BotContext, cluster: ClusterConfig, saved: SavedS
 
 async def retry_failed_uploads(ctx: BotContext, cluster: ClusterConfig, remote: RemoteStore,
                                but: int | None = None) -> list[str]:
-    """Upload again the kept local snapshots whose upload failed (the store was down): after the
-    next snapshot's own upload, one try each. Returns the files now verified off-site."""
+    """Upload again the kept local snapshots whose upload failed (the store was down) or was cut
+    short (the bot stopped): after the next snapshot's own upload, one try each. Returns the files
+    now verified off-site."""
     done = []
     for row in await ctx.store.snapshots(cluster.name, limit=100000):
         path = Path(row["path"])
-        if row["id"] == but or row.get("remote_state") != "failed" or not path.is_file():
+        # 'uploading' on a row that is not the running one: the bot stopped before it verified the upload
+        if row["id"] == but or row.get("remote_state") not in ("failed", "uploading") or not path.is_file():
             continue
         name = path.name
         try:
