@@ -424,6 +424,8 @@ def _check_config(args: argparse.Namespace) -> int:
         tls = "mutual TLS" if c.cert else ("TLS" if any(e.startswith("https") for e in c.endpoints) else "plaintext")
         print(f"  cluster {c.name}: {len(c.endpoints)} endpoint(s), {tls}, "
               f"channels {', '.join(c.channels) or '(none)'}, launcher {c.launcher.kind}")
+        if c.snapshots.store is not None:
+            print(f"    snapshots off-site: {c.snapshots.store.url}/{c.name}/")
     return EXIT_OK
 
 

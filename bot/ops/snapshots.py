@@ -12,8 +12,12 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
+from typing import Any
 
+from bot.backup.manifest import Manifest, recipient_fingerprint
+from bot.backup.remote import RemoteError, RemoteStore, StoreConfig, Upload, verify_upload
 from bot.config import ClusterConfig
 from bot.etcd.health import ClusterHealth, check_cluster
 from bot.etcd.model import EtcdError
@@ -87,9 +91,13 @@ async def _take(ctx: BotContext, cluster: ClusterConfig, *, requested_by: str, r
         source = health.snapshot_source()
     if source is None or source.status is None:  # (a healthy member always has a status)
         raise SnapshotFailed(f"no healthy member of {cluster.name} to take a snapshot from")
+    remote, remote_error = await _remote_for_upload(cluster)
+    upload: Callable[[str], Upload] | None = None
+    if remote is not None:
+        upload = partial(remote.begin_upload, cluster.name)
     try:
         saved = await save_snapshot(client, source.status.endpoint, source.member.name, ctx.config.snapshot_dir,
-                                    cluster.name, cluster.snapshots.age_recipients)
+                                    cluster.name, cluster.snapshots.age_recipients, upload)
     except SnapshotFailed as e:
         # The member died mid-stream: once, from another healthy member.
         if not e.source_failed:
@@ -105,10 +113,17 @@ async def _take(ctx: BotContext, cluster: ClusterConfig, *, requested_by: str, r
         log.warning("snapshot source failed; trying another member",
                     extra={"ctx_cluster": cluster.name, "ctx_failed": source.member.name, "ctx_error": str(e)})
         saved = await save_snapshot(client, other.status.endpoint, other.member.name, ctx.config.snapshot_dir,
-                                    cluster.name, cluster.snapshots.age_recipients)
+                                    cluster.name, cluster.snapshots.age_recipients, upload)
         saved = replace(saved, failed_over_from=source.member.name)
+    if remote_error is not None:
+        saved = replace(saved, upload_error=remote_error)
     snapshot_id = await record_snapshot(ctx, saved, requested_by=requested_by, reason=reason, channel=channel,
                                         plan_id=plan_id)
+    if remote is not None:
+        saved = await store_offsite(ctx, cluster, remote, saved, snapshot_id)
+        await retry_failed_uploads(ctx, cluster, remote, but=snapshot_id)
+    elif remote_error is not None:
+        await _offsite_failed(ctx, cluster, saved, snapshot_id, remote_error)
     return replace(saved, pruned=tuple(await prune(ctx, cluster))), snapshot_id
 
 
@@ -151,4 +166,164 @@ async def prune(ctx: BotContext, cluster: ClusterConfig) -> list[str]:
                               detail={"id": row["id"], "file": path.name, "keep_last": policy.keep_last,
                                       "keep_days": policy.keep_days})
         pruned.append(path.name)
+    return pruned + await _prune_offsite_copies(ctx, cluster, open_plan["id"] if open_plan else None)
+
+
+async def _prune_offsite_copies(ctx: BotContext, cluster: ClusterConfig, open_plan: str | None) -> list[str]:
+    """`keep_local`: of the snapshots verified off-site, only the newest N keep their local file
+    (the catalog row stays: the copy is off-site). A snapshot not verified off-site, and the open
+    plan's pre-change snapshot, always keep theirs."""
+    store = cluster.snapshots.store
+    if store is None or store.keep_local is None:
+        return []
+    rows = await ctx.store.snapshots(cluster.name, limit=100000)  # newest first, local copies only
+    verified = [r for r in rows if r.get("remote_state") == "verified"]
+    pruned = []
+    for row in verified[store.keep_local:]:
+        if open_plan is not None and row.get("plan_id") == open_plan:
+            continue
+        path = Path(row["path"])
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as e:
+            log.warning("cannot prune snapshot", extra={"ctx_path": str(path), "ctx_error": e.strerror})
+            continue
+        await ctx.store.mark_pruned(row["id"])
+        await ctx.store.audit("snapshot_pruned", cluster=cluster.name,
+                              detail={"id": row["id"], "file": path.name, "keep_local": store.keep_local,
+                                      "offsite": row.get("remote_url")})
+        pruned.append(path.name)
     return pruned
+
+
+# ---------------------------------------------------------------- off-site copies
+
+UPLOAD_RETRY_BACKOFF = (2.0, 10.0)   # seconds before each retry from the local file, after the streaming upload
+_STORES: dict[StoreConfig, RemoteStore] = {}
+
+
+def remote_store(config: StoreConfig) -> RemoteStore:
+    """The store of a `[snapshots.store]` table (one per table, for the bot's lifetime)."""
+    store = _STORES.get(config)
+    if store is None:
+        store = _STORES[config] = RemoteStore.from_config(config)
+    return store
+
+
+async def _remote_for_upload(cluster: ClusterConfig) -> tuple[RemoteStore | None, str | None]:
+    """The cluster's off-site store ready for an upload, or why there is none. Unfinished uploads
+    a killed bot left (or one whose abort failed) are aborted first, once (best effort: a
+    failure here does not stop the upload)."""
+    if cluster.snapshots.store is None:
+        return None, None
+    try:
+        remote = remote_store(cluster.snapshots.store)
+    except RemoteError as e:
+        return None, str(e)
+    if not remote.needs_sweep(cluster.name):
+        return remote, None
+    try:
+        aborted = await remote.abort_leftovers(cluster.name)
+        if aborted:
+            log.warning("aborted unfinished uploads a stopped bot left",
+                        extra={"ctx_cluster": cluster.name, "ctx_count": aborted})
+    except RemoteError as e:
+        log.warning("cannot check for unfinished uploads", extra={"ctx_cluster": cluster.name, "ctx_error": str(e)})
+    return remote, None
+
+
+def manifest_for(saved: SavedSnapshot, recipients: tuple[str, ...]) -> Manifest:
+    st = saved.status
+    return Manifest(cluster=saved.cluster, file_name=saved.path.name, sha256=saved.sha256, size=saved.file_size,
+                    hash=st.hash_hex, revision=st.revision, total_keys=st.total_keys, total_size=st.total_size,
+                    member=saved.member, created_at=saved.created_at, encrypted=saved.encrypted,
+                    recipients=tuple(recipient_fingerprint(r) for r in recipients) if saved.encrypted else ())
+
+
+async def store_offsite(ctx: BotContext, cluster: ClusterConfig, remote: RemoteStore, saved: SavedSnapshot,
+                        snapshot_id: int) -> SavedSnapshot:
+    """Verify the upload the save streamed (size, then the sha256 read back), then put the manifest
+    next to it. A failed upload is retried from the local file with backoff; the local file is
+    never touched. The row and the audit log say how it ended."""
+    name = saved.path.name
+    url = remote.display_url(cluster.name, name)
+    await ctx.store.update_snapshot(snapshot_id, remote_url=url, remote_state="uploading", remote_error=None)
+    error = saved.upload_error
+    for attempt in range(len(UPLOAD_RETRY_BACKOFF) + 1):
+        if attempt:
+            log.warning("off-site upload failed; retrying from the local file",
+                        extra={"ctx_cluster": cluster.name, "ctx_file": name, "ctx_error": error,
+                               "ctx_attempt": attempt})
+            await asyncio.sleep(UPLOAD_RETRY_BACKOFF[attempt - 1])
+            try:
+                await remote.upload_file(cluster.name, name, saved.path)
+                error = None
+            except RemoteError as e:
+                error = str(e)
+        if error is None:
+            try:
+                await verify_upload(remote, cluster.name, name, saved.file_size, saved.sha256)
+                await remote.write_manifest(manifest_for(saved, cluster.snapshots.age_recipients))
+            except RemoteError as e:
+                error = str(e)
+            else:
+                await ctx.store.update_snapshot(snapshot_id, remote_state="verified", remote_verified_at=time.time())
+                await ctx.store.audit("snapshot_offsite", cluster=cluster.name,
+                                      detail={"id": snapshot_id, "file": name, "url": url, "sha256": saved.sha256,
+                                              "verified": True})
+                return replace(saved, remote_url=url, remote_verified=True, upload_error=None)
+    assert error is not None
+    await _offsite_failed(ctx, cluster, saved, snapshot_id, error, url)
+    return replace(saved, remote_url=url, upload_error=error)
+
+
+async def _offsite_failed(ctx: BotContext, cluster: ClusterConfig, saved: SavedSnapshot, snapshot_id: int,
+                          error: str, url: str | None = None) -> None:
+    await ctx.store.update_snapshot(snapshot_id, remote_url=url, remote_state="failed", remote_error=error)
+    await ctx.store.audit("snapshot_offsite_failed", cluster=cluster.name,
+                          detail={"id": snapshot_id, "file": saved.path.name, "url": url, "error": error})
+    log.error("off-site upload failed; the local snapshot is kept",
+              extra={"ctx_cluster": cluster.name, "ctx_file": saved.path.name, "ctx_error": error})
+
+
+async def retry_failed_uploads(ctx: BotContext, cluster: ClusterConfig, remote: RemoteStore,
+                               but: int | None = None) -> list[str]:
+    """Upload again the kept local snapshots whose upload failed (the store was down) or was cut
+    short (the bot stopped): after the next snapshot's own upload, one try each. Returns the files
+    now verified off-site."""
+    done = []
+    for row in await ctx.store.snapshots(cluster.name, limit=100000):
+        path = Path(row["path"])
+        # 'uploading' on a row that is not the running one: the bot stopped before it verified the upload
+        if row["id"] == but or row.get("remote_state") not in ("failed", "uploading") or not path.is_file():
+            continue
+        name = path.name
+        try:
+            await remote.upload_file(cluster.name, name, path)
+            await verify_upload(remote, cluster.name, name, row["file_size"], row["sha256"])
+            saved = _saved_from_row(row)
+            await remote.write_manifest(manifest_for(saved, cluster.snapshots.age_recipients))
+        except RemoteError as e:
+            await ctx.store.update_snapshot(row["id"], remote_error=str(e))
+            log.warning("retrying an off-site upload failed",
+                        extra={"ctx_cluster": cluster.name, "ctx_file": name, "ctx_error": str(e)})
+            continue
+        url = remote.display_url(cluster.name, name)
+        await ctx.store.update_snapshot(row["id"], remote_url=url, remote_state="verified", remote_error=None,
+                                        remote_verified_at=time.time())
+        await ctx.store.audit("snapshot_offsite", cluster=cluster.name,
+                              detail={"id": row["id"], "file": name, "url": url, "sha256": row["sha256"],
+                                      "verified": True, "retried": True})
+        done.append(name)
+    return done
+
+
+def _saved_from_row(row: dict[str, Any]) -> SavedSnapshot:
+    """A catalog row as a SavedSnapshot (for its manifest)."""
+    from bot.etcd.bbolt import SnapshotStatus
+    status = SnapshotStatus(hash=int(row["hash"], 16), revision=row["revision"], total_keys=row["total_keys"],
+                            live_keys=row["live_keys"], total_size=row["total_size"], has_trailer=True)
+    return SavedSnapshot(cluster=row["cluster"], member=row["member"], endpoint="", path=Path(row["path"]),
+                         file_size=row["file_size"], sha256=row["sha256"], status=status,
+                         duration=row["duration"] or 0.0, created_at=row["created_at"],
+                         encrypted=bool(row["encrypted"]))
