@@ -27,6 +27,7 @@ from slack_bolt.context.ack.async_ack import AsyncAck
 from slack_bolt.context.respond.async_respond import AsyncRespond
 from slack_sdk.web.async_client import AsyncWebClient
 
+from bot.backup.catalog import catalog
 from bot.config import ClusterConfig
 from bot.etcd.consistency import check_consistency
 from bot.etcd.metrics import cluster_metrics
@@ -96,8 +97,9 @@ async def _snapshot(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user:
 
 
 async def _snapshots(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user: str, channel: str) -> Outcome:
-    return Outcome(channel=blocks.snapshots_reply(cluster.name, await ctx.store.snapshots(cluster.name, limit=15),
-                                                  await ctx.store.last_drills(cluster.name)))
+    rows = await ctx.store.snapshots(cluster.name, limit=1000, include_pruned=True)  # a pruned one may be remote
+    view = await catalog(ctx.remote(cluster), cluster.name, rows)
+    return Outcome(channel=blocks.snapshots_reply(view, await ctx.store.last_drills(cluster.name)))
 
 
 async def _restore(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user: str, channel: str) -> Outcome:

@@ -13,8 +13,9 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
-from bot.config import ClusterConfig
+from bot.config import ClusterConfig, SnapshotPolicy
 from bot.etcd.health import ClusterHealth, check_cluster
 from bot.etcd.model import EtcdError
 from bot.etcd.snapshots import SavedSnapshot, SnapshotFailed, save_snapshot, to_prune
@@ -131,15 +132,47 @@ async def record_snapshot(ctx: BotContext, saved: SavedSnapshot, *, requested_by
     return snapshot_id
 
 
+REMOTE_DELETE_DEADLINE = 30.0   # one object and its manifest
+
+
+def local_to_prune(rows: list[dict[str, Any]], policy: SnapshotPolicy, keep_local: int | None, now: float,
+                   open_plan: str | None) -> list[dict[str, Any]]:
+    """Local copies to delete: those the policy no longer keeps, and, with a store, the verified-remotely
+    ones beyond the newest `keep_local` local copies (the store keeps them by the policy). A plan's
+    pre-change snapshot stays as the policy says."""
+    local = [r for r in rows if r.get("pruned_at") is None]
+    drop = to_prune(local, policy.keep_last, policy.keep_days, now, policy.keep_plan_snapshots_days, open_plan)
+    if keep_local is not None:
+        plan_kept = {r["id"] for r in local} - {r["id"] for r in to_prune(
+            local, 0, None, now, policy.keep_plan_snapshots_days, open_plan)}
+        newest = sorted(local, key=lambda r: (r["created_at"], r["id"]), reverse=True)
+        drop += [r for r in newest[keep_local:] if r.get("remote_state") == "verified"
+                 and r["id"] not in plan_kept and r not in drop]
+    return drop
+
+
+def remote_to_prune(rows: list[dict[str, Any]], policy: SnapshotPolicy, now: float,
+                    open_plan: str | None) -> list[dict[str, Any]]:
+    """Remote copies the policy no longer keeps; never the newest verified one (the last off-site backup)."""
+    remote = sorted((r for r in rows if r.get("remote_state") == "verified" and not r.get("remote_pruned_at")),
+                    key=lambda r: (r["created_at"], r["id"]), reverse=True)
+    return to_prune(remote[1:], policy.keep_last and max(policy.keep_last - 1, 0), policy.keep_days, now,
+                    policy.keep_plan_snapshots_days, open_plan)
+
+
 async def prune(ctx: BotContext, cluster: ClusterConfig) -> list[str]:
-    """Delete the snapshots the cluster's retention no longer keeps; record each.
-    The pre-change snapshot of the cluster's open plan is never deleted."""
+    """Delete the copies the cluster's retention no longer keeps, in both places; record and audit each.
+    The pre-change snapshot of the cluster's open plan is never deleted, nor the newest verified remote copy.
+    Returns the names removed (remote ones marked so)."""
     policy = cluster.snapshots
-    rows = await ctx.store.snapshots(cluster.name, limit=100000)
+    rows = await ctx.store.snapshots(cluster.name, limit=100000, include_pruned=True)
     open_plan = await ctx.store.open_plan(cluster.name)
+    plan_id = open_plan["id"] if open_plan else None
+    now = time.time()
+    remote = ctx.remote(cluster)
+    keep_local = remote.config.keep_local if remote is not None else None
     pruned = []
-    for row in to_prune(rows, policy.keep_last, policy.keep_days, time.time(), policy.keep_plan_snapshots_days,
-                        open_plan["id"] if open_plan else None):
+    for row in local_to_prune(rows, policy, keep_local, now, plan_id):
         path = Path(row["path"])
         try:
             path.unlink(missing_ok=True)
@@ -149,6 +182,21 @@ async def prune(ctx: BotContext, cluster: ClusterConfig) -> list[str]:
         await ctx.store.mark_pruned(row["id"])
         await ctx.store.audit("snapshot_pruned", cluster=cluster.name,
                               detail={"id": row["id"], "file": path.name, "keep_last": policy.keep_last,
-                                      "keep_days": policy.keep_days})
+                                      "keep_days": policy.keep_days, "keep_local": keep_local})
         pruned.append(path.name)
+    if remote is None:
+        return pruned
+    for row in remote_to_prune(rows, policy, now, plan_id):
+        name = row["path"].rsplit("/", 1)[-1]
+        try:
+            await asyncio.wait_for(remote.delete(cluster.name, name), REMOTE_DELETE_DEADLINE)
+        except Exception as e:  # the store's own error classes; the next prune tries again
+            log.warning("cannot prune the remote copy", extra={"ctx_file": name, "ctx_error": f"{type(e).__name__}: "
+                                                               f"{(str(e).splitlines() or [''])[0][:300]}"})
+            continue
+        await ctx.store.update_snapshot(row["id"], remote_pruned_at=time.time())
+        await ctx.store.audit("snapshot_pruned_remote", cluster=cluster.name,
+                              detail={"id": row["id"], "file": name, "url": row.get("remote_url"),
+                                      "keep_last": policy.keep_last, "keep_days": policy.keep_days})
+        pruned.append(f"{name} (store)")
     return pruned
