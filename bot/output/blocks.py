@@ -560,7 +560,7 @@ def snapshots_reply(view: CatalogView, drills: Mapping[int, dict[str, Any]] | No
             humanize_bytes(e.total_size), _item(e.member),
             *([mention(e.requested_by)] if e.requested_by else []), slack_date(e.created_at),
             *([":lock:"] if e.encrypted else []), *([_item(e.reason)] if e.reason else []), _where(e),
-            *([_drill_mark(drills[e.snapshot_id])] if e.snapshot_id in drills else [])]))
+            *([_drill_mark(drills[e.snapshot_id])] if e.snapshot_id is not None and e.snapshot_id in drills else [])]))
     title = f"Snapshots of {escape(view.cluster)}"
     where = f" · store {code(view.store_url)}" if view.store_url else ""
     return Reply(text=f"{title} (newest first):\n" + "\n".join(lines + store),

@@ -421,11 +421,12 @@ def catalog_entry(row: Mapping[str, Any]) -> CatalogEntry:
         requested_by=row.get("requested_by") or "", reason=row.get("reason") or "", live_keys=row.get("live_keys"))
 
 
-def catalog_view(cluster: str, rows: list[dict[str, Any]], listed: Mapping[str, CatalogEntry] | None,
+def catalog_view(cluster: str, rows: list[dict[str, Any]], listed: Mapping[str, CatalogEntry | None] | None,
                  store_url: str | None = None, store_error: str | None = None, limit: int = 15) -> CatalogView:
-    """Merge the catalog's rows with the store's listing (`listed`, by file name; None when there is no store
-    or it could not be listed): a row's object missing from a listing is said, an object no row knows shows
-    from its manifest. Rows with neither copy left are not shown."""
+    """Merge the catalog's rows with the store's listing (`listed`: every object's file name, with an entry
+    from its manifest for those no row knows; None when there is no store or it could not be listed): a row's
+    object missing from a listing is said, an object no row knows shows from its manifest. Rows with neither
+    copy left are not shown."""
     entries: dict[str, CatalogEntry] = {}
     for row in rows:
         e = catalog_entry(row)
@@ -436,8 +437,10 @@ def catalog_view(cluster: str, rows: list[dict[str, Any]], listed: Mapping[str, 
     for name, e in (listed or {}).items():
         known = entries.get(name)
         if known is None:
-            entries[name] = e
+            if e is not None:
+                entries[name] = e
         elif known.remote_state == RemoteState.NONE:  # there, though this catalog never uploaded it
-            entries[name] = replace(known, remote_state=RemoteState.LISTED, remote_url=e.remote_url)
+            entries[name] = replace(known, remote_state=RemoteState.LISTED,
+                                    remote_url=e.remote_url if e is not None else known.remote_url)
     newest = sorted(entries.values(), key=lambda e: (e.created_at, e.snapshot_id or 0), reverse=True)
     return CatalogView(cluster, tuple(newest[:limit]), store_url, store_error)

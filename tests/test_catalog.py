@@ -1,0 +1,78 @@
+"""The catalog of both places, pure: how rows and a store's listing merge, and which copies retention removes."""
+from __future__ import annotations
+
+from bot.config import SnapshotPolicy
+from bot.ops.snapshots import local_to_prune, remote_to_prune
+from bot.output import blocks
+from bot.output import text as render
+from bot.output.model import CatalogEntry, RemoteState, catalog_view
+
+DAY = 86400.0
+NOW = 100 * DAY
+
+
+def row(i: int, *, local: bool = True, remote: str = "", remote_pruned: bool = False, age_days: float = 0.0,
+        plan: str | None = None, error: str = "") -> dict:
+    return {"id": i, "cluster": "prod", "path": f"/snap/prod/prod-{i}.db", "revision": 10 * i, "hash": f"{i:x}",
+            "total_keys": i, "live_keys": i, "total_size": 20480, "file_size": 20512, "sha256": f"{i:064x}",
+            "encrypted": 0, "member": "m1", "requested_by": "U0ONCALL01", "reason": "requested",
+            "created_at": NOW - age_days * DAY + i, "plan_id": plan, "pruned_at": None if local else 1.0,
+            "remote_url": f"s3://b/p/prod/prod-{i}.db" if remote else None, "remote_state": remote,
+            "remote_error": error, "remote_pruned_at": 2.0 if remote_pruned else None}
+
+
+def only_remote(name: str, created: float) -> CatalogEntry:
+    return CatalogEntry(cluster="prod", name=name, revision=99, hash="abc", total_keys=5, total_size=20480,
+                        file_size=20512, sha256="f" * 64, encrypted=True, member="m2", created_at=created,
+                        local_path=None, remote_url=f"s3://b/p/prod/{name}", remote_state=RemoteState.LISTED)
+
+
+def test_the_listing_and_the_rows_merge_and_each_entry_says_where_it_is():
+    rows = [row(1, remote="verified"), row(2, local=False, remote="verified"), row(3, remote="failed",
+                                                                                 error="connection refused"),
+            row(4, local=False, remote="verified", remote_pruned=True), row(5)]
+    listed = {"prod-1.db": None, "prod-2.db": None, "old.db.age": only_remote("old.db.age", NOW - 5 * DAY)}
+    view = catalog_view("prod", rows, listed, "s3://b/p/prod/")
+    by = {e.name: e for e in view.entries}
+    assert [e.name for e in view.entries] == ["prod-5.db", "prod-3.db", "prod-2.db", "prod-1.db", "old.db.age"]
+    assert "prod-4.db" not in by  # neither copy is left
+    assert (by["prod-1.db"].place, by["prod-2.db"].place, by["prod-5.db"].place) == ("both", "remote", "local")
+    assert by["prod-3.db"].remote_word == "upload FAILED" and by["old.db.age"].place == "remote"
+    text = render.catalog_text(view)
+    assert "upload of prod-3.db failed: connection refused" in text and "stored (manifest only)" in text
+    assert render.catalog_json(view)["snapshots"][2] | {"place": "remote", "remote_state": "verified"} == \
+        render.catalog_json(view)["snapshots"][2]
+    slack = blocks.snapshots_reply(view)
+    assert ":cloud: remote only (verified)" in slack.text and "upload failed: connection refused" in slack.text
+
+
+def test_a_verified_copy_the_listing_lacks_is_called_missing_and_an_unlisted_store_is_one_line():
+    rows = [row(1, remote="verified"), row(2, local=False, remote="verified")]
+    view = catalog_view("prod", rows, {}, "s3://b/p/prod/")
+    assert {e.remote_state for e in view.entries} == {RemoteState.MISSING}
+    assert [e.name for e in view.entries] == ["prod-2.db", "prod-1.db"]
+    down = catalog_view("prod", rows, None, "s3://b/p/prod/", "no answer within 10s")
+    reply = blocks.snapshots_reply(down)
+    assert reply.text.count("could not be listed") == 1 and "no answer within 10s" in reply.text
+    assert "prod-1.db" in reply.text  # the local part still shows
+    assert render.catalog_text(down).endswith("STORE: no answer within 10s")
+
+
+def test_retention_in_both_places_keeps_the_newest_verified_remote_copy():
+    policy = SnapshotPolicy(keep_last=2)
+    # 5 newest first: 5 (upload failed), 4, 3, 2, 1 verified remotely; 1 and 2 only remote now
+    rows = [row(5, remote="failed"), row(4, remote="verified"), row(3, remote="verified"),
+            row(2, local=False, remote="verified"), row(1, local=False, remote="verified")]
+    assert [r["id"] for r in local_to_prune(rows, policy, None, NOW, None)] == [3]
+    assert sorted(r["id"] for r in local_to_prune(rows, policy, 1, NOW, None)) == [3, 4]  # 5 is the only copy
+    assert sorted(r["id"] for r in remote_to_prune(rows, policy, NOW, None)) == [1, 2]
+    # every remote copy is old and the age rule alone would drop them all: the newest verified stays
+    aged = [row(i, local=False, remote="verified", age_days=30) for i in (3, 2, 1)]
+    assert sorted(r["id"] for r in remote_to_prune(aged, SnapshotPolicy(keep_days=7), NOW, None)) == [1, 2]
+    assert remote_to_prune(aged[:1], SnapshotPolicy(keep_last=1, keep_days=1), NOW, None) == []
+    # a plan's pre-change snapshot stays in both places while its plan is open
+    planned = [row(3, remote="verified"), row(2, remote="verified", plan="p1", age_days=60),
+               row(1, remote="verified", age_days=60)]
+    old = SnapshotPolicy(keep_last=1, keep_plan_snapshots_days=30)
+    assert [r["id"] for r in remote_to_prune(planned, old, NOW, "p1")] == [1]
+    assert sorted(r["id"] for r in local_to_prune(planned, old, 1, NOW, "p1")) == [1]
