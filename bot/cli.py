@@ -371,13 +371,6 @@ async def _catalog_rows(database: Path, cluster: str) -> tuple[list[dict], str |
         await store.close()
 
 
-def _store_of(cluster):
-    """The cluster's object store, or None when it has none."""
-    from bot.backup.remote import RemoteStore
-    cfg = cluster.snapshots.store
-    return None if cfg is None else RemoteStore.from_config(cfg)
-
-
 async def _snapshot_list(args: argparse.Namespace) -> int:
     """Exit 1 when a store could not be listed (the answer holds the local part only)."""
     from bot.backup.catalog import catalog
@@ -395,7 +388,7 @@ async def _snapshot_list(args: argparse.Namespace) -> int:
     for c in clusters:
         rows, note = await _catalog_rows(Path(config.database), c.name)
         notes += [note] if note else []
-        views.append(await catalog(_store_of(c), c.name, rows, limit=100000))
+        views.append(await catalog(c.snapshots.store, c.name, rows, limit=100000))
     if args.json:
         print(json.dumps([render.catalog_json(v) for v in views], indent=2))
     else:
@@ -415,7 +408,7 @@ def _fetched_problem(path: Path, manifest) -> str | None:
     except SnapshotError as e:
         return f"not a valid snapshot: {e}"
     found = (st.hash_hex, st.revision, st.total_keys)
-    wanted = (manifest.hash_hex, manifest.revision, manifest.total_keys)
+    wanted = (manifest.hash, manifest.revision, manifest.total_keys)
     if found != wanted:
         return (f"its status reads hash {found[0]}, revision {found[1]}, {found[2]} keys; the manifest says hash "
                 f"{wanted[0]}, revision {wanted[1]}, {wanted[2]} keys")
@@ -428,6 +421,7 @@ async def _snapshot_fetch(args: argparse.Namespace) -> int:
     import asyncio
 
     from bot.backup.catalog import Expected, FetchFailed, fetch_verified
+    from bot.backup.remote import RemoteError, RemoteStore
 
     name = args.name
     if not name or "/" in name or name in (".", "..") or name.startswith("."):
@@ -445,18 +439,17 @@ async def _snapshot_fetch(args: argparse.Namespace) -> int:
         cluster = config.clusters[0]
     else:
         raise UsageFailure(f"{config.source} names {len(config.clusters)} clusters: pass --cluster")
-    remote = _store_of(cluster)
-    if remote is None:
+    if cluster.snapshots.store is None:
         raise UsageFailure(f"cluster {cluster.name} has no [snapshots.store] in {config.source}")
     dest = directory / name
     if dest.exists():
         raise UsageFailure(f"{dest} exists; not overwritten")
     prog = "etcd-chatops snapshot fetch"
     try:
+        remote = RemoteStore.from_config(cluster.snapshots.store)
         manifest = await remote.read_manifest(cluster.name, name)
-    except Exception as e:
-        print(f"{prog}: cannot read the manifest of {name}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}",
-              file=sys.stderr)
+    except RemoteError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
         return EXIT_FAILED
     if manifest is None:
         print(f"{prog}: {name} is not in {remote.display_url(cluster.name, '')} (or has no manifest to verify it by)",
@@ -469,9 +462,7 @@ async def _snapshot_fetch(args: argparse.Namespace) -> int:
               f"{row['sha256'][:16]}…: not fetched", file=sys.stderr)
         return EXIT_FAILED
     directory.mkdir(parents=True, exist_ok=True)
-    part = directory / f".{name}.part"
-    part.unlink(missing_ok=True)
-    part.touch(0o600)
+    part = directory / f".{name}.fetching"   # the store's fetch writes `.part` beside it, then renames
     try:
         await fetch_verified(remote, cluster.name, Expected(name, manifest.size, manifest.sha256), part)
         problem = await asyncio.to_thread(_fetched_problem, part, manifest)
@@ -486,7 +477,7 @@ async def _snapshot_fetch(args: argparse.Namespace) -> int:
         part.unlink(missing_ok=True)
     what = "age-encrypted: size and sha256" if manifest.encrypted else "size, sha256 and status"
     print(f"fetched {remote.display_url(cluster.name, name)} to {dest}: {what} match the manifest "
-          f"(revision {manifest.revision}, hash {manifest.hash_hex}, sha256 {manifest.sha256})")
+          f"(revision {manifest.revision}, hash {manifest.hash}, sha256 {manifest.sha256})")
     return EXIT_OK
 
 
@@ -569,6 +560,8 @@ def _check_config(args: argparse.Namespace) -> int:
         tls = "mutual TLS" if c.cert else ("TLS" if any(e.startswith("https") for e in c.endpoints) else "plaintext")
         print(f"  cluster {c.name}: {len(c.endpoints)} endpoint(s), {tls}, "
               f"channels {', '.join(c.channels) or '(none)'}, launcher {c.launcher.kind}")
+        if c.snapshots.store is not None:
+            print(f"    snapshots off-site: {c.snapshots.store.url}/{c.name}/")
     return EXIT_OK
 
 

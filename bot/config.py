@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+from bot.backup.remote import StoreConfig, check_endpoint, check_store_url
 from bot.etcd.urls import parse_url
 
 T = TypeVar("T")
@@ -91,6 +92,7 @@ class SnapshotPolicy:
                                              # whatever the above say
     every_seconds: float | None = None       # take one on a schedule
     drill_every_seconds: float | None = None  # restore-drill the newest snapshot on a schedule
+    store: StoreConfig | None = None         # [snapshots.store]: uploaded off-site while saved
 
     @property
     def encrypted(self) -> bool:
@@ -315,11 +317,43 @@ def _snapshot_policy(t: _Table, default: SnapshotPolicy) -> SnapshotPolicy:
     keep_plan_days = t.get("keep_plan_snapshots_days", float, default.keep_plan_snapshots_days, _positive)
     every = t.get("every", str, None, _duration)
     drill_every = t.get("drill_every", str, None, _duration)
+    store = _store(t.table("store")) if "store" in t.data else default.store
     t.done()
     return SnapshotPolicy(age_recipients=recipients, keep_last=keep_last, keep_days=keep_days,
                           keep_plan_snapshots_days=keep_plan_days,
                           every_seconds=every if every is not None else default.every_seconds,
-                          drill_every_seconds=drill_every if drill_every is not None else default.drill_every_seconds)
+                          drill_every_seconds=drill_every if drill_every is not None else default.drill_every_seconds,
+                          store=store)
+
+
+def _checked(check: Callable[[str], str]) -> Callable[[str, str], str]:
+    def run(value: str, key: str) -> str:
+        try:
+            return check(value)
+        except ValueError as e:
+            raise ConfigError(f"{key}: {e}") from None
+    return run
+
+
+def _store(t: _Table) -> StoreConfig:
+    """`[snapshots.store]` (a cluster's replaces the top-level one whole). No credential keys:
+    they come from the environment or workload identity, so an unknown key is an error."""
+    url = t.get("url", str, None, _checked(check_store_url))
+    if url is None:
+        raise ConfigError(f"{t.key('url')}: missing (like s3://etcd-backups/prod or file:///mnt/backups)")
+    endpoint = t.get("endpoint", str, None, _checked(check_endpoint))
+    if endpoint is not None and not url.startswith("s3://"):
+        raise ConfigError(f"{t.key('endpoint')}: only an s3:// store takes an endpoint")
+    region = t.get("region", str, None)
+    keep_local = t.get("keep_local", int, None)
+    if keep_local is not None and keep_local < 0:
+        raise ConfigError(f"{t.key('keep_local')}: must be 0 or more")
+    secrets = sorted(k for k in t.data if re.search(r"(?i)key|secret|token|password|credential", k))
+    if secrets:
+        raise ConfigError(f"{t.key(secrets[0])}: credentials never go in the file; the bot reads them from the "
+                          "environment (AWS_*, GOOGLE_APPLICATION_CREDENTIALS, AZURE_*) or workload identity")
+    t.done()
+    return StoreConfig(url=url, endpoint=endpoint, region=region, keep_local=keep_local)
 
 
 def _launcher(t: _Table) -> LauncherConfig:

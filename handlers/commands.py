@@ -40,7 +40,7 @@ from bot.ops.context import BotContext
 from bot.ops.lifecycle import Outcome
 from bot.ops.replace import Refusal, ReplaceRequest
 from bot.ops.routing import RoutingError, resolve_cluster
-from bot.ops.snapshots import RunningSnapshot, take_snapshot
+from bot.ops.snapshots import RunningSnapshot, remote_store, take_snapshot
 from bot.output import blocks
 from bot.output.model import perf_view
 from bot.slack.web import SlackPostError, post
@@ -98,7 +98,7 @@ async def _snapshot(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user:
 
 async def _snapshots(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user: str, channel: str) -> Outcome:
     rows = await ctx.store.snapshots(cluster.name, limit=1000, include_pruned=True)  # a pruned one may be remote
-    view = await catalog(ctx.remote(cluster), cluster.name, rows)
+    view = await catalog(cluster.snapshots.store, cluster.name, rows, open_store=remote_store)
     return Outcome(channel=blocks.snapshots_reply(view, await ctx.store.last_drills(cluster.name)))
 
 

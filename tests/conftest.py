@@ -14,6 +14,7 @@ import pytest
 
 from bot.testing import certs as certs_module
 from bot.testing import cluster as cluster_module
+from bot.testing import s3 as s3_module
 from bot.testing import workspace as workspace_module
 from bot.testing.cluster import LocalCluster
 
@@ -24,7 +25,8 @@ TEST_AUDIT_KEY = "auditkey-" + os.urandom(16).hex()    # tests that key the audi
 # A test that uses any of these (directly or through another fixture) runs real etcd, the Slack
 # stand-in or the bot: it is end to end. `make test-fast` runs the others.
 E2E_FIXTURES = {"cluster", "make_cluster", "slack", "start_bot",
-                "real", "real_snapshot"}  # (snapshots of real etcd clusters, in test_bbolt and test_fuzz)
+                "real", "real_snapshot",  # (snapshots of real etcd clusters, in test_bbolt and test_fuzz)
+                "s3"}  # (moto's S3 server)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -91,7 +93,8 @@ def no_secret_in_logs_or_messages(tmp_path_factory) -> Iterator[None]:
     yield
     root.removeHandler(capture)
     root.setLevel(level)
-    issued = workspace_module.ISSUED + certs_module.KEY_MATERIAL + [TEST_ETCD_PASSWORD, TEST_AUDIT_KEY]
+    issued = (workspace_module.ISSUED + certs_module.KEY_MATERIAL + s3_module.ISSUED
+              + [TEST_ETCD_PASSWORD, TEST_AUDIT_KEY])
     secrets = [s for s in issued if len(s) >= 6]
     places: list[tuple[str, str]] = [("log", line) for line in capture.lines]
     for stand_in in STAND_INS:
@@ -183,3 +186,24 @@ async def start_bot(slack, creds, tmp_path):
     yield start
     for bot in bots:
         await bot.stop()
+
+
+# ---------------------------------------------------------------- off-site stores
+
+@pytest.fixture
+def s3(monkeypatch) -> Iterator[s3_module.MotoS3]:
+    """moto's S3 server on a free loopback port with a bucket; its throw-away credentials are in
+    this test's environment only (where the bot, in-process or a child process, reads them)."""
+    server = s3_module.MotoS3()
+    for name, value in server.env.items():
+        monkeypatch.setenv(name, value)
+    with server:
+        yield server
+
+
+@pytest.fixture
+def file_store(tmp_path) -> Path:
+    """A directory as a `file://` off-site store (a mounted filesystem)."""
+    path = tmp_path / "offsite"
+    path.mkdir()
+    return path

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from bot.config import SnapshotPolicy
-from bot.ops.snapshots import local_to_prune, remote_to_prune
+from bot.ops.snapshots import remote_to_prune
 from bot.output import blocks
 from bot.output import text as render
 from bot.output.model import CatalogEntry, RemoteState, catalog_view
@@ -58,21 +58,25 @@ def test_a_verified_copy_the_listing_lacks_is_called_missing_and_an_unlisted_sto
     assert render.catalog_text(down).endswith("STORE: no answer within 10s")
 
 
-def test_retention_in_both_places_keeps_the_newest_verified_remote_copy():
+def test_retention_of_the_remote_copies_keeps_the_newest_verified_one():
     policy = SnapshotPolicy(keep_last=2)
-    # 5 newest first: 5 (upload failed), 4, 3, 2, 1 verified remotely; 1 and 2 only remote now
+    # newest first: 5 (upload failed), 4, 3 verified and local, 2 and 1 verified and only remote now
     rows = [row(5, remote="failed"), row(4, remote="verified"), row(3, remote="verified"),
-            row(2, local=False, remote="verified"), row(1, local=False, remote="verified")]
-    assert [r["id"] for r in local_to_prune(rows, policy, None, NOW, None)] == [3]
-    assert sorted(r["id"] for r in local_to_prune(rows, policy, 1, NOW, None)) == [3, 4]  # 5 is the only copy
+            row(2, local=False, remote="verified"), row(1, local=False, remote="verified"),
+            row(0, local=False, remote="verified", remote_pruned=True)]
     assert sorted(r["id"] for r in remote_to_prune(rows, policy, NOW, None)) == [1, 2]
     # every remote copy is old and the age rule alone would drop them all: the newest verified stays
     aged = [row(i, local=False, remote="verified", age_days=30) for i in (3, 2, 1)]
     assert sorted(r["id"] for r in remote_to_prune(aged, SnapshotPolicy(keep_days=7), NOW, None)) == [1, 2]
-    assert remote_to_prune(aged[:1], SnapshotPolicy(keep_last=1, keep_days=1), NOW, None) == []
-    # a plan's pre-change snapshot stays in both places while its plan is open
+    assert remote_to_prune(aged, SnapshotPolicy(keep_last=None, keep_days=None), NOW, None) == []  # no rule
+    assert sorted(r["id"] for r in remote_to_prune(aged, SnapshotPolicy(keep_last=1), NOW, None)) == [1, 2]
+    # only one verified copy, however old: kept
+    assert remote_to_prune([row(5, remote="failed", age_days=90), row(1, local=False, remote="verified",
+                                                                         age_days=90)],
+                           SnapshotPolicy(keep_last=1, keep_days=1), NOW, None) == []
+    # a plan's pre-change snapshot stays while its plan is open
     planned = [row(3, remote="verified"), row(2, remote="verified", plan="p1", age_days=60),
                row(1, remote="verified", age_days=60)]
     old = SnapshotPolicy(keep_last=1, keep_plan_snapshots_days=30)
     assert [r["id"] for r in remote_to_prune(planned, old, NOW, "p1")] == [1]
-    assert sorted(r["id"] for r in local_to_prune(planned, old, 1, NOW, "p1")) == [1]
+    assert sorted(r["id"] for r in remote_to_prune(planned, old, NOW, None)) == [1, 2]

@@ -19,7 +19,7 @@ PURE = ["bot.ops.replace", "bot.etcd.health", "bot.etcd.bbolt", "bot.ops.command
 
 
 def core_modules() -> list[str]:
-    names = [f"bot.{pkg}.{m.name}" for pkg in ("ops", "etcd", "store", "output")
+    names = [f"bot.{pkg}.{m.name}" for pkg in ("ops", "etcd", "store", "output", "backup")
              for m in pkgutil.iter_modules([str(Path(bot.__file__).parent / pkg)])]
     return sorted(n for n in names if n not in ("bot.etcd.client", "bot.etcd.snapshots")) + ["bot.config"]
 

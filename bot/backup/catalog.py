@@ -10,68 +10,77 @@ afterwards.
 from __future__ import annotations
 
 import asyncio
-import os
+import logging
 import shutil
 import tempfile
-from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bot.backup.manifest import Manifest
-from bot.backup.remote import RemoteStore
-from bot.etcd.snapshots import sha256_file
+from bot.backup.remote import RemoteError, RemoteStore, StoreConfig
 from bot.output.model import CatalogEntry, CatalogView, RemoteState, catalog_view
+
+log = logging.getLogger(__name__)
 
 LIST_DEADLINE = 10.0       # seconds for the listing and the manifests it needs, together
 MANIFEST_READS = 8         # manifests read at once
 MANIFESTS_MAX = 50         # unknown objects whose manifests one listing reads (newest first)
+
+Opener = Callable[[StoreConfig], RemoteStore]
 
 
 class FetchFailed(Exception):
     """One line: the object could not be downloaded, or is not what its manifest or the catalog says."""
 
 
-def entry_of_manifest(m: Manifest, size: int, url: str) -> CatalogEntry:
+def entry_of_manifest(m: Manifest, url: str) -> CatalogEntry:
     """An object no catalog row knows, as its manifest describes it."""
-    return CatalogEntry(cluster=m.cluster, name=m.file_name, revision=m.revision, hash=m.hash_hex,
-                        total_keys=m.total_keys, total_size=m.total_size, file_size=m.size or size,
-                        sha256=m.sha256, encrypted=m.encrypted, member=m.source_member, created_at=m.created_at,
-                        local_path=None, remote_url=url, remote_state=RemoteState.LISTED)
+    return CatalogEntry(cluster=m.cluster, name=m.file_name, revision=m.revision, hash=m.hash,
+                        total_keys=m.total_keys, total_size=m.total_size, file_size=m.size, sha256=m.sha256,
+                        encrypted=m.encrypted, member=m.member, created_at=m.created_at, local_path=None,
+                        remote_url=url, remote_state=RemoteState.LISTED)
 
 
 async def listing(remote: RemoteStore, cluster: str, known: set[str]) -> dict[str, CatalogEntry | None]:
     """The store's objects of `cluster` by name: an entry from the manifest for the names the catalog does not
-    know (newest MANIFESTS_MAX), None for the others (the catalog's row says more)."""
+    know (the newest MANIFESTS_MAX), None for the others (the catalog's row says more). An object whose
+    manifest is missing or unreadable is left out: nothing could verify it."""
     objects = await remote.list(cluster)
-    found: dict[str, CatalogEntry | None] = {o.name: None for o in objects}
-    unknown = sorted((o for o in objects if o.name not in known), key=lambda o: o.last_modified, reverse=True)
+    found: dict[str, CatalogEntry | None] = {o.name: None for o in objects if o.name in known}
+    unknown = [o for o in reversed(objects) if o.name not in known][:MANIFESTS_MAX]
     gate = asyncio.Semaphore(MANIFEST_READS)
 
-    async def read(name: str, size: int) -> None:
+    async def read(name: str) -> None:
         async with gate:
-            manifest = await remote.read_manifest(cluster, name)
-        if manifest is not None:  # an object without a manifest cannot be verified: not offered
-            found[name] = entry_of_manifest(manifest, size, remote.display_url(cluster, name))
-    await asyncio.gather(*(read(o.name, o.size) for o in unknown[:MANIFESTS_MAX]))
-    return {n: e for n, e in found.items() if e is not None or n in known}
+            try:
+                manifest = await remote.read_manifest(cluster, name)
+            except RemoteError as e:
+                log.warning("an off-site snapshot's manifest is unreadable", extra={"ctx_cluster": cluster,
+                                                                                   "ctx_error": str(e)})
+                return
+        if manifest is not None and manifest.file_name == name and manifest.cluster == cluster:
+            found[name] = entry_of_manifest(manifest, remote.display_url(cluster, name))
+    await asyncio.gather(*(read(o.name) for o in unknown))
+    return found
 
 
-async def catalog(remote: RemoteStore | None, cluster: str, rows: list[dict[str, Any]], limit: int = 15,
-                  deadline: float = LIST_DEADLINE) -> CatalogView:
-    """`rows`: the cluster's catalog rows, pruned ones included (their remote copy may remain)."""
-    if remote is None:
+async def catalog(config: StoreConfig | None, cluster: str, rows: list[dict[str, Any]], limit: int = 15,
+                  deadline: float = LIST_DEADLINE, open_store: Opener = RemoteStore.from_config) -> CatalogView:
+    """Both places for one cluster. `rows`: its catalog rows, pruned ones included (their remote copy may
+    remain); `config`: its [snapshots.store] (None: local only)."""
+    if config is None:
         return catalog_view(cluster, rows, None, limit=limit)
+    url = f"{config.url.rstrip('/')}/{cluster}/"
     known = {r["path"].rsplit("/", 1)[-1] for r in rows}
-    url = remote.display_url(cluster, "")
     try:
-        listed = await asyncio.wait_for(listing(remote, cluster, known), deadline)
+        listed = await asyncio.wait_for(listing(open_store(config), cluster, known), deadline)
     except TimeoutError:
-        return catalog_view(cluster, rows, None, url, f"no answer within {deadline:g}s", limit)
-    except Exception as e:  # the store's own words (obstore raises its own error classes), on one line
-        return catalog_view(cluster, rows, None, url, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                            [:300], limit)
+        return catalog_view(cluster, rows, None, url, f"{url} did not answer within {deadline:g}s", limit)
+    except RemoteError as e:
+        return catalog_view(cluster, rows, None, url, str(e), limit)
     return catalog_view(cluster, rows, listed, url, None, limit)
 
 
@@ -87,32 +96,27 @@ class Expected:
 
 
 async def fetch_verified(remote: RemoteStore, cluster: str, expected: Expected, dest: Path) -> None:
-    """Download to `dest` (created 0600), then check its size and sha256; a mismatch removes it."""
+    """Download to `dest` (0600), hashing as it arrives, then compare size and sha256; a mismatch removes it."""
     try:
-        await remote.fetch_to(cluster, expected.name, dest)
-    except Exception as e:
-        dest.unlink(missing_ok=True)
-        raise FetchFailed(f"cannot download {expected.name}: {type(e).__name__}: "
-                          f"{(str(e).splitlines() or [''])[0][:300]}") from None
-    os.chmod(dest, 0o600)
-    size = dest.stat().st_size
-    sha = await asyncio.to_thread(sha256_file, dest)
-    problem = (f"{size} bytes, expected {expected.file_size}" if expected.file_size and size != expected.file_size
+        sha, size = await remote.fetch_to(cluster, expected.name, dest)
+    except RemoteError as e:
+        raise FetchFailed(f"cannot download {expected.name}: {e}") from None
+    problem = (f"{size:,} bytes, expected {expected.file_size:,}" if size != expected.file_size
                else f"sha256 {sha[:16]}…, expected {expected.sha256[:16]}…" if sha != expected.sha256 else None)
     if problem:
         dest.unlink(missing_ok=True)
-        raise FetchFailed(f"{expected.name} from the store is not the snapshot recorded: {problem}; "
+        raise FetchFailed(f"{expected.name} from the store is not the snapshot recorded ({problem}); "
                           "the download was deleted")
 
 
 @asynccontextmanager
 async def fetched(remote: RemoteStore, cluster: str, expected: Expected, directory: Path) -> AsyncIterator[Path]:
-    """A verified copy of a remote snapshot in a private (0700) directory under `directory`, removed after."""
+    """A verified copy of a remote snapshot in a private (0700) directory under `directory`, removed after
+    (with anything else made there, such as its decrypted plaintext)."""
     directory.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".fetch-", dir=directory))
     try:
         path = scratch / expected.name
-        path.touch(0o600)
         await fetch_verified(remote, cluster, expected, path)
         yield path
     finally:
@@ -121,11 +125,18 @@ async def fetched(remote: RemoteStore, cluster: str, expected: Expected, directo
 
 @dataclass(frozen=True)
 class Origin:
-    """Where remote snapshots of a cluster are fetched from, and where their temporary copies go."""
+    """Where a cluster's remote snapshots are fetched from, and where their temporary copies go."""
 
-    remote: RemoteStore
+    config: StoreConfig
     cluster: str
-    scratch: Path          # on the bot's volume: the copy (and a decrypted one) never leaves the host
+    scratch: Path              # on the bot's volume: the copy (and a decrypted one) never leaves the host
+    open_store: Opener = RemoteStore.from_config
 
-    def fetched(self, expected: Expected) -> AbstractAsyncContextManager[Path]:
-        return fetched(self.remote, self.cluster, expected, self.scratch)
+    @asynccontextmanager
+    async def fetched(self, expected: Expected) -> AsyncIterator[Path]:
+        try:
+            remote = self.open_store(self.config)
+        except RemoteError as e:
+            raise FetchFailed(str(e)) from None
+        async with fetched(remote, self.cluster, expected, self.scratch) as path:
+            yield path

@@ -41,6 +41,7 @@ from bot.ops.restore import (
     choose_snapshot,
     plan_restore,
 )
+from bot.ops.snapshots import remote_store
 from bot.output.blocks import Reply, escape, mention
 from bot.output.model import RemoteState
 from bot.store.records import PlanKind, PlanRecord, PlanState
@@ -128,15 +129,15 @@ def _decrypt(src: Path, identity: str, directory: Path) -> Path:
 
 def origin(ctx: BotContext, cluster: ClusterConfig) -> Origin | None:
     """Where this cluster's remote snapshots come from (None: no store configured)."""
-    remote = ctx.remote(cluster)
-    return None if remote is None else Origin(remote, cluster.name, ctx.config.snapshot_dir)
+    store = cluster.snapshots.store
+    return None if store is None else Origin(store, cluster.name, ctx.config.snapshot_dir, remote_store)
 
 
 async def restorable(ctx: BotContext, cluster: ClusterConfig) -> list[SnapshotRef]:
     """The snapshots a restore or drill can use, newest first: each local copy retention kept, else its verified
     copy in the store (also objects only the store knows, from their manifests)."""
     rows = await ctx.store.snapshots(cluster.name, limit=100000, include_pruned=True)
-    view = await catalog(ctx.remote(cluster), cluster.name, rows, limit=1000)
+    view = await catalog(cluster.snapshots.store, cluster.name, rows, limit=1000, open_store=remote_store)
     return [SnapshotRef.of_entry(e, str(ctx.config.snapshot_dir)) for e in view.entries
             if e.local_path or (e.remote_state in (RemoteState.VERIFIED, RemoteState.LISTED) and e.sha256)]
 

@@ -12,9 +12,12 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from bot.backup.manifest import Manifest, recipient_fingerprint
+from bot.backup.remote import RemoteError, RemoteStore, StoreConfig, Upload, verify_upload
 from bot.config import ClusterConfig, SnapshotPolicy
 from bot.etcd.health import ClusterHealth, check_cluster
 from bot.etcd.model import EtcdError
@@ -88,9 +91,13 @@ async def _take(ctx: BotContext, cluster: ClusterConfig, *, requested_by: str, r
         source = health.snapshot_source()
     if source is None or source.status is None:  # (a healthy member always has a status)
         raise SnapshotFailed(f"no healthy member of {cluster.name} to take a snapshot from")
+    remote, remote_error = await _remote_for_upload(cluster)
+    upload: Callable[[str], Upload] | None = None
+    if remote is not None:
+        upload = partial(remote.begin_upload, cluster.name)
     try:
         saved = await save_snapshot(client, source.status.endpoint, source.member.name, ctx.config.snapshot_dir,
-                                    cluster.name, cluster.snapshots.age_recipients)
+                                    cluster.name, cluster.snapshots.age_recipients, upload)
     except SnapshotFailed as e:
         # The member died mid-stream: once, from another healthy member.
         if not e.source_failed:
@@ -106,10 +113,17 @@ async def _take(ctx: BotContext, cluster: ClusterConfig, *, requested_by: str, r
         log.warning("snapshot source failed; trying another member",
                     extra={"ctx_cluster": cluster.name, "ctx_failed": source.member.name, "ctx_error": str(e)})
         saved = await save_snapshot(client, other.status.endpoint, other.member.name, ctx.config.snapshot_dir,
-                                    cluster.name, cluster.snapshots.age_recipients)
+                                    cluster.name, cluster.snapshots.age_recipients, upload)
         saved = replace(saved, failed_over_from=source.member.name)
+    if remote_error is not None:
+        saved = replace(saved, upload_error=remote_error)
     snapshot_id = await record_snapshot(ctx, saved, requested_by=requested_by, reason=reason, channel=channel,
                                         plan_id=plan_id)
+    if remote is not None:
+        saved = await store_offsite(ctx, cluster, remote, saved, snapshot_id)
+        await retry_failed_uploads(ctx, cluster, remote, but=snapshot_id)
+    elif remote_error is not None:
+        await _offsite_failed(ctx, cluster, saved, snapshot_id, remote_error)
     return replace(saved, pruned=tuple(await prune(ctx, cluster))), snapshot_id
 
 
@@ -132,47 +146,17 @@ async def record_snapshot(ctx: BotContext, saved: SavedSnapshot, *, requested_by
     return snapshot_id
 
 
-REMOTE_DELETE_DEADLINE = 30.0   # one object and its manifest
-
-
-def local_to_prune(rows: list[dict[str, Any]], policy: SnapshotPolicy, keep_local: int | None, now: float,
-                   open_plan: str | None) -> list[dict[str, Any]]:
-    """Local copies to delete: those the policy no longer keeps, and, with a store, the verified-remotely
-    ones beyond the newest `keep_local` local copies (the store keeps them by the policy). A plan's
-    pre-change snapshot stays as the policy says."""
-    local = [r for r in rows if r.get("pruned_at") is None]
-    drop = to_prune(local, policy.keep_last, policy.keep_days, now, policy.keep_plan_snapshots_days, open_plan)
-    if keep_local is not None:
-        plan_kept = {r["id"] for r in local} - {r["id"] for r in to_prune(
-            local, 0, None, now, policy.keep_plan_snapshots_days, open_plan)}
-        newest = sorted(local, key=lambda r: (r["created_at"], r["id"]), reverse=True)
-        drop += [r for r in newest[keep_local:] if r.get("remote_state") == "verified"
-                 and r["id"] not in plan_kept and r not in drop]
-    return drop
-
-
-def remote_to_prune(rows: list[dict[str, Any]], policy: SnapshotPolicy, now: float,
-                    open_plan: str | None) -> list[dict[str, Any]]:
-    """Remote copies the policy no longer keeps; never the newest verified one (the last off-site backup)."""
-    remote = sorted((r for r in rows if r.get("remote_state") == "verified" and not r.get("remote_pruned_at")),
-                    key=lambda r: (r["created_at"], r["id"]), reverse=True)
-    return to_prune(remote[1:], policy.keep_last and max(policy.keep_last - 1, 0), policy.keep_days, now,
-                    policy.keep_plan_snapshots_days, open_plan)
-
-
 async def prune(ctx: BotContext, cluster: ClusterConfig) -> list[str]:
-    """Delete the copies the cluster's retention no longer keeps, in both places; record and audit each.
-    The pre-change snapshot of the cluster's open plan is never deleted, nor the newest verified remote copy.
-    Returns the names removed (remote ones marked so)."""
+    """Delete the snapshots the cluster's retention no longer keeps; record each.
+    The pre-change snapshot of the cluster's open plan is never deleted.
+    With a store, `keep_local` then thins the local copies verified off-site, and the
+    remote copies follow the same policy (prune_remote)."""
     policy = cluster.snapshots
-    rows = await ctx.store.snapshots(cluster.name, limit=100000, include_pruned=True)
+    rows = await ctx.store.snapshots(cluster.name, limit=100000)
     open_plan = await ctx.store.open_plan(cluster.name)
-    plan_id = open_plan["id"] if open_plan else None
-    now = time.time()
-    remote = ctx.remote(cluster)
-    keep_local = remote.config.keep_local if remote is not None else None
     pruned = []
-    for row in local_to_prune(rows, policy, keep_local, now, plan_id):
+    for row in to_prune(rows, policy.keep_last, policy.keep_days, time.time(), policy.keep_plan_snapshots_days,
+                        open_plan["id"] if open_plan else None):
         path = Path(row["path"])
         try:
             path.unlink(missing_ok=True)
@@ -182,21 +166,210 @@ async def prune(ctx: BotContext, cluster: ClusterConfig) -> list[str]:
         await ctx.store.mark_pruned(row["id"])
         await ctx.store.audit("snapshot_pruned", cluster=cluster.name,
                               detail={"id": row["id"], "file": path.name, "keep_last": policy.keep_last,
-                                      "keep_days": policy.keep_days, "keep_local": keep_local})
+                                      "keep_days": policy.keep_days})
         pruned.append(path.name)
-    if remote is None:
-        return pruned
-    for row in remote_to_prune(rows, policy, now, plan_id):
-        name = row["path"].rsplit("/", 1)[-1]
+    pruned += await _prune_offsite_copies(ctx, cluster, open_plan["id"] if open_plan else None)
+    return pruned + await prune_remote(ctx, cluster, open_plan["id"] if open_plan else None)
+
+
+async def _prune_offsite_copies(ctx: BotContext, cluster: ClusterConfig, open_plan: str | None) -> list[str]:
+    """`keep_local`: of the snapshots verified off-site, only the newest N keep their local file
+    (the catalog row stays: the copy is off-site). A snapshot not verified off-site, and the open
+    plan's pre-change snapshot, always keep theirs."""
+    store = cluster.snapshots.store
+    if store is None or store.keep_local is None:
+        return []
+    rows = await ctx.store.snapshots(cluster.name, limit=100000)  # newest first, local copies only
+    verified = [r for r in rows if r.get("remote_state") == "verified"]
+    pruned = []
+    for row in verified[store.keep_local:]:
+        if open_plan is not None and row.get("plan_id") == open_plan:
+            continue
+        path = Path(row["path"])
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as e:
+            log.warning("cannot prune snapshot", extra={"ctx_path": str(path), "ctx_error": e.strerror})
+            continue
+        await ctx.store.mark_pruned(row["id"])
+        await ctx.store.audit("snapshot_pruned", cluster=cluster.name,
+                              detail={"id": row["id"], "file": path.name, "keep_local": store.keep_local,
+                                      "offsite": row.get("remote_url")})
+        pruned.append(path.name)
+    return pruned
+
+
+# ---------------------------------------------------------------- retention of the remote copies
+
+REMOTE_DELETE_DEADLINE = 30.0   # one object and its manifest
+
+
+def remote_to_prune(rows: list[dict[str, Any]], policy: SnapshotPolicy, now: float,
+                    open_plan: str | None) -> list[dict[str, Any]]:
+    """Remote copies the policy (keep_last, keep_days, a plan's snapshot) no longer keeps; never the newest
+    verified one, the last good off-site backup, even when every rule would drop it. Only rows the catalog
+    knows: an object it does not know (an earlier bot's) is listed and restorable, never deleted by retention."""
+    remote = sorted((r for r in rows if r.get("remote_state") == "verified" and not r.get("remote_pruned_at")),
+                    key=lambda r: (r["created_at"], r["id"]), reverse=True)
+    keep_last = None if policy.keep_last is None else policy.keep_last - 1   # the newest is kept already
+    return to_prune(remote[1:], keep_last, policy.keep_days, now, policy.keep_plan_snapshots_days, open_plan)
+
+
+async def prune_remote(ctx: BotContext, cluster: ClusterConfig, open_plan: str | None) -> list[str]:
+    """Delete the remote copies (object and manifest) retention no longer keeps; each one's row gets
+    `remote_pruned_at` and an audit row. A store that fails is tried again at the next prune."""
+    if cluster.snapshots.store is None:
+        return []
+    rows = await ctx.store.snapshots(cluster.name, limit=100000, include_pruned=True)
+    doomed = remote_to_prune(rows, cluster.snapshots, time.time(), open_plan)
+    if not doomed:
+        return []
+    try:
+        remote = remote_store(cluster.snapshots.store)
+    except RemoteError as e:
+        log.warning("cannot prune remote copies", extra={"ctx_cluster": cluster.name, "ctx_error": str(e)})
+        return []
+    pruned = []
+    for row in doomed:
+        name = Path(row["path"]).name
         try:
             await asyncio.wait_for(remote.delete(cluster.name, name), REMOTE_DELETE_DEADLINE)
-        except Exception as e:  # the store's own error classes; the next prune tries again
-            log.warning("cannot prune the remote copy", extra={"ctx_file": name, "ctx_error": f"{type(e).__name__}: "
-                                                               f"{(str(e).splitlines() or [''])[0][:300]}"})
+        except (RemoteError, TimeoutError) as e:
+            log.warning("cannot prune a remote copy", extra={"ctx_cluster": cluster.name, "ctx_file": name,
+                                                             "ctx_error": str(e) or "no answer in time"})
             continue
         await ctx.store.update_snapshot(row["id"], remote_pruned_at=time.time())
         await ctx.store.audit("snapshot_pruned_remote", cluster=cluster.name,
                               detail={"id": row["id"], "file": name, "url": row.get("remote_url"),
-                                      "keep_last": policy.keep_last, "keep_days": policy.keep_days})
-        pruned.append(f"{name} (store)")
+                                      "keep_last": cluster.snapshots.keep_last,
+                                      "keep_days": cluster.snapshots.keep_days})
+        pruned.append(f"{name} (off-site)")
     return pruned
+
+
+# ---------------------------------------------------------------- off-site copies
+
+UPLOAD_RETRY_BACKOFF = (2.0, 10.0)   # seconds before each retry from the local file, after the streaming upload
+_STORES: dict[StoreConfig, RemoteStore] = {}
+
+
+def remote_store(config: StoreConfig) -> RemoteStore:
+    """The store of a `[snapshots.store]` table (one per table, for the bot's lifetime)."""
+    store = _STORES.get(config)
+    if store is None:
+        store = _STORES[config] = RemoteStore.from_config(config)
+    return store
+
+
+async def _remote_for_upload(cluster: ClusterConfig) -> tuple[RemoteStore | None, str | None]:
+    """The cluster's off-site store ready for an upload, or why there is none. Unfinished uploads
+    a killed bot left are aborted first (best effort: a failure here does not stop the upload)."""
+    if cluster.snapshots.store is None:
+        return None, None
+    try:
+        remote = remote_store(cluster.snapshots.store)
+    except RemoteError as e:
+        return None, str(e)
+    try:
+        aborted = await remote.abort_leftovers(cluster.name)
+        if aborted:
+            log.warning("aborted unfinished uploads a stopped bot left",
+                        extra={"ctx_cluster": cluster.name, "ctx_count": aborted})
+    except RemoteError as e:
+        log.warning("cannot check for unfinished uploads", extra={"ctx_cluster": cluster.name, "ctx_error": str(e)})
+    return remote, None
+
+
+def manifest_for(saved: SavedSnapshot, recipients: tuple[str, ...]) -> Manifest:
+    st = saved.status
+    return Manifest(cluster=saved.cluster, file_name=saved.path.name, sha256=saved.sha256, size=saved.file_size,
+                    hash=st.hash_hex, revision=st.revision, total_keys=st.total_keys, total_size=st.total_size,
+                    member=saved.member, created_at=saved.created_at, encrypted=saved.encrypted,
+                    recipients=tuple(recipient_fingerprint(r) for r in recipients) if saved.encrypted else ())
+
+
+async def store_offsite(ctx: BotContext, cluster: ClusterConfig, remote: RemoteStore, saved: SavedSnapshot,
+                        snapshot_id: int) -> SavedSnapshot:
+    """Verify the upload the save streamed (size, then the sha256 read back), then put the manifest
+    next to it. A failed upload is retried from the local file with backoff; the local file is
+    never touched. The row and the audit log say how it ended."""
+    name = saved.path.name
+    url = remote.display_url(cluster.name, name)
+    await ctx.store.update_snapshot(snapshot_id, remote_url=url, remote_state="uploading", remote_error=None)
+    error = saved.upload_error
+    for attempt in range(len(UPLOAD_RETRY_BACKOFF) + 1):
+        if attempt:
+            log.warning("off-site upload failed; retrying from the local file",
+                        extra={"ctx_cluster": cluster.name, "ctx_file": name, "ctx_error": error,
+                               "ctx_attempt": attempt})
+            await asyncio.sleep(UPLOAD_RETRY_BACKOFF[attempt - 1])
+            try:
+                await remote.upload_file(cluster.name, name, saved.path)
+                error = None
+            except RemoteError as e:
+                error = str(e)
+        if error is None:
+            try:
+                await verify_upload(remote, cluster.name, name, saved.file_size, saved.sha256)
+                await remote.write_manifest(manifest_for(saved, cluster.snapshots.age_recipients))
+            except RemoteError as e:
+                error = str(e)
+            else:
+                await ctx.store.update_snapshot(snapshot_id, remote_state="verified", remote_verified_at=time.time())
+                await ctx.store.audit("snapshot_offsite", cluster=cluster.name,
+                                      detail={"id": snapshot_id, "file": name, "url": url, "sha256": saved.sha256,
+                                              "verified": True})
+                return replace(saved, remote_url=url, remote_verified=True, upload_error=None)
+    assert error is not None
+    await _offsite_failed(ctx, cluster, saved, snapshot_id, error, url)
+    return replace(saved, remote_url=url, upload_error=error)
+
+
+async def _offsite_failed(ctx: BotContext, cluster: ClusterConfig, saved: SavedSnapshot, snapshot_id: int,
+                          error: str, url: str | None = None) -> None:
+    await ctx.store.update_snapshot(snapshot_id, remote_url=url, remote_state="failed", remote_error=error)
+    await ctx.store.audit("snapshot_offsite_failed", cluster=cluster.name,
+                          detail={"id": snapshot_id, "file": saved.path.name, "url": url, "error": error})
+    log.error("off-site upload failed; the local snapshot is kept",
+              extra={"ctx_cluster": cluster.name, "ctx_file": saved.path.name, "ctx_error": error})
+
+
+async def retry_failed_uploads(ctx: BotContext, cluster: ClusterConfig, remote: RemoteStore,
+                               but: int | None = None) -> list[str]:
+    """Upload again the kept local snapshots whose upload failed (the store was down): after the
+    next snapshot's own upload, one try each. Returns the files now verified off-site."""
+    done = []
+    for row in await ctx.store.snapshots(cluster.name, limit=100000):
+        path = Path(row["path"])
+        if row["id"] == but or row.get("remote_state") != "failed" or not path.is_file():
+            continue
+        name = path.name
+        try:
+            await remote.upload_file(cluster.name, name, path)
+            await verify_upload(remote, cluster.name, name, row["file_size"], row["sha256"])
+            saved = _saved_from_row(row)
+            await remote.write_manifest(manifest_for(saved, cluster.snapshots.age_recipients))
+        except RemoteError as e:
+            await ctx.store.update_snapshot(row["id"], remote_error=str(e))
+            log.warning("retrying an off-site upload failed",
+                        extra={"ctx_cluster": cluster.name, "ctx_file": name, "ctx_error": str(e)})
+            continue
+        url = remote.display_url(cluster.name, name)
+        await ctx.store.update_snapshot(row["id"], remote_url=url, remote_state="verified", remote_error=None,
+                                        remote_verified_at=time.time())
+        await ctx.store.audit("snapshot_offsite", cluster=cluster.name,
+                              detail={"id": row["id"], "file": name, "url": url, "sha256": row["sha256"],
+                                      "verified": True, "retried": True})
+        done.append(name)
+    return done
+
+
+def _saved_from_row(row: dict[str, Any]) -> SavedSnapshot:
+    """A catalog row as a SavedSnapshot (for its manifest)."""
+    from bot.etcd.bbolt import SnapshotStatus
+    status = SnapshotStatus(hash=int(row["hash"], 16), revision=row["revision"], total_keys=row["total_keys"],
+                            live_keys=row["live_keys"], total_size=row["total_size"], has_trailer=True)
+    return SavedSnapshot(cluster=row["cluster"], member=row["member"], endpoint="", path=Path(row["path"]),
+                         file_size=row["file_size"], sha256=row["sha256"], status=status,
+                         duration=row["duration"] or 0.0, created_at=row["created_at"],
+                         encrypted=bool(row["encrypted"]))

@@ -502,6 +502,9 @@ def snapshot_reply(saved: SavedSnapshot, requested_by: str, title: str = "Snapsh
              f"asked by {mention(requested_by)}")
     blocks = [_section(f":camera_with_flash: *{escape(title)} of {escape(view.cluster)}* — verified"),
               _section(code_block(view.table)), _section(facts)]
+    if view.offsite:
+        blocks.append(_section((":white_check_mark: " if view.remote_verified else ":warning: ")
+                               + f"*Off-site:* {escape(view.offsite)}"))
     if view.failed_over_from:
         blocks.append(_context(f":warning: {escape(view.failed_over_from)} stopped answering mid-stream; "
                                f"the snapshot was taken again from {escape(view.member)}"))

@@ -221,6 +221,18 @@ class SnapshotView:
     status: SnapshotStatus
     failed_over_from: str | None
     pruned: tuple[str, ...]
+    remote_url: str | None = None       # the off-site copy (no credentials)
+    remote_verified: bool = False       # read back there: size and sha256 equal
+    upload_error: str | None = None     # why the off-site copy failed
+
+    @property
+    def offsite(self) -> str | None:
+        """"stored at s3://…/prod-…db · verified remotely", or why the upload failed; None without a store."""
+        if self.remote_verified and self.remote_url:
+            return f"stored at {self.remote_url} · verified remotely"
+        if self.upload_error:
+            return f"off-site upload FAILED: {self.upload_error}; the local snapshot is kept"
+        return None
 
     @property
     def file_name(self) -> str:
@@ -252,7 +264,8 @@ def snapshot_view(saved: SavedSnapshot) -> SnapshotView:
     return SnapshotView(cluster=saved.cluster, path=saved.path, encrypted=saved.encrypted, file_size=saved.file_size,
                         sha256=saved.sha256, member=saved.member, endpoint=saved.endpoint, duration=saved.duration,
                         throughput=saved.throughput, status=saved.status, failed_over_from=saved.failed_over_from,
-                        pruned=saved.pruned)
+                        pruned=saved.pruned, remote_url=saved.remote_url, remote_verified=saved.remote_verified,
+                        upload_error=saved.upload_error)
 
 
 # ---------------------------------------------------------------- perf, alarms, consistency
@@ -434,13 +447,13 @@ def catalog_view(cluster: str, rows: list[dict[str, Any]], listed: Mapping[str, 
             e = replace(e, remote_state=RemoteState.MISSING)
         if e.local_path or e.remote_state != RemoteState.NONE:
             entries.setdefault(e.name, e)
-    for name, e in (listed or {}).items():
+    for name, found in (listed or {}).items():
         known = entries.get(name)
         if known is None:
-            if e is not None:
-                entries[name] = e
+            if found is not None:
+                entries[name] = found
         elif known.remote_state == RemoteState.NONE:  # there, though this catalog never uploaded it
             entries[name] = replace(known, remote_state=RemoteState.LISTED,
-                                    remote_url=e.remote_url if e is not None else known.remote_url)
+                                    remote_url=found.remote_url if found is not None else known.remote_url)
     newest = sorted(entries.values(), key=lambda e: (e.created_at, e.snapshot_id or 0), reverse=True)
     return CatalogView(cluster, tuple(newest[:limit]), store_url, store_error)

@@ -105,14 +105,17 @@ def status_json(view: StatusView) -> dict[str, Any]:
 
 def snapshot_line(view: SnapshotView, title: str = "Snapshot") -> str:
     """One line for a saved snapshot: the Slack notification text."""
-    return f"{title} of {view.cluster}: {view.summary}; file {view.file_name}, sha256 {view.sha256}"
+    offsite = f"; {view.offsite}" if view.offsite else ""
+    return f"{title} of {view.cluster}: {view.summary}; file {view.file_name}, sha256 {view.sha256}{offsite}"
 
 
 def saved_json(view: SnapshotView) -> dict[str, Any]:
     """A saved snapshot as JSON (CLI): etcdutl's fields plus where and how."""
     return {**view.status.as_json(), "file": str(view.path), "file_size": view.file_size, "sha256": view.sha256,
             "member": view.member, "endpoint": view.endpoint, "encrypted": view.encrypted,
-            "duration_seconds": round(view.duration, 3), "throughput_bytes_per_second": round(view.throughput)}
+            "duration_seconds": round(view.duration, 3), "throughput_bytes_per_second": round(view.throughput),
+            **({"remote_url": view.remote_url, "remote_verified": view.remote_verified,
+                "upload_error": view.upload_error} if view.remote_url or view.upload_error else {})}
 
 
 def saved_text(view: SnapshotView) -> str:

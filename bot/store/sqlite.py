@@ -133,6 +133,10 @@ CREATE INDEX IF NOT EXISTS drills_by_cluster ON drills(cluster, at);
 # Columns added after the first release: databases created before get them on open.
 ADDED_COLUMNS = {("snapshots", "plan_id"): "TEXT", ("audit", "key_id"): "TEXT NOT NULL DEFAULT ''",
                  ("plans", "kind"): "TEXT NOT NULL DEFAULT 'replace'"}
+# Off-site copies (issue 14): where, '' | uploading | verified | failed, why, when verified, when deleted there.
+ADDED_COLUMNS |= {("snapshots", "remote_url"): "TEXT", ("snapshots", "remote_state"): "TEXT NOT NULL DEFAULT ''",
+                  ("snapshots", "remote_error"): "TEXT", ("snapshots", "remote_verified_at"): "REAL",
+                  ("snapshots", "remote_pruned_at"): "REAL"}
 
 
 class StoreError(Exception):
@@ -406,6 +410,15 @@ class Store:
         """Mark a snapshot as a plan's pre-change snapshot (it joined one already running)."""
         await self._run(lambda db: db.execute("UPDATE snapshots SET plan_id = ? WHERE id = ? AND plan_id IS NULL",
                                               [plan_id, snapshot_id]))
+
+    async def update_snapshot(self, snapshot_id: int, **fields: Any) -> None:
+        """Set columns of one snapshot row (its off-site state: remote_url, remote_state, ...)."""
+        unknown = sorted(set(fields) - {c for t, c in ADDED_COLUMNS if t == "snapshots"} - {"pruned_at", "path"})
+        if unknown or not fields:
+            raise ValueError(f"update_snapshot: no column {unknown[0] if unknown else '(none given)'}")
+        sets = ", ".join(f"{name} = ?" for name in fields)
+        await self._run(lambda db: db.execute(f"UPDATE snapshots SET {sets} WHERE id = ?",
+                                              [*fields.values(), snapshot_id]))
 
     async def mark_pruned(self, snapshot_id: int) -> None:
         await self._run(lambda db: db.execute("UPDATE snapshots SET pruned_at = ? WHERE id = ?",

@@ -1,0 +1,399 @@
+"""The off-site store: one API over S3, GCS, Azure Blob and a mounted
+directory (obstore), laid out as `<prefix>/<cluster>/<file name>` with
+`<file name>.manifest.json` next to each snapshot.
+
+Credentials are never configured here: obstore reads them as each cloud's SDK
+does (`AWS_*`, IRSA's web identity, instance metadata, `GOOGLE_APPLICATION_CREDENTIALS`,
+`AZURE_*`). Error texts are cut to one line and never carry them (obstore's
+messages hold the URL and status, not the signature or keys).
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import logging
+import os
+import re
+import threading
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import obstore as obs
+from obstore.store import AzureStore, GCSStore, LocalStore, S3Store
+
+from bot.backup.manifest import MANIFEST_SUFFIX, Manifest, ManifestError
+
+if TYPE_CHECKING:
+    from obstore import WritableFile
+    from obstore.store import ClientConfig, ObjectStore, RetryConfig
+
+log = logging.getLogger(__name__)
+
+SCHEMES = {"s3": "S3 (or an S3-compatible service)", "gs": "Google Cloud Storage", "az": "Azure Blob Storage",
+           "file": "a mounted directory"}
+PART_SIZE = 8 << 20          # bytes per multipart part (S3's minimum is 5 MiB)
+PART_CONCURRENCY = 3         # parts in flight: memory held by an upload is about PART_SIZE x (this + 1)
+READ_CHUNK = 4 << 20
+
+
+class RemoteError(Exception):
+    """The object store refused or could not be reached; one line, no credentials."""
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """`[snapshots.store]`: where snapshots go off-site (credentials: the environment, never here)."""
+
+    url: str                          # s3://bucket/prefix, gs://bucket/prefix, az://container/prefix, file:///dir
+    endpoint: str | None = None       # an S3-compatible service; http:// allows plain HTTP to it
+    region: str | None = None
+    keep_local: int | None = None     # local copies kept once a newer one is verified off-site; None: local retention
+
+    @property
+    def scheme(self) -> str:
+        return urlsplit(self.url).scheme
+
+
+def check_store_url(url: str) -> str:
+    """The URL, normalised (no trailing slash); ValueError with one line otherwise."""
+    parts = urlsplit(url)
+    if parts.scheme not in SCHEMES:
+        raise ValueError(f"{url!r}: the scheme must be one of " + ", ".join(f"{s}://" for s in SCHEMES))
+    if parts.query or parts.fragment:
+        raise ValueError(f"{parts.scheme}:// URL: no query or fragment (credentials come from the environment)")
+    if "@" in parts.netloc or parts.password is not None:
+        raise ValueError(f"{parts.scheme}:// URL: no user or password in it (credentials come from the environment)")
+    if parts.scheme == "file":
+        if parts.netloc or not parts.path.startswith("/"):
+            raise ValueError(f"{url!r}: a file URL names an absolute path, like file:///mnt/backups")
+    elif not parts.netloc:
+        raise ValueError(f"{url!r}: no bucket or container (like {parts.scheme}://etcd-backups/prod)")
+    if any(seg in (".", "..") for seg in parts.path.split("/")):
+        raise ValueError(f"{url!r}: no . or .. in the path")
+    return url.rstrip("/") if parts.path.strip("/") or parts.scheme != "file" else url
+
+
+def check_endpoint(endpoint: str) -> str:
+    parts = urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{endpoint!r} is not an http:// or https:// URL")
+    if parts.username or parts.password or parts.query:
+        raise ValueError(f"{endpoint!r}: no user, password or query in it (credentials come from the environment)")
+    return endpoint.rstrip("/")
+
+
+@dataclass(frozen=True)
+class RemoteObject:
+    name: str                 # the file name (the key below `<prefix>/<cluster>/`)
+    size: int
+    last_modified: float      # unix seconds
+
+
+def one_line(e: BaseException) -> str:
+    """An obstore error as one short line (its texts run over several lines with a debug dump)."""
+    text = " ".join(str(e).split(" Debug source:")[0].split()) or type(e).__name__
+    text = re.sub(r"(?i)(signature|credential|x-amz-security-token|authorization)=[^&\s,)]+", r"\1=…", text)
+    return text[:240] + ("…" if len(text) > 240 else "")
+
+
+def _fail(what: str, e: BaseException) -> RemoteError:
+    kind = {"NotFoundError": "not found", "PermissionDeniedError": "permission denied",
+            "UnauthenticatedError": "not authenticated (check the credentials in the environment)"}.get(
+        type(e).__name__)
+    return RemoteError(f"{what}: {kind}" if kind else f"{what}: {one_line(e)}")
+
+
+class Upload:
+    """One object being written, fed in order from one thread (the save's upload
+    stage): parts go up while later bytes still arrive. Nothing is visible
+    under the key until `close()` completes; `abort()` (or any failure)
+    aborts the multipart upload."""
+
+    def __init__(self, store: RemoteStore, cluster: str, name: str):
+        self.cluster, self.name = cluster, name
+        self.key = store.key(cluster, name)
+        self.url = store.display_url(cluster, name)
+        self.size = 0
+        self._hash = hashlib.sha256()
+        self._writer: WritableFile = obs.open_writer(store.store, self.key, buffer_size=PART_SIZE,
+                                                     max_concurrency=PART_CONCURRENCY)
+        self._lock = threading.Lock()
+        self._done = False
+
+    def write(self, data: bytes) -> None:
+        try:
+            self._writer.write(data)
+        except Exception as e:
+            self.abort()
+            raise _fail(f"uploading {self.name}", e) from None
+        self._hash.update(data)
+        self.size += len(data)
+
+    @property
+    def sha256(self) -> str:
+        """Of every byte written (the object's sha256 once closed)."""
+        return self._hash.hexdigest()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._done:
+                raise RemoteError(f"uploading {self.name}: the upload was aborted")
+            self._done = True
+            try:
+                self._writer.close()
+            except Exception as e:
+                raise _fail(f"uploading {self.name}", e) from None
+
+    def abort(self) -> None:
+        """Abort the multipart upload (idempotent; never raises: it runs on the way out of a failure)."""
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+            try:
+                self._writer.__exit__(RemoteError, RemoteError("aborted"), None)  # obstore aborts on an exception
+            except Exception as e:
+                log.warning("could not abort an upload", extra={"ctx_key": self.key, "ctx_error": one_line(e)})
+
+
+class RemoteStore:
+    """Snapshots of every cluster in one object store."""
+
+    def __init__(self, config: StoreConfig, store: ObjectStore, root: Path | None = None):
+        self.config = config
+        self.store = store
+        self.root = root  # file:// only: the directory
+
+    @classmethod
+    def from_config(cls, config: StoreConfig, options: Mapping[str, str] | None = None) -> RemoteStore:
+        """`options`: extra obstore configuration (tests and benches; the bot passes none and
+        lets obstore read the environment)."""
+        parts = urlsplit(config.url)
+        prefix = parts.path.strip("/") or None
+        retry: RetryConfig = {"max_retries": 3, "retry_timeout": dt.timedelta(seconds=30),
+                              "backoff": {"init_backoff": dt.timedelta(milliseconds=200),
+                                          "max_backoff": dt.timedelta(seconds=5), "base": 2}}
+        client: ClientConfig = {"connect_timeout": dt.timedelta(seconds=5), "timeout": dt.timedelta(seconds=120)}
+        extra: dict[str, Any] = dict(options or {})
+        store: ObjectStore
+        try:
+            if parts.scheme == "s3":
+                if config.endpoint:
+                    extra["endpoint"] = config.endpoint
+                    client["allow_http"] = config.endpoint.startswith("http://")
+                if config.region:
+                    extra["region"] = config.region
+                store = S3Store(parts.netloc, prefix=prefix, client_options=client, retry_config=retry, **extra)
+            elif parts.scheme == "gs":
+                store = GCSStore(parts.netloc, prefix=prefix, client_options=client, retry_config=retry, **extra)
+            elif parts.scheme == "az":
+                store = AzureStore(parts.netloc, prefix=prefix, client_options=client, retry_config=retry, **extra)
+            elif parts.scheme == "file":
+                root = Path(parts.path)
+                root.mkdir(parents=True, exist_ok=True, mode=0o700)
+                return cls(config, LocalStore(prefix=root, mkdir=True), root)
+            else:
+                raise RemoteError(f"{config.url}: unknown scheme {parts.scheme!r}")
+        except RemoteError:
+            raise
+        except Exception as e:
+            raise _fail(f"cannot use {config.url}", e) from None
+        return cls(config, store)
+
+    # -- names -----------------------------------------------------------------
+
+    @staticmethod
+    def key(cluster: str, name: str) -> str:
+        return f"{cluster}/{name}"
+
+    def display_url(self, cluster: str, name: str = "") -> str:
+        """Where an object is, as people read it (the configured URL: never credentials)."""
+        return f"{self.config.url.rstrip('/')}/{cluster}/{name}"
+
+    # -- reading ---------------------------------------------------------------
+
+    async def list(self, cluster: str) -> list[RemoteObject]:
+        """The snapshots of `cluster` (not their manifests), oldest first."""
+        out = []
+        prefix = f"{cluster}/"
+        try:
+            async for batch in obs.list(self.store, prefix):
+                for meta in batch:
+                    name = meta["path"].removeprefix(prefix)
+                    if "/" in name or name.endswith(MANIFEST_SUFFIX) or not meta["path"].startswith(prefix):
+                        continue
+                    out.append(RemoteObject(name, meta["size"], meta["last_modified"].timestamp()))
+        except Exception as e:
+            raise _fail(f"listing {self.display_url(cluster)}", e) from None
+        return sorted(out, key=lambda o: (o.last_modified, o.name))
+
+    async def head(self, cluster: str, name: str) -> RemoteObject | None:
+        """The object's size and time, or None when there is none."""
+        try:
+            meta = await obs.head_async(self.store, self.key(cluster, name))
+        except FileNotFoundError:
+            return None
+        except Exception as e:
+            if type(e).__name__ == "NotFoundError":
+                return None
+            raise _fail(f"reading {self.display_url(cluster, name)}", e) from None
+        return RemoteObject(name, meta["size"], meta["last_modified"].timestamp())
+
+    async def get_stream(self, cluster: str, name: str) -> AsyncIterator[bytes]:
+        """The object's bytes in chunks of about READ_CHUNK (constant memory)."""
+        try:
+            result = await obs.get_async(self.store, self.key(cluster, name))
+            async for chunk in result.stream(min_chunk_size=READ_CHUNK):
+                yield bytes(chunk)
+        except Exception as e:
+            raise _fail(f"reading {self.display_url(cluster, name)}", e) from None
+
+    async def sha256(self, cluster: str, name: str) -> tuple[str, int]:
+        """Read the object back: its sha256 and size (hashing off the event loop)."""
+        h = hashlib.sha256()
+        size = 0
+        async for chunk in self.get_stream(cluster, name):
+            await asyncio.to_thread(h.update, chunk) if len(chunk) >= 1 << 20 else h.update(chunk)
+            size += len(chunk)
+        return h.hexdigest(), size
+
+    async def fetch_to(self, cluster: str, name: str, dest: Path) -> tuple[str, int]:
+        """Download to `dest` (0600, via `dest.part`, renamed when complete): its sha256 and size."""
+        part = dest.with_name(dest.name + ".part")
+        h = hashlib.sha256()
+        size = 0
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                async for chunk in self.get_stream(cluster, name):
+                    await asyncio.to_thread(_write_hash, f, h, chunk)
+                    size += len(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(part, dest)
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+        return h.hexdigest(), size
+
+    async def read_manifest(self, cluster: str, name: str) -> Manifest | None:
+        """The manifest next to `name`; None when there is none; RemoteError when it is unreadable or invalid."""
+        try:
+            result = await obs.get_async(self.store, self.key(cluster, name + MANIFEST_SUFFIX))
+            data = await result.bytes_async()
+        except FileNotFoundError:
+            return None
+        except Exception as e:
+            if type(e).__name__ == "NotFoundError":
+                return None
+            raise _fail(f"reading the manifest of {name}", e) from None
+        try:
+            return Manifest.from_json(bytes(data))
+        except ManifestError as e:
+            raise RemoteError(f"{self.display_url(cluster, name + MANIFEST_SUFFIX)}: {e}") from None
+
+    # -- writing ---------------------------------------------------------------
+
+    def begin_upload(self, cluster: str, name: str) -> Upload:
+        """Start a streaming upload of `name` (see Upload)."""
+        try:
+            return Upload(self, cluster, name)
+        except Exception as e:
+            raise _fail(f"uploading {name}", e) from None
+
+    async def upload_file(self, cluster: str, name: str, path: Path) -> None:
+        """Upload a finished local file (the retry after a failed streaming upload); multipart, aborted on failure."""
+        try:
+            await obs.put_async(self.store, self.key(cluster, name), path, chunk_size=PART_SIZE,
+                                max_concurrency=PART_CONCURRENCY)
+        except Exception as e:
+            raise _fail(f"uploading {name}", e) from None
+
+    async def write_manifest(self, manifest: Manifest) -> None:
+        try:
+            await obs.put_async(self.store, self.key(manifest.cluster, manifest.file_name + MANIFEST_SUFFIX),
+                                manifest.to_json().encode(), use_multipart=False)
+        except Exception as e:
+            raise _fail(f"writing the manifest of {manifest.file_name}", e) from None
+
+    async def delete(self, cluster: str, name: str) -> None:
+        """Delete the object and its manifest (either may be gone already)."""
+        for key in (self.key(cluster, name), self.key(cluster, name + MANIFEST_SUFFIX)):
+            try:
+                await obs.delete_async(self.store, key)
+            except FileNotFoundError:
+                continue
+            except Exception as e:
+                if type(e).__name__ == "NotFoundError":
+                    continue
+                raise _fail(f"deleting {self.display_url(cluster, name)}", e) from None
+
+    async def abort_leftovers(self, cluster: str) -> int:
+        """Abort the unfinished uploads of `cluster` a killed bot left (they are not visible
+        objects, but they cost storage). obstore has no way to list them, so: S3 through
+        botocore (ListMultipartUploads + AbortMultipartUpload, the same credential chain);
+        file:// by removing obstore's staging files (`<name>#<n>`). GCS and Azure: none
+        (Azure drops uncommitted blocks after 7 days; on GCS use a lifecycle rule).
+        Returns how many were aborted."""
+        if self.root is not None:
+            return await asyncio.to_thread(_remove_staging, self.root / cluster)
+        if self.config.scheme == "s3":
+            return await asyncio.to_thread(self._abort_s3_uploads, cluster)
+        return 0
+
+    def _abort_s3_uploads(self, cluster: str) -> int:
+        try:
+            import botocore.session
+        except ImportError:
+            log.warning("botocore is not installed: unfinished S3 uploads are left to the bucket's lifecycle rule")
+            return 0
+        parts = urlsplit(self.config.url)
+        prefix = "/".join(p for p in (parts.path.strip("/"), cluster) if p) + "/"
+        try:
+            client = botocore.session.get_session().create_client(
+                "s3", endpoint_url=self.config.endpoint, region_name=self.config.region or None)
+            aborted = 0
+            for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=parts.netloc, Prefix=prefix):
+                for upload in page.get("Uploads", []):
+                    client.abort_multipart_upload(Bucket=parts.netloc, Key=upload["Key"], UploadId=upload["UploadId"])
+                    aborted += 1
+            return aborted
+        except Exception as e:
+            raise _fail(f"listing the unfinished uploads under {self.display_url(cluster)}", e) from None
+
+
+def _write_hash(f: Any, h: Any, chunk: bytes) -> None:
+    f.write(chunk)
+    h.update(chunk)
+
+
+_STAGING = re.compile(r".+#\d+")
+
+
+def _remove_staging(directory: Path) -> int:
+    """obstore's LocalStore writes `<name>#<n>` and renames it when complete: a killed writer leaves one."""
+    if not directory.is_dir():
+        return 0
+    removed = 0
+    for path in directory.iterdir():
+        if _STAGING.fullmatch(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+async def verify_upload(store: RemoteStore, cluster: str, name: str, size: int, sha256: str) -> None:
+    """The object is there, of the local file's size, and reads back to its sha256; RemoteError otherwise."""
+    head = await store.head(cluster, name)
+    if head is None:
+        raise RemoteError(f"{store.display_url(cluster, name)} is not there after the upload")
+    if head.size != size:
+        raise RemoteError(f"{store.display_url(cluster, name)} holds {head.size:,} bytes, the local file {size:,}")
+    remote_sha, remote_size = await store.sha256(cluster, name)
+    if (remote_sha, remote_size) != (sha256, size):
+        raise RemoteError(f"{store.display_url(cluster, name)} reads back with sha256 {remote_sha[:12]}…, "
+                          f"the local file's is {sha256[:12]}…")

@@ -1,0 +1,165 @@
+"""The off-site store itself (bot/backup): its configuration, the manifest, and
+RemoteStore against a real S3-protocol server (moto on loopback) and a
+`file://` directory: the same calls, the same layout, the same answers."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from bot.backup.manifest import Manifest, ManifestError
+from bot.backup.remote import RemoteError, RemoteStore, StoreConfig
+from bot.config import ConfigError, load_config, parse_config
+
+MiB = 1 << 20
+SHA = "ab" * 32
+
+
+def manifest(**changes) -> Manifest:
+    base = dict(cluster="prod", file_name="prod-20261201T100000Z-rev10.db", sha256=SHA, size=2_100_032,
+                hash="6e2b3e1a", revision=10, total_keys=9, total_size=2_097_152, member="m1",
+                created_at=1796140000.5)
+    return Manifest(**{**base, **changes})
+
+
+# ---------------------------------------------------------------- configuration
+
+def config_with(tmp_path: Path, store: str, cluster_store: str = "") -> str:
+    return (f'[snapshots.store]\n{store}\n[[clusters]]\nname = "prod"\nendpoints = ["http://127.0.0.1:2379"]\n'
+            f'[[clusters]]\nname = "stage"\nendpoints = ["http://127.0.0.1:2381"]\n{cluster_store}')
+
+
+def test_the_store_table_with_a_per_cluster_override(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(config_with(tmp_path, 'url = "s3://etcd-backups/prod/"\nendpoint = "http://minio:9000"\n'
+                                          'region = "eu-west-1"\nkeep_local = 3',
+                                '[clusters.snapshots.store]\nurl = "file:///mnt/backups"\n'))
+    prod, stage = load_config(path).clusters
+    assert prod.snapshots.store == StoreConfig("s3://etcd-backups/prod", "http://minio:9000", "eu-west-1", 3)
+    assert stage.snapshots.store == StoreConfig("file:///mnt/backups")
+
+
+@pytest.mark.parametrize("store, message", [
+    ('url = "ftp://host/x"', "snapshots.store.url: 'ftp://host/x': the scheme must be one of s3://, gs://, az://, file://"),
+    ('url = "s3://"', "snapshots.store.url: 's3://': no bucket or container"),
+    ('url = "file://relative/dir"', "snapshots.store.url: 'file://relative/dir': a file URL names an absolute path"),
+    ('url = "s3://key:secret@bucket/p"', "snapshots.store.url: s3:// URL: no user or password in it"),
+    ('url = "s3://b/p?X-Amz-Credential=x"', "snapshots.store.url: s3:// URL: no query or fragment"),
+    ('endpoint = "http://minio:9000"', "snapshots.store.url: missing"),
+    ('url = "gs://b/p"\nendpoint = "http://x:1"', "snapshots.store.endpoint: only an s3:// store takes an endpoint"),
+    ('url = "s3://b/p"\nendpoint = "minio:9000"', "snapshots.store.endpoint: 'minio:9000' is not an http:// or"),
+    ('url = "s3://b/p"\nkeep_local = -1', "snapshots.store.keep_local: must be 0 or more"),
+    ('url = "s3://b/p"\naccess_key_id = "AKIA..."', "snapshots.store.access_key_id: credentials never go in the file"),
+    ('url = "s3://b/p"\nsecret_access_key_env = "X"', "snapshots.store.secret_access_key_env: credentials never go"),
+    ('url = "s3://b/p"\nbucket = "x"', "snapshots.store.bucket: unknown key"),
+])
+def test_store_mistakes_are_one_line_naming_the_key(tmp_path, store, message):
+    path = tmp_path / "c.toml"
+    path.write_text(config_with(tmp_path, store))
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_check_config_shows_where_snapshots_go(tmp_path, cli):
+    path = tmp_path / "c.toml"
+    path.write_text(config_with(tmp_path, 'url = "s3://etcd-backups/prod"'))
+    out = cli("check-config", str(path))
+    assert out.returncode == 0 and "snapshots off-site: s3://etcd-backups/prod/prod/" in out.stdout
+    path.write_text(config_with(tmp_path, 'url = "http://etcd-backups/prod"'))
+    out = cli("check-config", str(path))
+    assert out.returncode == 2 and "the scheme must be one of" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_no_store_by_default():
+    config = parse_config({"clusters": [{"name": "prod", "endpoints": ["http://127.0.0.1:2379"]}]}, Path("/"))
+    assert config.clusters[0].snapshots.store is None
+
+
+# ---------------------------------------------------------------- manifest
+
+def test_the_manifest_round_trips_and_rejects_what_it_cannot_trust():
+    m = manifest(encrypted=True, recipients=("sha256:0123456789abcdef",))
+    assert Manifest.from_json(m.to_json()) == m
+    data = json.loads(m.to_json())
+    for broken, why in [({**data, "sha256": "nope"}, "sha256 is not 64"),
+                        ({k: v for k, v in data.items() if k != "revision"}, "has no revision"),
+                        ({**data, "size": "12"}, "size has the wrong type"),
+                        ({**data, "extra": 1}, "unknown key 'extra'"),
+                        ({**data, "recipients": []}, "encryption flag and recipients disagree"),
+                        ({**data, "file_name": "../x.db"}, "is not a file name"),
+                        ({**data, "version": 99}, "this bot reads up to 1")]:
+        with pytest.raises(ManifestError, match=why):
+            Manifest.from_json(json.dumps(broken))
+    with pytest.raises(ManifestError, match="not JSON"):
+        Manifest.from_json(b"\xff{")
+
+
+# ---------------------------------------------------------------- the store, on S3 and on a directory
+
+@pytest.fixture(params=["s3", "file"])
+def store(request, tmp_path) -> RemoteStore:
+    if request.param == "file":
+        return RemoteStore.from_config(StoreConfig(f"file://{tmp_path}/offsite"))
+    s3 = request.getfixturevalue("s3")
+    return RemoteStore.from_config(StoreConfig(s3.url(), endpoint=s3.endpoint, region="us-east-1"))
+
+
+async def test_upload_list_head_read_manifest_fetch_delete(store, tmp_path):
+    data = os.urandom(3 * MiB) * 7  # 21 MiB: several parts
+    upload = store.begin_upload("prod", "prod-1.db")
+    for i in range(0, len(data), MiB):
+        upload.write(data[i:i + MiB])
+    assert await store.list("prod") == []  # nothing visible before it is complete
+    upload.close()
+    assert upload.sha256 == hashlib.sha256(data).hexdigest() and upload.size == len(data)
+    m = manifest(file_name="prod-1.db", sha256=upload.sha256, size=len(data))
+    await store.write_manifest(m)
+    listed = await store.list("prod")
+    assert [(o.name, o.size) for o in listed] == [("prod-1.db", len(data))]  # the manifest is not a snapshot
+    assert await store.list("stage") == []
+    assert (await store.head("prod", "prod-1.db")).size == len(data)
+    assert await store.head("prod", "nothing.db") is None
+    assert await store.read_manifest("prod", "prod-1.db") == m
+    assert await store.read_manifest("prod", "nothing.db") is None
+    assert await store.sha256("prod", "prod-1.db") == (upload.sha256, len(data))
+    dest = tmp_path / "fetched.db"
+    assert await store.fetch_to("prod", "prod-1.db", dest) == (upload.sha256, len(data))
+    assert dest.read_bytes() == data and dest.stat().st_mode & 0o777 == 0o600
+    assert store.display_url("prod", "prod-1.db") == f"{store.config.url}/prod/prod-1.db"
+    await store.delete("prod", "prod-1.db")
+    assert await store.list("prod") == [] and await store.read_manifest("prod", "prod-1.db") is None
+    await store.delete("prod", "prod-1.db")  # gone already: not an error
+
+
+async def test_an_aborted_upload_leaves_nothing(store):
+    upload = store.begin_upload("prod", "prod-2.db")
+    upload.write(os.urandom(20 * MiB))
+    upload.abort()
+    upload.abort()  # idempotent
+    with pytest.raises(RemoteError, match="aborted"):
+        upload.close()
+    assert await store.list("prod") == []
+    assert await store.abort_leftovers("prod") == 0
+
+
+async def test_a_killed_writer_leaves_an_unfinished_upload_that_is_aborted_later(s3):
+    store = RemoteStore.from_config(StoreConfig(s3.url(), endpoint=s3.endpoint, region="us-east-1"))
+    upload = store.begin_upload("prod", "prod-3.db")
+    upload.write(os.urandom(20 * MiB))  # parts went up; the writer then "dies" (never closed nor aborted)
+    assert s3.unfinished_uploads() == ["prod/prod/prod-3.db"] and s3.keys() == {}
+    assert await store.abort_leftovers("prod") == 1
+    assert s3.unfinished_uploads() == [] and s3.keys() == {}
+
+
+async def test_a_dead_server_is_one_line_without_credentials(s3):
+    store = RemoteStore.from_config(StoreConfig(s3.url(), endpoint=s3.endpoint, region="us-east-1"))
+    s3.stop()
+    with pytest.raises(RemoteError) as e:
+        await store.list("prod")
+    text = str(e.value)
+    assert text.startswith(f"listing {s3.url()}/prod/: ") and "\n" not in text
+    assert s3.access_key not in text and s3.secret_key not in text
