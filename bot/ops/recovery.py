@@ -171,7 +171,7 @@ async def stored_copy(snapshot: SnapshotRef, source: Origin | None) -> AsyncIter
         async with source.fetched(Expected(snapshot.file_name, snapshot.file_size, snapshot.sha256)) as path:
             yield path
     except FetchFailed as e:
-        raise StepFailed(f"{e}; nothing was stopped", "choose another snapshot") from None
+        raise StepFailed(str(e), "choose another snapshot") from None
 
 
 @asynccontextmanager
