@@ -60,8 +60,9 @@ async def snapshot_name(slack, cluster) -> str:
     cluster.etcdctl("put", f"/catalog/{os.urandom(4).hex()}", "x")  # a new revision: a new file name
     msg = await reply(slack, "snapshot", timeout=90)
     text = text_of(msg)
-    assert "verified remotely" in text, text
-    return FILE_LINE.search(text)[1]
+    found = FILE_LINE.search(text)
+    assert found and "verified remotely" in text, text
+    return found[1]
 
 
 @pytest.mark.parametrize("kind", ["s3", "file"])
