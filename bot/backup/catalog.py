@@ -3,9 +3,9 @@
 The store is listed under a deadline; an object the rows do not know (the
 bot's volume was lost, or another bot wrote it) is shown from its manifest.
 A store that cannot be listed costs one line in the answer, never the local
-part. Restore and drills choose from the same entries (`restorable`), and
-`fetched` gives them a remote copy as a verified 0600 file that is removed
-afterwards.
+part. Restore and drills choose from the same entries
+(bot.ops.recovery.restorable), and `fetched` gives them a remote copy as a
+verified 0600 file in a private directory, removed afterwards.
 """
 from __future__ import annotations
 
