@@ -1,6 +1,14 @@
-"""The catalog of both places, pure: how rows and a store's listing merge, and which copies retention removes."""
+"""The catalog of both places without etcd: how rows and a store's listing merge, which remote copies retention
+removes, and how a fetched copy is checked (on a file:// store)."""
 from __future__ import annotations
 
+import hashlib
+
+import pytest
+
+from bot.backup.catalog import Expected, FetchFailed, Origin, catalog
+from bot.backup.manifest import Manifest
+from bot.backup.remote import RemoteStore, StoreConfig
 from bot.config import SnapshotPolicy
 from bot.ops.snapshots import remote_to_prune
 from bot.output import blocks
@@ -80,3 +88,36 @@ def test_retention_of_the_remote_copies_keeps_the_newest_verified_one():
     old = SnapshotPolicy(keep_last=1, keep_plan_snapshots_days=30)
     assert [r["id"] for r in remote_to_prune(planned, old, NOW, "p1")] == [1]
     assert sorted(r["id"] for r in remote_to_prune(planned, old, NOW, None)) == [1, 2]
+
+
+# ---------------------------------------------------------------- fetching from a file:// store (no etcd)
+
+async def test_a_fetch_is_checked_against_size_and_sha256_and_leaves_nothing_behind(file_store, tmp_path):
+    config = StoreConfig(f"file://{file_store}")
+    remote = RemoteStore.from_config(config)
+    data = b"etcd snapshot bytes" * 1000
+    (file_store / "prod").mkdir()
+    (file_store / "prod" / "a.db").write_bytes(data)
+    good = Expected("a.db", len(data), hashlib.sha256(data).hexdigest())
+    scratch = tmp_path / "scratch"
+    origin = Origin(config, "prod", scratch)
+    async with origin.fetched(good) as path:
+        assert path.read_bytes() == data and (path.stat().st_mode & 0o777) == 0o600
+        assert (path.parent.stat().st_mode & 0o777) == 0o700
+    for wrong, said in [(Expected("a.db", len(data) + 1, good.sha256), "bytes, expected"),
+                        (Expected("a.db", len(data), "0" * 64), "sha256"),
+                        (Expected("gone.db", 1, "0" * 64), "cannot download gone.db")]:
+        with pytest.raises(FetchFailed, match=said) as e:
+            async with origin.fetched(wrong):
+                raise AssertionError("a bad copy was handed out")
+        assert "\n" not in str(e.value)
+    assert list(scratch.iterdir()) == []  # every copy removed, good or bad
+
+    # an object no row knows is listed from its manifest; one without a manifest is left out
+    await remote.write_manifest(Manifest(cluster="prod", file_name="a.db", sha256=good.sha256, size=len(data),
+                                         hash="abc", revision=7, total_keys=3, total_size=len(data), member="m1",
+                                         created_at=1.7e9))
+    (file_store / "prod" / "b.db").write_bytes(b"no manifest")
+    view = await catalog(config, "prod", [], open_store=lambda c: remote)
+    assert [(e.name, e.place, e.revision, e.remote_url) for e in view.entries] == [
+        ("a.db", "remote", 7, f"file://{file_store}/prod/a.db")]
