@@ -5,6 +5,7 @@ and restore and drills use a snapshot fetched from the store. S3 is moto's S3-pr
 `file://` is a directory. Real etcd, the real bot, the Slack stand-in."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 from test_restore_e2e import approve_twice, hashes, keys
 
+from bot.backup.manifest import Manifest
 from bot.testing.workspace import cluster_table
 from helpers import APPROVAL, eventually, plan_row, propose, reply, text_of, wait_done
 
@@ -124,6 +126,17 @@ async def test_both_places_are_listed_pruned_and_fetched_verified(cluster, slack
     await start_bot([table], database=str(tmp_path / "new.db"), snapshot_dir=str(tmp_path / "new-snapshots"))
     fresh = (await reply(slack, "snapshots")).text
     assert s3 in fresh and s2 in fresh and fresh.count(":cloud: remote only (from its manifest)") == 2, fresh
+
+    # without the old catalog to compare with, a tamper that also rewrote the manifest's sha256 and size is
+    # still refused: the plaintext's status (sha256 trailer, hash, revision) is checked against the manifest
+    bad = tampered(place.read(s3))
+    manifest = Manifest.from_json(place.read(s3 + ".manifest.json"))
+    place.overwrite(s3 + ".manifest.json", dataclasses.replace(
+        manifest, sha256=hashlib.sha256(bad).hexdigest(), size=len(bad)).to_json().encode())
+    place.overwrite(s3, bad)
+    refused = cli("snapshot", "fetch", s3, "--dir", str(tmp_path / "bad"), "--config", config)
+    assert refused.returncode == 1 and "not the snapshot its manifest describes" in refused.stderr, refused.stderr
+    assert list((tmp_path / "bad").iterdir()) == []
 
 
 async def test_a_store_that_cannot_be_reached_costs_one_line_and_the_local_part_shows(cluster, slack, start_bot,
