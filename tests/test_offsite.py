@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import json
 import re
+import threading
 from pathlib import Path
 
 import pyrage
@@ -22,7 +23,7 @@ from bot.backup.manifest import Manifest
 from bot.backup.remote import RemoteStore, StoreConfig
 from bot.etcd.bbolt import snapshot_status
 from bot.etcd.client import EtcdClient
-from bot.etcd.snapshots import save_snapshot
+from bot.etcd.snapshots import SnapshotFailed, save_snapshot
 from bot.testing.workspace import BotProcess, cluster_table, write_config
 from helpers import eventually, reply, text_of
 
@@ -68,6 +69,26 @@ async def test_the_upload_streams_while_the_snapshot_is_saved(make_cluster, s3, 
     local = saved.path.read_bytes()
     assert s3.read(f"prod/prod/{saved.path.name}") == local and sha256(local) == saved.sha256
     assert s3.unfinished_uploads() == []
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+async def test_a_save_that_fails_aborts_its_upload(make_cluster, s3, tmp_path, encrypted):
+    """The member dies mid-stream: no local file, no visible object, no unfinished upload, no worker left."""
+    c = make_cluster(1)
+    await fill(c, 60)
+    store = RemoteStore.from_config(StoreConfig(s3.url(), endpoint=s3.endpoint, region="us-east-1"))
+    recipients = (str(x25519.Identity.generate().to_public()),) if encrypted else ()
+    async with EtcdClient(c.endpoints) as client:
+        save = asyncio.create_task(save_snapshot(client, c.endpoints[0], "member1", tmp_path, "prod", recipients,
+                                                 upload=lambda name: store.begin_upload("prod", name)))
+        await eventually(lambda: save.done() or asyncio.to_thread(s3.unfinished_uploads), 60,
+                         "the multipart upload to start", interval=0.01)
+        c.kill("member1")
+        with pytest.raises(SnapshotFailed, match="broke after"):
+            await save
+    assert s3.keys() == {} and s3.unfinished_uploads() == []
+    assert not list((tmp_path / "prod").iterdir())
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("snapshot-")]
 
 
 # ---------------------------------------------------------------- 2. verified remotely, on S3 and on a directory
@@ -197,3 +218,23 @@ async def test_an_encrypted_snapshot_is_stored_encrypted(make_cluster, slack, st
     assert all(v[:64] in plain for v in values)
     manifest = Manifest.from_json(s3.read(f"prod/prod/{name}.manifest.json"))
     assert manifest.encrypted and len(manifest.recipients) == 1 and recipient not in manifest.to_json()
+
+
+# ---------------------------------------------------------------- 6. keep_local
+
+async def test_keep_local_drops_local_copies_verified_off_site(make_cluster, slack, start_bot, file_store):
+    c = make_cluster(1)
+    bot = await start_bot([cluster_table("prod", c, snapshots={"store": {"url": f"file://{file_store}",
+                                                                         "keep_local": 1}})])
+    names = []
+    for key in ("/a", "/b"):
+        c.etcdctl("put", key, "x")
+        text = text_of(await reply(slack, "snapshot", timeout=60))
+        assert "verified remotely" in text, text
+        names.append(FILE_LINE.search(text)[1])
+    rows = await bot.ctx.store.snapshots("prod", include_pruned=True)
+    by_name = {Path(r["path"]).name: r for r in rows}
+    assert not Path(by_name[names[0]]["path"]).exists() and by_name[names[0]]["pruned_at"] is not None
+    assert Path(by_name[names[1]]["path"]).exists() and by_name[names[1]]["pruned_at"] is None
+    assert all(r["remote_state"] == "verified" for r in rows)
+    assert sorted(p.name for p in (file_store / "prod").iterdir() if not p.name.endswith(".json")) == sorted(names)

@@ -151,7 +151,9 @@ async def test_a_killed_writer_leaves_an_unfinished_upload_that_is_aborted_later
     upload = store.begin_upload("prod", "prod-3.db")
     upload.write(os.urandom(20 * MiB))  # parts went up; the writer then "dies" (never closed nor aborted)
     assert s3.unfinished_uploads() == ["prod/prod/prod-3.db"] and s3.keys() == {}
-    assert await store.abort_leftovers("prod") == 1
+    assert await store.abort_leftovers("prod") == 0  # its own upload, still running: not a leftover
+    restarted = RemoteStore.from_config(store.config)  # the bot started again
+    assert await restarted.abort_leftovers("prod") == 1
     assert s3.unfinished_uploads() == [] and s3.keys() == {}
 
 
@@ -163,3 +165,14 @@ async def test_a_dead_server_is_one_line_without_credentials(s3):
     text = str(e.value)
     assert text.startswith(f"listing {s3.url()}/prod/: ") and "\n" not in text
     assert s3.access_key not in text and s3.secret_key not in text
+
+
+async def test_a_killed_writer_on_a_directory_leaves_a_staging_file_that_is_removed_later(tmp_path):
+    store = RemoteStore.from_config(StoreConfig(f"file://{tmp_path}/offsite"))
+    upload = store.begin_upload("prod", "prod-4.db")
+    upload.write(os.urandom(20 * MiB))  # the writer "dies" here
+    assert [p.name for p in (tmp_path / "offsite" / "prod").iterdir()] == ["prod-4.db#1"]
+    assert await store.list("prod") == []  # not a visible snapshot
+    assert await store.abort_leftovers("prod") == 0  # its own upload, still running: left alone
+    assert await RemoteStore.from_config(store.config).abort_leftovers("prod") == 1  # the bot started again
+    assert list((tmp_path / "offsite" / "prod").iterdir()) == []

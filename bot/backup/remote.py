@@ -35,9 +35,9 @@ log = logging.getLogger(__name__)
 
 SCHEMES = {"s3": "S3 (or an S3-compatible service)", "gs": "Google Cloud Storage", "az": "Azure Blob Storage",
            "file": "a mounted directory"}
-PART_SIZE = 8 << 20          # bytes per multipart part (S3's minimum is 5 MiB)
-PART_CONCURRENCY = 3         # parts in flight: memory held by an upload is about PART_SIZE x (this + 1)
-READ_CHUNK = 4 << 20
+PART_SIZE = 5 << 20          # bytes per multipart part (S3's minimum; a small part keeps memory small)
+PART_CONCURRENCY = 3         # parts in flight: an upload holds about PART_SIZE x (this + 1) bytes
+READ_CHUNK = 1 << 20
 
 
 class RemoteError(Exception):
@@ -123,6 +123,8 @@ class Upload:
                                                      max_concurrency=PART_CONCURRENCY)
         self._lock = threading.Lock()
         self._done = False
+        self._active = store.active
+        self._active.add(self.key)
 
     def write(self, data: bytes) -> None:
         try:
@@ -143,6 +145,7 @@ class Upload:
             if self._done:
                 raise RemoteError(f"uploading {self.name}: the upload was aborted")
             self._done = True
+            self._active.discard(self.key)
             try:
                 self._writer.close()
             except Exception as e:
@@ -154,6 +157,7 @@ class Upload:
             if self._done:
                 return
             self._done = True
+            self._active.discard(self.key)
             try:
                 self._writer.__exit__(RemoteError, RemoteError("aborted"), None)  # obstore aborts on an exception
             except Exception as e:
@@ -167,6 +171,7 @@ class RemoteStore:
         self.config = config
         self.store = store
         self.root = root  # file:// only: the directory
+        self.active: set[str] = set()  # keys this store is uploading now (not leftovers)
 
     @classmethod
     def from_config(cls, config: StoreConfig, options: Mapping[str, str] | None = None) -> RemoteStore:
@@ -336,32 +341,35 @@ class RemoteStore:
                 raise _fail(f"deleting {self.display_url(cluster, name)}", e) from None
 
     async def abort_leftovers(self, cluster: str) -> int:
-        """Abort the unfinished uploads of `cluster` a killed bot left (they are not visible
-        objects, but they cost storage). obstore has no way to list them, so: S3 through
-        botocore (ListMultipartUploads + AbortMultipartUpload, the same credential chain);
-        file:// by removing obstore's staging files (`<name>#<n>`). GCS and Azure: none
-        (Azure drops uncommitted blocks after 7 days; on GCS use a lifecycle rule).
-        Returns how many were aborted."""
+        """Abort the unfinished uploads of `cluster` that a killed bot left (never one this
+        store is running): not visible objects, but they cost storage. obstore has no way to
+        list them, so: S3 through botocore (ListMultipartUploads + AbortMultipartUpload, the
+        same credential chain); file:// by removing obstore's staging files (`<name>#<n>`).
+        GCS and Azure: none (Azure drops uncommitted blocks after 7 days; on GCS use a
+        lifecycle rule). Returns how many."""
         if self.root is not None:
-            return await asyncio.to_thread(_remove_staging, self.root / cluster)
+            return await asyncio.to_thread(_remove_staging, self.root / cluster, set(self.active))
         if self.config.scheme == "s3":
-            return await asyncio.to_thread(self._abort_s3_uploads, cluster)
+            return await asyncio.to_thread(self._abort_s3_uploads, cluster, set(self.active))
         return 0
 
-    def _abort_s3_uploads(self, cluster: str) -> int:
+    def _abort_s3_uploads(self, cluster: str, active: set[str]) -> int:
         try:
             import botocore.session
         except ImportError:
             log.warning("botocore is not installed: unfinished S3 uploads are left to the bucket's lifecycle rule")
             return 0
         parts = urlsplit(self.config.url)
-        prefix = "/".join(p for p in (parts.path.strip("/"), cluster) if p) + "/"
+        root = parts.path.strip("/")
+        prefix = "/".join(p for p in (root, cluster) if p) + "/"
         try:
             client = botocore.session.get_session().create_client(
                 "s3", endpoint_url=self.config.endpoint, region_name=self.config.region or None)
             aborted = 0
             for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=parts.netloc, Prefix=prefix):
                 for upload in page.get("Uploads", []):
+                    if upload["Key"].removeprefix(root + "/" if root else "") in active:
+                        continue
                     client.abort_multipart_upload(Bucket=parts.netloc, Key=upload["Key"], UploadId=upload["UploadId"])
                     aborted += 1
             return aborted
@@ -377,13 +385,14 @@ def _write_hash(f: Any, h: Any, chunk: bytes) -> None:
 _STAGING = re.compile(r".+#\d+")
 
 
-def _remove_staging(directory: Path) -> int:
+def _remove_staging(directory: Path, active: set[str]) -> int:
     """obstore's LocalStore writes `<name>#<n>` and renames it when complete: a killed writer leaves one."""
     if not directory.is_dir():
         return 0
     removed = 0
     for path in directory.iterdir():
-        if _STAGING.fullmatch(path.name) and path.is_file():
+        key = f"{directory.name}/{path.name.rsplit('#', 1)[0]}"
+        if _STAGING.fullmatch(path.name) and path.is_file() and key not in active:
             path.unlink(missing_ok=True)
             removed += 1
     return removed

@@ -109,8 +109,8 @@ def snapshot_filename(cluster: str, when: dt.datetime, revision: int) -> str:
     return f"{cluster}-{when.astimezone(dt.UTC):%Y%m%dT%H%M%SZ}-rev{revision}.db"
 
 
-WRITE_BATCH = 2 << 20   # bytes handed to the worker threads at once
-QUEUE_DEPTH = 4         # batches a worker may have waiting: memory stays bounded whatever the size
+WRITE_BATCH = 1 << 20   # bytes handed to the worker threads at once
+QUEUE_DEPTH = 3         # batches a worker may have waiting: memory stays bounded whatever the size
 CIPHER_BATCH = 1 << 20  # age writes 64 KiB chunks; they are gathered to this before the disk and the upload
 
 
@@ -320,7 +320,7 @@ async def save_snapshot(client: EtcdClient, endpoint: str, member: str, director
     """Stream one member's snapshot into `directory/<cluster>/`, verify it,
     compute its status, and (with age recipients) encrypt it as it arrives.
 
-    A pipeline: the receive loop hands 2 MiB batches to worker threads that
+    A pipeline: the receive loop hands 1 MiB batches to worker threads that
     write, hash, encrypt and upload at the same time (bounded queues: constant
     memory). `upload(file name)`, when given, opens a Tee fed the bytes as
     stored (the ciphertext when encrypted) and completed only once the snapshot
@@ -417,7 +417,7 @@ async def save_snapshot(client: EtcdClient, endpoint: str, member: str, director
         final = _publish(part if recipients else plain_part, target_dir, stem, suffix)
         await asyncio.to_thread(_fsync_dir, target_dir)
     except BaseException as e:
-        for stage in stages:
+        for stage in [*stages, *([tee_stage] if tee_stage is not None else [])]:  # the encryptor feeds the upload
             await asyncio.gather(stage.finish(), return_exceptions=True)
         if tee is not None:
             await asyncio.to_thread(tee.abort)
