@@ -55,10 +55,12 @@ def test_the_listing_and_the_rows_merge_and_each_entry_says_where_it_is():
 
 
 def test_a_verified_copy_the_listing_lacks_is_called_missing_and_an_unlisted_store_is_one_line():
-    rows = [row(1, remote="verified"), row(2, local=False, remote="verified")]
+    rows = [row(1, remote="verified"), row(2, local=False, remote="verified"),
+            row(3, local=False, remote="failed")]  # its only copy is gone: not shown
     view = catalog_view("prod", rows, {}, "s3://b/p/prod/")
     assert {e.remote_state for e in view.entries} == {RemoteState.MISSING}
-    assert [e.name for e in view.entries] == ["prod-2.db", "prod-1.db"]
+    assert [(e.name, e.place) for e in view.entries] == [("prod-2.db", "none"), ("prod-1.db", "local")]
+    assert ":x: no copy left · :warning: the store no longer has it" in blocks.snapshots_reply(view).text
     down = catalog_view("prod", rows, None, "s3://b/p/prod/", "no answer within 10s")
     reply = blocks.snapshots_reply(down)
     assert reply.text.count("could not be listed") == 1 and "no answer within 10s" in reply.text

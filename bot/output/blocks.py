@@ -533,7 +533,7 @@ def snapshot_joined_reply(cluster: str, started_by: str, started_at: float) -> R
 
 
 _PLACE = {"local": ":floppy_disk: local", "remote": ":cloud: remote only",
-          "both": ":floppy_disk: local + :cloud: remote"}
+          "both": ":floppy_disk: local + :cloud: remote", "none": ":x: no copy left"}
 
 
 def _where(e: CatalogEntry) -> str:

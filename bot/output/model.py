@@ -395,10 +395,10 @@ class CatalogEntry:
 
     @property
     def place(self) -> str:
-        """local, remote or both: where a copy can be read from now."""
+        """local, remote, both, or none (the catalog's remote copy is missing and no local one is left)."""
         if self.local_path and self.remote:
             return "both"
-        return "remote" if self.remote else "local"
+        return "remote" if self.remote else "local" if self.local_path else "none"
 
     @property
     def remote_word(self) -> str:
@@ -445,7 +445,7 @@ def catalog_view(cluster: str, rows: list[dict[str, Any]], listed: Mapping[str, 
         e = catalog_entry(row)
         if listed is not None and e.remote_state == RemoteState.VERIFIED and e.name not in listed:
             e = replace(e, remote_state=RemoteState.MISSING)
-        if e.local_path or e.remote_state != RemoteState.NONE:
+        if e.local_path or e.remote_state not in (RemoteState.NONE, RemoteState.FAILED):
             entries.setdefault(e.name, e)
     for name, found in (listed or {}).items():
         known = entries.get(name)
