@@ -156,9 +156,11 @@ async def test_a_store_that_cannot_be_reached_costs_one_line_and_the_local_part_
 
 # ---------------------------------------------------------------- restore and drill from the store
 
-async def test_restore_from_a_snapshot_only_the_store_holds(make_cluster, slack, start_bot, s3, tmp_path):
-    """Encrypted, keep_local 0: the only copy is the object. The plan says so; the restore fetches,
-    verifies and decrypts it into 0600 temporary files that are gone afterwards."""
+@pytest.mark.parametrize("how", ["keep_local_0", "volume_lost"])
+async def test_restore_from_a_snapshot_only_the_store_holds(make_cluster, slack, start_bot, s3, tmp_path, how):
+    """Encrypted, and the only copy is the object: retention removed the local one (keep_local 0), or the
+    bot's volume was lost (a new bot, an empty catalog: the object is found from its manifest). The plan
+    says so; the restore fetches, verifies and decrypts it into 0600 temporary files gone afterwards."""
     from pyrage import x25519
     identity = x25519.Identity.generate()
     key_file = tmp_path / "restore.key"
@@ -177,6 +179,13 @@ async def test_restore_from_a_snapshot_only_the_store_holds(make_cluster, slack,
     (row,) = await store.snapshots("prod", include_pruned=True)
     revision = row["revision"]
     assert row["pruned_at"] and row["remote_state"] == "verified" and not Path(row["path"]).exists()
+    snapshot_dir = tmp_path / "snapshots"
+    if how == "volume_lost":
+        snapshot_dir = tmp_path / "new-snapshots"
+        bot = await start_bot([table], approval=APPROVAL, database=str(tmp_path / "new.db"),
+                              snapshot_dir=str(snapshot_dir))
+        store = bot.ctx.store
+        await reply(slack, "status")  # the new bot records the membership it sees
     c.etcdctl("put", "/registry/later", "gone after the restore")
     for m in ("member1", "member2"):
         c.kill(m)
@@ -191,7 +200,6 @@ async def test_restore_from_a_snapshot_only_the_store_holds(make_cluster, slack,
     await approve_twice(slack, plan)
     await wait_done(store, record.id, timeout=180)
     assert keys(c) == before and len(hashes(c, revision)) == 1
-    snapshot_dir = tmp_path / "snapshots"
     assert [p.name for p in snapshot_dir.iterdir() if p.name.startswith(".fetch-")] == []  # no copy left
     verify = next(s for s in await store.steps(record.id) if s["key"] == "verify")
     assert "fetched from the store" in verify["detail"], verify
