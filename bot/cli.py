@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the CLI imports gRPC only for the commands that talk to etcd
+    from bot.config import Config
     from bot.etcd.client import EtcdClient
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -25,6 +26,20 @@ def _arun(coro):
     """asyncio.run, imported only by the commands that need it (snapshot status stays light)."""
     import asyncio
     return asyncio.run(coro)
+
+
+OBSTORE_SETTLE = 0.1  # seconds
+
+
+async def _settled(coro):
+    """Run a command that used the object store, then give obstore's runtime threads a moment: one that
+    drops its Python references while the interpreter exits aborts the process (SIGABRT, obstore 0.12:
+    about one run in three after a call on a local store, 0 in 50 with this pause)."""
+    import asyncio
+    try:
+        return await coro
+    finally:
+        await asyncio.sleep(OBSTORE_SETTLE)
 
 
 class UsageFailure(Exception):
@@ -60,7 +75,8 @@ def _parser() -> tuple[_Parser, dict[str, _Parser]]:
     mem = sub.add_parser("members", help="the member list, as etcdctl member list")
     _add_cluster_args(mem)
 
-    snap = sub.add_parser("snapshot", help="save a verified snapshot, or print a snapshot file's status")
+    snap = sub.add_parser("snapshot", help="save a verified snapshot, print a snapshot file's status, list the "
+                                           "snapshots of both places, fetch one from the object store")
     snap_sub = snap.add_subparsers(dest="snap_cmd", metavar="ACTION", parser_class=_Parser)
     snap_sub.required = True
     save = snap_sub.add_parser("save", help="stream a snapshot from a healthy member (a follower if possible) to --dir")
@@ -76,6 +92,15 @@ def _parser() -> tuple[_Parser, dict[str, _Parser]]:
     stat.add_argument("--json", action="store_true", help="print JSON instead of the table")
     stat.add_argument("--no-verify", action="store_true",
                       help="skip the sha256 trailer check (etcdutl's behaviour; faster, detects less)")
+    lst = snap_sub.add_parser("list", help="the snapshots of both places: the bot's catalog and the object store")
+    lst.add_argument("--cluster", help="only this cluster (default: every configured cluster)")
+    lst.add_argument("--config", help="TOML config file (default: $ETCD_CHATOPS_CONFIG)")
+    lst.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    fetch = snap_sub.add_parser("fetch", help="download a snapshot from the object store and verify it")
+    fetch.add_argument("name", help="the snapshot's file name, as snapshot list shows it")
+    fetch.add_argument("--dir", required=True, help="directory the file goes to (created if missing)")
+    fetch.add_argument("--cluster", help="the cluster (default: the only configured one)")
+    fetch.add_argument("--config", help="TOML config file (default: $ETCD_CHATOPS_CONFIG)")
     _NESTED_PARSERS.update({f"snapshot {k}": v for k, v in snap_sub.choices.items()})
 
     audit = sub.add_parser("audit", help="check or export the tamper-evident audit log")
@@ -345,6 +370,133 @@ async def _snapshot_save(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _catalog_rows(config: Config, cluster: str) -> tuple[list[dict], str | None]:
+    """The bot's catalog rows of `cluster` (pruned ones too: their remote copy may remain), or why there are none."""
+    import sqlite3
+
+    from bot.store.base import StoreError, store_for
+    if isinstance(config.database, Path) and not config.database.is_file():
+        return [], None
+    store = store_for(config)
+    try:
+        await store.open()
+        return await store.snapshots(cluster, limit=100000, include_pruned=True), None
+    except (StoreError, sqlite3.Error) as e:
+        return [], f"the bot's catalog could not be read ({e}): the store's objects only"
+    finally:
+        await store.close()
+
+
+async def _snapshot_list(args: argparse.Namespace) -> int:
+    """Exit 1 when a store could not be listed (the answer holds the local part only)."""
+    from bot.backup.catalog import catalog
+    from bot.output import text as render
+
+    config = _load_config(args.config)
+    clusters = config.clusters
+    if args.cluster:
+        found = config.cluster(args.cluster)
+        if found is None:
+            raise UsageFailure(f"--cluster: no cluster named {args.cluster!r} in {config.source} "
+                               f"(known: {', '.join(c.name for c in config.clusters)})")
+        clusters = [found]
+    views, notes = [], []
+    for c in clusters:
+        rows, note = await _catalog_rows(config, c.name)
+        notes += [note] if note else []
+        views.append(await catalog(c.snapshots.store, c.name, rows, limit=100000))
+    if args.json:
+        print(json.dumps([render.catalog_json(v) for v in views], indent=2))
+    else:
+        print("\n\n".join(render.catalog_text(v) for v in views))
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    return EXIT_FAILED if any(v.store_error for v in views) else EXIT_OK
+
+
+def _fetched_problem(path: Path, manifest) -> str | None:
+    """A plaintext snapshot's status against its manifest (an encrypted one is checked by size and sha256 only)."""
+    from bot.etcd.bbolt import SnapshotError, snapshot_status
+    if manifest.encrypted:
+        return None
+    try:
+        st = snapshot_status(path, True)
+    except SnapshotError as e:
+        return f"not a valid snapshot: {e}"
+    found = (st.hash_hex, st.revision, st.total_keys)
+    wanted = (manifest.hash, manifest.revision, manifest.total_keys)
+    if found != wanted:
+        return (f"its status reads hash {found[0]}, revision {found[1]}, {found[2]} keys; the manifest says hash "
+                f"{wanted[0]}, revision {wanted[1]}, {wanted[2]} keys")
+    return None
+
+
+async def _snapshot_fetch(args: argparse.Namespace) -> int:
+    """Download NAME into --dir, then check size and sha256 against the manifest (and the bot's catalog, when it
+    knows the file) and a plaintext file's status; anything amiss deletes the download and exits 1."""
+    import asyncio
+
+    from bot.backup.catalog import Expected, FetchFailed, fetch_verified
+    from bot.backup.remote import RemoteError, RemoteStore
+
+    name = args.name
+    if not name or "/" in name or name in (".", "..") or name.startswith("."):
+        raise UsageFailure(f"{name!r} is not a snapshot file name (as snapshot list shows it)")
+    directory = Path(args.dir)
+    if directory.exists() and not directory.is_dir():
+        raise UsageFailure(f"--dir: {args.dir}: not a directory")
+    config = _load_config(args.config)
+    if args.cluster:
+        cluster = config.cluster(args.cluster)
+        if cluster is None:
+            raise UsageFailure(f"--cluster: no cluster named {args.cluster!r} in {config.source} "
+                               f"(known: {', '.join(c.name for c in config.clusters)})")
+    elif len(config.clusters) == 1:
+        cluster = config.clusters[0]
+    else:
+        raise UsageFailure(f"{config.source} names {len(config.clusters)} clusters: pass --cluster")
+    if cluster.snapshots.store is None:
+        raise UsageFailure(f"cluster {cluster.name} has no [snapshots.store] in {config.source}")
+    dest = directory / name
+    if dest.exists():
+        raise UsageFailure(f"{dest} exists; not overwritten")
+    prog = "etcd-chatops snapshot fetch"
+    try:
+        remote = RemoteStore.from_config(cluster.snapshots.store)
+        manifest = await remote.read_manifest(cluster.name, name)
+    except RemoteError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    if manifest is None:
+        print(f"{prog}: {name} is not in {remote.display_url(cluster.name, '')} (or has no manifest to verify it by)",
+              file=sys.stderr)
+        return EXIT_FAILED
+    rows, _ = await _catalog_rows(config, cluster.name)
+    row = next((r for r in rows if r["path"].rsplit("/", 1)[-1] == name), None)
+    if row is not None and row["sha256"] != manifest.sha256:
+        print(f"{prog}: the manifest of {name} says sha256 {manifest.sha256[:16]}…, the bot's catalog "
+              f"{row['sha256'][:16]}…: not fetched", file=sys.stderr)
+        return EXIT_FAILED
+    directory.mkdir(parents=True, exist_ok=True)
+    part = directory / f".{name}.fetching"   # the store's fetch writes `.part` beside it, then renames
+    try:
+        await fetch_verified(remote, cluster.name, Expected(name, manifest.size, manifest.sha256), part)
+        problem = await asyncio.to_thread(_fetched_problem, part, manifest)
+        if problem:
+            raise FetchFailed(f"{name} from the store is not the snapshot its manifest describes: {problem}; "
+                              "the download was deleted")
+        part.rename(dest)
+    except FetchFailed as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        part.unlink(missing_ok=True)
+    what = "age-encrypted: size and sha256" if manifest.encrypted else "size, sha256 and status"
+    print(f"fetched {remote.display_url(cluster.name, name)} to {dest}: {what} match the manifest "
+          f"(revision {manifest.revision}, hash {manifest.hash}, sha256 {manifest.sha256})")
+    return EXIT_OK
+
+
 def parse_since(text: str, now: float) -> float:
     """An ISO date/time (UTC when no zone is given) or an age like 24h -> epoch seconds."""
     import datetime as dt
@@ -442,6 +594,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.cmd == "check-config":
             return _check_config(args)
         if args.cmd == "snapshot":
+            if args.snap_cmd in ("list", "fetch"):
+                return _arun(_settled(_snapshot_list(args) if args.snap_cmd == "list" else _snapshot_fetch(args)))
             return _snapshot_status(args) if args.snap_cmd == "status" else _arun(_snapshot_save(args))
         if args.cmd == "audit":
             return _arun(_audit(args))

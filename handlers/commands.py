@@ -28,6 +28,7 @@ from slack_bolt.context.ack.async_ack import AsyncAck
 from slack_bolt.context.respond.async_respond import AsyncRespond
 from slack_sdk.web.async_client import AsyncWebClient
 
+from bot.backup.catalog import catalog
 from bot.config import ClusterConfig, parse_duration
 from bot.etcd.consistency import check_consistency
 from bot.etcd.metrics import cluster_metrics
@@ -40,7 +41,7 @@ from bot.ops.context import BotContext
 from bot.ops.lifecycle import Outcome
 from bot.ops.replace import Refusal, ReplaceRequest
 from bot.ops.routing import RoutingError, resolve_cluster
-from bot.ops.snapshots import RunningSnapshot, take_snapshot
+from bot.ops.snapshots import RunningSnapshot, remote_store, take_snapshot
 from bot.output import blocks
 from bot.output.model import perf_view
 from bot.slack.web import SlackPostError, post
@@ -98,8 +99,9 @@ async def _snapshot(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user:
 
 
 async def _snapshots(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user: str, channel: str) -> Outcome:
-    return Outcome(channel=blocks.snapshots_reply(cluster.name, await ctx.store.snapshots(cluster.name, limit=15),
-                                                  await ctx.store.last_drills(cluster.name)))
+    rows = await ctx.store.snapshots(cluster.name, limit=1000, include_pruned=True)  # a pruned one may be remote
+    view = await catalog(cluster.snapshots.store, cluster.name, rows, open_store=remote_store)
+    return Outcome(channel=blocks.snapshots_reply(view, await ctx.store.last_drills(cluster.name)))
 
 
 async def _restore(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user: str, channel: str) -> Outcome:

@@ -146,10 +146,10 @@ def pg_url(postgres: LocalPostgres) -> str:
 @pytest.fixture
 def cli() -> Callable[..., subprocess.CompletedProcess[str]]:
     """Run `python -m bot ARGS` (the etcd-chatops CLI) from the repository, capturing its output.
-    SLACK_* variables are dropped, so a developer's own tokens never reach the CLI under test."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLACK_")}
-
+    SLACK_* variables are dropped, so a developer's own tokens never reach the CLI under test; the rest
+    of the environment is read at each run (the `s3` fixture's credentials, set by the test, reach it)."""
     def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SLACK_")}
         return subprocess.run([sys.executable, "-m", "bot", *args], capture_output=True, text=True,
                               timeout=timeout, cwd=ROOT, env=env)
     return run

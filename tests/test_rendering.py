@@ -23,7 +23,7 @@ from bot.ops.replace import MemberRef, Plan
 from bot.output import blocks
 from bot.output import text as render
 from bot.output.blocks import Mrkdwn, Reply, code, code_block, escape, mention
-from bot.output.model import Verdict, snapshot_view, status_view
+from bot.output.model import Verdict, catalog_view, snapshot_view, status_view
 from bot.store.records import PlanKind, PlanRecord, PlanState
 
 ONCALL = "U0ONCALL01"
@@ -143,11 +143,12 @@ def test_no_etcd_value_becomes_markup_in_status_or_members(names, url, error, al
 @given(name=values, error=values, pruned=st.lists(values, max_size=3), reason=values, requested_by=values)
 def test_no_value_becomes_markup_in_snapshot_messages(name, error, pruned, reason, requested_by):
     made = (mention(requested_by),) if requested_by.startswith("U") else ()
-    row = {"path": f"/snap/{name}.db", "revision": 3, "hash": "fe01", "total_keys": 1, "total_size": 100,
-           "member": name, "requested_by": requested_by, "created_at": 1.7e9, "encrypted": False, "reason": reason}
+    row = {"cluster": "prod", "path": f"/snap/{name}.db", "revision": 3, "hash": "fe01", "total_keys": 1,
+           "total_size": 100, "file_size": 132, "sha256": "0" * 64, "member": name, "requested_by": requested_by,
+           "created_at": 1.7e9, "encrypted": False, "reason": reason, "remote_state": "failed", "remote_error": error}
     for reply in (blocks.snapshot_reply(saved(name, error, tuple(pruned)), requested_by),
                   blocks.snapshot_failed_reply("prod", reason), blocks.snapshot_failed_reply("prod", reason, True),
-                  blocks.snapshots_reply("prod", [row])):
+                  blocks.snapshots_reply(catalog_view("prod", [row], None))):
         assert not live(reply, made), reply
 
 

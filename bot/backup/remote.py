@@ -276,8 +276,9 @@ class RemoteStore:
         """The snapshots of `cluster` (not their manifests), oldest first."""
         out = []
         prefix = f"{cluster}/"
+        stream = obs.list(self.store, prefix)
         try:
-            async for batch in obs.list(self.store, prefix):
+            async for batch in stream:
                 for meta in batch:
                     name = meta["path"].removeprefix(prefix)
                     if "/" in name or name.endswith(MANIFEST_SUFFIX) or not meta["path"].startswith(prefix):
@@ -285,6 +286,8 @@ class RemoteStore:
                     out.append(RemoteObject(name, meta["size"], meta["last_modified"].timestamp()))
         except Exception as e:
             raise _fail(f"listing {self.display_url(cluster)}", e) from None
+        finally:
+            del stream  # a finished stream left for the interpreter's exit aborts the process (SIGABRT)
         return sorted(out, key=lambda o: (o.last_modified, o.name))
 
     async def head(self, cluster: str, name: str) -> RemoteObject | None:

@@ -15,7 +15,7 @@ import shutil
 import socket
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bot.config import ClusterConfig
@@ -24,7 +24,7 @@ from bot.etcd.client import EtcdClient
 from bot.etcd.model import EtcdError
 from bot.ops.context import BotContext
 from bot.ops.engine import StepFailed
-from bot.ops.recovery import plaintext, verify_snapshot
+from bot.ops.recovery import adopt, check_plain, check_stored, origin, plaintext, restorable
 from bot.ops.restore import SnapshotRef, choose_snapshot
 
 BOOT_TIMEOUT = 60.0
@@ -38,6 +38,7 @@ class DrillResult:
     snapshot: str            # file name
     detail: str              # one line: what was found, or what failed
     seconds: float
+    remote_url: str = ""     # the snapshot was fetched from this object in the store
 
 
 def _free_port() -> int:
@@ -114,24 +115,28 @@ async def boot_and_read(snapshot: SnapshotRef, plain: Path, scratch: Path) -> st
 
 async def drill(ctx: BotContext, cluster: ClusterConfig, wanted: str | None, requested_by: str) -> DrillResult:
     """Run one drill and record it; raises Refusal when there is no such snapshot."""
-    rows = await ctx.store.snapshots(cluster.name, limit=1000)
-    snapshot, _ = choose_snapshot(rows, wanted)
+    snapshot, _ = choose_snapshot(await restorable(ctx, cluster), wanted)
+    if not snapshot.id:  # an object only the store knows: catalogued now, so its drills are recorded
+        snapshot = replace(snapshot, id=await adopt(ctx, cluster, snapshot))
     began = time.monotonic()
     scratch = Path(tempfile.mkdtemp(prefix="etcd-chatops-drill-"))
     try:
-        verified = await verify_snapshot(snapshot, cluster.restore.age_identity)
-        async with plaintext(snapshot, cluster.restore.age_identity) as plain:
+        await check_stored(snapshot)
+        async with plaintext(snapshot, cluster.restore.age_identity, origin(ctx, cluster)) as plain:
+            verified = await check_plain(snapshot, plain)
             booted = await boot_and_read(snapshot, plain, scratch)
         result = DrillResult(True, cluster.name, snapshot.file_name,
-                             f"{verified.split(': ', 1)[1]}; {booted}", time.monotonic() - began)
+                             f"{verified.split(': ', 1)[1]}; {booted}", time.monotonic() - began, snapshot.remote_url)
     except StepFailed as e:
-        result = DrillResult(False, cluster.name, snapshot.file_name, e.reason, time.monotonic() - began)
+        result = DrillResult(False, cluster.name, snapshot.file_name, e.reason, time.monotonic() - began,
+                             snapshot.remote_url)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     await ctx.store.record_drill({"cluster": cluster.name, "snapshot_id": snapshot.id, "ok": result.ok,
                                   "detail": result.detail, "seconds": round(result.seconds, 3), "at": time.time(),
                                   "requested_by": requested_by})
     await ctx.store.audit("drill", user=requested_by, cluster=cluster.name,
-                          detail={"snapshot": snapshot.file_name, "ok": result.ok, "detail": result.detail})
+                          detail={"snapshot": snapshot.file_name, "ok": result.ok, "detail": result.detail,
+                                  "from_store": snapshot.remote_url or None})
     return result
 

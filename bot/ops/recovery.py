@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+from bot.backup.catalog import Expected, FetchFailed, Origin, catalog
 from bot.config import ClusterConfig
 from bot.etcd.health import ClusterHealth
 from bot.etcd.model import EtcdError
@@ -40,7 +41,9 @@ from bot.ops.restore import (
     choose_snapshot,
     plan_restore,
 )
+from bot.ops.snapshots import remote_store
 from bot.output.blocks import Reply, escape, mention
+from bot.output.model import RemoteState
 from bot.store.records import PlanKind, PlanRecord, PlanState
 
 POLL = 0.5
@@ -79,7 +82,7 @@ async def propose_restore(ctx: BotContext, cluster: ClusterConfig, wanted: str |
         quorum = (len(members), 0)
         version = ""
     try:
-        snapshot, newer = choose_snapshot(await store.snapshots(cluster.name, limit=1000), wanted)
+        snapshot, newer = choose_snapshot(await restorable(ctx, cluster), wanted)
         plan = plan_restore(cluster.name, snapshot, newer, membership, quorum=quorum, force=force,
                             current_revision=current, data_dir=cluster.restore.data_dir, etcd_version=version,
                             launcher=cluster.launcher.kind, launcher_has_actions=cluster.launcher.has_actions)
@@ -89,7 +92,8 @@ async def propose_restore(ctx: BotContext, cluster: ClusterConfig, wanted: str |
         return _refused(f"cannot restore {cluster.name}: {r.reason}", r.hint, usage)
     return await publish_plan(ctx, PlanKind.RESTORE, plan, cluster.name, user, channel,
                               {"plan": plan.id, "snapshot": snapshot.file_name, "revision": snapshot.revision,
-                               "force": force, "membership": membership.source, "token": plan.token})
+                               "from_store": snapshot.remote_url or None, "force": force,
+                               "membership": membership.source, "token": plan.token})
 
 
 async def continue_plan(ctx: BotContext, plan_id: str, user: str, channel: str) -> Outcome:
@@ -123,31 +127,79 @@ def _decrypt(src: Path, identity: str, directory: Path) -> Path:
     return Path(name)
 
 
+def origin(ctx: BotContext, cluster: ClusterConfig) -> Origin | None:
+    """Where this cluster's remote snapshots come from (None: no store configured)."""
+    store = cluster.snapshots.store
+    return None if store is None else Origin(store, cluster.name, ctx.config.snapshot_dir, remote_store)
+
+
+async def restorable(ctx: BotContext, cluster: ClusterConfig) -> list[SnapshotRef]:
+    """The snapshots a restore or drill can use, newest first: each local copy retention kept, else its verified
+    copy in the store (also objects only the store knows, from their manifests)."""
+    rows = await ctx.store.snapshots(cluster.name, limit=100000, include_pruned=True)
+    view = await catalog(cluster.snapshots.store, cluster.name, rows, limit=1000, open_store=remote_store)
+    return [SnapshotRef.of_entry(e, str(ctx.config.snapshot_dir)) for e in view.entries
+            if e.local_path or (e.remote_state in (RemoteState.VERIFIED, RemoteState.LISTED) and e.sha256)]
+
+
+async def adopt(ctx: BotContext, cluster: ClusterConfig, snapshot: SnapshotRef) -> int:
+    """Catalog an object only the store knows (from its manifest), without a local copy; returns its row id."""
+    now = time.time()
+    snapshot_id = await ctx.store.record_snapshot({
+        "cluster": cluster.name, "path": snapshot.path, "member": snapshot.member, "revision": snapshot.revision,
+        "hash": snapshot.hash, "total_keys": snapshot.total_keys, "live_keys": snapshot.live_keys,
+        "total_size": snapshot.total_size, "file_size": snapshot.file_size, "sha256": snapshot.sha256,
+        "encrypted": int(snapshot.encrypted), "requested_by": "", "reason": "found in the store", "duration": 0.0,
+        "created_at": snapshot.created_at, "plan_id": None, "pruned_at": now, "remote_url": snapshot.remote_url,
+        "remote_state": "verified", "remote_verified_at": now})
+    await ctx.store.audit("snapshot_adopted", cluster=cluster.name,
+                          detail={"id": snapshot_id, "file": snapshot.file_name, "url": snapshot.remote_url})
+    return snapshot_id
+
+
 @asynccontextmanager
-async def plaintext(snapshot: SnapshotRef, identity: str | None) -> AsyncIterator[Path]:
-    """The snapshot's plaintext path while the block runs: the file itself, or a 0600 temp file removed after."""
-    path = Path(snapshot.path)
-    if not snapshot.encrypted:
-        yield path
+async def stored_copy(snapshot: SnapshotRef, source: Origin | None) -> AsyncIterator[Path]:
+    """The snapshot as stored (the ciphertext when encrypted): the local file, or a copy fetched from the
+    store into a 0600 file whose size and sha256 were checked against the catalog, removed after."""
+    if not snapshot.from_store:
+        yield Path(snapshot.path)
         return
-    if identity is None:
-        raise StepFailed(f"{snapshot.file_name} is age-encrypted and no identity is configured to decrypt it",
-                         "set [clusters.restore] age_identity_file or age_identity_env, restart the bot, then "
-                         "/etcd resume the plan")
+    if source is None:
+        raise StepFailed(f"{snapshot.file_name} is only in the snapshot store and this cluster has no store "
+                         "configured", "configure [snapshots.store] again, restart the bot, then /etcd resume")
     try:
-        plain = await asyncio.to_thread(_decrypt, path, identity, path.parent)
-    except Exception as e:
-        raise StepFailed(f"cannot decrypt {snapshot.file_name}: {type(e).__name__}: {e}",
-                         "check the configured age identity matches the snapshot's recipients") from None
-    try:
-        yield plain
-    finally:
-        plain.unlink(missing_ok=True)
+        async with source.fetched(Expected(snapshot.file_name, snapshot.file_size, snapshot.sha256)) as path:
+            yield path
+    except FetchFailed as e:
+        raise StepFailed(str(e), "choose another snapshot") from None
 
 
-async def verify_snapshot(snapshot: SnapshotRef, identity: str | None) -> str:
-    """The file as catalogued: sha256 of the stored file, then the plaintext's trailer, bbolt structure and status."""
-    from bot.etcd.bbolt import SnapshotError, snapshot_status
+@asynccontextmanager
+async def plaintext(snapshot: SnapshotRef, identity: str | None, source: Origin | None = None) -> AsyncIterator[Path]:
+    """The snapshot's plaintext path while the block runs: the file itself, or a 0600 temp file removed after."""
+    async with stored_copy(snapshot, source) as path:
+        if not snapshot.encrypted:
+            yield path
+            return
+        if identity is None:
+            raise StepFailed(f"{snapshot.file_name} is age-encrypted and no identity is configured to decrypt it",
+                             "set [clusters.restore] age_identity_file or age_identity_env, restart the bot, then "
+                             "/etcd resume the plan")
+        try:
+            plain = await asyncio.to_thread(_decrypt, path, identity, path.parent)
+        except Exception as e:
+            raise StepFailed(f"cannot decrypt {snapshot.file_name}: {type(e).__name__}: {e}",
+                             "check the configured age identity matches the snapshot's recipients") from None
+        try:
+            yield plain
+        finally:
+            plain.unlink(missing_ok=True)
+
+
+async def check_stored(snapshot: SnapshotRef) -> None:
+    """A local copy is still the file catalogued (a fetched copy is checked as it arrives)."""
+    if snapshot.from_store:
+        return
     path = Path(snapshot.path)
     if not path.is_file():
         raise StepFailed(f"{snapshot.file_name} is no longer at {snapshot.path}", "choose another snapshot")
@@ -155,12 +207,16 @@ async def verify_snapshot(snapshot: SnapshotRef, identity: str | None) -> str:
     if sha != snapshot.sha256:
         raise StepFailed(f"{snapshot.file_name} has changed since it was recorded: sha256 {sha[:16]}…, the catalog "
                          f"says {snapshot.sha256[:16]}…; nothing was stopped", "choose another snapshot")
-    async with plaintext(snapshot, identity) as plain:
-        try:
-            status = await asyncio.to_thread(snapshot_status, plain, True)
-        except SnapshotError as e:
-            raise StepFailed(f"{snapshot.file_name} is not a valid snapshot: {e}; nothing was stopped",
-                             "choose another snapshot") from None
+
+
+async def check_plain(snapshot: SnapshotRef, plain: Path) -> str:
+    """The plaintext's trailer, bbolt structure and status against the catalog."""
+    from bot.etcd.bbolt import SnapshotError, snapshot_status
+    try:
+        status = await asyncio.to_thread(snapshot_status, plain, True)
+    except SnapshotError as e:
+        raise StepFailed(f"{snapshot.file_name} is not a valid snapshot: {e}; nothing was stopped",
+                         "choose another snapshot") from None
     if not status.has_trailer:
         raise StepFailed(f"{snapshot.file_name} has no sha256 trailer: etcd's own integrity check cannot run",
                          "choose a snapshot the bot took")
@@ -169,8 +225,16 @@ async def verify_snapshot(snapshot: SnapshotRef, identity: str | None) -> str:
         raise StepFailed(f"{snapshot.file_name} reads as revision {found[0]}, hash {found[1]}, {found[2]} keys; the "
                          f"catalog says revision {snapshot.revision}, hash {snapshot.hash}, {snapshot.total_keys} "
                          "keys; nothing was stopped", "choose another snapshot")
-    return (f"{snapshot.file_name}: sha256 and trailer verified, bbolt structure sound, revision {status.revision}, "
-            f"hash {status.hash_hex}, {status.total_keys} keys")
+    where = f" (fetched from the store, {snapshot.remote_url})" if snapshot.from_store else ""
+    return (f"{snapshot.file_name}{where}: sha256 and trailer verified, bbolt structure sound, revision "
+            f"{status.revision}, hash {status.hash_hex}, {status.total_keys} keys")
+
+
+async def verify_snapshot(snapshot: SnapshotRef, identity: str | None, source: Origin | None = None) -> str:
+    """The file as catalogued: sha256 of the stored file, then the plaintext's trailer, bbolt structure and status."""
+    await check_stored(snapshot)
+    async with plaintext(snapshot, identity, source) as plain:
+        return await check_plain(snapshot, plain)
 
 
 # ---------------------------------------------------------------- the operation
@@ -279,7 +343,8 @@ class RestoreOperation(ClusterOperation[RestorePlan]):
 
     async def step_verify(self) -> str:
         """Step 0, and the first thing a resume does: the snapshot is still the verified one."""
-        return await verify_snapshot(self.plan.snapshot, self.cluster.restore.age_identity)
+        return await verify_snapshot(self.plan.snapshot, self.cluster.restore.age_identity,
+                                     origin(self.ctx, self.cluster))
 
     async def before_stop(self) -> str:
         """The quorum gate, against the live cluster: without --force only a cluster that lost quorum."""
@@ -318,7 +383,8 @@ class RestoreOperation(ClusterOperation[RestorePlan]):
         return "every member is stopped"
 
     async def step_restore(self) -> str:
-        async with plaintext(self.plan.snapshot, self.cluster.restore.age_identity) as plain:
+        async with plaintext(self.plan.snapshot, self.cluster.restore.age_identity,
+                             origin(self.ctx, self.cluster)) as plain:
             return await self._launch("restore", str(plain.resolve()))
 
     async def before_start(self) -> str:

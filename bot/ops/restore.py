@@ -9,10 +9,12 @@ restored data directory. The plan states all of it, for every member.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from bot.ops.replace import Refusal, Step
+from bot.output.model import CatalogEntry
 
 BUMP_SINCE = (3, 5, 10)   # etcdutl gained --bump-revision / --mark-compacted in 3.5.10 (and 3.6)
 BUMP_REVISIONS = 1_000_000_000  # what etcd's own docs suggest: far beyond any watch cache
@@ -34,10 +36,23 @@ class SnapshotRef:
     created_at: float
     member: str
     live_keys: int | None = None   # distinct live user keys (what a booted etcd counts)
+    remote_url: str = ""           # set: no local copy; fetched from this object in the store (and verified)
 
     @property
     def file_name(self) -> str:
         return self.path.rsplit("/", 1)[-1]
+
+    @property
+    def from_store(self) -> bool:
+        return bool(self.remote_url)
+
+    @classmethod
+    def of_entry(cls, e: CatalogEntry, snapshot_dir: str) -> SnapshotRef:
+        """A catalog entry: its local copy when retention kept it, else its verified copy in the store."""
+        return cls(id=e.snapshot_id or 0, path=e.local_path or f"{snapshot_dir}/{e.cluster}/{e.name}",
+                   revision=e.revision, hash=e.hash, total_keys=e.total_keys, total_size=e.total_size,
+                   file_size=e.file_size, sha256=e.sha256, encrypted=e.encrypted, created_at=e.created_at,
+                   member=e.member, live_keys=e.live_keys, remote_url="" if e.local_path else (e.remote_url or ""))
 
     @classmethod
     def of(cls, row: dict[str, Any]) -> SnapshotRef:
@@ -158,22 +173,23 @@ def _version(text: str) -> tuple[int, int, int]:
         return (0, 0, 0)
 
 
-def choose_snapshot(rows: list[dict[str, Any]], wanted: str | None) -> tuple[SnapshotRef, tuple[str, ...]]:
-    """The catalog row asked for (file name or revision), else the newest; and the names of newer ones.
-    `rows`: the cluster's verified, unpruned snapshots, newest first."""
-    if not rows:
+def choose_snapshot(rows: Sequence[dict[str, Any] | SnapshotRef],
+                    wanted: str | None) -> tuple[SnapshotRef, tuple[str, ...]]:
+    """The snapshot asked for (file name or revision), else the newest; and the names of newer ones.
+    `rows`: the cluster's verified snapshots (catalog rows, or refs from the catalog of both places), newest first."""
+    refs = [r if isinstance(r, SnapshotRef) else SnapshotRef.of(r) for r in rows]
+    if not refs:
         raise Refusal("no verified snapshot of this cluster is recorded", "take one with /etcd snapshot while "
                       "a member answers, or restore by hand from your own backup")
     if wanted is None:
         index = 0
     else:
         w = wanted.strip()
-        matches = [i for i, r in enumerate(rows)
-                   if r["path"].rsplit("/", 1)[-1] == w or (w.isdigit() and r["revision"] == int(w))]
+        matches = [i for i, r in enumerate(refs) if r.file_name == w or (w.isdigit() and r.revision == int(w))]
         if not matches:
             raise Refusal(f"no recorded snapshot named or at revision {w!r}", "see /etcd snapshots")
         index = matches[0]
-    return SnapshotRef.of(rows[index]), tuple(r["path"].rsplit("/", 1)[-1] for r in rows[:index])
+    return refs[index], tuple(r.file_name for r in refs[:index])
 
 
 RESTORE_STEPS = (

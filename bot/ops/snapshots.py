@@ -18,7 +18,7 @@ from typing import Any
 
 from bot.backup.manifest import Manifest, recipient_fingerprint
 from bot.backup.remote import RemoteError, RemoteStore, StoreConfig, Upload, verify_upload
-from bot.config import ClusterConfig
+from bot.config import ClusterConfig, SnapshotPolicy
 from bot.etcd.health import ClusterHealth, check_cluster
 from bot.etcd.model import EtcdError
 from bot.etcd.snapshots import SavedSnapshot, SnapshotFailed, save_snapshot, to_prune
@@ -148,7 +148,9 @@ async def record_snapshot(ctx: BotContext, saved: SavedSnapshot, *, requested_by
 
 async def prune(ctx: BotContext, cluster: ClusterConfig) -> list[str]:
     """Delete the snapshots the cluster's retention no longer keeps; record each.
-    The pre-change snapshot of the cluster's open plan is never deleted."""
+    The pre-change snapshot of the cluster's open plan is never deleted.
+    With a store, `keep_local` then thins the local copies verified off-site, and the
+    remote copies follow the same policy (prune_remote)."""
     policy = cluster.snapshots
     rows = await ctx.store.snapshots(cluster.name, limit=100000)
     open_plan = await ctx.store.open_plan(cluster.name)
@@ -166,7 +168,8 @@ async def prune(ctx: BotContext, cluster: ClusterConfig) -> list[str]:
                               detail={"id": row["id"], "file": path.name, "keep_last": policy.keep_last,
                                       "keep_days": policy.keep_days})
         pruned.append(path.name)
-    return pruned + await _prune_offsite_copies(ctx, cluster, open_plan["id"] if open_plan else None)
+    pruned += await _prune_offsite_copies(ctx, cluster, open_plan["id"] if open_plan else None)
+    return pruned + await prune_remote(ctx, cluster, open_plan["id"] if open_plan else None)
 
 
 async def _prune_offsite_copies(ctx: BotContext, cluster: ClusterConfig, open_plan: str | None) -> list[str]:
@@ -193,6 +196,54 @@ async def _prune_offsite_copies(ctx: BotContext, cluster: ClusterConfig, open_pl
                               detail={"id": row["id"], "file": path.name, "keep_local": store.keep_local,
                                       "offsite": row.get("remote_url")})
         pruned.append(path.name)
+    return pruned
+
+
+# ---------------------------------------------------------------- retention of the remote copies
+
+REMOTE_DELETE_DEADLINE = 30.0   # one object and its manifest
+
+
+def remote_to_prune(rows: list[dict[str, Any]], policy: SnapshotPolicy, now: float,
+                    open_plan: str | None) -> list[dict[str, Any]]:
+    """Remote copies the policy (keep_last, keep_days, a plan's snapshot) no longer keeps; never the newest
+    verified one, the last good off-site backup, even when every rule would drop it. Only rows the catalog
+    knows: an object it does not know (an earlier bot's) is listed and restorable, never deleted by retention."""
+    remote = sorted((r for r in rows if r.get("remote_state") == "verified" and not r.get("remote_pruned_at")),
+                    key=lambda r: (r["created_at"], r["id"]), reverse=True)
+    keep_last = None if policy.keep_last is None else policy.keep_last - 1   # the newest is kept already
+    return to_prune(remote[1:], keep_last, policy.keep_days, now, policy.keep_plan_snapshots_days, open_plan)
+
+
+async def prune_remote(ctx: BotContext, cluster: ClusterConfig, open_plan: str | None) -> list[str]:
+    """Delete the remote copies (object and manifest) retention no longer keeps; each one's row gets
+    `remote_pruned_at` and an audit row. A store that fails is tried again at the next prune."""
+    if cluster.snapshots.store is None:
+        return []
+    rows = await ctx.store.snapshots(cluster.name, limit=100000, include_pruned=True)
+    doomed = remote_to_prune(rows, cluster.snapshots, time.time(), open_plan)
+    if not doomed:
+        return []
+    try:
+        remote = remote_store(cluster.snapshots.store)
+    except RemoteError as e:
+        log.warning("cannot prune remote copies", extra={"ctx_cluster": cluster.name, "ctx_error": str(e)})
+        return []
+    pruned = []
+    for row in doomed:
+        name = Path(row["path"]).name
+        try:
+            await asyncio.wait_for(remote.delete(cluster.name, name), REMOTE_DELETE_DEADLINE)
+        except (RemoteError, TimeoutError) as e:
+            log.warning("cannot prune a remote copy", extra={"ctx_cluster": cluster.name, "ctx_file": name,
+                                                             "ctx_error": str(e) or "no answer in time"})
+            continue
+        await ctx.store.update_snapshot(row["id"], remote_pruned_at=time.time())
+        await ctx.store.audit("snapshot_pruned_remote", cluster=cluster.name,
+                              detail={"id": row["id"], "file": name, "url": row.get("remote_url"),
+                                      "keep_last": cluster.snapshots.keep_last,
+                                      "keep_days": cluster.snapshots.keep_days})
+        pruned.append(f"{name} (off-site)")
     return pruned
 
 

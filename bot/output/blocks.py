@@ -22,7 +22,18 @@ from bot.ops.defrag import DefragPlan
 from bot.ops.replace import MemberRef, Plan, Step
 from bot.ops.restore import K8S_AFTER, K8S_BEFORE, RestorePlan, bump_note
 from bot.output import text as render
-from bot.output.model import LEADERLESS, AlertView, MemberView, PerfView, Verdict, snapshot_view, status_view
+from bot.output.model import (
+    LEADERLESS,
+    AlertView,
+    CatalogEntry,
+    CatalogView,
+    MemberView,
+    PerfView,
+    RemoteState,
+    Verdict,
+    snapshot_view,
+    status_view,
+)
 from bot.output.tables import table as render_table
 from bot.output.units import humanize_bytes
 from bot.store.records import PlanRecord, PlanState
@@ -359,8 +370,11 @@ def restore_plan_reply(plan: RestorePlan, view: PlanView, now: float | None = No
                   f"{snap.revision} · hash {code(snap.hash)} · {snap.total_keys} keys · "
                   f"{humanize_bytes(snap.total_size)}"
                   f" · file {humanize_bytes(snap.file_size)} · taken {_ago(now - snap.created_at)} ago from "
-                  f"{escape(snap.member)}\n*sha256:* {code(snap.sha256)}\n*Stored at:* {code(snap.path)} "
-                  "(on the bot's host)"),
+                  f"{escape(snap.member)}\n*sha256:* {code(snap.sha256)}\n" + (
+                      f"*From the snapshot store:* {code(snap.remote_url)} (no local copy: fetched, checked against "
+                      "the catalog's size and sha256, and decrypted into a 0600 temporary file that is removed "
+                      "after each step)" if snap.from_store else
+                      f"*Stored at:* {code(snap.path)} (on the bot's host)")),
     ]
     if plan.newer:
         blocks += sections(f":warning: {len(plan.newer)} newer verified snapshot(s) exist: "
@@ -378,12 +392,14 @@ def restore_plan_reply(plan: RestorePlan, view: PlanView, now: float | None = No
            else "manual launcher: run these on each host when the thread asks, then `/etcd continue " + plan.id + "`")
     blocks.append(_section(f"*etcdutl snapshot restore on every member* (new cluster token, unique to this restore; "
                            f"{escape(how)}):"))
-    commands = "\n".join(f"# {m.name}\n" + " ".join(plan.restore_args(m, snap.path.removesuffix('.age')))
+    local = snap.file_name if snap.from_store else snap.path   # a fetched copy's path is made at the step
+    commands = "\n".join(f"# {m.name}\n" + " ".join(plan.restore_args(m, local.removesuffix('.age')))
                          for m in plan.members)
     blocks += sections(escape(commands), code=True)
     blocks += sections(f"*Kubernetes:* {escape(K8S_BEFORE)} {escape(K8S_AFTER)}\n:information_source: "
                        f"{escape(bump_note(plan))}")
-    text = (f"Plan {plan.id}: restore {escape(plan.cluster)} from {escape(snap.file_name)} (revision {snap.revision}):"
+    text = (f"Plan {plan.id}: restore {escape(plan.cluster)} from {escape(snap.file_name)} (revision {snap.revision}"
+            f"{', from the snapshot store' if snap.from_store else ''}):"
             f" {state}. Proposed by {mention(view.proposer)}")
     return _footer(plan.id, view, blocks, text, proposer_note=" (cannot approve it)")
 def _defrag_table(plan: DefragPlan) -> str:
@@ -517,23 +533,43 @@ def snapshot_joined_reply(cluster: str, started_by: str, started_at: float) -> R
         f"{mention(started_by)} at {slack_date(started_at)}; you will get its result")])
 
 
-def snapshots_reply(cluster: str, rows: list[dict[str, Any]],
-                    drills: Mapping[int, dict[str, Any]] | None = None) -> Reply:
-    """The catalog, newest first, each with its last restore drill when it had one."""
+_PLACE = {"local": ":floppy_disk: local", "remote": ":cloud: remote only",
+          "both": ":floppy_disk: local + :cloud: remote", "none": ":x: no copy left"}
+
+
+def _where(e: CatalogEntry) -> str:
+    """Where the copies are, and what went wrong with the off-site one."""
+    if e.remote_state == RemoteState.FAILED:
+        return f":floppy_disk: local · :warning: upload failed: {_item(e.remote_error or 'no reason recorded')}"
+    if e.remote_state == RemoteState.MISSING:
+        return f"{_PLACE[e.place]} · :warning: the store no longer has it"
+    mark = {RemoteState.VERIFIED: " (verified)", RemoteState.LISTED: " (from its manifest)",
+            RemoteState.UPLOADING: " · uploading"}.get(e.remote_state, "")
+    return _PLACE[e.place] + mark
+
+
+def snapshots_reply(view: CatalogView, drills: Mapping[int, dict[str, Any]] | None = None) -> Reply:
+    """The catalog of both places, newest first, each with where its copies are and its last restore drill."""
     drills = drills or {}
-    if not rows:
-        return Reply(text=f"No snapshots recorded for {escape(cluster)} yet. Take one with /etcd snapshot.")
+    store = ([f":warning: the snapshot store could not be listed: {_item(view.store_error)}; local copies only"]
+             if view.store_error else [])
+    if not view.entries:
+        text = "\n".join([f"No snapshots recorded for {escape(view.cluster)} yet. Take one with /etcd snapshot.",
+                          *store])
+        return Reply(text=text)
     lines = []
-    for r in rows:
+    for e in view.entries:
         lines.append(" · ".join([
-            code(render.one_line(_basename(r["path"]))), f"rev {r['revision']}", f"hash {_item(str(r['hash']))}",
-            f"{r['total_keys']} keys", humanize_bytes(r["total_size"]), _item(r["member"]), mention(r["requested_by"]),
-            slack_date(r["created_at"]), *([":lock:"] if r["encrypted"] else []),
-            *([_item(r["reason"])] if r.get("reason") else []),
-            *([_drill_mark(drills[r["id"]])] if r.get("id") in drills else [])]))
-    title = f"Snapshots of {escape(cluster)}"
-    return Reply(text=f"{title} (newest first):\n" + "\n".join(lines),
-                 blocks=[_section(f"*{title}* (newest first)"), _section("\n".join(lines))])
+            code(render.one_line(e.name)), f"rev {e.revision}", f"hash {_item(e.hash)}", f"{e.total_keys} keys",
+            humanize_bytes(e.total_size), _item(e.member),
+            *([mention(e.requested_by)] if e.requested_by else []), slack_date(e.created_at),
+            *([":lock:"] if e.encrypted else []), *([_item(e.reason)] if e.reason else []), _where(e),
+            *([_drill_mark(drills[e.snapshot_id])] if e.snapshot_id is not None and e.snapshot_id in drills else [])]))
+    title = f"Snapshots of {escape(view.cluster)}"
+    where = f" · store {code(view.store_url)}" if view.store_url else ""
+    return Reply(text=f"{title} (newest first):\n" + "\n".join(lines + store),
+                 blocks=[_section(f"*{title}* (newest first){where}"), *sections("\n".join(lines)),
+                         *[_context(line) for line in store]])
 
 
 def _drill_mark(d: Mapping[str, Any]) -> str:
@@ -545,7 +581,8 @@ def drill_reply(result: DrillResult, requested_by: str) -> Reply:
     head = (f":white_check_mark: Restore drill of {escape(result.snapshot)} ({escape(result.cluster)}) passed"
             if result.ok else f":x: Restore drill of {escape(result.snapshot)} ({escape(result.cluster)}) FAILED")
     text = f"{head} in {result.seconds:.1f}s: {escape(result.detail)}"
-    return Reply(text=text, blocks=[*sections(text), _context(f"asked by {mention(requested_by)}")])
+    fetched = f"fetched from the snapshot store: {code(result.remote_url)} · " if result.remote_url else ""
+    return Reply(text=text, blocks=[*sections(text), _context(f"{fetched}asked by {mention(requested_by)}")])
 
 
 def _basename(path: str) -> str:

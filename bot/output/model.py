@@ -11,10 +11,10 @@ May import: the etcd layer's data models only (no gRPC, no Slack).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bot.etcd.bbolt import SnapshotStatus, status_table
 from bot.etcd.health import ClusterHealth, MemberHealth, Quorum
@@ -388,3 +388,109 @@ def short_duration(seconds: float) -> str:
     parts = [(days, "d"), (hours, "h"), (minutes, "m"), (s, "s")]
     shown = [f"{n}{u}" for n, u in parts if n][:2]
     return " ".join(shown) or "0s"
+# ---------------------------------------------------------------- the catalog: local and remote copies
+
+class RemoteState(StrEnum):
+    """Where a snapshot's off-site copy stands."""
+
+    NONE = ""                  # never uploaded (no store, or taken before one was configured)
+    UPLOADING = "uploading"
+    VERIFIED = "verified"      # read back and its sha256 checked
+    FAILED = "failed"          # the upload failed: the local copy is the only one
+    LISTED = "listed"          # the store holds it, the catalog does not know it (from its manifest)
+    MISSING = "missing"        # the catalog says verified, the store's listing no longer has it
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """One snapshot, wherever its copies are: the bot's volume, the object store, or both."""
+
+    cluster: str
+    name: str                      # the file name, the same in both places
+    revision: int
+    hash: str                      # etcdutl's %x
+    total_keys: int
+    total_size: int
+    file_size: int
+    sha256: str                    # of the file as stored (the ciphertext when encrypted)
+    encrypted: bool
+    member: str
+    created_at: float
+    local_path: str | None         # the local copy, while retention keeps it
+    remote_url: str | None         # the store's address of the object, when it is (or was meant to be) there
+    remote_state: RemoteState = RemoteState.NONE
+    remote_error: str = ""
+    snapshot_id: int | None = None     # the catalog row; None for an object only the store knows
+    requested_by: str = ""
+    reason: str = ""
+    live_keys: int | None = None
+
+    @property
+    def remote(self) -> bool:
+        """The store holds a copy (verified by the bot, or listed with its manifest)."""
+        return self.remote_state in (RemoteState.VERIFIED, RemoteState.LISTED)
+
+    @property
+    def place(self) -> str:
+        """local, remote, both, or none (the catalog's remote copy is missing and no local one is left)."""
+        if self.local_path and self.remote:
+            return "both"
+        return "remote" if self.remote else "local" if self.local_path else "none"
+
+    @property
+    def remote_word(self) -> str:
+        """The off-site copy in a few words, for every printer."""
+        return {RemoteState.NONE: "-", RemoteState.UPLOADING: "uploading", RemoteState.VERIFIED: "verified",
+                RemoteState.FAILED: "upload FAILED", RemoteState.LISTED: "stored (manifest only)",
+                RemoteState.MISSING: "MISSING from the store"}[self.remote_state]
+
+
+@dataclass(frozen=True)
+class CatalogView:
+    """`/etcd snapshots` and `snapshot list`: both places, newest first, and why the store was not listed."""
+
+    cluster: str
+    entries: tuple[CatalogEntry, ...]
+    store_url: str | None = None       # the store's address, when one is configured
+    store_error: str | None = None     # one line: the store could not be listed (the local part still shows)
+
+
+def catalog_entry(row: Mapping[str, Any]) -> CatalogEntry:
+    """A catalog row (the snapshots table) as an entry: the local copy unless retention removed it,
+    the remote one as the upload left it unless retention removed that."""
+    state = row.get("remote_state") or ""
+    if row.get("remote_pruned_at") or state not in RemoteState._value2member_map_:
+        state = ""
+    return CatalogEntry(
+        cluster=row["cluster"], name=row["path"].rsplit("/", 1)[-1], revision=row["revision"], hash=str(row["hash"]),
+        total_keys=row["total_keys"], total_size=row["total_size"], file_size=row["file_size"] or 0,
+        sha256=row["sha256"] or "", encrypted=bool(row["encrypted"]), member=row["member"],
+        created_at=row["created_at"], local_path=row["path"] if row.get("pruned_at") is None else None,
+        remote_url=row.get("remote_url") or None, remote_state=RemoteState(state),
+        remote_error=row.get("remote_error") or "", snapshot_id=row.get("id"),
+        requested_by=row.get("requested_by") or "", reason=row.get("reason") or "", live_keys=row.get("live_keys"))
+
+
+def catalog_view(cluster: str, rows: list[dict[str, Any]], listed: Mapping[str, CatalogEntry | None] | None,
+                 store_url: str | None = None, store_error: str | None = None, limit: int = 15) -> CatalogView:
+    """Merge the catalog's rows with the store's listing (`listed`: every object's file name, with an entry
+    from its manifest for those no row knows; None when there is no store or it could not be listed): a row's
+    object missing from a listing is said, an object no row knows shows from its manifest. Rows with neither
+    copy left are not shown."""
+    entries: dict[str, CatalogEntry] = {}
+    for row in rows:
+        e = catalog_entry(row)
+        if listed is not None and e.remote_state == RemoteState.VERIFIED and e.name not in listed:
+            e = replace(e, remote_state=RemoteState.MISSING)
+        if e.local_path or e.remote_state not in (RemoteState.NONE, RemoteState.FAILED):
+            entries.setdefault(e.name, e)
+    for name, found in (listed or {}).items():
+        known = entries.get(name)
+        if known is None:
+            if found is not None:
+                entries[name] = found
+        elif known.remote_state == RemoteState.NONE:  # there, though this catalog never uploaded it
+            entries[name] = replace(known, remote_state=RemoteState.LISTED,
+                                    remote_url=found.remote_url if found is not None else known.remote_url)
+    newest = sorted(entries.values(), key=lambda e: (e.created_at, e.snapshot_id or 0), reverse=True)
+    return CatalogView(cluster, tuple(newest[:limit]), store_url, store_error)

@@ -12,6 +12,7 @@ from bot.etcd.consistency import Consistency
 from bot.etcd.model import KVHash
 from bot.output.model import (
     AlertView,
+    CatalogView,
     Figure,
     PerfView,
     SnapshotView,
@@ -25,8 +26,9 @@ from bot.output.model import (
 from bot.output.tables import table
 from bot.output.units import humanize_bytes
 
-__all__ = ["headline", "learned_line", "member_state", "members_text", "one_line", "quorum_line", "saved_json",
-           "saved_text", "snapshot_line", "status_json", "status_text", "unreachable_text", "verdict"]
+__all__ = ["catalog_json", "catalog_text", "headline", "learned_line", "member_state", "members_text", "one_line",
+           "quorum_line", "saved_json", "saved_text", "snapshot_line", "status_json", "status_text", "unreachable_text",
+           "verdict"]
 
 
 def headline(view: StatusView) -> str:
@@ -125,6 +127,38 @@ def saved_text(view: SnapshotView) -> str:
         f"sha256 {view.sha256}  size {view.size}",
         f"from {view.member} ({view.endpoint}) in {view.took}",
     ])
+
+
+CATALOG_HEADERS = ("NAME", "CREATED (UTC)", "REVISION", "HASH", "TOTAL KEYS", "SIZE", "WHERE", "REMOTE")
+
+
+def _utc(epoch: float) -> str:
+    import datetime as dt
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def catalog_text(view: CatalogView) -> str:
+    """`snapshot list`: one table row per snapshot, where its copies are, then the store's one line."""
+    rows = [[e.name + (" (age)" if e.encrypted else ""), _utc(e.created_at), str(e.revision), e.hash,
+             str(e.total_keys), humanize_bytes(e.file_size or e.total_size), e.place, e.remote_word]
+            for e in view.entries]
+    head = f"snapshots of {view.cluster}" + (f", store {view.store_url}" if view.store_url else ", no store")
+    lines = [head, table(CATALOG_HEADERS, rows) if rows else "(none)"]
+    lines += [f"upload of {e.name} failed: {one_line(e.remote_error, 200)}" for e in view.entries
+              if e.remote_error and e.remote_word == "upload FAILED"]
+    if view.store_error:
+        lines.append(f"STORE: {view.store_error}")
+    return "\n".join(lines)
+
+
+def catalog_json(view: CatalogView) -> dict[str, Any]:
+    return {"cluster": view.cluster, "store": view.store_url, "store_error": view.store_error, "snapshots": [
+        {"name": e.name, "created_at": e.created_at, "revision": e.revision, "hash": e.hash,
+         "total_keys": e.total_keys, "total_size": e.total_size, "file_size": e.file_size, "sha256": e.sha256,
+         "encrypted": e.encrypted, "member": e.member, "place": e.place, "local_path": e.local_path,
+         "remote_url": e.remote_url, "remote_state": str(e.remote_state) or None,
+         "remote_error": e.remote_error or None}
+        for e in view.entries]}
 
 
 def one_line(text: str, limit: int = 120) -> str:

@@ -1,0 +1,142 @@
+"""The catalog of both places: the bot's snapshot rows and the object store's listing, merged.
+
+The store is listed under a deadline; an object the rows do not know (the
+bot's volume was lost, or another bot wrote it) is shown from its manifest.
+A store that cannot be listed costs one line in the answer, never the local
+part. Restore and drills choose from the same entries
+(bot.ops.recovery.restorable), and `fetched` gives them a remote copy as a
+verified 0600 file in a private directory, removed afterwards.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bot.backup.manifest import Manifest
+from bot.backup.remote import RemoteError, RemoteStore, StoreConfig
+from bot.output.model import CatalogEntry, CatalogView, RemoteState, catalog_view
+
+log = logging.getLogger(__name__)
+
+LIST_DEADLINE = 10.0       # seconds for the listing and the manifests it needs, together
+MANIFEST_READS = 8         # manifests read at once
+MANIFESTS_MAX = 50         # unknown objects whose manifests one listing reads (newest first)
+
+Opener = Callable[[StoreConfig], RemoteStore]
+
+
+class FetchFailed(Exception):
+    """One line: the object could not be downloaded, or is not what its manifest or the catalog says."""
+
+
+def entry_of_manifest(m: Manifest, url: str) -> CatalogEntry:
+    """An object no catalog row knows, as its manifest describes it."""
+    return CatalogEntry(cluster=m.cluster, name=m.file_name, revision=m.revision, hash=m.hash,
+                        total_keys=m.total_keys, total_size=m.total_size, file_size=m.size, sha256=m.sha256,
+                        encrypted=m.encrypted, member=m.member, created_at=m.created_at, local_path=None,
+                        remote_url=url, remote_state=RemoteState.LISTED)
+
+
+async def listing(remote: RemoteStore, cluster: str, known: set[str]) -> dict[str, CatalogEntry | None]:
+    """The store's objects of `cluster` by name: an entry from the manifest for the names the catalog does not
+    know (the newest MANIFESTS_MAX), None for the others (the catalog's row says more). An object whose
+    manifest is missing or unreadable is left out: nothing could verify it."""
+    objects = await remote.list(cluster)
+    found: dict[str, CatalogEntry | None] = {o.name: None for o in objects if o.name in known}
+    unknown = [o for o in reversed(objects) if o.name not in known][:MANIFESTS_MAX]
+    gate = asyncio.Semaphore(MANIFEST_READS)
+
+    async def read(name: str) -> None:
+        async with gate:
+            try:
+                manifest = await remote.read_manifest(cluster, name)
+            except RemoteError as e:
+                log.warning("an off-site snapshot's manifest is unreadable", extra={"ctx_cluster": cluster,
+                                                                                   "ctx_error": str(e)})
+                return
+        if manifest is not None and manifest.file_name == name and manifest.cluster == cluster:
+            found[name] = entry_of_manifest(manifest, remote.display_url(cluster, name))
+    await asyncio.gather(*(read(o.name) for o in unknown))
+    return found
+
+
+async def catalog(config: StoreConfig | None, cluster: str, rows: list[dict[str, Any]], limit: int = 15,
+                  deadline: float = LIST_DEADLINE, open_store: Opener = RemoteStore.from_config) -> CatalogView:
+    """Both places for one cluster. `rows`: its catalog rows, pruned ones included (their remote copy may
+    remain); `config`: its [snapshots.store] (None: local only)."""
+    if config is None:
+        return catalog_view(cluster, rows, None, limit=limit)
+    url = f"{config.url.rstrip('/')}/{cluster}/"
+    known = {r["path"].rsplit("/", 1)[-1] for r in rows}
+    try:
+        listed = await asyncio.wait_for(listing(open_store(config), cluster, known), deadline)
+    except TimeoutError:
+        return catalog_view(cluster, rows, None, url, f"{url} did not answer within {deadline:g}s", limit)
+    except RemoteError as e:
+        return catalog_view(cluster, rows, None, url, str(e), limit)
+    return catalog_view(cluster, rows, listed, url, None, limit)
+
+
+# ---------------------------------------------------------------- fetching a copy
+
+@dataclass(frozen=True)
+class Expected:
+    """What a fetched file must be: the catalog's (or the manifest's) size and sha256."""
+
+    name: str
+    file_size: int
+    sha256: str
+
+
+async def fetch_verified(remote: RemoteStore, cluster: str, expected: Expected, dest: Path) -> None:
+    """Download to `dest` (0600), hashing as it arrives, then compare size and sha256; a mismatch removes it."""
+    try:
+        sha, size = await remote.fetch_to(cluster, expected.name, dest)
+    except RemoteError as e:
+        raise FetchFailed(f"cannot download {expected.name}: {e}") from None
+    problem = (f"{size:,} bytes, expected {expected.file_size:,}" if size != expected.file_size
+               else f"sha256 {sha[:16]}…, expected {expected.sha256[:16]}…" if sha != expected.sha256 else None)
+    if problem:
+        dest.unlink(missing_ok=True)
+        raise FetchFailed(f"{expected.name} from the store is not the snapshot recorded ({problem}); "
+                          "the download was deleted")
+
+
+@asynccontextmanager
+async def fetched(remote: RemoteStore, cluster: str, expected: Expected, directory: Path) -> AsyncIterator[Path]:
+    """A verified copy of a remote snapshot in a private (0700) directory under `directory`, removed after
+    (with anything else made there, such as its decrypted plaintext)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".fetch-", dir=directory))
+    try:
+        path = scratch / expected.name
+        await fetch_verified(remote, cluster, expected, path)
+        yield path
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a cluster's remote snapshots are fetched from, and where their temporary copies go."""
+
+    config: StoreConfig
+    cluster: str
+    scratch: Path              # on the bot's volume: the copy (and a decrypted one) never leaves the host
+    open_store: Opener = RemoteStore.from_config
+
+    @asynccontextmanager
+    async def fetched(self, expected: Expected) -> AsyncIterator[Path]:
+        try:
+            remote = self.open_store(self.config)
+        except RemoteError as e:
+            raise FetchFailed(str(e)) from None
+        async with fetched(remote, self.cluster, expected, self.scratch) as path:
+            yield path

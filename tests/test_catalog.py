@@ -1,0 +1,125 @@
+"""The catalog of both places without etcd: how rows and a store's listing merge, which remote copies retention
+removes, and how a fetched copy is checked (on a file:// store)."""
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from bot.backup.catalog import Expected, FetchFailed, Origin, catalog
+from bot.backup.manifest import Manifest
+from bot.backup.remote import RemoteStore, StoreConfig
+from bot.config import SnapshotPolicy
+from bot.ops.snapshots import remote_to_prune
+from bot.output import blocks
+from bot.output import text as render
+from bot.output.model import CatalogEntry, RemoteState, catalog_view
+
+DAY = 86400.0
+NOW = 100 * DAY
+
+
+def row(i: int, *, local: bool = True, remote: str = "", remote_pruned: bool = False, age_days: float = 0.0,
+        plan: str | None = None, error: str = "") -> dict:
+    return {"id": i, "cluster": "prod", "path": f"/snap/prod/prod-{i}.db", "revision": 10 * i, "hash": f"{i:x}",
+            "total_keys": i, "live_keys": i, "total_size": 20480, "file_size": 20512, "sha256": f"{i:064x}",
+            "encrypted": 0, "member": "m1", "requested_by": "U0ONCALL01", "reason": "requested",
+            "created_at": NOW - age_days * DAY + i, "plan_id": plan, "pruned_at": None if local else 1.0,
+            "remote_url": f"s3://b/p/prod/prod-{i}.db" if remote else None, "remote_state": remote,
+            "remote_error": error, "remote_pruned_at": 2.0 if remote_pruned else None}
+
+
+def only_remote(name: str, created: float) -> CatalogEntry:
+    return CatalogEntry(cluster="prod", name=name, revision=99, hash="abc", total_keys=5, total_size=20480,
+                        file_size=20512, sha256="f" * 64, encrypted=True, member="m2", created_at=created,
+                        local_path=None, remote_url=f"s3://b/p/prod/{name}", remote_state=RemoteState.LISTED)
+
+
+def test_the_listing_and_the_rows_merge_and_each_entry_says_where_it_is():
+    rows = [row(1, remote="verified"), row(2, local=False, remote="verified"), row(3, remote="failed",
+                                                                                 error="connection refused"),
+            row(4, local=False, remote="verified", remote_pruned=True), row(5)]
+    listed = {"prod-1.db": None, "prod-2.db": None, "old.db.age": only_remote("old.db.age", NOW - 5 * DAY)}
+    view = catalog_view("prod", rows, listed, "s3://b/p/prod/")
+    by = {e.name: e for e in view.entries}
+    assert [e.name for e in view.entries] == ["prod-5.db", "prod-3.db", "prod-2.db", "prod-1.db", "old.db.age"]
+    assert "prod-4.db" not in by  # neither copy is left
+    assert (by["prod-1.db"].place, by["prod-2.db"].place, by["prod-5.db"].place) == ("both", "remote", "local")
+    assert by["prod-3.db"].remote_word == "upload FAILED" and by["old.db.age"].place == "remote"
+    text = render.catalog_text(view)
+    assert "upload of prod-3.db failed: connection refused" in text and "stored (manifest only)" in text
+    assert render.catalog_json(view)["snapshots"][2] | {"place": "remote", "remote_state": "verified"} == \
+        render.catalog_json(view)["snapshots"][2]
+    slack = blocks.snapshots_reply(view)
+    assert ":cloud: remote only (verified)" in slack.text and "upload failed: connection refused" in slack.text
+
+
+def test_a_verified_copy_the_listing_lacks_is_called_missing_and_an_unlisted_store_is_one_line():
+    rows = [row(1, remote="verified"), row(2, local=False, remote="verified"),
+            row(3, local=False, remote="failed")]  # its only copy is gone: not shown
+    view = catalog_view("prod", rows, {}, "s3://b/p/prod/")
+    assert {e.remote_state for e in view.entries} == {RemoteState.MISSING}
+    assert [(e.name, e.place) for e in view.entries] == [("prod-2.db", "none"), ("prod-1.db", "local")]
+    assert ":x: no copy left · :warning: the store no longer has it" in blocks.snapshots_reply(view).text
+    down = catalog_view("prod", rows, None, "s3://b/p/prod/", "no answer within 10s")
+    reply = blocks.snapshots_reply(down)
+    assert reply.text.count("could not be listed") == 1 and "no answer within 10s" in reply.text
+    assert "prod-1.db" in reply.text  # the local part still shows
+    assert render.catalog_text(down).endswith("STORE: no answer within 10s")
+
+
+def test_retention_of_the_remote_copies_keeps_the_newest_verified_one():
+    policy = SnapshotPolicy(keep_last=2)
+    # newest first: 5 (upload failed), 4, 3 verified and local, 2 and 1 verified and only remote now
+    rows = [row(5, remote="failed"), row(4, remote="verified"), row(3, remote="verified"),
+            row(2, local=False, remote="verified"), row(1, local=False, remote="verified"),
+            row(0, local=False, remote="verified", remote_pruned=True)]
+    assert sorted(r["id"] for r in remote_to_prune(rows, policy, NOW, None)) == [1, 2]
+    # every remote copy is old and the age rule alone would drop them all: the newest verified stays
+    aged = [row(i, local=False, remote="verified", age_days=30) for i in (3, 2, 1)]
+    assert sorted(r["id"] for r in remote_to_prune(aged, SnapshotPolicy(keep_days=7), NOW, None)) == [1, 2]
+    assert remote_to_prune(aged, SnapshotPolicy(keep_last=None, keep_days=None), NOW, None) == []  # no rule
+    assert sorted(r["id"] for r in remote_to_prune(aged, SnapshotPolicy(keep_last=1), NOW, None)) == [1, 2]
+    # only one verified copy, however old: kept
+    assert remote_to_prune([row(5, remote="failed", age_days=90), row(1, local=False, remote="verified",
+                                                                         age_days=90)],
+                           SnapshotPolicy(keep_last=1, keep_days=1), NOW, None) == []
+    # a plan's pre-change snapshot stays while its plan is open
+    planned = [row(3, remote="verified"), row(2, remote="verified", plan="p1", age_days=60),
+               row(1, remote="verified", age_days=60)]
+    old = SnapshotPolicy(keep_last=1, keep_plan_snapshots_days=30)
+    assert [r["id"] for r in remote_to_prune(planned, old, NOW, "p1")] == [1]
+    assert sorted(r["id"] for r in remote_to_prune(planned, old, NOW, None)) == [1, 2]
+
+
+# ---------------------------------------------------------------- fetching from a file:// store (no etcd)
+
+async def test_a_fetch_is_checked_against_size_and_sha256_and_leaves_nothing_behind(file_store, tmp_path):
+    config = StoreConfig(f"file://{file_store}")
+    remote = RemoteStore.from_config(config)
+    data = b"etcd snapshot bytes" * 1000
+    (file_store / "prod").mkdir()
+    (file_store / "prod" / "a.db").write_bytes(data)
+    good = Expected("a.db", len(data), hashlib.sha256(data).hexdigest())
+    scratch = tmp_path / "scratch"
+    origin = Origin(config, "prod", scratch)
+    async with origin.fetched(good) as path:
+        assert path.read_bytes() == data and (path.stat().st_mode & 0o777) == 0o600
+        assert (path.parent.stat().st_mode & 0o777) == 0o700
+    for wrong, said in [(Expected("a.db", len(data) + 1, good.sha256), "bytes, expected"),
+                        (Expected("a.db", len(data), "0" * 64), "sha256"),
+                        (Expected("gone.db", 1, "0" * 64), "cannot download gone.db")]:
+        with pytest.raises(FetchFailed, match=said) as e:
+            async with origin.fetched(wrong):
+                raise AssertionError("a bad copy was handed out")
+        assert "\n" not in str(e.value)
+    assert list(scratch.iterdir()) == []  # every copy removed, good or bad
+
+    # an object no row knows is listed from its manifest; one without a manifest is left out
+    await remote.write_manifest(Manifest(cluster="prod", file_name="a.db", sha256=good.sha256, size=len(data),
+                                         hash="abc", revision=7, total_keys=3, total_size=len(data), member="m1",
+                                         created_at=1.7e9))
+    (file_store / "prod" / "b.db").write_bytes(b"no manifest")
+    view = await catalog(config, "prod", [], open_store=lambda c: remote)
+    assert [(e.name, e.place, e.revision, e.remote_url) for e in view.entries] == [
+        ("a.db", "remote", 7, f"file://{file_store}/prod/a.db")]
