@@ -26,6 +26,10 @@ class Metrics:
         self.cluster_reachable = Gauge("etcd_chatops_cluster_reachable",
                                        "1 when a configured endpoint answered the last readiness check", ["cluster"],
                                        registry=r)
+        self.leader = Gauge("etcd_chatops_leader", "1 on the replica that holds the executor lease", registry=r)
+        self.lease_renewals = Counter("etcd_chatops_lease_renewals_total",
+                                      "Attempts to acquire or renew the executor lease, by outcome (held, refused, "
+                                      "error)", ["outcome"], registry=r)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
