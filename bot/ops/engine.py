@@ -201,7 +201,8 @@ class Run:
             await store.step_finished(record.id, idx, "done", detail, fence=fence)
             await store.audit("step_done", user=self.actor, channel=record.channel, cluster=record.cluster,
                               detail={"plan": record.id, "step": step.key, "detail": detail,
-                                      "seconds": round(time.monotonic() - began, 3)})
+                                      "seconds": round(time.monotonic() - began, 3),
+                                      "replica": self.ctx.leadership.replica_id})
             await note(self.ctx, record, f":white_check_mark: Step {idx} ({step.key}): {escape(detail)}")
         await store.transition(record.id, [PlanState.RUNNING], PlanState.DONE, finished_at=time.time(), fence=fence)
         await store.audit("plan_done", user=self.actor, channel=record.channel, cluster=record.cluster,
