@@ -211,12 +211,12 @@ async def _learn_recorded(client: EtcdClient, args: argparse.Namespace) -> None:
     import sqlite3
 
     from bot.etcd.model import Member
-    from bot.store.sqlite import Store, StoreError
+    from bot.store.base import StoreError, store_for
 
-    database = Path(_load_config(args.config).database)
-    if not database.is_file():
+    config = _load_config(args.config)
+    if isinstance(config.database, Path) and not config.database.is_file():
         return
-    store = Store(database)
+    store = store_for(config)
     try:
         await store.open()
         last = await store.last_membership(args.cluster)
@@ -265,14 +265,15 @@ def _run(args: argparse.Namespace) -> int:
     from bot import logs
     from bot.settings import SettingsError, SlackSettings
     from bot.slack.app import serve
-    from bot.store.sqlite import StoreError
+    from bot.store.base import StoreError
 
     config = _load_config(args.config)
     try:
         slack = SlackSettings.from_env()
     except SettingsError as e:
         raise UsageFailure(str(e)) from None
-    logs.register_secret(*slack.secrets(), *(c.password for c in config.clusters), config.audit_key)
+    logs.register_secret(*slack.secrets(), *(c.password for c in config.clusters), config.audit_key,
+                         *config.database_secrets())
     logs.setup(args.log_level)
     if not 0 < args.port < 65536:
         raise UsageFailure(f"--port: {args.port} is not a TCP port")
@@ -365,13 +366,13 @@ def parse_since(text: str, now: float) -> float:
 async def _audit(args: argparse.Namespace) -> int:
     import time
 
-    from bot.store.sqlite import Store, StoreError
+    from bot.store.base import StoreError, store_for
 
     config = _load_config(args.config)
-    if not config.database.is_file():
+    if isinstance(config.database, Path) and not config.database.is_file():
         raise UsageFailure(f"no database at {config.database} (database in {config.source})")
     since = parse_since(args.since, time.time()) if getattr(args, "since", None) else None
-    store = Store(config.database, audit_key=config.audit_key)
+    store = store_for(config)
     try:
         await store.open()
         if args.audit_cmd == "verify":
@@ -418,7 +419,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _check_config(args: argparse.Namespace) -> int:
     config = _load_config(args.config)
     print(f"{config.source}: ok")
-    print(f"  database: {config.database}\n  snapshot_dir: {config.snapshot_dir}")
+    print(f"  database: {config.database_shown}\n  snapshot_dir: {config.snapshot_dir}")
     for c in config.clusters:
         tls = "mutual TLS" if c.cert else ("TLS" if any(e.startswith("https") for e in c.endpoints) else "plaintext")
         print(f"  cluster {c.name}: {len(c.endpoints)} endpoint(s), {tls}, "

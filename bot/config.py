@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from bot.etcd.urls import parse_url
+from bot.store import dsn
 
 T = TypeVar("T")
 
@@ -150,7 +151,7 @@ class ReplicasConfig:
 @dataclass(frozen=True)
 class Config:
     clusters: tuple[ClusterConfig, ...]
-    database: Path = Path("etcd-chatops.db")
+    database: Path | str = Path("etcd-chatops.db")  # a SQLite file, or a postgresql:// URL (str)
     snapshot_dir: Path = Path("snapshots")
     approval: ApprovalConfig = ApprovalConfig()
     snapshots: SnapshotPolicy = SnapshotPolicy()
@@ -158,6 +159,17 @@ class Config:
     audit_key: str | None = field(default=None, repr=False)  # HMAC key of the audit chain; None: plain sha256
     source: Path | None = None
     replicas: ReplicasConfig = ReplicasConfig()
+    database_password: str | None = field(default=None, repr=False)  # PostgreSQL's, else libpq's PG* environment
+
+    @property
+    def database_shown(self) -> str:
+        """The database as messages name it: a path, or the URL without its password."""
+        return dsn.redact(self.database) if isinstance(self.database, str) else str(self.database)
+
+    def database_secrets(self) -> list[str]:
+        """Passwords of the database (never to appear in output)."""
+        in_url = dsn.secrets_of(self.database) if isinstance(self.database, str) else []
+        return in_url + ([self.database_password] if self.database_password else [])
 
     def cluster(self, name: str) -> ClusterConfig | None:
         return next((c for c in self.clusters if c.name == name), None)
@@ -467,13 +479,29 @@ def _cluster(t: _Table, snapshot_defaults: SnapshotPolicy, approval: ApprovalCon
                          defrag_disarm_below=disarm_below)
 
 
+def _database(top: _Table, base: Path) -> Path | str:
+    """A path (SQLite, relative to the config file) or a postgresql:// URL, checked without showing its password."""
+    raw = top.get("database", str, None)
+    if raw is not None and "://" in raw:
+        try:
+            return dsn.check_url(raw)
+        except ValueError as e:
+            raise ConfigError(f"database: {e}") from None
+    database = top.path_value("database", base / "etcd-chatops.db")
+    if database.is_dir():
+        raise ConfigError(f"database: {raw or database}: is a directory, not a database file")
+    return database
+
+
 def parse_config(data: dict, base: Path, source: Path | None = None) -> Config:
     """Build a Config from parsed TOML; relative paths are relative to `base`."""
     top = _Table(data, "", base)
-    database = top.path_value("database", base / "etcd-chatops.db")
+    database = _database(top, base)
+    database_password = _secret(top, "database_password")
+    if database_password is not None and not isinstance(database, str):
+        which = "database_password_env" if "database_password_env" in top.data else "database_password_file"
+        raise ConfigError(f"{which}: only a postgresql:// database takes a password (database is a SQLite file)")
     snapshot_dir = top.path_value("snapshot_dir", base / "snapshots")
-    if database.is_dir():
-        raise ConfigError(f"database: {top.data.get('database', database)}: is a directory, not a database file")
     if snapshot_dir.exists() and not snapshot_dir.is_dir():
         raise ConfigError(f"snapshot_dir: {top.data.get('snapshot_dir', snapshot_dir)}: is not a directory")
     db_timeout = top.get("database_timeout_seconds", float, 5.0, _positive)
@@ -524,7 +552,7 @@ def parse_config(data: dict, base: Path, source: Path | None = None) -> Config:
     top.done()
     return Config(clusters=clusters, database=database, snapshot_dir=snapshot_dir, approval=approval,
                   snapshots=snapshots, database_timeout_seconds=db_timeout, audit_key=audit_key, source=source,
-                  replicas=replicas)
+                  database_password=database_password, replicas=replicas)
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

@@ -14,8 +14,10 @@ import pytest
 
 from bot.testing import certs as certs_module
 from bot.testing import cluster as cluster_module
+from bot.testing import postgres as postgres_module
 from bot.testing import workspace as workspace_module
 from bot.testing.cluster import LocalCluster
+from bot.testing.postgres import LocalPostgres, PostgresMissing
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_ETCD_PASSWORD = "rootpw-" + os.urandom(6).hex()  # tests that enable etcd auth use this
@@ -24,7 +26,8 @@ TEST_AUDIT_KEY = "auditkey-" + os.urandom(16).hex()    # tests that key the audi
 # A test that uses any of these (directly or through another fixture) runs real etcd, the Slack
 # stand-in or the bot: it is end to end. `make test-fast` runs the others.
 E2E_FIXTURES = {"cluster", "make_cluster", "slack", "start_bot",
-                "real", "real_snapshot"}  # (snapshots of real etcd clusters, in test_bbolt and test_fuzz)
+                "real", "real_snapshot",  # (snapshots of real etcd clusters, in test_bbolt and test_fuzz)
+                "postgres", "pg_url"}     # a real PostgreSQL server
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -57,7 +60,8 @@ def no_process_left_behind(tmp_path_factory) -> Iterator[None]:
     Only processes started under this session's directories are judged (other test
     sessions may run on the machine at the same time)."""
     yield
-    roots = [str(p) for p in cluster_module.CREATED] + [str(tmp_path_factory.getbasetemp())]
+    roots = ([str(p) for p in cluster_module.CREATED + postgres_module.CREATED]
+             + [str(tmp_path_factory.getbasetemp())])
     left = _processes_under(roots)
     for pid, _ in left:
         try:
@@ -91,7 +95,8 @@ def no_secret_in_logs_or_messages(tmp_path_factory) -> Iterator[None]:
     yield
     root.removeHandler(capture)
     root.setLevel(level)
-    issued = workspace_module.ISSUED + certs_module.KEY_MATERIAL + [TEST_ETCD_PASSWORD, TEST_AUDIT_KEY]
+    issued = (workspace_module.ISSUED + certs_module.KEY_MATERIAL + postgres_module.ISSUED
+              + [TEST_ETCD_PASSWORD, TEST_AUDIT_KEY])
     secrets = [s for s in issued if len(s) >= 6]
     places: list[tuple[str, str]] = [("log", line) for line in capture.lines]
     for stand_in in STAND_INS:
@@ -109,6 +114,28 @@ def cluster() -> Iterator[LocalCluster]:
     """A healthy 3-member cluster shared by read-only tests: do not kill its members."""
     with LocalCluster(3) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[LocalPostgres]:
+    """A real PostgreSQL 15 for the session (started on first use, stopped at the end, also
+    after failures). Missing PostgreSQL fails the test: `make test` installs it."""
+    server = LocalPostgres()
+    try:
+        try:
+            server.start()
+        except PostgresMissing as e:
+            pytest.fail(str(e), pytrace=False)
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def pg_url(postgres: LocalPostgres) -> str:
+    """A fresh database of the session's PostgreSQL (no state shared between tests); its URL
+    (the password is `postgres.password`)."""
+    return postgres.create_database()
 
 
 @pytest.fixture

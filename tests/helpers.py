@@ -5,6 +5,7 @@ import asyncio
 import inspect
 import json
 import re
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -13,8 +14,9 @@ from typing import Any, TypeVar
 from bot.etcd.client import EtcdClient
 from bot.etcd.health import ClusterHealth, MemberHealth, check_cluster
 from bot.etcd.model import MemberStatus
+from bot.store.base import Store
 from bot.store.records import PlanRecord
-from bot.store.sqlite import Store
+from bot.store.sqlite import ADDED_COLUMNS, SqliteStore, expected_columns
 from bot.testing.cluster import QUOTA, QUOTA_ARGS, fill_until_nospace, free_port
 from bot.testing.slack import Delivery, Message, SlackStandIn
 from bot.testing.workspace import CHANNEL, LEAD, LEADS_GROUP, ONCALL, USERGROUPS, USERS
@@ -197,11 +199,31 @@ class open_store:
     """The bot's database opened from the test (the bot process may be dead)."""
 
     def __init__(self, directory: Path):
-        self.store = Store(directory / "etcd-chatops.db")
+        self.store = SqliteStore(directory / "etcd-chatops.db")
 
-    async def __aenter__(self) -> Store:
+    async def __aenter__(self) -> SqliteStore:
         return await self.store.open()
 
     async def __aexit__(self, *exc) -> None:
         await self.store.close()
 
+
+
+def as_released(path: Path, added_columns: bool = True) -> None:
+    """Turn a SQLite database of this version back into what the releases before versioned
+    migrations left (their tables and rows, no schema_migrations); without `added_columns`,
+    also without the columns those releases added on open (the first release's file)."""
+    old = expected_columns(0)
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
+                                           "AND name NOT LIKE 'sqlite_%'")]
+        for table in tables:
+            if table not in old:
+                db.execute(f"DROP TABLE {table}")
+                continue
+            for (column,) in db.execute(f"SELECT name FROM pragma_table_info('{table}')").fetchall():
+                if column not in old[table] and (not added_columns or (table, column) not in ADDED_COLUMNS):
+                    db.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+    finally:
+        db.close()

@@ -11,14 +11,14 @@ from test_plans import REQ, cluster, down, up
 
 from bot.ops.replace import plan_replacement
 from bot.store.records import PlanKind, PlanState
-from bot.store.sqlite import Store
+from bot.store.sqlite import SqliteStore
 from bot.testing.workspace import CHANNEL, LEAD, LEAD2, cluster_table
 from helpers import APPROVAL, OK, audit_actions, plan_row, propose, replies, thread, urls, wait_done
 
 
 async def test_racing_approvals_move_the_plan_exactly_once(tmp_path):
     """Two bot replicas (two connections to one database) and twelve approvals at once."""
-    first, second = Store(tmp_path / "db"), Store(tmp_path / "db")
+    first, second = SqliteStore(tmp_path / "db"), SqliteStore(tmp_path / "db")
     await first.open()
     await second.open()
     try:

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 from conftest import TEST_AUDIT_KEY
 
-from bot.store.sqlite import GENESIS, Store, StoreError, audit_hash
+from bot.store.base import GENESIS, StoreError, audit_hash
+from bot.store.sqlite import SqliteStore
 from bot.testing.workspace import cluster_table, write_config
-from helpers import ephemeral, reply
+from helpers import as_released, ephemeral, reply
 
 KEY_ENV = "ETCD_CHATOPS_TEST_AUDIT_KEY"
 OTHER_ENV = "ETCD_CHATOPS_TEST_OTHER_KEY"
@@ -93,12 +94,12 @@ async def test_a_chain_written_without_a_key_then_with_one(tmp_path, monkeypatch
     monkeypatch.setenv(KEY_ENV, TEST_AUDIT_KEY)
     db = tmp_path / "etcd-chatops.db"
     config = write_config(tmp_path, [{"name": "prod", "endpoints": ["http://127.0.0.1:1"]}], audit_key_env=KEY_ENV)
-    store = await Store(db).open()
+    store = await SqliteStore(db).open()
     for action in ("command", "refused"):
         await store.audit(action, user="U0ONCALL01")
     await store.close()
 
-    store = await Store(db, audit_key=TEST_AUDIT_KEY).open()
+    store = await SqliteStore(db, audit_key=TEST_AUDIT_KEY).open()
     await store.continue_audit_chain()  # as the bot does at start: the chain is keyed from now on
     await store.audit("command", user="U0ONCALL01")
     assert [r["action"] for r in await store.audit_rows()] == ["command", "refused", "audit_keyed", "command"]
@@ -112,7 +113,7 @@ async def test_a_chain_written_without_a_key_then_with_one(tmp_path, monkeypatch
     # Neither a bot without the key nor one with another key may go on writing the chain.
     for key, problem in ((None, "no audit key is configured (audit_key_env or audit_key_file)"),
                          ("another-key-" + "0" * 32, "the configured audit key is not the one it was written with")):
-        store = await Store(db, audit_key=key).open()
+        store = await SqliteStore(db, audit_key=key).open()
         try:
             expected = f"the audit chain is keyed with HMAC up to row 4, but {problem}"
             with pytest.raises(StoreError, match=re.escape(expected)):
@@ -131,15 +132,11 @@ async def test_a_chain_written_without_a_key_then_with_one(tmp_path, monkeypatch
 
 async def test_a_database_from_before_the_key_and_plan_columns_opens_and_verifies(tmp_path):
     db = tmp_path / "etcd-chatops.db"
-    store = await Store(db).open()
+    store = await SqliteStore(db).open()
     await store.audit("command", user="U0ONCALL01")
     await store.close()
-    old = sqlite3.connect(db)  # as the previous release left it
-    old.execute("ALTER TABLE audit DROP COLUMN key_id")
-    old.execute("ALTER TABLE snapshots DROP COLUMN plan_id")
-    old.commit()
-    old.close()
-    store = await Store(db, audit_key=TEST_AUDIT_KEY).open()
+    as_released(db, added_columns=False)  # as the first release left it
+    store = await SqliteStore(db, audit_key=TEST_AUDIT_KEY).open()
     try:
         await store.continue_audit_chain()
         assert await store.verify_audit() == (2, None) and await store.audit_keyed_from() == 2

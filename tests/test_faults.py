@@ -21,7 +21,8 @@ import pytest
 
 from bot.etcd.client import EtcdClient
 from bot.etcd.health import check_cluster
-from bot.store.sqlite import Store, StoreError
+from bot.store.base import StoreError
+from bot.store.sqlite import SqliteStore
 from bot.testing.cluster import free_port
 from bot.testing.workspace import CHANNEL, LEAD, BotProcess, cluster_table, write_config
 from helpers import (
@@ -229,7 +230,7 @@ def test_run_and_audit_verify_refuse_an_unusable_database_in_one_line(tmp_path, 
 
 async def test_a_directory_in_place_of_the_database_is_named(tmp_path):
     (tmp_path / "state.db").mkdir()
-    store = Store(tmp_path / "state.db")
+    store = SqliteStore(tmp_path / "state.db")
     try:
         with pytest.raises(StoreError, match=r"state.db: is a directory, not a database file"):
             await store.open()

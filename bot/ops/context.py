@@ -20,7 +20,7 @@ from bot.ops.access import Access
 from bot.ops.leader import Leadership, release
 from bot.ops.metrics import Metrics
 from bot.ops.notify import Directory, Notifier
-from bot.store.sqlite import Store, StoreError
+from bot.store.base import Store, StoreError, open_store
 
 if TYPE_CHECKING:
     from bot.ops.snapshots import RunningSnapshot
@@ -51,8 +51,7 @@ class BotContext:
     async def open(cls, config: Config, notifier: Notifier, directory: Directory,
                    secrets: tuple[str, ...] = ()) -> BotContext:
         """Open the store and wire everything; the one way a context is made."""
-        store = await Store(config.database, busy_timeout=config.database_timeout_seconds,
-                            audit_key=config.audit_key).open()
+        store = await open_store(config)
         try:
             await store.continue_audit_chain()
         except StoreError:
@@ -99,7 +98,8 @@ class BotContext:
     def secrets(self) -> list[str]:
         return (list(self.secret_values) + [c.password for c in self.config.clusters if c.password]
                 + [c.restore.age_identity for c in self.config.clusters if c.restore.age_identity]
-                + ([self.config.audit_key] if self.config.audit_key else []))
+                + ([self.config.audit_key] if self.config.audit_key else [])
+                + self.config.database_secrets())
 
     def track_current_task(self) -> None:
         """Count the running listener as in-flight work that shutdown waits for."""

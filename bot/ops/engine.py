@@ -177,7 +177,7 @@ class Run:
         for idx in range(start, len(self.steps)):
             step = self.steps[idx]
             if self.ctx.leadership.fence != fence:  # deposed, or a later tenure: that tenure's leader resumes it
-                raise LeaseLost(f"not the leader of the tenure that started plan {record.id}")
+                raise LeaseLost(fence)
             await store.step_started(record.id, idx, step.key, fence=fence)
             await refresh(self.ctx, record.id)
             began = time.monotonic()

@@ -24,8 +24,8 @@ from bot.ops.notify import NotifyFailed
 from bot.ops.replace import MemberRef, Plan, Refusal, ReplaceRequest, plan_replacement
 from bot.output import blocks
 from bot.output.blocks import escape, mention
+from bot.store.base import OpenPlanExists
 from bot.store.records import STOPPED_STATES, AnyPlan, PlanKind, PlanRecord, PlanState
-from bot.store.sqlite import OpenPlanExists
 
 log = logging.getLogger(__name__)
 

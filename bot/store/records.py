@@ -82,3 +82,27 @@ class PlanRecord:
     def __getitem__(self, column: str) -> Any:
         """A stored column by name, as written (for exports and tests that read the raw row)."""
         return self.columns[column]
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A named lease (leadership): who holds it, the tenure's fencing token, until when (database clock)."""
+
+    name: str
+    holder: str
+    token: int
+    expires_at: float
+
+    @property
+    def fence(self) -> Fence:
+        return Fence(self.name, self.holder, self.token)
+
+
+@dataclass(frozen=True)
+class Fence:
+    """What a fenced write checks, in its own transaction: the lease `name` is still
+    held by `holder` with `token` and unexpired; else the write raises LeaseLost."""
+
+    name: str
+    holder: str
+    token: int

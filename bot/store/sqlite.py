@@ -1,35 +1,53 @@
-"""The bot's memory in SQLite (through sqlite-utils): plans, their steps,
-seen Slack events, snapshots and a hash-chained audit log.
+"""The bot's memory in SQLite (through sqlite-utils), the embedded default:
+plans, their steps, seen Slack events, snapshots, leases, alerts and a
+hash-chained audit log (the contract: bot/store/base.py).
 
-All SQL runs on one dedicated thread: the event loop never waits on the
-disk, writes are serialized, and the guarded state transitions (one UPDATE
-with the old state in its WHERE) are the only way a plan changes state, so
-two approvals racing execute once.
+All SQL of a store runs on one dedicated thread: the event loop never waits
+on the disk, and writes are serialized. Several stores (processes) on one
+file are serialized by SQLite's lock: read-then-write goes in BEGIN
+IMMEDIATE, and the guarded state transitions (one UPDATE with the old state
+in its WHERE) are the only way a plan changes state, so two approvals racing
+execute once.
 """
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any, TypeVar
 
 import sqlite_utils
 
-from bot.store.records import OPEN_STATES, PlanRecord, PlanState
+from bot.store.base import (
+    ALERT_COLUMNS,
+    GENESIS,
+    SNAPSHOT_UPDATABLE,
+    AuditVerifier,
+    LeaseLost,
+    OpenPlanExists,
+    Store,
+    StoreBusy,
+    StoreError,
+    audit_detail_text,
+    audit_hash,
+    audit_key_id,
+    known_columns,
+    membership_text,
+)
+from bot.store.records import OPEN_STATES, Fence, Lease, PlanRecord, PlanState
 
 T = TypeVar("T")
+__all__ = ["GENESIS", "OpenPlanExists", "SqliteStore", "StoreBusy", "StoreError", "audit_hash"]
 
-GENESIS = "0" * 64
-
-SCHEMA = """
+# Version 1: the schema of the releases before versioned migrations (with the columns they added on open).
+BASELINE = """
 CREATE TABLE IF NOT EXISTS plans (
     id TEXT PRIMARY KEY,
     kind TEXT NOT NULL DEFAULT 'replace',  -- a PlanKind
@@ -130,65 +148,119 @@ CREATE TABLE IF NOT EXISTS drills (
 );
 CREATE INDEX IF NOT EXISTS drills_by_cluster ON drills(cluster, at);
 """.replace("@OPEN_STATES@", ", ".join(f"'{s}'" for s in OPEN_STATES))
-# Columns added after the first release: databases created before get them on open.
+# Columns added after the first release: databases created before get them in migration 1.
 ADDED_COLUMNS = {("snapshots", "plan_id"): "TEXT", ("audit", "key_id"): "TEXT NOT NULL DEFAULT ''",
                  ("plans", "kind"): "TEXT NOT NULL DEFAULT 'replace'"}
 
+LEASES_ALERTS_MUTES = """
+CREATE TABLE leases (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    token INTEGER NOT NULL,        -- one per tenure; fenced writes compare it
+    expires_at REAL NOT NULL       -- time.time() of the writer (SQLite has no server clock)
+);
+CREATE TABLE alerts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    cluster TEXT NOT NULL,
+    condition TEXT NOT NULL,
+    subject TEXT NOT NULL DEFAULT '',
+    state TEXT NOT NULL,           -- open | resolved
+    opened_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    resolved_at REAL,
+    channel TEXT,
+    message_ts TEXT,
+    detail TEXT,
+    flaps INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX alerts_open ON alerts(state, cluster);
+CREATE TABLE mutes (
+    cluster TEXT PRIMARY KEY,
+    "until" REAL NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    "by" TEXT NOT NULL DEFAULT '',
+    at REAL NOT NULL
+);
+ALTER TABLE snapshots ADD COLUMN remote_url TEXT;
+ALTER TABLE snapshots ADD COLUMN remote_state TEXT NOT NULL DEFAULT '';  -- '' | uploading | verified | failed
+ALTER TABLE snapshots ADD COLUMN remote_error TEXT;
+ALTER TABLE snapshots ADD COLUMN remote_verified_at REAL;
+ALTER TABLE snapshots ADD COLUMN remote_pruned_at REAL;
+"""
 
-class StoreError(Exception):
-    """The database could not do what was asked, or cannot be used at all
-    (corrupt, a directory, another schema); one line naming the file and why."""
+
+def statements(script: str) -> list[str]:
+    """A script as single statements: executescript would COMMIT the migration's transaction."""
+    out, buffer = [], ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            out.append(buffer.strip())
+            buffer = ""
+    assert not buffer.strip(), f"incomplete statement: {buffer!r}"
+    return out
 
 
-class StoreBusy(StoreError):
-    """Another writer holds the database lock beyond our bounded wait."""
+def _baseline(db: sqlite_utils.Database) -> None:
+    """Creates what is missing: a new file gets it all, a file of the releases before
+    versioning keeps its rows and gains the columns added since."""
+    for statement in statements(BASELINE):
+        db.execute(statement)
+    for (table, column), decl in ADDED_COLUMNS.items():
+        if column not in db.table(table).columns_dict:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
 
 
-class OpenPlanExists(StoreError):
-    def __init__(self, plan_id: str, state: str):
-        super().__init__(f"plan {plan_id} is {state}")
-        self.plan_id, self.state = plan_id, state
+def _script(script: str) -> Callable[[sqlite_utils.Database], None]:
+    def apply(db: sqlite_utils.Database) -> None:
+        for statement in statements(script):
+            db.execute(statement)
+    return apply
 
 
-def audit_hash(prev_hash: str, row: dict[str, Any], key: bytes | None = None) -> str:
-    """sha256 over the previous row's hash and this row's content; with a key,
-    an HMAC-SHA256, which nobody without the key can recompute."""
-    content = json.dumps([row["id"], row["ts"], row["user"], row["channel"], row["cluster"], row["action"],
-                          row["detail"]], separators=(",", ":"), ensure_ascii=False)
-    message = f"{prev_hash}\n{content}".encode()
-    return hmac.new(key, message, hashlib.sha256).hexdigest() if key else hashlib.sha256(message).hexdigest()
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    apply: Callable[[sqlite_utils.Database], None]
 
 
-def audit_key_id(key: bytes) -> str:
-    """A short name of a key, stored with each keyed row: tells "wrong key" from
-    "changed row" and reveals nothing of the key."""
-    return hmac.new(key, b"etcd-chatops audit key id", hashlib.sha256).hexdigest()[:16]
+# In order; a released migration is never edited, a change is a new one at the end.
+MIGRATIONS = (
+    Migration(1, "plans, approvals, steps, events, snapshots, audit, memberships, drills", _baseline),
+    Migration(2, "leases, alerts, mutes; snapshots' off-site copy", _script(LEASES_ALERTS_MUTES)),
+)
+LATEST = MIGRATIONS[-1].version
+MIGRATIONS_TABLE = ("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, "
+                    "applied_at REAL NOT NULL)")
 
 
-class Store:
+class SqliteStore(Store):
     """Async facade; every method runs its SQL on the store's own thread."""
 
     def __init__(self, path: str | Path, *, busy_timeout: float = 5.0, retries: int = 3, audit_key: str | None = None):
         self.path = Path(path)
+        self.name = str(self.path)
         self._audit_key = audit_key.encode() if audit_key else None
         self._audit_key_id = audit_key_id(self._audit_key) if self._audit_key else ""
         self.busy_timeout = busy_timeout
         self.retries = retries
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         self._db: sqlite_utils.Database | None = None
-        self._schema_version = -1   # SQLite's counter of schema changes, when our tables were last checked
+        self._schema_cookie = -1   # SQLite's counter of schema changes, when our tables were last checked
         self._events_swept = 0.0
 
     # -- plumbing -------------------------------------------------------
 
-    async def open(self) -> Store:
+    async def open(self) -> SqliteStore:
         await self._run(self._open)
         return self
 
     def _open(self, _db: sqlite_utils.Database | None = None) -> None:
-        """Connect, then check the tables already there before creating the missing ones:
-        a file of another program or version is refused by name, never half-altered.
-        (A migration, when one is needed, goes before that check.)"""
+        """Connect, then check the tables already there (against the schema of the
+        version the file records) before migrating: a file of another program or a
+        newer bot is refused by name, never half-altered. Migrations run in one
+        BEGIN IMMEDIATE, so of several processes opening at once one migrates."""
         if self.path.is_dir():
             raise StoreError(f"database {self.path}: is a directory, not a database file")
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -197,24 +269,34 @@ class Store:
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
             db = sqlite_utils.Database(conn)
-            self._check_schema(db)
+            self._check_schema(db, _version(db))
             db.enable_wal()
             conn.execute("PRAGMA synchronous = FULL")  # a step's outcome is on disk before the next step
-            db.executescript(SCHEMA)
-            for (table, column), decl in ADDED_COLUMNS.items():  # our own older files: add what they lack
-                if column not in db.table(table).columns_dict:
-                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
-            self._schema_version = _schema_version(db)
+            with _immediate(db):
+                db.execute(MIGRATIONS_TABLE)
+                version = _version(db)
+                self._check_version(version)
+                for migration in MIGRATIONS[version:]:
+                    migration.apply(db)
+                    db.execute("INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                               [migration.version, migration.name, time.time()])
+            self._schema_cookie = _schema_cookie(db)
         except BaseException:
             conn.close()
             raise
         self._db = db
 
-    def _check_schema(self, db: sqlite_utils.Database) -> None:
-        """Each of our tables that exists has every column this version uses."""
-        for table, columns in _expected_columns().items():
+    def _check_version(self, version: int) -> None:
+        if version > LATEST:
+            raise StoreError(f"database {self.path}: schema version {version} is newer than this bot's ({LATEST}); "
+                             "run the newer bot, or restore a backup")
+
+    def _check_schema(self, db: sqlite_utils.Database, version: int = LATEST) -> None:
+        """Each of our tables that exists has every column of schema `version`."""
+        self._check_version(version)
+        for table, columns in expected_columns(version).items():
             have = {r[1] for r in db.execute(f"PRAGMA table_info({table})").fetchall()}
-            missing = [c for c in columns if c not in have and (table, c) not in ADDED_COLUMNS]
+            missing = [c for c in columns if c not in have]
             if have and missing:
                 shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
                 raise StoreError(f"database {self.path}: table {table} does not match this version of the bot "
@@ -248,14 +330,19 @@ class Store:
         if self._db is None:
             if fn != self._open:
                 raise StoreError(f"database {self.path} is not open")
-        elif (version := _schema_version(self._db)) != self._schema_version:
+        elif (cookie := _schema_cookie(self._db)) != self._schema_cookie:
             self._check_schema(self._db)  # someone changed the tables under us: check them again
-            self._schema_version = version
+            self._schema_cookie = cookie
         return fn(self._db, *args)
 
     async def probe(self) -> None:
-        """A real write, for the readiness check: raises when the disk or lock refuses."""
         await self._run(lambda db: db.execute("INSERT OR REPLACE INTO probe (id, at) VALUES (1, ?)", [time.time()]))
+
+    async def schema_version(self) -> int:
+        return await self._run(_version)
+
+    async def migrations_applied(self) -> list[dict[str, Any]]:
+        return await self._run(lambda db: list(db.query("SELECT * FROM schema_migrations ORDER BY version")))
 
     async def plan_counts(self) -> dict[str, int]:
         return await self._run(lambda db: {r["state"]: r["n"] for r in db.query(
@@ -264,7 +351,6 @@ class Store:
     # -- plans ----------------------------------------------------------
 
     async def insert_plan(self, row: dict[str, Any]) -> None:
-        """Insert a proposed plan; OpenPlanExists if the cluster has one open."""
         def fn(db: sqlite_utils.Database) -> None:
             try:
                 with db.atomic():
@@ -308,10 +394,6 @@ class Store:
         return [PlanRecord.of(r) for r in await self._run(fn)]
 
     async def add_approval(self, plan_id: str, user: str, needed: int) -> tuple[bool, int, bool]:
-        """Record `user`'s approval of a proposed plan, atomically with counting:
-        (first time this user approved, distinct approvers now, this call moved
-        the plan to approved). Exactly one caller sees the last flag, however
-        approvals race."""
         def fn(db: sqlite_utils.Database) -> tuple[bool, int, bool]:
             with _immediate(db):
                 state = next(db.query("SELECT state FROM plans WHERE id = ?", [plan_id]), {}).get("state")
@@ -329,30 +411,33 @@ class Store:
                 return new, count, won
         return await self._run(fn)
 
-    async def transition(self, plan_id: str, from_states: Iterable[PlanState], to_state: PlanState,
-                         **fields: Any) -> bool:
-        """The guarded state change: True only for the one caller that made it."""
+    async def transition(self, plan_id: str, from_states: Iterable[PlanState], to_state: PlanState, *,
+                         fence: Fence | None = None, **fields: Any) -> bool:
         olds = [str(s) for s in from_states]
         sets = {"state": str(to_state), "updated_at": time.time(), **fields}
 
         def fn(db: sqlite_utils.Database) -> bool:
             assignments = ", ".join(f"{k} = ?" for k in sets)
-            try:
-                cur = db.execute(f"UPDATE plans SET {assignments} WHERE id = ? AND state IN ({_marks(olds)})",
-                                 [*sets.values(), plan_id, *olds])
-            except sqlite3.IntegrityError:
-                return False  # another plan of the cluster is open
-            return cur.rowcount == 1
+            with _fenced(db, fence):
+                try:
+                    cur = db.execute(f"UPDATE plans SET {assignments} WHERE id = ? AND state IN ({_marks(olds)})",
+                                     [*sets.values(), plan_id, *olds])
+                except sqlite3.IntegrityError:
+                    return False  # another plan of the cluster is open
+                return cur.rowcount == 1
         return await self._run(fn)
 
-    async def update_plan(self, plan_id: str, **fields: Any) -> None:
-        await self._run(lambda db: db["plans"].update(plan_id, {**fields, "updated_at": time.time()}))
+    async def update_plan(self, plan_id: str, *, fence: Fence | None = None, **fields: Any) -> None:
+        def fn(db: sqlite_utils.Database) -> None:
+            with _fenced(db, fence):
+                db.table("plans").update(plan_id, {**fields, "updated_at": time.time()})
+        await self._run(fn)
 
     # -- steps ----------------------------------------------------------
 
-    async def step_started(self, plan_id: str, idx: int, key: str) -> None:
+    async def step_started(self, plan_id: str, idx: int, key: str, *, fence: Fence | None = None) -> None:
         def fn(db: sqlite_utils.Database) -> None:
-            with db.atomic():
+            with _fenced(db, fence, always=True):
                 db.execute("INSERT INTO steps (plan_id, idx, key, state, started_at) "
                            "VALUES (?, ?, ?, 'running', ?) "
                            "ON CONFLICT(plan_id, idx) DO UPDATE SET state = 'running', "
@@ -363,20 +448,52 @@ class Store:
         await self._run(fn)
 
     async def step_finished(self, plan_id: str, idx: int, state: str, detail: str = "",
-                            error: str | None = None) -> None:
-        await self._run(lambda db: db.execute(
-            "UPDATE steps SET state = ?, finished_at = ?, detail = ?, error = ? WHERE plan_id = ? AND idx = ?",
-            [state, time.time(), detail, error, plan_id, idx]))
+                            error: str | None = None, *, fence: Fence | None = None) -> None:
+        def fn(db: sqlite_utils.Database) -> None:
+            with _fenced(db, fence):
+                db.execute("UPDATE steps SET state = ?, finished_at = ?, detail = ?, error = ? "
+                           "WHERE plan_id = ? AND idx = ?", [state, time.time(), detail, error, plan_id, idx])
+        await self._run(fn)
 
     async def steps(self, plan_id: str) -> list[dict[str, Any]]:
         return await self._run(lambda db: list(db.query("SELECT * FROM steps WHERE plan_id = ? ORDER BY idx",
                                                         [plan_id])))
 
+    # -- leases ---------------------------------------------------------
+    # The clock is each writer's time.time(): SQLite has no server; the processes sharing
+    # a file share a host, hence a clock.
+
+    async def acquire_lease(self, name: str, holder: str, ttl: float) -> Lease | None:
+        def fn(db: sqlite_utils.Database) -> Lease | None:
+            with _immediate(db):
+                now = time.time()
+                row = next(db.query("SELECT * FROM leases WHERE name = ?", [name]), None)
+                if row is None:
+                    token = 1
+                elif row["holder"] == holder and row["expires_at"] > now:
+                    token = row["token"]
+                elif row["expires_at"] > now:
+                    return None
+                else:
+                    token = row["token"] + 1
+                db.execute("INSERT INTO leases (name, holder, token, expires_at) VALUES (?, ?, ?, ?) "
+                           "ON CONFLICT(name) DO UPDATE SET holder = excluded.holder, token = excluded.token, "
+                           "expires_at = excluded.expires_at", [name, holder, token, now + ttl])
+                return Lease(name, holder, token, now + ttl)
+        return await self._run(fn)
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        await self._run(lambda db: db.execute("UPDATE leases SET expires_at = 0 WHERE name = ? AND holder = ?",
+                                              [name, holder]))
+
+    async def lease(self, name: str) -> Lease | None:
+        row = await self._run(lambda db: next(db.query(
+            "SELECT * FROM leases WHERE name = ? AND expires_at > ?", [name, time.time()]), None))
+        return Lease(row["name"], row["holder"], row["token"], row["expires_at"]) if row else None
+
     # -- events ---------------------------------------------------------
 
     async def first_delivery(self, event_id: str) -> bool:
-        """True the first time an event ID is seen (Slack redelivers within minutes;
-        IDs older than a day are forgotten, at most one sweep an hour)."""
         def fn(db: sqlite_utils.Database) -> bool:
             now = time.time()
             cur = db.execute("INSERT OR IGNORE INTO events (event_id, received_at) VALUES (?, ?)", [event_id, now])
@@ -403,7 +520,6 @@ class Store:
             {"t": None})["t"])
 
     async def snapshot_for_plan(self, snapshot_id: int, plan_id: str) -> None:
-        """Mark a snapshot as a plan's pre-change snapshot (it joined one already running)."""
         await self._run(lambda db: db.execute("UPDATE snapshots SET plan_id = ? WHERE id = ? AND plan_id IS NULL",
                                               [plan_id, snapshot_id]))
 
@@ -411,15 +527,21 @@ class Store:
         await self._run(lambda db: db.execute("UPDATE snapshots SET pruned_at = ? WHERE id = ?",
                                               [time.time(), snapshot_id]))
 
+    async def update_snapshot(self, snapshot_id: int, **fields: Any) -> None:
+        sets = known_columns(fields, SNAPSHOT_UPDATABLE, "update_snapshot")
+        if sets:
+            await self._run(lambda db: db.execute(
+                f"UPDATE snapshots SET {', '.join(f'{k} = ?' for k in sets)} WHERE id = ?",
+                [*sets.values(), snapshot_id]))
+
     # -- restore drills ---------------------------------------------------
 
     async def record_drill(self, row: dict[str, Any]) -> None:
         await self._run(lambda db: db["drills"].insert(row))
 
     async def last_drills(self, cluster: str) -> dict[int, dict[str, Any]]:
-        """The last drill of each snapshot of `cluster`, by snapshot id."""
         rows = await self._run(lambda db: list(db.query(
-            "SELECT * FROM drills WHERE cluster = ? ORDER BY at", [cluster])))
+            "SELECT * FROM drills WHERE cluster = ? ORDER BY at, id", [cluster])))
         return {r["snapshot_id"]: r for r in rows}
 
     async def last_drill_at(self, cluster: str, requested_by: str) -> float | None:
@@ -429,9 +551,7 @@ class Store:
     # -- memberships ----------------------------------------------------
 
     async def record_membership(self, cluster: str, members: list[dict[str, Any]]) -> None:
-        """The membership a status or plan check saw: a new row when it changed,
-        else the last row's time moves on (one row per change, not per check)."""
-        text = json.dumps(sorted(members, key=lambda m: (m["name"], m["id"])), sort_keys=True, separators=(",", ":"))
+        text = membership_text(members)
 
         def fn(db: sqlite_utils.Database) -> None:
             with _immediate(db):
@@ -445,18 +565,49 @@ class Store:
         await self._run(fn)
 
     async def last_membership(self, cluster: str) -> tuple[list[dict[str, Any]], float] | None:
-        """The last membership the bot recorded for `cluster` and when it last saw it."""
         row = await self._run(lambda db: next(db.query(
             "SELECT members, recorded_at FROM memberships WHERE cluster = ? ORDER BY id DESC LIMIT 1", [cluster]),
             None))
         return (json.loads(row["members"]), row["recorded_at"]) if row else None
 
+    # -- watch: alerts and mutes -------------------------------------------
+
+    async def open_alert(self, row: dict[str, Any]) -> int:
+        now = time.time()
+        values = known_columns({"state": "open", "opened_at": now, "updated_at": now, **row}, ALERT_COLUMNS,
+                               "open_alert")
+        return await self._run(lambda db: int(db.execute(
+            f"INSERT INTO alerts ({', '.join(values)}) VALUES ({_marks(values)})", list(values.values())).lastrowid))
+
+    async def update_alert(self, alert_id: int, **fields: Any) -> None:
+        sets = known_columns({"updated_at": time.time(), **fields}, ALERT_COLUMNS, "update_alert")
+        await self._run(lambda db: db.execute(f"UPDATE alerts SET {', '.join(f'{k} = ?' for k in sets)} WHERE id = ?",
+                                              [*sets.values(), alert_id]))
+
+    async def open_alerts(self, cluster: str | None = None) -> list[dict[str, Any]]:
+        where, params = ("state = 'open' AND cluster = ?", [cluster]) if cluster else ("state = 'open'", [])
+        return await self._run(lambda db: list(db.query(f"SELECT * FROM alerts WHERE {where} ORDER BY id", params)))
+
+    async def set_mute(self, cluster: str, until: float, reason: str, by: str) -> None:
+        await self._run(lambda db: db.execute(
+            'INSERT INTO mutes (cluster, "until", reason, "by", at) VALUES (?, ?, ?, ?, ?) ON CONFLICT(cluster) '
+            'DO UPDATE SET "until" = excluded."until", reason = excluded.reason, "by" = excluded."by", '
+            'at = excluded.at',
+            [cluster, until, reason, by, time.time()]))
+
+    async def clear_mute(self, cluster: str) -> bool:
+        return await self._run(lambda db: db.execute(
+            'DELETE FROM mutes WHERE cluster = ? AND "until" > ?', [cluster, time.time()]).rowcount == 1)
+
+    async def mutes(self) -> list[dict[str, Any]]:
+        return await self._run(lambda db: list(db.query(
+            'SELECT * FROM mutes WHERE "until" > ? ORDER BY cluster', [time.time()])))
+
     # -- audit ----------------------------------------------------------
 
     async def audit(self, action: str, *, user: str = "", channel: str = "", cluster: str = "",
                     detail: dict[str, Any] | None = None) -> int:
-        """Append one row to the hash chain (atomically with reading its tail)."""
-        detail_text = json.dumps(detail or {}, sort_keys=True, separators=(",", ":"), default=str)
+        detail_text = audit_detail_text(detail)
 
         def fn(db: sqlite_utils.Database) -> int:
             with _immediate(db):
@@ -472,10 +623,6 @@ class Store:
         return await self._run(fn)
 
     async def continue_audit_chain(self) -> None:
-        """At start-up: StoreError unless the configured key continues the chain
-        (no key, or another key, after keyed rows would write rows that never
-        verify). The first start with a key after unkeyed rows keys the chain at
-        once with an `audit_keyed` row: from then on, an unkeyed tail is a rewrite."""
         tail = await self._run(lambda db: next(db.query("SELECT id, key_id FROM audit ORDER BY id DESC LIMIT 1"),
                                                None))
         self._check_key(tail)
@@ -491,13 +638,11 @@ class Store:
                          f"but {problem}")
 
     async def acted_before(self, action: str, user: str, plan_id: str) -> bool:
-        """Whether the audit already holds `action` by `user` on the plan (a repeated refusal)."""
         return await self._run(lambda db: next(db.query(
             "SELECT 1 FROM audit WHERE action = ? AND user = ? AND json_extract(detail, '$.plan') = ? LIMIT 1",
             [action, user, plan_id]), None) is not None)
 
     async def continued(self, plan_id: str, since: float) -> bool:
-        """Whether an approver confirmed a manual stage of the plan (`/etcd continue`) at or after `since`."""
         return await self._run(lambda db: next(db.query(
             "SELECT 1 FROM audit WHERE action = 'plan_continued' AND ts >= ? AND json_extract(detail, '$.plan') = ? "
             "LIMIT 1", [since, plan_id]), None) is not None)
@@ -507,38 +652,10 @@ class Store:
             "SELECT * FROM audit WHERE ts >= ? ORDER BY id", [since or 0])))
 
     async def verify_audit(self) -> tuple[int, str | None]:
-        """(rows checked, None) when the chain holds, else the first problem.
-        Rows before the first keyed one may be unkeyed (written before a key
-        was configured); after it, an unkeyed row is a rewrite without the key."""
-        def fn(db: sqlite_utils.Database) -> tuple[int, str | None]:
-            prev, expected_id, n, keyed_row = GENESIS, 1, 0, None
-            for row in db.query("SELECT * FROM audit ORDER BY id"):
-                n += 1
-                if row["id"] != expected_id:
-                    return n, f"row {expected_id} is missing (next is {row['id']})"
-                if row["prev_hash"] != prev:
-                    return n, f"row {row['id']}: previous hash does not match row {row['id'] - 1}"
-                if row["key_id"]:
-                    if not self._audit_key:
-                        return n, (f"row {row['id']} is keyed with HMAC and no audit key is configured "
-                                   "(audit_key_env or audit_key_file): it cannot be verified")
-                    if row["key_id"] != self._audit_key_id:
-                        return n, f"row {row['id']} is keyed with another key than the configured audit key"
-                    keyed_row = keyed_row or row["id"]
-                elif keyed_row:
-                    return n, (f"row {row['id']} is not keyed although row {keyed_row} before it is: "
-                               "rewritten by someone without the key")
-                if audit_hash(prev, row, self._audit_key if row["key_id"] else None) != row["hash"]:
-                    return n, f"row {row['id']}: content does not match its hash (changed after it was written)"
-                prev, expected_id = row["hash"], expected_id + 1
-            if self._audit_key and n and not keyed_row:
-                return n, (f"no row is keyed although an audit key is configured: the bot has not run with the key "
-                           f"yet, or rows up to {expected_id - 1} were rewritten by someone without it")
-            return n, None
-        return await self._run(fn)
+        return await self._run(lambda db: AuditVerifier(self._audit_key, self._audit_key_id).result(
+            db.query("SELECT * FROM audit ORDER BY id")))
 
     async def audit_keyed_from(self) -> int | None:
-        """The first row keyed with HMAC (earlier rows were written without a key), or None."""
         return await self._run(lambda db: next(db.query("SELECT MIN(id) AS id FROM audit WHERE key_id != ''"))["id"])
 
 
@@ -555,21 +672,57 @@ def _immediate(db: sqlite_utils.Database) -> Iterator[None]:
     db.conn.execute("COMMIT")
 
 
-def _schema_version(db: sqlite_utils.Database) -> int:
+@contextmanager
+def _fenced(db: sqlite_utils.Database, fence: Fence | None, always: bool = False) -> Iterator[None]:
+    """With a fence: one transaction that first checks the lease (LeaseLost, nothing
+    written, unless still held with the fence's token). Without: as the write was,
+    in a transaction when `always` (several statements)."""
+    if fence is None:
+        if always:
+            with db.atomic():
+                yield
+        else:
+            yield
+        return
+    with _immediate(db):
+        held = next(db.query("SELECT 1 FROM leases WHERE name = ? AND holder = ? AND token = ? AND expires_at > ?",
+                             [fence.name, fence.holder, fence.token, time.time()]), None)
+        if held is None:
+            raise LeaseLost(fence)
+        yield
+
+
+def _schema_cookie(db: sqlite_utils.Database) -> int:
     return int(db.execute("PRAGMA schema_version").fetchone()[0])
 
 
+def _version(db: sqlite_utils.Database) -> int:
+    """The last migration applied: 0 for a new file or one of the releases before versioning."""
+    if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'schema_migrations'").fetchone():
+        return 0
+    return int(db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()[0])
+
+
 @cache
-def _expected_columns() -> dict[str, list[str]]:
-    """Every table of SCHEMA and its columns, read from SQLite itself."""
-    conn = sqlite3.connect(":memory:")
+def expected_columns(version: int) -> dict[str, list[str]]:
+    """Every table of the schema at `version` and its columns, read from SQLite itself
+    (0: the releases before versioning, less the columns they added on open)."""
+    if version == 0:
+        return {t: [c for c in cs if (t, c) not in ADDED_COLUMNS] for t, cs in expected_columns(1).items()
+                if t != "schema_migrations"}
+    conn = sqlite3.connect(":memory:", isolation_level=None)
     try:
-        conn.executescript(SCHEMA)
+        db = sqlite_utils.Database(conn)
+        db.execute(MIGRATIONS_TABLE)
+        for migration in MIGRATIONS[:version]:
+            migration.apply(db)
         tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
                                              "AND name NOT LIKE 'sqlite_%'")]
         return {t: [r[1] for r in conn.execute(f"PRAGMA table_info({t})")] for t in tables}
     finally:
         conn.close()
+
+
 PLAN_SELECT = ("SELECT plans.*, (SELECT group_concat(user) FROM (SELECT user FROM approvals "
                "WHERE approvals.plan_id = plans.id ORDER BY at)) AS approvals FROM plans")
 
