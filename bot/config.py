@@ -143,7 +143,7 @@ REPLICA_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}")
 @dataclass(frozen=True)
 class ReplicasConfig:
     """Several replicas on one shared database: only the holder of the executor lease runs plans."""
-    lease_seconds: float = 10.0             # a dead leader is replaced within lease_seconds * 4/3
+    lease_seconds: int = 10                 # a dead leader is replaced within lease_seconds * 4/3
     replica_id: str = ""                    # "" = <hostname>-<pid>
     resume_on_takeover: bool | None = None  # None: resume on PostgreSQL, report interrupted on SQLite
 
@@ -281,7 +281,7 @@ def _ttl(value: float, key: str) -> float:
     return value
 
 
-def _lease_seconds(value: float, key: str) -> float:
+def _lease_seconds(value: int, key: str) -> int:
     """Renewed every third of it: under 3 s a database hiccup deposes the leader; over 60 s a dead one leads on."""
     if not 3 <= value <= 60:
         raise ConfigError(f"{key}: must be between 3 and 60 seconds")
@@ -295,7 +295,7 @@ def _replica_id(value: str, key: str) -> str:
 
 
 def _replicas(t: _Table) -> ReplicasConfig:
-    replicas = ReplicasConfig(lease_seconds=t.get("lease_seconds", float, 10.0, _lease_seconds),
+    replicas = ReplicasConfig(lease_seconds=t.get("lease_seconds", int, 10, _lease_seconds),
                               replica_id=t.get("replica_id", str, "", _replica_id),
                               resume_on_takeover=t.get("resume_on_takeover", bool, None))
     t.done()

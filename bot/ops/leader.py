@@ -100,8 +100,10 @@ async def _renew(ctx: BotContext, sent_at: float) -> bool:
     try:
         async with asyncio.timeout(me.ttl / 3):  # a hung database must not hold the loop past a tenure
             lease = await ctx.store.acquire_lease(LEASE, me.replica_id, me.ttl)
-    except (StoreError, TimeoutError) as e:
+    except Exception as e:  # StoreError, a timeout, or a bug: never the end of the loop
         metrics.lease_renewals.labels(outcome="error").inc()
+        if not isinstance(e, (StoreError, TimeoutError)):
+            log.exception("lease renewal crashed")
         if me.is_leader():  # still within the tenure: keep going, try again at the next tick
             log.warning("lease renewal failed",
                         extra={"ctx_replica": me.replica_id, "ctx_error": str(e) or "timed out"})
