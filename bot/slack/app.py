@@ -77,7 +77,6 @@ class BotRuntime:
         self._ctx: BotContext | None = None
         self.app: AsyncApp | None = None
         self._housekeeping: asyncio.Task | None = None
-        self._leading: asyncio.Task | None = None
 
     @property
     def ctx(self) -> BotContext:
@@ -101,15 +100,13 @@ class BotRuntime:
 
         register_all(app, self.ctx)
         self.app = app
-        loop = asyncio.get_running_loop()
-        self._leading = loop.create_task(leader.lead(self.ctx), name="leadership")
-        self._housekeeping = loop.create_task(self._housekeep(), name="housekeeping")
+        self._housekeeping = asyncio.get_running_loop().create_task(self._housekeep(), name="housekeeping")
         return app
 
     async def _housekeep(self) -> None:
         """Forever, on the leader only: expire unapproved plans and take scheduled
         snapshots. (Plans the last leader left running are taken over by the
-        leadership loop, bot/ops/leader.py.) Runs beside serving, so a slow Slack
+        context's leadership loop, bot/ops/leader.py.) Runs beside serving, so a slow Slack
         never delays start-up."""
         scheduler, last = Scheduler(self.ctx), -HOUSEKEEPING_SECONDS
         while True:
@@ -123,10 +120,9 @@ class BotRuntime:
             await asyncio.sleep(leader.PICKUP_SECONDS)  # a new leader starts its housekeeping within a second
 
     async def stop(self) -> None:
-        for task in (self._housekeeping, self._leading):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+            await asyncio.gather(self._housekeeping, return_exceptions=True)
         if self._ctx is not None:
             await self._ctx.close()
 
