@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from bot.config import load_config
 from bot.ops.leader import LEASE
@@ -61,6 +62,7 @@ async def failover(pg: LocalPostgres | None) -> float:
         cluster.kill("member1")
         with tempfile.TemporaryDirectory() as tmp:
             directory = Path(tmp)
+            top: dict[str, Any]
             if pg is not None:
                 top = {"database": pg.create_database(), "database_password_env": PASSWORD_ENV}
             else:  # a restarted single replica resumes by itself too, so only the restart is compared
