@@ -263,3 +263,34 @@ async def test_postgresql_restarted_while_idle_both_replicas_reconnect_and_answe
     for bot in group.bots:  # and both are back to normal
         assert "HEALTHY" in text_of(await reply(slack, "status", to=bot.url))
     assert await group.leader() in group.bots
+
+
+async def test_a_deposed_leader_stops_before_its_next_action_and_leaves_the_plan_running(make_cluster, slack,
+                                                                                         start_bot):
+    """Another holder takes the lease while the leader announces the add step: the leader does not
+    send the add, records nothing more, and does not call the plan failed: the new leader resumes it."""
+    c = make_cluster(3)
+    bot = await start_bot([cluster_table("prod", c)], approval=APPROVAL)
+    store, me = bot.ctx.store, bot.ctx.leadership
+    c.kill("member1")
+    slack.fail_next("chat.update", status=429, retry_after=3, match=announcing(3))
+    peer, client = urls()
+    plan = await propose(slack, f"replace member1 member4 {peer} --client-url {client}")
+    row = await plan_row(store, plan)
+    await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
+    await slack.wait_for(lambda: any(call.status == 429 for call in slack.calls_to("chat.update")), timeout=60,
+                         what="step 3 (add) to be announced")
+
+    async def steal() -> bool:
+        await store.release_lease(LEASE, me.replica_id)
+        return await store.acquire_lease(LEASE, "another-replica", 60) is not None
+    await eventually(steal, 5, "another replica to take the lease")
+    await eventually(lambda: not bot.ctx.running, 20, "the deposed leader's run to stop")
+    assert not bot.ctx.is_leader()
+    record = await store.plan(row["id"])
+    assert record is not None and record.state == "running" and record.current_step == 3 and not record.error
+    assert sorted(h.member.name for h in await members_of(c)) == ["member2", "member3"]  # the add was not sent
+    actions = await audit_actions(store, row["id"])
+    assert ("step_done", "remove") in actions and ("step_done", "add") not in actions
+    assert not any(a == "step_failed" for a, _ in actions)
+    assert not any("stopped" in m.text or "failed" in m.text for m in replies(slack, plan))

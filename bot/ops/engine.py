@@ -176,8 +176,7 @@ class Run:
                 return await self._fail(start, self._failure(e), before=True)
         for idx in range(start, len(self.steps)):
             step = self.steps[idx]
-            if self.ctx.leadership.fence != fence:  # deposed, or a later tenure: that tenure's leader resumes it
-                raise LeaseLost(fence)
+            self._still_leading()
             await store.step_started(record.id, idx, step.key, fence=fence)
             await refresh(self.ctx, record.id)
             began = time.monotonic()
@@ -185,6 +184,7 @@ class Run:
                 found = await step.precondition() if step.precondition else ""
             except (TimeoutError, StepFailed, EtcdError) as e:
                 return await self._fail(idx, self._failure(e), before=True)
+            self._still_leading()  # (announcing and checking take time: deposed meanwhile, the action is not sent)
             try:
                 detail = await step.action() if step.action else found
                 if step.verify:
@@ -210,6 +210,12 @@ class Run:
         await refresh(self.ctx, record.id)
         await note(self.ctx, record, f":tada: Plan {plan.id} is done: {self.operation.done_note()}")
         return PlanState.DONE
+
+    def _still_leading(self) -> None:
+        """Deposed, or leading a later tenure than the one this run started in: stop here, the plan stays
+        `running`, and the leader of the current tenure resumes it (re-checking this step first)."""
+        if self.ctx.leadership.fence != self.fence:
+            raise LeaseLost(self.fence)
 
     @staticmethod
     def _failure(e: Exception) -> StepFailed:
