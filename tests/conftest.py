@@ -122,10 +122,13 @@ def postgres() -> Iterator[LocalPostgres]:
     after failures). Missing PostgreSQL fails the test: `make test` installs it."""
     server = LocalPostgres()
     try:
+        missing = None
         try:
             server.start()
         except PostgresMissing as e:
-            pytest.fail(str(e), pytrace=False)
+            missing = str(e)
+        if missing:
+            pytest.fail(missing, pytrace=False)
         yield server
     finally:
         server.close()

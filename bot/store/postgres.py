@@ -54,7 +54,7 @@ Conn = psycopg.AsyncConnection[dict[str, Any]]
 MIGRATIONS_LOCK = 0x6574636443_01   # "etcdC" 1
 AUDIT_LOCK = 0x6574636443_02
 MEMBERSHIP_LOCK = 0x45_43_4d        # with hashtext(cluster): one lock per cluster
-NOW = "extract(epoch from clock_timestamp())"  # the server's clock, for leases
+NOW = "extract(epoch from clock_timestamp())::double precision"  # the server's clock, for leases
 
 BASELINE = """
 CREATE TABLE plans (
@@ -222,8 +222,11 @@ class PostgresStore(Store):
         self._kwargs: dict[str, Any] = {
             "autocommit": True, "row_factory": dict_row, "application_name": "etcd-chatops",
             "connect_timeout": max(1, round(timeout)),
-            # a writer waits this long for a lock (the audit tail, a plan row) before StoreBusy, as SQLite's 3 tries
-            "options": f"-c lock_timeout={int(timeout * 3000)}",
+            # A writer waits 3x timeout for a lock (the audit tail, a plan row) before StoreBusy, as SQLite's
+            # 3 tries; no statement runs longer than 6x; a server gone silent (no RST) is noticed within ~15 s.
+            "options": f"-c lock_timeout={int(timeout * 3000)} -c statement_timeout={int(timeout * 6000)}",
+            "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
+            "tcp_user_timeout": int(timeout * 3000),
             **({"password": password} if password else {})}
         self._pool_size = pool_size
         self._pool: AsyncConnectionPool[Conn] | None = None
@@ -245,11 +248,25 @@ class PostgresStore(Store):
                 await self._migrate(conn)
         except psycopg.Error as e:
             raise self._error(e) from None
-        self._pool = AsyncConnectionPool(self.url, kwargs=self._kwargs, min_size=1, max_size=self._pool_size,
-                                         open=False, check=AsyncConnectionPool.check_connection,
-                                         timeout=self.timeout, name="etcd-chatops", reconnect_timeout=60)
+        self._pool = self._new_pool()
         await self._pool.open(wait=False)
         return self
+
+    def _new_pool(self) -> AsyncConnectionPool[Conn]:
+        return AsyncConnectionPool(self.url, kwargs=self._kwargs, min_size=1, max_size=self._pool_size, open=False,
+                                   check=AsyncConnectionPool.check_connection, timeout=self.timeout,
+                                   name="etcd-chatops", reconnect_timeout=60)
+
+    async def _renew_pool(self, failed: AsyncConnectionPool[Conn]) -> None:
+        """After a call found no connection: a fresh pool, so reconnecting starts again at once
+        (the pool's own retries back off to many seconds during a long outage, and would keep
+        the bot failing that long after PostgreSQL is back). Once per failed pool: the swap
+        happens before any await, so concurrent failures do not make several."""
+        if self._pool is not failed:
+            return
+        self._pool = fresh = self._new_pool()
+        await fresh.open(wait=False)
+        await failed.close(timeout=1.0)
 
     async def _migrate(self, conn: Conn) -> None:
         """Under an advisory transaction lock: of replicas starting together, one migrates and
@@ -292,10 +309,10 @@ class PostgresStore(Store):
     def _line(self, e: BaseException) -> str:
         """PostgreSQL's message in one line, with any password scrubbed (libpq does not echo
         it, but a URL in a message would)."""
-        text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        text = (str(e).strip().splitlines() or [type(e).__name__])[0].replace(self.url, self.name)
         for secret in self._secrets:
             text = text.replace(secret, "[redacted]")
-        return text.replace(self.url, self.name)
+        return text
 
     def _error(self, e: psycopg.Error) -> StoreError:
         if isinstance(e, errors.LockNotAvailable):
@@ -306,12 +323,14 @@ class PostgresStore(Store):
     @asynccontextmanager
     async def _conn(self) -> AsyncIterator[Conn]:
         """A pooled connection; every driver error leaves as one StoreError line."""
-        if self._pool is None:
+        pool = self._pool
+        if pool is None:
             raise StoreError(f"database {self.name} is not open")
         try:
-            async with self._pool.connection(timeout=self.timeout) as conn:
+            async with pool.connection(timeout=self.timeout) as conn:
                 yield conn
         except PoolTimeout:
+            await self._renew_pool(pool)
             raise StoreError(f"database {self.name}: no connection within {self.timeout:g}s "
                              "(PostgreSQL down or unreachable?)") from None
         except psycopg.Error as e:

@@ -428,9 +428,13 @@ class SqliteStore(Store):
         return await self._run(fn)
 
     async def update_plan(self, plan_id: str, *, fence: Fence | None = None, **fields: Any) -> None:
+        sets = {**fields, "updated_at": time.time()}
+
         def fn(db: sqlite_utils.Database) -> None:
             with _fenced(db, fence):
-                db.table("plans").update(plan_id, {**fields, "updated_at": time.time()})
+                if db.execute(f"UPDATE plans SET {', '.join(f'[{k}] = ?' for k in sets)} WHERE id = ?",
+                              [*sets.values(), plan_id]).rowcount != 1:
+                    raise StoreError(f"database {self.path}: no plan {plan_id}")
         await self._run(fn)
 
     # -- steps ----------------------------------------------------------

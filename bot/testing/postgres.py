@@ -54,13 +54,16 @@ class LocalPostgres:
                                       "or point ETCD_CHATOPS_PG_BIN at a PostgreSQL 15 bin directory")
         if not self.data.exists():
             self._initdb()
-        self.port = self.port or free_port()
-        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
-        proc = self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "-t", "60", "start")
-        if proc.returncode != 0:
-            tail = self.log.read_text(errors="replace")[-800:] if self.log.exists() else ""
-            raise RuntimeError(f"PostgreSQL did not start on port {self.port}: {proc.stdout}{proc.stderr}\n{tail}")
-        return self
+        fixed = bool(self.port)  # a restart keeps its port: URLs handed out stay valid
+        for _ in range(1 if fixed else 3):  # a free port may be taken before the server binds it
+            self.port = self.port if fixed else free_port()
+            options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+            proc = self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "-t", "60",
+                             "start")
+            if proc.returncode == 0:
+                return self
+        tail = self.log.read_text(errors="replace")[-800:] if self.log.exists() else ""
+        raise RuntimeError(f"PostgreSQL did not start on port {self.port}: {proc.stdout}{proc.stderr}\n{tail}")
 
     def _initdb(self) -> None:
         pwfile = self.dir / "pwfile"
@@ -95,8 +98,11 @@ class LocalPostgres:
         deadline = time.monotonic() + 5
         while _alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if _alive(pid):
-            os.killpg(pid, signal.SIGKILL) if _is_group_leader(pid) else os.kill(pid, signal.SIGKILL)
+        if _alive(pid):  # the server's processes are its group when pg_ctl made it a session leader
+            if _is_group_leader(pid):
+                os.killpg(pid, signal.SIGKILL)
+            else:
+                os.kill(pid, signal.SIGKILL)
             (self.data / "postmaster.pid").unlink(missing_ok=True)
 
     def restart(self) -> None:
