@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
@@ -242,6 +245,11 @@ async def test_racing_approvals_run_once_and_a_killed_leader_is_replaced_mid_pla
     assert actions.count(("plan_approved", "")) == 1 and ("plan_taken_over", "add") in actions
     count, problem = await group.store.verify_audit()
     assert problem is None and count > 0
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLACK_")}  # with the bots' database password
+    verified = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "bot", "audit", "verify", "--config", str(group.config)],
+        capture_output=True, text=True, timeout=60, env=env)
+    assert verified.returncode == 0 and "intact" in verified.stdout, verified.stdout + verified.stderr
 
 
 # ---------------------------------------------------------------- the database restarted
