@@ -48,3 +48,4 @@ def test_replicas_config_defaults_and_checks(tmp_path):
                            ({"leader": True}, "replicas.leader: unknown key")):
         with pytest.raises(ConfigError, match="^" + message.replace(".", r"\.")):
             _config(tmp_path, table)
+
