@@ -164,7 +164,7 @@ async def test_a_call_whose_channel_another_call_dropped_fails_as_unavailable_no
             await asyncio.sleep(0.2)
             with pytest.raises(EtcdUnavailable, match="no answer within 0.5s"):
                 await client.status(url, 0.5)  # its deadline drops the channel under `longer`
-            with pytest.raises(EtcdUnavailable, match="connection was closed during the call"):
+            with pytest.raises(EtcdUnavailable):  # (how gRPC ends it depends on timing: never as a cancellation)
                 await longer
         finally:
             c.resume("member2")
