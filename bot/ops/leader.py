@@ -15,6 +15,14 @@ step it had in flight cannot persist its outcome, because every step write
 carries the lease's fencing token and the store refuses a stale one
 (LeaseLost). With one SQLite replica the same loop runs; the lease is simply
 always won.
+
+A plan approved (or resumed) through a follower is left `approved` in the
+store; the leader polls for such plans every second (`pick_up`) rather than
+LISTEN/NOTIFY: one query a second costs nothing, works the same on SQLite and
+PostgreSQL (one code path), needs no listening connection to re-establish
+after a database restart (a lost notification would strand a plan), and a
+second is nothing next to a step. When the approval reaches the leader itself
+the plan starts at once.
 """
 from __future__ import annotations
 
