@@ -18,7 +18,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 BENCHES = ["bench_ack_latency.py", "bench_status_fanout.py", "bench_snapshot_status.py", "bench_snapshot_save.py",
            "bench_replacement.py", "bench_defrag.py", "bench_restore.py",
-           "bench_watch.py", "bench_offsite.py"]
+           "bench_watch.py", "bench_offsite.py", "bench_replicas.py"]
 
 
 def fmt(value: float, unit: str) -> str:

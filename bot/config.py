@@ -150,6 +150,17 @@ class ClusterConfig:
     watch: WatchConfig = WatchConfig()
 
 
+REPLICA_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}")
+
+
+@dataclass(frozen=True)
+class ReplicasConfig:
+    """Several replicas on one shared database: only the holder of the executor lease runs plans."""
+    lease_seconds: int = 10                 # a dead leader is replaced within lease_seconds * 4/3
+    replica_id: str = ""                    # "" = <hostname>-<pid>
+    resume_on_takeover: bool | None = None  # None: resume on PostgreSQL, report interrupted on SQLite
+
+
 @dataclass(frozen=True)
 class Config:
     clusters: tuple[ClusterConfig, ...]
@@ -160,6 +171,7 @@ class Config:
     database_timeout_seconds: float = 5.0    # how long one write waits for another writer's lock (x3 tries)
     audit_key: str | None = field(default=None, repr=False)  # HMAC key of the audit chain; None: plain sha256
     source: Path | None = None
+    replicas: ReplicasConfig = ReplicasConfig()
     database_password: str | None = field(default=None, repr=False)  # PostgreSQL's, else libpq's PG* environment
 
     @property
@@ -280,6 +292,27 @@ def _ttl(value: float, key: str) -> float:
     if value > MAX_TTL_MINUTES:
         raise ConfigError(f"{key}: at most {MAX_TTL_MINUTES} (7 days)")
     return value
+
+
+def _lease_seconds(value: int, key: str) -> int:
+    """Renewed every third of it: under 3 s a database hiccup deposes the leader; over 60 s a dead one leads on."""
+    if not 3 <= value <= 60:
+        raise ConfigError(f"{key}: must be between 3 and 60 seconds")
+    return value
+
+
+def _replica_id(value: str, key: str) -> str:
+    if not REPLICA_ID.fullmatch(value):
+        raise ConfigError(f"{key}: {value!r} must be 1-100 letters, digits, '.', '_', ':' or '-'")
+    return value
+
+
+def _replicas(t: _Table) -> ReplicasConfig:
+    replicas = ReplicasConfig(lease_seconds=t.get("lease_seconds", int, 10, _lease_seconds),
+                              replica_id=t.get("replica_id", str, "", _replica_id),
+                              resume_on_takeover=t.get("resume_on_takeover", bool, None))
+    t.done()
+    return replicas
 
 
 def _fraction(value: float, key: str) -> float:
@@ -582,10 +615,11 @@ def parse_config(data: dict, base: Path, source: Path | None = None) -> Config:
         if c.name in seen:
             raise ConfigError(f"clusters[{i}].name: {c.name!r} is used by another cluster")
         seen.add(c.name)
+    replicas = _replicas(top.table("replicas"))
     top.done()
     return Config(clusters=clusters, database=database, snapshot_dir=snapshot_dir, approval=approval,
                   snapshots=snapshots, database_timeout_seconds=db_timeout, audit_key=audit_key, source=source,
-                  database_password=database_password)
+                  database_password=database_password, replicas=replicas)
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

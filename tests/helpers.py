@@ -93,26 +93,28 @@ def live_markup(msg: Message) -> list[str]:
     return found
 
 
-async def command(slack: SlackStandIn, text: str, *, user: str = ONCALL, channel: str = CHANNEL) -> Delivery:
-    delivery = await slack.send_command(text, user_id=user, channel_id=channel)
+async def command(slack: SlackStandIn, text: str, *, user: str = ONCALL, channel: str = CHANNEL,
+                  to: str | None = None) -> Delivery:
+    """`/etcd text`, delivered to the bot (`to`: one replica's URL when several run)."""
+    delivery = await slack.send_command(text, user_id=user, channel_id=channel, to=to)
     assert delivery.status == 200, f"/etcd {text}: HTTP {delivery.status} {delivery.body} {delivery.error}"
     return delivery
 
 
 async def reply(slack: SlackStandIn, text: str, *, user: str = ONCALL, channel: str = CHANNEL,
-                source: str = "chat.postMessage", timeout: float = 20.0) -> Message:
+                source: str = "chat.postMessage", timeout: float = 20.0, to: str | None = None) -> Message:
     """Run `/etcd text` and return the first message it causes from `source`."""
     start = len(slack.messages)
-    await command(slack, text, user=user, channel=channel)
+    await command(slack, text, user=user, channel=channel, to=to)
     return await slack.wait_for_message(lambda m: m.source == source and m.channel == channel, after=start,
                                         timeout=timeout, what=f"a {source} reply to /etcd {text}")
 
 
 async def ephemeral(slack: SlackStandIn, text: str, *, user: str = ONCALL, channel: str = CHANNEL,
-                    timeout: float = 20.0) -> Message:
+                    timeout: float = 20.0, to: str | None = None) -> Message:
     """Run `/etcd text` and return the first message only `user` sees."""
     start = len(slack.messages)
-    await command(slack, text, user=user, channel=channel)
+    await command(slack, text, user=user, channel=channel, to=to)
     return await slack.wait_for_message(lambda m: m.ephemeral_to == user, after=start, timeout=timeout,
                                         what=f"an ephemeral reply to /etcd {text}")
 
@@ -133,9 +135,9 @@ def urls() -> tuple[str, str]:
     return f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
 
 
-async def propose(slack, text: str, user: str = ONCALL) -> Message:
+async def propose(slack, text: str, user: str = ONCALL, to: str | None = None) -> Message:
     start = len(slack.messages)
-    await command(slack, text, user=user)
+    await command(slack, text, user=user, to=to)
     return await slack.wait_for_message(
         lambda m: m.source == "chat.postMessage" and m.thread_ts is None and m.text.startswith("Plan "),
         after=start, timeout=30, what=f"the plan message for /etcd {text}")

@@ -645,3 +645,124 @@ def test_systemd_unit_is_hardened():
     assert DATA_DIR in " ".join(svc["ReadWritePaths"]).split()
     assert "@system-service" in svc["SystemCallFilter"]
     assert "User" in svc and svc["User"] != ["root"]
+
+
+# ---------------------------------------------------- (f) the HA variant (deploy/kubernetes-ha)
+
+HA = DEPLOY / "kubernetes-ha"
+
+
+def json_patch(doc: dict, ops: list[dict]) -> dict:
+    """RFC 6902 add/replace/remove, what the overlay's patches use (kustomize applies them the same way)."""
+    doc = copy.deepcopy(doc)
+    for op in ops:
+        *parents, last = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].split("/")[1:]]
+        node = doc
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        if isinstance(node, list):
+            if op["op"] == "add":
+                node.insert(len(node) if last == "-" else int(last), op["value"])
+            elif op["op"] == "replace":
+                node[int(last)] = op["value"]
+            else:
+                del node[int(last)]
+        elif op["op"] == "remove" or (op["op"] == "replace" and last not in node):
+            assert op["op"] == "remove" or last in node, f"{op['path']}: nothing to replace"
+            del node[last]
+        else:
+            node[last] = op["value"]
+    return doc
+
+
+def ha_objects() -> list[dict]:
+    """What `kubectl apply -k deploy/kubernetes-ha` applies: the base's objects and the overlay's own, patched."""
+    kust = yaml.safe_load((HA / "kustomization.yaml").read_text())
+    objects: list[dict] = []
+    for name in kust["resources"]:
+        path = (HA / name).resolve()
+        if path.is_dir():
+            base = yaml.safe_load((path / "kustomization.yaml").read_text())
+            objects += [d for f in base["resources"] for d in load_docs(path / f)]
+        else:
+            objects += load_docs(path)
+    for patch in kust["patches"]:
+        if "patch" in patch:  # a strategic-merge deletion of a whole object
+            gone = yaml.safe_load(patch["patch"])
+            assert gone.pop("$patch") == "delete"
+            before = len(objects)
+            objects = [o for o in objects if (o["kind"], o["metadata"]["name"]) != (gone["kind"],
+                                                                                    gone["metadata"]["name"])]
+            assert len(objects) == before - 1, f"the deletion of {gone['kind']} matched nothing"
+            continue
+        target = patch["target"]
+        (i,) = [i for i, o in enumerate(objects) if o["kind"] == target["kind"]
+                and o["metadata"]["name"] == target["name"]]
+        objects[i] = json_patch(objects[i], yaml.safe_load((HA / patch["path"]).read_text()))
+    return objects
+
+
+def ha_one(kind: str) -> dict:
+    (found,) = [o for o in ha_objects() if o["kind"] == kind]
+    return found
+
+
+def test_ha_json_patch_applies_as_rfc_6902_says():
+    doc = {"a": [1, 2], "b": {"c": 1}}
+    assert json_patch(doc, [{"op": "add", "path": "/a/-", "value": 3}, {"op": "replace", "path": "/b/c", "value": 2},
+                            {"op": "add", "path": "/d", "value": 4}]) == {"a": [1, 2, 3], "b": {"c": 2}, "d": 4}
+    with pytest.raises(AssertionError):
+        json_patch(doc, [{"op": "replace", "path": "/e", "value": 1}])
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_ha_objects_are_valid_kubernetes_strict(version: str):
+    for doc in ha_objects() + load_docs(HA / "secret-example.yaml"):
+        strict_validate(doc, version)
+
+
+def test_ha_two_replicas_on_different_nodes_rolled_one_at_a_time():
+    deployment = ha_one("Deployment")
+    spec, labels = deployment["spec"], deployment["spec"]["template"]["metadata"]["labels"]
+    assert spec["replicas"] == 2
+    assert spec["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    (term,) = spec["template"]["spec"]["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    assert term["labelSelector"]["matchLabels"].items() <= labels.items()
+    pdb = ha_one("PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] == 1 and pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+def test_ha_state_in_postgresql_with_the_password_from_a_secret(tmp_path, monkeypatch):
+    from bot.config import parse_config
+
+    deployment = ha_one("Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    cm = ha_one("ConfigMap")
+    data = tomllib.loads(cm["data"]["config.toml"])
+    assert data["database"].startswith("postgresql://") and ":" not in data["database"].split("//")[1].split("@")[0]
+    env = {e["name"]: e for e in container["env"]}
+    ref = env[data["database_password_env"]]["valueFrom"]["secretKeyRef"]
+    (secret,) = load_docs(HA / "secret-example.yaml")
+    assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"]
+    assert "REPLACE" in secret["stringData"][ref["key"]]
+    for cluster in data["clusters"]:  # the shipped config passes the bot's own loader
+        for key in ("cacert", "cert", "key"):
+            (tmp_path / Path(cluster[key]).name).write_text("stand-in\n")
+            cluster[key] = str(tmp_path / Path(cluster[key]).name)
+    monkeypatch.setenv(data["database_password_env"], "stand-in-password")
+    config = parse_config(data, tmp_path)
+    assert config.replicas.lease_seconds * 4 / 3 <= 15  # a dead leader is replaced within 15 s
+    # No ReadWriteOnce claim is left to pin both pods to one node: the snapshots are on a ReadWriteMany one.
+    claims = [o for o in ha_objects() if o["kind"] == "PersistentVolumeClaim"]
+    assert [c["spec"]["accessModes"] for c in claims] == [["ReadWriteMany"]]
+    mount, volume = mount_at(pod, container, DATA_DIR)
+    assert volume["persistentVolumeClaim"]["claimName"] == claims[0]["metadata"]["name"]
+    assert data["snapshot_dir"].startswith(DATA_DIR + "/")
+
+
+def test_ha_networkpolicy_adds_postgresql_only():
+    base = {(p.get("protocol", "TCP"), p["port"]) for r in one("NetworkPolicy")["spec"]["egress"] for p in r["ports"]}
+    ha = {(p.get("protocol", "TCP"), p["port"]) for r in ha_one("NetworkPolicy")["spec"]["egress"] for p in r["ports"]}
+    assert ha - base == {("TCP", 5432)} and base <= ha

@@ -148,3 +148,23 @@ async def test_learned_urls_answer_when_every_configured_endpoint_went_silent(ma
             c.resume("member1")
         endpoint, _ = await client.member_list_from()
         assert endpoint == configured
+
+
+async def test_a_call_whose_channel_another_call_dropped_fails_as_unavailable_not_cancelled(make_cluster):
+    """A deadline drops the endpoint's channel, and gRPC cancels every other call on it. Found by the
+    replicas' load bench: that CancelledError ended the command's task as if it were cancelled, and
+    the command was never answered. It is a failed call (EtcdUnavailable) instead."""
+    c = make_cluster(3)
+    url = c.member("member2").client_url
+    async with EtcdClient([url], timeout=3) as client:
+        await client.status(url)  # the channel to member2 is open
+        c.pause("member2")
+        try:
+            longer = asyncio.ensure_future(client.status(url, 3.0))
+            await asyncio.sleep(0.2)
+            with pytest.raises(EtcdUnavailable, match="no answer within 0.5s"):
+                await client.status(url, 0.5)  # its deadline drops the channel under `longer`
+            with pytest.raises(EtcdUnavailable):  # (how gRPC ends it depends on timing: never as a cancellation)
+                await longer
+        finally:
+            c.resume("member2")

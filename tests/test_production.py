@@ -144,7 +144,7 @@ async def test_probes_and_metrics(cluster, slack, start_bot):
         async with http.get(f"{bot.base_url}/readyz") as r:
             body = await r.json()
             assert r.status == 200 and body["ready"]
-            assert body["checks"] == {"database": "ok", "slack": "ok", "etcd:prod": "ok (3 members)"}
+            assert body["checks"] == {"database": "ok", "slack": "ok", "etcd:prod": "ok (3 members)", "role": "leader"}
         async with http.get(f"{bot.base_url}/metrics") as r:
             text = await r.text()
     assert 'etcd_chatops_commands_total{command="status",outcome="ok"} 1.0' in text
@@ -152,6 +152,8 @@ async def test_probes_and_metrics(cluster, slack, start_bot):
     assert 'etcd_chatops_ack_latency_seconds_count{kind="command"} 2.0' in text
     assert 'etcd_chatops_plans{state="proposed"} 0.0' in text
     assert 'etcd_chatops_cluster_reachable{cluster="prod"} 1.0' in text
+    assert "etcd_chatops_leader 1.0" in text  # one replica: it holds the lease
+    assert 'etcd_chatops_lease_renewals_total{outcome="held"}' in text
 
 
 async def test_readiness_fails_on_slack_auth_not_on_a_dead_cluster(make_cluster, slack, creds, tmp_path):

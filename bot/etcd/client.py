@@ -242,6 +242,15 @@ class EtcdClient:
                 timed_out = EtcdTimeout(f"no answer within {timeout:g}s (member down or host unreachable)", endpoint)
                 self._count(timed_out)
                 raise timed_out from None
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is None or task.cancelling():
+                    raise  # the caller is being cancelled
+                # The channel was closed under the call (another call's deadline dropped it): the call failed. Raised
+                # on, the CancelledError would end the caller's task as if it were cancelled: a command never answered.
+                closed = EtcdUnavailable("the connection was closed during the call; try again", endpoint)
+                self._count(closed)
+                raise closed from None
             except grpc.aio.AioRpcError as e:
                 err = map_grpc_error(e, endpoint, timeout)
                 if isinstance(err, EtcdAuthError) and "invalid auth token" in err.message and attempt == 1:

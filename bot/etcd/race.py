@@ -14,6 +14,11 @@ class AllFailed(Exception):
         self.errors = errors
 
 
+class CancelledAttempt(Exception):
+    def __init__(self) -> None:
+        super().__init__("the call was cancelled")
+
+
 async def first_success(attempts: list[Awaitable[T]], fatal: Callable[[BaseException], bool]) -> tuple[int, T]:
     """Run every attempt at once; the first to succeed wins (its index and result)
     and the others are cancelled. An error `fatal` accepts is raised at once;
@@ -25,7 +30,9 @@ async def first_success(attempts: list[Awaitable[T]], fatal: Callable[[BaseExcep
         while pending:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
-                exc = task.exception()
+                # An attempt cancelled under us (gRPC's aio raises CancelledError for a call cancelled beneath it)
+                # failed; raised on, it would end the caller's task as if *it* were cancelled, silently.
+                exc = CancelledAttempt() if task.cancelled() else task.exception()
                 if exc is None:
                     return tasks.index(task), task.result()
                 if fatal(exc):

@@ -1,11 +1,14 @@
 """What every handler needs, built whole once at start-up: the configuration,
 the store, the notifier and access rules (both backed by the chat platform,
-which the core never sees), one etcd client per cluster, and the background
-tasks (plan executions) the bot is running."""
+which the core never sees), one etcd client per cluster, the background
+tasks (plan executions) the bot is running, and the leadership loop that
+decides whether this replica may run them (bot/ops/leader.py)."""
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -15,6 +18,7 @@ from bot.etcd.client import EtcdClient, client_for
 from bot.etcd.health import ClusterHealth, check_cluster
 from bot.etcd.model import EtcdError, Member
 from bot.ops.access import Access
+from bot.ops.leader import Leadership, lead, release
 from bot.ops.metrics import Metrics
 from bot.ops.notify import Directory, Notifier
 from bot.store.base import Store, StoreError, open_store
@@ -36,6 +40,14 @@ class BotContext:
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     metrics: Metrics = field(default_factory=Metrics)
     running_snapshots: dict[str, RunningSnapshot] = field(default_factory=dict)  # by cluster: one at a time
+    running: set[str] = field(default_factory=set)  # ids of the plans this replica is executing
+    leadership: Leadership = field(init=False)
+    _leading: asyncio.Task[None] | None = None  # the leadership loop, from open() to close()
+
+    def __post_init__(self) -> None:
+        replicas = self.config.replicas
+        self.leadership = Leadership(replicas.replica_id or f"{socket.gethostname()}-{os.getpid()}",
+                                     replicas.lease_seconds)
 
     @classmethod
     async def open(cls, config: Config, notifier: Notifier, directory: Directory,
@@ -47,7 +59,13 @@ class BotContext:
         except StoreError:
             await store.close()
             raise
-        return cls(config, store, notifier, Access(directory), secrets)
+        ctx = cls(config, store, notifier, Access(directory), secrets)
+        ctx._leading = asyncio.get_running_loop().create_task(lead(ctx), name="leadership")  # see bot/ops/leader.py
+        return ctx
+
+    def is_leader(self) -> bool:
+        """Whether this replica holds the executor lease: only the leader runs plans, schedules and watches."""
+        return self.leadership.is_leader()
 
     def client(self, cluster: ClusterConfig) -> EtcdClient:
         """One long-lived client per cluster, so channels are reused."""
@@ -107,8 +125,13 @@ class BotContext:
             log.error("background task failed", exc_info=task.exception(), extra={"ctx_task": task.get_name()})
 
     async def close(self, grace: float = 5.0) -> None:
-        """Let in-flight work finish for `grace` seconds, then cancel it: a
-        cancelled plan stays `running` and is reported interrupted at start-up."""
+        """Step down as leader, let in-flight work finish for `grace` seconds, then
+        cancel it, and release the lease: a plan stopped or cancelled stays
+        `running` for the next leader (reported interrupted, or resumed)."""
+        if self._leading is not None:
+            self._leading.cancel()
+            await asyncio.gather(self._leading, return_exceptions=True)
+        stepping_down = self.leadership.lost()  # a running plan starts no further step; the next leader resumes it
         current = asyncio.current_task()
         pending = [t for t in self.tasks if t is not current]
         if pending:
@@ -116,6 +139,8 @@ class BotContext:
             for task in still:
                 task.cancel()
             await asyncio.gather(*still, return_exceptions=True)
+        if stepping_down:
+            await release(self)
         for client in self.clients.values():
             await client.close()
         self.clients.clear()

@@ -153,7 +153,7 @@ class DefragOperation(ClusterOperation[DefragPlan]):
                 return None
             self.after[hex_id] = status.db_size
             self.plan = self.plan.defragmented(hex_id, status.db_size)  # the plan message shows it from now on
-            await self.ctx.store.update_plan(self.plan.id, plan=json.dumps(self.plan.to_json()))
+            await self.ctx.store.update_plan(self.plan.id, plan=json.dumps(self.plan.to_json()), fence=self.fence)
             return (f"{_label(member)}: {humanize_bytes(before)} → {humanize_bytes(status.db_size)}, "
                     f"{humanize_bytes(max(before - status.db_size, 0))} reclaimed in {humanize_duration(took)}; "
                     f"caught up at index {status.raft_applied_index}")

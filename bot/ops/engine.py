@@ -16,13 +16,15 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, cast
 
 from bot.etcd.model import EtcdError
 from bot.ops.context import BotContext
 from bot.output.blocks import escape
-from bot.store.records import AnyPlan, PlanKind, PlanRecord, PlanState
+from bot.store.base import LeaseLost
+from bot.store.records import AnyPlan, Fence, PlanKind, PlanRecord, PlanState
 
 if TYPE_CHECKING:
     from bot.config import ClusterConfig
@@ -31,6 +33,8 @@ if TYPE_CHECKING:
 P = TypeVar("P", bound=AnyPlan)
 
 log = logging.getLogger(__name__)
+# The fence of the run this task executes: set by execute(), read by an operation's own writes (update_plan).
+RUN_FENCE: ContextVar[Fence | None] = ContextVar("run_fence", default=None)
 
 
 class StepFailed(Exception):
@@ -88,6 +92,7 @@ class ClusterOperation(Generic[P]):
             raise StepFailed(f"cluster {record.cluster} is no longer in the configuration", "restore its config")
         self.cluster: ClusterConfig = cluster
         self.client: EtcdClient = ctx.client(cluster)
+        self.fence = RUN_FENCE.get()  # the operation's own plan writes are fenced like the engine's
 
 
 # (context, record, actor, keys of the steps already started before this run) -> Operation
@@ -114,32 +119,55 @@ async def note(ctx: BotContext, record: PlanRecord, text: str) -> None:
     await ctx.notifier.thread_note(record, text)
 
 
+def start_plan(ctx: BotContext, plan_id: str, actor: str, *, from_states: Iterable[PlanState], start: int) -> bool:
+    """Run the plan in the background if this replica is the leader and does not
+    run it already; otherwise the leader picks it up (lifecycle.pick_up)."""
+    if not ctx.is_leader() or plan_id in ctx.running:
+        return False
+    ctx.running.add(plan_id)
+    task = ctx.spawn(execute(ctx, plan_id, actor, from_states=from_states, start=start), name=f"plan-{plan_id}")
+    task.add_done_callback(lambda _: ctx.running.discard(plan_id))
+    return True
+
+
 async def execute(ctx: BotContext, plan_id: str, actor: str, *, from_states: Iterable[PlanState],
                   start: int) -> PlanState | None:
     """Take the plan to `running` (guarded: one caller wins) and run it from
-    step `start`; returns its final state, or None when another caller won."""
-    if not await ctx.store.transition(plan_id, from_states, PlanState.RUNNING, error=None):
+    step `start`; returns its final state, or None when another caller won or
+    this replica lost the lease on the way."""
+    fence = ctx.leadership.fence
+    if fence is None:
         return None
-    record = await ctx.store.plan(plan_id)
-    assert record is not None  # the transition just found it
-    started = {s["key"] for s in await ctx.store.steps(plan_id)}
+    RUN_FENCE.set(fence)
     try:
-        operation = KINDS[record.kind](ctx, record, actor, started)
-    except StepFailed as e:
-        await ctx.store.transition(plan_id, [PlanState.RUNNING], PlanState.FAILED, error=e.reason,
-                                   finished_at=time.time())
-        await note(ctx, record, f":x: Plan {plan_id} cannot run: {escape(e.reason)}")
-        return PlanState.FAILED
-    return await Run(ctx, record, actor, operation, started).run(start)
+        if not await ctx.store.transition(plan_id, from_states, PlanState.RUNNING, error=None, fence=fence):
+            return None
+        record = await ctx.store.plan(plan_id)
+        assert record is not None  # the transition just found it
+        started = {s["key"] for s in await ctx.store.steps(plan_id)}
+        try:
+            operation = KINDS[record.kind](ctx, record, actor, started)
+        except StepFailed as e:
+            await ctx.store.transition(plan_id, [PlanState.RUNNING], PlanState.FAILED, error=e.reason,
+                                       finished_at=time.time(), fence=fence)
+            await note(ctx, record, f":x: Plan {plan_id} cannot run: {escape(e.reason)}")
+            return PlanState.FAILED
+        return await Run(ctx, record, actor, operation, started, fence).run(start)
+    except LeaseLost as e:
+        log.warning("plan left to the new leader: this replica lost the lease",
+                    extra={"ctx_plan": plan_id, "ctx_error": str(e)})
+        return None
 
 
 class Run:
-    def __init__(self, ctx: BotContext, record: PlanRecord, actor: str, operation: Operation, started: set[str]):
+    def __init__(self, ctx: BotContext, record: PlanRecord, actor: str, operation: Operation, started: set[str],
+                 fence: Fence):
         self.ctx, self.record, self.actor, self.operation, self.started = ctx, record, actor, operation, started
+        self.fence = fence
         self.steps = operation.steps()
 
     async def run(self, start: int) -> PlanState:
-        store, record, plan = self.ctx.store, self.record, self.record.plan
+        store, record, plan, fence = self.ctx.store, self.record, self.record.plan, self.fence
         recheck = self.steps[0].precondition
         if start > 0 and recheck is not None:  # resume: step 0's re-check first, against the plan's progress
             try:
@@ -148,37 +176,46 @@ class Run:
                 return await self._fail(start, self._failure(e), before=True)
         for idx in range(start, len(self.steps)):
             step = self.steps[idx]
-            await store.step_started(record.id, idx, step.key)
+            self._still_leading()
+            await store.step_started(record.id, idx, step.key, fence=fence)
             await refresh(self.ctx, record.id)
             began = time.monotonic()
             try:
                 found = await step.precondition() if step.precondition else ""
             except (TimeoutError, StepFailed, EtcdError) as e:
                 return await self._fail(idx, self._failure(e), before=True)
+            self._still_leading()  # (announcing and checking take time: deposed meanwhile, the action is not sent)
             try:
                 detail = await step.action() if step.action else found
                 if step.verify:
                     detail = await step.verify(detail)
             except (TimeoutError, StepFailed, EtcdError) as e:
                 return await self._fail(idx, self._failure(e))
-            except asyncio.CancelledError:
-                raise  # the bot is stopping: the plan stays "running" and is reported interrupted at start-up
+            except (asyncio.CancelledError, LeaseLost):
+                raise  # the bot is stopping, or another replica leads: the plan stays "running" for the next leader
             except Exception as e:
                 log.exception("step crashed", extra={"ctx_plan": record.id, "ctx_step": step.key})
                 return await self._fail(idx, StepFailed(f"internal error in step {step.key}: {type(e).__name__}",
                                                         "see the bot's log; then /etcd resume the plan"))
             self.started.add(step.key)
-            await store.step_finished(record.id, idx, "done", detail)
+            await store.step_finished(record.id, idx, "done", detail, fence=fence)
             await store.audit("step_done", user=self.actor, channel=record.channel, cluster=record.cluster,
                               detail={"plan": record.id, "step": step.key, "detail": detail,
-                                      "seconds": round(time.monotonic() - began, 3)})
+                                      "seconds": round(time.monotonic() - began, 3),
+                                      "replica": self.ctx.leadership.replica_id})
             await note(self.ctx, record, f":white_check_mark: Step {idx} ({step.key}): {escape(detail)}")
-        await store.transition(record.id, [PlanState.RUNNING], PlanState.DONE, finished_at=time.time())
+        await store.transition(record.id, [PlanState.RUNNING], PlanState.DONE, finished_at=time.time(), fence=fence)
         await store.audit("plan_done", user=self.actor, channel=record.channel, cluster=record.cluster,
                           detail={"plan": record.id})
         await refresh(self.ctx, record.id)
         await note(self.ctx, record, f":tada: Plan {plan.id} is done: {self.operation.done_note()}")
         return PlanState.DONE
+
+    def _still_leading(self) -> None:
+        """Deposed, or leading a later tenure than the one this run started in: stop here, the plan stays
+        `running`, and the leader of the current tenure resumes it (re-checking this step first)."""
+        if self.ctx.leadership.fence != self.fence:
+            raise LeaseLost(self.fence)
 
     @staticmethod
     def _failure(e: Exception) -> StepFailed:
@@ -191,8 +228,9 @@ class Run:
         store, record = self.ctx.store, self.record
         key = self.steps[idx].key
         message = f"before step {idx} ({key}): {e.reason}" if before else f"step {idx} ({key}) failed: {e.reason}"
-        await store.step_finished(record.id, idx, "failed", error=e.reason)
-        await store.transition(record.id, [PlanState.RUNNING], PlanState.FAILED, error=message, finished_at=time.time())
+        await store.step_finished(record.id, idx, "failed", error=e.reason, fence=self.fence)
+        await store.transition(record.id, [PlanState.RUNNING], PlanState.FAILED, error=message, finished_at=time.time(),
+                               fence=self.fence)
         await store.audit("step_failed", user=self.actor, channel=record.channel, cluster=record.cluster,
                           detail={"plan": record.id, "step": key, "error": e.reason, "precondition": before})
         await refresh(self.ctx, record.id)

@@ -225,7 +225,7 @@ class ReplaceOperation(ClusterOperation[Plan]):
             added = existing
             note = f"member {added.hex_id} with peer URL {self.plan.new_peer_url} was already added; reusing it"
         self.new_member_id = added.id
-        await self.ctx.store.update_plan(self.plan.id, new_member_id=added.hex_id)
+        await self.ctx.store.update_plan(self.plan.id, new_member_id=added.hex_id, fence=self.fence)
         return note
 
     async def _new_member(self) -> Member | None:

@@ -19,7 +19,7 @@ from bot.etcd.model import EtcdError
 from bot.ops import executor  # noqa: F401  (registers the replace operation with the engine)
 from bot.ops.access import Role
 from bot.ops.context import BotContext
-from bot.ops.engine import execute, note, refresh
+from bot.ops.engine import note, refresh, start_plan
 from bot.ops.notify import NotifyFailed
 from bot.ops.replace import MemberRef, Plan, Refusal, ReplaceRequest, plan_replacement
 from bot.output import blocks
@@ -165,7 +165,7 @@ async def approve(ctx: BotContext, record: PlanRecord, user: str) -> None:
         await store.audit("plan_approved", user=user, channel=record.channel, cluster=record.cluster,
                           detail={"plan": plan_id, "approvals": count})
         await note(ctx, record, f":white_check_mark: Approved by {mention(user)}. Executing plan {plan_id} now.")
-        ctx.spawn(execute(ctx, plan_id, user, from_states=(PlanState.APPROVED,), start=0), name=f"plan-{plan_id}")
+        start_plan(ctx, plan_id, user, from_states=(PlanState.APPROVED,), start=0)  # else the leader picks it up
     elif first:
         await store.audit("plan_approval", user=user, channel=record.channel, cluster=record.cluster,
                           detail={"plan": plan_id, "approvals": count, "needed": rule.approvals_needed})
@@ -245,11 +245,14 @@ async def resume(ctx: BotContext, plan_id: str, user: str, channel: str) -> Outc
     if open_plan and open_plan.id != plan_id:
         return _open_plan_refusal(open_plan.id, open_plan.state)
     step = record.plan.steps[start]
+    # Approved again, at the step it stopped on: the leader (this replica or another) runs it from there.
+    if not await ctx.store.transition(plan_id, STOPPED_STATES, PlanState.APPROVED):
+        return _refused(f"plan {plan_id} changed state meanwhile; see /etcd plans")
     await ctx.store.audit("plan_resumed", user=user, channel=channel, cluster=record.cluster,
                           detail={"plan": plan_id, "step": step.key})
     await note(ctx, record, f":arrow_forward: {mention(user)} resumed plan {plan_id} at step {start} "
                             f"({escape(step.title)}), after the re-check of step 0.")
-    ctx.spawn(execute(ctx, plan_id, user, from_states=STOPPED_STATES, start=start), name=f"plan-{plan_id}")
+    start_plan(ctx, plan_id, user, from_states=(PlanState.APPROVED,), start=start)
     return Outcome(ephemeral=blocks.Reply(text=f"Resuming plan {plan_id} at step {start}; progress is in its thread."))
 
 
@@ -303,23 +306,64 @@ async def cancel(ctx: BotContext, plan_id: str, user: str, channel: str) -> Outc
 
 # ---------------------------------------------------------------- housekeeping
 
-async def recover_interrupted(ctx: BotContext) -> list[str]:
-    """At start-up: a plan left running (or approved) was cut off by a stop
-    of the bot. Say so in its thread; an approver decides to resume or abandon."""
-    recovered = []
+def resumes_on_takeover(ctx: BotContext) -> bool:
+    """Whether a new leader resumes the plans its predecessor left running. On a
+    shared PostgreSQL another replica takes over at once, so it does; a single
+    SQLite replica restarting reports them interrupted and an approver decides."""
+    configured = ctx.config.replicas.resume_on_takeover
+    return configured if configured is not None else isinstance(ctx.config.database, str)  # str: a postgresql:// URL
+
+
+async def take_over(ctx: BotContext) -> list[str]:
+    """At the start of each tenure: the plans left running or approved by the
+    previous leader (another replica, or this one before it stopped) are
+    resumed from their last persisted step, the step in flight re-checked before
+    it is retried; or, without resume_on_takeover, reported interrupted."""
+    taken = []
+    resume = resumes_on_takeover(ctx)
     for record in await ctx.store.plans(states=(PlanState.RUNNING, PlanState.APPROVED), limit=1000):
-        if not await ctx.store.transition(record.id, [record.state], PlanState.INTERRUPTED):
+        if record.id in ctx.running:
             continue
-        recovered.append(record.id)
-        step = record.plan.steps[record.current_step]
-        await ctx.store.audit("plan_interrupted", channel=record.channel, cluster=record.cluster,
-                              detail={"plan": record.id, "step": step.key})
-        await refresh(ctx, record.id)
-        await note(ctx, record, f":warning: Plan {record.id} was interrupted at step {record.current_step} "
-                                f"({escape(step.title)}) when the bot stopped. An approver can continue from that step "
-                                f"with `/etcd resume {record.id}` (the cluster is re-checked first; every step is "
-                                f"safe to repeat), or close it with `/etcd abandon {record.id} <reason>`.")
-    return recovered
+        if not resume:
+            if await _interrupted(ctx, record):
+                taken.append(record.id)
+            continue
+        if record.state == PlanState.RUNNING:
+            step = record.plan.steps[record.current_step]
+            await ctx.store.audit("plan_taken_over", channel=record.channel, cluster=record.cluster,
+                                  detail={"plan": record.id, "step": step.key, "replica": ctx.leadership.replica_id})
+            await note(ctx, record, f":arrows_counterclockwise: Replica {escape(ctx.leadership.replica_id)} took over "
+                                    f"plan {record.id}; it continues at step {record.current_step} "
+                                    f"({escape(step.title)}) after re-checking the cluster.")
+        if start_plan(ctx, record.id, record.decided_by or "", from_states=(record.state,), start=record.current_step):
+            taken.append(record.id)
+    if taken:
+        log.warning("plans taken over from the previous leader", extra={"ctx_plans": taken, "ctx_resumed": resume})
+    return taken
+
+
+async def pick_up(ctx: BotContext) -> None:
+    """On the leader, about every second: run the plans approved (or resumed)
+    through another replica; the guarded transition to running lets one run win."""
+    for record in await ctx.store.plans(states=(PlanState.APPROVED,), limit=100):
+        start_plan(ctx, record.id, record.decided_by or "", from_states=(PlanState.APPROVED,),
+                   start=record.current_step)
+
+
+async def _interrupted(ctx: BotContext, record: PlanRecord) -> bool:
+    """A plan cut off by a stop of the bot: say so in its thread; an approver decides to resume or abandon."""
+    if not await ctx.store.transition(record.id, [record.state], PlanState.INTERRUPTED,
+                                      fence=ctx.leadership.fence):
+        return False
+    step = record.plan.steps[record.current_step]
+    await ctx.store.audit("plan_interrupted", channel=record.channel, cluster=record.cluster,
+                          detail={"plan": record.id, "step": step.key})
+    await refresh(ctx, record.id)
+    await note(ctx, record, f":warning: Plan {record.id} was interrupted at step {record.current_step} "
+                            f"({escape(step.title)}) when the bot stopped. An approver can continue from that step "
+                            f"with `/etcd resume {record.id}` (the cluster is re-checked first; every step is "
+                            f"safe to repeat), or close it with `/etcd abandon {record.id} <reason>`.")
+    return True
 
 
 async def expire(ctx: BotContext, record: PlanRecord) -> bool:

@@ -31,6 +31,10 @@ class Metrics:
                                  ["cluster", "condition"], registry=r)
         self.alerts_posted = Counter("etcd_chatops_alerts_posted_total", "Alerts the watch posted (opened), "
                                      "by cluster and condition", ["cluster", "condition"], registry=r)
+        self.leader = Gauge("etcd_chatops_leader", "1 on the replica that holds the executor lease", registry=r)
+        self.lease_renewals = Counter("etcd_chatops_lease_renewals_total",
+                                      "Attempts to acquire or renew the executor lease, by outcome (held, refused, "
+                                      "error)", ["outcome"], registry=r)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

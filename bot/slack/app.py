@@ -23,7 +23,7 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.config import Config
-from bot.ops import lifecycle
+from bot.ops import leader, lifecycle
 from bot.ops.context import BotContext
 from bot.ops.schedule import Scheduler
 from bot.settings import SlackSettings
@@ -109,23 +109,20 @@ class BotRuntime:
         return app
 
     async def _housekeep(self) -> None:
-        """Report plans the last stop interrupted; then, forever: expire
-        unapproved plans and take scheduled snapshots. Runs beside serving, so
-        a slow Slack never delays start-up."""
-        try:
-            recovered = await lifecycle.recover_interrupted(self.ctx)
-            if recovered:
-                log.warning("plans interrupted by the last stop", extra={"ctx_plans": recovered})
-        except Exception:
-            log.exception("recovering interrupted plans failed")
-        scheduler = Scheduler(self.ctx)
+        """Forever, on the leader only: expire unapproved plans and take scheduled
+        snapshots. (Plans the last leader left running are taken over by the
+        context's leadership loop, bot/ops/leader.py.) Runs beside serving, so a slow Slack
+        never delays start-up."""
+        scheduler, last = Scheduler(self.ctx), -HOUSEKEEPING_SECONDS
         while True:
-            for job in (lambda: lifecycle.expire_stale(self.ctx), scheduler.run_due):
-                try:
-                    await job()
-                except Exception:
-                    log.exception("housekeeping failed")
-            await asyncio.sleep(HOUSEKEEPING_SECONDS)
+            if self.ctx.is_leader() and time.monotonic() - last >= HOUSEKEEPING_SECONDS:
+                last = time.monotonic()
+                for job in (lambda: lifecycle.expire_stale(self.ctx), scheduler.run_due):
+                    try:
+                        await job()
+                    except Exception:
+                        log.exception("housekeeping failed")
+            await asyncio.sleep(leader.PICKUP_SECONDS)  # a new leader starts its housekeeping within a second
 
     async def stop(self) -> None:
         for task in (self._watch, self._housekeeping):
@@ -212,9 +209,9 @@ class BotServer:
         if self.port == 0:
             self.port = self._runner.addresses[0][1]  # the kernel's choice
         if self.socket_mode:
-            from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
             slack = self.runtime.slack
-            self._socket = AsyncSocketModeHandler(app, slack.app_token, web_client=web_client(slack, slack.app_token))
+            self._socket = socket_mode_handler(app, self.ctx, slack.app_token,
+                                               web_client=web_client(slack, slack.app_token))
             await self._socket.connect_async()
         log.info("serving", extra={"ctx_mode": "socket" if self.socket_mode else "http", "ctx_host": self.host,
                                    "ctx_port": self.port})
@@ -238,6 +235,29 @@ class BotServer:
 
     async def __aexit__(self, *exc) -> None:
         await self.stop()
+
+
+def socket_mode_handler(app: AsyncApp, ctx: BotContext, app_token: str | None, web_client: AsyncWebClient) -> Any:
+    """bolt's Socket Mode handler, dropping an envelope delivered before: Slack may
+    redeliver one to any of the app's connections, which may be another replica's,
+    so the envelope_id is remembered in the shared database. (Events carry an
+    event_id too, checked by their listener; a slash command has only this.)"""
+    from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
+    from slack_sdk.socket_mode.response import SocketModeResponse
+
+    class Handler(AsyncSocketModeHandler):
+        async def handle(self, client, req) -> None:
+            try:
+                first = await ctx.store.first_delivery(f"envelope:{req.envelope_id}")
+            except StoreError:
+                first = True  # the listener runs and tells the person the store is unavailable
+            if first:
+                await super().handle(client, req)
+                return
+            log.info("duplicate envelope ignored", extra={"ctx_envelope_id": req.envelope_id})
+            await client.send_socket_mode_response(SocketModeResponse(envelope_id=req.envelope_id))
+
+    return Handler(app, app_token, web_client=web_client)
 
 
 async def serve(config: Config, slack: SlackSettings, host: str, port: int, socket_mode: bool) -> None:

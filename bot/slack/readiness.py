@@ -64,6 +64,8 @@ class ReadinessProbe:
         else:
             checks["slack"] = "ok"
 
+        checks["role"] = "leader" if self.ctx.is_leader() else "follower"  # informs only: a follower serves Slack
+
         async def one(cluster) -> tuple[str, str]:
             try:
                 members = await self.ctx.client(cluster).member_list()

@@ -109,6 +109,7 @@ class Delivery:
     json: dict | None
     mode: str = ""  # "http" or "socket"
     event_id: str | None = None  # for events: the id to reuse for a redelivery
+    envelope_id: str | None = None  # Socket Mode: the envelope's id, to redeliver it (to another connection)
     error: str | None = None  # why status is 0 (timeout, connection refused)
 
 
@@ -795,8 +796,10 @@ class SlackStandIn:
 
     # ------------------------------------------------------------------ delivering to the bot
 
-    def _delivery_mode(self) -> str:
-        if self.bot_url:
+    def _delivery_mode(self, to: str | int | None = None) -> str:
+        """`to`: a bot's URL (HTTP), or the index of an open Socket Mode connection, oldest first
+        (several replicas of the bot); None: `bot_url`, else the newest connection."""
+        if isinstance(to, str) or (to is None and self.bot_url):
             return "http"
         if self.socket_connected:
             return "socket"
@@ -804,9 +807,10 @@ class SlackStandIn:
 
     async def _deliver_http(
         self, body: str, content_type: str, extra_headers: dict[str, str], *, sign: bool,
-        timestamp: int | None, signing_secret: str | None, timeout: float,
+        timestamp: int | None, signing_secret: str | None, timeout: float, to: str | int | None = None,
     ) -> Delivery:
-        assert self._session is not None and self.bot_url, "stand-in not started"
+        url = to if isinstance(to, str) else self.bot_url
+        assert self._session is not None and url, "stand-in not started"
         headers = {"Content-Type": content_type, "User-Agent": "Slackbot 1.0 (+https://api.slack.com/robots)",
                    **extra_headers}
         if sign:
@@ -815,7 +819,7 @@ class SlackStandIn:
             headers["X-Slack-Signature"] = sign_request(signing_secret or self._signing_secret, ts, body)
         t0 = time.monotonic()
         try:
-            async with self._session.post(self.bot_url, data=body.encode(), headers=headers,
+            async with self._session.post(url, data=body.encode(), headers=headers,
                                           timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
                 text = await resp.text()
                 status, rtype = resp.status, resp.content_type
@@ -832,10 +836,13 @@ class SlackStandIn:
                 parsed = value if isinstance(value, dict) else None
         return Delivery(status, text, elapsed, parsed, mode="http")
 
-    async def _deliver_socket(self, envelope: dict, *, timeout: float) -> Delivery:
-        ws = next((s for s in reversed(self._sockets) if not s.closed), None)
+    async def _deliver_socket(self, envelope: dict, *, timeout: float, to: str | int | None = None) -> Delivery:
+        if isinstance(to, int):
+            ws = self._sockets[to] if to < len(self._sockets) and not self._sockets[to].closed else None
+        else:
+            ws = next((s for s in reversed(self._sockets) if not s.closed), None)
         if ws is None:
-            raise RuntimeError("no Socket Mode client is connected")
+            raise RuntimeError(f"no Socket Mode client is connected{'' if to is None else f' as connection {to}'}")
         env_id = envelope["envelope_id"]
         fut: asyncio.Future[dict] = asyncio.get_running_loop().create_future()
         self._pending_acks[env_id] = fut
@@ -850,7 +857,8 @@ class SlackStandIn:
         elapsed = time.monotonic() - t0
         payload = ack.get("payload")
         body = json.dumps(payload) if payload is not None else ""
-        return Delivery(200, body, elapsed, payload if isinstance(payload, dict) else None, mode="socket")
+        return Delivery(200, body, elapsed, payload if isinstance(payload, dict) else None, mode="socket",
+                        envelope_id=env_id)
 
     async def send_command(
         self,
@@ -863,9 +871,12 @@ class SlackStandIn:
         timestamp: int | None = None,
         signing_secret: str | None = None,
         timeout: float = DEFAULT_DELIVERY_TIMEOUT,
+        to: str | int | None = None,
+        envelope_id: str | None = None,
     ) -> Delivery:
-        """Deliver a slash command as Slack does; a non-empty ack is recorded as Slack shows it."""
-        mode = self._delivery_mode()
+        """Deliver a slash command as Slack does; a non-empty ack is recorded as Slack shows it.
+        `to` picks the replica (see _delivery_mode); `envelope_id` redelivers a Socket Mode envelope."""
+        mode = self._delivery_mode(to)
         rid = secrets.token_hex(12)
         self._responses[rid] = ctx = _ResponseUrl(user_id=user_id, channel_id=channel_id, created=time.monotonic())
         user = self._user_record(user_id) or {}
@@ -887,11 +898,11 @@ class SlackStandIn:
         if mode == "http":
             delivery = await self._deliver_http(
                 urlencode(form), "application/x-www-form-urlencoded", {}, sign=sign, timestamp=timestamp,
-                signing_secret=signing_secret, timeout=timeout)
+                signing_secret=signing_secret, timeout=timeout, to=to)
         else:
             delivery = await self._deliver_socket(
-                {"envelope_id": str(uuid.uuid4()), "type": "slash_commands", "payload": form,
-                 "accepts_response_payload": True}, timeout=timeout)
+                {"envelope_id": envelope_id or str(uuid.uuid4()), "type": "slash_commands", "payload": form,
+                 "accepts_response_payload": True}, timeout=timeout, to=to)
         if delivery.status == 200:
             self._record_ack(ctx, delivery)
         return delivery
@@ -920,9 +931,12 @@ class SlackStandIn:
         sign: bool = True,
         timestamp: int | None = None,
         timeout: float = DEFAULT_DELIVERY_TIMEOUT,
+        to: str | int | None = None,
+        envelope_id: str | None = None,
     ) -> Delivery:
-        """Deliver an Events API event_callback; pass the same event_id to redeliver it."""
-        mode = self._delivery_mode()
+        """Deliver an Events API event_callback; pass the same event_id to redeliver it (and, in
+        Socket Mode, the same envelope_id); `to` picks the replica (see _delivery_mode)."""
+        mode = self._delivery_mode(to)
         event_id = event_id or _random_id("Ev")
         envelope = {
             "token": self.verification_token,
@@ -948,13 +962,13 @@ class SlackStandIn:
                 headers["X-Slack-Retry-Reason"] = retry_reason or "http_timeout"
             delivery = await self._deliver_http(
                 json.dumps(envelope), "application/json", headers, sign=sign, timestamp=timestamp,
-                signing_secret=None, timeout=timeout)
+                signing_secret=None, timeout=timeout, to=to)
         else:
             # Slack sends retry_attempt 0 / retry_reason "" on a first delivery.
             delivery = await self._deliver_socket(
-                {"envelope_id": str(uuid.uuid4()), "type": "events_api", "payload": envelope,
+                {"envelope_id": envelope_id or str(uuid.uuid4()), "type": "events_api", "payload": envelope,
                  "accepts_response_payload": False, "retry_attempt": retry_num or 0,
-                 "retry_reason": (retry_reason or "timeout") if retry_num else ""}, timeout=timeout)
+                 "retry_reason": (retry_reason or "timeout") if retry_num else ""}, timeout=timeout, to=to)
         delivery.event_id = event_id
         return delivery
 
@@ -969,8 +983,9 @@ class SlackStandIn:
         retry_num: int | None = None,
         retry_reason: str | None = None,
         removed: bool = False,
+        to: str | int | None = None,
     ) -> Delivery:
-        """A user adds (or removes) a reaction: record it, deliver reaction_added/removed."""
+        """A user adds (or removes) a reaction: record it, deliver reaction_added/removed (to replica `to`)."""
         msg = self.find_message(channel, ts)
         if msg is None:
             raise LookupError(f"no message {ts} in {channel} to react to")
@@ -992,7 +1007,7 @@ class SlackStandIn:
             "item_user": msg.user,
             "event_ts": self._next_ts(),
         }
-        return await self.send_event(event, event_id=event_id, retry_num=retry_num, retry_reason=retry_reason)
+        return await self.send_event(event, event_id=event_id, retry_num=retry_num, retry_reason=retry_reason, to=to)
 
     # ------------------------------------------------------------------ control API
 

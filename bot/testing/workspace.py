@@ -126,9 +126,11 @@ def write_config(directory: Path, clusters: list[dict[str, Any]], **top: Any) ->
 class BotProcess:
     """`etcd-chatops run --http` as a real process, as it runs in production."""
 
-    def __init__(self, config: Path, api_url: str, creds: SlackSecrets, log_file: Path, port: int | None = None):
+    def __init__(self, config: Path, api_url: str, creds: SlackSecrets, log_file: Path, port: int | None = None,
+                 env: dict[str, str] | None = None):
         self.config, self.api_url, self.creds, self.log_file = config, api_url, creds, log_file
         self.port = port or free_port()
+        self.env = env or {}  # e.g. the database's password variable
         self.proc: subprocess.Popen | None = None
         self.argv: list[str] = [sys.executable, "-m", "bot", "run", "--http", "--host", "127.0.0.1",
                                 "--port", str(self.port), "--config", str(config)]
@@ -137,10 +139,14 @@ class BotProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/slack/events"
 
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
     def start(self, timeout: float = 30.0) -> BotProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SLACK_")}
         env.update(SLACK_BOT_TOKEN=self.creds.bot_token, SLACK_SIGNING_SECRET=self.creds.signing_secret,
-                   SLACK_API_URL=self.api_url)
+                   SLACK_API_URL=self.api_url, **self.env)
         with open(self.log_file, "ab") as log:
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                          env=env, start_new_session=True)

@@ -113,12 +113,14 @@ class ClusterWatch:
 
 
 class Watcher:
-    """Watches every cluster whose watch is enabled, while `should_watch()` says so
-    (with several replicas, only the leader watches)."""
+    """Watches every cluster whose watch is enabled, while `should_watch()` says so: by default
+    while this replica holds the executor lease (with several replicas, only the leader watches;
+    a single replica always leads)."""
 
-    def __init__(self, ctx: BotContext, should_watch: Callable[[], bool] = lambda: True,
+    def __init__(self, ctx: BotContext, should_watch: Callable[[], bool] | None = None,
                  clock: Callable[[], float] = time.time):
-        self.ctx, self.should_watch, self.clock = ctx, should_watch, clock
+        self.ctx, self.clock = ctx, clock
+        self.should_watch = should_watch or ctx.is_leader
         self.clusters: dict[str, ClusterWatch] = {}
 
     async def run(self) -> None:

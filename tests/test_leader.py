@@ -1,0 +1,51 @@
+"""Leadership as a replica sees it (bot/ops/leader.py), without a database: a tenure is
+trusted only until the lease's ttl after the renewal was sent, and a new tenure is told
+from a renewal, so a new leader takes over its predecessor's plans exactly once."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from bot.config import ConfigError, parse_config
+from bot.ops.leader import Leadership
+from bot.store.records import Fence
+
+
+def test_a_tenure_lasts_the_ttl_from_when_the_renewal_was_sent():
+    me = Leadership("a", ttl=10)
+    assert not me.is_leader() and me.fence is None
+    sent = time.monotonic()
+    assert me.held(Fence("executor", "a", 1), sent) is True       # a new tenure
+    assert me.is_leader() and me.fence == Fence("executor", "a", 1)
+    assert me.held(Fence("executor", "a", 1), sent) is False      # a renewal
+    me.held(Fence("executor", "a", 1), sent - 11)                # a renewal that took 11 s to be answered
+    assert not me.is_leader() and me.fence is None                # over, whatever the store says
+
+
+def test_a_lapsed_or_changed_tenure_is_new_and_losing_it_is_said_once():
+    me = Leadership("a", ttl=10)
+    me.held(Fence("executor", "a", 1), time.monotonic() - 11)   # lapsed at once
+    assert me.held(Fence("executor", "a", 1), time.monotonic()) is True  # taken back after a lapse: new
+    assert me.held(Fence("executor", "a", 2), time.monotonic()) is True  # another token: new
+    assert me.lost() is True and me.lost() is False
+    assert not me.is_leader()
+
+
+def _config(tmp_path, replicas: dict):
+    return parse_config({"clusters": [{"name": "p", "endpoints": ["http://127.0.0.1:2379"], "channels": ["C0X"]}],
+                         "replicas": replicas}, tmp_path)
+
+
+def test_replicas_config_defaults_and_checks(tmp_path):
+    assert _config(tmp_path, {}).replicas.lease_seconds == 10
+    config = _config(tmp_path, {"lease_seconds": 6, "replica_id": "bot-0.prod", "resume_on_takeover": True})
+    assert (config.replicas.lease_seconds, config.replicas.replica_id, config.replicas.resume_on_takeover) == (
+        6, "bot-0.prod", True)
+    for table, message in (({"lease_seconds": 2}, "replicas.lease_seconds: must be between 3 and 60 seconds"),
+                           ({"lease_seconds": 61}, "replicas.lease_seconds: must be between 3 and 60 seconds"),
+                           ({"replica_id": "a b"}, "replicas.replica_id: 'a b' must be 1-100 letters"),
+                           ({"leader": True}, "replicas.leader: unknown key")):
+        with pytest.raises(ConfigError, match="^" + message.replace(".", r"\.")):
+            _config(tmp_path, table)
+

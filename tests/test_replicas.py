@@ -1,0 +1,304 @@
+"""Several replicas on one PostgreSQL (issue 15): every replica serves Slack, exactly
+one (the lease holder) executes, and a new leader takes over a dead one's plan.
+
+Two real bot processes (`etcd-chatops run --http`, each on its own port) share
+one database; the Slack stand-in sends each request to the replica a test names,
+as a Service or Socket Mode would to either.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from bot.config import ReplicasConfig, load_config
+from bot.ops.leader import LEASE
+from bot.settings import SlackSettings
+from bot.slack.app import BotServer
+from bot.store.base import Store, open_store
+from bot.testing.postgres import PASSWORD_ENV, LocalPostgres
+from bot.testing.workspace import CHANNEL, LEAD, LEAD2, STRANGER, BotProcess, cluster_table, write_config
+from helpers import (
+    APPROVAL,
+    OK,
+    announcing,
+    audit_actions,
+    ephemeral,
+    eventually,
+    members_of,
+    plan_row,
+    propose,
+    replies,
+    reply,
+    text_of,
+    thread,
+    urls,
+    wait_done,
+)
+
+LEASE_SECONDS = 6  # a dead leader is replaced within 8 s: the tests need not wait the default's 13 s
+
+
+class Replicas:
+    """Bot processes sharing one database, and the test's own connection to it."""
+
+    def __init__(self, config: Path, bots: list[BotProcess], store: Store):
+        self.config, self.bots, self.store = config, bots, store
+
+    def replica_id(self, bot: BotProcess) -> str:
+        assert bot.proc is not None
+        return f"{socket.gethostname()}-{bot.proc.pid}"  # the default replica_id: hostname-pid
+
+    async def leader(self, timeout: float = 15.0, among: list[BotProcess] | None = None) -> BotProcess:
+        """The replica holding the executor lease (waiting for one to take it)."""
+        by_id = {self.replica_id(b): b for b in among or self.bots}
+
+        async def holder() -> BotProcess | None:
+            lease = await self.store.lease(LEASE)
+            return by_id.get(lease.holder) if lease else None
+        return await eventually(holder, timeout, "a replica to hold the executor lease", interval=0.05)
+
+    async def follower(self) -> BotProcess:
+        leader = await self.leader()
+        return next(b for b in self.bots if b is not leader)
+
+
+@pytest.fixture
+async def replicas(postgres: LocalPostgres, slack, creds, tmp_path,
+                   monkeypatch) -> AsyncIterator[Callable[..., Awaitable[Replicas]]]:
+    """Start `n` bot processes on one fresh PostgreSQL database, stopped (and the store closed) after the test."""
+    started: list[BotProcess] = []
+    stores: list[Store] = []
+
+    async def start(clusters: list[dict], n: int = 2, pg: LocalPostgres | None = None, **top) -> Replicas:
+        pg = pg or postgres
+        config = write_config(tmp_path, clusters, database=pg.create_database(), database_password_env=PASSWORD_ENV,
+                              replicas={"lease_seconds": LEASE_SECONDS}, **top)
+        bots = [BotProcess(config, slack.api_url, creds, tmp_path / f"bot-{i}.log", env=pg.env()) for i in range(n)]
+        started.extend(bots)
+        await asyncio.gather(*(asyncio.to_thread(b.start) for b in bots))
+        slack.bot_url = None  # every request names its replica
+        for name, value in pg.env().items():  # the test reads the bots' config as they do
+            monkeypatch.setenv(name, value)
+        store = await open_store(load_config(config))
+        stores.append(store)
+        return Replicas(config, bots, store)
+
+    yield start
+    await asyncio.gather(*(asyncio.to_thread(b.stop) for b in started))
+    for store in stores:
+        await store.close()
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[LocalPostgres]:
+    """A PostgreSQL of the test's own, to restart without disturbing the others' (torn down after `replicas`)."""
+    with LocalPostgres() as pg:
+        yield pg
+
+
+async def _get(url: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as http, http.get(url) as r:
+        return r.status, await r.text()
+
+
+# ---------------------------------------------------------------- every replica serves Slack
+
+async def test_both_replicas_answer_commands_and_are_ready_while_one_leads(cluster, slack, replicas):
+    group = await replicas([cluster_table("prod", cluster)])
+    for bot in group.bots:
+        assert "HEALTHY" in text_of(await reply(slack, "status", to=bot.url))
+        assert "unknown subcommand" in text_of(await ephemeral(slack, "frobnicate", to=bot.url))
+    leader = await group.leader()
+    roles, leading = {}, 0.0
+    for bot in group.bots:
+        status, body = await _get(f"{bot.base_url}/readyz")
+        ready = json.loads(body)
+        assert status == 200 and ready["ready"], ready  # a follower is ready: it serves Slack
+        roles[bot.port] = ready["checks"]["role"]
+        _, metrics = await _get(f"{bot.base_url}/metrics")
+        leading += float(next(line.split()[-1] for line in metrics.splitlines()
+                              if line.startswith("etcd_chatops_leader ")))
+        assert 'etcd_chatops_lease_renewals_total{outcome=' in metrics
+    assert leading == 1.0
+    assert sorted(roles.values()) == ["follower", "leader"] and roles[leader.port] == "leader"
+
+
+async def test_a_redelivered_event_is_dropped_by_the_other_replica(make_cluster, slack, replicas):
+    c = make_cluster(3)
+    group = await replicas([cluster_table("prod", c)], approval=APPROVAL)
+    c.kill("member1")
+    a, b = group.bots
+    plan = await propose(slack, f"replace member1 member4 {urls()[0]}", to=a.url)
+    row = await plan_row(group.store, plan)
+    first = await slack.react(user=STRANGER, channel=CHANNEL, ts=plan.ts, reaction=OK, to=a.url)
+    await slack.wait_for(lambda: "is not an approver" in thread(slack, plan), what="the refusal")
+    again = await slack.react(user=STRANGER, channel=CHANNEL, ts=plan.ts, reaction=OK, to=b.url,
+                              event_id=first.event_id, retry_num=1, retry_reason="http_timeout")
+    assert again.status == 200
+    # A new reaction (a new event) through B is acted on: so B had the chance to act on the redelivery too.
+    await slack.react(user=STRANGER, channel=CHANNEL, ts=plan.ts, reaction="x", to=b.url)
+    await slack.wait_for(lambda: "not rejected" in thread(slack, plan), what="the second refusal")
+    refusals = [a for a, _ in await audit_actions(group.store, row["id"]) if a == "approve_refused"]
+    assert refusals == ["approve_refused"]
+    assert not any(m.ephemeral_to == STRANGER and "not an approver" in text_of(m) for m in slack.messages)
+
+
+async def test_a_socket_mode_envelope_redelivered_to_the_other_connection_is_dropped(cluster, postgres, slack, creds,
+                                                                                    tmp_path, monkeypatch):
+    """Two replicas in Socket Mode (in-process), each with its own connection; Slack redelivers an
+    unacknowledged-looking envelope to the other one, which drops it by its envelope_id."""
+    monkeypatch.setenv(PASSWORD_ENV, postgres.password)
+    config = load_config(write_config(tmp_path, [cluster_table("prod", cluster)], database=postgres.create_database(),
+                                      database_password_env=PASSWORD_ENV))
+    settings = SlackSettings(bot_token=creds.bot_token, signing_secret=None, app_token=creds.app_token,
+                             api_url=slack.api_url)
+    bots = [BotServer(replace(config, replicas=ReplicasConfig(replica_id=name)), settings, socket_mode=True)
+            for name in ("replica-a", "replica-b")]  # one process: hostname-pid would name both alike
+    try:
+        for bot in bots:
+            await bot.start()
+        await eventually(lambda: len([s for s in slack._sockets if not s.closed]) == 2, 10, "two connections")
+        start = len(slack.messages)
+        first = await slack.send_command("status", user_id=LEAD, channel_id=CHANNEL, to=0)
+        again = await slack.send_command("status", user_id=LEAD, channel_id=CHANNEL, to=1,
+                                         envelope_id=first.envelope_id)
+        assert first.status == again.status == 200 and again.envelope_id == first.envelope_id
+        await slack.wait_for_message(lambda m: m.source == "chat.postMessage", after=start, timeout=20)
+        other = await slack.send_command("members", user_id=LEAD, channel_id=CHANNEL, to=1)  # B does answer
+        await slack.wait_for(lambda: len([m for m in slack.messages[start:] if m.source == "chat.postMessage"]) == 2,
+                             timeout=20, what="the answer to the second, new command")
+        assert other.status == 200
+        posted = [text_of(m) for m in slack.messages[start:] if m.source == "chat.postMessage"]
+        assert [t.startswith("cluster prod: HEALTHY") for t in posted] == [True, False], posted
+    finally:
+        for bot in bots:
+            await bot.stop()
+
+
+# ---------------------------------------------------------------- exactly one replica executes
+
+async def test_a_plan_proposed_through_one_replica_and_approved_through_the_other_runs_once_on_the_leader(
+        make_cluster, slack, replicas):
+    c = make_cluster(3)
+    group = await replicas([cluster_table("prod", c)], approval=APPROVAL)
+    c.kill("member1")
+    leader, follower = await group.leader(), await group.follower()
+    peer, client = urls()
+    plan = await propose(slack, f"replace member1 member4 {peer} --client-url {client}", to=leader.url)
+    row = await plan_row(group.store, plan)
+    await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK, to=follower.url)
+    done = await wait_done(group.store, row["id"])
+    assert done["decided_by"] == LEAD
+    rows = [json.loads(r["detail"]) for r in await group.store.audit_rows() if r["action"] == "step_done"]
+    assert {r["replica"] for r in rows if r["plan"] == row["id"]} == {group.replica_id(leader)}
+    actions = await audit_actions(group.store, row["id"])
+    assert actions.count(("step_done", "remove")) == 1 and actions.count(("step_done", "add")) == 1
+    assert sorted(h.member.name for h in await members_of(c)) == ["member2", "member3", "member4"]
+    assert sum("Approved by" in m.text for m in replies(slack, plan)) == 1
+
+
+@pytest.mark.slow
+async def test_racing_approvals_run_once_and_a_killed_leader_is_replaced_mid_plan(make_cluster, slack, replicas):
+    """Approvals race through both replicas: one execution. The leader is SIGKILLed
+    between the remove and the add: the other replica takes over within 15 s and
+    finishes with exactly one remove and one add; the audit chain verifies."""
+    c = make_cluster(3)
+    group = await replicas([cluster_table("prod", c)], approval=APPROVAL)
+    c.kill("member1")
+    leader, follower = await group.leader(), await group.follower()
+    slack.fail_next("chat.update", status=429, retry_after=60, match=announcing(3))  # holds the leader before the add
+    peer, client = urls()
+    plan = await propose(slack, f"replace member1 member4 {peer} --client-url {client}", to=follower.url)
+    row = await plan_row(group.store, plan)
+    await asyncio.gather(slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK, to=follower.url),
+                         slack.react(user=LEAD2, channel=CHANNEL, ts=plan.ts, reaction=OK, to=leader.url))
+    await slack.wait_for(lambda: any(call.status == 429 for call in slack.calls_to("chat.update")), timeout=90,
+                         what="step 3 (add) to be announced")
+    assert sum("Approved by" in m.text for m in replies(slack, plan)) == 1
+    assert "changes nothing" in thread(slack, plan)
+
+    killed_at = time.monotonic()
+    leader.kill()
+    new = await group.leader(timeout=15, among=[follower])
+    took_over = await eventually(lambda: any("took over plan" in m.text for m in replies(slack, plan)), 15,
+                                 "the takeover note")
+    assert took_over and time.monotonic() - killed_at < 15
+    assert new is follower
+    done = await wait_done(group.store, row["id"])
+    members = await members_of(c)
+    assert sorted(h.member.name for h in members) == ["member2", "member3", "member4"]
+    assert all(h.healthy for h in members)
+    assert [h.member.hex_id for h in members if h.member.name == "member4"] == [done["new_member_id"]]
+    actions = await audit_actions(group.store, row["id"])
+    assert actions.count(("step_done", "remove")) == 1 and actions.count(("step_done", "add")) == 1
+    assert actions.count(("plan_approved", "")) == 1 and ("plan_taken_over", "add") in actions
+    count, problem = await group.store.verify_audit()
+    assert problem is None and count > 0
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLACK_")}  # with the bots' database password
+    verified = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "bot", "audit", "verify", "--config", str(group.config)],
+        capture_output=True, text=True, timeout=60, env=env)
+    assert verified.returncode == 0 and "intact" in verified.stdout, verified.stdout + verified.stderr
+
+
+# ---------------------------------------------------------------- the database restarted
+
+async def test_postgresql_restarted_while_idle_both_replicas_reconnect_and_answer(cluster, slack, own_postgres,
+                                                                                    replicas):
+    group = await replicas([cluster_table("prod", cluster)], pg=own_postgres)
+    for bot in group.bots:
+        assert "HEALTHY" in text_of(await reply(slack, "status", to=bot.url))
+    await asyncio.to_thread(own_postgres.restart)
+    # Every command gets an answer: the status, or a clear refusal while the pool reconnects.
+    for bot in group.bots:
+        start = len(slack.messages)
+        delivery = await slack.send_command("status", user_id=LEAD, channel_id=CHANNEL, to=bot.url)
+        assert delivery.status == 200
+        answer = await slack.wait_for_message(lambda m: m.source == "chat.postMessage" or m.ephemeral_to == LEAD,
+                                              after=start, timeout=20, what="an answer after the restart")
+        assert "HEALTHY" in text_of(answer) or "state store is unavailable" in text_of(answer), text_of(answer)
+    for bot in group.bots:  # and both are back to normal
+        assert "HEALTHY" in text_of(await reply(slack, "status", to=bot.url))
+    assert await group.leader() in group.bots
+
+
+async def test_a_deposed_leader_stops_before_its_next_action_and_leaves_the_plan_running(make_cluster, slack,
+                                                                                         start_bot):
+    """Another holder takes the lease while the leader announces the add step: the leader does not
+    send the add, records nothing more, and does not call the plan failed: the new leader resumes it."""
+    c = make_cluster(3)
+    bot = await start_bot([cluster_table("prod", c)], approval=APPROVAL)
+    store, me = bot.ctx.store, bot.ctx.leadership
+    c.kill("member1")
+    slack.fail_next("chat.update", status=429, retry_after=3, match=announcing(3))
+    peer, client = urls()
+    plan = await propose(slack, f"replace member1 member4 {peer} --client-url {client}")
+    row = await plan_row(store, plan)
+    await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
+    await slack.wait_for(lambda: any(call.status == 429 for call in slack.calls_to("chat.update")), timeout=60,
+                         what="step 3 (add) to be announced")
+
+    async def steal() -> bool:
+        await store.release_lease(LEASE, me.replica_id)
+        return await store.acquire_lease(LEASE, "another-replica", 60) is not None
+    await eventually(steal, 5, "another replica to take the lease")
+    await eventually(lambda: not bot.ctx.running, 20, "the deposed leader's run to stop")
+    assert not bot.ctx.is_leader()
+    record = await store.plan(row["id"])
+    assert record is not None and record.state == "running" and record.current_step == 3 and not record.error
+    assert sorted(h.member.name for h in await members_of(c)) == ["member2", "member3"]  # the add was not sent
+    actions = await audit_actions(store, row["id"])
+    assert ("step_done", "remove") in actions and ("step_done", "add") not in actions
+    assert not any(a == "step_failed" for a, _ in actions)
+    assert not any("stopped" in m.text or "failed" in m.text for m in replies(slack, plan))
