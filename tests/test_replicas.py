@@ -302,3 +302,29 @@ async def test_a_deposed_leader_stops_before_its_next_action_and_leaves_the_plan
     assert ("step_done", "remove") in actions and ("step_done", "add") not in actions
     assert not any(a == "step_failed" for a, _ in actions)
     assert not any("stopped" in m.text or "failed" in m.text for m in replies(slack, plan))
+
+
+# ---------------------------------------------------------------- only the leader watches
+
+async def test_only_the_leader_watches_and_its_successor_resolves_the_same_alert(make_cluster, slack, replicas):
+    """Two replicas watch one cluster: a dead member gives one alert, not one per replica; when the
+    leader dies, the new leader carries that alert on (no second post) and resolves it in its thread."""
+    c = make_cluster(3)
+    group = await replicas([cluster_table("prod", c, watch={"interval": "1s", "grace": "2s"}, timeout_seconds=0.5)])
+    leader = await group.leader()
+
+    def member_down() -> list:
+        return [m for m in slack.channel_messages(CHANNEL, include_threads=False, include_ephemeral=False)
+                if m.source == "chat.postMessage" and "MEMBER DOWN" in m.text]
+
+    c.kill("member1")
+    (alert,) = await eventually(lambda: member_down() or None, 20, "the member-down alert")
+    settled = time.monotonic() + 3   # three more rounds of both replicas (interval 1 s)
+    await eventually(lambda: time.monotonic() >= settled, 10, "more rounds of both replicas")
+    assert len(member_down()) == 1, "both replicas posted"
+    leader.kill()
+    successor = await group.leader(timeout=20, among=[b for b in group.bots if b is not leader])
+    await asyncio.to_thread(c.restart, "member1")
+    await slack.wait_for(lambda: "resolved after" in thread(slack, alert), timeout=30,
+                         what=f"the alert resolved by {successor.url}")
+    assert len(member_down()) == 1, "the new leader posted the alert again"
