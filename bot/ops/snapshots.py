@@ -157,17 +157,8 @@ async def prune(ctx: BotContext, cluster: ClusterConfig) -> list[str]:
     pruned = []
     for row in to_prune(rows, policy.keep_last, policy.keep_days, time.time(), policy.keep_plan_snapshots_days,
                         open_plan["id"] if open_plan else None):
-        path = Path(row["path"])
-        try:
-            path.unlink(missing_ok=True)
-        except OSError as e:
-            log.warning("cannot prune snapshot", extra={"ctx_path": str(path), "ctx_error": e.strerror})
-            continue
-        await ctx.store.mark_pruned(row["id"])
-        await ctx.store.audit("snapshot_pruned", cluster=cluster.name,
-                              detail={"id": row["id"], "file": path.name, "keep_last": policy.keep_last,
-                                      "keep_days": policy.keep_days})
-        pruned.append(path.name)
+        if await _drop_local(ctx, cluster, row, {"keep_last": policy.keep_last, "keep_days": policy.keep_days}):
+            pruned.append(Path(row["path"]).name)
     pruned += await _prune_offsite_copies(ctx, cluster, open_plan["id"] if open_plan else None)
     return pruned + await prune_remote(ctx, cluster, open_plan["id"] if open_plan else None)
 
@@ -185,18 +176,23 @@ async def _prune_offsite_copies(ctx: BotContext, cluster: ClusterConfig, open_pl
     for row in verified[store.keep_local:]:
         if open_plan is not None and row.get("plan_id") == open_plan:
             continue
-        path = Path(row["path"])
-        try:
-            path.unlink(missing_ok=True)
-        except OSError as e:
-            log.warning("cannot prune snapshot", extra={"ctx_path": str(path), "ctx_error": e.strerror})
-            continue
-        await ctx.store.mark_pruned(row["id"])
-        await ctx.store.audit("snapshot_pruned", cluster=cluster.name,
-                              detail={"id": row["id"], "file": path.name, "keep_local": store.keep_local,
-                                      "offsite": row.get("remote_url")})
-        pruned.append(path.name)
+        if await _drop_local(ctx, cluster, row, {"keep_local": store.keep_local, "offsite": row.get("remote_url")}):
+            pruned.append(Path(row["path"]).name)
     return pruned
+
+
+async def _drop_local(ctx: BotContext, cluster: ClusterConfig, row: dict[str, Any], why: dict[str, Any]) -> bool:
+    """Delete a snapshot's local file, mark its row pruned and audit it with `why`; False
+    (logged, tried again at the next prune) when the file cannot be deleted."""
+    path = Path(row["path"])
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as e:
+        log.warning("cannot prune snapshot", extra={"ctx_path": str(path), "ctx_error": e.strerror})
+        return False
+    await ctx.store.mark_pruned(row["id"])
+    await ctx.store.audit("snapshot_pruned", cluster=cluster.name, detail={"id": row["id"], "file": path.name, **why})
+    return True
 
 
 # ---------------------------------------------------------------- retention of the remote copies
