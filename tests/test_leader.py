@@ -8,7 +8,7 @@ import time
 import pytest
 
 from bot.config import ConfigError, parse_config
-from bot.ops.leader import Leadership
+from bot.ops.leader import Leadership, dead_local_holder
 from bot.store.records import Fence
 
 
@@ -49,3 +49,13 @@ def test_replicas_config_defaults_and_checks(tmp_path):
         with pytest.raises(ConfigError, match="^" + message.replace(".", r"\.")):
             _config(tmp_path, table)
 
+
+
+def test_only_a_dead_process_of_this_host_counts_as_a_dead_holder():
+    """A bot restarted after a crash (SQLite) releases its dead predecessor's lease at once."""
+    alive = {4242}.__contains__
+    assert dead_local_holder("node-a-1234", "node-a", alive)          # this host, gone
+    assert not dead_local_holder("node-a-4242", "node-a", alive)      # this host, running
+    assert not dead_local_holder("node-b-1234", "node-a", alive)      # another host: cannot tell
+    assert not dead_local_holder("replica-a", "node-a", alive)        # a configured replica_id
+    assert not dead_local_holder("node-a-", "node-a", alive)

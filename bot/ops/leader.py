@@ -28,8 +28,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bot.store.base import StoreError
@@ -119,6 +123,8 @@ async def _renew(ctx: BotContext, sent_at: float) -> bool:
             log.warning("leadership lost: the lease could not be renewed",
                         extra={"ctx_replica": me.replica_id, "ctx_error": str(e) or "timed out"})
         return False
+    if lease is None and await _release_if_dead(ctx):
+        return await _renew(ctx, sent_at)
     if lease is None:
         metrics.lease_renewals.labels(outcome="refused").inc()
         if me.lost():
@@ -129,6 +135,40 @@ async def _renew(ctx: BotContext, sent_at: float) -> bool:
     if new:
         log.info("elected leader", extra={"ctx_replica": me.replica_id, "ctx_token": lease.token})
     return new
+
+
+def dead_local_holder(holder: str, hostname: str, alive: Callable[[int], bool]) -> bool:
+    """`holder` is a default replica id (`<hostname>-<pid>`) of this host whose process is gone."""
+    host, _, pid = holder.rpartition("-")
+    return host == hostname and pid.isdigit() and int(pid) != os.getpid() and not alive(int(pid))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True   # someone else's process: alive
+    return True
+
+
+async def _release_if_dead(ctx: BotContext) -> bool:
+    """With SQLite (one host, one file), a bot restarted after a crash finds the lease held by its
+    own dead predecessor: release it at once instead of waiting out its ttl (13 s at the default),
+    so interrupted plans are reported straight away. Only for SQLite: replicas sharing PostgreSQL may
+    run in other PID namespaces, where a live process could look dead; they wait for the expiry."""
+    if not isinstance(ctx.config.database, Path):
+        return False
+    try:
+        held = await ctx.store.lease(LEASE)
+        if held is None or not dead_local_holder(held.holder, socket.gethostname(), _alive):
+            return False
+        await ctx.store.release_lease(LEASE, held.holder)
+    except StoreError:
+        return False  # the next tick tries again
+    log.warning("the lease holder was a dead process on this host: released", extra={"ctx_holder": held.holder})
+    return True
 
 
 async def release(ctx: BotContext) -> None:
