@@ -175,7 +175,8 @@ async def test_a_restarted_bot_edits_its_alert_instead_of_posting_again(make_clu
     await bot.stop()
     edits = len(alert.edits)
     await start_bot(clusters)
-    await slack.wait_for(lambda: len(alert.edits) > edits or None, INTERVAL + MARGIN, "the new bot to edit the alert")
+    await slack.wait_for(lambda: len(alert.edits) > edits or None, INTERVAL + GRACE + MARGIN,
+                         "the new bot to edit the alert")
     await asyncio.to_thread(c.restart, "member1")
     await slack.wait_for(lambda: "resolved after" in thread(slack, alert), 3 * INTERVAL + GRACE + MARGIN,
                          "the resolution in the old alert's thread")
