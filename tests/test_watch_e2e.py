@@ -4,9 +4,12 @@ message per condition with the next command, edits it, and resolves it in its th
 from __future__ import annotations
 
 import asyncio
+import json
+import sqlite3
 import sys
 import time
 import urllib.request
+from contextlib import closing
 
 from bot.config import load_config
 from bot.ops.context import BotContext
@@ -23,6 +26,7 @@ from helpers import (
     eventually,
     fill_until_nospace,
     members_of,
+    open_store,
     plan_row,
     propose,
     reply,
@@ -251,3 +255,28 @@ async def test_only_a_replica_that_should_watch_posts(make_cluster, tmp_path):
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await ctx.close()
+
+
+async def test_alerts_of_unwatched_clusters_are_closed_unposted_and_old_resolved_ones_deleted(
+        cluster, slack, start_bot, tmp_path):
+    """Alert rows do not pile up: at start-up, the leader closes the open alerts of a cluster gone from the
+    config (posting nothing: its messages stay as they were) and deletes those resolved over 30 days ago."""
+    now, day, ts = time.time(), 86400.0, "1700000000.000100"
+    ids = {}
+    async with open_store(tmp_path) as store:
+        for name, cluster_name, resolved_at in [("gone", "retired", None), ("old", "prod", now - 31 * day),
+                                                ("recent", "prod", now - 29 * day)]:
+            ids[name] = await store.open_alert({"cluster": cluster_name, "condition": "member_down", "subject": name,
+                                                "channel": CHANNEL, "message_ts": ts, "opened_at": now - 40 * day})
+            if resolved_at is not None:
+                await store.update_alert(ids[name], state="resolved", resolved_at=resolved_at)
+    bot = await start_bot([watched("prod", cluster)])
+
+    def rows() -> dict[int, str]:
+        with closing(sqlite3.connect(tmp_path / "etcd-chatops.db")) as db:
+            return dict(db.execute("SELECT id, state FROM alerts").fetchall())
+
+    await eventually(lambda: rows() == {ids["gone"]: "resolved", ids["recent"]: "resolved"}, 10,
+                     "the retired cluster's alert closed and the old resolved one deleted")
+    assert await bot.ctx.store.open_alerts() == []
+    assert not [c for c in slack.calls if ts in json.dumps(c.args, default=str)], "posted about a closed alert"

@@ -42,6 +42,7 @@ from bot.watch.tracker import FLAP_MIN, Act, Decision, Key, Track, Tracker
 
 log = logging.getLogger(__name__)
 REFRESH_SECONDS = 60.0   # an open alert's message is edited when its figures change, and at least this often
+ALERTS_KEPT_SECONDS = 30 * 86400.0   # resolved alert rows older than this are deleted by the leader's housekeeping
 
 
 # ---------------------------------------------------------------- probes
@@ -307,3 +308,16 @@ def open_views(cluster: str, rows: list[dict[str, Any]], now: float) -> list[Ale
                                           opened_at=row["opened_at"], now=now, flaps=row["flaps"],
                                           flapping=row["flaps"] >= FLAP_MIN))
     return list(views.values())
+
+
+async def tidy_alerts(ctx: BotContext, now: float | None = None) -> tuple[int, int]:
+    """The leader's housekeeping of the alert rows: open alerts of clusters the bot no longer watches
+    (gone from the config, or their watch disabled; the config is read at start, so in effect at
+    start-up) are closed without posting: nobody would ever resolve them. Alerts resolved more than
+    ALERTS_KEPT_SECONDS ago are deleted. Returns (closed, deleted)."""
+    now = time.time() if now is None else now
+    closed = await ctx.store.close_alerts([c.name for c in ctx.config.clusters if c.watch.enabled], now)
+    deleted = await ctx.store.prune_alerts(now - ALERTS_KEPT_SECONDS)
+    if closed or deleted:
+        log.info("alert rows tidied", extra={"ctx_closed": closed, "ctx_deleted": deleted})
+    return closed, deleted
