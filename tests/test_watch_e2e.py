@@ -141,7 +141,11 @@ async def test_unmute_and_who_may_mute(make_cluster, slack, start_bot):
     assert "is not muted" in (await ephemeral(slack, "unmute", user=LEAD)).text
     await reply(slack, "mute 1h maintenance", user=LEAD)
     c.kill("member1")
-    assert "muted: until" in (await reply(slack, "alerts")).text
+    await eventually(lambda: bot.ctx.watch.held("prod", time.time()), INTERVAL + MARGIN, "member1 seen down")
+    listing = (await reply(slack, "alerts")).text   # what the mute holds back is listed, and why
+    assert "muted: until" in listing
+    assert "cluster prod: no open conditions, 1 held back\nmember down member1: " in listing, listing
+    assert "(held back: muted; seen for " in listing, listing
     await reply(slack, "unmute", user=LEAD)
     await first_alert(slack, "MEMBER DOWN member1", INTERVAL + GRACE + MARGIN)
     actions = [(r["action"], r["user"]) for r in await bot.ctx.store.audit_rows()]

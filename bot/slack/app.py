@@ -104,7 +104,7 @@ class BotRuntime:
         register_all(app, self.ctx)
         self.app = app
         self._housekeeping = asyncio.get_running_loop().create_task(self._housekeep(), name="housekeeping")
-        self.watcher = Watcher(self.ctx)
+        self.watcher = self.ctx.watch = Watcher(self.ctx)
         self._watch = asyncio.get_running_loop().create_task(self.watcher.run(), name="watch")
         return app
 

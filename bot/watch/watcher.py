@@ -23,7 +23,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bot.config import ClusterConfig
@@ -33,7 +33,7 @@ from bot.etcd.model import EtcdError
 from bot.ops.context import BotContext
 from bot.ops.notify import NotifyFailed
 from bot.output import blocks
-from bot.output.model import AlertView
+from bot.output.model import AlertView, short_duration
 from bot.store.base import StoreError
 from bot.store.records import PlanRecord
 from bot.watch import backups, certificates
@@ -100,6 +100,7 @@ class ClusterWatch:
     probed: dict[str, tuple[float, Any]] = field(default_factory=dict)   # probe name -> (when, result)
     term: int | None = None                                              # the highest raft term seen
     elections: list[float] = field(default_factory=list)                 # when new terms were seen
+    held: list[tuple[Track, str]] = field(default_factory=list)          # seen, not posted, and why (last round)
 
     def leader_changes(self, health: ClusterHealth | None, now: float) -> int:
         """New raft terms (each an election) seen within LEADER_WINDOW."""
@@ -181,6 +182,8 @@ class Watcher:
         muted = any(m["cluster"] == cluster.name for m in mutes)
         decisions = state.tracker.step(findings, unknown, facts.now,
                                        postable=lambda f: not muted and not expected(plan, f))
+        state.held = [(t, _why_held(t.finding, muted, plan, cluster)) for t in state.tracker.tracks.values()
+                      if not t.open and t.present_since is not None]
         log.debug("watch round", extra={"ctx_cluster": cluster.name, "ctx_seconds": round(self.clock() - facts.now, 3),
                                         "ctx_findings": [f.key for f in findings], "ctx_unknown": sorted(unknown),
                                         "ctx_plan": plan and f"{plan.id} {plan.kind} {plan.state}", "ctx_muted": muted})
@@ -188,6 +191,17 @@ class Watcher:
             await self._act(cluster, state, d, facts.now)
         self._gauges(cluster, state.tracker.open_tracks())
         return decisions
+
+    def held(self, cluster: str, now: float) -> list[AlertView] | None:
+        """What the last round saw of `cluster` and did not post, and why (`/etcd alerts` shows it);
+        None when this replica does not watch."""
+        config, state = self.ctx.config.cluster(cluster), self.clusters.get(cluster)
+        if not self.should_watch():
+            return None
+        if config is None or state is None:
+            return []
+        return [replace(self.view(config, t, now), opened_at=t.present_since or now, resolved_at=None, held=why)
+                for t, why in state.held]
 
     def _gauges(self, cluster: ClusterConfig, open_tracks: list[Track]) -> None:
         for kind in CONDITIONS:
@@ -291,6 +305,14 @@ class Watcher:
         except NotifyFailed as e:
             log.warning("watch: alert not posted", extra={"ctx_channel": channel, "ctx_error": str(e)})
             return None
+
+
+def _why_held(finding: Finding, muted: bool, plan: PlanRecord | None, cluster: ClusterConfig) -> str:
+    if muted:
+        return "muted"
+    if plan is not None and expected(plan, finding):
+        return f"the bot's own {plan.kind} plan {plan.id} ({plan.state}) causes it"
+    return f"it has not lasted its {short_duration(cluster.watch.grace_seconds)} grace yet"
 
 
 def _shown(finding: Finding, flaps: int) -> str:
