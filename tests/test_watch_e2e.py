@@ -164,6 +164,9 @@ async def test_the_member_being_replaced_is_no_alert(make_cluster, slack, start_
     peer, client = urls()
     plan = await propose(slack, f"replace member1 member4 {peer} --client-url {client}")
     row = await plan_row(bot.ctx.store, plan)
+    await eventually(lambda: [v for v in bot.ctx.watch.held("prod", time.time()) if v.subject == "member1"
+                              and v.held == f"the bot's own replace plan {row['id']} (proposed) causes it"],
+                     INTERVAL + MARGIN, "member1 held back for the plan (as /etcd alerts lists it)")
     await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
     started = time.monotonic()
     await wait_done(bot.ctx.store, row["id"])
