@@ -164,7 +164,8 @@ async def _alerts(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user: s
     muted = (f"until {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(mute['until']))} by {mute['by']}: "
              f"{mute['reason']}") if mute else None
     views = open_views(cluster.name, await ctx.store.open_alerts(cluster.name), now)
-    return Outcome(channel=blocks.alerts_reply(cluster.name, views, muted))
+    held = ctx.watch.held(cluster.name, now) if ctx.watch is not None else None
+    return Outcome(channel=blocks.alerts_reply(cluster.name, views, muted, held))
 
 
 async def _mute(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user: str, channel: str) -> Outcome:

@@ -231,6 +231,13 @@ def s3(monkeypatch) -> Iterator[s3_module.MotoS3]:
 
 
 @pytest.fixture
+def fast_retries(monkeypatch) -> None:
+    """The off-site upload retries' backoff shortened (the schedule is the same, only the waits are short)."""
+    from bot.ops import snapshots as ops_snapshots
+    monkeypatch.setattr(ops_snapshots, "UPLOAD_RETRY_BACKOFF", (0.1, 0.2))
+
+
+@pytest.fixture
 def file_store(tmp_path) -> Path:
     """A directory as a `file://` off-site store (a mounted filesystem)."""
     path = tmp_path / "offsite"

@@ -18,7 +18,6 @@ import pytest
 from pyrage import x25519
 from test_snapshots import fill
 
-import bot.ops.snapshots as ops_snapshots
 from bot.backup.manifest import Manifest
 from bot.backup.remote import RemoteStore, StoreConfig
 from bot.etcd.bbolt import snapshot_status
@@ -32,12 +31,6 @@ FILE_LINE = re.compile(r"\*File:\* `([^`]+)`")
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-@pytest.fixture
-def fast_retries(monkeypatch):
-    """The retries' backoff shortened (the schedule is the same, only the waits are short)."""
-    monkeypatch.setattr(ops_snapshots, "UPLOAD_RETRY_BACKOFF", (0.1, 0.2))
 
 
 # ---------------------------------------------------------------- 1. upload while saving

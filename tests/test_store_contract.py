@@ -328,6 +328,23 @@ async def test_alerts_and_mutes(backend):
     assert await b.mutes() == []
 
 
+async def test_old_resolved_alerts_are_pruned_and_alerts_of_gone_clusters_closed(backend):
+    a, b = await backend.store(), await backend.store()
+    now, day = time.time(), 86400.0
+    ids = {}
+    for name, cluster_name, resolved_at in [("old", "prod", now - 40 * day), ("recent", "prod", now - day),
+                                       ("open", "prod", None), ("gone", "retired", None)]:
+        ids[name] = await a.open_alert({"cluster": cluster_name, "condition": "member_down", "subject": name})
+        if resolved_at is not None:
+            await a.update_alert(ids[name], state="resolved", resolved_at=resolved_at)
+    assert await b.prune_alerts(now - 30 * day) == 1 and await a.prune_alerts(now - 30 * day) == 0
+    assert [r["id"] for r in await a.open_alerts()] == [ids["open"], ids["gone"]]  # open ones are never pruned
+
+    assert await b.close_alerts(["prod", "staging"], now) == 1 and await a.close_alerts(["prod"], now) == 0
+    assert [r["id"] for r in await a.open_alerts()] == [ids["open"]]
+    assert await a.prune_alerts(now + 1) == 2  # "recent" and the closed "gone": resolved now, pruned in time
+    assert await b.close_alerts([], now) == 1 and await a.open_alerts() == []
+
 # ---------------------------------------------------------------- audit
 
 async def test_one_audit_chain_under_concurrent_writers_from_two_replicas(backend):

@@ -1,11 +1,13 @@
 """The backup-missed condition: no verified snapshot within twice the schedule, or a failed off-site upload."""
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import replace
 from typing import Any
 
 from bot.config import ClusterConfig, SnapshotPolicy
+from bot.testing.slack import Message
 from bot.testing.workspace import CHANNEL, cluster_table
 from bot.watch.backups import PROBE, Catalog, backup_missed
 from bot.watch.conditions import Facts
@@ -63,6 +65,16 @@ def test_only_clusters_with_a_schedule_and_only_once_the_catalog_was_read() -> N
 
 # ---------------------------------------------------------------- the real bot
 
+def backup_alert(slack) -> Message | None:
+    """The backup-missed alert's message in the channel (not a thread reply)."""
+    return next((m for m in slack.messages if m.channel == CHANNEL and m.thread_ts is None
+                 and "BACKUP MISSED" in text_of(m)), None)
+
+
+def resolved_in_thread(slack, alert: Message) -> list[Message]:
+    return [m for m in slack.messages if m.thread_ts == alert.ts and "resolved" in text_of(m).lower()]
+
+
 async def test_no_snapshot_within_the_schedule_raises_backup_missed_and_a_snapshot_resolves_it(
         make_cluster, slack, start_bot, tmp_path) -> None:
     from bot.store.sqlite import SqliteStore
@@ -80,18 +92,41 @@ async def test_no_snapshot_within_the_schedule_raises_backup_missed_and_a_snapsh
     await start_bot([cluster_table("nightly", c, snapshots={"every": "1m"},
                                    watch={"interval": "1s", "grace": "1s"})])
 
-    def alert():
-        return next((m for m in slack.messages if m.channel == CHANNEL and m.thread_ts is None
-                     and "BACKUP MISSED" in text_of(m)), None)
-
-    msg = await eventually(alert, 30, "the backup-missed alert")
+    msg = await eventually(lambda: backup_alert(slack), 30, "the backup-missed alert")
     shown = text_of(msg)
     assert "nightly" in shown and "/etcd snapshot nightly" in shown and "old.db" in shown, shown
     assert "every 1 min" in shown
     blocker.unlink()
     answer = await reply(slack, "snapshot nightly", timeout=60)
     assert "verified" in text_of(answer), text_of(answer)
-    resolved = await eventually(lambda: [m for m in slack.messages if m.thread_ts == msg.ts
-                                         and "resolved" in text_of(m).lower()], 30, "the alert resolved in its thread")
+    resolved = await eventually(lambda: resolved_in_thread(slack, msg), 30, "the alert resolved in its thread")
     assert len(resolved) == 1
     assert len([m for m in slack.messages if m.thread_ts is None and "BACKUP MISSED" in text_of(m)]) == 1
+
+
+async def test_a_failed_upload_raises_backup_missed_and_a_verified_upload_resolves_it(
+        make_cluster, slack, start_bot, s3, fast_retries) -> None:
+    """The off-site store is down when the schedule takes its first snapshot: the alert names the
+    upload failure (one line, no credentials); the store back, `/etcd snapshot` uploads and verifies,
+    and the alert resolves in its thread."""
+    c = make_cluster(1)
+    await asyncio.to_thread(s3.stop)
+    bot = await start_bot([cluster_table("nightly", c, snapshots={"every": "1h", "store": s3.store_table()},
+                                         watch={"interval": "1s", "grace": "1s"})])
+    msg = await eventually(lambda: backup_alert(slack), 60, "the backup-missed alert")
+    shown = text_of(msg)
+    (row,) = await bot.ctx.store.snapshots("nightly")
+    name = row["path"].rsplit("/", 1)[-1]
+    assert row["remote_state"] == "failed" and row["requested_by"] == "the schedule", row
+    assert f"the off-site upload of {name} failed: {row['remote_error']}" in shown, shown
+    assert "\n" not in row["remote_error"] and "/etcd snapshot nightly" in shown
+    assert s3.secret_key not in shown and s3.access_key not in shown
+
+    await asyncio.to_thread(s3.start)  # back (same port, same bucket)
+    c.etcdctl("put", "/next", "x")
+    answer = text_of(await reply(slack, "snapshot nightly", timeout=120))
+    assert "verified remotely" in answer, answer
+    resolved = await eventually(lambda: resolved_in_thread(slack, msg), 30, "the alert resolved in its thread")
+    assert len(resolved) == 1
+    assert [m.ts for m in slack.messages if m.thread_ts is None and "BACKUP MISSED" in text_of(m)] == [msg.ts]
+    assert [r["remote_state"] for r in await bot.ctx.store.snapshots("nightly")] == ["verified", "verified"]

@@ -209,10 +209,19 @@ def test_the_alert_message_shows_the_command_as_code_and_the_resolution_its_dura
     assert [short_duration(s) for s in (0, 12, 252, 3700, 90000)] == ["0s", "12s", "4m 12s", "1h 1m", "1d 1h"]
 
 
+def test_the_alerts_listing_shows_what_is_held_back_and_why():
+    listing = blocks.alerts_reply("prod", [], held=[view(held="muted")])
+    assert listing.text.startswith("cluster prod: no open conditions, 1 held back")
+    assert "member down member1: connection refused (held back: muted; seen for 4m 12s)" in listing.text
+    assert "not known here" in blocks.alerts_reply("prod", [view()], held=None).text  # another replica watches
+    assert "held back" not in blocks.alerts_reply("prod", [view()], held=[]).text
+
+
 @pytest.mark.parametrize("nasty", NASTY)
 def test_no_value_becomes_slack_markup_in_an_alert(nasty):
     v = view(cluster=nasty, subject=nasty, summary=nasty, figures=((nasty, nasty),), suggestions=(nasty,))
-    for reply in (blocks.alert_reply(v), blocks.alerts_reply(nasty, [v], muted=nasty),
+    held = [dataclasses.replace(v, held=nasty)]
+    for reply in (blocks.alert_reply(v), blocks.alerts_reply(nasty, [v], muted=nasty, held=held),
                   blocks.mute_reply(nasty, 0, nasty, "U0ONCALL01")):
         for text in pieces(reply):
             assert not re.search(r"<(?![@!]date|@U0ONCALL01>)", text.replace("<!date^", "<@date")), text

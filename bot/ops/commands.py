@@ -69,7 +69,8 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
          summary="propose a rolling defragmentation (followers, then the leader after moving leadership), "
                  "compaction and NOSPACE disarm; runs after an approver's reaction"),
     # the watch (issue 16)
-    Spec("alerts", ("[cluster]",), ("--cluster",), summary="the conditions the watch sees open now, and any mute"),
+    Spec("alerts", ("[cluster]",), ("--cluster",),
+         summary="the conditions the watch sees open now, those it holds back and why, and any mute"),
     Spec("mute", ("[cluster]", "duration", "reason"), ("--cluster",), rest=True, durations=("duration",),
          summary="hold back new alerts of a cluster for a while (30m, 2h; at most 7d); it ends by itself"),
     Spec("unmute", ("[cluster]",), ("--cluster",), summary="end a mute now"),

@@ -11,7 +11,7 @@ import os
 import socket
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from bot.config import ClusterConfig, Config
 from bot.etcd.client import EtcdClient, client_for
@@ -25,8 +25,18 @@ from bot.store.base import Store, StoreError, open_store
 
 if TYPE_CHECKING:
     from bot.ops.snapshots import RunningSnapshot
+    from bot.output.model import AlertView
 
 log = logging.getLogger(__name__)
+
+
+class WatchState(Protocol):
+    """What the watch knows now that the store does not (bot/watch implements it, and the runtime sets
+    it as `ctx.watch`: commands reach the watcher without the core importing it or Slack)."""
+
+    def held(self, cluster: str, now: float) -> list[AlertView] | None:
+        """The conditions seen but not posted, each with why (`AlertView.held`); None when this
+        replica does not watch (another replica leads)."""
 
 
 @dataclass
@@ -41,6 +51,7 @@ class BotContext:
     metrics: Metrics = field(default_factory=Metrics)
     running_snapshots: dict[str, RunningSnapshot] = field(default_factory=dict)  # by cluster: one at a time
     running: set[str] = field(default_factory=set)  # ids of the plans this replica is executing
+    watch: WatchState | None = None  # the watcher (set by the runtime that runs one)
     leadership: Leadership = field(init=False)
     _leading: asyncio.Task[None] | None = None  # the leadership loop, from open() to close()
 

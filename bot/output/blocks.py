@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -636,16 +636,20 @@ def alert_note(view: AlertView) -> Reply:
     return Reply(text=text, blocks=[_section(text)])
 
 
-def alerts_reply(cluster: str, views: list[AlertView], muted: str | None = None) -> Reply:
-    """`/etcd alerts`: each open condition with its state and first suggestion."""
-    text = render.alerts_text(cluster, views, muted)
+def alerts_reply(cluster: str, views: list[AlertView], muted: str | None = None,
+                 held: Sequence[AlertView] | None = ()) -> Reply:
+    """`/etcd alerts`: each open condition with its state and first suggestion, then those held back
+    (muted, caused by the bot's own plan, within grace) and why."""
+    text = render.alerts_text(cluster, views, muted, held)
     head, _, _ = text.partition("\n")
-    icon = ":rotating_light:" if views else ":large_green_circle:"
+    icon = ":rotating_light:" if views else (":mute:" if held else ":large_green_circle:")
     blocks = [_section(f"{icon} *{escape(head)}*")]
-    for v in views:
+    for v in [*views, *(held or ())]:
         nxt = f"\n:point_right: {code(v.suggestions[0])}" if v.suggestions else ""
         blocks.append(_section(f"*{escape(v.title)}* {code(v.subject)}: {escape(v.summary)} "
                                f"({escape(render.alert_state(v))}){nxt}"))
+    if held is None:
+        blocks.append(_context("held back: not known here (this replica does not watch; the leader does)"))
     if muted:
         blocks.append(_context(f":mute: muted: {escape(muted)}"))
     return Reply(text=escape(text), blocks=blocks)

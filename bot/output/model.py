@@ -369,6 +369,7 @@ class AlertView:
     resolved_at: float | None = None
     flaps: int = 0                             # times it came back within the flap window
     flapping: bool = False
+    held: str = ""                             # why the watch holds it back, unposted (muted, the bot's plan, grace)
 
     @property
     def resolved(self) -> bool:

@@ -6,6 +6,7 @@ Block Kit from the same model, so the two never disagree.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from bot.etcd.consistency import Consistency
@@ -229,6 +230,8 @@ def consistency_text(c: Consistency) -> str:
 
 
 def alert_state(view: AlertView) -> str:
+    if view.held:
+        return f"held back: {view.held}; seen for {short_duration(view.lasted)}"
     if view.resolved:
         return resolved_text(view)
     flapping = f", flapping ({view.flaps} times in the last minute)" if view.flapping else ""
@@ -247,9 +250,13 @@ def resolved_text(view: AlertView) -> str:
     return f"resolved after {short_duration(view.lasted)}{flapped}"
 
 
-def alerts_text(cluster: str, views: list[AlertView], muted: str | None = None) -> str:
-    """`/etcd alerts`: the open conditions, one line each."""
+def alerts_text(cluster: str, views: list[AlertView], muted: str | None = None,
+                held: Sequence[AlertView] | None = ()) -> str:
+    """`/etcd alerts`: the open conditions, then those held back, one line each. `held` None: this
+    replica does not watch (another one leads), so what is held back is not known here."""
     head = f"cluster {cluster}: " + (f"{len(views)} open condition{'s' if len(views) != 1 else ''}" if views
                                      else "no open conditions")
-    lines = [f"{v.title} {v.subject}: {v.summary} ({alert_state(v)})" for v in views]
-    return "\n".join([head, *lines, *([f"muted: {muted}"] if muted else [])])
+    head += f", {len(held)} held back" if held else ""
+    lines = [f"{v.title} {v.subject}: {v.summary} ({alert_state(v)})" for v in [*views, *(held or ())]]
+    unknown = ["held back: not known here (this replica does not watch; the leader does)"] if held is None else []
+    return "\n".join([head, *lines, *unknown, *([f"muted: {muted}"] if muted else [])])

@@ -32,7 +32,7 @@ from bot.slack.notifier import SlackNotifier
 from bot.slack.readiness import ReadinessProbe
 from bot.store.base import StoreError
 from bot.store.records import PlanState
-from bot.watch.watcher import Watcher
+from bot.watch.watcher import Watcher, tidy_alerts
 
 log = logging.getLogger(__name__)
 HOUSEKEEPING_SECONDS = 30.0
@@ -104,20 +104,20 @@ class BotRuntime:
         register_all(app, self.ctx)
         self.app = app
         self._housekeeping = asyncio.get_running_loop().create_task(self._housekeep(), name="housekeeping")
-        self.watcher = Watcher(self.ctx)
+        self.watcher = self.ctx.watch = Watcher(self.ctx)
         self._watch = asyncio.get_running_loop().create_task(self.watcher.run(), name="watch")
         return app
 
     async def _housekeep(self) -> None:
-        """Forever, on the leader only: expire unapproved plans and take scheduled
-        snapshots. (Plans the last leader left running are taken over by the
+        """Forever, on the leader only: expire unapproved plans, take scheduled
+        snapshots and tidy the alert rows. (Plans the last leader left running are taken over by the
         context's leadership loop, bot/ops/leader.py.) Runs beside serving, so a slow Slack
         never delays start-up."""
         scheduler, last = Scheduler(self.ctx), -HOUSEKEEPING_SECONDS
         while True:
             if self.ctx.is_leader() and time.monotonic() - last >= HOUSEKEEPING_SECONDS:
                 last = time.monotonic()
-                for job in (lambda: lifecycle.expire_stale(self.ctx), scheduler.run_due):
+                for job in (lambda: lifecycle.expire_stale(self.ctx), lambda: tidy_alerts(self.ctx), scheduler.run_due):
                     try:
                         await job()
                     except Exception:

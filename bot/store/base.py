@@ -19,7 +19,7 @@ import hashlib
 import hmac
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import TYPE_CHECKING, Any
 
 from bot.store.records import Fence, Lease, PlanRecord, PlanState
@@ -313,6 +313,15 @@ class Store(ABC):
     @abstractmethod
     async def open_alerts(self, cluster: str | None = None) -> list[dict[str, Any]]:
         """Alerts in state 'open', oldest first."""
+
+    @abstractmethod
+    async def prune_alerts(self, resolved_before: float) -> int:
+        """Delete the alerts resolved before `resolved_before`; how many."""
+
+    @abstractmethod
+    async def close_alerts(self, keep: Collection[str], at: float) -> int:
+        """Mark resolved at `at` the open alerts of clusters not in `keep` (their messages are
+        left as they are: the bot no longer watches those clusters); how many."""
 
     @abstractmethod
     async def set_mute(self, cluster: str, until: float, reason: str, by: str) -> None:

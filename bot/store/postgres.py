@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -612,6 +612,13 @@ class PostgresStore(Store):
         if cluster:
             return await self._rows("SELECT * FROM alerts WHERE state = 'open' AND cluster = %s ORDER BY id", [cluster])
         return await self._rows("SELECT * FROM alerts WHERE state = 'open' ORDER BY id")
+
+    async def prune_alerts(self, resolved_before: float) -> int:
+        return await self._exec("DELETE FROM alerts WHERE state = 'resolved' AND resolved_at < %s", [resolved_before])
+
+    async def close_alerts(self, keep: Collection[str], at: float) -> int:
+        return await self._exec("UPDATE alerts SET state = 'resolved', resolved_at = %s, updated_at = %s "
+                                "WHERE state = 'open' AND cluster <> ALL(%s)", [at, at, list(keep)])
 
     async def set_mute(self, cluster: str, until: float, reason: str, by: str) -> None:
         await self._exec('INSERT INTO mutes (cluster, "until", reason, "by", at) VALUES (%s, %s, %s, %s, %s) '

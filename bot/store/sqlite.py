@@ -15,7 +15,7 @@ import asyncio
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -591,6 +591,16 @@ class SqliteStore(Store):
     async def open_alerts(self, cluster: str | None = None) -> list[dict[str, Any]]:
         where, params = ("state = 'open' AND cluster = ?", [cluster]) if cluster else ("state = 'open'", [])
         return await self._run(lambda db: list(db.query(f"SELECT * FROM alerts WHERE {where} ORDER BY id", params)))
+
+    async def prune_alerts(self, resolved_before: float) -> int:
+        return await self._run(lambda db: db.execute(
+            "DELETE FROM alerts WHERE state = 'resolved' AND resolved_at < ?", [resolved_before]).rowcount)
+
+    async def close_alerts(self, keep: Collection[str], at: float) -> int:
+        names = list(keep)
+        return await self._run(lambda db: db.execute(
+            f"UPDATE alerts SET state = 'resolved', resolved_at = ?, updated_at = ? WHERE state = 'open' "
+            f"AND cluster NOT IN ({_marks(names)})", [at, at, *names]).rowcount)
 
     async def set_mute(self, cluster: str, until: float, reason: str, by: str) -> None:
         await self._run(lambda db: db.execute(

@@ -23,7 +23,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bot.config import ClusterConfig
@@ -33,7 +33,7 @@ from bot.etcd.model import EtcdError
 from bot.ops.context import BotContext
 from bot.ops.notify import NotifyFailed
 from bot.output import blocks
-from bot.output.model import AlertView
+from bot.output.model import AlertView, short_duration
 from bot.store.base import StoreError
 from bot.store.records import PlanRecord
 from bot.watch import backups, certificates
@@ -42,6 +42,7 @@ from bot.watch.tracker import FLAP_MIN, Act, Decision, Key, Track, Tracker
 
 log = logging.getLogger(__name__)
 REFRESH_SECONDS = 60.0   # an open alert's message is edited when its figures change, and at least this often
+ALERTS_KEPT_SECONDS = 30 * 86400.0   # resolved alert rows older than this are deleted by the leader's housekeeping
 
 
 # ---------------------------------------------------------------- probes
@@ -99,6 +100,7 @@ class ClusterWatch:
     probed: dict[str, tuple[float, Any]] = field(default_factory=dict)   # probe name -> (when, result)
     term: int | None = None                                              # the highest raft term seen
     elections: list[float] = field(default_factory=list)                 # when new terms were seen
+    held: list[tuple[Track, str]] = field(default_factory=list)          # seen, not posted, and why (last round)
 
     def leader_changes(self, health: ClusterHealth | None, now: float) -> int:
         """New raft terms (each an election) seen within LEADER_WINDOW."""
@@ -180,6 +182,8 @@ class Watcher:
         muted = any(m["cluster"] == cluster.name for m in mutes)
         decisions = state.tracker.step(findings, unknown, facts.now,
                                        postable=lambda f: not muted and not expected(plan, f))
+        state.held = [(t, _why_held(t.finding, muted, plan, cluster)) for t in state.tracker.tracks.values()
+                      if not t.open and t.present_since is not None]
         log.debug("watch round", extra={"ctx_cluster": cluster.name, "ctx_seconds": round(self.clock() - facts.now, 3),
                                         "ctx_findings": [f.key for f in findings], "ctx_unknown": sorted(unknown),
                                         "ctx_plan": plan and f"{plan.id} {plan.kind} {plan.state}", "ctx_muted": muted})
@@ -187,6 +191,17 @@ class Watcher:
             await self._act(cluster, state, d, facts.now)
         self._gauges(cluster, state.tracker.open_tracks())
         return decisions
+
+    def held(self, cluster: str, now: float) -> list[AlertView] | None:
+        """What the last round saw of `cluster` and did not post, and why (`/etcd alerts` shows it);
+        None when this replica does not watch."""
+        config, state = self.ctx.config.cluster(cluster), self.clusters.get(cluster)
+        if not self.should_watch():
+            return None
+        if config is None or state is None:
+            return []
+        return [replace(self.view(config, t, now), opened_at=t.present_since or now, resolved_at=None, held=why)
+                for t, why in state.held]
 
     def _gauges(self, cluster: ClusterConfig, open_tracks: list[Track]) -> None:
         for kind in CONDITIONS:
@@ -292,6 +307,14 @@ class Watcher:
             return None
 
 
+def _why_held(finding: Finding, muted: bool, plan: PlanRecord | None, cluster: ClusterConfig) -> str:
+    if muted:
+        return "muted"
+    if plan is not None and expected(plan, finding):
+        return f"the bot's own {plan.kind} plan {plan.id} ({plan.state}) causes it"
+    return f"it has not lasted its {short_duration(cluster.watch.grace_seconds)} grace yet"
+
+
 def _shown(finding: Finding, flaps: int) -> str:
     return json.dumps([finding.to_json(), flaps], separators=(",", ":"))
 
@@ -307,3 +330,16 @@ def open_views(cluster: str, rows: list[dict[str, Any]], now: float) -> list[Ale
                                           opened_at=row["opened_at"], now=now, flaps=row["flaps"],
                                           flapping=row["flaps"] >= FLAP_MIN))
     return list(views.values())
+
+
+async def tidy_alerts(ctx: BotContext, now: float | None = None) -> tuple[int, int]:
+    """The leader's housekeeping of the alert rows: open alerts of clusters the bot no longer watches
+    (gone from the config, or their watch disabled; the config is read at start, so in effect at
+    start-up) are closed without posting: nobody would ever resolve them. Alerts resolved more than
+    ALERTS_KEPT_SECONDS ago are deleted. Returns (closed, deleted)."""
+    now = time.time() if now is None else now
+    closed = await ctx.store.close_alerts([c.name for c in ctx.config.clusters if c.watch.enabled], now)
+    deleted = await ctx.store.prune_alerts(now - ALERTS_KEPT_SECONDS)
+    if closed or deleted:
+        log.info("alert rows tidied", extra={"ctx_closed": closed, "ctx_deleted": deleted})
+    return closed, deleted
