@@ -362,3 +362,24 @@ async def test_a_replica_snapshot_waits_for_the_other_and_never_aborts_its_runni
     assert second["created_at"] >= first["remote_verified_at"], "the replicas snapshotted the cluster at once"
     assert "snapshot_offsite_failed" not in [r["action"] for r in await group.store.audit_rows()]
     assert s3.unfinished_uploads() == [] and len(s3.keys("prod/prod/")) == 4  # two snapshots, two manifests
+
+
+async def test_a_replica_killed_mid_upload_leaves_a_leftover_the_other_aborts_once_the_lease_lapses(
+        make_cluster, slack, replicas, s3):
+    """B has snapshotted (and looked for leftovers) already; A is killed mid-upload. B's next snapshot
+    waits for A's lease to lapse, then aborts A's unfinished upload: another replica held the
+    cluster's lease since B's last snapshot, so B looks again."""
+    c = make_cluster(1)
+    await fill(c, 60)
+    group = await replicas([cluster_table("prod", c, snapshots={"store": s3.store_table()})])
+    a, b = group.bots
+    assert "verified remotely" in text_of(await reply(slack, "snapshot", to=b.url, timeout=120))
+    await command(slack, "snapshot", to=a.url)
+    await eventually(lambda: asyncio.to_thread(s3.unfinished_uploads), 60, "A's multipart upload to start",
+                     interval=0.01)
+    a.kill()
+    assert len(s3.unfinished_uploads()) == 1
+    c.etcdctl("put", "/next", "x")
+    assert "verified remotely" in text_of(await reply(slack, "snapshot", to=b.url, timeout=120))
+    assert s3.unfinished_uploads() == []
+    assert "aborted unfinished uploads" in b.log_file.read_text()
