@@ -28,7 +28,7 @@ from bot.settings import SlackSettings
 from bot.slack.app import BotServer
 from bot.store.base import Store, open_store
 from bot.testing.postgres import PASSWORD_ENV, LocalPostgres
-from bot.testing.workspace import CHANNEL, LEAD, LEAD2, STRANGER, BotProcess, cluster_table, write_config
+from bot.testing.workspace import CHANNEL, LEAD, LEAD2, ONCALL, STRANGER, BotProcess, cluster_table, write_config
 from helpers import (
     APPROVAL,
     OK,
@@ -354,6 +354,8 @@ async def test_a_replica_snapshot_waits_for_the_other_and_never_aborts_its_runni
         texts = [text_of(m) for m in slack.messages[start:] if m.source == "chat.postMessage"]
         return [t for t in texts if "*File:*" in t]
     texts = await eventually(lambda: len(done()) == 2 and done(), 180, "both replicas' snapshots")
+    told = [text_of(m) for m in slack.messages[start:] if m.ephemeral_to == ONCALL]
+    assert any(f"is running on replica `{group.replica_id(a)}`; yours starts when it ends" in t for t in told), told
     assert all("verified remotely" in t for t in texts), texts
     logs = a.log_file.read_text() + b.log_file.read_text()
     assert "aborted unfinished uploads" not in logs and "retrying from the local file" not in logs

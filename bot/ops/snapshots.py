@@ -55,10 +55,12 @@ class RunningSnapshot:
 async def take_snapshot(ctx: BotContext, cluster: ClusterConfig, *, requested_by: str, reason: str,
                         channel: str = "", health: ClusterHealth | None = None, prefer: str | None = None,
                         plan_id: str | None = None,
-                        on_join: Callable[[RunningSnapshot], Awaitable[object]] | None = None) -> SavedSnapshot:
+                        on_join: Callable[[RunningSnapshot], Awaitable[object]] | None = None,
+                        on_wait: Callable[[str], Awaitable[object]] | None = None) -> SavedSnapshot:
     """Snapshot a healthy member (a follower if possible), record it, apply retention.
     While another snapshot of the cluster runs, wait for that one instead
-    (`on_join` is told at once) and return its result. `plan_id`: this is that
+    (`on_join` is told at once) and return its result; while another replica takes
+    one, wait for it to end (`on_wait` is told that replica's id), then take this one. `plan_id`: this is that
     plan's pre-change snapshot, which retention keeps."""
     running = ctx.running_snapshots.get(cluster.name)
     if running is not None:
@@ -67,7 +69,7 @@ async def take_snapshot(ctx: BotContext, cluster: ClusterConfig, *, requested_by
     future.add_done_callback(lambda f: f.cancelled() or f.exception())  # no joiner: nobody else reads a failure
     ctx.running_snapshots[cluster.name] = RunningSnapshot(cluster.name, requested_by, channel, time.time(), future)
     try:
-        async with cluster_lease(ctx, cluster.name) as lease:
+        async with cluster_lease(ctx, cluster.name, on_wait) as lease:
             saved, snapshot_id = await _take(ctx, cluster, lease, requested_by=requested_by, reason=reason,
                                              channel=channel, health=health, prefer=prefer, plan_id=plan_id)
     except BaseException as e:
@@ -101,10 +103,12 @@ def lease_name(cluster: str) -> str:
 
 
 @asynccontextmanager
-async def cluster_lease(ctx: BotContext, cluster: str) -> AsyncIterator[Lease]:
+async def cluster_lease(ctx: BotContext, cluster: str,
+                        on_wait: Callable[[str], Awaitable[object]] | None = None) -> AsyncIterator[Lease]:
     """Hold the store's lease on snapshotting `cluster` (see the module's doc): wait while another
-    replica holds it, renew it every third of `[replicas] lease_seconds` while inside, release it
-    after. A store that cannot be written fails the snapshot before it starts."""
+    replica holds it (`on_wait` is told its id, once), renew it every third of `[replicas]
+    lease_seconds` while inside, release it after. A store that cannot be written fails the
+    snapshot before it starts."""
     name, me, ttl = lease_name(cluster), ctx.leadership.replica_id, float(ctx.config.replicas.lease_seconds)
     waiting = False
     while True:
@@ -116,9 +120,12 @@ async def cluster_lease(ctx: BotContext, cluster: str) -> AsyncIterator[Lease]:
             break
         if not waiting:
             held = await ctx.store.lease(name)
+            holder = held.holder if held else "another replica"
             log.info("another replica is taking a snapshot of the cluster; waiting for it",
-                     extra={"ctx_cluster": cluster, "ctx_holder": held.holder if held else "?"})
+                     extra={"ctx_cluster": cluster, "ctx_holder": holder})
             waiting = True
+            if on_wait is not None:
+                await on_wait(holder)
         await asyncio.sleep(LEASE_POLL)
     renewal = asyncio.create_task(_renew(ctx, name, me, ttl), name=f"{name} lease")
     try:
