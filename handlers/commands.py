@@ -85,8 +85,11 @@ async def _snapshot(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user:
         joined.append(running)
         await ctx.notifier.private_message(
             channel, user, blocks.snapshot_joined_reply(running.cluster, running.requested_by, running.started_at))
+    async def wait(replica: str) -> None:
+        await ctx.notifier.private_message(channel, user, blocks.snapshot_waiting_reply(cluster.name, replica))
     try:
-        saved = await take_snapshot(ctx, cluster, requested_by=user, reason="requested", channel=channel, on_join=tell)
+        saved = await take_snapshot(ctx, cluster, requested_by=user, reason="requested", channel=channel, on_join=tell,
+                                    on_wait=wait)
         answer = blocks.snapshot_reply(saved, joined[0].requested_by if joined else user)
     except SnapshotFailed as e:
         await ctx.store.audit("snapshot_failed", user=user, channel=channel, cluster=cluster.name,

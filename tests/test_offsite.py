@@ -164,7 +164,9 @@ async def test_a_bot_killed_mid_upload_leaves_no_object_and_the_next_start_abort
         make_cluster, slack, creds, s3, tmp_path):
     c = make_cluster(1)
     await fill(c, 60)
-    config = write_config(tmp_path, [cluster_table("prod", c, snapshots={"store": s3.store_table()})])
+    # the killed bot's hold on the cluster's snapshot lease lapses after lease_seconds (3 s, not the default 10 s)
+    config = write_config(tmp_path, [cluster_table("prod", c, snapshots={"store": s3.store_table()})],
+                          replicas={"lease_seconds": 3})
     bot = await asyncio.to_thread(BotProcess(config, slack.api_url, creds, tmp_path / "bot.log").start)
     try:
         slack.bot_url = bot.url

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from test_snapshots import fill
 
 from bot.config import ReplicasConfig, load_config
 from bot.ops.leader import LEASE
@@ -27,12 +28,13 @@ from bot.settings import SlackSettings
 from bot.slack.app import BotServer
 from bot.store.base import Store, open_store
 from bot.testing.postgres import PASSWORD_ENV, LocalPostgres
-from bot.testing.workspace import CHANNEL, LEAD, LEAD2, STRANGER, BotProcess, cluster_table, write_config
+from bot.testing.workspace import CHANNEL, LEAD, LEAD2, ONCALL, STRANGER, BotProcess, cluster_table, write_config
 from helpers import (
     APPROVAL,
     OK,
     announcing,
     audit_actions,
+    command,
     ephemeral,
     eventually,
     members_of,
@@ -328,3 +330,58 @@ async def test_only_the_leader_watches_and_its_successor_resolves_the_same_alert
     await slack.wait_for(lambda: "resolved after" in thread(slack, alert), timeout=30,
                          what=f"the alert resolved by {successor.url}")
     assert len(member_down()) == 1, "the new leader posted the alert again"
+
+
+# ---------------------------------------------------------------- off-site uploads: one bucket, two replicas
+
+async def test_a_replica_snapshot_waits_for_the_other_and_never_aborts_its_running_upload(make_cluster, slack,
+                                                                                           replicas, s3):
+    """Both replicas upload to one bucket and prefix. While A streams a snapshot off-site, B is
+    asked for one: B's first upload would abort the cluster's leftover uploads, but A's is alive
+    (it holds the cluster's snapshot lease in the shared store), so B waits for it. A's upload
+    is never aborted (no retry from its local file), both end verified remotely, one after the other."""
+    c = make_cluster(1)
+    await fill(c, 60)  # ~64 MB: A's upload is under way when B is asked
+    group = await replicas([cluster_table("prod", c, snapshots={"store": s3.store_table()})])
+    a, b = group.bots
+    start = len(slack.messages)
+    await command(slack, "snapshot", to=a.url)
+    await eventually(lambda: asyncio.to_thread(s3.unfinished_uploads), 60, "A's multipart upload to start",
+                     interval=0.01)
+    await command(slack, "snapshot", to=b.url)
+
+    def done() -> list[str]:
+        texts = [text_of(m) for m in slack.messages[start:] if m.source == "chat.postMessage"]
+        return [t for t in texts if "*File:*" in t]
+    texts = await eventually(lambda: len(done()) == 2 and done(), 180, "both replicas' snapshots")
+    told = [text_of(m) for m in slack.messages[start:] if m.ephemeral_to == ONCALL]
+    assert any(f"is running on replica `{group.replica_id(a)}`; yours starts when it ends" in t for t in told), told
+    assert all("verified remotely" in t for t in texts), texts
+    logs = a.log_file.read_text() + b.log_file.read_text()
+    assert "aborted unfinished uploads" not in logs and "retrying from the local file" not in logs
+    first, second = sorted(await group.store.snapshots("prod"), key=lambda r: r["created_at"])
+    assert first["remote_state"] == second["remote_state"] == "verified"
+    assert second["created_at"] >= first["remote_verified_at"], "the replicas snapshotted the cluster at once"
+    assert "snapshot_offsite_failed" not in [r["action"] for r in await group.store.audit_rows()]
+    assert s3.unfinished_uploads() == [] and len(s3.keys("prod/prod/")) == 4  # two snapshots, two manifests
+
+
+async def test_a_replica_killed_mid_upload_leaves_a_leftover_the_other_aborts_once_the_lease_lapses(
+        make_cluster, slack, replicas, s3):
+    """B has snapshotted (and looked for leftovers) already; A is killed mid-upload. B's next snapshot
+    waits for A's lease to lapse, then aborts A's unfinished upload: another replica held the
+    cluster's lease since B's last snapshot, so B looks again."""
+    c = make_cluster(1)
+    await fill(c, 60)
+    group = await replicas([cluster_table("prod", c, snapshots={"store": s3.store_table()})])
+    a, b = group.bots
+    assert "verified remotely" in text_of(await reply(slack, "snapshot", to=b.url, timeout=120))
+    await command(slack, "snapshot", to=a.url)
+    await eventually(lambda: asyncio.to_thread(s3.unfinished_uploads), 60, "A's multipart upload to start",
+                     interval=0.01)
+    a.kill()
+    assert len(s3.unfinished_uploads()) == 1
+    c.etcdctl("put", "/next", "x")
+    assert "verified remotely" in text_of(await reply(slack, "snapshot", to=b.url, timeout=120))
+    assert s3.unfinished_uploads() == []
+    assert "aborted unfinished uploads" in b.log_file.read_text()

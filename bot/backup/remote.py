@@ -189,7 +189,7 @@ class Upload:
             if (error := self._task.exception()) is not None:
                 raise error
         except Exception as e:
-            self._swept.discard(self.cluster)  # obstore aborts a failed upload, unless the store is unreachable
+            self._swept.pop(self.cluster, None)  # obstore aborts a failed upload, unless the store is unreachable
             raise _fail(f"uploading {self.name}", e) from None
 
     def abort(self) -> None:
@@ -200,7 +200,7 @@ class Upload:
                 return
             self._done = True
             self._active.discard(self.key)
-        self._swept.discard(self.cluster)  # whether obstore's abort reached the store is not told: look again
+        self._swept.pop(self.cluster, None)  # whether obstore's abort reached the store is not told: look again
         try:
             self._call(_Aborted("aborted"))  # obstore aborts the multipart upload when its source raises
         except Exception:
@@ -222,7 +222,9 @@ class RemoteStore:
         self.store = store
         self.root = root  # file:// only: the directory
         self.active: set[str] = set()  # keys this store is uploading now (not leftovers)
-        self.swept: set[str] = set()   # clusters whose leftovers were aborted since start (and no abort failed)
+        # cluster -> the snapshot lease's token (bot/ops/snapshots.py) of the last tenure after which
+        # it had no leftovers of this store's (swept, and no abort failed since)
+        self.swept: dict[str, int] = {}
 
     @classmethod
     def from_config(cls, config: StoreConfig, options: Mapping[str, str] | None = None) -> RemoteStore:
@@ -370,7 +372,7 @@ class RemoteStore:
             await obs.put_async(self.store, self.key(cluster, name), path, chunk_size=PART_SIZE,
                                 max_concurrency=PART_CONCURRENCY)
         except Exception as e:
-            self.swept.discard(cluster)  # obstore's own abort may have failed too: look again next time
+            self.swept.pop(cluster, None)  # obstore's own abort may have failed too: look again next time
             raise _fail(f"uploading {name}", e) from None
 
     async def write_manifest(self, manifest: Manifest) -> None:
@@ -392,14 +394,25 @@ class RemoteStore:
                     continue
                 raise _fail(f"deleting {self.display_url(cluster, name)}", e) from None
 
-    def needs_sweep(self, cluster: str) -> bool:
-        """Whether unfinished uploads of `cluster` may exist: not looked for since this bot
-        started (a killed predecessor's), or an abort failed since (the store was down)."""
-        return cluster not in self.swept
+    def needs_sweep(self, cluster: str, token: int = 0) -> bool:
+        """Whether unfinished uploads of `cluster` may exist. `token`: the tenure of the cluster's
+        snapshot lease now held. Yes when not looked for since this bot started (a killed
+        predecessor's), when an abort failed since (the store was down), or when another
+        replica held the lease since this store's last tenure (it may have died mid-upload)."""
+        last = self.swept.get(cluster)
+        return last is None or last < token - 1
 
-    async def abort_leftovers(self, cluster: str) -> int:
+    def clean_tenure(self, cluster: str, token: int) -> None:
+        """A tenure of the lease ended with no leftovers of this store's (when none were known before)."""
+        if cluster in self.swept:
+            self.swept[cluster] = token
+
+    async def abort_leftovers(self, cluster: str, token: int = 0) -> int:
         """Abort the unfinished uploads of `cluster` that a killed bot left (never one this
-        store is running): not visible objects, but they cost storage. obstore has no way to
+        store is running): not visible objects, but they cost storage. The caller holds the
+        cluster's snapshot lease (tenure `token`), under which every upload of the cluster
+        runs, in any replica: so an unfinished upload not this store's is a dead one's (the
+        bucket's own clock, the uploads' Initiated time, is not needed). obstore has no way to
         list them, so: S3 through botocore (ListMultipartUploads + AbortMultipartUpload, the
         same credential chain) in a short-lived child process, as botocore's S3 model costs
         ~40 MB that would stay in the bot; file:// by removing obstore's staging files
@@ -412,7 +425,7 @@ class RemoteStore:
             aborted = await self._abort_s3_uploads(cluster, active)
         else:
             aborted = 0
-        self.swept.add(cluster)
+        self.swept[cluster] = token
         return aborted
 
     async def _abort_s3_uploads(self, cluster: str, active: set[str]) -> int:

@@ -2,15 +2,27 @@
 
 Shared by `/etcd snapshot`, the pre-change step of every plan and the
 schedule, so all three record the same facts the same way. One snapshot of a
-cluster runs at a time: a request while one runs joins it (single flight) and
-gets its result, instead of streaming the same database twice.
+cluster runs at a time: a request while one runs in this replica joins it
+(single flight) and gets its result, instead of streaming the same database
+twice.
+
+Across replicas (one shared store), a snapshot runs under the cluster's lease
+`snapshot:<cluster>` in the store, renewed while it runs: a request on another
+replica waits until it is released (or has expired: its holder died), then
+takes its own. Everything that writes to the cluster's off-site prefix runs
+under that lease: the streamed upload, its retries, the retry of earlier
+failed uploads and the abort of leftovers. So the shared store is the truth
+about which uploads are alive, and one replica's cleanup never aborts
+another's running upload; a dead replica's lease lapses after
+`[replicas] lease_seconds`, and its leftovers are then aborted.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -23,6 +35,8 @@ from bot.etcd.health import ClusterHealth, check_cluster
 from bot.etcd.model import EtcdError
 from bot.etcd.snapshots import SavedSnapshot, SnapshotFailed, save_snapshot, to_prune
 from bot.ops.context import BotContext
+from bot.store.base import StoreError
+from bot.store.records import Lease
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +55,12 @@ class RunningSnapshot:
 async def take_snapshot(ctx: BotContext, cluster: ClusterConfig, *, requested_by: str, reason: str,
                         channel: str = "", health: ClusterHealth | None = None, prefer: str | None = None,
                         plan_id: str | None = None,
-                        on_join: Callable[[RunningSnapshot], Awaitable[object]] | None = None) -> SavedSnapshot:
+                        on_join: Callable[[RunningSnapshot], Awaitable[object]] | None = None,
+                        on_wait: Callable[[str], Awaitable[object]] | None = None) -> SavedSnapshot:
     """Snapshot a healthy member (a follower if possible), record it, apply retention.
     While another snapshot of the cluster runs, wait for that one instead
-    (`on_join` is told at once) and return its result. `plan_id`: this is that
+    (`on_join` is told at once) and return its result; while another replica takes
+    one, wait for it to end (`on_wait` is told that replica's id), then take this one. `plan_id`: this is that
     plan's pre-change snapshot, which retention keeps."""
     running = ctx.running_snapshots.get(cluster.name)
     if running is not None:
@@ -53,8 +69,9 @@ async def take_snapshot(ctx: BotContext, cluster: ClusterConfig, *, requested_by
     future.add_done_callback(lambda f: f.cancelled() or f.exception())  # no joiner: nobody else reads a failure
     ctx.running_snapshots[cluster.name] = RunningSnapshot(cluster.name, requested_by, channel, time.time(), future)
     try:
-        saved, snapshot_id = await _take(ctx, cluster, requested_by=requested_by, reason=reason, channel=channel,
-                                         health=health, prefer=prefer, plan_id=plan_id)
+        async with cluster_lease(ctx, cluster.name, on_wait) as lease:
+            saved, snapshot_id = await _take(ctx, cluster, lease, requested_by=requested_by, reason=reason,
+                                             channel=channel, health=health, prefer=prefer, plan_id=plan_id)
     except BaseException as e:
         future.set_exception(e if isinstance(e, Exception) else
                              SnapshotFailed(f"the snapshot of {cluster.name} was stopped before it finished"))
@@ -78,8 +95,64 @@ async def _join(ctx: BotContext, running: RunningSnapshot, *, requested_by: str,
     return saved
 
 
-async def _take(ctx: BotContext, cluster: ClusterConfig, *, requested_by: str, reason: str, channel: str,
-                health: ClusterHealth | None, prefer: str | None, plan_id: str | None) -> tuple[SavedSnapshot, int]:
+LEASE_POLL = 0.5   # seconds between looks at a lease another replica holds
+
+
+def lease_name(cluster: str) -> str:
+    return f"snapshot:{cluster}"
+
+
+@asynccontextmanager
+async def cluster_lease(ctx: BotContext, cluster: str,
+                        on_wait: Callable[[str], Awaitable[object]] | None = None) -> AsyncIterator[Lease]:
+    """Hold the store's lease on snapshotting `cluster` (see the module's doc): wait while another
+    replica holds it (`on_wait` is told its id, once), renew it every third of `[replicas]
+    lease_seconds` while inside, release it after. A store that cannot be written fails the
+    snapshot before it starts."""
+    name, me, ttl = lease_name(cluster), ctx.leadership.replica_id, float(ctx.config.replicas.lease_seconds)
+    waiting = False
+    while True:
+        try:
+            lease = await ctx.store.acquire_lease(name, me, ttl)
+        except StoreError as e:
+            raise SnapshotFailed(f"cannot take a snapshot of {cluster}: {e}") from None
+        if lease is not None:
+            break
+        if not waiting:
+            held = await ctx.store.lease(name)
+            holder = held.holder if held else "another replica"
+            log.info("another replica is taking a snapshot of the cluster; waiting for it",
+                     extra={"ctx_cluster": cluster, "ctx_holder": holder})
+            waiting = True
+            if on_wait is not None:
+                await on_wait(holder)
+        await asyncio.sleep(LEASE_POLL)
+    renewal = asyncio.create_task(_renew(ctx, name, me, ttl), name=f"{name} lease")
+    try:
+        yield lease
+    finally:
+        renewal.cancel()
+        await asyncio.gather(renewal, return_exceptions=True)
+        try:
+            await ctx.store.release_lease(name, me)
+        except StoreError as e:  # it lapses after ttl
+            log.warning("cannot release the snapshot lease", extra={"ctx_cluster": cluster, "ctx_error": str(e)})
+
+
+async def _renew(ctx: BotContext, name: str, me: str, ttl: float) -> None:
+    while True:
+        await asyncio.sleep(ttl / 3)
+        try:
+            if await ctx.store.acquire_lease(name, me, ttl) is None:
+                log.error("the snapshot lease was lost to another replica", extra={"ctx_lease": name})
+                return
+        except StoreError as e:
+            log.warning("cannot renew the snapshot lease", extra={"ctx_lease": name, "ctx_error": str(e)})
+
+
+async def _take(ctx: BotContext, cluster: ClusterConfig, lease: Lease, *, requested_by: str, reason: str,
+                channel: str, health: ClusterHealth | None, prefer: str | None,
+                plan_id: str | None) -> tuple[SavedSnapshot, int]:
     client = ctx.client(cluster)
     if health is None:
         try:
@@ -91,7 +164,7 @@ async def _take(ctx: BotContext, cluster: ClusterConfig, *, requested_by: str, r
         source = health.snapshot_source()
     if source is None or source.status is None:  # (a healthy member always has a status)
         raise SnapshotFailed(f"no healthy member of {cluster.name} to take a snapshot from")
-    remote, remote_error = await _remote_for_upload(cluster)
+    remote, remote_error = await _remote_for_upload(cluster, lease.token)
     upload: Callable[[str], Upload] | None = None
     if remote is not None:
         upload = partial(remote.begin_upload, cluster.name)
@@ -122,6 +195,7 @@ async def _take(ctx: BotContext, cluster: ClusterConfig, *, requested_by: str, r
     if remote is not None:
         saved = await store_offsite(ctx, cluster, remote, saved, snapshot_id)
         await retry_failed_uploads(ctx, cluster, remote, but=snapshot_id)
+        remote.clean_tenure(cluster.name, lease.token)
     elif remote_error is not None:
         await _offsite_failed(ctx, cluster, saved, snapshot_id, remote_error)
     return replace(saved, pruned=tuple(await prune(ctx, cluster))), snapshot_id
@@ -257,20 +331,21 @@ def remote_store(config: StoreConfig) -> RemoteStore:
     return store
 
 
-async def _remote_for_upload(cluster: ClusterConfig) -> tuple[RemoteStore | None, str | None]:
+async def _remote_for_upload(cluster: ClusterConfig, token: int) -> tuple[RemoteStore | None, str | None]:
     """The cluster's off-site store ready for an upload, or why there is none. Unfinished uploads
-    a killed bot left (or one whose abort failed) are aborted first, once (best effort: a
-    failure here does not stop the upload)."""
+    a killed bot left (or one whose abort failed) are aborted first, when there may be some
+    (best effort: a failure here does not stop the upload). `token`: the tenure of the
+    cluster's snapshot lease, held by the caller."""
     if cluster.snapshots.store is None:
         return None, None
     try:
         remote = remote_store(cluster.snapshots.store)
     except RemoteError as e:
         return None, str(e)
-    if not remote.needs_sweep(cluster.name):
+    if not remote.needs_sweep(cluster.name, token):
         return remote, None
     try:
-        aborted = await remote.abort_leftovers(cluster.name)
+        aborted = await remote.abort_leftovers(cluster.name, token)
         if aborted:
             log.warning("aborted unfinished uploads a stopped bot left",
                         extra={"ctx_cluster": cluster.name, "ctx_count": aborted})
@@ -337,7 +412,8 @@ async def retry_failed_uploads(ctx: BotContext, cluster: ClusterConfig, remote: 
                                but: int | None = None) -> list[str]:
     """Upload again the kept local snapshots whose upload failed (the store was down) or was cut
     short (the bot stopped): after the next snapshot's own upload, one try each. Returns the files
-    now verified off-site."""
+    now verified off-site. The caller holds the cluster's snapshot lease, so a row still
+    'uploading' is not being uploaded by any replica."""
     done = []
     for row in await ctx.store.snapshots(cluster.name, limit=100000):
         path = Path(row["path"])

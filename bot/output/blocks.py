@@ -533,6 +533,14 @@ def snapshot_joined_reply(cluster: str, started_by: str, started_at: float) -> R
         f"{mention(started_by)} at {slack_date(started_at)}; you will get its result")])
 
 
+def snapshot_waiting_reply(cluster: str, replica: str) -> Reply:
+    """A request while another replica snapshots the cluster: this one starts when that one ends."""
+    text = f"a snapshot of {escape(cluster)} is running on replica {escape(replica)}; yours starts when it ends"
+    return Reply(text=text, blocks=[_section(
+        f":hourglass_flowing_sand: a snapshot of `{escape(cluster)}` is running on replica `{escape(replica)}`; "
+        "yours starts when it ends")])
+
+
 _PLACE = {"local": ":floppy_disk: local", "remote": ":cloud: remote only",
           "both": ":floppy_disk: local + :cloud: remote", "none": ":x: no copy left"}
 
