@@ -194,3 +194,28 @@ def test_an_error_line_never_carries_a_query_string_or_signature():
     text = one_line(error)
     assert "SECRETSAS" not in text and "abc123" not in text and "\n" not in text and "Debug source" not in text
     assert text.startswith("Error performing GET https://acct.blob.core.windows.net/c/prod/x.db?…")
+
+
+async def test_a_real_connection_error_is_one_line_that_names_the_cause():
+    """obstore's text is a sentence, a blank line and a 40-line debug dump; the line keeps the
+    sentence and the dump's root cause (it showed 240 characters of the dump before)."""
+    import socket
+    from datetime import timedelta
+
+    import obstore
+    from obstore.store import S3Store
+
+    from bot.backup.remote import one_line
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]   # nothing listens on it
+    store = S3Store("bucket", endpoint=f"http://127.0.0.1:{port}", region="us-east-1", access_key_id="AKIATEST",
+                    secret_access_key="not-a-secret", client_options={"allow_http": True},
+                    retry_config={"max_retries": 0, "retry_timeout": timedelta(seconds=2),
+                                  "backoff": {"init_backoff": timedelta(milliseconds=10),
+                                              "max_backoff": timedelta(milliseconds=10), "base": 2}})
+    with pytest.raises(Exception) as e:
+        await obstore.put_async(store, "prod/x.db", b"x")
+    text = one_line(e.value)
+    assert text.endswith("(Connection refused)") and "Debug" not in text and "{" not in text, text
+    assert len(text) < 200

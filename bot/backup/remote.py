@@ -94,8 +94,13 @@ class RemoteObject:
 
 
 def one_line(e: BaseException) -> str:
-    """An obstore error as one short line (its texts run over several lines with a debug dump)."""
-    text = " ".join(str(e).split(" Debug source:")[0].split()) or type(e).__name__
+    """An obstore error as one short line: its first sentence and the root cause from the debug
+    dump that follows it ("Connection refused"), never the dump itself."""
+    head, _, dump = str(e).partition("Debug source:")
+    text = " ".join(head.split()) or type(e).__name__
+    causes = re.findall(r'message: "([^"\n]{1,120})"', dump)
+    if causes and causes[-1] not in text:
+        text += f" ({causes[-1]})"
     text = re.sub(r"(https?://[^\s?]+)\?[^\s]*", r"\1?…", text)  # query strings: an Azure SAS token, a signature
     text = re.sub(r"(?i)(signature|credential|x-amz-security-token|authorization|sig)=[^&\s,)]+", r"\1=…", text)
     return text[:240] + ("…" if len(text) > 240 else "")
