@@ -101,7 +101,9 @@ async def test_a_member_killed_mid_plan_stops_it_and_resume_continues(make_clust
     c.kill(follower)
     failed = await wait_state(store, row["id"], ("failed",), timeout=180)
     assert follower in (failed.error or "") or "connection refused" in (failed.error or ""), failed.error
-    assert "stopped" in thread(slack, plan) and "/etcd resume" in thread(slack, plan)
+    # The plan is failed in the store before its thread says so: wait for the note.
+    note = await slack.wait_for(lambda: "stopped" in thread(slack, plan) and thread(slack, plan), what="the stop note")
+    assert "/etcd resume" in note
     ran = {st["key"] for st in await store.steps(row["id"]) if st["state"] == "done"}
     assert "verify" not in ran
 
