@@ -143,14 +143,18 @@ def dead_local_holder(holder: str, hostname: str, alive: Callable[[int], bool]) 
     return host == hostname and pid.isdigit() and int(pid) != os.getpid() and not alive(int(pid))
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """A process of this host is running (a zombie, exited but not yet reaped, is not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True   # someone else's process: alive
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 async def _release_if_dead(ctx: BotContext) -> bool:
@@ -162,7 +166,7 @@ async def _release_if_dead(ctx: BotContext) -> bool:
         return False
     try:
         held = await ctx.store.lease(LEASE)
-        if held is None or not dead_local_holder(held.holder, socket.gethostname(), _alive):
+        if held is None or not dead_local_holder(held.holder, socket.gethostname(), process_alive):
             return False
         await ctx.store.release_lease(LEASE, held.holder)
     except StoreError:

@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bot.ops.leader import process_alive
 from bot.testing.cluster import free_port
 
 PG_BIN = Path(os.environ.get("ETCD_CHATOPS_PG_BIN", "/usr/lib/postgresql/15/bin"))
@@ -96,9 +97,9 @@ class LocalPostgres:
             return
         self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", "30", "stop")
         deadline = time.monotonic() + 5
-        while _alive(pid) and time.monotonic() < deadline:
+        while process_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if _alive(pid):  # the server's processes are its group when pg_ctl made it a session leader
+        if process_alive(pid):  # the server's processes are its group when pg_ctl made it a session leader
             if _is_group_leader(pid):
                 os.killpg(pid, signal.SIGKILL)
             else:
@@ -140,19 +141,6 @@ class LocalPostgres:
         with psycopg.connect(self.url(), password=self.password, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}"'.encode())
         return self.url(name)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (already exited, not yet reaped by its parent) is gone
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _is_group_leader(pid: int) -> bool:
