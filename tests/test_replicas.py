@@ -283,7 +283,7 @@ async def test_a_deposed_leader_stops_before_its_next_action_and_leaves_the_plan
     bot = await start_bot([cluster_table("prod", c)], approval=APPROVAL)
     store, me = bot.ctx.store, bot.ctx.leadership
     c.kill("member1")
-    slack.fail_next("chat.update", status=429, retry_after=3, match=announcing(3))
+    slack.fail_next("chat.update", status=429, retry_after=1, match=announcing(3))
     peer, client = urls()
     plan = await propose(slack, f"replace member1 member4 {peer} --client-url {client}")
     row = await plan_row(store, plan)

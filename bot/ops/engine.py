@@ -184,7 +184,7 @@ class Run:
                 found = await step.precondition() if step.precondition else ""
             except (TimeoutError, StepFailed, EtcdError) as e:
                 return await self._fail(idx, self._failure(e), before=True)
-            self._still_leading()  # (announcing and checking take time: deposed meanwhile, the action is not sent)
+            await self._still_holding()  # announcing and checking take time: deposed meanwhile, no action is sent
             try:
                 detail = await step.action() if step.action else found
                 if step.verify:
@@ -215,6 +215,15 @@ class Run:
         """Deposed, or leading a later tenure than the one this run started in: stop here, the plan stays
         `running`, and the leader of the current tenure resumes it (re-checking this step first)."""
         if self.ctx.leadership.fence != self.fence:
+            raise LeaseLost(self.fence)
+
+    async def _still_holding(self) -> None:
+        """Right before an action: the lease as the store has it, not as this replica last renewed it
+        (a renewal runs every ttl/3: another replica may hold the lease since; one read per step)."""
+        self._still_leading()
+        held = await self.ctx.store.lease(self.fence.name)
+        if held is None or (held.holder, held.token) != (self.fence.holder, self.fence.token):
+            self.ctx.leadership.lost()
             raise LeaseLost(self.fence)
 
     @staticmethod
