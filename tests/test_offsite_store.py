@@ -102,7 +102,7 @@ def test_the_manifest_round_trips_and_rejects_what_it_cannot_trust():
 
 # ---------------------------------------------------------------- the store, on S3 and on a directory
 
-@pytest.fixture(params=["s3", "file"])
+@pytest.fixture(params=[pytest.param("s3", marks=pytest.mark.e2e), "file"])  # s3: a moto server (end to end)
 def store(request, tmp_path) -> RemoteStore:
     if request.param == "file":
         return RemoteStore.from_config(StoreConfig(f"file://{tmp_path}/offsite"))
