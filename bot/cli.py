@@ -13,11 +13,16 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:  # the CLI imports gRPC only for the commands that talk to etcd
+    from collections.abc import Awaitable, Callable
+
     from bot.config import Config
     from bot.etcd.client import EtcdClient
+    from bot.store.base import Store
+
+T = TypeVar("T")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -230,25 +235,33 @@ def _client_from_args(args: argparse.Namespace):
     return client, endpoints[0] + (f" (+{len(endpoints) - 1})" if len(endpoints) > 1 else "")
 
 
+async def _from_bot_store(config: Config, read: Callable[[Store], Awaitable[T]]) -> T | None:
+    """`read` from the bot's own database, when there is one: None when it has none yet; the
+    StoreError (or sqlite3.Error) when it cannot be read. The CLI only reads it, never migrates it."""
+    from bot.store.base import store_for
+
+    if isinstance(config.database, Path) and not config.database.is_file():
+        return None
+    store = store_for(config)
+    try:
+        await store.open()
+        return await read(store)
+    finally:
+        await store.close()
+
+
 async def _learn_recorded(client: EtcdClient, args: argparse.Namespace) -> None:
     """--cluster: fall back to the client URLs of the membership the bot last recorded
     (after replacements the configured endpoints go stale)."""
     import sqlite3
 
     from bot.etcd.model import Member
-    from bot.store.base import StoreError, store_for
+    from bot.store.base import StoreError
 
-    config = _load_config(args.config)
-    if isinstance(config.database, Path) and not config.database.is_file():
-        return
-    store = store_for(config)
     try:
-        await store.open()
-        last = await store.last_membership(args.cluster)
+        last = await _from_bot_store(_load_config(args.config), lambda s: s.last_membership(args.cluster))
     except (StoreError, sqlite3.Error):
         return  # the configured endpoints alone, as without a bot
-    finally:
-        await store.close()
     if last is not None:
         client.learn(Member.from_json(m) for m in last[0])
 
@@ -374,17 +387,12 @@ async def _catalog_rows(config: Config, cluster: str) -> tuple[list[dict], str |
     """The bot's catalog rows of `cluster` (pruned ones too: their remote copy may remain), or why there are none."""
     import sqlite3
 
-    from bot.store.base import StoreError, store_for
-    if isinstance(config.database, Path) and not config.database.is_file():
-        return [], None
-    store = store_for(config)
+    from bot.store.base import StoreError
     try:
-        await store.open()
-        return await store.snapshots(cluster, limit=100000, include_pruned=True), None
+        rows = await _from_bot_store(config, lambda s: s.snapshots(cluster, limit=100000, include_pruned=True))
     except (StoreError, sqlite3.Error) as e:
         return [], f"the bot's catalog could not be read ({e}): the store's objects only"
-    finally:
-        await store.close()
+    return rows or [], None
 
 
 async def _snapshot_list(args: argparse.Namespace) -> int:

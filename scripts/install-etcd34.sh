@@ -47,10 +47,8 @@ if ! command -v apt-get >/dev/null 2>&1 || ! command -v apt-cache >/dev/null 2>&
     exit 0
 fi
 
-candidate() { apt-cache policy "$1" 2>/dev/null | sed -n 's/^ *Candidate: *//p'; }
-if [ -z "$(candidate etcd-server)" ] || [ "$(candidate etcd-server)" = "(none)" ]; then
-    apt-get update -qq >/dev/null 2>&1 || say "apt-get update failed; trying with the package lists at hand"
-fi
+. "$(dirname "$0")/apt-lib.sh"
+lists_for etcd-server
 server=$(candidate etcd-server)
 client=$(candidate etcd-client)
 case "$server/$client" in
@@ -70,25 +68,8 @@ etcd_pids() {  # PIDs of running /usr/bin/etcd processes
 }
 
 # Forbid service starts while the package installs (restoring whatever policy was there).
-policy=/usr/sbin/policy-rc.d
-backup=""
-if [ -e "$policy" ]; then
-    backup=$(mktemp /tmp/policy-rc.d.XXXXXX)
-    cp -p "$policy" "$backup"
-fi
-restore() {
-    if [ -n "$backup" ]; then
-        cp -p "$backup" "$policy"
-        rm -f "$backup"
-    else
-        rm -f "$policy"
-    fi
-}
-trap restore EXIT
-trap 'exit 1' INT TERM HUP
 before=$(etcd_pids | tr '\n' ' ')
-printf '#!/bin/sh\n# install-etcd34.sh: no service starts during the install\nexit 101\n' > "$policy"
-chmod 0755 "$policy"
+forbid_service_starts install-etcd34.sh
 
 say "installing etcd-server $server and etcd-client $client from Debian"
 log=$(mktemp /tmp/install-etcd34.XXXXXX)

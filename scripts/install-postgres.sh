@@ -32,10 +32,8 @@ if ! command -v apt-get >/dev/null 2>&1 || ! command -v apt-cache >/dev/null 2>&
     exit 0
 fi
 
-candidate() { apt-cache policy "$1" 2>/dev/null | sed -n 's/^ *Candidate: *//p'; }
-if [ -z "$(candidate postgresql-15)" ] || [ "$(candidate postgresql-15)" = "(none)" ]; then
-    apt-get update -qq >/dev/null 2>&1 || say "apt-get update failed; trying with the package lists at hand"
-fi
+. "$(dirname "$0")/apt-lib.sh"
+lists_for postgresql-15
 version=$(candidate postgresql-15)
 if [ -z "$version" ] || [ "$version" = "(none)" ]; then
     say "this system's package sources offer no postgresql-15: nothing installed" \
@@ -45,24 +43,7 @@ fi
 
 # Forbid service starts while the package installs (restoring whatever policy was there),
 # and no default cluster: the tests make their own.
-policy=/usr/sbin/policy-rc.d
-backup=""
-if [ -e "$policy" ]; then
-    backup=$(mktemp /tmp/policy-rc.d.XXXXXX)
-    cp -p "$policy" "$backup"
-fi
-restore() {
-    if [ -n "$backup" ]; then
-        cp -p "$backup" "$policy"
-        rm -f "$backup"
-    else
-        rm -f "$policy"
-    fi
-}
-trap restore EXIT
-trap 'exit 1' INT TERM HUP
-printf '#!/bin/sh\n# install-postgres.sh: no service starts during the install\nexit 101\n' > "$policy"
-chmod 0755 "$policy"
+forbid_service_starts install-postgres.sh
 mkdir -p /etc/postgresql-common/createcluster.d
 printf '# install-postgres.sh: the tests create their own clusters\ncreate_main_cluster = false\n' \
     > /etc/postgresql-common/createcluster.d/50-etcd-chatops-no-main.conf

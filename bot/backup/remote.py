@@ -106,6 +106,11 @@ def one_line(e: BaseException) -> str:
     return text[:240] + ("…" if len(text) > 240 else "")
 
 
+def _missing(e: BaseException) -> bool:
+    """The object is not there: obstore raises FileNotFoundError, or its NotFoundError on some stores."""
+    return isinstance(e, FileNotFoundError) or type(e).__name__ == "NotFoundError"
+
+
 def _fail(what: str, e: BaseException) -> RemoteError:
     kind = {"NotFoundError": "not found", "PermissionDeniedError": "permission denied",
             "UnauthenticatedError": "not authenticated (check the credentials in the environment)"}.get(
@@ -301,10 +306,8 @@ class RemoteStore:
         """The object's size and time, or None when there is none."""
         try:
             meta = await obs.head_async(self.store, self.key(cluster, name))
-        except FileNotFoundError:
-            return None
         except Exception as e:
-            if type(e).__name__ == "NotFoundError":
+            if _missing(e):
                 return None
             raise _fail(f"reading {self.display_url(cluster, name)}", e) from None
         return RemoteObject(name, meta["size"], meta["last_modified"].timestamp())
@@ -351,10 +354,8 @@ class RemoteStore:
         try:
             result = await obs.get_async(self.store, self.key(cluster, name + MANIFEST_SUFFIX))
             data = await result.bytes_async()
-        except FileNotFoundError:
-            return None
         except Exception as e:
-            if type(e).__name__ == "NotFoundError":
+            if _missing(e):
                 return None
             raise _fail(f"reading the manifest of {name}", e) from None
         try:
@@ -392,10 +393,8 @@ class RemoteStore:
         for key in (self.key(cluster, name), self.key(cluster, name + MANIFEST_SUFFIX)):
             try:
                 await obs.delete_async(self.store, key)
-            except FileNotFoundError:
-                continue
             except Exception as e:
-                if type(e).__name__ == "NotFoundError":
+                if _missing(e):
                     continue
                 raise _fail(f"deleting {self.display_url(cluster, name)}", e) from None
 

@@ -264,6 +264,14 @@ class PlanView:
     approvals_needed: int = 1
 
 
+def _state(view: PlanView) -> tuple[str, dict[str, Any]]:
+    """A plan's state word, and its section (naming who decided, once someone has)."""
+    word = STATE_WORD.get(view.state, view.state.upper())
+    decided = view.decided_by and view.state in (PlanState.APPROVED, PlanState.REJECTED, PlanState.CANCELLED,
+                                                  PlanState.ABANDONED)
+    return word, _section(f"*State:* {word}" + (f" (by {mention(view.decided_by or '')})" if decided else ""))
+
+
 def plan_reply(plan: Plan | RestorePlan | DefragPlan, view: PlanView) -> Reply:
     """The plan message: everything an approver needs to decide, and progress.
     Long values never push a step or the environment out: they spill into
@@ -272,14 +280,12 @@ def plan_reply(plan: Plan | RestorePlan | DefragPlan, view: PlanView) -> Reply:
         return restore_plan_reply(plan, view)
     if isinstance(plan, DefragPlan):
         return defrag_plan_reply(plan, view)
-    state = STATE_WORD.get(view.state, view.state.upper())
+    state, state_section = _state(view)
     failed_name = escape(plan.failed.name or plan.failed.id)
-    decided = view.decided_by and view.state in (PlanState.APPROVED, PlanState.REJECTED, PlanState.CANCELLED,
-                                                  PlanState.ABANDONED)
     joins = "joins as a learner, then promoted" if plan.learner else "joins as a voting member (--no-learner)"
     blocks: list[dict[str, Any]] = [
         _header(f"Plan {plan.id}: replace {plan.failed.name or plan.failed.id} in {plan.cluster}"),
-        _section(f"*State:* {state}" + (f" (by {mention(view.decided_by or '')})" if decided else "")),
+        state_section,
         *sections(f"*Cluster:* `{escape(plan.cluster)}` · quorum now {plan.quorum_now[1]} healthy of "
                   f"{plan.quorum_now[0]} voting\n*Failed member:* {_member_ref(plan.failed)}\n"
                   f"*New member:* *{escape(plan.new_name)}* · peer {escape(plan.new_peer_url)} · client "
@@ -349,10 +355,8 @@ def _ago(seconds: float) -> str:
 def restore_plan_reply(plan: RestorePlan, view: PlanView, now: float | None = None) -> Reply:
     """A restore plan: the snapshot, why it may run, the members and each one's exact etcdutl command."""
     now = time.time() if now is None else now
-    state = STATE_WORD.get(view.state, view.state.upper())
+    state, state_section = _state(view)
     snap = plan.snapshot
-    decided = view.decided_by and view.state in (PlanState.APPROVED, PlanState.REJECTED, PlanState.CANCELLED,
-                                                  PlanState.ABANDONED)
     voting, healthy = plan.quorum_now
     if plan.force:
         gate = (f":warning: *--force: the cluster has quorum* ({healthy} of {voting} healthy). This is a rollback: "
@@ -365,7 +369,7 @@ def restore_plan_reply(plan: RestorePlan, view: PlanView, now: float | None = No
               else "the last membership the bot recorded (no member answers)")
     blocks: list[dict[str, Any]] = [
         _header(f"Plan {plan.id}: restore {plan.cluster} from a snapshot"),
-        _section(f"*State:* {state}" + (f" (by {mention(view.decided_by or '')})" if decided else "")),
+        state_section,
         *sections(f"*Snapshot:* {code(snap.file_name)}{' (age-encrypted)' if snap.encrypted else ''} · revision "
                   f"{snap.revision} · hash {code(snap.hash)} · {snap.total_keys} keys · "
                   f"{humanize_bytes(snap.total_size)}"
@@ -416,13 +420,11 @@ def _defrag_table(plan: DefragPlan) -> str:
 
 def defrag_plan_reply(plan: DefragPlan, view: PlanView) -> Reply:
     """A defragmentation plan: the members' sizes, which the rule selects and in what order, the steps."""
-    state = STATE_WORD.get(view.state, view.state.upper())
-    decided = view.decided_by and view.state in (PlanState.APPROVED, PlanState.REJECTED, PlanState.CANCELLED,
-                                                  PlanState.ABANDONED)
+    state, state_section = _state(view)
     alarm = " · :rotating_light: NOSPACE active: writes fail until it is disarmed" if plan.nospace else ""
     blocks: list[dict[str, Any]] = [
         _header(f"Plan {plan.id}: defragment {plan.cluster}"),
-        _section(f"*State:* {state}" + (f" (by {mention(view.decided_by or '')})" if decided else "")),
+        state_section,
         *sections(f"*Cluster:* `{escape(plan.cluster)}`{alarm}\n*Rule:* {code(plan.rule)} · "
                   + ("compacts to the current revision first" if plan.compact else "no compaction (--no-compact)")),
         *sections(_defrag_table(plan), code=True),
