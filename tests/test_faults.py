@@ -166,6 +166,9 @@ async def test_slack_failing_during_a_plan(make_cluster, slack, start_bot):
     assert not any("Step 1 (snapshot)" in n for n in notes)  # a 500 may have posted: never sent twice
     step4 = [call.status for call in slack.calls_to("chat.update") if announcing(4)(call.args)]
     assert step4 == [500, 500, 200]
+    # The plan is done in the store before its message's last update lands (that update may be retried).
+    await slack.wait_for(lambda: "*State:* DONE" in text_of(slack.find_message(CHANNEL, plan.ts)),
+                         what="the plan message to say DONE")
     assert "*State:* DONE" in text_of(slack.find_message(CHANNEL, plan.ts))
 
 
