@@ -592,6 +592,8 @@ def _check_config(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     # gRPC core logs straight to stderr, past our one-line errors and JSON logs; $GRPC_VERBOSITY still wins.
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    from bot.memory import keep_big_blocks_mapped
+    keep_big_blocks_mapped()  # the RSS comes back down after a big snapshot (bot/memory.py)
     parser, subparsers = _parser()
     args = parser.parse_args(argv)
     try:
