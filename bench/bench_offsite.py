@@ -24,10 +24,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench_snapshot_save import MB, BigCluster, Run, db_size, fill, run_child
@@ -51,6 +53,38 @@ RSS_GOAL = 150 * MB
 RATIO_GOAL = 0.7
 
 
+@dataclass
+class CpuUse:
+    """CPU seconds (user + system) each process spent over one run: where a
+    2-CPU machine's time goes, and the least wall time that much work needs."""
+    tool: float    # ours: the bot; the peer: etcdctl, then boto3
+    etcd: float    # the member streaming the snapshot
+    server: float  # the S3 server (moto, in this process beside the idle Slack stand-in)
+
+    @property
+    def total(self) -> float:
+        return self.tool + self.etcd + self.server
+
+    def floor(self, cpus: int) -> float:
+        """Seconds this much CPU takes at the least on `cpus` CPUs, were every process busy all along."""
+        return self.total / cpus
+
+    def line(self) -> str:
+        return (f"{self.total:.1f} CPU-s (tool {self.tool:.1f}, etcd {self.etcd:.1f}, "
+                f"S3 server {self.server:.1f})")
+
+
+def _proc_cpu(pid: int) -> float:
+    """CPU seconds a running process has used (/proc/PID/stat, utime + stime)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _status(pid: int) -> dict[str, int]:
     """VmHWM (peak RSS since start) and RssAnon of a process, in bytes."""
     out = {}
@@ -61,23 +95,27 @@ def _status(pid: int) -> dict[str, int]:
     return out
 
 
-async def ours(slack: SlackStandIn, bot: BotProcess, s3: MotoS3, runs: int) -> tuple[list[float], int, int]:
-    """`/etcd snapshot` to the real bot until its message says "verified remotely": each run's seconds,
-    the bot's peak RSS (VmHWM) and its RSS before the first save (idle, after start-up)."""
+async def ours(slack: SlackStandIn, bot: BotProcess, etcd_pid: int, runs: int
+               ) -> tuple[list[float], list[CpuUse], int, int]:
+    """`/etcd snapshot` to the real bot until its message says "verified remotely": each run's seconds
+    and CPU, the bot's peak RSS (VmHWM) and its RSS before the first save (idle, after start-up)."""
     assert bot.proc is not None
-    idle = _status(bot.proc.pid)["VmRSS"]
-    times = []
+    pid = bot.proc.pid
+    idle = _status(pid)["VmRSS"]
+    times, cpus = [], []
     for i in range(runs):
         start = len(slack.messages)
+        before = (_proc_cpu(pid), _proc_cpu(etcd_pid), _own_cpu())
         t = time.perf_counter()
         await slack.send_command("snapshot", user_id=ONCALL, channel_id=CHANNEL)
         msg = await slack.wait_for_message(lambda m: m.source == "chat.postMessage", after=start, timeout=600,
                                            what="the snapshot's message")
         times.append(time.perf_counter() - t)
+        cpus.append(CpuUse(_proc_cpu(pid) - before[0], _proc_cpu(etcd_pid) - before[1], _own_cpu() - before[2]))
         if "verified remotely" not in msg.text:
             raise SystemExit(f"not stored off-site: {msg.text}")
-        print(f"  ours, run {i + 1}: {times[-1]:.2f} s", file=sys.stderr)
-    return times, _status(bot.proc.pid)["VmHWM"], idle
+        print(f"  ours, run {i + 1}: {times[-1]:.2f} s, {cpus[-1].line()}", file=sys.stderr)
+    return times, cpus, _status(pid)["VmHWM"], idle
 
 
 BOTO3_UPLOAD = """
@@ -86,8 +124,9 @@ boto3.client("s3", endpoint_url=sys.argv[1], region_name="us-east-1").upload_fil
 """
 
 
-def peer(endpoint: str, directory: Path, s3: MotoS3) -> tuple[Run, Run]:
+def peer(endpoint: str, etcd_pid: int, directory: Path, s3: MotoS3) -> tuple[Run, Run, CpuUse]:
     path = directory / "etcdctl.db"
+    before = (_proc_cpu(etcd_pid), _own_cpu())
     _, save = run_child([str(find_binary("etcdctl")), f"--endpoints={endpoint}", "--dial-timeout=5s",
                          "--command-timeout=600s", "snapshot", "save", str(path)],
                         env={"PATH": os.environ.get("PATH", ""), "ETCDCTL_API": "3"})
@@ -95,9 +134,10 @@ def peer(endpoint: str, directory: Path, s3: MotoS3) -> tuple[Run, Run]:
     _, upload = run_child([sys.executable, "-c", BOTO3_UPLOAD, s3.endpoint, str(path), s3.bucket, "peer/etcdctl.db"],
                           env={**os.environ, **s3.env})
     upload.size = save.size
+    cpu = CpuUse(save.cpu + upload.cpu, _proc_cpu(etcd_pid) - before[0], _own_cpu() - before[1])
     path.unlink()
     s3.client().delete_object(Bucket=s3.bucket, Key="peer/etcdctl.db")
-    return save, upload
+    return save, upload, cpu
 
 
 async def measure(size_mb: int, runs: int, work: Path) -> list[dict]:
@@ -108,12 +148,16 @@ async def measure(size_mb: int, runs: int, work: Path) -> list[dict]:
         size = db_size(c)
         out = work / "out"
         out.mkdir()
-        saves, uploads = [], []
+        etcd_pid = next(iter(c.members.values())).pid
+        assert etcd_pid is not None
+        saves, uploads, peer_cpus = [], [], []
         for i in range(runs):
-            save, upload = peer(endpoint, out, s3)
+            save, upload, cpu = peer(endpoint, etcd_pid, out, s3)
             saves.append(save)
             uploads.append(upload)
-            print(f"  peer, run {i + 1}: etcdctl {save.wall:.2f} s + boto3 {upload.wall:.2f} s", file=sys.stderr)
+            peer_cpus.append(cpu)
+            print(f"  peer, run {i + 1}: etcdctl {save.wall:.2f} s + boto3 {upload.wall:.2f} s, {cpu.line()}",
+                  file=sys.stderr)
         # The bot: the keep-nothing-else policy keeps the disk small (keep_last 1, keep_local 0).
         os.environ.update(s3.env)  # where the bot process reads its credentials
         creds = SlackSecrets()
@@ -125,22 +169,36 @@ async def measure(size_mb: int, runs: int, work: Path) -> list[dict]:
             bot = await asyncio.to_thread(BotProcess(config, slack.api_url, creds, work / "bot.log").start)
             slack.bot_url = bot.url
             try:
-                times, peak, idle = await ours(slack, bot, s3, runs)
+                times, cpus, peak, idle = await ours(slack, bot, etcd_pid, runs)
             finally:
                 await asyncio.to_thread(bot.stop)
-    best_peer = min(s.wall + u.wall for s, u in zip(saves, uploads, strict=True))
+    peer_walls = [s.wall + u.wall for s, u in zip(saves, uploads, strict=True)]
+    best_peer = min(peer_walls)
     best = min(times)
     ratio = best / best_peer
+    ncpu = len(os.sched_getaffinity(0))
+    our_cpu, their_cpu = cpus[times.index(best)], peer_cpus[peer_walls.index(best_peer)]
+    # The least time our flow's CPU work allows on this machine, with the bot's own share at zero:
+    # what etcd and the S3 server spend for it alone.
+    server_floor = (our_cpu.etcd + our_cpu.server) / ncpu
     print(f"database: {size:,} bytes ({size / MB:,.0f} MB), {keys:,} keys; snapshot {saves[0].size:,} bytes")
     print(f"ours (the bot, /etcd snapshot to 'verified remotely'): best {best:.2f} s; all runs "
           f"{', '.join(f'{t:.2f}' for t in times)} s; peak RSS {peak / MB:.1f} MB (idle {idle / MB:.1f} MB)")
     print(f"peer (etcdctl snapshot save, then boto3 upload_file): best {best_peer:.2f} s")
+    print(f"CPU, best runs: ours {our_cpu.line()}; peer {their_cpu.line()}")
+    print(f"on {ncpu} CPUs ours needs at least {our_cpu.floor(ncpu):.2f} s ({our_cpu.floor(ncpu) / best_peer:.2f} x "
+          f"the peer's time), and etcd and the S3 server alone need {server_floor:.2f} s for it "
+          f"({server_floor / best_peer:.2f} x) whatever the bot does")
     print(f"goal time <= {RATIO_GOAL} x the peer's: {'met' if ratio <= RATIO_GOAL else 'NOT met'} ({ratio:.2f}); "
           f"goal peak RSS < 150 MB: {'met' if peak < RSS_GOAL else 'NOT met'} ({peak / MB:.1f} MB)")
     return [row(f"time to a remotely verified off-site copy, {size / MB:,.0f} MB database", best, best_peer, "s",
                 "etcdctl snapshot save, then boto3 upload_file"),
             row("the bot's peak RSS while saving and uploading", peak / MB, max(u.maxrss for u in uploads) / MB, "MB",
-                "boto3 upload_file")]
+                "boto3 upload_file"),
+            row("CPU seconds of every process (the tool, etcd, the S3 server)", our_cpu.total, their_cpu.total,
+                "CPU-s", "etcdctl + boto3, etcd, the S3 server"),
+            row(f"least time etcd's and the S3 server's CPU allow ours on {ncpu} CPUs, against the peer's time",
+                server_floor, best_peer, "s", "the peer's time")]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -91,6 +91,7 @@ class Run:
     maxrss: int          # bytes, ru_maxrss of the child
     anon_peak: int       # bytes, highest RssAnon seen
     inner: float | None  # seconds the save itself reported (ours only)
+    cpu: float = 0.0     # CPU seconds (user + system) of the child and what it waited for
 
     @property
     def mb_s(self) -> float:
@@ -159,7 +160,8 @@ def run_child(argv: list[str], env: dict[str, str] | None = None) -> tuple[str, 
     out, err = b"".join(out_chunks).decode(), b"".join(err_chunks).decode()
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(argv[:4])} ... failed ({proc.returncode}): {err.strip()}")
-    return out, Run(wall=wall, size=0, maxrss=maxrss_kb * 1024, anon_peak=peak, inner=None)
+    return out, Run(wall=wall, size=0, maxrss=maxrss_kb * 1024, anon_peak=peak, inner=None,
+                    cpu=usage.ru_utime + usage.ru_stime)
 
 
 def ours(endpoint: str, directory: Path) -> Run:

@@ -301,10 +301,12 @@ async def _status(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from bot import logs
+    from bot.memory import keep_big_blocks_mapped
     from bot.settings import SettingsError, SlackSettings
     from bot.slack.app import serve
     from bot.store.base import StoreError
 
+    keep_big_blocks_mapped()  # the bot's RSS comes back down after each big snapshot (bot/memory.py)
     config = _load_config(args.config)
     try:
         slack = SlackSettings.from_env()
@@ -592,8 +594,6 @@ def _check_config(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     # gRPC core logs straight to stderr, past our one-line errors and JSON logs; $GRPC_VERBOSITY still wins.
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
-    from bot.memory import keep_big_blocks_mapped
-    keep_big_blocks_mapped()  # the RSS comes back down after a big snapshot (bot/memory.py)
     parser, subparsers = _parser()
     args = parser.parse_args(argv)
     try:

@@ -9,6 +9,10 @@ glibc trims only when their free top exceeds twice the raised threshold. The
 bot's RSS then kept 20-70 MB per snapshot and peaked 135-168 MB while saving and
 uploading 548 MB (bench/bench_offsite.py). Fixing the threshold turns the
 raise off, so big blocks stay mapped and go back to the kernel when freed.
+
+Only the long-running bot does this (`run`): each big block then costs a
+mapping and its page faults, about 0.4 s more system CPU per 400 MB saved,
+which a one-shot CLI command, whose memory ends with it, need not pay.
 """
 from __future__ import annotations
 
