@@ -25,7 +25,7 @@ from test_snapshots import fill
 
 from bot.config import ReplicasConfig, load_config
 from bot.ops.leader import LEASE
-from bot.ops.schedule import SCHEDULER
+from bot.ops.schedule import SCHEDULER, Scheduler
 from bot.settings import SlackSettings
 from bot.slack.app import BotServer
 from bot.store.base import Store, open_store
@@ -289,6 +289,12 @@ async def test_postgresql_restarted_while_idle_both_replicas_reconnect_and_answe
     assert await group.leader() in group.bots
 
 
+async def depose(store: Store, leader: str) -> bool:
+    """Another replica takes the executor lease from `leader` (as after a database hiccup longer than its ttl)."""
+    await store.release_lease(LEASE, leader)
+    return await store.acquire_lease(LEASE, "another-replica", 60) is not None
+
+
 async def test_a_deposed_leader_stops_before_its_next_action_and_leaves_the_plan_running(make_cluster, slack,
                                                                                          start_bot):
     """Another holder takes the lease while the leader announces the add step: the leader does not
@@ -305,10 +311,7 @@ async def test_a_deposed_leader_stops_before_its_next_action_and_leaves_the_plan
     await slack.wait_for(lambda: any(call.status == 429 for call in slack.calls_to("chat.update")), timeout=60,
                          what="step 3 (add) to be announced")
 
-    async def steal() -> bool:
-        await store.release_lease(LEASE, me.replica_id)
-        return await store.acquire_lease(LEASE, "another-replica", 60) is not None
-    await eventually(steal, 5, "another replica to take the lease")
+    await eventually(lambda: depose(store, me.replica_id), 5, "another replica to take the lease")
     await eventually(lambda: not bot.ctx.running, 20, "the deposed leader's run to stop")
     assert not bot.ctx.is_leader()
     record = await store.plan(row["id"])
@@ -428,6 +431,33 @@ async def test_a_new_leader_takes_over_the_snapshot_schedule(cluster, slack, rep
     newest, _ = await scheduled_rows(group)
     assert newest["created_at"] > killed_wall and newest["requested_by"] == SCHEDULER
     assert await snapshots_taken(follower) == 1
+
+
+async def test_a_leader_deposed_during_a_scheduled_pass_starts_no_further_snapshot(make_cluster, slack, start_bot,
+                                                                                   monkeypatch):
+    """Two clusters are due in one pass. While the first one's result is being posted, another
+    replica takes the lease: the deposed leader does not go on to snapshot the second cluster
+    (the new leader's schedule does, from the shared catalog)."""
+    monkeypatch.setattr("bot.slack.app.HOUSEKEEPING_SECONDS", 3600.0)  # after the start-up pass the test drives
+    a, b = make_cluster(1), make_cluster(1)
+    server = await start_bot([cluster_table(name, c, snapshots={"every": "1m"}) for name, c in (("a", a), ("b", b))],
+                             replicas={"lease_seconds": 3})
+    ctx = server.ctx
+
+    def posted(name: str) -> int:
+        return sum(f"Scheduled snapshot of {name}" in text_of(m) for m in slack.messages
+                   if m.source == "chat.postMessage")
+    await eventually(lambda: posted("a") == posted("b") == 1, 30, "the start-up pass over both clusters")
+    slack.fail_next("chat.postMessage", status=429, retry_after=4,
+                    match=lambda args: "Scheduled snapshot of a" in str(args))  # holds the pass after cluster a
+    run = asyncio.create_task(Scheduler(ctx).run_due(now=time.time() + EVERY))
+    await slack.wait_for(lambda: any(call.status == 429 for call in slack.calls_to("chat.postMessage")), timeout=30,
+                         what="cluster a's scheduled snapshot to be posted")
+    await eventually(lambda: depose(ctx.store, ctx.leadership.replica_id), 5, "another replica to take the lease")
+    await eventually(lambda: not ctx.is_leader(), 3, "the leader to learn it was deposed")
+    assert await run == ["a"]
+    assert (posted("a"), posted("b")) == (2, 1)
+    assert [len(await ctx.store.snapshots(name)) for name in ("a", "b")] == [2, 1]
 
 
 # ---------------------------------------------------------------- off-site uploads: one bucket, two replicas
