@@ -19,11 +19,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
+import psycopg
 import pytest
 from test_snapshots import fill
 
 from bot.config import ReplicasConfig, load_config
 from bot.ops.leader import LEASE
+from bot.ops.schedule import SCHEDULER, Scheduler
 from bot.settings import SlackSettings
 from bot.slack.app import BotServer
 from bot.store.base import Store, open_store
@@ -54,8 +56,15 @@ LEASE_SECONDS = 6  # a dead leader is replaced within 8 s: the tests need not wa
 class Replicas:
     """Bot processes sharing one database, and the test's own connection to it."""
 
-    def __init__(self, config: Path, bots: list[BotProcess], store: Store):
-        self.config, self.bots, self.store = config, bots, store
+    def __init__(self, config: Path, bots: list[BotProcess], store: Store, spawn: Callable[[int], BotProcess]):
+        self.config, self.bots, self.store, self._spawn = config, bots, store, spawn
+
+    async def add(self) -> BotProcess:
+        """One more replica on the same database, started now (a scale-up, or a replica restarted)."""
+        bot = self._spawn(len(self.bots))
+        await asyncio.to_thread(bot.start)
+        self.bots.append(bot)
+        return bot
 
     def replica_id(self, bot: BotProcess) -> str:
         assert bot.proc is not None
@@ -86,15 +95,20 @@ async def replicas(postgres: LocalPostgres, slack, creds, tmp_path,
         pg = pg or postgres
         config = write_config(tmp_path, clusters, database=pg.create_database(), database_password_env=PASSWORD_ENV,
                               replicas={"lease_seconds": LEASE_SECONDS}, **top)
-        bots = [BotProcess(config, slack.api_url, creds, tmp_path / f"bot-{i}.log", env=pg.env()) for i in range(n)]
-        started.extend(bots)
+        env = pg.env()
+
+        def spawn(i: int) -> BotProcess:
+            bot = BotProcess(config, slack.api_url, creds, tmp_path / f"bot-{i}.log", env=env)
+            started.append(bot)
+            return bot
+        bots = [spawn(i) for i in range(n)]
         await asyncio.gather(*(asyncio.to_thread(b.start) for b in bots))
         slack.bot_url = None  # every request names its replica
         for name, value in pg.env().items():  # the test reads the bots' config as they do
             monkeypatch.setenv(name, value)
         store = await open_store(load_config(config))
         stores.append(store)
-        return Replicas(config, bots, store)
+        return Replicas(config, bots, store, spawn)
 
     yield start
     await asyncio.gather(*(asyncio.to_thread(b.stop) for b in started))
@@ -275,6 +289,12 @@ async def test_postgresql_restarted_while_idle_both_replicas_reconnect_and_answe
     assert await group.leader() in group.bots
 
 
+async def depose(store: Store, leader: str) -> bool:
+    """Another replica takes the executor lease from `leader` (as after a database hiccup longer than its ttl)."""
+    await store.release_lease(LEASE, leader)
+    return await store.acquire_lease(LEASE, "another-replica", 60) is not None
+
+
 async def test_a_deposed_leader_stops_before_its_next_action_and_leaves_the_plan_running(make_cluster, slack,
                                                                                          start_bot):
     """Another holder takes the lease while the leader announces the add step: the leader does not
@@ -291,10 +311,7 @@ async def test_a_deposed_leader_stops_before_its_next_action_and_leaves_the_plan
     await slack.wait_for(lambda: any(call.status == 429 for call in slack.calls_to("chat.update")), timeout=60,
                          what="step 3 (add) to be announced")
 
-    async def steal() -> bool:
-        await store.release_lease(LEASE, me.replica_id)
-        return await store.acquire_lease(LEASE, "another-replica", 60) is not None
-    await eventually(steal, 5, "another replica to take the lease")
+    await eventually(lambda: depose(store, me.replica_id), 5, "another replica to take the lease")
     await eventually(lambda: not bot.ctx.running, 20, "the deposed leader's run to stop")
     assert not bot.ctx.is_leader()
     record = await store.plan(row["id"])
@@ -330,6 +347,117 @@ async def test_only_the_leader_watches_and_its_successor_resolves_the_same_alert
     await slack.wait_for(lambda: "resolved after" in thread(slack, alert), timeout=30,
                          what=f"the alert resolved by {successor.url}")
     assert len(member_down()) == 1, "the new leader posted the alert again"
+
+
+# ---------------------------------------------------------------- only the leader takes scheduled snapshots
+
+EVERY = 60.0  # `every = "1m"`, the shortest schedule the config allows
+
+
+def scheduled_posts(slack) -> list[str]:
+    return [text_of(m) for m in slack.channel_messages(CHANNEL, include_threads=False, include_ephemeral=False)
+            if m.source == "chat.postMessage" and "Scheduled snapshot of prod" in text_of(m)]
+
+
+async def scheduled_rows(group: Replicas) -> list[dict]:
+    return [r for r in await group.store.snapshots("prod") if r["reason"] == "scheduled"]
+
+
+async def snapshots_taken(bot: BotProcess) -> float:
+    """What this replica's /metrics says it took: another replica's snapshot is not counted there."""
+    _, metrics = await _get(f"{bot.base_url}/metrics")
+    return sum(float(line.split()[-1]) for line in metrics.splitlines()
+               if line.startswith('etcd_chatops_snapshot_duration_seconds_count{cluster="prod"}'))
+
+
+async def a_minute_passes(group: Replicas) -> None:
+    """Move the scheduled snapshots a schedule period back in the shared catalog, where the schedule reads
+    its last run: the next tick is due now, as a minute later, without the test waiting that minute."""
+    config = load_config(group.config)
+    assert isinstance(config.database, str)
+    async with await psycopg.AsyncConnection.connect(config.database, password=config.database_password,
+                                                     autocommit=True) as conn:
+        await conn.execute("UPDATE snapshots SET created_at = created_at - %s WHERE reason = 'scheduled'", [EVERY])
+
+
+async def settled(seconds: float) -> None:
+    """Let both replicas run their loops (the housekeeping looks every second) before counting."""
+    until = time.monotonic() + seconds
+    await eventually(lambda: time.monotonic() >= until, seconds + 5, "more rounds of both replicas")
+
+
+@pytest.mark.slow
+async def test_two_replicas_take_one_scheduled_snapshot_per_due_tick_on_the_leader(cluster, slack, replicas):
+    """A second replica starts while a tick is due: it leaves the tick to the leader, which takes
+    it at its next housekeeping pass (they are 30 s apart). Each tick gives one snapshot in the
+    catalog and one post, and the follower's /metrics count none."""
+    group = await replicas([cluster_table("prod", cluster, snapshots={"every": "1m"})], n=1)
+    (a,) = group.bots
+    assert await group.leader() is a
+    await eventually(lambda: len(scheduled_posts(slack)) == 1, 30, "the scheduled snapshot taken at start-up")
+    assert len(await scheduled_rows(group)) == 1
+    await a_minute_passes(group)
+    b = await group.add()
+    assert await group.follower() is b
+    await eventually(lambda: len(scheduled_posts(slack)) >= 2, 45, "the second tick's scheduled snapshot")
+    await settled(3)
+    assert len(scheduled_posts(slack)) == 2, scheduled_posts(slack)
+    rows = await scheduled_rows(group)
+    assert len(rows) == 2 and len({r["path"] for r in rows}) == 2
+    assert (await snapshots_taken(a), await snapshots_taken(b)) == (2, 0)
+    told = b.log_file.read_text()  # the follower neither waited for the leader's snapshot nor failed one of its own
+    assert "taking a snapshot" not in told and "scheduled snapshot" not in told, told
+
+
+async def test_a_new_leader_takes_over_the_snapshot_schedule(cluster, slack, replicas):
+    """Two replicas start together: one scheduled snapshot, by the leader. The leader is
+    SIGKILLed; the next tick comes due; the survivor takes it within 15 s of the kill, and
+    it is the only new one."""
+    group = await replicas([cluster_table("prod", cluster, snapshots={"every": "1m"})])
+    leader, follower = await group.leader(), await group.follower()
+    await eventually(lambda: len(scheduled_posts(slack)) >= 1, 30, "the scheduled snapshot taken at start-up")
+    await settled(2)
+    assert len(scheduled_posts(slack)) == 1 and len(await scheduled_rows(group)) == 1
+    assert (await snapshots_taken(leader), await snapshots_taken(follower)) == (1, 0)
+
+    killed_at, killed_wall = time.monotonic(), time.time()
+    leader.kill()
+    await a_minute_passes(group)  # before the survivor leads: the lease lapses only LEASE_SECONDS after a renewal
+    assert await group.leader(timeout=15, among=[follower]) is follower
+    await eventually(lambda: len(scheduled_posts(slack)) >= 2, 15, "a scheduled snapshot by the new leader")
+    assert time.monotonic() - killed_at < 15
+    await settled(2)
+    assert len(scheduled_posts(slack)) == 2, scheduled_posts(slack)
+    newest, _ = await scheduled_rows(group)
+    assert newest["created_at"] > killed_wall and newest["requested_by"] == SCHEDULER
+    assert await snapshots_taken(follower) == 1
+
+
+async def test_a_leader_deposed_during_a_scheduled_pass_starts_no_further_snapshot(make_cluster, slack, start_bot,
+                                                                                   monkeypatch):
+    """Two clusters are due in one pass. While the first one's result is being posted, another
+    replica takes the lease: the deposed leader does not go on to snapshot the second cluster
+    (the new leader's schedule does, from the shared catalog)."""
+    monkeypatch.setattr("bot.slack.app.HOUSEKEEPING_SECONDS", 3600.0)  # after the start-up pass the test drives
+    a, b = make_cluster(1), make_cluster(1)
+    server = await start_bot([cluster_table(name, c, snapshots={"every": "1m"}) for name, c in (("a", a), ("b", b))],
+                             replicas={"lease_seconds": 3})
+    ctx = server.ctx
+
+    def posted(name: str) -> int:
+        return sum(f"Scheduled snapshot of {name}" in text_of(m) for m in slack.messages
+                   if m.source == "chat.postMessage")
+    await eventually(lambda: posted("a") == posted("b") == 1, 30, "the start-up pass over both clusters")
+    slack.fail_next("chat.postMessage", status=429, retry_after=4,
+                    match=lambda args: "Scheduled snapshot of a" in str(args))  # holds the pass after cluster a
+    run = asyncio.create_task(Scheduler(ctx).run_due(now=time.time() + EVERY))
+    await slack.wait_for(lambda: any(call.status == 429 for call in slack.calls_to("chat.postMessage")), timeout=30,
+                         what="cluster a's scheduled snapshot to be posted")
+    await eventually(lambda: depose(ctx.store, ctx.leadership.replica_id), 5, "another replica to take the lease")
+    await eventually(lambda: not ctx.is_leader(), 3, "the leader to learn it was deposed")
+    assert await run == ["a"]
+    assert (posted("a"), posted("b")) == (2, 1)
+    assert [len(await ctx.store.snapshots(name)) for name in ("a", "b")] == [2, 1]
 
 
 # ---------------------------------------------------------------- off-site uploads: one bucket, two replicas

@@ -37,9 +37,14 @@ class Scheduler:
         self.failures: dict[str, float] = {}
 
     async def run_due(self, now: float | None = None) -> list[str]:
+        """Take (and drill) what is due, one cluster after another. A leader deposed during the pass
+        (one snapshot can take minutes) starts nothing more: the new leader's pass takes over from
+        the shared catalog, and two replicas would otherwise snapshot the same cluster for one tick."""
         now = now or time.time()
         ran = []
         for cluster in self.ctx.config.clusters:
+            if not self.ctx.is_leader():
+                break
             every = cluster.snapshots.every_seconds
             if every:
                 last = await self.ctx.store.last_snapshot_at(cluster.name, REASON)
@@ -47,8 +52,9 @@ class Scheduler:
                     await self._take(cluster, now)
                     ran.append(cluster.name)
             drill_every = cluster.snapshots.drill_every_seconds
-            if drill_every and is_due(drill_every, await self.ctx.store.last_drill_at(cluster.name, SCHEDULER), None,
-                                      now):
+            if not drill_every or not self.ctx.is_leader():  # (deposed while taking the snapshot)
+                continue
+            if is_due(drill_every, await self.ctx.store.last_drill_at(cluster.name, SCHEDULER), None, now):
                 await self._drill(cluster)
                 ran.append(f"{cluster.name} drill")
         return ran
