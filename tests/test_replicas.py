@@ -460,6 +460,32 @@ async def test_a_leader_deposed_during_a_scheduled_pass_starts_no_further_snapsh
     assert [len(await ctx.store.snapshots(name)) for name in ("a", "b")] == [2, 1]
 
 
+async def test_a_tick_another_replica_took_while_this_one_waited_is_not_taken_twice(make_cluster, slack, start_bot,
+                                                                                     monkeypatch):
+    """A deposed leader's scheduled snapshot runs on while the new leader's pass finds the tick due
+    and waits for the cluster's snapshot lease. Once the lease is its own it asks again: the other
+    replica's snapshot is in the shared catalog, so it takes none and posts nothing (before: a
+    second snapshot and a second post for one tick)."""
+    monkeypatch.setattr("bot.slack.app.HOUSEKEEPING_SECONDS", 3600.0)  # after the start-up pass the test drives
+    c = make_cluster(1)
+    server = await start_bot([cluster_table("a", c, snapshots={"every": "1m"})], replicas={"lease_seconds": 3})
+    ctx = server.ctx
+
+    def posted() -> int:
+        return sum("Scheduled snapshot of a" in text_of(m) for m in slack.messages if m.source == "chat.postMessage")
+    await eventually(lambda: posted() == 1, 30, "the start-up pass")
+    assert await ctx.store.acquire_lease("snapshot:a", "another-replica", 60) is not None  # its snapshot runs
+    run = asyncio.create_task(Scheduler(ctx).run_due(now=time.time() + EVERY))
+    await eventually(lambda: "a" in ctx.running_snapshots, 10, "the pass to wait for the cluster's lease")
+    (first,) = await ctx.store.snapshots("a")  # the other replica's snapshot ends: catalogued, lease given back
+    await ctx.store.record_snapshot({**{k: v for k, v in first.items() if k != "id"},
+                                     "created_at": time.time() + EVERY, "path": first["path"] + ".other"})
+    await ctx.store.release_lease("snapshot:a", "another-replica")
+    assert await asyncio.wait_for(run, 30) == []
+    assert posted() == 1
+    assert len(await ctx.store.snapshots("a")) == 2
+
+
 # ---------------------------------------------------------------- off-site uploads: one bucket, two replicas
 
 async def test_a_replica_snapshot_waits_for_the_other_and_never_aborts_its_running_upload(make_cluster, slack,

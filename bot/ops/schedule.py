@@ -14,7 +14,7 @@ from bot.etcd.snapshots import SnapshotFailed
 from bot.ops.context import BotContext
 from bot.ops.notify import NotifyFailed
 from bot.ops.replace import Refusal
-from bot.ops.snapshots import take_snapshot
+from bot.ops.snapshots import NotNeeded, take_snapshot
 from bot.output import blocks
 
 log = logging.getLogger(__name__)
@@ -45,12 +45,8 @@ class Scheduler:
         for cluster in self.ctx.config.clusters:
             if not self.ctx.is_leader():
                 break
-            every = cluster.snapshots.every_seconds
-            if every:
-                last = await self.ctx.store.last_snapshot_at(cluster.name, REASON)
-                if is_due(every, last, self.failures.get(cluster.name), now):
-                    await self._take(cluster, now)
-                    ran.append(cluster.name)
+            if await self._snapshot_due(cluster, now) and await self._take(cluster, now):
+                ran.append(cluster.name)
             drill_every = cluster.snapshots.drill_every_seconds
             if not drill_every or not self.ctx.is_leader():  # (deposed while taking the snapshot)
                 continue
@@ -58,6 +54,13 @@ class Scheduler:
                 await self._drill(cluster)
                 ran.append(f"{cluster.name} drill")
         return ran
+
+    async def _snapshot_due(self, cluster: ClusterConfig, now: float) -> bool:
+        every = cluster.snapshots.every_seconds
+        if not every:
+            return False
+        return is_due(every, await self.ctx.store.last_snapshot_at(cluster.name, REASON),
+                      self.failures.get(cluster.name), now)
 
     async def _drill(self, cluster: ClusterConfig) -> None:
         """Drill the newest snapshot; the result goes to the cluster's first channel (a failure loudly)."""
@@ -73,13 +76,19 @@ class Scheduler:
             except NotifyFailed as e:
                 log.error("cannot post the drill result", extra={"ctx_cluster": cluster.name, "ctx_error": str(e)})
 
-    async def _take(self, cluster: ClusterConfig, now: float) -> None:
+    async def _take(self, cluster: ClusterConfig, now: float) -> bool:
+        """Take the tick's snapshot and post the result; False when another replica took it meanwhile."""
         channel = cluster.channels[0] if cluster.channels else None
         started = time.monotonic()
         try:
-            saved = await take_snapshot(self.ctx, cluster, requested_by=SCHEDULER, reason=REASON, channel=channel or "")
+            saved = await take_snapshot(self.ctx, cluster, requested_by=SCHEDULER, reason=REASON, channel=channel or "",
+                                        still_wanted=lambda: self._snapshot_due(cluster, now))
             self.failures.pop(cluster.name, None)
             reply = blocks.snapshot_reply(saved, SCHEDULER, title="Scheduled snapshot")
+        except NotNeeded as e:  # a deposed leader's snapshot ran on while this replica took over
+            log.info("the scheduled snapshot was taken by another replica", extra={"ctx_cluster": cluster.name,
+                                                                                  "ctx_detail": str(e)})
+            return False
         except SnapshotFailed as e:
             # When it failed, on the clock run_due judges by (its `now`), so the retry pause holds.
             self.failures[cluster.name] = now + (time.monotonic() - started)
@@ -93,3 +102,4 @@ class Scheduler:
             except NotifyFailed as e:
                 log.error("cannot post the scheduled snapshot result",
                           extra={"ctx_cluster": cluster.name, "ctx_error": str(e)})
+        return True

@@ -41,6 +41,11 @@ from bot.store.records import Lease
 log = logging.getLogger(__name__)
 
 
+class NotNeeded(SnapshotFailed):
+    """`still_wanted` said no once the cluster's lease was ours: another replica took the snapshot
+    while this one waited for it (a scheduled tick, after a change of leader)."""
+
+
 @dataclass(frozen=True)
 class RunningSnapshot:
     """The snapshot of a cluster being taken; its result is (the file, its row id)."""
@@ -56,12 +61,14 @@ async def take_snapshot(ctx: BotContext, cluster: ClusterConfig, *, requested_by
                         channel: str = "", health: ClusterHealth | None = None, prefer: str | None = None,
                         plan_id: str | None = None,
                         on_join: Callable[[RunningSnapshot], Awaitable[object]] | None = None,
-                        on_wait: Callable[[str], Awaitable[object]] | None = None) -> SavedSnapshot:
+                        on_wait: Callable[[str], Awaitable[object]] | None = None,
+                        still_wanted: Callable[[], Awaitable[bool]] | None = None) -> SavedSnapshot:
     """Snapshot a healthy member (a follower if possible), record it, apply retention.
     While another snapshot of the cluster runs, wait for that one instead
     (`on_join` is told at once) and return its result; while another replica takes
     one, wait for it to end (`on_wait` is told that replica's id), then take this one. `plan_id`: this is that
-    plan's pre-change snapshot, which retention keeps."""
+    plan's pre-change snapshot, which retention keeps. `still_wanted`, asked once the lease is ours,
+    can call it off (NotNeeded): what another replica did while this one waited is in the catalog."""
     running = ctx.running_snapshots.get(cluster.name)
     if running is not None:
         return await _join(ctx, running, requested_by=requested_by, channel=channel, plan_id=plan_id, on_join=on_join)
@@ -70,6 +77,8 @@ async def take_snapshot(ctx: BotContext, cluster: ClusterConfig, *, requested_by
     ctx.running_snapshots[cluster.name] = RunningSnapshot(cluster.name, requested_by, channel, time.time(), future)
     try:
         async with cluster_lease(ctx, cluster.name, on_wait) as lease:
+            if still_wanted is not None and not await still_wanted():
+                raise NotNeeded(f"another replica took the snapshot of {cluster.name} meanwhile")
             saved, snapshot_id = await _take(ctx, cluster, lease, requested_by=requested_by, reason=reason,
                                              channel=channel, health=health, prefer=prefer, plan_id=plan_id)
     except BaseException as e:
