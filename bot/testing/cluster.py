@@ -305,7 +305,7 @@ class LocalCluster:
 
         Returns once every thread is stopped: kill() only wakes one thread, which stops
         the others when it runs, and meanwhile they answer (a request sent right after
-        the kill was answered in ~1 of 10 tries)."""
+        the kill was answered in up to 1 of 10 tries)."""
         self._signal(name, signal.SIGSTOP, wait=False)
         self._wait_threads(name, stopped=True)
 
