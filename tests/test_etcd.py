@@ -150,6 +150,24 @@ async def test_learned_urls_answer_when_every_configured_endpoint_went_silent(ma
         assert endpoint == configured
 
 
+async def test_a_paused_member_answers_nothing_from_the_moment_pause_returns(make_cluster):
+    """Tests that black-hole a member rely on it. SIGSTOP stops a process's threads only once
+    the one the kernel wakes runs; until then the others answer: before pause() waited for
+    them, a request sent right after it was answered in 1 to 10 tries of 100 (so the test
+    above saw the paused configured endpoint answer)."""
+    c = make_cluster(3)
+    url = c.member("member1").client_url
+    async with EtcdClient([url], timeout=2.0) as client:
+        for _ in range(40):
+            await client.status(url)  # running, and the channel is open
+            c.pause("member1")
+            try:
+                with pytest.raises(EtcdUnavailable, match="no answer within 0.1s"):
+                    await client.status(url, 0.1)
+            finally:
+                c.resume("member1")
+
+
 async def test_a_call_whose_channel_another_call_dropped_fails_as_unavailable_not_cancelled(make_cluster):
     """A deadline drops the endpoint's channel, and gRPC cancels every other call on it. Found by the
     replicas' load bench: that CancelledError ended the command's task as if it were cancelled, and

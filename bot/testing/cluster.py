@@ -301,11 +301,30 @@ class LocalCluster:
 
     def pause(self, name: str) -> None:
         """SIGSTOP: the kernel still accepts connections but nothing answers,
-        as with a black-holed host; only a deadline ends a call to it."""
+        as with a black-holed host; only a deadline ends a call to it.
+
+        Returns once every thread is stopped: kill() only wakes one thread, which stops
+        the others when it runs, and meanwhile they answer (a request sent right after
+        the kill was answered in up to 1 of 10 tries)."""
         self._signal(name, signal.SIGSTOP, wait=False)
+        self._wait_threads(name, stopped=True)
 
     def resume(self, name: str) -> None:
         self._signal(name, signal.SIGCONT, wait=False)
+        self._wait_threads(name, stopped=False)
+
+    def _wait_threads(self, name: str, *, stopped: bool, timeout: float = 5.0) -> None:
+        """Wait until all (`stopped`) or none of the member's threads are in job-control stop."""
+        pid = self.member(name).pid
+        deadline = time.monotonic() + timeout
+        while pid and _alive(pid, self.base_dir):
+            states = _thread_states(pid)
+            if states and (all(s == "T" for s in states) if stopped else "T" not in states):
+                return
+            if time.monotonic() > deadline:
+                raise ClusterError(f"{name} (pid {pid}) not {'stopped' if stopped else 'running'} after {timeout:g}s: "
+                                   f"thread states {''.join(states)}")
+            time.sleep(0.001)
 
     def restart(self, name: str, timeout: float = START_TIMEOUT) -> LocalMember:
         """Start a stopped member again on its own data directory."""
@@ -467,6 +486,21 @@ def _optional_binary(name: str) -> str | None:
         return str(find_binary(name))
     except BinaryNotFound:
         return None
+
+
+def _thread_states(pid: int) -> list[str]:
+    """The state letter of each of the process's threads (/proc/<pid>/task/*/stat)."""
+    states: list[str] = []
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return states
+    for task in tasks:
+        try:
+            states.append((task / "stat").read_text().rsplit(")", 1)[-1].split()[0])
+        except OSError:
+            pass  # the thread exited
+    return states
 
 
 def _wait_gone(pid: int, base_dir: Path, timeout: float) -> bool:
