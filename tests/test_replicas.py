@@ -26,6 +26,7 @@ from test_snapshots import fill
 from bot.config import ReplicasConfig, load_config
 from bot.ops.leader import LEASE
 from bot.ops.schedule import SCHEDULER, Scheduler
+from bot.ops.snapshots import take_snapshot
 from bot.settings import SlackSettings
 from bot.slack.app import BotServer
 from bot.store.base import Store, open_store
@@ -465,7 +466,8 @@ async def test_a_tick_another_replica_took_while_this_one_waited_is_not_taken_tw
     """A deposed leader's scheduled snapshot runs on while the new leader's pass finds the tick due
     and waits for the cluster's snapshot lease. Once the lease is its own it asks again: the other
     replica's snapshot is in the shared catalog, so it takes none and posts nothing (before: a
-    second snapshot and a second post for one tick)."""
+    second snapshot and a second post for one tick). An on-call's request that joined the
+    scheduled snapshot meanwhile still gets a snapshot of its own."""
     monkeypatch.setattr("bot.slack.app.HOUSEKEEPING_SECONDS", 3600.0)  # after the start-up pass the test drives
     c = make_cluster(1)
     server = await start_bot([cluster_table("a", c, snapshots={"every": "1m"})], replicas={"lease_seconds": 3})
@@ -477,13 +479,20 @@ async def test_a_tick_another_replica_took_while_this_one_waited_is_not_taken_tw
     assert await ctx.store.acquire_lease("snapshot:a", "another-replica", 60) is not None  # its snapshot runs
     run = asyncio.create_task(Scheduler(ctx).run_due(now=time.time() + EVERY))
     await eventually(lambda: "a" in ctx.running_snapshots, 10, "the pass to wait for the cluster's lease")
+    asked = asyncio.create_task(take_snapshot(ctx, ctx.config.clusters[0], requested_by=ONCALL, reason="manual"))
+
+    async def joined() -> bool:
+        return any(r["action"] == "snapshot_joined" for r in await ctx.store.audit_rows())
+    await eventually(joined, 10, "an on-call's request to join the scheduled snapshot")
     (first,) = await ctx.store.snapshots("a")  # the other replica's snapshot ends: catalogued, lease given back
     await ctx.store.record_snapshot({**{k: v for k, v in first.items() if k != "id"},
                                      "created_at": time.time() + EVERY, "path": first["path"] + ".other"})
     await ctx.store.release_lease("snapshot:a", "another-replica")
     assert await asyncio.wait_for(run, 30) == []
     assert posted() == 1
-    assert len(await ctx.store.snapshots("a")) == 2
+    saved = await asyncio.wait_for(asked, 30)  # the on-call still gets the snapshot asked for
+    rows = await ctx.store.snapshots("a")
+    assert len(rows) == 3 and [r["path"] for r in rows if r["requested_by"] == ONCALL] == [str(saved.path)]
 
 
 # ---------------------------------------------------------------- off-site uploads: one bucket, two replicas

@@ -69,9 +69,12 @@ async def take_snapshot(ctx: BotContext, cluster: ClusterConfig, *, requested_by
     one, wait for it to end (`on_wait` is told that replica's id), then take this one. `plan_id`: this is that
     plan's pre-change snapshot, which retention keeps. `still_wanted`, asked once the lease is ours,
     can call it off (NotNeeded): what another replica did while this one waited is in the catalog."""
-    running = ctx.running_snapshots.get(cluster.name)
-    if running is not None:
-        return await _join(ctx, running, requested_by=requested_by, channel=channel, plan_id=plan_id, on_join=on_join)
+    while (running := ctx.running_snapshots.get(cluster.name)) is not None:
+        try:
+            return await _join(ctx, running, requested_by=requested_by, channel=channel, plan_id=plan_id,
+                               on_join=on_join)
+        except NotNeeded:  # the scheduled snapshot it joined stood down; this request still wants one
+            on_join = None
     future: asyncio.Future[tuple[SavedSnapshot, int]] = asyncio.get_running_loop().create_future()
     future.add_done_callback(lambda f: f.cancelled() or f.exception())  # no joiner: nobody else reads a failure
     ctx.running_snapshots[cluster.name] = RunningSnapshot(cluster.name, requested_by, channel, time.time(), future)
