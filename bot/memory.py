@@ -6,9 +6,10 @@ the block's size (up to 32 MiB). From then on the snapshot pipeline's 1 MiB
 batches, gRPC's buffers and the upload's 5 MiB parts come from the heaps of
 the threads that allocate them (a dozen during a save with an upload), which
 glibc trims only when their free top exceeds twice the raised threshold. The
-bot's RSS then kept 20-70 MB per snapshot and peaked 135-168 MB while saving and
-uploading 548 MB (bench/bench_offsite.py). Fixing the threshold turns the
-raise off, so big blocks stay mapped and go back to the kernel when freed.
+bot then kept 15-25 MB more after each snapshot and peaked at 132-168 MB while
+saving and uploading 560 MB (bench/bench_offsite.py; 118-145 MB since). Fixing
+the threshold turns the raise off, so big blocks stay mapped and go back to
+the kernel when freed.
 
 Only the long-running bot does this (`run`): each big block then costs a
 mapping and its page faults, about 0.4 s more system CPU per 400 MB saved,
