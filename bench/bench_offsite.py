@@ -55,7 +55,7 @@ from bot.testing.workspace import (
     cluster_table,
     write_config,
 )
-from common import row, write
+from common import cpu_seconds, proc_memory, row, write
 
 RSS_GOAL = 150 * MB
 RATIO_GOAL = 0.7
@@ -82,25 +82,9 @@ class CpuUse:
                 f"S3 server {self.server:.1f})")
 
 
-def _proc_cpu(pid: int) -> float:
-    """CPU seconds a running process has used (/proc/PID/stat, utime + stime)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _own_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
-
-
-def _status(pid: int) -> dict[str, int]:
-    """VmHWM (peak RSS since start) and RssAnon of a process, in bytes."""
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmHWM", "VmRSS", "RssAnon"):
-            out[key] = int(value.split()[0]) * 1024
-    return out
 
 
 async def ours(slack: SlackStandIn, bot: BotProcess, etcd_pid: int, server_cpu: Callable[[], float], runs: int
@@ -109,21 +93,21 @@ async def ours(slack: SlackStandIn, bot: BotProcess, etcd_pid: int, server_cpu: 
     and CPU, the bot's peak RSS (VmHWM) and its RSS before the first save (idle, after start-up)."""
     assert bot.proc is not None
     pid = bot.proc.pid
-    idle = _status(pid)["VmRSS"]
+    idle = proc_memory(pid)["VmRSS"]
     times, cpus = [], []
     for i in range(runs):
         start = len(slack.messages)
-        before = (_proc_cpu(pid), _proc_cpu(etcd_pid), server_cpu())
+        before = (cpu_seconds(pid), cpu_seconds(etcd_pid), server_cpu())
         t = time.perf_counter()
         await slack.send_command("snapshot", user_id=ONCALL, channel_id=CHANNEL)
         msg = await slack.wait_for_message(lambda m: m.source == "chat.postMessage", after=start, timeout=600,
                                            what="the snapshot's message")
         times.append(time.perf_counter() - t)
-        cpus.append(CpuUse(_proc_cpu(pid) - before[0], _proc_cpu(etcd_pid) - before[1], server_cpu() - before[2]))
+        cpus.append(CpuUse(cpu_seconds(pid) - before[0], cpu_seconds(etcd_pid) - before[1], server_cpu() - before[2]))
         if "verified remotely" not in msg.text:
             raise SystemExit(f"not stored off-site: {msg.text}")
         print(f"  ours, run {i + 1}: {times[-1]:.2f} s, {cpus[-1].line()}", file=sys.stderr)
-    return times, cpus, _status(pid)["VmHWM"], idle
+    return times, cpus, proc_memory(pid)["VmHWM"], idle
 
 
 BOTO3_UPLOAD = """
@@ -135,7 +119,7 @@ boto3.client("s3", endpoint_url=sys.argv[1], region_name="us-east-1").upload_fil
 def peer(endpoint: str, etcd_pid: int, directory: Path, s3: MotoS3, server_cpu: Callable[[], float]
          ) -> tuple[Run, Run, CpuUse]:
     path = directory / "etcdctl.db"
-    before = (_proc_cpu(etcd_pid), server_cpu())
+    before = (cpu_seconds(etcd_pid), server_cpu())
     _, save = run_child([str(find_binary("etcdctl")), f"--endpoints={endpoint}", "--dial-timeout=5s",
                          "--command-timeout=600s", "snapshot", "save", str(path)],
                         env={"PATH": os.environ.get("PATH", ""), "ETCDCTL_API": "3"})
@@ -143,7 +127,7 @@ def peer(endpoint: str, etcd_pid: int, directory: Path, s3: MotoS3, server_cpu: 
     _, upload = run_child([sys.executable, "-c", BOTO3_UPLOAD, s3.endpoint, str(path), s3.bucket, "peer/etcdctl.db"],
                           env={**os.environ, **s3.env})
     upload.size = save.size
-    cpu = CpuUse(save.cpu + upload.cpu, _proc_cpu(etcd_pid) - before[0], server_cpu() - before[1])
+    cpu = CpuUse(save.cpu + upload.cpu, cpu_seconds(etcd_pid) - before[0], server_cpu() - before[1])
     path.unlink()
     s3.client().delete_object(Bucket=s3.bucket, Key="peer/etcdctl.db")
     return save, upload, cpu
@@ -193,7 +177,7 @@ class RcloneS3(MotoS3):
 
     def cpu(self) -> float:
         assert self._proc is not None
-        return _proc_cpu(self._proc.pid)
+        return cpu_seconds(self._proc.pid)
 
 
 SERVERS = {"moto": "moto's server (Python, in this process: the tests' S3)",

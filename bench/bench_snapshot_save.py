@@ -44,7 +44,7 @@ from pathlib import Path
 from bot.etcd.binaries import find_binary
 from bot.etcd.client import EtcdClient
 from bot.testing.cluster import LocalCluster
-from common import ROOT, row, write
+from common import ROOT, proc_memory, row, write
 
 MB = 1_000_000
 MiB = 1 << 20
@@ -105,16 +105,6 @@ def _children_of(pid: int) -> list[int]:
         return []
 
 
-def _rss_anon(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 GNU_TIME = shutil.which("time") if os.path.exists("/usr/bin/time") else None
 
 
@@ -135,7 +125,7 @@ def run_child(argv: list[str], env: dict[str, str] | None = None) -> tuple[str, 
     def sample() -> None:
         nonlocal peak
         while not stop.is_set():
-            peak = max([peak, _rss_anon(proc.pid)] + [_rss_anon(c) for c in _children_of(proc.pid)])
+            peak = max([peak] + [proc_memory(p).get("RssAnon", 0) for p in (proc.pid, *_children_of(proc.pid))])
             stop.wait(0.005)
 
     sampler = threading.Thread(target=sample, daemon=True)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import resource
 import statistics
 import subprocess
@@ -34,27 +33,12 @@ from bot.etcd.binaries import find_binary
 from bot.testing.cluster import LocalCluster
 from bot.testing.slack import SlackStandIn
 from bot.testing.workspace import CHANNEL, CHANNELS, USERS, BotProcess, SlackSecrets, cluster_table, write_config
-from common import row, write  # (also puts the repository on sys.path)
+from common import cpu_seconds, proc_memory, row, write  # (also puts the repository on sys.path)
 
 INTERVAL, GRACE = 15.0, 45.0  # the watch's defaults
 BUDGET = INTERVAL + GRACE + 5  # the goal for every alert
 # 60 members on 2 cores: a slower raft tick keeps elections quiet under the load (etcd takes the last flag given).
 CALM = ("--heartbeat-interval", "300", "--election-timeout", "3000")
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def start_fleet(n: int, size: int) -> list[LocalCluster]:
     clusters = [LocalCluster(size, prefix=f"c{i:02d}m", extra_args=CALM) for i in range(n)]
     with ThreadPoolExecutor(4) as pool:
@@ -100,7 +84,7 @@ async def bot_window(config: Path, slack: SlackStandIn, creds: SlackSecrets, log
         cpu0, t0 = cpu_seconds(bot.proc.pid), time.monotonic()
         await asyncio.sleep(window)
         cpu = (cpu_seconds(bot.proc.pid) - cpu0) / (time.monotonic() - t0)
-        rss = rss_bytes(bot.proc.pid)
+        rss = proc_memory(bot.proc.pid).get("VmRSS", 0)
         return cpu, rss, (await then() if then else [])
     finally:
         await asyncio.to_thread(bot.stop)

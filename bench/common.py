@@ -14,6 +14,29 @@ for path in (str(ROOT), str(ROOT / "tests")):
         sys.path.insert(0, path)
 
 
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) a running process has used, from /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
+
+
+def proc_memory(pid: int) -> dict[str, int]:
+    """A process's memory figures from /proc/PID/status (VmRSS, VmHWM, RssAnon...), in bytes; {} once it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.startswith(("Vm", "Rss")):
+            out[key] = int(value.split()[0]) * 1024
+    return out
+
+
 def machine() -> dict[str, str]:
     cpu = "unknown CPU"
     try:
