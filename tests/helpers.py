@@ -126,6 +126,12 @@ def announcing(step: int) -> Callable[[dict[str, Any]], bool]:
     return lambda args: f":hourglass_flowing_sand: {step}." in str(args.get("blocks"))
 
 
+async def hold_at(slack: SlackStandIn, step: int, timeout: float = 60) -> None:
+    """Wait until the engine announced `step`, which a 429 from `announcing(step)` holds for its Retry-After."""
+    await slack.wait_for(lambda: any(call.status == 429 for call in slack.calls_to("chat.update")), timeout=timeout,
+                         what=f"step {step} to be announced")
+
+
 APPROVAL = {"approvers": [LEAD, ONCALL], "approver_groups": [LEADS_GROUP], "ttl_minutes": 30,
             "reaction": "white_check_mark", "reject_reaction": "x"}
 OK = "white_check_mark"

@@ -31,6 +31,7 @@ from helpers import (
     announcing,
     audit_actions,
     ephemeral,
+    hold_at,
     members_of,
     open_store,
     plan_row,
@@ -63,8 +64,7 @@ async def test_the_leader_crashes_during_the_add_step(make_cluster, slack, start
     plan = await propose(slack, f"replace member1 member4 {peer} --client-url {client}")
     row = await plan_row(store, plan)
     await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
-    await slack.wait_for(lambda: any(call.status == 429 for call in slack.calls_to("chat.update")), timeout=60,
-                         what="step 3 (add) to be announced")
+    await hold_at(slack, 3)
     leader = await leader_name(c)
     c.kill(leader)  # the leader dies as the add is about to be sent; its supervisor restarts it
     await asyncio.to_thread(c.restart, leader)
@@ -121,8 +121,7 @@ async def test_the_bot_killed_between_remove_and_add_resumes_without_repeating(m
         slack.fail_next("chat.update", status=429, retry_after=30, match=announcing(3))
         plan = await propose(slack, f"replace member1 member4 {urls()[0]} --client-url {urls()[1]}")
         await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
-        await slack.wait_for(lambda: any(call.status == 429 for call in slack.calls_to("chat.update")), timeout=60,
-                             what="step 3 (add) to be announced")
+        await hold_at(slack, 3)
         bot.kill()  # SIGKILL: after the remove, before the add
         async with open_store(tmp_path) as store:
             row = await plan_row(store, plan)

@@ -21,6 +21,7 @@ from helpers import (
     announcing,
     audit_actions,
     ephemeral,
+    hold_at,
     members_of,
     plan_row,
     propose,
@@ -30,12 +31,6 @@ from helpers import (
     urls,
     wait_state,
 )
-
-
-async def hold_at(slack, step: int) -> None:
-    """Wait until the engine announced `step`; it is held there for the 429's Retry-After."""
-    await slack.wait_for(lambda: any(call.status == 429 for call in slack.calls_to("chat.update")), timeout=60,
-                         what=f"step {step} to be announced")
 
 
 async def add_learner_by_hand(cluster) -> Member:

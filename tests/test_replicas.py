@@ -40,6 +40,7 @@ from helpers import (
     command,
     ephemeral,
     eventually,
+    hold_at,
     members_of,
     plan_row,
     propose,
@@ -240,8 +241,7 @@ async def test_racing_approvals_run_once_and_a_killed_leader_is_replaced_mid_pla
     row = await plan_row(group.store, plan)
     await asyncio.gather(slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK, to=follower.url),
                          slack.react(user=LEAD2, channel=CHANNEL, ts=plan.ts, reaction=OK, to=leader.url))
-    await slack.wait_for(lambda: any(call.status == 429 for call in slack.calls_to("chat.update")), timeout=90,
-                         what="step 3 (add) to be announced")
+    await hold_at(slack, 3, timeout=90)
     assert sum("Approved by" in m.text for m in replies(slack, plan)) == 1
     assert "changes nothing" in thread(slack, plan)
 
@@ -309,8 +309,7 @@ async def test_a_deposed_leader_stops_before_its_next_action_and_leaves_the_plan
     plan = await propose(slack, f"replace member1 member4 {peer} --client-url {client}")
     row = await plan_row(store, plan)
     await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
-    await slack.wait_for(lambda: any(call.status == 429 for call in slack.calls_to("chat.update")), timeout=60,
-                         what="step 3 (add) to be announced")
+    await hold_at(slack, 3)
 
     await eventually(lambda: depose(store, me.replica_id), 5, "another replica to take the lease")
     await eventually(lambda: not bot.ctx.running, 20, "the deposed leader's run to stop")

@@ -21,6 +21,7 @@ from helpers import (
     audit_actions,
     ephemeral,
     eventually,
+    hold_at,
     members_of,
     open_store,
     plan_row,
@@ -209,8 +210,7 @@ async def test_the_bot_killed_between_restore_and_start_resumes(make_cluster, sl
         slack.fail_next("chat.update", status=429, retry_after=30, match=announcing(3))
         plan = await propose(slack, "restore")
         await approve_twice(slack, plan)
-        await slack.wait_for(lambda: any(call.status == 429 for call in slack.calls_to("chat.update")), timeout=90,
-                             what="step 3 (start) to be announced")
+        await hold_at(slack, 3, timeout=90)
         bot.kill()  # SIGKILL: every member restored, none started
         async with open_store(tmp_path) as store:
             row = await plan_row(store, plan)
