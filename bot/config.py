@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import string
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -23,6 +24,14 @@ T = TypeVar("T")
 CLUSTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")  # always fullmatch: `$` lets a trailing newline in
 SLACK_ID = re.compile(r"[A-Z0-9]{2,}")
 LAUNCHER_PLACEHOLDERS = ("name", "peer_url", "client_url", "action")
+
+
+def argv_fields(arg: str) -> list[tuple[str, str | None, str]]:
+    """Each replacement field of one launcher argv element as str.format_map reads it: (name, conversion,
+    format spec). The config check and LauncherConfig.has_actions both read argv through this, so
+    `{{action}}` (a literal, not a field) can never count as the action. ValueError when malformed."""
+    return [(name, conversion, spec or "") for _, name, spec, conversion in string.Formatter().parse(arg)
+            if name is not None]
 
 
 class ConfigError(Exception):
@@ -70,8 +79,9 @@ class LauncherConfig:
 
     @property
     def has_actions(self) -> bool:
-        """An argv with {action} can also stop members and restore their data (restore plans need it)."""
-        return any("{action}" in arg for arg in self.argv)
+        """An argv with an {action} field can also stop members, restore their data and report whether
+        they run (restore plans need it)."""
+        return any(name == "action" for arg in self.argv for name, _, _ in argv_fields(arg))
 
 
 @dataclass(frozen=True)
@@ -80,6 +90,8 @@ class RestoreConfig:
 
     data_dir: str = "/var/lib/etcd"               # each member's data directory; may contain {name}
     age_identity: str | None = field(default=None, repr=False)  # decrypts snapshots, for restores and drills only
+    no_leader_seconds: float = 3.0                # a member reporting no leader this long is evidence of quorum
+                                                  # loss; an election in a healthy cluster ends well within it
 
 
 @dataclass(frozen=True)
@@ -424,10 +436,17 @@ def _launcher(t: _Table) -> LauncherConfig:
     if kind == "manual" and argv:
         raise ConfigError(f"{t.key('argv')}: only a command launcher takes argv")
     for i, arg in enumerate(argv):
-        for placeholder in re.findall(r"\{([^{}]*)\}", arg):
-            if placeholder not in LAUNCHER_PLACEHOLDERS:
-                raise ConfigError(f"{t.key('argv')}[{i}]: unknown placeholder {{{placeholder}}} "
+        try:
+            fields = argv_fields(arg)
+        except ValueError as e:
+            raise ConfigError(f"{t.key('argv')}[{i}]: {e} (write a literal brace as {{{{ or }}}})") from None
+        for name, conversion, spec in fields:
+            if name not in LAUNCHER_PLACEHOLDERS:
+                raise ConfigError(f"{t.key('argv')}[{i}]: unknown placeholder {{{name}}} "
                                   f"(use {{name}}, {{peer_url}}, {{client_url}} or {{action}})")
+            if conversion or spec:
+                raise ConfigError(f"{t.key('argv')}[{i}]: write the placeholder as plain {{{name}}}, without "
+                                  "a conversion or format")
     t.done()
     return LauncherConfig(kind=kind, argv=argv, timeout_seconds=timeout)
 
@@ -439,8 +458,9 @@ def _restore(t: _Table) -> RestoreConfig:
     if raw is not None and identity is None:
         which = "age_identity_env" if "age_identity_env" in t.data else "age_identity_file"
         raise ConfigError(f"{t.key(which)}: not an age identity (AGE-SECRET-KEY-1...)")
+    no_leader = t.get("no_leader_seconds", float, RestoreConfig.no_leader_seconds, _positive)
     t.done()
-    return RestoreConfig(data_dir=data_dir, age_identity=identity)
+    return RestoreConfig(data_dir=data_dir, age_identity=identity, no_leader_seconds=no_leader)
 
 
 def _role(t: _Table, users_key: str, groups_key: str, default: RoleConfig) -> RoleConfig:

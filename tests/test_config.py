@@ -75,6 +75,12 @@ def test_defaults_for_a_minimal_file(tmp_path):
      "clusters[0].launcher.argv: a command launcher needs argv"),
     (("launcher = { kind = \"manual\" }", "launcher = { kind = \"command\", argv = [\"start\", \"{host}\"] }"),
      "clusters[0].launcher.argv[1]: unknown placeholder {host}"),
+    (("launcher = { kind = \"manual\" }", "launcher = { kind = \"command\", argv = [\"go\", \"{action\"] }"),
+     "clusters[0].launcher.argv[1]: expected '}' before end of string (write a literal brace as {{ or }})"),
+    (("launcher = { kind = \"manual\" }", "launcher = { kind = \"command\", argv = [\"go\", \"{name!r}\"] }"),
+     "clusters[0].launcher.argv[1]: write the placeholder as plain {name}"),
+    (("launcher = { kind = \"manual\" }", "launcher = { kind = \"manual\" }\nrestore = { no_leader_seconds = 0 }"),
+     "clusters[0].restore.no_leader_seconds: must be greater than 0"),
     (("cacert = \"ca.crt\"", "cacert = \"missing.crt\""), "clusters[0].cacert: missing.crt: no such file"),
     (("key = \"client.key\"", ""), "clusters[0].key: cert and key go together"),
     (("reject_reaction = \"x\"", "reject_reaction = \"white_check_mark\""), "approval.reject_reaction: must differ"),
@@ -87,6 +93,17 @@ def test_each_mistake_names_its_key(tmp_path, change, message):
         load_config(write(tmp_path, GOOD.replace(old, new)))
     assert message in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_a_launcher_has_actions_exactly_when_its_argv_substitutes_action(tmp_path):
+    """The config check and has_actions read argv alike: `{{action}}` is the literal text "{action}", no field."""
+    def launcher(argv: str):
+        return load_config(write(tmp_path, GOOD.replace('launcher = { kind = "manual" }',
+                                                        f'launcher = {{ kind = "command", argv = {argv} }}'))
+                           ).cluster("prod").launcher
+    literal = launcher('["etcd-member", "{{action}}", "{name}"]')
+    assert not literal.has_actions and literal.argv[1] == "{{action}}"
+    assert launcher('["etcd-member", "--do={action}", "{name}"]').has_actions
 
 
 def test_duplicate_cluster_names(tmp_path):

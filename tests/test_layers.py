@@ -15,7 +15,7 @@ import bot
 ROOT = Path(__file__).resolve().parent.parent
 SLACK = {"slack_sdk", "slack_bolt", "aiohttp"}
 PURE = ["bot.ops.replace", "bot.etcd.health", "bot.etcd.bbolt", "bot.ops.commands", "bot.ops.restore",
-        "bot.ops.defrag", "bot.etcd.metrics", "bot.watch.conditions", "bot.watch.tracker"]
+        "bot.ops.quorum", "bot.ops.defrag", "bot.etcd.metrics", "bot.watch.conditions", "bot.watch.tracker"]
 
 
 def core_modules() -> list[str]:

@@ -1,10 +1,15 @@
 """The restore planner (pure): which snapshot, when it may run, and every member's exact etcdutl command."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from bot.ops.quorum import QuorumEvidence, QuorumVerdict, Seen, Voter
 from bot.ops.replace import Refusal
 from bot.ops.restore import Membership, choose_snapshot, plan_restore
+from bot.output.blocks import PlanView, restore_plan_reply
+from bot.store.records import PlanState
 
 MEMBERS = Membership(tuple((f"{i:016x}", f"m{i}", (f"http://10.0.0.{i}:2380",), (f"http://10.0.0.{i}:2379",))
                            for i in (1, 2, 3)), "recorded", 1000.0)
@@ -19,11 +24,22 @@ def row(i: int, revision: int) -> dict:
 ROWS = [row(3, 30), row(2, 20), row(1, 10)]  # newest first, as the catalog lists them
 
 
-def plan(quorum=(3, 1), force=False, version="3.5.1", launcher="command", actions=True, **kw):
+def evidence(healthy: int, voting: int = 3) -> QuorumEvidence:
+    """`healthy` voters answer with a leader (m1); the launcher's status reports the others stopped."""
+    return QuorumEvidence("prod", tuple(Voter(f"m{i}", Seen.LEADER if i <= healthy else Seen.STOPPED, i, 1)
+                                        for i in range(1, voting + 1)))
+
+
+LOST = evidence(1)
+VIEW = PlanView(state=PlanState.PROPOSED, proposer="U0ONCALL01", approvers="x", expires_at=0, reaction="ok",
+                reject_reaction="x")
+
+
+def plan(quorum=LOST, force=False, version="3.5.1", launcher="command", actions=True, **kw):
     snapshot, newer = choose_snapshot(ROWS, kw.pop("wanted", None))
-    return plan_restore("prod", snapshot, newer, MEMBERS, quorum=quorum, force=force, current_revision=kw.pop(
-        "current", None), data_dir="/var/lib/etcd/{name}", etcd_version=version, launcher=launcher,
-        launcher_has_actions=actions)
+    return plan_restore("prod", snapshot, newer, kw.pop("membership", MEMBERS), quorum=quorum, force=force,
+                        current_revision=kw.pop("current", None), data_dir="/var/lib/etcd/{name}",
+                        etcd_version=version, launcher=launcher, launcher_has_actions=actions)
 
 
 def test_the_newest_snapshot_by_default_and_newer_ones_are_named():
@@ -39,9 +55,9 @@ def test_the_newest_snapshot_by_default_and_newer_ones_are_named():
 
 def test_quorum_gate_and_force():
     with pytest.raises(Refusal, match="still has quorum .2 of 3") as e:
-        plan(quorum=(3, 2))
+        plan(quorum=evidence(2))
     assert "--force" in (e.value.hint or "")
-    forced = plan(quorum=(3, 3), force=True, current=75)
+    forced = plan(quorum=evidence(3), force=True, current=75)
     assert forced.revisions_lost == 45 and forced.force
 
 
@@ -75,3 +91,74 @@ def test_the_launcher_environment_per_action():
     restore = p.environment(m, "restore", "/abs/s.db")
     assert restore["ETCD_INITIAL_CLUSTER_TOKEN"] == p.token and restore["ETCD_CHATOPS_SNAPSHOT"] == "/abs/s.db"
     assert restore["ETCD_CHATOPS_ACTION"] == "restore"
+
+
+# ---------------------------------------------------------------- the quorum gate: evidence, never "I cannot reach it"
+
+def voters(*seen: Seen, leaderless: tuple[str, ...] = (), leader: int = 0) -> QuorumEvidence:
+    return QuorumEvidence("prod", tuple(Voter(f"m{i}", s, i, leader if s is Seen.LEADER else 0)
+                                        for i, s in enumerate(seen, 1)), frozenset(leaderless), 3.0)
+
+
+def test_unreachable_is_not_quorum_lost():
+    """Members the bot cannot reach prove nothing, whatever the launcher says short of "stopped"."""
+    for seen in (Seen.SILENT, Seen.RUNNING):
+        nothing = voters(seen, seen, seen)
+        assert nothing.verdict is QuorumVerdict.UNPROVEN and not nothing.settling
+        assert nothing.reason == "I cannot reach any member of prod from here: this is not proof that it lost quorum"
+    assert voters().verdict is QuorumVerdict.UNPROVEN  # no membership at all proves nothing either
+    # one member cut off from two healthy peers has no leader, even for long: the other two may still lead
+    partition = voters(Seen.NO_LEADER, Seen.SILENT, Seen.SILENT, leaderless=("m1",))
+    assert partition.verdict is QuorumVerdict.UNPROVEN
+    assert partition.reason.startswith("this is not proof that prod lost quorum: m1: answers without a leader")
+
+
+def test_quorum_loss_needs_members_stopped_or_leaderless_for_the_settle_time():
+    killed = voters(Seen.STOPPED, Seen.STOPPED, Seen.LEADER, leader=1)  # m3 still names the dead leader
+    assert killed.verdict is QuorumVerdict.LOST and (killed.voting, killed.answering) == (3, 1)
+    assert killed.describe() == "m1, m2: stopped (the launcher's status); m3: answers with a leader"
+    assert voters(Seen.STOPPED, Seen.STOPPED, Seen.STOPPED).verdict is QuorumVerdict.LOST
+    # an election in a healthy cluster: nobody has a leader for a moment; only the settle time tells
+    election = voters(Seen.NO_LEADER, Seen.NO_LEADER, Seen.NO_LEADER)
+    assert election.verdict is QuorumVerdict.UNPROVEN and election.settling
+    settled = voters(Seen.NO_LEADER, Seen.NO_LEADER, Seen.NO_LEADER, leaderless=("m1", "m2", "m3"))
+    assert settled.verdict is QuorumVerdict.LOST and "answers without a leader for 3 s" in settled.describe()
+    cut_off = voters(Seen.NO_LEADER, Seen.STOPPED, Seen.SILENT, leaderless=("m1",))
+    assert cut_off.verdict is QuorumVerdict.LOST  # m3 alone cannot make a quorum of 3
+    # a follower still naming a leader that does not answer notices within an election timeout: look again
+    stale = voters(Seen.LEADER, Seen.SILENT, Seen.SILENT, leader=2)
+    assert stale.verdict is QuorumVerdict.UNPROVEN and stale.settling
+    held = voters(Seen.LEADER, Seen.LEADER, Seen.SILENT, leader=1)
+    assert held.verdict is QuorumVerdict.HELD and held.reason.startswith("prod still has quorum (2 of 3")
+
+
+def test_without_evidence_a_restore_needs_force_and_its_plan_says_the_cluster_may_be_healthy():
+    with pytest.raises(Refusal) as refused:
+        plan(quorum=voters(Seen.RUNNING, Seen.RUNNING, Seen.RUNNING))
+    assert refused.value.reason == ("I cannot reach any member of prod from here: this is not proof that it lost "
+                                    "quorum")
+    assert "--force" in (refused.value.hint or "")
+    forced = plan(quorum=voters(Seen.SILENT, Seen.SILENT, Seen.SILENT), force=True)
+    assert forced.quorum_verdict is QuorumVerdict.UNPROVEN
+    reply = restore_plan_reply(forced, VIEW, now=1000.0)
+    first = reply.text.splitlines()[0]
+    assert "prod may be healthy" in first and first.startswith(f"Plan {forced.id}: restore prod")
+    assert reply.blocks[0]["text"]["text"].endswith("although it may be healthy")
+    assert "Quorum is lost" not in json.dumps(reply.blocks)
+    lost = restore_plan_reply(plan(), VIEW, now=1000.0)
+    assert "may be healthy" not in lost.text and "*Quorum is lost:* 1 of 3 voting members healthy" in json.dumps(
+        lost.blocks)
+
+
+def test_a_learner_that_never_started_is_left_out_and_the_plan_says_so():
+    unstarted = "00000000000000aa"
+    with_learner = Membership(MEMBERS.members + ((unstarted, "", ("http://10.0.0.9:2380",), ()),), "live", 1000.0,
+                              frozenset({unstarted}))
+    p = plan(membership=with_learner)
+    assert [m.name for m in p.members] == ["m1", "m2", "m3"] and p.left_out == (unstarted,)
+    assert "m1=http://10.0.0.1:2380,m2=http://10.0.0.2:2380,m3=http://10.0.0.3:2380" == p.initial_cluster
+    text = json.dumps(restore_plan_reply(p, VIEW, now=1000.0).blocks)
+    assert f"Left out:* {unstarted}: learner that never started" in text
+    # a voter that never started is not left out silently: it votes, so the bot does not guess
+    with pytest.raises(Refusal, match="has no name or peer URL"):
+        plan(membership=Membership(with_learner.members, "live", 1000.0))

@@ -18,10 +18,12 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, cast
 
 from bot.etcd.model import EtcdError
 from bot.ops.context import BotContext
+from bot.ops.launcher import Fencing
 from bot.output.blocks import escape
 from bot.store.base import LeaseLost
 from bot.store.records import AnyPlan, Fence, PlanKind, PlanRecord, PlanState
@@ -93,6 +95,20 @@ class ClusterOperation(Generic[P]):
         self.cluster: ClusterConfig = cluster
         self.client: EtcdClient = ctx.client(cluster)
         self.fence = RUN_FENCE.get()  # the operation's own plan writes are fenced like the engine's
+        # ... and so is every launcher process it starts (the lease checked right before each one)
+        self.fencing = None if self.fence is None else Fencing(self.fence.token, partial(hold_lease, ctx, self.fence))
+
+
+async def hold_lease(ctx: BotContext, fence: Fence) -> None:
+    """Right before an action: LeaseLost unless this replica still leads the tenure `fence` names, by the
+    lease as the store has it, not as this replica last renewed it (a renewal runs every ttl/3: another
+    replica may hold the lease since)."""
+    if ctx.leadership.fence != fence:
+        raise LeaseLost(fence)
+    held = await ctx.store.lease(fence.name)
+    if held is None or (held.holder, held.token) != (fence.holder, fence.token):
+        ctx.leadership.lost()
+        raise LeaseLost(fence)
 
 
 # (context, record, actor, keys of the steps already started before this run) -> Operation
@@ -218,13 +234,8 @@ class Run:
             raise LeaseLost(self.fence)
 
     async def _still_holding(self) -> None:
-        """Right before an action: the lease as the store has it, not as this replica last renewed it
-        (a renewal runs every ttl/3: another replica may hold the lease since; one read per step)."""
-        self._still_leading()
-        held = await self.ctx.store.lease(self.fence.name)
-        if held is None or (held.holder, held.token) != (self.fence.holder, self.fence.token):
-            self.ctx.leadership.lost()
-            raise LeaseLost(self.fence)
+        """Right before a step's action (one store read per step; each launcher process checks again)."""
+        await hold_lease(self.ctx, self.fence)
 
     @staticmethod
     def _failure(e: Exception) -> StepFailed:

@@ -258,7 +258,7 @@ class ReplaceOperation(ClusterOperation[Plan]):
                        f"{launcher.timeout_seconds:g}s for it to join.")
             return await self._wait(f"{self.plan.new_name} starting", launcher.timeout_seconds,
                                     self._started_and_reachable)
-        result = await run_command(launcher, self.plan, self.ctx.secrets())
+        result = await run_command(launcher, self.plan, self.ctx.secrets(), self.fencing)
         tail = result.output_tail.strip()[-1500:]
         if not result.ok:
             raise StepFailed(f"{result.summary}" + (f"; output:\n{tail}" if tail else ""),

@@ -1,20 +1,56 @@
-"""Starting the replacement member (runbook step 4).
+"""Starting the replacement member (runbook step 4), and the launcher's other actions.
 
 `manual`: a human starts etcd on the new machine with the environment the
 plan shows; the bot waits for the member to appear. `command`: the bot runs
 a configured argv (never through a shell), with the runbook's ETCD_*
 environment, and reports its exit status and the tail of its output.
+
+An argv with `{action}` also stops a member, restores its data and reports
+whether it runs (`status`: exit 0 running, 3 stopped, as `systemctl status`
+and LSB init scripts answer; anything else is unknown). Every action a plan
+runs carries the run's fencing token (ETCD_CHATOPS_FENCE), and the lease is
+checked right before each launcher process starts.
 """
 from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 
 from bot.config import LauncherConfig
 from bot.ops.replace import Plan
 
 OUTPUT_TAIL = 4000  # characters of the command's output kept for the report
+FENCE_VARIABLE = "ETCD_CHATOPS_FENCE"
+STATUS_TIMEOUT = 30.0  # a status is a read of a host: it gets a deadline shorter than an action's
+
+
+class MemberState(StrEnum):
+    """What the launcher's `status` action says of one member."""
+
+    RUNNING = "running"
+    STOPPED = "stopped"
+    UNKNOWN = "unknown"
+
+
+STATUS_EXIT = {0: MemberState.RUNNING, 3: MemberState.STOPPED}  # systemctl status / LSB: 3 is "not running"
+
+
+@dataclass(frozen=True)
+class MemberStatus:
+    state: MemberState
+    detail: str  # the launcher's last output line, or why the state is unknown
+
+
+@dataclass(frozen=True)
+class Fencing:
+    """A plan run's fencing token for its launcher processes, and the lease check made right before each one
+    starts: a leader deposed meanwhile starts nothing, and a launcher that saw a newer token refuses."""
+
+    token: int
+    check: Callable[[], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -35,6 +71,13 @@ def fill_argv(template: tuple[str, ...] | list[str], values: dict[str, str]) -> 
     return [arg.format_map(values) for arg in template]
 
 
+def member_argv(template: tuple[str, ...] | list[str], name: str, peer_url: str, client_urls: Sequence[str],
+                action: str) -> list[str]:
+    """The argv of one action on one member of the cluster."""
+    return fill_argv(template, {"name": name, "peer_url": peer_url, "client_url": ",".join(client_urls),
+                                "action": action})
+
+
 def child_environment(extra: dict[str, str], secrets: list[str]) -> dict[str, str]:
     """Our environment minus Slack credentials and any secret value, plus `extra`."""
     env = {k: v for k, v in os.environ.items()
@@ -42,15 +85,41 @@ def child_environment(extra: dict[str, str], secrets: list[str]) -> dict[str, st
     return {**env, **extra}
 
 
-async def run_command(launcher: LauncherConfig, plan: Plan, secrets: list[str]) -> LaunchResult:
+async def run_command(launcher: LauncherConfig, plan: Plan, secrets: list[str],
+                      fencing: Fencing | None = None) -> LaunchResult:
     """The replacement's start: argv without {action} means start, as it always did."""
     return await run_argv(launcher, command_argv(launcher.argv, plan),
-                          {**plan.environment, "ETCD_CHATOPS_ACTION": "start"}, secrets)
+                          {**plan.environment, "ETCD_CHATOPS_ACTION": "start"}, secrets, fencing=fencing)
 
 
-async def run_argv(launcher: LauncherConfig, argv: list[str], environment: dict[str, str],
-                   secrets: list[str]) -> LaunchResult:
-    """Run the launcher once (start, stop or restore one member); exit status 0 means done."""
+async def member_status(launcher: LauncherConfig, name: str, peer_url: str, client_urls: Sequence[str],
+                        secrets: list[str]) -> MemberStatus:
+    """The launcher's `status` of one member. Read-only, so never fenced; a launcher without actions, a
+    member that never started (no name) or any answer but exit 0 or 3 is unknown."""
+    if launcher.kind != "command" or not launcher.has_actions:
+        return MemberStatus(MemberState.UNKNOWN, f"the {launcher.kind} launcher has no status action")
+    if not name:
+        return MemberStatus(MemberState.UNKNOWN, "it never started (no name)")
+    result = await run_argv(launcher, member_argv(launcher.argv, name, peer_url, client_urls, "status"),
+                            {"ETCD_CHATOPS_ACTION": "status", "ETCD_NAME": name}, secrets,
+                            timeout=min(launcher.timeout_seconds, STATUS_TIMEOUT))
+    lines = result.output_tail.strip().splitlines()
+    state = STATUS_EXIT.get(result.exit_status, MemberState.UNKNOWN) if result.exit_status is not None \
+        else MemberState.UNKNOWN
+    detail = lines[-1][-300:] if lines and state != MemberState.UNKNOWN else (
+        result.summary + (f": {lines[-1][-300:]}" if lines else ""))
+    return MemberStatus(state, detail)
+
+
+async def run_argv(launcher: LauncherConfig, argv: list[str], environment: dict[str, str], secrets: list[str], *,
+                   fencing: Fencing | None = None, timeout: float | None = None) -> LaunchResult:
+    """Run the launcher once (start, stop, restore or status of one member); exit status 0 means done.
+    With `fencing`: the lease is checked right before the process starts (LeaseLost: none starts), and the
+    process gets the token in ETCD_CHATOPS_FENCE."""
+    timeout = timeout or launcher.timeout_seconds
+    if fencing is not None:
+        await fencing.check()
+        environment = {**environment, FENCE_VARIABLE: str(fencing.token)}
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
@@ -66,13 +135,12 @@ async def run_argv(launcher: LauncherConfig, argv: list[str], environment: dict[
             del tail[:-OUTPUT_TAIL]
 
     try:
-        await asyncio.wait_for(asyncio.gather(drain(), proc.wait()), launcher.timeout_seconds)
+        await asyncio.wait_for(asyncio.gather(drain(), proc.wait()), timeout)
     except TimeoutError:
         proc.kill()
         await proc.wait()
         text = tail.decode(errors="replace")
-        return LaunchResult(False, None, text,
-                            f"{argv[0]} did not return within {launcher.timeout_seconds:g}s and was killed")
+        return LaunchResult(False, None, text, f"{argv[0]} did not return within {timeout:g}s and was killed")
     text = tail.decode(errors="replace")
     ok = proc.returncode == 0
     return LaunchResult(ok, proc.returncode, text, f"{argv[0]} exited with status {proc.returncode}")

@@ -22,13 +22,13 @@ from pathlib import Path
 
 from bot.backup.catalog import Expected, FetchFailed, Origin, catalog
 from bot.config import ClusterConfig
-from bot.etcd.health import ClusterHealth
-from bot.etcd.model import EtcdError
+from bot.etcd.model import EtcdError, Member
 from bot.etcd.snapshots import sha256_file
 from bot.ops.context import BotContext
 from bot.ops.engine import ClusterOperation, FactsChanged, StepFailed, StepRun, note, register
-from bot.ops.launcher import LaunchResult, fill_argv, run_argv
+from bot.ops.launcher import LaunchResult, MemberState, member_argv, member_status, run_argv
 from bot.ops.lifecycle import Outcome, _open_plan_refusal, _refused, publish_plan
+from bot.ops.quorum import QuorumVerdict, weigh
 from bot.ops.replace import Refusal
 from bot.ops.restore import (
     BUMP_REVISIONS,
@@ -47,7 +47,7 @@ from bot.output.model import RemoteState
 from bot.store.records import PlanKind, PlanRecord, PlanState
 
 POLL = 0.5
-STOP_TIMEOUT = 60.0  # members must stop answering within this after their stop action
+STOP_TIMEOUT = 60.0  # members must be stopped (by the launcher's status) within this after their stop action
 
 # ---------------------------------------------------------------- propose
 
@@ -57,33 +57,26 @@ async def propose_restore(ctx: BotContext, cluster: ClusterConfig, wanted: str |
     open_plan = await store.open_plan(cluster.name)
     if open_plan:
         return _open_plan_refusal(open_plan.id, open_plan.state)
-    health: ClusterHealth | None
-    try:
-        health = await ctx.check(cluster)
-    except EtcdError:
-        health = None  # nothing answers: the recorded membership says who the members are
+    last = await store.last_membership(cluster.name)
+    recorded = [Member.from_json(m) for m in last[0]] if last else []
+    # "I cannot reach it" is not "quorum lost": the gate wants evidence (bot.ops.quorum)
+    evidence, health = await weigh(ctx, cluster, recorded)
     current = None
     if health is not None:
         source = health.snapshot_source()
-        if source is not None and health.quorum.ok:
+        if source is not None and evidence.verdict is QuorumVerdict.HELD:
             try:
                 current = await ctx.client(cluster).revision(source.member.client_urls[0])
             except EtcdError:
                 current = None
-        membership = Membership(tuple((h.member.hex_id, h.member.name, h.member.peer_urls, h.member.client_urls)
-                                      for h in health.members), "live", health.checked_at)
-        quorum = (health.quorum.voting, health.quorum.healthy)
+        membership = _membership([h.member for h in health.members], "live", health.checked_at)
         version = next((h.status.version for h in health.members if h.status), "")
-    else:
-        last = await store.last_membership(cluster.name)
-        members = [(m["id"], m["name"], tuple(m["peer_urls"]), tuple(m["client_urls"])) for m in (last[0] if last
-                                                                                                   else [])]
-        membership = Membership(tuple(members), "recorded", last[1] if last else 0.0)
-        quorum = (len(members), 0)
+    else:  # nothing answers: the recorded membership says who the members are
+        membership = _membership(recorded, "recorded", last[1] if last else 0.0)
         version = ""
     try:
         snapshot, newer = choose_snapshot(await restorable(ctx, cluster), wanted)
-        plan = plan_restore(cluster.name, snapshot, newer, membership, quorum=quorum, force=force,
+        plan = plan_restore(cluster.name, snapshot, newer, membership, quorum=evidence, force=force,
                             current_revision=current, data_dir=cluster.restore.data_dir, etcd_version=version,
                             launcher=cluster.launcher.kind, launcher_has_actions=cluster.launcher.has_actions)
     except Refusal as r:
@@ -93,7 +86,13 @@ async def propose_restore(ctx: BotContext, cluster: ClusterConfig, wanted: str |
     return await publish_plan(ctx, PlanKind.RESTORE, plan, cluster.name, user, channel,
                               {"plan": plan.id, "snapshot": snapshot.file_name, "revision": snapshot.revision,
                                "from_store": snapshot.remote_url or None, "force": force,
-                               "membership": membership.source, "token": plan.token})
+                               "membership": membership.source, "token": plan.token,
+                               "quorum": plan.verdict, "evidence": plan.evidence, "left_out": list(plan.left_out)})
+
+
+def _membership(members: Sequence[Member], source: str, seen_at: float) -> Membership:
+    return Membership(tuple((m.hex_id, m.name, m.peer_urls, m.client_urls) for m in members), source, seen_at,
+                      frozenset(m.hex_id for m in members if m.is_learner))
 
 
 async def continue_plan(ctx: BotContext, plan_id: str, user: str, channel: str) -> Outcome:
@@ -274,11 +273,15 @@ class RestoreOperation(ClusterOperation[RestorePlan]):
             return await self._manual(action, snapshot_path)
 
         async def one(m: RestoreMember) -> LaunchResult:
-            argv = fill_argv(launcher.argv, {"name": m.name, "peer_url": m.peer_url,
-                                             "client_url": ",".join(m.client_urls), "action": action})
-            return await run_argv(launcher, argv, self.plan.environment(m, action, snapshot_path), self.ctx.secrets())
+            argv = member_argv(launcher.argv, m.name, m.peer_url, m.client_urls, action)
+            return await run_argv(launcher, argv, self.plan.environment(m, action, snapshot_path), self.ctx.secrets(),
+                                  fencing=self.fencing)
 
-        results = await asyncio.gather(*(one(m) for m in self.plan.members))
+        # every member's launcher checks the lease itself: raise once all have (none is left running unseen)
+        outcomes = await asyncio.gather(*(one(m) for m in self.plan.members), return_exceptions=True)
+        if error := next((r for r in outcomes if isinstance(r, BaseException)), None):
+            raise error
+        results = [r for r in outcomes if isinstance(r, LaunchResult)]
         failed = [(m, r) for m, r in zip(self.plan.members, results, strict=True) if not r.ok]
         if failed:
             detail = "; ".join(f"{m.name}: {r.summary}" + (f", output: {r.output_tail.strip()[-600:]}"
@@ -346,41 +349,72 @@ class RestoreOperation(ClusterOperation[RestorePlan]):
         return await verify_snapshot(self.plan.snapshot, self.cluster.restore.age_identity,
                                      origin(self.ctx, self.cluster))
 
+    def _known(self) -> list[Member]:
+        """The planned members, for the launcher's status when no member gives a member list."""
+        return [Member(int(m.id, 16), m.name, (m.peer_url,), m.client_urls) for m in self.plan.members]
+
+    async def _not_stopped(self) -> list[str]:
+        """The members not shown stopped, each with why: it answers Status, or (command launcher) the launcher's
+        status does not say stopped. With the manual launcher a person confirmed the stop; a member that
+        still answers was not stopped."""
+        up = set(await self._answering())
+        if self.cluster.launcher.kind == "manual":
+            return [f"{name} answers" for name in sorted(up)]
+        states = await asyncio.gather(*(member_status(self.cluster.launcher, m.name, m.peer_url, m.client_urls,
+                                                      self.ctx.secrets()) for m in self.plan.members))
+        return [f"{m.name} {'answers' if m.name in up else s.state.value} ({s.detail})"
+                for m, s in zip(self.plan.members, states, strict=True)
+                if m.name in up or s.state is not MemberState.STOPPED]
+
+    def _stopped_by(self) -> str:
+        return ("the launcher's status reports every member stopped" if self.cluster.launcher.kind == "command"
+                else "confirmed in the thread, and no member answers")
+
     async def before_stop(self) -> str:
-        """The quorum gate, against the live cluster: without --force only a cluster that lost quorum."""
+        """The quorum gate, on every run of the step (a resume too): the facts of the proposal must hold, the
+        planned members and, without --force, evidence that quorum is lost (bot.ops.quorum)."""
         p = self.plan
-        try:
-            health = await self.ctx.check(self.cluster)
-        except EtcdError:
-            return "no member answers: quorum is lost"
-        if "stop" in self.started:
-            return "resuming the stop"
-        live = {h.member.hex_id for h in health.members}
-        planned = {m.id for m in p.members}
-        if live != planned:
-            raise FactsChanged(f"the membership changed since the plan was made (now {len(live)} members: "
-                               f"{', '.join(sorted(h.member.name or h.member.hex_id for h in health.members))}); "
-                               "nothing was stopped", p.id)
-        q = health.quorum
-        if q.ok and not p.force:
-            raise FactsChanged(f"quorum is back ({q.healthy} of {q.voting} voting members healthy): the restore "
-                               "would throw away every write since the snapshot; nothing was stopped", p.id)
-        return f"{q.healthy} of {q.voting} voting members healthy" + (" (--force)" if p.force else "; quorum lost")
+        evidence, health = await weigh(self.ctx, self.cluster, self._known())
+        if health is not None:
+            live = {h.member.hex_id for h in health.members}
+            planned = {m.id for m in p.members} | set(p.left_out)
+            if live != planned:
+                raise FactsChanged(f"the membership changed since the plan was made (now {len(live)} members: "
+                                   f"{', '.join(sorted(h.member.name or h.member.hex_id for h in health.members))}); "
+                                   "nothing was stopped", p.id)
+        if p.force:
+            return f"{evidence.describe()} (--force)"
+        if evidence.verdict is QuorumVerdict.HELD:
+            raise FactsChanged(f"quorum is back ({evidence.answering} of {evidence.voting} voting members healthy): "
+                               "the restore would throw away every write since the snapshot; nothing was stopped",
+                               p.id)
+        if evidence.verdict is QuorumVerdict.UNPROVEN:
+            raise FactsChanged(f"the loss of quorum is no longer proven ({evidence.reason}); nothing was stopped", p.id)
+        return f"quorum lost: {evidence.describe()}"
 
     async def step_stop(self) -> str:
         return await self._launch("stop")
 
     async def all_stopped(self, detail: str) -> str:
+        """Every member stopped by the launcher's own status (with the manual launcher: by the person's
+        confirmation, and none answers), never because it does not answer the bot."""
+        left: list[str] = []
+
         async def stopped() -> str | None:
-            return None if await self._answering() else detail
-        return await self._wait("every member to stop answering", STOP_TIMEOUT, stopped)
+            left[:] = await self._not_stopped()
+            return None if left else f"{detail}; {self._stopped_by()}"
+        try:
+            return await self._wait("every member stopped", STOP_TIMEOUT, stopped)
+        except StepFailed:
+            raise StepFailed(f"not every member stopped within {STOP_TIMEOUT:g}s: {'; '.join(left)}",
+                             "stop them by hand, then /etcd resume the plan") from None
 
     async def before_restore(self) -> str:
-        up = await self._answering()
-        if up:
-            raise FactsChanged(f"{', '.join(up)} answer{'s' if len(up) == 1 else ''} again: a member restored while "
-                               "another runs on old data would split the cluster; nothing was restored", self.plan.id)
-        return "every member is stopped"
+        left = await self._not_stopped()
+        if left:
+            raise FactsChanged(f"{'; '.join(left)}: a member restored while another runs on old data would split "
+                               "the cluster; nothing was restored", self.plan.id)
+        return f"every member is stopped: {self._stopped_by()}"
 
     async def step_restore(self) -> str:
         async with plaintext(self.plan.snapshot, self.cluster.restore.age_identity,

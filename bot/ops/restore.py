@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from bot.ops.quorum import QuorumEvidence, QuorumVerdict
 from bot.ops.replace import Refusal, Step
 from bot.output.model import CatalogEntry
 
@@ -78,8 +79,8 @@ class RestorePlan:
     snapshot: SnapshotRef
     members: tuple[RestoreMember, ...]
     token: str                           # the NEW --initial-cluster-token, unique to this restore
-    force: bool                          # the cluster had quorum: a rollback
-    quorum_now: tuple[int, int]          # (voting, healthy) when planned; (n, 0) when nothing answered
+    force: bool                          # proposed with --force: without proof that quorum is lost
+    quorum_now: tuple[int, int]          # (voting, answering) when planned; (n, 0) when nothing answered
     current_revision: int | None         # of the live cluster, when one answered
     membership_source: str               # "live" | "recorded"
     membership_seen_at: float            # when that membership was seen
@@ -88,6 +89,16 @@ class RestorePlan:
     launcher: str                        # "manual" | "command"
     steps: tuple[Step, ...]
     fingerprint: str
+    verdict: str = ""                    # the quorum gate's QuorumVerdict when planned ("": planned before verdicts)
+    evidence: str = ""                   # what the verdict rests on, voter by voter
+    left_out: tuple[str, ...] = ()       # hex IDs of learners that never started: not restored
+
+    @property
+    def quorum_verdict(self) -> QuorumVerdict:
+        """The verdict the plan was made on (a plan stored before verdicts: forced meant quorum held)."""
+        if self.verdict:
+            return QuorumVerdict(self.verdict)
+        return QuorumVerdict.HELD if self.force else QuorumVerdict.LOST
 
     @property
     def revisions_lost(self) -> int:
@@ -139,7 +150,8 @@ class RestorePlan:
                       "members": tuple(RestoreMember(**{**m, "client_urls": tuple(m["client_urls"])})
                                        for m in data["members"]),
                       "quorum_now": tuple(data["quorum_now"]), "newer": tuple(data["newer"]),
-                      "steps": tuple(Step(s["key"], s["title"]) for s in data["steps"])})
+                      "steps": tuple(Step(s["key"], s["title"]) for s in data["steps"]),
+                      "left_out": tuple(data.get("left_out", ()))})
 
 
 K8S_BEFORE = "Stop every kube-apiserver before the restore (it would write to the old data and cache it)."
@@ -163,6 +175,7 @@ class Membership:
     members: tuple[tuple[str, str, tuple[str, ...], tuple[str, ...]], ...]  # (hex id, name, peer URLs, client URLs)
     source: str              # "live" | "recorded"
     seen_at: float
+    learners: frozenset[str] = frozenset()  # hex IDs of the members that are learners
 
 
 def _version(text: str) -> tuple[int, int, int]:
@@ -204,32 +217,40 @@ RESTORE_STEPS = (
 
 
 def plan_restore(cluster: str, snapshot: SnapshotRef, newer: tuple[str, ...], membership: Membership, *,
-                 quorum: tuple[int, int], force: bool, current_revision: int | None, data_dir: str,
+                 quorum: QuorumEvidence, force: bool, current_revision: int | None, data_dir: str,
                  etcd_version: str, launcher: str, launcher_has_actions: bool,
                  plan_id: str | None = None) -> RestorePlan:
-    """Build the restore plan, or raise Refusal. `quorum`: (voting, healthy) now; `data_dir` a template with {name}."""
-    voting, healthy = quorum
-    has_quorum = voting > 0 and healthy >= voting // 2 + 1
-    if has_quorum and not force:
-        raise Refusal(f"cluster {cluster} still has quorum ({healthy} of {voting} voting members healthy): a restore "
-                      "would throw away every write since the snapshot",
+    """Build the restore plan, or raise Refusal. Without --force only on proof that quorum is lost
+    (`quorum`, bot.ops.quorum); `data_dir` a template with {name}. Learners that never started are left out:
+    they hold no data, and a restore rebuilds the cluster from its voters."""
+    verdict = quorum.verdict
+    if verdict is QuorumVerdict.HELD and not force:
+        raise Refusal(f"cluster {cluster} still has quorum ({quorum.answering} of {quorum.voting} voting members "
+                      "healthy): a restore would throw away every write since the snapshot",
                       "use /etcd replace for failed members; to roll back on purpose add --force")
+    if verdict is QuorumVerdict.UNPROVEN and not force:
+        raise Refusal(quorum.reason, "check the bot's path to the members and its TLS credentials (a rotated CA?); "
+                                     "if you know the cluster is down, add --force")
     if launcher == "command" and not launcher_has_actions:
         raise Refusal("the cluster's command launcher has no {action} in its argv, so it can only start members",
-                      "add {action} to the launcher argv (start, stop, restore), or use the manual launcher")
+                      "add {action} to the launcher argv (start, stop, restore, status), or use the manual launcher")
     if not membership.members:
         raise Refusal(f"no member of {cluster} answers and the bot never recorded its membership",
                       "restore by hand (etcdutl snapshot restore on every member)")
-    members = []
+    members, left_out = [], []
     for hex_id, name, peers, clients in membership.members:
         if not name or not peers:
+            if hex_id in membership.learners:
+                left_out.append(hex_id)
+                continue
             raise Refusal(f"member {hex_id} has no name or peer URL (never started)",
                           "remove it, or restore by hand")
         members.append(RestoreMember(name, hex_id, peers[0], clients, data_dir.replace("{name}", name)))
     pid = plan_id or secrets.token_hex(3)
     token = f"{cluster}-restore-{pid}-{secrets.token_hex(4)}"
     return RestorePlan(id=pid, cluster=cluster, snapshot=snapshot, members=tuple(members), token=token, force=force,
-                       quorum_now=quorum, current_revision=current_revision, membership_source=membership.source,
-                       membership_seen_at=membership.seen_at, newer=newer, etcd_version=etcd_version,
-                       launcher=launcher, steps=tuple(Step(k, t) for k, t in RESTORE_STEPS),
-                       fingerprint=f"{snapshot.sha256}:{','.join(m.id for m in members)}")
+                       quorum_now=(quorum.voting, quorum.answering), current_revision=current_revision,
+                       membership_source=membership.source, membership_seen_at=membership.seen_at, newer=newer,
+                       etcd_version=etcd_version, launcher=launcher, steps=tuple(Step(k, t) for k, t in RESTORE_STEPS),
+                       fingerprint=f"{snapshot.sha256}:{','.join(m.id for m in members)}", verdict=verdict.value,
+                       evidence=quorum.describe(), left_out=tuple(left_out))

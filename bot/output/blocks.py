@@ -19,6 +19,7 @@ from bot.etcd.consistency import Consistency
 from bot.etcd.health import ClusterHealth
 from bot.etcd.metrics import MemberMetrics
 from bot.ops.defrag import DefragPlan
+from bot.ops.quorum import QuorumVerdict
 from bot.ops.replace import MemberRef, Plan, Step
 from bot.ops.restore import K8S_AFTER, K8S_BEFORE, RestorePlan, bump_note
 from bot.output import text as render
@@ -358,17 +359,25 @@ def restore_plan_reply(plan: RestorePlan, view: PlanView, now: float | None = No
     state, state_section = _state(view)
     snap = plan.snapshot
     voting, healthy = plan.quorum_now
-    if plan.force:
+    verdict = plan.quorum_verdict
+    evidence = f"\n*Evidence:* {escape(plan.evidence)}" if plan.evidence else ""
+    # first line: a restore forced without evidence says the cluster may be healthy before anything else
+    unproven = f" although {plan.cluster} may be healthy" if verdict is QuorumVerdict.UNPROVEN else ""
+    if verdict is QuorumVerdict.UNPROVEN:
+        gate = (f":warning: *{escape(plan.cluster)} may be healthy:* the bot has no evidence that it lost quorum "
+                f"(--force). If it is healthy, *every write since the snapshot is lost.*{evidence}")
+    elif verdict is QuorumVerdict.HELD:
         gate = (f":warning: *--force: the cluster has quorum* ({healthy} of {voting} healthy). This is a rollback: "
                 f"*{plan.revisions_lost} revisions will be lost* (current revision {plan.current_revision}, "
                 f"snapshot {snap.revision}).")
     else:
         gate = (f"*Quorum is lost:* {healthy} of {voting} voting members healthy, {voting // 2 + 1} needed "
-                "(checked by the bot; checked again before the members are stopped).")
+                f"(checked by the bot; checked again before the members are stopped).{evidence}")
     source = ("the live member list" if plan.membership_source == "live"
               else "the last membership the bot recorded (no member answers)")
     blocks: list[dict[str, Any]] = [
-        _header(f"Plan {plan.id}: restore {plan.cluster} from a snapshot"),
+        _header(f"Plan {plan.id}: restore {plan.cluster} from a snapshot"
+                + (" although it may be healthy" if unproven else "")),
         state_section,
         *sections(f"*Snapshot:* {code(snap.file_name)}{' (age-encrypted)' if snap.encrypted else ''} · revision "
                   f"{snap.revision} · hash {code(snap.hash)} · {snap.total_keys} keys · "
@@ -385,6 +394,11 @@ def restore_plan_reply(plan: RestorePlan, view: PlanView, now: float | None = No
                            f"{escape(', '.join(plan.newer))}. Restoring an older one is deliberate only if the newer "
                            "ones may hold the bad data.")
     blocks += sections(gate)
+    if plan.left_out:
+        blocks += sections(f":information_source: *Left out:* {escape(', '.join(plan.left_out))}: "
+                           f"learner{'s' if len(plan.left_out) > 1 else ''} that never started (no name or peer URL), "
+                           "so no data to restore; the cluster is rebuilt from the others. Add "
+                           f"{'them' if len(plan.left_out) > 1 else 'it'} again afterwards if still needed.")
     blocks += sections(f"*Members* ({len(plan.members)}, from {source}, seen {_ago(now - plan.membership_seen_at)} "
                        f"ago):\n" + "\n".join(f"• *{escape(m.name)}* · peer {escape(m.peer_url)} · client "
                                                f"{_urls(m.client_urls)} · data dir {code(m.data_dir)}"
@@ -403,7 +417,7 @@ def restore_plan_reply(plan: RestorePlan, view: PlanView, now: float | None = No
     blocks += sections(f"*Kubernetes:* {escape(K8S_BEFORE)} {escape(K8S_AFTER)}\n:information_source: "
                        f"{escape(bump_note(plan))}")
     text = (f"Plan {plan.id}: restore {escape(plan.cluster)} from {escape(snap.file_name)} (revision {snap.revision}"
-            f"{', from the snapshot store' if snap.from_store else ''}):"
+            f"{', from the snapshot store' if snap.from_store else ''}){escape(unproven)}:"
             f" {state}. Proposed by {mention(view.proposer)}")
     return _footer(plan.id, view, blocks, text, proposer_note=" (cannot approve it)")
 def _defrag_table(plan: DefragPlan) -> str:

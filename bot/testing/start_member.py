@@ -1,45 +1,66 @@
-"""A `command` launcher for local clusters, with the three actions of the
+"""A `command` launcher for local clusters, with the four actions of the
 launcher contract: start a real etcd member from the runbook's ETCD_*
-environment (detached, returning once it serves), stop one, or restore one's
-data directory from a snapshot with etcdutl (the old directory moved aside).
+environment (detached, returning once it serves), stop one, restore one's
+data directory from a snapshot with etcdutl (the old directory moved aside),
+or report whether one runs (`status`: one JSON line; exit 0 running, 3
+stopped, 4 unknown).
 
-    python -m bot.testing.start_member --base-dir DIR [--name NAME] [--action start|stop|restore]
+    python -m bot.testing.start_member --base-dir DIR [--name NAME] [--action start|stop|restore|status]
 
 DIR is a LocalCluster's base directory: the member's data, log and record
 go there, so the cluster's teardown kills it too. Used by the demo and the
 tests as `launcher = { kind = "command", argv = [...] }`. The action comes
 from --action, else ETCD_CHATOPS_ACTION, else start.
+
+Fenced as the contract asks: an action that changes something and carries
+ETCD_CHATOPS_FENCE is refused when the token is older than the newest this
+member has seen (kept in `members/<name>.fence` beside its record, and
+locked until this process exits, so two actions on one member never
+interleave): a deposed bot leader cannot act after its successor did.
+Without a token (a person running it by hand) nothing is fenced.
 """
 from __future__ import annotations
 
 import argparse
+import fcntl
+import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
+from bot.ops.launcher import FENCE_VARIABLE
 from bot.testing.cluster import ClusterError, LocalCluster, TLSPaths, free_port, spawn, tls_member_args
+
+_fences: list[IO[str]] = []  # the member's fence file, locked until this process exits
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="start_member", description=__doc__.split("\n\n")[0])
     p.add_argument("--base-dir", required=True, help="the LocalCluster's base directory")
     p.add_argument("--name", default=None, help="the member (default: $ETCD_NAME)")
-    p.add_argument("--action", choices=("start", "stop", "restore"), default=None)
+    p.add_argument("--action", choices=("start", "stop", "restore", "status"), default=None)
     p.add_argument("--timeout", type=float, default=30.0)
     args = p.parse_args(argv)
     base = Path(args.base_dir)
     action = args.action or os.environ.get("ETCD_CHATOPS_ACTION") or "start"
     name = args.name or os.environ.get("ETCD_NAME")
-    if action == "stop":
+    if action in ("stop", "status"):
         if not name:
-            print("start_member: stop needs --name or ETCD_NAME", file=sys.stderr)
+            print(f"start_member: {action} needs --name or ETCD_NAME", file=sys.stderr)
             return 2
-        return stop(base, name)
-    if not name or "ETCD_INITIAL_CLUSTER" not in os.environ:
+        if action == "status":
+            return status(base, name)
+    elif not name or "ETCD_INITIAL_CLUSTER" not in os.environ:
         print("start_member: ETCD_NAME and ETCD_INITIAL_CLUSTER must be set", file=sys.stderr)
         return 2
+    if refusal := fence(base, name, os.environ.get(FENCE_VARIABLE)):
+        print(f"start_member: refused: {refusal}; nothing was done", file=sys.stderr)
+        return 1
+    if action == "stop":
+        return stop(base, name)
     env = {k: v for k, v in os.environ.items() if k.startswith("ETCD_") and not k.startswith("ETCD_CHATOPS_")}
     data_dir = env.pop("ETCD_DATA_DIR", None)
     if action == "restore":
@@ -71,6 +92,44 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"started {name} (pid {member.pid}), client URL {member.client_url}, peer URL {peer_url}")
     return 0
+
+
+def fence(base: Path, name: str, token: str | None) -> str | None:
+    """Why the action is refused, or None: then `token` is the newest the member has seen, and its fence
+    stays locked until this process exits."""
+    if token is None:
+        return None
+    try:
+        mine = int(token)
+    except ValueError:
+        return f"{FENCE_VARIABLE}={token!r} is not a fencing token"
+    path = base / "members" / f"{name}.fence"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+")
+    _fences.append(f)
+    fcntl.flock(f, fcntl.LOCK_EX)
+    newest = int(f.read().strip() or 0)
+    if mine < newest:
+        return (f"fencing token {mine} is older than {newest}, the newest {name} has seen (another bot leader "
+                "acted since)")
+    f.seek(0)
+    f.truncate()
+    f.write(str(mine))
+    f.flush()
+    os.fsync(f.fileno())
+    return None
+
+
+def status(base: Path, name: str) -> int:
+    """The contract's status: one JSON line; exit 0 running, 3 stopped, 4 unknown (no cluster here)."""
+    if not base.is_dir():
+        print(json.dumps({"member": name, "state": "unknown", "why": f"no cluster at {base}"}))
+        return 4
+    cluster = LocalCluster.attach(base)
+    running = cluster.running(name)
+    pid = cluster.members[name].pid if running else None
+    print(json.dumps({"member": name, "state": "running" if running else "stopped", "pid": pid}))
+    return 0 if running else 3
 
 
 def stop(base: Path, name: str) -> int:
