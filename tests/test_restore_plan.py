@@ -107,27 +107,33 @@ def test_unreachable_is_not_quorum_lost():
         assert nothing.verdict is QuorumVerdict.UNPROVEN and not nothing.settling
         assert nothing.reason == "I cannot reach any member of prod from here: this is not proof that it lost quorum"
     assert voters().verdict is QuorumVerdict.UNPROVEN  # no membership at all proves nothing either
-    # one member cut off from two healthy peers has no leader, even for long: the other two may still lead
-    partition = voters(Seen.NO_LEADER, Seen.SILENT, Seen.SILENT, leaderless=("m1",))
-    assert partition.verdict is QuorumVerdict.UNPROVEN
-    assert partition.reason.startswith("this is not proof that prod lost quorum: m1: answers without a leader")
+    # m1 has no leader for long, but the launcher says m2 and m3 run: m1 may be cut off from a healthy pair
+    partition = voters(Seen.NO_LEADER, Seen.RUNNING, Seen.SILENT, leaderless=("m1",))
+    assert partition.verdict is QuorumVerdict.UNPROVEN and not partition.settling
+    assert partition.reason.startswith("this is not proof that prod lost quorum: m1: answering, without a leader")
 
 
 def test_quorum_loss_needs_members_stopped_or_leaderless_for_the_settle_time():
     killed = voters(Seen.STOPPED, Seen.STOPPED, Seen.LEADER, leader=1)  # m3 still names the dead leader
     assert killed.verdict is QuorumVerdict.LOST and (killed.voting, killed.answering) == (3, 1)
-    assert killed.describe() == "m1, m2: stopped (the launcher's status); m3: answers with a leader"
+    assert killed.describe() == "m1, m2: stopped (the launcher's status); m3: answering, with a leader"
     assert voters(Seen.STOPPED, Seen.STOPPED, Seen.STOPPED).verdict is QuorumVerdict.LOST
     # an election in a healthy cluster: nobody has a leader for a moment; only the settle time tells
     election = voters(Seen.NO_LEADER, Seen.NO_LEADER, Seen.NO_LEADER)
     assert election.verdict is QuorumVerdict.UNPROVEN and election.settling
     settled = voters(Seen.NO_LEADER, Seen.NO_LEADER, Seen.NO_LEADER, leaderless=("m1", "m2", "m3"))
-    assert settled.verdict is QuorumVerdict.LOST and "answers without a leader for 3 s" in settled.describe()
-    cut_off = voters(Seen.NO_LEADER, Seen.STOPPED, Seen.SILENT, leaderless=("m1",))
+    assert settled.verdict is QuorumVerdict.LOST and "answering, without a leader for 3 s" in settled.describe()
+    cut_off = voters(Seen.NO_LEADER, Seen.STOPPED, Seen.RUNNING, leaderless=("m1",))
     assert cut_off.verdict is QuorumVerdict.LOST  # m3 alone cannot make a quorum of 3
-    # a follower still naming a leader that does not answer notices within an election timeout: look again
-    stale = voters(Seen.LEADER, Seen.SILENT, Seen.SILENT, leader=2)
-    assert stale.verdict is QuorumVerdict.UNPROVEN and stale.settling
+    # the manual launcher tells nothing: what the members that answer see decides, and the plan lists it
+    manual = voters(Seen.NO_LEADER, Seen.SILENT, Seen.SILENT, leaderless=("m1",))
+    assert manual.verdict is QuorumVerdict.LOST
+    assert manual.describe() == "m1: answering, without a leader for 3 s; m2, m3: not answering the bot"
+    assert voters(Seen.NO_LEADER, Seen.SILENT, Seen.SILENT).verdict is QuorumVerdict.UNPROVEN  # not for long yet
+    # a leader cut off from its quorum steps down, and a follower notices, within an election timeout: look again
+    for leader in (1, 2):
+        stale = voters(Seen.LEADER, Seen.SILENT, Seen.SILENT, leader=leader)
+        assert stale.verdict is QuorumVerdict.UNPROVEN and stale.settling
     held = voters(Seen.LEADER, Seen.LEADER, Seen.SILENT, leader=1)
     assert held.verdict is QuorumVerdict.HELD and held.reason.startswith("prod still has quorum (2 of 3")
 

@@ -6,9 +6,14 @@ sees what it would see of a dead one, and a restore there throws away every
 write since the snapshot. So a voter counts as out of every quorum only on
 evidence: the launcher's `status` says it is stopped, or it answers and has
 reported no leader for `no_leader_seconds` (an election in a healthy cluster
-ends well within that). Quorum is lost when the voters not shown out are
-fewer than a quorum; it holds when a quorum of voters answers with a leader;
-anything else is unproven, and a restore then needs --force.
+ends well within that). Quorum holds when a quorum of voters answers with a
+leader. It is lost when the voters not shown out are fewer than a quorum,
+or when every voter that answers has had no leader that long and the
+launcher reports none of the others running: what the members the bot can
+reach see. (A member cut off from healthy peers the bot cannot reach either
+looks the same; with a launcher that has `status` the peers' state decides,
+with the manual launcher the approvers read each member's evidence in the
+plan.) Anything else is unproven, and a restore then needs --force.
 
 The verdict is pure and at the top; gathering the evidence (a health check,
 the launcher's status of the members that do not answer) is below it.
@@ -38,11 +43,11 @@ POLL = 0.5
 class Seen(StrEnum):
     """What the bot knows of one voter."""
 
-    LEADER = "answers with a leader"
-    NO_LEADER = "answers without a leader"
+    LEADER = "answering, with a leader"
+    NO_LEADER = "answering, without a leader"
     STOPPED = "stopped (the launcher's status)"
-    RUNNING = "runs (the launcher's status) but does not answer the bot"
-    SILENT = "does not answer the bot"
+    RUNNING = "running (the launcher's status), not answering the bot"
+    SILENT = "not answering the bot"
 
 
 class QuorumVerdict(StrEnum):
@@ -95,15 +100,17 @@ class QuorumEvidence:
             return QuorumVerdict.HELD
         if self.voting - len(self.out) < self.needed:
             return QuorumVerdict.LOST
+        answering = self.named(Seen.LEADER, Seen.NO_LEADER)
+        if answering and set(answering) <= self.leaderless and not self.named(Seen.RUNNING):
+            return QuorumVerdict.LOST  # every member that answers has had no leader, and none is known to run
         return QuorumVerdict.UNPROVEN
 
     @property
     def settling(self) -> bool:
-        """Whether looking again may settle an unproven verdict: a voter without a leader for less than the
-        settle time, or one following a leader that does not answer (it notices within an election timeout)."""
-        answering = {v.member_id for v in self.voters if v.seen in (Seen.LEADER, Seen.NO_LEADER)}
-        return any((v.seen is Seen.NO_LEADER and v.name not in self.leaderless)
-                   or (v.seen is Seen.LEADER and v.leader not in answering) for v in self.voters)
+        """Whether looking again may settle an unproven verdict: a voter answers and has not been without a
+        leader for the settle time (a leader cut off from its quorum steps down, and its followers notice,
+        within an election timeout)."""
+        return any(v.seen in (Seen.LEADER, Seen.NO_LEADER) and v.name not in self.leaderless for v in self.voters)
 
     def describe(self) -> str:
         """Each voter as the bot knows it, grouped: "member1, member2: stopped (the launcher's status); ..."."""
