@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from bot.etcd.client import EtcdClient
 from bot.etcd.health import ClusterHealth, MemberHealth, check_cluster
 from bot.etcd.model import MemberStatus
+from bot.ops.leader import LEASE
 from bot.store.base import Store
 from bot.store.records import PlanRecord
 from bot.store.sqlite import ADDED_COLUMNS, SqliteStore, expected_columns
@@ -130,6 +131,12 @@ async def hold_at(slack: SlackStandIn, step: int, timeout: float = 60) -> None:
     """Wait until the engine announced `step`, which a 429 from `announcing(step)` holds for its Retry-After."""
     await slack.wait_for(lambda: any(call.status == 429 for call in slack.calls_to("chat.update")), timeout=timeout,
                          what=f"step {step} to be announced")
+
+
+async def depose(store: Store, leader: str) -> bool:
+    """Another replica takes the executor lease from `leader` (as after a database hiccup longer than its ttl)."""
+    await store.release_lease(LEASE, leader)
+    return await store.acquire_lease(LEASE, "another-replica", 60) is not None
 
 
 APPROVAL = {"approvers": [LEAD, ONCALL], "approver_groups": [LEADS_GROUP], "ttl_minutes": 30,

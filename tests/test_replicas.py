@@ -38,6 +38,7 @@ from helpers import (
     announcing,
     audit_actions,
     command,
+    depose,
     ephemeral,
     eventually,
     hold_at,
@@ -288,12 +289,6 @@ async def test_postgresql_restarted_while_idle_both_replicas_reconnect_and_answe
     for bot in group.bots:  # and both are back to normal
         assert "HEALTHY" in text_of(await reply(slack, "status", to=bot.url))
     assert await group.leader() in group.bots
-
-
-async def depose(store: Store, leader: str) -> bool:
-    """Another replica takes the executor lease from `leader` (as after a database hiccup longer than its ttl)."""
-    await store.release_lease(LEASE, leader)
-    return await store.acquire_lease(LEASE, "another-replica", 60) is not None
 
 
 async def test_a_deposed_leader_stops_before_its_next_action_and_leaves_the_plan_running(make_cluster, slack,

@@ -335,6 +335,22 @@ class LocalCluster:
         self.wait_serving(name, timeout)
         return member
 
+    def rotate_tls(self, timeout: float = START_TIMEOUT) -> None:
+        """A new CA and new certificates for every member, as a CA rotation brings: each member is stopped,
+        its files replaced in place, and all are started again at once (a restarted member serves only with
+        a quorum of its peers). A client that still trusts the old CA can no longer connect."""
+        if self.tls is None:
+            raise ClusterError("rotate_tls: this cluster does not use TLS")
+        from concurrent.futures import ThreadPoolExecutor
+
+        from bot.testing import certs
+        names = list(self.members)
+        for name in names:
+            self.stop(name)
+        certs.generate(self.base_dir / "tls")
+        with ThreadPoolExecutor(len(names)) as pool:
+            list(pool.map(lambda n: self.restart(n, timeout), names))
+
     def start_member(self, name: str, initial_cluster: str, *, client_port: int | None = None,
                      peer_port: int | None = None, timeout: float = START_TIMEOUT) -> LocalMember:
         """Start a member that was already added with `member add`

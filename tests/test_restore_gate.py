@@ -1,0 +1,216 @@
+"""The restore's safety gates, end to end on real etcd: a restore runs only on evidence that quorum is
+lost (never because the bot cannot reach the cluster), re-checks that evidence whenever its stop step
+runs (a resume too), leaves out a learner that never started, and no launcher process of a deposed
+leader starts; the shipped launcher refuses a fencing token older than one it has seen."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from test_restore_e2e import approve_twice, keys, snapshot_of
+
+from bot.ops import recovery
+from bot.ops.leader import LEASE
+from bot.testing.cluster import free_port
+from bot.testing.workspace import LEAD, cluster_table
+from helpers import (
+    APPROVAL,
+    audit_actions,
+    depose,
+    ephemeral,
+    eventually,
+    members_of,
+    plan_row,
+    propose,
+    reply,
+    wait_done,
+    wait_state,
+)
+
+NAMES = ["member1", "member2", "member3"]
+
+
+def launch(base: Path, action: str, name: str, fence: str | None = None,
+           **env: str) -> subprocess.CompletedProcess[str]:
+    """The shipped launcher, run as the bot runs it (one action on one member)."""
+    extra = {"ETCD_CHATOPS_FENCE": fence} if fence is not None else {}
+    return subprocess.run([sys.executable, "-m", "bot.testing.start_member", "--base-dir", str(base), "--name", name,
+                           "--action", action], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **env, **extra})
+
+
+async def test_a_healthy_cluster_the_bot_cannot_reach_is_not_restored_without_force(make_cluster, slack, start_bot,
+                                                                                   tmp_path):
+    """The cluster's CA was rotated and the bot still trusts the old one: every member is healthy, none
+    answers the bot. No restore is proposed without --force, and the forced plan says first that the
+    cluster may be healthy."""
+    c = make_cluster(3, tls=True)
+    old = tmp_path / "old-ca"
+    shutil.copytree(c.base_dir / "tls", old)
+    table = cluster_table("prod", c, cacert=str(old / "ca.crt"), cert=str(old / "client.crt"),
+                          key=str(old / "client.key"))
+    bot = await start_bot([table], approval=APPROVAL)
+    store = bot.ctx.store
+    await snapshot_of(slack, store, c, n=2)
+    await reply(slack, "status")  # the bot records the membership it sees
+    await asyncio.to_thread(c.rotate_tls)
+    c.etcdctl("put", "/registry/after", "written after the snapshot")  # healthy, and taking writes
+
+    refused = await ephemeral(slack, "restore")
+    assert ("cannot restore prod: I cannot reach any member of prod from here: this is not proof that it lost "
+            "quorum") in refused.text
+    assert "--force" in refused.text
+    assert await store.open_plan("prod") is None
+
+    plan = await propose(slack, "restore --force")
+    first = plan.text.splitlines()[0]
+    assert first.startswith("Plan ") and "prod may be healthy" in first, first
+    assert plan.blocks[0]["text"]["text"].endswith("although it may be healthy")
+    blocks = json.dumps(plan.blocks)
+    assert "Quorum is lost" not in blocks
+    assert "member1, member2, member3: running (the launcher's status), not answering the bot" in blocks
+    assert all(c.running(m) for m in NAMES) and keys(c)["/registry/after"] == "written after the snapshot"
+
+
+def flaky_launcher(base: Path, unreachable: Path) -> list[str]:
+    """The shipped launcher behind an ssh-like hop: while `unreachable` exists, stopping member1 fails as an
+    ssh to a host without a route does (exit 255), and nothing happens there."""
+    script = ('if [ "$1" = stop ] && [ "$2" = member1 ] && [ -e "$3" ]; then '
+              'echo "ssh: connect to host member1 port 22: No route to host" >&2; exit 255; fi; '
+              f'exec "{sys.executable}" -m bot.testing.start_member --base-dir "{base}" --action "$1" --name "$2"')
+    return ["sh", "-c", script, "launcher", "{action}", "{name}", str(unreachable)]
+
+
+async def test_a_resumed_stop_finds_quorum_back_and_stops_nothing(make_cluster, slack, start_bot, tmp_path):
+    """The stop failed on member1 (no route to its host); the members came back, healthy, and took new
+    writes. The resume runs the quorum gate again: the plan stops, and nothing is stopped or restored."""
+    c = make_cluster(3)
+    unreachable = tmp_path / "member1-unreachable"
+    unreachable.touch()
+    table = cluster_table("prod", c, launcher={"kind": "command", "argv": flaky_launcher(c.base_dir, unreachable),
+                                               "timeout_seconds": 60})
+    bot = await start_bot([table], approval=APPROVAL)
+    store = bot.ctx.store
+    await snapshot_of(slack, store, c, n=2)
+    c.kill("member1")
+    c.kill("member2")
+    plan = await propose(slack, "restore")
+    row = await plan_row(store, plan)
+    await approve_twice(slack, plan)
+    failed = await wait_state(store, row.id, ("failed",), timeout=60)
+    assert "step 1 (stop) failed" in failed.error and "No route to host" in failed.error, failed.error
+    assert not c.running("member3")  # the launcher stopped the one that ran
+
+    unreachable.unlink()
+    await asyncio.gather(*(asyncio.to_thread(c.restart, m) for m in NAMES))
+    await asyncio.to_thread(c.wait_healthy)
+    c.etcdctl("put", "/registry/after-the-stop", "must survive")
+    await ephemeral(slack, f"resume {row.id}", user=LEAD)
+    again = await eventually(lambda: _failed_again(store, row.id), 60, "the resumed plan to stop")
+    assert "before step 1 (stop)" in again.error and "quorum is back (3 of 3" in again.error, again.error
+    assert "nothing was stopped" in again.error
+    assert all(c.running(m) for m in NAMES) and keys(c)["/registry/after-the-stop"] == "must survive"
+    assert (await audit_actions(store, row.id)).count(("step_done", "stop")) == 0
+
+
+async def _failed_again(store, plan_id):
+    row = await store.plan(plan_id)
+    return row if row.state == "failed" and "before step 1" in (row.error or "") else None
+
+
+async def test_a_learner_that_never_started_is_left_out_and_every_action_carried_the_fence(make_cluster, slack,
+                                                                                         start_bot):
+    """A replacement was cut off between `member add --learner` and its start. The restore rebuilds the
+    cluster from the three voters, the plan says the learner is left out, and each member's launcher saw
+    the run's fencing token."""
+    c = make_cluster(3)
+    bot = await start_bot([cluster_table("prod", c)], approval=APPROVAL)
+    store = bot.ctx.store
+    before, _ = await snapshot_of(slack, store, c, n=3)
+    add = ("member", "add", "member4", f"--peer-urls=http://127.0.0.1:{free_port()}", "--learner")
+    await eventually(lambda: c.etcdctl(*add, check=False).returncode == 0, 15,
+                     "the young cluster to accept a member")  # etcd wants 5 s of healthy voters first
+    (learner,) = [h.member.hex_id for h in await members_of(c) if not h.member.name]
+    c.etcdctl("put", "/registry/later", "gone after the restore")
+    c.kill("member1")
+    c.kill("member2")
+
+    plan = await propose(slack, "restore")
+    blocks = json.dumps(plan.blocks)
+    assert f"Left out:* {learner}: learner that never started" in blocks
+    assert "member1, member2: stopped (the launcher's status)" in blocks
+    row = await plan_row(store, plan)
+    assert [m.name for m in row.plan.members] == NAMES and row.plan.left_out == (learner,)
+    await approve_twice(slack, plan)
+    await wait_done(store, row.id, timeout=180)
+    assert keys(c) == before
+    assert sorted(h.member.name for h in await members_of(c) if h.healthy) == NAMES  # and no learner
+    token = (await store.lease(LEASE)).token
+    assert [(c.base_dir / "members" / f"{m}.fence").read_text() for m in NAMES] == [str(token)] * 3
+
+
+async def test_a_leader_deposed_right_before_its_launchers_start_starts_none(make_cluster, slack, start_bot,
+                                                                              monkeypatch):
+    """The lease moves to another replica after the stop step's precondition and the engine's check before
+    the action, right before the launcher would start (as when the leader froze there): no launcher
+    process runs, member3 keeps running, and the plan stays running for the new leader."""
+    c = make_cluster(3)
+    bot = await start_bot([cluster_table("prod", c)], approval=APPROVAL)
+    store, me = bot.ctx.store, bot.ctx.leadership
+    await snapshot_of(slack, store, c, n=2)
+    c.kill("member1")
+    c.kill("member2")
+    held: list[str] = []
+    deposed = asyncio.Event()
+    run_argv = recovery.run_argv
+
+    async def deposed_first(launcher, argv, environment, secrets, **kw):  # the hold point: the launcher start
+        held.append(argv[argv.index("--name") + 1])
+        if len(held) == 1:
+            await eventually(lambda: depose(store, me.replica_id), 5, "another replica to take the lease")
+            deposed.set()
+        await deposed.wait()
+        return await run_argv(launcher, argv, environment, secrets, **kw)
+    monkeypatch.setattr(recovery, "run_argv", deposed_first)
+
+    plan = await propose(slack, "restore")
+    row = await plan_row(store, plan)
+    await approve_twice(slack, plan)
+    await eventually(lambda: len(held) == 3 and not bot.ctx.running, 60, "the deposed leader's run to stop")
+    record = await store.plan(row.id)
+    assert record.state == "running" and record.current_step == 1 and not record.error
+    assert c.running("member3")  # its stop never started
+    assert not list((c.base_dir / "members").glob("*.fence"))  # no fenced launcher process ran at all
+    actions = await audit_actions(store, row.id)
+    assert ("step_done", "stop") not in actions and not any(a == "step_failed" for a, _ in actions)
+
+
+def test_the_launcher_refuses_an_older_fencing_token_and_changes_nothing(make_cluster):
+    c = make_cluster(1)
+    base = c.base_dir
+    m = c.member("member1")
+    start_env = {"ETCD_NAME": "member1", "ETCD_INITIAL_CLUSTER": f"member1={m.peer_url}",
+                 "ETCD_INITIAL_ADVERTISE_PEER_URLS": m.peer_url, "ETCD_LISTEN_PEER_URLS": m.peer_url,
+                 "ETCD_LISTEN_CLIENT_URLS": m.client_url, "ETCD_ADVERTISE_CLIENT_URLS": m.client_url,
+                 "ETCD_INITIAL_CLUSTER_STATE": "new"}
+    running = launch(base, "status", "member1")
+    assert running.returncode == 0 and json.loads(running.stdout)["state"] == "running"
+
+    assert launch(base, "stop", "member1", fence="7").returncode == 0  # leader 7 stopped it
+    old = launch(base, "start", "member1", fence="6", **start_env)   # a deposed leader, late
+    assert old.returncode != 0 and "refused: fencing token 6 is older than 7" in old.stderr, old.stderr
+    stopped = launch(base, "status", "member1")
+    assert stopped.returncode == 3 and json.loads(stopped.stdout)["state"] == "stopped"
+    assert (base / "members" / "member1.fence").read_text() == "7"
+    assert launch(base, "start", "member1", fence="not-a-token", **start_env).returncode != 0
+    assert launch(base, "status", "member1").returncode == 3  # still nothing changed
+
+    again = launch(base, "start", "member1", fence="7", **start_env)  # the same tenure retries: allowed
+    assert again.returncode == 0, again.stderr
+    assert launch(base, "status", "member1").returncode == 0
+    assert launch(base.parent / "no-such-cluster", "status", "member1").returncode == 4
