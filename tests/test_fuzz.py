@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,10 +37,11 @@ import pytest
 from hypothesis import HealthCheck, assume, given, note, settings
 from hypothesis import strategies as st
 
+from bot.config import parse_duration
 from bot.etcd.bbolt import SnapshotError, snapshot_status
 from bot.etcd.client import EtcdClient
 from bot.etcd.health import ClusterHealth, check_cluster
-from bot.etcd.urls import parse_url
+from bot.etcd.urls import Unusable, parse_url, read_url, shown_urls, usable_urls
 from bot.ops.commands import SPECS, Command, UsageError, parse
 from bot.output.blocks import escape
 from bot.testing.cluster import LocalCluster, free_port
@@ -126,6 +128,25 @@ def test_parse_returns_a_command_or_a_one_line_usage_error(text):
     for key in spec.urls:
         if key in cmd.args:  # a URL is normalised once: parsing the result gives it back
             assert parse_url(cmd.args[key]).url == cmd.args[key]
+    for key in spec.durations:
+        assert parse_duration(cmd.args[key]) >= 1
+    if spec.rest:   # free text is stored and posted: one line, no control characters
+        text = cmd.args[spec.positionals[-1].replace("-", "_")]
+        assert text and text == text.strip() and not any(unicodedata.category(ch) == "Cc" for ch in text)
+
+
+@settings(FUZZ, max_examples=500)
+@given(st.one_of(urls, st.text(), st.builds(lambda u, t: u + t, urls, st.text(max_size=6))))
+def test_a_url_etcd_hands_back_is_read_never_raised(text):
+    """Member lists hold whatever `member add` was given: reading one is total."""
+    found = read_url(text)
+    if isinstance(found, Unusable):
+        assert str(found).startswith("unusable URL ") and found.text == text
+        with pytest.raises(ValueError):
+            parse_url(text)
+    else:
+        assert read_url(found.url) == found and parse_url(text) == found
+    assert shown_urls([text]) and usable_urls([text]) == ([] if isinstance(found, Unusable) else [found.url])
 
 
 # ---------------------------------------------------------------- 2. any /etcd text through the bot

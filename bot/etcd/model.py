@@ -35,6 +35,11 @@ class EtcdTLSError(EtcdUnavailable):
     """The TLS handshake failed: missing or wrong client certificate, or untrusted server."""
 
 
+class EtcdUnusableURL(EtcdError):
+    """A URL etcd published that the bot cannot dial (etcd stores what `member add` was given): nothing was sent,
+    so it says nothing about whether the member is up."""
+
+
 class EtcdAuthError(EtcdError):
     """etcd refused our credentials or permissions."""
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from bot.etcd.consistency import Consistency
 from bot.etcd.health import ClusterHealth
 from bot.etcd.metrics import MemberMetrics
+from bot.etcd.urls import shown_urls
 from bot.ops.defrag import DefragPlan
 from bot.ops.replace import MemberRef, Plan, Step
 from bot.ops.restore import K8S_AFTER, K8S_BEFORE, RestorePlan, bump_note
@@ -161,7 +162,7 @@ def _member_line(v: MemberView) -> str:
         facts.append(f"quota {escape(v.quota_line)}")
     if v.alarms:
         facts.append(f":rotating_light: alarm {escape(', '.join(v.alarms))}")
-    urls = f"peer {escape(', '.join(m.peer_urls) or '-')} · client {escape(', '.join(m.client_urls) or '-')}"
+    urls = f"peer {_urls(m.peer_urls)} · client {_urls(m.client_urls)}"
     return "\n".join([first, " · ".join(facts), urls] if facts else [first, urls])
 
 
@@ -240,7 +241,7 @@ def slack_date(epoch: float) -> str:
 
 
 def _urls(urls: tuple[str, ...] | list[str]) -> str:
-    return escape(", ".join(urls)) or "-"
+    return escape(shown_urls(urls))
 
 
 def _member_ref(m: MemberRef) -> str:

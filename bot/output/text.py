@@ -11,6 +11,7 @@ from typing import Any
 
 from bot.etcd.consistency import Consistency
 from bot.etcd.model import KVHash
+from bot.etcd.urls import shown_urls
 from bot.output.model import (
     AlertView,
     CatalogView,
@@ -51,8 +52,8 @@ def status_rows(view: StatusView) -> list[list[str]]:
     for v in view.members:
         m, s = v.member, v.status
         rows.append([
-            m.hex_id, "started" if m.started else "unstarted", m.name or "", ", ".join(m.peer_urls),
-            ", ".join(m.client_urls), str(m.is_learner).lower(),
+            m.hex_id, "started" if m.started else "unstarted", m.name or "", shown_urls(m.peer_urls),
+            shown_urls(m.client_urls), str(m.is_learner).lower(),
             "yes" if v.reachable else f"NO: {v.error}",
             "*" if v.is_leader else "",
             s.version if s else "-", humanize_bytes(s.db_size) if s else "-", str(s.raft_index) if s else "-",
