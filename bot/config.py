@@ -546,6 +546,22 @@ def _cluster(t: _Table, snapshot_defaults: SnapshotPolicy, approval: ApprovalCon
                          defrag_disarm_below=disarm_below, watch=watch)
 
 
+def _check_disjoint(clusters: tuple[ClusterConfig, ...]) -> None:
+    """No etcd under two names: the one-open-plan rule, the catalog and the watch are per cluster name, so two
+    names for one cluster would let two plans change it at once. Endpoints are compared by host and port
+    (scheme, case and a trailing slash aside); two names for one host (a DNS name and its address) are not
+    found here."""
+    owner: dict[str, tuple[int, str, str]] = {}   # address -> (index, cluster, endpoint)
+    for i, c in enumerate(clusters):
+        for j, endpoint in enumerate(c.endpoints):
+            address = parse_url(endpoint).address
+            first = owner.setdefault(address, (i, c.name, endpoint))
+            if first[0] != i:
+                raise ConfigError(f"clusters[{i}].endpoints[{j}]: {endpoint} reaches {address}, an endpoint of "
+                                  f"cluster {first[1]!r} too ({first[2]}); clusters {first[1]!r} and {c.name!r} "
+                                  f"would be one etcd under two names")
+
+
 def _database(top: _Table, base: Path) -> Path | str:
     """A path (SQLite, relative to the config file) or a postgresql:// URL, checked without showing its password."""
     raw = top.get("database", str, None)
@@ -615,6 +631,7 @@ def parse_config(data: dict, base: Path, source: Path | None = None) -> Config:
         if c.name in seen:
             raise ConfigError(f"clusters[{i}].name: {c.name!r} is used by another cluster")
         seen.add(c.name)
+    _check_disjoint(clusters)
     replicas = _replicas(top.table("replicas"))
     top.done()
     return Config(clusters=clusters, database=database, snapshot_dir=snapshot_dir, approval=approval,
