@@ -276,7 +276,34 @@ async def test_help_for_a_subcommand_with_required_arguments(cluster, slack, sta
 
 # ---------------------------------------------------------------- 3. reaction events
 
-POOL = 6  # cluster names (same LocalCluster) with a plan each: one open plan per cluster
+POOL = 6  # cluster names (same LocalCluster, each through its own relays) with a plan each: one open plan per cluster
+
+
+async def _relay(port: int) -> asyncio.Server:
+    """A loopback TCP relay to 127.0.0.1:`port`: another address for the same member.
+
+    The rig names one etcd six times on purpose (its plans never get past their re-check), and the
+    config refuses two names with the same host:port, so each name reaches the members through relays
+    of its own. A relay closes a connection it cannot pass on, as a member that went away does."""
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            writer.close()
+            return
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    return await asyncio.start_server(serve, "127.0.0.1", 0)
 
 
 @dataclass
@@ -336,13 +363,20 @@ class ReactionRig:
 async def reaction_rig(make_cluster, slack, start_bot):
     c = make_cluster(3)
     names = [f"p{i}" for i in range(POOL)]
-    bot = await start_bot([cluster_table(n, c) for n in names], approval=APPROVAL)
-    other = await bot.runtime.web.chat_postMessage(channel=CHANNEL, text="not a plan")
-    async with EtcdClient(c.endpoints) as client:
-        rig = ReactionRig(bot, slack, c, client, {m.id for m in await client.member_list()}, names,
-                          other_ts=other["ts"])
-        await rig.propose_batch()
-        yield rig
+    relays = {n: [await _relay(m.client_port) for m in c.members.values()] for n in names}
+    try:
+        bot = await start_bot([cluster_table(n, c, endpoints=[f"http://127.0.0.1:{r.sockets[0].getsockname()[1]}"
+                                                              for r in relays[n]]) for n in names],
+                              approval=APPROVAL)
+        other = await bot.runtime.web.chat_postMessage(channel=CHANNEL, text="not a plan")
+        async with EtcdClient(c.endpoints) as client:
+            rig = ReactionRig(bot, slack, c, client, {m.id for m in await client.member_list()}, names,
+                              other_ts=other["ts"])
+            await rig.propose_batch()
+            yield rig
+    finally:
+        for relay in (r for rs in relays.values() for r in rs):
+            relay.close()
 
 
 MISSING = object()  # a field left out of the event
