@@ -18,6 +18,12 @@ every_seconds))` runs `await fetch(ctx, cluster, health)` at most once per
 `every_seconds` and hands its last result over as `f.extra["my_probe"]`
 (absent until the probe first succeeds: return None then). Tests: build a
 Facts by hand (tests/test_watch_conditions.py shows how).
+
+A check that raises costs its own verdict only: it is unknown that round (its
+alert stands still) and the watcher logs it once and counts it. A check over
+the members goes through `per_member`, so one member's failure costs that
+member's finding, not the others'. Read member URLs with bot.etcd.urls.read_url
+(total): etcd stores URLs the bot cannot use.
 """
 from __future__ import annotations
 
