@@ -309,12 +309,12 @@ async def test_a_member_added_with_an_unusable_peer_url_does_not_silence_the_wat
     bot = await start_bot([watched("prod", c)])
     async with EtcdClient(c.endpoints) as client:
         odd, _ = await client.member_add(["http://127.0.0.1:238000"], learner=False)   # the real API, as etcdctl
-    unusable = "unusable URL 'http://127.0.0.1:238000' (port out of range)"
-    down = await first_alert(slack, f"MEMBER DOWN {odd.hex_id}", INTERVAL + GRACE + MARGIN, bot=bot)
-    assert unusable in down.text and "https://NEW-HOST:2380" in text_of(down)
     c.kill("member3")   # 2 of 4 voters: the member that never started counts toward the quorum etcd needs
     lost = await first_alert(slack, "QUORUM LOST", INTERVAL + GRACE + MARGIN, bot=bot)
     assert "2 of 4 voters healthy, 3 needed" in text_of(lost)
+    unusable = "unusable URL 'http://127.0.0.1:238000' (port out of range)"
+    down = await first_alert(slack, f"MEMBER DOWN {odd.hex_id}", INTERVAL + MARGIN, bot=bot)
+    assert unusable in down.text and "https://NEW-HOST:2380" in text_of(down)
     status = text_of(await reply(slack, "status prod"))
     assert unusable in status and "QUORUM LOST" in status.upper(), status
     assert 'etcd_chatops_watch_errors_total{cluster="prod"' not in await asyncio.to_thread(metrics, bot)
