@@ -82,7 +82,8 @@ async def propose_restore(ctx: BotContext, cluster: ClusterConfig, wanted: str |
         quorum = (len(members), 0)
         version = ""
     try:
-        snapshot, newer = choose_snapshot(await restorable(ctx, cluster), wanted)
+        snapshot, newer = choose_snapshot(await restorable(ctx, cluster), wanted, foreign_ok=force,
+                                          encrypted_only=cluster.snapshots.encrypted)
         plan = plan_restore(cluster.name, snapshot, newer, membership, quorum=quorum, force=force,
                             current_revision=current, data_dir=cluster.restore.data_dir, etcd_version=version,
                             launcher=cluster.launcher.kind, launcher_has_actions=cluster.launcher.has_actions)
@@ -92,6 +93,7 @@ async def propose_restore(ctx: BotContext, cluster: ClusterConfig, wanted: str |
         return _refused(f"cannot restore {cluster.name}: {r.reason}", r.hint, usage)
     return await publish_plan(ctx, PlanKind.RESTORE, plan, cluster.name, user, channel,
                               {"plan": plan.id, "snapshot": snapshot.file_name, "revision": snapshot.revision,
+                               "foreign": snapshot.foreign or None,
                                "from_store": snapshot.remote_url or None, "force": force,
                                "membership": membership.source, "token": plan.token})
 
@@ -135,15 +137,21 @@ def origin(ctx: BotContext, cluster: ClusterConfig) -> Origin | None:
 
 async def restorable(ctx: BotContext, cluster: ClusterConfig) -> list[SnapshotRef]:
     """The snapshots a restore or drill can use, newest first: each local copy retention kept, else its verified
-    copy in the store (also objects only the store knows, from their manifests)."""
+    copy in the store (also objects only the store knows, from their manifests, and foreign ones, which
+    choose_snapshot takes only by name)."""
     rows = await ctx.store.snapshots(cluster.name, limit=100000, include_pruned=True)
     view = await catalog(cluster.snapshots.store, cluster.name, rows, limit=1000, open_store=remote_store)
     return [SnapshotRef.of_entry(e, str(ctx.config.snapshot_dir)) for e in view.entries
-            if e.local_path or (e.remote_state in (RemoteState.VERIFIED, RemoteState.LISTED) and e.sha256)]
+            if e.local_path or (e.remote_state in (RemoteState.VERIFIED, RemoteState.LISTED)
+                                and (e.described or e.foreign))]
 
 
 async def adopt(ctx: BotContext, cluster: ClusterConfig, snapshot: SnapshotRef) -> int:
-    """Catalog an object only the store knows (from its manifest), without a local copy; returns its row id."""
+    """Catalog an object only the store knows (from its signed manifest), without a local copy, once a drill
+    verified it; returns its row id. A foreign object is never catalogued: the catalog is what a restore
+    trusts by default."""
+    if snapshot.foreign:
+        raise ValueError(f"{snapshot.file_name} is foreign ({snapshot.foreign}): it is never catalogued")
     now = time.time()
     snapshot_id = await ctx.store.record_snapshot({
         "cluster": cluster.name, "path": snapshot.path, "member": snapshot.member, "revision": snapshot.revision,

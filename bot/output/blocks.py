@@ -368,8 +368,14 @@ def restore_plan_reply(plan: RestorePlan, view: PlanView, now: float | None = No
                 "(checked by the bot; checked again before the members are stopped).")
     source = ("the live member list" if plan.membership_source == "live"
               else "the last membership the bot recorded (no member answers)")
+    foreign = ([] if not snap.foreign else sections(
+        f":warning: *FOREIGN snapshot: this bot did not take {code(snap.file_name)}* ({escape(snap.foreign)}). "
+        f"It was named with --force; its contents are checked only against its own unsigned manifest, and the "
+        f"restore replaces {escape(plan.cluster)}'s data with whatever it holds."))
     blocks: list[dict[str, Any]] = [
-        _header(f"Plan {plan.id}: restore {plan.cluster} from a snapshot"),
+        _header(f"Plan {plan.id}: restore {plan.cluster} from a "
+                + ("FOREIGN snapshot (not taken by this bot)" if snap.foreign else "snapshot")),
+        *foreign,
         state_section,
         *sections(f"*Snapshot:* {code(snap.file_name)}{' (age-encrypted)' if snap.encrypted else ''} · revision "
                   f"{snap.revision} · hash {code(snap.hash)} · {snap.total_keys} keys · "
@@ -403,8 +409,9 @@ def restore_plan_reply(plan: RestorePlan, view: PlanView, now: float | None = No
     blocks += sections(escape(commands), code=True)
     blocks += sections(f"*Kubernetes:* {escape(K8S_BEFORE)} {escape(K8S_AFTER)}\n:information_source: "
                        f"{escape(bump_note(plan))}")
-    text = (f"Plan {plan.id}: restore {escape(plan.cluster)} from {escape(snap.file_name)} (revision {snap.revision}"
-            f"{', from the snapshot store' if snap.from_store else ''}):"
+    text = (f"Plan {plan.id}: restore {escape(plan.cluster)} from "
+            f"{'FOREIGN snapshot (not taken by this bot) ' if snap.foreign else ''}{escape(snap.file_name)} "
+            f"(revision {snap.revision}{', from the snapshot store' if snap.from_store else ''}):"
             f" {state}. Proposed by {mention(view.proposer)}")
     return _footer(plan.id, view, blocks, text, proposer_note=" (cannot approve it)")
 def _defrag_table(plan: DefragPlan) -> str:
@@ -550,6 +557,9 @@ _PLACE = {"local": ":floppy_disk: local", "remote": ":cloud: remote only",
 
 def _where(e: CatalogEntry) -> str:
     """Where the copies are, and what went wrong with the off-site one."""
+    if e.foreign:
+        return (f":cloud: remote only · :warning: *FOREIGN*, not taken by this bot: {_item(e.foreign)} "
+                "(never the default; restore only by name with --force)")
     if e.remote_state == RemoteState.FAILED:
         return f":floppy_disk: local · :warning: upload failed: {_item(e.remote_error or 'no reason recorded')}"
     if e.remote_state == RemoteState.MISSING:
@@ -570,6 +580,10 @@ def snapshots_reply(view: CatalogView, drills: Mapping[int, dict[str, Any]] | No
         return Reply(text=text)
     lines = []
     for e in view.entries:
+        if not e.described:  # no manifest: its name, size and upload time are all anyone knows
+            lines.append(" · ".join([code(render.one_line(e.name)), humanize_bytes(e.file_size),
+                                     slack_date(e.created_at), _where(e)]))
+            continue
         lines.append(" · ".join([
             code(render.one_line(e.name)), f"rev {e.revision}", f"hash {_item(e.hash)}", f"{e.total_keys} keys",
             humanize_bytes(e.total_size), _item(e.member),
@@ -592,6 +606,9 @@ def drill_reply(result: DrillResult, requested_by: str) -> Reply:
     head = (f":white_check_mark: Restore drill of {escape(result.snapshot)} ({escape(result.cluster)}) passed"
             if result.ok else f":x: Restore drill of {escape(result.snapshot)} ({escape(result.cluster)}) FAILED")
     text = f"{head} in {result.seconds:.1f}s: {escape(result.detail)}"
+    if result.foreign:
+        text += (f"\n:warning: {escape(result.snapshot)} is *FOREIGN*, not taken by this bot "
+                 f"({escape(result.foreign)}): drilled on request, not added to the catalog")
     fetched = f"fetched from the snapshot store: {code(result.remote_url)} · " if result.remote_url else ""
     return Reply(text=text, blocks=[*sections(text), _context(f"{fetched}asked by {mention(requested_by)}")])
 
