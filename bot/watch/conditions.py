@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 
 from bot.config import ClusterConfig
 from bot.etcd.health import ClusterHealth, MemberHealth
+from bot.output import shell
 from bot.output.units import humanize_bytes
 from bot.store.records import PlanKind, PlanRecord, PlanState
 
@@ -149,8 +150,8 @@ def member_down(f: Facts) -> list[Finding] | None:
         if h.reachable:
             continue
         label = member_label(h)
-        replace = (f"/etcd replace {label} {next_name(h.member.name, taken)} {new_peer_url(h.member.peer_urls)} "
-                   f"--cluster {name}")
+        replace = shell.command(["/etcd", "replace", label, next_name(h.member.name, taken),
+                                 new_peer_url(h.member.peer_urls), "--cluster", name])
         found.append(Finding("member_down", label, f"{h.problem or 'unreachable'}",
                              figures=(("member", f"{label} ({h.member.hex_id})"),
                                       ("peer URLs", ", ".join(h.member.peer_urls) or "-"),
@@ -170,8 +171,8 @@ def quorum_lost(f: Facts) -> list[Finding] | None:
     if f.health is not None and f.health.quorum.ok:
         return []
     snap = f.newest_snapshot
-    restore = (f"/etcd restore {str(snap['path']).rsplit('/', 1)[-1]} --cluster {name}" if snap
-               else f"/etcd snapshots {name}")
+    restore = shell.command(["/etcd", "restore", str(snap["path"]).rsplit("/", 1)[-1], "--cluster", name] if snap
+                            else ["/etcd", "snapshots", name])
     figures = [("newest verified snapshot", f"{str(snap['path']).rsplit('/', 1)[-1]} (revision {snap['revision']})"
                 if snap else "none recorded")]
     if f.health is None:
