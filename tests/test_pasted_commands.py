@@ -35,7 +35,8 @@ def run_sh(text: str, directory: Path, then: str = "") -> list[list[str]]:
     out = subprocess.run(["sh", "-e", "-c", stubs + text + "\n" + then], cwd=directory, capture_output=True,
                          check=True).stdout.decode()
     assert list(directory.iterdir()) == [], "the pasted text ran something it did not show"
-    commands, words = [], []
+    commands: list[list[str]] = []
+    words: list[str] = []
     for word in out.split("\0")[:-1]:
         if word == END:
             commands.append(words)

@@ -485,8 +485,9 @@ class RestoreOperation(ClusterOperation[RestorePlan]):
             raise StepFailed(f"HashKV at revision {expected} differs across members: "
                              + ", ".join(f"{n} {v:08x}" for n, v in hashes.items()),
                              "a member's data differs: stop and restore it again")
-        return (f"{len(hashes)} members with the IDs of the new token (cluster {p.restored_cluster_id:016x}), all at "
-                f"revision {expected}; HashKV at revision {expected} equal on all: {next(iter(hashes.values())):08x}")
+        return (f"{len(hashes)} members at revision {expected}, with the member IDs and cluster ID of the new token "
+                f"(cluster {p.restored_cluster_id:016x}); HashKV at revision {expected} equal on all: "
+                f"{next(iter(hashes.values())):08x}")
 
     async def step_followups(self) -> str:
         p = self.plan
