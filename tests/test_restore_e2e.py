@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from bot.ops.restore import cluster_id, member_id
 from bot.testing.workspace import CHANNEL, LEAD, LEAD2, ONCALL, BotProcess, cluster_table, write_config
 from helpers import (
     APPROVAL,
@@ -237,6 +238,16 @@ async def test_the_bot_killed_between_restore_and_start_resumes(make_cluster, sl
     assert keys(c) == before and len(hashes(c, revision)) == 1
 
 
+def test_the_member_and_cluster_ids_a_token_gives_are_etcds_own(cluster):
+    """What the restore check expects: etcd derives a new cluster's member IDs from peer URLs and token,
+    and its cluster ID from those (the session cluster was bootstrapped with its own token)."""
+    listed = json.loads(cluster.etcdctl("member", "list", "-w", "json").stdout)
+    ids = {m.name: member_id([m.peer_url], cluster.token) for m in cluster.members.values()}
+    assert {m["name"]: m["ID"] for m in listed["members"]} == ids
+    assert listed["header"]["cluster_id"] == cluster_id(ids.values())
+    assert member_id(["http://10.0.0.1:2380"], "another-token") != member_id(["http://10.0.0.1:2380"], "a-token")
+
+
 ODD = "x $(id>pwned)-"  # etcd takes any member name: these must reach a person's shell as one word each
 
 
@@ -309,6 +320,9 @@ async def test_with_the_manual_launcher_a_confirmation_counts_for_one_stage(make
     confirmed = [(r["user"], json.loads(r["detail"])["stage"]) for r in await store.audit_rows()
                  if r["action"] == "plan_continued"]
     assert confirmed == [(LEAD, "stop"), (LEAD2, "restore"), (LEAD, "start")]
+    said = thread(slack, plan)
+    assert f"Step 2 (restore): restore on every member, confirmed with /etcd continue {p.id} restore" in said
+    assert not re.search(r"\b(stop|restore|start):\d", said)  # stage keys are names, never clock readings
 
 
 async def test_members_restarted_on_their_old_data_fail_the_check(make_cluster, slack, start_bot):

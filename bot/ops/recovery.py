@@ -343,7 +343,7 @@ class RestoreOperation(ClusterOperation[RestorePlan]):
         if ended is None or not ended.confirmed_by:
             raise StepFailed(f"nobody confirmed the {action} within {self.cluster.launcher.timeout_seconds:g}s",
                              "do it, then /etcd resume the plan")
-        return f"{action} on every member, confirmed by {ended.confirmed_by} with /etcd continue"
+        return f"{action} on every member, confirmed with /etcd continue {p.id} {action}"
 
     # -- probes -----------------------------------------------------------
 
