@@ -375,7 +375,7 @@ class EtcdClient:
             return MemberStatus(endpoint=endpoint, member_id=r.header.member_id, version=r.version, db_size=r.dbSize,
                                 db_size_in_use=r.dbSizeInUse, leader=r.leader, raft_term=r.raftTerm,
                                 raft_index=r.raftIndex, raft_applied_index=r.raftAppliedIndex,
-                                is_learner=r.isLearner, errors=errors, alarms=alarms)
+                                is_learner=r.isLearner, errors=errors, alarms=alarms, cluster_id=r.header.cluster_id)
         return await self.call(endpoint, fn, timeout, auth="none")
 
     async def member_add(self, peer_urls: list[str], *, learner: bool,

@@ -161,6 +161,7 @@ class MemberStatus:
     is_learner: bool
     errors: tuple[str, ...]
     alarms: tuple[Alarm, ...] = ()
+    cluster_id: int = 0      # from the response header: a restore with a new token gives a new one
 
 
 @dataclass(frozen=True)

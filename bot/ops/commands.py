@@ -55,7 +55,8 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
     Spec("restore", ("[snapshot]",), ("--cluster",), ("--force",),
          summary="propose restoring every member from a verified snapshot (after a quorum loss; --force to roll back a "
                  "healthy cluster); runs after 2 approvers' reactions"),
-    Spec("continue", ("plan-id",), summary="confirm a manual stage of a restore plan (approvers)"),
+    Spec("continue", ("plan-id", "[stage]"),
+         summary="confirm the manual stage (stop, restore, start) a restore plan waits on now (approvers)"),
     Spec("drill", ("[snapshot]",), ("--cluster",),
          summary="restore drill: boot a snapshot in a scratch etcd on the bot's host and compare it with the catalog"),
     Spec("help", summary="this help"),

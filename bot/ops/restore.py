@@ -8,12 +8,14 @@ restored data directory. The plan states all of it, for every member.
 """
 from __future__ import annotations
 
+import hashlib
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from bot.ops.replace import Refusal, Step
+from bot.output import shell
 from bot.output.model import CatalogEntry
 
 BUMP_SINCE = (3, 5, 10)   # etcdutl gained --bump-revision / --mark-compacted in 3.5.10 (and 3.6)
@@ -116,6 +118,29 @@ class RestorePlan:
             args += ["--bump-revision", str(BUMP_REVISIONS), "--mark-compacted"]
         return args
 
+    def manual_commands(self, action: str, snapshot_path: str) -> str:
+        """What a person runs on each host for `action` (the manual launcher's stop, restore or start),
+        host by host; every word shell-quoted (bot.output.shell)."""
+        lines: list[str] = []
+        for m in self.members:
+            lines.append(shell.comment(m.name))
+            if action == "restore":
+                lines += [shell.command(["mv", m.data_dir, f"{m.data_dir}.before-{self.id}"]),
+                          shell.command(self.restore_args(m, snapshot_path))]
+            else:
+                lines.append(shell.command(["systemctl", action, "etcd"], "or however etcd runs on this host"))
+        return "\n".join(lines)
+
+    @property
+    def restored_ids(self) -> dict[str, int]:
+        """Each member's ID once restored: etcd derives it from the member's peer URLs and the cluster token,
+        so members restored with this plan's new token have these IDs, and no other data has."""
+        return {m.name: member_id([m.peer_url], self.token) for m in self.members}
+
+    @property
+    def restored_cluster_id(self) -> int:
+        return cluster_id(self.restored_ids.values())
+
     def environment(self, m: RestoreMember, action: str, snapshot_path: str | None = None) -> dict[str, str]:
         """What the launcher gets for `action` on member `m` (the issue's table)."""
         env = {"ETCD_CHATOPS_ACTION": action}
@@ -142,6 +167,19 @@ class RestorePlan:
                                        for m in data["members"]),
                       "quorum_now": tuple(data["quorum_now"]), "newer": tuple(data["newer"]),
                       "steps": tuple(Step(s["key"], s["title"]) for s in data["steps"])})
+
+
+def member_id(peer_urls: Iterable[str], token: str) -> int:
+    """The ID etcd gives a member of a new cluster (bootstrap or `snapshot restore`): the first 8 bytes,
+    big-endian, of sha1(its sorted peer URLs joined, then the cluster token) (membership.computeMemberId)."""
+    digest = hashlib.sha1(("".join(sorted(peer_urls)) + token).encode(), usedforsecurity=False).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def cluster_id(member_ids: Iterable[int]) -> int:
+    """The cluster ID etcd derives from its members' IDs: sha1 over the sorted IDs, 8 bytes big-endian each."""
+    digest = hashlib.sha1(b"".join(i.to_bytes(8, "big") for i in sorted(member_ids)), usedforsecurity=False).digest()
+    return int.from_bytes(digest[:8], "big")
 
 
 K8S_BEFORE = "Stop every kube-apiserver before the restore (it would write to the old data and cache it)."

@@ -22,6 +22,7 @@ from bot.etcd.urls import shown_urls
 from bot.ops.defrag import DefragPlan
 from bot.ops.replace import MemberRef, Plan, Step
 from bot.ops.restore import K8S_AFTER, K8S_BEFORE, RestorePlan, bump_note
+from bot.output import shell
 from bot.output import text as render
 from bot.output.model import (
     LEADERLESS,
@@ -293,7 +294,7 @@ def plan_reply(plan: Plan | RestorePlan | DefragPlan, view: PlanView) -> Reply:
                   f"{escape(plan.new_client_url or '(set by the launcher)')} · {joins}"),
     ]
     blocks += _steps(plan.steps, view)
-    env = "\n".join(f'{k}="{v}"' for k, v in plan.environment.items())
+    env = "\n".join(shell.assignments(plan.environment))
     blocks.append(_section(f"*Environment for {escape(plan.new_name)}* (runbook step 4):"))
     blocks += sections(escape(env), code=True)
     if plan.others_failed:
@@ -345,7 +346,7 @@ def _footer(plan_id: str, view: PlanView, blocks: list[dict[str, Any]], text: st
     return Reply(text=text, blocks=blocks)
 
 
-def _ago(seconds: float) -> str:
+def ago(seconds: float) -> str:
     seconds = max(0.0, seconds)
     for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
         if seconds >= size:
@@ -380,7 +381,7 @@ def restore_plan_reply(plan: RestorePlan, view: PlanView, now: float | None = No
         *sections(f"*Snapshot:* {code(snap.file_name)}{' (age-encrypted)' if snap.encrypted else ''} · revision "
                   f"{snap.revision} · hash {code(snap.hash)} · {snap.total_keys} keys · "
                   f"{humanize_bytes(snap.total_size)}"
-                  f" · file {humanize_bytes(snap.file_size)} · taken {_ago(now - snap.created_at)} ago from "
+                  f" · file {humanize_bytes(snap.file_size)} · taken {ago(now - snap.created_at)} ago from "
                   f"{escape(snap.member)}\n*sha256:* {code(snap.sha256)}\n" + (
                       f"*From the snapshot store:* {code(snap.remote_url)} (no local copy: fetched, checked against "
                       "the catalog's size and sha256, and decrypted into a 0600 temporary file that is removed "
@@ -392,7 +393,7 @@ def restore_plan_reply(plan: RestorePlan, view: PlanView, now: float | None = No
                            f"{escape(', '.join(plan.newer))}. Restoring an older one is deliberate only if the newer "
                            "ones may hold the bad data.")
     blocks += sections(gate)
-    blocks += sections(f"*Members* ({len(plan.members)}, from {source}, seen {_ago(now - plan.membership_seen_at)} "
+    blocks += sections(f"*Members* ({len(plan.members)}, from {source}, seen {ago(now - plan.membership_seen_at)} "
                        f"ago):\n" + "\n".join(f"• *{escape(m.name)}* · peer {escape(m.peer_url)} · client "
                                                f"{_urls(m.client_urls)} · data dir {code(m.data_dir)}"
                                                for m in plan.members))
@@ -400,11 +401,12 @@ def restore_plan_reply(plan: RestorePlan, view: PlanView, now: float | None = No
              for i, step in enumerate(plan.steps)]
     blocks += sections("*Steps*\n" + "\n".join(steps))
     how = ("the launcher runs `stop`, `restore` and `start` for each member" if plan.launcher == "command"
-           else "manual launcher: run these on each host when the thread asks, then `/etcd continue " + plan.id + "`")
+           else f"manual launcher: run these on each host when the thread asks, then confirm each stage with "
+                f"`/etcd continue {plan.id} <stage>`")
     blocks.append(_section(f"*etcdutl snapshot restore on every member* (new cluster token, unique to this restore; "
                            f"{escape(how)}):"))
     local = snap.file_name if snap.from_store else snap.path   # a fetched copy's path is made at the step
-    commands = "\n".join(f"# {m.name}\n" + " ".join(plan.restore_args(m, local.removesuffix('.age')))
+    commands = "\n".join(f"{shell.comment(m.name)}\n{shell.command(plan.restore_args(m, local.removesuffix('.age')))}"
                          for m in plan.members)
     blocks += sections(escape(commands), code=True)
     blocks += sections(f"*Kubernetes:* {escape(K8S_BEFORE)} {escape(K8S_AFTER)}\n:information_source: "

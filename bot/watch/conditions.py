@@ -35,6 +35,7 @@ from typing import Any
 from bot.config import ClusterConfig
 from bot.etcd.health import ClusterHealth, MemberHealth
 from bot.etcd.urls import Endpoint, read_url, shown_urls
+from bot.output import shell
 from bot.output.units import humanize_bytes
 from bot.store.records import PlanKind, PlanRecord, PlanState
 
@@ -214,8 +215,8 @@ def member_down(f: Facts) -> list[Finding] | None:
         if h.reachable:
             return None
         label = member_label(h)
-        replace = (f"/etcd replace {label} {next_name(h.member.name, taken)} {new_peer_url(h.member.peer_urls)} "
-                   f"--cluster {name}")
+        replace = shell.command(["/etcd", "replace", label, next_name(h.member.name, taken),
+                                 new_peer_url(h.member.peer_urls), "--cluster", name])
         return Finding("member_down", label, f"{h.problem or 'unreachable'}",
                        figures=(("member", f"{label} ({h.member.hex_id})"),
                                 ("peer URLs", shown_urls(h.member.peer_urls)),
@@ -235,8 +236,8 @@ def quorum_lost(f: Facts) -> list[Finding] | None:
     if f.health is not None and f.health.quorum.ok:
         return []
     snap = f.newest_snapshot
-    restore = (f"/etcd restore {str(snap['path']).rsplit('/', 1)[-1]} --cluster {name}" if snap
-               else f"/etcd snapshots {name}")
+    restore = shell.command(["/etcd", "restore", str(snap["path"]).rsplit("/", 1)[-1], "--cluster", name] if snap
+                            else ["/etcd", "snapshots", name])
     figures = [("newest verified snapshot", f"{str(snap['path']).rsplit('/', 1)[-1]} (revision {snap['revision']})"
                 if snap else "none recorded")]
     if f.health is None:
