@@ -98,9 +98,11 @@ def test_each_mistake_names_its_key(tmp_path, change, message):
 def test_a_launcher_has_actions_exactly_when_its_argv_substitutes_action(tmp_path):
     """The config check and has_actions read argv alike: `{{action}}` is the literal text "{action}", no field."""
     def launcher(argv: str):
-        return load_config(write(tmp_path, GOOD.replace('launcher = { kind = "manual" }',
-                                                        f'launcher = {{ kind = "command", argv = {argv} }}'))
-                           ).cluster("prod").launcher
+        cluster = load_config(write(tmp_path, GOOD.replace('launcher = { kind = "manual" }',
+                                                           f'launcher = {{ kind = "command", argv = {argv} }}'))
+                              ).cluster("prod")
+        assert cluster is not None
+        return cluster.launcher
     literal = launcher('["etcd-member", "{{action}}", "{name}"]')
     assert not literal.has_actions and literal.argv[1] == "{{action}}"
     assert launcher('["etcd-member", "--do={action}", "{name}"]').has_actions
@@ -110,6 +112,21 @@ def test_duplicate_cluster_names(tmp_path):
     text = '[[clusters]]\nname = "a"\nendpoints = ["http://h:1"]\n[[clusters]]\nname = "a"\nendpoints = ["http://h:2"]\n'
     with pytest.raises(ConfigError, match=r"clusters\[1\].name: 'a' is used by another cluster"):
         load_config(write(tmp_path, text))
+
+
+@pytest.mark.parametrize("theirs", ["https://H1:2379/", "http://h1:2379", "HTTP://h1:2379"])
+def test_two_clusters_with_one_endpoint_are_refused(tmp_path, theirs):
+    """One etcd under two names would let two plans change it at once (one open plan per cluster name)."""
+    def two(b_endpoint: str) -> str:
+        return ('[[clusters]]\nname = "a"\nendpoints = ["http://h0:2379", "http://h1:2379"]\n'
+                f'[[clusters]]\nname = "b"\nendpoints = ["http://h2:2379", "{b_endpoint}"]\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, two(theirs)))
+    assert str(e.value).endswith("clusters[1].endpoints[1]: " + theirs.lower().rstrip("/") + " reaches h1:2379, an "
+                                 "endpoint of cluster 'a' too (http://h1:2379); clusters 'a' and 'b' would be one "
+                                 "etcd under two names")
+    assert "\n" not in str(e.value)
+    load_config(write(tmp_path, two("http://h1:2380")))   # another port: another etcd
 
 
 def test_missing_and_malformed_files(tmp_path):
@@ -134,6 +151,8 @@ def test_password_from_the_environment_only(tmp_path, monkeypatch):
 @pytest.mark.parametrize("body, fragment", [
     (None, "no such file"),
     ("[[clusters]]\nname = \"a\"\nendpoints = [\"http://h:1\"]\ncolour = 1\n", "clusters[0].colour: unknown key"),
+    ("[[clusters]]\nname = \"a\"\nendpoints = [\"http://h:1\"]\n[[clusters]]\nname = \"b\"\n"
+     "endpoints = [\"https://H:1/\"]\n", "clusters 'a' and 'b' would be one etcd under two names"),
 ])
 def test_the_cli_exits_2_with_one_line(tmp_path, body, fragment, cli):
     path = tmp_path / "c.toml"

@@ -31,6 +31,9 @@ class Metrics:
                                  ["cluster", "condition"], registry=r)
         self.alerts_posted = Counter("etcd_chatops_alerts_posted_total", "Alerts the watch posted (opened), "
                                      "by cluster and condition", ["cluster", "condition"], registry=r)
+        self.watch_errors = Counter("etcd_chatops_watch_errors_total", "Watch checks that raised (a bug, or facts "
+                                    "they did not expect), by cluster and condition (or probe); each counts as "
+                                    "unknown that round", ["cluster", "condition"], registry=r)
         self.leader = Gauge("etcd_chatops_leader", "1 on the replica that holds the executor lease", registry=r)
         self.lease_renewals = Counter("etcd_chatops_lease_renewals_total",
                                       "Attempts to acquire or renew the executor lease, by outcome (held, refused, "

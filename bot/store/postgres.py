@@ -20,6 +20,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import psycopg
@@ -41,10 +42,20 @@ from bot.store.base import (
     audit_detail_text,
     audit_hash,
     audit_key_id,
+    judge_confirmation,
     known_columns,
     membership_text,
 )
-from bot.store.records import OPEN_STATES, Fence, Lease, PlanRecord, PlanState
+from bot.store.records import (
+    OPEN_STATES,
+    Confirmation,
+    Fence,
+    Lease,
+    PlanRecord,
+    PlanState,
+    Stage,
+    StageAnswer,
+)
 from bot.store.sqlite import expected_columns
 
 T = TypeVar("T")
@@ -54,7 +65,7 @@ Conn = psycopg.AsyncConnection[dict[str, Any]]
 MIGRATIONS_LOCK = 0x6574636443_01   # "etcdC" 1
 AUDIT_LOCK = 0x6574636443_02
 MEMBERSHIP_LOCK = 0x45_43_4d        # with hashtext(cluster): one lock per cluster
-NOW = "extract(epoch from clock_timestamp())::double precision"  # the server's clock, for leases
+NOW = "extract(epoch from clock_timestamp())::double precision"  # the server's clock, for leases and stages
 
 BASELINE = """
 CREATE TABLE plans (
@@ -194,10 +205,23 @@ ALTER TABLE snapshots ADD COLUMN remote_verified_at DOUBLE PRECISION;
 ALTER TABLE snapshots ADD COLUMN remote_pruned_at DOUBLE PRECISION;
 """
 
+STAGES = """
+CREATE TABLE stages (
+    plan_id TEXT NOT NULL,
+    stage TEXT NOT NULL,
+    opened_at DOUBLE PRECISION NOT NULL,   -- the server's clock (clock_timestamp()), as every time in this table
+    closed_at DOUBLE PRECISION,
+    confirmed_by TEXT,
+    confirmed_at DOUBLE PRECISION,
+    PRIMARY KEY (plan_id, stage)
+);
+"""
+
 # (version, name, script): the same versions as SQLite's MIGRATIONS, so both report one schema version.
 MIGRATIONS = (
     (1, "plans, approvals, steps, events, snapshots, audit, memberships, drills", BASELINE),
     (2, "leases, alerts, mutes; snapshots' off-site copy", LEASES_ALERTS_MUTES),
+    (3, "stages: the manual stage a plan waits on, and who confirmed it", STAGES),
 )
 LATEST = MIGRATIONS[-1][0]
 MIGRATIONS_TABLE = ("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, "
@@ -631,6 +655,53 @@ class PostgresStore(Store):
     async def mutes(self) -> list[dict[str, Any]]:
         return await self._rows('SELECT * FROM mutes WHERE "until" > %s ORDER BY cluster', [time.time()])
 
+    # -- manual stages --------------------------------------------------
+    # Every time is the server's (clock_timestamp()): the replica that opens a stage and the one that
+    # takes the confirmation may run on hosts whose clocks differ.
+
+    async def open_stage(self, plan_id: str, key: str, *, fence: Fence | None = None) -> Stage:
+        async def fn(conn: Conn) -> Stage:
+            await conn.execute(f"UPDATE stages SET closed_at = {NOW} WHERE plan_id = %s AND stage <> %s "
+                               "AND closed_at IS NULL", [plan_id, key])
+            row = await (await conn.execute(
+                f"INSERT INTO stages (plan_id, stage, opened_at) VALUES (%s, %s, {NOW}) "
+                "ON CONFLICT (plan_id, stage) DO UPDATE SET opened_at = excluded.opened_at, closed_at = NULL, "
+                "confirmed_by = NULL, confirmed_at = NULL RETURNING *", [plan_id, key])).fetchone()
+            assert row is not None
+            return Stage.of(row)
+        return await self._in_tx(fn, fence)
+
+    async def close_stage(self, plan_id: str, key: str, *, fence: Fence | None = None) -> Stage | None:
+        async def fn(conn: Conn) -> Stage | None:
+            await conn.execute(f"UPDATE stages SET closed_at = {NOW} WHERE plan_id = %s AND stage = %s "
+                               "AND closed_at IS NULL", [plan_id, key])
+            row = await (await conn.execute("SELECT * FROM stages WHERE plan_id = %s AND stage = %s",
+                                            [plan_id, key])).fetchone()
+            return Stage.of(row) if row else None
+        return await self._in_tx(fn, fence)
+
+    async def stage(self, plan_id: str, key: str) -> Stage | None:
+        row = await self._row("SELECT * FROM stages WHERE plan_id = %s AND stage = %s", [plan_id, key])
+        return Stage.of(row) if row else None
+
+    async def confirm_stage(self, plan_id: str, user: str, key: str | None, settle: float) -> StageAnswer:
+        async def fn(conn: Conn) -> StageAnswer:
+            # The plan's stage rows locked: a racing confirmation, or the stage opening, waits for this one.
+            rows = await (await conn.execute("SELECT * FROM stages WHERE plan_id = %s FOR UPDATE",
+                                             [plan_id])).fetchall()
+            clock = await (await conn.execute(f"SELECT {NOW} AS now")).fetchone()
+            assert clock is not None
+            now = float(clock["now"])
+            stages = [Stage.of(r) for r in rows]
+            refused = judge_confirmation(stages, key, now, settle)
+            if refused is not None:
+                return refused
+            current = max(stages, key=lambda s: s.opened_at)
+            await conn.execute("UPDATE stages SET confirmed_by = %s, confirmed_at = %s WHERE plan_id = %s "
+                               "AND stage = %s", [user, now, plan_id, current.key])
+            return StageAnswer(Confirmation.CONFIRMED, replace(current, confirmed_by=user, confirmed_at=now), now)
+        return await self._in_tx(fn)
+
     # -- audit ----------------------------------------------------------
 
     async def audit(self, action: str, *, user: str = "", channel: str = "", cluster: str = "",
@@ -669,10 +740,6 @@ class PostgresStore(Store):
     async def acted_before(self, action: str, user: str, plan_id: str) -> bool:
         return await self._row('SELECT 1 FROM audit WHERE action = %s AND "user" = %s '
                                "AND detail::jsonb ->> 'plan' = %s LIMIT 1", [action, user, plan_id]) is not None
-
-    async def continued(self, plan_id: str, since: float) -> bool:
-        return await self._row("SELECT 1 FROM audit WHERE action = 'plan_continued' AND ts >= %s "
-                               "AND detail::jsonb ->> 'plan' = %s LIMIT 1", [since, plan_id]) is not None
 
     async def audit_rows(self, since: float | None = None) -> list[dict[str, Any]]:
         return await self._rows("SELECT * FROM audit WHERE ts >= %s ORDER BY id", [since or 0])

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 from typing import Any, TypeVar
@@ -38,10 +38,20 @@ from bot.store.base import (
     audit_detail_text,
     audit_hash,
     audit_key_id,
+    judge_confirmation,
     known_columns,
     membership_text,
 )
-from bot.store.records import OPEN_STATES, Fence, Lease, PlanRecord, PlanState
+from bot.store.records import (
+    OPEN_STATES,
+    Confirmation,
+    Fence,
+    Lease,
+    PlanRecord,
+    PlanState,
+    Stage,
+    StageAnswer,
+)
 
 T = TypeVar("T")
 __all__ = ["GENESIS", "OpenPlanExists", "SqliteStore", "StoreBusy", "StoreError", "audit_hash"]
@@ -188,6 +198,21 @@ ALTER TABLE snapshots ADD COLUMN remote_verified_at REAL;
 ALTER TABLE snapshots ADD COLUMN remote_pruned_at REAL;
 """
 
+STAGES = """
+CREATE TABLE stages (
+    plan_id TEXT NOT NULL,
+    stage TEXT NOT NULL,           -- readable: the step it belongs to (stop, restore, start)
+    opened_at REAL NOT NULL,       -- SQLite's own clock (NOW), as every time in this table
+    closed_at REAL,                -- the wait ended
+    confirmed_by TEXT,             -- the approver whose /etcd continue confirmed it
+    confirmed_at REAL,
+    PRIMARY KEY (plan_id, stage)
+);
+"""
+# The database's clock, in seconds since the epoch (with milliseconds): the time every process sharing
+# the file reads, not the time.time() of the process that happens to write.
+NOW = "((julianday('now') - 2440587.5) * 86400.0)"
+
 
 def statements(script: str) -> list[str]:
     """A script as single statements: executescript would COMMIT the migration's transaction."""
@@ -229,6 +254,7 @@ class Migration:
 MIGRATIONS = (
     Migration(1, "plans, approvals, steps, events, snapshots, audit, memberships, drills", _baseline),
     Migration(2, "leases, alerts, mutes; snapshots' off-site copy", _script(LEASES_ALERTS_MUTES)),
+    Migration(3, "stages: the manual stage a plan waits on, and who confirmed it", _script(STAGES)),
 )
 LATEST = MIGRATIONS[-1].version
 MIGRATIONS_TABLE = ("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, "
@@ -617,6 +643,48 @@ class SqliteStore(Store):
         return await self._run(lambda db: list(db.query(
             'SELECT * FROM mutes WHERE "until" > ? ORDER BY cluster', [time.time()])))
 
+    # -- manual stages --------------------------------------------------
+
+    async def open_stage(self, plan_id: str, key: str, *, fence: Fence | None = None) -> Stage:
+        def fn(db: sqlite_utils.Database) -> Stage:
+            with _fenced(db, fence, always=True):
+                db.execute(f"UPDATE stages SET closed_at = {NOW} WHERE plan_id = ? AND stage != ? "
+                           "AND closed_at IS NULL", [plan_id, key])
+                db.execute(f"INSERT INTO stages (plan_id, stage, opened_at) VALUES (?, ?, {NOW}) "
+                           "ON CONFLICT(plan_id, stage) DO UPDATE SET opened_at = excluded.opened_at, "
+                           "closed_at = NULL, confirmed_by = NULL, confirmed_at = NULL", [plan_id, key])
+                return Stage.of(next(db.query("SELECT * FROM stages WHERE plan_id = ? AND stage = ?",
+                                              [plan_id, key])))
+        return await self._run(fn)
+
+    async def close_stage(self, plan_id: str, key: str, *, fence: Fence | None = None) -> Stage | None:
+        def fn(db: sqlite_utils.Database) -> Stage | None:
+            with _fenced(db, fence, always=True):
+                db.execute(f"UPDATE stages SET closed_at = {NOW} WHERE plan_id = ? AND stage = ? "
+                           "AND closed_at IS NULL", [plan_id, key])
+                row = next(db.query("SELECT * FROM stages WHERE plan_id = ? AND stage = ?", [plan_id, key]), None)
+                return Stage.of(row) if row else None
+        return await self._run(fn)
+
+    async def stage(self, plan_id: str, key: str) -> Stage | None:
+        row = await self._run(lambda db: next(db.query("SELECT * FROM stages WHERE plan_id = ? AND stage = ?",
+                                                       [plan_id, key]), None))
+        return Stage.of(row) if row else None
+
+    async def confirm_stage(self, plan_id: str, user: str, key: str | None, settle: float) -> StageAnswer:
+        def fn(db: sqlite_utils.Database) -> StageAnswer:
+            with _immediate(db):
+                now = float(db.execute(f"SELECT {NOW}").fetchone()[0])
+                stages = [Stage.of(r) for r in db.query("SELECT * FROM stages WHERE plan_id = ?", [plan_id])]
+                refused = judge_confirmation(stages, key, now, settle)
+                if refused is not None:
+                    return refused
+                current = max(stages, key=lambda s: s.opened_at)
+                db.execute("UPDATE stages SET confirmed_by = ?, confirmed_at = ? WHERE plan_id = ? AND stage = ?",
+                           [user, now, plan_id, current.key])
+                return StageAnswer(Confirmation.CONFIRMED, replace(current, confirmed_by=user, confirmed_at=now), now)
+        return await self._run(fn)
+
     # -- audit ----------------------------------------------------------
 
     async def audit(self, action: str, *, user: str = "", channel: str = "", cluster: str = "",
@@ -655,11 +723,6 @@ class SqliteStore(Store):
         return await self._run(lambda db: next(db.query(
             "SELECT 1 FROM audit WHERE action = ? AND user = ? AND json_extract(detail, '$.plan') = ? LIMIT 1",
             [action, user, plan_id]), None) is not None)
-
-    async def continued(self, plan_id: str, since: float) -> bool:
-        return await self._run(lambda db: next(db.query(
-            "SELECT 1 FROM audit WHERE action = 'plan_continued' AND ts >= ? AND json_extract(detail, '$.plan') = ? "
-            "LIMIT 1", [since, plan_id]), None) is not None)
 
     async def audit_rows(self, since: float | None = None) -> list[dict[str, Any]]:
         return await self._run(lambda db: list(db.query(
