@@ -4,9 +4,11 @@ started on a free loopback port with its own temporary data directory and a conf
 written here. Nothing is a stand-in: the same binaries, rule evaluation, notification
 pipeline and webhook delivery an operator runs.
 
-- `LocalPrometheus` scrapes `ScrapeJob`s (`ScrapeJob.etcd(cluster)`: every member's `/metrics`
-  on its client URL, dead ones too, so they show as `up == 0`), evaluates rule files and sends
-  alerts to an Alertmanager, scraping and evaluating every second.
+- `LocalPrometheus` scrapes `ScrapeJob`s, whose targets are set at any time (`scrape(job,
+  members(cluster), {"cluster": "prod"})`: every member's `/metrics` on its client URL, dead ones
+  too, so they show as `up == 0`), evaluates rule files and sends alerts to an Alertmanager,
+  scraping and evaluating every second. Prometheus applies new targets only at its service
+  discovery's tick, every 5 s: start it first, then what it scrapes.
 - `LocalAlertmanager` routes every alert to one webhook receiver, as deploy/prometheus/
   alertmanager-example.yml does for the bot: `send_resolved: true`, a bearer token read from a
   file (`http_config.authorization.credentials_file`), short group_wait/interval/repeat.
@@ -30,7 +32,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -81,30 +83,27 @@ def rules_with_for(source: Path, duration: str, dest: Path) -> Path:
 
 @dataclass(frozen=True)
 class ScrapeJob:
-    """One scrape_config: `targets` (host:port) under `job`, with `labels` added to every series."""
+    """One scrape_config, its targets in a file (file_sd): `LocalPrometheus.scrape` sets them any time,
+    so Prometheus can start, and wait out its discovery's 5 s tick, while the targets themselves start."""
 
     job: str
-    targets: tuple[str, ...]
-    labels: Mapping[str, str] = field(default_factory=dict)
     scheme: str = "http"
-    tls: TLSPaths | None = None
+    tls: TLSPaths | None = None       # a TLS LocalCluster's `tls`: its CA and client certificate
     metrics_path: str = "/metrics"
 
-    @classmethod
-    def etcd(cls, cluster: LocalCluster, cluster_label: str, job: str = "etcd") -> ScrapeJob:
-        """Every member of `cluster` (running or not) on its client URL, labelled `cluster=<cluster_label>`."""
-        urls = cluster.all_endpoints
-        return cls(job, tuple(u.split("://", 1)[1] for u in urls), {"cluster": cluster_label},
-                   cluster.scheme, cluster.tls)
-
-    def config(self, interval: str) -> dict[str, Any]:
+    def config(self, interval: str, targets_file: Path) -> dict[str, Any]:
         job: dict[str, Any] = {"job_name": self.job, "scheme": self.scheme, "metrics_path": self.metrics_path,
                                "scrape_interval": interval, "scrape_timeout": interval,
-                               "static_configs": [{"targets": list(self.targets), "labels": dict(self.labels)}]}
+                               "file_sd_configs": [{"files": [str(targets_file)], "refresh_interval": interval}]}
         if self.tls is not None:
             job["tls_config"] = {"ca_file": self.tls.ca, "cert_file": self.tls.client_cert,
                                  "key_file": self.tls.client_key}
         return job
+
+
+def members(cluster: LocalCluster) -> list[str]:
+    """Every member's client address (host:port), running or not: a dead one shows as `up == 0`."""
+    return [url.split("://", 1)[1] for url in cluster.all_endpoints]
 
 
 @dataclass(frozen=True)
@@ -205,14 +204,15 @@ class _Server:
 
 
 class LocalAlertmanager(_Server):
-    """Alertmanager routing every alert to one webhook (`webhook_url`) with a bearer token of its own
-    (`token`, also in `token_file`). Gossip clustering is off: nothing listens beyond its one port."""
+    """Alertmanager routing the alerts that match `matchers` (all without) to one webhook
+    (`webhook_url`) with a bearer token of its own (`token`, also in `token_file`), the others
+    nowhere. Gossip clustering is off: nothing listens beyond its one port."""
 
     binary, what = ALERTMANAGER, "alertmanager"
 
-    def __init__(self, webhook_url: str, *, group_by: Sequence[str] = ("alertname", "cluster"),
-                 group_wait: str = "1s", group_interval: str = "1s", repeat_interval: str = "1m",
-                 base_dir: Path | None = None) -> None:
+    def __init__(self, webhook_url: str, *, matchers: Sequence[str] = (),
+                 group_by: Sequence[str] = ("alertname", "cluster"), group_wait: str = "1s",
+                 group_interval: str = "1s", repeat_interval: str = "1m", base_dir: Path | None = None) -> None:
         super().__init__(base_dir)
         self.webhook_url = webhook_url
         self.token = secrets.token_urlsafe(24)
@@ -220,8 +220,12 @@ class LocalAlertmanager(_Server):
         self.token_file = self.dir / "webhook-token"
         self.token_file.write_text(self.token + "\n")  # Alertmanager trims the trailing newline
         self.token_file.chmod(0o600)
-        self.route = {"receiver": "etcd-chatops", "group_by": list(group_by), "group_wait": group_wait,
-                      "group_interval": group_interval, "repeat_interval": repeat_interval}
+        timing = {"group_by": list(group_by), "group_wait": group_wait, "group_interval": group_interval,
+                  "repeat_interval": repeat_interval}
+        self.route: dict[str, Any] = {"receiver": "etcd-chatops", **timing}
+        if matchers:
+            self.route = {"receiver": "nowhere", **timing,
+                          "routes": [{"receiver": "etcd-chatops", "matchers": list(matchers)}]}
 
     def __enter__(self) -> LocalAlertmanager:
         self.start()
@@ -232,7 +236,7 @@ class LocalAlertmanager(_Server):
 
     def config(self) -> dict[str, Any]:
         return {"route": self.route,
-                "receivers": [{"name": "etcd-chatops", "webhook_configs": [{
+                "receivers": [{"name": "nowhere"}, {"name": "etcd-chatops", "webhook_configs": [{
                     "url": self.webhook_url, "send_resolved": True, "max_alerts": 0,
                     "http_config": {"authorization": {"type": "Bearer",
                                                       "credentials_file": str(self.token_file)}}}]}]}
@@ -259,7 +263,8 @@ class LocalPrometheus(_Server):
                  alertmanager: LocalAlertmanager | None = None, interval: str = "1s",
                  base_dir: Path | None = None) -> None:
         super().__init__(base_dir)
-        self.jobs, self.rule_files, self.alertmanager, self.interval = list(jobs), list(rule_files), alertmanager, interval
+        self.jobs, self.rule_files = list(jobs), list(rule_files)
+        self.alertmanager, self.interval = alertmanager, interval
 
     def __enter__(self) -> LocalPrometheus:
         self.start()
@@ -268,12 +273,24 @@ class LocalPrometheus(_Server):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def targets_file(self, job: str) -> Path:
+        return self.dir / f"targets-{job}.json"
+
+    def scrape(self, job: str, targets: Sequence[str], labels: Mapping[str, str] | None = None) -> None:
+        """Set `job`'s targets (host:port), with `labels` on every series; Prometheus picks them up at its
+        discovery's next tick (every 5 s), then scrapes them every `interval`."""
+        if job not in {j.job for j in self.jobs}:
+            raise ValueError(f"no scrape job {job!r}: the jobs are {[j.job for j in self.jobs]}")
+        tmp = self.dir / f".targets-{job}.json.tmp"
+        tmp.write_text(json.dumps([{"targets": list(targets), "labels": dict(labels or {})}]))
+        tmp.replace(self.targets_file(job))  # whole, never half-written
+
     def config(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
             "global": {"scrape_interval": self.interval, "scrape_timeout": self.interval,
                        "evaluation_interval": self.interval},
             "rule_files": [str(p) for p in self.rule_files],
-            "scrape_configs": [job.config(self.interval) for job in self.jobs]}
+            "scrape_configs": [job.config(self.interval, self.targets_file(job.job)) for job in self.jobs]}
         if self.alertmanager is not None:
             doc["alerting"] = {"alertmanagers": [{"api_version": "v2", "static_configs": [
                 {"targets": [self.alertmanager.url.split("://", 1)[1]]}]}]}
