@@ -23,7 +23,6 @@ from bot.testing.prometheus import (
     PROMTOOL,
     LocalAlertmanager,
     LocalPrometheus,
-    ScrapeJob,
     members,
     rules_with_for,
     run_tool,
@@ -209,7 +208,7 @@ async def test_real_prometheus_and_alertmanager_alert_on_a_cluster_losing_member
     from bot.store.sqlite import SqliteStore
     rule_files = [rules_with_for(path, "1s", tmp_path / f"fast-{path.name}") for path in (MIXIN_RULES, BOT_RULES)]
     with LocalAlertmanager(receiver.url, matchers=['alertname=~"etcd.*"'], base_dir=tmp_path) as am, \
-            LocalPrometheus([ScrapeJob("etcd"), ScrapeJob("etcd-chatops")], rule_files, alertmanager=am,
+            LocalPrometheus(["etcd", "etcd-chatops"], rule_files, alertmanager=am,
                             base_dir=tmp_path) as prom:
         # Everything starts while Prometheus's discovery waits for its first tick (5 s).
         cluster = make_cluster(3)

@@ -4,14 +4,15 @@ started on a free loopback port with its own temporary data directory and a conf
 written here. Nothing is a stand-in: the same binaries, rule evaluation, notification
 pipeline and webhook delivery an operator runs.
 
-- `LocalPrometheus` scrapes `ScrapeJob`s, whose targets are set at any time (`scrape(job,
-  members(cluster), {"cluster": "prod"})`: every member's `/metrics` on its client URL, dead ones
-  too, so they show as `up == 0`), evaluates rule files and sends alerts to an Alertmanager,
-  scraping and evaluating every second. Prometheus applies new targets only at its service
-  discovery's tick, every 5 s: start it first, then what it scrapes.
-- `LocalAlertmanager` routes every alert to one webhook receiver, as deploy/prometheus/
-  alertmanager-example.yml does for the bot: `send_resolved: true`, a bearer token read from a
-  file (`http_config.authorization.credentials_file`), short group_wait/interval/repeat.
+- `LocalPrometheus` scrapes its jobs' `/metrics` over plain HTTP, their targets set at any time
+  through a file (`scrape(job, members(cluster), {"cluster": "prod"})`: every member's client
+  URL, dead ones too, so they show as `up == 0`), evaluates rule files and sends alerts to an
+  Alertmanager, scraping and evaluating every second. Prometheus applies new targets only at
+  its service discovery's tick, every 5 s: start it first, then what it scrapes.
+- `LocalAlertmanager` routes alerts (those matching its matchers, or all) to one webhook
+  receiver, as deploy/prometheus/alertmanager-example.yml does for the bot: `send_resolved:
+  true`, a bearer token read from a file (`http_config.authorization.credentials_file`), short
+  group_wait/interval/repeat.
 - `rules_with_for` writes a variant of a rule file with every `for:` shortened, so a test sees
   a rule fire in seconds with its expression and thresholds untouched.
 
@@ -35,10 +36,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 
-from bot.testing.cluster import LocalCluster, TLSPaths, free_port, log_tail
+from bot.testing.cluster import LocalCluster, free_port, log_tail
 
 BIN = Path(os.environ.get("ETCD_CHATOPS_PROMETHEUS_BIN", "/usr/bin"))
 PROMETHEUS, PROMTOOL = BIN / "prometheus", BIN / "promtool"
@@ -79,26 +81,6 @@ def rules_with_for(source: Path, duration: str, dest: Path) -> Path:
                 rule["for"] = duration
     dest.write_text(json.dumps(doc, indent=1))
     return dest
-
-
-@dataclass(frozen=True)
-class ScrapeJob:
-    """One scrape_config, its targets in a file (file_sd): `LocalPrometheus.scrape` sets them any time,
-    so Prometheus can start, and wait out its discovery's 5 s tick, while the targets themselves start."""
-
-    job: str
-    scheme: str = "http"
-    tls: TLSPaths | None = None       # a TLS LocalCluster's `tls`: its CA and client certificate
-    metrics_path: str = "/metrics"
-
-    def config(self, interval: str, targets_file: Path) -> dict[str, Any]:
-        job: dict[str, Any] = {"job_name": self.job, "scheme": self.scheme, "metrics_path": self.metrics_path,
-                               "scrape_interval": interval, "scrape_timeout": interval,
-                               "file_sd_configs": [{"files": [str(targets_file)], "refresh_interval": interval}]}
-        if self.tls is not None:
-            job["tls_config"] = {"ca_file": self.tls.ca, "cert_file": self.tls.client_cert,
-                                 "key_file": self.tls.client_key}
-        return job
 
 
 def members(cluster: LocalCluster) -> list[str]:
@@ -228,7 +210,11 @@ class LocalAlertmanager(_Server):
                           "routes": [{"receiver": "etcd-chatops", "matchers": list(matchers)}]}
 
     def __enter__(self) -> LocalAlertmanager:
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -254,12 +240,13 @@ class LocalAlertmanager(_Server):
 
 
 class LocalPrometheus(_Server):
-    """Prometheus scraping `jobs` and evaluating `rule_files` every `interval`, sending alerts to
-    `alertmanager` (resent every `interval` too, instead of every minute)."""
+    """Prometheus scraping `jobs` (scrape_config names; `scrape` sets their targets) and evaluating
+    `rule_files` every `interval`, sending alerts to `alertmanager` (resent every `interval` too,
+    instead of every minute)."""
 
     binary, what = PROMETHEUS, "prometheus"
 
-    def __init__(self, jobs: Sequence[ScrapeJob], rule_files: Sequence[Path] = (), *,
+    def __init__(self, jobs: Sequence[str], rule_files: Sequence[Path] = (), *,
                  alertmanager: LocalAlertmanager | None = None, interval: str = "1s",
                  base_dir: Path | None = None) -> None:
         super().__init__(base_dir)
@@ -267,7 +254,11 @@ class LocalPrometheus(_Server):
         self.alertmanager, self.interval = alertmanager, interval
 
     def __enter__(self) -> LocalPrometheus:
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -279,8 +270,8 @@ class LocalPrometheus(_Server):
     def scrape(self, job: str, targets: Sequence[str], labels: Mapping[str, str] | None = None) -> None:
         """Set `job`'s targets (host:port), with `labels` on every series; Prometheus picks them up at its
         discovery's next tick (every 5 s), then scrapes them every `interval`."""
-        if job not in {j.job for j in self.jobs}:
-            raise ValueError(f"no scrape job {job!r}: the jobs are {[j.job for j in self.jobs]}")
+        if job not in self.jobs:
+            raise ValueError(f"no scrape job {job!r}: the jobs are {self.jobs}")
         tmp = self.dir / f".targets-{job}.json.tmp"
         tmp.write_text(json.dumps([{"targets": list(targets), "labels": dict(labels or {})}]))
         tmp.replace(self.targets_file(job))  # whole, never half-written
@@ -290,7 +281,8 @@ class LocalPrometheus(_Server):
             "global": {"scrape_interval": self.interval, "scrape_timeout": self.interval,
                        "evaluation_interval": self.interval},
             "rule_files": [str(p) for p in self.rule_files],
-            "scrape_configs": [job.config(self.interval, self.targets_file(job.job)) for job in self.jobs]}
+            "scrape_configs": [{"job_name": job, "file_sd_configs": [
+                {"files": [str(self.targets_file(job))], "refresh_interval": self.interval}]} for job in self.jobs]}
         if self.alertmanager is not None:
             doc["alerting"] = {"alertmanagers": [{"api_version": "v2", "static_configs": [
                 {"targets": [self.alertmanager.url.split("://", 1)[1]]}]}]}
@@ -314,7 +306,6 @@ class LocalPrometheus(_Server):
 
     async def query(self, expr: str) -> list[dict[str, Any]]:
         """An instant query's result vector (GET /api/v1/query, QUERY_TIMEOUT)."""
-        from urllib.parse import quote
         body = await self._get(f"/api/v1/query?query={quote(expr)}")
         result: list[dict[str, Any]] = body["data"]["result"]
         return result
