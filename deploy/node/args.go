@@ -535,14 +535,15 @@ func validURL(s string) (string, error) {
 		return "", fmt.Errorf("%q is not an http(s)://host:port URL", s)
 	}
 	host, port := u.Hostname(), u.Port()
-	if _, err := boundedInt(port, 1, 65535); err != nil {
+	n, err := boundedInt(port, 1, 65535)
+	if err != nil {
 		return "", fmt.Errorf("%q has no valid port", s)
 	}
 	ip := net.ParseIP(host)
 	if ip == nil && !dnsName.MatchString(host) {
 		return "", fmt.Errorf("%q: the host is not an IP address or DNS name", s)
 	}
-	canonical := u.Scheme + "://" + net.JoinHostPort(host, port)
+	canonical := u.Scheme + "://" + net.JoinHostPort(host, strconv.FormatInt(n, 10))
 	if strings.TrimSuffix(s, "/") != canonical {
 		return "", fmt.Errorf("%q is not written as %s", s, canonical)
 	}

@@ -208,17 +208,7 @@ func (m *Manifest) dataDirChanges(dir string) ([]*change, error) {
 // (loopback listen URLs kept), --initial-cluster and --initial-cluster-state, and kubeadm's
 // advertise-client-urls annotation.
 func (m *Manifest) memberChanges(name, peerURL string, clientURLs []string, initialCluster, state string) ([]*change, error) {
-	listen := []string{}
-	for _, u := range splitList(m.Param("listen-client-urls")) {
-		if _, ok := local(u); ok {
-			listen = append(listen, u)
-		}
-	}
-	for _, u := range clientURLs {
-		if !contains(listen, u) {
-			listen = append(listen, u)
-		}
-	}
+	listen := listenClientURLs(m.Param, clientURLs)
 	clients := strings.Join(clientURLs, ",")
 	wanted := []struct{ flag, value, after string }{
 		{"name", name, ""},
@@ -246,6 +236,24 @@ func (m *Manifest) memberChanges(name, peerURL string, clientURLs []string, init
 		out = append(out, &change{node: a, value: clients})
 	}
 	return out, nil
+}
+
+// listenClientURLs: the member's own client URLs plus the loopback listeners the configuration had
+// besides its advertised URLs (kubeadm's https://127.0.0.1:2379).
+func listenClientURLs(p Params, clientURLs []string) []string {
+	listen := []string{}
+	advertised := splitList(p("advertise-client-urls"))
+	for _, u := range splitList(p("listen-client-urls")) {
+		if _, ok := local(u); ok && !contains(advertised, u) {
+			listen = append(listen, u)
+		}
+	}
+	for _, u := range clientURLs {
+		if !contains(listen, u) {
+			listen = append(listen, u)
+		}
+	}
+	return listen
 }
 
 var plainSafe = regexp.MustCompile(`^[A-Za-z0-9/_.=:,@+\[\]-]+$`)

@@ -331,8 +331,10 @@ func deriveManifest(raw []byte, req *Request, state string) ([]byte, *Manifest, 
 	if err != nil {
 		return nil, nil, fail("precondition", "deriving from %s's manifest: %v", survivor, err)
 	}
+	// the survivor's address belongs in --initial-cluster, and nowhere else
+	rest := bytes.Replace(out, []byte("--initial-cluster="+req.InitialCluster), nil, 1)
 	for _, u := range old {
-		if where := mentionsAddress(out, u); where != "" {
+		if where := mentionsAddress(rest, u); where != "" {
 			return nil, nil, fail("precondition", "the manifest derived from %s's still names its address %s: "+
 				"edit that line of the survivor's manifest by hand first", survivor, where)
 		}

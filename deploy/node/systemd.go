@@ -141,17 +141,7 @@ func (s *systemdUnit) Start(req *Request, stdin io.Reader, ans *Answer) (bool, e
 			return false, fail("precondition", "data dir %s already holds member data: move it aside before a new "+
 				"member joins there", dataDir)
 		}
-		listen := []string{}
-		for _, l := range splitList(u.Param("listen-client-urls")) {
-			if _, ok := local(l); ok {
-				listen = append(listen, l)
-			}
-		}
-		for _, c := range req.ClientURLs {
-			if !contains(listen, c) {
-				listen = append(listen, c)
-			}
-		}
+		listen := listenClientURLs(u.Param, req.ClientURLs)
 		vars := map[string]string{"ETCD_NAME": req.Member, "ETCD_DATA_DIR": dataDir,
 			"ETCD_INITIAL_CLUSTER": req.InitialCluster, "ETCD_INITIAL_CLUSTER_STATE": "existing",
 			"ETCD_INITIAL_ADVERTISE_PEER_URLS": req.PeerURL, "ETCD_LISTEN_PEER_URLS": req.PeerURL,
