@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SOURCE = ROOT / "deploy" / "node"
 BUILD = ROOT / "build" / "node"
 BINARY = BUILD / "etcd-chatops-node"
+GO_BUILD = ("build", "-trimpath", "-ldflags=-s -w")   # static (CGO_ENABLED=0), no debug symbols
 
 
 class NodeBuildError(RuntimeError):
@@ -39,7 +40,7 @@ class NodeBuildError(RuntimeError):
 
 
 def _sources_digest() -> str:
-    h = hashlib.sha256()
+    h = hashlib.sha256(" ".join(GO_BUILD).encode())
     for p in sorted([*SOURCE.glob("*.go"), SOURCE / "go.mod", SOURCE / "go.sum"]):
         if not p.name.endswith("_test.go"):
             h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
@@ -59,7 +60,7 @@ def node_binary() -> Path:
         if go is None:
             raise NodeBuildError("Go (1.22 or newer) is needed to build deploy/node (etcd-chatops-node)")
         tmp = BUILD / "etcd-chatops-node.tmp"
-        proc = subprocess.run([go, "build", "-trimpath", "-o", str(tmp), "."], cwd=SOURCE, capture_output=True,
+        proc = subprocess.run([go, *GO_BUILD, "-o", str(tmp), "."], cwd=SOURCE, capture_output=True,
                               text=True, env={**os.environ, "CGO_ENABLED": "0"}, timeout=600)
         if proc.returncode != 0:
             raise NodeBuildError(f"go build in deploy/node failed:\n{proc.stderr[-3000:]}")
@@ -158,7 +159,7 @@ def run_node(argv: list[str], *, stdin: bytes | None = None, env: dict[str, str]
 # ---------------------------------------------------------------- what a host runs
 
 def etcd_flags(*, name: str, data_dir: Path, client_url: str, peer_url: str, initial_cluster: str, token: str,
-               metrics_url: str | None) -> list[str]:
+               metrics_url: str | None, extra: tuple[str, ...] = ()) -> list[str]:
     """kubeadm's etcd flags (in its order), on this machine's ports, plus short timeouts for the tests."""
     flags = [f"--advertise-client-urls={client_url}", f"--data-dir={data_dir}",
              "--election-timeout=1000", "--heartbeat-interval=100",
@@ -167,7 +168,7 @@ def etcd_flags(*, name: str, data_dir: Path, client_url: str, peer_url: str, ini
     if metrics_url:
         flags.append(f"--listen-metrics-urls={metrics_url}")
     return flags + [f"--listen-peer-urls={peer_url}", "--log-level=warn", "--logger=zap", f"--name={name}",
-                    "--snapshot-count=10000"]
+                    "--snapshot-count=10000", *extra]
 
 
 def write_static_pod(host: NodeHost, etcd: str, flags: list[str]) -> tuple[Path, Path]:
@@ -284,8 +285,10 @@ class StandInCluster:
     (static-pod) or the systemctl stand-in (systemd), on loopback ports picked at run time.
     Close it (or use it as a context manager) to stop every process, also after a failure."""
 
-    def __init__(self, base: Path, recipe: str, size: int = 3, *, metrics: bool = True):
-        self.base, self.recipe, self.metrics = base, recipe, metrics
+    def __init__(self, base: Path, recipe: str, size: int = 3, *, metrics: bool = True,
+                 extra_flags: tuple[str, ...] = ()):
+        """`extra_flags`: more etcd flags (--name=value) for every member."""
+        self.base, self.recipe, self.metrics, self.extra_flags = base, recipe, metrics, extra_flags
         self.etcd = str(find_binary("etcd"))
         self.etcdctl_bin = str(find_binary("etcdctl"))
         self.etcdutl = str(find_binary("etcdutl"))
@@ -327,7 +330,8 @@ class StandInCluster:
 
     def flags(self, m: StandInMember, initial_cluster: str) -> list[str]:
         return etcd_flags(name=m.name, data_dir=m.host.data_dir, client_url=m.client_url, peer_url=m.peer_url,
-                          initial_cluster=initial_cluster, token=self.token, metrics_url=m.metrics_url)
+                          initial_cluster=initial_cluster, token=self.token, metrics_url=m.metrics_url,
+                          extra=self.extra_flags)
 
     def start(self, timeout: float = 60.0) -> StandInCluster:
         """Bootstrap the planned members as `kubeadm init`/`join` or an operator's first

@@ -199,7 +199,7 @@ func status(cfg *Config, r Recipe, req *Request, ans *Answer) error {
 		ans.Fence = &seen
 	}
 	ans.Etcdutl = cfg.Etcdutl
-	if v, err := etcdutlVersion(cfg, req.Timeout); err != nil {
+	if v, err := etcdutlVersion(cfg, min(req.Timeout, 30*time.Second)); err != nil {
 		ans.EtcdutlError = err.Error()
 	} else {
 		ans.EtcdutlVersion = v
