@@ -96,6 +96,7 @@ def test_bad_input_is_refused_in_one_line(node_bin: Path, tmp_path: Path) -> Non
     assert not host.state_dir.exists(), "bad input left state on the host"
 
 
+@pytest.mark.e2e
 def test_kubelet_stand_in_follows_the_manifests(tmp_path: Path) -> None:
     """A pod runs while its file is there, restarts when the file changes, stops when it leaves."""
     manifests, logs, held = tmp_path / "manifests", tmp_path / "logs", tmp_path / "held"
@@ -110,8 +111,7 @@ def test_kubelet_stand_in_follows_the_manifests(tmp_path: Path) -> None:
                        f"    args: [{marker}, '{generation}']\n")
 
     def pids() -> list[int]:
-        out = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout
-        return [int(p) for p in out.split()]
+        return _pids_with(marker.encode() + b"\0")
 
     with kubelet(manifests, logs):
         write("1")
@@ -124,6 +124,7 @@ def test_kubelet_stand_in_follows_the_manifests(tmp_path: Path) -> None:
         asyncio.run(eventually(lambda: not pids(), 20, "the pod to stop when its file left"))
 
 
+@pytest.mark.e2e
 def test_systemctl_stand_in_needs_daemon_reload(tmp_path: Path) -> None:
     """An edited drop-in counts only after daemon-reload, as with systemd; states agree across calls."""
     units, state, out = tmp_path / "units", tmp_path / "state", tmp_path / "env.out"
@@ -374,12 +375,17 @@ def _config_text(host: NodeHost) -> str:
 
 
 def _apiserver_runs(host: NodeHost) -> bool:
+    return bool(_pids_with(b"kube-apiserver-stand-in\0" + str(host.root).encode()))
+
+
+def _pids_with(needle: bytes) -> list[int]:
+    """Live processes whose command line holds `needle` (arguments end in NUL)."""
+    found = []
     for proc in Path("/proc").iterdir():
         try:
-            cmd = (proc / "cmdline").read_bytes()
+            if proc.name.isdigit() and needle in (proc / "cmdline").read_bytes():
+                found.append(int(proc.name))
         except OSError:
             continue
-        if b"kube-apiserver-stand-in\0" + str(host.root).encode() in cmd:
-            return True
-    return False
+    return found
 

@@ -8,6 +8,7 @@ import (
 	"net/url"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -289,7 +290,7 @@ func parseAction(action string, args []string, getenv func(string) string, cfg *
 	given := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { given[f.Name] = true })
 	for name, env := range envFlags {
-		if !contains(names, name) {
+		if !slices.Contains(names, name) {
 			continue
 		}
 		v := getenv(env)
@@ -504,15 +505,6 @@ func memberInCluster(req *Request) error {
 		}
 	}
 	return badInput("--initial-cluster has no entry for --member %s", req.Member)
-}
-
-func contains(list []string, s string) bool {
-	for _, x := range list {
-		if x == s {
-			return true
-		}
-	}
-	return false
 }
 
 func boundedInt(s string, lo, hi int64) (int64, error) {

@@ -7,6 +7,7 @@ import (
 	"io"
 	"reflect"
 	"regexp"
+	"slices"
 	"strings"
 	"unicode/utf8"
 
@@ -244,12 +245,12 @@ func listenClientURLs(p Params, clientURLs []string) []string {
 	listen := []string{}
 	advertised := splitList(p("advertise-client-urls"))
 	for _, u := range splitList(p("listen-client-urls")) {
-		if _, ok := local(u); ok && !contains(advertised, u) {
+		if _, ok := local(u); ok && !slices.Contains(advertised, u) {
 			listen = append(listen, u)
 		}
 	}
 	for _, u := range clientURLs {
-		if !contains(listen, u) {
+		if !slices.Contains(listen, u) {
 			listen = append(listen, u)
 		}
 	}
