@@ -43,9 +43,9 @@ def stand_ins(tmp_path: Path) -> Iterator[list[StandInCluster]]:
         c.close()
 
 
-def cluster(made: list[StandInCluster], base: Path, recipe: str, *, metrics: bool,
+def cluster(made: list[StandInCluster], base: Path, recipe: str, *, metrics: bool, tls: bool = False,
             extra_flags: tuple[str, ...] = ()) -> StandInCluster:
-    c = StandInCluster(base, recipe, 3, metrics=metrics, extra_flags=extra_flags)
+    c = StandInCluster(base, recipe, 3, metrics=metrics, tls=tls, extra_flags=extra_flags)
     made.append(c)
     return c.start()
 
@@ -163,14 +163,16 @@ def test_systemctl_stand_in_needs_daemon_reload(tmp_path: Path) -> None:
 @pytest.mark.parametrize("recipe", RECIPES)
 async def test_status_stop_start_and_a_new_member(recipe: str, stand_ins: list[StandInCluster], tmp_path: Path,
                                                   node_bin: Path) -> None:
-    # (no strict reconfiguration check: etcd would refuse the member add for 5 s after m1's restart)
-    c = await asyncio.to_thread(cluster, stand_ins, tmp_path, recipe, metrics=False,
+    # mutual TLS and no metrics URL: the node asks the member's https client URL with its certificate.
+    # (No strict reconfiguration check: etcd would refuse the member add for 5 s after m1's restart.)
+    c = await asyncio.to_thread(cluster, stand_ins, tmp_path, recipe, metrics=False, tls=True,
                                 extra_flags=("--strict-reconfig-check=false",))
     h1 = c.host("m1")
 
     a = c.node("m1", "status", "--member", "m1")
     assert a.ok and a.json["state"] == "running" and a.json["answering"] is True, a.json
     assert a.json["member_in_config"] == "m1" and a.json["data_dir"] == str(h1.data_dir)
+    assert a.json["probe_url"] == c.members["m1"].client_url + "/version"
     assert a.json["node_version"] == version("etcd-chatops"), "the node program's version is the project's"
     assert a.json["etcdutl_version"] == "3.5.1" and a.json["pid"]
 

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from bot.etcd.binaries import find_binary
-from bot.testing.cluster import distinct_free_ports, http_get
+from bot.testing import certs
+from bot.testing.cluster import TLSPaths, distinct_free_ports, http_get, tls_member_args
 from bot.testing.kubelet import kubelet
 from bot.testing.systemctl import Systemctl, write_shim
 
@@ -159,9 +160,10 @@ def run_node(argv: list[str], *, stdin: bytes | None = None, env: dict[str, str]
 # ---------------------------------------------------------------- what a host runs
 
 def etcd_flags(*, name: str, data_dir: Path, client_url: str, peer_url: str, initial_cluster: str, token: str,
-               metrics_url: str | None, extra: tuple[str, ...] = ()) -> list[str]:
-    """kubeadm's etcd flags (in its order), on this machine's ports, plus short timeouts for the tests."""
-    flags = [f"--advertise-client-urls={client_url}", f"--data-dir={data_dir}",
+               metrics_url: str | None, tls: TLSPaths | None = None, extra: tuple[str, ...] = ()) -> list[str]:
+    """kubeadm's etcd flags, on this machine's ports, plus short timeouts for the tests."""
+    flags = [*as_flags(tls_member_args(tls) if tls else []), f"--advertise-client-urls={client_url}",
+             f"--data-dir={data_dir}",
              "--election-timeout=1000", "--heartbeat-interval=100",
              f"--initial-advertise-peer-urls={peer_url}", f"--initial-cluster={initial_cluster}",
              f"--initial-cluster-token={token}", f"--listen-client-urls={client_url}"]
@@ -260,6 +262,17 @@ WantedBy=multi-user.target
     return unit
 
 
+def as_flags(args: list[str]) -> list[str]:
+    """`--flag value` and bare `--switch` arguments written as kubeadm writes them: --flag=value, --switch=true."""
+    out: list[str] = []
+    for i, arg in enumerate(args):
+        if not arg.startswith("--"):
+            continue
+        value = args[i + 1] if i + 1 < len(args) and not args[i + 1].startswith("--") else "true"
+        out.append(f"{arg}={value}")
+    return out
+
+
 def flag_environment(flags: list[str]) -> dict[str, str]:
     """etcd's flags as its ETCD_* variables (--data-dir=x → ETCD_DATA_DIR=x)."""
     env = {}
@@ -285,10 +298,18 @@ class StandInCluster:
     (static-pod) or the systemctl stand-in (systemd), on loopback ports picked at run time.
     Close it (or use it as a context manager) to stop every process, also after a failure."""
 
-    def __init__(self, base: Path, recipe: str, size: int = 3, *, metrics: bool = True,
+    def __init__(self, base: Path, recipe: str, size: int = 3, *, metrics: bool = True, tls: bool = False,
                  extra_flags: tuple[str, ...] = ()):
-        """`extra_flags`: more etcd flags (--name=value) for every member."""
+        """`tls`: mutual TLS on client and peer URLs, as kubeadm sets them up; `extra_flags`: more etcd
+        flags (--name=value) for every member."""
         self.base, self.recipe, self.metrics, self.extra_flags = base, recipe, metrics, extra_flags
+        self.tls: TLSPaths | None = None
+        if tls:
+            files = certs.generate(base / "pki")
+            self.tls = TLSPaths(ca=str(files.ca), server_cert=str(files.server_cert),
+                                server_key=str(files.server_key), client_cert=str(files.client_cert),
+                                client_key=str(files.client_key))
+        self.scheme = "https" if tls else "http"
         self.etcd = str(find_binary("etcd"))
         self.etcdctl_bin = str(find_binary("etcdctl"))
         self.etcdutl = str(find_binary("etcdutl"))
@@ -323,15 +344,15 @@ class StandInCluster:
 
     def plan_member(self, name: str) -> StandInMember:
         client, peer, metrics = distinct_free_ports(3)
-        m = StandInMember(name, self.host(name), f"http://127.0.0.1:{client}", f"http://127.0.0.1:{peer}",
-                          f"http://127.0.0.1:{metrics}" if self.metrics else None)
+        m = StandInMember(name, self.host(name), f"{self.scheme}://127.0.0.1:{client}",
+                          f"{self.scheme}://127.0.0.1:{peer}", f"http://127.0.0.1:{metrics}" if self.metrics else None)
         self.members[name] = m
         return m
 
     def flags(self, m: StandInMember, initial_cluster: str) -> list[str]:
         return etcd_flags(name=m.name, data_dir=m.host.data_dir, client_url=m.client_url, peer_url=m.peer_url,
                           initial_cluster=initial_cluster, token=self.token, metrics_url=m.metrics_url,
-                          extra=self.extra_flags)
+                          tls=self.tls, extra=self.extra_flags)
 
     def start(self, timeout: float = 60.0) -> StandInCluster:
         """Bootstrap the planned members as `kubeadm init`/`join` or an operator's first
@@ -360,15 +381,17 @@ class StandInCluster:
     def etcdctl(self, *args: str, endpoints: list[str] | None = None,
                 check: bool = True) -> subprocess.CompletedProcess[str]:
         eps = endpoints or [m.client_url for m in self.members.values()]
+        tls = [f"--cacert={self.tls.ca}", f"--cert={self.tls.client_cert}",
+               f"--key={self.tls.client_key}"] if self.tls else []
         proc = subprocess.run([self.etcdctl_bin, f"--endpoints={','.join(eps)}", "--dial-timeout=2s",
-                               "--command-timeout=10s", *args], capture_output=True, text=True, timeout=60,
+                               "--command-timeout=10s", *tls, *args], capture_output=True, text=True, timeout=60,
                               env={"PATH": os.environ.get("PATH", ""), "ETCDCTL_API": "3"})
         if check and proc.returncode != 0:
             raise AssertionError(f"etcdctl {' '.join(args)}: {proc.stderr.strip()}")
         return proc
 
     def healthy(self, name: str) -> bool:
-        return b'"true"' in (http_get(self.members[name].client_url + "/health", None) or b"")
+        return b'"true"' in (http_get(self.members[name].client_url + "/health", self.tls) or b"")
 
     def wait_healthy(self, names: list[str], timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
