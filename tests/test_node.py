@@ -232,6 +232,7 @@ async def test_status_stop_start_and_a_new_member(recipe: str, stand_ins: list[S
         write_unit(m4.host, c.etcd, env)
     joined = await asyncio.to_thread(c.node, "m4", *join, stdin=template)
     assert joined.ok and joined.json["state"] == "running" and joined.json["member_in_config"] == "m4", joined.json
+    assert c.node("m4", *join, stdin=template).json["changed"] is False, "a repeated join changed something"
     await eventually(lambda: c.etcdctl("member", "promote", _member_id(c, "m4"), check=False).returncode == 0, 60,
                      "m4 to be promoted (caught up)")
     await asyncio.to_thread(c.wait_healthy, ["m1", "m2", "m4"])
