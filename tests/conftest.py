@@ -15,6 +15,7 @@ import pytest
 from bot.testing import certs as certs_module
 from bot.testing import cluster as cluster_module
 from bot.testing import postgres as postgres_module
+from bot.testing import prometheus as prometheus_module
 from bot.testing import s3 as s3_module
 from bot.testing import workspace as workspace_module
 from bot.testing.cluster import LocalCluster
@@ -63,7 +64,7 @@ def no_process_left_behind(tmp_path_factory) -> Iterator[None]:
     Only processes started under this session's directories are judged (other test
     sessions may run on the machine at the same time)."""
     yield
-    roots = ([str(p) for p in cluster_module.CREATED + postgres_module.CREATED]
+    roots = ([str(p) for p in cluster_module.CREATED + postgres_module.CREATED + prometheus_module.CREATED]
              + [str(tmp_path_factory.getbasetemp())])
     left = _processes_under(roots)
     for pid, _ in left:
@@ -99,6 +100,7 @@ def no_secret_in_logs_or_messages(tmp_path_factory) -> Iterator[None]:
     root.removeHandler(capture)
     root.setLevel(level)
     issued = (workspace_module.ISSUED + certs_module.KEY_MATERIAL + postgres_module.ISSUED + s3_module.ISSUED
+              + prometheus_module.ISSUED
               + [TEST_ETCD_PASSWORD, TEST_AUDIT_KEY, TEST_MANIFEST_KEY])
     secrets = [s for s in issued if len(s) >= 6]
     places: list[tuple[str, str]] = [("log", line) for line in capture.lines]
