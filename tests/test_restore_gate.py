@@ -15,6 +15,7 @@ from pathlib import Path
 from test_restore_e2e import approve_twice, keys, snapshot_of
 
 from bot.ops import recovery
+from bot.ops.launcher import LaunchResult, MemberState, read_status
 from bot.ops.leader import LEASE
 from bot.testing.cluster import free_port
 from bot.testing.workspace import LEAD, cluster_table
@@ -214,3 +215,15 @@ def test_the_launcher_refuses_an_older_fencing_token_and_changes_nothing(make_cl
     assert again.returncode == 0, again.stderr
     assert launch(base, "status", "member1").returncode == 0
     assert launch(base.parent / "no-such-cluster", "status", "member1").returncode == 4
+
+
+def test_a_status_answer_by_exit_status_or_by_its_json_state():
+    """Exit 0 running, 3 stopped; a JSON answer's `state` decides (etcd-chatops-node answers exit 0 with it)."""
+    def state(exit_status: int | None, output: str = "") -> MemberState:
+        return read_status(LaunchResult(exit_status == 0, exit_status, output, f"x exited with {exit_status}")).state
+    assert (state(0), state(3)) == (MemberState.RUNNING, MemberState.STOPPED)
+    assert state(0, '{"ok":true,"action":"status","state":"stopped"}') is MemberState.STOPPED
+    assert state(3, '{"member": "member1", "state": "stopped", "pid": null}') is MemberState.STOPPED
+    for unknown in (state(1), state(2, "usage: ..."), state(None), state(4, '{"state": "stopped"}'),
+                    state(0, '{"state":"stopping"}'), state(3, '{"state": "running"}')):
+        assert unknown is MemberState.UNKNOWN

@@ -7,13 +7,15 @@ environment, and reports its exit status and the tail of its output.
 
 An argv with `{action}` also stops a member, restores its data and reports
 whether it runs (`status`: exit 0 running, 3 stopped, as `systemctl status`
-and LSB init scripts answer; anything else is unknown). Every action a plan
+and LSB init scripts answer, or the `state` of a JSON answer line; anything
+else is unknown). Every action a plan
 runs carries the run's fencing token (ETCD_CHATOPS_FENCE), and the lease is
 checked right before each launcher process starts.
 """
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -104,12 +106,26 @@ async def member_status(launcher: LauncherConfig, name: str, peer_url: str, clie
     result = await run_argv(launcher, member_argv(launcher.argv, name, peer_url, client_urls, "status"),
                             {"ETCD_CHATOPS_ACTION": "status", "ETCD_NAME": name}, secrets,
                             timeout=min(launcher.timeout_seconds, STATUS_TIMEOUT))
+    return read_status(result)
+
+
+def read_status(result: LaunchResult) -> MemberStatus:
+    """A `status` answer: exit 0 running, 3 stopped; when the last output line is a JSON object with a `state`
+    (etcd-chatops-node answers exit 0 and says it there), "running" or "stopped" decides and any other state
+    is unknown. Any other exit, or an exit 3 that says running, is unknown."""
     lines = result.output_tail.strip().splitlines()
-    state = STATUS_EXIT.get(result.exit_status, MemberState.UNKNOWN) if result.exit_status is not None \
-        else MemberState.UNKNOWN
-    detail = lines[-1][-300:] if lines and state != MemberState.UNKNOWN else (
-        result.summary + (f": {lines[-1][-300:]}" if lines else ""))
-    return MemberStatus(state, detail)
+    last = lines[-1][-300:] if lines else ""
+    if result.exit_status not in STATUS_EXIT:
+        return MemberStatus(MemberState.UNKNOWN, result.summary + (f": {last}" if last else ""))
+    try:
+        said = json.loads(last).get("state") if last.startswith("{") else None
+    except (ValueError, AttributeError):
+        said = None
+    state = STATUS_EXIT[result.exit_status]
+    if isinstance(said, str):
+        told = {"running": MemberState.RUNNING, "stopped": MemberState.STOPPED}.get(said, MemberState.UNKNOWN)
+        state = MemberState.UNKNOWN if state is MemberState.STOPPED and told is MemberState.RUNNING else told
+    return MemberStatus(state, last or result.summary)
 
 
 async def run_argv(launcher: LauncherConfig, argv: list[str], environment: dict[str, str], secrets: list[str], *,
