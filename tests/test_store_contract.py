@@ -28,9 +28,11 @@ from bot.etcd.model import Member
 from bot.ops.replace import plan_replacement
 from bot.store import dsn
 from bot.store.base import LeaseLost, OpenPlanExists, Store, StoreBusy, StoreError, open_store
-from bot.store.postgres import AUDIT_LOCK, PostgresStore
+from bot.store.postgres import PostgresStore
 from bot.store.records import Fence, Lease, PlanKind, PlanState
-from bot.store.sqlite import LATEST, SqliteStore
+from bot.store.schema import LATEST
+from bot.store.sql import AUDIT_LOCK
+from bot.store.sqlite import SqliteStore
 from bot.testing import postgres as postgres_module
 from bot.testing.postgres import LocalPostgres
 from bot.testing.workspace import CHANNEL, cluster_table
@@ -366,7 +368,7 @@ async def test_one_audit_chain_under_concurrent_writers_from_two_replicas(backen
 
 WRITER = """
 import asyncio, os, sys
-from bot.store.postgres import AUDIT_LOCK, PostgresStore
+from bot.store.postgres import PostgresStore
 from bot.store.sqlite import SqliteStore
 
 async def main(target, name):
@@ -508,7 +510,7 @@ async def test_postgres_tables_of_another_program_are_refused_untouched(postgres
 
 async def test_both_backends_have_the_same_columns(postgres):
     """One name for one thing: the contract's rows carry the same keys on both backends."""
-    from bot.store.sqlite import expected_columns
+    from bot.store.schema import expected_columns
 
     url = postgres.create_database()
     store = await PostgresStore(url, password=postgres.password).open()
