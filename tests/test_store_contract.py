@@ -202,7 +202,7 @@ async def test_a_lease_is_renewed_taken_over_after_expiry_and_fences_writes(back
     first = await a.acquire_lease("leader", "replica-a", 1.0)
     assert first is not None and (first.holder, first.token) == ("replica-a", 1)
     assert await b.acquire_lease("leader", "replica-b", 1.0) is None  # held by a
-    renewed = await a.acquire_lease("leader", "replica-a", 1.0)
+    renewed = await a.acquire_lease("leader", "replica-a", 1.25)  # (longer: SQLite's clock ticks in milliseconds)
     assert renewed is not None and renewed.token == 1 and renewed.expires_at > first.expires_at
     assert await b.lease("leader") == renewed
 
