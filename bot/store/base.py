@@ -1,7 +1,7 @@
 """The store contract: what the bot keeps and how a change is made, whatever
-the database. Two backends implement it (sqlite.py, the embedded default;
-postgres.py, shared by several replicas) and one contract test suite
-(tests/test_store_contract.py) runs against both.
+the database. It is implemented once (sql.py) over two backends (sqlite.py,
+the embedded default; postgres.py, shared by several replicas), and one
+contract test suite (tests/test_store_contract.py) runs against both.
 
 The contract's promises, which the engine and the handlers rely on:
 - every state change is a guarded, conditional write in one transaction
@@ -234,7 +234,7 @@ class Store(ABC):
         a renewal keeps it, any other grant takes the next one, so it increases
         each time the holder changes (and when a holder takes it back after it
         lapsed). None while another holder's lease is unexpired.
-        Times are the database's clock (see each backend)."""
+        Times are the database's clock, whatever the replicas' clocks say."""
 
     @abstractmethod
     async def release_lease(self, name: str, holder: str) -> None:
