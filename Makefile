@@ -8,7 +8,7 @@ PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
 BIN     = $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast lint bench install clean
+.PHONY: demo test test-fast lint bench install clean node
 
 $(BIN)/python:
 	@test -n "$(PYTHON)" || { echo "etcd-chatops needs Python >= 3.11 (set PYTHON=/path/to/python3.11)"; exit 2; }
@@ -25,14 +25,22 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/etcd-chatops demo
 
-# mypy and ruff, as configured in pyproject.toml.
+# mypy and ruff, as configured in pyproject.toml; gofmt and go vet for the node program.
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	@cd deploy/node && unformatted="$$(gofmt -l .)" && \
+	  { test -z "$$unformatted" || { echo "gofmt -w needed: $$unformatted"; exit 1; }; } && go vet ./...
 
-test: lint
+# etcd-chatops-node (deploy/node, Go), built into build/node/ when its sources changed.
+node: install
+	$(BIN)/python -m bot.testing.node
+
+
+test: lint node
 	sh scripts/install-etcd34.sh
 	sh scripts/install-postgres.sh
+	sh scripts/install-prometheus.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The pure tests only (no etcd, no bot, no stand-in, no long fuzzing): a quick check while editing.

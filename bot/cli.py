@@ -313,7 +313,7 @@ def _run(args: argparse.Namespace) -> int:
     except SettingsError as e:
         raise UsageFailure(str(e)) from None
     logs.register_secret(*slack.secrets(), *(c.password for c in config.clusters), config.audit_key,
-                         *config.database_secrets())
+                         *config.manifest_keys(), *config.database_secrets())
     logs.setup(args.log_level)
     if not 0 < args.port < 65536:
         raise UsageFailure(f"--port: {args.port} is not a TCP port")
@@ -483,6 +483,7 @@ async def _snapshot_fetch(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     rows, _ = await _catalog_rows(config, cluster.name)
     row = next((r for r in rows if r["path"].rsplit("/", 1)[-1] == name), None)
+    foreign = remote.foreign(manifest, cluster.name, name) if row is None else ""
     if row is not None and row["sha256"] != manifest.sha256:
         print(f"{prog}: the manifest of {name} says sha256 {manifest.sha256[:16]}…, the bot's catalog "
               f"{row['sha256'][:16]}…: not fetched", file=sys.stderr)
@@ -504,6 +505,9 @@ async def _snapshot_fetch(args: argparse.Namespace) -> int:
     what = "age-encrypted: size and sha256" if manifest.encrypted else "size, sha256 and status"
     print(f"fetched {remote.display_url(cluster.name, name)} to {dest}: {what} match the manifest "
           f"(revision {manifest.revision}, hash {manifest.hash}, sha256 {manifest.sha256})")
+    if foreign:
+        print(f"{prog}: warning: {name} is FOREIGN, not taken by this bot: {foreign}; it matches what its own "
+              "manifest claims, nothing more", file=sys.stderr)
     return EXIT_OK
 
 
@@ -586,8 +590,17 @@ def _check_config(args: argparse.Namespace) -> int:
         tls = "mutual TLS" if c.cert else ("TLS" if any(e.startswith("https") for e in c.endpoints) else "plaintext")
         print(f"  cluster {c.name}: {len(c.endpoints)} endpoint(s), {tls}, "
               f"channels {', '.join(c.channels) or '(none)'}, launcher {c.launcher.kind}")
-        if c.snapshots.store is not None:
-            print(f"    snapshots off-site: {c.snapshots.store.url}/{c.name}/")
+        store = c.snapshots.store
+        if store is None:
+            continue
+        print(f"    snapshots off-site: {store.url}/{c.name}/")
+        if store.manifest_key is None:
+            print(f"    warning: {c.name}'s snapshot store has no manifest key (manifest_key_env/_file, or the "
+                  "audit key): the bot cannot tell the objects it wrote from anyone else's, so every object its "
+                  "catalog does not know is foreign (restored only by name with --force)")
+        else:
+            which = "the audit key" if store.manifest_key == config.audit_key else "the manifest key"
+            print(f"    manifests signed with {which} (HMAC-SHA256)")
     return EXIT_OK
 
 

@@ -184,6 +184,11 @@ class Config:
         in_url = dsn.secrets_of(self.database) if isinstance(self.database, str) else []
         return in_url + ([self.database_password] if self.database_password else [])
 
+    def manifest_keys(self) -> list[str]:
+        """The keys the snapshot stores sign their manifests with (never to appear in output)."""
+        return sorted({c.snapshots.store.manifest_key for c in self.clusters
+                       if c.snapshots.store is not None and c.snapshots.store.manifest_key})
+
     def cluster(self, name: str) -> ClusterConfig | None:
         return next((c for c in self.clusters if c.name == name), None)
 
@@ -391,9 +396,15 @@ def _checked(check: Callable[[str], str]) -> Callable[[str, str], str]:
     return run
 
 
+MANIFEST_KEY_KEYS = ("manifest_key_env", "manifest_key_file")
+
+
 def _store(t: _Table) -> StoreConfig:
     """`[snapshots.store]` (a cluster's replaces the top-level one whole). No credential keys:
-    they come from the environment or workload identity, so an unknown key is an error."""
+    they come from the environment or workload identity, so an unknown key is an error. The one
+    secret it names is the manifest key's place (an environment variable or a file)."""
+    if "manifest_key" in t.data:
+        raise ConfigError(f"{t.key('manifest_key')}: never inline; give manifest_key_env or manifest_key_file")
     url = t.get("url", str, None, _checked(check_store_url))
     if url is None:
         raise ConfigError(f"{t.key('url')}: missing (like s3://etcd-backups/prod or file:///mnt/backups)")
@@ -404,12 +415,22 @@ def _store(t: _Table) -> StoreConfig:
     keep_local = t.get("keep_local", int, None)
     if keep_local is not None and keep_local < 0:
         raise ConfigError(f"{t.key('keep_local')}: must be 0 or more")
-    secrets = sorted(k for k in t.data if re.search(r"(?i)key|secret|token|password|credential", k))
+    secrets = sorted(k for k in t.data if re.search(r"(?i)key|secret|token|password|credential", k)
+                     and k not in MANIFEST_KEY_KEYS)
     if secrets:
         raise ConfigError(f"{t.key(secrets[0])}: credentials never go in the file; the bot reads them from the "
                           "environment (AWS_*, GOOGLE_APPLICATION_CREDENTIALS, AZURE_*) or workload identity")
+    manifest_key = _hmac_key(t, "manifest_key", "the manifest key")
     t.done()
-    return StoreConfig(url=url, endpoint=endpoint, region=region, keep_local=keep_local)
+    return StoreConfig(url=url, endpoint=endpoint, region=region, keep_local=keep_local, manifest_key=manifest_key)
+
+
+def _manifest_key_or(policy: SnapshotPolicy, audit_key: str | None) -> SnapshotPolicy:
+    """A store without its own manifest key signs and checks manifests with the audit key."""
+    store = policy.store
+    if store is None or store.manifest_key is not None or audit_key is None:
+        return policy
+    return replace(policy, store=replace(store, manifest_key=audit_key))
 
 
 def _launcher(t: _Table) -> LauncherConfig:
@@ -478,14 +499,15 @@ def _secret(t: _Table, name: str) -> str | None:
     return None
 
 
-AUDIT_KEY_MIN = 32  # characters; HMAC-SHA256's own strength
+HMAC_KEY_MIN = 32  # characters; HMAC-SHA256's own strength
 
 
-def _audit_key(t: _Table) -> str | None:
-    key = _secret(t, "audit_key")
-    if key is not None and len(key) < AUDIT_KEY_MIN:
-        which = "audit_key_env" if "audit_key_env" in t.data else "audit_key_file"
-        raise ConfigError(f"{t.key(which)}: the audit key has {len(key)} characters; it needs at least {AUDIT_KEY_MIN} "
+def _hmac_key(t: _Table, name: str, what: str) -> str | None:
+    """An HMAC key (`<name>_env` / `<name>_file`) of at least HMAC_KEY_MIN characters."""
+    key = _secret(t, name)
+    if key is not None and len(key) < HMAC_KEY_MIN:
+        which = f"{name}_env" if f"{name}_env" in t.data else f"{name}_file"
+        raise ConfigError(f"{t.key(which)}: {what} has {len(key)} characters; it needs at least {HMAC_KEY_MIN} "
                           "(e.g. openssl rand -hex 32)")
     return key
 
@@ -546,6 +568,22 @@ def _cluster(t: _Table, snapshot_defaults: SnapshotPolicy, approval: ApprovalCon
                          defrag_disarm_below=disarm_below, watch=watch)
 
 
+def _check_disjoint(clusters: tuple[ClusterConfig, ...]) -> None:
+    """No etcd under two names: the one-open-plan rule, the catalog and the watch are per cluster name, so two
+    names for one cluster would let two plans change it at once. Endpoints are compared by host and port
+    (scheme, case and a trailing slash aside); two names for one host (a DNS name and its address) are not
+    found here."""
+    owner: dict[str, tuple[int, str, str]] = {}   # address -> (index, cluster, endpoint)
+    for i, c in enumerate(clusters):
+        for j, endpoint in enumerate(c.endpoints):
+            address = parse_url(endpoint).address
+            first = owner.setdefault(address, (i, c.name, endpoint))
+            if first[0] != i:
+                raise ConfigError(f"clusters[{i}].endpoints[{j}]: {endpoint} reaches {address}, an endpoint of "
+                                  f"cluster {first[1]!r} too ({first[2]}); clusters {first[1]!r} and {c.name!r} "
+                                  f"would be one etcd under two names")
+
+
 def _database(top: _Table, base: Path) -> Path | str:
     """A path (SQLite, relative to the config file) or a postgresql:// URL, checked without showing its password."""
     raw = top.get("database", str, None)
@@ -572,7 +610,7 @@ def parse_config(data: dict, base: Path, source: Path | None = None) -> Config:
     if snapshot_dir.exists() and not snapshot_dir.is_dir():
         raise ConfigError(f"snapshot_dir: {top.data.get('snapshot_dir', snapshot_dir)}: is not a directory")
     db_timeout = top.get("database_timeout_seconds", float, 5.0, _positive)
-    audit_key = _audit_key(top)
+    audit_key = _hmac_key(top, "audit_key", "the audit key")
     a = top.table("approval")
     approval = ApprovalConfig(
         approvers=a.strings("approvers", check=_slack_id),
@@ -610,11 +648,13 @@ def parse_config(data: dict, base: Path, source: Path | None = None) -> Config:
         raise ConfigError("clusters: at least one [[clusters]] table is needed")
     clusters = tuple(_cluster(_Table(c, f"clusters[{i}]", base), snapshots, approval)
                      for i, c in enumerate(raw_clusters))
+    clusters = tuple(replace(c, snapshots=_manifest_key_or(c.snapshots, audit_key)) for c in clusters)
     seen: set[str] = set()
     for i, c in enumerate(clusters):
         if c.name in seen:
             raise ConfigError(f"clusters[{i}].name: {c.name!r} is used by another cluster")
         seen.add(c.name)
+    _check_disjoint(clusters)
     replicas = _replicas(top.table("replicas"))
     top.done()
     return Config(clusters=clusters, database=database, snapshot_dir=snapshot_dir, approval=approval,

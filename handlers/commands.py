@@ -113,7 +113,8 @@ async def _restore(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user: 
 
 
 async def _continue(ctx: BotContext, cmd: Command, cluster: None, user: str, channel: str) -> Outcome:
-    return await recovery.continue_plan(ctx, cmd.args["plan_id"], user, channel)
+    return await recovery.continue_plan(ctx, cmd.args["plan_id"], cmd.args.get("stage"), user, channel,
+                                        cmd.spec.usage)
 
 
 async def _drill(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user: str, channel: str) -> Outcome:

@@ -59,16 +59,8 @@ case "$server/$client" in
         exit 0 ;;
 esac
 
-etcd_pids() {  # PIDs of running /usr/bin/etcd processes
-    for exe in /proc/[0-9]*/exe; do
-        [ "$(readlink "$exe" 2>/dev/null)" = /usr/bin/etcd ] || continue
-        pid=${exe#/proc/}
-        echo "${pid%/exe}"
-    done
-}
-
 # Forbid service starts while the package installs (restoring whatever policy was there).
-before=$(etcd_pids | tr '\n' ' ')
+before=$(pids_of /usr/bin/etcd | tr '\n' ' ')
 forbid_service_starts install-etcd34.sh
 
 say "installing etcd-server $server and etcd-client $client from Debian"
@@ -85,20 +77,7 @@ if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
     systemctl disable --now etcd.service >/dev/null 2>&1 || true
 fi
 # Whatever started during the install goes; etcd processes that ran before are not ours to touch.
-for pid in $(etcd_pids); do
-    case " $before " in *" $pid "*) continue ;; esac
-    say "ending etcd (pid $pid) started by the package install"
-    kill -TERM "$pid" 2>/dev/null || true
-done
-for _ in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
-    left=""
-    for pid in $(etcd_pids); do
-        case " $before " in *" $pid "*) ;; *) left="$left $pid" ;; esac
-    done
-    [ -z "$left" ] && break
-    sleep 0.25
-done
-for pid in $left; do kill -KILL "$pid" 2>/dev/null || true; done
+end_started "$before" /usr/bin/etcd
 
 if is_34 /usr/bin; then
     report /usr/bin

@@ -15,6 +15,7 @@ import pytest
 from bot.testing import certs as certs_module
 from bot.testing import cluster as cluster_module
 from bot.testing import postgres as postgres_module
+from bot.testing import prometheus as prometheus_module
 from bot.testing import s3 as s3_module
 from bot.testing import workspace as workspace_module
 from bot.testing.cluster import LocalCluster
@@ -23,6 +24,7 @@ from bot.testing.postgres import LocalPostgres, PostgresMissing
 ROOT = Path(__file__).resolve().parent.parent
 TEST_ETCD_PASSWORD = "rootpw-" + os.urandom(6).hex()  # tests that enable etcd auth use this
 TEST_AUDIT_KEY = "auditkey-" + os.urandom(16).hex()    # tests that key the audit chain use this
+TEST_MANIFEST_KEY = "manifestkey-" + os.urandom(16).hex()  # tests that sign the store's manifests use this
 
 # A test that uses any of these (directly or through another fixture) runs real etcd, the Slack
 # stand-in or the bot: it is end to end. `make test-fast` runs the others.
@@ -62,7 +64,7 @@ def no_process_left_behind(tmp_path_factory) -> Iterator[None]:
     Only processes started under this session's directories are judged (other test
     sessions may run on the machine at the same time)."""
     yield
-    roots = ([str(p) for p in cluster_module.CREATED + postgres_module.CREATED]
+    roots = ([str(p) for p in cluster_module.CREATED + postgres_module.CREATED + prometheus_module.CREATED]
              + [str(tmp_path_factory.getbasetemp())])
     left = _processes_under(roots)
     for pid, _ in left:
@@ -98,7 +100,8 @@ def no_secret_in_logs_or_messages(tmp_path_factory) -> Iterator[None]:
     root.removeHandler(capture)
     root.setLevel(level)
     issued = (workspace_module.ISSUED + certs_module.KEY_MATERIAL + postgres_module.ISSUED + s3_module.ISSUED
-              + [TEST_ETCD_PASSWORD, TEST_AUDIT_KEY])
+              + prometheus_module.ISSUED
+              + [TEST_ETCD_PASSWORD, TEST_AUDIT_KEY, TEST_MANIFEST_KEY])
     secrets = [s for s in issued if len(s) >= 6]
     places: list[tuple[str, str]] = [("log", line) for line in capture.lines]
     for stand_in in STAND_INS:
@@ -235,6 +238,15 @@ def fast_retries(monkeypatch) -> None:
     """The off-site upload retries' backoff shortened (the schedule is the same, only the waits are short)."""
     from bot.ops import snapshots as ops_snapshots
     monkeypatch.setattr(ops_snapshots, "UPLOAD_RETRY_BACKOFF", (0.1, 0.2))
+
+
+@pytest.fixture
+def manifest_key(tmp_path) -> dict[str, str]:
+    """`[snapshots.store]` keys that sign the store's manifests with TEST_MANIFEST_KEY (from a 0600 file)."""
+    path = tmp_path / "manifest.key"
+    path.write_text(TEST_MANIFEST_KEY + "\n")
+    path.chmod(0o600)
+    return {"manifest_key_file": str(path)}
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from bot.etcd.client import EtcdClient
 from bot.etcd.health import ClusterHealth, MemberHealth, check_cluster
@@ -26,6 +26,12 @@ T = TypeVar("T")
 __all__ = ["QUOTA", "QUOTA_ARGS", "fill_until_nospace"]  # NOSPACE: a small quota, filled (bot/testing/cluster.py)
 
 
+@overload
+async def eventually(predicate: Callable[[], Awaitable[T | None]], timeout: float, what: str, *,
+                     interval: float = 0.05, retry_on: tuple[type[BaseException], ...] = ()) -> T: ...
+@overload
+async def eventually(predicate: Callable[[], T | None], timeout: float, what: str, *,
+                     interval: float = 0.05, retry_on: tuple[type[BaseException], ...] = ()) -> T: ...
 async def eventually(predicate: Callable[[], T | None | Awaitable[T | None]], timeout: float, what: str, *,
                      interval: float = 0.05, retry_on: tuple[type[BaseException], ...] = ()) -> T:
     """Poll `predicate` (sync or async) until it returns something truthy, and return that.

@@ -2,7 +2,10 @@
 removes, and how a fetched copy is checked (on a file:// store)."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import time
+from typing import Any
 
 import pytest
 
@@ -96,7 +99,6 @@ def test_retention_of_the_remote_copies_keeps_the_newest_verified_one():
 
 async def test_a_fetch_is_checked_against_size_and_sha256_and_leaves_nothing_behind(file_store, tmp_path):
     config = StoreConfig(f"file://{file_store}")
-    remote = RemoteStore.from_config(config)
     data = b"etcd snapshot bytes" * 1000
     (file_store / "prod").mkdir()
     (file_store / "prod" / "a.db").write_bytes(data)
@@ -115,11 +117,72 @@ async def test_a_fetch_is_checked_against_size_and_sha256_and_leaves_nothing_beh
         assert "\n" not in str(e.value)
     assert list(scratch.iterdir()) == []  # every copy removed, good or bad
 
-    # an object no row knows is listed from its manifest; one without a manifest is left out
-    await remote.write_manifest(Manifest(cluster="prod", file_name="a.db", sha256=good.sha256, size=len(data),
-                                         hash="abc", revision=7, total_keys=3, total_size=len(data), member="m1",
-                                         created_at=1.7e9))
-    (file_store / "prod" / "b.db").write_bytes(b"no manifest")
-    view = await catalog(config, "prod", [], open_store=lambda c: remote)
-    assert [(e.name, e.place, e.revision, e.remote_url) for e in view.entries] == [
-        ("a.db", "remote", 7, f"file://{file_store}/prod/a.db")]
+
+
+KEY = "k" * 40
+
+
+async def test_an_object_is_the_bot_s_own_only_with_a_manifest_signed_by_its_key(file_store):
+    """Each way an object can fail to be the bot's own, against one signed with the key; and the upgrade:
+    an earlier version's unsigned manifest stays the bot's own only where the catalog knows the object."""
+    config = StoreConfig(f"file://{file_store}", manifest_key=KEY)
+    remote = RemoteStore.from_config(config)
+    (file_store / "prod").mkdir()
+
+    def described(name: str, **changes: Any) -> Manifest:
+        (file_store / "prod" / name).write_bytes(b"snapshot " + name.encode())
+        return dataclasses.replace(Manifest(cluster="prod", file_name=name, sha256=f"{len(name):064x}", size=9,
+                                            hash="abc", revision=7, total_keys=3, total_size=20480, member="m1",
+                                            created_at=NOW), **changes)
+
+    def put(name: str, manifest: Manifest | str) -> None:
+        text = manifest if isinstance(manifest, str) else manifest.to_json()
+        (file_store / "prod" / (name + ".manifest.json")).write_text(text)
+
+    await remote.write_manifest(described("own.db"))                       # the bot writes it: signed
+    put("unsigned.db", described("unsigned.db"))                           # anyone: no HMAC
+    put("v1.db", dataclasses.replace(described("v1.db"), version=1))       # an earlier bot: version 1, no HMAC
+    put("known-v1.db", dataclasses.replace(described("known-v1.db"), version=1))
+    put("other-key.db", described("other-key.db").signed("o" * 40))
+    put("future.db", described("future.db", created_at=time.time() + 3600).signed(KEY))
+    put("soon.db", described("soon.db", created_at=time.time() + 60).signed(KEY))   # within the clock skew
+    put("changed.db", dataclasses.replace(described("changed.db").signed(KEY), revision=8))
+    put("elsewhere.db", described("elsewhere.db", file_name="own.db").signed(KEY))
+    put("garbled.db", "{not json")
+    (file_store / "prod" / "garbled.db").write_bytes(b"a garbled manifest")
+    (file_store / "prod" / "bare.db").write_bytes(b"no manifest")
+    known = {**row(1, local=False, remote="verified"), "path": "/snap/prod/known-v1.db",
+             "sha256": f"{len('known-v1.db'):064x}"}   # uploaded by the bot before the upgrade
+
+    view = await catalog(config, "prod", [known], open_store=lambda c: remote)
+    by = {e.name: e for e in view.entries}
+    assert {n: e.foreign for n, e in by.items() if not e.foreign} == {"own.db": "", "soon.db": "",
+                                                                      "known-v1.db": ""}
+    assert by["known-v1.db"].snapshot_id == 1   # the catalog's row, not the manifest, describes it
+    reasons = {n: e.foreign for n, e in by.items() if e.foreign}
+    assert reasons == {
+        "unsigned.db": "its manifest is not signed (written by someone without the key, or by a bot before version 2)",
+        "v1.db": "its manifest is not signed (written by someone without the key, or by a bot before version 2)",
+        "other-key.db": "its manifest is signed with another key",
+        "future.db": reasons["future.db"],
+        "changed.db": "its manifest does not match its HMAC: changed after it was signed",
+        "elsewhere.db": "its manifest describes another object",
+        "garbled.db": "its manifest is unreadable or invalid",
+        "bare.db": "it has no manifest"}
+    assert reasons["future.db"].startswith("its manifest is dated in the future (")
+    # a foreign object is dated by the store's clock, and without a manifest it is described by nothing
+    assert by["future.db"].created_at < time.time() and not by["bare.db"].described and by["unsigned.db"].described
+    text = render.catalog_text(view)
+    assert "FOREIGN bare.db: not taken by this bot: it has no manifest" in text
+    bare = next(line for line in text.splitlines() if "bare.db" in line and line.startswith("|"))
+    assert [cell.strip() for cell in bare.split("|")][3:6] == ["?", "?", "?"]
+    assert {s["name"]: s["foreign"] for s in render.catalog_json(view)["snapshots"]}["own.db"] is None
+    slack = blocks.snapshots_reply(view).text
+    assert slack.count("*FOREIGN*") == len(reasons) and "bare.db` · 11 B ·" in slack
+
+    # without a key nothing the catalog does not know is the bot's own
+    keyless = StoreConfig(f"file://{file_store}")
+    view = await catalog(keyless, "prod", [known], open_store=lambda c: RemoteStore.from_config(keyless))
+    assert {e.name for e in view.entries if not e.foreign} == {"known-v1.db"}
+    assert {e.foreign for e in view.entries if e.name == "own.db"} == {
+        "no manifest key is configured, so no manifest can be checked"}

@@ -28,12 +28,13 @@ class Place:
 
     def __init__(self, request, kind: str):
         self.kind = kind
+        key = request.getfixturevalue("manifest_key")   # the bot signs its manifests: a new bot knows them again
         if kind == "s3":
             self.s3 = request.getfixturevalue("s3")
-            self.table, self.url = self.s3.store_table(), self.s3.url()
+            self.table, self.url = self.s3.store_table(**key), self.s3.url()
         else:
             self.dir = request.getfixturevalue("file_store")
-            self.table, self.url = {"url": f"file://{self.dir}"}, f"file://{self.dir}"
+            self.table, self.url = {"url": f"file://{self.dir}", **key}, f"file://{self.dir}"
 
     def names(self) -> set[str]:
         """The objects of cluster prod (manifests included)."""
@@ -157,10 +158,12 @@ async def test_a_store_that_cannot_be_reached_costs_one_line_and_the_local_part_
 # ---------------------------------------------------------------- restore and drill from the store
 
 @pytest.mark.parametrize("how", ["keep_local_0", "volume_lost"])
-async def test_restore_from_a_snapshot_only_the_store_holds(make_cluster, slack, start_bot, s3, tmp_path, how):
+async def test_restore_from_a_snapshot_only_the_store_holds(make_cluster, slack, start_bot, s3, tmp_path, how,
+                                                            manifest_key):
     """Encrypted, and the only copy is the object: retention removed the local one (keep_local 0), or the
-    bot's volume was lost (a new bot, an empty catalog: the object is found from its manifest). The plan
-    says so; the restore fetches, verifies and decrypts it into 0600 temporary files gone afterwards."""
+    bot's volume was lost (a new bot, an empty catalog: the object is found from its signed manifest, and
+    named, since only the catalog gives the default). The plan says so; the restore fetches, verifies and
+    decrypts it into 0600 temporary files gone afterwards."""
     from pyrage import x25519
     identity = x25519.Identity.generate()
     key_file = tmp_path / "restore.key"
@@ -168,7 +171,7 @@ async def test_restore_from_a_snapshot_only_the_store_holds(make_cluster, slack,
     key_file.chmod(0o600)
     c = make_cluster(3)
     table = cluster_table("prod", c, snapshots={"age_recipients": [str(identity.to_public())],
-                                                "store": {**s3.store_table(), "keep_local": 0}},
+                                                "store": {**s3.store_table(**manifest_key), "keep_local": 0}},
                           restore={"data_dir": str(c.base_dir / "data" / "{name}"), "age_identity_file": str(key_file)})
     bot = await start_bot([table], approval=APPROVAL)
     store = bot.ctx.store
@@ -190,9 +193,9 @@ async def test_restore_from_a_snapshot_only_the_store_holds(make_cluster, slack,
     for m in ("member1", "member2"):
         c.kill(m)
 
-    plan = await propose(slack, "restore")
-    plan_text = text_of(plan) + json.dumps(plan.blocks)
     name = Path(row["path"]).name
+    plan = await propose(slack, "restore" if how == "keep_local_0" else f"restore {name}")
+    plan_text = text_of(plan) + json.dumps(plan.blocks)
     assert f"From the snapshot store:* `{s3.url()}/prod/{name}`" in plan_text, plan_text
     assert "from the snapshot store" in plan.text
     record = await plan_row(store, plan)
@@ -206,13 +209,13 @@ async def test_restore_from_a_snapshot_only_the_store_holds(make_cluster, slack,
 
 
 async def test_a_drill_of_a_snapshot_only_the_store_knows_and_of_a_tampered_one(cluster, slack, start_bot,
-                                                                                 file_store, tmp_path):
-    table = cluster_table("prod", cluster, snapshots={"store": {"url": f"file://{file_store}"}})
+                                                                                 file_store, tmp_path, manifest_key):
+    table = cluster_table("prod", cluster, snapshots={"store": {"url": f"file://{file_store}", **manifest_key}})
     await start_bot([table])
     name = await snapshot_name(slack, cluster)
-    # a new bot, an empty catalog: the drill finds the object from its manifest, fetches and boots it
+    # a new bot, an empty catalog: the drill finds the object from its signed manifest, fetches and boots it
     bot = await start_bot([table], database=str(tmp_path / "new.db"), snapshot_dir=str(tmp_path / "new-snapshots"))
-    passed = await reply(slack, "drill", timeout=120)
+    passed = await reply(slack, f"drill {name}", timeout=120)
     text = text_of(passed)
     assert "passed" in passed.text and name in passed.text, text
     assert f"fetched from the snapshot store: `file://{file_store}/prod/{name}`" in text

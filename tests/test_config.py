@@ -95,6 +95,21 @@ def test_duplicate_cluster_names(tmp_path):
         load_config(write(tmp_path, text))
 
 
+@pytest.mark.parametrize("theirs", ["https://H1:2379/", "http://h1:2379", "HTTP://h1:2379"])
+def test_two_clusters_with_one_endpoint_are_refused(tmp_path, theirs):
+    """One etcd under two names would let two plans change it at once (one open plan per cluster name)."""
+    def two(b_endpoint: str) -> str:
+        return ('[[clusters]]\nname = "a"\nendpoints = ["http://h0:2379", "http://h1:2379"]\n'
+                f'[[clusters]]\nname = "b"\nendpoints = ["http://h2:2379", "{b_endpoint}"]\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, two(theirs)))
+    assert str(e.value).endswith("clusters[1].endpoints[1]: " + theirs.lower().rstrip("/") + " reaches h1:2379, an "
+                                 "endpoint of cluster 'a' too (http://h1:2379); clusters 'a' and 'b' would be one "
+                                 "etcd under two names")
+    assert "\n" not in str(e.value)
+    load_config(write(tmp_path, two("http://h1:2380")))   # another port: another etcd
+
+
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
         load_config(tmp_path / "nope.toml")
@@ -117,6 +132,8 @@ def test_password_from_the_environment_only(tmp_path, monkeypatch):
 @pytest.mark.parametrize("body, fragment", [
     (None, "no such file"),
     ("[[clusters]]\nname = \"a\"\nendpoints = [\"http://h:1\"]\ncolour = 1\n", "clusters[0].colour: unknown key"),
+    ("[[clusters]]\nname = \"a\"\nendpoints = [\"http://h:1\"]\n[[clusters]]\nname = \"b\"\n"
+     "endpoints = [\"https://H:1/\"]\n", "clusters 'a' and 'b' would be one etcd under two names"),
 ])
 def test_the_cli_exits_2_with_one_line(tmp_path, body, fragment, cli):
     path = tmp_path / "c.toml"

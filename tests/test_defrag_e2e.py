@@ -4,9 +4,13 @@ a member killed in the middle; the rule leaving a compact member alone."""
 from __future__ import annotations
 
 import asyncio
+import json
+from dataclasses import replace
 
 from bot.etcd.client import EtcdClient
 from bot.etcd.health import check_cluster
+from bot.ops.defrag import DefragPlan
+from bot.ops.replace import Step
 from bot.testing.workspace import CHANNEL, LEAD, cluster_table
 from helpers import (
     APPROVAL,
@@ -185,3 +189,47 @@ async def test_nospace_stays_armed_above_disarm_below_and_the_plan_says_why(make
     assert "NOSPACE is still active, so writes still fail" in (failed.error or "")
     async with EtcdClient(c.endpoints) as client:
         assert {a.kind for a in (await check_cluster(client, "check")).alarms} == {"NOSPACE"}
+
+
+async def test_a_single_member_cluster_is_defragmented_in_place(make_cluster, slack, start_bot):
+    """kubeadm's default is one etcd member: no leadership to move, so its leader is defragmented in place,
+    and a plan made with a move step (before this was known) still runs through it when resumed."""
+    c = make_cluster(1, extra_args=QUOTA_ARGS)
+    await fill_until_nospace(c)
+    bot = await start_bot([cluster_table("prod", c)], approval=APPROVAL)
+    store = bot.ctx.store
+    plan = await propose(slack, "defrag")
+    text = text_of(plan)
+    assert "the only voter: no leadership to move" in text and "Move leadership" not in text
+    row = await plan_row(store, plan)
+    await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
+    done = await wait_done(store, row["id"], timeout=120)
+    steps = {s["key"]: s["detail"] or "" for s in await store.steps(done["id"])}
+    (member_id,) = [k.removeprefix("defrag-") for k in steps if k.startswith("defrag-")]
+    assert "move-leader" not in steps and "reclaimed" in steps[f"defrag-{member_id}"]
+    assert "NOSPACE disarmed" in steps["disarm"]
+    async with EtcdClient(c.endpoints) as client:
+        assert not (await check_cluster(client, "check")).alarms
+        await client.put(b"after", b"works")
+
+    # A plan stored with a move step, as the bot planned for one member before: the step passes, saying why.
+    plan = await propose(slack, 'defrag --rule "dbSize > 0" --no-compact')
+    row = await plan_row(store, plan)
+    old = row.plan
+    assert isinstance(old, DefragPlan)
+    at = next(i for i, s in enumerate(old.steps) if s.key.startswith("defrag-"))
+    old = replace(old, steps=(*old.steps[:at], Step("move-leader", "Move leadership"), *old.steps[at:]))
+    await store.update_plan(row["id"], plan=json.dumps(old.to_json()))
+    await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
+    done = await wait_done(store, row["id"], timeout=120)
+    moved = next(s["detail"] for s in await store.steps(done["id"]) if s["key"] == "move-leader")
+    assert moved == f"{member_id} is the only voter: no leadership to move; it is defragmented in place"
+
+
+async def test_an_empty_or_too_deeply_nested_rule_is_refused_in_one_line(cluster, slack, start_bot):
+    bot = await start_bot([cluster_table("prod", cluster)], approval=APPROVAL)
+    for text, reason in (('defrag --rule ""', "rule: empty; e.g. dbQuotaUsage"), ("defrag --rule=", "rule: empty"),
+                         (f'defrag --rule "{"(" * 3000}dbSize > 1{")" * 3000}"', "rule: nested deeper than")):
+        refused = text_of(await ephemeral(slack, text))
+        assert reason in refused and "Usage: /etcd defrag" in refused, refused[:300]
+    assert await bot.ctx.store.open_plan("prod") is None

@@ -9,7 +9,7 @@ from bot.etcd.health import MemberHealth
 from bot.etcd.metrics import DEFAULT_QUOTA, MemberMetrics
 from bot.etcd.model import Alarm, Member
 from bot.ops.defrag import plan_defrag
-from bot.ops.defrag_rule import DEFAULT_RULE, RuleError, figures, parse_rule
+from bot.ops.defrag_rule import DEFAULT_RULE, MAX_DEPTH, RuleError, figures, parse_rule
 from bot.ops.replace import Refusal
 from helpers import cluster_health, member_status
 
@@ -44,6 +44,24 @@ def test_a_rule_that_does_not_parse_gets_one_line_saying_where(rule: str, messag
     with pytest.raises(RuleError) as e:
         parse_rule(rule)
     assert str(e.value) == message and "\n" not in message
+
+
+@pytest.mark.parametrize("rule", [
+    "(" * 3000 + "dbSize > 1" + ")" * 3000, "!" * 3000 + "dbSize", "-" * 3000 + "dbSize > 1",
+    " + ".join(["dbSize"] * 3000) + " > 1", " || ".join(["dbSize > 1"] * 3000),
+])
+def test_a_rule_nested_too_deep_is_refused_in_one_line(rule: str) -> None:
+    """Parsing and evaluating recurse: 3,000 levels gave a RecursionError (a traceback, not a reason)."""
+    with pytest.raises(RuleError) as e:
+        parse_rule(rule)
+    message = str(e.value)
+    assert message.startswith(f"rule: nested deeper than {MAX_DEPTH} levels at column ") and "\n" not in message
+
+
+def test_a_rule_as_deep_as_the_limit_still_parses_and_evaluates() -> None:
+    nested = "(" * (MAX_DEPTH - 1) + "dbSize > 1" + ")" * (MAX_DEPTH - 1)
+    assert parse_rule(nested).matches(figures(10, 5, 100))
+    assert parse_rule(" + ".join(["dbSize"] * (MAX_DEPTH // 2)) + " > 1").matches(figures(10, 5, 100))
 
 
 @given(st.text(alphabet="dbSizeFrQuotaUsg0123456789.<>=!&|()+-*/ MiBK", max_size=40))
@@ -101,3 +119,16 @@ def test_a_plan_survives_the_store() -> None:
                        compact=False)
     from bot.ops.defrag import DefragPlan
     assert DefragPlan.from_json(plan.to_json()) == plan
+
+
+@pytest.mark.parametrize("learner", [False, True])
+def test_a_single_voter_is_defragmented_in_place_without_a_move(learner: bool) -> None:
+    """One voter (kubeadm's default is one member; a learner cannot lead): no leadership to move."""
+    lone = MemberHealth(Member(2, "m2", ("http://10.0.0.2:2380",), ("http://10.0.0.2:2379",)),
+                        member_status(member_id=2, db_size=300 * MiB, db_size_in_use=MiB, leader=2))
+    others = [_member(4, 300 * MiB, learner=True)] if learner else []
+    plan = plan_defrag(cluster_health(lone, *others), {}, parse_rule(DEFAULT_RULE))
+    keys = [s.key for s in plan.steps]
+    assert "move-leader" not in keys and keys[3] == f"defrag-{2:016x}"
+    assert plan.steps[3].title == ("Defragment m2 (leader, the only voter: no leadership to move; writes wait until "
+                                   "it is done)")

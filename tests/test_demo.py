@@ -35,7 +35,7 @@ def test_the_demo_plays_the_whole_incident_and_cleans_up(tmp_path):
     expected_in_order = [
         "etcd cluster demo: HEALTHY", "3 of 3 voting members healthy",
         "member1's machine dies", "etcd cluster demo: DEGRADED", "DOWN: connection refused",
-        "/etcd replace member1 member4", "Plan ", 'ETCD_INITIAL_CLUSTER="member2=',
+        "/etcd replace member1 member4", "Plan ", "ETCD_INITIAL_CLUSTER=member2=",
         "mallory reacts", "@mallory is not an approver",
         "bob reacts", "Approved by @bob",
         "Step 1 (snapshot): saved demo-", "Step 2 (remove): Removed member", "Step 3 (add): Member",

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,10 +37,11 @@ import pytest
 from hypothesis import HealthCheck, assume, given, note, settings
 from hypothesis import strategies as st
 
+from bot.config import parse_duration
 from bot.etcd.bbolt import SnapshotError, snapshot_status
 from bot.etcd.client import EtcdClient
 from bot.etcd.health import ClusterHealth, check_cluster
-from bot.etcd.urls import parse_url
+from bot.etcd.urls import Unusable, parse_url, read_url, shown_urls, usable_urls
 from bot.ops.commands import SPECS, Command, UsageError, parse
 from bot.output.blocks import escape
 from bot.testing.cluster import LocalCluster, free_port
@@ -126,6 +128,25 @@ def test_parse_returns_a_command_or_a_one_line_usage_error(text):
     for key in spec.urls:
         if key in cmd.args:  # a URL is normalised once: parsing the result gives it back
             assert parse_url(cmd.args[key]).url == cmd.args[key]
+    for key in spec.durations:
+        assert parse_duration(cmd.args[key]) >= 1
+    if spec.rest:   # free text is stored and posted: one line, no control characters
+        text = cmd.args[spec.positionals[-1].replace("-", "_")]
+        assert text and text == text.strip() and not any(unicodedata.category(ch) == "Cc" for ch in text)
+
+
+@settings(FUZZ, max_examples=500)
+@given(st.one_of(urls, st.text(), st.builds(lambda u, t: u + t, urls, st.text(max_size=6))))
+def test_a_url_etcd_hands_back_is_read_never_raised(text):
+    """Member lists hold whatever `member add` was given: reading one is total."""
+    found = read_url(text)
+    if isinstance(found, Unusable):
+        assert str(found).startswith("unusable URL ") and found.text == text
+        with pytest.raises(ValueError):
+            parse_url(text)
+    else:
+        assert read_url(found.url) == found and parse_url(text) == found
+    assert shown_urls([text]) and usable_urls([text]) == ([] if isinstance(found, Unusable) else [found.url])
 
 
 # ---------------------------------------------------------------- 2. any /etcd text through the bot
@@ -255,7 +276,34 @@ async def test_help_for_a_subcommand_with_required_arguments(cluster, slack, sta
 
 # ---------------------------------------------------------------- 3. reaction events
 
-POOL = 6  # cluster names (same LocalCluster) with a plan each: one open plan per cluster
+POOL = 6  # cluster names (same LocalCluster, each through its own relays) with a plan each: one open plan per cluster
+
+
+async def _relay(port: int) -> asyncio.Server:
+    """A loopback TCP relay to 127.0.0.1:`port`: another address for the same member.
+
+    The rig names one etcd six times on purpose (its plans never get past their re-check), and the
+    config refuses two names with the same host:port, so each name reaches the members through relays
+    of its own. A relay closes a connection it cannot pass on, as a member that went away does."""
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            writer.close()
+            return
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    return await asyncio.start_server(serve, "127.0.0.1", 0)
 
 
 @dataclass
@@ -315,13 +363,20 @@ class ReactionRig:
 async def reaction_rig(make_cluster, slack, start_bot):
     c = make_cluster(3)
     names = [f"p{i}" for i in range(POOL)]
-    bot = await start_bot([cluster_table(n, c) for n in names], approval=APPROVAL)
-    other = await bot.runtime.web.chat_postMessage(channel=CHANNEL, text="not a plan")
-    async with EtcdClient(c.endpoints) as client:
-        rig = ReactionRig(bot, slack, c, client, {m.id for m in await client.member_list()}, names,
-                          other_ts=other["ts"])
-        await rig.propose_batch()
-        yield rig
+    relays = {n: [await _relay(m.client_port) for m in c.members.values()] for n in names}
+    try:
+        bot = await start_bot([cluster_table(n, c, endpoints=[f"http://127.0.0.1:{r.sockets[0].getsockname()[1]}"
+                                                              for r in relays[n]]) for n in names],
+                              approval=APPROVAL)
+        other = await bot.runtime.web.chat_postMessage(channel=CHANNEL, text="not a plan")
+        async with EtcdClient(c.endpoints) as client:
+            rig = ReactionRig(bot, slack, c, client, {m.id for m in await client.member_list()}, names,
+                              other_ts=other["ts"])
+            await rig.propose_batch()
+            yield rig
+    finally:
+        for relay in (r for rs in relays.values() for r in rs):
+            relay.close()
 
 
 MISSING = object()  # a field left out of the event

@@ -1,14 +1,19 @@
-"""The /metrics reader (pure parser, histogram p99) and the quota and alarm advice status prints (issue 13)."""
+"""The /metrics reader (pure parser, histogram p99) and the quota and alarm advice status prints (issue 13);
+the bot's own gauges read from its catalog."""
 from __future__ import annotations
 
 import json
+import time
 
 from hypothesis import given
 from hypothesis import strategies as st
 
+from bot.backup.remote import StoreConfig
+from bot.config import ClusterConfig, SnapshotPolicy
 from bot.etcd.health import ClusterHealth, MemberHealth
 from bot.etcd.metrics import DEFAULT_QUOTA, MemberMetrics, histogram_quantile, parse_metrics
 from bot.etcd.model import Alarm, Member
+from bot.ops.metrics import Metrics, newest_offsite
 from bot.output.model import status_view
 from bot.output.text import status_json, status_text
 from helpers import cluster_health, member_status
@@ -94,3 +99,64 @@ def test_an_alarm_comes_first_with_the_command_to_run_and_no_metrics_means_no_qu
     assert lines[3].startswith("NEXT: NOSPACE") and "/etcd defrag prod" in lines[3]
     assert lines[4].startswith("NEXT: CORRUPT") and "/etcd consistency prod" in lines[4]
     assert "QUOTA" not in "\n".join(lines)  # `members` and callers without metrics print as before
+
+
+# ---------------------------------------------------------------- the bot's gauges read from its catalog
+
+def _gauge(metrics: Metrics, name: str, cluster: str) -> float | None:
+    return metrics.registry.get_sample_value(name, {"cluster": cluster})
+
+
+async def test_the_snapshot_gauges_come_from_the_catalog_so_every_replica_and_a_restart_report_the_same(
+        tmp_path) -> None:
+    """The newest snapshot (pruned or not) and the newest copy verified off-site and still there, per
+    cluster; the schedule only where there is one, the off-site time only where there is a store; and a
+    cluster with nothing yet counts from the bot's start (a schedule that never ran still ages)."""
+    from bot.store.sqlite import SqliteStore
+    now = time.time()
+    store = await SqliteStore(tmp_path / "etcd-chatops.db").open()
+    row = {"member": "member1", "revision": 1, "hash": "0", "total_keys": 1, "total_size": 1, "file_size": 1,
+           "sha256": "0", "requested_by": "the schedule", "reason": "scheduled", "duration": 0.1}
+    ids = {}
+    for name, age in (("gone", 4000), ("verified", 3000), ("pruned-remote", 2000), ("failed", 1000), ("newest", 100)):
+        ids[name] = await store.record_snapshot({**row, "cluster": "prod", "path": f"/s/{name}.db",
+                                                 "created_at": now - age})
+    await store.update_snapshot(ids["gone"], remote_state="verified")
+    await store.update_snapshot(ids["verified"], remote_state="verified")
+    await store.update_snapshot(ids["pruned-remote"], remote_state="verified", remote_pruned_at=now)
+    await store.update_snapshot(ids["failed"], remote_state="failed", remote_error="AccessDenied")
+    await store.mark_pruned(ids["newest"])  # its local file went (keep_local): still the newest snapshot
+    prod = ClusterConfig(name="prod", endpoints=("http://10.0.0.1:2379",),
+                         snapshots=SnapshotPolicy(every_seconds=3600.0, store=StoreConfig(url="file:///backups")))
+    lab = ClusterConfig(name="lab", endpoints=("http://10.0.0.2:2379",))
+    try:
+        replicas = [Metrics(), Metrics()]
+        for metrics in replicas:
+            await metrics.from_store(store, [prod, lab])
+    finally:
+        await store.close()
+    for metrics in replicas:
+        assert _gauge(metrics, "etcd_chatops_snapshot_last_timestamp_seconds", "prod") == now - 100
+        assert _gauge(metrics, "etcd_chatops_snapshot_offsite_last_timestamp_seconds", "prod") == now - 3000
+        assert _gauge(metrics, "etcd_chatops_snapshot_schedule_seconds", "prod") == 3600.0
+        assert _gauge(metrics, "etcd_chatops_snapshot_last_timestamp_seconds", "lab") == metrics.started
+        assert _gauge(metrics, "etcd_chatops_snapshot_offsite_last_timestamp_seconds", "lab") is None
+        assert _gauge(metrics, "etcd_chatops_snapshot_schedule_seconds", "lab") is None
+        assert metrics.registry.get_sample_value("etcd_chatops_plans", {"state": "proposed"}) == 0
+
+
+def test_an_offsite_copy_counts_only_verified_and_still_there() -> None:
+    rows = [{"created_at": 5.0, "remote_state": "uploading"}, {"created_at": 4.0, "remote_state": "failed"},
+            {"created_at": 3.0, "remote_state": "verified", "remote_pruned_at": 9.0},
+            {"created_at": 2.0, "remote_state": "verified"}, {"created_at": 1.0, "remote_state": "verified"}]
+    assert newest_offsite(rows, otherwise=100.0) == 2.0
+    assert newest_offsite(rows[:3], otherwise=100.0) == 100.0
+    assert newest_offsite([], otherwise=100.0) == 100.0
+
+
+def test_lease_renewal_outcomes_are_exported_from_the_start() -> None:
+    """A rate over the error outcome needs a first sample before the first error (the rules divide by it)."""
+    page = Metrics().exposition().decode()
+    for outcome in ("held", "refused", "error"):
+        assert f'etcd_chatops_lease_renewals_total{{outcome="{outcome}"}} 0.0' in page
+    assert "etcd_chatops_alertmanager_unmatched_total 0.0" in page

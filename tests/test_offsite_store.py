@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.backup.manifest import Manifest, ManifestError
+from bot.backup.manifest import CLOCK_SKEW, Manifest, ManifestError, authenticate, key_id
 from bot.backup.remote import RemoteError, RemoteStore, StoreConfig
 from bot.config import ConfigError, load_config, parse_config
 from helpers import eventually
@@ -71,6 +71,13 @@ def test_check_config_shows_where_snapshots_go(tmp_path, cli):
     path.write_text(config_with(tmp_path, 'url = "s3://etcd-backups/prod"'))
     out = cli("check-config", str(path))
     assert out.returncode == 0 and "snapshots off-site: s3://etcd-backups/prod/prod/" in out.stdout
+    assert out.stdout.count("warning: prod's snapshot store has no manifest key") == 1
+    assert "every object its catalog does not know is foreign" in out.stdout
+    (tmp_path / "m.key").write_text("m" * 32)
+    path.write_text(f'audit_key_file = "{tmp_path / "m.key"}"\n' + config_with(tmp_path, 'url = "s3://e/p"'))
+    out = cli("check-config", str(path))
+    assert out.returncode == 0 and "warning" not in out.stdout and "m" * 32 not in out.stdout
+    assert out.stdout.count("manifests signed with the audit key (HMAC-SHA256)") == 2
     path.write_text(config_with(tmp_path, 'url = "http://etcd-backups/prod"'))
     out = cli("check-config", str(path))
     assert out.returncode == 2 and "the scheme must be one of" in out.stderr and "Traceback" not in out.stderr
@@ -93,11 +100,74 @@ def test_the_manifest_round_trips_and_rejects_what_it_cannot_trust():
                         ({**data, "extra": 1}, "unknown key 'extra'"),
                         ({**data, "recipients": []}, "encryption flag and recipients disagree"),
                         ({**data, "file_name": "../x.db"}, "is not a file name"),
-                        ({**data, "version": 99}, "this bot reads up to 1")]:
+                        ({**data, "version": 99}, "this bot reads up to 2"),
+                        ({**data, "hmac": "ab" * 32}, "hmac is not 64 hex digits with a 16-digit key_id"),
+                        ({**data, "created_at": float("inf")}, "created_at is not a time"),
+                        ({**data, "created_at": 1e300}, "created_at is not a time")]:
         with pytest.raises(ManifestError, match=why):
             Manifest.from_json(json.dumps(broken))
     with pytest.raises(ManifestError, match="not JSON"):
         Manifest.from_json(b"\xff{")
+
+
+KEY = "0123456789abcdef" * 3
+
+
+def test_a_signed_manifest_authenticates_only_with_its_key_unchanged_and_not_dated_ahead():
+    now = 1796140000.0
+    signed = manifest(created_at=now).signed(KEY)
+    assert signed.version == 2 and len(signed.hmac) == 64 and signed.key_id == key_id(KEY)
+    assert KEY not in signed.to_json()
+    read = Manifest.from_json(signed.to_json())
+    assert read == signed and authenticate(read, KEY, now) == ""
+    # only the values count, not the file's layout (key order, spaces, an int time)
+    data = json.loads(signed.to_json())
+    relaid = json.dumps({**dict(reversed(list(data.items()))), "created_at": int(now)})
+    assert authenticate(Manifest.from_json(relaid), KEY, now) == ""
+    for changed in ({"revision": 11}, {"sha256": "cd" * 32}, {"cluster": "stage"}, {"version": 1},
+                    {"encrypted": True, "recipients": ["sha256:0123456789abcdef"]}):
+        tampered = Manifest.from_json(json.dumps({**data, **changed}))
+        assert authenticate(tampered, KEY, now) == "its manifest does not match its HMAC: changed after it was signed"
+    assert authenticate(signed, "another key, just as long as the first", now) == \
+        "its manifest is signed with another key"
+    assert authenticate(manifest(created_at=now), KEY, now).startswith("its manifest is not signed")
+    assert authenticate(signed, None, now) == "no manifest key is configured, so no manifest can be checked"
+    assert authenticate(signed, KEY, now - CLOCK_SKEW) == ""     # the bot's clock a little behind
+    assert authenticate(signed, KEY, now - CLOCK_SKEW - 1) == \
+        "its manifest is dated in the future (2026-12-01 15:46 UTC)"
+
+
+def test_the_manifest_key_is_named_never_given_and_the_audit_key_stands_in(tmp_path, monkeypatch):
+    monkeypatch.setenv("MANIFEST_KEY", KEY)
+    monkeypatch.setenv("AUDIT_KEY", "a" * 32)
+    monkeypatch.setenv("SHORT_KEY", "x" * 31)
+    (tmp_path / "m.key").write_text(KEY + "\n")
+    path = tmp_path / "c.toml"
+    path.write_text('audit_key_env = "AUDIT_KEY"\n' + config_with(
+        tmp_path, 'url = "s3://b/p"\nmanifest_key_env = "MANIFEST_KEY"',
+        '[clusters.snapshots.store]\nurl = "file:///mnt/backups"\n'))
+    config = load_config(path)
+    prod, stage = config.clusters
+    assert prod.snapshots.store.manifest_key == KEY and stage.snapshots.store.manifest_key == "a" * 32
+    assert KEY not in repr(config) and sorted(config.manifest_keys()) == sorted([KEY, "a" * 32])
+    path.write_text(config_with(tmp_path, f'url = "s3://b/p"\nmanifest_key_file = "{tmp_path / "m.key"}"'))
+    prod, stage = load_config(path).clusters
+    assert prod.snapshots.store.manifest_key == KEY == stage.snapshots.store.manifest_key
+    for store, message in [
+            ('url = "s3://b/p"\nmanifest_key = "inline"',
+             "snapshots.store.manifest_key: never inline; give manifest_key_env or manifest_key_file"),
+            ('url = "s3://b/p"\nmanifest_key_env = "SHORT_KEY"',
+             "snapshots.store.manifest_key_env: the manifest key has 31 characters; it needs at least 32"),
+            ('url = "s3://b/p"\nmanifest_key_env = "UNSET_KEY"',
+             "snapshots.store.manifest_key_env: environment variable UNSET_KEY is not set"),
+            ('url = "s3://b/p"\nmanifest_key_env = "MANIFEST_KEY"\nmanifest_key_file = "m.key"',
+             "snapshots.store.manifest_key_file: give manifest_key_env or manifest_key_file, not both"),
+            ('url = "s3://b/p"\nmanifest_key_env = "MANIFEST_KEY"\nsecret_key = "x"',
+             "snapshots.store.secret_key: credentials never go in the file")]:
+        path.write_text(config_with(tmp_path, store))
+        with pytest.raises(ConfigError) as e:
+            load_config(path)
+        assert message in str(e.value) and "\n" not in str(e.value)
 
 
 # ---------------------------------------------------------------- the store, on S3 and on a directory

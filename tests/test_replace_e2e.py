@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -56,8 +56,8 @@ async def test_the_whole_runbook(make_cluster, slack, start_bot):
     failed_id = json.loads(row["plan"])["failed"]["id"]
     survivors = ",".join(f"member{i}={c.member(f'member{i}').peer_url}" for i in (2, 3))
     for expected in ("Plan ", "replace member1 in prod", failed_id, failed.peer_url, failed.client_url, "member4",
-                     peer, client, "learner", f'ETCD_INITIAL_CLUSTER="{survivors},member4={peer}"',
-                     'ETCD_NAME="member4"', 'ETCD_INITIAL_CLUSTER_STATE="existing"', f"<@{ONCALL}>",
+                     peer, client, "learner", f"ETCD_INITIAL_CLUSTER={survivors},member4={peer}",
+                     "ETCD_NAME=member4", "ETCD_INITIAL_CLUSTER_STATE=existing", f"<@{ONCALL}>",
                      f"<@{LEAD}>", f"<!subteam^{LEADS_GROUP}>", "expires", f"`{row['id']}`"):
         assert expected in text, f"{expected!r} missing from the plan message"
     for i, key in enumerate(("Re-check", "snapshot", "Remove member1", "Add member4", "Start member4",
@@ -279,7 +279,8 @@ async def test_a_manual_launcher_waits_for_the_operator(make_cluster, slack, sta
     await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
     note = await slack.wait_for(lambda: next((m for m in replies(slack, plan) if "Start *member4*" in m.text), None),
                                 timeout=60, what="the operator's instructions")
-    env = dict(re.findall(r'export (ETCD_\w+)="([^"]*)"', note.text))
+    block = note.text.split("```")[1]  # as a shell reads the lines it is asked to paste
+    env = dict(shlex.split(line)[1].split("=", 1) for line in block.splitlines() if line.startswith("export "))
     assert env["ETCD_NAME"] == "member4" and env["ETCD_INITIAL_CLUSTER_STATE"] == "existing"
     assert env["ETCD_LISTEN_CLIENT_URLS"] == client and env["ETCD_INITIAL_ADVERTISE_PEER_URLS"] == peer
     await asyncio.to_thread(c.start_member, "member4", env["ETCD_INITIAL_CLUSTER"],

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from base64 import b64decode
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from bot.ops.restore import cluster_id, member_id
 from bot.testing.workspace import CHANNEL, LEAD, LEAD2, ONCALL, BotProcess, cluster_table, write_config
 from helpers import (
     APPROVAL,
@@ -26,10 +29,12 @@ from helpers import (
     open_store,
     plan_row,
     propose,
+    replies,
     reply,
     text_of,
     thread,
     wait_done,
+    wait_state,
 )
 
 
@@ -233,41 +238,118 @@ async def test_the_bot_killed_between_restore_and_start_resumes(make_cluster, sl
     assert keys(c) == before and len(hashes(c, revision)) == 1
 
 
-async def test_with_the_manual_launcher_each_stage_waits_for_continue(make_cluster, slack, start_bot):
-    c = make_cluster(3)
-    table = cluster_table("prod", c, launcher={"kind": "manual", "timeout_seconds": 90})
-    bot = await start_bot([table], approval=APPROVAL)
+def test_the_member_and_cluster_ids_a_token_gives_are_etcds_own(cluster):
+    """What the restore check expects: etcd derives a new cluster's member IDs from peer URLs and token,
+    and its cluster ID from those (the session cluster was bootstrapped with its own token)."""
+    listed = json.loads(cluster.etcdctl("member", "list", "-w", "json").stdout)
+    ids = {m.name: member_id([m.peer_url], cluster.token) for m in cluster.members.values()}
+    assert {m["name"]: m["ID"] for m in listed["members"]} == ids
+    assert listed["header"]["cluster_id"] == cluster_id(ids.values())
+    assert member_id(["http://10.0.0.1:2380"], "another-token") != member_id(["http://10.0.0.1:2380"], "a-token")
+
+
+ODD = "x $(id>pwned)-"  # etcd takes any member name: these must reach a person's shell as one word each
+
+
+def manual(c, **launcher) -> dict:
+    return cluster_table("prod", c, launcher={"kind": "manual", "timeout_seconds": 90, **launcher})
+
+
+async def stage_commands(slack, plan, action: str) -> str:
+    """The commands the thread asks a person to run for `action`, as Slack shows them (and they are copied)."""
+    note = await slack.wait_for(lambda: next((m for m in replies(slack, plan) if f":point_right: *{action}*" in m.text),
+                                             None), timeout=60, what=f"the {action} instructions")
+    block = re.search(r"```(.*?)```", note.text, re.S)
+    assert block is not None, note.text
+    return block.group(1).replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+
+
+def start_all(c, p) -> None:
+    """What the operator starts on each host: etcd on the restored data, with the plan's environment."""
+    procs = [subprocess.Popen([sys.executable, "-m", "bot.testing.start_member", "--base-dir", str(c.base_dir)],
+                              env={**os.environ, **p.environment(m, "start")}) for m in p.members]
+    assert [proc.wait(60) for proc in procs] == [0] * len(procs)
+
+
+async def test_with_the_manual_launcher_a_confirmation_counts_for_one_stage(make_cluster, slack, start_bot, tmp_path):
+    """Two approvers confirm the stop stage; the second's arrives once the plan waits on the restore: it is
+    refused and the restore still waits for its own. The commands the thread shows, run by a POSIX shell as
+    a person would paste them, restore members whose names hold shell syntax, and run nothing else."""
+    c = make_cluster(3, prefix=ODD)
+    names = sorted(c.members)
+    bot = await start_bot([manual(c)], approval=APPROVAL)
     store = bot.ctx.store
     before, revision = await snapshot_of(slack, store, c, n=3)
     c.etcdctl("put", "/registry/later", "x")
+    c.kill(names[0])
+    c.kill(names[1])
+    plan = await propose(slack, "restore")
+    row = await plan_row(store, plan)
+    p = row.plan
+    assert f"/etcd continue {row.id} <stage>" in text_of(plan).replace("&lt;", "<").replace("&gt;", ">")
+    await approve_twice(slack, plan)
+
+    stop = await stage_commands(slack, plan, "stop")
+    assert [shlex.split(line, comments=True) for line in stop.splitlines()] == [[], ["systemctl", "stop", "etcd"]] * 3
+    assert (await store.plan(row.id)).state == "running" and (await store.stage(row.id, "stop")).waiting
+    await asyncio.to_thread(c.stop, names[2])
+    first = await ephemeral(slack, f"continue {row.id}", user=LEAD)
+    assert first.text == f"Confirmed stage stop of plan {row.id}."
+    script = await stage_commands(slack, plan, "restore")  # the plan moved on before the second approver typed
+    second = await ephemeral(slack, f"continue {row.id}", user=LEAD2)
+    assert "counts for nothing" in second.text and "continue " + row.id + " restore" in second.text
+    assert len(second.text.splitlines()) == 1
+    assert (await store.stage(row.id, "restore")).waiting and (await store.plan(row.id)).current_step == 2
+
+    operator = tmp_path / "operator"  # the operator's working directory on the hosts
+    operator.mkdir()
+    path = f"{Path(c.etcd).parent}:{os.environ['PATH']}"
+    done = await asyncio.to_thread(subprocess.run, ["sh", "-e", "-c", script], cwd=operator, capture_output=True,
+                                   text=True, env={**os.environ, "PATH": path})
+    assert done.returncode == 0, done.stderr
+    assert list(operator.iterdir()) == []  # `id>pwned` never ran
+    for m in p.members:
+        assert m.name.startswith(ODD) and Path(f"{m.data_dir}.before-{p.id}").is_dir() and Path(m.data_dir).is_dir()
+    assert "Confirmed stage restore" in (await ephemeral(slack, f"continue {row.id} restore", user=LEAD2)).text
+
+    await stage_commands(slack, plan, "start")
+    await asyncio.to_thread(start_all, c, p)
+    await ephemeral(slack, f"continue {row.id} start", user=LEAD)
+    await wait_done(store, row.id, timeout=120)
+    assert keys(c) == before and len(hashes(c, revision)) == 1
+    confirmed = [(r["user"], json.loads(r["detail"])["stage"]) for r in await store.audit_rows()
+                 if r["action"] == "plan_continued"]
+    assert confirmed == [(LEAD, "stop"), (LEAD2, "restore"), (LEAD, "start")]
+    said = thread(slack, plan)
+    assert f"Step 2 (restore): restore on every member, confirmed with /etcd continue {p.id} restore" in said
+    assert not re.search(r"\b(stop|restore|start):\d", said)  # stage keys are names, never clock readings
+
+
+async def test_members_restarted_on_their_old_data_fail_the_check(make_cluster, slack, start_bot):
+    """A manual restore whose restore stage was confirmed but never done: the members come back healthy, HashKV
+    agrees, and the plan stops at its check instead of saying "restored"."""
+    c = make_cluster(3)
+    bot = await start_bot([manual(c)], approval=APPROVAL)
+    store = bot.ctx.store
+    await snapshot_of(slack, store, c, n=2)
+    c.etcdctl("put", "/registry/later", "written after the snapshot")
     c.kill("member1")
     c.kill("member2")
     plan = await propose(slack, "restore")
     row = await plan_row(store, plan)
-    p = row.plan
-    assert f"/etcd continue {row.id}" in json.dumps(plan.blocks)
     await approve_twice(slack, plan)
+    await stage_commands(slack, plan, "stop")
+    await asyncio.to_thread(c.stop, "member3")
+    await ephemeral(slack, f"continue {row.id} stop", user=LEAD)
+    await stage_commands(slack, plan, "restore")
+    await ephemeral(slack, f"continue {row.id} restore", user=LEAD2)  # but nobody restored anything
+    await stage_commands(slack, plan, "start")
+    await asyncio.gather(*(asyncio.to_thread(c.restart, name) for name in ("member1", "member2", "member3")))
+    await ephemeral(slack, f"continue {row.id} start", user=LEAD)
 
-    async def stage(action: str, do) -> None:
-        await slack.wait_for(lambda: f":point_right: *{action}*" in thread(slack, plan), timeout=60,
-                             what=f"the {action} instructions")
-        assert (await store.plan(row.id)).state == "running"
-        await asyncio.to_thread(do)
-        await ephemeral(slack, f"continue {row.id}", user=LEAD)
-
-    def restore_all() -> None:  # what the operator types on each host, from the plan
-        etcdutl = str(Path(c.etcd).with_name("etcdutl"))
-        for m in p.members:
-            Path(m.data_dir).rename(m.data_dir + ".before-manual")
-            subprocess.run([etcdutl, *p.restore_args(m, p.snapshot.path)[1:]], check=True, capture_output=True)
-
-    def start_all() -> None:
-        procs = [subprocess.Popen([sys.executable, "-m", "bot.testing.start_member", "--base-dir", str(c.base_dir)],
-                                  env={**os.environ, **p.environment(m, "start")}) for m in p.members]
-        assert [proc.wait(60) for proc in procs] == [0, 0, 0]
-
-    await stage("stop", lambda: c.stop("member3"))
-    await stage("restore", restore_all)
-    await stage("start", start_all)
-    await wait_done(store, row.id, timeout=120)
-    assert keys(c) == before and len(hashes(c, revision)) == 1
+    failed = await wait_state(store, row.id, ("failed", "done"), timeout=90)
+    assert failed.state == "failed", "the plan says the members were restored"
+    assert failed.error.startswith("step 5 (check) failed: member1, member2, member3 still run with the member IDs "
+                                   "of before the restore") and "not on the restored snapshot" in failed.error
+    assert "\n" not in failed.error
+    assert "/registry/later" in keys(c) and "is done" not in thread(slack, plan)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from bot.ops.replace import Refusal
-from bot.ops.restore import Membership, choose_snapshot, plan_restore
+from bot.ops.restore import Membership, SnapshotRef, choose_snapshot, plan_restore
 
 MEMBERS = Membership(tuple((f"{i:016x}", f"m{i}", (f"http://10.0.0.{i}:2380",), (f"http://10.0.0.{i}:2379",))
                            for i in (1, 2, 3)), "recorded", 1000.0)
@@ -35,6 +35,47 @@ def test_the_newest_snapshot_by_default_and_newer_ones_are_named():
         plan(wanted="99")
     with pytest.raises(Refusal, match="no verified snapshot"):
         choose_snapshot([], None)
+
+
+def store_only(name: str, created: float, revision: int = 40, foreign: str = "", sha256: str = "1" * 64,
+               encrypted: bool = False) -> SnapshotRef:
+    """An object only the store holds (no catalog row): the bot's own (signed manifest) or foreign."""
+    return SnapshotRef(id=0, path=f"/snap/prod/{name}", revision=revision, hash="abc", total_keys=9,
+                       total_size=20480, file_size=20512, sha256=sha256, encrypted=encrypted, created_at=created,
+                       member="m1", remote_url=f"s3://b/p/prod/{name}", foreign=foreign)
+
+
+def test_the_default_is_the_newest_the_catalog_knows_and_a_foreign_object_is_chosen_only_by_name_and_force():
+    planted = store_only("planted.db", 9e9, revision=30, foreign="its manifest is not signed")
+    signed = store_only("signed.db", 500.0)
+    refs = [planted, signed, *(SnapshotRef.of(r) for r in ROWS)]
+    assert choose_snapshot(refs, None) == (SnapshotRef.of(ROWS[0]), ("signed.db",))
+    assert choose_snapshot(refs, "signed.db")[0] == signed          # the bot's own, only in the store: by name
+    assert choose_snapshot(refs, "30")[0].file_name == "prod-rev30.db"  # a revision never names a foreign one
+    with pytest.raises(Refusal, match="planted.db is foreign, not a snapshot this bot took: its manifest is not "
+                                      "signed") as e:
+        choose_snapshot(refs, "planted.db")
+    assert "by name with --force" in (e.value.hint or "")
+    assert choose_snapshot(refs, "planted.db", foreign_ok=True) == (planted, ())
+    assert choose_snapshot(refs, "prod-rev20.db")[1] == ("signed.db", "prod-rev30.db")  # never a foreign name
+    bare = store_only("bare.db", 1.0, foreign="it has no manifest", sha256="")
+    with pytest.raises(Refusal, match="bare.db is foreign .it has no manifest.: nothing says what it holds"):
+        choose_snapshot([bare], "bare.db", foreign_ok=True)
+    with pytest.raises(Refusal, match="the bot's catalog records no snapshot of this cluster; the store holds 1 it "
+                                      "wrote, the newest signed.db"):
+        choose_snapshot([planted, signed], None)
+    with pytest.raises(Refusal, match="no verified snapshot"):
+        choose_snapshot([planted], None)
+
+
+def test_a_cluster_that_encrypts_takes_a_plaintext_object_only_from_its_catalog():
+    plain, sealed = store_only("plain.db", 2.0), store_only("sealed.db.age", 1.0, encrypted=True)
+    refs = [plain, sealed, SnapshotRef.of(ROWS[0])]   # the catalog's row is plaintext (taken before age_recipients)
+    with pytest.raises(Refusal, match="plain.db is plaintext, this cluster encrypts its snapshots"):
+        choose_snapshot(refs, "plain.db", foreign_ok=True, encrypted_only=True)
+    assert choose_snapshot(refs, "sealed.db.age", encrypted_only=True)[0] == sealed
+    assert choose_snapshot(refs, None, encrypted_only=True)[0].file_name == "prod-rev30.db"
+    assert choose_snapshot(refs, "plain.db")[0] == plain
 
 
 def test_quorum_gate_and_force():

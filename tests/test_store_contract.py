@@ -30,7 +30,7 @@ from bot.ops.replace import plan_replacement
 from bot.store import dsn
 from bot.store.base import LeaseLost, OpenPlanExists, Store, StoreBusy, StoreError, open_store
 from bot.store.postgres import PostgresStore
-from bot.store.records import Fence, Lease, PlanKind, PlanState
+from bot.store.records import Confirmation, Fence, Lease, PlanKind, PlanState
 from bot.store.schema import LATEST, statements
 from bot.store.sql import AUDIT_LOCK
 from bot.store.sqlite import SqliteStore
@@ -395,6 +395,97 @@ async def test_old_resolved_alerts_are_pruned_and_alerts_of_gone_clusters_closed
     assert await a.prune_alerts(now + 1) == 2  # "recent" and the closed "gone": resolved now, pruned in time
     assert await b.close_alerts([], now) == 1 and await a.open_alerts() == []
 
+# ---------------------------------------------------------------- manual stages
+
+async def test_a_confirmation_counts_for_the_stage_the_plan_waits_on_when_it_arrives(backend):
+    """Two approvers confirm the stop stage 1.5 s apart; meanwhile the plan moved on to its restore stage: the
+    second is refused and the restore stage still waits. A stage not begun, or confirmed already, is refused."""
+    leader, follower = await backend.store(), await backend.store()  # the replica running the plan, another one
+    await leader.insert_plan(plan_row("p1"))
+    nothing = await follower.confirm_stage("p1", "U0LEAD0001", None, 15)
+    assert (nothing.outcome, nothing.stage) == (Confirmation.NOT_WAITING, None)  # the plan waits on no stage yet
+
+    stop = await leader.open_stage("p1", "stop")
+    assert stop.waiting and stop.key == "stop"
+    early = await follower.confirm_stage("p1", "U0LEAD0001", "restore", 15)  # before the restore stage begins
+    assert early.outcome is Confirmation.NOT_WAITING and early.stage.key == "stop"
+    first = await follower.confirm_stage("p1", "U0LEAD0001", None, 15)
+    assert first.outcome is Confirmation.CONFIRMED and first.stage.key == "stop"
+    assert first.stage.confirmed_by == "U0LEAD0001" and first.stage.confirmed_at == first.at >= stop.opened_at
+    assert (await leader.stage("p1", "stop")).confirmed_by == "U0LEAD0001"
+    again = await leader.confirm_stage("p1", "U0LEAD0002", None, 15)  # the stage is confirmed: nothing to add
+    assert again.outcome is Confirmation.ALREADY and again.stage.confirmed_by == "U0LEAD0001"
+    assert (await leader.close_stage("p1", "stop")).confirmed_by == "U0LEAD0001"
+
+    restore = await leader.open_stage("p1", "restore")
+    late = await follower.confirm_stage("p1", "U0LEAD0002", None, 15)  # the second approver's, for the stop
+    assert late.outcome is Confirmation.TOO_SOON and late.stage.key == "restore"
+    named_old = await follower.confirm_stage("p1", "U0LEAD0002", "stop", 15)
+    assert named_old.outcome is Confirmation.ALREADY and named_old.stage.key == "stop"
+    assert (await leader.stage("p1", "restore")).waiting  # neither counted for the restore
+    named = await follower.confirm_stage("p1", "U0LEAD0002", "restore", 15)  # named: it is meant for this stage
+    assert named.outcome is Confirmation.CONFIRMED and named.stage.key == "restore"
+    assert named.at - restore.opened_at < 15
+
+    # Once `settle` has passed since the stage began, an unnamed confirmation counts for it.
+    start = await leader.open_stage("p1", "start")
+    assert (await leader.stage("p1", "restore")).closed_at is not None  # opening a stage ends the wait on another
+    assert (await follower.confirm_stage("p1", "U0LEAD0001", None, 0)).outcome is Confirmation.CONFIRMED
+    assert start.opened_at >= restore.opened_at
+
+
+async def test_stage_times_are_the_database_clock_and_a_reopened_stage_waits_afresh(backend, monkeypatch):
+    """A replica whose clock is an hour off neither shifts a stage's times nor the settle window: the times
+    are the database's. A stage whose wait ended refuses confirmations; opened again (a resumed step), it
+    needs a confirmation of its own."""
+    a, b = await backend.store(), await backend.store()
+    await a.insert_plan(plan_row("p1"))
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 3600)  # this process's clock, skewed
+    stop = await a.open_stage("p1", "stop")
+    assert abs(stop.opened_at - real()) < 5
+    confirmed = await b.confirm_stage("p1", "U0LEAD0001", None, 15)
+    assert confirmed.outcome is Confirmation.CONFIRMED and abs(confirmed.at - real()) < 5
+    await a.close_stage("p1", "stop")
+    await a.open_stage("p1", "restore")
+    assert (await b.confirm_stage("p1", "U0LEAD0002", None, 15)).outcome is Confirmation.TOO_SOON
+    monkeypatch.setattr(time, "time", real)
+
+    ended = await a.close_stage("p1", "restore")  # nobody confirmed in time
+    assert ended is not None and ended.closed_at is not None and ended.confirmed_by is None
+    assert (await b.confirm_stage("p1", "U0LEAD0001", "restore", 15)).outcome is Confirmation.NOT_WAITING
+    reopened = await a.open_stage("p1", "stop")  # resumed: the stop stage runs again
+    assert reopened.waiting and reopened.confirmed_by is None
+    assert (await b.confirm_stage("p1", "U0LEAD0002", "stop", 15)).outcome is Confirmation.CONFIRMED
+    assert await a.close_stage("p9", "stop") is None and await a.stage("p9", "stop") is None
+
+
+async def test_racing_confirmations_from_two_replicas_confirm_a_stage_once(backend):
+    a, b = await backend.store(), await backend.store()
+    await a.insert_plan(plan_row("p1"))
+    await a.open_stage("p1", "stop")
+    answers = await asyncio.gather(*((a if i % 2 else b).confirm_stage("p1", f"U0LEAD000{i}", None, 15)
+                                     for i in range(8)))
+    outcomes = [x.outcome for x in answers]
+    assert outcomes.count(Confirmation.CONFIRMED) == 1 and outcomes.count(Confirmation.ALREADY) == 7
+    winner = next(x.stage.confirmed_by for x in answers if x.outcome is Confirmation.CONFIRMED)
+    assert {x.stage.confirmed_by for x in answers} == {winner}
+
+
+async def test_a_stage_opened_by_a_replica_that_lost_its_lease_is_refused(backend):
+    a, b = await backend.store(), await backend.store()
+    await a.insert_plan(plan_row("p1"))
+    lease = await a.acquire_lease("leader", "replica-a", 30)
+    await a.open_stage("p1", "stop", fence=lease.fence)
+    await a.release_lease("leader", "replica-a")
+    await b.acquire_lease("leader", "replica-b", 30)
+    with pytest.raises(LeaseLost):
+        await a.open_stage("p1", "restore", fence=lease.fence)
+    with pytest.raises(LeaseLost):
+        await a.close_stage("p1", "stop", fence=lease.fence)
+    assert (await b.stage("p1", "stop")).waiting and await b.stage("p1", "restore") is None
+
+
 # ---------------------------------------------------------------- audit
 
 async def test_one_audit_chain_under_concurrent_writers_from_two_replicas(backend):
@@ -409,8 +500,6 @@ async def test_one_audit_chain_under_concurrent_writers_from_two_replicas(backen
     assert [r["id"] for r in rows] == list(range(1, 61))
     assert all(r["prev_hash"] == p["hash"] for p, r in zip(rows, rows[1:], strict=False))
     assert await a.acted_before("command", "U4", "p1") and not await a.acted_before("command", "U4", "p2")
-    await b.audit("plan_continued", user="U0LEAD0001", detail={"plan": "p1"})
-    assert await a.continued("p1", time.time() - 60) and not await a.continued("p2", 0)
     assert await a.audit_rows(since=time.time() + 60) == []
 
 
@@ -492,18 +581,19 @@ async def test_replicas_starting_together_migrate_exactly_once(backend):
 
 
 async def test_a_database_one_migration_behind_is_brought_up_to_date(backend):
-    """As the release before this one left it (version 1): migration 2 runs once, rows stay."""
+    """As a release at version 1 left it: the later migrations run once, rows stay."""
     store = await backend.store()
     await store.insert_plan(plan_row())
     snapshot = await store.record_snapshot(snapshot_row())
     await store.close()
-    for statement in ["DELETE FROM schema_migrations WHERE version = 2", "DROP TABLE leases", "DROP TABLE alerts",
-                      "DROP TABLE mutes", *(f"ALTER TABLE snapshots DROP COLUMN {c}" for c in (
+    for statement in ["DELETE FROM schema_migrations WHERE version >= 2", "DROP TABLE stages", "DROP TABLE leases",
+                      "DROP TABLE alerts", "DROP TABLE mutes", *(f"ALTER TABLE snapshots DROP COLUMN {c}" for c in (
                           "remote_url", "remote_state", "remote_error", "remote_verified_at", "remote_pruned_at"))]:
         backend.rows(statement)
     store = await backend.store()
-    assert [m["version"] for m in await store.migrations_applied()] == [1, 2]
+    assert [m["version"] for m in await store.migrations_applied()] == list(range(1, LATEST + 1))
     assert (await store.plan("abc123")) is not None
+    assert (await store.open_stage("abc123", "stop")).waiting
     await store.update_snapshot(snapshot, remote_state="uploading")
     assert (await store.snapshots("prod"))[0]["remote_state"] == "uploading"
     assert await store.open_alert({"cluster": "prod", "condition": "member_down"}) == 1

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from bot.etcd.urls import parse_url
+from bot.etcd.client import EtcdClient
+from bot.etcd.health import _ask_member
+from bot.etcd.model import EtcdUnusableURL, Member
+from bot.etcd.urls import Unusable, dial, parse_url, read_url, shown_urls, usable_urls
 from bot.output.units import humanize_bytes
 
 
@@ -26,3 +29,39 @@ def test_good_urls(url):
 def test_bad_urls_say_why(url, why):
     with pytest.raises(ValueError, match=why):
         parse_url(url)
+
+
+@pytest.mark.parametrize("url, why", [
+    ("http://127.0.0.1:238000", "port out of range"), ("http://h:99999", "port out of range"),
+    ("http://h:abc", "bad port"), ("http://[::1", "does not parse"), ("unix:///run/etcd.sock", "scheme"),
+    ("http://h", "no port"), ("", "empty"),
+])
+def test_a_url_etcd_hands_back_is_read_whatever_it_is(url, why):
+    """etcd stores what `member add --peer-urls` was given; reading it never raises, it says why it is unusable."""
+    found = read_url(url)
+    assert isinstance(found, Unusable) and why in found.reason
+    assert str(found) == f"unusable URL {url!r} ({found.reason})"
+    assert shown_urls(["http://10.0.0.1:2380", url]) == f"http://10.0.0.1:2380, unusable URL {url!r} ({found.reason})"
+    assert usable_urls(["http://10.0.0.1:2380/", url]) == ["http://10.0.0.1:2380"]
+    with pytest.raises(EtcdUnusableURL, match="unusable URL"):
+        dial(url)
+
+
+def test_two_urls_with_the_same_host_and_port_have_one_address():
+    assert {parse_url(u).address for u in ("http://H1:2379/", "https://h1:2379")} == {"h1:2379"}
+    assert parse_url("http://[0:0::1]:2379").address == parse_url("https://[::1]:2379").address == "[::1]:2379"
+    assert parse_url("http://h1:2379").address != parse_url("http://h1:2380").address
+
+
+async def test_a_member_whose_client_urls_are_unusable_is_one_member_down_not_a_failed_check():
+    """The health fan-out asks each member on its own: an unusable client URL is that member's problem
+    (nothing is dialled), and the check goes on."""
+    client = EtcdClient(["http://127.0.0.1:1"])
+    try:
+        with pytest.raises(EtcdUnusableURL):
+            await client.status("http://127.0.0.1:238000", timeout=0.5)
+        health, _ = await _ask_member(client, Member(7, "member7", ("http://127.0.0.1:238000",),
+                                                     ("http://127.0.0.1:238001",)), 0.5)
+    finally:
+        await client.close()
+    assert not health.reachable and health.error == "unusable URL 'http://127.0.0.1:238001' (port out of range)"

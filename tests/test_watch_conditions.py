@@ -15,7 +15,10 @@ from bot.ops.commands import UsageError, parse
 from bot.output import blocks
 from bot.output.model import AlertView, short_duration
 from bot.store.records import PlanKind, PlanState
-from bot.watch import certificates  # registered, as in the bot (backup_missed says nothing without a schedule)
+from bot.watch import (  # registered, as in the bot (backup_missed says nothing without a schedule)
+    certificates,
+    conditions,
+)
 from bot.watch.conditions import Facts, Finding, evaluate, expected, next_name
 from bot.watch.tracker import FLAP_WINDOW, Act, Tracker
 from helpers import cluster_health, member_status
@@ -37,7 +40,7 @@ def facts(*members: MemberHealth, alarms: tuple[Alarm, ...] = (), **kw) -> Facts
 
 
 def by_kind(f: Facts) -> dict[str, list[Finding]]:
-    found, _ = evaluate(f)
+    found = evaluate(f).findings
     out: dict[str, list[Finding]] = {}
     for x in found:
         out.setdefault(x.kind, []).append(x)
@@ -45,7 +48,8 @@ def by_kind(f: Facts) -> dict[str, list[Finding]]:
 
 
 def test_a_healthy_cluster_has_no_open_condition():
-    assert evaluate(facts(member(1), member(2), member(3))) == ([], set())
+    verdicts = evaluate(facts(member(1), member(2), member(3)))
+    assert (verdicts.findings, verdicts.unknown, verdicts.failures) == ([], set(), [])
 
 
 def test_member_down_suggests_a_filled_in_replace_and_status():
@@ -77,7 +81,8 @@ def test_quorum_lost_names_the_newest_verified_snapshot():
 
 
 def test_a_cluster_that_does_not_answer_is_quorum_lost_and_nothing_else_can_tell():
-    found, unknown = evaluate(Facts(cluster=PROD, now=0.0, health=None, error="all endpoints: deadline exceeded"))
+    verdicts = evaluate(Facts(cluster=PROD, now=0.0, health=None, error="all endpoints: deadline exceeded"))
+    found, unknown = verdicts.findings, verdicts.unknown
     assert [f.kind for f in found] == ["quorum_lost"] and "deadline exceeded" in found[0].summary
     assert unknown == {"member_down", "alarm", "quota", "leader_churn", "certificate"}
 
@@ -99,6 +104,49 @@ def test_quota_opens_above_80_percent_on_any_member():
     assert "member1" in full.summary and full.suggestions == ("/etcd defrag prod",)
     assert full.figures == (("member1", "850 kB of 1.0 MB (85 %)"),)
     assert "quota" not in by_kind(facts(member(1, db_size=850_000), member(2), member(3)))  # quota unknown
+
+
+def test_a_member_added_with_an_unusable_peer_url_is_one_member_down_that_shows_the_url():
+    """etcd accepts `member add --peer-urls=http://127.0.0.1:238000`; the watch reads it, says it is unusable,
+    and suggests a replacement with etcd's default peer port."""
+    odd = MemberHealth(Member(9, "", ("http://127.0.0.1:238000",), ()), error="unstarted: no client URL published yet")
+    verdicts = evaluate(facts(member(1), member(2), member(3), odd))
+    assert verdicts.failures == [] and verdicts.unknown == set()
+    (down,) = [f for f in verdicts.findings if f.kind == "member_down"]
+    assert down.subject == "0000000000000009"
+    assert ("peer URLs", "unusable URL 'http://127.0.0.1:238000' (port out of range)") in down.figures
+    assert down.suggestions[0] == "/etcd replace 0000000000000009 member-new https://NEW-HOST:2380 --cluster prod"
+
+
+def test_a_condition_that_raises_is_unknown_and_the_others_go_on(monkeypatch):
+    def broken(f: Facts) -> list[Finding]:
+        raise ValueError("Port out of range 0-65535")
+    monkeypatch.setitem(conditions.CONDITIONS, "broken", conditions.Condition("broken", "broken", broken))
+    verdicts = evaluate(facts(member(1, up=False), member(2), member(3)))
+    assert [f.key for f in verdicts.findings] == [("member_down", "member1")]
+    assert verdicts.unknown == {"broken"}
+    (failure,) = verdicts.failures
+    assert failure.key == ("broken", None) and "Port out of range" in str(failure.error)
+
+
+def test_a_member_whose_check_raises_costs_its_own_finding_and_its_alert_stands_still(monkeypatch):
+    real = conditions.new_peer_url
+
+    def fragile(peer_urls: tuple[str, ...]) -> str:
+        if peer_urls == ("http://10.0.0.2:2380",):
+            raise ValueError("Port out of range 0-65535")
+        return real(peer_urls)
+    monkeypatch.setattr(conditions, "new_peer_url", fragile)
+    verdicts = evaluate(facts(member(1, up=False), member(2, up=False), member(3)))
+    assert [f.key for f in verdicts.findings] == [("member_down", "member1"), ("quorum_lost", "cluster")]
+    assert verdicts.unsure == {("member_down", "member2")} and [f.key for f in verdicts.failures] == [
+        ("member_down", "member2")]
+    t = Tracker(grace=0)
+    member2 = dataclasses.replace(DOWN, subject="member2")
+    t.step([DOWN, member2], set(), 0.0)
+    decisions = t.step(verdicts.findings[:1], verdicts.unknown, 100.0, unsure=verdicts.unsure)
+    assert [(d.act, d.track.finding.subject) for d in decisions] == [(Act.UPDATE, "member1")]
+    assert t.tracks[member2.key].open and t.tracks[member2.key].absent_since is None   # not resolved: unknown
 
 
 def test_leader_churn_opens_above_three_changes():
@@ -256,3 +304,23 @@ def test_mute_takes_an_optional_cluster_a_duration_and_a_reason():
         with pytest.raises(UsageError) as e:
             parse(bad)
         assert e.value.reason.startswith(reason) and "/etcd mute [cluster] <duration> <reason...>" in e.value.usage
+
+
+@pytest.mark.parametrize("text, word", [
+    ("mute 0s maintenance", "0s"), ("mute -5m maintenance", "-5m"), ("mute 0.5s maintenance", "0.5s"),
+    ("mute prod 0s maintenance", "0s"), ("mute 90 maintenance", "90"), ("mute 0s", "0s"), ("mute +0m x", "+0m"),
+])
+def test_mute_refuses_zero_negative_and_sub_second_durations(text: str, word: str) -> None:
+    """They read as a cluster name before ("missing <reason>"), or muted for less than a second."""
+    with pytest.raises(UsageError) as e:
+        parse(text)
+    assert e.value.reason == f"<duration>: {word!r} is not a duration like 30m, 2h or 1h30m (at least 1s)"
+
+
+def test_control_characters_are_stripped_from_a_reason() -> None:
+    """A reason is stored and posted: no terminal escapes, no text turned around, one line."""
+    assert parse('mute 30m "disks\x1b[2J\x07 being\nswapped \u202eokay\u202c"').args["reason"] == (
+        "disks[2J being swapped okay")
+    assert parse("abandon p-0001 it\x00 broke\r\n").args["reason"] == "it broke"
+    with pytest.raises(UsageError, match="missing <reason>"):
+        parse('mute 30m "\x07\x1b"')

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sqlite3
 import sys
 import time
@@ -12,10 +13,12 @@ import urllib.request
 from contextlib import closing
 
 from bot.config import load_config
+from bot.etcd.client import EtcdClient
 from bot.ops.context import BotContext
 from bot.ops.notify import PlainDirectory, PlainNotifier
 from bot.testing.slack import Message, SlackStandIn
 from bot.testing.workspace import CHANNEL, LEAD, cluster_table, write_config
+from bot.watch.conditions import CONDITIONS, Condition, Facts, Finding
 from bot.watch.watcher import Watcher
 from helpers import (
     APPROVAL,
@@ -297,3 +300,70 @@ async def test_alerts_of_unwatched_clusters_are_closed_unposted_and_old_resolved
                      "the retired cluster's alert closed and the old resolved one deleted")
     assert await bot.ctx.store.open_alerts() == []
     assert not [c for c in slack.calls if ts in json.dumps(c.args, default=str)], "posted about a closed alert"
+
+
+async def test_a_member_added_with_an_unusable_peer_url_does_not_silence_the_watch(make_cluster, slack, start_bot):
+    """etcd accepts `member add --peer-urls=http://127.0.0.1:238000` (it checks no port range); the bot
+    cannot use that URL, and says so, but every round goes on: the quorum loss that follows is posted."""
+    c = make_cluster(3, extra_args=("--strict-reconfig-check=false",))   # adds at once, without 5 s of health
+    bot = await start_bot([watched("prod", c)])
+    async with EtcdClient(c.endpoints) as client:
+        odd, _ = await client.member_add(["http://127.0.0.1:238000"], learner=False)   # the real API, as etcdctl
+    c.kill("member3")   # 2 of 4 voters: the member that never started counts toward the quorum etcd needs
+    lost = await first_alert(slack, "QUORUM LOST", INTERVAL + GRACE + MARGIN, bot=bot)
+    assert "2 of 4 voters healthy, 3 needed" in text_of(lost)
+    unusable = "unusable URL 'http://127.0.0.1:238000' (port out of range)"
+    down = await first_alert(slack, f"MEMBER DOWN {odd.hex_id}", INTERVAL + MARGIN, bot=bot)
+    assert unusable in down.text and "https://NEW-HOST:2380" in text_of(down)
+    status = text_of(await reply(slack, "status prod"))
+    assert unusable in status and "QUORUM LOST" in status.upper(), status
+    assert 'etcd_chatops_watch_errors_total{cluster="prod"' not in await asyncio.to_thread(metrics, bot)
+
+
+async def test_a_check_that_raises_is_logged_once_counted_and_costs_only_its_own_verdict(make_cluster, tmp_path,
+                                                                                           monkeypatch, caplog):
+    c = make_cluster(3)
+    c.kill("member1")
+
+    fixed = False
+
+    def broken(f: Facts) -> list[Finding]:   # as a condition would be with facts it did not expect
+        if fixed:
+            return []
+        raise ValueError("Port out of range 0-65535")
+    monkeypatch.setitem(CONDITIONS, "broken", Condition("broken", "broken", broken))
+    config = load_config(write_config(tmp_path, [watched("prod", c)]))
+    ctx = await BotContext.open(config, PlainNotifier(), PlainDirectory())
+    now = [time.time()]
+    watcher = Watcher(ctx, should_watch=lambda: True, clock=lambda: now[0])   # time moved, not waited for
+    try:
+        with caplog.at_level(logging.INFO, logger="bot.watch.watcher"):
+            for _ in range(3):
+                await watcher.round(config.clusters[0])
+                now[0] += GRACE + INTERVAL
+            assert any("MEMBER DOWN member1" in line for line in ctx.notifier.lines), ctx.notifier.lines
+            logged = [r for r in caplog.records if r.getMessage().startswith("watch: check failed")]
+            assert [(r.ctx_condition, r.ctx_subject) for r in logged] == [("broken", None)]   # once, not per round
+            assert logged[0].exc_info and "Port out of range" in str(logged[0].exc_info[1])
+            page = ctx.metrics.exposition().decode()
+            assert 'etcd_chatops_watch_errors_total{cluster="prod",condition="broken"} 3.0' in page, page
+            fixed = True   # said once more, and counted no more
+            await watcher.round(config.clusters[0])
+            assert [r for r in caplog.records if r.getMessage() == "watch: check works again"]
+            assert 'condition="broken"} 3.0' in ctx.metrics.exposition().decode()
+    finally:
+        await ctx.close()
+
+
+async def test_a_bad_mute_duration_is_refused_and_a_reason_loses_its_control_characters(cluster, slack, start_bot):
+    bot = await start_bot([watched("prod", cluster)])
+    for text in ("mute 0s maintenance", "mute prod -5m maintenance", "mute 0.5s maintenance"):
+        refused = text_of(await ephemeral(slack, text, user=LEAD))
+        assert "is not a duration" in refused and "Usage: /etcd mute [cluster] &lt;duration&gt;" in refused, refused
+    assert await bot.ctx.store.mutes() == []
+    muted = await reply(slack, 'mute 30m "disks\x1b[2J\x07 swapped \u202eokay"', user=LEAD)
+    assert "disks[2J swapped okay" in muted.text and "\x1b" not in text_of(muted) and "\u202e" not in text_of(muted)
+    (row,) = await bot.ctx.store.mutes()
+    assert row["reason"] == "disks[2J swapped okay"
+    (audit,) = [r for r in await bot.ctx.store.audit_rows() if r["action"] == "mute"]
+    assert "\\u001b" not in audit["detail"] and "\x1b" not in audit["detail"]

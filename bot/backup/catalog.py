@@ -1,7 +1,10 @@
 """The catalog of both places: the bot's snapshot rows and the object store's listing, merged.
 
 The store is listed under a deadline; an object the rows do not know (the
-bot's volume was lost, or another bot wrote it) is shown from its manifest.
+bot's volume was lost, or another bot wrote it) is shown from its manifest,
+and is *foreign* unless that manifest is signed with the manifest key
+(bot.backup.manifest): anyone who can write to the bucket can put an object
+and a manifest there.
 A store that cannot be listed costs one line in the answer, never the local
 part. Restore and drills choose from the same entries
 (bot.ops.recovery.restorable), and `fetched` gives them a remote copy as a
@@ -20,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bot.backup.manifest import Manifest
-from bot.backup.remote import RemoteError, RemoteStore, StoreConfig
+from bot.backup.remote import RemoteError, RemoteObject, RemoteStore, StoreConfig
 from bot.output.model import CatalogEntry, CatalogView, RemoteState, catalog_view
 
 log = logging.getLogger(__name__)
@@ -36,34 +39,51 @@ class FetchFailed(Exception):
     """One line: the object could not be downloaded, or is not what its manifest or the catalog says."""
 
 
-def entry_of_manifest(m: Manifest, url: str) -> CatalogEntry:
-    """An object no catalog row knows, as its manifest describes it."""
-    return CatalogEntry(cluster=m.cluster, name=m.file_name, revision=m.revision, hash=m.hash,
+def entry_of_manifest(m: Manifest, obj: RemoteObject, url: str, foreign: str = "") -> CatalogEntry:
+    """An object no catalog row knows, as its manifest describes it. A foreign object's manifest is
+    a claim: it is shown, but the object sorts by when the store received it, not by the date it claims."""
+    return CatalogEntry(cluster=m.cluster, name=obj.name, revision=m.revision, hash=m.hash,
                         total_keys=m.total_keys, total_size=m.total_size, file_size=m.size, sha256=m.sha256,
-                        encrypted=m.encrypted, member=m.member, created_at=m.created_at, local_path=None,
-                        remote_url=url, remote_state=RemoteState.LISTED)
+                        encrypted=m.encrypted, member=m.member,
+                        created_at=obj.last_modified if foreign else m.created_at, local_path=None,
+                        remote_url=url, remote_state=RemoteState.LISTED, foreign=foreign)
+
+
+def undescribed(cluster: str, obj: RemoteObject, url: str, foreign: str) -> CatalogEntry:
+    """An object without a readable manifest: foreign, known by its name, size and upload time only."""
+    return CatalogEntry(cluster=cluster, name=obj.name, revision=0, hash="", total_keys=0, total_size=0,
+                        file_size=obj.size, sha256="", encrypted=False, member="", created_at=obj.last_modified,
+                        local_path=None, remote_url=url, remote_state=RemoteState.LISTED, foreign=foreign)
 
 
 async def listing(remote: RemoteStore, cluster: str, known: set[str]) -> dict[str, CatalogEntry | None]:
     """The store's objects of `cluster` by name: an entry from the manifest for the names the catalog does not
     know (the newest MANIFESTS_MAX), None for the others (the catalog's row says more). An object whose
-    manifest is missing or unreadable is left out: nothing could verify it."""
+    manifest is missing, unreadable, not signed with the manifest key or dated in the future is *foreign*:
+    listed as such, never taken for one of the bot's own."""
     objects = await remote.list(cluster)
     found: dict[str, CatalogEntry | None] = {o.name: None for o in objects if o.name in known}
     unknown = [o for o in reversed(objects) if o.name not in known][:MANIFESTS_MAX]
     gate = asyncio.Semaphore(MANIFEST_READS)
 
-    async def read(name: str) -> None:
+    async def read(obj: RemoteObject) -> None:
+        url = remote.display_url(cluster, obj.name)
         async with gate:
             try:
-                manifest = await remote.read_manifest(cluster, name)
+                manifest = await remote.read_manifest(cluster, obj.name)
             except RemoteError as e:
                 log.warning("an off-site snapshot's manifest is unreadable", extra={"ctx_cluster": cluster,
                                                                                    "ctx_error": str(e)})
+                found[obj.name] = undescribed(cluster, obj, url, "its manifest is unreadable or invalid")
                 return
-        if manifest is not None and manifest.file_name == name and manifest.cluster == cluster:
-            found[name] = entry_of_manifest(manifest, remote.display_url(cluster, name))
-    await asyncio.gather(*(read(o.name) for o in unknown))
+        if manifest is None:
+            found[obj.name] = undescribed(cluster, obj, url, "it has no manifest")
+            return
+        foreign = remote.foreign(manifest, cluster, obj.name)
+        describes_it = (manifest.cluster, manifest.file_name) == (cluster, obj.name)
+        found[obj.name] = (entry_of_manifest(manifest, obj, url, foreign) if describes_it
+                           else undescribed(cluster, obj, url, foreign))
+    await asyncio.gather(*(read(o) for o in unknown))
     return found
 
 

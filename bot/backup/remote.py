@@ -17,8 +17,9 @@ import os
 import re
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -26,7 +27,7 @@ from urllib.parse import urlsplit
 import obstore as obs
 from obstore.store import AzureStore, GCSStore, LocalStore, S3Store
 
-from bot.backup.manifest import MANIFEST_SUFFIX, Manifest, ManifestError
+from bot.backup.manifest import MANIFEST_SUFFIX, Manifest, ManifestError, authenticate
 
 if TYPE_CHECKING:
     from obstore.store import ClientConfig, ObjectStore, RetryConfig
@@ -52,6 +53,9 @@ class StoreConfig:
     endpoint: str | None = None       # an S3-compatible service; http:// allows plain HTTP to it
     region: str | None = None
     keep_local: int | None = None     # local copies kept once a newer one is verified off-site; None: local retention
+    # signs the manifests the bot writes and checks those it reads (manifest_key, else the audit key);
+    # None: nothing in the store can be told from an object someone else put there
+    manifest_key: str | None = field(default=None, repr=False)
 
     @property
     def scheme(self) -> str:
@@ -350,7 +354,8 @@ class RemoteStore:
         return h.hexdigest(), size
 
     async def read_manifest(self, cluster: str, name: str) -> Manifest | None:
-        """The manifest next to `name`; None when there is none; RemoteError when it is unreadable or invalid."""
+        """The manifest next to `name`; None when there is none; RemoteError when it is unreadable or invalid.
+        What it says is a claim until `foreign` finds nothing against it."""
         try:
             result = await obs.get_async(self.store, self.key(cluster, name + MANIFEST_SUFFIX))
             data = await result.bytes_async()
@@ -362,6 +367,14 @@ class RemoteStore:
             return Manifest.from_json(bytes(data))
         except ManifestError as e:
             raise RemoteError(f"{self.display_url(cluster, name + MANIFEST_SUFFIX)}: {e}") from None
+
+    def foreign(self, manifest: Manifest, cluster: str, name: str) -> str:
+        """Why the object `name` of `cluster`, as `manifest` describes it, is not one this bot wrote
+        ("" when it is): the manifest is signed with this store's manifest key, not dated in the
+        future, and names this very object."""
+        if (manifest.cluster, manifest.file_name) != (cluster, name):
+            return "its manifest describes another object"
+        return authenticate(manifest, self.config.manifest_key, time.time())
 
     # -- writing ---------------------------------------------------------------
 
@@ -382,9 +395,12 @@ class RemoteStore:
             raise _fail(f"uploading {name}", e) from None
 
     async def write_manifest(self, manifest: Manifest) -> None:
+        """Put the manifest next to its object, signed with the manifest key when one is configured."""
+        key = self.config.manifest_key
+        signed = manifest.signed(key) if key else manifest
         try:
             await obs.put_async(self.store, self.key(manifest.cluster, manifest.file_name + MANIFEST_SUFFIX),
-                                manifest.to_json().encode(), use_multipart=False)
+                                signed.to_json().encode(), use_multipart=False)
         except Exception as e:
             raise _fail(f"writing the manifest of {manifest.file_name}", e) from None
 

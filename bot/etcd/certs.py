@@ -19,8 +19,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-from bot.etcd.model import Member, TLSFiles
-from bot.etcd.urls import parse_url
+from bot.etcd.model import EtcdError, Member, TLSFiles
+from bot.etcd.urls import dial
 
 Kind = Literal["client", "peer"]
 DAY = 86400.0
@@ -79,8 +79,9 @@ def client_context(tls: TLSFiles) -> ssl.SSLContext:
 
 
 async def read_cert(url: str, ctx: ssl.SSLContext, timeout: float) -> ServingCert:
-    """The certificate `url` serves; OSError or TimeoutError (with a reason) when the handshake fails."""
-    ep = parse_url(url)
+    """The certificate `url` serves; OSError or TimeoutError (with a reason) when the handshake fails,
+    EtcdError when the URL cannot be dialled."""
+    ep = dial(url)
 
     async def handshake() -> bytes | None:
         _, writer = await asyncio.open_connection(ep.host, ep.port, ssl=ctx, ssl_handshake_timeout=timeout)
@@ -127,6 +128,8 @@ async def read_certs(targets: Iterable[tuple[str, Kind, str]], tls: TLSFiles, ti
             return CertReading(member, kind, url, error=_tls_reason(e), at=now)
         except (OSError, TimeoutError, ValueError) as e:
             return CertReading(member, kind, url, error=str(e) or type(e).__name__, at=now)
+        except EtcdError as e:
+            return CertReading(member, kind, url, error=e.message, at=now)
 
     return list(await asyncio.gather(*(one(*t) for t in targets)))
 

@@ -40,7 +40,7 @@ from bot.etcd.model import (
     split_alarms,
 )
 from bot.etcd.race import AllFailed, first_success
-from bot.etcd.urls import Endpoint, parse_url
+from bot.etcd.urls import Endpoint, dial, parse_url, usable_urls
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -196,7 +196,7 @@ class EtcdClient:
         urls: list[str] = []
         for m in members:
             if m.started and not m.is_learner:
-                urls += [u for u in _valid_urls(m.client_urls) if u not in self.endpoints and u not in urls]
+                urls += [u for u in usable_urls(m.client_urls) if u not in self.endpoints and u not in urls]
         self.learned = urls
 
     async def _metadata(self, endpoint: str, timeout: float,
@@ -234,6 +234,7 @@ class EtcdClient:
         """Run one RPC against one endpoint with a deadline; map errors.
         `auth="none"` sends no token (a learner refuses Authenticate); "optional": see _metadata."""
         timeout = timeout or self.timeout
+        endpoint = dial(endpoint).url
         for attempt in (1, 2):
             try:
                 return await asyncio.wait_for(self._call_once(endpoint, fn, timeout, auth), timeout + 0.5)
@@ -374,8 +375,8 @@ class EtcdClient:
             return MemberStatus(endpoint=endpoint, member_id=r.header.member_id, version=r.version, db_size=r.dbSize,
                                 db_size_in_use=r.dbSizeInUse, leader=r.leader, raft_term=r.raftTerm,
                                 raft_index=r.raftIndex, raft_applied_index=r.raftAppliedIndex,
-                                is_learner=r.isLearner, errors=errors, alarms=alarms)
-        return await self.call(parse_url(endpoint).url, fn, timeout, auth="none")
+                                is_learner=r.isLearner, errors=errors, alarms=alarms, cluster_id=r.header.cluster_id)
+        return await self.call(endpoint, fn, timeout, auth="none")
 
     async def member_add(self, peer_urls: list[str], *, learner: bool,
                          timeout: float | None = None) -> tuple[Member, list[Member]]:
@@ -404,7 +405,7 @@ class EtcdClient:
         """The leader's client URLs, as the member that gives the member list sees it."""
         endpoint, members = await self.member_list_from(timeout)
         leader = (await self.status(endpoint, timeout)).leader
-        return [u for m in members if m.id == leader for u in _valid_urls(m.client_urls)]
+        return [u for m in members if m.id == leader for u in usable_urls(m.client_urls)]
 
     async def put(self, key: bytes, value: bytes, timeout: float | None = None) -> int:
         """Write one key (used to seed demo clusters); returns the new revision."""
@@ -419,7 +420,7 @@ class EtcdClient:
             r = await rpc.KVStub(ch).Range(rpc.RangeRequest(key=b"\0", range_end=b"\0", keys_only=True, limit=1,
                                                             serializable=True), timeout=t, metadata=md)
             return int(r.header.revision)
-        return await self.call(parse_url(endpoint).url, fn, timeout)
+        return await self.call(endpoint, fn, timeout)
 
     async def count_keys(self, endpoint: str, timeout: float | None = None) -> tuple[int, int]:
         """(live keys, revision) of one member: a serializable count-only read of the whole key space."""
@@ -427,7 +428,7 @@ class EtcdClient:
             r = await rpc.KVStub(ch).Range(rpc.RangeRequest(key=b"\0", range_end=b"\0", count_only=True,
                                                             serializable=True), timeout=t, metadata=md)
             return int(r.count), int(r.header.revision)
-        return await self.call(parse_url(endpoint).url, fn, timeout)
+        return await self.call(endpoint, fn, timeout)
 
     # -- maintenance (NOSPACE, consistency) ---------------------------------
 
@@ -437,7 +438,7 @@ class EtcdClient:
             r = await rpc.MaintenanceStub(ch).HashKV(rpc.HashKVRequest(revision=revision), timeout=t, metadata=md)
             return KVHash(endpoint=endpoint, member_id=r.header.member_id, hash=r.hash,
                           compact_revision=r.compact_revision, revision=r.header.revision)
-        return await self.call(parse_url(endpoint).url, fn, timeout)
+        return await self.call(endpoint, fn, timeout)
 
     async def compact(self, revision: int, timeout: float | None = None) -> None:
         """Compact the key space up to `revision`, waiting until it is applied (physical)."""
@@ -450,7 +451,7 @@ class EtcdClient:
         """Defragment one member: it answers nothing else until done, so the deadline is long."""
         async def fn(ch: grpc.aio.Channel, md: Metadata, t: float) -> None:
             await rpc.MaintenanceStub(ch).Defragment(rpc.DefragmentRequest(), timeout=t, metadata=md)
-        await self.call(parse_url(endpoint).url, fn, timeout)
+        await self.call(endpoint, fn, timeout)
 
     async def alarm_disarm(self, member_id: int, kind: str, timeout: float | None = None) -> None:
         """Deactivate one member's alarm (`kind` NOSPACE or CORRUPT), as `etcdctl alarm disarm` does per alarm."""
@@ -469,7 +470,7 @@ class EtcdClient:
 
     async def snapshot(self, endpoint: str, idle_timeout: float = SNAPSHOT_IDLE_TIMEOUT) -> SnapshotStream:
         """Open Maintenance.Snapshot on one member; read it with `async for`."""
-        endpoint = parse_url(endpoint).url
+        endpoint = dial(endpoint).url
         try:
             metadata = await asyncio.wait_for(self._metadata(endpoint, self.timeout), self.timeout + 0.5)
         except TimeoutError:
@@ -532,17 +533,6 @@ class SnapshotStream:
 
 _LEADERLESS = ("etcdserver: leader changed", "etcdserver: no leader", "etcdserver: request timed out",
                "context deadline exceeded")
-
-
-def _valid_urls(urls: Iterable[str]) -> list[str]:
-    """The URLs etcd published that parse, normalized (the others cannot be dialled)."""
-    out = []
-    for u in urls:
-        try:
-            out.append(parse_url(u).url)
-        except ValueError:
-            continue
-    return out
 
 
 def _all_failed(failures: Iterable[BaseException]) -> EtcdUnavailable:

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bot.etcd.model import EtcdError, EtcdTimeout, EtcdUnavailable, TLSFiles
 from bot.etcd.race import AllFailed, first_success
-from bot.etcd.urls import parse_url
+from bot.etcd.urls import dial
 
 if TYPE_CHECKING:  # the fan-out calls the gRPC client; the parser above it stays pure
     from bot.etcd.client import EtcdClient
@@ -103,7 +103,7 @@ def ssl_context(tls: TLSFiles) -> ssl.SSLContext:
 
 async def fetch_text(url: str, tls: TLSFiles, timeout: float) -> str:
     """GET <client URL>/metrics within `timeout`; errors are EtcdErrors naming the URL."""
-    ep = parse_url(url)
+    ep = dial(url)
 
     async def get() -> bytes:
         context = ssl_context(tls) if ep.tls else None

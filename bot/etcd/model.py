@@ -35,6 +35,11 @@ class EtcdTLSError(EtcdUnavailable):
     """The TLS handshake failed: missing or wrong client certificate, or untrusted server."""
 
 
+class EtcdUnusableURL(EtcdError):
+    """A URL etcd published that the bot cannot dial (etcd stores what `member add` was given): nothing was sent,
+    so it says nothing about whether the member is up."""
+
+
 class EtcdAuthError(EtcdError):
     """etcd refused our credentials or permissions."""
 
@@ -156,6 +161,7 @@ class MemberStatus:
     is_learner: bool
     errors: tuple[str, ...]
     alarms: tuple[Alarm, ...] = ()
+    cluster_id: int = 0      # from the response header: a restore with a new token gives a new one
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,8 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
     Spec("restore", ("[snapshot]",), ("--cluster",), ("--force",),
          summary="propose restoring every member from a verified snapshot (after a quorum loss; --force to roll back a "
                  "healthy cluster); runs after 2 approvers' reactions"),
-    Spec("continue", ("plan-id",), summary="confirm a manual stage of a restore plan (approvers)"),
+    Spec("continue", ("plan-id", "[stage]"),
+         summary="confirm the manual stage (stop, restore, start) a restore plan waits on now (approvers)"),
     Spec("drill", ("[snapshot]",), ("--cluster",),
          summary="restore drill: boot a snapshot in a scratch etcd on the bot's host and compare it with the catalog"),
     Spec("help", summary="this help"),
@@ -113,11 +114,39 @@ def unescape_slack(text: str) -> str:
     return text.translate(_QUOTES)
 
 
-def _is_duration(word: str) -> bool:
+MIN_DURATION = 1.0   # seconds: what a duration argument (a mute) must last at least
+
+
+def _duration_like(word: str) -> bool:
+    """Meant as a duration, valid or not: `30m`, `0s`, `-5m`, `0.5s`, `90` (a cluster name is none of these)."""
+    bare = word.lstrip("+-")
+    if re.fullmatch(r"\d+(?:\.\d+)?", bare):
+        return True
     try:
-        return parse_duration(word) > 0
+        parse_duration(bare)
     except ValueError:
         return False
+    return True
+
+
+def _duration_error(word: str) -> str | None:
+    """Why `word` is no duration argument, or None."""
+    try:
+        seconds = parse_duration(word)
+    except ValueError:
+        seconds = 0.0
+    if seconds >= MIN_DURATION:
+        return None
+    return f"{word!r} is not a duration like 30m, 2h or 1h30m (at least {MIN_DURATION:g}s)"
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def free_text(text: str) -> str:
+    """Free text (a reason) as it may be stored and posted: control characters (and the invisible marks that
+    turn text around) removed, line breaks and tabs made spaces, one line."""
+    return " ".join(_CONTROL.sub("", re.sub(r"[\t\n\v\f\r\x85\u2028\u2029]", " ", text)).split())
 
 
 def parse(text: str) -> Command:
@@ -165,19 +194,28 @@ def parse(text: str) -> Command:
             positionals.append(word)
         i += 1
 
-    if spec.durations and spec.positionals[0] == "[cluster]" and positionals and _is_duration(positionals[0]):
+    if spec.durations and spec.positionals[0] == "[cluster]" and positionals and _duration_like(positionals[0]):
         positionals.insert(0, "")  # `/etcd mute 30m why`: the first word is the duration, no cluster named
-    if spec.durations and spec.positionals[0] == "[cluster]" and len(positionals) < len(spec.positionals):
-        raise UsageError(f"missing <{spec.positionals[max(1, len(positionals))]}>", spec.usage)
+    names = [p.strip("[]").replace("-", "_") for p in spec.positionals]
+    for key in spec.durations:   # a bad duration is said before what else is missing
+        at = names.index(key)
+        if at < len(positionals) and (why := _duration_error(positionals[at])):
+            raise UsageError(f"<{key}>: {why}", spec.usage)
     if spec.rest and len(positionals) > len(spec.positionals):
         keep = len(spec.positionals) - 1
         positionals = positionals[:keep] + [" ".join(positionals[keep:])]
+    if spec.rest and len(positionals) == len(spec.positionals):
+        positionals[-1] = free_text(positionals[-1])
+        if not positionals[-1]:
+            positionals.pop()   # nothing left to say: missing, below
+    if spec.durations and spec.positionals[0] == "[cluster]" and len(positionals) < len(spec.positionals):
+        raise UsageError(f"missing <{spec.positionals[max(1, len(positionals))]}>", spec.usage)
     required = [p for p in spec.positionals if not p.startswith("[")]
     if len(positionals) < len(required):
         raise UsageError(f"missing <{required[len(positionals)]}>", spec.usage)
     if len(positionals) > len(spec.positionals):
         raise UsageError(f"unexpected argument {positionals[len(spec.positionals)]!r}", spec.usage)
-    args = {p.strip("[]").replace("-", "_"): v for p, v in zip(spec.positionals, positionals, strict=False)}
+    args = dict(zip(names, positionals, strict=False))
     args.update({k.lstrip("-").replace("-", "_"): v for k, v in options.items()})
 
     cluster = args.pop("cluster", None) or None
@@ -190,8 +228,5 @@ def parse(text: str) -> Command:
                 args[key] = parse_url(args[key]).url
             except ValueError as e:
                 raise UsageError(f"<{key}>: {e}", spec.usage) from None
-    for key in spec.durations:
-        if key in args and not _is_duration(args[key]):
-            raise UsageError(f"<{key}>: {args[key]!r} is not a duration like 30m, 2h or 1h30m", spec.usage)
     return Command(name=name, cluster=cluster, args=args,
                    flags=frozenset(f.lstrip("-").replace("-", "_") for f in flags))

@@ -4,7 +4,9 @@ Pure: no Slack, no gRPC, no clock. The order is etcd-defrag's, made safer:
 the followers one at a time, then leadership moved to a member already
 defragmented, then the former leader (defragmenting a leader in place stalls
 every write and costs lease holders their leases), the learners after the
-voters. Members the rule does not select are left alone.
+voters. Members the rule does not select are left alone. A cluster with one
+voter (kubeadm's default is one member) has no leadership to move: its leader
+is defragmented in place, and the plan says that writes wait meanwhile.
 """
 from __future__ import annotations
 
@@ -87,6 +89,11 @@ def _quota(metrics: Mapping[int, MemberMetrics | str], member_id: int) -> tuple[
     return DEFAULT_QUOTA, False
 
 
+def sole_voter(health: ClusterHealth) -> bool:
+    """One voting member: leadership cannot move (a learner cannot lead), so the leader is defragmented in place."""
+    return sum(1 for h in health.members if not h.member.is_learner) == 1
+
+
 def plan_defrag(health: ClusterHealth, metrics: Mapping[int, MemberMetrics | str], rule: Rule, *,
                 compact: bool = True, disarm_below: float = DISARM_BELOW) -> DefragPlan:
     """The plan, or a Refusal when the cluster is not healthy enough to defragment
@@ -130,8 +137,13 @@ def plan_defrag(health: ClusterHealth, metrics: Mapping[int, MemberMetrics | str
              Step("snapshot", "Take a verified snapshot")]
     if compact:
         steps.append(Step("compact", "Compact the key space to the current revision"))
+    alone = sole_voter(health)
     for h in order:
         name = h.member.name or h.member.hex_id
+        if role(h) == "leader" and alone:
+            steps.append(Step(f"defrag-{h.member.hex_id}", f"Defragment {name} (leader, the only voter: no leadership "
+                                                             "to move; writes wait until it is done)"))
+            continue
         if role(h) == "leader":
             steps.append(Step("move-leader", f"Move leadership from {name} to a member already defragmented"))
         steps.append(Step(f"defrag-{h.member.hex_id}", f"Defragment {name} ({role(h)}) and wait until it is caught up"))

@@ -11,7 +11,9 @@ The language is etcd-defrag's, cut to what a rule needs: the variables
 numbers with an optional size unit (B, KB, MB, GB, KiB, MiB, GiB: `200MiB`),
 `+ - * /`, comparisons `< <= > >= == !=`, `&&`, `||`, `!` and parentheses.
 The default is etcd-defrag's example, `dbQuotaUsage > 0.8 || dbSizeFree > 200MiB`.
-A rule that does not parse is refused with one line saying where.
+A rule that does not parse is refused with one line saying where, and so is
+one nested deeper than MAX_DEPTH (parentheses, `!`, `-`, or a chain of one
+operator): parsing and evaluating recurse, and a real rule needs a handful.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 DEFAULT_RULE = "dbQuotaUsage > 0.8 || dbSizeFree > 200MiB"
+MAX_DEPTH = 64   # levels of nesting a rule may have: far more than any rule needs, far below Python's stack
 VARIABLES = ("dbSize", "dbSizeInUse", "dbSizeFree", "dbQuota", "dbQuotaUsage")
 UNITS = {"B": 1, "KB": 1000, "MB": 1000 ** 2, "GB": 1000 ** 3, "KIB": 1024, "MIB": 1024 ** 2, "GIB": 1024 ** 3}
 
@@ -77,7 +80,7 @@ def figures(db_size: int, db_size_in_use: int, quota: int) -> dict[str, float]:
 def parse_rule(text: str) -> Rule:
     tokens = _tokens(text)
     parser = _Parser(text, tokens)
-    tree = parser.expr(0)
+    tree, _ = parser.expr(0)
     if parser.pos != len(tokens):
         raise RuleError(f"rule: unexpected {tokens[parser.pos].text!r} at column {tokens[parser.pos].col + 1}")
     return Rule(text, tree)
@@ -125,10 +128,11 @@ _BINARY = {"||": 1, "&&": 2, "<": 3, "<=": 3, ">": 3, ">=": 3, "==": 3, "!=": 3,
 
 
 class _Parser:
-    """Precedence climbing over the tokens."""
+    """Precedence climbing over the tokens. Each parse returns the node and its depth; `nesting` counts the
+    parentheses and prefix operators open (they recurse without adding depth to the tree)."""
 
     def __init__(self, text: str, tokens: list[_Token]):
-        self.text, self.tokens, self.pos = text, tokens, 0
+        self.text, self.tokens, self.pos, self.nesting = text, tokens, 0, 0
 
     def _next(self) -> _Token:
         if self.pos >= len(self.tokens):
@@ -137,32 +141,46 @@ class _Parser:
         self.pos += 1
         return token
 
-    def atom(self) -> Node:
+    def _deep(self, depth: int, t: _Token) -> int:
+        if depth > MAX_DEPTH or self.nesting > MAX_DEPTH:
+            raise RuleError(f"rule: nested deeper than {MAX_DEPTH} levels at column {t.col + 1}")
+        return depth
+
+    def atom(self) -> tuple[Node, int]:
         t = self._next()
         if t.kind == "num":
-            return Num(t.value)
+            return Num(t.value), 1
         if t.kind == "var":
-            return Var(t.text)
-        if t.text == "(":
-            inner = self.expr(0)
-            closing = self._next()
-            if closing.text != ")":
-                raise RuleError(f"rule: expected ')' at column {closing.col + 1}")
-            return inner
-        if t.text in ("!", "-"):
-            return Unary(t.text, self.atom())
+            return Var(t.text), 1
+        if t.text in ("(", "!", "-"):
+            self.nesting += 1
+            self._deep(0, t)
+            if t.text == "(":
+                inner, depth = self.expr(0)
+                closing = self._next()
+                if closing.text != ")":
+                    raise RuleError(f"rule: expected ')' at column {closing.col + 1}")
+                node: Node = inner
+            else:
+                arg, depth = self.atom()
+                node, depth = Unary(t.text, arg), self._deep(depth + 1, t)
+            self.nesting -= 1
+            return node, depth
         raise RuleError(f"rule: unexpected {t.text!r} at column {t.col + 1}")
 
-    def expr(self, floor: int) -> Node:
-        left = self.atom()
+    def expr(self, floor: int) -> tuple[Node, int]:
+        left, depth = self.atom()
         while self.pos < len(self.tokens):
             t = self.tokens[self.pos]
             power = _BINARY.get(t.text, 0) if t.kind == "op" else 0
             if power <= floor:
                 break
             self.pos += 1
-            left = Bin(t.text, left, self.expr(power))
-        return left
+            self.nesting += 1
+            right, right_depth = self.expr(power)
+            self.nesting -= 1
+            left, depth = Bin(t.text, left, right), self._deep(max(depth, right_depth) + 1, t)
+        return left, depth
 
 
 def _eval(node: Node, env: Mapping[str, float]) -> float:

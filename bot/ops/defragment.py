@@ -24,7 +24,7 @@ from bot.etcd.metrics import MemberMetrics, cluster_metrics
 from bot.etcd.model import EtcdError, EtcdRequestError
 from bot.etcd.snapshots import SnapshotFailed
 from bot.ops.context import BotContext
-from bot.ops.defrag import DefragPlan, plan_defrag
+from bot.ops.defrag import DefragPlan, plan_defrag, sole_voter
 from bot.ops.defrag_rule import DEFAULT_RULE, RuleError, parse_rule
 from bot.ops.engine import ClusterOperation, FactsChanged, StepFailed, StepRun, register
 from bot.ops.executor import CHANGE_TIMEOUT, wait_for
@@ -108,6 +108,8 @@ class DefragOperation(ClusterOperation[DefragPlan]):
         health = await self._facts()
         member = self._member(health, hex_id)
         if member.member.id == health.leader_id:
+            if sole_voter(health):
+                return f"{_label(member)} healthy, the only voter: defragmented in place"
             raise FactsChanged(f"{_label(member)} leads the cluster: it is defragmented only after leadership moved",
                                self.plan.id)
         return f"{_label(member)} healthy and not the leader"
@@ -165,6 +167,8 @@ class DefragOperation(ClusterOperation[DefragPlan]):
         former = int(self.plan.leader, 16)
         if health.leader_id != former:
             return f"leadership is already with {health.leader_id or 0:016x}"
+        if sole_voter(health):   # a plan made before single-voter clusters skipped this step
+            return f"{self.plan.leader} is the only voter: no leadership to move; it is defragmented in place"
         done = {k.removeprefix("defrag-") for k in self.started if k.startswith("defrag-")}
         compact = {m.ref.id for m in self.plan.members if not m.selected}  # the rule found nothing to reclaim
         candidates = [h for h in health.members if h.healthy and h.status and not h.member.is_learner
@@ -220,7 +224,7 @@ async def propose(ctx: BotContext, cluster: ClusterConfig, rule_text: str | None
                   channel: str, usage: str) -> Outcome:
     """`/etcd defrag`: the plan table from the live cluster and its quotas, posted for one approval."""
     try:
-        rule = parse_rule(rule_text or DEFAULT_RULE)
+        rule = parse_rule(DEFAULT_RULE if rule_text is None else rule_text)   # `--rule ""` is no rule: refused
     except RuleError as e:
         return _refused(str(e), f"the default rule is `{DEFAULT_RULE}`", usage)
     open_plan = await ctx.store.open_plan(cluster.name)

@@ -39,6 +39,7 @@ class DrillResult:
     detail: str              # one line: what was found, or what failed
     seconds: float
     remote_url: str = ""     # the snapshot was fetched from this object in the store
+    foreign: str = ""        # why that object is not the bot's own: drilled on request, never catalogued
 
 
 def _free_port() -> int:
@@ -114,10 +115,11 @@ async def boot_and_read(snapshot: SnapshotRef, plain: Path, scratch: Path) -> st
 
 
 async def drill(ctx: BotContext, cluster: ClusterConfig, wanted: str | None, requested_by: str) -> DrillResult:
-    """Run one drill and record it; raises Refusal when there is no such snapshot."""
-    snapshot, _ = choose_snapshot(await restorable(ctx, cluster), wanted)
-    if not snapshot.id:  # an object only the store knows: catalogued now, so its drills are recorded
-        snapshot = replace(snapshot, id=await adopt(ctx, cluster, snapshot))
+    """Run one drill and record it; raises Refusal when there is no such snapshot. An object only the store
+    knows is drilled first and catalogued only if it passed and is the bot's own (signed); a foreign one
+    (named exactly) is drilled and never catalogued, so its result is in the audit log only."""
+    snapshot, _ = choose_snapshot(await restorable(ctx, cluster), wanted, foreign_ok=True,
+                                  encrypted_only=cluster.snapshots.encrypted)
     began = time.monotonic()
     scratch = Path(tempfile.mkdtemp(prefix="etcd-chatops-drill-"))
     try:
@@ -125,18 +127,20 @@ async def drill(ctx: BotContext, cluster: ClusterConfig, wanted: str | None, req
         async with plaintext(snapshot, cluster.restore.age_identity, origin(ctx, cluster)) as plain:
             verified = await check_plain(snapshot, plain)
             booted = await boot_and_read(snapshot, plain, scratch)
-        result = DrillResult(True, cluster.name, snapshot.file_name,
-                             f"{verified.split(': ', 1)[1]}; {booted}", time.monotonic() - began, snapshot.remote_url)
+        result = DrillResult(True, cluster.name, snapshot.file_name, f"{verified.split(': ', 1)[1]}; {booted}",
+                             time.monotonic() - began, snapshot.remote_url, snapshot.foreign)
     except StepFailed as e:
         result = DrillResult(False, cluster.name, snapshot.file_name, e.reason, time.monotonic() - began,
-                             snapshot.remote_url)
+                             snapshot.remote_url, snapshot.foreign)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    await ctx.store.record_drill({"cluster": cluster.name, "snapshot_id": snapshot.id, "ok": result.ok,
-                                  "detail": result.detail, "seconds": round(result.seconds, 3), "at": time.time(),
-                                  "requested_by": requested_by})
+    if result.ok and not snapshot.id and not snapshot.foreign:  # verified: catalogued now, so its drills are recorded
+        snapshot = replace(snapshot, id=await adopt(ctx, cluster, snapshot))
+    if snapshot.id:
+        await ctx.store.record_drill({"cluster": cluster.name, "snapshot_id": snapshot.id, "ok": result.ok,
+                                      "detail": result.detail, "seconds": round(result.seconds, 3),
+                                      "at": time.time(), "requested_by": requested_by})
     await ctx.store.audit("drill", user=requested_by, cluster=cluster.name,
                           detail={"snapshot": snapshot.file_name, "ok": result.ok, "detail": result.detail,
-                                  "from_store": snapshot.remote_url or None})
+                                  "from_store": snapshot.remote_url or None, "foreign": snapshot.foreign or None})
     return result
-

@@ -23,7 +23,8 @@ from bot.ops.engine import ClusterOperation, FactsChanged, StepFailed, StepRun, 
 from bot.ops.launcher import manual_instructions, run_command
 from bot.ops.replace import Plan, config_endpoints, etcd_servers, facts_changed, quorum_after
 from bot.ops.snapshots import take_snapshot
-from bot.output.blocks import escape
+from bot.output import shell
+from bot.output.blocks import code_block, escape
 from bot.store.records import PlanKind, PlanRecord
 
 T = TypeVar("T")
@@ -297,7 +298,8 @@ class ReplaceOperation(ClusterOperation[Plan]):
         added = next((", ".join(m.client_urls) for m in members if m.id == self.new_member_id), "")
         await note(self.ctx, self.record,
                             f":clipboard: *Follow-ups (runbook step 5)*\n"
-                            f"1. Update every kube-apiserver and restart it:\n```--etcd-servers={escape(servers)}```\n"
+                            f"1. Update every kube-apiserver and restart it:\n"
+                            f"{code_block(shell.command([f'--etcd-servers={servers}']))}\n"
                             f"2. If a load balancer fronts etcd, add {escape(added or self.plan.new_name)} and remove "
                             f"{escape(removed)}.\n"
                             f"3. Update this bot's own configuration: cluster {escape(self.plan.cluster)}, "

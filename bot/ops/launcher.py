@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from bot.config import LauncherConfig
 from bot.ops.replace import Plan
+from bot.output import shell
 
 OUTPUT_TAIL = 4000  # characters of the command's output kept for the report
 
@@ -79,6 +80,6 @@ async def run_argv(launcher: LauncherConfig, argv: list[str], environment: dict[
 
 
 def manual_instructions(plan: Plan) -> str:
-    """The runbook's step 4 as a shell block for the operator on the new machine."""
-    lines = [f'export {k}="{v}"' for k, v in plan.environment.items()]
-    return "\n".join(lines + ["etcd [flags]   # your usual data dir, TLS and client flags"])
+    """The runbook's step 4 as a shell block for the operator on the new machine, every value quoted."""
+    return "\n".join([*shell.assignments(plan.environment, export=True),
+                      "etcd [flags]   # your usual data dir, TLS and client flags"])

@@ -42,9 +42,9 @@ from bot.ops.restore import (
     plan_restore,
 )
 from bot.ops.snapshots import remote_store
-from bot.output.blocks import Reply, escape, mention
+from bot.output.blocks import Mrkdwn, Reply, ago, code_block, error_reply, escape, mention
 from bot.output.model import RemoteState
-from bot.store.records import PlanKind, PlanRecord, PlanState
+from bot.store.records import Confirmation, PlanKind, PlanRecord, PlanState, StageAnswer
 
 POLL = 0.5
 STOP_TIMEOUT = 60.0  # members must stop answering within this after their stop action
@@ -82,7 +82,8 @@ async def propose_restore(ctx: BotContext, cluster: ClusterConfig, wanted: str |
         quorum = (len(members), 0)
         version = ""
     try:
-        snapshot, newer = choose_snapshot(await restorable(ctx, cluster), wanted)
+        snapshot, newer = choose_snapshot(await restorable(ctx, cluster), wanted, foreign_ok=force,
+                                          encrypted_only=cluster.snapshots.encrypted)
         plan = plan_restore(cluster.name, snapshot, newer, membership, quorum=quorum, force=force,
                             current_revision=current, data_dir=cluster.restore.data_dir, etcd_version=version,
                             launcher=cluster.launcher.kind, launcher_has_actions=cluster.launcher.has_actions)
@@ -92,23 +93,59 @@ async def propose_restore(ctx: BotContext, cluster: ClusterConfig, wanted: str |
         return _refused(f"cannot restore {cluster.name}: {r.reason}", r.hint, usage)
     return await publish_plan(ctx, PlanKind.RESTORE, plan, cluster.name, user, channel,
                               {"plan": plan.id, "snapshot": snapshot.file_name, "revision": snapshot.revision,
+                               "foreign": snapshot.foreign or None,
                                "from_store": snapshot.remote_url or None, "force": force,
                                "membership": membership.source, "token": plan.token})
 
 
-async def continue_plan(ctx: BotContext, plan_id: str, user: str, channel: str) -> Outcome:
-    """`/etcd continue`: an approver confirms the manual stage the running plan waits for."""
+MANUAL_STAGES = ("stop", "restore", "start")  # the steps whose action the manual launcher leaves to a person
+SETTLE_SECONDS = 15.0  # an unnamed /etcd continue this soon after the previous stage's is taken for that one
+
+
+async def continue_plan(ctx: BotContext, plan_id: str, stage: str | None, user: str, channel: str,
+                        usage: str) -> Outcome:
+    """`/etcd continue`: an approver confirms the manual stage the running plan waits on when it arrives (or the
+    stage named, which must be that one); a confirmation before its stage began, or of a stage confirmed
+    already, is refused and counts for nothing."""
     record = await ctx.store.plan(plan_id)
     if record is None or record.channel != channel:
         return _refused(f"no plan {plan_id!r} in this channel", "see /etcd plans")
     if record.state != PlanState.RUNNING or not isinstance(record.plan, RestorePlan):
         return _refused(f"plan {plan_id} is {record.state}; only a running restore plan waits for /etcd continue")
+    if stage is not None and stage not in MANUAL_STAGES:
+        return _refused(f"{stage!r} is not a stage of a restore; its stages are {', '.join(MANUAL_STAGES)}",
+                        usage=usage)
+    answer = await ctx.store.confirm_stage(plan_id, user, stage, SETTLE_SECONDS)
+    if answer.outcome is not Confirmation.CONFIRMED or answer.stage is None:
+        return Outcome(ephemeral=error_reply(Mrkdwn(_confirmation_refused(record, stage, answer))))
+    key = answer.stage.key
     await ctx.store.audit("plan_continued", user=user, channel=channel, cluster=record.cluster,
-                          detail={"plan": plan_id, "step": record.current_step})
-    step = record.plan.steps[record.current_step]
-    await note(ctx, record, f":arrow_forward: {mention(user)} confirmed step {record.current_step} "
-                            f"({escape(step.title)}); the bot checks the result now.")
-    return Outcome(ephemeral=Reply(text=f"Confirmed step {record.current_step} of plan {plan_id}."))
+                          detail={"plan": plan_id, "stage": key, "at": answer.at})
+    idx, title = next(((i, s.title) for i, s in enumerate(record.plan.steps) if s.key == key), (-1, key))
+    await note(ctx, record, f":arrow_forward: {mention(user)} confirmed stage *{escape(key)}* (step {idx}: "
+                            f"{escape(title)}); the bot checks the result now.")
+    return Outcome(ephemeral=Reply(text=f"Confirmed stage {escape(key)} of plan {plan_id}."))
+
+
+def _confirmation_refused(record: PlanRecord, named: str | None, answer: StageAnswer) -> str:
+    """One line (mrkdwn, every value escaped): why this `/etcd continue` counts for nothing."""
+    plan_id, stage = record.id, answer.stage
+    if answer.outcome is Confirmation.ALREADY and stage is not None:
+        return (f"stage *{escape(stage.key)}* of plan {plan_id} was confirmed already, by "
+                f"{mention(stage.confirmed_by or '')} {ago(answer.at - (stage.confirmed_at or answer.at))} ago: this "
+                "confirmation counts for nothing")
+    if answer.outcome is Confirmation.TOO_SOON and stage is not None:
+        return (f"stage *{escape(stage.key)}* of plan {plan_id} began only {ago(answer.at - stage.opened_at)} ago, "
+                "just after the stage before it was confirmed, so this confirmation is taken for that one and counts "
+                f"for nothing; once the {escape(stage.key)} is done on every member, confirm it by name: "
+                f"`/etcd continue {plan_id} {escape(stage.key)}`")
+    asked = f"stage *{escape(named)}*" if named else "a stage"
+    if stage is None or not stage.waiting:
+        return (f"plan {plan_id} is not waiting for {asked} now (it is at step {record.current_step}): a "
+                "confirmation before its stage begins counts for nothing; confirm once the bot posts that stage's "
+                "commands in the thread")
+    return (f"plan {plan_id} waits on stage *{escape(stage.key)}*, not {escape(named or '')}: a confirmation before "
+            "its stage begins counts for nothing")
 
 
 # ---------------------------------------------------------------- the snapshot, verified and in plaintext
@@ -135,15 +172,21 @@ def origin(ctx: BotContext, cluster: ClusterConfig) -> Origin | None:
 
 async def restorable(ctx: BotContext, cluster: ClusterConfig) -> list[SnapshotRef]:
     """The snapshots a restore or drill can use, newest first: each local copy retention kept, else its verified
-    copy in the store (also objects only the store knows, from their manifests)."""
+    copy in the store (also objects only the store knows, from their manifests, and foreign ones, which
+    choose_snapshot takes only by name)."""
     rows = await ctx.store.snapshots(cluster.name, limit=100000, include_pruned=True)
     view = await catalog(cluster.snapshots.store, cluster.name, rows, limit=1000, open_store=remote_store)
     return [SnapshotRef.of_entry(e, str(ctx.config.snapshot_dir)) for e in view.entries
-            if e.local_path or (e.remote_state in (RemoteState.VERIFIED, RemoteState.LISTED) and e.sha256)]
+            if e.local_path or (e.remote_state in (RemoteState.VERIFIED, RemoteState.LISTED)
+                                and (e.described or e.foreign))]
 
 
 async def adopt(ctx: BotContext, cluster: ClusterConfig, snapshot: SnapshotRef) -> int:
-    """Catalog an object only the store knows (from its manifest), without a local copy; returns its row id."""
+    """Catalog an object only the store knows (from its signed manifest), without a local copy, once a drill
+    verified it; returns its row id. A foreign object is never catalogued: the catalog is what a restore
+    trusts by default."""
+    if snapshot.foreign:
+        raise ValueError(f"{snapshot.file_name} is foreign ({snapshot.foreign}): it is never catalogued")
     now = time.time()
     snapshot_id = await ctx.store.record_snapshot({
         "cluster": cluster.name, "path": snapshot.path, "member": snapshot.member, "revision": snapshot.revision,
@@ -290,25 +333,25 @@ class RestoreOperation(ClusterOperation[RestorePlan]):
                          for m, r in zip(self.plan.members, results, strict=True))
 
     async def _manual(self, action: str, snapshot_path: str | None) -> str:
-        """The manual launcher: show each host's commands, wait for `/etcd continue`; the step checks the result."""
-        p = self.plan
-        def command(m: RestoreMember) -> str:
-            if action == "restore":
-                return f"mv {m.data_dir} {m.data_dir}.before-{p.id}\n" + " ".join(
-                    p.restore_args(m, snapshot_path or "SNAPSHOT.db"))
-            return f"systemctl {action} etcd   # or however etcd runs on this host"
-        text = "\n".join(f"# {m.name}\n{command(m)}" for m in p.members)
-        key = f"{action}:{time.time():.0f}"
+        """The manual launcher: the plan waits on stage `action` (stop, restore, start) while a person runs the
+        commands shown on each host, until an approver confirms that stage with `/etcd continue`; the step then
+        checks the result itself."""
+        p, store = self.plan, self.ctx.store
+        await store.open_stage(p.id, action, fence=self.fence)  # before the commands: no confirmation is early
+        commands = p.manual_commands(action, snapshot_path or "SNAPSHOT.db")
         await note(self.ctx, self.record, f":point_right: *{escape(action)}* on every member now, then confirm with "
-                                          f"`/etcd continue {p.id}`:\n```{escape(text)}```")
-        since = time.time()
+                                          f"`/etcd continue {p.id} {action}`:\n{code_block(commands)}")
         deadline = time.monotonic() + self.cluster.launcher.timeout_seconds
-        while not await self.ctx.store.continued(p.id, since):
-            if time.monotonic() >= deadline:
-                raise StepFailed(f"nobody confirmed the {action} within {self.cluster.launcher.timeout_seconds:g}s",
-                                 "do it, then /etcd resume the plan")
+        while time.monotonic() < deadline:
+            stage = await store.stage(p.id, action)
+            if stage is not None and stage.confirmed_by:
+                break
             await asyncio.sleep(POLL)
-        return f"{action} confirmed in the thread ({key})"
+        ended = await store.close_stage(p.id, action, fence=self.fence)  # a confirmation that raced the end counts
+        if ended is None or not ended.confirmed_by:
+            raise StepFailed(f"nobody confirmed the {action} within {self.cluster.launcher.timeout_seconds:g}s",
+                             "do it, then /etcd resume the plan")
+        return f"{action} on every member, confirmed with /etcd continue {p.id} {action}"
 
     # -- probes -----------------------------------------------------------
 
@@ -406,25 +449,53 @@ class RestoreOperation(ClusterOperation[RestorePlan]):
                                 self.cluster.catch_up_seconds, healthy)
 
     async def step_check(self) -> str:
-        """Every member at (at least) the snapshot's revision, or the bumped one, and HashKV equal at one revision."""
-        snap = self.plan.snapshot
-        expected = snap.revision + (BUMP_REVISIONS if self.plan.bump_supported else 0)
+        """Proof that the members run on the restored snapshot and not on their old data: the member IDs and
+        cluster ID that the plan's new token gives (etcd derives them from it), every member at exactly the
+        snapshot's revision (plus the bump), and HashKV equal there. HashKV agreement alone cannot tell restored
+        data from old data: members restarted on what they had agree too."""
+        p = self.plan
+        expected = p.snapshot.revision + (BUMP_REVISIONS if p.bump_supported else 0)
         health = await self.ctx.check(self.cluster)
-        urls = {h.member.name: h.member.client_urls[0] for h in health.members}
-        revisions = {n: await self.client.revision(u) for n, u in urls.items()}
-        behind = {n: r for n, r in revisions.items() if r < expected}
-        if behind:
-            raise StepFailed(f"members below the restored revision {expected}: {behind}",
-                             "check /etcd status; the restore did not take on every member")
-        at = expected if not self.plan.bump_supported else min(revisions.values())  # bumped: older ones compacted
-        hashes = {n: (await self.client.hash_kv(u, at)).hash for n, u in urls.items()}
+        live = {h.member.name: h for h in health.members}
+        want = p.restored_ids
+        redo = ("restore every member as the plan shows (etcdutl snapshot restore with its token), start them, "
+                "then /etcd resume the plan; or /etcd abandon it")
+        if set(live) != set(want):
+            raise StepFailed(f"the members are {', '.join(sorted(live))}, not those this plan restored "
+                             f"({', '.join(sorted(want))})", redo)
+        old = {m.id for m in p.members}
+        stale = sorted(n for n, h in live.items() if h.member.hex_id in old)
+        if stale:
+            raise StepFailed(f"{', '.join(stale)} still {'runs' if len(stale) == 1 else 'run'} with the member ID"
+                             f"{'' if len(stale) == 1 else 's'} of before the restore "
+                             f"({', '.join(live[n].member.hex_id for n in stale)}): on old data, not on the restored "
+                             "snapshot", redo)
+        wrong = sorted(n for n, h in live.items() if h.member.id != want[n])
+        if wrong:
+            raise StepFailed("member IDs are not those this restore's token gives: " + ", ".join(
+                f"{n} {live[n].member.hex_id} (expected {want[n]:016x})" for n in wrong) + "; restored with another "
+                "token or member list", redo)
+        clusters = {h.status.cluster_id if h.status else None for h in health.members}
+        if clusters != {p.restored_cluster_id}:
+            shown = ", ".join(f"{c:016x}" if c is not None else "unknown" for c in clusters)
+            raise StepFailed(f"cluster ID {shown} is not the one this restore's token gives "
+                             f"({p.restored_cluster_id:016x})", redo)
+        revisions = {n: await self.client.revision(h.member.client_urls[0]) for n, h in live.items()}
+        off = {n: r for n, r in revisions.items() if r != expected}
+        if off:
+            raise StepFailed(f"not at the snapshot's revision {expected}: "
+                             + ", ".join(f"{n} at {r}" for n, r in sorted(off.items()))
+                             + " (not restored from this snapshot, or written to since it started)",
+                             "keep every kube-apiserver stopped until the plan is done; check /etcd status, then "
+                             "/etcd resume the plan")
+        hashes = {n: (await self.client.hash_kv(h.member.client_urls[0], expected)).hash for n, h in live.items()}
         if len(set(hashes.values())) != 1:
-            raise StepFailed(f"HashKV at revision {at} differs across members: "
+            raise StepFailed(f"HashKV at revision {expected} differs across members: "
                              + ", ".join(f"{n} {v:08x}" for n, v in hashes.items()),
                              "a member's data differs: stop and restore it again")
-        revs = sorted(set(revisions.values()))
-        return (f"{len(hashes)} members at revision {revs[0] if len(revs) == 1 else revs}; HashKV at revision "
-                f"{at} equal on all: {next(iter(hashes.values())):08x}")
+        return (f"{len(hashes)} members at revision {expected}, with the member IDs and cluster ID of the new token "
+                f"(cluster {p.restored_cluster_id:016x}); HashKV at revision {expected} equal on all: "
+                f"{next(iter(hashes.values())):08x}")
 
     async def step_followups(self) -> str:
         p = self.plan

@@ -16,7 +16,7 @@ from typing import Any
 
 from bot.etcd.health import ClusterHealth, MemberHealth, Quorum
 from bot.etcd.model import Member
-from bot.etcd.urls import parse_url
+from bot.etcd.urls import Endpoint, parse_url, read_url, shown_urls
 
 
 class Refusal(Exception):
@@ -186,7 +186,7 @@ def plan_replacement(health: ClusterHealth, req: ReplaceRequest, *, newest_snaps
     pending = [h for h in others if not h.member.started]
     if pending:
         p = pending[0].member
-        raise Refusal(f"member {p.hex_id} ({', '.join(p.peer_urls)}) was added but never started",
+        raise Refusal(f"member {p.hex_id} ({shown_urls(p.peer_urls)}) was added but never started",
                       "start it or remove it before replacing another member")
     learners = [h for h in others if h.member.is_learner]
     if req.learner and learners:
@@ -322,11 +322,10 @@ def _unspecified(host: str) -> bool:
 
 
 def _address(url: str) -> str:
-    """Host and port: two URLs that differ only in scheme still bind the same port."""
-    try:
-        return parse_url(url).target.lower()
-    except ValueError:
-        return url
+    """Host and port: two URLs that differ only in scheme still bind the same port (an unusable URL stands
+    for itself)."""
+    found = read_url(url)
+    return found.address if isinstance(found, Endpoint) else url
 
 
 def etcd_servers(members: list[Member] | tuple[Member, ...]) -> str:

@@ -8,12 +8,14 @@ restored data directory. The plan states all of it, for every member.
 """
 from __future__ import annotations
 
+import hashlib
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from bot.ops.replace import Refusal, Step
+from bot.output import shell
 from bot.output.model import CatalogEntry
 
 BUMP_SINCE = (3, 5, 10)   # etcdutl gained --bump-revision / --mark-compacted in 3.5.10 (and 3.6)
@@ -37,6 +39,7 @@ class SnapshotRef:
     member: str
     live_keys: int | None = None   # distinct live user keys (what a booted etcd counts)
     remote_url: str = ""           # set: no local copy; fetched from this object in the store (and verified)
+    foreign: str = ""              # why the bot cannot call this store object its own; "" for its own
 
     @property
     def file_name(self) -> str:
@@ -52,7 +55,8 @@ class SnapshotRef:
         return cls(id=e.snapshot_id or 0, path=e.local_path or f"{snapshot_dir}/{e.cluster}/{e.name}",
                    revision=e.revision, hash=e.hash, total_keys=e.total_keys, total_size=e.total_size,
                    file_size=e.file_size, sha256=e.sha256, encrypted=e.encrypted, created_at=e.created_at,
-                   member=e.member, live_keys=e.live_keys, remote_url="" if e.local_path else (e.remote_url or ""))
+                   member=e.member, live_keys=e.live_keys, remote_url="" if e.local_path else (e.remote_url or ""),
+                   foreign=e.foreign)
 
     @classmethod
     def of(cls, row: dict[str, Any]) -> SnapshotRef:
@@ -114,6 +118,29 @@ class RestorePlan:
             args += ["--bump-revision", str(BUMP_REVISIONS), "--mark-compacted"]
         return args
 
+    def manual_commands(self, action: str, snapshot_path: str) -> str:
+        """What a person runs on each host for `action` (the manual launcher's stop, restore or start),
+        host by host; every word shell-quoted (bot.output.shell)."""
+        lines: list[str] = []
+        for m in self.members:
+            lines.append(shell.comment(m.name))
+            if action == "restore":
+                lines += [shell.command(["mv", m.data_dir, f"{m.data_dir}.before-{self.id}"]),
+                          shell.command(self.restore_args(m, snapshot_path))]
+            else:
+                lines.append(shell.command(["systemctl", action, "etcd"], "or however etcd runs on this host"))
+        return "\n".join(lines)
+
+    @property
+    def restored_ids(self) -> dict[str, int]:
+        """Each member's ID once restored: etcd derives it from the member's peer URLs and the cluster token,
+        so members restored with this plan's new token have these IDs, and no other data has."""
+        return {m.name: member_id([m.peer_url], self.token) for m in self.members}
+
+    @property
+    def restored_cluster_id(self) -> int:
+        return cluster_id(self.restored_ids.values())
+
     def environment(self, m: RestoreMember, action: str, snapshot_path: str | None = None) -> dict[str, str]:
         """What the launcher gets for `action` on member `m` (the issue's table)."""
         env = {"ETCD_CHATOPS_ACTION": action}
@@ -140,6 +167,19 @@ class RestorePlan:
                                        for m in data["members"]),
                       "quorum_now": tuple(data["quorum_now"]), "newer": tuple(data["newer"]),
                       "steps": tuple(Step(s["key"], s["title"]) for s in data["steps"])})
+
+
+def member_id(peer_urls: Iterable[str], token: str) -> int:
+    """The ID etcd gives a member of a new cluster (bootstrap or `snapshot restore`): the first 8 bytes,
+    big-endian, of sha1(its sorted peer URLs joined, then the cluster token) (membership.computeMemberId)."""
+    digest = hashlib.sha1(("".join(sorted(peer_urls)) + token).encode(), usedforsecurity=False).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def cluster_id(member_ids: Iterable[int]) -> int:
+    """The cluster ID etcd derives from its members' IDs: sha1 over the sorted IDs, 8 bytes big-endian each."""
+    digest = hashlib.sha1(b"".join(i.to_bytes(8, "big") for i in sorted(member_ids)), usedforsecurity=False).digest()
+    return int.from_bytes(digest[:8], "big")
 
 
 K8S_BEFORE = "Stop every kube-apiserver before the restore (it would write to the old data and cache it)."
@@ -173,23 +213,48 @@ def _version(text: str) -> tuple[int, int, int]:
         return (0, 0, 0)
 
 
-def choose_snapshot(rows: Sequence[dict[str, Any] | SnapshotRef],
-                    wanted: str | None) -> tuple[SnapshotRef, tuple[str, ...]]:
-    """The snapshot asked for (file name or revision), else the newest; and the names of newer ones.
-    `rows`: the cluster's verified snapshots (catalog rows, or refs from the catalog of both places), newest first."""
+def choose_snapshot(rows: Sequence[dict[str, Any] | SnapshotRef], wanted: str | None, *,
+                    foreign_ok: bool = False, encrypted_only: bool = False) -> tuple[SnapshotRef, tuple[str, ...]]:
+    """The snapshot asked for (file name or revision), else the newest the catalog knows; and the names of
+    the bot's own newer ones. `rows`: the cluster's verified snapshots (catalog rows, or refs from the
+    catalog of both places), newest first. The store alone never picks the default: an object only the
+    store holds is chosen only by name, and a foreign one (not signed by the bot) only by its exact file
+    name and with `foreign_ok` (a restore's --force). `encrypted_only` (the cluster has age_recipients):
+    a plaintext object the catalog did not record is refused, whatever its manifest says."""
     refs = [r if isinstance(r, SnapshotRef) else SnapshotRef.of(r) for r in rows]
-    if not refs:
-        raise Refusal("no verified snapshot of this cluster is recorded", "take one with /etcd snapshot while "
-                      "a member answers, or restore by hand from your own backup")
+    own = [r for r in refs if not r.foreign]
     if wanted is None:
-        index = 0
+        catalogued = [r for r in own if r.id]
+        if not catalogued and own:
+            raise Refusal(f"the bot's catalog records no snapshot of this cluster; the store holds {len(own)} it "
+                          f"wrote, the newest {own[0].file_name}", "name the one you want (see /etcd snapshots)")
+        if not catalogued:
+            raise Refusal("no verified snapshot of this cluster is recorded", "take one with /etcd snapshot while "
+                          "a member answers, or restore by hand from your own backup")
+        chosen = catalogued[0]
     else:
         w = wanted.strip()
-        matches = [i for i, r in enumerate(refs) if r.file_name == w or (w.isdigit() and r.revision == int(w))]
-        if not matches:
-            raise Refusal(f"no recorded snapshot named or at revision {w!r}", "see /etcd snapshots")
-        index = matches[0]
-    return refs[index], tuple(r.file_name for r in refs[:index])
+        chosen = next((r for r in own if r.file_name == w or (w.isdigit() and r.revision == int(w))), None) or \
+            _foreign(refs, w, foreign_ok)
+    if encrypted_only and not chosen.encrypted and not chosen.id:
+        raise Refusal(f"{chosen.file_name} is plaintext, this cluster encrypts its snapshots (age_recipients), "
+                      "and the bot's catalog never recorded it", "choose an encrypted snapshot, or one the catalog "
+                      "records (see /etcd snapshots)")
+    return chosen, tuple(r.file_name for r in refs[:refs.index(chosen)] if not r.foreign)
+
+
+def _foreign(refs: list[SnapshotRef], name: str, allowed: bool) -> SnapshotRef:
+    """The foreign object named exactly `name`, when it may be used; Refusal otherwise."""
+    found = next((r for r in refs if r.foreign and r.file_name == name), None)
+    if found is None:
+        raise Refusal(f"no recorded snapshot named or at revision {name!r}", "see /etcd snapshots")
+    if not found.sha256:
+        raise Refusal(f"{name} is foreign ({found.foreign}): nothing says what it holds",
+                      "fetch it with the store's own tools and restore by hand if you must")
+    if not allowed:
+        raise Refusal(f"{name} is foreign, not a snapshot this bot took: {found.foreign}",
+                      "restore it only on purpose, by name with --force")
+    return found
 
 
 RESTORE_STEPS = (

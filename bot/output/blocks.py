@@ -18,9 +18,11 @@ from typing import TYPE_CHECKING, Any
 from bot.etcd.consistency import Consistency
 from bot.etcd.health import ClusterHealth
 from bot.etcd.metrics import MemberMetrics
+from bot.etcd.urls import shown_urls
 from bot.ops.defrag import DefragPlan
 from bot.ops.replace import MemberRef, Plan, Step
 from bot.ops.restore import K8S_AFTER, K8S_BEFORE, RestorePlan, bump_note
+from bot.output import shell
 from bot.output import text as render
 from bot.output.model import (
     LEADERLESS,
@@ -161,7 +163,7 @@ def _member_line(v: MemberView) -> str:
         facts.append(f"quota {escape(v.quota_line)}")
     if v.alarms:
         facts.append(f":rotating_light: alarm {escape(', '.join(v.alarms))}")
-    urls = f"peer {escape(', '.join(m.peer_urls) or '-')} · client {escape(', '.join(m.client_urls) or '-')}"
+    urls = f"peer {_urls(m.peer_urls)} · client {_urls(m.client_urls)}"
     return "\n".join([first, " · ".join(facts), urls] if facts else [first, urls])
 
 
@@ -240,7 +242,7 @@ def slack_date(epoch: float) -> str:
 
 
 def _urls(urls: tuple[str, ...] | list[str]) -> str:
-    return escape(", ".join(urls)) or "-"
+    return escape(shown_urls(urls))
 
 
 def _member_ref(m: MemberRef) -> str:
@@ -292,7 +294,7 @@ def plan_reply(plan: Plan | RestorePlan | DefragPlan, view: PlanView) -> Reply:
                   f"{escape(plan.new_client_url or '(set by the launcher)')} · {joins}"),
     ]
     blocks += _steps(plan.steps, view)
-    env = "\n".join(f'{k}="{v}"' for k, v in plan.environment.items())
+    env = "\n".join(shell.assignments(plan.environment))
     blocks.append(_section(f"*Environment for {escape(plan.new_name)}* (runbook step 4):"))
     blocks += sections(escape(env), code=True)
     if plan.others_failed:
@@ -344,7 +346,7 @@ def _footer(plan_id: str, view: PlanView, blocks: list[dict[str, Any]], text: st
     return Reply(text=text, blocks=blocks)
 
 
-def _ago(seconds: float) -> str:
+def ago(seconds: float) -> str:
     seconds = max(0.0, seconds)
     for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
         if seconds >= size:
@@ -367,13 +369,19 @@ def restore_plan_reply(plan: RestorePlan, view: PlanView, now: float | None = No
                 "(checked by the bot; checked again before the members are stopped).")
     source = ("the live member list" if plan.membership_source == "live"
               else "the last membership the bot recorded (no member answers)")
+    foreign = ([] if not snap.foreign else sections(
+        f":warning: *FOREIGN snapshot: this bot did not take {code(snap.file_name)}* ({escape(snap.foreign)}). "
+        f"It was named with --force; its contents are checked only against its own unsigned manifest, and the "
+        f"restore replaces {escape(plan.cluster)}'s data with whatever it holds."))
     blocks: list[dict[str, Any]] = [
-        _header(f"Plan {plan.id}: restore {plan.cluster} from a snapshot"),
+        _header(f"Plan {plan.id}: restore {plan.cluster} from a "
+                + ("FOREIGN snapshot (not taken by this bot)" if snap.foreign else "snapshot")),
+        *foreign,
         state_section,
         *sections(f"*Snapshot:* {code(snap.file_name)}{' (age-encrypted)' if snap.encrypted else ''} · revision "
                   f"{snap.revision} · hash {code(snap.hash)} · {snap.total_keys} keys · "
                   f"{humanize_bytes(snap.total_size)}"
-                  f" · file {humanize_bytes(snap.file_size)} · taken {_ago(now - snap.created_at)} ago from "
+                  f" · file {humanize_bytes(snap.file_size)} · taken {ago(now - snap.created_at)} ago from "
                   f"{escape(snap.member)}\n*sha256:* {code(snap.sha256)}\n" + (
                       f"*From the snapshot store:* {code(snap.remote_url)} (no local copy: fetched, checked against "
                       "the catalog's size and sha256, and decrypted into a 0600 temporary file that is removed "
@@ -385,7 +393,7 @@ def restore_plan_reply(plan: RestorePlan, view: PlanView, now: float | None = No
                            f"{escape(', '.join(plan.newer))}. Restoring an older one is deliberate only if the newer "
                            "ones may hold the bad data.")
     blocks += sections(gate)
-    blocks += sections(f"*Members* ({len(plan.members)}, from {source}, seen {_ago(now - plan.membership_seen_at)} "
+    blocks += sections(f"*Members* ({len(plan.members)}, from {source}, seen {ago(now - plan.membership_seen_at)} "
                        f"ago):\n" + "\n".join(f"• *{escape(m.name)}* · peer {escape(m.peer_url)} · client "
                                                f"{_urls(m.client_urls)} · data dir {code(m.data_dir)}"
                                                for m in plan.members))
@@ -393,17 +401,19 @@ def restore_plan_reply(plan: RestorePlan, view: PlanView, now: float | None = No
              for i, step in enumerate(plan.steps)]
     blocks += sections("*Steps*\n" + "\n".join(steps))
     how = ("the launcher runs `stop`, `restore` and `start` for each member" if plan.launcher == "command"
-           else "manual launcher: run these on each host when the thread asks, then `/etcd continue " + plan.id + "`")
+           else f"manual launcher: run these on each host when the thread asks, then confirm each stage with "
+                f"`/etcd continue {plan.id} <stage>`")
     blocks.append(_section(f"*etcdutl snapshot restore on every member* (new cluster token, unique to this restore; "
                            f"{escape(how)}):"))
     local = snap.file_name if snap.from_store else snap.path   # a fetched copy's path is made at the step
-    commands = "\n".join(f"# {m.name}\n" + " ".join(plan.restore_args(m, local.removesuffix('.age')))
+    commands = "\n".join(f"{shell.comment(m.name)}\n{shell.command(plan.restore_args(m, local.removesuffix('.age')))}"
                          for m in plan.members)
     blocks += sections(escape(commands), code=True)
     blocks += sections(f"*Kubernetes:* {escape(K8S_BEFORE)} {escape(K8S_AFTER)}\n:information_source: "
                        f"{escape(bump_note(plan))}")
-    text = (f"Plan {plan.id}: restore {escape(plan.cluster)} from {escape(snap.file_name)} (revision {snap.revision}"
-            f"{', from the snapshot store' if snap.from_store else ''}):"
+    text = (f"Plan {plan.id}: restore {escape(plan.cluster)} from "
+            f"{'FOREIGN snapshot (not taken by this bot) ' if snap.foreign else ''}{escape(snap.file_name)} "
+            f"(revision {snap.revision}{', from the snapshot store' if snap.from_store else ''}):"
             f" {state}. Proposed by {mention(view.proposer)}")
     return _footer(plan.id, view, blocks, text, proposer_note=" (cannot approve it)")
 def _defrag_table(plan: DefragPlan) -> str:
@@ -549,6 +559,9 @@ _PLACE = {"local": ":floppy_disk: local", "remote": ":cloud: remote only",
 
 def _where(e: CatalogEntry) -> str:
     """Where the copies are, and what went wrong with the off-site one."""
+    if e.foreign:
+        return (f":cloud: remote only · :warning: *FOREIGN*, not taken by this bot: {_item(e.foreign)} "
+                "(never the default; restore only by name with --force)")
     if e.remote_state == RemoteState.FAILED:
         return f":floppy_disk: local · :warning: upload failed: {_item(e.remote_error or 'no reason recorded')}"
     if e.remote_state == RemoteState.MISSING:
@@ -569,6 +582,10 @@ def snapshots_reply(view: CatalogView, drills: Mapping[int, dict[str, Any]] | No
         return Reply(text=text)
     lines = []
     for e in view.entries:
+        if not e.described:  # no manifest: its name, size and upload time are all anyone knows
+            lines.append(" · ".join([code(render.one_line(e.name)), humanize_bytes(e.file_size),
+                                     slack_date(e.created_at), _where(e)]))
+            continue
         lines.append(" · ".join([
             code(render.one_line(e.name)), f"rev {e.revision}", f"hash {_item(e.hash)}", f"{e.total_keys} keys",
             humanize_bytes(e.total_size), _item(e.member),
@@ -591,6 +608,9 @@ def drill_reply(result: DrillResult, requested_by: str) -> Reply:
     head = (f":white_check_mark: Restore drill of {escape(result.snapshot)} ({escape(result.cluster)}) passed"
             if result.ok else f":x: Restore drill of {escape(result.snapshot)} ({escape(result.cluster)}) FAILED")
     text = f"{head} in {result.seconds:.1f}s: {escape(result.detail)}"
+    if result.foreign:
+        text += (f"\n:warning: {escape(result.snapshot)} is *FOREIGN*, not taken by this bot "
+                 f"({escape(result.foreign)}): drilled on request, not added to the catalog")
     fetched = f"fetched from the snapshot store: {code(result.remote_url)} · " if result.remote_url else ""
     return Reply(text=text, blocks=[*sections(text), _context(f"{fetched}asked by {mention(requested_by)}")])
 

@@ -425,6 +425,14 @@ class CatalogEntry:
     requested_by: str = ""
     reason: str = ""
     live_keys: int | None = None
+    # why an object only the store holds is not the bot's own (no valid manifest); "" for the bot's own
+    foreign: str = ""
+
+    @property
+    def described(self) -> bool:
+        """Something (the catalog, or a manifest) says what the snapshot holds; false for an object
+        without a readable manifest, known only by its name and size."""
+        return bool(self.sha256)
 
     @property
     def remote(self) -> bool:
@@ -441,6 +449,8 @@ class CatalogEntry:
     @property
     def remote_word(self) -> str:
         """The off-site copy in a few words, for every printer."""
+        if self.foreign:
+            return "FOREIGN"
         return {RemoteState.NONE: "-", RemoteState.UPLOADING: "uploading", RemoteState.VERIFIED: "verified",
                 RemoteState.FAILED: "upload FAILED", RemoteState.LISTED: "stored (manifest only)",
                 RemoteState.MISSING: "MISSING from the store"}[self.remote_state]

@@ -11,6 +11,7 @@ from typing import Any
 
 from bot.etcd.consistency import Consistency
 from bot.etcd.model import KVHash
+from bot.etcd.urls import shown_urls
 from bot.output.model import (
     AlertView,
     CatalogView,
@@ -51,8 +52,8 @@ def status_rows(view: StatusView) -> list[list[str]]:
     for v in view.members:
         m, s = v.member, v.status
         rows.append([
-            m.hex_id, "started" if m.started else "unstarted", m.name or "", ", ".join(m.peer_urls),
-            ", ".join(m.client_urls), str(m.is_learner).lower(),
+            m.hex_id, "started" if m.started else "unstarted", m.name or "", shown_urls(m.peer_urls),
+            shown_urls(m.client_urls), str(m.is_learner).lower(),
             "yes" if v.reachable else f"NO: {v.error}",
             "*" if v.is_leader else "",
             s.version if s else "-", humanize_bytes(s.db_size) if s else "-", str(s.raft_index) if s else "-",
@@ -140,13 +141,16 @@ def _utc(epoch: float) -> str:
 
 def catalog_text(view: CatalogView) -> str:
     """`snapshot list`: one table row per snapshot, where its copies are, then the store's one line."""
-    rows = [[e.name + (" (age)" if e.encrypted else ""), _utc(e.created_at), str(e.revision), e.hash,
-             str(e.total_keys), humanize_bytes(e.file_size or e.total_size), e.place, e.remote_word]
+    rows = [[e.name + (" (age)" if e.encrypted else ""), _utc(e.created_at),
+             *((str(e.revision), e.hash, str(e.total_keys)) if e.described else ("?", "?", "?")),
+             humanize_bytes(e.file_size or e.total_size), e.place, e.remote_word]
             for e in view.entries]
     head = f"snapshots of {view.cluster}" + (f", store {view.store_url}" if view.store_url else ", no store")
     lines = [head, table(CATALOG_HEADERS, rows) if rows else "(none)"]
     lines += [f"upload of {e.name} failed: {one_line(e.remote_error, 200)}" for e in view.entries
               if e.remote_error and e.remote_word == "upload FAILED"]
+    lines += [f"FOREIGN {e.name}: not taken by this bot: {e.foreign} (never the default; restore only by name "
+              "with --force)" for e in view.entries if e.foreign]
     if view.store_error:
         lines.append(f"STORE: {view.store_error}")
     return "\n".join(lines)
@@ -158,7 +162,7 @@ def catalog_json(view: CatalogView) -> dict[str, Any]:
          "total_keys": e.total_keys, "total_size": e.total_size, "file_size": e.file_size, "sha256": e.sha256,
          "encrypted": e.encrypted, "member": e.member, "place": e.place, "local_path": e.local_path,
          "remote_url": e.remote_url, "remote_state": str(e.remote_state) or None,
-         "remote_error": e.remote_error or None}
+         "remote_error": e.remote_error or None, "foreign": e.foreign or None}
         for e in view.entries]}
 
 

@@ -31,7 +31,6 @@ from bot.slack.directory import SlackDirectory
 from bot.slack.notifier import SlackNotifier
 from bot.slack.readiness import ReadinessProbe
 from bot.store.base import StoreError
-from bot.store.records import PlanState
 from bot.watch.watcher import Watcher, tidy_alerts
 
 log = logging.getLogger(__name__)
@@ -157,12 +156,10 @@ class BotRuntime:
 
         async def metrics_page(request: web.Request) -> web.Response:
             try:
-                counts = await self.ctx.store.plan_counts()
+                await metrics.from_store(self.ctx.store, self.ctx.config.clusters)
             except StoreError as e:  # the other metrics still tell the story; /readyz says why
-                log.warning("plan counts not exported: state store unavailable", extra={"ctx_error": str(e)})
-            else:
-                for state in PlanState:
-                    metrics.plans.labels(state=state.value).set(counts.get(state, 0))
+                log.warning("plan and snapshot gauges not updated: state store unavailable",
+                            extra={"ctx_error": str(e)})
             return web.Response(body=metrics.exposition(), content_type="text/plain", charset="utf-8",
                                 headers={"X-Content-Type-Options": "nosniff"})
 

@@ -22,7 +22,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Collection, Iterable
 from typing import TYPE_CHECKING, Any
 
-from bot.store.records import Fence, Lease, PlanRecord, PlanState
+from bot.store.records import Confirmation, Fence, Lease, PlanRecord, PlanState, Stage, StageAnswer
 
 if TYPE_CHECKING:
     from bot.config import Config
@@ -95,6 +95,29 @@ def known_columns(fields: dict[str, Any], allowed: frozenset[str], what: str) ->
     if "remote_state" in fields and fields["remote_state"] not in REMOTE_STATES:
         raise ValueError(f"{what}: remote_state {fields['remote_state']!r} is not one of {REMOTE_STATES}")
     return fields
+
+
+def judge_confirmation(stages: Iterable[Stage], key: str | None, now: float, settle: float) -> StageAnswer | None:
+    """A confirmation of the plan whose stages are `stages`, arriving at `now` (the database's clock), naming
+    stage `key` or none: the refusal, or None when it confirms the stage the plan waits on (the newest).
+    Unnamed, it is refused for `settle` seconds after its stage opened when an earlier stage was confirmed:
+    two approvers confirming one stage moments apart must not confirm the next one too."""
+    every = list(stages)
+    current = max(every, key=lambda s: s.opened_at, default=None)
+    if key is not None and (current is None or key != current.key):
+        named = next((s for s in every if s.key == key), None)
+        if named is not None and named.confirmed_by:
+            return StageAnswer(Confirmation.ALREADY, named, now)
+        return StageAnswer(Confirmation.NOT_WAITING, current, now)
+    if current is None:
+        return StageAnswer(Confirmation.NOT_WAITING, None, now)
+    if current.confirmed_by:
+        return StageAnswer(Confirmation.ALREADY, current, now)
+    if current.closed_at is not None:
+        return StageAnswer(Confirmation.NOT_WAITING, current, now)
+    if key is None and now - current.opened_at < settle and any(s.confirmed_by for s in every if s is not current):
+        return StageAnswer(Confirmation.TOO_SOON, current, now)
+    return None
 
 
 class AuditVerifier:
@@ -335,6 +358,27 @@ class Store(ABC):
     async def mutes(self) -> list[dict[str, Any]]:
         """The mutes not yet expired."""
 
+    # -- manual stages --------------------------------------------------
+    # A plan waits on one stage at a time; a confirmation counts for the stage it waits on when it
+    # arrives, never for one that starts later. Times are the database's clock (dialect.py: now).
+
+    @abstractmethod
+    async def open_stage(self, plan_id: str, key: str, *, fence: Fence | None = None) -> Stage:
+        """The plan waits on stage `key` from now: a fresh wait (an earlier confirmation of that stage, from a run
+        that stopped, no longer counts), and any other stage of the plan stops waiting."""
+
+    @abstractmethod
+    async def close_stage(self, plan_id: str, key: str, *, fence: Fence | None = None) -> Stage | None:
+        """The wait on `key` ends (later confirmations are refused); the stage as it ended, confirmed or not."""
+
+    @abstractmethod
+    async def stage(self, plan_id: str, key: str) -> Stage | None: ...
+
+    @abstractmethod
+    async def confirm_stage(self, plan_id: str, user: str, key: str | None, settle: float) -> StageAnswer:
+        """`/etcd continue`: confirm the stage the plan waits on now, in one guarded write (of racing
+        confirmations, one is CONFIRMED and the others ALREADY), as `judge_confirmation` decides."""
+
     # -- audit ----------------------------------------------------------
 
     @abstractmethod
@@ -353,10 +397,6 @@ class Store(ABC):
     @abstractmethod
     async def acted_before(self, action: str, user: str, plan_id: str) -> bool:
         """Whether the audit already holds `action` by `user` on the plan (a repeated refusal)."""
-
-    @abstractmethod
-    async def continued(self, plan_id: str, since: float) -> bool:
-        """Whether an approver confirmed a manual stage of the plan (`/etcd continue`) at or after `since`."""
 
     @abstractmethod
     async def audit_rows(self, since: float | None = None) -> list[dict[str, Any]]: ...

@@ -106,3 +106,44 @@ class Fence:
     name: str
     holder: str
     token: int
+
+
+class Confirmation(StrEnum):
+    """What became of an approver's `/etcd continue` (bot.store.base.Store.confirm_stage)."""
+
+    CONFIRMED = "confirmed"      # this call confirmed the stage the plan waits on
+    NOT_WAITING = "not_waiting"  # the plan waits on no stage now, or on another one than named
+    ALREADY = "already"          # the stage was confirmed before (by whom: the answer's stage)
+    TOO_SOON = "too_soon"        # unnamed, and the stage began a moment after an earlier one was confirmed
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A manual stage of a plan (the `manual` launcher's stop, restore or start): the plan waits on it
+    from `opened_at` until an approver confirms it or the wait ends. Times are the database's clock."""
+
+    plan_id: str
+    key: str                     # readable: the step it belongs to (stop, restore, start)
+    opened_at: float
+    closed_at: float | None      # the wait ended (confirmed, timed out or stopped)
+    confirmed_by: str | None
+    confirmed_at: float | None
+
+    @property
+    def waiting(self) -> bool:
+        return self.closed_at is None and self.confirmed_by is None
+
+    @classmethod
+    def of(cls, row: Mapping[str, Any]) -> Stage:
+        return cls(plan_id=row["plan_id"], key=row["stage"], opened_at=float(row["opened_at"]),
+                   closed_at=row["closed_at"], confirmed_by=row["confirmed_by"], confirmed_at=row["confirmed_at"])
+
+
+@dataclass(frozen=True)
+class StageAnswer:
+    """`outcome` of a confirmation, the stage it concerns (the one confirmed, or confirmed before; else the
+    stage the plan is at, None when it never waited) and the database's time it was decided."""
+
+    outcome: Confirmation
+    stage: Stage | None
+    at: float

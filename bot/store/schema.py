@@ -154,6 +154,18 @@ ALTER TABLE snapshots ADD COLUMN remote_verified_at $REAL;
 ALTER TABLE snapshots ADD COLUMN remote_pruned_at $REAL;
 """
 
+STAGES = """
+CREATE TABLE stages (
+    plan_id TEXT NOT NULL,
+    stage TEXT NOT NULL,           -- readable: the step it belongs to (stop, restore, start)
+    opened_at $REAL NOT NULL,      -- the database's clock (dialect.py: now), as every time in this table
+    closed_at $REAL,               -- the wait ended
+    confirmed_by TEXT,             -- the approver whose /etcd continue confirmed it
+    confirmed_at $REAL,
+    PRIMARY KEY (plan_id, stage)
+);
+"""
+
 MIGRATIONS_TABLE = ("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, "
                     "applied_at $REAL NOT NULL)")
 
@@ -181,6 +193,7 @@ MIGRATIONS = (
               add_missing=ADDED_COLUMNS,
               only={"postgresql": "CREATE INDEX plans_by_message ON plans(channel, message_ts);\n"}),
     Migration(2, "leases, alerts, mutes; snapshots' off-site copy", LEASES_ALERTS_MUTES),
+    Migration(3, "stages: the manual stage a plan waits on, and who confirmed it", STAGES),
 )
 LATEST = MIGRATIONS[-1].version
 

@@ -7,8 +7,8 @@ A method is a unit of work: a coroutine over one connection, run by the backend
 holds: SQLite's BEGIN IMMEDIATE holds the whole file; PostgreSQL holds the rows
 read FOR UPDATE / FOR SHARE and the advisory locks (`Connection.lock`) of what
 has no row to lock (the audit chain's tail, a cluster's memberships, migrations).
-Leases and fences compare with the database's clock (`Dialect.now`), so replicas
-whose clocks disagree still agree on who holds a lease.
+Leases, fences and manual stages go by the database's clock (`Dialect.now`), so
+replicas whose clocks disagree still agree on who holds a lease and when a stage began.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import json
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Coroutine, Iterable, Sequence
+from dataclasses import replace
 from typing import Any, ClassVar, TypeVar
 
 from bot.store.base import (
@@ -30,11 +31,12 @@ from bot.store.base import (
     audit_detail_text,
     audit_hash,
     audit_key_id,
+    judge_confirmation,
     known_columns,
     membership_text,
 )
 from bot.store.dialect import Dialect
-from bot.store.records import OPEN_STATES, Fence, Lease, PlanRecord, PlanState
+from bot.store.records import OPEN_STATES, Confirmation, Fence, Lease, PlanRecord, PlanState, Stage, StageAnswer
 from bot.store.schema import LATEST, MIGRATIONS, MIGRATIONS_TABLE, mismatch, render
 
 T = TypeVar("T")
@@ -438,6 +440,48 @@ class SqlStore(Store):
     async def mutes(self) -> list[dict[str, Any]]:
         return await self._rows('SELECT * FROM mutes WHERE "until" > ? ORDER BY cluster', [time.time()])
 
+    # -- manual stages: the database's clock ------------------------------
+
+    async def open_stage(self, plan_id: str, key: str, *, fence: Fence | None = None) -> Stage:
+        now = self.dialect.now
+
+        async def work(c: Connection) -> Stage:
+            await c.execute(f"UPDATE stages SET closed_at = {now} WHERE plan_id = ? AND stage <> ? "
+                            "AND closed_at IS NULL", [plan_id, key])
+            row = await c.row(f"INSERT INTO stages (plan_id, stage, opened_at) VALUES (?, ?, {now}) "
+                              "ON CONFLICT (plan_id, stage) DO UPDATE SET opened_at = excluded.opened_at, "
+                              "closed_at = NULL, confirmed_by = NULL, confirmed_at = NULL RETURNING *", [plan_id, key])
+            assert row is not None
+            return Stage.of(row)
+        return await self._fenced(fence, work, transaction=True)
+
+    async def close_stage(self, plan_id: str, key: str, *, fence: Fence | None = None) -> Stage | None:
+        async def work(c: Connection) -> Stage | None:
+            await c.execute(f"UPDATE stages SET closed_at = {self.dialect.now} WHERE plan_id = ? AND stage = ? "
+                            "AND closed_at IS NULL", [plan_id, key])
+            row = await c.row("SELECT * FROM stages WHERE plan_id = ? AND stage = ?", [plan_id, key])
+            return Stage.of(row) if row else None
+        return await self._fenced(fence, work, transaction=True)
+
+    async def stage(self, plan_id: str, key: str) -> Stage | None:
+        row = await self._row("SELECT * FROM stages WHERE plan_id = ? AND stage = ?", [plan_id, key])
+        return Stage.of(row) if row else None
+
+    async def confirm_stage(self, plan_id: str, user: str, key: str | None, settle: float) -> StageAnswer:
+        async def work(c: Connection) -> StageAnswer:
+            # The plan's stage rows locked first: a racing confirmation, or the stage opening, waits for this one.
+            rows = await c.rows(f"SELECT * FROM stages WHERE plan_id = ?{self.dialect.for_update}", [plan_id])
+            stages = [Stage.of(r) for r in rows]
+            now = float(await c.value(f"SELECT {self.dialect.now}"))
+            refused = judge_confirmation(stages, key, now, settle)
+            if refused is not None:
+                return refused
+            current = max(stages, key=lambda s: s.opened_at)
+            await c.execute("UPDATE stages SET confirmed_by = ?, confirmed_at = ? WHERE plan_id = ? AND stage = ?",
+                            [user, now, plan_id, current.key])
+            return StageAnswer(Confirmation.CONFIRMED, replace(current, confirmed_by=user, confirmed_at=now), now)
+        return await self._run(work, transaction=True)
+
     # -- audit ----------------------------------------------------------
 
     async def audit(self, action: str, *, user: str = "", channel: str = "", cluster: str = "",
@@ -477,11 +521,6 @@ class SqlStore(Store):
         return await self._row(f'SELECT 1 FROM audit WHERE action = ? AND "user" = ? '
                                f"AND {self.dialect.json_field('detail', 'plan')} = ? LIMIT 1",
                                [action, user, plan_id]) is not None
-
-    async def continued(self, plan_id: str, since: float) -> bool:
-        return await self._row(f"SELECT 1 FROM audit WHERE action = 'plan_continued' AND ts >= ? "
-                               f"AND {self.dialect.json_field('detail', 'plan')} = ? LIMIT 1",
-                               [since, plan_id]) is not None
 
     async def audit_rows(self, since: float | None = None) -> list[dict[str, Any]]:
         return await self._rows("SELECT * FROM audit WHERE ts >= ? ORDER BY id", [since or 0])

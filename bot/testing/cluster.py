@@ -242,7 +242,7 @@ class LocalCluster:
         """Start the initial members and wait until every one reports healthy."""
         for attempt in range(3):  # a port picked free can be taken before etcd binds it
             names = [f"{self.prefix}{i}" for i in range(1, self.size + 1)]
-            fresh = iter(_distinct_free_ports(2 * len(names)))  # the kernel may hand out a port twice
+            fresh = iter(distinct_free_ports(2 * len(names)))  # the kernel may hand out a port twice
             ports = {n: (next(fresh), next(fresh)) for n in names}
             initial = ",".join(f"{n}={self._url(ports[n][1])}" for n in names)
             for n in names:
@@ -472,7 +472,7 @@ class LocalCluster:
             _wait_gone(pid, self.base_dir, 5.0)
 
 
-def _distinct_free_ports(n: int) -> list[int]:
+def distinct_free_ports(n: int) -> list[int]:
     ports: list[int] = []
     while len(ports) < n:
         if (port := free_port()) not in ports:

@@ -18,6 +18,12 @@ every_seconds))` runs `await fetch(ctx, cluster, health)` at most once per
 `every_seconds` and hands its last result over as `f.extra["my_probe"]`
 (absent until the probe first succeeds: return None then). Tests: build a
 Facts by hand (tests/test_watch_conditions.py shows how).
+
+A check that raises costs its own verdict only: it is unknown that round (its
+alert stands still) and the watcher logs it once and counts it. A check over
+the members goes through `per_member`, so one member's failure costs that
+member's finding, not the others'. Read member URLs with bot.etcd.urls.read_url
+(total): etcd stores URLs the bot cannot use.
 """
 from __future__ import annotations
 
@@ -25,10 +31,11 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 from bot.config import ClusterConfig
 from bot.etcd.health import ClusterHealth, MemberHealth
+from bot.etcd.urls import Endpoint, read_url, shown_urls
+from bot.output import shell
 from bot.output.units import humanize_bytes
 from bot.store.records import PlanKind, PlanRecord, PlanState
 
@@ -101,17 +108,75 @@ def title(kind: str) -> str:
     return found.title if found else kind.replace("_", " ")
 
 
-def evaluate(facts: Facts) -> tuple[list[Finding], set[str]]:
-    """Every registered condition's findings, and the kinds that could not tell this round."""
-    findings: list[Finding] = []
-    unknown: set[str] = set()
+@dataclass(frozen=True)
+class Failure:
+    """A condition (or one subject of it) whose check raised: a bug, or facts it did not expect."""
+
+    kind: str
+    subject: str | None     # None: the whole condition
+    error: Exception
+
+    @property
+    def key(self) -> tuple[str, str | None]:
+        return self.kind, self.subject
+
+
+class Partly(Exception):
+    """Raised by a condition that failed for some subjects only: the findings of the others, and the failures."""
+
+    def __init__(self, found: list[Finding], failed: dict[str, Exception]):
+        super().__init__(f"failed for {', '.join(failed)}")
+        self.found, self.failed = found, failed
+
+
+@dataclass
+class Evaluation:
+    """One round's verdicts. A failed check is unknown, not clear: its alerts stand still."""
+
+    findings: list[Finding] = field(default_factory=list)
+    unknown: set[str] = field(default_factory=set)                   # kinds that could not tell this round
+    unsure: set[tuple[str, str]] = field(default_factory=set)        # (kind, subject) whose check failed
+    failures: list[Failure] = field(default_factory=list)
+
+
+def evaluate(facts: Facts) -> Evaluation:
+    """Every registered condition's findings, each condition on its own: one that raises is unknown this round
+    and the others go on."""
+    out = Evaluation()
     for condition in CONDITIONS.values():
-        found = condition.check(facts)
+        try:
+            found = condition.check(facts)
+        except Partly as p:
+            out.findings += p.found
+            out.unsure |= {(condition.kind, subject) for subject in p.failed}
+            out.failures += [Failure(condition.kind, subject, e) for subject, e in p.failed.items()]
+            continue
+        except Exception as e:   # a condition's bug costs its own verdict, not the round
+            out.unknown.add(condition.kind)
+            out.failures.append(Failure(condition.kind, None, e))
+            continue
         if found is None:
-            unknown.add(condition.kind)
+            out.unknown.add(condition.kind)
         else:
-            findings += found
-    return findings, unknown
+            out.findings += found
+    return out
+
+
+def per_member(health: ClusterHealth, one: Callable[[MemberHealth], Finding | None]) -> list[Finding]:
+    """`one` for every member, each on its own: a member whose check raises costs its own finding (Partly)."""
+    found: list[Finding] = []
+    failed: dict[str, Exception] = {}
+    for h in health.members:
+        try:
+            finding = one(h)
+        except Exception as e:   # reported through Partly
+            failed[member_label(h)] = e
+            continue
+        if finding is not None:
+            found.append(finding)
+    if failed:
+        raise Partly(found, failed)
+    return found
 
 
 # ---------------------------------------------------------------- the conditions
@@ -132,32 +197,33 @@ def next_name(name: str, taken: set[str]) -> str:
 
 
 def new_peer_url(peer_urls: tuple[str, ...]) -> str:
-    """The failed member's peer URL with the host left for a person to fill in."""
-    parts = urlsplit(peer_urls[0]) if peer_urls else None
-    scheme = parts.scheme if parts and parts.scheme else "https"
-    port = parts.port if parts and parts.port else 2380
+    """The failed member's peer URL with the host left for a person to fill in (etcd's defaults where its
+    own URL is unusable)."""
+    found = read_url(peer_urls[0]) if peer_urls else None
+    scheme, port = (found.scheme, found.port) if isinstance(found, Endpoint) else ("https", 2380)
     return f"{scheme}://NEW-HOST:{port}"
 
 
 def member_down(f: Facts) -> list[Finding] | None:
-    if f.health is None:
+    health = f.health
+    if health is None:
         return None
     name = f.cluster.name
-    taken = {h.member.name for h in f.health.members if h.member.name}
-    found = []
-    for h in f.health.members:
+    taken = {h.member.name for h in health.members if h.member.name}
+
+    def down(h: MemberHealth) -> Finding | None:
         if h.reachable:
-            continue
+            return None
         label = member_label(h)
-        replace = (f"/etcd replace {label} {next_name(h.member.name, taken)} {new_peer_url(h.member.peer_urls)} "
-                   f"--cluster {name}")
-        found.append(Finding("member_down", label, f"{h.problem or 'unreachable'}",
-                             figures=(("member", f"{label} ({h.member.hex_id})"),
-                                      ("peer URLs", ", ".join(h.member.peer_urls) or "-"),
-                                      ("quorum", _quorum(f.health))),
-                             suggestions=(replace, f"/etcd status {name}"),
-                             members=(h.member.name, h.member.hex_id)))
-    return found
+        replace = shell.command(["/etcd", "replace", label, next_name(h.member.name, taken),
+                                 new_peer_url(h.member.peer_urls), "--cluster", name])
+        return Finding("member_down", label, f"{h.problem or 'unreachable'}",
+                       figures=(("member", f"{label} ({h.member.hex_id})"),
+                                ("peer URLs", shown_urls(h.member.peer_urls)),
+                                ("quorum", _quorum(health))),
+                       suggestions=(replace, f"/etcd status {name}"),
+                       members=(h.member.name, h.member.hex_id))
+    return per_member(health, down)
 
 
 def _quorum(health: ClusterHealth) -> str:
@@ -170,8 +236,8 @@ def quorum_lost(f: Facts) -> list[Finding] | None:
     if f.health is not None and f.health.quorum.ok:
         return []
     snap = f.newest_snapshot
-    restore = (f"/etcd restore {str(snap['path']).rsplit('/', 1)[-1]} --cluster {name}" if snap
-               else f"/etcd snapshots {name}")
+    restore = shell.command(["/etcd", "restore", str(snap["path"]).rsplit("/", 1)[-1], "--cluster", name] if snap
+                            else ["/etcd", "snapshots", name])
     figures = [("newest verified snapshot", f"{str(snap['path']).rsplit('/', 1)[-1]} (revision {snap['revision']})"
                 if snap else "none recorded")]
     if f.health is None:

@@ -10,7 +10,7 @@ ten times a minute is one message, and one "resolved" when it has settled.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -71,15 +71,15 @@ class Tracker:
         track = self.tracks[finding.key] = Track(finding, present_since=opened_at, opened_at=opened_at, flaps=flaps)
         return track
 
-    def step(self, findings: Iterable[Finding], unknown: set[str], now: float,
-             postable: Callable[[Finding], bool] = lambda f: True) -> list[Decision]:
-        """`unknown`: kinds whose conditions could not tell this round (their tracks stand still);
-        `postable`: False holds an alert back (muted, or the bot's own plan causes it) without
-        forgetting how long its condition has lasted."""
+    def step(self, findings: Iterable[Finding], unknown: Collection[str], now: float,
+             postable: Callable[[Finding], bool] = lambda f: True, unsure: Collection[Key] = ()) -> list[Decision]:
+        """`unknown`: kinds whose conditions could not tell this round, `unsure`: single (kind, subject)
+        keys whose check failed (their tracks stand still); `postable`: False holds an alert back (muted,
+        or the bot's own plan causes it) without forgetting how long its condition has lasted."""
         seen = {f.key: f for f in findings}
         decisions: list[Decision] = []
         for key in list(dict.fromkeys([*self.tracks, *seen])):
-            if key[0] in unknown:
+            if key[0] in unknown or key in unsure:
                 continue
             track = self.tracks.get(key)
             finding = seen.get(key)

@@ -22,7 +22,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -101,6 +101,7 @@ class ClusterWatch:
     term: int | None = None                                              # the highest raft term seen
     elections: list[float] = field(default_factory=list)                 # when new terms were seen
     held: list[tuple[Track, str]] = field(default_factory=list)          # seen, not posted, and why (last round)
+    failing: dict[tuple[str, str | None], str] = field(default_factory=dict)  # (condition, subject) -> error logged
 
     def leader_changes(self, health: ClusterHealth | None, now: float) -> int:
         """New raft terms (each an election) seen within LEADER_WINDOW."""
@@ -176,16 +177,18 @@ class Watcher:
     async def round(self, cluster: ClusterConfig) -> list[Decision]:
         state = self.clusters.get(cluster.name) or self.clusters.setdefault(cluster.name, await self.load(cluster))
         facts = await self.facts(cluster, state)
-        findings, unknown = evaluate(facts)
+        verdicts = evaluate(facts)
+        self._report(cluster, state, [(f.key, f.error) for f in verdicts.failures], within=CONDITIONS)
         plan: PlanRecord | None = await self._quiet(self.ctx.store.open_plan(cluster.name), None)
         mutes = await self._quiet(self.ctx.store.mutes(), [])
         muted = any(m["cluster"] == cluster.name for m in mutes)
-        decisions = state.tracker.step(findings, unknown, facts.now,
-                                       postable=lambda f: not muted and not expected(plan, f))
+        decisions = state.tracker.step(verdicts.findings, verdicts.unknown, facts.now,
+                                       postable=lambda f: not muted and not expected(plan, f), unsure=verdicts.unsure)
         state.held = [(t, _why_held(t.finding, muted, plan, cluster)) for t in state.tracker.tracks.values()
                       if not t.open and t.present_since is not None]
         log.debug("watch round", extra={"ctx_cluster": cluster.name, "ctx_seconds": round(self.clock() - facts.now, 3),
-                                        "ctx_findings": [f.key for f in findings], "ctx_unknown": sorted(unknown),
+                                        "ctx_findings": [f.key for f in verdicts.findings],
+                                        "ctx_unknown": sorted(verdicts.unknown),
                                         "ctx_plan": plan and f"{plan.id} {plan.kind} {plan.state}", "ctx_muted": muted})
         for d in decisions:
             await self._act(cluster, state, d, facts.now)
@@ -202,6 +205,24 @@ class Watcher:
             return []
         return [replace(self.view(config, t, now), opened_at=t.present_since or now, resolved_at=None, held=why)
                 for t, why in state.held]
+
+    def _report(self, cluster: ClusterConfig, state: ClusterWatch,
+                failures: list[tuple[tuple[str, str | None], Exception]], within: Collection[str]) -> None:
+        """Count every failure of a condition (or a probe) and log each once, with its traceback, until it
+        changes or goes away: a check that fails every round must not flood the log, nor go unnoticed.
+        `within`: the conditions (or probes) that were asked, whose earlier failures this round settles."""
+        now = {key: f"{type(e).__name__}: {e}" for key, e in failures}
+        for key, e in failures:
+            self.ctx.metrics.watch_errors.labels(cluster=cluster.name, condition=key[0]).inc()
+            if state.failing.get(key) != now[key]:
+                log.error("watch: check failed; it counts as unknown until it works again",
+                          exc_info=(type(e), e, e.__traceback__),
+                          extra={"ctx_cluster": cluster.name, "ctx_condition": key[0], "ctx_subject": key[1]})
+        for key in [k for k in state.failing if k[0] in within and k not in now]:
+            log.info("watch: check works again", extra={"ctx_cluster": cluster.name, "ctx_condition": key[0],
+                                                        "ctx_subject": key[1]})
+            del state.failing[key]
+        state.failing.update(now)
 
     def _gauges(self, cluster: ClusterConfig, open_tracks: list[Track]) -> None:
         for kind in CONDITIONS:
@@ -224,6 +245,8 @@ class Watcher:
         due = [p for p in PROBES.values()
                if p.name not in state.probed or now - state.probed[p.name][0] >= p.every_seconds]
 
+        bugs: list[tuple[tuple[str, str | None], Exception]] = []
+
         async def one(probe: Probe) -> None:
             try:
                 value = await asyncio.wait_for(probe.fetch(self.ctx, cluster, health),
@@ -232,12 +255,13 @@ class Watcher:
                 log.info("watch probe failed", extra={"ctx_cluster": cluster.name, "ctx_probe": probe.name,
                                                       "ctx_error": str(e) or type(e).__name__})
                 return
-            except Exception:   # a probe's bug costs its own figure, not the round
-                log.exception("watch probe failed", extra={"ctx_cluster": cluster.name, "ctx_probe": probe.name})
+            except Exception as e:   # a probe's bug costs its own figure, not the round
+                bugs.append(((_probe_label(probe), None), e))
                 return
             if value is not None:
                 state.probed[probe.name] = (now, value)
         await asyncio.gather(*(one(p) for p in due))
+        self._report(cluster, state, bugs, within=[_probe_label(p) for p in due])
 
     async def _quiet(self, call: Awaitable[Any], default: Any) -> Any:
         """A store read the round can do without (it logs and goes on)."""
@@ -305,6 +329,11 @@ class Watcher:
         except NotifyFailed as e:
             log.warning("watch: alert not posted", extra={"ctx_channel": channel, "ctx_error": str(e)})
             return None
+
+
+def _probe_label(probe: Probe) -> str:
+    """How a probe's failures are logged and counted beside the conditions'."""
+    return f"{probe.name} probe"
 
 
 def _why_held(finding: Finding, muted: bool, plan: PlanRecord | None, cluster: ClusterConfig) -> str:

@@ -141,3 +141,14 @@ ALTER TABLE snapshots ADD COLUMN remote_state TEXT NOT NULL DEFAULT '';
 ALTER TABLE snapshots ADD COLUMN remote_error TEXT;
 ALTER TABLE snapshots ADD COLUMN remote_verified_at DOUBLE PRECISION;
 ALTER TABLE snapshots ADD COLUMN remote_pruned_at DOUBLE PRECISION;
+
+-- version 3: stages: the manual stage a plan waits on, and who confirmed it
+CREATE TABLE stages (
+    plan_id TEXT NOT NULL,
+    stage TEXT NOT NULL,
+    opened_at DOUBLE PRECISION NOT NULL,   -- the server's clock (clock_timestamp()), as every time in this table
+    closed_at DOUBLE PRECISION,
+    confirmed_by TEXT,
+    confirmed_at DOUBLE PRECISION,
+    PRIMARY KEY (plan_id, stage)
+);

@@ -141,3 +141,14 @@ ALTER TABLE snapshots ADD COLUMN remote_state TEXT NOT NULL DEFAULT '';  -- '' |
 ALTER TABLE snapshots ADD COLUMN remote_error TEXT;
 ALTER TABLE snapshots ADD COLUMN remote_verified_at REAL;
 ALTER TABLE snapshots ADD COLUMN remote_pruned_at REAL;
+
+-- version 3: stages: the manual stage a plan waits on, and who confirmed it
+CREATE TABLE stages (
+    plan_id TEXT NOT NULL,
+    stage TEXT NOT NULL,           -- readable: the step it belongs to (stop, restore, start)
+    opened_at REAL NOT NULL,       -- SQLite's own clock (NOW), as every time in this table
+    closed_at REAL,                -- the wait ended
+    confirmed_by TEXT,             -- the approver whose /etcd continue confirmed it
+    confirmed_at REAL,
+    PRIMARY KEY (plan_id, stage)
+);
