@@ -172,6 +172,8 @@ MIGRATIONS_TABLE = ("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEG
 
 @dataclass(frozen=True)
 class Migration:
+    """One change of the schema, its DDL written once for every dialect."""
+
     version: int
     name: str
     ddl: str
