@@ -17,7 +17,8 @@ from bot.etcd.model import MemberStatus
 from bot.ops.leader import LEASE
 from bot.store.base import Store
 from bot.store.records import PlanRecord
-from bot.store.sqlite import ADDED_COLUMNS, SqliteStore, expected_columns
+from bot.store.schema import ADDED_COLUMNS, expected_columns
+from bot.store.sqlite import SqliteStore
 from bot.testing.cluster import QUOTA, QUOTA_ARGS, fill_until_nospace, free_port
 from bot.testing.slack import Delivery, Message, SlackStandIn
 from bot.testing.workspace import CHANNEL, LEAD, LEADS_GROUP, ONCALL, USERGROUPS, USERS

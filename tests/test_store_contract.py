@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import sqlite3
 import sys
 import time
@@ -28,23 +29,27 @@ from bot.etcd.model import Member
 from bot.ops.replace import plan_replacement
 from bot.store import dsn
 from bot.store.base import LeaseLost, OpenPlanExists, Store, StoreBusy, StoreError, open_store
-from bot.store.postgres import AUDIT_LOCK, PostgresStore
+from bot.store.postgres import PostgresStore
 from bot.store.records import Confirmation, Fence, Lease, PlanKind, PlanState
-from bot.store.sqlite import LATEST, SqliteStore
+from bot.store.schema import LATEST, statements
+from bot.store.sql import AUDIT_LOCK
+from bot.store.sqlite import SqliteStore
 from bot.testing import postgres as postgres_module
 from bot.testing.postgres import LocalPostgres
 from bot.testing.workspace import CHANNEL, cluster_table
 from helpers import as_released, ephemeral, eventually, reply, text_of
 
+SCHEMAS = Path(__file__).parent / "store_schemas"
 PLAN_JSON = json.dumps(plan_replacement(cluster(down(1), up(2), up(3)), REQ).to_json())
 
 
 class Backend:
     """One database; `store()` opens another instance on it (another replica)."""
 
-    def __init__(self, kind: str, tmp_path: Path, postgres: LocalPostgres | None):
+    def __init__(self, kind: str, tmp_path: Path, postgres: LocalPostgres | None, file: str = "state.db"):
         self.kind, self.postgres = kind, postgres
-        self.target: str | Path = postgres.create_database() if postgres else tmp_path / "state.db"
+        self.target: str | Path = postgres.create_database() if postgres else tmp_path / file
+        self.dialect = (PostgresStore if postgres else SqliteStore).dialect.name
         self.stores: list[Store] = []
 
     def new(self, audit_key: str | None = None, timeout: float = 5.0) -> Store:
@@ -69,6 +74,28 @@ class Backend:
                 return cur.fetchall() if cur.description else []
         with closing(sqlite3.connect(self.target)) as db, db:
             return db.execute(query).fetchall()
+
+    def schema(self) -> dict[str, list[tuple[Any, ...]]]:
+        """Every table's columns (types, defaults, keys, identity) and every index, as the database describes them."""
+        if isinstance(self.target, str):
+            return {"columns": self.rows(
+                        "SELECT table_name, column_name, data_type, is_nullable, column_default, is_identity, "
+                        "identity_generation FROM information_schema.columns WHERE table_schema = 'public' "
+                        "ORDER BY table_name, ordinal_position"),
+                    "indexes": self.rows("SELECT tablename, indexname, indexdef FROM pg_indexes "
+                                         "WHERE schemaname = 'public' ORDER BY indexname")}
+        described: dict[str, list[tuple[Any, ...]]] = {}
+        for table, sql in self.rows("SELECT name, sql FROM sqlite_master WHERE type = 'table' ORDER BY name"):
+            indexes = [(name, unique, partial, self.rows(f"SELECT name FROM pragma_index_info('{name}')"),
+                        " ".join(where.split()))
+                       for name, unique, partial, where in self.rows(
+                           "SELECT l.name, l.\"unique\", l.partial, "
+                           "CASE WHEN l.partial THEN substr(m.sql, instr(m.sql, 'WHERE')) ELSE '' END "
+                           f"FROM pragma_index_list('{table}') l LEFT JOIN sqlite_master m ON m.name = l.name "
+                           "ORDER BY l.name")]
+            columns = self.rows(f"SELECT name, type, \"notnull\", dflt_value, pk FROM pragma_table_info('{table}')")
+            described[table] = [*columns, ("AUTOINCREMENT" in sql.upper(),), *indexes]
+        return described
 
     async def close(self) -> None:
         for store in self.stores:
@@ -175,7 +202,7 @@ async def test_a_lease_is_renewed_taken_over_after_expiry_and_fences_writes(back
     first = await a.acquire_lease("leader", "replica-a", 1.0)
     assert first is not None and (first.holder, first.token) == ("replica-a", 1)
     assert await b.acquire_lease("leader", "replica-b", 1.0) is None  # held by a
-    renewed = await a.acquire_lease("leader", "replica-a", 1.0)
+    renewed = await a.acquire_lease("leader", "replica-a", 1.25)  # (longer: SQLite's clock ticks in milliseconds)
     assert renewed is not None and renewed.token == 1 and renewed.expires_at > first.expires_at
     assert await b.lease("leader") == renewed
 
@@ -212,6 +239,29 @@ async def test_a_lease_is_renewed_taken_over_after_expiry_and_fences_writes(back
     assert again == Lease("leader", "replica-a", 3, again.expires_at)  # no wait after a release
     other = await a.acquire_lease("other", "replica-b", 30.0)
     assert other is not None and other.token == 1  # each name has its own lease
+
+
+async def test_a_lease_runs_on_the_database_clock_not_the_replicas(backend, monkeypatch):
+    """Replicas whose clocks are an hour off neither take a lease still held nor stretch their
+    own: a lease's expiry is the database's clock, the one clock every replica shares."""
+    a, b = await backend.store(), await backend.store()
+    await a.insert_plan(plan_row())
+    wall = time.time
+    held = await a.acquire_lease("leader", "replica-a", 30.0)
+    assert held is not None and abs(held.expires_at - (wall() + 30.0)) < 5  # (the database runs on this host)
+
+    monkeypatch.setattr(time, "time", lambda: wall() + 3600)  # an hour fast
+    assert await b.acquire_lease("leader", "replica-b", 30.0) is None  # not taken: still held
+    assert await b.lease("leader") == held
+    renewed = await a.acquire_lease("leader", "replica-a", 0.5)  # for half a second, not an hour and a half
+    assert renewed is not None and renewed.token == 1 and renewed.expires_at < wall() + 5
+
+    monkeypatch.setattr(time, "time", lambda: wall() - 3600)  # an hour slow: the lease would look good for an hour
+    taken = await eventually(lambda: b.acquire_lease("leader", "replica-b", 30.0), timeout=10,
+                             what="the lease lapsing on the database's clock")
+    assert (taken.holder, taken.token) == ("replica-b", 2)
+    with pytest.raises(LeaseLost):  # the fence is checked on the same clock
+        await a.step_started("abc123", 0, "check", fence=renewed.fence)
 
 
 async def test_racing_replicas_get_one_lease(backend):
@@ -267,7 +317,7 @@ async def test_the_snapshots_catalog_and_its_off_site_columns(backend):
 
 async def test_drills_the_last_one_per_snapshot(backend):
     store = await backend.store()
-    for snapshot_id, ok, at in ((1, 0, 10.0), (1, 1, 20.0), (2, 1, 15.0)):
+    for snapshot_id, ok, at in ((1, False, 10.0), (1, True, 20.0), (2, True, 15.0)):  # ok as a drill gives it
         await store.record_drill({"cluster": "prod", "snapshot_id": snapshot_id, "ok": ok, "detail": f"d{at}",
                                   "seconds": 1.5, "at": at, "requested_by": "schedule"})
     last = await store.last_drills("prod")
@@ -455,7 +505,7 @@ async def test_one_audit_chain_under_concurrent_writers_from_two_replicas(backen
 
 WRITER = """
 import asyncio, os, sys
-from bot.store.postgres import AUDIT_LOCK, PostgresStore
+from bot.store.postgres import PostgresStore
 from bot.store.sqlite import SqliteStore
 
 async def main(target, name):
@@ -549,6 +599,47 @@ async def test_a_database_one_migration_behind_is_brought_up_to_date(backend):
     assert await store.open_alert({"cluster": "prod", "condition": "member_down"}) == 1
 
 
+def released_schema(dialect: str) -> tuple[str, dict[int, tuple[str, list[str]]]]:
+    """tests/store_schemas/: the migrations table's DDL, and each released version's name and statements."""
+    preamble, *sections = re.split(r"^-- version (\d+): (.*)$", (SCHEMAS / f"{dialect}.sql").read_text(), flags=re.M)
+    table, = statements(preamble)
+    return table, {int(sections[i]): (sections[i + 1], statements(sections[i + 2])) for i in range(0, len(sections), 3)}
+
+
+def literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+@pytest.mark.parametrize("version", range(1, LATEST + 1))
+async def test_a_database_as_a_release_left_it_opens_with_its_rows_and_the_schema_it_would_have(
+        request, tmp_path, backend, version):
+    """Built with the DDL the releases ran (up to `version`) and a row or two: the store opens it,
+    applies what is newer, reads the rows, and the schema is exactly a new database's (which,
+    at the latest version, is the released one: the DDL written once renders what each backend had)."""
+    table, released = released_schema(backend.dialect)
+    assert sorted(released) == list(range(1, LATEST + 1)), "a released migration adds its section to store_schemas/"
+    backend.rows(table)
+    for number, (name, ddl) in released.items():
+        if number <= version:
+            for statement in ddl:
+                backend.rows(statement)
+            backend.rows(f"INSERT INTO schema_migrations VALUES ({number}, {literal(name)}, 0)")
+    backend.rows("INSERT INTO plans (id, cluster, state, channel, proposer, created_at, expires_at, fingerprint, plan, "
+                 f"updated_at) VALUES ('abc123', 'prod', 'proposed', '{CHANNEL}', 'U0ONCALL01', 1, 2, 'f', "
+                 f"{literal(PLAN_JSON)}, 1)")
+    backend.rows("INSERT INTO events (event_id, received_at) VALUES ('Ev-released', 1)")
+
+    store = await backend.store()
+    assert [m["version"] for m in await store.migrations_applied()] == list(range(1, LATEST + 1))
+    record = await store.plan("abc123")
+    assert record is not None and record.kind is PlanKind.REPLACE and record.state is PlanState.PROPOSED
+    assert not await store.first_delivery("Ev-released")
+    fresh = Backend(backend.kind, tmp_path, backend.postgres, file="fresh.db")
+    await fresh.store()
+    await fresh.close()
+    assert backend.schema() == fresh.schema()
+
+
 async def test_a_database_of_a_newer_bot_is_refused(backend):
     store = await backend.store()
     await store.close()
@@ -598,7 +689,7 @@ async def test_postgres_tables_of_another_program_are_refused_untouched(postgres
 
 async def test_both_backends_have_the_same_columns(postgres):
     """One name for one thing: the contract's rows carry the same keys on both backends."""
-    from bot.store.sqlite import expected_columns
+    from bot.store.schema import expected_columns
 
     url = postgres.create_database()
     store = await PostgresStore(url, password=postgres.password).open()

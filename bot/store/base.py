@@ -1,7 +1,7 @@
 """The store contract: what the bot keeps and how a change is made, whatever
-the database. Two backends implement it (sqlite.py, the embedded default;
-postgres.py, shared by several replicas) and one contract test suite
-(tests/test_store_contract.py) runs against both.
+the database. It is implemented once (sql.py) over two backends (sqlite.py,
+the embedded default; postgres.py, shared by several replicas), and one
+contract test suite (tests/test_store_contract.py) runs against both.
 
 The contract's promises, which the engine and the handlers rely on:
 - every state change is a guarded, conditional write in one transaction
@@ -257,7 +257,7 @@ class Store(ABC):
         a renewal keeps it, any other grant takes the next one, so it increases
         each time the holder changes (and when a holder takes it back after it
         lapsed). None while another holder's lease is unexpired.
-        Times are the database's clock (see each backend)."""
+        Times are the database's clock, whatever the replicas' clocks say."""
 
     @abstractmethod
     async def release_lease(self, name: str, holder: str) -> None:
@@ -360,7 +360,7 @@ class Store(ABC):
 
     # -- manual stages --------------------------------------------------
     # A plan waits on one stage at a time; a confirmation counts for the stage it waits on when it
-    # arrives, never for one that starts later. Times are the database's clock (see each backend).
+    # arrives, never for one that starts later. Times are the database's clock (dialect.py: now).
 
     @abstractmethod
     async def open_stage(self, plan_id: str, key: str, *, fence: Fence | None = None) -> Stage:
