@@ -1,5 +1,5 @@
-"""The store in SQLite, the embedded default: one file, one connection, on one
-thread of its own (the logic is sql.py's; the contract base.py's).
+"""The store in SQLite, the embedded default: one file, one connection (through
+sqlite-utils), on one thread of its own (the logic is sql.py's; the contract base.py's).
 
 Every unit of work runs whole on that thread, so the event loop never waits on
 the disk and a store's units are serialized. A unit is a coroutine, but this
@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
+
+import sqlite_utils
 
 from bot.store.base import StoreBusy, StoreError
 from bot.store.dialect import SQLITE
@@ -31,7 +33,7 @@ class SqliteConnection(Connection):
         self._db, self._name = db, name
 
     async def rows(self, query: str, params: Sequence[Any] = ()) -> list[Row]:
-        return self._db.execute(query, params).fetchall()
+        return list(_dicts(self._db.execute(query, params)))
 
     async def execute(self, query: str, params: Sequence[Any] = (), *, savepoint: bool = False) -> int:
         try:
@@ -46,17 +48,13 @@ class SqliteConnection(Connection):
         assert self._db.in_transaction, "a lock is held by a transaction"
 
     async def scan(self, query: str, params: Sequence[Any], until: Callable[[Row], R | None]) -> R | None:
-        for row in self._db.execute(query, params):
+        for row in _dicts(self._db.execute(query, params)):
             if (answer := until(row)) is not None:
                 return answer
         return None
 
     async def columns(self) -> dict[str, set[str]]:
-        have: dict[str, set[str]] = {}
-        for r in self._db.execute("SELECT m.name AS t, p.name AS c FROM sqlite_master m, pragma_table_info(m.name) p "
-                                  "WHERE m.type = 'table'"):
-            have.setdefault(r["t"], set()).add(r["c"])
-        return have
+        return {table.name: set(table.columns_dict) for table in sqlite_utils.Database(self._db).tables}
 
 
 class SqliteStore(SqlStore):
@@ -83,12 +81,10 @@ class SqliteStore(SqlStore):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(str(self.path), timeout=self.busy_timeout, isolation_level=None, check_same_thread=False)
         try:
-            db.row_factory = _dict_row
             db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
             conn = SqliteConnection(db, self.name)
             _to_end(self._check(conn))
-            if db.execute("PRAGMA journal_mode").fetchone()["journal_mode"] != "wal":
-                db.execute("PRAGMA journal_mode = wal")
+            sqlite_utils.Database(db).enable_wal()
             db.execute("PRAGMA synchronous = FULL")  # a step's outcome is on disk before the next step
             _in_transaction(db, lambda: _to_end(self._migrate(conn)))
             self._schema_cookie = _schema_cookie(db)
@@ -161,9 +157,12 @@ def _in_transaction(db: sqlite3.Connection, fn: Callable[[], T]) -> T:
     return result
 
 
-def _dict_row(cursor: sqlite3.Cursor, row: tuple[Any, ...]) -> Row:
-    return {column[0]: value for column, value in zip(cursor.description, row, strict=True)}
+def _dicts(cursor: sqlite3.Cursor) -> Iterator[Row]:
+    """Rows as dicts by column name (the connection keeps sqlite3's tuples, which sqlite-utils expects)."""
+    names = [column[0] for column in cursor.description or ()]
+    for row in cursor:
+        yield dict(zip(names, row, strict=True))
 
 
 def _schema_cookie(db: sqlite3.Connection) -> int:
-    return int(db.execute("PRAGMA schema_version").fetchone()["schema_version"])
+    return int(db.execute("PRAGMA schema_version").fetchone()[0])
