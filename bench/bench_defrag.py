@@ -34,11 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bot.config import load_config
+from bot.domain.errors import EtcdError
 from bot.etcd.client import EtcdClient
-from bot.etcd.model import EtcdError
-from bot.ops import defragment, lifecycle
+from bot.ops import lifecycle
 from bot.ops.context import BotContext
+from bot.ops.defrag import plan as defrag
 from bot.ops.notify import PlainDirectory, PlainNotifier
+from bot.runtime import Runtime
 from bot.testing.cluster import LocalCluster
 from bot.testing.workspace import CHANNEL, LEAD, ONCALL, cluster_table, write_config
 from common import percentile, row, write
@@ -138,8 +140,9 @@ async def main_async(size_mb: int) -> tuple[list[dict], int, int]:
         config = load_config(write_config(Path(tmp), [cluster_table("bench", cluster, timeout_seconds=5.0)],
                                           approval=APPROVAL))
         ctx = await BotContext.open(config, PlainNotifier(), PlainDirectory())
+        runtime = await Runtime(ctx, watch=False, upkeep=False).start()
         try:
-            outcome = await defragment.propose(ctx, config.clusters[0], "dbSize > 0", True, ONCALL, CHANNEL, "")
+            outcome = await defrag.propose(ctx, config.clusters[0], "dbSize > 0", True, ONCALL, CHANNEL, "")
             assert outcome.ephemeral is None, outcome.ephemeral
             record = await ctx.store.open_plan("bench")
             assert record is not None
@@ -156,6 +159,7 @@ async def main_async(size_mb: int) -> tuple[list[dict], int, int]:
             phase = bot_load.window(steps["compact"]["started_at"] + to_mono, last["finished_at"] + to_mono)
             phase_time = last["finished_at"] - steps["compact"]["started_at"]
         finally:
+            await runtime.stop()
             await ctx.close()
     print(f"fragmented DB: {size_ctl / 1e6:.0f} MB (etcdctl run), {size_bot / 1e6:.0f} MB (bot run); "
           f"writes during the runs: {ctl['writes']:.0f} / {bot['writes']:.0f}")

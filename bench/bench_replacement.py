@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 from bot.config import load_config
+from bot.server import BotServer
 from bot.settings import SlackSettings
-from bot.slack.app import BotServer
 from bot.testing.cluster import LocalCluster, free_port
 from bot.testing.slack import SlackStandIn
 from bot.testing.workspace import (

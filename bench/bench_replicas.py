@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from bot.config import load_config
-from bot.ops.leader import LEASE
-from bot.store.base import open_store
+from bot.ops.leadership import LEASE
+from bot.store.backends import open_store
 from bot.testing.cluster import LocalCluster, free_port
 from bot.testing.postgres import PASSWORD_ENV, LocalPostgres
 from bot.testing.slack import SlackStandIn

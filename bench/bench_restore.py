@@ -33,8 +33,8 @@ from bench_snapshot_save import MB, BigCluster, db_size, fill
 
 from bot.config import load_config
 from bot.etcd.binaries import find_binary
+from bot.server import BotServer
 from bot.settings import SlackSettings
-from bot.slack.app import BotServer
 from bot.testing.cluster import LocalCluster, free_port
 from bot.testing.slack import SlackStandIn
 from bot.testing.workspace import (

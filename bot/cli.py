@@ -187,9 +187,9 @@ def _check_tls_files(files: dict[str, Path]) -> None:
 
 def _client_from_args(args: argparse.Namespace):
     """An EtcdClient and the cluster's display name, from flags or the config."""
+    from bot.domain.cluster import TLSFiles
+    from bot.domain.urls import parse_url
     from bot.etcd.client import EtcdClient, client_for
-    from bot.etcd.model import TLSFiles
-    from bot.etcd.urls import parse_url
 
     if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
         raise UsageFailure("--timeout must be greater than 0 (a finite number of seconds)")
@@ -238,7 +238,7 @@ def _client_from_args(args: argparse.Namespace):
 async def _from_bot_store(config: Config, read: Callable[[Store], Awaitable[T]]) -> T | None:
     """`read` from the bot's own database, when there is one: None when it has none yet; the
     StoreError (or sqlite3.Error) when it cannot be read. The CLI only reads it, never migrates it."""
-    from bot.store.base import store_for
+    from bot.store.backends import store_for
 
     if isinstance(config.database, Path) and not config.database.is_file():
         return None
@@ -255,7 +255,7 @@ async def _learn_recorded(client: EtcdClient, args: argparse.Namespace) -> None:
     (after replacements the configured endpoints go stale)."""
     import sqlite3
 
-    from bot.etcd.model import Member
+    from bot.domain.cluster import Member
     from bot.store.base import StoreError
 
     try:
@@ -267,9 +267,9 @@ async def _learn_recorded(client: EtcdClient, args: argparse.Namespace) -> None:
 
 
 async def _status(args: argparse.Namespace) -> int:
+    from bot.domain.errors import EtcdError
     from bot.etcd.health import check_cluster
-    from bot.etcd.metrics import cluster_metrics
-    from bot.etcd.model import EtcdError
+    from bot.etcd.member_metrics import cluster_metrics
     from bot.output import text as render
     from bot.output.model import status_view
 
@@ -302,8 +302,8 @@ async def _status(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from bot import logs
     from bot.memory import keep_big_blocks_mapped
+    from bot.server import serve
     from bot.settings import SettingsError, SlackSettings
-    from bot.slack.app import serve
     from bot.store.base import StoreError
 
     keep_big_blocks_mapped()  # the bot's RSS comes back down after each big snapshot (bot/memory.py)
@@ -330,7 +330,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _snapshot_status(args: argparse.Namespace) -> int:
-    from bot.etcd.bbolt import SnapshotError, snapshot_status, status_table  # light: no gRPC, no Slack
+    from bot.domain.snapshot import SnapshotError
+    from bot.etcd.bbolt import snapshot_status
+    from bot.output.tables import status_table
 
     path = Path(args.file)
     if path.is_dir():
@@ -348,9 +350,10 @@ def _snapshot_status(args: argparse.Namespace) -> int:
 
 async def _snapshot_save(args: argparse.Namespace) -> int:
     from bot.config import CLUSTER_NAME, ConfigError, check_age_recipient
+    from bot.domain.errors import EtcdError
+    from bot.domain.snapshot import SnapshotFailed
     from bot.etcd.health import check_cluster
-    from bot.etcd.model import EtcdError
-    from bot.etcd.snapshots import SnapshotFailed, save_snapshot
+    from bot.etcd.snapshot_stream import save_snapshot
     from bot.output import text as render
     from bot.output.model import snapshot_view
 
@@ -426,7 +429,8 @@ async def _snapshot_list(args: argparse.Namespace) -> int:
 
 def _fetched_problem(path: Path, manifest) -> str | None:
     """A plaintext snapshot's status against its manifest (an encrypted one is checked by size and sha256 only)."""
-    from bot.etcd.bbolt import SnapshotError, snapshot_status
+    from bot.domain.snapshot import SnapshotError
+    from bot.etcd.bbolt import snapshot_status
     if manifest.encrypted:
         return None
     try:
@@ -447,7 +451,7 @@ async def _snapshot_fetch(args: argparse.Namespace) -> int:
     import asyncio
 
     from bot.backup.catalog import Expected, FetchFailed, fetch_verified
-    from bot.backup.remote import RemoteError, RemoteStore
+    from bot.backup.object_store import ObjectStoreError, OffsiteStore
 
     name = args.name
     if not name or "/" in name or name in (".", "..") or name.startswith("."):
@@ -472,9 +476,9 @@ async def _snapshot_fetch(args: argparse.Namespace) -> int:
         raise UsageFailure(f"{dest} exists; not overwritten")
     prog = "etcd-chatops snapshot fetch"
     try:
-        remote = RemoteStore.from_config(cluster.snapshots.store)
+        remote = OffsiteStore.from_config(cluster.snapshots.store)
         manifest = await remote.read_manifest(cluster.name, name)
-    except RemoteError as e:
+    except ObjectStoreError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return EXIT_FAILED
     if manifest is None:
@@ -532,7 +536,8 @@ def parse_since(text: str, now: float) -> float:
 async def _audit(args: argparse.Namespace) -> int:
     import time
 
-    from bot.store.base import StoreError, store_for
+    from bot.store.backends import store_for
+    from bot.store.base import StoreError
 
     config = _load_config(args.config)
     if isinstance(config.database, Path) and not config.database.is_file():

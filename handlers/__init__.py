@@ -1,13 +1,12 @@
-"""The Slack edge: thin listeners that parse, call bot/, and render."""
+"""The Slack edge: thin bolt listeners that translate Slack's requests for the core and its answers back."""
 from __future__ import annotations
 
 from slack_bolt.async_app import AsyncApp
 
 from bot.ops.context import BotContext
+from handlers import reactions, slash
 
 
 def register_all(app: AsyncApp, ctx: BotContext) -> None:
-    from handlers import commands, reactions
-
-    commands.register(app, ctx)
+    slash.register(app, ctx)
     reactions.register(app, ctx)

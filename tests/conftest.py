@@ -176,8 +176,8 @@ def make_cluster() -> Iterator[Callable[..., LocalCluster]]:
 # ---------------------------------------------------------------- Slack and the bot
 
 from bot.config import load_config  # noqa: E402
+from bot.server import BotServer  # noqa: E402
 from bot.settings import SlackSettings  # noqa: E402
-from bot.slack.app import BotServer  # noqa: E402
 from bot.testing.slack import SlackStandIn  # noqa: E402
 from bot.testing.workspace import CHANNELS, USERGROUPS, USERS, SlackSecrets, write_config  # noqa: E402
 

@@ -11,12 +11,12 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar, overload
 
+from bot.domain.cluster import ClusterHealth, MemberHealth, MemberStatus
+from bot.domain.record import PlanRecord
 from bot.etcd.client import EtcdClient
-from bot.etcd.health import ClusterHealth, MemberHealth, check_cluster
-from bot.etcd.model import MemberStatus
-from bot.ops.leader import LEASE
+from bot.etcd.health import check_cluster
+from bot.ops.leadership import LEASE
 from bot.store.base import Store
-from bot.store.records import PlanRecord
 from bot.store.schema import ADDED_COLUMNS, expected_columns
 from bot.store.sqlite import SqliteStore
 from bot.testing.cluster import QUOTA, QUOTA_ARGS, fill_until_nospace, free_port

@@ -3,7 +3,7 @@ store, each once; the plan runs exactly once when the count is reached, however
 approvals race (racing in the store itself: tests/test_store_contract.py)."""
 from __future__ import annotations
 
-from bot.store.records import PlanState
+from bot.domain.plan import PlanState
 from bot.testing.workspace import CHANNEL, LEAD, LEAD2, cluster_table
 from helpers import APPROVAL, OK, audit_actions, plan_row, propose, replies, thread, urls, wait_done
 

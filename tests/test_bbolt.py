@@ -19,7 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from bot.etcd.bbolt import SnapshotError, SnapshotStatus, snapshot_status, status_table
+from bot.domain.snapshot import SnapshotError, SnapshotStatus
+from bot.etcd.bbolt import snapshot_status
+from bot.output.tables import status_table
 from bot.testing.cluster import LocalCluster
 from snapshot_fixtures import (
     BRANCH,

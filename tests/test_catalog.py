@@ -11,12 +11,14 @@ import pytest
 
 from bot.backup.catalog import Expected, FetchFailed, Origin, catalog
 from bot.backup.manifest import Manifest
-from bot.backup.remote import RemoteStore, StoreConfig
+from bot.backup.object_store import OffsiteStore
 from bot.config import SnapshotPolicy
+from bot.config.offsite import StoreConfig
+from bot.domain.snapshot import CatalogEntry, RemoteState
 from bot.ops.snapshots import remote_to_prune
 from bot.output import blocks
 from bot.output import text as render
-from bot.output.model import CatalogEntry, RemoteState, catalog_view
+from bot.output.model import catalog_view
 
 DAY = 86400.0
 NOW = 100 * DAY
@@ -126,7 +128,7 @@ async def test_an_object_is_the_bot_s_own_only_with_a_manifest_signed_by_its_key
     """Each way an object can fail to be the bot's own, against one signed with the key; and the upgrade:
     an earlier version's unsigned manifest stays the bot's own only where the catalog knows the object."""
     config = StoreConfig(f"file://{file_store}", manifest_key=KEY)
-    remote = RemoteStore.from_config(config)
+    remote = OffsiteStore.from_config(config)
     (file_store / "prod").mkdir()
 
     def described(name: str, **changes: Any) -> Manifest:
@@ -182,7 +184,7 @@ async def test_an_object_is_the_bot_s_own_only_with_a_manifest_signed_by_its_key
 
     # without a key nothing the catalog does not know is the bot's own
     keyless = StoreConfig(f"file://{file_store}")
-    view = await catalog(keyless, "prod", [known], open_store=lambda c: RemoteStore.from_config(keyless))
+    view = await catalog(keyless, "prod", [known], open_store=lambda c: OffsiteStore.from_config(keyless))
     assert {e.name for e in view.entries if not e.foreign} == {"known-v1.db"}
     assert {e.foreign for e in view.entries if e.name == "own.db"} == {
         "no manifest key is configured, so no manifest can be checked"}

@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import re
 
+from bot.domain.cluster import Consistency, KVHash, Member, MemberHash, MemberHealth, MemberMetrics
 from bot.etcd.client import EtcdClient
-from bot.etcd.consistency import Consistency, MemberHash, check_consistency
-from bot.etcd.health import MemberHealth, check_cluster
-from bot.etcd.metrics import MemberMetrics
-from bot.etcd.model import KVHash, Member
+from bot.etcd.consistency import check_consistency
+from bot.etcd.health import check_cluster
 from bot.output.model import perf_view
 from bot.output.text import consistency_text, perf_text
 from bot.testing.workspace import cluster_table

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from bot.ops.commands import UsageError, parse, unescape_slack
+from bot.commands.grammar import UsageError, unescape_slack
+from bot.commands.table import parse
 
 
 def test_empty_text_is_help():

@@ -5,12 +5,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bot.etcd.health import MemberHealth
-from bot.etcd.metrics import DEFAULT_QUOTA, MemberMetrics
-from bot.etcd.model import Alarm, Member
-from bot.ops.defrag import plan_defrag
-from bot.ops.defrag_rule import DEFAULT_RULE, MAX_DEPTH, RuleError, figures, parse_rule
-from bot.ops.replace import Refusal
+from bot.domain.cluster import DEFAULT_QUOTA, Alarm, Member, MemberHealth, MemberMetrics
+from bot.domain.errors import Refusal
+from bot.ops.defrag.plan import plan_defrag
+from bot.ops.defrag.rule import DEFAULT_RULE, MAX_DEPTH, RuleError, figures, parse_rule
 from helpers import cluster_health, member_status
 
 MiB = 1024 * 1024
@@ -117,7 +115,7 @@ def test_a_sick_member_another_alarm_or_nothing_to_do_is_refused() -> None:
 def test_a_plan_survives_the_store() -> None:
     plan = plan_defrag(cluster_health(_member(1, 300 * MiB), _member(2, 300 * MiB)), {}, parse_rule(DEFAULT_RULE),
                        compact=False)
-    from bot.ops.defrag import DefragPlan
+    from bot.domain.defrag import DefragPlan
     assert DefragPlan.from_json(plan.to_json()) == plan
 
 

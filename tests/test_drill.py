@@ -5,8 +5,8 @@ import os
 import tempfile
 import time
 
-import bot.slack.app
-from bot.ops.schedule import Scheduler
+import bot.runtime.upkeep
+from bot.runtime.schedule import Scheduler
 from bot.testing.workspace import CHANNEL, cluster_table
 from helpers import APPROVAL, ephemeral, reply, text_of
 
@@ -58,7 +58,7 @@ async def test_a_drill_says_clearly_when_the_binaries_are_missing(cluster, slack
 
 
 async def test_drill_every_drills_the_newest_snapshot_on_schedule(cluster, slack, start_bot, monkeypatch):
-    monkeypatch.setattr(bot.slack.app, "HOUSEKEEPING_SECONDS", 3600.0)
+    monkeypatch.setattr(bot.runtime.upkeep, "UPKEEP_SECONDS", 3600.0)
     server = await start_bot([cluster_table("prod", cluster, snapshots={"every": "1h", "drill_every": "24h"})])
     posted = await slack.wait_for_message(lambda m: "Restore drill of" in m.text, timeout=60,
                                           what="the scheduled drill at start-up")

@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 
 from bot.config import load_config
+from bot.domain.plan import PlanState
+from bot.domain.replace import ReplaceRequest
 from bot.ops import lifecycle
 from bot.ops.context import BotContext
 from bot.ops.notify import PlainDirectory, PlainNotifier
-from bot.ops.replace import ReplaceRequest
-from bot.store.records import PlanState
+from bot.ops.replace.plan import propose as propose_replacement
+from bot.runtime import Runtime
 from bot.testing.workspace import CHANNEL, LEAD, ONCALL, cluster_table, write_config
 from helpers import APPROVAL, urls, wait_done
 
@@ -20,10 +22,11 @@ async def test_a_replacement_runs_through_the_core_with_the_plain_notifier(make_
     config = load_config(write_config(tmp_path, [cluster_table("prod", c)], approval=APPROVAL))
     notifier = PlainNotifier()
     ctx = await BotContext.open(config, notifier, PlainDirectory())
+    runtime = await Runtime(ctx, watch=False, upkeep=False).start()  # the leadership loop: this replica leads
     try:
         c.kill("member1")
         peer, client = urls()
-        outcome = await lifecycle.propose(ctx, config.clusters[0], ReplaceRequest("member1", "member4", peer, client),
+        outcome = await propose_replacement(ctx, config.clusters[0], ReplaceRequest("member1", "member4", peer, client),
                                           ONCALL, CHANNEL, "usage")
         assert outcome.ephemeral is None, outcome
         record = await ctx.store.open_plan("prod")
@@ -34,4 +37,5 @@ async def test_a_replacement_runs_through_the_core_with_the_plain_notifier(make_
         assert any(f"plan {record.id}: :tada: Plan {record.id} is done" in line for line in notifier.lines)
         assert any(line.startswith(f"plan {record.id} done [") for line in notifier.lines)
     finally:
+        await runtime.stop()
         await ctx.close()

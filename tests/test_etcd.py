@@ -6,9 +6,10 @@ import time
 
 import pytest
 
+from bot.domain.cluster import TLSFiles
+from bot.domain.errors import EtcdTLSError, EtcdUnavailable, MemberNotFound, PeerURLExists, UnhealthyCluster
 from bot.etcd.client import EtcdClient
 from bot.etcd.health import check_cluster
-from bot.etcd.model import EtcdTLSError, EtcdUnavailable, MemberNotFound, PeerURLExists, TLSFiles, UnhealthyCluster
 from helpers import eventually
 
 
@@ -122,7 +123,7 @@ async def test_user_and_password(make_cluster):
         assert (await client.member_list())[0].name == "member1"
         await client.put(b"/registry/x", b"y")
     async with EtcdClient(c.endpoints, username="root", password="wrong") as client:
-        from bot.etcd.model import EtcdAuthError
+        from bot.domain.errors import EtcdAuthError
         with pytest.raises(EtcdAuthError, match="authentication failed"):
             await client.member_list()
 

@@ -1,6 +1,6 @@
 """Property-based fuzzing (Hypothesis) of everything that reads input nobody controls.
 
-1. `bot.ops.commands.parse` on any text: a Command, or a UsageError with a
+1. `bot.commands.parse` on any text: a Command, or a UsageError with a
    one-line reason and a usage; never anything else.
 2. Any `/etcd` text through the real bot (slack-bolt over HTTP, the Slack
    stand-in, a real 3-member cluster): acknowledged with 200, answered, no
@@ -37,18 +37,24 @@ import pytest
 from hypothesis import HealthCheck, assume, given, note, settings
 from hypothesis import strategies as st
 
+from bot.commands.grammar import Command, UsageError
+from bot.commands.registry import specs
+from bot.commands.table import parse
 from bot.config import parse_duration
-from bot.etcd.bbolt import SnapshotError, snapshot_status
+from bot.domain.cluster import ClusterHealth
+from bot.domain.mrkdwn import escape
+from bot.domain.snapshot import SnapshotError
+from bot.domain.urls import Unusable, parse_url, read_url, shown_urls, usable_urls
+from bot.etcd.bbolt import snapshot_status
 from bot.etcd.client import EtcdClient
-from bot.etcd.health import ClusterHealth, check_cluster
-from bot.etcd.urls import Unusable, parse_url, read_url, shown_urls, usable_urls
-from bot.ops.commands import SPECS, Command, UsageError, parse
-from bot.output.blocks import escape
+from bot.etcd.health import check_cluster
 from bot.testing.cluster import LocalCluster, free_port
 from bot.testing.slack import Message, SlackStandIn
 from bot.testing.workspace import CHANNEL, LEAD, LEAD2, LEADS_GROUP, ONCALL, STRANGER, cluster_table
 from helpers import eventually, live_markup, text_of
 from snapshot_fixtures import ScenarioCluster, put_many, save_snapshot
+
+SPECS = specs()
 
 OTHER_CHANNEL = "C0ELSEWHERE"  # a channel of the workspace bound to no cluster
 APPROVAL = {"approvers": [LEAD, ONCALL], "approver_groups": [LEADS_GROUP], "ttl_minutes": 30,
@@ -368,7 +374,7 @@ async def reaction_rig(make_cluster, slack, start_bot):
         bot = await start_bot([cluster_table(n, c, endpoints=[f"http://127.0.0.1:{r.sockets[0].getsockname()[1]}"
                                                               for r in relays[n]]) for n in names],
                               approval=APPROVAL)
-        other = await bot.runtime.web.chat_postMessage(channel=CHANNEL, text="not a plan")
+        other = await bot.web.chat_postMessage(channel=CHANNEL, text="not a plan")
         async with EtcdClient(c.endpoints) as client:
             rig = ReactionRig(bot, slack, c, client, {m.id for m in await client.member_list()}, names,
                               other_ts=other["ts"])

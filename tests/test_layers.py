@@ -14,14 +14,16 @@ import bot
 
 ROOT = Path(__file__).resolve().parent.parent
 SLACK = {"slack_sdk", "slack_bolt", "aiohttp"}
-PURE = ["bot.ops.replace", "bot.etcd.health", "bot.etcd.bbolt", "bot.ops.commands", "bot.ops.restore",
-        "bot.ops.quorum", "bot.ops.defrag", "bot.etcd.metrics", "bot.watch.conditions", "bot.watch.tracker"]
+PURE = ["bot.ops.replace.plan", "bot.etcd.health", "bot.etcd.bbolt", "bot.commands.grammar", "bot.ops.restore.plan",
+        "bot.ops.restore.quorum", "bot.ops.defrag.plan", "bot.etcd.member_metrics", "bot.watch.conditions",
+        "bot.watch.tracker", *(f"bot.domain.{m.name}" for m in pkgutil.iter_modules([str(ROOT / "bot" / "domain")]))]
 
 
 def core_modules() -> list[str]:
-    names = [f"bot.{pkg}.{m.name}" for pkg in ("ops", "etcd", "store", "output", "watch", "backup")
-             for m in pkgutil.iter_modules([str(Path(bot.__file__).parent / pkg)])]
-    return sorted(n for n in names if n not in ("bot.etcd.client", "bot.etcd.snapshots")) + ["bot.config"]
+    names = [m.name for m in pkgutil.walk_packages([str(Path(bot.__file__).parent)], "bot.")
+             if m.name.split(".")[1] in ("domain", "ops", "etcd", "store", "output", "watch", "backup", "runtime",
+                                         "commands", "config")]
+    return sorted(names)
 
 
 def loaded_after_import(modules: list[str], whole: bool = False) -> set[str]:

@@ -8,8 +8,9 @@ import time
 import pytest
 
 from bot.config import ConfigError, parse_config
-from bot.ops.leader import Leadership, dead_local_holder
-from bot.store.records import Fence
+from bot.domain.plan import Fence
+from bot.ops.leadership import Leadership
+from bot.runtime.leader import dead_local_holder
 
 
 def test_a_tenure_lasts_the_ttl_from_when_the_renewal_was_sent():

@@ -22,19 +22,19 @@ from pathlib import Path
 
 import pytest
 
-from bot.etcd.bbolt import snapshot_status
-from bot.etcd.client import EtcdClient
-from bot.etcd.health import check_cluster
-from bot.etcd.model import (
+from bot.domain.cluster import TLSFiles
+from bot.domain.errors import (
     EtcdTLSError,
     LearnerNotReady,
     MemberNotFound,
     NotALearner,
     PeerURLExists,
-    TLSFiles,
     TooManyLearners,
     UnhealthyCluster,
 )
+from bot.etcd.bbolt import snapshot_status
+from bot.etcd.client import EtcdClient
+from bot.etcd.health import check_cluster
 from bot.testing.cluster import LocalCluster
 from bot.testing.workspace import CHANNEL, LEAD, cluster_table
 from helpers import (

@@ -8,11 +8,10 @@ import time
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bot.backup.remote import StoreConfig
 from bot.config import ClusterConfig, SnapshotPolicy
-from bot.etcd.health import ClusterHealth, MemberHealth
-from bot.etcd.metrics import DEFAULT_QUOTA, MemberMetrics, histogram_quantile, parse_metrics
-from bot.etcd.model import Alarm, Member
+from bot.config.offsite import StoreConfig
+from bot.domain.cluster import DEFAULT_QUOTA, Alarm, ClusterHealth, Member, MemberHealth, MemberMetrics
+from bot.etcd.member_metrics import histogram_quantile, parse_metrics
 from bot.ops.metrics import Metrics, newest_offsite
 from bot.output.model import status_view
 from bot.output.text import status_json, status_text

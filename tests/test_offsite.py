@@ -19,10 +19,12 @@ from pyrage import x25519
 from test_snapshots import fill
 
 from bot.backup.manifest import Manifest
-from bot.backup.remote import RemoteStore, StoreConfig
+from bot.backup.object_store import OffsiteStore
+from bot.config.offsite import StoreConfig
+from bot.domain.snapshot import SnapshotFailed
 from bot.etcd.bbolt import snapshot_status
 from bot.etcd.client import EtcdClient
-from bot.etcd.snapshots import SnapshotFailed, save_snapshot
+from bot.etcd.snapshot_stream import save_snapshot
 from bot.testing.workspace import BotProcess, cluster_table, write_config
 from helpers import eventually, reply, text_of
 
@@ -39,7 +41,7 @@ async def test_the_upload_streams_while_the_snapshot_is_saved(make_cluster, s3, 
     """Not uploaded after saving: a multipart upload is in progress while the local file is still a `.part`."""
     c = make_cluster(1)
     await fill(c, 60)  # ~64 MB
-    store = RemoteStore.from_config(StoreConfig(s3.url(), endpoint=s3.endpoint, region="us-east-1"))
+    store = OffsiteStore.from_config(StoreConfig(s3.url(), endpoint=s3.endpoint, region="us-east-1"))
     both_seen = False
 
     async with EtcdClient(c.endpoints) as client:
@@ -69,7 +71,7 @@ async def test_a_save_that_fails_aborts_its_upload(make_cluster, s3, tmp_path, e
     """The member dies mid-stream: no local file, no visible object, no unfinished upload, no worker left."""
     c = make_cluster(1)
     await fill(c, 60)
-    store = RemoteStore.from_config(StoreConfig(s3.url(), endpoint=s3.endpoint, region="us-east-1"))
+    store = OffsiteStore.from_config(StoreConfig(s3.url(), endpoint=s3.endpoint, region="us-east-1"))
     recipients = (str(x25519.Identity.generate().to_public()),) if encrypted else ()
     async with EtcdClient(c.endpoints) as client:
         save = asyncio.create_task(save_snapshot(client, c.endpoints[0], "member1", tmp_path, "prod", recipients,

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from bot.backup.manifest import CLOCK_SKEW, Manifest, ManifestError, authenticate, key_id
-from bot.backup.remote import RemoteError, RemoteStore, StoreConfig
+from bot.backup.object_store import ObjectStoreError, OffsiteStore
 from bot.config import ConfigError, load_config, parse_config
+from bot.config.offsite import StoreConfig
 from helpers import eventually
 
 MiB = 1 << 20
@@ -173,11 +174,11 @@ def test_the_manifest_key_is_named_never_given_and_the_audit_key_stands_in(tmp_p
 # ---------------------------------------------------------------- the store, on S3 and on a directory
 
 @pytest.fixture(params=[pytest.param("s3", marks=pytest.mark.e2e), "file"])  # s3: a moto server (end to end)
-def store(request, tmp_path) -> RemoteStore:
+def store(request, tmp_path) -> OffsiteStore:
     if request.param == "file":
-        return RemoteStore.from_config(StoreConfig(f"file://{tmp_path}/offsite"))
+        return OffsiteStore.from_config(StoreConfig(f"file://{tmp_path}/offsite"))
     s3 = request.getfixturevalue("s3")
-    return RemoteStore.from_config(StoreConfig(s3.url(), endpoint=s3.endpoint, region="us-east-1"))
+    return OffsiteStore.from_config(StoreConfig(s3.url(), endpoint=s3.endpoint, region="us-east-1"))
 
 
 async def test_upload_list_head_read_manifest_fetch_delete(store, tmp_path):
@@ -213,7 +214,7 @@ async def test_an_aborted_upload_leaves_nothing(store):
     await asyncio.to_thread(upload.write, os.urandom(20 * MiB))
     await asyncio.to_thread(upload.abort)
     await asyncio.to_thread(upload.abort)  # idempotent
-    with pytest.raises(RemoteError, match="aborted"):
+    with pytest.raises(ObjectStoreError, match="aborted"):
         await asyncio.to_thread(upload.close)
     other = store.begin_upload("prod", "prod-5.db")
     with pytest.raises(RuntimeError, match="from a worker thread"):
@@ -224,21 +225,21 @@ async def test_an_aborted_upload_leaves_nothing(store):
 
 
 async def test_a_killed_writer_leaves_an_unfinished_upload_that_is_aborted_later(s3):
-    store = RemoteStore.from_config(StoreConfig(s3.url(), endpoint=s3.endpoint, region="us-east-1"))
+    store = OffsiteStore.from_config(StoreConfig(s3.url(), endpoint=s3.endpoint, region="us-east-1"))
     upload = store.begin_upload("prod", "prod-3.db")
     await asyncio.to_thread(upload.write, os.urandom(20 * MiB))  # parts go up; the writer then "dies"
     await eventually(lambda: asyncio.to_thread(s3.unfinished_uploads), 10, "the multipart upload to start")
     assert s3.unfinished_uploads() == ["prod/prod/prod-3.db"] and s3.keys() == {}
     assert await store.abort_leftovers("prod") == 0  # its own upload, still running: not a leftover
-    restarted = RemoteStore.from_config(store.config)  # the bot started again
+    restarted = OffsiteStore.from_config(store.config)  # the bot started again
     assert await restarted.abort_leftovers("prod") == 1
     assert s3.unfinished_uploads() == [] and s3.keys() == {}
 
 
 async def test_a_dead_server_is_one_line_without_credentials(s3):
-    store = RemoteStore.from_config(StoreConfig(s3.url(), endpoint=s3.endpoint, region="us-east-1"))
+    store = OffsiteStore.from_config(StoreConfig(s3.url(), endpoint=s3.endpoint, region="us-east-1"))
     s3.stop()
-    with pytest.raises(RemoteError) as e:
+    with pytest.raises(ObjectStoreError) as e:
         await store.list("prod")
     text = str(e.value)
     assert text.startswith(f"listing {s3.url()}/prod/: ") and "\n" not in text
@@ -246,19 +247,19 @@ async def test_a_dead_server_is_one_line_without_credentials(s3):
 
 
 async def test_a_killed_writer_on_a_directory_leaves_a_staging_file_that_is_removed_later(tmp_path):
-    store = RemoteStore.from_config(StoreConfig(f"file://{tmp_path}/offsite"))
+    store = OffsiteStore.from_config(StoreConfig(f"file://{tmp_path}/offsite"))
     upload = store.begin_upload("prod", "prod-4.db")
     await asyncio.to_thread(upload.write, os.urandom(20 * MiB))  # the writer "dies" here
     await eventually(lambda: list((tmp_path / "offsite" / "prod").iterdir()), 10, "the staging file")
     assert [p.name for p in (tmp_path / "offsite" / "prod").iterdir()] == ["prod-4.db#1"]
     assert await store.list("prod") == []  # not a visible snapshot
     assert await store.abort_leftovers("prod") == 0  # its own upload, still running: left alone
-    assert await RemoteStore.from_config(store.config).abort_leftovers("prod") == 1  # the bot started again
+    assert await OffsiteStore.from_config(store.config).abort_leftovers("prod") == 1  # the bot started again
     assert list((tmp_path / "offsite" / "prod").iterdir()) == []
 
 
 def test_an_error_line_never_carries_a_query_string_or_signature():
-    from bot.backup.remote import one_line
+    from bot.backup.object_store import one_line
     error = RuntimeError("Error performing GET https://acct.blob.core.windows.net/c/prod/x.db?sv=2022&sig=SECRETSAS "
                          "in 1s\n  Authorization=AWS4 Signature=abc123 Debug source: Generic {...}")
     text = one_line(error)
@@ -275,7 +276,7 @@ async def test_a_real_connection_error_is_one_line_that_names_the_cause():
     import obstore
     from obstore.store import S3Store
 
-    from bot.backup.remote import one_line
+    from bot.backup.object_store import one_line
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]   # nothing listens on it

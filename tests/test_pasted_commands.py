@@ -13,14 +13,15 @@ from test_plans import IDS, down, up
 from test_restore_plan import ROWS, evidence
 from test_watch_conditions import by_kind, facts, member
 
-from bot.etcd.health import MemberHealth
-from bot.etcd.model import Member
-from bot.ops.commands import parse
+from bot.commands.table import parse
+from bot.domain.cluster import Member, MemberHealth
+from bot.domain.plan import PlanState
+from bot.domain.replace import ReplaceRequest
+from bot.domain.restore import Membership
 from bot.ops.launcher import manual_instructions
-from bot.ops.replace import ReplaceRequest, plan_replacement
-from bot.ops.restore import Membership, choose_snapshot, plan_restore
-from bot.output.blocks import PlanView, plan_reply
-from bot.store.records import PlanState
+from bot.ops.replace.plan import plan_replacement
+from bot.ops.restore.plan import choose_snapshot, plan_restore
+from bot.output.blocks import PlanView, replace_plan_reply, restore_plan_reply
 from helpers import cluster_health
 
 ODD = ("x $(id>pwned)", "y `id>pwned2`; touch pwned3 #", "z\nid>pwned4 #", "w'\"$HOME\\")
@@ -78,7 +79,7 @@ def test_the_restore_plan_message_shows_commands_that_read_back_word_for_word(sc
     p = odd_restore()
     view = PlanView(state=PlanState.PROPOSED, proposer="U0ONCALL01", approvers="", expires_at=2e9,
                     reaction="white_check_mark", reject_reaction="x")
-    shown = "\n".join(b["text"]["text"] for b in plan_reply(p, view).blocks if b.get("text"))
+    shown = "\n".join(b["text"]["text"] for b in restore_plan_reply(p, view).blocks if b.get("text"))
     block = re.search(r"```(.*?)```", shown, re.S)
     assert block is not None
     pasted = block.group(1).replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")  # as Slack shows it
@@ -97,7 +98,7 @@ def test_the_replacement_environment_keeps_a_survivor_s_odd_name_in_one_value(sc
     assert exported == [["etcd", "[flags]"], list(plan.environment.values())]
     view = PlanView(state=PlanState.PROPOSED, proposer="U0ONCALL01", approvers="", expires_at=2e9,
                     reaction="white_check_mark", reject_reaction="x")
-    shown = "\n".join(b["text"]["text"] for b in plan_reply(plan, view).blocks if b.get("text"))
+    shown = "\n".join(b["text"]["text"] for b in replace_plan_reply(plan, view).blocks if b.get("text"))
     env_block = next(b for b in re.findall(r"```(.*?)```", shown, re.S) if "ETCD_NAME=" in b)
     pasted = env_block.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
     assert run_sh(pasted, scratch, then=show) == [list(plan.environment.values())]

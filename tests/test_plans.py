@@ -5,19 +5,12 @@ from dataclasses import replace
 
 import pytest
 
-from bot.etcd.health import ClusterHealth, MemberHealth
-from bot.etcd.model import Member
-from bot.ops.replace import (
-    Plan,
-    Refusal,
-    ReplaceRequest,
-    config_endpoints,
-    etcd_servers,
-    facts_changed,
-    plan_replacement,
-)
-from bot.output.blocks import PlanView, plan_reply
-from bot.store.records import PlanState
+from bot.domain.cluster import ClusterHealth, Member, MemberHealth
+from bot.domain.errors import Refusal
+from bot.domain.plan import PlanState
+from bot.domain.replace import ReplacePlan, ReplaceRequest
+from bot.ops.replace.plan import config_endpoints, etcd_servers, facts_changed, plan_replacement
+from bot.output.blocks import PlanView, replace_plan_reply
 from helpers import cluster_health, member_status
 
 IDS = {1: 0x8211F1D0F64F3269, 2: 0x91BC3C398FB3C146, 3: 0xFD422379FDA50E48, 4: 0x2BE1EB8F84B7F63E,
@@ -68,7 +61,7 @@ def test_the_runbook_plan():
 
 def test_by_hex_id_and_round_trip_through_json():
     plan = plan_replacement(cluster(down(1), up(2), up(3)), ReplaceRequest("8211f1d0f64f3269", "member4", "http://10.0.0.4:2380"))
-    assert Plan.from_json(plan.to_json()) == plan
+    assert ReplacePlan.from_json(plan.to_json()) == plan
 
 
 def test_no_learner_mode():
@@ -197,7 +190,7 @@ def test_a_long_value_never_pushes_a_step_or_the_environment_out_of_the_plan_mes
     plan = replace(plan, steps=tuple(replace(s, title=s.title.replace("member4", plan.new_name)) for s in plan.steps))
     view = PlanView(state=PlanState.PROPOSED, proposer="U0ONCALL01", approvers="x", expires_at=0, reaction="ok",
                     reject_reaction="x")
-    reply = plan_reply(plan, view)
+    reply = replace_plan_reply(plan, view)
     texts = [b["text"]["text"] for b in reply.blocks if b["type"] == "section"]
     assert all(len(t) <= 3000 for t in texts)
     joined = "\n".join(texts)

@@ -12,8 +12,8 @@ import time
 import aiohttp
 
 from bot.config import load_config
+from bot.server import BotServer
 from bot.settings import SlackSettings
-from bot.slack.app import BotServer
 from bot.testing.workspace import (
     CHANNEL,
     LEAD,

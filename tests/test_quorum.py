@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from bot.etcd.health import ClusterHealth, MemberHealth, Quorum, membership_fingerprint
-from bot.etcd.model import Member, MemberStatus
+from bot.domain.cluster import ClusterHealth, Member, MemberHealth, MemberStatus, Quorum, membership_fingerprint
 from helpers import cluster_health, member_status
 
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import time
 
+from bot.domain.cluster import Member
+from bot.domain.errors import UnhealthyCluster
 from bot.etcd.client import EtcdClient
-from bot.etcd.model import Member, UnhealthyCluster
 from bot.testing.workspace import CHANNEL, LEAD, LEAD2, STRANGER, cluster_table
 from helpers import (
     APPROVAL,

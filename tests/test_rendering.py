@@ -15,16 +15,16 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bot.etcd.bbolt import SnapshotStatus
-from bot.etcd.health import ClusterHealth, MemberHealth
-from bot.etcd.model import Alarm, Member, MemberStatus
-from bot.etcd.snapshots import SavedSnapshot
-from bot.ops.replace import MemberRef, Plan
+from bot.domain.cluster import Alarm, ClusterHealth, Member, MemberHealth, MemberStatus
+from bot.domain.mrkdwn import Mrkdwn, code, code_block, escape, group_mention, mention
+from bot.domain.plan import PlanKind, PlanState
+from bot.domain.record import PlanRecord
+from bot.domain.replace import MemberRef, ReplacePlan
+from bot.domain.snapshot import SavedSnapshot, SnapshotStatus
 from bot.output import blocks
 from bot.output import text as render
-from bot.output.blocks import Mrkdwn, Reply, code, code_block, escape, mention
+from bot.output.blocks import Reply
 from bot.output.model import Verdict, catalog_view, snapshot_view, status_view
-from bot.store.records import PlanKind, PlanRecord, PlanState
 
 ONCALL = "U0ONCALL01"
 NASTY = ["<!channel>", "<!here>", "<!everyone>", "<@U0LEAD0001>", "<#C0INCIDENT|inc>", "<!subteam^S0ONCALLLD>",
@@ -161,7 +161,7 @@ def test_an_error_reply_posts_what_the_user_typed_as_words(reason, hint, usage):
 
 
 def test_only_deliberate_mrkdwn_keeps_its_mentions():
-    said = Mrkdwn(f"needs the approver role ({mention('U0LEAD0001')}, {blocks.group_mention('S0ONCALLLD')})")
+    said = Mrkdwn(f"needs the approver role ({mention('U0LEAD0001')}, {group_mention('S0ONCALLLD')})")
     reply = blocks.error_reply(said, hint="see <!channel>")
     assert "<@U0LEAD0001>" in reply.text and "<!subteam^S0ONCALLLD>" in reply.text
     assert "&lt;!channel&gt;" in reply.text and not live(reply, ("<@U0LEAD0001>", "<!subteam^S0ONCALLLD>"))
@@ -170,7 +170,7 @@ def test_only_deliberate_mrkdwn_keeps_its_mentions():
 def test_mention_only_for_slack_ids():
     assert mention("U0ONCALL01") == "<@U0ONCALL01>" and mention("W0ABC") == "<@W0ABC>"
     for word in ("schedule", "U0X>|<!channel", "u0oncall01", "<!channel>", "U0ONCALL01\n"):
-        assert "<" not in mention(word) and "<" not in blocks.group_mention(word)
+        assert "<" not in mention(word) and "<" not in group_mention(word)
 
 
 def test_a_value_cannot_end_a_code_span():
@@ -183,7 +183,7 @@ def test_a_value_cannot_end_a_code_span():
 def plan_row(i: int, state: str, error: str | None = None, decided_by: str | None = None,
              name: str = "member1") -> PlanRecord:
     failed = MemberRef("8211f1d0f64f3269", name, ("http://10.0.0.1:2380",), ("http://10.0.0.1:2379",))
-    plan = Plan(id=f"p-{i:04d}", cluster="prod", failed=failed, new_name=f"member{i + 3}",
+    plan = ReplacePlan(id=f"p-{i:04d}", cluster="prod", failed=failed, new_name=f"member{i + 3}",
                 new_peer_url="http://10.0.0.4:2380", new_client_url=None, learner=True, survivors=(), steps=(),
                 fingerprint="f", quorum_now=(3, 2))
     return PlanRecord(id=plan.id, kind=PlanKind.REPLACE, cluster="prod", state=PlanState(state), plan=plan,

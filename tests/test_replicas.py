@@ -24,12 +24,13 @@ import pytest
 from test_snapshots import fill
 
 from bot.config import ReplicasConfig, load_config
-from bot.ops.leader import LEASE
-from bot.ops.schedule import SCHEDULER, Scheduler
+from bot.ops.leadership import LEASE
 from bot.ops.snapshots import take_snapshot
+from bot.runtime.schedule import SCHEDULER, Scheduler
+from bot.server import BotServer
 from bot.settings import SlackSettings
-from bot.slack.app import BotServer
-from bot.store.base import Store, open_store
+from bot.store.backends import open_store
+from bot.store.base import Store
 from bot.testing.postgres import PASSWORD_ENV, LocalPostgres
 from bot.testing.workspace import CHANNEL, LEAD, LEAD2, ONCALL, STRANGER, BotProcess, cluster_table, write_config
 from helpers import (
@@ -433,7 +434,7 @@ async def test_a_leader_deposed_during_a_scheduled_pass_starts_no_further_snapsh
     """Two clusters are due in one pass. While the first one's result is being posted, another
     replica takes the lease: the deposed leader does not go on to snapshot the second cluster
     (the new leader's schedule does, from the shared catalog)."""
-    monkeypatch.setattr("bot.slack.app.HOUSEKEEPING_SECONDS", 3600.0)  # after the start-up pass the test drives
+    monkeypatch.setattr("bot.runtime.upkeep.UPKEEP_SECONDS", 3600.0)  # after the start-up pass the test drives
     a, b = make_cluster(1), make_cluster(1)
     server = await start_bot([cluster_table(name, c, snapshots={"every": "1m"}) for name, c in (("a", a), ("b", b))],
                              replicas={"lease_seconds": 3})
@@ -462,7 +463,7 @@ async def test_a_tick_another_replica_took_while_this_one_waited_is_not_taken_tw
     replica's snapshot is in the shared catalog, so it takes none and posts nothing (before: a
     second snapshot and a second post for one tick). An on-call's request that joined the
     scheduled snapshot meanwhile still gets a snapshot of its own."""
-    monkeypatch.setattr("bot.slack.app.HOUSEKEEPING_SECONDS", 3600.0)  # after the start-up pass the test drives
+    monkeypatch.setattr("bot.runtime.upkeep.UPKEEP_SECONDS", 3600.0)  # after the start-up pass the test drives
     c = make_cluster(1)
     server = await start_bot([cluster_table("a", c, snapshots={"every": "1m"})], replicas={"lease_seconds": 3})
     ctx = server.ctx

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.ops.restore import cluster_id, member_id
+from bot.domain.restore import cluster_id, member_id
 from bot.testing.workspace import CHANNEL, LEAD, LEAD2, ONCALL, BotProcess, cluster_table, write_config
 from helpers import (
     APPROVAL,

@@ -14,9 +14,10 @@ from pathlib import Path
 
 from test_restore_e2e import approve_twice, keys, snapshot_of
 
-from bot.ops import recovery
-from bot.ops.launcher import LaunchResult, MemberState, read_status
-from bot.ops.leader import LEASE
+from bot.domain.quorum import MemberState
+from bot.ops.launcher import LaunchResult, read_status
+from bot.ops.leadership import LEASE
+from bot.ops.restore import run as recovery
 from bot.testing.cluster import free_port
 from bot.testing.workspace import LEAD, cluster_table
 from helpers import (

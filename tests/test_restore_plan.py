@@ -5,11 +5,13 @@ import json
 
 import pytest
 
-from bot.ops.quorum import QuorumEvidence, QuorumVerdict, Seen, Voter
-from bot.ops.replace import Refusal
-from bot.ops.restore import Membership, SnapshotRef, choose_snapshot, plan_restore
+from bot.domain.errors import Refusal
+from bot.domain.plan import PlanState
+from bot.domain.quorum import QuorumEvidence, QuorumVerdict, Seen, Voter
+from bot.domain.restore import Membership
+from bot.domain.snapshot import SnapshotRef
+from bot.ops.restore.plan import choose_snapshot, plan_restore
 from bot.output.blocks import PlanView, restore_plan_reply
-from bot.store.records import PlanState
 
 MEMBERS = Membership(tuple((f"{i:016x}", f"m{i}", (f"http://10.0.0.{i}:2380",), (f"http://10.0.0.{i}:2379",))
                            for i in (1, 2, 3)), "recorded", 1000.0)

@@ -36,13 +36,14 @@ import pyrage
 import pytest
 from pyrage import x25519
 
-import bot.slack.app
+import bot.runtime.upkeep
 from bot.config import ConfigError, load_config
-from bot.etcd.bbolt import SnapshotError, snapshot_status
+from bot.domain.snapshot import SnapshotError, SnapshotFailed
+from bot.etcd.bbolt import snapshot_status
 from bot.etcd.client import SNAPSHOT_IDLE_TIMEOUT, EtcdClient
-from bot.etcd.snapshots import TRAILER, SnapshotFailed, TrailerCheck, save_snapshot, to_prune
-from bot.ops.schedule import RETRY_AFTER_FAILURE, SCHEDULER, Scheduler, is_due
+from bot.etcd.snapshot_stream import TRAILER, TrailerCheck, save_snapshot, to_prune
 from bot.ops.snapshots import take_snapshot
+from bot.runtime.schedule import RETRY_AFTER_FAILURE, SCHEDULER, Scheduler, is_due
 from bot.testing.cluster import LocalCluster
 from bot.testing.workspace import CHANNEL, LEAD, ONCALL, cluster_table, write_config
 from helpers import command, eventually, reply, text_of
@@ -625,7 +626,7 @@ async def test_scheduled_snapshots_are_taken_posted_and_fail_loudly(make_cluster
                                                                      monkeypatch):
     # The bot's own housekeeping runs the schedule at start and then every 30 s; after its first
     # pass it must stay out of the way while this test drives a Scheduler with a clock of its own.
-    monkeypatch.setattr(bot.slack.app, "HOUSEKEEPING_SECONDS", 3600.0)
+    monkeypatch.setattr(bot.runtime.upkeep, "UPKEEP_SECONDS", 3600.0)
     c = make_cluster(3)
     server = await start_bot([cluster_table("prod", c, channels=(CHANNEL, OTHER_CHANNEL), snapshots={"every": "1m"})])
     ctx = server.ctx

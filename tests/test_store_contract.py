@@ -24,13 +24,13 @@ import pytest
 from conftest import ROOT, TEST_AUDIT_KEY
 from test_plans import REQ, cluster, down, up
 
-from bot.config import ConfigError, parse_config
-from bot.etcd.model import Member
-from bot.ops.replace import plan_replacement
-from bot.store import dsn
-from bot.store.base import LeaseLost, OpenPlanExists, Store, StoreBusy, StoreError, open_store
+from bot.config import ConfigError, dsn, parse_config
+from bot.domain.cluster import Member
+from bot.domain.plan import Confirmation, Fence, Lease, PlanKind, PlanState
+from bot.ops.replace.plan import plan_replacement
+from bot.store.backends import open_store
+from bot.store.base import LeaseLost, OpenPlanExists, Store, StoreBusy, StoreError
 from bot.store.postgres import PostgresStore
-from bot.store.records import Confirmation, Fence, Lease, PlanKind, PlanState
 from bot.store.schema import LATEST, statements
 from bot.store.sql import AUDIT_LOCK
 from bot.store.sqlite import SqliteStore

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import pytest
 
+from bot.domain.cluster import Member
+from bot.domain.errors import EtcdUnusableURL
+from bot.domain.urls import Unusable, dial, parse_url, read_url, shown_urls, usable_urls
 from bot.etcd.client import EtcdClient
 from bot.etcd.health import _ask_member
-from bot.etcd.model import EtcdUnusableURL, Member
-from bot.etcd.urls import Unusable, dial, parse_url, read_url, shown_urls, usable_urls
 from bot.output.units import humanize_bytes
 
 

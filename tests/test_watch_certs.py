@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from bot.config import ConfigError, load_config, parse_config
+from bot.domain.cluster import Member, TLSFiles
 from bot.etcd.certs import DAY, CertReading, Kind, ServingCert, expiring, parse_der, read_certs, remaining, tls_urls
-from bot.etcd.model import Member, TLSFiles
 from bot.ops.context import BotContext
 from bot.ops.notify import PlainDirectory, PlainNotifier
 from bot.testing import certs

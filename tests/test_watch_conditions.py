@@ -8,13 +8,13 @@ import re
 import pytest
 from test_rendering import NASTY, pieces, plan_row
 
+from bot.commands.grammar import UsageError
+from bot.commands.table import parse
 from bot.config import ClusterConfig, ConfigError, parse_config
-from bot.etcd.health import MemberHealth
-from bot.etcd.model import Alarm, Member
-from bot.ops.commands import UsageError, parse
+from bot.domain.cluster import Alarm, Member, MemberHealth
+from bot.domain.plan import PlanKind, PlanState
 from bot.output import blocks
 from bot.output.model import AlertView, short_duration
-from bot.store.records import PlanKind, PlanState
 from bot.watch import (  # registered, as in the bot (backup_missed says nothing without a schedule)
     certificates,
     conditions,

@@ -7,7 +7,7 @@ and is *foreign* unless that manifest is signed with the manifest key
 and a manifest there.
 A store that cannot be listed costs one line in the answer, never the local
 part. Restore and drills choose from the same entries
-(bot.ops.recovery.restorable), and `fetched` gives them a remote copy as a
+(bot.ops.restore.run.restorable), and `fetched` gives them a remote copy as a
 verified 0600 file in a private directory, removed afterwards.
 """
 from __future__ import annotations
@@ -23,8 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from bot.backup.manifest import Manifest
-from bot.backup.remote import RemoteError, RemoteObject, RemoteStore, StoreConfig
-from bot.output.model import CatalogEntry, CatalogView, RemoteState, catalog_view
+from bot.backup.object_store import ObjectStoreError, OffsiteStore, RemoteObject
+from bot.config.offsite import StoreConfig
+from bot.domain.snapshot import CatalogEntry, RemoteState
+from bot.output.model import CatalogView, catalog_view
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,7 @@ LIST_DEADLINE = 10.0       # seconds for the listing and the manifests it needs,
 MANIFEST_READS = 8         # manifests read at once
 MANIFESTS_MAX = 50         # unknown objects whose manifests one listing reads (newest first)
 
-Opener = Callable[[StoreConfig], RemoteStore]
+Opener = Callable[[StoreConfig], OffsiteStore]
 
 
 class FetchFailed(Exception):
@@ -56,7 +58,7 @@ def undescribed(cluster: str, obj: RemoteObject, url: str, foreign: str) -> Cata
                         local_path=None, remote_url=url, remote_state=RemoteState.LISTED, foreign=foreign)
 
 
-async def listing(remote: RemoteStore, cluster: str, known: set[str]) -> dict[str, CatalogEntry | None]:
+async def listing(remote: OffsiteStore, cluster: str, known: set[str]) -> dict[str, CatalogEntry | None]:
     """The store's objects of `cluster` by name: an entry from the manifest for the names the catalog does not
     know (the newest MANIFESTS_MAX), None for the others (the catalog's row says more). An object whose
     manifest is missing, unreadable, not signed with the manifest key or dated in the future is *foreign*:
@@ -71,7 +73,7 @@ async def listing(remote: RemoteStore, cluster: str, known: set[str]) -> dict[st
         async with gate:
             try:
                 manifest = await remote.read_manifest(cluster, obj.name)
-            except RemoteError as e:
+            except ObjectStoreError as e:
                 log.warning("an off-site snapshot's manifest is unreadable", extra={"ctx_cluster": cluster,
                                                                                    "ctx_error": str(e)})
                 found[obj.name] = undescribed(cluster, obj, url, "its manifest is unreadable or invalid")
@@ -88,7 +90,7 @@ async def listing(remote: RemoteStore, cluster: str, known: set[str]) -> dict[st
 
 
 async def catalog(config: StoreConfig | None, cluster: str, rows: list[dict[str, Any]], limit: int = 15,
-                  deadline: float = LIST_DEADLINE, open_store: Opener = RemoteStore.from_config) -> CatalogView:
+                  deadline: float = LIST_DEADLINE, open_store: Opener = OffsiteStore.from_config) -> CatalogView:
     """Both places for one cluster. `rows`: its catalog rows, pruned ones included (their remote copy may
     remain); `config`: its [snapshots.store] (None: local only)."""
     if config is None:
@@ -99,7 +101,7 @@ async def catalog(config: StoreConfig | None, cluster: str, rows: list[dict[str,
         listed = await asyncio.wait_for(listing(open_store(config), cluster, known), deadline)
     except TimeoutError:
         return catalog_view(cluster, rows, None, url, f"{url} did not answer within {deadline:g}s", limit)
-    except RemoteError as e:
+    except ObjectStoreError as e:
         return catalog_view(cluster, rows, None, url, str(e), limit)
     return catalog_view(cluster, rows, listed, url, None, limit)
 
@@ -115,11 +117,11 @@ class Expected:
     sha256: str
 
 
-async def fetch_verified(remote: RemoteStore, cluster: str, expected: Expected, dest: Path) -> None:
+async def fetch_verified(remote: OffsiteStore, cluster: str, expected: Expected, dest: Path) -> None:
     """Download to `dest` (0600), hashing as it arrives, then compare size and sha256; a mismatch removes it."""
     try:
         sha, size = await remote.fetch_to(cluster, expected.name, dest)
-    except RemoteError as e:
+    except ObjectStoreError as e:
         raise FetchFailed(f"cannot download {expected.name}: {e}") from None
     problem = (f"{size:,} bytes, expected {expected.file_size:,}" if size != expected.file_size
                else f"sha256 {sha[:16]}…, expected {expected.sha256[:16]}…" if sha != expected.sha256 else None)
@@ -130,7 +132,7 @@ async def fetch_verified(remote: RemoteStore, cluster: str, expected: Expected, 
 
 
 @asynccontextmanager
-async def fetched(remote: RemoteStore, cluster: str, expected: Expected, directory: Path) -> AsyncIterator[Path]:
+async def fetched(remote: OffsiteStore, cluster: str, expected: Expected, directory: Path) -> AsyncIterator[Path]:
     """A verified copy of a remote snapshot in a private (0700) directory under `directory`, removed after
     (with anything else made there, such as its decrypted plaintext)."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -150,13 +152,13 @@ class Origin:
     config: StoreConfig
     cluster: str
     scratch: Path              # on the bot's volume: the copy (and a decrypted one) never leaves the host
-    open_store: Opener = RemoteStore.from_config
+    open_store: Opener = OffsiteStore.from_config
 
     @asynccontextmanager
     async def fetched(self, expected: Expected) -> AsyncIterator[Path]:
         try:
             remote = self.open_store(self.config)
-        except RemoteError as e:
+        except ObjectStoreError as e:
             raise FetchFailed(str(e)) from None
         async with fetched(remote, self.cluster, expected, self.scratch) as path:
             yield path

@@ -32,18 +32,19 @@ verified; a raw `member/snap/db` copy has no trailer.
 """
 from __future__ import annotations
 
+import hashlib
 import mmap
 import os
 import struct
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, cast
+from pathlib import Path
+from typing import cast
 
-from bot.output.tables import table
-from bot.output.units import humanize_bytes
+from bot.domain.snapshot import SnapshotError, SnapshotStatus
 
-__all__ = ["SnapshotError", "SnapshotStatus", "snapshot_status", "status_table"]
+__all__ = ["SnapshotError", "SnapshotStatus", "snapshot_status"]
 
 MAGIC = 0xED0CDAED
 VERSION = 2
@@ -114,44 +115,7 @@ def _load_crc32c() -> Callable[..., int]:
 _crc32c = _load_crc32c()
 
 
-class SnapshotError(Exception):
-    """A file that is not a readable etcd snapshot: one line saying what and where."""
-
-
-@dataclass(frozen=True)
-class SnapshotStatus:
-    """What `etcdutl snapshot status` reports, plus the v3.6 live key count."""
-
-    hash: int            # CRC-32C (Castagnoli), as etcdutl computes it
-    revision: int        # main revision of the last key in bucket "key"
-    total_keys: int      # every key in every bucket (etcd 3.5 meaning)
-    live_keys: int       # distinct live user keys in bucket "key" (v3.6 meaning)
-    total_size: int      # page count x page size
-    has_trailer: bool    # ended with etcd's sha256 trailer, which was verified
-
-    @property
-    def hash_hex(self) -> str:
-        """As etcdutl's %x: lowercase, no zero padding."""
-        return f"{self.hash:x}"
-
-    def as_json(self) -> dict[str, Any]:
-        return {"hash": self.hash_hex, "revision": self.revision, "total_keys": self.total_keys,
-                "live_keys": self.live_keys, "total_size": self.total_size}
-
-
 # -- table ------------------------------------------------------------------
-
-STATUS_HEADERS = ("HASH", "REVISION", "TOTAL KEYS", "TOTAL SIZE")
-
-
-def status_table(status: SnapshotStatus) -> str:
-    """`etcdutl snapshot status --write-out=table` byte for byte (without the final newline).
-
-    etcdutl v3.5 renders with olekukonko/tablewriter v0.0.5 and
-    SetAlignment(ALIGN_RIGHT): headers centred, every cell right-aligned.
-    """
-    cells = (status.hash_hex, str(status.revision), str(status.total_keys), humanize_bytes(status.total_size))
-    return table(STATUS_HEADERS, [cells])
 
 
 # -- reading ----------------------------------------------------------------
@@ -694,3 +658,12 @@ class _Reader:
                 raise self._overrun(where, pgid, i)
             yield flags, k, ksize, vsize
             addr += ELEMENT
+
+
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB chunks (constant memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()

@@ -19,8 +19,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-from bot.etcd.model import EtcdError, Member, TLSFiles
-from bot.etcd.urls import dial
+from bot.domain.cluster import Member, TLSFiles
+from bot.domain.errors import EtcdError
+from bot.domain.urls import dial
 
 Kind = Literal["client", "peer"]
 DAY = 86400.0

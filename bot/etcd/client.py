@@ -23,24 +23,19 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 import grpc
 from aetcd import rpc
 
-from bot.etcd.model import (
-    AUTH_MESSAGES,
+from bot.domain.cluster import KVHash, Member, MemberStatus, TLSFiles, split_alarms
+from bot.domain.errors import (
     EtcdAuthError,
     EtcdError,
     EtcdRequestError,
     EtcdTimeout,
     EtcdTLSError,
     EtcdUnavailable,
-    KVHash,
     LearnerUnsupported,
-    Member,
-    MemberStatus,
-    TLSFiles,
-    request_error,
-    split_alarms,
 )
+from bot.domain.urls import Endpoint, dial, parse_url, usable_urls
+from bot.etcd.model import AUTH_MESSAGES, request_error
 from bot.etcd.race import AllFailed, first_success
-from bot.etcd.urls import Endpoint, dial, parse_url, usable_urls
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

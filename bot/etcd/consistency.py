@@ -10,61 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from bot.etcd.model import EtcdError, KVHash
+from bot.domain.cluster import Consistency, KVHash, MemberHash
+from bot.domain.errors import EtcdError
 
 if TYPE_CHECKING:  # the fan-out calls the gRPC client; the verdict below stays pure
+    from bot.domain.cluster import ClusterHealth
     from bot.etcd.client import EtcdClient
-    from bot.etcd.health import ClusterHealth
 
 LAG_RETRY = 0.2  # seconds between asks of a member that has not reached the revision yet
-
-
-@dataclass(frozen=True)
-class MemberHash:
-    name: str
-    member_id: int
-    hash: KVHash | None
-    error: str | None = None
-
-
-@dataclass(frozen=True)
-class Consistency:
-    """The hashes at `revision`, and the verdict on them (decided here, printed elsewhere)."""
-
-    cluster: str
-    revision: int
-    members: tuple[MemberHash, ...]
-
-    @property
-    def compared(self) -> list[MemberHash]:
-        """The members hashed from the most common compaction point (others cannot be compared)."""
-        answered = [m for m in self.members if m.hash is not None]
-        if not answered:
-            return []
-        point = Counter(m.hash.compact_revision for m in answered if m.hash).most_common(1)[0][0]
-        return [m for m in answered if m.hash is not None and m.hash.compact_revision == point]
-
-    @property
-    def majority_hash(self) -> int | None:
-        counts = Counter(m.hash.hash for m in self.compared if m.hash)
-        return counts.most_common(1)[0][0] if counts else None
-
-    @property
-    def differing(self) -> list[MemberHash]:
-        return [m for m in self.compared if m.hash is not None and m.hash.hash != self.majority_hash]
-
-    @property
-    def unchecked(self) -> list[MemberHash]:
-        compared = {m.member_id for m in self.compared}
-        return [m for m in self.members if m.member_id not in compared]
-
-    @property
-    def agree(self) -> bool:
-        return not self.differing and not self.unchecked and bool(self.compared)
 
 
 async def check_consistency(client: EtcdClient, health: ClusterHealth, timeout: float | None = None,

@@ -14,8 +14,8 @@ import logging
 from enum import Enum
 
 from bot.config import ClusterConfig, RoleConfig
+from bot.domain.mrkdwn import escape
 from bot.ops.notify import Directory
-from bot.output.blocks import escape
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """What every handler needs, built whole once at start-up: the configuration,
 the store, the notifier and access rules (both backed by the chat platform,
 which the core never sees), one etcd client per cluster, the background
-tasks (plan executions) the bot is running, and the leadership loop that
-decides whether this replica may run them (bot/ops/leader.py)."""
+tasks (plan executions) the bot is running, and this replica's standing as
+leader (bot.ops.leadership; the runtime's leadership loop keeps it up to date)."""
 from __future__ import annotations
 
 import asyncio
@@ -14,17 +14,19 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from bot.config import ClusterConfig, Config
+from bot.domain.cluster import ClusterHealth, Member
+from bot.domain.errors import EtcdError
 from bot.etcd.client import EtcdClient, client_for
-from bot.etcd.health import ClusterHealth, check_cluster
-from bot.etcd.model import EtcdError, Member
+from bot.etcd.health import check_cluster
 from bot.ops.access import Access
-from bot.ops.leader import Leadership, lead, release
+from bot.ops.leadership import LEASE, Leadership
 from bot.ops.metrics import Metrics
 from bot.ops.notify import Directory, Notifier
-from bot.store.base import Store, StoreError, open_store
+from bot.store.backends import open_store
+from bot.store.base import Store, StoreError
 
 if TYPE_CHECKING:
-    from bot.ops.snapshots import RunningSnapshot
+    from bot.domain.snapshot import RunningSnapshot
     from bot.output.model import AlertView
 
 log = logging.getLogger(__name__)
@@ -53,7 +55,6 @@ class BotContext:
     running: set[str] = field(default_factory=set)  # ids of the plans this replica is executing
     watch: WatchState | None = None  # the watcher (set by the runtime that runs one)
     leadership: Leadership = field(init=False)
-    _leading: asyncio.Task[None] | None = None  # the leadership loop, from open() to close()
 
     def __post_init__(self) -> None:
         replicas = self.config.replicas
@@ -70,9 +71,7 @@ class BotContext:
         except StoreError:
             await store.close()
             raise
-        ctx = cls(config, store, notifier, Access(directory), secrets)
-        ctx._leading = asyncio.get_running_loop().create_task(lead(ctx), name="leadership")  # see bot/ops/leader.py
-        return ctx
+        return cls(config, store, notifier, Access(directory), secrets)
 
     def is_leader(self) -> bool:
         """Whether this replica holds the executor lease: only the leader runs plans, schedules and watches."""
@@ -139,9 +138,6 @@ class BotContext:
         """Step down as leader, let in-flight work finish for `grace` seconds, then
         cancel it, and release the lease: a plan stopped or cancelled stays
         `running` for the next leader (reported interrupted, or resumed)."""
-        if self._leading is not None:
-            self._leading.cancel()
-            await asyncio.gather(self._leading, return_exceptions=True)
         stepping_down = self.leadership.lost()  # a running plan starts no further step; the next leader resumes it
         current = asyncio.current_task()
         pending = [t for t in self.tasks if t is not current]
@@ -151,8 +147,16 @@ class BotContext:
                 task.cancel()
             await asyncio.gather(*still, return_exceptions=True)
         if stepping_down:
-            await release(self)
+            await self._release_lease()
         for client in self.clients.values():
             await client.close()
         self.clients.clear()
         await self.store.close()
+
+    async def _release_lease(self) -> None:
+        """On a clean stop, once the step in flight has ended: give the lease up so
+        another replica takes over at once rather than after the ttl."""
+        try:
+            await self.store.release_lease(LEASE, self.leadership.replica_id)
+        except StoreError as e:
+            log.warning("lease not released; it expires by itself", extra={"ctx_error": str(e)})

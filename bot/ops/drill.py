@@ -15,31 +15,20 @@ import shutil
 import socket
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 from bot.config import ClusterConfig
+from bot.domain.errors import EtcdError, StepFailed
+from bot.domain.snapshot import DrillResult, SnapshotRef
 from bot.etcd.binaries import BinaryNotFound, find_binary
 from bot.etcd.client import EtcdClient
-from bot.etcd.model import EtcdError
 from bot.ops.context import BotContext
-from bot.ops.engine import StepFailed
-from bot.ops.recovery import adopt, check_plain, check_stored, origin, plaintext, restorable
-from bot.ops.restore import SnapshotRef, choose_snapshot
+from bot.ops.restorable import adopt, check_plain, check_stored, origin, plaintext, restorable
+from bot.ops.restore.plan import choose_snapshot
 
 BOOT_TIMEOUT = 60.0
 RESTORE_TIMEOUT = 600.0
-
-
-@dataclass(frozen=True)
-class DrillResult:
-    ok: bool
-    cluster: str
-    snapshot: str            # file name
-    detail: str              # one line: what was found, or what failed
-    seconds: float
-    remote_url: str = ""     # the snapshot was fetched from this object in the store
-    foreign: str = ""        # why that object is not the bot's own: drilled on request, never catalogued
 
 
 def _free_port() -> int:

@@ -19,14 +19,16 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar, cast
 
-from bot.etcd.model import EtcdError
+from bot.domain.errors import EtcdError, FactsChanged, StepFailed
+from bot.domain.mrkdwn import escape
+from bot.domain.plan import Fence, PlanKind, PlanState
+from bot.domain.record import AnyPlan, PlanRecord
 from bot.ops.context import BotContext
 from bot.ops.launcher import Fencing
-from bot.output.blocks import escape
+from bot.output.blocks import PlanView, Reply
 from bot.store.base import LeaseLost
-from bot.store.records import AnyPlan, Fence, PlanKind, PlanRecord, PlanState
 
 if TYPE_CHECKING:
     from bot.config import ClusterConfig
@@ -37,23 +39,6 @@ P = TypeVar("P", bound=AnyPlan)
 log = logging.getLogger(__name__)
 # The fence of the run this task executes: set by execute(), read by an operation's own writes (update_plan).
 RUN_FENCE: ContextVar[Fence | None] = ContextVar("run_fence", default=None)
-
-
-class StepFailed(Exception):
-    """A step could not do its work: `reason` (one line) and what to do next."""
-
-    def __init__(self, reason: str, next_action: str):
-        super().__init__(reason)
-        self.reason = reason
-        self.next_action = next_action
-
-
-class FactsChanged(StepFailed):
-    """A precondition does not hold: the cluster is no longer what the plan was
-    made for, so the step was not attempted and the plan must be made anew."""
-
-    def __init__(self, reason: str, plan_id: str):
-        super().__init__(reason, f"a new plan is needed: `/etcd abandon {plan_id} <reason>`, then propose again")
 
 
 @dataclass(frozen=True)
@@ -81,7 +66,7 @@ class ClusterOperation(Generic[P]):
     """What every kind of operation starts from: its plan (of the kind's own type),
     the configured cluster it changes and that cluster's client."""
 
-    plan_type: type[P]
+    plan_type: ClassVar[type[AnyPlan]]   # the kind's plan (P itself: a class variable cannot name P)
     what: str                       # "a replacement": says which kind a wrong record was
 
     def __init__(self, ctx: BotContext, record: PlanRecord, actor: str, started: set[str]):
@@ -98,6 +83,12 @@ class ClusterOperation(Generic[P]):
         # ... and so is every launcher process it starts (the lease checked right before each one)
         self.fencing = None if self.fence is None else Fencing(self.fence.token, partial(hold_lease, ctx, self.fence))
 
+    def steps(self) -> Sequence[StepRun]:
+        raise NotImplementedError
+
+    def done_note(self) -> str:
+        raise NotImplementedError
+
 
 async def hold_lease(ctx: BotContext, fence: Fence) -> None:
     """Right before an action: LeaseLost unless this replica still leads the tenure `fence` names, by the
@@ -113,14 +104,35 @@ async def hold_lease(ctx: BotContext, fence: Fence) -> None:
 
 # (context, record, actor, keys of the steps already started before this run) -> Operation
 OperationFactory = Callable[[BotContext, PlanRecord, str, set[str]], Operation]
-KINDS: dict[PlanKind, OperationFactory] = {}
+# A plan of the kind and its progress -> its message (bot.output.blocks)
+Render = Callable[[Any, PlanView], Reply]
 
 
-def register(kind: PlanKind) -> Callable[[OperationFactory], OperationFactory]:
-    def add(factory: OperationFactory) -> OperationFactory:
-        KINDS[kind] = factory
-        return factory
+@dataclass(frozen=True)
+class Kind:
+    """A kind of plan, declared once, on its operation (`register`): the plan type it runs, how it runs,
+    and how its message reads. bot.ops.kinds imports every operation, so the table is whole."""
+
+    kind: PlanKind
+    plan_type: type[AnyPlan]
+    operation: OperationFactory
+    render: Render
+
+
+KINDS: dict[PlanKind, Kind] = {}
+C = TypeVar("C", bound=ClusterOperation[Any])
+
+
+def register(kind: PlanKind, *, render: Render) -> Callable[[type[C]], type[C]]:
+    def add(operation: type[C]) -> type[C]:
+        KINDS[kind] = Kind(kind, operation.plan_type, operation, render)
+        return operation
     return add
+
+
+def render_plan(record: PlanRecord, view: PlanView) -> Reply:
+    """The message of a plan of any kind, as its kind renders it."""
+    return KINDS[record.kind].render(record.plan, view)
 
 
 async def refresh(ctx: BotContext, plan_id: str) -> None:
@@ -162,7 +174,7 @@ async def execute(ctx: BotContext, plan_id: str, actor: str, *, from_states: Ite
         assert record is not None  # the transition just found it
         started = {s["key"] for s in await ctx.store.steps(plan_id)}
         try:
-            operation = KINDS[record.kind](ctx, record, actor, started)
+            operation = KINDS[record.kind].operation(ctx, record, actor, started)
         except StepFailed as e:
             await ctx.store.transition(plan_id, [PlanState.RUNNING], PlanState.FAILED, error=e.reason,
                                        finished_at=time.time(), fence=fence)

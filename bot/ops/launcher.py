@@ -19,30 +19,22 @@ import json
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 
 from bot.config import LauncherConfig
-from bot.ops.replace import Plan
-from bot.output import shell
+from bot.domain import shell
+from bot.domain.quorum import MemberState
+from bot.domain.replace import ReplacePlan
 
 OUTPUT_TAIL = 4000  # characters of the command's output kept for the report
 FENCE_VARIABLE = "ETCD_CHATOPS_FENCE"
 STATUS_TIMEOUT = 30.0  # a status is a read of a host: it gets a deadline shorter than an action's
 
 
-class MemberState(StrEnum):
-    """What the launcher's `status` action says of one member."""
-
-    RUNNING = "running"
-    STOPPED = "stopped"
-    UNKNOWN = "unknown"
-
-
 STATUS_EXIT = {0: MemberState.RUNNING, 3: MemberState.STOPPED}  # systemctl status / LSB: 3 is "not running"
 
 
 @dataclass(frozen=True)
-class MemberStatus:
+class LauncherStatus:
     state: MemberState
     detail: str  # the launcher's last output line, or why the state is unknown
 
@@ -64,7 +56,7 @@ class LaunchResult:
     summary: str
 
 
-def command_argv(template: tuple[str, ...] | list[str], plan: Plan, action: str = "start") -> list[str]:
+def command_argv(template: tuple[str, ...] | list[str], plan: ReplacePlan, action: str = "start") -> list[str]:
     """Substitute {name}, {peer_url}, {client_url} and {action} in each element (no shell)."""
     return fill_argv(template, {"name": plan.new_name, "peer_url": plan.new_peer_url,
                                 "client_url": plan.new_client_url or "", "action": action})
@@ -88,7 +80,7 @@ def child_environment(extra: dict[str, str], secrets: list[str]) -> dict[str, st
     return {**env, **extra}
 
 
-async def run_command(launcher: LauncherConfig, plan: Plan, secrets: list[str],
+async def run_command(launcher: LauncherConfig, plan: ReplacePlan, secrets: list[str],
                       fencing: Fencing | None = None) -> LaunchResult:
     """The replacement's start: argv without {action} means start, as it always did."""
     return await run_argv(launcher, command_argv(launcher.argv, plan),
@@ -96,27 +88,27 @@ async def run_command(launcher: LauncherConfig, plan: Plan, secrets: list[str],
 
 
 async def member_status(launcher: LauncherConfig, name: str, peer_url: str, client_urls: Sequence[str],
-                        secrets: list[str]) -> MemberStatus:
+                        secrets: list[str]) -> LauncherStatus:
     """The launcher's `status` of one member. Read-only, so never fenced; a launcher without actions, a
     member that never started (no name) or any answer but exit 0 or 3 is unknown."""
     if launcher.kind != "command" or not launcher.has_actions:
-        return MemberStatus(MemberState.UNKNOWN, f"the {launcher.kind} launcher has no status action")
+        return LauncherStatus(MemberState.UNKNOWN, f"the {launcher.kind} launcher has no status action")
     if not name:
-        return MemberStatus(MemberState.UNKNOWN, "it never started (no name)")
+        return LauncherStatus(MemberState.UNKNOWN, "it never started (no name)")
     result = await run_argv(launcher, member_argv(launcher.argv, name, peer_url, client_urls, "status"),
                             {"ETCD_CHATOPS_ACTION": "status", "ETCD_NAME": name}, secrets,
                             timeout=min(launcher.timeout_seconds, STATUS_TIMEOUT))
     return read_status(result)
 
 
-def read_status(result: LaunchResult) -> MemberStatus:
+def read_status(result: LaunchResult) -> LauncherStatus:
     """A `status` answer: exit 0 running, 3 stopped; when the last output line is a JSON object with a `state`
     (etcd-chatops-node answers exit 0 and says it there), "running" or "stopped" decides and any other state
     is unknown. Any other exit, or an exit 3 that says running, is unknown."""
     lines = result.output_tail.strip().splitlines()
     last = lines[-1][-300:] if lines else ""
     if result.exit_status not in STATUS_EXIT:
-        return MemberStatus(MemberState.UNKNOWN, result.summary + (f": {last}" if last else ""))
+        return LauncherStatus(MemberState.UNKNOWN, result.summary + (f": {last}" if last else ""))
     try:
         said = json.loads(last).get("state") if last.startswith("{") else None
     except (ValueError, AttributeError):
@@ -125,7 +117,7 @@ def read_status(result: LaunchResult) -> MemberStatus:
     if isinstance(said, str):
         told = {"running": MemberState.RUNNING, "stopped": MemberState.STOPPED}.get(said, MemberState.UNKNOWN)
         state = MemberState.UNKNOWN if state is MemberState.STOPPED and told is MemberState.RUNNING else told
-    return MemberStatus(state, last or result.summary)
+    return LauncherStatus(state, last or result.summary)
 
 
 async def run_argv(launcher: LauncherConfig, argv: list[str], environment: dict[str, str], secrets: list[str], *,
@@ -163,7 +155,7 @@ async def run_argv(launcher: LauncherConfig, argv: list[str], environment: dict[
     return LaunchResult(ok, proc.returncode, text, f"{argv[0]} exited with status {proc.returncode}")
 
 
-def manual_instructions(plan: Plan) -> str:
+def manual_instructions(plan: ReplacePlan) -> str:
     """The runbook's step 4 as a shell block for the operator on the new machine, every value quoted."""
     return "\n".join([*shell.assignments(plan.environment, export=True),
                       "etcd [flags]   # your usual data dir, TLS and client flags"])

@@ -8,110 +8,22 @@ race is told so in the plan's thread and nothing runs twice. Approval rules
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any
 
-from bot.config import ClusterConfig
-from bot.etcd.model import EtcdError
-from bot.ops import executor  # noqa: F401  (registers the replace operation with the engine)
+from bot.domain.mrkdwn import escape, mention
+from bot.domain.plan import STOPPED_STATES, PlanState
+from bot.domain.record import PlanRecord
 from bot.ops.access import Role
 from bot.ops.context import BotContext
 from bot.ops.engine import note, refresh, start_plan
-from bot.ops.notify import NotifyFailed
-from bot.ops.replace import MemberRef, Plan, Refusal, ReplaceRequest, plan_replacement
+from bot.ops.outcome import Outcome, open_plan_refusal, refused
 from bot.output import blocks
-from bot.output.blocks import escape, mention
-from bot.store.base import OpenPlanExists
-from bot.store.records import STOPPED_STATES, AnyPlan, PlanKind, PlanRecord, PlanState
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """What a command leaves: a channel message, an answer only the user sees, or both."""
-
-    channel: blocks.Reply | None = None
-    ephemeral: blocks.Reply | None = None
-
-
-def _refused(reason: str, hint: str | None = None, usage: str | None = None) -> Outcome:
-    return Outcome(ephemeral=blocks.error_reply(reason, usage, hint))
-
-
 # ---------------------------------------------------------------- propose
-
-async def propose(ctx: BotContext, cluster: ClusterConfig, req: ReplaceRequest, user: str, channel: str,
-                  usage: str) -> Outcome:
-    store = ctx.store
-    open_plan = await store.open_plan(cluster.name)
-    if open_plan:
-        return _open_plan_refusal(open_plan.id, open_plan.state)
-    try:
-        health = await ctx.check(cluster)
-    except EtcdError as e:
-        return _refused(f"cannot read cluster {cluster.name}: {e}")
-    newest = await store.snapshots(cluster.name, limit=1)
-    removed = None if health.find(req.failed) else await removed_by_earlier_plan(ctx, cluster.name, req.failed)
-    try:
-        plan = plan_replacement(health, req, newest_snapshot=newest[0]["path"] if newest else None,
-                                launcher=cluster.launcher.kind, removed=removed)
-    except Refusal as r:
-        await store.audit("replace_refused", user=user, channel=channel, cluster=cluster.name,
-                          detail={"reason": r.reason, "request": req.__dict__})
-        return _refused(f"cannot replace {req.failed} in {cluster.name}: {r.reason}", r.hint, usage)
-    return await publish_plan(ctx, PlanKind.REPLACE, plan, cluster.name, user, channel,
-                              {"plan": plan.id, "failed": plan.failed.id, "new_name": plan.new_name,
-                               "new_peer_url": plan.new_peer_url, "learner": plan.learner})
-
-
-async def publish_plan(ctx: BotContext, kind: PlanKind, plan: AnyPlan, cluster: str, user: str, channel: str,
-                       detail: dict[str, Any]) -> Outcome:
-    """Store a new plan of any kind (proposed, with its kind's TTL), post it, remember its message."""
-    store = ctx.store
-    now = time.time()
-    row = {"id": plan.id, "kind": kind, "cluster": cluster, "state": PlanState.PROPOSED, "channel": channel,
-           "proposer": user, "created_at": now, "expires_at": now + ctx.config.approval.rule(kind).ttl_minutes * 60,
-           "fingerprint": plan.fingerprint, "plan": json.dumps(plan.to_json())}
-    try:
-        await store.insert_plan(row)
-    except OpenPlanExists as e:
-        return _open_plan_refusal(e.plan_id, PlanState(e.state))
-    record = await store.plan(plan.id)
-    assert record is not None  # just inserted
-    try:
-        ts = await ctx.notifier.post_plan(record)
-    except NotifyFailed as e:
-        await store.transition(plan.id, [PlanState.PROPOSED], PlanState.CANCELLED,
-                               error=f"could not post the plan: {e}")
-        return _refused(f"could not post the plan in this channel: {e}")
-    await store.update_plan(plan.id, message_ts=ts)
-    await store.audit("plan_proposed", user=user, channel=channel, cluster=cluster, detail=detail)
-    return Outcome()
-
-
-async def removed_by_earlier_plan(ctx: BotContext, cluster: str, ref: str) -> tuple[MemberRef, str] | None:
-    """A failed member an earlier plan removed (etcd < 3.6 requires removing every
-    unreachable voter before an add) and nobody has replaced yet."""
-    wanted = ref.strip().lower()
-    records = await ctx.store.plans(cluster, limit=50, states=(PlanState.DONE,))
-    plans = [r.plan for r in records if isinstance(r.plan, Plan)]
-    replaced = {p.failed.id for p in plans}
-    for plan in plans:
-        for m in plan.also_remove:
-            if m.id not in replaced and wanted in (m.name.lower(), m.id):
-                return m, plan.id
-    return None
-
-
-def _open_plan_refusal(plan_id: str, state: PlanState) -> Outcome:
-    return _refused(f"plan {plan_id} is {state} for this cluster: one open plan per cluster",
-                    f"let it finish, or cancel it with `/etcd cancel {plan_id}`" if state == PlanState.PROPOSED
-                    else f"let plan {plan_id} finish, or abandon it with `/etcd abandon {plan_id} <reason>` "
-                         "(see /etcd plans)")
 
 
 # ---------------------------------------------------------------- reactions
@@ -225,12 +137,12 @@ async def _stopped_plan(ctx: BotContext, plan_id: str, user: str, channel: str, 
     """The plan an approver resumes or abandons, or the refusal to answer instead (audited)."""
     record = await _plan_for(ctx, plan_id, channel)
     if record is None:
-        return _refused(f"no plan {plan_id!r} in this channel", "see /etcd plans")
+        return refused(f"no plan {plan_id!r} in this channel", "see /etcd plans")
     if await _is_approver(ctx, record, user):
         return record
     await ctx.store.audit(f"{what}_refused", user=user, channel=record.channel, cluster=record.cluster,
                           detail={"plan": record.id, "missing_role": "approver"})
-    return _refused(f"{what}ing plan {record.id} needs the approver role, which you do not hold "
+    return refused(f"{what}ing plan {record.id} needs the approver role, which you do not hold "
                     f"(approvers: {await _approvers(ctx, record)})")
 
 
@@ -239,15 +151,15 @@ async def resume(ctx: BotContext, plan_id: str, user: str, channel: str) -> Outc
     if isinstance(record, Outcome):
         return record
     if record.state not in STOPPED_STATES:
-        return _refused(f"plan {plan_id} is {record.state}; only an interrupted or failed plan can be resumed")
+        return refused(f"plan {plan_id} is {record.state}; only an interrupted or failed plan can be resumed")
     start = record.current_step
     open_plan = await ctx.store.open_plan(record.cluster)
     if open_plan and open_plan.id != plan_id:
-        return _open_plan_refusal(open_plan.id, open_plan.state)
+        return open_plan_refusal(open_plan.id, open_plan.state)
     step = record.plan.steps[start]
     # Approved again, at the step it stopped on: the leader (this replica or another) runs it from there.
     if not await ctx.store.transition(plan_id, STOPPED_STATES, PlanState.APPROVED):
-        return _refused(f"plan {plan_id} changed state meanwhile; see /etcd plans")
+        return refused(f"plan {plan_id} changed state meanwhile; see /etcd plans")
     await ctx.store.audit("plan_resumed", user=user, channel=channel, cluster=record.cluster,
                           detail={"plan": plan_id, "step": step.key})
     await note(ctx, record, f":arrow_forward: {mention(user)} resumed plan {plan_id} at step {start} "
@@ -267,10 +179,10 @@ async def abandon(ctx: BotContext, plan_id: str, reason: str, user: str, channel
                 PlanState.APPROVED: "it is about to run; let it finish or fail first",
                 PlanState.RUNNING: "it is running; let it finish or fail first"}.get(
                     record.state, "it is closed already; nothing to abandon")
-        return _refused(f"plan {plan_id} is {record.state}; only an interrupted or failed plan can be abandoned", hint)
+        return refused(f"plan {plan_id} is {record.state}; only an interrupted or failed plan can be abandoned", hint)
     if not await ctx.store.transition(plan_id, STOPPED_STATES, PlanState.ABANDONED, decided_by=user,
                                       decided_at=time.time()):
-        return _refused(f"plan {plan_id} changed state meanwhile; see /etcd plans")
+        return refused(f"plan {plan_id} changed state meanwhile; see /etcd plans")
     steps = await ctx.store.steps(plan_id)
     ran = [f"{s['idx']}. {escape(record.plan.steps[s['idx']].title)} ({s['state']})" for s in steps
            if s["state"] in ("done", "failed", "running")]
@@ -288,15 +200,15 @@ async def abandon(ctx: BotContext, plan_id: str, reason: str, user: str, channel
 async def cancel(ctx: BotContext, plan_id: str, user: str, channel: str) -> Outcome:
     record = await _plan_for(ctx, plan_id, channel)
     if record is None:
-        return _refused(f"no plan {plan_id!r} in this channel", "see /etcd plans")
+        return refused(f"no plan {plan_id!r} in this channel", "see /etcd plans")
     if user != record.proposer and not await _is_approver(ctx, record, user):
         await ctx.store.audit("cancel_refused", user=user, channel=channel, cluster=record.cluster,
                               detail={"plan": plan_id, "missing_role": "approver or proposer"})
-        return _refused(f"cancelling plan {plan_id} needs the approver role or being its proposer "
+        return refused(f"cancelling plan {plan_id} needs the approver role or being its proposer "
                         f"(approvers: {await _approvers(ctx, record)})")
     if not await ctx.store.transition(plan_id, [PlanState.PROPOSED], PlanState.CANCELLED, decided_by=user,
                                       decided_at=time.time()):
-        return _refused(f"plan {plan_id} is {record.state}; only a proposed plan can be cancelled")
+        return refused(f"plan {plan_id} is {record.state}; only a proposed plan can be cancelled")
     await ctx.store.audit("plan_cancelled", user=user, channel=channel, cluster=record.cluster,
                           detail={"plan": plan_id})
     await refresh(ctx, plan_id)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from bot.store.records import PlanState
+from bot.domain.plan import PlanState
 
 if TYPE_CHECKING:
     from bot.config import ClusterConfig

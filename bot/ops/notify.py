@@ -9,8 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from bot.domain.record import PlanRecord
 from bot.output.blocks import Reply
-from bot.store.records import PlanRecord
 
 
 class NotifyFailed(Exception):

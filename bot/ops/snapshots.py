@@ -23,20 +23,22 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from bot.backup.manifest import Manifest, recipient_fingerprint
-from bot.backup.remote import RemoteError, RemoteStore, StoreConfig, Upload, verify_upload
+from bot.backup.object_store import ObjectStoreError, OffsiteStore, Upload, object_store, verify_upload
 from bot.config import ClusterConfig, SnapshotPolicy
-from bot.etcd.health import ClusterHealth, check_cluster
-from bot.etcd.model import EtcdError
-from bot.etcd.snapshots import SavedSnapshot, SnapshotFailed, save_snapshot, to_prune
+from bot.domain.cluster import ClusterHealth
+from bot.domain.errors import EtcdError
+from bot.domain.plan import Lease
+from bot.domain.snapshot import RunningSnapshot, SavedSnapshot, SnapshotFailed
+from bot.etcd.health import check_cluster
+from bot.etcd.snapshot_stream import save_snapshot, to_prune
 from bot.ops.context import BotContext
 from bot.store.base import StoreError
-from bot.store.records import Lease
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +46,6 @@ log = logging.getLogger(__name__)
 class NotNeeded(SnapshotFailed):
     """`still_wanted` said no once the cluster's lease was ours: another replica took the snapshot
     while this one waited for it (a scheduled tick, after a change of leader)."""
-
-
-@dataclass(frozen=True)
-class RunningSnapshot:
-    """The snapshot of a cluster being taken; its result is (the file, its row id)."""
-
-    cluster: str
-    requested_by: str
-    channel: str
-    started_at: float
-    result: asyncio.Future[tuple[SavedSnapshot, int]]
 
 
 async def take_snapshot(ctx: BotContext, cluster: ClusterConfig, *, requested_by: str, reason: str,
@@ -307,8 +298,8 @@ async def prune_remote(ctx: BotContext, cluster: ClusterConfig, open_plan: str |
     if not doomed:
         return []
     try:
-        remote = remote_store(cluster.snapshots.store)
-    except RemoteError as e:
+        remote = object_store(cluster.snapshots.store)
+    except ObjectStoreError as e:
         log.warning("cannot prune remote copies", extra={"ctx_cluster": cluster.name, "ctx_error": str(e)})
         return []
     pruned = []
@@ -316,7 +307,7 @@ async def prune_remote(ctx: BotContext, cluster: ClusterConfig, open_plan: str |
         name = Path(row["path"]).name
         try:
             await asyncio.wait_for(remote.delete(cluster.name, name), REMOTE_DELETE_DEADLINE)
-        except (RemoteError, TimeoutError) as e:
+        except (ObjectStoreError, TimeoutError) as e:
             log.warning("cannot prune a remote copy", extra={"ctx_cluster": cluster.name, "ctx_file": name,
                                                              "ctx_error": str(e) or "no answer in time"})
             continue
@@ -332,18 +323,9 @@ async def prune_remote(ctx: BotContext, cluster: ClusterConfig, open_plan: str |
 # ---------------------------------------------------------------- off-site copies
 
 UPLOAD_RETRY_BACKOFF = (2.0, 10.0)   # seconds before each retry from the local file, after the streaming upload
-_STORES: dict[StoreConfig, RemoteStore] = {}
 
 
-def remote_store(config: StoreConfig) -> RemoteStore:
-    """The store of a `[snapshots.store]` table (one per table, for the bot's lifetime)."""
-    store = _STORES.get(config)
-    if store is None:
-        store = _STORES[config] = RemoteStore.from_config(config)
-    return store
-
-
-async def _remote_for_upload(cluster: ClusterConfig, token: int) -> tuple[RemoteStore | None, str | None]:
+async def _remote_for_upload(cluster: ClusterConfig, token: int) -> tuple[OffsiteStore | None, str | None]:
     """The cluster's off-site store ready for an upload, or why there is none. Unfinished uploads
     a killed bot left (or one whose abort failed) are aborted first, when there may be some
     (best effort: a failure here does not stop the upload). `token`: the tenure of the
@@ -351,8 +333,8 @@ async def _remote_for_upload(cluster: ClusterConfig, token: int) -> tuple[Remote
     if cluster.snapshots.store is None:
         return None, None
     try:
-        remote = remote_store(cluster.snapshots.store)
-    except RemoteError as e:
+        remote = object_store(cluster.snapshots.store)
+    except ObjectStoreError as e:
         return None, str(e)
     if not remote.needs_sweep(cluster.name, token):
         return remote, None
@@ -361,7 +343,7 @@ async def _remote_for_upload(cluster: ClusterConfig, token: int) -> tuple[Remote
         if aborted:
             log.warning("aborted unfinished uploads a stopped bot left",
                         extra={"ctx_cluster": cluster.name, "ctx_count": aborted})
-    except RemoteError as e:
+    except ObjectStoreError as e:
         log.warning("cannot check for unfinished uploads", extra={"ctx_cluster": cluster.name, "ctx_error": str(e)})
     return remote, None
 
@@ -374,7 +356,7 @@ def manifest_for(saved: SavedSnapshot, recipients: tuple[str, ...]) -> Manifest:
                     recipients=tuple(recipient_fingerprint(r) for r in recipients) if saved.encrypted else ())
 
 
-async def store_offsite(ctx: BotContext, cluster: ClusterConfig, remote: RemoteStore, saved: SavedSnapshot,
+async def store_offsite(ctx: BotContext, cluster: ClusterConfig, remote: OffsiteStore, saved: SavedSnapshot,
                         snapshot_id: int) -> SavedSnapshot:
     """Verify the upload the save streamed (size, then the sha256 read back), then put the manifest
     next to it. A failed upload is retried from the local file with backoff; the local file is
@@ -392,13 +374,13 @@ async def store_offsite(ctx: BotContext, cluster: ClusterConfig, remote: RemoteS
             try:
                 await remote.upload_file(cluster.name, name, saved.path)
                 error = None
-            except RemoteError as e:
+            except ObjectStoreError as e:
                 error = str(e)
         if error is None:
             try:
                 await verify_upload(remote, cluster.name, name, saved.file_size, saved.sha256)
                 await remote.write_manifest(manifest_for(saved, cluster.snapshots.age_recipients))
-            except RemoteError as e:
+            except ObjectStoreError as e:
                 error = str(e)
             else:
                 await ctx.store.update_snapshot(snapshot_id, remote_state="verified", remote_verified_at=time.time())
@@ -420,7 +402,7 @@ async def _offsite_failed(ctx: BotContext, cluster: ClusterConfig, saved: SavedS
               extra={"ctx_cluster": cluster.name, "ctx_file": saved.path.name, "ctx_error": error})
 
 
-async def retry_failed_uploads(ctx: BotContext, cluster: ClusterConfig, remote: RemoteStore,
+async def retry_failed_uploads(ctx: BotContext, cluster: ClusterConfig, remote: OffsiteStore,
                                but: int | None = None) -> list[str]:
     """Upload again the kept local snapshots whose upload failed (the store was down) or was cut
     short (the bot stopped): after the next snapshot's own upload, one try each. Returns the files
@@ -438,7 +420,7 @@ async def retry_failed_uploads(ctx: BotContext, cluster: ClusterConfig, remote: 
             await verify_upload(remote, cluster.name, name, row["file_size"], row["sha256"])
             saved = _saved_from_row(row)
             await remote.write_manifest(manifest_for(saved, cluster.snapshots.age_recipients))
-        except RemoteError as e:
+        except ObjectStoreError as e:
             await ctx.store.update_snapshot(row["id"], remote_error=str(e))
             log.warning("retrying an off-site upload failed",
                         extra={"ctx_cluster": cluster.name, "ctx_file": name, "ctx_error": str(e)})
@@ -455,7 +437,7 @@ async def retry_failed_uploads(ctx: BotContext, cluster: ClusterConfig, remote: 
 
 def _saved_from_row(row: dict[str, Any]) -> SavedSnapshot:
     """A catalog row as a SavedSnapshot (for its manifest)."""
-    from bot.etcd.bbolt import SnapshotStatus
+    from bot.domain.snapshot import SnapshotStatus
     status = SnapshotStatus(hash=int(row["hash"], 16), revision=row["revision"], total_keys=row["total_keys"],
                             live_keys=row["live_keys"], total_size=row["total_size"], has_trailer=True)
     return SavedSnapshot(cluster=row["cluster"], member=row["member"], endpoint="", path=Path(row["path"]),

@@ -6,5 +6,5 @@ them. `escape()`, `code()` and `mention()` in blocks.py are the only way a
 value or a mention reaches a message.
 
 May import: the data models below it: bot.etcd's values, the planner's Plan
-(bot.ops.replace) and the store's records. No gRPC client, no Slack SDK.
+(bot.ops.replace.plan) and the store's records. No gRPC client, no Slack SDK.
 """

@@ -9,41 +9,39 @@ mention exists only where mention()/group_mention() made it.
 """
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from bot.etcd.consistency import Consistency
-from bot.etcd.health import ClusterHealth
-from bot.etcd.metrics import MemberMetrics
-from bot.etcd.urls import shown_urls
-from bot.ops.defrag import DefragPlan
-from bot.ops.quorum import QuorumVerdict
-from bot.ops.replace import MemberRef, Plan, Step
-from bot.ops.restore import K8S_AFTER, K8S_BEFORE, RestorePlan, bump_note
-from bot.output import shell
+from bot.domain import shell
+from bot.domain.cluster import ClusterHealth, Consistency, MemberMetrics
+from bot.domain.defrag import DefragPlan
+from bot.domain.mrkdwn import _item, _md, code, code_block, escape, mention, one_line
+from bot.domain.plan import PlanState, Step
+from bot.domain.quorum import QuorumVerdict
+from bot.domain.record import PlanRecord
+from bot.domain.replace import MemberRef, ReplacePlan
+from bot.domain.restore import RestorePlan
+from bot.domain.snapshot import CatalogEntry, RemoteState
+from bot.domain.urls import shown_urls
 from bot.output import text as render
 from bot.output.model import (
     LEADERLESS,
     AlertView,
-    CatalogEntry,
     CatalogView,
     MemberView,
     PerfView,
-    RemoteState,
     Verdict,
     snapshot_view,
     status_view,
 )
 from bot.output.tables import table as render_table
+from bot.output.text import K8S_AFTER, K8S_BEFORE, bump_note
 from bot.output.units import humanize_bytes
-from bot.store.records import PlanRecord, PlanState
 
 if TYPE_CHECKING:  # the snapshot stream is gRPC; only its result type is needed here
-    from bot.etcd.snapshots import SavedSnapshot
-    from bot.ops.drill import DrillResult
+    from bot.domain.snapshot import DrillResult, SavedSnapshot
 
 MAX_SECTION = 2900  # Slack's limit is 3000 characters per text object
 
@@ -92,54 +90,6 @@ def _header(text: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- escaping
-
-def escape(text: str) -> str:
-    """Slack mrkdwn escaping of &, < and > (the only characters it requires):
-    no value can become a mention, a channel link or a link."""
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
-_BACKTICK = "ˋ"  # MODIFIER LETTER GRAVE ACCENT: looks like ` but cannot end a code span
-
-
-def code(value: str) -> str:
-    """A value as inline code that no character of it can end early."""
-    return f"`{escape(value).replace('`', _BACKTICK)}`"
-
-
-def code_block(text: str) -> str:
-    """Text as a preformatted block that no character of it can end early."""
-    return f"```{escape(text).replace('`', _BACKTICK)}```"
-
-
-class Mrkdwn(str):
-    """Text that is already mrkdwn: its values went through escape(), its
-    mentions through mention(). Replies post it as it is; any other str is
-    escaped whole."""
-
-
-def _md(text: str) -> str:
-    return text if isinstance(text, Mrkdwn) else escape(text)
-
-
-_USER_ID = re.compile(r"[UW][A-Z0-9]{2,}")
-_GROUP_ID = re.compile(r"S[A-Z0-9]{2,}")
-
-
-def mention(user: str) -> str:
-    """The only way to mention a user: a Slack user ID as a mention; anything
-    else (the schedule, a malformed ID) as plain words."""
-    return f"<@{user}>" if _USER_ID.fullmatch(user) else _item(user)
-
-
-def group_mention(group: str) -> str:
-    """The only way to mention a user group (a Slack subteam ID)."""
-    return f"<!subteam^{group}>" if _GROUP_ID.fullmatch(group) else _item(group)
-
-
-def _item(value: str) -> str:
-    """A value in a list of one line per item: escaped, and on one line."""
-    return escape(render.one_line(value))
 
 
 # ---------------------------------------------------------------- status
@@ -275,14 +225,10 @@ def _state(view: PlanView) -> tuple[str, dict[str, Any]]:
     return word, _section(f"*State:* {word}" + (f" (by {mention(view.decided_by or '')})" if decided else ""))
 
 
-def plan_reply(plan: Plan | RestorePlan | DefragPlan, view: PlanView) -> Reply:
-    """The plan message: everything an approver needs to decide, and progress.
+def replace_plan_reply(plan: ReplacePlan, view: PlanView) -> Reply:
+    """The replacement plan's message: everything an approver needs to decide, and progress.
     Long values never push a step or the environment out: they spill into
     more sections."""
-    if isinstance(plan, RestorePlan):
-        return restore_plan_reply(plan, view)
-    if isinstance(plan, DefragPlan):
-        return defrag_plan_reply(plan, view)
     state, state_section = _state(view)
     failed_name = escape(plan.failed.name or plan.failed.id)
     joins = "joins as a learner, then promoted" if plan.learner else "joins as a voting member (--no-learner)"
@@ -596,11 +542,11 @@ def snapshots_reply(view: CatalogView, drills: Mapping[int, dict[str, Any]] | No
     lines = []
     for e in view.entries:
         if not e.described:  # no manifest: its name, size and upload time are all anyone knows
-            lines.append(" · ".join([code(render.one_line(e.name)), humanize_bytes(e.file_size),
+            lines.append(" · ".join([code(one_line(e.name)), humanize_bytes(e.file_size),
                                      slack_date(e.created_at), _where(e)]))
             continue
         lines.append(" · ".join([
-            code(render.one_line(e.name)), f"rev {e.revision}", f"hash {_item(e.hash)}", f"{e.total_keys} keys",
+            code(one_line(e.name)), f"rev {e.revision}", f"hash {_item(e.hash)}", f"{e.total_keys} keys",
             humanize_bytes(e.total_size), _item(e.member),
             *([mention(e.requested_by)] if e.requested_by else []), slack_date(e.created_at),
             *([":lock:"] if e.encrypted else []), *([_item(e.reason)] if e.reason else []), _where(e),

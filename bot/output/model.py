@@ -16,14 +16,24 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bot.etcd.bbolt import SnapshotStatus, status_table
-from bot.etcd.health import ClusterHealth, MemberHealth, Quorum
-from bot.etcd.metrics import BACKEND_COMMIT_P99_OK, DEFAULT_QUOTA, WAL_FSYNC_P99_OK, MemberMetrics
-from bot.etcd.model import Alarm, Member, MemberStatus
+from bot.domain.cluster import (
+    BACKEND_COMMIT_P99_OK,
+    DEFAULT_QUOTA,
+    WAL_FSYNC_P99_OK,
+    Alarm,
+    ClusterHealth,
+    Member,
+    MemberHealth,
+    MemberMetrics,
+    MemberStatus,
+    Quorum,
+)
+from bot.domain.snapshot import CatalogEntry, RemoteState, SnapshotStatus, catalog_entry
+from bot.output.tables import status_table
 from bot.output.units import humanize_bytes, humanize_duration
 
-if TYPE_CHECKING:  # bot.etcd.snapshots streams over gRPC; only its result type is needed here
-    from bot.etcd.snapshots import SavedSnapshot
+if TYPE_CHECKING:  # bot.etcd.snapshot_stream streams over gRPC; only its result type is needed here
+    from bot.domain.snapshot import SavedSnapshot
 
 
 # ---------------------------------------------------------------- status
@@ -391,70 +401,6 @@ def short_duration(seconds: float) -> str:
     return " ".join(shown) or "0s"
 # ---------------------------------------------------------------- the catalog: local and remote copies
 
-class RemoteState(StrEnum):
-    """Where a snapshot's off-site copy stands."""
-
-    NONE = ""                  # never uploaded (no store, or taken before one was configured)
-    UPLOADING = "uploading"
-    VERIFIED = "verified"      # read back and its sha256 checked
-    FAILED = "failed"          # the upload failed: the local copy is the only one
-    LISTED = "listed"          # the store holds it, the catalog does not know it (from its manifest)
-    MISSING = "missing"        # the catalog says verified, the store's listing no longer has it
-
-
-@dataclass(frozen=True)
-class CatalogEntry:
-    """One snapshot, wherever its copies are: the bot's volume, the object store, or both."""
-
-    cluster: str
-    name: str                      # the file name, the same in both places
-    revision: int
-    hash: str                      # etcdutl's %x
-    total_keys: int
-    total_size: int
-    file_size: int
-    sha256: str                    # of the file as stored (the ciphertext when encrypted)
-    encrypted: bool
-    member: str
-    created_at: float
-    local_path: str | None         # the local copy, while retention keeps it
-    remote_url: str | None         # the store's address of the object, when it is (or was meant to be) there
-    remote_state: RemoteState = RemoteState.NONE
-    remote_error: str = ""
-    snapshot_id: int | None = None     # the catalog row; None for an object only the store knows
-    requested_by: str = ""
-    reason: str = ""
-    live_keys: int | None = None
-    # why an object only the store holds is not the bot's own (no valid manifest); "" for the bot's own
-    foreign: str = ""
-
-    @property
-    def described(self) -> bool:
-        """Something (the catalog, or a manifest) says what the snapshot holds; false for an object
-        without a readable manifest, known only by its name and size."""
-        return bool(self.sha256)
-
-    @property
-    def remote(self) -> bool:
-        """The store holds a copy (verified by the bot, or listed with its manifest)."""
-        return self.remote_state in (RemoteState.VERIFIED, RemoteState.LISTED)
-
-    @property
-    def place(self) -> str:
-        """local, remote, both, or none (the catalog's remote copy is missing and no local one is left)."""
-        if self.local_path and self.remote:
-            return "both"
-        return "remote" if self.remote else "local" if self.local_path else "none"
-
-    @property
-    def remote_word(self) -> str:
-        """The off-site copy in a few words, for every printer."""
-        if self.foreign:
-            return "FOREIGN"
-        return {RemoteState.NONE: "-", RemoteState.UPLOADING: "uploading", RemoteState.VERIFIED: "verified",
-                RemoteState.FAILED: "upload FAILED", RemoteState.LISTED: "stored (manifest only)",
-                RemoteState.MISSING: "MISSING from the store"}[self.remote_state]
-
 
 @dataclass(frozen=True)
 class CatalogView:
@@ -464,22 +410,6 @@ class CatalogView:
     entries: tuple[CatalogEntry, ...]
     store_url: str | None = None       # the store's address, when one is configured
     store_error: str | None = None     # one line: the store could not be listed (the local part still shows)
-
-
-def catalog_entry(row: Mapping[str, Any]) -> CatalogEntry:
-    """A catalog row (the snapshots table) as an entry: the local copy unless retention removed it,
-    the remote one as the upload left it unless retention removed that."""
-    state = row.get("remote_state") or ""
-    if row.get("remote_pruned_at") or state not in RemoteState._value2member_map_:
-        state = ""
-    return CatalogEntry(
-        cluster=row["cluster"], name=row["path"].rsplit("/", 1)[-1], revision=row["revision"], hash=str(row["hash"]),
-        total_keys=row["total_keys"], total_size=row["total_size"], file_size=row["file_size"] or 0,
-        sha256=row["sha256"] or "", encrypted=bool(row["encrypted"]), member=row["member"],
-        created_at=row["created_at"], local_path=row["path"] if row.get("pruned_at") is None else None,
-        remote_url=row.get("remote_url") or None, remote_state=RemoteState(state),
-        remote_error=row.get("remote_error") or "", snapshot_id=row.get("id"),
-        requested_by=row.get("requested_by") or "", reason=row.get("reason") or "", live_keys=row.get("live_keys"))
 
 
 def catalog_view(cluster: str, rows: list[dict[str, Any]], listed: Mapping[str, CatalogEntry | None] | None,

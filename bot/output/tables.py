@@ -6,6 +6,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from bot.domain.snapshot import SnapshotStatus
+from bot.output.units import humanize_bytes
+
 
 def _centre(text: str, width: int) -> str:
     """tablewriter's Pad: the smaller half of the gap on the left (str.center differs)."""
@@ -22,3 +25,16 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     head = "|" + "|".join(f" {_centre(h, w)} " for h, w in zip(headers, widths, strict=True)) + "|"
     body = ["|" + "|".join(f" {c.rjust(w)} " for c, w in zip(row, widths, strict=True)) + "|" for row in cells]
     return "\n".join([rule, head, rule, *body, rule])
+
+
+SNAPSHOT_STATUS_HEADERS = ("HASH", "REVISION", "TOTAL KEYS", "TOTAL SIZE")
+
+
+def status_table(status: SnapshotStatus) -> str:
+    """`etcdutl snapshot status --write-out=table` byte for byte (without the final newline).
+
+    etcdutl v3.5 renders with olekukonko/tablewriter v0.0.5 and
+    SetAlignment(ALIGN_RIGHT): headers centred, every cell right-aligned.
+    """
+    cells = (status.hash_hex, str(status.revision), str(status.total_keys), humanize_bytes(status.total_size))
+    return table(SNAPSHOT_STATUS_HEADERS, [cells])

@@ -9,9 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from bot.etcd.consistency import Consistency
-from bot.etcd.model import KVHash
-from bot.etcd.urls import shown_urls
+from bot.domain.cluster import Consistency, KVHash
+from bot.domain.mrkdwn import one_line
+from bot.domain.restore import RestorePlan
+from bot.domain.urls import shown_urls
 from bot.output.model import (
     AlertView,
     CatalogView,
@@ -166,16 +167,6 @@ def catalog_json(view: CatalogView) -> dict[str, Any]:
         for e in view.entries]}
 
 
-def one_line(text: str, limit: int = 120) -> str:
-    """The first line of a long text (launcher output, an etcd error), cut
-    with an ellipsis when anything is left out: lists stay one line per item."""
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    first = lines[0] if lines else ""
-    if len(first) > limit:
-        return first[:limit - 1].rstrip() + "…"
-    return first + " …" if len(lines) > 1 else first
-
-
 # ---------------------------------------------------------------- perf, alarms, consistency
 
 def _cell(f: Figure) -> str:
@@ -232,7 +223,6 @@ def consistency_text(c: Consistency) -> str:
     return f"{head}\n{table(('MEMBER', 'HASH', 'COMPACT REVISION', 'RESULT'), rows)}"
 
 
-
 def alert_state(view: AlertView) -> str:
     if view.held:
         return f"held back: {view.held}; seen for {short_duration(view.lasted)}"
@@ -264,3 +254,20 @@ def alerts_text(cluster: str, views: list[AlertView], muted: str | None = None,
     lines = [f"{v.title} {v.subject}: {v.summary} ({alert_state(v)})" for v in [*views, *(held or ())]]
     unknown = ["held back: not known here (this replica does not watch; the leader does)"] if held is None else []
     return "\n".join([head, *lines, *unknown, *([f"muted: {muted}"] if muted else [])])
+
+
+
+K8S_BEFORE = "Stop every kube-apiserver before the restore (it would write to the old data and cache it)."
+
+
+K8S_AFTER = ("After the restore: restart every kube-apiserver, then kube-controller-manager and kube-scheduler, then "
+             "the kubelets, so that no component keeps state newer than the snapshot.")
+
+
+def bump_note(plan: RestorePlan) -> str:
+    if plan.bump_supported:
+        return (f"etcdutl {plan.etcd_version} supports --bump-revision/--mark-compacted: they are added, so clients' "
+                "watch caches are invalidated.")
+    return (f"etcd {plan.etcd_version or '(version unknown)'}: its etcdutl has no --bump-revision/--mark-compacted "
+            "(3.5.10 and later, 3.6): clients' watch caches are NOT invalidated by the restore; restart every "
+            "watcher (kube-apiserver and controllers) as the follow-ups say.")

@@ -9,11 +9,12 @@ from collections.abc import Mapping
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.config import Config
+from bot.domain.record import PlanRecord
 from bot.ops.access import Access, Role
+from bot.ops.kinds import render_plan
 from bot.ops.notify import NotifyFailed
 from bot.output import blocks
 from bot.slack.web import SlackPostError, ephemeral, post, update
-from bot.store.records import PlanRecord
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +36,14 @@ class SlackNotifier:
 
     async def post_plan(self, record: PlanRecord) -> str:
         try:
-            return await post(self.web, record.channel, blocks.plan_reply(record.plan, self.view(record, {})))
+            return await post(self.web, record.channel, render_plan(record, self.view(record, {})))
         except SlackPostError as e:
             raise NotifyFailed(str(e)) from None
 
     async def plan_changed(self, record: PlanRecord, step_states: Mapping[int, str]) -> None:
         if record.message_ts:
             await update(self.web, record.channel, record.message_ts,
-                         blocks.plan_reply(record.plan, self.view(record, step_states)))
+                         render_plan(record, self.view(record, step_states)))
 
     async def thread_note(self, record: PlanRecord, text: str) -> None:
         try:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot.etcd.model import EtcdError
+from bot.domain.errors import EtcdError
 from bot.ops.context import BotContext
 
 CACHE_SECONDS = 5.0

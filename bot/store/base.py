@@ -22,10 +22,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Collection, Iterable
 from typing import TYPE_CHECKING, Any
 
-from bot.store.records import Confirmation, Fence, Lease, PlanRecord, PlanState, Stage, StageAnswer
+from bot.domain.plan import Confirmation, Fence, Lease, PlanState, Stage, StageAnswer
+from bot.domain.record import PlanRecord
 
 if TYPE_CHECKING:
-    from bot.config import Config
+    pass
 
 GENESIS = "0" * 64
 
@@ -410,21 +411,3 @@ class Store(ABC):
         """The first row keyed with HMAC (earlier rows were written without a key), or None."""
 
 
-def store_for(config: Config) -> Store:
-    """The configured backend, not yet opened: a path is SQLite, a postgresql:// URL PostgreSQL."""
-    if isinstance(config.database, str):
-        from bot.store.postgres import PostgresStore
-        return PostgresStore(config.database, password=config.database_password,
-                             timeout=config.database_timeout_seconds, audit_key=config.audit_key)
-    from bot.store.sqlite import SqliteStore
-    return SqliteStore(config.database, busy_timeout=config.database_timeout_seconds, audit_key=config.audit_key)
-
-
-async def open_store(config: Config) -> Store:
-    """store_for(config), opened (closed again if opening fails)."""
-    store = store_for(config)
-    try:
-        return await store.open()
-    except BaseException:
-        await store.close()
-        raise

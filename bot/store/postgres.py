@@ -25,7 +25,7 @@ from psycopg.adapt import AdaptersMap, Dumper
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from bot.store import dsn
+from bot.config import dsn
 from bot.store.base import StoreBusy, StoreError
 from bot.store.dialect import POSTGRESQL
 from bot.store.sql import Conflict, Connection, R, Row, SqlStore, Work

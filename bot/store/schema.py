@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from functools import cache
 from string import Template
 
+from bot.domain.plan import OPEN_STATES
 from bot.store.dialect import SQLITE, Dialect
-from bot.store.records import OPEN_STATES
 
 # Version 1: the schema of the releases before versioned migrations (with the columns they
 # added on open); it creates only what is missing, so such a SQLite file is adopted as it is.

@@ -19,6 +19,8 @@ from collections.abc import Callable, Collection, Coroutine, Iterable, Sequence
 from dataclasses import replace
 from typing import Any, ClassVar, TypeVar
 
+from bot.domain.plan import OPEN_STATES, Confirmation, Fence, Lease, PlanState, Stage, StageAnswer
+from bot.domain.record import PlanRecord
 from bot.store.base import (
     ALERT_COLUMNS,
     GENESIS,
@@ -36,7 +38,6 @@ from bot.store.base import (
     membership_text,
 )
 from bot.store.dialect import Dialect
-from bot.store.records import OPEN_STATES, Confirmation, Fence, Lease, PlanRecord, PlanState, Stage, StageAnswer
 from bot.store.schema import LATEST, MIGRATIONS, MIGRATIONS_TABLE, mismatch, render
 
 T = TypeVar("T")

@@ -443,7 +443,7 @@ class LocalCluster:
 
     def tls_files(self):
         """bot.etcd.model.TLSFiles for an EtcdClient talking to this cluster, or None."""
-        from bot.etcd.model import TLSFiles
+        from bot.domain.cluster import TLSFiles
         if not self.tls:
             return None
         return TLSFiles(Path(self.tls.ca), Path(self.tls.client_cert), Path(self.tls.client_key))
@@ -544,8 +544,8 @@ async def fill_until_nospace(cluster: LocalCluster, value_size: int = 512 * 1024
     """Overwrite a few keys with big values until etcd refuses writes ("database space
     exceeded"); the history left behind is what compaction and defragmentation reclaim.
     Returns the number of writes that succeeded."""
+    from bot.domain.errors import EtcdRequestError
     from bot.etcd.client import EtcdClient
-    from bot.etcd.model import EtcdRequestError
     async with EtcdClient(cluster.endpoints, tls=cluster.tls_files()) as client:
         for n in range(limit):
             try:

@@ -25,8 +25,8 @@ from typing import Any, TextIO
 
 import aiohttp
 
+from bot.domain.errors import EtcdError
 from bot.etcd.client import EtcdClient
-from bot.etcd.model import EtcdError
 from bot.testing.cluster import QUOTA_ARGS, LocalCluster, fill_until_nospace, free_port, log_tail
 from bot.testing.transcript import Style, render_message
 from bot.testing.workspace import (

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bot.ops.leader import process_alive
+from bot.runtime.leader import process_alive
 from bot.testing.cluster import free_port
 
 PG_BIN = Path(os.environ.get("ETCD_CHATOPS_PG_BIN", "/usr/lib/postgresql/15/bin"))

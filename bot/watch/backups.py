@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bot.config import ClusterConfig
-from bot.etcd.health import ClusterHealth
+from bot.domain.cluster import ClusterHealth
 from bot.ops.context import BotContext
 from bot.store.base import StoreError
 from bot.watch.conditions import Condition, Facts, Finding, register

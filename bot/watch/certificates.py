@@ -15,9 +15,8 @@ from __future__ import annotations
 import time
 
 from bot.config import ClusterConfig
+from bot.domain.cluster import ClusterHealth, TLSFiles
 from bot.etcd.certs import CertReading, expiring, read_certs, remaining, tls_urls
-from bot.etcd.health import ClusterHealth
-from bot.etcd.model import TLSFiles
 from bot.ops.context import BotContext
 from bot.watch.conditions import Condition, Facts, Finding, register
 

@@ -22,7 +22,7 @@ Facts by hand (tests/test_watch_conditions.py shows how).
 A check that raises costs its own verdict only: it is unknown that round (its
 alert stands still) and the watcher logs it once and counts it. A check over
 the members goes through `per_member`, so one member's failure costs that
-member's finding, not the others'. Read member URLs with bot.etcd.urls.read_url
+member's finding, not the others'. Read member URLs with bot.domain.urls.read_url
 (total): etcd stores URLs the bot cannot use.
 """
 from __future__ import annotations
@@ -33,11 +33,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bot.config import ClusterConfig
-from bot.etcd.health import ClusterHealth, MemberHealth
-from bot.etcd.urls import Endpoint, read_url, shown_urls
-from bot.output import shell
+from bot.domain import shell
+from bot.domain.cluster import ClusterHealth, MemberHealth
+from bot.domain.plan import PlanKind, PlanState
+from bot.domain.record import PlanRecord
+from bot.domain.urls import Endpoint, read_url, shown_urls
 from bot.output.units import humanize_bytes
-from bot.store.records import PlanKind, PlanRecord, PlanState
 
 QUOTA_SHARE = 0.8                 # the quota condition opens above this share of a member's quota
 LEADER_CHURN_MAX = 3              # more leader changes than this within LEADER_WINDOW is churn

@@ -27,15 +27,15 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bot.config import ClusterConfig
-from bot.etcd.health import ClusterHealth
-from bot.etcd.metrics import DEFAULT_QUOTA, cluster_metrics
-from bot.etcd.model import EtcdError
+from bot.domain.cluster import DEFAULT_QUOTA, ClusterHealth
+from bot.domain.errors import EtcdError
+from bot.domain.record import PlanRecord
+from bot.etcd.member_metrics import cluster_metrics
 from bot.ops.context import BotContext
 from bot.ops.notify import NotifyFailed
 from bot.output import blocks
 from bot.output.model import AlertView, short_duration
 from bot.store.base import StoreError
-from bot.store.records import PlanRecord
 from bot.watch import backups, certificates
 from bot.watch.conditions import CONDITIONS, LEADER_WINDOW, Facts, Finding, evaluate, expected, title
 from bot.watch.tracker import FLAP_MIN, Act, Decision, Key, Track, Tracker

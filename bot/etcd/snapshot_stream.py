@@ -18,50 +18,17 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from bot.domain.errors import EtcdError
+from bot.domain.snapshot import SavedSnapshot, SnapshotFailed
 from bot.etcd.client import EtcdClient
-from bot.etcd.model import EtcdError
 
 if TYPE_CHECKING:
-    from bot.etcd.bbolt import SnapshotStatus
+    pass
 
 TRAILER = 32
-
-
-class SnapshotFailed(Exception):
-    """One line on why no snapshot file was kept. `source_failed`: the member
-    stopped answering (another member may serve), as opposed to a local problem."""
-
-    def __init__(self, message: str, source_failed: bool = False):
-        super().__init__(message)
-        self.source_failed = source_failed
-
-
-@dataclass(frozen=True)
-class SavedSnapshot:
-    cluster: str
-    member: str
-    endpoint: str
-    path: Path
-    file_size: int
-    sha256: str              # of the file as stored (what `sha256sum` prints; the ciphertext when encrypted)
-    status: SnapshotStatus
-    duration: float
-    created_at: float
-    encrypted: bool = False
-    failed_over_from: str | None = None   # the member that died mid-stream, when there was one
-    pruned: tuple[str, ...] = ()          # files retention removed after this one was taken
-    remote_url: str | None = None         # where the off-site copy went (no credentials), when one was made
-    upload_error: str | None = None       # why the off-site copy failed (one line); None: uploaded or none
-    remote_verified: bool = False         # read back off-site: its size and sha256 equal the local file's
-
-    @property
-    def throughput(self) -> float:
-        """Bytes per second over the whole save."""
-        return self.file_size / self.duration if self.duration > 0 else 0.0
 
 
 class TrailerCheck:
@@ -301,15 +268,6 @@ def _open_plain(target_dir: Path, part: Path, encrypted: bool) -> tuple[int, Pat
     return os.open(part, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600), part
 
 
-def sha256_file(path: Path) -> str:
-    """The sha256 of a file, read in 1 MiB chunks (constant memory)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())[:300] or type(e).__name__
 
@@ -325,7 +283,8 @@ async def save_snapshot(client: EtcdClient, endpoint: str, member: str, director
     memory). `upload(file name)`, when given, opens a Tee fed the bytes as
     stored (the ciphertext when encrypted) and completed only once the snapshot
     is verified; its failure is reported in `upload_error`, never fails the save."""
-    from bot.etcd.bbolt import SnapshotError, snapshot_status
+    from bot.domain.snapshot import SnapshotError
+    from bot.etcd.bbolt import snapshot_status
 
     started = time.monotonic()
     created = time.time()

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -28,66 +28,20 @@ import obstore as obs
 from obstore.store import AzureStore, GCSStore, LocalStore, S3Store
 
 from bot.backup.manifest import MANIFEST_SUFFIX, Manifest, ManifestError, authenticate
+from bot.config.offsite import StoreConfig
 
 if TYPE_CHECKING:
     from obstore.store import ClientConfig, ObjectStore, RetryConfig
 
 log = logging.getLogger(__name__)
 
-SCHEMES = {"s3": "S3 (or an S3-compatible service)", "gs": "Google Cloud Storage", "az": "Azure Blob Storage",
-           "file": "a mounted directory"}
 PART_SIZE = 5 << 20          # bytes per multipart part (S3's minimum; a small part keeps memory small)
 PART_CONCURRENCY = 3         # parts in flight: an upload holds about PART_SIZE x (this + 1) bytes
 READ_CHUNK = 1 << 20
 
 
-class RemoteError(Exception):
+class ObjectStoreError(Exception):
     """The object store refused or could not be reached; one line, no credentials."""
-
-
-@dataclass(frozen=True)
-class StoreConfig:
-    """`[snapshots.store]`: where snapshots go off-site (credentials: the environment, never here)."""
-
-    url: str                          # s3://bucket/prefix, gs://bucket/prefix, az://container/prefix, file:///dir
-    endpoint: str | None = None       # an S3-compatible service; http:// allows plain HTTP to it
-    region: str | None = None
-    keep_local: int | None = None     # local copies kept once a newer one is verified off-site; None: local retention
-    # signs the manifests the bot writes and checks those it reads (manifest_key, else the audit key);
-    # None: nothing in the store can be told from an object someone else put there
-    manifest_key: str | None = field(default=None, repr=False)
-
-    @property
-    def scheme(self) -> str:
-        return urlsplit(self.url).scheme
-
-
-def check_store_url(url: str) -> str:
-    """The URL, normalised (no trailing slash); ValueError with one line otherwise."""
-    parts = urlsplit(url)
-    if parts.scheme not in SCHEMES:
-        raise ValueError(f"{url!r}: the scheme must be one of " + ", ".join(f"{s}://" for s in SCHEMES))
-    if parts.query or parts.fragment:
-        raise ValueError(f"{parts.scheme}:// URL: no query or fragment (credentials come from the environment)")
-    if "@" in parts.netloc or parts.password is not None:
-        raise ValueError(f"{parts.scheme}:// URL: no user or password in it (credentials come from the environment)")
-    if parts.scheme == "file":
-        if parts.netloc or not parts.path.startswith("/"):
-            raise ValueError(f"{url!r}: a file URL names an absolute path, like file:///mnt/backups")
-    elif not parts.netloc:
-        raise ValueError(f"{url!r}: no bucket or container (like {parts.scheme}://etcd-backups/prod)")
-    if any(seg in (".", "..") for seg in parts.path.split("/")):
-        raise ValueError(f"{url!r}: no . or .. in the path")
-    return url.rstrip("/") if parts.path.strip("/") or parts.scheme != "file" else url
-
-
-def check_endpoint(endpoint: str) -> str:
-    parts = urlsplit(endpoint)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{endpoint!r} is not an http:// or https:// URL")
-    if parts.username or parts.password or parts.query:
-        raise ValueError(f"{endpoint!r}: no user, password or query in it (credentials come from the environment)")
-    return endpoint.rstrip("/")
 
 
 @dataclass(frozen=True)
@@ -115,11 +69,11 @@ def _missing(e: BaseException) -> bool:
     return isinstance(e, FileNotFoundError) or type(e).__name__ == "NotFoundError"
 
 
-def _fail(what: str, e: BaseException) -> RemoteError:
+def _fail(what: str, e: BaseException) -> ObjectStoreError:
     kind = {"NotFoundError": "not found", "PermissionDeniedError": "permission denied",
             "UnauthenticatedError": "not authenticated (check the credentials in the environment)"}.get(
         type(e).__name__)
-    return RemoteError(f"{what}: {kind}" if kind else f"{what}: {one_line(e)}")
+    return ObjectStoreError(f"{what}: {kind}" if kind else f"{what}: {one_line(e)}")
 
 
 class _Aborted(Exception):
@@ -134,7 +88,7 @@ class Upload:
     (or any failure) aborts the multipart upload. write/close/abort block: call
     them from a worker thread, never the event loop. Create it on the event loop."""
 
-    def __init__(self, store: RemoteStore, cluster: str, name: str):
+    def __init__(self, store: OffsiteStore, cluster: str, name: str):
         self.cluster, self.name = cluster, name
         self.key = store.key(cluster, name)
         self.url = store.display_url(cluster, name)
@@ -164,7 +118,7 @@ class Upload:
         if not put.done():
             put.cancel()
             error = self._task.exception() if not self._task.cancelled() else None
-            raise error or RemoteError("the upload ended early")
+            raise error or ObjectStoreError("the upload ended early")
 
     def _off_the_loop(self) -> None:
         try:
@@ -194,7 +148,7 @@ class Upload:
         self._off_the_loop()
         with self._lock:
             if self._done:
-                raise RemoteError(f"uploading {self.name}: the upload was aborted")
+                raise ObjectStoreError(f"uploading {self.name}: the upload was aborted")
             self._done = True
             self._active.discard(self.key)
         try:
@@ -228,7 +182,7 @@ class Upload:
             self._task.exception()  # retrieved: the failure was reported where it happened
 
 
-class RemoteStore:
+class OffsiteStore:
     """Snapshots of every cluster in one object store."""
 
     def __init__(self, config: StoreConfig, store: ObjectStore, root: Path | None = None):
@@ -241,7 +195,7 @@ class RemoteStore:
         self.swept: dict[str, int] = {}
 
     @classmethod
-    def from_config(cls, config: StoreConfig, options: Mapping[str, str] | None = None) -> RemoteStore:
+    def from_config(cls, config: StoreConfig, options: Mapping[str, str] | None = None) -> OffsiteStore:
         """`options`: extra obstore configuration (tests and benches; the bot passes none and
         lets obstore read the environment)."""
         parts = urlsplit(config.url)
@@ -269,8 +223,8 @@ class RemoteStore:
                 root.mkdir(parents=True, exist_ok=True, mode=0o700)
                 return cls(config, LocalStore(prefix=root, mkdir=True), root)
             else:
-                raise RemoteError(f"{config.url}: unknown scheme {parts.scheme!r}")
-        except RemoteError:
+                raise ObjectStoreError(f"{config.url}: unknown scheme {parts.scheme!r}")
+        except ObjectStoreError:
             raise
         except Exception as e:
             raise _fail(f"cannot use {config.url}", e) from None
@@ -366,7 +320,7 @@ class RemoteStore:
         try:
             return Manifest.from_json(bytes(data))
         except ManifestError as e:
-            raise RemoteError(f"{self.display_url(cluster, name + MANIFEST_SUFFIX)}: {e}") from None
+            raise ObjectStoreError(f"{self.display_url(cluster, name + MANIFEST_SUFFIX)}: {e}") from None
 
     def foreign(self, manifest: Manifest, cluster: str, name: str) -> str:
         """Why the object `name` of `cluster`, as `manifest` describes it, is not one this bot wrote
@@ -462,11 +416,11 @@ class RemoteStore:
         except BaseException:
             proc.kill()
             await proc.wait()
-            raise RemoteError(f"listing the unfinished uploads under {self.display_url(cluster)}: "
+            raise ObjectStoreError(f"listing the unfinished uploads under {self.display_url(cluster)}: "
                               "no answer within 120s") from None
         if proc.returncode != 0:
             lines = err.decode(errors="replace").strip().splitlines()
-            raise RemoteError(f"listing the unfinished uploads under {self.display_url(cluster)}: "
+            raise ObjectStoreError(f"listing the unfinished uploads under {self.display_url(cluster)}: "
                               f"{one_line(RuntimeError(lines[-1] if lines else f'exit {proc.returncode}'))}")
         return int(out.decode().strip() or 0)
 
@@ -492,14 +446,25 @@ def _remove_staging(directory: Path, active: set[str]) -> int:
     return removed
 
 
-async def verify_upload(store: RemoteStore, cluster: str, name: str, size: int, sha256: str) -> None:
+async def verify_upload(store: OffsiteStore, cluster: str, name: str, size: int, sha256: str) -> None:
     """The object is there, of the local file's size, and reads back to its sha256; RemoteError otherwise."""
     head = await store.head(cluster, name)
     if head is None:
-        raise RemoteError(f"{store.display_url(cluster, name)} is not there after the upload")
+        raise ObjectStoreError(f"{store.display_url(cluster, name)} is not there after the upload")
     if head.size != size:
-        raise RemoteError(f"{store.display_url(cluster, name)} holds {head.size:,} bytes, the local file {size:,}")
+        raise ObjectStoreError(f"{store.display_url(cluster, name)} holds {head.size:,} bytes, the local file {size:,}")
     remote_sha, remote_size = await store.sha256(cluster, name)
     if (remote_sha, remote_size) != (sha256, size):
-        raise RemoteError(f"{store.display_url(cluster, name)} reads back with sha256 {remote_sha[:12]}…, "
+        raise ObjectStoreError(f"{store.display_url(cluster, name)} reads back with sha256 {remote_sha[:12]}…, "
                           f"the local file's is {sha256[:12]}…")
+
+
+_STORES: dict[StoreConfig, OffsiteStore] = {}
+
+
+def object_store(config: StoreConfig) -> OffsiteStore:
+    """The store of a `[snapshots.store]` table (one per table, for the bot's lifetime)."""
+    store = _STORES.get(config)
+    if store is None:
+        store = _STORES[config] = OffsiteStore.from_config(config)
+    return store

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import re
 import shlex
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from bot.config import parse_duration
-from bot.etcd.urls import parse_url
+from bot.domain.urls import parse_url
 
 
 @dataclass(frozen=True)
@@ -38,56 +39,16 @@ class Spec:
         return " ".join(parts)
 
 
-SPECS: dict[str, Spec] = {s.name: s for s in (
-    Spec("status", ("[cluster]",), ("--cluster",), summary="every member's health and the quorum margin"),
-    Spec("members", ("[cluster]",), ("--cluster",), summary="the member list, as `etcdctl member list`"),
-    Spec("replace", ("failed-name-or-hex-id", "new-name", "new-peer-url"), ("--client-url", "--cluster"),
-         ("--no-learner",), summary="propose replacing a failed member; runs after an approver's reaction",
-         urls=("new_peer_url", "client_url")),
-    Spec("plans", ("[cluster]",), ("--cluster",), summary="recent replacement plans and their state"),
-    Spec("snapshot", ("[cluster]",), ("--cluster",), summary="take a verified snapshot now; posts its hash and size"),
-    Spec("snapshots", ("[cluster]",), ("--cluster",),
-         summary="the snapshots taken so far, newest first: local, off-site or both"),
-    Spec("cancel", ("plan-id",), summary="cancel a proposed plan (proposer or approver)"),
-    Spec("resume", ("plan-id",), summary="continue an interrupted or failed plan from its step (approvers)"),
-    Spec("abandon", ("plan-id", "reason"), rest=True,
-         summary="close an interrupted or failed plan without undoing anything, so a new one can be made (approvers)"),
-    Spec("restore", ("[snapshot]",), ("--cluster",), ("--force",),
-         summary="propose restoring every member from a verified snapshot (after a quorum loss; --force to roll back a "
-                 "healthy cluster); runs after 2 approvers' reactions"),
-    Spec("continue", ("plan-id", "[stage]"),
-         summary="confirm the manual stage (stop, restore, start) a restore plan waits on now (approvers)"),
-    Spec("drill", ("[snapshot]",), ("--cluster",),
-         summary="restore drill: boot a snapshot in a scratch etcd on the bot's host and compare it with the catalog"),
-    Spec("help", summary="this help"),
-    # NOSPACE and slow clusters (issue 13)
-    Spec("alarms", ("[cluster]",), ("--cluster",), summary="the active alarms (NOSPACE, CORRUPT) and what to run"),
-    Spec("perf", ("[cluster]",), ("--cluster",),
-         summary="disk latency, leader changes, slow applies, proposals, apply lag per member against etcd's guidance"),
-    Spec("consistency", ("[cluster]",), ("--cluster",),
-         summary="HashKV on every member at one revision: agreement, or the member that differs"),
-    Spec("defrag", ("[cluster]",), ("--cluster", "--rule"), ("--no-compact",),
-         summary="propose a rolling defragmentation (followers, then the leader after moving leadership), "
-                 "compaction and NOSPACE disarm; runs after an approver's reaction"),
-    # the watch (issue 16)
-    Spec("alerts", ("[cluster]",), ("--cluster",),
-         summary="the conditions the watch sees open now, those it holds back and why, and any mute"),
-    Spec("mute", ("[cluster]", "duration", "reason"), ("--cluster",), rest=True, durations=("duration",),
-         summary="hold back new alerts of a cluster for a while (30m, 2h; at most 7d); it ends by itself"),
-    Spec("unmute", ("[cluster]",), ("--cluster",), summary="end a mute now"),
-)}
-
-
 @dataclass(frozen=True)
 class Command:
-    name: str
+    spec: Spec
     cluster: str | None = None
     args: dict[str, str] = field(default_factory=dict)
     flags: frozenset[str] = frozenset()
 
     @property
-    def spec(self) -> Spec:
-        return SPECS[self.name]
+    def name(self) -> str:
+        return self.spec.name
 
 
 class UsageError(Exception):
@@ -99,8 +60,8 @@ class UsageError(Exception):
         self.usage = usage
 
 
-def general_usage() -> str:
-    return "\n".join(f"`{s.usage}` — {s.summary}" for s in SPECS.values())
+def general_usage(specs: Mapping[str, Spec]) -> str:
+    return "\n".join(f"`{s.usage}` — {s.summary}" for s in specs.values())
 
 
 _SLACK_LINK = re.compile(r"<((?:https?|mailto):[^|>]*)(?:\|[^>]*)?>")
@@ -149,23 +110,24 @@ def free_text(text: str) -> str:
     return " ".join(_CONTROL.sub("", re.sub(r"[\t\n\v\f\r\x85\u2028\u2029]", " ", text)).split())
 
 
-def parse(text: str) -> Command:
-    """Parse the text after `/etcd`; raise UsageError with reason and usage."""
+def parse(text: str, specs: Mapping[str, Spec]) -> Command:
+    """Parse the text after `/etcd` by `specs` (the command registry's, bot.commands); raise UsageError with
+    reason and usage."""
     text = unescape_slack(text or "").strip()
     if not text:
-        return Command("help")
+        return Command(specs["help"])
     try:
         words = shlex.split(text)
     except ValueError as e:
-        raise UsageError(f"cannot read the command: {e}", general_usage()) from None
+        raise UsageError(f"cannot read the command: {e}", general_usage(specs)) from None
     name, rest = words[0].lower(), words[1:]
     if name in ("-h", "--help"):
         name = "help"
-    spec = SPECS.get(name)
+    spec = specs.get(name)
     if spec is None:
-        raise UsageError(f"unknown subcommand {words[0]!r}", general_usage())
+        raise UsageError(f"unknown subcommand {words[0]!r}", general_usage(specs))
     if "--help" in rest or "-h" in rest:
-        return Command("help", args={"topic": name})
+        return Command(specs["help"], args={"topic": name})
 
     positionals: list[str] = []
     options: dict[str, str] = {}
@@ -228,5 +190,5 @@ def parse(text: str) -> Command:
                 args[key] = parse_url(args[key]).url
             except ValueError as e:
                 raise UsageError(f"<{key}>: {e}", spec.usage) from None
-    return Command(name=name, cluster=cluster, args=args,
+    return Command(spec=spec, cluster=cluster, args=args,
                    flags=frozenset(f.lstrip("-").replace("-", "_") for f in flags))

@@ -1,7 +1,7 @@
 """Restoring a cluster from a verified snapshot, as an operation of the engine
 (bot.ops.engine), and proposing it.
 
-Steps (bot.ops.restore.RESTORE_STEPS): verify the snapshot, stop every
+Steps (bot.ops.restore.plan.RESTORE_STEPS): verify the snapshot, stop every
 member, restore every member's data, start every member, wait for a leader
 and every member healthy, verify revisions and HashKV, post the follow-ups.
 Each precondition is checked right before its step; each action looks before
@@ -13,88 +13,30 @@ repeat the interrupted step. Encrypted snapshots are decrypted only into a
 from __future__ import annotations
 
 import asyncio
-import os
-import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
-from pathlib import Path
+from collections.abc import Awaitable, Callable, Sequence
 
-from bot.backup.catalog import Expected, FetchFailed, Origin, catalog
-from bot.config import ClusterConfig
-from bot.etcd.model import EtcdError, Member
-from bot.etcd.snapshots import sha256_file
+from bot.domain.cluster import Member
+from bot.domain.errors import EtcdError, FactsChanged, StepFailed
+from bot.domain.mrkdwn import Mrkdwn, code_block, escape, mention
+from bot.domain.plan import Confirmation, PlanKind, PlanState, StageAnswer
+from bot.domain.quorum import MemberState, QuorumVerdict
+from bot.domain.record import PlanRecord
+from bot.domain.restore import BUMP_REVISIONS, RestoreMember, RestorePlan
 from bot.ops.context import BotContext
-from bot.ops.engine import ClusterOperation, FactsChanged, StepFailed, StepRun, note, register
-from bot.ops.launcher import LaunchResult, MemberState, member_argv, member_status, run_argv
-from bot.ops.lifecycle import Outcome, _open_plan_refusal, _refused, publish_plan
-from bot.ops.quorum import QuorumVerdict, weigh
-from bot.ops.replace import Refusal
-from bot.ops.restore import (
-    BUMP_REVISIONS,
-    K8S_AFTER,
-    Membership,
-    RestoreMember,
-    RestorePlan,
-    SnapshotRef,
-    bump_note,
-    choose_snapshot,
-    plan_restore,
-)
-from bot.ops.snapshots import remote_store
-from bot.output.blocks import Mrkdwn, Reply, ago, code_block, error_reply, escape, mention
-from bot.output.model import RemoteState
-from bot.store.records import Confirmation, PlanKind, PlanRecord, PlanState, StageAnswer
+from bot.ops.engine import ClusterOperation, StepRun, note, register
+from bot.ops.launcher import LaunchResult, member_argv, member_status, run_argv
+from bot.ops.outcome import Outcome, refused
+from bot.ops.restorable import origin, plaintext, verify_snapshot
+from bot.ops.restore.quorum import weigh
+from bot.output import blocks
+from bot.output.blocks import Reply, ago, error_reply
+from bot.output.text import K8S_AFTER, bump_note
 
 POLL = 0.5
 STOP_TIMEOUT = 60.0  # members must be stopped (by the launcher's status) within this after their stop action
 
 # ---------------------------------------------------------------- propose
-
-async def propose_restore(ctx: BotContext, cluster: ClusterConfig, wanted: str | None, force: bool, user: str,
-                          channel: str, usage: str) -> Outcome:
-    store = ctx.store
-    open_plan = await store.open_plan(cluster.name)
-    if open_plan:
-        return _open_plan_refusal(open_plan.id, open_plan.state)
-    last = await store.last_membership(cluster.name)
-    recorded = [Member.from_json(m) for m in last[0]] if last else []
-    # "I cannot reach it" is not "quorum lost": the gate wants evidence (bot.ops.quorum)
-    evidence, health = await weigh(ctx, cluster, recorded)
-    current = None
-    if health is not None:
-        source = health.snapshot_source()
-        if source is not None and evidence.verdict is QuorumVerdict.HELD:
-            try:
-                current = await ctx.client(cluster).revision(source.member.client_urls[0])
-            except EtcdError:
-                current = None
-        membership = _membership([h.member for h in health.members], "live", health.checked_at)
-        version = next((h.status.version for h in health.members if h.status), "")
-    else:  # nothing answers: the recorded membership says who the members are
-        membership = _membership(recorded, "recorded", last[1] if last else 0.0)
-        version = ""
-    try:
-        snapshot, newer = choose_snapshot(await restorable(ctx, cluster), wanted, foreign_ok=force,
-                                          encrypted_only=cluster.snapshots.encrypted)
-        plan = plan_restore(cluster.name, snapshot, newer, membership, quorum=evidence, force=force,
-                            current_revision=current, data_dir=cluster.restore.data_dir, etcd_version=version,
-                            launcher=cluster.launcher.kind, launcher_has_actions=cluster.launcher.has_actions)
-    except Refusal as r:
-        await store.audit("restore_refused", user=user, channel=channel, cluster=cluster.name,
-                          detail={"reason": r.reason, "snapshot": wanted, "force": force})
-        return _refused(f"cannot restore {cluster.name}: {r.reason}", r.hint, usage)
-    return await publish_plan(ctx, PlanKind.RESTORE, plan, cluster.name, user, channel,
-                              {"plan": plan.id, "snapshot": snapshot.file_name, "revision": snapshot.revision,
-                               "foreign": snapshot.foreign or None,
-                               "from_store": snapshot.remote_url or None, "force": force,
-                               "membership": membership.source, "token": plan.token,
-                               "quorum": plan.verdict, "evidence": plan.evidence, "left_out": list(plan.left_out)})
-
-
-def _membership(members: Sequence[Member], source: str, seen_at: float) -> Membership:
-    return Membership(tuple((m.hex_id, m.name, m.peer_urls, m.client_urls) for m in members), source, seen_at,
-                      frozenset(m.hex_id for m in members if m.is_learner))
 
 
 MANUAL_STAGES = ("stop", "restore", "start")  # the steps whose action the manual launcher leaves to a person
@@ -108,11 +50,11 @@ async def continue_plan(ctx: BotContext, plan_id: str, stage: str | None, user: 
     already, is refused and counts for nothing."""
     record = await ctx.store.plan(plan_id)
     if record is None or record.channel != channel:
-        return _refused(f"no plan {plan_id!r} in this channel", "see /etcd plans")
+        return refused(f"no plan {plan_id!r} in this channel", "see /etcd plans")
     if record.state != PlanState.RUNNING or not isinstance(record.plan, RestorePlan):
-        return _refused(f"plan {plan_id} is {record.state}; only a running restore plan waits for /etcd continue")
+        return refused(f"plan {plan_id} is {record.state}; only a running restore plan waits for /etcd continue")
     if stage is not None and stage not in MANUAL_STAGES:
-        return _refused(f"{stage!r} is not a stage of a restore; its stages are {', '.join(MANUAL_STAGES)}",
+        return refused(f"{stage!r} is not a stage of a restore; its stages are {', '.join(MANUAL_STAGES)}",
                         usage=usage)
     answer = await ctx.store.confirm_stage(plan_id, user, stage, SETTLE_SECONDS)
     if answer.outcome is not Confirmation.CONFIRMED or answer.stage is None:
@@ -149,139 +91,10 @@ def _confirmation_refused(record: PlanRecord, named: str | None, answer: StageAn
 
 # ---------------------------------------------------------------- the snapshot, verified and in plaintext
 
-def _decrypt(src: Path, identity: str, directory: Path) -> Path:
-    """The plaintext in a new 0600 file beside the snapshots (mkstemp creates it 0600)."""
-    import pyrage
-    from pyrage import x25519
-    fd, name = tempfile.mkstemp(prefix=".restore-", suffix=".db", dir=directory)
-    try:
-        with open(src, "rb") as s, os.fdopen(fd, "wb") as d:
-            pyrage.decrypt_io(s, d, [x25519.Identity.from_str(identity)])
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
-    return Path(name)
-
-
-def origin(ctx: BotContext, cluster: ClusterConfig) -> Origin | None:
-    """Where this cluster's remote snapshots come from (None: no store configured)."""
-    store = cluster.snapshots.store
-    return None if store is None else Origin(store, cluster.name, ctx.config.snapshot_dir, remote_store)
-
-
-async def restorable(ctx: BotContext, cluster: ClusterConfig) -> list[SnapshotRef]:
-    """The snapshots a restore or drill can use, newest first: each local copy retention kept, else its verified
-    copy in the store (also objects only the store knows, from their manifests, and foreign ones, which
-    choose_snapshot takes only by name)."""
-    rows = await ctx.store.snapshots(cluster.name, limit=100000, include_pruned=True)
-    view = await catalog(cluster.snapshots.store, cluster.name, rows, limit=1000, open_store=remote_store)
-    return [SnapshotRef.of_entry(e, str(ctx.config.snapshot_dir)) for e in view.entries
-            if e.local_path or (e.remote_state in (RemoteState.VERIFIED, RemoteState.LISTED)
-                                and (e.described or e.foreign))]
-
-
-async def adopt(ctx: BotContext, cluster: ClusterConfig, snapshot: SnapshotRef) -> int:
-    """Catalog an object only the store knows (from its signed manifest), without a local copy, once a drill
-    verified it; returns its row id. A foreign object is never catalogued: the catalog is what a restore
-    trusts by default."""
-    if snapshot.foreign:
-        raise ValueError(f"{snapshot.file_name} is foreign ({snapshot.foreign}): it is never catalogued")
-    now = time.time()
-    snapshot_id = await ctx.store.record_snapshot({
-        "cluster": cluster.name, "path": snapshot.path, "member": snapshot.member, "revision": snapshot.revision,
-        "hash": snapshot.hash, "total_keys": snapshot.total_keys, "live_keys": snapshot.live_keys,
-        "total_size": snapshot.total_size, "file_size": snapshot.file_size, "sha256": snapshot.sha256,
-        "encrypted": int(snapshot.encrypted), "requested_by": "", "reason": "found in the store", "duration": 0.0,
-        "created_at": snapshot.created_at, "plan_id": None, "pruned_at": now, "remote_url": snapshot.remote_url,
-        "remote_state": "verified", "remote_verified_at": now})
-    await ctx.store.audit("snapshot_adopted", cluster=cluster.name,
-                          detail={"id": snapshot_id, "file": snapshot.file_name, "url": snapshot.remote_url})
-    return snapshot_id
-
-
-@asynccontextmanager
-async def stored_copy(snapshot: SnapshotRef, source: Origin | None) -> AsyncIterator[Path]:
-    """The snapshot as stored (the ciphertext when encrypted): the local file, or a copy fetched from the
-    store into a 0600 file whose size and sha256 were checked against the catalog, removed after."""
-    if not snapshot.from_store:
-        yield Path(snapshot.path)
-        return
-    if source is None:
-        raise StepFailed(f"{snapshot.file_name} is only in the snapshot store and this cluster has no store "
-                         "configured", "configure [snapshots.store] again, restart the bot, then /etcd resume")
-    try:
-        async with source.fetched(Expected(snapshot.file_name, snapshot.file_size, snapshot.sha256)) as path:
-            yield path
-    except FetchFailed as e:
-        raise StepFailed(str(e), "choose another snapshot") from None
-
-
-@asynccontextmanager
-async def plaintext(snapshot: SnapshotRef, identity: str | None, source: Origin | None = None) -> AsyncIterator[Path]:
-    """The snapshot's plaintext path while the block runs: the file itself, or a 0600 temp file removed after."""
-    async with stored_copy(snapshot, source) as path:
-        if not snapshot.encrypted:
-            yield path
-            return
-        if identity is None:
-            raise StepFailed(f"{snapshot.file_name} is age-encrypted and no identity is configured to decrypt it",
-                             "set [clusters.restore] age_identity_file or age_identity_env, restart the bot, then "
-                             "/etcd resume the plan")
-        try:
-            plain = await asyncio.to_thread(_decrypt, path, identity, path.parent)
-        except Exception as e:
-            raise StepFailed(f"cannot decrypt {snapshot.file_name}: {type(e).__name__}: {e}",
-                             "check the configured age identity matches the snapshot's recipients") from None
-        try:
-            yield plain
-        finally:
-            plain.unlink(missing_ok=True)
-
-
-async def check_stored(snapshot: SnapshotRef) -> None:
-    """A local copy is still the file catalogued (a fetched copy is checked as it arrives)."""
-    if snapshot.from_store:
-        return
-    path = Path(snapshot.path)
-    if not path.is_file():
-        raise StepFailed(f"{snapshot.file_name} is no longer at {snapshot.path}", "choose another snapshot")
-    sha = await asyncio.to_thread(sha256_file, path)
-    if sha != snapshot.sha256:
-        raise StepFailed(f"{snapshot.file_name} has changed since it was recorded: sha256 {sha[:16]}…, the catalog "
-                         f"says {snapshot.sha256[:16]}…; nothing was stopped", "choose another snapshot")
-
-
-async def check_plain(snapshot: SnapshotRef, plain: Path) -> str:
-    """The plaintext's trailer, bbolt structure and status against the catalog."""
-    from bot.etcd.bbolt import SnapshotError, snapshot_status
-    try:
-        status = await asyncio.to_thread(snapshot_status, plain, True)
-    except SnapshotError as e:
-        raise StepFailed(f"{snapshot.file_name} is not a valid snapshot: {e}; nothing was stopped",
-                         "choose another snapshot") from None
-    if not status.has_trailer:
-        raise StepFailed(f"{snapshot.file_name} has no sha256 trailer: etcd's own integrity check cannot run",
-                         "choose a snapshot the bot took")
-    found = (status.revision, status.hash_hex, status.total_keys)
-    if found != (snapshot.revision, snapshot.hash, snapshot.total_keys):
-        raise StepFailed(f"{snapshot.file_name} reads as revision {found[0]}, hash {found[1]}, {found[2]} keys; the "
-                         f"catalog says revision {snapshot.revision}, hash {snapshot.hash}, {snapshot.total_keys} "
-                         "keys; nothing was stopped", "choose another snapshot")
-    where = f" (fetched from the store, {snapshot.remote_url})" if snapshot.from_store else ""
-    return (f"{snapshot.file_name}{where}: sha256 and trailer verified, bbolt structure sound, revision "
-            f"{status.revision}, hash {status.hash_hex}, {status.total_keys} keys")
-
-
-async def verify_snapshot(snapshot: SnapshotRef, identity: str | None, source: Origin | None = None) -> str:
-    """The file as catalogued: sha256 of the stored file, then the plaintext's trailer, bbolt structure and status."""
-    await check_stored(snapshot)
-    async with plaintext(snapshot, identity, source) as plain:
-        return await check_plain(snapshot, plain)
-
 
 # ---------------------------------------------------------------- the operation
 
-@register(PlanKind.RESTORE)
+@register(PlanKind.RESTORE, render=blocks.restore_plan_reply)
 class RestoreOperation(ClusterOperation[RestorePlan]):
     plan_type, what = RestorePlan, "a restore"
 
@@ -415,7 +228,7 @@ class RestoreOperation(ClusterOperation[RestorePlan]):
 
     async def before_stop(self) -> str:
         """The quorum gate, on every run of the step (a resume too): the facts of the proposal must hold, the
-        planned members and, without --force, evidence that quorum is lost (bot.ops.quorum)."""
+        planned members and, without --force, evidence that quorum is lost (bot.ops.restore.quorum)."""
         p = self.plan
         evidence, health = await weigh(self.ctx, self.cluster, self._known())
         if health is not None:

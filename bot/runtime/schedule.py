@@ -10,10 +10,10 @@ import logging
 import time
 
 from bot.config import ClusterConfig
-from bot.etcd.snapshots import SnapshotFailed
+from bot.domain.errors import Refusal
+from bot.domain.snapshot import SnapshotFailed
 from bot.ops.context import BotContext
 from bot.ops.notify import NotifyFailed
-from bot.ops.replace import Refusal
 from bot.ops.snapshots import NotNeeded, take_snapshot
 from bot.output import blocks
 

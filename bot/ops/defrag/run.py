@@ -18,21 +18,20 @@ import time
 from collections.abc import Sequence
 from functools import partial
 
-from bot.config import ClusterConfig
-from bot.etcd.health import ClusterHealth, MemberHealth
-from bot.etcd.metrics import MemberMetrics, cluster_metrics
-from bot.etcd.model import EtcdError, EtcdRequestError
-from bot.etcd.snapshots import SnapshotFailed
+from bot.domain.cluster import ClusterHealth, MemberHealth, MemberMetrics
+from bot.domain.defrag import DefragPlan
+from bot.domain.errors import EtcdError, EtcdRequestError, FactsChanged, StepFailed
+from bot.domain.plan import PlanKind
+from bot.domain.record import PlanRecord
+from bot.domain.snapshot import SnapshotFailed
+from bot.etcd.member_metrics import cluster_metrics
 from bot.ops.context import BotContext
-from bot.ops.defrag import DefragPlan, plan_defrag, sole_voter
-from bot.ops.defrag_rule import DEFAULT_RULE, RuleError, parse_rule
-from bot.ops.engine import ClusterOperation, FactsChanged, StepFailed, StepRun, register
-from bot.ops.executor import CHANGE_TIMEOUT, wait_for
-from bot.ops.lifecycle import Outcome, _open_plan_refusal, _refused, publish_plan
-from bot.ops.replace import Refusal
+from bot.ops.defrag.plan import sole_voter
+from bot.ops.engine import ClusterOperation, StepRun, register
+from bot.ops.replace.run import CHANGE_TIMEOUT, wait_for
 from bot.ops.snapshots import take_snapshot
+from bot.output import blocks
 from bot.output.units import humanize_bytes, humanize_duration
-from bot.store.records import PlanKind, PlanRecord
 
 WRITE_CHECK_KEY = b"etcd-chatops/write-check"
 RESUME = "bring it back (see /etcd status), then /etcd resume the plan"
@@ -42,7 +41,7 @@ def _label(h: MemberHealth) -> str:
     return h.member.name or h.member.hex_id
 
 
-@register(PlanKind.DEFRAG)
+@register(PlanKind.DEFRAG, render=blocks.defrag_plan_reply)
 class DefragOperation(ClusterOperation[DefragPlan]):
     plan_type, what = DefragPlan, "a defragmentation"
 
@@ -220,27 +219,3 @@ class DefragOperation(ClusterOperation[DefragPlan]):
             f"{_label(h)} {humanize_bytes(h.status.db_size)}" for h in health.members if h.status)
 
 
-async def propose(ctx: BotContext, cluster: ClusterConfig, rule_text: str | None, compact: bool, user: str,
-                  channel: str, usage: str) -> Outcome:
-    """`/etcd defrag`: the plan table from the live cluster and its quotas, posted for one approval."""
-    try:
-        rule = parse_rule(DEFAULT_RULE if rule_text is None else rule_text)   # `--rule ""` is no rule: refused
-    except RuleError as e:
-        return _refused(str(e), f"the default rule is `{DEFAULT_RULE}`", usage)
-    open_plan = await ctx.store.open_plan(cluster.name)
-    if open_plan:
-        return _open_plan_refusal(open_plan.id, open_plan.state)
-    try:
-        health = await ctx.check(cluster)
-        metrics = await cluster_metrics(ctx.client(cluster), health)
-    except EtcdError as e:
-        return _refused(f"cannot read cluster {cluster.name}: {e}")
-    try:
-        plan = plan_defrag(health, metrics, rule, compact=compact, disarm_below=cluster.defrag_disarm_below)
-    except Refusal as r:
-        await ctx.store.audit("defrag_refused", user=user, channel=channel, cluster=cluster.name,
-                              detail={"reason": r.reason, "rule": rule.text})
-        return _refused(f"cannot defragment {cluster.name}: {r.reason}", r.hint, usage)
-    return await publish_plan(ctx, PlanKind.DEFRAG, plan, cluster.name, user, channel,
-                              {"plan": plan.id, "rule": rule.text, "compact": compact,
-                               "members": [m.ref.id for m in plan.members if m.selected]})

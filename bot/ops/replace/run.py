@@ -15,17 +15,29 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
-from bot.etcd.health import ClusterHealth, check_cluster
-from bot.etcd.model import EtcdError, EtcdTimeout, LearnerNotReady, Member, NotALearner, UnhealthyCluster
-from bot.etcd.snapshots import SnapshotFailed
+from bot.domain import shell
+from bot.domain.cluster import ClusterHealth, Member
+from bot.domain.errors import (
+    EtcdError,
+    EtcdTimeout,
+    FactsChanged,
+    LearnerNotReady,
+    NotALearner,
+    StepFailed,
+    UnhealthyCluster,
+)
+from bot.domain.mrkdwn import code_block, escape
+from bot.domain.plan import PlanKind
+from bot.domain.record import PlanRecord
+from bot.domain.replace import ReplacePlan
+from bot.domain.snapshot import SnapshotFailed
+from bot.etcd.health import check_cluster
 from bot.ops.context import BotContext
-from bot.ops.engine import ClusterOperation, FactsChanged, StepFailed, StepRun, note, register
+from bot.ops.engine import ClusterOperation, StepRun, note, register
 from bot.ops.launcher import manual_instructions, run_command
-from bot.ops.replace import Plan, config_endpoints, etcd_servers, facts_changed, quorum_after
+from bot.ops.replace.plan import config_endpoints, etcd_servers, facts_changed, quorum_after
 from bot.ops.snapshots import take_snapshot
-from bot.output import shell
-from bot.output.blocks import code_block, escape
-from bot.store.records import PlanKind, PlanRecord
+from bot.output import blocks
 
 T = TypeVar("T")
 
@@ -49,9 +61,9 @@ async def wait_for(what: str, seconds: float, probe: Callable[[], Awaitable[str 
         await asyncio.sleep(POLL)
 
 
-@register(PlanKind.REPLACE)
-class ReplaceOperation(ClusterOperation[Plan]):
-    plan_type, what = Plan, "a replacement"
+@register(PlanKind.REPLACE, render=blocks.replace_plan_reply)
+class ReplaceOperation(ClusterOperation[ReplacePlan]):
+    plan_type, what = ReplacePlan, "a replacement"
 
     def __init__(self, ctx: BotContext, record: PlanRecord, actor: str, started: set[str]):
         super().__init__(ctx, record, actor, started)

@@ -11,75 +11,22 @@ is defragmented in place, and the plan says that writes wait meanwhile.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING
 
-from bot.etcd.health import ClusterHealth, MemberHealth
-from bot.etcd.metrics import DEFAULT_QUOTA, MemberMetrics
-from bot.ops.defrag_rule import Rule, figures
-from bot.ops.replace import MemberRef, Refusal, Step, new_plan_id
+from bot.config import ClusterConfig
+from bot.domain.cluster import DEFAULT_QUOTA, ClusterHealth, MemberHealth, MemberMetrics
+from bot.domain.defrag import DISARM_BELOW, DefragMember, DefragPlan
+from bot.domain.errors import EtcdError, Refusal
+from bot.domain.plan import PlanKind, Step
+from bot.domain.replace import MemberRef
+from bot.etcd.member_metrics import cluster_metrics
+from bot.ops.defrag.rule import DEFAULT_RULE, Rule, RuleError, figures, parse_rule
+from bot.ops.outcome import Outcome, open_plan_refusal, refused
+from bot.ops.proposals import publish_plan
+from bot.ops.replace.plan import new_plan_id
 
-DISARM_BELOW = 0.9  # NOSPACE is disarmed only when every member's DB is below this share of its quota
-
-
-@dataclass(frozen=True)
-class DefragMember:
-    """One member as planned: its sizes, whether the rule selects it, and its place in the order."""
-
-    ref: MemberRef
-    db_size: int
-    db_size_in_use: int
-    quota: int
-    quota_known: bool          # read from its /metrics (else etcd's default is assumed)
-    selected: bool
-    order: int | None          # 1-based position among the defragmentations, None when left alone
-    role: str                  # leader, follower, learner
-    after: int | None = None   # DB size once defragmented: the plan message's progress
-
-    @property
-    def free(self) -> int:
-        return max(self.db_size - self.db_size_in_use, 0)
-
-    @property
-    def usage(self) -> float:
-        return self.db_size / self.quota if self.quota else 0.0
-
-
-@dataclass(frozen=True)
-class DefragPlan:
-    id: str
-    cluster: str
-    rule: str
-    compact: bool
-    disarm_below: float
-    leader: str                # the leader's hex ID when planned
-    members: tuple[DefragMember, ...]
-    steps: tuple[Step, ...]
-    fingerprint: str
-    nospace: bool              # the alarm was active when planned
-
-    def member(self, hex_id: str) -> DefragMember:
-        return next(m for m in self.members if m.ref.id == hex_id)
-
-    def defragmented(self, hex_id: str, size: int) -> DefragPlan:
-        """The plan with one member's size after its defragmentation recorded."""
-        return replace(self, members=tuple(replace(m, after=size) if m.ref.id == hex_id else m for m in self.members))
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> DefragPlan:
-        def member(d: dict[str, Any]) -> DefragMember:
-            r = d["ref"]
-            ref = MemberRef(r["id"], r["name"], tuple(r["peer_urls"]), tuple(r["client_urls"]), r["is_learner"])
-            return DefragMember(ref, d["db_size"], d["db_size_in_use"], d["quota"], d["quota_known"], d["selected"],
-                                d["order"], d["role"], d.get("after"))
-        return cls(id=data["id"], cluster=data["cluster"], rule=data["rule"], compact=data["compact"],
-                   disarm_below=data["disarm_below"], leader=data["leader"],
-                   members=tuple(member(m) for m in data["members"]),
-                   steps=tuple(Step(s["key"], s["title"]) for s in data["steps"]), fingerprint=data["fingerprint"],
-                   nospace=data["nospace"])
+if TYPE_CHECKING:  # the context is gRPC's; the planning above it is not
+    from bot.ops.context import BotContext
 
 
 def _quota(metrics: Mapping[int, MemberMetrics | str], member_id: int) -> tuple[int, bool]:
@@ -152,3 +99,29 @@ def plan_defrag(health: ClusterHealth, metrics: Mapping[int, MemberMetrics | str
     return DefragPlan(id=new_plan_id(), cluster=health.cluster, rule=rule.text, compact=compact,
                       disarm_below=disarm_below, leader=f"{leader:016x}", members=tuple(members), steps=tuple(steps),
                       fingerprint=health.fingerprint, nospace=any(a.kind == "NOSPACE" for a in health.alarms))
+
+
+async def propose(ctx: BotContext, cluster: ClusterConfig, rule_text: str | None, compact: bool, user: str,
+                  channel: str, usage: str) -> Outcome:
+    """`/etcd defrag`: the plan table from the live cluster and its quotas, posted for one approval."""
+    try:
+        rule = parse_rule(DEFAULT_RULE if rule_text is None else rule_text)   # `--rule ""` is no rule: refused
+    except RuleError as e:
+        return refused(str(e), f"the default rule is `{DEFAULT_RULE}`", usage)
+    open_plan = await ctx.store.open_plan(cluster.name)
+    if open_plan:
+        return open_plan_refusal(open_plan.id, open_plan.state)
+    try:
+        health = await ctx.check(cluster)
+        metrics = await cluster_metrics(ctx.client(cluster), health)
+    except EtcdError as e:
+        return refused(f"cannot read cluster {cluster.name}: {e}")
+    try:
+        plan = plan_defrag(health, metrics, rule, compact=compact, disarm_below=cluster.defrag_disarm_below)
+    except Refusal as r:
+        await ctx.store.audit("defrag_refused", user=user, channel=channel, cluster=cluster.name,
+                              detail={"reason": r.reason, "rule": rule.text})
+        return refused(f"cannot defragment {cluster.name}: {r.reason}", r.hint, usage)
+    return await publish_plan(ctx, PlanKind.DEFRAG, plan, cluster.name, user, channel,
+                              {"plan": plan.id, "rule": rule.text, "compact": compact,
+                               "members": [m.ref.id for m in plan.members if m.selected]})

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from bot.backup.remote import StoreConfig, check_endpoint, check_store_url
-from bot.etcd.urls import parse_url
-from bot.store import dsn
+from bot.config import dsn
+from bot.config.offsite import StoreConfig, check_endpoint, check_store_url
+from bot.domain.urls import parse_url
 
 T = TypeVar("T")
 

@@ -13,36 +13,20 @@ import asyncio
 import math
 import ssl
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from bot.etcd.model import EtcdError, EtcdTimeout, EtcdUnavailable, TLSFiles
+from bot.domain.cluster import MemberMetrics, TLSFiles
+from bot.domain.errors import EtcdError, EtcdTimeout, EtcdUnavailable
+from bot.domain.urls import dial
 from bot.etcd.race import AllFailed, first_success
-from bot.etcd.urls import dial
 
 if TYPE_CHECKING:  # the fan-out calls the gRPC client; the parser above it stays pure
+    from bot.domain.cluster import ClusterHealth
     from bot.etcd.client import EtcdClient
-    from bot.etcd.health import ClusterHealth
 
-DEFAULT_QUOTA = 2 * 1024 ** 3  # etcd's --quota-backend-bytes when unset (0 means this default)
-WAL_FSYNC_P99_OK = 0.010       # etcd's tuning guide: seconds
-BACKEND_COMMIT_P99_OK = 0.025
 MAX_BODY = 16 * 1024 * 1024    # a /metrics page is ~200 kB; more is not etcd
-
-
-@dataclass(frozen=True)
-class MemberMetrics:
-    """The figures of one member's /metrics; None where the member does not export one."""
-
-    quota_bytes: int | None
-    wal_fsync_p99: float | None          # seconds, since the member started; None without observations
-    backend_commit_p99: float | None
-    leader_changes: int | None
-    slow_applies: int | None
-    proposals_pending: int | None
-    proposals_failed: int | None
 
 
 def histogram_quantile(q: float, buckets: Iterable[tuple[float, float]]) -> float | None:

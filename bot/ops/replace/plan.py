@@ -11,111 +11,20 @@ import json
 import re
 import secrets
 from collections.abc import Collection
-from dataclasses import asdict, dataclass, replace
-from typing import Any
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
-from bot.etcd.health import ClusterHealth, MemberHealth, Quorum
-from bot.etcd.model import Member
-from bot.etcd.urls import Endpoint, parse_url, read_url, shown_urls
+from bot.config import ClusterConfig
+from bot.domain.cluster import ClusterHealth, Member, MemberHealth, Quorum
+from bot.domain.errors import EtcdError, Refusal
+from bot.domain.plan import PlanKind, PlanState, Step
+from bot.domain.replace import MemberRef, ReplacePlan, ReplaceRequest
+from bot.domain.urls import Endpoint, parse_url, read_url, shown_urls
+from bot.ops.outcome import Outcome, open_plan_refusal, refused
+from bot.ops.proposals import publish_plan
 
-
-class Refusal(Exception):
-    """The plan cannot be made: `reason` (one line) and an optional `hint`."""
-
-    def __init__(self, reason: str, hint: str | None = None):
-        super().__init__(reason)
-        self.reason = reason
-        self.hint = hint
-
-
-@dataclass(frozen=True)
-class ReplaceRequest:
-    failed: str                      # name or hex ID
-    new_name: str
-    new_peer_url: str
-    new_client_url: str | None = None
-    learner: bool = True
-
-
-@dataclass(frozen=True)
-class Step:
-    key: str
-    title: str
-
-
-@dataclass(frozen=True)
-class MemberRef:
-    """A member as the plan recorded it (plain data, stored as JSON)."""
-
-    id: str                          # 16 hex digits
-    name: str
-    peer_urls: tuple[str, ...]
-    client_urls: tuple[str, ...]
-    is_learner: bool = False
-
-    @classmethod
-    def of(cls, m: Member) -> MemberRef:
-        return cls(m.hex_id, m.name, tuple(m.peer_urls), tuple(m.client_urls), m.is_learner)
-
-    @property
-    def label(self) -> str:
-        return f"{self.name or '(unstarted)'} ({self.id})"
-
-
-@dataclass(frozen=True)
-class Plan:
-    id: str
-    cluster: str
-    failed: MemberRef
-    new_name: str
-    new_peer_url: str
-    new_client_url: str | None
-    learner: bool
-    survivors: tuple[MemberRef, ...]
-    steps: tuple[Step, ...]
-    fingerprint: str
-    quorum_now: tuple[int, int]              # (voting, healthy)
-    others_failed: tuple[MemberRef, ...] = ()
-    snapshot_source: str | None = None       # name of the healthy member to snapshot
-    also_remove: tuple[MemberRef, ...] = ()  # unreachable voters etcd < 3.6 requires gone before an add
-    already_removed_by: str | None = None    # the plan that removed the failed member, when it did
-
-    @property
-    def initial_cluster(self) -> str:
-        """ETCD_INITIAL_CLUSTER: the surviving members plus the new one."""
-        pairs = [f"{m.name}={u}" for m in self.survivors for u in m.peer_urls]
-        return ",".join(pairs + [f"{self.new_name}={self.new_peer_url}"])
-
-    @property
-    def environment(self) -> dict[str, str]:
-        """Every ETCD_* variable the new member needs: the runbook's three, and its URLs."""
-        env = {"ETCD_NAME": self.new_name, "ETCD_INITIAL_CLUSTER": self.initial_cluster,
-               "ETCD_INITIAL_CLUSTER_STATE": "existing", "ETCD_INITIAL_ADVERTISE_PEER_URLS": self.new_peer_url,
-               "ETCD_LISTEN_PEER_URLS": self.new_peer_url}
-        if self.new_client_url:
-            env["ETCD_ADVERTISE_CLIENT_URLS"] = self.new_client_url
-            env["ETCD_LISTEN_CLIENT_URLS"] = self.new_client_url
-        return env
-
-    @property
-    def expected_members(self) -> int:
-        return len(self.survivors) + 1
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Plan:
-        def ref(d: dict[str, Any]) -> MemberRef:
-            return MemberRef(d["id"], d["name"], tuple(d["peer_urls"]), tuple(d["client_urls"]), d["is_learner"])
-        return cls(id=data["id"], cluster=data["cluster"], failed=ref(data["failed"]), new_name=data["new_name"],
-                   new_peer_url=data["new_peer_url"], new_client_url=data["new_client_url"], learner=data["learner"],
-                   survivors=tuple(ref(m) for m in data["survivors"]),
-                   steps=tuple(Step(s["key"], s["title"]) for s in data["steps"]), fingerprint=data["fingerprint"],
-                   quorum_now=tuple(data["quorum_now"]), others_failed=tuple(ref(m) for m in data["others_failed"]),
-                   snapshot_source=data.get("snapshot_source"),
-                   also_remove=tuple(ref(m) for m in data.get("also_remove", ())),
-                   already_removed_by=data.get("already_removed_by"))
+if TYPE_CHECKING:  # the context is gRPC's; the planning above it is not
+    from bot.ops.context import BotContext
 
 
 def new_plan_id() -> str:
@@ -154,7 +63,7 @@ def _version(text: str) -> tuple[int, int]:
 
 def plan_replacement(health: ClusterHealth, req: ReplaceRequest, *, newest_snapshot: str | None = None,
                      plan_id: str | None = None, launcher: str = "manual",
-                     removed: tuple[MemberRef, str] | None = None) -> Plan:
+                     removed: tuple[MemberRef, str] | None = None) -> ReplacePlan:
     """Build the runbook's replacement plan, or raise Refusal.
 
     `removed`: the failed member as an earlier plan recorded it when it
@@ -260,7 +169,7 @@ def _check_new_member(health: ClusterHealth, req: ReplaceRequest, new_peer: str,
 
 
 def _plan_add_only(health: ClusterHealth, req: ReplaceRequest, removed: tuple[MemberRef, str], new_peer: str,
-                   new_client: str | None, plan_id: str | None, launcher: str) -> Plan:
+                   new_client: str | None, plan_id: str | None, launcher: str) -> ReplacePlan:
     """The failed member is gone already (an earlier plan removed it): only add."""
     ref, by = removed
     if ref.name == req.new_name.strip():
@@ -288,7 +197,7 @@ def _plan_add_only(health: ClusterHealth, req: ReplaceRequest, removed: tuple[Me
 
 def _plan(health: ClusterHealth, req: ReplaceRequest, failed: MemberRef, survivors: list[MemberHealth],
           remove_title: str, new_peer: str, new_client: str | None, plan_id: str | None, launcher: str,
-          others_failed: tuple[MemberRef, ...] = (), also_remove: tuple[MemberRef, ...] = ()) -> Plan:
+          others_failed: tuple[MemberRef, ...] = (), also_remove: tuple[MemberRef, ...] = ()) -> ReplacePlan:
     new_name = req.new_name.strip()
     pick = health.snapshot_source()
     source = pick.member.name if pick else None
@@ -307,7 +216,7 @@ def _plan(health: ClusterHealth, req: ReplaceRequest, failed: MemberRef, survivo
         Step("verify", f"Verify {len(survivors) + 1} members, all healthy"),
     ]
     q = health.quorum
-    return Plan(id=plan_id or new_plan_id(), cluster=health.cluster, failed=failed, new_name=new_name,
+    return ReplacePlan(id=plan_id or new_plan_id(), cluster=health.cluster, failed=failed, new_name=new_name,
                 new_peer_url=new_peer, new_client_url=new_client, learner=req.learner,
                 survivors=tuple(MemberRef.of(h.member) for h in survivors), steps=tuple(steps),
                 fingerprint=health.fingerprint, quorum_now=(q.voting, q.healthy), others_failed=others_failed,
@@ -338,7 +247,8 @@ def etcd_servers(members: list[Member] | tuple[Member, ...]) -> str:
     return ",".join(urls)
 
 
-def facts_changed(plan: Plan, health: ClusterHealth, started: Collection[str], new_member_id: str | None) -> str | None:
+def facts_changed(plan: ReplacePlan, health: ClusterHealth, started: Collection[str],
+                  new_member_id: str | None) -> str | None:
     """What no longer matches the plan, judged against its own progress
     (`started`: keys of the steps already begun, whose effects are expected);
     None when the cluster is as the plan expects it."""
@@ -375,3 +285,41 @@ def config_endpoints(members: list[Member] | tuple[Member, ...]) -> str:
     (after a replacement the configured ones go stale)."""
     voters = [m for m in members if not m.is_learner]
     return "endpoints = " + json.dumps([u for u in etcd_servers(voters).split(",") if u])
+
+
+async def propose(ctx: BotContext, cluster: ClusterConfig, req: ReplaceRequest, user: str, channel: str,
+                  usage: str) -> Outcome:
+    store = ctx.store
+    open_plan = await store.open_plan(cluster.name)
+    if open_plan:
+        return open_plan_refusal(open_plan.id, open_plan.state)
+    try:
+        health = await ctx.check(cluster)
+    except EtcdError as e:
+        return refused(f"cannot read cluster {cluster.name}: {e}")
+    newest = await store.snapshots(cluster.name, limit=1)
+    removed = None if health.find(req.failed) else await removed_by_earlier_plan(ctx, cluster.name, req.failed)
+    try:
+        plan = plan_replacement(health, req, newest_snapshot=newest[0]["path"] if newest else None,
+                                launcher=cluster.launcher.kind, removed=removed)
+    except Refusal as r:
+        await store.audit("replace_refused", user=user, channel=channel, cluster=cluster.name,
+                          detail={"reason": r.reason, "request": req.__dict__})
+        return refused(f"cannot replace {req.failed} in {cluster.name}: {r.reason}", r.hint, usage)
+    return await publish_plan(ctx, PlanKind.REPLACE, plan, cluster.name, user, channel,
+                              {"plan": plan.id, "failed": plan.failed.id, "new_name": plan.new_name,
+                               "new_peer_url": plan.new_peer_url, "learner": plan.learner})
+
+
+async def removed_by_earlier_plan(ctx: BotContext, cluster: str, ref: str) -> tuple[MemberRef, str] | None:
+    """A failed member an earlier plan removed (etcd < 3.6 requires removing every
+    unreachable voter before an add) and nobody has replaced yet."""
+    wanted = ref.strip().lower()
+    records = await ctx.store.plans(cluster, limit=50, states=(PlanState.DONE,))
+    plans = [r.plan for r in records if isinstance(r.plan, ReplacePlan)]
+    replaced = {p.failed.id for p in plans}
+    for plan in plans:
+        for m in plan.also_remove:
+            if m.id not in replaced and wanted in (m.name.lower(), m.id):
+                return m, plan.id
+    return None

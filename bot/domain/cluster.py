@@ -1,0 +1,291 @@
+"""TODO"""
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Member:
+    """A cluster member as `etcdctl member list` shows it."""
+
+    id: int
+    name: str
+    peer_urls: tuple[str, ...]
+    client_urls: tuple[str, ...]
+    is_learner: bool = False
+
+    @property
+    def hex_id(self) -> str:
+        return f"{self.id:016x}"
+
+    @property
+    def started(self) -> bool:
+        """etcd publishes the name once the member process has started."""
+        return bool(self.name)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.hex_id, "name": self.name, "peer_urls": list(self.peer_urls),
+                "client_urls": list(self.client_urls), "is_learner": self.is_learner}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Member:
+        return cls(int(data["id"], 16), data["name"], tuple(data["peer_urls"]), tuple(data["client_urls"]),
+                   bool(data["is_learner"]))
+
+
+@dataclass(frozen=True)
+class Alarm:
+    member_id: int
+    kind: str  # "NOSPACE" | "CORRUPT"
+
+
+@dataclass(frozen=True)
+class MemberStatus:
+    """One member's answer to Maintenance.Status.
+
+    etcd reports the cluster's alarms inside `errors`; they are split out
+    into `alarms`, because asking the Alarm RPC goes through raft and hangs
+    exactly when the cluster is in trouble.
+    """
+
+    endpoint: str
+    member_id: int
+    version: str
+    db_size: int
+    db_size_in_use: int
+    leader: int
+    raft_term: int
+    raft_index: int
+    raft_applied_index: int
+    is_learner: bool
+    errors: tuple[str, ...]
+    alarms: tuple[Alarm, ...] = ()
+    cluster_id: int = 0      # from the response header: a restore with a new token gives a new one
+
+
+@dataclass(frozen=True)
+class KVHash:
+    """One member's Maintenance.HashKV answer: the hash of its key space up to the
+    requested revision, from `compact_revision` on; `revision` is the member's current one."""
+
+    endpoint: str
+    member_id: int
+    hash: int
+    compact_revision: int
+    revision: int
+
+
+_ALARM = re.compile(r"^memberID:(\d+) alarm:([A-Z]+)\s*$")
+
+
+def split_alarms(errors: Iterable[str]) -> tuple[tuple[str, ...], tuple[Alarm, ...]]:
+    """Separate etcd's `memberID:<id> alarm:<KIND>` strings from real errors."""
+    plain, alarms = [], []
+    for e in errors:
+        m = _ALARM.match(e)
+        if m:
+            alarms.append(Alarm(int(m.group(1)), m.group(2)))
+        else:
+            plain.append(e)
+    return tuple(plain), tuple(alarms)
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    cacert: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+
+
+NO_LEADER = "etcdserver: no leader"
+
+
+@dataclass(frozen=True)
+class Quorum:
+    """Raft arithmetic over the voting members (learners do not vote)."""
+
+    voting: int
+    healthy: int
+
+    @property
+    def needed(self) -> int:
+        return self.voting // 2 + 1
+
+    @property
+    def ok(self) -> bool:
+        return self.healthy >= self.needed
+
+    @property
+    def tolerates(self) -> int:
+        """How many more voting members may fail before quorum is lost."""
+        return max(0, self.healthy - self.needed)
+
+
+def membership_fingerprint(members: list[Member] | tuple[Member, ...]) -> str:
+    """A short digest of who is in the cluster; a plan is only valid for the
+    membership it was built on."""
+    parts = sorted(f"{m.hex_id}|{m.name}|{','.join(sorted(m.peer_urls))}|{int(m.is_learner)}" for m in members)
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class MemberHealth:
+    member: Member
+    status: MemberStatus | None = None
+    error: str | None = None           # why it could not be asked, when it could not
+    alarms: tuple[str, ...] = ()
+
+    @property
+    def reachable(self) -> bool:
+        return self.status is not None
+
+    @property
+    def errors(self) -> tuple[str, ...]:
+        """etcd's own errors for this member, less the transient "no leader"."""
+        return tuple(e for e in self.status.errors if e != NO_LEADER) if self.status else ()
+
+    @property
+    def healthy(self) -> bool:
+        """Answers and reports no error. A voter without a leader still counts
+        toward quorum: during an election every member says "no leader"."""
+        return self.status is not None and not self.errors
+
+    @property
+    def problem(self) -> str | None:
+        """One phrase on what is wrong with this member, or None."""
+        if self.status is None:
+            return self.error or "unreachable"
+        if self.errors:
+            return "; ".join(self.errors)
+        return None
+
+
+@dataclass(frozen=True)
+class ClusterHealth:
+    cluster: str
+    members: tuple[MemberHealth, ...]
+    alarms: tuple[Alarm, ...]
+    checked_at: float                  # time.time() of the check
+    elapsed: float                     # seconds the check took
+    deadline: float                    # the per-member deadline used
+    learned_url: str | None = None     # reached only through this URL learned from a member list, not configured
+
+    @property
+    def quorum(self) -> Quorum:
+        voters = [m for m in self.members if not m.member.is_learner]
+        return Quorum(voting=len(voters), healthy=sum(1 for m in voters if m.healthy))
+
+    @property
+    def leader_id(self) -> int | None:
+        """The leader the highest-term answers agree on."""
+        answers = [m.status for m in self.members if m.status and m.status.leader]
+        if not answers:
+            return None
+        top = max(s.raft_term for s in answers)
+        votes: dict[int, int] = {}
+        for s in answers:
+            if s.raft_term == top:
+                votes[s.leader] = votes.get(s.leader, 0) + 1
+        return max(votes, key=votes.__getitem__)
+
+    @property
+    def fingerprint(self) -> str:
+        return membership_fingerprint([m.member for m in self.members])
+
+    @property
+    def unhealthy(self) -> list[MemberHealth]:
+        return [m for m in self.members if not m.healthy]
+
+    @property
+    def all_healthy(self) -> bool:
+        return all(m.healthy for m in self.members) and not self.alarms and self.leader_id is not None
+
+    def snapshot_source(self) -> MemberHealth | None:
+        """A healthy member to snapshot, preferring a follower to spare the leader."""
+        healthy = [h for h in self.members if h.healthy and h.member.client_urls]
+        followers = [h for h in healthy if h.member.id != self.leader_id and not h.member.is_learner]
+        return next(iter(followers or healthy), None)
+
+    def find(self, ref: str) -> MemberHealth | None:
+        """A member by name or hex ID (as `member list` prints it)."""
+        ref = ref.strip().lower()
+        for m in self.members:
+            if m.member.name.lower() == ref and m.member.name:
+                return m
+        try:
+            wanted = int(ref, 16)
+        except ValueError:
+            return None
+        return next((m for m in self.members if m.member.id == wanted), None)
+
+
+@dataclass(frozen=True)
+class MemberHash:
+    name: str
+    member_id: int
+    hash: KVHash | None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Consistency:
+    """The hashes at `revision`, and the verdict on them (decided here, printed elsewhere)."""
+
+    cluster: str
+    revision: int
+    members: tuple[MemberHash, ...]
+
+    @property
+    def compared(self) -> list[MemberHash]:
+        """The members hashed from the most common compaction point (others cannot be compared)."""
+        answered = [m for m in self.members if m.hash is not None]
+        if not answered:
+            return []
+        point = Counter(m.hash.compact_revision for m in answered if m.hash).most_common(1)[0][0]
+        return [m for m in answered if m.hash is not None and m.hash.compact_revision == point]
+
+    @property
+    def majority_hash(self) -> int | None:
+        counts = Counter(m.hash.hash for m in self.compared if m.hash)
+        return counts.most_common(1)[0][0] if counts else None
+
+    @property
+    def differing(self) -> list[MemberHash]:
+        return [m for m in self.compared if m.hash is not None and m.hash.hash != self.majority_hash]
+
+    @property
+    def unchecked(self) -> list[MemberHash]:
+        compared = {m.member_id for m in self.compared}
+        return [m for m in self.members if m.member_id not in compared]
+
+    @property
+    def agree(self) -> bool:
+        return not self.differing and not self.unchecked and bool(self.compared)
+
+
+DEFAULT_QUOTA = 2 * 1024 ** 3  # etcd's --quota-backend-bytes when unset (0 means this default)
+
+
+WAL_FSYNC_P99_OK = 0.010       # etcd's tuning guide: seconds
+
+
+BACKEND_COMMIT_P99_OK = 0.025
+
+
+@dataclass(frozen=True)
+class MemberMetrics:
+    """The figures of one member's /metrics; None where the member does not export one."""
+
+    quota_bytes: int | None
+    wal_fsync_p99: float | None          # seconds, since the member started; None without observations
+    backend_commit_p99: float | None
+    leader_changes: int | None
+    slow_applies: int | None
+    proposals_pending: int | None
+    proposals_failed: int | None

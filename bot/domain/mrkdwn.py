@@ -1,0 +1,65 @@
+"""TODO"""
+from __future__ import annotations
+
+import re
+
+
+def one_line(text: str, limit: int = 120) -> str:
+    """The first line of a long text (launcher output, an etcd error), cut
+    with an ellipsis when anything is left out: lists stay one line per item."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    first = lines[0] if lines else ""
+    if len(first) > limit:
+        return first[:limit - 1].rstrip() + "…"
+    return first + " …" if len(lines) > 1 else first
+
+
+def escape(text: str) -> str:
+    """Slack mrkdwn escaping of &, < and > (the only characters it requires):
+    no value can become a mention, a channel link or a link."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+_BACKTICK = "ˋ"  # MODIFIER LETTER GRAVE ACCENT: looks like ` but cannot end a code span
+
+
+def code(value: str) -> str:
+    """A value as inline code that no character of it can end early."""
+    return f"`{escape(value).replace('`', _BACKTICK)}`"
+
+
+def code_block(text: str) -> str:
+    """Text as a preformatted block that no character of it can end early."""
+    return f"```{escape(text).replace('`', _BACKTICK)}```"
+
+
+class Mrkdwn(str):
+    """Text that is already mrkdwn: its values went through escape(), its
+    mentions through mention(). Replies post it as it is; any other str is
+    escaped whole."""
+
+
+def _md(text: str) -> str:
+    return text if isinstance(text, Mrkdwn) else escape(text)
+
+
+_USER_ID = re.compile(r"[UW][A-Z0-9]{2,}")
+
+
+_GROUP_ID = re.compile(r"S[A-Z0-9]{2,}")
+
+
+def mention(user: str) -> str:
+    """The only way to mention a user: a Slack user ID as a mention; anything
+    else (the schedule, a malformed ID) as plain words."""
+    return f"<@{user}>" if _USER_ID.fullmatch(user) else _item(user)
+
+
+def group_mention(group: str) -> str:
+    """The only way to mention a user group (a Slack subteam ID)."""
+    return f"<!subteam^{group}>" if _GROUP_ID.fullmatch(group) else _item(group)
+
+
+def _item(value: str) -> str:
+    """A value in a list of one line per item: escaped, and on one line."""
+    return escape(one_line(value))
