@@ -198,14 +198,14 @@ class Network:
     """The bed's network: two bridges, hosts on them, and the faults between hosts."""
 
     base_dir: Path
-    prefix: str = ""
-    client_net: ipaddress.IPv4Network | None = None
-    peer_net: ipaddress.IPv4Network | None = None
-    hosts: dict[str, Host] = field(default_factory=dict)
-    _blocked: set[tuple[frozenset[str], Link]] = field(default_factory=set)
-    _wires: dict[tuple[str, Link], _Wire] = field(default_factory=dict)
-    _programs: list[subprocess.Popen[Any]] = field(default_factory=list)
-    _reaper: subprocess.Popen[bytes] | None = None
+    prefix: str = field(default="", init=False)  # set by start()
+    client_net: ipaddress.IPv4Network | None = field(default=None, init=False)
+    peer_net: ipaddress.IPv4Network | None = field(default=None, init=False)
+    hosts: dict[str, Host] = field(default_factory=dict, init=False)
+    _blocked: set[tuple[frozenset[str], Link]] = field(default_factory=set, init=False)
+    _wires: dict[tuple[str, Link], _Wire] = field(default_factory=dict, init=False)
+    _programs: list[subprocess.Popen[Any]] = field(default_factory=list, init=False)
+    _reaper: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     # -- lifecycle ------------------------------------------------------
 
@@ -303,6 +303,13 @@ class Network:
         self._sync([*self.hosts, BOT])
         return host
 
+    def addresses(self, link: Link) -> dict[str, tuple[str, str]]:
+        """Every endpoint on `link` (the bot too, on the client link): name -> (address, MAC)."""
+        out = {name: (ip_, self._mac(link, 0, h.index)) for name, h in self.hosts.items() if (ip_ := h.ip(link))}
+        if link is Link.CLIENT:
+            out[BOT] = (self.bot_ip, self._mac(link, 0, 0))
+        return out
+
     def popen(self, host: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
         """Start a program on `host` (killed when the bed closes, like everything in its namespace)."""
         proc: subprocess.Popen[Any] = subprocess.Popen(["ip", "netns", "exec", self.hosts[host].netns, *argv],
@@ -367,13 +374,6 @@ class Network:
         """Locally administered: the bed's id, the link, kind (0 a host, 1 a wire, 255 nobody), the host."""
         bed = self.prefix[2:]
         return f"02:{bed[:2]}:{bed[2:]}:{link.code:02x}:{kind:02x}:{index:02x}"
-
-    def addresses(self, link: Link) -> dict[str, tuple[str, str]]:
-        """Every endpoint on `link` (the bot too, on the client link): name -> (address, MAC)."""
-        out = {name: (ip_, self._mac(link, 0, h.index)) for name, h in self.hosts.items() if (ip_ := h.ip(link))}
-        if link is Link.CLIENT:
-            out[BOT] = (self.bot_ip, self._mac(link, 0, 0))
-        return out
 
     def _next_hop(self, viewer: str, target: str, link: Link) -> str:
         """The MAC address `viewer` sends `target`'s frames to on `link`: nobody's when the pair is
@@ -501,6 +501,8 @@ class NetnsCluster(LocalCluster):
     def _urls_for(self, name: str, client_port: int | None = None,
                   peer_port: int | None = None) -> tuple[str, str]:
         host = self.net.add_host(name)
+        if host.peer_ip is None:
+            raise ClusterError(f"host {name} has no peer link: it cannot run a member")
         return (f"{self.scheme}://{host.client_ip}:{client_port or CLIENT_PORT}",
                 f"{self.scheme}://{host.peer_ip}:{peer_port or PEER_PORT}")
 
