@@ -14,12 +14,15 @@ import pytest
 
 from bot.testing import certs as certs_module
 from bot.testing import cluster as cluster_module
+from bot.testing import netbed as netbed_module
 from bot.testing import postgres as postgres_module
 from bot.testing import prometheus as prometheus_module
 from bot.testing import s3 as s3_module
 from bot.testing import workspace as workspace_module
 from bot.testing.cluster import LocalCluster
+from bot.testing.netbed import NetnsCluster
 from bot.testing.postgres import LocalPostgres, PostgresMissing
+from bot.testing.versions import EtcdVersionMissing, etcd_bin_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_ETCD_PASSWORD = "rootpw-" + os.urandom(6).hex()  # tests that enable etcd auth use this
@@ -28,7 +31,7 @@ TEST_MANIFEST_KEY = "manifestkey-" + os.urandom(16).hex()  # tests that sign the
 
 # A test that uses any of these (directly or through another fixture) runs real etcd, the Slack
 # stand-in or the bot: it is end to end. `make test-fast` runs the others.
-E2E_FIXTURES = {"cluster", "make_cluster", "slack", "start_bot",
+E2E_FIXTURES = {"cluster", "make_cluster", "netbed", "slack", "start_bot",
                 "real", "real_snapshot",  # (snapshots of real etcd clusters, in test_bbolt and test_fuzz)
                 "postgres", "pg_url",  # a real PostgreSQL server
                 "s3"}  # (moto's S3 server)
@@ -73,6 +76,17 @@ def no_process_left_behind(tmp_path_factory) -> Iterator[None]:
         except OSError:
             pass
     assert not left, f"processes left running by the tests: {left}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_network_left_behind() -> Iterator[None]:
+    """Every namespace, bridge, veth and TAP a multi-host bed of this session made must be gone
+    at the end (other sessions' beds, with other name prefixes, are not judged)."""
+    yield
+    left = netbed_module.leftovers(netbed_module.CREATED)
+    for prefix in netbed_module.CREATED:
+        netbed_module.teardown(prefix)
+    assert not left, f"left behind by the multi-host beds: {left}"
 
 
 class _Capture(logging.Handler):
@@ -165,6 +179,47 @@ def make_cluster() -> Iterator[Callable[..., LocalCluster]]:
 
     def make(size: int = 3, **kwargs) -> LocalCluster:
         c = LocalCluster(size, **kwargs)
+        made.append(c)
+        return c.start()
+
+    yield make
+    for c in made:
+        c.close()
+
+
+@pytest.fixture
+def use_etcd(monkeypatch) -> Callable[[str], Path]:
+    """use_etcd("3.6") points ETCD_BIN_DIR at that etcd release (bot/testing/versions.py) for the rest
+    of the test: clusters made afterwards run it, and the bot finds its etcdctl and etcdutl. A release
+    that is not on the machine fails the test with the line saying what to run."""
+    def use(release: str) -> Path:
+        try:
+            directory = etcd_bin_dir(release)
+        except EtcdVersionMissing as e:
+            pytest.fail(str(e), pytrace=False)
+        monkeypatch.setenv("ETCD_BIN_DIR", str(directory))
+        return directory
+    return use
+
+
+@pytest.fixture
+def netbed() -> None:
+    """The multi-host bed (bot/testing/netbed.py) can run here. Where it cannot (not root, no
+    iproute2) the test is skipped with the reason, but under CI=true it fails: CI runs as root,
+    so a bed that cannot start there is a defect, never a silent skip."""
+    if reason := netbed_module.unavailable():
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
+
+
+@pytest.fixture
+def make_bed(netbed) -> Iterator[Callable[..., NetnsCluster]]:
+    """Fresh clusters on the multi-host bed, torn down even when the test fails."""
+    made: list[NetnsCluster] = []
+
+    def make(size: int = 3, **kwargs) -> NetnsCluster:
+        c = NetnsCluster(size, **kwargs)
         made.append(c)
         return c.start()
 

@@ -1,4 +1,4 @@
-"""Leadership as a replica sees it (bot/ops/leader.py), without a database: a tenure is
+"""Leadership as a replica sees it (bot/ops/leadership.py, bot/runtime/leader.py), without a database: a tenure is
 trusted only until the lease's ttl after the renewal was sent, and a new tenure is told
 from a renewal, so a new leader takes over its predecessor's plans exactly once."""
 from __future__ import annotations

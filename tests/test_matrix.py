@@ -8,14 +8,13 @@ them) or any directory named by ETCD34_BIN_DIR. Without them these tests
 are skipped, saying so.
 
 Each test makes its own 3.4 cluster with ETCD_BIN_DIR pointing at the 3.4
-binaries while the cluster is constructed (LocalCluster picks its etcd and
-etcdctl then, and keeps them).
+binaries (the `use_etcd` fixture) while the cluster is constructed
+(LocalCluster picks its etcd and etcdctl then, and keeps them).
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from bot.etcd.bbolt import snapshot_status
 from bot.etcd.client import EtcdClient
 from bot.etcd.health import check_cluster
 from bot.testing.cluster import LocalCluster
+from bot.testing.versions import EtcdVersionMissing, binary_version, etcd_bin_dir
 from bot.testing.workspace import CHANNEL, LEAD, cluster_table
 from helpers import (
     APPROVAL,
@@ -53,41 +53,23 @@ from helpers import (
 )
 
 
-def _version(etcd: Path) -> str | None:
-    """'3.4.23' from `etcd --version`, or None when it cannot be run."""
+def _etcd34() -> tuple[Path | None, str]:
+    """The directory holding etcd and etcdctl 3.4 and their version, or None and why not."""
     try:
-        out = subprocess.run([str(etcd), "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    m = re.search(r"^etcd Version: (\S+)", out, re.M)
-    return m.group(1) if m else None
+        directory = etcd_bin_dir("3.4")
+    except EtcdVersionMissing as e:
+        return None, str(e)
+    return directory, binary_version(directory / "etcd") or ""
 
 
-def find_etcd34() -> tuple[Path | None, str]:
-    """The directory holding etcd and etcdctl 3.4, or None and why not."""
-    tried = []
-    candidates = [(Path(os.environ["ETCD34_BIN_DIR"]), "ETCD34_BIN_DIR")] if os.environ.get("ETCD34_BIN_DIR") else []
-    candidates.append((Path("/usr/bin"), "Debian's etcd-server/etcd-client"))
-    for d, source in candidates:
-        if not all(os.access(d / n, os.X_OK) for n in ("etcd", "etcdctl")):
-            tried.append(f"{d} ({source}): no etcd and etcdctl")
-            continue
-        version = _version(d / "etcd")
-        if version and version.startswith("3.4."):
-            return d, version
-        tried.append(f"{d} ({source}): etcd {version or 'unreadable'}, not 3.4.x")
-    return None, ("etcd 3.4 binaries not found (" + "; ".join(tried) + "): run `sh scripts/install-etcd34.sh` "
-                  "as root (Debian's etcd-server and etcd-client 3.4) or set ETCD34_BIN_DIR")
-
-
-ETCD34, ETCD34_VERSION = find_etcd34()
+ETCD34, ETCD34_VERSION = _etcd34()
 pytestmark = pytest.mark.skipif(ETCD34 is None, reason=ETCD34_VERSION)
 
 
 @pytest.fixture
-def etcd34(monkeypatch, make_cluster):
+def etcd34(use_etcd, make_cluster):
     """make(size) -> a LocalCluster running etcd 3.4 (torn down by make_cluster)."""
-    monkeypatch.setenv("ETCD_BIN_DIR", str(ETCD34))
+    use_etcd("3.4")
 
     def make(size: int = 3, **kwargs) -> LocalCluster:
         c = make_cluster(size, **kwargs)

@@ -52,14 +52,15 @@ class LocalMember:
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
     pid: int | None = None
+    netns: str | None = None  # the network namespace it runs in (bot.testing.netbed), None on loopback
 
     @property
     def client_port(self) -> int:
-        return int(self.client_url.rsplit(":", 1)[1])
+        return _port(self.client_url)
 
     @property
     def peer_port(self) -> int:
-        return int(self.peer_url.rsplit(":", 1)[1])
+        return _port(self.peer_url)
 
 
 @dataclass(frozen=True)
@@ -96,19 +97,21 @@ def tls_member_args(tls: TLSPaths) -> list[str]:
 
 
 def spawn(base_dir: Path, name: str, argv: list[str], env: dict[str, str], client_url: str,
-          peer_url: str) -> LocalMember:
+          peer_url: str, netns: str | None = None) -> LocalMember:
     """Start one etcd process detached from our session, logging to a file,
-    and record it under `base_dir/members/<name>.json`."""
+    and record it under `base_dir/members/<name>.json`. With `netns` it runs in that
+    network namespace (`ip netns exec` execs etcd, so the pid is etcd's own)."""
     data_dir = base_dir / "data" / name
     log_file = base_dir / "logs" / f"{name}.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     full_argv = [*argv, "--data-dir", str(data_dir)] if "--data-dir" not in argv else argv
+    in_netns = ["ip", "netns", "exec", netns] if netns else []
     with open(log_file, "ab") as log:
-        proc = subprocess.Popen(full_argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen([*in_netns, *full_argv], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 env={**_base_env(), **env}, start_new_session=True, cwd=base_dir)
     member = LocalMember(name=name, client_url=client_url, peer_url=peer_url, data_dir=str(data_dir),
-                         log_file=str(log_file), argv=full_argv, env=env, pid=proc.pid)
+                         log_file=str(log_file), argv=full_argv, env=env, pid=proc.pid, netns=netns)
     _record(base_dir, member)
     _children[proc.pid] = proc
     return member
@@ -150,8 +153,12 @@ def ssl_context(tls: TLSPaths | None) -> ssl.SSLContext | None:
 
 
 def http_get(url: str, tls: TLSPaths | None, timeout: float = 1.0) -> bytes | None:
+    """GET from a member of ours: never through a proxy the environment names (members on a
+    test bed's private addresses are as local as loopback)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                         urllib.request.HTTPSHandler(context=ssl_context(tls)))
     try:
-        with urllib.request.urlopen(url, timeout=timeout, context=ssl_context(tls)) as r:
+        with opener.open(url, timeout=timeout) as r:
             return r.read()
     except (OSError, urllib.error.URLError, ssl.SSLError):
         return None
@@ -190,12 +197,7 @@ class LocalCluster:
         # Binaries are chosen once, here: a cluster keeps the etcd version (ETCD_BIN_DIR) it was made with.
         self.etcd = str(find_binary("etcd"))
         self.etcdctl_bin = _optional_binary("etcdctl")
-        self.tls: TLSPaths | None = None
-        if tls:
-            from bot.testing import certs
-            files = certs.generate(self.base_dir / "tls", valid_days=cert_days)
-            self.tls = TLSPaths(ca=str(files.ca), server_cert=str(files.server_cert), server_key=str(files.server_key),
-                                client_cert=str(files.client_cert), client_key=str(files.client_key))
+        self.tls: TLSPaths | None = self._make_tls(cert_days) if tls else None
         self.scheme = "https" if tls else "http"
         self.user: tuple[str, str] | None = None  # (name, password) once enable_auth ran
 
@@ -226,6 +228,13 @@ class LocalCluster:
         self.user = None
         return self
 
+    def _make_tls(self, cert_days: float, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> TLSPaths:
+        """A CA, and server and client certificates naming `hosts`, under base_dir/tls."""
+        from bot.testing import certs
+        files = certs.generate(self.base_dir / "tls", hosts=hosts, valid_days=cert_days)
+        return TLSPaths(ca=str(files.ca), server_cert=str(files.server_cert), server_key=str(files.server_key),
+                        client_cert=str(files.client_cert), client_key=str(files.client_key))
+
     # -- lifecycle ------------------------------------------------------
 
     def __enter__(self) -> LocalCluster:
@@ -242,11 +251,10 @@ class LocalCluster:
         """Start the initial members and wait until every one reports healthy."""
         for attempt in range(3):  # a port picked free can be taken before etcd binds it
             names = [f"{self.prefix}{i}" for i in range(1, self.size + 1)]
-            fresh = iter(distinct_free_ports(2 * len(names)))  # the kernel may hand out a port twice
-            ports = {n: (next(fresh), next(fresh)) for n in names}
-            initial = ",".join(f"{n}={self._url(ports[n][1])}" for n in names)
+            urls = self._initial_urls(names)
+            initial = ",".join(f"{n}={urls[n][1]}" for n in names)
             for n in names:
-                self._spawn(n, ports[n][0], ports[n][1], initial, "new")
+                self._spawn(n, *urls[n], initial, "new")
             try:
                 self.wait_healthy(names, timeout)
                 return self
@@ -331,7 +339,7 @@ class LocalCluster:
         m = self.member(name)
         if self.running(name):
             raise ClusterError(f"{name} is still running")
-        member = spawn(self.base_dir, name, m.argv, m.env, m.client_url, m.peer_url)
+        member = spawn(self.base_dir, name, m.argv, m.env, m.client_url, m.peer_url, m.netns)
         self.wait_serving(name, timeout)
         return member
 
@@ -355,7 +363,7 @@ class LocalCluster:
                      peer_port: int | None = None, timeout: float = START_TIMEOUT) -> LocalMember:
         """Start a member that was already added with `member add`
         (ETCD_INITIAL_CLUSTER_STATE=existing), as the runbook's step 4."""
-        member = self._spawn(name, client_port or free_port(), peer_port or free_port(), initial_cluster, "existing")
+        member = self._spawn(name, *self._urls_for(name, client_port, peer_port), initial_cluster, "existing")
         self.wait_serving(name, timeout)
         return member
 
@@ -363,8 +371,8 @@ class LocalCluster:
         """`etcdctl member add` then start it: what an operator does by hand. A young
         cluster refuses adds ("unhealthy cluster") until its leader has seen every
         voter for 5 s: retried within `timeout`."""
-        peer_port = free_port()
-        args = ["member", "add", name, f"--peer-urls={self._url(peer_port)}"] + (["--learner"] if learner else [])
+        client_url, peer_url = self._urls_for(name)
+        args = ["member", "add", name, f"--peer-urls={peer_url}"] + (["--learner"] if learner else [])
         deadline = time.monotonic() + timeout
         while (proc := self.etcdctl(*args, check=False)).returncode != 0:
             if "unhealthy cluster" not in proc.stderr or time.monotonic() > deadline:
@@ -374,7 +382,8 @@ class LocalCluster:
                         if line.startswith("ETCD_INITIAL_CLUSTER=")), None)
         if not initial:
             raise ClusterError(f"etcdctl member add gave no ETCD_INITIAL_CLUSTER: {proc.stdout.strip()}")
-        return self.start_member(name, initial, peer_port=peer_port, timeout=timeout)
+        return self.start_member(name, initial, client_port=_port(client_url), peer_port=_port(peer_url),
+                                 timeout=timeout)
 
     # -- waiting --------------------------------------------------------
 
@@ -435,8 +444,10 @@ class LocalCluster:
 
     def etcdctl(self, *args: str, endpoints: list[str] | None = None, check: bool = True,
                 input: bytes | None = None, timeout: float = 60.0) -> subprocess.CompletedProcess:
+        """Run this cluster's etcdctl. No ETCDCTL_API: v3 is the default since etcd 3.4, and etcdctl 3.6
+        logs "unrecognized environment variable" for it on every call."""
         proc = subprocess.run([*self.etcdctl_args(endpoints), *args], capture_output=True, text=input is None,
-                              input=input, timeout=timeout, env={**_base_env(), "ETCDCTL_API": "3"})
+                              input=input, timeout=timeout, env=_base_env())
         if check and proc.returncode != 0:
             raise ClusterError(f"etcdctl {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
         return proc
@@ -459,13 +470,27 @@ class LocalCluster:
     def _url(self, port: int) -> str:
         return f"{self.scheme}://127.0.0.1:{port}"
 
-    def _spawn(self, name: str, client_port: int, peer_port: int, initial_cluster: str, state: str) -> LocalMember:
-        client_url, peer_url = self._url(client_port), self._url(peer_port)
+    def _initial_urls(self, names: list[str]) -> dict[str, tuple[str, str]]:
+        """(client URL, peer URL) of each initial member: distinct free loopback ports
+        (the kernel may hand out a port twice). The multi-host bed gives each a host instead."""
+        fresh = iter(distinct_free_ports(2 * len(names)))
+        return {n: (self._url(next(fresh)), self._url(next(fresh))) for n in names}
+
+    def _urls_for(self, name: str, client_port: int | None = None,
+                  peer_port: int | None = None) -> tuple[str, str]:
+        """(client URL, peer URL) for a member added later, on the ports given or free ones."""
+        return self._url(client_port or free_port()), self._url(peer_port or free_port())
+
+    def _netns(self, name: str) -> str | None:
+        """The network namespace member `name` runs in: none on loopback."""
+        return None
+
+    def _spawn(self, name: str, client_url: str, peer_url: str, initial_cluster: str, state: str) -> LocalMember:
         argv = [*self.member_argv(), "--name", name,
                 "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
                 "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
                 "--initial-cluster", initial_cluster, "--initial-cluster-state", state]
-        return spawn(self.base_dir, name, argv, {}, client_url, peer_url)
+        return spawn(self.base_dir, name, argv, {}, client_url, peer_url, self._netns(name))
 
     def _signal(self, name: str, sig: int, timeout: float = 10.0, wait: bool = True) -> None:
         m = self.member(name)
@@ -486,6 +511,10 @@ class LocalCluster:
                     pass
         for pid in pids:
             _wait_gone(pid, self.base_dir, 5.0)
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
 
 
 def distinct_free_ports(n: int) -> list[int]:

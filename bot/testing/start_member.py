@@ -8,7 +8,8 @@ stopped, 4 unknown).
     python -m bot.testing.start_member --base-dir DIR [--name NAME] [--action start|stop|restore|status]
 
 DIR is a LocalCluster's base directory: the member's data, log and record
-go there, so the cluster's teardown kills it too. Used by the demo and the
+go there, so the cluster's teardown kills it too. On the multi-host bed
+(NetnsCluster) the member runs on the host whose address its peer URL names. Used by the demo and the
 tests as `launcher = { kind = "command", argv = [...] }`. The action comes
 from --action, else ETCD_CHATOPS_ACTION, else start.
 
@@ -33,6 +34,7 @@ from typing import IO
 
 from bot.ops.launcher import FENCE_VARIABLE
 from bot.testing.cluster import ClusterError, LocalCluster, TLSPaths, free_port, spawn, tls_member_args
+from bot.testing.netbed import CLIENT_PORT, host_for_url
 
 _fences: list[IO[str]] = []  # the member's fence file, locked until this process exits
 
@@ -70,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     peer_url = env.get("ETCD_INITIAL_ADVERTISE_PEER_URLS", "")
     scheme = peer_url.split("://", 1)[0] if "://" in peer_url else "http"
+    host = host_for_url(base, peer_url)  # on the multi-host bed: the host that owns the peer URL's address
     if "ETCD_LISTEN_CLIENT_URLS" not in env:
-        client = f"{scheme}://127.0.0.1:{free_port()}"
+        client = f"{scheme}://{host.client_ip}:{CLIENT_PORT}" if host else f"{scheme}://127.0.0.1:{free_port()}"
         env["ETCD_LISTEN_CLIENT_URLS"] = env["ETCD_ADVERTISE_CLIENT_URLS"] = client
     tls_dir = base / "tls"
     # the binary the cluster's members run (the launcher strips ETCD_*, so ETCD_BIN_DIR is not seen here)
@@ -83,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                        server_key=str(tls_dir / "server.key"), client_cert=str(tls_dir / "client.crt"),
                        client_key=str(tls_dir / "client.key"))
         argv_etcd += tls_member_args(tls)
-    member = spawn(base, name, argv_etcd, env, env["ETCD_ADVERTISE_CLIENT_URLS"].split(",")[0], peer_url)
+    member = spawn(base, name, argv_etcd, env, env["ETCD_ADVERTISE_CLIENT_URLS"].split(",")[0], peer_url,
+                   host.netns if host else None)
     cluster = LocalCluster.attach(base, tls)
     try:
         cluster.wait_serving(name, args.timeout)
