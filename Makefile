@@ -25,10 +25,11 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/etcd-chatops demo
 
-# mypy and ruff, as configured in pyproject.toml; gofmt and go vet for the node program.
+# ruff, mypy and the import contracts, as configured in pyproject.toml; gofmt and go vet for the node program.
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 	@cd deploy/node && unformatted="$$(gofmt -l .)" && \
 	  { test -z "$$unformatted" || { echo "gofmt -w needed: $$unformatted"; exit 1; }; } && go vet ./...
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from bot.domain.errors import EtcdError
 from bot.etcd.client import EtcdClient
 from bot.etcd.health import check_cluster
-from bot.domain.errors import EtcdError
 from bot.testing.cluster import log_tail
 from bot.testing.netbed import Link, NetnsCluster, host_for_url, leftovers
 from helpers import eventually

@@ -1,4 +1,5 @@
-"""TODO"""
+"""A cluster as etcd reports it, as plain data: members, their Status, alarms, KVHash, the health of
+each member and of the cluster (quorum math), a member's /metrics figures and a HashKV comparison."""
 from __future__ import annotations
 
 import hashlib

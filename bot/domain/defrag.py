@@ -1,4 +1,4 @@
-"""TODO"""
+"""The defragmentation plan: which members, in which order, their sizes and quotas, as stored."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace

@@ -1,4 +1,5 @@
-"""TODO"""
+"""The errors the domain's values raise: etcd's (what every layer catches, told apart so the bot can
+explain them), a planner's Refusal, and a step's StepFailed or FactsChanged (the engine stops on them)."""
 from __future__ import annotations
 
 

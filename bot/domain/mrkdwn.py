@@ -1,4 +1,4 @@
-"""TODO"""
+"""Slack mrkdwn escaping: the only way a value or a mention reaches a message. A leaf anyone may import."""
 from __future__ import annotations
 
 import re

@@ -1,4 +1,5 @@
-"""TODO"""
+"""Whether a cluster lost quorum, on positive evidence only (the verdict; gathering the evidence is
+bot.ops.restore.quorum's). "I cannot reach it" is not "it is down"."""
 from __future__ import annotations
 
 from dataclasses import dataclass

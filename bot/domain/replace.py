@@ -1,4 +1,5 @@
-"""TODO"""
+"""The replacement plan: the failed member, the new one, the survivors and the steps, as stored; and the
+request it was made from."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass

@@ -1,4 +1,5 @@
-"""TODO"""
+"""The restore plan: the snapshot, every member to restore, the new cluster token and what the quorum
+gate saw, as stored; the IDs etcd will give the restored members, and what each launcher action gets."""
 from __future__ import annotations
 
 import hashlib

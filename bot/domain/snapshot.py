@@ -1,4 +1,5 @@
-"""TODO"""
+"""Snapshots as plain data: a file's status as etcdutl reports it, a saved snapshot, a catalog entry (local,
+off-site or both), the reference a restore plan records, a drill's result, one being taken."""
 from __future__ import annotations
 
 from collections.abc import Mapping

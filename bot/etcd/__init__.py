@@ -1,7 +1,6 @@
-"""The etcd layer: the async client over aetcd's gRPC stubs (deadlines, TLS, auth,
-fail-over), the health fan-out and quorum math, the snapshot stream and the
-bbolt reader, URLs.
+"""Talking to etcd: the async client over aetcd's gRPC stubs (deadlines, TLS, auth, fail-over), the health
+fan-out, a member's /metrics, HashKV agreement, the snapshot stream, the bbolt reader of snapshot files, and
+where the etcd binaries are. `health`, `bbolt` and `member_metrics` load without gRPC.
 
-May import: nothing of ours but `bot.output` (units and tables for etcdutl's
-table). `model`, `race`, `health`, `bbolt` and `urls` are pure: no gRPC.
+What it may import is the import contracts' business (pyproject.toml, drawn in docs/architecture.md).
 """

@@ -17,6 +17,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
+from bot.domain.errors import (
+    LearnerNotReady,
+    MemberNotFound,
+    NotALearner,
+    PeerURLExists,
+    TooManyLearners,
+    UnhealthyCluster,
+)
+
 # gRPC's C core prints every failed TLS handshake to stderr; our errors say it once.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
@@ -34,7 +43,6 @@ from bot.domain.errors import (
     LearnerUnsupported,
 )
 from bot.domain.urls import Endpoint, dial, parse_url, usable_urls
-from bot.etcd.model import AUTH_MESSAGES, request_error
 from bot.etcd.race import AllFailed, first_success
 
 log = logging.getLogger(__name__)
@@ -563,3 +571,30 @@ def client_for(cluster: ClusterSettings) -> EtcdClient:
     """An EtcdClient for a configured cluster."""
     return EtcdClient(cluster.endpoints, tls=TLSFiles(cluster.cacert, cluster.cert, cluster.key),
                       username=cluster.username, password=cluster.password, timeout=cluster.timeout_seconds)
+
+
+_REQUEST_ERRORS: tuple[tuple[str, type[EtcdRequestError]], ...] = (
+    ("member not found", MemberNotFound),
+    ("peer urls already exists", PeerURLExists),
+    ("can only promote a learner member which is in sync", LearnerNotReady),
+    ("learner member which is in sync", LearnerNotReady),
+    ("can only promote a learner member", NotALearner),
+    ("unhealthy cluster", UnhealthyCluster),
+    ("not enough started members", UnhealthyCluster),
+    ("too many learner members", TooManyLearners),
+    ("rpc not supported for learner", LearnerUnsupported),
+)
+
+
+AUTH_MESSAGES = ("authentication failed", "permission denied", "invalid auth token", "user name is empty",
+                  "user name not found", "auth token is expired")
+
+
+def request_error(details: str, endpoint: str) -> EtcdError:
+    low = details.lower()
+    if any(m in low for m in AUTH_MESSAGES):
+        return EtcdAuthError(details, endpoint)
+    for needle, cls in _REQUEST_ERRORS:
+        if needle in low:
+            return cls(details, endpoint)
+    return EtcdRequestError(details, endpoint)

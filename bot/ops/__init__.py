@@ -1,8 +1,7 @@
-"""Operations: planning, the plan engine and its steps, approvals, the snapshot
-service, schedule, launcher, access and routing, command parsing.
+"""Operations on clusters: each kind of plan as a package (`replace`, `restore`, `defrag`: what it plans,
+how it runs), the one plan engine, a plan's life (lifecycle), the snapshot service and drills, launchers,
+access and routing, the context every handler gets, and the ports the core reports through (notify.py:
+the Notifier and Directory that the Slack edge implements). No Slack here.
 
-May import: `bot.etcd`, `bot.store`, `bot.output`, `bot.backup`, `bot.config`. Never
-`bot.slack`, slack_sdk, slack_bolt or aiohttp: it reports through the Notifier port (`notify.py`) that
-`bot.slack.notifier` implements, and asks the Directory port for user groups
-(tests/test_layers.py checks this).
+What it may import is the import contracts' business (pyproject.toml, drawn in docs/architecture.md).
 """

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 ACK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0)
 # How far back in a cluster's catalog the newest verified off-site copy is looked for at each scrape.
 CATALOG_ROWS = 100
-RENEWAL_OUTCOMES = ("held", "refused", "error")   # etcd_chatops_lease_renewals_total{outcome}: see bot/runtime/leader.py
+RENEWAL_OUTCOMES = ("held", "refused", "error")  # lease_renewals_total{outcome}: bot/runtime/leader.py
 
 
 class Metrics:

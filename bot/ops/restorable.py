@@ -1,4 +1,6 @@
-"""TODO"""
+"""The snapshots a restore or a drill may use, and proving one before it is used: the file as the catalog
+recorded it (sha256), its plaintext (decrypted only into a 0600 file removed after), its sha256 trailer,
+bbolt structure and status. A copy only the off-site store holds is fetched and checked on arrival."""
 from __future__ import annotations
 
 import asyncio

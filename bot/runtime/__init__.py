@@ -14,7 +14,7 @@ from typing import Any
 import bot.ops.kinds  # noqa: F401  (every kind of plan registered before a plan runs)
 from bot.ops.context import BotContext
 from bot.runtime.leader import lead
-from bot.runtime.upkeep import upkeep
+from bot.runtime.upkeep import upkeep_loop
 from bot.watch.watcher import Watcher
 
 
@@ -32,7 +32,7 @@ class Runtime:
         ctx = self.ctx
         self._spawn(lead(ctx), "leadership")
         if self._upkeep:
-            self._spawn(upkeep(ctx), "upkeep")
+            self._spawn(upkeep_loop(ctx), "upkeep")
         if self.watcher is not None:
             ctx.watch = self.watcher
             self._spawn(self.watcher.run(), "watch")

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 UPKEEP_SECONDS = 30.0
 
 
-async def upkeep(ctx: BotContext) -> None:
+async def upkeep_loop(ctx: BotContext) -> None:
     """Forever: on the leader, the jobs at most every UPKEEP_SECONDS; a new leader runs them within
     PICKUP_SECONDS of its election. A failed job is logged and the others still run."""
     scheduler, last = Scheduler(ctx), -UPKEEP_SECONDS

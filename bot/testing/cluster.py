@@ -453,7 +453,7 @@ class LocalCluster:
         return proc
 
     def tls_files(self):
-        """bot.etcd.model.TLSFiles for an EtcdClient talking to this cluster, or None."""
+        """bot.domain.cluster.TLSFiles for an EtcdClient talking to this cluster, or None."""
         from bot.domain.cluster import TLSFiles
         if not self.tls:
             return None
