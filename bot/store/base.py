@@ -34,6 +34,8 @@ GENESIS = "0" * 64
 SNAPSHOT_UPDATABLE = frozenset({"remote_url", "remote_state", "remote_error", "remote_verified_at",
                                 "remote_pruned_at", "pruned_at", "plan_id"})
 REMOTE_STATES = ("", "uploading", "verified", "failed")
+RECEIVED_COLUMNS = frozenset({"cluster", "fingerprint", "alertname", "status", "starts_at", "ends_at", "labels",
+                              "annotations", "received_at"})
 ALERT_COLUMNS = frozenset({"cluster", "condition", "subject", "state", "opened_at", "updated_at", "resolved_at",
                            "channel", "message_ts", "detail", "flaps"})
 
@@ -346,6 +348,20 @@ class Store(ABC):
     async def close_alerts(self, keep: Collection[str], at: float) -> int:
         """Mark resolved at `at` the open alerts of clusters not in `keep` (their messages are
         left as they are: the bot no longer watches those clusters); how many."""
+
+    @abstractmethod
+    async def receive_alert(self, row: dict[str, Any]) -> bool:
+        """Record what Alertmanager sent of one alert (a `received_alerts` row): True when it changes what is
+        known, in one guarded write: a new alert, a new episode of it (a later `starts_at`), or the resolution of
+        the episode known. A redelivery (the same state), or a late copy of an older state, changes nothing."""
+
+    @abstractmethod
+    async def received_alerts(self, cluster: str) -> list[dict[str, Any]]:
+        """The alerts of `cluster` that Alertmanager last said are firing, oldest first."""
+
+    @abstractmethod
+    async def prune_received(self, resolved_before: float) -> int:
+        """Delete the resolved alerts received before `resolved_before`; how many."""
 
     @abstractmethod
     async def set_mute(self, cluster: str, until: float, reason: str, by: str) -> None:
