@@ -16,7 +16,6 @@ import ssl
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
-
 from bot.domain.cluster import Buckets, MemberMetrics, TLSFiles
 from bot.domain.errors import EtcdError, EtcdTimeout, EtcdUnavailable
 from bot.domain.urls import dial

@@ -40,6 +40,9 @@ class WatchState(Protocol):
         """The conditions seen but not posted, each with why (`AlertView.held`); None when this
         replica does not watch (another replica leads)."""
 
+    def received(self, cluster: str) -> None:
+        """Alertmanager's alerts of `cluster` changed in the store (this replica received them): look now."""
+
 
 @dataclass
 class BotContext:

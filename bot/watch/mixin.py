@@ -56,7 +56,8 @@ def no_leader(f: Facts) -> list[Finding] | None:
                    f"{f.label(leader)}: cut off from {'its' if len(found) == 1 else 'their'} peers (the peer URL's "
                    "network or firewall); it refuses writes")
     else:
-        summary = "no member that answers has a leader: an election that does not end, or too few peers reach each other"
+        summary = ("no member that answers has a leader: an election that does not end, or too few peers reach "
+                   "each other")
     return _finding(f, "no_leader", found, summary, (f"/etcd status {f.cluster.name}",), severity="critical")
 
 
@@ -79,13 +80,16 @@ def _pairs(found: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
 
 
 def peer_failures(f: Facts) -> list[Finding] | None:
-    """A member failing to send to its peers (the mixin counts it in etcdMembersDown)."""
+    """A member failing to send to peers that answer the bot (the mixin counts it in etcdMembersDown): the peer
+    network between them is cut. Sends to a member the bot sees down are member down's, not this."""
     if f.health is None:
         return None
     limit = f.cluster.watch.peer_send_failures_per_second
+    down = {f"{h.member.id:x}" for h in f.health.members if not h.reachable}
 
     def one(facts: Facts, member_id: int) -> tuple[str, str, str] | None:
-        rates = {to: r for to, r in facts.windows[member_id].rates(lambda m: m.peer_send_failures).items() if r > limit}
+        rates = {to: r for to, r in facts.windows[member_id].rates(lambda m: m.peer_send_failures).items()
+                 if r > limit and to.lstrip("0") not in down}
         if not rates:
             return None
         shown = ", ".join(f"{facts.label(to)} {r:.2f}/s" for to, r in sorted(rates.items()))
@@ -180,7 +184,8 @@ grpc_slow = _worst_p99("grpc_slow", lambda m: m.grpc_latency, lambda f: f.cluste
 grpc_slow.__doc__ = "Unary gRPC p99 by method (etcdGRPCRequestsSlow; members with --metrics=extensive export it)."
 peer_rtt = _worst_p99("peer_rtt", lambda m: m.peer_rtt, lambda f: f.cluster.watch.peer_rtt_p99_seconds,
                       "round trips to", lambda f, to: f.label(to),
-                      "round trips between {members} and peers are slow: the peer network (etcdMemberCommunicationSlow)",
+                      "round trips between {members} and peers are slow: the peer network "
+                      "(etcdMemberCommunicationSlow)",
                       "/etcd perf {}")
 peer_rtt.__doc__ = "Peer round-trip p99 by peer (etcdMemberCommunicationSlow)."
 

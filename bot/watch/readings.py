@@ -2,11 +2,13 @@
 database's growth over a longer one (pure; the watcher feeds it, the conditions read it).
 
 etcd's counters and histograms count from the member's start, so what happens *now* is the difference
-between two readings, as Prometheus' `rate(x[5m])` takes it: the newest reading against the oldest one
-still within `[clusters.watch] window`. A counter that went down (the member restarted) counts from zero,
-as Prometheus counts a reset. Peer round trips are observed once every 30 s, so a window shorter than
-that mostly holds none: percentiles without observations in the window are None (no verdict), as
-Prometheus' histogram_quantile of an empty rate is NaN.
+between two readings. A counter's rate is taken over the last round (the previous reading against this
+one): failures that stopped stop counting at once. A histogram's percentile is taken over the window,
+the newest reading against the oldest one still within `[clusters.watch] window`, as Prometheus'
+`histogram_quantile(0.99, rate(x[5m]))` is: etcd observes some rarely (a peer round trip once every
+30 s), so a shorter span mostly holds none; percentiles without observations are None (no verdict), as
+Prometheus' histogram_quantile of an empty rate is NaN. A counter that went down (the member restarted)
+counts from zero, as Prometheus counts a reset.
 """
 from __future__ import annotations
 
@@ -42,29 +44,34 @@ def bucket_increase(first: Buckets, last: Buckets) -> Buckets:
 
 @dataclass(frozen=True)
 class Window:
-    """One member's oldest and newest readings within the window."""
+    """One member's readings: the oldest within the window, the one before the last, and the last."""
 
     first: Reading
+    previous: Reading
     last: Reading
 
     @property
     def seconds(self) -> float:
         return self.last.at - self.first.at
 
+    @property
+    def round_seconds(self) -> float:
+        return self.last.at - self.previous.at
+
     def rate(self, get: Callable[[MemberMetrics], float | None]) -> float | None:
-        """A counter's per-second rate; None without two readings of it."""
-        a, b = get(self.first.metrics), get(self.last.metrics)
-        if a is None or b is None or self.seconds <= 0:
+        """A counter's per-second rate over the last round; None without two readings of it."""
+        a, b = get(self.previous.metrics), get(self.last.metrics)
+        if a is None or b is None or self.round_seconds <= 0:
             return None
-        return increase(a, b) / self.seconds
+        return increase(a, b) / self.round_seconds
 
     def rates(self, get: Callable[[MemberMetrics], Mapping[str, float]]) -> dict[str, float]:
-        """Per-second rates of a counter by label; a label absent from the first reading counted from zero (etcd
-        makes a labelled series at its first event)."""
-        a, b = get(self.first.metrics), get(self.last.metrics)
-        if self.seconds <= 0:
+        """Per-second rates of a counter by label over the last round; a label absent from the previous reading
+        counts from zero (etcd makes a labelled series at its first event)."""
+        a, b = get(self.previous.metrics), get(self.last.metrics)
+        if self.round_seconds <= 0:
             return {}
-        return {k: increase(a.get(k, 0.0), v) / self.seconds for k, v in b.items()}
+        return {k: increase(a.get(k, 0.0), v) / self.round_seconds for k, v in b.items()}
 
     def p99(self, get: Callable[[MemberMetrics], Buckets]) -> float | None:
         """The 99th percentile of what was observed between the readings; None without observations."""
@@ -77,7 +84,8 @@ class Window:
         if self.seconds <= 0:
             return {}
         a = get(self.first.metrics)
-        found = {k: histogram_quantile(0.99, bucket_increase(a.get(k, ()), v)) for k, v in get(self.last.metrics).items()}
+        found = {k: histogram_quantile(0.99, bucket_increase(a.get(k, ()), v))
+                 for k, v in get(self.last.metrics).items()}
         return {k: v for k, v in found.items() if v is not None}
 
 
@@ -123,7 +131,7 @@ class History:
 
     def windows(self) -> dict[int, Window]:
         """Each member's window with two readings or more."""
-        return {m: Window(r[0], r[-1]) for m, r in self.readings.items() if len(r) >= 2}
+        return {m: Window(r[0], r[-2], r[-1]) for m, r in self.readings.items() if len(r) >= 2}
 
     def growth(self) -> dict[int, tuple[tuple[float, int], ...]]:
         return {m: tuple(points) for m, points in self.sizes.items()}
