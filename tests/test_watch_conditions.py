@@ -18,7 +18,7 @@ from bot.output.model import AlertView, short_duration
 from bot.watch import (  # registered, as in the bot (backup_missed says nothing without a schedule)
     certificates,
     conditions,
-    mixin,
+    mixin,  # noqa: F401
 )
 from bot.watch.conditions import Facts, Finding, evaluate, expected, next_name
 from bot.watch.tracker import FLAP_WINDOW, Act, Tracker

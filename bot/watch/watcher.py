@@ -15,7 +15,8 @@ are merged with the watch's own, one message per condition whoever saw it.
 Any replica may receive a delivery; the leader's loop runs a round as soon as
 the store shows a change (polled every POLL_SECONDS, or woken at once when
 this replica received it). With the receiver on, a cluster whose watch is
-disabled still gets a loop, which posts Alertmanager's alerts only.
+disabled still gets a loop, which posts Alertmanager's alerts only (and reads
+the cluster only while one fires or its message is open).
 
 Probes: other figures a status answer lacks come from probes, each run at
 most once per its `every_seconds`, their last results handed to the
@@ -153,7 +154,7 @@ class Watcher:
         self._wakes.setdefault(cluster, asyncio.Event()).set()
 
     async def _loop(self, cluster: ClusterConfig) -> None:
-        interval = cluster.watch.interval_seconds if cluster.watch.enabled else None   # None: rounds on alerts only
+        interval = cluster.watch.interval_seconds
         loop = asyncio.get_running_loop()
         next_at = loop.time()
         watching = False
@@ -169,18 +170,17 @@ class Watcher:
                     self._gauges(cluster, [])
             except Exception:
                 log.exception("watch round failed", extra={"ctx_cluster": cluster.name})
-            if interval is not None:
-                next_at = max(next_at + interval, loop.time())
-            await self._pause(cluster, next_at if interval is not None else None)
+            next_at = max(next_at + interval, loop.time())
+            await self._pause(cluster, next_at)
 
-    async def _pause(self, cluster: ClusterConfig, until: float | None) -> None:
-        """Until the next round is due (`until`, the loop's time; None: never by itself), or sooner when
-        Alertmanager's alerts of the cluster change: woken by this replica's receiver, or seen in the store
-        (every POLL_SECONDS) when another replica received them."""
+    async def _pause(self, cluster: ClusterConfig, until: float) -> None:
+        """Until the next round is due (`until`, the loop's time), or sooner when Alertmanager's alerts of the
+        cluster change: woken by this replica's receiver, or seen in the store (every POLL_SECONDS) when another
+        replica received them."""
         loop = asyncio.get_running_loop()
         wake = self._wakes.setdefault(cluster.name, asyncio.Event())
         while True:
-            left = POLL_SECONDS if until is None else until - loop.time()
+            left = until - loop.time()
             if left <= 0:
                 return
             try:
@@ -256,6 +256,8 @@ class Watcher:
 
     async def round(self, cluster: ClusterConfig) -> list[Decision]:
         state = self.clusters.get(cluster.name) or self.clusters.setdefault(cluster.name, await self.load(cluster))
+        if not cluster.watch.enabled and not state.tracker.tracks and not await self._alerts_changed(cluster):
+            return []   # its own checks are off, and Alertmanager says nothing: no status fan-out for nothing
         facts = await self.facts(cluster, state)
         verdicts = evaluate(facts) if cluster.watch.enabled else Evaluation()
         self._report(cluster, state, [(f.key, f.error) for f in verdicts.failures], within=CONDITIONS)
