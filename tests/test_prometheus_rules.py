@@ -60,19 +60,22 @@ def test_both_rule_files_pass_promtool_check() -> None:
     assert {r["alert"] for r in rules(MIXIN_RULES)} == MIXIN_NAMES  # the mixin's 13 names (two come twice)
 
 
-def test_the_rule_unit_tests_pass_and_see_every_bot_rule_fire_and_stay_quiet() -> None:
-    """The bot's rules each fire and stay quiet; the mixin's member and quorum alerts at its own `for:`, and
-    never about the bot's own replicas."""
-    for tests in (RULE_TESTS, MIXIN_TESTS):
+def test_the_rule_unit_tests_pass_and_see_every_rule_fire_and_stay_quiet() -> None:
+    """Every rule of both files, the bot's and the mixin's (at its own `for:`, never about the bot's own
+    replicas), fires in one case and stays quiet in another."""
+    for tests, path in ((RULE_TESTS, BOT_RULES), (MIXIN_TESTS, MIXIN_RULES)):
         result = run_tool(PROMTOOL, "test", "rules", str(tests))
         assert result.returncode == 0 and "SUCCESS" in result.stdout, result.stdout + result.stderr
-    fired: set[str] = set()
-    quiet: set[str] = set()
-    for case in yaml.safe_load(RULE_TESTS.read_text())["tests"]:
-        for check in case["alert_rule_test"]:
-            (fired if check["exp_alerts"] else quiet).add(check["alertname"])
-    names = {r["alert"] for r in rules(BOT_RULES)}
-    assert fired == names and quiet == names, (names - fired, names - quiet)
+        fired: set[str] = set()
+        quiet: set[str] = set()
+        for case in yaml.safe_load(tests.read_text())["tests"]:
+            for check in case["alert_rule_test"]:
+                (fired if check["exp_alerts"] else quiet).add(check["alertname"])
+        names = {r["alert"] for r in rules(path)}
+        assert fired == names and quiet == names, (tests.name, names - fired, names - quiet)
+    levels = {a["exp_labels"]["severity"] for case in yaml.safe_load(MIXIN_TESTS.read_text())["tests"]
+              for check in case["alert_rule_test"] for a in check["exp_alerts"]}
+    assert levels == {"warning", "critical"}   # the two-level alerts are tested at both levels
 
 
 def test_a_broken_rule_fails_its_unit_test(tmp_path: Path) -> None:
