@@ -430,8 +430,8 @@ class ClusterConfig(Table):
     """/etcd defrag disarms NOSPACE only below this share of every quota."""
     watch: WatchConfig = WatchConfig()
     """The background watch that posts conditions."""
-    alert_labels: dict[Annotated[str, matches(LABEL_NAME, "is not a Prometheus label name")], str] | None = Field(
-        default=None, examples=[{"cluster": "prod"}])
+    alert_labels: Annotated[dict[Annotated[str, matches(LABEL_NAME, "is not a Prometheus label name")], str] | None,
+                            Field(examples=[{"cluster": "prod"}])] = field(default=None, hash=False)
     """An alert from Alertmanager belongs to this cluster when all these labels match (default: cluster = name)."""
 
     @property
