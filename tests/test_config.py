@@ -539,10 +539,12 @@ def test_the_readme_example_is_a_configuration_the_bot_takes(tmp_path, monkeypat
                            (cluster["restore"], "age_identity_file")]:
             (tmp_path / Path(table[key]).name).write_text(f"# stand-in\n{identity}\n")
             table[key] = str(tmp_path / Path(table[key]).name)
-    for variable in ("ETCD_CHATOPS_AUDIT_KEY", "ETCD_CHATOPS_MANIFEST_KEY", "ETCD_PROD_PASSWORD"):
+    for variable in ("ETCD_CHATOPS_AUDIT_KEY", "ETCD_CHATOPS_MANIFEST_KEY", "ETCD_PROD_PASSWORD",
+                     "ETCD_CHATOPS_ALERTMANAGER_TOKEN"):
         monkeypatch.setenv(variable, "stand-in-secret-" + "x" * 32)
     config = parse_config(data, tmp_path)
     (prod,) = config.clusters
     assert prod.snapshots.keep_last == 30 and prod.snapshots.every_seconds == 6 * 3600  # its own, then [snapshots]
     assert prod.access.approvers.users == ("U0LEAD0001",) and prod.watch.cert_warning_seconds == 14 * 86400
     assert prod.restore.age_identity == str(identity) and config.approval.rule("restore").approvals_needed == 2
+    assert config.alertmanager.enabled and prod.alert_match == {"cluster": "prod"} and prod.watch.quota_critical == 0.95
