@@ -224,7 +224,7 @@ async def test_snapshot_of_34_matches_etcdctl_34(etcd34, slack, start_bot):
     assert "verified" in text, text
     rows = await bot.ctx.store.snapshots("prod")
     assert len(rows) == 1
-    path = Path(rows[0]["path"])
+    path = Path(rows[0].path)
     assert path.is_file() and path.name in text
 
     theirs = etcdctl_snapshot_status(c, path)
