@@ -104,7 +104,7 @@ async def test_both_places_are_listed_pruned_and_fetched_verified(cluster, slack
     fetched = cli("snapshot", "fetch", s2, "--dir", str(tmp_path / "got"), "--config", config)
     assert fetched.returncode == 0, fetched.stderr
     got = tmp_path / "got" / s2
-    assert hashlib.sha256(got.read_bytes()).hexdigest() == rows[s2]["sha256"]
+    assert hashlib.sha256(got.read_bytes()).hexdigest() == rows[s2].sha256
     assert stat.S_IMODE(got.stat().st_mode) == 0o600 and "size, sha256 and status match" in fetched.stdout
 
     # a tampered object is refused, and nothing is left behind

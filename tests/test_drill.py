@@ -24,8 +24,8 @@ async def test_a_drill_passes_on_a_good_snapshot_and_fails_clearly_on_a_damaged_
     scratch_before = scratch_dirs()
 
     passed = await reply(slack, "drill", timeout=120)
-    assert "passed" in passed.text and f"revision {good['revision']}" in passed.text
-    assert f"{good['live_keys']} keys" in passed.text
+    assert "passed" in passed.text and f"revision {good.revision}" in passed.text
+    assert f"{good.live_keys} keys" in passed.text
     listing = text_of(await reply(slack, "snapshots"))
     assert "drill passed" in listing
 

@@ -492,7 +492,7 @@ async def test_one_snapshot_at_a_time_the_second_request_joins_and_plan_snapshot
 
     async def joined(n: int) -> None:
         deadline = time.monotonic() + 20
-        while len([r for r in await store.audit_rows() if r["action"] == "snapshot_joined"]) < n:
+        while len([r for r in await store.audit_rows() if r.action == "snapshot_joined"]) < n:
             assert time.monotonic() < deadline, f"{n} request(s) did not join the running snapshot"
             await asyncio.sleep(0.02)
 
