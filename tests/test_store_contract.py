@@ -31,7 +31,7 @@ from test_plans import REQ, cluster, down, up
 from bot.config import ConfigError, dsn, parse_config
 from bot.domain.cluster import Member
 from bot.domain.plan import Confirmation, Fence, Lease, PlanKind, PlanState
-from bot.domain.record import AlertRecord, NewAlert
+from bot.domain.record import AlertRecord, NewAlert, NewPlan
 from bot.domain.snapshot import DrillRecord, NewSnapshot, RemoteState, SnapshotRecord
 from bot.ops.replace.plan import plan_replacement
 from bot.store.backends import open_store
@@ -46,7 +46,8 @@ from bot.testing.workspace import CHANNEL, cluster_table
 from helpers import as_released, ephemeral, eventually, reply, text_of
 
 SCHEMAS = Path(__file__).parent / "store_schemas"
-PLAN_JSON = json.dumps(plan_replacement(cluster(down(1), up(2), up(3)), REQ).to_json())
+PLAN = plan_replacement(cluster(down(1), up(2), up(3)), REQ)
+PLAN_JSON = json.dumps(PLAN.to_json())
 
 
 class Backend:
@@ -118,11 +119,11 @@ async def backend(request, tmp_path) -> AsyncIterator[Backend]:
         await b.close()
 
 
-def plan_row(plan_id: str = "abc123", cluster_name: str = "prod", **over: Any) -> dict[str, Any]:
+def plan_row(plan_id: str = "abc123", cluster_name: str = "prod", **over: Any) -> NewPlan:
     now = time.time()
-    return {"id": plan_id, "kind": PlanKind.REPLACE, "cluster": cluster_name, "state": PlanState.PROPOSED,
-            "channel": CHANNEL, "message_ts": f"{now:.6f}", "proposer": "U0ONCALL01", "created_at": now,
-            "expires_at": now + 600, "fingerprint": "f", "plan": PLAN_JSON, **over}
+    return replace(NewPlan(id=plan_id, kind=PlanKind.REPLACE, cluster=cluster_name, plan=PLAN, channel=CHANNEL,
+                           message_ts=f"{now:.6f}", proposer="U0ONCALL01", created_at=now, expires_at=now + 600,
+                           fingerprint="f"), **over)
 
 
 def snapshot_row(cluster_name: str = "prod", created_at: float | None = None, **over: Any) -> NewSnapshot:

@@ -22,6 +22,22 @@ PLAN_TYPES: dict[PlanKind, type[ReplacePlan] | type[RestorePlan] | type[DefragPl
     PlanKind.REPLACE: ReplacePlan, PlanKind.RESTORE: RestorePlan, PlanKind.DEFRAG: DefragPlan}
 
 
+@dataclass(frozen=True, kw_only=True)
+class NewPlan:
+    """A plan to store, proposed (the plans table's columns as first written; the plan itself as JSON)."""
+
+    id: str
+    kind: PlanKind
+    cluster: str
+    plan: AnyPlan
+    channel: str
+    proposer: str
+    created_at: float
+    expires_at: float
+    fingerprint: str
+    message_ts: str | None = None
+
+
 @dataclass(frozen=True)
 class PlanRecord:
     id: str

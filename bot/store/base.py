@@ -25,7 +25,7 @@ from typing import Any
 
 from bot.domain.cluster import Member, MembershipRecord
 from bot.domain.plan import Confirmation, Fence, Lease, PlanState, Stage, StageAnswer
-from bot.domain.record import AlertRecord, AuditEntry, AuditRecord, Mute, NewAlert, PlanRecord, StepRecord
+from bot.domain.record import AlertRecord, AuditEntry, AuditRecord, Mute, NewAlert, NewPlan, PlanRecord, StepRecord
 from bot.domain.snapshot import DrillRecord, NewSnapshot, SnapshotRecord
 from bot.store.schema import AppliedMigration
 
@@ -199,8 +199,8 @@ class Store(ABC):
     # -- plans ----------------------------------------------------------
 
     @abstractmethod
-    async def insert_plan(self, row: dict[str, Any]) -> None:
-        """Insert a proposed plan; OpenPlanExists if the cluster has one open
+    async def insert_plan(self, plan: NewPlan) -> None:
+        """Store a plan, proposed; OpenPlanExists if the cluster has one open
         (a unique index guards it, so two replicas proposing at once: one wins)."""
 
     @abstractmethod

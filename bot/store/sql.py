@@ -13,6 +13,7 @@ replicas whose clocks disagree still agree on who holds a lease and when a stage
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Coroutine, Iterable, Sequence
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from bot.domain.cluster import Member, MembershipRecord
 from bot.domain.plan import OPEN_STATES, Confirmation, Fence, Lease, PlanState, Stage, StageAnswer
-from bot.domain.record import AlertRecord, AuditEntry, AuditRecord, Mute, NewAlert, PlanRecord, StepRecord
+from bot.domain.record import AlertRecord, AuditEntry, AuditRecord, Mute, NewAlert, NewPlan, PlanRecord, StepRecord
 from bot.domain.snapshot import DrillRecord, NewSnapshot, SnapshotRecord
 from bot.store.base import (
     ALERT_COLUMNS,
@@ -217,15 +218,16 @@ class SqlStore(Store):
 
     # -- plans ----------------------------------------------------------
 
-    async def insert_plan(self, row: dict[str, Any]) -> None:
-        values = {**row, "updated_at": time.time()}
+    async def insert_plan(self, plan: NewPlan) -> None:
+        values = {**columns_of(plan), "plan": json.dumps(plan.plan.to_json()), "state": PlanState.PROPOSED,
+                  "updated_at": time.time()}
 
         async def work(c: Connection) -> None:
             try:
                 await c.execute(insert("plans", values), list(values.values()))
             except Conflict:
                 found = await c.row(f"SELECT id, state FROM plans WHERE cluster = ? AND {among('state', OPEN_STATES)}",
-                                    [row["cluster"], *OPEN_STATES])
+                                    [plan.cluster, *OPEN_STATES])
                 if found is None:
                     raise
                 raise OpenPlanExists(found["id"], found["state"]) from None
