@@ -24,7 +24,7 @@ PLAN_TYPES: dict[PlanKind, type[ReplacePlan] | type[RestorePlan] | type[DefragPl
 
 @dataclass(frozen=True, kw_only=True)
 class NewPlan:
-    """A plan to store, proposed (the plans table's columns as first written; the plan itself as JSON)."""
+    """A plan to store, proposed: the plans table's columns as first written (the store keeps the plan as JSON)."""
 
     id: str
     kind: PlanKind

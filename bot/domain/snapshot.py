@@ -116,10 +116,9 @@ class SnapshotRecord(NewSnapshot):
     @classmethod
     def of(cls, row: Mapping[str, Any]) -> SnapshotRecord:
         state = row["remote_state"] or ""
+        known = state in RemoteState._value2member_map_   # another value (written by hand) reads as none
         return cls(**{**{f.name: row[f.name] for f in fields(cls)}, "hash": str(row["hash"]),
-                      "encrypted": bool(row["encrypted"]),
-                      "remote_state": RemoteState(state) if state in RemoteState._value2member_map_
-                      else RemoteState.NONE})
+                      "encrypted": bool(row["encrypted"]), "remote_state": RemoteState(state if known else "")})
 
 
 @dataclass(frozen=True)
@@ -144,13 +143,12 @@ def catalog_entry(row: SnapshotRecord) -> CatalogEntry:
     upload left it unless retention removed that."""
     return CatalogEntry(
         cluster=row.cluster, name=row.path.rsplit("/", 1)[-1], revision=row.revision, hash=row.hash,
-        total_keys=row.total_keys, total_size=row.total_size, file_size=row.file_size,
-        sha256=row.sha256, encrypted=row.encrypted, member=row.member,
-        created_at=row.created_at, local_path=row.path if row.pruned_at is None else None,
-        remote_url=row.remote_url or None,
+        total_keys=row.total_keys, total_size=row.total_size, file_size=row.file_size, sha256=row.sha256,
+        encrypted=row.encrypted, member=row.member, created_at=row.created_at,
+        local_path=row.path if row.pruned_at is None else None, remote_url=row.remote_url or None,
         remote_state=RemoteState.NONE if row.remote_pruned_at else row.remote_state,
-        remote_error=row.remote_error or "", snapshot_id=row.id,
-        requested_by=row.requested_by, reason=row.reason, live_keys=row.live_keys)
+        remote_error=row.remote_error or "", snapshot_id=row.id, requested_by=row.requested_by, reason=row.reason,
+        live_keys=row.live_keys)
 
 
 class SnapshotError(Exception):
