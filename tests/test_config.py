@@ -337,7 +337,7 @@ def test_audit_key_from_the_environment_or_a_file(tmp_path, monkeypatch):
 
 
 def test_approval_rules_come_per_kind(tmp_path):
-    """Issue 11: the top-level [approval] keys still work; [approval.<kind>] overrides them for one kind."""
+    """The top-level [approval] keys still work; [approval.<kind>] overrides them for one kind."""
     config = load_config(write(tmp_path, GOOD))
     rules = config.approval.rule("replace"), config.approval.rule("restore")
     assert (rules[0].approvals_needed, rules[1].approvals_needed) == (1, 2)

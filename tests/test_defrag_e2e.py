@@ -1,4 +1,4 @@
-"""`/etcd defrag` (issue 13): a NOSPACE incident fixed by a rolling defragmentation under one
+"""`/etcd defrag`: a NOSPACE incident fixed by a rolling defragmentation under one
 approval, on real clusters with a small quota; the leader last and only after leadership moved;
 a member killed in the middle; the rule leaving a compact member alone."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The /metrics reader (pure parser, histogram p99) and the quota and alarm advice status prints (issue 13);
+"""The /metrics reader (pure parser, histogram p99) and the quota and alarm advice status prints;
 the bot's own gauges read from its catalog."""
 from __future__ import annotations
 

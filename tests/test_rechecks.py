@@ -1,6 +1,5 @@
-"""Every change is re-checked against the live cluster right before it is made
-(issue 10, items 1-3, 6, 8 and the plan's side of 7): real clusters of 3 and 5
-members, the real bot, the Slack stand-in.
+"""Every change is re-checked against the live cluster right before it is made:
+real clusters of 3 and 5 members, the real bot, the Slack stand-in.
 
 To change the facts between two steps deterministically, the stand-in answers
 the progress update that announces the chosen step with 429 + Retry-After: the
@@ -56,7 +55,7 @@ def stops(slack, plan) -> list[str]:
 
 
 async def test_a_refused_approval_is_answered_once_and_names_approvers_without_a_ping(make_cluster, slack, start_bot):
-    """Issue 10, item 8: the first refusal goes to the thread, repeats only to their author."""
+    """A repeated refusal: the first refusal goes to the thread, repeats only to their author."""
     c = make_cluster(3)
     bot = await start_bot([cluster_table("prod", c)], approval=APPROVAL)
     c.kill("member1")

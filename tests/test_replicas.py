@@ -1,4 +1,4 @@
-"""Several replicas on one PostgreSQL (issue 15): every replica serves Slack, exactly
+"""Several replicas on one PostgreSQL: every replica serves Slack, exactly
 one (the lease holder) executes, and a new leader takes over a dead one's plan.
 
 Two real bot processes (`etcd-chatops run --http`, each on its own port) share

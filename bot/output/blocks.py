@@ -574,10 +574,6 @@ def drill_reply(result: DrillResult, requested_by: str) -> Reply:
     return Reply(text=text, blocks=[*sections(text), _context(f"{fetched}asked by {mention(requested_by)}")])
 
 
-def _basename(path: str) -> str:
-    return path.rsplit("/", 1)[-1]
-
-
 # ---------------------------------------------------------------- alarms, perf, consistency
 
 def _report(ok: bool, text: str) -> Reply:
