@@ -25,13 +25,14 @@ import yaml
 from test_watch_conditions import PROD, facts, member
 
 from bot.config import ClusterConfig, parse_config
+from bot.domain.record import ReceivedAlert
 from bot.output import blocks
 from bot.testing import prometheus as prometheus_module
 from bot.testing.cluster import free_port
 from bot.testing.postgres import PASSWORD_ENV
 from bot.testing.workspace import CHANNEL, LEAD, cluster_table
 from bot.watch import alertmanager
-from bot.watch.alertmanager import BadPayload, Received, findings, owners, parse
+from bot.watch.alertmanager import BadPayload, findings, owners, parse
 from bot.watch.conditions import Finding, merge
 from bot.watch.tracker import Act, Tracker
 from bot.watch.watcher import alert_view
@@ -58,7 +59,7 @@ def delivery(*alerts: dict[str, Any]) -> dict[str, Any]:
             "externalURL": "http://alertmanager:9093", "alerts": list(alerts)}
 
 
-def received(*alerts: dict[str, Any]) -> list[Received]:
+def received(*alerts: dict[str, Any]) -> list[ReceivedAlert]:
     return parse(json.dumps(delivery(*alerts)).encode())
 
 
@@ -66,8 +67,8 @@ def received(*alerts: dict[str, Any]) -> list[Received]:
 
 def test_a_delivery_is_read_as_alertmanager_writes_it():
     (a,) = received(alert("etcdNoLeader", instance="10.0.0.3:2379", fingerprint="c0ffee0123456789"))
-    assert (a.name, a.status, a.fingerprint, a.labels["instance"]) == ("etcdNoLeader", "firing", "c0ffee0123456789",
-                                                                      "10.0.0.3:2379")
+    assert (a.alertname, a.status, a.fingerprint, a.labels["instance"]) == (
+        "etcdNoLeader", "firing", "c0ffee0123456789", "10.0.0.3:2379")
     assert a.starts_at == pytest.approx(1796119200.123456) and a.ends_at is None   # nanoseconds read, Go's zero time
     (done,) = received(alert("etcdNoLeader", "resolved"))
     assert done.ends_at == pytest.approx(1796119500.0)

@@ -16,6 +16,7 @@ import pytest
 import yaml
 from aiohttp import web
 
+from bot.domain.snapshot import NewSnapshot
 from bot.ops.metrics import Metrics
 from bot.testing.cluster import free_port
 from bot.testing.prometheus import (
@@ -220,10 +221,10 @@ async def test_real_prometheus_and_alertmanager_alert_on_a_cluster_losing_member
         # Everything starts while Prometheus's discovery waits for its first tick (5 s).
         cluster = make_cluster(3)
         store = await SqliteStore(tmp_path / "etcd-chatops.db").open()
-        await store.record_snapshot({
-            "cluster": "prod", "path": str(tmp_path / "old.db"), "member": "member1", "revision": 1, "hash": "0",
-            "total_keys": 1, "total_size": 1, "file_size": 1, "sha256": "0", "requested_by": "the schedule",
-            "reason": "scheduled", "duration": 0.1, "created_at": time.time() - 3600})
+        await store.record_snapshot(NewSnapshot(
+            cluster="prod", path=str(tmp_path / "old.db"), member="member1", revision=1, hash="0",
+            total_keys=1, live_keys=None, total_size=1, file_size=1, sha256="0", encrypted=False,
+            requested_by="the schedule", reason="scheduled", duration=0.1, created_at=time.time() - 3600))
         await store.close()
         (tmp_path / "snapshots").mkdir()
         (tmp_path / "snapshots" / "prod").write_text("not a directory")
@@ -297,7 +298,7 @@ async def test_a_member_killed_is_one_message_whoever_sees_it_and_its_return_res
 
         async def alertmanager_says(status: str) -> bool:
             rows = await bot.ctx.store.received_alerts("prod")
-            return any(r["alertname"] == "etcdMembersDown" for r in rows) == (status == "firing")
+            return any(r.alertname == "etcdMembersDown" for r in rows) == (status == "firing")
 
         cluster.kill(victim)
         [posted] = await eventually(member_down, 20, "the member-down message")

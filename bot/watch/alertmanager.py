@@ -21,9 +21,9 @@ import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 from bot.config import ClusterConfig, Config
+from bot.domain.record import ReceivedAlert
 from bot.ops.context import BotContext
 from bot.watch.conditions import (
     ALERTMANAGER,
@@ -61,29 +61,6 @@ class BadPayload(ValueError):
     """The body is not Alertmanager's webhook payload (version 4); one line saying why."""
 
 
-@dataclass(frozen=True)
-class Received:
-    """One alert of a delivery, as Alertmanager sent it."""
-
-    fingerprint: str
-    status: str                       # firing | resolved
-    name: str                         # labels["alertname"]
-    labels: Mapping[str, str]
-    annotations: Mapping[str, str]
-    starts_at: float                  # Unix time; with the fingerprint, one episode of the alert
-    ends_at: float | None = None      # resolved alerts only
-
-    def row(self, cluster: str) -> dict[str, Any]:
-        return {"cluster": cluster, "fingerprint": self.fingerprint, "alertname": self.name, "status": self.status,
-                "starts_at": self.starts_at, "ends_at": self.ends_at, "labels": json.dumps(dict(self.labels)),
-                "annotations": json.dumps(dict(self.annotations))}
-
-    @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> Received:
-        return cls(row["fingerprint"], row["status"], row["alertname"], json.loads(row["labels"]),
-                   json.loads(row["annotations"]), row["starts_at"], row["ends_at"])
-
-
 # ---------------------------------------------------------------- the payload
 
 _FRACTION = re.compile(r"(\.\d{6})\d+")
@@ -108,8 +85,8 @@ def _strings(value: object, key: str) -> dict[str, str]:
     return dict(value)
 
 
-def parse(body: bytes) -> list[Received]:
-    """The alerts of a webhook delivery; BadPayload when it is not Alertmanager's version 4."""
+def parse(body: bytes) -> list[ReceivedAlert]:
+    """The alerts of a webhook delivery (under no cluster yet); BadPayload when it is not Alertmanager's version 4."""
     try:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError):
@@ -139,7 +116,8 @@ def parse(body: bytes) -> list[Received]:
         if not isinstance(fingerprint, str) or len(fingerprint) > 64:
             raise BadPayload(f"{where}.fingerprint is not a fingerprint")
         ends_at = _time(a.get("endsAt", "0001-01-01T00:00:00Z"), f"{where}.endsAt") if status == "resolved" else None
-        out.append(Received(fingerprint, status, labels.get("alertname", ""), labels, annotations, starts_at, ends_at))
+        out.append(ReceivedAlert("", fingerprint, labels.get("alertname", ""), status, starts_at, ends_at, labels,
+                                 annotations))
     return out
 
 
@@ -166,7 +144,7 @@ class Receipt:
 _logged: dict[str, None] = {}   # unmatched fingerprints already logged (insertion ordered, the oldest dropped)
 
 
-def _unmatched(ctx: BotContext, alert: Received, matched: list[ClusterConfig]) -> None:
+def _unmatched(ctx: BotContext, alert: ReceivedAlert, matched: list[ClusterConfig]) -> None:
     ctx.metrics.alertmanager_unmatched.inc()
     if alert.fingerprint in _logged:
         return
@@ -176,10 +154,10 @@ def _unmatched(ctx: BotContext, alert: Received, matched: list[ClusterConfig]) -
     why = (f"it carries the alert_labels of clusters {', '.join(c.name for c in matched)}" if matched
            else "no cluster's alert_labels are all among its labels")
     log.warning("alertmanager: alert matches no cluster, not posted; set [[clusters]] alert_labels",
-                extra={"ctx_alert": alert.name, "ctx_labels": dict(alert.labels), "ctx_why": why})
+                extra={"ctx_alert": alert.alertname, "ctx_labels": dict(alert.labels), "ctx_why": why})
 
 
-async def receive(ctx: BotContext, alerts: Sequence[Received]) -> Receipt:
+async def receive(ctx: BotContext, alerts: Sequence[ReceivedAlert]) -> Receipt:
     """File each alert under its cluster in the store (StoreError when it cannot; Alertmanager retries), and
     wake this replica's watch of a cluster whose alerts changed (another replica's leader sees them within
     a second)."""
@@ -191,7 +169,7 @@ async def receive(ctx: BotContext, alerts: Sequence[Received]) -> Receipt:
             _unmatched(ctx, alert, matched)
             continue
         cluster = matched[0].name
-        if await ctx.store.receive_alert(alert.row(cluster)):
+        if await ctx.store.receive_alert(replace(alert, cluster=cluster)):
             receipt.changed += 1
             receipt.clusters.add(cluster)
         else:
@@ -210,16 +188,16 @@ async def receive(ctx: BotContext, alerts: Sequence[Received]) -> Receipt:
 _LINK = re.compile(r"https?://[^\s<>|]+")
 
 
-def _links(alerts: Sequence[Received]) -> tuple[tuple[str, str], ...]:
+def _links(alerts: Sequence[ReceivedAlert]) -> tuple[tuple[str, str], ...]:
     found = {}
     for a in alerts:
         url = a.annotations.get("runbook_url", "")
         if _LINK.fullmatch(url):
-            found[url] = a.name or "runbook"
+            found[url] = a.alertname or "runbook"
     return tuple((text, url) for url, text in found.items())
 
 
-def _instance(f: Facts, alert: Received) -> str:
+def _instance(f: Facts, alert: ReceivedAlert) -> str:
     """The member an alert's `instance` label is (its client URL's host:port), or the label as it is."""
     instance = alert.labels.get("instance", "")
     for h in f.health.members if f.health else ():
@@ -228,38 +206,38 @@ def _instance(f: Facts, alert: Received) -> str:
     return instance
 
 
-def _said(f: Facts, alerts: Sequence[Received]) -> tuple[tuple[str, str], ...]:
+def _said(f: Facts, alerts: Sequence[ReceivedAlert]) -> tuple[tuple[str, str], ...]:
     """Each alert as a figure: its name, severity, member and since when; its description."""
     figures = []
     for a in alerts:
         where = _instance(f, a)
-        head = " · ".join(p for p in (a.name, a.labels.get("severity", ""), where) if p)
+        head = " · ".join(p for p in (a.alertname, a.labels.get("severity", ""), where) if p)
         since = dt.datetime.fromtimestamp(a.starts_at, dt.UTC).strftime("%H:%M UTC")
         said = a.annotations.get("description") or a.annotations.get("summary") or "firing"
         figures.append((f"Alertmanager: {head}", f"{said} (since {since})"))
     return tuple(figures)
 
 
-def _plain(f: Facts, kind: str, subject: str, alerts: Sequence[Received], summary: str,
+def _plain(f: Facts, kind: str, subject: str, alerts: Sequence[ReceivedAlert], summary: str,
            suggestions: tuple[str, ...]) -> Finding:
     return Finding(kind, subject, summary, figures=_said(f, alerts), suggestions=suggestions,
                    members=tuple(dict.fromkeys(m for m in (_instance(f, a) for a in alerts) if m)),
                    severity=worst(*(a.labels.get("severity", "") for a in alerts)),
-                   sources=tuple(dict.fromkeys(ALERTMANAGER + a.name for a in alerts)), links=_links(alerts))
+                   sources=tuple(dict.fromkeys(ALERTMANAGER + a.alertname for a in alerts)), links=_links(alerts))
 
 
-def _summary(alerts: Sequence[Received]) -> str:
+def _summary(alerts: Sequence[ReceivedAlert]) -> str:
     a = alerts[0]
-    return a.annotations.get("summary") or a.annotations.get("description") or f"{a.name or 'an alert'} is firing"
+    return a.annotations.get("summary") or a.annotations.get("description") or f"{a.alertname or 'an alert'} is firing"
 
 
-def _tagged(finding: Finding, alerts: Sequence[Received]) -> Finding:
+def _tagged(finding: Finding, alerts: Sequence[ReceivedAlert]) -> Finding:
     """The watch's own finding, as Alertmanager's alerts see it too."""
     return replace(finding, severity=worst(finding.severity, *(a.labels.get("severity", "") for a in alerts)),
-                   sources=tuple(dict.fromkeys(ALERTMANAGER + a.name for a in alerts)), links=_links(alerts))
+                   sources=tuple(dict.fromkeys(ALERTMANAGER + a.alertname for a in alerts)), links=_links(alerts))
 
 
-def _members_down(f: Facts, alerts: Sequence[Received], attached: dict[str, set[Key]]) -> list[Finding]:
+def _members_down(f: Facts, alerts: Sequence[ReceivedAlert], attached: dict[str, set[Key]]) -> list[Finding]:
     """etcdMembersDown (it names no member) on each member the bot sees down, with its `/etcd replace`; and on
     the members it was on while it fires, so the bot seeing a member back first does not split the message."""
     name = f.cluster.name
@@ -286,7 +264,7 @@ def _members_down(f: Facts, alerts: Sequence[Received], attached: dict[str, set[
     return out
 
 
-def _quorum(f: Facts, alerts: Sequence[Received]) -> Finding:
+def _quorum(f: Facts, alerts: Sequence[ReceivedAlert]) -> Finding:
     """etcdInsufficientMembers: the bot's own restore suggestion only when it sees the quorum lost itself."""
     name = f.cluster.name
     own = quorum_lost(f)
@@ -302,13 +280,13 @@ def _quorum(f: Facts, alerts: Sequence[Received]) -> Finding:
     return _plain(f, "quorum_lost", "cluster", alerts, f"{_summary(alerts)} ({why})", (f"/etcd status {name}",))
 
 
-def findings(f: Facts, firing: Sequence[Received], attached: dict[str, set[Key]]) -> list[Finding]:
+def findings(f: Facts, firing: Sequence[ReceivedAlert], attached: dict[str, set[Key]]) -> list[Finding]:
     """The findings of the alerts firing for the cluster, one per condition (several alerts of one condition,
     each member's or each severity's, are one finding). `attached` (fingerprint: keys) is the watch's memory of
     where etcdMembersDown was filed; it is updated here."""
-    by_kind: dict[str, list[Received]] = {}
+    by_kind: dict[str, list[ReceivedAlert]] = {}
     for a in firing:
-        by_kind.setdefault(KNOWN.get(a.name, UNKNOWN), []).append(a)
+        by_kind.setdefault(KNOWN.get(a.alertname, UNKNOWN), []).append(a)
     out: list[Finding] = []
     for kind, alerts in by_kind.items():
         if kind == "member_down":
@@ -316,8 +294,8 @@ def findings(f: Facts, firing: Sequence[Received], attached: dict[str, set[Key]]
         elif kind == "quorum_lost":
             out.append(_quorum(f, alerts))
         elif kind == UNKNOWN:
-            for name in sorted({a.name for a in alerts}):
-                named = [a for a in alerts if a.name == name]
+            for name in sorted({a.alertname for a in alerts}):
+                named = [a for a in alerts if a.alertname == name]
                 out.append(_plain(f, UNKNOWN, name or "unnamed", named, _summary(named), ()))
         else:
             out.append(_plain(f, kind, SUBJECT[kind], alerts, _summary(alerts),

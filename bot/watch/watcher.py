@@ -39,7 +39,7 @@ from typing import Any
 from bot.config import ClusterConfig
 from bot.domain.cluster import DEFAULT_QUOTA, ClusterHealth, MemberMetrics
 from bot.domain.errors import EtcdError
-from bot.domain.record import PlanRecord
+from bot.domain.record import AlertRecord, NewAlert, PlanRecord, ReceivedAlert
 from bot.etcd.member_metrics import cluster_metrics
 from bot.ops.context import BotContext
 from bot.ops.notify import NotifyFailed
@@ -47,7 +47,6 @@ from bot.output import blocks
 from bot.output.model import AlertView, short_duration
 from bot.store.base import StoreError
 from bot.watch import alertmanager, backups, certificates
-from bot.watch.alertmanager import Received
 from bot.watch.conditions import (
     CONDITIONS,
     LEADER_WINDOW,
@@ -202,12 +201,12 @@ class Watcher:
         state = ClusterWatch(Tracker(watch.grace_seconds, jitter=min(1.0, watch.interval_seconds / 10)),
                              History(watch.window_seconds, watch.growth_horizon_seconds))
         for row in await self.ctx.store.open_alerts(cluster.name):
-            finding = Finding.from_json({**json.loads(row["detail"] or "{}"), "kind": row["condition"],
-                                         "subject": row["subject"]})
+            finding = Finding.from_json({**json.loads(row.detail or "{}"), "kind": row.condition,
+                                         "subject": row.subject})
             if finding.key not in state.tracker.tracks:
-                state.tracker.restore(finding, row["opened_at"], row["flaps"])
+                state.tracker.restore(finding, row.opened_at, row.flaps)
             state.posted.setdefault(finding.key, []).append(
-                Posted(row["id"], row["channel"], row["message_ts"]))   # edited in the first round: watched again
+                Posted(row.id, row.channel or "", row.message_ts))   # edited in the first round: watched again
         return state
 
     # ---------------------------------------------------------------- one round
@@ -249,10 +248,9 @@ class Watcher:
         if rows is None:
             return None
         state.firing = _firing(rows)
-        firing = [Received.from_row(r) for r in rows]
-        alive = {a.fingerprint for a in firing}
+        alive = {a.fingerprint for a in rows}
         state.attached = {k: v for k, v in state.attached.items() if k in alive}
-        return alertmanager.findings(facts, firing, state.attached)
+        return alertmanager.findings(facts, rows, state.attached)
 
     async def round(self, cluster: ClusterConfig) -> list[Decision]:
         state = self.clusters.get(cluster.name) or self.clusters.setdefault(cluster.name, await self.load(cluster))
@@ -268,7 +266,7 @@ class Watcher:
         findings = merge([*verdicts.findings, *(alerted or [])])
         plan: PlanRecord | None = await self._quiet(self.ctx.store.open_plan(cluster.name), None)
         mutes = await self._quiet(self.ctx.store.mutes(), [])
-        muted = any(m["cluster"] == cluster.name for m in mutes)
+        muted = any(m.cluster == cluster.name for m in mutes)
         decisions = state.tracker.step(findings, unknown, facts.now,
                                        postable=lambda f: not muted and not expected(plan, f), unsure=verdicts.unsure)
         state.held = [(t, _why_held(t.finding, muted, plan, cluster)) for t in state.tracker.tracks.values()
@@ -379,10 +377,9 @@ class Watcher:
             rows = state.posted[key] = []
             for channel in cluster.channels:
                 ts = await self._post(channel, reply)
-                row = {"cluster": cluster.name, "condition": key[0], "subject": key[1], "opened_at": view.opened_at,
-                       "updated_at": now, "channel": channel, "message_ts": ts, "detail": detail,
-                       "flaps": track.flaps}
-                rows.append(Posted(await self._quiet(store.open_alert(row), None), channel, ts, shown, now))
+                alert = NewAlert(cluster=cluster.name, condition=key[0], subject=key[1], opened_at=view.opened_at,
+                                 updated_at=now, channel=channel, message_ts=ts, detail=detail, flaps=track.flaps)
+                rows.append(Posted(await self._quiet(store.open_alert(alert), None), channel, ts, shown, now))
             return
         rows = state.posted.get(key, [])
         for p in rows:
@@ -439,18 +436,17 @@ def alert_view(cluster: str, f: Finding, opened_at: float, now: float, flaps: in
                      flapping=flaps >= FLAP_MIN, severity=f.severity, sources=f.sources, links=f.links)
 
 
-def open_views(cluster: str, rows: list[dict[str, Any]], now: float) -> list[AlertView]:
+def open_views(cluster: str, rows: list[AlertRecord], now: float) -> list[AlertView]:
     """The open alerts in the store as views, one per condition (a row is one channel's message)."""
     views: dict[tuple[str, str], AlertView] = {}
     for row in rows:
-        f = Finding.from_json({**json.loads(row["detail"] or "{}"), "kind": row["condition"],
-                               "subject": row["subject"]})
-        views.setdefault(f.key, alert_view(cluster, f, row["opened_at"], now, row["flaps"]))
+        f = Finding.from_json({**json.loads(row.detail or "{}"), "kind": row.condition, "subject": row.subject})
+        views.setdefault(f.key, alert_view(cluster, f, row.opened_at, now, row.flaps))
     return list(views.values())
 
 
-def _firing(rows: list[dict[str, Any]]) -> tuple[tuple[str, float], ...]:
-    return tuple(sorted((r["fingerprint"], r["starts_at"]) for r in rows))
+def _firing(alerts: list[ReceivedAlert]) -> tuple[tuple[str, float], ...]:
+    return tuple(sorted((a.fingerprint, a.starts_at) for a in alerts))
 
 
 async def tidy_alerts(ctx: BotContext, now: float | None = None) -> tuple[int, int]:
