@@ -36,7 +36,7 @@ from bot.watch.alertmanager import BadPayload, findings, owners, parse
 from bot.watch.conditions import Finding, merge
 from bot.watch.tracker import Act, Tracker
 from bot.watch.watcher import alert_view
-from helpers import eventually, replies, reply, text_of, thread
+from helpers import eventually, replies, reply, snapshot_record, text_of, thread
 
 STARTS = "2026-12-01T10:00:00.123456789Z"
 
@@ -122,7 +122,7 @@ def conditions_findings(f, kind: str) -> list[Finding]:
 
 
 def test_insufficient_members_suggests_a_restore_only_when_the_bot_sees_the_quorum_lost():
-    newest = {"path": "/snaps/prod-r42.db", "revision": 42}
+    newest = snapshot_record(path="/snaps/prod-r42.db", revision=42)
     lost = received(alert("etcdInsufficientMembers", severity="critical"))
     (seen,) = findings(facts(member(1, up=False), member(2, up=False), member(3), newest_snapshot=newest), lost, {})
     assert seen.key == ("quorum_lost", "cluster") and seen.severity == "critical"
@@ -388,3 +388,30 @@ async def test_two_replicas_receiving_the_same_deliveries_post_one_message(clust
 
 def test_cluster_config_alert_labels_default_to_the_cluster_label():
     assert ClusterConfig(name="prod", endpoints=("http://a:1",)).alert_match == {"cluster": "prod"}
+
+
+async def test_a_replica_that_becomes_leader_posts_what_another_replica_received_within_a_second(cluster, tmp_path,
+                                                                                                token):
+    """The leader's watch of a cluster (round every 15 s) did not run yet when this replica became leader; an
+    alert another replica filed meanwhile is posted within the poll, not at the next round (before: up to 15 s)."""
+    from bot.config import load_config
+    from bot.ops.context import BotContext
+    from bot.ops.notify import PlainDirectory, PlainNotifier
+    from bot.testing.workspace import write_config
+    from bot.watch.watcher import POLL_SECONDS, Watcher
+    config = load_config(write_config(tmp_path, [cluster_table("prod", cluster)], alertmanager=am_config(token)))
+    ctx = await BotContext.open(config, PlainNotifier(), PlainDirectory())
+    leading = False
+    watcher = Watcher(ctx, should_watch=lambda: leading)
+    task = asyncio.create_task(watcher.run())
+    try:
+        await eventually(lambda: "prod" in watcher._wakes, 5, "its first turn, while another replica leads")
+        leading = True
+        (filed,) = received(alert("etcdHighCommitDurations", fingerprint="00000000000000dd"))
+        assert await ctx.store.receive_alert(dataclasses.replace(filed, cluster="prod"))   # another replica's write
+        await eventually(lambda: any("SLOW BACKEND COMMIT" in line for line in ctx.notifier.lines),
+                         POLL_SECONDS + 3, "the alert posted by the new leader")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await ctx.close()

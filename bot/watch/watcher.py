@@ -170,12 +170,13 @@ class Watcher:
             except Exception:
                 log.exception("watch round failed", extra={"ctx_cluster": cluster.name})
             next_at = max(next_at + interval, loop.time())
-            await self._pause(cluster, next_at)
+            await self._pause(cluster, next_at, watching)
 
-    async def _pause(self, cluster: ClusterConfig, until: float) -> None:
-        """Until the next round is due (`until`, the loop's time), or sooner when Alertmanager's alerts of the
-        cluster change: woken by this replica's receiver, or seen in the store (every POLL_SECONDS) when another
-        replica received them."""
+    async def _pause(self, cluster: ClusterConfig, until: float, watching: bool) -> None:
+        """Until the next round is due (`until`, the loop's time), or sooner while Alertmanager's alerts are
+        received: when the cluster's change (woken by this replica's receiver, or seen in the store every
+        POLL_SECONDS when another replica received them), or this replica becomes the one that watches (what
+        others filed meanwhile is its to post)."""
         loop = asyncio.get_running_loop()
         wake = self._wakes.setdefault(cluster.name, asyncio.Event())
         while True:
@@ -185,7 +186,8 @@ class Watcher:
             try:
                 await asyncio.wait_for(wake.wait(), min(left, POLL_SECONDS) if self.receiving else left)
             except TimeoutError:
-                if not (self.receiving and self.should_watch() and await self._alerts_changed(cluster)):
+                if not (self.receiving and self.should_watch()
+                        and (not watching or await self._alerts_changed(cluster))):
                     continue
             wake.clear()
             return
