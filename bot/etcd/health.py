@@ -10,8 +10,8 @@ import time
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from bot.domain.cluster import Alarm, ClusterHealth, Member, MemberHealth
-from bot.domain.errors import EtcdError
+from bot.domain.cluster import Alarm, ClusterHealth, Member, MemberHealth, judge_leaders
+from bot.domain.errors import EtcdAuthError, EtcdError
 from bot.etcd.race import AllFailed, first_success
 
 if TYPE_CHECKING:  # the client is gRPC; the quorum math above the fan-out stays pure
@@ -35,7 +35,8 @@ async def _ask_member(client: EtcdClient, member: Member, timeout: float) -> tup
                                         fatal=lambda e: not isinstance(e, EtcdError))
     except AllFailed as e:
         reasons = (err.message if isinstance(err, EtcdError) else str(err) for err in e.errors)
-        return MemberHealth(member, error="; ".join(dict.fromkeys(reasons))), []
+        refused = any(isinstance(err, EtcdAuthError) for err in e.errors)  # it answered: not down
+        return MemberHealth(member, error="; ".join(dict.fromkeys(reasons)), refused=refused), []
     return MemberHealth(member, status=status), list(status.alarms)
 
 
@@ -51,7 +52,7 @@ async def check_cluster(client: EtcdClient, cluster: str, timeout: float | None 
     alarms = {(a.member_id, a.kind): a for _, found in answers for a in found}
     healths = [replace(h, alarms=tuple(sorted(kind for (mid, kind) in alarms if mid == h.member.id)))
                for h, _ in answers]
-    ordered = sorted(healths, key=lambda h: (h.member.name or "~", h.member.id))
+    ordered = sorted(judge_leaders(healths), key=lambda h: (h.member.name or "~", h.member.id))
     return ClusterHealth(cluster=cluster, members=tuple(ordered), alarms=tuple(alarms.values()), checked_at=time.time(),
                          elapsed=time.monotonic() - started, deadline=timeout,
                          learned_url=None if endpoint in client.endpoints else endpoint)

@@ -95,13 +95,17 @@ def _header(text: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- status
 
 _ICON = {Verdict.HEALTHY: ":large_green_circle:", Verdict.DEGRADED: ":large_orange_circle:",
-         Verdict.NO_LEADER: ":large_orange_circle:", Verdict.QUORUM_LOST: ":red_circle:"}
+         Verdict.NO_LEADER: ":large_orange_circle:", Verdict.QUORUM_LOST: ":red_circle:",
+         Verdict.UNKNOWN: ":large_orange_circle:"}
 
 
 def _member_line(v: MemberView) -> str:
     m = v.member
     name = f"*{escape(m.name)}*" if m.name else "*_(unstarted)_*"
-    if not v.reachable:
+    if v.state == "REFUSED":
+        first = (f":large_orange_circle: {name} {code(m.hex_id)} — *REFUSED*: it answers, refusing the bot's "
+                 f"credentials: {escape(v.problem or '')}")
+    elif not v.reachable:
         first = f":red_circle: {name} {code(m.hex_id)} — *DOWN*: {escape(v.problem or 'unreachable')}"
     elif v.problem:
         first = f":large_orange_circle: {name} {code(m.hex_id)} — *UNHEALTHY*: {escape(v.problem)}"

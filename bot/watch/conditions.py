@@ -213,7 +213,7 @@ def member_down(f: Facts) -> list[Finding] | None:
     taken = {h.member.name for h in health.members if h.member.name}
 
     def down(h: MemberHealth) -> Finding | None:
-        if h.reachable:
+        if h.reachable or h.refused:  # a member that refuses the bot's credentials answers: it is not down
             return None
         label = member_label(h)
         replace = shell.command(["/etcd", "replace", label, next_name(h.member.name, taken),
@@ -234,7 +234,7 @@ def _quorum(health: ClusterHealth) -> str:
 
 def quorum_lost(f: Facts) -> list[Finding] | None:
     name = f.cluster.name
-    if f.health is not None and f.health.quorum.ok:
+    if f.health is not None and (f.health.quorum.ok or not f.health.quorum.known):
         return []
     snap = f.newest_snapshot
     restore = shell.command(["/etcd", "restore", str(snap["path"]).rsplit("/", 1)[-1], "--cluster", name] if snap

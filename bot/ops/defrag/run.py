@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from functools import partial
 
-from bot.domain.cluster import ClusterHealth, MemberHealth, MemberMetrics
+from bot.domain.cluster import ClusterHealth, MemberHealth, backend_quota
 from bot.domain.defrag import DefragPlan
 from bot.domain.errors import EtcdError, EtcdRequestError, FactsChanged, StepFailed
 from bot.domain.plan import PlanKind
@@ -186,8 +186,9 @@ class DefragOperation(ClusterOperation[DefragPlan]):
     async def _quotas(self, health: ClusterHealth) -> dict[int, int]:
         read = await cluster_metrics(self.client, health)
         planned = {int(m.ref.id, 16): m.quota for m in self.plan.members}
-        return {mid: (found.quota_bytes if isinstance(found, MemberMetrics) and found.quota_bytes
-                      else planned.get(mid, 0)) for mid, found in read.items()}
+        quotas = {h.member.id: backend_quota(h.status, read.get(h.member.id)) for h in health.members}
+        return {mid: quota if quota and why is None else planned.get(mid, 0)
+                for mid, (quota, why) in quotas.items() if mid in read}
 
     async def step_disarm(self) -> str:
         health = await self.ctx.check(self.cluster)
