@@ -16,6 +16,13 @@ BUMP_SINCE = (3, 5, 10)   # etcdutl gained --bump-revision / --mark-compacted in
 
 
 BUMP_REVISIONS = 1_000_000_000  # what etcd's own docs suggest: far beyond any watch cache
+# What a `command` launcher's restore gets when the member's etcdutl takes the flags, to pass them on
+BUMP_VARIABLE, MARK_COMPACTED_VARIABLE = "ETCD_CHATOPS_BUMP_REVISION", "ETCD_CHATOPS_MARK_COMPACTED"
+
+
+def bump_environment() -> dict[str, str]:
+    """The launcher's variables for `etcdutl snapshot restore --bump-revision N --mark-compacted`."""
+    return {BUMP_VARIABLE: str(BUMP_REVISIONS), MARK_COMPACTED_VARIABLE: "true"}
 
 
 @dataclass(frozen=True)
@@ -117,6 +124,8 @@ class RestorePlan:
             env["ETCD_INITIAL_CLUSTER_TOKEN"] = self.token
             if snapshot_path:
                 env["ETCD_CHATOPS_SNAPSHOT"] = snapshot_path
+            if self.bump_supported:  # what restore_args shows, and the check step then expects
+                env |= bump_environment()
         return env
 
     def to_json(self) -> dict[str, Any]:
