@@ -111,6 +111,8 @@ class TLSFiles:
 
 
 NO_LEADER = "etcdserver: no leader"
+# gRPC's health check: a member defragmenting with StopGRPCServiceOnDefrag says NOT_SERVING, else SERVING
+SERVING, NOT_SERVING = "SERVING", "NOT_SERVING"
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,7 @@ class Quorum:
 
     voting: int
     healthy: int
-    unknown: int = 0  # voters that answered refusing the bot's credentials: healthy or not, nobody can tell
+    unknown: int = 0  # voters that answered but not with their Status (they refused the bot, or defragment)
 
     @property
     def needed(self) -> int:
@@ -154,6 +156,7 @@ class MemberHealth:
     error: str | None = None           # why it could not be asked, when it could not
     alarms: tuple[str, ...] = ()
     refused: bool = False              # it answered, refusing the bot's credentials: it runs, its health is unknown
+    defragmenting: bool = False        # it answers gRPC health checks NOT_SERVING while Status waits: a defrag runs
     cut_off: bool = False              # it reports no leader while a quorum of voters follows one (see judge_leaders)
 
     @property
@@ -211,7 +214,7 @@ class ClusterHealth:
     def quorum(self) -> Quorum:
         voters = [m for m in self.members if not m.member.is_learner]
         return Quorum(voting=len(voters), healthy=sum(1 for m in voters if m.healthy),
-                      unknown=sum(1 for m in voters if m.refused))
+                      unknown=sum(1 for m in voters if m.refused or m.defragmenting))
 
     @property
     def leader_id(self) -> int | None:
@@ -336,3 +339,6 @@ class MemberMetrics:
     slow_applies: int | None
     proposals_pending: int | None
     proposals_failed: int | None
+    # etcd 3.6's feature gate StopGRPCServiceOnDefrag (etcd_server_feature_enabled): while it defragments, the member
+    # tells gRPC health checks NOT_SERVING, so clients that check move to the others. None: no such metric (3.5).
+    stops_serving_on_defrag: bool | None = None

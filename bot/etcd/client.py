@@ -33,7 +33,7 @@ import grpc
 from aetcd import rpc
 from google.protobuf.unknown_fields import UnknownFieldSet
 
-from bot.domain.cluster import KVHash, Member, MemberStatus, TLSFiles, split_alarms
+from bot.domain.cluster import NOT_SERVING, SERVING, KVHash, Member, MemberStatus, TLSFiles, split_alarms
 from bot.domain.errors import (
     EtcdAuthError,
     EtcdError,
@@ -111,6 +111,9 @@ def map_grpc_error(error: grpc.aio.AioRpcError, endpoint: str, timeout: float | 
 # keeps them as unknown fields, read by number. etcd 3.6's StatusResponse and HashKVResponse:
 STATUS_STORAGE_VERSION, STATUS_DB_SIZE_QUOTA, STATUS_DOWNGRADE_INFO = 11, 12, 13
 HASHKV_HASH_REVISION = 4
+# gRPC's standard health service, which etcd serves (its messages decoded by number as the others)
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+HEALTH_STATES = {0: "UNKNOWN", 1: SERVING, 2: NOT_SERVING, 3: "SERVICE_UNKNOWN"}
 
 
 def newer_fields(message: Any) -> dict[int, int | bytes]:
@@ -145,7 +148,7 @@ def _member(m: Any) -> Member:
 
 Metadata = tuple[tuple[str, str], ...] | None  # the auth token, when one is sent
 Call = Callable[[grpc.aio.Channel, Metadata, float], Awaitable[T]]
-Auth = Literal["required", "optional"]  # whether a call carries a token (see EtcdClient._metadata)
+Auth = Literal["required", "optional", "none"]  # whether a call carries a token (see EtcdClient._metadata)
 
 
 class EtcdClient:
@@ -243,9 +246,9 @@ class EtcdClient:
         token obtained before still reads Status and the member list. With `auth="optional"` (the
         reads etcd 3.5.1 serves without a token) an Authenticate that finds no leader within half the
         deadline leaves the call to go without one; later releases refuse that with "user name is
-        empty", and the error then says why the bot held no token.
+        empty", and the error then says why the bot held no token. `auth="none"`: gRPC's health check.
         """
-        if self._username is None:
+        if self._username is None or auth == "none":
             return None
         token = self._token or await self._login(endpoint, timeout, optional=auth == "optional")
         return (("token", token),) if token else None
@@ -459,6 +462,16 @@ class EtcdClient:
                                 db_size_quota=_signed(newer.get(STATUS_DB_SIZE_QUOTA)),
                                 downgrade_target=_text(downgrade.get(2)) if downgrade.get(1) else None)
         return await self.call(endpoint, fn, timeout, auth="optional")
+
+    async def serving(self, endpoint: str, timeout: float | None = None) -> str:
+        """The member's answer to gRPC's health check (grpc.health.v1, the whole server): SERVING, or NOT_SERVING
+        while it defragments with StopGRPCServiceOnDefrag on (its Status then waits for the defragmentation).
+        Sent without a token: etcd asks for none there."""
+        async def fn(ch: grpc.aio.Channel, md: Metadata, t: float) -> str:
+            check = ch.unary_unary(HEALTH_CHECK, request_serializer=None, response_deserializer=None)
+            answer = newer_fields(_parsed(await check(b"", timeout=t))).get(1, 0)  # HealthCheckResponse.status
+            return HEALTH_STATES.get(answer if isinstance(answer, int) else 0, "UNKNOWN")
+        return await self.call(endpoint, fn, timeout, auth="none")
 
     async def member_add(self, peer_urls: list[str], *, learner: bool,
                          timeout: float | None = None) -> tuple[Member, list[Member]]:

@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # the fan-out calls the gRPC client; the parser above it stay
     from bot.etcd.client import EtcdClient
 
 MAX_BODY = 16 * 1024 * 1024    # a /metrics page is ~200 kB; more is not etcd
+STOP_GRPC_ON_DEFRAG = "StopGRPCServiceOnDefrag"  # etcd 3.6's feature gate (3.5.13+: --experimental-stop-grpc-...)
 
 
 def histogram_quantile(q: float, buckets: Iterable[tuple[float, float]]) -> float | None:
@@ -66,13 +67,16 @@ def parse_metrics(text: str) -> MemberMetrics:
             return None
         return histogram_quantile(0.99, ((float(labels["le"]), v) for labels, v in found if "le" in labels))
 
+    gate = next((v for labels, v in samples.get("etcd_server_feature_enabled", ())
+                 if labels.get("name") == STOP_GRPC_ON_DEFRAG), None)
     return MemberMetrics(quota_bytes=one("etcd_server_quota_backend_bytes"),
                          wal_fsync_p99=p99("etcd_disk_wal_fsync_duration_seconds"),
                          backend_commit_p99=p99("etcd_disk_backend_commit_duration_seconds"),
                          leader_changes=one("etcd_server_leader_changes_seen_total"),
                          slow_applies=one("etcd_server_slow_apply_total"),
                          proposals_pending=one("etcd_server_proposals_pending"),
-                         proposals_failed=one("etcd_server_proposals_failed_total"))
+                         proposals_failed=one("etcd_server_proposals_failed_total"),
+                         stops_serving_on_defrag=None if gate is None else gate > 0)
 
 
 # ---------------------------------------------------------------- fetch

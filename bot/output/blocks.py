@@ -105,6 +105,8 @@ def _member_line(v: MemberView) -> str:
     if v.state == "REFUSED":
         first = (f":large_orange_circle: {name} {code(m.hex_id)} — *REFUSED*: it answers, refusing the bot's "
                  f"credentials: {escape(v.problem or '')}")
+    elif v.state == "DEFRAGMENTING":
+        first = f":large_orange_circle: {name} {code(m.hex_id)} — *DEFRAGMENTING*: {escape(v.problem or '')}"
     elif not v.reachable:
         first = f":red_circle: {name} {code(m.hex_id)} — *DOWN*: {escape(v.problem or 'unreachable')}"
     elif v.problem:

@@ -65,7 +65,8 @@ def quorum_line(health: ClusterHealth) -> str:
     q = health.quorum
     tail = (f"tolerates {q.tolerates} more failure{'s' if q.tolerates != 1 else ''}" if q.ok
             else "the cluster cannot accept writes" if q.known
-            else f"{q.unknown} refused the bot's credentials, so whether quorum holds is unknown")
+            else f"{q.unknown} answer without their Status (refusing the bot, or defragmenting), so whether quorum "
+                 "holds is unknown")
     return f"{q.healthy} of {q.voting} voting members healthy, quorum needs {q.needed}, {tail}"
 
 
@@ -73,10 +74,12 @@ LEADERLESS = ("no leader", "learner, no leader")
 
 
 def member_state(h: MemberHealth, health: ClusterHealth) -> str:
-    """DOWN, REFUSED (it answers, refusing the bot's credentials), UNHEALTHY, leader, follower, learner;
+    """DOWN, REFUSED (it answers, refusing the bot's credentials), DEFRAGMENTING, UNHEALTHY, leader, follower, learner;
     without quorum or a leader there is no follower: a survivor then says "no leader" (one of LEADERLESS)."""
     if h.refused:
         return "REFUSED"
+    if h.defragmenting:
+        return "DEFRAGMENTING"
     if not h.reachable:
         return "DOWN"
     if h.problem:
@@ -101,8 +104,9 @@ class MemberView:
 
     member: Member
     status: MemberStatus | None
-    state: str                     # member_state(): leader, follower, learner, no leader, DOWN, REFUSED or UNHEALTHY
-    problem: str | None            # why it is DOWN, REFUSED or UNHEALTHY, in etcd's words
+    state: str                     # member_state(): leader, follower, learner, no leader, DOWN, REFUSED,
+    #                                DEFRAGMENTING or UNHEALTHY
+    problem: str | None            # why it is DOWN, REFUSED, DEFRAGMENTING or UNHEALTHY, in etcd's words
     is_leader: bool
     healthy: bool
     error: str | None
@@ -170,7 +174,7 @@ class StatusView:
 
     @property
     def down(self) -> list[str]:
-        return [m.label for m in self.members if not m.reachable and m.state != "REFUSED"]
+        return [m.label for m in self.members if m.state == "DOWN"]
 
     @property
     def checked(self) -> str:

@@ -213,7 +213,7 @@ def member_down(f: Facts) -> list[Finding] | None:
     taken = {h.member.name for h in health.members if h.member.name}
 
     def down(h: MemberHealth) -> Finding | None:
-        if h.reachable or h.refused:  # a member that refuses the bot's credentials answers: it is not down
+        if h.reachable or h.refused or h.defragmenting:  # it answers (refusing the bot, or busy): it is not down
             return None
         label = member_label(h)
         replace = shell.command(["/etcd", "replace", label, next_name(h.member.name, taken),

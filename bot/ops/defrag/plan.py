@@ -35,6 +35,16 @@ def _quota(metrics: Mapping[int, MemberMetrics | str], h: MemberHealth) -> tuple
     return quota or DEFAULT_QUOTA, assumed is None
 
 
+def _clients(found: MemberMetrics | str | None) -> str:
+    """What the member's clients see while it defragments, when its /metrics says (etcd 3.6's feature gate)."""
+    if not isinstance(found, MemberMetrics) or found.stops_serving_on_defrag is None:
+        return ""
+    if found.stops_serving_on_defrag:
+        return "; it answers gRPC health checks NOT_SERVING meanwhile (StopGRPCServiceOnDefrag), so clients move away"
+    return ("; StopGRPCServiceOnDefrag is off: clients pinned to it wait (turn the feature gate on to let them "
+            "move to the other members)")
+
+
 def sole_voter(health: ClusterHealth) -> bool:
     """One voting member: leadership cannot move (a learner cannot lead), so the leader is defragmented in place."""
     return sum(1 for h in health.members if not h.member.is_learner) == 1
@@ -92,7 +102,8 @@ def plan_defrag(health: ClusterHealth, metrics: Mapping[int, MemberMetrics | str
             continue
         if role(h) == "leader":
             steps.append(Step("move-leader", f"Move leadership from {name} to a member already defragmented"))
-        steps.append(Step(f"defrag-{h.member.hex_id}", f"Defragment {name} ({role(h)}) and wait until it is caught up"))
+        steps.append(Step(f"defrag-{h.member.hex_id}", f"Defragment {name} ({role(h)}) and wait until it is caught up"
+                                                         + _clients(metrics.get(h.member.id))))
     steps += [Step("disarm", f"Disarm NOSPACE if every member is below {disarm_below * 100:g} % of its quota"),
               Step("verify", "Verify a test write succeeds; report the sizes before and after")]
     return DefragPlan(id=new_plan_id(), cluster=health.cluster, rule=rule.text, compact=compact,
