@@ -71,6 +71,11 @@ class RestorePlan:
         return _version(self.etcd_version) >= BUMP_SINCE
 
     @property
+    def restore_tool(self) -> str:
+        """etcdutl restores since etcd 3.5 (etcdctl 3.6 no longer can); etcd 3.4 has no etcdutl: its etcdctl does."""
+        return "etcdctl" if (3, 0, 0) <= _version(self.etcd_version) < (3, 5, 0) else "etcdutl"
+
+    @property
     def initial_cluster(self) -> str:
         return ",".join(f"{m.name}={m.peer_url}" for m in self.members)
 
@@ -79,8 +84,8 @@ class RestorePlan:
         return len(self.members)
 
     def restore_args(self, m: RestoreMember, snapshot_path: str) -> list[str]:
-        """`etcdutl snapshot restore` for one member, every parameter explicit."""
-        args = ["etcdutl", "snapshot", "restore", snapshot_path, "--name", m.name,
+        """`etcdutl snapshot restore` for one member (etcdctl's on etcd 3.4), every parameter explicit."""
+        args = [self.restore_tool, "snapshot", "restore", snapshot_path, "--name", m.name,
                 "--initial-cluster", self.initial_cluster, "--initial-cluster-token", self.token,
                 "--initial-advertise-peer-urls", m.peer_url, "--data-dir", m.data_dir]
         if self.bump_supported:

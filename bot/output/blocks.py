@@ -368,8 +368,8 @@ def restore_plan_reply(plan: RestorePlan, view: PlanView, now: float | None = No
     how = ("the launcher runs `stop`, `restore` and `start` for each member" if plan.launcher == "command"
            else f"manual launcher: run these on each host when the thread asks, then confirm each stage with "
                 f"`/etcd continue {plan.id} <stage>`")
-    blocks.append(_section(f"*etcdutl snapshot restore on every member* (new cluster token, unique to this restore; "
-                           f"{escape(how)}):"))
+    blocks.append(_section(f"*{plan.restore_tool} snapshot restore on every member* (new cluster token, unique to "
+                           f"this restore; {escape(how)}):"))
     local = snap.file_name if snap.from_store else snap.path   # a fetched copy's path is made at the step
     commands = "\n".join(f"{shell.comment(m.name)}\n{shell.command(plan.restore_args(m, local.removesuffix('.age')))}"
                          for m in plan.members)

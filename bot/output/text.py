@@ -270,6 +270,6 @@ def bump_note(plan: RestorePlan) -> str:
     if plan.bump_supported:
         return (f"etcdutl {plan.etcd_version} supports --bump-revision/--mark-compacted: they are added, so clients' "
                 "watch caches are invalidated.")
-    return (f"etcd {plan.etcd_version or '(version unknown)'}: its etcdutl has no --bump-revision/--mark-compacted "
-            "(3.5.10 and later, 3.6): clients' watch caches are NOT invalidated by the restore; restart every "
-            "watcher (kube-apiserver and controllers) as the follow-ups say.")
+    return (f"etcd {plan.etcd_version or '(version unknown)'}: its {plan.restore_tool} has no --bump-revision/"
+            "--mark-compacted (3.5.10 and later, 3.6): clients' watch caches are NOT invalidated by the restore; "
+            "restart every watcher (kube-apiserver and controllers) as the follow-ups say.")

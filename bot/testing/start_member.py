@@ -166,6 +166,8 @@ def restore(base: Path, name: str, env: dict[str, str], data_dir: str) -> int:
         print(f"start_member: {name} is running: stop it before restoring its data", file=sys.stderr)
         return 1
     etcdutl = Path(cluster.etcd).with_name("etcdutl")
+    if not etcdutl.is_file():  # etcd 3.4 has no etcdutl: its etcdctl restores
+        etcdutl = etcdutl.with_name("etcdctl")
     target = Path(data_dir)
     fresh = target.with_name(f"{target.name}.restoring-{token[-8:]}")
     subprocess.run(["rm", "-rf", "--", str(fresh)], check=False)  # a half-done earlier attempt of this restore
