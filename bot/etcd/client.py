@@ -310,7 +310,7 @@ class EtcdClient:
         With a user configured the call carries the cluster's token (`auth`: see _metadata)."""
         timeout = timeout or self.timeout
         endpoint = dial(endpoint).url
-        for attempt in (1, 2):
+        for attempt in (1, 2, 3):
             try:
                 return await asyncio.wait_for(self._call_once(endpoint, fn, timeout, auth), timeout + 0.5)
             except TimeoutError:
@@ -329,9 +329,14 @@ class EtcdClient:
                 raise closed from None
             except grpc.aio.AioRpcError as e:
                 err = map_grpc_error(e, endpoint, timeout)
-                if isinstance(err, EtcdAuthError) and attempt == 1 and self._token is not None and any(
+                if isinstance(err, EtcdAuthError) and attempt < 3 and self._token is not None and any(
                         m in err.message for m in EXPIRED_TOKEN):
-                    self._token = None  # expired, or a restarted member forgot it: authenticate again, once
+                    # A member learns a simple token when it applies the Authenticate: one behind does a moment
+                    # later. Still unknown then: expired, or a restarted member forgot it; authenticate again.
+                    if attempt == 1:
+                        await asyncio.sleep(TOKEN_APPLY_WAIT)
+                    else:
+                        self._token = None
                     continue
                 if isinstance(err, EtcdAuthError) and self._username is not None and self._token is None \
                         and "user name is empty" in err.message and self._login_error:
@@ -680,6 +685,7 @@ _REQUEST_ERRORS: tuple[tuple[str, type[EtcdRequestError]], ...] = (
 
 
 EXPIRED_TOKEN = ("invalid auth token", "auth token is expired")
+TOKEN_APPLY_WAIT = 0.25  # a heartbeat or two: how long a member behind in applying may take to learn a new token
 AUTH_MESSAGES = ("authentication failed", "permission denied", "invalid auth token", "user name is empty",
                   "user name not found", "auth token is expired")
 
