@@ -25,11 +25,11 @@ from bot.output.tables import status_table
 from bot.testing.cluster import LocalCluster
 from bot.testing.versions import EtcdVersionMissing, etcd_bin_dir
 from snapshot_fixtures import (
-    STORAGE_VERSION,
     BRANCH,
     LEAF,
     LEAF_ELEM,
     PAGE,
+    STORAGE_VERSION,
     Bucket,
     ScenarioCluster,
     branch_children,

@@ -144,7 +144,7 @@ def test_the_launcher_gets_the_revision_bump_exactly_when_the_members_etcdutl_ta
     p = plan(version=version)
     env = p.environment(p.members[0], "restore", "/abs/s.db")
     wanted = {"ETCD_CHATOPS_BUMP_REVISION": "1000000000", "ETCD_CHATOPS_MARK_COMPACTED": "true"} if bump else {}
-    assert {k: v for k, v in env.items() if k in ("ETCD_CHATOPS_BUMP_REVISION", "ETCD_CHATOPS_MARK_COMPACTED")} == wanted
+    assert {k: v for k, v in env.items() if k.startswith(("ETCD_CHATOPS_BUMP", "ETCD_CHATOPS_MARK"))} == wanted
     assert ("--bump-revision" in p.restore_args(p.members[0], "s.db")) is bump
     assert all("BUMP" not in k for k in p.environment(p.members[0], "start"))
 
