@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from aetcd import rpc
 
 from bot.etcd.bbolt import snapshot_status
 from bot.etcd.client import EtcdClient
+from bot.etcd.health import check_cluster
 from bot.output.tables import status_table
 from bot.output.units import humanize_bytes
 from bot.testing.cluster import LocalCluster
@@ -35,6 +37,7 @@ from helpers import (
     OK,
     QUOTA,
     QUOTA_ARGS,
+    eventually,
     fill_until_nospace,
     members_of,
     plan_row,
@@ -235,3 +238,96 @@ async def test_restore_after_a_quorum_loss_moves_the_revision_forward(etcd, make
     else:  # the revision went back to the snapshot's: what the plan warned of
         assert after == snapshot_revision < seen and compacted == 0
     assert c.etcdctl("get", "/registry/later").stdout == ""
+
+
+# ---------------------------------------------------------------- what the newer releases change
+
+@pytest.mark.parametrize("etcd", ["3.5", "3.6"], indirect=True)
+async def test_with_auth_a_running_learner_and_a_quorum_loss_are_shown_as_they_are(etcd, make_cluster, slack,
+                                                                                   start_bot):
+    """etcd 3.5.36 and 3.6 answer Status only with a token. A learner refuses Authenticate but takes the token a
+    voter gave; after a quorum loss Authenticate finds no leader, and the token the bot already holds still reads
+    the survivor: it shows without a leader, not DOWN, and the cluster as QUORUM LOST, not UNREACHABLE."""
+    from conftest import TEST_ETCD_PASSWORD
+    c = _made_with(make_cluster(3), etcd)
+    c.enable_auth(TEST_ETCD_PASSWORD)
+    await start_bot([cluster_table("prod", c, timeout_seconds=1.0)])
+    await asyncio.to_thread(c.add_member, "member4", learner=True)
+    text = text_of(await reply(slack, "status"))
+    assert "etcd cluster prod: HEALTHY" in text, text
+    line = next(line for line in text.splitlines() if "*member4*" in line)
+    assert ":large_green_circle:" in line and "— learner" in line, line
+
+    c.kill("member1")
+    c.kill("member2")
+    text = text_of(await reply(slack, "status"))
+    assert "etcd cluster prod: QUORUM LOST" in text and "user name is empty" not in text, text
+    survivor = next(line for line in text.splitlines() if "*member3*" in line)
+    assert "no leader" in survivor and "DOWN" not in survivor, survivor
+
+
+@pytest.mark.parametrize("etcd", ["3.6"], indirect=True)
+async def test_status_shows_the_storage_version_and_a_downgrade_in_progress(etcd, make_cluster, slack, start_bot):
+    c = _made_with(make_cluster(1), etcd)
+    await start_bot([cluster_table("prod", c)])
+    assert "storage v3.6.0" in text_of(await reply(slack, "status"))
+    c.etcdctl("downgrade", "enable", "3.5")
+    text = text_of(await reply(slack, "status"))
+    assert "DOWNGRADE to v3.5.0 enabled" in text, text
+    assert json.loads(subprocess.run(
+        [sys.executable, "-m", "bot", "status", "--endpoints", ",".join(c.endpoints), "--json"],
+        capture_output=True, text=True, timeout=60).stdout)["members"][0]["downgrade_target"] == "3.5.0"
+
+
+@pytest.mark.parametrize("etcd", ["3.6"], indirect=True)
+async def test_a_defragmenting_member_with_stop_grpc_service_on_defrag_is_not_down(etcd, make_cluster, slack,
+                                                                                   start_bot):
+    """With the feature gate on, a member defragmenting answers gRPC health checks NOT_SERVING at once while its
+    Status waits for the defragmentation: the bot shows it DEFRAGMENTING, not DOWN; the plan says clients move
+    away, and each step says the member stopped serving while it ran."""
+    c = _made_with(make_cluster(3, extra_args=("--feature-gates=StopGRPCServiceOnDefrag=true",)), etcd)
+    async with EtcdClient(c.endpoints, timeout=10) as client:
+        await asyncio.gather(*(client.put(b"big/%d" % i, os.urandom(1 << 20)) for i in range(60)))
+        defrag = asyncio.ensure_future(client.defragment(c.member("member1").client_url))
+        health = await eventually(lambda: _defragmenting(client, "member1"), 10, "member1 shown defragmenting")
+        await defrag
+    assert health.quorum.healthy == 2 and health.quorum.ok and not health.find("member1").reachable
+    assert "StopGRPCServiceOnDefrag" in (health.find("member1").problem or "")
+
+    bot = await start_bot([cluster_table("prod", c)], approval=APPROVAL)
+    plan = await propose(slack, "defrag --rule 'dbSize > 1MiB'")
+    assert text_of(plan).count("NOT_SERVING meanwhile (StopGRPCServiceOnDefrag)") == 3, text_of(plan)
+    row = await plan_row(bot.ctx.store, plan)
+    await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
+    done = await wait_done(bot.ctx.store, row.id, timeout=120)
+    details = [s["detail"] for s in await bot.ctx.store.steps(done.id) if s["key"].startswith("defrag-")]
+    assert len(details) == 3 and all("stopped serving clients meanwhile" in d for d in details), details
+
+
+async def _defragmenting(client: EtcdClient, name: str):
+    """A health check with a deadline shorter than the defragmentation, when it shows `name` defragmenting."""
+    health = await check_cluster(client, "prod", timeout=0.15)
+    found = health.find(name)
+    return health if found is not None and found.defragmenting else None
+
+
+@pytest.mark.parametrize("etcd", ["3.6"], indirect=True)
+async def test_two_of_five_down_the_named_one_is_replaced_and_the_other_waits_its_turn(etcd, make_cluster, slack,
+                                                                                      start_bot):
+    """etcd 3.6.11+ adds a member while a quorum counted with the new member answers: the plan removes only the
+    member named, and its check accepts the other failed member as it found it."""
+    c = _made_with(make_cluster(5), etcd)
+    bot = await start_bot([cluster_table("prod", c)], approval=APPROVAL)
+    c.kill("member1")
+    c.kill("member2")
+    peer, client = urls()
+    plan = await propose(slack, f"replace member1 member6 {peer} --client-url {client}")
+    assert f"member2 stays as it is: etcd {etcd.version} adds a member while a quorum" in text_of(plan)
+    row = await plan_row(bot.ctx.store, plan)
+    await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
+    done = await wait_done(bot.ctx.store, row.id)
+    verify = next(s["detail"] for s in await bot.ctx.store.steps(done.id) if s["key"] == "verify")
+    assert "still failed as planned: member2" in verify, verify
+    members = {h.member.name: h for h in await members_of(c)}
+    assert sorted(members) == ["member2", "member3", "member4", "member5", "member6"]
+    assert members["member6"].healthy and not members["member6"].member.is_learner and not members["member2"].healthy

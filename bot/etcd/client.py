@@ -149,6 +149,7 @@ def _member(m: Any) -> Member:
 Metadata = tuple[tuple[str, str], ...] | None  # the auth token, when one is sent
 Call = Callable[[grpc.aio.Channel, Metadata, float], Awaitable[T]]
 Auth = Literal["required", "optional", "none"]  # whether a call carries a token (see EtcdClient._metadata)
+Lane = Literal["short", "long"]  # the channel a call goes on (see EtcdClient._channel)
 
 
 class EtcdClient:
@@ -174,7 +175,7 @@ class EtcdClient:
         self._username = username
         self._password = password
         self._credentials: grpc.ChannelCredentials | None = None
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels: dict[tuple[str, Lane], grpc.aio.Channel] = {}
         self._token: str | None = None  # one for every member (see _metadata)
         self._login_task: asyncio.Future[str] | None = None
         self._login_error = ""           # why the last Authenticate gave no token
@@ -207,8 +208,10 @@ class EtcdClient:
                 certificate_chain=read(self.tls.cert))
         return self._credentials
 
-    def _channel(self, endpoint: str) -> grpc.aio.Channel:
-        channel = self._channels.get(endpoint)
+    def _channel(self, endpoint: str, lane: Lane = "short") -> grpc.aio.Channel:
+        """The endpoint's channel for short calls, or for long ones (a defragmentation, a snapshot stream): those
+        run for minutes on a channel of their own, which no short call's deadline closes under them."""
+        channel = self._channels.get((endpoint, lane))
         if channel is None:
             ep: Endpoint = parse_url(endpoint)
             # A local subchannel pool: gRPC otherwise shares connections between channels, and a
@@ -220,11 +223,11 @@ class EtcdClient:
                 channel = grpc.aio.secure_channel(ep.target, self._creds(), options=options)
             else:
                 channel = grpc.aio.insecure_channel(ep.target, options=options)
-            self._channels[endpoint] = channel
+            self._channels[(endpoint, lane)] = channel
         return channel
 
-    def _drop(self, endpoint: str) -> None:
-        channel = self._channels.pop(endpoint, None)
+    def _drop(self, endpoint: str, lane: Lane = "short") -> None:
+        channel = self._channels.pop((endpoint, lane), None)
         if channel is not None:
             asyncio.ensure_future(channel.close())
 
@@ -305,16 +308,17 @@ class EtcdClient:
         self._token = token
         return token
 
-    async def call(self, endpoint: str, fn: Call[T], timeout: float | None = None, *, auth: Auth = "required") -> T:
+    async def call(self, endpoint: str, fn: Call[T], timeout: float | None = None, *, auth: Auth = "required",
+                   lane: Lane = "short") -> T:
         """Run one RPC against one endpoint with a deadline; map errors.
         With a user configured the call carries the cluster's token (`auth`: see _metadata)."""
         timeout = timeout or self.timeout
         endpoint = dial(endpoint).url
         for attempt in (1, 2, 3):
             try:
-                return await asyncio.wait_for(self._call_once(endpoint, fn, timeout, auth), timeout + 0.5)
+                return await asyncio.wait_for(self._call_once(endpoint, fn, timeout, auth, lane), timeout + 0.5)
             except TimeoutError:
-                self._drop(endpoint)
+                self._drop(endpoint, lane)
                 timed_out = EtcdTimeout(f"no answer within {timeout:g}s (member down or host unreachable)", endpoint)
                 self._count(timed_out)
                 raise timed_out from None
@@ -332,18 +336,21 @@ class EtcdClient:
                 if isinstance(err, EtcdAuthError) and attempt < 3 and self._token is not None and any(
                         m in err.message for m in EXPIRED_TOKEN):
                     # A member learns a simple token when it applies the Authenticate: one behind does a moment
-                    # later. Still unknown then: expired, or a restarted member forgot it; authenticate again.
+                    # later. Still unknown then: expired, or a restarted member forgot it; a new token is asked
+                    # for, and the old one kept for the members that know it when none can be had (no leader).
                     if attempt == 1:
                         await asyncio.sleep(TOKEN_APPLY_WAIT)
-                    else:
-                        self._token = None
-                    continue
+                        continue
+                    if await self._login(endpoint, timeout, optional=True) is not None:
+                        continue
+                    err = EtcdAuthError(f"{err.message} (the member does not know the bot's token, and no new one "
+                                        f"can be had: {self._login_error})", endpoint)
                 if isinstance(err, EtcdAuthError) and self._username is not None and self._token is None \
                         and "user name is empty" in err.message and self._login_error:
                     err = EtcdAuthError(f"{err.message} (etcd auth is on and the bot holds no token: "
                                         f"{self._login_error})", endpoint)
                 if isinstance(err, EtcdUnavailable):
-                    self._drop(endpoint)
+                    self._drop(endpoint, lane)
                 self._count(err)
                 raise err from None
         raise AssertionError("unreachable")
@@ -352,9 +359,9 @@ class EtcdClient:
         if self.on_error is not None:
             self.on_error(err)
 
-    async def _call_once(self, endpoint: str, fn: Call[T], timeout: float, auth: Auth) -> T:
+    async def _call_once(self, endpoint: str, fn: Call[T], timeout: float, auth: Auth, lane: Lane) -> T:
         metadata = await self._metadata(endpoint, timeout, auth)
-        return await fn(self._channel(endpoint), metadata, timeout)
+        return await fn(self._channel(endpoint, lane), metadata, timeout)
 
     def _fallbacks(self) -> list[str]:
         return [e for e in self.learned if e not in self.endpoints]
@@ -552,7 +559,7 @@ class EtcdClient:
         """Defragment one member: it answers nothing else until done, so the deadline is long."""
         async def fn(ch: grpc.aio.Channel, md: Metadata, t: float) -> None:
             await rpc.MaintenanceStub(ch).Defragment(rpc.DefragmentRequest(), timeout=t, metadata=md)
-        await self.call(endpoint, fn, timeout)
+        await self.call(endpoint, fn, timeout, lane="long")
 
     async def alarm_disarm(self, member_id: int, kind: str, timeout: float | None = None) -> None:
         """Deactivate one member's alarm (`kind` NOSPACE or CORRUPT), as `etcdctl alarm disarm` does per alarm."""
@@ -579,7 +586,7 @@ class EtcdClient:
             raise EtcdTimeout(f"no answer within {self.timeout:g}s", endpoint) from None
         except grpc.aio.AioRpcError as e:
             raise map_grpc_error(e, endpoint, self.timeout) from None
-        call = rpc.MaintenanceStub(self._channel(endpoint)).Snapshot(rpc.SnapshotRequest(), metadata=metadata)
+        call = rpc.MaintenanceStub(self._channel(endpoint, "long")).Snapshot(rpc.SnapshotRequest(), metadata=metadata)
         stream = SnapshotStream(self, endpoint, call, idle_timeout)
         await stream.start(self.timeout)
         return stream
@@ -600,12 +607,12 @@ class SnapshotStream:
             async with asyncio.timeout(timeout):  # not wait_for: no task per 32 KiB message (the receive loop's cost)
                 resp = await self._call.read()
         except TimeoutError:
-            self.client._drop(self.endpoint)
+            self.client._drop(self.endpoint, "long")
             raise EtcdTimeout(f"snapshot stream silent for {timeout:g}s", self.endpoint) from None
         except grpc.aio.AioRpcError as e:
             err = map_grpc_error(e, self.endpoint, timeout)
             if isinstance(err, EtcdUnavailable):
-                self.client._drop(self.endpoint)
+                self.client._drop(self.endpoint, "long")
             raise err from None
         return None if resp is grpc.aio.EOF else resp
 
