@@ -133,9 +133,11 @@ async def member_metrics(url: str, tls: TLSFiles, timeout: float) -> MemberMetri
         raise EtcdError(f"/metrics does not parse: {e}", url) from None
 
 
-async def cluster_metrics(client: EtcdClient, health: ClusterHealth,
-                          timeout: float | None = None) -> dict[int, MemberMetrics | str]:
-    """Every reachable member's figures at once, or why they could not be read, by member ID."""
+async def cluster_metrics(client: EtcdClient, health: ClusterHealth, timeout: float | None = None, *,
+                          for_quota: bool = False) -> dict[int, MemberMetrics | str]:
+    """Every reachable member's figures at once, or why they could not be read, by member ID. `for_quota`: only
+    the members whose Status does not say their quota (before etcd 3.6): a /metrics page is some 200 kB, and
+    over a far link its transfer costs several round trips."""
     timeout = timeout or client.timeout
 
     async def one(urls: tuple[str, ...]) -> MemberMetrics | str:
@@ -147,6 +149,7 @@ async def cluster_metrics(client: EtcdClient, health: ClusterHealth,
                                            for err in e.errors)) or "no client URL"
         return found
 
-    members = [h for h in health.members if h.status is not None and h.member.client_urls]
+    members = [h for h in health.members if h.status is not None and h.member.client_urls
+               and not (for_quota and h.status.db_size_quota)]
     answers = await asyncio.gather(*(one(h.member.client_urls) for h in members))
     return {h.member.id: a for h, a in zip(members, answers, strict=True)}

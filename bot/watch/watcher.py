@@ -70,7 +70,7 @@ async def _quotas(ctx: BotContext, cluster: ClusterConfig, health: ClusterHealth
     """Each reachable member's backend quota (in Status since etcd 3.6, before only in /metrics)."""
     if health is None:
         return None
-    found = await cluster_metrics(ctx.client(cluster), health)
+    found = await cluster_metrics(ctx.client(cluster), health, for_quota=True)
     quotas = {h.member.id: backend_quota(h.status, found.get(h.member.id)) for h in health.members}
     return {mid: quota for mid, (quota, why) in quotas.items()
             if quota and (why is None or not isinstance(found.get(mid), str))} or None

@@ -206,11 +206,10 @@ class DefragOperation(ClusterOperation[DefragPlan]):
         return await wait_for("the leadership move", self.cluster.catch_up_seconds, moved, RESUME)
 
     async def _quotas(self, health: ClusterHealth) -> dict[int, int]:
-        read = await cluster_metrics(self.client, health)
+        read = await cluster_metrics(self.client, health, for_quota=True)
         planned = {int(m.ref.id, 16): m.quota for m in self.plan.members}
-        quotas = {h.member.id: backend_quota(h.status, read.get(h.member.id)) for h in health.members}
-        return {mid: quota if quota and why is None else planned.get(mid, 0)
-                for mid, (quota, why) in quotas.items() if mid in read}
+        quotas = {h.member.id: backend_quota(h.status, read.get(h.member.id)) for h in health.members if h.status}
+        return {mid: quota if quota and why is None else planned.get(mid, 0) for mid, (quota, why) in quotas.items()}
 
     async def step_disarm(self) -> str:
         health = await self.ctx.check(self.cluster)
