@@ -711,7 +711,8 @@ def test_cli_save_and_status(cluster, tmp_path, cli):
 
     proc = cli("snapshot", "status", str(path), "--json")
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == {k: out[k] for k in ("hash", "revision", "total_keys", "live_keys", "total_size")}
+    assert json.loads(proc.stdout) == {k: out[k] for k in ("hash", "revision", "total_keys", "live_keys", "total_size",
+                                                            "storage_version")}
 
     proc = cli("snapshot", "status", str(path))
     assert proc.returncode == 0, proc.stderr

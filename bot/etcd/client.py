@@ -193,6 +193,8 @@ class EtcdClient:
         await self.close()
 
     async def close(self) -> None:
+        if self._login_task is not None and not self._login_task.done():
+            self._login_task.cancel()
         channels, self._channels = list(self._channels.values()), {}
         for channel in channels:
             await channel.close()
@@ -262,6 +264,8 @@ class EtcdClient:
         if self._login_task is None or self._login_task.done():
             candidates = list(dict.fromkeys([endpoint, *self._order()]))
             self._login_task = asyncio.ensure_future(self._authenticate(candidates, timeout))
+            # its outcome is read here when a caller waits for it; one nobody waited for is dropped quietly
+            self._login_task.add_done_callback(lambda t: t.cancelled() or t.exception())
         wait = timeout / 2 if optional else timeout
         try:
             return await asyncio.wait_for(asyncio.shield(self._login_task), wait)
