@@ -286,7 +286,7 @@ async def _status(args: argparse.Namespace) -> int:
             else:
                 print(render.unreachable_text(name, str(e)), file=sys.stderr)
             return EXIT_FAILED
-        metrics = await cluster_metrics(client, health) if args.cmd == "status" else None
+        metrics = await cluster_metrics(client, health, for_quota=True) if args.cmd == "status" else None
     view = status_view(health, metrics)
     if args.cmd == "members":
         print(render.members_text(view))

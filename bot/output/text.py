@@ -55,7 +55,7 @@ def status_rows(view: StatusView) -> list[list[str]]:
         rows.append([
             m.hex_id, "started" if m.started else "unstarted", m.name or "", shown_urls(m.peer_urls),
             shown_urls(m.client_urls), str(m.is_learner).lower(),
-            "yes" if v.reachable else f"NO: {v.error}",
+            "yes" if v.reachable else f"NO: {v.error}" if v.state == "DOWN" else f"{v.state.lower()}: {v.error}",
             "*" if v.is_leader else "",
             s.version if s else "-", humanize_bytes(s.db_size) if s else "-", str(s.raft_index) if s else "-",
             ", ".join(v.alarms) or ("-" if s is None else "none"),
@@ -89,7 +89,9 @@ def status_json(view: StatusView) -> dict[str, Any]:
         members.append({
             "id": m.hex_id, "name": m.name, "peer_urls": list(m.peer_urls), "client_urls": list(m.client_urls),
             "started": m.started, "is_learner": m.is_learner, "reachable": v.reachable, "healthy": v.healthy,
-            "is_leader": v.is_leader, "version": s.version if s else None,
+            "is_leader": v.is_leader, "version": s.version if s else None, "state": v.state,
+            "storage_version": (s.storage_version or None) if s else None,
+            "downgrade_target": s.downgrade_target if s else None,
             "db_size": s.db_size if s else None, "db_size_in_use": s.db_size_in_use if s else None,
             "raft_term": s.raft_term if s else None, "raft_index": s.raft_index if s else None,
             "raft_applied_index": s.raft_applied_index if s else None,
@@ -268,6 +270,6 @@ def bump_note(plan: RestorePlan) -> str:
     if plan.bump_supported:
         return (f"etcdutl {plan.etcd_version} supports --bump-revision/--mark-compacted: they are added, so clients' "
                 "watch caches are invalidated.")
-    return (f"etcd {plan.etcd_version or '(version unknown)'}: its etcdutl has no --bump-revision/--mark-compacted "
-            "(3.5.10 and later, 3.6): clients' watch caches are NOT invalidated by the restore; restart every "
-            "watcher (kube-apiserver and controllers) as the follow-ups say.")
+    return (f"etcd {plan.etcd_version or '(version unknown)'}: its {plan.restore_tool} has no --bump-revision/"
+            "--mark-compacted (3.5.10 and later, 3.6): clients' watch caches are NOT invalidated by the restore; "
+            "restart every watcher (kube-apiserver and controllers) as the follow-ups say.")

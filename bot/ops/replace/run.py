@@ -319,15 +319,24 @@ class ReplaceOperation(ClusterOperation[ReplacePlan]):
         return f"--etcd-servers={servers}"
 
     async def step_verify(self) -> str:
+        """The new member votes and every member is healthy, but for those the plan found failed already and
+        left in place (etcd adds a member while a quorum answers): each gets a replacement of its own."""
         expected = self.plan.expected_members
+        removed = {r.id for r in self.plan.also_remove}
+        left = {int(r.id, 16): r for r in self.plan.others_failed if r.id not in removed}
 
         async def verified() -> str | None:
             health = await self.ctx.check(self.cluster)
             ids = {h.member.id for h in health.members}
             if int(self.plan.failed.id, 16) in ids or len(health.members) != expected:
                 return None
-            if not health.all_healthy or any(h.member.is_learner for h in health.members):
+            if any(not h.healthy and h.member.id not in left for h in health.members) or health.alarms \
+                    or health.leader_id is None or any(h.member.is_learner for h in health.members):
                 return None
-            return f"{len(health.members)} members, all healthy; leader {health.leader_id:016x}"
+            still = [r.label for mid, r in left.items() if mid in ids and not next(
+                h for h in health.members if h.member.id == mid).healthy]
+            tail = f"; still failed as planned: {', '.join(still)} (replace it next)" if still else ", all healthy"
+            return f"{len(health.members)} members{tail}; leader {health.leader_id:016x}"
 
-        return await self._wait(f"{expected} healthy members", self.cluster.catch_up_seconds, verified)
+        return await self._wait(f"{expected} members, healthy but for those failed already",
+                                self.cluster.catch_up_seconds, verified)

@@ -305,8 +305,8 @@ class RestoreOperation(ClusterOperation[RestorePlan]):
         health = await self.ctx.check(self.cluster)
         live = {h.member.name: h for h in health.members}
         want = p.restored_ids
-        redo = ("restore every member as the plan shows (etcdutl snapshot restore with its token), start them, "
-                "then /etcd resume the plan; or /etcd abandon it")
+        redo = (f"restore every member as the plan shows ({p.restore_tool} snapshot restore with its token), start "
+                "them, then /etcd resume the plan; or /etcd abandon it")
         if set(live) != set(want):
             raise StepFailed(f"the members are {', '.join(sorted(live))}, not those this plan restored "
                              f"({', '.join(sorted(want))})", redo)
