@@ -48,7 +48,12 @@ async def _settled(coro):
 
 
 class UsageFailure(Exception):
-    """Bad input on the command line: reported in one line, exit status 2."""
+    """Bad input on the command line: reported in one line with the command's usage, exit status 2."""
+
+
+class ConfigFailure(UsageFailure):
+    """A mistake in the configuration file, not on the command line: one line naming the key, exit status 2,
+    without the usage (it would not help)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -136,6 +141,8 @@ def _parser() -> tuple[_Parser, dict[str, _Parser]]:
 
     chk = sub.add_parser("check-config", help="validate a config file and print what it defines")
     chk.add_argument("config", nargs="?", help="TOML config file (default: $ETCD_CHATOPS_CONFIG)")
+    chk.add_argument("--example", action="store_true",
+                     help="print an annotated example of every key instead (the README's configuration reference)")
     return p, sub.choices
 
 
@@ -165,7 +172,7 @@ def _load_config(given: str | None):
     try:
         return load_config(_config_path(given))
     except ConfigError as e:
-        raise UsageFailure(f"config: {e}") from None
+        raise ConfigFailure(f"config: {e}") from None
 
 
 def _check_tls_files(files: dict[str, Path]) -> None:
@@ -588,6 +595,12 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    if args.example:
+        if args.config:
+            raise UsageFailure("--example prints the example; give it or a file to check, not both")
+        from importlib.resources import files
+        sys.stdout.write(files("bot.config").joinpath("example.toml").read_text())
+        return EXIT_OK
     config = _load_config(args.config)
     print(f"{config.source}: ok")
     print(f"  database: {config.database_shown}\n  snapshot_dir: {config.snapshot_dir}")
@@ -631,7 +644,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _demo(args)
     except UsageFailure as e:
         nested = getattr(args, "snap_cmd", None) or getattr(args, "audit_cmd", None)
-        (_NESTED_PARSERS.get(f"{args.cmd} {nested}") or subparsers[args.cmd]).print_usage(sys.stderr)
+        if not isinstance(e, ConfigFailure):
+            (_NESTED_PARSERS.get(f"{args.cmd} {nested}") or subparsers[args.cmd]).print_usage(sys.stderr)
         print(f"etcd-chatops {args.cmd}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
