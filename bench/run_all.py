@@ -31,7 +31,9 @@ MARK = "<!-- make bench writes everything below; the summary above is written by
 def summary(page: Path) -> list[str]:
     """The hand-written part of the page (the summary and where we trail), kept across runs."""
     text = page.read_text() if page.exists() else ""
-    return text.split(MARK, 1)[0].rstrip("\n").splitlines() + ["", MARK, ""] if MARK in text else ["# Benchmarks", "", MARK, ""]
+    if MARK not in text:
+        return ["# Benchmarks", "", MARK, ""]
+    return text.split(MARK, 1)[0].rstrip("\n").splitlines() + ["", MARK, ""]
 
 
 def render(results: list[dict], kept: list[str]) -> str:

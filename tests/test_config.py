@@ -551,7 +551,7 @@ def test_the_readme_example_passes_check_config_as_written(tmp_path, monkeypatch
     assert "cluster prod: 3 endpoint(s), mutual TLS" in checked.stdout
     config = load_config(tmp_path / "config.toml")
     (cluster,) = config.clusters
-    assert cluster.snapshots.keep_last == 30 and cluster.snapshots.every_seconds == 6 * 3600  # its own, then [snapshots]
+    assert cluster.snapshots.keep_last == 30 and cluster.snapshots.every_seconds == 6 * 3600  # own, then [snapshots]
     assert cluster.access.approvers.users == ("U0LEAD0001",) and cluster.watch.cert_warning_seconds == 14 * 86400
     assert cluster.restore.age_identity == str(identity) and config.approval.rule("restore").approvals_needed == 2
     assert cluster.launcher.timeout_seconds == 600

@@ -472,6 +472,32 @@ async def test_racing_confirmations_from_two_replicas_confirm_a_stage_once(backe
     assert {x.stage.confirmed_by for x in answers} == {winner}
 
 
+async def test_a_cancel_and_a_confirmation_racing_on_a_stage_one_wins(backend):
+    """`/etcd cancel` of a plan waiting on a person and `/etcd continue` of that stage, from two replicas at once:
+    exactly one counts. A cancel wins only a waiting stage of a running plan, and moves the plan to cancelled
+    in the same write (so the plan is closed even when the replica running it is gone)."""
+    a, b = await backend.store(), await backend.store()
+    await a.insert_plan(plan_row("p1", state=PlanState.RUNNING))
+    assert await b.cancel_stage("p1", "U0LEAD0001", "why") is None  # waits on nobody: nothing changes
+    assert (await a.plan("p1")).state == PlanState.RUNNING
+    for round_ in range(4):
+        await a.open_stage("p1", f"stage{round_}")
+        cancel, confirm = await asyncio.gather(b.cancel_stage("p1", "U0LEAD0001", "host unreachable"),
+                                               a.confirm_stage("p1", "U0LEAD0002", None, 0))
+        if cancel is not None:
+            assert confirm.outcome is not Confirmation.CONFIRMED
+            plan = await a.plan("p1")
+            assert (plan.state, plan.decided_by, plan.error) == (PlanState.CANCELLED, "U0LEAD0001", "host unreachable")
+            assert cancel.key == f"stage{round_}" and cancel.closed_at is not None and not cancel.confirmed_by
+            stage = await a.stage("p1", cancel.key)
+            assert stage is not None and not stage.waiting and stage.confirmed_by is None
+            return
+        assert confirm.outcome is Confirmation.CONFIRMED and (await a.plan("p1")).state == PlanState.RUNNING
+    assert await b.cancel_stage("p1", "U0LEAD0001", "x") is None  # every stage confirmed: none left to cancel
+    await a.open_stage("p1", "last")
+    assert (await b.cancel_stage("p1", "U0LEAD0001", "x")).key == "last"
+
+
 async def test_a_stage_opened_by_a_replica_that_lost_its_lease_is_refused(backend):
     a, b = await backend.store(), await backend.store()
     await a.insert_plan(plan_row("p1"))

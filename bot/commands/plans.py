@@ -50,9 +50,11 @@ async def plans(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user: str
     return Outcome(channel=blocks.plans_reply(cluster.name, await ctx.store.plans(cluster.name, limit=10)))
 
 
-@command("cancel", ("plan-id",), summary="cancel a proposed plan (proposer or approver)", role=None, names_plan=True)
+@command("cancel", ("plan-id", "[reason]"), rest=True, role=None, names_plan=True,
+         summary="cancel a proposed plan (proposer or approver), or stop one waiting on a person, with a reason "
+                 "(approvers)")
 async def cancel(ctx: BotContext, cmd: Command, cluster: None, user: str, channel: str) -> Outcome:
-    return await lifecycle.cancel(ctx, cmd.args["plan_id"], user, channel)
+    return await lifecycle.cancel(ctx, cmd.args["plan_id"], user, channel, cmd.args.get("reason", ""))
 
 
 @command("resume", ("plan-id",), summary="continue an interrupted or failed plan from its step (approvers)",

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar, cast
 
-from bot.domain.errors import EtcdError, FactsChanged, StepFailed
-from bot.domain.mrkdwn import escape
-from bot.domain.plan import Fence, PlanKind, PlanState
+from bot.domain.errors import EtcdError, FactsChanged, PlanCancelled, StepFailed
+from bot.domain.mrkdwn import code, escape
+from bot.domain.plan import Fence, PlanKind, PlanState, Stage
 from bot.domain.record import AnyPlan, PlanRecord
 from bot.ops.context import BotContext
 from bot.ops.launcher import Fencing
@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 P = TypeVar("P", bound=AnyPlan)
 
 log = logging.getLogger(__name__)
+POLL = 0.5             # seconds between two looks at what a person was asked to do
+REMIND_BEFORE = 60.0   # a wait on a person says so once more when this much of it is left
 # The fence of the run this task executes: set by execute(), read by an operation's own writes (update_plan).
 RUN_FENCE: ContextVar[Fence | None] = ContextVar("run_fence", default=None)
 
@@ -88,6 +90,60 @@ class ClusterOperation(Generic[P]):
 
     def done_note(self) -> str:
         raise NotImplementedError
+
+    async def wait_for_person(self, key: str, ask: str, ready: Callable[[Stage | None], Awaitable[str | None]],
+                              timed_out: StepFailed) -> str:
+        """The `manual` launcher's wait at stage `key`: `ask` (mrkdwn) is posted with until when the plan waits;
+        `ready` is asked every POLL until it says what happened (retried through etcd errors); a reminder goes
+        out when a minute is left. An approver's `/etcd cancel` ends the wait (PlanCancelled: the plan is
+        cancelled already); so does the launcher's timeout (`timed_out`), unless `ready` says otherwise then."""
+        store, plan_id = self.ctx.store, self.record.id
+        seconds = self.cluster.launcher.timeout_seconds
+        await store.open_stage(plan_id, key, fence=self.fence)  # before the ask: nothing is confirmed early
+        deadline = time.monotonic() + seconds
+        cancel = code(f"/etcd cancel {plan_id} <reason>")
+        await note(self.ctx, self.record, f"{ask}\n:hourglass_flowing_sand: The plan waits until "
+                                          f"{_clock(time.time() + seconds)} ({_span(seconds)}); an approver can "
+                                          f"stop it here with {cancel}.")
+        reminded = seconds <= REMIND_BEFORE  # a wait this short says until when once, and that is enough
+        stage: Stage | None = None
+        try:
+            while True:
+                stage = await store.stage(plan_id, key)
+                if stage is not None and stage.closed_at is not None and not stage.confirmed_by:
+                    current = await store.plan(plan_id)
+                    raise PlanCancelled(key, (current.decided_by if current else None) or "an approver",
+                                        (current.error if current else None) or "")
+                try:
+                    if (found := await ready(stage)) is not None:
+                        return found
+                except EtcdError:
+                    pass  # a member starting, or not yet answering: the next look
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                if not reminded and left <= REMIND_BEFORE:
+                    reminded = True
+                    await note(self.ctx, self.record,
+                               f":hourglass: {_span(left)} left at stage *{escape(key)}* of plan {plan_id} (until "
+                               f"{_clock(time.time() + left)}); then it fails and can be resumed. To stop it "
+                               f"instead: {cancel}.")
+                await asyncio.sleep(min(POLL, left))
+        finally:
+            ended = await store.close_stage(plan_id, key, fence=self.fence)
+        if ended is not None and (found := await ready(ended)) is not None:  # an answer that raced the end counts
+            return found
+        raise timed_out
+
+
+def _clock(epoch: float) -> str:
+    """A moment as people in any time zone read it in a thread or a terminal."""
+    return time.strftime("%H:%M:%S UTC", time.gmtime(epoch))
+
+
+def _span(seconds: float) -> str:
+    whole = max(0, round(seconds))
+    return f"{whole // 60} min {whole % 60:02d} s" if whole >= 60 else f"{whole} s"
 
 
 async def hold_lease(ctx: BotContext, fence: Fence) -> None:
@@ -219,6 +275,8 @@ class Run:
                     detail = await step.verify(detail)
             except (TimeoutError, StepFailed, EtcdError) as e:
                 return await self._fail(idx, self._failure(e))
+            except PlanCancelled as e:
+                return await self._cancelled(idx, e)
             except (asyncio.CancelledError, LeaseLost):
                 raise  # the bot is stopping, or another replica leads: the plan stays "running" for the next leader
             except Exception as e:
@@ -255,6 +313,13 @@ class Run:
             return e
         return StepFailed(str(e) or type(e).__name__,
                           "check /etcd status, then /etcd resume the plan or finish by hand")
+
+    async def _cancelled(self, idx: int, e: PlanCancelled) -> PlanState:
+        """Stopped at a person's stage by /etcd cancel, which moved the plan to cancelled and said what had run:
+        the step that waited is recorded as cancelled, and nothing more runs."""
+        await self.ctx.store.step_finished(self.record.id, idx, "cancelled", error=e.reason, fence=self.fence)
+        await refresh(self.ctx, self.record.id)
+        return PlanState.CANCELLED
 
     async def _fail(self, idx: int, e: StepFailed, before: bool = False) -> PlanState:
         store, record = self.ctx.store, self.record
