@@ -139,6 +139,8 @@ def _parser() -> tuple[_Parser, dict[str, _Parser]]:
                           "leads group), mallory (not on call)")
     say.add_argument("--dir", help="the kept demo's directory (default as for demo --keep)")
 
+    _add_plan_parsers(sub)
+
     chk = sub.add_parser("check-config", help="validate a config file and print what it defines")
     chk.add_argument("config", nargs="?", help="TOML config file (default: $ETCD_CHATOPS_CONFIG)")
     chk.add_argument("--example", action="store_true",
@@ -147,6 +149,39 @@ def _parser() -> tuple[_Parser, dict[str, _Parser]]:
 
 
 _NESTED_PARSERS: dict[str, argparse.ArgumentParser] = {}
+
+
+def _add_plan_parsers(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """`plan` and its actions (bot.cli.plan runs them)."""
+    plan = sub.add_parser("plan", help="break glass: propose, approve and run plans from a shell when Slack is down")
+    actions = plan.add_subparsers(dest="plan_cmd", metavar="ACTION", parser_class=_Parser)
+    actions.required = True
+
+    def acting(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--as", dest="person", required=True, metavar="NAME",
+                       help="who acts (recorded and posted as NAME, from a shell); each name counts as one approver")
+        p.add_argument("--reason", required=True, help="why this is done from a shell (audited and posted)")
+        p.add_argument("--config", help="the bot's TOML config file (default: $ETCD_CHATOPS_CONFIG)")
+
+    propose = actions.add_parser("propose", help="propose a plan, as /etcd replace, restore or defrag would")
+    acting(propose)
+    propose.add_argument("words", nargs=argparse.REMAINDER, metavar="KIND ARGS",
+                         help="what /etcd takes after its name: replace FAILED NEW-NAME PEER-URL [--client-url URL], "
+                              "restore [SNAPSHOT] [--force], defrag [--rule EXPR]; --cluster NAME with several "
+                              "clusters (after --as, --reason and --config)")
+    show = actions.add_parser("show", help="a plan with its approvals and steps; without PLAN, the recent plans")
+    show.add_argument("plan", nargs="?", help="the plan's ID")
+    show.add_argument("--cluster", help="only this cluster's plans")
+    show.add_argument("--config", help="the bot's TOML config file (default: $ETCD_CHATOPS_CONFIG)")
+    for name, what in (("approve", "approve a proposed plan as NAME (a restore needs two names)"),
+                       ("run", "run an approved plan here until it ends (or follow the replica that runs it)"),
+                       ("resume", "continue an interrupted or failed plan from its step, here"),
+                       ("cancel", "cancel a proposed plan, or stop one waiting on a person (a manual stage)"),
+                       ("abandon", "close an interrupted or failed plan without undoing anything")):
+        p = actions.add_parser(name, help=what)
+        p.add_argument("plan", help="the plan's ID")
+        acting(p)
+    _NESTED_PARSERS.update({f"plan {k}": v for k, v in actions.choices.items()})
 
 
 def _add_cluster_args(p: argparse.ArgumentParser) -> None:
@@ -642,11 +677,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _arun(_audit(args))
         if args.cmd in ("demo", "say"):
             return _demo(args)
+        if args.cmd == "plan":
+            from bot.cli import plan
+            return _arun(plan.main(args))
     except UsageFailure as e:
-        nested = getattr(args, "snap_cmd", None) or getattr(args, "audit_cmd", None)
+        nested = getattr(args, "snap_cmd", None) or getattr(args, "audit_cmd", None) or getattr(args, "plan_cmd", None)
         if not isinstance(e, ConfigFailure):
             (_NESTED_PARSERS.get(f"{args.cmd} {nested}") or subparsers[args.cmd]).print_usage(sys.stderr)
-        print(f"etcd-chatops {args.cmd}: error: {e}", file=sys.stderr)
+        print(f"etcd-chatops {args.cmd}{f' {nested}' if nested else ''}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import partial
@@ -25,13 +25,14 @@ from bot.domain.errors import EtcdError, FactsChanged, PlanCancelled, StepFailed
 from bot.domain.mrkdwn import code, escape
 from bot.domain.plan import Fence, PlanKind, PlanState, Stage
 from bot.domain.record import AnyPlan, PlanRecord
+from bot.ops.access import Access, Role
 from bot.ops.context import BotContext
 from bot.ops.launcher import Fencing
 from bot.output.blocks import PlanView, Reply
 from bot.store.base import LeaseLost
 
 if TYPE_CHECKING:
-    from bot.config import ClusterConfig
+    from bot.config import ClusterConfig, Config
     from bot.etcd.client import EtcdClient
 
 P = TypeVar("P", bound=AnyPlan)
@@ -189,6 +190,17 @@ def register(kind: PlanKind, *, render: Render) -> Callable[[type[C]], type[C]]:
 def render_plan(record: PlanRecord, view: PlanView) -> Reply:
     """The message of a plan of any kind, as its kind renders it."""
     return KINDS[record.kind].render(record.plan, view)
+
+
+def plan_view(config: Config, record: PlanRecord, step_states: Mapping[int, str]) -> PlanView:
+    """What a plan's message shows besides the plan: its state and progress, who approves and how."""
+    cluster = config.cluster(record.cluster)
+    approvers = Access.holders(cluster, Role.APPROVER) if cluster else "nobody (cluster not configured)"
+    approval = config.approval
+    return PlanView(state=record.state, proposer=record.proposer, approvers=approvers, expires_at=record.expires_at,
+                    reaction=approval.reaction, reject_reaction=approval.reject_reaction, step_states=step_states,
+                    decided_by=record.decided_by, error=record.error, approvals=record.approvals,
+                    approvals_needed=approval.rule(record.kind).approvals_needed)
 
 
 async def refresh(ctx: BotContext, plan_id: str) -> None:

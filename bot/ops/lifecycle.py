@@ -54,46 +54,51 @@ async def _approvers(ctx: BotContext, record: PlanRecord) -> str:
     return await ctx.access.names(cluster, Role.APPROVER) if cluster else "nobody"
 
 
-async def approve(ctx: BotContext, record: PlanRecord, user: str) -> None:
+async def approve(ctx: BotContext, record: PlanRecord, user: str) -> bool:
+    """Count `user`'s approval (True), or say in the thread why it counts for nothing (False)."""
     store, plan_id = ctx.store, record.id
     rule = ctx.config.approval.rule(record.kind)
     if not await _is_approver(ctx, record, user):
         await _refuse(ctx, record, user, "approve_refused",
                       f"{mention(user)} is not an approver, so plan {plan_id} is not approved "
                       f"(approvers: {await _approvers(ctx, record)}).")
-        return
+        return False
     if user == record.proposer and not rule.allow_self_approval:
         await _refuse(ctx, record, user, "approve_refused",
                       f"{mention(user)} proposed plan {plan_id} and cannot approve it too: "
                       f"another approver must react (allow_self_approval is off).")
-        return
+        return False
     if record.state == PlanState.PROPOSED and time.time() >= record.expires_at:
         await expire(ctx, record)
         await _refuse(ctx, record, user, "approve_refused",
                       f"plan {plan_id} expired at {blocks.slack_date(record.expires_at)}: propose it again.")
-        return
+        return False
     first, count, won = await store.add_approval(plan_id, user, rule.approvals_needed)
     if won:
         await store.audit("plan_approved", user=user, channel=record.channel, cluster=record.cluster,
                           detail={"plan": plan_id, "approvals": count})
         await note(ctx, record, f":white_check_mark: Approved by {mention(user)}. Executing plan {plan_id} now.")
         start_plan(ctx, plan_id, user, from_states=(PlanState.APPROVED,), start=0)  # else the leader picks it up
+        return True
     elif first:
         await store.audit("plan_approval", user=user, channel=record.channel, cluster=record.cluster,
                           detail={"plan": plan_id, "approvals": count, "needed": rule.approvals_needed})
         await refresh(ctx, plan_id)
         await note(ctx, record, f":ballot_box_with_check: Approval {count} of {rule.approvals_needed} for plan "
                                 f"{plan_id}, by {mention(user)}; it runs when {rule.approvals_needed} approvers agree.")
+        return True
     elif count:
         await _refuse(ctx, record, user, "approve_ignored",
                       f"{mention(user)} approved plan {plan_id} already; each approver counts once "
                       f"({count} of {rule.approvals_needed}).")
+        return False
     else:
         current = await store.plan(plan_id) or record
         by = f" by {mention(current.decided_by)}" if current.decided_by else ""
         await _refuse(ctx, record, user, "approve_ignored",
                       f"plan {plan_id} is {current.state}{by}, not proposed: "
                       f"{mention(user)}'s approval changes nothing.")
+    return False
 
 
 async def reject(ctx: BotContext, record: PlanRecord, user: str) -> None:

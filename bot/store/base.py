@@ -386,6 +386,19 @@ class Store(ABC):
         """`/etcd continue`: confirm the stage the plan waits on now, in one guarded write (of racing
         confirmations, one is CONFIRMED and the others ALREADY), as `judge_confirmation` decides."""
 
+    # -- outbox: posted once Slack answers ---------------------------------
+
+    @abstractmethod
+    async def queue_post(self, channel: str, plan_id: str | None, text: str) -> None:
+        """Keep a message for the channel (in the plan's thread when `plan_id`) until a replica posts it."""
+
+    @abstractmethod
+    async def queued_posts(self, limit: int = 50) -> list[dict[str, Any]]:
+        """The messages not posted yet, oldest first."""
+
+    @abstractmethod
+    async def mark_posted(self, post_id: int) -> None: ...
+
     # -- audit ----------------------------------------------------------
 
     @abstractmethod

@@ -502,6 +502,18 @@ class SqlStore(Store):
             return StageAnswer(Confirmation.CONFIRMED, replace(current, confirmed_by=user, confirmed_at=now), now)
         return await self._run(work, transaction=True)
 
+    # -- outbox -----------------------------------------------------------
+
+    async def queue_post(self, channel: str, plan_id: str | None, text: str) -> None:
+        await self._exec("INSERT INTO outbox (at, channel, plan_id, text) VALUES (?, ?, ?, ?)",
+                         [time.time(), channel, plan_id, text])
+
+    async def queued_posts(self, limit: int = 50) -> list[dict[str, Any]]:
+        return await self._rows("SELECT * FROM outbox WHERE posted_at IS NULL ORDER BY id LIMIT ?", [limit])
+
+    async def mark_posted(self, post_id: int) -> None:
+        await self._exec("UPDATE outbox SET posted_at = ? WHERE id = ?", [time.time(), post_id])
+
     # -- audit ----------------------------------------------------------
 
     async def audit(self, action: str, *, user: str = "", channel: str = "", cluster: str = "",
