@@ -472,6 +472,19 @@ async def test_racing_confirmations_from_two_replicas_confirm_a_stage_once(backe
     assert {x.stage.confirmed_by for x in answers} == {winner}
 
 
+async def test_the_outbox_keeps_posts_in_order_until_each_is_posted(backend):
+    """What was done from a shell, kept until a replica posts it: oldest first, and never handed out again."""
+    a, b = await backend.store(), await backend.store()
+    await a.queue_post(CHANNEL, "p1", "approved by bob")
+    await a.queue_post(CHANNEL, None, "a message in the channel")
+    await a.queue_post(CHANNEL, "p1", "step 0 done")
+    queued = await b.queued_posts()
+    assert [(r["plan_id"], r["text"]) for r in queued] == [
+        ("p1", "approved by bob"), (None, "a message in the channel"), ("p1", "step 0 done")]
+    await b.mark_posted(queued[0]["id"])
+    assert [r["text"] for r in await a.queued_posts(limit=1)] == ["a message in the channel"]
+
+
 async def test_a_cancel_and_a_confirmation_racing_on_a_stage_one_wins(backend):
     """`/etcd cancel` of a plan waiting on a person and `/etcd continue` of that stage, from two replicas at once:
     exactly one counts. A cancel wins only a waiting stage of a running plan, and moves the plan to cancelled
@@ -613,7 +626,8 @@ async def test_a_database_one_migration_behind_is_brought_up_to_date(backend):
     snapshot = await store.record_snapshot(snapshot_row())
     await store.close()
     for statement in ["DELETE FROM schema_migrations WHERE version >= 2", "DROP TABLE stages", "DROP TABLE leases",
-                      "DROP TABLE alerts", "DROP TABLE mutes", *(f"ALTER TABLE snapshots DROP COLUMN {c}" for c in (
+                      "DROP TABLE alerts", "DROP TABLE mutes", "DROP TABLE outbox",
+                      *(f"ALTER TABLE snapshots DROP COLUMN {c}" for c in (
                           "remote_url", "remote_state", "remote_error", "remote_verified_at", "remote_pruned_at"))]:
         backend.rows(statement)
     store = await backend.store()
