@@ -126,14 +126,17 @@ def _parser() -> tuple[_Parser, dict[str, _Parser]]:
     demo = sub.add_parser("demo", help="play a whole incident on a local cluster and the Slack stand-in")
     demo.add_argument("--keep", action="store_true", help="leave the cluster, the stand-in and the bot running")
     demo.add_argument("--stop", action="store_true", help="stop a demo left running with --keep")
-    demo.add_argument("--scenario", choices=("replace", "restore", "nospace"), default="replace",
+    demo.add_argument("--scenario", choices=("replace", "restore", "nospace", "alerts"), default="replace",
                       help="replace: a member dies and is replaced (default); restore: quorum is lost and the "
                            "cluster is restored from a snapshot under two approvals; nospace: a full database "
-                           "is defragmented")
+                           "is defragmented; alerts: the watch posts a member down and resolves it (with --keep "
+                           "it keeps watching)")
     demo.add_argument("--dir", help="where the demo's files go (default: a temporary directory; with --keep, "
                                     "$XDG_RUNTIME_DIR/etcd-chatops-demo-UID)")
-    say = sub.add_parser("say", help="type a command in a kept demo's channel and print the reply")
-    say.add_argument("text", help='the command, e.g. "/etcd status"')
+    say = sub.add_parser("say", help="type a command in a kept demo's channel, or react to a plan, and print the reply")
+    say.add_argument("text", help='the command, e.g. "/etcd status"; or a reaction to the newest plan (or --plan), '
+                                  "e.g. :white_check_mark: to approve it")
+    say.add_argument("--plan", help="the plan a reaction is for (default: the newest plan in the channel)")
     say.add_argument("--as", dest="person", default="alice", choices=["alice", "bob", "carol", "mallory"],
                      help="who types it: alice (on-call), bob (lead, approver), carol (lead, via the "
                           "leads group), mallory (not on call)")
@@ -620,7 +623,7 @@ def _demo(args: argparse.Namespace) -> int:
     directory = Path(args.dir) if args.dir else None
     try:
         if args.cmd == "say":
-            return _arun(demo.say(directory or demo.default_dir(), args.text, args.person))
+            return _arun(demo.say(directory or demo.default_dir(), args.text, args.person, plan=args.plan))
         if args.stop:
             print(demo.stop_kept(directory or demo.default_dir()))
             return EXIT_OK
