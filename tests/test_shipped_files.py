@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_plans import cluster, down, up
 
 from bot.commands.table import COMMANDS
 from bot.config import ReplicasConfig
@@ -17,7 +18,6 @@ from bot.ops.defrag.plan import plan_defrag
 from bot.ops.defrag.rule import parse_rule
 from bot.ops.replace.plan import plan_replacement
 from bot.ops.restore.plan import RESTORE_STEPS
-from test_plans import cluster, down, up
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
