@@ -521,18 +521,16 @@ def kept_help(stack: Stack, directory: Path) -> str:
     cli = "etcd-chatops" if shutil.which("etcd-chatops") else f"{Path(sys.executable).parent}/etcd-chatops"
     cluster = stack.cluster
     assert cluster is not None
-    member = cluster.member("member3")
-    watch = (f"  kill -9 {member.pid}                        # member3 dies: the watch posts the alert within seconds\n"
-             if stack.watch else
-             "  (etcd-chatops demo --keep --scenario alerts keeps the watch on: kill a member, see the alert)\n")
+    dies = ("the watch posts the alert within seconds (say \"/etcd alerts\")" if stack.watch else
+            "(with --scenario alerts the watch would post it)")
     return (f"\nThe cluster, the Slack stand-in and the bot keep running (files in {directory}).\n"
             f"Run etcd-chatops as {cli} (or `make shell` first, then plain etcd-chatops):\n"
+            f"  kill -9 {cluster.member('member3').pid}   # member3's machine dies; {dies}\n"
             f"  {cli} say \"/etcd status\"                   # as alice, the on-call engineer (an operator)\n"
             f"  {cli} say \"/etcd replace member3 member5 http://127.0.0.1:{free_port()} "
             f"--client-url http://127.0.0.1:{free_port()}\"\n"
             f"  {cli} say --as bob :white_check_mark:        # bob, the lead, approves the newest plan\n"
             f"  {cli} say --as bob \"/etcd plans\"\n"
-            + watch +
             f"  {cli} demo --stop                            # stop everything and remove the files")
 
 
