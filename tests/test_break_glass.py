@@ -55,8 +55,8 @@ async def test_a_whole_replacement_from_a_shell_is_posted_once_slack_answers(mak
 
     async with open_store(tmp_path) as store:
         rows = await store.audit_rows()
-        flagged = [(r["user"], json.loads(r["detail"])) for r in rows if r["action"] == "break_glass"]
-        approvals = [r["user"] for r in rows if r["action"] == "plan_approved"]
+        flagged = [(r.user, json.loads(r.detail)) for r in rows if r.action == "break_glass"]
+        approvals = [r.user for r in rows if r.action == "plan_approved"]
     assert [(user, d["command"], d["reason"]) for user, d in flagged] == [
         ("shell:alice", "plan propose", "Slack is down"), ("shell:alice", "plan approve", "Slack is down"),
         ("shell:bob", "plan approve", "bridge call agreed"), ("shell:bob", "plan run", "Slack is down"),

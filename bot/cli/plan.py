@@ -234,14 +234,13 @@ async def _show(ctx: BotContext, args: argparse.Namespace) -> int:
         return EXIT_OK
     record = await _plan(ctx, args.plan)
     steps = await ctx.store.steps(record.id)
-    reply = render_plan(record, plan_view(ctx.config, record, {s["idx"]: s["state"] for s in steps}))
+    reply = render_plan(record, plan_view(ctx.config, record, {s.idx: s.state for s in steps}))
     print(plain(reply.text, reply.blocks))
     needed = ctx.config.approval.rule(record.kind).approvals_needed
     print(f"\napprovals ({len(record.approvals)} of {needed}): "
           + (", ".join(plain(mention(a)) for a in record.approvals) or "none"))
     for s in steps:
-        said = s["error"] or s["detail"] or ""
-        print(f"  step {s['idx']} {s['key']:<10} {s['state']:<9} {plain(said)}")
+        print(f"  step {s.idx} {s.key:<10} {s.state:<9} {plain(s.error or s.detail or '')}")
     return EXIT_OK
 
 
@@ -276,10 +275,9 @@ async def _run(ctx: BotContext, record: PlanRecord) -> int:
                           "following its steps here", flush=True)
             if following:
                 for s in await ctx.store.steps(record.id):
-                    if s["state"] != "running" and (s["idx"], s["state"]) not in printed:
-                        printed.add((s["idx"], s["state"]))
-                        print(f"step {s['idx']} ({s['key']}) {s['state']}: {s['error'] or s['detail'] or ''}",
-                              flush=True)
+                    if s.state != "running" and (s.idx, s.state) not in printed:
+                        printed.add((s.idx, s.state))
+                        print(f"step {s.idx} ({s.key}) {s.state}: {s.error or s.detail or ''}", flush=True)
             await asyncio.sleep(FOLLOW_SECONDS)
     finally:
         await runtime.stop()

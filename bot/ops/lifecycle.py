@@ -203,9 +203,9 @@ async def _steps_run(ctx: BotContext, record: PlanRecord) -> tuple[list[str], li
     """The steps that had run when a plan was closed part-way, as lines to show (changes that stay), and the
     keys of those done (for the audit)."""
     steps = await ctx.store.steps(record.id)
-    shown = [f"{s['idx']}. {escape(record.plan.steps[s['idx']].title)} ({s['state']})" for s in steps
-             if s["state"] in ("done", "failed", "running")]
-    return shown, [s["key"] for s in steps if s["state"] == "done"]
+    shown = [f"{s.idx}. {escape(record.plan.steps[s.idx].title)} ({s.state})" for s in steps
+             if s.state in ("done", "failed", "running")]
+    return shown, [s.key for s in steps if s.state == "done"]
 
 
 async def cancel(ctx: BotContext, plan_id: str, user: str, channel: str, reason: str = "") -> Outcome:

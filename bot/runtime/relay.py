@@ -27,21 +27,21 @@ async def relay(ctx: BotContext) -> int:
     posted, touched = 0, set()
     try:
         for row in await store.queued_posts():
-            text = f"{stamp(row['at'])}\n{row['text']}"
-            if not row["channel"]:  # a cluster bound to no channel: nowhere to post it
-                await store.mark_posted(row["id"])
+            text = f"{stamp(row.at)}\n{row.text}"
+            if not row.channel:  # a cluster bound to no channel: nowhere to post it
+                await store.mark_posted(row.id)
                 continue
-            if row["plan_id"] is None:
-                await notifier.channel_message(row["channel"], Reply(text=text))
+            if row.plan_id is None:
+                await notifier.channel_message(row.channel, Reply(text=text))
             else:
-                record = await store.plan(row["plan_id"])
+                record = await store.plan(row.plan_id)
                 if record is not None and not record.message_ts:  # proposed from a shell: its message first
                     await store.update_plan(record.id, message_ts=await notifier.post_plan(record))
                     record = await store.plan(record.id)
                 if record is not None:
                     await notifier.thread_post(record, text)
                     touched.add(record.id)
-            await store.mark_posted(row["id"])
+            await store.mark_posted(row.id)
             posted += 1
     except NotifyFailed as e:
         log.info("relay waits for the chat", extra={"ctx_error": str(e)})

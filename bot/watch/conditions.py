@@ -37,6 +37,7 @@ from bot.domain import shell
 from bot.domain.cluster import ClusterHealth, MemberHealth
 from bot.domain.plan import PlanKind, PlanState
 from bot.domain.record import PlanRecord
+from bot.domain.snapshot import SnapshotRecord
 from bot.domain.urls import Endpoint, read_url, shown_urls
 from bot.output.units import humanize_bytes
 
@@ -54,7 +55,7 @@ class Facts:
     health: ClusterHealth | None                          # None: no member gave a member list
     error: str | None = None                              # why health is None
     quotas: Mapping[int, int] = field(default_factory=dict)   # backend quota bytes by member ID (from /metrics)
-    newest_snapshot: Mapping[str, Any] | None = None      # the newest verified, unpruned catalog row
+    newest_snapshot: SnapshotRecord | None = None         # the newest verified, unpruned catalog row
     leader_changes: int = 0                               # leader changes seen within LEADER_WINDOW
     extra: Mapping[str, Any] = field(default_factory=dict)  # the probes' last results, by probe name
 
@@ -251,9 +252,9 @@ def quorum_lost(f: Facts) -> list[Finding] | None:
     if f.health.quorum.ok:
         return []
     snap = f.newest_snapshot
-    restore = shell.command(["/etcd", "restore", str(snap["path"]).rsplit("/", 1)[-1], "--cluster", name] if snap
+    restore = shell.command(["/etcd", "restore", snap.path.rsplit("/", 1)[-1], "--cluster", name] if snap
                             else ["/etcd", "snapshots", name])
-    figures = [("newest verified snapshot", f"{str(snap['path']).rsplit('/', 1)[-1]} (revision {snap['revision']})"
+    figures = [("newest verified snapshot", f"{snap.path.rsplit('/', 1)[-1]} (revision {snap.revision})"
                 if snap else "none recorded")]
     figures.insert(0, ("quorum", _quorum(f.health)))
     return [Finding("quorum_lost", "cluster", "too few healthy voters: etcd refuses every write",
