@@ -6,7 +6,8 @@ Block Kit from the same model, so the two never disagree.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from bot.domain.cluster import Consistency, KVHash
@@ -273,3 +274,31 @@ def bump_note(plan: RestorePlan) -> str:
     return (f"etcd {plan.etcd_version or '(version unknown)'}: its {plan.restore_tool} has no --bump-revision/"
             "--mark-compacted (3.5.10 and later, 3.6): clients' watch caches are NOT invalidated by the restore; "
             "restart every watcher (kube-apiserver and controllers) as the follow-ups say.")
+
+
+_SLACK_TOKEN = re.compile(r"<(?:!date\^[^|>]*\|([^>]*)|!subteam\^([^|>]*)(?:\|[^>]*)?|@([^|>]*)(?:\|[^>]*)?"
+                          r"|([^|>]*)\|([^>]*))>")
+
+
+def _plain_line(text: str) -> str:
+    """mrkdwn as a terminal shows it: a date's fallback, @user, a link's words and address; escapes undone."""
+    def token(m: re.Match[str]) -> str:
+        date, group, user, url, words = m.groups()
+        return date or (f"@{group}" if group else f"@{user}" if user else f"{words} ({url})")
+    return _SLACK_TOKEN.sub(token, text).replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+
+
+def plain(text: str, blocks: Sequence[Mapping[str, Any]] = ()) -> str:
+    """A message (its Block Kit, else its text) as plain text for a terminal: what the channel would read."""
+    parts: list[str] = []
+    for block in blocks:
+        kind = block.get("type")
+        if kind in ("header", "section") and isinstance(block.get("text"), dict):
+            parts.append(block["text"]["text"])
+        if kind == "section":
+            parts += [f["text"] for f in block.get("fields", []) if isinstance(f, dict)]
+        elif kind == "context":
+            parts.append("  ".join(e.get("text", "") for e in block.get("elements", []) if isinstance(e, dict)))
+        elif kind == "divider":
+            parts.append("")
+    return _plain_line("\n".join(parts) if parts else text)

@@ -27,7 +27,7 @@ from bot.domain.errors import (
     UnhealthyCluster,
 )
 from bot.domain.mrkdwn import code_block, escape
-from bot.domain.plan import PlanKind
+from bot.domain.plan import PlanKind, Stage
 from bot.domain.record import PlanRecord
 from bot.domain.replace import ReplacePlan
 from bot.domain.snapshot import SnapshotFailed
@@ -265,12 +265,13 @@ class ReplaceOperation(ClusterOperation[ReplacePlan]):
             return f"{already} (already running)"
         launcher = self.cluster.launcher
         if launcher.kind == "manual":
-            await note(self.ctx, self.record,
-                       f":point_right: Start *{escape(self.plan.new_name)}* on its machine now (runbook step 4):\n"
-                       f"```{escape(manual_instructions(self.plan))}```\nWaiting up to "
-                       f"{launcher.timeout_seconds:g}s for it to join.")
-            return await self._wait(f"{self.plan.new_name} starting", launcher.timeout_seconds,
-                                    self._started_and_reachable)
+            async def joined(_: Stage | None) -> str | None:
+                return await self._started_and_reachable()
+            return await self.wait_for_person(
+                "start", f":point_right: Start *{escape(self.plan.new_name)}* on its machine now (runbook step 4); "
+                         f"the bot sees it join:\n{code_block(manual_instructions(self.plan))}", joined,
+                StepFailed(f"{self.plan.new_name} did not start and answer within {launcher.timeout_seconds:g}s",
+                           "start it with the environment shown, then /etcd resume the plan"))
         result = await run_command(launcher, self.plan, self.ctx.secrets(), self.fencing)
         tail = result.output_tail.strip()[-1500:]
         if not result.ok:
