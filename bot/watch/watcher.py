@@ -7,7 +7,7 @@ that does not answer costs its own loop a deadline and nobody else anything.
 Open alerts are kept in the store (table `alerts`), so a restarted bot edits
 the messages it posted before instead of posting again.
 
-Each round also reads every member's /metrics (its quota, and the counters
+Each round also reads every member's /metrics (its quota before etcd 3.6, and the counters
 and histograms whose rates and percentiles the mixin's conditions judge, kept
 over `[clusters.watch] window` in `ClusterWatch.history`), and the alerts
 Alertmanager sent that still fire (bot/watch/alertmanager.py): their findings
@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bot.config import ClusterConfig
-from bot.domain.cluster import DEFAULT_QUOTA, ClusterHealth, MemberMetrics
+from bot.domain.cluster import ClusterHealth, MemberMetrics, backend_quota
 from bot.domain.errors import EtcdError
 from bot.domain.record import AlertRecord, NewAlert, PlanRecord, ReceivedAlert
 from bot.etcd.member_metrics import cluster_metrics
@@ -220,7 +220,10 @@ class Watcher:
         if cluster.watch.enabled:
             await self._probe(cluster, state, health, now)
             metrics = await self._metrics(cluster, health)
-            state.quotas.update({mid: m.quota_bytes or DEFAULT_QUOTA for mid, m in metrics.items()})
+            for h in health.members if health else ():
+                quota, _ = backend_quota(h.status, metrics.get(h.member.id))
+                if quota:
+                    state.quotas[h.member.id] = quota
             state.history.add(now, metrics, {h.member.id: h.status.db_size for h in (health.members if health else ())
                                              if h.status is not None})
         extra = {name: value for name, (_, value) in state.probed.items()}
