@@ -25,6 +25,7 @@ from bot.testing.slack import Delivery, Message, SlackStandIn
 from bot.testing.workspace import CHANNEL, LEAD, LEADS_GROUP, ONCALL, USERGROUPS, USERS
 
 T = TypeVar("T")
+P = TypeVar("P")
 __all__ = ["QUOTA", "QUOTA_ARGS", "fill_until_nospace"]  # NOSPACE: a small quota, filled (bot/testing/cluster.py)
 
 
@@ -170,6 +171,18 @@ def replies(slack, plan: Message) -> list[Message]:
 
 def thread(slack, plan: Message) -> str:
     return "\n".join(text_of(m) for m in replies(slack, plan))
+
+
+def must(value: T | None) -> T:
+    """`value`, which the test expects to be there (mypy narrows Optional results with it)."""
+    assert value is not None
+    return value
+
+
+def plan_of(kind: type[P], record: PlanRecord) -> P:
+    """The record's plan, which the test expects to be of `kind`."""
+    assert isinstance(record.plan, kind), record.plan
+    return record.plan
 
 
 async def plan_row(store: Store, plan: Message, timeout: float = 10.0) -> PlanRecord:

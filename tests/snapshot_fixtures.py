@@ -14,7 +14,7 @@ import hashlib
 import json
 import struct
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,7 +110,7 @@ class Bucket:
     sequence: int = 0
 
 
-Tree = dict[bytes, bytes | Bucket]   # the root bucket: top-level buckets (a bytes value is invalid)
+Tree = Mapping[bytes, bytes | Bucket]   # the root bucket: top-level buckets (a bytes value is invalid)
 
 
 def fnv1a64(data: bytes) -> int:
