@@ -15,7 +15,7 @@ import tempfile
 import tomllib
 from pathlib import Path
 
-LIMIT = 57
+LIMIT = 54
 ROOT = Path(__file__).resolve().parent.parent
 
 
