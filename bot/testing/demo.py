@@ -249,6 +249,7 @@ class Stack:
             time.sleep(0.05)
         self.standin_url = ready.read_text().strip()
         watch = {"enabled": True, "interval": "1s", "grace": "2s"} if self.watch else {"enabled": False}
+        assert self.cluster is not None, "the cluster starts first"
         config = write_config(self.dir, [cluster_table("demo", self.cluster, snapshots={"keep_last": 5}, watch=watch)],
                               approval={"approvers": [LEAD], "approver_groups": [LEADS_GROUP], "ttl_minutes": 30})
         self.bot = BotProcess(config, self.standin_url + "/api/", self.creds, self.dir / "bot.log",
