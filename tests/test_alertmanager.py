@@ -16,28 +16,32 @@ import logging
 import re
 import secrets
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 import yaml
+from conftest import StartBot
 from test_watch_conditions import PROD, facts, member
 
 from bot.config import ClusterConfig, parse_config
 from bot.domain.plan import PlanKind
 from bot.domain.record import ReceivedAlert
 from bot.output import blocks
+from bot.server import BotServer
 from bot.testing import prometheus as prometheus_module
-from bot.testing.cluster import free_port
-from bot.testing.postgres import PASSWORD_ENV
+from bot.testing.cluster import LocalCluster, free_port
+from bot.testing.postgres import PASSWORD_ENV, LocalPostgres
+from bot.testing.slack import Message, SlackStandIn
 from bot.testing.workspace import CHANNEL, LEAD, cluster_table
 from bot.watch import alertmanager
 from bot.watch.alertmanager import BadPayload, findings, owners, parse
-from bot.watch.conditions import Finding, expected, merge
-from bot.watch.tracker import Act, Tracker
+from bot.watch.conditions import Facts, Finding, expected, merge
+from bot.watch.tracker import Act, Decision, Tracker
 from bot.watch.watcher import alert_view
-from helpers import eventually, replies, reply, snapshot_record, text_of, thread
+from helpers import eventually, must, replies, reply, snapshot_record, text_of, thread
 
 STARTS = "2026-12-01T10:00:00.123456789Z"
 
@@ -66,7 +70,7 @@ def received(*alerts: dict[str, Any]) -> list[ReceivedAlert]:
 
 # ---------------------------------------------------------------- the payload, without servers
 
-def test_a_delivery_is_read_as_alertmanager_writes_it():
+def test_a_delivery_is_read_as_alertmanager_writes_it() -> None:
     (a,) = received(alert("etcdNoLeader", instance="10.0.0.3:2379", fingerprint="c0ffee0123456789"))
     assert (a.alertname, a.status, a.fingerprint, a.labels["instance"]) == (
         "etcdNoLeader", "firing", "c0ffee0123456789", "10.0.0.3:2379")
@@ -85,12 +89,12 @@ def test_a_delivery_is_read_as_alertmanager_writes_it():
     (json.dumps(delivery({**alert("x"), "startsAt": "yesterday"})).encode(), "alerts[0].startsAt is not an RFC 3339"),
     (json.dumps(delivery({**alert("x"), "labels": {"a": 1}})).encode(), "alerts[0].labels is not an object"),
     (b"\xff\xfe", "not JSON")])
-def test_what_is_not_the_payload_is_refused_in_one_line(body: bytes, says: str):
+def test_what_is_not_the_payload_is_refused_in_one_line(body: bytes, says: str) -> None:
     with pytest.raises(BadPayload, match=re.escape(says)):
         parse(body)
 
 
-def test_an_alert_belongs_to_the_one_cluster_whose_alert_labels_it_carries():
+def test_an_alert_belongs_to_the_one_cluster_whose_alert_labels_it_carries() -> None:
     config = parse_config({"clusters": [
         {"name": "prod", "endpoints": ["http://10.0.0.1:2379"]},
         {"name": "staging", "endpoints": ["http://10.0.1.1:2379"], "alert_labels": {"job": "etcd-staging", "env": "s"}},
@@ -100,9 +104,9 @@ def test_an_alert_belongs_to_the_one_cluster_whose_alert_labels_it_carries():
     assert owners(config, {"job": "etcd-staging"}) == [] and owners(config, {}) == []
 
 
-def test_members_down_lands_on_the_member_the_bot_sees_down_with_its_replace_command():
+def test_members_down_lands_on_the_member_the_bot_sees_down_with_its_replace_command() -> None:
     f = facts(member(1, up=False), member(2), member(3))
-    attached: dict[str, set] = {}
+    attached: dict[str, set[tuple[str, str]]] = {}
     (down,) = findings(f, received(alert("etcdMembersDown", fingerprint="f1")), attached)
     assert down.key == ("member_down", "member1") and down.sources == ("alertmanager:etcdMembersDown",)
     assert down.suggestions[0] == "/etcd replace member1 member4 http://NEW-HOST:2380 --cluster prod"
@@ -117,7 +121,7 @@ def test_members_down_lands_on_the_member_the_bot_sees_down_with_its_replace_com
     assert nobody.key == ("member_down", "cluster") and "every member answers the bot" in nobody.summary
 
 
-def test_the_bots_own_plan_holds_back_alertmanagers_alerts_as_it_holds_the_watchs():
+def test_the_bots_own_plan_holds_back_alertmanagers_alerts_as_it_holds_the_watchs() -> None:
     """Quiet while busy covers both sources: the member a replacement replaces, and a defragmentation's slow
     commits, are expected whoever saw them; another member down, or a quorum loss, are not."""
     from test_rendering import plan_row
@@ -136,12 +140,12 @@ def test_the_bots_own_plan_holds_back_alertmanagers_alerts_as_it_holds_the_watch
     assert not expected(defragging, lost)
 
 
-def conditions_findings(f, kind: str) -> list[Finding]:
+def conditions_findings(f: Facts, kind: str) -> list[Finding]:
     from bot.watch.conditions import evaluate
     return [x for x in evaluate(f).findings if x.kind == kind]
 
 
-def test_insufficient_members_suggests_a_restore_only_when_the_bot_sees_the_quorum_lost():
+def test_insufficient_members_suggests_a_restore_only_when_the_bot_sees_the_quorum_lost() -> None:
     newest = snapshot_record(path="/snaps/prod-r42.db", revision=42)
     lost = received(alert("etcdInsufficientMembers", severity="critical"))
     (seen,) = findings(facts(member(1, up=False), member(2, up=False), member(3), newest_snapshot=newest), lost, {})
@@ -155,7 +159,7 @@ def test_insufficient_members_suggests_a_restore_only_when_the_bot_sees_the_quor
     assert held.suggestions == ("/etcd status prod",) and "but 3 of 3 voters answer the bot healthy" in held.summary
 
 
-def test_each_known_name_has_its_condition_and_next_command_and_others_are_posted_plainly():
+def test_each_known_name_has_its_condition_and_next_command_and_others_are_posted_plainly() -> None:
     f = facts(member(1), member(2), member(3))
     expected = {"etcdNoLeader": ("no_leader", "/etcd status prod"),
                 "etcdHighFsyncDurations": ("wal_fsync", "/etcd perf prod"),
@@ -180,7 +184,7 @@ def test_each_known_name_has_its_condition_and_next_command_and_others_are_poste
     assert findings(f, received(sneaky), {})[0].links == ()
 
 
-def test_what_alertmanager_sees_opens_at_once_and_resolves_when_it_says_so():
+def test_what_alertmanager_sees_opens_at_once_and_resolves_when_it_says_so() -> None:
     watched = Finding("member_down", "member1", "connection refused")
     alerted = dataclasses.replace(watched, sources=("alertmanager:etcdMembersDown",))
     t = Tracker(grace=45)
@@ -193,7 +197,7 @@ def test_what_alertmanager_sees_opens_at_once_and_resolves_when_it_says_so():
     assert [d.act for d in t.step([], set(), 120.0)] == [Act.RESOLVE]
 
 
-def test_the_message_says_who_saw_it_and_links_the_runbook_safely():
+def test_the_message_says_who_saw_it_and_links_the_runbook_safely() -> None:
     f = Finding("fragmentation", "database", "mostly free <!channel>", suggestions=("/etcd defrag prod",),
                 severity="warning", sources=("watch", "alertmanager:etcdDatabaseHighFragmentationRatio"),
                 links=(("etcdDatabaseHighFragmentationRatio", "https://etcd.io/docs/v3.5/op-guide/maintenance/"),
@@ -223,7 +227,7 @@ def am_config(token: dict[str, str]) -> dict[str, str]:
     return {"token_file": token["token_file"]}
 
 
-async def post(bot, body: bytes | dict[str, Any], token: str | None, scheme: str = "Bearer",
+async def post(bot: BotServer, body: bytes | dict[str, Any], token: str | None, scheme: str = "Bearer",
                headers: dict[str, str] | None = None) -> tuple[int, str]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     sent = {"Content-Type": "application/json", **(headers or {})}
@@ -234,11 +238,11 @@ async def post(bot, body: bytes | dict[str, Any], token: str | None, scheme: str
         return r.status, await r.text()
 
 
-def resolutions(slack, posted) -> int:
+def resolutions(slack: SlackStandIn, posted: Message) -> int:
     return sum("resolved after" in m.text for m in replies(slack, posted))
 
 
-def top(slack, word: str) -> list:
+def top(slack: SlackStandIn, word: str) -> list[Message]:
     return [m for m in slack.channel_messages(CHANNEL, include_threads=False, include_ephemeral=False)
             if m.source == "chat.postMessage" and word in m.text]
 
@@ -248,31 +252,34 @@ class Rounds:
     posted" is asserted after rounds that would have posted it (the watch runs one a second in these tests),
     not after a pause."""
 
-    def __init__(self, *bots) -> None:
+    def __init__(self, *bots: BotServer) -> None:
         self.done = 0
         for bot in bots:
-            watcher = bot.runtime.watcher
+            watcher = must(bot.runtime.watcher)
             real = watcher.round
 
-            async def counted(cluster, real=real):
+            async def counted(cluster: ClusterConfig, real: Callable[[ClusterConfig], Awaitable[list[Decision]]] = real
+                              ) -> list[Decision]:
                 try:
                     return await real(cluster)
                 finally:
                     self.done += 1
-            watcher.round = counted
+            watcher.round = counted  # type: ignore[method-assign]
 
     async def after(self, n: int = 2) -> None:
         start = self.done
         await eventually(lambda: self.done >= start + n, 10, f"{n} more rounds of the watch")
 
 
-async def test_without_a_token_the_receiver_is_off(cluster, slack, start_bot):
+async def test_without_a_token_the_receiver_is_off(cluster: LocalCluster, slack: SlackStandIn,
+                                                   start_bot: StartBot) -> None:
     bot = await start_bot([cluster_table("prod", cluster)])
     assert (await post(bot, delivery(alert("etcdNoLeader")), "anything"))[0] == 404
 
 
-async def test_refused_deliveries_change_nothing_and_no_log_holds_the_token(cluster, slack, start_bot, token,
-                                                                            caplog):
+async def test_refused_deliveries_change_nothing_and_no_log_holds_the_token(
+        cluster: LocalCluster, slack: SlackStandIn, start_bot: StartBot, token: dict[str, str],
+        caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     bot = await start_bot([cluster_table("prod", cluster, watch={"enabled": False, "interval": "1s"})],
                           alertmanager=am_config(token))
@@ -289,7 +296,7 @@ async def test_refused_deliveries_change_nothing_and_no_log_holds_the_token(clus
     assert (await post(bot, huge.encode(), token["value"]))[0] == 413
     chunks = [huge[i:i + 65536].encode() for i in range(0, len(huge), 65536)]
 
-    async def streamed():   # no Content-Length: the body is counted as it arrives
+    async def streamed() -> AsyncIterator[bytes]:   # no Content-Length: the body is counted as it arrives
         for chunk in chunks:
             yield chunk
     async with aiohttp.ClientSession() as http, http.post(f"{bot.base_url}/alertmanager", data=streamed(),
@@ -306,7 +313,7 @@ async def test_refused_deliveries_change_nothing_and_no_log_holds_the_token(clus
 
 
 async def test_an_unknown_alert_is_posted_once_however_often_delivered_and_resolved_in_its_thread(
-        cluster, slack, start_bot, token):
+        cluster: LocalCluster, slack: SlackStandIn, start_bot: StartBot, token: dict[str, str]) -> None:
     """The cluster's own watch is off: Alertmanager's alerts are still posted, plainly, with the runbook."""
     bot = await start_bot([cluster_table("prod", cluster, watch={"enabled": False, "interval": "1s"})],
                           alertmanager=am_config(token))
@@ -336,8 +343,9 @@ async def test_an_unknown_alert_is_posted_once_however_often_delivered_and_resol
     print(f"delivery to message (this replica leads): {took * 1000:.0f} ms")
 
 
-async def test_an_alert_of_no_cluster_is_counted_and_logged_once_and_not_posted(cluster, slack, start_bot, token,
-                                                                               caplog):
+async def test_an_alert_of_no_cluster_is_counted_and_logged_once_and_not_posted(
+        cluster: LocalCluster, slack: SlackStandIn, start_bot: StartBot, token: dict[str, str],
+        caplog: pytest.LogCaptureFixture) -> None:
     bot = await start_bot([cluster_table("prod", cluster, alert_labels={"job": "etcd-prod"})],
                           alertmanager=am_config(token))
     stray = alert("etcdNoLeader", fingerprint="feedfacefeedface", job="etcd-staging")
@@ -355,7 +363,8 @@ async def test_an_alert_of_no_cluster_is_counted_and_logged_once_and_not_posted(
 
 
 async def test_alertmanager_and_the_watch_on_one_member_down_are_one_message_whichever_ends_first(
-        make_cluster, slack, start_bot, token):
+        make_cluster: Callable[..., LocalCluster], slack: SlackStandIn, start_bot: StartBot,
+        token: dict[str, str]) -> None:
     """A member dies: the watch and Alertmanager's etcdMembersDown are one message, with the bot's replace
     command, saying both saw it. Alertmanager resolving first leaves it open (the watch still sees it down);
     the member back, the watch resolves it in its thread, once."""
@@ -382,7 +391,7 @@ async def test_alertmanager_and_the_watch_on_one_member_down_are_one_message_whi
 
 
 async def test_a_quorum_loss_the_bot_cannot_see_is_never_a_restore_and_a_mute_holds_alertmanager_too(
-        slack, start_bot, token):
+        slack: SlackStandIn, start_bot: StartBot, token: dict[str, str]) -> None:
     """Nothing answers the bot: etcdInsufficientMembers says so, suggests looking, never a restore. Muted,
     Alertmanager's alerts are held back like the watch's (and /etcd alerts says so); unmuted, posted."""
     dead = {"name": "prod", "endpoints": [f"http://127.0.0.1:{free_port()}"], "channels": [CHANNEL],
@@ -391,8 +400,8 @@ async def test_a_quorum_loss_the_bot_cannot_see_is_never_a_restore_and_a_mute_ho
     await reply(slack, "mute prod 1h maintenance", user=LEAD)
     lost = alert("etcdInsufficientMembers", fingerprint="00000000000000bb", severity="critical")
     assert (await post(bot, delivery(lost), token["value"]))[0] == 200
-    watcher = bot.runtime.watcher
-    await eventually(lambda: watcher.clusters.get("prod") and watcher.clusters["prod"].held, 10,
+    watcher = must(bot.runtime.watcher)
+    await eventually(lambda: "prod" in watcher.clusters and bool(watcher.clusters["prod"].held), 10,
                      "the alert held back")
     listing = (await reply(slack, "alerts prod")).text
     assert "held back: muted" in listing and "quorum lost cluster" in listing
@@ -404,8 +413,9 @@ async def test_a_quorum_loss_the_bot_cannot_see_is_never_a_restore_and_a_mute_ho
     assert "/etcd restore" not in shown and "`/etcd status prod`" in shown
 
 
-async def test_two_replicas_receiving_the_same_deliveries_post_one_message(cluster, slack, start_bot, token,
-                                                                          postgres, monkeypatch):
+async def test_two_replicas_receiving_the_same_deliveries_post_one_message(
+        cluster: LocalCluster, slack: SlackStandIn, start_bot: StartBot, token: dict[str, str],
+        postgres: LocalPostgres, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two bots on one PostgreSQL; Alertmanager's deliveries reach either (a Service) or both (two
     Alertmanagers in HA): one message, posted by the leader, one resolution."""
     monkeypatch.setenv(PASSWORD_ENV, postgres.password)
@@ -434,12 +444,12 @@ async def test_two_replicas_receiving_the_same_deliveries_post_one_message(clust
           f"resolution delivered to the follower only, to its note: {via_follower * 1000:.0f} ms")
 
 
-def test_cluster_config_alert_labels_default_to_the_cluster_label():
+def test_cluster_config_alert_labels_default_to_the_cluster_label() -> None:
     assert ClusterConfig(name="prod", endpoints=("http://a:1",)).alert_match == {"cluster": "prod"}
 
 
-async def test_a_replica_that_becomes_leader_posts_what_another_replica_received_within_a_second(cluster, tmp_path,
-                                                                                                token):
+async def test_a_replica_that_becomes_leader_posts_what_another_replica_received_within_a_second(
+        cluster: LocalCluster, tmp_path: Path, token: dict[str, str]) -> None:
     """The leader's watch of a cluster (a round a minute) did not run yet when this replica became leader; an
     alert another replica filed meanwhile is posted within the poll, not at the next round (before: up to 60 s)."""
     from bot.config import load_config
@@ -449,7 +459,8 @@ async def test_a_replica_that_becomes_leader_posts_what_another_replica_received
     from bot.watch.watcher import POLL_SECONDS, Watcher
     table = cluster_table("prod", cluster, watch={"enabled": False, "interval": "60s"})
     config = load_config(write_config(tmp_path, [table], alertmanager=am_config(token)))
-    ctx = await BotContext.open(config, PlainNotifier(), PlainDirectory())
+    notifier = PlainNotifier()
+    ctx = await BotContext.open(config, notifier, PlainDirectory())
     leading = False
     watcher = Watcher(ctx, should_watch=lambda: leading)
     task = asyncio.create_task(watcher.run())
@@ -458,7 +469,7 @@ async def test_a_replica_that_becomes_leader_posts_what_another_replica_received
         leading = True
         (filed,) = received(alert("etcdHighCommitDurations", fingerprint="00000000000000dd"))
         assert await ctx.store.receive_alert(dataclasses.replace(filed, cluster="prod"))   # another replica's write
-        await eventually(lambda: any("SLOW BACKEND COMMIT" in line for line in ctx.notifier.lines),
+        await eventually(lambda: any("SLOW BACKEND COMMIT" in line for line in notifier.lines),
                          POLL_SECONDS + 10, "the alert posted by the new leader")
     finally:
         task.cancel()

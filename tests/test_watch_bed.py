@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
+
+from conftest import StartBot
 
 from bot.etcd.client import EtcdClient
 from bot.testing.cluster import QUOTA, QUOTA_ARGS
@@ -47,7 +50,7 @@ async def fill_to(c: NetnsCluster, leader_url: str, share: float) -> float:
 
 
 async def test_a_cut_member_has_no_leader_a_slow_peer_link_is_slow_and_a_full_quota_is_critical(
-        make_bed, slack, start_bot):
+        make_bed: Callable[..., NetnsCluster], slack: SlackStandIn, start_bot: StartBot) -> None:
     c = make_bed(3, extra_args=QUOTA_ARGS)
     async with EtcdClient(c.endpoints, timeout=2.0) as client:
         leader = (await client.status(c.endpoints[0], 2.0)).leader

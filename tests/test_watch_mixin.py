@@ -51,7 +51,7 @@ def with_watch(f: Facts, **watch: Any) -> Facts:
 
 # ---------------------------------------------------------------- readings
 
-def test_a_rate_is_over_the_last_round_and_a_reset_counts_from_zero():
+def test_a_rate_is_over_the_last_round_and_a_reset_counts_from_zero() -> None:
     r = [Reading(t, metrics(proposals_failed=n)) for t, n in ((0.0, 0), (15.0, 300), (30.0, 330))]
     assert Window(r[0], r[1], r[2]).rate(lambda m: m.proposals_failed) == 2.0   # 30 in the last 15 s, not 330 in 30
     restarted = Window(r[0], r[2], Reading(45.0, metrics(proposals_failed=15)))
@@ -60,7 +60,7 @@ def test_a_rate_is_over_the_last_round_and_a_reset_counts_from_zero():
     assert late.rates(lambda m: m.peer_send_failures) == {"a": 0.2}   # a series etcd made meanwhile: from zero
 
 
-def test_a_percentile_is_over_the_window_and_none_without_observations():
+def test_a_percentile_is_over_the_window_and_none_without_observations() -> None:
     slow = window(metrics(wal_fsync=hist(0.001, 0.002)), metrics(wal_fsync=hist(0.001, 0.002, 0.7, 0.8)))
     p99 = slow.p99(lambda m: m.wal_fsync)
     assert p99 is not None and 0.512 < p99 <= 1.024   # only what happened in the window: the two slow fsyncs
@@ -69,7 +69,7 @@ def test_a_percentile_is_over_the_window_and_none_without_observations():
     assert bucket_increase(hist(0.7, 0.8), hist(0.001)) == hist(0.001)   # restarted: all of the new counts
 
 
-def test_history_keeps_one_reading_beyond_the_window_and_drops_members_gone():
+def test_history_keeps_one_reading_beyond_the_window_and_drops_members_gone() -> None:
     h = History(window=60.0, horizon=3600.0)
     for t in range(0, 181, 15):
         h.add(float(t), {1: metrics(proposals_failed=t), 2: metrics()} if t < 60 else {1: metrics(proposals_failed=t)},
@@ -80,13 +80,13 @@ def test_history_keeps_one_reading_beyond_the_window_and_drops_members_gone():
     assert h.growth()[1][-1] == (180.0, 280)
 
 
-def test_growth_is_least_squares_and_needs_an_eighth_of_the_horizon():
+def test_growth_is_least_squares_and_needs_an_eighth_of_the_horizon() -> None:
     sizes = tuple((t * 60.0, 1000 + t * 10) for t in range(31))   # 10 bytes a minute for 30 minutes
     assert predicted(sizes, 4 * 3600.0) == pytest.approx(1300 + 2400)
     assert predicted(sizes[:5], 4 * 3600.0) is None   # 4 minutes tell nothing of 4 hours
 
 
-def test_the_metrics_page_gives_the_series_the_conditions_need():
+def test_the_metrics_page_gives_the_series_the_conditions_need() -> None:
     page = "\n".join([
         "# TYPE grpc_server_handled_total counter",
         'grpc_server_handled_total{grpc_code="OK",grpc_method="Range",grpc_service="etcdserverpb.KV",'
@@ -120,7 +120,7 @@ def test_the_metrics_page_gives_the_series_the_conditions_need():
 
 # ---------------------------------------------------------------- the conditions
 
-def test_a_member_without_a_leader_while_the_others_have_one_is_cut_off_from_its_peers():
+def test_a_member_without_a_leader_while_the_others_have_one_is_cut_off_from_its_peers() -> None:
     f = facts(member(1, leader=1), member(2, leader=1), member(3, leader=0))
     (lost,) = found(f, "no_leader")
     assert lost.subject == "raft" and lost.severity == "critical" and lost.members == ("member3",)
@@ -133,7 +133,7 @@ def test_a_member_without_a_leader_while_the_others_have_one_is_cut_off_from_its
     assert found(three(), "no_leader") == []
 
 
-def test_peer_send_failures_to_a_member_that_answers_open_and_to_a_dead_one_are_member_down():
+def test_peer_send_failures_to_a_member_that_answers_open_and_to_a_dead_one_are_member_down() -> None:
     cut = metrics(peer_send_failures={"3": 30.0})
     before = metrics(peer_send_failures={"3": 0.0})
     f = facts(member(1), member(2), member(3), windows={1: window(before, cut)})
@@ -144,7 +144,7 @@ def test_peer_send_failures_to_a_member_that_answers_open_and_to_a_dead_one_are_
     assert found(facts(member(1), member(2), member(3), windows={1: window(before, before)}), "peer_failures") == []
 
 
-def test_a_failing_share_of_grpc_requests_is_a_warning_then_critical():
+def test_a_failing_share_of_grpc_requests_is_a_warning_then_critical() -> None:
     def share(failed: float) -> Facts:
         return three(windows={2: window(metrics(grpc_requests={"Range": 0.0, "Put": 0.0}),
                                         metrics(grpc_requests={"Range": 1000.0, "Put": 10.0},
@@ -157,7 +157,7 @@ def test_a_failing_share_of_grpc_requests_is_a_warning_then_critical():
     assert found(with_watch(share(60.0), grpc_failed_warning=0.1, grpc_failed_critical=0.2), "grpc_failed") == []
 
 
-def test_slow_disks_name_the_member_and_go_critical_past_one_second():
+def test_slow_disks_name_the_member_and_go_critical_past_one_second() -> None:
     fast = metrics(wal_fsync=hist(0.001), backend_commit=hist(0.004))
     slow = metrics(wal_fsync=hist(*[0.001] * 90, *[0.7] * 10), backend_commit=hist(0.004, *[0.4] * 10))
     worse = metrics(wal_fsync=hist(0.001, *[1.5] * 10))
@@ -171,7 +171,7 @@ def test_slow_disks_name_the_member_and_go_critical_past_one_second():
     assert found(with_watch(f, wal_fsync_p99_seconds=1.0), "wal_fsync") == []
 
 
-def test_slow_grpc_and_slow_peer_round_trips_name_the_method_and_the_peer():
+def test_slow_grpc_and_slow_peer_round_trips_name_the_method_and_the_peer() -> None:
     before = metrics()
     slow = metrics(grpc_latency={"Range": hist(*[0.01] * 50), "Txn": hist(*[0.3] * 50)},
                    peer_rtt={"1": hist(0.001), "2": hist(0.2)})
@@ -184,7 +184,7 @@ def test_slow_grpc_and_slow_peer_round_trips_name_the_method_and_the_peer():
     assert found(with_watch(f, peer_rtt_p99_seconds=0.3), "peer_rtt") == []
 
 
-def test_failed_proposals_over_five_a_second():
+def test_failed_proposals_over_five_a_second() -> None:
     def rate(n: int) -> Facts:
         return three(windows={1: window(metrics(proposals_failed=0), metrics(proposals_failed=n), seconds=10.0)})
     assert found(rate(50), "proposals_failed") == []
@@ -192,14 +192,14 @@ def test_failed_proposals_over_five_a_second():
     assert ("member1", "6.0 failed proposals a second") in failing.figures
 
 
-def test_fragmentation_needs_half_free_and_over_100_mib_in_use():
+def test_fragmentation_needs_half_free_and_over_100_mib_in_use() -> None:
     (frag,) = found(facts(member(1, db_size=500 * MiB, db_size_in_use=200 * MiB), member(2)), "fragmentation")
     assert frag.suggestions == ("/etcd defrag prod",) and frag.members == ("member1",)
     assert found(facts(member(1, db_size=500 * MiB, db_size_in_use=90 * MiB), member(2)), "fragmentation") == []
     assert found(facts(member(1, db_size=300 * MiB, db_size_in_use=200 * MiB), member(2)), "fragmentation") == []
 
 
-def test_a_database_growing_into_its_quota_within_four_hours():
+def test_a_database_growing_into_its_quota_within_four_hours() -> None:
     minutes = range(0, 61)
     growing = {1: tuple((1000.0 + 60 * t, 1000 * MiB + t * 5 * MiB) for t in minutes)}   # 5 MiB a minute
     (growth,) = found(three(sizes=growing, quotas={1: 2048 * MiB}), "db_growth")
@@ -208,7 +208,7 @@ def test_a_database_growing_into_its_quota_within_four_hours():
     assert found(with_watch(three(sizes=growing, quotas={1: 2048 * MiB}), growth_horizon="1h"), "db_growth") == []
 
 
-def test_quota_is_a_warning_above_80_and_critical_above_95_percent():
+def test_quota_is_a_warning_above_80_and_critical_above_95_percent() -> None:
     quotas = {1: 1000_000, 2: 1000_000}
     (warning,) = found(facts(member(1, db_size=850_000), member(2), quotas=quotas), "quota")
     assert warning.severity == "warning" and "above 80 %" in warning.summary
@@ -218,7 +218,7 @@ def test_quota_is_a_warning_above_80_and_critical_above_95_percent():
     assert found(with_watch(facts(member(1, db_size=850_000), quotas=quotas), quota_warning=0.9), "quota") == []
 
 
-def test_thresholds_are_checked_in_order():
+def test_thresholds_are_checked_in_order() -> None:
     from pathlib import Path
 
     from bot.config import ConfigError, parse_config
