@@ -545,7 +545,8 @@ def test_the_readme_example_passes_check_config_as_written(tmp_path, monkeypatch
     for name in (prod["cacert"], prod["cert"], prod["key"], prod["restore"]["age_identity_file"]):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(f"# stand-in\n{identity}\n")
-    for variable in ("ETCD_CHATOPS_AUDIT_KEY", "ETCD_CHATOPS_MANIFEST_KEY", "ETCD_PROD_PASSWORD"):
+    for variable in ("ETCD_CHATOPS_AUDIT_KEY", "ETCD_CHATOPS_MANIFEST_KEY", "ETCD_PROD_PASSWORD",
+                     "ETCD_CHATOPS_ALERTMANAGER_TOKEN"):
         monkeypatch.setenv(variable, "stand-in-secret-" + "x" * 32)
     checked = cli("check-config", str(tmp_path / "config.toml"))
     assert checked.returncode == 0, checked.stderr
@@ -556,3 +557,5 @@ def test_the_readme_example_passes_check_config_as_written(tmp_path, monkeypatch
     assert cluster.access.approvers.users == ("U0LEAD0001",) and cluster.watch.cert_warning_seconds == 14 * 86400
     assert cluster.restore.age_identity == str(identity) and config.approval.rule("restore").approvals_needed == 2
     assert cluster.launcher.timeout_seconds == 600
+    assert config.alertmanager.enabled and cluster.alert_match == {"cluster": "prod"}
+    assert cluster.watch.quota_critical == 0.95

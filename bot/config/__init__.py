@@ -53,6 +53,7 @@ from bot.config.table import (
 from bot.config.table import parse_duration as parse_duration
 from bot.domain.urls import parse_url
 
+LABEL_NAME = r"[a-zA-Z_][a-zA-Z0-9_]*"
 CLUSTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")  # always fullmatch: `$` lets a trailing newline in
 LAUNCHER_PLACEHOLDERS = ("name", "peer_url", "client_url", "action")
 MAX_TTL_MINUTES = 7 * 24 * 60
@@ -329,12 +330,16 @@ class AccessConfig(Table):
         return _role(self.approver_users, self.approver_groups, RoleConfig(()))
 
 
+Share = Annotated[float, bounds(gt=0, le=1)]
+
+
 @table
 class WatchConfig(Table):
-    """`[clusters.watch]`: the background watch that posts conditions (bot/watch)."""
+    """`[clusters.watch]`: the background watch that posts conditions (bot/watch). The thresholds default to
+    etcd's monitoring mixin's (the alerts kube-prometheus ships), so the watch and Alertmanager agree."""
 
     enabled: bool = True
-    """false turns the watch of this cluster off."""
+    """false turns the bot's own checks of this cluster off (Alertmanager's alerts for it are still posted)."""
     interval_seconds: Annotated[float, duration("1s", "interval")] = Field(
         default="15s", validation_alias="interval", validate_default=True)
     """One status fan-out per interval (1s at least)."""
@@ -343,6 +348,51 @@ class WatchConfig(Table):
     cert_warning_seconds: Annotated[float, duration()] = Field(
         default="14d", validation_alias="cert_warning", validate_default=True)
     """A serving certificate that expires within this is a condition."""
+    window_seconds: Annotated[float, duration("1s", "window")] = Field(
+        default="5m", validation_alias="window", validate_default=True)
+    """Rates and latency percentiles are taken over the /metrics readings of this window (the mixin's 5m)."""
+    quota_warning: Share = 0.8
+    """A member's database above this share of its quota is the quota condition, as a warning."""
+    quota_critical: Share = 0.95
+    """Above this share it is critical (the mixin's etcdDatabaseQuotaLowSpace)."""
+    peer_send_failures_per_second: Positive = 0.01
+    """A member failing to send to a peer more often than this (the mixin's part of etcdMembersDown)."""
+    grpc_failed_warning: Share = 0.01
+    """A share of a member's gRPC requests of one method failing (etcdHighNumberOfFailedGRPCRequests)."""
+    grpc_failed_critical: Share = 0.05
+    """The same share, critical."""
+    grpc_p99_seconds: Positive = 0.15
+    """A member's unary gRPC p99 above this is slow (etcdGRPCRequestsSlow; members run with --metrics=extensive
+    export it)."""
+    peer_rtt_p99_seconds: Positive = 0.15
+    """A member's peer round-trip p99 above this is slow (etcdMemberCommunicationSlow)."""
+    failed_proposals_per_second: Positive = 5.0
+    """A member failing more proposals a second than this (etcdHighNumberOfFailedProposals)."""
+    wal_fsync_p99_seconds: Positive = 0.5
+    """A member's WAL fsync p99 above this is a slow disk (etcdHighFsyncDurations, warning)."""
+    wal_fsync_p99_critical_seconds: Positive = 1.0
+    """Above this it is critical."""
+    backend_commit_p99_seconds: Positive = 0.25
+    """A member's backend commit p99 above this is a slow disk (etcdHighCommitDurations)."""
+    fragmented_below: Share = 0.5
+    """A member whose database is in use below this share of its size is fragmented
+    (etcdDatabaseHighFragmentationRatio)..."""
+    fragmented_in_use_bytes: Annotated[int, bounds(ge=0)] = 100 * 1024 * 1024
+    """...when it uses more than this many bytes."""
+    growth_horizon_seconds: Annotated[float, duration("1m", "horizon")] = Field(
+        default="4h", validation_alias="growth_horizon", validate_default=True)
+    """A database that, growing as it did over this long, reaches its quota within this long
+    (etcdExcessiveDatabaseGrowth: 4h)."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        if self.quota_critical < self.quota_warning:
+            raise Problem("must be at least quota_warning", "quota_critical")
+        if self.grpc_failed_critical < self.grpc_failed_warning:
+            raise Problem("must be at least grpc_failed_warning", "grpc_failed_critical")
+        if self.wal_fsync_p99_critical_seconds < self.wal_fsync_p99_seconds:
+            raise Problem("must be at least wal_fsync_p99_seconds", "wal_fsync_p99_critical_seconds")
+        return self
 
 
 @table
@@ -386,6 +436,14 @@ class ClusterConfig(Table):
     """/etcd defrag disarms NOSPACE only below this share of every quota."""
     watch: WatchConfig = WatchConfig()
     """The background watch that posts conditions."""
+    alert_labels: Annotated[dict[Annotated[str, matches(LABEL_NAME, "is not a Prometheus label name")], str] | None,
+                            Field(examples=[{"cluster": "prod"}])] = field(default=None, hash=False)
+    """An alert from Alertmanager belongs to this cluster when all these labels match (default: cluster = name)."""
+
+    @property
+    def alert_match(self) -> dict[str, str]:
+        """The labels an Alertmanager alert of this cluster carries."""
+        return dict(self.alert_labels) if self.alert_labels is not None else {"cluster": self.name}
 
     @model_validator(mode="after")
     def _pairs(self) -> Self:
@@ -395,6 +453,32 @@ class ClusterConfig(Table):
             raise Problem("username needs password_env or password_file, and back",
                           "username" if self.username is None else "password_env")
         return self
+
+
+ALERTMANAGER_TOKEN_MIN = 16  # characters: a token short enough to guess is no lock
+
+
+def _alertmanager_token(token: str) -> str:
+    if len(token) < ALERTMANAGER_TOKEN_MIN:
+        raise ValueError(f"the Alertmanager token has {len(token)} characters; it needs at least "
+                         f"{ALERTMANAGER_TOKEN_MIN} (e.g. openssl rand -hex 32)")
+    return token
+
+
+@table
+class AlertmanagerConfig(Table):
+    """`[alertmanager]`: the receiver of Alertmanager's webhook, POST /alertmanager on the port serving /metrics.
+    Without a token it is off (404)."""
+
+    token_env: str | None = None
+    """The environment variable holding the bearer token Alertmanager sends (http_config.authorization)."""
+    token_file: File | None = None
+    """Or the file holding it."""
+    token: Annotated[str | None, Secret(_alertmanager_token)] = field(default=None, repr=False)
+
+    @property
+    def enabled(self) -> bool:
+        return self.token is not None
 
 
 REPLICA_ID = r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}"
@@ -458,6 +542,8 @@ class Config(Table):
     """Every cluster's snapshots, unless its own [clusters.snapshots] says otherwise key by key."""
     replicas: ReplicasConfig = ReplicasConfig()
     """Several replicas on one PostgreSQL database."""
+    alertmanager: AlertmanagerConfig = AlertmanagerConfig()
+    """The receiver of Alertmanager's webhook (off without a token)."""
     source: Annotated[Path | None, Derived()] = None
     _: KW_ONLY
     # Last: errors are reported in the order of the fields, so a key a cluster inherits from [snapshots] or
@@ -476,6 +562,12 @@ class Config(Table):
                 raise Problem(f"{c.name!r} is used by another cluster", "clusters", i, "name")
             seen.add(c.name)
         _check_disjoint(self.clusters)
+        labels: dict[tuple[tuple[str, str], ...], str] = {}
+        for i, c in enumerate(self.clusters):
+            first = labels.setdefault(tuple(sorted(c.alert_match.items())), c.name)
+            if first != c.name:
+                raise Problem(f"the same as those of cluster {first!r}: an alert would belong to both",
+                              "clusters", i, "alert_labels")
         if (load := loading(info)) is not None:
             object.__setattr__(self, "source", load.source)
             if self.audit_key is not None:  # a store without its own manifest key signs with the audit key
@@ -491,6 +583,10 @@ class Config(Table):
         """Passwords of the database (never to appear in output)."""
         in_url = dsn.secrets_of(self.database) if isinstance(self.database, str) else []
         return in_url + ([self.database_password] if self.database_password else [])
+
+    def alertmanager_secrets(self) -> list[str]:
+        """The receiver's bearer token (never to appear in output)."""
+        return [self.alertmanager.token] if self.alertmanager.token else []
 
     def manifest_keys(self) -> list[str]:
         """The keys the snapshot stores sign their manifests with (never to appear in output)."""

@@ -40,6 +40,9 @@ class WatchState(Protocol):
         """The conditions seen but not posted, each with why (`AlertView.held`); None when this
         replica does not watch (another replica leads)."""
 
+    def received(self, cluster: str) -> None:
+        """Alertmanager's alerts of `cluster` changed in the store (this replica received them): look now."""
+
 
 @dataclass
 class BotContext:
@@ -113,7 +116,8 @@ class BotContext:
         return (list(self.secret_values) + [c.password for c in self.config.clusters if c.password]
                 + [c.restore.age_identity for c in self.config.clusters if c.restore.age_identity]
                 + ([self.config.audit_key] if self.config.audit_key else [])
-                + self.config.manifest_keys() + self.config.database_secrets())
+                + self.config.manifest_keys() + self.config.database_secrets()
+                + self.config.alertmanager_secrets())
 
     def track_current_task(self) -> None:
         """Count the running listener as in-flight work that shutdown waits for."""
