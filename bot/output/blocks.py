@@ -584,6 +584,17 @@ def _report(ok: bool, text: str) -> Reply:
     return Reply(text=escape(head), blocks=blocks)
 
 
+def launcher_check_reply(cluster: str, hosts: Sequence[tuple[bool, str]]) -> Reply:
+    """The ssh launcher's dry run: ready or not, one line per host (what the node said, or why the host cannot
+    be used)."""
+    ready = sum(ok for ok, _ in hosts)
+    head = (f"Launcher check of {cluster}: {ready} of {len(hosts)} hosts ready"
+            + ("" if ready == len(hosts) else ": a plan would stop before its first change"))
+    lines = "\n".join(f"{':white_check_mark:' if ok else ':x:'} {escape(line)}" for ok, line in hosts)
+    icon = ":large_green_circle:" if ready == len(hosts) else ":red_circle:"
+    return Reply(text=escape(head), blocks=[_section(f"{icon} *{escape(head)}*"), *sections(lines)])
+
+
 def alarms_reply(health: ClusterHealth) -> Reply:
     return _report(not health.alarms, render.alarms_text(status_view(health)))
 

@@ -36,7 +36,7 @@ from bot.ops.notify import NotifyFailed
 from bot.output import blocks
 from bot.output.model import AlertView, short_duration
 from bot.store.base import StoreError
-from bot.watch import backups, certificates
+from bot.watch import backups, certificates, launcher
 from bot.watch.conditions import CONDITIONS, LEADER_WINDOW, Facts, Finding, evaluate, expected, title
 from bot.watch.tracker import FLAP_MIN, Act, Decision, Key, Track, Tracker
 
@@ -78,6 +78,7 @@ async def _quotas(ctx: BotContext, cluster: ClusterConfig, health: ClusterHealth
 register_probe(Probe("quotas", _quotas, 300.0))
 for _more in (certificates, backups):  # conditions with a probe of their own (importing them registers the conditions)
     register_probe(Probe(_more.PROBE, _more.fetch, _more.PROBE_EVERY))
+register_probe(Probe(launcher.PROBE, launcher.fetch, launcher.PROBE_EVERY, launcher.PROBE_TIMEOUT))
 
 
 # ---------------------------------------------------------------- per cluster state
