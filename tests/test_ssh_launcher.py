@@ -129,8 +129,9 @@ async def test_restore_after_quorum_loss_runs_on_the_hosts(sshbed, use_etcd, sla
         await eventually(lambda: Path(f"{marker}.reached").exists() or None, 90, "m2's etcdutl to be restoring")
         assert bed.drop_sessions("m2")   # the connection drops, and the node program and etcdutl with it
         failed = await wait_state(store, row.id, ("failed",), timeout=60)
-        assert "step 4 (restore) failed on 1 of 3 hosts" in failed.error, failed.error
-        assert f"m2@{bed.hosts['m2'].host.client_ip}:22" in failed.error, failed.error
+        assert failed.error.startswith("step 3 (restore) failed: the restore failed on 1 of 3 hosts: "
+                                       f"m2@{bed.hosts['m2'].host.client_ip}:22: the connection dropped during "
+                                       "restore"), failed.error
         marker.unlink()
         await reply(slack, f"resume {row.id}", user=LEAD, timeout=30)
     await wait_done(store, row.id, timeout=150)
@@ -204,31 +205,27 @@ async def test_replace_a_dead_member_onto_a_new_host(sshbed, slack, start_bot, r
 
 async def test_an_untrusted_or_unreachable_host_stops_a_plan_before_any_change(sshbed, slack, start_bot):
     bed = sshbed("static-pod")
-    bot = await start_bot([bed.cluster(watch={"interval": "1s", "grace": "0s"})], approval=APPROVAL)
-    check = await reply(slack, "launcher-check", timeout=30)
-    assert "3 of 3 hosts ready" in text_of(check)
-    assert await reply(slack, "snapshot", timeout=60)
-
     pinned = [line for line in bed.known_hosts.read_text().splitlines()
               if not line.startswith(bed.hosts["m3"].host.client_ip + " ")]
     seen = bed.rotate_host_key("m1")            # m1: reinstalled, or someone in the middle
     bed.known_hosts.write_text("\n".join(pinned) + "\n")   # m3: never pinned
     bed.cut_from_bot("m2")                       # m2: its packets vanish
-    m3_seen = bed.hosts["m3"].host_key
-
-    check = text_of(await reply(slack, "launcher-check", timeout=30))
     ip = {n: h.host.client_ip for n, h in bed.hosts.items()}
-    assert "0 of 3 hosts ready" in check
-    assert f"m1@{ip['m1']}:22: host key CHANGED: it offered ssh-ed25519 {seen}" in check
-    assert f"m2@{ip['m2']}:22: unreachable: no SSH answer within 3s" in check
-    assert f"m3@{ip['m3']}:22: unknown host key" in check and "it offered ssh-ed25519 SHA256:" in check
-    assert m3_seen and "known_hosts pins no key for it" in check
+    cluster = bed.cluster(launcher=bed.launcher(connect_timeout_seconds=1), watch={"interval": "1s", "grace": "0s"})
+    bot = await start_bot([cluster], approval=APPROVAL)
 
-    # the watch says so too, without anyone asking
+    # the watch's first round runs the daily dry run, and says so without anyone asking
     alert = await slack.wait_for_message(lambda m: "LAUNCHER BROKEN" in text_of(m), timeout=30,
                                          what="the watch's launcher alert")
     assert "3 of 3 hosts fail the ssh launcher's dry run" in text_of(alert)
 
+    check = text_of(await reply(slack, "launcher-check", timeout=30))
+    assert "0 of 3 hosts ready" in check
+    assert f"m1@{ip['m1']}:22: host key CHANGED: it offered ssh-ed25519 {seen}" in check
+    assert f"m2@{ip['m2']}:22: unreachable: no SSH answer within 1s" in check
+    assert f"m3@{ip['m3']}:22: unknown host key: known_hosts pins no key for it; it offered ssh-ed25519 SHA256:" in check
+
+    assert (await reply(slack, "snapshot", timeout=60)).text.startswith("Snapshot of prod")
     manifests = {n: sorted(p.name for p in h.files.manifests.iterdir()) for n, h in bed.hosts.items()}
     plan = await proposed(slack, "restore --force")
     row = await plan_row(bot.ctx.store, plan)
@@ -238,8 +235,7 @@ async def test_an_untrusted_or_unreachable_host_stops_a_plan_before_any_change(s
     assert f"m1@{ip['m1']}:22: host key CHANGED" in failed.error and seen in failed.error
     assert {n: sorted(p.name for p in h.files.manifests.iterdir()) for n, h in bed.hosts.items()} == manifests
     assert [s["key"] for s in await bot.ctx.store.steps(row.id)] == ["verify"]
-    bed.members = ["m1", "m3"]
-    assert all(bed.healthy(n) for n in ("m1", "m3")), "a member was touched"
+    assert bed.healthy("m1") and bed.healthy("m3"), "a member was touched"
 
 
 async def test_the_forced_command_takes_the_node_actions_only(sshbed, tmp_path):

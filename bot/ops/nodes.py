@@ -116,20 +116,20 @@ async def each_host(launcher: LauncherConfig, work: Mapping[Host, Work], what: s
             return await job(node)
 
     outcomes = await asyncio.gather(*(one(h, w) for h, w in work.items()), return_exceptions=True)
-    lines, failed = [], []
+    done, failed = [], []
     for host, outcome in zip(work, outcomes, strict=True):
         if isinstance(outcome, HostError | ValueError):
-            line = str(outcome) if isinstance(outcome, HostError) else f"{host.shown}: {outcome}"
-            failed.append(line)
-            lines.append(line)
+            failed.append(str(outcome) if isinstance(outcome, HostError) else f"{host.shown}: {outcome}")
         elif isinstance(outcome, BaseException):
             raise outcome   # the lease was lost, or the bot stops: the plan stays running for the next leader
+        elif all(a.ok for a in outcome):
+            done += [a.line() for a in outcome]
         else:
-            lines += [a.line() for a in outcome]
-            failed += [a.line() for a in outcome if not a.ok]
+            failed.append("; ".join(a.line() for a in outcome))
     if failed:
-        raise StepFailed(f"{what} failed on {len(failed)} of {len(work)} hosts: " + "; ".join(failed), RESUME)
-    return "; ".join(lines)
+        raise StepFailed(f"{what} failed on {len(failed)} of {len(work)} hosts: " + "; ".join(failed)
+                         + (f". Done on the others: {'; '.join(done)}" if done else ""), RESUME)
+    return "; ".join(done)
 
 
 def action(name: str, flags: Sequence[str], timeout: float) -> Work:

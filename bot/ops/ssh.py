@@ -173,6 +173,9 @@ class NodeSession:
             answer = {}
         if not isinstance(answer, dict):
             answer = {}
+        if not answer and done.exit_status is None:   # the channel closed without an exit: sshd or the node died
+            raise HostError(self.host, f"the connection dropped during {action}: no exit status and no answer "
+                                       f"after {seconds:.1f}s")
         error = ""
         if not answer:
             said = (_text(done.stderr).strip().splitlines() or lines or [""])[-1][-300:]
