@@ -22,7 +22,7 @@ import yaml
 
 from bot.config import parse_config
 from bot.domain.restore import BUMP_REVISIONS
-from bot.ops import nodes, ssh
+from bot.ops import ssh
 from bot.testing.sshbed import SshControlPlane, sshd_missing
 from bot.testing.workspace import CHANNEL, LEAD, LEAD2
 from helpers import (
@@ -223,7 +223,8 @@ async def test_an_untrusted_or_unreachable_host_stops_a_plan_before_any_change(s
     assert "0 of 3 hosts ready" in check
     assert f"m1@{ip['m1']}:22: host key CHANGED: it offered ssh-ed25519 {seen}" in check
     assert f"m2@{ip['m2']}:22: unreachable: no SSH answer within 1s" in check
-    assert f"m3@{ip['m3']}:22: unknown host key: known_hosts pins no key for it; it offered ssh-ed25519 SHA256:" in check
+    assert (f"m3@{ip['m3']}:22: unknown host key: known_hosts pins no key for it; it offered ssh-ed25519 SHA256:"
+            in check)
 
     assert (await reply(slack, "snapshot", timeout=60)).text.startswith("Snapshot of prod")
     manifests = {n: sorted(p.name for p in h.files.manifests.iterdir()) for n, h in bed.hosts.items()}
@@ -264,7 +265,8 @@ def test_the_bots_words_are_plain_words_with_sudo_first(tmp_path):
     keygen(key, "t")
     (tmp_path / "known_hosts").write_text("")
     table = {"kind": "ssh", "recipe": "static-pod", "key_file": str(key), "known_hosts": str(tmp_path / "known_hosts"),
-             "sudo": True, "user": "etcdops", "manifests_dir": "/srv/{name}/manifests", "hosts": {"m2": "10.0.0.9:2222"}}
+             "sudo": True, "user": "etcdops", "manifests_dir": "/srv/{name}/manifests",
+             "hosts": {"m2": "10.0.0.9:2222"}}
     launcher = parse_config({"clusters": [{"name": "c", "endpoints": ["http://10.0.0.1:2379"], "launcher": table}]},
                             tmp_path).clusters[0].launcher
     assert ssh.host_for(launcher, "m1", "http://10.0.0.2:2380") == ssh.Host("m1", "10.0.0.2", 22)
