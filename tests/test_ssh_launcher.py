@@ -271,7 +271,7 @@ def test_the_bots_words_are_plain_words_with_sudo_first(tmp_path):
                             tmp_path).clusters[0].launcher
     assert ssh.host_for(launcher, "m1", "http://10.0.0.2:2380") == ssh.Host("m1", "10.0.0.2", 22)
     assert ssh.host_for(launcher, "m2", "http://10.0.0.3:2380").shown == "m2@10.0.0.9:2222"
-    node = ssh.NodeSession(launcher, ssh.Host("m1", "10.0.0.2"), None)  # type: ignore[arg-type]
+    node = ssh.NodeSession(launcher, ssh.Host("m1", "10.0.0.2"), None)
     assert node.command("stop", ["--fence", "7"]) == [
         "sudo", "-n", "etcd-chatops-node", "--recipe", "static-pod", "--manifests-dir", "/srv/m1/manifests",
         "--etcdutl", "etcdutl", "stop", "--member", "m1", "--fence", "7"]
