@@ -121,10 +121,11 @@ def _parser() -> tuple[_Parser, dict[str, _Parser]]:
     demo = sub.add_parser("demo", help="play a whole incident on a local cluster and the Slack stand-in")
     demo.add_argument("--keep", action="store_true", help="leave the cluster, the stand-in and the bot running")
     demo.add_argument("--stop", action="store_true", help="stop a demo left running with --keep")
-    demo.add_argument("--scenario", choices=("replace", "restore", "nospace"), default="replace",
+    demo.add_argument("--scenario", choices=("replace", "restore", "nospace", "kubeadm"), default="replace",
                       help="replace: a member dies and is replaced (default); restore: quorum is lost and the "
                            "cluster is restored from a snapshot under two approvals; nospace: a full database "
-                           "is defragmented")
+                           "is defragmented; kubeadm: the restore done on kubeadm hosts over SSH (needs root, "
+                           "iproute2 and OpenSSH's sshd)")
     demo.add_argument("--dir", help="where the demo's files go (default: a temporary directory; with --keep, "
                                     "$XDG_RUNTIME_DIR/etcd-chatops-demo-UID)")
     say = sub.add_parser("say", help="type a command in a kept demo's channel and print the reply")
