@@ -359,9 +359,12 @@ def restore_plan_reply(plan: RestorePlan, view: PlanView, now: float | None = No
     steps = [f"{STEP_ICON.get(view.step_states.get(i, 'pending'), ':white_square:')} {i}. {escape(step.title)}"
              for i, step in enumerate(plan.steps)]
     blocks += sections("*Steps*\n" + "\n".join(steps))
-    how = ("the launcher runs `stop`, `restore` and `start` for each member" if plan.launcher == "command"
-           else f"manual launcher: run these on each host when the thread asks, then confirm each stage with "
-                f"`/etcd continue {plan.id} <stage>`")
+    how = {"command": "the launcher runs `stop`, `restore` and `start` for each member",
+           "ssh": "etcd-chatops-node runs it on each member's host over SSH, after copying the snapshot there, into "
+                  "a new data directory beside the old one (moved aside, never deleted); the thread says per host "
+                  "what ran and its result"}.get(
+        plan.launcher, f"manual launcher: run these on each host when the thread asks, then confirm each stage with "
+                       f"`/etcd continue {plan.id} <stage>`")
     blocks.append(_section(f"*etcdutl snapshot restore on every member* (new cluster token, unique to this restore; "
                            f"{escape(how)}):"))
     local = snap.file_name if snap.from_store else snap.path   # a fetched copy's path is made at the step
