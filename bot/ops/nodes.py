@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bot.config import ClusterConfig, LauncherConfig
-from bot.domain.cluster import ClusterHealth, Member
+from bot.domain.cluster import ClusterHealth
 from bot.domain.errors import EtcdError, StepFailed
 from bot.ops import ssh
 from bot.ops.context import BotContext
@@ -90,7 +90,7 @@ async def launcher_hosts(ctx: BotContext, cluster: ClusterConfig, health: Cluste
         members = [h.member for h in (health or await ctx.check(cluster)).members]
     except EtcdError:
         last = await ctx.store.last_membership(cluster.name)
-        members = [Member.from_json(m) for m in last[0]] if last else []
+        members = list(last.members) if last else []
     launcher = cluster.launcher
     hosts = [ssh.host_for(launcher, m.name, m.peer_urls[0]) for m in members if m.name and m.peer_urls]
     named = {h.member for h in hosts}
