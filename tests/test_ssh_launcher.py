@@ -109,7 +109,7 @@ async def test_restore_after_quorum_loss_runs_on_the_hosts(sshbed, use_etcd, sla
     for i in range(5):
         bed.etcdctl("put", f"/registry/k{i}", f"v{i}")
     assert (await reply(slack, "snapshot", timeout=60)).text.startswith("Snapshot of prod")
-    snapped = (await store.snapshots("prod"))[0]["revision"]
+    snapped = (await store.snapshots("prod"))[0].revision
     before = keys(bed)
     bed.etcdctl("put", "/registry/later", "written after the snapshot")
     for name in ("m1", "m3"):   # their disks fail: etcd no longer starts on their data
@@ -165,8 +165,8 @@ async def test_restore_after_quorum_loss_runs_on_the_hosts(sshbed, use_etcd, sla
         stop = next(line for line in lines if "(apiserver-stop)" in line)
         assert all(f"{n}@{ip[n]}:22 stop --fence" in stop and "moved kube-apiserver.yaml" in stop for n in ip)
         assert "moved kube-apiserver.yaml back" in next(line for line in lines if "(apiserver)" in line)
-    steps = [(json.loads(r["detail"])["step"], json.loads(r["detail"])["seconds"]) for r in await store.audit_rows()
-             if r["action"] == "step_done"]
+    steps = [(json.loads(r.detail)["step"], json.loads(r.detail)["seconds"]) for r in await store.audit_rows()
+             if r.action == "step_done"]
     print(f"\nrestore over ssh ({recipe}, etcd 3.6): {took:.1f} s from the approval to done; steps {steps}")
 
 
@@ -236,7 +236,7 @@ async def test_an_untrusted_or_unreachable_host_stops_a_plan_before_any_change(s
     assert failed.error.startswith("before step 0 (verify): 3 of 3 hosts not ready, nothing was changed on any host")
     assert f"m1@{ip['m1']}:22: host key CHANGED" in failed.error and seen in failed.error
     assert {n: sorted(p.name for p in h.files.manifests.iterdir()) for n, h in bed.hosts.items()} == manifests
-    assert [s["key"] for s in await bot.ctx.store.steps(row.id)] == ["verify"]
+    assert [s.key for s in await bot.ctx.store.steps(row.id)] == ["verify"]
     assert bed.healthy("m1") and bed.healthy("m3"), "a member was touched"
 
 
