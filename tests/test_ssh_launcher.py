@@ -22,7 +22,7 @@ import yaml
 
 from bot.config import parse_config
 from bot.domain.restore import BUMP_REVISIONS
-from bot.ops import ssh
+from bot.ops import nodes, ssh
 from bot.testing.sshbed import SshControlPlane, sshd_missing
 from bot.testing.workspace import CHANNEL, LEAD, LEAD2
 from helpers import (
@@ -133,6 +133,9 @@ async def test_restore_after_quorum_loss_runs_on_the_hosts(sshbed, use_etcd, sla
         assert failed.error.startswith("step 3 (restore) failed: the restore failed on 1 of 3 hosts: "
                                        f"m2@{bed.hosts['m2'].host.client_ip}:22: the connection dropped during "
                                        "restore"), failed.error
+        for name in ("m1", "m3"):   # what was done on each other host, so nobody has to log in to find out
+            assert "Done on the others: " in failed.error and \
+                f"{name}@{bed.hosts[name].host.client_ip}:22 restore --fence" in failed.error, failed.error
         marker.unlink()
         await reply(slack, f"resume {row.id}", user=LEAD, timeout=30)
     await wait_done(store, row.id, timeout=150)
@@ -238,6 +241,24 @@ async def test_an_untrusted_or_unreachable_host_stops_a_plan_before_any_change(s
     assert {n: sorted(p.name for p in h.files.manifests.iterdir()) for n, h in bed.hosts.items()} == manifests
     assert [s.key for s in await bot.ctx.store.steps(row.id)] == ["verify"]
     assert bed.healthy("m1") and bed.healthy("m3"), "a member was touched"
+
+
+async def test_dead_hosts_cost_one_deadline_together(sshbed, tmp_path):
+    """Hosts whose packets vanish are asked at once: the dry run (as /etcd launcher-check and a plan's first
+    step run it) says why of each within one connect deadline, not one deadline per host."""
+    bed = sshbed("systemd", size=2)
+    deadline = 2.0
+    launcher = parse_config({"clusters": [bed.cluster(launcher=bed.launcher(connect_timeout_seconds=deadline))]},
+                            tmp_path).clusters[0].launcher
+    hosts = [ssh.host_for(launcher, name, bed.peer_url(name)) for name in ("m1", "m2")]
+    assert all(c.ok for c in await nodes.check_hosts(launcher, hosts))
+    for name in ("m1", "m2"):
+        bed.cut_from_bot(name)
+    began = time.monotonic()
+    checks = await nodes.check_hosts(launcher, hosts)
+    took = time.monotonic() - began
+    assert [c.line for c in checks] == [f"{h.shown}: unreachable: no SSH answer within 2s" for h in hosts]
+    assert deadline <= took < 2 * deadline - 0.5, f"{took:.1f} s for two dead hosts, deadline {deadline:g} s"
 
 
 async def test_the_forced_command_takes_the_node_actions_only(sshbed, tmp_path):
