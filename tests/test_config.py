@@ -623,3 +623,20 @@ def test_an_ssh_key_that_is_not_usable_is_refused_without_showing_it(tmp_path):
     assert str(e.value).endswith("clusters[0].launcher.key_file: not an SSH private key (like ssh-keygen -t ed25519 "
                                  "writes)")
     assert "c2VjcmV0" not in str(e.value)
+
+
+def test_the_ssh_key_is_redacted_from_every_log_line(tmp_path):
+    """The key is a secret like the passwords: the bot registers it for its logs, line by line, so a log line
+    that quoted it by mistake (its newlines escaped, as JSON writes them) shows none of it."""
+    import logging
+
+    from bot import logs
+    config = load_config(write(tmp_path, _ssh(tmp_path)))
+    key = config.clusters[0].launcher.key
+    assert key is not None
+    logs.register_secret(*config.secrets())   # as `etcd-chatops run` does
+    record = logging.LogRecord("bot.ops.ssh", logging.ERROR, __file__, 1, "login failed with %r", (key,), None)
+    line = logs.JsonFormatter().format(record)
+    body = [part for part in key.splitlines() if part and not part.startswith("-----")]
+    assert body and not [part for part in body if part in line], line
+    assert logs.REDACTED in line

@@ -359,8 +359,7 @@ def _run(args: argparse.Namespace) -> int:
         slack = SlackSettings.from_env()
     except SettingsError as e:
         raise UsageFailure(str(e)) from None
-    logs.register_secret(*slack.secrets(), *(c.password for c in config.clusters), config.audit_key,
-                         *config.manifest_keys(), *config.database_secrets())
+    logs.register_secret(*slack.secrets(), *config.secrets())
     logs.setup(args.log_level)
     if not 0 < args.port < 65536:
         raise UsageFailure(f"--port: {args.port} is not a TCP port")

@@ -624,6 +624,16 @@ class Config(Table):
         return sorted({c.snapshots.store.manifest_key for c in self.clusters
                        if c.snapshots.store is not None and c.snapshots.store.manifest_key})
 
+    def secrets(self) -> list[str]:
+        """Every secret the file gives the bot, as it could show up in a line of output: the clusters' passwords,
+        age identities and ssh launcher keys, the audit key, the stores' manifest keys, the database's
+        passwords. A private key is given line by line: a log line holds it with its newlines escaped."""
+        keys = [line for c in self.clusters if c.launcher.key for line in c.launcher.key.splitlines()
+                if line.strip() and not line.startswith("-----")]
+        return ([c.password for c in self.clusters if c.password]
+                + [c.restore.age_identity for c in self.clusters if c.restore.age_identity] + keys
+                + ([self.audit_key] if self.audit_key else []) + self.manifest_keys() + self.database_secrets())
+
     def cluster(self, name: str) -> ClusterConfig | None:
         return next((c for c in self.clusters if c.name == name), None)
 
