@@ -14,6 +14,7 @@ from conftest import ROOT
 
 from bot.config import ConfigError, ReplicasConfig, load_config, parse_config
 from bot.config import schema as config_schema
+from helpers import must
 
 GOOD = """
 database = "etcd-chatops.db"
@@ -46,7 +47,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_the_documented_example_loads(tmp_path):
     config = load_config(write(tmp_path, GOOD))
-    prod = config.cluster("prod")
+    prod = must(config.cluster("prod"))
     assert prod.endpoints == ("https://10.0.0.2:2379", "https://10.0.0.3:2379")
     assert prod.channels == ("C0INCIDENT",)
     assert prod.cacert == tmp_path / "ca.crt"  # relative to the config file

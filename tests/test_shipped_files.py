@@ -18,6 +18,7 @@ from bot.ops.defrag.plan import plan_defrag
 from bot.ops.defrag.rule import parse_rule
 from bot.ops.replace.plan import plan_replacement
 from bot.ops.restore.plan import RESTORE_STEPS
+from helpers import must
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -53,7 +54,7 @@ def test_the_readme_lists_every_command_with_the_role_it_declares():
 @pytest.mark.parametrize("shipped", ["deploy/Dockerfile", *MANIFESTS])
 def test_what_the_image_and_the_slash_command_say_names_every_kind_of_plan(shipped):
     said = (slash_command(shipped)["description"] if shipped.endswith(".yaml") else
-            re.search(r'org\.opencontainers\.image\.description="([^"]+)"', (ROOT / shipped).read_text()).group(1))
+            must(re.search(r'org\.opencontainers\.image\.description="([^"]+)"', (ROOT / shipped).read_text()))[1])
     assert all(kind.value in said for kind in PlanKind), f"{shipped}: {said!r}"
 
 

@@ -16,19 +16,24 @@ import time
 from base64 import b64decode
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import cast
 
+import asyncssh
 import pytest
 import yaml
+from conftest import StartBot
 
 from bot.config import parse_config
 from bot.domain.restore import BUMP_REVISIONS
 from bot.ops import nodes, ssh
+from bot.testing.slack import Message, SlackStandIn
 from bot.testing.sshbed import SshControlPlane, sshd_missing
 from bot.testing.workspace import CHANNEL, LEAD, LEAD2
 from helpers import (
     APPROVAL,
     OK,
     eventually,
+    must,
     plan_row,
     propose,
     replies,
@@ -43,7 +48,7 @@ RECIPES = ["static-pod", "systemd"]
 
 
 @pytest.fixture
-def sshbed(netbed, tmp_path_factory) -> Iterator[Callable[..., SshControlPlane]]:
+def sshbed(netbed: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., SshControlPlane]]:
     """Control planes on the bed, torn down even when the test fails. No sshd here fails the test (make test
     installs it), it is never skipped."""
     if reason := sshd_missing():
@@ -70,7 +75,7 @@ def revision(bed: SshControlPlane) -> int:
     return int(json.loads(bed.etcdctl("get", "/", "-w", "json").stdout)["header"]["revision"])
 
 
-async def approve(slack, plan, *users: str) -> None:
+async def approve(slack: SlackStandIn, plan: Message, *users: str) -> None:
     for user in users:
         await slack.react(user=user, channel=CHANNEL, ts=plan.ts, reaction=OK)
 
@@ -80,7 +85,7 @@ def pod_data_dir(manifest: Path) -> str:
     return str(next(v["hostPath"]["path"] for v in doc["spec"]["volumes"] if v["name"] == "etcd-data"))
 
 
-async def proposed(slack, text: str):
+async def proposed(slack: SlackStandIn, text: str) -> Message:
     """The plan message `/etcd text` posts; a refusal instead fails the test with the bot's words."""
     try:
         return await propose(slack, text)
@@ -88,7 +93,7 @@ async def proposed(slack, text: str):
         raise AssertionError(f"/etcd {text} posted no plan: {text_of(slack.messages[-1])}") from None
 
 
-def notes(slack, plan) -> list[str]:
+def notes(slack: SlackStandIn, plan: Message) -> list[str]:
     """The thread's step notes, in order."""
     return [m.text for m in replies(slack, plan) if m.text.startswith(":white_check_mark: Step ")]
 
@@ -96,7 +101,9 @@ def notes(slack, plan) -> list[str]:
 # ---------------------------------------------------------------- restore
 
 @pytest.mark.parametrize("recipe", RECIPES)
-async def test_restore_after_quorum_loss_runs_on_the_hosts(sshbed, use_etcd, slack, start_bot, tmp_path, recipe):
+async def test_restore_after_quorum_loss_runs_on_the_hosts(sshbed: Callable[..., SshControlPlane],
+                                                           use_etcd: Callable[[str], Path], slack: SlackStandIn,
+                                                           start_bot: StartBot, tmp_path: Path, recipe: str) -> None:
     """With the static-pod recipe the SSH connection to m2 is also killed in the middle of its restore (with the
     node program and etcdutl), and /etcd resume finishes the plan."""
     use_etcd("3.6")   # etcdutl with --bump-revision and --mark-compacted
@@ -129,13 +136,13 @@ async def test_restore_after_quorum_loss_runs_on_the_hosts(sshbed, use_etcd, sla
     if cut:
         await eventually(lambda: Path(f"{marker}.reached").exists() or None, 90, "m2's etcdutl to be restoring")
         assert bed.drop_sessions("m2")   # the connection drops, and the node program and etcdutl with it
-        failed = await wait_state(store, row.id, ("failed",), timeout=60)
-        assert failed.error.startswith("step 3 (restore) failed: the restore failed on 1 of 3 hosts: "
-                                       f"m2@{bed.hosts['m2'].host.client_ip}:22: the connection dropped during "
-                                       "restore"), failed.error
+        error = must((await wait_state(store, row.id, ("failed",), timeout=60)).error)
+        assert error.startswith("step 3 (restore) failed: the restore failed on 1 of 3 hosts: "
+                                f"m2@{bed.hosts['m2'].host.client_ip}:22: the connection dropped during "
+                                "restore"), error
         for name in ("m1", "m3"):   # what was done on each other host, so nobody has to log in to find out
-            assert "Done on the others: " in failed.error and \
-                f"{name}@{bed.hosts[name].host.client_ip}:22 restore --fence" in failed.error, failed.error
+            assert "Done on the others: " in error and \
+                f"{name}@{bed.hosts[name].host.client_ip}:22 restore --fence" in error, error
         marker.unlink()
         await reply(slack, f"resume {row.id}", user=LEAD, timeout=30)
     await wait_done(store, row.id, timeout=150)
@@ -176,7 +183,8 @@ async def test_restore_after_quorum_loss_runs_on_the_hosts(sshbed, use_etcd, sla
 # ---------------------------------------------------------------- replace
 
 @pytest.mark.parametrize("recipe", RECIPES)
-async def test_replace_a_dead_member_onto_a_new_host(sshbed, slack, start_bot, recipe):
+async def test_replace_a_dead_member_onto_a_new_host(sshbed: Callable[..., SshControlPlane], slack: SlackStandIn,
+                                                     start_bot: StartBot, recipe: str) -> None:
     bed = sshbed(recipe)
     spare = bed.add_spare("m4")
     bot = await start_bot([bed.cluster()], approval=APPROVAL)
@@ -207,7 +215,8 @@ async def test_replace_a_dead_member_onto_a_new_host(sshbed, slack, start_bot, r
 
 # ---------------------------------------------------------------- hosts that cannot be trusted
 
-async def test_an_untrusted_or_unreachable_host_stops_a_plan_before_any_change(sshbed, slack, start_bot):
+async def test_an_untrusted_or_unreachable_host_stops_a_plan_before_any_change(
+        sshbed: Callable[..., SshControlPlane], slack: SlackStandIn, start_bot: StartBot) -> None:
     bed = sshbed("static-pod")
     pinned = [line for line in bed.known_hosts.read_text().splitlines()
               if not line.startswith(bed.hosts["m3"].host.client_ip + " ")]
@@ -235,15 +244,15 @@ async def test_an_untrusted_or_unreachable_host_stops_a_plan_before_any_change(s
     plan = await proposed(slack, "restore --force")
     row = await plan_row(bot.ctx.store, plan)
     await approve(slack, plan, LEAD, LEAD2)
-    failed = await wait_state(bot.ctx.store, row.id, ("failed",), timeout=60)
-    assert failed.error.startswith("before step 0 (verify): 3 of 3 hosts not ready, nothing was changed on any host")
-    assert f"m1@{ip['m1']}:22: host key CHANGED" in failed.error and seen in failed.error
+    error = must((await wait_state(bot.ctx.store, row.id, ("failed",), timeout=60)).error)
+    assert error.startswith("before step 0 (verify): 3 of 3 hosts not ready, nothing was changed on any host")
+    assert f"m1@{ip['m1']}:22: host key CHANGED" in error and seen in error
     assert {n: sorted(p.name for p in h.files.manifests.iterdir()) for n, h in bed.hosts.items()} == manifests
     assert [s.key for s in await bot.ctx.store.steps(row.id)] == ["verify"]
     assert bed.healthy("m1") and bed.healthy("m3"), "a member was touched"
 
 
-async def test_dead_hosts_cost_one_deadline_together(sshbed, tmp_path):
+async def test_dead_hosts_cost_one_deadline_together(sshbed: Callable[..., SshControlPlane], tmp_path: Path) -> None:
     """Hosts whose packets vanish are asked at once: the dry run (as /etcd launcher-check and a plan's first
     step run it) says why of each within one connect deadline, not one deadline per host."""
     bed = sshbed("systemd", size=2)
@@ -261,7 +270,8 @@ async def test_dead_hosts_cost_one_deadline_together(sshbed, tmp_path):
     assert deadline <= took < 2 * deadline - 0.5, f"{took:.1f} s for two dead hosts, deadline {deadline:g} s"
 
 
-async def test_the_forced_command_takes_the_node_actions_only(sshbed, tmp_path):
+async def test_the_forced_command_takes_the_node_actions_only(sshbed: Callable[..., SshControlPlane],
+                                                              tmp_path: Path) -> None:
     bed = sshbed("systemd", size=1)
     launcher = parse_config({"clusters": [bed.cluster()]}, tmp_path).clusters[0].launcher
     host = ssh.host_for(launcher, "m1", bed.peer_url("m1"))
@@ -279,7 +289,7 @@ async def test_the_forced_command_takes_the_node_actions_only(sshbed, tmp_path):
     assert bed.healthy("m1")
 
 
-def test_the_bots_words_are_plain_words_with_sudo_first(tmp_path):
+def test_the_bots_words_are_plain_words_with_sudo_first(tmp_path: Path) -> None:
     """What the bot sends through the forced command: `sudo -n` first with sudo = true, the host's
     configuration as the launcher knows it (per host through {name}), and nothing the node would refuse."""
     key = tmp_path / "id"
@@ -293,7 +303,7 @@ def test_the_bots_words_are_plain_words_with_sudo_first(tmp_path):
                             tmp_path).clusters[0].launcher
     assert ssh.host_for(launcher, "m1", "http://10.0.0.2:2380") == ssh.Host("m1", "10.0.0.2", 22)
     assert ssh.host_for(launcher, "m2", "http://10.0.0.3:2380").shown == "m2@10.0.0.9:2222"
-    node = ssh.NodeSession(launcher, ssh.Host("m1", "10.0.0.2"), None)
+    node = ssh.NodeSession(launcher, ssh.Host("m1", "10.0.0.2"), cast(asyncssh.SSHClientConnection, None))  # never used
     assert node.command("stop", ["--fence", "7"]) == [
         "sudo", "-n", "etcd-chatops-node", "--recipe", "static-pod", "--manifests-dir", "/srv/m1/manifests",
         "--etcdutl", "etcdutl", "stop", "--member", "m1", "--fence", "7"]

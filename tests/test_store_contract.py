@@ -43,7 +43,7 @@ from bot.store.sqlite import SqliteStore
 from bot.testing import postgres as postgres_module
 from bot.testing.postgres import LocalPostgres
 from bot.testing.workspace import CHANNEL, cluster_table
-from helpers import as_released, ephemeral, eventually, reply, text_of
+from helpers import as_released, ephemeral, eventually, must, reply, text_of
 
 SCHEMAS = Path(__file__).parent / "store_schemas"
 PLAN = plan_replacement(cluster(down(1), up(2), up(3)), REQ)
@@ -798,7 +798,7 @@ async def test_a_first_release_sqlite_file_is_upgraded_in_place(tmp_path):
     store = await SqliteStore(path).open()
     try:
         assert await store.schema_version() == LATEST
-        assert (await store.plan("abc123")).kind is PlanKind.REPLACE  # the column's default
+        assert must(await store.plan("abc123")).kind is PlanKind.REPLACE  # the column's default
         await store.update_snapshot(snapshot, remote_state="verified")
         assert (await store.snapshots("prod"))[0].remote_state == "verified"
         assert await store.acquire_lease("leader", "a", 5) is not None

@@ -41,7 +41,6 @@ from bot.config import dsn
 from bot.config.offsite import StoreConfig
 from bot.config.table import (
     Check,
-    ConfigError,
     Derived,
     Load,
     Problem,
@@ -58,6 +57,9 @@ from bot.config.table import (
     some,
     table,
     to_path,
+)
+from bot.config.table import (
+    ConfigError as ConfigError,
 )
 from bot.config.table import parse_duration as parse_duration
 from bot.domain.urls import parse_url

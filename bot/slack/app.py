@@ -17,6 +17,11 @@ from slack_sdk.http_retry.builtin_async_handlers import (
     AsyncRateLimitErrorRetryHandler,
     AsyncServerErrorRetryHandler,
 )
+from slack_sdk.http_retry.request import HttpRequest
+from slack_sdk.http_retry.response import HttpResponse
+from slack_sdk.http_retry.state import RetryState
+from slack_sdk.socket_mode.aiohttp import SocketModeClient
+from slack_sdk.socket_mode.request import SocketModeRequest
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.ops.context import BotContext
@@ -32,7 +37,7 @@ IDEMPOTENT = frozenset({"chat.update", "auth.test", "usergroups.users.list", "us
                         "chat.getPermalink", "apps.connections.open"})
 
 
-def _idempotent(request) -> bool:
+def _idempotent(request: HttpRequest) -> bool:
     return request.url.rstrip("/").rsplit("/", 1)[-1] in IDEMPOTENT
 
 
@@ -40,13 +45,15 @@ class IdempotentServerErrorRetryHandler(AsyncServerErrorRetryHandler):
     """5xx are retried only where a second delivery cannot post twice: Slack may
     have posted a message before answering 500, and a repeat would duplicate it."""
 
-    async def _can_retry_async(self, *, state, request, response=None, error=None) -> bool:
+    async def _can_retry_async(self, *, state: RetryState, request: HttpRequest, response: HttpResponse | None = None,
+                               error: Exception | None = None) -> bool:
         return _idempotent(request) and await super()._can_retry_async(
             state=state, request=request, response=response, error=error)
 
 
 class IdempotentConnectionErrorRetryHandler(AsyncConnectionErrorRetryHandler):
-    async def _can_retry_async(self, *, state, request, response=None, error=None) -> bool:
+    async def _can_retry_async(self, *, state: RetryState, request: HttpRequest, response: HttpResponse | None = None,
+                               error: Exception | None = None) -> bool:
         return _idempotent(request) and await super()._can_retry_async(
             state=state, request=request, response=response, error=error)
 
@@ -124,7 +131,8 @@ def socket_mode_handler(app: AsyncApp, ctx: BotContext, app_token: str | None, w
     from slack_sdk.socket_mode.response import SocketModeResponse
 
     class Handler(AsyncSocketModeHandler):
-        async def handle(self, client, req) -> None:
+        # (bolt's aiohttp handler narrows the client's type the same way)
+        async def handle(self, client: SocketModeClient, req: SocketModeRequest) -> None:  # type: ignore[override]
             try:
                 first = await ctx.store.first_delivery(f"envelope:{req.envelope_id}")
             except StoreError:

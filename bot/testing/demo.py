@@ -257,8 +257,11 @@ class Stack:
             time.sleep(0.05)
         self.standin_url = ready.read_text().strip()
         watch = {"enabled": True, "interval": "1s", "grace": "2s"} if self.watch else {"enabled": False}
-        table = (self.bed.cluster("demo", snapshots={"keep_last": 5}, watch=watch) if self.bed is not None
-                 else cluster_table("demo", self.cluster, snapshots={"keep_last": 5}, watch=watch))
+        if self.bed is not None:
+            table = self.bed.cluster("demo", snapshots={"keep_last": 5}, watch=watch)
+        else:
+            assert self.cluster is not None, "the cluster starts first"
+            table = cluster_table("demo", self.cluster, snapshots={"keep_last": 5}, watch=watch)
         config = write_config(self.dir, [table],
                               approval={"approvers": [LEAD], "approver_groups": [LEADS_GROUP], "ttl_minutes": 30})
         self.bot = BotProcess(config, self.standin_url + "/api/", self.creds, self.dir / "bot.log",
