@@ -26,12 +26,14 @@ from conftest import StartBot
 from bot.config import parse_config
 from bot.domain.restore import BUMP_REVISIONS
 from bot.ops import nodes, ssh
+from bot.testing.cluster import LocalCluster
 from bot.testing.slack import Message, SlackStandIn
 from bot.testing.sshbed import SshControlPlane, sshd_missing
-from bot.testing.workspace import CHANNEL, LEAD, LEAD2
+from bot.testing.workspace import CHANNEL, LEAD, LEAD2, cluster_table
 from helpers import (
     APPROVAL,
     OK,
+    ephemeral,
     eventually,
     must,
     plan_row,
@@ -250,6 +252,15 @@ async def test_an_untrusted_or_unreachable_host_stops_a_plan_before_any_change(
     assert {n: sorted(p.name for p in h.files.manifests.iterdir()) for n, h in bed.hosts.items()} == manifests
     assert [s.key for s in await bot.ctx.store.steps(row.id)] == ["verify"]
     assert bed.healthy("m1") and bed.healthy("m3"), "a member was touched"
+
+
+async def test_launcher_check_of_a_cluster_without_hosts_says_why(cluster: LocalCluster, slack: SlackStandIn,
+                                                                  start_bot: StartBot) -> None:
+    """A launcher with nothing to dry-run (the command launcher) is a one-line refusal to the asker, not a post."""
+    await start_bot([cluster_table("prod", cluster)])
+    said = text_of(await ephemeral(slack, "launcher-check"))
+    assert "cluster prod has the command launcher: only an ssh launcher has hosts to check" in said, said
+    assert not slack.calls_to("chat.postMessage")
 
 
 async def test_dead_hosts_cost_one_deadline_together(sshbed: Callable[..., SshControlPlane], tmp_path: Path) -> None:
