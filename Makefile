@@ -54,6 +54,7 @@ test: lint node etcd
 	sh scripts/install-etcd34.sh
 	sh scripts/install-postgres.sh
 	sh scripts/install-prometheus.sh
+	sh scripts/install-sshd.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The pure tests only (no etcd, no bot, no stand-in, no long fuzzing): a quick check while editing.

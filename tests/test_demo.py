@@ -175,3 +175,23 @@ def test_the_alerts_scenario_shows_the_watch_post_and_resolve(tmp_path):
         assert found >= 0, f"{fragment!r} missing (or out of order) in the transcript:\n{out[position:position + 2000]}"
         position = found
     assert_nothing_left(directory)
+
+
+def test_the_kubeadm_scenario_restores_on_the_hosts_over_ssh_and_cleans_up(tmp_path):
+    """The restore of a kubeadm control plane done by the bot on its hosts (sshd per host on the multi-host bed):
+    the dry run first, kube-apiserver stopped before etcd and put back last, and nothing left behind."""
+    directory = tmp_path / "kubeadm"
+    proc = run(DEMO + ["--scenario", "kubeadm", "--dir", str(directory)])
+    out = proc.stdout
+    assert proc.returncode == 0, proc.stderr[-3000:] + out[-3000:]
+    position = 0
+    for fragment in ("kubeadm control plane 'demo' up", "/etcd launcher-check", "3 of 3 hosts ready",
+                     "/etcd snapshot", "disks of m1 and m2 fail", "/etcd restore", "Approved by", "Step 0 (verify)",
+                     "every host ready", "Step 1 (apiserver-stop)", "moved kube-apiserver.yaml", "Step 2 (stop)",
+                     "Step 3 (restore)", "Step 4 (start)", "Step 7 (apiserver)", "moved kube-apiserver.yaml back",
+                     "is done", "etcd cluster demo: HEALTHY", "etcd.yaml now mounts", ".restored-",
+                     "done on 3 hosts over SSH", "Everything the demo started is stopped"):
+        found = out.find(fragment, position)
+        assert found >= 0, f"{fragment!r} missing (or out of order) in the transcript:\n{out[position:position + 2000]}"
+        position = found
+    assert_nothing_left(directory)

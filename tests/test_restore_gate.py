@@ -21,10 +21,11 @@ from bot.ops.launcher import run_argv as launcher_run_argv
 from bot.ops.leadership import LEASE
 from bot.ops.restore import run as recovery
 from bot.testing.cluster import free_port
-from bot.testing.workspace import LEAD, cluster_table
+from bot.testing.workspace import LEAD, cluster_table, launcher_argv
 from helpers import (
     APPROVAL,
     audit_actions,
+    command,
     depose,
     ephemeral,
     eventually,
@@ -233,3 +234,28 @@ def test_a_status_answer_by_exit_status_or_by_its_json_state():
     for unknown in (state(1), state(2, "usage: ..."), state(None), state(4, '{"state": "stopped"}'),
                     state(0, '{"state":"stopping"}'), state(3, '{"state": "running"}')):
         assert unknown is MemberState.UNKNOWN
+
+
+async def test_quorum_loss_is_proven_though_the_launchers_status_is_slow(make_cluster, slack, start_bot):
+    """A launcher whose status takes longer than the settle time (SSH to each host of a loaded control plane)
+    and cannot say stopped (members crash-looping) still leaves the settle time to see the survivor without a
+    leader: the window counts from the first look's end, not from before it."""
+    c = make_cluster(3)
+    slow = ["sh", "-c", 'if [ "$1" = status ]; then sleep 1.5; echo crash-looping; exit 4; fi; shift; exec "$@"',
+            "slow-status", "{action}", *launcher_argv(c.base_dir)]
+    bot = await start_bot([cluster_table("prod", c, launcher={"kind": "command", "argv": slow, "timeout_seconds": 60},
+                                         restore={"data_dir": str(c.base_dir / "data" / "{name}"),
+                                                  "no_leader_seconds": 0.5})], approval=APPROVAL)
+    await snapshot_of(slack, bot.ctx.store, c, n=2)
+    c.kill("member1")
+    c.kill("member2")
+
+    def leaderless() -> bool:
+        out = c.etcdctl("endpoint", "status", "-w", "json", endpoints=[c.member("member3").client_url], check=False)
+        return out.returncode == 0 and not json.loads(out.stdout)[0]["Status"].get("leader")
+    await eventually(leaderless, 30, "member3 to notice it has no leader")
+    start = len(slack.messages)
+    await command(slack, "restore")
+    answer = await slack.wait_for_message(lambda m: m.text.startswith("Plan ") or m.ephemeral_to is not None,
+                                          after=start, timeout=30, what="the answer to /etcd restore")
+    assert answer.text.startswith("Plan ") and "Quorum is lost" in json.dumps(answer.blocks), answer.text

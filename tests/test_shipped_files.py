@@ -40,7 +40,7 @@ def test_the_manifests_usage_hint_lists_every_command_once(manifest):
 def _readme_commands() -> dict[str, str]:
     """The README's table of commands: each command's name and the role its row names."""
     section = README.split("## In the channel", 1)[1].split("\n## ", 1)[0]
-    rows = re.findall(r"^\| `/etcd (\w+)[^`]*` \| ([^|]+) \|", section, re.M)
+    rows = re.findall(r"^\| `/etcd ([\w-]+)[^`]*` \| ([^|]+) \|", section, re.M)
     assert len(rows) == len({name for name, _ in rows}), "a command is listed twice"
     return {name: role.strip() for name, role in rows}
 

@@ -24,7 +24,18 @@ from datetime import date, time
 from pathlib import Path
 from typing import Annotated, Any, Self
 
-from pydantic import Field, PlainValidator, TypeAdapter, ValidationError, ValidationInfo, model_validator
+from cryptography.exceptions import UnsupportedAlgorithm
+from pydantic import (
+    Field,
+    GetJsonSchemaHandler,
+    PlainValidator,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import core_schema
 
 from bot.config import dsn
 from bot.config.offsite import StoreConfig
@@ -192,8 +203,17 @@ class ApprovalConfig(Table):
 
 # The launcher kinds, and how long each waits by default. `manual` waits for a person at each stage: ten minutes
 # is time to run a stage's commands on a few hosts; a stage nobody confirms by then is one nobody is at, and
-# the plan should fail and say so (it holds the cluster's one open plan) rather than wait on.
-LAUNCH_TIMEOUTS = {"manual": 600.0, "command": 120.0}
+# the plan should fail and say so (it holds the cluster's one open plan) rather than wait on. `ssh` waits for one
+# action on one host (a restore of a large snapshot included).
+LAUNCH_TIMEOUTS = {"manual": 600.0, "command": 120.0, "ssh": 300.0}
+RECIPES = ("static-pod", "systemd")
+# A word the bot sends to etcd-chatops-node over SSH: the node splits its forced command on spaces and refuses
+# quoting and every shell character (deploy/node, splitForced), so a word outside this set could never reach it.
+NODE_WORD = r"[A-Za-z0-9._/:=,@+\[\]-]+"
+HOST_PORT = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9][A-Za-z0-9.-]{0,252}))"
+                       r"(?::(?P<port>[0-9]{1,5}))?")
+SSH_ONLY = ("recipe", "user", "sudo", "key_env", "key_file", "known_hosts", "hosts", "manifests_dir", "unit",
+            "node_command", "etcdutl")
 
 
 def _no_default(schema: dict[str, Any]) -> None:
@@ -201,16 +221,83 @@ def _no_default(schema: dict[str, Any]) -> None:
     schema.pop("default", None)
 
 
+def split_host_port(value: str, default_port: int = 22) -> tuple[str, int]:
+    """"10.0.0.3:2222" -> ("10.0.0.3", 2222); "[fd00::3]" -> ("fd00::3", 22); ValueError when it is neither."""
+    found = HOST_PORT.fullmatch(value)
+    port = int(found.group("port")) if found and found.group("port") else default_port
+    if found is None or not 0 < port < 65536:
+        raise ValueError(f"{value!r} is not host or host:port (an address, [IPv6] or DNS name, port 1-65535)")
+    return found.group("v6") or found.group("host"), port
+
+
+def _host_port(value: str) -> str:
+    split_host_port(value)
+    return value
+
+
+def _ssh_key(text: str) -> str:
+    """A private key in OpenSSH's format (or PEM) without a passphrase: the bot runs unattended. The reason never
+    shows the key."""
+    from cryptography.hazmat.primitives import serialization
+    data = (text.strip() + "\n").encode()
+    openssh = b"OPENSSH PRIVATE KEY" in data
+    load = serialization.load_ssh_private_key if openssh else serialization.load_pem_private_key
+    try:
+        load(data, password=None)
+    except TypeError:
+        raise ValueError("the SSH key is encrypted with a passphrase: the bot runs unattended and needs a key "
+                         "without one (protect the file or the Secret instead)") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise ValueError("not an SSH private key (like ssh-keygen -t ed25519 writes)") from None
+    return data.decode()
+
+
+NODE_WORD_SAYS = "has a character etcd-chatops-node does not take (it takes plain words: letters, digits and ._/:=,@+-)"
+NodeWord = Annotated[str, matches(NODE_WORD, NODE_WORD_SAYS)]
+# A per-host value: a node word that may hold {name}, the member's name.
+NodeTemplate = Annotated[str, matches(r"(?:[A-Za-z0-9._/:=,@+\[\]-]|\{name\})+", NODE_WORD_SAYS + " ({name} aside)")]
+
+
 @table
 class LauncherConfig(Table):
-    """How a replacement member gets started (runbook step 4)."""
+    """How the bot starts, stops and restores members: a person (manual), your program (command), or
+    etcd-chatops-node on each control-plane host over SSH (ssh)."""
 
     kind: Annotated[str, one_of("launcher kind", *LAUNCH_TIMEOUTS)] = "manual"
-    """manual: the bot posts the new member's environment and waits; command: it runs argv."""
+    """manual: the bot posts the new member's environment and waits; command: it runs argv; ssh: it runs
+    etcd-chatops-node on the member's host."""
     argv: tuple[str, ...] = ()
     """The command, without a shell; {name}, {peer_url}, {client_url} and {action} are substituted."""
     timeout_seconds: Positive = Field(default=0.0, json_schema_extra=_no_default)   # 0.0: the kind's, LAUNCH_TIMEOUTS
-    """manual: how long to wait for a person, per stage (600); command: for the command (120)."""
+    """manual: how long to wait for a person, per stage (600); command: for the command (120); ssh: for one
+    action on a host (300)."""
+    recipe: Annotated[str, one_of("recipe", *RECIPES)] | None = None
+    """ssh: static-pod (kubeadm's stacked etcd) or systemd (external etcd as a unit)."""
+    user: Annotated[str, matches(r"[a-z_][a-z0-9_.-]{0,31}", "is not a user name")] = "root"
+    """ssh: the user the bot logs in as."""
+    sudo: bool = False
+    """ssh: run etcd-chatops-node through `sudo -n` (a user with a sudoers line for it)."""
+    key_env: str | None = None
+    """ssh: the environment variable holding the bot's private key (OpenSSH format, no passphrase)."""
+    key_file: File | None = None
+    """ssh: or the file holding it."""
+    key: Annotated[str | None, Secret(_ssh_key)] = field(default=None, repr=False)
+    known_hosts: File | None = None
+    """ssh: the hosts' pinned public keys (ssh-keyscan's lines, checked by you); an unknown or changed key stops
+    everything."""
+    hosts: dict[Annotated[str, matches(CLUSTER_NAME.pattern, "is not a member name")],
+                Annotated[str, Check(_host_port)]] = Field(default_factory=dict)
+    """ssh: member name -> host or host:port (default: the host of the member's peer URL, port 22)."""
+    manifests_dir: NodeTemplate = "/etc/kubernetes/manifests"
+    """ssh, static-pod: the kubelet's static pod directory on the hosts; may contain {name}."""
+    unit: NodeTemplate = "etcd.service"
+    """ssh, systemd: etcd's unit on the hosts; may contain {name}."""
+    node_command: Annotated[tuple[NodeWord, ...], some("word")] = ("etcd-chatops-node",)
+    """ssh: the node program on the hosts, as an argv prefix (its forced command replaces it)."""
+    etcdutl: NodeWord = "etcdutl"
+    """ssh: etcdutl on the hosts, found on PATH or an absolute path (must equal the node's --etcdutl)."""
+    connect_timeout_seconds: Positive = 10.0
+    """ssh: the deadline of connecting to a host and checking its key."""
 
     @model_validator(mode="after")
     def _kind_and_argv(self) -> Self:
@@ -218,8 +305,14 @@ class LauncherConfig(Table):
             object.__setattr__(self, "timeout_seconds", LAUNCH_TIMEOUTS[self.kind])
         if self.kind == "command" and not self.argv:
             raise Problem("a command launcher needs argv, the command to run", "argv")
-        if self.kind == "manual" and self.argv:
+        if self.kind != "command" and self.argv:
             raise Problem("only a command launcher takes argv", "argv")
+        if self.kind == "ssh":
+            self._check_ssh()
+        else:
+            given = next((k for k in SSH_ONLY if getattr(self, k) != _LAUNCHER_DEFAULTS[k]), None)
+            if given is not None:
+                raise Problem(f"only an ssh launcher takes {given}", given)
         for i, arg in enumerate(self.argv):
             try:
                 fields = argv_fields(arg)
@@ -234,11 +327,47 @@ class LauncherConfig(Table):
                                   "argv", i)
         return self
 
+    def _check_ssh(self) -> None:
+        if self.recipe is None:
+            raise Problem("an ssh launcher needs recipe: static-pod (kubeadm) or systemd", "recipe")
+        if self.known_hosts is None:
+            raise Problem("an ssh launcher needs known_hosts: the hosts' keys are pinned, never learned",
+                          "known_hosts")
+        if self.key_env is None and self.key_file is None:
+            raise Problem("an ssh launcher needs key_file or key_env: the bot's private key", "key_file")
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, schema: core_schema.CoreSchema,
+                                     handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        """What the model validator asks of an ssh launcher, for editors too: its recipe, key and known hosts."""
+        found = handler(schema)
+        table_schema = handler.resolve_ref_schema(found)
+        table_schema["allOf"] = [{"if": {"properties": {"kind": {"const": "ssh"}}, "required": ["kind"]},
+                                  "then": {"required": ["recipe", "known_hosts"],
+                                           "anyOf": [{"required": ["key_file"]}, {"required": ["key_env"]}]}}]
+        return found
+
     @property
     def has_actions(self) -> bool:
-        """An argv with an {action} field can also stop members, restore their data and report whether
-        they run (restore plans need it)."""
-        return any(name == "action" for arg in self.argv for name, _, _ in argv_fields(arg))
+        """Whether the launcher can also stop members, restore their data and report whether they run (restore
+        plans need it): an ssh launcher always can; a command launcher when its argv has an {action} field."""
+        return self.kind == "ssh" or any(name == "action" for arg in self.argv for name, _, _ in argv_fields(arg))
+
+    def host_of(self, member: str, peer_url: str) -> tuple[str, int]:
+        """ssh: where member `member` runs: `hosts`, else its peer URL's host, port 22."""
+        if member in self.hosts:
+            return split_host_port(self.hosts[member])
+        return parse_url(peer_url).host, 22
+
+    def on_host(self, template: str, member: str) -> str:
+        """A per-host value (manifests_dir, unit) for member `member`."""
+        return template.replace("{name}", member)
+
+
+_LAUNCHER_DEFAULTS: dict[str, Any] = {"recipe": None, "user": "root", "sudo": False, "key_env": None,
+                                      "key_file": None, "known_hosts": None, "hosts": {},
+                                      "manifests_dir": "/etc/kubernetes/manifests", "unit": "etcd.service",
+                                      "node_command": ("etcd-chatops-node",), "etcdutl": "etcdutl"}
 
 
 @table
@@ -592,6 +721,18 @@ class Config(Table):
         """The keys the snapshot stores sign their manifests with (never to appear in output)."""
         return sorted({c.snapshots.store.manifest_key for c in self.clusters
                        if c.snapshots.store is not None and c.snapshots.store.manifest_key})
+
+    def secrets(self) -> list[str]:
+        """Every secret the file gives the bot, as it could show up in a line of output: the clusters' passwords,
+        age identities and ssh launcher keys, the audit key, the stores' manifest keys, the database's
+        passwords, Alertmanager's token. A private key is given line by line: a log line holds it with its
+        newlines escaped."""
+        keys = [line for c in self.clusters if c.launcher.key for line in c.launcher.key.splitlines()
+                if line.strip() and not line.startswith("-----")]
+        return ([c.password for c in self.clusters if c.password]
+                + [c.restore.age_identity for c in self.clusters if c.restore.age_identity] + keys
+                + ([self.audit_key] if self.audit_key else []) + self.manifest_keys() + self.database_secrets()
+                + self.alertmanager_secrets())
 
     def cluster(self, name: str) -> ClusterConfig | None:
         return next((c for c in self.clusters if c.name == name), None)

@@ -113,11 +113,7 @@ class BotContext:
         return health
 
     def secrets(self) -> list[str]:
-        return (list(self.secret_values) + [c.password for c in self.config.clusters if c.password]
-                + [c.restore.age_identity for c in self.config.clusters if c.restore.age_identity]
-                + ([self.config.audit_key] if self.config.audit_key else [])
-                + self.config.manifest_keys() + self.config.database_secrets()
-                + self.config.alertmanager_secrets())
+        return list(self.secret_values) + self.config.secrets()
 
     def track_current_task(self) -> None:
         """Count the running listener as in-flight work that shutdown waits for."""

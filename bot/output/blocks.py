@@ -365,9 +365,12 @@ def restore_plan_reply(plan: RestorePlan, view: PlanView, now: float | None = No
     steps = [f"{STEP_ICON.get(view.step_states.get(i, 'pending'), ':white_square:')} {i}. {escape(step.title)}"
              for i, step in enumerate(plan.steps)]
     blocks += sections("*Steps*\n" + "\n".join(steps))
-    how = ("the launcher runs `stop`, `restore` and `start` for each member" if plan.launcher == "command"
-           else f"manual launcher: run these on each host when the thread asks, then confirm each stage with "
-                f"`/etcd continue {plan.id} <stage>`")
+    how = {"command": "the launcher runs `stop`, `restore` and `start` for each member",
+           "ssh": "etcd-chatops-node runs it on each member's host over SSH, after copying the snapshot there, into "
+                  "a new data directory beside the old one (moved aside, never deleted); the thread says per host "
+                  "what ran and its result"}.get(
+        plan.launcher, f"manual launcher: run these on each host when the thread asks, then confirm each stage with "
+                       f"`/etcd continue {plan.id} <stage>`")
     blocks.append(_section(f"*{plan.restore_tool} snapshot restore on every member* (new cluster token, unique to "
                            f"this restore; {escape(how)}):"))
     local = snap.file_name if snap.from_store else snap.path   # a fetched copy's path is made at the step
@@ -588,6 +591,17 @@ def _report(ok: bool, text: str) -> Reply:
     icon = ":large_green_circle:" if ok else ":red_circle:"
     blocks = [_section(f"{icon} *{escape(head)}*")] + ([_section(code_block(rest))] if rest else [])
     return Reply(text=escape(head), blocks=blocks)
+
+
+def launcher_check_reply(cluster: str, hosts: Sequence[tuple[bool, str]]) -> Reply:
+    """The ssh launcher's dry run: ready or not, one line per host (what the node said, or why the host cannot
+    be used)."""
+    ready = sum(ok for ok, _ in hosts)
+    head = (f"Launcher check of {cluster}: {ready} of {len(hosts)} hosts ready"
+            + ("" if ready == len(hosts) else ": a plan would stop before its first change"))
+    lines = "\n".join(f"{':white_check_mark:' if ok else ':x:'} {escape(line)}" for ok, line in hosts)
+    icon = ":large_green_circle:" if ready == len(hosts) else ":red_circle:"
+    return Reply(text=escape(head), blocks=[_section(f"{icon} *{escape(head)}*"), *sections(lines)])
 
 
 def alarms_reply(health: ClusterHealth) -> Reply:

@@ -46,7 +46,7 @@ from bot.ops.notify import NotifyFailed
 from bot.output import blocks
 from bot.output.model import AlertView, short_duration
 from bot.store.base import StoreError
-from bot.watch import alertmanager, backups, certificates
+from bot.watch import alertmanager, backups, certificates, launcher
 from bot.watch.conditions import (
     CONDITIONS,
     LEADER_WINDOW,
@@ -90,6 +90,7 @@ def register_probe(probe: Probe) -> Probe:
 
 for _more in (certificates, backups):  # conditions with a probe of their own (importing them registers the conditions)
     register_probe(Probe(_more.PROBE, _more.fetch, _more.PROBE_EVERY))
+register_probe(Probe(launcher.PROBE, launcher.fetch, launcher.PROBE_EVERY, launcher.PROBE_TIMEOUT))
 
 
 # ---------------------------------------------------------------- per cluster state
