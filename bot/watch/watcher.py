@@ -32,9 +32,9 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Coroutine
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from bot.config import ClusterConfig
 from bot.domain.cluster import ClusterHealth, MemberMetrics, backend_quota
@@ -62,6 +62,7 @@ from bot.watch.readings import History
 from bot.watch.tracker import FLAP_MIN, Act, Decision, Key, Track, Tracker
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 REFRESH_SECONDS = 60.0   # an open alert's message is edited when its figures change, and at least this often
 POLL_SECONDS = 1.0       # how soon the leader sees Alertmanager's alerts another replica received
 ALERTS_KEPT_SECONDS = 30 * 86400.0   # resolved alert rows older than this are deleted by the leader's housekeeping
@@ -382,10 +383,9 @@ class Watcher:
                                                         "ctx_subject": key[1]})
             rows = state.posted[key] = []
             for channel in cluster.channels:
-                ts = await self._post(channel, reply)
                 alert = NewAlert(cluster=cluster.name, condition=key[0], subject=key[1], opened_at=view.opened_at,
-                                 updated_at=now, channel=channel, message_ts=ts, detail=detail, flaps=track.flaps)
-                rows.append(Posted(await self._quiet(store.open_alert(alert), None), channel, ts, shown, now))
+                                 updated_at=now, channel=channel, message_ts=None, detail=detail, flaps=track.flaps)
+                rows.append(await _whole(self._open(channel, alert, reply, shown, now)))
             return
         rows = state.posted.get(key, [])
         for p in rows:
@@ -411,12 +411,31 @@ class Watcher:
             log.info("watch: condition resolved", extra={"ctx_cluster": cluster.name, "ctx_condition": key[0],
                                                          "ctx_subject": key[1]})
 
+    async def _open(self, channel: str, alert: NewAlert, reply: blocks.Reply, shown: str, now: float) -> Posted:
+        """Post an alert and record its message: the record is what a restarted bot edits instead of posting
+        the alert again."""
+        ts = await self._post(channel, reply)
+        row = await self._quiet(self.ctx.store.open_alert(replace(alert, message_ts=ts)), None)
+        return Posted(row, channel, ts, shown, now)
+
     async def _post(self, channel: str, reply: blocks.Reply) -> str | None:
         try:
             return await self.ctx.notifier.channel_message(channel, reply)
         except NotifyFailed as e:
             log.warning("watch: alert not posted", extra={"ctx_channel": channel, "ctx_error": str(e)})
             return None
+
+
+async def _whole(work: Coroutine[Any, Any, T]) -> T:
+    """Run `work` to its end even when the caller is cancelled (a replica stopping mid-round): a message
+    posted and not recorded would be posted again by the next leader. The caller's cancellation is raised
+    once the work is done (each call in it has its own deadline)."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise
 
 
 def _probe_label(probe: Probe) -> str:
