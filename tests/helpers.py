@@ -20,7 +20,7 @@ from bot.store.base import Store
 from bot.store.schema import ADDED_COLUMNS, expected_columns
 from bot.store.sqlite import SqliteStore
 from bot.testing.cluster import QUOTA, QUOTA_ARGS, fill_until_nospace, free_port
-from bot.testing.slack import Delivery, Message, SlackStandIn
+from bot.testing.slack import Delivery, Gate, Message, SlackStandIn
 from bot.testing.workspace import CHANNEL, LEAD, LEADS_GROUP, ONCALL, USERGROUPS, USERS
 
 T = TypeVar("T")
@@ -134,10 +134,10 @@ def announcing(step: int) -> Callable[[dict[str, Any]], bool]:
     return lambda args: f":hourglass_flowing_sand: {step}." in str(args.get("blocks"))
 
 
-async def hold_at(slack: SlackStandIn, step: int, timeout: float = 60) -> None:
-    """Wait until the engine announced `step`, which a 429 from `announcing(step)` holds for its Retry-After."""
-    await slack.wait_for(lambda: any(call.status == 429 for call in slack.calls_to("chat.update")), timeout=timeout,
-                         what=f"step {step} to be announced")
+def hold_at(slack: SlackStandIn, step: int) -> Gate:
+    """Pause the next plan before `step`: the engine announces a step (its chat.update) before it checks the
+    step's precondition and runs it, and the stand-in holds that call until the test releases the gate."""
+    return slack.hold("chat.update", match=announcing(step))
 
 
 async def depose(store: Store, leader: str) -> bool:

@@ -2,10 +2,10 @@
 (issue 10, items 1-3, 6, 8 and the plan's side of 7): real clusters of 3 and 5
 members, the real bot, the Slack stand-in.
 
-To change the facts between two steps deterministically, the stand-in answers
-the progress update that announces the chosen step with 429 + Retry-After: the
-engine announces a step before it checks the step's precondition, so it waits
-there while the test changes the cluster.
+To change the facts between two steps deterministically, the stand-in holds
+the progress update that announces the chosen step: the engine announces a
+step before it checks the step's precondition, so it waits there while the
+test changes the cluster, and goes on when the test releases it.
 """
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from bot.testing.workspace import CHANNEL, LEAD, LEAD2, STRANGER, cluster_table
 from helpers import (
     APPROVAL,
     OK,
-    announcing,
     audit_actions,
     ephemeral,
     hold_at,
@@ -81,10 +80,11 @@ async def test_a_member_back_before_the_remove_stops_the_plan_and_its_resume(mak
     plan = await propose(slack, f"replace member1 member4 {urls()[0]} --client-url {urls()[1]}")
     row = await plan_row(store, plan)
 
-    slack.fail_next("chat.update", status=429, retry_after=6, match=announcing(2))
+    gate = hold_at(slack, 2)
     await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
-    await hold_at(slack, 2)
+    await gate.reached()
     await asyncio.to_thread(c.restart, "member1")  # it comes back while the remove is about to be sent
+    gate.release()
     failed = await wait_state(store, row["id"], ("failed", "done"))
     assert failed["state"] == "failed" and "member1 answers and is healthy again" in failed["error"]
     assert "before step 2 (remove)" in failed["error"]
@@ -111,12 +111,13 @@ async def test_a_learner_added_by_hand_before_the_add_stops_it_and_abandon_close
     bot = await start_bot([cluster_table("prod", c)], approval=APPROVAL)
     store = bot.ctx.store
     c.kill("member1")
-    slack.fail_next("chat.update", status=429, retry_after=20, match=announcing(3))
+    gate = hold_at(slack, 3)
     plan = await propose(slack, f"replace member1 member4 {urls()[0]} --client-url {urls()[1]}")
     row = await plan_row(store, plan)
     await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
-    await hold_at(slack, 3)
+    await gate.reached()
     intruder = await add_learner_by_hand(c)  # between remove and add
+    gate.release()
     failed = await wait_state(store, row["id"], ("failed", "done"))
     assert failed["state"] == "failed" and "before step 3 (add)" in failed["error"]
     assert f"a learner (unstarted) ({intruder.hex_id}) was added to prod" in failed["error"]
@@ -154,10 +155,11 @@ async def test_an_also_removed_member_that_answers_again_stops_the_remove(make_c
     plan = await propose(slack, f"replace member1 member6 {urls()[0]} --client-url {urls()[1]}")
     row = await plan_row(store, plan)
     assert "removes *member2* too" in text_of(plan)
-    slack.fail_next("chat.update", status=429, retry_after=6, match=announcing(2))
+    gate = hold_at(slack, 2)
     await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
-    await hold_at(slack, 2)
+    await gate.reached()
     await asyncio.to_thread(c.restart, "member2")
+    gate.release()
     failed = await wait_state(store, row["id"], ("failed", "done"))
     assert failed["state"] == "failed" and "member2" in failed["error"] and "answers again" in failed["error"]
     # the state is stored before the note is posted: wait for the note, as a person would

@@ -36,7 +36,6 @@ from bot.testing.workspace import CHANNEL, LEAD, LEAD2, ONCALL, STRANGER, BotPro
 from helpers import (
     APPROVAL,
     OK,
-    announcing,
     audit_actions,
     command,
     depose,
@@ -237,13 +236,13 @@ async def test_racing_approvals_run_once_and_a_killed_leader_is_replaced_mid_pla
     group = await replicas([cluster_table("prod", c)], approval=APPROVAL)
     c.kill("member1")
     leader, follower = await group.leader(), await group.follower()
-    slack.fail_next("chat.update", status=429, retry_after=60, match=announcing(3))  # holds the leader before the add
+    gate = hold_at(slack, 3)  # holds the leader before the add (the new leader's announcement passes)
     peer, client = urls()
     plan = await propose(slack, f"replace member1 member4 {peer} --client-url {client}", to=follower.url)
     row = await plan_row(group.store, plan)
     await asyncio.gather(slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK, to=follower.url),
                          slack.react(user=LEAD2, channel=CHANNEL, ts=plan.ts, reaction=OK, to=leader.url))
-    await hold_at(slack, 3, timeout=90)
+    await gate.reached(timeout=90)
     assert sum("Approved by" in m.text for m in replies(slack, plan)) == 1
     assert "changes nothing" in thread(slack, plan)
 
@@ -300,14 +299,15 @@ async def test_a_deposed_leader_stops_before_its_next_action_and_leaves_the_plan
     bot = await start_bot([cluster_table("prod", c)], approval=APPROVAL)
     store, me = bot.ctx.store, bot.ctx.leadership
     c.kill("member1")
-    slack.fail_next("chat.update", status=429, retry_after=1, match=announcing(3))
+    gate = hold_at(slack, 3)
     peer, client = urls()
     plan = await propose(slack, f"replace member1 member4 {peer} --client-url {client}")
     row = await plan_row(store, plan)
     await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
-    await hold_at(slack, 3)
+    await gate.reached()
 
     await eventually(lambda: depose(store, me.replica_id), 5, "another replica to take the lease")
+    gate.release()
     await eventually(lambda: not bot.ctx.running, 20, "the deposed leader's run to stop")
     assert not bot.ctx.is_leader()
     record = await store.plan(row["id"])
@@ -444,13 +444,12 @@ async def test_a_leader_deposed_during_a_scheduled_pass_starts_no_further_snapsh
         return sum(f"Scheduled snapshot of {name}" in text_of(m) for m in slack.messages
                    if m.source == "chat.postMessage")
     await eventually(lambda: posted("a") == posted("b") == 1, 30, "the start-up pass over both clusters")
-    slack.fail_next("chat.postMessage", status=429, retry_after=4,
-                    match=lambda args: "Scheduled snapshot of a" in str(args))  # holds the pass after cluster a
+    gate = slack.hold("chat.postMessage", match=lambda args: "Scheduled snapshot of a" in str(args))
     run = asyncio.create_task(Scheduler(ctx).run_due(now=time.time() + EVERY))
-    await slack.wait_for(lambda: any(call.status == 429 for call in slack.calls_to("chat.postMessage")), timeout=30,
-                         what="cluster a's scheduled snapshot to be posted")
+    await gate.reached(timeout=30)   # the pass posts cluster a's snapshot, and waits there
     await eventually(lambda: depose(ctx.store, ctx.leadership.replica_id), 5, "another replica to take the lease")
     await eventually(lambda: not ctx.is_leader(), 3, "the leader to learn it was deposed")
+    gate.release()
     assert await run == ["a"]
     assert (posted("a"), posted("b")) == (2, 1)
     assert [len(await ctx.store.snapshots(name)) for name in ("a", "b")] == [2, 1]

@@ -20,7 +20,6 @@ from bot.testing.workspace import CHANNEL, LEAD, LEAD2, ONCALL, BotProcess, clus
 from helpers import (
     APPROVAL,
     OK,
-    announcing,
     audit_actions,
     ephemeral,
     eventually,
@@ -212,11 +211,11 @@ async def test_the_bot_killed_between_restore_and_start_resumes(make_cluster, sl
         c.etcdctl("put", "/registry/later", "x")
         c.kill("member1")
         c.kill("member2")
-        slack.fail_next("chat.update", status=429, retry_after=30, match=announcing(3))
+        gate = hold_at(slack, 3)
         plan = await propose(slack, "restore")
         await approve_twice(slack, plan)
-        await hold_at(slack, 3, timeout=90)
-        bot.kill()  # SIGKILL: every member restored, none started
+        await gate.reached(timeout=90)
+        bot.kill()  # SIGKILL: every member restored, none started (the held call dies with it)
         async with open_store(tmp_path) as store:
             row = await plan_row(store, plan)
             assert row.state == "running" and row.current_step == 3
