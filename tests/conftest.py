@@ -231,6 +231,7 @@ def make_bed(netbed) -> Iterator[Callable[..., NetnsCluster]]:
 # ---------------------------------------------------------------- Slack and the bot
 
 from bot.config import load_config  # noqa: E402
+from bot.domain.clock import SYSTEM_CLOCK, Clock  # noqa: E402
 from bot.server import BotServer  # noqa: E402
 from bot.settings import SlackSettings  # noqa: E402
 from bot.testing.slack import SlackStandIn  # noqa: E402
@@ -260,11 +261,12 @@ async def start_bot(slack, creds, tmp_path):
     """Start the real bot (bolt AsyncApp over aiohttp) in-process against the stand-in."""
     bots: list[BotServer] = []
 
-    async def start(clusters: list[dict], **top) -> BotServer:
+    async def start(clusters: list[dict], *, clock: Clock = SYSTEM_CLOCK, **top) -> BotServer:
+        """`clock`: the time of the bot's background loops (a ManualClock: the test moves it)."""
         config = load_config(write_config(tmp_path, clusters, **top))
         settings = SlackSettings(bot_token=creds.bot_token, signing_secret=creds.signing_secret,
                                  app_token=creds.app_token, api_url=slack.api_url)
-        bot = BotServer(config, settings)
+        bot = BotServer(config, settings, clock=clock)
         bots.append(bot)
         await bot.start()
         slack.bot_url = bot.url

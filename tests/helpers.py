@@ -19,9 +19,11 @@ from bot.ops.leadership import LEASE
 from bot.store.base import Store
 from bot.store.schema import ADDED_COLUMNS, expected_columns
 from bot.store.sqlite import SqliteStore
+from bot.testing.clock import ManualClock
 from bot.testing.cluster import QUOTA, QUOTA_ARGS, fill_until_nospace, free_port
 from bot.testing.slack import Delivery, Gate, Message, SlackStandIn
 from bot.testing.workspace import CHANNEL, LEAD, LEADS_GROUP, ONCALL, USERGROUPS, USERS
+from bot.watch.watcher import Watcher
 
 T = TypeVar("T")
 __all__ = ["QUOTA", "QUOTA_ARGS", "fill_until_nospace"]  # NOSPACE: a small quota, filled (bot/testing/cluster.py)
@@ -53,6 +55,37 @@ async def eventually(predicate: Callable[[], T | None | Awaitable[T | None]], ti
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}; last seen: {last!r}")
         await asyncio.sleep(interval)
+
+
+# ---------------------------------------------------------------- the watch, on a clock the test moves
+
+async def watching(watcher: Watcher, clock: ManualClock, interval: float = 1.0, timeout: float = 20.0) -> None:
+    """Wait until every watched cluster's loop has run a round as the watch (this replica leads) and sleeps
+    on `clock`: from then on, each `clock.advance(interval)` is one round of each."""
+    names = [c.name for c in watcher.ctx.config.clusters if c.watch.enabled]
+    deadline = time.monotonic() + timeout
+    while not all(n in watcher.clusters and f"watch {n}" in clock.asleep() for n in names):
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"the watch of {names} did not start within {timeout:g}s "
+                                 f"(watching {sorted(watcher.clusters)}, asleep {clock.asleep()})")
+        if all(f"watch {n}" in clock.asleep() for n in names):
+            await clock.advance(interval)   # a round before this replica led: watch the next one
+        else:
+            await asyncio.sleep(0.01)
+
+
+async def watch_rounds(clock: ManualClock, found: Callable[[], T | None | Awaitable[T | None]], rounds: int,
+                       what: str, interval: float = 1.0) -> tuple[T, int]:
+    """Move the watch's clock one `interval` at a time (each round runs whole) until `found()` (sync or
+    async) returns something, at most `rounds` times: that, and after how many rounds (0: at once)."""
+    for n in range(rounds + 1):
+        result = found()
+        value = await result if inspect.isawaitable(result) else result
+        if value:
+            return value, n
+        if n < rounds:
+            await clock.advance(interval)
+    raise AssertionError(f"no {what} within {rounds} rounds ({rounds * interval:g}s on the watch's clock)")
 
 
 # ---------------------------------------------------------------- values for pure tests

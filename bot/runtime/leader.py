@@ -1,6 +1,10 @@
 """The leadership loop: hold or seek the executor lease (bot.ops.leadership says what a tenure
 is), and while leading pick up the plans another replica approved or resumed, and take over the
-plans a previous leader left running. A background task of the runtime."""
+plans a previous leader left running. A background task of the runtime.
+
+It keeps real time, not the context's clock (bot.domain.clock): the lease it renews expires by the
+database's clock, so a test that moves the watch's time leaves leadership alone (lease tests use
+short leases: `[replicas] lease_seconds`)."""
 from __future__ import annotations
 
 import asyncio

@@ -7,7 +7,6 @@ first channel and retried after a shorter pause, never in a tight loop.
 from __future__ import annotations
 
 import logging
-import time
 
 from bot.config import ClusterConfig
 from bot.domain.errors import Refusal
@@ -40,7 +39,7 @@ class Scheduler:
         """Take (and drill) what is due, one cluster after another. A leader deposed during the pass
         (one snapshot can take minutes) starts nothing more: the new leader's pass takes over from
         the shared catalog, and two replicas would otherwise snapshot the same cluster for one tick."""
-        now = now or time.time()
+        now = now or self.ctx.clock.now()
         ran = []
         for cluster in self.ctx.config.clusters:
             if not self.ctx.is_leader():
@@ -79,7 +78,7 @@ class Scheduler:
     async def _take(self, cluster: ClusterConfig, now: float) -> bool:
         """Take the tick's snapshot and post the result; False when another replica took it meanwhile."""
         channel = cluster.channels[0] if cluster.channels else None
-        started = time.monotonic()
+        started = self.ctx.clock.monotonic()
         try:
             saved = await take_snapshot(self.ctx, cluster, requested_by=SCHEDULER, reason=REASON, channel=channel or "",
                                         still_wanted=lambda: self._snapshot_due(cluster, now))
@@ -91,7 +90,7 @@ class Scheduler:
             return False
         except SnapshotFailed as e:
             # When it failed, on the clock run_due judges by (its `now`), so the retry pause holds.
-            self.failures[cluster.name] = now + (time.monotonic() - started)
+            self.failures[cluster.name] = now + (self.ctx.clock.monotonic() - started)
             await self.ctx.store.audit("snapshot_failed", cluster=cluster.name, channel=channel or "",
                                        detail={"reason": str(e), "scheduled": True})
             log.error("scheduled snapshot failed", extra={"ctx_cluster": cluster.name, "ctx_error": str(e)})

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -120,20 +119,20 @@ class Watcher:
     while this replica holds the executor lease (with several replicas, only the leader watches;
     a single replica always leads)."""
 
-    def __init__(self, ctx: BotContext, should_watch: Callable[[], bool] | None = None,
-                 clock: Callable[[], float] = time.time):
-        self.ctx, self.clock = ctx, clock
+    def __init__(self, ctx: BotContext, should_watch: Callable[[], bool] | None = None):
+        self.ctx, self.clock = ctx, ctx.clock
         self.should_watch = should_watch or ctx.is_leader
         self.clusters: dict[str, ClusterWatch] = {}
 
     async def run(self) -> None:
-        """Forever: one loop per watched cluster."""
-        await asyncio.gather(*(self._loop(c) for c in self.ctx.config.clusters if c.watch.enabled))
+        """Forever: one loop per watched cluster, each a task named `watch <cluster>`."""
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(*(loop.create_task(self._loop(c), name=f"watch {c.name}")
+                               for c in self.ctx.config.clusters if c.watch.enabled))
 
     async def _loop(self, cluster: ClusterConfig) -> None:
-        interval = cluster.watch.interval_seconds
-        loop = asyncio.get_running_loop()
-        next_at = loop.time()
+        interval, clock = cluster.watch.interval_seconds, self.clock
+        next_at = clock.monotonic()
         watching = False
         while True:
             try:
@@ -147,8 +146,8 @@ class Watcher:
                     self._gauges(cluster, [])
             except Exception:
                 log.exception("watch round failed", extra={"ctx_cluster": cluster.name})
-            next_at = max(next_at + interval, loop.time())
-            await asyncio.sleep(next_at - loop.time())
+            next_at = max(next_at + interval, clock.monotonic())
+            await clock.sleep(next_at - clock.monotonic())
 
     async def load(self, cluster: ClusterConfig) -> ClusterWatch:
         """The cluster's open alerts from the store: their messages are edited, not posted again."""
@@ -165,7 +164,7 @@ class Watcher:
     # ---------------------------------------------------------------- one round
 
     async def facts(self, cluster: ClusterConfig, state: ClusterWatch) -> Facts:
-        now = self.clock()
+        now = self.clock.now()
         health, error = await self._health(cluster)
         await self._probe(cluster, state, health, now)
         extra = {name: value for name, (_, value) in state.probed.items()}
@@ -186,7 +185,8 @@ class Watcher:
                                        postable=lambda f: not muted and not expected(plan, f), unsure=verdicts.unsure)
         state.held = [(t, _why_held(t.finding, muted, plan, cluster)) for t in state.tracker.tracks.values()
                       if not t.open and t.present_since is not None]
-        log.debug("watch round", extra={"ctx_cluster": cluster.name, "ctx_seconds": round(self.clock() - facts.now, 3),
+        log.debug("watch round", extra={"ctx_cluster": cluster.name,
+                                        "ctx_seconds": round(self.clock.now() - facts.now, 3),
                                         "ctx_findings": [f.key for f in verdicts.findings],
                                         "ctx_unknown": sorted(verdicts.unknown),
                                         "ctx_plan": plan and f"{plan.id} {plan.kind} {plan.state}", "ctx_muted": muted})
@@ -366,7 +366,7 @@ async def tidy_alerts(ctx: BotContext, now: float | None = None) -> tuple[int, i
     (gone from the config, or their watch disabled; the config is read at start, so in effect at
     start-up) are closed without posting: nobody would ever resolve them. Alerts resolved more than
     ALERTS_KEPT_SECONDS ago are deleted. Returns (closed, deleted)."""
-    now = time.time() if now is None else now
+    now = ctx.clock.now() if now is None else now
     closed = await ctx.store.close_alerts([c.name for c in ctx.config.clusters if c.watch.enabled], now)
     deleted = await ctx.store.prune_alerts(now - ALERTS_KEPT_SECONDS)
     if closed or deleted:
