@@ -74,10 +74,10 @@ async def watching(watcher: Watcher, clock: ManualClock, interval: float = 1.0, 
             await asyncio.sleep(0.01)
 
 
-async def watch_rounds(clock: ManualClock, found: Callable[[], T | None | Awaitable[T | None]], rounds: int,
-                       what: str, interval: float = 1.0) -> tuple[T, int]:
-    """Move the watch's clock one `interval` at a time (each round runs whole) until `found()` (sync or
-    async) returns something, at most `rounds` times: that, and after how many rounds (0: at once)."""
+async def advance_until(clock: ManualClock, found: Callable[[], T | None | Awaitable[T | None]], rounds: int,
+                        what: str, interval: float = 1.0) -> tuple[T, int]:
+    """Move `clock` one `interval` at a time (each loop's round runs whole: a watch round, an upkeep pass) until
+    `found()` (sync or async) returns something, at most `rounds` times: that, and after how many (0: at once)."""
     for n in range(rounds + 1):
         result = found()
         value = await result if inspect.isawaitable(result) else result

@@ -31,6 +31,7 @@ from helpers import (
     APPROVAL,
     OK,
     QUOTA_ARGS,
+    advance_until,
     ephemeral,
     eventually,
     fill_until_nospace,
@@ -45,7 +46,6 @@ from helpers import (
     urls,
     wait_done,
     wait_state,
-    watch_rounds,
     watching,
 )
 
@@ -87,7 +87,7 @@ async def test_a_dead_member_is_one_alert_then_resolved_in_its_thread(make_clust
     bot = await start_bot([watched("prod", c)], clock=clock)
     await watching(bot.runtime.watcher, clock)
     c.kill("member1")
-    alert, rounds = await watch_rounds(clock, lambda: next(iter(alerts(slack, "MEMBER DOWN member1")), None),
+    alert, rounds = await advance_until(clock, lambda: next(iter(alerts(slack, "MEMBER DOWN member1")), None),
                                        ROUNDS, "member-down alert")
     assert rounds == ROUNDS, "posted before the condition lasted its grace"   # and not a round later
     shown = text_of(alert)
@@ -100,7 +100,7 @@ async def test_a_dead_member_is_one_alert_then_resolved_in_its_thread(make_clust
     assert "1 open condition" in listing.text and "member down member1" in listing.text
 
     await asyncio.to_thread(c.restart, "member1")
-    _, rounds = await watch_rounds(clock, lambda: "resolved after" in thread(slack, alert), 3 * ROUNDS,
+    _, rounds = await advance_until(clock, lambda: "resolved after" in thread(slack, alert), 3 * ROUNDS,
                                    "resolution in the alert's thread")
     assert rounds >= ROUNDS, "resolved before the member was back for its grace"
     assert "resolved after" in alert.text and "/etcd replace" not in text_of(alert)   # the message says so too
@@ -133,11 +133,11 @@ async def test_nospace_opens_the_alarm_condition_with_the_defrag_suggestion(make
     bot = await start_bot([watched("prod", c)], clock=clock)
     await watching(bot.runtime.watcher, clock)
     await fill_until_nospace(c)
-    alert, _ = await watch_rounds(clock, lambda: next(iter(alerts(slack, "ALARM NOSPACE")), None), ROUNDS,
+    alert, _ = await advance_until(clock, lambda: next(iter(alerts(slack, "ALARM NOSPACE")), None), ROUNDS,
                                   "NOSPACE alert")
     assert "`/etcd defrag prod`" in text_of(alert) and "refuses writes" in alert.text
     assert len(alerts(slack, "ALARM NOSPACE")) == 1
-    quota, _ = await watch_rounds(clock, lambda: next(iter(alerts(slack, "QUOTA")), None), 10,
+    quota, _ = await advance_until(clock, lambda: next(iter(alerts(slack, "QUOTA")), None), 10,
                                   "quota alert")   # the database is above 80 % of 16 MiB too
     assert "`/etcd defrag prod`" in text_of(quota)
 
@@ -164,7 +164,7 @@ async def test_unmute_and_who_may_mute(make_cluster, slack, start_bot):
     assert "is not muted" in (await ephemeral(slack, "unmute", user=LEAD)).text
     await reply(slack, "mute 1h maintenance", user=LEAD)
     c.kill("member1")
-    await watch_rounds(clock, lambda: bot.ctx.watch.held("prod", clock.now()), 1, "member1 seen down")
+    await advance_until(clock, lambda: bot.ctx.watch.held("prod", clock.now()), 1, "member1 seen down")
     await clock.advance(GRACE)   # it lasted its grace: only the mute holds it back now
     assert not alerts(slack, "MEMBER DOWN")
     listing = (await reply(slack, "alerts")).text   # what the mute holds back is listed, and why
@@ -172,7 +172,7 @@ async def test_unmute_and_who_may_mute(make_cluster, slack, start_bot):
     assert "cluster prod: no open conditions, 1 held back\nmember down member1: " in listing, listing
     assert "(held back: muted; seen for " in listing, listing
     await reply(slack, "unmute", user=LEAD)
-    await watch_rounds(clock, lambda: alerts(slack, "MEMBER DOWN member1"), 1, "alert in the first round unmuted")
+    await advance_until(clock, lambda: alerts(slack, "MEMBER DOWN member1"), 1, "alert in the first round unmuted")
     actions = [(r["action"], r["user"]) for r in await bot.ctx.store.audit_rows()]
     assert ("mute", LEAD) in actions and ("unmute", LEAD) in actions
 
@@ -192,7 +192,7 @@ async def test_the_member_being_replaced_is_no_alert(make_cluster, slack, start_
         return [v for v in bot.ctx.watch.held("prod", clock.now())
                 if (subject is None or v.subject == subject) and clock.now() - v.opened_at > GRACE
                 and v.held == f"the bot's own replace plan {row['id']} ({state}) causes it"]
-    await watch_rounds(clock, lambda: held_for_the_plan("proposed", "member1"), ROUNDS + 1,
+    await advance_until(clock, lambda: held_for_the_plan("proposed", "member1"), ROUNDS + 1,
                        "member1 held back for the plan past its grace")
     # The plan is held twice while the watch goes on for longer than interval + grace: before it removes
     # the dead member1, and after it added member4, before starting it.
@@ -211,7 +211,7 @@ async def test_the_member_being_replaced_is_no_alert(make_cluster, slack, start_
     assert not alerts(slack, "MEMBER DOWN"), [m.text for m in alerts(slack, "MEMBER DOWN")]
     # ... and still posts what the plan does not cause.
     c.kill("member2")
-    await watch_rounds(clock, lambda: alerts(slack, "MEMBER DOWN member2"), ROUNDS, "member2's alert")
+    await advance_until(clock, lambda: alerts(slack, "MEMBER DOWN member2"), ROUNDS, "member2's alert")
 
 
 async def test_a_restarted_bot_edits_its_alert_instead_of_posting_again(make_cluster, slack, start_bot):
@@ -221,7 +221,7 @@ async def test_a_restarted_bot_edits_its_alert_instead_of_posting_again(make_clu
     bot = await start_bot(clusters, clock=clock)
     await watching(bot.runtime.watcher, clock)
     c.kill("member1")
-    alert, _ = await watch_rounds(clock, lambda: next(iter(alerts(slack, "MEMBER DOWN member1")), None), ROUNDS,
+    alert, _ = await advance_until(clock, lambda: next(iter(alerts(slack, "MEMBER DOWN member1")), None), ROUNDS,
                                   "member-down alert")
     await bot.stop()
     edits = len(alert.edits)
@@ -230,7 +230,7 @@ async def test_a_restarted_bot_edits_its_alert_instead_of_posting_again(make_clu
     await watching(bot.runtime.watcher, clock)   # its first round as the watch edits what the store says is open
     assert len(alert.edits) > edits, "the new bot did not edit the alert"
     await asyncio.to_thread(c.restart, "member1")
-    await watch_rounds(clock, lambda: "resolved after" in thread(slack, alert), 3 * ROUNDS,
+    await advance_until(clock, lambda: "resolved after" in thread(slack, alert), 3 * ROUNDS,
                        "resolution in the old alert's thread")
     assert len(alerts(slack, "MEMBER DOWN")) == 1
 
@@ -274,7 +274,7 @@ async def test_what_a_failed_plan_leaves_behind_is_posted_when_it_fails(make_clu
     gate.release()
     failed = await wait_state(bot.ctx.store, row["id"], ("failed",))
     # The plan added member4 but could not start it: no longer the plan's doing, so it is posted.
-    alert, _ = await watch_rounds(clock, lambda: next(iter(alerts(slack, "MEMBER DOWN")), None), 1,
+    alert, _ = await advance_until(clock, lambda: next(iter(alerts(slack, "MEMBER DOWN")), None), 1,
                                   "alert in the first round after the plan failed")
     assert failed.new_member_id and failed.new_member_id in alert.text and "unstarted" in alert.text
 
@@ -293,7 +293,7 @@ async def test_leader_churn_suggests_perf(make_cluster, slack, start_bot):
         target = next(h for h in health if h is not leader)
         await asyncio.to_thread(c.etcdctl, "move-leader", target.member.hex_id,
                                 endpoints=[leader.member.client_urls[0]])
-    alert, _ = await watch_rounds(clock, lambda: next(iter(alerts(slack, "LEADER CHURN")), None), ROUNDS + 1,
+    alert, _ = await advance_until(clock, lambda: next(iter(alerts(slack, "LEADER CHURN")), None), ROUNDS + 1,
                                   "leader-churn alert")
     assert "`/etcd perf prod`" in text_of(alert) and "4 leader changes" in alert.text
 
@@ -313,7 +313,7 @@ async def test_only_a_replica_that_should_watch_posts(make_cluster, tmp_path):
             await clock.advance(INTERVAL)
         assert not ctx.notifier.lines, "posted without being the leader"
         leading = True
-        await watch_rounds(clock, lambda: any("MEMBER DOWN member1" in line for line in ctx.notifier.lines),
+        await advance_until(clock, lambda: any("MEMBER DOWN member1" in line for line in ctx.notifier.lines),
                            ROUNDS, "alert once leading")
     finally:
         task.cancel()
@@ -356,11 +356,11 @@ async def test_a_member_added_with_an_unusable_peer_url_does_not_silence_the_wat
     async with EtcdClient(c.endpoints) as client:
         odd, _ = await client.member_add(["http://127.0.0.1:238000"], learner=False)   # the real API, as etcdctl
     c.kill("member3")   # 2 of 4 voters: the member that never started counts toward the quorum etcd needs
-    lost, _ = await watch_rounds(clock, lambda: next(iter(alerts(slack, "QUORUM LOST")), None), ROUNDS,
+    lost, _ = await advance_until(clock, lambda: next(iter(alerts(slack, "QUORUM LOST")), None), ROUNDS,
                                  "quorum-lost alert")
     assert "2 of 4 voters healthy, 3 needed" in text_of(lost)
     unusable = "unusable URL 'http://127.0.0.1:238000' (port out of range)"
-    down, _ = await watch_rounds(clock, lambda: next(iter(alerts(slack, f"MEMBER DOWN {odd.hex_id}")), None), 1,
+    down, _ = await advance_until(clock, lambda: next(iter(alerts(slack, f"MEMBER DOWN {odd.hex_id}")), None), 1,
                                  "the unusable member's alert")
     assert unusable in down.text and "https://NEW-HOST:2380" in text_of(down)
     status = text_of(await reply(slack, "status prod"))

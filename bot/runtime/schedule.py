@@ -2,7 +2,8 @@
 
 The last scheduled snapshot's time lives in the database, so a restart
 neither skips nor doubles one. A failure is posted loudly to the cluster's
-first channel and retried after a shorter pause, never in a tight loop.
+first channel and retried after a shorter pause, never in a tight loop (so
+is a drill that found no snapshot to drill).
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ def is_due(every: float, last_success: float | None, last_failure: float | None,
 class Scheduler:
     def __init__(self, ctx: BotContext):
         self.ctx = ctx
-        self.failures: dict[str, float] = {}
+        self.failures: dict[str, float] = {}          # cluster -> when its scheduled snapshot last failed
+        self.drill_failures: dict[str, float] = {}    # cluster -> when its drill last found nothing to drill
 
     async def run_due(self, now: float | None = None) -> list[str]:
         """Take (and drill) what is due, one cluster after another. A leader deposed during the pass
@@ -49,8 +51,9 @@ class Scheduler:
             drill_every = cluster.snapshots.drill_every_seconds
             if not drill_every or not self.ctx.is_leader():  # (deposed while taking the snapshot)
                 continue
-            if is_due(drill_every, await self.ctx.store.last_drill_at(cluster.name, SCHEDULER), None, now):
-                await self._drill(cluster)
+            if is_due(drill_every, await self.ctx.store.last_drill_at(cluster.name, SCHEDULER),
+                      self.drill_failures.get(cluster.name), now):
+                await self._drill(cluster, now)
                 ran.append(f"{cluster.name} drill")
         return ran
 
@@ -61,14 +64,16 @@ class Scheduler:
         return is_due(every, await self.ctx.store.last_snapshot_at(cluster.name, REASON),
                       self.failures.get(cluster.name), now)
 
-    async def _drill(self, cluster: ClusterConfig) -> None:
+    async def _drill(self, cluster: ClusterConfig, now: float) -> None:
         """Drill the newest snapshot; the result goes to the cluster's first channel (a failure loudly)."""
         from bot.ops.drill import drill
         try:
             result = await drill(self.ctx, cluster, None, SCHEDULER)
-        except Refusal as e:  # no snapshot yet: nothing to drill, said once per period in the log
+        except Refusal as e:  # no snapshot yet: nothing to drill, said once per retry pause in the log
+            self.drill_failures[cluster.name] = now
             log.warning("no snapshot to drill", extra={"ctx_cluster": cluster.name, "ctx_error": e.reason})
             return
+        self.drill_failures.pop(cluster.name, None)
         if cluster.channels:
             try:
                 await self.ctx.notifier.channel_message(cluster.channels[0], blocks.drill_reply(result, SCHEDULER))

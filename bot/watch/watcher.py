@@ -193,6 +193,7 @@ class Watcher:
         for d in decisions:
             await self._act(cluster, state, d, facts.now)
         self._gauges(cluster, state.tracker.open_tracks())
+        self.ctx.metrics.watch_rounds.labels(cluster=cluster.name).inc()
         return decisions
 
     def held(self, cluster: str, now: float) -> list[AlertView] | None:
