@@ -133,7 +133,7 @@ async def test_the_bot_killed_between_remove_and_add_resumes_without_repeating(m
         bot = await asyncio.to_thread(BotProcess(config, slack.api_url, creds, tmp_path / "bot.log").start)
         slack.bot_url = bot.url
         await slack.wait_for(lambda: any("was interrupted at step 3" in m.text for m in replies(slack, plan)),
-                             timeout=20, what="the interruption notice")  # (the dead process's lease is released at once: SQLite, this host)
+                             timeout=20, what="the interruption notice")  # (released at once: SQLite, a dead process)
         await ephemeral(slack, f"resume {row['id']}", user=LEAD)
         await slack.wait_for(lambda: any(f"Plan {row['id']} is done" in m.text for m in replies(slack, plan)),
                              timeout=120, what="the resumed plan to finish")

@@ -225,7 +225,7 @@ async def test_the_bot_killed_between_restore_and_start_resumes(make_cluster, sl
         bot = await asyncio.to_thread(BotProcess(config, slack.api_url, creds, tmp_path / "bot.log").start)
         slack.bot_url = bot.url
         await slack.wait_for(lambda: "was interrupted at step 3" in thread(slack, plan), timeout=20,
-                             what="the interruption notice")  # (the dead process's lease is released at once: SQLite, this host)
+                             what="the interruption notice")  # (released at once: SQLite, a dead process)
         await ephemeral(slack, f"resume {row.id}", user=LEAD)
         await slack.wait_for(lambda: f"Plan {row.id} is done" in thread(slack, plan), timeout=120,
                              what="the resumed plan to finish")
