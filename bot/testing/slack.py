@@ -142,6 +142,7 @@ class Gate:
     def __init__(self, method: str, match: Callable[[dict[str, Any]], bool] | None) -> None:
         self.method, self.match = method, match
         self.args: dict[str, Any] | None = None   # the held call's arguments, once it arrived
+        self.dropped: bool | None = None          # once released: whether its client had given up on it
         self._request: web.Request | None = None
         self._arrived = asyncio.Event()
         self._open = asyncio.Event()
@@ -156,7 +157,8 @@ class Gate:
         self.args, self._request = args, request
         self._arrived.set()
         await self._open.wait()
-        return not self._gone()
+        self.dropped = self._gone()
+        return not self.dropped
 
     def _gone(self) -> bool:
         transport = self._request.transport if self._request is not None else None
@@ -165,6 +167,11 @@ class Gate:
     @property
     def holding(self) -> bool:
         return self._arrived.is_set() and not self._open.is_set()
+
+    @property
+    def abandoned(self) -> bool:
+        """It holds a call whose client gave up on it (closed the connection)."""
+        return self.holding and self._gone()
 
     async def reached(self, timeout: float = 60.0) -> dict[str, Any]:
         """Wait until the bot made the call the gate holds; its arguments."""
@@ -177,7 +184,7 @@ class Gate:
 
     def release(self) -> None:
         """Let the held call through (and every later one). AssertionError if the bot gave up on it."""
-        gone = self.holding and self._gone()
+        gone = self.abandoned
         self._open.set()
         if gone:
             raise AssertionError(f"the bot gave up on the held {self.method} call before it was released "
