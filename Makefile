@@ -7,8 +7,9 @@ PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
           done)
 BIN     = $(VENV)/bin
 PYTEST_ARGS ?=
-# The suite runs in this many pytest-xdist processes, a test file per process at a time (most of a test's
-# time is spent waiting on etcd, PostgreSQL and the bot, not on the CPU); 0 runs it in this process.
+# The suite runs in this many pytest-xdist processes (most of a test's time is spent waiting on etcd,
+# PostgreSQL and the bot, not on the CPU); 0 runs it in this process. Tests are handed out one at a time,
+# those sharing a module-scoped fixture together (tests/conftest.py).
 PYTEST_WORKERS ?= 2
 
 .PHONY: demo test test-fast lint bench install clean node etcd
@@ -51,7 +52,7 @@ test: lint node etcd
 	sh scripts/install-etcd34.sh
 	sh scripts/install-postgres.sh
 	sh scripts/install-prometheus.sh
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 # The pure tests only (no etcd, no bot, no stand-in, no long fuzzing): a quick check while editing.
 test-fast: install

@@ -37,12 +37,18 @@ E2E_FIXTURES = {"cluster", "make_cluster", "netbed", "slack", "start_bot",
                 "s3"}  # (moto's S3 server)
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark end-to-end tests `e2e` by the fixtures they use, so new tests are marked without edits.
-    Tests that start processes without these fixtures carry `pytestmark = pytest.mark.e2e`."""
+    Tests that start processes without these fixtures carry `pytestmark = pytest.mark.e2e`.
+    Tests that share a module-scoped fixture (a cluster's snapshots, built once) form one pytest-xdist
+    group (`--dist loadgroup`), so they run in one process and the fixture is built once."""
     for item in items:
         if E2E_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.e2e)
+        info = getattr(item, "_fixtureinfo", None)
+        if info is not None and any(d.scope == "module" for defs in info.name2fixturedefs.values() for d in defs):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
 
 
 def _processes_under(roots: list[str]) -> list[tuple[int, str]]:
