@@ -154,10 +154,10 @@ async def main_async(size_mb: int) -> tuple[list[dict], int, int]:
             bot = bot_load.window(bot_load.started, bot_load.ended)
             # the defragmentations alone: from the compaction to the last member's catch-up (store times are wall)
             to_mono = time.monotonic() - time.time()
-            steps = {st["key"]: st for st in await ctx.store.steps(record.id)}
-            last = max((st for k, st in steps.items() if k.startswith("defrag-")), key=lambda st: st["finished_at"])
-            phase = bot_load.window(steps["compact"]["started_at"] + to_mono, last["finished_at"] + to_mono)
-            phase_time = last["finished_at"] - steps["compact"]["started_at"]
+            steps = {st.key: st for st in await ctx.store.steps(record.id)}
+            ended = max(st.finished_at or 0.0 for k, st in steps.items() if k.startswith("defrag-"))  # all done
+            phase = bot_load.window(steps["compact"].started_at + to_mono, ended + to_mono)
+            phase_time = ended - steps["compact"].started_at
         finally:
             await runtime.stop()
             await ctx.close()

@@ -7,6 +7,7 @@ bad configuration or bad environment, with one line saying which.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -19,6 +20,7 @@ if TYPE_CHECKING:  # the CLI imports gRPC only for the commands that talk to etc
     from collections.abc import Awaitable, Callable
 
     from bot.config import Config
+    from bot.domain.snapshot import SnapshotRecord
     from bot.etcd.client import EtcdClient
     from bot.store.base import Store
 
@@ -255,7 +257,6 @@ async def _learn_recorded(client: EtcdClient, args: argparse.Namespace) -> None:
     (after replacements the configured endpoints go stale)."""
     import sqlite3
 
-    from bot.domain.cluster import Member
     from bot.store.base import StoreError
 
     try:
@@ -263,7 +264,7 @@ async def _learn_recorded(client: EtcdClient, args: argparse.Namespace) -> None:
     except (StoreError, sqlite3.Error):
         return  # the configured endpoints alone, as without a bot
     if last is not None:
-        client.learn(Member.from_json(m) for m in last[0])
+        client.learn(last.members)
 
 
 async def _status(args: argparse.Namespace) -> int:
@@ -388,7 +389,7 @@ async def _snapshot_save(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _catalog_rows(config: Config, cluster: str) -> tuple[list[dict], str | None]:
+async def _catalog_rows(config: Config, cluster: str) -> tuple[list[SnapshotRecord], str | None]:
     """The bot's catalog rows of `cluster` (pruned ones too: their remote copy may remain), or why there are none."""
     import sqlite3
 
@@ -486,11 +487,11 @@ async def _snapshot_fetch(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_FAILED
     rows, _ = await _catalog_rows(config, cluster.name)
-    row = next((r for r in rows if r["path"].rsplit("/", 1)[-1] == name), None)
+    row = next((r for r in rows if r.path.rsplit("/", 1)[-1] == name), None)
     foreign = remote.foreign(manifest, cluster.name, name) if row is None else ""
-    if row is not None and row["sha256"] != manifest.sha256:
+    if row is not None and row.sha256 != manifest.sha256:
         print(f"{prog}: the manifest of {name} says sha256 {manifest.sha256[:16]}…, the bot's catalog "
-              f"{row['sha256'][:16]}…: not fetched", file=sys.stderr)
+              f"{row.sha256[:16]}…: not fetched", file=sys.stderr)
         return EXIT_FAILED
     directory.mkdir(parents=True, exist_ok=True)
     part = directory / f".{name}.fetching"   # the store's fetch writes `.part` beside it, then renames
@@ -562,8 +563,7 @@ async def _audit(args: argparse.Namespace) -> int:
             print(f"audit log intact: {count} row(s), hash chain verified, {keying}")
             return EXIT_OK
         for row in await store.audit_rows(since):
-            row["detail"] = json.loads(row["detail"])
-            print(json.dumps(row, ensure_ascii=False))
+            print(json.dumps({**dataclasses.asdict(row), "detail": json.loads(row.detail)}, ensure_ascii=False))
         return EXIT_OK
     except StoreError as e:
         print(f"etcd-chatops audit: {e}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Approvals per kind of plan (issue 11): distinct approvers counted in the
+"""Approvals per kind of plan: distinct approvers counted in the
 store, each once; the plan runs exactly once when the count is reached, however
 approvals race (racing in the store itself: tests/test_store_contract.py)."""
 from __future__ import annotations

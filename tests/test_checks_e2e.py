@@ -1,4 +1,4 @@
-"""`/etcd alarms`, `perf` and `consistency` (issue 13): read-only checks, on healthy clusters and on
+"""`/etcd alarms`, `perf` and `consistency`: read-only checks, on healthy clusters and on
 unhealthy ones (a member killed, the NOSPACE alarm raised), through the real bot and the Slack stand-in."""
 from __future__ import annotations
 

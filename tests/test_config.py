@@ -1,11 +1,19 @@
 """The config file: the documented shape loads; every mistake is one line naming the key, exit 2."""
 from __future__ import annotations
 
+import dataclasses
+import json
+import re
+import tomllib
 from pathlib import Path
 
+import jsonschema
 import pytest
+import yaml
+from conftest import ROOT
 
-from bot.config import ConfigError, load_config
+from bot.config import ConfigError, ReplicasConfig, load_config, parse_config
+from bot.config import schema as config_schema
 
 GOOD = """
 database = "etcd-chatops.db"
@@ -337,7 +345,7 @@ def test_audit_key_from_the_environment_or_a_file(tmp_path, monkeypatch):
 
 
 def test_approval_rules_come_per_kind(tmp_path):
-    """Issue 11: the top-level [approval] keys still work; [approval.<kind>] overrides them for one kind."""
+    """The top-level [approval] keys still work; [approval.<kind>] overrides them for one kind."""
     config = load_config(write(tmp_path, GOOD))
     rules = config.approval.rule("replace"), config.approval.rule("restore")
     assert (rules[0].approvals_needed, rules[1].approvals_needed) == (1, 2)
@@ -380,6 +388,18 @@ def test_restore_approvals_under_either_spelling_and_the_restore_table(tmp_path,
     assert lenient.rule("replace").allow_self_approval and not lenient.rule("restore").allow_self_approval
 
 
+def test_every_kind_of_plan_has_its_approval_table():
+    """`[approval.<kind>]` is a key of [approval] for each kind, with the kind's number of approvers."""
+    from bot.config import APPROVALS_NEEDED, ApprovalConfig
+    from bot.domain.plan import PlanKind
+    assert set(APPROVALS_NEEDED) == set(PlanKind)
+    for kind in PlanKind:
+        config = parse_config({"approval": {kind.value: {}}, "clusters": [{"name": "a", "endpoints": ["http://h:1"]}]},
+                              Path("/"))
+        assert config.approval.rule(kind).approvals_needed == APPROVALS_NEEDED[kind] == ApprovalConfig().rule(kind) \
+            .approvals_needed
+
+
 @pytest.mark.parametrize("snippet, message", [
     ("[approval]\nrestore_approvals = 0\n", "approval.restore_approvals: must be 1 or more"),
     ("[approval]\nrestore_approvals = 3\n[approval.restore]\napprovals_needed = 2\n",
@@ -394,3 +414,135 @@ def test_restore_config_mistakes(tmp_path, snippet, message):
     with pytest.raises(ConfigError) as e:
         load_config(write(tmp_path, text))
     assert message in str(e.value)
+
+
+def test_a_typo_in_a_required_key_points_at_the_typo(tmp_path):
+    """Not at the key it leaves missing: the typo is what the person has to fix."""
+    for text, message in [('[[clusters]]\nname = "a"\nendpionts = ["http://h:1"]\n',
+                           "clusters[0].endpionts: unknown key"),
+                          ('[[clusters]]\nnme = "a"\nendpoints = ["http://h:1"]\n', "clusters[0].nme: unknown key"),
+                          ('[snapshots.store]\nurll = "s3://b/p"\n' + MINIMAL, "snapshots.store.urll: unknown key"),
+                          ('[[cluster]]\nname = "a"\nendpoints = ["http://h:1"]\n', "cluster: unknown key")]:
+        with pytest.raises(ConfigError) as e:
+            load_config(write(tmp_path, text))
+        assert str(e.value).endswith(message), str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, '[[clusters]]\nname = "a"\n'))
+    assert str(e.value).endswith("clusters[0].endpoints: at least one endpoint is needed")
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, '[snapshots.store]\nregion = "x"\n' + MINIMAL))
+    assert str(e.value).endswith("snapshots.store.url: missing (like s3://etcd-backups/prod or file:///mnt/backups)")
+
+
+@pytest.mark.parametrize("snippet, key", [
+    ('source = "other.toml"\n' + MINIMAL, "source"),
+    ('database_password = "pw"\n' + MINIMAL, "database_password"),
+    (MINIMAL + 'password = "pw"\n', "clusters[0].password"),
+    ('[snapshots]\nevery_seconds = 3600\n' + MINIMAL, "snapshots.every_seconds"),
+    (MINIMAL + '[clusters.watch]\ninterval_seconds = 5\n', "clusters[0].watch.interval_seconds"),
+    (MINIMAL + '[clusters.access]\nreader_users = ["U0SRE00001"]\n', "clusters[0].access.reader_users"),
+    (MINIMAL + '[clusters.restore]\nage_identity = "AGE-SECRET-KEY-1X"\n', "clusters[0].restore.age_identity"),
+])
+def test_what_the_bot_holds_under_another_name_is_not_a_key(tmp_path, snippet, key):
+    """Secrets come from their _env/_file keys, durations from their text keys, roles from their lists: the
+    names the bot holds them by are refused like any unknown key (and the secret is not repeated)."""
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, snippet))
+    assert str(e.value).endswith(f"{key}: unknown key") and "pw" not in str(e.value).split(": ", 1)[1]
+
+
+def test_a_date_is_one_line_naming_its_key(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, "[approval]\nttl_minutes = 2026-01-01\n" + MINIMAL))
+    assert str(e.value).endswith("approval.ttl_minutes: no key takes a date or a time, got 2026-01-01")
+
+
+def test_a_launchers_timeout_defaults_by_its_kind(tmp_path):
+    def timeout(launcher: str) -> float:
+        return load_config(write(tmp_path, MINIMAL + f"launcher = {launcher}\n")).clusters[0].launcher.timeout_seconds
+    assert timeout('{ kind = "manual" }') == 900.0
+    assert timeout('{ kind = "command", argv = ["start", "{name}"] }') == 120.0
+    assert timeout('{ kind = "command", argv = ["start", "{name}"], timeout_seconds = 30 }') == 30.0
+
+
+def test_a_copy_keeps_what_the_loader_read(tmp_path, monkeypatch):
+    """dataclasses.replace on a loaded configuration (tests and the bot do) keeps its secrets and paths."""
+    monkeypatch.setenv("AUDIT_KEY", "e" * 40)
+    monkeypatch.setenv("ETCD_A_PW", "s3cret-pw")
+    config = load_config(write(tmp_path, 'audit_key_env = "AUDIT_KEY"\n[snapshots.store]\nurl = "file:///b"\n'
+                                         + MINIMAL + 'username = "root"\npassword_env = "ETCD_A_PW"\n'))
+    monkeypatch.delenv("AUDIT_KEY")
+    copy = dataclasses.replace(config, replicas=ReplicasConfig(replica_id="r1"))
+    assert (copy.audit_key, copy.source, copy.database) == ("e" * 40, config.source, tmp_path / "etcd-chatops.db")
+    assert copy.clusters[0].password == "s3cret-pw" and copy.manifest_keys() == ["e" * 40]
+    assert copy.replicas.replica_id == "r1" and "s3cret-pw" not in repr(copy) and "e" * 40 not in repr(copy)
+
+
+# ---------------------------------------------------------------- the published JSON Schema
+
+SCHEMA = ROOT / "deploy" / "etcd-chatops.schema.json"
+
+
+def test_the_published_schema_is_the_one_the_tables_generate():
+    assert SCHEMA.read_text() == config_schema.text(), \
+        "the configuration changed: python -m bot.config.schema > deploy/etcd-chatops.schema.json"
+
+
+def shipped_configs() -> dict[str, str]:
+    """The configurations a person copies: the README's example and the Kubernetes ConfigMaps."""
+    readme = (ROOT / "README.md").read_text().split("## Configuration reference", 1)[1]
+    (configmap,) = yaml.safe_load_all((ROOT / "deploy/kubernetes/configmap.yaml").read_text())
+    (patch,) = yaml.safe_load((ROOT / "deploy/kubernetes-ha/configmap-patch.yaml").read_text())
+    example = re.search(r"```toml\n(.*?)```", readme, re.S)
+    assert example is not None, "the README's configuration section has no TOML example"
+    return {"README.md": example.group(1),
+            "kubernetes/configmap.yaml": configmap["data"]["config.toml"],
+            "kubernetes-ha/configmap-patch.yaml": patch["value"]}
+
+
+@pytest.mark.parametrize("name", shipped_configs())
+def test_the_documented_and_shipped_configurations_follow_the_schema(name):
+    schema = json.loads(SCHEMA.read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    errors = list(jsonschema.Draft202012Validator(schema).iter_errors(tomllib.loads(shipped_configs()[name])))
+    assert not errors, [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors]
+
+
+@pytest.mark.parametrize("toml", [
+    GOOD.replace("ttl_minutes = 30", "ttl_minuts = 30"),
+    GOOD.replace("ttl_minutes = 30", 'ttl_minutes = "30"'),
+    GOOD.replace("ttl_minutes = 30", "ttl_minutes = 0"),
+    GOOD.replace('channels = ["C0INCIDENT"]', 'channels = ["#incident"]'),
+    GOOD.replace('launcher = { kind = "manual" }', 'launcher = { kind = "ssh" }'),
+    GOOD.replace('launcher = { kind = "manual" }', 'launcher = { kind = "manual" }\nwatch = { interval = "soon" }'),
+    GOOD.replace('name = "prod"', 'name = "prod"\npassword = "inline"'),
+    GOOD.replace('[[clusters]]', '[snapshots]\nkeep_last = 0\n[[clusters]]'),
+    GOOD.replace('[[clusters]]', '[replicas]\nlease_seconds = 61\n[[clusters]]'),
+    GOOD.replace('name = "prod"\n', ''),
+    'database = "x.db"\n',
+])
+def test_the_schema_refuses_what_the_bot_refuses_by_shape(tmp_path, toml):
+    """An editor flags these as the bot would: unknown keys (at every level), types, ranges, names, kinds."""
+    with pytest.raises(ConfigError):
+        load_config(write(tmp_path, toml))
+    assert not jsonschema.Draft202012Validator(json.loads(SCHEMA.read_text())).is_valid(tomllib.loads(toml))
+
+
+def test_the_readme_example_is_a_configuration_the_bot_takes(tmp_path, monkeypatch):
+    """Its files and variables stood in for (they exist only where the bot is deployed)."""
+    from pyrage import x25519
+    identity = x25519.Identity.generate()
+    data = tomllib.loads(shipped_configs()["README.md"])
+    data["snapshots"]["age_recipients"] = [str(identity.to_public())]
+    for cluster in data["clusters"]:
+        for table, key in [(cluster, "cacert"), (cluster, "cert"), (cluster, "key"),
+                           (cluster["restore"], "age_identity_file")]:
+            (tmp_path / Path(table[key]).name).write_text(f"# stand-in\n{identity}\n")
+            table[key] = str(tmp_path / Path(table[key]).name)
+    for variable in ("ETCD_CHATOPS_AUDIT_KEY", "ETCD_CHATOPS_MANIFEST_KEY", "ETCD_PROD_PASSWORD"):
+        monkeypatch.setenv(variable, "stand-in-secret-" + "x" * 32)
+    config = parse_config(data, tmp_path)
+    (prod,) = config.clusters
+    assert prod.snapshots.keep_last == 30 and prod.snapshots.every_seconds == 6 * 3600  # its own, then [snapshots]
+    assert prod.access.approvers.users == ("U0LEAD0001",) and prod.watch.cert_warning_seconds == 14 * 86400
+    assert prod.restore.age_identity == str(identity) and config.approval.rule("restore").approvals_needed == 2

@@ -1,4 +1,4 @@
-"""The defragmentation rule language and planner (pure, issue 13)."""
+"""The defragmentation rule language and planner (pure)."""
 from __future__ import annotations
 
 import pytest

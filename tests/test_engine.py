@@ -1,5 +1,5 @@
 """The engine without Slack: a replacement proposed, approved and run through
-the core alone, reporting to the plain Notifier (issue 11: the core does not
+the core alone, reporting to the plain Notifier (the core does not
 talk to Slack). Real etcd; the command launcher starts the new member."""
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The layers hold: the core imports no Slack and no HTTP server, and the pure
-parts not even gRPC (issue 11). Each check runs in a fresh interpreter, so
+parts not even gRPC. Each check runs in a fresh interpreter, so
 nothing imported by other tests hides a violation."""
 from __future__ import annotations
 

@@ -224,7 +224,7 @@ async def test_snapshot_of_34_matches_etcdctl_34(etcd34, slack, start_bot):
     assert "verified" in text, text
     rows = await bot.ctx.store.snapshots("prod")
     assert len(rows) == 1
-    path = Path(rows[0]["path"])
+    path = Path(rows[0].path)
     assert path.is_file() and path.name in text
 
     theirs = etcdctl_snapshot_status(c, path)
@@ -234,7 +234,7 @@ async def test_snapshot_of_34_matches_etcdctl_34(etcd34, slack, start_bot):
     assert ours.has_trailer and ours.revision == _revision(c) == 11
     # What the channel reads is etcdctl 3.4's status.
     assert f"hash {theirs['hash']:x}, revision {theirs['revision']}, {theirs['totalKey']} keys" in msg.text
-    assert (rows[0]["hash"], rows[0]["revision"], rows[0]["total_keys"]) == \
+    assert (rows[0].hash, rows[0].revision, rows[0].total_keys) == \
            (f"{theirs['hash']:x}", theirs["revision"], theirs["totalKey"])
 
 

@@ -165,7 +165,7 @@ def test_etcd_servers_lists_every_client_url():
 
 
 def test_facts_changed_is_judged_against_the_plans_progress():
-    """The re-check before each step (issue 10, items 1-3): what the plan did itself is expected, nothing else."""
+    """The re-check before each step: what the plan did itself is expected, nothing else."""
     plan = plan_replacement(cluster(down(1), up(2), up(3)), REQ)
     assert facts_changed(plan, cluster(down(1), up(2), up(3)), set(), None) is None
     assert facts_changed(plan, cluster(up(1), up(2), up(3)), set(), None) == "member1 answers and is healthy again"
@@ -185,7 +185,7 @@ def test_facts_changed_is_judged_against_the_plans_progress():
 
 
 def test_a_long_value_never_pushes_a_step_or_the_environment_out_of_the_plan_message():
-    """Issue 10, item 7: every section stays within Slack's limit and nothing is cut."""
+    """A long value: every section stays within Slack's limit and nothing is cut."""
     plan = replace(plan_replacement(cluster(down(1), up(2), up(3)), REQ), new_name="n" * 1400)
     plan = replace(plan, steps=tuple(replace(s, title=s.title.replace("member4", plan.new_name)) for s in plan.steps))
     view = PlanView(state=PlanState.PROPOSED, proposer="U0ONCALL01", approvers="x", expires_at=0, reaction="ok",

@@ -1,6 +1,5 @@
-"""Every change is re-checked against the live cluster right before it is made
-(issue 10, items 1-3, 6, 8 and the plan's side of 7): real clusters of 3 and 5
-members, the real bot, the Slack stand-in.
+"""Every change is re-checked against the live cluster right before it is made:
+real clusters of 3 and 5 members, the real bot, the Slack stand-in.
 
 To change the facts between two steps deterministically, the stand-in holds
 the progress update that announces the chosen step: the engine announces a
@@ -55,7 +54,7 @@ def stops(slack, plan) -> list[str]:
 
 
 async def test_a_refused_approval_is_answered_once_and_names_approvers_without_a_ping(make_cluster, slack, start_bot):
-    """Issue 10, item 8: the first refusal goes to the thread, repeats only to their author."""
+    """A repeated refusal: the first refusal goes to the thread, repeats only to their author."""
     c = make_cluster(3)
     bot = await start_bot([cluster_table("prod", c)], approval=APPROVAL)
     c.kill("member1")
@@ -139,8 +138,8 @@ async def test_a_learner_added_by_hand_before_the_add_stops_it_and_abandon_close
     assert "2. Remove member1" in text and "(done)" in text and "3. Add member4" in text
     assert (await store.plan(row["id"]))["state"] == "abandoned"
     assert await store.open_plan("prod") is None
-    abandoned = [a for a in await store.audit_rows() if a["action"] == "plan_abandoned"]
-    assert len(abandoned) == 1 and "learner added by hand" in abandoned[0]["detail"]
+    abandoned = [a for a in await store.audit_rows() if a.action == "plan_abandoned"]
+    assert len(abandoned) == 1 and "learner added by hand" in abandoned[0].detail
     again = await ephemeral(slack, f"abandon {row['id']} twice", user=LEAD)
     assert "is abandoned; only an interrupted or failed plan can be abandoned" in text_of(again)
     assert {h.member.hex_id for h in await members_of(c)} == ids

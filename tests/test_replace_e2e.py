@@ -99,7 +99,7 @@ async def test_the_whole_runbook(make_cluster, slack, start_bot):
     await slack.wait_for(lambda: "*State:* DONE" in text_of(final), what="the plan message to say DONE")
     assert final.edits
     snaps = await store.snapshots("prod")
-    assert len(snaps) == 1 and snaps[0]["reason"] == f"before plan {row['id']}" and Path(snaps[0]["path"]).is_file()
+    assert len(snaps) == 1 and snaps[0].reason == f"before plan {row.id}" and Path(snaps[0].path).is_file()
 
 
 async def test_no_learner_joins_as_a_voting_member(make_cluster, slack, start_bot):

@@ -56,7 +56,7 @@ async def snapshot_of(slack, store, c, n: int = 5) -> tuple[dict[str, str], int]
         c.etcdctl("put", f"/registry/k{i}", f"v{i}")
     msg = await reply(slack, "snapshot", timeout=60)
     assert msg.text.startswith("Snapshot of prod")
-    return keys(c), (await store.snapshots("prod"))[0]["revision"]
+    return keys(c), (await store.snapshots("prod"))[0].revision
 
 
 async def approve_twice(slack, plan) -> None:
@@ -149,7 +149,7 @@ async def test_a_corrupt_snapshot_is_refused_at_step_0_with_nothing_stopped(make
     bot = await start_bot([cluster_table("prod", c)], approval=APPROVAL)
     store = bot.ctx.store
     await snapshot_of(slack, bot.ctx.store, c, n=2)
-    path = (await store.snapshots("prod"))[0]["path"]
+    path = (await store.snapshots("prod"))[0].path
     with open(path, "r+b") as f:  # flip a byte inside a page
         f.seek(4096 + 100)
         b = f.read(1)
@@ -163,7 +163,7 @@ async def test_a_corrupt_snapshot_is_refused_at_step_0_with_nothing_stopped(make
     failed = await eventually(lambda: _failed(store, row.id), 60, "the plan to fail")
     assert "before step 0 (verify)" in failed.error and "has changed since it was recorded" in failed.error
     assert c.running("member3")
-    assert [s["key"] for s in await store.steps(row.id)] == ["verify"]
+    assert [s.key for s in await store.steps(row.id)] == ["verify"]
 
 
 async def _failed(store, plan_id):
@@ -183,8 +183,8 @@ async def test_an_encrypted_snapshot_restores_from_the_recorded_membership(make_
     bot = await start_bot([table], approval=APPROVAL)
     store = bot.ctx.store
     before, revision = await snapshot_of(slack, store, c, n=3)
-    snapshot_dir = Path((await store.snapshots("prod"))[0]["path"]).parent
-    assert (await store.snapshots("prod"))[0]["encrypted"]
+    snapshot_dir = Path((await store.snapshots("prod"))[0].path).parent
+    assert (await store.snapshots("prod"))[0].encrypted
     c.etcdctl("put", "/registry/later", "gone after the restore")
     await reply(slack, "status")  # the bot records the membership it sees
     for m in ("member1", "member2", "member3"):
@@ -316,8 +316,8 @@ async def test_with_the_manual_launcher_a_confirmation_counts_for_one_stage(make
     await ephemeral(slack, f"continue {row.id} start", user=LEAD)
     await wait_done(store, row.id, timeout=120)
     assert keys(c) == before and len(hashes(c, revision)) == 1
-    confirmed = [(r["user"], json.loads(r["detail"])["stage"]) for r in await store.audit_rows()
-                 if r["action"] == "plan_continued"]
+    confirmed = [(r.user, json.loads(r.detail)["stage"]) for r in await store.audit_rows()
+                 if r.action == "plan_continued"]
     assert confirmed == [(LEAD, "stop"), (LEAD2, "restore"), (LEAD, "start")]
     said = thread(slack, plan)
     assert f"Step 2 (restore): restore on every member, confirmed with /etcd continue {p.id} restore" in said

@@ -9,18 +9,19 @@ from bot.domain.errors import Refusal
 from bot.domain.plan import PlanState
 from bot.domain.quorum import QuorumEvidence, QuorumVerdict, Seen, Voter
 from bot.domain.restore import Membership
-from bot.domain.snapshot import SnapshotRef
+from bot.domain.snapshot import SnapshotRecord, SnapshotRef
 from bot.ops.restore.plan import choose_snapshot, plan_restore
 from bot.output.blocks import PlanView, restore_plan_reply
+from helpers import snapshot_record
 
 MEMBERS = Membership(tuple((f"{i:016x}", f"m{i}", (f"http://10.0.0.{i}:2380",), (f"http://10.0.0.{i}:2379",))
                            for i in (1, 2, 3)), "recorded", 1000.0)
 
 
-def row(i: int, revision: int) -> dict:
-    return {"id": i, "path": f"/snap/prod/prod-rev{revision}.db", "revision": revision, "hash": "abc", "total_keys": 9,
-            "total_size": 20480, "file_size": 20512, "sha256": "0" * 64, "encrypted": 0, "created_at": 100.0 * i,
-            "member": "m1"}
+def row(i: int, revision: int) -> SnapshotRecord:
+    return snapshot_record(id=i, path=f"/snap/prod/prod-rev{revision}.db", revision=revision, hash="abc", total_keys=9,
+                           total_size=20480, file_size=20512, sha256="0" * 64, encrypted=0, created_at=100.0 * i,
+                           member="m1", live_keys=None)
 
 
 ROWS = [row(3, 30), row(2, 20), row(1, 10)]  # newest first, as the catalog lists them

@@ -1,5 +1,5 @@
 """The watch's decisions without servers: which conditions are open given one round's
-facts, what each suggests, grace, flapping and holding back (issue 16)."""
+facts, what each suggests, grace, flapping and holding back."""
 from __future__ import annotations
 
 import dataclasses
@@ -21,7 +21,7 @@ from bot.watch import (  # registered, as in the bot (backup_missed says nothing
 )
 from bot.watch.conditions import Facts, Finding, evaluate, expected, next_name
 from bot.watch.tracker import FLAP_WINDOW, Act, Tracker
-from helpers import cluster_health, member_status
+from helpers import cluster_health, member_status, snapshot_record
 
 PROD = ClusterConfig(name="prod", endpoints=("http://10.0.0.1:2379",))
 
@@ -69,7 +69,7 @@ def test_the_replacement_name_is_free():
 
 
 def test_quorum_lost_names_the_newest_verified_snapshot():
-    newest = {"path": "/snaps/prod-20261201T1200Z-r42.db", "revision": 42}
+    newest = snapshot_record(path="/snaps/prod-20261201T1200Z-r42.db", revision=42)
     found = by_kind(facts(member(1, up=False), member(2, up=False), member(3), newest_snapshot=newest))
     (lost,) = found["quorum_lost"]
     assert lost.suggestions[0] == "/etcd restore prod-20261201T1200Z-r42.db --cluster prod"
@@ -80,11 +80,15 @@ def test_quorum_lost_names_the_newest_verified_snapshot():
         without.figures
 
 
-def test_a_cluster_that_does_not_answer_is_quorum_lost_and_nothing_else_can_tell():
+def test_a_cluster_that_does_not_answer_is_unreachable_not_quorum_lost_and_nothing_else_can_tell():
+    """Nothing answering the bot is not proof of a quorum loss (a rotated CA, a cut network): the alert says so
+    and suggests looking, never a restore, which the quorum gate would refuse without --force."""
     verdicts = evaluate(Facts(cluster=PROD, now=0.0, health=None, error="all endpoints: deadline exceeded"))
     found, unknown = verdicts.findings, verdicts.unknown
-    assert [f.kind for f in found] == ["quorum_lost"] and "deadline exceeded" in found[0].summary
-    assert unknown == {"member_down", "alarm", "quota", "leader_churn", "certificate"}
+    assert [f.kind for f in found] == ["unreachable"] and "deadline exceeded" in found[0].summary
+    assert "not proof that prod lost quorum" in found[0].summary
+    assert not any("restore" in s for s in found[0].suggestions)
+    assert unknown == {"member_down", "quorum_lost", "alarm", "quota", "leader_churn", "certificate"}
 
 
 def test_alarms_suggest_defrag_or_consistency():
@@ -231,6 +235,7 @@ def test_the_bots_own_plan_holds_back_what_it_causes():
     defrag = dataclasses.replace(replace, kind=PlanKind.DEFRAG)
     assert expected(defrag, Finding("leader_churn", "leader", "x"))
     assert not expected(defrag, Finding("quorum_lost", "cluster", "x"))
+    assert not expected(defrag, Finding("unreachable", "cluster", "x"))
     assert not expected(None, DOWN)
 
 

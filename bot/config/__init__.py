@@ -1,29 +1,67 @@
 """The bot's configuration: a TOML file, validated strictly.
 
-A typo in a config key must not silently disable a safety check, so unknown
-keys are errors, and every error names the key it is about in one line.
+A typo in a config key must not silently disable a safety check, so unknown keys are errors, and every
+error names the key it is about in one line. Each table below is declared once (bot.config.table): its
+fields are the file's keys, and the same declaration checks a file, names the key of each error and
+writes the JSON Schema editors use (`python -m bot.config.schema`, deploy/etcd-chatops.schema.json).
+
+To add a key, add a field to its table: its type, its default and a docstring (the schema's description),
+with a check from bot.config.table if the type alone does not say it (a range, a pattern, a choice; a
+check of two keys together is the table's model_validator). A secret is three fields (`x_env`, `x_file`
+and `x: Annotated[str | None, Secret()]`); a duration is held in seconds under its key's name
+(`validation_alias`). A new table is a class derived from Table, decorated with @table, and a field of
+the table that holds it. Then regenerate the schema (the test that compares it says how).
 """
 from __future__ import annotations
 
-import math
+import json
 import os
 import re
 import string
 import tomllib
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import KW_ONLY, dataclass, field, replace
+from datetime import date, time
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Annotated, Any, Self
+
+from pydantic import Field, PlainValidator, TypeAdapter, ValidationError, ValidationInfo, model_validator
 
 from bot.config import dsn
-from bot.config.offsite import StoreConfig, check_endpoint, check_store_url
+from bot.config.offsite import StoreConfig
+from bot.config.table import (
+    Check,
+    ConfigError,
+    Derived,
+    Load,
+    Problem,
+    Secret,
+    Table,
+    bounds,
+    duration,
+    hmac_key,
+    loading,
+    matches,
+    one_line,
+    one_of,
+    path,
+    some,
+    table,
+    to_path,
+)
+from bot.config.table import parse_duration as parse_duration
 from bot.domain.urls import parse_url
 
-T = TypeVar("T")
-
 CLUSTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")  # always fullmatch: `$` lets a trailing newline in
-SLACK_ID = re.compile(r"[A-Z0-9]{2,}")
 LAUNCHER_PLACEHOLDERS = ("name", "peer_url", "client_url", "action")
+MAX_TTL_MINUTES = 7 * 24 * 60
+
+Positive = Annotated[float, bounds(gt=0)]
+SlackId = Annotated[str, matches(r"[A-Z0-9]{2,}", "is not a Slack ID (like C0INCIDENT, U0LEAD0001 or S0ONCALL01)")]
+# A plan is approved on facts of its proposal: a week is the longest they may wait (and 1e308 minutes would
+# overflow the expiry to infinity, a plan that never expires).
+TTL = Annotated[float, bounds(gt=0), bounds(le=MAX_TTL_MINUTES, says=f"at most {MAX_TTL_MINUTES} (7 days)")]
+File = Annotated[Path, path(existing=True)]
+Schedule = Annotated[float, duration("1m", "schedule")]
 
 
 def argv_fields(arg: str) -> list[tuple[str, str | None, str]]:
@@ -34,13 +72,50 @@ def argv_fields(arg: str) -> list[tuple[str, str | None, str]]:
             if name is not None]
 
 
-class ConfigError(Exception):
-    """A configuration problem, phrased as one line naming the key."""
+def _url(value: str) -> str:
+    return parse_url(value).url
 
+
+def _reaction(value: str) -> str:
+    name = value.strip(":")
+    if not re.fullmatch(r"[a-z0-9_+'-]+", name):
+        raise ValueError(f"{value!r} is not a Slack reaction name (like white_check_mark)")
+    return name
+
+
+Reaction = Annotated[str, Check(_reaction, {"pattern": "^:*[a-z0-9_+'-]+:*$"})]
+
+
+def _age_recipient(value: str) -> str:
+    try:
+        from pyrage import x25519
+        x25519.Recipient.from_str(value)
+    except Exception:
+        raise ValueError(f"{value[:12]!r}... is not an age X25519 public key (age1...)") from None
+    return value
+
+
+def check_age_recipient(value: str, key: str) -> str:
+    """An age public key; ConfigError naming `key` otherwise (the CLI's --age-recipient)."""
+    try:
+        return _age_recipient(value)
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e}") from None
+
+
+def _age_identity(text: str) -> str:
+    """age-keygen's file: comment lines, then the key."""
+    found = next((line.strip() for line in text.splitlines() if line.startswith("AGE-SECRET-KEY-")), None)
+    if found is None:
+        raise ValueError("not an age identity (AGE-SECRET-KEY-1...)")
+    return found
+
+
+# ---------------------------------------------------------------- the tables, as the file nests them
 
 @dataclass(frozen=True)
 class ApprovalRule:
-    """How one kind of plan is approved."""
+    """How one kind of plan is approved (what ApprovalConfig.rule answers)."""
 
     approvals_needed: int = 1            # distinct approvers
     allow_self_approval: bool = False    # whether the proposer counts as one
@@ -51,31 +126,106 @@ class ApprovalRule:
 APPROVALS_NEEDED = {"replace": 1, "restore": 2, "defrag": 1}
 
 
-@dataclass(frozen=True)
-class ApprovalConfig:
-    approvers: tuple[str, ...] = ()
-    approver_groups: tuple[str, ...] = ()
-    reaction: str = "white_check_mark"
-    reject_reaction: str = "x"
-    ttl_minutes: float = 30.0
+@table
+class KindApproval(Table):
+    """`[approval.<kind>]`: one kind of plan's approval rule; a key not given is `[approval]`'s."""
+
+    approvals_needed: Annotated[int, bounds(ge=1, says="must be 1 or more")] | None = None
+    """Distinct approvers (default: replace 1, restore 2, defrag 1)."""
+    allow_self_approval: bool | None = None
+    """Whether the proposer may approve their own plan of this kind."""
+    ttl_minutes: TTL | None = None
+    """A plan of this kind not approved by then expires."""
+
+
+@table
+class ApprovalConfig(Table):
+    """`[approval]`: who approves plans, how, and how long a plan waits."""
+
+    approvers: tuple[SlackId, ...] = ()
+    """Slack user IDs; used for every cluster that does not set access.approvers."""
+    approver_groups: tuple[SlackId, ...] = ()
+    """Slack user group IDs."""
+    reaction: Reaction = "white_check_mark"
+    """The reaction that approves (skin tones are ignored)."""
+    reject_reaction: Reaction = "x"
+    """The reaction that rejects (an approver, or the proposer)."""
+    ttl_minutes: TTL = 30.0
+    """A plan not approved by then expires (at most 10080, a week)."""
     allow_self_approval: bool = False
-    overrides: tuple[tuple[str, ApprovalRule], ...] = ()   # from [approval.<kind>]
+    """Whether a proposer who is an approver may approve their own plan."""
+    restore_approvals: Annotated[int, bounds(ge=1, says="must be 1 or more")] | None = None
+    """= [approval.restore] approvals_needed (give one, not both)."""
+    replace: KindApproval | None = None
+    """The approval rule of member replacements."""
+    restore: KindApproval | None = None
+    """The approval rule of restores (2 approvers; the proposer never counts unless this table says so)."""
+    defrag: KindApproval | None = None
+    """The approval rule of defragmentations."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.reaction == self.reject_reaction:
+            raise Problem("must differ from approval.reaction", "reject_reaction")
+        if self.restore_approvals is not None and self.restore is not None \
+                and self.restore.approvals_needed is not None:
+            raise Problem("give it or approval.restore.approvals_needed, not both", "restore_approvals")
+        return self
 
     def rule(self, kind: str) -> ApprovalRule:
-        """The kind's override, else the top-level keys with the kind's default number of approvers."""
-        # A restore's proposer never counts as an approver unless [approval.restore] says so explicitly.
-        return dict(self.overrides).get(kind) or ApprovalRule(APPROVALS_NEEDED.get(kind, 1),
-                                                              self.allow_self_approval and kind != "restore",
-                                                              self.ttl_minutes)
+        """The kind's table, else the top-level keys with the kind's default number of approvers."""
+        needed = APPROVALS_NEEDED.get(kind, 1)
+        if kind == "restore" and self.restore_approvals is not None:
+            needed = self.restore_approvals
+        own: KindApproval | None = getattr(self, kind) if kind in APPROVALS_NEEDED else None
+        if own is None:
+            # A restore's proposer never counts as an approver unless [approval.restore] says so explicitly.
+            return ApprovalRule(needed, self.allow_self_approval and kind != "restore", self.ttl_minutes)
+        return ApprovalRule(own.approvals_needed or needed,
+                            self.allow_self_approval if own.allow_self_approval is None else own.allow_self_approval,
+                            own.ttl_minutes or self.ttl_minutes)
 
 
-@dataclass(frozen=True)
-class LauncherConfig:
+LAUNCH_TIMEOUTS = {"manual": 900.0, "command": 120.0}   # the launcher kinds, and how long each waits by default
+
+
+def _no_default(schema: dict[str, Any]) -> None:
+    """For a default that depends on another key: the schema states none."""
+    schema.pop("default", None)
+
+
+@table
+class LauncherConfig(Table):
     """How a replacement member gets started (runbook step 4)."""
 
-    kind: str = "manual"                 # "manual" | "command"
+    kind: Annotated[str, one_of("launcher kind", *LAUNCH_TIMEOUTS)] = "manual"
+    """manual: the bot posts the new member's environment and waits; command: it runs argv."""
     argv: tuple[str, ...] = ()
-    timeout_seconds: float = 900.0       # manual: wait for a human; command: wait for the command
+    """The command, without a shell; {name}, {peer_url}, {client_url} and {action} are substituted."""
+    timeout_seconds: Positive = Field(default=0.0, json_schema_extra=_no_default)   # 0.0: the kind's, LAUNCH_TIMEOUTS
+    """manual: how long to wait for a human (900); command: for the command (120)."""
+
+    @model_validator(mode="after")
+    def _kind_and_argv(self) -> Self:
+        if not self.timeout_seconds:
+            object.__setattr__(self, "timeout_seconds", LAUNCH_TIMEOUTS[self.kind])
+        if self.kind == "command" and not self.argv:
+            raise Problem("a command launcher needs argv, the command to run", "argv")
+        if self.kind == "manual" and self.argv:
+            raise Problem("only a command launcher takes argv", "argv")
+        for i, arg in enumerate(self.argv):
+            try:
+                fields = argv_fields(arg)
+            except ValueError as e:
+                raise Problem(f"{e} (write a literal brace as {{{{ or }}}})", "argv", i) from None
+            for name, conversion, spec in fields:
+                if name not in LAUNCHER_PLACEHOLDERS:
+                    raise Problem(f"unknown placeholder {{{name}}} (use {{name}}, {{peer_url}}, {{client_url}} or "
+                                  "{action})", "argv", i)
+                if conversion or spec:
+                    raise Problem(f"write the placeholder as plain {{{name}}}, without a conversion or format",
+                                  "argv", i)
+        return self
 
     @property
     def has_actions(self) -> bool:
@@ -84,28 +234,41 @@ class LauncherConfig:
         return any(name == "action" for arg in self.argv for name, _, _ in argv_fields(arg))
 
 
-@dataclass(frozen=True)
-class RestoreConfig:
+@table
+class RestoreConfig(Table):
     """`[clusters.restore]`: what a restore plan needs that etcd cannot tell."""
 
-    data_dir: str = "/var/lib/etcd"               # each member's data directory; may contain {name}
-    age_identity: str | None = field(default=None, repr=False)  # decrypts snapshots, for restores and drills only
-    no_leader_seconds: float = 3.0                # a member reporting no leader this long is evidence of quorum
-                                                  # loss; an election in a healthy cluster ends well within it
+    data_dir: str = "/var/lib/etcd"
+    """Each member's data directory; may contain {name}."""
+    age_identity_env: str | None = None
+    """The environment variable holding the age identity that decrypts snapshots (restores and drills only)."""
+    age_identity_file: File | None = None
+    """Or the age-keygen file holding it."""
+    age_identity: Annotated[str | None, Secret(_age_identity)] = field(default=None, repr=False)
+    no_leader_seconds: Positive = 3.0
+    """A member reporting no leader this long is evidence of quorum loss; an election in a healthy cluster
+    ends well within it."""
 
 
-@dataclass(frozen=True)
-class SnapshotPolicy:
-    """Encryption, retention and schedule of a cluster's snapshots."""
+@table
+class SnapshotPolicy(Table):
+    """Encryption, retention and schedule of a cluster's snapshots (`[snapshots]`: every cluster's defaults;
+    `[clusters.snapshots]`: one cluster's, key by key)."""
 
-    age_recipients: tuple[str, ...] = ()     # age public keys; empty: not encrypted
-    keep_last: int | None = None             # keep the newest N
-    keep_days: float | None = None           # keep those younger than D days (a snapshot kept by either rule stays)
-    keep_plan_snapshots_days: float = 30.0   # a plan's pre-change snapshot is kept at least this long,
-                                             # whatever the above say
-    every_seconds: float | None = None       # take one on a schedule
-    drill_every_seconds: float | None = None  # restore-drill the newest snapshot on a schedule
-    store: StoreConfig | None = None         # [snapshots.store]: uploaded off-site while saved
+    age_recipients: tuple[Annotated[str, Check(_age_recipient)], ...] = ()
+    """age public keys (age1...) to encrypt with; none: not encrypted."""
+    keep_last: Annotated[int, bounds(ge=1)] | None = None
+    """Keep the newest N."""
+    keep_days: Positive | None = None
+    """Keep those younger than D days (a snapshot kept by either rule stays)."""
+    keep_plan_snapshots_days: Positive = 30.0
+    """A plan's pre-change snapshot is kept at least this long, whatever the above say."""
+    every_seconds: Schedule | None = Field(default=None, validation_alias="every")
+    """Take one on a schedule (6h, 30m, 1d, 1h30m; 1m at least)."""
+    drill_every_seconds: Schedule | None = Field(default=None, validation_alias="drill_every")
+    """Restore-drill the newest snapshot on a schedule."""
+    store: StoreConfig | None = None
+    """Off-site copies, uploaded while saved; a cluster's own table replaces the top-level one whole."""
 
     @property
     def encrypted(self) -> bool:
@@ -125,66 +288,193 @@ class RoleConfig:
         return self.users is None and not self.groups
 
 
-@dataclass(frozen=True)
-class AccessConfig:
-    readers: RoleConfig = RoleConfig()       # status, members, plans, snapshots
-    operators: RoleConfig = RoleConfig()     # replace, snapshot (a proposer may cancel their own plan)
-    approvers: RoleConfig = RoleConfig(())   # approve, reject, resume, abandon, cancel (default: [approval])
+def _role(users: tuple[str, ...] | None, groups: tuple[str, ...] | None, absent: RoleConfig) -> RoleConfig:
+    return absent if users is None and groups is None else RoleConfig(users or (), groups or ())
 
 
-@dataclass(frozen=True)
-class WatchConfig:
+@table
+class AccessConfig(Table):
+    """`[clusters.access]`: who holds each role on the cluster; a role left out is open to anyone in a bound
+    channel, except approvers, who default to [approval]'s."""
+
+    reader_users: tuple[SlackId, ...] | None = Field(default=None, validation_alias="readers")
+    """status, members, plans, snapshots: Slack user IDs."""
+    reader_groups: tuple[SlackId, ...] | None = None
+    """Readers by Slack user group ID."""
+    operator_users: tuple[SlackId, ...] | None = Field(default=None, validation_alias="operators")
+    """replace, snapshot (a proposer may cancel their own plan)."""
+    operator_groups: tuple[SlackId, ...] | None = None
+    """Operators by Slack user group ID."""
+    approver_users: tuple[SlackId, ...] | None = Field(default=None, validation_alias="approvers")
+    """approve, reject, resume, abandon, cancel (default: [approval])."""
+    approver_groups: tuple[SlackId, ...] | None = None
+    """Approvers by Slack user group ID."""
+
+    @property
+    def readers(self) -> RoleConfig:
+        return _role(self.reader_users, self.reader_groups, RoleConfig())
+
+    @property
+    def operators(self) -> RoleConfig:
+        return _role(self.operator_users, self.operator_groups, RoleConfig())
+
+    @property
+    def approvers(self) -> RoleConfig:
+        return _role(self.approver_users, self.approver_groups, RoleConfig(()))
+
+
+@table
+class WatchConfig(Table):
     """`[clusters.watch]`: the background watch that posts conditions (bot/watch)."""
 
     enabled: bool = True
-    interval_seconds: float = 15.0       # one status fan-out per interval
-    grace_seconds: float = 45.0          # how long a condition lasts before it is posted (and gone before resolved)
-    cert_warning_seconds: float = 14 * 86400.0  # a serving certificate that expires within this is a condition
+    """false turns the watch of this cluster off."""
+    interval_seconds: Annotated[float, duration("1s", "interval")] = Field(
+        default="15s", validation_alias="interval", validate_default=True)
+    """One status fan-out per interval (1s at least)."""
+    grace_seconds: Annotated[float, duration()] = Field(default="45s", validation_alias="grace", validate_default=True)
+    """How long a condition lasts before it is posted (and is gone before it is resolved)."""
+    cert_warning_seconds: Annotated[float, duration()] = Field(
+        default="14d", validation_alias="cert_warning", validate_default=True)
+    """A serving certificate that expires within this is a condition."""
 
 
-@dataclass(frozen=True)
-class ClusterConfig:
-    name: str
-    endpoints: tuple[str, ...]
-    channels: tuple[str, ...] = ()
-    cacert: Path | None = None
-    cert: Path | None = None
-    key: Path | None = None
+@table
+class ClusterConfig(Table):
+    """`[[clusters]]`: one etcd cluster."""
+
+    name: Annotated[str, matches(CLUSTER_NAME.pattern, "is not a cluster name (letters, digits, '-', '_', '.')")
+                    ] = Field(examples=["prod"])
+    """Letters, digits, '-', '_', '.'; unique."""
+    endpoints: Annotated[tuple[Annotated[str, Check(_url)], ...], some("endpoint")] = Field(
+        examples=[["https://10.0.0.2:2379", "https://10.0.0.3:2379"]])
+    """Client URLs, http(s)://host:port; no two clusters may share one."""
+    channels: tuple[SlackId, ...] = ()
+    """The channel IDs that speak for this cluster."""
+    cacert: File | None = None
+    """TLS: the CA that signed the members' certificates."""
+    cert: File | None = None
+    """Mutual TLS: the client certificate (with key)."""
+    key: File | None = None
+    """Mutual TLS: the client certificate's key (with cert)."""
     username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    timeout_seconds: float = 2.0         # per-member deadline of every read
-    catch_up_seconds: float = 300.0      # bound on waiting for a new member to catch up / the cluster to settle
+    """etcd authentication, with password_env or password_file."""
+    password_env: str | None = None
+    """The environment variable holding the etcd user's password."""
+    password_file: File | None = None
+    """Or the file holding it."""
+    password: Annotated[str | None, Secret()] = field(default=None, repr=False)
+    timeout_seconds: Positive = 2.0
+    """The deadline of every read, per member."""
+    catch_up_seconds: Positive = 300.0
+    """Bound on waiting for a new member to catch up / the cluster to settle."""
     launcher: LauncherConfig = LauncherConfig()
+    """How a replacement member gets started."""
     snapshots: SnapshotPolicy = SnapshotPolicy()
+    """This cluster's snapshots: each key given here overrides [snapshots]'s."""
     access: AccessConfig = AccessConfig()
+    """Who holds each role on this cluster."""
     restore: RestoreConfig = RestoreConfig()
-    defrag_disarm_below: float = 0.9     # /etcd defrag disarms NOSPACE only below this share of every quota
+    """What a restore plan needs that etcd cannot tell."""
+    defrag_disarm_below: Annotated[float, bounds(gt=0, le=1)] = 0.9
+    """/etcd defrag disarms NOSPACE only below this share of every quota."""
     watch: WatchConfig = WatchConfig()
+    """The background watch that posts conditions."""
+
+    @model_validator(mode="after")
+    def _pairs(self) -> Self:
+        if (self.cert is None) != (self.key is None):
+            raise Problem("cert and key go together", "cert" if self.cert is None else "key")
+        if (self.username is None) != (self.password is None):
+            raise Problem("username needs password_env or password_file, and back",
+                          "username" if self.username is None else "password_env")
+        return self
 
 
-REPLICA_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}")
+REPLICA_ID = r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}"
 
 
-@dataclass(frozen=True)
-class ReplicasConfig:
+@table
+class ReplicasConfig(Table):
     """Several replicas on one shared database: only the holder of the executor lease runs plans."""
-    lease_seconds: int = 10                 # a dead leader is replaced within lease_seconds * 4/3
-    replica_id: str = ""                    # "" = <hostname>-<pid>
-    resume_on_takeover: bool | None = None  # None: resume on PostgreSQL, report interrupted on SQLite
+
+    # Renewed every third of it: under 3 s a database hiccup deposes the leader; over 60 s a dead one leads on.
+    lease_seconds: Annotated[int, bounds(ge=3, le=60, says="must be between 3 and 60 seconds")] = 10
+    """A dead leader is replaced within lease_seconds * 4/3."""
+    replica_id: Annotated[str, matches(REPLICA_ID, "must be 1-100 letters, digits, '.', '_', ':' or '-'")] = ""
+    """This replica's name in the lease, the log and the takeover notes (default: <hostname>-<pid>)."""
+    resume_on_takeover: bool | None = None
+    """Whether a new leader resumes the plans the last one left running (default: on PostgreSQL)."""
 
 
-@dataclass(frozen=True)
-class Config:
-    clusters: tuple[ClusterConfig, ...]
-    database: Path | str = Path("etcd-chatops.db")  # a SQLite file, or a postgresql:// URL (str)
-    snapshot_dir: Path = Path("snapshots")
+def _database(value: object, info: ValidationInfo) -> Path | str:
+    """A path (SQLite, relative to the config file) or a postgresql:// URL, checked without showing its password."""
+    if isinstance(value, str) and "://" in value:
+        return dsn.check_url(value)
+    database = to_path(value, info)
+    if loading(info) is not None and database.is_dir():
+        raise ValueError(f"{value}: is a directory, not a database file")
+    return database
+
+
+def _snapshot_dir(value: object, info: ValidationInfo) -> Path:
+    directory = to_path(value, info)
+    if loading(info) is not None and directory.exists() and not directory.is_dir():
+        raise ValueError(f"{value}: is not a directory")
+    return directory
+
+
+@table
+class Config(Table):
+    """The bot's configuration file."""
+
+    database: Annotated[Path | str, PlainValidator(_database, json_schema_input_type=str)] = Field(
+        default=Path("etcd-chatops.db"), validate_default=True)
+    """A SQLite file, or a postgresql://user@host:5432/db URL (shared by several replicas)."""
+    database_password_env: str | None = None
+    """PostgreSQL's password, from this environment variable (else libpq's PG* environment)."""
+    database_password_file: File | None = None
+    """Or the file holding it (a postgresql:// database only)."""
+    database_password: Annotated[str | None, Secret()] = field(default=None, repr=False)
+    snapshot_dir: Annotated[Path, PlainValidator(_snapshot_dir, json_schema_input_type=str)] = Field(
+        default=Path("snapshots"), validate_default=True)
+    """Where snapshots go, one directory per cluster."""
+    database_timeout_seconds: Positive = 5.0
+    """How long one write waits for another writer's lock (x3 tries)."""
+    audit_key_env: str | None = None
+    """The environment variable holding the audit chain's HMAC key (32+ characters); none: plain sha256."""
+    audit_key_file: File | None = None
+    """Or the file holding it."""
+    audit_key: Annotated[str | None, hmac_key("the audit key")] = field(default=None, repr=False)
     approval: ApprovalConfig = ApprovalConfig()
+    """Who approves plans, how, and how long a plan waits."""
     snapshots: SnapshotPolicy = SnapshotPolicy()
-    database_timeout_seconds: float = 5.0    # how long one write waits for another writer's lock (x3 tries)
-    audit_key: str | None = field(default=None, repr=False)  # HMAC key of the audit chain; None: plain sha256
-    source: Path | None = None
+    """Every cluster's snapshots, unless its own [clusters.snapshots] says otherwise key by key."""
     replicas: ReplicasConfig = ReplicasConfig()
-    database_password: str | None = field(default=None, repr=False)  # PostgreSQL's, else libpq's PG* environment
+    """Several replicas on one PostgreSQL database."""
+    source: Annotated[Path | None, Derived()] = None
+    _: KW_ONLY
+    # Last: errors are reported in the order of the fields, so a key a cluster inherits from [snapshots] or
+    # [approval] is reported where it is written before its copies.
+    clusters: Annotated[tuple[ClusterConfig, ...], some("[[clusters]] table")]
+    """One [[clusters]] table per etcd cluster."""
+
+    @model_validator(mode="after")
+    def _whole(self, info: ValidationInfo) -> Self:
+        if self.database_password is not None and not isinstance(self.database, str):
+            raise Problem("only a postgresql:// database takes a password (database is a SQLite file)",
+                          "database_password_env" if self.database_password_env else "database_password_file")
+        seen: set[str] = set()
+        for i, c in enumerate(self.clusters):
+            if c.name in seen:
+                raise Problem(f"{c.name!r} is used by another cluster", "clusters", i, "name")
+            seen.add(c.name)
+        _check_disjoint(self.clusters)
+        if (load := loading(info)) is not None:
+            object.__setattr__(self, "source", load.source)
+            if self.audit_key is not None:  # a store without its own manifest key signs with the audit key
+                object.__setattr__(self, "clusters", tuple(_manifest_key_or(c, self.audit_key) for c in self.clusters))
+        return self
 
     @property
     def database_shown(self) -> str:
@@ -208,384 +498,11 @@ class Config:
         return [c for c in self.clusters if channel in c.channels]
 
 
-class _Table:
-    """A TOML table being read: tracks the key path and which keys were used."""
-
-    def __init__(self, data: Any, path: str, base: Path):
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path or 'config'}: expected a table, got {_kind(data)}")
-        self.data, self.path, self.base = data, path, base
-        self.used: set[str] = set()
-
-    def key(self, name: str) -> str:
-        return f"{self.path}.{name}" if self.path else name
-
-    def get(self, name: str, typ: type | tuple[type, ...], default: T,
-            check: Callable[[Any, str], Any] | None = None) -> T:
-        self.used.add(name)
-        if name not in self.data:
-            return default
-        value = self.data[name]
-        if typ is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, typ) or (typ in (int, float) and isinstance(value, bool)):
-            raise ConfigError(f"{self.key(name)}: expected {_typename(typ)}, got {_kind(value)}")
-        if isinstance(value, float) and not math.isfinite(value):  # TOML allows inf and nan
-            raise ConfigError(f"{self.key(name)}: must be a finite number, not {value}")
-        return cast(T, check(value, self.key(name)) if check else value)
-
-    def strings(self, name: str, default: tuple[str, ...] = (),
-                check: Callable[[str, str], str] | None = None) -> tuple[str, ...]:
-        values = self.get(name, list, None)
-        if values is None:
-            return default
-        out = []
-        for i, value in enumerate(values):
-            key = f"{self.key(name)}[{i}]"
-            if not isinstance(value, str):
-                raise ConfigError(f"{key}: expected a string, got {_kind(value)}")
-            out.append(check(value, key) if check else value)
-        return tuple(out)
-
-    def path_value(self, name: str, default: T, must_exist: bool = False) -> Path | T:
-        value = self.get(name, str, None)
-        if value is None:
-            return default
-        path = Path(os.path.expanduser(value))
-        path = path if path.is_absolute() else self.base / path
-        if must_exist and not path.is_file():
-            raise ConfigError(f"{self.key(name)}: {value}: no such file")
-        return path
-
-    def table(self, name: str) -> _Table:
-        self.used.add(name)
-        return _Table(self.data.get(name, {}), self.key(name), self.base)
-
-    def done(self) -> None:
-        unknown = sorted(set(self.data) - self.used)
-        if unknown:
-            raise ConfigError(f"{self.key(unknown[0])}: unknown key")
-
-
-def _typename(typ: type | tuple[type, ...]) -> str:
-    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list",
-             dict: "a table"}
-    if isinstance(typ, tuple):
-        return " or ".join(names.get(t, t.__name__) for t in typ)
-    return names.get(typ, typ.__name__)
-
-
-def _kind(value: Any) -> str:
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list",
-            dict: "a table"}.get(type(value), type(value).__name__)
-
-
-def _url(value: str, key: str) -> str:
-    try:
-        return parse_url(value).url
-    except ValueError as e:
-        raise ConfigError(f"{key}: {e}") from None
-
-
-def _slack_id(value: str, key: str) -> str:
-    if not SLACK_ID.fullmatch(value):
-        raise ConfigError(f"{key}: {value!r} is not a Slack ID (like C0INCIDENT, U0LEAD0001 or S0ONCALL01)")
-    return value
-
-
-def _positive(value: float, key: str) -> float:
-    if not value > 0:
-        raise ConfigError(f"{key}: must be greater than 0")
-    return value
-
-
-MAX_TTL_MINUTES = 7 * 24 * 60
-
-
-def _ttl(value: float, key: str) -> float:
-    """A plan is approved on facts of its proposal: a week is the longest they may wait (and
-    1e308 minutes would overflow the expiry to infinity, a plan that never expires)."""
-    _positive(value, key)
-    if value > MAX_TTL_MINUTES:
-        raise ConfigError(f"{key}: at most {MAX_TTL_MINUTES} (7 days)")
-    return value
-
-
-def _lease_seconds(value: int, key: str) -> int:
-    """Renewed every third of it: under 3 s a database hiccup deposes the leader; over 60 s a dead one leads on."""
-    if not 3 <= value <= 60:
-        raise ConfigError(f"{key}: must be between 3 and 60 seconds")
-    return value
-
-
-def _replica_id(value: str, key: str) -> str:
-    if not REPLICA_ID.fullmatch(value):
-        raise ConfigError(f"{key}: {value!r} must be 1-100 letters, digits, '.', '_', ':' or '-'")
-    return value
-
-
-def _replicas(t: _Table) -> ReplicasConfig:
-    replicas = ReplicasConfig(lease_seconds=t.get("lease_seconds", int, 10, _lease_seconds),
-                              replica_id=t.get("replica_id", str, "", _replica_id),
-                              resume_on_takeover=t.get("resume_on_takeover", bool, None))
-    t.done()
-    return replicas
-
-
-def _fraction(value: float, key: str) -> float:
-    if not 0 < value <= 1:
-        raise ConfigError(f"{key}: must be greater than 0 and at most 1")
-    return value
-
-
-def _at_least_one(value: int, key: str) -> int:
-    if value < 1:
-        raise ConfigError(f"{key}: must be 1 or more")
-    return value
-
-
-def _reaction(value: str, key: str) -> str:
-    name = value.strip(":")
-    if not re.fullmatch(r"[a-z0-9_+'-]+", name):
-        raise ConfigError(f"{key}: {value!r} is not a Slack reaction name (like white_check_mark)")
-    return name
-
-
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(text: str) -> float:
-    """"6h", "30m", "1d", "1h30m", "90s" -> seconds; ValueError otherwise."""
-    matches = re.findall(r"(\d+(?:\.\d+)?)([smhd])", text.strip())
-    if not matches or "".join(n + u for n, u in matches) != text.strip():
-        raise ValueError(f"{text!r} is not a duration like 6h, 30m, 1d or 1h30m")
-    return sum(float(n) * _UNITS[u] for n, u in matches)
-
-
-def _duration(value: str, key: str) -> float:
-    try:
-        seconds = parse_duration(value)
-    except ValueError as e:
-        raise ConfigError(f"{key}: {e}") from None
-    if seconds < 60:
-        raise ConfigError(f"{key}: {value!r} is too often; the shortest schedule is 1m")
-    return seconds
-
-
-def check_age_recipient(value: str, key: str) -> str:
-    try:
-        from pyrage import x25519
-        x25519.Recipient.from_str(value)
-    except Exception:
-        raise ConfigError(f"{key}: {value[:12]!r}... is not an age X25519 public key (age1...)") from None
-    return value
-
-
-def _snapshot_policy(t: _Table, default: SnapshotPolicy) -> SnapshotPolicy:
-    recipients = t.strings("age_recipients", default.age_recipients, check=check_age_recipient)
-    keep_last = t.get("keep_last", int, default.keep_last)
-    if keep_last is not None and keep_last < 1:
-        raise ConfigError(f"{t.key('keep_last')}: must be at least 1")
-    keep_days = t.get("keep_days", float, default.keep_days, _positive)
-    keep_plan_days = t.get("keep_plan_snapshots_days", float, default.keep_plan_snapshots_days, _positive)
-    every = t.get("every", str, None, _duration)
-    drill_every = t.get("drill_every", str, None, _duration)
-    store = _store(t.table("store")) if "store" in t.data else default.store
-    t.done()
-    return SnapshotPolicy(age_recipients=recipients, keep_last=keep_last, keep_days=keep_days,
-                          keep_plan_snapshots_days=keep_plan_days,
-                          every_seconds=every if every is not None else default.every_seconds,
-                          drill_every_seconds=drill_every if drill_every is not None else default.drill_every_seconds,
-                          store=store)
-
-
-def _checked(check: Callable[[str], str]) -> Callable[[str, str], str]:
-    def run(value: str, key: str) -> str:
-        try:
-            return check(value)
-        except ValueError as e:
-            raise ConfigError(f"{key}: {e}") from None
-    return run
-
-
-MANIFEST_KEY_KEYS = ("manifest_key_env", "manifest_key_file")
-
-
-def _store(t: _Table) -> StoreConfig:
-    """`[snapshots.store]` (a cluster's replaces the top-level one whole). No credential keys:
-    they come from the environment or workload identity, so an unknown key is an error. The one
-    secret it names is the manifest key's place (an environment variable or a file)."""
-    if "manifest_key" in t.data:
-        raise ConfigError(f"{t.key('manifest_key')}: never inline; give manifest_key_env or manifest_key_file")
-    url = t.get("url", str, None, _checked(check_store_url))
-    if url is None:
-        raise ConfigError(f"{t.key('url')}: missing (like s3://etcd-backups/prod or file:///mnt/backups)")
-    endpoint = t.get("endpoint", str, None, _checked(check_endpoint))
-    if endpoint is not None and not url.startswith("s3://"):
-        raise ConfigError(f"{t.key('endpoint')}: only an s3:// store takes an endpoint")
-    region = t.get("region", str, None)
-    keep_local = t.get("keep_local", int, None)
-    if keep_local is not None and keep_local < 0:
-        raise ConfigError(f"{t.key('keep_local')}: must be 0 or more")
-    secrets = sorted(k for k in t.data if re.search(r"(?i)key|secret|token|password|credential", k)
-                     and k not in MANIFEST_KEY_KEYS)
-    if secrets:
-        raise ConfigError(f"{t.key(secrets[0])}: credentials never go in the file; the bot reads them from the "
-                          "environment (AWS_*, GOOGLE_APPLICATION_CREDENTIALS, AZURE_*) or workload identity")
-    manifest_key = _hmac_key(t, "manifest_key", "the manifest key")
-    t.done()
-    return StoreConfig(url=url, endpoint=endpoint, region=region, keep_local=keep_local, manifest_key=manifest_key)
-
-
-def _manifest_key_or(policy: SnapshotPolicy, audit_key: str | None) -> SnapshotPolicy:
-    """A store without its own manifest key signs and checks manifests with the audit key."""
-    store = policy.store
-    if store is None or store.manifest_key is not None or audit_key is None:
-        return policy
-    return replace(policy, store=replace(store, manifest_key=audit_key))
-
-
-def _launcher(t: _Table) -> LauncherConfig:
-    kind = t.get("kind", str, "manual")
-    if kind not in ("manual", "command"):
-        raise ConfigError(f"{t.key('kind')}: {kind!r} is not a launcher kind (manual or command)")
-    argv = t.strings("argv")
-    default_timeout = 900.0 if kind == "manual" else 120.0
-    timeout = t.get("timeout_seconds", float, default_timeout, _positive)
-    if kind == "command" and not argv:
-        raise ConfigError(f"{t.key('argv')}: a command launcher needs argv, the command to run")
-    if kind == "manual" and argv:
-        raise ConfigError(f"{t.key('argv')}: only a command launcher takes argv")
-    for i, arg in enumerate(argv):
-        try:
-            fields = argv_fields(arg)
-        except ValueError as e:
-            raise ConfigError(f"{t.key('argv')}[{i}]: {e} (write a literal brace as {{{{ or }}}})") from None
-        for name, conversion, spec in fields:
-            if name not in LAUNCHER_PLACEHOLDERS:
-                raise ConfigError(f"{t.key('argv')}[{i}]: unknown placeholder {{{name}}} "
-                                  f"(use {{name}}, {{peer_url}}, {{client_url}} or {{action}})")
-            if conversion or spec:
-                raise ConfigError(f"{t.key('argv')}[{i}]: write the placeholder as plain {{{name}}}, without "
-                                  "a conversion or format")
-    t.done()
-    return LauncherConfig(kind=kind, argv=argv, timeout_seconds=timeout)
-
-
-def _restore(t: _Table) -> RestoreConfig:
-    data_dir = t.get("data_dir", str, RestoreConfig.data_dir)
-    raw = _secret(t, "age_identity")  # age-keygen's file: comment lines, then the key
-    identity = next((line.strip() for line in (raw or "").splitlines() if line.startswith("AGE-SECRET-KEY-")), None)
-    if raw is not None and identity is None:
-        which = "age_identity_env" if "age_identity_env" in t.data else "age_identity_file"
-        raise ConfigError(f"{t.key(which)}: not an age identity (AGE-SECRET-KEY-1...)")
-    no_leader = t.get("no_leader_seconds", float, RestoreConfig.no_leader_seconds, _positive)
-    t.done()
-    return RestoreConfig(data_dir=data_dir, age_identity=identity, no_leader_seconds=no_leader)
-
-
-def _role(t: _Table, users_key: str, groups_key: str, default: RoleConfig) -> RoleConfig:
-    present = users_key in t.data or groups_key in t.data
-    users = t.strings(users_key, check=_slack_id) if users_key in t.data else None
-    groups = t.strings(groups_key, check=_slack_id)
-    if not present:
-        return default
-    return RoleConfig(users=users or (), groups=groups)
-
-
-def _access(t: _Table, approval: ApprovalConfig) -> AccessConfig:
-    access = AccessConfig(
-        readers=_role(t, "readers", "reader_groups", RoleConfig()),
-        operators=_role(t, "operators", "operator_groups", RoleConfig()),
-        approvers=_role(t, "approvers", "approver_groups", RoleConfig(approval.approvers, approval.approver_groups)),
-    )
-    t.done()
-    return access
-
-
-def _secret(t: _Table, name: str) -> str | None:
-    """A secret from `<name>_env` (an environment variable) or `<name>_file`, never inline in the file."""
-    env = t.get(f"{name}_env", str, None)
-    file = t.path_value(f"{name}_file", None, must_exist=True)
-    if env and file:
-        raise ConfigError(f"{t.key(name + '_file')}: give {name}_env or {name}_file, not both")
-    if env:
-        value = os.environ.get(env)
-        if not value:
-            raise ConfigError(f"{t.key(name + '_env')}: environment variable {env} is not set")
-        return value
-    if file:
-        return file.read_text().strip()
-    return None
-
-
-HMAC_KEY_MIN = 32  # characters; HMAC-SHA256's own strength
-
-
-def _hmac_key(t: _Table, name: str, what: str) -> str | None:
-    """An HMAC key (`<name>_env` / `<name>_file`) of at least HMAC_KEY_MIN characters."""
-    key = _secret(t, name)
-    if key is not None and len(key) < HMAC_KEY_MIN:
-        which = f"{name}_env" if f"{name}_env" in t.data else f"{name}_file"
-        raise ConfigError(f"{t.key(which)}: {what} has {len(key)} characters; it needs at least {HMAC_KEY_MIN} "
-                          "(e.g. openssl rand -hex 32)")
-    return key
-
-
-def _short_duration(value: str, key: str) -> float:
-    """A duration of any length ("15s", "0.5s", "1m"): the watch runs far more often than a schedule."""
-    try:
-        return parse_duration(value)
-    except ValueError as e:
-        raise ConfigError(f"{key}: {e}") from None
-
-
-def _watch(t: _Table) -> WatchConfig:
-    enabled = t.get("enabled", bool, True)
-    interval = t.get("interval", str, None, _short_duration)
-    if interval is not None and interval < 1:
-        raise ConfigError(f"{t.key('interval')}: {t.data['interval']!r} is too often; the shortest interval is 1s")
-    grace = t.get("grace", str, None, _short_duration)
-    cert_warning = t.get("cert_warning", str, None, _short_duration)
-    t.done()
-    return WatchConfig(enabled=enabled, interval_seconds=interval if interval is not None else 15.0,
-                       grace_seconds=grace if grace is not None else 45.0,
-                       cert_warning_seconds=cert_warning if cert_warning is not None else 14 * 86400.0)
-
-
-def _cluster(t: _Table, snapshot_defaults: SnapshotPolicy, approval: ApprovalConfig) -> ClusterConfig:
-    name = t.get("name", str, None)
-    if name is None:
-        raise ConfigError(f"{t.key('name')}: missing")
-    if not CLUSTER_NAME.fullmatch(name):
-        raise ConfigError(f"{t.key('name')}: {name!r} is not a cluster name (letters, digits, '-', '_', '.')")
-    endpoints = t.strings("endpoints", check=_url)
-    if not endpoints:
-        raise ConfigError(f"{t.key('endpoints')}: at least one endpoint is needed")
-    channels = t.strings("channels", check=_slack_id)
-    cacert = t.path_value("cacert", None, must_exist=True)
-    cert = t.path_value("cert", None, must_exist=True)
-    key = t.path_value("key", None, must_exist=True)
-    if (cert is None) != (key is None):
-        raise ConfigError(f"{t.key('cert' if cert is None else 'key')}: cert and key go together")
-    username = t.get("username", str, None)
-    password = _secret(t, "password")
-    if (username is None) != (password is None):
-        raise ConfigError(f"{t.key('username' if username is None else 'password_env')}: "
-                          f"username needs password_env or password_file, and back")
-    timeout = t.get("timeout_seconds", float, 2.0, _positive)
-    catch_up = t.get("catch_up_seconds", float, 300.0, _positive)
-    launcher = _launcher(t.table("launcher"))
-    snapshots = _snapshot_policy(t.table("snapshots"), snapshot_defaults)
-    access = _access(t.table("access"), approval)
-    restore = _restore(t.table("restore"))
-    disarm_below = t.get("defrag_disarm_below", float, 0.9, _fraction)
-    watch = _watch(t.table("watch"))
-    t.done()
-    return ClusterConfig(name=name, endpoints=endpoints, channels=channels, cacert=cacert, cert=cert, key=key,
-                         username=username, password=password, timeout_seconds=timeout, catch_up_seconds=catch_up,
-                         launcher=launcher, snapshots=snapshots, access=access, restore=restore,
-                         defrag_disarm_below=disarm_below, watch=watch)
+def _manifest_key_or(cluster: ClusterConfig, audit_key: str) -> ClusterConfig:
+    store = cluster.snapshots.store
+    if store is None or store.manifest_key is not None:
+        return cluster
+    return replace(cluster, snapshots=replace(cluster.snapshots, store=replace(store, manifest_key=audit_key)))
 
 
 def _check_disjoint(clusters: tuple[ClusterConfig, ...]) -> None:
@@ -599,87 +516,54 @@ def _check_disjoint(clusters: tuple[ClusterConfig, ...]) -> None:
             address = parse_url(endpoint).address
             first = owner.setdefault(address, (i, c.name, endpoint))
             if first[0] != i:
-                raise ConfigError(f"clusters[{i}].endpoints[{j}]: {endpoint} reaches {address}, an endpoint of "
-                                  f"cluster {first[1]!r} too ({first[2]}); clusters {first[1]!r} and {c.name!r} "
-                                  f"would be one etcd under two names")
+                raise Problem(f"{endpoint} reaches {address}, an endpoint of cluster {first[1]!r} too ({first[2]}); "
+                              f"clusters {first[1]!r} and {c.name!r} would be one etcd under two names",
+                              "clusters", i, "endpoints", j)
 
 
-def _database(top: _Table, base: Path) -> Path | str:
-    """A path (SQLite, relative to the config file) or a postgresql:// URL, checked without showing its password."""
-    raw = top.get("database", str, None)
-    if raw is not None and "://" in raw:
-        try:
-            return dsn.check_url(raw)
-        except ValueError as e:
-            raise ConfigError(f"database: {e}") from None
-    database = top.path_value("database", base / "etcd-chatops.db")
-    if database.is_dir():
-        raise ConfigError(f"database: {raw or database}: is a directory, not a database file")
-    return database
+# ---------------------------------------------------------------- loading
+
+def _inherit(data: dict[str, Any]) -> dict[str, Any]:
+    """A cluster's [clusters.snapshots] keys override [snapshots]'s one by one (its store replaces the store
+    whole), and a cluster whose [clusters.access] names no approvers takes [approval]'s. Done on the file's
+    tables before they are validated, where it shows which keys a table gives."""
+    snapshots, approval, clusters = data.get("snapshots", {}), data.get("approval", {}), data.get("clusters")
+    if not isinstance(clusters, list):
+        return data
+
+    def inherit(cluster: dict[str, Any]) -> dict[str, Any]:
+        own, access = cluster.get("snapshots", {}), cluster.get("access", {})
+        if isinstance(own, dict) and isinstance(snapshots, dict):
+            cluster = {**cluster, "snapshots": {**snapshots, **own}}
+        if isinstance(access, dict) and isinstance(approval, dict) \
+                and not {"approvers", "approver_groups"} & access.keys():
+            cluster = {**cluster, "access": {**access, "approvers": approval.get("approvers", []),
+                                             "approver_groups": approval.get("approver_groups", [])}}
+        return cluster
+    return {**data, "clusters": [inherit(c) if isinstance(c, dict) else c for c in clusters]}
 
 
-def parse_config(data: dict, base: Path, source: Path | None = None) -> Config:
+CONFIG = TypeAdapter(Config)
+
+
+def _values(data: Any, key: str = "") -> Any:
+    """TOML's values as JSON's; a date or time, which no key takes, is refused here (JSON has none)."""
+    if isinstance(data, dict):
+        return {k: _values(v, f"{key}.{k}" if key else k) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_values(v, f"{key}[{i}]") for i, v in enumerate(data)]
+    if isinstance(data, date | time):
+        raise ConfigError(f"{key}: no key takes a date or a time, got {data.isoformat()}")
+    return data
+
+
+def parse_config(data: dict[str, Any], base: Path, source: Path | None = None) -> Config:
     """Build a Config from parsed TOML; relative paths are relative to `base`."""
-    top = _Table(data, "", base)
-    database = _database(top, base)
-    database_password = _secret(top, "database_password")
-    if database_password is not None and not isinstance(database, str):
-        which = "database_password_env" if "database_password_env" in top.data else "database_password_file"
-        raise ConfigError(f"{which}: only a postgresql:// database takes a password (database is a SQLite file)")
-    snapshot_dir = top.path_value("snapshot_dir", base / "snapshots")
-    if snapshot_dir.exists() and not snapshot_dir.is_dir():
-        raise ConfigError(f"snapshot_dir: {top.data.get('snapshot_dir', snapshot_dir)}: is not a directory")
-    db_timeout = top.get("database_timeout_seconds", float, 5.0, _positive)
-    audit_key = _hmac_key(top, "audit_key", "the audit key")
-    a = top.table("approval")
-    approval = ApprovalConfig(
-        approvers=a.strings("approvers", check=_slack_id),
-        approver_groups=a.strings("approver_groups", check=_slack_id),
-        reaction=a.get("reaction", str, "white_check_mark", _reaction),
-        reject_reaction=a.get("reject_reaction", str, "x", _reaction),
-        ttl_minutes=a.get("ttl_minutes", float, 30.0, _ttl),
-        allow_self_approval=a.get("allow_self_approval", bool, False),
-    )
-    if approval.reaction == approval.reject_reaction:
-        raise ConfigError(f"{a.key('reject_reaction')}: must differ from approval.reaction")
-    overrides = []
-    for kind in APPROVALS_NEEDED:
-        if kind in a.data:
-            k = a.table(kind)
-            overrides.append((kind, ApprovalRule(
-                approvals_needed=k.get("approvals_needed", int, APPROVALS_NEEDED[kind], _at_least_one),
-                allow_self_approval=k.get("allow_self_approval", bool, approval.allow_self_approval),
-                ttl_minutes=k.get("ttl_minutes", float, approval.ttl_minutes, _ttl))))
-            k.done()
-    # `[approval] restore_approvals` (the issue's spelling) = `[approval.restore] approvals_needed` (canonical)
-    restore_approvals = a.get("restore_approvals", int, None, _at_least_one)
-    if restore_approvals is not None:
-        rule = dict(overrides).get("restore")
-        if rule is not None and "approvals_needed" in a.data["restore"]:
-            raise ConfigError(f"{a.key('restore_approvals')}: give it or approval.restore.approvals_needed, not both")
-        overrides = [o for o in overrides if o[0] != "restore"]
-        base_rule = rule or approval.rule("restore")
-        overrides.append(("restore", replace(base_rule, approvals_needed=restore_approvals)))
-    approval = replace(approval, overrides=tuple(overrides))
-    a.done()
-    snapshots = _snapshot_policy(top.table("snapshots"), SnapshotPolicy())
-    raw_clusters: list[Any] = top.get("clusters", list, [])
-    if not raw_clusters:
-        raise ConfigError("clusters: at least one [[clusters]] table is needed")
-    clusters = tuple(_cluster(_Table(c, f"clusters[{i}]", base), snapshots, approval)
-                     for i, c in enumerate(raw_clusters))
-    clusters = tuple(replace(c, snapshots=_manifest_key_or(c.snapshots, audit_key)) for c in clusters)
-    seen: set[str] = set()
-    for i, c in enumerate(clusters):
-        if c.name in seen:
-            raise ConfigError(f"clusters[{i}].name: {c.name!r} is used by another cluster")
-        seen.add(c.name)
-    _check_disjoint(clusters)
-    replicas = _replicas(top.table("replicas"))
-    top.done()
-    return Config(clusters=clusters, database=database, snapshot_dir=snapshot_dir, approval=approval,
-                  snapshots=snapshots, database_timeout_seconds=db_timeout, audit_key=audit_key, source=source,
-                  database_password=database_password, replicas=replicas)
+    text = json.dumps(_values(_inherit(data)))
+    try:
+        return CONFIG.validate_json(text, context=Load(base, source), by_alias=True, by_name=False)
+    except ValidationError as e:
+        raise ConfigError(one_line(e.errors(), Config)) from None
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

@@ -16,10 +16,6 @@ PARAMETERS = frozenset({
 SECRET_PARAMETERS = ("password", "sslpassword")
 
 
-def is_postgres_url(database: object) -> bool:
-    return isinstance(database, str) and database.startswith(tuple(f"{s}://" for s in SCHEMES))
-
-
 def secrets_of(url: str) -> list[str]:
     """The passwords a URL carries (in its user part or as parameters)."""
     parts = urlsplit(url)

@@ -1,11 +1,13 @@
-"""A cluster as etcd reports it, as plain data: members, their Status, alarms, KVHash, the health of
-each member and of the cluster (quorum math), a member's /metrics figures and a HashKV comparison."""
+"""A cluster as etcd reports it, as plain data: members (and the membership the bot last recorded), their
+Status, alarms, KVHash, the health of each member and of the cluster (quorum math), a member's /metrics
+figures and a HashKV comparison."""
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,19 @@ class Member:
     def from_json(cls, data: dict[str, Any]) -> Member:
         return cls(int(data["id"], 16), data["name"], tuple(data["peer_urls"]), tuple(data["client_urls"]),
                    bool(data["is_learner"]))
+
+
+@dataclass(frozen=True)
+class MembershipRecord:
+    """The members of a cluster the bot last recorded (a row of the memberships table), and the last time it
+    saw exactly them: where a restarted bot looks for members when the configured endpoints are gone."""
+
+    members: tuple[Member, ...]
+    seen_at: float
+
+    @classmethod
+    def of(cls, row: Mapping[str, Any]) -> MembershipRecord:
+        return cls(tuple(Member.from_json(m) for m in json.loads(row["members"])), row["recorded_at"])
 
 
 @dataclass(frozen=True)

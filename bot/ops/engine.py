@@ -139,7 +139,7 @@ async def refresh(ctx: BotContext, plan_id: str) -> None:
     """Re-render the plan's message from the store (the single source of truth)."""
     record = await ctx.store.plan(plan_id)
     if record is not None:
-        states = {s["idx"]: s["state"] for s in await ctx.store.steps(plan_id)}
+        states = {s.idx: s.state for s in await ctx.store.steps(plan_id)}
         await ctx.notifier.plan_changed(record, states)
 
 
@@ -172,7 +172,7 @@ async def execute(ctx: BotContext, plan_id: str, actor: str, *, from_states: Ite
             return None
         record = await ctx.store.plan(plan_id)
         assert record is not None  # the transition just found it
-        started = {s["key"] for s in await ctx.store.steps(plan_id)}
+        started = {s.key for s in await ctx.store.steps(plan_id)}
         try:
             operation = KINDS[record.kind].operation(ctx, record, actor, started)
         except StepFailed as e:

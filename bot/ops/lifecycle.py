@@ -184,11 +184,11 @@ async def abandon(ctx: BotContext, plan_id: str, reason: str, user: str, channel
                                       decided_at=time.time()):
         return refused(f"plan {plan_id} changed state meanwhile; see /etcd plans")
     steps = await ctx.store.steps(plan_id)
-    ran = [f"{s['idx']}. {escape(record.plan.steps[s['idx']].title)} ({s['state']})" for s in steps
-           if s["state"] in ("done", "failed", "running")]
+    ran = [f"{s.idx}. {escape(record.plan.steps[s.idx].title)} ({s.state})" for s in steps
+           if s.state in ("done", "failed", "running")]
     await ctx.store.audit("plan_abandoned", user=user, channel=channel, cluster=record.cluster,
-                          detail={"plan": plan_id, "reason": reason, "steps_run": [s["key"] for s in steps
-                                                                                   if s["state"] == "done"]})
+                          detail={"plan": plan_id, "reason": reason, "steps_run": [s.key for s in steps
+                                                                                   if s.state == "done"]})
     await refresh(ctx, plan_id)
     listing = "\n".join(ran) or "(none)"
     summary = (f"Plan {plan_id} abandoned by {mention(user)}: {escape(reason)}. Nothing was undone; the steps that had "

@@ -23,7 +23,7 @@ from bot.domain.quorum import QuorumVerdict
 from bot.domain.record import PlanRecord
 from bot.domain.replace import MemberRef, ReplacePlan
 from bot.domain.restore import RestorePlan
-from bot.domain.snapshot import CatalogEntry, RemoteState
+from bot.domain.snapshot import CatalogEntry, DrillRecord, RemoteState
 from bot.domain.urls import shown_urls
 from bot.output import text as render
 from bot.output.model import (
@@ -530,7 +530,7 @@ def _where(e: CatalogEntry) -> str:
     return _PLACE[e.place] + mark
 
 
-def snapshots_reply(view: CatalogView, drills: Mapping[int, dict[str, Any]] | None = None) -> Reply:
+def snapshots_reply(view: CatalogView, drills: Mapping[int, DrillRecord] | None = None) -> Reply:
     """The catalog of both places, newest first, each with where its copies are and its last restore drill."""
     drills = drills or {}
     store = ([f":warning: the snapshot store could not be listed: {_item(view.store_error)}; local copies only"]
@@ -558,8 +558,8 @@ def snapshots_reply(view: CatalogView, drills: Mapping[int, dict[str, Any]] | No
                          *[_context(line) for line in store]])
 
 
-def _drill_mark(d: Mapping[str, Any]) -> str:
-    return f"drill {'passed' if d['ok'] else 'FAILED'} {slack_date(d['at'])}"
+def _drill_mark(d: DrillRecord) -> str:
+    return f"drill {'passed' if d.ok else 'FAILED'} {slack_date(d.at)}"
 
 
 def drill_reply(result: DrillResult, requested_by: str) -> Reply:
@@ -572,10 +572,6 @@ def drill_reply(result: DrillResult, requested_by: str) -> Reply:
                  f"({escape(result.foreign)}): drilled on request, not added to the catalog")
     fetched = f"fetched from the snapshot store: {code(result.remote_url)} · " if result.remote_url else ""
     return Reply(text=text, blocks=[*sections(text), _context(f"{fetched}asked by {mention(requested_by)}")])
-
-
-def _basename(path: str) -> str:
-    return path.rsplit("/", 1)[-1]
 
 
 # ---------------------------------------------------------------- alarms, perf, consistency

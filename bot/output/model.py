@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from bot.domain.cluster import (
     BACKEND_COMMIT_P99_OK,
@@ -28,7 +28,7 @@ from bot.domain.cluster import (
     MemberStatus,
     Quorum,
 )
-from bot.domain.snapshot import CatalogEntry, RemoteState, SnapshotStatus, catalog_entry
+from bot.domain.snapshot import CatalogEntry, RemoteState, SnapshotRecord, SnapshotStatus, catalog_entry
 from bot.output.tables import status_table
 from bot.output.units import humanize_bytes, humanize_duration
 
@@ -412,7 +412,7 @@ class CatalogView:
     store_error: str | None = None     # one line: the store could not be listed (the local part still shows)
 
 
-def catalog_view(cluster: str, rows: list[dict[str, Any]], listed: Mapping[str, CatalogEntry | None] | None,
+def catalog_view(cluster: str, rows: list[SnapshotRecord], listed: Mapping[str, CatalogEntry | None] | None,
                  store_url: str | None = None, store_error: str | None = None, limit: int = 15) -> CatalogView:
     """Merge the catalog's rows with the store's listing (`listed`: every object's file name, with an entry
     from its manifest for those no row knows; None when there is no store or it could not be listed): a row's

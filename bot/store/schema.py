@@ -186,6 +186,15 @@ class Migration:
         return statements(render(self.ddl + self.only.get(dialect.name, ""), dialect))
 
 
+@dataclass(frozen=True)
+class AppliedMigration:
+    """A row of the migrations record: a migration applied to this database, and when."""
+
+    version: int
+    name: str
+    applied_at: float
+
+
 ADDED_COLUMNS = {("snapshots", "plan_id"): "TEXT", ("audit", "key_id"): "TEXT NOT NULL DEFAULT ''",
                  ("plans", "kind"): "TEXT NOT NULL DEFAULT 'replace'"}
 

@@ -37,6 +37,7 @@ from bot.domain import shell
 from bot.domain.cluster import ClusterHealth, MemberHealth
 from bot.domain.plan import PlanKind, PlanState
 from bot.domain.record import PlanRecord
+from bot.domain.snapshot import SnapshotRecord
 from bot.domain.urls import Endpoint, read_url, shown_urls
 from bot.output.units import humanize_bytes
 
@@ -54,7 +55,7 @@ class Facts:
     health: ClusterHealth | None                          # None: no member gave a member list
     error: str | None = None                              # why health is None
     quotas: Mapping[int, int] = field(default_factory=dict)   # backend quota bytes by member ID (from /metrics)
-    newest_snapshot: Mapping[str, Any] | None = None      # the newest verified, unpruned catalog row
+    newest_snapshot: SnapshotRecord | None = None         # the newest verified, unpruned catalog row
     leader_changes: int = 0                               # leader changes seen within LEADER_WINDOW
     extra: Mapping[str, Any] = field(default_factory=dict)  # the probes' last results, by probe name
 
@@ -232,21 +233,32 @@ def _quorum(health: ClusterHealth) -> str:
     return f"{q.healthy} of {q.voting} voters healthy, {q.needed} needed"
 
 
+def unreachable(f: Facts) -> list[Finding] | None:
+    """No member answers the bot. Not proof of a quorum loss (a rotated CA, a cut network and a dead cluster look
+    the same from here), so it suggests looking, never a restore (which the quorum gate would refuse)."""
+    if f.health is not None:
+        return []
+    name = f.cluster.name
+    return [Finding("unreachable", "cluster",
+                    f"no member answered the bot: {f.error or 'unreachable'}; this is not proof that {name} lost "
+                    "quorum: check it from its hosts, and the bot's network and client certificate",
+                    suggestions=(f"/etcd status {name}",))]
+
+
 def quorum_lost(f: Facts) -> list[Finding] | None:
     name = f.cluster.name
-    if f.health is not None and f.health.quorum.ok:
+    if f.health is None:
+        return None   # nothing answers: `unreachable` says so; whether quorum is lost cannot be told from here
+    if f.health.quorum.ok:
         return []
     snap = f.newest_snapshot
-    restore = shell.command(["/etcd", "restore", str(snap["path"]).rsplit("/", 1)[-1], "--cluster", name] if snap
+    restore = shell.command(["/etcd", "restore", snap.path.rsplit("/", 1)[-1], "--cluster", name] if snap
                             else ["/etcd", "snapshots", name])
-    figures = [("newest verified snapshot", f"{str(snap['path']).rsplit('/', 1)[-1]} (revision {snap['revision']})"
+    figures = [("newest verified snapshot", f"{snap.path.rsplit('/', 1)[-1]} (revision {snap.revision})"
                 if snap else "none recorded")]
-    if f.health is None:
-        summary = f"no member answered: {f.error or 'unreachable'}"
-    else:
-        summary = "too few healthy voters: etcd refuses every write"
-        figures.insert(0, ("quorum", _quorum(f.health)))
-    return [Finding("quorum_lost", "cluster", summary, figures=tuple(figures),
+    figures.insert(0, ("quorum", _quorum(f.health)))
+    return [Finding("quorum_lost", "cluster", "too few healthy voters: etcd refuses every write",
+                    figures=tuple(figures),
                     suggestions=(restore, f"/etcd status {name}"))]
 
 
@@ -301,6 +313,7 @@ def leader_churn(f: Facts) -> list[Finding] | None:
 
 register(Condition("member_down", "member down", member_down))
 register(Condition("quorum_lost", "quorum lost", quorum_lost))
+register(Condition("unreachable", "unreachable", unreachable))
 register(Condition("alarm", "alarm", alarm))
 register(Condition("quota", "quota", quota))
 register(Condition("leader_churn", "leader churn", leader_churn))
@@ -327,5 +340,5 @@ def expected(plan: PlanRecord | None, finding: Finding) -> bool:
     if plan.kind == PlanKind.RESTORE and plan.state in (PlanState.APPROVED, PlanState.RUNNING):
         return True
     if plan.kind == PlanKind.DEFRAG and plan.state == PlanState.RUNNING:
-        return finding.kind != "quorum_lost"
+        return finding.kind not in ("quorum_lost", "unreachable")
     return False

@@ -300,7 +300,7 @@ async def propose(ctx: BotContext, cluster: ClusterConfig, req: ReplaceRequest, 
     newest = await store.snapshots(cluster.name, limit=1)
     removed = None if health.find(req.failed) else await removed_by_earlier_plan(ctx, cluster.name, req.failed)
     try:
-        plan = plan_replacement(health, req, newest_snapshot=newest[0]["path"] if newest else None,
+        plan = plan_replacement(health, req, newest_snapshot=newest[0].path if newest else None,
                                 launcher=cluster.launcher.kind, removed=removed)
     except Refusal as r:
         await store.audit("replace_refused", user=user, channel=channel, cluster=cluster.name,

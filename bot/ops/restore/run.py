@@ -278,7 +278,7 @@ class RestoreOperation(ClusterOperation[RestorePlan]):
             return await self._launch("restore", str(plain.resolve()))
 
     async def before_start(self) -> str:
-        steps = {s["key"]: s["state"] for s in await self.ctx.store.steps(self.plan.id)}
+        steps = {s.key: s.state for s in await self.ctx.store.steps(self.plan.id)}
         if steps.get("restore") != "done":
             raise StepFailed("the restore step has not completed", "/etcd resume the plan from its restore step")
         return "every member's data was restored"
@@ -347,7 +347,7 @@ class RestoreOperation(ClusterOperation[RestorePlan]):
     async def step_followups(self) -> str:
         p = self.plan
         steps = await self.ctx.store.steps(p.id)
-        took = time.time() - min((s["started_at"] for s in steps), default=time.time())
+        took = time.time() - min((s.started_at for s in steps), default=time.time())
         await note(self.ctx, self.record,
                    f":clipboard: *Kubernetes follow-ups*\n1. {K8S_AFTER}\n2. {escape(bump_note(p))}\n"
                    f"*Summary:* {escape(p.cluster)} restored to revision {p.snapshot.revision} "
