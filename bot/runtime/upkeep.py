@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 
 from bot.ops import lifecycle
 from bot.ops.context import BotContext
-from bot.runtime.leader import PICKUP_SECONDS
+from bot.runtime.leader import PICKUP_SECONDS, logged
 from bot.runtime.schedule import Scheduler
 from bot.watch.watcher import tidy_alerts
 
@@ -31,9 +31,6 @@ async def upkeep_loop(ctx: BotContext) -> None:
                 last = clock.monotonic()
                 jobs = [lambda: lifecycle.expire_stale(ctx), lambda: tidy_alerts(ctx), *jobs]
             for job in jobs:
-                try:
-                    await job()
-                except Exception:
-                    log.exception("upkeep failed")
+                await logged(log, "upkeep failed", job)
         ctx.metrics.upkeep_passes.inc()
         await clock.sleep(PICKUP_SECONDS)
