@@ -214,7 +214,7 @@ def member_down(f: Facts) -> list[Finding] | None:
     taken = {h.member.name for h in health.members if h.member.name}
 
     def down(h: MemberHealth) -> Finding | None:
-        if h.reachable:
+        if h.reachable or h.refused or h.defragmenting:  # it answers (refusing the bot, or busy): it is not down
             return None
         label = member_label(h)
         replace = shell.command(["/etcd", "replace", label, next_name(h.member.name, taken),
@@ -249,7 +249,7 @@ def quorum_lost(f: Facts) -> list[Finding] | None:
     name = f.cluster.name
     if f.health is None:
         return None   # nothing answers: `unreachable` says so; whether quorum is lost cannot be told from here
-    if f.health.quorum.ok:
+    if f.health.quorum.ok or not f.health.quorum.known:
         return []
     snap = f.newest_snapshot
     restore = shell.command(["/etcd", "restore", snap.path.rsplit("/", 1)[-1], "--cluster", name] if snap
