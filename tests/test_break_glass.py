@@ -66,7 +66,7 @@ async def test_a_whole_replacement_from_a_shell_is_posted_once_slack_answers(mak
     # Slack answers again, but not at once: the relay keeps what it could not post for its next round.
     monkeypatch.setattr(upkeep, "RELAY_SECONDS", 0.2)
     slack.fail_next("chat.postMessage", status=503, count=2)
-    await start_bot(clusters, approval=APPROVAL)
+    bot = await start_bot(clusters, approval=APPROVAL)
     message = await slack.wait_for_message(lambda m: m.thread_ts is None and m.text.startswith(f"Plan {pid}"),
                                            timeout=20, what="the plan, posted once Slack answers")
     said = await eventually(lambda: (t := "\n".join(text_of(m) for m in slack.messages if m.thread_ts == message.ts))
@@ -76,9 +76,11 @@ async def test_a_whole_replacement_from_a_shell_is_posted_once_slack_answers(mak
     assert "Approved by bob (break glass, from a shell)" in said and "Step 6 (followups)" in said
     assert said.index("ran `plan propose`") < said.index("Approved by bob") < said.index(f"Plan {pid} is done")
     assert "done" in text_of(slack.find_message(CHANNEL, message.ts)).lower()  # the message shows the plan's end
-    posted = len(slack.messages)
-    await asyncio.sleep(1)  # a few relay rounds: nothing is posted twice
-    assert len(slack.messages) == posted
+    posted, registry = len(slack.messages), bot.ctx.metrics.registry
+    passes = registry.get_sample_value("etcd_chatops_upkeep_passes_total") or 0.0
+    await eventually(lambda: (registry.get_sample_value("etcd_chatops_upkeep_passes_total") or 0.0) >= passes + 2,
+                     10, "two more passes of the upkeep, each relaying")
+    assert len(slack.messages) == posted   # nothing is posted twice
 
 
 async def test_a_restore_from_a_shell_needs_two_different_names(make_cluster, slack, start_bot, cli, tmp_path):
