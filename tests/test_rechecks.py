@@ -90,11 +90,11 @@ async def test_a_member_back_before_the_remove_stops_the_plan_and_its_resume(mak
     assert await names(c) == ["member1", "member2", "member3"]
     [stop] = await slack.wait_for(lambda: stops(slack, plan), what="the plan's stop note in its thread")
     assert "a new plan is needed" in stop and "\n" not in stop
-    # Item 15: a plan that is no longer proposed does not ask for approval any more.
+    # A plan that is no longer proposed does not ask for approval any more.
     message = slack.find_message(CHANNEL, plan.ts)
     assert "FAILED" in message.text and "to approve" not in text_of(message)
 
-    # Item 1: resume re-runs the full re-check first, and stops with one line.
+    # Resume re-runs the full re-check first, and stops with one line.
     await ephemeral(slack, f"resume {row['id']}", user=LEAD)
     await slack.wait_for(lambda: len(stops(slack, plan)) == 2, what="the resumed plan to stop again")
     again = stops(slack, plan)[1]
