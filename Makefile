@@ -8,7 +8,7 @@ PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
 BIN     = $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast lint bench install clean node etcd
+.PHONY: demo test test-fast lint bench install clean node etcd robustness
 
 $(BIN)/python:
 	@test -n "$(PYTHON)" || { echo "etcd-chatops needs Python >= 3.11 (set PYTHON=/path/to/python3.11)"; exit 2; }
@@ -48,11 +48,17 @@ test: lint node etcd
 	sh scripts/install-etcd34.sh
 	sh scripts/install-postgres.sh
 	sh scripts/install-prometheus.sh
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --ignore=tests/robustness $(PYTEST_ARGS)
+
+# The nemesis (tests/robustness/README.md): random faults during real operations, invariants checked after
+# each seed. Without arguments the few seeds CI runs; SEEDS=200 the first 200 (the soak); SEED=17 replays one.
+robustness: install node etcd
+	sh scripts/install-postgres.sh
+	ROBUSTNESS_SEEDS="$(SEEDS)" ROBUSTNESS_SEED="$(SEED)" $(BIN)/python -m pytest tests/robustness $(PYTEST_ARGS)
 
 # The pure tests only (no etcd, no bot, no stand-in, no long fuzzing): a quick check while editing.
 test-fast: install
-	$(BIN)/python -m pytest -m "not e2e and not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not e2e and not slow" --ignore=tests/robustness $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python bench/run_all.py
