@@ -117,6 +117,8 @@ class RestorePlan:
             env["ETCD_INITIAL_CLUSTER_TOKEN"] = self.token
             if snapshot_path:
                 env["ETCD_CHATOPS_SNAPSHOT"] = snapshot_path
+            if self.bump_supported:  # the check step expects the bumped revision: a launcher must apply it
+                env |= {"ETCD_CHATOPS_BUMP_REVISION": str(BUMP_REVISIONS), "ETCD_CHATOPS_MARK_COMPACTED": "true"}
         return env
 
     def to_json(self) -> dict[str, Any]:

@@ -148,7 +148,7 @@ def stop(base: Path, name: str) -> int:
 
 def restore(base: Path, name: str, env: dict[str, str], data_dir: str) -> int:
     """etcdutl snapshot restore into a fresh directory, then swap it in; the old one is kept aside."""
-    snapshot, token = os.environ.get("ETCD_CHATOPS_SNAPSHOT"), env.get("ETCD_INITIAL_CLUSTER_TOKEN")
+    snapshot, token = os.environ.get("ETCD_CHATOPS_SNAPSHOT"), env.get("ETCD_INITIAL_CLUSTER_TOKEN")  # (and the bump)
     if not snapshot or not token:
         print("start_member: restore needs ETCD_CHATOPS_SNAPSHOT and ETCD_INITIAL_CLUSTER_TOKEN", file=sys.stderr)
         return 2
@@ -160,10 +160,13 @@ def restore(base: Path, name: str, env: dict[str, str], data_dir: str) -> int:
     target = Path(data_dir)
     fresh = target.with_name(f"{target.name}.restoring-{token[-8:]}")
     subprocess.run(["rm", "-rf", "--", str(fresh)], check=False)  # a half-done earlier attempt of this restore
+    bump = os.environ.get("ETCD_CHATOPS_BUMP_REVISION")
+    marked = os.environ.get("ETCD_CHATOPS_MARK_COMPACTED", "").lower() in ("1", "true")
     proc = subprocess.run([str(etcdutl), "snapshot", "restore", snapshot, "--name", name,
                            "--initial-cluster", env["ETCD_INITIAL_CLUSTER"], "--initial-cluster-token", token,
                            "--initial-advertise-peer-urls", env["ETCD_INITIAL_ADVERTISE_PEER_URLS"],
-                           "--data-dir", str(fresh)], capture_output=True, text=True)
+                           "--data-dir", str(fresh), *(["--bump-revision", bump] if bump else []),
+                           *(["--mark-compacted"] if marked else [])], capture_output=True, text=True)
     if proc.returncode != 0:
         print(f"start_member: etcdutl failed ({proc.returncode}): {proc.stderr[-1500:]}", file=sys.stderr)
         return 1

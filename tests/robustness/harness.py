@@ -42,7 +42,7 @@ from bot.testing.postgres import PASSWORD_ENV, LocalPostgres
 from bot.testing.proxy import FaultyProxy
 from bot.testing.s3 import MotoS3
 from bot.testing.slack import Delivery, Message, SlackStandIn
-from bot.testing.workspace import CHANNEL, LEAD, LEAD2, ONCALL, BotProcess, SlackSecrets, cluster_table, write_config
+from bot.testing.workspace import CHANNEL, LEAD, LEAD2, LEADS_GROUP, ONCALL, BotProcess, SlackSecrets, cluster_table, write_config
 from schedule import Fault, Kind, Operation, Schedule
 
 log = logging.getLogger("robustness")
@@ -52,7 +52,7 @@ LEASE_SECONDS = 6          # a dead or paused leader is replaced within about 8 
 HEALTH_TIMEOUT = 1.0       # the cluster's timeout_seconds: a black-holed member costs one second
 TMPFS_SIZE = "96m"         # the snapshot directory's filesystem: room for a few NOSPACE-sized snapshots
 OK = "white_check_mark"
-APPROVAL = {"approvers": [LEAD, ONCALL], "approver_groups": [], "ttl_minutes": 30, "reaction": OK,
+APPROVAL = {"approvers": [LEAD, ONCALL], "approver_groups": [LEADS_GROUP], "ttl_minutes": 30, "reaction": OK,
             "reject_reaction": "x", "restore_approvals": 2}
 # The Web API methods the bot calls: a Slack outage fails them all.
 SLACK_METHODS = ("chat.postMessage", "chat.update", "chat.postEphemeral", "chat.getPermalink", "chat.delete",
@@ -154,6 +154,7 @@ class Workload:
         self.writes: list[Write] = []
         self.reads: list[Read] = []
         self.errors: Counter[str] = Counter()
+        self.writing = True  # off while a restore runs: the runbook stops every kube-apiserver first
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -173,8 +174,9 @@ class Workload:
                 key = f"{self.prefix}{n:06d}"
                 sent = time.time()
                 try:
-                    revision = await client.put(key.encode(), b"v", timeout=1.0)
-                    self.writes.append(Write(key, revision, sent, time.time()))
+                    if self.writing:
+                        revision = await client.put(key.encode(), b"v", timeout=1.0)
+                        self.writes.append(Write(key, revision, sent, time.time()))
                 except (EtcdError, TimeoutError) as e:
                     self.errors[type(e).__name__] += 1
                 if n % 3 == 0 and self.writes:
@@ -196,6 +198,7 @@ class Monitor:
         self.endpoints = endpoints
         self.seen: dict[int, tuple[str, float, float]] = {}  # id -> (name, first seen, last seen)
         self.lists: list[tuple[float, frozenset[int]]] = []
+        self.restoring: Callable[[], Awaitable[None]] | None = None  # called each round too
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -220,6 +223,8 @@ class Monitor:
     async def _run(self) -> None:
         while not self._stop.is_set():
             await self.sample()
+            if self.restoring is not None:
+                await self.restoring()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), 0.5)
 
@@ -310,8 +315,16 @@ class World:
         self.workload = Workload(endpoints, f"/robust/{s.seed}/")
         self.workload.start()
         self.monitor = Monitor(lambda: endpoints)
+        self.monitor.restoring = self._writes_while_no_restore
         await self.monitor.sample()
         self.monitor.start()
+
+    async def _writes_while_no_restore(self) -> None:
+        """The client stops writing while a restore plan is approved or runs, as kube-apiserver is stopped."""
+        assert self.store is not None and self.workload is not None
+        with contextlib.suppress(StoreError):
+            plans = await self.store.plans("prod", limit=5)
+            self.workload.writing = not any(p.kind == "restore" and p.state in ("approved", "running") for p in plans)
 
     def _bot(self, i: int) -> BotProcess:
         assert self.config is not None

@@ -137,6 +137,7 @@ async def settle(world: World, outcome: Outcome, started: float) -> Evidence:
         if p.state in (PlanState.FAILED, PlanState.INTERRUPTED):
             await finish(world, p, evidence)
         elif p.state is PlanState.PROPOSED:
+            world.notes.append(f"plan {p.id} ({p.kind}) was never approved: approvals {', '.join(p.approvals) or 'none'}")
             await world.ask(f"cancel {p.id}", LEAD)
             end = await _wait_state(world, p.id, (PlanState.CANCELLED,), 30.0)
             if end is None or end.state is not PlanState.CANCELLED:
