@@ -8,6 +8,7 @@ race is told so in the plan's thread and nothing runs twice. Approval rules
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -31,6 +32,22 @@ log = logging.getLogger(__name__)
 def reaction_name(raw: str) -> str:
     """`+1::skin-tone-2` -> `+1`: a skin tone does not change the meaning."""
     return raw.split("::", 1)[0]
+
+
+# How long an approval or rejection on a message the bot does not know yet waits for it to become a plan's:
+# the plan is posted first and its message's ts recorded right after, so a quick reaction can fall between.
+MESSAGE_RECORD_WAIT = 5.0
+
+
+async def plan_reacted_to(ctx: BotContext, channel: str, ts: str, reaction: str) -> PlanRecord | None:
+    """The plan whose message `ts` is. An approval or rejection on a message not (yet) known as a plan's
+    asks again for a few seconds, so that it is not ignored because it came before the ts was recorded."""
+    approval = ctx.config.approval
+    decisive = reaction_name(reaction) in (approval.reaction, approval.reject_reaction)
+    deadline = time.monotonic() + (MESSAGE_RECORD_WAIT if decisive else 0.0)
+    while (record := await ctx.store.plan_by_message(channel, ts)) is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    return record
 
 
 async def on_reaction(ctx: BotContext, record: PlanRecord, user: str, reaction: str) -> None:

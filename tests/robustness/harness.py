@@ -42,8 +42,18 @@ from bot.testing.postgres import PASSWORD_ENV, LocalPostgres
 from bot.testing.proxy import FaultyProxy
 from bot.testing.s3 import MotoS3
 from bot.testing.slack import Delivery, Message, SlackStandIn
-from bot.testing.workspace import CHANNEL, LEAD, LEAD2, LEADS_GROUP, ONCALL, BotProcess, SlackSecrets, cluster_table, write_config
-from schedule import Fault, Kind, Operation, Schedule
+from bot.testing.workspace import (
+    CHANNEL,
+    LEAD,
+    LEAD2,
+    LEADS_GROUP,
+    ONCALL,
+    BotProcess,
+    SlackSecrets,
+    cluster_table,
+    write_config,
+)
+from robustness.schedule import Fault, Kind, Operation, Schedule
 
 log = logging.getLogger("robustness")
 

@@ -12,9 +12,11 @@ from typing import Any
 
 from bot.domain.plan import PlanState
 from bot.domain.record import PlanRecord
+from bot.domain.replace import ReplacePlan
+from bot.domain.restore import RestorePlan
 from bot.testing import netbed
-from harness import World
 from helpers import live_markup, text_of
+from robustness.harness import World
 
 CLOSED = (PlanState.DONE, PlanState.ABANDONED, PlanState.CANCELLED, PlanState.REJECTED, PlanState.EXPIRED)
 
@@ -31,6 +33,8 @@ class Evidence:
     plans: list[PlanRecord] = field(default_factory=list)
     final_keys: set[str] | None = None
     final_revision: int = 0
+    last_snapshot: str = ""                             # the answer to the snapshot taken after the heal
+    snapshots: list[dict[str, Any]] = field(default_factory=list)  # the catalog then
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,7 @@ async def check_all(world: World, ev: Evidence) -> list[str]:
     violations += once_per_plan(world, ev, ran)
     violations += await audit_intact(world)
     violations += plans_ended(ev)
+    violations += snapshots_kept(ev)
     violations += writes_kept(world, ev, ran)
     violations += nothing_leaked(world)
     return violations
@@ -85,9 +90,10 @@ def healthy_members_kept(world: World, ran: list[Ran]) -> list[str]:
     out = []
     removed_ids: set[int] = set()
     for r in ran:
-        if r.plan.kind != "replace" or r.key != "remove" or not r.attempts:
+        plan = r.plan.plan
+        if not isinstance(plan, ReplacePlan) or r.key != "remove" or not r.attempts:
             continue
-        for ref in (r.plan.plan.failed, *r.plan.plan.also_remove):
+        for ref in (plan.failed, *plan.also_remove):
             removed_ids.add(int(ref.id, 16))
             if ref.name and world.truth.healthy_throughout(ref.name, r.started_at, r.finished_at):
                 out.append(f"1: plan {r.plan.id} removed {ref.name} ({ref.id}), healthy all through its remove step "
@@ -110,7 +116,8 @@ def quorum_kept(world: World, ran: list[Ran]) -> list[str]:
     while quorum is lost (by the harness's own record of what it broke)."""
     out = []
     for r in ran:
-        if r.plan.kind == "restore" and r.key == "stop" and r.attempts and not r.plan.plan.force:
+        plan = r.plan.plan
+        if isinstance(plan, RestorePlan) and r.key == "stop" and r.attempts and not plan.force:
             if world.truth.quorum_throughout(world.s.members, r.started_at, r.finished_at):
                 out.append(f"2: plan {r.plan.id} stopped every member while a quorum of them was healthy all "
                            f"through its stop step ({r.started_at:.1f} to {r.finished_at:.1f})")
@@ -163,6 +170,22 @@ def plans_ended(ev: Evidence) -> list[str]:
     return out
 
 
+def snapshots_kept(ev: Evidence) -> list[str]:
+    """Every snapshot the catalog keeps is on disk and, once a snapshot after the heal retried the uploads
+    that failed or were cut short, verified off-site."""
+    if not ev.last_snapshot.startswith("Snapshot of prod"):
+        return [f"4: the snapshot taken after every fault healed did not succeed: {ev.last_snapshot}"]
+    out = []
+    for row in ev.snapshots:
+        name = Path(row["path"]).name
+        if not Path(row["path"]).is_file():
+            out.append(f"4: the catalog keeps {name} and its file is gone")
+        elif row.get("remote_state") != "verified":
+            out.append(f"4: {name} is {row.get('remote_state') or 'not uploaded'} off-site after the heal and a later "
+                       f"snapshot's retry: {row.get('remote_error')}")
+    return out
+
+
 # 5 ---------------------------------------------------------------------------------------------------------
 
 def writes_kept(world: World, ev: Evidence, ran: list[Ran]) -> list[str]:
@@ -186,7 +209,9 @@ def writes_kept(world: World, ev: Evidence, ran: list[Ran]) -> list[str]:
                        f"{missing[0].started:.1f}")
         return out
     p = restores[-1]
-    snapshot, finished = p.plan.snapshot.revision, float(p["finished_at"])
+    restore = p.plan
+    assert isinstance(restore, RestorePlan)
+    snapshot, finished = restore.snapshot.revision, float(p["finished_at"])
     stop = next((r for r in ran if r.plan.id == p.id and r.key == "stop"), None)
     stopped = stop.started_at if stop else finished
     lost = [x for x in w.writes if x.revision <= snapshot and x.key not in final]
@@ -197,15 +222,19 @@ def writes_kept(world: World, ev: Evidence, ran: list[Ran]) -> list[str]:
     gone = [x for x in later if x.key not in final]
     if gone:
         out.append(f"5: {len(gone)} writes acknowledged after the restore are gone: first {gone[0].key}")
-    missing = [r for r in w.reads if not r.found and (_revision(w, r.key) <= snapshot or r.started > finished)]
+    kept = {x.key for x in w.writes if x.revision <= snapshot or x.sent > finished}
+    missing = [r for r in w.reads if not r.found and r.key in kept]
     if missing:
-        out.append(f"5: {len(missing)} reads did not find a key the restore keeps: first {missing[0].key}")
+        first = missing[0]
+        out.append(f"5: {len(missing)} reads did not find a key the restore keeps: first {first.key} (revision "
+                   f"{_revision(w, first.key)}, snapshot {snapshot}) read at {first.started:.1f}, header revision "
+                   f"{first.revision}; the restore finished at {finished:.1f}")
     before = [x.revision for x in w.writes if x.acked <= stopped]
-    if p.plan.bump_supported and later and before and min(x.revision for x in later) <= max(before):
+    if restore.bump_supported and later and before and min(x.revision for x in later) <= max(before):
         out.append(f"5: the revision went back after plan {p.id}'s restore with the bump: a write at "
                    f"{min(x.revision for x in later)} after it, {max(before)} before it")
-    if not p.plan.bump_supported:
-        world.notes.append(f"etcd {p.plan.etcd_version} has no --bump-revision: the revision check is skipped")
+    if not restore.bump_supported:
+        world.notes.append(f"etcd {restore.etcd_version} has no --bump-revision: the revision check is skipped")
     return out
 
 

@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +17,7 @@ from pathlib import Path
 from bot.domain.errors import EtcdError
 from bot.domain.plan import PlanState
 from bot.domain.record import PlanRecord
+from bot.domain.replace import ReplacePlan
 from bot.etcd.client import EtcdClient
 from bot.etcd.health import check_cluster
 from bot.store.base import StoreError
@@ -20,12 +26,13 @@ from bot.testing.postgres import LocalPostgres
 from bot.testing.s3 import MotoS3
 from bot.testing.slack import Message, SlackStandIn
 from bot.testing.workspace import CHANNELS, LEAD, USERGROUPS, USERS, SlackSecrets
-from harness import World, all_keys
-from invariants import Evidence, check_all, check_leftovers
-from schedule import Operation, Schedule
+from robustness.harness import World, all_keys
+from robustness.invariants import Evidence, check_all, check_leftovers
+from robustness.schedule import Operation, Schedule
 
 SETTLE_SECONDS = 120.0   # after the heal: a plan still running then has no replica working on it
 OPEN = (PlanState.APPROVED, PlanState.RUNNING)
+SNAPSHOTS_AT = (0.0, 2.5, 5.0, 7.5)  # the snapshot operation's requests, in seconds
 
 
 @dataclass
@@ -66,12 +73,28 @@ async def run_seed(schedule: Schedule, s3: MotoS3, pg: LocalPostgres | None, bin
     finally:
         outcome.faults_injected = sum(1 for i in world.injected if not i.note.startswith("could not inject"))
         outcome.notes += [f"{i.fault.describe()}: {i.note}" for i in world.injected if i.note]
+        keep(world, outcome)
         with contextlib.suppress(Exception):
             await world.close()
         await slack.stop()
     outcome.violations += check_leftovers(world, prefix)
     outcome.seconds = time.monotonic() - began
     return outcome
+
+
+def keep(world: World, outcome: Outcome) -> None:
+    """With ROBUSTNESS_ARTIFACTS=DIR, what a seed that failed or noted something leaves for a person: the bot's
+    and the members' logs, and every Slack message (the world's own directory is removed with it)."""
+    into = os.environ.get("ROBUSTNESS_ARTIFACTS")
+    if not into or not (outcome.violations or world.notes or sys.exc_info()[0]):
+        return
+    target = Path(into) / f"seed-{world.s.seed}"
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    for log in [*world.root.glob("*.log"), *(world.root / "bed" / "logs").glob("*.log")]:
+        shutil.copy(log, target / log.name)
+    (target / "slack.json").write_text(json.dumps([dataclasses.asdict(m) for m in world.slack.messages], indent=1))
+    (target / "schedule.json").write_text(world.s.to_json())
 
 
 async def operate(world: World, outcome: Outcome) -> float:
@@ -96,11 +119,15 @@ async def operate(world: World, outcome: Outcome) -> float:
         text = "restore"
     elif s.operation is Operation.DEFRAG:
         text = "defrag"
-    if s.operation is Operation.SNAPSHOT:
+    if s.operation is Operation.SNAPSHOT:  # one every few seconds, so that the faults meet some
         started = time.time()
-        asked = asyncio.create_task(world.ask("snapshot", until=_snapshot_answer, wait=120.0))
+
+        async def snapshot_at(at: float) -> str:
+            await asyncio.sleep(at)
+            return await world.ask("snapshot", until=_snapshot_answer, wait=120.0)
+        asked = [asyncio.create_task(snapshot_at(at)) for at in SNAPSHOTS_AT]
         await world.run_schedule()
-        outcome.notes.append(f"snapshot: {await asked}")
+        outcome.notes += [f"snapshot: {answer}" for answer in await asyncio.gather(*asked)]
         return started
     plan = await world.propose(text)
     started = time.time()
@@ -137,13 +164,17 @@ async def settle(world: World, outcome: Outcome, started: float) -> Evidence:
         if p.state in (PlanState.FAILED, PlanState.INTERRUPTED):
             await finish(world, p, evidence)
         elif p.state is PlanState.PROPOSED:
-            world.notes.append(f"plan {p.id} ({p.kind}) was never approved: approvals {', '.join(p.approvals) or 'none'}")
+            approvals = ", ".join(p.approvals) or "none"
+            world.notes.append(f"plan {p.id} ({p.kind}) was never approved: approvals {approvals}")
             await world.ask(f"cancel {p.id}", LEAD)
             end = await _wait_state(world, p.id, (PlanState.CANCELLED,), 30.0)
             if end is None or end.state is not PlanState.CANCELLED:
                 evidence.unfinishable.append(f"proposed plan {p.id} could not be cancelled: "
                                              f"{end.state if end else 'unknown'}")
     evidence.plans = await _plans(world)
+    # One more snapshot once all is healed: it retries every kept snapshot's failed or cut-short upload.
+    evidence.last_snapshot = await world.ask("snapshot", until=_snapshot_answer, wait=120.0)
+    evidence.snapshots = await world.store.snapshots("prod", limit=1000)
     outcome.plans = [f"{p.id} {p.kind}: {p.state}" + (f" ({p.error})" if p.error else "") for p in evidence.plans]
     await world.workload.stop()
     if world.monitor is not None:
@@ -227,4 +258,5 @@ async def _final_read(world: World, evidence: Evidence) -> tuple[set[str] | None
 
 
 def _removed(evidence: Evidence, member: str) -> bool:
-    return any(p.kind == "replace" and p.plan.failed.name == member and p.current_step >= 2 for p in evidence.plans)
+    return any(isinstance(p.plan, ReplacePlan) and p.plan.failed.name == member and p.current_step >= 2
+               for p in evidence.plans)

@@ -130,7 +130,9 @@ def draw(seed: int) -> Schedule:
 
 
 def _fault(rng: random.Random, kind: Kind, survivors: list[str], replicas: int) -> Fault:
-    at, duration = round(rng.uniform(0.0, 10.0), 1), round(rng.uniform(1.0, 8.0), 1)
+    # Most faults strike in the first seconds, while the operation runs (a replacement takes about one).
+    at = round(rng.uniform(0.0, 3.0) if rng.random() < 0.7 else rng.uniform(3.0, 10.0), 1)
+    duration = round(rng.uniform(1.0, 8.0), 1)
     if kind in MEMBER_FAULTS:
         target = rng.choice(survivors)
         if kind is Kind.LATENCY:

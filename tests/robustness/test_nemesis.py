@@ -12,9 +12,9 @@ import pytest
 from bot.testing.postgres import LocalPostgres
 from bot.testing.s3 import MotoS3
 from bot.testing.versions import EtcdVersionMissing, etcd_bin_dir
-from conftest import RESULTS
-from run import run_seed
-from schedule import Schedule, draw
+from robustness.conftest import RESULTS
+from robustness.run import run_seed
+from robustness.schedule import Schedule, draw
 
 pytestmark = pytest.mark.robustness
 
