@@ -268,8 +268,8 @@ class Run:
         await refresh(self.ctx, record.id)
         stopped = f":x: Plan {record.id} stopped{' ' if before else ': '}{escape(message)}"
         if isinstance(e, FactsChanged):  # one line: what changed, and that a new plan is needed
-            await note(self.ctx, record, f"{stopped}; {e.next_action}.")
+            await note(self.ctx, record, f"{stopped}; {escape(e.next_action)}.")
         else:
-            await note(self.ctx, record, f"{stopped}\nNext: {e.next_action}")
+            await note(self.ctx, record, f"{stopped}\nNext: {escape(e.next_action)}")
         return PlanState.FAILED
 

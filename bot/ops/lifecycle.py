@@ -291,7 +291,7 @@ async def _interrupted(ctx: BotContext, record: PlanRecord) -> bool:
     await note(ctx, record, f":warning: Plan {record.id} was interrupted at step {record.current_step} "
                             f"({escape(step.title)}) when the bot stopped. An approver can continue from that step "
                             f"with `/etcd resume {record.id}` (the cluster is re-checked first; every step is "
-                            f"safe to repeat), or close it with `/etcd abandon {record.id} <reason>`.")
+                            f"safe to repeat), or close it with `/etcd abandon {record.id} &lt;reason&gt;`.")
     return True
 
 
