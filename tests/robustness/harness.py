@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -87,6 +89,10 @@ class Truth:
         (tags.add if on else tags.discard)(tag)
         if before != (not tags):
             self.events.append((time.time(), member, not tags))
+
+    def merged(self, events: list[tuple[float, str, bool]]) -> Truth:
+        """This record with more changes in it (what the bot itself did to the members, say)."""
+        return Truth(events=sorted(self.events + events))
 
     def healthy_at(self, member: str, at: float) -> bool:
         state = True
@@ -308,6 +314,8 @@ class World:
         self.proxy = await FaultyProxy("127.0.0.1", self.s3.port).start()
         table = cluster_table("prod", self.cluster, timeout_seconds=HEALTH_TIMEOUT, catch_up_seconds=30.0,
                               snapshots={"store": self.s3.store_table(f"seed{s.seed}", endpoint=self.proxy.url)})
+        table["launcher"]["argv"] = [sys.executable, str(Path(__file__).with_name("launcher.py")), str(self.launches),
+                                     "--", *table["launcher"]["argv"]]
         database = (self.pg.create_database(f"robust{s.seed}") if self.pg else str(self.root / "etcd-chatops.db"))
         top: dict[str, Any] = {"database": database, "snapshot_dir": str(snapshots), "audit_key_env": AUDIT_KEY_ENV,
                                "approval": APPROVAL, "replicas": {"lease_seconds": LEASE_SECONDS}}
@@ -481,11 +489,18 @@ class World:
 
     # -- the nemesis ------------------------------------------------------
 
+    async def before_approval(self) -> None:
+        """The faults that strike while the approvers decide (negative times), and the wait after them."""
+        for fault in self.s.faults:
+            if fault.at < 0:
+                await self._strike(fault)
+                await asyncio.sleep(-fault.at)
+
     async def run_schedule(self) -> None:
         """Strike each fault at its time and heal it after its duration (faults overlap)."""
         started = time.monotonic()
         tasks = []
-        for fault in self.s.faults:
+        for fault in (f for f in self.s.faults if f.at >= 0):
             await asyncio.sleep(max(0.0, started + fault.at - time.monotonic()))
             tasks.append(asyncio.create_task(self._strike(fault)))
         await asyncio.gather(*tasks)
@@ -590,7 +605,7 @@ class World:
                         await asyncio.to_thread(c.restart, member, 10.0)
                         revived.append(member)
                 self.truth.set(member, "failed", False)
-            record.note = f"restarted {', '.join(revived) or 'none'}"
+            record.note = f"restarted {', '.join(revived) or 'none'} by {time.time():.2f}"
             return None
         raise AssertionError(f"no such fault: {k}")
 
@@ -704,6 +719,19 @@ class World:
             for tag in list(tags):
                 if tag != "failed":
                     self.truth.set(member, tag, False)
+
+    @property
+    def launches(self) -> Path:
+        """The launcher's log: one line as each call starts and one as it ends (launcher.py)."""
+        return self.root / "launches.jsonl"
+
+    def launched(self, ended: bool = False) -> list[dict[str, Any]]:
+        """Every launcher call as it started (or, `ended`, as it ended, with its exit status), in order:
+        the members' own history of stops, restores and starts."""
+        if not self.launches.exists():
+            return []
+        calls = [json.loads(line) for line in self.launches.read_text().splitlines() if line.strip()]
+        return [c for c in calls if ("ended" in c) == ended]
 
     def log_text(self) -> str:
         """What the bot processes logged (their stdout and stderr)."""

@@ -111,17 +111,30 @@ def healthy_members_kept(world: World, ran: list[Ran]) -> list[str]:
 
 # 2 ---------------------------------------------------------------------------------------------------------
 
+# The bot decides a moment before it acts: a quorum that came back within this margin of a stop is the
+# race every check has, not the bot's doing.
+DECIDED_BEFORE = 1.0
+
+
 def quorum_kept(world: World, ran: list[Ran]) -> list[str]:
-    """The bot's own actions never took the cluster from quorum to none: a restore stops every member only
-    while quorum is lost (by the harness's own record of what it broke)."""
-    out = []
-    for r in ran:
-        plan = r.plan.plan
-        if isinstance(plan, RestorePlan) and r.key == "stop" and r.attempts and not plan.force:
-            if world.truth.quorum_throughout(world.s.members, r.started_at, r.finished_at):
-                out.append(f"2: plan {r.plan.id} stopped every member while a quorum of them was healthy all "
-                           f"through its stop step ({r.started_at:.1f} to {r.finished_at:.1f})")
-    return out
+    """The bot's own actions never took the cluster from quorum to none: it stops members (a restore) only
+    while quorum is lost, by the harness's own record of what it broke, at the moment the launcher was called."""
+    forced = any(isinstance(r.plan.plan, RestorePlan) and r.plan.plan.force for r in ran)
+    stops = [c for c in world.launched() if c["action"] == "stop"]
+    if forced or not stops:
+        return []
+    # What the bot's launcher itself did counts too: a member it stopped is down until it starts it again.
+    truth = world.truth.merged([(c["ended"], c["member"], c["action"] == "start") for c in world.launched(ended=True)
+                                if c["action"] in ("stop", "start") and c["exit"] == 0])
+    first = stops[0]["at"]
+    world.notes.append(f"the launcher stopped {', '.join(sorted({c['member'] for c in stops}))} from {first:.2f}; "
+                       "healthy then: " + (", ".join(m for m in world.s.members if truth.healthy_at(m, first))
+                                           or "none"))
+    for call in stops:
+        if truth.quorum_throughout(world.s.members, call["at"] - DECIDED_BEFORE, call["at"]):
+            return [f"2: the bot stopped {call['member']} at {call['at']:.2f} (fence {call['fence']}) while a quorum "
+                    f"of members had been healthy for {DECIDED_BEFORE:g}s and more"]
+    return []
 
 
 # 3 ---------------------------------------------------------------------------------------------------------

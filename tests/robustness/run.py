@@ -125,11 +125,13 @@ async def operate(world: World, outcome: Outcome) -> float:
         async def snapshot_at(at: float) -> str:
             await asyncio.sleep(at)
             return await world.ask("snapshot", until=_snapshot_answer, wait=120.0)
+        await world.before_approval()
         asked = [asyncio.create_task(snapshot_at(at)) for at in SNAPSHOTS_AT]
         await world.run_schedule()
         outcome.notes += [f"snapshot: {answer}" for answer in await asyncio.gather(*asked)]
         return started
     plan = await world.propose(text)
+    await world.before_approval()
     started = time.time()
     if isinstance(plan, Message):
         await world.approve(plan, s.operation.value)

