@@ -12,7 +12,7 @@ import pytest
 from bot.testing.postgres import LocalPostgres
 from bot.testing.s3 import MotoS3
 from bot.testing.versions import EtcdVersionMissing, etcd_bin_dir
-from robustness.conftest import RESULTS
+from robustness.conftest import record
 from robustness.run import run_seed
 from robustness.schedule import Schedule, draw
 
@@ -27,7 +27,7 @@ async def test_seed(seed: int, netbed: None, moto: MotoS3, robust_pg: LocalPostg
     except EtcdVersionMissing as e:
         pytest.fail(str(e), pytrace=False)
     outcome = await run_seed(schedule, moto, robust_pg, bin_dir)
-    RESULTS.append({"seed": schedule.seed, "operation": schedule.operation.value, "faults": outcome.faults_injected,
+    record({"seed": schedule.seed, "operation": schedule.operation.value, "faults": outcome.faults_injected,
                     "seconds": round(outcome.seconds, 1), "violations": outcome.violations, "plans": outcome.plans,
                     "notes": outcome.notes, "schedule": dataclasses.asdict(schedule)})
     print(outcome.report())
