@@ -83,6 +83,10 @@ class FaultyProxy:
         except OSError:
             writer.transport.abort()
             return
+        if self.mode is Mode.REFUSE:  # refused while this connection was being made
+            up_writer.transport.abort()
+            writer.transport.abort()
+            return
         self._writers |= {writer, up_writer}
         pumps = [asyncio.create_task(self._pump(reader, up_writer)), asyncio.create_task(self._pump(up_reader, writer))]
         self._tasks.update(pumps)
