@@ -140,6 +140,10 @@ class Injected:
     struck: float = 0.0
     healed: float = 0.0
     note: str = ""
+    skipped: bool = False  # nothing to strike (the member was down already, no replica of that role lived)
+
+    def skip(self, why: str) -> None:
+        self.note, self.skipped = why, True
 
 
 # ---------------------------------------------------------------- the client
@@ -511,7 +515,7 @@ class World:
         try:
             heal = await self.inject(fault, record)
         except Exception as e:  # the nemesis reports, never masks, what it could not do
-            record.note = f"could not inject: {type(e).__name__}: {e}"
+            record.skip(f"could not inject: {type(e).__name__}: {e}")
             log.warning("%s: %s", fault.describe(), record.note)
             return
         if heal is not None:
@@ -529,7 +533,7 @@ class World:
         if k is Kind.MEMBER_KILL:
             member = fault.target
             if not c.running(member):
-                record.note = "not running"
+                record.skip("not running")
                 return None
             await asyncio.to_thread(c.kill, member)
             self.killed.add(member)
@@ -538,7 +542,7 @@ class World:
         if k is Kind.MEMBER_PAUSE:
             member = fault.target
             if not c.running(member) or member in self.paused:
-                record.note = "not running" if not c.running(member) else "paused already"
+                record.skip("not running" if not c.running(member) else "paused already")
                 return None
             await asyncio.to_thread(c.pause, member)
             self.paused.add(member)
@@ -556,7 +560,7 @@ class World:
             else:
                 i = next((j for j in live if j != leader), None)
             if i is None:
-                record.note = f"no live {fault.target} replica"
+                record.skip(f"no live {fault.target} replica")
                 return None
             record.note = f"replica {i}"
             if k is Kind.BOT_KILL:
@@ -588,7 +592,7 @@ class World:
             return self._empty_disk
         if k is Kind.REDELIVERY:
             if not self.event_ids:
-                record.note = "no approval to deliver again"
+                record.skip("no approval to deliver again")
                 return None
             event_id, user, ts = self.event_ids[0]
             delivery = await self.redeliver(event_id, user, ts)

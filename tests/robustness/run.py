@@ -71,7 +71,7 @@ async def run_seed(schedule: Schedule, s3: MotoS3, pg: LocalPostgres | None, bin
         outcome.violations += await check_all(world, evidence)
         outcome.notes += world.notes
     finally:
-        outcome.faults_injected = sum(1 for i in world.injected if not i.note.startswith("could not inject"))
+        outcome.faults_injected = sum(1 for i in world.injected if not i.skipped)
         outcome.notes += [f"{i.fault.describe()}: {i.note}" for i in world.injected if i.note]
         keep(world, outcome)
         with contextlib.suppress(Exception):
