@@ -46,7 +46,7 @@ class Ran:
     started_at: float
     finished_at: float
     done: int        # step_done rows in the audit chain
-    attempts: int    # its action ran: step_done, or step_failed past its precondition
+    attempts: int    # runs of its action the chain allows for: done, failed past its precondition, cut short
 
 
 async def check_all(world: World, ev: Evidence) -> list[str]:
@@ -72,6 +72,8 @@ async def _steps(world: World, ev: Evidence, audit: list[dict[str, Any]]) -> lis
         if row["action"] == "step_done":
             counts[(detail.get("plan", ""), detail.get("step", ""), "done")] += 1
         elif row["action"] == "step_failed" and not detail.get("precondition"):
+            counts[(detail.get("plan", ""), detail.get("step", ""), "failed")] += 1
+        elif row["action"] in ("plan_taken_over", "plan_interrupted"):  # the step may have acted, and runs again
             counts[(detail.get("plan", ""), detail.get("step", ""), "failed")] += 1
     out = []
     for p in ev.plans:
@@ -152,7 +154,15 @@ def once_per_plan(world: World, ev: Evidence, ran: list[Ran]) -> list[str]:
             names = ", ".join(f"{monitor.seen[i][0] or '(unstarted)'} {i:016x}" for i in sorted(added))
             out.append(f"3: etcd's membership gained {len(added)} members ({names}); the audit chain records {adds} "
                        "add steps done")
-    attempts = sum(r.attempts for r in ran if r.plan.kind == "restore" and r.key == "restore")
+    allowed = Counter({action: sum(r.attempts for r in ran if r.key == action and r.plan.kind == "restore")
+                       for action in ("stop", "restore", "start")})
+    allowed["start"] += sum(r.attempts for r in ran if r.key == "start" and r.plan.kind == "replace")
+    calls = Counter((c["member"], c["action"]) for c in world.launched(ended=True) if c["exit"] == 0)
+    for (member, action), n in sorted(calls.items()):
+        if n > allowed[action]:
+            out.append(f"3: the launcher {action}ed {member} {n} times; the audit chain allows for {allowed[action]} "
+                       f"runs of {action} steps")
+    attempts = allowed["restore"]
     assert world.cluster is not None
     data = world.cluster.base_dir / "data"
     for member in world.s.members:
