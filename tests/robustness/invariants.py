@@ -160,8 +160,8 @@ def once_per_plan(world: World, ev: Evidence, ran: list[Ran]) -> list[str]:
     calls = Counter((c["member"], c["action"]) for c in world.launched(ended=True) if c["exit"] == 0)
     for (member, action), n in sorted(calls.items()):
         if n > allowed[action]:
-            out.append(f"3: the launcher ran {action} on {member} {n} times; the audit chain allows for {allowed[action]} "
-                       f"runs of {action} steps")
+            out.append(f"3: the launcher ran {action} on {member} {n} times; the audit chain allows for "
+                       f"{allowed[action]} runs of {action} steps")
     attempts = allowed["restore"]
     assert world.cluster is not None
     data = world.cluster.base_dir / "data"
