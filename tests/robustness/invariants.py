@@ -157,7 +157,8 @@ def once_per_plan(world: World, ev: Evidence, ran: list[Ran]) -> list[str]:
     allowed = Counter({action: sum(r.attempts for r in ran if r.key == action and r.plan.kind == "restore")
                        for action in ("stop", "restore", "start")})
     allowed["start"] += sum(r.attempts for r in ran if r.key == "start" and r.plan.kind == "replace")
-    calls = Counter((c["member"], c["action"]) for c in world.launched(ended=True) if c["exit"] == 0)
+    calls = Counter((c["member"], c["action"]) for c in world.launched(ended=True)
+                    if c["exit"] == 0 and c["action"] in allowed)  # (status changes nothing)
     for (member, action), n in sorted(calls.items()):
         if n > allowed[action]:
             out.append(f"3: the launcher ran {action} on {member} {n} times; the audit chain allows for "
