@@ -135,6 +135,8 @@ async def test_the_bot_killed_between_remove_and_add_resumes_without_repeating(m
         await slack.wait_for(lambda: any("was interrupted at step 3" in m.text for m in replies(slack, plan)),
                              timeout=20, what="the interruption notice")  # after the dead one's lease lapses (13.3 s)
         assert not [live_markup(m) for m in replies(slack, plan) if live_markup(m)]  # `<reason>` is escaped
+        listed = text_of(await reply(slack, "plans"))  # the one line that says why it stopped
+        assert f"{row['id']}` INTERRUPTED" in listed and "interrupted at step 3 (add) when the bot stopped" in listed
         await ephemeral(slack, f"resume {row['id']}", user=LEAD)
         await slack.wait_for(lambda: any(f"Plan {row['id']} is done" in m.text for m in replies(slack, plan)),
                              timeout=120, what="the resumed plan to finish")

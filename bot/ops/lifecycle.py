@@ -280,11 +280,13 @@ async def pick_up(ctx: BotContext) -> None:
 
 
 async def _interrupted(ctx: BotContext, record: PlanRecord) -> bool:
-    """A plan cut off by a stop of the bot: say so in its thread; an approver decides to resume or abandon."""
-    if not await ctx.store.transition(record.id, [record.state], PlanState.INTERRUPTED,
+    """A plan cut off by a stop of the bot: say so in its thread and in its error (the one line /etcd plans
+    shows); an approver decides to resume or abandon."""
+    step = record.plan.steps[record.current_step]
+    why = f"interrupted at step {record.current_step} ({step.key}) when the bot stopped"
+    if not await ctx.store.transition(record.id, [record.state], PlanState.INTERRUPTED, error=why,
                                       fence=ctx.leadership.fence):
         return False
-    step = record.plan.steps[record.current_step]
     await ctx.store.audit("plan_interrupted", channel=record.channel, cluster=record.cluster,
                           detail={"plan": record.id, "step": step.key})
     await refresh(ctx, record.id)
