@@ -37,6 +37,10 @@ class FaultyProxy:
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
+    def refusing(self) -> bool:
+        return self.mode is Mode.REFUSE
+
+    @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
@@ -83,7 +87,7 @@ class FaultyProxy:
         except OSError:
             writer.transport.abort()
             return
-        if self.mode is Mode.REFUSE:  # refused while this connection was being made
+        if self.refusing:  # refused while this connection was being made
             up_writer.transport.abort()
             writer.transport.abort()
             return
@@ -104,7 +108,7 @@ class FaultyProxy:
         with contextlib.suppress(OSError, asyncio.IncompleteReadError):
             while data := await reader.read(CHUNK):
                 await self._flowing.wait()
-                if self.mode is Mode.REFUSE:
+                if self.refusing:
                     return
                 writer.write(data)
                 await writer.drain()

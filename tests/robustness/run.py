@@ -70,6 +70,10 @@ async def run_seed(schedule: Schedule, s3: MotoS3, pg: LocalPostgres | None, bin
         evidence = await settle(world, outcome, operation_started)
         outcome.violations += await check_all(world, evidence)
         outcome.notes += world.notes
+        w = world.workload
+        assert w is not None
+        outcome.notes.append(f"client: {len(w.writes)} writes acknowledged, {len(w.reads)} reads, errors "
+                             f"{dict(w.errors) or 'none'}")
     finally:
         outcome.faults_injected = sum(1 for i in world.injected if not i.skipped)
         outcome.notes += [f"{i.fault.describe()}: {i.note}" for i in world.injected if i.note]
