@@ -105,8 +105,8 @@ async def _kill_between_remove_and_add(slack: SlackStandIn, store, bots: list[Bo
         await asyncio.to_thread(bots[0].start)
 
     async def resumed() -> float | None:
-        step = next((s for s in await store.steps(record.id) if s["idx"] == 3), None)
-        return step["started_at"] - killed_at if step and step["started_at"] > killed_at else None
+        step = next((s for s in await store.steps(record.id) if s.idx == 3), None)
+        return step.started_at - killed_at if step and step.started_at > killed_at else None
     deadline = time.monotonic() + 120
     while (took := await resumed()) is None:
         if time.monotonic() > deadline:

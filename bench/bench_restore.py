@@ -81,7 +81,7 @@ async def by_bot(cluster: LocalCluster, work: Path) -> tuple[float, float, str]:
             await say("status", "cluster prod")   # records the membership
             await say("snapshot", "Snapshot of prod")
             drill = await say("drill", ":white_check_mark: Restore drill")
-            path = (await bot.ctx.store.snapshots("prod"))[0]["path"]
+            path = (await bot.ctx.store.snapshots("prod"))[0].path
             cluster.kill("member1")
             cluster.kill("member2")
             start = len(slack.messages)

@@ -13,6 +13,7 @@ from typing import Any, TypeVar, overload
 
 from bot.domain.cluster import ClusterHealth, MemberHealth, MemberStatus
 from bot.domain.record import PlanRecord
+from bot.domain.snapshot import SnapshotRecord
 from bot.etcd.client import EtcdClient
 from bot.etcd.health import check_cluster
 from bot.ops.leadership import LEASE
@@ -187,7 +188,7 @@ async def wait_state(store: Store, plan_id: str, states: tuple[str, ...], timeou
         return await eventually(reached, timeout, f"plan {plan_id} to be {' or '.join(states)}", interval=0.1)
     except AssertionError as e:
         last = await store.plan(plan_id)
-        steps = [(st["key"], st["state"], st["detail"] or st["error"]) for st in await store.steps(plan_id)]
+        steps = [(st.key, st.state, st.detail or st.error) for st in await store.steps(plan_id)]
         raise AssertionError(f"{e}: plan {plan_id} is {last and last.state} (error: {last and last.error}), "
                              f"not {states}; steps: {steps}") from None
 
@@ -203,9 +204,9 @@ async def audit_actions(store: Store, plan_id: str) -> list[tuple[str, str]]:
     rows = await store.audit_rows()
     out = []
     for r in rows:
-        detail = json.loads(r["detail"])
+        detail = json.loads(r.detail)
         if detail.get("plan") == plan_id:
-            out.append((r["action"], detail.get("step", "")))
+            out.append((r.action, detail.get("step", "")))
     return out
 
 
@@ -247,3 +248,17 @@ def as_released(path: Path, added_columns: bool = True) -> None:
                     db.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
     finally:
         db.close()
+
+
+SNAPSHOT_COLUMNS: dict[str, Any] = {
+    "id": 1, "cluster": "prod", "path": "/snapshots/prod/prod.db", "member": "member1", "revision": 1, "hash": "1",
+    "total_keys": 1, "live_keys": 1, "total_size": 20480, "file_size": 20480, "sha256": "0" * 64, "encrypted": 0,
+    "requested_by": "U0ONCALL01", "reason": "", "duration": 0.25, "created_at": 0.0, "plan_id": None,
+    "pruned_at": None, "remote_url": None, "remote_state": "", "remote_error": None, "remote_verified_at": None,
+    "remote_pruned_at": None}
+
+
+def snapshot_record(**columns: Any) -> SnapshotRecord:
+    """A catalog row with these columns (the others a plain local snapshot's), decoded as the store decodes one:
+    for tests of what reads the catalog (retention, the catalog view, the watch) without a database."""
+    return SnapshotRecord.of({**SNAPSHOT_COLUMNS, **columns})

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import TEST_AUDIT_KEY
 
+from bot.domain.record import AuditRecord
 from bot.store.base import GENESIS, StoreError, audit_hash
 from bot.store.sqlite import SqliteStore
 from bot.testing.workspace import cluster_table, write_config
@@ -46,7 +47,8 @@ def rewrite(db_path: Path, first: int, last: int | None = None, unkey: bool = Tr
         if row["id"] == first:
             row.update(change)
         if first <= row["id"] <= (last or row["id"]):
-            row.update(prev_hash=prev, hash=audit_hash(prev, row), key_id="" if unkey else row["key_id"])
+            row.update(prev_hash=prev, hash=audit_hash(prev, AuditRecord.of(row)),
+                       key_id="" if unkey else row["key_id"])
         elif row["id"] > first:
             row["prev_hash"] = prev
         db.execute("UPDATE audit SET user = ?, prev_hash = ?, hash = ?, key_id = ? WHERE id = ?",
@@ -102,7 +104,7 @@ async def test_a_chain_written_without_a_key_then_with_one(tmp_path, monkeypatch
     store = await SqliteStore(db, audit_key=TEST_AUDIT_KEY).open()
     await store.continue_audit_chain()  # as the bot does at start: the chain is keyed from now on
     await store.audit("command", user="U0ONCALL01")
-    assert [r["action"] for r in await store.audit_rows()] == ["command", "refused", "audit_keyed", "command"]
+    assert [r.action for r in await store.audit_rows()] == ["command", "refused", "audit_keyed", "command"]
     assert await store.verify_audit() == (4, None) and await store.audit_keyed_from() == 3
     await store.close()
     ok = cli(config, "verify")

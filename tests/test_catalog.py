@@ -14,24 +14,25 @@ from bot.backup.manifest import Manifest
 from bot.backup.object_store import OffsiteStore
 from bot.config import SnapshotPolicy
 from bot.config.offsite import StoreConfig
-from bot.domain.snapshot import CatalogEntry, RemoteState
+from bot.domain.snapshot import CatalogEntry, RemoteState, SnapshotRecord
 from bot.ops.snapshots import remote_to_prune
 from bot.output import blocks
 from bot.output import text as render
 from bot.output.model import catalog_view
+from helpers import snapshot_record
 
 DAY = 86400.0
 NOW = 100 * DAY
 
 
 def row(i: int, *, local: bool = True, remote: str = "", remote_pruned: bool = False, age_days: float = 0.0,
-        plan: str | None = None, error: str = "") -> dict:
-    return {"id": i, "cluster": "prod", "path": f"/snap/prod/prod-{i}.db", "revision": 10 * i, "hash": f"{i:x}",
-            "total_keys": i, "live_keys": i, "total_size": 20480, "file_size": 20512, "sha256": f"{i:064x}",
-            "encrypted": 0, "member": "m1", "requested_by": "U0ONCALL01", "reason": "requested",
-            "created_at": NOW - age_days * DAY + i, "plan_id": plan, "pruned_at": None if local else 1.0,
-            "remote_url": f"s3://b/p/prod/prod-{i}.db" if remote else None, "remote_state": remote,
-            "remote_error": error, "remote_pruned_at": 2.0 if remote_pruned else None}
+        plan: str | None = None, error: str = "") -> SnapshotRecord:
+    return snapshot_record(id=i, cluster="prod", path=f"/snap/prod/prod-{i}.db", revision=10 * i, hash=f"{i:x}",
+                           total_keys=i, live_keys=i, total_size=20480, file_size=20512, sha256=f"{i:064x}",
+                           encrypted=0, member="m1", requested_by="U0ONCALL01", reason="requested",
+                           created_at=NOW - age_days * DAY + i, plan_id=plan, pruned_at=None if local else 1.0,
+                           remote_url=f"s3://b/p/prod/prod-{i}.db" if remote else None, remote_state=remote,
+                           remote_error=error, remote_pruned_at=2.0 if remote_pruned else None)
 
 
 def only_remote(name: str, created: float) -> CatalogEntry:
@@ -79,12 +80,12 @@ def test_retention_of_the_remote_copies_keeps_the_newest_verified_one():
     rows = [row(5, remote="failed"), row(4, remote="verified"), row(3, remote="verified"),
             row(2, local=False, remote="verified"), row(1, local=False, remote="verified"),
             row(0, local=False, remote="verified", remote_pruned=True)]
-    assert sorted(r["id"] for r in remote_to_prune(rows, policy, NOW, None)) == [1, 2]
+    assert sorted(r.id for r in remote_to_prune(rows, policy, NOW, None)) == [1, 2]
     # every remote copy is old and the age rule alone would drop them all: the newest verified stays
     aged = [row(i, local=False, remote="verified", age_days=30) for i in (3, 2, 1)]
-    assert sorted(r["id"] for r in remote_to_prune(aged, SnapshotPolicy(keep_days=7), NOW, None)) == [1, 2]
+    assert sorted(r.id for r in remote_to_prune(aged, SnapshotPolicy(keep_days=7), NOW, None)) == [1, 2]
     assert remote_to_prune(aged, SnapshotPolicy(keep_last=None, keep_days=None), NOW, None) == []  # no rule
-    assert sorted(r["id"] for r in remote_to_prune(aged, SnapshotPolicy(keep_last=1), NOW, None)) == [1, 2]
+    assert sorted(r.id for r in remote_to_prune(aged, SnapshotPolicy(keep_last=1), NOW, None)) == [1, 2]
     # only one verified copy, however old: kept
     assert remote_to_prune([row(5, remote="failed", age_days=90), row(1, local=False, remote="verified",
                                                                          age_days=90)],
@@ -93,8 +94,8 @@ def test_retention_of_the_remote_copies_keeps_the_newest_verified_one():
     planned = [row(3, remote="verified"), row(2, remote="verified", plan="p1", age_days=60),
                row(1, remote="verified", age_days=60)]
     old = SnapshotPolicy(keep_last=1, keep_plan_snapshots_days=30)
-    assert [r["id"] for r in remote_to_prune(planned, old, NOW, "p1")] == [1]
-    assert sorted(r["id"] for r in remote_to_prune(planned, old, NOW, None)) == [1, 2]
+    assert [r.id for r in remote_to_prune(planned, old, NOW, "p1")] == [1]
+    assert sorted(r.id for r in remote_to_prune(planned, old, NOW, None)) == [1, 2]
 
 
 # ---------------------------------------------------------------- fetching from a file:// store (no etcd)
@@ -153,8 +154,8 @@ async def test_an_object_is_the_bot_s_own_only_with_a_manifest_signed_by_its_key
     put("garbled.db", "{not json")
     (file_store / "prod" / "garbled.db").write_bytes(b"a garbled manifest")
     (file_store / "prod" / "bare.db").write_bytes(b"no manifest")
-    known = {**row(1, local=False, remote="verified"), "path": "/snap/prod/known-v1.db",
-             "sha256": f"{len('known-v1.db'):064x}"}   # uploaded by the bot before the upgrade
+    known = dataclasses.replace(row(1, local=False, remote="verified"), path="/snap/prod/known-v1.db",
+                                sha256=f"{len('known-v1.db'):064x}")   # uploaded by the bot before the upgrade
 
     view = await catalog(config, "prod", [known], open_store=lambda c: remote)
     by = {e.name: e for e in view.entries}

@@ -78,13 +78,13 @@ async def test_both_places_are_listed_pruned_and_fetched_verified(cluster, slack
     s1, s2, s3 = [await snapshot_name(slack, cluster) for _ in range(3)]
 
     # keep_last 2: the oldest goes from both places; keep_local 1: the middle one stays only off-site
-    rows = {Path(r["path"]).name: r for r in await store.snapshots("prod", include_pruned=True)}
-    assert rows[s1]["pruned_at"] and rows[s1]["remote_pruned_at"]
-    assert rows[s2]["pruned_at"] and not rows[s2]["remote_pruned_at"] and rows[s2]["remote_state"] == "verified"
-    assert not rows[s3]["pruned_at"] and not rows[s3]["remote_pruned_at"]
+    rows = {Path(r.path).name: r for r in await store.snapshots("prod", include_pruned=True)}
+    assert rows[s1].pruned_at and rows[s1].remote_pruned_at
+    assert rows[s2].pruned_at and not rows[s2].remote_pruned_at and rows[s2].remote_state == "verified"
+    assert not rows[s3].pruned_at and not rows[s3].remote_pruned_at
     assert place.names() == {s2, s2 + ".manifest.json", s3, s3 + ".manifest.json"}  # object and manifest gone
-    audit = [r for r in await store.audit_rows() if r["action"] == "snapshot_pruned_remote"]
-    assert [json.loads(r["detail"])["file"] for r in audit] == [s1]
+    audit = [r for r in await store.audit_rows() if r.action == "snapshot_pruned_remote"]
+    assert [json.loads(r.detail)["file"] for r in audit] == [s1]
 
     listing = text_of(await reply(slack, "snapshots"))
     line = {n: next(x for x in listing.splitlines() if n in x) for n in (s2, s3)}
@@ -104,7 +104,7 @@ async def test_both_places_are_listed_pruned_and_fetched_verified(cluster, slack
     fetched = cli("snapshot", "fetch", s2, "--dir", str(tmp_path / "got"), "--config", config)
     assert fetched.returncode == 0, fetched.stderr
     got = tmp_path / "got" / s2
-    assert hashlib.sha256(got.read_bytes()).hexdigest() == rows[s2]["sha256"]
+    assert hashlib.sha256(got.read_bytes()).hexdigest() == rows[s2].sha256
     assert stat.S_IMODE(got.stat().st_mode) == 0o600 and "size, sha256 and status match" in fetched.stdout
 
     # a tampered object is refused, and nothing is left behind
@@ -180,8 +180,8 @@ async def test_restore_from_a_snapshot_only_the_store_holds(make_cluster, slack,
     assert "verified remotely" in text_of(await reply(slack, "snapshot", timeout=60))
     before = keys(c)
     (row,) = await store.snapshots("prod", include_pruned=True)
-    revision = row["revision"]
-    assert row["pruned_at"] and row["remote_state"] == "verified" and not Path(row["path"]).exists()
+    revision = row.revision
+    assert row.pruned_at and row.remote_state == "verified" and not Path(row.path).exists()
     snapshot_dir = tmp_path / "snapshots"
     if how == "volume_lost":
         snapshot_dir = tmp_path / "new-snapshots"
@@ -193,7 +193,7 @@ async def test_restore_from_a_snapshot_only_the_store_holds(make_cluster, slack,
     for m in ("member1", "member2"):
         c.kill(m)
 
-    name = Path(row["path"]).name
+    name = Path(row.path).name
     plan = await propose(slack, "restore" if how == "keep_local_0" else f"restore {name}")
     plan_text = text_of(plan) + json.dumps(plan.blocks)
     assert f"From the snapshot store:* `{s3.url()}/prod/{name}`" in plan_text, plan_text
@@ -204,8 +204,8 @@ async def test_restore_from_a_snapshot_only_the_store_holds(make_cluster, slack,
     await wait_done(store, record.id, timeout=180)
     assert keys(c) == before and len(hashes(c, revision)) == 1
     assert [p.name for p in snapshot_dir.iterdir() if p.name.startswith(".fetch-")] == []  # no copy left
-    verify = next(s for s in await store.steps(record.id) if s["key"] == "verify")
-    assert "fetched from the store" in verify["detail"], verify
+    verify = next(s for s in await store.steps(record.id) if s.key == "verify")
+    assert "fetched from the store" in verify.detail, verify
 
 
 async def test_a_drill_of_a_snapshot_only_the_store_knows_and_of_a_tampered_one(cluster, slack, start_bot,
@@ -220,15 +220,15 @@ async def test_a_drill_of_a_snapshot_only_the_store_knows_and_of_a_tampered_one(
     assert "passed" in passed.text and name in passed.text, text
     assert f"fetched from the snapshot store: `file://{file_store}/prod/{name}`" in text
     (row,) = await bot.ctx.store.snapshots("prod", include_pruned=True)
-    assert row["reason"] == "found in the store" and row["pruned_at"]
-    assert (await bot.ctx.store.last_drills("prod"))[row["id"]]["ok"]
+    assert row.reason == "found in the store" and row.pruned_at
+    assert (await bot.ctx.store.last_drills("prod"))[row.id].ok
     assert "drill passed" in text_of(await reply(slack, "snapshots"))
 
     place = file_store / "prod" / name
     place.write_bytes(tampered(place.read_bytes()))
     failed = await reply(slack, f"drill {name}", timeout=120)
     assert "FAILED" in failed.text and "not the snapshot recorded" in failed.text, failed.text
-    assert not (await bot.ctx.store.last_drills("prod"))[row["id"]]["ok"]
+    assert not (await bot.ctx.store.last_drills("prod"))[row.id].ok
     scratch = tmp_path / "new-snapshots"
     await eventually(lambda: not [p for p in scratch.iterdir() if p.name.startswith(".fetch-")], 5,
                      "the fetched copies to be removed")

@@ -56,7 +56,7 @@ async def test_nospace_is_fixed_by_one_approval_leader_last_after_the_move(make_
 
     await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
     done = await wait_done(store, row["id"], timeout=180)
-    steps = [(s["key"], s["state"], s["detail"] or "") for s in await store.steps(done["id"])]
+    steps = [(s.key, s.state, s.detail or "") for s in await store.steps(done["id"])]
     keys = [k for k, _, _ in steps]
     defrags = [k.removeprefix("defrag-") for k in keys if k.startswith("defrag-")]
     assert keys[:3] == ["recheck", "snapshot", "compact"] and keys[-2:] == ["disarm", "verify"]
@@ -100,7 +100,7 @@ async def test_a_member_killed_mid_plan_stops_it_and_resume_continues(make_clust
     await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
 
     async def recheck_done() -> bool:
-        return any(st["key"] == "recheck" and st["state"] == "done" for st in await store.steps(row["id"]))
+        return any(st.key == "recheck" and st.state == "done" for st in await store.steps(row["id"]))
     await eventually(recheck_done, 30, "the re-check to pass")
     c.kill(follower)
     failed = await wait_state(store, row["id"], ("failed",), timeout=180)
@@ -108,7 +108,7 @@ async def test_a_member_killed_mid_plan_stops_it_and_resume_continues(make_clust
     # The plan is failed in the store before its thread says so: wait for the note.
     note = await slack.wait_for(lambda: "stopped" in thread(slack, plan) and thread(slack, plan), what="the stop note")
     assert "/etcd resume" in note
-    ran = {st["key"] for st in await store.steps(row["id"]) if st["state"] == "done"}
+    ran = {st.key for st in await store.steps(row["id"]) if st.state == "done"}
     assert "verify" not in ran
 
     await asyncio.to_thread(c.restart, follower)
@@ -149,10 +149,10 @@ async def test_the_rule_leaves_a_compact_member_alone_and_a_bad_rule_is_refused(
     row = await plan_row(store, plan)
     await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
     await wait_done(store, row["id"], timeout=180)
-    keys = [st["key"] for st in await store.steps(row["id"])]
+    keys = [st.key for st in await store.steps(row["id"])]
     assert f"defrag-{compact_id:016x}" not in keys and "compact" not in keys
     assert len([k for k in keys if k.startswith("defrag-")]) == 2
-    assert "(left alone)" in thread(slack, plan)
+    await slack.wait_for(lambda: "(left alone)" in thread(slack, plan), what="the closing note")  # posted after done
 
 
 async def test_a_leader_that_changed_since_the_plan_stops_it_before_anything_is_done(make_cluster, slack, start_bot):
@@ -170,7 +170,7 @@ async def test_a_leader_that_changed_since_the_plan_stops_it_before_anything_is_
     await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
     failed = await wait_state(store, row["id"], ("failed",), timeout=60)
     assert f"the leader changed from {leader:016x} to {other:016x} unexpectedly" in (failed.error or "")
-    assert [st["key"] for st in await store.steps(row["id"]) if st["state"] == "done"] == []
+    assert [st.key for st in await store.steps(row["id"]) if st.state == "done"] == []
     assert "a new plan is needed" in thread(slack, plan)
 
 
@@ -184,7 +184,7 @@ async def test_nospace_stays_armed_above_disarm_below_and_the_plan_says_why(make
     row = await plan_row(store, plan)
     await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
     failed = await wait_state(store, row["id"], ("failed",), timeout=180)
-    disarm = next(st["detail"] for st in await store.steps(row["id"]) if st["key"] == "disarm")
+    disarm = next(st.detail for st in await store.steps(row["id"]) if st.key == "disarm")
     assert disarm.startswith("NOSPACE stays: member") and "not below 1 %" in disarm
     assert "NOSPACE is still active, so writes still fail" in (failed.error or "")
     async with EtcdClient(c.endpoints) as client:
@@ -204,7 +204,7 @@ async def test_a_single_member_cluster_is_defragmented_in_place(make_cluster, sl
     row = await plan_row(store, plan)
     await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
     done = await wait_done(store, row["id"], timeout=120)
-    steps = {s["key"]: s["detail"] or "" for s in await store.steps(done["id"])}
+    steps = {s.key: s.detail or "" for s in await store.steps(done["id"])}
     (member_id,) = [k.removeprefix("defrag-") for k in steps if k.startswith("defrag-")]
     assert "move-leader" not in steps and "reclaimed" in steps[f"defrag-{member_id}"]
     assert "NOSPACE disarmed" in steps["disarm"]
@@ -222,7 +222,7 @@ async def test_a_single_member_cluster_is_defragmented_in_place(make_cluster, sl
     await store.update_plan(row["id"], plan=json.dumps(old.to_json()))
     await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
     done = await wait_done(store, row["id"], timeout=120)
-    moved = next(s["detail"] for s in await store.steps(done["id"]) if s["key"] == "move-leader")
+    moved = next(s.detail for s in await store.steps(done["id"]) if s.key == "move-leader")
     assert moved == f"{member_id} is the only voter: no leadership to move; it is defragmented in place"
 
 

@@ -24,20 +24,20 @@ async def test_a_drill_passes_on_a_good_snapshot_and_fails_clearly_on_a_damaged_
     scratch_before = scratch_dirs()
 
     passed = await reply(slack, "drill", timeout=120)
-    assert "passed" in passed.text and f"revision {good['revision']}" in passed.text
-    assert f"{good['live_keys']} keys" in passed.text
+    assert "passed" in passed.text and f"revision {good.revision}" in passed.text
+    assert f"{good.live_keys} keys" in passed.text
     listing = text_of(await reply(slack, "snapshots"))
     assert "drill passed" in listing
 
     cluster.etcdctl("put", "/drill/b", "2")
     await reply(slack, "snapshot", timeout=60)
     damaged = (await store.snapshots("prod"))[0]
-    with open(damaged["path"], "r+b") as f:
-        f.truncate(os.path.getsize(damaged["path"]) - 4096)
+    with open(damaged.path, "r+b") as f:
+        f.truncate(os.path.getsize(damaged.path) - 4096)
     failed = await reply(slack, "drill", timeout=120)
     assert "FAILED" in failed.text and "has changed since it was recorded" in failed.text
     drills = await store.last_drills("prod")
-    assert drills[good["id"]]["ok"] and not drills[damaged["id"]]["ok"]
+    assert drills[good.id].ok and not drills[damaged.id].ok
     assert scratch_dirs() == scratch_before  # everything removed
 
     missing = await ephemeral(slack, "drill nope.db")
@@ -54,7 +54,7 @@ async def test_a_drill_says_clearly_when_the_binaries_are_missing(cluster, slack
     failed = await reply(slack, "drill", timeout=60)
     assert "FAILED" in failed.text and "etcd binary not found on the bot's host" in failed.text
     (row,) = await bot.ctx.store.snapshots("prod")
-    assert not (await bot.ctx.store.last_drills("prod"))[row["id"]]["ok"]
+    assert not (await bot.ctx.store.last_drills("prod"))[row.id].ok
 
 
 async def test_drill_every_drills_the_newest_snapshot_on_schedule(cluster, slack, start_bot, monkeypatch):

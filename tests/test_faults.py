@@ -104,7 +104,7 @@ async def test_a_snapshot_source_killed_mid_stream_fails_over(make_cluster, slac
     files = list(snapshot_dir.glob("*.db"))
     assert len(files) == 1 and files[0].name in text
     rows = await bot.ctx.store.snapshots("prod")
-    assert len(rows) == 1 and rows[0]["member"] != killed
+    assert len(rows) == 1 and rows[0].member != killed
 
 
 async def source_of_stream(bot, cluster) -> str:
@@ -192,7 +192,7 @@ async def test_a_locked_database_is_waited_for_then_refused_clearly(cluster, sla
         db.close()
     assert len([m for m in slack.messages if m.source == "chat.postMessage"]) == 1
     assert "HEALTHY" in text_of(await reply(slack, "status"))
-    actions = [r["action"] for r in await bot.ctx.store.audit_rows()]
+    actions = [r.action for r in await bot.ctx.store.audit_rows()]
     assert actions == ["command", "command"]  # nothing ran unaudited, no row lost or half-written
     assert await bot.ctx.store.verify_audit() == (2, None)
 

@@ -57,7 +57,7 @@ async def test_a_planted_object_is_foreign_never_the_default_and_restored_only_b
     assert "verified remotely" in text_of(await reply(slack, "snapshot", timeout=60))
     ours = keys(c)
     (own,) = await store.snapshots("prod")
-    mine = Path(own["path"]).name
+    mine = Path(own.path).name
     evil = make_cluster(1, prefix="evil")
     evil.etcdctl("put", "/registry/attacker", "owned")
     planted = "prod-20300101T000000Z-rev99.db"
@@ -82,8 +82,8 @@ async def test_a_planted_object_is_foreign_never_the_default_and_restored_only_b
     assert "passed" in drilled.text and mine in drilled.text, drilled.text
     named = await reply(slack, f"drill {planted}", timeout=120)
     assert "FOREIGN" in named.text and "not added to the catalog" in named.text, named.text
-    assert [r["id"] for r in await store.snapshots("prod", include_pruned=True)] == [own["id"]]
-    assert list(await store.last_drills("prod")) == [own["id"]]
+    assert [r.id for r in await store.snapshots("prod", include_pruned=True)] == [own.id]
+    assert list(await store.last_drills("prod")) == [own.id]
 
     c.kill("member1")
     c.kill("member2")
@@ -147,4 +147,4 @@ async def test_a_drill_verifies_before_it_catalogues_and_a_failed_one_catalogues
     passed = await reply(slack, f"drill {name}", timeout=120)
     assert "passed" in passed.text and "FOREIGN" not in passed.text, passed.text
     (row,) = await bot.ctx.store.snapshots("prod", include_pruned=True)
-    assert row["reason"] == "found in the store" and row["remote_state"] == "verified"
+    assert row.reason == "found in the store" and row.remote_state == "verified"

@@ -2,6 +2,7 @@
 the bot's own gauges read from its catalog."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -11,11 +12,12 @@ from hypothesis import strategies as st
 from bot.config import ClusterConfig, SnapshotPolicy
 from bot.config.offsite import StoreConfig
 from bot.domain.cluster import DEFAULT_QUOTA, Alarm, ClusterHealth, Member, MemberHealth, MemberMetrics
+from bot.domain.snapshot import NewSnapshot
 from bot.etcd.member_metrics import histogram_quantile, parse_metrics
 from bot.ops.metrics import Metrics, newest_offsite
 from bot.output.model import status_view
 from bot.output.text import status_json, status_text
-from helpers import cluster_health, member_status
+from helpers import cluster_health, member_status, snapshot_record
 
 PAGE = """\
 # HELP etcd_server_quota_backend_bytes Current backend storage quota size in bytes.
@@ -114,12 +116,12 @@ async def test_the_snapshot_gauges_come_from_the_catalog_so_every_replica_and_a_
     from bot.store.sqlite import SqliteStore
     now = time.time()
     store = await SqliteStore(tmp_path / "etcd-chatops.db").open()
-    row = {"member": "member1", "revision": 1, "hash": "0", "total_keys": 1, "total_size": 1, "file_size": 1,
-           "sha256": "0", "requested_by": "the schedule", "reason": "scheduled", "duration": 0.1}
+    row = NewSnapshot(cluster="prod", path="", member="member1", revision=1, hash="0", total_keys=1, live_keys=None,
+                      total_size=1, file_size=1, sha256="0", encrypted=False, requested_by="the schedule",
+                      reason="scheduled", duration=0.1, created_at=0.0)
     ids = {}
     for name, age in (("gone", 4000), ("verified", 3000), ("pruned-remote", 2000), ("failed", 1000), ("newest", 100)):
-        ids[name] = await store.record_snapshot({**row, "cluster": "prod", "path": f"/s/{name}.db",
-                                                 "created_at": now - age})
+        ids[name] = await store.record_snapshot(dataclasses.replace(row, path=f"/s/{name}.db", created_at=now - age))
     await store.update_snapshot(ids["gone"], remote_state="verified")
     await store.update_snapshot(ids["verified"], remote_state="verified")
     await store.update_snapshot(ids["pruned-remote"], remote_state="verified", remote_pruned_at=now)
@@ -145,9 +147,11 @@ async def test_the_snapshot_gauges_come_from_the_catalog_so_every_replica_and_a_
 
 
 def test_an_offsite_copy_counts_only_verified_and_still_there() -> None:
-    rows = [{"created_at": 5.0, "remote_state": "uploading"}, {"created_at": 4.0, "remote_state": "failed"},
-            {"created_at": 3.0, "remote_state": "verified", "remote_pruned_at": 9.0},
-            {"created_at": 2.0, "remote_state": "verified"}, {"created_at": 1.0, "remote_state": "verified"}]
+    rows = [snapshot_record(created_at=5.0, remote_state="uploading"),
+            snapshot_record(created_at=4.0, remote_state="failed"),
+            snapshot_record(created_at=3.0, remote_state="verified", remote_pruned_at=9.0),
+            snapshot_record(created_at=2.0, remote_state="verified"),
+            snapshot_record(created_at=1.0, remote_state="verified")]
     assert newest_offsite(rows, otherwise=100.0) == 2.0
     assert newest_offsite(rows[:3], otherwise=100.0) == 100.0
     assert newest_offsite([], otherwise=100.0) == 100.0

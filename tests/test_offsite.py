@@ -7,6 +7,7 @@ loopback; `file://` is a directory. Real etcd, the real bot, the Slack stand-in.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import re
@@ -108,17 +109,17 @@ async def test_a_snapshot_is_stored_off_site_and_verified(make_cluster, slack, s
     assert f"stored at {url}/prod/{name} · verified remotely" in text, text
     assert f"stored at {url}/prod/{name} · verified remotely" in msg.text  # the notification text too
     (row,) = await bot.ctx.store.snapshots("prod")
-    local = Path(row["path"]).read_bytes()
-    assert remote_bytes(name) == local and sha256(local) == row["sha256"]
+    local = Path(row.path).read_bytes()
+    assert remote_bytes(name) == local and sha256(local) == row.sha256
     manifest = Manifest.from_json(remote_bytes(name + ".manifest.json"))
-    status = snapshot_status(Path(row["path"]))
-    assert (manifest.cluster, manifest.file_name, manifest.sha256, manifest.size) == ("prod", name, row["sha256"],
+    status = snapshot_status(Path(row.path))
+    assert (manifest.cluster, manifest.file_name, manifest.sha256, manifest.size) == ("prod", name, row.sha256,
                                                                                       len(local))
     assert (manifest.hash, manifest.revision, manifest.total_keys, manifest.total_size) == \
         (status.hash_hex, status.revision, status.total_keys, status.total_size)
-    assert manifest.member == row["member"] and not manifest.encrypted
-    assert row["remote_state"] == "verified" and row["remote_url"] == f"{url}/prod/{name}"
-    assert row["remote_verified_at"] >= row["created_at"] and row["remote_error"] is None
+    assert manifest.member == row.member and not manifest.encrypted
+    assert row.remote_state == "verified" and row.remote_url == f"{url}/prod/{name}"
+    assert row.remote_verified_at >= row.created_at and row.remote_error is None
 
 
 # ---------------------------------------------------------------- 3. the store down during the upload
@@ -141,9 +142,9 @@ async def test_the_store_down_mid_upload_keeps_the_local_snapshot_and_a_later_tr
     assert failure and "\n" not in failure[1], text
     assert s3.secret_key not in text and s3.access_key not in text
     (row,) = await bot.ctx.store.snapshots("prod")
-    path = Path(row["path"])
-    assert path.name == name and sha256(path.read_bytes()) == row["sha256"]  # kept, whole
-    assert row["remote_state"] == "failed" and row["remote_error"] == failure[1]
+    path = Path(row.path)
+    assert path.name == name and sha256(path.read_bytes()) == row.sha256  # kept, whole
+    assert row.remote_state == "failed" and row.remote_error == failure[1]
 
     await asyncio.to_thread(s3.start)  # back (same port, same bucket)
     assert s3.keys() == {}  # nothing visible; the upload could not be aborted while the store was down
@@ -151,12 +152,12 @@ async def test_the_store_down_mid_upload_keeps_the_local_snapshot_and_a_later_tr
     text = text_of(await reply(slack, "snapshot", timeout=120))
     assert "verified remotely" in text, text
     rows = await bot.ctx.store.snapshots("prod")
-    assert [r["remote_state"] for r in rows] == ["verified", "verified"]  # the failed one was uploaded again
+    assert [r.remote_state for r in rows] == ["verified", "verified"]  # the failed one was uploaded again
     assert s3.unfinished_uploads() == []  # and the interrupted upload aborted before the next one
     assert s3.read(f"prod/prod/{name}") == path.read_bytes()
-    actions = [r["action"] for r in await bot.ctx.store.audit_rows()]
+    actions = [r.action for r in await bot.ctx.store.audit_rows()]
     assert actions.count("snapshot_offsite_failed") == 1 and actions.count("snapshot_offsite") == 2
-    everything = json.dumps(await bot.ctx.store.audit_rows())
+    everything = json.dumps([dataclasses.asdict(r) for r in await bot.ctx.store.audit_rows()])
     assert s3.secret_key not in everything and s3.access_key not in everything
 
 
@@ -208,7 +209,7 @@ async def test_an_encrypted_snapshot_is_stored_encrypted(make_cluster, slack, st
     assert remote.startswith(b"age-encryption.org/v1\n")
     assert not any(v[:64] in remote for v in values), "plaintext values in the stored object"
     (row,) = await bot.ctx.store.snapshots("prod")
-    assert remote == Path(row["path"]).read_bytes() and sha256(remote) == row["sha256"]
+    assert remote == Path(row.path).read_bytes() and sha256(remote) == row.sha256
     magic = bytes.fromhex("edda0ced")  # bbolt's (0xED0CDAED, little-endian) in the first meta page
     plain = pyrage.decrypt(remote, [identity])
     assert plain[16:20] == magic and magic not in remote[:8192]
@@ -230,8 +231,8 @@ async def test_keep_local_drops_local_copies_verified_off_site(make_cluster, sla
         assert "verified remotely" in text, text
         names.append(FILE_LINE.search(text)[1])
     rows = await bot.ctx.store.snapshots("prod", include_pruned=True)
-    by_name = {Path(r["path"]).name: r for r in rows}
-    assert not Path(by_name[names[0]]["path"]).exists() and by_name[names[0]]["pruned_at"] is not None
-    assert Path(by_name[names[1]]["path"]).exists() and by_name[names[1]]["pruned_at"] is None
-    assert all(r["remote_state"] == "verified" for r in rows)
+    by_name = {Path(r.path).name: r for r in rows}
+    assert not Path(by_name[names[0]].path).exists() and by_name[names[0]].pruned_at is not None
+    assert Path(by_name[names[1]].path).exists() and by_name[names[1]].pruned_at is None
+    assert all(r.remote_state == "verified" for r in rows)
     assert sorted(p.name for p in (file_store / "prod").iterdir() if not p.name.endswith(".json")) == sorted(names)

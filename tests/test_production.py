@@ -76,7 +76,7 @@ async def test_roles_are_enforced_and_refusals_name_the_role(cluster, slack, sta
     assert "/etcd snapshot on prod needs the operator role" in text_of(msg)
     msg = await ephemeral(slack, "replace member1 member4 http://127.0.0.1:1", user=LEAD)
     assert "needs the operator role" in text_of(msg)
-    refusals = [json.loads(r["detail"]) for r in await bot.ctx.store.audit_rows() if r["action"] == "refused"]
+    refusals = [json.loads(r.detail) for r in await bot.ctx.store.audit_rows() if r.action == "refused"]
     assert [d["missing_role"] for d in refusals] == ["reader", "operator", "operator"]
     assert not await bot.ctx.store.snapshots("prod")
 

@@ -16,6 +16,7 @@ import pytest
 import yaml
 from aiohttp import web
 
+from bot.domain.snapshot import NewSnapshot
 from bot.ops.metrics import Metrics
 from bot.testing.cluster import free_port
 from bot.testing.prometheus import (
@@ -217,10 +218,10 @@ async def test_real_prometheus_and_alertmanager_alert_on_a_cluster_losing_member
         # Everything starts while Prometheus's discovery waits for its first tick (5 s).
         cluster = make_cluster(3)
         store = await SqliteStore(tmp_path / "etcd-chatops.db").open()
-        await store.record_snapshot({
-            "cluster": "prod", "path": str(tmp_path / "old.db"), "member": "member1", "revision": 1, "hash": "0",
-            "total_keys": 1, "total_size": 1, "file_size": 1, "sha256": "0", "requested_by": "the schedule",
-            "reason": "scheduled", "duration": 0.1, "created_at": time.time() - 3600})
+        await store.record_snapshot(NewSnapshot(
+            cluster="prod", path=str(tmp_path / "old.db"), member="member1", revision=1, hash="0",
+            total_keys=1, live_keys=None, total_size=1, file_size=1, sha256="0", encrypted=False,
+            requested_by="the schedule", reason="scheduled", duration=0.1, created_at=time.time() - 3600))
         await store.close()
         (tmp_path / "snapshots").mkdir()
         (tmp_path / "snapshots" / "prod").write_text("not a directory")

@@ -137,8 +137,8 @@ async def test_a_learner_added_by_hand_before_the_add_stops_it_and_abandon_close
     assert "2. Remove member1" in text and "(done)" in text and "3. Add member4" in text
     assert (await store.plan(row["id"]))["state"] == "abandoned"
     assert await store.open_plan("prod") is None
-    abandoned = [a for a in await store.audit_rows() if a["action"] == "plan_abandoned"]
-    assert len(abandoned) == 1 and "learner added by hand" in abandoned[0]["detail"]
+    abandoned = [a for a in await store.audit_rows() if a.action == "plan_abandoned"]
+    assert len(abandoned) == 1 and "learner added by hand" in abandoned[0].detail
     again = await ephemeral(slack, f"abandon {row['id']} twice", user=LEAD)
     assert "is abandoned; only an interrupted or failed plan can be abandoned" in text_of(again)
     assert {h.member.hex_id for h in await members_of(c)} == ids

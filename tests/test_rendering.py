@@ -25,6 +25,7 @@ from bot.output import blocks
 from bot.output import text as render
 from bot.output.blocks import Reply
 from bot.output.model import Verdict, catalog_view, snapshot_view, status_view
+from helpers import snapshot_record
 
 ONCALL = "U0ONCALL01"
 NASTY = ["<!channel>", "<!here>", "<!everyone>", "<@U0LEAD0001>", "<#C0INCIDENT|inc>", "<!subteam^S0ONCALLLD>",
@@ -143,9 +144,10 @@ def test_no_etcd_value_becomes_markup_in_status_or_members(names, url, error, al
 @given(name=values, error=values, pruned=st.lists(values, max_size=3), reason=values, requested_by=values)
 def test_no_value_becomes_markup_in_snapshot_messages(name, error, pruned, reason, requested_by):
     made = (mention(requested_by),) if requested_by.startswith("U") else ()
-    row = {"cluster": "prod", "path": f"/snap/{name}.db", "revision": 3, "hash": "fe01", "total_keys": 1,
-           "total_size": 100, "file_size": 132, "sha256": "0" * 64, "member": name, "requested_by": requested_by,
-           "created_at": 1.7e9, "encrypted": False, "reason": reason, "remote_state": "failed", "remote_error": error}
+    row = snapshot_record(cluster="prod", path=f"/snap/{name}.db", revision=3, hash="fe01", total_keys=1,
+                          total_size=100, file_size=132, sha256="0" * 64, member=name, requested_by=requested_by,
+                          created_at=1.7e9, encrypted=False, reason=reason, remote_state="failed", remote_error=error,
+                          live_keys=None)
     for reply in (blocks.snapshot_reply(saved(name, error, tuple(pruned)), requested_by),
                   blocks.snapshot_failed_reply("prod", reason), blocks.snapshot_failed_reply("prod", reason, True),
                   blocks.snapshots_reply(catalog_view("prod", [row], None))):

@@ -98,7 +98,7 @@ async def test_the_whole_runbook(make_cluster, slack, start_bot):
     final = slack.find_message(CHANNEL, plan.ts)
     assert final.edits and "*State:* DONE" in text_of(final)
     snaps = await store.snapshots("prod")
-    assert len(snaps) == 1 and snaps[0]["reason"] == f"before plan {row['id']}" and Path(snaps[0]["path"]).is_file()
+    assert len(snaps) == 1 and snaps[0].reason == f"before plan {row.id}" and Path(snaps[0].path).is_file()
 
 
 async def test_no_learner_joins_as_a_voting_member(make_cluster, slack, start_bot):

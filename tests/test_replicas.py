@@ -24,6 +24,7 @@ import pytest
 from test_snapshots import fill
 
 from bot.config import ReplicasConfig, load_config
+from bot.domain.snapshot import SnapshotRecord
 from bot.ops.leadership import LEASE
 from bot.ops.snapshots import take_snapshot
 from bot.runtime.schedule import SCHEDULER, Scheduler
@@ -220,7 +221,7 @@ async def test_a_plan_proposed_through_one_replica_and_approved_through_the_othe
     await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK, to=follower.url)
     done = await wait_done(group.store, row["id"])
     assert done["decided_by"] == LEAD
-    rows = [json.loads(r["detail"]) for r in await group.store.audit_rows() if r["action"] == "step_done"]
+    rows = [json.loads(r.detail) for r in await group.store.audit_rows() if r.action == "step_done"]
     assert {r["replica"] for r in rows if r["plan"] == row["id"]} == {group.replica_id(leader)}
     actions = await audit_actions(group.store, row["id"])
     assert actions.count(("step_done", "remove")) == 1 and actions.count(("step_done", "add")) == 1
@@ -355,8 +356,8 @@ def scheduled_posts(slack) -> list[str]:
             if m.source == "chat.postMessage" and "Scheduled snapshot of prod" in text_of(m)]
 
 
-async def scheduled_rows(group: Replicas) -> list[dict]:
-    return [r for r in await group.store.snapshots("prod") if r["reason"] == "scheduled"]
+async def scheduled_rows(group: Replicas) -> list[SnapshotRecord]:
+    return [r for r in await group.store.snapshots("prod") if r.reason == "scheduled"]
 
 
 async def snapshots_taken(bot: BotProcess) -> float:
@@ -399,7 +400,7 @@ async def test_two_replicas_take_one_scheduled_snapshot_per_due_tick_on_the_lead
     await settled(3)
     assert len(scheduled_posts(slack)) == 2, scheduled_posts(slack)
     rows = await scheduled_rows(group)
-    assert len(rows) == 2 and len({r["path"] for r in rows}) == 2
+    assert len(rows) == 2 and len({r.path for r in rows}) == 2
     assert (await snapshots_taken(a), await snapshots_taken(b)) == (2, 0)
     told = b.log_file.read_text()  # the follower neither waited for the leader's snapshot nor failed one of its own
     assert "taking a snapshot" not in told and "scheduled snapshot" not in told, told
@@ -425,7 +426,7 @@ async def test_a_new_leader_takes_over_the_snapshot_schedule(cluster, slack, rep
     await settled(2)
     assert len(scheduled_posts(slack)) == 2, scheduled_posts(slack)
     newest, _ = await scheduled_rows(group)
-    assert newest["created_at"] > killed_wall and newest["requested_by"] == SCHEDULER
+    assert newest.created_at > killed_wall and newest.requested_by == SCHEDULER
     assert await snapshots_taken(follower) == 1
 
 
@@ -477,17 +478,16 @@ async def test_a_tick_another_replica_took_while_this_one_waited_is_not_taken_tw
     asked = asyncio.create_task(take_snapshot(ctx, ctx.config.clusters[0], requested_by=ONCALL, reason="manual"))
 
     async def joined() -> bool:
-        return any(r["action"] == "snapshot_joined" for r in await ctx.store.audit_rows())
+        return any(r.action == "snapshot_joined" for r in await ctx.store.audit_rows())
     await eventually(joined, 10, "an on-call's request to join the scheduled snapshot")
     (first,) = await ctx.store.snapshots("a")  # the other replica's snapshot ends: catalogued, lease given back
-    await ctx.store.record_snapshot({**{k: v for k, v in first.items() if k != "id"},
-                                     "created_at": time.time() + EVERY, "path": first["path"] + ".other"})
+    await ctx.store.record_snapshot(replace(first, created_at=time.time() + EVERY, path=first.path + ".other"))
     await ctx.store.release_lease("snapshot:a", "another-replica")
     assert await asyncio.wait_for(run, 30) == []
     assert posted() == 1
     saved = await asyncio.wait_for(asked, 30)  # the on-call still gets the snapshot asked for
     rows = await ctx.store.snapshots("a")
-    assert len(rows) == 3 and [r["path"] for r in rows if r["requested_by"] == ONCALL] == [str(saved.path)]
+    assert len(rows) == 3 and [r.path for r in rows if r.requested_by == ONCALL] == [str(saved.path)]
 
 
 # ---------------------------------------------------------------- off-site uploads: one bucket, two replicas
@@ -517,10 +517,10 @@ async def test_a_replica_snapshot_waits_for_the_other_and_never_aborts_its_runni
     assert all("verified remotely" in t for t in texts), texts
     logs = a.log_file.read_text() + b.log_file.read_text()
     assert "aborted unfinished uploads" not in logs and "retrying from the local file" not in logs
-    first, second = sorted(await group.store.snapshots("prod"), key=lambda r: r["created_at"])
-    assert first["remote_state"] == second["remote_state"] == "verified"
-    assert second["created_at"] >= first["remote_verified_at"], "the replicas snapshotted the cluster at once"
-    assert "snapshot_offsite_failed" not in [r["action"] for r in await group.store.audit_rows()]
+    first, second = sorted(await group.store.snapshots("prod"), key=lambda r: r.created_at)
+    assert first.remote_state == second.remote_state == "verified"
+    assert second.created_at >= first.remote_verified_at, "the replicas snapshotted the cluster at once"
+    assert "snapshot_offsite_failed" not in [r.action for r in await group.store.audit_rows()]
     assert s3.unfinished_uploads() == [] and len(s3.keys("prod/prod/")) == 4  # two snapshots, two manifests
 
 

@@ -9,18 +9,19 @@ from bot.domain.errors import Refusal
 from bot.domain.plan import PlanState
 from bot.domain.quorum import QuorumEvidence, QuorumVerdict, Seen, Voter
 from bot.domain.restore import Membership
-from bot.domain.snapshot import SnapshotRef
+from bot.domain.snapshot import SnapshotRecord, SnapshotRef
 from bot.ops.restore.plan import choose_snapshot, plan_restore
 from bot.output.blocks import PlanView, restore_plan_reply
+from helpers import snapshot_record
 
 MEMBERS = Membership(tuple((f"{i:016x}", f"m{i}", (f"http://10.0.0.{i}:2380",), (f"http://10.0.0.{i}:2379",))
                            for i in (1, 2, 3)), "recorded", 1000.0)
 
 
-def row(i: int, revision: int) -> dict:
-    return {"id": i, "path": f"/snap/prod/prod-rev{revision}.db", "revision": revision, "hash": "abc", "total_keys": 9,
-            "total_size": 20480, "file_size": 20512, "sha256": "0" * 64, "encrypted": 0, "created_at": 100.0 * i,
-            "member": "m1"}
+def row(i: int, revision: int) -> SnapshotRecord:
+    return snapshot_record(id=i, path=f"/snap/prod/prod-rev{revision}.db", revision=revision, hash="abc", total_keys=9,
+                           total_size=20480, file_size=20512, sha256="0" * 64, encrypted=0, created_at=100.0 * i,
+                           member="m1", live_keys=None)
 
 
 ROWS = [row(3, 30), row(2, 20), row(1, 10)]  # newest first, as the catalog lists them
@@ -144,6 +145,27 @@ def test_a_launcher_is_told_to_bump_the_revision_where_etcdutl_can():
     restore = p.environment(p.members[0], "restore", "/abs/s.db")
     assert restore["ETCD_CHATOPS_BUMP_REVISION"] == "1000000000" and restore["ETCD_CHATOPS_MARK_COMPACTED"] == "true"
     assert "ETCD_CHATOPS_BUMP_REVISION" not in p.environment(p.members[0], "start")
+
+
+@pytest.mark.parametrize("version,bump", [("3.4.30", False), ("3.5.1", False), ("3.5.9", False), ("3.5.10", True),
+                                          ("3.5.36", True), ("3.6.17", True), ("", False)])
+def test_the_launcher_gets_the_revision_bump_exactly_when_the_members_etcdutl_takes_it(version, bump):
+    """etcdutl's --bump-revision and --mark-compacted came in 3.5.10 (3.5.9's lacks them) and 3.6: the restore
+    action is told to pass them (the command shown has them, and the check step expects the bumped revision)."""
+    p = plan(version=version)
+    env = p.environment(p.members[0], "restore", "/abs/s.db")
+    wanted = {"ETCD_CHATOPS_BUMP_REVISION": "1000000000", "ETCD_CHATOPS_MARK_COMPACTED": "true"} if bump else {}
+    assert {k: v for k, v in env.items() if k.startswith(("ETCD_CHATOPS_BUMP", "ETCD_CHATOPS_MARK"))} == wanted
+    assert ("--bump-revision" in p.restore_args(p.members[0], "s.db")) is bump
+    assert all("BUMP" not in k for k in p.environment(p.members[0], "start"))
+
+
+def test_etcd_34_restores_with_its_etcdctl():
+    """etcd 3.4 has no etcdutl (its etcdctl restores); 3.6's etcdctl no longer can (etcdutl only)."""
+    old = plan(version="3.4.30")
+    assert old.restore_args(old.members[0], "s.db")[:3] == ["etcdctl", "snapshot", "restore"]
+    for version in ("3.5.1", "3.6.17", ""):
+        assert plan(version=version).restore_tool == "etcdutl"
 
 
 # ---------------------------------------------------------------- the quorum gate: evidence, never "I cannot reach it"

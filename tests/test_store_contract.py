@@ -7,14 +7,18 @@ restarted under a store, passwords kept out of every message, the config."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import re
 import sqlite3
 import sys
 import time
+import types
+import typing
 from collections.abc import AsyncIterator
 from contextlib import closing
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +31,8 @@ from test_plans import REQ, cluster, down, up
 from bot.config import ConfigError, dsn, parse_config
 from bot.domain.cluster import Member
 from bot.domain.plan import Confirmation, Fence, Lease, PlanKind, PlanState
+from bot.domain.record import AlertRecord, NewAlert, NewPlan
+from bot.domain.snapshot import DrillRecord, NewSnapshot, RemoteState, SnapshotRecord
 from bot.ops.replace.plan import plan_replacement
 from bot.store.backends import open_store
 from bot.store.base import LeaseLost, OpenPlanExists, Store, StoreBusy, StoreError
@@ -40,7 +46,8 @@ from bot.testing.workspace import CHANNEL, cluster_table
 from helpers import as_released, ephemeral, eventually, reply, text_of
 
 SCHEMAS = Path(__file__).parent / "store_schemas"
-PLAN_JSON = json.dumps(plan_replacement(cluster(down(1), up(2), up(3)), REQ).to_json())
+PLAN = plan_replacement(cluster(down(1), up(2), up(3)), REQ)
+PLAN_JSON = json.dumps(PLAN.to_json())
 
 
 class Backend:
@@ -112,18 +119,18 @@ async def backend(request, tmp_path) -> AsyncIterator[Backend]:
         await b.close()
 
 
-def plan_row(plan_id: str = "abc123", cluster_name: str = "prod", **over: Any) -> dict[str, Any]:
+def plan_row(plan_id: str = "abc123", cluster_name: str = "prod", **over: Any) -> NewPlan:
     now = time.time()
-    return {"id": plan_id, "kind": PlanKind.REPLACE, "cluster": cluster_name, "state": PlanState.PROPOSED,
-            "channel": CHANNEL, "message_ts": f"{now:.6f}", "proposer": "U0ONCALL01", "created_at": now,
-            "expires_at": now + 600, "fingerprint": "f", "plan": PLAN_JSON, **over}
+    return replace(NewPlan(id=plan_id, kind=PlanKind.REPLACE, cluster=cluster_name, plan=PLAN, channel=CHANNEL,
+                           message_ts=f"{now:.6f}", proposer="U0ONCALL01", created_at=now, expires_at=now + 600,
+                           fingerprint="f"), **over)
 
 
-def snapshot_row(cluster_name: str = "prod", created_at: float | None = None, **over: Any) -> dict[str, Any]:
-    return {"cluster": cluster_name, "path": "/snapshots/x.db", "member": "member1", "revision": 42, "hash": "1234",
-            "total_keys": 10, "live_keys": 9, "total_size": 2 ** 33, "file_size": 4096, "sha256": "ab" * 32,
-            "encrypted": 0, "requested_by": "U0ONCALL01", "reason": "manual", "duration": 0.25,
-            "created_at": created_at or time.time(), **over}
+def snapshot_row(cluster_name: str = "prod", created_at: float | None = None, **over: Any) -> NewSnapshot:
+    return replace(NewSnapshot(cluster=cluster_name, path="/snapshots/x.db", member="member1", revision=42, hash="1234",
+                               total_keys=10, live_keys=9, total_size=2 ** 33, file_size=4096, sha256="ab" * 32,
+                               encrypted=False, requested_by="U0ONCALL01", reason="manual", duration=0.25,
+                               created_at=created_at or time.time()), **over)
 
 
 # ---------------------------------------------------------------- plans and approvals
@@ -188,9 +195,9 @@ async def test_steps_are_recorded_and_retried_attempts_counted(backend):
     await store.step_finished("abc123", 1, "failed", error="timeout")
     await store.step_started("abc123", 1, "remove")  # resumed: the same step again
     steps = await store.steps("abc123")
-    assert [(s["idx"], s["key"], s["state"], s["attempts"]) for s in steps] == [
+    assert [(s.idx, s.key, s.state, s.attempts) for s in steps] == [
         (0, "check", "done", 1), (1, "remove", "running", 2)]
-    assert steps[0]["detail"] == "all healthy" and steps[1]["error"] is None and steps[1]["finished_at"] is None
+    assert steps[0].detail == "all healthy" and steps[1].error is None and steps[1].finished_at is None
     assert (await store.plan("abc123")).current_step == 1
 
 
@@ -218,7 +225,7 @@ async def test_a_lease_is_renewed_taken_over_after_expiry_and_fences_writes(back
                   a.update_plan("abc123", error="stale", fence=renewed.fence)):
         with pytest.raises(LeaseLost, match="lease leader is no longer held by replica-a with token 1"):
             await write
-    assert [s["state"] for s in await b.steps("abc123")] == ["running"]
+    assert [s.state for s in await b.steps("abc123")] == ["running"]
     record = await b.plan("abc123")
     assert record.state is PlanState.PROPOSED and record.error is None and record.current_step == 0
     assert await a.acquire_lease("leader", "replica-a", 1.0) is None
@@ -288,27 +295,27 @@ async def test_the_snapshots_catalog_and_its_off_site_columns(backend):
     new = await store.record_snapshot(snapshot_row(created_at=now))
     other = await store.record_snapshot(snapshot_row("staging"))
     assert len({old, new, other}) == 3
-    assert [s["id"] for s in await store.snapshots("prod")] == [new, old]
-    assert (await store.snapshots("prod"))[0]["total_size"] == 2 ** 33  # sizes beyond 32 bits
+    assert [s.id for s in await store.snapshots("prod")] == [new, old]
+    assert (await store.snapshots("prod"))[0].total_size == 2 ** 33  # sizes beyond 32 bits
     assert await store.last_snapshot_at("prod", "scheduled") == now - 100
     assert await store.last_snapshot_at("prod", "nightly") is None
     await store.snapshot_for_plan(old, "p1")
     await store.snapshot_for_plan(old, "p2")  # already a plan's: kept
     await store.mark_pruned(new)
-    assert [s["id"] for s in await store.snapshots("prod")] == [old]
+    assert [s.id for s in await store.snapshots("prod")] == [old]
     rows = await store.snapshots("prod", include_pruned=True)
-    assert [(s["id"], s["plan_id"], s["pruned_at"] is not None) for s in rows] == [(new, None, True),
+    assert [(s.id, s.plan_id, s.pruned_at is not None) for s in rows] == [(new, None, True),
                                                                                    (old, "p1", False)]
-    assert rows[1]["remote_state"] == "" and rows[1]["remote_url"] is None
+    assert rows[1].remote_state == "" and rows[1].remote_url is None
 
     await store.update_snapshot(old, remote_state="uploading", remote_url="s3://bucket/prod/x.db")
     await store.update_snapshot(old, remote_state="verified", remote_verified_at=now)
     await store.update_snapshot(new, remote_state="failed", remote_error="403 Forbidden")
     await store.update_snapshot(old, remote_pruned_at=now + 1)
-    rows = {s["id"]: s for s in await store.snapshots("prod", include_pruned=True)}
-    assert (rows[old]["remote_state"], rows[old]["remote_url"], rows[old]["remote_verified_at"],
-            rows[old]["remote_pruned_at"]) == ("verified", "s3://bucket/prod/x.db", now, now + 1)
-    assert (rows[new]["remote_state"], rows[new]["remote_error"]) == ("failed", "403 Forbidden")
+    rows = {s.id: s for s in await store.snapshots("prod", include_pruned=True)}
+    assert (rows[old].remote_state, rows[old].remote_url, rows[old].remote_verified_at,
+            rows[old].remote_pruned_at) == ("verified", "s3://bucket/prod/x.db", now, now + 1)
+    assert (rows[new].remote_state, rows[new].remote_error) == ("failed", "403 Forbidden")
     with pytest.raises(ValueError, match="unknown column"):
         await store.update_snapshot(old, sha256="forged")
     with pytest.raises(ValueError, match="remote_state 'done' is not one of"):
@@ -318,17 +325,16 @@ async def test_the_snapshots_catalog_and_its_off_site_columns(backend):
 async def test_drills_the_last_one_per_snapshot(backend):
     store = await backend.store()
     for snapshot_id, ok, at in ((1, False, 10.0), (1, True, 20.0), (2, True, 15.0)):  # ok as a drill gives it
-        await store.record_drill({"cluster": "prod", "snapshot_id": snapshot_id, "ok": ok, "detail": f"d{at}",
-                                  "seconds": 1.5, "at": at, "requested_by": "schedule"})
+        await store.record_drill(DrillRecord(cluster="prod", snapshot_id=snapshot_id, ok=ok, detail=f"d{at}",
+                                             seconds=1.5, at=at, requested_by="schedule"))
     last = await store.last_drills("prod")
-    assert {k: (v["ok"], v["at"]) for k, v in last.items()} == {1: (1, 20.0), 2: (1, 15.0)}
+    assert {k: (v.ok, v.at) for k, v in last.items()} == {1: (1, 20.0), 2: (1, 15.0)}
     assert await store.last_drill_at("prod", "schedule") == 20.0
     assert await store.last_drill_at("prod", "U0ONCALL01") is None and await store.last_drills("staging") == {}
 
 
-def _members(*names: str) -> list[dict]:
-    return [Member(i + 1, n, (f"http://10.0.0.{i}:2380",), (f"http://10.0.0.{i}:2379",)).to_json()
-            for i, n in enumerate(names)]
+def _members(*names: str) -> list[Member]:
+    return [Member(i + 1, n, (f"http://10.0.0.{i}:2380",), (f"http://10.0.0.{i}:2379",)) for i, n in enumerate(names)]
 
 
 async def test_memberships_one_row_per_change_and_the_last_one_wins(backend):
@@ -340,28 +346,28 @@ async def test_memberships_one_row_per_change_and_the_last_one_wins(backend):
     await store.record_membership("prod", list(reversed(_members("member1", "member2"))))  # same membership
     again = await store.last_membership("prod")
     assert first is not None and again is not None
-    assert again[0] == first[0] and again[1] >= first[1]
+    assert again.members == first.members and again.seen_at >= first.seen_at
     await store.record_membership("prod", _members("member1", "member3"))
     await store.record_membership("staging", _members("s1"))
-    members, _ = await store.last_membership("prod")
-    assert [Member.from_json(m).name for m in members] == ["member1", "member3"]
+    members = (await store.last_membership("prod")).members
+    assert [m.name for m in members] == ["member1", "member3"]
     assert [r[0] for r in backend.rows("SELECT cluster FROM memberships ORDER BY id")] == ["prod", "prod", "staging"]
     restarted = await backend.store()  # it survives a restart
-    members, _ = await restarted.last_membership("prod")
-    assert Member.from_json(members[1]) == Member(2, "member3", ("http://10.0.0.1:2380",), ("http://10.0.0.1:2379",))
+    members = (await restarted.last_membership("prod")).members
+    assert members[1] == Member(2, "member3", ("http://10.0.0.1:2380",), ("http://10.0.0.1:2379",))
 
 
 async def test_alerts_and_mutes(backend):
     a, b = await backend.store(), await backend.store()
-    first = await a.open_alert({"cluster": "prod", "condition": "member_down", "subject": "member1",
-                                "channel": CHANNEL, "detail": "no answer in 2s"})
-    second = await b.open_alert({"cluster": "staging", "condition": "nospace", "subject": ""})
+    first = await a.open_alert(NewAlert(cluster="prod", condition="member_down", subject="member1", channel=CHANNEL,
+                                        detail="no answer in 2s"))
+    second = await b.open_alert(NewAlert(cluster="staging", condition="nospace", subject=""))
     assert first != second
     rows = await b.open_alerts()
-    assert [(r["id"], r["state"], r["flaps"]) for r in rows] == [(first, "open", 0), (second, "open", 0)]
-    assert [r["id"] for r in await a.open_alerts("prod")] == [first]
+    assert [(r.id, r.state, r.flaps) for r in rows] == [(first, "open", 0), (second, "open", 0)]
+    assert [r.id for r in await a.open_alerts("prod")] == [first]
     await b.update_alert(first, message_ts="123.456", flaps=2)
-    assert (await a.open_alerts("prod"))[0]["message_ts"] == "123.456"
+    assert (await a.open_alerts("prod"))[0].message_ts == "123.456"
     await a.update_alert(first, state="resolved", resolved_at=time.time())
     assert await b.open_alerts("prod") == [] and len(await b.open_alerts()) == 1
     with pytest.raises(ValueError, match="unknown column"):
@@ -372,7 +378,7 @@ async def test_alerts_and_mutes(backend):
     await b.set_mute("prod", until + 60, "longer maintenance", "U0LEAD0001")  # replaces
     await a.set_mute("staging", time.time() - 1, "long over", "U0ONCALL01")  # already expired
     mutes = await b.mutes()
-    assert [(m["cluster"], m["until"], m["reason"], m["by"]) for m in mutes] == [
+    assert [(m.cluster, m.until, m.reason, m.by) for m in mutes] == [
         ("prod", until + 60, "longer maintenance", "U0LEAD0001")]
     assert not await a.clear_mute("staging") and await a.clear_mute("prod") and not await b.clear_mute("prod")
     assert await b.mutes() == []
@@ -384,14 +390,14 @@ async def test_old_resolved_alerts_are_pruned_and_alerts_of_gone_clusters_closed
     ids = {}
     for name, cluster_name, resolved_at in [("old", "prod", now - 40 * day), ("recent", "prod", now - day),
                                        ("open", "prod", None), ("gone", "retired", None)]:
-        ids[name] = await a.open_alert({"cluster": cluster_name, "condition": "member_down", "subject": name})
+        ids[name] = await a.open_alert(NewAlert(cluster=cluster_name, condition="member_down", subject=name))
         if resolved_at is not None:
             await a.update_alert(ids[name], state="resolved", resolved_at=resolved_at)
     assert await b.prune_alerts(now - 30 * day) == 1 and await a.prune_alerts(now - 30 * day) == 0
-    assert [r["id"] for r in await a.open_alerts()] == [ids["open"], ids["gone"]]  # open ones are never pruned
+    assert [r.id for r in await a.open_alerts()] == [ids["open"], ids["gone"]]  # open ones are never pruned
 
     assert await b.close_alerts(["prod", "staging"], now) == 1 and await a.close_alerts(["prod"], now) == 0
-    assert [r["id"] for r in await a.open_alerts()] == [ids["open"]]
+    assert [r.id for r in await a.open_alerts()] == [ids["open"]]
     assert await a.prune_alerts(now + 1) == 2  # "recent" and the closed "gone": resolved now, pruned in time
     assert await b.close_alerts([], now) == 1 and await a.open_alerts() == []
 
@@ -472,6 +478,47 @@ async def test_racing_confirmations_from_two_replicas_confirm_a_stage_once(backe
     assert {x.stage.confirmed_by for x in answers} == {winner}
 
 
+async def test_the_outbox_keeps_posts_in_order_until_each_is_posted(backend):
+    """What was done from a shell, kept until a replica posts it: oldest first, and never handed out again."""
+    a, b = await backend.store(), await backend.store()
+    await a.queue_post(CHANNEL, "p1", "approved by bob")
+    await a.queue_post(CHANNEL, None, "a message in the channel")
+    await a.queue_post(CHANNEL, "p1", "step 0 done")
+    queued = await b.queued_posts()
+    assert [(r.plan_id, r.text, r.channel, r.posted_at) for r in queued] == [
+        ("p1", "approved by bob", CHANNEL, None), (None, "a message in the channel", CHANNEL, None),
+        ("p1", "step 0 done", CHANNEL, None)]
+    await b.mark_posted(queued[0].id)
+    assert [r.text for r in await a.queued_posts(limit=1)] == ["a message in the channel"]
+
+
+async def test_a_cancel_and_a_confirmation_racing_on_a_stage_one_wins(backend):
+    """`/etcd cancel` of a plan waiting on a person and `/etcd continue` of that stage, from two replicas at once:
+    exactly one counts. A cancel wins only a waiting stage of a running plan, and moves the plan to cancelled
+    in the same write (so the plan is closed even when the replica running it is gone)."""
+    a, b = await backend.store(), await backend.store()
+    await a.insert_plan(plan_row("p1"))
+    assert await a.transition("p1", [PlanState.PROPOSED], PlanState.RUNNING)
+    assert await b.cancel_stage("p1", "U0LEAD0001", "why") is None  # waits on nobody: nothing changes
+    assert (await a.plan("p1")).state == PlanState.RUNNING
+    for round_ in range(4):
+        await a.open_stage("p1", f"stage{round_}")
+        cancel, confirm = await asyncio.gather(b.cancel_stage("p1", "U0LEAD0001", "host unreachable"),
+                                               a.confirm_stage("p1", "U0LEAD0002", None, 0))
+        if cancel is not None:
+            assert confirm.outcome is not Confirmation.CONFIRMED
+            plan = await a.plan("p1")
+            assert (plan.state, plan.decided_by, plan.error) == (PlanState.CANCELLED, "U0LEAD0001", "host unreachable")
+            assert cancel.key == f"stage{round_}" and cancel.closed_at is not None and not cancel.confirmed_by
+            stage = await a.stage("p1", cancel.key)
+            assert stage is not None and not stage.waiting and stage.confirmed_by is None
+            return
+        assert confirm.outcome is Confirmation.CONFIRMED and (await a.plan("p1")).state == PlanState.RUNNING
+    assert await b.cancel_stage("p1", "U0LEAD0001", "x") is None  # every stage confirmed: none left to cancel
+    await a.open_stage("p1", "last")
+    assert (await b.cancel_stage("p1", "U0LEAD0001", "x")).key == "last"
+
+
 async def test_a_stage_opened_by_a_replica_that_lost_its_lease_is_refused(backend):
     a, b = await backend.store(), await backend.store()
     await a.insert_plan(plan_row("p1"))
@@ -497,8 +544,8 @@ async def test_one_audit_chain_under_concurrent_writers_from_two_replicas(backen
     assert await a.verify_audit() == (60, None) and await b.verify_audit() == (60, None)
     assert await a.audit_keyed_from() == 1
     rows = await b.audit_rows()
-    assert [r["id"] for r in rows] == list(range(1, 61))
-    assert all(r["prev_hash"] == p["hash"] for p, r in zip(rows, rows[1:], strict=False))
+    assert [r.id for r in rows] == list(range(1, 61))
+    assert all(r.prev_hash == p.hash for p, r in zip(rows, rows[1:], strict=False))
     assert await a.acted_before("command", "U4", "p1") and not await a.acted_before("command", "U4", "p2")
     assert await a.audit_rows(since=time.time() + 60) == []
 
@@ -530,8 +577,8 @@ async def test_one_audit_chain_from_two_processes(backend):
     assert [await asyncio.wait_for(p.wait(), 60) for p in procs] == [0, 0]
     store = await backend.store()
     rows = await store.audit_rows()
-    assert [r["id"] for r in rows] == list(range(1, 51)) and await store.verify_audit() == (50, None)
-    assert {r["user"].split("-")[1] for r in rows} == {"a", "b"}
+    assert [r.id for r in rows] == list(range(1, 51)) and await store.verify_audit() == (50, None)
+    assert {r.user.split("-")[1] for r in rows} == {"a", "b"}
 
 
 async def test_a_writer_holding_the_lock_too_long_is_refused_clearly(backend):
@@ -559,11 +606,98 @@ async def test_an_unkeyed_chain_is_keyed_at_the_first_start_with_a_key(backend):
     await plain.audit("command", user="U0ONCALL01")
     keyed = await backend.store(TEST_AUDIT_KEY)
     await keyed.continue_audit_chain()
-    assert [r["action"] for r in await keyed.audit_rows()] == ["command", "audit_keyed"]
+    assert [r.action for r in await keyed.audit_rows()] == ["command", "audit_keyed"]
     assert await keyed.verify_audit() == (2, None) and await keyed.audit_keyed_from() == 2
     with pytest.raises(StoreError, match="keyed with HMAC up to row 2, but no audit key is configured"):
         await plain.audit("command")
     assert (await plain.verify_audit())[1].startswith("row 2 is keyed with HMAC and no audit key")
+
+
+# ---------------------------------------------------------------- records, typed
+
+def typed_as(value: Any, declared: Any) -> bool:
+    """Whether `value` is of the declared type, strictly: a bool is no int, an int no float, 0 no bool."""
+    origin, args = typing.get_origin(declared), typing.get_args(declared)
+    if declared is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(typed_as(value, a) for a in args)
+    if origin is tuple:
+        return isinstance(value, tuple) and all(typed_as(v, args[0]) for v in value)
+    if origin is not None:
+        return isinstance(value, origin)
+    if declared is type(None):
+        return value is None
+    if declared in (int, float, bool):
+        return type(value) is declared
+    return isinstance(value, declared)
+
+
+def mistyped(record: Any) -> list[str]:
+    """The fields of a record whose value is not of the type its dataclass declares."""
+    hints = typing.get_type_hints(type(record))
+    return [f"{type(record).__name__}.{f.name} = {getattr(record, f.name)!r}, declared {hints[f.name]}"
+            for f in fields(record) if not typed_as(getattr(record, f.name), hints[f.name])]
+
+
+async def test_every_record_reads_back_as_written_with_each_field_typed_as_declared(backend):
+    """What the store returns is what was written, field for field, and of the type each record declares on
+    both backends: PostgreSQL hands back its INTEGER flags as ints and SQLite its REAL columns as floats."""
+    store = await backend.store(TEST_AUDIT_KEY)
+    await store.insert_plan(plan_row())
+    assert await store.add_approval("abc123", "U0LEAD0001", 1) == (True, 1, True)
+    plan = await store.plan("abc123")
+
+    new = snapshot_row(created_at=1_700_000_000.0, encrypted=True, live_keys=None, duration=2.0, plan_id="abc123",
+                       pruned_at=1_700_000_100.0, remote_url="s3://bucket/prod/x.db",
+                       remote_state=RemoteState.VERIFIED, remote_verified_at=1_700_000_050.0)
+    snapshot_id = await store.record_snapshot(new)
+    await store.update_snapshot(snapshot_id, remote_error="403 Forbidden", remote_pruned_at=1_700_000_200.0)
+    (snapshot,) = await store.snapshots("prod", include_pruned=True)
+    assert snapshot == SnapshotRecord(**{f.name: getattr(new, f.name) for f in fields(new)}, id=snapshot_id,
+                                      remote_error="403 Forbidden", remote_pruned_at=1_700_000_200.0)
+
+    drill = DrillRecord(cluster="prod", snapshot_id=snapshot_id, ok=True, detail="42 keys", seconds=3.0, at=5.0,
+                        requested_by="schedule")
+    await store.record_drill(drill)
+    assert await store.last_drills("prod") == {snapshot_id: drill}
+
+    alert = NewAlert(cluster="prod", condition="member_down", subject="member1", channel=CHANNEL, message_ts="1.5",
+                     detail="{}", flaps=2, opened_at=10.0, updated_at=11.0)
+    alert_id = await store.open_alert(alert)
+    (opened,) = await store.open_alerts("prod")
+    assert opened == AlertRecord(id=alert_id, state="open", resolved_at=None,
+                                 **{f.name: getattr(alert, f.name) for f in fields(alert)})
+
+    until = time.time() + 3600
+    await store.set_mute("prod", until, "maintenance", "U0ONCALL01")
+    (mute,) = await store.mutes()
+    assert (mute.cluster, mute.until, mute.reason, mute.by) == ("prod", until, "maintenance", "U0ONCALL01")
+
+    members = [replace(m, is_learner=i == 1) for i, m in enumerate(_members("member1", "member2"))]
+    await store.record_membership("prod", members)
+    membership = await store.last_membership("prod")
+    assert membership is not None and membership.members == tuple(members)
+
+    await store.step_started("abc123", 0, "check")
+    await store.step_finished("abc123", 0, "done", "all healthy")
+    (step,) = await store.steps("abc123")
+    assert (step.plan_id, step.idx, step.key, step.state, step.detail, step.attempts) == (
+        "abc123", 0, "check", "done", "all healthy", 1)
+
+    await store.audit("command", user="U0ONCALL01", channel=CHANNEL, cluster="prod", detail={"n": 1})
+    (entry,) = await store.audit_rows()
+    assert (entry.id, entry.user, entry.action, json.loads(entry.detail)) == (1, "U0ONCALL01", "command", {"n": 1})
+
+    await store.open_stage("abc123", "stop")
+    assert (await store.confirm_stage("abc123", "U0LEAD0001", None, 0.0)).outcome is Confirmation.CONFIRMED
+    lease = await store.acquire_lease("leader", "replica-a", 30.0)
+
+    records = [plan, snapshot, *(await store.last_drills("prod")).values(), opened, mute, membership,
+               *membership.members, step, entry, await store.stage("abc123", "stop"), lease,
+               await store.lease("leader"), *await store.migrations_applied()]
+    assert all(dataclasses.is_dataclass(r) for r in records)
+    assert [m for r in records for m in mistyped(r)] == []
 
 
 # ---------------------------------------------------------------- migrations
@@ -574,7 +708,7 @@ async def test_replicas_starting_together_migrate_exactly_once(backend):
     for store in stores:
         assert await store.schema_version() == LATEST
     applied = await stores[0].migrations_applied()
-    assert [m["version"] for m in applied] == list(range(1, LATEST + 1))
+    assert [m.version for m in applied] == list(range(1, LATEST + 1))
     assert len(backend.rows("SELECT version FROM schema_migrations")) == LATEST  # one row per migration
     await stores[1].insert_plan(plan_row())  # and the schema is whole
     assert (await stores[2].plan("abc123")) is not None
@@ -587,16 +721,17 @@ async def test_a_database_one_migration_behind_is_brought_up_to_date(backend):
     snapshot = await store.record_snapshot(snapshot_row())
     await store.close()
     for statement in ["DELETE FROM schema_migrations WHERE version >= 2", "DROP TABLE stages", "DROP TABLE leases",
-                      "DROP TABLE alerts", "DROP TABLE mutes", *(f"ALTER TABLE snapshots DROP COLUMN {c}" for c in (
+                      "DROP TABLE alerts", "DROP TABLE mutes", "DROP TABLE outbox",
+                      *(f"ALTER TABLE snapshots DROP COLUMN {c}" for c in (
                           "remote_url", "remote_state", "remote_error", "remote_verified_at", "remote_pruned_at"))]:
         backend.rows(statement)
     store = await backend.store()
-    assert [m["version"] for m in await store.migrations_applied()] == list(range(1, LATEST + 1))
+    assert [m.version for m in await store.migrations_applied()] == list(range(1, LATEST + 1))
     assert (await store.plan("abc123")) is not None
     assert (await store.open_stage("abc123", "stop")).waiting
     await store.update_snapshot(snapshot, remote_state="uploading")
-    assert (await store.snapshots("prod"))[0]["remote_state"] == "uploading"
-    assert await store.open_alert({"cluster": "prod", "condition": "member_down"}) == 1
+    assert (await store.snapshots("prod"))[0].remote_state == "uploading"
+    assert await store.open_alert(NewAlert(cluster="prod", condition="member_down")) == 1
 
 
 def released_schema(dialect: str) -> tuple[str, dict[int, tuple[str, list[str]]]]:
@@ -630,7 +765,7 @@ async def test_a_database_as_a_release_left_it_opens_with_its_rows_and_the_schem
     backend.rows("INSERT INTO events (event_id, received_at) VALUES ('Ev-released', 1)")
 
     store = await backend.store()
-    assert [m["version"] for m in await store.migrations_applied()] == list(range(1, LATEST + 1))
+    assert [m.version for m in await store.migrations_applied()] == list(range(1, LATEST + 1))
     record = await store.plan("abc123")
     assert record is not None and record.kind is PlanKind.REPLACE and record.state is PlanState.PROPOSED
     assert not await store.first_delivery("Ev-released")
@@ -665,7 +800,7 @@ async def test_a_first_release_sqlite_file_is_upgraded_in_place(tmp_path):
         assert await store.schema_version() == LATEST
         assert (await store.plan("abc123")).kind is PlanKind.REPLACE  # the column's default
         await store.update_snapshot(snapshot, remote_state="verified")
-        assert (await store.snapshots("prod"))[0]["remote_state"] == "verified"
+        assert (await store.snapshots("prod"))[0].remote_state == "verified"
         assert await store.acquire_lease("leader", "a", 5) is not None
         assert await store.verify_audit() == (1, None)
     finally:

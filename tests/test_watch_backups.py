@@ -7,11 +7,12 @@ from dataclasses import replace
 from typing import Any
 
 from bot.config import ClusterConfig, SnapshotPolicy
+from bot.domain.snapshot import NewSnapshot, SnapshotRecord
 from bot.testing.slack import Message
 from bot.testing.workspace import CHANNEL, cluster_table
 from bot.watch.backups import PROBE, Catalog, backup_missed
 from bot.watch.conditions import Facts
-from helpers import eventually, reply, text_of
+from helpers import eventually, reply, snapshot_record, text_of
 
 HOUR = 3600.0
 NOW = 1_000_000.0
@@ -19,11 +20,11 @@ SCHEDULED = ClusterConfig(name="prod", endpoints=("http://10.0.0.1:2379",),
                           snapshots=SnapshotPolicy(every_seconds=HOUR))
 
 
-def snap(age: float, **more: Any) -> dict[str, Any]:
-    return {"id": 1, "path": f"/snapshots/prod/prod-{int(age)}.db", "created_at": NOW - age, "revision": 7, **more}
+def snap(age: float, **more: Any) -> SnapshotRecord:
+    return snapshot_record(id=1, path=f"/snapshots/prod/prod-{int(age)}.db", created_at=NOW - age, revision=7, **more)
 
 
-def facts(*rows: dict[str, Any], since: float = NOW - 10 * HOUR, cluster: ClusterConfig = SCHEDULED,
+def facts(*rows: SnapshotRecord, since: float = NOW - 10 * HOUR, cluster: ClusterConfig = SCHEDULED,
           read: bool = True) -> Facts:
     return Facts(cluster=cluster, now=NOW, health=None, newest_snapshot=rows[0] if rows else None,
                  extra={PROBE: Catalog(since, rows)} if read else {})
@@ -81,10 +82,10 @@ async def test_no_snapshot_within_the_schedule_raises_backup_missed_and_a_snapsh
     c = make_cluster(1)
     # The last snapshot is an hour old, and the schedule (every minute) cannot write: its directory is a file.
     store = await SqliteStore(tmp_path / "etcd-chatops.db").open()
-    await store.record_snapshot({
-        "cluster": "nightly", "path": str(tmp_path / "old.db"), "member": "member1", "revision": 1, "hash": "0",
-        "total_keys": 1, "total_size": 1, "file_size": 1, "sha256": "0", "requested_by": "the schedule",
-        "reason": "scheduled", "duration": 0.1, "created_at": time.time() - HOUR})
+    await store.record_snapshot(NewSnapshot(
+        cluster="nightly", path=str(tmp_path / "old.db"), member="member1", revision=1, hash="0",
+        total_keys=1, live_keys=None, total_size=1, file_size=1, sha256="0", encrypted=False,
+        requested_by="the schedule", reason="scheduled", duration=0.1, created_at=time.time() - HOUR))
     await store.close()
     (tmp_path / "snapshots").mkdir()
     blocker = tmp_path / "snapshots" / "nightly"
@@ -116,10 +117,10 @@ async def test_a_failed_upload_raises_backup_missed_and_a_verified_upload_resolv
     msg = await eventually(lambda: backup_alert(slack), 60, "the backup-missed alert")
     shown = text_of(msg)
     (row,) = await bot.ctx.store.snapshots("nightly")
-    name = row["path"].rsplit("/", 1)[-1]
-    assert row["remote_state"] == "failed" and row["requested_by"] == "the schedule", row
-    assert f"the off-site upload of {name} failed: {row['remote_error']}" in shown, shown
-    assert "\n" not in row["remote_error"] and "/etcd snapshot nightly" in shown
+    name = row.path.rsplit("/", 1)[-1]
+    assert row.remote_state == "failed" and row.requested_by == "the schedule", row
+    assert f"the off-site upload of {name} failed: {row.remote_error}" in shown, shown
+    assert "\n" not in row.remote_error and "/etcd snapshot nightly" in shown
     assert s3.secret_key not in shown and s3.access_key not in shown
 
     await asyncio.to_thread(s3.start)  # back (same port, same bucket)
@@ -129,4 +130,4 @@ async def test_a_failed_upload_raises_backup_missed_and_a_verified_upload_resolv
     resolved = await eventually(lambda: resolved_in_thread(slack, msg), 30, "the alert resolved in its thread")
     assert len(resolved) == 1
     assert [m.ts for m in slack.messages if m.thread_ts is None and "BACKUP MISSED" in text_of(m)] == [msg.ts]
-    assert [r["remote_state"] for r in await bot.ctx.store.snapshots("nightly")] == ["verified", "verified"]
+    assert [r.remote_state for r in await bot.ctx.store.snapshots("nightly")] == ["verified", "verified"]

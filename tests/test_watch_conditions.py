@@ -21,7 +21,7 @@ from bot.watch import (  # registered, as in the bot (backup_missed says nothing
 )
 from bot.watch.conditions import Facts, Finding, evaluate, expected, next_name
 from bot.watch.tracker import FLAP_WINDOW, Act, Tracker
-from helpers import cluster_health, member_status
+from helpers import cluster_health, member_status, snapshot_record
 
 PROD = ClusterConfig(name="prod", endpoints=("http://10.0.0.1:2379",))
 
@@ -69,7 +69,7 @@ def test_the_replacement_name_is_free():
 
 
 def test_quorum_lost_names_the_newest_verified_snapshot():
-    newest = {"path": "/snaps/prod-20261201T1200Z-r42.db", "revision": 42}
+    newest = snapshot_record(path="/snaps/prod-20261201T1200Z-r42.db", revision=42)
     found = by_kind(facts(member(1, up=False), member(2, up=False), member(3), newest_snapshot=newest))
     (lost,) = found["quorum_lost"]
     assert lost.suggestions[0] == "/etcd restore prod-20261201T1200Z-r42.db --cluster prod"

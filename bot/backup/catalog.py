@@ -20,12 +20,11 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from bot.backup.manifest import Manifest
 from bot.backup.object_store import ObjectStoreError, OffsiteStore, RemoteObject
 from bot.config.offsite import StoreConfig
-from bot.domain.snapshot import CatalogEntry, RemoteState
+from bot.domain.snapshot import CatalogEntry, RemoteState, SnapshotRecord
 from bot.output.model import CatalogView, catalog_view
 
 log = logging.getLogger(__name__)
@@ -89,14 +88,14 @@ async def listing(remote: OffsiteStore, cluster: str, known: set[str]) -> dict[s
     return found
 
 
-async def catalog(config: StoreConfig | None, cluster: str, rows: list[dict[str, Any]], limit: int = 15,
+async def catalog(config: StoreConfig | None, cluster: str, rows: list[SnapshotRecord], limit: int = 15,
                   deadline: float = LIST_DEADLINE, open_store: Opener = OffsiteStore.from_config) -> CatalogView:
     """Both places for one cluster. `rows`: its catalog rows, pruned ones included (their remote copy may
     remain); `config`: its [snapshots.store] (None: local only)."""
     if config is None:
         return catalog_view(cluster, rows, None, limit=limit)
     url = f"{config.url.rstrip('/')}/{cluster}/"
-    known = {r["path"].rsplit("/", 1)[-1] for r in rows}
+    known = {r.path.rsplit("/", 1)[-1] for r in rows}
     try:
         listed = await asyncio.wait_for(listing(open_store(config), cluster, known), deadline)
     except TimeoutError:

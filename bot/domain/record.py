@@ -1,9 +1,12 @@
-"""The plan record the store returns: a stored plan decoded into the plan type of its kind."""
+"""The records the store keeps, as typed values: a plan (decoded into the plan type of its kind), a plan's
+step, the watch's alerts and mutes, a row of the audit chain. Each one's fields are its table's columns
+(by another name only where `of` says so); the snapshot catalog's records are bot.domain.snapshot's, a
+recorded membership bot.domain.cluster's, a manual stage and a lease bot.domain.plan's."""
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from bot.domain.defrag import DefragPlan
@@ -17,6 +20,22 @@ AnyPlan = ReplacePlan | RestorePlan | DefragPlan
 
 PLAN_TYPES: dict[PlanKind, type[ReplacePlan] | type[RestorePlan] | type[DefragPlan]] = {
     PlanKind.REPLACE: ReplacePlan, PlanKind.RESTORE: RestorePlan, PlanKind.DEFRAG: DefragPlan}
+
+
+@dataclass(frozen=True, kw_only=True)
+class NewPlan:
+    """A plan to store, proposed: the plans table's columns as first written (the store keeps the plan as JSON)."""
+
+    id: str
+    kind: PlanKind
+    cluster: str
+    plan: AnyPlan
+    channel: str
+    proposer: str
+    created_at: float
+    expires_at: float
+    fingerprint: str
+    message_ts: str | None = None
 
 
 @dataclass(frozen=True)
@@ -52,3 +71,116 @@ class PlanRecord:
     def __getitem__(self, column: str) -> Any:
         """A stored column by name, as written (for exports and tests that read the raw row)."""
         return self.columns[column]
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """A step of a plan as run: each (re)start counts an attempt, the last outcome is kept."""
+
+    plan_id: str
+    idx: int
+    key: str
+    state: str                     # running | done | failed
+    started_at: float
+    finished_at: float | None
+    detail: str | None
+    error: str | None
+    attempts: int
+
+    @classmethod
+    def of(cls, row: Mapping[str, Any]) -> StepRecord:
+        return cls(**{f.name: row[f.name] for f in fields(cls)})
+
+
+@dataclass(frozen=True, kw_only=True)
+class NewAlert:
+    """An alert the watch posted in one channel, to record (open) with its message."""
+
+    cluster: str
+    condition: str
+    subject: str = ""
+    channel: str | None = None
+    message_ts: str | None = None  # None: the post failed (tried again next round)
+    detail: str | None = None      # the finding as JSON
+    flaps: int = 0
+    opened_at: float | None = None   # None: now
+    updated_at: float | None = None  # None: now
+
+
+@dataclass(frozen=True)
+class AlertRecord:
+    """One channel's message of an alert, open or resolved."""
+
+    id: int
+    cluster: str
+    condition: str
+    subject: str
+    state: str                     # open | resolved
+    opened_at: float
+    updated_at: float
+    resolved_at: float | None
+    channel: str | None
+    message_ts: str | None
+    detail: str | None             # the finding as JSON
+    flaps: int
+
+    @classmethod
+    def of(cls, row: Mapping[str, Any]) -> AlertRecord:
+        return cls(**{f.name: row[f.name] for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class Mute:
+    """A cluster's alerts muted until `until`, why and by whom, set `at`."""
+
+    cluster: str
+    until: float
+    reason: str
+    by: str
+    at: float
+
+    @classmethod
+    def of(cls, row: Mapping[str, Any]) -> Mute:
+        return cls(**{f.name: row[f.name] for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """What a row of the audit chain says, which its hash covers."""
+
+    id: int                        # gap-free, from 1
+    ts: float
+    user: str
+    channel: str
+    cluster: str
+    action: str
+    detail: str                    # JSON, as hashed
+
+
+@dataclass(frozen=True)
+class AuditRecord(AuditEntry):
+    """A row of the audit chain: the entry and its link to the row before."""
+
+    prev_hash: str
+    hash: str
+    key_id: str                    # '': hash is a sha256; else an HMAC-SHA256 with the key of this id
+
+    @classmethod
+    def of(cls, row: Mapping[str, Any]) -> AuditRecord:
+        return cls(**{f.name: row[f.name] for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class QueuedPost:
+    """A message kept for the channel until a replica posts it: what was done from a shell while Slack was down."""
+
+    id: int
+    at: float
+    channel: str
+    plan_id: str | None            # in the plan's thread; None: in the channel
+    text: str                      # mrkdwn, every value escaped already
+    posted_at: float | None
+
+    @classmethod
+    def of(cls, row: Mapping[str, Any]) -> QueuedPost:
+        return cls(**{f.name: row[f.name] for f in fields(cls)})

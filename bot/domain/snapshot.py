@@ -1,9 +1,10 @@
-"""Snapshots as plain data: a file's status as etcdutl reports it, a saved snapshot, a catalog entry (local,
-off-site or both), the reference a restore plan records, a drill's result, one being taken."""
+"""Snapshots as plain data: a file's status as etcdutl reports it, a saved snapshot, the catalog's records of
+snapshots and drills, a catalog entry (local, off-site or both), the reference a restore plan records, a drill's
+result, one being taken."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -77,20 +78,77 @@ class CatalogEntry:
                 RemoteState.MISSING: "MISSING from the store"}[self.remote_state]
 
 
-def catalog_entry(row: Mapping[str, Any]) -> CatalogEntry:
-    """A catalog row (the snapshots table) as an entry: the local copy unless retention removed it,
-    the remote one as the upload left it unless retention removed that."""
-    state = row.get("remote_state") or ""
-    if row.get("remote_pruned_at") or state not in RemoteState._value2member_map_:
-        state = ""
+@dataclass(frozen=True, kw_only=True)
+class NewSnapshot:
+    """A snapshot to catalog, as its row is first written (the fields are the snapshots table's columns)."""
+
+    cluster: str
+    path: str                      # absolute path on the bot's host
+    member: str
+    revision: int
+    hash: str                      # etcdutl's %x
+    total_keys: int
+    live_keys: int | None          # distinct live user keys (what a booted etcd counts)
+    total_size: int
+    file_size: int
+    sha256: str                    # of the file as stored (the ciphertext when encrypted)
+    encrypted: bool
+    requested_by: str
+    reason: str
+    duration: float
+    created_at: float
+    plan_id: str | None = None     # the plan this is the pre-change snapshot of (retention keeps it)
+    # Set at once for an object adopted from the store: no local copy, the remote one verified.
+    pruned_at: float | None = None
+    remote_url: str | None = None
+    remote_state: RemoteState = RemoteState.NONE
+    remote_verified_at: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class SnapshotRecord(NewSnapshot):
+    """A catalogued snapshot: its row, with what retention and the off-site copy wrote since."""
+
+    id: int
+    remote_error: str | None = None
+    remote_pruned_at: float | None = None
+
+    @classmethod
+    def of(cls, row: Mapping[str, Any]) -> SnapshotRecord:
+        state = row["remote_state"] or ""
+        known = state in RemoteState._value2member_map_   # another value (written by hand) reads as none
+        return cls(**{**{f.name: row[f.name] for f in fields(cls)}, "hash": str(row["hash"]),
+                      "encrypted": bool(row["encrypted"]), "remote_state": RemoteState(state if known else "")})
+
+
+@dataclass(frozen=True)
+class DrillRecord:
+    """A restore drill of a catalogued snapshot, as the catalog records it (the drills table's columns)."""
+
+    cluster: str
+    snapshot_id: int
+    ok: bool
+    detail: str                    # what the restored etcd showed, or why the drill failed
+    seconds: float
+    at: float
+    requested_by: str
+
+    @classmethod
+    def of(cls, row: Mapping[str, Any]) -> DrillRecord:
+        return cls(**{**{f.name: row[f.name] for f in fields(cls)}, "ok": bool(row["ok"])})
+
+
+def catalog_entry(row: SnapshotRecord) -> CatalogEntry:
+    """A catalog record as an entry: the local copy unless retention removed it, the remote one as the
+    upload left it unless retention removed that."""
     return CatalogEntry(
-        cluster=row["cluster"], name=row["path"].rsplit("/", 1)[-1], revision=row["revision"], hash=str(row["hash"]),
-        total_keys=row["total_keys"], total_size=row["total_size"], file_size=row["file_size"] or 0,
-        sha256=row["sha256"] or "", encrypted=bool(row["encrypted"]), member=row["member"],
-        created_at=row["created_at"], local_path=row["path"] if row.get("pruned_at") is None else None,
-        remote_url=row.get("remote_url") or None, remote_state=RemoteState(state),
-        remote_error=row.get("remote_error") or "", snapshot_id=row.get("id"),
-        requested_by=row.get("requested_by") or "", reason=row.get("reason") or "", live_keys=row.get("live_keys"))
+        cluster=row.cluster, name=row.path.rsplit("/", 1)[-1], revision=row.revision, hash=row.hash,
+        total_keys=row.total_keys, total_size=row.total_size, file_size=row.file_size, sha256=row.sha256,
+        encrypted=row.encrypted, member=row.member, created_at=row.created_at,
+        local_path=row.path if row.pruned_at is None else None, remote_url=row.remote_url or None,
+        remote_state=RemoteState.NONE if row.remote_pruned_at else row.remote_state,
+        remote_error=row.remote_error or "", snapshot_id=row.id, requested_by=row.requested_by, reason=row.reason,
+        live_keys=row.live_keys)
 
 
 class SnapshotError(Exception):
@@ -99,14 +157,15 @@ class SnapshotError(Exception):
 
 @dataclass(frozen=True)
 class SnapshotStatus:
-    """What `etcdutl snapshot status` reports, plus the v3.6 live key count."""
+    """What `etcdutl snapshot status` of the release that wrote the file reports, plus the live key count."""
 
     hash: int            # CRC-32C (Castagnoli), as etcdutl computes it
     revision: int        # main revision of the last key in bucket "key"
-    total_keys: int      # every key in every bucket (etcd 3.5 meaning)
+    total_keys: int      # etcdutl's TOTAL KEYS: every key in every bucket up to 3.5, the live keys from 3.6 on
     live_keys: int       # distinct live user keys in bucket "key" (v3.6 meaning)
     total_size: int      # page count x page size
     has_trailer: bool    # ended with etcd's sha256 trailer, which was verified
+    storage_version: str = ""  # etcd 3.6's storage version in bucket "meta" ("": written by 3.5 or earlier)
 
     @property
     def hash_hex(self) -> str:
@@ -115,7 +174,8 @@ class SnapshotStatus:
 
     def as_json(self) -> dict[str, Any]:
         return {"hash": self.hash_hex, "revision": self.revision, "total_keys": self.total_keys,
-                "live_keys": self.live_keys, "total_size": self.total_size}
+                "live_keys": self.live_keys, "total_size": self.total_size,
+                "storage_version": self.storage_version or None}
 
 
 class SnapshotFailed(Exception):
@@ -199,11 +259,10 @@ class SnapshotRef:
                    foreign=e.foreign)
 
     @classmethod
-    def of(cls, row: dict[str, Any]) -> SnapshotRef:
-        return cls(id=row["id"], path=row["path"], revision=row["revision"], hash=str(row["hash"]),
-                   total_keys=row["total_keys"], total_size=row["total_size"], file_size=row["file_size"],
-                   sha256=row["sha256"], encrypted=bool(row["encrypted"]), created_at=row["created_at"],
-                   member=row["member"], live_keys=row.get("live_keys"))
+    def of(cls, row: SnapshotRecord) -> SnapshotRef:
+        return cls(id=row.id, path=row.path, revision=row.revision, hash=row.hash, total_keys=row.total_keys,
+                   total_size=row.total_size, file_size=row.file_size, sha256=row.sha256, encrypted=row.encrypted,
+                   created_at=row.created_at, member=row.member, live_keys=row.live_keys)
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from bot.domain.errors import EtcdError
-from bot.domain.snapshot import SavedSnapshot, SnapshotFailed
+from bot.domain.snapshot import SavedSnapshot, SnapshotFailed, SnapshotRecord
 from bot.etcd.client import EtcdClient
 
 if TYPE_CHECKING:
@@ -422,21 +422,21 @@ async def _complete(tee: Tee, stage: _Stage, final_name: str) -> str | None:
 
 # ---------------------------------------------------------------- retention
 
-def to_prune(snapshots: list[dict[str, Any]], keep_last: int | None, keep_days: float | None, now: float,
-             keep_plan_days: float = 30.0, open_plan: str | None = None) -> list[dict[str, Any]]:
+def to_prune(snapshots: list[SnapshotRecord], keep_last: int | None, keep_days: float | None, now: float,
+             keep_plan_days: float = 30.0, open_plan: str | None = None) -> list[SnapshotRecord]:
     """Snapshots no rule keeps. With neither rule set, nothing is pruned;
     with both, a snapshot stays when either rule keeps it. A plan's pre-change
     snapshot (its `plan_id`) stays at least `keep_plan_days`, and as long as
     that plan is `open_plan` (not finished), whatever the rules say."""
     if keep_last is None and keep_days is None:
         return []
-    newest_first = sorted(snapshots, key=lambda r: (r["created_at"], r["id"]), reverse=True)
+    newest_first = sorted(snapshots, key=lambda r: (r.created_at, r.id), reverse=True)
     out = []
     for i, row in enumerate(newest_first):
         kept_by_count = keep_last is not None and i < keep_last
-        kept_by_age = keep_days is not None and now - row["created_at"] < keep_days * 86400
-        plan = row.get("plan_id")
-        kept_by_plan = plan is not None and (plan == open_plan or now - row["created_at"] < keep_plan_days * 86400)
+        kept_by_age = keep_days is not None and now - row.created_at < keep_days * 86400
+        plan = row.plan_id
+        kept_by_plan = plan is not None and (plan == open_plan or now - row.created_at < keep_plan_days * 86400)
         if not (kept_by_count or kept_by_age or kept_by_plan):
             out.append(row)
     return out

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from bot.config import ClusterConfig, Config
-from bot.domain.cluster import ClusterHealth, Member
+from bot.domain.cluster import ClusterHealth
 from bot.domain.errors import EtcdError
 from bot.etcd.client import EtcdClient, client_for
 from bot.etcd.health import check_cluster
@@ -101,10 +101,10 @@ class BotContext:
             log.warning("membership memory unavailable", extra={"ctx_cluster": cluster.name, "ctx_error": str(e)})
             last = None
         if last is not None:
-            client.learn(Member.from_json(m) for m in last[0])
+            client.learn(last.members)
         health = await check_cluster(client, cluster.name)
         try:
-            await store.record_membership(cluster.name, [h.member.to_json() for h in health.members])
+            await store.record_membership(cluster.name, [h.member for h in health.members])
         except StoreError as e:
             log.warning("membership not recorded", extra={"ctx_cluster": cluster.name, "ctx_error": str(e)})
         return health

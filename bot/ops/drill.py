@@ -20,7 +20,7 @@ from pathlib import Path
 
 from bot.config import ClusterConfig
 from bot.domain.errors import EtcdError, StepFailed
-from bot.domain.snapshot import DrillResult, SnapshotRef
+from bot.domain.snapshot import DrillRecord, DrillResult, SnapshotRef
 from bot.etcd.binaries import BinaryNotFound, find_binary
 from bot.etcd.client import EtcdClient
 from bot.ops.context import BotContext
@@ -128,9 +128,9 @@ async def drill(ctx: BotContext, cluster: ClusterConfig, wanted: str | None, req
     if result.ok and not snapshot.id and not snapshot.foreign:  # verified: catalogued now, so its drills are recorded
         snapshot = replace(snapshot, id=await adopt(ctx, cluster, snapshot))
     if snapshot.id:
-        await ctx.store.record_drill({"cluster": cluster.name, "snapshot_id": snapshot.id, "ok": result.ok,
-                                      "detail": result.detail, "seconds": round(result.seconds, 3),
-                                      "at": time.time(), "requested_by": requested_by})
+        await ctx.store.record_drill(DrillRecord(cluster=cluster.name, snapshot_id=snapshot.id, ok=result.ok,
+                                                 detail=result.detail, seconds=round(result.seconds, 3),
+                                                 at=time.time(), requested_by=requested_by))
     await ctx.store.audit("drill", user=requested_by, cluster=cluster.name,
                           detail={"snapshot": snapshot.file_name, "ok": result.ok, "detail": result.detail,
                                   "from_store": snapshot.remote_url or None, "foreign": snapshot.foreign or None})

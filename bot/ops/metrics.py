@@ -9,12 +9,13 @@ deploy/prometheus/ can take the newest over all replicas.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from bot.domain.plan import PlanState
+from bot.domain.snapshot import RemoteState, SnapshotRecord
 
 if TYPE_CHECKING:
     from bot.config import ClusterConfig
@@ -86,13 +87,13 @@ class Metrics:
             if cluster.snapshots.every_seconds:
                 self.snapshot_schedule.labels(cluster=cluster.name).set(cluster.snapshots.every_seconds)
             rows = await store.snapshots(cluster.name, limit=CATALOG_ROWS, include_pruned=True)  # newest first
-            self.snapshot_last.labels(cluster=cluster.name).set(rows[0]["created_at"] if rows else self.started)
+            self.snapshot_last.labels(cluster=cluster.name).set(rows[0].created_at if rows else self.started)
             if cluster.snapshots.store is not None:
                 self.offsite_last.labels(cluster=cluster.name).set(newest_offsite(rows, self.started))
 
 
-def newest_offsite(rows: Sequence[Mapping[str, Any]], otherwise: float) -> float:
+def newest_offsite(rows: Sequence[SnapshotRecord], otherwise: float) -> float:
     """When the newest snapshot whose off-site copy is verified and still there was taken, or
     `otherwise` (the bot's start: the age of a copy never made counts from then, as the watch's)."""
-    return next((float(r["created_at"]) for r in rows
-                 if r.get("remote_state") == "verified" and not r.get("remote_pruned_at")), otherwise)
+    return next((r.created_at for r in rows if r.remote_state == RemoteState.VERIFIED and not r.remote_pruned_at),
+                otherwise)

@@ -2,12 +2,11 @@
 audited. Every operation's proposal ends here."""
 from __future__ import annotations
 
-import json
 import time
 from typing import TYPE_CHECKING, Any
 
 from bot.domain.plan import PlanKind, PlanState
-from bot.domain.record import AnyPlan
+from bot.domain.record import AnyPlan, NewPlan
 from bot.ops.notify import NotifyFailed
 from bot.ops.outcome import Outcome, open_plan_refusal, refused
 from bot.store.base import OpenPlanExists
@@ -21,11 +20,10 @@ async def publish_plan(ctx: BotContext, kind: PlanKind, plan: AnyPlan, cluster: 
     """Store a new plan of any kind (proposed, with its kind's TTL), post it, remember its message."""
     store = ctx.store
     now = time.time()
-    row = {"id": plan.id, "kind": kind, "cluster": cluster, "state": PlanState.PROPOSED, "channel": channel,
-           "proposer": user, "created_at": now, "expires_at": now + ctx.config.approval.rule(kind).ttl_minutes * 60,
-           "fingerprint": plan.fingerprint, "plan": json.dumps(plan.to_json())}
+    new = NewPlan(id=plan.id, kind=kind, cluster=cluster, plan=plan, channel=channel, proposer=user, created_at=now,
+                  expires_at=now + ctx.config.approval.rule(kind).ttl_minutes * 60, fingerprint=plan.fingerprint)
     try:
-        await store.insert_plan(row)
+        await store.insert_plan(new)
     except OpenPlanExists as e:
         return open_plan_refusal(e.plan_id, PlanState(e.state))
     record = await store.plan(plan.id)

@@ -16,7 +16,7 @@ from bot.backup.catalog import Expected, FetchFailed, Origin, catalog
 from bot.backup.object_store import object_store
 from bot.config import ClusterConfig
 from bot.domain.errors import StepFailed
-from bot.domain.snapshot import RemoteState, SnapshotRef
+from bot.domain.snapshot import NewSnapshot, RemoteState, SnapshotRef
 from bot.etcd.bbolt import sha256_file
 
 if TYPE_CHECKING:  # the context is gRPC's; the planning above it is not
@@ -61,13 +61,13 @@ async def adopt(ctx: BotContext, cluster: ClusterConfig, snapshot: SnapshotRef) 
     if snapshot.foreign:
         raise ValueError(f"{snapshot.file_name} is foreign ({snapshot.foreign}): it is never catalogued")
     now = time.time()
-    snapshot_id = await ctx.store.record_snapshot({
-        "cluster": cluster.name, "path": snapshot.path, "member": snapshot.member, "revision": snapshot.revision,
-        "hash": snapshot.hash, "total_keys": snapshot.total_keys, "live_keys": snapshot.live_keys,
-        "total_size": snapshot.total_size, "file_size": snapshot.file_size, "sha256": snapshot.sha256,
-        "encrypted": int(snapshot.encrypted), "requested_by": "", "reason": "found in the store", "duration": 0.0,
-        "created_at": snapshot.created_at, "plan_id": None, "pruned_at": now, "remote_url": snapshot.remote_url,
-        "remote_state": "verified", "remote_verified_at": now})
+    snapshot_id = await ctx.store.record_snapshot(NewSnapshot(
+        cluster=cluster.name, path=snapshot.path, member=snapshot.member, revision=snapshot.revision,
+        hash=snapshot.hash, total_keys=snapshot.total_keys, live_keys=snapshot.live_keys,
+        total_size=snapshot.total_size, file_size=snapshot.file_size, sha256=snapshot.sha256,
+        encrypted=snapshot.encrypted, requested_by="", reason="found in the store", duration=0.0,
+        created_at=snapshot.created_at, plan_id=None, pruned_at=now, remote_url=snapshot.remote_url,
+        remote_state=RemoteState.VERIFIED, remote_verified_at=now))
     await ctx.store.audit("snapshot_adopted", cluster=cluster.name,
                           detail={"id": snapshot_id, "file": snapshot.file_name, "url": snapshot.remote_url})
     return snapshot_id

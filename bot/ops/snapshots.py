@@ -34,7 +34,15 @@ from bot.config import ClusterConfig, SnapshotPolicy
 from bot.domain.cluster import ClusterHealth
 from bot.domain.errors import EtcdError
 from bot.domain.plan import Lease
-from bot.domain.snapshot import RunningSnapshot, SavedSnapshot, SnapshotFailed
+from bot.domain.snapshot import (
+    NewSnapshot,
+    RemoteState,
+    RunningSnapshot,
+    SavedSnapshot,
+    SnapshotFailed,
+    SnapshotRecord,
+    SnapshotStatus,
+)
 from bot.etcd.health import check_cluster
 from bot.etcd.snapshot_stream import save_snapshot, to_prune
 from bot.ops.context import BotContext
@@ -207,13 +215,11 @@ async def _take(ctx: BotContext, cluster: ClusterConfig, lease: Lease, *, reques
 async def record_snapshot(ctx: BotContext, saved: SavedSnapshot, *, requested_by: str, reason: str,
                           channel: str = "", plan_id: str | None = None) -> int:
     st = saved.status
-    snapshot_id = await ctx.store.record_snapshot({
-        "cluster": saved.cluster, "path": str(saved.path), "member": saved.member, "revision": st.revision,
-        "hash": st.hash_hex, "total_keys": st.total_keys, "live_keys": st.live_keys, "total_size": st.total_size,
-        "file_size": saved.file_size, "sha256": saved.sha256, "encrypted": int(saved.encrypted),
-        "requested_by": requested_by, "reason": reason, "duration": round(saved.duration, 3),
-        "created_at": saved.created_at, "plan_id": plan_id,
-    })
+    snapshot_id = await ctx.store.record_snapshot(NewSnapshot(
+        cluster=saved.cluster, path=str(saved.path), member=saved.member, revision=st.revision, hash=st.hash_hex,
+        total_keys=st.total_keys, live_keys=st.live_keys, total_size=st.total_size, file_size=saved.file_size,
+        sha256=saved.sha256, encrypted=saved.encrypted, requested_by=requested_by, reason=reason,
+        duration=round(saved.duration, 3), created_at=saved.created_at, plan_id=plan_id))
     ctx.metrics.snapshot_seconds.labels(cluster=saved.cluster).observe(saved.duration)
     ctx.metrics.snapshot_bytes.labels(cluster=saved.cluster).set(saved.file_size)
     await ctx.store.audit("snapshot", user=requested_by, channel=channel, cluster=saved.cluster,
@@ -233,11 +239,11 @@ async def prune(ctx: BotContext, cluster: ClusterConfig) -> list[str]:
     open_plan = await ctx.store.open_plan(cluster.name)
     pruned = []
     for row in to_prune(rows, policy.keep_last, policy.keep_days, time.time(), policy.keep_plan_snapshots_days,
-                        open_plan["id"] if open_plan else None):
+                        open_plan.id if open_plan else None):
         if await _drop_local(ctx, cluster, row, {"keep_last": policy.keep_last, "keep_days": policy.keep_days}):
-            pruned.append(Path(row["path"]).name)
-    pruned += await _prune_offsite_copies(ctx, cluster, open_plan["id"] if open_plan else None)
-    return pruned + await prune_remote(ctx, cluster, open_plan["id"] if open_plan else None)
+            pruned.append(Path(row.path).name)
+    pruned += await _prune_offsite_copies(ctx, cluster, open_plan.id if open_plan else None)
+    return pruned + await prune_remote(ctx, cluster, open_plan.id if open_plan else None)
 
 
 async def _prune_offsite_copies(ctx: BotContext, cluster: ClusterConfig, open_plan: str | None) -> list[str]:
@@ -248,27 +254,27 @@ async def _prune_offsite_copies(ctx: BotContext, cluster: ClusterConfig, open_pl
     if store is None or store.keep_local is None:
         return []
     rows = await ctx.store.snapshots(cluster.name, limit=100000)  # newest first, local copies only
-    verified = [r for r in rows if r.get("remote_state") == "verified"]
+    verified = [r for r in rows if r.remote_state == RemoteState.VERIFIED]
     pruned = []
     for row in verified[store.keep_local:]:
-        if open_plan is not None and row.get("plan_id") == open_plan:
+        if open_plan is not None and row.plan_id == open_plan:
             continue
-        if await _drop_local(ctx, cluster, row, {"keep_local": store.keep_local, "offsite": row.get("remote_url")}):
-            pruned.append(Path(row["path"]).name)
+        if await _drop_local(ctx, cluster, row, {"keep_local": store.keep_local, "offsite": row.remote_url}):
+            pruned.append(Path(row.path).name)
     return pruned
 
 
-async def _drop_local(ctx: BotContext, cluster: ClusterConfig, row: dict[str, Any], why: dict[str, Any]) -> bool:
+async def _drop_local(ctx: BotContext, cluster: ClusterConfig, row: SnapshotRecord, why: dict[str, Any]) -> bool:
     """Delete a snapshot's local file, mark its row pruned and audit it with `why`; False
     (logged, tried again at the next prune) when the file cannot be deleted."""
-    path = Path(row["path"])
+    path = Path(row.path)
     try:
         path.unlink(missing_ok=True)
     except OSError as e:
         log.warning("cannot prune snapshot", extra={"ctx_path": str(path), "ctx_error": e.strerror})
         return False
-    await ctx.store.mark_pruned(row["id"])
-    await ctx.store.audit("snapshot_pruned", cluster=cluster.name, detail={"id": row["id"], "file": path.name, **why})
+    await ctx.store.mark_pruned(row.id)
+    await ctx.store.audit("snapshot_pruned", cluster=cluster.name, detail={"id": row.id, "file": path.name, **why})
     return True
 
 
@@ -277,13 +283,13 @@ async def _drop_local(ctx: BotContext, cluster: ClusterConfig, row: dict[str, An
 REMOTE_DELETE_DEADLINE = 30.0   # one object and its manifest
 
 
-def remote_to_prune(rows: list[dict[str, Any]], policy: SnapshotPolicy, now: float,
-                    open_plan: str | None) -> list[dict[str, Any]]:
+def remote_to_prune(rows: list[SnapshotRecord], policy: SnapshotPolicy, now: float,
+                    open_plan: str | None) -> list[SnapshotRecord]:
     """Remote copies the policy (keep_last, keep_days, a plan's snapshot) no longer keeps; never the newest
     verified one, the last good off-site backup, even when every rule would drop it. Only rows the catalog
     knows: an object it does not know (an earlier bot's) is listed and restorable, never deleted by retention."""
-    remote = sorted((r for r in rows if r.get("remote_state") == "verified" and not r.get("remote_pruned_at")),
-                    key=lambda r: (r["created_at"], r["id"]), reverse=True)
+    remote = sorted((r for r in rows if r.remote_state == RemoteState.VERIFIED and not r.remote_pruned_at),
+                    key=lambda r: (r.created_at, r.id), reverse=True)
     keep_last = None if policy.keep_last is None else policy.keep_last - 1   # the newest is kept already
     return to_prune(remote[1:], keep_last, policy.keep_days, now, policy.keep_plan_snapshots_days, open_plan)
 
@@ -304,16 +310,16 @@ async def prune_remote(ctx: BotContext, cluster: ClusterConfig, open_plan: str |
         return []
     pruned = []
     for row in doomed:
-        name = Path(row["path"]).name
+        name = Path(row.path).name
         try:
             await asyncio.wait_for(remote.delete(cluster.name, name), REMOTE_DELETE_DEADLINE)
         except (ObjectStoreError, TimeoutError) as e:
             log.warning("cannot prune a remote copy", extra={"ctx_cluster": cluster.name, "ctx_file": name,
                                                              "ctx_error": str(e) or "no answer in time"})
             continue
-        await ctx.store.update_snapshot(row["id"], remote_pruned_at=time.time())
+        await ctx.store.update_snapshot(row.id, remote_pruned_at=time.time())
         await ctx.store.audit("snapshot_pruned_remote", cluster=cluster.name,
-                              detail={"id": row["id"], "file": name, "url": row.get("remote_url"),
+                              detail={"id": row.id, "file": name, "url": row.remote_url,
                                       "keep_last": cluster.snapshots.keep_last,
                                       "keep_days": cluster.snapshots.keep_days})
         pruned.append(f"{name} (off-site)")
@@ -410,37 +416,35 @@ async def retry_failed_uploads(ctx: BotContext, cluster: ClusterConfig, remote: 
     'uploading' is not being uploaded by any replica."""
     done = []
     for row in await ctx.store.snapshots(cluster.name, limit=100000):
-        path = Path(row["path"])
+        path = Path(row.path)
         # 'uploading' on a row that is not the running one: the bot stopped before it verified the upload
-        if row["id"] == but or row.get("remote_state") not in ("failed", "uploading") or not path.is_file():
+        if row.id == but or row.remote_state not in (RemoteState.FAILED, RemoteState.UPLOADING) or not path.is_file():
             continue
         name = path.name
         try:
             await remote.upload_file(cluster.name, name, path)
-            await verify_upload(remote, cluster.name, name, row["file_size"], row["sha256"])
+            await verify_upload(remote, cluster.name, name, row.file_size, row.sha256)
             saved = _saved_from_row(row)
             await remote.write_manifest(manifest_for(saved, cluster.snapshots.age_recipients))
         except ObjectStoreError as e:
-            await ctx.store.update_snapshot(row["id"], remote_error=str(e))
+            await ctx.store.update_snapshot(row.id, remote_error=str(e))
             log.warning("retrying an off-site upload failed",
                         extra={"ctx_cluster": cluster.name, "ctx_file": name, "ctx_error": str(e)})
             continue
         url = remote.display_url(cluster.name, name)
-        await ctx.store.update_snapshot(row["id"], remote_url=url, remote_state="verified", remote_error=None,
+        await ctx.store.update_snapshot(row.id, remote_url=url, remote_state="verified", remote_error=None,
                                         remote_verified_at=time.time())
         await ctx.store.audit("snapshot_offsite", cluster=cluster.name,
-                              detail={"id": row["id"], "file": name, "url": url, "sha256": row["sha256"],
+                              detail={"id": row.id, "file": name, "url": url, "sha256": row.sha256,
                                       "verified": True, "retried": True})
         done.append(name)
     return done
 
 
-def _saved_from_row(row: dict[str, Any]) -> SavedSnapshot:
+def _saved_from_row(row: SnapshotRecord) -> SavedSnapshot:
     """A catalog row as a SavedSnapshot (for its manifest)."""
-    from bot.domain.snapshot import SnapshotStatus
-    status = SnapshotStatus(hash=int(row["hash"], 16), revision=row["revision"], total_keys=row["total_keys"],
-                            live_keys=row["live_keys"], total_size=row["total_size"], has_trailer=True)
-    return SavedSnapshot(cluster=row["cluster"], member=row["member"], endpoint="", path=Path(row["path"]),
-                         file_size=row["file_size"], sha256=row["sha256"], status=status,
-                         duration=row["duration"] or 0.0, created_at=row["created_at"],
-                         encrypted=bool(row["encrypted"]))
+    status = SnapshotStatus(hash=int(row.hash, 16), revision=row.revision, total_keys=row.total_keys,
+                            live_keys=row.live_keys or 0, total_size=row.total_size, has_trailer=True)
+    return SavedSnapshot(cluster=row.cluster, member=row.member, endpoint="", path=Path(row.path),
+                         file_size=row.file_size, sha256=row.sha256, status=status, duration=row.duration,
+                         created_at=row.created_at, encrypted=row.encrypted)

@@ -23,7 +23,7 @@ from bot.domain.quorum import QuorumVerdict
 from bot.domain.record import PlanRecord
 from bot.domain.replace import MemberRef, ReplacePlan
 from bot.domain.restore import RestorePlan
-from bot.domain.snapshot import CatalogEntry, RemoteState
+from bot.domain.snapshot import CatalogEntry, DrillRecord, RemoteState
 from bot.domain.urls import shown_urls
 from bot.output import text as render
 from bot.output.model import (
@@ -95,13 +95,19 @@ def _header(text: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- status
 
 _ICON = {Verdict.HEALTHY: ":large_green_circle:", Verdict.DEGRADED: ":large_orange_circle:",
-         Verdict.NO_LEADER: ":large_orange_circle:", Verdict.QUORUM_LOST: ":red_circle:"}
+         Verdict.NO_LEADER: ":large_orange_circle:", Verdict.QUORUM_LOST: ":red_circle:",
+         Verdict.UNKNOWN: ":large_orange_circle:"}
 
 
 def _member_line(v: MemberView) -> str:
     m = v.member
     name = f"*{escape(m.name)}*" if m.name else "*_(unstarted)_*"
-    if not v.reachable:
+    if v.state == "REFUSED":
+        first = (f":large_orange_circle: {name} {code(m.hex_id)} — *REFUSED*: it answers, refusing the bot's "
+                 f"credentials: {escape(v.problem or '')}")
+    elif v.state == "DEFRAGMENTING":
+        first = f":large_orange_circle: {name} {code(m.hex_id)} — *DEFRAGMENTING*: {escape(v.problem or '')}"
+    elif not v.reachable:
         first = f":red_circle: {name} {code(m.hex_id)} — *DOWN*: {escape(v.problem or 'unreachable')}"
     elif v.problem:
         first = f":large_orange_circle: {name} {code(m.hex_id)} — *UNHEALTHY*: {escape(v.problem)}"
@@ -362,8 +368,8 @@ def restore_plan_reply(plan: RestorePlan, view: PlanView, now: float | None = No
     how = ("the launcher runs `stop`, `restore` and `start` for each member" if plan.launcher == "command"
            else f"manual launcher: run these on each host when the thread asks, then confirm each stage with "
                 f"`/etcd continue {plan.id} <stage>`")
-    blocks.append(_section(f"*etcdutl snapshot restore on every member* (new cluster token, unique to this restore; "
-                           f"{escape(how)}):"))
+    blocks.append(_section(f"*{plan.restore_tool} snapshot restore on every member* (new cluster token, unique to "
+                           f"this restore; {escape(how)}):"))
     local = snap.file_name if snap.from_store else snap.path   # a fetched copy's path is made at the step
     commands = "\n".join(f"{shell.comment(m.name)}\n{shell.command(plan.restore_args(m, local.removesuffix('.age')))}"
                          for m in plan.members)
@@ -530,7 +536,7 @@ def _where(e: CatalogEntry) -> str:
     return _PLACE[e.place] + mark
 
 
-def snapshots_reply(view: CatalogView, drills: Mapping[int, dict[str, Any]] | None = None) -> Reply:
+def snapshots_reply(view: CatalogView, drills: Mapping[int, DrillRecord] | None = None) -> Reply:
     """The catalog of both places, newest first, each with where its copies are and its last restore drill."""
     drills = drills or {}
     store = ([f":warning: the snapshot store could not be listed: {_item(view.store_error)}; local copies only"]
@@ -558,8 +564,8 @@ def snapshots_reply(view: CatalogView, drills: Mapping[int, dict[str, Any]] | No
                          *[_context(line) for line in store]])
 
 
-def _drill_mark(d: Mapping[str, Any]) -> str:
-    return f"drill {'passed' if d['ok'] else 'FAILED'} {slack_date(d['at'])}"
+def _drill_mark(d: DrillRecord) -> str:
+    return f"drill {'passed' if d.ok else 'FAILED'} {slack_date(d.at)}"
 
 
 def drill_reply(result: DrillResult, requested_by: str) -> Reply:

@@ -20,22 +20,32 @@ import hmac
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Iterable
-from typing import TYPE_CHECKING, Any
+from dataclasses import fields
+from typing import Any
 
+from bot.domain.cluster import Member, MembershipRecord
 from bot.domain.plan import Confirmation, Fence, Lease, PlanState, Stage, StageAnswer
-from bot.domain.record import PlanRecord
-
-if TYPE_CHECKING:
-    pass
+from bot.domain.record import (
+    AlertRecord,
+    AuditEntry,
+    AuditRecord,
+    Mute,
+    NewAlert,
+    NewPlan,
+    PlanRecord,
+    QueuedPost,
+    StepRecord,
+)
+from bot.domain.snapshot import DrillRecord, NewSnapshot, SnapshotRecord
+from bot.store.schema import AppliedMigration
 
 GENESIS = "0" * 64
 
-# Columns of the tables a caller may write through `update_snapshot`, `open_alert` and `update_alert`.
+# Columns of the tables a caller may write through `update_snapshot` and `update_alert`.
 SNAPSHOT_UPDATABLE = frozenset({"remote_url", "remote_state", "remote_error", "remote_verified_at",
                                 "remote_pruned_at", "pruned_at", "plan_id"})
 REMOTE_STATES = ("", "uploading", "verified", "failed")
-ALERT_COLUMNS = frozenset({"cluster", "condition", "subject", "state", "opened_at", "updated_at", "resolved_at",
-                           "channel", "message_ts", "detail", "flaps"})
+ALERT_COLUMNS = frozenset(f.name for f in fields(AlertRecord)) - {"id"}
 
 
 class StoreError(Exception):
@@ -64,11 +74,11 @@ class LeaseLost(StoreError):
         self.fence = fence
 
 
-def audit_hash(prev_hash: str, row: dict[str, Any], key: bytes | None = None) -> str:
+def audit_hash(prev_hash: str, entry: AuditEntry, key: bytes | None = None) -> str:
     """sha256 over the previous row's hash and this row's content; with a key,
     an HMAC-SHA256, which nobody without the key can recompute."""
-    content = json.dumps([row["id"], row["ts"], row["user"], row["channel"], row["cluster"], row["action"],
-                          row["detail"]], separators=(",", ":"), ensure_ascii=False)
+    content = json.dumps([entry.id, entry.ts, entry.user, entry.channel, entry.cluster, entry.action, entry.detail],
+                         separators=(",", ":"), ensure_ascii=False)
     message = f"{prev_hash}\n{content}".encode()
     return hmac.new(key, message, hashlib.sha256).hexdigest() if key else hashlib.sha256(message).hexdigest()
 
@@ -79,9 +89,10 @@ def audit_key_id(key: bytes) -> str:
     return hmac.new(key, b"etcd-chatops audit key id", hashlib.sha256).hexdigest()[:16]
 
 
-def membership_text(members: list[dict[str, Any]]) -> str:
+def membership_text(members: Iterable[Member]) -> str:
     """A membership as stored: sorted, compact JSON, so an unchanged one compares equal."""
-    return json.dumps(sorted(members, key=lambda m: (m["name"], m["id"])), sort_keys=True, separators=(",", ":"))
+    return json.dumps(sorted((m.to_json() for m in members), key=lambda m: (m["name"], m["id"])), sort_keys=True,
+                      separators=(",", ":"))
 
 
 def audit_detail_text(detail: dict[str, Any] | None) -> str:
@@ -131,28 +142,28 @@ class AuditVerifier:
         self.prev, self.expected_id, self.n = GENESIS, 1, 0
         self.keyed_row: int | None = None
 
-    def check(self, row: dict[str, Any]) -> str | None:
+    def check(self, row: AuditRecord) -> str | None:
         self.n += 1
-        if row["id"] != self.expected_id:
-            return f"row {self.expected_id} is missing (next is {row['id']})"
-        if row["prev_hash"] != self.prev:
-            return f"row {row['id']}: previous hash does not match row {row['id'] - 1}"
-        if row["key_id"]:
+        if row.id != self.expected_id:
+            return f"row {self.expected_id} is missing (next is {row.id})"
+        if row.prev_hash != self.prev:
+            return f"row {row.id}: previous hash does not match row {row.id - 1}"
+        if row.key_id:
             if not self.key:
-                return (f"row {row['id']} is keyed with HMAC and no audit key is configured "
+                return (f"row {row.id} is keyed with HMAC and no audit key is configured "
                         "(audit_key_env or audit_key_file): it cannot be verified")
-            if row["key_id"] != self.key_id:
-                return f"row {row['id']} is keyed with another key than the configured audit key"
-            self.keyed_row = self.keyed_row or row["id"]
+            if row.key_id != self.key_id:
+                return f"row {row.id} is keyed with another key than the configured audit key"
+            self.keyed_row = self.keyed_row or row.id
         elif self.keyed_row:
-            return (f"row {row['id']} is not keyed although row {self.keyed_row} before it is: "
+            return (f"row {row.id} is not keyed although row {self.keyed_row} before it is: "
                     "rewritten by someone without the key")
-        if audit_hash(self.prev, row, self.key if row["key_id"] else None) != row["hash"]:
-            return f"row {row['id']}: content does not match its hash (changed after it was written)"
-        self.prev, self.expected_id = row["hash"], self.expected_id + 1
+        if audit_hash(self.prev, row, self.key if row.key_id else None) != row.hash:
+            return f"row {row.id}: content does not match its hash (changed after it was written)"
+        self.prev, self.expected_id = row.hash, self.expected_id + 1
         return None
 
-    def result(self, rows: Iterable[dict[str, Any]]) -> tuple[int, str | None]:
+    def result(self, rows: Iterable[AuditRecord]) -> tuple[int, str | None]:
         for row in rows:
             if (problem := self.check(row)) is not None:
                 return self.n, problem
@@ -188,8 +199,8 @@ class Store(ABC):
         """The highest migration applied."""
 
     @abstractmethod
-    async def migrations_applied(self) -> list[dict[str, Any]]:
-        """Rows of the migrations record (version, name, applied_at), in order."""
+    async def migrations_applied(self) -> list[AppliedMigration]:
+        """The migrations record, in order."""
 
     @abstractmethod
     async def plan_counts(self) -> dict[str, int]:
@@ -198,8 +209,8 @@ class Store(ABC):
     # -- plans ----------------------------------------------------------
 
     @abstractmethod
-    async def insert_plan(self, row: dict[str, Any]) -> None:
-        """Insert a proposed plan; OpenPlanExists if the cluster has one open
+    async def insert_plan(self, plan: NewPlan) -> None:
+        """Store a plan, proposed; OpenPlanExists if the cluster has one open
         (a unique index guards it, so two replicas proposing at once: one wins)."""
 
     @abstractmethod
@@ -246,7 +257,7 @@ class Store(ABC):
                             error: str | None = None, *, fence: Fence | None = None) -> None: ...
 
     @abstractmethod
-    async def steps(self, plan_id: str) -> list[dict[str, Any]]: ...
+    async def steps(self, plan_id: str) -> list[StepRecord]: ...
 
     # -- leases ---------------------------------------------------------
 
@@ -278,11 +289,11 @@ class Store(ABC):
     # -- snapshots ------------------------------------------------------
 
     @abstractmethod
-    async def record_snapshot(self, row: dict[str, Any]) -> int:
-        """Catalog a snapshot; its id."""
+    async def record_snapshot(self, snapshot: NewSnapshot) -> int:
+        """Catalog a snapshot (of a SnapshotRecord, what a NewSnapshot says: a copy, under a new id); its id."""
 
     @abstractmethod
-    async def snapshots(self, cluster: str, limit: int = 10, include_pruned: bool = False) -> list[dict[str, Any]]:
+    async def snapshots(self, cluster: str, limit: int = 10, include_pruned: bool = False) -> list[SnapshotRecord]:
         """Newest first."""
 
     @abstractmethod
@@ -304,10 +315,10 @@ class Store(ABC):
     # -- restore drills ---------------------------------------------------
 
     @abstractmethod
-    async def record_drill(self, row: dict[str, Any]) -> None: ...
+    async def record_drill(self, drill: DrillRecord) -> None: ...
 
     @abstractmethod
-    async def last_drills(self, cluster: str) -> dict[int, dict[str, Any]]:
+    async def last_drills(self, cluster: str) -> dict[int, DrillRecord]:
         """The last drill of each snapshot of `cluster`, by snapshot id."""
 
     @abstractmethod
@@ -316,26 +327,26 @@ class Store(ABC):
     # -- memberships ----------------------------------------------------
 
     @abstractmethod
-    async def record_membership(self, cluster: str, members: list[dict[str, Any]]) -> None:
+    async def record_membership(self, cluster: str, members: Iterable[Member]) -> None:
         """The membership a status or plan check saw: a new row when it changed,
         else the last row's time moves on (one row per change, not per check)."""
 
     @abstractmethod
-    async def last_membership(self, cluster: str) -> tuple[list[dict[str, Any]], float] | None:
+    async def last_membership(self, cluster: str) -> MembershipRecord | None:
         """The last membership the bot recorded for `cluster` and when it last saw it."""
 
     # -- watch: alerts and mutes -------------------------------------------
 
     @abstractmethod
-    async def open_alert(self, row: dict[str, Any]) -> int:
-        """Record an alert (state 'open' unless given); its id."""
+    async def open_alert(self, alert: NewAlert) -> int:
+        """Record an alert, open; its id."""
 
     @abstractmethod
     async def update_alert(self, alert_id: int, **fields: Any) -> None:
         """Set columns of an alert; ValueError for an unknown column."""
 
     @abstractmethod
-    async def open_alerts(self, cluster: str | None = None) -> list[dict[str, Any]]:
+    async def open_alerts(self, cluster: str | None = None) -> list[AlertRecord]:
         """Alerts in state 'open', oldest first."""
 
     @abstractmethod
@@ -356,7 +367,7 @@ class Store(ABC):
         """True when there was a mute to clear."""
 
     @abstractmethod
-    async def mutes(self) -> list[dict[str, Any]]:
+    async def mutes(self) -> list[Mute]:
         """The mutes not yet expired."""
 
     # -- manual stages --------------------------------------------------
@@ -376,9 +387,28 @@ class Store(ABC):
     async def stage(self, plan_id: str, key: str) -> Stage | None: ...
 
     @abstractmethod
+    async def cancel_stage(self, plan_id: str, user: str, reason: str) -> Stage | None:
+        """`/etcd cancel` of a plan waiting on a person, in one write: the stage it waits on stops waiting
+        unconfirmed and the plan goes running -> cancelled (`decided_by` the user, `error` the reason). None,
+        changing nothing, when the plan waits on no stage (a confirmation that won the race included)."""
+
+    @abstractmethod
     async def confirm_stage(self, plan_id: str, user: str, key: str | None, settle: float) -> StageAnswer:
         """`/etcd continue`: confirm the stage the plan waits on now, in one guarded write (of racing
         confirmations, one is CONFIRMED and the others ALREADY), as `judge_confirmation` decides."""
+
+    # -- outbox: posted once Slack answers ---------------------------------
+
+    @abstractmethod
+    async def queue_post(self, channel: str, plan_id: str | None, text: str) -> None:
+        """Keep a message for the channel (in the plan's thread when `plan_id`) until a replica posts it."""
+
+    @abstractmethod
+    async def queued_posts(self, limit: int = 50) -> list[QueuedPost]:
+        """The messages not posted yet, oldest first."""
+
+    @abstractmethod
+    async def mark_posted(self, post_id: int) -> None: ...
 
     # -- audit ----------------------------------------------------------
 
@@ -400,7 +430,7 @@ class Store(ABC):
         """Whether the audit already holds `action` by `user` on the plan (a repeated refusal)."""
 
     @abstractmethod
-    async def audit_rows(self, since: float | None = None) -> list[dict[str, Any]]: ...
+    async def audit_rows(self, since: float | None = None) -> list[AuditRecord]: ...
 
     @abstractmethod
     async def verify_audit(self) -> tuple[int, str | None]:

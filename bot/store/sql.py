@@ -12,15 +12,28 @@ replicas whose clocks disagree still agree on who holds a lease and when a stage
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Coroutine, Iterable, Sequence
 from dataclasses import replace
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
+from bot.domain.cluster import Member, MembershipRecord
 from bot.domain.plan import OPEN_STATES, Confirmation, Fence, Lease, PlanState, Stage, StageAnswer
-from bot.domain.record import PlanRecord
+from bot.domain.record import (
+    AlertRecord,
+    AuditEntry,
+    AuditRecord,
+    Mute,
+    NewAlert,
+    NewPlan,
+    PlanRecord,
+    QueuedPost,
+    StepRecord,
+)
+from bot.domain.snapshot import DrillRecord, NewSnapshot, SnapshotRecord
 from bot.store.base import (
     ALERT_COLUMNS,
     GENESIS,
@@ -38,7 +51,10 @@ from bot.store.base import (
     membership_text,
 )
 from bot.store.dialect import Dialect
-from bot.store.schema import LATEST, MIGRATIONS, MIGRATIONS_TABLE, mismatch, render
+from bot.store.schema import LATEST, MIGRATIONS, MIGRATIONS_TABLE, AppliedMigration, mismatch, render
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -109,6 +125,11 @@ def insert(table: str, values: Collection[str]) -> str:
 
 def assignments(columns: Iterable[str]) -> str:
     return ", ".join(f"{quoted(c)} = ?" for c in columns)
+
+
+def columns_of(record: DataclassInstance, kind: type[DataclassInstance] | None = None) -> dict[str, Any]:
+    """A record to write, by column (a record's fields are its table's columns): those of `kind` if given."""
+    return {f.name: getattr(record, f.name) for f in dataclasses.fields(kind or record)}
 
 
 class SqlStore(Store):
@@ -197,8 +218,9 @@ class SqlStore(Store):
     async def schema_version(self) -> int:
         return int(await self._value("SELECT COALESCE(MAX(version), 0) FROM schema_migrations"))
 
-    async def migrations_applied(self) -> list[dict[str, Any]]:
-        return await self._rows("SELECT * FROM schema_migrations ORDER BY version")
+    async def migrations_applied(self) -> list[AppliedMigration]:
+        return [AppliedMigration(r["version"], r["name"], r["applied_at"])
+                for r in await self._rows("SELECT * FROM schema_migrations ORDER BY version")]
 
     async def plan_counts(self) -> dict[str, int]:
         return {r["state"]: int(r["n"]) for r in await self._rows("SELECT state, COUNT(*) AS n FROM plans "
@@ -206,15 +228,16 @@ class SqlStore(Store):
 
     # -- plans ----------------------------------------------------------
 
-    async def insert_plan(self, row: dict[str, Any]) -> None:
-        values = {**row, "updated_at": time.time()}
+    async def insert_plan(self, plan: NewPlan) -> None:
+        values = {**columns_of(plan), "plan": json.dumps(plan.plan.to_json()), "state": PlanState.PROPOSED,
+                  "updated_at": time.time()}
 
         async def work(c: Connection) -> None:
             try:
                 await c.execute(insert("plans", values), list(values.values()))
             except Conflict:
                 found = await c.row(f"SELECT id, state FROM plans WHERE cluster = ? AND {among('state', OPEN_STATES)}",
-                                    [row["cluster"], *OPEN_STATES])
+                                    [plan.cluster, *OPEN_STATES])
                 if found is None:
                     raise
                 raise OpenPlanExists(found["id"], found["state"]) from None
@@ -305,8 +328,9 @@ class SqlStore(Store):
                             "WHERE plan_id = ? AND idx = ?", [state, time.time(), detail, error, plan_id, idx])
         await self._fenced(fence, work)
 
-    async def steps(self, plan_id: str) -> list[dict[str, Any]]:
-        return await self._rows("SELECT * FROM steps WHERE plan_id = ? ORDER BY idx", [plan_id])
+    async def steps(self, plan_id: str) -> list[StepRecord]:
+        return [StepRecord.of(r) for r in await self._rows("SELECT * FROM steps WHERE plan_id = ? ORDER BY idx",
+                                                           [plan_id])]
 
     # -- leases: the database's clock -----------------------------------
 
@@ -347,13 +371,15 @@ class SqlStore(Store):
 
     # -- snapshots ------------------------------------------------------
 
-    async def record_snapshot(self, row: dict[str, Any]) -> int:
-        return int(await self._value(insert("snapshots", row) + " RETURNING id", list(row.values())))
+    async def record_snapshot(self, snapshot: NewSnapshot) -> int:
+        values = columns_of(snapshot, NewSnapshot)
+        return int(await self._value(insert("snapshots", values) + " RETURNING id", list(values.values())))
 
-    async def snapshots(self, cluster: str, limit: int = 10, include_pruned: bool = False) -> list[dict[str, Any]]:
+    async def snapshots(self, cluster: str, limit: int = 10, include_pruned: bool = False) -> list[SnapshotRecord]:
         pruned = "" if include_pruned else " AND pruned_at IS NULL"
-        return await self._rows(f"SELECT * FROM snapshots WHERE cluster = ?{pruned} "
-                                "ORDER BY created_at DESC, id DESC LIMIT ?", [cluster, limit])
+        return [SnapshotRecord.of(r) for r in await self._rows(f"SELECT * FROM snapshots WHERE cluster = ?{pruned} "
+                                                               "ORDER BY created_at DESC, id DESC LIMIT ?",
+                                                               [cluster, limit])]
 
     async def last_snapshot_at(self, cluster: str, reason: str) -> float | None:
         at: float | None = await self._value("SELECT MAX(created_at) FROM snapshots WHERE cluster = ? AND reason = ?",
@@ -373,12 +399,13 @@ class SqlStore(Store):
 
     # -- restore drills ---------------------------------------------------
 
-    async def record_drill(self, row: dict[str, Any]) -> None:
-        await self._exec(insert("drills", row), list(row.values()))
+    async def record_drill(self, drill: DrillRecord) -> None:
+        values = columns_of(drill)
+        await self._exec(insert("drills", values), list(values.values()))
 
-    async def last_drills(self, cluster: str) -> dict[int, dict[str, Any]]:
+    async def last_drills(self, cluster: str) -> dict[int, DrillRecord]:
         rows = await self._rows("SELECT * FROM drills WHERE cluster = ? ORDER BY at, id", [cluster])
-        return {r["snapshot_id"]: r for r in rows}
+        return {r["snapshot_id"]: DrillRecord.of(r) for r in rows}
 
     async def last_drill_at(self, cluster: str, requested_by: str) -> float | None:
         at: float | None = await self._value("SELECT MAX(at) FROM drills WHERE cluster = ? AND requested_by = ?",
@@ -387,7 +414,7 @@ class SqlStore(Store):
 
     # -- memberships ----------------------------------------------------
 
-    async def record_membership(self, cluster: str, members: list[dict[str, Any]]) -> None:
+    async def record_membership(self, cluster: str, members: Iterable[Member]) -> None:
         text = membership_text(members)
 
         async def work(c: Connection) -> None:
@@ -401,26 +428,27 @@ class SqlStore(Store):
                                 [cluster, text, time.time()])
         await self._run(work, transaction=True)
 
-    async def last_membership(self, cluster: str) -> tuple[list[dict[str, Any]], float] | None:
+    async def last_membership(self, cluster: str) -> MembershipRecord | None:
         row = await self._row("SELECT members, recorded_at FROM memberships WHERE cluster = ? ORDER BY id DESC LIMIT 1",
                               [cluster])
-        return (json.loads(row["members"]), row["recorded_at"]) if row else None
+        return MembershipRecord.of(row) if row else None
 
     # -- watch: alerts and mutes -------------------------------------------
 
-    async def open_alert(self, row: dict[str, Any]) -> int:
+    async def open_alert(self, alert: NewAlert) -> int:
         now = time.time()
-        values = known_columns({"state": "open", "opened_at": now, "updated_at": now, **row}, ALERT_COLUMNS,
-                               "open_alert")
+        values = {**columns_of(alert), "state": "open",
+                  "opened_at": now if alert.opened_at is None else alert.opened_at,
+                  "updated_at": now if alert.updated_at is None else alert.updated_at}
         return int(await self._value(insert("alerts", values) + " RETURNING id", list(values.values())))
 
     async def update_alert(self, alert_id: int, **fields: Any) -> None:
         sets = known_columns({"updated_at": time.time(), **fields}, ALERT_COLUMNS, "update_alert")
         await self._exec(f"UPDATE alerts SET {assignments(sets)} WHERE id = ?", [*sets.values(), alert_id])
 
-    async def open_alerts(self, cluster: str | None = None) -> list[dict[str, Any]]:
+    async def open_alerts(self, cluster: str | None = None) -> list[AlertRecord]:
         where, params = ("state = 'open' AND cluster = ?", [cluster]) if cluster else ("state = 'open'", [])
-        return await self._rows(f"SELECT * FROM alerts WHERE {where} ORDER BY id", params)
+        return [AlertRecord.of(r) for r in await self._rows(f"SELECT * FROM alerts WHERE {where} ORDER BY id", params)]
 
     async def prune_alerts(self, resolved_before: float) -> int:
         return await self._exec("DELETE FROM alerts WHERE state = 'resolved' AND resolved_at < ?", [resolved_before])
@@ -438,8 +466,9 @@ class SqlStore(Store):
     async def clear_mute(self, cluster: str) -> bool:
         return await self._exec('DELETE FROM mutes WHERE cluster = ? AND "until" > ?', [cluster, time.time()]) == 1
 
-    async def mutes(self) -> list[dict[str, Any]]:
-        return await self._rows('SELECT * FROM mutes WHERE "until" > ? ORDER BY cluster', [time.time()])
+    async def mutes(self) -> list[Mute]:
+        return [Mute.of(r) for r in await self._rows('SELECT * FROM mutes WHERE "until" > ? ORDER BY cluster',
+                                                     [time.time()])]
 
     # -- manual stages: the database's clock ------------------------------
 
@@ -468,6 +497,25 @@ class SqlStore(Store):
         row = await self._row("SELECT * FROM stages WHERE plan_id = ? AND stage = ?", [plan_id, key])
         return Stage.of(row) if row else None
 
+    async def cancel_stage(self, plan_id: str, user: str, reason: str) -> Stage | None:
+        async def work(c: Connection) -> Stage | None:
+            # The stage rows locked first, as confirm_stage locks them: of a cancel and a confirmation, one wins.
+            rows = await c.rows("SELECT * FROM stages WHERE plan_id = ? AND closed_at IS NULL AND confirmed_by IS NULL"
+                                f"{self.dialect.for_update}", [plan_id])
+            if not rows:
+                return None
+            now = float(await c.value(f"SELECT {self.dialect.now}"))
+            sets = {"state": str(PlanState.CANCELLED), "decided_by": user, "decided_at": now, "error": reason,
+                    "finished_at": now, "updated_at": now}
+            if await c.execute(f"UPDATE plans SET {assignments(sets)} WHERE id = ? AND state = ?",
+                               [*sets.values(), plan_id, str(PlanState.RUNNING)]) != 1:
+                return None
+            stage = Stage.of(rows[0])
+            await c.execute("UPDATE stages SET closed_at = ? WHERE plan_id = ? AND stage = ?",
+                            [now, plan_id, stage.key])
+            return replace(stage, closed_at=now)
+        return await self._run(work, transaction=True)
+
     async def confirm_stage(self, plan_id: str, user: str, key: str | None, settle: float) -> StageAnswer:
         async def work(c: Connection) -> StageAnswer:
             # The plan's stage rows locked first: a racing confirmation, or the stage opening, waits for this one.
@@ -483,6 +531,19 @@ class SqlStore(Store):
             return StageAnswer(Confirmation.CONFIRMED, replace(current, confirmed_by=user, confirmed_at=now), now)
         return await self._run(work, transaction=True)
 
+    # -- outbox -----------------------------------------------------------
+
+    async def queue_post(self, channel: str, plan_id: str | None, text: str) -> None:
+        await self._exec("INSERT INTO outbox (at, channel, plan_id, text) VALUES (?, ?, ?, ?)",
+                         [time.time(), channel, plan_id, text])
+
+    async def queued_posts(self, limit: int = 50) -> list[QueuedPost]:
+        rows = await self._rows("SELECT * FROM outbox WHERE posted_at IS NULL ORDER BY id LIMIT ?", [limit])
+        return [QueuedPost.of(r) for r in rows]
+
+    async def mark_posted(self, post_id: int) -> None:
+        await self._exec("UPDATE outbox SET posted_at = ? WHERE id = ?", [time.time(), post_id])
+
     # -- audit ----------------------------------------------------------
 
     async def audit(self, action: str, *, user: str = "", channel: str = "", cluster: str = "",
@@ -494,14 +555,13 @@ class SqlStore(Store):
             await c.lock(AUDIT_LOCK)
             last = await c.row("SELECT id, hash, key_id FROM audit ORDER BY id DESC LIMIT 1")
             self._check_key(last)
-            row: dict[str, Any] = {"id": int(last["id"]) + 1 if last else 1, "ts": round(time.time(), 6),
-                                   "user": user, "channel": channel, "cluster": cluster, "action": action,
-                                   "detail": detail_text}
+            entry = AuditEntry(id=int(last["id"]) + 1 if last else 1, ts=round(time.time(), 6), user=user,
+                               channel=channel, cluster=cluster, action=action, detail=detail_text)
             prev = last["hash"] if last else GENESIS
-            values = {**row, "prev_hash": prev, "hash": audit_hash(prev, row, self._audit_key),
-                      "key_id": self._audit_key_id}
+            values = columns_of(AuditRecord(**columns_of(entry), prev_hash=prev,
+                                            hash=audit_hash(prev, entry, self._audit_key), key_id=self._audit_key_id))
             await c.execute(insert("audit", values), list(values.values()))
-            return int(row["id"])
+            return entry.id
         return await self._run(work, transaction=True)
 
     async def continue_audit_chain(self) -> None:
@@ -523,13 +583,14 @@ class SqlStore(Store):
                                f"AND {self.dialect.json_field('detail', 'plan')} = ? LIMIT 1",
                                [action, user, plan_id]) is not None
 
-    async def audit_rows(self, since: float | None = None) -> list[dict[str, Any]]:
-        return await self._rows("SELECT * FROM audit WHERE ts >= ? ORDER BY id", [since or 0])
+    async def audit_rows(self, since: float | None = None) -> list[AuditRecord]:
+        return [AuditRecord.of(r) for r in await self._rows("SELECT * FROM audit WHERE ts >= ? ORDER BY id",
+                                                            [since or 0])]
 
     async def verify_audit(self) -> tuple[int, str | None]:
         async def work(c: Connection) -> tuple[int, str | None]:
             verifier = AuditVerifier(self._audit_key, self._audit_key_id)
-            problem = await c.scan("SELECT * FROM audit ORDER BY id", (), verifier.check)
+            problem = await c.scan("SELECT * FROM audit ORDER BY id", (), lambda r: verifier.check(AuditRecord.of(r)))
             return (verifier.n, problem) if problem is not None else verifier.result(())
         return await self._run(work)
 

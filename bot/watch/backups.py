@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from bot.config import ClusterConfig
 from bot.domain.cluster import ClusterHealth
+from bot.domain.snapshot import RemoteState, SnapshotRecord
 from bot.ops.context import BotContext
 from bot.store.base import StoreError
 from bot.watch.conditions import Condition, Facts, Finding, register
@@ -35,7 +35,7 @@ class Catalog:
     """What the condition needs of a cluster's catalog."""
 
     since: float                                  # the watch started looking at this cluster
-    rows: tuple[Mapping[str, Any], ...] = ()      # the newest unpruned snapshots, newest first
+    rows: tuple[SnapshotRecord, ...] = ()         # the newest unpruned snapshots, newest first
 
 
 async def fetch(ctx: BotContext, cluster: ClusterConfig, health: ClusterHealth | None) -> Catalog | None:
@@ -59,9 +59,9 @@ def _age(seconds: float) -> str:
     return f"{seconds / 60:.0f} min"
 
 
-def last_upload(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+def last_upload(rows: Sequence[SnapshotRecord]) -> SnapshotRecord | None:
     """The newest snapshot whose off-site upload ended (verified or failed)."""
-    return next((r for r in rows if r.get("remote_state") in ("verified", "failed")), None)
+    return next((r for r in rows if r.remote_state in (RemoteState.VERIFIED, RemoteState.FAILED)), None)
 
 
 def backup_missed(f: Facts) -> list[Finding] | None:
@@ -74,20 +74,20 @@ def backup_missed(f: Facts) -> list[Finding] | None:
     name = f.cluster.name
     found = []
     newest = f.newest_snapshot
-    age = f.now - (newest["created_at"] if newest else catalog.since)
+    age = f.now - (newest.created_at if newest else catalog.since)
     if age > MISSED_AFTER * every:
-        newest_text = (f"{str(newest['path']).rsplit('/', 1)[-1]}, {_age(age)} old" if newest
+        newest_text = (f"{newest.path.rsplit('/', 1)[-1]}, {_age(age)} old" if newest
                        else f"none recorded (watched for {_age(age)})")
         found.append(Finding("backup_missed", "schedule",
                              f"no verified snapshot for {_age(age)}; the schedule takes one every {_age(every)}",
                              figures=(("newest verified snapshot", newest_text), ("schedule", f"every {_age(every)}")),
                              suggestions=(f"/etcd snapshot {name}", f"/etcd snapshots {name}")))
     upload = last_upload(catalog.rows)
-    if upload is not None and upload.get("remote_state") == "failed":
-        file = str(upload["path"]).rsplit("/", 1)[-1]
+    if upload is not None and upload.remote_state == RemoteState.FAILED:
+        file = upload.path.rsplit("/", 1)[-1]
         found.append(Finding("backup_missed", "upload",
-                             f"the off-site upload of {file} failed: {upload.get('remote_error') or 'no reason given'}",
-                             figures=(("snapshot", file), ("taken", _age(f.now - upload["created_at"]) + " ago")),
+                             f"the off-site upload of {file} failed: {upload.remote_error or 'no reason given'}",
+                             figures=(("snapshot", file), ("taken", _age(f.now - upload.created_at) + " ago")),
                              suggestions=(f"/etcd snapshot {name}", f"/etcd snapshots {name}")))
     return found
 

@@ -37,6 +37,7 @@ from bot.domain import shell
 from bot.domain.cluster import ClusterHealth, MemberHealth
 from bot.domain.plan import PlanKind, PlanState
 from bot.domain.record import PlanRecord
+from bot.domain.snapshot import SnapshotRecord
 from bot.domain.urls import Endpoint, read_url, shown_urls
 from bot.output.units import humanize_bytes
 
@@ -54,7 +55,7 @@ class Facts:
     health: ClusterHealth | None                          # None: no member gave a member list
     error: str | None = None                              # why health is None
     quotas: Mapping[int, int] = field(default_factory=dict)   # backend quota bytes by member ID (from /metrics)
-    newest_snapshot: Mapping[str, Any] | None = None      # the newest verified, unpruned catalog row
+    newest_snapshot: SnapshotRecord | None = None         # the newest verified, unpruned catalog row
     leader_changes: int = 0                               # leader changes seen within LEADER_WINDOW
     extra: Mapping[str, Any] = field(default_factory=dict)  # the probes' last results, by probe name
 
@@ -213,7 +214,7 @@ def member_down(f: Facts) -> list[Finding] | None:
     taken = {h.member.name for h in health.members if h.member.name}
 
     def down(h: MemberHealth) -> Finding | None:
-        if h.reachable:
+        if h.reachable or h.refused or h.defragmenting:  # it answers (refusing the bot, or busy): it is not down
             return None
         label = member_label(h)
         replace = shell.command(["/etcd", "replace", label, next_name(h.member.name, taken),
@@ -248,12 +249,12 @@ def quorum_lost(f: Facts) -> list[Finding] | None:
     name = f.cluster.name
     if f.health is None:
         return None   # nothing answers: `unreachable` says so; whether quorum is lost cannot be told from here
-    if f.health.quorum.ok:
+    if f.health.quorum.ok or not f.health.quorum.known:
         return []
     snap = f.newest_snapshot
-    restore = shell.command(["/etcd", "restore", str(snap["path"]).rsplit("/", 1)[-1], "--cluster", name] if snap
+    restore = shell.command(["/etcd", "restore", snap.path.rsplit("/", 1)[-1], "--cluster", name] if snap
                             else ["/etcd", "snapshots", name])
-    figures = [("newest verified snapshot", f"{str(snap['path']).rsplit('/', 1)[-1]} (revision {snap['revision']})"
+    figures = [("newest verified snapshot", f"{snap.path.rsplit('/', 1)[-1]} (revision {snap.revision})"
                 if snap else "none recorded")]
     figures.insert(0, ("quorum", _quorum(f.health)))
     return [Finding("quorum_lost", "cluster", "too few healthy voters: etcd refuses every write",

@@ -27,9 +27,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bot.config import ClusterConfig
-from bot.domain.cluster import DEFAULT_QUOTA, ClusterHealth
+from bot.domain.cluster import ClusterHealth, backend_quota
 from bot.domain.errors import EtcdError
-from bot.domain.record import PlanRecord
+from bot.domain.record import AlertRecord, NewAlert, PlanRecord
 from bot.etcd.member_metrics import cluster_metrics
 from bot.ops.context import BotContext
 from bot.ops.notify import NotifyFailed
@@ -67,12 +67,13 @@ def register_probe(probe: Probe) -> Probe:
 
 
 async def _quotas(ctx: BotContext, cluster: ClusterConfig, health: ClusterHealth | None) -> dict[int, int] | None:
-    """Each reachable member's backend quota (etcd shows it only in /metrics)."""
+    """Each reachable member's backend quota (in Status since etcd 3.6, before only in /metrics)."""
     if health is None:
         return None
-    found = await cluster_metrics(ctx.client(cluster), health)
-    quotas = {mid: m.quota_bytes or DEFAULT_QUOTA for mid, m in found.items() if not isinstance(m, str)}
-    return quotas or None
+    found = await cluster_metrics(ctx.client(cluster), health, for_quota=True)
+    quotas = {h.member.id: backend_quota(h.status, found.get(h.member.id)) for h in health.members}
+    return {mid: quota for mid, (quota, why) in quotas.items()
+            if quota and (why is None or not isinstance(found.get(mid), str))} or None
 
 
 register_probe(Probe("quotas", _quotas, 300.0))
@@ -154,12 +155,12 @@ class Watcher:
         """The cluster's open alerts from the store: their messages are edited, not posted again."""
         state = ClusterWatch(Tracker(cluster.watch.grace_seconds, jitter=min(1.0, cluster.watch.interval_seconds / 10)))
         for row in await self.ctx.store.open_alerts(cluster.name):
-            finding = Finding.from_json({**json.loads(row["detail"] or "{}"), "kind": row["condition"],
-                                         "subject": row["subject"]})
+            finding = Finding.from_json({**json.loads(row.detail or "{}"), "kind": row.condition,
+                                         "subject": row.subject})
             if finding.key not in state.tracker.tracks:
-                state.tracker.restore(finding, row["opened_at"], row["flaps"])
+                state.tracker.restore(finding, row.opened_at, row.flaps)
             state.posted.setdefault(finding.key, []).append(
-                Posted(row["id"], row["channel"], row["message_ts"]))   # edited in the first round: watched again
+                Posted(row.id, row.channel or "", row.message_ts))   # edited in the first round: watched again
         return state
 
     # ---------------------------------------------------------------- one round
@@ -181,7 +182,7 @@ class Watcher:
         self._report(cluster, state, [(f.key, f.error) for f in verdicts.failures], within=CONDITIONS)
         plan: PlanRecord | None = await self._quiet(self.ctx.store.open_plan(cluster.name), None)
         mutes = await self._quiet(self.ctx.store.mutes(), [])
-        muted = any(m["cluster"] == cluster.name for m in mutes)
+        muted = any(m.cluster == cluster.name for m in mutes)
         decisions = state.tracker.step(verdicts.findings, verdicts.unknown, facts.now,
                                        postable=lambda f: not muted and not expected(plan, f), unsure=verdicts.unsure)
         state.held = [(t, _why_held(t.finding, muted, plan, cluster)) for t in state.tracker.tracks.values()
@@ -294,10 +295,9 @@ class Watcher:
             rows = state.posted[key] = []
             for channel in cluster.channels:
                 ts = await self._post(channel, reply)
-                row = {"cluster": cluster.name, "condition": key[0], "subject": key[1], "opened_at": view.opened_at,
-                       "updated_at": now, "channel": channel, "message_ts": ts, "detail": detail,
-                       "flaps": track.flaps}
-                rows.append(Posted(await self._quiet(store.open_alert(row), None), channel, ts, shown, now))
+                alert = NewAlert(cluster=cluster.name, condition=key[0], subject=key[1], opened_at=view.opened_at,
+                                 updated_at=now, channel=channel, message_ts=ts, detail=detail, flaps=track.flaps)
+                rows.append(Posted(await self._quiet(store.open_alert(alert), None), channel, ts, shown, now))
             return
         rows = state.posted.get(key, [])
         for p in rows:
@@ -348,16 +348,16 @@ def _shown(finding: Finding, flaps: int) -> str:
     return json.dumps([finding.to_json(), flaps], separators=(",", ":"))
 
 
-def open_views(cluster: str, rows: list[dict[str, Any]], now: float) -> list[AlertView]:
+def open_views(cluster: str, rows: list[AlertRecord], now: float) -> list[AlertView]:
     """The open alerts in the store as views, one per condition (a row is one channel's message)."""
     views: dict[tuple[str, str], AlertView] = {}
     for row in rows:
-        f = Finding.from_json({**json.loads(row["detail"] or "{}"), "kind": row["condition"],
-                               "subject": row["subject"]})
+        f = Finding.from_json({**json.loads(row.detail or "{}"), "kind": row.condition,
+                               "subject": row.subject})
         views.setdefault(f.key, AlertView(cluster=cluster, condition=f.kind, title=title(f.kind), subject=f.subject,
                                           summary=f.summary, figures=f.figures, suggestions=f.suggestions,
-                                          opened_at=row["opened_at"], now=now, flaps=row["flaps"],
-                                          flapping=row["flaps"] >= FLAP_MIN))
+                                          opened_at=row.opened_at, now=now, flaps=row.flaps,
+                                          flapping=row.flaps >= FLAP_MIN))
     return list(views.values())
 
 

@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from bot.domain.plan import PlanState
-from bot.domain.record import PlanRecord
+from bot.domain.record import AuditRecord, PlanRecord
 from bot.domain.replace import ReplacePlan
 from bot.domain.restore import RestorePlan
+from bot.domain.snapshot import RemoteState, SnapshotRecord
 from bot.testing import netbed
 from helpers import live_markup, text_of
 from robustness.harness import World
@@ -34,7 +35,7 @@ class Evidence:
     final_keys: set[str] | None = None
     final_revision: int = 0
     last_snapshot: str = ""                             # the answer to the snapshot taken after the heal
-    snapshots: list[dict[str, Any]] = field(default_factory=list)  # the catalog then
+    snapshots: list[SnapshotRecord] = field(default_factory=list)  # the catalog then
 
 
 @dataclass(frozen=True)
@@ -64,22 +65,22 @@ async def check_all(world: World, ev: Evidence) -> list[str]:
     return violations
 
 
-async def _steps(world: World, ev: Evidence, audit: list[dict[str, Any]]) -> list[Ran]:
+async def _steps(world: World, ev: Evidence, audit: list[AuditRecord]) -> list[Ran]:
     assert world.store is not None
     counts: Counter[tuple[str, str, str]] = Counter()
     for row in audit:
-        detail = json.loads(row["detail"] or "{}")
-        if row["action"] == "step_done":
+        detail = json.loads(row.detail or "{}")
+        if row.action == "step_done":
             counts[(detail.get("plan", ""), detail.get("step", ""), "done")] += 1
-        elif row["action"] == "step_failed" and not detail.get("precondition"):
+        elif row.action == "step_failed" and not detail.get("precondition"):
             counts[(detail.get("plan", ""), detail.get("step", ""), "failed")] += 1
-        elif row["action"] in ("plan_taken_over", "plan_interrupted"):  # the step may have acted, and runs again
+        elif row.action in ("plan_taken_over", "plan_interrupted"):  # the step may have acted, and runs again
             counts[(detail.get("plan", ""), detail.get("step", ""), "failed")] += 1
     out = []
     for p in ev.plans:
         for st in await world.store.steps(p.id):
-            done, failed = counts[(p.id, st["key"], "done")], counts[(p.id, st["key"], "failed")]
-            out.append(Ran(p, st["key"], float(st["started_at"]), float(st["finished_at"] or st["started_at"]),
+            done, failed = counts[(p.id, st.key, "done")], counts[(p.id, st.key, "failed")]
+            out.append(Ran(p, st.key, st.started_at, st.finished_at or st.started_at,
                            done, done + failed))
     return out
 
@@ -201,12 +202,12 @@ def snapshots_kept(ev: Evidence) -> list[str]:
         return [f"4: the snapshot taken after every fault healed did not succeed: {ev.last_snapshot}"]
     out = []
     for row in ev.snapshots:
-        name = Path(row["path"]).name
-        if not Path(row["path"]).is_file():
+        name = Path(row.path).name
+        if not Path(row.path).is_file():
             out.append(f"4: the catalog keeps {name} and its file is gone")
-        elif row.get("remote_state") != "verified":
-            out.append(f"4: {name} is {row.get('remote_state') or 'not uploaded'} off-site after the heal and a later "
-                       f"snapshot's retry: {row.get('remote_error')}")
+        elif row.remote_state is not RemoteState.VERIFIED:
+            out.append(f"4: {name} is {row.remote_state or 'not uploaded'} off-site after the heal and a later "
+                       f"snapshot's retry: {row.remote_error}")
     return out
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from bot.config import ClusterConfig
 from bot.domain.cluster import Member
@@ -18,7 +18,7 @@ from bot.domain.errors import EtcdError, Refusal
 from bot.domain.plan import PlanKind, Step
 from bot.domain.quorum import QuorumEvidence, QuorumVerdict
 from bot.domain.restore import Membership, RestoreMember, RestorePlan
-from bot.domain.snapshot import SnapshotRef
+from bot.domain.snapshot import SnapshotRecord, SnapshotRef
 from bot.ops.outcome import Outcome, open_plan_refusal, refused
 from bot.ops.proposals import publish_plan
 from bot.ops.restorable import restorable
@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # the context is gRPC's; the planning above it is not
     from bot.ops.context import BotContext
 
 
-def choose_snapshot(rows: Sequence[dict[str, Any] | SnapshotRef], wanted: str | None, *,
+def choose_snapshot(rows: Sequence[SnapshotRecord | SnapshotRef], wanted: str | None, *,
                     foreign_ok: bool = False, encrypted_only: bool = False) -> tuple[SnapshotRef, tuple[str, ...]]:
     """The snapshot asked for (file name or revision), else the newest the catalog knows; and the names of
     the bot's own newer ones. `rows`: the cluster's verified snapshots (catalog rows, or refs from the
@@ -130,7 +130,7 @@ async def propose_restore(ctx: BotContext, cluster: ClusterConfig, wanted: str |
     if open_plan:
         return open_plan_refusal(open_plan.id, open_plan.state)
     last = await store.last_membership(cluster.name)
-    recorded = [Member.from_json(m) for m in last[0]] if last else []
+    recorded = list(last.members) if last else []
     # "I cannot reach it" is not "quorum lost": the gate wants evidence (bot.ops.restore.quorum)
     evidence, health = await weigh(ctx, cluster, recorded)
     current = None
@@ -144,7 +144,7 @@ async def propose_restore(ctx: BotContext, cluster: ClusterConfig, wanted: str |
         membership = _membership([h.member for h in health.members], "live", health.checked_at)
         version = next((h.status.version for h in health.members if h.status), "")
     else:  # nothing answers: the recorded membership says who the members are
-        membership = _membership(recorded, "recorded", last[1] if last else 0.0)
+        membership = _membership(recorded, "recorded", last.seen_at if last else 0.0)
         version = ""
     try:
         snapshot, newer = choose_snapshot(await restorable(ctx, cluster), wanted, foreign_ok=force,
