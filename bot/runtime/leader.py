@@ -36,7 +36,10 @@ async def lead(ctx: BotContext) -> None:
                 try:
                     await take_over(ctx)
                 except Exception:
-                    log.exception("taking over the plans of the previous leader failed")
+                    # A plan not taken over now would wait for the next tenure: step down, so that the next
+                    # renewal begins one and tries again.
+                    me.lost()
+                    log.exception("taking over the plans of the previous leader failed; stepped down to try again")
         if me.is_leader():
             try:
                 await pick_up(ctx)

@@ -65,7 +65,7 @@ HEALTH_TIMEOUT = 1.0       # the cluster's timeout_seconds: a black-holed member
 TMPFS_SIZE = "96m"         # the snapshot directory's filesystem: room for a few NOSPACE-sized snapshots
 OK = "white_check_mark"
 APPROVAL = {"approvers": [LEAD, ONCALL], "approver_groups": [LEADS_GROUP], "ttl_minutes": 30, "reaction": OK,
-            "reject_reaction": "x", "restore_approvals": 2}
+            "reject_reaction": "x", "restore": {"approvals_needed": 2}}
 # The Web API methods the bot calls: a Slack outage fails them all.
 SLACK_METHODS = ("chat.postMessage", "chat.update", "chat.postEphemeral", "chat.getPermalink", "chat.delete",
                  "reactions.add", "reactions.remove", "users.info", "usergroups.users.list", "conversations.info",
