@@ -34,6 +34,7 @@ from helpers import (
     hold_at,
     live_markup,
     members_of,
+    must,
     open_store,
     plan_row,
     propose,
@@ -144,7 +145,7 @@ async def test_the_bot_killed_between_remove_and_add_resumes_without_repeating(m
         await asyncio.to_thread(bot.stop)
     async with open_store(tmp_path) as store:
         actions = await audit_actions(store, row["id"])
-        final = await store.plan(row["id"])
+        final = must(await store.plan(row["id"]))
     assert actions.count(("step_done", "remove")) == 1 and actions.count(("step_done", "add")) == 1
     members = await members_of(c)
     assert sorted(h.member.name for h in members) == ["member2", "member3", "member4"]

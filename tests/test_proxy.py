@@ -28,7 +28,7 @@ async def echo_proxy() -> AsyncIterator[FaultyProxy]:
         await server.wait_closed()
 
 
-async def test_bytes_pass_are_held_while_stalled_and_flow_after(echo_proxy):
+async def test_bytes_pass_are_held_while_stalled_and_flow_after(echo_proxy: FaultyProxy) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", echo_proxy.port)
     writer.write(b"one")
     assert await asyncio.wait_for(reader.readexactly(3), 5) == b"one"
@@ -41,7 +41,7 @@ async def test_bytes_pass_are_held_while_stalled_and_flow_after(echo_proxy):
     writer.close()
 
 
-async def test_refusing_cuts_open_connections_and_refuses_new_ones(echo_proxy):
+async def test_refusing_cuts_open_connections_and_refuses_new_ones(echo_proxy: FaultyProxy) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", echo_proxy.port)
     echo_proxy.refuse()
     assert await asyncio.wait_for(reader.read(10), 5) == b""  # cut

@@ -11,12 +11,14 @@ import sys
 import time
 import urllib.request
 from contextlib import closing
+from pathlib import Path
 
 from bot.config import load_config
 from bot.domain.record import NewAlert
 from bot.etcd.client import EtcdClient
 from bot.ops.context import BotContext
 from bot.ops.notify import PlainDirectory, PlainNotifier
+from bot.output.blocks import Reply
 from bot.testing.slack import Message, SlackStandIn
 from bot.testing.workspace import CHANNEL, LEAD, cluster_table, write_config
 from bot.watch.conditions import CONDITIONS, Condition, Facts, Finding
@@ -256,17 +258,17 @@ async def test_leader_churn_suggests_perf(make_cluster, slack, start_bot):
 async def test_only_a_replica_that_should_watch_posts(make_cluster, tmp_path):
     """Leader only: the watcher asks `should_watch` every round (with replicas: am I the leader?)."""
     c = make_cluster(3)
-    ctx = await BotContext.open(load_config(write_config(tmp_path, [watched("prod", c)])), PlainNotifier(),
-                                PlainDirectory())
+    notifier = PlainNotifier()
+    ctx = await BotContext.open(load_config(write_config(tmp_path, [watched("prod", c)])), notifier, PlainDirectory())
     leading = False
     task = asyncio.create_task(Watcher(ctx, should_watch=lambda: leading).run())
     try:
         killed = time.monotonic()
         c.kill("member1")
         await eventually(lambda: time.monotonic() - killed > INTERVAL + GRACE + 1, 10, "time for an alert")
-        assert not ctx.notifier.lines, "posted without being the leader"
+        assert not notifier.lines, "posted without being the leader"
         leading = True
-        await eventually(lambda: any("MEMBER DOWN member1" in line for line in ctx.notifier.lines),
+        await eventually(lambda: any("MEMBER DOWN member1" in line for line in notifier.lines),
                          INTERVAL + GRACE + MARGIN, "the alert once leading")
     finally:
         task.cancel()
@@ -330,7 +332,8 @@ async def test_a_check_that_raises_is_logged_once_counted_and_costs_only_its_own
         raise ValueError("Port out of range 0-65535")
     monkeypatch.setitem(CONDITIONS, "broken", Condition("broken", "broken", broken))
     config = load_config(write_config(tmp_path, [watched("prod", c)]))
-    ctx = await BotContext.open(config, PlainNotifier(), PlainDirectory())
+    notifier = PlainNotifier()
+    ctx = await BotContext.open(config, notifier, PlainDirectory())
     now = [time.time()]
     watcher = Watcher(ctx, should_watch=lambda: True, clock=lambda: now[0])   # time moved, not waited for
     try:
@@ -338,7 +341,7 @@ async def test_a_check_that_raises_is_logged_once_counted_and_costs_only_its_own
             for _ in range(3):
                 await watcher.round(config.clusters[0])
                 now[0] += GRACE + INTERVAL
-            assert any("MEMBER DOWN member1" in line for line in ctx.notifier.lines), ctx.notifier.lines
+            assert any("MEMBER DOWN member1" in line for line in notifier.lines), notifier.lines
             logged = [r for r in caplog.records if r.getMessage().startswith("watch: check failed")]
             assert [(r.ctx_condition, r.ctx_subject) for r in logged] == [("broken", None)]   # once, not per round
             assert logged[0].exc_info and "Port out of range" in str(logged[0].exc_info[1])
@@ -349,6 +352,48 @@ async def test_a_check_that_raises_is_logged_once_counted_and_costs_only_its_own
             assert [r for r in caplog.records if r.getMessage() == "watch: check works again"]
             assert 'condition="broken"} 3.0' in ctx.metrics.exposition().decode()
     finally:
+        await ctx.close()
+
+
+class HeldNotifier(PlainNotifier):
+    """Posts only once `release` is set: the moment a replica stops while Slack takes its time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.posting, self.release = asyncio.Event(), asyncio.Event()
+
+    async def channel_message(self, channel: str, reply: Reply) -> str:
+        self.posting.set()
+        await self.release.wait()
+        return await super().channel_message(channel, reply)
+
+
+async def test_a_replica_stopped_while_it_posts_an_alert_still_records_it(make_cluster, tmp_path: Path) -> None:
+    """The record of an alert is what a restarted bot edits instead of posting it again: stopping the watch
+    between the post and the record lost it, and the next leader posted the alert a second time."""
+    c = make_cluster(3)
+    c.kill("member1")
+    config = load_config(write_config(tmp_path, [watched("prod", c)]))
+    notifier = HeldNotifier()
+    ctx = await BotContext.open(config, notifier, PlainDirectory())
+    now = [time.time()]
+    watcher = Watcher(ctx, should_watch=lambda: True, clock=lambda: now[0])
+
+    async def rounds() -> None:
+        while True:
+            await watcher.round(config.clusters[0])
+            now[0] += GRACE + INTERVAL
+
+    task = asyncio.create_task(rounds())
+    try:
+        await asyncio.wait_for(notifier.posting.wait(), 30)
+        task.cancel()   # the replica stops: Runtime.stop cancels the watch and waits for it
+        notifier.release.set()
+        await asyncio.gather(task, return_exceptions=True)
+        rows = await ctx.store.open_alerts("prod")
+        assert [(r.condition, r.subject, r.message_ts) for r in rows] == [("member_down", "member1", "plain.1")]
+    finally:
+        task.cancel()
         await ctx.close()
 
 
