@@ -608,8 +608,12 @@ class World:
                     with contextlib.suppress(ClusterError):
                         await asyncio.to_thread(c.restart, member, 10.0)
                         revived.append(member)
-                self.truth.set(member, "failed", False)
-            record.note = f"restarted {', '.join(revived) or 'none'} by {time.time():.2f}"
+                # Healthy again only if it runs: a member that did not come back (a restore's stop step may
+                # stop it while it starts) is still down, and the quorum the bot is judged by must say so.
+                self.truth.set(member, "failed", not c.running(member))
+            down = [m for m in self.s.failed if not c.running(m)]
+            record.note = (f"restarted {', '.join(revived) or 'none'} by {time.time():.2f}"
+                           + (f"; still down: {', '.join(down)}" if down else ""))
             return None
         raise AssertionError(f"no such fault: {k}")
 
