@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 # those sharing a module-scoped fixture together (tests/conftest.py).
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test test-fast lint bench install clean node etcd shell
+.PHONY: demo test test-fast lint bench install clean node etcd shell robustness
 
 $(BIN)/python:
 	@test -n "$(PYTHON)" || { echo "etcd-chatops needs Python >= 3.11 (set PYTHON=/path/to/python3.11)"; exit 2; }
@@ -61,11 +61,18 @@ test: lint node etcd
 	sh scripts/install-sshd.sh
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
+# The nemesis (tests/robustness/README.md): random faults during real operations, invariants checked after
+# each seed. Without arguments the few seeds the suite runs too; SEEDS=200 the first 200 (the soak); SEED=17
+# replays one.
+robustness: install node etcd
+	sh scripts/install-postgres.sh
+	ROBUSTNESS_SEEDS="$(SEEDS)" ROBUSTNESS_SEED="$(SEED)" $(BIN)/python -m pytest tests/robustness $(PYTEST_ARGS)
+
 # The pure tests only (no etcd, no bot, no stand-in, no long fuzzing): a quick check while editing. In as
 # many processes as `make test`: a third of their time is interpreters the tests start (the CLI's exit statuses,
 # fresh imports), which two cores run side by side.
 test-fast: install
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup -m "not e2e and not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup -m "not e2e and not slow" --ignore=tests/robustness $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python bench/run_all.py

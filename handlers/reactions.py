@@ -37,7 +37,7 @@ def register(app: AsyncApp, ctx: BotContext) -> None:
             if event_id and not await ctx.store.first_delivery(event_id):
                 log.info("duplicate event ignored", extra={"ctx_event_id": event_id})
                 return
-            record = await ctx.store.plan_by_message(channel, ts)
+            record = await lifecycle.plan_reacted_to(ctx, channel, ts, reaction)
             if record is not None:
                 await lifecycle.on_reaction(ctx, record, user, reaction)
         except StoreError as e:

@@ -32,6 +32,7 @@ from helpers import (
     audit_actions,
     ephemeral,
     hold_at,
+    live_markup,
     members_of,
     must,
     open_store,
@@ -135,6 +136,9 @@ async def test_the_bot_killed_between_remove_and_add_resumes_without_repeating(m
         slack.bot_url = bot.url
         await slack.wait_for(lambda: any("was interrupted at step 3" in m.text for m in replies(slack, plan)),
                              timeout=20, what="the interruption notice")  # (released at once: SQLite, a dead process)
+        assert not [live_markup(m) for m in replies(slack, plan) if live_markup(m)]  # `<reason>` is escaped
+        listed = text_of(await reply(slack, "plans"))  # the one line that says why it stopped
+        assert f"{row['id']}` INTERRUPTED" in listed and "interrupted at step 3 (add) when the bot stopped" in listed
         await ephemeral(slack, f"resume {row['id']}", user=LEAD)
         await slack.wait_for(lambda: any(f"Plan {row['id']} is done" in m.text for m in replies(slack, plan)),
                              timeout=120, what="the resumed plan to finish")

@@ -97,10 +97,11 @@ async def replicas(postgres: LocalPostgres, slack, creds, tmp_path,
     started: list[BotProcess] = []
     stores: list[Store] = []
 
-    async def start(clusters: list[dict], n: int = 2, pg: LocalPostgres | None = None, **top) -> Replicas:
+    async def start(clusters: list[dict], n: int = 2, pg: LocalPostgres | None = None,
+                    lease_seconds: float = LEASE_SECONDS, **top) -> Replicas:
         pg = pg or postgres
         config = write_config(tmp_path, clusters, database=pg.create_database(), database_password_env=PASSWORD_ENV,
-                              replicas={"lease_seconds": LEASE_SECONDS}, **top)
+                              replicas={"lease_seconds": lease_seconds}, **top)
         env = pg.env()
 
         def spawn(i: int) -> BotProcess:
@@ -292,6 +293,38 @@ async def test_postgresql_restarted_while_idle_both_replicas_reconnect_and_answe
     for bot in group.bots:  # and both are back to normal
         assert "HEALTHY" in text_of(await reply(slack, "status", to=bot.url))
     assert await group.leader() in group.bots
+
+
+async def test_postgresql_down_while_a_plan_runs_the_leader_takes_it_up_again(make_cluster, slack, own_postgres,
+                                                                               replicas):
+    """PostgreSQL goes away between two steps of a replacement, for less than the lease: the leader's run cannot
+    record its progress, so the leader steps down and its next tenure takes the plan over, re-checking the step in
+    flight; the plan ends done. Before, the run died with the database's error and the plan stayed running with
+    the leader still leading, which takes plans over only at a new tenure: stuck for good."""
+    c = make_cluster(3)
+    group = await replicas([cluster_table("prod", c)], n=1, pg=own_postgres, lease_seconds=12,
+                           approval=APPROVAL, database_timeout_seconds=0.5)
+    c.kill("member1")
+    gate = hold_at(slack, 3)  # holds the run before the add
+    peer, client = urls()
+    plan = await propose(slack, f"replace member1 member4 {peer} --client-url {client}", to=group.bots[0].url)
+    row = await plan_row(group.store, plan)
+    await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK, to=group.bots[0].url)
+    await gate.reached()
+    await asyncio.to_thread(own_postgres.stop)
+    gate.release()   # the run goes on to record the add, with the database gone
+    log = group.bots[0].log_file
+    await eventually(lambda: "background task failed" in log.read_text() or "stepped down" in log.read_text(), 30,
+                     "the run to meet the stopped database")
+    await asyncio.to_thread(own_postgres.start)
+    done = await wait_done(group.store, row["id"], timeout=45)
+    members = await members_of(c)
+    assert sorted(h.member.name for h in members) == ["member2", "member3", "member4"]
+    assert [h.member.hex_id for h in members if h.member.name == "member4"] == [done["new_member_id"]]
+    actions = await audit_actions(group.store, row["id"])
+    assert actions.count(("step_done", "remove")) == 1 and actions.count(("step_done", "add")) == 1
+    assert ("plan_taken_over", "add") in actions
+    assert any("took over plan" in m.text for m in replies(slack, plan))
 
 
 async def test_a_deposed_leader_stops_before_its_next_action_and_leaves_the_plan_running(make_cluster, slack,

@@ -25,6 +25,7 @@ from helpers import (
     ephemeral,
     eventually,
     hold_at,
+    live_markup,
     members_of,
     open_store,
     plan_of,
@@ -144,6 +145,9 @@ async def test_quorum_back_before_the_stop_stops_the_plan_with_nothing_stopped(m
     failed = await eventually(lambda: _failed(store, row.id), 60, "the plan to stop")
     assert "before step 1 (stop)" in failed.error and "quorum is back (2 of 3" in failed.error
     assert "nothing was stopped" in failed.error and c.running("member2") and c.running("member3")
+    note = await slack.wait_for(lambda: next((m for m in replies(slack, plan) if "stopped before step 1" in m.text),
+                                             None), what="the note that says why the plan stopped")
+    assert "`/etcd abandon " in note.text and not live_markup(note)  # `<reason>` escaped, not a link
 
 
 async def test_a_corrupt_snapshot_is_refused_at_step_0_with_nothing_stopped(make_cluster, slack, start_bot):

@@ -135,6 +135,16 @@ def test_the_launcher_environment_per_action():
     restore = p.environment(m, "restore", "/abs/s.db")
     assert restore["ETCD_INITIAL_CLUSTER_TOKEN"] == p.token and restore["ETCD_CHATOPS_SNAPSHOT"] == "/abs/s.db"
     assert restore["ETCD_CHATOPS_ACTION"] == "restore"
+    assert not any(k.startswith(("ETCD_CHATOPS_BUMP", "ETCD_CHATOPS_MARK")) for k in restore)  # 3.5.1: no bump
+
+
+def test_a_launcher_is_told_to_bump_the_revision_where_etcdutl_can():
+    """The check step expects the snapshot's revision plus the bump on 3.5.10 and later: the launcher's
+    restore must apply it (before, a command launcher never heard of it and every such restore failed its check)."""
+    p = plan(version="3.6.17")
+    restore = p.environment(p.members[0], "restore", "/abs/s.db")
+    assert restore["ETCD_CHATOPS_BUMP_REVISION"] == "1000000000" and restore["ETCD_CHATOPS_MARK_COMPACTED"] == "true"
+    assert "ETCD_CHATOPS_BUMP_REVISION" not in p.environment(p.members[0], "start")
 
 
 @pytest.mark.parametrize("version,bump", [("3.4.30", False), ("3.5.1", False), ("3.5.9", False), ("3.5.10", True),

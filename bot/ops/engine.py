@@ -29,7 +29,7 @@ from bot.ops.access import Access, Role
 from bot.ops.context import BotContext
 from bot.ops.launcher import Fencing
 from bot.output.blocks import PlanView, Reply
-from bot.store.base import LeaseLost
+from bot.store.base import LeaseLost, StoreError
 
 if TYPE_CHECKING:
     from bot.config import ClusterConfig, Config
@@ -253,6 +253,14 @@ async def execute(ctx: BotContext, plan_id: str, actor: str, *, from_states: Ite
         log.warning("plan left to the new leader: this replica lost the lease",
                     extra={"ctx_plan": plan_id, "ctx_error": str(e)})
         return None
+    except StoreError as e:
+        # The run cannot record its progress. Left as it is, the plan would stay running with this replica still
+        # leading, and a leader takes plans over only when a tenure begins: so it steps down, and its next renewal
+        # (or another replica) begins one and takes the plan over, re-checking the step in flight.
+        ctx.leadership.lost()
+        log.warning("plan left running and this replica stepped down: the store failed during the run",
+                    extra={"ctx_plan": plan_id, "ctx_error": str(e)})
+        return None
 
 
 class Run:
@@ -345,8 +353,8 @@ class Run:
         await refresh(self.ctx, record.id)
         stopped = f":x: Plan {record.id} stopped{' ' if before else ': '}{escape(message)}"
         if isinstance(e, FactsChanged):  # one line: what changed, and that a new plan is needed
-            await note(self.ctx, record, f"{stopped}; {e.next_action}.")
+            await note(self.ctx, record, f"{stopped}; {escape(e.next_action)}.")
         else:
-            await note(self.ctx, record, f"{stopped}\nNext: {e.next_action}")
+            await note(self.ctx, record, f"{stopped}\nNext: {escape(e.next_action)}")
         return PlanState.FAILED
 

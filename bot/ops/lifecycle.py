@@ -8,6 +8,7 @@ race is told so in the plan's thread and nothing runs twice. Approval rules
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -31,6 +32,22 @@ log = logging.getLogger(__name__)
 def reaction_name(raw: str) -> str:
     """`+1::skin-tone-2` -> `+1`: a skin tone does not change the meaning."""
     return raw.split("::", 1)[0]
+
+
+# How long an approval or rejection on a message the bot does not know yet waits for it to become a plan's:
+# the plan is posted first and its message's ts recorded right after, so a quick reaction can fall between.
+MESSAGE_RECORD_WAIT = 5.0
+
+
+async def plan_reacted_to(ctx: BotContext, channel: str, ts: str, reaction: str) -> PlanRecord | None:
+    """The plan whose message `ts` is. An approval or rejection on a message not (yet) known as a plan's
+    asks again for a few seconds, so that it is not ignored because it came before the ts was recorded."""
+    approval = ctx.config.approval
+    decisive = reaction_name(reaction) in (approval.reaction, approval.reject_reaction)
+    deadline = time.monotonic() + (MESSAGE_RECORD_WAIT if decisive else 0.0)
+    while (record := await ctx.store.plan_by_message(channel, ts)) is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    return record
 
 
 async def on_reaction(ctx: BotContext, record: PlanRecord, user: str, reaction: str) -> None:
@@ -305,18 +322,20 @@ async def pick_up(ctx: BotContext) -> None:
 
 
 async def _interrupted(ctx: BotContext, record: PlanRecord) -> bool:
-    """A plan cut off by a stop of the bot: say so in its thread; an approver decides to resume or abandon."""
-    if not await ctx.store.transition(record.id, [record.state], PlanState.INTERRUPTED,
+    """A plan cut off by a stop of the bot: say so in its thread and in its error (the one line /etcd plans
+    shows); an approver decides to resume or abandon."""
+    step = record.plan.steps[record.current_step]
+    why = f"interrupted at step {record.current_step} ({step.key}) when the bot stopped"
+    if not await ctx.store.transition(record.id, [record.state], PlanState.INTERRUPTED, error=why,
                                       fence=ctx.leadership.fence):
         return False
-    step = record.plan.steps[record.current_step]
     await ctx.store.audit("plan_interrupted", channel=record.channel, cluster=record.cluster,
                           detail={"plan": record.id, "step": step.key})
     await refresh(ctx, record.id)
     await note(ctx, record, f":warning: Plan {record.id} was interrupted at step {record.current_step} "
                             f"({escape(step.title)}) when the bot stopped. An approver can continue from that step "
                             f"with `/etcd resume {record.id}` (the cluster is re-checked first; every step is "
-                            f"safe to repeat), or close it with `/etcd abandon {record.id} <reason>`.")
+                            f"safe to repeat), or close it with `/etcd abandon {record.id} &lt;reason&gt;`.")
     return True
 
 

@@ -37,7 +37,11 @@ async def lead(ctx: BotContext) -> None:
         if now >= next_renewal:
             next_renewal = now + renew_every
             if await _renew(ctx, now):
-                await logged(log, "taking over the plans of the previous leader failed", lambda: take_over(ctx))
+                # A plan not taken over now would wait for the next tenure: step down, so that the next
+                # renewal begins one and tries again.
+                if not await logged(log, "taking over the plans of the previous leader failed; stepped down to "
+                                    "try again", lambda: take_over(ctx)):
+                    me.lost()
         if me.is_leader():
             await logged(log, "picking up approved plans failed", lambda: pick_up(ctx))
         elif me.lost():  # the tenure ran out before a renewal succeeded
@@ -46,16 +50,19 @@ async def lead(ctx: BotContext) -> None:
         await asyncio.sleep(max(0.0, min(PICKUP_SECONDS, next_renewal - time.monotonic())))
 
 
-async def logged(log: logging.Logger, failure: str, job: Callable[[], Awaitable[object]]) -> None:
+async def logged(log: logging.Logger, failure: str, job: Callable[[], Awaitable[object]]) -> bool:
     """Run one job of a background loop, whose failure never ends the loop (it tries again next time): an
     unavailable store is logged in one line (it is not a bug, and nothing is decided without it), anything
-    else with its traceback."""
+    else with its traceback. Whether the job succeeded."""
     try:
         await job()
     except StoreError as e:
         log.warning("%s: state store unavailable", failure, extra={"ctx_error": str(e)})
+        return False
     except Exception:
         log.exception(failure)
+        return False
+    return True
 
 
 async def _renew(ctx: BotContext, sent_at: float) -> bool:

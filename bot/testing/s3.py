@@ -26,8 +26,9 @@ class MotoS3:
 
     bucket: str = field(default_factory=lambda: f"etcd-backups-{secrets.token_hex(4)}")  # moto's state is per process
     port: int = field(default_factory=free_port)
-    access_key: str = field(default_factory=lambda: "AKIA" + secrets.token_hex(8).upper())
-    secret_key: str = field(default_factory=lambda: secrets.token_urlsafe(30))
+    # (repr=False: a failing test prints its fixtures, and the credentials never appear in test output)
+    access_key: str = field(default_factory=lambda: "AKIA" + secrets.token_hex(8).upper(), repr=False)
+    secret_key: str = field(default_factory=lambda: secrets.token_urlsafe(30), repr=False)
     _server: Any = None
 
     def __post_init__(self) -> None:
