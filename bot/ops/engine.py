@@ -27,7 +27,7 @@ from bot.domain.plan import Fence, PlanKind, PlanState
 from bot.domain.record import AnyPlan, PlanRecord
 from bot.ops.context import BotContext
 from bot.ops.launcher import Fencing
-from bot.output.blocks import PlanView, Reply
+from bot.output.blocks import PlanMessage, PlanView
 from bot.store.base import LeaseLost
 
 if TYPE_CHECKING:
@@ -105,7 +105,7 @@ async def hold_lease(ctx: BotContext, fence: Fence) -> None:
 # (context, record, actor, keys of the steps already started before this run) -> Operation
 OperationFactory = Callable[[BotContext, PlanRecord, str, set[str]], Operation]
 # A plan of the kind and its progress -> its message (bot.output.blocks)
-Render = Callable[[Any, PlanView], Reply]
+Render = Callable[[Any, PlanView], PlanMessage]
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,7 @@ def register(kind: PlanKind, *, render: Render) -> Callable[[type[C]], type[C]]:
     return add
 
 
-def render_plan(record: PlanRecord, view: PlanView) -> Reply:
+def render_plan(record: PlanRecord, view: PlanView) -> PlanMessage:
     """The message of a plan of any kind, as its kind renders it."""
     return KINDS[record.kind].render(record.plan, view)
 

@@ -380,6 +380,8 @@ class AlertView:
     flaps: int = 0                             # times it came back within the flap window
     flapping: bool = False
     held: str = ""                             # why the watch holds it back, unposted (muted, the bot's plan, grace)
+    offers: tuple[str, ...] = ()               # the way out it offers as a button: "replace" (its member), "restore"
+    runbook_url: str | None = None             # a runbook for it (a button links there)
 
     @property
     def resolved(self) -> bool:

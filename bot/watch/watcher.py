@@ -37,7 +37,7 @@ from bot.output import blocks
 from bot.output.model import AlertView, short_duration
 from bot.store.base import StoreError
 from bot.watch import backups, certificates
-from bot.watch.conditions import CONDITIONS, LEADER_WINDOW, Facts, Finding, evaluate, expected, title
+from bot.watch.conditions import CONDITIONS, LEADER_WINDOW, Facts, Finding, evaluate, expected, runbook, title
 from bot.watch.tracker import FLAP_MIN, Act, Decision, Key, Track, Tracker
 
 log = logging.getLogger(__name__)
@@ -278,7 +278,7 @@ class Watcher:
         return AlertView(cluster=cluster.name, condition=f.kind, title=title(f.kind), subject=f.subject,
                          summary=f.summary, figures=f.figures, suggestions=f.suggestions,
                          opened_at=track.opened_at or now, now=now, resolved_at=track.resolved_at, flaps=track.flaps,
-                         flapping=track.flapping)
+                         flapping=track.flapping, offers=f.offers, runbook_url=runbook(f.kind))
 
     async def _act(self, cluster: ClusterConfig, state: ClusterWatch, d: Decision, now: float) -> None:
         track, store, notifier = d.track, self.ctx.store, self.ctx.notifier
@@ -356,7 +356,8 @@ def open_views(cluster: str, rows: list[AlertRecord], now: float) -> list[AlertV
         views.setdefault(f.key, AlertView(cluster=cluster, condition=f.kind, title=title(f.kind), subject=f.subject,
                                           summary=f.summary, figures=f.figures, suggestions=f.suggestions,
                                           opened_at=row.opened_at, now=now, flaps=row.flaps,
-                                          flapping=row.flaps >= FLAP_MIN))
+                                          flapping=row.flaps >= FLAP_MIN, offers=f.offers,
+                                          runbook_url=runbook(f.kind)))
     return list(views.values())
 
 
