@@ -290,8 +290,10 @@ class SlackStandIn:
         self.views: dict[str, OpenView] = {}
         self.homes: dict[str, dict[str, Any]] = {}
         self.dialogs: list[dict[str, Any] | None] = []   # the confirm dialog of each click (None: none)
+        self.interactions: list[dict[str, Any]] = []     # every interactive payload delivered
         self.trigger_ttl = TRIGGER_TTL
         self._triggers: dict[str, tuple[float, str]] = {}   # trigger_id -> (issued, user)
+        self._exchanged: set[str] = set()                   # trigger_ids that opened a view already
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -1183,13 +1185,15 @@ class SlackStandIn:
         name = record.get("name", user.lower())
         return {"id": user, "username": name, "name": name, "team_id": self.team_id}
 
-    async def _deliver_interaction(self, payload: dict[str, Any], *, timeout: float,
-                                   to: str | int | None) -> Delivery:
+    async def deliver_interaction(self, payload: dict[str, Any], *, sign: bool = True,
+                                  timeout: float = DEFAULT_DELIVERY_TIMEOUT, to: str | int | None = None) -> Delivery:
         """An interactive payload as Slack sends it: the form field `payload` (HTTP), or an `interactive`
-        envelope (Socket Mode); signed like everything else."""
+        envelope (Socket Mode); signed like everything else. Every payload is kept in `interactions`, so a
+        test can deliver one again (to another replica) or unsigned."""
+        self.interactions.append(payload)
         if self._delivery_mode(to) == "http":
             return await self._deliver_http(urlencode({"payload": json.dumps(payload)}),
-                                            "application/x-www-form-urlencoded", {}, sign=True, timestamp=None,
+                                            "application/x-www-form-urlencoded", {}, sign=sign, timestamp=None,
                                             signing_secret=None, timeout=timeout, to=to)
         return await self._deliver_socket({"envelope_id": str(uuid.uuid4()), "type": "interactive",
                                            "payload": payload, "accepts_response_payload": True},
@@ -1235,7 +1239,7 @@ class SlackStandIn:
             "state": {"values": {}}, "response_url": f"{self.url}/response/{rid}", "actions": [action]}
         if msg.ephemeral_to is None:   # Slack sends the message only when it is not ephemeral
             payload["message"] = self._message_json(msg)
-        return await self._deliver_interaction(payload, timeout=timeout, to=to)
+        return await self.deliver_interaction(payload, timeout=timeout, to=to)
 
     def open_views(self, user: str | None = None) -> list[OpenView]:
         return [v for v in self.views.values() if not v.closed and (user is None or v.user == user)]
@@ -1271,7 +1275,7 @@ class SlackStandIn:
                    "user": self._user_json(view.user), "api_app_id": self.app_id, "token": self.verification_token,
                    "trigger_id": self._issue_trigger(view.user), "is_enterprise_install": False, "enterprise": None,
                    "response_urls": [], "view": {**self._view_json(view), "state": {"values": state}}}
-        delivery = await self._deliver_interaction(payload, timeout=timeout, to=to)
+        delivery = await self.deliver_interaction(payload, timeout=timeout, to=to)
         if delivery.status == 200:
             self._answer_submission(view, delivery)
         return delivery
@@ -1318,6 +1322,8 @@ class SlackStandIn:
         trigger = str(args.get("trigger_id") or "")
         view = _maybe_json(args.get("view"), "invalid_arguments")
         issued = self._triggers.get(trigger)
+        if trigger in self._exchanged:
+            raise _ApiError("exchanged_trigger_id")
         if issued is None:
             raise _ApiError("invalid_trigger_id")
         if time.monotonic() - issued[0] > self.trigger_ttl:
@@ -1326,6 +1332,7 @@ class SlackStandIn:
             log.warning("views.open refused: %s", problem)
             raise _ApiError("invalid_arguments")
         del self._triggers[trigger]   # once: a second views.open with it is refused
+        self._exchanged.add(trigger)
         opened = OpenView(id=_random_id("V"), user=issued[1], view=view, hash=secrets.token_hex(8),
                           trigger_id=trigger)
         self.views[opened.id] = opened
