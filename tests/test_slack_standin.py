@@ -626,7 +626,7 @@ async def _modal_round_trip(slack: SlackStandIn, bot: Bot, mode: str) -> None:
         await slack.click(ALICE, msg, "no-such-button")
     delivery = await slack.click(ALICE, msg, "open")
     assert delivery.status == 200 and delivery.mode == mode
-    assert slack.dialogs == [OPEN_BUTTON["elements"][0]["confirm"]]   # the dialog the click confirmed
+    assert slack.dialogs == [SlackStandIn.buttons(msg)[0]["confirm"]]   # the dialog the click confirmed
     payload = slack.interactions[-1]
     assert payload["type"] == "block_actions" and payload["actions"][0]["value"] == "v"
     assert payload["container"] == {"type": "message", "message_ts": msg.ts, "channel_id": OPS, "is_ephemeral": False}
@@ -648,6 +648,7 @@ async def test_views_open_takes_a_fresh_trigger_once(slack: SlackStandIn, http_b
                                                      web_client: AsyncWebClient) -> None:
     posted = await web_client.chat_postMessage(channel=OPS, text="open?", blocks=[OPEN_BUTTON])
     msg = slack.find_message(OPS, posted["ts"])
+    assert msg is not None
     await slack.click(BOB, msg, "open")
     await slack.wait_for(lambda: slack.open_views(BOB), 5, "the modal")
     trigger = slack.interactions[-1]["trigger_id"]
@@ -671,7 +672,9 @@ async def test_blocks_and_views_slack_would_refuse_are_refused(slack: SlackStand
         assert e.value.response["error"] == "invalid_blocks"
     assert slack.messages == []
     posted = await web_client.chat_postMessage(channel=OPS, text="open?", blocks=[OPEN_BUTTON])
-    await slack.click(CAROL, slack.find_message(OPS, posted["ts"]), "open")
+    msg = slack.find_message(OPS, posted["ts"])
+    assert msg is not None
+    await slack.click(CAROL, msg, "open")
     (view,) = await slack.wait_for(lambda: slack.open_views(CAROL), 5, "the modal")
     for bad in ({**FORM, "submit": None}, {**FORM, "title": {"type": "plain_text", "text": "x" * 25}},
                 {**FORM, "colour": "red"}, {**FORM, "type": "home"}):
