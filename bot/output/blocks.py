@@ -318,7 +318,7 @@ def _steps(steps: tuple[Step, ...], view: PlanView) -> list[dict[str, Any]]:
 
 
 def _footer(plan_id: str, view: PlanView, blocks: list[dict[str, Any]], headline: str, choice: PlanChoice,
-            proposer_note: str = "", details: Reply | None = None) -> PlanMessage:
+            proposer_note: str = "", details: Reply | None = None, details_note: str = "commands") -> PlanMessage:
     """Every plan message ends alike: the failure, its state, who proposed and may approve, then the
     Approve and Reject buttons while it is proposed, or who decided and when once someone has."""
     if view.error:
@@ -328,15 +328,16 @@ def _footer(plan_id: str, view: PlanView, blocks: list[dict[str, Any]], headline
     if view.approvals_needed > 1 and view.state == PlanState.PROPOSED:
         approved = (f" · approvals {len(view.approvals)} of {view.approvals_needed}"
                     + (f" ({', '.join(mention(u) for u in view.approvals)})" if view.approvals else ""))
-    thread = " · commands in the thread" if details is not None else ""
+    thread = f" · {details_note} in the thread" if details is not None else ""
+    proposed = view.state == PlanState.PROPOSED
+    react = f" · or react :{view.reaction}: to approve, :{view.reject_reaction}: to reject" if proposed else ""
     blocks.append(_context(f"*State:* {word} · proposed by {mention(view.proposer)}{proposer_note} · approvers: "
                            f"{view.approvers}{approved} · expires {slack_date(view.expires_at)} · plan "
-                           f"`{plan_id}`{thread}"))
+                           f"`{plan_id}`{thread}{react}"))
     text = f"{escape(headline)}. Plan {plan_id}, proposed by {mention(view.proposer)}"
-    if view.state == PlanState.PROPOSED:
+    if proposed:
         blocks.append(plan_buttons(choice))
         many = f"{view.approvals_needed} approvers" if view.approvals_needed > 1 else "an approver"
-        blocks.append(_context(f"Or react: :{view.reaction}: approves, :{view.reject_reaction}: rejects."))
         text += f"; {many} of {view.approvers} approve (button, or react :{view.reaction}:)."
     else:
         decision = _decision(view)
@@ -363,7 +364,7 @@ def restore_plan_reply(plan: RestorePlan, view: PlanView, now: float | None = No
     verdict = plan.quorum_verdict
     evidence = f"\n*Evidence:* {escape(plan.evidence)}" if plan.evidence else ""
     # the first line: a restore forced without evidence says the cluster may be healthy before anything else
-    unproven = ", which may be healthy," if verdict is QuorumVerdict.UNPROVEN else ""
+    unproven = f", although {plan.cluster} may be healthy," if verdict is QuorumVerdict.UNPROVEN else ""
     if verdict is QuorumVerdict.UNPROVEN:
         gate = (f":warning: *{escape(plan.cluster)} may be healthy:* the bot has no evidence that it lost quorum "
                 f"(--force). If it is healthy, *every write since the snapshot is lost.*{evidence}")
@@ -380,8 +381,8 @@ def restore_plan_reply(plan: RestorePlan, view: PlanView, now: float | None = No
         f":warning: *FOREIGN snapshot: this bot did not take {code(snap.file_name)}* ({escape(snap.foreign)}). "
         f"It was named with --force; its contents are checked only against its own unsigned manifest, and the "
         f"restore replaces {escape(plan.cluster)}'s data with whatever it holds."))
-    what = (f"Restore {plan.cluster}{unproven} from {'FOREIGN snapshot ' if snap.foreign else ''}{snap.file_name} "
-            f"(revision {snap.revision})")
+    what = (f"Restore {plan.cluster} from {'FOREIGN snapshot ' if snap.foreign else ''}{snap.file_name} "
+            f"(revision {snap.revision}){unproven.rstrip(',')}")
     headline = f"{what} — {_needs(view, len(plan.steps))}"
     blocks: list[dict[str, Any]] = [_header(headline), *foreign, *sections(gate)]
     blocks += sections(f"*Snapshot:* {code(snap.file_name)}{' (age-encrypted)' if snap.encrypted else ''} · revision "
@@ -446,25 +447,34 @@ def _defrag_table(plan: DefragPlan) -> str:
 
 
 def defrag_plan_reply(plan: DefragPlan, view: PlanView) -> PlanMessage:
-    """A defragmentation plan: the members' sizes, which the rule selects and in what order, the steps."""
+    """A defragmentation plan: each member's size and quota use on one line (and its size after, once done),
+    which the rule selects and in what order, the steps; the full table goes into the thread."""
     alarm = " · :rotating_light: NOSPACE active: writes fail until it is disarmed" if plan.nospace else ""
     label = member_labels((m.ref.id, m.ref.name) for m in plan.members)
-    selected = ", ".join(label[m.ref.id] for m in sorted(plan.members, key=lambda m: m.order or 0) if m.selected)
+    ordered = sorted(plan.members, key=lambda m: (not m.selected, m.order or 0))
+    selected = ", ".join(label[m.ref.id] for m in ordered if m.selected)
     what = f"Defragment {selected} in {plan.cluster}"
     headline = f"{what} — {_needs(view, len(plan.steps))}"
+    members = " · ".join(
+        f"*{escape(label[m.ref.id])}* {humanize_bytes(m.db_size)} ({m.usage * 100:.0f} % of quota"
+        + (", assumed" if not m.quota_known else "") + ")"
+        + (f" → {humanize_bytes(m.after)}" if m.after is not None else "")
+        + ("" if m.selected else " left alone") for m in ordered)
     blocks: list[dict[str, Any]] = [
         _header(headline),
         *sections(f"*Rule:* {code(plan.rule)} · "
                   + ("compacts to the current revision first" if plan.compact else "no compaction (--no-compact)")
-                  + alarm),
-        *sections(_defrag_table(plan), code=True),
+                  + alarm + f"\n*Members:* {members}"),
     ]
     blocks += _steps(plan.steps, view)
+    table = _defrag_table(plan)
+    details = Reply(text=escape(table),
+                    blocks=[_section("*Members, as planned:*"), *sections(escape(table), code=True)])
     change = (f"Defragments {selected} of {plan.cluster} one at a time; each member blocks its own reads and writes "
               "while it runs (the leader last, after leadership moves).")
     choice = PlanChoice(plan.id, plan.fingerprint, plan.cluster, change, danger=False,
                         approvals_needed=view.approvals_needed)
-    return _footer(plan.id, view, blocks, headline, choice)
+    return _footer(plan.id, view, blocks, headline, choice, details=details, details_note="the members' table")
 
 
 @dataclass(frozen=True)
