@@ -60,8 +60,8 @@ def test_the_member_whose_hash_differs_is_named_with_its_replacement() -> None:
     c = Consistency("prod", 40, (m("a", 1, 0xAB), m("b", 2, 0xCD), m("c", 3, 0xAB)))
     assert not c.agree and [d.name for d in c.differing] == ["b"]
     text = consistency_text(c)
-    assert text.startswith("cluster prod: INCONSISTENT at revision 40: b differs from the majority; replace it: "
-                           "/etcd replace b <new-name> <new-peer-url>")
+    assert text.startswith("cluster prod: INCONSISTENT at revision 40: b differs from the majority; stop etcd on it "
+                           "(one at a time), then replace it: /etcd replace b <new-name> <new-peer-url>")
     assert text.count(" same |") == 2 and text.count(" DIFFERS |") == 1 and "000000cd" in text
 
 

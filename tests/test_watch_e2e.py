@@ -152,7 +152,7 @@ async def test_unmute_and_who_may_mute(make_cluster, slack, start_bot):
     c.kill("member1")
     await eventually(lambda: bot.ctx.watch.held("prod", time.time()), INTERVAL + MARGIN, "member1 seen down")
     listing = (await reply(slack, "alerts")).text   # what the mute holds back is listed, and why
-    assert "muted: until" in listing
+    assert "muted: until" in listing and "by bob: maintenance" in listing and LEAD not in listing  # names, not IDs
     assert "cluster prod: no open conditions, 1 held back\nmember down member1: " in listing, listing
     assert "(held back: muted; seen for " in listing, listing
     await reply(slack, "unmute", user=LEAD)

@@ -99,20 +99,20 @@ _ICON = {Verdict.HEALTHY: ":large_green_circle:", Verdict.DEGRADED: ":large_oran
          Verdict.NO_LEADER: ":large_orange_circle:", Verdict.QUORUM_LOST: ":red_circle:"}
 
 
-def _member_line(v: MemberView) -> str:
+def _member_line(v: MemberView, label: str) -> str:
+    """One member, each figure once: its name (the ID only where two share it, or it never started), state,
+    version, database against its quota, raft position, and URLs."""
     m = v.member
-    name = f"*{escape(m.name)}*" if m.name else "*_(unstarted)_*"
+    name = f"*{escape(label)}*" if m.name else f"*_(unstarted)_* {code(m.hex_id)}"
     if not v.reachable:
-        first = f":red_circle: {name} {code(m.hex_id)} — *DOWN*: {escape(v.problem or 'unreachable')}"
+        first = f":red_circle: {name} — *DOWN*: {escape(v.problem or 'unreachable')}"
     elif v.problem:
-        first = f":large_orange_circle: {name} {code(m.hex_id)} — *UNHEALTHY*: {escape(v.problem)}"
+        first = f":large_orange_circle: {name} — *UNHEALTHY*: {escape(v.problem)}"
     elif v.state in LEADERLESS:
-        first = f":large_orange_circle: {name} {code(m.hex_id)} — *{v.state}*"
+        first = f":large_orange_circle: {name} — *{v.state}*"
     else:
-        first = f":large_green_circle: {name} {code(m.hex_id)} — {v.state}"
+        first = f":large_green_circle: {name} — {v.state}"
     facts = [escape(f) for f in v.facts]
-    if v.quota_line:
-        facts.append(f"quota {escape(v.quota_line)}")
     if v.alarms:
         facts.append(f":rotating_light: alarm {escape(', '.join(v.alarms))}")
     urls = f"peer {_urls(m.peer_urls)} · client {_urls(m.client_urls)}"
@@ -126,11 +126,13 @@ def status_reply(health: ClusterHealth, requested_by: str | None = None,
         _header(f"etcd cluster {escape(view.cluster)}: {view.verdict}"),
         _section(f"{_ICON[view.verdict]} *{view.quorum_line}*"),
     ]
+    label = member_labels((v.member.hex_id, v.member.name) for v in view.members)
     for a in view.alarms:
-        blocks.append(_section(f":rotating_light: *ALARM {escape(a.kind)}* on member {code(f'{a.member_id:016x}')}"))
+        on = label.get(f"{a.member_id:016x}", f"{a.member_id:016x}")
+        blocks.append(_section(f":rotating_light: *ALARM {escape(a.kind)}* on member *{escape(on)}*"))
     blocks += [_section(f":point_right: {escape(line)}") for line in view.advice]
     blocks.append({"type": "divider"})
-    blocks += [_section(_member_line(v)) for v in view.members]
+    blocks += [_section(_member_line(v, label[v.member.hex_id])) for v in view.members]
     if view.learned:
         blocks.append(_section(f":warning: {escape(view.learned)}"))
     who = f" · asked by {mention(requested_by)}" if requested_by else ""
