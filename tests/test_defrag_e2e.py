@@ -48,11 +48,14 @@ async def test_nospace_is_fixed_by_one_approval_leader_last_after_the_move(make_
     plan = await propose(slack, "defrag")
     text = text_of(plan)
     row = await plan_row(store, plan)
-    assert f"Plan {row['id']}: defragment prod" in text and "NOSPACE active" in text
+    assert plan.text.startswith("Defragment ") and " in prod — needs 1 approver" in plan.text
+    assert f"Plan {row['id']}, proposed by" in text and "NOSPACE active" in text
     assert "dbQuotaUsage &gt; 0.8 || dbSizeFree &gt; 200MiB" in text  # the default rule, escaped
+    table = await slack.wait_for(lambda: "PASSES RULE" in thread(slack, plan) and thread(slack, plan),
+                                 what="the members' table in the thread")
     for header in ("MEMBER", "DB SIZE", "IN USE", "FREE", "QUOTA USE", "PASSES RULE", "ORDER"):
-        assert header in text
-    assert text.count(" yes ") == 3  # every member near its quota passes the rule
+        assert header in table
+    assert table.count(" yes ") == 3 and "left alone" not in text  # every member near its quota passes the rule
 
     await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
     done = await wait_done(store, row["id"], timeout=180)
@@ -145,7 +148,10 @@ async def test_the_rule_leaves_a_compact_member_alone_and_a_bad_rule_is_refused(
 
     plan = await propose(slack, 'defrag --rule "dbSize > 8MiB" --no-compact')
     text = text_of(plan)
-    assert "no compaction (--no-compact)" in text and text.count(" yes ") == 2 and "no (left alone)" in text
+    assert "no compaction (--no-compact)" in text and text.count(" left alone") == 1
+    table = await slack.wait_for(lambda: "PASSES RULE" in thread(slack, plan) and thread(slack, plan),
+                                 what="the members' table in the thread")
+    assert table.count(" yes ") == 2 and "no (left alone)" in table
     row = await plan_row(store, plan)
     await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
     await wait_done(store, row["id"], timeout=180)

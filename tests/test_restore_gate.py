@@ -71,8 +71,8 @@ async def test_a_healthy_cluster_the_bot_cannot_reach_is_not_restored_without_fo
 
     plan = await propose(slack, "restore --force")
     first = plan.text.splitlines()[0]
-    assert first.startswith("Plan ") and "prod may be healthy" in first, first
-    assert "restore prod, which may be healthy, from a snapshot" in plan.blocks[0]["text"]["text"]
+    assert first.startswith("Restore prod from ") and ", although prod may be healthy — needs 2 approvers" in first
+    assert plan.blocks[0]["text"]["text"] == first.split(". Plan ")[0]
     blocks = json.dumps(plan.blocks)
     assert "Quorum is lost" not in blocks
     assert "member1, member2, member3: running (the launcher's status), not answering the bot" in blocks

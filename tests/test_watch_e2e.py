@@ -192,6 +192,8 @@ async def test_a_restarted_bot_edits_its_alert_instead_of_posting_again(make_clu
     bot = await start_bot(clusters)
     c.kill("member1")
     alert = await first_alert(slack, "MEMBER DOWN member1", INTERVAL + GRACE + MARGIN)
+    # the row is written just after the post; a stop in between loses it (the watch round is cancelled)
+    await eventually(lambda: bot.ctx.store.open_alerts("prod"), 10, "the alert's row")
     await bot.stop()
     edits = len(alert.edits)
     await start_bot(clusters)
@@ -315,7 +317,8 @@ async def test_a_member_added_with_an_unusable_peer_url_does_not_silence_the_wat
     assert "2 of 4 voters healthy, 3 needed" in text_of(lost)
     unusable = "unusable URL 'http://127.0.0.1:238000' (port out of range)"
     down = await first_alert(slack, f"MEMBER DOWN {odd.hex_id}", INTERVAL + MARGIN, bot=bot)
-    assert unusable in down.text and "https://NEW-HOST:2380" in text_of(down)
+    assert unusable in down.text   # at a quorum loss, no replacement is suggested (it would be refused)
+    assert "/etcd replace" not in text_of(down) and "Propose replacement" not in text_of(down)
     status = text_of(await reply(slack, "status prod"))
     assert unusable in status and "QUORUM LOST" in status.upper(), status
     assert 'etcd_chatops_watch_errors_total{cluster="prod"' not in await asyncio.to_thread(metrics, bot)
