@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from bot.domain.mrkdwn import code, escape
+from bot.domain.mrkdwn import escape
 
 PLAIN_MAX = 75          # a button's text
 CONFIRM_TEXT_MAX = 300  # a confirm dialog's text
@@ -295,8 +295,3 @@ def home_view(clusters: Sequence[HomeCluster], checked: str) -> dict[str, Any]:
         blocks += [{"type": "divider"}, _section("\n".join(lines))]
     blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": escape(checked)}]})
     return {"type": "home", "blocks": blocks[:100]}
-
-
-def quoted(command: str) -> str:
-    """A command as code in a menu or a refusal."""
-    return code(f"/etcd {command}")
