@@ -8,7 +8,7 @@ PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
 BIN     = $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast lint bench install clean node etcd
+.PHONY: demo test test-fast lint bench install clean node etcd shell
 
 $(BIN)/python:
 	@test -n "$(PYTHON)" || { echo "etcd-chatops needs Python >= 3.11 (set PYTHON=/path/to/python3.11)"; exit 2; }
@@ -24,6 +24,11 @@ install: $(VENV)/.installed
 
 demo: install
 	$(BIN)/etcd-chatops demo
+
+# Your shell with .venv/bin first on PATH: `etcd-chatops` as the README types it (exit to leave).
+shell: install
+	@echo "etcd-chatops is on PATH in this shell; exit to leave it"
+	@PATH="$(CURDIR)/$(BIN):$$PATH" VIRTUAL_ENV="$(CURDIR)/$(VENV)" $${SHELL:-/bin/sh}
 
 # ruff, mypy and the import contracts, as configured in pyproject.toml; gofmt and go vet for the node program.
 lint: install

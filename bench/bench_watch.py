@@ -1,4 +1,5 @@
-"""One bot watching a fleet: 20 clusters of 3 members (60 etcd processes on loopback), one black-holed.
+"""One bot watching a fleet: 20 clusters of 3 members, each member on a host of its own (the netns bed), one
+cluster black-holed, one with a member 300 ms away.
 
 Why: the watch runs a status fan-out per cluster per interval, forever; it must
 cost little per cluster, and one dead cluster must not delay another's alert.
@@ -10,16 +11,19 @@ The bot runs as its own process (as in production), against the Slack stand-in.
    costs (CPU of those processes over the same window).
    Its RSS against the same bot with the watch off.
 2. The time from a member's SIGKILL to the alert message in the stand-in, on
-   the black-holed cluster's neighbour and on a healthy cluster halfway down
-   the fleet, killed at the same moment; then one member of each other cluster,
-   the kills spread over one interval: the worst of all against the goal.
+   the black-holed cluster's neighbour, on the cluster halfway down the fleet
+   whose third member is 300 ms away (every frame its host sends is held that
+   long), and on a plain healthy cluster, killed at the same moment; then one
+   member of each other cluster, the kills spread over one interval: the worst
+   of all against the goal.
 
-    .venv/bin/python bench/bench_watch.py [--clusters 20] [--window 120] [--json out.json]
+    .venv/bin/python bench/bench_watch.py [--release 3.6] [--clusters 20] [--window 120] [--json out.json]
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import resource
 import statistics
 import subprocess
@@ -30,17 +34,19 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bot.etcd.binaries import find_binary
-from bot.testing.cluster import LocalCluster
+from bot.testing.netbed import Link, NetnsCluster
 from bot.testing.slack import SlackStandIn
+from bot.testing.versions import binary_version, etcd_bin_dir
 from bot.testing.workspace import CHANNEL, CHANNELS, USERS, BotProcess, SlackSecrets, cluster_table, write_config
 from common import cpu_seconds, proc_memory, row, write  # (also puts the repository on sys.path)
 
 INTERVAL, GRACE = 15.0, 45.0  # the watch's defaults
+DELAY = 0.3  # the far member's distance
 BUDGET = INTERVAL + GRACE + 5  # the goal for every alert
 # 60 members on 2 cores: a slower raft tick keeps elections quiet under the load (etcd takes the last flag given).
 CALM = ("--heartbeat-interval", "300", "--election-timeout", "3000")
-def start_fleet(n: int, size: int) -> list[LocalCluster]:
-    clusters = [LocalCluster(size, prefix=f"c{i:02d}m", extra_args=CALM) for i in range(n)]
+def start_fleet(n: int, size: int) -> list[NetnsCluster]:
+    clusters = [NetnsCluster(size, prefix=f"c{i:02d}m", extra_args=CALM) for i in range(n)]
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(lambda c: c.start(60.0), clusters))
     return clusters
@@ -55,7 +61,7 @@ async def alert_after(slack: SlackStandIn, cluster: str, member: str, after: int
     return time.monotonic() - since
 
 
-async def etcdctl_cron(fleet: list[LocalCluster], window: float) -> tuple[float, int]:
+async def etcdctl_cron(fleet: list[NetnsCluster], window: float) -> tuple[float, int]:
     """CPU (cores, as the bot's) and peak RSS of `etcdctl endpoint status --cluster` for every cluster every
     interval, over `window` seconds."""
     etcdctl = str(find_binary("etcdctl"))
@@ -94,9 +100,11 @@ async def run(n: int, window: float) -> tuple[list[dict], str]:
     creds = SlackSecrets()
     fleet = await asyncio.to_thread(start_fleet, n, 3)
     names = [f"fleet-{i:02d}" for i in range(n)]
+    far = max(3, n // 2)
     try:
-        for m in fleet[0].members:  # black-holed: the kernel accepts, nothing answers
-            fleet[0].pause(m)
+        for m in fleet[0].members:  # black-holed: its hosts answer nothing, not even a refusal
+            fleet[0].isolate(m)
+        fleet[far].impair(f"c{far:02d}m3", Link.CLIENT, delay=DELAY)
         peer_cpu, peer_rss = await etcdctl_cron(fleet, window)
         with tempfile.TemporaryDirectory() as tmp:
             directory = Path(tmp)
@@ -110,13 +118,12 @@ async def run(n: int, window: float) -> tuple[list[dict], str]:
 
                 async def kills() -> list[float]:
                     """One member of every healthy cluster, the kills spread over one interval (so they land at
-                    every phase of the rounds); the black-holed cluster's neighbour and the cluster halfway
-                    down the fleet at the same moment first."""
+                    every phase of the rounds); the black-holed cluster's neighbour, the cluster with a far member
+                    and a plain one at the same moment first."""
                     after, tasks = len(slack.messages), []
-                    far = max(2, n // 2)
-                    order = [1, far] + [i for i in range(2, n) if i != far]
+                    order = [1, far, 2] + [i for i in range(3, n) if i != far]
                     for k, i in enumerate(order):
-                        await asyncio.sleep(0 if k < 2 else INTERVAL / (n - 2))
+                        await asyncio.sleep(0 if k < 3 else INTERVAL / (n - 3))
                         killed = time.monotonic()
                         await asyncio.to_thread(fleet[i].kill, f"c{i:02d}m2")
                         tasks.append(asyncio.ensure_future(
@@ -133,12 +140,15 @@ async def run(n: int, window: float) -> tuple[list[dict], str]:
             f"{INTERVAL:g} s interval, {window:g} s window)", 100 * cpu / n, 100 * peer_cpu / n, "%",
             "etcdctl endpoint status --cluster per cluster per interval"),
         row(f"bot RSS, watching {n} clusters", rss / 1e6, idle_rss / 1e6, "MB", "the same bot, watch off"),
-        row("member kill → alert, the black-holed cluster's neighbour", latencies[0], latencies[1], "s",
-            "the same kill at the same moment, a healthy cluster's neighbour"),
+        row("member kill → alert, the black-holed cluster's neighbour", latencies[0], latencies[2], "s",
+            "the same kill at the same moment, a plain healthy cluster"),
+        row(f"member kill → alert, a cluster whose third member is {DELAY * 1000:.0f} ms away", latencies[1],
+            latencies[2], "s", "the same kill at the same moment, a plain healthy cluster"),
         row(f"member kill → alert, worst of {n - 1} clusters (kills spread over one interval)", max(latencies),
             BUDGET, "s", "goal: interval + grace + 5 s"),
     ]
-    notes = (f"The bot runs as its own process with the watch's defaults (interval {INTERVAL:g} s, grace {GRACE:g} s); "
+    notes = (f"etcd {binary_version(find_binary('etcd'))}, every member on a host of its own (bot/testing/netbed.py). "
+             f"The bot runs as its own process with the watch's defaults (interval {INTERVAL:g} s, grace {GRACE:g} s); "
              f"CPU from /proc/<pid>/stat (utime + stime) over the window, RSS at its end: "
              f"{(rss - idle_rss) / n / 1e6:.2f} MB per watched cluster over the bot with its watch off "
              f"({rss / n / 1e6:.1f} MB per cluster counting the whole process). The peer's CPU is that of the etcdctl "
@@ -151,12 +161,14 @@ async def run(n: int, window: float) -> tuple[list[dict], str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--release", default="3.6")
     p.add_argument("--clusters", type=int, default=20)
     p.add_argument("--window", type=float, default=120.0)
     p.add_argument("--json")
     args = p.parse_args(argv)
-    if args.clusters < 3:
-        p.error("--clusters: at least 3 (one black-holed, its neighbour, one far from it)")
+    if args.clusters < 4:
+        p.error("--clusters: at least 4 (one black-holed, its neighbour, one with a far member, a plain one)")
+    os.environ["ETCD_BIN_DIR"] = str(etcd_bin_dir(args.release))
     rows, notes = asyncio.run(run(args.clusters, args.window))
     write(args.json, "Watching a fleet", rows, notes)
     return 0

@@ -25,10 +25,22 @@ def fmt(value: float, unit: str) -> str:
     return f"{value:,.0f} {unit}" if value >= 100 else f"{value:.3g} {unit}"
 
 
-def render(results: list[dict]) -> str:
+MARK = "<!-- make bench writes everything below; the summary above is written by hand -->"
+
+
+def summary(page: Path) -> list[str]:
+    """The hand-written part of the page (the summary and where we trail), kept across runs."""
+    text = page.read_text() if page.exists() else ""
+    if MARK not in text:
+        return ["# Benchmarks", "", MARK, ""]
+    return text.split(MARK, 1)[0].rstrip("\n").splitlines() + ["", MARK, ""]
+
+
+def render(results: list[dict], kept: list[str]) -> str:
     m = results[0]["machine"]
     lines = [
-        "# Benchmarks",
+        *kept,
+        "## The last run",
         "",
         f"Measured by `make bench` on {dt.date.today():%Y-%m-%d}: {m['cpus']} CPUs ({m['cpu']}), Python {m['python']}, "
         f"{m['etcd']}, Linux {m['kernel']}. Every figure stands next to its peer measured in the same run; "
@@ -36,7 +48,7 @@ def render(results: list[dict]) -> str:
         "",
     ]
     for r in results:
-        lines += [f"## {r['name']}", "", "| measure | ours | peer | ratio |", "|---|---|---|---|"]
+        lines += [f"### {r['name']}", "", "| measure | ours | peer | ratio |", "|---|---|---|---|"]
         for x in r["rows"]:
             lines.append(f"| {x['metric']} | {fmt(x['ours'], x['unit'])} | {fmt(x['peer'], x['unit'])} "
                          f"({x['peer_name']}) | **{x['ratio']:.2f}** ({x['better']} is better) |")
@@ -60,7 +72,7 @@ def main() -> int:
             results.append(json.loads(out.read_text()))
     target = ROOT / "docs" / "benchmarks.md"
     target.parent.mkdir(exist_ok=True)
-    target.write_text(render(results))
+    target.write_text(render(results, summary(target)))
     print(f"wrote {target}")
     return 0
 

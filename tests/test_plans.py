@@ -109,9 +109,9 @@ def test_quorum_lost_points_to_the_newest_snapshot():
 
 
 def test_a_step_that_would_break_quorum_is_refused():
-    """etcd 3.6: a failed learner replaced by a voting member: 3 voters, 2 healthy now (quorum
+    """etcd 3.6.11+: a failed learner replaced by a voting member: 3 voters, 2 healthy now (quorum
     holds), but adding a voter before it starts makes 2 healthy of 4, below 3."""
-    health = cluster(down(1, learner=True), up(2, version="3.6.0"), up(3, version="3.6.0"), down(4))
+    health = cluster(down(1, learner=True), up(2, version="3.6.17"), up(3, version="3.6.17"), down(4))
     assert plan_replacement(health, ReplaceRequest("member1", "member6", "http://10.0.0.6:2380")).learner
     with pytest.raises(Refusal, match="after the step .add member6 as a voting member. the cluster would have 2 "
                                       "healthy of 4 voting members, below its quorum of 3"):
@@ -145,10 +145,20 @@ def test_two_failed_of_five_on_etcd_35_removes_both_before_adding():
     assert nxt.expected_members == 5 and "member6=" in nxt.initial_cluster
 
 
-def test_on_etcd_36_only_the_named_member_is_removed():
-    health = cluster(down(1), down(2), up(3, version="3.6.1"), up(4, version="3.6.1"), up(5, version="3.6.1"))
+@pytest.mark.parametrize("version,strict", [("3.5.27", True), ("3.5.31", False), ("3.5.36", False),
+                                            ("3.6.1", True), ("3.6.10", True), ("3.6.11", False), ("3.6.17", False)])
+def test_which_releases_add_a_member_while_another_voter_is_down(version, strict):
+    """etcd asked every voter to be connected for an add, learner or not, until 3.6.11 and 3.5.31 (the releases
+    checked; 3.5.28 to 3.5.30 are not to be had): they ask for a quorum counted with the new member, so a 5-member
+    cluster with 2 down adds once the named one is removed, and the other stays for its own replacement."""
+    health = cluster(down(1), down(2), up(3, version=version), up(4, version=version), up(5, version=version))
     plan = plan_replacement(health, ReplaceRequest("member1", "member6", "http://10.0.0.6:2380"))
-    assert plan.also_remove == () and "member2=" in plan.initial_cluster
+    assert [m.name for m in plan.others_failed] == ["member2"]
+    if strict:
+        assert [m.name for m in plan.also_remove] == ["member2"] and "member2=" not in plan.initial_cluster
+    else:
+        assert plan.also_remove == () and "member2=" in plan.initial_cluster and plan.expected_members == 5
+        assert f"member2 stays as it is: etcd {version} adds a member while a quorum" in plan.steps[2].title
 
 
 def test_an_add_only_plan_refuses_while_another_voter_is_down_on_35():

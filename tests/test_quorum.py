@@ -77,3 +77,41 @@ def test_fingerprint_changes_with_membership_not_order():
     assert membership_fingerprint([a, b]) == membership_fingerprint([b, a])
     assert membership_fingerprint([a, b]) != membership_fingerprint([a])
     assert membership_fingerprint([a, b]) != membership_fingerprint([a, member(2, learner=True)])
+
+
+def test_a_member_without_a_leader_a_quorum_follows_is_cut_off():
+    """Its own Status says only "leader 0"; with a quorum of voters following one leader it is cut off from its
+    peers: not healthy, not counted toward quorum, and the cluster is not all healthy."""
+    from bot.domain.cluster import judge_leaders
+    from bot.output.model import member_state
+    members = judge_leaders([MemberHealth(member(1), status(1, leader=1)), MemberHealth(member(2), status(2, leader=1)),
+                             MemberHealth(member(3), status(3, leader=0))])
+    h = health(*members)
+    cut = h.find("m3")
+    assert cut is not None and cut.cut_off and not cut.healthy and "cut off from its peers" in (cut.problem or "")
+    assert h.quorum == Quorum(3, 2) and not h.all_healthy and member_state(cut, h) == "UNHEALTHY"
+    # During an election, or without quorum, nobody follows a leader: no member is marked.
+    electing = judge_leaders([MemberHealth(member(i), status(i, leader=0)) for i in (1, 2, 3)])
+    assert not any(m.cut_off for m in electing)
+    minority = judge_leaders([MemberHealth(member(1), status(1, leader=1)), MemberHealth(member(2), None, "refused"),
+                              MemberHealth(member(3), status(3, leader=0))])
+    assert not any(m.cut_off for m in minority)
+
+
+def test_members_that_answer_without_their_status_leave_the_quorum_unknown_never_down():
+    """A member that refused the bot's credentials, or defragments with StopGRPCServiceOnDefrag, answered:
+    it is not DOWN, and when it could make or break the quorum the verdict is UNKNOWN, not QUORUM LOST."""
+    from bot.output.model import member_state, status_view, verdict
+    h = health(MemberHealth(member(1), status(1, leader=0)),
+               MemberHealth(member(2), None, "etcdserver: user name is empty", refused=True),
+               MemberHealth(member(3), None, "connection refused"))
+    assert h.quorum == Quorum(3, 1, unknown=1) and not h.quorum.ok and not h.quorum.known
+    assert verdict(h) == "UNKNOWN" and member_state(h.members[1], h) == "REFUSED"
+    assert status_view(h).down == ["m3"]
+    busy = health(MemberHealth(member(1), status(1)), MemberHealth(member(2), None, "busy", defragmenting=True),
+                  MemberHealth(member(3), status(3)))
+    assert busy.quorum.ok and verdict(busy) == "DEGRADED" and member_state(busy.members[1], busy) == "DEFRAGMENTING"
+    lost = health(MemberHealth(member(1), status(1, leader=0)), MemberHealth(member(2), None, "connection refused"),
+                  MemberHealth(member(3), None, "connection refused"), MemberHealth(member(4), None, "x", refused=True),
+                  MemberHealth(member(5), None, "connection refused"))
+    assert lost.quorum.known and verdict(lost) == "QUORUM LOST"  # 1 healthy + 1 unknown < 3: lost whatever it says

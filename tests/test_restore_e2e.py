@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from bot.domain.record import StepRecord
 from bot.domain.restore import cluster_id, member_id
-from bot.testing.workspace import CHANNEL, LEAD, LEAD2, ONCALL, BotProcess, cluster_table, write_config
+from bot.testing.workspace import CHANNEL, LEAD, LEAD2, ONCALL, STRANGER, BotProcess, cluster_table, write_config
 from helpers import (
     APPROVAL,
     OK,
@@ -353,3 +354,52 @@ async def test_members_restarted_on_their_old_data_fail_the_check(make_cluster, 
                                    "of before the restore") and "not on the restored snapshot" in failed.error
     assert "\n" not in failed.error
     assert "/registry/later" in keys(c) and "is done" not in thread(slack, plan)
+
+
+async def test_a_plan_waiting_on_a_person_is_cancelled_there_by_an_approver(make_cluster, slack, start_bot,
+                                                                           monkeypatch):
+    """The stop stage waits for a person who cannot do it: the thread says until when and, a moment before the
+    end, how long is left; someone not an approver cannot stop it, an approver must say why; once stopped,
+    the plan is cancelled, the steps that had run are listed, it is audited, and a new plan can be proposed."""
+    from bot.ops import engine
+    monkeypatch.setattr(engine, "REMIND_BEFORE", 28.0)  # the reminder comes 2 s into a 30 s wait
+    c = make_cluster(3)
+    bot = await start_bot([manual(c, timeout_seconds=30)], approval=APPROVAL)
+    store = bot.ctx.store
+    await snapshot_of(slack, store, c, n=2)
+    c.kill("member1")
+    c.kill("member2")
+    plan = await propose(slack, "restore")
+    row = await plan_row(store, plan)
+    await approve_twice(slack, plan)
+    await stage_commands(slack, plan, "stop")
+    said = thread(slack, plan)
+    assert re.search(r"The plan waits until \d\d:\d\d:\d\d UTC \(30 s\); an approver can stop it here with "
+                     rf"`/etcd cancel {row.id} &lt;reason&gt;`", said), said
+    await eventually(lambda: re.search(rf":hourglass: 2\d s left at stage \*stop\* of plan {row.id}",
+                                       thread(slack, plan)), 20, "the reminder of the time left")
+
+    refused = await ephemeral(slack, f"cancel {row.id} not mine to stop", user=STRANGER)
+    assert "needs the approver role" in refused.text
+    no_reason = await ephemeral(slack, f"cancel {row.id}", user=LEAD)
+    assert f"say why it stops, `/etcd cancel {row.id} &lt;reason&gt;`" in no_reason.text
+    assert (await store.plan(row.id)).state == "running" and (await store.stage(row.id, "stop")).waiting
+
+    done = await ephemeral(slack, f"cancel {row.id} the host of member3 is unreachable, we restore by hand", user=LEAD)
+    assert done.text.startswith(f"Plan {row.id} cancelled by <@{LEAD}> while it waited on stage *stop*: "
+                                "the host of member3 is unreachable, we restore by hand. Nothing was undone")
+    assert "0. Verify the snapshot" in done.text and "(done)" in done.text
+    ended = await wait_state(store, row.id, ("cancelled",), timeout=10)
+    assert ended.decided_by == LEAD and ended.error == "the host of member3 is unreachable, we restore by hand"
+    step = await eventually(lambda: _step(store, row.id, 1, "cancelled"), 10, "the stop step recorded cancelled")
+    assert step.error == ended.error
+    cancelled = [json.loads(r.detail) for r in await store.audit_rows() if r.action == "plan_cancelled"]
+    assert cancelled == [{"plan": row.id, "reason": ended.error, "stage": "stop", "steps_run": ["verify"]}]
+    late = await ephemeral(slack, f"continue {row.id} stop", user=LEAD2)
+    assert "only a running restore plan waits" in late.text
+    again = await propose(slack, "restore")  # the cluster has no open plan any more
+    assert (await plan_row(store, again)).id != row.id
+
+
+async def _step(store, plan_id: str, idx: int, state: str) -> StepRecord | None:
+    return next((s for s in await store.steps(plan_id) if s.idx == idx and s.state == state), None)

@@ -137,6 +137,27 @@ def test_the_launcher_environment_per_action():
     assert restore["ETCD_CHATOPS_ACTION"] == "restore"
 
 
+@pytest.mark.parametrize("version,bump", [("3.4.30", False), ("3.5.1", False), ("3.5.9", False), ("3.5.10", True),
+                                          ("3.5.36", True), ("3.6.17", True), ("", False)])
+def test_the_launcher_gets_the_revision_bump_exactly_when_the_members_etcdutl_takes_it(version, bump):
+    """etcdutl's --bump-revision and --mark-compacted came in 3.5.10 (3.5.9's lacks them) and 3.6: the restore
+    action is told to pass them (the command shown has them, and the check step expects the bumped revision)."""
+    p = plan(version=version)
+    env = p.environment(p.members[0], "restore", "/abs/s.db")
+    wanted = {"ETCD_CHATOPS_BUMP_REVISION": "1000000000", "ETCD_CHATOPS_MARK_COMPACTED": "true"} if bump else {}
+    assert {k: v for k, v in env.items() if k.startswith(("ETCD_CHATOPS_BUMP", "ETCD_CHATOPS_MARK"))} == wanted
+    assert ("--bump-revision" in p.restore_args(p.members[0], "s.db")) is bump
+    assert all("BUMP" not in k for k in p.environment(p.members[0], "start"))
+
+
+def test_etcd_34_restores_with_its_etcdctl():
+    """etcd 3.4 has no etcdutl (its etcdctl restores); 3.6's etcdctl no longer can (etcdutl only)."""
+    old = plan(version="3.4.30")
+    assert old.restore_args(old.members[0], "s.db")[:3] == ["etcdctl", "snapshot", "restore"]
+    for version in ("3.5.1", "3.6.17", ""):
+        assert plan(version=version).restore_tool == "etcdutl"
+
+
 # ---------------------------------------------------------------- the quorum gate: evidence, never "I cannot reach it"
 
 def voters(*seen: Seen, leaderless: tuple[str, ...] = (), leader: int = 0) -> QuorumEvidence:

@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from bot.domain.errors import EtcdError
+from bot.etcd.client import EtcdClient
 from bot.output.units import humanize_bytes
 from bot.testing.workspace import CHANNEL, LEAD, ONCALL, cluster_table
 from helpers import (
@@ -68,19 +70,42 @@ async def test_a_killed_member_is_unmistakably_down(make_cluster, slack, start_b
     assert elapsed < 2.0 + 1.0  # within about one deadline (a refused connection costs none)
 
 
-async def test_a_silent_member_costs_one_deadline_not_one_per_call(make_cluster, slack, start_bot):
-    c = make_cluster(3)
+async def test_a_silent_member_costs_one_deadline_not_one_per_call(make_bed, slack, start_bot):
+    c = make_bed(3)
     await start_bot([cluster_table("prod", c, timeout_seconds=1.5)])
-    c.pause("member3")  # black-holed: the kernel accepts, nothing answers
-    try:
-        started = time.monotonic()
-        msg = await reply(slack, "status")
-        elapsed = time.monotonic() - started
-    finally:
-        c.resume("member3")
+    c.isolate("member3")  # its host is cut off: nothing answers, not even a refusal
+    started = time.monotonic()
+    msg = await reply(slack, "status")
+    elapsed = time.monotonic() - started
     text = text_of(msg)
     assert "member3" in text and "no answer within 1.5s" in text
     assert 1.5 <= elapsed < 1.5 * 2
+
+
+async def test_a_member_cut_from_its_peers_is_unhealthy_not_a_follower(make_bed, slack, start_bot):
+    """A member cut from its peers still answers the bot, and its own Status says only that it has no leader
+    while the other two follow one: it is not healthy (its reads are stale, it takes no writes), and the
+    cluster is degraded, not healthy."""
+    c = make_bed(3)
+    await start_bot([cluster_table("prod", c, timeout_seconds=1.0)])
+    c.cut_from_peers("member3")
+    async with EtcdClient([c.member("member3").client_url], timeout=1.0) as client:
+        await eventually(lambda: _leaderless(client, c.member("member3").client_url), 10, "member3 without a leader",
+                         retry_on=(EtcdError,))
+    text = text_of(await reply(slack, "status"))
+    assert "etcd cluster prod: DEGRADED" in text and "2 of 3 voting members healthy" in text, text
+    line = next(line for line in text.splitlines() if "*member3*" in line)
+    assert "*UNHEALTHY*" in line and "cut off from its peers" in line and "follower" not in line, line
+    c.heal("member3")
+    await eventually(lambda: _says(slack, "etcd cluster prod: HEALTHY"), 15, "the cluster healthy after the heal")
+
+
+async def _leaderless(client: EtcdClient, url: str) -> bool:
+    return (await client.status(url)).leader == 0
+
+
+async def _says(slack, words: str) -> bool:
+    return words in text_of(await reply(slack, "status"))
 
 
 async def test_members_lists_like_etcdctl(cluster, slack, start_bot):

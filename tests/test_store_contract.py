@@ -478,6 +478,47 @@ async def test_racing_confirmations_from_two_replicas_confirm_a_stage_once(backe
     assert {x.stage.confirmed_by for x in answers} == {winner}
 
 
+async def test_the_outbox_keeps_posts_in_order_until_each_is_posted(backend):
+    """What was done from a shell, kept until a replica posts it: oldest first, and never handed out again."""
+    a, b = await backend.store(), await backend.store()
+    await a.queue_post(CHANNEL, "p1", "approved by bob")
+    await a.queue_post(CHANNEL, None, "a message in the channel")
+    await a.queue_post(CHANNEL, "p1", "step 0 done")
+    queued = await b.queued_posts()
+    assert [(r.plan_id, r.text, r.channel, r.posted_at) for r in queued] == [
+        ("p1", "approved by bob", CHANNEL, None), (None, "a message in the channel", CHANNEL, None),
+        ("p1", "step 0 done", CHANNEL, None)]
+    await b.mark_posted(queued[0].id)
+    assert [r.text for r in await a.queued_posts(limit=1)] == ["a message in the channel"]
+
+
+async def test_a_cancel_and_a_confirmation_racing_on_a_stage_one_wins(backend):
+    """`/etcd cancel` of a plan waiting on a person and `/etcd continue` of that stage, from two replicas at once:
+    exactly one counts. A cancel wins only a waiting stage of a running plan, and moves the plan to cancelled
+    in the same write (so the plan is closed even when the replica running it is gone)."""
+    a, b = await backend.store(), await backend.store()
+    await a.insert_plan(plan_row("p1"))
+    assert await a.transition("p1", [PlanState.PROPOSED], PlanState.RUNNING)
+    assert await b.cancel_stage("p1", "U0LEAD0001", "why") is None  # waits on nobody: nothing changes
+    assert (await a.plan("p1")).state == PlanState.RUNNING
+    for round_ in range(4):
+        await a.open_stage("p1", f"stage{round_}")
+        cancel, confirm = await asyncio.gather(b.cancel_stage("p1", "U0LEAD0001", "host unreachable"),
+                                               a.confirm_stage("p1", "U0LEAD0002", None, 0))
+        if cancel is not None:
+            assert confirm.outcome is not Confirmation.CONFIRMED
+            plan = await a.plan("p1")
+            assert (plan.state, plan.decided_by, plan.error) == (PlanState.CANCELLED, "U0LEAD0001", "host unreachable")
+            assert cancel.key == f"stage{round_}" and cancel.closed_at is not None and not cancel.confirmed_by
+            stage = await a.stage("p1", cancel.key)
+            assert stage is not None and not stage.waiting and stage.confirmed_by is None
+            return
+        assert confirm.outcome is Confirmation.CONFIRMED and (await a.plan("p1")).state == PlanState.RUNNING
+    assert await b.cancel_stage("p1", "U0LEAD0001", "x") is None  # every stage confirmed: none left to cancel
+    await a.open_stage("p1", "last")
+    assert (await b.cancel_stage("p1", "U0LEAD0001", "x")).key == "last"
+
+
 async def test_a_stage_opened_by_a_replica_that_lost_its_lease_is_refused(backend):
     a, b = await backend.store(), await backend.store()
     await a.insert_plan(plan_row("p1"))
@@ -680,7 +721,8 @@ async def test_a_database_one_migration_behind_is_brought_up_to_date(backend):
     snapshot = await store.record_snapshot(snapshot_row())
     await store.close()
     for statement in ["DELETE FROM schema_migrations WHERE version >= 2", "DROP TABLE stages", "DROP TABLE leases",
-                      "DROP TABLE alerts", "DROP TABLE mutes", *(f"ALTER TABLE snapshots DROP COLUMN {c}" for c in (
+                      "DROP TABLE alerts", "DROP TABLE mutes", "DROP TABLE outbox",
+                      *(f"ALTER TABLE snapshots DROP COLUMN {c}" for c in (
                           "remote_url", "remote_state", "remote_error", "remote_verified_at", "remote_pruned_at"))]:
         backend.rows(statement)
     store = await backend.store()

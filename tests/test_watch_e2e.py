@@ -47,7 +47,7 @@ WATCH = {"interval": f"{INTERVAL:g}s", "grace": f"{GRACE:g}s"}
 
 
 def watched(name: str, cluster, **extra) -> dict:
-    """A cluster table with a fast watch and a short deadline (a paused member costs 0.5 s)."""
+    """A cluster table with a fast watch and a short deadline (a silent member costs 0.5 s)."""
     return cluster_table(name, cluster, **{"watch": WATCH, "timeout_seconds": 0.5, **extra})
 
 
@@ -101,16 +101,16 @@ async def test_a_dead_member_is_one_alert_then_resolved_in_its_thread(make_clust
     assert took <= INTERVAL + GRACE + MARGIN
 
 
-async def test_a_flapping_member_is_one_message_that_says_so(make_cluster, slack, start_bot):
-    c = make_cluster(3)
+async def test_a_flapping_member_is_one_message_that_says_so(make_bed, slack, start_bot):
+    c = make_bed(3)
     bot = await start_bot([watched("prod", c)])
     # The watch starts once this replica leads: flaps before its first round are not seen.
     await eventually(lambda: getattr(bot.runtime.watcher.clusters.get("prod"), "term", None), 10,
                      "the watch's first round")
-    for _ in range(10):   # down and up every 3 s: faster than grace, so only flapping can open it
-        c.pause("member2")
+    for _ in range(10):   # its host off the network and back every 3 s: faster than grace, so only flapping opens it
+        c.isolate("member2")
         await asyncio.sleep(1.5)   # the fault's own rhythm, not a wait for the bot
-        c.resume("member2")
+        c.heal("member2")
         await asyncio.sleep(1.5)
         if alerts(slack, "MEMBER DOWN member2"):   # a loaded machine may see fewer flaps per cycle
             break
@@ -205,24 +205,20 @@ async def test_a_restarted_bot_edits_its_alert_instead_of_posting_again(make_clu
     assert len(alerts(slack, "MEMBER DOWN")) == 1
 
 
-async def test_a_dead_cluster_does_not_delay_another_clusters_alert(make_cluster, slack, start_bot):
-    dead, alive = make_cluster(3), make_cluster(3)
+async def test_a_dead_cluster_does_not_delay_another_clusters_alert(make_bed, make_cluster, slack, start_bot):
+    dead, alive = make_bed(3), make_cluster(3)
     await start_bot([watched("dead", dead, timeout_seconds=2.0), watched("alive", alive)])
     for name in dead.members:
-        dead.pause(name)   # black-holed: connections hang until a deadline
-    try:
-        killed = time.monotonic()
-        alive.kill("member2")
-        alert = await first_alert(slack, "MEMBER DOWN member2", INTERVAL + GRACE + MARGIN)
-        took = time.monotonic() - killed
-        assert "cluster *alive*" in text_of(alert)
-        lost = await first_alert(slack, "UNREACHABLE", 2 * (2 * 2.0 + 1) + GRACE + MARGIN)
-        assert "dead" in lost.text and "no member answered" in lost.text and "not proof" in lost.text
-        print(f"kill to alert beside a black-holed cluster: {took:.1f} s")
-        assert took <= INTERVAL + GRACE + MARGIN
-    finally:
-        for name in dead.members:
-            dead.resume(name)
+        dead.cut_from_bot(name)   # black-holed: connections hang until a deadline
+    killed = time.monotonic()
+    alive.kill("member2")
+    alert = await first_alert(slack, "MEMBER DOWN member2", INTERVAL + GRACE + MARGIN)
+    took = time.monotonic() - killed
+    assert "cluster *alive*" in text_of(alert)
+    lost = await first_alert(slack, "UNREACHABLE", 2 * (2 * 2.0 + 1) + GRACE + MARGIN)
+    assert "dead" in lost.text and "no member answered" in lost.text and "not proof" in lost.text
+    print(f"kill to alert beside a black-holed cluster: {took:.1f} s")
+    assert took <= INTERVAL + GRACE + MARGIN
 
 
 async def test_what_a_failed_plan_leaves_behind_is_posted_when_it_fails(make_cluster, slack, start_bot):

@@ -25,7 +25,7 @@ async def status(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user: st
         return Outcome(channel=blocks.unreachable_reply(cluster.name, str(e)))
     if cmd.name == "members":
         return Outcome(channel=blocks.members_reply(health))
-    metrics = await cluster_metrics(ctx.client(cluster), health)
+    metrics = await cluster_metrics(ctx.client(cluster), health, for_quota=True)
     return Outcome(channel=blocks.status_reply(health, requested_by=user, metrics=metrics))
 
 

@@ -33,7 +33,7 @@ class Spec:
         parts = [f"/etcd {self.name}"]
         parts += [p if p.startswith("[") else f"<{p}>" for p in self.positionals]
         if self.rest:
-            parts[-1] = parts[-1][:-1] + "...>"
+            parts[-1] = parts[-1][:-1] + ("...]" if parts[-1].startswith("[") else "...>")
         parts += [f"[{o} {o.lstrip('-').upper().replace('-', '_')}]" for o in self.options
                   if o != "--cluster" or "[cluster]" not in self.positionals]
         parts += [f"[{f}]" for f in self.flags]

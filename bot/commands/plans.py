@@ -20,7 +20,7 @@ CLUSTER = ("[cluster]",), ("--cluster",)
 
 
 @command("replace", ("failed-name-or-hex-id", "new-name", "new-peer-url"), ("--client-url", "--cluster"),
-         ("--no-learner",), summary="propose replacing a failed member; runs after an approver's reaction",
+         ("--no-learner",), summary="propose replacing a failed member; runs once approved (one approver by default)",
          urls=("new_peer_url", "client_url"), role=Role.OPERATOR)
 async def propose_replace(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user: str, channel: str) -> Outcome:
     req = ReplaceRequest(failed=cmd.args["failed_name_or_hex_id"], new_name=cmd.args["new_name"],
@@ -31,7 +31,7 @@ async def propose_replace(ctx: BotContext, cmd: Command, cluster: ClusterConfig,
 
 @command("restore", ("[snapshot]",), ("--cluster",), ("--force",), role=Role.OPERATOR,
          summary="propose restoring every member from a verified snapshot (after a quorum loss; --force to roll back a "
-                 "healthy cluster); runs after 2 approvers' reactions")
+                 "healthy cluster); runs once approved (two approvers by default)")
 async def propose_restore(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user: str, channel: str) -> Outcome:
     return await restore.propose_restore(ctx, cluster, cmd.args.get("snapshot"), "force" in cmd.flags, user, channel,
                                          cmd.spec.usage)
@@ -39,7 +39,7 @@ async def propose_restore(ctx: BotContext, cmd: Command, cluster: ClusterConfig,
 
 @command("defrag", ("[cluster]",), ("--cluster", "--rule"), ("--no-compact",), role=Role.OPERATOR,
          summary="propose a rolling defragmentation (followers, then the leader after moving leadership), "
-                 "compaction and NOSPACE disarm; runs after an approver's reaction")
+                 "compaction and NOSPACE disarm; runs once approved (one approver by default)")
 async def propose_defrag(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user: str, channel: str) -> Outcome:
     return await defrag.propose(ctx, cluster, cmd.args.get("rule"), "no_compact" not in cmd.flags, user, channel,
                                 cmd.spec.usage)
@@ -50,9 +50,11 @@ async def plans(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user: str
     return Outcome(channel=blocks.plans_reply(cluster.name, await ctx.store.plans(cluster.name, limit=10)))
 
 
-@command("cancel", ("plan-id",), summary="cancel a proposed plan (proposer or approver)", role=None, names_plan=True)
+@command("cancel", ("plan-id", "[reason]"), rest=True, role=None, names_plan=True,
+         summary="cancel a proposed plan (proposer or approver), or stop one waiting on a person, with a reason "
+                 "(approvers)")
 async def cancel(ctx: BotContext, cmd: Command, cluster: None, user: str, channel: str) -> Outcome:
-    return await lifecycle.cancel(ctx, cmd.args["plan_id"], user, channel)
+    return await lifecycle.cancel(ctx, cmd.args["plan_id"], user, channel, cmd.args.get("reason", ""))
 
 
 @command("resume", ("plan-id",), summary="continue an interrupted or failed plan from its step (approvers)",

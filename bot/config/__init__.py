@@ -122,6 +122,8 @@ class ApprovalRule:
     ttl_minutes: float = 30.0
 
 
+# Keys of earlier releases that have one spelling now: a file that still has one is told which.
+RETIRED = {"restore_approvals": "[approval.restore] approvals_needed = N"}
 # Kinds of plan and how many approvers each needs unless `[approval.<kind>]` says otherwise.
 APPROVALS_NEEDED = {"replace": 1, "restore": 2, "defrag": 1}
 
@@ -154,8 +156,6 @@ class ApprovalConfig(Table):
     """A plan not approved by then expires (at most 10080, a week)."""
     allow_self_approval: bool = False
     """Whether a proposer who is an approver may approve their own plan."""
-    restore_approvals: Annotated[int, bounds(ge=1, says="must be 1 or more")] | None = None
-    """= [approval.restore] approvals_needed (give one, not both)."""
     replace: KindApproval | None = None
     """The approval rule of member replacements."""
     restore: KindApproval | None = None
@@ -163,20 +163,21 @@ class ApprovalConfig(Table):
     defrag: KindApproval | None = None
     """The approval rule of defragmentations."""
 
+    @classmethod
+    def unknown(cls, key: str) -> str:
+        if key in RETIRED:  # one key, one spelling: an old file is told the new one
+            return f"retired; write {RETIRED[key]}"
+        return super().unknown(key)
+
     @model_validator(mode="after")
     def _consistent(self) -> Self:
         if self.reaction == self.reject_reaction:
             raise Problem("must differ from approval.reaction", "reject_reaction")
-        if self.restore_approvals is not None and self.restore is not None \
-                and self.restore.approvals_needed is not None:
-            raise Problem("give it or approval.restore.approvals_needed, not both", "restore_approvals")
         return self
 
     def rule(self, kind: str) -> ApprovalRule:
         """The kind's table, else the top-level keys with the kind's default number of approvers."""
         needed = APPROVALS_NEEDED.get(kind, 1)
-        if kind == "restore" and self.restore_approvals is not None:
-            needed = self.restore_approvals
         own: KindApproval | None = getattr(self, kind) if kind in APPROVALS_NEEDED else None
         if own is None:
             # A restore's proposer never counts as an approver unless [approval.restore] says so explicitly.
@@ -186,7 +187,10 @@ class ApprovalConfig(Table):
                             own.ttl_minutes or self.ttl_minutes)
 
 
-LAUNCH_TIMEOUTS = {"manual": 900.0, "command": 120.0}   # the launcher kinds, and how long each waits by default
+# The launcher kinds, and how long each waits by default. `manual` waits for a person at each stage: ten minutes
+# is time to run a stage's commands on a few hosts; a stage nobody confirms by then is one nobody is at, and
+# the plan should fail and say so (it holds the cluster's one open plan) rather than wait on.
+LAUNCH_TIMEOUTS = {"manual": 600.0, "command": 120.0}
 
 
 def _no_default(schema: dict[str, Any]) -> None:
@@ -203,7 +207,7 @@ class LauncherConfig(Table):
     argv: tuple[str, ...] = ()
     """The command, without a shell; {name}, {peer_url}, {client_url} and {action} are substituted."""
     timeout_seconds: Positive = Field(default=0.0, json_schema_extra=_no_default)   # 0.0: the kind's, LAUNCH_TIMEOUTS
-    """manual: how long to wait for a human (900); command: for the command (120)."""
+    """manual: how long to wait for a person, per stage (600); command: for the command (120)."""
 
     @model_validator(mode="after")
     def _kind_and_argv(self) -> Self:

@@ -8,7 +8,7 @@ import json
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,11 @@ class MemberStatus:
     errors: tuple[str, ...]
     alarms: tuple[Alarm, ...] = ()
     cluster_id: int = 0      # from the response header: a restore with a new token gives a new one
+    # etcd 3.6 and later (none of them before): the data's storage version, the quota the member enforces,
+    # and a downgrade in progress (`etcdctl downgrade enable`) with its target
+    storage_version: str = ""
+    db_size_quota: int = 0
+    downgrade_target: str | None = None
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,7 @@ class KVHash:
     hash: int
     compact_revision: int
     revision: int
+    hash_revision: int = 0   # the revision the hash covers (etcd 3.6 says so; 0 from earlier releases)
 
 
 _ALARM = re.compile(r"^memberID:(\d+) alarm:([A-Z]+)\s*$")
@@ -120,6 +126,8 @@ class TLSFiles:
 
 
 NO_LEADER = "etcdserver: no leader"
+# gRPC's health check: a member defragmenting with StopGRPCServiceOnDefrag says NOT_SERVING, else SERVING
+SERVING, NOT_SERVING = "SERVING", "NOT_SERVING"
 
 
 @dataclass(frozen=True)
@@ -128,6 +136,7 @@ class Quorum:
 
     voting: int
     healthy: int
+    unknown: int = 0  # voters that answered but not with their Status (they refused the bot, or defragment)
 
     @property
     def needed(self) -> int:
@@ -141,6 +150,11 @@ class Quorum:
     def tolerates(self) -> int:
         """How many more voting members may fail before quorum is lost."""
         return max(0, self.healthy - self.needed)
+
+    @property
+    def known(self) -> bool:
+        """Whether the bot can tell quorum holds or is lost (the voters that refused it could tip it)."""
+        return self.ok or self.healthy + self.unknown < self.needed
 
 
 def membership_fingerprint(members: list[Member] | tuple[Member, ...]) -> str:
@@ -165,6 +179,9 @@ class MemberHealth:
     status: MemberStatus | None = None
     error: str | None = None           # why it could not be asked, when it could not
     alarms: tuple[str, ...] = ()
+    refused: bool = False              # it answered, refusing the bot's credentials: it runs, its health is unknown
+    defragmenting: bool = False        # it answers gRPC health checks NOT_SERVING while Status waits: a defrag runs
+    cut_off: bool = False              # it reports no leader while a quorum of voters follows one (see judge_leaders)
 
     @property
     def reachable(self) -> bool:
@@ -177,9 +194,10 @@ class MemberHealth:
 
     @property
     def healthy(self) -> bool:
-        """Answers and reports no error. A voter without a leader still counts
-        toward quorum: during an election every member says "no leader"."""
-        return self.status is not None and not self.errors
+        """Answers, reports no error, and is not cut off from a leader the others follow. A voter without
+        a leader while no quorum follows one still counts toward quorum: during an election every member
+        says "no leader"."""
+        return self.status is not None and not self.errors and not self.cut_off
 
     @property
     def problem(self) -> str | None:
@@ -188,7 +206,22 @@ class MemberHealth:
             return self.error or "unreachable"
         if self.errors:
             return "; ".join(self.errors)
+        if self.cut_off:
+            return "no leader, while a quorum of the voters follows one: cut off from its peers"
         return None
+
+
+def judge_leaders(members: Iterable[MemberHealth]) -> tuple[MemberHealth, ...]:
+    """Mark the members cut off from their leader: those answering with leader 0 while a quorum of the
+    voters reports one and the same leader. A member cut from its peers still answers clients, and its
+    own Status says only that it has no leader; during an election, or without quorum, nobody follows
+    a leader and no member is marked."""
+    members = tuple(members)
+    voters = [h for h in members if not h.member.is_learner]
+    followed = Counter(h.status.leader for h in voters if h.status is not None and h.status.leader)
+    if not followed or followed.most_common(1)[0][1] < len(voters) // 2 + 1:
+        return members
+    return tuple(replace(h, cut_off=True) if h.status is not None and not h.status.leader else h for h in members)
 
 
 @dataclass(frozen=True)
@@ -204,7 +237,8 @@ class ClusterHealth:
     @property
     def quorum(self) -> Quorum:
         voters = [m for m in self.members if not m.member.is_learner]
-        return Quorum(voting=len(voters), healthy=sum(1 for m in voters if m.healthy))
+        return Quorum(voting=len(voters), healthy=sum(1 for m in voters if m.healthy),
+                      unknown=sum(1 for m in voters if m.refused or m.defragmenting))
 
     @property
     def leader_id(self) -> int | None:
@@ -297,6 +331,21 @@ class Consistency:
 DEFAULT_QUOTA = 2 * 1024 ** 3  # etcd's --quota-backend-bytes when unset (0 means this default)
 
 
+def backend_quota(status: MemberStatus | None, found: MemberMetrics | str | None) -> tuple[int | None, str | None]:
+    """The backend quota a member enforces, and why it had to be assumed when it was. etcd 3.6 says it in
+    Status (dbSizeQuota); earlier releases only in /metrics (`found`: its figures, or why they could not be
+    read), where 0 means etcd's default. (None, None) when neither says anything."""
+    if status is not None and status.db_size_quota > 0:
+        return status.db_size_quota, None
+    if found is None:
+        return None, None
+    if isinstance(found, str):
+        return DEFAULT_QUOTA, found
+    if found.quota_bytes is None:
+        return DEFAULT_QUOTA, "etcd_server_quota_backend_bytes missing from /metrics"
+    return found.quota_bytes or DEFAULT_QUOTA, None
+
+
 WAL_FSYNC_P99_OK = 0.010       # etcd's tuning guide: seconds
 
 
@@ -314,3 +363,6 @@ class MemberMetrics:
     slow_applies: int | None
     proposals_pending: int | None
     proposals_failed: int | None
+    # etcd 3.6's feature gate StopGRPCServiceOnDefrag (etcd_server_feature_enabled): while it defragments, the member
+    # tells gRPC health checks NOT_SERVING, so clients that check move to the others. None: no such metric (3.5).
+    stops_serving_on_defrag: bool | None = None

@@ -86,6 +86,15 @@ class StepFailed(Exception):
         self.next_action = next_action
 
 
+class PlanCancelled(Exception):
+    """An approver stopped the plan while it waited on a person (a manual stage): the plan is cancelled
+    already; the step that waited ends here and nothing more runs."""
+
+    def __init__(self, stage: str, by: str, reason: str):
+        super().__init__(f"cancelled at stage {stage} by {by}: {reason}")
+        self.stage, self.by, self.reason = stage, by, reason
+
+
 class FactsChanged(StepFailed):
     """A precondition does not hold: the cluster is no longer what the plan was
     made for, so the step was not attempted and the plan must be made anew."""

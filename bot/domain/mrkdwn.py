@@ -49,9 +49,20 @@ _USER_ID = re.compile(r"[UW][A-Z0-9]{2,}")
 _GROUP_ID = re.compile(r"S[A-Z0-9]{2,}")
 
 
+SHELL = "shell:"  # a person acting from a shell when Slack is down (`etcd-chatops plan ... --as NAME`)
+
+
+def shell_user(name: str) -> str:
+    """Who acted from a shell, as the store records a person: never a Slack user ID, so a name given with
+    --as can neither pass for a Slack user nor count twice as the same approver."""
+    return SHELL + name
+
+
 def mention(user: str) -> str:
-    """The only way to mention a user: a Slack user ID as a mention; anything
-    else (the schedule, a malformed ID) as plain words."""
+    """The only way to mention a user: a Slack user ID as a mention; a person who acted from a shell by
+    name, marked so; anything else (the schedule, a malformed ID) as plain words."""
+    if user.startswith(SHELL):
+        return f"{_item(user[len(SHELL):])} (break glass, from a shell)"
     return f"<@{user}>" if _USER_ID.fullmatch(user) else _item(user)
 
 

@@ -169,3 +169,19 @@ class AuditRecord(AuditEntry):
     @classmethod
     def of(cls, row: Mapping[str, Any]) -> AuditRecord:
         return cls(**{f.name: row[f.name] for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class QueuedPost:
+    """A message kept for the channel until a replica posts it: what was done from a shell while Slack was down."""
+
+    id: int
+    at: float
+    channel: str
+    plan_id: str | None            # in the plan's thread; None: in the channel
+    text: str                      # mrkdwn, every value escaped already
+    posted_at: float | None
+
+    @classmethod
+    def of(cls, row: Mapping[str, Any]) -> QueuedPost:
+        return cls(**{f.name: row[f.name] for f in fields(cls)})

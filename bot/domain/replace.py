@@ -52,7 +52,7 @@ class ReplacePlan:
     quorum_now: tuple[int, int]              # (voting, healthy)
     others_failed: tuple[MemberRef, ...] = ()
     snapshot_source: str | None = None       # name of the healthy member to snapshot
-    also_remove: tuple[MemberRef, ...] = ()  # unreachable voters etcd < 3.6 requires gone before an add
+    also_remove: tuple[MemberRef, ...] = ()  # unreachable voters etcd's old add rule wants gone first
     already_removed_by: str | None = None    # the plan that removed the failed member, when it did
 
     @property

@@ -16,6 +16,13 @@ BUMP_SINCE = (3, 5, 10)   # etcdutl gained --bump-revision / --mark-compacted in
 
 
 BUMP_REVISIONS = 1_000_000_000  # what etcd's own docs suggest: far beyond any watch cache
+# What a `command` launcher's restore gets when the member's etcdutl takes the flags, to pass them on
+BUMP_VARIABLE, MARK_COMPACTED_VARIABLE = "ETCD_CHATOPS_BUMP_REVISION", "ETCD_CHATOPS_MARK_COMPACTED"
+
+
+def bump_environment() -> dict[str, str]:
+    """The launcher's variables for `etcdutl snapshot restore --bump-revision N --mark-compacted`."""
+    return {BUMP_VARIABLE: str(BUMP_REVISIONS), MARK_COMPACTED_VARIABLE: "true"}
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,11 @@ class RestorePlan:
         return _version(self.etcd_version) >= BUMP_SINCE
 
     @property
+    def restore_tool(self) -> str:
+        """etcdutl restores since etcd 3.5 (etcdctl 3.6 no longer can); etcd 3.4 has no etcdutl: its etcdctl does."""
+        return "etcdctl" if (3, 0, 0) <= _version(self.etcd_version) < (3, 5, 0) else "etcdutl"
+
+    @property
     def initial_cluster(self) -> str:
         return ",".join(f"{m.name}={m.peer_url}" for m in self.members)
 
@@ -72,8 +84,8 @@ class RestorePlan:
         return len(self.members)
 
     def restore_args(self, m: RestoreMember, snapshot_path: str) -> list[str]:
-        """`etcdutl snapshot restore` for one member, every parameter explicit."""
-        args = ["etcdutl", "snapshot", "restore", snapshot_path, "--name", m.name,
+        """`etcdutl snapshot restore` for one member (etcdctl's on etcd 3.4), every parameter explicit."""
+        args = [self.restore_tool, "snapshot", "restore", snapshot_path, "--name", m.name,
                 "--initial-cluster", self.initial_cluster, "--initial-cluster-token", self.token,
                 "--initial-advertise-peer-urls", m.peer_url, "--data-dir", m.data_dir]
         if self.bump_supported:
@@ -117,6 +129,8 @@ class RestorePlan:
             env["ETCD_INITIAL_CLUSTER_TOKEN"] = self.token
             if snapshot_path:
                 env["ETCD_CHATOPS_SNAPSHOT"] = snapshot_path
+            if self.bump_supported:  # what restore_args shows, and the check step then expects
+                env |= bump_environment()
         return env
 
     def to_json(self) -> dict[str, Any]:

@@ -157,14 +157,15 @@ class SnapshotError(Exception):
 
 @dataclass(frozen=True)
 class SnapshotStatus:
-    """What `etcdutl snapshot status` reports, plus the v3.6 live key count."""
+    """What `etcdutl snapshot status` of the release that wrote the file reports, plus the live key count."""
 
     hash: int            # CRC-32C (Castagnoli), as etcdutl computes it
     revision: int        # main revision of the last key in bucket "key"
-    total_keys: int      # every key in every bucket (etcd 3.5 meaning)
+    total_keys: int      # etcdutl's TOTAL KEYS: every key in every bucket up to 3.5, the live keys from 3.6 on
     live_keys: int       # distinct live user keys in bucket "key" (v3.6 meaning)
     total_size: int      # page count x page size
     has_trailer: bool    # ended with etcd's sha256 trailer, which was verified
+    storage_version: str = ""  # etcd 3.6's storage version in bucket "meta" ("": written by 3.5 or earlier)
 
     @property
     def hash_hex(self) -> str:
@@ -173,7 +174,8 @@ class SnapshotStatus:
 
     def as_json(self) -> dict[str, Any]:
         return {"hash": self.hash_hex, "revision": self.revision, "total_keys": self.total_keys,
-                "live_keys": self.live_keys, "total_size": self.total_size}
+                "live_keys": self.live_keys, "total_size": self.total_size,
+                "storage_version": self.storage_version or None}
 
 
 class SnapshotFailed(Exception):

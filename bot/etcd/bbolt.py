@@ -1,22 +1,30 @@
-"""A read-only bbolt reader that computes what `etcdutl snapshot status` (etcd v3.5) prints.
+"""A read-only bbolt reader that computes what `etcdutl snapshot status` prints.
 
 Why our own reader: the bot reports a snapshot's hash, revision, key count
 and size right after saving it, and the CLI does the same offline, without
 shipping or shelling out to etcdutl. Every number is computed the way
-etcdutl v3.5.1 (bbolt v1.3.6) computes it:
+etcdutl computes it, as the release that wrote the file prints it: etcd 3.6
+records its storage version in bucket "meta" (key "storageVersion"), and
+etcdutl 3.6 counts live keys and adds a VERSION column; a file without it
+is etcd 3.5's (or 3.4's), whose etcdutl counts every key:
 
 - hash: CRC-32C (Castagnoli) over, for each top-level bucket in stored
   order, the bucket name, then each key and value of that bucket (a nested
   bucket's entry contributes its key only: bolt hands it out with a nil
   value, and the nested bucket's own content is not hashed);
-- total keys: every entry of every top-level bucket (nested bucket entries
-  included, their content not);
+- total keys: up to etcd 3.5, every entry of every top-level bucket (nested
+  bucket entries included, their content not); for a 3.6 file, the live keys;
 - revision: the main revision (first 8 bytes, big-endian, signed) of the
   last key of bucket "key", 0 without that bucket;
 - total size: the current meta's page high-water mark x the page size;
 - live keys (etcd v3.6's meaning, not printed by v3.5): distinct user keys
   (read from each mvccpb.KeyValue in bucket "key") whose last revision is
-  not a tombstone.
+  not a tombstone;
+- storage version: the semantic version in bucket "meta", key
+  "storageVersion" ("" without one).
+
+A meta page's checksum must match, 0 included: bbolt from v1.3.7 (etcd
+3.5.8 and later) no longer takes a zero checksum for "not checksummed".
 
 Like etcdutl, the file's structure is checked first (bolt's tx.Check:
 every page reachable once, in bounds, of the right type, not freed), and
@@ -28,13 +36,16 @@ Every failure is a SnapshotError with one line that names the file.
 Files: an API snapshot (`etcdctl snapshot save`) is the bbolt file
 followed by a 32-byte sha256 of everything before it -- present when the
 size is 32 more than a multiple of 512, as etcdctl decides -- and is
-verified; a raw `member/snap/db` copy has no trailer.
+verified; a raw `member/snap/db` copy has no trailer, and may be longer
+than the pages it uses (etcd 3.5.36 and 3.6 grow the file to 16 MiB): any
+length that holds them is read, as bolt reads it.
 """
 from __future__ import annotations
 
 import hashlib
 import mmap
 import os
+import re
 import struct
 import sys
 from collections.abc import Callable, Iterator
@@ -58,6 +69,9 @@ BUCKET_LEAF_FLAG = 0x01
 NO_FREELIST = 0xFFFFFFFFFFFFFFFF
 DEFAULT_PAGE_SIZE = 4096    # bolt's fallback (os.Getpagesize()) when meta 0 is unreadable
 KEY_BUCKET = b"key"
+META_BUCKET = b"meta"
+STORAGE_VERSION_KEY = b"storageVersion"   # written by etcd 3.6 and later
+_SEMVER = re.compile(rb"(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)(-[0-9A-Za-z.-]+)?(\+[0-9A-Za-z.-]+)?")
 REVISION_KEY_MIN = 17       # 8-byte main, '_', 8-byte sub; etcdutl panics on shorter keys
 TOMBSTONE_KEY_LEN = 18      # a revision key marked with a trailing 't'
 TOMBSTONE_MARK = ord("t")
@@ -184,7 +198,7 @@ def _read_meta(mm: mmap.mmap, offset: int, size: int) -> _Meta | None:
         problem = "bad magic"
     elif version != VERSION:
         problem = f"unsupported version {version}"
-    elif checksum != 0 and checksum != _fnv1a64(mm[start:start + META_SIZE - 8]):  # bolt accepts 0
+    elif checksum != _fnv1a64(mm[start:start + META_SIZE - 8]):
         problem = "checksum mismatch"
     return _Meta(page_size, flags, root, freelist, pgid, txid, problem)
 
@@ -208,6 +222,7 @@ class _Reader:
         self.total_keys = 0
         self.last_key = -1                   # offset of the last key of bucket "key"
         self.live: dict[bytes, bool] = {}
+        self.storage_version = ""
         self.nested: list[tuple[str, int, int]] = []   # (where, value offset, value length)
 
     def fail(self, what: str) -> SnapshotError:
@@ -246,9 +261,11 @@ class _Reader:
             if lost >= 0:
                 raise self.fail(f"corrupt: page {lost:,} is neither reachable nor on the freelist")
         revision = _REV_MAIN.unpack_from(self.mm, self.last_key)[0] if self.last_key >= 0 else 0
-        return SnapshotStatus(hash=self.crc, revision=revision, total_keys=self.total_keys,
-                              live_keys=sum(self.live.values()), total_size=meta.pgid * self.page_size,
-                              has_trailer=has_trailer)
+        live = sum(self.live.values())
+        return SnapshotStatus(hash=self.crc, revision=revision,
+                              total_keys=live if self.storage_version else self.total_keys,
+                              live_keys=live, total_size=meta.pgid * self.page_size, has_trailer=has_trailer,
+                              storage_version=self.storage_version)
 
     def _framing(self) -> bool:
         """Is it bbolt at all, and does it carry the sha256 trailer?"""
@@ -262,9 +279,6 @@ class _Reader:
         has_trailer = size % 512 == TRAILER
         if has_trailer:
             self.bolt_size = size - TRAILER
-        elif size % 512:
-            raise self.fail(f"truncated or damaged: {size:,} bytes is neither a bbolt file (a multiple of 512 "
-                            f"bytes) nor an etcd snapshot (bbolt data then a 32-byte sha256 trailer)")
         return has_trailer
 
     def _check_trailer(self) -> Callable[[], bool]:
@@ -507,7 +521,8 @@ class _Reader:
                 raise self.fail(f"corrupt: the root bucket holds a plain key {name!r}, not a bucket "
                                 f"(etcdutl: cannot get hash of bucket)")
             self.crc = _crc32c(name, self.crc)
-            self._bucket(k + ksize, vsize, where, self._leaf_key if name == KEY_BUCKET else self._leaf)
+            on_leaf = {KEY_BUCKET: self._leaf_key, META_BUCKET: self._leaf_meta}.get(name, self._leaf)
+            self._bucket(k + ksize, vsize, where, on_leaf)
 
     def _leaf(self, off: int, end: int, count: int, where: str, pgid: int) -> None:
         """Hash a leaf's keys and values; bolt writes them back to back, so a run hashes in one call.
@@ -538,6 +553,15 @@ class _Reader:
             crc = _crc32c(mv[rs:re], crc)
         self.crc = crc
         self.total_keys += count
+
+    def _leaf_meta(self, off: int, end: int, count: int, where: str, pgid: int) -> None:
+        """Bucket "meta": _leaf's hashing, and the storage version etcd 3.6 keeps there (etcdutl 3.6 reads it
+        as a semantic version, and shows nothing for a value that is not one)."""
+        self._leaf(off, end, count, where, pgid)
+        for flags, k, ksize, vsize in self._leaf_elements(off, end, count, where, pgid):
+            if not flags & BUCKET_LEAF_FLAG and self.mm[k:k + ksize] == STORAGE_VERSION_KEY:
+                value = self.mm[k + ksize:k + ksize + vsize]
+                self.storage_version = value.decode() if _SEMVER.fullmatch(value) else ""
 
     def _leaf_key(self, off: int, end: int, count: int, where: str, pgid: int) -> None:
         """Bucket "key": _leaf's hashing, plus each revision's user key and tombstone mark.

@@ -31,8 +31,9 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import grpc
 from aetcd import rpc
+from google.protobuf.unknown_fields import UnknownFieldSet
 
-from bot.domain.cluster import KVHash, Member, MemberStatus, TLSFiles, split_alarms
+from bot.domain.cluster import NOT_SERVING, SERVING, KVHash, Member, MemberStatus, TLSFiles, split_alarms
 from bot.domain.errors import (
     EtcdAuthError,
     EtcdError,
@@ -106,6 +107,38 @@ def map_grpc_error(error: grpc.aio.AioRpcError, endpoint: str, timeout: float | 
 
 
 
+# Fields newer etcd releases send that aetcd's stubs (generated from etcd 3.5's protos) do not know: protobuf
+# keeps them as unknown fields, read by number. etcd 3.6's StatusResponse and HashKVResponse:
+STATUS_STORAGE_VERSION, STATUS_DB_SIZE_QUOTA, STATUS_DOWNGRADE_INFO = 11, 12, 13
+HASHKV_HASH_REVISION = 4
+# gRPC's standard health service, which etcd serves (its messages decoded by number as the others)
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+HEALTH_STATES = {0: "UNKNOWN", 1: SERVING, 2: NOT_SERVING, 3: "SERVICE_UNKNOWN"}
+
+
+def newer_fields(message: Any) -> dict[int, int | bytes]:
+    """A message's unknown fields by number: a varint's value, a length-delimited field's bytes."""
+    return {f.field_number: f.data for f in UnknownFieldSet(message) if isinstance(f.data, int | bytes)}
+
+
+def _parsed(data: int | bytes) -> Any:
+    """An embedded message known only by its bytes, as a message whose every field is unknown."""
+    empty = rpc.StatusRequest()  # a message with no fields of its own
+    empty.ParseFromString(data if isinstance(data, bytes) else b"")
+    return empty
+
+
+def _text(data: int | bytes | None) -> str:
+    return data.decode(errors="replace") if isinstance(data, bytes) else ""
+
+
+def _signed(data: int | bytes | None) -> int:
+    """An int64 sent as a varint (two's complement in 64 bits)."""
+    if not isinstance(data, int):
+        return 0
+    return data - (1 << 64) if data >= 1 << 63 else data
+
+
 def _member(m: Any) -> Member:
     return Member(id=m.ID, name=m.name, peer_urls=tuple(m.peerURLs), client_urls=tuple(m.clientURLs),
                   is_learner=bool(m.isLearner))
@@ -116,6 +149,7 @@ def _member(m: Any) -> Member:
 Metadata = tuple[tuple[str, str], ...] | None  # the auth token, when one is sent
 Call = Callable[[grpc.aio.Channel, Metadata, float], Awaitable[T]]
 Auth = Literal["required", "optional", "none"]  # whether a call carries a token (see EtcdClient._metadata)
+Lane = Literal["short", "long"]  # the channel a call goes on (see EtcdClient._channel)
 
 
 class EtcdClient:
@@ -141,8 +175,10 @@ class EtcdClient:
         self._username = username
         self._password = password
         self._credentials: grpc.ChannelCredentials | None = None
-        self._channels: dict[str, grpc.aio.Channel] = {}
-        self._tokens: dict[str, str] = {}
+        self._channels: dict[tuple[str, Lane], grpc.aio.Channel] = {}
+        self._token: str | None = None  # one for every member (see _metadata)
+        self._login_task: asyncio.Future[str] | None = None
+        self._login_error = ""           # why the last Authenticate gave no token
         self._preferred: str | None = None
         self.learned: list[str] = []  # voters' client URLs from the last member list, not configured
         self.on_error: Callable[[EtcdError], None] | None = None  # metrics hook
@@ -157,6 +193,8 @@ class EtcdClient:
         await self.close()
 
     async def close(self) -> None:
+        if self._login_task is not None and not self._login_task.done():
+            self._login_task.cancel()
         channels, self._channels = list(self._channels.values()), {}
         for channel in channels:
             await channel.close()
@@ -172,8 +210,10 @@ class EtcdClient:
                 certificate_chain=read(self.tls.cert))
         return self._credentials
 
-    def _channel(self, endpoint: str) -> grpc.aio.Channel:
-        channel = self._channels.get(endpoint)
+    def _channel(self, endpoint: str, lane: Lane = "short") -> grpc.aio.Channel:
+        """The endpoint's channel for short calls, or for long ones (a defragmentation, a snapshot stream): those
+        run for minutes on a channel of their own, which no short call's deadline closes under them."""
+        channel = self._channels.get((endpoint, lane))
         if channel is None:
             ep: Endpoint = parse_url(endpoint)
             # A local subchannel pool: gRPC otherwise shares connections between channels, and a
@@ -185,12 +225,11 @@ class EtcdClient:
                 channel = grpc.aio.secure_channel(ep.target, self._creds(), options=options)
             else:
                 channel = grpc.aio.insecure_channel(ep.target, options=options)
-            self._channels[endpoint] = channel
+            self._channels[(endpoint, lane)] = channel
         return channel
 
-    def _drop(self, endpoint: str) -> None:
-        channel = self._channels.pop(endpoint, None)
-        self._tokens.pop(endpoint, None)
+    def _drop(self, endpoint: str, lane: Lane = "short") -> None:
+        channel = self._channels.pop((endpoint, lane), None)
         if channel is not None:
             asyncio.ensure_future(channel.close())
 
@@ -202,47 +241,88 @@ class EtcdClient:
                 urls += [u for u in usable_urls(m.client_urls) if u not in self.endpoints and u not in urls]
         self.learned = urls
 
-    async def _metadata(self, endpoint: str, timeout: float,
-                        auth: Auth = "required") -> Metadata:
-        """Authenticate once per endpoint: simple tokens are member-local.
+    async def _metadata(self, endpoint: str, timeout: float, auth: Auth = "required") -> Metadata:
+        """The token a call carries when the cluster has a user configured.
 
-        Authenticate goes through raft: during an election it waits for the new
-        leader. Without quorum there is none, so for a read etcd also serves
-        without a token (`auth="optional"`: the member list) it gives up after half
-        the deadline and the read goes without a token: the survivors still answer.
+        One token serves every member, learners included: etcd applies Authenticate through raft on
+        every member (each assigns the same simple token; a JWT is signed with the cluster's key), but
+        a learner refuses Authenticate itself. So the token is obtained once, from whichever member
+        answers first (`_login`), and kept: Authenticate needs a leader, and after a quorum loss the
+        token obtained before still reads Status and the member list. With `auth="optional"` (the
+        reads etcd 3.5.1 serves without a token) an Authenticate that finds no leader within half the
+        deadline leaves the call to go without one; later releases refuse that with "user name is
+        empty", and the error then says why the bot held no token. `auth="none"`: gRPC's health check.
         """
         if self._username is None or auth == "none":
             return None
-        token = self._tokens.get(endpoint)
-        if token is None:
-            stub = rpc.AuthStub(self._channel(endpoint))
-            request = rpc.AuthenticateRequest(name=self._username, password=self._password or "")
-            deadline = time.monotonic() + (timeout / 2 if auth == "optional" else timeout)
-            while True:
-                try:
-                    resp = await stub.Authenticate(request, timeout=max(deadline - time.monotonic(), 0.05))
-                    break
-                except grpc.aio.AioRpcError as e:
-                    leaderless = e.code() == grpc.StatusCode.DEADLINE_EXCEEDED or any(
-                        m in (e.details() or "") for m in _LEADERLESS)
-                    if leaderless and auth == "optional" and time.monotonic() + 0.1 >= deadline:
-                        return None
-                    if not leaderless or time.monotonic() + 0.1 >= deadline:
-                        raise
-                    await asyncio.sleep(0.1)
-            token = self._tokens[endpoint] = resp.token
-        return (("token", token),)
+        token = self._token or await self._login(endpoint, timeout, optional=auth == "optional")
+        return (("token", token),) if token else None
 
-    async def call(self, endpoint: str, fn: Call[T], timeout: float | None = None, *, auth: Auth = "required") -> T:
+    async def _login(self, endpoint: str, timeout: float, *, optional: bool) -> str | None:
+        """The token, from one Authenticate shared by every call waiting for it (the health fan-out asks
+        all members at once), raced over `endpoint` and every other member the client knows."""
+        if self._login_task is None or self._login_task.done():
+            candidates = list(dict.fromkeys([endpoint, *self._order()]))
+            self._login_task = asyncio.ensure_future(self._authenticate(candidates, timeout))
+            # its outcome is read here when a caller waits for it; one nobody waited for is dropped quietly
+            self._login_task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        wait = timeout / 2 if optional else timeout
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._login_task), wait)
+        except TimeoutError:
+            self._login_error = f"Authenticate found no leader within {wait:g}s"
+            if optional:
+                return None
+            raise EtcdTimeout(f"cannot authenticate: {self._login_error}", endpoint) from None
+        except (EtcdUnavailable, LearnerUnsupported) as e:
+            self._login_error = f"cannot authenticate: {e.message}"
+            if optional:
+                return None
+            raise
+
+    async def _authenticate(self, endpoints: list[str], timeout: float) -> str:
+        """Authenticate at every endpoint at once; the first token wins and is kept. A member in an
+        election answers "no leader" or "leader changed": it is asked again until the deadline. Wrong
+        credentials fail at once (EtcdAuthError); learners and silent members leave it to the others."""
+        request = rpc.AuthenticateRequest(name=self._username or "", password=self._password or "")
+        deadline = time.monotonic() + timeout
+
+        async def at(endpoint: str) -> str:
+            while True:
+                left = deadline - time.monotonic()
+                try:
+                    resp = await rpc.AuthStub(self._channel(endpoint)).Authenticate(request, timeout=max(left, 0.05))
+                    return str(resp.token)
+                except grpc.aio.AioRpcError as e:
+                    err = map_grpc_error(e, endpoint, timeout)
+                    if not any(m in (e.details() or "") for m in _LEADERLESS) or left < 0.2:
+                        if isinstance(err, EtcdUnavailable):
+                            self._drop(endpoint)
+                        raise err from None
+                await asyncio.sleep(0.1)
+
+        try:
+            _, token = await first_success([at(e) for e in endpoints],
+                                           fatal=lambda e: isinstance(e, EtcdAuthError) or not isinstance(e, EtcdError))
+        except AllFailed as e:
+            learners = [err for err in e.errors if isinstance(err, LearnerUnsupported)]
+            if learners and len(learners) == len(e.errors):
+                raise learners[0] from None
+            raise _all_failed([err for err in e.errors if not isinstance(err, LearnerUnsupported)]) from None
+        self._token = token
+        return token
+
+    async def call(self, endpoint: str, fn: Call[T], timeout: float | None = None, *, auth: Auth = "required",
+                   lane: Lane = "short") -> T:
         """Run one RPC against one endpoint with a deadline; map errors.
-        `auth="none"` sends no token (a learner refuses Authenticate); "optional": see _metadata."""
+        With a user configured the call carries the cluster's token (`auth`: see _metadata)."""
         timeout = timeout or self.timeout
         endpoint = dial(endpoint).url
-        for attempt in (1, 2):
+        for attempt in (1, 2, 3):
             try:
-                return await asyncio.wait_for(self._call_once(endpoint, fn, timeout, auth), timeout + 0.5)
+                return await asyncio.wait_for(self._call_once(endpoint, fn, timeout, auth, lane), timeout + 0.5)
             except TimeoutError:
-                self._drop(endpoint)
+                self._drop(endpoint, lane)
                 timed_out = EtcdTimeout(f"no answer within {timeout:g}s (member down or host unreachable)", endpoint)
                 self._count(timed_out)
                 raise timed_out from None
@@ -257,11 +337,24 @@ class EtcdClient:
                 raise closed from None
             except grpc.aio.AioRpcError as e:
                 err = map_grpc_error(e, endpoint, timeout)
-                if isinstance(err, EtcdAuthError) and "invalid auth token" in err.message and attempt == 1:
-                    self._tokens.pop(endpoint, None)  # token expired: authenticate again, once
-                    continue
+                if isinstance(err, EtcdAuthError) and attempt < 3 and self._token is not None and any(
+                        m in err.message for m in EXPIRED_TOKEN):
+                    # A member learns a simple token when it applies the Authenticate: one behind does a moment
+                    # later. Still unknown then: expired, or a restarted member forgot it; a new token is asked
+                    # for, and the old one kept for the members that know it when none can be had (no leader).
+                    if attempt == 1:
+                        await asyncio.sleep(TOKEN_APPLY_WAIT)
+                        continue
+                    if await self._login(endpoint, timeout, optional=True) is not None:
+                        continue
+                    err = EtcdAuthError(f"{err.message} (the member does not know the bot's token, and no new one "
+                                        f"can be had: {self._login_error})", endpoint)
+                if isinstance(err, EtcdAuthError) and self._username is not None and self._token is None \
+                        and "user name is empty" in err.message and self._login_error:
+                    err = EtcdAuthError(f"{err.message} (etcd auth is on and the bot holds no token: "
+                                        f"{self._login_error})", endpoint)
                 if isinstance(err, EtcdUnavailable):
-                    self._drop(endpoint)
+                    self._drop(endpoint, lane)
                 self._count(err)
                 raise err from None
         raise AssertionError("unreachable")
@@ -270,9 +363,9 @@ class EtcdClient:
         if self.on_error is not None:
             self.on_error(err)
 
-    async def _call_once(self, endpoint: str, fn: Call[T], timeout: float, auth: Auth) -> T:
+    async def _call_once(self, endpoint: str, fn: Call[T], timeout: float, auth: Auth, lane: Lane) -> T:
         metadata = await self._metadata(endpoint, timeout, auth)
-        return await fn(self._channel(endpoint), metadata, timeout)
+        return await fn(self._channel(endpoint, lane), metadata, timeout)
 
     def _fallbacks(self) -> list[str]:
         return [e for e in self.learned if e not in self.endpoints]
@@ -370,15 +463,30 @@ class EtcdClient:
         return endpoint, members
 
     async def status(self, endpoint: str, timeout: float | None = None) -> MemberStatus:
-        """Maintenance.Status, sent without a token: etcd does not ask for one, and with
-        auth on a learner refuses Authenticate ("rpc not supported for learner")."""
+        """Maintenance.Status, with the cluster's token when there is one (a learner takes a voter's;
+        etcd 3.5.1 answers without one, later releases refuse "user name is empty")."""
         async def fn(ch: grpc.aio.Channel, md: Metadata, t: float) -> MemberStatus:
             r = await rpc.MaintenanceStub(ch).Status(rpc.StatusRequest(), timeout=t, metadata=md)
             errors, alarms = split_alarms(r.errors)
+            newer = newer_fields(r)
+            downgrade = newer_fields(_parsed(newer.get(STATUS_DOWNGRADE_INFO, b"")))
             return MemberStatus(endpoint=endpoint, member_id=r.header.member_id, version=r.version, db_size=r.dbSize,
                                 db_size_in_use=r.dbSizeInUse, leader=r.leader, raft_term=r.raftTerm,
                                 raft_index=r.raftIndex, raft_applied_index=r.raftAppliedIndex,
-                                is_learner=r.isLearner, errors=errors, alarms=alarms, cluster_id=r.header.cluster_id)
+                                is_learner=r.isLearner, errors=errors, alarms=alarms, cluster_id=r.header.cluster_id,
+                                storage_version=_text(newer.get(STATUS_STORAGE_VERSION)),
+                                db_size_quota=_signed(newer.get(STATUS_DB_SIZE_QUOTA)),
+                                downgrade_target=_text(downgrade.get(2)) if downgrade.get(1) else None)
+        return await self.call(endpoint, fn, timeout, auth="optional")
+
+    async def serving(self, endpoint: str, timeout: float | None = None) -> str:
+        """The member's answer to gRPC's health check (grpc.health.v1, the whole server): SERVING, or NOT_SERVING
+        while it defragments with StopGRPCServiceOnDefrag on (its Status then waits for the defragmentation).
+        Sent without a token: etcd asks for none there."""
+        async def fn(ch: grpc.aio.Channel, md: Metadata, t: float) -> str:
+            check = ch.unary_unary(HEALTH_CHECK, request_serializer=None, response_deserializer=None)
+            answer = newer_fields(_parsed(await check(b"", timeout=t))).get(1, 0)  # HealthCheckResponse.status
+            return HEALTH_STATES.get(answer if isinstance(answer, int) else 0, "UNKNOWN")
         return await self.call(endpoint, fn, timeout, auth="none")
 
     async def member_add(self, peer_urls: list[str], *, learner: bool,
@@ -440,7 +548,8 @@ class EtcdClient:
         async def fn(ch: grpc.aio.Channel, md: Metadata, t: float) -> KVHash:
             r = await rpc.MaintenanceStub(ch).HashKV(rpc.HashKVRequest(revision=revision), timeout=t, metadata=md)
             return KVHash(endpoint=endpoint, member_id=r.header.member_id, hash=r.hash,
-                          compact_revision=r.compact_revision, revision=r.header.revision)
+                          compact_revision=r.compact_revision, revision=r.header.revision,
+                          hash_revision=_signed(newer_fields(r).get(HASHKV_HASH_REVISION)))
         return await self.call(endpoint, fn, timeout)
 
     async def compact(self, revision: int, timeout: float | None = None) -> None:
@@ -454,7 +563,7 @@ class EtcdClient:
         """Defragment one member: it answers nothing else until done, so the deadline is long."""
         async def fn(ch: grpc.aio.Channel, md: Metadata, t: float) -> None:
             await rpc.MaintenanceStub(ch).Defragment(rpc.DefragmentRequest(), timeout=t, metadata=md)
-        await self.call(endpoint, fn, timeout)
+        await self.call(endpoint, fn, timeout, lane="long")
 
     async def alarm_disarm(self, member_id: int, kind: str, timeout: float | None = None) -> None:
         """Deactivate one member's alarm (`kind` NOSPACE or CORRUPT), as `etcdctl alarm disarm` does per alarm."""
@@ -481,7 +590,7 @@ class EtcdClient:
             raise EtcdTimeout(f"no answer within {self.timeout:g}s", endpoint) from None
         except grpc.aio.AioRpcError as e:
             raise map_grpc_error(e, endpoint, self.timeout) from None
-        call = rpc.MaintenanceStub(self._channel(endpoint)).Snapshot(rpc.SnapshotRequest(), metadata=metadata)
+        call = rpc.MaintenanceStub(self._channel(endpoint, "long")).Snapshot(rpc.SnapshotRequest(), metadata=metadata)
         stream = SnapshotStream(self, endpoint, call, idle_timeout)
         await stream.start(self.timeout)
         return stream
@@ -502,12 +611,12 @@ class SnapshotStream:
             async with asyncio.timeout(timeout):  # not wait_for: no task per 32 KiB message (the receive loop's cost)
                 resp = await self._call.read()
         except TimeoutError:
-            self.client._drop(self.endpoint)
+            self.client._drop(self.endpoint, "long")
             raise EtcdTimeout(f"snapshot stream silent for {timeout:g}s", self.endpoint) from None
         except grpc.aio.AioRpcError as e:
             err = map_grpc_error(e, self.endpoint, timeout)
             if isinstance(err, EtcdUnavailable):
-                self.client._drop(self.endpoint)
+                self.client._drop(self.endpoint, "long")
             raise err from None
         return None if resp is grpc.aio.EOF else resp
 
@@ -586,6 +695,8 @@ _REQUEST_ERRORS: tuple[tuple[str, type[EtcdRequestError]], ...] = (
 )
 
 
+EXPIRED_TOKEN = ("invalid auth token", "auth token is expired")
+TOKEN_APPLY_WAIT = 0.25  # a heartbeat or two: how long a member behind in applying may take to learn a new token
 AUTH_MESSAGES = ("authentication failed", "permission denied", "invalid auth token", "user name is empty",
                   "user name not found", "auth token is expired")
 

@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # the fan-out calls the gRPC client; the parser above it stay
     from bot.etcd.client import EtcdClient
 
 MAX_BODY = 16 * 1024 * 1024    # a /metrics page is ~200 kB; more is not etcd
+STOP_GRPC_ON_DEFRAG = "StopGRPCServiceOnDefrag"  # etcd 3.6's feature gate (3.5.13+: --experimental-stop-grpc-...)
 
 
 def histogram_quantile(q: float, buckets: Iterable[tuple[float, float]]) -> float | None:
@@ -66,13 +67,16 @@ def parse_metrics(text: str) -> MemberMetrics:
             return None
         return histogram_quantile(0.99, ((float(labels["le"]), v) for labels, v in found if "le" in labels))
 
+    gate = next((v for labels, v in samples.get("etcd_server_feature_enabled", ())
+                 if labels.get("name") == STOP_GRPC_ON_DEFRAG), None)
     return MemberMetrics(quota_bytes=one("etcd_server_quota_backend_bytes"),
                          wal_fsync_p99=p99("etcd_disk_wal_fsync_duration_seconds"),
                          backend_commit_p99=p99("etcd_disk_backend_commit_duration_seconds"),
                          leader_changes=one("etcd_server_leader_changes_seen_total"),
                          slow_applies=one("etcd_server_slow_apply_total"),
                          proposals_pending=one("etcd_server_proposals_pending"),
-                         proposals_failed=one("etcd_server_proposals_failed_total"))
+                         proposals_failed=one("etcd_server_proposals_failed_total"),
+                         stops_serving_on_defrag=None if gate is None else gate > 0)
 
 
 # ---------------------------------------------------------------- fetch
@@ -129,9 +133,11 @@ async def member_metrics(url: str, tls: TLSFiles, timeout: float) -> MemberMetri
         raise EtcdError(f"/metrics does not parse: {e}", url) from None
 
 
-async def cluster_metrics(client: EtcdClient, health: ClusterHealth,
-                          timeout: float | None = None) -> dict[int, MemberMetrics | str]:
-    """Every reachable member's figures at once, or why they could not be read, by member ID."""
+async def cluster_metrics(client: EtcdClient, health: ClusterHealth, timeout: float | None = None, *,
+                          for_quota: bool = False) -> dict[int, MemberMetrics | str]:
+    """Every reachable member's figures at once, or why they could not be read, by member ID. `for_quota`: only
+    the members whose Status does not say their quota (before etcd 3.6): a /metrics page is some 200 kB, and
+    over a far link its transfer costs several round trips."""
     timeout = timeout or client.timeout
 
     async def one(urls: tuple[str, ...]) -> MemberMetrics | str:
@@ -143,6 +149,7 @@ async def cluster_metrics(client: EtcdClient, health: ClusterHealth,
                                            for err in e.errors)) or "no client URL"
         return found
 
-    members = [h for h in health.members if h.status is not None and h.member.client_urls]
+    members = [h for h in health.members if h.status is not None and h.member.client_urls
+               and not (for_quota and h.status.db_size_quota)]
     answers = await asyncio.gather(*(one(h.member.client_urls) for h in members))
     return {h.member.id: a for h, a in zip(members, answers, strict=True)}

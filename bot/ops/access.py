@@ -26,18 +26,6 @@ class Role(Enum):
     APPROVER = "approver"
 
 
-# The role each subcommand needs. `cancel` is checked against the plan: its
-# proposer or an approver.
-COMMAND_ROLES: dict[str, Role | None] = {
-    "status": Role.READER, "members": Role.READER, "plans": Role.READER, "snapshots": Role.READER,
-    "replace": Role.OPERATOR, "snapshot": Role.OPERATOR, "cancel": None, "resume": Role.APPROVER,
-    "abandon": Role.APPROVER,
-    "restore": Role.OPERATOR, "continue": Role.APPROVER, "drill": Role.OPERATOR,
-    "alarms": Role.READER, "perf": Role.READER, "consistency": Role.READER, "defrag": Role.OPERATOR,
-    "alerts": Role.READER, "mute": Role.OPERATOR, "unmute": Role.OPERATOR,
-}
-
-
 def role_config(cluster: ClusterConfig, role: Role) -> RoleConfig:
     return {Role.READER: cluster.access.readers, Role.OPERATOR: cluster.access.operators,
             Role.APPROVER: cluster.access.approvers}[role]

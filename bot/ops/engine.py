@@ -15,28 +15,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar, cast
 
-from bot.domain.errors import EtcdError, FactsChanged, StepFailed
-from bot.domain.mrkdwn import escape
-from bot.domain.plan import Fence, PlanKind, PlanState
+from bot.domain.errors import EtcdError, FactsChanged, PlanCancelled, StepFailed
+from bot.domain.mrkdwn import code, escape
+from bot.domain.plan import Fence, PlanKind, PlanState, Stage
 from bot.domain.record import AnyPlan, PlanRecord
+from bot.ops.access import Access, Role
 from bot.ops.context import BotContext
 from bot.ops.launcher import Fencing
 from bot.output.blocks import PlanMessage, PlanView
 from bot.store.base import LeaseLost
 
 if TYPE_CHECKING:
-    from bot.config import ClusterConfig
+    from bot.config import ClusterConfig, Config
     from bot.etcd.client import EtcdClient
 
 P = TypeVar("P", bound=AnyPlan)
 
 log = logging.getLogger(__name__)
+POLL = 0.5             # seconds between two looks at what a person was asked to do
+REMIND_BEFORE = 60.0   # a wait on a person says so once more when this much of it is left
 # The fence of the run this task executes: set by execute(), read by an operation's own writes (update_plan).
 RUN_FENCE: ContextVar[Fence | None] = ContextVar("run_fence", default=None)
 
@@ -89,6 +92,60 @@ class ClusterOperation(Generic[P]):
     def done_note(self) -> str:
         raise NotImplementedError
 
+    async def wait_for_person(self, key: str, ask: str, ready: Callable[[Stage | None], Awaitable[str | None]],
+                              timed_out: StepFailed) -> str:
+        """The `manual` launcher's wait at stage `key`: `ask` (mrkdwn) is posted with until when the plan waits;
+        `ready` is asked every POLL until it says what happened (retried through etcd errors); a reminder goes
+        out when a minute is left. An approver's `/etcd cancel` ends the wait (PlanCancelled: the plan is
+        cancelled already); so does the launcher's timeout (`timed_out`), unless `ready` says otherwise then."""
+        store, plan_id = self.ctx.store, self.record.id
+        seconds = self.cluster.launcher.timeout_seconds
+        await store.open_stage(plan_id, key, fence=self.fence)  # before the ask: nothing is confirmed early
+        deadline = time.monotonic() + seconds
+        cancel = code(f"/etcd cancel {plan_id} <reason>")
+        await note(self.ctx, self.record, f"{ask}\n:hourglass_flowing_sand: The plan waits until "
+                                          f"{_clock(time.time() + seconds)} ({_span(seconds)}); an approver can "
+                                          f"stop it here with {cancel}.")
+        reminded = seconds <= REMIND_BEFORE  # a wait this short says until when once, and that is enough
+        stage: Stage | None = None
+        try:
+            while True:
+                stage = await store.stage(plan_id, key)
+                if stage is not None and stage.closed_at is not None and not stage.confirmed_by:
+                    current = await store.plan(plan_id)
+                    raise PlanCancelled(key, (current.decided_by if current else None) or "an approver",
+                                        (current.error if current else None) or "")
+                try:
+                    if (found := await ready(stage)) is not None:
+                        return found
+                except EtcdError:
+                    pass  # a member starting, or not yet answering: the next look
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                if not reminded and left <= REMIND_BEFORE:
+                    reminded = True
+                    await note(self.ctx, self.record,
+                               f":hourglass: {_span(left)} left at stage *{escape(key)}* of plan {plan_id} (until "
+                               f"{_clock(time.time() + left)}); then it fails and can be resumed. To stop it "
+                               f"instead: {cancel}.")
+                await asyncio.sleep(min(POLL, left))
+        finally:
+            ended = await store.close_stage(plan_id, key, fence=self.fence)
+        if ended is not None and (found := await ready(ended)) is not None:  # an answer that raced the end counts
+            return found
+        raise timed_out
+
+
+def _clock(epoch: float) -> str:
+    """A moment as people in any time zone read it in a thread or a terminal."""
+    return time.strftime("%H:%M:%S UTC", time.gmtime(epoch))
+
+
+def _span(seconds: float) -> str:
+    whole = max(0, round(seconds))
+    return f"{whole // 60} min {whole % 60:02d} s" if whole >= 60 else f"{whole} s"
+
 
 async def hold_lease(ctx: BotContext, fence: Fence) -> None:
     """Right before an action: LeaseLost unless this replica still leads the tenure `fence` names, by the
@@ -133,6 +190,17 @@ def register(kind: PlanKind, *, render: Render) -> Callable[[type[C]], type[C]]:
 def render_plan(record: PlanRecord, view: PlanView) -> PlanMessage:
     """The message of a plan of any kind, as its kind renders it."""
     return KINDS[record.kind].render(record.plan, view)
+
+
+def plan_view(config: Config, record: PlanRecord, step_states: Mapping[int, str]) -> PlanView:
+    """What a plan's message shows besides the plan: its state and progress, who approves and how."""
+    cluster = config.cluster(record.cluster)
+    approvers = Access.holders(cluster, Role.APPROVER) if cluster else "nobody (cluster not configured)"
+    approval = config.approval
+    return PlanView(state=record.state, proposer=record.proposer, approvers=approvers, expires_at=record.expires_at,
+                    reaction=approval.reaction, reject_reaction=approval.reject_reaction, step_states=step_states,
+                    decided_by=record.decided_by, error=record.error, approvals=record.approvals,
+                    approvals_needed=approval.rule(record.kind).approvals_needed, decided_at=record.decided_at)
 
 
 async def refresh(ctx: BotContext, plan_id: str) -> None:
@@ -219,6 +287,8 @@ class Run:
                     detail = await step.verify(detail)
             except (TimeoutError, StepFailed, EtcdError) as e:
                 return await self._fail(idx, self._failure(e))
+            except PlanCancelled as e:
+                return await self._cancelled(idx, e)
             except (asyncio.CancelledError, LeaseLost):
                 raise  # the bot is stopping, or another replica leads: the plan stays "running" for the next leader
             except Exception as e:
@@ -255,6 +325,13 @@ class Run:
             return e
         return StepFailed(str(e) or type(e).__name__,
                           "check /etcd status, then /etcd resume the plan or finish by hand")
+
+    async def _cancelled(self, idx: int, e: PlanCancelled) -> PlanState:
+        """Stopped at a person's stage by /etcd cancel, which moved the plan to cancelled and said what had run:
+        the step that waited is recorded as cancelled, and nothing more runs."""
+        await self.ctx.store.step_finished(self.record.id, idx, "cancelled", error=e.reason, fence=self.fence)
+        await refresh(self.ctx, self.record.id)
+        return PlanState.CANCELLED
 
     async def _fail(self, idx: int, e: StepFailed, before: bool = False) -> PlanState:
         store, record = self.ctx.store, self.record

@@ -5,8 +5,8 @@ PlanKind is registered."""
 from __future__ import annotations
 
 from bot.ops.defrag import run as _defrag  # noqa: F401
-from bot.ops.engine import KINDS, Kind, render_plan
+from bot.ops.engine import KINDS, Kind, plan_view, render_plan
 from bot.ops.replace import run as _replace  # noqa: F401
 from bot.ops.restore import run as _restore  # noqa: F401
 
-__all__ = ["KINDS", "Kind", "render_plan"]
+__all__ = ["KINDS", "Kind", "plan_view", "render_plan"]

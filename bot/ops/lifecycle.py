@@ -55,46 +55,51 @@ async def _approvers(ctx: BotContext, record: PlanRecord) -> str:
     return await ctx.access.names(cluster, Role.APPROVER) if cluster else "nobody"
 
 
-async def approve(ctx: BotContext, record: PlanRecord, user: str, *, privately: bool = False) -> None:
-    """`user` approves (a reaction, or a button: `privately`, then every refusal goes to that user alone)."""
+async def approve(ctx: BotContext, record: PlanRecord, user: str, *, privately: bool = False) -> bool:
+    """Count `user`'s approval (True), or say why it counts for nothing (False): in the thread, or to
+    `user` alone when `privately` (a button)."""
     store, plan_id = ctx.store, record.id
     rule = ctx.config.approval.rule(record.kind)
     if not await _is_approver(ctx, record, user):
         await _refuse(ctx, record, user, "approve_refused",
                       f"{mention(user)} is not an approver, so plan {plan_id} is not approved "
                       f"(approvers: {await _approvers(ctx, record)}).", privately)
-        return
+        return False
     if user == record.proposer and not rule.allow_self_approval:
         await _refuse(ctx, record, user, "approve_refused",
                       f"{mention(user)} proposed plan {plan_id} and cannot approve it too: "
                       f"another approver must approve (allow_self_approval is off).", privately)
-        return
+        return False
     if record.state == PlanState.PROPOSED and time.time() >= record.expires_at:
         await expire(ctx, record)
         await _refuse(ctx, record, user, "approve_refused",
                       f"plan {plan_id} expired at {blocks.slack_date(record.expires_at)}: propose it again.", privately)
-        return
+        return False
     first, count, won = await store.add_approval(plan_id, user, rule.approvals_needed)
     if won:
         await store.audit("plan_approved", user=user, channel=record.channel, cluster=record.cluster,
                           detail={"plan": plan_id, "approvals": count})
         await note(ctx, record, f":white_check_mark: Approved by {mention(user)}. Executing plan {plan_id} now.")
         start_plan(ctx, plan_id, user, from_states=(PlanState.APPROVED,), start=0)  # else the leader picks it up
+        return True
     elif first:
         await store.audit("plan_approval", user=user, channel=record.channel, cluster=record.cluster,
                           detail={"plan": plan_id, "approvals": count, "needed": rule.approvals_needed})
         await refresh(ctx, plan_id)
         await note(ctx, record, f":ballot_box_with_check: Approval {count} of {rule.approvals_needed} for plan "
                                 f"{plan_id}, by {mention(user)}; it runs when {rule.approvals_needed} approvers agree.")
+        return True
     elif count:
         await _refuse(ctx, record, user, "approve_ignored",
                       f"{mention(user)} approved plan {plan_id} already; each approver counts once "
                       f"({count} of {rule.approvals_needed}).", privately)
+        return False
     else:
         current = await store.plan(plan_id) or record
         await _refuse(ctx, record, user, "approve_ignored",
                       f"plan {plan_id} is {current.state}{_decided(current)}, not proposed: "
                       f"{mention(user)}'s approval changes nothing.", privately)
+    return False
 
 
 def _decided(record: PlanRecord) -> str:
@@ -210,12 +215,9 @@ async def abandon(ctx: BotContext, plan_id: str, reason: str, user: str, channel
     if not await ctx.store.transition(plan_id, STOPPED_STATES, PlanState.ABANDONED, decided_by=user,
                                       decided_at=time.time()):
         return refused(f"plan {plan_id} changed state meanwhile; see /etcd plans")
-    steps = await ctx.store.steps(plan_id)
-    ran = [f"{s.idx}. {escape(record.plan.steps[s.idx].title)} ({s.state})" for s in steps
-           if s.state in ("done", "failed", "running")]
+    ran, done = await _steps_run(ctx, record)
     await ctx.store.audit("plan_abandoned", user=user, channel=channel, cluster=record.cluster,
-                          detail={"plan": plan_id, "reason": reason, "steps_run": [s.key for s in steps
-                                                                                   if s.state == "done"]})
+                          detail={"plan": plan_id, "reason": reason, "steps_run": done})
     await refresh(ctx, plan_id)
     listing = "\n".join(ran) or "(none)"
     summary = (f"Plan {plan_id} abandoned by {mention(user)}: {escape(reason)}. Nothing was undone; the steps that had "
@@ -224,10 +226,23 @@ async def abandon(ctx: BotContext, plan_id: str, reason: str, user: str, channel
     return Outcome(ephemeral=blocks.Reply(text=summary))
 
 
-async def cancel(ctx: BotContext, plan_id: str, user: str, channel: str) -> Outcome:
+async def _steps_run(ctx: BotContext, record: PlanRecord) -> tuple[list[str], list[str]]:
+    """The steps that had run when a plan was closed part-way, as lines to show (changes that stay), and the
+    keys of those done (for the audit)."""
+    steps = await ctx.store.steps(record.id)
+    shown = [f"{s.idx}. {escape(record.plan.steps[s.idx].title)} ({s.state})" for s in steps
+             if s.state in ("done", "failed", "running")]
+    return shown, [s.key for s in steps if s.state == "done"]
+
+
+async def cancel(ctx: BotContext, plan_id: str, user: str, channel: str, reason: str = "") -> Outcome:
+    """A proposed plan, by its proposer or an approver; a running plan while it waits on a person (a manual
+    stage), by an approver and with a reason: the one safe point at which a running plan can stop."""
     record = await _plan_for(ctx, plan_id, channel)
     if record is None:
         return refused(f"no plan {plan_id!r} in this channel", "see /etcd plans")
+    if record.state == PlanState.RUNNING:
+        return await _cancel_waiting(ctx, record, user, reason)
     if user != record.proposer and not await _is_approver(ctx, record, user):
         await ctx.store.audit("cancel_refused", user=user, channel=channel, cluster=record.cluster,
                               detail={"plan": plan_id, "missing_role": "approver or proposer"})
@@ -237,10 +252,37 @@ async def cancel(ctx: BotContext, plan_id: str, user: str, channel: str) -> Outc
                                       decided_at=time.time()):
         return refused(f"plan {plan_id} is {record.state}; only a proposed plan can be cancelled")
     await ctx.store.audit("plan_cancelled", user=user, channel=channel, cluster=record.cluster,
-                          detail={"plan": plan_id})
+                          detail={"plan": plan_id, **({"reason": reason} if reason else {})})
     await refresh(ctx, plan_id)
-    await note(ctx, record, f":wastebasket: Cancelled by {mention(user)}. Nothing was changed.")
+    why = f": {escape(reason)}" if reason else ""
+    await note(ctx, record, f":wastebasket: Cancelled by {mention(user)}{why}. Nothing was changed.")
     return Outcome(ephemeral=blocks.Reply(text=f"Plan {plan_id} cancelled."))
+
+
+async def _cancel_waiting(ctx: BotContext, record: PlanRecord, user: str, reason: str) -> Outcome:
+    plan_id = record.id
+    if not await _is_approver(ctx, record, user):
+        await ctx.store.audit("cancel_refused", user=user, channel=record.channel, cluster=record.cluster,
+                              detail={"plan": plan_id, "missing_role": "approver"})
+        return refused(f"stopping running plan {plan_id} needs the approver role, which you do not hold "
+                       f"(approvers: {await _approvers(ctx, record)})")
+    if not reason:
+        return refused(f"plan {plan_id} is running: say why it stops, `/etcd cancel {plan_id} <reason>`")
+    stage = await ctx.store.cancel_stage(plan_id, user, reason)
+    if stage is None:
+        return refused(f"plan {plan_id} is running and waits on nobody now, so it cannot stop safely here",
+                       "a running plan stops only where it waits on a person (a manual stage); let it finish or "
+                       "fail, then /etcd abandon it")
+    ran, done = await _steps_run(ctx, record)
+    await ctx.store.audit("plan_cancelled", user=user, channel=record.channel, cluster=record.cluster,
+                          detail={"plan": plan_id, "reason": reason, "stage": stage.key, "steps_run": done})
+    await refresh(ctx, plan_id)
+    listing = "\n".join(ran) or "(none)"
+    summary = (f"Plan {plan_id} cancelled by {mention(user)} while it waited on stage *{escape(stage.key)}*: "
+               f"{escape(reason)}. Nothing was undone; the steps that had run (what a person did at that stage "
+               f"stays done too):\n{listing}\nA new plan for {escape(record.cluster)} can be proposed now.")
+    await note(ctx, record, f":wastebasket: {summary}")
+    return Outcome(ephemeral=blocks.Reply(text=summary))
 
 
 # ---------------------------------------------------------------- housekeeping

@@ -30,6 +30,10 @@ class Notifier(Protocol):
     async def thread_note(self, record: PlanRecord, text: str) -> None:
         """A detail under the plan, in mrkdwn whose values are escaped already. Never raises."""
 
+    async def thread_post(self, record: PlanRecord, text: str) -> None:
+        """A note under the plan that must arrive (what was done from a shell, relayed once the chat answers):
+        raises NotifyFailed, so it is kept for a later try."""
+
     async def private_note(self, record: PlanRecord, user: str, text: str) -> None:
         """A note only `user` sees (a repeated refusal). Never raises."""
 
@@ -78,6 +82,9 @@ class PlainNotifier:
 
     async def thread_note(self, record: PlanRecord, text: str) -> None:
         self.lines.append(f"plan {record.id}: {text}")
+
+    async def thread_post(self, record: PlanRecord, text: str) -> None:
+        await self.thread_note(record, text)
 
     async def private_note(self, record: PlanRecord, user: str, text: str) -> None:
         self.lines.append(f"plan {record.id} (to {user} only): {text}")

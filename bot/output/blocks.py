@@ -96,7 +96,8 @@ def _header(text: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- status
 
 _ICON = {Verdict.HEALTHY: ":large_green_circle:", Verdict.DEGRADED: ":large_orange_circle:",
-         Verdict.NO_LEADER: ":large_orange_circle:", Verdict.QUORUM_LOST: ":red_circle:"}
+         Verdict.NO_LEADER: ":large_orange_circle:", Verdict.QUORUM_LOST: ":red_circle:",
+         Verdict.UNKNOWN: ":large_orange_circle:"}
 
 
 def _member_line(v: MemberView, label: str) -> str:
@@ -104,7 +105,12 @@ def _member_line(v: MemberView, label: str) -> str:
     version, database against its quota, raft position, and URLs."""
     m = v.member
     name = f"*{escape(label)}*" if m.name else f"*_(unstarted)_* {code(m.hex_id)}"
-    if not v.reachable:
+    if v.state == "REFUSED":
+        first = (f":large_orange_circle: {name} — *REFUSED*: it answers, refusing the bot's credentials: "
+                 f"{escape(v.problem or '')}")
+    elif v.state == "DEFRAGMENTING":
+        first = f":large_orange_circle: {name} — *DEFRAGMENTING*: {escape(v.problem or '')}"
+    elif not v.reachable:
         first = f":red_circle: {name} — *DOWN*: {escape(v.problem or 'unreachable')}"
     elif v.problem:
         first = f":large_orange_circle: {name} — *UNHEALTHY*: {escape(v.problem)}"
@@ -428,7 +434,7 @@ def _restore_details(plan: RestorePlan) -> Reply:
     head = (f"*sha256:* {code(snap.sha256)} · hash {code(snap.hash)} · file {humanize_bytes(snap.file_size)}\n{where}\n"
             + "\n".join(f"• *{escape(m.name)}* · peer {escape(m.peer_url)} · client {_urls(m.client_urls)} · data dir "
                         f"{code(m.data_dir)}" for m in plan.members)
-            + f"\n*etcdutl snapshot restore on every member* (new cluster token, unique to this restore; "
+            + f"\n*{plan.restore_tool} snapshot restore on every member* (new cluster token, unique to this restore; "
               f"{escape(how)}):")
     tail = f"*Kubernetes:* {escape(K8S_BEFORE)} {escape(K8S_AFTER)}\n:information_source: {escape(bump_note(plan))}"
     blocks = [*sections(head), *sections(escape(commands), code=True), *sections(tail)]

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 
 from bot.domain.cluster import (
     BACKEND_COMMIT_P99_OK,
-    DEFAULT_QUOTA,
     WAL_FSYNC_P99_OK,
     Alarm,
     ClusterHealth,
@@ -27,6 +26,7 @@ from bot.domain.cluster import (
     MemberMetrics,
     MemberStatus,
     Quorum,
+    backend_quota,
 )
 from bot.domain.snapshot import CatalogEntry, RemoteState, SnapshotRecord, SnapshotStatus, catalog_entry
 from bot.output.tables import status_table
@@ -45,10 +45,13 @@ class Verdict(StrEnum):
     DEGRADED = "DEGRADED"
     NO_LEADER = "NO LEADER"
     QUORUM_LOST = "QUORUM LOST"
+    UNKNOWN = "UNKNOWN"        # members that refused the bot's credentials could make or break the quorum
 
 
 def verdict(health: ClusterHealth) -> Verdict:
     q = health.quorum
+    if not q.known:
+        return Verdict.UNKNOWN
     if not q.ok:
         return Verdict.QUORUM_LOST
     if health.leader_id is None:
@@ -61,7 +64,9 @@ def verdict(health: ClusterHealth) -> Verdict:
 def quorum_line(health: ClusterHealth) -> str:
     q = health.quorum
     tail = (f"tolerates {q.tolerates} more failure{'s' if q.tolerates != 1 else ''}" if q.ok
-            else "the cluster cannot accept writes")
+            else "the cluster cannot accept writes" if q.known
+            else f"{q.unknown} answer without their Status (refusing the bot, or defragmenting), so whether quorum "
+                 "holds is unknown")
     return f"{q.healthy} of {q.voting} voting members healthy, quorum needs {q.needed}, {tail}"
 
 
@@ -69,8 +74,12 @@ LEADERLESS = ("no leader", "learner, no leader")
 
 
 def member_state(h: MemberHealth, health: ClusterHealth) -> str:
-    """DOWN, UNHEALTHY, leader, follower, learner; without quorum or a leader
-    there is no follower: a survivor then says "no leader" (one of LEADERLESS)."""
+    """DOWN, REFUSED (it answers, refusing the bot's credentials), DEFRAGMENTING, UNHEALTHY, leader, follower, learner;
+    without quorum or a leader there is no follower: a survivor then says "no leader" (one of LEADERLESS)."""
+    if h.refused:
+        return "REFUSED"
+    if h.defragmenting:
+        return "DEFRAGMENTING"
     if not h.reachable:
         return "DOWN"
     if h.problem:
@@ -95,8 +104,9 @@ class MemberView:
 
     member: Member
     status: MemberStatus | None
-    state: str                     # member_state(): leader, follower, learner, no leader, DOWN or UNHEALTHY
-    problem: str | None            # why it is DOWN or UNHEALTHY, in etcd's words
+    state: str                     # member_state(): leader, follower, learner, no leader, DOWN, REFUSED,
+    #                                DEFRAGMENTING or UNHEALTHY
+    problem: str | None            # why it is DOWN, REFUSED, DEFRAGMENTING or UNHEALTHY, in etcd's words
     is_leader: bool
     healthy: bool
     error: str | None
@@ -144,6 +154,10 @@ class MemberView:
         """Version, sizes and raft position, then what is special about the member."""
         s, m = self.status, self.member
         facts = [f"v{s.version}", self.db_line or "", f"raft index {s.raft_index}", f"term {s.raft_term}"] if s else []
+        if s and s.storage_version:
+            facts.insert(1, f"storage v{s.storage_version}")
+        if s and s.downgrade_target:
+            facts.insert(0, f"DOWNGRADE to v{s.downgrade_target} enabled")
         return facts + (["learner"] if m.is_learner else []) + ([] if m.started else ["unstarted"])
 
 
@@ -168,7 +182,7 @@ class StatusView:
 
     @property
     def down(self) -> list[str]:
-        return [m.label for m in self.members if not m.reachable]
+        return [m.label for m in self.members if m.state == "DOWN"]
 
     @property
     def checked(self) -> str:
@@ -179,14 +193,7 @@ QUOTA_WARN = 0.8  # status suggests a defragmentation above this share of the qu
 
 
 def _quota(h: MemberHealth, metrics: Mapping[int, MemberMetrics | str] | None) -> tuple[int | None, str | None]:
-    found = metrics.get(h.member.id) if metrics is not None and h.status is not None else None
-    if found is None:
-        return None, None
-    if isinstance(found, str):
-        return DEFAULT_QUOTA, found
-    if found.quota_bytes is None:
-        return DEFAULT_QUOTA, "etcd_server_quota_backend_bytes missing from /metrics"
-    return found.quota_bytes or DEFAULT_QUOTA, None  # 0 means the default
+    return backend_quota(h.status, metrics.get(h.member.id) if metrics is not None and h.status is not None else None)
 
 
 def advice_lines(cluster: str, alarms: tuple[Alarm, ...], members: tuple[MemberView, ...]) -> tuple[str, ...]:

@@ -28,6 +28,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 SNAPSHOT_STATUS_HEADERS = ("HASH", "REVISION", "TOTAL KEYS", "TOTAL SIZE")
+VERSION_HEADER = "VERSION"  # etcdutl 3.6's fifth column: the file's storage version
 
 
 def status_table(status: SnapshotStatus) -> str:
@@ -37,4 +38,6 @@ def status_table(status: SnapshotStatus) -> str:
     SetAlignment(ALIGN_RIGHT): headers centred, every cell right-aligned.
     """
     cells = (status.hash_hex, str(status.revision), str(status.total_keys), humanize_bytes(status.total_size))
+    if status.storage_version:  # written by etcd 3.6: its etcdutl's table
+        return table((*SNAPSHOT_STATUS_HEADERS, VERSION_HEADER), [(*cells, status.storage_version)])
     return table(SNAPSHOT_STATUS_HEADERS, [cells])

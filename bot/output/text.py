@@ -6,7 +6,8 @@ Block Kit from the same model, so the two never disagree.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from bot.domain.cluster import Consistency, KVHash, member_labels
@@ -73,7 +74,7 @@ def status_text(view: StatusView) -> str:
                      for a in view.alarms)
     advice = "".join(f"\nNEXT: {line}" for line in view.advice)
     down = "".join(f"\n{v.state} {v.label}: {v.problem or v.error}" for v in view.members
-                   if v.state in ("DOWN", "UNHEALTHY"))
+                   if v.state in ("DOWN", "REFUSED", "DEFRAGMENTING", "UNHEALTHY"))
     quotas = "".join(f"\nQUOTA {v.label}: unknown ({v.quota_error}), etcd's default assumed" for v in view.members
                      if v.quota_error and v.quota_share)
     note = f"\nNOTE: {view.learned}" if view.learned else ""
@@ -97,7 +98,9 @@ def status_json(view: StatusView) -> dict[str, Any]:
         members.append({
             "id": m.hex_id, "name": m.name, "peer_urls": list(m.peer_urls), "client_urls": list(m.client_urls),
             "started": m.started, "is_learner": m.is_learner, "reachable": v.reachable, "healthy": v.healthy,
-            "is_leader": v.is_leader, "version": s.version if s else None,
+            "is_leader": v.is_leader, "version": s.version if s else None, "state": v.state,
+            "storage_version": (s.storage_version or None) if s else None,
+            "downgrade_target": s.downgrade_target if s else None,
             "db_size": s.db_size if s else None, "db_size_in_use": s.db_size_in_use if s else None,
             "raft_term": s.raft_term if s else None, "raft_index": s.raft_index if s else None,
             "raft_applied_index": s.raft_applied_index if s else None,
@@ -278,6 +281,34 @@ def bump_note(plan: RestorePlan) -> str:
     if plan.bump_supported:
         return (f"etcdutl {plan.etcd_version} supports --bump-revision/--mark-compacted: they are added, so clients' "
                 "watch caches are invalidated.")
-    return (f"etcd {plan.etcd_version or '(version unknown)'}: its etcdutl has no --bump-revision/--mark-compacted "
-            "(3.5.10 and later, 3.6): clients' watch caches are NOT invalidated by the restore; restart every "
-            "watcher (kube-apiserver and controllers) as the follow-ups say.")
+    return (f"etcd {plan.etcd_version or '(version unknown)'}: its {plan.restore_tool} has no --bump-revision/"
+            "--mark-compacted (3.5.10 and later, 3.6): clients' watch caches are NOT invalidated by the restore; "
+            "restart every watcher (kube-apiserver and controllers) as the follow-ups say.")
+
+
+_SLACK_TOKEN = re.compile(r"<(?:!date\^[^|>]*\|([^>]*)|!subteam\^([^|>]*)(?:\|[^>]*)?|@([^|>]*)(?:\|[^>]*)?"
+                          r"|([^|>]*)\|([^>]*))>")
+
+
+def _plain_line(text: str) -> str:
+    """mrkdwn as a terminal shows it: a date's fallback, @user, a link's words and address; escapes undone."""
+    def token(m: re.Match[str]) -> str:
+        date, group, user, url, words = m.groups()
+        return date or (f"@{group}" if group else f"@{user}" if user else f"{words} ({url})")
+    return _SLACK_TOKEN.sub(token, text).replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+
+
+def plain(text: str, blocks: Sequence[Mapping[str, Any]] = ()) -> str:
+    """A message (its Block Kit, else its text) as plain text for a terminal: what the channel would read."""
+    parts: list[str] = []
+    for block in blocks:
+        kind = block.get("type")
+        if kind in ("header", "section") and isinstance(block.get("text"), dict):
+            parts.append(block["text"]["text"])
+        if kind == "section":
+            parts += [f["text"] for f in block.get("fields", []) if isinstance(f, dict)]
+        elif kind == "context":
+            parts.append("  ".join(e.get("text", "") for e in block.get("elements", []) if isinstance(e, dict)))
+        elif kind == "divider":
+            parts.append("")
+    return _plain_line("\n".join(parts) if parts else text)

@@ -11,8 +11,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.config import Config
 from bot.domain.record import PlanRecord
-from bot.ops.access import Access, Role
-from bot.ops.kinds import render_plan
+from bot.ops.kinds import plan_view, render_plan
 from bot.ops.notify import NotifyFailed
 from bot.output import blocks
 from bot.slack.web import SlackPostError, ephemeral, post, update
@@ -26,15 +25,7 @@ class SlackNotifier:
         self.config = config
 
     def view(self, record: PlanRecord, step_states: Mapping[int, str]) -> blocks.PlanView:
-        cluster = self.config.cluster(record.cluster)
-        approvers = Access.holders(cluster, Role.APPROVER) if cluster else "nobody (cluster not configured)"
-        approval = self.config.approval
-        return blocks.PlanView(state=record.state, proposer=record.proposer, approvers=approvers,
-                               expires_at=record.expires_at, reaction=approval.reaction,
-                               reject_reaction=approval.reject_reaction, step_states=step_states,
-                               decided_by=record.decided_by, error=record.error, approvals=record.approvals,
-                               approvals_needed=approval.rule(record.kind).approvals_needed,
-                               decided_at=record.decided_at)
+        return plan_view(self.config, record, step_states)
 
     async def post_plan(self, record: PlanRecord) -> str:
         try:
@@ -57,6 +48,12 @@ class SlackNotifier:
             await post(self.web, record.channel, blocks.thread_note(text), thread_ts=record.message_ts)
         except SlackPostError as e:  # a detail lost is logged, never fatal to the work it reports
             log.warning("thread reply failed", extra={"ctx_plan": record.id, "ctx_error": str(e)})
+
+    async def thread_post(self, record: PlanRecord, text: str) -> None:
+        try:
+            await post(self.web, record.channel, blocks.thread_note(text), thread_ts=record.message_ts)
+        except SlackPostError as e:
+            raise NotifyFailed(str(e)) from None
 
     async def private_note(self, record: PlanRecord, user: str, text: str) -> None:
         await self.private_message(record.channel, user, blocks.thread_note(text))

@@ -25,7 +25,17 @@ from typing import Any
 
 from bot.domain.cluster import Member, MembershipRecord
 from bot.domain.plan import Confirmation, Fence, Lease, PlanState, Stage, StageAnswer
-from bot.domain.record import AlertRecord, AuditEntry, AuditRecord, Mute, NewAlert, NewPlan, PlanRecord, StepRecord
+from bot.domain.record import (
+    AlertRecord,
+    AuditEntry,
+    AuditRecord,
+    Mute,
+    NewAlert,
+    NewPlan,
+    PlanRecord,
+    QueuedPost,
+    StepRecord,
+)
 from bot.domain.snapshot import DrillRecord, NewSnapshot, SnapshotRecord
 from bot.store.schema import AppliedMigration
 
@@ -377,9 +387,28 @@ class Store(ABC):
     async def stage(self, plan_id: str, key: str) -> Stage | None: ...
 
     @abstractmethod
+    async def cancel_stage(self, plan_id: str, user: str, reason: str) -> Stage | None:
+        """`/etcd cancel` of a plan waiting on a person, in one write: the stage it waits on stops waiting
+        unconfirmed and the plan goes running -> cancelled (`decided_by` the user, `error` the reason). None,
+        changing nothing, when the plan waits on no stage (a confirmation that won the race included)."""
+
+    @abstractmethod
     async def confirm_stage(self, plan_id: str, user: str, key: str | None, settle: float) -> StageAnswer:
         """`/etcd continue`: confirm the stage the plan waits on now, in one guarded write (of racing
         confirmations, one is CONFIRMED and the others ALREADY), as `judge_confirmation` decides."""
+
+    # -- outbox: posted once Slack answers ---------------------------------
+
+    @abstractmethod
+    async def queue_post(self, channel: str, plan_id: str | None, text: str) -> None:
+        """Keep a message for the channel (in the plan's thread when `plan_id`) until a replica posts it."""
+
+    @abstractmethod
+    async def queued_posts(self, limit: int = 50) -> list[QueuedPost]:
+        """The messages not posted yet, oldest first."""
+
+    @abstractmethod
+    async def mark_posted(self, post_id: int) -> None: ...
 
     # -- audit ----------------------------------------------------------
 

@@ -166,6 +166,17 @@ CREATE TABLE stages (
 );
 """
 
+OUTBOX = """
+CREATE TABLE outbox (
+    id $ID,
+    at $REAL NOT NULL,             -- when it happened
+    channel TEXT NOT NULL,
+    plan_id TEXT,                  -- a note in the plan's thread; NULL: a message in the channel
+    text TEXT NOT NULL,            -- mrkdwn, every value escaped already
+    posted_at $REAL                -- NULL until a replica posted it
+);
+"""
+
 MIGRATIONS_TABLE = ("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, "
                     "applied_at $REAL NOT NULL)")
 
@@ -205,6 +216,7 @@ MIGRATIONS = (
               only={"postgresql": "CREATE INDEX plans_by_message ON plans(channel, message_ts);\n"}),
     Migration(2, "leases, alerts, mutes; snapshots' off-site copy", LEASES_ALERTS_MUTES),
     Migration(3, "stages: the manual stage a plan waits on, and who confirmed it", STAGES),
+    Migration(4, "outbox: what was done from a shell while Slack was down, to post once it answers", OUTBOX),
 )
 LATEST = MIGRATIONS[-1].version
 

@@ -22,7 +22,17 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from bot.domain.cluster import Member, MembershipRecord
 from bot.domain.plan import OPEN_STATES, Confirmation, Fence, Lease, PlanState, Stage, StageAnswer
-from bot.domain.record import AlertRecord, AuditEntry, AuditRecord, Mute, NewAlert, NewPlan, PlanRecord, StepRecord
+from bot.domain.record import (
+    AlertRecord,
+    AuditEntry,
+    AuditRecord,
+    Mute,
+    NewAlert,
+    NewPlan,
+    PlanRecord,
+    QueuedPost,
+    StepRecord,
+)
 from bot.domain.snapshot import DrillRecord, NewSnapshot, SnapshotRecord
 from bot.store.base import (
     ALERT_COLUMNS,
@@ -487,6 +497,25 @@ class SqlStore(Store):
         row = await self._row("SELECT * FROM stages WHERE plan_id = ? AND stage = ?", [plan_id, key])
         return Stage.of(row) if row else None
 
+    async def cancel_stage(self, plan_id: str, user: str, reason: str) -> Stage | None:
+        async def work(c: Connection) -> Stage | None:
+            # The stage rows locked first, as confirm_stage locks them: of a cancel and a confirmation, one wins.
+            rows = await c.rows("SELECT * FROM stages WHERE plan_id = ? AND closed_at IS NULL AND confirmed_by IS NULL"
+                                f"{self.dialect.for_update}", [plan_id])
+            if not rows:
+                return None
+            now = float(await c.value(f"SELECT {self.dialect.now}"))
+            sets = {"state": str(PlanState.CANCELLED), "decided_by": user, "decided_at": now, "error": reason,
+                    "finished_at": now, "updated_at": now}
+            if await c.execute(f"UPDATE plans SET {assignments(sets)} WHERE id = ? AND state = ?",
+                               [*sets.values(), plan_id, str(PlanState.RUNNING)]) != 1:
+                return None
+            stage = Stage.of(rows[0])
+            await c.execute("UPDATE stages SET closed_at = ? WHERE plan_id = ? AND stage = ?",
+                            [now, plan_id, stage.key])
+            return replace(stage, closed_at=now)
+        return await self._run(work, transaction=True)
+
     async def confirm_stage(self, plan_id: str, user: str, key: str | None, settle: float) -> StageAnswer:
         async def work(c: Connection) -> StageAnswer:
             # The plan's stage rows locked first: a racing confirmation, or the stage opening, waits for this one.
@@ -501,6 +530,19 @@ class SqlStore(Store):
                             [user, now, plan_id, current.key])
             return StageAnswer(Confirmation.CONFIRMED, replace(current, confirmed_by=user, confirmed_at=now), now)
         return await self._run(work, transaction=True)
+
+    # -- outbox -----------------------------------------------------------
+
+    async def queue_post(self, channel: str, plan_id: str | None, text: str) -> None:
+        await self._exec("INSERT INTO outbox (at, channel, plan_id, text) VALUES (?, ?, ?, ?)",
+                         [time.time(), channel, plan_id, text])
+
+    async def queued_posts(self, limit: int = 50) -> list[QueuedPost]:
+        rows = await self._rows("SELECT * FROM outbox WHERE posted_at IS NULL ORDER BY id LIMIT ?", [limit])
+        return [QueuedPost.of(r) for r in rows]
+
+    async def mark_posted(self, post_id: int) -> None:
+        await self._exec("UPDATE outbox SET posted_at = ? WHERE id = ?", [time.time(), post_id])
 
     # -- audit ----------------------------------------------------------
 

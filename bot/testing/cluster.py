@@ -23,6 +23,7 @@ import urllib.request
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Self
 
 from bot.etcd.binaries import BinaryNotFound, find_binary
 
@@ -237,9 +238,10 @@ class LocalCluster:
 
     # -- lifecycle ------------------------------------------------------
 
-    def __enter__(self) -> LocalCluster:
+    def __enter__(self) -> Self:
         try:
-            return self.start()
+            self.start()
+            return self
         except BaseException:
             self.close()
             raise

@@ -156,6 +156,18 @@ class ChannelClient:
             raise DemoError(f"the reaction was not delivered: {body}")
         return self._show(body["messages"], body["next_index"])
 
+    async def plan_message(self, plan_id: str | None) -> dict[str, Any]:
+        """The message of plan `plan_id`, or of the newest plan in the channel."""
+        async with self.session.get(f"{self.url}/_standin/messages", params={"after": "0"}) as r:
+            messages = await r.json()
+        head = re.compile(rf"Plan {re.escape(plan_id)}:" if plan_id else r"Plan \w+:")
+        plans = [m for m in messages if m.get("source") == "chat.postMessage" and not m.get("thread_ts")
+                 and head.match(m.get("text") or "")]
+        if not plans:
+            raise DemoError(f"no plan {plan_id} in the channel" if plan_id else "no plan in the channel yet: "
+                            "propose one first (say \"/etcd replace ...\")")
+        return plans[-1]
+
     async def follow(self, until: re.Pattern, timeout: float) -> dict[str, Any]:
         """Print new messages until one matches `until`; return it."""
         deadline = time.monotonic() + timeout
@@ -197,10 +209,11 @@ SEED = [
 class Stack:
     """The processes of one demo, and how to take them down."""
 
-    def __init__(self, directory: Path, keep: bool, extra_args: tuple[str, ...] = ()):
+    def __init__(self, directory: Path, keep: bool, extra_args: tuple[str, ...] = (), watch: bool = False):
         self.dir = directory
         self.keep = keep
         self.extra_args = extra_args  # more etcd flags (the NOSPACE scenario's small quota)
+        self.watch = watch            # the watch on, looking every second (the alerts scenario)
         self.creds = SlackSecrets()
         self.cluster: LocalCluster | None = None
         self.standin: subprocess.Popen | None = None
@@ -235,7 +248,8 @@ class Stack:
                 raise DemoError(f"the Slack stand-in did not start:\n{log_tail(self.dir / 'standin.log')}")
             time.sleep(0.05)
         self.standin_url = ready.read_text().strip()
-        config = write_config(self.dir, [cluster_table("demo", self.cluster, snapshots={"keep_last": 5})],
+        watch = {"enabled": True, "interval": "1s", "grace": "2s"} if self.watch else {"enabled": False}
+        config = write_config(self.dir, [cluster_table("demo", self.cluster, snapshots={"keep_last": 5}, watch=watch)],
                               approval={"approvers": [LEAD], "approver_groups": [LEADS_GROUP], "ttl_minutes": 30})
         self.bot = BotProcess(config, self.standin_url + "/api/", self.creds, self.dir / "bot.log",
                               port=bot_port).start()
@@ -430,7 +444,31 @@ async def play_nospace(stack: Stack, out: TextIO, style: Style) -> dict[str, str
                        f"writes succeed again."}
 
 
-SCENARIOS = {"replace": (play, ()), "nospace": (play_nospace, QUOTA_ARGS), "restore": (play_restore, ())}
+async def play_alerts(stack: Stack, out: TextIO, style: Style) -> dict[str, str]:
+    """`--scenario alerts`: nobody types anything; the watch notices a member die, posts the alert with the next
+    command, and resolves it when the member is back."""
+    started = time.monotonic()
+    spinner, narrate, cluster = await stage(stack, out, style, "starting a local 3-member etcd cluster")
+    narrate(f"etcd cluster 'demo' up ({', '.join(cluster.endpoints)}); the watch looks every second and posts a "
+            "condition that lasts 2 s\n")
+    async with ChannelClient(stack.standin_url, out, style) as channel:
+        await channel.say("status")
+        narrate("member2's machine dies (SIGKILL); nobody types anything\n")
+        cluster.kill("member2")
+        async with spinner.running("the watch looks"):
+            await channel.follow(re.compile(r"MEMBER DOWN member2"), 60)
+        narrate("member2's machine comes back\n")
+        await asyncio.to_thread(cluster.restart, "member2")
+        async with spinner.running("the watch looks"):
+            await channel.follow(re.compile(r"resolved after"), 60)
+        await channel.say("alerts")
+    seconds = f"{time.monotonic() - started:.1f}"
+    return {"seconds": seconds, "closing": f"Alerts played in {seconds} s: member2 was down, posted by the watch "
+                                           "with the next command, and resolved when it came back."}
+
+
+SCENARIOS = {"replace": (play, ()), "nospace": (play_nospace, QUOTA_ARGS), "restore": (play_restore, ()),
+             "alerts": (play_alerts, ())}
 
 
 def run_demo(directory: Path | None, keep: bool, out: TextIO = sys.stdout, scenario: str = "replace") -> int:
@@ -443,7 +481,7 @@ def run_demo(directory: Path | None, keep: bool, out: TextIO = sys.stdout, scena
         return 2
     directory.mkdir(parents=True, exist_ok=True)
     story, extra_args = SCENARIOS[scenario]
-    stack = Stack(directory, keep, extra_args)
+    stack = Stack(directory, keep, extra_args, watch=scenario == "alerts")
     ok = False
     loop = asyncio.new_event_loop()
     main = loop.create_task(story(stack, out, style))
@@ -472,21 +510,46 @@ def run_demo(directory: Path | None, keep: bool, out: TextIO = sys.stdout, scena
                      f"done; snapshot hash {summary['hash']} at revision {summary['revision']}."), file=out)
     if keep:
         stack.state().save()
-        print(f"\nThe cluster, the Slack stand-in and the bot keep running (files in {directory}).\n"
-              f"  etcd-chatops say \"/etcd status\"            # as alice, the on-call engineer\n"
-              f"  etcd-chatops say --as bob \"/etcd plans\"     # as bob, the on-call lead\n"
-              f"  etcd-chatops demo --stop                     # stop everything and remove the files", file=out)
+        print(kept_help(stack, directory), file=out)
     else:
         print("Everything the demo started is stopped and its files are removed.", file=out)
     return 0
 
 
-async def say(directory: Path, text: str, person: str, out: TextIO = sys.stdout) -> int:
+def kept_help(stack: Stack, directory: Path) -> str:
+    """What to try in a kept demo, with the ports and processes of this one."""
+    cli = "etcd-chatops" if shutil.which("etcd-chatops") else f"{Path(sys.executable).parent}/etcd-chatops"
+    cluster = stack.cluster
+    assert cluster is not None
+    dies = ("the watch posts the alert within seconds (say \"/etcd alerts\")" if stack.watch else
+            "(with --scenario alerts the watch would post it)")
+    return (f"\nThe cluster, the Slack stand-in and the bot keep running (files in {directory}).\n"
+            f"Run etcd-chatops as {cli} (or `make shell` first, then plain etcd-chatops):\n"
+            f"  kill -9 {cluster.member('member3').pid}   # member3's machine dies; {dies}\n"
+            f"  {cli} say \"/etcd status\"                   # as alice, the on-call engineer (an operator)\n"
+            f"  {cli} say \"/etcd replace member3 member5 http://127.0.0.1:{free_port()} "
+            f"--client-url http://127.0.0.1:{free_port()}\"\n"
+            f"  {cli} say --as bob :white_check_mark:        # bob, the lead, approves the newest plan\n"
+            f"  {cli} say --as bob \"/etcd plans\"\n"
+            f"  {cli} demo --stop                            # stop everything and remove the files")
+
+
+async def say(directory: Path, text: str, person: str, out: TextIO = sys.stdout, plan: str | None = None) -> int:
+    """Type `/etcd ...` in the kept demo's channel as `person`; or react with `:name:` to a plan's message (the
+    newest plan, or `plan`): that is how a lead approves (`:white_check_mark:`) or rejects (`:x:`)."""
     state = DemoState.load(directory)
     style = Style(colour=out.isatty() and os.environ.get("NO_COLOR") is None)
     text = text.strip()
+    reaction = re.fullmatch(r":([a-z0-9_+'-]+):", text)
     if text.startswith("/etcd"):
         text = text[len("/etcd"):].strip()
     async with ChannelClient(state.standin_url, out, style) as channel:
-        await channel.say(text, PEOPLE[person])
+        if reaction is None:
+            if plan is not None:
+                raise DemoError("--plan goes with a reaction (:white_check_mark:), not with a command")
+            await channel.say(text, PEOPLE[person])
+            return 0
+        message = await channel.plan_message(plan)
+        channel.seen = message["index"] + 1
+        await channel.react(PEOPLE[person], message["ts"], reaction.group(1))
     return 0

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import IO
 
+from bot.domain.restore import BUMP_VARIABLE, MARK_COMPACTED_VARIABLE
 from bot.ops.launcher import FENCE_VARIABLE
 from bot.testing.cluster import ClusterError, LocalCluster, TLSPaths, free_port, spawn, tls_member_args
 from bot.testing.netbed import CLIENT_PORT, host_for_url
@@ -147,23 +148,34 @@ def stop(base: Path, name: str) -> int:
 
 
 def restore(base: Path, name: str, env: dict[str, str], data_dir: str) -> int:
-    """etcdutl snapshot restore into a fresh directory, then swap it in; the old one is kept aside."""
+    """etcdutl snapshot restore into a fresh directory, then swap it in; the old one is kept aside. With
+    ETCD_CHATOPS_BUMP_REVISION (and ETCD_CHATOPS_MARK_COMPACTED=true, which etcdutl requires with it) the
+    restored revision moves forward by that much, and watches from before are told it was compacted."""
     snapshot, token = os.environ.get("ETCD_CHATOPS_SNAPSHOT"), env.get("ETCD_INITIAL_CLUSTER_TOKEN")
     if not snapshot or not token:
         print("start_member: restore needs ETCD_CHATOPS_SNAPSHOT and ETCD_INITIAL_CLUSTER_TOKEN", file=sys.stderr)
+        return 2
+    bump = os.environ.get(BUMP_VARIABLE, "")
+    compacted = os.environ.get(MARK_COMPACTED_VARIABLE, "")
+    if (bump and not bump.isdigit()) or compacted not in ("", "true", "false") or (compacted == "true") != bool(bump):
+        print(f"start_member: {BUMP_VARIABLE}={bump!r} and {MARK_COMPACTED_VARIABLE}={compacted!r}: a revision bump "
+              "(digits) goes with mark-compacted=true, and neither without the other", file=sys.stderr)
         return 2
     cluster = LocalCluster.attach(base)
     if cluster.running(name):
         print(f"start_member: {name} is running: stop it before restoring its data", file=sys.stderr)
         return 1
     etcdutl = Path(cluster.etcd).with_name("etcdutl")
+    if not etcdutl.is_file():  # etcd 3.4 has no etcdutl: its etcdctl restores
+        etcdutl = etcdutl.with_name("etcdctl")
     target = Path(data_dir)
     fresh = target.with_name(f"{target.name}.restoring-{token[-8:]}")
     subprocess.run(["rm", "-rf", "--", str(fresh)], check=False)  # a half-done earlier attempt of this restore
     proc = subprocess.run([str(etcdutl), "snapshot", "restore", snapshot, "--name", name,
                            "--initial-cluster", env["ETCD_INITIAL_CLUSTER"], "--initial-cluster-token", token,
                            "--initial-advertise-peer-urls", env["ETCD_INITIAL_ADVERTISE_PEER_URLS"],
-                           "--data-dir", str(fresh)], capture_output=True, text=True)
+                           "--data-dir", str(fresh), *(["--bump-revision", bump, "--mark-compacted"] if bump else [])],
+                          capture_output=True, text=True)
     if proc.returncode != 0:
         print(f"start_member: etcdutl failed ({proc.returncode}): {proc.stderr[-1500:]}", file=sys.stderr)
         return 1

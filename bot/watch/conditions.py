@@ -227,7 +227,7 @@ def member_down(f: Facts) -> list[Finding] | None:
     replaceable = health.quorum.ok
 
     def down(h: MemberHealth) -> Finding | None:
-        if h.reachable:
+        if h.reachable or h.refused or h.defragmenting:  # it answers (refusing the bot, or busy): it is not down
             return None
         label = member_label(h)
         suggestions: tuple[str, ...] = (f"/etcd status {name}",)
@@ -266,7 +266,7 @@ def quorum_lost(f: Facts) -> list[Finding] | None:
     name = f.cluster.name
     if f.health is None:
         return None   # nothing answers: `unreachable` says so; whether quorum is lost cannot be told from here
-    if f.health.quorum.ok:
+    if f.health.quorum.ok or not f.health.quorum.known:
         return []
     snap = f.newest_snapshot
     restore = shell.command(["/etcd", "restore", snap.path.rsplit("/", 1)[-1], "--cluster", name] if snap

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bot.config import ClusterConfig
-from bot.domain.cluster import DEFAULT_QUOTA, ClusterHealth
+from bot.domain.cluster import ClusterHealth, backend_quota
 from bot.domain.errors import EtcdError
 from bot.domain.record import AlertRecord, NewAlert, PlanRecord
 from bot.etcd.member_metrics import cluster_metrics
@@ -67,12 +67,13 @@ def register_probe(probe: Probe) -> Probe:
 
 
 async def _quotas(ctx: BotContext, cluster: ClusterConfig, health: ClusterHealth | None) -> dict[int, int] | None:
-    """Each reachable member's backend quota (etcd shows it only in /metrics)."""
+    """Each reachable member's backend quota (in Status since etcd 3.6, before only in /metrics)."""
     if health is None:
         return None
-    found = await cluster_metrics(ctx.client(cluster), health)
-    quotas = {mid: m.quota_bytes or DEFAULT_QUOTA for mid, m in found.items() if not isinstance(m, str)}
-    return quotas or None
+    found = await cluster_metrics(ctx.client(cluster), health, for_quota=True)
+    quotas = {h.member.id: backend_quota(h.status, found.get(h.member.id)) for h in health.members}
+    return {mid: quota for mid, (quota, why) in quotas.items()
+            if quota and (why is None or not isinstance(found.get(mid), str))} or None
 
 
 register_probe(Probe("quotas", _quotas, 300.0))

@@ -142,6 +142,22 @@ func TestEnvironmentFlags(t *testing.T) {
 	}
 }
 
+// The bot gives a command launcher's restore ETCD_CHATOPS_BUMP_REVISION and ETCD_CHATOPS_MARK_COMPACTED=true
+// (bot/domain/restore.py: bump_environment) exactly when the members' etcdutl takes the flags.
+func TestTheBotsRevisionBumpVariables(t *testing.T) {
+	vars := map[string]string{"ETCD_CHATOPS_BUMP_REVISION": "1000000000", "ETCD_CHATOPS_MARK_COMPACTED": "true"}
+	args := []string{"--member", "m1", "--fence", "1", "--snapshot", "snap.db", "--sha256", sum, "--token", "t1",
+		"--initial-cluster", "m1=http://10.0.0.1:2380", "--peer-url", "http://10.0.0.1:2380"}
+	req, err := parseAction("restore", args, env(vars), &Config{DataRoot: "/var/lib"})
+	if err != nil || req.BumpRevision != 1_000_000_000 || !req.MarkCompacted {
+		t.Fatalf("restore with the bot's bump variables: %+v, %v", req, err)
+	}
+	argv := etcdutlArgv(&Config{Etcdutl: "etcdutl"}, req, "snap.db", "/var/lib/etcd.new")
+	if got := strings.Join(argv[len(argv)-3:], " "); got != "--bump-revision 1000000000 --mark-compacted" {
+		t.Errorf("etcdutl gets %q", got)
+	}
+}
+
 func TestFencing(t *testing.T) {
 	cfg := &Config{StateDir: t.TempDir()}
 	if _, err := checkFence(cfg, "m1", 7); err != nil {

@@ -152,3 +152,13 @@ CREATE TABLE stages (
     confirmed_at REAL,
     PRIMARY KEY (plan_id, stage)
 );
+
+-- version 4: outbox: what was done from a shell while Slack was down, to post once it answers
+CREATE TABLE outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,             -- when it happened
+    channel TEXT NOT NULL,
+    plan_id TEXT,                  -- a note in the plan's thread; NULL: a message in the channel
+    text TEXT NOT NULL,            -- mrkdwn, every value escaped already
+    posted_at REAL                -- NULL until a replica posted it
+);

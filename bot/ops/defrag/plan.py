@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from bot.config import ClusterConfig
-from bot.domain.cluster import DEFAULT_QUOTA, ClusterHealth, MemberHealth, MemberMetrics
+from bot.domain.cluster import DEFAULT_QUOTA, ClusterHealth, MemberHealth, MemberMetrics, backend_quota
 from bot.domain.defrag import DISARM_BELOW, DefragMember, DefragPlan
 from bot.domain.errors import EtcdError, Refusal
 from bot.domain.plan import PlanKind, Step
@@ -29,11 +29,20 @@ if TYPE_CHECKING:  # the context is gRPC's; the planning above it is not
     from bot.ops.context import BotContext
 
 
-def _quota(metrics: Mapping[int, MemberMetrics | str], member_id: int) -> tuple[int, bool]:
-    found = metrics.get(member_id)
-    if isinstance(found, MemberMetrics) and found.quota_bytes:
-        return found.quota_bytes, True
-    return DEFAULT_QUOTA, False
+def _quota(metrics: Mapping[int, MemberMetrics | str], h: MemberHealth) -> tuple[int, bool]:
+    """The member's quota (Status on etcd 3.6, /metrics before), and whether it was read rather than assumed."""
+    quota, assumed = backend_quota(h.status, metrics.get(h.member.id, "not read"))
+    return quota or DEFAULT_QUOTA, assumed is None
+
+
+def _clients(found: MemberMetrics | str | None) -> str:
+    """What the member's clients see while it defragments, when its /metrics says (etcd 3.6's feature gate)."""
+    if not isinstance(found, MemberMetrics) or found.stops_serving_on_defrag is None:
+        return ""
+    if found.stops_serving_on_defrag:
+        return "; it answers gRPC health checks NOT_SERVING meanwhile (StopGRPCServiceOnDefrag), so clients move away"
+    return ("; StopGRPCServiceOnDefrag is off: clients pinned to it wait (turn the feature gate on to let them "
+            "move to the other members)")
 
 
 def sole_voter(health: ClusterHealth) -> bool:
@@ -66,7 +75,7 @@ def plan_defrag(health: ClusterHealth, metrics: Mapping[int, MemberMetrics | str
 
     def picked(h: MemberHealth) -> bool:
         assert h.status is not None  # every member is healthy
-        return rule.matches(figures(h.status.db_size, h.status.db_size_in_use, _quota(metrics, h.member.id)[0]))
+        return rule.matches(figures(h.status.db_size, h.status.db_size_in_use, _quota(metrics, h)[0]))
 
     ranked = {"follower": 0, "leader": 1, "learner": 2}  # followers, the leader, then the learners
     order = sorted((h for h in health.members if picked(h)), key=lambda h: (ranked[role(h)], h.member.name))
@@ -74,7 +83,7 @@ def plan_defrag(health: ClusterHealth, metrics: Mapping[int, MemberMetrics | str
     members = []
     for h in health.members:
         assert h.status is not None
-        quota, known = _quota(metrics, h.member.id)
+        quota, known = _quota(metrics, h)
         members.append(DefragMember(MemberRef.of(h.member), h.status.db_size, h.status.db_size_in_use, quota, known,
                                     h.member.id in position, position.get(h.member.id), role(h)))
     if not order:
@@ -93,7 +102,8 @@ def plan_defrag(health: ClusterHealth, metrics: Mapping[int, MemberMetrics | str
             continue
         if role(h) == "leader":
             steps.append(Step("move-leader", f"Move leadership from {name} to a member already defragmented"))
-        steps.append(Step(f"defrag-{h.member.hex_id}", f"Defragment {name} ({role(h)}) and wait until it is caught up"))
+        steps.append(Step(f"defrag-{h.member.hex_id}", f"Defragment {name} ({role(h)}) and wait until it is caught up"
+                                                         + _clients(metrics.get(h.member.id))))
     steps += [Step("disarm", f"Disarm NOSPACE if every member is below {disarm_below * 100:g} % of its quota"),
               Step("verify", "Verify a test write succeeds; report the sizes before and after")]
     return DefragPlan(id=new_plan_id(), cluster=health.cluster, rule=rule.text, compact=compact,

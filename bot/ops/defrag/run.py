@@ -13,12 +13,13 @@ gone all change nothing the second time.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Sequence
 from functools import partial
 
-from bot.domain.cluster import ClusterHealth, MemberHealth, MemberMetrics
+from bot.domain.cluster import NOT_SERVING, SERVING, ClusterHealth, MemberHealth, backend_quota
 from bot.domain.defrag import DefragPlan
 from bot.domain.errors import EtcdError, EtcdRequestError, FactsChanged, StepFailed
 from bot.domain.plan import PlanKind
@@ -35,6 +36,7 @@ from bot.output.units import humanize_bytes, humanize_duration
 
 WRITE_CHECK_KEY = b"etcd-chatops/write-check"
 RESUME = "bring it back (see /etcd status), then /etcd resume the plan"
+SERVING_POLL = 0.05  # how often a defragmenting member's gRPC health is asked
 
 
 def _label(h: MemberHealth) -> str:
@@ -138,28 +140,48 @@ class DefragOperation(ClusterOperation[DefragPlan]):
         return f"compacted to revision {revision}"
 
     async def step_defrag(self, hex_id: str) -> str:
-        """Defragment one member, then wait until it answers, is healthy and has applied what the leader had."""
+        """Defragment one member, then wait until it serves again, is healthy and has applied what the leader had.
+        With StopGRPCServiceOnDefrag the member tells gRPC health checks NOT_SERVING meanwhile, which is what
+        moves clients that check (kube-apiserver's among them) to the others: the step says whether it did, and
+        the next member starts only once this one serves again, so those clients always have somewhere to go."""
         health = await self.ctx.check(self.cluster)
         member = self._member(health, hex_id)
         assert member.status is not None
         before, endpoint = member.status.db_size, member.status.endpoint
         began = time.monotonic()
-        await self.client.defragment(endpoint)
+        defrag = asyncio.ensure_future(self.client.defragment(endpoint))
+        stopped = await self._stopped_serving(endpoint, defrag)
+        await defrag
         took = time.monotonic() - began
         target = max(h.status.raft_index for h in health.members if h.status)
+        clients = ("it stopped serving clients meanwhile (StopGRPCServiceOnDefrag): those that check its health "
+                   "used the other members" if stopped else "clients pinned to it waited until it was done")
 
         async def caught_up() -> str | None:
             status = await self.client.status(endpoint)
             if status.errors or status.raft_applied_index < target:
+                return None
+            if stopped and await self.client.serving(endpoint) != SERVING:
                 return None
             self.after[hex_id] = status.db_size
             self.plan = self.plan.defragmented(hex_id, status.db_size)  # the plan message shows it from now on
             await self.ctx.store.update_plan(self.plan.id, plan=json.dumps(self.plan.to_json()), fence=self.fence)
             return (f"{_label(member)}: {humanize_bytes(before)} → {humanize_bytes(status.db_size)}, "
                     f"{humanize_bytes(max(before - status.db_size, 0))} reclaimed in {humanize_duration(took)}; "
-                    f"caught up at index {status.raft_applied_index}")
+                    f"{clients}; caught up at index {status.raft_applied_index}")
         return await wait_for(f"{_label(member)} catching up after its defragmentation",
                               self.cluster.catch_up_seconds, caught_up, RESUME)
+
+    async def _stopped_serving(self, endpoint: str, defrag: asyncio.Future[None]) -> bool:
+        """Whether the member told gRPC health checks NOT_SERVING while `defrag` ran (asked every SERVING_POLL)."""
+        while not defrag.done():
+            try:
+                if await self.client.serving(endpoint, timeout=self.cluster.timeout_seconds) == NOT_SERVING:
+                    return True
+            except EtcdError:
+                pass  # a member without the health service, or a slow answer: nothing learned
+            await asyncio.wait({defrag}, timeout=SERVING_POLL)
+        return False
 
     async def step_move_leader(self) -> str:
         health = await self.ctx.check(self.cluster)
@@ -184,10 +206,10 @@ class DefragOperation(ClusterOperation[DefragPlan]):
         return await wait_for("the leadership move", self.cluster.catch_up_seconds, moved, RESUME)
 
     async def _quotas(self, health: ClusterHealth) -> dict[int, int]:
-        read = await cluster_metrics(self.client, health)
+        read = await cluster_metrics(self.client, health, for_quota=True)
         planned = {int(m.ref.id, 16): m.quota for m in self.plan.members}
-        return {mid: (found.quota_bytes if isinstance(found, MemberMetrics) and found.quota_bytes
-                      else planned.get(mid, 0)) for mid, found in read.items()}
+        quotas = {h.member.id: backend_quota(h.status, read.get(h.member.id)) for h in health.members if h.status}
+        return {mid: quota if quota and why is None else planned.get(mid, 0) for mid, (quota, why) in quotas.items()}
 
     async def step_disarm(self) -> str:
         health = await self.ctx.check(self.cluster)

@@ -46,19 +46,32 @@ def _check_quorum_after(step: str, voting: int, healthy: int) -> None:
                       "restore the failed members' health first, or replace them one at a time")
 
 
+# The releases whose member add asks only that the member asked reaches a quorum of the voters counted with
+# the new member (etcd's isConnectedToQuorumAfterAddingNewMemberSince): earlier ones ask that it reaches every
+# voter (isConnectedFullySince), learner or not. 3.5.27 and 3.6.10 are the last with the old rule; 3.5.28 to
+# 3.5.30 are not on the Go module proxy to check, so they keep it here.
+QUORUM_ADD_SINCE = {(3, 5): (3, 5, 31), (3, 6): (3, 6, 11)}
+
+
 def strict_reconfig(health: ClusterHealth) -> bool:
-    """etcd before 3.6 adds a member only when the member asked has been
-    connected to every voting member for 5 s (v3.6 asks for a quorum)."""
-    versions = [h.status.version for h in health.members if h.status]
-    return not versions or any(_version(v) < (3, 6) for v in versions)
+    """Whether etcd will add a member only when the member asked has been connected to every voting member
+    for 5 s: so while another voter is unreachable, it goes first. Any member on a release with the old rule
+    (or an unknown version) decides, since the add may reach any of them."""
+    versions = [_version(h.status.version) for h in health.members if h.status]
+    return not versions or not all(_adds_on_quorum(v) for v in versions)
 
 
-def _version(text: str) -> tuple[int, int]:
+def _adds_on_quorum(version: tuple[int, int, int]) -> bool:
+    since = QUORUM_ADD_SINCE.get(version[:2])
+    return version >= (3, 7, 0) or (since is not None and version >= since)
+
+
+def _version(text: str) -> tuple[int, int, int]:
     try:
-        major, minor = text.split(".")[:2]
-        return int(major), int(minor)
+        major, minor, patch = (text.split("-")[0].split(".") + ["0", "0"])[:3]
+        return int(major), int(minor), int(patch)
     except ValueError:
-        return (0, 0)
+        return (0, 0, 0)
 
 
 def plan_replacement(health: ClusterHealth, req: ReplaceRequest, *, newest_snapshot: str | None = None,
@@ -103,7 +116,7 @@ def plan_replacement(health: ClusterHealth, req: ReplaceRequest, *, newest_snaps
                       "promote or remove it first, or use --no-learner")
 
     new_name = req.new_name.strip()
-    # etcd < 3.6 refuses any add while a voting member is unreachable: those go first
+    # etcd with the old rule (strict_reconfig) refuses any add while a voting member is unreachable: those go first
     # (removing an unreachable voter never lowers the healthy count, so quorum only gains).
     also = [h for h in others if not h.reachable and not h.member.is_learner] if strict_reconfig(health) else []
 
@@ -123,6 +136,10 @@ def plan_replacement(health: ClusterHealth, req: ReplaceRequest, *, newest_snaps
         names = ", ".join(label[h.member.hex_id] for h in also)
         remove += (f" and the also-unreachable {names}: etcd {health_version(health)} adds no member while a voting "
                    f"member is unreachable; each gets its replacement in its own plan afterwards")
+    elif others_down := [h for h in others if not h.healthy and not h.member.is_learner]:
+        remove += (f"; {', '.join(h.member.name or h.member.hex_id for h in others_down)} stays as it is: etcd "
+                   f"{health_version(health)} adds a member while a quorum of voters answers; replace "
+                   f"{'it' if len(others_down) == 1 else 'them'} next")
     survivors = [h for h in others if h not in also]
     return _plan(health, req, MemberRef.of(target.member), survivors, remove, new_peer, new_client, plan_id,
                  launcher, others_failed=tuple(MemberRef.of(h.member) for h in others if not h.healthy),

@@ -27,7 +27,7 @@ from bot.domain.errors import (
     UnhealthyCluster,
 )
 from bot.domain.mrkdwn import code_block, escape
-from bot.domain.plan import PlanKind
+from bot.domain.plan import PlanKind, Stage
 from bot.domain.record import PlanRecord
 from bot.domain.replace import ReplacePlan
 from bot.domain.snapshot import SnapshotFailed
@@ -265,12 +265,13 @@ class ReplaceOperation(ClusterOperation[ReplacePlan]):
             return f"{already} (already running)"
         launcher = self.cluster.launcher
         if launcher.kind == "manual":
-            await note(self.ctx, self.record,
-                       f":point_right: Start *{escape(self.plan.new_name)}* on its machine now (runbook step 4):\n"
-                       f"```{escape(manual_instructions(self.plan))}```\nWaiting up to "
-                       f"{launcher.timeout_seconds:g}s for it to join.")
-            return await self._wait(f"{self.plan.new_name} starting", launcher.timeout_seconds,
-                                    self._started_and_reachable)
+            async def joined(_: Stage | None) -> str | None:
+                return await self._started_and_reachable()
+            return await self.wait_for_person(
+                "start", f":point_right: Start *{escape(self.plan.new_name)}* on its machine now (runbook step 4); "
+                         f"the bot sees it join:\n{code_block(manual_instructions(self.plan))}", joined,
+                StepFailed(f"{self.plan.new_name} did not start and answer within {launcher.timeout_seconds:g}s",
+                           "start it with the environment shown, then /etcd resume the plan"))
         result = await run_command(launcher, self.plan, self.ctx.secrets(), self.fencing)
         tail = result.output_tail.strip()[-1500:]
         if not result.ok:
@@ -319,15 +320,24 @@ class ReplaceOperation(ClusterOperation[ReplacePlan]):
         return f"--etcd-servers={servers}"
 
     async def step_verify(self) -> str:
+        """The new member votes and every member is healthy, but for those the plan found failed already and
+        left in place (etcd adds a member while a quorum answers): each gets a replacement of its own."""
         expected = self.plan.expected_members
+        removed = {r.id for r in self.plan.also_remove}
+        left = {int(r.id, 16): r for r in self.plan.others_failed if r.id not in removed}
 
         async def verified() -> str | None:
             health = await self.ctx.check(self.cluster)
             ids = {h.member.id for h in health.members}
             if int(self.plan.failed.id, 16) in ids or len(health.members) != expected:
                 return None
-            if not health.all_healthy or any(h.member.is_learner for h in health.members):
+            if any(not h.healthy and h.member.id not in left for h in health.members) or health.alarms \
+                    or health.leader_id is None or any(h.member.is_learner for h in health.members):
                 return None
-            return f"{len(health.members)} members, all healthy; leader {health.leader_id:016x}"
+            still = [r.label for mid, r in left.items() if mid in ids and not next(
+                h for h in health.members if h.member.id == mid).healthy]
+            tail = f"; still failed as planned: {', '.join(still)} (replace it next)" if still else ", all healthy"
+            return f"{len(health.members)} members{tail}; leader {health.leader_id:016x}"
 
-        return await self._wait(f"{expected} healthy members", self.cluster.catch_up_seconds, verified)
+        return await self._wait(f"{expected} members, healthy but for those failed already",
+                                self.cluster.catch_up_seconds, verified)

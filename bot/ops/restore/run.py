@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from bot.domain.cluster import Member
 from bot.domain.errors import EtcdError, FactsChanged, StepFailed
 from bot.domain.mrkdwn import Mrkdwn, code_block, escape, mention
-from bot.domain.plan import Confirmation, PlanKind, PlanState, StageAnswer
+from bot.domain.plan import Confirmation, PlanKind, PlanState, Stage, StageAnswer
 from bot.domain.quorum import MemberState, QuorumVerdict
 from bot.domain.record import PlanRecord
 from bot.domain.restore import BUMP_REVISIONS, RestoreMember, RestorePlan
@@ -152,22 +152,18 @@ class RestoreOperation(ClusterOperation[RestorePlan]):
         """The manual launcher: the plan waits on stage `action` (stop, restore, start) while a person runs the
         commands shown on each host, until an approver confirms that stage with `/etcd continue`; the step then
         checks the result itself."""
-        p, store = self.plan, self.ctx.store
-        await store.open_stage(p.id, action, fence=self.fence)  # before the commands: no confirmation is early
+        p = self.plan
         commands = p.manual_commands(action, snapshot_path or "SNAPSHOT.db")
-        await note(self.ctx, self.record, f":point_right: *{escape(action)}* on every member now, then confirm with "
-                                          f"`/etcd continue {p.id} {action}`:\n{code_block(commands)}")
-        deadline = time.monotonic() + self.cluster.launcher.timeout_seconds
-        while time.monotonic() < deadline:
-            stage = await store.stage(p.id, action)
-            if stage is not None and stage.confirmed_by:
-                break
-            await asyncio.sleep(POLL)
-        ended = await store.close_stage(p.id, action, fence=self.fence)  # a confirmation that raced the end counts
-        if ended is None or not ended.confirmed_by:
-            raise StepFailed(f"nobody confirmed the {action} within {self.cluster.launcher.timeout_seconds:g}s",
-                             "do it, then /etcd resume the plan")
-        return f"{action} on every member, confirmed with /etcd continue {p.id} {action}"
+
+        async def confirmed(stage: Stage | None) -> str | None:
+            if stage is None or not stage.confirmed_by:
+                return None
+            return f"{action} on every member, confirmed with /etcd continue {p.id} {action}"
+        return await self.wait_for_person(
+            action, f":point_right: *{escape(action)}* on every member now, then confirm with "
+                    f"`/etcd continue {p.id} {action}`:\n{code_block(commands)}", confirmed,
+            StepFailed(f"nobody confirmed the {action} within {self.cluster.launcher.timeout_seconds:g}s",
+                       "do it, then /etcd resume the plan"))
 
     # -- probes -----------------------------------------------------------
 
@@ -305,8 +301,8 @@ class RestoreOperation(ClusterOperation[RestorePlan]):
         health = await self.ctx.check(self.cluster)
         live = {h.member.name: h for h in health.members}
         want = p.restored_ids
-        redo = ("restore every member as the plan shows (etcdutl snapshot restore with its token), start them, "
-                "then /etcd resume the plan; or /etcd abandon it")
+        redo = (f"restore every member as the plan shows ({p.restore_tool} snapshot restore with its token), start "
+                "them, then /etcd resume the plan; or /etcd abandon it")
         if set(live) != set(want):
             raise StepFailed(f"the members are {', '.join(sorted(live))}, not those this plan restored "
                              f"({', '.join(sorted(want))})", redo)

@@ -50,7 +50,12 @@ async def _settled(coro):
 
 
 class UsageFailure(Exception):
-    """Bad input on the command line: reported in one line, exit status 2."""
+    """Bad input on the command line: reported in one line with the command's usage, exit status 2."""
+
+
+class ConfigFailure(UsageFailure):
+    """A mistake in the configuration file, not on the command line: one line naming the key, exit status 2,
+    without the usage (it would not help)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -123,25 +128,65 @@ def _parser() -> tuple[_Parser, dict[str, _Parser]]:
     demo = sub.add_parser("demo", help="play a whole incident on a local cluster and the Slack stand-in")
     demo.add_argument("--keep", action="store_true", help="leave the cluster, the stand-in and the bot running")
     demo.add_argument("--stop", action="store_true", help="stop a demo left running with --keep")
-    demo.add_argument("--scenario", choices=("replace", "restore", "nospace"), default="replace",
+    demo.add_argument("--scenario", choices=("replace", "restore", "nospace", "alerts"), default="replace",
                       help="replace: a member dies and is replaced (default); restore: quorum is lost and the "
                            "cluster is restored from a snapshot under two approvals; nospace: a full database "
-                           "is defragmented")
+                           "is defragmented; alerts: the watch posts a member down and resolves it (with --keep "
+                           "it keeps watching)")
     demo.add_argument("--dir", help="where the demo's files go (default: a temporary directory; with --keep, "
                                     "$XDG_RUNTIME_DIR/etcd-chatops-demo-UID)")
-    say = sub.add_parser("say", help="type a command in a kept demo's channel and print the reply")
-    say.add_argument("text", help='the command, e.g. "/etcd status"')
+    say = sub.add_parser("say", help="type a command in a kept demo's channel, or react to a plan, and print the reply")
+    say.add_argument("text", help='the command, e.g. "/etcd status"; or a reaction to the newest plan (or --plan), '
+                                  "e.g. :white_check_mark: to approve it")
+    say.add_argument("--plan", help="the plan a reaction is for (default: the newest plan in the channel)")
     say.add_argument("--as", dest="person", default="alice", choices=["alice", "bob", "carol", "mallory"],
                      help="who types it: alice (on-call), bob (lead, approver), carol (lead, via the "
                           "leads group), mallory (not on call)")
     say.add_argument("--dir", help="the kept demo's directory (default as for demo --keep)")
 
+    _add_plan_parsers(sub)
+
     chk = sub.add_parser("check-config", help="validate a config file and print what it defines")
     chk.add_argument("config", nargs="?", help="TOML config file (default: $ETCD_CHATOPS_CONFIG)")
+    chk.add_argument("--example", action="store_true",
+                     help="print an annotated example of every key instead (the README's configuration reference)")
     return p, sub.choices
 
 
 _NESTED_PARSERS: dict[str, argparse.ArgumentParser] = {}
+
+
+def _add_plan_parsers(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """`plan` and its actions (bot.cli.plan runs them)."""
+    plan = sub.add_parser("plan", help="break glass: propose, approve and run plans from a shell when Slack is down")
+    actions = plan.add_subparsers(dest="plan_cmd", metavar="ACTION", parser_class=_Parser)
+    actions.required = True
+
+    def acting(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--as", dest="person", required=True, metavar="NAME",
+                       help="who acts (recorded and posted as NAME, from a shell); each name counts as one approver")
+        p.add_argument("--reason", required=True, help="why this is done from a shell (audited and posted)")
+        p.add_argument("--config", help="the bot's TOML config file (default: $ETCD_CHATOPS_CONFIG)")
+
+    propose = actions.add_parser("propose", help="propose a plan, as /etcd replace, restore or defrag would")
+    acting(propose)
+    propose.add_argument("words", nargs=argparse.REMAINDER, metavar="KIND ARGS",
+                         help="what /etcd takes after its name: replace FAILED NEW-NAME PEER-URL [--client-url URL], "
+                              "restore [SNAPSHOT] [--force], defrag [--rule EXPR]; --cluster NAME with several "
+                              "clusters (after --as, --reason and --config)")
+    show = actions.add_parser("show", help="a plan with its approvals and steps; without PLAN, the recent plans")
+    show.add_argument("plan", nargs="?", help="the plan's ID")
+    show.add_argument("--cluster", help="only this cluster's plans")
+    show.add_argument("--config", help="the bot's TOML config file (default: $ETCD_CHATOPS_CONFIG)")
+    for name, what in (("approve", "approve a proposed plan as NAME (a restore needs two names)"),
+                       ("run", "run an approved plan here until it ends (or follow the replica that runs it)"),
+                       ("resume", "continue an interrupted or failed plan from its step, here"),
+                       ("cancel", "cancel a proposed plan, or stop one waiting on a person (a manual stage)"),
+                       ("abandon", "close an interrupted or failed plan without undoing anything")):
+        p = actions.add_parser(name, help=what)
+        p.add_argument("plan", help="the plan's ID")
+        acting(p)
+    _NESTED_PARSERS.update({f"plan {k}": v for k, v in actions.choices.items()})
 
 
 def _add_cluster_args(p: argparse.ArgumentParser) -> None:
@@ -167,7 +212,7 @@ def _load_config(given: str | None):
     try:
         return load_config(_config_path(given))
     except ConfigError as e:
-        raise UsageFailure(f"config: {e}") from None
+        raise ConfigFailure(f"config: {e}") from None
 
 
 def _check_tls_files(files: dict[str, Path]) -> None:
@@ -286,7 +331,7 @@ async def _status(args: argparse.Namespace) -> int:
             else:
                 print(render.unreachable_text(name, str(e)), file=sys.stderr)
             return EXIT_FAILED
-        metrics = await cluster_metrics(client, health) if args.cmd == "status" else None
+        metrics = await cluster_metrics(client, health, for_quota=True) if args.cmd == "status" else None
     view = status_view(health, metrics)
     if args.cmd == "members":
         print(render.members_text(view))
@@ -578,7 +623,7 @@ def _demo(args: argparse.Namespace) -> int:
     directory = Path(args.dir) if args.dir else None
     try:
         if args.cmd == "say":
-            return _arun(demo.say(directory or demo.default_dir(), args.text, args.person))
+            return _arun(demo.say(directory or demo.default_dir(), args.text, args.person, plan=args.plan))
         if args.stop:
             print(demo.stop_kept(directory or demo.default_dir()))
             return EXIT_OK
@@ -588,6 +633,12 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    if args.example:
+        if args.config:
+            raise UsageFailure("--example prints the example; give it or a file to check, not both")
+        from importlib.resources import files
+        sys.stdout.write(files("bot.config").joinpath("example.toml").read_text())
+        return EXIT_OK
     config = _load_config(args.config)
     print(f"{config.source}: ok")
     print(f"  database: {config.database_shown}\n  snapshot_dir: {config.snapshot_dir}")
@@ -629,10 +680,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _arun(_audit(args))
         if args.cmd in ("demo", "say"):
             return _demo(args)
+        if args.cmd == "plan":
+            from bot.cli import plan
+            return _arun(plan.main(args))
     except UsageFailure as e:
-        nested = getattr(args, "snap_cmd", None) or getattr(args, "audit_cmd", None)
-        (_NESTED_PARSERS.get(f"{args.cmd} {nested}") or subparsers[args.cmd]).print_usage(sys.stderr)
-        print(f"etcd-chatops {args.cmd}: error: {e}", file=sys.stderr)
+        nested = getattr(args, "snap_cmd", None) or getattr(args, "audit_cmd", None) or getattr(args, "plan_cmd", None)
+        if not isinstance(e, ConfigFailure):
+            (_NESTED_PARSERS.get(f"{args.cmd} {nested}") or subparsers[args.cmd]).print_usage(sys.stderr)
+        print(f"etcd-chatops {args.cmd}{f' {nested}' if nested else ''}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130

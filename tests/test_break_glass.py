@@ -1,0 +1,122 @@
+"""Break glass: when Slack is down, plans are proposed, approved and run from a shell (`etcd-chatops plan`) over
+the same engine and store, every action audited as break glass, and posted in the channel once Slack answers."""
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import subprocess
+from pathlib import Path
+
+from bot.runtime import upkeep
+from bot.testing.workspace import CHANNEL, cluster_table, write_config
+from helpers import APPROVAL, eventually, members_of, open_store, reply, text_of, urls
+
+
+def plan_cli(cli, config: Path):
+    """`etcd-chatops plan ACTION ...` against the bot's config (in a thread: the CLI is a process of its own)."""
+    async def run(action: str, *args: str, person: str | None = "bob", reason: str = "Slack is down",
+                  words: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+        acting = ("--as", person, "--reason", reason) if person is not None else ()
+        argv = ("plan", action, *args, *acting, "--config", str(config), *words)
+        return await asyncio.to_thread(lambda: cli(*argv))
+    return run
+
+
+def plan_id(out: str) -> str:
+    found = re.search(r"^proposed plan (\w+);", out, re.M)
+    assert found, out
+    return found.group(1)
+
+
+async def test_a_whole_replacement_from_a_shell_is_posted_once_slack_answers(make_cluster, slack, start_bot, cli,
+                                                                             tmp_path, monkeypatch):
+    c = make_cluster(3)
+    clusters = [cluster_table("prod", c)]
+    plan = plan_cli(cli, write_config(tmp_path, clusters, approval=APPROVAL))
+    c.kill("member1")
+    peer, client = urls()
+
+    proposed = await plan("propose", person="alice",
+                          words=("replace", "member1", "member4", peer, "--client-url", client))
+    assert proposed.returncode == 0, proposed.stderr
+    pid = plan_id(proposed.stdout)
+    assert f"Plan {pid}: replace member1" in proposed.stdout and "member4" in proposed.stdout
+    own = await plan("approve", pid, person="alice")
+    assert own.returncode == 1 and "alice (break glass, from a shell) proposed plan" in own.stdout
+    approved = await plan("approve", pid, reason="bridge call agreed")
+    assert approved.returncode == 0 and f"plan {pid} is approved" in approved.stdout
+    ran = await plan("run", pid)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert "Step 2 (remove)" in ran.stdout and ran.stdout.rstrip().endswith(f"plan {pid} is done")
+    assert sorted(h.member.name for h in await members_of(c)) == ["member2", "member3", "member4"]
+    again = await plan("run", pid)
+    assert again.returncode == 1 and f"plan {pid} is done, not approved: it has ended" in again.stdout
+
+    async with open_store(tmp_path) as store:
+        rows = await store.audit_rows()
+        flagged = [(r.user, json.loads(r.detail)) for r in rows if r.action == "break_glass"]
+        approvals = [r.user for r in rows if r.action == "plan_approved"]
+    assert [(user, d["command"], d["reason"]) for user, d in flagged] == [
+        ("shell:alice", "plan propose", "Slack is down"), ("shell:alice", "plan approve", "Slack is down"),
+        ("shell:bob", "plan approve", "bridge call agreed"), ("shell:bob", "plan run", "Slack is down"),
+        ("shell:bob", "plan run", "Slack is down")]
+    assert all(d["plan"] == pid and d["os_user"] and d["host"] for _, d in flagged) and approvals == ["shell:bob"]
+
+    # Slack answers again, but not at once: the relay keeps what it could not post for its next round.
+    monkeypatch.setattr(upkeep, "RELAY_SECONDS", 0.2)
+    slack.fail_next("chat.postMessage", status=503, count=2)
+    await start_bot(clusters, approval=APPROVAL)
+    message = await slack.wait_for_message(lambda m: m.thread_ts is None and m.text.startswith(f"Plan {pid}"),
+                                           timeout=20, what="the plan, posted once Slack answers")
+    said = await eventually(lambda: (t := "\n".join(text_of(m) for m in slack.messages if m.thread_ts == message.ts))
+                            and f"Plan {pid} is done" in t and t, 20, "the thread, relayed")
+    assert said.count("break glass: done from a shell at ") >= 8
+    assert "alice (break glass, from a shell) ran `plan propose` from a shell: Slack is down" in said
+    assert "Approved by bob (break glass, from a shell)" in said and "Step 6 (followups)" in said
+    assert said.index("ran `plan propose`") < said.index("Approved by bob") < said.index(f"Plan {pid} is done")
+    assert "done" in text_of(slack.find_message(CHANNEL, message.ts)).lower()  # the message shows the plan's end
+    posted = len(slack.messages)
+    await asyncio.sleep(1)  # a few relay rounds: nothing is posted twice
+    assert len(slack.messages) == posted
+
+
+async def test_a_restore_from_a_shell_needs_two_different_names(make_cluster, slack, start_bot, cli, tmp_path):
+    """The approval rules hold from a shell: a restore needs two approvers, each name counts once, the proposer
+    never counts. Bad input is one line with the usage, exit status 2."""
+    c = make_cluster(3)
+    clusters = [cluster_table("prod", c)]
+    bot = await start_bot(clusters, approval=APPROVAL)
+    assert (await reply(slack, "snapshot", timeout=60)).text.startswith("Snapshot of prod")
+    await bot.stop()  # Slack is gone, and the bot with it
+    plan = plan_cli(cli, tmp_path / "config.toml")
+
+    proposed = await plan("propose", person="alice", words=("restore", "--force"))
+    assert proposed.returncode == 0, proposed.stdout + proposed.stderr
+    pid = plan_id(proposed.stdout)
+    assert "it needs 2 approvers" in proposed.stdout
+    assert (await plan("approve", pid, person="alice")).returncode == 1
+    first = await plan("approve", pid)
+    assert first.returncode == 0
+    assert f"Approval 1 of 2 for plan {pid}, by bob (break glass, from a shell)" in first.stdout
+    twice = await plan("approve", pid)
+    assert twice.returncode == 1 and "approved plan" in twice.stdout and "each approver counts once" in twice.stdout
+    shown = await plan("show", pid, person=None)
+    assert shown.returncode == 0 and "approvals (1 of 2): bob (break glass, from a shell)" in shown.stdout
+    second = await plan("approve", pid, person="carol")
+    assert second.returncode == 0 and f"plan {pid} is approved" in second.stdout
+    listed = await plan("show", person=None)
+    assert re.search(rf"^{pid}\s+restore\s+prod\s+approved\s+by alice \(break glass, from a shell\)", listed.stdout,
+                     re.M)
+
+    for args, person, why in [((pid,), "bob smith", "--as: 'bob smith' is not a name"),
+                              (("nope00",), "bob", "no plan 'nope00'")]:
+        bad = await plan("approve", *args, person=person)
+        assert bad.returncode == 2 and bad.stdout == ""
+        lines = bad.stderr.splitlines()
+        assert lines[0].startswith("usage: etcd-chatops plan approve")
+        assert lines[-1].startswith("etcd-chatops plan approve: error: ") and why in lines[-1]
+        assert [line for line in lines if "error:" in line] == [lines[-1]]
+    no_reason = await plan("cancel", pid, reason="  ")
+    assert no_reason.returncode == 2 and no_reason.stderr.splitlines()[-1].endswith("--reason: say why this is done "
+                                                                                    "from a shell")
