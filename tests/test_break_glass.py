@@ -41,7 +41,8 @@ async def test_a_whole_replacement_from_a_shell_is_posted_once_slack_answers(mak
                           words=("replace", "member1", "member4", peer, "--client-url", client))
     assert proposed.returncode == 0, proposed.stderr
     pid = plan_id(proposed.stdout)
-    assert f"Plan {pid}: replace member1" in proposed.stdout and "member4" in proposed.stdout
+    assert proposed.stdout.startswith("Replace member1 with member4 in prod — needs 1 approver\n")
+    assert "\nETCD_NAME=member4\n" in proposed.stdout  # the new member's environment, to copy as it stands
     own = await plan("approve", pid, person="alice")
     assert own.returncode == 1 and "alice (break glass, from a shell) proposed plan" in own.stdout
     approved = await plan("approve", pid, reason="bridge call agreed")
@@ -67,13 +68,14 @@ async def test_a_whole_replacement_from_a_shell_is_posted_once_slack_answers(mak
     monkeypatch.setattr(upkeep, "RELAY_SECONDS", 0.2)
     slack.fail_next("chat.postMessage", status=503, count=2)
     await start_bot(clusters, approval=APPROVAL)
-    message = await slack.wait_for_message(lambda m: m.thread_ts is None and m.text.startswith(f"Plan {pid}"),
+    message = await slack.wait_for_message(lambda m: m.thread_ts is None and f"Plan {pid}," in m.text,
                                            timeout=20, what="the plan, posted once Slack answers")
     said = await eventually(lambda: (t := "\n".join(text_of(m) for m in slack.messages if m.thread_ts == message.ts))
                             and f"Plan {pid} is done" in t and t, 20, "the thread, relayed")
     assert said.count("break glass: done from a shell at ") >= 8
     assert "alice (break glass, from a shell) ran `plan propose` from a shell: Slack is down" in said
     assert "Approved by bob (break glass, from a shell)" in said and "Step 6 (followups)" in said
+    assert "ETCD_NAME=member4" in said  # the plan's long part, under its message as for a plan from Slack
     assert said.index("ran `plan propose`") < said.index("Approved by bob") < said.index(f"Plan {pid} is done")
     assert "done" in text_of(slack.find_message(CHANNEL, message.ts)).lower()  # the message shows the plan's end
     posted = len(slack.messages)
@@ -93,7 +95,7 @@ async def test_a_restore_from_a_shell_needs_two_different_names(make_cluster, sl
 
     proposed = await plan("propose", person="alice", words=("restore", "--force"))
     assert proposed.returncode == 0, proposed.stdout + proposed.stderr
-    pid = plan_id(proposed.stdout)
+    pid = plan_id(proposed.stdout); print("PROPOSED<<", proposed.stdout, ">>")
     assert "it needs 2 approvers" in proposed.stdout
     assert (await plan("approve", pid, person="alice")).returncode == 1
     first = await plan("approve", pid)

@@ -17,6 +17,7 @@ from bot.ops.defrag.rule import parse_rule
 from bot.ops.replace.plan import plan_replacement
 from bot.output.blocks import PlanMessage, PlanView, defrag_plan_reply, replace_plan_reply, restore_plan_reply
 from bot.output.interactive import read_value
+from bot.output.text import plain
 from helpers import cluster_health, member_status
 
 MiB = 1 << 20
@@ -135,3 +136,16 @@ def test_a_long_step_list_from_another_kind_renders_each_step():
              *plan.steps[1:])
     shown = str(restore_plan_reply(replace(plan, steps=steps), view()).blocks)
     assert "1. Stop every kube-apiserver" in shown and "2. Stop every member" in shown
+
+
+def test_a_shell_reads_a_plan_as_the_channel_does_with_its_commands_ready_to_copy():
+    """`etcd-chatops plan` prints the message and its long part as plain text: the headline first, no button
+    labels, and the new member's environment without mrkdwn's code fences around its first and last line."""
+    message = replace_plan_reply(replacement(), view())
+    assert message.details is not None
+    shown = plain(message.text, message.blocks).splitlines()
+    assert shown[0] == "Replace member1 with member4 in prod — needs 1 approver"
+    assert not any("Approve" in line or "Reject" in line for line in shown)
+    env = plain(message.details.text, message.details.blocks).splitlines()
+    assert "ETCD_NAME=member4" in env and "ETCD_INITIAL_CLUSTER_STATE=existing" in env
+    assert not any("```" in line for line in env)

@@ -291,11 +291,13 @@ _SLACK_TOKEN = re.compile(r"<(?:!date\^[^|>]*\|([^>]*)|!subteam\^([^|>]*)(?:\|[^
 
 
 def _plain_line(text: str) -> str:
-    """mrkdwn as a terminal shows it: a date's fallback, @user, a link's words and address; escapes undone."""
+    """mrkdwn as a terminal shows it: a date's fallback, @user, a link's words and address; escapes undone; a
+    code block's fences dropped, so its lines (commands, an environment) can be copied as they stand."""
     def token(m: re.Match[str]) -> str:
         date, group, user, url, words = m.groups()
         return date or (f"@{group}" if group else f"@{user}" if user else f"{words} ({url})")
-    return _SLACK_TOKEN.sub(token, text).replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+    text = _SLACK_TOKEN.sub(token, text.replace("```", ""))
+    return text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
 
 
 def plain(text: str, blocks: Sequence[Mapping[str, Any]] = ()) -> str:
