@@ -95,7 +95,7 @@ async def test_a_restore_from_a_shell_needs_two_different_names(make_cluster, sl
 
     proposed = await plan("propose", person="alice", words=("restore", "--force"))
     assert proposed.returncode == 0, proposed.stdout + proposed.stderr
-    pid = plan_id(proposed.stdout); print("PROPOSED<<", proposed.stdout, ">>")
+    pid = plan_id(proposed.stdout)
     assert "it needs 2 approvers" in proposed.stdout
     assert (await plan("approve", pid, person="alice")).returncode == 1
     first = await plan("approve", pid)
