@@ -84,7 +84,7 @@ async def test_metrics_are_read_over_tls_with_the_client_certificate(make_cluste
     c = make_cluster(3, tls=True, extra_args=QUOTA_ARGS)
     await start_bot([cluster_table("prod", c)])
     status = text_of(await reply(slack, "status"))
-    assert status.count("of 17 MB (") == 3 and "quota unknown" not in status  # 16 MiB, from each /metrics
+    assert status.count("of 17 MB quota") == 3 and "quota unknown" not in status  # 16 MiB, from each /metrics
     perf = text_of(await reply(slack, "perf"))
     assert "not read" not in perf and perf.count(" ok |") + perf.count(" BAD |") + perf.count(" ? |") == 3 * 7
 

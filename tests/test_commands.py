@@ -73,3 +73,12 @@ def test_abandon_takes_a_plan_id_and_a_free_text_reason():
     with pytest.raises(UsageError, match="missing <reason>") as e:
         parse("abandon ab12cd")
     assert e.value.usage == "/etcd abandon <plan-id> <reason...>"
+
+
+def test_a_bad_duration_is_named_as_typed_and_a_control_character_never_reaches_the_reply():
+    with pytest.raises(UsageError) as e:
+        parse("mute 3x because")
+    assert e.value.reason.startswith("3x is not a duration")
+    with pytest.raises(UsageError) as e:
+        parse("mute prod \x0c0 because")
+    assert e.value.reason.startswith("'\\x0c0' is not a duration") and e.value.reason.isprintable()

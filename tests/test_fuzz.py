@@ -136,9 +136,11 @@ def test_parse_returns_a_command_or_a_one_line_usage_error(text):
             assert parse_url(cmd.args[key]).url == cmd.args[key]
     for key in spec.durations:
         assert parse_duration(cmd.args[key]) >= 1
-    if spec.rest:   # free text is stored and posted: one line, no control characters
-        text = cmd.args[spec.positionals[-1].replace("-", "_")]
-        assert text and text == text.strip() and not any(unicodedata.category(ch) == "Cc" for ch in text)
+    if spec.rest:   # free text is stored and posted: one line, no control characters (when it may be left out: or none)
+        text = cmd.args.get(spec.positionals[-1].strip("[]").replace("-", "_"))
+        assert text is not None or spec.positionals[-1].startswith("[")
+        assert text is None or (text and text == text.strip() and not any(unicodedata.category(ch) == "Cc"
+                                                                          for ch in text))
 
 
 @settings(FUZZ, max_examples=500)
@@ -259,6 +261,10 @@ async def test_any_command_text_is_answered_and_changes_nothing(readonly_rig, sl
         hypothesis.event(f"{expected.name}: {'ephemeral' if for_user else 'channel'} answer")
         if expected.name == "help":
             assert [m.source for m in new] == ["ack"] and for_user[0].text.startswith("/etcd commands:")
+        elif expected.name == "menu":  # the cluster's actions as buttons, to the user alone; where no cluster is
+            # bound to the channel and none is named, the help
+            assert for_user and (slack.buttons(for_user[0]) or for_user[0].text.startswith("/etcd commands:")
+                                 or for_user[0].text.startswith(":warning: "))
         else:
             answer = (for_user or in_channel)[0]
             if answer.ephemeral_to:  # a refusal: one line of reason first

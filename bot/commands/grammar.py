@@ -109,7 +109,8 @@ def _duration_error(word: str) -> str | None:
         seconds = 0.0
     if seconds >= MIN_DURATION:
         return None
-    return f"{word} is not a duration: <duration> takes 30m, 2h or 1h30m (at least {MIN_DURATION:g}s)"
+    shown = word if word.isprintable() else repr(word)  # `3x` as typed; a control character never reaches the reply
+    return f"{shown} is not a duration: <duration> takes 30m, 2h or 1h30m (at least {MIN_DURATION:g}s)"
 
 
 def _duration_first(positionals: list[str]) -> bool:
