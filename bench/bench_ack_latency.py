@@ -15,6 +15,7 @@ import asyncio
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from bot.testing.cluster import LocalCluster, free_port
 from bot.testing.slack import SlackStandIn
@@ -66,7 +67,7 @@ async def measure(slack: SlackStandIn, url: str, requests: int, concurrency: int
     return list(await asyncio.gather(*(one() for _ in range(requests))))
 
 
-async def run(requests: int, concurrency: int) -> list[dict]:
+async def run(requests: int, concurrency: int) -> list[dict[str, Any]]:
     creds = SlackSecrets()
     with tempfile.TemporaryDirectory() as tmp, LocalCluster(3) as cluster:
         cluster.kill("member1")

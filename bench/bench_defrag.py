@@ -43,6 +43,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from aetcd import rpc
@@ -236,7 +237,7 @@ async def one_setting(size_mb: int, mode: str, tool: Path, extra: tuple[str, ...
     return results
 
 
-def rows_for(setting: str, results: dict[str, dict[str, float]]) -> list[dict]:
+def rows_for(setting: str, results: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
     bot = results["bot"]
     out = []
     for peer in ("etcdctl defrag --cluster", "etcd-defrag --move-leader"):
@@ -256,7 +257,7 @@ def rows_for(setting: str, results: dict[str, dict[str, float]]) -> list[dict]:
     return out
 
 
-async def main_async(size_mb: int) -> list[dict]:
+async def main_async(size_mb: int) -> list[dict[str, Any]]:
     tool = etcd_defrag()
     pinned = await one_setting(size_mb, "pinned", tool, ())
     checked = await one_setting(size_mb, "health-checked", tool, (GATE,))

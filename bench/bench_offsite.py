@@ -42,6 +42,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bench_snapshot_save import MB, BigCluster, Run, db_size, fill, run_child
 
@@ -206,7 +207,7 @@ SERVERS = {"moto": "moto's server (Python, in this process: the tests' S3)",
            "rclone": "rclone serve s3 (Go, its own process)"}
 
 
-async def against(server: str, s3: MotoS3, c: LocalCluster, size: int, runs: int, work: Path) -> list[dict]:
+async def against(server: str, s3: MotoS3, c: LocalCluster, size: int, runs: int, work: Path) -> list[dict[str, Any]]:
     """Both flows against one S3 server: the figures' rows."""
     endpoint = c.endpoints[0]
     etcd_pid = next(iter(c.members.values())).pid
@@ -269,8 +270,8 @@ async def against(server: str, s3: MotoS3, c: LocalCluster, size: int, runs: int
                 f"CPU-s), {server}", others, best_peer, "s", "the peer's time")]
 
 
-async def measure(size_mb: int, runs: int, work: Path, servers: list[str]) -> list[dict]:
-    rows: list[dict] = []
+async def measure(size_mb: int, runs: int, work: Path, servers: list[str]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
     with BigCluster(1, base_dir=work / "cluster") as c:  # the etcd of ETCD_BIN_DIR (--release)
         print(f"filling a 1-member cluster with {size_mb} MB of 1 MiB values ...", file=sys.stderr)
         await fill([c.endpoints[0]], size_mb * MB, 1 << 20)

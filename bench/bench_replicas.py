@@ -27,6 +27,7 @@ from typing import Any
 from bot.config import load_config
 from bot.ops.leadership import LEASE
 from bot.store.backends import open_store
+from bot.store.base import Store
 from bot.testing.cluster import LocalCluster, free_port
 from bot.testing.postgres import PASSWORD_ENV, LocalPostgres
 from bot.testing.slack import SlackStandIn
@@ -84,7 +85,7 @@ async def failover(pg: LocalPostgres | None) -> float:
         cluster.close()
 
 
-async def _kill_between_remove_and_add(slack: SlackStandIn, store, bots: list[BotProcess], config: Path,
+async def _kill_between_remove_and_add(slack: SlackStandIn, store: Store, bots: list[BotProcess], config: Path,
                                        directory: Path, env: dict[str, str]) -> float:
     slack.fail_next("chat.update", status=429, retry_after=300, match=announcing(3))  # holds it before the add
     peer, client = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
@@ -157,7 +158,7 @@ async def _burst(slack: SlackStandIn, bots: list[BotProcess], requests: int) -> 
     return times
 
 
-async def run(requests: int) -> list[dict]:
+async def run(requests: int) -> list[dict[str, Any]]:
     with LocalPostgres() as pg:
         os.environ.update(pg.env())
         one, two = await acks(pg, requests)

@@ -81,7 +81,7 @@ async def fill(endpoints: list[str], target: int, value_size: int, parallel: int
 
 def db_size(cluster: LocalCluster) -> int:
     out = json.loads(cluster.etcdctl("endpoint", "status", "-w", "json").stdout)
-    return out[0]["Status"]["dbSize"]
+    return int(out[0]["Status"]["dbSize"])
 
 
 @dataclass

@@ -28,7 +28,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from bot.etcd.bbolt import snapshot_status
 from bot.etcd.binaries import find_binary
@@ -43,7 +43,7 @@ T = TypeVar("T")
 
 def db_size(cluster: LocalCluster) -> int:
     out = json.loads(cluster.etcdctl("endpoint", "status", "-w", "json", endpoints=cluster.endpoints[:1]).stdout)
-    return out[0]["Status"]["dbSize"]
+    return int(out[0]["Status"]["dbSize"])
 
 
 def objects(rng: random.Random, start: int, count: int, sizes: tuple[int, int]) -> list[tuple[str, str]]:
@@ -81,12 +81,13 @@ def best_of(runs: int, fn: Callable[[], T]) -> tuple[float, T]:
     return best, result  # runs >= 1
 
 
-def etcdutl(path: Path) -> dict:
+def etcdutl(path: Path) -> dict[str, Any]:
     proc = subprocess.run([str(find_binary("etcdutl")), "snapshot", "status", str(path), "-w", "json"],
                           capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise SystemExit(f"etcdutl failed: {proc.stderr.strip()}")
-    return json.loads(proc.stdout)
+    result: dict[str, Any] = json.loads(proc.stdout)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

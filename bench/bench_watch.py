@@ -32,6 +32,7 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from bot.etcd.binaries import find_binary
 from bot.testing.netbed import Link, NetnsCluster
@@ -96,7 +97,7 @@ async def bot_window(config: Path, slack: SlackStandIn, creds: SlackSecrets, log
         await asyncio.to_thread(bot.stop)
 
 
-async def run(n: int, window: float) -> tuple[list[dict], str]:
+async def run(n: int, window: float) -> tuple[list[dict[str, Any]], str]:
     creds = SlackSecrets()
     fleet = await asyncio.to_thread(start_fleet, n, 3)
     names = [f"fleet-{i:02d}" for i in range(n)]

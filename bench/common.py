@@ -7,6 +7,7 @@ import os
 import platform
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 for path in (str(ROOT), str(ROOT / "tests")):
@@ -62,13 +63,13 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[rank - 1]
 
 
-def row(metric: str, ours: float, peer: float, unit: str, peer_name: str, better: str = "lower") -> dict:
+def row(metric: str, ours: float, peer: float, unit: str, peer_name: str, better: str = "lower") -> dict[str, Any]:
     """One figure and its peer, measured in the same run; ratio = ours / peer."""
     return {"metric": metric, "ours": ours, "peer": peer, "unit": unit, "peer_name": peer_name,
             "ratio": ours / peer if peer else float("inf"), "better": better}
 
 
-def write(path: str | None, name: str, rows: list[dict], notes: str = "") -> None:
+def write(path: str | None, name: str, rows: list[dict[str, Any]], notes: str = "") -> None:
     result = {"name": name, "rows": rows, "notes": notes, "machine": machine()}
     for r in rows:
         print(f"{r['metric']}: ours {r['ours']:.4g} {r['unit']}, {r['peer_name']} {r['peer']:.4g} {r['unit']}, "

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -36,7 +37,7 @@ def summary(page: Path) -> list[str]:
     return text.split(MARK, 1)[0].rstrip("\n").splitlines() + ["", MARK, ""]
 
 
-def render(results: list[dict], kept: list[str]) -> str:
+def render(results: list[dict[str, Any]], kept: list[str]) -> str:
     m = results[0]["machine"]
     lines = [
         *kept,

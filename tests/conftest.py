@@ -7,8 +7,9 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -62,7 +63,7 @@ def _processes_under(roots: list[str]) -> list[tuple[int, str]]:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def no_process_left_behind(tmp_path_factory) -> Iterator[None]:
+def no_process_left_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Every etcd, bot or helper process a test starts must be gone when the suite ends.
     Only processes started under this session's directories are judged (other test
     sessions may run on the machine at the same time)."""
@@ -98,11 +99,11 @@ class _Capture(logging.Handler):
         self.lines.append(logging.Formatter("%(name)s %(levelname)s %(message)s").format(record))
 
 
-STAND_INS: list = []  # every Slack stand-in the session started
+STAND_INS: list[SlackStandIn] = []  # every Slack stand-in the session started
 
 
 @pytest.fixture(scope="session", autouse=True)
-def no_secret_in_logs_or_messages(tmp_path_factory) -> Iterator[None]:
+def no_secret_in_logs_or_messages(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """No token, signing secret, password or private key appears in any log line,
     any Slack message or API call, or any log file the suite produced."""
     capture = _Capture()
@@ -177,7 +178,7 @@ def make_cluster() -> Iterator[Callable[..., LocalCluster]]:
     """Fresh clusters for destructive tests, torn down even when the test fails."""
     made: list[LocalCluster] = []
 
-    def make(size: int = 3, **kwargs) -> LocalCluster:
+    def make(size: int = 3, **kwargs: Any) -> LocalCluster:
         c = LocalCluster(size, **kwargs)
         made.append(c)
         return c.start()
@@ -188,7 +189,7 @@ def make_cluster() -> Iterator[Callable[..., LocalCluster]]:
 
 
 @pytest.fixture
-def use_etcd(monkeypatch) -> Callable[[str], Path]:
+def use_etcd(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], Path]:
     """use_etcd("3.6") points ETCD_BIN_DIR at that etcd release (bot/testing/versions.py) for the rest
     of the test: clusters made afterwards run it, and the bot finds its etcdctl and etcdutl. A release
     that is not on the machine fails the test with the line saying what to run."""
@@ -214,11 +215,11 @@ def netbed() -> None:
 
 
 @pytest.fixture
-def make_bed(netbed) -> Iterator[Callable[..., NetnsCluster]]:
+def make_bed(netbed: None) -> Iterator[Callable[..., NetnsCluster]]:
     """Fresh clusters on the multi-host bed, torn down even when the test fails."""
     made: list[NetnsCluster] = []
 
-    def make(size: int = 3, **kwargs) -> NetnsCluster:
+    def make(size: int = 3, **kwargs: Any) -> NetnsCluster:
         c = NetnsCluster(size, **kwargs)
         made.append(c)
         return c.start()
@@ -236,6 +237,9 @@ from bot.settings import SlackSettings  # noqa: E402
 from bot.testing.slack import SlackStandIn  # noqa: E402
 from bot.testing.workspace import CHANNELS, USERGROUPS, USERS, SlackSecrets, write_config  # noqa: E402
 
+# The start_bot fixture: start the bot on these [[clusters]] tables (and top-level keys), against the stand-in.
+StartBot = Callable[..., Awaitable[BotServer]]
+
 
 @pytest.fixture
 def creds() -> SlackSecrets:
@@ -243,7 +247,7 @@ def creds() -> SlackSecrets:
 
 
 @pytest.fixture
-async def slack(creds):
+async def slack(creds: SlackSecrets) -> AsyncIterator[SlackStandIn]:
     """The Slack stand-in with the fixture workspace's people and channels."""
     stand_in = SlackStandIn(bot_token=creds.bot_token, signing_secret=creds.signing_secret, app_token=creds.app_token,
                             users=USERS, usergroups=USERGROUPS, channels=CHANNELS)
@@ -256,11 +260,11 @@ async def slack(creds):
 
 
 @pytest.fixture
-async def start_bot(slack, creds, tmp_path):
+async def start_bot(slack: SlackStandIn, creds: SlackSecrets, tmp_path: Path) -> AsyncIterator[StartBot]:
     """Start the real bot (bolt AsyncApp over aiohttp) in-process against the stand-in."""
     bots: list[BotServer] = []
 
-    async def start(clusters: list[dict], **top) -> BotServer:
+    async def start(clusters: list[dict[str, Any]], **top: Any) -> BotServer:
         config = load_config(write_config(tmp_path, clusters, **top))
         settings = SlackSettings(bot_token=creds.bot_token, signing_secret=creds.signing_secret,
                                  app_token=creds.app_token, api_url=slack.api_url)
@@ -278,7 +282,7 @@ async def start_bot(slack, creds, tmp_path):
 # ---------------------------------------------------------------- off-site stores
 
 @pytest.fixture
-def s3(monkeypatch) -> Iterator[s3_module.MotoS3]:
+def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[s3_module.MotoS3]:
     """moto's S3 server on a free loopback port with a bucket; its throw-away credentials are in
     this test's environment only (where the bot, in-process or a child process, reads them)."""
     server = s3_module.MotoS3()
@@ -289,14 +293,14 @@ def s3(monkeypatch) -> Iterator[s3_module.MotoS3]:
 
 
 @pytest.fixture
-def fast_retries(monkeypatch) -> None:
+def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     """The off-site upload retries' backoff shortened (the schedule is the same, only the waits are short)."""
     from bot.ops import snapshots as ops_snapshots
     monkeypatch.setattr(ops_snapshots, "UPLOAD_RETRY_BACKOFF", (0.1, 0.2))
 
 
 @pytest.fixture
-def manifest_key(tmp_path) -> dict[str, str]:
+def manifest_key(tmp_path: Path) -> dict[str, str]:
     """`[snapshots.store]` keys that sign the store's manifests with TEST_MANIFEST_KEY (from a 0600 file)."""
     path = tmp_path / "manifest.key"
     path.write_text(TEST_MANIFEST_KEY + "\n")
@@ -305,8 +309,8 @@ def manifest_key(tmp_path) -> dict[str, str]:
 
 
 @pytest.fixture
-def file_store(tmp_path) -> Path:
+def file_store(tmp_path: Path) -> Path:
     """A directory as a `file://` off-site store (a mounted filesystem)."""
-    path = tmp_path / "offsite"
+    path: Path = tmp_path / "offsite"
     path.mkdir()
     return path

@@ -20,11 +20,12 @@ from bot.ops.leadership import LEASE
 from bot.store.base import Store
 from bot.store.schema import ADDED_COLUMNS, expected_columns
 from bot.store.sqlite import SqliteStore
-from bot.testing.cluster import QUOTA, QUOTA_ARGS, fill_until_nospace, free_port
+from bot.testing.cluster import QUOTA, QUOTA_ARGS, LocalCluster, fill_until_nospace, free_port
 from bot.testing.slack import Delivery, Message, SlackStandIn
 from bot.testing.workspace import CHANNEL, LEAD, LEADS_GROUP, ONCALL, USERGROUPS, USERS
 
 T = TypeVar("T")
+P = TypeVar("P")
 __all__ = ["QUOTA", "QUOTA_ARGS", "fill_until_nospace"]  # NOSPACE: a small quota, filled (bot/testing/cluster.py)
 
 
@@ -162,19 +163,31 @@ def is_plan_message(m: Message) -> bool:
             and any(str(b.get("block_id", "")).startswith("plan:") for b in m.blocks or []))
 
 
-async def propose(slack, text: str, user: str = ONCALL, to: str | None = None) -> Message:
+async def propose(slack: SlackStandIn, text: str, user: str = ONCALL, to: str | None = None) -> Message:
     start = len(slack.messages)
     await command(slack, text, user=user, to=to)
     return await slack.wait_for_message(is_plan_message, after=start, timeout=30,
                                         what=f"the plan message for /etcd {text}")
 
 
-def replies(slack, plan: Message) -> list[Message]:
+def replies(slack: SlackStandIn, plan: Message) -> list[Message]:
     return [m for m in slack.messages if m.thread_ts == plan.ts]
 
 
-def thread(slack, plan: Message) -> str:
+def thread(slack: SlackStandIn, plan: Message) -> str:
     return "\n".join(text_of(m) for m in replies(slack, plan))
+
+
+def must(value: T | None) -> T:
+    """`value`, which the test expects to be there (mypy narrows Optional results with it)."""
+    assert value is not None
+    return value
+
+
+def plan_of(kind: type[P], record: PlanRecord) -> P:
+    """The record's plan, which the test expects to be of `kind`."""
+    assert isinstance(record.plan, kind), record.plan
+    return record.plan
 
 
 async def plan_row(store: Store, plan: Message, timeout: float = 10.0) -> PlanRecord:
@@ -215,7 +228,7 @@ async def audit_actions(store: Store, plan_id: str) -> list[tuple[str, str]]:
     return out
 
 
-async def members_of(cluster) -> tuple[MemberHealth, ...]:
+async def members_of(cluster: LocalCluster) -> tuple[MemberHealth, ...]:
     user, password = cluster.user or (None, None)
     async with EtcdClient(cluster.endpoints, tls=cluster.tls_files(), username=user, password=password) as client:
         return (await check_cluster(client, "check")).members
@@ -230,7 +243,7 @@ class open_store:
     async def __aenter__(self) -> SqliteStore:
         return await self.store.open()
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.store.close()
 
 

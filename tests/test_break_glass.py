@@ -70,8 +70,10 @@ async def test_a_whole_replacement_from_a_shell_is_posted_once_slack_answers(mak
     await start_bot(clusters, approval=APPROVAL)
     message = await slack.wait_for_message(lambda m: m.thread_ts is None and f"Plan {pid}," in m.text,
                                            timeout=20, what="the plan, posted once Slack answers")
-    said = await eventually(lambda: (t := "\n".join(text_of(m) for m in slack.messages if m.thread_ts == message.ts))
-                            and f"Plan {pid} is done" in t and t, 20, "the thread, relayed")
+    def relayed() -> str | None:
+        t = "\n".join(text_of(m) for m in slack.messages if m.thread_ts == message.ts)
+        return t if f"Plan {pid} is done" in t else None
+    said = await eventually(relayed, 20, "the thread, relayed")
     assert said.count("break glass: done from a shell at ") >= 8
     assert "alice (break glass, from a shell) ran `plan propose` from a shell: Slack is down" in said
     assert "Approved by bob (break glass, from a shell)" in said and "Step 6 (followups)" in said

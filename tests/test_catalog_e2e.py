@@ -17,8 +17,9 @@ import pytest
 from test_restore_e2e import approve_twice, hashes, keys
 
 from bot.backup.manifest import Manifest
+from bot.domain.restore import RestorePlan
 from bot.testing.workspace import cluster_table
-from helpers import APPROVAL, eventually, plan_row, propose, reply, text_of, wait_done
+from helpers import APPROVAL, eventually, plan_of, plan_row, propose, reply, text_of, wait_done
 
 FILE_LINE = re.compile(r"\*File:\* `([^`]+)`")
 
@@ -199,7 +200,7 @@ async def test_restore_from_a_snapshot_only_the_store_holds(make_cluster, slack,
     assert f"From the snapshot store:* `{s3.url()}/prod/{name}`" in plan_text, plan_text
     assert "from the snapshot store" in plan.text
     record = await plan_row(store, plan)
-    assert record.plan.snapshot.remote_url == f"{s3.url()}/prod/{name}"
+    assert plan_of(RestorePlan, record).snapshot.remote_url == f"{s3.url()}/prod/{name}"
     await approve_twice(slack, plan)
     await wait_done(store, record.id, timeout=180)
     assert keys(c) == before and len(hashes(c, revision)) == 1

@@ -14,6 +14,7 @@ from conftest import ROOT
 
 from bot.config import ConfigError, ReplicasConfig, load_config, parse_config
 from bot.config import schema as config_schema
+from helpers import must
 
 GOOD = """
 database = "etcd-chatops.db"
@@ -46,7 +47,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_the_documented_example_loads(tmp_path):
     config = load_config(write(tmp_path, GOOD))
-    prod = config.cluster("prod")
+    prod = must(config.cluster("prod"))
     assert prod.endpoints == ("https://10.0.0.2:2379", "https://10.0.0.3:2379")
     assert prod.channels == ("C0INCIDENT",)
     assert prod.cacert == tmp_path / "ca.crt"  # relative to the config file
@@ -77,8 +78,16 @@ def test_defaults_for_a_minimal_file(tmp_path):
     (("name = \"prod\"", "name = \"prod\"\nendpoint = []"), "clusters[0].endpoint: unknown key"),
     (("channels = [\"C0INCIDENT\"]", "channels = [\"#incident\"]"),
      "clusters[0].channels[0]: '#incident' is not a Slack ID"),
+    (("launcher = { kind = \"manual\" }", "launcher = { kind = \"docker\" }"),
+     "clusters[0].launcher.kind: 'docker' is not a launcher kind (manual, command or ssh)"),
     (("launcher = { kind = \"manual\" }", "launcher = { kind = \"ssh\" }"),
-     "clusters[0].launcher.kind: 'ssh' is not a launcher kind"),
+     "clusters[0].launcher.recipe: an ssh launcher needs recipe: static-pod (kubeadm) or systemd"),
+    (("launcher = { kind = \"manual\" }", "launcher = { kind = \"ssh\", recipe = \"systemd\" }"),
+     "clusters[0].launcher.known_hosts: an ssh launcher needs known_hosts: the hosts' keys are pinned"),
+    (("launcher = { kind = \"manual\" }", "launcher = { kind = \"manual\", recipe = \"systemd\" }"),
+     "clusters[0].launcher.recipe: only an ssh launcher takes recipe"),
+    (("launcher = { kind = \"manual\" }", "launcher = { kind = \"ssh\", recipe = \"docker\" }"),
+     "clusters[0].launcher.recipe: 'docker' is not a recipe (static-pod or systemd)"),
     (("launcher = { kind = \"manual\" }", "launcher = { kind = \"command\" }"),
      "clusters[0].launcher.argv: a command launcher needs argv"),
     (("launcher = { kind = \"manual\" }", "launcher = { kind = \"command\", argv = [\"start\", \"{host}\"] }"),
@@ -544,7 +553,8 @@ def test_the_readme_example_passes_check_config_as_written(tmp_path, monkeypatch
     for name in (prod["cacert"], prod["cert"], prod["key"], prod["restore"]["age_identity_file"]):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(f"# stand-in\n{identity}\n")
-    for variable in ("ETCD_CHATOPS_AUDIT_KEY", "ETCD_CHATOPS_MANIFEST_KEY", "ETCD_PROD_PASSWORD"):
+    for variable in ("ETCD_CHATOPS_AUDIT_KEY", "ETCD_CHATOPS_MANIFEST_KEY", "ETCD_PROD_PASSWORD",
+                     "ETCD_CHATOPS_ALERTMANAGER_TOKEN"):
         monkeypatch.setenv(variable, "stand-in-secret-" + "x" * 32)
     checked = cli("check-config", str(tmp_path / "config.toml"))
     assert checked.returncode == 0, checked.stderr
@@ -555,3 +565,82 @@ def test_the_readme_example_passes_check_config_as_written(tmp_path, monkeypatch
     assert cluster.access.approvers.users == ("U0LEAD0001",) and cluster.watch.cert_warning_seconds == 14 * 86400
     assert cluster.restore.age_identity == str(identity) and config.approval.rule("restore").approvals_needed == 2
     assert cluster.launcher.timeout_seconds == 600
+    assert config.alertmanager.enabled and cluster.alert_match == {"cluster": "prod"}
+    assert cluster.watch.quota_critical == 0.95
+
+
+def _ssh_key(tmp_path, passphrase: bytes | None = None) -> str:
+    """An ed25519 key as ssh-keygen writes it; with a passphrase, as PKCS#8 (OpenSSH's own encryption needs bcrypt,
+    which the bot does not install: both formats are read)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    key = ed25519.Ed25519PrivateKey.generate()
+    path = tmp_path / ("id_locked" if passphrase else "id_ed25519")
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.BestAvailableEncryption(passphrase)) if passphrase else
+                     key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                       serialization.NoEncryption()))
+    return str(path)
+
+
+def _ssh(tmp_path, extra: str = "", key: str | None = None) -> str:
+    (tmp_path / "known_hosts").write_text("")
+    return (MINIMAL + '[clusters.launcher]\nkind = "ssh"\nrecipe = "static-pod"\n'
+            f'key_file = "{key or _ssh_key(tmp_path)}"\nknown_hosts = "{tmp_path / "known_hosts"}"\n' + extra)
+
+
+def test_an_ssh_launcher_in_table_form_with_hosts_and_per_host_paths(tmp_path):
+    launcher = load_config(write(tmp_path, _ssh(tmp_path, 'hosts = { m2 = "10.0.0.9:2222", m3 = "[fd00::3]" }\n'
+                                                          'manifests_dir = "/srv/{name}/manifests"\n'))
+                           ).clusters[0].launcher
+    assert launcher.kind == "ssh" and launcher.has_actions and launcher.timeout_seconds == 300.0
+    assert launcher.host_of("m1", "https://10.0.0.2:2380") == ("10.0.0.2", 22)   # the peer URL's host by default
+    assert launcher.host_of("m2", "https://10.0.0.3:2380") == ("10.0.0.9", 2222)
+    assert launcher.host_of("m3", "https://10.0.0.4:2380") == ("fd00::3", 22)
+    assert launcher.on_host(launcher.manifests_dir, "m2") == "/srv/m2/manifests"
+    assert launcher.key is not None and "OPENSSH PRIVATE KEY" in launcher.key and "key=" not in repr(launcher)
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ('hosts = { m1 = "10.0.0.2:99999" }\n', "clusters[0].launcher.hosts.m1: '10.0.0.2:99999' is not host or host:port"),
+    ('manifests_dir = "/etc/k8s;reboot"\n', "clusters[0].launcher.manifests_dir: '/etc/k8s;reboot' has a character"),
+    ('unit = "etcd-{host}.service"\n', "clusters[0].launcher.unit: 'etcd-{host}.service' has a character"),
+    ('node_command = ["sudo -n etcd-chatops-node"]\n', "clusters[0].launcher.node_command[0]:"),
+    ('argv = ["x"]\n', "clusters[0].launcher.argv: only a command launcher takes argv"),
+])
+def test_an_ssh_launchers_mistakes_name_their_key(tmp_path, extra, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, _ssh(tmp_path, extra)))
+    assert message in str(e.value)
+
+
+def test_an_ssh_key_that_is_not_usable_is_refused_without_showing_it(tmp_path):
+    locked = _ssh_key(tmp_path, b"passphrase-123")
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, _ssh(tmp_path, key=locked)))
+    assert "clusters[0].launcher.key_file: the SSH key is encrypted with a passphrase" in str(e.value)
+    garbage = tmp_path / "not-a-key"
+    garbage.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nc2VjcmV0LWxvb2tpbmctYnl0ZXM=\n"
+                       "-----END OPENSSH PRIVATE KEY-----\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, _ssh(tmp_path, key=str(garbage))))
+    assert str(e.value).endswith("clusters[0].launcher.key_file: not an SSH private key (like ssh-keygen -t ed25519 "
+                                 "writes)")
+    assert "c2VjcmV0" not in str(e.value)
+
+
+def test_the_ssh_key_is_redacted_from_every_log_line(tmp_path):
+    """The key is a secret like the passwords: the bot registers it for its logs, line by line, so a log line
+    that quoted it by mistake (its newlines escaped, as JSON writes them) shows none of it."""
+    import logging
+
+    from bot import logs
+    config = load_config(write(tmp_path, _ssh(tmp_path)))
+    key = config.clusters[0].launcher.key
+    assert key is not None
+    logs.register_secret(*config.secrets())   # as `etcd-chatops run` does
+    record = logging.LogRecord("bot.ops.ssh", logging.ERROR, __file__, 1, "login failed with %r", (key,), None)
+    line = logs.JsonFormatter().format(record)
+    body = [part for part in key.splitlines() if part and not part.startswith("-----")]
+    assert body and not [part for part in body if part in line], line
+    assert logs.REDACTED in line

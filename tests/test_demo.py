@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import _processes_under
 
+from helpers import must
+
 pytestmark = pytest.mark.e2e  # the demo runs real etcd, the stand-in and the bot as processes
 
 DEMO = [sys.executable, "-m", "bot", "demo"]
@@ -33,7 +35,7 @@ def test_the_demo_plays_the_whole_incident_and_cleans_up(tmp_path):
     proc = run(DEMO + ["--dir", str(directory)])
     out = proc.stdout
     assert proc.returncode == 0, proc.stderr[-3000:] + out[-3000:]
-    expected_in_order = [
+    expected_in_order: list[str | re.Pattern[str]] = [
         "etcd cluster demo: HEALTHY", "3 of 3 voting members healthy",
         "member1's machine dies", "etcd cluster demo: DEGRADED", "DOWN: connection refused",
         "/etcd replace member1 member4", "Replace member1 with member4 in demo — needs 1 approver",
@@ -79,8 +81,8 @@ def test_keep_say_and_stop(tmp_path):
         assert "say --as bob :white_check_mark:" in proc.stdout
 
         # A lead approves in the kept demo the way the README says: a reaction to the newest plan.
-        os.kill(int(re.search(r"kill -9 (\d+) +# member3's machine dies", proc.stdout).group(1)), signal.SIGKILL)
-        replace = re.search(r'say "(/etcd replace member3 member5 [^"]+)"', proc.stdout).group(1)
+        os.kill(int(must(re.search(r"kill -9 (\d+) +# member3's machine dies", proc.stdout))[1]), signal.SIGKILL)
+        replace = must(re.search(r'say "(/etcd replace member3 member5 [^"]+)"', proc.stdout))[1]
         proposed = run(SAY + [replace, "--dir", str(directory)], timeout=60)
         assert proposed.returncode == 0, proposed.stdout + proposed.stderr
         assert "Replace member3 with member5 in demo" in proposed.stdout, proposed.stdout
@@ -109,7 +111,7 @@ def test_ctrl_c_removes_everything(tmp_path):
         deadline = time.monotonic() + 60
         seen = ""
         while "proposes the runbook's replacement" not in seen:  # interrupt in the middle of the incident
-            line = proc.stdout.readline()
+            line = must(proc.stdout).readline()
             assert line and time.monotonic() < deadline, f"the demo ended early: {seen[-2000:]}"
             seen += line
         proc.send_signal(signal.SIGINT)
@@ -118,7 +120,7 @@ def test_ctrl_c_removes_everything(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 130, proc.stderr.read()[-2000:]
+    assert proc.returncode == 130, must(proc.stderr).read()[-2000:]
     assert_nothing_left(directory)
 
 
@@ -173,6 +175,26 @@ def test_the_alerts_scenario_shows_the_watch_post_and_resolve(tmp_path):
     for fragment in ("the watch looks every second", "etcd cluster demo: HEALTHY", "member2's machine dies",
                      "MEMBER DOWN member2", "/etcd replace member2 member4", "member2's machine comes back",
                      "resolved after", "/etcd alerts", "Alerts played in", "Everything the demo started is stopped"):
+        found = out.find(fragment, position)
+        assert found >= 0, f"{fragment!r} missing (or out of order) in the transcript:\n{out[position:position + 2000]}"
+        position = found
+    assert_nothing_left(directory)
+
+
+def test_the_kubeadm_scenario_restores_on_the_hosts_over_ssh_and_cleans_up(tmp_path):
+    """The restore of a kubeadm control plane done by the bot on its hosts (sshd per host on the multi-host bed):
+    the dry run first, kube-apiserver stopped before etcd and put back last, and nothing left behind."""
+    directory = tmp_path / "kubeadm"
+    proc = run(DEMO + ["--scenario", "kubeadm", "--dir", str(directory)])
+    out = proc.stdout
+    assert proc.returncode == 0, proc.stderr[-3000:] + out[-3000:]
+    position = 0
+    for fragment in ("kubeadm control plane 'demo' up", "/etcd launcher-check", "3 of 3 hosts ready",
+                     "/etcd snapshot", "disks of m1 and m2 fail", "/etcd restore", "Approved by", "Step 0 (verify)",
+                     "every host ready", "Step 1 (apiserver-stop)", "moved kube-apiserver.yaml", "Step 2 (stop)",
+                     "Step 3 (restore)", "Step 4 (start)", "Step 7 (apiserver)", "moved kube-apiserver.yaml back",
+                     "is done", "etcd cluster demo: HEALTHY", "etcd.yaml now mounts", ".restored-",
+                     "done on 3 hosts over SSH", "Everything the demo started is stopped"):
         found = out.find(fragment, position)
         assert found >= 0, f"{fragment!r} missing (or out of order) in the transcript:\n{out[position:position + 2000]}"
         position = found

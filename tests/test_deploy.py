@@ -25,6 +25,7 @@ UID = 10001
 DATA_DIR = "/var/lib/etcd-chatops"
 CONFIG_PATH = "/etc/etcd-chatops/config.toml"
 CERT_DIR = "/etc/etcd-chatops/etcd"
+SSH_DIR = "/etc/etcd-chatops/ssh"
 PORT = 3000
 
 # The oldest Kubernetes we support, and the newest schema the installed
@@ -220,6 +221,22 @@ def test_config_and_certs_mounted_read_only(pod, container):
     assert volume["secret"]["defaultMode"] == 0o400
 
 
+def test_the_ssh_launchers_key_and_known_hosts_come_from_a_secret(pod, container):
+    """The shipped config uses the ssh launcher: its key and pinned host keys are files of a Secret mounted
+    read-only (0400), optional so the other launchers need none, and the config names exactly those files."""
+    mount, volume = mount_at(pod, container, SSH_DIR)
+    assert mount["readOnly"] is True
+    assert volume["secret"]["defaultMode"] == 0o400 and volume["secret"]["optional"] is True
+    secret = one("Secret", volume["secret"]["secretName"])
+    cm = one("ConfigMap", mount_at(pod, container, CONFIG_PATH)[1]["configMap"]["name"])
+    for cluster in tomllib.loads(cm["data"]["config.toml"])["clusters"]:
+        launcher = cluster["launcher"]
+        assert launcher["kind"] == "ssh"
+        for key in ("key_file", "known_hosts"):
+            path = Path(launcher[key])
+            assert str(path.parent) == SSH_DIR and path.name in secret["stringData"], f"launcher.{key}: {path}"
+
+
 def test_env_comes_from_the_example_secret(container):
     secret = one("Secret", "etcd-chatops")
     refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
@@ -254,6 +271,27 @@ def test_config_points_at_the_mounted_files(pod, container):
             assert path.name in cert_secret["stringData"], f"clusters.{key}: {path.name} is not a key of the Secret"
 
 
+def with_stand_in_files(data: dict, tmp_path: Path) -> dict:
+    """A shipped config.toml with its files (certificates, the ssh launcher's key and known_hosts), which exist
+    only in the pod, redirected to stand-ins: a generated key, an empty known_hosts."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    key = ed25519.Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    for cluster in data["clusters"]:
+        for name in ("cacert", "cert", "key"):
+            stand_in = tmp_path / Path(cluster[name]).name
+            stand_in.write_text("stand-in\n")
+            cluster[name] = str(stand_in)
+        launcher = cluster.get("launcher", {})
+        if launcher.get("kind") == "ssh":
+            (tmp_path / "id_ed25519").write_bytes(key)
+            (tmp_path / "known_hosts").write_text("")
+            launcher.update(key_file=str(tmp_path / "id_ed25519"), known_hosts=str(tmp_path / "known_hosts"))
+    return data
+
+
 def test_configmap_config_is_accepted_by_the_bot(pod, container, tmp_path):
     """The shipped config.toml passes the bot's own strict loader (certificate
     paths redirected to stand-in files, since they exist only in the pod)."""
@@ -261,12 +299,7 @@ def test_configmap_config_is_accepted_by_the_bot(pod, container, tmp_path):
 
     cm = one("ConfigMap", mount_at(pod, container, CONFIG_PATH)[1]["configMap"]["name"])
     data = tomllib.loads(cm["data"]["config.toml"])
-    for cluster in data["clusters"]:
-        for key in ("cacert", "cert", "key"):
-            stand_in = tmp_path / Path(cluster[key]).name
-            stand_in.write_text("stand-in\n")
-            cluster[key] = str(stand_in)
-    config = parse_config(data, tmp_path)
+    config = parse_config(with_stand_in_files(data, tmp_path), tmp_path)
     assert str(config.database) == data["database"]
     assert config.clusters and all(c.channels for c in config.clusters)
 
@@ -305,8 +338,10 @@ def test_networkpolicy_allows_exactly_what_the_bot_needs():
     assert all(not peer["ipBlock"]["cidr"].startswith(("0.0.0.0/", "::/")) for peer in etcd["to"])
     assert rules_for("TCP", 443), "no egress to Slack"
     assert rules_for("UDP", 53) and rules_for("TCP", 53), "no DNS"
+    (ssh,) = rules_for("TCP", 22)   # the ssh launcher, to the same control-plane nodes only
+    assert ssh["to"] == etcd["to"], "SSH egress must go to the etcd members' nodes, nowhere else"
     all_ports = {(p.get("protocol", "TCP"), p["port"]) for r in spec["egress"] for p in r["ports"]}
-    assert all_ports == {("TCP", 2379), ("TCP", 443), ("UDP", 53), ("TCP", 53)}
+    assert all_ports == {("TCP", 2379), ("TCP", 22), ("TCP", 443), ("UDP", 53), ("TCP", 53)}
 
 
 # ---------------------------------------------------- (c) kustomization
@@ -765,12 +800,8 @@ def test_ha_state_in_postgresql_with_the_password_from_a_secret(tmp_path, monkey
     (secret,) = load_docs(HA / "secret-example.yaml")
     assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"]
     assert "REPLACE" in secret["stringData"][ref["key"]]
-    for cluster in data["clusters"]:  # the shipped config passes the bot's own loader
-        for key in ("cacert", "cert", "key"):
-            (tmp_path / Path(cluster[key]).name).write_text("stand-in\n")
-            cluster[key] = str(tmp_path / Path(cluster[key]).name)
     monkeypatch.setenv(data["database_password_env"], "stand-in-password")
-    config = parse_config(data, tmp_path)
+    config = parse_config(with_stand_in_files(data, tmp_path), tmp_path)  # the shipped config passes the loader
     assert config.replicas.lease_seconds * 4 / 3 <= 15  # a dead leader is replaced within 15 s
     # No ReadWriteOnce claim is left to pin both pods to one node: the snapshots are on a ReadWriteMany one.
     claims = [o for o in ha_objects() if o["kind"] == "PersistentVolumeClaim"]

@@ -17,7 +17,7 @@ from bot.domain.errors import (
 )
 from bot.etcd.client import EtcdClient
 from bot.etcd.health import check_cluster
-from helpers import eventually
+from helpers import eventually, must
 
 
 async def test_member_list_and_status_of_a_healthy_cluster(cluster):
@@ -29,10 +29,11 @@ async def test_member_list_and_status_of_a_healthy_cluster(cluster):
     leader = health.leader_id
     assert sum(1 for h in health.members if h.member.id == leader) == 1
     for h in health.members:
-        assert h.status.version.startswith("3.")
-        assert h.status.db_size > 0 and h.status.db_size_in_use > 0
-        assert h.status.raft_index > 0 and h.status.raft_term > 0
-        assert h.status.member_id == h.member.id
+        status = must(h.status)
+        assert status.version.startswith("3.")
+        assert status.db_size > 0 and status.db_size_in_use > 0
+        assert status.raft_index > 0 and status.raft_term > 0
+        assert status.member_id == h.member.id
         assert len(h.member.hex_id) == 16
 
 
@@ -52,8 +53,8 @@ async def test_a_killed_member_costs_no_deadline_and_a_silent_host_costs_one(mak
     async with EtcdClient(c.all_endpoints, timeout=deadline) as client:
         c.kill("member1")
         health = await check_cluster(client, "bed")
-        dead = health.find("member1")
-        assert not dead.reachable and "connection refused" in dead.error
+        dead = must(health.find("member1"))
+        assert not dead.reachable and "connection refused" in (dead.error or "")
         assert health.quorum.healthy == 2 and health.quorum.tolerates == 0 and health.quorum.ok
         assert health.elapsed < deadline  # refused at once
 
@@ -61,8 +62,8 @@ async def test_a_killed_member_costs_no_deadline_and_a_silent_host_costs_one(mak
         started = time.monotonic()
         health = await check_cluster(client, "bed")
         elapsed = time.monotonic() - started
-        silent = health.find("member2")
-        assert not silent.reachable and "no answer within 1.5s" in silent.error
+        silent = must(health.find("member2"))
+        assert not silent.reachable and "no answer within 1.5s" in (silent.error or "")
         assert not health.quorum.ok
         # every call to the silent member shares one deadline: not one per call, not one per endpoint
         assert deadline * 0.9 <= elapsed < deadline * 2
@@ -72,10 +73,10 @@ async def test_a_member_that_comes_back_is_seen_on_the_next_call(make_cluster):
     c = make_cluster(3)
     async with EtcdClient(c.all_endpoints) as client:
         c.stop("member3")
-        assert not (await check_cluster(client, "local")).find("member3").reachable
+        assert not must((await check_cluster(client, "local")).find("member3")).reachable
         await asyncio.to_thread(c.restart, "member3")
         health = await check_cluster(client, "local")
-        assert health.find("member3").reachable
+        assert must(health.find("member3")).reachable
 
 
 async def test_mutual_tls_works_with_the_certificates_and_fails_clearly_without(make_cluster):

@@ -33,6 +33,7 @@ from helpers import (
     ephemeral,
     hold_at,
     members_of,
+    must,
     open_store,
     plan_row,
     propose,
@@ -140,7 +141,7 @@ async def test_the_bot_killed_between_remove_and_add_resumes_without_repeating(m
         await asyncio.to_thread(bot.stop)
     async with open_store(tmp_path) as store:
         actions = await audit_actions(store, row["id"])
-        final = await store.plan(row["id"])
+        final = must(await store.plan(row["id"]))
     assert actions.count(("step_done", "remove")) == 1 and actions.count(("step_done", "add")) == 1
     members = await members_of(c)
     assert sorted(h.member.name for h in members) == ["member2", "member3", "member4"]

@@ -15,9 +15,10 @@ from pyrage import x25519
 from test_restore_e2e import approve_twice, keys
 
 from bot.backup.manifest import Manifest
+from bot.domain.restore import RestorePlan
 from bot.etcd.bbolt import snapshot_status
 from bot.testing.workspace import CHANNEL, LEAD, cluster_table
-from helpers import APPROVAL, ephemeral, plan_row, propose, reply, text_of, wait_done, wait_state
+from helpers import APPROVAL, ephemeral, must, plan_of, plan_row, propose, reply, text_of, wait_done, wait_state
 
 KEY_ENV = "ETCD_CHATOPS_TEST_AUDIT_KEY"
 IN_2030 = 1893456000.0
@@ -91,17 +92,18 @@ async def test_a_planted_object_is_foreign_never_the_default_and_restored_only_b
     assert "is foreign, not a snapshot this bot took" in refused.text and "--force" in refused.text, refused.text
     assert await store.open_plan("prod") is None
     forced = await propose(slack, f"restore {planted} --force")
-    assert forced.text.splitlines()[0].startswith(f"Restore prod from FOREIGN snapshot {planted} (revision ")
+    assert forced.text.splitlines()[0].startswith(f"Restore prod from FOREIGN snapshot (not taken by this bot) "
+                                                  f"{planted} (revision ")
     assert f"Plan {(await plan_row(store, forced)).id}, proposed by" in forced.text
-    assert "FOREIGN snapshot" in forced.blocks[0]["text"]["text"]
-    assert "this bot did not take" in forced.blocks[1]["text"]["text"]
+    assert "FOREIGN snapshot (not taken by this bot)" in must(forced.blocks)[0]["text"]["text"]
+    assert "this bot did not take" in must(forced.blocks)[1]["text"]["text"]
     record = await plan_row(store, forced)
     await slack.react(user=LEAD, channel=CHANNEL, ts=forced.ts, reaction="x")
     await wait_state(store, record.id, ("rejected",), timeout=30)
 
     plan = await propose(slack, "restore")
     record = await plan_row(store, plan)
-    assert record.plan.snapshot.file_name == mine and "FOREIGN" not in plan.text
+    assert plan_of(RestorePlan, record).snapshot.file_name == mine and "FOREIGN" not in plan.text
     await approve_twice(slack, plan)
     await wait_done(store, record.id, timeout=180)
     assert keys(c) == ours and "/registry/attacker" not in keys(c)

@@ -8,8 +8,13 @@ import asyncio
 import copy
 import json
 import time
+from collections.abc import Callable
+from typing import Any
+
+from conftest import StartBot
 
 from bot.domain.plan import PlanState
+from bot.testing.cluster import LocalCluster
 from bot.testing.slack import Message, SlackStandIn
 from bot.testing.workspace import CHANNEL, LEAD, LEAD2, ONCALL, STRANGER, cluster_table
 from helpers import (
@@ -18,6 +23,7 @@ from helpers import (
     audit_actions,
     command,
     eventually,
+    must,
     plan_row,
     propose,
     reply,
@@ -27,6 +33,7 @@ from helpers import (
     wait_done,
 )
 
+MakeCluster = Callable[..., LocalCluster]
 FAST_WATCH = {"interval": "1s", "grace": "0s"}
 OPERATORS = {"operators": [ONCALL, LEAD, LEAD2]}   # STRANGER holds no operator role
 
@@ -35,7 +42,7 @@ def ephemeral_to(slack: SlackStandIn, user: str, after: int) -> list[str]:
     return [m.text for m in slack.messages[after:] if m.ephemeral_to == user]
 
 
-def buttons(msg: Message) -> dict[str, dict]:
+def buttons(msg: Message) -> dict[str, dict[str, Any]]:
     return {b["action_id"]: b for b in SlackStandIn.buttons(msg)}
 
 
@@ -47,7 +54,8 @@ async def alert(slack: SlackStandIn, word: str, timeout: float = 20) -> Message:
 
 # ---------------------------------------------------------------- plan messages
 
-async def test_approve_buttons_count_once_per_approver_beside_the_reactions(make_cluster, slack, start_bot):
+async def test_approve_buttons_count_once_per_approver_beside_the_reactions(
+        make_cluster: MakeCluster, slack: SlackStandIn, start_bot: StartBot) -> None:
     c = make_cluster(3)
     bot = await start_bot([cluster_table("prod", c)], approval={**APPROVAL, "replace": {"approvals_needed": 2}})
     store = bot.ctx.store
@@ -67,7 +75,7 @@ async def test_approve_buttons_count_once_per_approver_beside_the_reactions(make
     await slack.wait_for(lambda: ephemeral_to(slack, STRANGER, start), what="the refusal")
     (refusal,) = ephemeral_to(slack, STRANGER, start)
     assert f"<@{STRANGER}> is not an approver" in refusal and slack.dialogs[-1] == approve["confirm"]
-    assert (await store.plan(row.id)).approvals == () and "not an approver" not in thread(slack, plan)
+    assert must(await store.plan(row.id)).approvals == () and "not an approver" not in thread(slack, plan)
 
     # A click and a reaction of one approver count once; a double click is refused in one line.
     start = len(slack.messages)
@@ -79,13 +87,13 @@ async def test_approve_buttons_count_once_per_approver_beside_the_reactions(make
     await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)   # the same store path: once
     await slack.wait_for(lambda: len(ephemeral_to(slack, LEAD, start)) == 2, what="the reaction counted for nothing")
     assert "each approver counts once (1 of 2)" in ephemeral_to(slack, LEAD, start)[1]
-    assert (await store.plan(row.id)).approvals == (LEAD,)
-    assert "approvals 1 of 2" in text_of(slack.find_message(CHANNEL, plan.ts))
+    assert must(await store.plan(row.id)).approvals == (LEAD,)
+    assert "approvals 1 of 2" in text_of(must(slack.find_message(CHANNEL, plan.ts)))
 
     await slack.click(LEAD2, plan, "plan_approve")
     done = await wait_done(store, row.id)
     assert done.approvals == (LEAD, LEAD2)
-    final = slack.find_message(CHANNEL, plan.ts)
+    final = must(slack.find_message(CHANNEL, plan.ts))
     assert not buttons(final), "once approved, the buttons give way"
     assert f"Approved by <@{LEAD}>, <@{LEAD2}> · <!date^" in text_of(final)
     actions = [a for a, _ in await audit_actions(store, row.id)]
@@ -99,7 +107,8 @@ async def test_approve_buttons_count_once_per_approver_beside_the_reactions(make
     assert f"is done by <@{LEAD2}> at <!date^" in late and "changes nothing" in late and "\n" not in late
 
 
-async def test_reject_button_then_stale_and_forged_clicks_change_nothing(make_cluster, slack, start_bot):
+async def test_reject_button_then_stale_and_forged_clicks_change_nothing(
+        make_cluster: MakeCluster, slack: SlackStandIn, start_bot: StartBot) -> None:
     c = make_cluster(3)
     bot = await start_bot([cluster_table("prod", c)], approval=APPROVAL)
     store = bot.ctx.store
@@ -118,11 +127,11 @@ async def test_reject_button_then_stale_and_forged_clicks_change_nothing(make_cl
     await slack.click(LEAD, forged, "plan_approve")
     await slack.wait_for(lambda: ephemeral_to(slack, LEAD, start), what="the forged click's refusal")
     assert "belongs to another version of plan" in ephemeral_to(slack, LEAD, start)[0]
-    assert (await store.plan(row.id)).state is PlanState.PROPOSED
+    assert must(await store.plan(row.id)).state is PlanState.PROPOSED
 
     await slack.click(ONCALL, plan, "plan_reject")   # the proposer may reject
     await slack.wait_for(lambda: f"Rejected by <@{ONCALL}>" in thread(slack, plan), what="the rejection")
-    final = slack.find_message(CHANNEL, plan.ts)
+    final = must(slack.find_message(CHANNEL, plan.ts))
     assert not buttons(final) and f"Rejected by <@{ONCALL}> · <!date^" in text_of(final)
     assert final.text.startswith("Replace member1 with member4 in prod — rejected: nothing changed")
 
@@ -131,10 +140,11 @@ async def test_reject_button_then_stale_and_forged_clicks_change_nothing(make_cl
     await slack.wait_for(lambda: ephemeral_to(slack, LEAD, start), what="the stale click's refusal")
     (late,) = ephemeral_to(slack, LEAD, start)
     assert f"is rejected by <@{ONCALL}> at <!date^" in late and "changes nothing" in late
-    assert (await store.plan(row.id)).state is PlanState.REJECTED
+    assert must(await store.plan(row.id)).state is PlanState.REJECTED
 
 
-async def test_an_unsigned_click_is_refused_and_a_redelivered_one_acts_once(make_cluster, slack, start_bot):
+async def test_an_unsigned_click_is_refused_and_a_redelivered_one_acts_once(
+        make_cluster: MakeCluster, slack: SlackStandIn, start_bot: StartBot) -> None:
     c = make_cluster(3)
     bot = await start_bot([cluster_table("prod", c)], approval={**APPROVAL, "replace": {"approvals_needed": 2}})
     c.kill("member1")
@@ -147,13 +157,14 @@ async def test_an_unsigned_click_is_refused_and_a_redelivered_one_acts_once(make
     assert (await slack.deliver_interaction(forged, sign=False)).status == 401
     await slack.wait_for(lambda: "Approval 1 of 2" in thread(slack, plan), what="the approval")
     await eventually(lambda: not bot.ctx.tasks, 10, "the listeners to finish")
-    assert (await bot.ctx.store.plan(row.id)).approvals == (LEAD,)
+    assert must(await bot.ctx.store.plan(row.id)).approvals == (LEAD,)
     assert not [m for m in slack.messages if m.ephemeral_to == LEAD], "a redelivery is not a double click"
 
 
 # ---------------------------------------------------------------- alerts, forms, mute
 
-async def test_member_down_alert_opens_a_replacement_form_checked_before_it_closes(make_cluster, slack, start_bot):
+async def test_member_down_alert_opens_a_replacement_form_checked_before_it_closes(
+        make_cluster: MakeCluster, slack: SlackStandIn, start_bot: StartBot) -> None:
     c = make_cluster(3)
     bot = await start_bot([cluster_table("prod", c, watch=FAST_WATCH, timeout_seconds=0.5, access=OPERATORS)],
                           approval=APPROVAL)
@@ -189,7 +200,8 @@ async def test_member_down_alert_opens_a_replacement_form_checked_before_it_clos
     assert row.proposer == ONCALL and row.plan.new_client_url == client
 
 
-async def test_the_mute_button_mutes_for_an_hour_and_needs_the_operator_role(make_cluster, slack, start_bot):
+async def test_the_mute_button_mutes_for_an_hour_and_needs_the_operator_role(
+        make_cluster: MakeCluster, slack: SlackStandIn, start_bot: StartBot) -> None:
     c = make_cluster(3)
     bot = await start_bot([cluster_table("prod", c, watch=FAST_WATCH, timeout_seconds=0.5, access=OPERATORS)])
     c.kill("member2")
@@ -207,7 +219,8 @@ async def test_the_mute_button_mutes_for_an_hour_and_needs_the_operator_role(mak
     assert f"muted by <@{LEAD}>" in text_of(muted)
 
 
-async def test_quorum_lost_alert_offers_the_verified_snapshots_to_restore_from(make_cluster, slack, start_bot):
+async def test_quorum_lost_alert_offers_the_verified_snapshots_to_restore_from(
+        make_cluster: MakeCluster, slack: SlackStandIn, start_bot: StartBot) -> None:
     c = make_cluster(3)
     bot = await start_bot([cluster_table("prod", c, watch=FAST_WATCH, timeout_seconds=0.5)],
                           approval=APPROVAL)
@@ -239,7 +252,8 @@ async def test_quorum_lost_alert_offers_the_verified_snapshots_to_restore_from(m
     await slack.wait_for(lambda: "etcdutl snapshot restore" in thread(slack, plan), what="the commands")
 
 
-async def test_an_expired_trigger_opens_no_form_and_the_person_is_told(make_cluster, slack, start_bot):
+async def test_an_expired_trigger_opens_no_form_and_the_person_is_told(
+        make_cluster: MakeCluster, slack: SlackStandIn, start_bot: StartBot) -> None:
     c = make_cluster(3)
     await start_bot([cluster_table("prod", c, watch=FAST_WATCH, timeout_seconds=0.5)])
     c.kill("member3")
@@ -254,7 +268,8 @@ async def test_an_expired_trigger_opens_no_form_and_the_person_is_told(make_clus
 
 # ---------------------------------------------------------------- the menu and the App Home tab
 
-async def test_etcd_alone_is_a_menu_whose_buttons_run_their_commands(make_cluster, slack, start_bot):
+async def test_etcd_alone_is_a_menu_whose_buttons_run_their_commands(
+        make_cluster: MakeCluster, slack: SlackStandIn, start_bot: StartBot) -> None:
     c = make_cluster(3)
     await start_bot([cluster_table("prod", c)])
     start = len(slack.messages)
@@ -282,7 +297,8 @@ async def test_etcd_alone_is_a_menu_whose_buttons_run_their_commands(make_cluste
     assert "/etcd commands" in helped.text and not SlackStandIn.buttons(helped)
 
 
-async def test_the_home_tab_shows_each_readable_cluster_at_a_glance(make_cluster, slack, start_bot):
+async def test_the_home_tab_shows_each_readable_cluster_at_a_glance(
+        make_cluster: MakeCluster, slack: SlackStandIn, start_bot: StartBot) -> None:
     c = make_cluster(3)
     bot = await start_bot([cluster_table("prod", c, access={"readers": [ONCALL, LEAD]})], approval=APPROVAL)
     await reply(slack, "snapshot", timeout=60)

@@ -24,6 +24,7 @@ import grpc
 import pytest
 from aetcd import rpc
 
+from bot.domain.defrag import DefragPlan
 from bot.etcd.bbolt import snapshot_status
 from bot.etcd.client import EtcdClient
 from bot.etcd.health import check_cluster
@@ -40,6 +41,7 @@ from helpers import (
     eventually,
     fill_until_nospace,
     members_of,
+    plan_of,
     plan_row,
     propose,
     reply,
@@ -173,7 +175,7 @@ async def test_snapshot_consistency_and_a_rolling_defrag_under_nospace(etcd, mak
     done = await wait_done(store, row.id, timeout=120)
     steps = {s.key: s.detail or "" for s in await store.steps(done.id)}
     assert "NOSPACE disarmed" in steps["disarm"]
-    assert list(steps).index("move-leader") == list(steps).index(f"defrag-{row.plan.leader}") - 1
+    assert list(steps).index("move-leader") == list(steps).index(f"defrag-{plan_of(DefragPlan, row).leader}") - 1
     async with EtcdClient(c.endpoints) as client:
         await client.put(b"after", b"works")
     await slack.wait_for(lambda: "is done: prod defragmented" in thread(slack, plan), what="the closing note")

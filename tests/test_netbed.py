@@ -24,7 +24,7 @@ from bot.etcd.client import EtcdClient
 from bot.etcd.health import check_cluster
 from bot.testing.cluster import log_tail
 from bot.testing.netbed import Link, NetnsCluster, host_for_url, leftovers
-from helpers import eventually
+from helpers import eventually, must
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,8 +56,8 @@ async def test_a_member_cut_from_its_peers_loses_its_leader_while_the_others_ser
         leaders = {await _leader(client, m.client_url) for m in others}
         assert len(leaders) == 1 and 0 not in leaders, leaders  # the other two keep one leader: a quorum
         health = await check_cluster(client, "bed")  # and the bot's health says it is cut off, not healthy
-        assert not health.find("member3").healthy and health.quorum.healthy == 2 and not health.all_healthy
-        assert "cut off from its peers" in (health.find("member3").problem or "")
+        assert not must(health.find("member3")).healthy and health.quorum.healthy == 2 and not health.all_healthy
+        assert "cut off from its peers" in (must(health.find("member3")).problem or "")
         assert await _timed_put(others[0].client_url, b"during-the-cut") < 1.0
         with pytest.raises(EtcdError):  # and it refuses writes, which the others accept
             async with EtcdClient([cut.client_url], timeout=1.0) as alone:
@@ -103,7 +103,7 @@ async def test_a_member_cut_from_the_bot_only_still_serves_its_peers_and_other_c
     async with EtcdClient(c.endpoints, timeout=1.0) as client:
         c.cut_from_bot("member1")
         health = await check_cluster(client, "bed")
-        assert not health.find("member1").reachable and health.quorum.healthy == 2
+        assert not must(health.find("member1")).reachable and health.quorum.healthy == 2
         # Another host on the client link still reaches it, and it still has its leader.
         probe = c.net.popen("member2", [c.etcdctl_bin, f"--endpoints={c.member('member1').client_url}",
                                         "--dial-timeout=2s", "endpoint", "status", "-w", "json"],
@@ -152,8 +152,8 @@ async def test_a_bed_whose_owner_is_killed_is_removed_by_its_reaper(netbed, tmp_
     owner = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
-        line = owner.stdout.readline()
-        assert line, owner.stderr.read()
+        line = must(owner.stdout).readline()
+        assert line, must(owner.stderr).read()
         prefix, pid = line.split()
         assert leftovers([prefix]) and Path(f"/proc/{pid}").exists()
         os.kill(owner.pid, signal.SIGKILL)
@@ -165,7 +165,7 @@ async def test_a_bed_whose_owner_is_killed_is_removed_by_its_reaper(netbed, tmp_
             owner.kill()
             owner.wait()
         for stream in (owner.stdin, owner.stdout, owner.stderr):
-            stream.close()
+            must(stream).close()
 
 
 async def test_the_command_launchers_helper_starts_a_new_member_on_its_own_host(make_bed):

@@ -27,7 +27,7 @@ from bot.etcd.bbolt import snapshot_status
 from bot.etcd.client import EtcdClient
 from bot.etcd.snapshot_stream import save_snapshot
 from bot.testing.workspace import BotProcess, cluster_table, write_config
-from helpers import eventually, reply, text_of
+from helpers import eventually, must, reply, text_of
 
 FILE_LINE = re.compile(r"\*File:\* `([^`]+)`")
 
@@ -105,7 +105,7 @@ async def test_a_snapshot_is_stored_off_site_and_verified(make_cluster, slack, s
 
     msg = await reply(slack, "snapshot", timeout=60)
     text = text_of(msg)
-    name = FILE_LINE.search(text)[1]
+    name = must(FILE_LINE.search(text))[1]
     assert f"stored at {url}/prod/{name} · verified remotely" in text, text
     assert f"stored at {url}/prod/{name} · verified remotely" in msg.text  # the notification text too
     (row,) = await bot.ctx.store.snapshots("prod")
@@ -137,7 +137,7 @@ async def test_the_store_down_mid_upload_keeps_the_local_snapshot_and_a_later_tr
     msg = await slack.wait_for_message(lambda m: m.source == "chat.postMessage", after=start, timeout=120,
                                        what="the snapshot's message")
     text = text_of(msg)
-    name = FILE_LINE.search(text)[1]
+    name = must(FILE_LINE.search(text))[1]
     failure = re.search(r"off-site upload FAILED: (.*); the local snapshot is kept", text)
     assert failure and "\n" not in failure[1], text
     assert s3.secret_key not in text and s3.access_key not in text
@@ -188,7 +188,7 @@ async def test_a_bot_killed_mid_upload_leaves_no_object_and_the_next_start_abort
     finally:
         await asyncio.to_thread(bot.stop)
     assert s3.unfinished_uploads() == []  # the leftover was aborted
-    name = FILE_LINE.search(text)[1]
+    name = must(FILE_LINE.search(text))[1]
     assert set(s3.keys()) == {f"prod/prod/{name}", f"prod/prod/{name}.manifest.json"}
     assert "aborted unfinished uploads" in (tmp_path / "bot.log").read_text()
 
@@ -203,7 +203,7 @@ async def test_an_encrypted_snapshot_is_stored_encrypted(make_cluster, slack, st
     bot = await start_bot([cluster_table("prod", c, snapshots={"store": s3.store_table(),
                                                                 "age_recipients": [recipient]})])
     text = text_of(await reply(slack, "snapshot", timeout=60))
-    name = FILE_LINE.search(text)[1]
+    name = must(FILE_LINE.search(text))[1]
     assert name.endswith(".db.age") and "verified remotely" in text, text
     remote = s3.read(f"prod/prod/{name}")
     assert remote.startswith(b"age-encryption.org/v1\n")
@@ -229,7 +229,7 @@ async def test_keep_local_drops_local_copies_verified_off_site(make_cluster, sla
         c.etcdctl("put", key, "x")
         text = text_of(await reply(slack, "snapshot", timeout=60))
         assert "verified remotely" in text, text
-        names.append(FILE_LINE.search(text)[1])
+        names.append(must(FILE_LINE.search(text))[1])
     rows = await bot.ctx.store.snapshots("prod", include_pruned=True)
     by_name = {Path(r.path).name: r for r in rows}
     assert not Path(by_name[names[0]].path).exists() and by_name[names[0]].pruned_at is not None

@@ -15,7 +15,7 @@ from bot.backup.manifest import CLOCK_SKEW, Manifest, ManifestError, authenticat
 from bot.backup.object_store import ObjectStoreError, OffsiteStore
 from bot.config import ConfigError, load_config, parse_config
 from bot.config.offsite import StoreConfig
-from helpers import eventually
+from helpers import eventually, must
 
 MiB = 1 << 20
 SHA = "ab" * 32
@@ -149,11 +149,11 @@ def test_the_manifest_key_is_named_never_given_and_the_audit_key_stands_in(tmp_p
         '[clusters.snapshots.store]\nurl = "file:///mnt/backups"\n'))
     config = load_config(path)
     prod, stage = config.clusters
-    assert prod.snapshots.store.manifest_key == KEY and stage.snapshots.store.manifest_key == "a" * 32
+    assert must(prod.snapshots.store).manifest_key == KEY and must(stage.snapshots.store).manifest_key == "a" * 32
     assert KEY not in repr(config) and sorted(config.manifest_keys()) == sorted([KEY, "a" * 32])
     path.write_text(config_with(tmp_path, f'url = "s3://b/p"\nmanifest_key_file = "{tmp_path / "m.key"}"'))
     prod, stage = load_config(path).clusters
-    assert prod.snapshots.store.manifest_key == KEY == stage.snapshots.store.manifest_key
+    assert must(prod.snapshots.store).manifest_key == KEY == must(stage.snapshots.store).manifest_key
     for store, message in [
             ('url = "s3://b/p"\nmanifest_key = "inline"',
              "snapshots.store.manifest_key: never inline; give manifest_key_env or manifest_key_file"),

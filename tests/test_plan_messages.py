@@ -3,15 +3,19 @@ happen and what it needs from you, the message stays short (the long part goes t
 named (their ID only where two share a name), and the Approve and Reject buttons say what they do."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import pytest
 from test_plans import cluster, down, up
 from test_restore_plan import plan as restore_plan
 
 from bot.domain.cluster import Member, MemberHealth, MemberMetrics
+from bot.domain.defrag import DefragPlan
 from bot.domain.plan import PlanState
-from bot.domain.replace import ReplaceRequest
+from bot.domain.replace import ReplacePlan, ReplaceRequest
+from bot.domain.restore import RestorePlan
 from bot.ops.defrag.plan import plan_defrag
 from bot.ops.defrag.rule import parse_rule
 from bot.ops.replace.plan import plan_replacement
@@ -23,16 +27,16 @@ from helpers import cluster_health, member_status
 MiB = 1 << 20
 
 
-def view(state: PlanState = PlanState.PROPOSED, **kw) -> PlanView:
+def view(state: PlanState = PlanState.PROPOSED, **kw: Any) -> PlanView:
     return PlanView(state=state, proposer="U0ONCALL01", approvers="<@U0LEAD0001>", expires_at=2e9,
                     reaction="white_check_mark", reject_reaction="x", **kw)
 
 
-def replacement():
+def replacement() -> ReplacePlan:
     return plan_replacement(cluster(down(1), up(2), up(3)), ReplaceRequest("member1", "member4", "http://10.0.0.4:2380"))
 
 
-def defragmentation():
+def defragmentation() -> DefragPlan:
     def member(i: int) -> MemberHealth:
         return MemberHealth(Member(i, f"m{i}", (f"http://10.0.0.{i}:2380",), (f"http://10.0.0.{i}:2379",)),
                             member_status(member_id=i, db_size=95 * MiB, db_size_in_use=9 * MiB, leader=2))
@@ -40,8 +44,10 @@ def defragmentation():
     return plan_defrag(cluster_health(member(1), member(2), member(3)), quotas, parse_rule("dbQuotaUsage > 0.8"))
 
 
-RENDER = {"replace": (replacement, replace_plan_reply), "restore": (restore_plan, restore_plan_reply),
-          "defrag": (defragmentation, defrag_plan_reply)}
+restoration: Callable[[], RestorePlan] = restore_plan   # a typed view of the restore tests' fixture
+RENDER: dict[str, tuple[Callable[[], Any], Callable[[Any, PlanView], PlanMessage]]] = {
+    "replace": (replacement, replace_plan_reply), "restore": (restoration, restore_plan_reply),
+    "defrag": (defragmentation, defrag_plan_reply)}
 WHAT = {"replace": "Replace member1 with member4 in prod", "restore": "Restore prod from prod-rev30.db (revision 30)",
         "defrag": "Defragment m1, m3, m2 in prod"}
 
@@ -66,7 +72,8 @@ def lines(message: PlanMessage) -> int:
     (PlanState.REJECTED, {}, "rejected: nothing changed"),
     (PlanState.EXPIRED, {}, "expired unapproved: nothing changed"),
 ])
-def test_the_first_line_says_what_will_happen_and_what_it_needs(kind, state, steps, needs):
+def test_the_first_line_says_what_will_happen_and_what_it_needs(kind: str, state: PlanState, steps: dict[int, str],
+                                                                 needs: str) -> None:
     make, render = RENDER[kind]
     message = render(make(), view(state, step_states=steps, decided_by="U0LEAD0001" if state is PlanState.REJECTED
                                   else None))
@@ -76,7 +83,7 @@ def test_the_first_line_says_what_will_happen_and_what_it_needs(kind, state, ste
 
 
 @pytest.mark.parametrize("kind", RENDER)
-def test_a_plan_message_stays_short_its_long_part_goes_to_the_thread(kind):
+def test_a_plan_message_stays_short_its_long_part_goes_to_the_thread(kind: str) -> None:
     make, render = RENDER[kind]
     message = render(make(), view())
     assert lines(message) <= 15, [b.get("text") for b in message.blocks]
@@ -93,7 +100,7 @@ def test_a_plan_message_stays_short_its_long_part_goes_to_the_thread(kind):
     ("restore", True, "Stops every member of prod and restores all 3 from prod-rev30.db (revision 30)"),
     ("defrag", False, "Defragments m1, m3, m2 of prod one at a time"),
 ])
-def test_approve_and_reject_buttons_say_what_they_do(kind, danger, change):
+def test_approve_and_reject_buttons_say_what_they_do(kind: str, danger: bool, change: str) -> None:
     make, render = RENDER[kind]
     plan = make()
     message = render(plan, view(approvals_needed=2))
@@ -109,7 +116,7 @@ def test_approve_and_reject_buttons_say_what_they_do(kind, danger, change):
     assert read_value(approve["value"])["plan"] == plan.id == read_value(reject["value"])["plan"]
 
 
-def test_once_decided_the_buttons_give_way_to_who_and_when():
+def test_once_decided_the_buttons_give_way_to_who_and_when() -> None:
     approved = replace_plan_reply(replacement(), view(PlanState.RUNNING, approvals=("U0LEAD0001", "U0LEAD0002"),
                                                       decided_by="U0LEAD0002", decided_at=1.8e9,
                                                       step_states={0: "running"}))
@@ -118,7 +125,7 @@ def test_once_decided_the_buttons_give_way_to_who_and_when():
         ":white_check_mark: Approved by <@U0LEAD0001>, <@U0LEAD0002> · <!date^1800000000^")
 
 
-def test_members_are_named_and_an_id_shows_only_where_two_share_a_name():
+def test_members_are_named_and_an_id_shows_only_where_two_share_a_name() -> None:
     plain = replace_plan_reply(replacement(), view())
     assert "8211f1d0f64f3269" not in str(plain.blocks)
     twin = MemberHealth(Member(0x91BC3C398FB3C146, "member1", ("http://10.0.0.2:2380",), ("http://10.0.0.2:2379",)),
@@ -129,16 +136,16 @@ def test_members_are_named_and_an_id_shows_only_where_two_share_a_name():
     assert "member1 (8211f1d0f64f3269)" in shown and plan.steps[2].title == "Remove member1 (8211f1d0f64f3269)"
 
 
-def test_a_long_step_list_from_another_kind_renders_each_step():
+def test_a_long_step_list_from_another_kind_renders_each_step() -> None:
     """Steps are rendered generically: a restore with its own kube-apiserver step shows it like any other."""
-    plan = restore_plan()
+    plan = restoration()
     steps = (*plan.steps[:1], replace(plan.steps[1], key="apiserver", title="Stop every kube-apiserver"),
              *plan.steps[1:])
     shown = str(restore_plan_reply(replace(plan, steps=steps), view()).blocks)
     assert "1. Stop every kube-apiserver" in shown and "2. Stop every member" in shown
 
 
-def test_a_shell_reads_a_plan_as_the_channel_does_with_its_commands_ready_to_copy():
+def test_a_shell_reads_a_plan_as_the_channel_does_with_its_commands_ready_to_copy() -> None:
     """`etcd-chatops plan` prints the message and its long part as plain text: the headline first, no button
     labels, and the new member's environment without mrkdwn's code fences around its first and last line."""
     message = replace_plan_reply(replacement(), view())

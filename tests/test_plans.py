@@ -102,10 +102,10 @@ def test_quorum_lost_points_to_the_newest_snapshot():
         plan_replacement(cluster(down(1), down(2), up(3)), REQ,
                          newest_snapshot="/snaps/prod/prod-20261125T010203Z-rev42.db")
     assert "quorum is lost: 1 of 3 voting members are healthy and 2 are needed" in e.value.reason
-    assert "prod-20261125T010203Z-rev42.db" in e.value.hint
+    assert "prod-20261125T010203Z-rev42.db" in (e.value.hint or "")
     with pytest.raises(Refusal) as e:
         plan_replacement(cluster(down(1), down(2), up(3)), REQ)
-    assert "none is recorded" in e.value.hint
+    assert "none is recorded" in (e.value.hint or "")
 
 
 def test_a_step_that_would_break_quorum_is_refused():
@@ -179,14 +179,15 @@ def test_facts_changed_is_judged_against_the_plans_progress():
     plan = plan_replacement(cluster(down(1), up(2), up(3)), REQ)
     assert facts_changed(plan, cluster(down(1), up(2), up(3)), set(), None) is None
     assert facts_changed(plan, cluster(up(1), up(2), up(3)), set(), None) == "member1 answers and is healthy again"
-    changed = facts_changed(plan, cluster(up(2), up(3)), {"recheck"}, None)
-    assert "member1 (8211f1d0f64f3269) is no longer a member" in changed
+    changed: str | None = facts_changed(plan, cluster(up(2), up(3)), {"recheck"}, None)
+    assert "member1 (8211f1d0f64f3269) is no longer a member" in (changed or "")
     assert facts_changed(plan, cluster(up(2), up(3)), {"recheck", "snapshot", "remove"}, None) is None
     ours = MemberHealth(Member(IDS[4], "", ("http://10.0.0.4:2380",), (), True), None, "not started")
     assert facts_changed(plan, cluster(up(2), up(3), ours), {"remove", "add"}, None) is None
-    assert "a learner (unstarted) (2be1eb8f84b7f63e) was added" in facts_changed(plan, cluster(up(2), up(3), ours),
-                                                                                {"remove"}, None)
-    assert "member3 (fd422379fda50e48) is no longer a member" in facts_changed(plan, cluster(up(2)), {"remove"}, None)
+    learner = facts_changed(plan, cluster(up(2), up(3), ours), {"remove"}, None) or ""
+    assert "a learner (unstarted) (2be1eb8f84b7f63e) was added" in learner
+    assert "member3 (fd422379fda50e48) is no longer a member" in (facts_changed(plan, cluster(up(2)), {"remove"}, None)
+                                                                  or "")
     five = plan_replacement(cluster(down(1), down(2), up(3), up(4), up(5)), ReplaceRequest("member1", "member6",
                                                                                          "http://10.0.0.6:2380"))
     back = cluster(down(1), up(2), up(3), up(4), up(5))

@@ -61,19 +61,22 @@ def test_both_rule_files_pass_promtool_check() -> None:
     assert {r["alert"] for r in rules(MIXIN_RULES)} == MIXIN_NAMES  # the mixin's 13 names (two come twice)
 
 
-def test_the_rule_unit_tests_pass_and_see_every_bot_rule_fire_and_stay_quiet() -> None:
-    """The bot's rules each fire and stay quiet; the mixin's member and quorum alerts at its own `for:`, and
-    never about the bot's own replicas."""
-    for tests in (RULE_TESTS, MIXIN_TESTS):
+def test_the_rule_unit_tests_pass_and_see_every_rule_fire_and_stay_quiet() -> None:
+    """Every rule of both files, the bot's and the mixin's (at its own `for:`, never about the bot's own
+    replicas), fires in one case and stays quiet in another."""
+    for tests, path in ((RULE_TESTS, BOT_RULES), (MIXIN_TESTS, MIXIN_RULES)):
         result = run_tool(PROMTOOL, "test", "rules", str(tests))
         assert result.returncode == 0 and "SUCCESS" in result.stdout, result.stdout + result.stderr
-    fired: set[str] = set()
-    quiet: set[str] = set()
-    for case in yaml.safe_load(RULE_TESTS.read_text())["tests"]:
-        for check in case["alert_rule_test"]:
-            (fired if check["exp_alerts"] else quiet).add(check["alertname"])
-    names = {r["alert"] for r in rules(BOT_RULES)}
-    assert fired == names and quiet == names, (names - fired, names - quiet)
+        fired: set[str] = set()
+        quiet: set[str] = set()
+        for case in yaml.safe_load(tests.read_text())["tests"]:
+            for check in case["alert_rule_test"]:
+                (fired if check["exp_alerts"] else quiet).add(check["alertname"])
+        names = {r["alert"] for r in rules(path)}
+        assert fired == names and quiet == names, (tests.name, names - fired, names - quiet)
+    levels = {a["exp_labels"]["severity"] for case in yaml.safe_load(MIXIN_TESTS.read_text())["tests"]
+              for check in case["alert_rule_test"] for a in check["exp_alerts"]}
+    assert levels == {"warning", "critical"}   # the two-level alerts are tested at both levels
 
 
 def test_a_broken_rule_fails_its_unit_test(tmp_path: Path) -> None:
@@ -264,3 +267,49 @@ async def test_real_prometheus_and_alertmanager_alert_on_a_cluster_losing_member
         assert delivery.authorization == f"Bearer {am.token}"
         check_webhook(delivery.body, "etcd-chatops")
         assert all(a["labels"]["alertname"].startswith("etcd") for a in delivery.body["alerts"])
+
+
+# ---------------------------------------------------------------- the real bot as Alertmanager's receiver
+
+async def test_a_member_killed_is_one_message_whoever_sees_it_and_its_return_resolves_it(
+        make_cluster, start_bot, slack, tmp_path: Path) -> None:
+    """A real Prometheus scrapes a real cluster with the mixin's rules at `for: 1s`, and a real Alertmanager
+    posts to the real bot, which watches the cluster too. A follower killed: the watch and etcdMembersDown
+    are one message, with the bot's `/etcd replace` for that member, saying both saw it; the member back,
+    both resolve, and the message is resolved in its thread, once."""
+    from bot.testing.workspace import CHANNEL, cluster_table
+    from helpers import replies, text_of
+    fast = rules_with_for(MIXIN_RULES, "1s", tmp_path / "fast-mixin.yaml")
+    with LocalAlertmanager("http://127.0.0.1:9/not-yet", matchers=['alertname=~"etcd.*"'], base_dir=tmp_path) as am, \
+            LocalPrometheus(["etcd"], [fast], alertmanager=am, base_dir=tmp_path) as prom:
+        # Everything starts while Prometheus's discovery waits for its first tick (5 s).
+        cluster = make_cluster(3)
+        bot = await start_bot([cluster_table("prod", cluster, watch={"interval": "1s", "grace": "2s"},
+                                             timeout_seconds=0.5)], alertmanager={"token_file": str(am.token_file)})
+        am.retarget(f"{bot.base_url}/alertmanager")
+        prom.scrape("etcd", members(cluster), {"cluster": "prod"})
+        await eventually(lambda: scalar(prom, 'sum(up{job="etcd"})'), 20, "Prometheus scraping the members")
+        health = await bot.ctx.check(bot.ctx.config.clusters[0])
+        victim = next(h.member.name for h in health.members if h.member.id != health.leader_id)  # no election
+
+        def member_down() -> list[Any]:
+            return [m for m in slack.channel_messages(CHANNEL, include_threads=False, include_ephemeral=False)
+                    if m.source == "chat.postMessage" and "MEMBER DOWN" in m.text]
+
+        async def alertmanager_says(status: str) -> bool:
+            rows = await bot.ctx.store.received_alerts("prod")
+            return any(r.alertname == "etcdMembersDown" for r in rows) == (status == "firing")
+
+        cluster.kill(victim)
+        [posted] = await eventually(member_down, 20, "the member-down message")
+        await eventually(lambda: alertmanager_says("firing"), 30, "Alertmanager's etcdMembersDown delivered")
+        await eventually(lambda: "seen by the watch and Alertmanager (etcdMembersDown)" in text_of(posted), 10,
+                         "the message saying both saw it")
+        assert f"/etcd replace {victim} member4 http://NEW-HOST:" in text_of(posted)
+        assert member_down() == [posted]
+
+        cluster.restart(victim)
+        await eventually(lambda: alertmanager_says("resolved"), 30, "Alertmanager's resolution delivered")
+        await eventually(lambda: any("resolved after" in m.text for m in replies(slack, posted)), 15,
+                         "the resolution in the message's thread")
+        assert member_down() == [posted] and sum("resolved after" in m.text for m in replies(slack, posted)) == 1

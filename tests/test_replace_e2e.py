@@ -30,6 +30,7 @@ from helpers import (
     command,
     ephemeral,
     members_of,
+    must,
     open_store,
     plan_row,
     propose,
@@ -259,7 +260,7 @@ async def test_the_bot_killed_during_the_start_step_resumes_without_repeating(ma
     finally:
         await asyncio.to_thread(bot.stop)
     async with open_store(tmp_path) as store:
-        row = await store.plan(row["id"])
+        row = must(await store.plan(row["id"]))
         assert row["state"] == "done"
         actions = await audit_actions(store, row["id"])
     assert actions.count(("step_done", "remove")) == 1 and actions.count(("step_done", "add")) == 1

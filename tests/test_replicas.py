@@ -532,7 +532,7 @@ async def test_a_replica_snapshot_waits_for_the_other_and_never_aborts_its_runni
     def done() -> list[str]:
         texts = [text_of(m) for m in slack.messages[start:] if m.source == "chat.postMessage"]
         return [t for t in texts if "*File:*" in t]
-    texts = await eventually(lambda: len(done()) == 2 and done(), 180, "both replicas' snapshots")
+    texts = await eventually(lambda: d if len(d := done()) == 2 else None, 180, "both replicas' snapshots")
     told = [text_of(m) for m in slack.messages[start:] if m.ephemeral_to == ONCALL]
     assert any(f"is running on replica `{group.replica_id(a)}`; yours starts when it ends" in t for t in told), told
     assert all("verified remotely" in t for t in texts), texts

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from bot.domain.record import StepRecord
-from bot.domain.restore import cluster_id, member_id
+from bot.domain.restore import RestorePlan, cluster_id, member_id
 from bot.testing.workspace import CHANNEL, LEAD, LEAD2, ONCALL, STRANGER, BotProcess, cluster_table, write_config
 from helpers import (
     APPROVAL,
@@ -28,6 +28,7 @@ from helpers import (
     hold_at,
     members_of,
     open_store,
+    plan_of,
     plan_row,
     propose,
     replies,
@@ -83,7 +84,7 @@ async def test_restore_after_quorum_loss_brings_back_exactly_the_snapshot(make_c
     commands = await slack.wait_for(lambda: "--initial-cluster-token" in thread(slack, plan) and thread(slack, plan),
                                     what="the restore's commands in the plan's thread")
     plan_text = "\n".join([plan.text or "", json.dumps(plan.blocks), commands])
-    token = row.plan.token
+    token = plan_of(RestorePlan, row).token
     for m in names:
         assert f"--name {m}" in plan_text and c.member(m).peer_url in plan_text
     initial = ",".join(f"{n}={c.member(n).peer_url}" for n in names)
@@ -110,7 +111,7 @@ async def test_restore_after_quorum_loss_brings_back_exactly_the_snapshot(make_c
     t = thread(slack, plan)
     assert "Kubernetes follow-ups" in t and f"restored to revision {revision}" in t and "HashKV" in t
     listing = text_of(await reply(slack, "plans"))
-    assert f"restore from {row.plan.snapshot.file_name}" in listing
+    assert f"restore from {plan_of(RestorePlan, row).snapshot.file_name}" in listing
     aside = [p.name for p in (c.base_dir / "data").iterdir() if ".before-restore-" in p.name]
     assert sorted(a.split(".")[0] for a in aside) == names  # never deleted
 
@@ -288,7 +289,7 @@ async def test_with_the_manual_launcher_a_confirmation_counts_for_one_stage(make
     c.kill(names[1])
     plan = await propose(slack, "restore")
     row = await plan_row(store, plan)
-    p = row.plan
+    p = plan_of(RestorePlan, row)
     details = await slack.wait_for(lambda: "/etcd continue" in thread(slack, plan) and thread(slack, plan),
                                    what="the restore's commands in the plan's thread")
     assert f"/etcd continue {row.id} <stage>" in details.replace("&lt;", "<").replace("&gt;", ">")
@@ -354,9 +355,10 @@ async def test_members_restarted_on_their_old_data_fail_the_check(make_cluster, 
 
     failed = await wait_state(store, row.id, ("failed", "done"), timeout=90)
     assert failed.state == "failed", "the plan says the members were restored"
-    assert failed.error.startswith("step 5 (check) failed: member1, member2, member3 still run with the member IDs "
-                                   "of before the restore") and "not on the restored snapshot" in failed.error
-    assert "\n" not in failed.error
+    error = failed.error or ""
+    assert error.startswith("step 5 (check) failed: member1, member2, member3 still run with the member IDs "
+                            "of before the restore") and "not on the restored snapshot" in error
+    assert "\n" not in error
     assert "/registry/later" in keys(c) and "is done" not in thread(slack, plan)
 
 

@@ -15,18 +15,23 @@ from pathlib import Path
 from test_restore_e2e import approve_twice, keys, snapshot_of
 
 from bot.domain.quorum import MemberState
+from bot.domain.restore import RestorePlan
 from bot.ops.launcher import LaunchResult, read_status
+from bot.ops.launcher import run_argv as launcher_run_argv
 from bot.ops.leadership import LEASE
 from bot.ops.restore import run as recovery
 from bot.testing.cluster import free_port
-from bot.testing.workspace import LEAD, cluster_table
+from bot.testing.workspace import LEAD, cluster_table, launcher_argv
 from helpers import (
     APPROVAL,
     audit_actions,
+    command,
     depose,
     ephemeral,
     eventually,
     members_of,
+    must,
+    plan_of,
     plan_row,
     propose,
     reply,
@@ -72,7 +77,7 @@ async def test_a_healthy_cluster_the_bot_cannot_reach_is_not_restored_without_fo
     plan = await propose(slack, "restore --force")
     first = plan.text.splitlines()[0]
     assert first.startswith("Restore prod from ") and ", although prod may be healthy — needs 2 approvers" in first
-    assert plan.blocks[0]["text"]["text"] == first.split(". Plan ")[0]
+    assert must(plan.blocks)[0]["text"]["text"] == first.split(". Plan ")[0]
     blocks = json.dumps(plan.blocks)
     assert "Quorum is lost" not in blocks
     assert "member1, member2, member3: running (the launcher's status), not answering the bot" in blocks
@@ -105,7 +110,8 @@ async def test_a_resumed_stop_finds_quorum_back_and_stops_nothing(make_cluster, 
     row = await plan_row(store, plan)
     await approve_twice(slack, plan)
     failed = await wait_state(store, row.id, ("failed",), timeout=60)
-    assert "step 1 (stop) failed" in failed.error and "No route to host" in failed.error, failed.error
+    error = failed.error or ""
+    assert "step 1 (stop) failed" in error and "No route to host" in error, error
     assert not c.running("member3")  # the launcher stopped the one that ran
 
     unreachable.unlink()
@@ -147,7 +153,8 @@ async def test_a_learner_that_never_started_is_left_out_and_every_action_carried
     assert f"Left out:* {learner}: learner that never started" in blocks
     assert "member1, member2: stopped (the launcher's status)" in blocks
     row = await plan_row(store, plan)
-    assert [m.name for m in row.plan.members] == NAMES and row.plan.left_out == (learner,)
+    restore = plan_of(RestorePlan, row)
+    assert [m.name for m in restore.members] == NAMES and restore.left_out == (learner,)
     await approve_twice(slack, plan)
     await wait_done(store, row.id, timeout=180)
     assert keys(c) == before
@@ -169,7 +176,6 @@ async def test_a_leader_deposed_right_before_its_launchers_start_starts_none(mak
     c.kill("member2")
     held: list[str] = []
     deposed = asyncio.Event()
-    run_argv = recovery.run_argv
 
     async def deposed_first(launcher, argv, environment, secrets, **kw):  # the hold point: the launcher start
         held.append(argv[argv.index("--name") + 1])
@@ -177,7 +183,7 @@ async def test_a_leader_deposed_right_before_its_launchers_start_starts_none(mak
             await eventually(lambda: depose(store, me.replica_id), 5, "another replica to take the lease")
             deposed.set()
         await deposed.wait()
-        return await run_argv(launcher, argv, environment, secrets, **kw)
+        return await launcher_run_argv(launcher, argv, environment, secrets, **kw)
     monkeypatch.setattr(recovery, "run_argv", deposed_first)
 
     plan = await propose(slack, "restore")
@@ -228,3 +234,28 @@ def test_a_status_answer_by_exit_status_or_by_its_json_state():
     for unknown in (state(1), state(2, "usage: ..."), state(None), state(4, '{"state": "stopped"}'),
                     state(0, '{"state":"stopping"}'), state(3, '{"state": "running"}')):
         assert unknown is MemberState.UNKNOWN
+
+
+async def test_quorum_loss_is_proven_though_the_launchers_status_is_slow(make_cluster, slack, start_bot):
+    """A launcher whose status takes longer than the settle time (SSH to each host of a loaded control plane)
+    and cannot say stopped (members crash-looping) still leaves the settle time to see the survivor without a
+    leader: the window counts from the first look's end, not from before it."""
+    c = make_cluster(3)
+    slow = ["sh", "-c", 'if [ "$1" = status ]; then sleep 1.5; echo crash-looping; exit 4; fi; shift; exec "$@"',
+            "slow-status", "{action}", *launcher_argv(c.base_dir)]
+    bot = await start_bot([cluster_table("prod", c, launcher={"kind": "command", "argv": slow, "timeout_seconds": 60},
+                                         restore={"data_dir": str(c.base_dir / "data" / "{name}"),
+                                                  "no_leader_seconds": 0.5})], approval=APPROVAL)
+    await snapshot_of(slack, bot.ctx.store, c, n=2)
+    c.kill("member1")
+    c.kill("member2")
+
+    def leaderless() -> bool:
+        out = c.etcdctl("endpoint", "status", "-w", "json", endpoints=[c.member("member3").client_url], check=False)
+        return out.returncode == 0 and not json.loads(out.stdout)[0]["Status"].get("leader")
+    await eventually(leaderless, 30, "member3 to notice it has no leader")
+    start = len(slack.messages)
+    await command(slack, "restore")
+    answer = await slack.wait_for_message(lambda m: m.text.startswith("Plan ") or m.ephemeral_to is not None,
+                                          after=start, timeout=30, what="the answer to /etcd restore")
+    assert answer.text.startswith("Plan ") and "Quorum is lost" in json.dumps(answer.blocks), answer.text

@@ -18,6 +18,7 @@ from bot.ops.defrag.plan import plan_defrag
 from bot.ops.defrag.rule import parse_rule
 from bot.ops.replace.plan import plan_replacement
 from bot.ops.restore.plan import RESTORE_STEPS
+from helpers import must
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -39,7 +40,7 @@ def test_the_manifests_usage_hint_lists_every_command_once(manifest):
 def _readme_commands() -> dict[str, str]:
     """The README's table of commands: each command's name and the role its row names."""
     section = README.split("## In the channel", 1)[1].split("\n## ", 1)[0]
-    rows = re.findall(r"^\| `/etcd (\w+)[^`]*` \| ([^|]+) \|", section, re.M)
+    rows = re.findall(r"^\| `/etcd ([\w-]+)[^`]*` \| ([^|]+) \|", section, re.M)
     assert len(rows) == len({name for name, _ in rows}), "a command is listed twice"
     return {name: role.strip() for name, role in rows}
 
@@ -53,7 +54,7 @@ def test_the_readme_lists_every_command_with_the_role_it_declares():
 @pytest.mark.parametrize("shipped", ["deploy/Dockerfile", *MANIFESTS])
 def test_what_the_image_and_the_slash_command_say_names_every_kind_of_plan(shipped):
     said = (slash_command(shipped)["description"] if shipped.endswith(".yaml") else
-            re.search(r'org\.opencontainers\.image\.description="([^"]+)"', (ROOT / shipped).read_text()).group(1))
+            must(re.search(r'org\.opencontainers\.image\.description="([^"]+)"', (ROOT / shipped).read_text()))[1])
     assert all(kind.value in said for kind in PlanKind), f"{shipped}: {said!r}"
 
 

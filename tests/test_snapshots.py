@@ -47,12 +47,17 @@ from bot.ops.snapshots import take_snapshot
 from bot.runtime.schedule import RETRY_AFTER_FAILURE, SCHEDULER, Scheduler, is_due
 from bot.testing.cluster import LocalCluster
 from bot.testing.workspace import CHANNEL, LEAD, ONCALL, cluster_table, write_config
-from helpers import command, eventually, reply, snapshot_record, text_of
+from helpers import command, eventually, must, reply, snapshot_record, text_of
 from snapshot_fixtures import etcdutl_status, etcdutl_table
 
 ROOT = Path(__file__).resolve().parent.parent
 KiB, MiB = 1 << 10, 1 << 20
 NAME = re.compile(r"^(?P<cluster>[A-Za-z0-9_.-]+)-(?P<when>\d{8}T\d{6}Z)-rev(?P<rev>\d+)\.db$")
+
+
+def revision_of(path: Path) -> int:
+    """The revision a snapshot's file name carries."""
+    return int(must(NAME.match(path.name))["rev"])
 OTHER_CHANNEL = "C0ELSEWHERE"
 
 
@@ -250,7 +255,7 @@ async def test_member_killed_mid_stream_leaves_no_file(make_cluster, tmp_path):
     message = str(failed.value)
     assert_one_line(message)
     assert "member1" in message and "broke after" in message, message
-    broke_after = int(re.search(r"broke after ([\d,]+) bytes", message)[1].replace(",", ""))
+    broke_after = int(must(re.search(r"broke after ([\d,]+) bytes", message))[1].replace(",", ""))
     assert seen <= broke_after < 60 * MiB
     assert elapsed < SNAPSHOT_IDLE_TIMEOUT / 3, f"a killed member should fail the save at once, took {elapsed:.1f}s"
     assert files_under(tmp_path) == [], "no .part and no final file may be left"
@@ -580,8 +585,8 @@ async def test_snapshots_lists_the_history_newest_first(make_cluster, slack, sta
     for user, key in ((ONCALL, "/a"), (LEAD, "/b")):
         c.etcdctl("put", key, "x")  # a new revision: the second snapshot differs from the first
         text = text_of(await reply(slack, "snapshot", user=user, timeout=60))
-        file = re.search(r"\*File:\* `([^`]+)`", text)[1]
-        source = re.search(r"\*Source:\* (\S+) \(", text)[1]
+        file = must(re.search(r"\*File:\* `([^`]+)`", text))[1]
+        source = must(re.search(r"\*Source:\* (\S+) \(", text))[1]
         taken.append((user, file, source, snapshot_status(snap_dir / file)))
 
     msg = await reply(slack, "snapshots")
@@ -592,7 +597,7 @@ async def test_snapshots_lists_the_history_newest_first(make_cluster, slack, sta
         assert line.startswith(f"`{file}` · rev {status.revision} · hash {status.hash_hex} · "), (line, file, status)
         assert f" · {source} · " in line and f"<@{user}>" in line, line
     assert taken[1][3].revision > taken[0][3].revision
-    shown = "\n".join(b["text"]["text"] for b in msg.blocks if isinstance(b.get("text"), dict))
+    shown = "\n".join(b["text"]["text"] for b in must(msg.blocks) if isinstance(b.get("text"), dict))
     assert all(line in shown for line in lines)  # the blocks people see list the same, in the same order
 
 
@@ -703,7 +708,7 @@ def test_cli_save_and_status(cluster, tmp_path, cli):
     assert out["sha256"] == hashlib.sha256(data).hexdigest()
     assert_trailer(data)
     status = snapshot_status(path)
-    assert out["hash"] == status.hash_hex and out["revision"] == status.revision == int(NAME.match(path.name)["rev"])
+    assert out["hash"] == status.hash_hex and out["revision"] == status.revision == revision_of(path)
     assert (out["total_keys"], out["live_keys"], out["total_size"]) == \
         (status.total_keys, status.live_keys, status.total_size)
     assert out["member"] != leader_name(cluster)  # a follower, as the bot does

@@ -24,6 +24,7 @@ from helpers import (
     eventually,
     fill_until_nospace,
     live_markup,
+    must,
     plan_row,
     propose,
     reply,
@@ -178,7 +179,7 @@ async def test_member_names_from_etcd_never_become_slack_markup(make_cluster, sl
     start = len(slack.messages)
     status = await reply(slack, "status")
     assert "DOWN: &lt;!channel&gt;&lt;@U0LEAD0001&gt;`*3" in status.text
-    listing = (await reply(slack, "members")).blocks[1]["text"]["text"]  # a code block no name can end early
+    listing = must((await reply(slack, "members")).blocks)[1]["text"]["text"]  # a code block no name can end early
     assert "started, &lt;!channel&gt;&lt;@U0LEAD0001&gt;\u02cb*1, " in listing and "`" not in listing[3:-3]
     assert "verified" in text_of(await reply(slack, "snapshot", timeout=60))
     await reply(slack, "snapshots")

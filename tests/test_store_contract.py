@@ -31,7 +31,7 @@ from test_plans import REQ, cluster, down, up
 from bot.config import ConfigError, dsn, parse_config
 from bot.domain.cluster import Member
 from bot.domain.plan import Confirmation, Fence, Lease, PlanKind, PlanState
-from bot.domain.record import AlertRecord, NewAlert, NewPlan
+from bot.domain.record import AlertRecord, NewAlert, NewPlan, ReceivedAlert
 from bot.domain.snapshot import DrillRecord, NewSnapshot, RemoteState, SnapshotRecord
 from bot.ops.replace.plan import plan_replacement
 from bot.store.backends import open_store
@@ -43,7 +43,7 @@ from bot.store.sqlite import SqliteStore
 from bot.testing import postgres as postgres_module
 from bot.testing.postgres import LocalPostgres
 from bot.testing.workspace import CHANNEL, cluster_table
-from helpers import as_released, ephemeral, eventually, reply, text_of
+from helpers import as_released, ephemeral, eventually, must, reply, text_of
 
 SCHEMAS = Path(__file__).parent / "store_schemas"
 PLAN = plan_replacement(cluster(down(1), up(2), up(3)), REQ)
@@ -401,6 +401,32 @@ async def test_old_resolved_alerts_are_pruned_and_alerts_of_gone_clusters_closed
     assert await a.prune_alerts(now + 1) == 2  # "recent" and the closed "gone": resolved now, pruned in time
     assert await b.close_alerts([], now) == 1 and await a.open_alerts() == []
 
+
+def received(fingerprint: str, status: str, starts_at: float, cluster: str = "prod") -> ReceivedAlert:
+    return ReceivedAlert(cluster, fingerprint, "etcdMembersDown", status, starts_at, None, {"cluster": "prod"}, {})
+
+
+async def test_a_received_alert_changes_state_once_and_redeliveries_or_late_copies_change_nothing(backend):
+    """Two replicas receive Alertmanager's deliveries: the first of each state wins, a repeat is no change."""
+    a, b = await backend.store(), await backend.store()
+    firing = received("f1", "firing", 100.0)
+    assert await a.receive_alert(firing) and not await b.receive_alert(firing)   # redelivered to the other replica
+    assert await b.receive_alert(received("f2", "firing", 101.0)) and await a.receive_alert(
+        received("s1", "firing", 90.0, cluster="staging"))
+    assert [r.fingerprint for r in await b.received_alerts("prod")] == ["f1", "f2"]
+    assert await b.receive_alert(received("f1", "resolved", 100.0))
+    assert not await a.receive_alert(received("f1", "resolved", 100.0))  # the resolution redelivered
+    assert not await a.receive_alert(firing)                              # a late copy of the firing state
+    assert [r.fingerprint for r in await a.received_alerts("prod")] == ["f2"]
+    assert await a.receive_alert(received("f1", "firing", 200.0))         # it fires again: a new episode
+    assert not await b.receive_alert(received("f1", "resolved", 100.0))  # the old episode's end, late
+    rows = {r.fingerprint: r for r in await b.received_alerts("prod")}
+    assert (rows["f1"].starts_at, rows["f1"].status, rows["f1"].labels) == (200.0, "firing", {"cluster": "prod"})
+    await a.receive_alert(received("f2", "resolved", 101.0))
+    assert await b.prune_received(time.time() + 1) == 1 and await a.prune_received(time.time() + 1) == 0
+    assert [r.fingerprint for r in await a.received_alerts("prod")] == ["f1"]
+
+
 # ---------------------------------------------------------------- manual stages
 
 async def test_a_confirmation_counts_for_the_stage_the_plan_waits_on_when_it_arrives(backend):
@@ -721,7 +747,7 @@ async def test_a_database_one_migration_behind_is_brought_up_to_date(backend):
     snapshot = await store.record_snapshot(snapshot_row())
     await store.close()
     for statement in ["DELETE FROM schema_migrations WHERE version >= 2", "DROP TABLE stages", "DROP TABLE leases",
-                      "DROP TABLE alerts", "DROP TABLE mutes", "DROP TABLE outbox",
+                      "DROP TABLE alerts", "DROP TABLE mutes", "DROP TABLE outbox", "DROP TABLE received_alerts",
                       *(f"ALTER TABLE snapshots DROP COLUMN {c}" for c in (
                           "remote_url", "remote_state", "remote_error", "remote_verified_at", "remote_pruned_at"))]:
         backend.rows(statement)
@@ -798,7 +824,7 @@ async def test_a_first_release_sqlite_file_is_upgraded_in_place(tmp_path):
     store = await SqliteStore(path).open()
     try:
         assert await store.schema_version() == LATEST
-        assert (await store.plan("abc123")).kind is PlanKind.REPLACE  # the column's default
+        assert must(await store.plan("abc123")).kind is PlanKind.REPLACE  # the column's default
         await store.update_snapshot(snapshot, remote_state="verified")
         assert (await store.snapshots("prod"))[0].remote_state == "verified"
         assert await store.acquire_lease("leader", "a", 5) is not None

@@ -17,6 +17,7 @@ import pytest
 from bot.etcd.client import EtcdClient
 from bot.etcd.health import check_cluster
 from bot.testing.versions import EtcdVersionMissing, etcd_bin_dir, pinned
+from helpers import must
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "scripts" / "build-etcd.sh"
@@ -30,7 +31,7 @@ async def test_a_cluster_of_each_pinned_release_serves_and_its_etcdutl_reads_its
     assert Path(c.etcd) == directory / "etcd"
     async with EtcdClient(c.endpoints) as client:
         health = await check_cluster(client, "v")
-        assert health.all_healthy and {h.status.version for h in health.members} == {release}
+        assert health.all_healthy and {must(h.status).version for h in health.members} == {release}
         revision = await client.put(b"/registry/k", b"v")
     snapshot = tmp_path / "snapshot.db"
     c.etcdctl("snapshot", "save", str(snapshot), endpoints=c.endpoints[:1])

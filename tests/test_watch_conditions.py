@@ -18,6 +18,7 @@ from bot.output.model import AlertView, short_duration
 from bot.watch import (  # registered, as in the bot (backup_missed says nothing without a schedule)
     certificates,
     conditions,
+    mixin,  # noqa: F401
 )
 from bot.watch.conditions import Facts, Finding, evaluate, expected, next_name
 from bot.watch.tracker import FLAP_WINDOW, Act, Tracker
@@ -107,7 +108,9 @@ def test_a_cluster_that_does_not_answer_is_unreachable_not_quorum_lost_and_nothi
     assert [f.kind for f in found] == ["unreachable"] and "deadline exceeded" in found[0].summary
     assert "not proof that prod lost quorum" in found[0].summary
     assert not any("restore" in s for s in found[0].suggestions)
-    assert unknown == {"member_down", "quorum_lost", "alarm", "quota", "leader_churn", "certificate"}
+    assert unknown == {"member_down", "quorum_lost", "alarm", "quota", "leader_churn", "certificate", "no_leader",
+                       "peer_failures", "peer_rtt", "grpc_failed", "grpc_slow", "proposals_failed", "wal_fsync",
+                       "backend_commit", "fragmentation", "db_growth"}
 
 
 def test_alarms_suggest_defrag_or_consistency():

@@ -258,17 +258,17 @@ async def test_leader_churn_suggests_perf(make_cluster, slack, start_bot):
 async def test_only_a_replica_that_should_watch_posts(make_cluster, tmp_path):
     """Leader only: the watcher asks `should_watch` every round (with replicas: am I the leader?)."""
     c = make_cluster(3)
-    ctx = await BotContext.open(load_config(write_config(tmp_path, [watched("prod", c)])), PlainNotifier(),
-                                PlainDirectory())
+    notifier = PlainNotifier()
+    ctx = await BotContext.open(load_config(write_config(tmp_path, [watched("prod", c)])), notifier, PlainDirectory())
     leading = False
     task = asyncio.create_task(Watcher(ctx, should_watch=lambda: leading).run())
     try:
         killed = time.monotonic()
         c.kill("member1")
         await eventually(lambda: time.monotonic() - killed > INTERVAL + GRACE + 1, 10, "time for an alert")
-        assert not ctx.notifier.lines, "posted without being the leader"
+        assert not notifier.lines, "posted without being the leader"
         leading = True
-        await eventually(lambda: any("MEMBER DOWN member1" in line for line in ctx.notifier.lines),
+        await eventually(lambda: any("MEMBER DOWN member1" in line for line in notifier.lines),
                          INTERVAL + GRACE + MARGIN, "the alert once leading")
     finally:
         task.cancel()
@@ -333,7 +333,8 @@ async def test_a_check_that_raises_is_logged_once_counted_and_costs_only_its_own
         raise ValueError("Port out of range 0-65535")
     monkeypatch.setitem(CONDITIONS, "broken", Condition("broken", "broken", broken))
     config = load_config(write_config(tmp_path, [watched("prod", c)]))
-    ctx = await BotContext.open(config, PlainNotifier(), PlainDirectory())
+    notifier = PlainNotifier()
+    ctx = await BotContext.open(config, notifier, PlainDirectory())
     now = [time.time()]
     watcher = Watcher(ctx, should_watch=lambda: True, clock=lambda: now[0])   # time moved, not waited for
     try:
@@ -341,7 +342,7 @@ async def test_a_check_that_raises_is_logged_once_counted_and_costs_only_its_own
             for _ in range(3):
                 await watcher.round(config.clusters[0])
                 now[0] += GRACE + INTERVAL
-            assert any("MEMBER DOWN member1" in line for line in ctx.notifier.lines), ctx.notifier.lines
+            assert any("MEMBER DOWN member1" in line for line in notifier.lines), notifier.lines
             logged = [r for r in caplog.records if r.getMessage().startswith("watch: check failed")]
             assert [(r.ctx_condition, r.ctx_subject) for r in logged] == [("broken", None)]   # once, not per round
             assert logged[0].exc_info and "Port out of range" in str(logged[0].exc_info[1])

@@ -128,11 +128,12 @@ def _parser() -> tuple[_Parser, dict[str, _Parser]]:
     demo = sub.add_parser("demo", help="play a whole incident on a local cluster and the Slack stand-in")
     demo.add_argument("--keep", action="store_true", help="leave the cluster, the stand-in and the bot running")
     demo.add_argument("--stop", action="store_true", help="stop a demo left running with --keep")
-    demo.add_argument("--scenario", choices=("replace", "restore", "nospace", "alerts"), default="replace",
+    demo.add_argument("--scenario", choices=("replace", "restore", "nospace", "alerts", "kubeadm"), default="replace",
                       help="replace: a member dies and is replaced (default); restore: quorum is lost and the "
                            "cluster is restored from a snapshot under two approvals; nospace: a full database "
                            "is defragmented; alerts: the watch posts a member down and resolves it (with --keep "
-                           "it keeps watching)")
+                           "it keeps watching); kubeadm: the restore done on kubeadm hosts over SSH (needs root, "
+                           "iproute2 and OpenSSH's sshd)")
     demo.add_argument("--dir", help="where the demo's files go (default: a temporary directory; with --keep, "
                                     "$XDG_RUNTIME_DIR/etcd-chatops-demo-UID)")
     say = sub.add_parser("say", help="type a command in a kept demo's channel, or react to a plan, and print the reply")
@@ -358,8 +359,7 @@ def _run(args: argparse.Namespace) -> int:
         slack = SlackSettings.from_env()
     except SettingsError as e:
         raise UsageFailure(str(e)) from None
-    logs.register_secret(*slack.secrets(), *(c.password for c in config.clusters), config.audit_key,
-                         *config.manifest_keys(), *config.database_secrets())
+    logs.register_secret(*slack.secrets(), *config.secrets())
     logs.setup(args.log_level)
     if not 0 < args.port < 65536:
         raise UsageFailure(f"--port: {args.port} is not a TCP port")

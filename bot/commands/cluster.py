@@ -7,9 +7,10 @@ from bot.config import ClusterConfig
 from bot.domain.errors import EtcdError
 from bot.etcd.consistency import check_consistency
 from bot.etcd.member_metrics import cluster_metrics
+from bot.ops import nodes
 from bot.ops.access import Role
 from bot.ops.context import BotContext
-from bot.ops.outcome import Outcome
+from bot.ops.outcome import Outcome, refused
 from bot.output import blocks
 from bot.output.model import perf_view
 
@@ -48,3 +49,17 @@ async def check(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user: str
         return Outcome(channel=blocks.consistency_reply(await check_consistency(client, health)))
     except EtcdError as e:
         return Outcome(channel=blocks.unreachable_reply(cluster.name, str(e)))
+
+
+@command("launcher-check", *CLUSTER, role=Role.READER,
+         summary="the ssh launcher's dry run: SSH with each pinned host key, etcd-chatops-node's status on every host")
+async def launcher_check(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user: str, channel: str) -> Outcome:
+    if cluster.launcher.kind != "ssh":
+        return refused(f"cluster {cluster.name} has the {cluster.launcher.kind} launcher: only an ssh launcher has "
+                       "hosts to check", "see deploy/README.md on the ssh launcher")
+    hosts = await nodes.launcher_hosts(ctx, cluster)
+    if not hosts:
+        return refused(f"no member of {cluster.name} answers, the bot never recorded its membership and the "
+                       "launcher names no hosts", "name them in the launcher's hosts table")
+    checks = await nodes.check_hosts(cluster.launcher, hosts)
+    return Outcome(channel=blocks.launcher_check_reply(cluster.name, [(c.ok, c.line) for c in checks]))

@@ -24,13 +24,23 @@ from datetime import date, time
 from pathlib import Path
 from typing import Annotated, Any, Self
 
-from pydantic import Field, PlainValidator, TypeAdapter, ValidationError, ValidationInfo, model_validator
+from cryptography.exceptions import UnsupportedAlgorithm
+from pydantic import (
+    Field,
+    GetJsonSchemaHandler,
+    PlainValidator,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import core_schema
 
 from bot.config import dsn
 from bot.config.offsite import StoreConfig
 from bot.config.table import (
     Check,
-    ConfigError,
     Derived,
     Load,
     Problem,
@@ -48,9 +58,13 @@ from bot.config.table import (
     table,
     to_path,
 )
+from bot.config.table import (
+    ConfigError as ConfigError,
+)
 from bot.config.table import parse_duration as parse_duration
 from bot.domain.urls import parse_url
 
+LABEL_NAME = r"[a-zA-Z_][a-zA-Z0-9_]*"
 CLUSTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")  # always fullmatch: `$` lets a trailing newline in
 LAUNCHER_PLACEHOLDERS = ("name", "peer_url", "client_url", "action")
 MAX_TTL_MINUTES = 7 * 24 * 60
@@ -189,8 +203,17 @@ class ApprovalConfig(Table):
 
 # The launcher kinds, and how long each waits by default. `manual` waits for a person at each stage: ten minutes
 # is time to run a stage's commands on a few hosts; a stage nobody confirms by then is one nobody is at, and
-# the plan should fail and say so (it holds the cluster's one open plan) rather than wait on.
-LAUNCH_TIMEOUTS = {"manual": 600.0, "command": 120.0}
+# the plan should fail and say so (it holds the cluster's one open plan) rather than wait on. `ssh` waits for one
+# action on one host (a restore of a large snapshot included).
+LAUNCH_TIMEOUTS = {"manual": 600.0, "command": 120.0, "ssh": 300.0}
+RECIPES = ("static-pod", "systemd")
+# A word the bot sends to etcd-chatops-node over SSH: the node splits its forced command on spaces and refuses
+# quoting and every shell character (deploy/node, splitForced), so a word outside this set could never reach it.
+NODE_WORD = r"[A-Za-z0-9._/:=,@+\[\]-]+"
+HOST_PORT = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9][A-Za-z0-9.-]{0,252}))"
+                       r"(?::(?P<port>[0-9]{1,5}))?")
+SSH_ONLY = ("recipe", "user", "sudo", "key_env", "key_file", "known_hosts", "hosts", "manifests_dir", "unit",
+            "node_command", "etcdutl")
 
 
 def _no_default(schema: dict[str, Any]) -> None:
@@ -198,16 +221,83 @@ def _no_default(schema: dict[str, Any]) -> None:
     schema.pop("default", None)
 
 
+def split_host_port(value: str, default_port: int = 22) -> tuple[str, int]:
+    """"10.0.0.3:2222" -> ("10.0.0.3", 2222); "[fd00::3]" -> ("fd00::3", 22); ValueError when it is neither."""
+    found = HOST_PORT.fullmatch(value)
+    port = int(found.group("port")) if found and found.group("port") else default_port
+    if found is None or not 0 < port < 65536:
+        raise ValueError(f"{value!r} is not host or host:port (an address, [IPv6] or DNS name, port 1-65535)")
+    return found.group("v6") or found.group("host"), port
+
+
+def _host_port(value: str) -> str:
+    split_host_port(value)
+    return value
+
+
+def _ssh_key(text: str) -> str:
+    """A private key in OpenSSH's format (or PEM) without a passphrase: the bot runs unattended. The reason never
+    shows the key."""
+    from cryptography.hazmat.primitives import serialization
+    data = (text.strip() + "\n").encode()
+    openssh = b"OPENSSH PRIVATE KEY" in data
+    load = serialization.load_ssh_private_key if openssh else serialization.load_pem_private_key
+    try:
+        load(data, password=None)
+    except TypeError:
+        raise ValueError("the SSH key is encrypted with a passphrase: the bot runs unattended and needs a key "
+                         "without one (protect the file or the Secret instead)") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise ValueError("not an SSH private key (like ssh-keygen -t ed25519 writes)") from None
+    return data.decode()
+
+
+NODE_WORD_SAYS = "has a character etcd-chatops-node does not take (it takes plain words: letters, digits and ._/:=,@+-)"
+NodeWord = Annotated[str, matches(NODE_WORD, NODE_WORD_SAYS)]
+# A per-host value: a node word that may hold {name}, the member's name.
+NodeTemplate = Annotated[str, matches(r"(?:[A-Za-z0-9._/:=,@+\[\]-]|\{name\})+", NODE_WORD_SAYS + " ({name} aside)")]
+
+
 @table
 class LauncherConfig(Table):
-    """How a replacement member gets started (runbook step 4)."""
+    """How the bot starts, stops and restores members: a person (manual), your program (command), or
+    etcd-chatops-node on each control-plane host over SSH (ssh)."""
 
     kind: Annotated[str, one_of("launcher kind", *LAUNCH_TIMEOUTS)] = "manual"
-    """manual: the bot posts the new member's environment and waits; command: it runs argv."""
+    """manual: the bot posts the new member's environment and waits; command: it runs argv; ssh: it runs
+    etcd-chatops-node on the member's host."""
     argv: tuple[str, ...] = ()
     """The command, without a shell; {name}, {peer_url}, {client_url} and {action} are substituted."""
     timeout_seconds: Positive = Field(default=0.0, json_schema_extra=_no_default)   # 0.0: the kind's, LAUNCH_TIMEOUTS
-    """manual: how long to wait for a person, per stage (600); command: for the command (120)."""
+    """manual: how long to wait for a person, per stage (600); command: for the command (120); ssh: for one
+    action on a host (300)."""
+    recipe: Annotated[str, one_of("recipe", *RECIPES)] | None = None
+    """ssh: static-pod (kubeadm's stacked etcd) or systemd (external etcd as a unit)."""
+    user: Annotated[str, matches(r"[a-z_][a-z0-9_.-]{0,31}", "is not a user name")] = "root"
+    """ssh: the user the bot logs in as."""
+    sudo: bool = False
+    """ssh: run etcd-chatops-node through `sudo -n` (a user with a sudoers line for it)."""
+    key_env: str | None = None
+    """ssh: the environment variable holding the bot's private key (OpenSSH format, no passphrase)."""
+    key_file: File | None = None
+    """ssh: or the file holding it."""
+    key: Annotated[str | None, Secret(_ssh_key)] = field(default=None, repr=False)
+    known_hosts: File | None = None
+    """ssh: the hosts' pinned public keys (ssh-keyscan's lines, checked by you); an unknown or changed key stops
+    everything."""
+    hosts: dict[Annotated[str, matches(CLUSTER_NAME.pattern, "is not a member name")],
+                Annotated[str, Check(_host_port)]] = Field(default_factory=dict)
+    """ssh: member name -> host or host:port (default: the host of the member's peer URL, port 22)."""
+    manifests_dir: NodeTemplate = "/etc/kubernetes/manifests"
+    """ssh, static-pod: the kubelet's static pod directory on the hosts; may contain {name}."""
+    unit: NodeTemplate = "etcd.service"
+    """ssh, systemd: etcd's unit on the hosts; may contain {name}."""
+    node_command: Annotated[tuple[NodeWord, ...], some("word")] = ("etcd-chatops-node",)
+    """ssh: the node program on the hosts, as an argv prefix (its forced command replaces it)."""
+    etcdutl: NodeWord = "etcdutl"
+    """ssh: etcdutl on the hosts, found on PATH or an absolute path (must equal the node's --etcdutl)."""
+    connect_timeout_seconds: Positive = 10.0
+    """ssh: the deadline of connecting to a host and checking its key."""
 
     @model_validator(mode="after")
     def _kind_and_argv(self) -> Self:
@@ -215,8 +305,14 @@ class LauncherConfig(Table):
             object.__setattr__(self, "timeout_seconds", LAUNCH_TIMEOUTS[self.kind])
         if self.kind == "command" and not self.argv:
             raise Problem("a command launcher needs argv, the command to run", "argv")
-        if self.kind == "manual" and self.argv:
+        if self.kind != "command" and self.argv:
             raise Problem("only a command launcher takes argv", "argv")
+        if self.kind == "ssh":
+            self._check_ssh()
+        else:
+            given = next((k for k in SSH_ONLY if getattr(self, k) != _LAUNCHER_DEFAULTS[k]), None)
+            if given is not None:
+                raise Problem(f"only an ssh launcher takes {given}", given)
         for i, arg in enumerate(self.argv):
             try:
                 fields = argv_fields(arg)
@@ -231,11 +327,47 @@ class LauncherConfig(Table):
                                   "argv", i)
         return self
 
+    def _check_ssh(self) -> None:
+        if self.recipe is None:
+            raise Problem("an ssh launcher needs recipe: static-pod (kubeadm) or systemd", "recipe")
+        if self.known_hosts is None:
+            raise Problem("an ssh launcher needs known_hosts: the hosts' keys are pinned, never learned",
+                          "known_hosts")
+        if self.key_env is None and self.key_file is None:
+            raise Problem("an ssh launcher needs key_file or key_env: the bot's private key", "key_file")
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, schema: core_schema.CoreSchema,
+                                     handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        """What the model validator asks of an ssh launcher, for editors too: its recipe, key and known hosts."""
+        found = handler(schema)
+        table_schema = handler.resolve_ref_schema(found)
+        table_schema["allOf"] = [{"if": {"properties": {"kind": {"const": "ssh"}}, "required": ["kind"]},
+                                  "then": {"required": ["recipe", "known_hosts"],
+                                           "anyOf": [{"required": ["key_file"]}, {"required": ["key_env"]}]}}]
+        return found
+
     @property
     def has_actions(self) -> bool:
-        """An argv with an {action} field can also stop members, restore their data and report whether
-        they run (restore plans need it)."""
-        return any(name == "action" for arg in self.argv for name, _, _ in argv_fields(arg))
+        """Whether the launcher can also stop members, restore their data and report whether they run (restore
+        plans need it): an ssh launcher always can; a command launcher when its argv has an {action} field."""
+        return self.kind == "ssh" or any(name == "action" for arg in self.argv for name, _, _ in argv_fields(arg))
+
+    def host_of(self, member: str, peer_url: str) -> tuple[str, int]:
+        """ssh: where member `member` runs: `hosts`, else its peer URL's host, port 22."""
+        if member in self.hosts:
+            return split_host_port(self.hosts[member])
+        return parse_url(peer_url).host, 22
+
+    def on_host(self, template: str, member: str) -> str:
+        """A per-host value (manifests_dir, unit) for member `member`."""
+        return template.replace("{name}", member)
+
+
+_LAUNCHER_DEFAULTS: dict[str, Any] = {"recipe": None, "user": "root", "sudo": False, "key_env": None,
+                                      "key_file": None, "known_hosts": None, "hosts": {},
+                                      "manifests_dir": "/etc/kubernetes/manifests", "unit": "etcd.service",
+                                      "node_command": ("etcd-chatops-node",), "etcdutl": "etcdutl"}
 
 
 @table
@@ -327,12 +459,16 @@ class AccessConfig(Table):
         return _role(self.approver_users, self.approver_groups, RoleConfig(()))
 
 
+Share = Annotated[float, bounds(gt=0, le=1)]
+
+
 @table
 class WatchConfig(Table):
-    """`[clusters.watch]`: the background watch that posts conditions (bot/watch)."""
+    """`[clusters.watch]`: the background watch that posts conditions (bot/watch). The thresholds default to
+    etcd's monitoring mixin's (the alerts kube-prometheus ships), so the watch and Alertmanager agree."""
 
     enabled: bool = True
-    """false turns the watch of this cluster off."""
+    """false turns the bot's own checks of this cluster off (Alertmanager's alerts for it are still posted)."""
     interval_seconds: Annotated[float, duration("1s", "interval")] = Field(
         default="15s", validation_alias="interval", validate_default=True)
     """One status fan-out per interval (1s at least)."""
@@ -341,6 +477,51 @@ class WatchConfig(Table):
     cert_warning_seconds: Annotated[float, duration()] = Field(
         default="14d", validation_alias="cert_warning", validate_default=True)
     """A serving certificate that expires within this is a condition."""
+    window_seconds: Annotated[float, duration("1s", "window")] = Field(
+        default="5m", validation_alias="window", validate_default=True)
+    """Rates and latency percentiles are taken over the /metrics readings of this window (the mixin's 5m)."""
+    quota_warning: Share = 0.8
+    """A member's database above this share of its quota is the quota condition, as a warning."""
+    quota_critical: Share = 0.95
+    """Above this share it is critical (the mixin's etcdDatabaseQuotaLowSpace)."""
+    peer_send_failures_per_second: Positive = 0.01
+    """A member failing to send to a peer more often than this (the mixin's part of etcdMembersDown)."""
+    grpc_failed_warning: Share = 0.01
+    """A share of a member's gRPC requests of one method failing (etcdHighNumberOfFailedGRPCRequests)."""
+    grpc_failed_critical: Share = 0.05
+    """The same share, critical."""
+    grpc_p99_seconds: Positive = 0.15
+    """A member's unary gRPC p99 above this is slow (etcdGRPCRequestsSlow; members run with --metrics=extensive
+    export it)."""
+    peer_rtt_p99_seconds: Positive = 0.15
+    """A member's peer round-trip p99 above this is slow (etcdMemberCommunicationSlow)."""
+    failed_proposals_per_second: Positive = 5.0
+    """A member failing more proposals a second than this (etcdHighNumberOfFailedProposals)."""
+    wal_fsync_p99_seconds: Positive = 0.5
+    """A member's WAL fsync p99 above this is a slow disk (etcdHighFsyncDurations, warning)."""
+    wal_fsync_p99_critical_seconds: Positive = 1.0
+    """Above this it is critical."""
+    backend_commit_p99_seconds: Positive = 0.25
+    """A member's backend commit p99 above this is a slow disk (etcdHighCommitDurations)."""
+    fragmented_below: Share = 0.5
+    """A member whose database is in use below this share of its size is fragmented
+    (etcdDatabaseHighFragmentationRatio)..."""
+    fragmented_in_use_bytes: Annotated[int, bounds(ge=0)] = 100 * 1024 * 1024
+    """...when it uses more than this many bytes."""
+    growth_horizon_seconds: Annotated[float, duration("1m", "horizon")] = Field(
+        default="4h", validation_alias="growth_horizon", validate_default=True)
+    """A database that, growing as it did over this long, reaches its quota within this long
+    (etcdExcessiveDatabaseGrowth: 4h)."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        if self.quota_critical < self.quota_warning:
+            raise Problem("must be at least quota_warning", "quota_critical")
+        if self.grpc_failed_critical < self.grpc_failed_warning:
+            raise Problem("must be at least grpc_failed_warning", "grpc_failed_critical")
+        if self.wal_fsync_p99_critical_seconds < self.wal_fsync_p99_seconds:
+            raise Problem("must be at least wal_fsync_p99_seconds", "wal_fsync_p99_critical_seconds")
+        return self
 
 
 @table
@@ -384,6 +565,14 @@ class ClusterConfig(Table):
     """/etcd defrag disarms NOSPACE only below this share of every quota."""
     watch: WatchConfig = WatchConfig()
     """The background watch that posts conditions."""
+    alert_labels: Annotated[dict[Annotated[str, matches(LABEL_NAME, "is not a Prometheus label name")], str] | None,
+                            Field(examples=[{"cluster": "prod"}])] = field(default=None, hash=False)
+    """An alert from Alertmanager belongs to this cluster when all these labels match (default: cluster = name)."""
+
+    @property
+    def alert_match(self) -> dict[str, str]:
+        """The labels an Alertmanager alert of this cluster carries."""
+        return dict(self.alert_labels) if self.alert_labels is not None else {"cluster": self.name}
 
     @model_validator(mode="after")
     def _pairs(self) -> Self:
@@ -393,6 +582,32 @@ class ClusterConfig(Table):
             raise Problem("username needs password_env or password_file, and back",
                           "username" if self.username is None else "password_env")
         return self
+
+
+ALERTMANAGER_TOKEN_MIN = 16  # characters: a token short enough to guess is no lock
+
+
+def _alertmanager_token(token: str) -> str:
+    if len(token) < ALERTMANAGER_TOKEN_MIN:
+        raise ValueError(f"the Alertmanager token has {len(token)} characters; it needs at least "
+                         f"{ALERTMANAGER_TOKEN_MIN} (e.g. openssl rand -hex 32)")
+    return token
+
+
+@table
+class AlertmanagerConfig(Table):
+    """`[alertmanager]`: the receiver of Alertmanager's webhook, POST /alertmanager on the port serving /metrics.
+    Without a token it is off (404)."""
+
+    token_env: str | None = None
+    """The environment variable holding the bearer token Alertmanager sends (http_config.authorization)."""
+    token_file: File | None = None
+    """Or the file holding it."""
+    token: Annotated[str | None, Secret(_alertmanager_token)] = field(default=None, repr=False)
+
+    @property
+    def enabled(self) -> bool:
+        return self.token is not None
 
 
 REPLICA_ID = r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}"
@@ -456,6 +671,8 @@ class Config(Table):
     """Every cluster's snapshots, unless its own [clusters.snapshots] says otherwise key by key."""
     replicas: ReplicasConfig = ReplicasConfig()
     """Several replicas on one PostgreSQL database."""
+    alertmanager: AlertmanagerConfig = AlertmanagerConfig()
+    """The receiver of Alertmanager's webhook (off without a token)."""
     source: Annotated[Path | None, Derived()] = None
     _: KW_ONLY
     # Last: errors are reported in the order of the fields, so a key a cluster inherits from [snapshots] or
@@ -474,6 +691,12 @@ class Config(Table):
                 raise Problem(f"{c.name!r} is used by another cluster", "clusters", i, "name")
             seen.add(c.name)
         _check_disjoint(self.clusters)
+        labels: dict[tuple[tuple[str, str], ...], str] = {}
+        for i, c in enumerate(self.clusters):
+            first = labels.setdefault(tuple(sorted(c.alert_match.items())), c.name)
+            if first != c.name:
+                raise Problem(f"the same as those of cluster {first!r}: an alert would belong to both",
+                              "clusters", i, "alert_labels")
         if (load := loading(info)) is not None:
             object.__setattr__(self, "source", load.source)
             if self.audit_key is not None:  # a store without its own manifest key signs with the audit key
@@ -490,10 +713,26 @@ class Config(Table):
         in_url = dsn.secrets_of(self.database) if isinstance(self.database, str) else []
         return in_url + ([self.database_password] if self.database_password else [])
 
+    def alertmanager_secrets(self) -> list[str]:
+        """The receiver's bearer token (never to appear in output)."""
+        return [self.alertmanager.token] if self.alertmanager.token else []
+
     def manifest_keys(self) -> list[str]:
         """The keys the snapshot stores sign their manifests with (never to appear in output)."""
         return sorted({c.snapshots.store.manifest_key for c in self.clusters
                        if c.snapshots.store is not None and c.snapshots.store.manifest_key})
+
+    def secrets(self) -> list[str]:
+        """Every secret the file gives the bot, as it could show up in a line of output: the clusters' passwords,
+        age identities and ssh launcher keys, the audit key, the stores' manifest keys, the database's
+        passwords, Alertmanager's token. A private key is given line by line: a log line holds it with its
+        newlines escaped."""
+        keys = [line for c in self.clusters if c.launcher.key for line in c.launcher.key.splitlines()
+                if line.strip() and not line.startswith("-----")]
+        return ([c.password for c in self.clusters if c.password]
+                + [c.restore.age_identity for c in self.clusters if c.restore.age_identity] + keys
+                + ([self.audit_key] if self.audit_key else []) + self.manifest_keys() + self.database_secrets()
+                + self.alertmanager_secrets())
 
     def cluster(self, name: str) -> ClusterConfig | None:
         return next((c for c in self.clusters if c.name == name), None)

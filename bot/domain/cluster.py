@@ -8,7 +8,7 @@ import json
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -352,6 +352,9 @@ WAL_FSYNC_P99_OK = 0.010       # etcd's tuning guide: seconds
 BACKEND_COMMIT_P99_OK = 0.025
 
 
+Buckets = tuple[tuple[float, float], ...]   # a histogram's cumulative (upper bound, count), in order
+
+
 @dataclass(frozen=True)
 class MemberMetrics:
     """The figures of one member's /metrics; None where the member does not export one."""
@@ -366,3 +369,13 @@ class MemberMetrics:
     # etcd 3.6's feature gate StopGRPCServiceOnDefrag (etcd_server_feature_enabled): while it defragments, the member
     # tells gRPC health checks NOT_SERVING, so clients that check move to the others. None: no such metric (3.5).
     stops_serving_on_defrag: bool | None = None
+    # The raw series the watch takes rates and percentiles of, between two readings (bot/watch/readings.py).
+    # A histogram is its cumulative buckets, (upper bound, count) in order; a series the member does not
+    # export (a counter before its first event, gRPC latency without --metrics=extensive) is absent.
+    peer_send_failures: Mapping[str, float] = field(default_factory=dict)    # by peer (To)
+    peer_rtt: Mapping[str, Buckets] = field(default_factory=dict)            # by peer (To)
+    grpc_requests: Mapping[str, float] = field(default_factory=dict)         # unary and streams, by method
+    grpc_failures: Mapping[str, float] = field(default_factory=dict)         # the mixin's failure codes, by method
+    grpc_latency: Mapping[str, Buckets] = field(default_factory=dict)        # unary but Defragment, by method
+    wal_fsync: Buckets = ()
+    backend_commit: Buckets = ()

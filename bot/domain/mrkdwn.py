@@ -33,6 +33,15 @@ def code_block(text: str) -> str:
     return f"```{escape(text).replace('`', _BACKTICK)}```"
 
 
+_URL = re.compile(r"https?://[^\s<>|&]+")
+
+
+def link(url: str, text: str) -> str:
+    """A link to an http(s) URL that cannot become anything else (no space, `<`, `>`, `|` or `&` in it);
+    any other URL is shown as text, escaped."""
+    return f"<{url}|{escape(text)}>" if _URL.fullmatch(url) else f"{escape(text)}: {escape(url)}"
+
+
 class Mrkdwn(str):
     """Text that is already mrkdwn: its values went through escape(), its
     mentions through mention(). Replies post it as it is; any other str is

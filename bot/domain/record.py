@@ -1,7 +1,8 @@
 """The records the store keeps, as typed values: a plan (decoded into the plan type of its kind), a plan's
-step, the watch's alerts and mutes, a row of the audit chain. Each one's fields are its table's columns
-(by another name only where `of` says so); the snapshot catalog's records are bot.domain.snapshot's, a
-recorded membership bot.domain.cluster's, a manual stage and a lease bot.domain.plan's."""
+step, the watch's alerts and mutes, an alert Alertmanager sent, a row of the audit chain. Each one's fields
+are its table's columns (by another name only where `of` says so); the snapshot catalog's records are
+bot.domain.snapshot's, a recorded membership bot.domain.cluster's, a manual stage and a lease
+bot.domain.plan's."""
 from __future__ import annotations
 
 import json
@@ -128,6 +129,32 @@ class AlertRecord:
     @classmethod
     def of(cls, row: Mapping[str, Any]) -> AlertRecord:
         return cls(**{f.name: row[f.name] for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class ReceivedAlert:
+    """One alert as Alertmanager last sent it, filed under its cluster (`received_alerts`; labels and annotations
+    are JSON there). Its fingerprint and `starts_at` are one episode of it: what a redelivery repeats."""
+
+    cluster: str
+    fingerprint: str
+    alertname: str
+    status: str                        # firing | resolved
+    starts_at: float                   # Unix time
+    ends_at: float | None              # resolved ones
+    labels: Mapping[str, str]
+    annotations: Mapping[str, str]
+    received_at: float = 0.0           # 0: not yet filed (the store stamps it)
+
+    @classmethod
+    def of(cls, row: Mapping[str, Any]) -> ReceivedAlert:
+        return cls(**{**{f.name: row[f.name] for f in fields(cls)}, "labels": json.loads(row["labels"]),
+                      "annotations": json.loads(row["annotations"])})
+
+    def columns(self) -> dict[str, Any]:
+        """Its row, as written (its time of filing aside)."""
+        return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "received_at"},
+                "labels": json.dumps(dict(self.labels)), "annotations": json.dumps(dict(self.annotations))}
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ class RestorePlan:
     membership_seen_at: float            # when that membership was seen
     newer: tuple[str, ...]               # file names of verified snapshots newer than the chosen one
     etcd_version: str                    # as the members reported it, or the bot's etcdutl
-    launcher: str                        # "manual" | "command"
+    launcher: str                        # "manual" | "command" | "ssh"
     steps: tuple[Step, ...]
     fingerprint: str
     verdict: str = ""                    # the quorum gate's QuorumVerdict when planned ("": planned before verdicts)

@@ -40,6 +40,9 @@ class WatchState(Protocol):
         """The conditions seen but not posted, each with why (`AlertView.held`); None when this
         replica does not watch (another replica leads)."""
 
+    def received(self, cluster: str) -> None:
+        """Alertmanager's alerts of `cluster` changed in the store (this replica received them): look now."""
+
 
 @dataclass
 class BotContext:
@@ -110,10 +113,7 @@ class BotContext:
         return health
 
     def secrets(self) -> list[str]:
-        return (list(self.secret_values) + [c.password for c in self.config.clusters if c.password]
-                + [c.restore.age_identity for c in self.config.clusters if c.restore.age_identity]
-                + ([self.config.audit_key] if self.config.audit_key else [])
-                + self.config.manifest_keys() + self.config.database_secrets())
+        return list(self.secret_values) + self.config.secrets()
 
     def track_current_task(self) -> None:
         """Count the running listener as in-flight work that shutdown waits for."""

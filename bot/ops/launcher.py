@@ -5,7 +5,8 @@ plan shows; the bot waits for the member to appear. `command`: the bot runs
 a configured argv (never through a shell), with the runbook's ETCD_*
 environment, and reports its exit status and the tail of its output.
 
-An argv with `{action}` also stops a member, restores its data and reports
+`ssh`: etcd-chatops-node on each member's host (bot.ops.ssh; the steps host by host are
+bot.ops.nodes). An argv with `{action}` also stops a member, restores its data and reports
 whether it runs (`status`: exit 0 running, 3 stopped, as `systemctl status`
 and LSB init scripts answer, or the `state` of a JSON answer line; anything
 else is unknown). Every action a plan
@@ -24,6 +25,7 @@ from bot.config import LauncherConfig
 from bot.domain import shell
 from bot.domain.quorum import MemberState
 from bot.domain.replace import ReplacePlan
+from bot.ops import ssh
 
 OUTPUT_TAIL = 4000  # characters of the command's output kept for the report
 FENCE_VARIABLE = "ETCD_CHATOPS_FENCE"
@@ -90,7 +92,10 @@ async def run_command(launcher: LauncherConfig, plan: ReplacePlan, secrets: list
 async def member_status(launcher: LauncherConfig, name: str, peer_url: str, client_urls: Sequence[str],
                         secrets: list[str]) -> LauncherStatus:
     """The launcher's `status` of one member. Read-only, so never fenced; a launcher without actions, a
-    member that never started (no name) or any answer but exit 0 or 3 is unknown."""
+    member that never started (no name) or any answer but exit 0 or 3 is unknown. The ssh launcher asks
+    etcd-chatops-node on the member's host (a host it cannot use is unknown, and says why)."""
+    if launcher.kind == "ssh" and name:
+        return await ssh_status(launcher, ssh.host_for(launcher, name, peer_url))
     if launcher.kind != "command" or not launcher.has_actions:
         return LauncherStatus(MemberState.UNKNOWN, f"the {launcher.kind} launcher has no status action")
     if not name:
@@ -99,6 +104,16 @@ async def member_status(launcher: LauncherConfig, name: str, peer_url: str, clie
                             {"ETCD_CHATOPS_ACTION": "status", "ETCD_NAME": name}, secrets,
                             timeout=min(launcher.timeout_seconds, STATUS_TIMEOUT))
     return read_status(result)
+
+
+async def ssh_status(launcher: LauncherConfig, host: ssh.Host) -> LauncherStatus:
+    """etcd-chatops-node's `status` on `host`: its `state` decides (running, stopped; anything else unknown)."""
+    try:
+        async with ssh.session(launcher, host) as node:
+            answer = await node.run("status", timeout=min(launcher.timeout_seconds, STATUS_TIMEOUT))
+    except ssh.HostError as e:
+        return LauncherStatus(MemberState.UNKNOWN, str(e))
+    return LauncherStatus(answer.state if answer.ok else MemberState.UNKNOWN, answer.line())
 
 
 def read_status(result: LaunchResult) -> LauncherStatus:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from bot.domain import shell
 from bot.domain.cluster import ClusterHealth, Consistency, MemberMetrics, member_labels
 from bot.domain.defrag import DefragPlan
-from bot.domain.mrkdwn import _item, _md, code, code_block, escape, mention, one_line
+from bot.domain.mrkdwn import _item, _md, code, code_block, escape, link, mention, one_line
 from bot.domain.plan import PlanState, Step
 from bot.domain.quorum import QuorumVerdict
 from bot.domain.record import PlanRecord
@@ -389,7 +389,8 @@ def restore_plan_reply(plan: RestorePlan, view: PlanView, now: float | None = No
         f":warning: *FOREIGN snapshot: this bot did not take {code(snap.file_name)}* ({escape(snap.foreign)}). "
         f"It was named with --force; its contents are checked only against its own unsigned manifest, and the "
         f"restore replaces {escape(plan.cluster)}'s data with whatever it holds."))
-    what = (f"Restore {plan.cluster} from {'FOREIGN snapshot ' if snap.foreign else ''}{snap.file_name} "
+    what = (f"Restore {plan.cluster} from {'FOREIGN snapshot (not taken by this bot) ' if snap.foreign else ''}"
+            f"{snap.file_name} "
             f"(revision {snap.revision}){unproven.rstrip(',')}")
     headline = f"{what} — {_needs(view, len(plan.steps))}"
     blocks: list[dict[str, Any]] = [_header(headline), *foreign, *sections(gate)]
@@ -425,9 +426,12 @@ def _restore_details(plan: RestorePlan) -> Reply:
     where = (f"*From the snapshot store:* {code(snap.remote_url)} (no local copy: fetched, checked against the "
              "catalog's size and sha256, and decrypted into a 0600 temporary file that is removed after each step)"
              if snap.from_store else f"*Stored at:* {code(snap.path)} (on the bot's host)")
-    how = ("the launcher runs `stop`, `restore` and `start` for each member" if plan.launcher == "command"
-           else f"manual launcher: run these on each host when the thread asks, then confirm each stage with "
-                f"`/etcd continue {plan.id} <stage>`")
+    how = {"command": "the launcher runs `stop`, `restore` and `start` for each member",
+           "ssh": "etcd-chatops-node runs it on each member's host over SSH, after copying the snapshot there, into "
+                  "a new data directory beside the old one (moved aside, never deleted); the thread says per host "
+                  "what ran and its result"}.get(
+        plan.launcher, f"manual launcher: run these on each host when the thread asks, then confirm each stage with "
+                       f"`/etcd continue {plan.id} <stage>`")
     local = snap.file_name if snap.from_store else snap.path   # a fetched copy's path is made at the step
     commands = "\n".join(f"{shell.comment(m.name)}\n{shell.command(plan.restore_args(m, local.removesuffix('.age')))}"
                          for m in plan.members)
@@ -663,6 +667,17 @@ def _report(ok: bool, text: str) -> Reply:
     return Reply(text=escape(head), blocks=blocks)
 
 
+def launcher_check_reply(cluster: str, hosts: Sequence[tuple[bool, str]]) -> Reply:
+    """The ssh launcher's dry run: ready or not, one line per host (what the node said, or why the host cannot
+    be used)."""
+    ready = sum(ok for ok, _ in hosts)
+    head = (f"Launcher check of {cluster}: {ready} of {len(hosts)} hosts ready"
+            + ("" if ready == len(hosts) else ": a plan would stop before its first change"))
+    lines = "\n".join(f"{':white_check_mark:' if ok else ':x:'} {escape(line)}" for ok, line in hosts)
+    icon = ":large_green_circle:" if ready == len(hosts) else ":red_circle:"
+    return Reply(text=escape(head), blocks=[_section(f"{icon} *{escape(head)}*"), *sections(lines)])
+
+
 def alarms_reply(health: ClusterHealth) -> Reply:
     return _report(not health.alarms, render.alarms_text(status_view(health)))
 
@@ -682,13 +697,18 @@ def alert_reply(view: AlertView) -> Reply:
     buttons (a replacement or restore to propose, a mute, its runbook). Resolved, the same message says so and
     drops the suggestions and the buttons. The watch and the Alertmanager receiver both post it."""
     icon = ":white_check_mark:" if view.resolved else (":repeat:" if view.flapping else ":rotating_light:")
-    head = (f"{icon} *{escape(view.title.upper())}* {code(view.subject)} in cluster *{escape(view.cluster)}*: "
-            f"{escape(view.summary)}")
-    blocks = [_section(head), _context(f"{escape(render.alert_state(view))} · since {slack_date(view.opened_at)}")]
+    severity = f"{escape(view.severity.upper())} · " if view.severity and not view.resolved else ""
+    head = (f"{icon} {severity}*{escape(view.title.upper())}* {code(view.subject)} in cluster "
+            f"*{escape(view.cluster)}*: {escape(view.summary)}")
+    seen = f" · seen by {escape(render.seen_by(view.sources))}" if view.sources else ""
+    blocks = [_section(head),
+              _context(f"{escape(render.alert_state(view))} · since {slack_date(view.opened_at)}{seen}")]
     if view.figures:
         blocks.append(_section("\n".join(f"{escape(name)}: *{escape(value)}*" for name, value in view.figures)))
     if view.suggestions and not view.resolved:
         blocks.append(_section(":point_right: " + "\n".join(code(s) for s in view.suggestions)))
+    if view.links:
+        blocks.append(_context(" · ".join(link(url, f"runbook: {text}") for text, url in view.links)))
     if not view.resolved and not view.held:
         blocks.append(alert_buttons(view.cluster, view.subject, view.offers, view.runbook_url))
     return Reply(text=escape(render.alert_text(view)), blocks=blocks)
@@ -713,8 +733,9 @@ def alerts_reply(cluster: str, views: list[AlertView], muted: str | None = None,
     blocks = [_section(f"{icon} *{escape(head)}*")]
     for v in [*views, *(held or ())]:
         nxt = f"\n:point_right: {code(v.suggestions[0])}" if v.suggestions else ""
+        seen = f"; seen by {escape(render.seen_by(v.sources))}" if v.sources else ""
         blocks.append(_section(f"*{escape(v.title)}* {code(v.subject)}: {escape(v.summary)} "
-                               f"({escape(render.alert_state(v))}){nxt}"))
+                               f"({escape(render.alert_state(v))}{seen}){nxt}"))
     if held is None:
         blocks.append(_context("held back: not known here (this replica does not watch; the leader does)"))
     if muted:

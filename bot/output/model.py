@@ -395,6 +395,9 @@ class AlertView:
     flaps: int = 0                             # times it came back within the flap window
     flapping: bool = False
     held: str = ""                             # why the watch holds it back, unposted (muted, the bot's plan, grace)
+    severity: str = ""                         # warning, critical, or "" (a condition without levels)
+    sources: tuple[str, ...] = ()              # who sees it: "watch", "alertmanager:<alert name>"
+    links: tuple[tuple[str, str], ...] = ()    # (text, http(s) URL): Alertmanager's runbook links
     offers: tuple[str, ...] = ()               # the way out it offers as a button: "replace" (its member), "restore"
     runbook_url: str | None = None             # a runbook for it (a button links there)
 

@@ -245,11 +245,22 @@ def alert_state(view: AlertView) -> str:
     return f"open for {short_duration(view.lasted)}{flapping}"
 
 
+def seen_by(sources: Sequence[str]) -> str:
+    """"the watch and Alertmanager (etcdMembersDown)": who sees a condition."""
+    names = [s.partition(":")[2] for s in sources if s.startswith("alertmanager:")]
+    parts = (["the watch"] if "watch" in sources else []) + ([f"Alertmanager ({', '.join(names)})"] if names else [])
+    return " and ".join(parts)
+
+
 def alert_text(view: AlertView) -> str:
-    """One condition: the headline, the figures, the next commands."""
-    head = f"cluster {view.cluster}: {view.title.upper()} {view.subject}: {view.summary} ({alert_state(view)})"
+    """One condition: the headline, the figures, the next commands, who sees it."""
+    severity = f"{view.severity.upper()}: " if view.severity else ""
+    head = (f"cluster {view.cluster}: {severity}{view.title.upper()} {view.subject}: {view.summary} "
+            f"({alert_state(view)})")
     figures = [f"{name}: {value}" for name, value in view.figures]
-    return "\n".join([head, *figures, *(f"NEXT: {s}" for s in view.suggestions if not view.resolved)])
+    links = [f"{text}: {url}" for text, url in view.links]
+    seen = [f"seen by {seen_by(view.sources)}"] if view.sources else []
+    return "\n".join([head, *figures, *(f"NEXT: {s}" for s in view.suggestions if not view.resolved), *links, *seen])
 
 
 def resolved_text(view: AlertView) -> str:
@@ -264,7 +275,8 @@ def alerts_text(cluster: str, views: list[AlertView], muted: str | None = None,
     head = f"cluster {cluster}: " + (f"{len(views)} open condition{'s' if len(views) != 1 else ''}" if views
                                      else "no open conditions")
     head += f", {len(held)} held back" if held else ""
-    lines = [f"{v.title} {v.subject}: {v.summary} ({alert_state(v)})" for v in [*views, *(held or ())]]
+    lines = [f"{v.title} {v.subject}: {v.summary} ({alert_state(v)}"
+             f"{'; seen by ' + seen_by(v.sources) if v.sources else ''})" for v in [*views, *(held or ())]]
     unknown = ["held back: not known here (this replica does not watch; the leader does)"] if held is None else []
     return "\n".join([head, *lines, *unknown, *([f"muted: {muted}"] if muted else [])])
 

@@ -1,12 +1,14 @@
 """The Slack edge's parts: the Web API client and its retries, the bolt AsyncApp, the HTTP application
-(/slack/events, /healthz, /readyz, /metrics) and the Socket Mode handler. bot.server assembles them with
+(/slack/events, /healthz, /readyz, /metrics, /alertmanager) and the Socket Mode handler. bot.server assembles them with
 the listeners of handlers/ and the runtime into the process."""
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -17,12 +19,18 @@ from slack_sdk.http_retry.builtin_async_handlers import (
     AsyncRateLimitErrorRetryHandler,
     AsyncServerErrorRetryHandler,
 )
+from slack_sdk.http_retry.request import HttpRequest
+from slack_sdk.http_retry.response import HttpResponse
+from slack_sdk.http_retry.state import RetryState
+from slack_sdk.socket_mode.aiohttp import SocketModeClient
+from slack_sdk.socket_mode.request import SocketModeRequest
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.ops.context import BotContext
 from bot.settings import SlackSettings
 from bot.slack.readiness import ReadinessProbe
 from bot.store.base import StoreError
+from bot.watch import alertmanager
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +40,7 @@ IDEMPOTENT = frozenset({"chat.update", "auth.test", "usergroups.users.list", "us
                         "chat.getPermalink", "apps.connections.open"})
 
 
-def _idempotent(request) -> bool:
+def _idempotent(request: HttpRequest) -> bool:
     return request.url.rstrip("/").rsplit("/", 1)[-1] in IDEMPOTENT
 
 
@@ -40,13 +48,15 @@ class IdempotentServerErrorRetryHandler(AsyncServerErrorRetryHandler):
     """5xx are retried only where a second delivery cannot post twice: Slack may
     have posted a message before answering 500, and a repeat would duplicate it."""
 
-    async def _can_retry_async(self, *, state, request, response=None, error=None) -> bool:
+    async def _can_retry_async(self, *, state: RetryState, request: HttpRequest, response: HttpResponse | None = None,
+                               error: Exception | None = None) -> bool:
         return _idempotent(request) and await super()._can_retry_async(
             state=state, request=request, response=response, error=error)
 
 
 class IdempotentConnectionErrorRetryHandler(AsyncConnectionErrorRetryHandler):
-    async def _can_retry_async(self, *, state, request, response=None, error=None) -> bool:
+    async def _can_retry_async(self, *, state: RetryState, request: HttpRequest, response: HttpResponse | None = None,
+                               error: Exception | None = None) -> bool:
         return _idempotent(request) and await super()._can_retry_async(
             state=state, request=request, response=response, error=error)
 
@@ -78,7 +88,8 @@ def bolt_app(ctx: BotContext, client: AsyncWebClient, slack: SlackSettings) -> A
 def http_application(app: AsyncApp, ctx: BotContext, client: AsyncWebClient,
                      slack_events: bool = True) -> web.Application:
     """POST /slack/events for Slack (HTTP mode); /healthz, /readyz and
-    /metrics for the orchestrator and Prometheus (both modes)."""
+    /metrics for the orchestrator and Prometheus, and POST /alertmanager for Alertmanager's webhook when
+    `[alertmanager]` has a token (both modes)."""
     metrics, probe = ctx.metrics, ReadinessProbe(ctx, client)
 
     async def events(request: web.Request) -> web.Response:
@@ -110,10 +121,53 @@ def http_application(app: AsyncApp, ctx: BotContext, client: AsyncWebClient,
     web_app = web.Application()
     if slack_events:
         web_app.router.add_post("/slack/events", events)
+    if ctx.config.alertmanager.token is not None:   # without a token the receiver is off: 404
+        web_app.router.add_post("/alertmanager", alertmanager_receiver(ctx))
     web_app.router.add_get("/healthz", healthz)
     web_app.router.add_get("/readyz", readyz)
     web_app.router.add_get("/metrics", metrics_page)
     return web_app
+
+
+def _refused(status: int, reason: str, **headers: str) -> web.Response:
+    return web.json_response({"error": reason}, status=status, headers=headers)
+
+
+def alertmanager_receiver(ctx: BotContext) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """POST /alertmanager: Alertmanager's webhook (version 4) with its bearer token. A missing or wrong token
+    gets 401 and changes nothing, a body over 1 MiB 413, anything not the payload 400; nothing logged holds
+    the token or the body. The alerts are filed in the store (bot/watch/alertmanager.py); the leader's watch
+    posts them."""
+    token = ctx.config.alertmanager.token
+    assert token is not None
+    expected = token.encode()
+
+    async def receive(request: web.Request) -> web.Response:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+            log.warning("alertmanager: delivery refused: missing or wrong bearer token",
+                        extra={"ctx_remote": request.remote})
+            return _refused(401, "missing or wrong bearer token", **{"WWW-Authenticate": "Bearer"})
+        if (request.content_length or 0) > alertmanager.MAX_BODY:
+            return _refused(413, f"the body is larger than {alertmanager.MAX_BODY} bytes")
+        body = b""
+        while chunk := await request.content.read(65536):
+            body += chunk
+            if len(body) > alertmanager.MAX_BODY:
+                return _refused(413, f"the body is larger than {alertmanager.MAX_BODY} bytes")
+        try:
+            alerts = alertmanager.parse(body)
+        except alertmanager.BadPayload as e:
+            log.warning("alertmanager: delivery refused", extra={"ctx_error": str(e), "ctx_remote": request.remote})
+            return _refused(400, str(e))
+        try:
+            receipt = await alertmanager.receive(ctx, alerts)
+        except StoreError as e:   # Alertmanager retries
+            log.warning("alertmanager: delivery not filed: state store unavailable", extra={"ctx_error": str(e)})
+            return _refused(503, "the bot's state store is unavailable")
+        return web.json_response(receipt.to_json())
+
+    return receive
 
 
 def socket_mode_handler(app: AsyncApp, ctx: BotContext, app_token: str | None, web_client: AsyncWebClient) -> Any:
@@ -125,7 +179,8 @@ def socket_mode_handler(app: AsyncApp, ctx: BotContext, app_token: str | None, w
     from slack_sdk.socket_mode.response import SocketModeResponse
 
     class Handler(AsyncSocketModeHandler):
-        async def handle(self, client, req) -> None:
+        # (bolt's aiohttp handler narrows the client's type the same way)
+        async def handle(self, client: SocketModeClient, req: SocketModeRequest) -> None:  # type: ignore[override]
             try:
                 first = await ctx.store.first_delivery(f"envelope:{req.envelope_id}")
             except StoreError:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from slack_sdk.web.async_client import AsyncWebClient
 
+from bot.config import ClusterConfig
 from bot.domain.errors import EtcdError
 from bot.ops.context import BotContext
 
@@ -66,7 +67,7 @@ class ReadinessProbe:
 
         checks["role"] = "leader" if self.ctx.is_leader() else "follower"  # informs only: a follower serves Slack
 
-        async def one(cluster) -> tuple[str, str]:
+        async def one(cluster: ClusterConfig) -> tuple[str, str]:
             try:
                 members = await self.ctx.client(cluster).member_list()
                 return cluster.name, f"ok ({len(members)} members)"

@@ -34,7 +34,7 @@ async def post(client: AsyncWebClient, channel: str, reply: Reply, *, thread_ts:
         raise SlackPostError(_explain(error)) from None
     except (TimeoutError, aiohttp.ClientError, OSError) as e:
         raise SlackPostError(f"Slack did not answer ({type(e).__name__})") from None
-    return resp["ts"]
+    return str(resp["ts"])
 
 
 async def update(client: AsyncWebClient, channel: str, ts: str, reply: Reply) -> bool:

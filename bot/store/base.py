@@ -34,6 +34,7 @@ from bot.domain.record import (
     NewPlan,
     PlanRecord,
     QueuedPost,
+    ReceivedAlert,
     StepRecord,
 )
 from bot.domain.snapshot import DrillRecord, NewSnapshot, SnapshotRecord
@@ -357,6 +358,20 @@ class Store(ABC):
     async def close_alerts(self, keep: Collection[str], at: float) -> int:
         """Mark resolved at `at` the open alerts of clusters not in `keep` (their messages are
         left as they are: the bot no longer watches those clusters); how many."""
+
+    @abstractmethod
+    async def receive_alert(self, alert: ReceivedAlert) -> bool:
+        """File what Alertmanager sent of one alert: True when it changes what is known, in one guarded write: a
+        new alert, a new episode of it (a later `starts_at`), or the resolution of the episode known. A
+        redelivery (the same state), or a late copy of an older state, changes nothing."""
+
+    @abstractmethod
+    async def received_alerts(self, cluster: str) -> list[ReceivedAlert]:
+        """The alerts of `cluster` that Alertmanager last said are firing, oldest first."""
+
+    @abstractmethod
+    async def prune_received(self, resolved_before: float) -> int:
+        """Delete the resolved alerts received before `resolved_before`; how many."""
 
     @abstractmethod
     async def set_mute(self, cluster: str, until: float, reason: str, by: str) -> None:

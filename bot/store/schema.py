@@ -177,6 +177,22 @@ CREATE TABLE outbox (
 );
 """
 
+RECEIVED_ALERTS = """
+CREATE TABLE received_alerts (
+    cluster TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,     -- Alertmanager's: the alert's name and labels
+    alertname TEXT NOT NULL,
+    status TEXT NOT NULL,          -- firing | resolved: the newest state received
+    starts_at $REAL NOT NULL,      -- the episode (a new one starts later): what a redelivery repeats
+    ends_at $REAL,
+    labels TEXT NOT NULL,          -- JSON
+    annotations TEXT NOT NULL,     -- JSON
+    received_at $REAL NOT NULL,
+    PRIMARY KEY (cluster, fingerprint)
+);
+CREATE INDEX received_alerts_firing ON received_alerts(cluster, status);
+"""
+
 MIGRATIONS_TABLE = ("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, "
                     "applied_at $REAL NOT NULL)")
 
@@ -217,6 +233,7 @@ MIGRATIONS = (
     Migration(2, "leases, alerts, mutes; snapshots' off-site copy", LEASES_ALERTS_MUTES),
     Migration(3, "stages: the manual stage a plan waits on, and who confirmed it", STAGES),
     Migration(4, "outbox: what was done from a shell while Slack was down, to post once it answers", OUTBOX),
+    Migration(5, "received_alerts: the newest state of each alert Alertmanager sent", RECEIVED_ALERTS),
 )
 LATEST = MIGRATIONS[-1].version
 

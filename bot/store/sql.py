@@ -31,6 +31,7 @@ from bot.domain.record import (
     NewPlan,
     PlanRecord,
     QueuedPost,
+    ReceivedAlert,
     StepRecord,
 )
 from bot.domain.snapshot import DrillRecord, NewSnapshot, SnapshotRecord
@@ -457,6 +458,24 @@ class SqlStore(Store):
         names = list(keep)
         return await self._exec(f"UPDATE alerts SET state = 'resolved', resolved_at = ?, updated_at = ? "
                                 f"WHERE state = 'open' AND NOT {among('cluster', names)}", [at, at, *names])
+
+    async def receive_alert(self, alert: ReceivedAlert) -> bool:
+        values = {**alert.columns(), "received_at": time.time()}
+        changed = [c for c in values if c not in ("cluster", "fingerprint")]
+        return await self._exec(
+            insert("received_alerts", values) + " ON CONFLICT (cluster, fingerprint) DO UPDATE SET "
+            + ", ".join(f"{quoted(c)} = excluded.{quoted(c)}" for c in changed)
+            + " WHERE excluded.starts_at > received_alerts.starts_at OR (excluded.starts_at = received_alerts.starts_at"
+              " AND received_alerts.status = 'firing' AND excluded.status = 'resolved')", list(values.values())) == 1
+
+    async def received_alerts(self, cluster: str) -> list[ReceivedAlert]:
+        return [ReceivedAlert.of(r) for r in await self._rows(
+            "SELECT * FROM received_alerts WHERE cluster = ? AND status = 'firing' ORDER BY starts_at, fingerprint",
+            [cluster])]
+
+    async def prune_received(self, resolved_before: float) -> int:
+        return await self._exec("DELETE FROM received_alerts WHERE status = 'resolved' AND received_at < ?",
+                                [resolved_before])
 
     async def set_mute(self, cluster: str, until: float, reason: str, by: str) -> None:
         await self._exec('INSERT INTO mutes (cluster, "until", reason, "by", at) VALUES (?, ?, ?, ?, ?) '

@@ -42,13 +42,13 @@ def generate(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"
     now = dt.datetime.now(dt.UTC)
     until = now + dt.timedelta(days=valid_days)
 
-    def key():
+    def key() -> ec.EllipticCurvePrivateKey:
         return ec.generate_private_key(ec.SECP256R1())
 
-    def name(cn: str):
+    def name(cn: str) -> x509.Name:
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
-    def write_key(path: Path, k) -> None:
+    def write_key(path: Path, k: ec.EllipticCurvePrivateKey) -> None:
         data = k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                serialization.NoEncryption())
         KEY_MATERIAL.extend(line for line in data.decode().splitlines() if line and not line.startswith("-----"))
@@ -56,7 +56,7 @@ def generate(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"
         with os.fdopen(fd, "wb") as f:
             f.write(data)
 
-    def write_cert(path: Path, cert) -> None:
+    def write_cert(path: Path, cert: x509.Certificate) -> None:
         path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
     ca_key = key()
@@ -70,7 +70,8 @@ def generate(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"
                                        encipher_only=False, decipher_only=False), critical=True)
           .sign(ca_key, hashes.SHA256()))
 
-    def leaf(cn: str, usages, sans):
+    def leaf(cn: str, usages: list[x509.ObjectIdentifier], sans: list[x509.GeneralName]
+             ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
         k = key()
         builder = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(ca.subject).public_key(k.public_key())
                    .serial_number(x509.random_serial_number())

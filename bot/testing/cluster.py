@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Self
 
+from bot.domain.cluster import TLSFiles
 from bot.etcd.binaries import BinaryNotFound, find_binary
 
 START_TIMEOUT = 30.0
@@ -454,9 +455,8 @@ class LocalCluster:
             raise ClusterError(f"etcdctl {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
         return proc
 
-    def tls_files(self):
-        """bot.domain.cluster.TLSFiles for an EtcdClient talking to this cluster, or None."""
-        from bot.domain.cluster import TLSFiles
+    def tls_files(self) -> TLSFiles | None:
+        """The files for an EtcdClient talking to this cluster, or None without TLS."""
         if not self.tls:
             return None
         return TLSFiles(Path(self.tls.ca), Path(self.tls.client_cert), Path(self.tls.client_key))

@@ -28,6 +28,7 @@ import aiohttp
 from bot.domain.errors import EtcdError
 from bot.etcd.client import EtcdClient
 from bot.testing.cluster import QUOTA_ARGS, LocalCluster, fill_until_nospace, free_port, log_tail
+from bot.testing.sshbed import SshControlPlane, sshd_missing
 from bot.testing.transcript import Style, render_message
 from bot.testing.workspace import (
     CHANNEL,
@@ -215,6 +216,7 @@ class Stack:
         self.watch = watch            # the watch on, looking every second (the alerts scenario)
         self.creds = SlackSecrets()
         self.cluster: LocalCluster | None = None
+        self.bed: SshControlPlane | None = None   # the kubeadm scenario's control plane (instead of `cluster`)
         self.standin: subprocess.Popen | None = None
         self.bot: BotProcess | None = None
         self.standin_url = ""
@@ -224,8 +226,14 @@ class Stack:
         self.cluster.start()
         return self.cluster
 
+    def start_bed(self) -> SshControlPlane:
+        self.bed = SshControlPlane(self.dir / "bed", "static-pod", 3)
+        self.bed.start()
+        return self.bed
+
     async def seed(self) -> None:
-        async with EtcdClient(self.cluster.endpoints) as client:
+        endpoints = self.bed.endpoints if self.bed is not None else self.cluster.endpoints
+        async with EtcdClient(endpoints) as client:
             for key, value in SEED:
                 await client.put(key.encode(), json.dumps(value).encode())
 
@@ -248,7 +256,12 @@ class Stack:
             time.sleep(0.05)
         self.standin_url = ready.read_text().strip()
         watch = {"enabled": True, "interval": "1s", "grace": "2s"} if self.watch else {"enabled": False}
-        config = write_config(self.dir, [cluster_table("demo", self.cluster, snapshots={"keep_last": 5}, watch=watch)],
+        if self.bed is not None:
+            table = self.bed.cluster("demo", snapshots={"keep_last": 5}, watch=watch)
+        else:
+            assert self.cluster is not None, "the cluster starts first"
+            table = cluster_table("demo", self.cluster, snapshots={"keep_last": 5}, watch=watch)
+        config = write_config(self.dir, [table],
                               approval={"approvers": [LEAD], "approver_groups": [LEADS_GROUP], "ttl_minutes": 30})
         self.bot = BotProcess(config, self.standin_url + "/api/", self.creds, self.dir / "bot.log",
                               port=bot_port).start()
@@ -270,6 +283,8 @@ class Stack:
                 self.standin.wait(5)
         if self.cluster is not None:
             self.cluster.close()
+        if self.bed is not None:
+            self.bed.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -443,6 +458,60 @@ async def play_nospace(stack: Stack, out: TextIO, style: Style) -> dict[str, str
                        f"writes succeed again."}
 
 
+async def play_kubeadm(stack: Stack, out: TextIO, style: Style) -> dict[str, str]:
+    """`--scenario kubeadm`: the restore of a kubeadm control plane done on its hosts over SSH: three hosts (network
+    namespaces of the multi-host bed), each with sshd, etcd-chatops-node as the bot key's forced command, and
+    etcd and kube-apiserver as static pods."""
+    started = time.monotonic()
+    spinner = Spinner(sys.stderr if style.colour else out, style)
+
+    def narrate(text: str) -> None:
+        print(style.paint(f"── {text}", "36"), file=out, flush=True)
+
+    async with spinner.running("starting 3 control-plane hosts: sshd, etcd and kube-apiserver as static pods"):
+        bed = await asyncio.to_thread(stack.start_bed)
+        await stack.seed()
+    async with spinner.running("starting the Slack stand-in and the bot"):
+        await asyncio.to_thread(stack.start_slack_and_bot)
+    hosts = ", ".join(f"{n} ({h.host.client_ip})" for n, h in bed.hosts.items())
+    narrate(f"kubeadm control plane 'demo' up on {hosts}: the bot reaches each host over SSH, host keys pinned, "
+            "its key's forced command etcd-chatops-node\n")
+    async with ChannelClient(stack.standin_url, out, style) as channel:
+        await channel.say("status")
+        narrate("the dry run the watch repeats daily: every host's key, forced command and etcdutl\n")
+        await channel.say("launcher-check")
+        async with spinner.running("taking a verified snapshot"):
+            await channel.say("snapshot", wait=60)
+        narrate("a bad deploy writes after the snapshot; then the disks of m1 and m2 fail: their etcd crash-loops\n")
+        async with EtcdClient(bed.endpoints) as client:
+            await client.put(b"/registry/configmaps/default/written-after-the-snapshot", b"{}")
+        for name in ("m1", "m2"):
+            await asyncio.to_thread(bed.damage, name)
+        deadline = time.monotonic() + 30
+        while not await asyncio.to_thread(bed.leaderless, "m3"):
+            if time.monotonic() > deadline:
+                raise DemoError("m3 did not lose its leader")
+            await asyncio.sleep(0.2)
+        await channel.say("status")
+        narrate("quorum is lost: the on-call engineer proposes the restore; the bot will run it on the hosts\n")
+        posted = await channel.say("restore")
+        plan_msg, plan_id = posted_plan(posted, "a restore plan")
+        narrate("two on-call leads approve\n")
+        await channel.react(LEAD, plan_msg["ts"], "white_check_mark")
+        await channel.react(LEAD2, plan_msg["ts"], "white_check_mark", wait=0)
+        await run_to_done(channel, spinner, plan_id,
+                          f"the bot stops kube-apiserver and etcd, restores and starts every host (plan {plan_id})")
+        narrate("after the restore\n")
+        await channel.say("status")
+    manifest = bed.hosts["m1"].files.manifests / "etcd.yaml"
+    restored = next((line.split(":", 1)[1].strip() for line in manifest.read_text().splitlines()
+                     if line.strip().startswith("path:")), "?")
+    narrate(f"m1's etcd.yaml now mounts {restored}; kube-apiserver.yaml is back in its manifests directory\n")
+    seconds = f"{time.monotonic() - started:.1f}"
+    return {"seconds": seconds, "plan": plan_id,
+            "closing": f"kubeadm incident played in {seconds} s: plan {plan_id} done on 3 hosts over SSH."}
+
+
 async def play_alerts(stack: Stack, out: TextIO, style: Style) -> dict[str, str]:
     """`--scenario alerts`: nobody types anything; the watch notices a member die, posts the alert with the next
     command, and resolves it when the member is back."""
@@ -467,13 +536,19 @@ async def play_alerts(stack: Stack, out: TextIO, style: Style) -> dict[str, str]
 
 
 SCENARIOS = {"replace": (play, ()), "nospace": (play_nospace, QUOTA_ARGS), "restore": (play_restore, ()),
-             "alerts": (play_alerts, ())}
+             "alerts": (play_alerts, ()), "kubeadm": (play_kubeadm, ())}
 
 
 def run_demo(directory: Path | None, keep: bool, out: TextIO = sys.stdout, scenario: str = "replace") -> int:
     style = Style(colour=out.isatty() and os.environ.get("NO_COLOR") is None)
     if directory is None:
         directory = default_dir() if keep else Path(tempfile.mkdtemp(prefix="etcd-chatops-demo-"))
+    if scenario == "kubeadm" and (reason := sshd_missing()):
+        print(f"the kubeadm scenario cannot run here: {reason}", file=sys.stderr)
+        return 2
+    if scenario == "kubeadm" and keep:
+        print("the kubeadm scenario cannot be kept: its hosts live only as long as the demo process", file=sys.stderr)
+        return 2
     if (directory / STATE_FILE).exists():
         print(f"a kept demo is already running in {directory}: stop it with `etcd-chatops demo --stop`",
               file=sys.stderr)

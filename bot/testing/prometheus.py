@@ -12,7 +12,7 @@ pipeline and webhook delivery an operator runs.
 - `LocalAlertmanager` routes alerts (those matching its matchers, or all) to one webhook
   receiver, as deploy/prometheus/alertmanager-example.yml does for the bot: `send_resolved:
   true`, a bearer token read from a file (`http_config.authorization.credentials_file`), short
-  group_wait/interval/repeat.
+  group_wait/interval/repeat; `retarget` points it at a bot started later (a reload).
 - `rules_with_for` writes a variant of a rule file with every `for:` shortened, so a test sees
   a rule fire in seconds with its expression and thresholds untouched.
 
@@ -219,6 +219,16 @@ class LocalAlertmanager(_Server):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def retarget(self, webhook_url: str, timeout: float = 10.0) -> None:
+        """Send to `webhook_url` from now on (a bot started after Alertmanager, on a port chosen then): the
+        configuration rewritten and reloaded (POST /-/reload), as an operator's change would be."""
+        self.webhook_url = webhook_url
+        self._write("alertmanager.yml", self.config())
+        request = urllib.request.Request(f"{self.url}/-/reload", method="POST")
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            if r.status != 200:
+                raise RuntimeError(f"alertmanager did not reload its configuration: HTTP {r.status}")
 
     def config(self) -> dict[str, Any]:
         return {"route": self.route,

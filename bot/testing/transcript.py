@@ -36,19 +36,19 @@ class Style:
 
 def mrkdwn(text: str, style: Style, names: dict[str, str]) -> str:
     """Slack mrkdwn -> terminal text."""
-    def mention(m: re.Match) -> str:
-        return "@" + names.get(m.group(1), m.group(1))
+    def mention(m: re.Match[str]) -> str:
+        return "@" + names.get(m[1], m[1])
 
     text = re.sub(r"<@([A-Z0-9]+)>", mention, text)
     text = re.sub(r"<!subteam\^([A-Z0-9]+)(?:\|[^>]*)?>", lambda m: "@" + names.get(m.group(1), m.group(1)), text)
     text = re.sub(r"<!date\^\d+\^[^|>]*\|([^>]*)>", r"\1", text)
     text = re.sub(r"<(https?://[^|>]+)(?:\|([^>]*))?>", lambda m: m.group(2) or m.group(1), text)
 
-    def emoji(m: re.Match) -> str:
-        name = m.group(1)
+    def emoji(m: re.Match[str]) -> str:
+        name: str = m[1]
         symbol = EMOJI.get(name)
         if symbol is None:
-            return m.group(0)
+            return m[0]
         return style.paint(symbol, COLOUR[name]) if name in COLOUR else symbol
 
     out_lines = []

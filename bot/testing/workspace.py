@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bot.testing.cluster import free_port, log_tail
+from bot.testing.cluster import LocalCluster, free_port, log_tail
 
 CHANNEL = "C0INCIDENT"
 CHANNELS = {CHANNEL: "inc-etcd", "C0ELSEWHERE": "random"}
@@ -96,7 +96,8 @@ def launcher_argv(cluster_base_dir: Path) -> list[str]:
             "--action", "{action}"]
 
 
-def cluster_table(name: str, cluster, *, channels: tuple[str, ...] = (CHANNEL,), **extra: Any) -> dict[str, Any]:
+def cluster_table(name: str, cluster: LocalCluster, *, channels: tuple[str, ...] = (CHANNEL,),
+                  **extra: Any) -> dict[str, Any]:
     """A [[clusters]] entry for a LocalCluster, with the command launcher."""
     table: dict[str, Any] = {"name": name, "endpoints": cluster.all_endpoints, "channels": list(channels),
                              "launcher": {"kind": "command", "argv": launcher_argv(cluster.base_dir),
@@ -131,7 +132,7 @@ class BotProcess:
         self.config, self.api_url, self.creds, self.log_file = config, api_url, creds, log_file
         self.port = port or free_port()
         self.env = env or {}  # e.g. the database's password variable
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self.argv: list[str] = [sys.executable, "-m", "bot", "run", "--http", "--host", "127.0.0.1",
                                 "--port", str(self.port), "--config", str(config)]
 

@@ -28,20 +28,20 @@ member's finding, not the others'. Read member URLs with bot.domain.urls.read_ur
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bot.config import ClusterConfig
 from bot.domain import shell
-from bot.domain.cluster import ClusterHealth, MemberHealth, member_labels
+from bot.domain.cluster import ClusterHealth, MemberHealth, MemberMetrics, member_labels
 from bot.domain.plan import PlanKind, PlanState
 from bot.domain.record import PlanRecord
 from bot.domain.snapshot import SnapshotRecord
 from bot.domain.urls import Endpoint, read_url, shown_urls
 from bot.output.units import humanize_bytes
+from bot.watch.readings import Window
 
-QUOTA_SHARE = 0.8                 # the quota condition opens above this share of a member's quota
 LEADER_CHURN_MAX = 3              # more leader changes than this within LEADER_WINDOW is churn
 LEADER_WINDOW = 300.0             # seconds
 
@@ -58,11 +58,25 @@ class Facts:
     newest_snapshot: SnapshotRecord | None = None         # the newest verified, unpruned catalog row
     leader_changes: int = 0                               # leader changes seen within LEADER_WINDOW
     extra: Mapping[str, Any] = field(default_factory=dict)  # the probes' last results, by probe name
+    metrics: Mapping[int, MemberMetrics] = field(default_factory=dict)  # this round's /metrics by member ID
+    windows: Mapping[int, Window] = field(default_factory=dict)          # readings over [clusters.watch] window
+    sizes: Mapping[int, tuple[tuple[float, int], ...]] = field(default_factory=dict)  # (time, db size) over horizon
+
+    def label(self, member_id: int | str) -> str:
+        """A member's name (its hex ID before it has one, or one the round did not list), by ID or hex ID."""
+        wanted = int(member_id, 16) if isinstance(member_id, str) else member_id
+        found = next((h for h in (self.health.members if self.health else ()) if h.member.id == wanted), None)
+        return member_label(found) if found else f"{wanted:016x}"
+
+
+WATCH = "watch"                 # a finding's source: the bot's own checks
+ALERTMANAGER = "alertmanager:"  # ... or Alertmanager, with the alert's name after the colon
+SEVERITIES = ("", "warning", "critical")   # in order; "" for a condition without levels
 
 
 @dataclass(frozen=True)
 class Finding:
-    """One open condition as seen this round."""
+    """One open condition as seen this round, by the watch or by Alertmanager (or both, merged)."""
 
     kind: str                                   # the condition's kind
     subject: str                                # a member, an alarm, "cluster": (kind, subject) is the alert's key
@@ -70,23 +84,61 @@ class Finding:
     figures: tuple[tuple[str, str], ...] = ()   # (name, value), current
     suggestions: tuple[str, ...] = ()           # commands, plain (the renderer escapes and code-formats them)
     members: tuple[str, ...] = ()               # names and hex IDs of the members it is about (for hold-back)
+    severity: str = ""                          # one of SEVERITIES
+    sources: tuple[str, ...] = (WATCH,)         # who sees it: WATCH, ALERTMANAGER + alert name
+    links: tuple[tuple[str, str], ...] = ()     # (text, http(s) URL): an alert's runbook
     offers: tuple[str, ...] = ()                # the way out its message offers as a button: "replace", "restore"
 
     @property
     def key(self) -> tuple[str, str]:
         return self.kind, self.subject
 
+    @property
+    def watched(self) -> bool:
+        """The bot's own checks see it (else only Alertmanager does)."""
+        return WATCH in self.sources
+
+    @property
+    def alerted(self) -> bool:
+        """Alertmanager sees it: its rule's `for:` already waited, so the watch's grace does not apply."""
+        return any(s.startswith(ALERTMANAGER) for s in self.sources)
+
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "subject": self.subject, "summary": self.summary,
                 "figures": [list(f) for f in self.figures], "suggestions": list(self.suggestions),
-                "members": list(self.members), "offers": list(self.offers)}
+                "members": list(self.members), "severity": self.severity, "sources": list(self.sources),
+                "links": [list(link) for link in self.links], "offers": list(self.offers)}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Finding:
         return cls(kind=data["kind"], subject=data["subject"], summary=data.get("summary", ""),
                    figures=tuple((str(a), str(b)) for a, b in data.get("figures", ())),
                    suggestions=tuple(data.get("suggestions", ())), members=tuple(data.get("members", ())),
+                   severity=str(data.get("severity", "")), sources=tuple(data.get("sources", (WATCH,))),
+                   links=tuple((str(a), str(b)) for a, b in data.get("links", ())),
                    offers=tuple(data.get("offers", ())))
+
+
+def worst(*severities: str) -> str:
+    return max(severities, key=lambda s: SEVERITIES.index(s) if s in SEVERITIES else 0, default="")
+
+
+def merge(findings: Iterable[Finding]) -> list[Finding]:
+    """One finding per key: the watch's figures and suggestions (its own evidence, this round) with every
+    source that sees it, the worst severity, and Alertmanager's links. The way out it offers (a button) is
+    the watch's: only its evidence of quorum says whether a replacement would be refused."""
+    out: dict[tuple[str, str], Finding] = {}
+    for f in findings:
+        had = out.get(f.key)
+        if had is None:
+            out[f.key] = f
+            continue
+        first, second = (had, f) if had.watched or not f.watched else (f, had)
+        out[f.key] = replace(first, severity=worst(had.severity, f.severity),
+                             sources=tuple(dict.fromkeys([*first.sources, *second.sources])),
+                             links=tuple(dict.fromkeys([*first.links, *second.links])),
+                             members=tuple(dict.fromkeys([*first.members, *second.members])))
+    return list(out.values())
 
 
 Check = Callable[[Facts], "list[Finding] | None"]
@@ -301,20 +353,25 @@ def alarm(f: Facts) -> list[Finding] | None:
 def quota(f: Facts) -> list[Finding] | None:
     if f.health is None:
         return None
+    watch = f.cluster.watch
     full = []
     for h in f.health.members:
         limit = f.quotas.get(h.member.id)
         if h.status is None or not limit:
             continue
-        if h.status.db_size > QUOTA_SHARE * limit:
-            full.append((member_label(h), f"{humanize_bytes(h.status.db_size)} of {humanize_bytes(limit)} "
-                                          f"({h.status.db_size / limit * 100:.0f} %)"))
+        share = h.status.db_size / limit
+        if share > watch.quota_warning:
+            full.append((member_label(h), share, f"{humanize_bytes(h.status.db_size)} of {humanize_bytes(limit)} "
+                                                 f"({share * 100:.0f} %)"))
     if not full:
         return []
+    critical = [m for m, share, _ in full if share > watch.quota_critical]
+    over = watch.quota_critical if critical else watch.quota_warning
     return [Finding("quota", "database size",
-                    f"above {QUOTA_SHARE * 100:.0f} % of the quota on {', '.join(m for m, _ in full)}: "
+                    f"above {over * 100:.0f} % of the quota on {', '.join(critical or [m for m, _, _ in full])}: "
                     "defragment before etcd raises NOSPACE",
-                    figures=tuple(full), suggestions=(f"/etcd defrag {f.cluster.name}",))]
+                    figures=tuple((m, shown) for m, _, shown in full), suggestions=(f"/etcd defrag {f.cluster.name}",),
+                    members=tuple(m for m, _, _ in full), severity="critical" if critical else "warning")]
 
 
 def leader_churn(f: Facts) -> list[Finding] | None:

@@ -7,6 +7,10 @@ the same alert (its message says it is flapping) instead of posting a new one;
 one that comes and goes FLAP_MIN times within the window opens at once, grace
 or not, and resolves only after a quiet FLAP_WINDOW. So a member down and up
 ten times a minute is one message, and one "resolved" when it has settled.
+
+A finding Alertmanager sees (`Finding.alerted`) opens at once: its rule's `for:` already waited. When only
+Alertmanager saw it last, its absence resolves at once (Alertmanager said "resolved"), and the watch
+not being able to tell (an unknown round) does not hold it.
 """
 from __future__ import annotations
 
@@ -79,10 +83,12 @@ class Tracker:
         seen = {f.key: f for f in findings}
         decisions: list[Decision] = []
         for key in list(dict.fromkeys([*self.tracks, *seen])):
-            if key[0] in unknown or key in unsure:
-                continue
             track = self.tracks.get(key)
             finding = seen.get(key)
+            last = finding or (track.finding if track else None)
+            if (key[0] in unknown or key in unsure) and last is not None and last.watched \
+                    and not (finding is not None and finding.alerted):
+                continue
             if track is None:
                 assert finding is not None
                 track = self.tracks[key] = Track(finding)
@@ -110,7 +116,8 @@ class Tracker:
         if track.open:
             if finding is not None:
                 return Decision(Act.UPDATE, track)
-            settle = max(self.grace, FLAP_WINDOW) if track.flapping else self.grace
+            settle = (0.0 if not track.finding.watched
+                      else max(self.grace, FLAP_WINDOW) if track.flapping else self.grace)
             if track.absent_since is not None and now - track.absent_since + self.jitter >= settle:
                 track.resolved_at = track.absent_since   # it lasted until it was last seen gone
                 return Decision(Act.RESOLVE, track)
@@ -122,7 +129,8 @@ class Tracker:
             track.flaps = max(track.flaps, len(track.appearances), FLAP_MIN)
             return Decision(Act.REOPEN, track)
         assert track.present_since is not None
-        if now - track.present_since + self.jitter >= self.grace or len(track.appearances) >= FLAP_MIN:
+        if now - track.present_since + self.jitter >= self.grace or len(track.appearances) >= FLAP_MIN \
+                or finding.alerted:
             track.opened_at = track.present_since    # the condition's start, not the post's
             track.flaps = len(track.appearances)
             return Decision(Act.OPEN, track)

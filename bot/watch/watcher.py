@@ -7,10 +7,20 @@ that does not answer costs its own loop a deadline and nobody else anything.
 Open alerts are kept in the store (table `alerts`), so a restarted bot edits
 the messages it posted before instead of posting again.
 
-Probes: figures a status answer lacks (each member's quota from /metrics)
-come from probes, each run at most once per its `every_seconds`, their last
-results handed to the conditions as `facts.extra[name]` (quotas as
-`facts.quotas`). To add one: `register_probe(Probe(name, fetch, every))`,
+Each round also reads every member's /metrics (its quota before etcd 3.6, and the counters
+and histograms whose rates and percentiles the mixin's conditions judge, kept
+over `[clusters.watch] window` in `ClusterWatch.history`), and the alerts
+Alertmanager sent that still fire (bot/watch/alertmanager.py): their findings
+are merged with the watch's own, one message per condition whoever saw it.
+Any replica may receive a delivery; the leader's loop runs a round as soon as
+the store shows a change (polled every POLL_SECONDS, or woken at once when
+this replica received it). With the receiver on, a cluster whose watch is
+disabled still gets a loop, which posts Alertmanager's alerts only (and reads
+the cluster only while one fires or its message is open).
+
+Probes: other figures a status answer lacks come from probes, each run at
+most once per its `every_seconds`, their last results handed to the
+conditions as `facts.extra[name]`. To add one: `register_probe(Probe(name, fetch, every))`,
 where `await fetch(ctx, cluster, health)` returns the figure, or None when it
 cannot tell this time (then it is asked again next round); it runs under
 `timeout` (default twice the cluster's `timeout_seconds`), and a probe that
@@ -27,21 +37,34 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bot.config import ClusterConfig
-from bot.domain.cluster import ClusterHealth, backend_quota
+from bot.domain.cluster import ClusterHealth, MemberMetrics, backend_quota
 from bot.domain.errors import EtcdError
-from bot.domain.record import AlertRecord, NewAlert, PlanRecord
+from bot.domain.record import AlertRecord, NewAlert, PlanRecord, ReceivedAlert
 from bot.etcd.member_metrics import cluster_metrics
 from bot.ops.context import BotContext
 from bot.ops.notify import NotifyFailed
 from bot.output import blocks
 from bot.output.model import AlertView, short_duration
 from bot.store.base import StoreError
-from bot.watch import backups, certificates
-from bot.watch.conditions import CONDITIONS, LEADER_WINDOW, Facts, Finding, evaluate, expected, runbook, title
+from bot.watch import alertmanager, backups, certificates, launcher
+from bot.watch.conditions import (
+    CONDITIONS,
+    LEADER_WINDOW,
+    Evaluation,
+    Facts,
+    Finding,
+    evaluate,
+    expected,
+    merge,
+    runbook,
+    title,
+)
+from bot.watch.readings import History
 from bot.watch.tracker import FLAP_MIN, Act, Decision, Key, Track, Tracker
 
 log = logging.getLogger(__name__)
 REFRESH_SECONDS = 60.0   # an open alert's message is edited when its figures change, and at least this often
+POLL_SECONDS = 1.0       # how soon the leader sees Alertmanager's alerts another replica received
 ALERTS_KEPT_SECONDS = 30 * 86400.0   # resolved alert rows older than this are deleted by the leader's housekeeping
 
 
@@ -66,19 +89,9 @@ def register_probe(probe: Probe) -> Probe:
     return probe
 
 
-async def _quotas(ctx: BotContext, cluster: ClusterConfig, health: ClusterHealth | None) -> dict[int, int] | None:
-    """Each reachable member's backend quota (in Status since etcd 3.6, before only in /metrics)."""
-    if health is None:
-        return None
-    found = await cluster_metrics(ctx.client(cluster), health, for_quota=True)
-    quotas = {h.member.id: backend_quota(h.status, found.get(h.member.id)) for h in health.members}
-    return {mid: quota for mid, (quota, why) in quotas.items()
-            if quota and (why is None or not isinstance(found.get(mid), str))} or None
-
-
-register_probe(Probe("quotas", _quotas, 300.0))
 for _more in (certificates, backups):  # conditions with a probe of their own (importing them registers the conditions)
     register_probe(Probe(_more.PROBE, _more.fetch, _more.PROBE_EVERY))
+register_probe(Probe(launcher.PROBE, launcher.fetch, launcher.PROBE_EVERY, launcher.PROBE_TIMEOUT))
 
 
 # ---------------------------------------------------------------- per cluster state
@@ -97,7 +110,11 @@ class Posted:
 @dataclass
 class ClusterWatch:
     tracker: Tracker
+    history: History
     posted: dict[Key, list[Posted]] = field(default_factory=dict)
+    quotas: dict[int, int] = field(default_factory=dict)                 # each member's quota, as last read
+    attached: dict[str, set[Key]] = field(default_factory=dict)          # Alertmanager's etcdMembersDown: its keys
+    firing: tuple[tuple[str, float], ...] = ()                           # the received alerts the last round saw
     probed: dict[str, tuple[float, Any]] = field(default_factory=dict)   # probe name -> (when, result)
     term: int | None = None                                              # the highest raft term seen
     elections: list[float] = field(default_factory=list)                 # when new terms were seen
@@ -126,10 +143,16 @@ class Watcher:
         self.ctx, self.clock = ctx, clock
         self.should_watch = should_watch or ctx.is_leader
         self.clusters: dict[str, ClusterWatch] = {}
+        self.receiving = ctx.config.alertmanager.enabled
+        self._wakes: dict[str, asyncio.Event] = {}
 
     async def run(self) -> None:
-        """Forever: one loop per watched cluster."""
-        await asyncio.gather(*(self._loop(c) for c in self.ctx.config.clusters if c.watch.enabled))
+        """Forever: one loop per watched cluster (every cluster while Alertmanager's alerts are received)."""
+        await asyncio.gather(*(self._loop(c) for c in self.ctx.config.clusters if c.watch.enabled or self.receiving))
+
+    def received(self, cluster: str) -> None:
+        """Alertmanager's alerts of `cluster` changed (this replica received them): a round now."""
+        self._wakes.setdefault(cluster, asyncio.Event()).set()
 
     async def _loop(self, cluster: ClusterConfig) -> None:
         interval = cluster.watch.interval_seconds
@@ -149,11 +172,38 @@ class Watcher:
             except Exception:
                 log.exception("watch round failed", extra={"ctx_cluster": cluster.name})
             next_at = max(next_at + interval, loop.time())
-            await asyncio.sleep(next_at - loop.time())
+            await self._pause(cluster, next_at, watching)
+
+    async def _pause(self, cluster: ClusterConfig, until: float, watching: bool) -> None:
+        """Until the next round is due (`until`, the loop's time), or sooner while Alertmanager's alerts are
+        received: when the cluster's change (woken by this replica's receiver, or seen in the store every
+        POLL_SECONDS when another replica received them), or this replica becomes the one that watches (what
+        others filed meanwhile is its to post)."""
+        loop = asyncio.get_running_loop()
+        wake = self._wakes.setdefault(cluster.name, asyncio.Event())
+        while True:
+            left = until - loop.time()
+            if left <= 0:
+                return
+            try:
+                await asyncio.wait_for(wake.wait(), min(left, POLL_SECONDS) if self.receiving else left)
+            except TimeoutError:
+                if not (self.receiving and self.should_watch()
+                        and (not watching or await self._alerts_changed(cluster))):
+                    continue
+            wake.clear()
+            return
+
+    async def _alerts_changed(self, cluster: ClusterConfig) -> bool:
+        state = self.clusters.get(cluster.name)
+        rows = await self._quiet(self.ctx.store.received_alerts(cluster.name), None)
+        return state is not None and rows is not None and _firing(rows) != state.firing
 
     async def load(self, cluster: ClusterConfig) -> ClusterWatch:
         """The cluster's open alerts from the store: their messages are edited, not posted again."""
-        state = ClusterWatch(Tracker(cluster.watch.grace_seconds, jitter=min(1.0, cluster.watch.interval_seconds / 10)))
+        watch = cluster.watch
+        state = ClusterWatch(Tracker(watch.grace_seconds, jitter=min(1.0, watch.interval_seconds / 10)),
+                             History(watch.window_seconds, watch.growth_horizon_seconds))
         for row in await self.ctx.store.open_alerts(cluster.name):
             finding = Finding.from_json({**json.loads(row.detail or "{}"), "kind": row.condition,
                                          "subject": row.subject})
@@ -168,27 +218,68 @@ class Watcher:
     async def facts(self, cluster: ClusterConfig, state: ClusterWatch) -> Facts:
         now = self.clock()
         health, error = await self._health(cluster)
-        await self._probe(cluster, state, health, now)
+        metrics: dict[int, MemberMetrics] = {}
+        if cluster.watch.enabled:
+            await self._probe(cluster, state, health, now)
+            metrics = await self._metrics(cluster, health)
+            for h in health.members if health else ():
+                quota, _ = backend_quota(h.status, metrics.get(h.member.id))
+                if quota:
+                    state.quotas[h.member.id] = quota
+            state.history.add(now, metrics, {h.member.id: h.status.db_size for h in (health.members if health else ())
+                                             if h.status is not None})
         extra = {name: value for name, (_, value) in state.probed.items()}
         newest = await self._quiet(self.ctx.store.snapshots(cluster.name, limit=1), [])
-        return Facts(cluster=cluster, now=now, health=health, error=error, quotas=extra.get("quotas") or {},
+        return Facts(cluster=cluster, now=now, health=health, error=error, quotas=dict(state.quotas),
                      newest_snapshot=newest[0] if newest else None,
-                     leader_changes=state.leader_changes(health, now), extra=extra)
+                     leader_changes=state.leader_changes(health, now), extra=extra, metrics=metrics,
+                     windows=state.history.windows(), sizes=state.history.growth())
+
+    async def _metrics(self, cluster: ClusterConfig, health: ClusterHealth | None) -> dict[int, MemberMetrics]:
+        """Every answering member's /metrics this round (a member that does not answer is left out)."""
+        if health is None:
+            return {}
+        try:
+            found = await asyncio.wait_for(cluster_metrics(self.ctx.client(cluster), health),
+                                           2 * cluster.timeout_seconds)
+        except TimeoutError:
+            return {}
+        return {mid: m for mid, m in found.items() if not isinstance(m, str)}
+
+    async def _alerts(self, cluster: ClusterConfig, state: ClusterWatch, facts: Facts) -> list[Finding] | None:
+        """Alertmanager's alerts that fire for the cluster, as findings; None when the store cannot say (the
+        alerts they opened then stand still)."""
+        if not self.receiving:
+            return []
+        rows = await self._quiet(self.ctx.store.received_alerts(cluster.name), None)
+        if rows is None:
+            return None
+        state.firing = _firing(rows)
+        alive = {a.fingerprint for a in rows}
+        state.attached = {k: v for k, v in state.attached.items() if k in alive}
+        return alertmanager.findings(facts, rows, state.attached)
 
     async def round(self, cluster: ClusterConfig) -> list[Decision]:
         state = self.clusters.get(cluster.name) or self.clusters.setdefault(cluster.name, await self.load(cluster))
+        if not cluster.watch.enabled and not state.tracker.tracks and not await self._alerts_changed(cluster):
+            return []   # its own checks are off, and Alertmanager says nothing: no status fan-out for nothing
         facts = await self.facts(cluster, state)
-        verdicts = evaluate(facts)
+        verdicts = evaluate(facts) if cluster.watch.enabled else Evaluation()
         self._report(cluster, state, [(f.key, f.error) for f in verdicts.failures], within=CONDITIONS)
+        alerted = await self._alerts(cluster, state, facts)
+        unknown = set(verdicts.unknown)
+        if alerted is None:   # what Alertmanager alone saw stands still
+            unknown |= {t.finding.kind for t in state.tracker.tracks.values() if not t.finding.watched}
+        findings = merge([*verdicts.findings, *(alerted or [])])
         plan: PlanRecord | None = await self._quiet(self.ctx.store.open_plan(cluster.name), None)
         mutes = await self._quiet(self.ctx.store.mutes(), [])
         muted = any(m.cluster == cluster.name for m in mutes)
-        decisions = state.tracker.step(verdicts.findings, verdicts.unknown, facts.now,
+        decisions = state.tracker.step(findings, unknown, facts.now,
                                        postable=lambda f: not muted and not expected(plan, f), unsure=verdicts.unsure)
         state.held = [(t, _why_held(t.finding, muted, plan, cluster)) for t in state.tracker.tracks.values()
                       if not t.open and t.present_since is not None]
         log.debug("watch round", extra={"ctx_cluster": cluster.name, "ctx_seconds": round(self.clock() - facts.now, 3),
-                                        "ctx_findings": [f.key for f in verdicts.findings],
+                                        "ctx_findings": [(*f.key, *f.sources) for f in findings],
                                         "ctx_unknown": sorted(verdicts.unknown),
                                         "ctx_plan": plan and f"{plan.id} {plan.kind} {plan.state}", "ctx_muted": muted})
         for d in decisions:
@@ -276,10 +367,8 @@ class Watcher:
 
     def view(self, cluster: ClusterConfig, track: Track, now: float) -> AlertView:
         f = track.finding
-        return AlertView(cluster=cluster.name, condition=f.kind, title=title(f.kind), subject=f.subject,
-                         summary=f.summary, figures=f.figures, suggestions=f.suggestions,
-                         opened_at=track.opened_at or now, now=now, resolved_at=track.resolved_at, flaps=track.flaps,
-                         flapping=track.flapping, offers=f.offers, runbook_url=runbook(f.kind))
+        return replace(alert_view(cluster.name, f, track.opened_at or now, now, track.flaps),
+                       resolved_at=track.resolved_at, flapping=track.flapping)
 
     async def _act(self, cluster: ClusterConfig, state: ClusterWatch, d: Decision, now: float) -> None:
         track, store, notifier = d.track, self.ctx.store, self.ctx.notifier
@@ -348,18 +437,24 @@ def _shown(finding: Finding, flaps: int) -> str:
     return json.dumps([finding.to_json(), flaps], separators=(",", ":"))
 
 
+def alert_view(cluster: str, f: Finding, opened_at: float, now: float, flaps: int) -> AlertView:
+    return AlertView(cluster=cluster, condition=f.kind, title=title(f.kind), subject=f.subject, summary=f.summary,
+                     figures=f.figures, suggestions=f.suggestions, opened_at=opened_at, now=now, flaps=flaps,
+                     flapping=flaps >= FLAP_MIN, severity=f.severity, sources=f.sources, links=f.links,
+                     offers=f.offers, runbook_url=runbook(f.kind))
+
+
 def open_views(cluster: str, rows: list[AlertRecord], now: float) -> list[AlertView]:
     """The open alerts in the store as views, one per condition (a row is one channel's message)."""
     views: dict[tuple[str, str], AlertView] = {}
     for row in rows:
-        f = Finding.from_json({**json.loads(row.detail or "{}"), "kind": row.condition,
-                               "subject": row.subject})
-        views.setdefault(f.key, AlertView(cluster=cluster, condition=f.kind, title=title(f.kind), subject=f.subject,
-                                          summary=f.summary, figures=f.figures, suggestions=f.suggestions,
-                                          opened_at=row.opened_at, now=now, flaps=row.flaps,
-                                          flapping=row.flaps >= FLAP_MIN, offers=f.offers,
-                                          runbook_url=runbook(f.kind)))
+        f = Finding.from_json({**json.loads(row.detail or "{}"), "kind": row.condition, "subject": row.subject})
+        views.setdefault(f.key, alert_view(cluster, f, row.opened_at, now, row.flaps))
     return list(views.values())
+
+
+def _firing(alerts: list[ReceivedAlert]) -> tuple[tuple[str, float], ...]:
+    return tuple(sorted((a.fingerprint, a.starts_at) for a in alerts))
 
 
 async def tidy_alerts(ctx: BotContext, now: float | None = None) -> tuple[int, int]:
@@ -368,8 +463,10 @@ async def tidy_alerts(ctx: BotContext, now: float | None = None) -> tuple[int, i
     start-up) are closed without posting: nobody would ever resolve them. Alerts resolved more than
     ALERTS_KEPT_SECONDS ago are deleted. Returns (closed, deleted)."""
     now = time.time() if now is None else now
-    closed = await ctx.store.close_alerts([c.name for c in ctx.config.clusters if c.watch.enabled], now)
+    receiving = ctx.config.alertmanager.enabled
+    closed = await ctx.store.close_alerts([c.name for c in ctx.config.clusters if c.watch.enabled or receiving], now)
     deleted = await ctx.store.prune_alerts(now - ALERTS_KEPT_SECONDS)
+    await ctx.store.prune_received(now - ALERTS_KEPT_SECONDS)
     if closed or deleted:
         log.info("alert rows tidied", extra={"ctx_closed": closed, "ctx_deleted": deleted})
     return closed, deleted

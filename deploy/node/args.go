@@ -40,6 +40,7 @@ type Request struct {
 	Timeout time.Duration
 
 	WithAPIServer bool // stop: kube-apiserver's manifest leaves too (a restore)
+	APIServerOnly bool // stop: kube-apiserver's manifest leaves, etcd's stays (a restore's first stop)
 	APIServer     bool // start: kube-apiserver's manifest goes back (the cluster is healthy)
 	Join          bool // start: a new member joins a running cluster
 	TemplateStdin bool // start --join / restore: a surviving member's etcd.yaml arrives on stdin
@@ -252,13 +253,13 @@ var (
 // actionFlags lists which flags each action takes (anything else is refused).
 var actionFlags = map[string][]string{
 	"status":       {"member", "timeout", "snapshot", "sha256", "show-manifest"},
-	"stop":         {"member", "timeout", "fence", "with-apiserver"},
+	"stop":         {"member", "timeout", "fence", "with-apiserver", "apiserver-only"},
 	"start":        {"member", "timeout", "fence", "apiserver", "join", "initial-cluster", "peer-url", "client-url", "data-dir", "template-stdin"},
 	"restore":      {"member", "timeout", "fence", "snapshot", "sha256", "initial-cluster", "token", "peer-url", "client-url", "data-dir", "bump-revision", "mark-compacted", "replaces", "template-stdin"},
 	"put-snapshot": {"member", "timeout", "fence", "snapshot", "sha256", "size"},
 }
 
-var boolFlags = map[string]bool{"with-apiserver": true, "apiserver": true, "join": true, "template-stdin": true,
+var boolFlags = map[string]bool{"with-apiserver": true, "apiserver-only": true, "apiserver": true, "join": true, "template-stdin": true,
 	"show-manifest": true, "mark-compacted": true}
 
 // envFlags: the action flags a launcher may also pass as environment variables.
@@ -356,10 +357,13 @@ func parseAction(action string, args []string, getenv func(string) string, cfg *
 		req.Fence = n
 	}
 	req.WithAPIServer, req.APIServer = flagOn("with-apiserver"), flagOn("apiserver")
+	req.APIServerOnly = flagOn("apiserver-only")
+	req.WithAPIServer = req.WithAPIServer || req.APIServerOnly
 	req.Join, req.TemplateStdin, req.ShowManifest = flagOn("join"), flagOn("template-stdin"), flagOn("show-manifest")
 	req.MarkCompacted = flagOn("mark-compacted")
 	if cfg.Recipe == "systemd" && (req.WithAPIServer || req.APIServer || req.TemplateStdin) {
-		return req, badInput("--with-apiserver, --apiserver and --template-stdin belong to the static-pod recipe; "+
+		return req, badInput("--with-apiserver, --apiserver-only, --apiserver and --template-stdin belong to the "+
+			"static-pod recipe; "+
 			"this node runs the %s recipe", cfg.Recipe)
 	}
 

@@ -87,6 +87,7 @@ func TestConfigIsChecked(t *testing.T) {
 		"holding inside manifests":   {"--recipe", "static-pod", "--holding-dir", "/etc/kubernetes/manifests/held", "status", "--member", "m1"},
 		"unit name":                  {"--recipe", "systemd", "--unit", "etcd;x", "status", "--member", "m1"},
 		"apiserver flag for systemd": {"--recipe", "systemd", "stop", "--member", "m1", "--fence", "1", "--with-apiserver"},
+		"apiserver-only for systemd": {"--recipe", "systemd", "stop", "--member", "m1", "--fence", "1", "--apiserver-only"},
 	}
 	for name, args := range cases {
 		if code, ans := runLine(t, args, nil); code != 2 || ans["code"] != "bad_input" {

@@ -120,6 +120,15 @@ func (s *staticPod) Stop(req *Request, ans *Answer) (bool, error) {
 			changed = true
 			done = append(done, "moved kube-apiserver.yaml to "+s.cfg.HoldingDir)
 		}
+		if req.APIServerOnly { // etcd stays: a restore stops every apiserver before any member
+			if apiWhere == "absent" {
+				done = append(done, "no kube-apiserver.yaml on this host")
+			} else if !changed {
+				done = append(done, "kube-apiserver.yaml was already in "+s.cfg.HoldingDir)
+			}
+			ans.Detail = strings.Join(done, "; ")
+			return changed, nil
+		}
 	}
 	if where == "present" {
 		if err := moveFile(s.live(etcdManifest), s.held(etcdManifest)); err != nil {

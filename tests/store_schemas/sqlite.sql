@@ -162,3 +162,18 @@ CREATE TABLE outbox (
     text TEXT NOT NULL,            -- mrkdwn, every value escaped already
     posted_at REAL                -- NULL until a replica posted it
 );
+
+-- version 5: received_alerts: the newest state of each alert Alertmanager sent
+CREATE TABLE received_alerts (
+    cluster TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,     -- Alertmanager's: the alert's name and labels
+    alertname TEXT NOT NULL,
+    status TEXT NOT NULL,          -- firing | resolved: the newest state received
+    starts_at REAL NOT NULL,      -- the episode (a new one starts later): what a redelivery repeats
+    ends_at REAL,
+    labels TEXT NOT NULL,          -- JSON
+    annotations TEXT NOT NULL,     -- JSON
+    received_at REAL NOT NULL,
+    PRIMARY KEY (cluster, fingerprint)
+);
+CREATE INDEX received_alerts_firing ON received_alerts(cluster, status);

@@ -92,6 +92,9 @@ def plan_replacement(health: ClusterHealth, req: ReplaceRequest, *, newest_snaps
                       f"{q.needed} are needed; no member replacement can fix that",
                       f"{where} (etcdutl snapshot restore on every member)")
 
+    if launcher == "ssh" and new_client is None:
+        raise Refusal("the ssh launcher starts the new member with etcd-chatops-node, which needs its client URL",
+                      "add --client-url http(s)://<new host>:2379")
     target = health.find(req.failed)
     if target is None and removed is not None:
         return _plan_add_only(health, req, removed, new_peer, new_client, plan_id, launcher)
@@ -246,7 +249,9 @@ def _plan(health: ClusterHealth, req: ReplaceRequest, failed: MemberRef, survivo
     source = pick.member.name if pick else None
     mode = "as a learner (non-voting) member" if req.learner else "as a voting member (--no-learner)"
     start = {"manual": f"Start {new_name}: an operator runs etcd on the new machine with the environment below",
-             "command": f"Start {new_name} with the configured launcher command"}.get(launcher, f"Start {new_name}")
+             "command": f"Start {new_name} with the configured launcher command",
+             "ssh": f"Start {new_name} on its host with etcd-chatops-node over SSH (start --join)"}.get(
+        launcher, f"Start {new_name}")
     steps = [
         Step("recheck", "Re-check that the membership is unchanged and quorum holds"),
         Step("snapshot", f"Take a verified snapshot of {source}"),

@@ -32,6 +32,7 @@ from bot.domain.record import PlanRecord
 from bot.domain.replace import ReplacePlan
 from bot.domain.snapshot import SnapshotFailed
 from bot.etcd.health import check_cluster
+from bot.ops import nodes, ssh
 from bot.ops.context import BotContext
 from bot.ops.engine import ClusterOperation, StepRun, note, register
 from bot.ops.launcher import manual_instructions, run_command
@@ -109,9 +110,37 @@ class ReplaceOperation(ClusterOperation[ReplacePlan]):
         return f"{q.healthy} of {q.voting} voting members healthy (quorum {q.needed})"
 
     async def recheck(self) -> str:
-        """Step 0, and the first thing a resume does: the plan's facts against the live cluster."""
+        """Step 0, and the first thing a resume does: the plan's facts against the live cluster, and (ssh
+        launcher) every host the plan touches reachable with its pinned key, its node program answering."""
         health = await self._facts()
-        return f"membership as planned, {self._quorum(health, 'now')}"
+        found = f"membership as planned, {self._quorum(health, 'now')}"
+        if self.cluster.launcher.kind != "ssh":
+            return found
+        return f"{found}; {await nodes.require_hosts(self.cluster.launcher, [self._new_host(), *self._templates()])}"
+
+    def _new_host(self) -> ssh.Host:
+        return ssh.host_for(self.cluster.launcher, self.plan.new_name, self.plan.new_peer_url)
+
+    def _templates(self) -> list[ssh.Host]:
+        """static-pod: the hosts of the healthy survivors, whose etcd.yaml the new member's is derived from."""
+        if self.cluster.launcher.recipe != "static-pod":
+            return []
+        failed = {m.id for m in self.plan.others_failed}
+        return [ssh.host_for(self.cluster.launcher, m.name, m.peer_urls[0]) for m in self.plan.survivors
+                if m.id not in failed and m.name and m.peer_urls]
+
+    async def _start_on_host(self) -> str:
+        """The ssh launcher: etcd-chatops-node starts the new member on its host (`start --join`), from a
+        survivor's manifest (static-pod) or the host's own unit (systemd)."""
+        p, launcher = self.plan, self.cluster.launcher
+        if not p.new_client_url:
+            raise StepFailed("the ssh launcher needs the new member's client URL", "propose the replacement again "
+                                                                                  "with --client-url")
+        flags = [*nodes.fence_flags(self.fencing), "--join", "--initial-cluster", p.initial_cluster,
+                 "--peer-url", p.new_peer_url, "--client-url", p.new_client_url,
+                 "--data-dir", self.cluster.restore.data_dir.replace("{name}", p.new_name)]
+        work = {self._new_host(): nodes.join_work(launcher, flags, self._templates())}
+        return await nodes.each_host(launcher, work, "the start", self.fencing)
 
     def _removing(self, health: ClusterHealth) -> list[Member]:
         ids = {int(r.id, 16) for r in (self.plan.failed, *self.plan.also_remove)}
@@ -272,6 +301,8 @@ class ReplaceOperation(ClusterOperation[ReplacePlan]):
                          f"the bot sees it join:\n{code_block(manual_instructions(self.plan))}", joined,
                 StepFailed(f"{self.plan.new_name} did not start and answer within {launcher.timeout_seconds:g}s",
                            "start it with the environment shown, then /etcd resume the plan"))
+        if launcher.kind == "ssh":
+            return await self._start_on_host()
         result = await run_command(launcher, self.plan, self.ctx.secrets(), self.fencing)
         tail = result.output_tail.strip()[-1500:]
         if not result.ok:

@@ -83,9 +83,31 @@ RESTORE_STEPS = (
 )
 
 
+# The ssh launcher's static-pod recipe stops kube-apiserver itself, as a step of its own before any member stops,
+# and puts it back only once the restored cluster is healthy and verified.
+APISERVER_STOP = ("apiserver-stop", "Stop kube-apiserver on every host (kube-apiserver.yaml into the holding "
+                                    "directory), so nothing writes while etcd is restored")
+APISERVER_START = ("apiserver", "Put kube-apiserver back on every host, now that the whole cluster is healthy and "
+                                "verified")
+SSH_VERIFY = ("verify", "Verify the snapshot (sha256 trailer, bbolt structure, status matches the catalog) and every "
+                        "host (SSH with its pinned key, etcd-chatops-node's status)")
+
+
+def restore_steps(launcher: str, recipe: str | None) -> tuple[Step, ...]:
+    """The steps for the launcher: the ssh launcher checks every host at step 0, and with the static-pod recipe
+    stops and puts back kube-apiserver around the restore."""
+    steps = list(RESTORE_STEPS)
+    if launcher == "ssh":
+        steps[0] = SSH_VERIFY
+        if recipe == "static-pod":
+            steps.insert(steps.index(next(s for s in steps if s[0] == "stop")), APISERVER_STOP)
+            steps.insert(steps.index(next(s for s in steps if s[0] == "check")) + 1, APISERVER_START)
+    return tuple(Step(k, t) for k, t in steps)
+
+
 def plan_restore(cluster: str, snapshot: SnapshotRef, newer: tuple[str, ...], membership: Membership, *,
                  quorum: QuorumEvidence, force: bool, current_revision: int | None, data_dir: str,
-                 etcd_version: str, launcher: str, launcher_has_actions: bool,
+                 etcd_version: str, launcher: str, launcher_has_actions: bool, recipe: str | None = None,
                  plan_id: str | None = None) -> RestorePlan:
     """Build the restore plan, or raise Refusal. Without --force only on proof that quorum is lost
     (`quorum`, bot.ops.restore.quorum); `data_dir` a template with {name}. Learners that never started are left out:
@@ -118,7 +140,7 @@ def plan_restore(cluster: str, snapshot: SnapshotRef, newer: tuple[str, ...], me
     return RestorePlan(id=pid, cluster=cluster, snapshot=snapshot, members=tuple(members), token=token, force=force,
                        quorum_now=(quorum.voting, quorum.answering), current_revision=current_revision,
                        membership_source=membership.source, membership_seen_at=membership.seen_at, newer=newer,
-                       etcd_version=etcd_version, launcher=launcher, steps=tuple(Step(k, t) for k, t in RESTORE_STEPS),
+                       etcd_version=etcd_version, launcher=launcher, steps=restore_steps(launcher, recipe),
                        fingerprint=f"{snapshot.sha256}:{','.join(m.id for m in members)}", verdict=verdict.value,
                        evidence=quorum.describe(), left_out=tuple(left_out))
 
@@ -151,7 +173,8 @@ async def propose_restore(ctx: BotContext, cluster: ClusterConfig, wanted: str |
                                           encrypted_only=cluster.snapshots.encrypted)
         plan = plan_restore(cluster.name, snapshot, newer, membership, quorum=evidence, force=force,
                             current_revision=current, data_dir=cluster.restore.data_dir, etcd_version=version,
-                            launcher=cluster.launcher.kind, launcher_has_actions=cluster.launcher.has_actions)
+                            launcher=cluster.launcher.kind, launcher_has_actions=cluster.launcher.has_actions,
+                            recipe=cluster.launcher.recipe)
     except Refusal as r:
         await store.audit("restore_refused", user=user, channel=channel, cluster=cluster.name,
                           detail={"reason": r.reason, "snapshot": wanted, "force": force})

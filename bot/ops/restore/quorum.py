@@ -47,13 +47,14 @@ POLL = 0.5
 async def weigh(ctx: BotContext, cluster: ClusterConfig,
                 known: Sequence[Member]) -> tuple[QuorumEvidence, ClusterHealth | None]:
     """The evidence now, looked at again every POLL while waiting may settle it (at most twice the settle
-    time). The launcher is asked once about each voter that does not answer; `known` are the members to ask
-    about when no member gives a member list (the recorded membership, or the plan's). Also returns the last
-    health check (None: no member answered)."""
+    time after the first look: that look may take longer than the settle time itself, when the launcher's
+    status is slow, as over SSH). The launcher is asked once about each voter that does not answer; `known`
+    are the members to ask about when no member gives a member list (the recorded membership, or the plan's).
+    Also returns the last health check (None: no member answered)."""
     settle = cluster.restore.no_leader_seconds
     launcher: dict[int, MemberState] = {}
     since: dict[str, float] = {}
-    began = time.monotonic()
+    began: float | None = None
     while True:
         health: ClusterHealth | None
         try:
@@ -66,6 +67,7 @@ async def weigh(ctx: BotContext, cluster: ClusterConfig,
                                                        m.client_urls, ctx.secrets()) for m in ask))
         launcher |= {m.id: a.state for m, a in zip(ask, answers, strict=True)}
         now = time.monotonic()
+        began = now if began is None else began
         voters = tuple(_voter(m, status, launcher.get(m.id)) for m, status in seen)
         since = {v.name: since.get(v.name, now) for v in voters if v.seen is Seen.NO_LEADER}
         evidence = QuorumEvidence(cluster.name, voters, frozenset(n for n, t in since.items() if now - t >= settle),

@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
+from pathlib import Path
 
 from bot.domain.cluster import Member
 from bot.domain.errors import EtcdError, FactsChanged, StepFailed
@@ -23,12 +25,14 @@ from bot.domain.plan import Confirmation, PlanKind, PlanState, Stage, StageAnswe
 from bot.domain.quorum import MemberState, QuorumVerdict
 from bot.domain.record import PlanRecord
 from bot.domain.restore import BUMP_REVISIONS, RestoreMember, RestorePlan
+from bot.ops import nodes, ssh
 from bot.ops.context import BotContext
 from bot.ops.engine import ClusterOperation, StepRun, note, register
 from bot.ops.launcher import LaunchResult, member_argv, member_status, run_argv
 from bot.ops.outcome import Outcome, refused
 from bot.ops.restorable import origin, plaintext, verify_snapshot
 from bot.ops.restore.quorum import weigh
+from bot.ops.ssh import Host
 from bot.output import blocks
 from bot.output.blocks import Reply, ago, error_reply
 from bot.output.text import K8S_AFTER, bump_note
@@ -105,11 +109,15 @@ class RestoreOperation(ClusterOperation[RestorePlan]):
     def steps(self) -> Sequence[StepRun]:
         runs = {
             "verify": StepRun("verify", precondition=self.step_verify),
+            "apiserver-stop": StepRun("apiserver-stop", precondition=self.before_stop,
+                                      action=partial(self._launch, "apiserver-stop")),
             "stop": StepRun("stop", precondition=self.before_stop, action=self.step_stop, verify=self.all_stopped),
             "restore": StepRun("restore", precondition=self.before_restore, action=self.step_restore),
             "start": StepRun("start", precondition=self.before_start, action=self.step_start),
             "healthy": StepRun("healthy", action=self.step_healthy),
             "check": StepRun("check", action=self.step_check),
+            "apiserver": StepRun("apiserver", precondition=self.before_apiserver,
+                                 action=partial(self._launch, "apiserver")),
             "followups": StepRun("followups", action=self.step_followups),
         }
         return [runs[step.key] for step in self.plan.steps]
@@ -127,6 +135,8 @@ class RestoreOperation(ClusterOperation[RestorePlan]):
         launcher = self.cluster.launcher
         if launcher.kind == "manual":
             return await self._manual(action, snapshot_path)
+        if launcher.kind == "ssh":
+            return await self._on_hosts(action, snapshot_path)
 
         async def one(m: RestoreMember) -> LaunchResult:
             argv = member_argv(launcher.argv, m.name, m.peer_url, m.client_urls, action)
@@ -147,6 +157,31 @@ class RestoreOperation(ClusterOperation[RestorePlan]):
         # done: each member's last output line (what the launcher says it did), else its exit status
         return "; ".join(f"{m.name}: {r.output_tail.strip().splitlines()[-1] if r.output_tail.strip() else r.summary}"
                          for m, r in zip(self.plan.members, results, strict=True))
+
+    def _hosts(self) -> dict[RestoreMember, Host]:
+        launcher = self.cluster.launcher
+        return {m: ssh.host_for(launcher, m.name, m.peer_url) for m in self.plan.members}
+
+    async def _on_hosts(self, step: str, snapshot_path: str | None) -> str:
+        """The ssh launcher: etcd-chatops-node on every member's host at once, what ran and its answer per host."""
+        launcher, p = self.cluster.launcher, self.plan
+        fence = nodes.fence_flags(self.fencing)
+        static_pod = launcher.recipe == "static-pod"
+        hosts = self._hosts()
+        if step == "restore":
+            assert snapshot_path is not None
+            snapshot = await nodes.Snapshot.of(Path(snapshot_path), p.cluster)
+            bump = ["--bump-revision", str(BUMP_REVISIONS), "--mark-compacted"] if p.bump_supported else []
+            work = {host: nodes.restore_work(launcher, snapshot, [
+                "--initial-cluster", p.initial_cluster, "--token", p.token, "--peer-url", m.peer_url,
+                *(["--client-url", ",".join(m.client_urls)] if m.client_urls else []), *bump], self.fencing)
+                for m, host in hosts.items()}
+        else:
+            name, flags = {"apiserver-stop": ("stop", ["--apiserver-only"]),
+                           "stop": ("stop", ["--with-apiserver"] if static_pod else []),
+                           "start": ("start", []), "apiserver": ("start", ["--apiserver"])}[step]
+            work = {host: nodes.action(name, [*fence, *flags], launcher.timeout_seconds) for host in hosts.values()}
+        return await nodes.each_host(launcher, work, f"the {step}", self.fencing)
 
     async def _manual(self, action: str, snapshot_path: str | None) -> str:
         """The manual launcher: the plan waits on stage `action` (stop, restore, start) while a person runs the
@@ -197,9 +232,13 @@ class RestoreOperation(ClusterOperation[RestorePlan]):
     # -- steps ------------------------------------------------------------
 
     async def step_verify(self) -> str:
-        """Step 0, and the first thing a resume does: the snapshot is still the verified one."""
-        return await verify_snapshot(self.plan.snapshot, self.cluster.restore.age_identity,
-                                     origin(self.ctx, self.cluster))
+        """Step 0, and the first thing a resume does: the snapshot is still the verified one, and (ssh launcher)
+        every host the plan touches is reachable with its pinned key and its node program answers."""
+        verified = await verify_snapshot(self.plan.snapshot, self.cluster.restore.age_identity,
+                                         origin(self.ctx, self.cluster))
+        if self.cluster.launcher.kind != "ssh":
+            return verified
+        return f"{verified}; {await nodes.require_hosts(self.cluster.launcher, list(self._hosts().values()))}"
 
     def _known(self) -> list[Member]:
         """The planned members, for the launcher's status when no member gives a member list."""
@@ -219,8 +258,9 @@ class RestoreOperation(ClusterOperation[RestorePlan]):
                 if m.name in up or s.state is not MemberState.STOPPED]
 
     def _stopped_by(self) -> str:
-        return ("the launcher's status reports every member stopped" if self.cluster.launcher.kind == "command"
-                else "confirmed in the thread, and no member answers")
+        return {"command": "the launcher's status reports every member stopped",
+                "ssh": "etcd-chatops-node reports every member stopped"}.get(
+            self.cluster.launcher.kind, "confirmed in the thread, and no member answers")
 
     async def before_stop(self) -> str:
         """The quorum gate, on every run of the step (a resume too): the facts of the proposal must hold, the
@@ -339,6 +379,15 @@ class RestoreOperation(ClusterOperation[RestorePlan]):
         return (f"{len(hashes)} members at revision {expected}, with the member IDs and cluster ID of the new token "
                 f"(cluster {p.restored_cluster_id:016x}); HashKV at revision {expected} equal on all: "
                 f"{next(iter(hashes.values())):08x}")
+
+    async def before_apiserver(self) -> str:
+        """kube-apiserver goes back only to a cluster that is whole and healthy now."""
+        health = await self.ctx.check(self.cluster)
+        if len(health.members) != len(self.plan.members) or not health.all_healthy:
+            raise StepFailed(f"{sum(h.healthy for h in health.members)} of {len(self.plan.members)} members healthy: "
+                             "kube-apiserver stays stopped until every member is", "/etcd resume the plan once "
+                                                                                   "/etcd status shows all healthy")
+        return f"{len(health.members)} members, all healthy"
 
     async def step_followups(self) -> str:
         p = self.plan
