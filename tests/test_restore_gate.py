@@ -29,6 +29,7 @@ from helpers import (
     depose,
     ephemeral,
     eventually,
+    is_plan_message,
     members_of,
     must,
     plan_of,
@@ -256,6 +257,6 @@ async def test_quorum_loss_is_proven_though_the_launchers_status_is_slow(make_cl
     await eventually(leaderless, 30, "member3 to notice it has no leader")
     start = len(slack.messages)
     await command(slack, "restore")
-    answer = await slack.wait_for_message(lambda m: m.text.startswith("Plan ") or m.ephemeral_to is not None,
+    answer = await slack.wait_for_message(lambda m: is_plan_message(m) or m.ephemeral_to is not None,
                                           after=start, timeout=30, what="the answer to /etcd restore")
-    assert answer.text.startswith("Plan ") and "Quorum is lost" in json.dumps(answer.blocks), answer.text
+    assert is_plan_message(answer) and "Quorum is lost" in json.dumps(answer.blocks), answer.text
