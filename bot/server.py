@@ -12,6 +12,7 @@ from aiohttp import web
 from slack_bolt.async_app import AsyncApp
 
 from bot.config import Config
+from bot.domain.clock import SYSTEM_CLOCK, Clock
 from bot.ops.context import BotContext
 from bot.runtime import Runtime
 from bot.settings import SlackSettings
@@ -27,10 +28,10 @@ class BotServer:
     """The bot, serving until stopped."""
 
     def __init__(self, config: Config, slack: SlackSettings, host: str = "127.0.0.1", port: int = 0,
-                 socket_mode: bool = False):
-        self.config, self.slack = config, slack
+                 socket_mode: bool = False, clock: Clock = SYSTEM_CLOCK):
+        self.config, self.slack, self.clock = config, slack, clock
         self.host, self.port, self.socket_mode = host, port, socket_mode
-        self.web = web_client(slack)
+        self.web = web_client(slack, clock=clock)
         self._ctx: BotContext | None = None
         self._runtime: Runtime | None = None
         self.app: AsyncApp | None = None
@@ -60,7 +61,7 @@ class BotServer:
     async def start(self) -> BotServer:
         slack, client = self.slack, self.web
         self._ctx = ctx = await BotContext.open(self.config, SlackNotifier(client, self.config),
-                                                SlackDirectory(client), tuple(slack.secrets()))
+                                                SlackDirectory(client), tuple(slack.secrets()), self.clock)
         self.app = app = bolt_app(ctx, client, slack)
         register_all(app, ctx)
         self._runtime = await Runtime(ctx).start()
@@ -73,7 +74,7 @@ class BotServer:
             self.port = self._runner.addresses[0][1]  # the kernel's choice
         if self.socket_mode:
             self._socket = socket_mode_handler(app, ctx, slack.app_token,
-                                               web_client=web_client(slack, slack.app_token))
+                                               web_client=web_client(slack, slack.app_token, self.clock))
             await self._socket.connect_async()
         log.info("serving", extra={"ctx_mode": "socket" if self.socket_mode else "http", "ctx_host": self.host,
                                    "ctx_port": self.port})

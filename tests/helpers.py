@@ -20,9 +20,11 @@ from bot.ops.leadership import LEASE
 from bot.store.base import Store
 from bot.store.schema import ADDED_COLUMNS, expected_columns
 from bot.store.sqlite import SqliteStore
+from bot.testing.clock import ManualClock
 from bot.testing.cluster import QUOTA, QUOTA_ARGS, LocalCluster, fill_until_nospace, free_port
-from bot.testing.slack import Delivery, Message, SlackStandIn
+from bot.testing.slack import Delivery, Gate, Message, SlackStandIn
 from bot.testing.workspace import CHANNEL, LEAD, LEADS_GROUP, ONCALL, USERGROUPS, USERS
+from bot.watch.watcher import Watcher
 
 T = TypeVar("T")
 P = TypeVar("P")
@@ -55,6 +57,37 @@ async def eventually(predicate: Callable[[], T | None | Awaitable[T | None]], ti
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}; last seen: {last!r}")
         await asyncio.sleep(interval)
+
+
+# ---------------------------------------------------------------- the watch, on a clock the test moves
+
+async def watching(watcher: Watcher, clock: ManualClock, interval: float = 1.0, timeout: float = 20.0) -> None:
+    """Wait until every watched cluster's loop has run a round as the watch (this replica leads) and sleeps
+    on `clock`: from then on, each `clock.advance(interval)` is one round of each."""
+    names = [c.name for c in watcher.ctx.config.clusters if c.watch.enabled]
+    deadline = time.monotonic() + timeout
+    while not all(n in watcher.clusters and f"watch {n}" in clock.asleep() for n in names):
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"the watch of {names} did not start within {timeout:g}s "
+                                 f"(watching {sorted(watcher.clusters)}, asleep {clock.asleep()})")
+        if all(f"watch {n}" in clock.asleep() for n in names):
+            await clock.advance(interval)   # a round before this replica led: watch the next one
+        else:
+            await asyncio.sleep(0.01)
+
+
+async def advance_until(clock: ManualClock, found: Callable[[], T | None | Awaitable[T | None]], rounds: int,
+                        what: str, interval: float = 1.0) -> tuple[T, int]:
+    """Move `clock` one `interval` at a time (each loop's round runs whole: a watch round, an upkeep pass) until
+    `found()` (sync or async) returns something, at most `rounds` times: that, and after how many (0: at once)."""
+    for n in range(rounds + 1):
+        result = found()
+        value = await result if inspect.isawaitable(result) else result
+        if value:
+            return value, n
+        if n < rounds:
+            await clock.advance(interval)
+    raise AssertionError(f"no {what} within {rounds} rounds ({rounds * interval:g}s on the watch's clock)")
 
 
 # ---------------------------------------------------------------- values for pure tests
@@ -136,10 +169,10 @@ def announcing(step: int) -> Callable[[dict[str, Any]], bool]:
     return lambda args: f":hourglass_flowing_sand: {step}." in str(args.get("blocks"))
 
 
-async def hold_at(slack: SlackStandIn, step: int, timeout: float = 60) -> None:
-    """Wait until the engine announced `step`, which a 429 from `announcing(step)` holds for its Retry-After."""
-    await slack.wait_for(lambda: any(call.status == 429 for call in slack.calls_to("chat.update")), timeout=timeout,
-                         what=f"step {step} to be announced")
+def hold_at(slack: SlackStandIn, step: int) -> Gate:
+    """Pause the next plan before `step`: the engine announces a step (its chat.update) before it checks the
+    step's precondition and runs it, and the stand-in holds that call until the test releases the gate."""
+    return slack.hold("chat.update", match=announcing(step))
 
 
 async def depose(store: Store, leader: str) -> bool:

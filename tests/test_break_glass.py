@@ -67,7 +67,7 @@ async def test_a_whole_replacement_from_a_shell_is_posted_once_slack_answers(mak
     # Slack answers again, but not at once: the relay keeps what it could not post for its next round.
     monkeypatch.setattr(upkeep, "RELAY_SECONDS", 0.2)
     slack.fail_next("chat.postMessage", status=503, count=2)
-    await start_bot(clusters, approval=APPROVAL)
+    bot = await start_bot(clusters, approval=APPROVAL)
     message = await slack.wait_for_message(lambda m: m.thread_ts is None and f"Plan {pid}," in m.text,
                                            timeout=20, what="the plan, posted once Slack answers")
     def relayed() -> str | None:
@@ -80,8 +80,15 @@ async def test_a_whole_replacement_from_a_shell_is_posted_once_slack_answers(mak
     assert "ETCD_NAME=member4" in said  # the plan's long part, under its message as for a plan from Slack
     assert said.index("ran `plan propose`") < said.index("Approved by bob") < said.index(f"Plan {pid} is done")
     assert "done" in text_of(slack.find_message(CHANNEL, message.ts)).lower()  # the message shows the plan's end
-    posted = len(slack.messages)
-    await asyncio.sleep(1)  # a few relay rounds: nothing is posted twice
+    # The outbox drained (the thread showed the end before the relay's last post, the refused second run's note,
+    # reached Slack), then two more passes of the upkeep, each relaying: nothing is posted twice.
+    async def drained() -> bool:
+        return not await bot.ctx.store.queued_posts()
+    await eventually(drained, 20, "the outbox drained")
+    posted, registry = len(slack.messages), bot.ctx.metrics.registry
+    passes = registry.get_sample_value("etcd_chatops_upkeep_passes_total") or 0.0
+    await eventually(lambda: (registry.get_sample_value("etcd_chatops_upkeep_passes_total") or 0.0) >= passes + 2,
+                     10, "two more passes of the upkeep")
     assert len(slack.messages) == posted
 
 

@@ -6,13 +6,14 @@ import asyncio
 import re
 
 from bot.domain.cluster import Consistency, KVHash, Member, MemberHash, MemberHealth, MemberMetrics
+from bot.domain.errors import EtcdError
 from bot.etcd.client import EtcdClient
 from bot.etcd.consistency import check_consistency
 from bot.etcd.health import check_cluster
 from bot.output.model import perf_view
 from bot.output.text import consistency_text, perf_text
 from bot.testing.workspace import cluster_table
-from helpers import QUOTA_ARGS, cluster_health, fill_until_nospace, member_status, reply, text_of
+from helpers import QUOTA_ARGS, cluster_health, eventually, fill_until_nospace, member_status, reply, text_of
 
 
 async def test_a_healthy_cluster_has_no_alarms_good_figures_and_agreeing_members(cluster, slack, start_bot):
@@ -97,9 +98,12 @@ async def test_consistency_asks_a_member_again_until_it_has_applied_the_revision
     async with EtcdClient(c.endpoints, timeout=3.0) as client:
         health = await check_cluster(client, "prod")
         ahead = await client.put(b"/before", b"x") + 3
+        refused: list[EtcdError] = []
+        client.on_error = refused.append
 
         async def write_later() -> None:
-            await asyncio.sleep(0.5)  # the check must already be waiting on "future revision"
+            await eventually(lambda: any("future revision" in e.message for e in refused), 5,
+                             "the check to be told of a future revision")   # it waits on it now
             for i in range(3):
                 await client.put(f"/later/{i}".encode(), b"x")
 

@@ -84,8 +84,10 @@ async def test_nospace_is_fixed_by_one_approval_leader_last_after_the_move(make_
     async with EtcdClient(c.endpoints) as client:
         assert not (await check_cluster(client, "check")).alarms
         await client.put(b"after", b"works")
-    notes = thread(slack, plan)
-    assert "is done: prod defragmented:" in notes and "reclaimed" in notes
+    # The plan is done in the store before its message and thread say so: wait for the last note.
+    notes = await slack.wait_for(lambda: "is done: prod defragmented:" in thread(slack, plan) and thread(slack, plan),
+                                 what="the plan's done note")
+    assert "reclaimed" in notes
     # The plan message itself showed the progress member by member: each version has one more size after.
     final = slack.find_message(CHANNEL, plan.ts)
     versions = [*(e["text"] + "".join(b.get("text", {}).get("text", "") for b in e["blocks"] or [])
@@ -181,7 +183,8 @@ async def test_a_leader_that_changed_since_the_plan_stops_it_before_anything_is_
     failed = await wait_state(store, row["id"], ("failed",), timeout=60)
     assert f"the leader changed from {leader:016x} to {other:016x} unexpectedly" in (failed.error or "")
     assert [st.key for st in await store.steps(row["id"]) if st.state == "done"] == []
-    assert "a new plan is needed" in thread(slack, plan)
+    # The plan is failed in the store before its thread says so: wait for the note.
+    await slack.wait_for(lambda: "a new plan is needed" in thread(slack, plan), what="the plan's stop note")
 
 
 async def test_nospace_stays_armed_above_disarm_below_and_the_plan_says_why(make_cluster, slack, start_bot):

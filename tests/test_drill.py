@@ -3,19 +3,21 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 
-import bot.runtime.upkeep
 from bot.runtime.schedule import Scheduler
+from bot.testing.clock import ManualClock
 from bot.testing.workspace import CHANNEL, cluster_table
-from helpers import APPROVAL, ephemeral, reply, text_of
+from helpers import APPROVAL, advance_until, ephemeral, eventually, reply, text_of
 
 
 def scratch_dirs() -> set[str]:
     return {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("etcd-chatops-drill-")}
 
 
-async def test_a_drill_passes_on_a_good_snapshot_and_fails_clearly_on_a_damaged_one(cluster, slack, start_bot):
+async def test_a_drill_passes_on_a_good_snapshot_and_fails_clearly_on_a_damaged_one(cluster, slack, start_bot,
+                                                                                   tmp_path, monkeypatch):
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # this bot's scratch directories only
     bot = await start_bot([cluster_table("prod", cluster)], approval=APPROVAL)
     store = bot.ctx.store
     cluster.etcdctl("put", "/drill/a", "1")
@@ -58,12 +60,14 @@ async def test_a_drill_says_clearly_when_the_binaries_are_missing(cluster, slack
     assert not (await bot.ctx.store.last_drills("prod"))[row.id].ok
 
 
-async def test_drill_every_drills_the_newest_snapshot_on_schedule(cluster, slack, start_bot, monkeypatch):
-    monkeypatch.setattr(bot.runtime.upkeep, "UPKEEP_SECONDS", 3600.0)
-    server = await start_bot([cluster_table("prod", cluster, snapshots={"every": "1h", "drill_every": "24h"})])
-    posted = await slack.wait_for_message(lambda m: "Restore drill of" in m.text, timeout=60,
-                                          what="the scheduled drill at start-up")
+async def test_drill_every_drills_the_newest_snapshot_on_schedule(cluster, slack, start_bot):
+    clock = ManualClock()   # the upkeep's start-up pass, then only the passes this test drives
+    server = await start_bot([cluster_table("prod", cluster, snapshots={"every": "1h", "drill_every": "24h"})],
+                             clock=clock)
+    await eventually(server.ctx.is_leader, 10, "the bot to lead")   # (in real time: the lease's clock)
+    posted, _ = await advance_until(clock, lambda: next((m for m in slack.messages if "Restore drill of" in m.text),
+                                                        None), 10, "scheduled drill at start-up")
     assert "passed" in posted.text and posted.channel == CHANNEL
-    assert await Scheduler(server.ctx).run_due(now=time.time()) == []  # drilled just now: not due
-    later = time.time() + 25 * 3600
+    assert await Scheduler(server.ctx).run_due(now=clock.now()) == []  # drilled just now: not due
+    later = clock.now() + 25 * 3600
     assert "prod drill" in await Scheduler(server.ctx).run_due(now=later)

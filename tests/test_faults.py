@@ -1,9 +1,9 @@
 """Nothing is lost or done twice when things break: real clusters, the real bot,
 faults injected at precise moments.
 
-To hit a moment exactly, the Slack stand-in answers one chosen progress update
-with 429 + Retry-After: the executor announces a step (chat.update) before it
-runs it, so it waits there, and the test acts in that window.
+To hit a moment exactly, the Slack stand-in holds one chosen progress update
+until the test releases it: the executor announces a step (chat.update) before
+it runs it, so it waits there, and the test acts in that window.
 """
 from __future__ import annotations
 
@@ -60,15 +60,16 @@ async def test_the_leader_crashes_during_the_add_step(make_cluster, slack, start
     bot = await start_bot([cluster_table("prod", c, catch_up_seconds=60)], approval=APPROVAL)
     store = bot.ctx.store
     c.kill("member1")
-    slack.fail_next("chat.update", status=429, retry_after=2, match=announcing(3))
+    gate = hold_at(slack, 3)
     peer, client = urls()
     plan = await propose(slack, f"replace member1 member4 {peer} --client-url {client}")
     row = await plan_row(store, plan)
     await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
-    await hold_at(slack, 3)
+    await gate.reached()
     leader = await leader_name(c)
     c.kill(leader)  # the leader dies as the add is about to be sent; its supervisor restarts it
     await asyncio.to_thread(c.restart, leader)
+    gate.release()  # the add meets the election the crash caused
     done = await wait_done(store, row["id"])
     members = await members_of(c)
     assert (sorted(h.member.name for h in members) == ["member2", "member3", "member4"]
@@ -119,11 +120,11 @@ async def test_the_bot_killed_between_remove_and_add_resumes_without_repeating(m
     try:
         slack.bot_url = bot.url
         c.kill("member1")
-        slack.fail_next("chat.update", status=429, retry_after=30, match=announcing(3))
+        gate = hold_at(slack, 3)
         plan = await propose(slack, f"replace member1 member4 {urls()[0]} --client-url {urls()[1]}")
         await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
-        await hold_at(slack, 3)
-        bot.kill()  # SIGKILL: after the remove, before the add
+        await gate.reached()
+        bot.kill()  # SIGKILL: after the remove, before the add (the held call dies with it)
         async with open_store(tmp_path) as store:
             row = await plan_row(store, plan)
             assert row["state"] == "running" and row["current_step"] == 3
@@ -133,7 +134,7 @@ async def test_the_bot_killed_between_remove_and_add_resumes_without_repeating(m
         bot = await asyncio.to_thread(BotProcess(config, slack.api_url, creds, tmp_path / "bot.log").start)
         slack.bot_url = bot.url
         await slack.wait_for(lambda: any("was interrupted at step 3" in m.text for m in replies(slack, plan)),
-                             timeout=20, what="the interruption notice")  # after the dead one's lease lapses (13.3 s)
+                             timeout=20, what="the interruption notice")  # (released at once: SQLite, a dead process)
         await ephemeral(slack, f"resume {row['id']}", user=LEAD)
         await slack.wait_for(lambda: any(f"Plan {row['id']} is done" in m.text for m in replies(slack, plan)),
                              timeout=120, what="the resumed plan to finish")

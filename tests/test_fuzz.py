@@ -136,11 +136,11 @@ def test_parse_returns_a_command_or_a_one_line_usage_error(text):
             assert parse_url(cmd.args[key]).url == cmd.args[key]
     for key in spec.durations:
         assert parse_duration(cmd.args[key]) >= 1
-    if spec.rest:   # free text is stored and posted: one line, no control characters (when it may be left out: or none)
-        text = cmd.args.get(spec.positionals[-1].strip("[]").replace("-", "_"))
-        assert text is not None or spec.positionals[-1].startswith("[")
-        assert text is None or (text and text == text.strip() and not any(unicodedata.category(ch) == "Cc"
-                                                                          for ch in text))
+    rest = spec.positionals[-1].strip("[]").replace("-", "_") if spec.rest else None
+    if rest is not None and (rest in cmd.args or spec.positionals[-1][0] != "["):
+        # free text (required, or optional and given) is stored and posted: one line, no control characters
+        text = cmd.args[rest]
+        assert text and text == text.strip() and not any(unicodedata.category(ch) == "Cc" for ch in text)
 
 
 @settings(FUZZ, max_examples=500)

@@ -7,13 +7,13 @@ import json
 import sqlite3
 import subprocess
 import sys
-import time
 
 import aiohttp
 
 from bot.config import load_config
 from bot.server import BotServer
 from bot.settings import SlackSettings
+from bot.testing.clock import ManualClock
 from bot.testing.workspace import (
     CHANNEL,
     LEAD,
@@ -25,7 +25,7 @@ from bot.testing.workspace import (
     cluster_table,
     write_config,
 )
-from helpers import ephemeral, reply, text_of
+from helpers import command, ephemeral, eventually, reply, text_of
 
 
 async def test_socket_mode_end_to_end(cluster, slack, creds, tmp_path):
@@ -53,15 +53,19 @@ async def test_socket_mode_end_to_end(cluster, slack, creds, tmp_path):
 
 
 async def test_rate_limited_posts_wait_and_are_posted_once(cluster, slack, start_bot):
-    await start_bot([cluster_table("prod", cluster)])
+    clock = ManualClock()   # Retry-After is waited out on the bot's clock: moved here, not waited for
+    await start_bot([cluster_table("prod", cluster)], clock=clock)
+    await eventually(lambda: clock.asleep() == ["upkeep"], 10, "the upkeep asleep on the bot's clock")
     slack.fail_next("chat.postMessage", status=429, retry_after=1)
-    started = time.monotonic()
-    msg = await reply(slack, "status")
-    assert "HEALTHY" in text_of(msg)
+    await command(slack, "status")
+    await eventually(lambda: len(clock.asleep()) == 2, 20, "the limited post to wait on the bot's clock")
+    await clock.advance(0.99)
     statuses = [c.status for c in slack.calls_to("chat.postMessage")]
-    assert statuses == [429, 200]
-    assert time.monotonic() - started >= 1.0  # it waited for Retry-After
-    assert len([m for m in slack.messages if m.source == "chat.postMessage"]) == 1
+    assert statuses == [429], "sent again before Retry-After"
+    await clock.advance(1.0)   # Retry-After, and less than a second more
+    assert [c.status for c in slack.calls_to("chat.postMessage")] == [429, 200]
+    (msg,) = [m for m in slack.messages if m.source == "chat.postMessage"]
+    assert "HEALTHY" in text_of(msg)
 
 
 async def test_roles_are_enforced_and_refusals_name_the_role(cluster, slack, start_bot):

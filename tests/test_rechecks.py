@@ -1,10 +1,10 @@
 """Every change is re-checked against the live cluster right before it is made:
 real clusters of 3 and 5 members, the real bot, the Slack stand-in.
 
-To change the facts between two steps deterministically, the stand-in answers
-the progress update that announces the chosen step with 429 + Retry-After: the
-engine announces a step before it checks the step's precondition, so it waits
-there while the test changes the cluster.
+To change the facts between two steps deterministically, the stand-in holds
+the progress update that announces the chosen step: the engine announces a
+step before it checks the step's precondition, so it waits there while the
+test changes the cluster, and goes on when the test releases it.
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from bot.testing.workspace import CHANNEL, LEAD, LEAD2, STRANGER, cluster_table
 from helpers import (
     APPROVAL,
     OK,
-    announcing,
     audit_actions,
     ephemeral,
     hold_at,
@@ -80,21 +79,22 @@ async def test_a_member_back_before_the_remove_stops_the_plan_and_its_resume(mak
     plan = await propose(slack, f"replace member1 member4 {urls()[0]} --client-url {urls()[1]}")
     row = await plan_row(store, plan)
 
-    slack.fail_next("chat.update", status=429, retry_after=6, match=announcing(2))
+    gate = hold_at(slack, 2)
     await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
-    await hold_at(slack, 2)
+    await gate.reached()
     await asyncio.to_thread(c.restart, "member1")  # it comes back while the remove is about to be sent
+    gate.release()
     failed = await wait_state(store, row["id"], ("failed", "done"))
     assert failed["state"] == "failed" and "member1 answers and is healthy again" in failed["error"]
     assert "before step 2 (remove)" in failed["error"]
     assert await names(c) == ["member1", "member2", "member3"]
     [stop] = await slack.wait_for(lambda: stops(slack, plan), what="the plan's stop note in its thread")
     assert "a new plan is needed" in stop and "\n" not in stop
-    # Item 15: a plan that is no longer proposed does not ask for approval any more.
+    # A plan that is no longer proposed does not ask for approval any more.
     message = slack.find_message(CHANNEL, plan.ts)
     assert "FAILED" in message.text and "to approve" not in text_of(message)
 
-    # Item 1: resume re-runs the full re-check first, and stops with one line.
+    # Resume re-runs the full re-check first, and stops with one line.
     await ephemeral(slack, f"resume {row['id']}", user=LEAD)
     await slack.wait_for(lambda: len(stops(slack, plan)) == 2, what="the resumed plan to stop again")
     again = stops(slack, plan)[1]
@@ -110,12 +110,13 @@ async def test_a_learner_added_by_hand_before_the_add_stops_it_and_abandon_close
     bot = await start_bot([cluster_table("prod", c)], approval=APPROVAL)
     store = bot.ctx.store
     c.kill("member1")
-    slack.fail_next("chat.update", status=429, retry_after=20, match=announcing(3))
+    gate = hold_at(slack, 3)
     plan = await propose(slack, f"replace member1 member4 {urls()[0]} --client-url {urls()[1]}")
     row = await plan_row(store, plan)
     await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
-    await hold_at(slack, 3)
+    await gate.reached()
     intruder = await add_learner_by_hand(c)  # between remove and add
+    gate.release()
     failed = await wait_state(store, row["id"], ("failed", "done"))
     assert failed["state"] == "failed" and "before step 3 (add)" in failed["error"]
     assert f"a learner (unstarted) ({intruder.hex_id}) was added to prod" in failed["error"]
@@ -153,10 +154,11 @@ async def test_an_also_removed_member_that_answers_again_stops_the_remove(make_c
     plan = await propose(slack, f"replace member1 member6 {urls()[0]} --client-url {urls()[1]}")
     row = await plan_row(store, plan)
     assert "removes *member2* too" in text_of(plan)
-    slack.fail_next("chat.update", status=429, retry_after=6, match=announcing(2))
+    gate = hold_at(slack, 2)
     await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
-    await hold_at(slack, 2)
+    await gate.reached()
     await asyncio.to_thread(c.restart, "member2")
+    gate.release()
     failed = await wait_state(store, row["id"], ("failed", "done"))
     assert failed["state"] == "failed" and "member2" in failed["error"] and "answers again" in failed["error"]
     # the state is stored before the note is posted: wait for the note, as a person would

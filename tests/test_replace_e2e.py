@@ -100,8 +100,9 @@ async def test_the_whole_runbook(make_cluster, slack, start_bot):
     actions = await audit_actions(store, row["id"])
     assert actions.count(("step_done", "remove")) == 1 and actions.count(("step_done", "add")) == 1
     assert actions.count(("plan_approved", "")) == 1 and ("plan_done", "") in actions
-    final = slack.find_message(CHANNEL, plan.ts)
-    assert final.edits and "*State:* DONE" in text_of(final)
+    final = slack.find_message(CHANNEL, plan.ts)   # edited to DONE right after the store says so
+    await slack.wait_for(lambda: "*State:* DONE" in text_of(final), what="the plan message to say DONE")
+    assert final.edits
     snaps = await store.snapshots("prod")
     assert len(snaps) == 1 and snaps[0].reason == f"before plan {row.id}" and Path(snaps[0].path).is_file()
 

@@ -26,18 +26,19 @@ from test_snapshots import fill
 from bot.config import ReplicasConfig, load_config
 from bot.domain.snapshot import SnapshotRecord
 from bot.ops.leadership import LEASE
-from bot.ops.snapshots import take_snapshot
+from bot.ops.snapshots import lease_name, take_snapshot
 from bot.runtime.schedule import SCHEDULER, Scheduler
 from bot.server import BotServer
 from bot.settings import SlackSettings
 from bot.store.backends import open_store
 from bot.store.base import Store
+from bot.testing.clock import ManualClock
 from bot.testing.postgres import PASSWORD_ENV, LocalPostgres
 from bot.testing.workspace import CHANNEL, LEAD, LEAD2, ONCALL, STRANGER, BotProcess, cluster_table, write_config
 from helpers import (
     APPROVAL,
     OK,
-    announcing,
+    advance_until,
     audit_actions,
     command,
     depose,
@@ -55,7 +56,7 @@ from helpers import (
     wait_done,
 )
 
-LEASE_SECONDS = 6  # a dead leader is replaced within 8 s: the tests need not wait the default's 13 s
+LEASE_SECONDS = 3  # the shortest the config allows: a dead leader is replaced within 4 s, not the default's 13 s
 
 
 class Replicas:
@@ -259,13 +260,13 @@ async def test_racing_approvals_run_once_and_a_killed_leader_is_replaced_mid_pla
     group = await replicas([cluster_table("prod", c)], approval=APPROVAL)
     c.kill("member1")
     leader, follower = await group.leader(), await group.follower()
-    slack.fail_next("chat.update", status=429, retry_after=60, match=announcing(3))  # holds the leader before the add
+    gate = hold_at(slack, 3)  # holds the leader before the add (the new leader's announcement passes)
     peer, client = urls()
     plan = await propose(slack, f"replace member1 member4 {peer} --client-url {client}", to=follower.url)
     row = await plan_row(group.store, plan)
     await asyncio.gather(slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK, to=follower.url),
                          slack.react(user=LEAD2, channel=CHANNEL, ts=plan.ts, reaction=OK, to=leader.url))
-    await hold_at(slack, 3, timeout=90)
+    await gate.reached(timeout=90)
     assert sum("Approved by" in m.text for m in replies(slack, plan)) == 1
     assert "changes nothing" in thread(slack, plan)
 
@@ -322,14 +323,15 @@ async def test_a_deposed_leader_stops_before_its_next_action_and_leaves_the_plan
     bot = await start_bot([cluster_table("prod", c)], approval=APPROVAL)
     store, me = bot.ctx.store, bot.ctx.leadership
     c.kill("member1")
-    slack.fail_next("chat.update", status=429, retry_after=1, match=announcing(3))
+    gate = hold_at(slack, 3)
     peer, client = urls()
     plan = await propose(slack, f"replace member1 member4 {peer} --client-url {client}")
     row = await plan_row(store, plan)
     await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
-    await hold_at(slack, 3)
+    await gate.reached()
 
     await eventually(lambda: depose(store, me.replica_id), 5, "another replica to take the lease")
+    gate.release()
     await eventually(lambda: not bot.ctx.running, 20, "the deposed leader's run to stop")
     assert not bot.ctx.is_leader()
     record = await store.plan(row["id"])
@@ -356,9 +358,10 @@ async def test_only_the_leader_watches_and_its_successor_resolves_the_same_alert
 
     c.kill("member1")
     (alert,) = await eventually(lambda: member_down() or None, 20, "the member-down alert")
-    settled = time.monotonic() + 3   # three more rounds of both replicas (interval 1 s)
-    await eventually(lambda: time.monotonic() >= settled, 10, "more rounds of both replicas")
+    await more(leader, 'etcd_chatops_watch_rounds_total{cluster="prod"}', 3)   # the alert lasts: edits only
     assert len(member_down()) == 1, "both replicas posted"
+    follower = next(b for b in group.bots if b is not leader)
+    assert await counted(follower, 'etcd_chatops_watch_rounds_total{cluster="prod"}') == 0, "the follower watched"
     leader.kill()
     successor = await group.leader(timeout=20, among=[b for b in group.bots if b is not leader])
     await asyncio.to_thread(c.restart, "member1")
@@ -398,27 +401,44 @@ async def a_minute_passes(group: Replicas) -> None:
         await conn.execute("UPDATE snapshots SET created_at = created_at - %s WHERE reason = 'scheduled'", [EVERY])
 
 
-async def settled(seconds: float) -> None:
-    """Let both replicas run their loops (the housekeeping looks every second) before counting."""
-    until = time.monotonic() + seconds
-    await eventually(lambda: time.monotonic() >= until, seconds + 5, "more rounds of both replicas")
+async def counted(bot: BotProcess, series: str) -> float:
+    """A counter on the replica's /metrics page (0 when it has none yet)."""
+    _, metrics = await _get(f"{bot.base_url}/metrics")
+    return next((float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(series + " ")), 0.0)
+
+
+async def more(bot: BotProcess, series: str, n: int = 2) -> None:
+    """Wait until the replica's counter `series` went up `n` more: so many more watch rounds or passes over the
+    schedules ran (before counting what they did not do)."""
+    start = await counted(bot, series)
+
+    async def grown() -> bool:
+        return await counted(bot, series) >= start + n
+    await eventually(grown, 30, f"{n} more {series} on {bot.base_url}")
+
+
+PASSES = "etcd_chatops_upkeep_passes_total"
 
 
 @pytest.mark.slow
 async def test_two_replicas_take_one_scheduled_snapshot_per_due_tick_on_the_leader(cluster, slack, replicas):
-    """A second replica starts while a tick is due: it leaves the tick to the leader, which takes
-    it at its next housekeeping pass (they are 30 s apart). Each tick gives one snapshot in the
-    catalog and one post, and the follower's /metrics count none."""
+    """A second replica starts while a tick is due: it leaves the tick to the leader. (The leader's
+    pass waits meanwhile for the cluster's snapshot lease, which the test holds as another replica's
+    running snapshot would, so the tick stays due while the second replica looks at it.) Each tick
+    gives one snapshot in the catalog and one post, and the follower's /metrics count none."""
     group = await replicas([cluster_table("prod", cluster, snapshots={"every": "1m"})], n=1)
     (a,) = group.bots
     assert await group.leader() is a
     await eventually(lambda: len(scheduled_posts(slack)) == 1, 30, "the scheduled snapshot taken at start-up")
     assert len(await scheduled_rows(group)) == 1
+    assert await group.store.acquire_lease(lease_name("prod"), "another-replica", 60) is not None
     await a_minute_passes(group)
     b = await group.add()
     assert await group.follower() is b
-    await eventually(lambda: len(scheduled_posts(slack)) >= 2, 45, "the second tick's scheduled snapshot")
-    await settled(3)
+    await more(b, PASSES, 3)   # the follower looked at the due tick, three times
+    await group.store.release_lease(lease_name("prod"), "another-replica")
+    await eventually(lambda: len(scheduled_posts(slack)) >= 2, 30, "the second tick's scheduled snapshot")
+    await more(a, PASSES)
     assert len(scheduled_posts(slack)) == 2, scheduled_posts(slack)
     rows = await scheduled_rows(group)
     assert len(rows) == 2 and len({r.path for r in rows}) == 2
@@ -434,7 +454,7 @@ async def test_a_new_leader_takes_over_the_snapshot_schedule(cluster, slack, rep
     group = await replicas([cluster_table("prod", cluster, snapshots={"every": "1m"})])
     leader, follower = await group.leader(), await group.follower()
     await eventually(lambda: len(scheduled_posts(slack)) >= 1, 30, "the scheduled snapshot taken at start-up")
-    await settled(2)
+    await asyncio.gather(more(leader, PASSES), more(follower, PASSES))
     assert len(scheduled_posts(slack)) == 1 and len(await scheduled_rows(group)) == 1
     assert (await snapshots_taken(leader), await snapshots_taken(follower)) == (1, 0)
 
@@ -444,55 +464,55 @@ async def test_a_new_leader_takes_over_the_snapshot_schedule(cluster, slack, rep
     assert await group.leader(timeout=15, among=[follower]) is follower
     await eventually(lambda: len(scheduled_posts(slack)) >= 2, 15, "a scheduled snapshot by the new leader")
     assert time.monotonic() - killed_at < 15
-    await settled(2)
+    await more(follower, PASSES)
     assert len(scheduled_posts(slack)) == 2, scheduled_posts(slack)
     newest, _ = await scheduled_rows(group)
     assert newest.created_at > killed_wall and newest.requested_by == SCHEDULER
     assert await snapshots_taken(follower) == 1
 
 
-async def test_a_leader_deposed_during_a_scheduled_pass_starts_no_further_snapshot(make_cluster, slack, start_bot,
-                                                                                   monkeypatch):
+async def test_a_leader_deposed_during_a_scheduled_pass_starts_no_further_snapshot(make_cluster, slack, start_bot):
     """Two clusters are due in one pass. While the first one's result is being posted, another
     replica takes the lease: the deposed leader does not go on to snapshot the second cluster
     (the new leader's schedule does, from the shared catalog)."""
-    monkeypatch.setattr("bot.runtime.upkeep.UPKEEP_SECONDS", 3600.0)  # after the start-up pass the test drives
+    clock = ManualClock()   # the upkeep's start-up pass, then only the pass the test drives
     a, b = make_cluster(1), make_cluster(1)
     server = await start_bot([cluster_table(name, c, snapshots={"every": "1m"}) for name, c in (("a", a), ("b", b))],
-                             replicas={"lease_seconds": 3})
+                             replicas={"lease_seconds": 3}, clock=clock)
     ctx = server.ctx
 
     def posted(name: str) -> int:
         return sum(f"Scheduled snapshot of {name}" in text_of(m) for m in slack.messages
                    if m.source == "chat.postMessage")
-    await eventually(lambda: posted("a") == posted("b") == 1, 30, "the start-up pass over both clusters")
-    slack.fail_next("chat.postMessage", status=429, retry_after=4,
-                    match=lambda args: "Scheduled snapshot of a" in str(args))  # holds the pass after cluster a
+    await eventually(ctx.is_leader, 10, "the bot to lead")   # (in real time: the lease's clock)
+    await advance_until(clock, lambda: posted("a") == posted("b") == 1, 10, "start-up pass over both clusters")
+    gate = slack.hold("chat.postMessage", match=lambda args: "Scheduled snapshot of a" in str(args))
     run = asyncio.create_task(Scheduler(ctx).run_due(now=time.time() + EVERY))
-    await slack.wait_for(lambda: any(call.status == 429 for call in slack.calls_to("chat.postMessage")), timeout=30,
-                         what="cluster a's scheduled snapshot to be posted")
+    await gate.reached(timeout=30)   # the pass posts cluster a's snapshot, and waits there
     await eventually(lambda: depose(ctx.store, ctx.leadership.replica_id), 5, "another replica to take the lease")
     await eventually(lambda: not ctx.is_leader(), 3, "the leader to learn it was deposed")
+    gate.release()
     assert await run == ["a"]
     assert (posted("a"), posted("b")) == (2, 1)
     assert [len(await ctx.store.snapshots(name)) for name in ("a", "b")] == [2, 1]
 
 
-async def test_a_tick_another_replica_took_while_this_one_waited_is_not_taken_twice(make_cluster, slack, start_bot,
-                                                                                     monkeypatch):
+async def test_a_tick_another_replica_took_while_this_one_waited_is_not_taken_twice(make_cluster, slack, start_bot):
     """A deposed leader's scheduled snapshot runs on while the new leader's pass finds the tick due
     and waits for the cluster's snapshot lease. Once the lease is its own it asks again: the other
     replica's snapshot is in the shared catalog, so it takes none and posts nothing (before: a
     second snapshot and a second post for one tick). An on-call's request that joined the
     scheduled snapshot meanwhile still gets a snapshot of its own."""
-    monkeypatch.setattr("bot.runtime.upkeep.UPKEEP_SECONDS", 3600.0)  # after the start-up pass the test drives
+    clock = ManualClock()   # the upkeep's start-up pass, then only the pass the test drives
     c = make_cluster(1)
-    server = await start_bot([cluster_table("a", c, snapshots={"every": "1m"})], replicas={"lease_seconds": 3})
+    server = await start_bot([cluster_table("a", c, snapshots={"every": "1m"})], replicas={"lease_seconds": 3},
+                             clock=clock)
     ctx = server.ctx
 
     def posted() -> int:
         return sum("Scheduled snapshot of a" in text_of(m) for m in slack.messages if m.source == "chat.postMessage")
-    await eventually(lambda: posted() == 1, 30, "the start-up pass")
+    await eventually(ctx.is_leader, 10, "the bot to lead")   # (in real time: the lease's clock)
+    await advance_until(clock, lambda: posted() == 1, 10, "start-up pass")
     assert await ctx.store.acquire_lease("snapshot:a", "another-replica", 60) is not None  # its snapshot runs
     run = asyncio.create_task(Scheduler(ctx).run_due(now=time.time() + EVERY))
     await eventually(lambda: "a" in ctx.running_snapshots, 10, "the pass to wait for the cluster's lease")

@@ -459,7 +459,7 @@ async def test_bad_signatures_are_rejected(slack: SlackStandIn, http_bot: Bot, h
     await slack.wait_for_message(pong_in(OPS, "pong: after"), 5.0, "the pong")
     assert [m.text for m in slack.messages] == ["pong: after"]
     assert len(slack.calls_to("chat.postMessage")) == 1
-    await http_bot.idle(slack)   # (the listener ends just after its post: waiting, not asserting at once)
+    await http_bot.idle(slack)   # (the listener ends once Slack answered its post: after the pong is seen)
 
 
 async def test_bad_event_signature_rejected(slack: SlackStandIn, http_bot: Bot) -> None:
@@ -744,3 +744,33 @@ def test_main_refuses_to_run_without_secrets(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "bot.testing.slack"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "SLACK_BOT_TOKEN" in proc.stderr
+
+
+async def test_a_gate_holds_the_call_it_matches_until_released_and_lets_the_others_pass(
+        slack: SlackStandIn, web_client: AsyncWebClient) -> None:
+    gate = slack.hold("chat.postMessage", match=lambda args: args.get("text", "").startswith("held"))
+    assert (await web_client.chat_postMessage(channel=OPS, text="before"))["ok"]
+    held = asyncio.create_task(web_client.chat_postMessage(channel=OPS, text="held 1"))
+    assert (await gate.reached(timeout=5))["text"] == "held 1"
+    # held: unanswered, not processed, not recorded; a later matching call passes the gate
+    assert (await web_client.chat_postMessage(channel=OPS, text="held 2"))["ok"]
+    assert not held.done() and [m.text for m in slack.messages] == ["before", "held 2"]
+    assert [c.args["text"] for c in slack.calls_to("chat.postMessage")] == ["before", "held 2"]
+    gate.release()
+    assert (await held)["ok"] and gate.dropped is False
+    assert [m.text for m in slack.messages] == ["before", "held 2", "held 1"]
+
+
+async def test_a_held_call_its_client_gave_up_on_is_dropped_and_its_release_says_so(slack: SlackStandIn) -> None:
+    impatient = AsyncWebClient(token=BOT_TOKEN, base_url=slack.api_url, timeout=1, retry_handlers=[])
+    gate = slack.hold("chat.update")
+    posted = await impatient.chat_postMessage(channel=OPS, text="v1")
+    edit = asyncio.create_task(impatient.chat_update(channel=OPS, ts=posted["ts"], text="v2"))
+    await gate.reached(timeout=5)
+    with pytest.raises((TimeoutError, aiohttp.ClientError)):
+        await edit   # the client's own deadline
+    await eventually(lambda: gate.abandoned, 5, "the stand-in to see the client gone")
+    with pytest.raises(AssertionError, match="gave up on the held chat.update"):
+        gate.release()
+    await eventually(lambda: gate.dropped is not None, 5, "the held call to be let go")
+    assert gate.dropped and slack.messages[0].text == "v1" and not slack.calls_to("chat.update")

@@ -37,7 +37,6 @@ import pyrage
 import pytest
 from pyrage import x25519
 
-import bot.runtime.upkeep
 from bot.config import ConfigError, load_config
 from bot.domain.snapshot import SnapshotError, SnapshotFailed, SnapshotRecord
 from bot.etcd.bbolt import snapshot_status
@@ -45,9 +44,10 @@ from bot.etcd.client import SNAPSHOT_IDLE_TIMEOUT, EtcdClient
 from bot.etcd.snapshot_stream import TRAILER, TrailerCheck, save_snapshot, to_prune
 from bot.ops.snapshots import take_snapshot
 from bot.runtime.schedule import RETRY_AFTER_FAILURE, SCHEDULER, Scheduler, is_due
+from bot.testing.clock import ManualClock
 from bot.testing.cluster import LocalCluster
 from bot.testing.workspace import CHANNEL, LEAD, ONCALL, cluster_table, write_config
-from helpers import command, eventually, must, reply, snapshot_record, text_of
+from helpers import advance_until, command, eventually, must, reply, snapshot_record, text_of
 from snapshot_fixtures import etcdutl_status, etcdutl_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -623,22 +623,23 @@ def test_is_due_pauses_after_a_failure_but_never_for_long():
     assert not is_due(6 * H, NOW - 1 * H, NOW - 2 * H, NOW)  # an old failure, then a success: not due
 
 
-async def test_scheduled_snapshots_are_taken_posted_and_fail_loudly(make_cluster, slack, start_bot, tmp_path,
-                                                                     monkeypatch):
-    # The bot's own housekeeping runs the schedule at start and then every 30 s; after its first
-    # pass it must stay out of the way while this test drives a Scheduler with a clock of its own.
-    monkeypatch.setattr(bot.runtime.upkeep, "UPKEEP_SECONDS", 3600.0)
+async def test_scheduled_snapshots_are_taken_posted_and_fail_loudly(make_cluster, slack, start_bot, tmp_path):
+    # The bot's own upkeep runs the schedule at start; then its clock stands still (it is the test's),
+    # so it stays out of the way while this test drives a Scheduler with times of its own.
+    clock = ManualClock()
     c = make_cluster(3)
-    server = await start_bot([cluster_table("prod", c, channels=(CHANNEL, OTHER_CHANNEL), snapshots={"every": "1m"})])
+    server = await start_bot([cluster_table("prod", c, channels=(CHANNEL, OTHER_CHANNEL), snapshots={"every": "1m"})],
+                             clock=clock)
     ctx = server.ctx
+    await eventually(ctx.is_leader, 10, "the bot to lead")   # (in real time: the lease's clock)
     snap_dir = tmp_path / "snapshots" / "prod"
 
     def scheduled_posts(after: int) -> list:
         return [m for m in slack.messages[after:] if m.source == "chat.postMessage"]
 
-    # At start-up nothing was ever taken, so the housekeeping takes one at once.
-    first = await slack.wait_for_message(lambda m: m.source == "chat.postMessage", timeout=30,
-                                         what="the scheduled snapshot taken at start-up")
+    # At start-up nothing was ever taken, so the upkeep's first pass as the leader takes one.
+    first, _ = await advance_until(clock, lambda: next(iter(scheduled_posts(0)), None), 10,
+                                   "scheduled snapshot taken at start-up")
     assert first.channel == CHANNEL and "Scheduled snapshot of prod" in text_of(first)
     (row,) = await ctx.store.snapshots("prod")
     assert row.reason == "scheduled" and row.requested_by == SCHEDULER

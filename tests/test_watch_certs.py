@@ -2,7 +2,6 @@
 and the warning threshold."""
 from __future__ import annotations
 
-import asyncio
 import time
 from pathlib import Path
 
@@ -14,12 +13,13 @@ from bot.etcd.certs import DAY, CertReading, Kind, ServingCert, expiring, parse_
 from bot.ops.context import BotContext
 from bot.ops.notify import PlainDirectory, PlainNotifier
 from bot.testing import certs
+from bot.testing.clock import ManualClock
 from bot.testing.slack import Message
 from bot.testing.workspace import cluster_table, write_config
 from bot.watch.certificates import PROBE, certificate
 from bot.watch.certificates import fetch as fetch_certs
 from bot.watch.conditions import Facts
-from helpers import eventually, text_of
+from helpers import advance_until, text_of, watching
 
 NOW = 1_000_000.0
 
@@ -131,21 +131,25 @@ async def test_a_cluster_with_certificates_valid_for_3_days_raises_the_certifica
         make_cluster, slack, start_bot) -> None:
     short, year = make_cluster(3, tls=True, cert_days=3), make_cluster(1, tls=True)
     fast = {"interval": "1s", "grace": "1s"}
-    await start_bot([cluster_table("short-lived", short, watch=fast), cluster_table("renewed", year, watch=fast)])
+    clock = ManualClock()
+    bot = await start_bot([cluster_table("short-lived", short, watch=fast), cluster_table("renewed", year, watch=fast)],
+                          clock=clock)
+    await watching(bot.runtime.watcher, clock)
     from cryptography import x509
     expiry = x509.load_pem_x509_certificate(Path(short.tls.server_cert).read_bytes()).not_valid_after_utc
 
     def alerts() -> list[Message]:
         return [m for m in slack.messages if m.thread_ts is None and "CERTIFICATE" in text_of(m)]
 
-    [msg] = await eventually(alerts, 30, "the certificate alert")
+    [msg], _ = await advance_until(clock, alerts, 2, "certificate alert")   # first seen, then its grace
     shown = text_of(msg)
     assert "short-lived" in shown and f"expires {expiry:%Y-%m-%d %H:%M} UTC (in 3 days)" in shown, shown
     for name in ("member1", "member2", "member3"):
         for kind, url in (("peer", short.member(name).peer_url), ("client", short.member(name).client_url)):
             assert f"{name} {kind} {url}" in shown, shown
     assert "5 more within 14 days" in shown and "CN=etcd-member" in shown and "127.0.0.1" in shown
-    await asyncio.sleep(3)  # several more rounds (0.5 s each): still the one message, and none for the renewed cluster
+    for _ in range(3):   # several more rounds: still the one message, and none for the renewed cluster
+        await clock.advance(1)
     assert alerts() == [msg], [text_of(m) for m in alerts()]
 
 

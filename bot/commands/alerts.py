@@ -18,7 +18,7 @@ MAX_MUTE_SECONDS = 7 * 86400
 @command("alerts", ("[cluster]",), ("--cluster",), role=Role.READER,
          summary="the conditions the watch sees open now, those it holds back and why, and any mute")
 async def alerts(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user: str, channel: str) -> Outcome:
-    now = time.time()
+    now = ctx.clock.now()   # the watch's time: what it holds back was seen for so long by it
     mute = next((m for m in await ctx.store.mutes() if m.cluster == cluster.name), None)
     by = await ctx.access.directory.user_name(mute.by) if mute else ""   # a name, not a Slack ID
     muted = (f"until {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(mute.until))} by {by}: "

@@ -1,8 +1,9 @@
 """What every handler needs, built whole once at start-up: the configuration,
 the store, the notifier and access rules (both backed by the chat platform,
 which the core never sees), one etcd client per cluster, the background
-tasks (plan executions) the bot is running, and this replica's standing as
-leader (bot.ops.leadership; the runtime's leadership loop keeps it up to date)."""
+tasks (plan executions) the bot is running, this replica's standing as
+leader (bot.ops.leadership; the runtime's leadership loop keeps it up to date),
+and the clock the background loops keep (bot.domain.clock; a test's moves)."""
 from __future__ import annotations
 
 import asyncio
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from bot.config import ClusterConfig, Config
+from bot.domain.clock import SYSTEM_CLOCK, Clock
 from bot.domain.cluster import ClusterHealth
 from bot.domain.errors import EtcdError
 from bot.etcd.client import EtcdClient, client_for
@@ -57,6 +59,7 @@ class BotContext:
     running_snapshots: dict[str, RunningSnapshot] = field(default_factory=dict)  # by cluster: one at a time
     running: set[str] = field(default_factory=set)  # ids of the plans this replica is executing
     watch: WatchState | None = None  # the watcher (set by the runtime that runs one)
+    clock: Clock = SYSTEM_CLOCK      # the watch's, the upkeep's and the Slack retries' time
     leadership: Leadership = field(init=False)
 
     def __post_init__(self) -> None:
@@ -66,7 +69,7 @@ class BotContext:
 
     @classmethod
     async def open(cls, config: Config, notifier: Notifier, directory: Directory,
-                   secrets: tuple[str, ...] = ()) -> BotContext:
+                   secrets: tuple[str, ...] = (), clock: Clock = SYSTEM_CLOCK) -> BotContext:
         """Open the store and wire everything; the one way a context is made."""
         store = await open_store(config)
         try:
@@ -74,7 +77,7 @@ class BotContext:
         except StoreError:
             await store.close()
             raise
-        return cls(config, store, notifier, Access(directory), secrets)
+        return cls(config, store, notifier, Access(directory), secrets, clock=clock)
 
     def is_leader(self) -> bool:
         """Whether this replica holds the executor lease: only the leader runs plans, schedules and watches."""

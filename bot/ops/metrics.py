@@ -65,6 +65,11 @@ class Metrics:
         self.watch_errors = Counter("etcd_chatops_watch_errors_total", "Watch checks that raised (a bug, or facts "
                                     "they did not expect), by cluster and condition (or probe); each counts as "
                                     "unknown that round", ["cluster", "condition"], registry=r)
+        self.watch_rounds = Counter("etcd_chatops_watch_rounds_total", "Rounds the watch ran, by cluster (on the "
+                                    "leader; one that stops counting is stuck)", ["cluster"], registry=r)
+        self.upkeep_passes = Counter("etcd_chatops_upkeep_passes_total", "Looks of the upkeep at the schedules "
+                                     "(every second on every replica, only the leader acts; one that stops counting "
+                                     "is stuck)", registry=r)
         self.alertmanager_unmatched = Counter("etcd_chatops_alertmanager_unmatched_total",
                                               "Alerts received from Alertmanager that matched no configured cluster",
                                               registry=r)

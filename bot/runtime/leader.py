@@ -1,6 +1,10 @@
 """The leadership loop: hold or seek the executor lease (bot.ops.leadership says what a tenure
 is), and while leading pick up the plans another replica approved or resumed, and take over the
-plans a previous leader left running. A background task of the runtime."""
+plans a previous leader left running. A background task of the runtime.
+
+It keeps real time, not the context's clock (bot.domain.clock): the lease it renews expires by the
+database's clock, so a test that moves the watch's time leaves leadership alone (lease tests use
+short leases: `[replicas] lease_seconds`)."""
 from __future__ import annotations
 
 import asyncio
@@ -8,7 +12,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from bot.domain.plan import Fence
@@ -33,19 +37,25 @@ async def lead(ctx: BotContext) -> None:
         if now >= next_renewal:
             next_renewal = now + renew_every
             if await _renew(ctx, now):
-                try:
-                    await take_over(ctx)
-                except Exception:
-                    log.exception("taking over the plans of the previous leader failed")
+                await logged(log, "taking over the plans of the previous leader failed", lambda: take_over(ctx))
         if me.is_leader():
-            try:
-                await pick_up(ctx)
-            except Exception:
-                log.exception("picking up approved plans failed")
+            await logged(log, "picking up approved plans failed", lambda: pick_up(ctx))
         elif me.lost():  # the tenure ran out before a renewal succeeded
             log.warning("leadership expired before it could be renewed", extra={"ctx_replica": me.replica_id})
         metrics.leader.set(1 if me.is_leader() else 0)
         await asyncio.sleep(max(0.0, min(PICKUP_SECONDS, next_renewal - time.monotonic())))
+
+
+async def logged(log: logging.Logger, failure: str, job: Callable[[], Awaitable[object]]) -> None:
+    """Run one job of a background loop, whose failure never ends the loop (it tries again next time): an
+    unavailable store is logged in one line (it is not a bug, and nothing is decided without it), anything
+    else with its traceback."""
+    try:
+        await job()
+    except StoreError as e:
+        log.warning("%s: state store unavailable", failure, extra={"ctx_error": str(e)})
+    except Exception:
+        log.exception(failure)
 
 
 async def _renew(ctx: BotContext, sent_at: float) -> bool:

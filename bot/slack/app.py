@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import random
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -26,6 +27,7 @@ from slack_sdk.socket_mode.aiohttp import SocketModeClient
 from slack_sdk.socket_mode.request import SocketModeRequest
 from slack_sdk.web.async_client import AsyncWebClient
 
+from bot.domain.clock import SYSTEM_CLOCK, Clock
 from bot.ops.context import BotContext
 from bot.settings import SlackSettings
 from bot.slack.readiness import ReadinessProbe
@@ -61,11 +63,30 @@ class IdempotentConnectionErrorRetryHandler(AsyncConnectionErrorRetryHandler):
             state=state, request=request, response=response, error=error)
 
 
-def web_client(slack: SlackSettings, token: str | None = None) -> AsyncWebClient:
-    """The Web API client: 429s wait for Retry-After and are retried (they were not
+class RateLimitRetryHandler(AsyncRateLimitErrorRetryHandler):
+    """A 429 was not processed: wait its Retry-After (and up to a second more, so that callers who were
+    limited together do not return together) on `clock`, then send it again."""
+
+    def __init__(self, clock: Clock, max_retry_count: int):
+        super().__init__(max_retry_count=max_retry_count)
+        self.clock = clock
+
+    async def prepare_for_next_attempt_async(self, *, state: RetryState, request: HttpRequest,
+                                             response: HttpResponse | None = None,
+                                             error: Exception | None = None) -> None:
+        if response is None:   # (only a 429 response is retried by this handler)
+            raise error or RuntimeError("no response to a rate-limited request")
+        state.next_attempt_requested = True
+        after = next((v for k, v in response.headers.items() if k.lower() == "retry-after"), ["1"])
+        await self.clock.sleep(int(after[0]) + random.random())
+        state.increment_current_attempt()
+
+
+def web_client(slack: SlackSettings, token: str | None = None, clock: Clock = SYSTEM_CLOCK) -> AsyncWebClient:
+    """The Web API client: 429s wait for Retry-After (on `clock`) and are retried (they were not
     processed); 5xx and broken connections are retried for idempotent methods only."""
     return AsyncWebClient(token=token or slack.bot_token, base_url=slack.api_url, timeout=10,
-                          retry_handlers=[AsyncRateLimitErrorRetryHandler(max_retry_count=3),
+                          retry_handlers=[RateLimitRetryHandler(clock, max_retry_count=3),
                                           IdempotentServerErrorRetryHandler(max_retry_count=3),
                                           IdempotentConnectionErrorRetryHandler(max_retry_count=2)])
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -37,11 +38,36 @@ class ClusterError(RuntimeError):
     pass
 
 
+# The ports free_port picks from: below the kernel's ephemeral range (net.ipv4.ip_local_port_range, 32768
+# and up by default), so no outgoing connection takes a port between its pick and its bind; and split
+# between pytest-xdist's workers (PYTEST_XDIST_WORKER=gwN of PYTEST_XDIST_WORKER_COUNT, inherited by the
+# processes a test starts), so two workers never pick the same port.
+PORTS = range(20000, 32768)
+_random = random.SystemRandom()
+
+
+def worker_ports() -> range:
+    """This process's share of PORTS: all of it, or its pytest-xdist worker's slice."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), os.environ.get("PYTEST_XDIST_WORKER_COUNT", "")
+    if not (worker.startswith("gw") and worker[2:].isdigit() and count.isdigit() and int(count) > 1):
+        return PORTS
+    share = len(PORTS) // int(count)
+    first = PORTS.start + int(worker[2:]) % int(count) * share
+    return range(first, first + share)
+
+
 def free_port() -> int:
-    """A port free on 127.0.0.1 right now (the kernel picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free on 127.0.0.1 right now, at random from this process's share (see PORTS)."""
+    ports = worker_ports()
+    for _ in range(1000):
+        port = _random.choice(ports)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise ClusterError(f"no free port on 127.0.0.1 in {ports.start}-{ports.stop - 1}")
 
 
 @dataclass

@@ -6,8 +6,9 @@ it exactly as it talks to slack.com; the stand-in delivers slash commands and
 events to the bot exactly as Slack does: signed HTTP POSTs to ``bot_url`` or,
 when the bot connected over Socket Mode, envelopes on the websocket, waiting
 for the ack. Everything the bot does is recorded (``calls``, ``messages``) so
-tests assert on what a user would see, and faults can be injected
-(``fail_next``) to test the bot's reliability.
+tests assert on what a user would see, faults can be injected
+(``fail_next``) to test the bot's reliability, and a call can be held
+(``hold``) to pause the bot at a chosen moment while the test acts.
 
 A small control API (``/_standin/...``) and ``main()`` let a driver in another
 process (a ``say`` CLI, the demo) use a stand-in running as a subprocess.
@@ -40,7 +41,8 @@ from urllib.parse import urlencode
 import aiohttp
 from aiohttp import web
 
-__all__ = ["ApiCall", "Delivery", "Message", "OpenView", "SlackStandIn", "blocks_problem", "sign_request", "main"]
+__all__ = ["ApiCall", "Delivery", "Gate", "Message", "OpenView", "SlackStandIn", "blocks_problem", "sign_request",
+           "main"]
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +130,70 @@ class _Failure:
     retry_after: int | None
     error: str | None
     match: Callable[[dict], bool] | None = None
+
+
+class Gate:
+    """Holds the next Web API call to `method` that `match` accepts, unanswered and unprocessed, until
+    `release()`: the bot waits on it exactly as long as the test needs, e.g. a plan that announces
+    step 3 (its chat.update) stays before step 3 while the test changes the cluster. Later calls pass.
+
+    The bot's Web API client gives up on an unanswered call after its own timeout (10 s); a hold
+    that outlasts it proved nothing (the bot went on without the call), so `release()` says so."""
+
+    def __init__(self, method: str, match: Callable[[dict[str, Any]], bool] | None) -> None:
+        self.method, self.match = method, match
+        self.args: dict[str, Any] | None = None   # the held call's arguments, once it arrived
+        self.dropped: bool | None = None          # once released: whether its client had given up on it
+        self._request: web.Request | None = None
+        self._arrived = asyncio.Event()
+        self._open = asyncio.Event()
+
+    def takes(self, method: str, args: dict[str, Any]) -> bool:
+        """Whether this gate holds that call (the first one it matches; none once released)."""
+        return (self.args is None and not self._open.is_set() and method == self.method
+                and (self.match is None or self.match(args)))
+
+    async def hold(self, request: web.Request, args: dict[str, Any]) -> bool:
+        """Keep the call until released; False when its client went away meanwhile (drop the call)."""
+        self.args, self._request = args, request
+        self._arrived.set()
+        await self._open.wait()
+        self.dropped = self._gone()
+        return not self.dropped
+
+    def _gone(self) -> bool:
+        transport = self._request.transport if self._request is not None else None
+        return self._request is not None and (transport is None or transport.is_closing())
+
+    @property
+    def holding(self) -> bool:
+        return self._arrived.is_set() and not self._open.is_set()
+
+    @property
+    def abandoned(self) -> bool:
+        """It holds a call whose client gave up on it (closed the connection)."""
+        return self.holding and self._gone()
+
+    async def reached(self, timeout: float = 60.0) -> dict[str, Any]:
+        """Wait until the bot made the call the gate holds; its arguments."""
+        try:
+            await asyncio.wait_for(self._arrived.wait(), timeout)
+        except TimeoutError:
+            raise TimeoutError(f"timed out after {timeout:g}s waiting for a {self.method} call to hold") from None
+        assert self.args is not None
+        return self.args
+
+    def release(self) -> None:
+        """Let the held call through (and every later one). AssertionError if the bot gave up on it."""
+        gone = self.abandoned
+        self._open.set()
+        if gone:
+            raise AssertionError(f"the bot gave up on the held {self.method} call before it was released "
+                                 "(its client's timeout): hold it for less time")
+
+    def open(self) -> None:
+        """Release without judging (the stand-in stops, or the bot was killed on purpose)."""
+        self._open.set()
 
 
 @dataclass
@@ -278,6 +344,7 @@ class SlackStandIn:
         self._by_key: dict[tuple[str, str], Message] = {}
         self._dm_channels: dict[str, str] = {}  # D... -> user id
         self._failures: dict[str, list[_Failure]] = {}
+        self._gates: list[Gate] = []
         self._responses: dict[str, _ResponseUrl] = {}
         self._tickets: set[str] = set()
         self._sockets: list[web.WebSocketResponse] = []
@@ -329,7 +396,10 @@ class SlackStandIn:
         log.info("slack stand-in listening on %s", self.url)
 
     async def stop(self) -> None:
-        """Close websockets, pending acks, the server and the delivery session."""
+        """Open the gates, close websockets, pending acks, the server and the delivery session."""
+        for gate in self._gates:
+            gate.open()
+        self._gates.clear()
         for fut in self._pending_acks.values():
             fut.cancel()
         self._pending_acks.clear()
@@ -450,6 +520,13 @@ class SlackStandIn:
         if status == 429 and retry_after is None:
             retry_after = 1
         self._failures.setdefault(method, []).append(_Failure(status, count, retry_after, error, match))
+
+    def hold(self, method: str, *, match: Callable[[dict[str, Any]], bool] | None = None) -> Gate:
+        """Hold the next call to ``method`` (whose arguments satisfy ``match``) until the gate is released:
+        ``gate = slack.hold(...)``, then ``await gate.reached()``, act, ``gate.release()``."""
+        gate = Gate(method, match)
+        self._gates.append(gate)
+        return gate
 
     def _take_failure(self, method: str, args: dict | None = None) -> _Failure | None:
         queue = self._failures.get(method) or []
@@ -572,6 +649,13 @@ class SlackStandIn:
             auth = request.headers.get("Authorization", "")
             if auth.lower().startswith("bearer "):
                 token = auth[7:].strip()
+            gate = next((g for g in self._gates if g.takes(method, args)), None)
+            if gate is not None:
+                kept = await gate.hold(request, args)
+                if gate in self._gates:
+                    self._gates.remove(gate)
+                if not kept:   # its client gave up: the call never happened
+                    return web.json_response({"ok": False, "error": "request_timeout"}, status=408)
             failure = self._take_failure(method, args)
             if failure is not None:
                 status = failure.status

@@ -37,6 +37,11 @@ from bot.ops.launcher import FENCE_VARIABLE
 from bot.testing.cluster import ClusterError, LocalCluster, TLSPaths, free_port, spawn, tls_member_args
 from bot.testing.netbed import CLIENT_PORT, host_for_url
 
+# A member stopped gets this long to exit before it is killed. A follower exits within a second; a leader whose
+# peers stop at the same moment (a restore stops every member at once) tries to hand its leadership to one of
+# them and gives up only after etcd's request timeout (5 s + two election timeouts: 7 s here).
+STOP_GRACE = 2.0
+
 _fences: list[IO[str]] = []  # the member's fence file, locked until this process exits
 
 
@@ -138,11 +143,12 @@ def status(base: Path, name: str) -> int:
 
 
 def stop(base: Path, name: str) -> int:
+    """SIGTERM, and SIGKILL after STOP_GRACE seconds, as a node's stop with a grace period does."""
     cluster = LocalCluster.attach(base)
     if not cluster.running(name):
         print(f"{name} was not running")
         return 0
-    cluster.stop(name)
+    cluster.stop(name, timeout=STOP_GRACE)
     print(f"stopped {name}")
     return 0
 

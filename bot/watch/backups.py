@@ -11,7 +11,6 @@ copies work the same.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -42,7 +41,7 @@ async def fetch(ctx: BotContext, cluster: ClusterConfig, health: ClusterHealth |
     """The cluster's newest catalog rows (None: no schedule, or the store did not answer: asked again next round)."""
     if not cluster.snapshots.every_seconds:
         return None
-    since = _SINCE.setdefault(cluster.name, time.time())
+    since = _SINCE.setdefault(cluster.name, ctx.clock.now())
     try:
         rows = await ctx.store.snapshots(cluster.name, limit=20)
     except StoreError as e:

@@ -12,8 +12,6 @@ certificate is no `/etcd` command, so none is suggested.
 """
 from __future__ import annotations
 
-import time
-
 from bot.config import ClusterConfig
 from bot.domain.cluster import ClusterHealth, TLSFiles
 from bot.etcd.certs import CertReading, expiring, read_certs, remaining, tls_urls
@@ -35,7 +33,7 @@ async def fetch(ctx: BotContext, cluster: ClusterConfig, health: ClusterHealth |
     if not targets:
         return []
     readings = await read_certs(targets, TLSFiles(cluster.cacert, cluster.cert, cluster.key),
-                                cluster.timeout_seconds, time.time())
+                                cluster.timeout_seconds, ctx.clock.now())
     last = _LAST.get(cluster.name, {})
     kept = [r if r.cert is not None or r.url not in last else last[r.url] for r in readings]
     _LAST[cluster.name] = {r.url: r for r in kept}

@@ -31,12 +31,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Coroutine
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from bot.config import ClusterConfig
+from bot.domain.clock import Clock
 from bot.domain.cluster import ClusterHealth, MemberMetrics, backend_quota
 from bot.domain.errors import EtcdError
 from bot.domain.record import AlertRecord, NewAlert, PlanRecord, ReceivedAlert
@@ -63,6 +63,7 @@ from bot.watch.readings import History
 from bot.watch.tracker import FLAP_MIN, Act, Decision, Key, Track, Tracker
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 REFRESH_SECONDS = 60.0   # an open alert's message is edited when its figures change, and at least this often
 POLL_SECONDS = 1.0       # how soon the leader sees Alertmanager's alerts another replica received
 ALERTS_KEPT_SECONDS = 30 * 86400.0   # resolved alert rows older than this are deleted by the leader's housekeeping
@@ -138,26 +139,27 @@ class Watcher:
     while this replica holds the executor lease (with several replicas, only the leader watches;
     a single replica always leads)."""
 
-    def __init__(self, ctx: BotContext, should_watch: Callable[[], bool] | None = None,
-                 clock: Callable[[], float] = time.time):
-        self.ctx, self.clock = ctx, clock
+    def __init__(self, ctx: BotContext, should_watch: Callable[[], bool] | None = None):
+        self.ctx, self.clock = ctx, ctx.clock
         self.should_watch = should_watch or ctx.is_leader
         self.clusters: dict[str, ClusterWatch] = {}
         self.receiving = ctx.config.alertmanager.enabled
         self._wakes: dict[str, asyncio.Event] = {}
 
     async def run(self) -> None:
-        """Forever: one loop per watched cluster (every cluster while Alertmanager's alerts are received)."""
-        await asyncio.gather(*(self._loop(c) for c in self.ctx.config.clusters if c.watch.enabled or self.receiving))
+        """Forever: one loop per watched cluster (every cluster while Alertmanager's alerts are received), each a
+        task named `watch <cluster>`."""
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(*(loop.create_task(self._loop(c), name=f"watch {c.name}")
+                               for c in self.ctx.config.clusters if c.watch.enabled or self.receiving))
 
     def received(self, cluster: str) -> None:
         """Alertmanager's alerts of `cluster` changed (this replica received them): a round now."""
         self._wakes.setdefault(cluster, asyncio.Event()).set()
 
     async def _loop(self, cluster: ClusterConfig) -> None:
-        interval = cluster.watch.interval_seconds
-        loop = asyncio.get_running_loop()
-        next_at = loop.time()
+        interval, clock = cluster.watch.interval_seconds, self.clock
+        next_at = clock.monotonic()
         watching = False
         while True:
             try:
@@ -171,25 +173,25 @@ class Watcher:
                     self._gauges(cluster, [])
             except Exception:
                 log.exception("watch round failed", extra={"ctx_cluster": cluster.name})
-            next_at = max(next_at + interval, loop.time())
+            next_at = max(next_at + interval, clock.monotonic())
             await self._pause(cluster, next_at, watching)
 
     async def _pause(self, cluster: ClusterConfig, until: float, watching: bool) -> None:
-        """Until the next round is due (`until`, the loop's time), or sooner while Alertmanager's alerts are
-        received: when the cluster's change (woken by this replica's receiver, or seen in the store every
-        POLL_SECONDS when another replica received them), or this replica becomes the one that watches (what
-        others filed meanwhile is its to post)."""
-        loop = asyncio.get_running_loop()
+        """Until the next round is due (`until`, on the clock's monotonic time), or sooner while Alertmanager's
+        alerts are received: when the cluster's change (woken by this replica's receiver, or seen in the store
+        every POLL_SECONDS when another replica received them), or this replica becomes the one that watches
+        (what others filed meanwhile is its to post)."""
+        clock = self.clock
+        if not self.receiving:
+            await clock.sleep(until - clock.monotonic())
+            return
         wake = self._wakes.setdefault(cluster.name, asyncio.Event())
         while True:
-            left = until - loop.time()
+            left = until - clock.monotonic()
             if left <= 0:
                 return
-            try:
-                await asyncio.wait_for(wake.wait(), min(left, POLL_SECONDS) if self.receiving else left)
-            except TimeoutError:
-                if not (self.receiving and self.should_watch()
-                        and (not watching or await self._alerts_changed(cluster))):
+            if not await _woken(wake, clock, min(left, POLL_SECONDS)):
+                if not (self.should_watch() and (not watching or await self._alerts_changed(cluster))):
                     continue
             wake.clear()
             return
@@ -216,7 +218,7 @@ class Watcher:
     # ---------------------------------------------------------------- one round
 
     async def facts(self, cluster: ClusterConfig, state: ClusterWatch) -> Facts:
-        now = self.clock()
+        now = self.clock.now()
         health, error = await self._health(cluster)
         metrics: dict[int, MemberMetrics] = {}
         if cluster.watch.enabled:
@@ -278,13 +280,15 @@ class Watcher:
                                        postable=lambda f: not muted and not expected(plan, f), unsure=verdicts.unsure)
         state.held = [(t, _why_held(t.finding, muted, plan, cluster)) for t in state.tracker.tracks.values()
                       if not t.open and t.present_since is not None]
-        log.debug("watch round", extra={"ctx_cluster": cluster.name, "ctx_seconds": round(self.clock() - facts.now, 3),
+        log.debug("watch round", extra={"ctx_cluster": cluster.name,
+                                        "ctx_seconds": round(self.clock.now() - facts.now, 3),
                                         "ctx_findings": [(*f.key, *f.sources) for f in findings],
                                         "ctx_unknown": sorted(verdicts.unknown),
                                         "ctx_plan": plan and f"{plan.id} {plan.kind} {plan.state}", "ctx_muted": muted})
         for d in decisions:
             await self._act(cluster, state, d, facts.now)
         self._gauges(cluster, state.tracker.open_tracks())
+        self.ctx.metrics.watch_rounds.labels(cluster=cluster.name).inc()
         return decisions
 
     def held(self, cluster: str, now: float) -> list[AlertView] | None:
@@ -383,10 +387,9 @@ class Watcher:
                                                         "ctx_subject": key[1]})
             rows = state.posted[key] = []
             for channel in cluster.channels:
-                ts = await self._post(channel, reply)
                 alert = NewAlert(cluster=cluster.name, condition=key[0], subject=key[1], opened_at=view.opened_at,
-                                 updated_at=now, channel=channel, message_ts=ts, detail=detail, flaps=track.flaps)
-                rows.append(Posted(await self._quiet(store.open_alert(alert), None), channel, ts, shown, now))
+                                 updated_at=now, channel=channel, message_ts=None, detail=detail, flaps=track.flaps)
+                rows.append(await _whole(self._open(channel, alert, reply, shown, now)))
             return
         rows = state.posted.get(key, [])
         for p in rows:
@@ -412,12 +415,47 @@ class Watcher:
             log.info("watch: condition resolved", extra={"ctx_cluster": cluster.name, "ctx_condition": key[0],
                                                          "ctx_subject": key[1]})
 
+    async def _open(self, channel: str, alert: NewAlert, reply: blocks.Reply, shown: str, now: float) -> Posted:
+        """Post an alert and record its message: the record is what a restarted bot edits instead of posting
+        the alert again."""
+        ts = await self._post(channel, reply)
+        row = await self._quiet(self.ctx.store.open_alert(replace(alert, message_ts=ts)), None)
+        return Posted(row, channel, ts, shown, now)
+
     async def _post(self, channel: str, reply: blocks.Reply) -> str | None:
         try:
             return await self.ctx.notifier.channel_message(channel, reply)
         except NotifyFailed as e:
             log.warning("watch: alert not posted", extra={"ctx_channel": channel, "ctx_error": str(e)})
             return None
+
+
+async def _woken(event: asyncio.Event, clock: Clock, seconds: float) -> bool:
+    """Whether `event` was set within `seconds` on `clock` (the sleep keeps the waiting task's name, which
+    bot.testing.clock.ManualClock shows)."""
+    if event.is_set():
+        return True
+    loop, current = asyncio.get_running_loop(), asyncio.current_task()
+    waiter = loop.create_task(event.wait())
+    sleeper = loop.create_task(clock.sleep(seconds), name=current.get_name() if current else None)
+    try:
+        await asyncio.wait({waiter, sleeper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        sleeper.cancel()
+    return event.is_set()
+
+
+async def _whole(work: Coroutine[Any, Any, T]) -> T:
+    """Run `work` to its end even when the caller is cancelled (a replica stopping mid-round): a message
+    posted and not recorded would be posted again by the next leader. The caller's cancellation is raised
+    once the work is done (each call in it has its own deadline)."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise
 
 
 def _probe_label(probe: Probe) -> str:
@@ -462,7 +500,7 @@ async def tidy_alerts(ctx: BotContext, now: float | None = None) -> tuple[int, i
     (gone from the config, or their watch disabled; the config is read at start, so in effect at
     start-up) are closed without posting: nobody would ever resolve them. Alerts resolved more than
     ALERTS_KEPT_SECONDS ago are deleted. Returns (closed, deleted)."""
-    now = time.time() if now is None else now
+    now = ctx.clock.now() if now is None else now
     receiving = ctx.config.alertmanager.enabled
     closed = await ctx.store.close_alerts([c.name for c in ctx.config.clusters if c.watch.enabled or receiving], now)
     deleted = await ctx.store.prune_alerts(now - ALERTS_KEPT_SECONDS)
