@@ -4,9 +4,10 @@ from __future__ import annotations
 from slack_bolt.async_app import AsyncApp
 
 from bot.ops.context import BotContext
-from handlers import reactions, slash
+from handlers import interactions, reactions, slash
 
 
 def register_all(app: AsyncApp, ctx: BotContext) -> None:
     slash.register(app, ctx)
     reactions.register(app, ctx)
+    interactions.register(app, ctx)

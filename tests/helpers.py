@@ -190,12 +190,17 @@ def urls() -> tuple[str, str]:
     return f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
 
 
+def is_plan_message(m: Message) -> bool:
+    """A new plan's message: posted in the channel, with its Approve and Reject buttons."""
+    return (m.source == "chat.postMessage" and m.thread_ts is None
+            and any(str(b.get("block_id", "")).startswith("plan:") for b in m.blocks or []))
+
+
 async def propose(slack: SlackStandIn, text: str, user: str = ONCALL, to: str | None = None) -> Message:
     start = len(slack.messages)
     await command(slack, text, user=user, to=to)
-    return await slack.wait_for_message(
-        lambda m: m.source == "chat.postMessage" and m.thread_ts is None and m.text.startswith("Plan "),
-        after=start, timeout=30, what=f"the plan message for /etcd {text}")
+    return await slack.wait_for_message(is_plan_message, after=start, timeout=30,
+                                        what=f"the plan message for /etcd {text}")
 
 
 def replies(slack: SlackStandIn, plan: Message) -> list[Message]:

@@ -17,7 +17,7 @@ async def test_a_plan_needing_two_approvers_runs_once_after_the_second(make_clus
     c.kill("member1")
     plan = await propose(slack, f"replace member1 member4 {urls()[0]} --client-url {urls()[1]}")
     row = await plan_row(store, plan)
-    assert "2 approvers react" in str(plan.blocks)
+    assert "needs 2 approvers (0 so far)" in str(plan.blocks)
     await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
     await slack.wait_for(lambda: "Approval 1 of 2" in thread(slack, plan), what="the first approval")
     await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)  # the same approver again counts once

@@ -41,7 +41,8 @@ async def test_a_whole_replacement_from_a_shell_is_posted_once_slack_answers(mak
                           words=("replace", "member1", "member4", peer, "--client-url", client))
     assert proposed.returncode == 0, proposed.stderr
     pid = plan_id(proposed.stdout)
-    assert f"Plan {pid}: replace member1" in proposed.stdout and "member4" in proposed.stdout
+    assert proposed.stdout.startswith("Replace member1 with member4 in prod — needs 1 approver\n")
+    assert "\nETCD_NAME=member4\n" in proposed.stdout  # the new member's environment, to copy as it stands
     own = await plan("approve", pid, person="alice")
     assert own.returncode == 1 and "alice (break glass, from a shell) proposed plan" in own.stdout
     approved = await plan("approve", pid, reason="bridge call agreed")
@@ -67,7 +68,7 @@ async def test_a_whole_replacement_from_a_shell_is_posted_once_slack_answers(mak
     monkeypatch.setattr(upkeep, "RELAY_SECONDS", 0.2)
     slack.fail_next("chat.postMessage", status=503, count=2)
     bot = await start_bot(clusters, approval=APPROVAL)
-    message = await slack.wait_for_message(lambda m: m.thread_ts is None and m.text.startswith(f"Plan {pid}"),
+    message = await slack.wait_for_message(lambda m: m.thread_ts is None and f"Plan {pid}," in m.text,
                                            timeout=20, what="the plan, posted once Slack answers")
     def relayed() -> str | None:
         t = "\n".join(text_of(m) for m in slack.messages if m.thread_ts == message.ts)
@@ -76,6 +77,7 @@ async def test_a_whole_replacement_from_a_shell_is_posted_once_slack_answers(mak
     assert said.count("break glass: done from a shell at ") >= 8
     assert "alice (break glass, from a shell) ran `plan propose` from a shell: Slack is down" in said
     assert "Approved by bob (break glass, from a shell)" in said and "Step 6 (followups)" in said
+    assert "ETCD_NAME=member4" in said  # the plan's long part, under its message as for a plan from Slack
     assert said.index("ran `plan propose`") < said.index("Approved by bob") < said.index(f"Plan {pid} is done")
     assert "done" in text_of(slack.find_message(CHANNEL, message.ts)).lower()  # the message shows the plan's end
     # The outbox drained (the thread showed the end before the relay's last post, the refused second run's note,

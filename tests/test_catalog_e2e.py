@@ -19,7 +19,7 @@ from test_restore_e2e import approve_twice, hashes, keys
 from bot.backup.manifest import Manifest
 from bot.domain.restore import RestorePlan
 from bot.testing.workspace import cluster_table
-from helpers import APPROVAL, eventually, plan_of, plan_row, propose, reply, text_of, wait_done
+from helpers import APPROVAL, eventually, plan_of, plan_row, propose, reply, text_of, thread, wait_done
 
 FILE_LINE = re.compile(r"\*File:\* `([^`]+)`")
 
@@ -196,9 +196,11 @@ async def test_restore_from_a_snapshot_only_the_store_holds(make_cluster, slack,
 
     name = Path(row.path).name
     plan = await propose(slack, "restore" if how == "keep_local_0" else f"restore {name}")
-    plan_text = text_of(plan) + json.dumps(plan.blocks)
+    plan_text = text_of(plan) + json.dumps(plan.blocks) + await slack.wait_for(
+        lambda: "From the snapshot store" in thread(slack, plan) and thread(slack, plan),
+        what="where the file is, in the plan's thread")
     assert f"From the snapshot store:* `{s3.url()}/prod/{name}`" in plan_text, plan_text
-    assert "from the snapshot store" in plan.text
+    assert "from the snapshot store" in text_of(plan)
     record = await plan_row(store, plan)
     assert plan_of(RestorePlan, record).snapshot.remote_url == f"{s3.url()}/prod/{name}"
     await approve_twice(slack, plan)

@@ -61,8 +61,8 @@ def test_the_member_whose_hash_differs_is_named_with_its_replacement() -> None:
     c = Consistency("prod", 40, (m("a", 1, 0xAB), m("b", 2, 0xCD), m("c", 3, 0xAB)))
     assert not c.agree and [d.name for d in c.differing] == ["b"]
     text = consistency_text(c)
-    assert text.startswith("cluster prod: INCONSISTENT at revision 40: b differs from the majority; replace it: "
-                           "/etcd replace b <new-name> <new-peer-url>")
+    assert text.startswith("cluster prod: INCONSISTENT at revision 40: b differs from the majority; stop etcd on it "
+                           "(one at a time), then replace it: /etcd replace b <new-name> <new-peer-url>")
     assert text.count(" same |") == 2 and text.count(" DIFFERS |") == 1 and "000000cd" in text
 
 
@@ -85,7 +85,7 @@ async def test_metrics_are_read_over_tls_with_the_client_certificate(make_cluste
     c = make_cluster(3, tls=True, extra_args=QUOTA_ARGS)
     await start_bot([cluster_table("prod", c)])
     status = text_of(await reply(slack, "status"))
-    assert status.count("of 17 MB (") == 3 and "quota unknown" not in status  # 16 MiB, from each /metrics
+    assert status.count("of 17 MB quota") == 3 and "quota unknown" not in status  # 16 MiB, from each /metrics
     perf = text_of(await reply(slack, "perf"))
     assert "not read" not in perf and perf.count(" ok |") + perf.count(" BAD |") + perf.count(" ? |") == 3 * 7
 

@@ -7,9 +7,9 @@ from bot.commands.grammar import UsageError, unescape_slack
 from bot.commands.table import parse
 
 
-def test_empty_text_is_help():
-    assert parse("").name == "help"
-    assert parse("   ").name == "help"
+def test_empty_text_is_the_menu():
+    assert parse("").name == "menu"
+    assert parse("   ").name == "menu"
 
 
 def test_status_with_cluster_positional_or_option():
@@ -37,10 +37,22 @@ def test_bad_input_gives_one_line_and_the_usage(text, reason):
     assert "/etcd" in e.value.usage
 
 
-def test_unknown_subcommand_lists_every_usage():
+def test_an_unknown_subcommand_names_the_nearest_and_its_usage_only():
+    """A typo costs one line and the usage of the command meant, not the usage of all of them."""
     with pytest.raises(UsageError) as e:
         parse("stats")
-    assert "/etcd status [cluster]" in e.value.usage and "/etcd members [cluster]" in e.value.usage
+    assert e.value.reason == "unknown subcommand 'stats': did you mean `status`?"
+    assert e.value.usage == "/etcd status [cluster]"
+    with pytest.raises(UsageError) as e:
+        parse("snapshts prod")
+    assert "did you mean `snapshots`?" in e.value.reason and e.value.usage == "/etcd snapshots [cluster]"
+
+
+def test_an_unknown_subcommand_near_nothing_gets_the_names_on_one_line():
+    with pytest.raises(UsageError) as e:
+        parse("frobnicate")
+    assert "did you mean" not in e.value.reason and "/etcd help" in e.value.reason
+    assert "\n" not in e.value.usage and "| members |" in e.value.usage and "| status |" in e.value.usage
 
 
 def test_help_for_a_subcommand():
@@ -61,3 +73,12 @@ def test_abandon_takes_a_plan_id_and_a_free_text_reason():
     with pytest.raises(UsageError, match="missing <reason>") as e:
         parse("abandon ab12cd")
     assert e.value.usage == "/etcd abandon <plan-id> <reason...>"
+
+
+def test_a_bad_duration_is_named_as_typed_and_a_control_character_never_reaches_the_reply():
+    with pytest.raises(UsageError) as e:
+        parse("mute 3x because")
+    assert e.value.reason.startswith("3x is not a duration")
+    with pytest.raises(UsageError) as e:
+        parse("mute prod \x0c0 because")
+    assert e.value.reason.startswith("'\\x0c0' is not a duration") and e.value.reason.isprintable()

@@ -382,7 +382,10 @@ SLACK_MANIFEST_SCHEMA = {
         "features": {
             "type": "object", "additionalProperties": False,
             "properties": {
-                "app_home": {"type": "object"},
+                "app_home": {"type": "object", "additionalProperties": False,
+                             "properties": {"home_tab_enabled": {"type": "boolean"},
+                                            "messages_tab_enabled": {"type": "boolean"},
+                                            "messages_tab_read_only_enabled": {"type": "boolean"}}},
                 "bot_user": {"type": "object", "required": ["display_name"], "additionalProperties": False,
                              "properties": {"display_name": {"type": "string", "minLength": 1, "maxLength": 80},
                                             "always_online": {"type": "boolean"}}},
@@ -460,16 +463,32 @@ def test_slack_manifest(name: str, socket_mode: bool):
     assert set(m["oauth_config"]["scopes"]["bot"]) == SCOPES
     assert "user" not in m["oauth_config"]["scopes"], "the app acts as its bot user only"
     settings = m["settings"]
-    assert settings["event_subscriptions"]["bot_events"] == ["reaction_added"]
-    assert settings["interactivity"]["is_enabled"] is False
+    # the events the listeners of handlers/ take, and interactivity for the buttons and forms
+    assert settings["event_subscriptions"]["bot_events"] == ["app_home_opened", "reaction_added"]
+    assert settings["interactivity"]["is_enabled"] is True
+    assert m["features"]["app_home"]["home_tab_enabled"] is True
     assert settings["org_deploy_enabled"] is False
     assert settings["socket_mode_enabled"] is socket_mode
 
-    urls = [cmd.get("url"), settings["event_subscriptions"].get("request_url")]
+    urls = [cmd.get("url"), settings["event_subscriptions"].get("request_url"),
+            settings["interactivity"].get("request_url")]
     if socket_mode:
-        assert urls == [None, None], "Socket Mode takes no request URLs"
+        assert urls == [None, None, None], "Socket Mode takes no request URLs"
     else:
         assert all(u == "https://etcd-chatops.example.com/slack/events" for u in urls), urls
+
+
+def test_slack_manifests_subscribe_to_what_the_listeners_take():
+    """The events the listeners of handlers/ register are the manifests' bot events (an event the app is not
+    subscribed to never arrives; one nobody listens to is a 404 to Slack), and buttons and forms need
+    interactivity on."""
+    source = "\n".join(path.read_text() for path in sorted((ROOT / "handlers").glob("*.py")))
+    events = sorted(set(re.findall(r'app\.event\("([a-z_]+)"\)', source)))
+    assert events == ["app_home_opened", "reaction_added"]
+    assert re.search(r"app\.(action|view)\(", source)
+    for name in SLACK_MANIFESTS:
+        settings = slack_manifest(name)["settings"]
+        assert settings["event_subscriptions"]["bot_events"] == events and settings["interactivity"]["is_enabled"]
 
 
 def test_slack_manifests_differ_only_in_transport():
@@ -477,6 +496,7 @@ def test_slack_manifests_differ_only_in_transport():
     for m in (sock, http):
         m["settings"].pop("socket_mode_enabled")
         m["settings"]["event_subscriptions"].pop("request_url", None)
+        m["settings"]["interactivity"].pop("request_url", None)
         m["features"]["slash_commands"][0].pop("url", None)
     assert sock == http
 

@@ -27,7 +27,8 @@ async def test_a_drill_passes_on_a_good_snapshot_and_fails_clearly_on_a_damaged_
 
     passed = await reply(slack, "drill", timeout=120)
     assert "passed" in passed.text and f"revision {good.revision}" in passed.text
-    assert f"{good.live_keys} keys" in passed.text
+    assert f"{good.live_keys} live keys (the snapshot's {good.total_keys} keys count every stored revision" in \
+        passed.text, "a key count that differs from the snapshot's is explained"
     listing = text_of(await reply(slack, "snapshots"))
     assert "drill passed" in listing
 

@@ -92,8 +92,9 @@ async def test_a_planted_object_is_foreign_never_the_default_and_restored_only_b
     assert "is foreign, not a snapshot this bot took" in refused.text and "--force" in refused.text, refused.text
     assert await store.open_plan("prod") is None
     forced = await propose(slack, f"restore {planted} --force")
-    assert forced.text.splitlines()[0].startswith(f"Plan {(await plan_row(store, forced)).id}: restore prod from "
-                                                  f"FOREIGN snapshot (not taken by this bot) {planted}")
+    assert forced.text.splitlines()[0].startswith(f"Restore prod from FOREIGN snapshot (not taken by this bot) "
+                                                  f"{planted} (revision ")
+    assert f"Plan {(await plan_row(store, forced)).id}, proposed by" in forced.text
     assert "FOREIGN snapshot (not taken by this bot)" in must(forced.blocks)[0]["text"]["text"]
     assert "this bot did not take" in must(forced.blocks)[1]["text"]["text"]
     record = await plan_row(store, forced)

@@ -51,7 +51,7 @@ from bot.etcd.health import check_cluster
 from bot.testing.cluster import LocalCluster, free_port
 from bot.testing.slack import Message, SlackStandIn
 from bot.testing.workspace import CHANNEL, LEAD, LEAD2, LEADS_GROUP, ONCALL, STRANGER, cluster_table
-from helpers import eventually, live_markup, text_of
+from helpers import eventually, is_plan_message, live_markup, text_of
 from snapshot_fixtures import ScenarioCluster, put_many, save_snapshot
 
 SPECS = specs()
@@ -261,6 +261,10 @@ async def test_any_command_text_is_answered_and_changes_nothing(readonly_rig, sl
         hypothesis.event(f"{expected.name}: {'ephemeral' if for_user else 'channel'} answer")
         if expected.name == "help":
             assert [m.source for m in new] == ["ack"] and for_user[0].text.startswith("/etcd commands:")
+        elif expected.name == "menu":  # the cluster's actions as buttons, to the user alone; where no cluster is
+            # bound to the channel and none is named, the help
+            assert for_user and (slack.buttons(for_user[0]) or for_user[0].text.startswith("/etcd commands:")
+                                 or for_user[0].text.startswith(":warning: "))
         else:
             answer = (for_user or in_channel)[0]
             if answer.ephemeral_to:  # a refusal: one line of reason first
@@ -353,7 +357,7 @@ class ReactionRig:
             delivery = await self.slack.send_command(f"replace member1 member4 http://127.0.0.1:{port} "
                                                      f"--cluster {name}", user_id=PROPOSER, channel_id=CHANNEL)
             assert delivery.status == 200
-            await self.slack.wait_for_message(lambda m: m.text.startswith("Plan ") and m.thread_ts is None,
+            await self.slack.wait_for_message(is_plan_message,
                                               after=start, timeout=30, what=f"the plan message for {name}")
             await self.slack.wait_for(lambda: not self.bot.ctx.tasks, timeout=30, what="the proposal to settle")
         await asyncio.to_thread(self.cluster.restart, "member1")

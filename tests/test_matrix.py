@@ -223,7 +223,9 @@ async def test_restore_after_a_quorum_loss_moves_the_revision_forward(etcd, make
 
     plan = await propose(slack, "restore")
     row = await plan_row(store, plan)
-    plan_text = "\n".join([plan.text or ""] + [json.dumps(plan.blocks)])
+    commands = await slack.wait_for(lambda: "snapshot restore on every member" in thread(slack, plan)
+                                    and thread(slack, plan), what="the restore's commands in the plan's thread")
+    plan_text = "\n".join([plan.text or "", json.dumps(plan.blocks), commands])
     tool = "etcdctl" if etcd.parts < (3, 5) else "etcdutl"
     assert f"{tool} snapshot restore" in plan_text and etcd.version in plan_text
     if not etcd.bumps:

@@ -15,6 +15,7 @@ from bot.domain.cluster import DEFAULT_QUOTA, Alarm, ClusterHealth, Member, Memb
 from bot.domain.snapshot import NewSnapshot
 from bot.etcd.member_metrics import histogram_quantile, parse_metrics
 from bot.ops.metrics import Metrics, newest_offsite
+from bot.output.blocks import status_reply
 from bot.output.model import status_view
 from bot.output.text import status_json, status_text
 from helpers import cluster_health, member_status, snapshot_record
@@ -84,13 +85,24 @@ def test_status_prints_each_members_quota_and_assumes_the_default_when_metrics_a
     quota = MemberMetrics(16_000_000, None, None, 0, 0, 0, 0)
     view = status_view(_health(16_000_000), {1: quota, 2: "/metrics: connection refused (member down?)"})
     text = status_text(view)
-    assert "QUOTA m1: 16 MB of 16 MB (100 %), 8.0 MB in use" in text
-    assert ("QUOTA m2: 16 MB of 2.1 GB (1 %), 8.0 MB in use; quota unknown (/metrics: connection refused "
-            "(member down?)), etcd's default assumed") in text
+    row = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("|")}
+    assert "16 MB (8.0 MB) | 100 % of 16 MB |" in row["m1"] and "16 MB (8.0 MB) |  1 % of 2.1 GB |" in row["m2"]
+    assert ("QUOTA m2: unknown (/metrics: connection refused (member down?)), etcd's default assumed") in text
+    assert text.count("16 MB (8.0 MB)") == 2 and "in use" not in text   # each figure once
     members = {m["name"]: m for m in json.loads(json.dumps(status_json(view)))["members"]}
     assert members["m1"]["quota_bytes"] == 16_000_000 and members["m1"]["quota_usage"] == 1.0
     assert members["m2"]["quota_bytes"] == DEFAULT_QUOTA and "connection refused" in members["m2"]["quota_error"]
     assert "NEXT: quota use above 80 % (m1 100 %); run /etcd defrag prod" in text
+
+
+def test_a_status_member_line_says_each_figure_once_and_names_the_member() -> None:
+    """The member's database size, what of it is in use and its quota use, each said once (the in-use figure
+    was said twice, in the DB fact and again in the quota's), and the member by name, not its ID."""
+    quota = MemberMetrics(16_000_000, None, None, 0, 0, 0, 0)
+    reply = status_reply(_health(16_000_000), metrics={1: quota, 2: quota})
+    (line,) = [b["text"]["text"] for b in reply.blocks if "*m1*" in b.get("text", {}).get("text", "")]
+    assert "DB 16 MB (8.0 MB in use, 100 % of 16 MB quota)" in line and line.count("8.0 MB") == 1
+    assert f"{1:016x}" not in line
 
 
 def test_an_alarm_comes_first_with_the_command_to_run_and_no_metrics_means_no_quota_line() -> None:
@@ -99,7 +111,8 @@ def test_an_alarm_comes_first_with_the_command_to_run_and_no_metrics_means_no_qu
     assert lines[1].startswith("ALARM NOSPACE") and lines[2].startswith("ALARM CORRUPT")
     assert lines[3].startswith("NEXT: NOSPACE") and "/etcd defrag prod" in lines[3]
     assert lines[4].startswith("NEXT: CORRUPT") and "/etcd consistency prod" in lines[4]
-    assert "QUOTA" not in "\n".join(lines)  # `members` and callers without metrics print as before
+    assert not [line for line in lines if line.startswith("QUOTA")]  # without metrics: no quota said
+    assert [line.split("|")[6].strip() for line in lines if line.startswith("|   m")] == ["-", "-"]
 
 
 # ---------------------------------------------------------------- the bot's gauges read from its catalog

@@ -79,7 +79,9 @@ def test_the_restore_plan_message_shows_commands_that_read_back_word_for_word(sc
     p = odd_restore()
     view = PlanView(state=PlanState.PROPOSED, proposer="U0ONCALL01", approvers="", expires_at=2e9,
                     reaction="white_check_mark", reject_reaction="x")
-    shown = "\n".join(b["text"]["text"] for b in restore_plan_reply(p, view).blocks if b.get("text"))
+    details = restore_plan_reply(p, view).details   # the commands are in the plan's thread
+    assert details is not None
+    shown = "\n".join(b["text"]["text"] for b in details.blocks if b.get("text"))
     block = re.search(r"```(.*?)```", shown, re.S)
     assert block is not None
     pasted = block.group(1).replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")  # as Slack shows it
@@ -98,7 +100,9 @@ def test_the_replacement_environment_keeps_a_survivor_s_odd_name_in_one_value(sc
     assert exported == [["etcd", "[flags]"], list(plan.environment.values())]
     view = PlanView(state=PlanState.PROPOSED, proposer="U0ONCALL01", approvers="", expires_at=2e9,
                     reaction="white_check_mark", reject_reaction="x")
-    shown = "\n".join(b["text"]["text"] for b in replace_plan_reply(plan, view).blocks if b.get("text"))
+    details = replace_plan_reply(plan, view).details   # the environment is in the plan's thread
+    assert details is not None
+    shown = "\n".join(b["text"]["text"] for b in details.blocks if b.get("text"))
     env_block = next(b for b in re.findall(r"```(.*?)```", shown, re.S) if "ETCD_NAME=" in b)
     pasted = env_block.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
     assert run_sh(pasted, scratch, then=show) == [list(plan.environment.values())]

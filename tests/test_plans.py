@@ -202,7 +202,8 @@ def test_a_long_value_never_pushes_a_step_or_the_environment_out_of_the_plan_mes
     view = PlanView(state=PlanState.PROPOSED, proposer="U0ONCALL01", approvers="x", expires_at=0, reaction="ok",
                     reject_reaction="x")
     reply = replace_plan_reply(plan, view)
-    texts = [b["text"]["text"] for b in reply.blocks if b["type"] == "section"]
+    assert reply.details is not None   # the environment: in the plan's thread
+    texts = [b["text"]["text"] for b in reply.blocks + reply.details.blocks if b["type"] == "section"]
     assert all(len(t) <= 3000 for t in texts)
     joined = "\n".join(texts)
     for i, step in enumerate(plan.steps):

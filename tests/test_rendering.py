@@ -41,7 +41,9 @@ def pieces(reply: Reply) -> list[str]:
     for b in reply.blocks:
         if isinstance(b.get("text"), dict):
             out.append(b["text"]["text"])
-        out += [e["text"] for e in b.get("elements", [])]
+        for e in b.get("elements", []):   # context texts; buttons, their dialogs
+            out.append(e["text"] if isinstance(e["text"], str) else e["text"]["text"])
+            out += [part["text"] for part in (e.get("confirm") or {}).values() if isinstance(part, dict)]
     return out
 
 

@@ -56,11 +56,15 @@ async def test_the_whole_runbook(make_cluster, slack, start_bot):
     row = await plan_row(store, plan)
     failed_id = json.loads(row["plan"])["failed"]["id"]
     survivors = ",".join(f"member{i}={c.member(f'member{i}').peer_url}" for i in (2, 3))
-    for expected in ("Plan ", "replace member1 in prod", failed_id, failed.peer_url, failed.client_url, "member4",
-                     peer, client, "learner", f"ETCD_INITIAL_CLUSTER={survivors},member4={peer}",
-                     "ETCD_NAME=member4", "ETCD_INITIAL_CLUSTER_STATE=existing", f"<@{ONCALL}>",
-                     f"<@{LEAD}>", f"<!subteam^{LEADS_GROUP}>", "expires", f"`{row['id']}`"):
+    assert plan.text.startswith("Replace member1 with member4 in prod — needs 1 approver")
+    for expected in ("Plan ", failed.peer_url, failed.client_url, "member4", peer, client, "learner",
+                     f"<@{ONCALL}>", f"<@{LEAD}>", f"<!subteam^{LEADS_GROUP}>", "expires", f"`{row['id']}`"):
         assert expected in text, f"{expected!r} missing from the plan message"
+    assert failed_id not in text, "members by name: member1's ID is not needed to tell it apart"
+    env = await slack.wait_for(lambda: "ETCD_NAME=member4" in thread(slack, plan) and thread(slack, plan),
+                               what="the environment in the plan's thread")
+    for expected in (f"ETCD_INITIAL_CLUSTER={survivors},member4={peer}", "ETCD_INITIAL_CLUSTER_STATE=existing"):
+        assert expected in env and expected not in text
     for i, key in enumerate(("Re-check", "snapshot", "Remove member1", "Add member4", "Start member4",
                              "promote", "--etcd-servers", "Verify 3 members")):
         assert f"{i}. " in text and key in text
@@ -165,8 +169,8 @@ async def test_one_open_plan_per_cluster_and_cancel(make_cluster, slack, start_b
     assert f"Plan {row['id']} cancelled" in text_of(msg)
     assert (await bot.ctx.store.plan(row["id"]))["state"] == "cancelled"
     await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
-    await slack.wait_for(lambda: f"is cancelled by <@{ONCALL}>, not proposed" in thread(slack, plan),
-                         what="late approval refused")
+    await slack.wait_for(lambda: f"is cancelled by <@{ONCALL}> at <!date^" in thread(slack, plan)
+                         and "not proposed" in thread(slack, plan), what="late approval refused")
 
 
 async def test_an_expired_plan_cannot_be_approved(make_cluster, slack, start_bot):
@@ -192,7 +196,8 @@ async def test_rejection_by_the_proposer(make_cluster, slack, start_bot):
     await slack.react(user=ONCALL, channel=CHANNEL, ts=plan.ts, reaction="x")
     await slack.wait_for(lambda: f"Rejected by <@{ONCALL}>" in thread(slack, plan), what="rejection")
     assert (await bot.ctx.store.plan(row["id"]))["state"] == "rejected"
-    assert [m.thread_ts for m in slack.messages].count(plan.ts) == 1  # the "eyes" caused no reply
+    said = [m.text.split("\n")[0] for m in replies(slack, plan)]   # the "eyes" caused no reply
+    assert len(said) == 2 and said[0].startswith("Environment for member4") and "Rejected by" in said[1], said
     assert len(await members_of(c)) == 3
 
 

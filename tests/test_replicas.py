@@ -177,6 +177,27 @@ async def test_a_redelivered_event_is_dropped_by_the_other_replica(make_cluster,
     assert not any(m.ephemeral_to == STRANGER and "not an approver" in text_of(m) for m in slack.messages)
 
 
+async def test_a_click_redelivered_to_the_other_replica_counts_once(make_cluster, slack, replicas):
+    """Slack may deliver a click twice, each time to any replica: the trigger_id keys it in the shared store, so
+    the approval counts once and nobody is told they approved twice."""
+    c = make_cluster(3)
+    group = await replicas([cluster_table("prod", c)], approval={**APPROVAL, "replace": {"approvals_needed": 2}})
+    c.kill("member1")
+    a, b = group.bots
+    plan = await propose(slack, f"replace member1 member4 {urls()[0]}", to=a.url)
+    row = await plan_row(group.store, plan)
+    first = await slack.click(LEAD, plan, "plan_approve", to=a.url)
+    again = await slack.deliver_interaction(slack.interactions[-1], to=b.url)
+    assert (first.status, again.status) == (200, 200) and max(first.elapsed, again.elapsed) < 3
+    await slack.wait_for(lambda: "Approval 1 of 2" in thread(slack, plan), what="the approval")
+    # A new click through B is acted on: so B had the chance to act on the redelivery too.
+    await slack.click(STRANGER, plan, "plan_approve", to=b.url)
+    await slack.wait_for(lambda: any(m.ephemeral_to == STRANGER and "is not an approver" in text_of(m)
+                                     for m in slack.messages), what="B's refusal")
+    assert (await group.store.plan(row["id"])).approvals == (LEAD,)
+    assert not any(m.ephemeral_to == LEAD for m in slack.messages), "a redelivery is not a double click"
+
+
 async def test_a_socket_mode_envelope_redelivered_to_the_other_connection_is_dropped(cluster, postgres, slack, creds,
                                                                                     tmp_path, monkeypatch):
     """Two replicas in Socket Mode (in-process), each with its own connection; Slack redelivers an

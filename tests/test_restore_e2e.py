@@ -81,7 +81,9 @@ async def test_restore_after_quorum_loss_brings_back_exactly_the_snapshot(make_c
 
     plan = await propose(slack, "restore")
     row = await plan_row(store, plan)
-    plan_text = "\n".join([plan.text or ""] + [json.dumps(plan.blocks)])
+    commands = await slack.wait_for(lambda: "--initial-cluster-token" in thread(slack, plan) and thread(slack, plan),
+                                    what="the restore's commands in the plan's thread")
+    plan_text = "\n".join([plan.text or "", json.dumps(plan.blocks), commands])
     token = plan_of(RestorePlan, row).token
     for m in names:
         assert f"--name {m}" in plan_text and c.member(m).peer_url in plan_text
@@ -291,7 +293,9 @@ async def test_with_the_manual_launcher_a_confirmation_counts_for_one_stage(make
     plan = await propose(slack, "restore")
     row = await plan_row(store, plan)
     p = plan_of(RestorePlan, row)
-    assert f"/etcd continue {row.id} <stage>" in text_of(plan).replace("&lt;", "<").replace("&gt;", ">")
+    details = await slack.wait_for(lambda: "/etcd continue" in thread(slack, plan) and thread(slack, plan),
+                                   what="the restore's commands in the plan's thread")
+    assert f"/etcd continue {row.id} <stage>" in details.replace("&lt;", "<").replace("&gt;", ">")
     await approve_twice(slack, plan)
 
     stop = await stage_commands(slack, plan, "stop")

@@ -29,6 +29,7 @@ from helpers import (
     depose,
     ephemeral,
     eventually,
+    is_plan_message,
     members_of,
     must,
     plan_of,
@@ -76,8 +77,8 @@ async def test_a_healthy_cluster_the_bot_cannot_reach_is_not_restored_without_fo
 
     plan = await propose(slack, "restore --force")
     first = plan.text.splitlines()[0]
-    assert first.startswith("Plan ") and "prod may be healthy" in first, first
-    assert "restore prod, which may be healthy, from a snapshot" in must(plan.blocks)[0]["text"]["text"]
+    assert first.startswith("Restore prod from ") and ", although prod may be healthy — needs 2 approvers" in first
+    assert must(plan.blocks)[0]["text"]["text"] == first.split(". Plan ")[0]
     blocks = json.dumps(plan.blocks)
     assert "Quorum is lost" not in blocks
     assert "member1, member2, member3: running (the launcher's status), not answering the bot" in blocks
@@ -256,6 +257,6 @@ async def test_quorum_loss_is_proven_though_the_launchers_status_is_slow(make_cl
     await eventually(leaderless, 30, "member3 to notice it has no leader")
     start = len(slack.messages)
     await command(slack, "restore")
-    answer = await slack.wait_for_message(lambda m: m.text.startswith("Plan ") or m.ephemeral_to is not None,
+    answer = await slack.wait_for_message(lambda m: is_plan_message(m) or m.ephemeral_to is not None,
                                           after=start, timeout=30, what="the answer to /etcd restore")
-    assert answer.text.startswith("Plan ") and "Quorum is lost" in json.dumps(answer.blocks), answer.text
+    assert is_plan_message(answer) and "Quorum is lost" in json.dumps(answer.blocks), answer.text

@@ -223,8 +223,10 @@ def test_without_evidence_a_restore_needs_force_and_its_plan_says_the_cluster_ma
     assert forced.quorum_verdict is QuorumVerdict.UNPROVEN
     reply = restore_plan_reply(forced, VIEW, now=1000.0)
     first = reply.text.splitlines()[0]
-    assert "prod may be healthy" in first and first.startswith(f"Plan {forced.id}: restore prod")
-    assert reply.blocks[0]["text"]["text"] == f"Plan {forced.id}: restore prod, which may be healthy, from a snapshot"
+    name = forced.snapshot.file_name
+    assert first.startswith(f"Restore prod from {name} (revision {forced.snapshot.revision}), although prod may be "
+                            "healthy — needs 1 approver")
+    assert reply.blocks[0]["text"]["text"] == first.split(". Plan ")[0]
     assert "Quorum is lost" not in json.dumps(reply.blocks)
     lost = restore_plan_reply(plan(), VIEW, now=1000.0)
     assert "may be healthy" not in lost.text and "*Quorum is lost:* 1 of 3 voting members healthy" in json.dumps(

@@ -89,6 +89,18 @@ async def web_client(slack: SlackStandIn) -> AsyncIterator[AsyncWebClient]:
         yield AsyncWebClient(token=BOT_TOKEN, base_url=slack.api_url, session=session)
 
 
+SECTION = {"type": "section", "text": {"type": "mrkdwn", "text": "hello"}}
+FORM = {"type": "modal", "callback_id": "form", "title": {"type": "plain_text", "text": "A form"},
+        "submit": {"type": "plain_text", "text": "Send"}, "blocks": [
+            {**SECTION, "block_id": "intro"},
+            {"type": "input", "block_id": "name", "label": {"type": "plain_text", "text": "Name"},
+             "element": {"type": "plain_text_input", "action_id": "value"}}]}
+OPEN_BUTTON = {"type": "actions", "block_id": "act", "elements": [
+    {"type": "button", "action_id": "open", "text": {"type": "plain_text", "text": "Open"}, "value": "v",
+     "confirm": {"title": {"type": "plain_text", "text": "Sure?"}, "text": {"type": "plain_text", "text": "It opens"},
+                 "confirm": {"type": "plain_text", "text": "Yes"}, "deny": {"type": "plain_text", "text": "No"}}}]}
+
+
 class Bot:
     """A real bolt AsyncApp with the listeners the bot-side contract relies on."""
 
@@ -135,6 +147,25 @@ class Bot:
         @app.event("reaction_removed")
         async def reaction_removed(body: dict) -> None:
             self.events.append(("reaction_removed", body["event_id"], None, None))
+
+        @app.action("open")
+        async def open_form(ack: Any, body: dict, client: AsyncWebClient) -> None:
+            await ack()
+            await client.views_open(trigger_id=body["trigger_id"], view=FORM)
+
+        @app.view("form")
+        async def submitted(ack: Any, view: dict) -> None:
+            typed = view["state"]["values"]["name"]["value"]["value"]
+            if typed == "bad":
+                await ack(response_action="errors", errors={"name": "not a good name"})
+            elif typed == "wrong-block":
+                await ack(response_action="errors", errors={"intro": "the intro is no input"})
+            else:
+                await ack()
+
+        @app.event("app_home_opened")
+        async def home(event: dict, client: AsyncWebClient) -> None:
+            await client.views_publish(user_id=event["user"], view={"type": "home", "blocks": [SECTION]})
 
     async def idle(self, slack: SlackStandIn) -> None:
         """Listeners finished (so teardown cancels nothing half-way through an API call)."""
@@ -573,6 +604,100 @@ async def test_socket_mode_respond_and_reconnect(slack: SlackStandIn, socket_bot
 
 
 # ---------------------------------------------------------------------------- standalone process
+
+
+# ---------------------------------------------------------------------------- interactivity
+
+
+async def test_a_click_opens_a_modal_whose_submission_shows_inline_errors(slack: SlackStandIn,
+                                                                          http_bot: Bot) -> None:
+    await _modal_round_trip(slack, http_bot, "http")
+
+
+async def test_a_click_and_a_submission_over_socket_mode(slack: SlackStandIn, socket_bot: tuple[Bot, Any]) -> None:
+    await _modal_round_trip(slack, socket_bot[0], "socket")
+
+
+async def _modal_round_trip(slack: SlackStandIn, bot: Bot, mode: str) -> None:
+    posted = await bot.client.chat_postMessage(channel=OPS, text="open?", blocks=[SECTION, OPEN_BUTTON])
+    msg = slack.find_message(OPS, posted["ts"])
+    assert msg is not None
+    with pytest.raises(LookupError):
+        await slack.click(ALICE, msg, "no-such-button")
+    delivery = await slack.click(ALICE, msg, "open")
+    assert delivery.status == 200 and delivery.mode == mode
+    assert slack.dialogs == [SlackStandIn.buttons(msg)[0]["confirm"]]   # the dialog the click confirmed
+    payload = slack.interactions[-1]
+    assert payload["type"] == "block_actions" and payload["actions"][0]["value"] == "v"
+    assert payload["container"] == {"type": "message", "message_ts": msg.ts, "channel_id": OPS, "is_ephemeral": False}
+    (view,) = await slack.wait_for(lambda: slack.open_views(ALICE), 5, "the modal")
+    assert view.view["callback_id"] == "form" and view.trigger_id == payload["trigger_id"]
+
+    with pytest.raises(ValueError, match="required field 'name' is empty"):
+        await slack.submit(view, {})
+    await slack.submit(view, {"name": "bad"})
+    assert view.errors == {"name": "not a good name"} and not view.closed
+    with pytest.raises(AssertionError, match="name no input block"):
+        await slack.submit(view, {"name": "wrong-block"})
+    await slack.submit(view, {"name": "good"})
+    assert view.closed and slack.interactions[-1]["view"]["state"]["values"]["name"]["value"]["value"] == "good"
+    await bot.idle(slack)
+
+
+async def test_views_open_takes_a_fresh_trigger_once(slack: SlackStandIn, http_bot: Bot,
+                                                     web_client: AsyncWebClient) -> None:
+    posted = await web_client.chat_postMessage(channel=OPS, text="open?", blocks=[OPEN_BUTTON])
+    msg = slack.find_message(OPS, posted["ts"])
+    assert msg is not None
+    await slack.click(BOB, msg, "open")
+    await slack.wait_for(lambda: slack.open_views(BOB), 5, "the modal")
+    trigger = slack.interactions[-1]["trigger_id"]
+    for used, error in ((trigger, "exchanged_trigger_id"), ("1.2.nonsense", "invalid_trigger_id")):
+        with pytest.raises(SlackApiError) as e:
+            await web_client.views_open(trigger_id=used, view=FORM)
+        assert e.value.response["error"] == error
+    slack.trigger_ttl = 0.0   # Slack's 3 s passed before the bot used it
+    await slack.click(BOB, msg, "open")
+    await http_bot.idle(slack)
+    assert slack.calls_to("views.open")[-1].response == {"ok": False, "error": "expired_trigger_id"}
+    assert len(slack.open_views(BOB)) == 1
+
+
+async def test_blocks_and_views_slack_would_refuse_are_refused(slack: SlackStandIn, http_bot: Bot,
+                                                               web_client: AsyncWebClient) -> None:
+    for blocks in ([{**SECTION, "txet": "typo"}], [{"type": "section", "text": {"type": "mrkdwn", "text": "x" * 3001}}],
+                   [{"type": "no-such-block"}], [SECTION] * 51):
+        with pytest.raises(SlackApiError) as e:
+            await web_client.chat_postMessage(channel=OPS, text="x", blocks=blocks)
+        assert e.value.response["error"] == "invalid_blocks"
+    assert slack.messages == []
+    posted = await web_client.chat_postMessage(channel=OPS, text="open?", blocks=[OPEN_BUTTON])
+    msg = slack.find_message(OPS, posted["ts"])
+    assert msg is not None
+    await slack.click(CAROL, msg, "open")
+    (view,) = await slack.wait_for(lambda: slack.open_views(CAROL), 5, "the modal")
+    for bad in ({**FORM, "submit": None}, {**FORM, "title": {"type": "plain_text", "text": "x" * 25}},
+                {**FORM, "colour": "red"}, {**FORM, "type": "home"}):
+        with pytest.raises(SlackApiError) as e:
+            await web_client.views_update(view_id=view.id, view={k: v for k, v in bad.items() if v is not None})
+        assert e.value.response["error"] == "invalid_arguments"
+    with pytest.raises(SlackApiError) as e:
+        await web_client.views_update(view_id=view.id, hash="stale", view=FORM)
+    assert e.value.response["error"] == "hash_conflict"
+    await web_client.views_update(view_id=view.id, hash=view.hash, view={**FORM, "title": {
+        "type": "plain_text", "text": "Again"}})
+    assert view.view["title"]["text"] == "Again" and view.history == [FORM]
+    with pytest.raises(SlackApiError) as e:
+        await web_client.views_publish(user_id=ALICE, view=FORM)
+    assert e.value.response["error"] == "invalid_arguments"
+
+
+async def test_app_home_opened_and_views_publish(slack: SlackStandIn, http_bot: Bot) -> None:
+    delivery = await slack.open_home(ALICE)
+    assert delivery.status == 200
+    await slack.wait_for(lambda: slack.homes.get(ALICE), 5, "the home tab")
+    assert slack.homes[ALICE] == {"type": "home", "blocks": [SECTION]}
+    await http_bot.idle(slack)
 
 
 async def test_main_runs_standalone_and_stops_on_sigterm(tmp_path: Path) -> None:

@@ -129,7 +129,9 @@ async def test_restore_after_quorum_loss_runs_on_the_hosts(sshbed: Callable[...,
     row = await plan_row(store, plan)
     shown = (plan.text or "") + json.dumps(plan.blocks)
     assert "Quorum is lost" in shown and "every host (SSH with its pinned key" in shown
-    assert "etcd-chatops-node runs it on each member's host over SSH" in shown and "manual launcher" not in shown
+    details = await slack.wait_for(lambda: "snapshot restore on every member" in thread(slack, plan)
+                                   and thread(slack, plan), what="the restore's commands in the plan's thread")
+    assert "etcd-chatops-node runs it on each member's host over SSH" in details and "manual launcher" not in details
     if cut:
         assert "Stop kube-apiserver on every host" in shown and "Put kube-apiserver back on every host" in shown
         marker.touch()

@@ -171,7 +171,7 @@ async def test_unmute_and_who_may_mute(make_cluster, slack, start_bot):
     await clock.advance(GRACE)   # it lasted its grace: only the mute holds it back now
     assert not alerts(slack, "MEMBER DOWN")
     listing = (await reply(slack, "alerts")).text   # what the mute holds back is listed, and why
-    assert "muted: until" in listing
+    assert "muted: until" in listing and "by bob: maintenance" in listing and LEAD not in listing  # names, not IDs
     assert "cluster prod: no open conditions, 1 held back\nmember down member1: " in listing, listing
     assert "(held back: muted; seen for " in listing, listing
     await reply(slack, "unmute", user=LEAD)
@@ -226,6 +226,8 @@ async def test_a_restarted_bot_edits_its_alert_instead_of_posting_again(make_clu
     c.kill("member1")
     alert, _ = await advance_until(clock, lambda: next(iter(alerts(slack, "MEMBER DOWN member1")), None), ROUNDS,
                                   "member-down alert")
+    # the row is written just after the post; a stop in between loses it (the watch round is cancelled)
+    await eventually(lambda: bot.ctx.store.open_alerts("prod"), 10, "the alert's row")
     await bot.stop()
     edits = len(alert.edits)
     clock = ManualClock(clock.now())
@@ -362,7 +364,8 @@ async def test_a_member_added_with_an_unusable_peer_url_does_not_silence_the_wat
     unusable = "unusable URL 'http://127.0.0.1:238000' (port out of range)"
     down, _ = await advance_until(clock, lambda: next(iter(alerts(slack, f"MEMBER DOWN {odd.hex_id}")), None), 1,
                                  "the unusable member's alert")
-    assert unusable in down.text and "https://NEW-HOST:2380" in text_of(down)
+    assert unusable in down.text   # at a quorum loss, no replacement is suggested (it would be refused)
+    assert "/etcd replace" not in text_of(down) and "Propose replacement" not in text_of(down)
     status = text_of(await reply(slack, "status prod"))
     assert unusable in status and "QUORUM LOST" in status.upper(), status
     assert 'etcd_chatops_watch_errors_total{cluster="prod"' not in await asyncio.to_thread(metrics, bot)

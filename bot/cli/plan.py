@@ -84,6 +84,11 @@ class ShellNotifier:
         self.show(reply.text, reply.blocks)
         return ""  # no message yet: the relay posts one once Slack answers
 
+    async def plan_details(self, record: PlanRecord) -> None:
+        details = render_plan(record, plan_view(self.config, record, {})).details
+        if details is not None:  # the long part (commands, environment) is what a shell acts on
+            self.show(details.text, details.blocks)
+
     async def plan_changed(self, record: PlanRecord, step_states: Mapping[int, str]) -> None:
         if self._states.get(record.id) != record.state:
             self._states[record.id] = record.state

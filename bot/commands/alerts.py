@@ -20,7 +20,8 @@ MAX_MUTE_SECONDS = 7 * 86400
 async def alerts(ctx: BotContext, cmd: Command, cluster: ClusterConfig, user: str, channel: str) -> Outcome:
     now = ctx.clock.now()   # the watch's time: what it holds back was seen for so long by it
     mute = next((m for m in await ctx.store.mutes() if m.cluster == cluster.name), None)
-    muted = (f"until {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(mute.until))} by {mute.by}: "
+    by = await ctx.access.directory.user_name(mute.by) if mute else ""   # a name, not a Slack ID
+    muted = (f"until {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(mute.until))} by {by}: "
              f"{mute.reason}") if mute else None
     views = open_views(cluster.name, await ctx.store.open_alerts(cluster.name), now)
     held = ctx.watch.held(cluster.name, now) if ctx.watch is not None else None

@@ -7,6 +7,7 @@ typed or pasted.
 """
 from __future__ import annotations
 
+import difflib
 import re
 import shlex
 from collections.abc import Mapping
@@ -64,6 +65,16 @@ def general_usage(specs: Mapping[str, Spec]) -> str:
     return "\n".join(f"`{s.usage}` — {s.summary}" for s in specs.values())
 
 
+def unknown(word: str, specs: Mapping[str, Spec]) -> UsageError:
+    """An unknown subcommand: the nearest one and its short usage (a typo costs one line, not the whole
+    help), or the names alone when nothing is near."""
+    near = difflib.get_close_matches(word.lower(), list(specs), n=1, cutoff=0.6)
+    if near:
+        return UsageError(f"unknown subcommand {word!r}: did you mean `{near[0]}`?", specs[near[0]].usage)
+    return UsageError(f"unknown subcommand {word!r}; `/etcd help` says what each one does",
+                      "/etcd " + " | ".join(sorted(specs)))
+
+
 _SLACK_LINK = re.compile(r"<((?:https?|mailto):[^|>]*)(?:\|[^>]*)?>")
 _QUOTES = str.maketrans({"\u201c": '"', "\u201d": '"', "\u2018": "'", "\u2019": "'", "\u00a0": " "})
 
@@ -98,7 +109,17 @@ def _duration_error(word: str) -> str | None:
         seconds = 0.0
     if seconds >= MIN_DURATION:
         return None
-    return f"{word!r} is not a duration like 30m, 2h or 1h30m (at least {MIN_DURATION:g}s)"
+    shown = word if word.isprintable() else repr(word)  # `3x` as typed; a control character never reaches the reply
+    return f"{shown} is not a duration: <duration> takes 30m, 2h or 1h30m (at least {MIN_DURATION:g}s)"
+
+
+def _duration_first(positionals: list[str]) -> bool:
+    """Whether `/etcd mute WORD ...` names no cluster: WORD is meant as the duration (valid or not, `30m`,
+    `3x`) unless the word after it is a valid duration (then WORD is a cluster's name)."""
+    first = positionals[0]
+    if len(positionals) > 1 and _duration_error(positionals[1]) is None:
+        return False
+    return _duration_like(first) or first[:1].isdigit()
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
@@ -114,8 +135,8 @@ def parse(text: str, specs: Mapping[str, Spec]) -> Command:
     """Parse the text after `/etcd` by `specs` (the command registry's, bot.commands); raise UsageError with
     reason and usage."""
     text = unescape_slack(text or "").strip()
-    if not text:
-        return Command(specs["help"])
+    if not text:   # `/etcd` alone: the menu of common actions (the help where there is no menu)
+        return Command(specs["menu"] if "menu" in specs else specs["help"])
     try:
         words = shlex.split(text)
     except ValueError as e:
@@ -125,7 +146,7 @@ def parse(text: str, specs: Mapping[str, Spec]) -> Command:
         name = "help"
     spec = specs.get(name)
     if spec is None:
-        raise UsageError(f"unknown subcommand {words[0]!r}", general_usage(specs))
+        raise unknown(words[0], specs)
     if "--help" in rest or "-h" in rest:
         return Command(specs["help"], args={"topic": name})
 
@@ -156,13 +177,13 @@ def parse(text: str, specs: Mapping[str, Spec]) -> Command:
             positionals.append(word)
         i += 1
 
-    if spec.durations and spec.positionals[0] == "[cluster]" and positionals and _duration_like(positionals[0]):
+    if spec.durations and spec.positionals[0] == "[cluster]" and positionals and _duration_first(positionals):
         positionals.insert(0, "")  # `/etcd mute 30m why`: the first word is the duration, no cluster named
     names = [p.strip("[]").replace("-", "_") for p in spec.positionals]
     for key in spec.durations:   # a bad duration is said before what else is missing
         at = names.index(key)
         if at < len(positionals) and (why := _duration_error(positionals[at])):
-            raise UsageError(f"<{key}>: {why}", spec.usage)
+            raise UsageError(why, spec.usage)
     if spec.rest and len(positionals) > len(spec.positionals):
         keep = len(spec.positionals) - 1
         positionals = positionals[:keep] + [" ".join(positionals[keep:])]

@@ -86,6 +86,8 @@ def admit(ctx: BotContext, inv: Invocation) -> Routed | Answer:
     except UsageError as e:
         return Answer("invalid", Result.USAGE_ERROR, Outcome(ephemeral=blocks.error_reply(e.reason, e.usage)),
                        AuditNote("usage_error", "", {"text": inv.text, "reason": e.reason}))
+    if cmd.name == "menu" and not inv.text.strip() and not ctx.config.clusters_for_channel(inv.channel):
+        cmd = Command(COMMANDS["help"].spec)   # `/etcd` alone where no cluster is bound: what there is to know
     if cmd.name == "help":
         topic = cmd.args.get("topic")
         usage = f"`{COMMANDS[topic].spec.usage}`" if topic else general_usage()

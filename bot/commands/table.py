@@ -2,7 +2,7 @@
 `parse` and `general_usage` read it. A test checks that every command is declared and handled."""
 from __future__ import annotations
 
-from bot.commands import alerts, cluster, grammar, plans, snapshots  # noqa: F401  (each registers its commands)
+from bot.commands import alerts, cluster, grammar, menu, plans, snapshots  # noqa: F401  (each registers its commands)
 from bot.commands.grammar import Command
 from bot.commands.registry import COMMANDS, specs
 

@@ -164,6 +164,15 @@ def membership_fingerprint(members: list[Member] | tuple[Member, ...]) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
+def member_labels(members: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """(hex ID, name) pairs -> how a message names each member: by its name; with the ID too where two
+    members share the name; by its ID alone while it has none (it never started)."""
+    names = dict(members)   # a member listed twice is one member
+    count = Counter(name for name in names.values() if name)
+    return {hex_id: (name if count[name] == 1 else f"{name} ({hex_id})") if name else hex_id
+            for hex_id, name in names.items()}
+
+
 @dataclass(frozen=True)
 class MemberHealth:
     member: Member

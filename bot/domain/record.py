@@ -56,6 +56,7 @@ class PlanRecord:
     decided_by: str | None
     error: str | None
     new_member_id: str | None
+    decided_at: float | None = None   # when decided_by decided (approved, rejected, cancelled, abandoned)
     columns: Mapping[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
     @classmethod
@@ -67,7 +68,7 @@ class PlanRecord:
                    channel=row["channel"], message_ts=row.get("message_ts"), proposer=row["proposer"],
                    created_at=row["created_at"], expires_at=row["expires_at"], approvals=approvals,
                    current_step=row["current_step"], decided_by=row.get("decided_by"), error=row.get("error"),
-                   new_member_id=row.get("new_member_id"), columns=dict(row))
+                   new_member_id=row.get("new_member_id"), decided_at=row.get("decided_at"), columns=dict(row))
 
     def __getitem__(self, column: str) -> Any:
         """A stored column by name, as written (for exports and tests that read the raw row)."""

@@ -102,7 +102,15 @@ async def boot_and_read(snapshot: SnapshotRef, plain: Path, scratch: Path) -> st
         problems.append(f"{live} keys, the catalog says {snapshot.live_keys}")
     if problems:
         raise StepFailed("the restored etcd differs from the catalog: " + "; ".join(problems), "do not rely on it")
-    return f"booted: revision {revision}, {live} keys, HashKV {hash_kv:08x}"
+    return f"booted: revision {revision}, {live_keys(live, snapshot.total_keys)}, HashKV {hash_kv:08x}"
+
+
+def live_keys(live: int, stored: int) -> str:
+    """The booted etcd's key count, and why it differs from the snapshot's status (keys vs revisions)."""
+    if live == stored:
+        return f"{live} keys"
+    return (f"{live} live keys (the snapshot's {stored} keys count every stored revision of every key and etcd's own "
+            "records, as etcdutl's TOTAL KEYS does; a running etcd counts each live key once)")
 
 
 async def drill(ctx: BotContext, cluster: ClusterConfig, wanted: str | None, requested_by: str) -> DrillResult:

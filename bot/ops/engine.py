@@ -28,7 +28,7 @@ from bot.domain.record import AnyPlan, PlanRecord
 from bot.ops.access import Access, Role
 from bot.ops.context import BotContext
 from bot.ops.launcher import Fencing
-from bot.output.blocks import PlanView, Reply
+from bot.output.blocks import PlanMessage, PlanView
 from bot.store.base import LeaseLost, StoreError
 
 if TYPE_CHECKING:
@@ -162,7 +162,7 @@ async def hold_lease(ctx: BotContext, fence: Fence) -> None:
 # (context, record, actor, keys of the steps already started before this run) -> Operation
 OperationFactory = Callable[[BotContext, PlanRecord, str, set[str]], Operation]
 # A plan of the kind and its progress -> its message (bot.output.blocks)
-Render = Callable[[Any, PlanView], Reply]
+Render = Callable[[Any, PlanView], PlanMessage]
 
 
 @dataclass(frozen=True)
@@ -187,7 +187,7 @@ def register(kind: PlanKind, *, render: Render) -> Callable[[type[C]], type[C]]:
     return add
 
 
-def render_plan(record: PlanRecord, view: PlanView) -> Reply:
+def render_plan(record: PlanRecord, view: PlanView) -> PlanMessage:
     """The message of a plan of any kind, as its kind renders it."""
     return KINDS[record.kind].render(record.plan, view)
 
@@ -200,7 +200,7 @@ def plan_view(config: Config, record: PlanRecord, step_states: Mapping[int, str]
     return PlanView(state=record.state, proposer=record.proposer, approvers=approvers, expires_at=record.expires_at,
                     reaction=approval.reaction, reject_reaction=approval.reject_reaction, step_states=step_states,
                     decided_by=record.decided_by, error=record.error, approvals=record.approvals,
-                    approvals_needed=approval.rule(record.kind).approvals_needed)
+                    approvals_needed=approval.rule(record.kind).approvals_needed, decided_at=record.decided_at)
 
 
 async def refresh(ctx: BotContext, plan_id: str) -> None:

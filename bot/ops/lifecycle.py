@@ -20,6 +20,7 @@ from bot.ops.context import BotContext
 from bot.ops.engine import note, refresh, start_plan
 from bot.ops.outcome import Outcome, open_plan_refusal, refused
 from bot.output import blocks
+from bot.output.interactive import fingerprint_tag
 
 log = logging.getLogger(__name__)
 
@@ -71,24 +72,25 @@ async def _approvers(ctx: BotContext, record: PlanRecord) -> str:
     return await ctx.access.names(cluster, Role.APPROVER) if cluster else "nobody"
 
 
-async def approve(ctx: BotContext, record: PlanRecord, user: str) -> bool:
-    """Count `user`'s approval (True), or say in the thread why it counts for nothing (False)."""
+async def approve(ctx: BotContext, record: PlanRecord, user: str, *, privately: bool = False) -> bool:
+    """Count `user`'s approval (True), or say why it counts for nothing (False): in the thread, or to
+    `user` alone when `privately` (a button)."""
     store, plan_id = ctx.store, record.id
     rule = ctx.config.approval.rule(record.kind)
     if not await _is_approver(ctx, record, user):
         await _refuse(ctx, record, user, "approve_refused",
                       f"{mention(user)} is not an approver, so plan {plan_id} is not approved "
-                      f"(approvers: {await _approvers(ctx, record)}).")
+                      f"(approvers: {await _approvers(ctx, record)}).", privately)
         return False
     if user == record.proposer and not rule.allow_self_approval:
         await _refuse(ctx, record, user, "approve_refused",
                       f"{mention(user)} proposed plan {plan_id} and cannot approve it too: "
-                      f"another approver must react (allow_self_approval is off).")
+                      f"another approver must approve (allow_self_approval is off).", privately)
         return False
     if record.state == PlanState.PROPOSED and time.time() >= record.expires_at:
         await expire(ctx, record)
         await _refuse(ctx, record, user, "approve_refused",
-                      f"plan {plan_id} expired at {blocks.slack_date(record.expires_at)}: propose it again.")
+                      f"plan {plan_id} expired at {blocks.slack_date(record.expires_at)}: propose it again.", privately)
         return False
     first, count, won = await store.add_approval(plan_id, user, rule.approvals_needed)
     if won:
@@ -107,28 +109,35 @@ async def approve(ctx: BotContext, record: PlanRecord, user: str) -> bool:
     elif count:
         await _refuse(ctx, record, user, "approve_ignored",
                       f"{mention(user)} approved plan {plan_id} already; each approver counts once "
-                      f"({count} of {rule.approvals_needed}).")
+                      f"({count} of {rule.approvals_needed}).", privately)
         return False
     else:
         current = await store.plan(plan_id) or record
-        by = f" by {mention(current.decided_by)}" if current.decided_by else ""
         await _refuse(ctx, record, user, "approve_ignored",
-                      f"plan {plan_id} is {current.state}{by}, not proposed: "
-                      f"{mention(user)}'s approval changes nothing.")
+                      f"plan {plan_id} is {current.state}{_decided(current)}, not proposed: "
+                      f"{mention(user)}'s approval changes nothing.", privately)
     return False
 
 
-async def reject(ctx: BotContext, record: PlanRecord, user: str) -> None:
+def _decided(record: PlanRecord) -> str:
+    """` by @bob at <date>`: who moved the plan on, and when, for a refusal that says it is too late."""
+    by = f" by {mention(record.decided_by)}" if record.decided_by else ""
+    return by + (f" at {blocks.slack_date(record.decided_at)}" if by and record.decided_at else "")
+
+
+async def reject(ctx: BotContext, record: PlanRecord, user: str, *, privately: bool = False) -> None:
     plan_id = record.id
     if user != record.proposer and not await _is_approver(ctx, record, user):
         await _refuse(ctx, record, user, "reject_refused",
-                      f"{mention(user)} is neither an approver nor the proposer, so plan {plan_id} is not rejected.")
+                      f"{mention(user)} is neither an approver nor the proposer, so plan {plan_id} is not rejected.",
+                      privately)
         return
     if not await ctx.store.transition(plan_id, [PlanState.PROPOSED], PlanState.REJECTED, decided_by=user,
                                       decided_at=time.time()):
         current = await ctx.store.plan(plan_id) or record
         await _refuse(ctx, record, user, "reject_ignored",
-                      f"plan {plan_id} is {current.state}, not proposed: the rejection changes nothing.")
+                      f"plan {plan_id} is {current.state}{_decided(current)}, not proposed: the rejection changes "
+                      "nothing.", privately)
         return
     await ctx.store.audit("plan_rejected", user=user, channel=record.channel, cluster=record.cluster,
                           detail={"plan": plan_id})
@@ -136,16 +145,34 @@ async def reject(ctx: BotContext, record: PlanRecord, user: str) -> None:
     await note(ctx, record, f":no_entry_sign: Rejected by {mention(user)}. Nothing was changed.")
 
 
-async def _refuse(ctx: BotContext, record: PlanRecord, user: str, action: str, text: str) -> None:
+async def _refuse(ctx: BotContext, record: PlanRecord, user: str, action: str, text: str,
+                  privately: bool = False) -> None:
     """A refused reaction: the first one of a user on a plan is answered in its
-    thread; repeats only to that user, so nobody can flood the thread."""
-    repeated = await ctx.store.acted_before(action, user, record.id)
+    thread; repeats only to that user, so nobody can flood the thread. A refused
+    click (`privately`) is answered to its user alone, always."""
+    repeated = privately or await ctx.store.acted_before(action, user, record.id)
     await ctx.store.audit(action, user=user, channel=record.channel, cluster=record.cluster,
                           detail={"plan": record.id, "why": text})
     if repeated:
         await ctx.notifier.private_note(record, user, f":no_entry: {text}")
     else:
         await note(ctx, record, f":no_entry: {text}")
+
+
+async def on_click(ctx: BotContext, record: PlanRecord, user: str, approving: bool, tag: str) -> None:
+    """A click on a plan message's Approve or Reject button. Everything is checked again on every click (the
+    button shows what the message said when it was drawn): its plan's fingerprint, then the clicker's role
+    and the plan's state; each approver counts once, as with reactions. A refusal is one line to the clicker
+    alone and changes nothing."""
+    if tag != fingerprint_tag(record.plan.fingerprint):
+        await _refuse(ctx, record, user, "approve_refused" if approving else "reject_refused",
+                      f"this button belongs to another version of plan {record.id}: nothing changed; use the plan's "
+                      "current message.", privately=True)
+        return
+    if approving:
+        await approve(ctx, record, user, privately=True)
+    else:
+        await reject(ctx, record, user, privately=True)
 
 
 # ---------------------------------------------------------------- commands on a plan

@@ -21,6 +21,9 @@ class Notifier(Protocol):
     async def post_plan(self, record: PlanRecord) -> str:
         """Show a new plan; returns the message's ID (its ts). Raises NotifyFailed."""
 
+    async def plan_details(self, record: PlanRecord) -> None:
+        """The long part of a new plan (commands, environment), under its message. Never raises."""
+
     async def plan_changed(self, record: PlanRecord, step_states: Mapping[int, str]) -> None:
         """Re-render the plan's message (its state, progress, error). Never raises."""
 
@@ -69,6 +72,9 @@ class PlainNotifier:
         self._next_ts += 1
         self.lines.append(f"plan {record.id} ({record.kind}) {record.state}")
         return f"plain.{self._next_ts}"
+
+    async def plan_details(self, record: PlanRecord) -> None:
+        return None   # the plan's lines say all a terminal shows of it
 
     async def plan_changed(self, record: PlanRecord, step_states: Mapping[int, str]) -> None:
         steps = ", ".join(f"{i}:{s}" for i, s in sorted(step_states.items()))

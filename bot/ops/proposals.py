@@ -36,4 +36,6 @@ async def publish_plan(ctx: BotContext, kind: PlanKind, plan: AnyPlan, cluster: 
         return refused(f"could not post the plan in this channel: {e}")
     await store.update_plan(plan.id, message_ts=ts)
     await store.audit("plan_proposed", user=user, channel=channel, cluster=cluster, detail=detail)
+    posted = await store.plan(plan.id)   # its message known first: a quick approval finds its plan
+    await ctx.notifier.plan_details(posted or record)
     return Outcome()

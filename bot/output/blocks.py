@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from bot.domain import shell
-from bot.domain.cluster import ClusterHealth, Consistency, MemberMetrics
+from bot.domain.cluster import ClusterHealth, Consistency, MemberMetrics, member_labels
 from bot.domain.defrag import DefragPlan
 from bot.domain.mrkdwn import _item, _md, code, code_block, escape, link, mention, one_line
 from bot.domain.plan import PlanState, Step
@@ -26,6 +26,7 @@ from bot.domain.restore import RestorePlan
 from bot.domain.snapshot import CatalogEntry, DrillRecord, RemoteState
 from bot.domain.urls import shown_urls
 from bot.output import text as render
+from bot.output.interactive import PlanChoice, alert_buttons, plan_buttons
 from bot.output.model import (
     LEADERLESS,
     AlertView,
@@ -99,25 +100,25 @@ _ICON = {Verdict.HEALTHY: ":large_green_circle:", Verdict.DEGRADED: ":large_oran
          Verdict.UNKNOWN: ":large_orange_circle:"}
 
 
-def _member_line(v: MemberView) -> str:
+def _member_line(v: MemberView, label: str) -> str:
+    """One member, each figure once: its name (the ID only where two share it, or it never started), state,
+    version, database against its quota, raft position, and URLs."""
     m = v.member
-    name = f"*{escape(m.name)}*" if m.name else "*_(unstarted)_*"
+    name = f"*{escape(label)}*" if m.name else f"*_(unstarted)_* {code(m.hex_id)}"
     if v.state == "REFUSED":
-        first = (f":large_orange_circle: {name} {code(m.hex_id)} — *REFUSED*: it answers, refusing the bot's "
-                 f"credentials: {escape(v.problem or '')}")
+        first = (f":large_orange_circle: {name} — *REFUSED*: it answers, refusing the bot's credentials: "
+                 f"{escape(v.problem or '')}")
     elif v.state == "DEFRAGMENTING":
-        first = f":large_orange_circle: {name} {code(m.hex_id)} — *DEFRAGMENTING*: {escape(v.problem or '')}"
+        first = f":large_orange_circle: {name} — *DEFRAGMENTING*: {escape(v.problem or '')}"
     elif not v.reachable:
-        first = f":red_circle: {name} {code(m.hex_id)} — *DOWN*: {escape(v.problem or 'unreachable')}"
+        first = f":red_circle: {name} — *DOWN*: {escape(v.problem or 'unreachable')}"
     elif v.problem:
-        first = f":large_orange_circle: {name} {code(m.hex_id)} — *UNHEALTHY*: {escape(v.problem)}"
+        first = f":large_orange_circle: {name} — *UNHEALTHY*: {escape(v.problem)}"
     elif v.state in LEADERLESS:
-        first = f":large_orange_circle: {name} {code(m.hex_id)} — *{v.state}*"
+        first = f":large_orange_circle: {name} — *{v.state}*"
     else:
-        first = f":large_green_circle: {name} {code(m.hex_id)} — {v.state}"
+        first = f":large_green_circle: {name} — {v.state}"
     facts = [escape(f) for f in v.facts]
-    if v.quota_line:
-        facts.append(f"quota {escape(v.quota_line)}")
     if v.alarms:
         facts.append(f":rotating_light: alarm {escape(', '.join(v.alarms))}")
     urls = f"peer {_urls(m.peer_urls)} · client {_urls(m.client_urls)}"
@@ -131,11 +132,13 @@ def status_reply(health: ClusterHealth, requested_by: str | None = None,
         _header(f"etcd cluster {escape(view.cluster)}: {view.verdict}"),
         _section(f"{_ICON[view.verdict]} *{view.quorum_line}*"),
     ]
+    label = member_labels((v.member.hex_id, v.member.name) for v in view.members)
     for a in view.alarms:
-        blocks.append(_section(f":rotating_light: *ALARM {escape(a.kind)}* on member {code(f'{a.member_id:016x}')}"))
+        on = label.get(f"{a.member_id:016x}", f"{a.member_id:016x}")
+        blocks.append(_section(f":rotating_light: *ALARM {escape(a.kind)}* on member *{escape(on)}*"))
     blocks += [_section(f":point_right: {escape(line)}") for line in view.advice]
     blocks.append({"type": "divider"})
-    blocks += [_section(_member_line(v)) for v in view.members]
+    blocks += [_section(_member_line(v, label[v.member.hex_id])) for v in view.members]
     if view.learned:
         blocks.append(_section(f":warning: {escape(view.learned)}"))
     who = f" · asked by {mention(requested_by)}" if requested_by else ""
@@ -202,8 +205,16 @@ def _urls(urls: tuple[str, ...] | list[str]) -> str:
     return escape(shown_urls(urls))
 
 
-def _member_ref(m: MemberRef) -> str:
-    return f"*{escape(m.name or '(unstarted)')}* `{m.id}` · peer {_urls(m.peer_urls)} · client {_urls(m.client_urls)}"
+def _member_ref(m: MemberRef, label: str) -> str:
+    return f"*{escape(label)}* · peer {_urls(m.peer_urls)} · client {_urls(m.client_urls)}"
+
+
+@dataclass(frozen=True)
+class PlanMessage(Reply):
+    """A plan's message, and its long part (commands, environment, paths), which goes into the message's
+    thread when the plan is posted: the message itself stays short enough to read at a glance."""
+
+    details: Reply | None = None
 
 
 @dataclass(frozen=True)
@@ -221,52 +232,89 @@ class PlanView:
     error: str | None = None
     approvals: tuple[str, ...] = ()     # who approved so far
     approvals_needed: int = 1
+    decided_at: float | None = None     # when it was approved, rejected, cancelled or abandoned
 
 
-def _state(view: PlanView) -> tuple[str, dict[str, Any]]:
-    """A plan's state word, and its section (naming who decided, once someone has)."""
-    word = STATE_WORD.get(view.state, view.state.upper())
-    decided = view.decided_by and view.state in (PlanState.APPROVED, PlanState.REJECTED, PlanState.CANCELLED,
-                                                  PlanState.ABANDONED)
-    return word, _section(f"*State:* {word}" + (f" (by {mention(view.decided_by or '')})" if decided else ""))
+def _at(view: PlanView, state: str) -> int | None:
+    """The index of the (first) step in `state`."""
+    return next((i for i, s in sorted(view.step_states.items()) if s == state), None)
 
 
-def replace_plan_reply(plan: ReplacePlan, view: PlanView) -> Reply:
-    """The replacement plan's message: everything an approver needs to decide, and progress.
-    Long values never push a step or the environment out: they spill into
-    more sections."""
-    state, state_section = _state(view)
-    failed_name = escape(plan.failed.name or plan.failed.id)
+def _needs(view: PlanView, steps: int) -> str:
+    """What the plan needs from the people reading it now, in a few words (the headline's second half)."""
+    s = view.state
+    if s == PlanState.PROPOSED:
+        n = view.approvals_needed
+        return f"needs {n} approvers ({len(view.approvals)} so far)" if n > 1 else "needs 1 approver"
+    if s == PlanState.RUNNING:
+        at = _at(view, "running")
+        return f"running step {at} of {steps - 1}; the thread says if it needs you" if at is not None else "running"
+    stopped = _at(view, "failed")
+    where = f" at step {stopped}" if stopped is not None else ""
+    return {PlanState.APPROVED: "approved, starting", PlanState.DONE: "done",
+            PlanState.FAILED: f"FAILED{where}: an approver resumes or abandons it",
+            PlanState.INTERRUPTED: "interrupted: an approver resumes or abandons it",
+            PlanState.REJECTED: "rejected: nothing changed", PlanState.CANCELLED: "cancelled: nothing changed",
+            PlanState.EXPIRED: "expired unapproved: nothing changed",
+            PlanState.ABANDONED: "abandoned: nothing undone"}.get(s, str(s))
+
+
+def _decision(view: PlanView) -> str | None:
+    """Who decided, and when: what the buttons give way to once the plan is no longer proposed."""
+    when = f" · {slack_date(view.decided_at)}" if view.decided_at else ""
+    if view.state == PlanState.EXPIRED:
+        return f":hourglass: Expired unapproved · {slack_date(view.expires_at)}"
+    if not view.decided_by:
+        return None
+    verb = {PlanState.REJECTED: ":no_entry_sign: Rejected", PlanState.CANCELLED: ":wastebasket: Cancelled",
+            PlanState.ABANDONED: ":wastebasket: Abandoned"}.get(view.state)
+    if verb:
+        return f"{verb} by {mention(view.decided_by)}{when}"
+    approvers = view.approvals or (view.decided_by,)
+    return f":white_check_mark: Approved by {', '.join(mention(u) for u in approvers)}{when}"
+
+
+def replace_plan_reply(plan: ReplacePlan, view: PlanView) -> PlanMessage:
+    """The replacement plan's message: what it does and what it needs first, the members, the steps and
+    their progress; the new member's environment goes into the thread."""
+    refs = (plan.failed, *plan.survivors, *plan.others_failed, *plan.also_remove)
+    label = member_labels((m.id, m.name) for m in refs)
+    failed = label[plan.failed.id]
     joins = "joins as a learner, then promoted" if plan.learner else "joins as a voting member (--no-learner)"
+    voting, healthy = plan.quorum_now
+    what = f"Replace {failed} with {plan.new_name} in {plan.cluster}"
+    headline = f"{what} — {_needs(view, len(plan.steps))}"
     blocks: list[dict[str, Any]] = [
-        _header(f"Plan {plan.id}: replace {plan.failed.name or plan.failed.id} in {plan.cluster}"),
-        state_section,
-        *sections(f"*Cluster:* `{escape(plan.cluster)}` · quorum now {plan.quorum_now[1]} healthy of "
-                  f"{plan.quorum_now[0]} voting\n*Failed member:* {_member_ref(plan.failed)}\n"
-                  f"*New member:* *{escape(plan.new_name)}* · peer {escape(plan.new_peer_url)} · client "
+        _header(headline),
+        *sections(f"*Failed:* {_member_ref(plan.failed, failed)} · quorum now {healthy} healthy of {voting} voting\n"
+                  f"*New:* *{escape(plan.new_name)}* · peer {escape(plan.new_peer_url)} · client "
                   f"{escape(plan.new_client_url or '(set by the launcher)')} · {joins}"),
     ]
     blocks += _steps(plan.steps, view)
-    env = "\n".join(shell.assignments(plan.environment))
-    blocks.append(_section(f"*Environment for {escape(plan.new_name)}* (runbook step 4):"))
-    blocks += sections(escape(env), code=True)
     if plan.others_failed:
-        others = ", ".join(m.name or m.id for m in plan.others_failed)
+        others = ", ".join(label[m.id] for m in plan.others_failed)
         text = (f":warning: Also failed: *{escape(others)}*. Members are replaced one at a time: propose the next "
                 f"replacement after this plan completes.")
         if plan.also_remove:
-            gone = ", ".join(m.name or m.id for m in plan.also_remove)
+            gone = ", ".join(label[m.id] for m in plan.also_remove)
             text += (f"\nThis plan removes *{escape(gone)}* too (step 2): etcd before 3.6 adds no member while a "
                      f"voting member is unreachable. Do not restart {escape(gone)} with its old data; replace it "
                      f"next with `/etcd replace {escape(plan.also_remove[0].name or plan.also_remove[0].id)} "
                      f"<new-name> <new-peer-url>`.")
         blocks += sections(text)
     if plan.already_removed_by:
-        blocks.append(_section(f":information_source: {failed_name} was removed by plan "
+        blocks.append(_section(f":information_source: {escape(failed)} was removed by plan "
                                f"`{plan.already_removed_by}`; this plan adds its replacement."))
-    text = (f"Plan {plan.id}: replace {failed_name} with {escape(plan.new_name)} in {escape(plan.cluster)}: {state}. "
-            f"Proposed by {mention(view.proposer)}")
-    return _footer(plan.id, view, blocks, text)
+    env = "\n".join(shell.assignments(plan.environment))
+    details = Reply(text=f"Environment for {escape(plan.new_name)} (runbook step 4):\n{escape(env)}",
+                    blocks=[_section(f"*Environment for {escape(plan.new_name)}* (runbook step 4):"),
+                            *sections(escape(env), code=True)])
+    also = f" and {', '.join(label[m.id] for m in plan.also_remove)}" if plan.also_remove else ""
+    change = (f"Removes {failed}{also} from {plan.cluster} and adds {plan.new_name} ({plan.new_peer_url}); "
+              f"{plan.cluster} has one member less until {plan.new_name} has joined.")
+    choice = PlanChoice(plan.id, plan.fingerprint, plan.cluster, change, danger=True,
+                        approvals_needed=view.approvals_needed)
+    return _footer(plan.id, view, blocks, headline, choice, details=details)
 
 
 def _steps(steps: tuple[Step, ...], view: PlanView) -> list[dict[str, Any]]:
@@ -277,26 +325,34 @@ def _steps(steps: tuple[Step, ...], view: PlanView) -> list[dict[str, Any]]:
     return sections("*Steps*\n" + "\n".join(lines))
 
 
-def _footer(plan_id: str, view: PlanView, blocks: list[dict[str, Any]], text: str, proposer_note: str = "") -> Reply:
-    """Every plan message ends alike: the failure, who proposed and may approve, and how."""
+def _footer(plan_id: str, view: PlanView, blocks: list[dict[str, Any]], headline: str, choice: PlanChoice,
+            proposer_note: str = "", details: Reply | None = None, details_note: str = "commands") -> PlanMessage:
+    """Every plan message ends alike: the failure, its state, who proposed and may approve, then the
+    Approve and Reject buttons while it is proposed, or who decided and when once someone has."""
     if view.error:
         blocks += sections(f":x: *Failed:* {escape(view.error)}")
+    word = STATE_WORD.get(view.state, view.state.upper())
     approved = ""
-    if view.approvals_needed > 1:
+    if view.approvals_needed > 1 and view.state == PlanState.PROPOSED:
         approved = (f" · approvals {len(view.approvals)} of {view.approvals_needed}"
                     + (f" ({', '.join(mention(u) for u in view.approvals)})" if view.approvals else ""))
-    who = (f"Proposed by {mention(view.proposer)}{proposer_note} · approvers: {view.approvers}{approved} · "
-           f"expires {slack_date(view.expires_at)} · plan ID `{plan_id}`")
-    blocks.append(_context(who))
-    if view.state == PlanState.PROPOSED:
-        many = f"{view.approvals_needed} approvers react" if view.approvals_needed > 1 else "An approver reacts"
-        blocks.append(_context(f"{many} with :{view.reaction}: to approve; :{view.reject_reaction}: rejects "
-                               f"(approver or proposer)."))
-        text += (f"; {view.approvals_needed} approvers of {view.approvers} react :{view.reaction}: to approve."
-                 if view.approvals_needed > 1 else f"; approvers {view.approvers}; react :{view.reaction}: to approve.")
+    thread = f" · {details_note} in the thread" if details is not None else ""
+    proposed = view.state == PlanState.PROPOSED
+    react = f" · or react :{view.reaction}: to approve, :{view.reject_reaction}: to reject" if proposed else ""
+    blocks.append(_context(f"*State:* {word} · proposed by {mention(view.proposer)}{proposer_note} · approvers: "
+                           f"{view.approvers}{approved} · expires {slack_date(view.expires_at)} · plan "
+                           f"`{plan_id}`{thread}{react}"))
+    text = f"{escape(headline)}. Plan {plan_id}, proposed by {mention(view.proposer)}"
+    if proposed:
+        blocks.append(plan_buttons(choice))
+        many = f"{view.approvals_needed} approvers" if view.approvals_needed > 1 else "an approver"
+        text += f"; {many} of {view.approvers} approve (button, or react :{view.reaction}:)."
     else:
+        decision = _decision(view)
+        if decision:
+            blocks.append(_context(decision))
         text += "."
-    return Reply(text=text, blocks=blocks)
+    return PlanMessage(text=text, blocks=blocks, details=details)
 
 
 def ago(seconds: float) -> str:
@@ -307,16 +363,16 @@ def ago(seconds: float) -> str:
     return f"{seconds:.0f} s"
 
 
-def restore_plan_reply(plan: RestorePlan, view: PlanView, now: float | None = None) -> Reply:
-    """A restore plan: the snapshot, why it may run, the members and each one's exact etcdutl command."""
+def restore_plan_reply(plan: RestorePlan, view: PlanView, now: float | None = None) -> PlanMessage:
+    """A restore plan: why it may run, the snapshot, the members, the steps; each member's exact etcdutl
+    command, the file's sha256 and place and the Kubernetes notes go into the thread."""
     now = time.time() if now is None else now
-    state, state_section = _state(view)
     snap = plan.snapshot
     voting, healthy = plan.quorum_now
     verdict = plan.quorum_verdict
     evidence = f"\n*Evidence:* {escape(plan.evidence)}" if plan.evidence else ""
-    # first line: a restore forced without evidence says the cluster may be healthy before anything else
-    unproven = f" although {plan.cluster} may be healthy" if verdict is QuorumVerdict.UNPROVEN else ""
+    # the first line: a restore forced without evidence says the cluster may be healthy before anything else
+    unproven = f", although {plan.cluster} may be healthy," if verdict is QuorumVerdict.UNPROVEN else ""
     if verdict is QuorumVerdict.UNPROVEN:
         gate = (f":warning: *{escape(plan.cluster)} may be healthy:* the bot has no evidence that it lost quorum "
                 f"(--force). If it is healthy, *every write since the snapshot is lost.*{evidence}")
@@ -333,61 +389,67 @@ def restore_plan_reply(plan: RestorePlan, view: PlanView, now: float | None = No
         f":warning: *FOREIGN snapshot: this bot did not take {code(snap.file_name)}* ({escape(snap.foreign)}). "
         f"It was named with --force; its contents are checked only against its own unsigned manifest, and the "
         f"restore replaces {escape(plan.cluster)}'s data with whatever it holds."))
-    blocks: list[dict[str, Any]] = [
-        _header(f"Plan {plan.id}: restore {plan.cluster}{', which may be healthy,' if unproven else ''} from a "
-                + ("FOREIGN snapshot (not taken by this bot)" if snap.foreign else "snapshot")),
-        *foreign,
-        state_section,
-        *sections(f"*Snapshot:* {code(snap.file_name)}{' (age-encrypted)' if snap.encrypted else ''} · revision "
-                  f"{snap.revision} · hash {code(snap.hash)} · {snap.total_keys} keys · "
-                  f"{humanize_bytes(snap.total_size)}"
-                  f" · file {humanize_bytes(snap.file_size)} · taken {ago(now - snap.created_at)} ago from "
-                  f"{escape(snap.member)}\n*sha256:* {code(snap.sha256)}\n" + (
-                      f"*From the snapshot store:* {code(snap.remote_url)} (no local copy: fetched, checked against "
-                      "the catalog's size and sha256, and decrypted into a 0600 temporary file that is removed "
-                      "after each step)" if snap.from_store else
-                      f"*Stored at:* {code(snap.path)} (on the bot's host)")),
-    ]
+    what = (f"Restore {plan.cluster} from {'FOREIGN snapshot (not taken by this bot) ' if snap.foreign else ''}"
+            f"{snap.file_name} "
+            f"(revision {snap.revision}){unproven.rstrip(',')}")
+    headline = f"{what} — {_needs(view, len(plan.steps))}"
+    blocks: list[dict[str, Any]] = [_header(headline), *foreign, *sections(gate)]
+    blocks += sections(f"*Snapshot:* {code(snap.file_name)}{' (age-encrypted)' if snap.encrypted else ''} · revision "
+                       f"{snap.revision} · {snap.total_keys} keys · {humanize_bytes(snap.total_size)} · taken "
+                       f"{ago(now - snap.created_at)} ago from {escape(snap.member)}"
+                       + (" · from the snapshot store" if snap.from_store else "")
+                       + f"\n*Members* ({len(plan.members)}, from {source}, seen "
+                         f"{ago(now - plan.membership_seen_at)} ago): "
+                       + ", ".join(f"*{escape(m.name)}*" for m in plan.members))
     if plan.newer:
         blocks += sections(f":warning: {len(plan.newer)} newer verified snapshot(s) exist: "
                            f"{escape(', '.join(plan.newer))}. Restoring an older one is deliberate only if the newer "
                            "ones may hold the bad data.")
-    blocks += sections(gate)
     if plan.left_out:
         blocks += sections(f":information_source: *Left out:* {escape(', '.join(plan.left_out))}: "
                            f"learner{'s' if len(plan.left_out) > 1 else ''} that never started (no name or peer URL), "
                            "so no data to restore; the cluster is rebuilt from the others. Add "
                            f"{'them' if len(plan.left_out) > 1 else 'it'} again afterwards if still needed.")
-    blocks += sections(f"*Members* ({len(plan.members)}, from {source}, seen {ago(now - plan.membership_seen_at)} "
-                       f"ago):\n" + "\n".join(f"• *{escape(m.name)}* · peer {escape(m.peer_url)} · client "
-                                               f"{_urls(m.client_urls)} · data dir {code(m.data_dir)}"
-                                               for m in plan.members))
-    steps = [f"{STEP_ICON.get(view.step_states.get(i, 'pending'), ':white_square:')} {i}. {escape(step.title)}"
-             for i, step in enumerate(plan.steps)]
-    blocks += sections("*Steps*\n" + "\n".join(steps))
+    blocks += _steps(plan.steps, view)
+    change = (f"Stops every member of {plan.cluster} and restores all {len(plan.members)} from {snap.file_name} "
+              f"(revision {snap.revision}): every write after that revision is lost.")
+    choice = PlanChoice(plan.id, plan.fingerprint, plan.cluster, change, danger=True,
+                        approvals_needed=view.approvals_needed)
+    return _footer(plan.id, view, blocks, headline, choice, proposer_note=" (cannot approve it)",
+                   details=_restore_details(plan))
+
+
+def _restore_details(plan: RestorePlan) -> Reply:
+    """The long part of a restore plan, for its thread: where the file is, each member's data directory and
+    exact etcdutl command, and the Kubernetes notes."""
+    snap = plan.snapshot
+    where = (f"*From the snapshot store:* {code(snap.remote_url)} (no local copy: fetched, checked against the "
+             "catalog's size and sha256, and decrypted into a 0600 temporary file that is removed after each step)"
+             if snap.from_store else f"*Stored at:* {code(snap.path)} (on the bot's host)")
     how = {"command": "the launcher runs `stop`, `restore` and `start` for each member",
            "ssh": "etcd-chatops-node runs it on each member's host over SSH, after copying the snapshot there, into "
                   "a new data directory beside the old one (moved aside, never deleted); the thread says per host "
                   "what ran and its result"}.get(
         plan.launcher, f"manual launcher: run these on each host when the thread asks, then confirm each stage with "
                        f"`/etcd continue {plan.id} <stage>`")
-    blocks.append(_section(f"*{plan.restore_tool} snapshot restore on every member* (new cluster token, unique to "
-                           f"this restore; {escape(how)}):"))
     local = snap.file_name if snap.from_store else snap.path   # a fetched copy's path is made at the step
     commands = "\n".join(f"{shell.comment(m.name)}\n{shell.command(plan.restore_args(m, local.removesuffix('.age')))}"
                          for m in plan.members)
-    blocks += sections(escape(commands), code=True)
-    blocks += sections(f"*Kubernetes:* {escape(K8S_BEFORE)} {escape(K8S_AFTER)}\n:information_source: "
-                       f"{escape(bump_note(plan))}")
-    text = (f"Plan {plan.id}: restore {escape(plan.cluster)} from "
-            f"{'FOREIGN snapshot (not taken by this bot) ' if snap.foreign else ''}{escape(snap.file_name)} "
-            f"(revision {snap.revision}{', from the snapshot store' if snap.from_store else ''}){escape(unproven)}:"
-            f" {state}. Proposed by {mention(view.proposer)}")
-    return _footer(plan.id, view, blocks, text, proposer_note=" (cannot approve it)")
+    head = (f"*sha256:* {code(snap.sha256)} · hash {code(snap.hash)} · file {humanize_bytes(snap.file_size)}\n{where}\n"
+            + "\n".join(f"• *{escape(m.name)}* · peer {escape(m.peer_url)} · client {_urls(m.client_urls)} · data dir "
+                        f"{code(m.data_dir)}" for m in plan.members)
+            + f"\n*{plan.restore_tool} snapshot restore on every member* (new cluster token, unique to this restore; "
+              f"{escape(how)}):")
+    tail = f"*Kubernetes:* {escape(K8S_BEFORE)} {escape(K8S_AFTER)}\n:information_source: {escape(bump_note(plan))}"
+    blocks = [*sections(head), *sections(escape(commands), code=True), *sections(tail)]
+    return Reply(text=f"{head}\n{escape(commands)}\n{tail}", blocks=blocks)
+
+
 def _defrag_table(plan: DefragPlan) -> str:
     """The defragmentation plan's members: sizes, quota use, the rule's verdict, the order, and once a
     member is done, its size after and the space reclaimed."""
-    rows = [[m.ref.name or m.ref.id, m.role, humanize_bytes(m.db_size), humanize_bytes(m.db_size_in_use),
+    label = member_labels((m.ref.id, m.ref.name) for m in plan.members)
+    rows = [[label[m.ref.id], m.role, humanize_bytes(m.db_size), humanize_bytes(m.db_size_in_use),
              humanize_bytes(m.free), f"{m.usage * 100:.0f} % of {humanize_bytes(m.quota)}"
              + ("" if m.quota_known else " (default assumed)"), "yes" if m.selected else "no (left alone)",
              str(m.order) if m.order else "-", "-" if m.after is None else humanize_bytes(m.after),
@@ -396,23 +458,35 @@ def _defrag_table(plan: DefragPlan) -> str:
                          "RECLAIMED"), rows)
 
 
-def defrag_plan_reply(plan: DefragPlan, view: PlanView) -> Reply:
-    """A defragmentation plan: the members' sizes, which the rule selects and in what order, the steps."""
-    state, state_section = _state(view)
+def defrag_plan_reply(plan: DefragPlan, view: PlanView) -> PlanMessage:
+    """A defragmentation plan: each member's size and quota use on one line (and its size after, once done),
+    which the rule selects and in what order, the steps; the full table goes into the thread."""
     alarm = " · :rotating_light: NOSPACE active: writes fail until it is disarmed" if plan.nospace else ""
+    label = member_labels((m.ref.id, m.ref.name) for m in plan.members)
+    ordered = sorted(plan.members, key=lambda m: (not m.selected, m.order or 0))
+    selected = ", ".join(label[m.ref.id] for m in ordered if m.selected)
+    what = f"Defragment {selected} in {plan.cluster}"
+    headline = f"{what} — {_needs(view, len(plan.steps))}"
+    members = " · ".join(
+        f"*{escape(label[m.ref.id])}* {humanize_bytes(m.db_size)} ({m.usage * 100:.0f} % of quota"
+        + (", assumed" if not m.quota_known else "") + ")"
+        + (f" → {humanize_bytes(m.after)}" if m.after is not None else "")
+        + ("" if m.selected else " left alone") for m in ordered)
     blocks: list[dict[str, Any]] = [
-        _header(f"Plan {plan.id}: defragment {plan.cluster}"),
-        state_section,
-        *sections(f"*Cluster:* `{escape(plan.cluster)}`{alarm}\n*Rule:* {code(plan.rule)} · "
-                  + ("compacts to the current revision first" if plan.compact else "no compaction (--no-compact)")),
-        *sections(_defrag_table(plan), code=True),
+        _header(headline),
+        *sections(f"*Rule:* {code(plan.rule)} · "
+                  + ("compacts to the current revision first" if plan.compact else "no compaction (--no-compact)")
+                  + alarm + f"\n*Members:* {members}"),
     ]
     blocks += _steps(plan.steps, view)
-    selected = ", ".join(m.ref.name or m.ref.id for m in sorted(plan.members, key=lambda m: m.order or 0)
-                         if m.selected)
-    text = (f"Plan {plan.id}: defragment {escape(selected)} in {escape(plan.cluster)}: {state}. "
-            f"Proposed by {mention(view.proposer)}")
-    return _footer(plan.id, view, blocks, text)
+    table = _defrag_table(plan)
+    details = Reply(text=escape(table),
+                    blocks=[_section("*Members, as planned:*"), *sections(escape(table), code=True)])
+    change = (f"Defragments {selected} of {plan.cluster} one at a time; each member blocks its own reads and writes "
+              "while it runs (the leader last, after leadership moves).")
+    choice = PlanChoice(plan.id, plan.fingerprint, plan.cluster, change, danger=False,
+                        approvals_needed=view.approvals_needed)
+    return _footer(plan.id, view, blocks, headline, choice, details=details, details_note="the members' table")
 
 
 @dataclass(frozen=True)
@@ -619,8 +693,9 @@ def consistency_reply(c: Consistency) -> Reply:
 # ---------------------------------------------------------------- watch alerts
 
 def alert_reply(view: AlertView) -> Reply:
-    """One watched condition: what, since when, the figures, and the next commands as code.
-    Resolved, the same message says so and drops the suggestions."""
+    """One watched condition: what, since when, the figures, the next commands as code, and the next step as
+    buttons (a replacement or restore to propose, a mute, its runbook). Resolved, the same message says so and
+    drops the suggestions and the buttons. The watch and the Alertmanager receiver both post it."""
     icon = ":white_check_mark:" if view.resolved else (":repeat:" if view.flapping else ":rotating_light:")
     severity = f"{escape(view.severity.upper())} · " if view.severity and not view.resolved else ""
     head = (f"{icon} {severity}*{escape(view.title.upper())}* {code(view.subject)} in cluster "
@@ -634,6 +709,8 @@ def alert_reply(view: AlertView) -> Reply:
         blocks.append(_section(":point_right: " + "\n".join(code(s) for s in view.suggestions)))
     if view.links:
         blocks.append(_context(" · ".join(link(url, f"runbook: {text}") for text, url in view.links)))
+    if not view.resolved and not view.held:
+        blocks.append(alert_buttons(view.cluster, view.subject, view.offers, view.runbook_url))
     return Reply(text=escape(render.alert_text(view)), blocks=blocks)
 
 

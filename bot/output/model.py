@@ -122,14 +122,23 @@ class MemberView:
         return self.status.db_size / self.quota_bytes
 
     @property
-    def quota_line(self) -> str | None:
-        """`2.1 GB of 2.1 GB (100 %), 1.0 GB in use`, and when the quota was assumed, why."""
-        usage, s = self.quota_usage, self.status
-        if usage is None or s is None or self.quota_bytes is None:
+    def quota_share(self) -> str | None:
+        """`1 % of 2.1 GB`: how full the member is against its quota."""
+        usage = self.quota_usage
+        if usage is None or self.quota_bytes is None:
             return None
-        line = (f"{humanize_bytes(s.db_size)} of {humanize_bytes(self.quota_bytes)} ({usage * 100:.0f} %), "
-                f"{humanize_bytes(s.db_size_in_use)} in use")
-        return line + (f"; quota unknown ({self.quota_error}), etcd's default assumed" if self.quota_error else "")
+        return f"{usage * 100:.0f} % of {humanize_bytes(self.quota_bytes)}"
+
+    @property
+    def db_line(self) -> str | None:
+        """The member's database in one phrase, each figure once: `DB 2.1 GB (1.0 GB in use, 100 % of 2.1 GB
+        quota)`, and when the quota was assumed, why."""
+        s = self.status
+        if s is None:
+            return None
+        share = f", {self.quota_share} quota" if self.quota_share else ""
+        assumed = f"; quota unknown ({self.quota_error}), etcd's default assumed" if share and self.quota_error else ""
+        return f"DB {humanize_bytes(s.db_size)} ({humanize_bytes(s.db_size_in_use)} in use{share}){assumed}"
 
     @property
     def reachable(self) -> bool:
@@ -144,8 +153,7 @@ class MemberView:
     def facts(self) -> list[str]:
         """Version, sizes and raft position, then what is special about the member."""
         s, m = self.status, self.member
-        facts = [f"v{s.version}", f"DB {humanize_bytes(s.db_size)} ({humanize_bytes(s.db_size_in_use)} in use)",
-                 f"raft index {s.raft_index}", f"term {s.raft_term}"] if s else []
+        facts = [f"v{s.version}", self.db_line or "", f"raft index {s.raft_index}", f"term {s.raft_term}"] if s else []
         if s and s.storage_version:
             facts.insert(1, f"storage v{s.storage_version}")
         if s and s.downgrade_target:
@@ -197,7 +205,7 @@ def advice_lines(cluster: str, alarms: tuple[Alarm, ...], members: tuple[MemberV
                      "(compact, defragment every member, disarm)")
     if "CORRUPT" in kinds:
         lines.append(f"CORRUPT: a member's data differs from the others'; run /etcd consistency {cluster} to name it, "
-                     "then replace it")
+                     "then stop etcd on it and replace it")
     full = [f"{m.label} {m.quota_usage * 100:.0f} %" for m in members
             if m.quota_usage is not None and m.quota_usage > QUOTA_WARN]
     if full and "NOSPACE" not in kinds:
@@ -390,6 +398,8 @@ class AlertView:
     severity: str = ""                         # warning, critical, or "" (a condition without levels)
     sources: tuple[str, ...] = ()              # who sees it: "watch", "alertmanager:<alert name>"
     links: tuple[tuple[str, str], ...] = ()    # (text, http(s) URL): Alertmanager's runbook links
+    offers: tuple[str, ...] = ()               # the way out it offers as a button: "replace" (its member), "restore"
+    runbook_url: str | None = None             # a runbook for it (a button links there)
 
     @property
     def resolved(self) -> bool:

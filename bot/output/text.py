@@ -10,7 +10,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from bot.domain.cluster import Consistency, KVHash
+from bot.domain.cluster import Consistency, KVHash, member_labels
 from bot.domain.mrkdwn import one_line
 from bot.domain.restore import RestorePlan
 from bot.domain.urls import shown_urls
@@ -45,33 +45,41 @@ def unreachable_text(cluster: str, error: str) -> str:
     return f"cluster {cluster}: UNREACHABLE: {error}"
 
 
-STATUS_HEADERS = ("ID", "STATUS", "NAME", "PEER ADDRS", "CLIENT ADDRS", "IS LEARNER", "REACHABLE", "LEADER",
-                  "VERSION", "DB SIZE", "RAFT INDEX", "ALARMS")
+STATUS_HEADERS = ("NAME", "STATE", "CLIENT URL", "VERSION", "DB SIZE (IN USE)", "QUOTA USE", "RAFT INDEX", "ALARMS")
 
 
 def status_rows(view: StatusView) -> list[list[str]]:
+    """One row per member, each figure once, to fit a 120-column terminal: the name (the ID where two share
+    it or it never started; `members` lists every ID), its state (leader, follower, learner, DOWN...), one
+    client URL (`members` lists them all)."""
+    label = member_labels((v.member.hex_id, v.member.name) for v in view.members)
     rows = []
     for v in view.members:
         m, s = v.member, v.status
         rows.append([
-            m.hex_id, "started" if m.started else "unstarted", m.name or "", shown_urls(m.peer_urls),
-            shown_urls(m.client_urls), str(m.is_learner).lower(),
-            "yes" if v.reachable else f"NO: {v.error}" if v.state == "DOWN" else f"{v.state.lower()}: {v.error}",
-            "*" if v.is_leader else "",
-            s.version if s else "-", humanize_bytes(s.db_size) if s else "-", str(s.raft_index) if s else "-",
+            label[m.hex_id], v.state, shown_urls(m.client_urls[:1]) + (" …" if len(m.client_urls) > 1 else ""),
+            s.version if s else "-",
+            f"{humanize_bytes(s.db_size)} ({humanize_bytes(s.db_size_in_use)})" if s else "-",
+            v.quota_share or "-", str(s.raft_index) if s else "-",
             ", ".join(v.alarms) or ("-" if s is None else "none"),
         ])
     return rows
 
 
 def status_text(view: StatusView) -> str:
-    """The CLI's status output: headline, alarms, the member table, and the note on a learned URL."""
-    alarms = "".join(f"\nALARM {a.kind} on member {a.member_id:016x}" for a in view.alarms)
+    """The CLI's status output: headline, alarms, the member table, why a member is down, a quota that
+    could not be read, and the note on a learned URL."""
+    label = member_labels((v.member.hex_id, v.member.name) for v in view.members)
+    alarms = "".join(f"\nALARM {a.kind} on {label.get(f'{a.member_id:016x}', f'{a.member_id:016x}')}"
+                     for a in view.alarms)
     advice = "".join(f"\nNEXT: {line}" for line in view.advice)
-    quotas = "".join(f"\nQUOTA {v.label}: {v.quota_line}" for v in view.members if v.quota_line)
+    down = "".join(f"\n{v.state} {v.label}: {v.problem or v.error}" for v in view.members
+                   if v.state in ("DOWN", "REFUSED", "DEFRAGMENTING", "UNHEALTHY"))
+    quotas = "".join(f"\nQUOTA {v.label}: unknown ({v.quota_error}), etcd's default assumed" for v in view.members
+                     if v.quota_error and v.quota_share)
     note = f"\nNOTE: {view.learned}" if view.learned else ""
-    return (f"{headline(view)}{alarms}{advice}\n{table(STATUS_HEADERS, status_rows(view))}{quotas}\n{view.checked}"
-            f"{note}")
+    return (f"{headline(view)}{alarms}{advice}\n{table(STATUS_HEADERS, status_rows(view))}{down}{quotas}"
+            f"\n{view.checked}{note}")
 
 
 def members_text(view: StatusView) -> str:
@@ -194,10 +202,10 @@ def perf_text(view: PerfView) -> str:
 
 def alarms_text(view: StatusView) -> str:
     """The active alarms, by member name, each with the command to run."""
-    names = {v.member.id: v.label for v in view.members}
+    label = member_labels((v.member.hex_id, v.member.name) for v in view.members)
     if not view.alarms:
         return f"cluster {view.cluster}: no alarms"
-    lines = [f"ALARM {a.kind} on {names.get(a.member_id, '?')} ({a.member_id:016x})" for a in view.alarms]
+    lines = [f"ALARM {a.kind} on {label.get(f'{a.member_id:016x}', f'{a.member_id:016x}')}" for a in view.alarms]
     return "\n".join([f"cluster {view.cluster}: {len(view.alarms)} alarm{'s' if len(view.alarms) != 1 else ''}",
                       *lines, *(f"NEXT: {line}" for line in view.advice)])
 
@@ -216,9 +224,11 @@ def consistency_text(c: Consistency) -> str:
                 f"(hash {c.majority_hash:08x})")
     elif c.differing:
         names = ", ".join(m.name for m in c.differing)
+        # a member that answers is not replaced (the planner refuses a healthy member): stop it first
+        one = len(c.differing) == 1
         head = (f"cluster {c.cluster}: INCONSISTENT at revision {c.revision}: {names} "
-                f"differ{'s' if len(c.differing) == 1 else ''} from the majority; replace "
-                f"{'it' if len(c.differing) == 1 else 'them'}: "
+                f"differ{'s' if one else ''} from the majority; stop etcd on {'it' if one else 'them'} "
+                f"(one at a time), then replace {'it' if one else 'each'}: "
                 + "; ".join(f"/etcd replace {m.name} <new-name> <new-peer-url>" for m in c.differing))
     else:
         head = (f"cluster {c.cluster}: NOT CHECKED at revision {c.revision}: "
@@ -293,11 +303,13 @@ _SLACK_TOKEN = re.compile(r"<(?:!date\^[^|>]*\|([^>]*)|!subteam\^([^|>]*)(?:\|[^
 
 
 def _plain_line(text: str) -> str:
-    """mrkdwn as a terminal shows it: a date's fallback, @user, a link's words and address; escapes undone."""
+    """mrkdwn as a terminal shows it: a date's fallback, @user, a link's words and address; escapes undone; a
+    code block's fences dropped, so its lines (commands, an environment) can be copied as they stand."""
     def token(m: re.Match[str]) -> str:
         date, group, user, url, words = m.groups()
         return date or (f"@{group}" if group else f"@{user}" if user else f"{words} ({url})")
-    return _SLACK_TOKEN.sub(token, text).replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+    text = _SLACK_TOKEN.sub(token, text.replace("```", ""))
+    return text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
 
 
 def plain(text: str, blocks: Sequence[Mapping[str, Any]] = ()) -> str:

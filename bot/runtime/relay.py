@@ -38,6 +38,8 @@ async def relay(ctx: BotContext) -> int:
                 if record is not None and not record.message_ts:  # proposed from a shell: its message first
                     await store.update_plan(record.id, message_ts=await notifier.post_plan(record))
                     record = await store.plan(record.id)
+                    if record is not None:
+                        await notifier.plan_details(record)
                 if record is not None:
                     await notifier.thread_post(record, text)
                     touched.add(record.id)

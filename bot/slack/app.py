@@ -117,7 +117,8 @@ def http_application(app: AsyncApp, ctx: BotContext, client: AsyncWebClient,
         started = time.perf_counter()
         bolt_request = await to_bolt_request(request)
         response = await to_aiohttp_response(await app.async_dispatch(bolt_request))
-        kind = "command" if "command=" in bolt_request.raw_body[:2000] else "event"
+        raw = bolt_request.raw_body[:2000]
+        kind = "command" if "command=" in raw else "interaction" if raw.startswith("payload=") else "event"
         metrics.ack_latency.labels(kind=kind).observe(time.perf_counter() - started)
         return response
 

@@ -1,6 +1,7 @@
 """The Notifier (bot.ops.notify) for Slack: a plan is one message edited as it
-progresses (chat.update), details go to its thread, repeated refusals to the
-person alone (chat.postEphemeral)."""
+progresses (chat.update), with its Approve and Reject buttons while it is proposed;
+its long part and the details go to its thread, repeated refusals to the person
+alone (chat.postEphemeral)."""
 from __future__ import annotations
 
 import logging
@@ -31,6 +32,11 @@ class SlackNotifier:
             return await post(self.web, record.channel, render_plan(record, self.view(record, {})))
         except SlackPostError as e:
             raise NotifyFailed(str(e)) from None
+
+    async def plan_details(self, record: PlanRecord) -> None:
+        details = render_plan(record, self.view(record, {})).details
+        if details is not None and record.message_ts:
+            await self.thread_message(record.channel, record.message_ts, details)
 
     async def plan_changed(self, record: PlanRecord, step_states: Mapping[int, str]) -> None:
         if record.message_ts:

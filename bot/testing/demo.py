@@ -161,9 +161,8 @@ class ChannelClient:
         """The message of plan `plan_id`, or of the newest plan in the channel."""
         async with self.session.get(f"{self.url}/_standin/messages", params={"after": "0"}) as r:
             messages = await r.json()
-        head = re.compile(rf"Plan {re.escape(plan_id)}:" if plan_id else r"Plan \w+:")
         plans = [m for m in messages if m.get("source") == "chat.postMessage" and not m.get("thread_ts")
-                 and head.match(m.get("text") or "")]
+                 and (found := PLAN_ID.search(m.get("text") or "")) and plan_id in (None, found.group(1))]
         if not plans:
             raise DemoError(f"no plan {plan_id} in the channel" if plan_id else "no plan in the channel yet: "
                             "propose one first (say \"/etcd replace ...\")")
@@ -321,15 +320,15 @@ def _wait_pid(pid: int, timeout: float = 10.0) -> None:
 
 # ---------------------------------------------------------------- the story
 
+PLAN_ID = re.compile(r"\bPlan (\w+), proposed by ")  # a plan message's text, after its headline
+
 def posted_plan(posted: list[dict[str, Any]], what: str) -> tuple[dict[str, Any], str]:
     """The plan message among what a command posted, and its plan ID."""
-    plan_msg = next((m for m in posted if m["text"].startswith("Plan ")), None)
-    if plan_msg is None:
-        raise DemoError(f"the bot did not post {what}")
-    found = re.match(r"Plan (\w+):", plan_msg["text"])
-    if found is None:
-        raise DemoError(f"no plan ID in {plan_msg['text']!r}")
-    return plan_msg, found.group(1)
+    for message in posted:
+        found = None if message.get("thread_ts") else PLAN_ID.search(message["text"])
+        if found:
+            return message, found.group(1)
+    raise DemoError(f"the bot did not post {what}")
 
 
 async def run_to_done(channel: ChannelClient, spinner: Spinner, plan_id: str, label: str) -> dict[str, Any]:

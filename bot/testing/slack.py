@@ -41,7 +41,8 @@ from urllib.parse import urlencode
 import aiohttp
 from aiohttp import web
 
-__all__ = ["ApiCall", "Delivery", "Gate", "Message", "SlackStandIn", "sign_request", "main"]
+__all__ = ["ApiCall", "Delivery", "Gate", "Message", "OpenView", "SlackStandIn", "blocks_problem", "sign_request",
+           "main"]
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +207,76 @@ class _ResponseUrl:
     last: Message | None = None  # the message replace_original / delete_original act on
 
 
+#: A click's trigger_id opens a modal (views.open) only this many seconds after the click, and only once.
+TRIGGER_TTL = 3.0
+#: Slack's limits on the blocks of a message, and of a view.
+MESSAGE_BLOCKS_MAX, VIEW_BLOCKS_MAX = 50, 100
+
+
+@dataclass
+class OpenView:
+    """A modal as its user sees it: opened (views.open), replaced (views.update or a submission's
+    `response_action: update`), showing inline errors, or closed."""
+
+    id: str
+    user: str
+    view: dict[str, Any]
+    hash: str
+    trigger_id: str
+    errors: dict[str, str] = field(default_factory=dict)     # what the last submission was told, by block_id
+    closed: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)   # the views it showed before
+
+
+def blocks_problem(blocks: Any, limit: int = MESSAGE_BLOCKS_MAX) -> str | None:
+    """Why Slack would refuse these blocks, by slack_sdk's models (an unknown block type or field, a
+    text over its limit), or None. A field the models do not know fails too: Slack refuses it."""
+    from slack_sdk.errors import SlackObjectFormationError
+    from slack_sdk.models.blocks import Block
+    if blocks is None:
+        return None
+    if not isinstance(blocks, list) or len(blocks) > limit:
+        return f"blocks must be a list of at most {limit}"
+    for i, raw in enumerate(blocks):
+        parsed = Block.parse(raw) if isinstance(raw, dict) else None
+        if parsed is None or type(parsed) is Block:
+            return f"blocks[{i}]: not a block slack_sdk knows: {str(raw)[:200]}"
+        try:
+            parsed.validate_json()
+            again = parsed.to_dict()
+        except SlackObjectFormationError as e:
+            return f"blocks[{i}] ({raw.get('type')}): {e}"
+        if again != raw:
+            return f"blocks[{i}] ({raw.get('type')}): fields slack_sdk does not know or reads otherwise: {raw}"
+    return None
+
+
+def _valid_blocks(blocks: Any) -> Any:
+    """The blocks of a message, or the error Slack answers (invalid_blocks; the reason is logged)."""
+    if problem := blocks_problem(blocks):
+        log.warning("invalid_blocks: %s", problem)
+        raise _ApiError("invalid_blocks")
+    return blocks
+
+
+def _view_problem(view: Any, kinds: tuple[str, ...]) -> str | None:
+    """Why Slack would refuse this view (views.open/update/publish), or None."""
+    from slack_sdk.errors import SlackObjectFormationError
+    from slack_sdk.models.views import View
+    if not isinstance(view, dict) or view.get("type") not in kinds:
+        return f"a view of type {' or '.join(kinds)} is needed"
+    unknown = set(view) - View.attributes
+    if unknown:
+        return f"unknown view fields {sorted(unknown)}"
+    try:
+        View(**view).validate_json()
+    except (SlackObjectFormationError, TypeError) as e:
+        return str(e)
+    if any(b.get("type") == "input" for b in view.get("blocks", [])) and not view.get("submit"):
+        return "a modal with inputs needs a submit button"
+    return blocks_problem(view.get("blocks"), VIEW_BLOCKS_MAX)
+
+
 def _random_id(prefix: str, n: int = 10) -> str:
     return prefix + "".join(secrets.choice(_ID_CHARS) for _ in range(n))
 
@@ -282,6 +353,14 @@ class SlackStandIn:
         self._last_change = time.monotonic()
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
+        # interactivity (the section of that name): views by id, Home tabs by user, trigger_ids issued
+        self.views: dict[str, OpenView] = {}
+        self.homes: dict[str, dict[str, Any]] = {}
+        self.dialogs: list[dict[str, Any] | None] = []   # the confirm dialog of each click (None: none)
+        self.interactions: list[dict[str, Any]] = []     # every interactive payload delivered
+        self.trigger_ttl = TRIGGER_TTL
+        self._triggers: dict[str, tuple[float, str]] = {}   # trigger_id -> (issued, user)
+        self._exchanged: set[str] = set()                   # trigger_ids that opened a view already
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -613,7 +692,7 @@ class SlackStandIn:
     def _api_post_message(self, args: dict) -> dict:
         channel = self._resolve_channel(args.get("channel"))
         text = args.get("text")
-        blocks = _maybe_json(args.get("blocks"), "invalid_blocks")
+        blocks = _valid_blocks(_maybe_json(args.get("blocks"), "invalid_blocks"))
         attachments = _maybe_json(args.get("attachments"), "invalid_attachments")
         if not text and not blocks and not attachments:
             raise _ApiError("no_text")
@@ -635,7 +714,7 @@ class SlackStandIn:
             raise _ApiError("cant_update_message")
         if "text" not in args and "blocks" not in args and "attachments" not in args:
             raise _ApiError("no_text")
-        blocks = _maybe_json(args.get("blocks"), "invalid_blocks")
+        blocks = _valid_blocks(_maybe_json(args.get("blocks"), "invalid_blocks"))
         msg.edits.append({"text": msg.text, "blocks": msg.blocks})
         if "text" in args:
             msg.text = args.get("text") or ""
@@ -661,7 +740,7 @@ class SlackStandIn:
         if not user or self._user_record(user) is None:
             raise _ApiError("user_not_in_channel")
         text = args.get("text")
-        blocks = _maybe_json(args.get("blocks"), "invalid_blocks")
+        blocks = _valid_blocks(_maybe_json(args.get("blocks"), "invalid_blocks"))
         if not text and not blocks and not args.get("attachments"):
             raise _ApiError("no_text")
         msg = self._add(Message(channel=channel, ts=self._next_ts(), text=text or "", blocks=blocks or None,
@@ -823,6 +902,8 @@ class SlackStandIn:
         blocks = body.get("blocks") or None
         if not text and not blocks and not body.get("attachments"):
             return web.Response(status=400, text="no_text")
+        if blocks_problem(blocks):
+            return web.Response(status=400, text="invalid_blocks")
         in_channel = body.get("response_type") == "in_channel"
         if _truthy(body.get("replace_original")) and ctx.last is not None and not ctx.last.deleted:
             ctx.last.edits.append({"text": ctx.last.text, "blocks": ctx.last.blocks})
@@ -1168,6 +1249,209 @@ class SlackStandIn:
 
     async def _ctl_health(self, request: web.Request) -> web.Response:
         return web.json_response({"ok": True, "socket_connected": self.socket_connected, "bot_url": self.bot_url})
+
+
+    # ------------------------------------------------------------------ interactivity: buttons, modals, App Home
+    # Slack's side of Block Kit interactivity: a person clicks a button (block_actions, with a trigger_id
+    # that opens a modal only within TRIGGER_TTL seconds, once), submits a modal (view_submission, answered
+    # with nothing, inline errors or a new view), opens the App Home tab (app_home_opened); the bot draws
+    # with views.open, views.update and views.publish. Every view, like every message, must pass
+    # slack_sdk's models, as Slack's own validation would refuse it.
+
+    def _issue_trigger(self, user: str) -> str:
+        """A trigger_id for an interaction of `user`: it opens one modal, for that user, within trigger_ttl."""
+        trigger = f"{int(time.time())}.{secrets.randbelow(10**12)}.{secrets.token_hex(16)}"
+        self._triggers[trigger] = (time.monotonic(), user)
+        return trigger
+
+    def _user_json(self, user: str) -> dict[str, Any]:
+        record = self._user_record(user) or {}
+        name = record.get("name", user.lower())
+        return {"id": user, "username": name, "name": name, "team_id": self.team_id}
+
+    async def deliver_interaction(self, payload: dict[str, Any], *, sign: bool = True,
+                                  timeout: float = DEFAULT_DELIVERY_TIMEOUT, to: str | int | None = None) -> Delivery:
+        """An interactive payload as Slack sends it: the form field `payload` (HTTP), or an `interactive`
+        envelope (Socket Mode); signed like everything else. Every payload is kept in `interactions`, so a
+        test can deliver one again (to another replica) or unsigned."""
+        self.interactions.append(payload)
+        if self._delivery_mode(to) == "http":
+            return await self._deliver_http(urlencode({"payload": json.dumps(payload)}),
+                                            "application/x-www-form-urlencoded", {}, sign=sign, timestamp=None,
+                                            signing_secret=None, timeout=timeout, to=to)
+        return await self._deliver_socket({"envelope_id": str(uuid.uuid4()), "type": "interactive",
+                                           "payload": payload, "accepts_response_payload": True},
+                                          timeout=timeout, to=to)
+
+    @staticmethod
+    def buttons(msg: Message | dict[str, Any]) -> list[dict[str, Any]]:
+        """Every button of a message (or a view), in order, each with its block's block_id added."""
+        blocks = msg.blocks if isinstance(msg, Message) else msg.get("blocks")
+        found = []
+        for block in blocks or []:
+            elements = block.get("elements", []) if block.get("type") == "actions" else [block.get("accessory")]
+            found += [{**e, "block_id": block.get("block_id", "")} for e in elements
+                      if isinstance(e, dict) and e.get("type") == "button"]
+        return found
+
+    async def click(self, user: str, msg: Message, action_id: str, *, value: str | None = None,
+                    timeout: float = DEFAULT_DELIVERY_TIMEOUT, to: str | int | None = None) -> Delivery:
+        """`user` clicks the button `action_id` (the one with `value`, when several share it) of `msg`,
+        confirming its dialog if it has one: Slack sends block_actions with a fresh trigger_id and a
+        response_url. LookupError if the message shows no such button (to this user)."""
+        if msg.deleted or (msg.ephemeral_to is not None and msg.ephemeral_to != user):
+            raise LookupError(f"{user} cannot see message {msg.ts}")
+        button = next((b for b in self.buttons(msg) if b.get("action_id") == action_id
+                       and (value is None or b.get("value") == value)), None)
+        if button is None:
+            raise LookupError(f"no button {action_id!r} on message {msg.ts}")
+        self.dialogs.append(button.get("confirm"))
+        rid = secrets.token_hex(12)
+        self._responses[rid] = _ResponseUrl(user_id=user, channel_id=msg.channel, created=time.monotonic(),
+                                            last=msg if msg.ephemeral_to else None)
+        action: dict[str, Any] = {"type": "button", "action_id": action_id, "block_id": button["block_id"],
+                  "text": button.get("text"), "action_ts": self._next_ts(),
+                  **{k: button[k] for k in ("value", "style", "url") if k in button}}
+        payload: dict[str, Any] = {
+            "type": "block_actions", "user": self._user_json(user), "api_app_id": self.app_id,
+            "token": self.verification_token, "trigger_id": self._issue_trigger(user),
+            "team": {"id": self.team_id, "domain": self.team_domain}, "enterprise": None,
+            "is_enterprise_install": False,
+            "container": {"type": "message", "message_ts": msg.ts, "channel_id": msg.channel,
+                          "is_ephemeral": msg.ephemeral_to is not None},
+            "channel": {"id": msg.channel, "name": self._channel_name(msg.channel)},
+            "state": {"values": {}}, "response_url": f"{self.url}/response/{rid}", "actions": [action]}
+        if msg.ephemeral_to is None:   # Slack sends the message only when it is not ephemeral
+            payload["message"] = self._message_json(msg)
+        return await self.deliver_interaction(payload, timeout=timeout, to=to)
+
+    def open_views(self, user: str | None = None) -> list[OpenView]:
+        return [v for v in self.views.values() if not v.closed and (user is None or v.user == user)]
+
+    async def submit(self, view: OpenView, values: dict[str, str], *, timeout: float = DEFAULT_DELIVERY_TIMEOUT,
+                     to: str | int | None = None) -> Delivery:
+        """Its user submits the modal with `values` (block_id -> text typed, or the value of the option
+        chosen): Slack sends view_submission and acts on the answer: none closes the modal,
+        `response_action: errors` keeps it open showing them (each must name an input block),
+        `update` replaces it. Slack itself refuses to submit a required input left empty (ValueError)."""
+        if view.closed:
+            raise LookupError(f"view {view.id} is closed")
+        state: dict[str, dict[str, dict[str, Any]]] = {}
+        for block in view.view.get("blocks", []):
+            if block.get("type") != "input":
+                continue
+            element, bid = block["element"], block["block_id"]
+            typed = values.get(bid)
+            if not typed and not block.get("optional", False):
+                raise ValueError(f"Slack does not submit a modal whose required field {bid!r} is empty")
+            if element["type"] == "static_select":
+                chosen = next((o for o in element.get("options", []) if o["value"] == typed), None)
+                if typed and chosen is None:
+                    raise LookupError(f"{bid!r} has no option {typed!r}")
+                entry: dict[str, Any] = {"type": "static_select", "selected_option": chosen}
+            else:
+                entry = {"type": element["type"], "value": typed or None}
+            state[bid] = {element["action_id"]: entry}
+        unknown = set(values) - set(state)
+        if unknown:
+            raise LookupError(f"the modal has no input {sorted(unknown)}")
+        payload = {"type": "view_submission", "team": {"id": self.team_id, "domain": self.team_domain},
+                   "user": self._user_json(view.user), "api_app_id": self.app_id, "token": self.verification_token,
+                   "trigger_id": self._issue_trigger(view.user), "is_enterprise_install": False, "enterprise": None,
+                   "response_urls": [], "view": {**self._view_json(view), "state": {"values": state}}}
+        delivery = await self.deliver_interaction(payload, timeout=timeout, to=to)
+        if delivery.status == 200:
+            self._answer_submission(view, delivery)
+        return delivery
+
+    def _answer_submission(self, view: OpenView, delivery: Delivery) -> None:
+        answer = delivery.json or {}
+        action = answer.get("response_action")
+        if action == "errors":
+            errors = answer.get("errors") or {}
+            inputs = {b.get("block_id") for b in view.view.get("blocks", []) if b.get("type") == "input"}
+            if not isinstance(errors, dict) or not errors or not set(errors) <= inputs:
+                raise AssertionError(f"Slack refuses errors that name no input block of the view: {errors}")
+            view.errors = dict(errors)
+        elif action == "update":
+            problem = _view_problem(answer.get("view"), ("modal",))
+            if problem:
+                raise AssertionError(f"Slack refuses the updated view: {problem}")
+            self._replace_view(view, answer["view"])
+        elif action in (None, "clear"):
+            view.closed = True
+        else:
+            raise AssertionError(f"unknown response_action {action!r}")
+        self._touch()
+
+    async def open_home(self, user: str, *, to: str | int | None = None) -> Delivery:
+        """`user` opens the app's Home tab: the event app_home_opened."""
+        home = self.homes.get(user)
+        event: dict[str, Any] = {"type": "app_home_opened", "user": user, "channel": self._resolve_channel(user),
+                                 "tab": "home", "event_ts": self._next_ts()}
+        if home is not None:
+            event["view"] = home
+        return await self.send_event(event, to=to)
+
+    def _view_json(self, view: OpenView) -> dict[str, Any]:
+        return {**view.view, "id": view.id, "team_id": self.team_id, "hash": view.hash, "app_id": self.app_id,
+                "bot_id": self.bot_id, "root_view_id": view.id, "previous_view_id": None,
+                "state": {"values": {}}}
+
+    def _replace_view(self, view: OpenView, new: dict[str, Any]) -> None:
+        view.history.append(view.view)
+        view.view, view.hash, view.errors = new, secrets.token_hex(8), {}
+
+    def _api_views_open(self, args: dict[str, Any]) -> dict[str, Any]:
+        trigger = str(args.get("trigger_id") or "")
+        view = _maybe_json(args.get("view"), "invalid_arguments")
+        issued = self._triggers.get(trigger)
+        if trigger in self._exchanged:
+            raise _ApiError("exchanged_trigger_id")
+        if issued is None:
+            raise _ApiError("invalid_trigger_id")
+        if time.monotonic() - issued[0] > self.trigger_ttl:
+            raise _ApiError("expired_trigger_id")
+        if problem := _view_problem(view, ("modal",)):
+            log.warning("views.open refused: %s", problem)
+            raise _ApiError("invalid_arguments")
+        del self._triggers[trigger]   # once: a second views.open with it is refused
+        self._exchanged.add(trigger)
+        opened = OpenView(id=_random_id("V"), user=issued[1], view=view, hash=secrets.token_hex(8),
+                          trigger_id=trigger)
+        self.views[opened.id] = opened
+        return {"ok": True, "view": self._view_json(opened)}
+
+    def _api_views_update(self, args: dict[str, Any]) -> dict[str, Any]:
+        found = self.views.get(str(args.get("view_id") or ""))
+        if found is None or found.closed:
+            raise _ApiError("not_found")
+        if args.get("hash") and args["hash"] != found.hash:
+            raise _ApiError("hash_conflict")
+        view = _maybe_json(args.get("view"), "invalid_arguments")
+        if problem := _view_problem(view, ("modal",)):
+            log.warning("views.update refused: %s", problem)
+            raise _ApiError("invalid_arguments")
+        self._replace_view(found, view)
+        return {"ok": True, "view": self._view_json(found)}
+
+    def _api_views_publish(self, args: dict[str, Any]) -> dict[str, Any]:
+        user = str(args.get("user_id") or "")
+        if self._user_record(user) is None:
+            raise _ApiError("user_not_found")
+        view = _maybe_json(args.get("view"), "invalid_arguments")
+        if problem := _view_problem(view, ("home",)):
+            log.warning("views.publish refused: %s", problem)
+            raise _ApiError("invalid_arguments")
+        self.homes[user] = view
+        return {"ok": True, "view": {**view, "id": _random_id("V"), "team_id": self.team_id}}
+
+
+SlackStandIn._methods.update({
+    "views.open": SlackStandIn._api_views_open,
+    "views.update": SlackStandIn._api_views_update,
+    "views.publish": SlackStandIn._api_views_publish,
+})
 
 
 # ---------------------------------------------------------------------- standalone

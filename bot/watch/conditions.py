@@ -34,7 +34,7 @@ from typing import Any
 
 from bot.config import ClusterConfig
 from bot.domain import shell
-from bot.domain.cluster import ClusterHealth, MemberHealth, MemberMetrics
+from bot.domain.cluster import ClusterHealth, MemberHealth, MemberMetrics, member_labels
 from bot.domain.plan import PlanKind, PlanState
 from bot.domain.record import PlanRecord
 from bot.domain.snapshot import SnapshotRecord
@@ -87,6 +87,7 @@ class Finding:
     severity: str = ""                          # one of SEVERITIES
     sources: tuple[str, ...] = (WATCH,)         # who sees it: WATCH, ALERTMANAGER + alert name
     links: tuple[tuple[str, str], ...] = ()     # (text, http(s) URL): an alert's runbook
+    offers: tuple[str, ...] = ()                # the way out its message offers as a button: "replace", "restore"
 
     @property
     def key(self) -> tuple[str, str]:
@@ -106,7 +107,7 @@ class Finding:
         return {"kind": self.kind, "subject": self.subject, "summary": self.summary,
                 "figures": [list(f) for f in self.figures], "suggestions": list(self.suggestions),
                 "members": list(self.members), "severity": self.severity, "sources": list(self.sources),
-                "links": [list(link) for link in self.links]}
+                "links": [list(link) for link in self.links], "offers": list(self.offers)}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Finding:
@@ -114,7 +115,8 @@ class Finding:
                    figures=tuple((str(a), str(b)) for a, b in data.get("figures", ())),
                    suggestions=tuple(data.get("suggestions", ())), members=tuple(data.get("members", ())),
                    severity=str(data.get("severity", "")), sources=tuple(data.get("sources", (WATCH,))),
-                   links=tuple((str(a), str(b)) for a, b in data.get("links", ())))
+                   links=tuple((str(a), str(b)) for a, b in data.get("links", ())),
+                   offers=tuple(data.get("offers", ())))
 
 
 def worst(*severities: str) -> str:
@@ -123,7 +125,8 @@ def worst(*severities: str) -> str:
 
 def merge(findings: Iterable[Finding]) -> list[Finding]:
     """One finding per key: the watch's figures and suggestions (its own evidence, this round) with every
-    source that sees it, the worst severity, and Alertmanager's links."""
+    source that sees it, the worst severity, and Alertmanager's links. The way out it offers (a button) is
+    the watch's: only its evidence of quorum says whether a replacement would be refused."""
     out: dict[tuple[str, str], Finding] = {}
     for f in findings:
         had = out.get(f.key)
@@ -146,6 +149,7 @@ class Condition:
     kind: str
     title: str          # how messages name it ("member down")
     check: Check
+    runbook: str | None = None   # etcd's guide to it: its message links there
 
 
 CONDITIONS: dict[str, Condition] = {}
@@ -159,6 +163,11 @@ def register(condition: Condition) -> Condition:
 def title(kind: str) -> str:
     found = CONDITIONS.get(kind)
     return found.title if found else kind.replace("_", " ")
+
+
+def runbook(kind: str) -> str | None:
+    found = CONDITIONS.get(kind)
+    return found.runbook if found else None
 
 
 @dataclass(frozen=True)
@@ -258,24 +267,33 @@ def new_peer_url(peer_urls: tuple[str, ...]) -> str:
 
 
 def member_down(f: Facts) -> list[Finding] | None:
+    """A member that does not answer. While quorum holds it suggests its replacement, each down member with a
+    new name of its own; once quorum is lost a replacement would be refused (etcd changes no membership
+    without quorum), so it suggests none: the quorum-lost alert offers the restore."""
     health = f.health
     if health is None:
         return None
     name = f.cluster.name
     taken = {h.member.name for h in health.members if h.member.name}
+    labels = member_labels((h.member.hex_id, h.member.name) for h in health.members)
+    replaceable = health.quorum.ok
 
     def down(h: MemberHealth) -> Finding | None:
         if h.reachable or h.refused or h.defragmenting:  # it answers (refusing the bot, or busy): it is not down
             return None
         label = member_label(h)
-        replace = shell.command(["/etcd", "replace", label, next_name(h.member.name, taken),
-                                 new_peer_url(h.member.peer_urls), "--cluster", name])
+        suggestions: tuple[str, ...] = (f"/etcd status {name}",)
+        if replaceable:
+            new = next_name(h.member.name, taken)
+            taken.add(new)   # the next member down gets a name of its own
+            suggestions = (shell.command(["/etcd", "replace", label, new, new_peer_url(h.member.peer_urls),
+                                          "--cluster", name]), *suggestions)
         return Finding("member_down", label, f"{h.problem or 'unreachable'}",
-                       figures=(("member", f"{label} ({h.member.hex_id})"),
+                       figures=(("member", labels[h.member.hex_id]),
                                 ("peer URLs", shown_urls(h.member.peer_urls)),
                                 ("quorum", _quorum(health))),
-                       suggestions=(replace, f"/etcd status {name}"),
-                       members=(h.member.name, h.member.hex_id))
+                       suggestions=suggestions, members=(h.member.name, h.member.hex_id),
+                       offers=("replace",) if replaceable else ())
     return per_member(health, down)
 
 
@@ -310,7 +328,7 @@ def quorum_lost(f: Facts) -> list[Finding] | None:
     figures.insert(0, ("quorum", _quorum(f.health)))
     return [Finding("quorum_lost", "cluster", "too few healthy voters: etcd refuses every write",
                     figures=tuple(figures),
-                    suggestions=(restore, f"/etcd status {name}"))]
+                    suggestions=(restore, f"/etcd status {name}"), offers=("restore",))]
 
 
 ALARM_NEXT = {"NOSPACE": "/etcd defrag {}", "CORRUPT": "/etcd consistency {}"}
@@ -367,12 +385,14 @@ def leader_churn(f: Facts) -> list[Finding] | None:
                     suggestions=(f"/etcd perf {f.cluster.name}",))]
 
 
-register(Condition("member_down", "member down", member_down))
-register(Condition("quorum_lost", "quorum lost", quorum_lost))
+ETCD_DOCS = "https://etcd.io/docs/v3.5"
+register(Condition("member_down", "member down", member_down,
+                   f"{ETCD_DOCS}/op-guide/runtime-configuration/#replace-a-failed-machine"))
+register(Condition("quorum_lost", "quorum lost", quorum_lost, f"{ETCD_DOCS}/op-guide/recovery/"))
 register(Condition("unreachable", "unreachable", unreachable))
-register(Condition("alarm", "alarm", alarm))
-register(Condition("quota", "quota", quota))
-register(Condition("leader_churn", "leader churn", leader_churn))
+register(Condition("alarm", "alarm", alarm, f"{ETCD_DOCS}/op-guide/maintenance/#space-quota"))
+register(Condition("quota", "quota", quota, f"{ETCD_DOCS}/op-guide/maintenance/#space-quota"))
+register(Condition("leader_churn", "leader churn", leader_churn, f"{ETCD_DOCS}/tuning/"))
 
 
 # ---------------------------------------------------------------- quiet while busy

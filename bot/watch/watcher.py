@@ -56,6 +56,7 @@ from bot.watch.conditions import (
     evaluate,
     expected,
     merge,
+    runbook,
     title,
 )
 from bot.watch.readings import History
@@ -477,7 +478,8 @@ def _shown(finding: Finding, flaps: int) -> str:
 def alert_view(cluster: str, f: Finding, opened_at: float, now: float, flaps: int) -> AlertView:
     return AlertView(cluster=cluster, condition=f.kind, title=title(f.kind), subject=f.subject, summary=f.summary,
                      figures=f.figures, suggestions=f.suggestions, opened_at=opened_at, now=now, flaps=flaps,
-                     flapping=flaps >= FLAP_MIN, severity=f.severity, sources=f.sources, links=f.links)
+                     flapping=flaps >= FLAP_MIN, severity=f.severity, sources=f.sources, links=f.links,
+                     offers=f.offers, runbook_url=runbook(f.kind))
 
 
 def open_views(cluster: str, rows: list[AlertRecord], now: float) -> list[AlertView]:

@@ -15,7 +15,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from bot.config import ClusterConfig
-from bot.domain.cluster import ClusterHealth, Member, MemberHealth, Quorum
+from bot.domain.cluster import ClusterHealth, Member, MemberHealth, Quorum, member_labels
 from bot.domain.errors import EtcdError, Refusal
 from bot.domain.plan import PlanKind, PlanState, Step
 from bot.domain.replace import MemberRef, ReplacePlan, ReplaceRequest
@@ -133,10 +133,10 @@ def plan_replacement(health: ClusterHealth, req: ReplaceRequest, *, newest_snaps
     if not req.learner:
         _check_quorum_after(f"add {new_name} as a voting member", voting + 1, healthy)
 
-    failed_name = target.member.name or target.member.hex_id
-    remove = f"Remove {failed_name} ({target.member.hex_id})"
+    label = member_labels((h.member.hex_id, h.member.name) for h in health.members)
+    remove = f"Remove {label[target.member.hex_id]}"
     if also:
-        names = ", ".join(f"{h.member.name} ({h.member.hex_id})" for h in also)
+        names = ", ".join(label[h.member.hex_id] for h in also)
         remove += (f" and the also-unreachable {names}: etcd {health_version(health)} adds no member while a voting "
                    f"member is unreachable; each gets its replacement in its own plan afterwards")
     elif others_down := [h for h in others if not h.healthy and not h.member.is_learner]:
@@ -160,32 +160,58 @@ _NAME = re.compile(r"[A-Za-z0-9._-]{1,63}")
 def _check_new_member(health: ClusterHealth, req: ReplaceRequest, new_peer: str, new_client: str | None) -> None:
     """A safe, unique name and URLs nothing else uses: a conflict found after the
     failed member is removed leaves the cluster one voter short."""
+    problems = new_member_problems([h.member for h in health.members], req)
+    if problems:
+        raise next(iter(problems.values()))
+
+
+NAME_HINT = "pick a name no member has: unique names avoid human error (runbook)"
+
+
+def new_member_problems(members: Collection[Member], req: ReplaceRequest) -> dict[str, Refusal]:
+    """What is wrong with the new member's name and URLs against `members`, by the field that holds it
+    (new_name, new_peer_url, client_url), in that order: the proposal refuses the first, a form shows each
+    beside its field."""
+    found: dict[str, Refusal] = {}
     new_name = req.new_name.strip()
     if not _NAME.fullmatch(new_name):
-        raise Refusal(f"<new-name> {req.new_name!r} cannot be an etcd member name: use 1 to 63 letters, digits, "
-                      f"'-', '_' or '.'")
-    own = [("peer", new_peer)] + ([("client", new_client)] if new_client else [])
-    for kind, url in own:
-        if _unspecified(parse_url(url).host):
-            raise Refusal(f"the {kind} URL {url} is an unspecified address: other members and clients cannot "
-                          f"reach it; advertise the new machine's own address")
-    if new_client and _address(new_client) == _address(new_peer):
-        raise Refusal(f"the peer URL and the client URL are the same address ({new_peer}): etcd needs two ports")
-    for h in health.members:
-        m = h.member
+        found["new_name"] = Refusal(f"<new-name> {req.new_name!r} cannot be an etcd member name: use 1 to 63 "
+                                    "letters, digits, '-', '_' or '.'")
+    for m in members:
+        if "new_name" in found:
+            break
         if m.name == new_name:
-            raise Refusal(f"the name {new_name!r} is already used by member {m.hex_id}",
-                          "pick a name no member has: unique names avoid human error (runbook)")
-        if m.name.lower() == new_name.lower():
-            raise Refusal(f"the name {new_name!r} differs from member {m.name!r} ({m.hex_id}) only in case",
-                          "pick a name no member has: unique names avoid human error (runbook)")
-        taken = {_address(u): (kind, u) for kind, urls in (("peer", m.peer_urls), ("client", m.client_urls))
-                 for u in urls}
-        for kind, url in own:
-            if _address(url) in taken:
+            found["new_name"] = Refusal(f"the name {new_name!r} is already used by member {m.hex_id}", NAME_HINT)
+        elif m.name.lower() == new_name.lower():
+            found["new_name"] = Refusal(f"the name {new_name!r} differs from member {m.name!r} ({m.hex_id}) only in "
+                                        "case", NAME_HINT)
+    own: list[tuple[str, str, str]] = []
+    for key, kind, value, what in (("new_peer_url", "peer", req.new_peer_url, "<new-peer-url>"),
+                                   ("client_url", "client", req.new_client_url, "--client-url")):
+        if not value:
+            continue
+        try:
+            url = parse_url(value).url
+        except ValueError as e:
+            found[key] = Refusal(f"{what}: {e}")
+            continue
+        if _unspecified(parse_url(url).host):
+            found[key] = Refusal(f"the {kind} URL {url} is an unspecified address: other members and clients "
+                                 "cannot reach it; advertise the new machine's own address")
+            continue
+        own.append((key, kind, url))
+    if len(own) == 2 and _address(own[0][2]) == _address(own[1][2]):
+        found["client_url"] = Refusal(f"the peer URL and the client URL are the same address ({own[0][2]}): etcd "
+                                      "needs two ports")
+    for key, kind, url in own:
+        for m in members:
+            taken = {_address(u): (k, u) for k, urls in (("peer", m.peer_urls), ("client", m.client_urls))
+                     for u in urls}
+            if key not in found and _address(url) in taken:
                 theirs, their_url = taken[_address(url)]
-                raise Refusal(f"the {kind} URL {url} is already used by member {m.name or m.hex_id} ({m.hex_id}) "
-                              f"as its {theirs} URL {their_url}")
+                found[key] = Refusal(f"the {kind} URL {url} is already used by member {m.name or m.hex_id} "
+                                     f"({m.hex_id}) as its {theirs} URL {their_url}")
+    return found
 
 
 def _plan_add_only(health: ClusterHealth, req: ReplaceRequest, removed: tuple[MemberRef, str], new_peer: str,
@@ -209,7 +235,7 @@ def _plan_add_only(health: ClusterHealth, req: ReplaceRequest, removed: tuple[Me
     if not req.learner:
         q = health.quorum
         _check_quorum_after(f"add {req.new_name} as a voting member", q.voting + 1, q.healthy)
-    remove = f"Remove {ref.name or ref.id} ({ref.id}): already removed by plan {by}"
+    remove = f"Remove {ref.name or ref.id}: already removed by plan {by}"
     survivors = list(health.members)
     return replace(_plan(health, req, ref, survivors, remove, new_peer, new_client, plan_id, launcher),
                    already_removed_by=by)
