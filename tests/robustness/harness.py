@@ -55,6 +55,7 @@ from bot.testing.workspace import (
     cluster_table,
     write_config,
 )
+from helpers import is_plan_message
 from robustness.schedule import Fault, Kind, Operation, Schedule
 
 log = logging.getLogger("robustness")
@@ -451,7 +452,7 @@ class World:
 
         def answer() -> Message | None:
             for m in self.slack.messages[start:]:
-                if m.source == "chat.postMessage" and m.thread_ts is None and m.text.startswith("Plan "):
+                if is_plan_message(m):
                     return m
                 if m.ephemeral_to == user:
                     return m
