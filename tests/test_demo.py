@@ -37,7 +37,9 @@ def test_the_demo_plays_the_whole_incident_and_cleans_up(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:] + out[-3000:]
     expected_in_order: list[str | re.Pattern[str]] = [
         "etcd cluster demo: HEALTHY", "3 of 3 voting members healthy",
-        "member1's machine dies", "etcd cluster demo: DEGRADED", "DOWN: connection refused",
+        "member1's machine dies", "etcd cluster demo: DEGRADED",
+        # refused, or cut mid-call when the bot's connection to it was open as it died
+        re.compile(r"member1 — DOWN: (connection refused|the connection was closed during the call)"),
         "/etcd replace member1 member4", "Replace member1 with member4 in demo — needs 1 approver",
         "ETCD_INITIAL_CLUSTER=member2=",
         "mallory reacts", "@mallory is not an approver",

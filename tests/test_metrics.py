@@ -52,6 +52,17 @@ def test_the_figures_come_out_of_a_prometheus_page() -> None:
     assert (m.leader_changes, m.slow_applies, m.proposals_pending, m.proposals_failed) == (3, 7, 2, 1)
 
 
+def test_the_stop_grpc_service_on_defrag_gate_is_read_from_the_page() -> None:
+    """etcd 3.6 lists its feature gates: the defrag plan tells what clients see from it (None: the page does not
+    say, as before 3.6)."""
+    gates = ('# TYPE etcd_server_feature_enabled gauge\n'
+             'etcd_server_feature_enabled{name="InitialCorruptCheck",stage="ALPHA"} 0\n'
+             'etcd_server_feature_enabled{name="StopGRPCServiceOnDefrag",stage="ALPHA"} %d\n')
+    assert parse_metrics(PAGE + gates % 1).stops_serving_on_defrag is True
+    assert parse_metrics(PAGE + gates % 0).stops_serving_on_defrag is False
+    assert parse_metrics(PAGE).stops_serving_on_defrag is None
+
+
 def test_p99_in_the_inf_bucket_is_the_highest_finite_bound_and_none_without_observations() -> None:
     assert histogram_quantile(0.99, [(0.01, 1), (float("inf"), 100)]) == 0.01
     assert histogram_quantile(0.99, [(0.01, 0), (float("inf"), 0)]) is None

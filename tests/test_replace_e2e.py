@@ -330,7 +330,10 @@ async def test_the_bot_follows_the_cluster_after_every_configured_endpoint_is_go
         peer, client = urls()
         plan = await propose(slack, f"replace {failed} {new} {peer} --client-url {client}")
         await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
-        await wait_done(store, (await plan_row(store, plan))["id"])
+        done = await wait_done(store, (await plan_row(store, plan))["id"])
+        # the done note follows the store's done: asked before it, /etcd status would be answered after it
+        note = f"Plan {done.id} is done"
+        await slack.wait_for(lambda: note in thread(slack, plan), 20, "the done note")  # noqa: B023 (awaited here)
     assert not set(c.endpoints) & set(table["endpoints"])  # no configured endpoint is alive
     learned = [c.member(n).client_url for n in ("member4", "member5", "member6")]
     assert f'```endpoints = {json.dumps(learned)}```' in thread(slack, plan)  # the follow-ups say what to configure

@@ -55,7 +55,7 @@ READ = ("etcd_server_quota_backend_bytes", "etcd_disk_wal_fsync_duration_seconds
         "etcd_disk_backend_commit_duration_seconds_bucket", "etcd_server_leader_changes_seen_total",
         "etcd_server_slow_apply_total", "etcd_server_proposals_pending", "etcd_server_proposals_failed_total",
         "etcd_network_peer_sent_failures_total", "etcd_network_peer_round_trip_time_seconds_bucket",
-        "grpc_server_handled_total", "grpc_server_handling_seconds_bucket")
+        "grpc_server_handled_total", "grpc_server_handling_seconds_bucket", "etcd_server_feature_enabled")
 # The codes etcd's mixin counts as failed requests (etcdHighNumberOfFailedGRPCRequests).
 GRPC_FAILED = frozenset({"Unknown", "FailedPrecondition", "ResourceExhausted", "Internal", "Unavailable", "DataLoss",
                          "DeadlineExceeded"})
