@@ -3,13 +3,18 @@ trusted only until the lease's ttl after the renewal was sent, and a new tenure 
 from a renewal, so a new leader takes over its predecessor's plans exactly once."""
 from __future__ import annotations
 
+import asyncio
 import time
+from typing import cast
 
 import pytest
 
+import bot.runtime as runtime_module
 from bot.config import ConfigError, parse_config
 from bot.domain.plan import Fence
+from bot.ops.context import BotContext
 from bot.ops.leadership import Leadership
+from bot.runtime import Runtime
 from bot.runtime.leader import dead_local_holder
 
 
@@ -60,3 +65,28 @@ def test_only_a_dead_process_of_this_host_counts_as_a_dead_holder():
     assert not dead_local_holder("node-b-1234", "node-a", alive)      # another host: cannot tell
     assert not dead_local_holder("replica-a", "node-a", alive)        # a configured replica_id
     assert not dead_local_holder("node-a-", "node-a", alive)
+
+
+async def test_a_background_task_that_ignores_its_cancellation_does_not_hang_the_stop(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A replica told to stop (SIGTERM, a rolling deploy) stops: a task that swallows its cancellation is left
+    behind with one log line instead of holding the stop for ever."""
+    monkeypatch.setattr(runtime_module, "STOP_SECONDS", 0.2)
+    released = asyncio.Event()
+
+    async def stubborn() -> None:
+        while not released.is_set():
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                continue   # what a bug in a loop would do
+
+    runtime = Runtime(cast(BotContext, None), watch=False, upkeep=False)
+    runtime._spawn(stubborn(), "stubborn")
+    await asyncio.sleep(0)
+    started = time.monotonic()
+    await asyncio.wait_for(runtime.stop(), 5)
+    assert time.monotonic() - started < 1.0
+    assert any(r.getMessage().startswith("background task did not stop") and getattr(r, "ctx_task", None) == "stubborn"
+               for r in caplog.records)
+    released.set()

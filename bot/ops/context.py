@@ -148,7 +148,11 @@ class BotContext:
             _, still = await asyncio.wait(pending, timeout=grace)
             for task in still:
                 task.cancel()
-            await asyncio.gather(*still, return_exceptions=True)
+            if still:
+                _, late = await asyncio.wait(still, timeout=grace)
+                for task in late:
+                    log.error("in-flight work did not stop after its cancellation; left behind",
+                              extra={"ctx_task": task.get_name()})
         if stepping_down:
             await self._release_lease()
         for client in self.clients.values():

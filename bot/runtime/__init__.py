@@ -7,6 +7,7 @@ Importing this package registers every kind of plan with the engine (bot.ops.kin
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Coroutine
 from types import TracebackType
 from typing import Any
@@ -16,6 +17,9 @@ from bot.ops.context import BotContext
 from bot.runtime.leader import lead
 from bot.runtime.upkeep import upkeep_loop
 from bot.watch.watcher import Watcher
+
+log = logging.getLogger(__name__)
+STOP_SECONDS = 15.0   # longer than any one call of a round (each has its own deadline)
 
 
 class Runtime:
@@ -43,10 +47,14 @@ class Runtime:
 
     async def stop(self) -> None:
         """Cancel the background tasks (the newest first): the leadership loop last, so that closing the
-        context afterwards steps down from a tenure nobody renews any more."""
+        context afterwards steps down from a tenure nobody renews any more. A task that has not ended
+        STOP_SECONDS after its cancellation is left behind with a log line: a stop never hangs."""
         for task in reversed(self._tasks):
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            _, late = await asyncio.wait({task}, timeout=STOP_SECONDS)
+            if late:
+                log.error("background task did not stop after its cancellation; left behind",
+                          extra={"ctx_task": task.get_name(), "ctx_seconds": STOP_SECONDS})
         self._tasks.clear()
 
     async def __aenter__(self) -> Runtime:
