@@ -128,7 +128,8 @@ async def test_status_then_a_learner_replacement(etcd, auth, make_cluster, slack
     assert time.monotonic() - started < 2.0 + 1.0  # a refused connection costs no deadline
     assert "etcd cluster prod: DEGRADED" in text and "2 of 3 voting members healthy" in text, text
     down = next(line for line in text.splitlines() if "*member1*" in line)
-    assert "*DOWN*" in down and "connection refused" in down
+    # refused, or cut mid-call when the bot's connection to it was open as it died
+    assert "*DOWN*" in down and ("connection refused" in down or "connection was closed during the call" in down)
 
     peer, client = urls()
     plan = await propose(slack, f"replace member1 member4 {peer} --client-url {client}")
@@ -313,7 +314,8 @@ async def _defragmenting(client: EtcdClient, name: str):
     """A health check with a deadline shorter than the defragmentation, when it shows `name` defragmenting."""
     health = await check_cluster(client, "prod", timeout=0.15)
     found = health.find(name)
-    return health if found is not None and found.defragmenting else None
+    # the others answered within that short deadline too (a loaded machine can miss it: asked again)
+    return health if found is not None and found.defragmenting and health.quorum.healthy == 2 else None
 
 
 @pytest.mark.parametrize("etcd", ["3.6"], indirect=True)

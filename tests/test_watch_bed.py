@@ -34,7 +34,7 @@ def headline(slack: SlackStandIn, words: str) -> Message | None:
 async def fill_to(c: NetnsCluster, leader_url: str, share: float) -> float:
     """Write through the leader until a member's database is over `share` of QUOTA; the share reached. Each
     key is new (an overwritten one frees pages the next write reuses: the size would stall), each write a
-    quarter of what is left to go (at most 512 KiB), and from 70 % on one write per backend commit (etcd
+    eighth of what is left to go (32 to 512 KiB), and from 60 % on one write per backend commit (etcd
     commits its batch every 100 ms), so the size read is that of every write so far and none overshoots
     into the quota (etcd would raise NOSPACE)."""
     async with EtcdClient([leader_url], timeout=5.0) as client:
@@ -43,9 +43,9 @@ async def fill_to(c: NetnsCluster, leader_url: str, share: float) -> float:
             size = max([(await client.status(url, 2.0)).db_size for url in c.endpoints])
             if size > share * QUOTA:
                 return size / QUOTA
-            await client.put(b"fill/%d" % n, b"x" * max(64 * KiB, min(512 * KiB, int(share * QUOTA - size) // 4)))
+            await client.put(b"fill/%d" % n, b"x" * max(32 * KiB, min(512 * KiB, int(share * QUOTA - size) // 8)))
             n += 1
-            if size >= 0.7 * QUOTA:
+            if size >= 0.6 * QUOTA:
                 await asyncio.sleep(0.15)   # the load's own pace: one write per batch commit, as above
 
 
