@@ -101,3 +101,7 @@ class FactsChanged(StepFailed):
 
     def __init__(self, reason: str, plan_id: str):
         super().__init__(reason, f"a new plan is needed: `/etcd abandon {plan_id} <reason>`, then propose again")
+
+
+# A call whose channel another call dropped (that call's deadline, or its failure): that call's error says why.
+CLOSED_UNDER_CALL = "the connection was closed during the call; try again"

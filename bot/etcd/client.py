@@ -35,6 +35,7 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 
 from bot.domain.cluster import NOT_SERVING, SERVING, KVHash, Member, MemberStatus, TLSFiles, split_alarms
 from bot.domain.errors import (
+    CLOSED_UNDER_CALL,
     EtcdAuthError,
     EtcdError,
     EtcdRequestError,
@@ -332,7 +333,7 @@ class EtcdClient:
                     raise  # the caller is being cancelled
                 # The channel was closed under the call (another call's deadline dropped it): the call failed. Raised
                 # on, the CancelledError would end the caller's task as if it were cancelled: a command never answered.
-                closed = EtcdUnavailable("the connection was closed during the call; try again", endpoint)
+                closed = EtcdUnavailable(CLOSED_UNDER_CALL, endpoint)
                 self._count(closed)
                 raise closed from None
             except grpc.aio.AioRpcError as e:
