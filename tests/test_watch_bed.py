@@ -35,8 +35,8 @@ async def fill_to(c: NetnsCluster, leader_url: str, share: float) -> float:
     """Write through the leader until a member's database is over `share` of QUOTA; the share reached. Each
     key is new (an overwritten one frees pages the next write reuses: the size would stall), each write a
     eighth of what is left to go (32 to 512 KiB), and from 60 % on one write per backend commit (etcd
-    commits its batch every 100 ms), so the size read is that of every write so far and none overshoots
-    into the quota (etcd would raise NOSPACE)."""
+    commits its batch every 100 ms), so the size read is that of every write so far. The fill stops at the
+    first size over `share`: the write that would be refused (NOSPACE) is never sent."""
     async with EtcdClient([leader_url], timeout=5.0) as client:
         n = 0
         while True:
@@ -63,7 +63,11 @@ async def test_a_cut_member_has_no_leader_a_slow_peer_link_is_slow_and_a_full_qu
 
     # A small quota filled to 96 %: the quota condition, critical (the mixin's 95 %), before any NOSPACE.
     reached = await fill_to(c, c.member(members[leader]).client_url, 0.96)
-    assert 0.96 < reached < 1.0, reached
+    assert reached > 0.96, reached
+    # bbolt may grow past the quota in one commit (copy-on-write of a leaf of large values needs a contiguous
+    # run of pages); no NOSPACE is raised until a write is refused, and the fill stops before one.
+    async with EtcdClient(c.endpoints, timeout=2.0) as client:
+        assert not [s.alarms for s in [await client.status(u, 2.0) for u in c.endpoints] if s.alarms]
     quota = await eventually(lambda: headline(slack, "QUOTA"), 15, "the quota message")
     await eventually(lambda: "CRITICAL" in text_of(quota), 10, "the quota message at critical")
     assert "above 95 % of the quota" in quota.text and "`/etcd defrag prod`" in text_of(quota)
