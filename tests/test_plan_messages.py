@@ -137,12 +137,12 @@ def test_members_are_named_and_an_id_shows_only_where_two_share_a_name() -> None
 
 
 def test_a_long_step_list_from_another_kind_renders_each_step() -> None:
-    """Steps are rendered generically: a restore with its own kube-apiserver step shows it like any other."""
-    plan = restoration()
-    steps = (*plan.steps[:1], replace(plan.steps[1], key="apiserver", title="Stop every kube-apiserver"),
-             *plan.steps[1:])
-    shown = str(restore_plan_reply(replace(plan, steps=steps), view()).blocks)
-    assert "1. Stop every kube-apiserver" in shown and "2. Stop every member" in shown
+    """Steps are rendered generically: a restore with the ssh launcher's steps around kube-apiserver shows
+    them like any other, in order."""
+    plan = restore_plan(launcher="ssh", recipe="static-pod")
+    shown = str(restore_plan_reply(plan, view()).blocks)
+    assert "1. Stop kube-apiserver on every host" in shown and "2. Stop every member" in shown
+    assert "7. Put kube-apiserver back on every host" in shown and "8. Post the Kubernetes follow-ups" in shown
 
 
 def test_a_shell_reads_a_plan_as_the_channel_does_with_its_commands_ready_to_copy() -> None:

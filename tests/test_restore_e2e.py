@@ -203,6 +203,11 @@ async def test_an_encrypted_snapshot_restores_from_the_recorded_membership(make_
     assert "last membership the bot recorded" in plan_text and "age-encrypted" in plan_text
     row = await plan_row(store, plan)
     await approve_twice(slack, plan)
+    # the command launcher cannot stop kube-apiserver: by default a person does, at a step of its own, before
+    # the launcher's stop
+    await stage_commands(slack, plan, "apiserver-stop")
+    assert (await store.plan(row.id)).current_step == 1
+    assert "Confirmed stage apiserver-stop" in (await ephemeral(slack, f"continue {row.id}", user=LEAD)).text
     await wait_done(store, row.id, timeout=180)
     assert keys(c) == before and len(hashes(c, revision)) == 1
     assert [p.name for p in snapshot_dir.iterdir() if p.name.startswith(".restore-")] == []  # no plaintext left
@@ -279,12 +284,16 @@ def start_all(c, p) -> None:
 
 
 async def test_with_the_manual_launcher_a_confirmation_counts_for_one_stage(make_cluster, slack, start_bot, tmp_path):
-    """Two approvers confirm the stop stage; the second's arrives once the plan waits on the restore: it is
-    refused and the restore still waits for its own. The commands the thread shows, run by a POSIX shell as
-    a person would paste them, restore members whose names hold shell syntax, and run nothing else."""
+    """kube-apiserver's stop is a stage of its own, first: a confirmation of the members' stop then is refused
+    and stops nothing. Two approvers confirm the stop stage; the second's arrives once the plan waits on the
+    restore: it is refused and the restore still waits for its own. The commands the thread shows, run by a
+    POSIX shell as a person would paste them, restore members whose names hold shell syntax, and run nothing
+    else; the follow-ups say how to put kube-apiserver back."""
     c = make_cluster(3, prefix=ODD)
     names = sorted(c.members)
-    bot = await start_bot([manual(c)], approval=APPROVAL)
+    table = manual(c)
+    del table["restore"]["apiserver"]   # the default: a person stops every kube-apiserver, as a step
+    bot = await start_bot([table], approval=APPROVAL)
     store = bot.ctx.store
     before, revision = await snapshot_of(slack, store, c, n=3)
     c.etcdctl("put", "/registry/later", "x")
@@ -296,19 +305,30 @@ async def test_with_the_manual_launcher_a_confirmation_counts_for_one_stage(make
     details = await slack.wait_for(lambda: "/etcd continue" in thread(slack, plan) and thread(slack, plan),
                                    what="the restore's commands in the plan's thread")
     assert f"/etcd continue {row.id} <stage>" in details.replace("&lt;", "<").replace("&gt;", ">")
+    assert "1. Stop every kube-apiserver (a person does" in str(plan.blocks)
     await approve_twice(slack, plan)
+
+    apiserver = await stage_commands(slack, plan, "apiserver-stop")
+    held = f"/etc/kubernetes/kube-apiserver.yaml.before-{p.id}"
+    assert [shlex.split(line, comments=True) for line in apiserver.splitlines()] == [
+        [], ["mv", "/etc/kubernetes/manifests/kube-apiserver.yaml", held]]
+    early = await ephemeral(slack, f"continue {row.id} stop", user=LEAD)
+    assert f"plan {row.id} waits on stage *apiserver-stop*, not stop" in early.text, early.text
+    assert c.running(names[2]) and (await store.stage(row.id, "apiserver-stop")).waiting
+    confirmed_first = await ephemeral(slack, f"continue {row.id}", user=LEAD2)
+    assert confirmed_first.text == f"Confirmed stage apiserver-stop of plan {row.id}."
 
     stop = await stage_commands(slack, plan, "stop")
     assert [shlex.split(line, comments=True) for line in stop.splitlines()] == [[], ["systemctl", "stop", "etcd"]] * 3
     assert (await store.plan(row.id)).state == "running" and (await store.stage(row.id, "stop")).waiting
     await asyncio.to_thread(c.stop, names[2])
-    first = await ephemeral(slack, f"continue {row.id}", user=LEAD)
+    first = await ephemeral(slack, f"continue {row.id} stop", user=LEAD)
     assert first.text == f"Confirmed stage stop of plan {row.id}."
     script = await stage_commands(slack, plan, "restore")  # the plan moved on before the second approver typed
     second = await ephemeral(slack, f"continue {row.id}", user=LEAD2)
     assert "counts for nothing" in second.text and "continue " + row.id + " restore" in second.text
     assert len(second.text.splitlines()) == 1
-    assert (await store.stage(row.id, "restore")).waiting and (await store.plan(row.id)).current_step == 2
+    assert (await store.stage(row.id, "restore")).waiting and (await store.plan(row.id)).current_step == 3
 
     operator = tmp_path / "operator"  # the operator's working directory on the hosts
     operator.mkdir()
@@ -328,9 +348,10 @@ async def test_with_the_manual_launcher_a_confirmation_counts_for_one_stage(make
     assert keys(c) == before and len(hashes(c, revision)) == 1
     confirmed = [(r.user, json.loads(r.detail)["stage"]) for r in await store.audit_rows()
                  if r.action == "plan_continued"]
-    assert confirmed == [(LEAD, "stop"), (LEAD2, "restore"), (LEAD, "start")]
+    assert confirmed == [(LEAD2, "apiserver-stop"), (LEAD, "stop"), (LEAD2, "restore"), (LEAD, "start")]
     said = thread(slack, plan)
-    assert f"Step 2 (restore): restore on every member, confirmed with /etcd continue {p.id} restore" in said
+    assert f"Step 3 (restore): restore on every member, confirmed with /etcd continue {p.id} restore" in said
+    assert shlex.join(["mv", held, "/etc/kubernetes/manifests/kube-apiserver.yaml"]) in said.replace("&gt;", ">")
     assert not re.search(r"\b(stop|restore|start):\d", said)  # stage keys are names, never clock readings
 
 

@@ -42,7 +42,8 @@ def plan(quorum=LOST, force=False, version="3.5.1", launcher="command", actions=
     snapshot, newer = choose_snapshot(ROWS, kw.pop("wanted", None))
     return plan_restore("prod", snapshot, newer, kw.pop("membership", MEMBERS), quorum=quorum, force=force,
                         current_revision=kw.pop("current", None), data_dir="/var/lib/etcd/{name}",
-                        etcd_version=version, launcher=launcher, launcher_has_actions=actions)
+                        etcd_version=version, launcher=launcher, launcher_has_actions=actions,
+                        **{k: kw.pop(k) for k in ("recipe", "apiserver") if k in kw})
 
 
 def test_the_newest_snapshot_by_default_and_newer_ones_are_named():
@@ -245,3 +246,27 @@ def test_a_learner_that_never_started_is_left_out_and_the_plan_says_so():
     # a voter that never started is not left out silently: it votes, so the bot does not guess
     with pytest.raises(Refusal, match="has no name or peer URL"):
         plan(membership=Membership(with_learner.members, "live", 1000.0))
+
+
+@pytest.mark.parametrize("launcher, recipe, apiserver, before, after", [
+    ("command", None, "ask", "apiserver-stop stop", "check followups"),   # a person stops it: a step of its own
+    ("manual", None, "ask", "apiserver-stop stop", "check followups"),
+    ("ssh", "systemd", "ask", "apiserver-stop stop", "check followups"),   # external etcd: the apiservers elsewhere
+    ("ssh", "static-pod", "ask", "apiserver-stop stop", "check apiserver followups"),   # the bot, both ways
+    ("ssh", "static-pod", "none", "apiserver-stop stop", "check apiserver followups"),   # kubeadm always has one
+    ("command", None, "none", "verify stop", "check followups"),   # no kube-apiserver uses this etcd
+])
+def test_kube_apiservers_stop_is_a_step_before_any_member_stops(launcher, recipe, apiserver, before, after):
+    keys = [s.key for s in plan(launcher=launcher, recipe=recipe, apiserver=apiserver).steps]
+    at = keys.index("stop")
+    assert " ".join(keys[at - 1:at + 1]) == before and " ".join(keys[keys.index("check"):]) == after, keys
+
+
+def test_a_plan_says_so_when_it_does_not_stop_kube_apiserver():
+    asked = str(restore_plan_reply(plan(), VIEW).blocks)
+    assert "1. Stop every kube-apiserver (a person does, then confirms with /etcd continue)" in asked
+    assert "2. Stop every member" in asked and "does not stop kube-apiserver" not in asked
+    none = restore_plan_reply(plan(apiserver="none"), VIEW)
+    assert "Stop every kube-apiserver" not in str(none.blocks) and "1. Stop every member" in str(none.blocks)
+    assert none.details is not None
+    assert 'This plan does not stop kube-apiserver ([clusters.restore] apiserver = "none")' in none.details.text

@@ -70,7 +70,8 @@ async def abandon(ctx: BotContext, cmd: Command, cluster: None, user: str, chann
 
 
 @command("continue", ("plan-id", "[stage]"), role=Role.APPROVER, names_plan=True,
-         summary="confirm the manual stage (stop, restore, start) a restore plan waits on now (approvers)")
+         summary="confirm the stage a restore plan waits on for a person now: apiserver-stop, stop, restore, start "
+                 "(approvers)")
 async def confirm_stage(ctx: BotContext, cmd: Command, cluster: None, user: str, channel: str) -> Outcome:
     return await restore_run.continue_plan(ctx, cmd.args["plan_id"], cmd.args.get("stage"), user, channel,
                                            cmd.spec.usage)

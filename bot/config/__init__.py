@@ -22,7 +22,7 @@ import tomllib
 from dataclasses import KW_ONLY, dataclass, field, replace
 from datetime import date, time
 from pathlib import Path
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, Literal, Self
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from pydantic import (
@@ -384,6 +384,10 @@ class RestoreConfig(Table):
     no_leader_seconds: Positive = 3.0
     """A member reporting no leader this long is evidence of quorum loss; an election in a healthy cluster
     ends well within it."""
+    apiserver: Literal["ask", "none"] = "ask"
+    """Where the bot cannot stop kube-apiserver itself (every launcher but ssh's static-pod recipe, which does):
+    "ask" makes stopping every kube-apiserver a step of the restore, before any member stops, that a person does
+    and confirms with /etcd continue; "none" leaves it out, for an etcd that no kube-apiserver uses."""
 
 
 @table

@@ -15,6 +15,7 @@ from bot.domain.snapshot import SnapshotRef
 BUMP_SINCE = (3, 5, 10)   # etcdutl gained --bump-revision / --mark-compacted in 3.5.10 (and 3.6)
 
 
+APISERVER_MANIFEST = "/etc/kubernetes/manifests/kube-apiserver.yaml"  # kubeadm's; kubelet runs what is in there
 BUMP_REVISIONS = 1_000_000_000  # what etcd's own docs suggest: far beyond any watch cache
 # What a `command` launcher's restore gets when the member's etcdutl takes the flags, to pass them on
 BUMP_VARIABLE, MARK_COMPACTED_VARIABLE = "ETCD_CHATOPS_BUMP_REVISION", "ETCD_CHATOPS_MARK_COMPACTED"
@@ -93,8 +94,12 @@ class RestorePlan:
         return args
 
     def manual_commands(self, action: str, snapshot_path: str) -> str:
-        """What a person runs on each host for `action` (the manual launcher's stop, restore or start),
-        host by host; every word shell-quoted (bot.domain.shell)."""
+        """What a person runs on each host for `action` (the manual launcher's stop, restore or start; any
+        launcher's apiserver-stop), host by host; every word shell-quoted (bot.domain.shell)."""
+        if action == "apiserver-stop":  # kube-apiserver's hosts are not the bot's to know: every one of them
+            return "\n".join([shell.comment("on every host that runs kube-apiserver"),
+                              shell.command(["mv", APISERVER_MANIFEST, self.held_apiserver],
+                                            "kubeadm; or: systemctl stop kube-apiserver")])
         lines: list[str] = []
         for m in self.members:
             lines.append(shell.comment(m.name))
@@ -104,6 +109,16 @@ class RestorePlan:
             else:
                 lines.append(shell.command(["systemctl", action, "etcd"], "or however etcd runs on this host"))
         return "\n".join(lines)
+
+    @property
+    def held_apiserver(self) -> str:
+        """Where a person moves kube-apiserver's static-pod manifest while this plan runs (kubelet stops the pod)."""
+        return f"/etc/kubernetes/kube-apiserver.yaml.before-{self.id}"
+
+    def apiserver_back(self) -> str:
+        """The command that puts kube-apiserver back after a restore whose apiserver-stop a person did."""
+        return shell.command(["mv", self.held_apiserver, APISERVER_MANIFEST], "kubeadm; or: systemctl start "
+                                                                               "kube-apiserver")
 
     @property
     def restored_ids(self) -> dict[str, int]:

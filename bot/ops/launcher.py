@@ -23,12 +23,12 @@ from dataclasses import dataclass
 
 from bot.config import LauncherConfig
 from bot.domain import shell
+from bot.domain.plan import FENCE_VARIABLE
 from bot.domain.quorum import MemberState
 from bot.domain.replace import ReplacePlan
 from bot.ops import ssh
 
 OUTPUT_TAIL = 4000  # characters of the command's output kept for the report
-FENCE_VARIABLE = "ETCD_CHATOPS_FENCE"
 STATUS_TIMEOUT = 30.0  # a status is a read of a host: it gets a deadline shorter than an action's
 
 

@@ -38,7 +38,7 @@ from bot.output.model import (
     status_view,
 )
 from bot.output.tables import table as render_table
-from bot.output.text import K8S_AFTER, K8S_BEFORE, bump_note
+from bot.output.text import K8S_AFTER, K8S_NOT_STOPPED, bump_note
 from bot.output.units import humanize_bytes
 
 if TYPE_CHECKING:  # the snapshot stream is gRPC; only its result type is needed here
@@ -318,11 +318,12 @@ def replace_plan_reply(plan: ReplacePlan, view: PlanView) -> PlanMessage:
 
 
 def _steps(steps: tuple[Step, ...], view: PlanView) -> list[dict[str, Any]]:
+    """One line per step, numbered, its state as an icon (no heading: a plan message stays under 15 lines)."""
     lines = []
     for i, step in enumerate(steps):
         st = view.step_states.get(i, "pending")
         lines.append(f"{STEP_ICON.get(st, ':white_square:')} {i}. {escape(step.title)}")
-    return sections("*Steps*\n" + "\n".join(lines))
+    return sections("\n".join(lines))
 
 
 def _footer(plan_id: str, view: PlanView, blocks: list[dict[str, Any]], headline: str, choice: PlanChoice,
@@ -440,7 +441,9 @@ def _restore_details(plan: RestorePlan) -> Reply:
                         f"{code(m.data_dir)}" for m in plan.members)
             + f"\n*{plan.restore_tool} snapshot restore on every member* (new cluster token, unique to this restore; "
               f"{escape(how)}):")
-    tail = f"*Kubernetes:* {escape(K8S_BEFORE)} {escape(K8S_AFTER)}\n:information_source: {escape(bump_note(plan))}"
+    stopped = any(s.key == "apiserver-stop" for s in plan.steps)  # a step of its own, listed with the others
+    tail = (f"*Kubernetes:* {'' if stopped else escape(K8S_NOT_STOPPED) + ' '}{escape(K8S_AFTER)}\n"
+            f":information_source: {escape(bump_note(plan))}")
     blocks = [*sections(head), *sections(escape(commands), code=True), *sections(tail)]
     return Reply(text=f"{head}\n{escape(commands)}\n{tail}", blocks=blocks)
 

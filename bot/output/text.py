@@ -282,7 +282,8 @@ def alerts_text(cluster: str, views: list[AlertView], muted: str | None = None,
 
 
 
-K8S_BEFORE = "Stop every kube-apiserver before the restore (it would write to the old data and cache it)."
+K8S_NOT_STOPPED = ("This plan does not stop kube-apiserver ([clusters.restore] apiserver = \"none\"): if one uses this "
+                   "etcd, stop it before the restore (it would write to the old data and cache it).")
 
 
 K8S_AFTER = ("After the restore: restart every kube-apiserver, then kube-controller-manager and kube-scheduler, then "

@@ -260,7 +260,9 @@ LogLevel ERROR
         table: dict[str, Any] = {"name": name, "endpoints": self.endpoints, "channels": [CHANNEL],
                                  "launcher": self.launcher(), "watch": {"enabled": False},
                                  "restore": {"data_dir": str(self.base / "host-{name}" / "var" / "lib" / "etcd"),
-                                             "no_leader_seconds": 0.5}}
+                                             "no_leader_seconds": 0.5,
+                                             # static-pod stops it itself; systemd's hosts run no kube-apiserver
+                                             "apiserver": "none"}}
         table.update(extra)
         return table
 

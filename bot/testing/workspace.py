@@ -102,7 +102,8 @@ def cluster_table(name: str, cluster: LocalCluster, *, channels: tuple[str, ...]
     table: dict[str, Any] = {"name": name, "endpoints": cluster.all_endpoints, "channels": list(channels),
                              "launcher": {"kind": "command", "argv": launcher_argv(cluster.base_dir),
                                           "timeout_seconds": 60},
-                             "restore": {"data_dir": str(cluster.base_dir / "data" / "{name}")},
+                             # no kube-apiserver uses a test cluster: the tests of that restore step ask for it
+                             "restore": {"data_dir": str(cluster.base_dir / "data" / "{name}"), "apiserver": "none"},
                              "watch": {"enabled": False}}  # it posts on its own: the tests about it turn it on
     if cluster.tls:
         table.update(cacert=cluster.tls.ca, cert=cluster.tls.client_cert, key=cluster.tls.client_key)

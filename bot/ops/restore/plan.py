@@ -89,26 +89,33 @@ APISERVER_STOP = ("apiserver-stop", "Stop kube-apiserver on every host (kube-api
                                     "directory), so nothing writes while etcd is restored")
 APISERVER_START = ("apiserver", "Put kube-apiserver back on every host, now that the whole cluster is healthy and "
                                 "verified")
+# Every other launcher: a person stops it and confirms, as a step of its own (`[clusters.restore] apiserver`).
+APISERVER_ASK = ("apiserver-stop", "Stop every kube-apiserver (a person does, then confirms with /etcd continue), so "
+                                   "nothing writes while etcd is restored")
 SSH_VERIFY = ("verify", "Verify the snapshot (sha256 trailer, bbolt structure, status matches the catalog) and every "
                         "host (SSH with its pinned key, etcd-chatops-node's status)")
 
 
-def restore_steps(launcher: str, recipe: str | None) -> tuple[Step, ...]:
-    """The steps for the launcher: the ssh launcher checks every host at step 0, and with the static-pod recipe
-    stops and puts back kube-apiserver around the restore."""
+def restore_steps(launcher: str, recipe: str | None, apiserver: str = "ask") -> tuple[Step, ...]:
+    """The steps for the launcher: the ssh launcher checks every host at step 0. kube-apiserver is stopped in a
+    step of its own before any member: by the bot with ssh's static-pod recipe (which also puts it back once the
+    cluster is verified), by a person otherwise, unless `apiserver` is "none"."""
     steps = list(RESTORE_STEPS)
     if launcher == "ssh":
         steps[0] = SSH_VERIFY
-        if recipe == "static-pod":
-            steps.insert(steps.index(next(s for s in steps if s[0] == "stop")), APISERVER_STOP)
-            steps.insert(steps.index(next(s for s in steps if s[0] == "check")) + 1, APISERVER_START)
+    before_stop = steps.index(next(s for s in steps if s[0] == "stop"))
+    if launcher == "ssh" and recipe == "static-pod":
+        steps.insert(before_stop, APISERVER_STOP)
+        steps.insert(steps.index(next(s for s in steps if s[0] == "check")) + 1, APISERVER_START)
+    elif apiserver == "ask":
+        steps.insert(before_stop, APISERVER_ASK)
     return tuple(Step(k, t) for k, t in steps)
 
 
 def plan_restore(cluster: str, snapshot: SnapshotRef, newer: tuple[str, ...], membership: Membership, *,
                  quorum: QuorumEvidence, force: bool, current_revision: int | None, data_dir: str,
                  etcd_version: str, launcher: str, launcher_has_actions: bool, recipe: str | None = None,
-                 plan_id: str | None = None) -> RestorePlan:
+                 apiserver: str = "ask", plan_id: str | None = None) -> RestorePlan:
     """Build the restore plan, or raise Refusal. Without --force only on proof that quorum is lost
     (`quorum`, bot.ops.restore.quorum); `data_dir` a template with {name}. Learners that never started are left out:
     they hold no data, and a restore rebuilds the cluster from its voters."""
@@ -140,7 +147,7 @@ def plan_restore(cluster: str, snapshot: SnapshotRef, newer: tuple[str, ...], me
     return RestorePlan(id=pid, cluster=cluster, snapshot=snapshot, members=tuple(members), token=token, force=force,
                        quorum_now=(quorum.voting, quorum.answering), current_revision=current_revision,
                        membership_source=membership.source, membership_seen_at=membership.seen_at, newer=newer,
-                       etcd_version=etcd_version, launcher=launcher, steps=restore_steps(launcher, recipe),
+                       etcd_version=etcd_version, launcher=launcher, steps=restore_steps(launcher, recipe, apiserver),
                        fingerprint=f"{snapshot.sha256}:{','.join(m.id for m in members)}", verdict=verdict.value,
                        evidence=quorum.describe(), left_out=tuple(left_out))
 
@@ -174,7 +181,7 @@ async def propose_restore(ctx: BotContext, cluster: ClusterConfig, wanted: str |
         plan = plan_restore(cluster.name, snapshot, newer, membership, quorum=evidence, force=force,
                             current_revision=current, data_dir=cluster.restore.data_dir, etcd_version=version,
                             launcher=cluster.launcher.kind, launcher_has_actions=cluster.launcher.has_actions,
-                            recipe=cluster.launcher.recipe)
+                            recipe=cluster.launcher.recipe, apiserver=cluster.restore.apiserver)
     except Refusal as r:
         await store.audit("restore_refused", user=user, channel=channel, cluster=cluster.name,
                           detail={"reason": r.reason, "snapshot": wanted, "force": force})

@@ -43,7 +43,9 @@ STOP_TIMEOUT = 60.0  # members must be stopped (by the launcher's status) within
 # ---------------------------------------------------------------- propose
 
 
-MANUAL_STAGES = ("stop", "restore", "start")  # the steps whose action the manual launcher leaves to a person
+# the steps whose action is left to a person: kube-apiserver's stop (every launcher but ssh's static-pod recipe),
+# and the manual launcher's stop, restore and start
+MANUAL_STAGES = ("apiserver-stop", "stop", "restore", "start")
 SETTLE_SECONDS = 15.0  # an unnamed /etcd continue this soon after the previous stage's is taken for that one
 
 
@@ -110,7 +112,8 @@ class RestoreOperation(ClusterOperation[RestorePlan]):
         runs = {
             "verify": StepRun("verify", precondition=self.step_verify),
             "apiserver-stop": StepRun("apiserver-stop", precondition=self.before_stop,
-                                      action=partial(self._launch, "apiserver-stop")),
+                                      action=partial(self._launch, "apiserver-stop")
+                                      if self._bot_stops_apiserver else self.step_apiserver_by_person),
             "stop": StepRun("stop", precondition=self.before_stop, action=self.step_stop, verify=self.all_stopped),
             "restore": StepRun("restore", precondition=self.before_restore, action=self.step_restore),
             "start": StepRun("start", precondition=self.before_start, action=self.step_start),
@@ -183,19 +186,26 @@ class RestoreOperation(ClusterOperation[RestorePlan]):
             work = {host: nodes.action(name, [*fence, *flags], launcher.timeout_seconds) for host in hosts.values()}
         return await nodes.each_host(launcher, work, f"the {step}", self.fencing)
 
-    async def _manual(self, action: str, snapshot_path: str | None) -> str:
-        """The manual launcher: the plan waits on stage `action` (stop, restore, start) while a person runs the
-        commands shown on each host, until an approver confirms that stage with `/etcd continue`; the step then
-        checks the result itself."""
+    async def step_apiserver_by_person(self) -> str:
+        """kube-apiserver stopped by a person on every host that runs it, before any member stops: the bot cannot
+        reach those hosts (or, external etcd, know them), so the plan waits until an approver confirms."""
+        return await self._manual("apiserver-stop", None, where=": stop every kube-apiserver, so nothing writes "
+                                                               "while etcd is restored,", done="every kube-apiserver")
+
+    async def _manual(self, action: str, snapshot_path: str | None, where: str = " on every member",
+                      done: str = "every member") -> str:
+        """The plan waits on stage `action` (the manual launcher's stop, restore and start; apiserver-stop) while a
+        person runs the commands shown on each host, until an approver confirms that stage with `/etcd continue`;
+        the step then checks the result itself."""
         p = self.plan
         commands = p.manual_commands(action, snapshot_path or "SNAPSHOT.db")
 
         async def confirmed(stage: Stage | None) -> str | None:
             if stage is None or not stage.confirmed_by:
                 return None
-            return f"{action} on every member, confirmed with /etcd continue {p.id} {action}"
+            return f"{action} on {done}, confirmed with /etcd continue {p.id} {action}"
         return await self.wait_for_person(
-            action, f":point_right: *{escape(action)}* on every member now, then confirm with "
+            action, f":point_right: *{escape(action)}*{escape(where)} now, then confirm with "
                     f"`/etcd continue {p.id} {action}`:\n{code_block(commands)}", confirmed,
             StepFailed(f"nobody confirmed the {action} within {self.cluster.launcher.timeout_seconds:g}s",
                        "do it, then /etcd resume the plan"))
@@ -389,12 +399,26 @@ class RestoreOperation(ClusterOperation[RestorePlan]):
                                                                                    "/etcd status shows all healthy")
         return f"{len(health.members)} members, all healthy"
 
+    @property
+    def _bot_stops_apiserver(self) -> bool:
+        """The ssh launcher's static-pod recipe stops and puts back kube-apiserver itself (bot.ops.restore.plan):
+        its plan has the step that puts it back."""
+        return any(s.key == "apiserver" for s in self.plan.steps)
+
+    def _apiserver_back(self) -> str:
+        """How to put kube-apiserver back, when a person stopped it in this plan (the ssh launcher's static-pod
+        recipe put it back itself, at its own step)."""
+        if self._bot_stops_apiserver or not any(s.key == "apiserver-stop" for s in self.plan.steps):
+            return ""
+        return f" Where you moved kube-apiserver.yaml aside:\n{code_block(self.plan.apiserver_back())}"
+
     async def step_followups(self) -> str:
         p = self.plan
         steps = await self.ctx.store.steps(p.id)
         took = time.time() - min((s.started_at for s in steps), default=time.time())
         await note(self.ctx, self.record,
-                   f":clipboard: *Kubernetes follow-ups*\n1. {K8S_AFTER}\n2. {escape(bump_note(p))}\n"
+                   f":clipboard: *Kubernetes follow-ups*\n1. {K8S_AFTER}{self._apiserver_back()}\n"
+                   f"2. {escape(bump_note(p))}\n"
                    f"*Summary:* {escape(p.cluster)} restored to revision {p.snapshot.revision} "
                    f"({p.snapshot.total_keys} keys) from {escape(p.snapshot.file_name)} on {len(p.members)} members, "
                    f"new cluster token `{escape(p.token)}`; took {took:.1f}s from the first step.")
