@@ -131,3 +131,55 @@ async def test_a_restore_from_a_shell_needs_two_different_names(make_cluster, sl
     no_reason = await plan("cancel", pid, reason="  ")
     assert no_reason.returncode == 2 and no_reason.stderr.splitlines()[-1].endswith("--reason: say why this is done "
                                                                                     "from a shell")
+
+
+async def test_a_restore_run_from_a_shell_waits_for_kube_apiserver_and_a_shell_confirms_it(make_cluster, slack,
+                                                                                            start_bot, cli, tmp_path):
+    """With Slack down: a shell cancels a proposal, and resumes a failed restore, which then runs here. The
+    stage a person must confirm (kube-apiserver stopped, by default) is confirmed from another shell with
+    `plan continue`; a stage it does not wait on counts for nothing, a stage that does not exist is bad input
+    (exit 2), and the run goes on to the end once confirmed."""
+    c = make_cluster(3)
+    table = cluster_table("prod", c)
+    del table["restore"]["apiserver"]   # the default: a person stops every kube-apiserver
+    bot = await start_bot([table], approval=APPROVAL)
+    c.etcdctl("put", "/registry/k", "v")
+    assert (await reply(slack, "snapshot", timeout=60)).text.startswith("Snapshot of prod")
+    await bot.stop()
+    plan = plan_cli(cli, tmp_path / "config.toml")
+    first = plan_id((await plan("propose", person="alice", words=("restore", "--force"))).stdout)
+    cancelled = await plan("cancel", first)
+    assert cancelled.returncode == 0 and f"Plan {first} cancelled." in cancelled.stdout, cancelled.stdout
+
+    pid = plan_id((await plan("propose", person="alice", words=("restore", "--force"))).stdout)
+    for person in ("bob", "carol"):
+        assert (await plan("approve", pid, person=person)).returncode == 0
+    async with open_store(tmp_path) as store:
+        snapshot = Path((await store.snapshots("prod"))[0].path)
+    aside = snapshot.rename(snapshot.with_name("moved-" + snapshot.name))   # step 0 finds no snapshot: it fails
+    failed = await plan("run", pid)
+    assert failed.returncode == 1 and "stopped before step 0 (verify)" in failed.stdout, failed.stdout
+    aside.rename(snapshot)
+    run = asyncio.ensure_future(plan("resume", pid))   # the resumed plan runs here, in this shell
+    try:
+        async with open_store(tmp_path) as store:
+            async def waiting() -> bool:
+                stage = await store.stage(pid, "apiserver-stop")
+                return stage is not None and stage.waiting
+            await eventually(waiting, 60, "the run waiting for kube-apiserver's stop")
+            early = await plan("continue", pid, "stop", person="dave")
+            assert early.returncode == 1 and f"plan {pid} waits on stage *apiserver-stop*, not stop" in early.stdout
+            bad = await plan("continue", pid, "apiserver", person="dave")
+            assert bad.returncode == 2 and bad.stderr.splitlines()[0].startswith("usage: etcd-chatops plan continue")
+            assert "'apiserver' is not a stage a restore waits on for a person" in bad.stderr.splitlines()[-1]
+            assert all(c.running(m) for m in c.members)   # nothing stopped meanwhile
+            confirmed = await plan("continue", pid, person="dave")
+            assert confirmed.returncode == 0 and f"Confirmed stage apiserver-stop of plan {pid}." in confirmed.stdout
+        ran = await asyncio.wait_for(run, 120)
+    finally:
+        if not run.done():
+            run.cancel()
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert f"Resuming plan {pid} at step 0" in ran.stdout, ran.stdout
+    assert "Step 1 (apiserver-stop): apiserver-stop on every kube-apiserver, confirmed" in ran.stdout, ran.stdout
+    assert "mv /etc/kubernetes/kube-apiserver.yaml.before-" in ran.stdout   # how to put it back

@@ -4,7 +4,6 @@ named (their ID only where two share a name), and the Approve and Reject buttons
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -44,7 +43,7 @@ def defragmentation() -> DefragPlan:
     return plan_defrag(cluster_health(member(1), member(2), member(3)), quotas, parse_rule("dbQuotaUsage > 0.8"))
 
 
-restoration: Callable[[], RestorePlan] = restore_plan   # a typed view of the restore tests' fixture
+restoration: Callable[..., RestorePlan] = restore_plan   # a typed view of the restore tests' fixture
 RENDER: dict[str, tuple[Callable[[], Any], Callable[[Any, PlanView], PlanMessage]]] = {
     "replace": (replacement, replace_plan_reply), "restore": (restoration, restore_plan_reply),
     "defrag": (defragmentation, defrag_plan_reply)}
@@ -139,7 +138,7 @@ def test_members_are_named_and_an_id_shows_only_where_two_share_a_name() -> None
 def test_a_long_step_list_from_another_kind_renders_each_step() -> None:
     """Steps are rendered generically: a restore with the ssh launcher's steps around kube-apiserver shows
     them like any other, in order."""
-    plan = restore_plan(launcher="ssh", recipe="static-pod")
+    plan = restoration(launcher="ssh", recipe="static-pod")
     shown = str(restore_plan_reply(plan, view()).blocks)
     assert "1. Stop kube-apiserver on every host" in shown and "2. Stop every member" in shown
     assert "7. Put kube-apiserver back on every host" in shown and "8. Post the Kubernetes follow-ups" in shown

@@ -179,6 +179,11 @@ def _add_plan_parsers(sub: argparse._SubParsersAction[_Parser]) -> None:
     show.add_argument("plan", nargs="?", help="the plan's ID")
     show.add_argument("--cluster", help="only this cluster's plans")
     show.add_argument("--config", help="the bot's TOML config file (default: $ETCD_CHATOPS_CONFIG)")
+    cont = actions.add_parser("continue", help="confirm the stage a running restore waits on for a person "
+                                              "(apiserver-stop, stop, restore, start), as /etcd continue does")
+    cont.add_argument("plan", help="the plan's ID")
+    cont.add_argument("stage", nargs="?", help="the stage it waits on (default: the one it waits on now)")
+    acting(cont)
     for name, what in (("approve", "approve a proposed plan as NAME (a restore needs two names)"),
                        ("run", "run an approved plan here until it ends (or follow the replica that runs it)"),
                        ("resume", "continue an interrupted or failed plan from its step, here"),

@@ -39,6 +39,7 @@ from bot.ops.kinds import plan_view, render_plan
 from bot.ops.leadership import LEASE
 from bot.ops.notify import PlainDirectory
 from bot.ops.outcome import Outcome
+from bot.ops.restore import run as restore_run
 from bot.output.blocks import Reply
 from bot.output.text import plain
 from bot.runtime import Runtime
@@ -154,11 +155,11 @@ async def _break_glass(ctx: BotContext, args: argparse.Namespace, user: str, rea
 
 
 def _said(outcome: Outcome) -> int:
-    """Print what the person would have been told; a refusal (an answer only they see) exits 1."""
+    """Print what the person would have been told; a refusal (bot.output.blocks.error_reply) exits 1."""
     for reply in (outcome.ephemeral, outcome.channel):
         if reply is not None:
             print(plain(reply.text, reply.blocks), flush=True)
-    return EXIT_FAILED if outcome.ephemeral is not None and outcome.channel is None else EXIT_OK
+    return EXIT_FAILED if outcome.ephemeral is not None and outcome.ephemeral.refusal else EXIT_OK
 
 
 async def _plan(ctx: BotContext, plan_id: str) -> PlanRecord:
@@ -176,6 +177,9 @@ async def main(args: argparse.Namespace) -> int:
         if args.plan_cmd == "show":
             return await _show(ctx, args)
         user, reason = _person(args)
+        if args.plan_cmd == "continue" and args.stage is not None and args.stage not in restore_run.MANUAL_STAGES:
+            raise UsageFailure(f"{args.stage!r} is not a stage a restore waits on for a person; those are "
+                               f"{', '.join(restore_run.MANUAL_STAGES)}")
         record = await _plan(ctx, args.plan)
         await _break_glass(ctx, args, user, reason, record.cluster, record.channel, record.id)
         if args.plan_cmd == "approve":
@@ -190,6 +194,10 @@ async def main(args: argparse.Namespace) -> int:
         if args.plan_cmd == "resume":
             outcome = await lifecycle.resume(ctx, record.id, user, record.channel)
             return _said(outcome) or await _run(ctx, await _plan(ctx, record.id))
+        if args.plan_cmd == "continue":
+            return _said(await restore_run.continue_plan(ctx, record.id, args.stage, user, record.channel,
+                                                         "etcd-chatops plan continue PLAN [STAGE] --as NAME --reason "
+                                                         "TEXT"))
         if args.plan_cmd == "cancel":
             return _said(await lifecycle.cancel(ctx, record.id, user, record.channel, reason))
         return _said(await lifecycle.abandon(ctx, record.id, reason, user, record.channel))

@@ -51,6 +51,8 @@ MAX_SECTION = 2900  # Slack's limit is 3000 characters per text object
 class Reply:
     text: str
     blocks: list[dict[str, Any]] = field(default_factory=list)
+    refusal: bool = False
+    """Says what is wrong (error_reply): a shell that prints it exits non-zero."""
 
     def as_kwargs(self) -> dict[str, Any]:
         return {"text": self.text, "blocks": self.blocks} if self.blocks else {"text": self.text}
@@ -174,7 +176,7 @@ def error_reply(reason: str, usage: str | None = None, hint: str | None = None) 
     if usage:
         lines.append(f"Usage: {escape(usage)}")
         blocks.append(_context(f"Usage:\n{escape(usage)}"))
-    return Reply(text="\n".join(lines), blocks=blocks)
+    return Reply(text="\n".join(lines), blocks=blocks, refusal=True)
 
 
 def help_reply(usage: str, clusters: list[str]) -> Reply:
