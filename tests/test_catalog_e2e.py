@@ -173,7 +173,8 @@ async def test_restore_from_a_snapshot_only_the_store_holds(make_cluster, slack,
     c = make_cluster(3)
     table = cluster_table("prod", c, snapshots={"age_recipients": [str(identity.to_public())],
                                                 "store": {**s3.store_table(**manifest_key), "keep_local": 0}},
-                          restore={"data_dir": str(c.base_dir / "data" / "{name}"), "age_identity_file": str(key_file)})
+                          restore={"data_dir": str(c.base_dir / "data" / "{name}"), "age_identity_file": str(key_file),
+                                   "apiserver": "none"})
     bot = await start_bot([table], approval=APPROVAL)
     store = bot.ctx.store
     for i in range(3):

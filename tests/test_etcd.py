@@ -9,6 +9,7 @@ import pytest
 from bot.domain.cluster import TLSFiles
 from bot.domain.errors import (
     EtcdError,
+    EtcdTimeout,
     EtcdTLSError,
     EtcdUnavailable,
     MemberNotFound,
@@ -196,3 +197,21 @@ async def test_a_call_whose_channel_another_call_dropped_fails_as_unavailable_no
                 await longer
         finally:
             c.resume("member2")
+
+
+async def test_a_call_cut_by_another_calls_failure_says_why_that_one_failed() -> None:
+    """Calls to one member share a connection; a call that fails on a silent host drops it, and every call it
+    cuts short says the member did not answer, not that "the connection was closed during the call"."""
+    import socket
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)   # the kernel completes TCP handshakes; nothing ever answers
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    try:
+        async with EtcdClient([url], timeout=5.0) as client:
+            short, cut = await asyncio.gather(client.status(url, 0.3), client.serving(url, 4.0),
+                                              return_exceptions=True)
+        assert isinstance(short, EtcdTimeout) and isinstance(cut, EtcdTimeout), (short, cut)
+        assert "no answer within 0.3s" in cut.message, cut.message
+    finally:
+        silent.close()

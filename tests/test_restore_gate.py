@@ -246,7 +246,7 @@ async def test_quorum_loss_is_proven_though_the_launchers_status_is_slow(make_cl
             "slow-status", "{action}", *launcher_argv(c.base_dir)]
     bot = await start_bot([cluster_table("prod", c, launcher={"kind": "command", "argv": slow, "timeout_seconds": 60},
                                          restore={"data_dir": str(c.base_dir / "data" / "{name}"),
-                                                  "no_leader_seconds": 0.5})], approval=APPROVAL)
+                                                  "no_leader_seconds": 0.5, "apiserver": "none"})], approval=APPROVAL)
     await snapshot_of(slack, bot.ctx.store, c, n=2)
     c.kill("member1")
     c.kill("member2")

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
@@ -177,6 +178,9 @@ class EtcdClient:
         self._password = password
         self._credentials: grpc.ChannelCredentials | None = None
         self._channels: dict[tuple[str, Lane], grpc.aio.Channel] = {}
+        # Why a channel was dropped: a call it was closed under fails for that reason (a silent member), not for
+        # "the connection was closed"
+        self._dropped_for: weakref.WeakKeyDictionary[grpc.aio.Channel, EtcdError] = weakref.WeakKeyDictionary()
         self._token: str | None = None  # one for every member (see _metadata)
         self._login_task: asyncio.Future[str] | None = None
         self._login_error = ""           # why the last Authenticate gave no token
@@ -229,9 +233,10 @@ class EtcdClient:
             self._channels[(endpoint, lane)] = channel
         return channel
 
-    def _drop(self, endpoint: str, lane: Lane = "short") -> None:
+    def _drop(self, endpoint: str, lane: Lane, why: EtcdError) -> None:
         channel = self._channels.pop((endpoint, lane), None)
         if channel is not None:
+            self._dropped_for[channel] = why
             asyncio.ensure_future(channel.close())
 
     def learn(self, members: Iterable[Member]) -> None:
@@ -298,7 +303,7 @@ class EtcdClient:
                     err = map_grpc_error(e, endpoint, timeout)
                     if not any(m in (e.details() or "") for m in _LEADERLESS) or left < 0.2:
                         if isinstance(err, EtcdUnavailable):
-                            self._drop(endpoint)
+                            self._drop(endpoint, "short", err)
                         raise err from None
                 await asyncio.sleep(0.1)
 
@@ -320,20 +325,23 @@ class EtcdClient:
         timeout = timeout or self.timeout
         endpoint = dial(endpoint).url
         for attempt in (1, 2, 3):
+            used: list[grpc.aio.Channel] = []
             try:
-                return await asyncio.wait_for(self._call_once(endpoint, fn, timeout, auth, lane), timeout + 0.5)
+                return await asyncio.wait_for(self._call_once(endpoint, fn, timeout, auth, lane, used),
+                                              timeout + 0.5)
             except TimeoutError:
-                self._drop(endpoint, lane)
                 timed_out = EtcdTimeout(f"no answer within {timeout:g}s (member down or host unreachable)", endpoint)
+                self._drop(endpoint, lane, timed_out)
                 self._count(timed_out)
                 raise timed_out from None
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if task is None or task.cancelling():
                     raise  # the caller is being cancelled
-                # The channel was closed under the call (another call's deadline dropped it): the call failed. Raised
-                # on, the CancelledError would end the caller's task as if it were cancelled: a command never answered.
-                closed = EtcdUnavailable(CLOSED_UNDER_CALL, endpoint)
+                # The channel was closed under the call, by another call that failed on it: this one failed for the
+                # same reason. Raised on, the CancelledError would end the caller's task as if it were cancelled.
+                why = next((self._dropped_for[c] for c in used if c in self._dropped_for), None)
+                closed = type(why)(why.message, endpoint) if why else EtcdUnavailable(CLOSED_UNDER_CALL, endpoint)
                 self._count(closed)
                 raise closed from None
             except grpc.aio.AioRpcError as e:
@@ -355,7 +363,7 @@ class EtcdClient:
                     err = EtcdAuthError(f"{err.message} (etcd auth is on and the bot holds no token: "
                                         f"{self._login_error})", endpoint)
                 if isinstance(err, EtcdUnavailable):
-                    self._drop(endpoint, lane)
+                    self._drop(endpoint, lane, err)
                 self._count(err)
                 raise err from None
         raise AssertionError("unreachable")
@@ -364,9 +372,11 @@ class EtcdClient:
         if self.on_error is not None:
             self.on_error(err)
 
-    async def _call_once(self, endpoint: str, fn: Call[T], timeout: float, auth: Auth, lane: Lane) -> T:
+    async def _call_once(self, endpoint: str, fn: Call[T], timeout: float, auth: Auth, lane: Lane,
+                         used: list[grpc.aio.Channel]) -> T:
         metadata = await self._metadata(endpoint, timeout, auth)
-        return await fn(self._channel(endpoint, lane), metadata, timeout)
+        used.append(channel := self._channel(endpoint, lane))
+        return await fn(channel, metadata, timeout)
 
     def _fallbacks(self) -> list[str]:
         return [e for e in self.learned if e not in self.endpoints]
@@ -587,8 +597,9 @@ class EtcdClient:
         try:
             metadata = await asyncio.wait_for(self._metadata(endpoint, self.timeout), self.timeout + 0.5)
         except TimeoutError:
-            self._drop(endpoint)
-            raise EtcdTimeout(f"no answer within {self.timeout:g}s", endpoint) from None
+            timed_out = EtcdTimeout(f"no answer within {self.timeout:g}s", endpoint)
+            self._drop(endpoint, "short", timed_out)
+            raise timed_out from None
         except grpc.aio.AioRpcError as e:
             raise map_grpc_error(e, endpoint, self.timeout) from None
         call = rpc.MaintenanceStub(self._channel(endpoint, "long")).Snapshot(rpc.SnapshotRequest(), metadata=metadata)
@@ -612,12 +623,13 @@ class SnapshotStream:
             async with asyncio.timeout(timeout):  # not wait_for: no task per 32 KiB message (the receive loop's cost)
                 resp = await self._call.read()
         except TimeoutError:
-            self.client._drop(self.endpoint, "long")
-            raise EtcdTimeout(f"snapshot stream silent for {timeout:g}s", self.endpoint) from None
+            silent = EtcdTimeout(f"snapshot stream silent for {timeout:g}s", self.endpoint)
+            self.client._drop(self.endpoint, "long", silent)
+            raise silent from None
         except grpc.aio.AioRpcError as e:
             err = map_grpc_error(e, self.endpoint, timeout)
             if isinstance(err, EtcdUnavailable):
-                self.client._drop(self.endpoint, "long")
+                self.client._drop(self.endpoint, "long", err)
             raise err from None
         return None if resp is grpc.aio.EOF else resp
 

@@ -11,7 +11,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from bot.domain.cluster import NOT_SERVING, Alarm, ClusterHealth, Member, MemberHealth, judge_leaders
-from bot.domain.errors import CLOSED_UNDER_CALL, EtcdAuthError, EtcdError
+from bot.domain.errors import EtcdAuthError, EtcdError
 from bot.etcd.race import AllFailed, first_success
 
 if TYPE_CHECKING:  # the client is gRPC; the quorum math above the fan-out stays pure
@@ -45,14 +45,7 @@ async def _ask_member(client: EtcdClient, member: Member, timeout: float) -> tup
             and serving.result()[1] == NOT_SERVING
         if busy:
             return MemberHealth(member, error=DEFRAGMENTING, defragmenting=True), []
-        shown = list(dict.fromkeys(reasons))
-        if set(shown) == {CLOSED_UNDER_CALL}:   # the health check's failure dropped the channel: its error says why
-            await asyncio.wait({serving}, timeout=timeout)
-            failed = serving.exception() if serving.done() and not serving.cancelled() else None
-            if isinstance(failed, AllFailed):
-                shown = list(dict.fromkeys(err.message for err in failed.errors if isinstance(err, EtcdError)
-                                           and err.message != CLOSED_UNDER_CALL)) or shown
-        return MemberHealth(member, error="; ".join(shown), refused=refused), []
+        return MemberHealth(member, error="; ".join(dict.fromkeys(reasons)), refused=refused), []
     finally:
         serving.cancel()
         await asyncio.gather(serving, return_exceptions=True)
