@@ -160,6 +160,13 @@ async def test_snapshot_consistency_and_a_rolling_defrag_under_nospace(etcd, mak
     # etcd 3.6's Status carries the quota; earlier releases' /metrics do
     assert "*ALARM NOSPACE*" in text and text.count(f"of {humanize_bytes(QUOTA)} quota") == 3, text
 
+    if etcd.parts >= (3, 6):
+        # 3.6 writes its storage version into the file seconds after the cluster version is decided: until then the
+        # bot reads the file as 3.5's (every key counted) where etcdutl 3.6 counts live keys: a gap the bot still has
+        async def versioned() -> bool:
+            async with EtcdClient(c.endpoints, timeout=2.0) as client:
+                return all([(await client.status(u, 2.0)).storage_version for u in c.endpoints])
+        await eventually(versioned, 30, "3.6's storage version written on every member")
     msg = await reply(slack, "snapshot", timeout=60)
     assert msg.text.startswith("Snapshot of prod"), msg.text
     path = Path((await store.snapshots("prod"))[0].path)
