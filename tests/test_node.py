@@ -119,8 +119,9 @@ def test_kubelet_stand_in_follows_the_manifests(tmp_path: Path) -> None:
         asyncio.run(eventually(lambda: len(pids()) == 1, 20, "the pod to run"))
         first = pids()[0]
         write("2")
-        asyncio.run(eventually(lambda: pids() and pids()[0] != first and not Path(f"/proc/{first}").exists(), 20,
-                               "the changed pod to be restarted"))
+        # one look at the processes per try: the old pod may be gone and the new one not yet there between two
+        asyncio.run(eventually(lambda: (now := pids()) and now[0] != first and not Path(f"/proc/{first}").exists(),
+                               20, "the changed pod to be restarted"))
         pod.rename(held / "pod.yaml")
         asyncio.run(eventually(lambda: not pids(), 20, "the pod to stop when its file left"))
 
