@@ -54,22 +54,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
 
 
-def _processes_under(roots: list[str]) -> list[tuple[int, str]]:
-    """Live processes whose command line names one of `roots` (our clusters, our temp dirs)."""
-    found = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
-            continue
-        try:
-            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (d / "stat").read_text().rsplit(")", 1)[-1].split()[0]
-        except OSError:
-            continue
-        if state != "Z" and any(root in cmd for root in roots):
-            found.append((int(d.name), cmd[:200]))
-    return found
-
-
 @pytest.fixture(scope="session", autouse=True)
 def no_process_left_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Every etcd, bot or helper process a test starts must be gone when the suite ends.
@@ -78,7 +62,7 @@ def no_process_left_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator
     yield
     roots = ([str(p) for p in cluster_module.CREATED + postgres_module.CREATED + prometheus_module.CREATED]
              + [str(tmp_path_factory.getbasetemp())])
-    left = _processes_under(roots)
+    left = [(pid, cmd[:200]) for pid, cmd in cluster_module.processes_naming(roots)]
     for pid, _ in left:
         try:
             os.kill(pid, 9)

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import _processes_under
 
+from bot.testing.cluster import processes_naming
 from helpers import must
 
 pytestmark = pytest.mark.e2e  # the demo runs real etcd, the stand-in and the bot as processes
@@ -27,7 +27,7 @@ def run(args: list[str], timeout: float = 180) -> subprocess.CompletedProcess:
 
 def assert_nothing_left(directory: Path) -> None:
     assert not directory.exists(), f"{directory} was not removed"
-    assert not _processes_under([str(directory)]), "the demo left processes running"
+    assert not processes_naming([str(directory)]), "the demo left processes running"
 
 
 def test_the_demo_plays_the_whole_incident_and_cleans_up(tmp_path):
@@ -72,7 +72,7 @@ def test_keep_say_and_stop(tmp_path):
         proc = run(DEMO + ["--keep", "--dir", str(directory)])
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert 'etcd-chatops say "/etcd status"' in proc.stdout and "etcd-chatops demo --stop" in proc.stdout
-        assert _processes_under([str(directory)]), "--keep should leave the demo running"
+        assert processes_naming([str(directory)]), "--keep should leave the demo running"
         said = run([sys.executable, "-m", "bot", "say", "/etcd status", "--dir", str(directory)], timeout=60)
         assert said.returncode == 0, said.stderr
         assert "alice: /etcd status" in said.stdout and "etcd cluster demo: HEALTHY" in said.stdout

@@ -111,6 +111,16 @@ class RestorePlan:
         return "\n".join(lines)
 
     @property
+    def stops_apiserver(self) -> bool:
+        """kube-apiserver is stopped at a step of its own, before any member (bot.ops.restore.plan)."""
+        return any(s.key == "apiserver-stop" for s in self.steps)
+
+    @property
+    def bot_restarts_apiserver(self) -> bool:
+        """The bot puts kube-apiserver back itself, at a step of its own (ssh's static-pod recipe)."""
+        return any(s.key == "apiserver" for s in self.steps)
+
+    @property
     def held_apiserver(self) -> str:
         """Where a person moves kube-apiserver's static-pod manifest while this plan runs (kubelet stops the pod)."""
         return f"/etc/kubernetes/kube-apiserver.yaml.before-{self.id}"

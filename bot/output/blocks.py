@@ -443,8 +443,7 @@ def _restore_details(plan: RestorePlan) -> Reply:
                         f"{code(m.data_dir)}" for m in plan.members)
             + f"\n*{plan.restore_tool} snapshot restore on every member* (new cluster token, unique to this restore; "
               f"{escape(how)}):")
-    stopped = any(s.key == "apiserver-stop" for s in plan.steps)  # a step of its own, listed with the others
-    tail = (f"*Kubernetes:* {'' if stopped else escape(K8S_NOT_STOPPED) + ' '}{escape(K8S_AFTER)}\n"
+    tail = (f"*Kubernetes:* {'' if plan.stops_apiserver else escape(K8S_NOT_STOPPED) + ' '}{escape(K8S_AFTER)}\n"
             f":information_source: {escape(bump_note(plan))}")
     blocks = [*sections(head), *sections(escape(commands), code=True), *sections(tail)]
     return Reply(text=f"{head}\n{escape(commands)}\n{tail}", blocks=blocks)

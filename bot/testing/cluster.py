@@ -117,6 +117,24 @@ def _alive(pid: int, base_dir: Path) -> bool:
     return str(base_dir).encode() in cmdline
 
 
+def processes_naming(roots: Iterable[str]) -> list[tuple[int, str]]:
+    """Live processes (not zombies, not this one) whose command line names one of `roots` (a cluster's base
+    directory, a test's temporary directory), with that command line: what a test or a seed left running."""
+    roots = list(roots)
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (d / "stat").read_text().rsplit(")", 1)[-1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and any(root in cmd for root in roots):
+            found.append((int(d.name), cmd))
+    return found
+
+
 def tls_member_args(tls: TLSPaths) -> list[str]:
     return ["--cert-file", tls.server_cert, "--key-file", tls.server_key, "--trusted-ca-file", tls.ca,
             "--client-cert-auth",

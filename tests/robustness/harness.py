@@ -166,7 +166,25 @@ async def all_keys(client: EtcdClient, prefix: bytes, timeout: float = 5.0) -> t
     return await client.failover(fn, timeout)
 
 
-class Workload:
+class _Loop:
+    """A task beside the seed's operation, started and stopped with it: `_run` ends once `_stop` is set."""
+
+    _stop: asyncio.Event
+    _task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=type(self).__name__.lower())
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+
+    async def _run(self) -> None:
+        raise NotImplementedError
+
+
+class Workload(_Loop):
     """Writes a new key every few tens of milliseconds and reads back one it saw acknowledged, recording
     each acknowledged write with its revision and each read with what it found."""
 
@@ -177,15 +195,6 @@ class Workload:
         self.errors: Counter[str] = Counter()
         self.writing = True  # off while a restore runs: the runbook stops every kube-apiserver first
         self._stop = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="workload")
-
-    async def stop(self) -> None:
-        self._stop.set()
-        if self._task is not None:
-            await self._task
 
     async def _run(self) -> None:
         n = 0
@@ -212,7 +221,7 @@ class Workload:
                     await asyncio.wait_for(self._stop.wait(), 0.03)
 
 
-class Monitor:
+class Monitor(_Loop):
     """The membership etcd reports, twice a second: every member ID ever seen, and when."""
 
     def __init__(self, endpoints: Callable[[], list[str]]):
@@ -221,15 +230,6 @@ class Monitor:
         self.lists: list[tuple[float, frozenset[int]]] = []
         self.restoring: Callable[[], Awaitable[None]] | None = None  # called each round too
         self._stop = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="monitor")
-
-    async def stop(self) -> None:
-        self._stop.set()
-        if self._task is not None:
-            await self._task
 
     async def sample(self) -> None:
         async with EtcdClient(self.endpoints(), timeout=1.0) as client:

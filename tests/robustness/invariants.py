@@ -16,6 +16,7 @@ from bot.domain.replace import ReplacePlan
 from bot.domain.restore import RestorePlan
 from bot.domain.snapshot import RemoteState, SnapshotRecord
 from bot.testing import netbed
+from bot.testing.cluster import processes_naming
 from helpers import live_markup, text_of
 from robustness.harness import World
 
@@ -296,18 +297,8 @@ def nothing_leaked(world: World) -> list[str]:
 def check_leftovers(world: World, prefix: str) -> list[str]:
     """Nothing of the seed is left: no process started under its directory, no namespace or link of its bed,
     no directory, no mount."""
-    out = []
     root = str(world.root)
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (proc / "stat").read_text().rsplit(")", 1)[-1].split()[0]
-        except OSError:
-            continue
-        if state != "Z" and root in cmd:
-            out.append(f"7: process {proc.name} left running: {cmd[:160]}")
+    out = [f"7: process {pid} left running: {cmd[:160]}" for pid, cmd in processes_naming([root])]
     if prefix:
         out += [f"7: {what} left by the bed" for what in netbed.leftovers([prefix])]
     if world.root.exists():

@@ -113,7 +113,7 @@ class RestoreOperation(ClusterOperation[RestorePlan]):
             "verify": StepRun("verify", precondition=self.step_verify),
             "apiserver-stop": StepRun("apiserver-stop", precondition=self.before_stop,
                                       action=partial(self._launch, "apiserver-stop")
-                                      if self._bot_stops_apiserver else self.step_apiserver_by_person),
+                                      if self.plan.bot_restarts_apiserver else self.step_apiserver_by_person),
             "stop": StepRun("stop", precondition=self.before_stop, action=self.step_stop, verify=self.all_stopped),
             "restore": StepRun("restore", precondition=self.before_restore, action=self.step_restore),
             "start": StepRun("start", precondition=self.before_start, action=self.step_start),
@@ -399,16 +399,10 @@ class RestoreOperation(ClusterOperation[RestorePlan]):
                                                                                    "/etcd status shows all healthy")
         return f"{len(health.members)} members, all healthy"
 
-    @property
-    def _bot_stops_apiserver(self) -> bool:
-        """The ssh launcher's static-pod recipe stops and puts back kube-apiserver itself (bot.ops.restore.plan):
-        its plan has the step that puts it back."""
-        return any(s.key == "apiserver" for s in self.plan.steps)
-
     def _apiserver_back(self) -> str:
         """How to put kube-apiserver back, when a person stopped it in this plan (the ssh launcher's static-pod
         recipe put it back itself, at its own step)."""
-        if self._bot_stops_apiserver or not any(s.key == "apiserver-stop" for s in self.plan.steps):
+        if self.plan.bot_restarts_apiserver or not self.plan.stops_apiserver:
             return ""
         return f" Where you moved kube-apiserver.yaml aside:\n{code_block(self.plan.apiserver_back())}"
 
