@@ -148,7 +148,9 @@ async def test_restore_after_quorum_loss_runs_on_the_hosts(sshbed: Callable[...,
             assert "Done on the others: " in error and \
                 f"{name}@{bed.hosts[name].host.client_ip}:22 restore --fence" in error, error
         marker.unlink()
-        await reply(slack, f"resume {row.id}", user=LEAD, timeout=30)
+        # its ephemeral answer comes once the plan has left "failed" (a channel message could be the failure's own)
+        answer = await ephemeral(slack, f"resume {row.id}", user=LEAD, timeout=30)
+        assert answer.text.startswith(f"Resuming plan {row.id} at step 3"), answer.text
     await wait_done(store, row.id, timeout=150)
     took = time.monotonic() - began
 
