@@ -50,6 +50,7 @@ async def test_a_whole_replacement_from_a_shell_is_posted_once_slack_answers(mak
     ran = await plan("run", pid)
     assert ran.returncode == 0, ran.stdout + ran.stderr
     assert "Step 2 (remove)" in ran.stdout and ran.stdout.rstrip().endswith(f"plan {pid} is done")
+    assert ran.stdout.count(f"plan {pid} is done") == 1, ran.stdout   # said once
     assert sorted(h.member.name for h in await members_of(c)) == ["member2", "member3", "member4"]
     again = await plan("run", pid)
     assert again.returncode == 1 and f"plan {pid} is done, not approved: it has ended" in again.stdout
@@ -159,6 +160,7 @@ async def test_a_restore_run_from_a_shell_waits_for_kube_apiserver_and_a_shell_c
     aside = snapshot.rename(snapshot.with_name("moved-" + snapshot.name))   # step 0 finds no snapshot: it fails
     failed = await plan("run", pid)
     assert failed.returncode == 1 and "stopped before step 0 (verify)" in failed.stdout, failed.stdout
+    assert failed.stdout.count(f"plan {pid} is failed") == 1, failed.stdout
     aside.rename(snapshot)
     run = asyncio.ensure_future(plan("resume", pid))   # the resumed plan runs here, in this shell
     try:

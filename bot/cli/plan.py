@@ -59,6 +59,9 @@ class ShellAccess(Access):
         return True
 
 
+RUN_ENDS = (PlanState.DONE, PlanState.FAILED, PlanState.INTERRUPTED)
+
+
 @dataclass
 class ShellNotifier:
     """The Notifier of a shell: prints what the channel would read, as it happens, and queues what the channel
@@ -91,7 +94,8 @@ class ShellNotifier:
             self.show(details.text, details.blocks)
 
     async def plan_changed(self, record: PlanRecord, step_states: Mapping[int, str]) -> None:
-        if self._states.get(record.id) != record.state:
+        # How a run ended is its last line (_run says it, also for a plan another replica ran), so not here too.
+        if self._states.get(record.id) != record.state and record.state not in RUN_ENDS:
             self._states[record.id] = record.state
             self.show(f"plan {record.id} is {record.state}" + (f": {record.error}" if record.error else ""))
 
