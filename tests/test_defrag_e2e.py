@@ -7,10 +7,10 @@ import asyncio
 import json
 from dataclasses import replace
 
-from bot.domain.defrag import DefragPlan
-from bot.domain.plan import Step
 from aetcd import rpc
 
+from bot.domain.defrag import DefragPlan
+from bot.domain.plan import Step
 from bot.etcd.client import EtcdClient
 from bot.etcd.health import check_cluster
 from bot.testing.workspace import CHANNEL, LEAD, cluster_table
