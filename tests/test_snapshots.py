@@ -22,6 +22,7 @@ import base64
 import contextlib
 import dataclasses
 import datetime as dt
+import errno
 import hashlib
 import json
 import os
@@ -41,7 +42,7 @@ from bot.config import ConfigError, load_config
 from bot.domain.snapshot import SnapshotError, SnapshotFailed, SnapshotRecord
 from bot.etcd.bbolt import snapshot_status
 from bot.etcd.client import SNAPSHOT_IDLE_TIMEOUT, EtcdClient
-from bot.etcd.snapshot_stream import TRAILER, TrailerCheck, save_snapshot, to_prune
+from bot.etcd.snapshot_stream import CIPHER_BATCH, TRAILER, TrailerCheck, _Encryptor, save_snapshot, to_prune
 from bot.ops.snapshots import take_snapshot
 from bot.runtime.schedule import RETRY_AFTER_FAILURE, SCHEDULER, Scheduler, is_due
 from bot.testing.clock import ManualClock
@@ -318,6 +319,21 @@ async def test_disk_full_is_named_and_leaves_no_file(make_cluster, tmp_path, cas
     assert "File too large" in proc.stderr and "nothing was kept" in proc.stderr, proc.stderr
     assert proc.stdout == ""
     assert files_under(snaps) == [], "no partial file may be left"
+
+
+async def test_a_full_disk_under_the_encryption_is_named_as_the_disk_not_as_age() -> None:
+    """Which file of an encrypted save fills the disk first is a race between two threads. When it is the age
+    file while age encrypts, pyrage wraps our OSError in its EncryptError, and the CLI printed a traceback
+    (a run beside a busy CPU). The encryption stage gives back the disk's own error, which is named in one line."""
+    out = os.open("/dev/full", os.O_WRONLY)   # every write: ENOSPC
+    try:
+        stage = _Encryptor(out, (str(x25519.Identity.generate().to_public()),), None).start()
+        for _ in range(3):
+            await stage.put(os.urandom(CIPHER_BATCH))
+        error = await stage.finish()
+    finally:
+        os.close(out)
+    assert isinstance(error, OSError) and error.errno == errno.ENOSPC, repr(error)
 
 
 # ---------------------------------------------------------------- 4. encryption

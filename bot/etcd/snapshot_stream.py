@@ -175,10 +175,17 @@ class _Encryptor(_Stage):
         self._view = memoryview(b"")
         self._pending: list[bytes] = []
         self._pending_size = 0
+        self._write_error: OSError | None = None
 
     def work(self) -> None:
         import pyrage
-        pyrage.encrypt_io(self, self, self._keys)
+        try:
+            pyrage.encrypt_io(self, self, self._keys)
+        except pyrage.EncryptError as e:
+            # pyrage wraps what our write() raised (a full disk, a file too large): that is the error to name
+            if self._write_error is not None:
+                raise self._write_error from None
+            raise SnapshotFailed(f"age could not encrypt the snapshot: {e}") from None
         self._flush()
 
     def read(self, n: int = -1) -> bytes:
@@ -197,7 +204,11 @@ class _Encryptor(_Stage):
         self._pending.append(bytes(data))
         self._pending_size += len(data)
         if self._pending_size >= CIPHER_BATCH:
-            self._flush()
+            try:
+                self._flush()
+            except OSError as e:
+                self._write_error = e
+                raise
         return len(data)
 
     def flush(self) -> None:
