@@ -146,10 +146,12 @@ async def command(slack: SlackStandIn, text: str, *, user: str = ONCALL, channel
 
 async def reply(slack: SlackStandIn, text: str, *, user: str = ONCALL, channel: str = CHANNEL,
                 source: str = "chat.postMessage", timeout: float = 20.0, to: str | None = None) -> Message:
-    """Run `/etcd text` and return the first message it causes from `source`."""
+    """Run `/etcd text` and return the first message it causes from `source`: a message in the channel itself,
+    since a command answers there, never in a thread (a plan's note, posted a moment late, is no reply)."""
     start = len(slack.messages)
     await command(slack, text, user=user, channel=channel, to=to)
-    return await slack.wait_for_message(lambda m: m.source == source and m.channel == channel, after=start,
+    return await slack.wait_for_message(lambda m: m.source == source and m.channel == channel and m.thread_ts is None,
+                                        after=start,
                                         timeout=timeout, what=f"a {source} reply to /etcd {text}")
 
 
