@@ -45,17 +45,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark end-to-end tests `e2e` by the fixtures they use, so new tests are marked without edits.
     Tests that start processes without these fixtures carry `pytestmark = pytest.mark.e2e`.
     Tests that share a module-scoped fixture (a cluster's snapshots, built once) form one pytest-xdist
-    group (`--dist loadgroup`), so they run in one process and the fixture is built once. End-to-end tests
-    are ordered first."""
+    group (`--dist loadgroup`), so they run in one process and the fixture is built once. End-to-end and
+    slow tests are ordered first."""
     for item in items:
         if E2E_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.e2e)
         info = getattr(item, "_fixtureinfo", None)
         if info is not None and any(d.scope == "module" for defs in info.name2fixturedefs.values() for d in defs):
             item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
-    # pytest-xdist hands tests out in this order: the long end-to-end ones first, so none starts late and
-    # keeps one worker busy after the others are done; the quick pure ones fill the workers' tails.
-    items.sort(key=lambda item: not (item.get_closest_marker("e2e") or item.get_closest_marker("robustness")))
+    # pytest-xdist hands tests out in this order: the long ones (end-to-end, slow) first, so none starts late
+    # and keeps one worker busy after the others are done; the quick pure ones fill the workers' tails.
+    items.sort(key=lambda item: not any(item.get_closest_marker(m) for m in ("e2e", "slow", "robustness")))
 
 
 @pytest.fixture(scope="session", autouse=True)
