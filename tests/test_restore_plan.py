@@ -8,7 +8,7 @@ import pytest
 from bot.domain.errors import Refusal
 from bot.domain.plan import PlanState
 from bot.domain.quorum import QuorumEvidence, QuorumVerdict, Seen, Voter
-from bot.domain.restore import Membership
+from bot.domain.restore import BUMP_REVISIONS, Membership, booted_revision
 from bot.domain.snapshot import SnapshotRecord, SnapshotRef
 from bot.ops.restore.plan import choose_snapshot, plan_restore
 from bot.output.blocks import PlanView, restore_plan_reply
@@ -270,3 +270,11 @@ def test_a_plan_says_so_when_it_does_not_stop_kube_apiserver():
     assert "Stop every kube-apiserver" not in str(none.blocks) and "1. Stop every member" in str(none.blocks)
     assert none.details is not None
     assert 'This plan does not stop kube-apiserver ([clusters.restore] apiserver = "none")' in none.details.text
+
+
+def test_the_revision_a_restored_etcd_stands_at() -> None:
+    """A snapshot of a cluster that never took a write holds revision 0 and etcd starts at 1; etcdutl's bump
+    writes its revision above the snapshot's, 0 included (etcdutl 3.6: modifyLatestRevision)."""
+    assert [booted_revision(0), booted_revision(1), booted_revision(41)] == [1, 1, 41]
+    assert [booted_revision(0, BUMP_REVISIONS), booted_revision(41, BUMP_REVISIONS)] == \
+        [BUMP_REVISIONS, 41 + BUMP_REVISIONS]

@@ -21,6 +21,13 @@ BUMP_REVISIONS = 1_000_000_000  # what etcd's own docs suggest: far beyond any w
 BUMP_VARIABLE, MARK_COMPACTED_VARIABLE = "ETCD_CHATOPS_BUMP_REVISION", "ETCD_CHATOPS_MARK_COMPACTED"
 
 
+def booted_revision(snapshot_revision: int, bump: int = 0) -> int:
+    """The revision etcd stands at once started on a snapshot: the snapshot's, plus the bump etcdutl wrote above
+    it. A snapshot of a cluster that never took a write holds revision 0, and etcd starts at 1 (etcdutl's bump
+    writes its revision above 0 as above any other)."""
+    return snapshot_revision + bump if bump else max(snapshot_revision, 1)
+
+
 def bump_environment() -> dict[str, str]:
     """The launcher's variables for `etcdutl snapshot restore --bump-revision N --mark-compacted`."""
     return {BUMP_VARIABLE: str(BUMP_REVISIONS), MARK_COMPACTED_VARIABLE: "true"}

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from bot.config import ClusterConfig
 from bot.domain.errors import EtcdError, StepFailed
+from bot.domain.restore import booted_revision
 from bot.domain.snapshot import DrillRecord, DrillResult, SnapshotRef
 from bot.etcd.binaries import BinaryNotFound, find_binary
 from bot.etcd.client import EtcdClient
@@ -94,9 +95,7 @@ async def boot_and_read(snapshot: SnapshotRef, plain: Path, scratch: Path) -> st
                 await proc.wait()
         log.close()
     problems = []
-    # A snapshot of a cluster that never took a write holds revision 0; etcd booted from it reports 1,
-    # the revision every etcd starts at.
-    if revision != max(snapshot.revision, 1):
+    if revision != booted_revision(snapshot.revision):
         problems.append(f"revision {revision}, the catalog says {snapshot.revision}")
     if snapshot.live_keys is not None and live != snapshot.live_keys:
         problems.append(f"{live} keys, the catalog says {snapshot.live_keys}")

@@ -24,7 +24,7 @@ from bot.domain.mrkdwn import Mrkdwn, code_block, escape, mention
 from bot.domain.plan import Confirmation, PlanKind, PlanState, Stage, StageAnswer
 from bot.domain.quorum import MemberState, QuorumVerdict
 from bot.domain.record import PlanRecord
-from bot.domain.restore import BUMP_REVISIONS, RestoreMember, RestorePlan
+from bot.domain.restore import BUMP_REVISIONS, RestoreMember, RestorePlan, booted_revision
 from bot.ops import nodes, ssh
 from bot.ops.context import BotContext
 from bot.ops.engine import ClusterOperation, StepRun, note, register
@@ -347,7 +347,7 @@ class RestoreOperation(ClusterOperation[RestorePlan]):
         snapshot's revision (plus the bump), and HashKV equal there. HashKV agreement alone cannot tell restored
         data from old data: members restarted on what they had agree too."""
         p = self.plan
-        expected = p.snapshot.revision + (BUMP_REVISIONS if p.bump_supported else 0)
+        expected = booted_revision(p.snapshot.revision, BUMP_REVISIONS if p.bump_supported else 0)
         health = await self.ctx.check(self.cluster)
         live = {h.member.name: h for h in health.members}
         want = p.restored_ids
