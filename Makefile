@@ -7,8 +7,8 @@ PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
           done)
 BIN     = $(VENV)/bin
 PYTEST_ARGS ?=
-# The suite runs in this many pytest-xdist processes (much of a test's time is spent waiting on etcd,
-# PostgreSQL and the bot, not on the CPU); 0 runs it in this process. Tests are handed out one at a time,
+# The suite runs in this many pytest-xdist processes (a test waits on etcd, PostgreSQL and the bot between
+# bursts of CPU, so more processes than CPUs keep both busy); 0 runs it in this process. Tests are handed out one at a time,
 # those sharing a module-scoped fixture together (tests/conftest.py). On 2 CPUs the whole suite took
 # 695 s with 2, 549 s with 3 and 445 s with 4 (December 2026); make test-fast keeps 2 (FAST_WORKERS).
 PYTEST_WORKERS ?= 4

@@ -161,9 +161,9 @@ async def test_snapshot_consistency_and_a_rolling_defrag_under_nospace(etcd, mak
     assert "*ALARM NOSPACE*" in text and text.count(f"of {humanize_bytes(QUOTA)} quota") == 3, text
 
     if etcd.parts >= (3, 6):
-        # 3.6 writes its storage version into the file seconds after the cluster version is decided: until then the
-        # bot reads the file as 3.5's (every key counted) where etcdutl 3.6 counts live keys: a gap the bot still has.
-        # Until then Status says "3.5.0" (etcd takes a file without the key for 3.5's), so wait for 3.6's own.
+        # 3.6 writes its storage version into the file seconds after the cluster version is decided. Until then the
+        # bot reads the file as 3.5's (every key counted) where etcdutl 3.6 counts live keys (a gap the bot still
+        # has), and Status says "3.5.0" (etcd takes a file without the key for 3.5's): wait for 3.6's own.
         async with EtcdClient(c.endpoints, timeout=2.0) as client:
             async def versioned() -> bool:
                 return all([(await client.status(u, 2.0)).storage_version.startswith("3.6.") for u in c.endpoints])

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -166,11 +167,12 @@ async def all_keys(client: EtcdClient, prefix: bytes, timeout: float = 5.0) -> t
     return await client.failover(fn, timeout)
 
 
-class _Loop:
+class _Loop(ABC):
     """A task beside the seed's operation, started and stopped with it: `_run` ends once `_stop` is set."""
 
-    _stop: asyncio.Event
-    _task: asyncio.Task[None] | None = None
+    def __init__(self) -> None:
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=type(self).__name__.lower())
@@ -180,8 +182,9 @@ class _Loop:
         if self._task is not None:
             await self._task
 
+    @abstractmethod
     async def _run(self) -> None:
-        raise NotImplementedError
+        """The loop itself."""
 
 
 class Workload(_Loop):
@@ -194,7 +197,7 @@ class Workload(_Loop):
         self.reads: list[Read] = []
         self.errors: Counter[str] = Counter()
         self.writing = True  # off while a restore runs: the runbook stops every kube-apiserver first
-        self._stop = asyncio.Event()
+        super().__init__()
 
     async def _run(self) -> None:
         n = 0
@@ -229,7 +232,7 @@ class Monitor(_Loop):
         self.seen: dict[int, tuple[str, float, float]] = {}  # id -> (name, first seen, last seen)
         self.lists: list[tuple[float, frozenset[int]]] = []
         self.restoring: Callable[[], Awaitable[None]] | None = None  # called each round too
-        self._stop = asyncio.Event()
+        super().__init__()
 
     async def sample(self) -> None:
         async with EtcdClient(self.endpoints(), timeout=1.0) as client:
