@@ -99,8 +99,12 @@ def _made_with(c: LocalCluster, etcd: Release) -> LocalCluster:
 
 
 async def _revision(c: LocalCluster) -> int:
-    async with EtcdClient(c.endpoints) as client:
-        return await client.revision(c.endpoints[0])
+    """The revision a client sees: a linearizable read, which a member answers only once it has applied
+    everything committed before it (the bot's serializable `revision` may read a follower a write behind)."""
+    async with grpc.aio.insecure_channel(c.endpoints[0].split("://", 1)[1]) as channel:
+        r = await rpc.KVStub(channel).Range(rpc.RangeRequest(key=b"\0", range_end=b"\0", keys_only=True, limit=1),
+                                            timeout=10)
+        return int(r.header.revision)
 
 
 # ---------------------------------------------------------------- status and a replacement

@@ -16,9 +16,8 @@ import time
 from base64 import b64decode
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
-import asyncssh
 import pytest
 import yaml
 from conftest import StartBot
@@ -45,6 +44,9 @@ from helpers import (
     wait_done,
     wait_state,
 )
+
+if TYPE_CHECKING:
+    import asyncssh
 
 RECIPES = ["static-pod", "systemd"]
 
@@ -318,7 +320,8 @@ def test_the_bots_words_are_plain_words_with_sudo_first(tmp_path: Path) -> None:
                             tmp_path).clusters[0].launcher
     assert ssh.host_for(launcher, "m1", "http://10.0.0.2:2380") == ssh.Host("m1", "10.0.0.2", 22)
     assert ssh.host_for(launcher, "m2", "http://10.0.0.3:2380").shown == "m2@10.0.0.9:2222"
-    node = ssh.NodeSession(launcher, ssh.Host("m1", "10.0.0.2"), cast(asyncssh.SSHClientConnection, None))  # never used
+    never_used = cast("asyncssh.SSHClientConnection", None)
+    node = ssh.NodeSession(launcher, ssh.Host("m1", "10.0.0.2"), never_used)
     assert node.command("stop", ["--fence", "7"]) == [
         "sudo", "-n", "etcd-chatops-node", "--recipe", "static-pod", "--manifests-dir", "/srv/m1/manifests",
         "--etcdutl", "etcdutl", "stop", "--member", "m1", "--fence", "7"]

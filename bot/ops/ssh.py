@@ -23,11 +23,12 @@ import warnings
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
-with warnings.catch_warnings():  # asyncssh still loads DSA, which cryptography deprecates, at import
-    warnings.filterwarnings("ignore", message="DSA is deprecated")
+if TYPE_CHECKING:
     import asyncssh
 
 from bot.config import NODE_WORD, LauncherConfig
@@ -41,6 +42,16 @@ STATES = {"running": MemberState.RUNNING, "stopped": MemberState.STOPPED}
 
 # asyncssh logs every channel and command at INFO: the bot logs what it runs itself, once per action.
 logging.getLogger("asyncssh").setLevel(logging.WARNING)
+
+
+@cache
+def _ssh() -> ModuleType:
+    """asyncssh, imported on the first connection: it costs a process ~0.15 s of CPU, which every CLI command
+    and bot that never reaches a host would otherwise pay at start."""
+    with warnings.catch_warnings():  # asyncssh still loads DSA, which cryptography deprecates, at import
+        warnings.filterwarnings("ignore", message="DSA is deprecated")
+        import asyncssh
+    return asyncssh
 
 
 @dataclass(frozen=True)
@@ -114,15 +125,25 @@ class NodeAnswer:
         return f"{self.host.shown} {ran}: {self.result} ({self.seconds:.1f} s)"
 
 
-class _Pinned(asyncssh.SSHClient):
-    """Remembers the key a host offered when the pinned known_hosts did not trust it (for the error)."""
+class _Offered:
+    """The key a host offered when the pinned known_hosts did not trust it (for the error)."""
 
     def __init__(self) -> None:
-        self.offered: asyncssh.SSHKey | None = None
+        self.key: asyncssh.SSHKey | None = None
 
-    def validate_host_public_key(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
-        self.offered = key
-        return False
+    def client(self) -> asyncssh.SSHClient:
+        """An asyncssh client that records the untrusted key here (and trusts nothing known_hosts does not)."""
+        _ssh()
+        import asyncssh  # loaded by _ssh(), without its warnings
+
+        offered = self
+
+        class Pinned(asyncssh.SSHClient):
+            def validate_host_public_key(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
+                offered.key = key
+                return False
+
+        return Pinned()
 
 
 class NodeSession:
@@ -162,7 +183,7 @@ class NodeSession:
                                               else {"input": stdin or b""}))
         except TimeoutError:
             raise HostError(self.host, f"{action} did not answer within {node_timeout + MARGIN:g}s") from None
-        except (asyncssh.Error, OSError) as e:
+        except (_ssh().Error, OSError) as e:
             raise HostError(self.host, f"the connection dropped during {action}: {_reason(e)}") from None
         seconds = time.monotonic() - began
         out = _text(done.stdout)
@@ -205,26 +226,28 @@ async def session(launcher: LauncherConfig, host: Host) -> AsyncIterator[NodeSes
     connect deadline; HostError (naming the host, and the fingerprint it offered) otherwise."""
     if launcher.key is None or launcher.known_hosts is None:
         raise HostError(host, "the launcher has no key or known_hosts (an ssh launcher needs both)")
+    ssh = _ssh()
     try:
-        known = asyncssh.read_known_hosts(str(launcher.known_hosts))
+        known = ssh.read_known_hosts(str(launcher.known_hosts))
     except (OSError, ValueError) as e:
         raise HostError(host, f"cannot read known_hosts {launcher.known_hosts}: {_reason(e)}") from None
-    pinned = _Pinned()
+    offered = _Offered()
+    client = offered.client()
     seconds = launcher.connect_timeout_seconds
     try:
         async with asyncio.timeout(seconds):
-            conn = await asyncssh.connect(
+            conn = await ssh.connect(
                 host.address, host.port, username=launcher.user, known_hosts=known,
-                client_keys=[asyncssh.import_private_key(launcher.key)], client_factory=lambda: pinned,
+                client_keys=[ssh.import_private_key(launcher.key)], client_factory=lambda: client,
                 config=None, agent_path=None, agent_forwarding=False, preferred_auth="publickey",
                 connect_timeout=seconds, login_timeout=seconds, keepalive_interval=15, keepalive_count_max=4)
-    except asyncssh.HostKeyNotVerifiable:
-        raise HostError(host, _untrusted(known, host, pinned.offered)) from None
-    except asyncssh.PermissionDenied:
+    except ssh.HostKeyNotVerifiable:
+        raise HostError(host, _untrusted(known, host, offered.key)) from None
+    except ssh.PermissionDenied:
         raise HostError(host, f"the host refused the bot's key for user {launcher.user} (authorized_keys)") from None
     except TimeoutError:
         raise HostError(host, f"unreachable: no SSH answer within {seconds:g}s") from None
-    except (asyncssh.Error, OSError) as e:
+    except (ssh.Error, OSError) as e:
         raise HostError(host, f"unreachable: {_reason(e)}") from None
     try:
         yield NodeSession(launcher, host, conn)
@@ -233,7 +256,7 @@ async def session(launcher: LauncherConfig, host: Host) -> AsyncIterator[NodeSes
         try:
             async with asyncio.timeout(seconds):
                 await conn.wait_closed()
-        except (TimeoutError, asyncssh.Error, OSError):
+        except (TimeoutError, ssh.Error, OSError):
             pass
 
 
