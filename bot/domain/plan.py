@@ -10,10 +10,6 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-# A plan run's fencing token, in the environment of every launcher process it starts (bot.ops.launcher): a
-# launcher that saw a newer token refuses.
-FENCE_VARIABLE = "ETCD_CHATOPS_FENCE"
-
 
 class PlanState(StrEnum):
     PROPOSED = "proposed"

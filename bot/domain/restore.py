@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from bot.domain import shell
+from bot.domain.launch_env import BUMP_VARIABLE, MARK_COMPACTED_VARIABLE
 from bot.domain.plan import Step
 from bot.domain.quorum import QuorumVerdict
 from bot.domain.snapshot import SnapshotRef
@@ -17,8 +18,6 @@ BUMP_SINCE = (3, 5, 10)   # etcdutl gained --bump-revision / --mark-compacted in
 
 APISERVER_MANIFEST = "/etc/kubernetes/manifests/kube-apiserver.yaml"  # kubeadm's; kubelet runs what is in there
 BUMP_REVISIONS = 1_000_000_000  # what etcd's own docs suggest: far beyond any watch cache
-# What a `command` launcher's restore gets when the member's etcdutl takes the flags, to pass them on
-BUMP_VARIABLE, MARK_COMPACTED_VARIABLE = "ETCD_CHATOPS_BUMP_REVISION", "ETCD_CHATOPS_MARK_COMPACTED"
 
 
 def booted_revision(snapshot_revision: int, bump: int = 0) -> int:

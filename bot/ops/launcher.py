@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from bot.config import LauncherConfig
 from bot.domain import shell
-from bot.domain.plan import FENCE_VARIABLE
+from bot.domain.launch_env import FENCE_VARIABLE
 from bot.domain.quorum import MemberState
 from bot.domain.replace import ReplacePlan
 from bot.ops import ssh

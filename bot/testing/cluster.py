@@ -24,10 +24,12 @@ import urllib.request
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
-from bot.domain.cluster import TLSFiles
 from bot.etcd.binaries import BinaryNotFound, find_binary
+
+if TYPE_CHECKING:  # imported where used: the launcher stand-in, a process per action, imports this module
+    from bot.domain.cluster import TLSFiles
 
 START_TIMEOUT = 30.0
 # Base directories of the clusters this process created (tests check that none is left running).
@@ -503,6 +505,7 @@ class LocalCluster:
         """The files for an EtcdClient talking to this cluster, or None without TLS."""
         if not self.tls:
             return None
+        from bot.domain.cluster import TLSFiles
         return TLSFiles(Path(self.tls.ca), Path(self.tls.client_cert), Path(self.tls.client_key))
 
     def member_argv(self) -> list[str]:

@@ -32,8 +32,7 @@ import time
 from pathlib import Path
 from typing import IO
 
-from bot.domain.plan import FENCE_VARIABLE
-from bot.domain.restore import BUMP_VARIABLE, MARK_COMPACTED_VARIABLE
+from bot.domain.launch_env import BUMP_VARIABLE, FENCE_VARIABLE, MARK_COMPACTED_VARIABLE
 from bot.testing.cluster import ClusterError, LocalCluster, TLSPaths, free_port, spawn, tls_member_args
 from bot.testing.netbed import CLIENT_PORT, host_for_url
 
