@@ -104,7 +104,10 @@ def test_keep_say_and_stop(tmp_path):
     assert missing.returncode == 2 and "no demo is running" in missing.stderr
 
 
-def test_ctrl_c_removes_everything(tmp_path):
+@pytest.mark.parametrize(("signum", "status", "says"), [(signal.SIGINT, 130, "interrupted: cleaning up"),
+                                                         (signal.SIGTERM, 143, "terminated: cleaning up")],
+                         ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_a_kill_removes_everything(tmp_path, signum, status, says):
     directory = tmp_path / "interrupted"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLACK_")}
     proc = subprocess.Popen(DEMO + ["--dir", str(directory)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -116,13 +119,14 @@ def test_ctrl_c_removes_everything(tmp_path):
             line = must(proc.stdout).readline()
             assert line and time.monotonic() < deadline, f"the demo ended early: {seen[-2000:]}"
             seen += line
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         proc.wait(60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 130, must(proc.stderr).read()[-2000:]
+    err = must(proc.stderr).read()
+    assert proc.returncode == status and says in err, err[-2000:]
     assert_nothing_left(directory)
 
 

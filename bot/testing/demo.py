@@ -559,18 +559,27 @@ def run_demo(directory: Path | None, keep: bool, out: TextIO = sys.stdout, scena
     ok = False
     loop = asyncio.new_event_loop()
     main = loop.create_task(story(stack, out, style))
-    loop.add_signal_handler(signal.SIGTERM, main.cancel)
+    # Ctrl-C and SIGTERM cancel the story through the loop: a KeyboardInterrupt raised wherever the main thread
+    # happens to be (a gRPC callback, a finalizer) can be swallowed there, and the demo would play on.
+    stopped_by: list[signal.Signals] = []
+
+    def stop(signum: signal.Signals) -> None:
+        stopped_by.append(signum)
+        main.cancel()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop, signum)
     try:
         summary = loop.run_until_complete(main)
         ok = True
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         main.cancel()
         loop.run_until_complete(asyncio.gather(main, return_exceptions=True))
+        if signal.SIGTERM in stopped_by:
+            print("\nterminated: cleaning up", file=sys.stderr)
+            return 143
         print("\ninterrupted: cleaning up", file=sys.stderr)
         return 130
-    except asyncio.CancelledError:
-        print("\nterminated: cleaning up", file=sys.stderr)
-        return 143
     except DemoError as e:
         print(f"\ndemo failed: {e}", file=sys.stderr)
         if stack.bot is not None:
