@@ -24,7 +24,6 @@ from datetime import date, time
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
-from cryptography.exceptions import UnsupportedAlgorithm
 from pydantic import (
     Field,
     GetJsonSchemaHandler,
@@ -238,6 +237,7 @@ def _host_port(value: str) -> str:
 def _ssh_key(text: str) -> str:
     """A private key in OpenSSH's format (or PEM) without a passphrase: the bot runs unattended. The reason never
     shows the key."""
+    from cryptography.exceptions import UnsupportedAlgorithm  # here: only an ssh launcher's key needs it
     from cryptography.hazmat.primitives import serialization
     data = (text.strip() + "\n").encode()
     openssh = b"OPENSSH PRIVATE KEY" in data
