@@ -19,7 +19,8 @@ from bot.testing.cluster import free_port
 ISSUED: list[str] = []   # every fake S3 credential handed out in this process
 REGION = "us-east-1"
 # moto keeps an object's bytes in memory up to this size and spills the rest to a temporary file; its default
-# (5 MiB - 1 KiB) spilled every 5 MiB part of a multipart upload to disk, a fifth of the server's CPU in the suite.
+# (5 MiB - 1 KiB) spilled every 5 MiB part of a multipart upload to disk: a fifth of the server's samples in a
+# profiled suite run.
 KEY_BUFFER = 64 << 20
 
 
