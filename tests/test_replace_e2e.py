@@ -242,9 +242,11 @@ async def test_the_bot_killed_during_the_start_step_resumes_without_repeating(ma
         peer, client = urls()
         plan = await propose(slack, f"replace member1 member4 {peer} --client-url {client}")
         await slack.react(user=LEAD, channel=CHANNEL, ts=plan.ts, reaction=OK)
-        await slack.wait_for(started.exists, timeout=60, what="step 4 to start")
+        # The file exists before the launcher's pid is in it (open() makes it, close() writes it): wait for the pid.
+        pid = await slack.wait_for(lambda: started.exists() and started.read_text().strip(), timeout=60,
+                                   what="step 4 to start")
         bot.kill()
-        os.kill(int(started.read_text()), signal.SIGKILL)  # the machine died: its launcher too
+        os.kill(int(pid), signal.SIGKILL)  # the machine died: its launcher too
 
         async with open_store(tmp_path) as store:
             row = await plan_row(store, plan)
