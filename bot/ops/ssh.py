@@ -46,7 +46,7 @@ logging.getLogger("asyncssh").setLevel(logging.WARNING)
 
 @cache
 def _ssh() -> ModuleType:
-    """asyncssh, imported on the first connection: it costs a process ~0.15 s of CPU, which every CLI command
+    """asyncssh, imported on the first connection: it costs a process ~0.13 s of CPU, which every CLI command
     and bot that never reaches a host would otherwise pay at start."""
     with warnings.catch_warnings():  # asyncssh still loads DSA, which cryptography deprecates, at import
         warnings.filterwarnings("ignore", message="DSA is deprecated")
