@@ -10,8 +10,10 @@ PYTEST_ARGS ?=
 # The suite runs in this many pytest-xdist processes (a test waits on etcd, PostgreSQL and the bot between
 # bursts of CPU, so more processes than CPUs keep both busy); 0 runs it in this process. Tests are handed out one at a time,
 # those sharing a module-scoped fixture together (tests/conftest.py). On 2 CPUs the whole suite took
-# 695 s with 2, 549 s with 3 and 445 s with 4 (December 2026); make test-fast keeps 2 (FAST_WORKERS).
-PYTEST_WORKERS ?= 4
+# 695 s with 2, 549 s with 3 and 445 s with 4 (December 2026). On 7 December it took 350 s with 4, the CPUs idle
+# 20% of the time (tests waiting on etcd's and the bot's clocks), and 329 s with 5, idle 11%: 5 it is.
+# make test-fast keeps 2 (FAST_WORKERS).
+PYTEST_WORKERS ?= 5
 FAST_WORKERS ?= 2
 # Python writes its bytecode, and pytest its rewritten test modules, so the next process reads them instead of
 # compiling again (a collection compiled every test module: 9 s per pytest process, with the variable set).
