@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import sqlite3
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import aiohttp
+import pytest
 
+import bot.slack.app as slack_app
 from bot.config import load_config
 from bot.server import BotServer
 from bot.settings import SlackSettings
@@ -52,7 +56,11 @@ async def test_socket_mode_end_to_end(cluster, slack, creds, tmp_path):
                 assert r.status in (404, 405)  # no HTTP event endpoint in Socket Mode
 
 
-async def test_rate_limited_posts_wait_and_are_posted_once(cluster, slack, start_bot):
+# The retry waits Retry-After plus a jitter of [0, 1) s: the test runs at both ends of the jitter. (It drew the
+# jitter at random, and moved the clock 1.99 s: a draw above 0.99, once in a hundred runs, failed it.)
+@pytest.mark.parametrize("jitter", [0.0, math.nextafter(1.0, 0.0)], ids=["no-jitter", "most-jitter"])
+async def test_rate_limited_posts_wait_and_are_posted_once(cluster, slack, start_bot, monkeypatch, jitter):
+    monkeypatch.setattr(slack_app, "random", SimpleNamespace(random=lambda: jitter))
     clock = ManualClock()   # Retry-After is waited out on the bot's clock: moved here, not waited for
     await start_bot([cluster_table("prod", cluster)], clock=clock)
     await eventually(lambda: clock.asleep() == ["upkeep"], 10, "the upkeep asleep on the bot's clock")
@@ -62,7 +70,7 @@ async def test_rate_limited_posts_wait_and_are_posted_once(cluster, slack, start
     await clock.advance(0.99)
     statuses = [c.status for c in slack.calls_to("chat.postMessage")]
     assert statuses == [429], "sent again before Retry-After"
-    await clock.advance(1.0)   # Retry-After, and less than a second more
+    await clock.advance(1.01)   # 2 s in all: Retry-After, and the jitter of less than a second more
     assert [c.status for c in slack.calls_to("chat.postMessage")] == [429, 200]
     (msg,) = [m for m in slack.messages if m.source == "chat.postMessage"]
     assert "HEALTHY" in text_of(msg)
