@@ -234,6 +234,15 @@ async def test_wait_for_times_out_naming_what(slack: SlackStandIn) -> None:
     assert await slack.wait_for(lambda: 42, 1.0) == 42
 
 
+async def test_a_message_not_posted_in_time_is_named_with_what_was_posted_instead(slack: SlackStandIn,
+                                                                                    web_client: AsyncWebClient) -> None:
+    """A test that waits for a plan and gets a refusal says so at its deadline, not only that it timed out."""
+    before = len(slack.messages)
+    await web_client.chat_postMessage(channel=OPS, text="cannot replace member1 in prod: no leader")
+    with pytest.raises(TimeoutError, match=r"the plan message; posted meanwhile: \['cannot replace member1"):
+        await slack.wait_for_message(lambda m: "Plan" in m.text, 0.05, "the plan message", after=before)
+
+
 # ---------------------------------------------------------------------------- Web API
 
 

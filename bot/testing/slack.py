@@ -474,7 +474,8 @@ class SlackStandIn:
         *,
         after: int = 0,
     ) -> Message:
-        """The oldest message at index >= ``after`` matching predicate, waiting for it if needed."""
+        """The oldest message at index >= ``after`` matching predicate, waiting for it if needed. At the
+        deadline the error quotes what was posted meanwhile (a refusal instead of the message awaited)."""
 
         def find() -> Message | None:
             for m in self.messages[after:]:
@@ -482,7 +483,11 @@ class SlackStandIn:
                     return m
             return None
 
-        return await self.wait_for(find, timeout, what or "a matching message")
+        try:
+            return await self.wait_for(find, timeout, what or "a matching message")
+        except TimeoutError as e:
+            posted = [m.text[:300] for m in self.messages[after:]]
+            raise TimeoutError(f"{e}; posted meanwhile: {posted!r}") from None
 
     @property
     def socket_connected(self) -> bool:
