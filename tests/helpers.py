@@ -17,7 +17,7 @@ from bot.domain.snapshot import SnapshotRecord
 from bot.etcd.client import EtcdClient
 from bot.etcd.health import check_cluster
 from bot.ops.leadership import LEASE
-from bot.store.base import Store
+from bot.store.base import Store, StoreError
 from bot.store.schema import ADDED_COLUMNS, expected_columns
 from bot.store.sqlite import SqliteStore
 from bot.testing.clock import ManualClock
@@ -232,13 +232,17 @@ async def plan_row(store: Store, plan: Message, timeout: float = 10.0) -> PlanRe
 
 
 async def wait_state(store: Store, plan_id: str, states: tuple[str, ...], timeout: float = 120.0) -> PlanRecord:
+    """Wait until the plan is in one of `states`. A read the database does not answer counts as "not yet": the
+    tests that restart PostgreSQL read through a pool that reconnects after it (beside a busy CPU, the first
+    read after a restart once found no connection within the store's 0.5 s)."""
     async def reached() -> PlanRecord | None:
         row = await store.plan(plan_id)
         assert row is not None, f"no plan {plan_id}"
         return row if row["state"] in states else None
 
     try:
-        return await eventually(reached, timeout, f"plan {plan_id} to be {' or '.join(states)}", interval=0.1)
+        return await eventually(reached, timeout, f"plan {plan_id} to be {' or '.join(states)}", interval=0.1,
+                                retry_on=(StoreError,))
     except AssertionError as e:
         last = await store.plan(plan_id)
         steps = [(st.key, st.state, st.detail or st.error) for st in await store.steps(plan_id)]
