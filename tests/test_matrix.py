@@ -290,8 +290,8 @@ async def test_with_auth_a_running_learner_and_a_quorum_loss_are_shown_as_they_a
 @pytest.mark.parametrize("etcd", ["3.6"], indirect=True)
 async def test_status_shows_the_storage_version_and_a_downgrade_in_progress(etcd, make_cluster, slack, start_bot):
     c = _made_with(make_cluster(1), etcd)
-    # etcd 3.6 sets the storage version some seconds after it serves (its version monitor's round): status shows
-    # it once Status reports it (asked before that, status showed none: the test failed once so)
+    # etcd 3.6 sets the storage version from a goroutine after the cluster version is decided, so a member can
+    # serve before it reports one (status then showed none: the test failed once so); wait for etcd to report it
     async with EtcdClient(c.endpoints, timeout=2.0) as client:
         await eventually(lambda: _storage_version(client, c.endpoints[0]), 20, "etcd to report its storage version")
     await start_bot([cluster_table("prod", c)])

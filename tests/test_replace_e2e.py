@@ -304,9 +304,9 @@ async def test_a_learner_replacement_on_a_cluster_with_auth(make_cluster, slack,
     from conftest import TEST_ETCD_PASSWORD
     c = make_cluster(3)
     c.enable_auth(TEST_ETCD_PASSWORD)
-    # With auth, a read first spends up to half its deadline on Authenticate, a raft request; beside a busy CPU
-    # the default 2 s once left the survivors unread, and no plan came (what came instead was not shown then).
-    # The test is about the learner's promotion, not the deadline.
+    # With auth, a read first spends up to half its deadline on Authenticate, a raft request. The test is about the
+    # learner's promotion, not the deadline, so it is long. (Beside a busy CPU no plan came once, with 2 s; what
+    # came instead was not shown then, so the deadline is the likeliest cause, not a proven one.)
     bot = await start_bot([cluster_table("prod", c, timeout_seconds=5.0)], approval=APPROVAL)
     c.kill("member1")
     peer, client = urls()
