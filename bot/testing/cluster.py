@@ -8,6 +8,7 @@ cleaned up like our own.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -618,11 +619,19 @@ QUOTA = 16 * 1024 * 1024  # a --quota-backend-bytes small enough to fill in a se
 QUOTA_ARGS = ("--quota-backend-bytes", str(QUOTA))
 
 
-async def fill_until_nospace(cluster: LocalCluster, value_size: int = 512 * 1024, limit: int = 400) -> int:
+async def fill_until_nospace(cluster: LocalCluster, value_size: int = 512 * 1024, limit: int = 400, *,
+                             quota: int = QUOTA, full: float = 0.85, timeout: float = 30.0) -> int:
     """Overwrite a few keys with big values until etcd refuses writes ("database space
     exceeded"); the history left behind is what compaction and defragmentation reclaim.
-    Returns the number of writes that succeeded."""
-    from bot.domain.errors import EtcdRequestError
+    Returns the number of writes that succeeded, once every member holds them.
+
+    A write is done when a quorum has it, and etcd raises NOSPACE from the first member
+    that runs out; a slower member may still be applying the last megabytes, and its
+    database commits every 100 ms. Read then, it is far below its quota (a CI run's defrag
+    plan found 2 of 3 members over the rule's 80 %). So the fill ends when every member
+    reports a database of at least `full` of `quota` (each settles near 0.95 or above),
+    within `timeout`."""
+    from bot.domain.errors import EtcdError, EtcdRequestError
     from bot.etcd.client import EtcdClient
     async with EtcdClient(cluster.endpoints, tls=cluster.tls_files()) as client:
         for n in range(limit):
@@ -631,5 +640,20 @@ async def fill_until_nospace(cluster: LocalCluster, value_size: int = 512 * 1024
             except EtcdRequestError as e:
                 if "database space exceeded" not in str(e):
                     raise
+                break
+        else:
+            raise ClusterError(f"no NOSPACE after {limit} writes of {value_size} bytes")
+        deadline = time.monotonic() + timeout
+        sizes: dict[str, int | str] = {}
+        while True:
+            for endpoint in cluster.endpoints:
+                try:
+                    sizes[endpoint] = (await client.status(endpoint, timeout=2.0)).db_size
+                except EtcdError as e:
+                    sizes[endpoint] = str(e)
+            if all(isinstance(s, int) and s >= full * quota for s in sizes.values()):
                 return n
-    raise ClusterError(f"no NOSPACE after {limit} writes of {value_size} bytes")
+            if time.monotonic() > deadline:
+                raise ClusterError(f"NOSPACE after {n} writes, but not every member holds {full:.0%} of the "
+                                   f"{quota} bytes quota within {timeout:.0f}s: {sizes}")
+            await asyncio.sleep(0.05)
