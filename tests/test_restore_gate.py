@@ -127,6 +127,42 @@ async def test_a_resumed_stop_finds_quorum_back_and_stops_nothing(make_cluster, 
     assert (await audit_actions(store, row.id)).count(("step_done", "stop")) == 0
 
 
+async def test_a_member_started_again_while_the_stop_step_waits_fails_the_step_at_once(make_cluster, slack,
+                                                                                     start_bot, tmp_path):
+    """The stop step waits (60 s) for the launcher to show every member stopped. member3's stop changes nothing
+    (a supervisor that brings the unit back), so the step waits; meanwhile someone starts member1, which the
+    launcher had shown stopped. The step fails at once and names it, instead of after its 60 s (the nemesis's
+    seed 21 waited them out, its longest test): nothing more was stopped, nothing restored."""
+    c = make_cluster(3)
+    calls = tmp_path / "launcher-calls"
+    argv = ["sh", "-c", 'n=$1 a=$2; shift 2; if [ "$a $n" = "stop member3" ]; then rc=0; else "$@"; rc=$?; fi; '
+                        'echo "$a $n $rc" >> "$0"; exit $rc',  # each call's answer, logged once it is given
+            str(calls), "{name}", "{action}", *launcher_argv(c.base_dir)]
+    bot = await start_bot([cluster_table("prod", c, launcher={"kind": "command", "argv": argv, "timeout_seconds": 60})],
+                          approval=APPROVAL)
+    store = bot.ctx.store
+    await snapshot_of(slack, store, c, n=2)
+    c.kill("member1")
+    c.kill("member2")
+    plan = await propose(slack, "restore")
+    row = await plan_row(store, plan)
+    await approve_twice(slack, plan)
+
+    def waiting() -> bool:  # after every stop action, the launcher answered the step: member1 is stopped
+        lines = calls.read_text().splitlines() if calls.exists() else []
+        stops = [i for i, line in enumerate(lines) if line.startswith("stop ")]
+        return len(stops) == 3 and "status member1 3" in lines[stops[-1]:]
+    await eventually(waiting, 60, "the stop step to see member1 stopped")
+    await asyncio.to_thread(c.restart, "member1")
+    failed = await wait_state(store, row.id, ("failed",), timeout=30)
+    error = failed.error or ""
+    assert "step 1 (stop) failed: started again after it was seen stopped: member1 " in error, error
+    assert "member3" not in error.split("started again")[1]  # it never stopped: not news
+    assert c.running("member1") and c.running("member3") and not c.running("member2")
+    assert (await audit_actions(store, row.id)).count(("step_done", "stop")) == 0
+    assert "restore " not in calls.read_text() and "start " not in calls.read_text()
+
+
 async def _failed_again(store, plan_id):
     row = await store.plan(plan_id)
     return row if row.state == "failed" and "before step 1" in (row.error or "") else None

@@ -98,6 +98,11 @@ def _confirmation_refused(record: PlanRecord, named: str | None, answer: StageAn
 # ---------------------------------------------------------------- the snapshot, verified and in plaintext
 
 
+def _listed(why: dict[str, str]) -> str:
+    """Members with why each, for one line: `member1 answers; member2 running (pid 7)`."""
+    return "; ".join(f"{name} {reason}" for name, reason in why.items())
+
+
 # ---------------------------------------------------------------- the operation
 
 @register(PlanKind.RESTORE, render=blocks.restore_plan_reply)
@@ -254,18 +259,18 @@ class RestoreOperation(ClusterOperation[RestorePlan]):
         """The planned members, for the launcher's status when no member gives a member list."""
         return [Member(int(m.id, 16), m.name, (m.peer_url,), m.client_urls) for m in self.plan.members]
 
-    async def _not_stopped(self) -> list[str]:
-        """The members not shown stopped, each with why: it answers Status, or (command launcher) the launcher's
-        status does not say stopped. With the manual launcher a person confirmed the stop; a member that
-        still answers was not stopped."""
+    async def _not_stopped(self) -> dict[str, str]:
+        """The members not shown stopped, by name, each with why: it answers Status, or (command launcher) the
+        launcher's status does not say stopped. With the manual launcher a person confirmed the stop; a member
+        that still answers was not stopped."""
         up = set(await self._answering())
         if self.cluster.launcher.kind == "manual":
-            return [f"{name} answers" for name in sorted(up)]
+            return {name: "answers" for name in sorted(up)}
         states = await asyncio.gather(*(member_status(self.cluster.launcher, m.name, m.peer_url, m.client_urls,
                                                       self.ctx.secrets()) for m in self.plan.members))
-        return [f"{m.name} {'answers' if m.name in up else s.state.value} ({s.detail})"
+        return {m.name: f"{'answers' if m.name in up else s.state.value} ({s.detail})"
                 for m, s in zip(self.plan.members, states, strict=True)
-                if m.name in up or s.state is not MemberState.STOPPED]
+                if m.name in up or s.state is not MemberState.STOPPED}
 
     def _stopped_by(self) -> str:
         return {"command": "the launcher's status reports every member stopped",
@@ -299,22 +304,41 @@ class RestoreOperation(ClusterOperation[RestorePlan]):
 
     async def all_stopped(self, detail: str) -> str:
         """Every member stopped by the launcher's own status (with the manual launcher: by the person's
-        confirmation, and none answers), never because it does not answer the bot."""
-        left: list[str] = []
+        confirmation, and none answers), never because it does not answer the bot.
+
+        A member the launcher showed stopped that runs again was started by someone else (a person, a
+        supervisor, the machine coming back): waiting out the deadline cannot end well, so the step fails
+        at once and says which. The manual launcher's only evidence is an answer, which a slow member can
+        withhold once, so there the wait goes on."""
+        left: dict[str, str] = {}
+        seen_stopped: set[str] = set()
+        again: dict[str, str] = {}
 
         async def stopped() -> str | None:
-            left[:] = await self._not_stopped()
+            left.clear()
+            left.update(await self._not_stopped())
+            again.clear()
+            again.update((name, why) for name, why in left.items() if name in seen_stopped)
+            if again:
+                return ""
+            if self.cluster.launcher.kind != "manual":
+                seen_stopped.update(m.name for m in self.plan.members if m.name not in left)
             return None if left else f"{detail}; {self._stopped_by()}"
         try:
-            return await self._wait("every member stopped", STOP_TIMEOUT, stopped)
+            found = await self._wait("every member stopped", STOP_TIMEOUT, stopped)
         except StepFailed:
-            raise StepFailed(f"not every member stopped within {STOP_TIMEOUT:g}s: {'; '.join(left)}",
+            raise StepFailed(f"not every member stopped within {STOP_TIMEOUT:g}s: {_listed(left)}",
                              "stop them by hand, then /etcd resume the plan") from None
+        if again:
+            raise StepFailed(f"started again after it was seen stopped: {_listed(again)}",
+                             "find out who started it; /etcd status shows whether quorum is back, and "
+                             "/etcd resume re-checks it before anything is stopped")
+        return found
 
     async def before_restore(self) -> str:
         left = await self._not_stopped()
         if left:
-            raise FactsChanged(f"{'; '.join(left)}: a member restored while another runs on old data would split "
+            raise FactsChanged(f"{_listed(left)}: a member restored while another runs on old data would split "
                                "the cluster; nothing was restored", self.plan.id)
         return f"every member is stopped: {self._stopped_by()}"
 
