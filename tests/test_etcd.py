@@ -5,6 +5,7 @@ import asyncio
 import time
 
 import pytest
+from aetcd import rpc
 
 from bot.domain.cluster import TLSFiles
 from bot.domain.errors import (
@@ -244,3 +245,30 @@ async def test_a_fill_until_nospace_ends_once_every_member_holds_the_writes(make
 
 async def _nospace(client: EtcdClient, endpoint: str) -> bool:
     return any(a.kind == "NOSPACE" for a in (await client.status(endpoint)).alarms)
+
+
+async def test_an_authenticate_that_finds_no_leader_cuts_no_other_call_to_that_member(make_cluster):
+    """Under a quorum loss, a survivor's Authenticate waits for a leader until its deadline. That deadline
+    closed the member's channel as if the member were down, and with it every call in flight on it: the
+    status after a quorum loss showed the survivor DOWN ('no answer within 5s', the Authenticate's words),
+    when its Status had been sent the moment the Authenticate's deadline came. Here a linearizable member
+    list, in flight on that channel with a longer deadline, ends at its own deadline, in its own words."""
+    from conftest import TEST_ETCD_PASSWORD
+    c = make_cluster(3)
+    c.enable_auth(TEST_ETCD_PASSWORD)
+    url = c.member("member3").client_url
+    c.pause("member1")
+    c.pause("member2")
+
+    async def linearizable_members(ch, md, t):
+        return await rpc.ClusterStub(ch).MemberList(rpc.MemberListRequest(linearizable=True), timeout=t,
+                                                    metadata=md)
+    async with EtcdClient([url], username="root", password=TEST_ETCD_PASSWORD, timeout=2.0) as client:
+        in_flight = asyncio.ensure_future(client.call(url, linearizable_members, 4.0, auth="none"))
+        started = time.monotonic()
+        status = await client.status(url)  # starts the Authenticate (2 s), gives up on it after 1 s
+        assert status.member_id and client._token is None
+        with pytest.raises(EtcdTimeout) as cut:
+            await in_flight
+        elapsed = time.monotonic() - started
+    assert "no answer within 4s" in cut.value.message and elapsed > 3.5, (cut.value.message, elapsed)

@@ -302,7 +302,10 @@ class EtcdClient:
                 except grpc.aio.AioRpcError as e:
                     err = map_grpc_error(e, endpoint, timeout)
                     if not any(m in (e.details() or "") for m in _LEADERLESS) or left < 0.2:
-                        if isinstance(err, EtcdUnavailable):
+                        # A refused or broken connection is dropped, so the next call dials anew. Not a deadline:
+                        # Authenticate waits for a leader, and a live member without one would see its other
+                        # calls in flight cut with "no answer" (a quorum loss's survivor was shown DOWN).
+                        if isinstance(err, EtcdUnavailable) and not isinstance(err, EtcdTimeout):
                             self._drop(endpoint, "short", err)
                         raise err from None
                 await asyncio.sleep(0.1)
