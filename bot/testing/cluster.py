@@ -19,6 +19,7 @@ import socket
 import ssl
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -59,18 +60,59 @@ def worker_ports() -> range:
     return range(first, first + share)
 
 
+# Where this process's next free_port() looks: a random place in its share at first, then onwards. Picked at
+# random, a port handed out but not yet bound (a replacement's URLs, chosen when the plan is proposed and bound
+# at its start step) could be handed out again to the next test's cluster, started meanwhile in a thread.
+_next_port: list[int] = []
+_port_lock = threading.Lock()
+
+
 def free_port() -> int:
-    """A port free on 127.0.0.1 right now, at random from this process's share (see PORTS)."""
+    """A port free on 127.0.0.1 right now from this process's share (see PORTS), after the last one it gave:
+    a port comes round again only after the whole share (2,553 ports with 5 workers)."""
     ports = worker_ports()
-    for _ in range(1000):
-        port = _random.choice(ports)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
+    with _port_lock:
+        if not _next_port or _next_port[0] not in ports:
+            _next_port[:] = [_random.choice(ports)]
+        for _ in range(len(ports)):
+            port = _next_port[0]
+            _next_port[0] = port + 1 if port + 1 < ports.stop else ports.start
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     raise ClusterError(f"no free port on 127.0.0.1 in {ports.start}-{ports.stop - 1}")
+
+
+def listening(pid: int, port: int) -> bool:
+    """Whether process `pid` itself listens on TCP `port` (in its own network namespace). An answer on a member's
+    port proves nothing alone: when another process holds it, the member exits on its bind error, and until it
+    has, the other process answers for it."""
+    inodes: set[str] = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    if not inodes:
+        return False
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                return True
+        except OSError:
+            continue
+    return False
 
 
 @dataclass
@@ -458,7 +500,7 @@ class LocalCluster:
                     raise ClusterError(f"no local member named {n!r}")
                 if not self.running(n):
                     raise ClusterError(f"{n} exited while starting:\n{log_tail(m.log_file)}")
-                if ok(m):
+                if ok(m) and m.pid is not None and listening(m.pid, m.client_port):
                     pending.discard(n)
             if pending and time.monotonic() > deadline:
                 n = sorted(pending)[0]
