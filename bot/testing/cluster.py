@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Self
 from bot.etcd.binaries import BinaryNotFound, find_binary
 
 if TYPE_CHECKING:  # imported where used: the launcher stand-in, a process per action, imports this module
-    from bot.domain.cluster import TLSFiles
+    from bot.domain.cluster import MemberStatus, TLSFiles
+    from bot.etcd.client import EtcdClient
 
 START_TIMEOUT = 30.0
 # Base directories of the clusters this process created (tests check that none is left running).
@@ -663,39 +664,59 @@ QUOTA_ARGS = ("--quota-backend-bytes", str(QUOTA))
 
 async def fill_until_nospace(cluster: LocalCluster, value_size: int = 512 * 1024, limit: int = 400, *,
                              quota: int = QUOTA, full: float = 0.85, timeout: float = 30.0) -> int:
-    """Overwrite a few keys with big values until etcd refuses writes ("database space
-    exceeded"); the history left behind is what compaction and defragmentation reclaim.
-    Returns the number of writes that succeeded, once every member holds them.
+    """Overwrite a few keys with big values until etcd refuses writes ("database space exceeded") and every
+    member's database holds at least `full` of `quota`; the history left behind is what compaction and
+    defragmentation reclaim. Returns the number of writes that succeeded.
 
-    A write is done when a quorum has it, and etcd raises NOSPACE from the first member
-    that runs out; a slower member may still be applying the last megabytes, and its
-    database commits every 100 ms. Read then, it is far below its quota (a CI run's defrag
-    plan found 2 of 3 members over the rule's 80 %). So the fill ends when every member
-    reports a database of at least `full` of `quota` (each settles near 0.95 or above),
-    within `timeout`."""
-    from bot.domain.errors import EtcdError, EtcdRequestError
+    etcd raises NOSPACE from the first member whose database file reaches the quota, and the files differ:
+    the same writes applied in fewer commits leave fewer free pages (a member that caught up in one go read
+    0.82 of the quota while another read 0.97). Read right after the refusal, a member still applying read
+    lower still (a CI run's defrag plan passed 2 members of 3). So once every member has applied every
+    write, a member under `full` gets more: the alarm is disarmed and the next write goes through it."""
+    from bot.domain.errors import EtcdRequestError
     from bot.etcd.client import EtcdClient
-    async with EtcdClient(cluster.endpoints, tls=cluster.tls_files()) as client:
+    tls = cluster.tls_files()
+    deadline = time.monotonic() + timeout
+    async with EtcdClient(cluster.endpoints, tls=tls) as client:
+        through = client
+        written = 0
         for n in range(limit):
             try:
-                await client.put(b"fill/%d" % (n % 4), b"x" * value_size)
+                await through.put(b"fill/%d" % (n % 4), b"x" * value_size)
+                written += 1
+                continue
             except EtcdRequestError as e:
                 if "database space exceeded" not in str(e):
                     raise
-                break
+            if through is not client:
+                await through.close()
+            statuses = await _settled(client, cluster.endpoints, deadline)
+            small = [st for st in statuses if st.db_size < full * quota]
+            if not small:
+                return written
+            for alarm in {a for st in statuses for a in st.alarms}:
+                await client.alarm_disarm(alarm.member_id, alarm.kind)
+            through = EtcdClient([small[0].endpoint], tls=tls)
+    raise ClusterError(f"not every member held {full:.0%} of the {quota} bytes quota after {limit} writes of "
+                       f"{value_size} bytes")
+
+
+async def _settled(client: EtcdClient, endpoints: Sequence[str], deadline: float) -> list[MemberStatus]:
+    """Every member's status once each has applied all the cluster committed and its database size stopped
+    moving (etcd commits it every 100 ms), or ClusterError at `deadline`."""
+    from bot.domain.errors import EtcdError
+    last: dict[str, int] = {}
+    while True:
+        try:
+            statuses = [await client.status(endpoint, timeout=2.0) for endpoint in endpoints]
+        except EtcdError as e:
+            statuses, why = [], str(e)
         else:
-            raise ClusterError(f"no NOSPACE after {limit} writes of {value_size} bytes")
-        deadline = time.monotonic() + timeout
-        sizes: dict[str, int | str] = {}
-        while True:
-            for endpoint in cluster.endpoints:
-                try:
-                    sizes[endpoint] = (await client.status(endpoint, timeout=2.0)).db_size
-                except EtcdError as e:
-                    sizes[endpoint] = str(e)
-            if all(isinstance(s, int) and s >= full * quota for s in sizes.values()):
-                return n
-            if time.monotonic() > deadline:
-                raise ClusterError(f"NOSPACE after {n} writes, but not every member holds {full:.0%} of the "
-                                   f"{quota} bytes quota within {timeout:.0f}s: {sizes}")
-            await asyncio.sleep(0.05)
+            committed = max(st.raft_index for st in statuses)
+            sizes = {st.endpoint: st.db_size for st in statuses}
+            if all(st.raft_applied_index >= committed for st in statuses) and sizes == last:
+                return statuses
+            last, why = sizes, f"applied {[st.raft_applied_index for st in statuses]} of {committed}, sizes {sizes}"
+        if time.monotonic() > deadline:
+            raise ClusterError(f"the members did not settle after NOSPACE: {why}")
+        await asyncio.sleep(0.25)
