@@ -11,7 +11,8 @@ PYTEST_ARGS ?=
 # bursts of CPU, so more processes than CPUs keep both busy); 0 runs it in this process. Tests are handed out one at a time,
 # those sharing a module-scoped fixture together (tests/conftest.py). On 2 CPUs the whole suite took
 # 695 s with 2, 549 s with 3 and 445 s with 4 (December 2026). On 7 December it took 350 s with 4, the CPUs idle
-# 20% of the time (tests waiting on etcd's and the bot's clocks), and 329 s with 5, idle 11%: 5 it is.
+# 20% of the time (tests waiting on etcd's and the bot's clocks), and 329 s with 5, idle 11%: 5 it is. The suite
+# keeps both CPUs busy, so its time follows its CPU-seconds (608 at 877f0ff, 323 s).
 # make test-fast keeps 2 (FAST_WORKERS).
 PYTEST_WORKERS ?= 5
 FAST_WORKERS ?= 2
