@@ -67,6 +67,16 @@ async def approve_twice(slack, plan) -> None:
         await slack.react(user=user, channel=CHANNEL, ts=plan.ts, reaction=OK)
 
 
+async def restore_approved(slack, store, c):
+    """Quorum lost (member1 and member2 killed), `/etcd restore` proposed and approved twice: (message, record)."""
+    c.kill("member1")
+    c.kill("member2")
+    plan = await propose(slack, "restore")
+    row = await plan_row(store, plan)
+    await approve_twice(slack, plan)
+    return plan, row
+
+
 @pytest.mark.parametrize("size", [3, 5])
 async def test_restore_after_quorum_loss_brings_back_exactly_the_snapshot(make_cluster, slack, start_bot, size):
     c = make_cluster(size)
@@ -163,11 +173,7 @@ async def test_a_corrupt_snapshot_is_refused_at_step_0_with_nothing_stopped(make
         b = f.read(1)
         f.seek(4096 + 100)
         f.write(bytes([b[0] ^ 0xFF]))
-    c.kill("member1")
-    c.kill("member2")
-    plan = await propose(slack, "restore")
-    row = await plan_row(store, plan)
-    await approve_twice(slack, plan)
+    plan, row = await restore_approved(slack, store, c)
     failed = await eventually(lambda: _failed(store, row.id), 60, "the plan to fail")
     assert "before step 0 (verify)" in failed.error and "has changed since it was recorded" in failed.error
     assert c.running("member3")
@@ -363,11 +369,7 @@ async def test_members_restarted_on_their_old_data_fail_the_check(make_cluster, 
     store = bot.ctx.store
     await snapshot_of(slack, store, c, n=2)
     c.etcdctl("put", "/registry/later", "written after the snapshot")
-    c.kill("member1")
-    c.kill("member2")
-    plan = await propose(slack, "restore")
-    row = await plan_row(store, plan)
-    await approve_twice(slack, plan)
+    plan, row = await restore_approved(slack, store, c)
     await stage_commands(slack, plan, "stop")
     await asyncio.to_thread(c.stop, "member3")
     await ephemeral(slack, f"continue {row.id} stop", user=LEAD)
@@ -397,11 +399,7 @@ async def test_a_plan_waiting_on_a_person_is_cancelled_there_by_an_approver(make
     bot = await start_bot([manual(c, timeout_seconds=30)], approval=APPROVAL)
     store = bot.ctx.store
     await snapshot_of(slack, store, c, n=2)
-    c.kill("member1")
-    c.kill("member2")
-    plan = await propose(slack, "restore")
-    row = await plan_row(store, plan)
-    await approve_twice(slack, plan)
+    plan, row = await restore_approved(slack, store, c)
     await stage_commands(slack, plan, "stop")
     said = thread(slack, plan)
     assert re.search(r"The plan waits until \d\d:\d\d:\d\d UTC \(30 s\); an approver can stop it here with "

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from test_restore_e2e import approve_twice, keys, snapshot_of
+from test_restore_e2e import approve_twice, keys, restore_approved, snapshot_of
 
 from bot.domain.quorum import MemberState
 from bot.domain.restore import RestorePlan
@@ -105,11 +105,7 @@ async def test_a_resumed_stop_finds_quorum_back_and_stops_nothing(make_cluster, 
     bot = await start_bot([table], approval=APPROVAL)
     store = bot.ctx.store
     await snapshot_of(slack, store, c, n=2)
-    c.kill("member1")
-    c.kill("member2")
-    plan = await propose(slack, "restore")
-    row = await plan_row(store, plan)
-    await approve_twice(slack, plan)
+    plan, row = await restore_approved(slack, store, c)
     failed = await wait_state(store, row.id, ("failed",), timeout=60)
     error = failed.error or ""
     assert "step 1 (stop) failed" in error and "No route to host" in error, error
@@ -142,11 +138,7 @@ async def test_a_member_started_again_while_the_stop_step_waits_fails_the_step_a
                           approval=APPROVAL)
     store = bot.ctx.store
     await snapshot_of(slack, store, c, n=2)
-    c.kill("member1")
-    c.kill("member2")
-    plan = await propose(slack, "restore")
-    row = await plan_row(store, plan)
-    await approve_twice(slack, plan)
+    plan, row = await restore_approved(slack, store, c)
 
     def waiting() -> bool:  # after every stop action, the launcher answered the step: member1 is stopped
         lines = calls.read_text().splitlines() if calls.exists() else []
