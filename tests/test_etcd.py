@@ -253,7 +253,7 @@ async def test_an_authenticate_that_finds_no_leader_cuts_no_other_call_to_that_m
     closed the member's channel as if the member were down, and with it every call in flight on it: the
     status after a quorum loss showed the survivor DOWN ('no answer within 5s', the Authenticate's words),
     when its Status had been sent the moment the Authenticate's deadline came. Here a linearizable member
-    list, in flight on that channel with a longer deadline, ends at its own deadline, in its own words."""
+    list, in flight on that channel with a longer deadline, ends at its own deadline."""
     from conftest import TEST_ETCD_PASSWORD
     c = make_cluster(3)
     c.enable_auth(TEST_ETCD_PASSWORD)
@@ -269,7 +269,10 @@ async def test_an_authenticate_that_finds_no_leader_cuts_no_other_call_to_that_m
         started = time.monotonic()
         status = await client.status(url)  # starts the Authenticate (2 s), gives up on it after 1 s
         assert status.member_id and client._token is None
-        with pytest.raises(EtcdTimeout) as cut:
+        with pytest.raises(EtcdError) as cut:
             await in_flight
         elapsed = time.monotonic() - started
-    assert "no answer within 4s" in cut.value.message and elapsed > 3.5, (cut.value.message, elapsed)
+    # Its own deadline, seen by the client ("no answer within 4s") or, under load, first by etcd, which hands the
+    # caller's deadline back in its own words; never cut at 2 s in the Authenticate's words.
+    said = cut.value.message
+    assert ("no answer within 4s" in said or said == "context deadline exceeded") and elapsed > 3.5, (said, elapsed)
