@@ -298,7 +298,7 @@ async def test_restore_from_a_real_snapshot(recipe: str, stand_ins: list[StandIn
         assert c.node(n, *put, stdin=data).json["changed"] is True
         assert c.node(n, *put, stdin=b"").json["changed"] is False, "sent again although it is there"
     bad = c.node("m1", "put-snapshot", "--member", "m1", "--fence", "3", "--snapshot", "bad.db", "--sha256", sha,
-                 "--size", str(len(data)), stdin=data[:-1] + b"x")
+                 "--size", str(len(data)), stdin=data[:-1] + bytes([data[-1] ^ 0xFF]))  # never the same byte
     assert "not kept" in refused(bad, "failed") and not (c.host("m1").snapshot_dir / "bad.db").exists()
 
     # one after the other: stopped all at once, the leader spends etcd's request timeout (5 s + 2 election
