@@ -95,15 +95,12 @@ def _confirmation_refused(record: PlanRecord, named: str | None, answer: StageAn
             "its stage begins counts for nothing")
 
 
-# ---------------------------------------------------------------- the snapshot, verified and in plaintext
-
+# ---------------------------------------------------------------- the operation
 
 def _listed(why: dict[str, str]) -> str:
     """Members with why each, for one line: `member1 answers; member2 running (pid 7)`."""
     return "; ".join(f"{name} {reason}" for name, reason in why.items())
 
-
-# ---------------------------------------------------------------- the operation
 
 @register(PlanKind.RESTORE, render=blocks.restore_plan_reply)
 class RestoreOperation(ClusterOperation[RestorePlan]):
