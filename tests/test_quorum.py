@@ -115,3 +115,23 @@ def test_members_that_answer_without_their_status_leave_the_quorum_unknown_never
                   MemberHealth(member(3), None, "connection refused"), MemberHealth(member(4), None, "x", refused=True),
                   MemberHealth(member(5), None, "connection refused"))
     assert lost.quorum.known and verdict(lost) == "QUORUM LOST"  # 1 healthy + 1 unknown < 3: lost whatever it says
+
+
+def test_a_snapshot_confirms_the_leaders_commits_only_where_a_linearizable_read_can_answer():
+    """save_snapshot's wait for the source to catch up is a linearizable read: asked of a member without a
+    leader (or, right after a quorum loss, one still naming the dead leader) it would wait out its deadline
+    and fail the snapshot the runbook wants of a survivor; a learner refuses it."""
+    up = health(MemberHealth(member(1), status(1)), MemberHealth(member(2), status(2)),
+                MemberHealth(member(3), status(3)))
+    assert all(up.linearizable_through(m) for m in up.members)
+    lost = health(MemberHealth(member(1), None, "connection refused"), MemberHealth(member(2), None, "timeout"),
+                  MemberHealth(member(3), status(3)))
+    assert lost.members[2].healthy and lost.snapshot_source() is lost.members[2]
+    assert not lost.linearizable_through(lost.members[2])
+    electing = health(MemberHealth(member(1), None, "connection refused"),
+                      MemberHealth(member(2), status(2, leader=0, errors=("etcdserver: no leader",))),
+                      MemberHealth(member(3), status(3, leader=0, errors=("etcdserver: no leader",))))
+    assert not electing.linearizable_through(electing.members[1])
+    learning = health(MemberHealth(member(1), status(1)), MemberHealth(member(2), status(2)),
+                      MemberHealth(member(3, learner=True), status(3)))
+    assert not learning.linearizable_through(learning.members[2])

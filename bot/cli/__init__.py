@@ -430,7 +430,7 @@ async def _snapshot_save(args: argparse.Namespace) -> int:
             return EXIT_FAILED
         try:
             saved = await save_snapshot(client, source.status.endpoint, source.member.name, Path(args.dir), name,
-                                        tuple(args.age_recipient))
+                                        tuple(args.age_recipient), follows_leader=health.linearizable_through(source))
         except SnapshotFailed as e:
             print(f"etcd-chatops snapshot save: {e}", file=sys.stderr)
             return EXIT_FAILED

@@ -271,6 +271,13 @@ class ClusterHealth:
         followers = [h for h in healthy if h.member.id != self.leader_id and not h.member.is_learner]
         return next(iter(followers or healthy), None)
 
+    def linearizable_through(self, m: MemberHealth) -> bool:
+        """Whether a linearizable read through `m` can answer now: a voter that names a leader, in a cluster
+        with a quorum. Otherwise it would wait out its deadline (no leader: right after a quorum loss a
+        survivor still names the dead one) or be refused (a learner)."""
+        return (m.status is not None and m.status.leader != 0 and not m.status.is_learner
+                and not m.member.is_learner and self.quorum.ok)
+
     def find(self, ref: str) -> MemberHealth | None:
         """A member by name or hex ID (as `member list` prints it)."""
         ref = ref.strip().lower()

@@ -539,11 +539,14 @@ class EtcdClient:
             return int(r.header.revision)
         return await self.failover(fn, timeout)
 
-    async def revision(self, endpoint: str, timeout: float | None = None) -> int:
-        """The member's current store revision (a serializable, keys-only read of one key)."""
+    async def revision(self, endpoint: str, timeout: float | None = None, *, linearizable: bool = False) -> int:
+        """The member's current store revision (a keys-only read of one key). Serializable: what the member
+        has applied. `linearizable`: the member first confirms the leader's commit index and answers once it
+        has applied that far, so the revision covers every write acknowledged before the call (a voter that
+        follows a leader only: without one it waits out the deadline, and a learner refuses)."""
         async def fn(ch: grpc.aio.Channel, md: Metadata, t: float) -> int:
             r = await rpc.KVStub(ch).Range(rpc.RangeRequest(key=b"\0", range_end=b"\0", keys_only=True, limit=1,
-                                                            serializable=True), timeout=t, metadata=md)
+                                                            serializable=not linearizable), timeout=t, metadata=md)
             return int(r.header.revision)
         return await self.call(endpoint, fn, timeout)
 

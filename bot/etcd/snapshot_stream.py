@@ -285,9 +285,16 @@ def _one_line(e: BaseException) -> str:
 
 async def save_snapshot(client: EtcdClient, endpoint: str, member: str, directory: Path, cluster: str,
                         recipients: tuple[str, ...] = (),
-                        upload: Callable[[str], Tee] | None = None) -> SavedSnapshot:
+                        upload: Callable[[str], Tee] | None = None, *, follows_leader: bool = False) -> SavedSnapshot:
     """Stream one member's snapshot into `directory/<cluster>/`, verify it,
     compute its status, and (with age recipients) encrypt it as it arrives.
+
+    `follows_leader` (ClusterHealth.linearizable_through the member): the
+    stream opens only once the member has applied every write the cluster
+    acknowledged before the call (a linearizable read through it). A write is
+    acknowledged once a quorum has it, so a follower, the usual source, may
+    still be applying it: without the wait its snapshot could lack it.
+    Without a leader nothing newer can be committed, and the read would hang.
 
     A pipeline: the receive loop hands 1 MiB batches to worker threads that
     write, hash, encrypt and upload at the same time (bounded queues: constant
@@ -306,7 +313,8 @@ async def save_snapshot(client: EtcdClient, endpoint: str, member: str, director
     except OSError as e:
         raise SnapshotFailed(f"cannot create {target_dir}: {e.strerror}") from None
     try:
-        revision = await client.revision(endpoint)  # for the .part name (and an upload's: see below)
+        # for the .part name (and an upload's: see below)
+        revision = await client.revision(endpoint, linearizable=follows_leader)
         stream = await client.snapshot(endpoint)
     except EtcdError as e:
         raise SnapshotFailed(f"{member} would not start a snapshot: {e}", source_failed=True) from None

@@ -181,7 +181,8 @@ async def _take(ctx: BotContext, cluster: ClusterConfig, lease: Lease, *, reques
         upload = partial(remote.begin_upload, cluster.name)
     try:
         saved = await save_snapshot(client, source.status.endpoint, source.member.name, ctx.config.snapshot_dir,
-                                    cluster.name, cluster.snapshots.age_recipients, upload)
+                                    cluster.name, cluster.snapshots.age_recipients, upload,
+                                    follows_leader=health.linearizable_through(source))
     except SnapshotFailed as e:
         # The member died mid-stream: once, from another healthy member.
         if not e.source_failed:
@@ -197,7 +198,8 @@ async def _take(ctx: BotContext, cluster: ClusterConfig, lease: Lease, *, reques
         log.warning("snapshot source failed; trying another member",
                     extra={"ctx_cluster": cluster.name, "ctx_failed": source.member.name, "ctx_error": str(e)})
         saved = await save_snapshot(client, other.status.endpoint, other.member.name, ctx.config.snapshot_dir,
-                                    cluster.name, cluster.snapshots.age_recipients, upload)
+                                    cluster.name, cluster.snapshots.age_recipients, upload,
+                                    follows_leader=health.linearizable_through(other))
         saved = replace(saved, failed_over_from=source.member.name)
     if remote_error is not None:
         saved = replace(saved, upload_error=remote_error)
