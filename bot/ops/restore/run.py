@@ -102,6 +102,14 @@ def _listed(why: dict[str, str]) -> str:
     return "; ".join(f"{name} {reason}" for name, reason in why.items())
 
 
+class _StartedAgain(Exception):
+    """Raised out of the stop step's wait: a member the launcher had shown stopped runs again."""
+
+    def __init__(self, members: dict[str, str]):
+        super().__init__(_listed(members))
+        self.members = members
+
+
 @register(PlanKind.RESTORE, render=blocks.restore_plan_reply)
 class RestoreOperation(ClusterOperation[RestorePlan]):
     plan_type, what = RestorePlan, "a restore"
@@ -309,28 +317,24 @@ class RestoreOperation(ClusterOperation[RestorePlan]):
         withhold once, so there the wait goes on."""
         left: dict[str, str] = {}
         seen_stopped: set[str] = set()
-        again: dict[str, str] = {}
 
         async def stopped() -> str | None:
             left.clear()
             left.update(await self._not_stopped())
-            again.clear()
-            again.update((name, why) for name, why in left.items() if name in seen_stopped)
-            if again:
-                return ""
+            if again := {name: why for name, why in left.items() if name in seen_stopped}:
+                raise _StartedAgain(again)
             if self.cluster.launcher.kind != "manual":
                 seen_stopped.update(m.name for m in self.plan.members if m.name not in left)
             return None if left else f"{detail}; {self._stopped_by()}"
         try:
-            found = await self._wait("every member stopped", STOP_TIMEOUT, stopped)
+            return await self._wait("every member stopped", STOP_TIMEOUT, stopped)
+        except _StartedAgain as e:
+            raise StepFailed(f"started again after it was seen stopped: {_listed(e.members)}",
+                             "find out who started it; /etcd status shows whether quorum is back, and "
+                             "/etcd resume re-checks it before anything is stopped") from None
         except StepFailed:
             raise StepFailed(f"not every member stopped within {STOP_TIMEOUT:g}s: {_listed(left)}",
                              "stop them by hand, then /etcd resume the plan") from None
-        if again:
-            raise StepFailed(f"started again after it was seen stopped: {_listed(again)}",
-                             "find out who started it; /etcd status shows whether quorum is back, and "
-                             "/etcd resume re-checks it before anything is stopped")
-        return found
 
     async def before_restore(self) -> str:
         left = await self._not_stopped()
