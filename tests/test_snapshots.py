@@ -595,7 +595,7 @@ async def test_snapshot_message_has_the_facts_and_nothing_is_uploaded(make_clust
 async def test_a_snapshot_holds_every_write_acknowledged_before_it_was_asked_for(make_cluster, slack, start_bot):
     """A write is acknowledged once a quorum has it, and the bot snapshots a follower, which may still be
     applying it. The follower here was paused through 200 writes of 100 KiB and resumed just before the
-    request: without waiting for it to catch up, its snapshot held revision 14 to 53 of 201 (3 runs of 3)."""
+    request: without waiting for it to catch up, its snapshot held revision 14 to 53 of 201 (6 runs of 6)."""
     c = make_cluster(3)
     bot = await start_bot([cluster_table("prod", c)])
     async with EtcdClient(c.endpoints) as client:
@@ -604,8 +604,12 @@ async def test_a_snapshot_holds_every_write_acknowledged_before_it_was_asked_for
     c.pause(source.member.name)
     try:
         async with EtcdClient([m.client_url for name, m in c.members.items() if name != source.member.name]) as w:
-            for i in range(200):
-                last = await w.put(f"/registry/bulk/{i:03d}".encode(), b"x" * (100 * KiB))
+            gate = asyncio.Semaphore(8)
+
+            async def put(i: int) -> int:
+                async with gate:
+                    return await w.put(f"/registry/bulk/{i:03d}".encode(), b"x" * (100 * KiB), timeout=30)
+            last = max(await asyncio.gather(*(put(i) for i in range(200))))
     finally:
         c.resume(source.member.name)
 
