@@ -119,8 +119,9 @@ def test_members_that_answer_without_their_status_leave_the_quorum_unknown_never
 
 def test_a_snapshot_confirms_the_leaders_commits_only_where_a_linearizable_read_can_answer():
     """save_snapshot's wait for the source to catch up is a linearizable read: asked of a member without a
-    leader (or, right after a quorum loss, one still naming the dead leader) it would wait out its deadline
-    and fail the snapshot the runbook wants of a survivor; a learner refuses it."""
+    leader, or one still naming a leader that died (until the survivors elect another; after a quorum loss
+    they never do), it fails or waits out its deadline, and with it the snapshot the runbook wants of a
+    survivor; a learner refuses it."""
     up = health(MemberHealth(member(1), status(1)), MemberHealth(member(2), status(2)),
                 MemberHealth(member(3), status(3)))
     assert all(up.linearizable_through(m) for m in up.members)
@@ -128,6 +129,9 @@ def test_a_snapshot_confirms_the_leaders_commits_only_where_a_linearizable_read_
                   MemberHealth(member(3), status(3)))
     assert lost.members[2].healthy and lost.snapshot_source() is lost.members[2]
     assert not lost.linearizable_through(lost.members[2])
+    leaderless = health(MemberHealth(member(1), None, "connection refused"), MemberHealth(member(2), status(2)),
+                        MemberHealth(member(3), status(3)))  # both still name member 1, dead, until they elect
+    assert leaderless.quorum.ok and not any(leaderless.linearizable_through(m) for m in leaderless.members)
     electing = health(MemberHealth(member(1), None, "connection refused"),
                       MemberHealth(member(2), status(2, leader=0, errors=("etcdserver: no leader",))),
                       MemberHealth(member(3), status(3, leader=0, errors=("etcdserver: no leader",))))

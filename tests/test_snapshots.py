@@ -620,6 +620,23 @@ async def test_a_snapshot_holds_every_write_acknowledged_before_it_was_asked_for
     assert str(row.revision) in text_of(msg)
 
 
+async def test_a_snapshot_right_after_the_leader_died_comes_from_the_first_follower(make_cluster, slack, start_bot):
+    """Until the survivors elect a new leader they still name the dead one, and a read that waits for the
+    leader's commit index fails ("leader changed") or waits out its deadline. The snapshot does not wait
+    for a leader its health check saw dead: it is taken from the first follower, as before the wait existed
+    (with the wait, the source "failed" and the bot tried the other member; a plan's pre-change snapshot
+    failed so in a run beside a busy CPU)."""
+    c = make_cluster(3)
+    bot = await start_bot([cluster_table("prod", c)])
+    leader = leader_name(c)
+    c.kill(leader)
+    msg = await reply(slack, "snapshot", timeout=60)
+    assert msg.text.startswith("Snapshot of prod"), msg.text
+    assert "stopped answering" not in text_of(msg), text_of(msg)
+    (row,) = await bot.ctx.store.snapshots("prod")
+    assert row.member != leader
+
+
 # ---------------------------------------------------------------- 7. /etcd snapshots
 
 async def test_snapshots_lists_the_history_newest_first(make_cluster, slack, start_bot, tmp_path):

@@ -272,11 +272,13 @@ class ClusterHealth:
         return next(iter(followers or healthy), None)
 
     def linearizable_through(self, m: MemberHealth) -> bool:
-        """Whether a linearizable read through `m` can answer now: a voter that names a leader, in a cluster
-        with a quorum. Otherwise it would wait out its deadline (no leader: right after a quorum loss a
-        survivor still names the dead one) or be refused (a learner)."""
-        return (m.status is not None and m.status.leader != 0 and not m.status.is_learner
-                and not m.member.is_learner and self.quorum.ok)
+        """Whether a linearizable read through `m` can answer now: a voter that names a leader this check
+        found healthy, in a cluster with a quorum. Otherwise it would fail ("leader changed") or wait out its
+        deadline (until the survivors elect another, they still name the dead leader; after a quorum loss
+        they never do), or be refused (a learner)."""
+        if m.status is None or m.status.is_learner or m.member.is_learner or not self.quorum.ok:
+            return False
+        return any(h.member.id == m.status.leader and h.healthy for h in self.members)
 
     def find(self, ref: str) -> MemberHealth | None:
         """A member by name or hex ID (as `member list` prints it)."""
