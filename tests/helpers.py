@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, TypeVar, overload
 
 from bot.domain.cluster import ClusterHealth, MemberHealth, MemberStatus
+from bot.domain.errors import EtcdError
 from bot.domain.record import PlanRecord
 from bot.domain.snapshot import SnapshotRecord
 from bot.etcd.client import EtcdClient
@@ -57,6 +58,19 @@ async def eventually(predicate: Callable[[], T | None | Awaitable[T | None]], ti
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}; last seen: {last!r}")
         await asyncio.sleep(interval)
+
+
+async def majority_leads(client: EtcdClient, urls: list[str], timeout: float = 10.0) -> None:
+    """Wait until the members at `urls` follow one leader, one of themselves. After a cut, the others may
+    still name a cut leader until their own election timeout, or be electing: a write through them is then
+    dropped or waits, and the cut member is not yet "cut off" (nobody follows a leader)."""
+    ids = {(await client.status(url)).member_id for url in urls}
+
+    async def one_of_them_leads() -> bool:
+        leaders = {(await client.status(url)).leader for url in urls}
+        return len(leaders) == 1 and leaders <= ids
+    await eventually(one_of_them_leads, timeout, f"{len(urls)} members to follow one of themselves",
+                     retry_on=(EtcdError,))
 
 
 # ---------------------------------------------------------------- the watch, on a clock the test moves
