@@ -23,6 +23,12 @@ from handlers import register_all
 
 log = logging.getLogger(__name__)
 
+# The listen queue's depth (the kernel caps it at net.core.somaxconn). aiohttp's default is 128: a burst of
+# connections while the event loop is busy fills it, the kernel then drops the next SYNs, and each of those
+# clients waits out TCP's retransmission, 1 s and then 2 s more, before it is even heard. Slack gives an
+# answer 3 s. The Slack stand-in listens as deep, for the bot's own bursts (one connection per Web API call).
+LISTEN_BACKLOG = 1024
+
 
 class BotServer:
     """The bot, serving until stopped."""
@@ -68,7 +74,7 @@ class BotServer:
         self._runner = web.AppRunner(http_application(app, ctx, client, slack_events=not self.socket_mode),
                                      access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
+        site = web.TCPSite(self._runner, self.host, self.port, backlog=LISTEN_BACKLOG)
         await site.start()
         if self.port == 0:
             self.port = self._runner.addresses[0][1]  # the kernel's choice

@@ -58,6 +58,10 @@ DEFAULT_DELIVERY_TIMEOUT = 10.0
 QUIET_PERIOD = 0.3
 #: Polling interval of wait_for (the bot runs in the same loop or another process).
 POLL_INTERVAL = 0.01
+#: Slack takes every connection the bot opens, and slack_sdk opens one per Web API call. With aiohttp's default
+#: listen queue (128), a burst while this loop is busy made the kernel drop SYNs: the bot's call then waited out
+#: TCP's retransmission (1 s, then 2 s more), a delay real Slack does not add.
+LISTEN_BACKLOG = 1024
 
 _ID_CHARS = string.ascii_uppercase + string.digits
 
@@ -383,7 +387,7 @@ class SlackStandIn:
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
         await runner.setup()
         try:
-            site = web.TCPSite(runner, "127.0.0.1", port)
+            site = web.TCPSite(runner, "127.0.0.1", port, backlog=LISTEN_BACKLOG)
             await site.start()
         except BaseException:
             await runner.cleanup()
