@@ -8,6 +8,12 @@ import re
 import subprocess
 from pathlib import Path
 
+from bot.cli import EXIT_OK
+from bot.cli.plan import FOLLOW_SECONDS, ShellNotifier, _run
+from bot.config import load_config
+from bot.domain.plan import PlanState
+from bot.ops.context import BotContext
+from bot.ops.notify import PlainDirectory
 from bot.runtime import upkeep
 from bot.testing.workspace import CHANNEL, cluster_table, write_config
 from helpers import APPROVAL, eventually, members_of, open_store, reply, text_of, urls
@@ -27,6 +33,40 @@ def plan_id(out: str) -> str:
     found = re.search(r"^proposed plan (\w+);", out, re.M)
     assert found, out
     return found.group(1)
+
+
+class SlowToSayDone(ShellNotifier):
+    """The shell's notifier, slower than a run's poll to show a plan done: the engine writes its audit row
+    and closing note after the plan's state, and a run that saw the state in between said its last line first."""
+
+    async def plan_changed(self, record, step_states):
+        if record.state == PlanState.DONE:
+            await asyncio.sleep(FOLLOW_SECONDS * 2)
+        await super().plan_changed(record, step_states)
+
+
+async def test_a_run_from_a_shell_says_how_it_ended_after_the_closing_note(make_cluster, cli, tmp_path, capsys):
+    """How a run ended is its last line (beside a busy CPU the closing note once came after it)."""
+    c = make_cluster(3)
+    path = write_config(tmp_path, [cluster_table("prod", c)], approval=APPROVAL)
+    plan = plan_cli(cli, path)
+    c.kill("member1")
+    peer, client = urls()
+    pid = plan_id((await plan("propose", person="alice",
+                              words=("replace", "member1", "member4", peer, "--client-url", client))).stdout)
+    assert (await plan("approve", pid, reason="bridge call agreed")).returncode == 0
+    capsys.readouterr()
+    config = load_config(path)
+    notifier = SlowToSayDone(config)
+    ctx = await BotContext.open(config, notifier, PlainDirectory())
+    notifier.store = ctx.store
+    try:
+        record = await ctx.store.plan(pid)
+        assert record is not None and await _run(ctx, record) == EXIT_OK
+    finally:
+        await ctx.close()
+    last = capsys.readouterr().out.rstrip().splitlines()[-2:]
+    assert last[0].startswith(f":tada: Plan {pid} is done") and last[1] == f"plan {pid} is done", last
 
 
 async def test_a_whole_replacement_from_a_shell_is_posted_once_slack_answers(make_cluster, slack, start_bot, cli,

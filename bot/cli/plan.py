@@ -274,16 +274,19 @@ async def _run(ctx: BotContext, record: PlanRecord) -> int:
     ctx.running.add(record.id)
     runtime = await Runtime(ctx, watch=False, upkeep=False).start()
     began, started, following, printed = time.monotonic(), False, False, set()
+    run: asyncio.Task[PlanState | None] | None = None
     try:
         while True:
             current = await _plan(ctx, record.id)
             if current.state not in (PlanState.APPROVED, PlanState.RUNNING):
+                if run is not None:  # the run's last words (its audit row, the closing note) come after its state
+                    await asyncio.gather(run, return_exceptions=True)
                 break
             if not started and ctx.is_leader():
                 started = True
                 ctx.running.discard(record.id)
-                start_plan(ctx, record.id, current.decided_by or "", from_states=(current.state,),
-                           start=current.current_step)
+                run = start_plan(ctx, record.id, current.decided_by or "", from_states=(current.state,),
+                                 start=current.current_step)
             elif not started and not following and time.monotonic() - began > 3 * PICKUP_SECONDS:
                 lease = await ctx.store.lease(LEASE)
                 if lease is not None and lease.holder != ctx.leadership.replica_id:

@@ -215,15 +215,16 @@ async def note(ctx: BotContext, record: PlanRecord, text: str) -> None:
     await ctx.notifier.thread_note(record, text)
 
 
-def start_plan(ctx: BotContext, plan_id: str, actor: str, *, from_states: Iterable[PlanState], start: int) -> bool:
+def start_plan(ctx: BotContext, plan_id: str, actor: str, *, from_states: Iterable[PlanState],
+               start: int) -> asyncio.Task[PlanState | None] | None:
     """Run the plan in the background if this replica is the leader and does not
-    run it already; otherwise the leader picks it up (lifecycle.pick_up)."""
+    run it already (its task); otherwise the leader picks it up (lifecycle.pick_up)."""
     if not ctx.is_leader() or plan_id in ctx.running:
-        return False
+        return None
     ctx.running.add(plan_id)
     task = ctx.spawn(execute(ctx, plan_id, actor, from_states=from_states, start=start), name=f"plan-{plan_id}")
     task.add_done_callback(lambda _: ctx.running.discard(plan_id))
-    return True
+    return task
 
 
 async def execute(ctx: BotContext, plan_id: str, actor: str, *, from_states: Iterable[PlanState],
