@@ -65,8 +65,10 @@ OTHER_CHANNEL = "C0ELSEWHERE"
 
 # ---------------------------------------------------------------- helpers
 
-async def fill(cluster: LocalCluster, count: int, value_size: int = MiB, seed: int = 0) -> list[bytes]:
-    """Write `count` random values of `value_size` bytes (8 puts at a time); returns the values."""
+async def fill(cluster: LocalCluster, count: int, value_size: int = MiB, seed: int = 0,
+               endpoints: list[str] | None = None) -> list[bytes]:
+    """Write `count` random values of `value_size` bytes (8 puts at a time, through `endpoints`, default
+    every member's); returns the values."""
     rng = random.Random(seed)
     values = [rng.randbytes(value_size) for _ in range(count)]
     gate = asyncio.Semaphore(8)
@@ -75,7 +77,7 @@ async def fill(cluster: LocalCluster, count: int, value_size: int = MiB, seed: i
         async with gate:
             await client.put(f"/fill/{i:05d}".encode(), values[i], timeout=30)
 
-    async with EtcdClient(cluster.endpoints) as client:
+    async with EtcdClient(endpoints or cluster.endpoints) as client:
         await asyncio.gather(*(put(i) for i in range(count)))
     return values
 
@@ -601,15 +603,12 @@ async def test_a_snapshot_holds_every_write_acknowledged_before_it_was_asked_for
     async with EtcdClient(c.endpoints) as client:
         health = await check_cluster(client, "prod")
     source = must(health.snapshot_source())  # the member the bot will take the snapshot from
+    others = [m.client_url for name, m in c.members.items() if name != source.member.name]
     c.pause(source.member.name)
     try:
-        async with EtcdClient([m.client_url for name, m in c.members.items() if name != source.member.name]) as w:
-            gate = asyncio.Semaphore(8)
-
-            async def put(i: int) -> int:
-                async with gate:
-                    return await w.put(f"/registry/bulk/{i:03d}".encode(), b"x" * (100 * KiB), timeout=30)
-            last = max(await asyncio.gather(*(put(i) for i in range(200))))
+        await fill(c, 200, value_size=100 * KiB, endpoints=others)
+        async with EtcdClient(others) as client:
+            last = await client.revision(others[0], linearizable=True)  # the revision of the last write
     finally:
         c.resume(source.member.name)
 

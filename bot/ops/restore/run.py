@@ -103,11 +103,8 @@ def _listed(why: dict[str, str]) -> str:
 
 
 class _StartedAgain(Exception):
-    """Raised out of the stop step's wait: a member the launcher had shown stopped runs again."""
-
-    def __init__(self, members: dict[str, str]):
-        super().__init__(_listed(members))
-        self.members = members
+    """Raised out of the stop step's wait: a member the launcher had shown stopped runs again (the members,
+    `_listed`)."""
 
 
 @register(PlanKind.RESTORE, render=blocks.restore_plan_reply)
@@ -322,14 +319,14 @@ class RestoreOperation(ClusterOperation[RestorePlan]):
             left.clear()
             left.update(await self._not_stopped())
             if again := {name: why for name, why in left.items() if name in seen_stopped}:
-                raise _StartedAgain(again)
+                raise _StartedAgain(_listed(again))
             if self.cluster.launcher.kind != "manual":
                 seen_stopped.update(m.name for m in self.plan.members if m.name not in left)
             return None if left else f"{detail}; {self._stopped_by()}"
         try:
             return await self._wait("every member stopped", STOP_TIMEOUT, stopped)
         except _StartedAgain as e:
-            raise StepFailed(f"started again after it was seen stopped: {_listed(e.members)}",
+            raise StepFailed(f"started again after it was seen stopped: {e}",
                              "find out who started it; /etcd status shows whether quorum is back, and "
                              "/etcd resume re-checks it before anything is stopped") from None
         except StepFailed:
