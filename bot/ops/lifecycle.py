@@ -89,8 +89,7 @@ async def approve(ctx: BotContext, record: PlanRecord, user: str, *, privately: 
         return False
     if record.state == PlanState.PROPOSED and time.time() >= record.expires_at:
         await expire(ctx, record)
-        await _refuse(ctx, record, user, "approve_refused",
-                      f"plan {plan_id} expired at {blocks.slack_date(record.expires_at)}: propose it again.", privately)
+        await _refuse_expired(ctx, record, user, privately)
         return False
     first, count, won = await store.add_approval(plan_id, user, rule.approvals_needed)
     if won:
@@ -113,10 +112,19 @@ async def approve(ctx: BotContext, record: PlanRecord, user: str, *, privately: 
         return False
     else:
         current = await store.plan(plan_id) or record
+        if current.state == PlanState.EXPIRED:   # upkeep expired it first: the same words as above
+            await _refuse_expired(ctx, record, user, privately)
+            return False
         await _refuse(ctx, record, user, "approve_ignored",
                       f"plan {plan_id} is {current.state}{_decided(current)}, not proposed: "
                       f"{mention(user)}'s approval changes nothing.", privately)
     return False
+
+
+async def _refuse_expired(ctx: BotContext, record: PlanRecord, user: str, privately: bool) -> None:
+    """An approval that came too late, whether it expired the plan or the leader's upkeep had."""
+    await _refuse(ctx, record, user, "approve_refused",
+                  f"plan {record.id} expired at {blocks.slack_date(record.expires_at)}: propose it again.", privately)
 
 
 def _decided(record: PlanRecord) -> str:
