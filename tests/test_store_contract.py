@@ -884,11 +884,31 @@ async def test_postgres_down_calls_fail_in_one_line_and_the_store_reconnects_as_
                                       retry_on=(StoreError,))
             assert record.state is PlanState.PROPOSED
             assert time.monotonic() - back < 3  # at once, not after the pool's backoff (it was 7-8 s)
-            # A restart while idle: the pooled connection is dead, the next call still works.
+        finally:
+            await store.close()
+        # A restart while idle: the pooled connection is dead, the next call still works. With the default
+        # deadline: 1 s to notice the dead connection and open a new one failed once beside a busy CPU.
+        store = await PostgresStore(url, password=server.password).open()
+        try:
+            assert await store.first_delivery("Ev-before-restart")
             server.restart()
             assert await store.first_delivery("Ev-after-restart")
         finally:
             await store.close()
+
+
+async def test_a_store_just_opened_answers_from_a_connection_it_already_holds(postgres):
+    """open() returns once the pool holds its first connection. Before, the pool connected in the background,
+    and the first call waited for it within its own deadline: with 0.2 s (the lock test below), 'no connection
+    within 0.2s' in a full run. Here no new connection can be made once the store is open."""
+    url = postgres.create_database()
+    store = await PostgresStore(url, password=postgres.password, timeout=0.2).open()
+    try:
+        with psycopg.connect(postgres.url(), password=postgres.password, autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{url.rsplit("/", 1)[1]}" ALLOW_CONNECTIONS false'.encode())
+        assert await store.plan("abc123") is None
+    finally:
+        await store.close()
 
 
 async def test_a_password_never_appears_in_a_store_error(postgres):

@@ -116,7 +116,8 @@ class PostgresStore(SqlStore):
 
     async def open(self) -> PostgresStore:
         """Connect once directly (so a refusal reads as PostgreSQL's own one line, not a pool
-        timeout), migrate, then start the pool."""
+        timeout), migrate, then start the pool and wait for its first connection (within the connect
+        timeout): the first call is not the one that pays for connecting, within its shorter deadline."""
         try:
             conn = await psycopg.AsyncConnection.connect(self.url, **self._kwargs)
         except psycopg.Error as e:
@@ -127,7 +128,12 @@ class PostgresStore(SqlStore):
         except psycopg.Error as e:
             raise self._error(e) from None
         self._pool = self._new_pool()
-        await self._pool.open(wait=False)
+        try:
+            await self._pool.open(wait=True, timeout=self._kwargs["connect_timeout"])
+        except PoolTimeout:
+            await self.close()
+            raise StoreError(f"database {self.name}: the pool opened no connection within "
+                             f"{self._kwargs['connect_timeout']}s (PostgreSQL overloaded?)") from None
         return self
 
     def _new_pool(self) -> AsyncConnectionPool[Conn]:
