@@ -106,9 +106,9 @@ async def test_a_member_killed_mid_plan_stops_it_and_resume_continues(make_clust
     await fill_until_nospace(c)
     leader, names = await _leader(c)
     follower = next(n for i, n in names.items() if i != leader)
-    # 3 s per read, not 1: with 1 s, the resume failed once in a run beside a busy CPU (its log is lost; a
-    # slow answer is the likely reading). The killed member is seen at once either way (its connections are
-    # refused): the test took 2.2-2.7 s with both.
+    # 3 s per read, not 1: with 1 s, the resume failed once in a run beside a busy CPU, all three members
+    # missing its health check's deadline. The killed member is seen at once either way (its connections
+    # are refused): the test took 2.2-2.7 s with both.
     bot = await start_bot([cluster_table("prod", c, timeout_seconds=3.0)], approval=APPROVAL)
     store = bot.ctx.store
     plan = await propose(slack, "defrag")
