@@ -36,6 +36,7 @@ from bot.domain.snapshot import DrillRecord, NewSnapshot, RemoteState, SnapshotR
 from bot.ops.replace.plan import plan_replacement
 from bot.store.backends import open_store
 from bot.store.base import LeaseLost, OpenPlanExists, Store, StoreBusy, StoreError
+from bot.store import postgres as postgres_store
 from bot.store.postgres import PostgresStore
 from bot.store.schema import LATEST, statements
 from bot.store.sql import AUDIT_LOCK
@@ -909,6 +910,20 @@ async def test_a_store_just_opened_answers_from_a_connection_it_already_holds(po
         assert await store.plan("abc123") is None
     finally:
         await store.close()
+
+
+async def test_a_pool_slower_than_the_warm_up_still_opens_the_store(postgres, monkeypatch, caplog):
+    """open() waits for the pool's first connection only so long: past it, the store opens, says so in the log,
+    and its calls wait for the connection as before. A store that refused to open then (its first connection
+    took over 1 s beside a busy CPU) kept a bot from starting."""
+    monkeypatch.setattr(postgres_store, "WARM_UP_SECONDS", 0.0)
+    url = postgres.create_database()
+    store = await PostgresStore(url, password=postgres.password).open()
+    try:
+        assert await store.plan("abc123") is None
+    finally:
+        await store.close()
+    assert "the pool holds no connection yet" in caplog.text and postgres.password not in caplog.text
 
 
 async def test_a_password_never_appears_in_a_store_error(postgres):

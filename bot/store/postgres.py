@@ -14,6 +14,7 @@ StoreBusy, as SQLite's three tries; nothing is retried.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from functools import lru_cache
@@ -45,6 +46,11 @@ class _FlagDumper(Dumper):
 
 ADAPTERS = AdaptersMap(psycopg.adapters)
 ADAPTERS.register_dumper(bool, _FlagDumper)
+
+log = logging.getLogger(__name__)
+# How long open() waits for its pool's first connection (milliseconds, usually). Beside a busy CPU one took
+# over 1 s: a store that may not open then would keep the bot from starting, so past this it opens anyway.
+WARM_UP_SECONDS = 5.0
 
 
 @lru_cache(maxsize=512)
@@ -116,8 +122,9 @@ class PostgresStore(SqlStore):
 
     async def open(self) -> PostgresStore:
         """Connect once directly (so a refusal reads as PostgreSQL's own one line, not a pool
-        timeout), migrate, then start the pool and wait for its first connection (within the connect
-        timeout): the first call is not the one that pays for connecting, within its shorter deadline."""
+        timeout), migrate, then start the pool and wait for its first connection (up to WARM_UP_SECONDS):
+        the first call is not the one that pays for connecting, within its shorter deadline. A pool
+        slower than that is no failure to open: it keeps connecting, as the calls wait for it."""
         try:
             conn = await psycopg.AsyncConnection.connect(self.url, **self._kwargs)
         except psycopg.Error as e:
@@ -127,13 +134,15 @@ class PostgresStore(SqlStore):
                 await self._migrate(PostgresConnection(conn, self._error))
         except psycopg.Error as e:
             raise self._error(e) from None
-        self._pool = self._new_pool()
+        self._pool = pool = self._new_pool()
+        await pool.open(wait=False)
         try:
-            await self._pool.open(wait=True, timeout=self._kwargs["connect_timeout"])
-        except PoolTimeout:
-            await self.close()
-            raise StoreError(f"database {self.name}: the pool opened no connection within "
-                             f"{self._kwargs['connect_timeout']}s (PostgreSQL overloaded?)") from None
+            async with pool.connection(timeout=WARM_UP_SECONDS):
+                pass
+        except (PoolTimeout, psycopg.Error) as e:
+            log.warning("database: the pool holds no connection yet; the first calls wait for one",
+                        extra={"ctx_database": self.name, "ctx_waited": WARM_UP_SECONDS,
+                               "ctx_error": self._line(e)})
         return self
 
     def _new_pool(self) -> AsyncConnectionPool[Conn]:
