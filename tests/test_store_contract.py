@@ -34,9 +34,9 @@ from bot.domain.plan import Confirmation, Fence, Lease, PlanKind, PlanState
 from bot.domain.record import AlertRecord, NewAlert, NewPlan, ReceivedAlert
 from bot.domain.snapshot import DrillRecord, NewSnapshot, RemoteState, SnapshotRecord
 from bot.ops.replace.plan import plan_replacement
+from bot.store import postgres as postgres_store
 from bot.store.backends import open_store
 from bot.store.base import LeaseLost, OpenPlanExists, Store, StoreBusy, StoreError
-from bot.store import postgres as postgres_store
 from bot.store.postgres import PostgresStore
 from bot.store.schema import LATEST, statements
 from bot.store.sql import AUDIT_LOCK
