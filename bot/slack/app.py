@@ -116,10 +116,9 @@ class OneAuthTest(AsyncAuthorize):
         if answer is None or (answer.done() and (answer.cancelled() or answer.exception() is not None)):
             answer = self._answer = asyncio.ensure_future(self._client.auth_test())
         result = await asyncio.shield(answer)   # a request given up on does not cancel the others' answer
-        return AuthorizeResult(enterprise_id=result.get("enterprise_id"), team_id=result.get("team_id"),
-                               bot_id=result.get("bot_id"), bot_user_id=result.get("user_id"),
-                               bot_token=self._client.token, user_id=user_id,
-                               bot_scopes=result.headers.get("x-oauth-scopes"))
+        # (no user_id in it for a bot token: the request's stays in the context)
+        return AuthorizeResult.from_auth_test_response(auth_test_response=result, bot_token=self._client.token,
+                                                       bot_scopes=result.headers.get("x-oauth-scopes"))
 
 
 def bolt_app(ctx: BotContext, client: AsyncWebClient, slack: SlackSettings) -> AsyncApp:
